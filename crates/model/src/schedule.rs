@@ -1,0 +1,291 @@
+//! Schedules make tasks: every `run_every` seconds, or at the times of a cron expression read
+//! in a time zone, between `start_at` and `end_at`, at most `run_times` times.
+//!
+//! The math here is pure: callers pass `now`. A schedule never fires early, and after a missed
+//! window (the server was down) it fires once at the next due time instead of catching up.
+
+use std::str::FromStr;
+
+use chrono::{Duration, TimeZone};
+use serde::{Deserialize, Serialize};
+
+use crate::Timestamp;
+use crate::limits::MAX_PRIORITY;
+use crate::validation::{ValidationError, check_name, check_range};
+
+/// When a schedule fires.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ScheduleTiming {
+    /// Every so many seconds, the first time at `start_at` (or at creation).
+    Every { seconds: u32 },
+    /// At the times of a five-field cron expression, read in an IANA time zone.
+    Cron { expression: String, timezone: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleStatus {
+    /// Will fire again.
+    Scheduled,
+    /// Reached `run_times` or `end_at`.
+    Complete,
+    /// A user cancelled it.
+    Cancelled,
+}
+
+/// A validated schedule definition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleSpec {
+    pub code_name: String,
+    pub payload: String,
+    pub timing: ScheduleTiming,
+    pub start_at: Option<Timestamp>,
+    pub end_at: Option<Timestamp>,
+    pub run_times: Option<u32>,
+    pub priority: u8,
+    pub timeout_secs: u32,
+    pub cluster: String,
+    pub label: Option<String>,
+}
+
+/// A stored schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Schedule {
+    pub id: String,
+    pub project_id: String,
+    pub code_id: String,
+    pub spec: ScheduleSpec,
+    pub status: ScheduleStatus,
+    /// When it fires next; `None` once it is complete or cancelled.
+    pub next_start: Option<Timestamp>,
+    pub last_run_time: Option<Timestamp>,
+    pub run_count: u32,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+impl ScheduleStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScheduleStatus::Scheduled => "scheduled",
+            ScheduleStatus::Complete => "complete",
+            ScheduleStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl FromStr for ScheduleStatus {
+    type Err = ValidationError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "scheduled" => Ok(ScheduleStatus::Scheduled),
+            "complete" => Ok(ScheduleStatus::Complete),
+            "cancelled" => Ok(ScheduleStatus::Cancelled),
+            other => Err(ValidationError::new("status", format!("unknown schedule status {other:?}"))),
+        }
+    }
+}
+
+impl ScheduleTiming {
+    /// The first fire time strictly after `after` (for `Every`, `after + seconds`).
+    fn next_after(&self, after: Timestamp) -> Option<Timestamp> {
+        match self {
+            ScheduleTiming::Every { seconds } => Some(after + Duration::seconds(i64::from(*seconds))),
+            ScheduleTiming::Cron {
+                expression,
+                timezone,
+            } => {
+                let cron = croner::Cron::from_str(expression).ok()?;
+                let zone: chrono_tz::Tz = timezone.parse().ok()?;
+                let local = zone.from_utc_datetime(&after.naive_utc());
+                let next = cron.find_next_occurrence(&local, false).ok()?;
+                Some(next.with_timezone(&chrono::Utc))
+            }
+        }
+    }
+}
+
+impl ScheduleSpec {
+    /// Checks the definition. `min_run_every_secs` is IronWorker's 60 s unless configured.
+    pub fn validate(&self, min_run_every_secs: u32) -> Result<(), ValidationError> {
+        check_name("code_name", &self.code_name)?;
+        check_range("priority", i64::from(self.priority), 0, i64::from(MAX_PRIORITY))?;
+        check_range(
+            "timeout",
+            i64::from(self.timeout_secs),
+            1,
+            i64::from(crate::limits::MAX_TIMEOUT_SECS),
+        )?;
+        check_name("cluster", &self.cluster)?;
+        if let Some(label) = &self.label {
+            check_name("label", label)?;
+        }
+        match &self.timing {
+            ScheduleTiming::Every { seconds } => {
+                if *seconds < min_run_every_secs {
+                    return Err(ValidationError::new(
+                        "run_every",
+                        format!("must be at least {min_run_every_secs} seconds, got {seconds}"),
+                    ));
+                }
+            }
+            ScheduleTiming::Cron {
+                expression,
+                timezone,
+            } => {
+                if expression.split_whitespace().count() != 5 {
+                    return Err(ValidationError::new(
+                        "cron",
+                        format!("{expression:?} must have five fields: minute hour day-of-month month day-of-week"),
+                    ));
+                }
+                croner::Cron::from_str(expression).map_err(|error| {
+                    ValidationError::new("cron", format!("{expression:?} is not a valid cron expression: {error}"))
+                })?;
+                timezone.parse::<chrono_tz::Tz>().map_err(|_| {
+                    ValidationError::new(
+                        "timezone",
+                        format!("{timezone:?} is not an IANA time zone such as \"Europe/Berlin\" or \"UTC\""),
+                    )
+                })?;
+            }
+        }
+        if let (Some(start), Some(end)) = (self.start_at, self.end_at) {
+            if end <= start {
+                return Err(ValidationError::new("end_at", "must be after start_at"));
+            }
+        }
+        if self.run_times == Some(0) {
+            return Err(ValidationError::new("run_times", "must be at least 1 when given"));
+        }
+        Ok(())
+    }
+
+    /// When a new schedule fires first, seen at `now`.
+    pub fn first_fire(&self, now: Timestamp) -> Option<Timestamp> {
+        let earliest = self.start_at.map_or(now, |start| start.max(now));
+        let first = match &self.timing {
+            ScheduleTiming::Every { .. } => Some(earliest),
+            // A cron time equal to `earliest` counts: step back one second and look after it.
+            ScheduleTiming::Cron { .. } => self.timing.next_after(earliest - Duration::seconds(1)),
+        }?;
+        self.within_end(first)
+    }
+
+    /// The fire time after one that fired at `fired_at`, seen at `now`. Fire times that were
+    /// missed while nobody was looking are skipped, so a long outage yields no burst.
+    pub fn next_fire(&self, fired_at: Timestamp, run_count: u32, now: Timestamp) -> Option<Timestamp> {
+        if self.run_times.is_some_and(|limit| run_count >= limit) {
+            return None;
+        }
+        let next = match &self.timing {
+            ScheduleTiming::Every { seconds } => {
+                let step = i64::from((*seconds).max(1));
+                let mut next = fired_at + Duration::seconds(step);
+                if next < now {
+                    let behind = (now - next).num_seconds();
+                    let steps = behind.div_euclid(step) + i64::from(behind.rem_euclid(step) != 0);
+                    next += Duration::seconds(steps * step);
+                }
+                next
+            }
+            ScheduleTiming::Cron { .. } => {
+                let from = fired_at.max(now - Duration::seconds(1));
+                self.timing.next_after(from)?
+            }
+        };
+        self.within_end(next)
+    }
+
+    fn within_end(&self, at: Timestamp) -> Option<Timestamp> {
+        match self.end_at {
+            Some(end) if at > end => None,
+            _ => Some(at),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+
+    fn spec(timing: ScheduleTiming) -> ScheduleSpec {
+        ScheduleSpec {
+            code_name: "hello".into(),
+            payload: String::new(),
+            timing,
+            start_at: None,
+            end_at: None,
+            run_times: None,
+            priority: 0,
+            timeout_secs: 60,
+            cluster: "default".into(),
+            label: None,
+        }
+    }
+
+    fn at(text: &str) -> Timestamp {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn run_every_skips_missed_windows() {
+        let schedule = spec(ScheduleTiming::Every { seconds: 60 });
+        let fired = at("2026-01-01T00:00:00Z");
+        assert_eq!(
+            schedule.next_fire(fired, 1, at("2026-01-01T00:00:30Z")),
+            Some(at("2026-01-01T00:01:00Z"))
+        );
+        // Down for an hour: the next fire is the next slot after now, not sixty of them.
+        assert_eq!(
+            schedule.next_fire(fired, 1, at("2026-01-01T01:00:30Z")),
+            Some(at("2026-01-01T01:01:00Z"))
+        );
+    }
+
+    #[test]
+    fn cron_in_a_time_zone() {
+        let schedule = spec(ScheduleTiming::Cron {
+            expression: "30 9 * * *".into(),
+            timezone: "Europe/Berlin".into(),
+        });
+        assert!(schedule.validate(60).is_ok());
+        // 09:30 in Berlin in winter is 08:30 UTC.
+        assert_eq!(
+            schedule.first_fire(at("2026-01-10T07:00:00Z")),
+            Some(at("2026-01-10T08:30:00Z"))
+        );
+    }
+
+    #[test]
+    fn run_times_and_end_at_stop_a_schedule() {
+        let mut schedule = spec(ScheduleTiming::Every { seconds: 60 });
+        schedule.run_times = Some(2);
+        let now = Utc::now();
+        assert_eq!(schedule.next_fire(now, 2, now), None);
+        schedule.run_times = None;
+        schedule.end_at = Some(now + Duration::seconds(30));
+        assert_eq!(schedule.next_fire(now, 1, now), None);
+    }
+
+    #[test]
+    fn validation_errors() {
+        assert_eq!(
+            spec(ScheduleTiming::Every { seconds: 10 }).validate(60).unwrap_err().field,
+            "run_every"
+        );
+        let bad_cron = spec(ScheduleTiming::Cron {
+            expression: "61 * * * *".into(),
+            timezone: "UTC".into(),
+        });
+        assert_eq!(bad_cron.validate(60).unwrap_err().field, "cron");
+        let bad_zone = spec(ScheduleTiming::Cron {
+            expression: "* * * * *".into(),
+            timezone: "Mars/Olympus".into(),
+        });
+        assert_eq!(bad_zone.validate(60).unwrap_err().field, "timezone");
+    }
+}

@@ -1,0 +1,200 @@
+//! Tasks: one run of one code revision with one payload.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Timestamp;
+use crate::limits::*;
+use crate::status::TaskStatus;
+use crate::validation::{ValidationError, check_name, check_range};
+
+/// A task as stored. Timestamps are UTC; `start_time` and `end_time` come from the container's
+/// own run, not from the runner's bookkeeping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: String,
+    pub project_id: String,
+    pub code_id: String,
+    pub code_name: String,
+    /// The code revision this task runs; pinned when the task was queued.
+    pub code_rev: u32,
+    pub status: TaskStatus,
+    pub priority: u8,
+    /// The payload string exactly as given.
+    pub payload: String,
+    pub label: Option<String>,
+    pub cluster: String,
+    pub timeout_secs: u32,
+    pub delay_secs: u32,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+    /// When the task becomes eligible for leasing: `created_at + delay`, later after an
+    /// infrastructure requeue with backoff.
+    pub due_at: Timestamp,
+    pub start_time: Option<Timestamp>,
+    pub end_time: Option<Timestamp>,
+    /// Progress reported by the task itself, 0..=100.
+    pub percent: Option<u8>,
+    /// A human-readable message: the progress message while running, the reason after an
+    /// error (for example "out of memory (limit 256 MiB)").
+    pub msg: Option<String>,
+    /// How many user retries preceded this task (0 for an original task).
+    pub retry_count: u32,
+    /// The first task of a retry chain, for retries.
+    pub original_task_id: Option<String>,
+    /// The schedule that made this task, if one did.
+    pub schedule_id: Option<String>,
+    pub exit_code: Option<i64>,
+    /// Bytes of log stored so far.
+    pub log_size: u64,
+    /// Times the infrastructure failed this task and it was queued again. Not user retries.
+    pub infra_attempts: u32,
+    /// A user asked to cancel the task while a runner held it; the runner kills it.
+    pub cancel_requested: bool,
+    /// Peak memory use of the container, bytes, when the engine reported it.
+    pub peak_memory_bytes: Option<u64>,
+    /// CPU time the container used, milliseconds, when the engine reported it.
+    pub cpu_time_ms: Option<u64>,
+    /// The runner holding the task's lease, while it is leased.
+    pub runner_id: Option<String>,
+}
+
+/// A validated request to queue a task. Defaults are already applied.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewTask {
+    pub code_name: String,
+    pub payload: String,
+    pub priority: u8,
+    pub timeout_secs: u32,
+    pub delay_secs: u32,
+    pub label: Option<String>,
+    pub cluster: String,
+    pub retry_count: u32,
+    pub original_task_id: Option<String>,
+    pub schedule_id: Option<String>,
+}
+
+/// How a task's run ended, as the runner reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum TaskOutcome {
+    Exited { exit_code: i64 },
+    OutOfMemory { limit_mib: u32 },
+    TimedOut { timeout_secs: u32 },
+    Cancelled,
+    /// The task could not be set up for a reason that is the user's to fix.
+    SetupFailed { message: String },
+}
+
+/// The default cluster every runner serves unless told otherwise.
+pub const DEFAULT_CLUSTER: &str = "default";
+
+impl NewTask {
+    /// Checks what the wire layer could not: ranges, names and the payload size.
+    pub fn validate(&self, max_payload_bytes: usize) -> Result<(), ValidationError> {
+        check_name("code_name", &self.code_name)?;
+        check_range("priority", i64::from(self.priority), 0, i64::from(MAX_PRIORITY))?;
+        check_range(
+            "timeout",
+            i64::from(self.timeout_secs),
+            1,
+            i64::from(MAX_TIMEOUT_SECS),
+        )?;
+        check_range("delay", i64::from(self.delay_secs), 0, i64::from(MAX_DELAY_SECS))?;
+        check_name("cluster", &self.cluster)?;
+        if let Some(label) = &self.label {
+            check_name("label", label)?;
+        }
+        if self.payload.len() > max_payload_bytes {
+            return Err(ValidationError::new(
+                "payload",
+                format!(
+                    "is {} bytes, more than the limit of {max_payload_bytes} bytes",
+                    self.payload.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl TaskOutcome {
+    /// The lifecycle event this outcome is.
+    pub fn event(&self) -> crate::Event {
+        match self {
+            TaskOutcome::Exited { exit_code } => crate::Event::Exited {
+                exit_code: *exit_code,
+            },
+            TaskOutcome::OutOfMemory { .. } => crate::Event::OutOfMemory,
+            TaskOutcome::TimedOut { .. } => crate::Event::DeadlineReached,
+            TaskOutcome::Cancelled => crate::Event::Cancelled,
+            TaskOutcome::SetupFailed { .. } => crate::Event::SetupFailed,
+        }
+    }
+
+    /// The message stored on the task, when the outcome deserves one.
+    pub fn message(&self) -> Option<String> {
+        match self {
+            TaskOutcome::Exited { exit_code: 0 } => None,
+            TaskOutcome::Exited { exit_code } => Some(format!("exited with code {exit_code}")),
+            TaskOutcome::OutOfMemory { limit_mib } => {
+                Some(format!("out of memory (limit {limit_mib} MiB)"))
+            }
+            TaskOutcome::TimedOut { timeout_secs } => {
+                Some(format!("timed out after {timeout_secs} s"))
+            }
+            TaskOutcome::Cancelled => Some("cancelled".to_owned()),
+            TaskOutcome::SetupFailed { message } => Some(message.clone()),
+        }
+    }
+
+    pub fn exit_code(&self) -> Option<i64> {
+        match self {
+            TaskOutcome::Exited { exit_code } => Some(*exit_code),
+            TaskOutcome::OutOfMemory { .. } => Some(137),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_task() -> NewTask {
+        NewTask {
+            code_name: "hello".into(),
+            payload: "{}".into(),
+            priority: 0,
+            timeout_secs: DEFAULT_TIMEOUT_SECS,
+            delay_secs: 0,
+            label: None,
+            cluster: DEFAULT_CLUSTER.into(),
+            retry_count: 0,
+            original_task_id: None,
+            schedule_id: None,
+        }
+    }
+
+    #[test]
+    fn bounds() {
+        assert!(new_task().validate(10).is_ok());
+        let mut task = new_task();
+        task.payload = "x".repeat(11);
+        assert_eq!(task.validate(10).unwrap_err().field, "payload");
+        let mut task = new_task();
+        task.delay_secs = MAX_DELAY_SECS + 1;
+        assert_eq!(task.validate(10).unwrap_err().field, "delay");
+        let mut task = new_task();
+        task.timeout_secs = 0;
+        assert_eq!(task.validate(10).unwrap_err().field, "timeout");
+    }
+
+    #[test]
+    fn outcome_messages() {
+        assert_eq!(
+            TaskOutcome::OutOfMemory { limit_mib: 256 }.message().as_deref(),
+            Some("out of memory (limit 256 MiB)")
+        );
+        assert_eq!(TaskOutcome::Exited { exit_code: 0 }.message(), None);
+    }
+}

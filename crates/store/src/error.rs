@@ -1,0 +1,31 @@
+use stevedore_model::TransitionError;
+
+/// What can go wrong in a store. The server maps each variant to one HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No such thing in this project (or at all): `what` names it for the user.
+    #[error("{what} not found")]
+    NotFound { what: String },
+    /// The request conflicts with the current state, e.g. cancelling a finished task.
+    #[error("{0}")]
+    Conflict(String),
+    /// The lease token is not the task's current one: the task was rescued and leased again,
+    /// or it already finished. The caller must stop acting on the task.
+    #[error("the lease on task {task_id} is stale")]
+    StaleLease { task_id: String },
+    #[error(transparent)]
+    Transition(#[from] TransitionError),
+    /// Stored data that does not decode: a bug or a corrupted database.
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+}
+
+impl StoreError {
+    pub fn not_found(what: impl Into<String>) -> Self {
+        StoreError::NotFound { what: what.into() }
+    }
+}

@@ -1,0 +1,277 @@
+//! The `Store`: everything stevedore keeps — projects, tokens, codes and their packages,
+//! tasks with their logs and leases, schedules — behind one async trait with one
+//! implementation per database.
+//!
+//! This is the only crate that holds SQL. Callers speak in domain types from
+//! `stevedore-model` and never see a row, a connection or a transaction. The lease operation
+//! lives here because priorities, `max_concurrency`, paused queues, clusters and lease fencing
+//! must be decided inside one transaction to hold across every runner.
+//!
+//! Time is an argument: every method that compares or stamps time takes `now`, so tests drive
+//! it with a fake clock.
+
+#![forbid(unsafe_code)]
+
+mod error;
+mod sqlite;
+pub mod testsuite;
+
+use async_trait::async_trait;
+use stevedore_model::{
+    CodeRevision, CodeSpec, NewTask, Schedule, ScheduleSpec, Task, TaskOutcome, TaskStatus,
+    Timestamp,
+};
+
+pub use error::StoreError;
+pub use sqlite::{SqliteOptions, SqliteStore, SyncMode};
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A tenant.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Project {
+    pub id: String,
+    pub name: String,
+    pub created_at: Timestamp,
+}
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRole {
+    /// Everything within one project.
+    Project,
+    /// Only the runner protocol.
+    Runner,
+    /// Everything, in every project.
+    Admin,
+}
+
+/// A stored token. The secret itself is never stored, only its SHA-256.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenRecord {
+    pub id: String,
+    /// The project the token belongs to; `None` for admin and runner tokens.
+    pub project_id: Option<String>,
+    pub role: TokenRole,
+    pub created_at: Timestamp,
+}
+
+/// A code's zip package to store beside a new revision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Package {
+    pub bytes: Vec<u8>,
+    pub sha256: String,
+}
+
+/// A page of a list: 1-based page number and its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Page {
+    pub page: u32,
+    pub per_page: u32,
+}
+
+/// Which tasks `list_tasks` returns. Empty `statuses` means every status.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TaskFilter {
+    pub code_name: Option<String>,
+    pub statuses: Vec<TaskStatus>,
+    /// Only tasks created at or after this time.
+    pub from_time: Option<Timestamp>,
+    /// Only tasks created at or before this time.
+    pub to_time: Option<Timestamp>,
+}
+
+/// Counts of a code's tasks by status.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CodeStats {
+    pub by_status: Vec<(TaskStatus, u64)>,
+}
+
+/// A runner's request for work.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaseRequest {
+    pub runner_id: String,
+    /// Clusters this runner serves; a task is only handed to a runner of its cluster.
+    pub clusters: Vec<String>,
+    /// The most tasks to hand out.
+    pub max_tasks: u32,
+    /// How long the lease lasts without a heartbeat.
+    pub lease_secs: u32,
+}
+
+/// A task handed to a runner with the lease that fences every later write about it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeasedTask {
+    pub task: Task,
+    /// The code revision the task pinned.
+    pub code: CodeRevision,
+    pub lease: Lease,
+}
+
+/// The right to act on one task. `token` only grows across the whole store, so a rescued
+/// task's new lease always outranks the old one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub token: i64,
+    pub expires_at: Timestamp,
+}
+
+/// What a heartbeat tells the runner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatReply {
+    pub expires_at: Timestamp,
+    /// A user cancelled the task: kill it and complete it as cancelled.
+    pub cancel_requested: bool,
+}
+
+/// The container's own account of a run, recorded on completion.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunReport {
+    pub start_time: Option<Timestamp>,
+    pub end_time: Option<Timestamp>,
+    pub peak_memory_bytes: Option<u64>,
+    pub cpu_time_ms: Option<u64>,
+}
+
+/// Why a runner gives a task back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Requeue {
+    /// What went wrong, for the task's message and the logs.
+    pub reason: String,
+    /// When the task may be leased again.
+    pub due_at: Timestamp,
+    /// After this many infrastructure failures the task ends `error` instead.
+    pub max_infra_attempts: u32,
+}
+
+/// Everything stevedore keeps. One implementation per database; one shared test suite
+/// (`testsuite`) that every implementation must pass.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // === projects and tokens ===
+
+    async fn create_project(&self, name: &str, now: Timestamp) -> Result<Project>;
+    async fn get_project(&self, project_id: &str) -> Result<Project>;
+    async fn find_project_by_name(&self, name: &str) -> Result<Option<Project>>;
+    /// Stores a token by the SHA-256 of its secret.
+    async fn create_token(
+        &self,
+        project_id: Option<&str>,
+        role: TokenRole,
+        secret_sha256: &str,
+        now: Timestamp,
+    ) -> Result<TokenRecord>;
+    async fn find_token(&self, secret_sha256: &str) -> Result<Option<TokenRecord>>;
+
+    // === codes ===
+
+    /// Adds a revision to the code named `spec.name`, creating the code at revision 1 when
+    /// the project has none by that name. Atomic with the package.
+    async fn push_code(
+        &self,
+        project_id: &str,
+        spec: &CodeSpec,
+        package: Option<&Package>,
+        now: Timestamp,
+    ) -> Result<CodeRevision>;
+    /// The latest revision of a code.
+    async fn get_code(&self, project_id: &str, code_id: &str) -> Result<CodeRevision>;
+    async fn get_code_by_name(&self, project_id: &str, name: &str) -> Result<CodeRevision>;
+    /// A code's latest revisions, newest code first.
+    async fn list_codes(&self, project_id: &str, page: Page) -> Result<Vec<CodeRevision>>;
+    /// Every revision of a code, newest first.
+    async fn list_revisions(&self, project_id: &str, code_id: &str, page: Page)
+    -> Result<Vec<CodeRevision>>;
+    async fn get_revision(&self, project_id: &str, code_id: &str, rev: u32) -> Result<CodeRevision>;
+    /// The zip package of a revision (the latest when `rev` is `None`).
+    async fn get_package(&self, project_id: &str, code_id: &str, rev: Option<u32>) -> Result<Vec<u8>>;
+    /// Deletes a code; its queued tasks are cancelled, finished tasks stay readable.
+    async fn delete_code(&self, project_id: &str, code_id: &str, now: Timestamp) -> Result<()>;
+    async fn set_code_paused(
+        &self,
+        project_id: &str,
+        code_id: &str,
+        paused: bool,
+        now: Timestamp,
+    ) -> Result<CodeRevision>;
+    async fn code_stats(&self, project_id: &str, code_id: &str) -> Result<CodeStats>;
+
+    // === tasks ===
+
+    /// Queues every task or none: an unknown code name fails the whole batch with
+    /// `StoreError::NotFound`. Each task pins the latest revision of its code.
+    async fn enqueue(&self, project_id: &str, tasks: &[NewTask], now: Timestamp) -> Result<Vec<Task>>;
+    async fn get_task(&self, project_id: &str, task_id: &str) -> Result<Task>;
+    /// Tasks matching the filter, newest first.
+    async fn list_tasks(&self, project_id: &str, filter: &TaskFilter, page: Page) -> Result<Vec<Task>>;
+    /// Cancels a queued task at once; marks a leased one `cancel_requested` so its runner
+    /// kills it. A finished task is `StoreError::Conflict`.
+    async fn cancel_task(&self, project_id: &str, task_id: &str, now: Timestamp) -> Result<Task>;
+    /// Cancels every queued task of a code and requests cancellation of its leased ones.
+    /// Returns how many tasks it touched.
+    async fn cancel_all(&self, project_id: &str, code_id: &str, now: Timestamp) -> Result<u64>;
+    async fn set_progress(
+        &self,
+        project_id: &str,
+        task_id: &str,
+        percent: Option<u8>,
+        msg: Option<&str>,
+        now: Timestamp,
+    ) -> Result<Task>;
+    /// The task's log so far; `StoreError::NotFound` while there is none.
+    async fn get_log(&self, project_id: &str, task_id: &str) -> Result<Vec<u8>>;
+
+    // === leases (the runner's side) ===
+
+    /// Claims up to `max_tasks` due queued tasks: highest priority first, earliest due first
+    /// within a priority; skips paused codes, other clusters and codes at `max_concurrency`.
+    async fn lease(&self, request: &LeaseRequest, now: Timestamp) -> Result<Vec<LeasedTask>>;
+    /// Extends a lease. `StoreError::StaleLease` when the token is no longer the task's.
+    async fn heartbeat(&self, task_id: &str, token: i64, lease_secs: u32, now: Timestamp)
+    -> Result<HeartbeatReply>;
+    /// The container started: `preparing` → `running`.
+    async fn mark_running(&self, task_id: &str, token: i64, start_time: Timestamp, now: Timestamp)
+    -> Result<Task>;
+    /// Appends log bytes, keeping at most `cap` bytes in total. Returns the stored size.
+    async fn append_log(&self, task_id: &str, token: i64, bytes: &[u8], cap: u64, now: Timestamp)
+    -> Result<u64>;
+    /// Progress reported by the runner on the task's behalf.
+    async fn runner_progress(
+        &self,
+        task_id: &str,
+        token: i64,
+        percent: Option<u8>,
+        msg: Option<&str>,
+        now: Timestamp,
+    ) -> Result<()>;
+    /// Records the terminal result exactly once; a stale token is refused.
+    async fn complete(
+        &self,
+        task_id: &str,
+        token: i64,
+        outcome: &TaskOutcome,
+        report: &RunReport,
+        now: Timestamp,
+    ) -> Result<Task>;
+    /// Gives a task back after an infrastructure failure. It becomes `queued` again, due at
+    /// `requeue.due_at`, or ends `error` once it has failed `max_infra_attempts` times.
+    async fn requeue(&self, task_id: &str, token: i64, requeue: &Requeue, now: Timestamp)
+    -> Result<Task>;
+    /// Requeues every task whose lease expired before `now`, as `requeue` would. Returns the
+    /// ids it rescued.
+    async fn rescue_expired(&self, now: Timestamp, max_infra_attempts: u32) -> Result<Vec<String>>;
+
+    // === schedules ===
+
+    /// Stores every schedule or none (an unknown code name fails the batch).
+    async fn create_schedules(
+        &self,
+        project_id: &str,
+        specs: &[(ScheduleSpec, Option<Timestamp>)],
+        now: Timestamp,
+    ) -> Result<Vec<Schedule>>;
+    async fn get_schedule(&self, project_id: &str, schedule_id: &str) -> Result<Schedule>;
+    async fn list_schedules(&self, project_id: &str, page: Page) -> Result<Vec<Schedule>>;
+    async fn cancel_schedule(&self, project_id: &str, schedule_id: &str, now: Timestamp)
+    -> Result<Schedule>;
+}
