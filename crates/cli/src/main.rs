@@ -1,1 +1,254 @@
-fn main() {}
+//! The `stevedore` binary: `serve` runs the server on an embedded SQLite store; `project` and
+//! `token` administer tenants on the same data directory.
+
+#![forbid(unsafe_code)]
+
+mod settings;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use stevedore_model::{Clock, SystemClock};
+use stevedore_server::{AppState, auth, bootstrap};
+use stevedore_store::{SqliteStore, Store, TokenRole};
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+use crate::settings::Settings;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "stevedore",
+    version,
+    about = "Runs every task in its own Docker container, behind the IronWorker API"
+)]
+struct Cli {
+    /// A TOML configuration file (default: ./stevedore.toml when it exists).
+    #[arg(long, global = true, env = "STEVEDORE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where the database and iron.json live.
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the API (and, with it, everything a single machine needs).
+    Serve {
+        /// The address to listen on.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Manage projects (tenants).
+    Project {
+        #[command(subcommand)]
+        command: ProjectCommand,
+    },
+    /// Manage tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ProjectCommand {
+    /// Create a project and a token for it; prints JSON.
+    Create { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a token; prints JSON holding the secret, which is shown only this once.
+    Create {
+        /// The project the token belongs to (required for project tokens).
+        #[arg(long)]
+        project: Option<String>,
+        #[arg(long, value_enum, default_value_t = Role::Project)]
+        role: Role,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Role {
+    Project,
+    Runner,
+    Admin,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("STEVEDORE_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut settings = Settings::load(cli.config.as_deref())?;
+    if let Some(data_dir) = cli.data_dir {
+        settings.data_dir = data_dir;
+    }
+    match cli.command {
+        Command::Serve { listen } => {
+            if let Some(listen) = listen {
+                settings.listen = listen;
+            }
+            serve(settings).await
+        }
+        Command::Project {
+            command: ProjectCommand::Create { name },
+        } => {
+            let store = open_store(&settings).await?;
+            let now = SystemClock.now();
+            anyhow::ensure!(
+                store.find_project_by_name(&name).await?.is_none(),
+                "a project named {name:?} already exists"
+            );
+            let project = store.create_project(&name, now).await?;
+            let token = auth::new_token_secret();
+            store
+                .create_token(
+                    Some(&project.id),
+                    TokenRole::Project,
+                    &auth::token_digest(&token),
+                    now,
+                )
+                .await?;
+            print_json(&serde_json::json!({"id": project.id, "name": project.name, "token": token}))
+        }
+        Command::Token {
+            command: TokenCommand::Create { project, role },
+        } => {
+            let store = open_store(&settings).await?;
+            let role = match role {
+                Role::Project => TokenRole::Project,
+                Role::Runner => TokenRole::Runner,
+                Role::Admin => TokenRole::Admin,
+            };
+            let project = match (role, project) {
+                (TokenRole::Project, None) => anyhow::bail!("a project token needs --project ID"),
+                (_, Some(project)) => Some(
+                    store
+                        .get_project(&project)
+                        .await
+                        .with_context(|| format!("project {project}"))?
+                        .id,
+                ),
+                (_, None) => None,
+            };
+            let token = auth::new_token_secret();
+            let record = store
+                .create_token(
+                    project.as_deref(),
+                    role,
+                    &auth::token_digest(&token),
+                    SystemClock.now(),
+                )
+                .await?;
+            let role_name = format!("{role:?}").to_lowercase();
+            print_json(
+                &serde_json::json!({"id": record.id, "project_id": record.project_id, "role": role_name, "token": token}),
+            )
+        }
+    }
+}
+
+fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+async fn open_store(settings: &Settings) -> anyhow::Result<SqliteStore> {
+    let options = settings.store_options()?;
+    SqliteStore::open(options).await.with_context(|| {
+        format!(
+            "cannot open the database in {}",
+            settings.data_dir.display()
+        )
+    })
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let store: Arc<dyn Store> = Arc::new(open_store(&settings).await?);
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let listener = TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let address = listener.local_addr()?;
+    let host = match address.ip() {
+        ip if ip.is_unspecified() => "127.0.0.1".to_owned(),
+        ip => ip.to_string(),
+    };
+    let iron = bootstrap::ensure_default_project(
+        store.as_ref(),
+        &settings.data_dir,
+        &host,
+        address.port(),
+        clock.now(),
+    )
+    .await
+    .context("cannot set up the default project")?;
+    let state = AppState {
+        store,
+        clock,
+        config: Arc::new(settings.server_config()),
+    };
+    tracing::info!(
+        %address,
+        project_id = %iron.project_id,
+        iron_json = %settings.data_dir.join("iron.json").display(),
+        "stevedore is serving"
+    );
+    stevedore_server::serve(listener, state, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+    tracing::info!("shutting down");
+}

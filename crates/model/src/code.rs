@@ -95,10 +95,14 @@ impl CodeSpec {
         match &self.kind {
             CodeKind::Image { image, command } => {
                 check_image_reference(image)?;
-                if let Some(command) = command {
-                    if command.trim().is_empty() {
-                        return Err(ValidationError::new("command", "must not be empty when given"));
-                    }
+                if command
+                    .as_ref()
+                    .is_some_and(|command| command.trim().is_empty())
+                {
+                    return Err(ValidationError::new(
+                        "command",
+                        "must not be empty when given",
+                    ));
                 }
             }
             CodeKind::Runtime { runtime, file_name } => {
@@ -112,7 +116,12 @@ impl CodeSpec {
         if let Some(max) = self.max_concurrency {
             check_range("max_concurrency", i64::from(max), 1, 100_000)?;
         }
-        check_range("retries", i64::from(self.retries), 0, i64::from(MAX_RETRIES))?;
+        check_range(
+            "retries",
+            i64::from(self.retries),
+            0,
+            i64::from(MAX_RETRIES),
+        )?;
         check_range(
             "retries_delay",
             i64::from(self.retries_delay_secs),
@@ -137,13 +146,13 @@ impl CodeSpec {
             i64::from(MIN_MEMORY_MIB),
             i64::from(MAX_MEMORY_MIB),
         )?;
-        if let Some(cpus) = self.limits.cpus {
-            if !(cpus.is_finite() && cpus >= 0.01 && cpus <= MAX_CPUS) {
-                return Err(ValidationError::new(
-                    "cpus",
-                    format!("must be between 0.01 and {MAX_CPUS}, got {cpus}"),
-                ));
-            }
+        if let Some(cpus) = self.limits.cpus
+            && !(0.01..=MAX_CPUS).contains(&cpus)
+        {
+            return Err(ValidationError::new(
+                "cpus",
+                format!("must be between 0.01 and {MAX_CPUS}, got {cpus}"),
+            ));
         }
         if !NETWORK_MODES.contains(&self.network.as_str()) {
             return Err(ValidationError::new(
@@ -188,14 +197,18 @@ pub fn check_image_reference(image: &str) -> Result<(), ValidationError> {
         return bad("its repository path is malformed");
     }
     let repository = match path.split_once('/') {
-        Some((host, rest)) if host.contains('.') || host.contains(':') || host == "localhost" => rest,
+        Some((host, rest)) if host.contains('.') || host.contains(':') || host == "localhost" => {
+            rest
+        }
         _ => path,
     };
     if repository
         .chars()
         .any(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || "._-/".contains(c)))
     {
-        return bad("a repository name may hold only lowercase letters, digits, '.', '_', '-' and '/'");
+        return bad(
+            "a repository name may hold only lowercase letters, digits, '.', '_', '-' and '/'",
+        );
     }
     Ok(())
 }
@@ -203,13 +216,22 @@ pub fn check_image_reference(image: &str) -> Result<(), ValidationError> {
 /// A relative path inside a code package: no absolute paths, no `..`, no empty segments.
 pub fn check_package_path(field: &str, path: &str) -> Result<(), ValidationError> {
     if path.is_empty() || path.len() > 1024 {
-        return Err(ValidationError::new(field, "must be a path of 1 to 1024 bytes"));
+        return Err(ValidationError::new(
+            field,
+            "must be a path of 1 to 1024 bytes",
+        ));
     }
     if path.starts_with('/') || path.starts_with('\\') || path.contains('\0') {
-        return Err(ValidationError::new(field, format!("{path:?} must be a relative path")));
+        return Err(ValidationError::new(
+            field,
+            format!("{path:?} must be a relative path"),
+        ));
     }
     if path.split(['/', '\\']).any(|segment| segment == "..") {
-        return Err(ValidationError::new(field, format!("{path:?} must not contain '..'")));
+        return Err(ValidationError::new(
+            field,
+            format!("{path:?} must not contain '..'"),
+        ));
     }
     Ok(())
 }

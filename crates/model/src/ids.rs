@@ -9,7 +9,11 @@ pub fn new_id() -> String {
 /// Whether `text` has the shape of an id stevedore hands out. Used to answer 404 early for
 /// garbage in a path instead of querying for it.
 pub fn looks_like_id(text: &str) -> bool {
-    !text.is_empty() && text.len() <= 64 && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    !text.is_empty()
+        && text.len() <= 64
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 #[cfg(test)]

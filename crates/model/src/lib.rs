@@ -8,17 +8,21 @@
 
 #![forbid(unsafe_code)]
 
+pub mod clock;
 pub mod code;
 pub mod ids;
 pub mod limits;
 pub mod schedule;
+pub mod stack;
 pub mod status;
 pub mod task;
 pub mod validation;
 
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use code::{CodeKind, CodeRevision, CodeSpec, Limits};
 pub use ids::new_id;
 pub use schedule::{Schedule, ScheduleSpec, ScheduleStatus, ScheduleTiming};
+pub use stack::Stack;
 pub use status::{Event, TaskStatus, TransitionError, transition};
 pub use task::{NewTask, Task, TaskOutcome};
 pub use validation::ValidationError;

@@ -17,10 +17,15 @@ use crate::validation::{ValidationError, check_name, check_range};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum ScheduleTiming {
+    /// Once, at `start_at` (or at creation): IronWorker's schedule without `run_every`.
+    Once,
     /// Every so many seconds, the first time at `start_at` (or at creation).
     Every { seconds: u32 },
     /// At the times of a five-field cron expression, read in an IANA time zone.
-    Cron { expression: String, timezone: String },
+    Cron {
+        expression: String,
+        timezone: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,7 +88,10 @@ impl FromStr for ScheduleStatus {
             "scheduled" => Ok(ScheduleStatus::Scheduled),
             "complete" => Ok(ScheduleStatus::Complete),
             "cancelled" => Ok(ScheduleStatus::Cancelled),
-            other => Err(ValidationError::new("status", format!("unknown schedule status {other:?}"))),
+            other => Err(ValidationError::new(
+                "status",
+                format!("unknown schedule status {other:?}"),
+            )),
         }
     }
 }
@@ -92,7 +100,10 @@ impl ScheduleTiming {
     /// The first fire time strictly after `after` (for `Every`, `after + seconds`).
     fn next_after(&self, after: Timestamp) -> Option<Timestamp> {
         match self {
-            ScheduleTiming::Every { seconds } => Some(after + Duration::seconds(i64::from(*seconds))),
+            ScheduleTiming::Once => None,
+            ScheduleTiming::Every { seconds } => {
+                Some(after + Duration::seconds(i64::from(*seconds)))
+            }
             ScheduleTiming::Cron {
                 expression,
                 timezone,
@@ -111,7 +122,12 @@ impl ScheduleSpec {
     /// Checks the definition. `min_run_every_secs` is IronWorker's 60 s unless configured.
     pub fn validate(&self, min_run_every_secs: u32) -> Result<(), ValidationError> {
         check_name("code_name", &self.code_name)?;
-        check_range("priority", i64::from(self.priority), 0, i64::from(MAX_PRIORITY))?;
+        check_range(
+            "priority",
+            i64::from(self.priority),
+            0,
+            i64::from(MAX_PRIORITY),
+        )?;
         check_range(
             "timeout",
             i64::from(self.timeout_secs),
@@ -123,6 +139,7 @@ impl ScheduleSpec {
             check_name("label", label)?;
         }
         match &self.timing {
+            ScheduleTiming::Once => {}
             ScheduleTiming::Every { seconds } => {
                 if *seconds < min_run_every_secs {
                     return Err(ValidationError::new(
@@ -138,11 +155,16 @@ impl ScheduleSpec {
                 if expression.split_whitespace().count() != 5 {
                     return Err(ValidationError::new(
                         "cron",
-                        format!("{expression:?} must have five fields: minute hour day-of-month month day-of-week"),
+                        format!(
+                            "{expression:?} must have five fields: minute hour day-of-month month day-of-week"
+                        ),
                     ));
                 }
                 croner::Cron::from_str(expression).map_err(|error| {
-                    ValidationError::new("cron", format!("{expression:?} is not a valid cron expression: {error}"))
+                    ValidationError::new(
+                        "cron",
+                        format!("{expression:?} is not a valid cron expression: {error}"),
+                    )
                 })?;
                 timezone.parse::<chrono_tz::Tz>().map_err(|_| {
                     ValidationError::new(
@@ -152,13 +174,16 @@ impl ScheduleSpec {
                 })?;
             }
         }
-        if let (Some(start), Some(end)) = (self.start_at, self.end_at) {
-            if end <= start {
-                return Err(ValidationError::new("end_at", "must be after start_at"));
-            }
+        if let (Some(start), Some(end)) = (self.start_at, self.end_at)
+            && end <= start
+        {
+            return Err(ValidationError::new("end_at", "must be after start_at"));
         }
         if self.run_times == Some(0) {
-            return Err(ValidationError::new("run_times", "must be at least 1 when given"));
+            return Err(ValidationError::new(
+                "run_times",
+                "must be at least 1 when given",
+            ));
         }
         Ok(())
     }
@@ -167,7 +192,7 @@ impl ScheduleSpec {
     pub fn first_fire(&self, now: Timestamp) -> Option<Timestamp> {
         let earliest = self.start_at.map_or(now, |start| start.max(now));
         let first = match &self.timing {
-            ScheduleTiming::Every { .. } => Some(earliest),
+            ScheduleTiming::Once | ScheduleTiming::Every { .. } => Some(earliest),
             // A cron time equal to `earliest` counts: step back one second and look after it.
             ScheduleTiming::Cron { .. } => self.timing.next_after(earliest - Duration::seconds(1)),
         }?;
@@ -176,11 +201,17 @@ impl ScheduleSpec {
 
     /// The fire time after one that fired at `fired_at`, seen at `now`. Fire times that were
     /// missed while nobody was looking are skipped, so a long outage yields no burst.
-    pub fn next_fire(&self, fired_at: Timestamp, run_count: u32, now: Timestamp) -> Option<Timestamp> {
+    pub fn next_fire(
+        &self,
+        fired_at: Timestamp,
+        run_count: u32,
+        now: Timestamp,
+    ) -> Option<Timestamp> {
         if self.run_times.is_some_and(|limit| run_count >= limit) {
             return None;
         }
         let next = match &self.timing {
+            ScheduleTiming::Once => return None,
             ScheduleTiming::Every { seconds } => {
                 let step = i64::from((*seconds).max(1));
                 let mut next = fired_at + Duration::seconds(step);
@@ -274,7 +305,10 @@ mod tests {
     #[test]
     fn validation_errors() {
         assert_eq!(
-            spec(ScheduleTiming::Every { seconds: 10 }).validate(60).unwrap_err().field,
+            spec(ScheduleTiming::Every { seconds: 10 })
+                .validate(60)
+                .unwrap_err()
+                .field,
             "run_every"
         );
         let bad_cron = spec(ScheduleTiming::Cron {

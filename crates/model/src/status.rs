@@ -167,8 +167,14 @@ mod tests {
             transition(running, &Event::Exited { exit_code: 3 }),
             Ok(TaskStatus::Error)
         );
-        assert_eq!(transition(running, &Event::OutOfMemory), Ok(TaskStatus::Error));
-        assert_eq!(transition(running, &Event::DeadlineReached), Ok(TaskStatus::Timeout));
+        assert_eq!(
+            transition(running, &Event::OutOfMemory),
+            Ok(TaskStatus::Error)
+        );
+        assert_eq!(
+            transition(running, &Event::DeadlineReached),
+            Ok(TaskStatus::Timeout)
+        );
     }
 
     #[test]
@@ -186,7 +192,10 @@ mod tests {
         ];
         for status in TaskStatus::ALL.into_iter().filter(|s| s.is_terminal()) {
             for event in &events {
-                assert!(transition(status, event).is_err(), "{status} took {event:?}");
+                assert!(
+                    transition(status, event).is_err(),
+                    "{status} took {event:?}"
+                );
             }
         }
     }

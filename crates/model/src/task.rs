@@ -71,18 +71,28 @@ pub struct NewTask {
     pub retry_count: u32,
     pub original_task_id: Option<String>,
     pub schedule_id: Option<String>,
+    /// Pin this revision of the code instead of its latest (retries run what failed).
+    pub code_rev: Option<u32>,
 }
 
 /// How a task's run ended, as the runner reports it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum TaskOutcome {
-    Exited { exit_code: i64 },
-    OutOfMemory { limit_mib: u32 },
-    TimedOut { timeout_secs: u32 },
+    Exited {
+        exit_code: i64,
+    },
+    OutOfMemory {
+        limit_mib: u32,
+    },
+    TimedOut {
+        timeout_secs: u32,
+    },
     Cancelled,
     /// The task could not be set up for a reason that is the user's to fix.
-    SetupFailed { message: String },
+    SetupFailed {
+        message: String,
+    },
 }
 
 /// The default cluster every runner serves unless told otherwise.
@@ -92,14 +102,24 @@ impl NewTask {
     /// Checks what the wire layer could not: ranges, names and the payload size.
     pub fn validate(&self, max_payload_bytes: usize) -> Result<(), ValidationError> {
         check_name("code_name", &self.code_name)?;
-        check_range("priority", i64::from(self.priority), 0, i64::from(MAX_PRIORITY))?;
+        check_range(
+            "priority",
+            i64::from(self.priority),
+            0,
+            i64::from(MAX_PRIORITY),
+        )?;
         check_range(
             "timeout",
             i64::from(self.timeout_secs),
             1,
             i64::from(MAX_TIMEOUT_SECS),
         )?;
-        check_range("delay", i64::from(self.delay_secs), 0, i64::from(MAX_DELAY_SECS))?;
+        check_range(
+            "delay",
+            i64::from(self.delay_secs),
+            0,
+            i64::from(MAX_DELAY_SECS),
+        )?;
         check_name("cluster", &self.cluster)?;
         if let Some(label) = &self.label {
             check_name("label", label)?;
@@ -172,6 +192,7 @@ mod tests {
             retry_count: 0,
             original_task_id: None,
             schedule_id: None,
+            code_rev: None,
         }
     }
 
@@ -192,7 +213,9 @@ mod tests {
     #[test]
     fn outcome_messages() {
         assert_eq!(
-            TaskOutcome::OutOfMemory { limit_mib: 256 }.message().as_deref(),
+            TaskOutcome::OutOfMemory { limit_mib: 256 }
+                .message()
+                .as_deref(),
             Some("out of memory (limit 256 MiB)")
         );
         assert_eq!(TaskOutcome::Exited { exit_code: 0 }.message(), None);

@@ -1,1 +1,102 @@
-//! Server.
+//! stevedore's HTTP server: the IronWorker v2 API (`/2/...`) with token auth, the OpenAPI
+//! document, and start-up bootstrapping of the first project.
+//!
+//! The server owns HTTP and nothing below it: every request is parsed and validated into
+//! domain values (`wire`), handed to the `Store`, and answered from the result. Errors of every
+//! layer meet in one table (`error`) that decides status codes and messages.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod auth;
+pub mod bootstrap;
+pub mod config;
+pub mod error;
+pub mod extract;
+pub mod openapi;
+pub mod package;
+pub mod wire;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use stevedore_model::Clock;
+use stevedore_store::Store;
+use tokio::net::TcpListener;
+use tower_http::trace::TraceLayer;
+
+pub use config::ServerConfig;
+
+/// What every request handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    pub config: Arc<ServerConfig>,
+}
+
+/// The whole HTTP application.
+pub fn router(state: AppState) -> Router {
+    use api::{codes, schedules, stacks, tasks};
+
+    let upload_limit = state
+        .config
+        .package
+        .max_bytes
+        .saturating_mul(4)
+        .saturating_add(1 << 20);
+    let project = Router::new()
+        .route(
+            "/codes",
+            get(codes::list)
+                .post(codes::upload)
+                .layer(DefaultBodyLimit::max(upload_limit)),
+        )
+        .route("/codes/{code_id}", get(codes::show).delete(codes::delete))
+        .route("/codes/{code_id}/revisions", get(codes::revisions))
+        .route("/codes/{code_id}/download", get(codes::download))
+        .route("/codes/{code_id}/cancel_all", post(codes::cancel_all))
+        .route("/codes/{code_id}/pause_task_queue", post(codes::pause))
+        .route("/codes/{code_id}/resume_task_queue", post(codes::resume))
+        .route("/codes/{code_id}/stats", get(codes::stats))
+        .route("/tasks", get(tasks::list).post(tasks::queue))
+        .route("/tasks/webhook", post(tasks::webhook))
+        .route("/tasks/{task_id}", get(tasks::show))
+        .route("/tasks/{task_id}/log", get(tasks::log))
+        .route("/tasks/{task_id}/outlog", get(tasks::log))
+        .route("/tasks/{task_id}/cancel", post(tasks::cancel))
+        .route("/tasks/{task_id}/retry", post(tasks::retry))
+        .route("/tasks/{task_id}/progress", post(tasks::progress))
+        .route("/schedules", get(schedules::list).post(schedules::create))
+        .route("/schedules/{schedule_id}", get(schedules::show))
+        .route("/schedules/{schedule_id}/cancel", post(schedules::cancel));
+
+    Router::new()
+        .nest("/2/projects/{project_id}", project)
+        .route("/2/stacks", get(stacks::list))
+        .route("/openapi.json", get(openapi::document))
+        .route(
+            "/health",
+            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .fallback(|| async {
+            error::ApiError::NotFound("no such endpoint; see /openapi.json".into())
+        })
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then finishes the requests in
+/// flight and returns.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

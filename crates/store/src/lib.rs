@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod record;
 mod sqlite;
 pub mod testsuite;
 
@@ -180,11 +181,21 @@ pub trait Store: Send + Sync + 'static {
     /// A code's latest revisions, newest code first.
     async fn list_codes(&self, project_id: &str, page: Page) -> Result<Vec<CodeRevision>>;
     /// Every revision of a code, newest first.
-    async fn list_revisions(&self, project_id: &str, code_id: &str, page: Page)
-    -> Result<Vec<CodeRevision>>;
-    async fn get_revision(&self, project_id: &str, code_id: &str, rev: u32) -> Result<CodeRevision>;
+    async fn list_revisions(
+        &self,
+        project_id: &str,
+        code_id: &str,
+        page: Page,
+    ) -> Result<Vec<CodeRevision>>;
+    async fn get_revision(&self, project_id: &str, code_id: &str, rev: u32)
+    -> Result<CodeRevision>;
     /// The zip package of a revision (the latest when `rev` is `None`).
-    async fn get_package(&self, project_id: &str, code_id: &str, rev: Option<u32>) -> Result<Vec<u8>>;
+    async fn get_package(
+        &self,
+        project_id: &str,
+        code_id: &str,
+        rev: Option<u32>,
+    ) -> Result<Vec<u8>>;
     /// Deletes a code; its queued tasks are cancelled, finished tasks stay readable.
     async fn delete_code(&self, project_id: &str, code_id: &str, now: Timestamp) -> Result<()>;
     async fn set_code_paused(
@@ -200,10 +211,20 @@ pub trait Store: Send + Sync + 'static {
 
     /// Queues every task or none: an unknown code name fails the whole batch with
     /// `StoreError::NotFound`. Each task pins the latest revision of its code.
-    async fn enqueue(&self, project_id: &str, tasks: &[NewTask], now: Timestamp) -> Result<Vec<Task>>;
+    async fn enqueue(
+        &self,
+        project_id: &str,
+        tasks: &[NewTask],
+        now: Timestamp,
+    ) -> Result<Vec<Task>>;
     async fn get_task(&self, project_id: &str, task_id: &str) -> Result<Task>;
     /// Tasks matching the filter, newest first.
-    async fn list_tasks(&self, project_id: &str, filter: &TaskFilter, page: Page) -> Result<Vec<Task>>;
+    async fn list_tasks(
+        &self,
+        project_id: &str,
+        filter: &TaskFilter,
+        page: Page,
+    ) -> Result<Vec<Task>>;
     /// Cancels a queued task at once; marks a leased one `cancel_requested` so its runner
     /// kills it. A finished task is `StoreError::Conflict`.
     async fn cancel_task(&self, project_id: &str, task_id: &str, now: Timestamp) -> Result<Task>;
@@ -227,14 +248,30 @@ pub trait Store: Send + Sync + 'static {
     /// within a priority; skips paused codes, other clusters and codes at `max_concurrency`.
     async fn lease(&self, request: &LeaseRequest, now: Timestamp) -> Result<Vec<LeasedTask>>;
     /// Extends a lease. `StoreError::StaleLease` when the token is no longer the task's.
-    async fn heartbeat(&self, task_id: &str, token: i64, lease_secs: u32, now: Timestamp)
-    -> Result<HeartbeatReply>;
+    async fn heartbeat(
+        &self,
+        task_id: &str,
+        token: i64,
+        lease_secs: u32,
+        now: Timestamp,
+    ) -> Result<HeartbeatReply>;
     /// The container started: `preparing` → `running`.
-    async fn mark_running(&self, task_id: &str, token: i64, start_time: Timestamp, now: Timestamp)
-    -> Result<Task>;
+    async fn mark_running(
+        &self,
+        task_id: &str,
+        token: i64,
+        start_time: Timestamp,
+        now: Timestamp,
+    ) -> Result<Task>;
     /// Appends log bytes, keeping at most `cap` bytes in total. Returns the stored size.
-    async fn append_log(&self, task_id: &str, token: i64, bytes: &[u8], cap: u64, now: Timestamp)
-    -> Result<u64>;
+    async fn append_log(
+        &self,
+        task_id: &str,
+        token: i64,
+        bytes: &[u8],
+        cap: u64,
+        now: Timestamp,
+    ) -> Result<u64>;
     /// Progress reported by the runner on the task's behalf.
     async fn runner_progress(
         &self,
@@ -255,15 +292,22 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Task>;
     /// Gives a task back after an infrastructure failure. It becomes `queued` again, due at
     /// `requeue.due_at`, or ends `error` once it has failed `max_infra_attempts` times.
-    async fn requeue(&self, task_id: &str, token: i64, requeue: &Requeue, now: Timestamp)
-    -> Result<Task>;
+    async fn requeue(
+        &self,
+        task_id: &str,
+        token: i64,
+        requeue: &Requeue,
+        now: Timestamp,
+    ) -> Result<Task>;
     /// Requeues every task whose lease expired before `now`, as `requeue` would. Returns the
     /// ids it rescued.
     async fn rescue_expired(&self, now: Timestamp, max_infra_attempts: u32) -> Result<Vec<String>>;
 
     // === schedules ===
 
-    /// Stores every schedule or none (an unknown code name fails the batch).
+    /// Stores every schedule or none (an unknown code name fails the batch). Each spec comes
+    /// with its first fire time (`ScheduleSpec::first_fire`), which becomes `next_start`; a
+    /// schedule without one will never fire and is stored `complete`.
     async fn create_schedules(
         &self,
         project_id: &str,
@@ -271,7 +315,29 @@ pub trait Store: Send + Sync + 'static {
         now: Timestamp,
     ) -> Result<Vec<Schedule>>;
     async fn get_schedule(&self, project_id: &str, schedule_id: &str) -> Result<Schedule>;
+    /// A project's schedules, newest first.
     async fn list_schedules(&self, project_id: &str, page: Page) -> Result<Vec<Schedule>>;
-    async fn cancel_schedule(&self, project_id: &str, schedule_id: &str, now: Timestamp)
-    -> Result<Schedule>;
+    /// Cancels a schedule: `cancelled`, `next_start` cleared. Idempotent: a schedule that is
+    /// no longer `scheduled` (already cancelled, or complete) is returned unchanged.
+    async fn cancel_schedule(
+        &self,
+        project_id: &str,
+        schedule_id: &str,
+        now: Timestamp,
+    ) -> Result<Schedule>;
+    /// Schedules of every project that are `scheduled` and due (`next_start <= now`), the
+    /// longest-waiting first. For the scheduler loop.
+    async fn due_schedules(&self, now: Timestamp, limit: u32) -> Result<Vec<Schedule>>;
+    /// Fires a schedule that was due at `fired_at` (its current `next_start`), atomically:
+    /// queues its task (as `enqueue` would, with `schedule_id` set), counts the run, and moves
+    /// `next_start` to `next_start`, or completes the schedule when that is `None`.
+    /// `StoreError::Conflict` when the schedule is no longer due at `fired_at` (another
+    /// scheduler fired it, or it was cancelled), so a schedule never fires twice for one time.
+    async fn fire_schedule(
+        &self,
+        schedule_id: &str,
+        fired_at: Timestamp,
+        next_start: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Result<Task>;
 }

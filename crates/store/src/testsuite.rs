@@ -1,1 +1,1758 @@
-//! The shared store test suite.
+//! The shared store test suite: what every `Store` implementation must do, written once
+//! against the trait so SQLite and PostgreSQL are held to the same contract.
+//!
+//! Each function takes a fresh, empty store and drives it with fixed timestamps (time is an
+//! argument everywhere). Nothing here may depend on one database. An implementation runs the
+//! whole suite with [`store_test_suite!`](crate::store_test_suite), which makes one
+//! `#[tokio::test]` per function:
+//!
+//! ```ignore
+//! async fn fresh_store() -> (MyStore, TempDir) { /* … */ }
+//! stevedore_store::store_test_suite!(fresh_store);
+//! ```
+//!
+//! A new suite function must also be added to the list in that macro.
+
+// This module is test code: a panic is how a check fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Duration, SubsecRound};
+use stevedore_model::{
+    CodeKind, CodeSpec, Limits, NewTask, ScheduleSpec, ScheduleStatus, ScheduleTiming, TaskOutcome,
+    TaskStatus, Timestamp,
+};
+
+use crate::{
+    LeaseRequest, LeasedTask, Package, Page, Project, Requeue, Result, RunReport, Store,
+    StoreError, TaskFilter, TokenRole,
+};
+
+/// Makes one `#[tokio::test]` per suite function. `$factory` is an async function (or
+/// closure) returning `(store, guard)`: a fresh empty store, and whatever must live as long as
+/// the test (a temporary directory, a database handle).
+#[macro_export]
+macro_rules! store_test_suite {
+    ($factory:expr) => {
+        $crate::store_test_suite!(@tests $factory;
+            projects_and_tokens,
+            codes_and_revisions,
+            deleting_a_code_hides_it_and_cancels_its_queued_tasks,
+            enqueue_pins_the_latest_revision,
+            enqueue_is_all_or_nothing,
+            enqueue_delay_sets_the_due_time,
+            timestamps_round_trip,
+            lease_orders_by_priority_then_due_time,
+            max_concurrency_holds_within_one_lease_call,
+            max_concurrency_holds_across_lease_calls,
+            paused_code_is_skipped_until_resumed,
+            lease_matches_clusters,
+            lease_tokens_strictly_increase,
+            stale_token_is_refused_after_rescue,
+            complete_records_the_result_once,
+            complete_maps_outcomes_to_statuses,
+            requeue_below_and_at_the_cap,
+            rescue_touches_only_expired_leases,
+            heartbeat_extends_the_lease,
+            log_is_capped_with_one_marker,
+            cancel_queued_leased_and_finished_tasks,
+            cancel_all_cancels_a_codes_tasks,
+            progress_from_the_task_and_the_runner,
+            project_isolation,
+            list_tasks_filters_and_pages,
+            code_stats_count_by_status,
+            schedules_are_created_all_or_nothing_and_cancelled,
+            schedules_fire_once_per_due_time,
+        );
+    };
+    (@tests $factory:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                let (store, _guard) = ($factory)().await;
+                if let Err(error) = $crate::testsuite::$name(&store).await {
+                    panic!("{} failed: {error:#?}", stringify!($name));
+                }
+            }
+        )*
+    };
+}
+
+// === helpers ===
+
+/// A fixed point in time (2030-01-01T00:00:00Z) plus `secs`.
+pub fn at(secs: i64) -> Timestamp {
+    DateTime::from_timestamp(1_893_456_000, 0).expect("a valid timestamp") + Duration::seconds(secs)
+}
+
+/// An image code spec with sensible defaults.
+pub fn image_spec(name: &str) -> CodeSpec {
+    CodeSpec {
+        name: name.to_owned(),
+        kind: CodeKind::Image {
+            image: "stevedore/busybox:local".to_owned(),
+            command: Some("echo hi".to_owned()),
+        },
+        env_vars: BTreeMap::new(),
+        config: None,
+        max_concurrency: None,
+        retries: 0,
+        retries_delay_secs: 60,
+        default_priority: 0,
+        limits: Limits::default(),
+        network: "bridge".to_owned(),
+    }
+}
+
+/// A task of `code_name` with priority 0, no delay, in the default cluster.
+pub fn new_task(code_name: &str) -> NewTask {
+    NewTask {
+        code_name: code_name.to_owned(),
+        payload: "{}".to_owned(),
+        priority: 0,
+        timeout_secs: 3600,
+        delay_secs: 0,
+        label: None,
+        cluster: "default".to_owned(),
+        retry_count: 0,
+        original_task_id: None,
+        schedule_id: None,
+        code_rev: None,
+    }
+}
+
+/// A runner serving the default cluster, 60 s leases.
+pub fn lease_request(runner_id: &str, max_tasks: u32) -> LeaseRequest {
+    LeaseRequest {
+        runner_id: runner_id.to_owned(),
+        clusters: vec!["default".to_owned()],
+        max_tasks,
+        lease_secs: 60,
+    }
+}
+
+fn page(page: u32, per_page: u32) -> Page {
+    Page { page, per_page }
+}
+
+const ALL: Page = Page {
+    page: 1,
+    per_page: 100,
+};
+
+async fn project(store: &dyn Store, name: &str) -> Result<Project> {
+    store.create_project(name, at(0)).await
+}
+
+/// A project with one code named `code_name`.
+async fn project_with_code(store: &dyn Store, code_name: &str) -> Result<Project> {
+    let project = project(store, "acme").await?;
+    store
+        .push_code(&project.id, &image_spec(code_name), None, at(0))
+        .await?;
+    Ok(project)
+}
+
+async fn enqueue_one(
+    store: &dyn Store,
+    project_id: &str,
+    task: NewTask,
+    now: Timestamp,
+) -> Result<String> {
+    let mut tasks = store.enqueue(project_id, &[task], now).await?;
+    assert_eq!(tasks.len(), 1);
+    Ok(tasks.remove(0).id)
+}
+
+async fn lease_one(store: &dyn Store, now: Timestamp) -> Result<LeasedTask> {
+    let mut leased = store.lease(&lease_request("runner-1", 1), now).await?;
+    assert_eq!(leased.len(), 1, "expected one task to lease at {now}");
+    Ok(leased.remove(0))
+}
+
+fn ids(leased: &[LeasedTask]) -> Vec<String> {
+    leased.iter().map(|leased| leased.task.id.clone()).collect()
+}
+
+fn assert_not_found<T: std::fmt::Debug>(result: Result<T>, naming: &str) {
+    match result {
+        Err(StoreError::NotFound { what }) => {
+            assert!(what.contains(naming), "{what:?} should name {naming:?}")
+        }
+        other => panic!("expected NotFound naming {naming:?}, got {other:?}"),
+    }
+}
+
+fn assert_stale<T: std::fmt::Debug>(result: Result<T>, operation: &str) {
+    assert!(
+        matches!(result, Err(StoreError::StaleLease { .. })),
+        "{operation} with a stale token: expected StaleLease, got {result:?}"
+    );
+}
+
+fn exited(exit_code: i64) -> TaskOutcome {
+    TaskOutcome::Exited { exit_code }
+}
+
+// === projects and tokens ===
+
+pub async fn projects_and_tokens(store: &dyn Store) -> Result<()> {
+    let acme = project(store, "acme").await?;
+    assert_eq!(store.get_project(&acme.id).await?, acme);
+    assert_eq!(
+        store.find_project_by_name("acme").await?,
+        Some(acme.clone())
+    );
+    assert_eq!(store.find_project_by_name("nobody").await?, None);
+    assert_not_found(store.get_project("nope").await, "nope");
+    assert!(matches!(
+        store.create_project("acme", at(1)).await,
+        Err(StoreError::Conflict(_))
+    ));
+
+    let token = store
+        .create_token(Some(&acme.id), TokenRole::Project, "sha-project", at(2))
+        .await?;
+    assert_eq!(token.project_id.as_deref(), Some(acme.id.as_str()));
+    assert_eq!(store.find_token("sha-project").await?, Some(token));
+    let admin = store
+        .create_token(None, TokenRole::Admin, "sha-admin", at(3))
+        .await?;
+    assert_eq!(store.find_token("sha-admin").await?, Some(admin));
+    let runner = store
+        .create_token(None, TokenRole::Runner, "sha-runner", at(3))
+        .await?;
+    assert_eq!(
+        store.find_token("sha-runner").await?.map(|t| t.role),
+        Some(runner.role)
+    );
+    assert_eq!(store.find_token("sha-unknown").await?, None);
+    assert_not_found(
+        store
+            .create_token(Some("ghost"), TokenRole::Project, "sha-ghost", at(4))
+            .await,
+        "ghost",
+    );
+    Ok(())
+}
+
+// === codes ===
+
+pub async fn codes_and_revisions(store: &dyn Store) -> Result<()> {
+    let acme = project(store, "acme").await?;
+    let package = Package {
+        bytes: b"PK\x03\x04 zip bytes".to_vec(),
+        sha256: "abc123".to_owned(),
+    };
+    let first = store
+        .push_code(&acme.id, &image_spec("hello"), Some(&package), at(10))
+        .await?;
+    assert_eq!(first.rev, 1);
+    assert_eq!(first.project_id, acme.id);
+    assert_eq!(first.package_sha256.as_deref(), Some("abc123"));
+    assert_eq!(first.package_size, Some(package.bytes.len() as u64));
+    assert_eq!((first.created_at, first.updated_at), (at(10), at(10)));
+    assert!(!first.paused);
+
+    let mut changed = image_spec("hello");
+    changed.max_concurrency = Some(3);
+    changed
+        .env_vars
+        .insert("GREETING".to_owned(), "hi".to_owned());
+    let second = store.push_code(&acme.id, &changed, None, at(20)).await?;
+    assert_eq!((second.id.as_str(), second.rev), (first.id.as_str(), 2));
+    assert_eq!((second.created_at, second.updated_at), (at(10), at(20)));
+    assert_eq!(second.spec, changed);
+    assert_eq!(second.package_sha256, None);
+
+    assert_eq!(store.get_code(&acme.id, &first.id).await?, second);
+    assert_eq!(store.get_code_by_name(&acme.id, "hello").await?, second);
+    assert_eq!(store.get_revision(&acme.id, &first.id, 1).await?, first);
+    assert_not_found(
+        store.get_revision(&acme.id, &first.id, 3).await,
+        "revision 3",
+    );
+    let revisions = store.list_revisions(&acme.id, &first.id, ALL).await?;
+    assert_eq!(
+        revisions.iter().map(|r| r.rev).collect::<Vec<_>>(),
+        vec![2, 1]
+    );
+    assert_eq!(
+        store
+            .list_revisions(&acme.id, &first.id, page(2, 1))
+            .await?,
+        vec![first.clone()]
+    );
+
+    assert_eq!(
+        store.get_package(&acme.id, &first.id, Some(1)).await?,
+        package.bytes
+    );
+    assert_not_found(
+        store.get_package(&acme.id, &first.id, None).await,
+        "package",
+    );
+    assert_not_found(store.get_code_by_name(&acme.id, "nope").await, "nope");
+    assert_not_found(store.get_code(&acme.id, "nope").await, "nope");
+
+    // Newest-updated first: pushing to `hello` again moves it ahead of `other`.
+    let other = store
+        .push_code(&acme.id, &image_spec("other"), None, at(30))
+        .await?;
+    let names = |codes: Vec<stevedore_model::CodeRevision>| {
+        codes.into_iter().map(|c| c.spec.name).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        names(store.list_codes(&acme.id, ALL).await?),
+        vec!["other", "hello"]
+    );
+    let third = store
+        .push_code(&acme.id, &image_spec("hello"), Some(&package), at(40))
+        .await?;
+    assert_eq!(third.rev, 3);
+    assert_eq!(
+        names(store.list_codes(&acme.id, ALL).await?),
+        vec!["hello", "other"]
+    );
+    assert_eq!(
+        names(store.list_codes(&acme.id, page(2, 1)).await?),
+        vec!["other"]
+    );
+    assert_eq!(
+        store.get_package(&acme.id, &first.id, None).await?,
+        package.bytes
+    );
+
+    let paused = store
+        .set_code_paused(&acme.id, &other.id, true, at(50))
+        .await?;
+    assert!(paused.paused);
+    assert!(store.get_code(&acme.id, &other.id).await?.paused);
+    assert!(
+        !store
+            .set_code_paused(&acme.id, &other.id, false, at(51))
+            .await?
+            .paused
+    );
+    assert_not_found(
+        store
+            .push_code("ghost", &image_spec("x"), None, at(60))
+            .await,
+        "ghost",
+    );
+    Ok(())
+}
+
+pub async fn deleting_a_code_hides_it_and_cancels_its_queued_tasks(
+    store: &dyn Store,
+) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let code = store.get_code_by_name(&acme.id, "hello").await?;
+    let running = enqueue_one(store, &acme.id, new_task("hello"), at(1)).await?;
+    let queued = enqueue_one(store, &acme.id, new_task("hello"), at(2)).await?;
+    let leased = lease_one(store, at(3)).await?;
+    assert_eq!(leased.task.id, running);
+    let schedule_spec = schedule_spec("hello", 60);
+    let schedules = store
+        .create_schedules(&acme.id, &[(schedule_spec, Some(at(60)))], at(3))
+        .await?;
+
+    store.delete_code(&acme.id, &code.id, at(4)).await?;
+    assert_not_found(store.get_code(&acme.id, &code.id).await, &code.id);
+    assert_not_found(store.get_code_by_name(&acme.id, "hello").await, "hello");
+    assert!(store.list_codes(&acme.id, ALL).await?.is_empty());
+    assert_not_found(
+        store.enqueue(&acme.id, &[new_task("hello")], at(5)).await,
+        "hello",
+    );
+    assert_not_found(store.delete_code(&acme.id, &code.id, at(5)).await, &code.id);
+
+    let queued = store.get_task(&acme.id, &queued).await?;
+    assert_eq!(
+        (queued.status, queued.end_time),
+        (TaskStatus::Cancelled, Some(at(4)))
+    );
+    let running = store.get_task(&acme.id, &running).await?;
+    assert_eq!(running.status, TaskStatus::Preparing);
+    assert!(running.cancel_requested);
+    let schedule = store.get_schedule(&acme.id, &schedules[0].id).await?;
+    assert_eq!(
+        (schedule.status, schedule.next_start),
+        (ScheduleStatus::Cancelled, None)
+    );
+    // The leased task can still finish, and a new code may take the name.
+    store
+        .complete(
+            &running.id,
+            leased.lease.token,
+            &TaskOutcome::Cancelled,
+            &RunReport::default(),
+            at(6),
+        )
+        .await?;
+    let reborn = store
+        .push_code(&acme.id, &image_spec("hello"), None, at(7))
+        .await?;
+    assert_ne!(reborn.id, code.id);
+    assert_eq!(reborn.rev, 1);
+    Ok(())
+}
+
+// === enqueue ===
+
+pub async fn enqueue_pins_the_latest_revision(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let first = enqueue_one(store, &acme.id, new_task("hello"), at(1)).await?;
+    let mut v2 = image_spec("hello");
+    v2.kind = CodeKind::Image {
+        image: "stevedore/busybox:v2".to_owned(),
+        command: None,
+    };
+    store.push_code(&acme.id, &v2, None, at(2)).await?;
+    let second = enqueue_one(store, &acme.id, new_task("hello"), at(3)).await?;
+    assert_eq!(store.get_task(&acme.id, &first).await?.code_rev, 1);
+    assert_eq!(store.get_task(&acme.id, &second).await?.code_rev, 2);
+
+    let leased = store.lease(&lease_request("runner-1", 10), at(4)).await?;
+    assert_eq!(ids(&leased), vec![first, second]);
+    assert_eq!(leased[0].code.rev, 1);
+    assert_eq!(leased[0].code.spec, image_spec("hello"));
+    assert_eq!(leased[1].code.rev, 2);
+    assert_eq!(leased[1].code.spec, v2);
+    Ok(())
+}
+
+pub async fn enqueue_is_all_or_nothing(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let batch = [new_task("hello"), new_task("missing"), new_task("hello")];
+    assert_not_found(store.enqueue(&acme.id, &batch, at(1)).await, "missing");
+    assert!(
+        store
+            .list_tasks(&acme.id, &TaskFilter::default(), ALL)
+            .await?
+            .is_empty()
+    );
+    assert!(
+        store
+            .lease(&lease_request("runner-1", 10), at(2))
+            .await?
+            .is_empty()
+    );
+
+    let queued = store
+        .enqueue(&acme.id, &[new_task("hello"), new_task("hello")], at(3))
+        .await?;
+    assert_eq!(queued.len(), 2);
+    for task in &queued {
+        assert_eq!(task.status, TaskStatus::Queued);
+        assert_eq!(&store.get_task(&acme.id, &task.id).await?, task);
+    }
+    assert!(store.enqueue(&acme.id, &[], at(4)).await?.is_empty());
+    Ok(())
+}
+
+pub async fn enqueue_delay_sets_the_due_time(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let mut delayed = new_task("hello");
+    delayed.delay_secs = 30;
+    delayed.label = Some("later".to_owned());
+    let task = store
+        .enqueue(&acme.id, &[delayed], at(100))
+        .await?
+        .remove(0);
+    assert_eq!((task.created_at, task.due_at), (at(100), at(130)));
+    assert_eq!(
+        (task.delay_secs, task.label.as_deref()),
+        (30, Some("later"))
+    );
+    assert!(
+        store
+            .lease(&lease_request("runner-1", 1), at(129))
+            .await?
+            .is_empty()
+    );
+    assert_eq!(lease_one(store, at(130)).await?.task.id, task.id);
+    Ok(())
+}
+
+pub async fn timestamps_round_trip(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    // Nanoseconds are more than any database keeps; what comes back must equal what is read.
+    let now = at(5) + Duration::nanoseconds(123_456_789);
+    let task = store
+        .enqueue(&acme.id, &[new_task("hello")], now)
+        .await?
+        .remove(0);
+    assert_eq!(store.get_task(&acme.id, &task.id).await?, task);
+    assert_eq!(task.created_at, now.trunc_subsecs(6));
+    let leased = lease_one(store, now).await?;
+    let started = store
+        .mark_running(&task.id, leased.lease.token, now, now)
+        .await?;
+    assert_eq!(store.get_task(&acme.id, &task.id).await?, started);
+    let report = RunReport {
+        start_time: Some(now),
+        end_time: Some(now + Duration::nanoseconds(5)),
+        peak_memory_bytes: Some(1 << 40),
+        cpu_time_ms: Some(12),
+    };
+    let done = store
+        .complete(&task.id, leased.lease.token, &exited(0), &report, now)
+        .await?;
+    assert_eq!(store.get_task(&acme.id, &task.id).await?, done);
+    Ok(())
+}
+
+// === leases ===
+
+pub async fn lease_orders_by_priority_then_due_time(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let task = |priority: u8, delay_secs: u32| NewTask {
+        priority,
+        delay_secs,
+        ..new_task("hello")
+    };
+    let queued = store
+        .enqueue(
+            &acme.id,
+            &[
+                task(0, 0),
+                task(1, 10),
+                task(2, 20),
+                task(1, 5),
+                task(0, 15),
+                task(2, 50),
+            ],
+            at(0),
+        )
+        .await?;
+    let id = |index: usize| queued[index].id.clone();
+    // At 30 s the second priority-2 task is not due yet.
+    let leased = store.lease(&lease_request("runner-1", 10), at(30)).await?;
+    assert_eq!(ids(&leased), vec![id(2), id(3), id(1), id(0), id(4)]);
+    assert_eq!(
+        ids(&store.lease(&lease_request("runner-1", 10), at(50)).await?),
+        vec![id(5)]
+    );
+
+    // One at a time gives the same order.
+    let again = store
+        .enqueue(
+            &acme.id,
+            &[task(0, 0), task(2, 3), task(1, 1), task(2, 2)],
+            at(100),
+        )
+        .await?;
+    let mut order = Vec::new();
+    for _ in 0..4 {
+        order.push(lease_one(store, at(200)).await?.task.id);
+    }
+    assert_eq!(
+        order,
+        vec![
+            again[3].id.clone(),
+            again[1].id.clone(),
+            again[2].id.clone(),
+            again[0].id.clone()
+        ]
+    );
+    Ok(())
+}
+
+pub async fn max_concurrency_holds_within_one_lease_call(store: &dyn Store) -> Result<()> {
+    let acme = project(store, "acme").await?;
+    let mut limited = image_spec("limited");
+    limited.max_concurrency = Some(2);
+    store.push_code(&acme.id, &limited, None, at(0)).await?;
+    store
+        .push_code(&acme.id, &image_spec("free"), None, at(0))
+        .await?;
+    // The limited code's tasks come first in the queue; they must not block the free code's.
+    let limited_tasks = store
+        .enqueue(&acme.id, &vec![new_task("limited"); 40], at(1))
+        .await?;
+    store
+        .enqueue(&acme.id, &vec![new_task("free"); 3], at(2))
+        .await?;
+    let leased = store.lease(&lease_request("runner-1", 10), at(3)).await?;
+    let count = |name: &str| leased.iter().filter(|l| l.task.code_name == name).count();
+    assert_eq!((count("limited"), count("free")), (2, 3));
+    assert_eq!(
+        ids(&leased)[..2],
+        [limited_tasks[0].id.clone(), limited_tasks[1].id.clone()]
+    );
+    Ok(())
+}
+
+pub async fn max_concurrency_holds_across_lease_calls(store: &dyn Store) -> Result<()> {
+    let acme = project(store, "acme").await?;
+    let mut limited = image_spec("limited");
+    limited.max_concurrency = Some(2);
+    store.push_code(&acme.id, &limited, None, at(0)).await?;
+    store
+        .enqueue(&acme.id, &vec![new_task("limited"); 5], at(1))
+        .await?;
+    let first = lease_one(store, at(2)).await?;
+    let second = lease_one(store, at(2)).await?;
+    assert!(
+        store
+            .lease(&lease_request("runner-2", 5), at(3))
+            .await?
+            .is_empty()
+    );
+    // A running task still counts; a finished one frees its slot.
+    store
+        .mark_running(&first.task.id, first.lease.token, at(3), at(3))
+        .await?;
+    assert!(
+        store
+            .lease(&lease_request("runner-2", 5), at(4))
+            .await?
+            .is_empty()
+    );
+    store
+        .mark_running(&second.task.id, second.lease.token, at(5), at(5))
+        .await?;
+    store
+        .complete(
+            &second.task.id,
+            second.lease.token,
+            &exited(0),
+            &RunReport::default(),
+            at(5),
+        )
+        .await?;
+    assert_eq!(
+        store
+            .lease(&lease_request("runner-2", 5), at(6))
+            .await?
+            .len(),
+        1
+    );
+    assert!(
+        store
+            .lease(&lease_request("runner-2", 5), at(7))
+            .await?
+            .is_empty()
+    );
+    // A requeued task frees its slot too.
+    store
+        .requeue(
+            &first.task.id,
+            first.lease.token,
+            &Requeue {
+                reason: "engine down".to_owned(),
+                due_at: at(8),
+                max_infra_attempts: 5,
+            },
+            at(8),
+        )
+        .await?;
+    assert_eq!(
+        store
+            .lease(&lease_request("runner-2", 5), at(9))
+            .await?
+            .len(),
+        1
+    );
+    Ok(())
+}
+
+pub async fn paused_code_is_skipped_until_resumed(store: &dyn Store) -> Result<()> {
+    let acme = project(store, "acme").await?;
+    let paused = store
+        .push_code(&acme.id, &image_spec("paused"), None, at(0))
+        .await?;
+    store
+        .push_code(&acme.id, &image_spec("busy"), None, at(0))
+        .await?;
+    let waiting = enqueue_one(store, &acme.id, new_task("paused"), at(1)).await?;
+    let busy = enqueue_one(store, &acme.id, new_task("busy"), at(2)).await?;
+    store
+        .set_code_paused(&acme.id, &paused.id, true, at(3))
+        .await?;
+    assert_eq!(
+        ids(&store.lease(&lease_request("runner-1", 10), at(4)).await?),
+        vec![busy]
+    );
+    assert!(
+        store
+            .lease(&lease_request("runner-1", 10), at(5))
+            .await?
+            .is_empty()
+    );
+    assert_eq!(
+        store.get_task(&acme.id, &waiting).await?.status,
+        TaskStatus::Queued
+    );
+    store
+        .set_code_paused(&acme.id, &paused.id, false, at(6))
+        .await?;
+    assert_eq!(
+        ids(&store.lease(&lease_request("runner-1", 10), at(7)).await?),
+        vec![waiting]
+    );
+    Ok(())
+}
+
+pub async fn lease_matches_clusters(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let in_cluster = |cluster: &str| NewTask {
+        cluster: cluster.to_owned(),
+        ..new_task("hello")
+    };
+    let default = enqueue_one(store, &acme.id, in_cluster("default"), at(1)).await?;
+    let gpu = enqueue_one(store, &acme.id, in_cluster("gpu"), at(2)).await?;
+    let request = |clusters: &[&str]| LeaseRequest {
+        clusters: clusters.iter().map(|c| (*c).to_owned()).collect(),
+        ..lease_request("runner-1", 10)
+    };
+    assert!(store.lease(&request(&[]), at(3)).await?.is_empty());
+    assert!(store.lease(&request(&["arm"]), at(3)).await?.is_empty());
+    assert_eq!(
+        ids(&store.lease(&request(&["arm", "gpu"]), at(3)).await?),
+        vec![gpu]
+    );
+    assert_eq!(
+        ids(&store.lease(&request(&["default"]), at(3)).await?),
+        vec![default]
+    );
+    Ok(())
+}
+
+pub async fn lease_tokens_strictly_increase(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    store
+        .enqueue(&acme.id, &vec![new_task("hello"); 7], at(0))
+        .await?;
+    let mut tokens = Vec::new();
+    for round in 0..4 {
+        let now = at(10 + round);
+        let leased = store.lease(&lease_request("runner-1", 2), now).await?;
+        for leased in &leased {
+            assert_eq!(leased.lease.expires_at, now + Duration::seconds(60));
+            assert_eq!(leased.task.status, TaskStatus::Preparing);
+            assert_eq!(leased.task.runner_id.as_deref(), Some("runner-1"));
+            assert_eq!(
+                store.get_task(&acme.id, &leased.task.id).await?,
+                leased.task
+            );
+            tokens.push(leased.lease.token);
+        }
+    }
+    assert_eq!(tokens.len(), 7);
+    assert!(
+        tokens.windows(2).all(|pair| pair[0] < pair[1]),
+        "{tokens:?}"
+    );
+    // An empty lease call hands out nothing, and tokens keep growing after it.
+    assert!(
+        store
+            .lease(&lease_request("runner-1", 2), at(20))
+            .await?
+            .is_empty()
+    );
+    enqueue_one(store, &acme.id, new_task("hello"), at(21)).await?;
+    assert!(lease_one(store, at(22)).await?.lease.token > tokens[6]);
+    Ok(())
+}
+
+pub async fn stale_token_is_refused_after_rescue(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let id = enqueue_one(store, &acme.id, new_task("hello"), at(0)).await?;
+    let old = lease_one(store, at(1)).await?;
+    store
+        .mark_running(&id, old.lease.token, at(2), at(2))
+        .await?;
+    // The runner goes silent; its lease expires at 61 s and the rescuer requeues the task.
+    assert_eq!(store.rescue_expired(at(62), 5).await?, vec![id.clone()]);
+    let new = lease_one(store, at(63)).await?;
+    assert_eq!(new.task.id, id);
+    assert!(new.lease.token > old.lease.token);
+
+    let stale = old.lease.token;
+    assert_stale(store.heartbeat(&id, stale, 60, at(64)).await, "heartbeat");
+    assert_stale(
+        store.mark_running(&id, stale, at(64), at(64)).await,
+        "mark_running",
+    );
+    assert_stale(
+        store.append_log(&id, stale, b"late", 1024, at(64)).await,
+        "append_log",
+    );
+    assert_stale(
+        store
+            .runner_progress(&id, stale, Some(50), None, at(64))
+            .await,
+        "runner_progress",
+    );
+    assert_stale(
+        store
+            .complete(&id, stale, &exited(0), &RunReport::default(), at(64))
+            .await,
+        "complete",
+    );
+    let requeue = Requeue {
+        reason: "engine down".to_owned(),
+        due_at: at(64),
+        max_infra_attempts: 5,
+    };
+    assert_stale(store.requeue(&id, stale, &requeue, at(64)).await, "requeue");
+    assert_not_found(store.get_log(&acme.id, &id).await, "log");
+
+    // The new lease works and the stale writes changed nothing.
+    let task = store.get_task(&acme.id, &id).await?;
+    assert_eq!(
+        (task.status, task.infra_attempts, task.percent),
+        (TaskStatus::Preparing, 1, None)
+    );
+    store
+        .mark_running(&id, new.lease.token, at(65), at(65))
+        .await?;
+    let done = store
+        .complete(
+            &id,
+            new.lease.token,
+            &exited(0),
+            &RunReport::default(),
+            at(66),
+        )
+        .await?;
+    assert_eq!(done.status, TaskStatus::Complete);
+    Ok(())
+}
+
+pub async fn complete_records_the_result_once(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let id = enqueue_one(store, &acme.id, new_task("hello"), at(0)).await?;
+    let leased = lease_one(store, at(1)).await?;
+    let token = leased.lease.token;
+    // A container cannot exit before it started.
+    assert!(matches!(
+        store
+            .complete(&id, token, &exited(0), &RunReport::default(), at(2))
+            .await,
+        Err(StoreError::Transition(_))
+    ));
+    let running = store.mark_running(&id, token, at(3), at(3)).await?;
+    assert_eq!(
+        (running.status, running.start_time),
+        (TaskStatus::Running, Some(at(3)))
+    );
+    let report = RunReport {
+        start_time: Some(at(4)),
+        end_time: Some(at(9)),
+        peak_memory_bytes: Some(42 << 20),
+        cpu_time_ms: Some(1234),
+    };
+    let done = store
+        .complete(&id, token, &exited(0), &report, at(10))
+        .await?;
+    assert_eq!(done.status, TaskStatus::Complete);
+    assert_eq!(done.exit_code, Some(0));
+    assert_eq!((done.start_time, done.end_time), (Some(at(4)), Some(at(9))));
+    assert_eq!(
+        (done.peak_memory_bytes, done.cpu_time_ms),
+        (Some(42 << 20), Some(1234))
+    );
+    assert_eq!(
+        (done.runner_id.as_deref(), done.msg.as_deref()),
+        (None, None)
+    );
+    assert_eq!(done.updated_at, at(10));
+    assert_eq!(store.get_task(&acme.id, &id).await?, done.clone());
+
+    // Exactly once: the same token, any outcome, is refused and changes nothing.
+    assert_stale(
+        store
+            .complete(&id, token, &exited(1), &report, at(11))
+            .await,
+        "complete",
+    );
+    assert_stale(store.heartbeat(&id, token, 60, at(11)).await, "heartbeat");
+    assert_stale(
+        store
+            .requeue(
+                &id,
+                token,
+                &Requeue {
+                    reason: "x".to_owned(),
+                    due_at: at(11),
+                    max_infra_attempts: 5,
+                },
+                at(11),
+            )
+            .await,
+        "requeue",
+    );
+    assert_eq!(store.get_task(&acme.id, &id).await?, done);
+    // Nothing is left to rescue or lease.
+    assert!(store.rescue_expired(at(1000), 5).await?.is_empty());
+    assert!(
+        store
+            .lease(&lease_request("runner-1", 1), at(1000))
+            .await?
+            .is_empty()
+    );
+    Ok(())
+}
+
+pub async fn complete_maps_outcomes_to_statuses(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let cases = [
+        (
+            exited(3),
+            TaskStatus::Error,
+            Some(3),
+            Some("exited with code 3"),
+        ),
+        (
+            TaskOutcome::OutOfMemory { limit_mib: 256 },
+            TaskStatus::Error,
+            Some(137),
+            Some("out of memory (limit 256 MiB)"),
+        ),
+        (
+            TaskOutcome::TimedOut { timeout_secs: 5 },
+            TaskStatus::Timeout,
+            None,
+            Some("timed out after 5 s"),
+        ),
+        (
+            TaskOutcome::Cancelled,
+            TaskStatus::Cancelled,
+            None,
+            Some("cancelled"),
+        ),
+    ];
+    for (outcome, status, exit_code, msg) in cases {
+        let id = enqueue_one(store, &acme.id, new_task("hello"), at(0)).await?;
+        let leased = lease_one(store, at(1)).await?;
+        store
+            .mark_running(&id, leased.lease.token, at(2), at(2))
+            .await?;
+        let done = store
+            .complete(
+                &id,
+                leased.lease.token,
+                &outcome,
+                &RunReport::default(),
+                at(3),
+            )
+            .await?;
+        assert_eq!(
+            (done.status, done.exit_code, done.msg.as_deref()),
+            (status, exit_code, msg),
+            "{outcome:?}"
+        );
+        assert_eq!(done.end_time, Some(at(3)), "end time defaults to now");
+    }
+    // Setup failures end a task that never started.
+    let id = enqueue_one(store, &acme.id, new_task("hello"), at(0)).await?;
+    let leased = lease_one(store, at(1)).await?;
+    let outcome = TaskOutcome::SetupFailed {
+        message: "image not found: nope:latest".to_owned(),
+    };
+    let done = store
+        .complete(
+            &id,
+            leased.lease.token,
+            &outcome,
+            &RunReport::default(),
+            at(2),
+        )
+        .await?;
+    assert_eq!(
+        (done.status, done.msg.as_deref()),
+        (TaskStatus::Error, Some("image not found: nope:latest"))
+    );
+    Ok(())
+}
+
+pub async fn requeue_below_and_at_the_cap(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let id = enqueue_one(store, &acme.id, new_task("hello"), at(0)).await?;
+    let requeue = |due: i64| Requeue {
+        reason: "engine down".to_owned(),
+        due_at: at(due),
+        max_infra_attempts: 3,
+    };
+    let leased = lease_one(store, at(1)).await?;
+    store
+        .mark_running(&id, leased.lease.token, at(2), at(2))
+        .await?;
+    let again = store
+        .requeue(&id, leased.lease.token, &requeue(20), at(3))
+        .await?;
+    assert_eq!(
+        (again.status, again.infra_attempts, again.due_at),
+        (TaskStatus::Queued, 1, at(20))
+    );
+    assert_eq!(
+        (
+            again.runner_id.as_deref(),
+            again.msg.as_deref(),
+            again.start_time
+        ),
+        (None, Some("engine down"), None)
+    );
+    assert_eq!(
+        again.retry_count, 0,
+        "an infrastructure failure spends no user retry"
+    );
+    assert_eq!(store.get_task(&acme.id, &id).await?, again);
+    assert!(
+        store
+            .lease(&lease_request("runner-1", 1), at(19))
+            .await?
+            .is_empty()
+    );
+
+    let leased = lease_one(store, at(20)).await?;
+    let again = store
+        .requeue(&id, leased.lease.token, &requeue(30), at(21))
+        .await?;
+    assert_eq!(
+        (again.status, again.infra_attempts),
+        (TaskStatus::Queued, 2)
+    );
+    assert_stale(
+        store
+            .requeue(&id, leased.lease.token, &requeue(30), at(21))
+            .await,
+        "requeue",
+    );
+
+    let leased = lease_one(store, at(30)).await?;
+    let failed = store
+        .requeue(&id, leased.lease.token, &requeue(40), at(31))
+        .await?;
+    assert_eq!(
+        (failed.status, failed.infra_attempts),
+        (TaskStatus::Error, 3)
+    );
+    assert_eq!(
+        failed.msg.as_deref(),
+        Some("infrastructure failure after 3 attempts: engine down")
+    );
+    assert_eq!((failed.end_time, failed.runner_id), (Some(at(31)), None));
+    assert!(
+        store
+            .lease(&lease_request("runner-1", 1), at(100))
+            .await?
+            .is_empty()
+    );
+    Ok(())
+}
+
+pub async fn rescue_touches_only_expired_leases(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    store
+        .enqueue(&acme.id, &vec![new_task("hello"); 4], at(0))
+        .await?;
+    let silent = lease_one(store, at(1)).await?; // expires at 61
+    let alive = lease_one(store, at(1)).await?;
+    let late = lease_one(store, at(30)).await?; // expires at 90
+    let finished = lease_one(store, at(1)).await?;
+    store
+        .heartbeat(&alive.task.id, alive.lease.token, 60, at(50))
+        .await?; // now 110
+    store
+        .mark_running(&finished.task.id, finished.lease.token, at(2), at(2))
+        .await?;
+    store
+        .complete(
+            &finished.task.id,
+            finished.lease.token,
+            &exited(0),
+            &RunReport::default(),
+            at(3),
+        )
+        .await?;
+
+    assert!(
+        store.rescue_expired(at(61), 5).await?.is_empty(),
+        "a lease is good until its expiry"
+    );
+    assert_eq!(
+        store.rescue_expired(at(62), 5).await?,
+        vec![silent.task.id.clone()]
+    );
+    let rescued = store.get_task(&acme.id, &silent.task.id).await?;
+    assert_eq!(
+        (rescued.status, rescued.infra_attempts, rescued.due_at),
+        (TaskStatus::Queued, 1, at(62))
+    );
+    assert_eq!(rescued.runner_id, None);
+    assert!(
+        rescued
+            .msg
+            .as_deref()
+            .is_some_and(|msg| msg.contains("runner-1")),
+        "{:?}",
+        rescued.msg
+    );
+    assert_eq!(
+        store.get_task(&acme.id, &alive.task.id).await?.status,
+        TaskStatus::Preparing
+    );
+    assert_eq!(
+        store.get_task(&acme.id, &late.task.id).await?.status,
+        TaskStatus::Preparing
+    );
+    assert_eq!(
+        store.get_task(&acme.id, &finished.task.id).await?.status,
+        TaskStatus::Complete
+    );
+
+    // At the cap the rescuer gives up on the task.
+    assert_eq!(
+        store.rescue_expired(at(91), 1).await?,
+        vec![late.task.id.clone()]
+    );
+    let failed = store.get_task(&acme.id, &late.task.id).await?;
+    assert_eq!(failed.status, TaskStatus::Error);
+    assert!(
+        failed
+            .msg
+            .as_deref()
+            .is_some_and(|msg| msg.starts_with("infrastructure failure after 1 attempts"))
+    );
+    assert!(store.rescue_expired(at(91), 5).await?.is_empty());
+    Ok(())
+}
+
+pub async fn heartbeat_extends_the_lease(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let id = enqueue_one(store, &acme.id, new_task("hello"), at(0)).await?;
+    let leased = lease_one(store, at(0)).await?;
+    assert_eq!(leased.lease.expires_at, at(60));
+    let reply = store
+        .heartbeat(&id, leased.lease.token, 120, at(50))
+        .await?;
+    assert_eq!((reply.expires_at, reply.cancel_requested), (at(170), false));
+    assert!(store.rescue_expired(at(100), 5).await?.is_empty());
+    assert_eq!(store.rescue_expired(at(171), 5).await?, vec![id.clone()]);
+    assert_not_found(
+        store.heartbeat("no-such-task", 1, 60, at(0)).await,
+        "no-such-task",
+    );
+    Ok(())
+}
+
+pub async fn log_is_capped_with_one_marker(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let id = enqueue_one(store, &acme.id, new_task("hello"), at(0)).await?;
+    let leased = lease_one(store, at(1)).await?;
+    let token = leased.lease.token;
+    assert_not_found(store.get_log(&acme.id, &id).await, "log");
+    assert_eq!(store.append_log(&id, token, b"", 100, at(2)).await?, 0);
+    assert_not_found(store.get_log(&acme.id, &id).await, "log");
+
+    let cap = 100;
+    assert_eq!(
+        store.append_log(&id, token, b"hello ", cap, at(2)).await?,
+        6
+    );
+    store.mark_running(&id, token, at(3), at(3)).await?;
+    assert_eq!(
+        store.append_log(&id, token, b"world\n", cap, at(3)).await?,
+        12
+    );
+    assert_eq!(store.get_log(&acme.id, &id).await?, b"hello world\n");
+    assert_eq!(store.get_task(&acme.id, &id).await?.log_size, 12);
+
+    let size = store
+        .append_log(&id, token, &[b'x'; 200], cap, at(4))
+        .await?;
+    assert_eq!(size, cap);
+    let log = store.get_log(&acme.id, &id).await?;
+    assert_eq!(log.len() as u64, cap);
+    let marker = format!("\n[stevedore: log truncated at {cap} bytes]\n");
+    assert!(log.starts_with(b"hello world\nxxx"));
+    assert!(
+        log.ends_with(marker.as_bytes()),
+        "{}",
+        String::from_utf8_lossy(&log)
+    );
+    // Later output is dropped; the marker appears once.
+    assert_eq!(
+        store
+            .append_log(&id, token, b"more output", cap, at(5))
+            .await?,
+        cap
+    );
+    assert_eq!(store.get_log(&acme.id, &id).await?, log);
+    assert_eq!(store.get_task(&acme.id, &id).await?.log_size, cap);
+
+    // A log filled exactly to the cap is cut back to make room for the marker.
+    let other = enqueue_one(store, &acme.id, new_task("hello"), at(6)).await?;
+    let leased = lease_one(store, at(6)).await?;
+    assert_eq!(
+        store
+            .append_log(&other, leased.lease.token, &[b'a'; 60], cap, at(7))
+            .await?,
+        60
+    );
+    assert_eq!(
+        store
+            .append_log(&other, leased.lease.token, &[b'b'; 40], cap, at(7))
+            .await?,
+        cap
+    );
+    assert_eq!(
+        store
+            .append_log(&other, leased.lease.token, b"c", cap, at(8))
+            .await?,
+        cap
+    );
+    let log = store.get_log(&acme.id, &other).await?;
+    let kept = cap as usize - marker.len();
+    assert_eq!(log.len() as u64, cap);
+    assert!(log[..kept].iter().take(60).all(|b| *b == b'a'));
+    assert!(log[60.min(kept)..kept].iter().all(|b| *b == b'b'));
+    assert!(log.ends_with(marker.as_bytes()));
+    Ok(())
+}
+
+// === cancel ===
+
+pub async fn cancel_queued_leased_and_finished_tasks(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let running = enqueue_one(store, &acme.id, new_task("hello"), at(0)).await?;
+    let queued = enqueue_one(store, &acme.id, new_task("hello"), at(1)).await?;
+    let leased = lease_one(store, at(2)).await?;
+    assert_eq!(leased.task.id, running);
+    store
+        .mark_running(&running, leased.lease.token, at(3), at(3))
+        .await?;
+
+    let cancelled = store.cancel_task(&acme.id, &queued, at(4)).await?;
+    assert_eq!(
+        (cancelled.status, cancelled.end_time),
+        (TaskStatus::Cancelled, Some(at(4)))
+    );
+    assert_eq!(store.get_task(&acme.id, &queued).await?, cancelled);
+    assert!(
+        store
+            .lease(&lease_request("runner-1", 5), at(5))
+            .await?
+            .is_empty()
+    );
+
+    let flagged = store.cancel_task(&acme.id, &running, at(5)).await?;
+    assert_eq!(
+        (flagged.status, flagged.cancel_requested),
+        (TaskStatus::Running, true)
+    );
+    let reply = store
+        .heartbeat(&running, leased.lease.token, 60, at(6))
+        .await?;
+    assert!(reply.cancel_requested);
+    let done = store
+        .complete(
+            &running,
+            leased.lease.token,
+            &TaskOutcome::Cancelled,
+            &RunReport::default(),
+            at(7),
+        )
+        .await?;
+    assert_eq!(done.status, TaskStatus::Cancelled);
+
+    for finished in [&queued, &running] {
+        match store.cancel_task(&acme.id, finished, at(8)).await {
+            Err(StoreError::Conflict(message)) => {
+                assert!(
+                    message.contains(finished.as_str()) && message.contains("already"),
+                    "{message}"
+                );
+            }
+            other => panic!("cancelling a finished task: expected Conflict, got {other:?}"),
+        }
+    }
+    assert_not_found(store.cancel_task(&acme.id, "nope", at(8)).await, "nope");
+
+    // A task flagged for cancellation that its runner gives back is cancelled, not requeued.
+    let flagged = enqueue_one(store, &acme.id, new_task("hello"), at(9)).await?;
+    let leased = lease_one(store, at(9)).await?;
+    store.cancel_task(&acme.id, &flagged, at(10)).await?;
+    let requeue = Requeue {
+        reason: "engine down".to_owned(),
+        due_at: at(11),
+        max_infra_attempts: 5,
+    };
+    let given_back = store
+        .requeue(&flagged, leased.lease.token, &requeue, at(11))
+        .await?;
+    assert_eq!(given_back.status, TaskStatus::Cancelled);
+    Ok(())
+}
+
+pub async fn cancel_all_cancels_a_codes_tasks(store: &dyn Store) -> Result<()> {
+    let acme = project(store, "acme").await?;
+    let code = store
+        .push_code(&acme.id, &image_spec("hello"), None, at(0))
+        .await?;
+    store
+        .push_code(&acme.id, &image_spec("other"), None, at(0))
+        .await?;
+    let done = enqueue_one(store, &acme.id, new_task("hello"), at(1)).await?;
+    let leased = lease_one(store, at(2)).await?;
+    assert_eq!(leased.task.id, done);
+    store
+        .mark_running(&done, leased.lease.token, at(2), at(2))
+        .await?;
+    store
+        .complete(
+            &done,
+            leased.lease.token,
+            &exited(0),
+            &RunReport::default(),
+            at(3),
+        )
+        .await?;
+    let running = enqueue_one(store, &acme.id, new_task("hello"), at(4)).await?;
+    let leased = lease_one(store, at(5)).await?;
+    assert_eq!(leased.task.id, running);
+    let queued = store
+        .enqueue(&acme.id, &vec![new_task("hello"); 2], at(6))
+        .await?;
+    let untouched = enqueue_one(store, &acme.id, new_task("other"), at(6)).await?;
+
+    assert_eq!(store.cancel_all(&acme.id, &code.id, at(7)).await?, 3);
+    for task in &queued {
+        let task = store.get_task(&acme.id, &task.id).await?;
+        assert_eq!(
+            (task.status, task.end_time),
+            (TaskStatus::Cancelled, Some(at(7)))
+        );
+    }
+    assert!(store.get_task(&acme.id, &running).await?.cancel_requested);
+    let reply = store
+        .heartbeat(&running, leased.lease.token, 60, at(7))
+        .await?;
+    assert!(
+        reply.cancel_requested,
+        "the runner learns of the cancel on its next heartbeat"
+    );
+    assert_eq!(
+        store.get_task(&acme.id, &done).await?.status,
+        TaskStatus::Complete
+    );
+    assert_eq!(
+        store.get_task(&acme.id, &untouched).await?.status,
+        TaskStatus::Queued
+    );
+    assert_eq!(store.cancel_all(&acme.id, &code.id, at(8)).await?, 0);
+    assert_not_found(store.cancel_all(&acme.id, "nope", at(8)).await, "nope");
+    Ok(())
+}
+
+pub async fn progress_from_the_task_and_the_runner(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let id = enqueue_one(store, &acme.id, new_task("hello"), at(0)).await?;
+    let leased = lease_one(store, at(1)).await?;
+    store
+        .mark_running(&id, leased.lease.token, at(2), at(2))
+        .await?;
+    let task = store
+        .set_progress(&acme.id, &id, Some(10), Some("warming up"), at(3))
+        .await?;
+    assert_eq!(
+        (task.percent, task.msg.as_deref()),
+        (Some(10), Some("warming up"))
+    );
+    store
+        .runner_progress(&id, leased.lease.token, Some(55), None, at(4))
+        .await?;
+    let task = store.get_task(&acme.id, &id).await?;
+    assert_eq!(
+        (task.percent, task.msg.as_deref(), task.updated_at),
+        (Some(55), Some("warming up"), at(4))
+    );
+    store
+        .complete(
+            &id,
+            leased.lease.token,
+            &exited(0),
+            &RunReport::default(),
+            at(5),
+        )
+        .await?;
+    assert!(matches!(
+        store
+            .set_progress(&acme.id, &id, Some(99), None, at(6))
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    Ok(())
+}
+
+// === isolation and lists ===
+
+pub async fn project_isolation(store: &dyn Store) -> Result<()> {
+    let mine = project(store, "mine").await?;
+    let theirs = project(store, "theirs").await?;
+    let code = store
+        .push_code(&mine.id, &image_spec("hello"), None, at(0))
+        .await?;
+    let id = enqueue_one(store, &mine.id, new_task("hello"), at(1)).await?;
+    let leased = lease_one(store, at(2)).await?;
+    store
+        .append_log(&id, leased.lease.token, b"secret", 1024, at(3))
+        .await?;
+    let schedule = store
+        .create_schedules(
+            &mine.id,
+            &[(schedule_spec("hello", 60), Some(at(60)))],
+            at(3),
+        )
+        .await?
+        .remove(0);
+
+    let other = theirs.id.as_str();
+    assert_not_found(store.get_code(other, &code.id).await, &code.id);
+    assert_not_found(store.get_code_by_name(other, "hello").await, "hello");
+    assert_not_found(store.get_revision(other, &code.id, 1).await, &code.id);
+    assert_not_found(store.list_revisions(other, &code.id, ALL).await, &code.id);
+    assert_not_found(store.get_package(other, &code.id, None).await, &code.id);
+    assert_not_found(store.code_stats(other, &code.id).await, &code.id);
+    assert_not_found(
+        store.set_code_paused(other, &code.id, true, at(4)).await,
+        &code.id,
+    );
+    assert_not_found(store.cancel_all(other, &code.id, at(4)).await, &code.id);
+    assert_not_found(store.delete_code(other, &code.id, at(4)).await, &code.id);
+    assert_not_found(
+        store.enqueue(other, &[new_task("hello")], at(4)).await,
+        "hello",
+    );
+    assert!(store.list_codes(other, ALL).await?.is_empty());
+
+    assert_not_found(store.get_task(other, &id).await, &id);
+    assert_not_found(store.cancel_task(other, &id, at(4)).await, &id);
+    assert_not_found(
+        store.set_progress(other, &id, Some(1), None, at(4)).await,
+        &id,
+    );
+    assert_not_found(store.get_log(other, &id).await, &id);
+    assert!(
+        store
+            .list_tasks(other, &TaskFilter::default(), ALL)
+            .await?
+            .is_empty()
+    );
+
+    assert_not_found(store.get_schedule(other, &schedule.id).await, &schedule.id);
+    assert_not_found(
+        store.cancel_schedule(other, &schedule.id, at(4)).await,
+        &schedule.id,
+    );
+    assert!(store.list_schedules(other, ALL).await?.is_empty());
+    assert_not_found(
+        store
+            .create_schedules(other, &[(schedule_spec("hello", 60), Some(at(60)))], at(4))
+            .await,
+        "hello",
+    );
+
+    // Nothing of theirs changed anything of mine.
+    assert!(!store.get_code(&mine.id, &code.id).await?.paused);
+    let task = store.get_task(&mine.id, &id).await?;
+    assert_eq!(
+        (task.status, task.cancel_requested, task.percent),
+        (TaskStatus::Preparing, false, None)
+    );
+    assert_eq!(
+        store.get_schedule(&mine.id, &schedule.id).await?.status,
+        ScheduleStatus::Scheduled
+    );
+    // The same code name in another project is another code.
+    let their_code = store
+        .push_code(other, &image_spec("hello"), None, at(5))
+        .await?;
+    assert_ne!(their_code.id, code.id);
+    assert_eq!(their_code.rev, 1);
+    Ok(())
+}
+
+pub async fn list_tasks_filters_and_pages(store: &dyn Store) -> Result<()> {
+    let acme = project(store, "acme").await?;
+    store
+        .push_code(&acme.id, &image_spec("x"), None, at(0))
+        .await?;
+    store
+        .push_code(&acme.id, &image_spec("y"), None, at(0))
+        .await?;
+    let x1 = enqueue_one(store, &acme.id, new_task("x"), at(1)).await?;
+    let x2 = enqueue_one(store, &acme.id, new_task("x"), at(2)).await?;
+    let x3 = enqueue_one(store, &acme.id, new_task("x"), at(3)).await?;
+    let y4 = enqueue_one(store, &acme.id, new_task("y"), at(4)).await?;
+    let leased = lease_one(store, at(5)).await?;
+    assert_eq!(leased.task.id, x1);
+    store.cancel_task(&acme.id, &x2, at(6)).await?;
+
+    let project_id = acme.id.as_str();
+    let list = |filter: TaskFilter, page: Page| async move {
+        let tasks = store.list_tasks(project_id, &filter, page).await?;
+        Ok::<_, StoreError>(tasks.into_iter().map(|task| task.id).collect::<Vec<_>>())
+    };
+    let all = TaskFilter::default();
+    assert_eq!(
+        list(all.clone(), ALL).await?,
+        vec![y4.clone(), x3.clone(), x2.clone(), x1.clone()]
+    );
+    assert_eq!(
+        list(all.clone(), page(1, 3)).await?,
+        vec![y4.clone(), x3.clone(), x2.clone()]
+    );
+    assert_eq!(list(all.clone(), page(2, 3)).await?, vec![x1.clone()]);
+    assert!(list(all.clone(), page(3, 3)).await?.is_empty());
+    let by_code = TaskFilter {
+        code_name: Some("x".to_owned()),
+        ..TaskFilter::default()
+    };
+    assert_eq!(
+        list(by_code, ALL).await?,
+        vec![x3.clone(), x2.clone(), x1.clone()]
+    );
+    let by_status = TaskFilter {
+        statuses: vec![TaskStatus::Queued, TaskStatus::Cancelled],
+        ..TaskFilter::default()
+    };
+    assert_eq!(
+        list(by_status, ALL).await?,
+        vec![y4.clone(), x3.clone(), x2.clone()]
+    );
+    let by_time = TaskFilter {
+        from_time: Some(at(2)),
+        to_time: Some(at(3)),
+        ..TaskFilter::default()
+    };
+    assert_eq!(list(by_time, ALL).await?, vec![x3.clone(), x2.clone()]);
+    let everything = TaskFilter {
+        code_name: Some("x".to_owned()),
+        statuses: vec![TaskStatus::Preparing],
+        from_time: Some(at(1)),
+        to_time: Some(at(1)),
+    };
+    assert_eq!(list(everything, ALL).await?, vec![x1]);
+    Ok(())
+}
+
+pub async fn code_stats_count_by_status(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let code = store.get_code_by_name(&acme.id, "hello").await?;
+    let empty = store.code_stats(&acme.id, &code.id).await?;
+    assert!(empty.by_status.iter().all(|(_, count)| *count == 0));
+    store
+        .enqueue(&acme.id, &vec![new_task("hello"); 5], at(0))
+        .await?;
+    let first = lease_one(store, at(1)).await?;
+    let second = lease_one(store, at(1)).await?;
+    store
+        .mark_running(&second.task.id, second.lease.token, at(2), at(2))
+        .await?;
+    store
+        .complete(
+            &second.task.id,
+            second.lease.token,
+            &exited(1),
+            &RunReport::default(),
+            at(3),
+        )
+        .await?;
+    let third = lease_one(store, at(4)).await?;
+    store
+        .mark_running(&third.task.id, third.lease.token, at(4), at(4))
+        .await?;
+    let stats = store.code_stats(&acme.id, &code.id).await?;
+    let count = |status: TaskStatus| {
+        stats
+            .by_status
+            .iter()
+            .find(|(known, _)| *known == status)
+            .map_or(0, |(_, count)| *count)
+    };
+    assert_eq!(count(TaskStatus::Queued), 2);
+    assert_eq!(count(TaskStatus::Preparing), 1);
+    assert_eq!(count(TaskStatus::Running), 1);
+    assert_eq!(count(TaskStatus::Error), 1);
+    assert_eq!(count(TaskStatus::Complete), 0);
+    assert_eq!(first.task.status, TaskStatus::Preparing);
+    Ok(())
+}
+
+// === schedules ===
+
+fn schedule_spec(code_name: &str, every_secs: u32) -> ScheduleSpec {
+    ScheduleSpec {
+        code_name: code_name.to_owned(),
+        payload: r#"{"from":"schedule"}"#.to_owned(),
+        timing: ScheduleTiming::Every {
+            seconds: every_secs,
+        },
+        start_at: None,
+        end_at: None,
+        run_times: None,
+        priority: 1,
+        timeout_secs: 60,
+        cluster: "default".to_owned(),
+        label: Some("nightly".to_owned()),
+    }
+}
+
+pub async fn schedules_are_created_all_or_nothing_and_cancelled(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let bad = [
+        (schedule_spec("hello", 60), Some(at(60))),
+        (schedule_spec("missing", 60), Some(at(60))),
+    ];
+    assert_not_found(
+        store.create_schedules(&acme.id, &bad, at(1)).await,
+        "missing",
+    );
+    assert!(store.list_schedules(&acme.id, ALL).await?.is_empty());
+
+    let cron = ScheduleSpec {
+        timing: ScheduleTiming::Cron {
+            expression: "*/5 * * * *".to_owned(),
+            timezone: "Europe/Berlin".to_owned(),
+        },
+        ..schedule_spec("hello", 60)
+    };
+    let created = store
+        .create_schedules(
+            &acme.id,
+            &[
+                (schedule_spec("hello", 60), Some(at(60))),
+                (cron.clone(), None),
+            ],
+            at(2),
+        )
+        .await?;
+    let code = store.get_code_by_name(&acme.id, "hello").await?;
+    let every = &created[0];
+    assert_eq!(
+        (every.status, every.next_start, every.run_count),
+        (ScheduleStatus::Scheduled, Some(at(60)), 0)
+    );
+    assert_eq!(
+        (every.code_id.as_str(), every.project_id.as_str()),
+        (code.id.as_str(), acme.id.as_str())
+    );
+    assert_eq!(every.spec, schedule_spec("hello", 60));
+    assert_eq!(
+        (created[1].status, created[1].next_start),
+        (ScheduleStatus::Complete, None)
+    );
+    assert_eq!(created[1].spec, cron);
+    assert_eq!(&store.get_schedule(&acme.id, &every.id).await?, every);
+    let later = store
+        .create_schedules(
+            &acme.id,
+            &[(schedule_spec("hello", 120), Some(at(120)))],
+            at(3),
+        )
+        .await?
+        .remove(0);
+    let listed: Vec<String> = store
+        .list_schedules(&acme.id, ALL)
+        .await?
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(listed[0], later.id, "newest first");
+    assert_eq!(listed.len(), 3);
+    assert_eq!(store.list_schedules(&acme.id, page(2, 2)).await?.len(), 1);
+
+    let cancelled = store.cancel_schedule(&acme.id, &every.id, at(4)).await?;
+    assert_eq!(
+        (cancelled.status, cancelled.next_start),
+        (ScheduleStatus::Cancelled, None)
+    );
+    assert_eq!(store.get_schedule(&acme.id, &every.id).await?, cancelled);
+    // Cancelling again is not an error and changes nothing.
+    assert_eq!(
+        store.cancel_schedule(&acme.id, &every.id, at(5)).await?,
+        cancelled
+    );
+    assert_not_found(store.cancel_schedule(&acme.id, "nope", at(5)).await, "nope");
+    assert!(
+        store
+            .due_schedules(at(1000), 10)
+            .await?
+            .iter()
+            .all(|s| s.id != every.id)
+    );
+    Ok(())
+}
+
+pub async fn schedules_fire_once_per_due_time(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let schedule = store
+        .create_schedules(
+            &acme.id,
+            &[(schedule_spec("hello", 60), Some(at(60)))],
+            at(0),
+        )
+        .await?
+        .remove(0);
+    assert!(store.due_schedules(at(59), 10).await?.is_empty());
+    let due = store.due_schedules(at(61), 10).await?;
+    assert_eq!(due, vec![schedule.clone()]);
+
+    let task = store
+        .fire_schedule(&schedule.id, at(60), Some(at(120)), at(61))
+        .await?;
+    assert_eq!(task.schedule_id.as_deref(), Some(schedule.id.as_str()));
+    assert_eq!(
+        (task.status, task.priority, task.timeout_secs),
+        (TaskStatus::Queued, 1, 60)
+    );
+    assert_eq!(
+        (task.payload.as_str(), task.label.as_deref()),
+        (r#"{"from":"schedule"}"#, Some("nightly"))
+    );
+    assert_eq!(store.get_task(&acme.id, &task.id).await?, task);
+    let fired = store.get_schedule(&acme.id, &schedule.id).await?;
+    assert_eq!(
+        (fired.run_count, fired.next_start, fired.last_run_time),
+        (1, Some(at(120)), Some(at(61)))
+    );
+    assert!(store.due_schedules(at(61), 10).await?.is_empty());
+
+    // A second scheduler that saw the same due time cannot fire it again.
+    assert!(matches!(
+        store
+            .fire_schedule(&schedule.id, at(60), Some(at(120)), at(62))
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(
+        store
+            .list_tasks(&acme.id, &TaskFilter::default(), ALL)
+            .await?
+            .len(),
+        1
+    );
+
+    store
+        .fire_schedule(&schedule.id, at(120), None, at(121))
+        .await?;
+    let complete = store.get_schedule(&acme.id, &schedule.id).await?;
+    assert_eq!(
+        (complete.status, complete.next_start, complete.run_count),
+        (ScheduleStatus::Complete, None, 2)
+    );
+    assert!(store.due_schedules(at(10_000), 10).await?.is_empty());
+    assert!(matches!(
+        store
+            .fire_schedule(&schedule.id, at(120), None, at(122))
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    Ok(())
+}

@@ -1,0 +1,291 @@
+//! IronWorker API v2.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Every error and most acknowledgements: `{"msg": "..."}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Message {
+    pub msg: String,
+}
+
+// === codes ===
+
+/// The `data` part of a code upload (`POST codes`, multipart).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CodeUpload {
+    pub name: Option<String>,
+    /// The stack that runs a zip package (`binary`, `sh`, ...). IronWorker's clients also
+    /// send `stack`; either names it.
+    pub runtime: Option<String>,
+    pub stack: Option<String>,
+    /// The entry point inside the zip package.
+    pub file_name: Option<String>,
+    /// A Docker image to run instead of a zip package.
+    pub image: Option<String>,
+    /// With `image`: run `sh -c command` instead of the image's entrypoint.
+    pub command: Option<String>,
+    pub env_vars: Option<BTreeMap<String, String>>,
+    /// Handed to each task as the file behind `CONFIG_FILE`. A JSON object is stored as its
+    /// JSON text.
+    #[schema(value_type = Option<Object>)]
+    pub config: Option<serde_json::Value>,
+    /// The most tasks of this code running at once; absent, 0 or -1 mean unlimited.
+    pub max_concurrency: Option<i64>,
+    pub retries: Option<i64>,
+    /// Seconds between a failed task and its retry.
+    pub retries_delay: Option<i64>,
+    pub default_priority: Option<i64>,
+    /// stevedore: seconds a task may run, counted from container start.
+    pub timeout: Option<i64>,
+    /// stevedore: the container's memory limit, MiB.
+    pub memory: Option<i64>,
+    /// stevedore: the container's CPU quota, in cores.
+    pub cpus: Option<f64>,
+    /// stevedore: the container's network, `bridge` (default) or `none`.
+    pub network: Option<String>,
+}
+
+/// A code, as its latest revision describes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CodeInfo {
+    pub id: String,
+    pub project_id: String,
+    pub name: String,
+    pub rev: u32,
+    /// `image` or the stack name of a zip package.
+    pub runtime: Option<String>,
+    pub file_name: Option<String>,
+    pub image: Option<String>,
+    pub command: Option<String>,
+    /// SHA-256 of the zip package.
+    pub latest_checksum: Option<String>,
+    pub package_size: Option<u64>,
+    /// The latest revision's id (`code_id` + `/` + `rev`).
+    pub latest_history_id: String,
+    /// When the latest revision was pushed (RFC 3339). IronWorker's Python client parses it
+    /// as a date, so it is a string.
+    pub latest_change: String,
+    pub env_vars: BTreeMap<String, String>,
+    pub config: Option<String>,
+    pub max_concurrency: i64,
+    pub retries: u32,
+    pub retries_delay: u32,
+    pub default_priority: u8,
+    pub timeout: u32,
+    pub memory: u32,
+    pub cpus: Option<f64>,
+    pub network: String,
+    /// Whether its task queue is paused.
+    pub paused: bool,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CodeList {
+    pub codes: Vec<CodeInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RevisionList {
+    pub revisions: Vec<CodeInfo>,
+}
+
+/// The answer to a code upload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CodeUploaded {
+    pub id: String,
+    pub rev: u32,
+    pub msg: String,
+}
+
+/// Task counts of a code by status.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CodeStats {
+    pub queued: u64,
+    pub preparing: u64,
+    pub running: u64,
+    pub complete: u64,
+    pub error: u64,
+    pub cancelled: u64,
+    pub killed: u64,
+    pub timeout: u64,
+}
+
+// === tasks ===
+
+/// One task in `POST tasks`. Every optional field may be absent or `null`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TaskCreate {
+    pub code_name: Option<String>,
+    /// The payload handed to the task. A string is passed as is; any other JSON value is
+    /// passed as its JSON text.
+    #[schema(value_type = Option<String>)]
+    pub payload: Option<serde_json::Value>,
+    pub priority: Option<i64>,
+    pub timeout: Option<i64>,
+    pub delay: Option<i64>,
+    pub label: Option<String>,
+    pub cluster: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TasksCreate {
+    pub tasks: Vec<TaskCreate>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct IdOnly {
+    pub id: String,
+}
+
+/// The answer to `POST tasks` and `POST tasks/{id}/retry`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TasksQueued {
+    pub msg: String,
+    pub tasks: Vec<IdOnly>,
+}
+
+/// The answer to a webhook.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct WebhookQueued {
+    pub id: String,
+    pub msg: String,
+}
+
+/// A task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TaskInfo {
+    pub id: String,
+    pub project_id: String,
+    pub code_id: String,
+    /// The pinned revision's id (`code_id` + `/` + `code_rev`).
+    pub code_history_id: String,
+    pub code_name: String,
+    pub code_rev: u32,
+    pub status: String,
+    pub priority: u8,
+    pub payload: String,
+    pub label: Option<String>,
+    pub cluster: String,
+    pub timeout: u32,
+    pub delay: u32,
+    pub created_at: String,
+    pub updated_at: String,
+    pub start_time: Option<String>,
+    pub end_time: Option<String>,
+    /// Milliseconds between start and end.
+    pub duration: Option<i64>,
+    pub percent: Option<u8>,
+    pub msg: Option<String>,
+    pub retry_count: u32,
+    pub original_task_id: Option<String>,
+    pub schedule_id: Option<String>,
+    pub exit_code: Option<i64>,
+    pub log_size: u64,
+    /// Times the infrastructure failed this task and stevedore ran it again.
+    pub infra_attempts: u32,
+    pub peak_memory_bytes: Option<u64>,
+    pub cpu_time_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TaskList {
+    pub tasks: Vec<TaskInfo>,
+}
+
+/// `POST tasks/{id}/progress`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Progress {
+    pub percent: Option<i64>,
+    pub msg: Option<String>,
+}
+
+/// `POST tasks/{id}/retry`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Retry {
+    pub delay: Option<i64>,
+}
+
+// === schedules ===
+
+/// One schedule in `POST schedules`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ScheduleCreate {
+    pub code_name: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub payload: Option<serde_json::Value>,
+    /// Seconds between runs.
+    pub run_every: Option<i64>,
+    /// stevedore: a five-field cron expression, instead of `run_every`.
+    pub cron: Option<String>,
+    /// stevedore: the IANA time zone the cron expression is read in (default UTC).
+    pub timezone: Option<String>,
+    /// RFC 3339 time or seconds since the epoch.
+    #[schema(value_type = Option<String>)]
+    pub start_at: Option<serde_json::Value>,
+    #[schema(value_type = Option<String>)]
+    pub end_at: Option<serde_json::Value>,
+    pub run_times: Option<i64>,
+    pub priority: Option<i64>,
+    pub timeout: Option<i64>,
+    pub cluster: Option<String>,
+    pub label: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SchedulesCreate {
+    pub schedules: Vec<ScheduleCreate>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SchedulesCreated {
+    pub msg: String,
+    pub schedules: Vec<IdOnly>,
+}
+
+/// A schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ScheduleInfo {
+    pub id: String,
+    pub project_id: String,
+    pub code_id: String,
+    pub code_name: String,
+    pub status: String,
+    pub payload: String,
+    pub run_every: Option<u32>,
+    pub cron: Option<String>,
+    pub timezone: Option<String>,
+    pub start_at: Option<String>,
+    pub end_at: Option<String>,
+    pub next_start: Option<String>,
+    pub last_run_time: Option<String>,
+    pub run_times: Option<u32>,
+    pub run_count: u32,
+    pub priority: u8,
+    pub timeout: u32,
+    pub cluster: String,
+    pub label: Option<String>,
+    pub msg: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ScheduleList {
+    pub schedules: Vec<ScheduleInfo>,
+}
+
+// === stacks ===
+
+/// A runtime a zip package can run on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct StackInfo {
+    pub name: String,
+    pub image: String,
+    /// The command that runs a package's `file_name`.
+    pub launcher: Vec<String>,
+}

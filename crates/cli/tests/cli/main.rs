@@ -1,0 +1,5 @@
+//! Tests of the real `stevedore` binary, run as a separate process.
+
+mod python_client;
+mod serve;
+mod support;

@@ -1,0 +1,34 @@
+//! The official IronWorker Python client (`iron-worker` from PyPI) against the real server.
+//! The test set-up (`scripts/test.sh`) installs it into a virtual environment and names that
+//! environment's interpreter in `STEVEDORE_PYTHON`.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::support::{ServerProcess, in_ci};
+
+#[test]
+fn the_official_python_client_works_unmodified() {
+    let Some(python) = std::env::var_os("STEVEDORE_PYTHON") else {
+        assert!(
+            !in_ci(),
+            "STEVEDORE_PYTHON must name a Python with iron-worker and pytest in CI"
+        );
+        eprintln!("skipped: STEVEDORE_PYTHON is not set (scripts/test.sh sets it)");
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(data.path());
+    let compat = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/compat");
+    let status = Command::new(python)
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        .arg(&compat)
+        .env("STEVEDORE_IRON_JSON", server.data_dir.join("iron.json"))
+        .current_dir(data.path())
+        .status()
+        .expect("run pytest");
+    assert!(
+        status.success(),
+        "the Python client tests failed: {status:?}"
+    );
+}

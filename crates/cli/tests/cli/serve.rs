@@ -1,0 +1,162 @@
+use std::process::Command;
+
+use serde_json::{Value, json};
+
+use crate::support::{ServerProcess, binary, run_ok};
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+async fn post(server: &ServerProcess, path: &str, body: Value) -> Value {
+    let response = client()
+        .post(server.url(path))
+        .header("Authorization", format!("OAuth {}", server.token()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        response.status().is_success(),
+        "{path}: {}",
+        response.status()
+    );
+    response.json().await.unwrap()
+}
+
+async fn get(server: &ServerProcess, path: &str) -> Value {
+    let response = client()
+        .get(server.url(path))
+        .header("Authorization", format!("OAuth {}", server.token()))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        response.status().is_success(),
+        "{path}: {}",
+        response.status()
+    );
+    response.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn first_start_writes_iron_json_and_later_starts_reuse_it() {
+    let data = tempfile::tempdir().unwrap();
+    let mut server = ServerProcess::start(data.path());
+    let iron = server.iron.clone();
+    for key in [
+        "project_id",
+        "token",
+        "host",
+        "port",
+        "protocol",
+        "api_version",
+    ] {
+        assert!(iron.get(key).is_some(), "iron.json lacks {key}: {iron}");
+    }
+    assert_eq!(iron["protocol"], "http");
+    assert_eq!(iron["api_version"], 2);
+    let status = server.terminate();
+    assert!(
+        status.success(),
+        "SIGTERM should stop the server cleanly: {status:?}"
+    );
+
+    let server = ServerProcess::start(data.path());
+    assert_eq!(server.iron["project_id"], iron["project_id"]);
+    assert_eq!(server.iron["token"], iron["token"]);
+}
+
+/// Every acknowledged write survives `kill -9` of the server.
+#[tokio::test]
+async fn acknowledged_tasks_survive_kill_9() {
+    let data = tempfile::tempdir().unwrap();
+    let mut server = ServerProcess::start(data.path());
+    post(
+        &server,
+        "codes",
+        json!({"name": "durable", "image": "stevedore/busybox:local"}),
+    )
+    .await;
+    let mut acknowledged = Vec::new();
+    for batch in 0..20 {
+        let tasks: Vec<Value> = (0..25).map(|i| json!({"code_name": "durable", "payload": format!("{batch}-{i}"), "delay": 3600})).collect();
+        let reply = post(&server, "tasks", json!({ "tasks": tasks })).await;
+        acknowledged.extend(
+            reply["tasks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["id"].as_str().unwrap().to_owned()),
+        );
+    }
+    server.kill_hard();
+
+    let server = ServerProcess::start(data.path());
+    for id in &acknowledged {
+        let task = get(&server, &format!("tasks/{id}")).await;
+        assert_eq!(task["status"], "queued", "{id}");
+    }
+    assert_eq!(acknowledged.len(), 500);
+}
+
+#[tokio::test]
+async fn admin_commands_print_json() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_str().unwrap();
+    let project: Value =
+        serde_json::from_str(&run_ok(&["--data-dir", dir, "project", "create", "acme"])).unwrap();
+    assert_eq!(project["name"], "acme");
+    assert_eq!(project["token"].as_str().unwrap().len(), 40);
+    let id = project["id"].as_str().unwrap();
+    let token: Value = serde_json::from_str(&run_ok(&[
+        "--data-dir",
+        dir,
+        "token",
+        "create",
+        "--project",
+        id,
+    ]))
+    .unwrap();
+    assert_eq!(token["project_id"], id);
+    assert_eq!(token["role"], "project");
+
+    // The new project's token works against a running server, and only for that project.
+    let server = ServerProcess::start(data.path());
+    let url = format!("{}/2/projects/{id}/codes", server.base);
+    for secret in [&project["token"], &token["token"]] {
+        let response = client()
+            .get(&url)
+            .header(
+                "Authorization",
+                format!("OAuth {}", secret.as_str().unwrap()),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let response = client()
+        .get(server.url("codes"))
+        .header(
+            "Authorization",
+            format!("OAuth {}", project["token"].as_str().unwrap()),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+
+    let duplicate = Command::new(binary())
+        .args(["--data-dir", dir, "project", "create", "acme"])
+        .output()
+        .unwrap();
+    assert!(!duplicate.status.success());
+    assert!(String::from_utf8_lossy(&duplicate.stderr).contains("already exists"));
+    let orphan = Command::new(binary())
+        .args(["--data-dir", dir, "token", "create"])
+        .output()
+        .unwrap();
+    assert!(!orphan.status.success());
+    assert!(String::from_utf8_lossy(&orphan.stderr).contains("--project"));
+}

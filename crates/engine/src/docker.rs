@@ -1,0 +1,637 @@
+//! [`DockerEngine`]: the [`ContainerEngine`] over the Docker Engine API, through bollard.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bollard::Docker;
+use bollard::auth::DockerCredentials;
+use bollard::container::LogOutput;
+use bollard::models::{
+    ContainerCreateBody, ContainerStatsResponse, CreateImageInfo, HostConfig, SystemInfo,
+    SystemVersion,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, InspectContainerOptions,
+    KillContainerOptionsBuilder, ListContainersOptionsBuilder, LogsOptionsBuilder,
+    RemoveContainerOptionsBuilder, RemoveImageOptions, StartContainerOptions, StatsOptionsBuilder,
+    UploadToContainerOptionsBuilder, WaitContainerOptions,
+};
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::future::ready;
+use tokio::sync::broadcast;
+
+use crate::archive::task_files_archive;
+use crate::engine::{
+    ContainerEngine, EngineCapabilities, ExitStatus, ImagePresence, LogChunk, LogChunkStream,
+    OutputStream, PullProgress, PullProgressSender, RegistryAuth, ResourceSample,
+    ResourceSampleStream, Timestamp,
+};
+use crate::error::{EngineError, Subject};
+use crate::pull::{PullCoalescer, normalize_reference};
+use crate::spec::{ContainerId, ContainerSpec};
+
+/// The Docker engine behind the [`ContainerEngine`] trait. Cheap to clone; clones share the
+/// connection pool and the table of pulls under way.
+#[derive(Clone)]
+pub struct DockerEngine {
+    docker: Docker,
+    pulls: Arc<PullCoalescer>,
+}
+
+// === impl DockerEngine ===
+
+impl DockerEngine {
+    /// Connects the way the `docker` CLI does: `DOCKER_HOST` when set, the local socket
+    /// otherwise. Then negotiates the API version down to what the engine speaks (Debian's
+    /// engine 20.10 answers 1.41 and refuses newer clients), which also proves it answers.
+    pub async fn connect() -> Result<Self, EngineError> {
+        let docker = Docker::connect_with_defaults()
+            .map_err(|error| EngineError::from_bollard(error, Subject::Engine))?;
+        Self::with_client(docker).await
+    }
+
+    /// Uses an already configured bollard client (another host, another timeout), after
+    /// negotiating its API version.
+    pub async fn with_client(docker: Docker) -> Result<Self, EngineError> {
+        let docker = docker
+            .negotiate_version()
+            .await
+            .map_err(|error| EngineError::from_bollard(error, Subject::Engine))?;
+        tracing::debug!(api_version = %docker.client_version(), "connected to the docker engine");
+        Ok(DockerEngine {
+            docker,
+            pulls: Arc::new(PullCoalescer::default()),
+        })
+    }
+
+    /// The API version in use after negotiation, e.g. `1.41`.
+    pub fn api_version(&self) -> String {
+        self.docker.client_version().to_string()
+    }
+
+    async fn upload_files(
+        &self,
+        id: &ContainerId,
+        spec: &ContainerSpec,
+    ) -> Result<(), EngineError> {
+        let mtime = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|since| since.as_secs())
+            .unwrap_or(0);
+        let archive = task_files_archive(spec, mtime)?;
+        let options = UploadToContainerOptionsBuilder::new().path("/").build();
+        self.docker
+            .upload_to_container(
+                id.as_str(),
+                Some(options),
+                bollard::body_full(archive.into()),
+            )
+            .await
+            .map_err(|error| EngineError::from_bollard(error, Subject::Container(id.as_str())))
+    }
+
+    /// A 404 on create means a missing image or a missing network; asking whether the image
+    /// is there tells which, without reading the message.
+    async fn classify_create_failure(
+        &self,
+        error: bollard::errors::Error,
+        image: &str,
+    ) -> EngineError {
+        match error {
+            bollard::errors::Error::DockerResponseServerError {
+                status_code: 404,
+                message,
+            } => match self.image_present(image).await {
+                Ok(true) => EngineError::Rejected {
+                    status: 404,
+                    message,
+                },
+                Ok(false) => EngineError::ImageNotFound {
+                    image: image.to_owned(),
+                },
+                Err(error) => error,
+            },
+            other => EngineError::from_bollard(other, Subject::ImageForCreate(image)),
+        }
+    }
+}
+
+#[async_trait]
+impl ContainerEngine for DockerEngine {
+    async fn capabilities(&self) -> Result<EngineCapabilities, EngineError> {
+        let info = self
+            .docker
+            .info()
+            .await
+            .map_err(|error| EngineError::from_bollard(error, Subject::Engine))?;
+        let version = self
+            .docker
+            .version()
+            .await
+            .map_err(|error| EngineError::from_bollard(error, Subject::Engine))?;
+        Ok(capabilities_of(info, version, self.api_version()))
+    }
+
+    async fn image_id(&self, image: &str) -> Result<Option<String>, EngineError> {
+        let reference = if image.starts_with("sha256:") {
+            image.to_owned()
+        } else {
+            normalize_reference(image)
+        };
+        match self.docker.inspect_image(&reference).await {
+            Ok(inspected) => Ok(Some(inspected.id.ok_or_else(|| {
+                EngineError::protocol(format!("the image {reference} has no id"))
+            })?)),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(error) => Err(EngineError::from_bollard(error, Subject::Engine)),
+        }
+    }
+
+    async fn remove_image(&self, image: &str) -> Result<(), EngineError> {
+        self.docker
+            .remove_image(image, None::<RemoveImageOptions>, None)
+            .await
+            .map(|_| ())
+            .map_err(|error| match error {
+                bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                } => EngineError::ImageNotFound {
+                    image: image.to_owned(),
+                },
+                other => EngineError::from_bollard(other, Subject::Engine),
+            })
+    }
+
+    async fn ensure_image(
+        &self,
+        image: &str,
+        registry_auth: Option<RegistryAuth>,
+        progress: Option<PullProgressSender>,
+    ) -> Result<ImagePresence, EngineError> {
+        let reference = normalize_reference(image);
+        if self.image_present(&reference).await? {
+            return Ok(ImagePresence::AlreadyPresent);
+        }
+        let docker = self.docker.clone();
+        let credentials = registry_auth.map(credentials_of);
+        let pulled = reference.clone();
+        self.pulls
+            .pull(&reference, progress, move |events| {
+                pull_image(docker, pulled, credentials, events)
+            })
+            .await?;
+        Ok(ImagePresence::Pulled)
+    }
+
+    async fn import_image(
+        &self,
+        rootfs_tar: Bytes,
+        reference: &str,
+        changes: &[String],
+    ) -> Result<String, EngineError> {
+        let reference = normalize_reference(reference);
+        let (repository, tag) = split_tag(&reference);
+        let options = CreateImageOptionsBuilder::new()
+            .from_src("-")
+            .repo(repository)
+            .tag(tag)
+            .changes(changes.to_vec())
+            .build();
+        let mut answers =
+            self.docker
+                .create_image(Some(options), Some(bollard::body_full(rootfs_tar)), None);
+        while let Some(answer) = answers.next().await {
+            answer.map_err(|error| EngineError::from_bollard(error, Subject::Engine))?;
+        }
+        self.image_id(&reference).await?.ok_or_else(|| {
+            EngineError::protocol(format!("the imported image {reference} is missing"))
+        })
+    }
+
+    async fn create(&self, spec: &ContainerSpec) -> Result<ContainerId, EngineError> {
+        spec.validate()?;
+        let body = create_body(spec)?;
+        let options = spec
+            .name
+            .as_deref()
+            .map(|name| CreateContainerOptionsBuilder::new().name(name).build());
+        let created = match self.docker.create_container(options, body).await {
+            Ok(created) => created,
+            Err(error) => return Err(self.classify_create_failure(error, &spec.image).await),
+        };
+        for warning in created.warnings.iter().filter(|w| !w.is_empty()) {
+            tracing::warn!(container = %created.id, warning, "engine warning on create");
+        }
+        let id = ContainerId::new(created.id);
+        if let Err(error) = self.upload_files(&id, spec).await {
+            // A half-prepared container must not linger; the upload's error is the one to
+            // report, so a failed removal is only logged (the start-up reaper gets it later).
+            if let Err(remove_error) = self.remove(&id).await {
+                tracing::warn!(container = %id, %remove_error, "cannot remove a container whose upload failed");
+            }
+            return Err(error);
+        }
+        Ok(id)
+    }
+
+    async fn start(&self, id: &ContainerId) -> Result<(), EngineError> {
+        match self
+            .docker
+            .start_container(id.as_str(), None::<StartContainerOptions>)
+            .await
+        {
+            Ok(()) => Ok(()),
+            // A 404 on start means a missing container or something the container refers
+            // to (its network); asking for the container tells which.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404,
+                message,
+            }) => match self
+                .docker
+                .inspect_container(id.as_str(), None::<InspectContainerOptions>)
+                .await
+            {
+                Ok(_) => Err(EngineError::Rejected {
+                    status: 404,
+                    message,
+                }),
+                Err(error) => Err(EngineError::from_bollard(
+                    error,
+                    Subject::Container(id.as_str()),
+                )),
+            },
+            Err(error) => Err(EngineError::from_bollard(
+                error,
+                Subject::Container(id.as_str()),
+            )),
+        }
+    }
+
+    fn logs(&self, id: &ContainerId) -> LogChunkStream {
+        let options = LogsOptionsBuilder::new()
+            .follow(true)
+            .stdout(true)
+            .stderr(true)
+            .build();
+        let container = id.as_str().to_owned();
+        self.docker
+            .logs(id.as_str(), Some(options))
+            .filter_map(move |item| {
+                ready(match item {
+                    Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => {
+                        Some(Ok(LogChunk {
+                            stream: OutputStream::Stdout,
+                            bytes: message,
+                        }))
+                    }
+                    Ok(LogOutput::StdErr { message }) => Some(Ok(LogChunk {
+                        stream: OutputStream::Stderr,
+                        bytes: message,
+                    })),
+                    Ok(LogOutput::StdIn { .. }) => None,
+                    Err(error) => Some(Err(EngineError::from_bollard(
+                        error,
+                        Subject::Container(&container),
+                    ))),
+                })
+            })
+            .boxed()
+    }
+
+    async fn wait(&self, id: &ContainerId) -> Result<ExitStatus, EngineError> {
+        let subject = Subject::Container(id.as_str());
+        let mut answers = self
+            .docker
+            .wait_container(id.as_str(), None::<WaitContainerOptions>);
+        match answers.next().await {
+            // bollard reports a non-zero exit as an error; either way the container stopped,
+            // and its State below is the authority on how.
+            Some(Ok(_)) | Some(Err(bollard::errors::Error::DockerContainerWaitError { .. })) => {}
+            Some(Err(error)) => return Err(EngineError::from_bollard(error, subject)),
+            None => return Err(EngineError::protocol("the wait ended without an answer")),
+        }
+        let inspected = self
+            .docker
+            .inspect_container(id.as_str(), None::<InspectContainerOptions>)
+            .await
+            .map_err(|error| EngineError::from_bollard(error, subject))?;
+        let state = inspected
+            .state
+            .ok_or_else(|| EngineError::protocol("the container has no State"))?;
+        Ok(ExitStatus {
+            exit_code: state
+                .exit_code
+                .ok_or_else(|| EngineError::protocol("the container's State has no ExitCode"))?,
+            oom_killed: state.oom_killed.unwrap_or(false),
+            started_at: state.started_at.as_deref().and_then(parse_engine_time),
+            finished_at: state.finished_at.as_deref().and_then(parse_engine_time),
+            engine_error: state.error.filter(|e| !e.is_empty()),
+        })
+    }
+
+    async fn kill(&self, id: &ContainerId) -> Result<(), EngineError> {
+        let options = KillContainerOptionsBuilder::new().signal("SIGKILL").build();
+        match self.docker.kill_container(id.as_str(), Some(options)).await {
+            Ok(()) => Ok(()),
+            // 409: the container is not running; it is as dead as a kill would make it.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 409, ..
+            }) => Ok(()),
+            Err(error) => Err(EngineError::from_bollard(
+                error,
+                Subject::Container(id.as_str()),
+            )),
+        }
+    }
+
+    async fn stats_snapshot(
+        &self,
+        id: &ContainerId,
+    ) -> Result<Option<ResourceSample>, EngineError> {
+        let options = StatsOptionsBuilder::new()
+            .stream(false)
+            .one_shot(true)
+            .build();
+        let mut answers = self.docker.stats(id.as_str(), Some(options));
+        match answers.next().await {
+            Some(Ok(stats)) => Ok(sample_of(&stats)),
+            Some(Err(error)) => Err(EngineError::from_bollard(
+                error,
+                Subject::Container(id.as_str()),
+            )),
+            None => Ok(None),
+        }
+    }
+
+    fn stats(&self, id: &ContainerId) -> ResourceSampleStream {
+        let options = StatsOptionsBuilder::new().stream(true).build();
+        let container = id.as_str().to_owned();
+        self.docker
+            .stats(id.as_str(), Some(options))
+            .map(move |answer| {
+                answer.map(|stats| sample_of(&stats)).map_err(|error| {
+                    EngineError::from_bollard(error, Subject::Container(&container))
+                })
+            })
+            // The engine keeps sending empty samples for a stopped container: the first one
+            // ends the stream.
+            .take_while(|answer| ready(!matches!(answer, Ok(None))))
+            .filter_map(|answer| ready(answer.transpose()))
+            .boxed()
+    }
+
+    async fn remove(&self, id: &ContainerId) -> Result<Duration, EngineError> {
+        let options = RemoveContainerOptionsBuilder::new()
+            .force(true)
+            .v(true)
+            .build();
+        let started = Instant::now();
+        self.docker
+            .remove_container(id.as_str(), Some(options))
+            .await
+            .map_err(|error| EngineError::from_bollard(error, Subject::Container(id.as_str())))?;
+        let took = started.elapsed();
+        tracing::debug!(container = %id, took_ms = took.as_millis(), "container removed");
+        Ok(took)
+    }
+
+    async fn list_labeled(&self, key: &str, value: &str) -> Result<Vec<ContainerId>, EngineError> {
+        let filters = HashMap::from([("label", vec![format!("{key}={value}")])]);
+        let options = ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let containers = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|error| EngineError::from_bollard(error, Subject::Engine))?;
+        Ok(containers
+            .into_iter()
+            .filter_map(|container| container.id.map(ContainerId::new))
+            .collect())
+    }
+}
+
+/// Runs one pull to its end, sending its progress on `events`.
+async fn pull_image(
+    docker: Docker,
+    reference: String,
+    credentials: Option<DockerCredentials>,
+    events: broadcast::Sender<PullProgress>,
+) -> Result<(), EngineError> {
+    tracing::info!(image = %reference, "pulling image");
+    let options = CreateImageOptionsBuilder::new()
+        .from_image(&reference)
+        .build();
+    let mut answers = docker.create_image(Some(options), None, credentials);
+    while let Some(answer) = answers.next().await {
+        let info =
+            answer.map_err(|error| EngineError::from_bollard(error, Subject::Pull(&reference)))?;
+        if let Some(event) = progress_of(info) {
+            // Nobody listening is fine: progress is optional.
+            let _ = events.send(event);
+        }
+    }
+    tracing::info!(image = %reference, "image pulled");
+    Ok(())
+}
+
+fn progress_of(info: CreateImageInfo) -> Option<PullProgress> {
+    let status = info.status?;
+    let (current, total) = info
+        .progress_detail
+        .map(|detail| {
+            (
+                detail.current.and_then(|c| u64::try_from(c).ok()),
+                detail.total.and_then(|t| u64::try_from(t).ok()),
+            )
+        })
+        .unwrap_or((None, None));
+    Some(match info.id {
+        Some(layer) if !layer.is_empty() => PullProgress::Layer {
+            layer,
+            status,
+            current,
+            total,
+        },
+        _ => PullProgress::Message { status },
+    })
+}
+
+fn credentials_of(auth: RegistryAuth) -> DockerCredentials {
+    DockerCredentials {
+        username: auth.username,
+        password: auth.password,
+        identitytoken: auth.identity_token,
+        serveraddress: auth.server_address,
+        ..DockerCredentials::default()
+    }
+}
+
+fn create_body(spec: &ContainerSpec) -> Result<ContainerCreateBody, EngineError> {
+    let as_engine_integer = |value: Option<u64>| -> Result<Option<i64>, EngineError> {
+        value
+            .map(|v| i64::try_from(v).map_err(EngineError::invalid_spec))
+            .transpose()
+    };
+    let memory = as_engine_integer(spec.memory_bytes)?;
+    let host_config = HostConfig {
+        memory,
+        // Memory+swap equal to memory: no swap beyond the limit.
+        memory_swap: memory,
+        nano_cpus: as_engine_integer(spec.nano_cpus)?,
+        pids_limit: as_engine_integer(spec.pids_limit)?,
+        network_mode: spec.network_mode.clone(),
+        security_opt: Some(vec!["no-new-privileges".to_owned()]),
+        cap_drop: Some(vec!["ALL".to_owned()]),
+        cap_add: Some(spec.effective_capabilities()),
+        ..HostConfig::default()
+    };
+    Ok(ContainerCreateBody {
+        image: Some(spec.image.clone()),
+        cmd: spec.cmd.clone(),
+        entrypoint: spec.entrypoint.clone(),
+        env: Some(spec.env_strings()),
+        working_dir: spec.working_dir.clone(),
+        user: spec.user.clone(),
+        labels: Some(
+            spec.labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        ),
+        host_config: Some(host_config),
+        ..ContainerCreateBody::default()
+    })
+}
+
+fn capabilities_of(
+    info: SystemInfo,
+    version: SystemVersion,
+    negotiated: String,
+) -> EngineCapabilities {
+    EngineCapabilities {
+        memory_limit: info.memory_limit.unwrap_or(false),
+        swap_limit: info.swap_limit.unwrap_or(false),
+        cpu_cfs_quota: info.cpu_cfs_quota.unwrap_or(false),
+        pids_limit: info.pids_limit.unwrap_or(false),
+        server_version: info.server_version.or(version.version).unwrap_or_default(),
+        api_version: version.api_version.unwrap_or_default(),
+        negotiated_api_version: negotiated,
+        ncpu: info.ncpu.and_then(|n| u64::try_from(n).ok()).unwrap_or(0),
+        mem_total: info
+            .mem_total
+            .and_then(|m| u64::try_from(m).ok())
+            .unwrap_or(0),
+        cgroup_version: info
+            .cgroup_version
+            .map(|v| v.to_string())
+            .filter(|v| !v.is_empty()),
+        operating_system: info.operating_system,
+        warnings: info.warnings.unwrap_or_default(),
+    }
+}
+
+/// A sample, or `None` for the empty answer the engine gives about a stopped container.
+fn sample_of(stats: &ContainerStatsResponse) -> Option<ResourceSample> {
+    let memory = stats.memory_stats.as_ref();
+    let memory_bytes = memory.and_then(|m| m.usage);
+    let cpu_total_ns = stats
+        .cpu_stats
+        .as_ref()
+        .and_then(|c| c.cpu_usage.as_ref())
+        .and_then(|u| u.total_usage);
+    if memory_bytes.is_none() && cpu_total_ns.unwrap_or(0) == 0 {
+        return None;
+    }
+    Some(ResourceSample {
+        memory_bytes: memory_bytes.unwrap_or(0),
+        memory_peak_bytes: memory.and_then(|m| m.max_usage),
+        cpu_total_ns: cpu_total_ns.unwrap_or(0),
+        pids: stats.pids_stats.as_ref().and_then(|p| p.current),
+    })
+}
+
+/// Parses the engine's RFC 3339 times; its "never" is year 1 (`0001-01-01T00:00:00Z`).
+fn parse_engine_time(text: &str) -> Option<Timestamp> {
+    let parsed = chrono::DateTime::parse_from_rfc3339(text).ok()?;
+    let utc = parsed.with_timezone(&chrono::Utc);
+    (utc.timestamp() > 0).then_some(utc)
+}
+
+/// Splits `repo:tag` at the tag's colon (not a registry port's).
+fn split_tag(reference: &str) -> (&str, &str) {
+    let name_start = reference.rfind('/').map_or(0, |slash| slash + 1);
+    match reference[name_start..].rfind(':') {
+        Some(colon) => (
+            &reference[..name_start + colon],
+            &reference[name_start + colon + 1..],
+        ),
+        None => (reference, "latest"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn tags_split_at_the_last_components_colon() {
+        assert_eq!(
+            split_tag("stevedore/busybox:local"),
+            ("stevedore/busybox", "local")
+        );
+        assert_eq!(
+            split_tag("localhost:5000/app:2"),
+            ("localhost:5000/app", "2")
+        );
+        assert_eq!(
+            split_tag("localhost:5000/app"),
+            ("localhost:5000/app", "latest")
+        );
+    }
+
+    #[test]
+    fn engine_times_parse_and_year_one_means_never() {
+        assert!(parse_engine_time("0001-01-01T00:00:00Z").is_none());
+        let parsed = parse_engine_time("2024-05-01T10:11:12.123456789Z");
+        assert_eq!(parsed.map(|t| t.timestamp()), Some(1_714_558_272));
+    }
+
+    #[test]
+    fn the_create_body_sets_limits_and_drops_privileges() -> Result<(), EngineError> {
+        let mut spec = ContainerSpec::new("img:1");
+        spec.memory_bytes = Some(64 << 20);
+        spec.pids_limit = Some(32);
+        spec.labels = BTreeMap::from([("stevedore.task".to_owned(), "t1".to_owned())]);
+        let body = create_body(&spec)?;
+        let host = body.host_config.unwrap_or_default();
+        assert_eq!(host.memory, Some(64 << 20));
+        assert_eq!(host.memory_swap, Some(64 << 20));
+        assert_eq!(host.pids_limit, Some(32));
+        assert_eq!(host.cap_drop, Some(vec!["ALL".to_owned()]));
+        assert_eq!(
+            host.security_opt,
+            Some(vec!["no-new-privileges".to_owned()])
+        );
+        assert!(
+            host.cap_add
+                .unwrap_or_default()
+                .contains(&"SETUID".to_owned())
+        );
+        assert_eq!(body.cmd, None);
+        Ok(())
+    }
+
+    #[test]
+    fn an_empty_stats_answer_is_no_sample() {
+        assert_eq!(sample_of(&ContainerStatsResponse::default()), None);
+    }
+}

@@ -1,0 +1,512 @@
+//! The [`ContainerEngine`] trait and the values that cross it.
+//!
+//! The trait knows containers, images and limits, not tasks: the runner maps a task onto a
+//! [`ContainerSpec`](crate::ContainerSpec) and reads an [`ExitStatus`] back.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+
+use crate::error::EngineError;
+use crate::spec::{ContainerId, ContainerSpec};
+
+/// Timestamps the engine reports (container start and finish), in UTC.
+pub type Timestamp = chrono::DateTime<chrono::Utc>;
+
+/// A container's output as it is produced: ends when the container stops.
+pub type LogChunkStream = BoxStream<'static, Result<LogChunk, EngineError>>;
+
+/// A container's resource samples, about one a second while it runs: ends when it stops.
+pub type ResourceSampleStream = BoxStream<'static, Result<ResourceSample, EngineError>>;
+
+/// Where [`ContainerEngine::ensure_image`] reports pull progress. Unbounded, so a slow reader
+/// (a progress bar) never holds up a pull that other tasks wait for.
+pub type PullProgressSender = tokio::sync::mpsc::UnboundedSender<PullProgress>;
+
+/// A container engine: Docker today, perhaps Kubernetes Jobs later.
+///
+/// Held as `Arc<dyn ContainerEngine>`. Every method classifies its failures into
+/// [`EngineError`] from the engine's structured answers; see
+/// [`EngineError::is_infrastructure`] for which failures are the user's.
+///
+/// The lifecycle of one task container is `ensure_image` → `create` (files uploaded) →
+/// `start` → `logs` and `wait` (and `kill` on timeout or cancel) → `remove`.
+#[async_trait]
+pub trait ContainerEngine: Send + Sync + 'static {
+    /// What the engine can enforce, from its `/info` and `/version` answers.
+    async fn capabilities(&self) -> Result<EngineCapabilities, EngineError>;
+
+    /// The id of `image` when it is present locally, `None` when it is not.
+    async fn image_id(&self, image: &str) -> Result<Option<String>, EngineError>;
+
+    /// Whether `image` is present locally.
+    async fn image_present(&self, image: &str) -> Result<bool, EngineError> {
+        Ok(self.image_id(image).await?.is_some())
+    }
+
+    /// Removes a local image (by reference or id), without force: an image a container still
+    /// uses is refused with [`EngineError::Conflict`].
+    async fn remove_image(&self, image: &str) -> Result<(), EngineError>;
+
+    /// Makes sure `image` is present locally: done at once when it is, pulled otherwise.
+    ///
+    /// Concurrent calls for the same image share one pull; each caller gets the pull's result
+    /// and, when it passed a `progress` sender, the progress events from the moment it joined.
+    /// A reference without a tag or digest means `:latest` (never "every tag").
+    async fn ensure_image(
+        &self,
+        image: &str,
+        registry_auth: Option<RegistryAuth>,
+        progress: Option<PullProgressSender>,
+    ) -> Result<ImagePresence, EngineError>;
+
+    /// Imports a root filesystem tar as the image `reference` (`docker import`), applying
+    /// Dockerfile-style `changes` such as `CMD ["sh"]`. Returns the new image's id.
+    async fn import_image(
+        &self,
+        rootfs_tar: Bytes,
+        reference: &str,
+        changes: &[String],
+    ) -> Result<String, EngineError>;
+
+    /// Creates a container and uploads the spec's directories and files into it. The
+    /// container is not started. When the upload fails the container is removed again.
+    async fn create(&self, spec: &ContainerSpec) -> Result<ContainerId, EngineError>;
+
+    /// Starts a created container.
+    async fn start(&self, id: &ContainerId) -> Result<(), EngineError>;
+
+    /// The container's stdout and stderr from its start, kept apart, following until it
+    /// stops. Failures (the container does not exist) arrive as the stream's first item.
+    ///
+    /// Call it after `start`: output written before the call is included, but following a
+    /// container that has not started yet ends at once, empty (the engine's behaviour).
+    fn logs(&self, id: &ContainerId) -> LogChunkStream;
+
+    /// Waits until the container stops, then reports how it ended.
+    async fn wait(&self, id: &ContainerId) -> Result<ExitStatus, EngineError>;
+
+    /// Kills the container (SIGKILL). Killing a container that already stopped succeeds.
+    async fn kill(&self, id: &ContainerId) -> Result<(), EngineError>;
+
+    /// One resource sample now; `None` when the container is not running.
+    async fn stats_snapshot(&self, id: &ContainerId)
+    -> Result<Option<ResourceSample>, EngineError>;
+
+    /// Resource samples while the container runs; the stream ends when it stops.
+    fn stats(&self, id: &ContainerId) -> ResourceSampleStream;
+
+    /// Follows [`ContainerEngine::stats`] until the container stops and returns the peaks.
+    /// Start it right after `start` and await it after `wait`.
+    async fn resource_peak(&self, id: &ContainerId) -> Result<ResourceUsage, EngineError> {
+        let mut usage = ResourceUsage::default();
+        let mut samples = self.stats(id);
+        while let Some(sample) = samples.next().await {
+            usage.record(&sample?);
+        }
+        Ok(usage)
+    }
+
+    /// Removes the container, forcefully (killing it if it runs) and with its anonymous
+    /// volumes. Returns how long the engine took, because slow deletes are worth watching.
+    async fn remove(&self, id: &ContainerId) -> Result<Duration, EngineError>;
+
+    /// Every container, running or not, that carries the label `key=value`: how a runner
+    /// finds the leftovers of an earlier life at start-up.
+    async fn list_labeled(&self, key: &str, value: &str) -> Result<Vec<ContainerId>, EngineError>;
+}
+
+/// What an engine says it can enforce and what it runs on.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EngineCapabilities {
+    /// Memory limits are enforced (cgroup memory controller).
+    pub memory_limit: bool,
+    /// Memory+swap limits are enforced (swap accounting).
+    pub swap_limit: bool,
+    /// CPU quotas are enforced (CFS quota).
+    pub cpu_cfs_quota: bool,
+    /// Process count limits are enforced (pids controller).
+    pub pids_limit: bool,
+    /// The engine's version, e.g. `20.10.24+dfsg1`.
+    pub server_version: String,
+    /// The newest API version the engine speaks, e.g. `1.41`.
+    pub api_version: String,
+    /// The API version this client uses after negotiation.
+    pub negotiated_api_version: String,
+    /// CPUs the engine's machine has.
+    pub ncpu: u64,
+    /// Memory the engine's machine has, in bytes.
+    pub mem_total: u64,
+    /// `1` or `2`, when the engine says.
+    pub cgroup_version: Option<String>,
+    /// The engine host's operating system, for logs.
+    pub operating_system: Option<String>,
+    /// The engine's own warnings (e.g. about missing swap accounting), for logs.
+    pub warnings: Vec<String>,
+}
+
+/// Which limits the configuration needs the engine to enforce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Requirements {
+    /// Memory limits are needed (stevedore always sets one; default true).
+    pub memory_limit: bool,
+    /// Swap accounting is needed so memory+swap is capped too (default false: on a host
+    /// without swap the memory limit alone holds).
+    pub swap_limit: bool,
+    /// CPU quotas are needed (some code sets `cpus`).
+    pub cpu_quota: bool,
+    /// Process limits are needed.
+    pub pids_limit: bool,
+    /// The operator's explicit permission to run although memory limits cannot be enforced.
+    /// The check then passes with a warning; nothing else is relaxed.
+    pub allow_unenforced_memory_limit: bool,
+}
+
+/// Credentials for a private registry, sent with a pull.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct RegistryAuth {
+    /// The registry's user name.
+    pub username: Option<String>,
+    /// The password or access token.
+    pub password: Option<String>,
+    /// An identity token from a previous login, instead of user name and password.
+    pub identity_token: Option<String>,
+    /// The registry's address, e.g. `registry.example.com`.
+    pub server_address: Option<String>,
+}
+
+/// Whether [`ContainerEngine::ensure_image`] had to pull.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImagePresence {
+    /// The image was there already.
+    AlreadyPresent,
+    /// The image was pulled (by this call or by a concurrent one it joined).
+    Pulled,
+}
+
+/// One step of an image pull, for a progress display.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PullProgress {
+    /// The pull began (or this caller joined one that was under way).
+    Started {
+        /// The image being pulled.
+        image: String,
+    },
+    /// A layer moved on: `status` is the engine's word ("Downloading", "Extracting",
+    /// "Pull complete"), for display only.
+    Layer {
+        /// The layer's id.
+        layer: String,
+        /// The engine's status line, for display.
+        status: String,
+        /// Bytes done, when known.
+        current: Option<u64>,
+        /// Bytes in all, when known.
+        total: Option<u64>,
+    },
+    /// A message that is not about one layer (digest, "Status: Downloaded newer image").
+    Message {
+        /// The engine's status line, for display.
+        status: String,
+    },
+    /// The pull ended, successfully or not.
+    Finished {
+        /// The image that was pulled.
+        image: String,
+        /// Whether it succeeded.
+        ok: bool,
+    },
+}
+
+/// Which of a container's output streams a chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OutputStream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// A piece of a container's output, as the engine delivered it (not split into lines).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogChunk {
+    /// The stream it came from.
+    pub stream: OutputStream,
+    /// The bytes, unchanged.
+    pub bytes: Bytes,
+}
+
+/// How a container ended, from the engine's `State` after the wait.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitStatus {
+    /// `State.ExitCode`: the main process's exit code (137 after SIGKILL).
+    pub exit_code: i64,
+    /// `State.OOMKilled`: the memory limit was hit and the kernel killed a process.
+    pub oom_killed: bool,
+    /// `State.StartedAt`; `None` if the container never started.
+    pub started_at: Option<Timestamp>,
+    /// `State.FinishedAt`; `None` if the engine did not record it.
+    pub finished_at: Option<Timestamp>,
+    /// `State.Error`: the engine's own failure to run the container (e.g. the command does
+    /// not exist), for logs and messages only.
+    pub engine_error: Option<String>,
+}
+
+/// One resource sample of a running container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ResourceSample {
+    /// Memory in use now, in bytes.
+    pub memory_bytes: u64,
+    /// The cgroup's own peak memory so far, when the engine reports it (cgroup v1).
+    pub memory_peak_bytes: Option<u64>,
+    /// CPU time used since start, in nanoseconds.
+    pub cpu_total_ns: u64,
+    /// Processes and threads in the container now, when the engine reports it.
+    pub pids: Option<u64>,
+}
+
+/// The peaks over a container's life, folded from its samples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ResourceUsage {
+    /// The highest memory use seen (the cgroup's own peak where the engine reports one,
+    /// otherwise the highest sample, which can miss a spike between samples).
+    pub peak_memory_bytes: Option<u64>,
+    /// The CPU time used, from the last sample.
+    pub cpu_total_ns: Option<u64>,
+    /// The most processes and threads seen at once.
+    pub peak_pids: Option<u64>,
+    /// How many samples were seen; 0 for a container that stopped before the first.
+    pub samples: u32,
+}
+
+// === impl ExitStatus ===
+
+impl ExitStatus {
+    /// True for exit code 0 without an OOM kill.
+    pub fn success(&self) -> bool {
+        self.exit_code == 0 && !self.oom_killed
+    }
+
+    /// How long the container ran, when the engine recorded both ends.
+    ///
+    /// The engine stamps `StartedAt` after the process is already running, so a process that
+    /// exits at once can finish "before" it started; that counts as zero.
+    pub fn run_time(&self) -> Option<Duration> {
+        let (Some(started), Some(finished)) = (self.started_at, self.finished_at) else {
+            return None;
+        };
+        Some((finished - started).to_std().unwrap_or(Duration::ZERO))
+    }
+}
+
+// === impl ResourceUsage ===
+
+impl ResourceUsage {
+    /// Folds one sample into the peaks.
+    pub fn record(&mut self, sample: &ResourceSample) {
+        let seen = sample
+            .memory_peak_bytes
+            .unwrap_or(0)
+            .max(sample.memory_bytes);
+        self.peak_memory_bytes = Some(self.peak_memory_bytes.unwrap_or(0).max(seen));
+        self.cpu_total_ns = Some(self.cpu_total_ns.unwrap_or(0).max(sample.cpu_total_ns));
+        if let Some(pids) = sample.pids {
+            self.peak_pids = Some(self.peak_pids.unwrap_or(0).max(pids));
+        }
+        self.samples = self.samples.saturating_add(1);
+    }
+}
+
+// === impl Requirements ===
+
+impl Default for Requirements {
+    fn default() -> Self {
+        Requirements {
+            memory_limit: true,
+            swap_limit: false,
+            cpu_quota: false,
+            pids_limit: false,
+            allow_unenforced_memory_limit: false,
+        }
+    }
+}
+
+// === impl RegistryAuth ===
+
+impl std::fmt::Debug for RegistryAuth {
+    // Never print secrets, not even in debug logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryAuth")
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field(
+                "identity_token",
+                &self.identity_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("server_address", &self.server_address)
+            .finish()
+    }
+}
+
+/// Refuses an engine that cannot enforce a limit the configuration needs, with a message an
+/// operator can act on. Missing memory limits pass only with
+/// [`Requirements::allow_unenforced_memory_limit`], and then with a logged warning.
+pub fn check_required(
+    capabilities: &EngineCapabilities,
+    requirements: &Requirements,
+) -> Result<(), EngineError> {
+    if requirements.memory_limit && !capabilities.memory_limit {
+        if requirements.allow_unenforced_memory_limit {
+            tracing::warn!(
+                server_version = %capabilities.server_version,
+                "the container engine cannot enforce memory limits; running anyway because \
+                 this was explicitly allowed: a task can exhaust this machine's memory"
+            );
+        } else {
+            return Err(EngineError::MissingCapability {
+                capability: "memory limits".to_owned(),
+                hint: "the engine reports MemoryLimit=false (no cgroup memory controller); \
+                       enable it (cgroup_enable=memory on the kernel command line, or cgroup v2), \
+                       or explicitly allow unenforced memory limits"
+                    .to_owned(),
+            });
+        }
+    }
+    if requirements.swap_limit && !capabilities.swap_limit {
+        return Err(EngineError::MissingCapability {
+            capability: "swap limits".to_owned(),
+            hint: "the engine reports SwapLimit=false; enable swap accounting \
+                   (swapaccount=1 on the kernel command line, or cgroup v2) or run without swap"
+                .to_owned(),
+        });
+    }
+    if requirements.cpu_quota && !capabilities.cpu_cfs_quota {
+        return Err(EngineError::MissingCapability {
+            capability: "CPU quotas".to_owned(),
+            hint: "the engine reports CpuCfsQuota=false; enable CFS bandwidth control in the \
+                   kernel, or configure no CPU limits"
+                .to_owned(),
+        });
+    }
+    if requirements.pids_limit && !capabilities.pids_limit {
+        return Err(EngineError::MissingCapability {
+            capability: "process limits".to_owned(),
+            hint: "the engine reports PidsLimit=false; enable the cgroup pids controller, \
+                   or configure no pids limit"
+                .to_owned(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn everything() -> EngineCapabilities {
+        EngineCapabilities {
+            memory_limit: true,
+            swap_limit: true,
+            cpu_cfs_quota: true,
+            pids_limit: true,
+            ..EngineCapabilities::default()
+        }
+    }
+
+    #[test]
+    fn an_engine_without_memory_limits_is_refused_unless_allowed() {
+        let capabilities = EngineCapabilities {
+            memory_limit: false,
+            ..everything()
+        };
+        let refused = check_required(&capabilities, &Requirements::default());
+        assert!(matches!(
+            refused,
+            Err(EngineError::MissingCapability { ref capability, .. }) if capability == "memory limits"
+        ));
+
+        let allowed = Requirements {
+            allow_unenforced_memory_limit: true,
+            ..Requirements::default()
+        };
+        assert_eq!(check_required(&capabilities, &allowed), Ok(()));
+    }
+
+    #[test]
+    fn other_missing_limits_are_refused_only_when_needed() {
+        let capabilities = EngineCapabilities {
+            swap_limit: false,
+            cpu_cfs_quota: false,
+            pids_limit: false,
+            ..everything()
+        };
+        assert_eq!(
+            check_required(&capabilities, &Requirements::default()),
+            Ok(())
+        );
+        for requirements in [
+            Requirements {
+                swap_limit: true,
+                ..Requirements::default()
+            },
+            Requirements {
+                cpu_quota: true,
+                ..Requirements::default()
+            },
+            Requirements {
+                pids_limit: true,
+                ..Requirements::default()
+            },
+        ] {
+            assert!(check_required(&capabilities, &requirements).is_err());
+        }
+    }
+
+    #[test]
+    fn usage_keeps_the_peaks() {
+        let mut usage = ResourceUsage::default();
+        usage.record(&ResourceSample {
+            memory_bytes: 10,
+            memory_peak_bytes: None,
+            cpu_total_ns: 5,
+            pids: Some(3),
+        });
+        usage.record(&ResourceSample {
+            memory_bytes: 4,
+            memory_peak_bytes: Some(12),
+            cpu_total_ns: 9,
+            pids: None,
+        });
+        usage.record(&ResourceSample {
+            memory_bytes: 3,
+            memory_peak_bytes: None,
+            cpu_total_ns: 11,
+            pids: Some(2),
+        });
+        assert_eq!(
+            usage,
+            ResourceUsage {
+                peak_memory_bytes: Some(12),
+                cpu_total_ns: Some(11),
+                peak_pids: Some(3),
+                samples: 3
+            }
+        );
+    }
+
+    #[test]
+    fn registry_secrets_never_print() {
+        let auth = RegistryAuth {
+            username: Some("me".into()),
+            password: Some("hunter2".into()),
+            identity_token: Some("tok".into()),
+            server_address: None,
+        };
+        let printed = format!("{auth:?}");
+        assert!(!printed.contains("hunter2"));
+        assert!(!printed.contains("tok\""));
+    }
+}

@@ -1,0 +1,372 @@
+//! The one error type of this crate, classified from the Engine API's structured answers.
+//!
+//! Every variant is decided by what the engine said in a machine-readable way: the HTTP status
+//! code of an error response, a transport failure (the socket is gone, the connection dropped),
+//! a client-side timeout, or a malformed answer. Message texts are carried along for humans and
+//! logs, never matched on: engines reword them between versions.
+
+use std::fmt;
+
+/// What went wrong talking to (or preparing a request for) the container engine.
+///
+/// The enum is `Clone` so one failed image pull can be handed to every caller that was waiting
+/// on it; for the same reason the underlying errors are kept as their display text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// The engine could not be reached at all: no socket, connection refused, connection
+    /// dropped mid-answer, TLS or HTTP transport failure.
+    #[error("container engine unreachable: {message}")]
+    Unreachable {
+        /// The transport error, for logs.
+        message: String,
+    },
+
+    /// The engine accepted the connection but did not answer in time.
+    #[error("container engine did not answer in time")]
+    Timeout,
+
+    /// The engine answered 5xx: it failed internally (storage driver, containerd, cgroups...).
+    #[error("container engine failed (HTTP {status}): {message}")]
+    Server {
+        /// The HTTP status code of the engine's answer.
+        status: u16,
+        /// The engine's error message, for logs.
+        message: String,
+    },
+
+    /// The container does not exist (HTTP 404 on a container endpoint): it was removed behind
+    /// our back, or the id never existed.
+    #[error("no such container: {id}")]
+    NoSuchContainer {
+        /// The id or name that was asked for.
+        id: String,
+    },
+
+    /// The image does not exist: neither locally when a container is created from it, nor in
+    /// its registry when it is pulled (the registry answered, and said 404).
+    ///
+    /// This is the user's error: a retry will not make a misspelled or deleted image appear.
+    #[error("image not found: {image}")]
+    ImageNotFound {
+        /// The image reference that was asked for.
+        image: String,
+    },
+
+    /// The registry refused the credentials, or the lack of them (HTTP 401/403 on a pull).
+    ///
+    /// This is the user's error (their registry auth is wrong), not the infrastructure's.
+    #[error("registry refused access to {image} (HTTP {status}): {message}")]
+    RegistryDenied {
+        /// The image reference that was pulled.
+        image: String,
+        /// The HTTP status code of the engine's answer.
+        status: u16,
+        /// The engine's error message, for logs.
+        message: String,
+    },
+
+    /// Pulling an image failed for a reason that is not the user's: the registry is down or
+    /// unreachable (the engine answers 5xx), or the pull broke off mid-stream.
+    #[error("pulling {image} failed: {message}")]
+    PullFailed {
+        /// The image reference that was pulled.
+        image: String,
+        /// The HTTP status code, when the engine refused the pull with one.
+        status: Option<u16>,
+        /// The engine's error message, for logs.
+        message: String,
+    },
+
+    /// The engine refused the request as invalid (HTTP 400 and other 4xx without a more
+    /// specific variant): a bad image reference, an impossible limit, an unknown network mode.
+    #[error("container engine rejected the request (HTTP {status}): {message}")]
+    Rejected {
+        /// The HTTP status code of the engine's answer.
+        status: u16,
+        /// The engine's error message, for logs.
+        message: String,
+    },
+
+    /// The request conflicts with the container's current state (HTTP 409): the name is
+    /// taken, a removal is already in progress, the container is not running.
+    #[error("conflict with the container's state (HTTP 409): {message}")]
+    Conflict {
+        /// The engine's error message, for logs.
+        message: String,
+    },
+
+    /// The engine cannot enforce a limit that the configuration needs.
+    #[error("the container engine cannot enforce {capability}: {hint}")]
+    MissingCapability {
+        /// Which capability is missing, e.g. "memory limits".
+        capability: String,
+        /// What an operator can do about it.
+        hint: String,
+    },
+
+    /// The container spec was refused before it reached the engine (a relative file path, an
+    /// environment variable name with `=`, ...).
+    #[error("invalid container spec: {reason}")]
+    InvalidSpec {
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A local file needed to build something for the engine could not be read (the host's
+    /// busybox for the local image).
+    #[error("cannot read {path}: {message}")]
+    LocalIo {
+        /// The path that failed.
+        path: String,
+        /// The IO error, for logs.
+        message: String,
+    },
+
+    /// The engine's answer could not be understood (bad JSON, an error reported mid-stream, a
+    /// missing field that every engine sends).
+    #[error("unexpected answer from the container engine: {message}")]
+    Protocol {
+        /// What was unexpected, for logs.
+        message: String,
+    },
+}
+
+/// What a failed request was about, so a 404 can be told apart as "no such container" or
+/// "no such image" without reading the message.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Subject<'a> {
+    /// A request about one container (inspect, start, wait, kill, remove, upload, logs).
+    Container(&'a str),
+    /// Creating a container from this image: a 404 means the image is missing locally.
+    ImageForCreate(&'a str),
+    /// Pulling this image from its registry.
+    Pull(&'a str),
+    /// Anything else (info, version, list, import).
+    Engine,
+}
+
+// === impl EngineError ===
+
+impl EngineError {
+    /// True when the failure is the infrastructure's, not the user's: the task should go back
+    /// to the queue and run again without spending the user's retries.
+    ///
+    /// Infrastructure: the engine unreachable or timing out, 5xx answers, a pull that failed
+    /// because the registry is down, a container removed behind our back, a state conflict
+    /// (our own bookkeeping raced the engine), an engine missing a capability, a local IO
+    /// failure, an answer we could not parse.
+    ///
+    /// The user's: an image that does not exist ([`EngineError::ImageNotFound`], decided from
+    /// a 404, so the reference was well-formed and the registry answered), registry
+    /// credentials that were refused, a request the engine rejected as invalid (400), and a
+    /// spec refused before sending.
+    pub fn is_infrastructure(&self) -> bool {
+        match self {
+            EngineError::Unreachable { .. }
+            | EngineError::Timeout
+            | EngineError::Server { .. }
+            | EngineError::NoSuchContainer { .. }
+            | EngineError::PullFailed { .. }
+            | EngineError::Conflict { .. }
+            | EngineError::MissingCapability { .. }
+            | EngineError::LocalIo { .. }
+            | EngineError::Protocol { .. } => true,
+            EngineError::ImageNotFound { .. }
+            | EngineError::RegistryDenied { .. }
+            | EngineError::Rejected { .. }
+            | EngineError::InvalidSpec { .. } => false,
+        }
+    }
+
+    /// The HTTP status code the engine answered with, when the failure was such an answer.
+    pub fn http_status(&self) -> Option<u16> {
+        match self {
+            EngineError::Server { status, .. }
+            | EngineError::Rejected { status, .. }
+            | EngineError::RegistryDenied { status, .. } => Some(*status),
+            EngineError::PullFailed { status, .. } => *status,
+            EngineError::NoSuchContainer { .. } | EngineError::ImageNotFound { .. } => Some(404),
+            EngineError::Conflict { .. } => Some(409),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn invalid_spec(reason: impl fmt::Display) -> Self {
+        EngineError::InvalidSpec {
+            reason: reason.to_string(),
+        }
+    }
+
+    pub(crate) fn protocol(message: impl fmt::Display) -> Self {
+        EngineError::Protocol {
+            message: message.to_string(),
+        }
+    }
+
+    /// Classifies one bollard error. The decision uses only the error's kind and, for answers
+    /// from the engine, its HTTP status code; the message is carried, never parsed.
+    pub(crate) fn from_bollard(error: bollard::errors::Error, subject: Subject<'_>) -> Self {
+        use bollard::errors::Error as B;
+        match error {
+            B::DockerResponseServerError {
+                status_code,
+                message,
+            } => Self::from_status(status_code, message, subject),
+            B::RequestTimeoutError => EngineError::Timeout,
+            // Transport failures: the engine is not there, or went away mid-request.
+            B::HyperResponseError { .. }
+            | B::HyperLegacyError { .. }
+            | B::IOError { .. }
+            | B::SocketNotFoundError(_)
+            | B::UnsupportedURISchemeError { .. } => EngineError::Unreachable {
+                message: error.to_string(),
+            },
+            // An error reported inside a 200 stream: the operation started and then failed on
+            // the engine's side (for a pull: the registry broke off).
+            B::DockerStreamError { error } => match subject {
+                Subject::Pull(image) => EngineError::PullFailed {
+                    image: image.to_owned(),
+                    status: None,
+                    message: error,
+                },
+                _ => EngineError::Protocol { message: error },
+            },
+            other => EngineError::Protocol {
+                message: other.to_string(),
+            },
+        }
+    }
+
+    fn from_status(status: u16, message: String, subject: Subject<'_>) -> Self {
+        match (status, subject) {
+            (404, Subject::Container(id)) => EngineError::NoSuchContainer { id: id.to_owned() },
+            (404, Subject::ImageForCreate(image) | Subject::Pull(image)) => {
+                EngineError::ImageNotFound {
+                    image: image.to_owned(),
+                }
+            }
+            (401 | 403, Subject::Pull(image)) => EngineError::RegistryDenied {
+                image: image.to_owned(),
+                status,
+                message,
+            },
+            (409, _) => EngineError::Conflict { message },
+            (500..=599, Subject::Pull(image)) => EngineError::PullFailed {
+                image: image.to_owned(),
+                status: Some(status),
+                message,
+            },
+            (500..=599, _) => EngineError::Server { status, message },
+            _ => EngineError::Rejected { status, message },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bollard::errors::Error as B;
+
+    fn answer(status_code: u16) -> B {
+        B::DockerResponseServerError {
+            status_code,
+            message: "whatever the engine says today".to_owned(),
+        }
+    }
+
+    #[test]
+    fn a_404_on_a_container_is_no_such_container_and_infrastructure() {
+        let error = EngineError::from_bollard(answer(404), Subject::Container("abc"));
+        assert_eq!(error, EngineError::NoSuchContainer { id: "abc".into() });
+        assert!(error.is_infrastructure());
+    }
+
+    #[test]
+    fn a_404_on_a_pull_or_create_is_the_users_missing_image() {
+        for subject in [Subject::Pull("nope:1"), Subject::ImageForCreate("nope:1")] {
+            let error = EngineError::from_bollard(answer(404), subject);
+            assert_eq!(
+                error,
+                EngineError::ImageNotFound {
+                    image: "nope:1".into()
+                }
+            );
+            assert!(!error.is_infrastructure());
+        }
+    }
+
+    #[test]
+    fn a_5xx_on_a_pull_is_a_failed_pull_and_infrastructure() {
+        let error = EngineError::from_bollard(answer(500), Subject::Pull("x:1"));
+        assert!(matches!(
+            error,
+            EngineError::PullFailed {
+                status: Some(500),
+                ..
+            }
+        ));
+        assert!(error.is_infrastructure());
+    }
+
+    #[test]
+    fn a_stream_error_mid_pull_is_a_failed_pull() {
+        let error = EngineError::from_bollard(
+            B::DockerStreamError {
+                error: "unexpected EOF".into(),
+            },
+            Subject::Pull("x:1"),
+        );
+        assert!(matches!(
+            error,
+            EngineError::PullFailed { status: None, .. }
+        ));
+        assert!(error.is_infrastructure());
+    }
+
+    #[test]
+    fn a_400_is_the_users_and_a_5xx_is_infrastructure() {
+        let rejected = EngineError::from_bollard(answer(400), Subject::Engine);
+        assert!(matches!(
+            rejected,
+            EngineError::Rejected { status: 400, .. }
+        ));
+        assert!(!rejected.is_infrastructure());
+
+        let failed = EngineError::from_bollard(answer(503), Subject::Container("c"));
+        assert!(matches!(failed, EngineError::Server { status: 503, .. }));
+        assert!(failed.is_infrastructure());
+    }
+
+    #[test]
+    fn registry_auth_refusals_are_the_users() {
+        let error = EngineError::from_bollard(answer(401), Subject::Pull("private/x:1"));
+        assert!(matches!(
+            error,
+            EngineError::RegistryDenied { status: 401, .. }
+        ));
+        assert!(!error.is_infrastructure());
+    }
+
+    #[test]
+    fn transport_failures_and_timeouts_are_infrastructure() {
+        let missing = EngineError::from_bollard(
+            B::SocketNotFoundError("/var/run/docker.sock".into()),
+            Subject::Engine,
+        );
+        assert!(matches!(missing, EngineError::Unreachable { .. }));
+        assert!(missing.is_infrastructure());
+
+        let timeout = EngineError::from_bollard(B::RequestTimeoutError, Subject::Engine);
+        assert_eq!(timeout, EngineError::Timeout);
+        assert!(timeout.is_infrastructure());
+    }
+
+    #[test]
+    fn the_same_message_with_another_status_classifies_differently() {
+        // Regression guard for "never parse the text": only the status decides.
+        let as_400 = EngineError::from_bollard(answer(400), Subject::Container("c"));
+        let as_409 = EngineError::from_bollard(answer(409), Subject::Container("c"));
+        assert!(!as_400.is_infrastructure());
+        assert!(as_409.is_infrastructure());
+    }
+}

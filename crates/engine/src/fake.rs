@@ -1,0 +1,975 @@
+//! [`FakeEngine`]: an in-memory [`ContainerEngine`] for other crates' fast unit tests.
+//!
+//! Nothing runs: a "container" is a record that moves from created to running to exited on
+//! tokio's clock (so `tokio::time::pause` makes long tasks instant). What a container does is
+//! scripted with a [`FakeRun`] chosen by label, by image or by default; failures are injected
+//! per operation with [`FakeEngine::fail_next`] or for everything with
+//! [`FakeEngine::set_unreachable`].
+//!
+//! Available with the `fake` cargo feature, and in this crate's own tests.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+use crate::engine::{
+    ContainerEngine, EngineCapabilities, ExitStatus, ImagePresence, LogChunk, LogChunkStream,
+    OutputStream, PullProgress, PullProgressSender, RegistryAuth, ResourceSample,
+    ResourceSampleStream, Timestamp,
+};
+use crate::error::EngineError;
+use crate::pull::{PullCoalescer, normalize_reference};
+use crate::spec::{ContainerId, ContainerSpec};
+
+/// The exit code of a killed container (128 + SIGKILL), as Docker reports it.
+pub const KILLED_EXIT_CODE: i64 = 137;
+
+/// The in-memory engine. Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct FakeEngine {
+    state: Arc<Mutex<FakeState>>,
+    pulls: Arc<PullCoalescer>,
+}
+
+/// What one fake container does once started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeRun {
+    /// The exit code it ends with (unless killed).
+    pub exit_code: i64,
+    /// Whether it ends OOM-killed.
+    pub oom_killed: bool,
+    /// How long it runs before it exits by itself; [`FakeRun::forever`] never does.
+    pub run_for: Duration,
+    /// Output it produces right after it starts.
+    pub logs: Vec<LogChunk>,
+    /// The peak memory its stats report.
+    pub peak_memory_bytes: u64,
+    /// The CPU time its stats report.
+    pub cpu_total_ns: u64,
+    /// `State.Error` it reports (e.g. "executable file not found").
+    pub engine_error: Option<String>,
+}
+
+/// The engine operations a failure can be injected into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FakeOperation {
+    /// `capabilities`.
+    Capabilities,
+    /// `image_id`/`image_present`, and the presence check inside `ensure_image`.
+    ImagePresent,
+    /// `remove_image`.
+    RemoveImage,
+    /// The pull inside `ensure_image` (after the presence check).
+    Pull,
+    /// `import_image`.
+    Import,
+    /// `create`.
+    Create,
+    /// `start`.
+    Start,
+    /// `logs` (the stream's first item).
+    Logs,
+    /// `wait`.
+    Wait,
+    /// `kill`.
+    Kill,
+    /// `stats_snapshot` and `stats`.
+    Stats,
+    /// `remove`.
+    Remove,
+    /// `list_labeled`.
+    List,
+}
+
+/// How a fake container's run is chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Selector {
+    Label(String, String),
+    Image(String),
+}
+
+#[derive(Debug, Clone)]
+enum Phase {
+    Created,
+    Running,
+    Exited(ExitStatus),
+}
+
+struct FakeContainer {
+    spec: ContainerSpec,
+    run: FakeRun,
+    phase: watch::Sender<Phase>,
+    kill: Arc<Notify>,
+}
+
+struct FakeState {
+    capabilities: EngineCapabilities,
+    /// Images present locally: normalized reference → id.
+    images: BTreeMap<String, String>,
+    /// Images a pull can fetch, with how long the pull takes.
+    registry: BTreeMap<String, Duration>,
+    pull_counts: BTreeMap<String, usize>,
+    containers: BTreeMap<String, FakeContainer>,
+    created: Vec<(ContainerId, ContainerSpec)>,
+    removed: Vec<ContainerId>,
+    kills: Vec<ContainerId>,
+    scripts: Vec<(Selector, FakeRun)>,
+    default_run: FakeRun,
+    failures: HashMap<FakeOperation, VecDeque<EngineError>>,
+    unreachable: bool,
+    remove_takes: Duration,
+    next_id: u64,
+    /// The wall-clock time the fake's clock starts at, for `started_at`/`finished_at`.
+    epoch: Timestamp,
+    epoch_instant: Instant,
+}
+
+// === impl FakeState ===
+
+impl FakeState {
+    /// Adds (or re-tags) an image under a new id and returns the id.
+    fn insert_image(&mut self, reference: String) -> String {
+        let id = format!("sha256:{:064x}", self.next_id);
+        self.next_id += 1;
+        self.images.insert(reference, id.clone());
+        id
+    }
+
+    /// An image by reference or by id: its reference and id.
+    fn find_image(&self, image: &str) -> Option<(&String, &String)> {
+        let reference = normalize_reference(image);
+        self.images
+            .iter()
+            .find(|(known, id)| **known == reference || *id == image)
+    }
+}
+
+// === impl FakeRun ===
+
+impl FakeRun {
+    /// Exits 0 at once, printing nothing.
+    pub fn success() -> Self {
+        FakeRun::exits(0)
+    }
+
+    /// Exits with `exit_code` at once.
+    pub fn exits(exit_code: i64) -> Self {
+        FakeRun {
+            exit_code,
+            oom_killed: false,
+            run_for: Duration::ZERO,
+            logs: Vec::new(),
+            peak_memory_bytes: 4 << 20,
+            cpu_total_ns: 1_000_000,
+            engine_error: None,
+        }
+    }
+
+    /// Gets OOM-killed (exit 137, `OOMKilled`), as a task over its memory limit does.
+    pub fn oom_killed() -> Self {
+        FakeRun {
+            oom_killed: true,
+            ..FakeRun::exits(KILLED_EXIT_CODE)
+        }
+    }
+
+    /// Runs until killed: a task that would hit its timeout.
+    pub fn forever() -> Self {
+        FakeRun {
+            run_for: Duration::MAX,
+            ..FakeRun::success()
+        }
+    }
+
+    /// Runs for `duration` before exiting.
+    pub fn running_for(mut self, duration: Duration) -> Self {
+        self.run_for = duration;
+        self
+    }
+
+    /// Prints `text` on stdout.
+    pub fn stdout(mut self, text: impl Into<Bytes>) -> Self {
+        self.logs.push(LogChunk {
+            stream: OutputStream::Stdout,
+            bytes: text.into(),
+        });
+        self
+    }
+
+    /// Prints `text` on stderr.
+    pub fn stderr(mut self, text: impl Into<Bytes>) -> Self {
+        self.logs.push(LogChunk {
+            stream: OutputStream::Stderr,
+            bytes: text.into(),
+        });
+        self
+    }
+
+    /// Reports this peak memory in its stats.
+    pub fn peak_memory(mut self, bytes: u64) -> Self {
+        self.peak_memory_bytes = bytes;
+        self
+    }
+}
+
+// === impl FakeEngine ===
+
+impl Default for FakeEngine {
+    fn default() -> Self {
+        FakeEngine::new()
+    }
+}
+
+impl FakeEngine {
+    /// An engine that enforces every limit, has no images and runs every container as
+    /// [`FakeRun::success`].
+    pub fn new() -> Self {
+        let epoch = chrono::DateTime::from_timestamp(1_704_067_200, 0).unwrap_or_default();
+        FakeEngine {
+            state: Arc::new(Mutex::new(FakeState {
+                capabilities: EngineCapabilities {
+                    memory_limit: true,
+                    swap_limit: true,
+                    cpu_cfs_quota: true,
+                    pids_limit: true,
+                    server_version: "fake".to_owned(),
+                    api_version: "1.41".to_owned(),
+                    negotiated_api_version: "1.41".to_owned(),
+                    ncpu: 2,
+                    mem_total: 8 << 30,
+                    cgroup_version: Some("2".to_owned()),
+                    operating_system: Some("fake".to_owned()),
+                    warnings: Vec::new(),
+                },
+                images: BTreeMap::new(),
+                registry: BTreeMap::new(),
+                pull_counts: BTreeMap::new(),
+                containers: BTreeMap::new(),
+                created: Vec::new(),
+                removed: Vec::new(),
+                kills: Vec::new(),
+                scripts: Vec::new(),
+                default_run: FakeRun::success(),
+                failures: HashMap::new(),
+                unreachable: false,
+                remove_takes: Duration::ZERO,
+                next_id: 1,
+                epoch,
+                epoch_instant: Instant::now(),
+            })),
+            pulls: Arc::new(PullCoalescer::default()),
+        }
+    }
+
+    /// Makes `image` present locally.
+    pub fn add_image(&self, image: &str) -> &Self {
+        self.lock().insert_image(normalize_reference(image));
+        self
+    }
+
+    /// Makes `image` pullable; a pull takes `pull_takes`. Pulls of images not added here fail
+    /// with [`EngineError::ImageNotFound`], as a registry's 404 does.
+    pub fn add_registry_image(&self, image: &str, pull_takes: Duration) -> &Self {
+        self.lock()
+            .registry
+            .insert(normalize_reference(image), pull_takes);
+        self
+    }
+
+    /// What the engine says it can enforce.
+    pub fn set_capabilities(&self, capabilities: EngineCapabilities) -> &Self {
+        self.lock().capabilities = capabilities;
+        self
+    }
+
+    /// What containers do when no script matches.
+    pub fn set_default_run(&self, run: FakeRun) -> &Self {
+        self.lock().default_run = run;
+        self
+    }
+
+    /// What containers carrying the label `key=value` do (checked before image scripts).
+    pub fn script_label(&self, key: &str, value: &str, run: FakeRun) -> &Self {
+        self.lock()
+            .scripts
+            .insert(0, (Selector::Label(key.to_owned(), value.to_owned()), run));
+        self
+    }
+
+    /// What containers of `image` do.
+    pub fn script_image(&self, image: &str, run: FakeRun) -> &Self {
+        self.lock()
+            .scripts
+            .push((Selector::Image(normalize_reference(image)), run));
+        self
+    }
+
+    /// Makes the next call of `operation` fail with `error` (queued: call again for more).
+    pub fn fail_next(&self, operation: FakeOperation, error: EngineError) -> &Self {
+        self.lock()
+            .failures
+            .entry(operation)
+            .or_default()
+            .push_back(error);
+        self
+    }
+
+    /// While set, every operation fails with [`EngineError::Unreachable`].
+    pub fn set_unreachable(&self, unreachable: bool) -> &Self {
+        self.lock().unreachable = unreachable;
+        self
+    }
+
+    /// How long `remove` takes (and reports).
+    pub fn set_remove_takes(&self, duration: Duration) -> &Self {
+        self.lock().remove_takes = duration;
+        self
+    }
+
+    /// How many pulls of `image` actually ran (coalesced callers count once).
+    pub fn pull_count(&self, image: &str) -> usize {
+        self.lock()
+            .pull_counts
+            .get(&normalize_reference(image))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Every container created so far, with its spec, in order (removed ones too).
+    pub fn created(&self) -> Vec<(ContainerId, ContainerSpec)> {
+        self.lock().created.clone()
+    }
+
+    /// The containers that exist now (created and not removed).
+    pub fn existing(&self) -> Vec<ContainerId> {
+        self.lock()
+            .containers
+            .keys()
+            .cloned()
+            .map(ContainerId::new)
+            .collect()
+    }
+
+    /// The containers removed so far, in order.
+    pub fn removed(&self) -> Vec<ContainerId> {
+        self.lock().removed.clone()
+    }
+
+    /// The containers killed so far, in order.
+    pub fn kills(&self) -> Vec<ContainerId> {
+        self.lock().kills.clone()
+    }
+
+    /// The bytes uploaded to `path` in container `id`, if any.
+    pub fn uploaded_file(&self, id: &ContainerId, path: &str) -> Option<Vec<u8>> {
+        let state = self.lock();
+        let container = state.containers.get(id.as_str())?;
+        container
+            .spec
+            .files
+            .iter()
+            .find(|file| file.path == path)
+            .map(|file| file.contents.clone())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, FakeState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The injected failure for `operation`, if one is due.
+    fn injected(&self, operation: FakeOperation) -> Result<(), EngineError> {
+        let mut state = self.lock();
+        if state.unreachable {
+            return Err(EngineError::Unreachable {
+                message: "the fake engine was told to be unreachable".to_owned(),
+            });
+        }
+        match state
+            .failures
+            .get_mut(&operation)
+            .and_then(VecDeque::pop_front)
+        {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    fn phase_of(&self, id: &ContainerId) -> Result<watch::Receiver<Phase>, EngineError> {
+        self.lock()
+            .containers
+            .get(id.as_str())
+            .map(|container| container.phase.subscribe())
+            .ok_or_else(|| no_such_container(id))
+    }
+
+    fn now(&self) -> Timestamp {
+        let state = self.lock();
+        let elapsed = Instant::now().saturating_duration_since(state.epoch_instant);
+        state.epoch + chrono::Duration::from_std(elapsed).unwrap_or_default()
+    }
+}
+
+#[async_trait]
+impl ContainerEngine for FakeEngine {
+    async fn capabilities(&self) -> Result<EngineCapabilities, EngineError> {
+        self.injected(FakeOperation::Capabilities)?;
+        Ok(self.lock().capabilities.clone())
+    }
+
+    async fn image_id(&self, image: &str) -> Result<Option<String>, EngineError> {
+        self.injected(FakeOperation::ImagePresent)?;
+        let state = self.lock();
+        Ok(state.find_image(image).map(|(_, id)| id.clone()))
+    }
+
+    async fn remove_image(&self, image: &str) -> Result<(), EngineError> {
+        self.injected(FakeOperation::RemoveImage)?;
+        let mut state = self.lock();
+        let Some((reference, _)) = state.find_image(image) else {
+            return Err(EngineError::ImageNotFound {
+                image: image.to_owned(),
+            });
+        };
+        let reference = reference.clone();
+        let in_use = state
+            .containers
+            .values()
+            .any(|c| normalize_reference(&c.spec.image) == reference);
+        if in_use {
+            return Err(EngineError::Conflict {
+                message: format!("the image {image} is used by a container"),
+            });
+        }
+        state.images.remove(&reference);
+        Ok(())
+    }
+
+    async fn ensure_image(
+        &self,
+        image: &str,
+        _registry_auth: Option<RegistryAuth>,
+        progress: Option<PullProgressSender>,
+    ) -> Result<ImagePresence, EngineError> {
+        if self.image_present(image).await? {
+            return Ok(ImagePresence::AlreadyPresent);
+        }
+        let reference = normalize_reference(image);
+        let engine = self.clone();
+        let pulled = reference.clone();
+        self.pulls
+            .pull(&reference, progress, move |events| async move {
+                engine.injected(FakeOperation::Pull)?;
+                let takes = engine.lock().registry.get(&pulled).copied();
+                *engine.lock().pull_counts.entry(pulled.clone()).or_default() += 1;
+                let Some(takes) = takes else {
+                    return Err(EngineError::ImageNotFound { image: pulled });
+                };
+                let _ = events.send(PullProgress::Layer {
+                    layer: "fake-layer".to_owned(),
+                    status: "Downloading".to_owned(),
+                    current: Some(0),
+                    total: Some(100),
+                });
+                tokio::time::sleep(takes).await;
+                let _ = events.send(PullProgress::Layer {
+                    layer: "fake-layer".to_owned(),
+                    status: "Pull complete".to_owned(),
+                    current: Some(100),
+                    total: Some(100),
+                });
+                engine.lock().insert_image(pulled);
+                Ok(())
+            })
+            .await?;
+        Ok(ImagePresence::Pulled)
+    }
+
+    async fn import_image(
+        &self,
+        _rootfs_tar: Bytes,
+        reference: &str,
+        _changes: &[String],
+    ) -> Result<String, EngineError> {
+        self.injected(FakeOperation::Import)?;
+        Ok(self.lock().insert_image(normalize_reference(reference)))
+    }
+
+    async fn create(&self, spec: &ContainerSpec) -> Result<ContainerId, EngineError> {
+        self.injected(FakeOperation::Create)?;
+        spec.validate()?;
+        let mut state = self.lock();
+        if !state.images.contains_key(&normalize_reference(&spec.image)) {
+            return Err(EngineError::ImageNotFound {
+                image: spec.image.clone(),
+            });
+        }
+        if let Some(name) = &spec.name
+            && state
+                .containers
+                .values()
+                .any(|c| c.spec.name.as_ref() == Some(name))
+        {
+            return Err(EngineError::Conflict {
+                message: format!("the container name {name} is already in use"),
+            });
+        }
+        let run = state
+            .scripts
+            .iter()
+            .find(|(selector, _)| match selector {
+                Selector::Label(key, value) => spec.labels.get(key) == Some(value),
+                Selector::Image(image) => *image == normalize_reference(&spec.image),
+            })
+            .map(|(_, run)| run.clone())
+            .unwrap_or_else(|| state.default_run.clone());
+        let id = ContainerId::new(format!("{:064x}", state.next_id));
+        state.next_id += 1;
+        state.containers.insert(
+            id.as_str().to_owned(),
+            FakeContainer {
+                spec: spec.clone(),
+                run,
+                phase: watch::Sender::new(Phase::Created),
+                kill: Arc::new(Notify::new()),
+            },
+        );
+        state.created.push((id.clone(), spec.clone()));
+        Ok(id)
+    }
+
+    async fn start(&self, id: &ContainerId) -> Result<(), EngineError> {
+        self.injected(FakeOperation::Start)?;
+        let (phase, kill, run) = {
+            let state = self.lock();
+            let container = state
+                .containers
+                .get(id.as_str())
+                .ok_or_else(|| no_such_container(id))?;
+            if !matches!(*container.phase.borrow(), Phase::Created) {
+                // Docker answers 304 for an already started container: not an error.
+                return Ok(());
+            }
+            (
+                container.phase.clone(),
+                Arc::clone(&container.kill),
+                container.run.clone(),
+            )
+        };
+        let started_at = self.now();
+        phase.send_replace(Phase::Running);
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let killed = tokio::select! {
+                () = sleep_or_forever(run.run_for) => false,
+                () = kill.notified() => true,
+            };
+            let status = ExitStatus {
+                exit_code: if killed {
+                    KILLED_EXIT_CODE
+                } else {
+                    run.exit_code
+                },
+                oom_killed: !killed && run.oom_killed,
+                started_at: Some(started_at),
+                finished_at: Some(engine.now()),
+                engine_error: run.engine_error.clone(),
+            };
+            phase.send_replace(Phase::Exited(status));
+        });
+        Ok(())
+    }
+
+    fn logs(&self, id: &ContainerId) -> LogChunkStream {
+        let engine = self.clone();
+        let id = id.clone();
+        let chunks = async move {
+            engine.injected(FakeOperation::Logs)?;
+            let mut phase = engine.phase_of(&id)?;
+            // Following a container that has not started ends at once, as Docker's does.
+            if matches!(*phase.borrow(), Phase::Created) {
+                return Ok(Vec::new());
+            }
+            let logs = engine
+                .lock()
+                .containers
+                .get(id.as_str())
+                .map(|container| container.run.logs.clone())
+                .unwrap_or_default();
+            let _ = phase
+                .wait_for(|phase| matches!(phase, Phase::Exited(_)))
+                .await;
+            Ok::<_, EngineError>(logs)
+        };
+        futures::stream::once(chunks)
+            .flat_map(|result| match result {
+                Ok(logs) => futures::stream::iter(logs.into_iter().map(Ok)).boxed(),
+                Err(error) => futures::stream::iter([Err(error)]).boxed(),
+            })
+            .boxed()
+    }
+
+    async fn wait(&self, id: &ContainerId) -> Result<ExitStatus, EngineError> {
+        self.injected(FakeOperation::Wait)?;
+        let mut phase = self.phase_of(id)?;
+        let ended = phase
+            .wait_for(|phase| !matches!(phase, Phase::Running))
+            .await
+            .map(|phase| phase.clone());
+        match ended {
+            Ok(Phase::Exited(status)) => Ok(status),
+            // A container that never started is "not running" already, exit code 0.
+            Ok(Phase::Created | Phase::Running) => Ok(ExitStatus {
+                exit_code: 0,
+                oom_killed: false,
+                started_at: None,
+                finished_at: None,
+                engine_error: None,
+            }),
+            // The container was removed while we waited.
+            Err(_) => Err(no_such_container(id)),
+        }
+    }
+
+    async fn kill(&self, id: &ContainerId) -> Result<(), EngineError> {
+        self.injected(FakeOperation::Kill)?;
+        let mut state = self.lock();
+        let container = state
+            .containers
+            .get(id.as_str())
+            .ok_or_else(|| no_such_container(id))?;
+        if matches!(*container.phase.borrow(), Phase::Running) {
+            container.kill.notify_one();
+        }
+        state.kills.push(id.clone());
+        Ok(())
+    }
+
+    async fn stats_snapshot(
+        &self,
+        id: &ContainerId,
+    ) -> Result<Option<ResourceSample>, EngineError> {
+        self.injected(FakeOperation::Stats)?;
+        let state = self.lock();
+        let container = state
+            .containers
+            .get(id.as_str())
+            .ok_or_else(|| no_such_container(id))?;
+        Ok(match *container.phase.borrow() {
+            Phase::Running => Some(sample_of(&container.run)),
+            Phase::Created | Phase::Exited(_) => None,
+        })
+    }
+
+    fn stats(&self, id: &ContainerId) -> ResourceSampleStream {
+        let engine = self.clone();
+        let id = id.clone();
+        let sample = async move {
+            let snapshot = engine.stats_snapshot(&id).await?;
+            if snapshot.is_some() {
+                let mut phase = engine.phase_of(&id)?;
+                let _ = phase
+                    .wait_for(|phase| matches!(phase, Phase::Exited(_)))
+                    .await;
+            }
+            Ok::<_, EngineError>(snapshot)
+        };
+        futures::stream::once(sample)
+            .filter_map(|result| futures::future::ready(result.transpose()))
+            .boxed()
+    }
+
+    async fn remove(&self, id: &ContainerId) -> Result<Duration, EngineError> {
+        self.injected(FakeOperation::Remove)?;
+        let takes = {
+            let mut state = self.lock();
+            let container = state
+                .containers
+                .remove(id.as_str())
+                .ok_or_else(|| no_such_container(id))?;
+            // Force: a running container is killed on the way out.
+            container.kill.notify_one();
+            state.removed.push(id.clone());
+            state.remove_takes
+        };
+        tokio::time::sleep(takes).await;
+        Ok(takes)
+    }
+
+    async fn list_labeled(&self, key: &str, value: &str) -> Result<Vec<ContainerId>, EngineError> {
+        self.injected(FakeOperation::List)?;
+        Ok(self
+            .lock()
+            .containers
+            .iter()
+            .filter(|(_, container)| {
+                container.spec.labels.get(key).map(String::as_str) == Some(value)
+            })
+            .map(|(id, _)| ContainerId::new(id.clone()))
+            .collect())
+    }
+}
+
+fn no_such_container(id: &ContainerId) -> EngineError {
+    EngineError::NoSuchContainer {
+        id: id.as_str().to_owned(),
+    }
+}
+
+fn sample_of(run: &FakeRun) -> ResourceSample {
+    ResourceSample {
+        memory_bytes: run.peak_memory_bytes,
+        memory_peak_bytes: Some(run.peak_memory_bytes),
+        cpu_total_ns: run.cpu_total_ns,
+        pids: Some(1),
+    }
+}
+
+async fn sleep_or_forever(duration: Duration) {
+    match Instant::now().checked_add(duration) {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => futures::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::FileToUpload;
+
+    fn labeled(image: &str, task: &str) -> ContainerSpec {
+        let mut spec = ContainerSpec::new(image);
+        spec.labels.insert("stevedore.task".into(), task.into());
+        spec
+    }
+
+    async fn collect_logs(engine: &FakeEngine, id: &ContainerId) -> Vec<LogChunk> {
+        let mut chunks = Vec::new();
+        let mut logs = engine.logs(id);
+        while let Some(chunk) = logs.next().await {
+            match chunk {
+                Ok(chunk) => chunks.push(chunk),
+                Err(error) => panic!("logs failed: {error}"),
+            }
+        }
+        chunks
+    }
+
+    #[tokio::test]
+    async fn concurrent_ensure_image_pulls_once() -> Result<(), EngineError> {
+        let engine = FakeEngine::new();
+        engine.add_registry_image("team/app:1", Duration::from_millis(50));
+        let mut waiters = Vec::new();
+        for _ in 0..10 {
+            let engine = engine.clone();
+            waiters.push(tokio::spawn(async move {
+                engine.ensure_image("team/app:1", None, None).await
+            }));
+        }
+        for waiter in waiters {
+            let presence = waiter
+                .await
+                .map_err(|e| EngineError::protocol(e.to_string()))??;
+            assert_eq!(presence, ImagePresence::Pulled);
+        }
+        assert_eq!(engine.pull_count("team/app:1"), 1);
+        assert_eq!(
+            engine.ensure_image("team/app:1", None, None).await?,
+            ImagePresence::AlreadyPresent
+        );
+        assert_eq!(engine.pull_count("team/app:1"), 1);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_missing_image_is_the_users_and_a_down_registry_is_not() {
+        let engine = FakeEngine::new();
+        let missing = engine.ensure_image("nope", None, None).await;
+        assert!(matches!(missing, Err(ref e) if !e.is_infrastructure()));
+
+        engine.add_registry_image("team/app:1", Duration::ZERO);
+        engine.fail_next(
+            FakeOperation::Pull,
+            EngineError::PullFailed {
+                image: "team/app:1".into(),
+                status: Some(500),
+                message: "registry down".into(),
+            },
+        );
+        let down = engine.ensure_image("team/app:1", None, None).await;
+        assert!(matches!(down, Err(ref e) if e.is_infrastructure()));
+        // The injected failure is spent: the next pull works.
+        assert!(engine.ensure_image("team/app:1", None, None).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn scripted_runs_report_exit_codes_oom_and_logs() -> Result<(), EngineError> {
+        let engine = FakeEngine::new();
+        engine.add_image("img");
+        engine.script_label("stevedore.task", "fails", FakeRun::exits(3).stderr("bad\n"));
+        engine.script_label("stevedore.task", "oom", FakeRun::oom_killed());
+        engine.set_default_run(FakeRun::success().stdout("hello\n"));
+
+        let ok = engine.create(&labeled("img", "ok")).await?;
+        engine.start(&ok).await?;
+        assert_eq!(
+            collect_logs(&engine, &ok).await,
+            vec![LogChunk {
+                stream: OutputStream::Stdout,
+                bytes: Bytes::from("hello\n")
+            }]
+        );
+        assert!(engine.wait(&ok).await?.success());
+
+        let fails = engine.create(&labeled("img", "fails")).await?;
+        engine.start(&fails).await?;
+        let status = engine.wait(&fails).await?;
+        assert_eq!((status.exit_code, status.oom_killed), (3, false));
+        assert_eq!(
+            collect_logs(&engine, &fails).await[0].stream,
+            OutputStream::Stderr
+        );
+
+        let oom = engine.create(&labeled("img", "oom")).await?;
+        engine.start(&oom).await?;
+        assert!(engine.wait(&oom).await?.oom_killed);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_task_that_runs_forever_ends_when_killed() -> Result<(), EngineError> {
+        let engine = FakeEngine::new();
+        engine.add_image("img");
+        engine.set_default_run(FakeRun::forever());
+        let id = engine.create(&labeled("img", "hang")).await?;
+        engine.start(&id).await?;
+        let waited = tokio::time::timeout(Duration::from_millis(100), engine.wait(&id)).await;
+        assert!(waited.is_err(), "a forever run must not end by itself");
+        assert!(engine.stats_snapshot(&id).await?.is_some());
+
+        engine.kill(&id).await?;
+        let status = engine.wait(&id).await?;
+        assert_eq!(status.exit_code, KILLED_EXIT_CODE);
+        assert!(!status.oom_killed);
+        assert_eq!(engine.stats_snapshot(&id).await?, None);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn run_time_follows_the_scripted_duration() -> Result<(), EngineError> {
+        let engine = FakeEngine::new();
+        engine.add_image("img");
+        engine.set_default_run(
+            FakeRun::success()
+                .running_for(Duration::from_millis(200))
+                .peak_memory(123),
+        );
+        let id = engine.create(&labeled("img", "slow")).await?;
+        engine.start(&id).await?;
+        let peak = {
+            let engine = engine.clone();
+            let id = id.clone();
+            tokio::spawn(async move { engine.resource_peak(&id).await })
+        };
+        let status = engine.wait(&id).await?;
+        let run_time = status.run_time().unwrap_or_default();
+        assert!(run_time >= Duration::from_millis(200), "ran {run_time:?}");
+        let usage = peak
+            .await
+            .map_err(|e| EngineError::protocol(e.to_string()))??;
+        assert_eq!(usage.peak_memory_bytes, Some(123));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn injected_failures_and_unreachability() -> Result<(), EngineError> {
+        let engine = FakeEngine::new();
+        engine.add_image("img");
+        engine.fail_next(
+            FakeOperation::Create,
+            EngineError::Server {
+                status: 500,
+                message: "boom".into(),
+            },
+        );
+        let failed = engine.create(&labeled("img", "a")).await;
+        assert!(matches!(failed, Err(ref e) if e.is_infrastructure()));
+        assert!(engine.create(&labeled("img", "a")).await.is_ok());
+
+        engine.set_unreachable(true);
+        assert!(matches!(
+            engine.capabilities().await,
+            Err(EngineError::Unreachable { .. })
+        ));
+        engine.set_unreachable(false);
+        assert!(engine.capabilities().await.is_ok());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn rebuilding_the_local_image_removes_the_one_it_replaced() -> Result<(), EngineError> {
+        let busybox = std::path::Path::new(crate::HOST_BUSYBOX);
+        if !busybox.exists() {
+            eprintln!("skipped: {} is not installed", crate::HOST_BUSYBOX);
+            return Ok(());
+        }
+        let engine = FakeEngine::new();
+        let first = crate::build_local_busybox_image(&engine, busybox, "local/bb:1").await?;
+        let second = crate::build_local_busybox_image(&engine, busybox, "local/bb:1").await?;
+        assert_ne!(first, second);
+        assert_eq!(engine.image_id("local/bb:1").await?, Some(second));
+        assert_eq!(engine.image_id(&first).await?, None);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn logs_of_a_container_that_has_not_started_end_empty() -> Result<(), EngineError> {
+        let engine = FakeEngine::new();
+        engine.add_image("img");
+        engine.set_default_run(FakeRun::success().stdout("late\n"));
+        let id = engine.create(&labeled("img", "early-logs")).await?;
+        assert!(collect_logs(&engine, &id).await.is_empty());
+        engine.start(&id).await?;
+        assert_eq!(collect_logs(&engine, &id).await.len(), 1);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn remove_and_list_labeled() -> Result<(), EngineError> {
+        let engine = FakeEngine::new();
+        engine.add_image("img");
+        let mut spec = labeled("img", "t1");
+        spec.files
+            .push(FileToUpload::readable("/mnt/.task_payload", "{}"));
+        let id = engine.create(&spec).await?;
+        assert_eq!(
+            engine.uploaded_file(&id, "/mnt/.task_payload"),
+            Some(b"{}".to_vec())
+        );
+        assert_eq!(
+            engine.list_labeled("stevedore.task", "t1").await?,
+            vec![id.clone()]
+        );
+        engine.remove(&id).await?;
+        assert!(
+            engine
+                .list_labeled("stevedore.task", "t1")
+                .await?
+                .is_empty()
+        );
+        assert!(matches!(
+            engine.remove(&id).await,
+            Err(EngineError::NoSuchContainer { .. })
+        ));
+        assert!(matches!(
+            engine.create(&ContainerSpec::new("missing")).await,
+            Err(EngineError::ImageNotFound { .. })
+        ));
+        Ok(())
+    }
+}

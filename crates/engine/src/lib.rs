@@ -1,0 +1,53 @@
+//! stevedore's container engine: the [`ContainerEngine`] trait and its Docker implementation,
+//! [`DockerEngine`]. This is the only crate that knows Docker (and bollard); everything above
+//! it talks to the trait, held as `Arc<dyn ContainerEngine>`.
+//!
+//! What this crate owns:
+//!
+//! * **Connecting** to the engine the way the `docker` CLI does (`DOCKER_HOST` or the local
+//!   socket) and negotiating the API version down to what the engine speaks.
+//! * **Capabilities**: which limits the engine can enforce ([`EngineCapabilities`]), and
+//!   [`check_required`], which refuses an engine that would silently ignore a limit.
+//! * **Images**: [`ContainerEngine::ensure_image`] pulls what is missing, one pull per image
+//!   however many tasks wait for it, with observable progress; [`build_local_busybox_image`]
+//!   imports `stevedore/busybox:local` from the host's static busybox for machines that reach
+//!   no registry.
+//! * **Containers**: create from a [`ContainerSpec`] with limits, dropped capabilities and
+//!   `no-new-privileges`, with files uploaded through the archive API (never bind mounts);
+//!   start, logs (stdout and stderr apart), wait (exit code, `OOMKilled`, times), kill, stats,
+//!   remove (timed), and listing by label for the start-up reaper.
+//! * **Errors**: one [`EngineError`], classified from the engine's structured answers (HTTP
+//!   status, transport failure, timeout), never from message text;
+//!   [`EngineError::is_infrastructure`] tells the runner whose failure it was.
+//!
+//! What it does not own: tasks, retries, timeouts (the runner counts a task's timeout and
+//! calls [`ContainerEngine::kill`]), and when to remove (the runner removes in the background).
+//!
+//! [`fake::FakeEngine`] (cargo feature `fake`) is an in-memory engine for other crates' fast
+//! tests; the integration tests in `tests/docker.rs` run against a real Docker engine.
+
+#![forbid(unsafe_code)]
+
+mod archive;
+mod docker;
+mod engine;
+mod error;
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
+mod local_image;
+mod pull;
+mod spec;
+
+pub use docker::DockerEngine;
+pub use engine::{
+    ContainerEngine, EngineCapabilities, ExitStatus, ImagePresence, LogChunk, LogChunkStream,
+    OutputStream, PullProgress, PullProgressSender, RegistryAuth, Requirements, ResourceSample,
+    ResourceSampleStream, ResourceUsage, Timestamp, check_required,
+};
+pub use error::EngineError;
+pub use local_image::{
+    HOST_BUSYBOX, LOCAL_BUSYBOX_IMAGE, build_local_busybox_image, busybox_rootfs_tar,
+};
+pub use spec::{
+    ContainerId, ContainerSpec, DEFAULT_CAPABILITIES, DirectoryToCreate, FileToUpload, TASK_DIR,
+};

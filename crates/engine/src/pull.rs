@@ -1,0 +1,268 @@
+//! One pull per image, however many tasks want it at once.
+//!
+//! The first caller for an image starts the pull as its own tokio task (so it finishes even if
+//! that caller is cancelled); later callers join it and get the same result. Progress events
+//! go out on a broadcast channel that every joined caller forwards to its own sink.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use tokio::sync::broadcast;
+
+use crate::engine::{PullProgress, PullProgressSender};
+use crate::error::EngineError;
+
+/// Progress events kept for a slow joined caller before it starts missing some.
+const PROGRESS_BUFFER: usize = 256;
+
+/// Coalesces concurrent pulls of the same image into one.
+#[derive(Default)]
+pub(crate) struct PullCoalescer {
+    inflight: Arc<Mutex<HashMap<String, InFlight>>>,
+}
+
+/// A pull under way.
+#[derive(Clone)]
+struct InFlight {
+    progress: broadcast::Sender<PullProgress>,
+    done: Shared<BoxFuture<'static, Result<(), EngineError>>>,
+}
+
+/// Adds `:latest` to a reference without tag or digest: the engine would otherwise pull every
+/// tag of the repository.
+pub(crate) fn normalize_reference(image: &str) -> String {
+    let last_component = image.rsplit('/').next().unwrap_or(image);
+    if image.contains('@') || last_component.contains(':') {
+        image.to_owned()
+    } else {
+        format!("{image}:latest")
+    }
+}
+
+// === impl PullCoalescer ===
+
+impl PullCoalescer {
+    /// Runs `start` unless a pull of `image` is already under way, then waits for whichever
+    /// pull it is, forwarding progress to `sink`.
+    ///
+    /// `start` gets the broadcast sender for its layer and message events.
+    pub(crate) async fn pull<F, Fut>(
+        &self,
+        image: &str,
+        sink: Option<PullProgressSender>,
+        start: F,
+    ) -> Result<(), EngineError>
+    where
+        F: FnOnce(broadcast::Sender<PullProgress>) -> Fut,
+        Fut: Future<Output = Result<(), EngineError>> + Send + 'static,
+    {
+        let (mut events, done) = self.join_or_start(image, start);
+        send(
+            &sink,
+            PullProgress::Started {
+                image: image.to_owned(),
+            },
+        );
+
+        let result = match &sink {
+            None => done.await,
+            Some(sink) => {
+                let mut done = std::pin::pin!(done);
+                loop {
+                    tokio::select! {
+                        result = &mut done => {
+                            while let Ok(event) = events.try_recv() {
+                                let _ = sink.send(event);
+                            }
+                            break result;
+                        }
+                        event = events.recv() => match event {
+                            Ok(event) => { let _ = sink.send(event); }
+                            // A slow reader misses some progress; the result still arrives.
+                            Err(broadcast::error::RecvError::Lagged(_)) => {}
+                            Err(broadcast::error::RecvError::Closed) => break (&mut done).await,
+                        },
+                    }
+                }
+            }
+        };
+        send(
+            &sink,
+            PullProgress::Finished {
+                image: image.to_owned(),
+                ok: result.is_ok(),
+            },
+        );
+        result
+    }
+
+    fn join_or_start<F, Fut>(
+        &self,
+        image: &str,
+        start: F,
+    ) -> (
+        broadcast::Receiver<PullProgress>,
+        Shared<BoxFuture<'static, Result<(), EngineError>>>,
+    )
+    where
+        F: FnOnce(broadcast::Sender<PullProgress>) -> Fut,
+        Fut: Future<Output = Result<(), EngineError>> + Send + 'static,
+    {
+        let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(pull) = inflight.get(image) {
+            tracing::debug!(image, "joining a pull under way");
+            return (pull.progress.subscribe(), pull.done.clone());
+        }
+
+        let (progress, receiver) = broadcast::channel(PROGRESS_BUFFER);
+        let pull = start(progress.clone());
+        let registry = Arc::clone(&self.inflight);
+        let key = image.to_owned();
+        let task = tokio::spawn(async move {
+            let result = pull.await;
+            registry
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&key);
+            result
+        });
+        let done = async move {
+            task.await.unwrap_or_else(|join_error| {
+                Err(EngineError::protocol(format!(
+                    "the image pull task ended abnormally: {join_error}"
+                )))
+            })
+        }
+        .boxed()
+        .shared();
+        inflight.insert(
+            image.to_owned(),
+            InFlight {
+                progress,
+                done: done.clone(),
+            },
+        );
+        (receiver, done)
+    }
+}
+
+fn send(sink: &Option<PullProgressSender>, event: PullProgress) {
+    if let Some(sink) = sink {
+        // A caller that dropped its receiver no longer wants progress; that is fine.
+        let _ = sink.send(event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    #[test]
+    fn references_without_tag_get_latest() {
+        assert_eq!(normalize_reference("busybox"), "busybox:latest");
+        assert_eq!(normalize_reference("busybox:1.36"), "busybox:1.36");
+        assert_eq!(
+            normalize_reference("localhost:5000/team/app"),
+            "localhost:5000/team/app:latest"
+        );
+        assert_eq!(
+            normalize_reference("localhost:5000/team/app:2"),
+            "localhost:5000/team/app:2"
+        );
+        assert_eq!(normalize_reference("app@sha256:abcd"), "app@sha256:abcd");
+    }
+
+    #[tokio::test]
+    async fn concurrent_pulls_of_one_image_run_once_and_share_progress() {
+        let coalescer = Arc::new(PullCoalescer::default());
+        let started = Arc::new(AtomicUsize::new(0));
+        let mut waiters = Vec::new();
+        let mut receivers = Vec::new();
+        for _ in 0..8 {
+            let (sink, receiver) = tokio::sync::mpsc::unbounded_channel();
+            receivers.push(receiver);
+            let coalescer = Arc::clone(&coalescer);
+            let started = Arc::clone(&started);
+            waiters.push(tokio::spawn(async move {
+                coalescer
+                    .pull("img:1", Some(sink), move |progress| {
+                        started.fetch_add(1, Ordering::SeqCst);
+                        async move {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            let _ = progress.send(PullProgress::Message {
+                                status: "halfway".into(),
+                            });
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            Ok(())
+                        }
+                    })
+                    .await
+            }));
+        }
+        for waiter in waiters {
+            assert_eq!(waiter.await.ok(), Some(Ok(())));
+        }
+        assert_eq!(started.load(Ordering::SeqCst), 1);
+        for mut receiver in receivers {
+            let mut events = Vec::new();
+            while let Ok(event) = receiver.try_recv() {
+                events.push(event);
+            }
+            assert_eq!(
+                events.first(),
+                Some(&PullProgress::Started {
+                    image: "img:1".into()
+                })
+            );
+            assert!(events.contains(&PullProgress::Message {
+                status: "halfway".into()
+            }));
+            assert_eq!(
+                events.last(),
+                Some(&PullProgress::Finished {
+                    image: "img:1".into(),
+                    ok: true
+                })
+            );
+        }
+        // The finished pull is forgotten, so a later pull really pulls again.
+        assert!(
+            coalescer
+                .inflight
+                .lock()
+                .map(|m| m.is_empty())
+                .unwrap_or(false)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_pull_fails_every_joined_caller() {
+        let coalescer = Arc::new(PullCoalescer::default());
+        let failure = EngineError::PullFailed {
+            image: "img:1".into(),
+            status: Some(500),
+            message: "registry down".into(),
+        };
+        let mut waiters = Vec::new();
+        for _ in 0..3 {
+            let coalescer = Arc::clone(&coalescer);
+            let failure = failure.clone();
+            waiters.push(tokio::spawn(async move {
+                coalescer
+                    .pull("img:1", None, move |_| async move {
+                        tokio::time::sleep(Duration::from_millis(30)).await;
+                        Err(failure)
+                    })
+                    .await
+            }));
+        }
+        for waiter in waiters {
+            assert_eq!(waiter.await.ok(), Some(Err(failure.clone())));
+        }
+    }
+}

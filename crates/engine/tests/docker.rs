@@ -1,0 +1,650 @@
+//! Integration tests against the real Docker engine: no mocks.
+//!
+//! They skip, saying why, when the engine is not reachable and `CI` is not set; with `CI` set
+//! a missing engine fails them. `scripts/ensure-docker.sh` starts one. Every container carries
+//! `stevedore.task=<test>-<pid>` and `stevedore.test=1` and is removed by the test (and, should
+//! it panic, by its [`Cleanup`] guard), so `docker ps -a --filter label=stevedore.task` is empty
+//! after a run. The tests build `stevedore/busybox:local` once per run from `/bin/busybox`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use stevedore_engine::{
+    ContainerEngine, ContainerId, ContainerSpec, DockerEngine, EngineError, ExitStatus,
+    FileToUpload, HOST_BUSYBOX, ImagePresence, LOCAL_BUSYBOX_IMAGE, OutputStream, Requirements,
+    build_local_busybox_image, check_required,
+};
+use tokio::sync::OnceCell;
+
+type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// A container's collected output.
+#[derive(Debug, Default)]
+struct Output {
+    stdout: String,
+    stderr: String,
+}
+
+/// Removes every container of one test when dropped, even when the test panicked.
+struct Cleanup {
+    task: String,
+}
+
+static LOCAL_IMAGE: OnceCell<()> = OnceCell::const_new();
+
+fn ci_requires_docker() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
+/// The engine, or `None` (the test then skips) when it is unreachable outside CI.
+async fn engine() -> Option<DockerEngine> {
+    match DockerEngine::connect().await {
+        Ok(engine) => Some(engine),
+        Err(error) if ci_requires_docker() => {
+            panic!("CI is set and the Docker engine is not reachable: {error}")
+        }
+        Err(error) => {
+            // Straight to stderr: the test harness swallows `eprintln!` of passing tests, and
+            // a skip must be seen.
+            let _ = writeln!(
+                std::io::stderr(),
+                "skipped: the Docker engine is not reachable ({error}); run \
+                 scripts/ensure-docker.sh, or set CI=true to make this a failure"
+            );
+            None
+        }
+    }
+}
+
+macro_rules! engine_or_skip {
+    () => {
+        match engine().await {
+            Some(engine) => engine,
+            None => return Ok(()),
+        }
+    };
+}
+
+/// Builds `stevedore/busybox:local` once per test run.
+async fn local_image(engine: &DockerEngine) -> Result<(), EngineError> {
+    LOCAL_IMAGE
+        .get_or_try_init(|| async {
+            build_local_busybox_image(engine, Path::new(HOST_BUSYBOX), LOCAL_BUSYBOX_IMAGE)
+                .await
+                .map(|_| ())
+        })
+        .await
+        .map(|_| ())
+}
+
+fn task_label(test: &str) -> String {
+    format!("{test}-{}", std::process::id())
+}
+
+/// A busybox container running `script` with `sh -c`, labelled for `task`.
+fn shell(task: &str, script: &str) -> ContainerSpec {
+    let mut spec = ContainerSpec::new(LOCAL_BUSYBOX_IMAGE);
+    spec.cmd = Some(vec!["sh".into(), "-c".into(), script.into()]);
+    spec.labels = BTreeMap::from([
+        ("stevedore.task".to_owned(), task.to_owned()),
+        ("stevedore.test".to_owned(), "1".to_owned()),
+    ]);
+    spec.memory_bytes = Some(64 << 20);
+    spec.pids_limit = Some(64);
+    spec.network_mode = Some("none".to_owned());
+    spec
+}
+
+async fn collect(engine: &DockerEngine, id: &ContainerId) -> Result<Output, EngineError> {
+    let mut output = Output::default();
+    let mut logs = engine.logs(id);
+    while let Some(chunk) = logs.next().await {
+        let chunk = chunk?;
+        let text = String::from_utf8_lossy(&chunk.bytes);
+        match chunk.stream {
+            OutputStream::Stdout => output.stdout.push_str(&text),
+            OutputStream::Stderr => output.stderr.push_str(&text),
+        }
+    }
+    Ok(output)
+}
+
+/// Creates, starts, collects output, waits and removes.
+async fn run(
+    engine: &DockerEngine,
+    spec: &ContainerSpec,
+) -> Result<(ExitStatus, Output), EngineError> {
+    let id = engine.create(spec).await?;
+    let result = async {
+        engine.start(&id).await?;
+        let output = collect(engine, &id).await?;
+        let status = engine.wait(&id).await?;
+        Ok((status, output))
+    }
+    .await;
+    engine.remove(&id).await?;
+    result
+}
+
+// === impl Cleanup ===
+
+impl Cleanup {
+    fn new(task: &str) -> Self {
+        Cleanup {
+            task: task.to_owned(),
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let task = self.task.clone();
+        // Drop cannot await; a thread with its own runtime can, whatever runtime (if any) is
+        // dropping us.
+        let _ = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async {
+                let Ok(engine) = DockerEngine::connect().await else {
+                    return;
+                };
+                if let Ok(ids) = engine.list_labeled("stevedore.task", &task).await {
+                    for id in ids {
+                        let _ = engine.remove(&id).await;
+                    }
+                }
+            });
+        })
+        .join();
+    }
+}
+
+#[tokio::test]
+async fn capabilities_report_enforceable_limits_and_a_negotiated_version() -> TestResult {
+    let engine = engine_or_skip!();
+    let capabilities = engine.capabilities().await?;
+    eprintln!("{capabilities:?}");
+    assert!(
+        capabilities.memory_limit,
+        "memory limits must be enforceable here"
+    );
+    assert!(capabilities.pids_limit);
+    assert!(capabilities.cpu_cfs_quota);
+    assert!(capabilities.ncpu >= 1);
+    assert!(capabilities.mem_total > 0);
+    assert!(!capabilities.server_version.is_empty());
+    assert!(!capabilities.api_version.is_empty());
+    // Never newer than what the engine speaks (Debian's 20.10 speaks 1.41).
+    let version = |v: &str| -> Vec<u32> { v.split('.').filter_map(|p| p.parse().ok()).collect() };
+    assert!(version(&capabilities.negotiated_api_version) <= version(&capabilities.api_version));
+    check_required(&capabilities, &Requirements::default())?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_local_busybox_image_runs_applets_and_nobody_can_write_the_task_dir() -> TestResult {
+    let engine = engine_or_skip!();
+    local_image(&engine).await?;
+    assert!(engine.image_present(LOCAL_BUSYBOX_IMAGE).await?);
+
+    let task = task_label("busybox-image");
+    let _cleanup = Cleanup::new(&task);
+    let (status, output) = run(
+        &engine,
+        &shell(
+            &task,
+            "id -un; grep -c nobody /etc/passwd; pwd; echo hi | sha256sum | head -c 8; echo; \
+             seq 3 | wc -l; printf '%s\\n' ok; test -d /tmp && echo tmp",
+        ),
+    )
+    .await?;
+    assert_eq!(status.exit_code, 0, "{output:?}");
+    assert_eq!(
+        output.stdout, "root\n1\n/mnt/task\n98ea6e4f\n3\nok\ntmp\n",
+        "{output:?}"
+    );
+
+    let mut as_nobody = shell(
+        &task,
+        "id -u; echo written > /mnt/task/f && cat /mnt/task/f",
+    );
+    as_nobody.user = Some("65534:65534".to_owned());
+    let (status, output) = run(&engine, &as_nobody).await?;
+    assert_eq!(status.exit_code, 0, "{output:?}");
+    assert_eq!(output.stdout, "65534\nwritten\n");
+
+    let mut entrypoint = shell(&task, "");
+    entrypoint.entrypoint = Some(vec!["echo".to_owned()]);
+    entrypoint.cmd = Some(vec!["from".to_owned(), "entrypoint".to_owned()]);
+    let (_, output) = run(&engine, &entrypoint).await?;
+    assert_eq!(output.stdout, "from entrypoint\n");
+
+    assert!(
+        engine
+            .list_labeled("stevedore.task", &task)
+            .await?
+            .is_empty()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn uploaded_files_and_env_are_there_when_the_task_starts() -> TestResult {
+    let engine = engine_or_skip!();
+    local_image(&engine).await?;
+    let task = task_label("uploads");
+    let _cleanup = Cleanup::new(&task);
+
+    let big: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    let mut spec = shell(
+        &task,
+        "echo \"$TASK_ID|$PAYLOAD_FILE|$WITH_SPACES\"; cat \"$PAYLOAD_FILE\"; echo; \
+         cat /mnt/.task_config; echo; /mnt/task/hello.sh; wc -c < /mnt/task/big.bin; \
+         ls -ld /mnt/task | cut -c1-10; touch /mnt/task/new && echo writable",
+    );
+    spec.env = vec![
+        ("TASK_ID".into(), "t-123".into()),
+        ("PAYLOAD_FILE".into(), "/mnt/.task_payload".into()),
+        ("WITH_SPACES".into(), "a b  c".into()),
+    ];
+    spec.files = vec![
+        FileToUpload::readable("/mnt/.task_payload", r#"{"n":1}"#),
+        FileToUpload::readable("/mnt/.task_config", "config-text"),
+        FileToUpload {
+            path: "/mnt/task/hello.sh".into(),
+            contents: b"#!/bin/sh\necho hello from script\n".to_vec(),
+            mode: 0o755,
+        },
+        FileToUpload::readable("/mnt/task/big.bin", big),
+    ];
+    spec.user = Some("65534".to_owned());
+    let (status, output) = run(&engine, &spec).await?;
+    assert_eq!(status.exit_code, 0, "{output:?}");
+    assert_eq!(
+        output.stdout,
+        "t-123|/mnt/.task_payload|a b  c\n{\"n\":1}\nconfig-text\nhello from script\n1000000\n\
+         drwxrwxrwx\nwritable\n"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn exit_codes_and_times_come_from_the_container_state() -> TestResult {
+    let engine = engine_or_skip!();
+    local_image(&engine).await?;
+    let task = task_label("exit-codes");
+    let _cleanup = Cleanup::new(&task);
+
+    for code in [0, 1, 3, 42] {
+        let (status, _) = run(&engine, &shell(&task, &format!("exit {code}"))).await?;
+        assert_eq!(status.exit_code, code);
+        assert!(!status.oom_killed);
+        assert_eq!(status.success(), code == 0);
+        assert!(
+            status.started_at.is_some() && status.finished_at.is_some(),
+            "{status:?}"
+        );
+        assert!(
+            status.run_time() < Some(Duration::from_secs(10)),
+            "{status:?}"
+        );
+    }
+
+    // A command that does not exist: the engine fails the start (400/404 class), the user's.
+    let mut missing = shell(&task, "");
+    missing.cmd = Some(vec!["/no/such/binary".to_owned()]);
+    let id = engine.create(&missing).await?;
+    let started = engine.start(&id).await;
+    engine.remove(&id).await?;
+    match started {
+        Err(error) => assert!(!error.is_infrastructure(), "{error:?}"),
+        Ok(()) => panic!("starting a missing binary succeeded"),
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_memory_limit_kills_and_state_says_oom_killed() -> TestResult {
+    let engine = engine_or_skip!();
+    local_image(&engine).await?;
+    let task = task_label("oom");
+    let _cleanup = Cleanup::new(&task);
+
+    // The shell itself (PID 1) holds 64 MiB in a variable against an 8 MiB limit.
+    let mut spec = shell(
+        &task,
+        "x=$(head -c 67108864 /dev/zero | tr '\\0' a); echo survived ${#x}",
+    );
+    spec.memory_bytes = Some(8 << 20);
+    let (status, output) = run(&engine, &spec).await?;
+    eprintln!("oom: {status:?} {output:?}");
+    assert!(
+        status.oom_killed,
+        "expected OOMKilled: {status:?} {output:?}"
+    );
+    assert_ne!(status.exit_code, 0);
+    assert!(!output.stdout.contains("survived"));
+
+    // The same work under a large enough limit is fine: the limit, not the script, killed it.
+    spec.memory_bytes = Some(512 << 20);
+    let (status, output) = run(&engine, &spec).await?;
+    assert_eq!(status.exit_code, 0, "{output:?}");
+    assert!(!status.oom_killed);
+    assert_eq!(output.stdout, "survived 67108864\n");
+    Ok(())
+}
+
+#[tokio::test]
+async fn kill_stops_a_running_task_at_once() -> TestResult {
+    let engine = engine_or_skip!();
+    local_image(&engine).await?;
+    let task = task_label("kill");
+    let _cleanup = Cleanup::new(&task);
+
+    let id = engine
+        .create(&shell(&task, "echo started; sleep 300"))
+        .await?;
+    engine.start(&id).await?;
+    let mut logs = engine.logs(&id);
+    let first = tokio::time::timeout(Duration::from_secs(10), logs.next()).await?;
+    assert!(matches!(first, Some(Ok(ref chunk)) if &chunk.bytes[..] == b"started\n"));
+
+    let killed_at = Instant::now();
+    engine.kill(&id).await?;
+    let status = tokio::time::timeout(Duration::from_secs(10), engine.wait(&id)).await??;
+    assert!(killed_at.elapsed() < Duration::from_secs(5));
+    assert_eq!(status.exit_code, 137);
+    assert!(!status.oom_killed);
+    // The log stream ends with the container.
+    let rest = tokio::time::timeout(Duration::from_secs(10), logs.next()).await?;
+    assert!(rest.is_none());
+    // Killing a stopped container is not an error.
+    engine.kill(&id).await?;
+    engine.remove(&id).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn logs_stream_live_with_stdout_and_stderr_apart() -> TestResult {
+    let engine = engine_or_skip!();
+    local_image(&engine).await?;
+    let task = task_label("logs");
+    let _cleanup = Cleanup::new(&task);
+
+    let id = engine
+        .create(&shell(
+            &task,
+            "echo out1; echo err1 >&2; sleep 2; echo out2; echo err2 >&2",
+        ))
+        .await?;
+    engine.start(&id).await?;
+    let started = Instant::now();
+    let mut logs = engine.logs(&id);
+    let mut chunks = Vec::new();
+    while let Some(chunk) = logs.next().await {
+        chunks.push((started.elapsed(), chunk?));
+    }
+    let status = engine.wait(&id).await?;
+    engine.remove(&id).await?;
+    assert_eq!(status.exit_code, 0);
+
+    let text = |stream: OutputStream| -> String {
+        chunks
+            .iter()
+            .filter(|(_, c)| c.stream == stream)
+            .map(|(_, c)| String::from_utf8_lossy(&c.bytes).into_owned())
+            .collect()
+    };
+    assert_eq!(text(OutputStream::Stdout), "out1\nout2\n");
+    assert_eq!(text(OutputStream::Stderr), "err1\nerr2\n");
+    // The first lines arrived while the task still ran, not at its end.
+    let first_at = chunks.first().map(|(at, _)| *at).unwrap_or_default();
+    let last_at = chunks.last().map(|(at, _)| *at).unwrap_or_default();
+    assert!(
+        last_at - first_at >= Duration::from_millis(1500),
+        "not streamed: {chunks:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_pids_limit_holds_a_fork_bomb() -> TestResult {
+    let engine = engine_or_skip!();
+    local_image(&engine).await?;
+    assert!(engine.capabilities().await?.pids_limit);
+    let task = task_label("fork-bomb");
+    let _cleanup = Cleanup::new(&task);
+
+    let mut spec = shell(&task, "bomb() { bomb | bomb & }; bomb; sleep 30");
+    spec.pids_limit = Some(32);
+    let id = engine.create(&spec).await?;
+    engine.start(&id).await?;
+    let mut peak = 0;
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Some(sample) = engine.stats_snapshot(&id).await? {
+            peak = peak.max(sample.pids.unwrap_or(0));
+        }
+    }
+    eprintln!("fork bomb peak pids: {peak}");
+    assert!(peak > 1, "the bomb did not run");
+    assert!(peak <= 32, "the pids limit did not hold: {peak}");
+    // The engine still answers while the bomb runs.
+    engine.capabilities().await?;
+    let took = engine.remove(&id).await?;
+    eprintln!("removing the fork bomb took {took:?}");
+    assert!(
+        engine
+            .list_labeled("stevedore.task", &task)
+            .await?
+            .is_empty()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn resource_peaks_are_recorded_while_the_task_runs() -> TestResult {
+    let engine = engine_or_skip!();
+    local_image(&engine).await?;
+    let task = task_label("stats");
+    let _cleanup = Cleanup::new(&task);
+
+    let mut spec = shell(
+        &task,
+        "x=$(head -c 33554432 /dev/zero | tr '\\0' a); sleep 3; echo ${#x}",
+    );
+    spec.memory_bytes = Some(256 << 20);
+    let id = engine.create(&spec).await?;
+    engine.start(&id).await?;
+    let peak = {
+        let engine = engine.clone();
+        let id = id.clone();
+        tokio::spawn(async move { engine.resource_peak(&id).await })
+    };
+    let status = engine.wait(&id).await?;
+    let usage = tokio::time::timeout(Duration::from_secs(10), peak).await???;
+    engine.remove(&id).await?;
+    eprintln!("usage: {usage:?}");
+    assert_eq!(status.exit_code, 0);
+    assert!(usage.samples >= 1);
+    assert!(
+        usage.peak_memory_bytes.unwrap_or(0) >= 32 << 20,
+        "{usage:?}"
+    );
+    assert!(usage.cpu_total_ns.unwrap_or(0) > 0);
+    // A stopped container has no snapshot.
+    Ok(())
+}
+
+#[tokio::test]
+async fn remove_leaves_nothing_and_is_timed() -> TestResult {
+    let engine = engine_or_skip!();
+    local_image(&engine).await?;
+    let task = task_label("remove");
+    let _cleanup = Cleanup::new(&task);
+
+    let created = engine.create(&shell(&task, "true")).await?;
+    let exited = engine.create(&shell(&task, "true")).await?;
+    engine.start(&exited).await?;
+    engine.wait(&exited).await?;
+    let running = engine.create(&shell(&task, "sleep 300")).await?;
+    engine.start(&running).await?;
+
+    let mut listed = engine.list_labeled("stevedore.task", &task).await?;
+    listed.sort();
+    let mut expected = vec![created.clone(), exited.clone(), running.clone()];
+    expected.sort();
+    assert_eq!(listed, expected);
+
+    for (what, id) in [
+        ("created", &created),
+        ("exited", &exited),
+        ("running", &running),
+    ] {
+        let took = engine.remove(id).await?;
+        eprintln!("removing the {what} container took {took:?}");
+        assert!(took < Duration::from_secs(30));
+    }
+    assert!(
+        engine
+            .list_labeled("stevedore.task", &task)
+            .await?
+            .is_empty()
+    );
+    assert!(matches!(
+        engine.remove(&created).await,
+        Err(EngineError::NoSuchContainer { .. })
+    ));
+    assert!(matches!(
+        engine.wait(&created).await,
+        Err(EngineError::NoSuchContainer { .. })
+    ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn image_failures_are_classified_from_the_engines_answers() -> TestResult {
+    let engine = engine_or_skip!();
+    local_image(&engine).await?;
+    let task = task_label("image-errors");
+    let _cleanup = Cleanup::new(&task);
+
+    // Present: concurrent callers all see it present, nothing is pulled.
+    let checks = (0..5).map(|_| engine.ensure_image(LOCAL_BUSYBOX_IMAGE, None, None));
+    for presence in futures::future::join_all(checks).await {
+        assert_eq!(presence?, ImagePresence::AlreadyPresent);
+    }
+
+    // A registry that cannot be reached: the engine answers 5xx, the infrastructure's.
+    let (sink, mut progress) = tokio::sync::mpsc::unbounded_channel();
+    let unreachable = engine
+        .ensure_image("registry.invalid/stevedore/none:1", None, Some(sink))
+        .await;
+    match unreachable {
+        Err(error @ EngineError::PullFailed { .. }) => assert!(error.is_infrastructure()),
+        other => panic!("expected PullFailed, got {other:?}"),
+    }
+    let mut events = Vec::new();
+    while let Ok(event) = progress.try_recv() {
+        events.push(event);
+    }
+    assert!(matches!(
+        events.last(),
+        Some(stevedore_engine::PullProgress::Finished { ok: false, .. })
+    ));
+
+    // A malformed reference: 400, the user's.
+    let malformed = engine.ensure_image("Not//Valid", None, None).await;
+    assert!(
+        matches!(malformed, Err(ref e) if !e.is_infrastructure()),
+        "{malformed:?}"
+    );
+
+    // Creating from an image that is not there: 404 on create, the user's missing image.
+    let missing = engine
+        .create(&ContainerSpec {
+            image: "stevedore/not-built:never".into(),
+            ..shell(&task, "true")
+        })
+        .await;
+    assert!(
+        matches!(missing, Err(EngineError::ImageNotFound { .. })),
+        "{missing:?}"
+    );
+
+    // A 404 for a missing network is not mistaken for a missing image.
+    let mut bad_network = shell(&task, "true");
+    bad_network.network_mode = Some("stevedore-no-such-network".into());
+    let result = engine.create(&bad_network).await;
+    match result {
+        Err(error) => {
+            assert!(
+                !matches!(error, EngineError::ImageNotFound { .. }),
+                "{error:?}"
+            );
+            assert!(!error.is_infrastructure(), "{error:?}");
+        }
+        Ok(id) => {
+            // Engine 20.10 checks the network only on start, and answers 404 there too.
+            let started = engine.start(&id).await;
+            engine.remove(&id).await?;
+            assert!(
+                matches!(started, Err(EngineError::Rejected { status: 404, .. })),
+                "{started:?}"
+            );
+        }
+    }
+    assert!(
+        engine
+            .list_labeled("stevedore.task", &task)
+            .await?
+            .is_empty()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn containers_run_without_new_privileges_and_with_few_capabilities() -> TestResult {
+    let engine = engine_or_skip!();
+    local_image(&engine).await?;
+    let task = task_label("security");
+    let _cleanup = Cleanup::new(&task);
+
+    let (status, output) = run(
+        &engine,
+        &shell(&task, "grep -E '^(CapEff|NoNewPrivs)' /proc/self/status"),
+    )
+    .await?;
+    assert_eq!(status.exit_code, 0, "{output:?}");
+    // CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID NET_BIND_SERVICE SETFCAP.
+    assert!(
+        output.stdout.contains("CapEff:\t00000000800004fb"),
+        "{output:?}"
+    );
+    assert!(output.stdout.contains("NoNewPrivs:\t1"), "{output:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn waits_and_log_follows_outlast_the_clients_request_timeout() -> TestResult {
+    // bollard's timeout bounds the wait for an answer's headers; the engine sends those at
+    // once for wait, logs and stats, so a task may run far longer than the timeout.
+    let engine = engine_or_skip!();
+    local_image(&engine).await?;
+    let task = task_label("long-wait");
+    let _cleanup = Cleanup::new(&task);
+
+    let client = bollard::Docker::connect_with_defaults()?.with_timeout(Duration::from_secs(1));
+    let short = DockerEngine::with_client(client).await?;
+    let (status, output) = run(&short, &shell(&task, "sleep 3; echo done")).await?;
+    assert_eq!(status.exit_code, 0);
+    assert_eq!(output.stdout, "done\n");
+    Ok(())
+}

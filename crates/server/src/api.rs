@@ -1,0 +1,78 @@
+//! The IronWorker v2 API: `/2/projects/{project_id}/...`.
+
+pub mod codes;
+pub mod schedules;
+pub mod stacks;
+pub mod tasks;
+
+use serde::Deserialize;
+use stevedore_model::limits::{DEFAULT_PER_PAGE, MAX_PER_PAGE};
+use stevedore_store::Page;
+
+use std::collections::HashMap;
+
+use crate::AppState;
+use crate::error::{ApiError, ApiResult};
+
+/// `?page=N&per_page=M`: IronWorker's pages count from 0.
+#[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+pub struct Paging {
+    /// The page, counting from 0.
+    pub page: Option<i64>,
+    /// Items per page, 1 to 100 (default 30).
+    pub per_page: Option<i64>,
+}
+
+impl Paging {
+    pub fn page(&self) -> Result<Page, ApiError> {
+        let page = self.page.unwrap_or(0);
+        if page < 0 {
+            return Err(ApiError::BadRequest(format!(
+                "page must be 0 or more, got {page}"
+            )));
+        }
+        let per_page = self.per_page.unwrap_or(i64::from(DEFAULT_PER_PAGE));
+        if !(1..=i64::from(MAX_PER_PAGE)).contains(&per_page) {
+            return Err(ApiError::BadRequest(format!(
+                "per_page must be between 1 and {MAX_PER_PAGE}, got {per_page}"
+            )));
+        }
+        Ok(Page {
+            page: u32::try_from(page + 1)
+                .map_err(|_| ApiError::BadRequest("page is too large".into()))?,
+            per_page: u32::try_from(per_page).unwrap_or(MAX_PER_PAGE),
+        })
+    }
+}
+
+/// `{"msg": text}`, the acknowledgement IronWorker sends for most actions.
+pub fn message(text: impl Into<String>) -> axum::Json<stevedore_api_types::v2::Message> {
+    axum::Json(stevedore_api_types::v2::Message { msg: text.into() })
+}
+
+/// The default priority of the code named `name`, looked up once per request.
+pub async fn code_default_priority(
+    state: &AppState,
+    project_id: &str,
+    name: &str,
+    cache: &mut HashMap<String, u8>,
+) -> ApiResult<u8> {
+    if let Some(priority) = cache.get(name) {
+        return Ok(*priority);
+    }
+    let code = state.store.get_code_by_name(project_id, name).await?;
+    cache.insert(name.to_owned(), code.spec.default_priority);
+    Ok(code.spec.default_priority)
+}
+
+/// The same error, its message placed under `prefix` (e.g. `tasks[3]`).
+pub fn prefix_error(error: ApiError, prefix: &str) -> ApiError {
+    match error {
+        ApiError::BadRequest(message) => ApiError::BadRequest(format!("{prefix}.{message}")),
+        ApiError::PayloadTooLarge(message) => {
+            ApiError::PayloadTooLarge(format!("{prefix}.{message}"))
+        }
+        ApiError::NotFound(message) => ApiError::NotFound(format!("{prefix}: {message}")),
+        other => other,
+    }
+}

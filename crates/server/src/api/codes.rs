@@ -1,0 +1,316 @@
+//! Codes: upload (multipart `data` + `file`, or plain JSON for image codes), list, show,
+//! revisions, download, delete, pause/resume of the task queue, cancel_all, stats.
+
+use axum::Json;
+use axum::extract::{FromRequest, Multipart, Path, Request, State};
+use axum::http::header::{CONTENT_DISPOSITION, CONTENT_TYPE};
+use axum::response::IntoResponse;
+use serde::Deserialize;
+use stevedore_api_types::v2;
+use stevedore_model::TaskStatus;
+use stevedore_store::Package;
+
+use super::{Paging, message};
+use crate::AppState;
+use crate::auth::ProjectAccess;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiQuery, parse_json, read_body};
+use crate::package::{check_package, decode_upload};
+use crate::wire;
+
+/// Upload a code: a new code, or a new revision of the code with the same name.
+#[utoipa::path(post, path = "/2/projects/{project_id}/codes", tag = "codes",
+    params(("project_id" = String, Path)),
+    request_body(content = v2::CodeUpload, description = "multipart/form-data with a `data` part holding this JSON and an optional `file` part holding a zip; or this JSON alone for image codes"),
+    responses((status = 200, body = v2::CodeUploaded), (status = 400, body = v2::Message), (status = 413, body = v2::Message)))]
+pub async fn upload(
+    State(state): State<AppState>,
+    access: ProjectAccess,
+    request: Request,
+) -> ApiResult<Json<v2::CodeUploaded>> {
+    let is_multipart = request
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| {
+            value
+                .to_ascii_lowercase()
+                .starts_with("multipart/form-data")
+        });
+    let (upload, file) = if is_multipart {
+        read_multipart(request, &state).await?
+    } else {
+        let body = read_body(request.into_body(), 1 << 20).await?;
+        (parse_json::<v2::CodeUpload>(&body)?, None)
+    };
+    let package = file
+        .map(|bytes| check_package(decode_upload(bytes), state.config.package))
+        .transpose()?;
+    let spec = wire::code_spec(upload, package.is_some(), &state.config)?;
+    if let (stevedore_model::CodeKind::Runtime { file_name, .. }, Some(package)) =
+        (&spec.kind, &package)
+        && !package.files.iter().any(|file| file == file_name)
+    {
+        return Err(ApiError::BadRequest(format!(
+            "file_name: the zip package holds no file {file_name:?}; it holds {:?}",
+            package.files.iter().take(20).collect::<Vec<_>>()
+        )));
+    }
+    let package = package.map(|package| Package {
+        bytes: package.bytes,
+        sha256: package.sha256,
+    });
+    let code = state
+        .store
+        .push_code(
+            &access.project_id,
+            &spec,
+            package.as_ref(),
+            state.clock.now(),
+        )
+        .await?;
+    tracing::info!(project_id = %access.project_id, code_id = %code.id, rev = code.rev, "code uploaded");
+    Ok(Json(v2::CodeUploaded {
+        id: code.id,
+        rev: code.rev,
+        msg: "Upload successful.".to_owned(),
+    }))
+}
+
+async fn read_multipart(
+    request: Request,
+    state: &AppState,
+) -> ApiResult<(v2::CodeUpload, Option<Vec<u8>>)> {
+    let mut multipart = Multipart::from_request(request, state)
+        .await
+        .map_err(|rejection| {
+            ApiError::BadRequest(format!("invalid multipart body: {}", rejection.body_text()))
+        })?;
+    let mut upload = None;
+    let mut file = None;
+    let limit = state.config.package.max_bytes;
+    let multipart_error = |error: axum::extract::multipart::MultipartError| {
+        if error.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(format!(
+                "the upload is larger than the limit of {limit} bytes"
+            ))
+        } else {
+            ApiError::BadRequest(format!("invalid multipart body: {}", error.body_text()))
+        }
+    };
+    while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
+        match field.name().unwrap_or_default() {
+            "data" => {
+                let bytes = field.bytes().await.map_err(multipart_error)?;
+                upload = Some(parse_json::<v2::CodeUpload>(&bytes)?);
+            }
+            "file" => {
+                let bytes = field.bytes().await.map_err(multipart_error)?;
+                // The Python client sends the zip's bytes repr, which is up to four times
+                // longer than the zip; the package check applies the real limit after decoding.
+                if bytes.len() > limit.saturating_mul(4) {
+                    return Err(ApiError::PayloadTooLarge(format!(
+                        "the code package is larger than the limit of {limit} bytes"
+                    )));
+                }
+                file = Some(bytes.to_vec());
+            }
+            _ => {}
+        }
+    }
+    let upload = upload.ok_or_else(|| {
+        ApiError::BadRequest(
+            "the multipart body needs a `data` part holding the code's JSON".into(),
+        )
+    })?;
+    Ok((upload, file))
+}
+
+/// List codes, most recently changed first.
+#[utoipa::path(get, path = "/2/projects/{project_id}/codes", tag = "codes",
+    params(("project_id" = String, Path), Paging),
+    responses((status = 200, body = v2::CodeList)))]
+pub async fn list(
+    State(state): State<AppState>,
+    access: ProjectAccess,
+    ApiQuery(paging): ApiQuery<Paging>,
+) -> ApiResult<Json<v2::CodeList>> {
+    let codes = state
+        .store
+        .list_codes(&access.project_id, paging.page()?)
+        .await?;
+    Ok(Json(v2::CodeList {
+        codes: codes.iter().map(wire::code_info).collect(),
+    }))
+}
+
+/// Show a code's latest revision.
+#[utoipa::path(get, path = "/2/projects/{project_id}/codes/{code_id}", tag = "codes",
+    params(("project_id" = String, Path), ("code_id" = String, Path)),
+    responses((status = 200, body = v2::CodeInfo), (status = 404, body = v2::Message)))]
+pub async fn show(
+    State(state): State<AppState>,
+    access: ProjectAccess,
+    Path((_, code_id)): Path<(String, String)>,
+) -> ApiResult<Json<v2::CodeInfo>> {
+    let code = state.store.get_code(&access.project_id, &code_id).await?;
+    Ok(Json(wire::code_info(&code)))
+}
+
+/// List a code's revisions, newest first.
+#[utoipa::path(get, path = "/2/projects/{project_id}/codes/{code_id}/revisions", tag = "codes",
+    params(("project_id" = String, Path), ("code_id" = String, Path), Paging),
+    responses((status = 200, body = v2::RevisionList), (status = 404, body = v2::Message)))]
+pub async fn revisions(
+    State(state): State<AppState>,
+    access: ProjectAccess,
+    Path((_, code_id)): Path<(String, String)>,
+    ApiQuery(paging): ApiQuery<Paging>,
+) -> ApiResult<Json<v2::RevisionList>> {
+    let revisions = state
+        .store
+        .list_revisions(&access.project_id, &code_id, paging.page()?)
+        .await?;
+    Ok(Json(v2::RevisionList {
+        revisions: revisions.iter().map(wire::code_info).collect(),
+    }))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct DownloadQuery {
+    /// The revision to download; the latest when absent.
+    pub revision: Option<u32>,
+}
+
+/// Download a revision's zip package.
+#[utoipa::path(get, path = "/2/projects/{project_id}/codes/{code_id}/download", tag = "codes",
+    params(("project_id" = String, Path), ("code_id" = String, Path), DownloadQuery),
+    responses((status = 200, content_type = "application/zip", body = Vec<u8>), (status = 404, body = v2::Message)))]
+pub async fn download(
+    State(state): State<AppState>,
+    access: ProjectAccess,
+    Path((_, code_id)): Path<(String, String)>,
+    ApiQuery(query): ApiQuery<DownloadQuery>,
+) -> ApiResult<impl IntoResponse> {
+    let code = match query.revision {
+        Some(rev) => {
+            state
+                .store
+                .get_revision(&access.project_id, &code_id, rev)
+                .await?
+        }
+        None => state.store.get_code(&access.project_id, &code_id).await?,
+    };
+    let bytes = state
+        .store
+        .get_package(&access.project_id, &code_id, Some(code.rev))
+        .await?;
+    let file_name = format!(
+        "{}-{}.zip",
+        code.spec.name.replace(
+            |c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_',
+            "_"
+        ),
+        code.rev
+    );
+    Ok((
+        [
+            (CONTENT_TYPE, "application/zip".to_owned()),
+            (
+                CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{file_name}\""),
+            ),
+        ],
+        bytes,
+    ))
+}
+
+/// Delete a code. Its queued tasks are cancelled; finished tasks stay readable.
+#[utoipa::path(delete, path = "/2/projects/{project_id}/codes/{code_id}", tag = "codes",
+    params(("project_id" = String, Path), ("code_id" = String, Path)),
+    responses((status = 200, body = v2::Message), (status = 404, body = v2::Message)))]
+pub async fn delete(
+    State(state): State<AppState>,
+    access: ProjectAccess,
+    Path((_, code_id)): Path<(String, String)>,
+) -> ApiResult<Json<v2::Message>> {
+    state
+        .store
+        .delete_code(&access.project_id, &code_id, state.clock.now())
+        .await?;
+    Ok(message("Deleted"))
+}
+
+/// Cancel every queued and running task of a code.
+#[utoipa::path(post, path = "/2/projects/{project_id}/codes/{code_id}/cancel_all", tag = "codes",
+    params(("project_id" = String, Path), ("code_id" = String, Path)),
+    responses((status = 200, body = v2::Message), (status = 404, body = v2::Message)))]
+pub async fn cancel_all(
+    State(state): State<AppState>,
+    access: ProjectAccess,
+    Path((_, code_id)): Path<(String, String)>,
+) -> ApiResult<Json<v2::Message>> {
+    let count = state
+        .store
+        .cancel_all(&access.project_id, &code_id, state.clock.now())
+        .await?;
+    Ok(message(format!("Cancelled {count} tasks")))
+}
+
+/// Pause a code's task queue: its queued tasks wait until it is resumed.
+#[utoipa::path(post, path = "/2/projects/{project_id}/codes/{code_id}/pause_task_queue", tag = "codes",
+    params(("project_id" = String, Path), ("code_id" = String, Path)),
+    responses((status = 200, body = v2::Message), (status = 404, body = v2::Message)))]
+pub async fn pause(
+    State(state): State<AppState>,
+    access: ProjectAccess,
+    Path((_, code_id)): Path<(String, String)>,
+) -> ApiResult<Json<v2::Message>> {
+    state
+        .store
+        .set_code_paused(&access.project_id, &code_id, true, state.clock.now())
+        .await?;
+    Ok(message("Paused"))
+}
+
+/// Resume a paused task queue.
+#[utoipa::path(post, path = "/2/projects/{project_id}/codes/{code_id}/resume_task_queue", tag = "codes",
+    params(("project_id" = String, Path), ("code_id" = String, Path)),
+    responses((status = 200, body = v2::Message), (status = 404, body = v2::Message)))]
+pub async fn resume(
+    State(state): State<AppState>,
+    access: ProjectAccess,
+    Path((_, code_id)): Path<(String, String)>,
+) -> ApiResult<Json<v2::Message>> {
+    state
+        .store
+        .set_code_paused(&access.project_id, &code_id, false, state.clock.now())
+        .await?;
+    Ok(message("Resumed"))
+}
+
+/// Task counts of a code by status.
+#[utoipa::path(get, path = "/2/projects/{project_id}/codes/{code_id}/stats", tag = "codes",
+    params(("project_id" = String, Path), ("code_id" = String, Path)),
+    responses((status = 200, body = v2::CodeStats), (status = 404, body = v2::Message)))]
+pub async fn stats(
+    State(state): State<AppState>,
+    access: ProjectAccess,
+    Path((_, code_id)): Path<(String, String)>,
+) -> ApiResult<Json<v2::CodeStats>> {
+    let counts = state.store.code_stats(&access.project_id, &code_id).await?;
+    let mut stats = v2::CodeStats::default();
+    for (status, count) in counts.by_status {
+        let slot = match status {
+            TaskStatus::Queued => &mut stats.queued,
+            TaskStatus::Preparing => &mut stats.preparing,
+            TaskStatus::Running => &mut stats.running,
+            TaskStatus::Complete => &mut stats.complete,
+            TaskStatus::Error => &mut stats.error,
+            TaskStatus::Timeout => &mut stats.timeout,
+            TaskStatus::Cancelled => &mut stats.cancelled,
+        };
+        *slot += count;
+    }
+    Ok(Json(stats))
+}

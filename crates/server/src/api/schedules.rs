@@ -1,0 +1,121 @@
+//! Schedules: create (batch), list, show, cancel. Firing them is the scheduler's job.
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use stevedore_api_types::v2;
+use stevedore_model::limits::MAX_TASKS_PER_REQUEST;
+
+use super::{Paging, code_default_priority, message, prefix_error};
+use crate::AppState;
+use crate::auth::ProjectAccess;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiJson, ApiQuery};
+use crate::wire;
+
+/// Create schedules. All or nothing.
+#[utoipa::path(post, path = "/2/projects/{project_id}/schedules", tag = "schedules",
+    params(("project_id" = String, Path)),
+    request_body = v2::SchedulesCreate,
+    responses((status = 200, body = v2::SchedulesCreated), (status = 400, body = v2::Message), (status = 404, body = v2::Message)))]
+pub async fn create(
+    State(state): State<AppState>,
+    access: ProjectAccess,
+    ApiJson(request): ApiJson<v2::SchedulesCreate>,
+) -> ApiResult<Json<v2::SchedulesCreated>> {
+    if request.schedules.is_empty() {
+        return Err(ApiError::BadRequest(
+            "schedules must hold at least one schedule".into(),
+        ));
+    }
+    if request.schedules.len() > MAX_TASKS_PER_REQUEST {
+        return Err(ApiError::BadRequest(format!(
+            "at most {MAX_TASKS_PER_REQUEST} schedules may be created in one request"
+        )));
+    }
+    let now = state.clock.now();
+    let mut default_priorities: HashMap<String, u8> = HashMap::new();
+    let mut specs = Vec::with_capacity(request.schedules.len());
+    for (index, schedule) in request.schedules.into_iter().enumerate() {
+        let prefix = format!("schedules[{index}]");
+        let default_priority = match schedule.code_name.as_deref() {
+            Some(name) => {
+                code_default_priority(&state, &access.project_id, name, &mut default_priorities)
+                    .await
+                    .map_err(|error| prefix_error(error, &prefix))?
+            }
+            None => 0,
+        };
+        let spec = wire::schedule_spec(schedule, default_priority, &state.config)
+            .map_err(|error| prefix_error(error, &prefix))?;
+        let first = spec.first_fire(now);
+        if first.is_none() {
+            return Err(ApiError::BadRequest(format!(
+                "{prefix}: the schedule would never fire (end_at is in the past or before its first time)"
+            )));
+        }
+        specs.push((spec, first));
+    }
+    let schedules = state
+        .store
+        .create_schedules(&access.project_id, &specs, now)
+        .await?;
+    Ok(Json(v2::SchedulesCreated {
+        msg: "Scheduled".to_owned(),
+        schedules: schedules
+            .into_iter()
+            .map(|schedule| v2::IdOnly { id: schedule.id })
+            .collect(),
+    }))
+}
+
+/// List schedules, newest first.
+#[utoipa::path(get, path = "/2/projects/{project_id}/schedules", tag = "schedules",
+    params(("project_id" = String, Path), Paging),
+    responses((status = 200, body = v2::ScheduleList)))]
+pub async fn list(
+    State(state): State<AppState>,
+    access: ProjectAccess,
+    ApiQuery(paging): ApiQuery<Paging>,
+) -> ApiResult<Json<v2::ScheduleList>> {
+    let schedules = state
+        .store
+        .list_schedules(&access.project_id, paging.page()?)
+        .await?;
+    Ok(Json(v2::ScheduleList {
+        schedules: schedules.iter().map(wire::schedule_info).collect(),
+    }))
+}
+
+/// Show a schedule.
+#[utoipa::path(get, path = "/2/projects/{project_id}/schedules/{schedule_id}", tag = "schedules",
+    params(("project_id" = String, Path), ("schedule_id" = String, Path)),
+    responses((status = 200, body = v2::ScheduleInfo), (status = 404, body = v2::Message)))]
+pub async fn show(
+    State(state): State<AppState>,
+    access: ProjectAccess,
+    Path((_, schedule_id)): Path<(String, String)>,
+) -> ApiResult<Json<v2::ScheduleInfo>> {
+    let schedule = state
+        .store
+        .get_schedule(&access.project_id, &schedule_id)
+        .await?;
+    Ok(Json(wire::schedule_info(&schedule)))
+}
+
+/// Cancel a schedule: it makes no more tasks.
+#[utoipa::path(post, path = "/2/projects/{project_id}/schedules/{schedule_id}/cancel", tag = "schedules",
+    params(("project_id" = String, Path), ("schedule_id" = String, Path)),
+    responses((status = 200, body = v2::Message), (status = 404, body = v2::Message)))]
+pub async fn cancel(
+    State(state): State<AppState>,
+    access: ProjectAccess,
+    Path((_, schedule_id)): Path<(String, String)>,
+) -> ApiResult<Json<v2::Message>> {
+    state
+        .store
+        .cancel_schedule(&access.project_id, &schedule_id, state.clock.now())
+        .await?;
+    Ok(message("Cancelled"))
+}

@@ -1,0 +1,345 @@
+//! Tasks: queue (batch and webhook), list with IronWorker's filters, show, log, cancel,
+//! retry, progress.
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
+use serde::Deserialize;
+use stevedore_api_types::v2;
+use stevedore_model::limits::MAX_TASKS_PER_REQUEST;
+use stevedore_model::{NewTask, TaskStatus};
+use stevedore_store::TaskFilter;
+
+use super::{Paging, code_default_priority, message, prefix_error};
+use crate::AppState;
+use crate::auth::ProjectAccess;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiJson, ApiQuery, read_body};
+use crate::wire;
+
+/// Queue tasks. All or nothing: one invalid task refuses the whole batch.
+#[utoipa::path(post, path = "/2/projects/{project_id}/tasks", tag = "tasks",
+    params(("project_id" = String, Path)),
+    request_body = v2::TasksCreate,
+    responses((status = 200, body = v2::TasksQueued), (status = 400, body = v2::Message),
+        (status = 404, body = v2::Message), (status = 413, body = v2::Message)))]
+pub async fn queue(
+    State(state): State<AppState>,
+    access: ProjectAccess,
+    ApiJson(request): ApiJson<v2::TasksCreate>,
+) -> ApiResult<Json<v2::TasksQueued>> {
+    if request.tasks.is_empty() {
+        return Err(ApiError::BadRequest(
+            "tasks must hold at least one task".into(),
+        ));
+    }
+    if request.tasks.len() > MAX_TASKS_PER_REQUEST {
+        return Err(ApiError::BadRequest(format!(
+            "at most {MAX_TASKS_PER_REQUEST} tasks may be queued in one request, got {}",
+            request.tasks.len()
+        )));
+    }
+    let mut default_priorities: HashMap<String, u8> = HashMap::new();
+    let mut tasks = Vec::with_capacity(request.tasks.len());
+    for (index, task) in request.tasks.into_iter().enumerate() {
+        let at = |error: ApiError| prefix_error(error, &format!("tasks[{index}]"));
+        let default_priority = match task.code_name.as_deref() {
+            Some(name) => {
+                code_default_priority(&state, &access.project_id, name, &mut default_priorities)
+                    .await
+                    .map_err(at)?
+            }
+            None => 0,
+        };
+        tasks.push(wire::new_task(task, default_priority, &state.config).map_err(at)?);
+    }
+    let queued = state
+        .store
+        .enqueue(&access.project_id, &tasks, state.clock.now())
+        .await?;
+    Ok(Json(v2::TasksQueued {
+        msg: "Queued up".to_owned(),
+        tasks: queued
+            .into_iter()
+            .map(|task| v2::IdOnly { id: task.id })
+            .collect(),
+    }))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct WebhookQuery {
+    /// The code to run.
+    pub code_name: Option<String>,
+    pub priority: Option<i64>,
+    pub timeout: Option<i64>,
+    pub delay: Option<i64>,
+    pub cluster: Option<String>,
+    pub label: Option<String>,
+    /// The token, for senders that cannot set headers.
+    pub oauth: Option<String>,
+}
+
+/// Queue one task whose payload is the raw request body.
+#[utoipa::path(post, path = "/2/projects/{project_id}/tasks/webhook", tag = "tasks",
+    params(("project_id" = String, Path), WebhookQuery),
+    request_body(content = String, description = "the payload, verbatim"),
+    responses((status = 200, body = v2::WebhookQueued), (status = 404, body = v2::Message), (status = 413, body = v2::Message)))]
+pub async fn webhook(
+    State(state): State<AppState>,
+    access: ProjectAccess,
+    ApiQuery(query): ApiQuery<WebhookQuery>,
+    body: Body,
+) -> ApiResult<Json<v2::WebhookQueued>> {
+    let code_name = query.code_name.ok_or_else(|| {
+        ApiError::BadRequest("code_name: the query parameter code_name is required".into())
+    })?;
+    let body = read_body(body, state.config.max_payload_bytes).await?;
+    let payload = String::from_utf8(body.to_vec())
+        .map_err(|_| ApiError::BadRequest("payload: a webhook body must be UTF-8 text".into()))?;
+    let mut cache = HashMap::new();
+    let default_priority =
+        code_default_priority(&state, &access.project_id, &code_name, &mut cache).await?;
+    let request = v2::TaskCreate {
+        code_name: Some(code_name),
+        payload: Some(serde_json::Value::String(payload)),
+        priority: query.priority,
+        timeout: query.timeout,
+        delay: query.delay,
+        label: query.label,
+        cluster: query.cluster,
+    };
+    let task = wire::new_task(request, default_priority, &state.config)?;
+    let mut queued = state
+        .store
+        .enqueue(&access.project_id, &[task], state.clock.now())
+        .await?;
+    let task = queued
+        .pop()
+        .ok_or_else(|| ApiError::Internal("enqueue returned no task".into()))?;
+    Ok(Json(v2::WebhookQueued {
+        id: task.id,
+        msg: "Queued up".to_owned(),
+    }))
+}
+
+/// IronWorker's task list filters. A status flag such as `queued=1` selects that status; with
+/// no flag every status is listed. Times are seconds since the epoch.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+pub struct TaskListQuery {
+    pub code_name: Option<String>,
+    pub page: Option<i64>,
+    pub per_page: Option<i64>,
+    pub from_time: Option<i64>,
+    pub to_time: Option<i64>,
+    pub queued: Option<String>,
+    pub preparing: Option<String>,
+    pub running: Option<String>,
+    pub complete: Option<String>,
+    pub error: Option<String>,
+    pub cancelled: Option<String>,
+    pub killed: Option<String>,
+    pub timeout: Option<String>,
+}
+
+fn flag(value: &Option<String>) -> bool {
+    value.as_deref().is_some_and(|value| {
+        matches!(
+            value.to_ascii_lowercase().as_str(),
+            "1" | "true" | "yes" | "on" | ""
+        )
+    })
+}
+
+impl TaskListQuery {
+    fn filter(&self) -> ApiResult<TaskFilter> {
+        let flags = [
+            (&self.queued, TaskStatus::Queued),
+            (&self.preparing, TaskStatus::Preparing),
+            (&self.running, TaskStatus::Running),
+            (&self.complete, TaskStatus::Complete),
+            (&self.error, TaskStatus::Error),
+            (&self.cancelled, TaskStatus::Cancelled),
+            // IronWorker's `killed` has no status of its own here: a killed task is cancelled.
+            (&self.killed, TaskStatus::Cancelled),
+            (&self.timeout, TaskStatus::Timeout),
+        ];
+        let mut statuses: Vec<TaskStatus> = flags
+            .into_iter()
+            .filter(|(value, _)| flag(value))
+            .map(|(_, status)| status)
+            .collect();
+        statuses.dedup();
+        let time = |field: &str, seconds: Option<i64>| {
+            seconds
+                .map(|seconds| wire::parse_time(field, &serde_json::Value::from(seconds)))
+                .transpose()
+        };
+        Ok(TaskFilter {
+            code_name: self.code_name.clone().filter(|name| !name.is_empty()),
+            statuses,
+            from_time: time("from_time", self.from_time)?,
+            to_time: time("to_time", self.to_time)?,
+        })
+    }
+}
+
+/// List tasks, newest first.
+#[utoipa::path(get, path = "/2/projects/{project_id}/tasks", tag = "tasks",
+    params(("project_id" = String, Path), TaskListQuery),
+    responses((status = 200, body = v2::TaskList), (status = 400, body = v2::Message)))]
+pub async fn list(
+    State(state): State<AppState>,
+    access: ProjectAccess,
+    ApiQuery(query): ApiQuery<TaskListQuery>,
+) -> ApiResult<Json<v2::TaskList>> {
+    let page = Paging {
+        page: query.page,
+        per_page: query.per_page,
+    }
+    .page()?;
+    let tasks = state
+        .store
+        .list_tasks(&access.project_id, &query.filter()?, page)
+        .await?;
+    Ok(Json(v2::TaskList {
+        tasks: tasks.iter().map(wire::task_info).collect(),
+    }))
+}
+
+/// Show a task.
+#[utoipa::path(get, path = "/2/projects/{project_id}/tasks/{task_id}", tag = "tasks",
+    params(("project_id" = String, Path), ("task_id" = String, Path)),
+    responses((status = 200, body = v2::TaskInfo), (status = 404, body = v2::Message)))]
+pub async fn show(
+    State(state): State<AppState>,
+    access: ProjectAccess,
+    Path((_, task_id)): Path<(String, String)>,
+) -> ApiResult<Json<v2::TaskInfo>> {
+    let task = state.store.get_task(&access.project_id, &task_id).await?;
+    Ok(Json(wire::task_info(&task)))
+}
+
+/// A task's log (stdout and stderr) so far, as text. 404 while it has none.
+#[utoipa::path(get, path = "/2/projects/{project_id}/tasks/{task_id}/log", tag = "tasks",
+    params(("project_id" = String, Path), ("task_id" = String, Path)),
+    responses((status = 200, content_type = "text/plain", body = String), (status = 404, body = v2::Message)))]
+pub async fn log(
+    State(state): State<AppState>,
+    access: ProjectAccess,
+    Path((_, task_id)): Path<(String, String)>,
+) -> ApiResult<impl IntoResponse> {
+    let log = state.store.get_log(&access.project_id, &task_id).await?;
+    Ok(([(CONTENT_TYPE, "text/plain; charset=utf-8")], log))
+}
+
+/// Cancel a task: a queued one at once, a running one is killed by its runner.
+#[utoipa::path(post, path = "/2/projects/{project_id}/tasks/{task_id}/cancel", tag = "tasks",
+    params(("project_id" = String, Path), ("task_id" = String, Path)),
+    responses((status = 200, body = v2::Message), (status = 404, body = v2::Message), (status = 409, body = v2::Message)))]
+pub async fn cancel(
+    State(state): State<AppState>,
+    access: ProjectAccess,
+    Path((_, task_id)): Path<(String, String)>,
+) -> ApiResult<Json<v2::Message>> {
+    state
+        .store
+        .cancel_task(&access.project_id, &task_id, state.clock.now())
+        .await?;
+    Ok(message("Cancelled"))
+}
+
+/// Queue a finished task again as a new task (same code revision, payload and settings).
+#[utoipa::path(post, path = "/2/projects/{project_id}/tasks/{task_id}/retry", tag = "tasks",
+    params(("project_id" = String, Path), ("task_id" = String, Path)),
+    request_body = v2::Retry,
+    responses((status = 200, body = v2::TasksQueued), (status = 404, body = v2::Message), (status = 409, body = v2::Message)))]
+pub async fn retry(
+    State(state): State<AppState>,
+    access: ProjectAccess,
+    Path((_, task_id)): Path<(String, String)>,
+    ApiJson(request): ApiJson<v2::Retry>,
+) -> ApiResult<Json<v2::TasksQueued>> {
+    let delay = request.delay.unwrap_or(0);
+    stevedore_model::validation::check_range(
+        "delay",
+        delay,
+        0,
+        i64::from(stevedore_model::limits::MAX_DELAY_SECS),
+    )?;
+    let task = state.store.get_task(&access.project_id, &task_id).await?;
+    if !task.status.is_terminal() {
+        return Err(ApiError::Conflict(format!(
+            "task {task_id} is {}; only a finished task can be retried",
+            task.status
+        )));
+    }
+    let retry = NewTask {
+        code_name: task.code_name.clone(),
+        payload: task.payload.clone(),
+        priority: task.priority,
+        timeout_secs: task.timeout_secs,
+        delay_secs: u32::try_from(delay).unwrap_or(0),
+        label: task.label.clone(),
+        cluster: task.cluster.clone(),
+        retry_count: task.retry_count + 1,
+        original_task_id: Some(
+            task.original_task_id
+                .clone()
+                .unwrap_or_else(|| task.id.clone()),
+        ),
+        schedule_id: task.schedule_id.clone(),
+        code_rev: Some(task.code_rev),
+    };
+    let queued = state
+        .store
+        .enqueue(&access.project_id, &[retry], state.clock.now())
+        .await?;
+    Ok(Json(v2::TasksQueued {
+        msg: "Queued up".to_owned(),
+        tasks: queued
+            .into_iter()
+            .map(|task| v2::IdOnly { id: task.id })
+            .collect(),
+    }))
+}
+
+/// Set a task's progress: a percentage and a message.
+#[utoipa::path(post, path = "/2/projects/{project_id}/tasks/{task_id}/progress", tag = "tasks",
+    params(("project_id" = String, Path), ("task_id" = String, Path)),
+    request_body = v2::Progress,
+    responses((status = 200, body = v2::Message), (status = 400, body = v2::Message), (status = 404, body = v2::Message)))]
+pub async fn progress(
+    State(state): State<AppState>,
+    access: ProjectAccess,
+    Path((_, task_id)): Path<(String, String)>,
+    ApiJson(request): ApiJson<v2::Progress>,
+) -> ApiResult<Json<v2::Message>> {
+    let percent = request
+        .percent
+        .map(|percent| {
+            stevedore_model::validation::check_range("percent", percent, 0, 100)?;
+            u8::try_from(percent)
+                .map_err(|_| stevedore_model::ValidationError::new("percent", "out of range"))
+        })
+        .transpose()?;
+    if request.msg.as_ref().is_some_and(|msg| msg.len() > 4096) {
+        return Err(ApiError::BadRequest(
+            "msg: must be at most 4096 bytes".into(),
+        ));
+    }
+    state
+        .store
+        .set_progress(
+            &access.project_id,
+            &task_id,
+            percent,
+            request.msg.as_deref(),
+            state.clock.now(),
+        )
+        .await?;
+    Ok(message("Progress set"))
+}

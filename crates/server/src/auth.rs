@@ -1,0 +1,110 @@
+//! Authentication: `Authorization: OAuth <token>` (IronWorker's form), `Bearer <token>`, or
+//! `?oauth=<token>` for webhooks. Tokens are stored as their SHA-256 only.
+
+use std::collections::HashMap;
+
+use axum::extract::{FromRequestParts, Path, Query};
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use sha2::{Digest, Sha256};
+use stevedore_store::{TokenRecord, TokenRole};
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// A request allowed to act within the project named in its path.
+#[derive(Debug, Clone)]
+pub struct ProjectAccess {
+    pub project_id: String,
+    pub token: TokenRecord,
+}
+
+/// A new token's secret: 40 hex digits from the OS's random source.
+pub fn new_token_secret() -> String {
+    let high = uuid::Uuid::new_v4().simple().to_string();
+    let low = uuid::Uuid::new_v4().simple().to_string();
+    format!("{}{}", &high[..20], &low[..20])
+}
+
+/// The form in which a token is stored and looked up.
+pub fn token_digest(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+fn token_from_parts(parts: &Parts) -> Option<String> {
+    if let Some(value) = parts
+        .headers
+        .get(AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+    {
+        let (scheme, token) = value.trim().split_once(' ')?;
+        if scheme.eq_ignore_ascii_case("oauth") || scheme.eq_ignore_ascii_case("bearer") {
+            return Some(token.trim().to_owned());
+        }
+        return None;
+    }
+    let Query(pairs) = Query::<HashMap<String, String>>::try_from_uri(&parts.uri).ok()?;
+    pairs.get("oauth").cloned()
+}
+
+/// Resolves the request's token, or refuses with 401.
+pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<TokenRecord, ApiError> {
+    let secret = token_from_parts(parts).ok_or_else(|| {
+        ApiError::Unauthorized(
+            "missing token: send `Authorization: OAuth <token>` (or `Bearer <token>`, or `?oauth=<token>`)".into(),
+        )
+    })?;
+    state
+        .store
+        .find_token(&token_digest(&secret))
+        .await?
+        .ok_or_else(|| ApiError::Unauthorized("invalid token".into()))
+}
+
+impl FromRequestParts<AppState> for ProjectAccess {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let token = authenticate(parts, state).await?;
+        let Path(params) = Path::<HashMap<String, String>>::from_request_parts(parts, state)
+            .await
+            .map_err(|error| ApiError::BadRequest(format!("bad path: {error}")))?;
+        let project_id = params
+            .get("project_id")
+            .cloned()
+            .ok_or_else(|| ApiError::Internal("route without a project id".into()))?;
+        match token.role {
+            TokenRole::Project if token.project_id.as_deref() == Some(project_id.as_str()) => {}
+            TokenRole::Project => {
+                return Err(ApiError::Forbidden(format!(
+                    "this token does not belong to project {project_id}"
+                )));
+            }
+            TokenRole::Runner => {
+                return Err(ApiError::Forbidden(
+                    "a runner token may only use the runner protocol".into(),
+                ));
+            }
+            TokenRole::Admin => {
+                state.store.get_project(&project_id).await?;
+            }
+        }
+        Ok(ProjectAccess { project_id, token })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_long_and_distinct() {
+        let first = new_token_secret();
+        assert_eq!(first.len(), 40);
+        assert_ne!(first, new_token_secret());
+        assert_eq!(token_digest("x").len(), 64);
+    }
+}

@@ -1,0 +1,113 @@
+//! First start: make sure project `default` exists with a token, and write `iron.json`, the
+//! file IronWorker's clients read, so they work against this server as they are.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use stevedore_model::Timestamp;
+use stevedore_store::{Store, StoreError, TokenRole};
+
+use crate::auth::{new_token_secret, token_digest};
+
+/// The name of the project made on first start.
+pub const DEFAULT_PROJECT: &str = "default";
+
+/// IronWorker's client configuration file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IronJson {
+    pub project_id: String,
+    pub token: String,
+    pub host: String,
+    pub port: u16,
+    pub protocol: String,
+    pub api_version: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Returns the `iron.json` for this data directory, creating the default project and a token
+/// on first start. Later starts reuse the file as long as its token is still valid.
+pub async fn ensure_default_project(
+    store: &dyn Store,
+    data_dir: &Path,
+    host: &str,
+    port: u16,
+    now: Timestamp,
+) -> Result<IronJson, BootstrapError> {
+    let path = data_dir.join("iron.json");
+    if let Some(existing) = read_iron_json(&path) {
+        let valid = store
+            .find_token(&token_digest(&existing.token))
+            .await?
+            .is_some_and(|token| token.project_id.as_deref() == Some(existing.project_id.as_str()));
+        if valid {
+            let iron = IronJson {
+                host: host.to_owned(),
+                port,
+                ..existing
+            };
+            write_iron_json(&path, &iron)?;
+            return Ok(iron);
+        }
+    }
+    let project = match store.find_project_by_name(DEFAULT_PROJECT).await? {
+        Some(project) => project,
+        None => store.create_project(DEFAULT_PROJECT, now).await?,
+    };
+    let token = new_token_secret();
+    store
+        .create_token(
+            Some(&project.id),
+            TokenRole::Project,
+            &token_digest(&token),
+            now,
+        )
+        .await?;
+    let iron = IronJson {
+        project_id: project.id,
+        token,
+        host: host.to_owned(),
+        port,
+        protocol: "http".to_owned(),
+        api_version: 2,
+    };
+    write_iron_json(&path, &iron)?;
+    Ok(iron)
+}
+
+fn read_iron_json(path: &Path) -> Option<IronJson> {
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn write_iron_json(path: &Path, iron: &IronJson) -> Result<(), BootstrapError> {
+    let write_error = |source| BootstrapError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let mut text = serde_json::to_string_pretty(iron).map_err(|error| write_error(error.into()))?;
+    text.push('\n');
+    // Write beside and rename, so a crash never leaves a half-written file.
+    let temporary = path.with_extension("json.tmp");
+    std::fs::write(&temporary, text).map_err(write_error)?;
+    restrict_permissions(&temporary);
+    std::fs::rename(&temporary, path).map_err(write_error)
+}
+
+#[cfg(unix)]
+fn restrict_permissions(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+}
+
+#[cfg(not(unix))]
+fn restrict_permissions(_path: &Path) {}

@@ -1,0 +1,45 @@
+//! The server's settings, with the defaults a fresh installation runs with.
+
+use stevedore_model::{Stack, limits};
+
+use crate::package::PackageLimits;
+
+/// Everything the HTTP layer needs to know beyond the store.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The largest task payload, bytes.
+    pub max_payload_bytes: usize,
+    pub package: PackageLimits,
+    /// The shortest `run_every` a schedule may ask for.
+    pub min_run_every_secs: u32,
+    pub stacks: Vec<Stack>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: limits::DEFAULT_MAX_PAYLOAD_BYTES,
+            package: PackageLimits {
+                max_bytes: 64 * 1024 * 1024,
+                max_unpacked_bytes: 512 * 1024 * 1024,
+                max_entries: 20_000,
+            },
+            min_run_every_secs: limits::DEFAULT_MIN_RUN_EVERY_SECS,
+            stacks: Stack::defaults(),
+        }
+    }
+}
+
+impl ServerConfig {
+    pub fn stack(&self, name: &str) -> Option<&Stack> {
+        self.stacks.iter().find(|stack| stack.name == name)
+    }
+
+    /// The request body limit of `POST tasks`: a full batch of maximal payloads and room for
+    /// the JSON around them. Larger bodies are refused before they are read.
+    pub fn max_tasks_body_bytes(&self) -> usize {
+        (self.max_payload_bytes + 1024)
+            .saturating_mul(limits::MAX_TASKS_PER_REQUEST.min(256))
+            .max(1 << 20)
+    }
+}

@@ -1,0 +1,30 @@
+//! The OpenAPI document of the whole API, served at `/openapi.json`.
+
+use axum::Json;
+use utoipa::OpenApi;
+
+use crate::api::{codes, schedules, stacks, tasks};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "stevedore", description = "IronWorker API v2, served by stevedore. Authenticate with `Authorization: OAuth <token>`."),
+    paths(
+        codes::upload, codes::list, codes::show, codes::revisions, codes::download, codes::delete,
+        codes::cancel_all, codes::pause, codes::resume, codes::stats,
+        tasks::queue, tasks::webhook, tasks::list, tasks::show, tasks::log, tasks::cancel,
+        tasks::retry, tasks::progress,
+        schedules::create, schedules::list, schedules::show, schedules::cancel,
+        stacks::list,
+    ),
+    tags(
+        (name = "codes", description = "Worker code and its revisions"),
+        (name = "tasks", description = "Runs of a code with a payload"),
+        (name = "schedules", description = "Tasks made on a timetable"),
+        (name = "stacks", description = "Runtimes for zip packages"),
+    )
+)]
+pub struct ApiDoc;
+
+pub async fn document() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}

@@ -1,0 +1,409 @@
+//! Conversions between the wire types of `stevedore-api-types` and the domain: requests are
+//! parsed and validated into domain values here, domain values are rendered into responses.
+
+use chrono::{SecondsFormat, TimeZone, Utc};
+use serde_json::Value;
+use stevedore_api_types::v2;
+use stevedore_model::code::CodeKind;
+use stevedore_model::limits::{self, DEFAULT_RETRIES_DELAY_SECS};
+use stevedore_model::task::DEFAULT_CLUSTER;
+use stevedore_model::{
+    CodeRevision, CodeSpec, Limits, NewTask, Schedule, ScheduleSpec, ScheduleTiming, Task,
+    Timestamp, ValidationError,
+};
+
+use crate::config::ServerConfig;
+use crate::error::ApiError;
+
+/// RFC 3339 in UTC with milliseconds, e.g. `2026-01-01T10:00:00.000Z`.
+pub fn format_time(time: Timestamp) -> String {
+    time.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// A time given as an RFC 3339 string or as seconds since the epoch.
+pub fn parse_time(field: &str, value: &Value) -> Result<Timestamp, ValidationError> {
+    let bad = || {
+        ValidationError::new(
+            field,
+            format!(
+                "{value} is not a time: give RFC 3339 (\"2026-01-01T10:00:00Z\") or seconds since the epoch"
+            ),
+        )
+    };
+    match value {
+        Value::String(text) => chrono::DateTime::parse_from_rfc3339(text.trim())
+            .map(|time| time.with_timezone(&Utc))
+            .map_err(|_| bad()),
+        Value::Number(number) => number
+            .as_i64()
+            .and_then(|seconds| Utc.timestamp_opt(seconds, 0).single())
+            .ok_or_else(bad),
+        _ => Err(bad()),
+    }
+}
+
+/// The payload as the task will see it: strings verbatim, other JSON as its text.
+pub fn payload_text(payload: Option<Value>) -> String {
+    match payload {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(text)) => text,
+        Some(other) => other.to_string(),
+    }
+}
+
+fn bounded(
+    field: &str,
+    value: Option<i64>,
+    default: u32,
+    min: i64,
+    max: u32,
+) -> Result<u32, ValidationError> {
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    stevedore_model::validation::check_range(field, value, min, i64::from(max))?;
+    u32::try_from(value).map_err(|_| ValidationError::new(field, "out of range"))
+}
+
+fn priority(field: &str, value: Option<i64>, default: u8) -> Result<u8, ValidationError> {
+    let priority = bounded(
+        field,
+        value,
+        u32::from(default),
+        0,
+        u32::from(limits::MAX_PRIORITY),
+    )?;
+    u8::try_from(priority).map_err(|_| ValidationError::new(field, "out of range"))
+}
+
+/// Turns a task request into a validated `NewTask`; `default_priority` is its code's.
+pub fn new_task(
+    request: v2::TaskCreate,
+    default_priority: u8,
+    config: &ServerConfig,
+) -> Result<NewTask, ApiError> {
+    let code_name = request
+        .code_name
+        .ok_or_else(|| ValidationError::new("code_name", "is required"))?;
+    let payload = payload_text(request.payload);
+    if payload.len() > config.max_payload_bytes {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "payload is {} bytes, more than the limit of {} bytes",
+            payload.len(),
+            config.max_payload_bytes
+        )));
+    }
+    let task = NewTask {
+        code_name,
+        payload,
+        priority: priority("priority", request.priority, default_priority)?,
+        timeout_secs: bounded(
+            "timeout",
+            request.timeout,
+            limits::DEFAULT_TIMEOUT_SECS,
+            1,
+            limits::MAX_TIMEOUT_SECS,
+        )?,
+        delay_secs: bounded("delay", request.delay, 0, 0, limits::MAX_DELAY_SECS)?,
+        label: request.label.filter(|label| !label.is_empty()),
+        cluster: request
+            .cluster
+            .filter(|cluster| !cluster.is_empty())
+            .unwrap_or_else(|| DEFAULT_CLUSTER.to_owned()),
+        retry_count: 0,
+        original_task_id: None,
+        schedule_id: None,
+        code_rev: None,
+    };
+    task.validate(config.max_payload_bytes)?;
+    Ok(task)
+}
+
+/// Turns a code upload into a validated `CodeSpec`. `has_package` says whether a zip came
+/// with it.
+pub fn code_spec(
+    upload: v2::CodeUpload,
+    has_package: bool,
+    config: &ServerConfig,
+) -> Result<CodeSpec, ApiError> {
+    let name = upload
+        .name
+        .ok_or_else(|| ValidationError::new("name", "is required"))?;
+    let runtime = upload
+        .runtime
+        .or(upload.stack)
+        .filter(|runtime| !runtime.is_empty());
+    let kind = match (upload.image.filter(|image| !image.is_empty()), runtime) {
+        (Some(image), _) => CodeKind::Image {
+            image,
+            command: upload.command.filter(|command| !command.is_empty()),
+        },
+        (None, Some(runtime)) if runtime != "image" => {
+            if config.stack(&runtime).is_none() {
+                let known: Vec<&str> = config
+                    .stacks
+                    .iter()
+                    .map(|stack| stack.name.as_str())
+                    .collect();
+                return Err(ApiError::BadRequest(format!(
+                    "runtime: unknown stack {runtime:?}; the configured stacks are {known:?}"
+                )));
+            }
+            if !has_package {
+                return Err(ApiError::BadRequest(format!(
+                    "file: a code with runtime {runtime:?} needs a zip package in the multipart part `file`"
+                )));
+            }
+            let file_name = upload.file_name.ok_or_else(|| {
+                ValidationError::new(
+                    "file_name",
+                    "is required with a runtime: name the file in the zip to run",
+                )
+            })?;
+            CodeKind::Runtime { runtime, file_name }
+        }
+        _ => {
+            return Err(ApiError::BadRequest(
+                "give either `image` (a Docker image) or `runtime` with `file_name` and a zip package".into(),
+            ));
+        }
+    };
+    let max_concurrency = match upload.max_concurrency {
+        None | Some(0) | Some(-1) => None,
+        Some(value) if value > 0 => Some(
+            u32::try_from(value)
+                .map_err(|_| ValidationError::new("max_concurrency", "too large"))?,
+        ),
+        Some(value) => {
+            return Err(ValidationError::new(
+                "max_concurrency",
+                format!("must be a positive number, or -1 for no limit; got {value}"),
+            )
+            .into());
+        }
+    };
+    let config_text = match upload.config {
+        None | Some(Value::Null) => None,
+        Some(Value::String(text)) => Some(text),
+        Some(other) => Some(other.to_string()),
+    };
+    let spec = CodeSpec {
+        name,
+        kind,
+        env_vars: upload.env_vars.unwrap_or_default(),
+        config: config_text,
+        max_concurrency,
+        retries: bounded("retries", upload.retries, 0, 0, limits::MAX_RETRIES)?,
+        retries_delay_secs: bounded(
+            "retries_delay",
+            upload.retries_delay,
+            DEFAULT_RETRIES_DELAY_SECS,
+            0,
+            limits::MAX_RETRIES_DELAY_SECS,
+        )?,
+        default_priority: priority("default_priority", upload.default_priority, 0)?,
+        limits: Limits {
+            timeout_secs: bounded(
+                "timeout",
+                upload.timeout,
+                limits::DEFAULT_TIMEOUT_SECS,
+                1,
+                limits::MAX_TIMEOUT_SECS,
+            )?,
+            memory_mib: bounded(
+                "memory",
+                upload.memory,
+                limits::DEFAULT_MEMORY_MIB,
+                i64::from(limits::MIN_MEMORY_MIB),
+                limits::MAX_MEMORY_MIB,
+            )?,
+            cpus: upload.cpus,
+        },
+        network: upload.network.unwrap_or_else(|| "bridge".to_owned()),
+    };
+    spec.validate()?;
+    Ok(spec)
+}
+
+/// Turns a schedule request into a validated `ScheduleSpec`.
+pub fn schedule_spec(
+    request: v2::ScheduleCreate,
+    default_priority: u8,
+    config: &ServerConfig,
+) -> Result<ScheduleSpec, ApiError> {
+    let code_name = request
+        .code_name
+        .ok_or_else(|| ValidationError::new("code_name", "is required"))?;
+    let payload = payload_text(request.payload);
+    if payload.len() > config.max_payload_bytes {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "payload is {} bytes, more than the limit of {} bytes",
+            payload.len(),
+            config.max_payload_bytes
+        )));
+    }
+    let timing = match (request.run_every, request.cron) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "give either run_every or cron, not both".into(),
+            ));
+        }
+        (Some(seconds), None) => ScheduleTiming::Every {
+            seconds: bounded("run_every", Some(seconds), 0, 1, u32::MAX)?,
+        },
+        (None, Some(expression)) => ScheduleTiming::Cron {
+            expression,
+            timezone: request.timezone.unwrap_or_else(|| "UTC".to_owned()),
+        },
+        // IronWorker runs a schedule without run_every once, at start_at.
+        (None, None) => ScheduleTiming::Once,
+    };
+    let run_times = match request.run_times {
+        None => None,
+        Some(times) => Some(bounded("run_times", Some(times), 1, 1, u32::MAX)?),
+    };
+    let once = timing == ScheduleTiming::Once;
+    let spec = ScheduleSpec {
+        code_name,
+        payload,
+        timing,
+        start_at: request
+            .start_at
+            .map(|value| parse_time("start_at", &value))
+            .transpose()?,
+        end_at: request
+            .end_at
+            .map(|value| parse_time("end_at", &value))
+            .transpose()?,
+        run_times: if once { Some(1) } else { run_times },
+        priority: priority("priority", request.priority, default_priority)?,
+        timeout_secs: bounded(
+            "timeout",
+            request.timeout,
+            limits::DEFAULT_TIMEOUT_SECS,
+            1,
+            limits::MAX_TIMEOUT_SECS,
+        )?,
+        cluster: request
+            .cluster
+            .filter(|cluster| !cluster.is_empty())
+            .unwrap_or_else(|| DEFAULT_CLUSTER.to_owned()),
+        label: request.label.filter(|label| !label.is_empty()),
+    };
+    spec.validate(config.min_run_every_secs)?;
+    Ok(spec)
+}
+
+pub fn task_info(task: &Task) -> v2::TaskInfo {
+    v2::TaskInfo {
+        id: task.id.clone(),
+        project_id: task.project_id.clone(),
+        code_id: task.code_id.clone(),
+        code_history_id: format!("{}/{}", task.code_id, task.code_rev),
+        code_name: task.code_name.clone(),
+        code_rev: task.code_rev,
+        status: task.status.as_str().to_owned(),
+        priority: task.priority,
+        payload: task.payload.clone(),
+        label: task.label.clone(),
+        cluster: task.cluster.clone(),
+        timeout: task.timeout_secs,
+        delay: task.delay_secs,
+        created_at: format_time(task.created_at),
+        updated_at: format_time(task.updated_at),
+        start_time: task.start_time.map(format_time),
+        end_time: task.end_time.map(format_time),
+        duration: match (task.start_time, task.end_time) {
+            (Some(start), Some(end)) => Some((end - start).num_milliseconds()),
+            _ => None,
+        },
+        percent: task.percent,
+        msg: task.msg.clone(),
+        retry_count: task.retry_count,
+        original_task_id: task.original_task_id.clone(),
+        schedule_id: task.schedule_id.clone(),
+        exit_code: task.exit_code,
+        log_size: task.log_size,
+        infra_attempts: task.infra_attempts,
+        peak_memory_bytes: task.peak_memory_bytes,
+        cpu_time_ms: task.cpu_time_ms,
+    }
+}
+
+pub fn code_info(code: &CodeRevision) -> v2::CodeInfo {
+    let spec = &code.spec;
+    let (runtime, file_name, image, command) = match &spec.kind {
+        CodeKind::Image { image, command } => (
+            Some("image".to_owned()),
+            None,
+            Some(image.clone()),
+            command.clone(),
+        ),
+        CodeKind::Runtime { runtime, file_name } => {
+            (Some(runtime.clone()), Some(file_name.clone()), None, None)
+        }
+    };
+    v2::CodeInfo {
+        id: code.id.clone(),
+        project_id: code.project_id.clone(),
+        name: spec.name.clone(),
+        rev: code.rev,
+        runtime,
+        file_name,
+        image,
+        command,
+        latest_checksum: code.package_sha256.clone(),
+        package_size: code.package_size,
+        latest_history_id: format!("{}/{}", code.id, code.rev),
+        latest_change: format_time(code.updated_at),
+        env_vars: spec.env_vars.clone(),
+        config: spec.config.clone(),
+        max_concurrency: spec.max_concurrency.map_or(-1, i64::from),
+        retries: spec.retries,
+        retries_delay: spec.retries_delay_secs,
+        default_priority: spec.default_priority,
+        timeout: spec.limits.timeout_secs,
+        memory: spec.limits.memory_mib,
+        cpus: spec.limits.cpus,
+        network: spec.network.clone(),
+        paused: code.paused,
+        created_at: format_time(code.created_at),
+        updated_at: format_time(code.updated_at),
+    }
+}
+
+pub fn schedule_info(schedule: &Schedule) -> v2::ScheduleInfo {
+    let spec = &schedule.spec;
+    let (run_every, cron, timezone) = match &spec.timing {
+        ScheduleTiming::Once => (None, None, None),
+        ScheduleTiming::Every { seconds } => (Some(*seconds), None, None),
+        ScheduleTiming::Cron {
+            expression,
+            timezone,
+        } => (None, Some(expression.clone()), Some(timezone.clone())),
+    };
+    v2::ScheduleInfo {
+        id: schedule.id.clone(),
+        project_id: schedule.project_id.clone(),
+        code_id: schedule.code_id.clone(),
+        code_name: spec.code_name.clone(),
+        status: schedule.status.as_str().to_owned(),
+        payload: spec.payload.clone(),
+        run_every,
+        cron,
+        timezone,
+        start_at: spec.start_at.map(format_time),
+        end_at: spec.end_at.map(format_time),
+        next_start: schedule.next_start.map(format_time),
+        last_run_time: schedule.last_run_time.map(format_time),
+        run_times: spec.run_times,
+        run_count: schedule.run_count,
+        priority: spec.priority,
+        timeout: spec.timeout_secs,
+        cluster: spec.cluster.clone(),
+        label: spec.label.clone(),
+        msg: None,
+        created_at: format_time(schedule.created_at),
+        updated_at: format_time(schedule.updated_at),
+    }
+}

@@ -1,0 +1,112 @@
+//! The shared store suite against SQLite, plus what only a file on disk can show: data and the
+//! lease token counter survive closing and reopening the database.
+
+use stevedore_store::testsuite::{at, image_spec, lease_request, new_task};
+use stevedore_store::{SqliteOptions, SqliteStore, Store, SyncMode};
+use tempfile::TempDir;
+
+/// A fresh store in its own temporary directory; the directory lives as long as the guard.
+async fn fresh_store() -> (SqliteStore, TempDir) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let store = SqliteStore::open(SqliteOptions::new(dir.path().join("stevedore.db")))
+        .await
+        .expect("open a fresh store");
+    (store, dir)
+}
+
+stevedore_store::store_test_suite!(fresh_store);
+
+async fn open(dir: &TempDir, sync: SyncMode) -> SqliteStore {
+    let options = SqliteOptions {
+        path: dir.path().join("nested/dir/stevedore.db"),
+        sync,
+    };
+    SqliteStore::open(options).await.expect("open the store")
+}
+
+#[tokio::test]
+async fn data_and_lease_tokens_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir, SyncMode::Full).await;
+    let project = store.create_project("acme", at(0)).await.unwrap();
+    store
+        .push_code(&project.id, &image_spec("hello"), None, at(0))
+        .await
+        .unwrap();
+    let queued = store
+        .enqueue(&project.id, &vec![new_task("hello"); 3], at(1))
+        .await
+        .unwrap();
+    let first = store
+        .lease(&lease_request("runner-1", 2), at(2))
+        .await
+        .unwrap();
+    let last_token = first.iter().map(|leased| leased.lease.token).max().unwrap();
+    store.close().await;
+    drop(store);
+
+    let store = open(&dir, SyncMode::Full).await;
+    assert_eq!(
+        store.find_project_by_name("acme").await.unwrap(),
+        Some(project.clone())
+    );
+    for task in &queued {
+        let stored = store.get_task(&project.id, &task.id).await.unwrap();
+        assert_eq!(stored.id, task.id);
+    }
+    let again = store
+        .lease(&lease_request("runner-1", 2), at(3))
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert!(
+        again[0].lease.token > last_token,
+        "tokens keep growing across restarts"
+    );
+}
+
+#[tokio::test]
+async fn a_store_dropped_without_close_keeps_its_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir, SyncMode::Normal).await;
+    let project = store.create_project("acme", at(0)).await.unwrap();
+    store
+        .push_code(&project.id, &image_spec("hello"), None, at(0))
+        .await
+        .unwrap();
+    let leased_token = {
+        store
+            .enqueue(&project.id, &[new_task("hello")], at(1))
+            .await
+            .unwrap();
+        store
+            .lease(&lease_request("runner-1", 1), at(2))
+            .await
+            .unwrap()[0]
+            .lease
+            .token
+    };
+    drop(store);
+
+    let store = open(&dir, SyncMode::Normal).await;
+    let code = store.get_code_by_name(&project.id, "hello").await.unwrap();
+    assert_eq!(code.rev, 1);
+    store
+        .enqueue(&project.id, &[new_task("hello")], at(3))
+        .await
+        .unwrap();
+    let leased = store
+        .lease(&lease_request("runner-1", 1), at(4))
+        .await
+        .unwrap();
+    assert!(leased[0].lease.token > leased_token);
+}
+
+#[tokio::test]
+async fn migrations_run_once() {
+    let dir = tempfile::tempdir().unwrap();
+    for _ in 0..3 {
+        let store = open(&dir, SyncMode::Normal).await;
+        store.close().await;
+    }
+}

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Runs every stevedore test: unit, API, store, the real binary, the real Docker engine and the
+# official IronWorker Python client. Installs and starts whatever a fresh machine lacks first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+apt_install() {
+  if [ -z "${apt_updated:-}" ]; then
+    apt-get update -qq
+    apt_updated=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+# The Docker engine and the static busybox the local test image is built from.
+if [ -x scripts/ensure-docker.sh ]; then
+  scripts/ensure-docker.sh
+fi
+
+# The official IronWorker Python client, in a virtual environment of its own.
+if ! command -v python3 >/dev/null 2>&1; then
+  log "installing python3"
+  apt_install python3 python3-venv python3-pip
+fi
+if ! .venv/bin/python -c 'import iron_worker, pytest' >/dev/null 2>&1; then
+  log "installing the IronWorker Python client into .venv"
+  rm -rf .venv
+  python3 -m venv .venv 2>/dev/null || { apt_install python3-venv && python3 -m venv .venv; }
+  .venv/bin/pip install --quiet --disable-pip-version-check -r tests/compat/requirements.txt
+fi
+export STEVEDORE_PYTHON="$PWD/.venv/bin/python"
+
+log "running the tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast "$@"
+else
+  cargo test --workspace --no-fail-fast "$@"
+fi
