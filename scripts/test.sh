@@ -32,9 +32,15 @@ if ! .venv/bin/python -c 'import iron_worker, pytest' >/dev/null 2>&1; then
 fi
 export STEVEDORE_PYTHON="$PWD/.venv/bin/python"
 
+# Tests marked #[ignore] kill the Docker daemon every other test shares, so they run alone,
+# after the rest.
 log "running the tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"
+  log "running the tests that restart the Docker daemon, alone"
+  cargo nextest run --workspace --no-fail-fast --run-ignored only --test-threads 1 "$@"
 else
   cargo test --workspace --no-fail-fast "$@"
+  log "running the tests that restart the Docker daemon, alone"
+  cargo test --workspace --no-fail-fast "$@" -- --ignored --test-threads 1
 fi

@@ -12,10 +12,15 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use stevedore_engine::{ContainerEngine, DockerEngine};
 use stevedore_model::{Clock, SystemClock};
-use stevedore_server::{AppState, auth, bootstrap};
+use stevedore_runner::{Runner, StoreTaskSource};
+use stevedore_server::rescuer::RescuerConfig;
+use stevedore_server::{AppState, EnqueueHook, auth, bootstrap};
 use stevedore_store::{SqliteStore, Store, TokenRole};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing_subscriber::EnvFilter;
 
 use crate::settings::Settings;
@@ -54,6 +59,22 @@ enum Command {
     Token {
         #[command(subcommand)]
         command: TokenCommand,
+    },
+    /// Runtimes for zip packages.
+    Stack {
+        #[command(subcommand)]
+        command: StackCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum StackCommand {
+    /// Build `stevedore/busybox:local` from the host's static busybox, for machines that reach
+    /// no registry. The `binary` and `sh` stacks run on it.
+    BuildLocal {
+        /// The static busybox to build from.
+        #[arg(long, default_value = stevedore_engine::HOST_BUSYBOX)]
+        busybox: PathBuf,
     },
 }
 
@@ -176,7 +197,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &serde_json::json!({"id": record.id, "project_id": record.project_id, "role": role_name, "token": token}),
             )
         }
+        Command::Stack {
+            command: StackCommand::BuildLocal { busybox },
+        } => {
+            let engine = connect_engine().await?;
+            let image = stevedore_engine::LOCAL_BUSYBOX_IMAGE;
+            let image_id = stevedore_engine::build_local_busybox_image(&engine, &busybox, image)
+                .await
+                .with_context(|| format!("cannot build {image} from {}", busybox.display()))?;
+            print_json(&serde_json::json!({"image": image, "id": image_id}))
+        }
     }
+}
+
+async fn connect_engine() -> anyhow::Result<DockerEngine> {
+    DockerEngine::connect().await.context(
+        "cannot reach the Docker engine (scripts/ensure-docker.sh installs and starts one; DOCKER_HOST points elsewhere)",
+    )
 }
 
 fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
@@ -195,6 +232,12 @@ async fn open_store(settings: &Settings) -> anyhow::Result<SqliteStore> {
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&settings.data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}",
+            settings.data_dir.display()
+        )
+    })?;
     let store: Arc<dyn Store> = Arc::new(open_store(&settings).await?);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let listener = TcpListener::bind(settings.listen)
@@ -205,6 +248,39 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         ip if ip.is_unspecified() => "127.0.0.1".to_owned(),
         ip => ip.to_string(),
     };
+    let shutdown = CancellationToken::new();
+    let background = TaskTracker::new();
+    let mut on_enqueue: Option<EnqueueHook> = None;
+    if settings.runner.enabled {
+        let engine: Arc<dyn ContainerEngine> = Arc::new(connect_engine().await?);
+        let source = Arc::new(StoreTaskSource::new(store.clone(), clock.clone()));
+        let runner = Runner::new(
+            settings.runner.runner_config(&settings.stacks),
+            source,
+            engine,
+        );
+        let wake = runner.work_notifier();
+        on_enqueue = Some(Arc::new(move || wake.notify()));
+        let started = runner
+            .start()
+            .await
+            .context("the embedded runner cannot start (set runner.enabled = false to serve the API without running tasks)")?;
+        let runner_shutdown = shutdown.child_token();
+        background.spawn(async move { runner.run_started(started, runner_shutdown).await });
+    }
+    let rescuer = RescuerConfig {
+        max_infra_attempts: settings.runner.max_infra_attempts,
+        ..RescuerConfig::default()
+    };
+    background.spawn(stevedore_server::rescuer::run(
+        store.clone(),
+        clock.clone(),
+        rescuer,
+        shutdown.child_token(),
+    ));
+    background.close();
+    // Written last: iron.json appearing means the server is ready, its runner started and
+    // the leftovers of an earlier life removed.
     let iron = bootstrap::ensure_default_project(
         store.as_ref(),
         &settings.data_dir,
@@ -218,14 +294,23 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         store,
         clock,
         config: Arc::new(settings.server_config()),
+        on_enqueue,
     };
     tracing::info!(
         %address,
         project_id = %iron.project_id,
         iron_json = %settings.data_dir.join("iron.json").display(),
+        runner = settings.runner.enabled,
         "stevedore is serving"
     );
-    stevedore_server::serve(listener, state, shutdown_signal()).await?;
+    let stop = shutdown.clone();
+    stevedore_server::serve(listener, state, async move {
+        shutdown_signal().await;
+        stop.cancel();
+    })
+    .await?;
+    // The runner finishes or requeues its tasks within its grace period.
+    background.wait().await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -3,12 +3,15 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
+use stevedore_engine::RegistryAuth;
 use stevedore_model::{Stack, limits};
+use stevedore_runner::RunnerConfig;
 use stevedore_server::ServerConfig;
 use stevedore_store::{SqliteOptions, SyncMode};
 
@@ -26,6 +29,91 @@ pub struct Settings {
     pub max_unpacked_bytes: u64,
     pub min_run_every_secs: u32,
     pub stacks: Vec<Stack>,
+    pub runner: RunnerSettings,
+}
+
+/// The runner embedded in `serve`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunnerSettings {
+    /// Run tasks in this process. Off, `serve` only stores them (for API-only servers).
+    pub enabled: bool,
+    /// Stable across restarts: at start-up the runner removes containers an earlier life of
+    /// the same id left behind.
+    pub id: String,
+    pub clusters: Vec<String>,
+    /// The most tasks at once; derived from cores and memory when absent.
+    pub capacity: Option<u32>,
+    /// Memory the runner may hand out to containers, MiB; 90% of the engine's when absent.
+    pub memory_budget_mib: Option<u64>,
+    pub lease_secs: u32,
+    pub log_cap_bytes: u64,
+    pub shutdown_grace_secs: u64,
+    /// Infrastructure failures of one task before it ends `error`.
+    pub max_infra_attempts: u32,
+    pub pids_limit: Option<u64>,
+    /// Run even when the engine cannot enforce memory limits (not recommended).
+    pub allow_unlimited_memory: bool,
+    /// Credentials for pulling from private registries.
+    pub registries: Vec<RegistrySettings>,
+}
+
+/// Credentials for one registry.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RegistrySettings {
+    /// The registry's address, e.g. `registry.example.com`.
+    pub server_address: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub identity_token: Option<String>,
+}
+
+impl Default for RunnerSettings {
+    fn default() -> Self {
+        let defaults = RunnerConfig::default();
+        Self {
+            enabled: true,
+            id: defaults.runner_id,
+            clusters: defaults.clusters,
+            capacity: None,
+            memory_budget_mib: None,
+            lease_secs: defaults.lease_secs,
+            log_cap_bytes: defaults.log_cap_bytes,
+            shutdown_grace_secs: defaults.shutdown_grace.as_secs(),
+            max_infra_attempts: defaults.max_infra_attempts,
+            pids_limit: defaults.pids_limit,
+            allow_unlimited_memory: defaults.allow_unlimited_memory,
+            registries: Vec::new(),
+        }
+    }
+}
+
+impl RunnerSettings {
+    pub fn runner_config(&self, stacks: &[Stack]) -> RunnerConfig {
+        RunnerConfig {
+            runner_id: self.id.clone(),
+            clusters: self.clusters.clone(),
+            capacity: self.capacity,
+            memory_budget_mib: self.memory_budget_mib,
+            lease_secs: self.lease_secs,
+            log_cap_bytes: self.log_cap_bytes,
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+            max_infra_attempts: self.max_infra_attempts,
+            pids_limit: self.pids_limit,
+            allow_unlimited_memory: self.allow_unlimited_memory,
+            stacks: stacks.to_vec(),
+            registry_auth: self
+                .registries
+                .iter()
+                .map(|registry| RegistryAuth {
+                    username: registry.username.clone(),
+                    password: registry.password.clone(),
+                    identity_token: registry.identity_token.clone(),
+                    server_address: Some(registry.server_address.clone()),
+                })
+                .collect(),
+            ..RunnerConfig::default()
+        }
+    }
 }
 
 impl Default for Settings {
@@ -40,6 +128,7 @@ impl Default for Settings {
             max_unpacked_bytes: server.package.max_unpacked_bytes,
             min_run_every_secs: limits::DEFAULT_MIN_RUN_EVERY_SECS,
             stacks: Stack::defaults(),
+            runner: RunnerSettings::default(),
         }
     }
 }
@@ -61,15 +150,8 @@ impl Settings {
             None => figment = figment.merge(Toml::file("stevedore.toml")),
         }
         figment
-            .merge(Env::prefixed("STEVEDORE_").only(&[
-                "listen",
-                "data_dir",
-                "sync",
-                "max_payload_bytes",
-                "max_package_bytes",
-                "max_unpacked_bytes",
-                "min_run_every_secs",
-            ]))
+            // `STEVEDORE_RUNNER__CAPACITY=4` sets `runner.capacity`.
+            .merge(Env::prefixed("STEVEDORE_").split("__"))
             .extract()
             .context("invalid configuration")
     }

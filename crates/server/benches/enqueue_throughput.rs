@@ -48,6 +48,7 @@ async fn setup() -> Setup {
         store: store.clone(),
         clock: Arc::new(SystemClock),
         config: Arc::new(ServerConfig::default()),
+        on_enqueue: None,
     };
     tokio::spawn(stevedore_server::serve(
         listener,

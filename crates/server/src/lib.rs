@@ -15,6 +15,7 @@ pub mod error;
 pub mod extract;
 pub mod openapi;
 pub mod package;
+pub mod rescuer;
 pub mod wire;
 
 use std::future::Future;
@@ -30,12 +31,26 @@ use tower_http::trace::TraceLayer;
 
 pub use config::ServerConfig;
 
+/// Called after tasks were queued, so an embedded runner leases at once instead of at its
+/// next poll. A missed or extra call is harmless.
+pub type EnqueueHook = Arc<dyn Fn() + Send + Sync>;
+
 /// What every request handler shares.
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
     pub config: Arc<ServerConfig>,
+    pub on_enqueue: Option<EnqueueHook>,
+}
+
+impl AppState {
+    /// Tells whoever listens that tasks were queued.
+    pub fn tasks_queued(&self) {
+        if let Some(hook) = &self.on_enqueue {
+            hook();
+        }
+    }
 }
 
 /// The whole HTTP application.

@@ -3,3 +3,4 @@
 mod python_client;
 mod serve;
 mod support;
+mod tasks;

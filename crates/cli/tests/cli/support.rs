@@ -19,8 +19,25 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
+    /// The API alone: no runner, so no Docker needed.
     pub fn start(data_dir: &Path) -> ServerProcess {
-        Self::start_with_env(data_dir, &[])
+        Self::start_with_env(data_dir, &[("STEVEDORE_RUNNER__ENABLED", "false")])
+    }
+
+    /// The API with its embedded runner on the real Docker engine, tuned for tests: short
+    /// leases and grace, and a runner id of its own so its reaper touches only its containers.
+    pub fn start_running(
+        data_dir: &Path,
+        runner_id: &str,
+        extra: &[(&str, &str)],
+    ) -> ServerProcess {
+        let mut env = vec![
+            ("STEVEDORE_RUNNER__ID", runner_id),
+            ("STEVEDORE_RUNNER__LEASE_SECS", "3"),
+            ("STEVEDORE_RUNNER__SHUTDOWN_GRACE_SECS", "5"),
+        ];
+        env.extend_from_slice(extra);
+        Self::start_with_env(data_dir, &env)
     }
 
     pub fn start_with_env(data_dir: &Path, env: &[(&str, &str)]) -> ServerProcess {
@@ -135,4 +152,151 @@ pub fn run_ok(args: &[&str]) -> String {
 /// Whether the tests are running in CI, where nothing may be skipped.
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|value| !value.is_empty() && value != "false" && value != "0")
+}
+
+/// Whether a Docker engine answers. In CI it must: a missing engine fails the test there.
+pub fn docker_available() -> bool {
+    let answers = Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    assert!(
+        answers || !in_ci(),
+        "CI must have a Docker engine (scripts/ensure-docker.sh starts one)"
+    );
+    if !answers {
+        eprintln!("skipped: no Docker engine answers (scripts/ensure-docker.sh starts one)");
+    }
+    answers
+}
+
+/// Builds `stevedore/busybox:local` with the binary when the engine lacks it.
+pub fn ensure_local_image() {
+    let present = Command::new("docker")
+        .args(["image", "inspect", "stevedore/busybox:local"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !present {
+        run_ok(&["stack", "build-local"]);
+    }
+}
+
+/// The ids of containers that carry `label`, running or not.
+pub fn containers_labelled(label: &str) -> Vec<String> {
+    let output = Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("label={label}")])
+        .output()
+        .expect("docker ps");
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A small HTTP client for one server.
+pub struct Api<'a> {
+    pub server: &'a ServerProcess,
+    pub http: reqwest::Client,
+}
+
+impl<'a> Api<'a> {
+    pub fn new(server: &'a ServerProcess) -> Self {
+        Api {
+            server,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Value {
+        let response = self
+            .http
+            .post(self.server.url(path))
+            .header("Authorization", format!("OAuth {}", self.server.token()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        assert!(status.is_success(), "POST {path}: {status} {text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        let response = self
+            .http
+            .get(self.server.url(path))
+            .header("Authorization", format!("OAuth {}", self.server.token()))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        assert!(status.is_success(), "GET {path}: {status} {text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    pub async fn log(&self, task_id: &str) -> Option<String> {
+        let response = self
+            .http
+            .get(self.server.url(&format!("tasks/{task_id}/log")))
+            .header("Authorization", format!("OAuth {}", self.server.token()))
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 404 {
+            return None;
+        }
+        assert!(response.status().is_success());
+        Some(response.text().await.unwrap())
+    }
+
+    /// Queues tasks and returns their ids.
+    pub async fn queue(&self, tasks: Value) -> Vec<String> {
+        let reply = self
+            .post("tasks", serde_json::json!({ "tasks": tasks }))
+            .await;
+        reply["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|task| task["id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// Polls a task until `done` holds of it, or panics after `timeout`.
+    pub async fn wait_for(
+        &self,
+        task_id: &str,
+        timeout: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let task = self.get(&format!("tasks/{task_id}")).await;
+            if done(&task) {
+                return task;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "task {task_id} did not get there in {timeout:?}: {task}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Polls a task until it is finished.
+    pub async fn wait_finished(&self, task_id: &str, timeout: Duration) -> Value {
+        self.wait_for(task_id, timeout, |task| {
+            matches!(
+                task["status"].as_str(),
+                Some("complete" | "error" | "timeout" | "cancelled")
+            )
+        })
+        .await
+    }
 }

@@ -61,6 +61,7 @@ pub async fn queue(
         .store
         .enqueue(&access.project_id, &tasks, state.clock.now())
         .await?;
+    state.tasks_queued();
     Ok(Json(v2::TasksQueued {
         msg: "Queued up".to_owned(),
         tasks: queued
@@ -117,6 +118,7 @@ pub async fn webhook(
         .store
         .enqueue(&access.project_id, &[task], state.clock.now())
         .await?;
+    state.tasks_queued();
     let task = queued
         .pop()
         .ok_or_else(|| ApiError::Internal("enqueue returned no task".into()))?;
@@ -298,6 +300,7 @@ pub async fn retry(
         .store
         .enqueue(&access.project_id, &[retry], state.clock.now())
         .await?;
+    state.tasks_queued();
     Ok(Json(v2::TasksQueued {
         msg: "Queued up".to_owned(),
         tasks: queued

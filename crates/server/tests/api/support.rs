@@ -86,6 +86,7 @@ impl TestServer {
             store: store.clone(),
             clock: Arc::new(SystemClock),
             config: Arc::new(config),
+            on_enqueue: None,
         };
         let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(stevedore_server::serve(listener, state, async move {

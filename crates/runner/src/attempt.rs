@@ -1,0 +1,736 @@
+//! One attempt at one leased task, from lease to teardown.
+//!
+//! ```text
+//! leased ─▶ memory reserved ─▶ image present ─▶ package fetched ─▶ created ─▶ started
+//!        ─▶ mark_running ─▶ supervised (exit | deadline | cancel | lease lost | shutdown)
+//!        ─▶ logs drained ─▶ result recorded (complete | requeue | abandoned) ─▶ slot freed
+//!        ─▶ container removed in the background
+//! ```
+//!
+//! Heartbeats run beside all of it: they keep the lease, bring a user's cancellation in, and
+//! notice a lost lease. Every failure of the engine is classified by
+//! [`EngineError::is_infrastructure`] alone.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use stevedore_engine::{
+    ContainerEngine, ContainerId, EngineError, ExitStatus, PullProgress, ResourceSampleStream,
+    ResourceUsage,
+};
+use stevedore_model::TaskOutcome;
+use stevedore_store::{LeasedTask, RunReport};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::admission::Slot;
+use crate::backoff::requeue_delay;
+use crate::config::RunnerConfig;
+use crate::container::{ContainerPlan, registry_auth_for};
+use crate::error::SourceError;
+use crate::logs::{LogShipper, ShippedLogs};
+use crate::source::{RequeueRequest, TaskSource};
+
+/// What every attempt shares with the runner.
+pub(crate) struct TaskContext {
+    pub config: RunnerConfig,
+    pub source: Arc<dyn TaskSource>,
+    pub engine: Arc<dyn ContainerEngine>,
+    /// Tracks attempts, their helpers and background removals, so shutdown waits for all.
+    pub tracker: TaskTracker,
+    /// Shutdown was asked for: tasks that have not started give their lease back.
+    pub shutdown: CancellationToken,
+    /// The shutdown grace period is over: running containers are killed and requeued.
+    pub hard_stop: CancellationToken,
+    /// Set when the engine failed in an infrastructure way; the lease loop then checks the
+    /// engine answers before it leases more work.
+    pub engine_suspect: AtomicBool,
+}
+
+/// How an attempt ended, to be recorded.
+#[derive(Debug)]
+enum Ending {
+    /// The task has a terminal result.
+    Finished {
+        outcome: TaskOutcome,
+        report: RunReport,
+    },
+    /// The task goes back to the queue: the infrastructure failed, or the runner shuts down.
+    Requeue { reason: String, delay: Duration },
+    /// The lease is no longer ours: someone else owns the task now. Record nothing.
+    Abandon { why: String },
+}
+
+/// What supervision of a started container reacts to.
+enum Supervision {
+    Exited(Result<ExitStatus, EngineError>),
+    DeadlineReached,
+    CancelRequested,
+    LeaseLost,
+    ShutdownKill,
+}
+
+/// Signals from the heartbeat loop to the attempt.
+#[derive(Clone, Default)]
+struct Signals {
+    /// A user asked to cancel the task.
+    cancel: CancellationToken,
+    /// The lease is stale.
+    lease_lost: CancellationToken,
+    /// The attempt is over: heartbeats stop.
+    done: CancellationToken,
+}
+
+/// How long to wait for the rest of a container's output after it stopped.
+const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long resource sampling may go on after the container stopped (and the log drained).
+const USAGE_GRACE: Duration = Duration::from_millis(50);
+/// How long to wait for a killed container to be reported stopped.
+const KILL_WAIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Attempts at recording a result while the source is unavailable (about 25 s in all, within
+/// the lease that the heartbeats keep extending meanwhile).
+const RECORD_ATTEMPTS: u32 = 8;
+/// Attempts at removing a container.
+const REMOVE_ATTEMPTS: u32 = 3;
+
+/// Runs one leased task to its end. The slot is given back once the result is recorded.
+pub(crate) async fn run(context: Arc<TaskContext>, leased: LeasedTask, slot: Slot) {
+    let span = tracing::info_span!(
+        "task",
+        task_id = %leased.task.id,
+        project_id = %leased.task.project_id,
+        code = %leased.task.code_name,
+        attempt = leased.task.infra_attempts + 1,
+        lease = leased.lease.token,
+    );
+    Attempt {
+        context,
+        leased,
+        slot,
+        signals: Signals::default(),
+        container: None,
+        started: false,
+    }
+    .run()
+    .instrument(span)
+    .await;
+}
+
+struct Attempt {
+    context: Arc<TaskContext>,
+    leased: LeasedTask,
+    slot: Slot,
+    signals: Signals,
+    /// The container, once created: removed at the end whatever happened.
+    container: Option<ContainerId>,
+    /// Whether the container was started (and so may be running).
+    started: bool,
+}
+
+// === impl Attempt ===
+
+impl Attempt {
+    async fn run(mut self) {
+        let heartbeats = self.context.tracker.spawn(
+            heartbeat_loop(
+                Arc::clone(&self.context.source),
+                self.leased.task.id.clone(),
+                self.leased.lease.token,
+                self.context.config.lease_secs,
+                self.context.config.heartbeat_interval,
+                self.signals.clone(),
+            )
+            .in_current_span(),
+        );
+        let ending = self.execute().await;
+        if let Some(id) = &self.container
+            && self.started
+            && matches!(ending, Ending::Abandon { .. } | Ending::Requeue { .. })
+        {
+            // The task is someone else's or goes back to the queue: its process must stop
+            // now, not whenever the background removal gets to it.
+            if let Err(error) = self.context.engine.kill(id).await {
+                tracing::debug!(%error, "kill before giving the task up failed");
+            }
+        }
+        self.record(ending).await;
+        self.signals.done.cancel();
+        let _ = heartbeats.await;
+        let Attempt {
+            context,
+            slot,
+            container,
+            ..
+        } = self;
+        drop(slot);
+        if let Some(id) = container {
+            let engine = Arc::clone(&context.engine);
+            context
+                .tracker
+                .spawn(remove_container(engine, id).in_current_span());
+        }
+    }
+
+    async fn execute(&mut self) -> Ending {
+        let signals = self.signals.clone();
+        let shutdown = self.context.shutdown.clone();
+        let prepared = tokio::select! {
+            biased;
+            () = signals.lease_lost.cancelled() => return lease_lost(),
+            () = signals.cancel.cancelled() => return cancelled(RunReport::default()),
+            () = shutdown.cancelled() => return shutdown_before_start(),
+            prepared = self.prepare() => prepared,
+        };
+        let spec = match prepared {
+            Ok(spec) => spec,
+            Err(ending) => return ending,
+        };
+        // Not raced against anything: a create in flight that was dropped could leave a
+        // container behind whose id we never learnt.
+        let id = match self.context.engine.create(&spec).await {
+            Ok(id) => id,
+            Err(error) => return self.engine_failed("creating the container", error),
+        };
+        self.container = Some(id.clone());
+        if let Some(ending) = self.interrupted_before_start() {
+            return ending;
+        }
+        if let Err(error) = self.context.engine.start(&id).await {
+            return self.engine_failed("starting the container", error);
+        }
+        self.started = true;
+        // The timeout counts from here: pulling and creating were not the task's time.
+        let deadline =
+            Instant::now() + Duration::from_secs(u64::from(self.leased.task.timeout_secs));
+        let (task_id, token) = (self.leased.task.id.clone(), self.leased.lease.token);
+        let source = Arc::clone(&self.context.source);
+        match with_retries("mark the task running", || {
+            source.mark_running(&task_id, token)
+        })
+        .await
+        {
+            Ok(()) => {}
+            Err(SourceError::StaleLease { .. }) => return lease_lost(),
+            Err(error) => {
+                return Ending::Requeue {
+                    reason: format!("the task could not be marked running: {error}"),
+                    delay: self.backoff(),
+                };
+            }
+        }
+        tracing::debug!("container started");
+        self.supervise(id, deadline).await
+    }
+
+    /// Reserves memory, makes the image present, fetches the package and builds the spec.
+    async fn prepare(&mut self) -> Result<stevedore_engine::ContainerSpec, Ending> {
+        let memory_mib = u64::from(self.leased.code.spec.limits.memory_mib);
+        if !self.slot.fits_budget(memory_mib) {
+            return Err(Ending::Requeue {
+                reason: format!(
+                    "the task needs {memory_mib} MiB of memory, more than this runner's whole \
+                     budget of {} MiB",
+                    self.slot.budget_mib()
+                ),
+                delay: self.backoff(),
+            });
+        }
+        self.slot.reserve_memory(memory_mib).await;
+
+        let config = &self.context.config;
+        let plan = ContainerPlan::new(&self.leased, &config.stacks).map_err(setup_failed)?;
+        self.ensure_image(&plan.image).await?;
+        let package = match &plan.package_entry_point {
+            None => None,
+            Some(_) => Some(self.fetch_package().await?),
+        };
+        plan.spec(
+            &self.leased,
+            &config.runner_id,
+            config.pids_limit,
+            package.as_deref(),
+        )
+        .map_err(setup_failed)
+    }
+
+    /// Makes the image present, telling the task's progress when it has to be pulled.
+    async fn ensure_image(&self, image: &str) -> Result<(), Ending> {
+        let auth = registry_auth_for(image, &self.context.config.registry_auth);
+        let (progress, mut pull_events) = tokio::sync::mpsc::unbounded_channel();
+        let ensure = self
+            .context
+            .engine
+            .ensure_image(image, auth, Some(progress));
+        tokio::pin!(ensure);
+        let mut pull_started: Option<Instant> = None;
+        let presence = loop {
+            tokio::select! {
+                presence = &mut ensure => break presence,
+                Some(event) = pull_events.recv(), if pull_started.is_none() => {
+                    if matches!(event, PullProgress::Started { .. }) {
+                        pull_started = Some(Instant::now());
+                        self.report_progress(format!("pulling image {image}")).await;
+                    }
+                }
+            }
+        };
+        match presence {
+            Ok(_) => {
+                if let Some(started) = pull_started {
+                    let took = started.elapsed();
+                    tracing::info!(image, took_ms = took.as_millis(), "image pulled");
+                    self.report_progress(format!(
+                        "pulled image {image} in {:.1} s",
+                        took.as_secs_f64()
+                    ))
+                    .await;
+                }
+                Ok(())
+            }
+            Err(error) => Err(self.engine_failed(&format!("preparing the image {image}"), error)),
+        }
+    }
+
+    async fn fetch_package(&self) -> Result<Vec<u8>, Ending> {
+        let task = &self.leased.task;
+        let source = &self.context.source;
+        match with_retries("fetch the code package", || {
+            source.code_package(&task.project_id, &task.code_id, task.code_rev)
+        })
+        .await
+        {
+            Ok(package) => Ok(package),
+            Err(SourceError::NotFound { .. }) => Err(setup_failed(format!(
+                "revision {} of code {:?} has no package",
+                task.code_rev, task.code_name
+            ))),
+            Err(SourceError::StaleLease { .. }) => Err(lease_lost()),
+            Err(error) => Err(Ending::Requeue {
+                reason: format!("the code package could not be fetched: {error}"),
+                delay: self.backoff(),
+            }),
+        }
+    }
+
+    /// Whether the task was cancelled, lost or shut down while its container was created.
+    fn interrupted_before_start(&self) -> Option<Ending> {
+        if self.signals.lease_lost.is_cancelled() {
+            Some(lease_lost())
+        } else if self.signals.cancel.is_cancelled() {
+            Some(cancelled(RunReport::default()))
+        } else if self.context.shutdown.is_cancelled() {
+            Some(shutdown_before_start())
+        } else {
+            None
+        }
+    }
+
+    /// Follows a started container to its end.
+    async fn supervise(&self, id: ContainerId, deadline: Instant) -> Ending {
+        let engine = Arc::clone(&self.context.engine);
+        let config = &self.context.config;
+        let shipper = LogShipper {
+            source: Arc::clone(&self.context.source),
+            task_id: self.leased.task.id.clone(),
+            token: self.leased.lease.token,
+            cap: config.log_cap_bytes,
+            flush_interval: config.log_flush_interval,
+            flush_bytes: config.log_flush_bytes,
+            stored: self.leased.task.log_size,
+            skip: 0,
+        };
+        let logs = self
+            .context
+            .tracker
+            .spawn(shipper.ship(engine.logs(&id)).in_current_span());
+        let usage = Arc::new(std::sync::Mutex::new(ResourceUsage::default()));
+        let sampling = self
+            .context
+            .tracker
+            .spawn(follow_usage(engine.stats(&id), Arc::clone(&usage)).in_current_span());
+
+        let wait = engine.wait(&id);
+        tokio::pin!(wait);
+        let event = tokio::select! {
+            biased;
+            status = &mut wait => Supervision::Exited(status),
+            () = self.signals.lease_lost.cancelled() => Supervision::LeaseLost,
+            () = self.signals.cancel.cancelled() => Supervision::CancelRequested,
+            () = tokio::time::sleep_until(deadline) => Supervision::DeadlineReached,
+            () = self.context.hard_stop.cancelled() => Supervision::ShutdownKill,
+        };
+
+        let timeout_secs = self.leased.task.timeout_secs;
+        let (outcome, status) = match event {
+            Supervision::Exited(Ok(status)) => {
+                let outcome = if status.oom_killed {
+                    TaskOutcome::OutOfMemory {
+                        limit_mib: self.leased.code.spec.limits.memory_mib,
+                    }
+                } else {
+                    TaskOutcome::Exited {
+                        exit_code: status.exit_code,
+                    }
+                };
+                if let Some(engine_error) = &status.engine_error {
+                    tracing::info!(
+                        engine_error,
+                        "the engine reported an error running the task"
+                    );
+                }
+                (outcome, Some(status))
+            }
+            Supervision::Exited(Err(error)) => {
+                logs.abort();
+                sampling.abort();
+                // After a start there is no user error left to make: whatever broke the wait
+                // is the infrastructure's (the engine went away, the container vanished).
+                self.suspect_engine(&error);
+                return Ending::Requeue {
+                    reason: format!(
+                        "infrastructure failure while waiting for the container: {error}"
+                    ),
+                    delay: self.backoff(),
+                };
+            }
+            Supervision::LeaseLost => {
+                logs.abort();
+                sampling.abort();
+                return lease_lost();
+            }
+            Supervision::ShutdownKill => {
+                logs.abort();
+                sampling.abort();
+                return Ending::Requeue {
+                    reason: "the runner shut down while the task ran".to_owned(),
+                    delay: Duration::ZERO,
+                };
+            }
+            Supervision::DeadlineReached => {
+                tracing::info!(timeout_secs, "the task reached its timeout; killing it");
+                let status = self.kill_and_wait(&id, wait).await;
+                (TaskOutcome::TimedOut { timeout_secs }, status)
+            }
+            Supervision::CancelRequested => {
+                tracing::info!("the task was cancelled; killing it");
+                let status = self.kill_and_wait(&id, wait).await;
+                (TaskOutcome::Cancelled, status)
+            }
+        };
+
+        self.drain_logs(&id, logs).await;
+        // The engine samples about once a second and may take that long to notice the
+        // container stopped; the peaks seen so far are what there is.
+        if tokio::time::timeout(USAGE_GRACE, sampling).await.is_err() {
+            tracing::trace!("resource sampling cut off after the container stopped");
+        }
+        let usage = *usage
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let report = RunReport {
+            start_time: status.as_ref().and_then(|status| status.started_at),
+            end_time: status.as_ref().and_then(|status| status.finished_at),
+            peak_memory_bytes: usage.peak_memory_bytes,
+            cpu_time_ms: usage.cpu_total_ns.map(|ns| ns / 1_000_000),
+        };
+        Ending::Finished { outcome, report }
+    }
+
+    /// Waits for the live log stream of the stopped container to end, then reads the log
+    /// once more for whatever the live stream missed (see the `logs` module).
+    async fn drain_logs(&self, id: &ContainerId, live: JoinHandle<ShippedLogs>) {
+        let shipped = match tokio::time::timeout(LOG_DRAIN_TIMEOUT, live).await {
+            Ok(Ok(shipped)) => shipped,
+            Ok(Err(_)) | Err(_) => {
+                tracing::warn!("the container's log stream did not end; some output may be lost");
+                return;
+            }
+        };
+        if shipped.capped {
+            tracing::info!(stored = shipped.stored, "the task's log reached its cap");
+        }
+        if shipped.stopped {
+            return;
+        }
+        let config = &self.context.config;
+        let catch_up = LogShipper {
+            source: Arc::clone(&self.context.source),
+            task_id: self.leased.task.id.clone(),
+            token: self.leased.lease.token,
+            cap: config.log_cap_bytes,
+            flush_interval: config.log_flush_interval,
+            flush_bytes: config.log_flush_bytes,
+            stored: shipped.stored,
+            skip: shipped.read,
+        };
+        let caught_up = tokio::time::timeout(
+            LOG_DRAIN_TIMEOUT,
+            catch_up.ship(self.context.engine.logs(id)),
+        )
+        .await;
+        match caught_up {
+            Ok(caught_up) if caught_up.read > shipped.read => tracing::debug!(
+                missed = caught_up.read - shipped.read,
+                "shipped output the live log stream missed"
+            ),
+            Ok(_) => {}
+            Err(_) => tracing::warn!("reading the stopped container's log again timed out"),
+        }
+    }
+
+    /// Kills the container and waits (bounded) for the engine's account of its end.
+    async fn kill_and_wait(
+        &self,
+        id: &ContainerId,
+        wait: std::pin::Pin<&mut impl Future<Output = Result<ExitStatus, EngineError>>>,
+    ) -> Option<ExitStatus> {
+        if let Err(error) = self.context.engine.kill(id).await {
+            tracing::warn!(%error, "killing the container failed");
+            self.suspect_engine(&error);
+        }
+        match tokio::time::timeout(KILL_WAIT_TIMEOUT, wait).await {
+            Ok(Ok(status)) => Some(status),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "no exit status for the killed container");
+                None
+            }
+            Err(_) => {
+                tracing::warn!("the killed container was not reported stopped in time");
+                None
+            }
+        }
+    }
+
+    /// Records the ending with the source, retrying while it is unavailable.
+    async fn record(&self, ending: Ending) {
+        let source = &self.context.source;
+        let (task_id, token) = (self.leased.task.id.as_str(), self.leased.lease.token);
+        let recorded = match &ending {
+            Ending::Finished { outcome, report } => {
+                tracing::info!(?outcome, "task finished");
+                with_retries("record the task's result", || {
+                    source.complete(task_id, token, outcome, report)
+                })
+                .await
+            }
+            Ending::Requeue { reason, delay } => {
+                tracing::warn!(reason, delay_ms = delay.as_millis(), "giving the task back");
+                let request = RequeueRequest {
+                    reason: reason.clone(),
+                    delay: *delay,
+                    max_infra_attempts: self.context.config.max_infra_attempts,
+                };
+                with_retries("requeue the task", || {
+                    source.requeue(task_id, token, &request)
+                })
+                .await
+            }
+            Ending::Abandon { why } => {
+                tracing::warn!(why, "abandoning the task");
+                Ok(())
+            }
+        };
+        match recorded {
+            Ok(()) => {}
+            Err(SourceError::StaleLease { .. }) => {
+                tracing::warn!("the lease went stale before the result was recorded; dropped");
+            }
+            Err(error) => {
+                // The lease expires and the rescuer requeues the task: at-least-once holds.
+                tracing::error!(%error, "the task's result could not be recorded");
+            }
+        }
+    }
+
+    /// Classifies an engine failure: the infrastructure's requeues, the user's ends the task.
+    fn engine_failed(&self, doing: &str, error: EngineError) -> Ending {
+        if error.is_infrastructure() {
+            self.suspect_engine(&error);
+            Ending::Requeue {
+                reason: format!("infrastructure failure while {doing}: {error}"),
+                delay: self.backoff(),
+            }
+        } else {
+            setup_failed(format!("{doing} failed: {error}"))
+        }
+    }
+
+    fn suspect_engine(&self, error: &EngineError) {
+        if error.is_infrastructure() {
+            self.context.engine_suspect.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn backoff(&self) -> Duration {
+        let config = &self.context.config;
+        requeue_delay(
+            self.leased.task.infra_attempts,
+            config.requeue_backoff_base,
+            config.requeue_backoff_max,
+        )
+    }
+
+    async fn report_progress(&self, message: String) {
+        let (task_id, token) = (self.leased.task.id.as_str(), self.leased.lease.token);
+        if let Err(error) = self
+            .context
+            .source
+            .progress(task_id, token, None, Some(&message))
+            .await
+        {
+            tracing::debug!(%error, "progress not reported");
+        }
+    }
+}
+
+fn setup_failed(message: String) -> Ending {
+    Ending::Finished {
+        outcome: TaskOutcome::SetupFailed { message },
+        report: RunReport::default(),
+    }
+}
+
+fn cancelled(report: RunReport) -> Ending {
+    Ending::Finished {
+        outcome: TaskOutcome::Cancelled,
+        report,
+    }
+}
+
+fn lease_lost() -> Ending {
+    Ending::Abandon {
+        why: "the lease is stale: the task was rescued or finished elsewhere".to_owned(),
+    }
+}
+
+fn shutdown_before_start() -> Ending {
+    Ending::Requeue {
+        reason: "the runner shut down before the task started".to_owned(),
+        delay: Duration::ZERO,
+    }
+}
+
+/// Extends the lease every `interval` until the attempt is done; raises `cancel` when a user
+/// cancelled the task and `lease_lost` when the lease is no longer ours.
+async fn heartbeat_loop(
+    source: Arc<dyn TaskSource>,
+    task_id: String,
+    token: i64,
+    lease_secs: u32,
+    interval: Duration,
+    signals: Signals,
+) {
+    let lease = Duration::from_secs(u64::from(lease_secs));
+    // When the lease surely ended if no heartbeat gets through: counted on this runner's own
+    // monotonic clock from the last answered heartbeat, so a runner cut off from its source
+    // stops its container instead of running a task that someone else may run by now.
+    let mut lease_surely_until = Instant::now() + lease;
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // The lease was granted just now; the first heartbeat is due one interval later.
+    ticks.reset();
+    loop {
+        tokio::select! {
+            () = signals.done.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let asked = Instant::now();
+        let beat = tokio::select! {
+            () = signals.done.cancelled() => return,
+            beat = source.heartbeat(&task_id, token, lease_secs) => beat,
+        };
+        match beat {
+            Ok(reply) => {
+                lease_surely_until = asked + lease;
+                if reply.cancel_requested && !signals.cancel.is_cancelled() {
+                    tracing::info!("cancellation requested");
+                    signals.cancel.cancel();
+                }
+            }
+            Err(SourceError::Unavailable { message }) if Instant::now() < lease_surely_until => {
+                // The lease is still ours; if it expires meanwhile, the next answer says so.
+                tracing::warn!(message, "heartbeat failed; trying again");
+            }
+            Err(SourceError::Unavailable { message }) => {
+                tracing::warn!(message, "no heartbeat got through for a whole lease");
+                signals.lease_lost.cancel();
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "the lease is lost");
+                signals.lease_lost.cancel();
+                return;
+            }
+        }
+    }
+}
+
+/// Calls `operation` until it succeeds or fails for a reason that is not transient, waiting
+/// longer between tries.
+async fn with_retries<T, F, Fut>(what: &str, mut operation: F) -> Result<T, SourceError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, SourceError>>,
+{
+    let mut delay = Duration::from_millis(100);
+    let mut attempt = 1;
+    loop {
+        match operation().await {
+            Err(error) if error.is_transient() && attempt < RECORD_ATTEMPTS => {
+                tracing::warn!(%error, attempt, "could not {what}; trying again");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Folds the container's resource samples into `usage` until the stream ends.
+async fn follow_usage(
+    mut samples: ResourceSampleStream,
+    usage: Arc<std::sync::Mutex<ResourceUsage>>,
+) {
+    while let Some(sample) = samples.next().await {
+        match sample {
+            Ok(sample) => usage
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .record(&sample),
+            Err(error) => {
+                tracing::debug!(%error, "resource sampling failed");
+                return;
+            }
+        }
+    }
+}
+
+/// Removes a finished task's container, measuring how long the engine takes.
+async fn remove_container(engine: Arc<dyn ContainerEngine>, id: ContainerId) {
+    for attempt in 1..=REMOVE_ATTEMPTS {
+        match engine.remove(&id).await {
+            Ok(took) => {
+                tracing::info!(container = %id, took_ms = took.as_millis(), "container removed");
+                return;
+            }
+            Err(EngineError::NoSuchContainer { .. }) => return,
+            Err(error) if attempt < REMOVE_ATTEMPTS => {
+                tracing::warn!(container = %id, %error, "removing the container failed; trying again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(error) => {
+                tracing::error!(
+                    container = %id, %error,
+                    "the container could not be removed; the next start-up of this runner reaps it"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! [`RunnerConfig`]: everything a runner is told, with the defaults an operator would expect.
+
+use std::time::Duration;
+
+use stevedore_engine::RegistryAuth;
+use stevedore_model::Stack;
+use stevedore_model::limits::DEFAULT_MEMORY_MIB;
+use stevedore_model::task::DEFAULT_CLUSTER;
+
+use crate::error::RunnerError;
+
+/// How one runner behaves. `RunnerConfig::default()` is what `stevedore serve` embeds.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// The runner's name in leases and on its containers' `stevedore.runner` label. Keep it
+    /// stable across restarts: start-up reaps the containers carrying it. Default `embedded`.
+    pub runner_id: String,
+    /// The clusters whose tasks this runner takes. Default `["default"]`.
+    pub clusters: Vec<String>,
+    /// The most tasks running at once; `None` derives it from the engine's cores and memory
+    /// at start-up ([`default_capacity`]).
+    pub capacity: Option<u32>,
+    /// The memory, MiB, that the containers of running tasks may hold together; a task whose
+    /// limit does not fit waits until enough is free. `None` derives it from the engine's
+    /// memory at start-up ([`default_memory_budget_mib`]).
+    pub memory_budget_mib: Option<u64>,
+    /// How long a lease lasts without a heartbeat. Default 30 s.
+    pub lease_secs: u32,
+    /// How often a leased task's lease is extended, which is also how fast a cancellation
+    /// reaches the container. Default 1 s.
+    pub heartbeat_interval: Duration,
+    /// The longest pause between lease attempts when there is no work; the pause grows from
+    /// an eighth of it after work was found. Default 1 s.
+    pub idle_poll_interval: Duration,
+    /// The most log bytes kept per task; past it the source writes a truncation marker and
+    /// the runner stops shipping. Default 10 MiB.
+    pub log_cap_bytes: u64,
+    /// Buffered log output is shipped at least this often while a task runs. Default 200 ms.
+    pub log_flush_interval: Duration,
+    /// ... and as soon as this many bytes are buffered. Default 64 KiB.
+    pub log_flush_bytes: usize,
+    /// On shutdown, how long running tasks may go on before they are killed and requeued.
+    /// Default 30 s.
+    pub shutdown_grace: Duration,
+    /// After this many infrastructure failures a task ends `error` instead of being queued
+    /// again. Default 5.
+    pub max_infra_attempts: u32,
+    /// The delay before a task the infrastructure failed runs again, doubled for every
+    /// earlier such failure of the task. Default 2 s.
+    pub requeue_backoff_base: Duration,
+    /// The longest such delay. Default 5 minutes.
+    pub requeue_backoff_max: Duration,
+    /// Runtime names mapped to their images and launchers. Default [`Stack::defaults`].
+    pub stacks: Vec<Stack>,
+    /// Credentials for private registries, picked by the image's registry host (an entry
+    /// without `server_address` serves Docker Hub). Default none.
+    pub registry_auth: Vec<RegistryAuth>,
+    /// The most processes and threads in one task's container: holds a fork bomb. `None`
+    /// leaves it unlimited. Default 512.
+    pub pids_limit: Option<u64>,
+    /// Run even when the engine cannot enforce memory limits. Default false: the runner
+    /// refuses, because one task could then take the whole machine down.
+    pub allow_unlimited_memory: bool,
+}
+
+/// What a [`RunnerConfig`] comes to on a given engine: the derived defaults filled in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ResolvedLimits {
+    pub capacity: u32,
+    pub memory_budget_mib: u64,
+}
+
+/// The default capacity: four tasks per core (tasks mostly wait on IO), but no more than
+/// the memory budget holds at the default memory limit, and at least one.
+pub fn default_capacity(ncpu: u64, memory_budget_mib: u64) -> u32 {
+    let by_cores = ncpu.max(1).saturating_mul(4);
+    let by_memory = memory_budget_mib / u64::from(DEFAULT_MEMORY_MIB);
+    u32::try_from(by_cores.min(by_memory).max(1)).unwrap_or(u32::MAX)
+}
+
+/// The default memory budget: 90% of the engine machine's memory, leaving the rest to the
+/// engine, the runner and the operating system. An engine that reports no memory gets room
+/// for one default task.
+pub fn default_memory_budget_mib(mem_total_bytes: u64) -> u64 {
+    let total_mib = mem_total_bytes >> 20;
+    if total_mib == 0 {
+        return u64::from(DEFAULT_MEMORY_MIB);
+    }
+    total_mib / 10 * 9
+}
+
+// === impl RunnerConfig ===
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        RunnerConfig {
+            runner_id: "embedded".to_owned(),
+            clusters: vec![DEFAULT_CLUSTER.to_owned()],
+            capacity: None,
+            memory_budget_mib: None,
+            lease_secs: 30,
+            heartbeat_interval: Duration::from_secs(1),
+            idle_poll_interval: Duration::from_secs(1),
+            log_cap_bytes: 10 << 20,
+            log_flush_interval: Duration::from_millis(200),
+            log_flush_bytes: 64 << 10,
+            shutdown_grace: Duration::from_secs(30),
+            max_infra_attempts: 5,
+            requeue_backoff_base: Duration::from_secs(2),
+            requeue_backoff_max: Duration::from_secs(300),
+            stacks: Stack::defaults(),
+            registry_auth: Vec::new(),
+            pids_limit: Some(512),
+            allow_unlimited_memory: false,
+        }
+    }
+}
+
+impl RunnerConfig {
+    /// Checks what would make the runner misbehave rather than fail.
+    pub fn validate(&self) -> Result<(), RunnerError> {
+        let invalid = |why: &str| Err(RunnerError::InvalidConfig(why.to_owned()));
+        if self.runner_id.trim().is_empty() {
+            return invalid("runner_id is empty");
+        }
+        if self.clusters.is_empty() {
+            return invalid("clusters is empty: the runner would never get a task");
+        }
+        if self.capacity == Some(0) {
+            return invalid("capacity is 0: the runner would never run a task");
+        }
+        if self.memory_budget_mib == Some(0) {
+            return invalid("memory_budget_mib is 0: no task would ever fit");
+        }
+        if self.lease_secs == 0 {
+            return invalid("lease_secs is 0");
+        }
+        if self.heartbeat_interval.is_zero()
+            || self.heartbeat_interval >= Duration::from_secs(u64::from(self.lease_secs))
+        {
+            return invalid("heartbeat_interval must be above 0 and shorter than the lease");
+        }
+        if self.idle_poll_interval.is_zero() || self.log_flush_interval.is_zero() {
+            return invalid("idle_poll_interval and log_flush_interval must be above 0");
+        }
+        if self.log_flush_bytes == 0 {
+            return invalid("log_flush_bytes is 0");
+        }
+        if self.pids_limit == Some(0) {
+            return invalid("pids_limit is 0: not even the task's own process could run");
+        }
+        Ok(())
+    }
+
+    /// Fills in the derived defaults for an engine with `ncpu` cores and `mem_total_bytes`.
+    pub(crate) fn resolve(&self, ncpu: u64, mem_total_bytes: u64) -> ResolvedLimits {
+        let memory_budget_mib = self
+            .memory_budget_mib
+            .unwrap_or_else(|| default_memory_budget_mib(mem_total_bytes));
+        ResolvedLimits {
+            capacity: self
+                .capacity
+                .unwrap_or_else(|| default_capacity(ncpu, memory_budget_mib)),
+            memory_budget_mib,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_defaults_follow_cores_and_memory() {
+        // 2 cores, 24 GiB: cores decide.
+        assert_eq!(default_capacity(2, 22_000), 8);
+        // 16 cores, 1 GiB: memory decides.
+        assert_eq!(default_capacity(16, 1024), 4);
+        // Never zero.
+        assert_eq!(default_capacity(0, 0), 1);
+        assert_eq!(default_memory_budget_mib(8 << 30), 7371);
+        assert_eq!(default_memory_budget_mib(0), 256);
+    }
+
+    #[test]
+    fn explicit_values_win_over_derived_ones() {
+        let config = RunnerConfig {
+            capacity: Some(3),
+            memory_budget_mib: Some(1000),
+            ..RunnerConfig::default()
+        };
+        assert_eq!(
+            config.resolve(64, 1 << 40),
+            ResolvedLimits {
+                capacity: 3,
+                memory_budget_mib: 1000
+            }
+        );
+    }
+
+    #[test]
+    fn the_default_config_is_valid_and_nonsense_is_not() {
+        assert!(RunnerConfig::default().validate().is_ok());
+        for broken in [
+            RunnerConfig {
+                clusters: Vec::new(),
+                ..RunnerConfig::default()
+            },
+            RunnerConfig {
+                capacity: Some(0),
+                ..RunnerConfig::default()
+            },
+            RunnerConfig {
+                heartbeat_interval: Duration::from_secs(30),
+                ..RunnerConfig::default()
+            },
+        ] {
+            assert!(broken.validate().is_err(), "{broken:?}");
+        }
+    }
+}

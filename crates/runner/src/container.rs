@@ -1,0 +1,421 @@
+//! The in-container contract (DESIGN.md section 5): how a task, its code revision and the
+//! stacks become a [`ContainerSpec`].
+//!
+//! | what | value |
+//! |---|---|
+//! | `TASK_ID` | the task id |
+//! | `TASK_DIR` | `/mnt/task`: the working directory, writable; a zip package is unpacked here |
+//! | `PAYLOAD_FILE` | `/mnt/.task_payload` (the payload string as given) |
+//! | `CONFIG_FILE` | `/mnt/.task_config` (the code's config string, empty when it has none) |
+//! | user `env_vars` | from the code |
+//! | image code | `sh -c <command>` when a command is set, else the image's own entrypoint/cmd |
+//! | runtime code | the stack's launcher + `/mnt/task/<file_name>` + `-id <id> -d /mnt/task -payload /mnt/.task_payload -config /mnt/.task_config` |
+
+use std::collections::BTreeMap;
+
+use stevedore_engine::{ContainerSpec, FileToUpload, RegistryAuth, TASK_DIR};
+use stevedore_model::{CodeKind, Stack};
+use stevedore_store::LeasedTask;
+
+use crate::package;
+
+/// The label that names a container's task.
+pub const LABEL_TASK: &str = "stevedore.task";
+/// The label that names the runner that created a container; start-up reaps by it.
+pub const LABEL_RUNNER: &str = "stevedore.runner";
+/// Where the payload is, inside the container.
+pub const PAYLOAD_FILE: &str = "/mnt/.task_payload";
+/// Where the code's config is, inside the container.
+pub const CONFIG_FILE: &str = "/mnt/.task_config";
+
+/// What runs in a task's container, decided before anything is fetched: the image to make
+/// present, the command, and whether the code's zip package goes in too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerPlan {
+    /// The image the container is created from.
+    pub image: String,
+    /// Overrides the image's entrypoint (`Some(vec![])` clears it); `None` keeps it.
+    pub entrypoint: Option<Vec<String>>,
+    /// The command; `None` runs the image's own.
+    pub cmd: Option<Vec<String>>,
+    /// For runtime codes: the package's entry point (`file_name`), to unpack the package
+    /// under `TASK_DIR` and make that file executable.
+    pub package_entry_point: Option<String>,
+}
+
+// === impl ContainerPlan ===
+
+impl ContainerPlan {
+    /// The plan for a leased task. Fails, with a message for the user, when the code names
+    /// a runtime that no stack of this runner provides.
+    pub fn new(leased: &LeasedTask, stacks: &[Stack]) -> Result<Self, String> {
+        match &leased.code.spec.kind {
+            CodeKind::Image { image, command } => Ok(ContainerPlan {
+                image: image.clone(),
+                // A command replaces whatever the image would run, entrypoint included, so it
+                // runs exactly as written.
+                entrypoint: command.as_ref().map(|_| Vec::new()),
+                cmd: command
+                    .as_ref()
+                    .map(|command| vec!["sh".to_owned(), "-c".to_owned(), command.clone()]),
+                package_entry_point: None,
+            }),
+            CodeKind::Runtime { runtime, file_name } => {
+                let Some(stack) = stacks.iter().find(|stack| stack.name == *runtime) else {
+                    let known: Vec<&str> = stacks.iter().map(|stack| stack.name.as_str()).collect();
+                    return Err(format!(
+                        "unknown runtime {runtime:?}: this runner has the stacks {}",
+                        known.join(", ")
+                    ));
+                };
+                let entry_point = file_name.trim_start_matches("./").to_owned();
+                let mut cmd = stack.launcher.clone();
+                cmd.extend([
+                    format!("{TASK_DIR}/{entry_point}"),
+                    "-id".to_owned(),
+                    leased.task.id.clone(),
+                    "-d".to_owned(),
+                    TASK_DIR.to_owned(),
+                    "-payload".to_owned(),
+                    PAYLOAD_FILE.to_owned(),
+                    "-config".to_owned(),
+                    CONFIG_FILE.to_owned(),
+                ]);
+                Ok(ContainerPlan {
+                    image: stack.image.clone(),
+                    // The launcher is the whole command: an image entrypoint would wrap it.
+                    entrypoint: Some(Vec::new()),
+                    cmd: Some(cmd),
+                    package_entry_point: Some(entry_point),
+                })
+            }
+        }
+    }
+
+    /// The full container spec: contract environment and files, the unpacked `package` (for
+    /// runtime codes), limits and labels. Fails, with a message for the user, when the
+    /// package cannot be read.
+    pub fn spec(
+        &self,
+        leased: &LeasedTask,
+        runner_id: &str,
+        pids_limit: Option<u64>,
+        package: Option<&[u8]>,
+    ) -> Result<ContainerSpec, String> {
+        let (task, code) = (&leased.task, &leased.code);
+        let mut env = vec![
+            ("TASK_ID".to_owned(), task.id.clone()),
+            ("TASK_DIR".to_owned(), TASK_DIR.to_owned()),
+            ("PAYLOAD_FILE".to_owned(), PAYLOAD_FILE.to_owned()),
+            ("CONFIG_FILE".to_owned(), CONFIG_FILE.to_owned()),
+        ];
+        env.extend(
+            code.spec
+                .env_vars
+                .iter()
+                .map(|(name, value)| (name.clone(), value.clone())),
+        );
+        let mut spec = ContainerSpec {
+            // The lease token makes the name unique per attempt, so a slow removal of an
+            // earlier attempt's container never blocks the next one.
+            name: Some(container_name(runner_id, &task.id, leased.lease.token)),
+            image: self.image.clone(),
+            cmd: self.cmd.clone(),
+            entrypoint: self.entrypoint.clone(),
+            env,
+            working_dir: Some(TASK_DIR.to_owned()),
+            labels: BTreeMap::from([
+                (LABEL_TASK.to_owned(), task.id.clone()),
+                (LABEL_RUNNER.to_owned(), runner_id.to_owned()),
+            ]),
+            memory_bytes: Some(u64::from(code.spec.limits.memory_mib) << 20),
+            nano_cpus: code.spec.limits.cpus.map(nano_cpus),
+            pids_limit,
+            network_mode: Some(code.spec.network.clone()),
+            files: vec![
+                FileToUpload::readable(PAYLOAD_FILE, task.payload.as_bytes()),
+                FileToUpload::readable(CONFIG_FILE, code.spec.config.clone().unwrap_or_default()),
+            ],
+            ..ContainerSpec::default()
+        };
+        if let Some(entry_point) = &self.package_entry_point {
+            let Some(package) = package else {
+                return Err("the code has no package to run".to_owned());
+            };
+            let unpacked =
+                package::unpack(package, entry_point).map_err(|error| error.to_string())?;
+            if !unpacked
+                .files
+                .iter()
+                .any(|file| file.path == format!("{TASK_DIR}/{entry_point}"))
+            {
+                return Err(format!(
+                    "the code package has no file {entry_point:?} (the code's file_name)"
+                ));
+            }
+            spec.directories = unpacked.directories;
+            spec.files.extend(unpacked.files);
+        }
+        Ok(spec)
+    }
+}
+
+/// The credentials for `image`'s registry, if the configuration has some: the entry whose
+/// `server_address` is the image's registry host, or for Docker Hub images an entry without
+/// an address (or with `docker.io`).
+pub fn registry_auth_for(image: &str, auths: &[RegistryAuth]) -> Option<RegistryAuth> {
+    let registry = match image.split_once('/') {
+        Some((host, _)) if host.contains('.') || host.contains(':') || host == "localhost" => {
+            Some(host)
+        }
+        _ => None,
+    };
+    auths
+        .iter()
+        .find(|auth| {
+            let address = auth
+                .server_address
+                .as_deref()
+                .map(|address| address.trim_start_matches("https://").trim_end_matches('/'));
+            match (registry, address) {
+                (Some(registry), Some(address)) => registry == address,
+                (None, None) => true,
+                (None, Some(address)) => {
+                    matches!(
+                        address,
+                        "docker.io" | "index.docker.io" | "registry-1.docker.io"
+                    ) || address.starts_with("index.docker.io/")
+                }
+                (Some(_), None) => false,
+            }
+        })
+        .cloned()
+}
+
+/// The container's name: readable in `docker ps`, unique per attempt.
+fn container_name(runner_id: &str, task_id: &str, lease_token: i64) -> String {
+    let runner: String = runner_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!("stevedore-{runner}-{task_id}-{lease_token}")
+}
+
+/// A CPU count in the engine's billionths of a CPU; at least one.
+fn nano_cpus(cpus: f64) -> u64 {
+    // Validation keeps `cpus` within 0.01..=64, so the product fits easily.
+    let nanos = (cpus * 1e9).round();
+    if nanos.is_finite() && nanos >= 1.0 {
+        nanos as u64
+    } else {
+        1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use stevedore_model::{CodeRevision, CodeSpec, Limits, Task, TaskStatus};
+    use stevedore_store::Lease;
+
+    use super::*;
+    use crate::package::tests::zip_of;
+
+    fn leased(id: &str, kind: CodeKind) -> LeasedTask {
+        let now = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        let task = Task {
+            id: id.into(),
+            project_id: "p".into(),
+            code_id: "c".into(),
+            code_name: "hello".into(),
+            code_rev: 1,
+            status: TaskStatus::Preparing,
+            priority: 0,
+            payload: "{\"n\":1}".into(),
+            label: None,
+            cluster: "default".into(),
+            timeout_secs: 60,
+            delay_secs: 0,
+            created_at: now,
+            updated_at: now,
+            due_at: now,
+            start_time: None,
+            end_time: None,
+            percent: None,
+            msg: None,
+            retry_count: 0,
+            original_task_id: None,
+            schedule_id: None,
+            exit_code: None,
+            log_size: 0,
+            infra_attempts: 0,
+            cancel_requested: false,
+            peak_memory_bytes: None,
+            cpu_time_ms: None,
+            runner_id: Some("r1".into()),
+        };
+        let code = CodeRevision {
+            id: "c".into(),
+            project_id: "p".into(),
+            rev: 1,
+            spec: CodeSpec {
+                name: "hello".into(),
+                kind,
+                env_vars: BTreeMap::from([("GREETING".to_owned(), "hi".to_owned())]),
+                config: Some("{\"k\":\"v\"}".into()),
+                max_concurrency: None,
+                retries: 0,
+                retries_delay_secs: 0,
+                default_priority: 0,
+                limits: Limits {
+                    timeout_secs: 60,
+                    memory_mib: 64,
+                    cpus: Some(0.5),
+                },
+                network: "none".into(),
+            },
+            package_sha256: None,
+            package_size: None,
+            created_at: now,
+            updated_at: now,
+            paused: false,
+        };
+        LeasedTask {
+            task,
+            code,
+            lease: Lease {
+                token: 7,
+                expires_at: now,
+            },
+        }
+    }
+
+    #[test]
+    fn an_image_code_with_a_command_runs_sh_c_with_the_contract() {
+        let leased = leased(
+            "t1",
+            CodeKind::Image {
+                image: "busybox".into(),
+                command: Some("echo $TASK_ID".into()),
+            },
+        );
+        let plan = ContainerPlan::new(&leased, &Stack::defaults()).unwrap();
+        let spec = plan.spec(&leased, "r1", Some(64), None).unwrap();
+        assert_eq!(spec.name.as_deref(), Some("stevedore-r1-t1-7"));
+        assert_eq!(spec.image, "busybox");
+        assert_eq!(spec.entrypoint, Some(vec![]));
+        assert_eq!(
+            spec.cmd,
+            Some(vec!["sh".into(), "-c".into(), "echo $TASK_ID".into()])
+        );
+        assert_eq!(
+            spec.env,
+            vec![
+                ("TASK_ID".into(), "t1".into()),
+                ("TASK_DIR".into(), "/mnt/task".into()),
+                ("PAYLOAD_FILE".into(), "/mnt/.task_payload".into()),
+                ("CONFIG_FILE".into(), "/mnt/.task_config".into()),
+                ("GREETING".into(), "hi".into()),
+            ]
+        );
+        assert_eq!(spec.working_dir.as_deref(), Some("/mnt/task"));
+        assert_eq!(spec.labels[LABEL_TASK], "t1");
+        assert_eq!(spec.labels[LABEL_RUNNER], "r1");
+        assert_eq!(spec.memory_bytes, Some(64 << 20));
+        assert_eq!(spec.nano_cpus, Some(500_000_000));
+        assert_eq!(spec.pids_limit, Some(64));
+        assert_eq!(spec.network_mode.as_deref(), Some("none"));
+        assert_eq!(spec.files[0].path, PAYLOAD_FILE);
+        assert_eq!(spec.files[0].contents, b"{\"n\":1}");
+        assert_eq!(spec.files[1].path, CONFIG_FILE);
+        assert_eq!(spec.files[1].contents, b"{\"k\":\"v\"}");
+        assert!(spec.validate().is_ok());
+    }
+
+    #[test]
+    fn an_image_code_without_a_command_keeps_the_image_entrypoint() {
+        let leased = leased(
+            "t1",
+            CodeKind::Image {
+                image: "team/app:1".into(),
+                command: None,
+            },
+        );
+        let plan = ContainerPlan::new(&leased, &[]).unwrap();
+        assert_eq!((plan.entrypoint, plan.cmd), (None, None));
+    }
+
+    #[test]
+    fn a_runtime_code_runs_the_launcher_with_the_legacy_flags() {
+        let leased = leased(
+            "t2",
+            CodeKind::Runtime {
+                runtime: "sh".into(),
+                file_name: "hello.sh".into(),
+            },
+        );
+        let plan = ContainerPlan::new(&leased, &Stack::defaults()).unwrap();
+        assert_eq!(plan.image, stevedore_model::stack::LOCAL_BUSYBOX_IMAGE);
+        assert_eq!(
+            plan.cmd.clone().unwrap().join(" "),
+            "sh /mnt/task/hello.sh -id t2 -d /mnt/task -payload /mnt/.task_payload \
+             -config /mnt/.task_config"
+        );
+        let zip = zip_of(&[("hello.sh", "#!/bin/sh\necho hi\n", Some(0o644))]);
+        let spec = plan
+            .spec(&leased, "r1", None, Some(zip.as_slice()))
+            .unwrap();
+        let script = spec
+            .files
+            .iter()
+            .find(|file| file.path == "/mnt/task/hello.sh")
+            .unwrap();
+        assert_eq!(script.mode, 0o755);
+
+        let missing = plan.spec(&leased, "r1", None, Some(zip_of(&[]).as_slice()));
+        assert!(missing.unwrap_err().contains("hello.sh"));
+    }
+
+    #[test]
+    fn an_unknown_runtime_names_the_known_ones() {
+        let leased = leased(
+            "t",
+            CodeKind::Runtime {
+                runtime: "cobol".into(),
+                file_name: "main.cob".into(),
+            },
+        );
+        let error = ContainerPlan::new(&leased, &Stack::defaults()).unwrap_err();
+        assert!(
+            error.contains("cobol") && error.contains("binary"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn registry_credentials_are_picked_by_host() {
+        let hub = RegistryAuth {
+            username: Some("hub".into()),
+            ..RegistryAuth::default()
+        };
+        let private = RegistryAuth {
+            username: Some("private".into()),
+            server_address: Some("registry.example.com:5000".into()),
+            ..RegistryAuth::default()
+        };
+        let auths = [private.clone(), hub.clone()];
+        assert_eq!(registry_auth_for("team/app:1", &auths), Some(hub));
+        assert_eq!(
+            registry_auth_for("registry.example.com:5000/app", &auths),
+            Some(private)
+        );
+        assert_eq!(registry_auth_for("ghcr.io/x/y", &auths), None);
+    }
+}

@@ -1,0 +1,73 @@
+//! The runner's errors: why it cannot run at all ([`RunnerError`]), and what a task source
+//! answered when it refused or failed a request ([`SourceError`]).
+
+use stevedore_engine::EngineError;
+use stevedore_store::StoreError;
+
+/// Why [`crate::Runner::run`] refused to run. Failures of single tasks are not errors of the
+/// runner: they end or requeue the task and the runner goes on.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    /// The container engine did not answer at start-up.
+    #[error("the container engine is not available: {0}")]
+    EngineUnavailable(#[source] EngineError),
+    /// The engine cannot enforce a limit the configuration needs (memory limits, unless the
+    /// configuration explicitly allows running without them).
+    #[error("refusing to run tasks: {0}")]
+    EngineCannotEnforceLimits(#[source] EngineError),
+    /// The configuration makes no sense (no clusters, a zero capacity...).
+    #[error("invalid runner configuration: {0}")]
+    InvalidConfig(String),
+}
+
+/// What a [`crate::TaskSource`] answered when it did not do what was asked.
+///
+/// The variants are what the runner acts on, whatever transport the source uses: the store
+/// directly, or the server over HTTP (409 → `StaleLease`, 404 → `NotFound`, 5xx and transport
+/// failures → `Unavailable`, other 4xx → `Refused`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SourceError {
+    /// The lease token is no longer the task's: it was rescued and leased again, or it has
+    /// finished. The runner must stop acting on the task at once.
+    #[error("the lease on task {task_id} is stale")]
+    StaleLease { task_id: String },
+    /// The thing asked for does not exist (a code package).
+    #[error("{what} not found")]
+    NotFound { what: String },
+    /// The source could not be reached or failed internally; trying again later may work.
+    #[error("the task source is unavailable: {message}")]
+    Unavailable { message: String },
+    /// The source refused the request as invalid for the task's current state; trying again
+    /// will not help.
+    #[error("the task source refused the request: {message}")]
+    Refused { message: String },
+}
+
+// === impl SourceError ===
+
+impl SourceError {
+    /// Whether trying the same request again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SourceError::Unavailable { .. })
+    }
+}
+
+impl From<StoreError> for SourceError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::StaleLease { task_id } => SourceError::StaleLease { task_id },
+            StoreError::NotFound { what } => SourceError::NotFound { what },
+            StoreError::Database(error) => SourceError::Unavailable {
+                message: error.to_string(),
+            },
+            StoreError::Migration(error) => SourceError::Unavailable {
+                message: error.to_string(),
+            },
+            error @ (StoreError::Conflict(_)
+            | StoreError::Transition(_)
+            | StoreError::Corrupt(_)) => SourceError::Refused {
+                message: error.to_string(),
+            },
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! stevedore's runner: it leases tasks and runs each in its own short-lived container.
+//!
+//! What this crate owns:
+//!
+//! * **The lease loop** ([`Runner::run`]): lease up to the free capacity from a
+//!   [`TaskSource`], wake at once when a slot frees, back off when there is no work, and stop
+//!   leasing the moment shutdown is asked for. Every task runs in its own tokio task, tracked
+//!   so that shutdown can wait for it.
+//! * **Admission**: at most `capacity` tasks at once, and never more memory handed to
+//!   containers than the runner's memory budget (a task waits, still leased and heartbeating,
+//!   until its memory is free).
+//! * **Supervision of one task**: heartbeats that extend the lease and carry cancellation
+//!   back; the timeout, counted from container start; cancellation (kill within a second);
+//!   a lost lease (stop and abandon the task to whoever holds it now).
+//! * **The in-container contract** (DESIGN.md section 5): the container spec built from a
+//!   task, its code revision and the stacks ([`ContainerPlan`]): environment, files by
+//!   archive upload, the unpacked zip package, limits and labels.
+//! * **Log shipping**: stdout and stderr into the task source in chunks while the task runs,
+//!   up to the log cap.
+//! * **Failure classification**: only by [`stevedore_engine::EngineError::is_infrastructure`];
+//!   infrastructure failures requeue the task with exponential backoff without spending the
+//!   user's retries, the user's failures end the task `error` with a clear message.
+//! * **Teardown**: every container is removed (force, with volumes) in the background after
+//!   the result is recorded, and containers left by an earlier life of this runner are
+//!   reaped at start-up.
+//!
+//! What it does not own: the status transitions (the store applies `model::transition`),
+//! retries of failed tasks (the store queues them on completion), rescuing expired leases
+//! (the server's rescuer), and anything Docker-specific (the `engine` crate).
+//!
+//! The runner talks to its tasks only through the [`TaskSource`] trait: [`StoreTaskSource`]
+//! over the store for the runner embedded in `stevedore serve`, and an HTTP implementation
+//! for remote runners, so both share this crate unchanged.
+
+#![forbid(unsafe_code)]
+// Tests may unwrap: a panic there is a failed test with a clear location.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+mod admission;
+mod attempt;
+mod backoff;
+mod config;
+mod container;
+mod error;
+mod logs;
+mod package;
+mod runner;
+mod source;
+
+pub use backoff::requeue_delay;
+pub use config::{RunnerConfig, default_capacity, default_memory_budget_mib};
+pub use container::{
+    CONFIG_FILE, ContainerPlan, LABEL_RUNNER, LABEL_TASK, PAYLOAD_FILE, registry_auth_for,
+};
+pub use error::{RunnerError, SourceError};
+pub use runner::{Runner, StartedRunner, WorkNotifier};
+pub use source::{RequeueRequest, StoreTaskSource, TaskSource};
+pub use stevedore_engine::TASK_DIR;

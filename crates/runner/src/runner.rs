@@ -1,0 +1,339 @@
+//! [`Runner`]: start-up checks, the reaper, the lease loop and graceful shutdown.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use stevedore_engine::{ContainerEngine, EngineCapabilities, Requirements, check_required};
+use stevedore_store::{LeaseRequest, LeasedTask};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::admission::Admission;
+use crate::attempt::{self, TaskContext};
+use crate::config::{ResolvedLimits, RunnerConfig};
+use crate::container::LABEL_RUNNER;
+use crate::error::RunnerError;
+use crate::source::TaskSource;
+
+/// Leases tasks from a [`TaskSource`] and runs each in its own container on a
+/// [`ContainerEngine`]. One runner per engine; [`Runner::run`] until shutdown.
+pub struct Runner {
+    config: RunnerConfig,
+    source: Arc<dyn TaskSource>,
+    engine: Arc<dyn ContainerEngine>,
+    work: Arc<Notify>,
+}
+
+/// Tells a runner that work may be waiting, so it leases now instead of at its next poll.
+/// The server calls it after queueing tasks; a lost or extra notification is harmless.
+#[derive(Debug, Clone)]
+pub struct WorkNotifier(Arc<Notify>);
+
+/// The lease loop's growing pause while there is no work.
+#[derive(Debug)]
+struct IdleBackoff {
+    max: Duration,
+    next: Duration,
+}
+
+/// A runner that passed its start-up checks: proof for [`Runner::run_started`].
+#[derive(Debug)]
+pub struct StartedRunner {
+    limits: ResolvedLimits,
+}
+
+/// How many containers left by an earlier life are removed at once at start-up.
+const REAP_CONCURRENCY: usize = 8;
+
+// === impl Runner ===
+
+impl Runner {
+    pub fn new(
+        config: RunnerConfig,
+        source: Arc<dyn TaskSource>,
+        engine: Arc<dyn ContainerEngine>,
+    ) -> Self {
+        Runner {
+            config,
+            source,
+            engine,
+            work: Arc::new(Notify::new()),
+        }
+    }
+
+    pub fn config(&self) -> &RunnerConfig {
+        &self.config
+    }
+
+    /// A handle that wakes the lease loop.
+    pub fn work_notifier(&self) -> WorkNotifier {
+        WorkNotifier(Arc::clone(&self.work))
+    }
+
+    /// Checks the configuration and the engine, then removes what an earlier life of this
+    /// runner left behind. Separate from [`Runner::run_started`] so that a caller can refuse
+    /// to start (with the error) before it serves anything.
+    ///
+    /// Refuses when the configuration is invalid, the engine does not answer, or the engine
+    /// cannot enforce memory limits (unless `allow_unlimited_memory`).
+    pub async fn start(&self) -> Result<StartedRunner, RunnerError> {
+        let config = &self.config;
+        config.validate()?;
+        let capabilities = self
+            .engine
+            .capabilities()
+            .await
+            .map_err(RunnerError::EngineUnavailable)?;
+        let requirements = Requirements {
+            memory_limit: true,
+            swap_limit: false,
+            cpu_quota: false,
+            pids_limit: config.pids_limit.is_some(),
+            allow_unenforced_memory_limit: config.allow_unlimited_memory,
+        };
+        check_required(&capabilities, &requirements)
+            .map_err(RunnerError::EngineCannotEnforceLimits)?;
+        let limits = config.resolve(capabilities.ncpu, capabilities.mem_total);
+        log_engine(&capabilities);
+        tracing::info!(
+            runner_id = %config.runner_id,
+            clusters = ?config.clusters,
+            capacity = limits.capacity,
+            memory_budget_mib = limits.memory_budget_mib,
+            "runner starting"
+        );
+        self.reap().await;
+        Ok(StartedRunner { limits })
+    }
+
+    /// [`Runner::start`], then [`Runner::run_started`].
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), RunnerError> {
+        let started = self.start().await?;
+        self.run_started(started, shutdown).await;
+        Ok(())
+    }
+
+    /// Runs until `shutdown` is cancelled, then stops leasing at once, lets running tasks
+    /// finish within the grace period, kills and requeues the rest, and returns once every
+    /// container it created is removed.
+    pub async fn run_started(&self, started: StartedRunner, shutdown: CancellationToken) {
+        let config = &self.config;
+        let limits = started.limits;
+        let admission = Admission::new(limits.capacity, limits.memory_budget_mib);
+        let context = Arc::new(TaskContext {
+            config: config.clone(),
+            source: Arc::clone(&self.source),
+            engine: Arc::clone(&self.engine),
+            tracker: TaskTracker::new(),
+            shutdown: shutdown.clone(),
+            hard_stop: CancellationToken::new(),
+            engine_suspect: AtomicBool::new(false),
+        });
+        self.lease_loop(&context, &admission, &shutdown).await;
+
+        let running = context.tracker.len();
+        tracing::info!(
+            running,
+            grace_ms = config.shutdown_grace.as_millis(),
+            "runner shutting down: no more leases"
+        );
+        context.tracker.close();
+        if tokio::time::timeout(config.shutdown_grace, context.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = context.tracker.len(),
+                "the grace period is over: killing and requeueing the remaining tasks"
+            );
+            context.hard_stop.cancel();
+            context.tracker.wait().await;
+        }
+        tracing::info!("runner stopped");
+    }
+
+    /// Removes every container this runner's earlier life left behind.
+    async fn reap(&self) {
+        let runner_id = &self.config.runner_id;
+        let leftovers = match self.engine.list_labeled(LABEL_RUNNER, runner_id).await {
+            Ok(leftovers) => leftovers,
+            Err(error) => {
+                tracing::warn!(%error, "cannot list the containers of an earlier run to reap them");
+                return;
+            }
+        };
+        if leftovers.is_empty() {
+            return;
+        }
+        let count = leftovers.len();
+        let engine = &self.engine;
+        futures::stream::iter(leftovers)
+            .for_each_concurrent(REAP_CONCURRENCY, |id| async move {
+                match engine.remove(&id).await {
+                    Ok(took) => tracing::info!(
+                        container = %id,
+                        took_ms = took.as_millis(),
+                        "reaped a container of an earlier run"
+                    ),
+                    Err(error) => {
+                        tracing::warn!(container = %id, %error, "cannot reap a container");
+                    }
+                }
+            })
+            .await;
+        tracing::info!(count, "reaped the containers of an earlier run");
+    }
+
+    async fn lease_loop(
+        &self,
+        context: &Arc<TaskContext>,
+        admission: &Arc<Admission>,
+        shutdown: &CancellationToken,
+    ) {
+        let config = &self.config;
+        let mut idle = IdleBackoff::new(config.idle_poll_interval);
+        let mut released = admission.subscribe();
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            if context.engine_suspect.swap(false, Ordering::Relaxed)
+                && !self.wait_for_engine(shutdown).await
+            {
+                return;
+            }
+            let wanted = admission.lease_size();
+            if wanted == 0 {
+                // Wakes as soon as a running task gives its slot or memory back.
+                tokio::select! {
+                    _ = released.changed() => continue,
+                    () = shutdown.cancelled() => return,
+                }
+            }
+            released.mark_unchanged();
+            let request = LeaseRequest {
+                runner_id: config.runner_id.clone(),
+                clusters: config.clusters.clone(),
+                max_tasks: wanted,
+                lease_secs: config.lease_secs,
+            };
+            // Not raced against shutdown: a lease granted and then dropped unseen would sit
+            // until it expired. Tasks leased after shutdown give themselves back at once.
+            let pause = match self.source.lease(&request).await {
+                Ok(tasks) if tasks.is_empty() => idle.next_pause(),
+                Ok(tasks) => {
+                    idle.reset();
+                    for leased in tasks {
+                        self.spawn_attempt(context, admission, leased);
+                    }
+                    continue;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "leasing failed");
+                    config.idle_poll_interval
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = self.work.notified() => idle.reset(),
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    fn spawn_attempt(
+        &self,
+        context: &Arc<TaskContext>,
+        admission: &Arc<Admission>,
+        leased: LeasedTask,
+    ) {
+        let slot = admission.take();
+        tracing::debug!(
+            task_id = %leased.task.id,
+            used = admission.capacity().saturating_sub(admission.lease_size()),
+            capacity = admission.capacity(),
+            memory_budget_mib = admission.memory_budget_mib(),
+            "task leased"
+        );
+        context
+            .tracker
+            .spawn(attempt::run(Arc::clone(context), leased, slot).in_current_span());
+    }
+
+    /// After an infrastructure failure: waits until the engine answers again before leasing
+    /// more work, so an engine that is down does not burn through the queue's infrastructure
+    /// attempts. Returns false when shutdown came first.
+    async fn wait_for_engine(&self, shutdown: &CancellationToken) -> bool {
+        let mut pause = Duration::from_millis(200);
+        loop {
+            match self.engine.capabilities().await {
+                Ok(_) => return true,
+                Err(error) => {
+                    tracing::warn!(%error, "the container engine does not answer; not leasing");
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = shutdown.cancelled() => return false,
+            }
+            pause = (pause * 2).min(Duration::from_secs(10));
+        }
+    }
+}
+
+impl std::fmt::Debug for Runner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn log_engine(capabilities: &EngineCapabilities) {
+    tracing::info!(
+        server_version = %capabilities.server_version,
+        api_version = %capabilities.negotiated_api_version,
+        ncpu = capabilities.ncpu,
+        mem_total_mib = capabilities.mem_total >> 20,
+        cgroup_version = ?capabilities.cgroup_version,
+        memory_limit = capabilities.memory_limit,
+        swap_limit = capabilities.swap_limit,
+        pids_limit = capabilities.pids_limit,
+        "container engine"
+    );
+    for warning in &capabilities.warnings {
+        tracing::warn!(warning, "container engine warning");
+    }
+}
+
+// === impl WorkNotifier ===
+
+impl WorkNotifier {
+    pub fn notify(&self) {
+        self.0.notify_one();
+    }
+}
+
+// === impl IdleBackoff ===
+
+impl IdleBackoff {
+    fn new(max: Duration) -> Self {
+        IdleBackoff { max, next: max / 8 }
+    }
+
+    /// The pause after one more lease that found nothing: an eighth of the maximum after
+    /// work was seen, doubling up to the maximum.
+    fn next_pause(&mut self) -> Duration {
+        let pause = self.next.min(self.max);
+        self.next = (self.next * 2).min(self.max);
+        pause
+    }
+
+    fn reset(&mut self) {
+        self.next = self.max / 8;
+    }
+}

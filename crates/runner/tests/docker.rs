@@ -1,0 +1,493 @@
+//! The runner against the real Docker engine and a real SQLite store: no mocks.
+//!
+//! They skip, saying why, when the engine is not reachable and `CI` is not set; with `CI` set
+//! a missing engine fails them (`scripts/ensure-docker.sh` starts one). Each test runs its own
+//! runner id, checks after shutdown that no container of its runner or its tasks is left
+//! (`docker ps -a --filter label=stevedore.task=<id>` is empty), and removes leftovers in a
+//! guard should it panic. The tests build their own tag of the local busybox image, so they
+//! never race other tests that rebuild `stevedore/busybox:local`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "support/harness.rs"]
+mod harness;
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use harness::{Background, Harness, zip_of};
+use stevedore_engine::{ContainerEngine, DockerEngine, HOST_BUSYBOX, build_local_busybox_image};
+use stevedore_model::{Stack, SystemClock, TaskStatus};
+use stevedore_runner::{LABEL_RUNNER, LABEL_TASK, Runner, RunnerConfig};
+use tokio::sync::OnceCell;
+
+/// The image every test runs: the host's static busybox, imported under a tag of our own.
+const TEST_IMAGE: &str = "stevedore/busybox:runner-tests";
+const WITHIN: Duration = Duration::from_secs(60);
+
+static IMAGE_BUILT: OnceCell<()> = OnceCell::const_new();
+
+/// One test's world: the engine, a store, and the runner's id.
+struct DockerTest {
+    engine: Arc<DockerEngine>,
+    harness: Harness,
+    runner_id: String,
+    _cleanup: Cleanup,
+}
+
+/// Removes every container of one runner id when dropped, even after a panic.
+struct Cleanup {
+    runner_id: String,
+}
+
+fn ci_requires_docker() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
+/// The test's world, or `None` (the test then skips) when the engine is unreachable
+/// outside CI.
+async fn docker_test(name: &str) -> Option<DockerTest> {
+    let engine = match DockerEngine::connect().await {
+        Ok(engine) => engine,
+        Err(error) if ci_requires_docker() => {
+            panic!("CI is set and the Docker engine is not reachable: {error}")
+        }
+        Err(error) => {
+            // Straight to stderr: the harness swallows the output of passing tests.
+            let _ = writeln!(
+                std::io::stderr(),
+                "skipped {name}: the Docker engine is not reachable ({error}); run \
+                 scripts/ensure-docker.sh, or set CI=true to make this a failure"
+            );
+            return None;
+        }
+    };
+    IMAGE_BUILT
+        .get_or_try_init(|| async {
+            build_local_busybox_image(&engine, Path::new(HOST_BUSYBOX), TEST_IMAGE)
+                .await
+                .map(|_| ())
+        })
+        .await
+        .unwrap();
+    let runner_id = format!("runner-test-{name}-{}", std::process::id());
+    Some(DockerTest {
+        engine: Arc::new(engine),
+        harness: Harness::new(Arc::new(SystemClock)).await,
+        _cleanup: Cleanup {
+            runner_id: runner_id.clone(),
+        },
+        runner_id,
+    })
+}
+
+macro_rules! docker_or_skip {
+    ($name:expr) => {
+        match docker_test($name).await {
+            Some(test) => test,
+            None => return,
+        }
+    };
+}
+
+// === impl DockerTest ===
+
+impl DockerTest {
+    fn config(&self) -> RunnerConfig {
+        RunnerConfig {
+            runner_id: self.runner_id.clone(),
+            capacity: Some(4),
+            memory_budget_mib: Some(2048),
+            heartbeat_interval: Duration::from_millis(300),
+            idle_poll_interval: Duration::from_millis(100),
+            shutdown_grace: Duration::from_secs(10),
+            stacks: vec![
+                Stack::new("binary", TEST_IMAGE, &[]),
+                Stack::new("sh", TEST_IMAGE, &["sh"]),
+            ],
+            ..RunnerConfig::default()
+        }
+    }
+
+    fn start(&self, config: RunnerConfig) -> Background {
+        let runner = Runner::new(config, self.harness.source(), self.engine.clone());
+        Background::start(runner)
+    }
+
+    /// Pushes an image code running `command` in the test image.
+    async fn shell_code(&self, name: &str, command: &str) {
+        self.harness
+            .push_image_code(name, TEST_IMAGE, Some(command), |_| {})
+            .await;
+    }
+
+    /// Stops the runner and checks that none of its containers, nor any of `tasks`', is left.
+    async fn stop_and_check_teardown(&self, runner: Background, tasks: &[&str]) {
+        runner.stop().await.unwrap();
+        let left = self
+            .engine
+            .list_labeled(LABEL_RUNNER, &self.runner_id)
+            .await
+            .unwrap();
+        assert!(left.is_empty(), "containers left behind: {left:?}");
+        for task in tasks {
+            let left = self.engine.list_labeled(LABEL_TASK, task).await.unwrap();
+            assert!(left.is_empty(), "task {task} left {left:?}");
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let runner_id = self.runner_id.clone();
+        // Drop cannot await; a thread with its own runtime can.
+        let _ = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async {
+                let Ok(engine) = DockerEngine::connect().await else {
+                    return;
+                };
+                if let Ok(ids) = engine.list_labeled(LABEL_RUNNER, &runner_id).await {
+                    for id in ids {
+                        let _ = engine.remove(&id).await;
+                    }
+                }
+            });
+        })
+        .join();
+    }
+}
+
+#[tokio::test]
+async fn a_runtime_task_sees_the_ironworker_contract() {
+    let test = docker_or_skip!("contract");
+    let script = r#"#!/bin/sh
+echo "args=$*"
+echo "TASK_ID=$TASK_ID"
+echo "TASK_DIR=$TASK_DIR"
+echo "PAYLOAD_FILE=$PAYLOAD_FILE"
+echo "CONFIG_FILE=$CONFIG_FILE"
+echo "GREETING=$GREETING"
+echo "pwd=$(pwd)"
+echo "payload=$(cat "$PAYLOAD_FILE")"
+echo "config=$(cat "$CONFIG_FILE")"
+echo "data=$(cat lib/data.txt)"
+echo written > "$TASK_DIR/out.txt" && echo "wrote=$(cat out.txt)"
+"#;
+    let zip = zip_of(&[
+        ("hello.sh", script, 0o755),
+        ("lib/data.txt", "from the zip", 0o644),
+    ]);
+    test.harness
+        .push_runtime_code("contract", "binary", "hello.sh", zip, |spec| {
+            spec.env_vars
+                .insert("GREETING".into(), "hello there".into());
+            spec.config = Some("{\"db\":\"x\"}".into());
+        })
+        .await;
+    let task = test.harness.queue("contract", "{\"n\":42}", 60).await;
+    let runner = test.start(test.config());
+
+    let done = test.harness.finished(&task.id, WITHIN).await;
+    let log = test.harness.log(&task.id).await;
+    assert_eq!(done.status, TaskStatus::Complete, "{done:#?}\n{log}");
+    let id = &task.id;
+    for expected in [
+        format!("args=-id {id} -d /mnt/task -payload /mnt/.task_payload -config /mnt/.task_config"),
+        format!("TASK_ID={id}"),
+        "TASK_DIR=/mnt/task".to_owned(),
+        "PAYLOAD_FILE=/mnt/.task_payload".to_owned(),
+        "CONFIG_FILE=/mnt/.task_config".to_owned(),
+        "GREETING=hello there".to_owned(),
+        "pwd=/mnt/task".to_owned(),
+        "payload={\"n\":42}".to_owned(),
+        "config={\"db\":\"x\"}".to_owned(),
+        "data=from the zip".to_owned(),
+        "wrote=written".to_owned(),
+    ] {
+        assert!(
+            log.lines().any(|line| line == expected),
+            "missing {expected:?} in\n{log}"
+        );
+    }
+    // The times are the container's own (the engine may stamp a quick exit a hair before
+    // its start, so only their distance from now is checked).
+    let now = test.harness.clock.now();
+    for at in [done.start_time.unwrap(), done.end_time.unwrap()] {
+        assert!((now - at).num_seconds().abs() < 60, "{at} vs {now}");
+    }
+    test.stop_and_check_teardown(runner, &[&task.id]).await;
+}
+
+#[tokio::test]
+async fn the_payload_round_trips_byte_for_byte() {
+    let test = docker_or_skip!("payload");
+    test.shell_code("echo-payload", "cat \"$PAYLOAD_FILE\"")
+        .await;
+    let payload =
+        r#"{"text":"quotes \" and 'single', unicode ✓ ü, $HOME not expanded","n":[1,2,3]}"#;
+    let task = test.harness.queue("echo-payload", payload, 60).await;
+    let runner = test.start(test.config());
+
+    let done = test.harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Complete);
+    assert_eq!(test.harness.log(&task.id).await, payload);
+    test.stop_and_check_teardown(runner, &[&task.id]).await;
+}
+
+#[tokio::test]
+async fn exit_codes_decide_complete_and_error() {
+    let test = docker_or_skip!("exit-codes");
+    test.shell_code("exit-0", "echo fine").await;
+    test.shell_code("exit-7", "echo failing >&2; exit 7").await;
+    let ok = test.harness.queue("exit-0", "", 60).await;
+    let failed = test.harness.queue("exit-7", "", 60).await;
+    let runner = test.start(test.config());
+
+    let ok_done = test.harness.finished(&ok.id, WITHIN).await;
+    assert_eq!(ok_done.status, TaskStatus::Complete);
+    assert_eq!(ok_done.exit_code, Some(0));
+    let failed_done = test.harness.finished(&failed.id, WITHIN).await;
+    assert_eq!(failed_done.status, TaskStatus::Error);
+    assert_eq!(failed_done.exit_code, Some(7));
+    assert_eq!(failed_done.msg.as_deref(), Some("exited with code 7"));
+    assert_eq!(test.harness.log(&failed.id).await, "failing\n");
+    test.stop_and_check_teardown(runner, &[&ok.id, &failed.id])
+        .await;
+}
+
+#[tokio::test]
+async fn a_task_past_its_timeout_is_killed_and_ends_timeout() {
+    let test = docker_or_skip!("timeout");
+    test.shell_code("sleeper", "echo sleeping; sleep 60").await;
+    let task = test.harness.queue("sleeper", "", 2).await;
+    let runner = test.start(test.config());
+
+    test.harness
+        .wait_for(&task.id, WITHIN, |task| task.status == TaskStatus::Running)
+        .await;
+    let running_since = tokio::time::Instant::now();
+    let done = test.harness.finished(&task.id, WITHIN).await;
+    let took = running_since.elapsed();
+    assert_eq!(done.status, TaskStatus::Timeout, "{done:#?}");
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(6),
+        "{took:?}"
+    );
+    assert_eq!(test.harness.log(&task.id).await, "sleeping\n");
+    let ran = done.end_time.unwrap() - done.start_time.unwrap();
+    assert!(ran >= chrono::Duration::milliseconds(1900), "ran {ran}");
+    // Two seconds of running give the engine's stats time for samples.
+    assert!(
+        done.peak_memory_bytes.is_some_and(|bytes| bytes > 0),
+        "{done:#?}"
+    );
+    assert!(done.cpu_time_ms.is_some(), "{done:#?}");
+    test.stop_and_check_teardown(runner, &[&task.id]).await;
+}
+
+#[tokio::test]
+async fn cancelling_a_running_task_ends_it_within_about_a_second() {
+    let test = docker_or_skip!("cancel");
+    test.shell_code("long", "sleep 60").await;
+    let task = test.harness.queue("long", "", 3600).await;
+    let runner = test.start(test.config());
+
+    test.harness
+        .wait_for(&task.id, WITHIN, |task| task.status == TaskStatus::Running)
+        .await;
+    let asked = tokio::time::Instant::now();
+    test.harness
+        .store
+        .cancel_task(&test.harness.project_id, &task.id, test.harness.clock.now())
+        .await
+        .unwrap();
+    let done = test.harness.finished(&task.id, WITHIN).await;
+    let took = asked.elapsed();
+    assert_eq!(done.status, TaskStatus::Cancelled);
+    assert!(
+        took < Duration::from_millis(1500),
+        "cancelling took {took:?}"
+    );
+    test.stop_and_check_teardown(runner, &[&task.id]).await;
+}
+
+#[tokio::test]
+async fn a_task_over_its_memory_limit_ends_error_out_of_memory() {
+    let test = docker_or_skip!("oom");
+    test.harness
+        .push_image_code(
+            "hungry",
+            TEST_IMAGE,
+            Some("x=$(head -c 67108864 /dev/zero | tr '\\0' a); echo survived ${#x}"),
+            |spec| spec.limits.memory_mib = 16,
+        )
+        .await;
+    let task = test.harness.queue("hungry", "", 60).await;
+    let runner = test.start(test.config());
+
+    let done = test.harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Error, "{done:#?}");
+    assert_eq!(done.msg.as_deref(), Some("out of memory (limit 16 MiB)"));
+    assert!(!test.harness.log(&task.id).await.contains("survived"));
+    test.stop_and_check_teardown(runner, &[&task.id]).await;
+}
+
+#[tokio::test]
+async fn the_pids_limit_holds_a_fork_bomb_and_the_runner_stays_responsive() {
+    let test = docker_or_skip!("fork-bomb");
+    // PID 1 forks once and then `exec`s: it never needs a fork the bomb could starve it of.
+    test.shell_code("bomb", "bomb() { bomb | bomb & }; bomb; exec sleep 60")
+        .await;
+    test.shell_code("bystander", "echo still here").await;
+    let bomb = test.harness.queue("bomb", "", 5).await;
+    let config = RunnerConfig {
+        pids_limit: Some(64),
+        ..test.config()
+    };
+    let runner = test.start(config);
+
+    test.harness
+        .wait_for(&bomb.id, WITHIN, |task| task.status == TaskStatus::Running)
+        .await;
+    // While the bomb runs, other tasks still run.
+    let bystander = test.harness.queue("bystander", "", 60).await;
+    let bystander_done = test
+        .harness
+        .finished(&bystander.id, Duration::from_secs(20))
+        .await;
+    assert_eq!(bystander_done.status, TaskStatus::Complete);
+    assert_eq!(test.harness.log(&bystander.id).await, "still here\n");
+    let bomb_done = test.harness.finished(&bomb.id, WITHIN).await;
+    assert_eq!(bomb_done.status, TaskStatus::Timeout, "{bomb_done:#?}");
+    test.stop_and_check_teardown(runner, &[&bomb.id, &bystander.id])
+        .await;
+}
+
+#[tokio::test]
+async fn logs_are_readable_while_the_task_still_runs() {
+    let test = docker_or_skip!("live-logs");
+    test.shell_code("chatty", "echo first; sleep 3; echo second")
+        .await;
+    let task = test.harness.queue("chatty", "", 60).await;
+    let runner = test.start(test.config());
+
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    loop {
+        let log = test.harness.log(&task.id).await;
+        let status = test.harness.task(&task.id).await.status;
+        if log == "first\n" {
+            assert_eq!(
+                status,
+                TaskStatus::Running,
+                "the log arrived only at the end"
+            );
+            break;
+        }
+        assert!(
+            !status.is_terminal(),
+            "finished before its first line was readable: {log:?}"
+        );
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let done = test.harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Complete);
+    assert_eq!(test.harness.log(&task.id).await, "first\nsecond\n");
+    test.stop_and_check_teardown(runner, &[&task.id]).await;
+}
+
+#[tokio::test]
+async fn the_log_cap_truncates_with_a_visible_marker() {
+    let test = docker_or_skip!("log-cap");
+    test.shell_code("flood", "yes 0123456789 | head -c 2000000; echo; echo done")
+        .await;
+    let task = test.harness.queue("flood", "", 60).await;
+    let config = RunnerConfig {
+        log_cap_bytes: 64 << 10,
+        ..test.config()
+    };
+    let runner = test.start(config);
+
+    let done = test.harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Complete);
+    let log = test.harness.log(&task.id).await;
+    let cap = 64 << 10;
+    assert_eq!(log.len(), cap, "the cap holds the marker too");
+    assert!(log.starts_with("0123456789\n0123456789\n"));
+    assert!(
+        log.ends_with(&format!("\n[stevedore: log truncated at {cap} bytes]\n")),
+        "{:?}",
+        &log[cap - 100..]
+    );
+    assert!(!log.contains("done"));
+    test.stop_and_check_teardown(runner, &[&task.id]).await;
+}
+
+#[tokio::test]
+async fn an_image_code_without_a_command_runs_the_images_own_cmd() {
+    let test = docker_or_skip!("image-cmd");
+    // The test image's CMD is `sh`, which reads an empty stdin and exits 0.
+    test.harness
+        .push_image_code("own-cmd", TEST_IMAGE, None, |_| {})
+        .await;
+    let task = test.harness.queue("own-cmd", "", 60).await;
+    let runner = test.start(test.config());
+    let done = test.harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
+    test.stop_and_check_teardown(runner, &[&task.id]).await;
+}
+
+#[tokio::test]
+async fn an_entry_point_that_cannot_execute_ends_error_without_a_requeue() {
+    let test = docker_or_skip!("not-executable");
+    let zip = zip_of(&[("readme.txt", "no script here", 0o644)]);
+    test.harness
+        .push_runtime_code("broken", "binary", "readme.txt", zip, |_| {})
+        .await;
+    let task = test.harness.queue("broken", "", 60).await;
+    let runner = test.start(test.config());
+    let done = test.harness.finished(&task.id, WITHIN).await;
+    // A text file made executable fails to exec: either the engine refuses the start (the
+    // user's error) or the process exits non-zero; never an infrastructure retry.
+    eprintln!(
+        "a text file as the entry point: {:?} {:?}",
+        done.exit_code, done.msg
+    );
+    assert_eq!(done.status, TaskStatus::Error, "{done:#?}");
+    assert_eq!(done.infra_attempts, 0);
+    test.stop_and_check_teardown(runner, &[&task.id]).await;
+}
+
+#[tokio::test]
+async fn quick_exits_never_lose_their_output() {
+    // Regression: Docker 20.10's followed logs of a container that exits right after its
+    // start sometimes end empty; the runner reads the stopped container's log once more.
+    let test = docker_or_skip!("quick-output");
+    test.shell_code("quick", "echo \"out $TASK_ID\"; echo \"err $TASK_ID\" >&2")
+        .await;
+    let mut tasks = Vec::new();
+    for _ in 0..24 {
+        tasks.push(test.harness.queue("quick", "", 60).await.id);
+    }
+    let runner = test.start(test.config());
+    for id in &tasks {
+        let done = test.harness.finished(id, WITHIN).await;
+        assert_eq!(done.status, TaskStatus::Complete);
+        let log = test.harness.log(id).await;
+        assert!(
+            log.contains(&format!("out {id}\n")) && log.contains(&format!("err {id}\n")),
+            "task {id} logged {log:?}"
+        );
+        assert_eq!(log.len(), 2 * (id.len() + 5), "{log:?}");
+    }
+    let ids: Vec<&str> = tasks.iter().map(String::as_str).collect();
+    test.stop_and_check_teardown(runner, &ids).await;
+}

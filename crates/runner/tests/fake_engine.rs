@@ -1,0 +1,732 @@
+//! The runner's lifecycle against the in-memory `FakeEngine` and a real SQLite store: fast,
+//! and exact about what the runner records and asks the engine to do. The same behaviours
+//! against the real Docker engine are in `docker.rs`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "support/harness.rs"]
+mod harness;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use harness::{Background, Harness, zip_of};
+use stevedore_engine::fake::{FakeEngine, FakeOperation, FakeRun};
+use stevedore_engine::{ContainerEngine, ContainerSpec, EngineCapabilities, EngineError};
+use stevedore_model::{Clock, ManualClock, Stack, SystemClock, TaskOutcome, TaskStatus};
+use stevedore_runner::{LABEL_RUNNER, LABEL_TASK, Runner, RunnerConfig, RunnerError};
+
+const WITHIN: Duration = Duration::from_secs(10);
+
+/// Short intervals, so the tests take milliseconds.
+fn test_config(runner_id: &str) -> RunnerConfig {
+    RunnerConfig {
+        runner_id: runner_id.to_owned(),
+        capacity: Some(4),
+        memory_budget_mib: Some(4096),
+        lease_secs: 30,
+        heartbeat_interval: Duration::from_millis(50),
+        idle_poll_interval: Duration::from_millis(40),
+        log_flush_interval: Duration::from_millis(20),
+        shutdown_grace: Duration::from_secs(5),
+        requeue_backoff_base: Duration::from_millis(10),
+        requeue_backoff_max: Duration::from_millis(40),
+        ..RunnerConfig::default()
+    }
+}
+
+fn engine_with(image: &str, run: FakeRun) -> FakeEngine {
+    let engine = FakeEngine::new();
+    engine.add_image(image);
+    engine.script_image(image, run);
+    engine
+}
+
+fn start(
+    harness: &Harness,
+    config: RunnerConfig,
+    engine: &FakeEngine,
+) -> (Background, Arc<harness::ObservedSource>) {
+    let source = harness.source();
+    let runner = Runner::new(config, source.clone(), Arc::new(engine.clone()));
+    (Background::start(runner), source)
+}
+
+async fn system_harness() -> Harness {
+    Harness::new(Arc::new(SystemClock)).await
+}
+
+#[tokio::test]
+async fn a_task_that_exits_0_completes_with_its_log_times_and_usage() {
+    let harness = system_harness().await;
+    let engine = engine_with(
+        "test/ok",
+        FakeRun::success()
+            .stdout("hello\n")
+            .stderr("a warning\n")
+            .running_for(Duration::from_millis(60))
+            .peak_memory(5 << 20),
+    );
+    harness
+        .push_image_code("ok", "test/ok", Some("echo hello"), |spec| {
+            spec.env_vars.insert("GREETING".into(), "hi".into());
+            spec.config = Some("{\"k\":1}".into());
+        })
+        .await;
+    let task = harness.queue("ok", "{\"n\":1}", 60).await;
+    let (runner, source) = start(&harness, test_config("r-complete"), &engine);
+
+    let done = harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
+    assert_eq!(done.exit_code, Some(0));
+    assert_eq!(done.peak_memory_bytes, Some(5 << 20));
+    assert_eq!(done.cpu_time_ms, Some(1));
+    let (start, end) = (done.start_time.unwrap(), done.end_time.unwrap());
+    assert!(
+        end - start >= chrono::Duration::milliseconds(60),
+        "{start} .. {end}"
+    );
+    let log = harness.log(&task.id).await;
+    assert!(
+        log.contains("hello\n") && log.contains("a warning\n"),
+        "{log:?}"
+    );
+
+    runner.stop().await.unwrap();
+    let (id, spec) = engine.created().remove(0);
+    assert_eq!(spec.labels[LABEL_TASK], task.id);
+    assert_eq!(spec.labels[LABEL_RUNNER], "r-complete");
+    assert_eq!(
+        spec.cmd,
+        Some(vec!["sh".into(), "-c".into(), "echo hello".into()])
+    );
+    assert_eq!(spec.working_dir.as_deref(), Some("/mnt/task"));
+    assert_eq!(spec.memory_bytes, Some(64 << 20));
+    assert!(spec.env.contains(&("TASK_ID".into(), task.id.clone())));
+    assert!(spec.env.contains(&("GREETING".into(), "hi".into())));
+    let payload = spec
+        .files
+        .iter()
+        .find(|f| f.path == "/mnt/.task_payload")
+        .unwrap();
+    assert_eq!(payload.contents, b"{\"n\":1}");
+    let config_file = spec
+        .files
+        .iter()
+        .find(|f| f.path == "/mnt/.task_config")
+        .unwrap();
+    assert_eq!(config_file.contents, b"{\"k\":1}");
+    assert_eq!(engine.removed(), vec![id]);
+    assert!(engine.existing().is_empty());
+    assert_eq!(source.max_running(), 1);
+}
+
+#[tokio::test]
+async fn a_non_zero_exit_ends_error_with_the_exit_code() {
+    let harness = system_harness().await;
+    let engine = engine_with("test/fails", FakeRun::exits(3).stderr("broken\n"));
+    harness
+        .push_image_code("fails", "test/fails", Some("exit 3"), |_| {})
+        .await;
+    let task = harness.queue("fails", "", 60).await;
+    let (runner, _) = start(&harness, test_config("r-exit"), &engine);
+
+    let done = harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Error);
+    assert_eq!(done.exit_code, Some(3));
+    assert_eq!(done.msg.as_deref(), Some("exited with code 3"));
+    assert!(harness.log(&task.id).await.contains("broken"));
+    runner.stop().await.unwrap();
+    assert!(engine.existing().is_empty());
+}
+
+#[tokio::test]
+async fn an_oom_kill_ends_error_naming_the_limit() {
+    let harness = system_harness().await;
+    let engine = engine_with("test/oom", FakeRun::oom_killed());
+    harness
+        .push_image_code("oom", "test/oom", Some("eat memory"), |spec| {
+            spec.limits.memory_mib = 16;
+        })
+        .await;
+    let task = harness.queue("oom", "", 60).await;
+    let (runner, source) = start(&harness, test_config("r-oom"), &engine);
+
+    let done = harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Error);
+    assert_eq!(done.msg.as_deref(), Some("out of memory (limit 16 MiB)"));
+    assert_eq!(
+        source.outcome_of(&task.id).unwrap().0,
+        TaskOutcome::OutOfMemory { limit_mib: 16 }
+    );
+    runner.stop().await.unwrap();
+    assert!(engine.existing().is_empty());
+}
+
+#[tokio::test]
+async fn the_deadline_kills_the_task_and_ends_it_timeout() {
+    let harness = system_harness().await;
+    // The pull takes longer than the timeout: the timeout counts from container start.
+    let engine = FakeEngine::new();
+    engine.add_registry_image("test/slow-pull:1", Duration::from_millis(1500));
+    engine.script_image("test/slow-pull:1", FakeRun::forever());
+    harness
+        .push_image_code("hangs", "test/slow-pull:1", Some("sleep 1000"), |_| {})
+        .await;
+    let task = harness.queue("hangs", "", 1).await;
+    let (runner, source) = start(&harness, test_config("r-timeout"), &engine);
+
+    harness
+        .wait_for(&task.id, WITHIN, |task| task.status == TaskStatus::Running)
+        .await;
+    let progress = source.progress_messages.lock().unwrap().clone();
+    assert_eq!(
+        progress[0], "pulling image test/slow-pull:1",
+        "{progress:?}"
+    );
+    let started = tokio::time::Instant::now();
+    let done = harness.finished(&task.id, WITHIN).await;
+    let took = started.elapsed();
+    assert_eq!(done.status, TaskStatus::Timeout, "{done:#?}");
+    assert!(
+        took >= Duration::from_millis(800),
+        "ended {took:?} after start"
+    );
+    assert_eq!(engine.kills().len(), 1);
+    runner.stop().await.unwrap();
+    assert!(engine.existing().is_empty());
+}
+
+#[tokio::test]
+async fn cancelling_a_running_task_kills_it_within_a_second() {
+    let harness = system_harness().await;
+    let engine = engine_with("test/forever", FakeRun::forever());
+    harness
+        .push_image_code("forever", "test/forever", Some("sleep 1000"), |_| {})
+        .await;
+    let task = harness.queue("forever", "", 3600).await;
+    let (runner, _) = start(&harness, test_config("r-cancel"), &engine);
+
+    harness
+        .wait_for(&task.id, WITHIN, |task| task.status == TaskStatus::Running)
+        .await;
+    let asked = tokio::time::Instant::now();
+    harness
+        .store
+        .cancel_task(&harness.project_id, &task.id, harness.clock.now())
+        .await
+        .unwrap();
+    let done = harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Cancelled);
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        asked.elapsed()
+    );
+    assert_eq!(engine.kills().len(), 1);
+    runner.stop().await.unwrap();
+    assert!(engine.existing().is_empty());
+}
+
+#[tokio::test]
+async fn infrastructure_failures_requeue_with_backoff_and_end_error_after_the_cap() {
+    let harness = system_harness().await;
+    let engine = engine_with("test/infra", FakeRun::success());
+    for _ in 0..10 {
+        engine.fail_next(
+            FakeOperation::Create,
+            EngineError::Server {
+                status: 500,
+                message: "the storage driver broke".into(),
+            },
+        );
+    }
+    harness
+        .push_image_code("infra", "test/infra", Some("true"), |spec| spec.retries = 3)
+        .await;
+    let task = harness.queue("infra", "", 60).await;
+    let config = RunnerConfig {
+        max_infra_attempts: 3,
+        ..test_config("r-infra")
+    };
+    let (runner, source) = start(&harness, config, &engine);
+
+    let done = harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Error, "{done:#?}");
+    assert_eq!(done.infra_attempts, 3);
+    assert!(
+        done.msg
+            .as_deref()
+            .unwrap_or_default()
+            .contains("infrastructure"),
+        "{done:#?}"
+    );
+    let requeues = source.requeues.lock().unwrap().clone();
+    assert_eq!(requeues.len(), 3);
+    let delays: Vec<Duration> = requeues.iter().map(|(_, r)| r.delay).collect();
+    assert_eq!(
+        delays,
+        vec![
+            Duration::from_millis(10),
+            Duration::from_millis(20),
+            Duration::from_millis(40)
+        ]
+    );
+    assert!(requeues[0].1.reason.contains("the storage driver broke"));
+    runner.stop().await.unwrap();
+    // No user retry was spent on the infrastructure's failures.
+    let retries = harness
+        .store
+        .list_tasks(
+            &harness.project_id,
+            &stevedore_store::TaskFilter::default(),
+            stevedore_store::Page {
+                page: 1,
+                per_page: 10,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(retries.len(), 1, "{retries:#?}");
+}
+
+#[tokio::test]
+async fn an_infrastructure_failure_once_then_success_completes() {
+    let harness = system_harness().await;
+    let engine = engine_with("test/blip", FakeRun::success());
+    engine.fail_next(
+        FakeOperation::Start,
+        EngineError::Unreachable {
+            message: "connection reset".into(),
+        },
+    );
+    harness
+        .push_image_code("blip", "test/blip", Some("true"), |_| {})
+        .await;
+    let task = harness.queue("blip", "", 60).await;
+    let (runner, _) = start(&harness, test_config("r-blip"), &engine);
+
+    let done = harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
+    assert_eq!(done.infra_attempts, 1);
+    runner.stop().await.unwrap();
+    assert_eq!(engine.created().len(), 2);
+    assert!(engine.existing().is_empty());
+}
+
+#[tokio::test]
+async fn a_missing_image_is_the_users_error_with_a_clear_message() {
+    let harness = system_harness().await;
+    let engine = FakeEngine::new();
+    harness
+        .push_image_code("typo", "team/no-such-image:1", Some("true"), |_| {})
+        .await;
+    let task = harness.queue("typo", "", 60).await;
+    let (runner, _) = start(&harness, test_config("r-typo"), &engine);
+
+    let done = harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Error);
+    assert_eq!(done.infra_attempts, 0);
+    let msg = done.msg.unwrap_or_default();
+    assert!(
+        msg.contains("team/no-such-image:1") && msg.contains("not found"),
+        "{msg}"
+    );
+    runner.stop().await.unwrap();
+    assert!(engine.created().is_empty());
+}
+
+#[tokio::test]
+async fn a_stale_lease_is_abandoned_and_its_container_killed_and_removed() {
+    let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
+    let harness = Harness::new(clock.clone()).await;
+    let engine = engine_with("test/partitioned", FakeRun::forever());
+    harness
+        .push_image_code(
+            "partitioned",
+            "test/partitioned",
+            Some("sleep 1000"),
+            |_| {},
+        )
+        .await;
+    let task = harness.queue("partitioned", "", 3600).await;
+    let config = RunnerConfig {
+        shutdown_grace: Duration::from_millis(100),
+        ..test_config("r-stale")
+    };
+    let (runner, source) = start(&harness, config, &engine);
+    harness
+        .wait_for(&task.id, WITHIN, |task| task.status == TaskStatus::Running)
+        .await;
+    let first = engine.existing();
+    assert_eq!(first.len(), 1);
+
+    // The runner loses the store, its lease expires, and the rescuer gives the task back.
+    source.cut_heartbeats(true);
+    clock.advance(chrono::Duration::seconds(31));
+    let rescued = harness.store.rescue_expired(clock.now(), 5).await.unwrap();
+    assert_eq!(rescued, vec![task.id.clone()]);
+    source.cut_heartbeats(false);
+
+    // The old attempt learns at its next heartbeat and lets go (the rescued task may well be
+    // leased again meanwhile, as a new attempt with a new lease and container).
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    while !engine.removed().contains(&first[0]) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stale attempt was not torn down"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(engine.kills().contains(&first[0]));
+    assert!(
+        source.outcomes.lock().unwrap().is_empty(),
+        "a stale attempt recorded a result"
+    );
+    runner.stop().await.unwrap();
+    assert!(engine.existing().is_empty());
+}
+
+#[tokio::test]
+async fn a_runner_cut_off_for_a_whole_lease_stops_its_container() {
+    let harness = system_harness().await;
+    let engine = engine_with("test/cut-off", FakeRun::forever());
+    harness
+        .push_image_code("cut-off", "test/cut-off", Some("sleep 1000"), |_| {})
+        .await;
+    let task = harness.queue("cut-off", "", 3600).await;
+    let config = RunnerConfig {
+        lease_secs: 1,
+        ..test_config("r-cut-off")
+    };
+    let (runner, source) = start(&harness, config, &engine);
+    harness
+        .wait_for(&task.id, WITHIN, |task| task.status == TaskStatus::Running)
+        .await;
+    let container = engine.existing().remove(0);
+
+    source.cut_heartbeats(true);
+    let cut = tokio::time::Instant::now();
+    while !engine.removed().contains(&container) {
+        assert!(
+            cut.elapsed() < Duration::from_secs(5),
+            "the container outlived its lease"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        cut.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        cut.elapsed()
+    );
+    assert!(engine.kills().contains(&container));
+    assert!(source.outcomes.lock().unwrap().is_empty());
+    // The task is the rescuer's now: still leased in the store until its lease is rescued.
+    assert_eq!(harness.task(&task.id).await.status, TaskStatus::Running);
+    runner.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn capacity_and_the_memory_budget_are_never_exceeded() {
+    let harness = system_harness().await;
+    let engine = engine_with(
+        "test/busy",
+        FakeRun::success().running_for(Duration::from_millis(100)),
+    );
+    harness
+        .push_image_code("small", "test/busy", Some("work"), |spec| {
+            spec.limits.memory_mib = 64
+        })
+        .await;
+    harness
+        .push_image_code("big", "test/busy", Some("work"), |spec| {
+            spec.limits.memory_mib = 400
+        })
+        .await;
+
+    // Capacity 2: never more than two tasks leased at once.
+    let mut small = Vec::new();
+    for _ in 0..6 {
+        small.push(harness.queue("small", "", 60).await.id);
+    }
+    let config = RunnerConfig {
+        capacity: Some(2),
+        ..test_config("r-capacity")
+    };
+    let (runner, source) = start(&harness, config, &engine);
+    for id in &small {
+        assert_eq!(
+            harness.finished(id, WITHIN).await.status,
+            TaskStatus::Complete
+        );
+    }
+    runner.stop().await.unwrap();
+    assert_eq!(source.max_leased(), 2);
+    assert_eq!(source.max_running(), 2);
+
+    // A 1000 MiB budget holds two 400 MiB containers, never three, whatever the capacity.
+    let mut big = Vec::new();
+    for _ in 0..5 {
+        big.push(harness.queue("big", "", 60).await.id);
+    }
+    let config = RunnerConfig {
+        capacity: Some(8),
+        memory_budget_mib: Some(1000),
+        ..test_config("r-memory")
+    };
+    let (runner, source) = start(&harness, config, &engine);
+    for id in &big {
+        assert_eq!(
+            harness.finished(id, WITHIN).await.status,
+            TaskStatus::Complete
+        );
+    }
+    runner.stop().await.unwrap();
+    assert_eq!(source.max_running(), 2);
+    assert!(engine.existing().is_empty());
+}
+
+#[tokio::test]
+async fn a_freed_slot_is_refilled_at_once_not_at_the_next_poll() {
+    let harness = system_harness().await;
+    let engine = engine_with(
+        "test/quick",
+        FakeRun::success().running_for(Duration::from_millis(20)),
+    );
+    harness
+        .push_image_code("quick", "test/quick", Some("true"), |_| {})
+        .await;
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(harness.queue("quick", "", 60).await.id);
+    }
+    let config = RunnerConfig {
+        capacity: Some(1),
+        // A poll this slow would make 20 tasks take 100 s.
+        idle_poll_interval: Duration::from_secs(5),
+        ..test_config("r-refill")
+    };
+    let (runner, _) = start(&harness, config, &engine);
+    let started = tokio::time::Instant::now();
+    for id in &ids {
+        harness.finished(id, WITHIN).await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    runner.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_lets_short_tasks_finish_and_requeues_the_rest() {
+    let harness = system_harness().await;
+    let engine = FakeEngine::new();
+    engine.add_image("test/short").add_image("test/long");
+    engine.script_image(
+        "test/short",
+        FakeRun::success().running_for(Duration::from_millis(200)),
+    );
+    engine.script_image("test/long", FakeRun::forever());
+    harness
+        .push_image_code("short", "test/short", Some("true"), |_| {})
+        .await;
+    harness
+        .push_image_code("long", "test/long", Some("sleep 1000"), |_| {})
+        .await;
+    let short = harness.queue("short", "", 60).await;
+    let long = harness.queue("long", "", 3600).await;
+    let config = RunnerConfig {
+        capacity: Some(2),
+        shutdown_grace: Duration::from_millis(600),
+        ..test_config("r-shutdown")
+    };
+    let (runner, _) = start(&harness, config, &engine);
+    for id in [&short.id, &long.id] {
+        harness
+            .wait_for(id, WITHIN, |task| task.status == TaskStatus::Running)
+            .await;
+    }
+    let queued_later = harness.queue("short", "", 60).await;
+
+    let stopping = tokio::time::Instant::now();
+    runner.stop().await.unwrap();
+    let took = stopping.elapsed();
+    assert!(
+        took >= Duration::from_millis(600) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert_eq!(harness.task(&short.id).await.status, TaskStatus::Complete);
+    let long = harness.task(&long.id).await;
+    assert_eq!(long.status, TaskStatus::Queued, "{long:#?}");
+    assert_eq!(long.infra_attempts, 1);
+    // Nothing was leased after shutdown.
+    assert_eq!(
+        harness.task(&queued_later.id).await.status,
+        TaskStatus::Queued
+    );
+    assert_eq!(engine.created().len(), 2);
+    assert!(engine.existing().is_empty());
+}
+
+#[tokio::test]
+async fn a_runtime_code_gets_its_package_and_the_legacy_flags() {
+    let harness = system_harness().await;
+    let engine = FakeEngine::new();
+    engine.add_image(stevedore_model::stack::LOCAL_BUSYBOX_IMAGE);
+    engine.set_default_run(FakeRun::success().stdout("ran\n"));
+    let zip = zip_of(&[
+        ("hello.sh", "#!/bin/sh\necho \"$@\"\n", 0o755),
+        ("lib/data.txt", "data", 0o644),
+    ]);
+    harness
+        .push_runtime_code("legacy", "binary", "hello.sh", zip, |_| {})
+        .await;
+    let task = harness.queue("legacy", "{\"x\":2}", 60).await;
+    let (runner, _) = start(&harness, test_config("r-runtime"), &engine);
+
+    let done = harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
+    runner.stop().await.unwrap();
+    let (_, spec): (_, ContainerSpec) = engine.created().remove(0);
+    assert_eq!(spec.image, stevedore_model::stack::LOCAL_BUSYBOX_IMAGE);
+    assert_eq!(
+        spec.cmd.unwrap().join(" "),
+        format!(
+            "/mnt/task/hello.sh -id {} -d /mnt/task -payload /mnt/.task_payload -config \
+             /mnt/.task_config",
+            task.id
+        )
+    );
+    let script = spec
+        .files
+        .iter()
+        .find(|f| f.path == "/mnt/task/hello.sh")
+        .unwrap();
+    assert_eq!(script.mode, 0o755);
+    assert!(
+        spec.files
+            .iter()
+            .any(|f| f.path == "/mnt/task/lib/data.txt")
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_runtime_ends_error_without_touching_the_engine() {
+    let harness = system_harness().await;
+    let engine = FakeEngine::new();
+    let zip = zip_of(&[("main.sh", "true", 0o755)]);
+    harness
+        .push_runtime_code("odd", "cobol", "main.sh", zip, |_| {})
+        .await;
+    let task = harness.queue("odd", "", 60).await;
+    let config = RunnerConfig {
+        stacks: vec![Stack::new("sh", "stevedore/busybox:local", &["sh"])],
+        ..test_config("r-unknown-runtime")
+    };
+    let (runner, _) = start(&harness, config, &engine);
+    let done = harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Error);
+    assert!(
+        done.msg
+            .unwrap_or_default()
+            .contains("unknown runtime \"cobol\"")
+    );
+    runner.stop().await.unwrap();
+    assert!(engine.created().is_empty());
+}
+
+#[tokio::test]
+async fn output_is_shipped_in_chunks_up_to_the_cap_with_a_marker() {
+    let harness = system_harness().await;
+    let line = "0123456789abcdef0123456789abcdef0123456789abcdef012345678\n"; // 58 bytes
+    let mut run = FakeRun::success();
+    for _ in 0..2000 {
+        run = run.stdout(line);
+    }
+    let engine = engine_with("test/chatty", run);
+    harness
+        .push_image_code("chatty", "test/chatty", Some("yes"), |_| {})
+        .await;
+    let task = harness.queue("chatty", "", 60).await;
+    let config = RunnerConfig {
+        log_cap_bytes: 50_000,
+        log_flush_bytes: 8 << 10,
+        ..test_config("r-cap")
+    };
+    let (runner, source) = start(&harness, config, &engine);
+
+    let done = harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Complete);
+    let log = harness.log(&task.id).await;
+    assert!(log.starts_with(line));
+    // The cap holds the marker too.
+    assert_eq!(log.len(), 50_000);
+    assert!(
+        log.ends_with("\n[stevedore: log truncated at 50000 bytes]\n"),
+        "{:?}",
+        &log[49_900..]
+    );
+    // Shipped in chunks, and nothing past the cap went over the wire.
+    let appends = source.log_appends.lock().unwrap().clone();
+    assert!(appends.len() >= 6, "{appends:?}");
+    let shipped: usize = appends.iter().map(|(_, len)| len).sum();
+    assert_eq!(shipped, 50_001);
+    runner.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_engine_without_memory_limits_is_refused_unless_allowed() {
+    let harness = system_harness().await;
+    let engine = FakeEngine::new();
+    engine.set_capabilities(EngineCapabilities {
+        memory_limit: false,
+        pids_limit: true,
+        ncpu: 2,
+        mem_total: 4 << 30,
+        ..EngineCapabilities::default()
+    });
+    let source = harness.source();
+    let runner = Runner::new(
+        test_config("r-nomem"),
+        source.clone(),
+        Arc::new(engine.clone()),
+    );
+    let refused = runner.run(tokio_util::sync::CancellationToken::new()).await;
+    let error = refused.unwrap_err();
+    assert!(matches!(error, RunnerError::EngineCannotEnforceLimits(_)));
+    assert!(error.to_string().contains("memory limits"), "{error}");
+
+    let allowed = RunnerConfig {
+        allow_unlimited_memory: true,
+        ..test_config("r-nomem")
+    };
+    let runner = Background::start(Runner::new(allowed, source, Arc::new(engine)));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!runner.is_finished());
+    runner.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn start_up_reaps_the_containers_of_an_earlier_life() {
+    let harness = system_harness().await;
+    let engine = FakeEngine::new();
+    engine.add_image("test/leftover");
+    let mut leftover = ContainerSpec::new("test/leftover");
+    leftover
+        .labels
+        .insert(LABEL_RUNNER.into(), "r-reaper".into());
+    leftover.labels.insert(LABEL_TASK.into(), "old-task".into());
+    let mine = engine.create(&leftover).await.unwrap();
+    leftover
+        .labels
+        .insert(LABEL_RUNNER.into(), "another-runner".into());
+    let theirs = engine.create(&leftover).await.unwrap();
+
+    let (runner, _) = start(&harness, test_config("r-reaper"), &engine);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    runner.stop().await.unwrap();
+    assert_eq!(engine.removed(), vec![mine]);
+    assert_eq!(engine.existing(), vec![theirs]);
+}
