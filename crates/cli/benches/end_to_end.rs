@@ -18,6 +18,9 @@
 //! * latency is queue-to-start: stevedore's `start_time - created_at` (the container's own
 //!   start as the engine recorded it), the raw loop's "`start` returned" - t0.
 
+// A benchmark fails loudly: every `expect` says what went wrong.
+#![allow(clippy::expect_used)]
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -248,8 +251,7 @@ async fn stevedore_run(
         server.assert_running();
         for page in 0.. {
             let listed: Value = client
-                .get(server.url("tasks"))
-                .query(&[("per_page", PER_PAGE), ("page", page)])
+                .get(server.url(&format!("tasks?per_page={PER_PAGE}&page={page}")))
                 .header("Authorization", server.authorization())
                 .send()
                 .await

@@ -4,6 +4,9 @@
 //! `cargo bench -p stevedore-server --bench enqueue_throughput` (STEVEDORE_BENCH_TASKS sets
 //! the number of tasks per batched run, default 100000).
 
+// A benchmark binary: failing loudly on a broken set-up is what it should do.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::sync::Arc;
 use std::time::Instant;
 

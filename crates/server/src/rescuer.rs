@@ -28,7 +28,12 @@ impl Default for RescuerConfig {
 }
 
 /// Runs until `shutdown` is cancelled.
-pub async fn run(store: Arc<dyn Store>, clock: Arc<dyn Clock>, config: RescuerConfig, shutdown: CancellationToken) {
+pub async fn run(
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    config: RescuerConfig,
+    shutdown: CancellationToken,
+) {
     let mut ticks = tokio::time::interval(config.interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -36,7 +41,10 @@ pub async fn run(store: Arc<dyn Store>, clock: Arc<dyn Clock>, config: RescuerCo
             () = shutdown.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        match store.rescue_expired(clock.now(), config.max_infra_attempts).await {
+        match store
+            .rescue_expired(clock.now(), config.max_infra_attempts)
+            .await
+        {
             Ok(rescued) if !rescued.is_empty() => {
                 tracing::warn!(count = rescued.len(), tasks = ?rescued, "requeued tasks whose lease expired");
             }

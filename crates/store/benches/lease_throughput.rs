@@ -41,7 +41,10 @@ fn main() -> BenchResult {
             "SQLite store: enqueue batches of {ENQUEUE_BATCH}, lease batches of {LEASE_BATCH}"
         );
         bench(SyncMode::Normal, 100_000, 1, Calls::LeaseComplete).await?;
-        Ok(())
+        bench(SyncMode::Normal, 100_000, 1, Calls::LeaseRunningComplete).await?;
+        bench(SyncMode::Normal, 100_000, 4, Calls::LeaseRunningComplete).await?;
+        bench(SyncMode::Full, 10_000, 1, Calls::LeaseComplete).await?;
+        bench(SyncMode::Full, 10_000, 4, Calls::LeaseRunningComplete).await
     })
 }
 

@@ -196,7 +196,8 @@ pub trait Store: Send + Sync + 'static {
         code_id: &str,
         rev: Option<u32>,
     ) -> Result<Vec<u8>>;
-    /// Deletes a code; its queued tasks are cancelled, finished tasks stay readable.
+    /// Deletes a code; its queued tasks are cancelled, its leased ones asked to cancel, its
+    /// schedules cancelled; finished tasks stay readable. The name is free for a new code.
     async fn delete_code(&self, project_id: &str, code_id: &str, now: Timestamp) -> Result<()>;
     async fn set_code_paused(
         &self,
@@ -205,12 +206,14 @@ pub trait Store: Send + Sync + 'static {
         paused: bool,
         now: Timestamp,
     ) -> Result<CodeRevision>;
+    /// Counts of the code's tasks for every status, in lifecycle order, zeros included.
     async fn code_stats(&self, project_id: &str, code_id: &str) -> Result<CodeStats>;
 
     // === tasks ===
 
     /// Queues every task or none: an unknown code name fails the whole batch with
-    /// `StoreError::NotFound`. Each task pins the latest revision of its code.
+    /// `StoreError::NotFound`. Each task pins the latest revision of its code (or
+    /// `NewTask::code_rev`), is due at `now + delay`, and comes back exactly as stored.
     async fn enqueue(
         &self,
         project_id: &str,
@@ -225,8 +228,9 @@ pub trait Store: Send + Sync + 'static {
         filter: &TaskFilter,
         page: Page,
     ) -> Result<Vec<Task>>;
-    /// Cancels a queued task at once; marks a leased one `cancel_requested` so its runner
-    /// kills it. A finished task is `StoreError::Conflict`.
+    /// Cancels a queued task at once (`end_time = now`); marks a leased one
+    /// `cancel_requested` so its runner, told by the next heartbeat, kills it and completes it
+    /// with `TaskOutcome::Cancelled`. A finished task is `StoreError::Conflict`.
     async fn cancel_task(&self, project_id: &str, task_id: &str, now: Timestamp) -> Result<Task>;
     /// Cancels every queued task of a code and requests cancellation of its leased ones.
     /// Returns how many tasks it touched.
@@ -245,7 +249,9 @@ pub trait Store: Send + Sync + 'static {
     // === leases (the runner's side) ===
 
     /// Claims up to `max_tasks` due queued tasks: highest priority first, earliest due first
-    /// within a priority; skips paused codes, other clusters and codes at `max_concurrency`.
+    /// within a priority, then by id; skips paused and deleted codes, other clusters and codes
+    /// at `max_concurrency` (counting tasks preparing, running and picked in this call). Each
+    /// gets a fresh token, larger than every token handed out before, and is `preparing`.
     async fn lease(&self, request: &LeaseRequest, now: Timestamp) -> Result<Vec<LeasedTask>>;
     /// Extends a lease. `StoreError::StaleLease` when the token is no longer the task's.
     async fn heartbeat(
@@ -255,7 +261,9 @@ pub trait Store: Send + Sync + 'static {
         lease_secs: u32,
         now: Timestamp,
     ) -> Result<HeartbeatReply>;
-    /// The container started: `preparing` → `running`.
+    /// The container started: `preparing` → `running`. Needed before an `Exited`, `TimedOut`
+    /// or `OutOfMemory` completion; a task that never started completes `SetupFailed` or
+    /// `Cancelled`.
     async fn mark_running(
         &self,
         task_id: &str,
@@ -263,7 +271,9 @@ pub trait Store: Send + Sync + 'static {
         start_time: Timestamp,
         now: Timestamp,
     ) -> Result<Task>;
-    /// Appends log bytes, keeping at most `cap` bytes in total. Returns the stored size.
+    /// Appends log bytes, keeping at most `cap` bytes in total: the write that would pass the
+    /// cap is cut short and the log ends with one line `[stevedore: log truncated at {cap}
+    /// bytes]`; later bytes are dropped. Returns the stored size (the task's `log_size`).
     async fn append_log(
         &self,
         task_id: &str,
@@ -281,7 +291,8 @@ pub trait Store: Send + Sync + 'static {
         msg: Option<&str>,
         now: Timestamp,
     ) -> Result<()>;
-    /// Records the terminal result exactly once; a stale token is refused.
+    /// Records the terminal result exactly once and clears the lease; a stale token (or a
+    /// second completion) is `StoreError::StaleLease`.
     async fn complete(
         &self,
         task_id: &str,
@@ -291,7 +302,9 @@ pub trait Store: Send + Sync + 'static {
         now: Timestamp,
     ) -> Result<Task>;
     /// Gives a task back after an infrastructure failure. It becomes `queued` again, due at
-    /// `requeue.due_at`, or ends `error` once it has failed `max_infra_attempts` times.
+    /// `requeue.due_at`, or ends `error` ("infrastructure failure after N attempts: reason")
+    /// once it has failed `max_infra_attempts` times. A task whose cancellation was requested
+    /// ends `cancelled` instead.
     async fn requeue(
         &self,
         task_id: &str,
@@ -299,8 +312,8 @@ pub trait Store: Send + Sync + 'static {
         requeue: &Requeue,
         now: Timestamp,
     ) -> Result<Task>;
-    /// Requeues every task whose lease expired before `now`, as `requeue` would. Returns the
-    /// ids it rescued.
+    /// Requeues every task whose lease expired before `now` (due at `now`), as `requeue`
+    /// would. Returns the ids it rescued. The old token is refused from then on.
     async fn rescue_expired(&self, now: Timestamp, max_infra_attempts: u32) -> Result<Vec<String>>;
 
     // === schedules ===

@@ -2,11 +2,17 @@
 //!
 //! One database file in WAL mode. Every write goes through a single writer connection behind
 //! an async mutex, so writes serialize inside the process and never meet `SQLITE_BUSY`; reads
-//! use a small pool of read-only connections that WAL lets run beside the writer. (The writer
-//! is not a sqlx pool of one: a pool pings a connection each time it is returned, one more
-//! round trip to SQLite's worker thread per write, which cost a third of the throughput.) Migrations are
-//! embedded in the binary and run on open. Timestamps are integer microseconds since the
-//! epoch; code specs and schedule specs are JSON; packages and logs are BLOBs.
+//! use a small pool of read-only connections that WAL lets run beside the writer. The writer
+//! is not a sqlx pool of one because a pool pings a connection each time it is returned: one
+//! more round trip to SQLite's worker thread per write. Migrations are embedded in the binary
+//! and run on open. Timestamps are integer microseconds since the epoch; code specs and
+//! schedule specs are JSON; packages and logs are BLOBs.
+//!
+//! Throughput comes from counting statements, since each one is a round trip to the
+//! connection's worker thread: a lease batch is a handful of statements whatever its size, a
+//! queue batch is one `INSERT`, and a runner's heartbeat, start or completion is one guarded
+//! `UPDATE` on a record the writer remembers from the lease (`tasks::LeaseCache`). WAL
+//! checkpoints run on their own connection in the background, off the commit path.
 //!
 //! The SQL lives here and in `sqlite/tasks.rs` (the task and lease queries); what a state
 //! change does to a task is decided in `crate::record`, shared with every backend.
@@ -14,8 +20,11 @@
 mod rows;
 mod tasks;
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -28,7 +37,7 @@ use stevedore_model::{
     CodeRevision, CodeSpec, NewTask, Schedule, ScheduleSpec, ScheduleStatus, Task, TaskOutcome,
     TaskStatus, Timestamp, new_id,
 };
-use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
+use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard, watch};
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 
@@ -67,6 +76,11 @@ pub struct SqliteOptions {
 pub struct SqliteStore {
     /// The one connection that writes; holding the lock is the write lock. `None` once closed.
     writer: Mutex<Option<Writer>>,
+    /// Callers waiting for the writer. A single-task write that sees others waiting leaves
+    /// its transaction open for them, and the last of them commits (group commit).
+    waiting: AtomicUsize,
+    /// How the latest group commit ended, for the callers whose writes it held.
+    commits: watch::Sender<GroupCommits>,
     /// Read-only connections for queries that change nothing.
     readers: SqlitePool,
     /// Copies the WAL back into the database file in the background; stopped on close and drop.
@@ -77,12 +91,39 @@ pub struct SqliteStore {
 struct Writer {
     conn: SqliteConnection,
     leases: tasks::LeaseCache,
+    revisions: tasks::RevisionCache,
+    /// The group transaction left open for waiting writers, if any.
+    group: Option<OpenGroup>,
+    /// The last group's number; groups are numbered in order.
+    last_group: u64,
+}
+
+/// A transaction that single-task writes share so that they pay for one commit.
+struct OpenGroup {
+    number: u64,
+    writes: usize,
+}
+
+/// The outcome of group commits, as waiting writers read it.
+#[derive(Debug, Clone, Default)]
+struct GroupCommits {
+    /// The last group that ended (committed or rolled back).
+    last_ended: u64,
+    /// Recent groups that failed, with why; any other ended group committed.
+    failed: VecDeque<(u64, Arc<str>)>,
 }
 
 /// How many read connections to keep. Reads are short; a few cover a 2-core machine.
 const READ_CONNECTIONS: u32 = 4;
 /// How long a connection waits on a lock held by another process before it fails.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most writes one group commit holds, so that its first writer's wait stays short.
+const MAX_GROUP_WRITES: usize = 64;
+/// How long a writer waits for its group to commit before committing it itself: only when the
+/// writer that should have committed was cancelled half-way.
+const GROUP_COMMIT_PATIENCE: Duration = Duration::from_millis(100);
+/// How many failed groups `GroupCommits` remembers.
+const FAILED_GROUPS_KEPT: usize = 16;
 /// How often the background checkpointer copies committed WAL pages into the database file.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
 /// The WAL size, in pages, past which the writer checkpoints by itself. SQLite's default
@@ -156,7 +197,12 @@ impl SqliteStore {
             writer: Mutex::new(Some(Writer {
                 conn: writer,
                 leases: tasks::LeaseCache::default(),
+                revisions: tasks::RevisionCache::default(),
+                group: None,
+                last_group: 0,
             })),
+            waiting: AtomicUsize::new(0),
+            commits: watch::Sender::new(GroupCommits::default()),
             readers,
             checkpointer,
         })
@@ -168,45 +214,158 @@ impl SqliteStore {
     pub async fn close(&self) {
         self.checkpointer.abort();
         self.readers.close().await;
-        if let Some(writer) = self.writer.lock().await.take() {
-            if let Err(error) = writer.conn.close().await {
-                tracing::warn!(%error, "closing the SQLite writer connection failed");
-            }
+        // Taking the writer commits the group transaction, if one is open.
+        drop(self.writer().await);
+        if let Some(writer) = self.writer.lock().await.take()
+            && let Err(error) = writer.conn.close().await
+        {
+            tracing::warn!(%error, "closing the SQLite writer connection failed");
         }
     }
 
-    /// The writer, locked for the caller.
+    /// The writer for a caller that needs it alone: an open group is committed first.
     async fn writer(&self) -> Result<MappedMutexGuard<'_, Writer>> {
-        MutexGuard::try_map(self.writer.lock().await, Option::as_mut)
+        let mut writer = self.lock_writer().await?;
+        if let Err(error) = self.end_group(&mut writer, true).await {
+            // The group's own writers learn of it; this caller's work is not affected.
+            tracing::warn!(%error, "a group commit failed");
+        }
+        Ok(writer)
+    }
+
+    /// The writer as it is, an open group included; counted in `waiting` until it is ours.
+    async fn lock_writer(&self) -> Result<MappedMutexGuard<'_, Writer>> {
+        let waiting = Waiting::new(&self.waiting);
+        let writer = self.writer.lock().await;
+        drop(waiting);
+        MutexGuard::try_map(writer, Option::as_mut)
             .map_err(|_| StoreError::Database(sqlx::Error::PoolClosed))
+    }
+
+    /// Commits (or rolls back) the open group, if there is one, and tells its writers.
+    async fn end_group(&self, writer: &mut Writer, commit: bool) -> Result<()> {
+        let Some(group) = writer.group.take() else {
+            return Ok(());
+        };
+        tracing::trace!(
+            group = group.number,
+            writes = group.writes,
+            commit,
+            "ending a group commit"
+        );
+        let ended = if commit {
+            sqlx::query("COMMIT")
+                .execute(&mut writer.conn)
+                .await
+                .map(drop)
+        } else {
+            Err(sqlx::Error::Io(std::io::Error::other(
+                "a write in its group failed",
+            )))
+        };
+        let failure = ended
+            .as_ref()
+            .err()
+            .map(|error| Arc::<str>::from(error.to_string()));
+        if failure.is_some() {
+            // A failed COMMIT may leave the transaction open; a rolled-back one is gone.
+            if let Err(error) = sqlx::query("ROLLBACK").execute(&mut writer.conn).await {
+                tracing::debug!(%error, "rolling back a failed group");
+            }
+        }
+        self.commits.send_modify(|commits| {
+            commits.last_ended = group.number;
+            if let Some(failure) = failure {
+                commits.failed.push_back((group.number, failure));
+                if commits.failed.len() > FAILED_GROUPS_KEPT {
+                    commits.failed.pop_front();
+                }
+            }
+        });
+        ended.map_err(StoreError::from)
+    }
+
+    /// Waits until group `number` has ended; its failure is this caller's failure.
+    async fn wait_for_group(&self, number: u64) -> Result<()> {
+        let mut commits = self.commits.subscribe();
+        loop {
+            {
+                let ended = commits.borrow_and_update();
+                if ended.last_ended >= number {
+                    return match ended.failed.iter().find(|(failed, _)| *failed == number) {
+                        Some((_, why)) => Err(StoreError::Database(sqlx::Error::Io(
+                            std::io::Error::other(format!(
+                                "the group commit holding this write failed: {why}"
+                            )),
+                        ))),
+                        None => Ok(()),
+                    };
+                }
+            }
+            if tokio::time::timeout(GROUP_COMMIT_PATIENCE, commits.changed())
+                .await
+                .is_err()
+            {
+                // Whoever should have committed the group went away (cancelled half-way), or
+                // left it to a waiter that had no use for it: commit it ourselves. Whoever
+                // holds the writer between two writes may end the open group; the outcome
+                // reaches this loop through `commits`.
+                let mut writer = self.lock_writer().await?;
+                drop(self.end_group(&mut writer, true).await);
+            }
+        }
     }
 
     /// Changes one task: loads it (from the lease cache when it is there), lets `change` alter
     /// it, writes it back guarded by its version. `change` may run twice: on a cached record
     /// and, if that turns out stale, on the row read afresh.
+    ///
+    /// Alone, the write commits by itself. When other writers are waiting, it opens (or joins)
+    /// a group transaction, leaves it open for them and returns once the last of them has
+    /// committed it: under load, many single-task writes share one commit.
     async fn change_task<T>(
         &self,
         project_id: Option<&str>,
         task_id: &str,
-        mut change: impl FnMut(&mut TaskRecord) -> Result<T>,
+        change: impl FnMut(&mut TaskRecord) -> Result<T>,
     ) -> Result<(TaskRecord, T)> {
-        let mut writer = self.writer().await?;
-        let Writer { conn, leases } = &mut *writer;
-        if let Some(mut record) = leases.take(task_id) {
-            if project_id.is_none_or(|project_id| project_id == record.task.project_id) {
-                if let Ok(value) = change(&mut record) {
-                    if tasks::write(conn, &mut record).await? {
-                        leases.remember(&record);
-                        return Ok((record, value));
-                    }
-                }
-            }
+        let mut writer = self.lock_writer().await?;
+        if writer.group.is_none() && self.waiting.load(Ordering::SeqCst) > 0 {
+            sqlx::query(BEGIN_WRITE).execute(&mut writer.conn).await?;
+            writer.last_group += 1;
+            writer.group = Some(OpenGroup {
+                number: writer.last_group,
+                writes: 0,
+            });
         }
-        let mut record = tasks::load(conn, project_id, task_id).await?;
-        let value = change(&mut record)?;
-        tasks::write_loaded(conn, &mut record).await?;
-        leases.remember(&record);
-        Ok((record, value))
+        let changed = change_one_task(&mut writer, project_id, task_id, change).await;
+        let Some(group) = writer.group.as_mut() else {
+            return changed;
+        };
+        let wrote = match &changed {
+            Ok(_) => true,
+            // The statement failed half-way, perhaps with the transaction: end the group.
+            Err(StoreError::Database(_)) => {
+                drop(self.end_group(&mut writer, false).await);
+                return changed;
+            }
+            // Refused before anything was written.
+            Err(_) => false,
+        };
+        group.writes += usize::from(wrote);
+        let number = group.number;
+        if self.waiting.load(Ordering::SeqCst) > 0 && group.writes < MAX_GROUP_WRITES {
+            drop(writer);
+            if wrote {
+                self.wait_for_group(number).await?;
+            }
+            return changed;
+        }
+        let committed = self.end_group(&mut writer, true).await;
+        if wrote {
+            committed?;
+        }
+        changed
     }
 
     /// `change_task` for a runner holding a lease: refused unless `token` is current.
@@ -221,6 +380,45 @@ impl SqliteStore {
             change(record)
         })
         .await
+    }
+}
+
+/// `SqliteStore::change_task`'s work inside whatever transaction the writer is in.
+async fn change_one_task<T>(
+    writer: &mut Writer,
+    project_id: Option<&str>,
+    task_id: &str,
+    mut change: impl FnMut(&mut TaskRecord) -> Result<T>,
+) -> Result<(TaskRecord, T)> {
+    let Writer { conn, leases, .. } = writer;
+    if let Some(mut record) = leases.take(task_id)
+        && project_id.is_none_or(|project_id| project_id == record.task.project_id)
+        && let Ok(value) = change(&mut record)
+        && tasks::write(conn, &mut record).await?
+    {
+        leases.remember(&record);
+        return Ok((record, value));
+    }
+    let mut record = tasks::load(conn, project_id, task_id).await?;
+    let value = change(&mut record)?;
+    tasks::write_loaded(conn, &mut record).await?;
+    leases.remember(&record);
+    Ok((record, value))
+}
+
+/// Counts a caller in `SqliteStore::waiting` for as long as it lives, cancellation included.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -764,32 +962,18 @@ impl Store for SqliteStore {
         }
         let now = normalize(now);
         let mut writer = self.writer().await?;
-        let Writer { conn, leases } = &mut *writer;
-        let t0 = std::time::Instant::now();
+        let Writer {
+            conn,
+            leases,
+            revisions,
+            ..
+        } = &mut *writer;
         let mut tx = conn.begin_with(BEGIN_WRITE).await?;
-        tasks::PROF[5].fetch_add(
-            t0.elapsed().as_micros() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        let (leased, records) = tasks::lease(&mut tx, request, now).await?;
-        let t0 = std::time::Instant::now();
+        let (leased, records) = tasks::lease(&mut tx, revisions, request, now).await?;
         if leased.is_empty() {
             tx.rollback().await?;
         } else {
             tx.commit().await?;
-        }
-        tasks::PROF[6].fetch_add(
-            t0.elapsed().as_micros() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        if leased.is_empty() {
-            eprintln!(
-                "PROF fetch/decode/counter/bulk/rev/begin/commit {:?}",
-                tasks::PROF
-                    .iter()
-                    .map(|p| p.load(std::sync::atomic::Ordering::Relaxed) / 1000)
-                    .collect::<Vec<_>>()
-            );
         }
         for record in &records {
             leases.remember(record);
@@ -840,7 +1024,7 @@ impl Store for SqliteStore {
     ) -> Result<u64> {
         let now = normalize(now);
         let mut writer = self.writer().await?;
-        let Writer { conn, leases } = &mut *writer;
+        let Writer { conn, leases, .. } = &mut *writer;
         let mut tx = conn.begin_with(BEGIN_WRITE).await?;
         let mut record = tasks::load(&mut tx, None, task_id).await?;
         record.check_lease(token)?;
@@ -937,7 +1121,7 @@ impl Store for SqliteStore {
     async fn rescue_expired(&self, now: Timestamp, max_infra_attempts: u32) -> Result<Vec<String>> {
         let now = normalize(now);
         let mut writer = self.writer().await?;
-        let Writer { conn, leases } = &mut *writer;
+        let Writer { conn, leases, .. } = &mut *writer;
         let mut tx = conn.begin_with(BEGIN_WRITE).await?;
         let expired = sqlx::query(concat!(
             "SELECT ",

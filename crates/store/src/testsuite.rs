@@ -40,15 +40,18 @@ macro_rules! store_test_suite {
             codes_and_revisions,
             deleting_a_code_hides_it_and_cancels_its_queued_tasks,
             enqueue_pins_the_latest_revision,
+            enqueue_can_pin_an_earlier_revision,
             enqueue_is_all_or_nothing,
             enqueue_delay_sets_the_due_time,
             timestamps_round_trip,
+            payloads_round_trip_exactly,
             lease_orders_by_priority_then_due_time,
             max_concurrency_holds_within_one_lease_call,
             max_concurrency_holds_across_lease_calls,
             paused_code_is_skipped_until_resumed,
             lease_matches_clusters,
             lease_tokens_strictly_increase,
+            concurrent_runners_finish_every_task_once,
             stale_token_is_refused_after_rescue,
             complete_records_the_result_once,
             complete_maps_outcomes_to_statuses,
@@ -423,6 +426,49 @@ pub async fn enqueue_pins_the_latest_revision(store: &dyn Store) -> Result<()> {
     Ok(())
 }
 
+pub async fn enqueue_can_pin_an_earlier_revision(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let mut v2 = image_spec("hello");
+    v2.config = Some("second".to_owned());
+    store.push_code(&acme.id, &v2, None, at(1)).await?;
+    // A retry runs the revision that failed, not whatever was pushed since.
+    let retry = NewTask {
+        code_rev: Some(1),
+        retry_count: 1,
+        original_task_id: Some("first-try".to_owned()),
+        ..new_task("hello")
+    };
+    let task = store.enqueue(&acme.id, &[retry], at(2)).await?.remove(0);
+    assert_eq!((task.code_rev, task.retry_count), (1, 1));
+    assert_eq!(task.original_task_id.as_deref(), Some("first-try"));
+    let leased = lease_one(store, at(3)).await?;
+    assert_eq!(
+        (leased.code.rev, &leased.code.spec),
+        (1, &image_spec("hello"))
+    );
+
+    for missing in [0, 3] {
+        let pinned = NewTask {
+            code_rev: Some(missing),
+            ..new_task("hello")
+        };
+        assert_not_found(
+            store
+                .enqueue(&acme.id, &[new_task("hello"), pinned], at(4))
+                .await,
+            "revision",
+        );
+    }
+    assert_eq!(
+        store
+            .list_tasks(&acme.id, &TaskFilter::default(), ALL)
+            .await?
+            .len(),
+        1
+    );
+    Ok(())
+}
+
 pub async fn enqueue_is_all_or_nothing(store: &dyn Store) -> Result<()> {
     let acme = project_with_code(store, "hello").await?;
     let batch = [new_task("hello"), new_task("missing"), new_task("hello")];
@@ -501,6 +547,34 @@ pub async fn timestamps_round_trip(store: &dyn Store) -> Result<()> {
         .complete(&task.id, leased.lease.token, &exited(0), &report, now)
         .await?;
     assert_eq!(store.get_task(&acme.id, &task.id).await?, done);
+    Ok(())
+}
+
+pub async fn payloads_round_trip_exactly(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let payloads = [
+        String::new(),
+        "not json at all".to_owned(),
+        "{\"quote\":\"\\\"\",\"ship\":\"🚢\",\"umlaut\":\"ü\"}".to_owned(),
+        "line one\nline two\r\n\ttabbed \u{0} nul \u{1f} unit separator".to_owned(),
+        "x".repeat(64 * 1024),
+    ];
+    let batch: Vec<NewTask> = payloads
+        .iter()
+        .map(|payload| NewTask {
+            payload: payload.clone(),
+            label: Some("label with 'quotes'".to_owned()),
+            ..new_task("hello")
+        })
+        .collect();
+    let queued = store.enqueue(&acme.id, &batch, at(1)).await?;
+    for (task, payload) in queued.iter().zip(&payloads) {
+        assert_eq!(&task.payload, payload);
+        assert_eq!(&store.get_task(&acme.id, &task.id).await?, task);
+    }
+    let leased = store.lease(&lease_request("runner-1", 10), at(2)).await?;
+    let leased_payloads: Vec<&String> = leased.iter().map(|leased| &leased.task.payload).collect();
+    assert_eq!(leased_payloads, payloads.iter().collect::<Vec<_>>());
     Ok(())
 }
 
@@ -755,6 +829,89 @@ pub async fn lease_tokens_strictly_increase(store: &dyn Store) -> Result<()> {
     );
     enqueue_one(store, &acme.id, new_task("hello"), at(21)).await?;
     assert!(lease_one(store, at(22)).await?.lease.token > tokens[6]);
+    Ok(())
+}
+
+pub async fn concurrent_runners_finish_every_task_once(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let code = store.get_code_by_name(&acme.id, "hello").await?;
+    let total = 120;
+    store
+        .enqueue(&acme.id, &vec![new_task("hello"); total], at(0))
+        .await?;
+
+    // Four runners at once, each doing a runner's whole traffic per task, interleaved at every
+    // await; a fifth caller reads and reports progress in between.
+    let runner = |name: &'static str| async move {
+        let mut finished = Vec::new();
+        loop {
+            let leased = store.lease(&lease_request(name, 4), at(1)).await?;
+            if leased.is_empty() {
+                return Ok::<_, StoreError>(finished);
+            }
+            for leased in leased {
+                let (id, token) = (leased.task.id.as_str(), leased.lease.token);
+                store.heartbeat(id, token, 60, at(2)).await?;
+                store.mark_running(id, token, at(2), at(2)).await?;
+                store
+                    .runner_progress(id, token, Some(50), Some("halfway"), at(3))
+                    .await?;
+                store
+                    .append_log(id, token, b"output\n", 1024, at(3))
+                    .await?;
+                let done = store
+                    .complete(id, token, &exited(0), &RunReport::default(), at(4))
+                    .await?;
+                assert_eq!(done.status, TaskStatus::Complete);
+                finished.push((done.id, token));
+            }
+        }
+    };
+    let reader = async {
+        for _ in 0..20 {
+            store
+                .list_tasks(&acme.id, &TaskFilter::default(), page(1, 10))
+                .await?;
+            store.code_stats(&acme.id, &code.id).await?;
+        }
+        Ok::<_, StoreError>(())
+    };
+    let (a, b, c, d, read) = tokio::join!(
+        runner("r1"),
+        runner("r2"),
+        runner("r3"),
+        runner("r4"),
+        reader
+    );
+    read?;
+    let mut finished: Vec<(String, i64)> = [a?, b?, c?, d?].concat();
+    assert_eq!(finished.len(), total);
+    finished.sort();
+    finished.dedup_by(|x, y| x.0 == y.0);
+    assert_eq!(finished.len(), total, "a task was finished twice");
+    let mut tokens: Vec<i64> = finished.iter().map(|(_, token)| *token).collect();
+    tokens.sort_unstable();
+    tokens.dedup();
+    assert_eq!(tokens.len(), total, "a lease token was handed out twice");
+
+    let stats = store.code_stats(&acme.id, &code.id).await?;
+    assert!(
+        stats
+            .by_status
+            .contains(&(TaskStatus::Complete, total as u64)),
+        "{stats:?}"
+    );
+    for (id, token) in finished.iter().take(5) {
+        let task = store.get_task(&acme.id, id).await?;
+        assert_eq!(
+            (task.percent, task.log_size, task.runner_id.as_deref()),
+            (Some(50), 7, None)
+        );
+        assert_stale(
+            store.heartbeat(id, *token, 60, at(5)).await,
+            "heartbeat after completion",
+        );
+    }
     Ok(())
 }
 

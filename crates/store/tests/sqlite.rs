@@ -1,6 +1,8 @@
 //! The shared store suite against SQLite, plus what only a file on disk can show: data and the
 //! lease token counter survive closing and reopening the database.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use stevedore_store::testsuite::{at, image_spec, lease_request, new_task};
 use stevedore_store::{SqliteOptions, SqliteStore, Store, SyncMode};
 use tempfile::TempDir;

@@ -1,5 +1,8 @@
 //! Tests of the real `stevedore` binary, run as a separate process.
 
+// Test helpers fail loudly by design.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod python_client;
 mod serve;
 mod support;

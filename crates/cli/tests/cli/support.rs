@@ -56,28 +56,30 @@ impl ServerProcess {
         for (key, value) in env {
             command.env(key, value);
         }
-        let child = command.spawn().expect("start stevedore serve");
-        // The server rewrites iron.json with its real port once it listens.
+        // Reaped by `Drop`, or right here when it exits early.
+        #[allow(clippy::zombie_processes)]
+        let mut child = command.spawn().expect("start stevedore serve");
+        // The server rewrites iron.json with its real port once it is ready.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
+            if let Some(status) = child.try_wait().expect("poll the server") {
+                panic!("stevedore serve exited before it was ready: {status}");
+            }
             let modified = std::fs::metadata(&iron_path)
                 .and_then(|meta| meta.modified())
                 .ok();
-            if modified.is_some() && modified != before {
-                if let Ok(iron) = std::fs::read_to_string(&iron_path)
-                    .map(|text| serde_json::from_str::<Value>(&text))
-                {
-                    if let Ok(iron) = iron {
-                        let base =
-                            format!("http://{}:{}", iron["host"].as_str().unwrap(), iron["port"]);
-                        return ServerProcess {
-                            child,
-                            data_dir: data_dir.to_owned(),
-                            iron,
-                            base,
-                        };
-                    }
-                }
+            if modified.is_some()
+                && modified != before
+                && let Ok(text) = std::fs::read_to_string(&iron_path)
+                && let Ok(iron) = serde_json::from_str::<Value>(&text)
+            {
+                let base = format!("http://{}:{}", iron["host"].as_str().unwrap(), iron["port"]);
+                return ServerProcess {
+                    child,
+                    data_dir: data_dir.to_owned(),
+                    iron,
+                    base,
+                };
             }
             assert!(
                 Instant::now() < deadline,

@@ -1,5 +1,8 @@
 //! API tests: a real server over HTTP on loopback, a real SQLite store behind it.
 
+// Test helpers fail loudly by design.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod auth;
 mod bad_input;
 mod codes;

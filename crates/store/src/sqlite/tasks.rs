@@ -142,7 +142,8 @@ pub(super) async fn write_loaded(
     }
 }
 
-/// Queues a batch: every task or none. Each pins its code's latest revision.
+/// Queues a batch: every task or none. Each pins its code's latest revision, or the one it asks
+/// for (`NewTask::code_rev`, a retry).
 pub(super) async fn insert(
     conn: &mut SqliteConnection,
     project_id: &str,
@@ -215,34 +216,75 @@ pub(super) async fn insert(
             cpu_time_ms: None,
             runner_id: None,
         };
-        sqlx::query(
-            "INSERT INTO tasks (id, project_id, code_id, code_name, code_rev, status, priority, payload, \
-             label, cluster, timeout_secs, delay_secs, created_at, updated_at, due_at, retry_count, \
-             original_task_id, schedule_id) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?13, ?14, ?15, ?16, ?17)",
-        )
-        .bind(&task.id)
-        .bind(&task.project_id)
-        .bind(&task.code_id)
-        .bind(&task.code_name)
-        .bind(i64::from(task.code_rev))
-        .bind(task.status.as_str())
-        .bind(i64::from(task.priority))
-        .bind(&task.payload)
-        .bind(task.label.as_deref())
-        .bind(&task.cluster)
-        .bind(i64::from(task.timeout_secs))
-        .bind(i64::from(task.delay_secs))
-        .bind(micros(now))
-        .bind(micros(task.due_at))
-        .bind(i64::from(task.retry_count))
-        .bind(task.original_task_id.as_deref())
-        .bind(task.schedule_id.as_deref())
-        .execute(&mut *conn)
-        .await?;
         queued.push(task);
     }
+    if queued.is_empty() {
+        return Ok(queued);
+    }
+    // One statement for the whole batch: a round trip per task to SQLite's worker thread cost
+    // more than SQLite reading the rows back out of JSON.
+    let rows: Vec<InsertRow<'_>> = queued.iter().map(InsertRow::from).collect();
+    sqlx::query(
+        "INSERT INTO tasks (id, project_id, code_id, code_name, code_rev, status, priority, payload, \
+         label, cluster, timeout_secs, delay_secs, created_at, updated_at, due_at, retry_count, \
+         original_task_id, schedule_id) \
+         SELECT value ->> 'id', value ->> 'project_id', value ->> 'code_id', value ->> 'code_name', \
+         value ->> 'code_rev', value ->> 'status', value ->> 'priority', value ->> 'payload', \
+         value ->> 'label', value ->> 'cluster', value ->> 'timeout_secs', value ->> 'delay_secs', \
+         value ->> 'created_at', value ->> 'created_at', value ->> 'due_at', value ->> 'retry_count', \
+         value ->> 'original_task_id', value ->> 'schedule_id' \
+         FROM json_each(?1)",
+    )
+    .bind(to_json(&rows)?)
+    .execute(&mut *conn)
+    .await?;
     Ok(queued)
+}
+
+/// A new task's row, as `insert` hands it to SQLite.
+#[derive(serde::Serialize)]
+struct InsertRow<'a> {
+    id: &'a str,
+    project_id: &'a str,
+    code_id: &'a str,
+    code_name: &'a str,
+    code_rev: u32,
+    status: &'static str,
+    priority: u8,
+    payload: &'a str,
+    label: Option<&'a str>,
+    cluster: &'a str,
+    timeout_secs: u32,
+    delay_secs: u32,
+    created_at: i64,
+    due_at: i64,
+    retry_count: u32,
+    original_task_id: Option<&'a str>,
+    schedule_id: Option<&'a str>,
+}
+
+impl<'a> From<&'a Task> for InsertRow<'a> {
+    fn from(task: &'a Task) -> Self {
+        InsertRow {
+            id: &task.id,
+            project_id: &task.project_id,
+            code_id: &task.code_id,
+            code_name: &task.code_name,
+            code_rev: task.code_rev,
+            status: task.status.as_str(),
+            priority: task.priority,
+            payload: &task.payload,
+            label: task.label.as_deref(),
+            cluster: &task.cluster,
+            timeout_secs: task.timeout_secs,
+            delay_secs: task.delay_secs,
+            created_at: micros(task.created_at),
+            due_at: micros(task.due_at),
+            retry_count: task.retry_count,
+            original_task_id: task.original_task_id.as_deref(),
+            schedule_id: task.schedule_id.as_deref(),
+        }
+    }
 }
 
 /// Cancels a code's queued tasks and asks the runners of its leased ones to cancel them.
@@ -287,6 +329,7 @@ pub(super) async fn cancel_code_tasks(
 /// Returns the leased tasks and their records as written, for the lease cache.
 pub(super) async fn lease(
     conn: &mut SqliteConnection,
+    revisions: &mut RevisionCache,
     request: &LeaseRequest,
     now: Timestamp,
 ) -> Result<(Vec<LeasedTask>, Vec<TaskRecord>)> {
@@ -301,7 +344,6 @@ pub(super) async fn lease(
             .iter()
             .map(|record| record.task.id.as_str())
             .collect();
-        let t0 = std::time::Instant::now();
         let candidates = sqlx::query(LEASE_CANDIDATES)
             .bind(micros(now))
             .bind(&clusters)
@@ -310,11 +352,6 @@ pub(super) async fn lease(
             .bind(i64::try_from(fetch).unwrap_or(i64::MAX))
             .fetch_all(&mut *conn)
             .await?;
-        PROF[0].fetch_add(
-            t0.elapsed().as_micros() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        let t0 = std::time::Instant::now();
         let mut candidates = candidates
             .iter()
             .map(|row| {
@@ -344,10 +381,6 @@ pub(super) async fn lease(
                 }
             }
         }
-        PROF[1].fetch_add(
-            t0.elapsed().as_micros() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
         // Every candidate was either picked or belongs to a code that is full now and excluded
         // from the next query, so each round makes progress.
         if picked.len() == max_tasks || per_priority.iter().all(|count| *count < fetch) {
@@ -358,7 +391,6 @@ pub(super) async fn lease(
         return Ok((Vec::new(), Vec::new()));
     }
 
-    let t0 = std::time::Instant::now();
     let count = i64::try_from(picked.len()).unwrap_or(i64::MAX);
     let last_token: i64 = sqlx::query_scalar(
         "UPDATE lease_counter SET last_token = last_token + ?1 WHERE id = 1 RETURNING last_token",
@@ -371,33 +403,16 @@ pub(super) async fn lease(
     for (token, record) in (first_token..).zip(picked.iter_mut()) {
         record.grant_lease(&request.runner_id, token, expires_at, now)?;
     }
-    PROF[2].fetch_add(
-        t0.elapsed().as_micros() as u64,
-        std::sync::atomic::Ordering::Relaxed,
-    );
-    let t0 = std::time::Instant::now();
     write_leases(conn, &picked, first_token, expires_at, now).await?;
-    PROF[3].fetch_add(
-        t0.elapsed().as_micros() as u64,
-        std::sync::atomic::Ordering::Relaxed,
-    );
-    let t0 = std::time::Instant::now();
     for record in &mut picked {
         record.version += 1;
     }
 
-    let mut revisions: HashMap<(String, u32), CodeRevision> = HashMap::new();
     let mut leased = Vec::with_capacity(picked.len());
     for record in &picked {
-        let key = (record.task.code_id.clone(), record.task.code_rev);
-        let code = match revisions.get(&key) {
-            Some(code) => code.clone(),
-            None => {
-                let code = load_revision(conn, &key.0, key.1).await?;
-                revisions.insert(key, code.clone());
-                code
-            }
-        };
+        let code = revisions
+            .get(conn, &record.task.code_id, record.task.code_rev)
+            .await?;
         leased.push(LeasedTask {
             task: record.task.clone(),
             code,
@@ -407,14 +422,8 @@ pub(super) async fn lease(
             },
         });
     }
-    PROF[4].fetch_add(
-        t0.elapsed().as_micros() as u64,
-        std::sync::atomic::Ordering::Relaxed,
-    );
     Ok((leased, picked))
 }
-pub static PROF: [std::sync::atomic::AtomicU64; 8] =
-    [const { std::sync::atomic::AtomicU64::new(0) }; 8];
 
 /// Writes a batch of fresh leases in one statement: the fields `TaskRecord::grant_lease`
 /// changes, with consecutive tokens from `first_token` in the batch's order. Every record was
@@ -470,6 +479,37 @@ async fn write_leases(
         ));
     }
     Ok(())
+}
+
+/// Code revisions handed out with leases. A revision never changes once pushed, and a leased
+/// task's code is by definition not paused, so a cached copy stays true; only the writer
+/// touches it.
+#[derive(Default)]
+pub(super) struct RevisionCache {
+    revisions: HashMap<(String, u32), CodeRevision>,
+}
+
+impl RevisionCache {
+    const MAX_REVISIONS: usize = 1024;
+
+    async fn get(
+        &mut self,
+        conn: &mut SqliteConnection,
+        code_id: &str,
+        rev: u32,
+    ) -> Result<CodeRevision> {
+        if let Some(code) = self.revisions.get(&(code_id.to_owned(), rev)) {
+            return Ok(code.clone());
+        }
+        let mut code = load_revision(conn, code_id, rev).await?;
+        code.paused = false;
+        if self.revisions.len() >= Self::MAX_REVISIONS {
+            self.revisions.clear();
+        }
+        self.revisions
+            .insert((code_id.to_owned(), rev), code.clone());
+        Ok(code)
+    }
 }
 
 /// A code revision by id and number, whatever the project (the task already names it).
