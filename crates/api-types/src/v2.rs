@@ -37,6 +37,9 @@ pub struct CodeUpload {
     pub retries: Option<i64>,
     /// Seconds between a failed task and its retry.
     pub retries_delay: Option<i64>,
+    /// stevedore: `fixed` (default, IronWorker's) waits `retries_delay` before every retry;
+    /// `exponential` doubles it with each retry, up to one day.
+    pub retries_backoff: Option<String>,
     pub default_priority: Option<i64>,
     /// stevedore: seconds a task may run, counted from container start.
     pub timeout: Option<i64>,
@@ -73,6 +76,8 @@ pub struct CodeInfo {
     pub max_concurrency: i64,
     pub retries: u32,
     pub retries_delay: u32,
+    /// `fixed` or `exponential`.
+    pub retries_backoff: String,
     pub default_priority: u8,
     pub timeout: u32,
     pub memory: u32,

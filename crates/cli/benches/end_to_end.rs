@@ -470,7 +470,7 @@ fn print_table(measurements: &[Measurement]) {
                 "MISSES"
             };
             println!(
-                "concurrency {concurrency}: stevedore/raw throughput {ratio:.2} \
+                "concurrency {concurrency}: stevedore/raw throughput {ratio:.3} \
                  ({verdict} the target of {TARGET_RATIO})"
             );
         }

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -16,6 +17,7 @@ use stevedore_engine::{ContainerEngine, DockerEngine};
 use stevedore_model::{Clock, SystemClock};
 use stevedore_runner::{Runner, StoreTaskSource};
 use stevedore_server::rescuer::RescuerConfig;
+use stevedore_server::scheduler::SchedulerConfig;
 use stevedore_server::{AppState, EnqueueHook, auth, bootstrap};
 use stevedore_store::{SqliteStore, Store, TokenRole};
 use tokio::net::TcpListener;
@@ -276,6 +278,17 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         store.clone(),
         clock.clone(),
         rescuer,
+        shutdown.child_token(),
+    ));
+    let scheduler = SchedulerConfig {
+        interval: Duration::from_millis(settings.scheduler_interval_ms.max(10)),
+        ..SchedulerConfig::default()
+    };
+    background.spawn(stevedore_server::scheduler::run(
+        store.clone(),
+        clock.clone(),
+        scheduler,
+        on_enqueue.clone(),
         shutdown.child_token(),
     ));
     background.close();

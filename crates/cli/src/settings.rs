@@ -28,6 +28,9 @@ pub struct Settings {
     pub max_package_bytes: usize,
     pub max_unpacked_bytes: u64,
     pub min_run_every_secs: u32,
+    /// How often the scheduler looks for due schedules, in milliseconds: a scheduled task
+    /// starts at most this late.
+    pub scheduler_interval_ms: u64,
     pub stacks: Vec<Stack>,
     pub runner: RunnerSettings,
 }
@@ -127,6 +130,7 @@ impl Default for Settings {
             max_package_bytes: server.package.max_bytes,
             max_unpacked_bytes: server.package.max_unpacked_bytes,
             min_run_every_secs: limits::DEFAULT_MIN_RUN_EVERY_SECS,
+            scheduler_interval_ms: 1000,
             stacks: Stack::defaults(),
             runner: RunnerSettings::default(),
         }

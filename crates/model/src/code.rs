@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Timestamp;
 use crate::limits::*;
+use crate::retry::RetriesBackoff;
 use crate::validation::{ValidationError, check_name, check_range};
 
 /// What a code runs.
@@ -56,7 +57,13 @@ pub struct CodeSpec {
     pub max_concurrency: Option<u32>,
     /// User retries of a task that ends `error` or `timeout`.
     pub retries: u32,
+    /// Seconds from a failed task's end until its retry is due (the first retry's delay
+    /// under exponential backoff).
     pub retries_delay_secs: u32,
+    /// How the delay grows from one retry to the next. Absent from specs stored before it
+    /// existed, which read as `fixed`.
+    #[serde(default)]
+    pub retries_backoff: RetriesBackoff,
     pub default_priority: u8,
     pub limits: Limits,
     /// Docker network mode of the task's container: `bridge` (default) or `none`.
@@ -272,6 +279,7 @@ mod tests {
             max_concurrency: None,
             retries: 0,
             retries_delay_secs: DEFAULT_RETRIES_DELAY_SECS,
+            retries_backoff: RetriesBackoff::Fixed,
             default_priority: 0,
             limits: Limits::default(),
             network: "bridge".into(),

@@ -223,8 +223,16 @@ impl ScheduleSpec {
                 next
             }
             ScheduleTiming::Cron { .. } => {
-                let from = fired_at.max(now - Duration::seconds(1));
-                self.timing.next_after(from)?
+                // A cron time exactly at `now` still counts; one before it was missed and is
+                // skipped. Cron works in whole seconds while `now` need not, so a time found
+                // in the last second before `now` is stepped over too.
+                let mut next = self
+                    .timing
+                    .next_after(fired_at.max(now - Duration::seconds(1)))?;
+                while next < now {
+                    next = self.timing.next_after(next)?;
+                }
+                next
             }
         };
         self.within_end(next)
@@ -321,5 +329,212 @@ mod tests {
             timezone: "Mars/Olympus".into(),
         });
         assert_eq!(bad_zone.validate(60).unwrap_err().field, "timezone");
+    }
+
+    /// Every fire of "30 2 * * *" in Berlin from `from` on, each one fired the moment it was
+    /// due, until `until`.
+    fn berlin_half_past_two_fires(from: &str, until: &str) -> Vec<Timestamp> {
+        let schedule = spec(ScheduleTiming::Cron {
+            expression: "30 2 * * *".into(),
+            timezone: "Europe/Berlin".into(),
+        });
+        let until = at(until);
+        let mut fires = Vec::new();
+        let mut next = schedule.first_fire(at(from));
+        let mut run_count = 0;
+        while let Some(fired_at) = next.filter(|fire| *fire < until) {
+            fires.push(fired_at);
+            run_count += 1;
+            next = schedule.next_fire(fired_at, run_count, fired_at);
+        }
+        fires
+    }
+
+    #[test]
+    fn cron_on_the_spring_forward_day_fires_once_after_the_gap() {
+        // 2026-03-29 02:00 CET becomes 03:00 CEST: 02:30 does not exist that day. The job
+        // runs once, right after the gap (03:00 CEST = 01:00 UTC), as Vixie cron does.
+        let fires = berlin_half_past_two_fires("2026-03-27T12:00:00Z", "2026-03-31T12:00:00Z");
+        assert_eq!(
+            fires,
+            vec![
+                at("2026-03-28T01:30:00Z"),
+                at("2026-03-29T01:00:00Z"),
+                at("2026-03-30T00:30:00Z"),
+                at("2026-03-31T00:30:00Z"),
+            ]
+        );
+    }
+
+    #[test]
+    fn cron_on_the_fall_back_day_fires_once_in_the_repeated_hour() {
+        // 2026-10-25 03:00 CEST becomes 02:00 CET: 02:30 happens twice, the job runs once.
+        let fires = berlin_half_past_two_fires("2026-10-23T12:00:00Z", "2026-10-27T12:00:00Z");
+        assert_eq!(
+            fires,
+            vec![
+                at("2026-10-24T00:30:00Z"),
+                at("2026-10-25T00:30:00Z"),
+                at("2026-10-26T01:30:00Z"),
+                at("2026-10-27T01:30:00Z"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_cron_time_missed_by_less_than_a_second_is_not_fired_late() {
+        let schedule = spec(ScheduleTiming::Cron {
+            expression: "* * * * *".into(),
+            timezone: "UTC".into(),
+        });
+        let fired = at("2026-01-01T00:00:00Z");
+        assert_eq!(
+            schedule.next_fire(fired, 1, at("2026-01-01T00:01:00.400Z")),
+            Some(at("2026-01-01T00:02:00Z"))
+        );
+        assert_eq!(
+            schedule.next_fire(fired, 1, at("2026-01-01T00:01:00Z")),
+            Some(at("2026-01-01T00:01:00Z"))
+        );
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        const ZONES: &[&str] = &[
+            "UTC",
+            "Europe/Berlin",
+            "America/New_York",
+            "Australia/Sydney",
+            "Asia/Kolkata",
+            "America/Santiago",
+        ];
+
+        /// The 2026 daylight-saving changes of the zones above, as UTC instants.
+        const DST_CHANGES: &[&str] = &[
+            "2026-03-29T01:00:00Z",
+            "2026-10-25T01:00:00Z",
+            "2026-03-08T07:00:00Z",
+            "2026-11-01T06:00:00Z",
+            "2026-04-04T16:00:00Z",
+            "2026-10-03T16:00:00Z",
+            "2026-04-05T03:00:00Z",
+            "2026-09-06T04:00:00Z",
+        ];
+
+        fn cron_expression() -> impl Strategy<Value = String> {
+            let minute = prop::sample::select(vec!["*", "0", "30", "*/5", "*/15", "0,30", "5-10"]);
+            let hour = prop::sample::select(vec!["*", "0", "2", "3", "0-3", "*/6", "9", "1-2"]);
+            let day = prop::sample::select(vec!["*", "1", "15", "28"]);
+            let month = prop::sample::select(vec!["*", "1-6", "*/3", "3,10,11"]);
+            let weekday = prop::sample::select(vec!["*", "1-5", "0", "6"]);
+            (minute, hour, day, month, weekday).prop_map(|(minute, hour, day, month, weekday)| {
+                format!("{minute} {hour} {day} {month} {weekday}")
+            })
+        }
+
+        fn timing() -> impl Strategy<Value = ScheduleTiming> {
+            prop_oneof![
+                (1u32..200_000).prop_map(|seconds| ScheduleTiming::Every { seconds }),
+                (cron_expression(), prop::sample::select(ZONES)).prop_map(
+                    |(expression, timezone)| ScheduleTiming::Cron {
+                        expression,
+                        timezone: timezone.to_owned(),
+                    }
+                ),
+            ]
+        }
+
+        /// Instants in 2025–2027, half of them within three days of a DST change, with
+        /// milliseconds, since `now` is never a whole second in real life.
+        fn instant() -> impl Strategy<Value = Timestamp> {
+            let anywhere = (1_735_689_600_000i64..1_830_297_600_000).prop_map(|millis| {
+                chrono::DateTime::from_timestamp_millis(millis).unwrap_or_default()
+            });
+            let near_a_change = (
+                prop::sample::select(DST_CHANGES),
+                -3 * 86_400_000i64..3 * 86_400_000,
+            )
+                .prop_map(|(change, offset)| at(change) + Duration::milliseconds(offset));
+            prop_oneof![anywhere, near_a_change]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(300))]
+
+            #[test]
+            fn next_fire_is_never_early_nor_at_or_before_the_last_fire(
+                timing in timing(),
+                fired_at in instant(),
+                late_millis in 0i64..3 * 86_400_000,
+            ) {
+                let schedule = spec(timing);
+                prop_assert!(schedule.validate(1).is_ok());
+                let now = fired_at + Duration::milliseconds(late_millis);
+                if let Some(next) = schedule.next_fire(fired_at, 1, now) {
+                    prop_assert!(next >= now, "next {next} before now {now}");
+                    prop_assert!(next > fired_at, "next {next} not after the fire {fired_at}");
+                }
+            }
+
+            #[test]
+            fn a_chain_of_fires_strictly_increases_and_is_never_early(
+                timing in timing(),
+                start in instant(),
+                lags in prop::collection::vec(0i64..5_000, 1..40),
+            ) {
+                let schedule = spec(timing);
+                let mut now = start;
+                let mut previous: Option<Timestamp> = None;
+                let mut next = schedule.first_fire(now);
+                prop_assert!(next.is_some_and(|first| first >= start));
+                for (run_count, lag) in (1u32..).zip(lags) {
+                    let Some(fired_at) = next else { break };
+                    if let Some(previous) = previous {
+                        prop_assert!(fired_at > previous, "{fired_at} after {previous}");
+                    }
+                    // The scheduler fires a little after the time, never before it.
+                    prop_assert!(fired_at >= now);
+                    now = fired_at + Duration::milliseconds(lag);
+                    next = schedule.next_fire(fired_at, run_count, now);
+                    if let Some(next) = next {
+                        prop_assert!(next >= now, "next {next} before now {now}");
+                    }
+                    previous = Some(fired_at);
+                }
+            }
+
+            #[test]
+            fn fixed_time_cron_fires_once_per_local_day_across_dst(
+                minute in 0u32..60,
+                hour in 0u32..24,
+                timezone in prop::sample::select(ZONES),
+                change in prop::sample::select(DST_CHANGES),
+            ) {
+                let schedule = spec(ScheduleTiming::Cron {
+                    expression: format!("{minute} {hour} * * *"),
+                    timezone: timezone.to_owned(),
+                });
+                let zone: chrono_tz::Tz = timezone.parse().unwrap();
+                let start = at(change) - Duration::days(3);
+                let mut fires = Vec::new();
+                let mut next = schedule.first_fire(start);
+                for run_count in 1..=6 {
+                    let Some(fired_at) = next else { break };
+                    fires.push(fired_at);
+                    next = schedule.next_fire(fired_at, run_count, fired_at);
+                }
+                prop_assert_eq!(fires.len(), 6);
+                let days: Vec<_> = fires
+                    .iter()
+                    .map(|fire| zone.from_utc_datetime(&fire.naive_utc()).date_naive())
+                    .collect();
+                for pair in days.windows(2) {
+                    prop_assert_eq!(pair[1], pair[0].succ_opt().unwrap(), "{:?}", fires);
+                }
+            }
+        }
     }
 }

@@ -135,9 +135,48 @@ impl NewTask {
         }
         Ok(())
     }
+
+    /// The retry of a finished task: the same code revision, payload, priority, timeout,
+    /// label, cluster and schedule, one more retry, and the first task of the chain as its
+    /// original. Due `delay_secs` after it is queued.
+    pub fn retry_of(failed: &Task, delay_secs: u32) -> NewTask {
+        NewTask {
+            code_name: failed.code_name.clone(),
+            payload: failed.payload.clone(),
+            priority: failed.priority,
+            timeout_secs: failed.timeout_secs,
+            delay_secs,
+            label: failed.label.clone(),
+            cluster: failed.cluster.clone(),
+            retry_count: failed.retry_count.saturating_add(1),
+            original_task_id: Some(
+                failed
+                    .original_task_id
+                    .clone()
+                    .unwrap_or_else(|| failed.id.clone()),
+            ),
+            schedule_id: failed.schedule_id.clone(),
+            code_rev: Some(failed.code_rev),
+        }
+    }
 }
 
 impl TaskOutcome {
+    /// The task failed for a reason that is the user's: it exited non-zero, ran out of
+    /// memory, timed out, or could not be set up because of its code (a bad image, a missing
+    /// package file). These spend user retries. `SetupFailed` counts because IronWorker
+    /// retries every `error`, and a setup failure may be transient on the user's side (an
+    /// image pushed a moment too late); infrastructure failures never reach a `TaskOutcome`.
+    pub fn is_user_failure(&self) -> bool {
+        match self {
+            TaskOutcome::Exited { exit_code } => *exit_code != 0,
+            TaskOutcome::OutOfMemory { .. }
+            | TaskOutcome::TimedOut { .. }
+            | TaskOutcome::SetupFailed { .. } => true,
+            TaskOutcome::Cancelled => false,
+        }
+    }
+
     /// The lifecycle event this outcome is.
     pub fn event(&self) -> crate::Event {
         match self {

@@ -94,10 +94,10 @@ const USAGE_GRACE: Duration = Duration::from_millis(50);
 /// How long to wait for a killed container to be reported stopped.
 const KILL_WAIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Attempts at recording a result while the source is unavailable (about 25 s in all, within
-/// the lease that the heartbeats keep extending meanwhile).
+/// the lease that the last heartbeat extended).
 const RECORD_ATTEMPTS: u32 = 8;
 /// Attempts at removing a container.
-const REMOVE_ATTEMPTS: u32 = 3;
+const REMOVE_ATTEMPTS: u32 = 8;
 
 /// Runs one leased task to its end. The slot is given back once the result is recorded.
 pub(crate) async fn run(context: Arc<TaskContext>, leased: LeasedTask, slot: Slot) {
@@ -159,9 +159,11 @@ impl Attempt {
                 tracing::debug!(%error, "kill before giving the task up failed");
             }
         }
-        self.record(ending).await;
+        // Heartbeats stop before the result is recorded: one in flight during the completion
+        // would find its lease already ended and report it lost.
         self.signals.done.cancel();
         let _ = heartbeats.await;
+        self.record(ending).await;
         let Attempt {
             context,
             slot,
@@ -714,6 +716,8 @@ async fn follow_usage(
 
 /// Removes a finished task's container, measuring how long the engine takes.
 async fn remove_container(engine: Arc<dyn ContainerEngine>, id: ContainerId) {
+    // Waits grow to about a minute in all, enough for an engine that restarts to come back.
+    let mut delay = Duration::from_millis(500);
     for attempt in 1..=REMOVE_ATTEMPTS {
         match engine.remove(&id).await {
             Ok(took) => {
@@ -723,12 +727,13 @@ async fn remove_container(engine: Arc<dyn ContainerEngine>, id: ContainerId) {
             Err(EngineError::NoSuchContainer { .. }) => return,
             Err(error) if attempt < REMOVE_ATTEMPTS => {
                 tracing::warn!(container = %id, %error, "removing the container failed; trying again");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(16));
             }
             Err(error) => {
                 tracing::error!(
                     container = %id, %error,
-                    "the container could not be removed; the next start-up of this runner reaps it"
+                    "the container could not be removed; the runner reaps it when it stops or starts"
                 );
             }
         }

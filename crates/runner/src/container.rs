@@ -280,6 +280,7 @@ mod tests {
                     cpus: Some(0.5),
                 },
                 network: "none".into(),
+                retries_backoff: stevedore_model::RetriesBackoff::Fixed,
             },
             package_sha256: None,
             package_size: None,

@@ -153,16 +153,20 @@ impl Runner {
             context.hard_stop.cancel();
             context.tracker.wait().await;
         }
+        // Every task is over: whatever still carries this runner's label is garbage that a
+        // failed removal left (the engine was down at the time).
+        self.reap().await;
         tracing::info!("runner stopped");
     }
 
-    /// Removes every container this runner's earlier life left behind.
+    /// Removes every container with this runner's label: at start-up what an earlier life
+    /// left behind, at shutdown what a failed removal left.
     async fn reap(&self) {
         let runner_id = &self.config.runner_id;
         let leftovers = match self.engine.list_labeled(LABEL_RUNNER, runner_id).await {
             Ok(leftovers) => leftovers,
             Err(error) => {
-                tracing::warn!(%error, "cannot list the containers of an earlier run to reap them");
+                tracing::warn!(%error, "cannot list leftover containers to reap them");
                 return;
             }
         };
@@ -177,7 +181,7 @@ impl Runner {
                     Ok(took) => tracing::info!(
                         container = %id,
                         took_ms = took.as_millis(),
-                        "reaped a container of an earlier run"
+                        "reaped a leftover container"
                     ),
                     Err(error) => {
                         tracing::warn!(container = %id, %error, "cannot reap a container");
@@ -185,7 +189,7 @@ impl Runner {
                 }
             })
             .await;
-        tracing::info!(count, "reaped the containers of an earlier run");
+        tracing::info!(count, "reaped leftover containers");
     }
 
     async fn lease_loop(

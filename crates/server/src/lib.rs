@@ -16,6 +16,7 @@ pub mod extract;
 pub mod openapi;
 pub mod package;
 pub mod rescuer;
+pub mod scheduler;
 pub mod wire;
 
 use std::future::Future;

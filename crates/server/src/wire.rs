@@ -8,8 +8,8 @@ use stevedore_model::code::CodeKind;
 use stevedore_model::limits::{self, DEFAULT_RETRIES_DELAY_SECS};
 use stevedore_model::task::DEFAULT_CLUSTER;
 use stevedore_model::{
-    CodeRevision, CodeSpec, Limits, NewTask, Schedule, ScheduleSpec, ScheduleTiming, Task,
-    Timestamp, ValidationError,
+    CodeRevision, CodeSpec, Limits, NewTask, RetriesBackoff, Schedule, ScheduleSpec,
+    ScheduleTiming, Task, Timestamp, ValidationError,
 };
 
 use crate::config::ServerConfig;
@@ -51,6 +51,19 @@ pub fn payload_text(payload: Option<Value>) -> String {
     }
 }
 
+/// The payload text, refused with 413 past the configured limit.
+fn checked_payload(payload: Option<Value>, config: &ServerConfig) -> Result<String, ApiError> {
+    let payload = payload_text(payload);
+    if payload.len() > config.max_payload_bytes {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "payload is {} bytes, more than the limit of {} bytes",
+            payload.len(),
+            config.max_payload_bytes
+        )));
+    }
+    Ok(payload)
+}
+
 fn bounded(
     field: &str,
     value: Option<i64>,
@@ -85,14 +98,7 @@ pub fn new_task(
     let code_name = request
         .code_name
         .ok_or_else(|| ValidationError::new("code_name", "is required"))?;
-    let payload = payload_text(request.payload);
-    if payload.len() > config.max_payload_bytes {
-        return Err(ApiError::PayloadTooLarge(format!(
-            "payload is {} bytes, more than the limit of {} bytes",
-            payload.len(),
-            config.max_payload_bytes
-        )));
-    }
+    let payload = checked_payload(request.payload, config)?;
     let task = NewTask {
         code_name,
         payload,
@@ -201,6 +207,10 @@ pub fn code_spec(
             0,
             limits::MAX_RETRIES_DELAY_SECS,
         )?,
+        retries_backoff: upload
+            .retries_backoff
+            .as_deref()
+            .map_or(Ok(RetriesBackoff::Fixed), str::parse)?,
         default_priority: priority("default_priority", upload.default_priority, 0)?,
         limits: Limits {
             timeout_secs: bounded(
@@ -234,14 +244,7 @@ pub fn schedule_spec(
     let code_name = request
         .code_name
         .ok_or_else(|| ValidationError::new("code_name", "is required"))?;
-    let payload = payload_text(request.payload);
-    if payload.len() > config.max_payload_bytes {
-        return Err(ApiError::PayloadTooLarge(format!(
-            "payload is {} bytes, more than the limit of {} bytes",
-            payload.len(),
-            config.max_payload_bytes
-        )));
-    }
+    let payload = checked_payload(request.payload, config)?;
     let timing = match (request.run_every, request.cron) {
         (Some(_), Some(_)) => {
             return Err(ApiError::BadRequest(
@@ -361,6 +364,7 @@ pub fn code_info(code: &CodeRevision) -> v2::CodeInfo {
         max_concurrency: spec.max_concurrency.map_or(-1, i64::from),
         retries: spec.retries,
         retries_delay: spec.retries_delay_secs,
+        retries_backoff: spec.retries_backoff.to_string(),
         default_priority: spec.default_priority,
         timeout: spec.limits.timeout_secs,
         memory: spec.limits.memory_mib,

@@ -318,19 +318,22 @@ impl SqliteStore {
 
     /// Changes one task: loads it (from the lease cache when it is there), lets `change` alter
     /// it, writes it back guarded by its version. `change` may run twice: on a cached record
-    /// and, if that turns out stale, on the row read afresh.
+    /// and, if that turns out stale, on the row read afresh. With `retry`, a runner's
+    /// completion, the user retry it calls for is queued in the same transaction.
     ///
     /// Alone, the write commits by itself. When other writers are waiting, it opens (or joins)
     /// a group transaction, leaves it open for them and returns once the last of them has
-    /// committed it: under load, many single-task writes share one commit.
+    /// committed it: under load, many single-task writes share one commit. A write that may
+    /// queue a retry always runs in a group, so the completion and its retry commit together.
     async fn change_task<T>(
         &self,
         project_id: Option<&str>,
         task_id: &str,
+        retry: Option<RetryCheck<'_>>,
         change: impl FnMut(&mut TaskRecord) -> Result<T>,
     ) -> Result<(TaskRecord, T)> {
         let mut writer = self.lock_writer().await?;
-        if writer.group.is_none() && self.waiting.load(Ordering::SeqCst) > 0 {
+        if writer.group.is_none() && (retry.is_some() || self.waiting.load(Ordering::SeqCst) > 0) {
             sqlx::query(BEGIN_WRITE).execute(&mut writer.conn).await?;
             writer.last_group += 1;
             writer.group = Some(OpenGroup {
@@ -338,20 +341,22 @@ impl SqliteStore {
                 writes: 0,
             });
         }
-        let changed = change_one_task(&mut writer, project_id, task_id, change).await;
+        let changed = change_one_task(&mut writer, project_id, task_id, retry, change).await;
         let Some(group) = writer.group.as_mut() else {
-            return changed;
+            return changed.map_err(|failed| failed.error);
         };
         let wrote = match &changed {
             Ok(_) => true,
-            // The statement failed half-way, perhaps with the transaction: end the group.
-            Err(StoreError::Database(_)) => {
+            // Something was written but not all of it (a completion without its retry), or a
+            // statement failed half-way, perhaps with the transaction: end the group.
+            Err(failed) if failed.wrote || matches!(failed.error, StoreError::Database(_)) => {
                 drop(self.end_group(&mut writer, false).await);
-                return changed;
+                return changed.map_err(|failed| failed.error);
             }
             // Refused before anything was written.
             Err(_) => false,
         };
+        let changed = changed.map_err(|failed| failed.error);
         group.writes += usize::from(wrote);
         let number = group.number;
         if self.waiting.load(Ordering::SeqCst) > 0 && group.writes < MAX_GROUP_WRITES {
@@ -373,13 +378,36 @@ impl SqliteStore {
         &self,
         task_id: &str,
         token: i64,
+        retry: Option<RetryCheck<'_>>,
         mut change: impl FnMut(&mut TaskRecord) -> Result<T>,
     ) -> Result<(TaskRecord, T)> {
-        self.change_task(None, task_id, |record| {
+        self.change_task(None, task_id, retry, |record| {
             record.check_lease(token)?;
             change(record)
         })
         .await
+    }
+}
+
+/// A runner's completion, for `change_task` to queue the user retry it calls for.
+#[derive(Debug, Clone, Copy)]
+struct RetryCheck<'a> {
+    outcome: &'a TaskOutcome,
+    now: Timestamp,
+}
+
+/// Why `change_one_task` failed, and whether it had written anything by then.
+struct ChangeFailed {
+    error: StoreError,
+    wrote: bool,
+}
+
+impl From<StoreError> for ChangeFailed {
+    fn from(error: StoreError) -> Self {
+        ChangeFailed {
+            error,
+            wrote: false,
+        }
     }
 }
 
@@ -388,22 +416,59 @@ async fn change_one_task<T>(
     writer: &mut Writer,
     project_id: Option<&str>,
     task_id: &str,
+    retry: Option<RetryCheck<'_>>,
     mut change: impl FnMut(&mut TaskRecord) -> Result<T>,
-) -> Result<(TaskRecord, T)> {
-    let Writer { conn, leases, .. } = writer;
+) -> Result<(TaskRecord, T), ChangeFailed> {
+    let Writer {
+        conn,
+        leases,
+        revisions,
+        ..
+    } = writer;
     if let Some(mut record) = leases.take(task_id)
         && project_id.is_none_or(|project_id| project_id == record.task.project_id)
         && let Ok(value) = change(&mut record)
-        && tasks::write(conn, &mut record).await?
     {
-        leases.remember(&record);
-        return Ok((record, value));
+        let queued = plan_follow_up(conn, revisions, &record, retry).await?;
+        if tasks::write(conn, &mut record).await? {
+            write_follow_up(conn, &queued).await?;
+            leases.remember(&record);
+            return Ok((record, value));
+        }
     }
     let mut record = tasks::load(conn, project_id, task_id).await?;
     let value = change(&mut record)?;
+    let queued = plan_follow_up(conn, revisions, &record, retry).await?;
     tasks::write_loaded(conn, &mut record).await?;
+    write_follow_up(conn, &queued).await?;
     leases.remember(&record);
     Ok((record, value))
+}
+
+/// The retry a changed task calls for, read before the task is written so that a failure
+/// here leaves nothing written.
+async fn plan_follow_up(
+    conn: &mut SqliteConnection,
+    revisions: &mut tasks::RevisionCache,
+    record: &TaskRecord,
+    retry: Option<RetryCheck<'_>>,
+) -> Result<Option<Task>> {
+    match retry {
+        Some(RetryCheck { outcome, now }) => {
+            tasks::plan_retry(conn, revisions, record, outcome, now).await
+        }
+        None => Ok(None),
+    }
+}
+
+/// Queues the planned retry after the task itself was written.
+async fn write_follow_up(
+    conn: &mut SqliteConnection,
+    queued: &Option<Task>,
+) -> Result<(), ChangeFailed> {
+    tasks::insert_rows(conn, queued.as_slice())
+        .await
+        .map_err(|error| ChangeFailed { error, wrote: true })
 }
 
 /// Counts a caller in `SqliteStore::waiting` for as long as it lives, cancellation included.
@@ -895,7 +960,7 @@ impl Store for SqliteStore {
     async fn cancel_task(&self, project_id: &str, task_id: &str, now: Timestamp) -> Result<Task> {
         let now = normalize(now);
         let (record, _) = self
-            .change_task(Some(project_id), task_id, |record| record.cancel(now))
+            .change_task(Some(project_id), task_id, None, |record| record.cancel(now))
             .await?;
         Ok(record.task)
     }
@@ -920,7 +985,7 @@ impl Store for SqliteStore {
     ) -> Result<Task> {
         let now = normalize(now);
         let (record, ()) = self
-            .change_task(Some(project_id), task_id, |record| {
+            .change_task(Some(project_id), task_id, None, |record| {
                 if record.task.status.is_terminal() {
                     return Err(StoreError::Conflict(format!(
                         "task {task_id} is already finished: it is {}",
@@ -990,7 +1055,7 @@ impl Store for SqliteStore {
     ) -> Result<HeartbeatReply> {
         let now = normalize(now);
         let (record, expires_at) = self
-            .change_leased_task(task_id, token, |record| {
+            .change_leased_task(task_id, token, None, |record| {
                 Ok(record.extend_lease(lease_secs, now))
             })
             .await?;
@@ -1009,7 +1074,7 @@ impl Store for SqliteStore {
     ) -> Result<Task> {
         let (now, start_time) = (normalize(now), normalize(start_time));
         let (record, ()) = self
-            .change_leased_task(task_id, token, |record| record.start(start_time, now))
+            .change_leased_task(task_id, token, None, |record| record.start(start_time, now))
             .await?;
         Ok(record.task)
     }
@@ -1072,7 +1137,7 @@ impl Store for SqliteStore {
         now: Timestamp,
     ) -> Result<()> {
         let now = normalize(now);
-        self.change_leased_task(task_id, token, |record| {
+        self.change_leased_task(task_id, token, None, |record| {
             record.set_progress(percent, msg, now);
             Ok(())
         })
@@ -1095,9 +1160,12 @@ impl Store for SqliteStore {
             ..report.clone()
         };
         let (record, ()) = self
-            .change_leased_task(task_id, token, |record| {
-                record.finish(outcome, &report, now)
-            })
+            .change_leased_task(
+                task_id,
+                token,
+                Some(RetryCheck { outcome, now }),
+                |record| record.finish(outcome, &report, now),
+            )
             .await?;
         Ok(record.task)
     }
@@ -1111,7 +1179,7 @@ impl Store for SqliteStore {
     ) -> Result<Task> {
         let (now, due_at) = (normalize(now), normalize(requeue.due_at));
         let (record, ()) = self
-            .change_leased_task(task_id, token, |record| {
+            .change_leased_task(task_id, token, None, |record| {
                 record.give_back(&requeue.reason, due_at, requeue.max_infra_attempts, now)
             })
             .await?;

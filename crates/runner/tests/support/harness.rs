@@ -223,6 +223,7 @@ pub fn code_spec(name: &str, kind: CodeKind) -> CodeSpec {
             cpus: None,
         },
         network: "none".to_owned(),
+        retries_backoff: stevedore_model::RetriesBackoff::Fixed,
     }
 }
 

@@ -279,23 +279,8 @@ pub async fn retry(
             task.status
         )));
     }
-    let retry = NewTask {
-        code_name: task.code_name.clone(),
-        payload: task.payload.clone(),
-        priority: task.priority,
-        timeout_secs: task.timeout_secs,
-        delay_secs: u32::try_from(delay).unwrap_or(0),
-        label: task.label.clone(),
-        cluster: task.cluster.clone(),
-        retry_count: task.retry_count + 1,
-        original_task_id: Some(
-            task.original_task_id
-                .clone()
-                .unwrap_or_else(|| task.id.clone()),
-        ),
-        schedule_id: task.schedule_id.clone(),
-        code_rev: Some(task.code_rev),
-    };
+    let delay_secs = u32::try_from(delay).unwrap_or(0);
+    let retry = NewTask::retry_of(&task, delay_secs);
     let queued = state
         .store
         .enqueue(&access.project_id, &[retry], state.clock.now())

@@ -8,7 +8,8 @@ use sqlx::Row;
 use sqlx::sqlite::SqliteConnection;
 use stevedore_model::limits::MAX_PRIORITY;
 use stevedore_model::{
-    CodeRevision, Event, NewTask, Task, TaskOutcome, TaskStatus, Timestamp, new_id, transition,
+    CodeRevision, Event, NewTask, Task, TaskOutcome, TaskStatus, Timestamp, automatic_retry,
+    new_id, transition,
 };
 
 use super::rows::{
@@ -185,41 +186,95 @@ pub(super) async fn insert(
             Some(pinned) => pinned,
             None => code_rev,
         };
-        let task = Task {
-            id: new_id(),
-            project_id: project_id.to_owned(),
-            code_id,
-            code_name: new_task.code_name.clone(),
-            code_rev,
-            status: TaskStatus::Queued,
-            priority: new_task.priority,
-            payload: new_task.payload.clone(),
-            label: new_task.label.clone(),
-            cluster: new_task.cluster.clone(),
-            timeout_secs: new_task.timeout_secs,
-            delay_secs: new_task.delay_secs,
-            created_at: now,
-            updated_at: now,
-            due_at: now + Duration::seconds(i64::from(new_task.delay_secs)),
-            start_time: None,
-            end_time: None,
-            percent: None,
-            msg: None,
-            retry_count: new_task.retry_count,
-            original_task_id: new_task.original_task_id.clone(),
-            schedule_id: new_task.schedule_id.clone(),
-            exit_code: None,
-            log_size: 0,
-            infra_attempts: 0,
-            cancel_requested: false,
-            peak_memory_bytes: None,
-            cpu_time_ms: None,
-            runner_id: None,
-        };
-        queued.push(task);
+        queued.push(queued_task(project_id, &code_id, code_rev, new_task, now));
     }
+    insert_rows(conn, &queued).await?;
+    Ok(queued)
+}
+
+/// A new queued task of a resolved code revision, due at `now + delay`.
+fn queued_task(
+    project_id: &str,
+    code_id: &str,
+    code_rev: u32,
+    new_task: &NewTask,
+    now: Timestamp,
+) -> Task {
+    Task {
+        id: new_id(),
+        project_id: project_id.to_owned(),
+        code_id: code_id.to_owned(),
+        code_name: new_task.code_name.clone(),
+        code_rev,
+        status: TaskStatus::Queued,
+        priority: new_task.priority,
+        payload: new_task.payload.clone(),
+        label: new_task.label.clone(),
+        cluster: new_task.cluster.clone(),
+        timeout_secs: new_task.timeout_secs,
+        delay_secs: new_task.delay_secs,
+        created_at: now,
+        updated_at: now,
+        due_at: now + Duration::seconds(i64::from(new_task.delay_secs)),
+        start_time: None,
+        end_time: None,
+        percent: None,
+        msg: None,
+        retry_count: new_task.retry_count,
+        original_task_id: new_task.original_task_id.clone(),
+        schedule_id: new_task.schedule_id.clone(),
+        exit_code: None,
+        log_size: 0,
+        infra_attempts: 0,
+        cancel_requested: false,
+        peak_memory_bytes: None,
+        cpu_time_ms: None,
+        runner_id: None,
+    }
+}
+
+/// The user retry of a task a runner just completed with `outcome`, when its pinned code
+/// revision has retries left (`stevedore_model::automatic_retry` decides). Reads only: the
+/// caller writes the completion and then the retry (`insert_rows`) in one transaction. The
+/// retry keeps the failed task's code id, so a code deleted in the meantime gets none (its
+/// queued tasks were cancelled with it), and a new code that took its name is never run.
+pub(super) async fn plan_retry(
+    conn: &mut SqliteConnection,
+    revisions: &mut RevisionCache,
+    failed: &TaskRecord,
+    outcome: &TaskOutcome,
+    now: Timestamp,
+) -> Result<Option<Task>> {
+    let task = &failed.task;
+    // Most completions succeed: decide that much without reading anything.
+    if !outcome.is_user_failure() || task.cancel_requested {
+        return Ok(None);
+    }
+    let code = revisions.get(conn, &task.code_id, task.code_rev).await?;
+    let Some(retry) = automatic_retry(task, outcome, &code.spec) else {
+        return Ok(None);
+    };
+    let live: Option<i64> =
+        sqlx::query_scalar("SELECT 1 FROM codes WHERE id = ?1 AND deleted_at IS NULL")
+            .bind(&task.code_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if live.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(queued_task(
+        &task.project_id,
+        &task.code_id,
+        task.code_rev,
+        &retry,
+        now,
+    )))
+}
+
+/// Writes new queued tasks.
+pub(super) async fn insert_rows(conn: &mut SqliteConnection, queued: &[Task]) -> Result<()> {
     if queued.is_empty() {
-        return Ok(queued);
+        return Ok(());
     }
     // One statement for the whole batch: a round trip per task to SQLite's worker thread cost
     // more than SQLite reading the rows back out of JSON.
@@ -238,7 +293,7 @@ pub(super) async fn insert(
     .bind(to_json(&rows)?)
     .execute(&mut *conn)
     .await?;
-    Ok(queued)
+    Ok(())
 }
 
 /// A new task's row, as `insert` hands it to SQLite.
@@ -492,7 +547,7 @@ pub(super) struct RevisionCache {
 impl RevisionCache {
     const MAX_REVISIONS: usize = 1024;
 
-    async fn get(
+    pub(super) async fn get(
         &mut self,
         conn: &mut SqliteConnection,
         code_id: &str,
