@@ -187,3 +187,69 @@ async fn tasks_survive_a_docker_daemon_restart() {
         Vec::<String>::new()
     );
 }
+
+/// A failing task with retries left is run again as a new task after `retries_delay`, in a
+/// real container each time, until its code's retries are spent.
+#[tokio::test]
+async fn a_failing_task_is_retried_until_its_retries_are_spent() {
+    if !docker_available() {
+        return;
+    }
+    ensure_local_image();
+    let data = tempfile::tempdir().unwrap();
+    let runner = unique("retry");
+    let mut server = ServerProcess::start_running(data.path(), &runner, &[]);
+    let api = Api::new(&server);
+    api.post(
+        "codes",
+        json!({"name": "flaky", "image": "stevedore/busybox:local",
+               "command": "echo \"attempt of $TASK_ID\"; cat \"$PAYLOAD_FILE\"; exit 7",
+               "retries": 2, "retries_delay": 1}),
+    )
+    .await;
+    let ids = api
+        .queue(json!([{"code_name": "flaky", "payload": "same payload"}]))
+        .await;
+    let original = api.wait_finished(&ids[0], Duration::from_secs(60)).await;
+    assert_eq!(original["status"], "error");
+    assert_eq!(original["exit_code"], 7);
+
+    // Two retries follow, one after the other, each a new task of the same chain.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let chain = loop {
+        let listed = api.get("tasks?per_page=100").await;
+        let tasks = listed["tasks"].as_array().unwrap().clone();
+        let finished = tasks
+            .iter()
+            .filter(|task| task["status"] == "error")
+            .count();
+        if tasks.len() == 3 && finished == 3 {
+            break tasks;
+        }
+        assert!(tasks.len() <= 3, "more tasks than retries allow: {listed}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "retries did not finish: {listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut counts: Vec<u64> = chain
+        .iter()
+        .map(|task| task["retry_count"].as_u64().unwrap())
+        .collect();
+    counts.sort_unstable();
+    assert_eq!(counts, [0, 1, 2]);
+    for task in chain.iter().filter(|task| task["retry_count"] != 0) {
+        assert_eq!(task["original_task_id"], ids[0].as_str());
+        assert_eq!(task["payload"], "same payload");
+        assert_eq!(task["code_rev"], original["code_rev"]);
+        let log = api.log(task["id"].as_str().unwrap()).await.unwrap();
+        assert!(log.contains("same payload"), "{log}");
+    }
+
+    assert!(server.terminate().success());
+    assert_eq!(
+        containers_labelled(&format!("stevedore.runner={runner}")),
+        Vec::<String>::new()
+    );
+}
