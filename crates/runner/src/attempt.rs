@@ -159,11 +159,9 @@ impl Attempt {
                 tracing::debug!(%error, "kill before giving the task up failed");
             }
         }
-        // Heartbeats stop before the result is recorded: one in flight during the completion
-        // would find its lease already ended and report it lost.
+        self.record(ending).await;
         self.signals.done.cancel();
         let _ = heartbeats.await;
-        self.record(ending).await;
         let Attempt {
             context,
             slot,

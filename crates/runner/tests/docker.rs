@@ -12,13 +12,11 @@
 #[path = "support/harness.rs"]
 mod harness;
 
-use std::io::Write;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use harness::{Background, Harness, zip_of};
-use stevedore_engine::{ContainerEngine, DockerEngine, HOST_BUSYBOX, build_local_busybox_image};
+use stevedore_engine::{ContainerEngine, DockerEngine};
 use stevedore_model::{Stack, SystemClock, TaskStatus};
 use stevedore_runner::{LABEL_RUNNER, LABEL_TASK, Runner, RunnerConfig};
 use tokio::sync::OnceCell;
@@ -42,36 +40,10 @@ struct Cleanup {
     runner_id: String,
 }
 
-fn ci_requires_docker() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
-}
-
 /// The test's world, or `None` (the test then skips) when the engine is unreachable
 /// outside CI.
 async fn docker_test(name: &str) -> Option<DockerTest> {
-    let engine = match DockerEngine::connect().await {
-        Ok(engine) => engine,
-        Err(error) if ci_requires_docker() => {
-            panic!("CI is set and the Docker engine is not reachable: {error}")
-        }
-        Err(error) => {
-            // Straight to stderr: the harness swallows the output of passing tests.
-            let _ = writeln!(
-                std::io::stderr(),
-                "skipped {name}: the Docker engine is not reachable ({error}); run \
-                 scripts/ensure-docker.sh, or set CI=true to make this a failure"
-            );
-            return None;
-        }
-    };
-    IMAGE_BUILT
-        .get_or_try_init(|| async {
-            build_local_busybox_image(&engine, Path::new(HOST_BUSYBOX), TEST_IMAGE)
-                .await
-                .map(|_| ())
-        })
-        .await
-        .unwrap();
+    let engine = harness::docker_engine(name, TEST_IMAGE, &IMAGE_BUILT).await?;
     let runner_id = format!("runner-test-{name}-{}", std::process::id());
     Some(DockerTest {
         engine: Arc::new(engine),

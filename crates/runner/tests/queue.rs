@@ -14,13 +14,11 @@
 mod harness;
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::Write;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use harness::{Background, Harness, ObservedSource};
-use stevedore_engine::{ContainerEngine, DockerEngine, HOST_BUSYBOX, build_local_busybox_image};
+use stevedore_engine::{ContainerEngine, DockerEngine};
 use stevedore_model::task::DEFAULT_CLUSTER;
 use stevedore_model::{CodeRevision, NewTask, Stack, SystemClock, Task, TaskStatus};
 use stevedore_runner::{LABEL_RUNNER, LABEL_TASK, Runner, RunnerConfig};
@@ -58,10 +56,6 @@ struct Cleanup {
 /// At most this many runners per test (the cleanup guard knows their ids up front).
 const MAX_RUNNERS: usize = 3;
 
-fn ci_requires_docker() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
-}
-
 fn runner_id(name: &str, index: usize) -> String {
     format!("queue-test-{name}-{}-{index}", std::process::id())
 }
@@ -69,29 +63,7 @@ fn runner_id(name: &str, index: usize) -> String {
 /// The test's world, or `None` (the test then skips) when the engine is unreachable
 /// outside CI.
 async fn queue_test(name: &str) -> Option<QueueTest> {
-    let engine = match DockerEngine::connect().await {
-        Ok(engine) => engine,
-        Err(error) if ci_requires_docker() => {
-            panic!("CI is set and the Docker engine is not reachable: {error}")
-        }
-        Err(error) => {
-            // Straight to stderr: the harness swallows the output of passing tests.
-            let _ = writeln!(
-                std::io::stderr(),
-                "skipped {name}: the Docker engine is not reachable ({error}); run \
-                 scripts/ensure-docker.sh, or set CI=true to make this a failure"
-            );
-            return None;
-        }
-    };
-    IMAGE_BUILT
-        .get_or_try_init(|| async {
-            build_local_busybox_image(&engine, Path::new(HOST_BUSYBOX), TEST_IMAGE)
-                .await
-                .map(|_| ())
-        })
-        .await
-        .unwrap();
+    let engine = harness::docker_engine(name, TEST_IMAGE, &IMAGE_BUILT).await?;
     Some(QueueTest {
         engine: Arc::new(engine),
         harness: Harness::new(Arc::new(SystemClock)).await,

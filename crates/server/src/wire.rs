@@ -64,7 +64,8 @@ fn checked_payload(payload: Option<Value>, config: &ServerConfig) -> Result<Stri
     Ok(payload)
 }
 
-fn bounded(
+/// An optional integer in `min..=max`, `default` when absent.
+pub fn bounded(
     field: &str,
     value: Option<i64>,
     default: u32,

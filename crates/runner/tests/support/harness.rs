@@ -404,3 +404,45 @@ impl Background {
         self.handle.is_finished()
     }
 }
+
+/// Whether CI runs these tests, where an unreachable Docker engine is a failure, not a skip.
+pub fn ci_requires_docker() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
+/// The real Docker engine with `image` built once per test binary (`built` remembers it), or
+/// `None` — the test then skips — when the engine is unreachable outside CI.
+pub async fn docker_engine(
+    test: &str,
+    image: &str,
+    built: &tokio::sync::OnceCell<()>,
+) -> Option<stevedore_engine::DockerEngine> {
+    let engine = match stevedore_engine::DockerEngine::connect().await {
+        Ok(engine) => engine,
+        Err(error) if ci_requires_docker() => {
+            panic!("CI is set and the Docker engine is not reachable: {error}")
+        }
+        Err(error) => {
+            // Straight to stderr: the harness swallows the output of passing tests.
+            let _ = writeln!(
+                std::io::stderr(),
+                "skipped {test}: the Docker engine is not reachable ({error}); run \
+                 scripts/ensure-docker.sh, or set CI=true to make this a failure"
+            );
+            return None;
+        }
+    };
+    built
+        .get_or_try_init(|| async {
+            stevedore_engine::build_local_busybox_image(
+                &engine,
+                std::path::Path::new(stevedore_engine::HOST_BUSYBOX),
+                image,
+            )
+            .await
+            .map(|_| ())
+        })
+        .await
+        .unwrap();
+    Some(engine)
+}

@@ -266,10 +266,7 @@ pub async fn pause(
     access: ProjectAccess,
     Path((_, code_id)): Path<(String, String)>,
 ) -> ApiResult<Json<v2::Message>> {
-    state
-        .store
-        .set_code_paused(&access.project_id, &code_id, true, state.clock.now())
-        .await?;
+    set_paused(&state, &access, &code_id, true).await?;
     Ok(message("Paused"))
 }
 
@@ -282,11 +279,21 @@ pub async fn resume(
     access: ProjectAccess,
     Path((_, code_id)): Path<(String, String)>,
 ) -> ApiResult<Json<v2::Message>> {
+    set_paused(&state, &access, &code_id, false).await?;
+    Ok(message("Resumed"))
+}
+
+async fn set_paused(
+    state: &AppState,
+    access: &ProjectAccess,
+    code_id: &str,
+    paused: bool,
+) -> ApiResult<()> {
     state
         .store
-        .set_code_paused(&access.project_id, &code_id, false, state.clock.now())
+        .set_code_paused(&access.project_id, code_id, paused, state.clock.now())
         .await?;
-    Ok(message("Resumed"))
+    Ok(())
 }
 
 /// Task counts of a code by status.

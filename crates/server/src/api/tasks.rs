@@ -62,13 +62,7 @@ pub async fn queue(
         .enqueue(&access.project_id, &tasks, state.clock.now())
         .await?;
     state.tasks_queued();
-    Ok(Json(v2::TasksQueued {
-        msg: "Queued up".to_owned(),
-        tasks: queued
-            .into_iter()
-            .map(|task| v2::IdOnly { id: task.id })
-            .collect(),
-    }))
+    Ok(queued_reply(queued))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -265,12 +259,12 @@ pub async fn retry(
     Path((_, task_id)): Path<(String, String)>,
     ApiJson(request): ApiJson<v2::Retry>,
 ) -> ApiResult<Json<v2::TasksQueued>> {
-    let delay = request.delay.unwrap_or(0);
-    stevedore_model::validation::check_range(
+    let delay_secs = wire::bounded(
         "delay",
-        delay,
+        request.delay,
         0,
-        i64::from(stevedore_model::limits::MAX_DELAY_SECS),
+        0,
+        stevedore_model::limits::MAX_DELAY_SECS,
     )?;
     let task = state.store.get_task(&access.project_id, &task_id).await?;
     if !task.status.is_terminal() {
@@ -279,20 +273,13 @@ pub async fn retry(
             task.status
         )));
     }
-    let delay_secs = u32::try_from(delay).unwrap_or(0);
     let retry = NewTask::retry_of(&task, delay_secs);
     let queued = state
         .store
         .enqueue(&access.project_id, &[retry], state.clock.now())
         .await?;
     state.tasks_queued();
-    Ok(Json(v2::TasksQueued {
-        msg: "Queued up".to_owned(),
-        tasks: queued
-            .into_iter()
-            .map(|task| v2::IdOnly { id: task.id })
-            .collect(),
-    }))
+    Ok(queued_reply(queued))
 }
 
 /// Set a task's progress: a percentage and a message.
@@ -330,4 +317,15 @@ pub async fn progress(
         )
         .await?;
     Ok(message("Progress set"))
+}
+
+/// IronWorker's answer to queueing: the new tasks' ids.
+fn queued_reply(queued: Vec<stevedore_model::Task>) -> Json<v2::TasksQueued> {
+    Json(v2::TasksQueued {
+        msg: "Queued up".to_owned(),
+        tasks: queued
+            .into_iter()
+            .map(|task| v2::IdOnly { id: task.id })
+            .collect(),
+    })
 }
