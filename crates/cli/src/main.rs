@@ -1,8 +1,13 @@
 //! The `stevedore` binary: `serve` runs the server on an embedded SQLite store; `project` and
-//! `token` administer tenants on the same data directory.
+//! `token` administer tenants on the same data directory; `code`, `task`, `schedule` and
+//! `stack` are the client commands; `run` runs a code locally, without a server.
 
 #![forbid(unsafe_code)]
 
+mod build;
+mod client;
+mod cmd;
+mod output;
 mod settings;
 
 use std::net::SocketAddr;
@@ -25,6 +30,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing_subscriber::EnvFilter;
 
+use crate::cmd::code::CodeCommand;
+use crate::cmd::run::RunArgs;
+use crate::cmd::schedule::ScheduleCommand;
+use crate::cmd::task::TaskCommand;
+use crate::cmd::{ConnectionArgs, Ctx, EXIT_TASK_FAILED, TaskFailed};
+use crate::output::Format;
 use crate::settings::Settings;
 
 #[derive(Debug, Parser)]
@@ -40,6 +51,9 @@ struct Cli {
     /// Where the database and iron.json live.
     #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
+    /// Print JSON for scripts instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -62,15 +76,43 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Codes: what tasks run.
+    Code {
+        #[command(flatten)]
+        connection: ConnectionArgs,
+        #[command(subcommand)]
+        command: CodeCommand,
+    },
+    /// Tasks: queue, list, follow logs, cancel, retry.
+    Task {
+        #[command(flatten)]
+        connection: ConnectionArgs,
+        #[command(subcommand)]
+        command: TaskCommand,
+    },
+    /// Schedules: tasks on a timetable.
+    Schedule {
+        #[command(flatten)]
+        connection: ConnectionArgs,
+        #[command(subcommand)]
+        command: ScheduleCommand,
+    },
     /// Runtimes for zip packages.
     Stack {
+        #[command(flatten)]
+        connection: ConnectionArgs,
         #[command(subcommand)]
         command: StackCommand,
     },
+    /// Run a code here, once, in the same image with the same contract and limits as on a
+    /// runner, without a server. Exit 3 unless the task completed.
+    Run(RunArgs),
 }
 
 #[derive(Debug, Subcommand)]
 enum StackCommand {
+    /// List the server's stacks: runtime name, image, launcher.
+    Ls,
     /// Build `stevedore/busybox:local` from the host's static busybox, for machines that reach
     /// no registry. The `binary` and `sh` stacks run on it.
     BuildLocal {
@@ -125,6 +167,10 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.downcast_ref::<TaskFailed>().is_some() => {
+            eprintln!("{error:#}");
+            ExitCode::from(EXIT_TASK_FAILED)
+        }
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
@@ -137,7 +183,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(data_dir) = cli.data_dir {
         settings.data_dir = data_dir;
     }
+    let format = if cli.json {
+        Format::Json
+    } else {
+        Format::Human
+    };
     match cli.command {
+        Command::Code {
+            connection,
+            command,
+        } => {
+            let ctx = Ctx::connect(&settings.data_dir, &connection, format)?;
+            cmd::code::run(&ctx, command).await
+        }
+        Command::Task {
+            connection,
+            command,
+        } => {
+            let ctx = Ctx::connect(&settings.data_dir, &connection, format)?;
+            cmd::task::run(&ctx, command).await
+        }
+        Command::Schedule {
+            connection,
+            command,
+        } => {
+            let ctx = Ctx::connect(&settings.data_dir, &connection, format)?;
+            cmd::schedule::run(&ctx, command).await
+        }
+        Command::Stack {
+            connection,
+            command: StackCommand::Ls,
+        } => {
+            let ctx = Ctx::connect(&settings.data_dir, &connection, format)?;
+            cmd::stack_list(&ctx).await
+        }
+        Command::Run(args) => cmd::run::run(&settings, args, format).await,
         Command::Serve { listen } => {
             if let Some(listen) = listen {
                 settings.listen = listen;
@@ -201,6 +281,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Stack {
             command: StackCommand::BuildLocal { busybox },
+            ..
         } => {
             let engine = connect_engine().await?;
             let image = stevedore_engine::LOCAL_BUSYBOX_IMAGE;
@@ -212,7 +293,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn connect_engine() -> anyhow::Result<DockerEngine> {
+pub(crate) async fn connect_engine() -> anyhow::Result<DockerEngine> {
     DockerEngine::connect().await.context(
         "cannot reach the Docker engine (scripts/ensure-docker.sh installs and starts one; DOCKER_HOST points elsewhere)",
     )
