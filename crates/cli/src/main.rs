@@ -149,9 +149,16 @@ enum Role {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The server reports what it does; a client command only warnings, so its output stays
+    // its own.
+    let default_filter = match cli.command {
+        Command::Serve { .. } => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_env("STEVEDORE_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_env("STEVEDORE_LOG")
+                .unwrap_or_else(|_| EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
