@@ -1,6 +1,7 @@
 //! The IronWorker v2 API: `/2/projects/{project_id}/...`.
 
 pub mod codes;
+pub mod logs;
 pub mod schedules;
 pub mod stacks;
 pub mod tasks;

@@ -1,5 +1,7 @@
 //! The server's settings, with the defaults a fresh installation runs with.
 
+use std::time::Duration;
+
 use stevedore_model::{Stack, limits};
 
 use crate::package::PackageLimits;
@@ -13,6 +15,30 @@ pub struct ServerConfig {
     /// The shortest `run_every` a schedule may ask for.
     pub min_run_every_secs: u32,
     pub stacks: Vec<Stack>,
+    pub log_stream: LogStreamConfig,
+}
+
+/// Live log streams (`log/stream`, `log?follow=true`). Each one polls the store, so any server
+/// sharing the database can serve it.
+#[derive(Debug, Clone)]
+pub struct LogStreamConfig {
+    /// How often a stream asks the store for new log bytes and the task's status.
+    pub poll_interval: Duration,
+    /// How often an event stream with nothing to say sends a comment, so that proxies and
+    /// clients keep it open.
+    pub keep_alive: Duration,
+    /// The longest one stream lives; the client resumes from its last offset after it.
+    pub max_lifetime: Duration,
+}
+
+impl Default for LogStreamConfig {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_millis(200),
+            keep_alive: Duration::from_secs(15),
+            max_lifetime: Duration::from_secs(24 * 60 * 60),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -26,6 +52,7 @@ impl Default for ServerConfig {
             },
             min_run_every_secs: limits::DEFAULT_MIN_RUN_EVERY_SECS,
             stacks: Stack::defaults(),
+            log_stream: LogStreamConfig::default(),
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod bootstrap;
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod follow;
 pub mod openapi;
 pub mod package;
 pub mod rescuer;
@@ -22,9 +23,9 @@ pub mod wire;
 use std::future::Future;
 use std::sync::Arc;
 
-use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
+use axum::{Extension, Router};
 use stevedore_model::Clock;
 use stevedore_store::Store;
 use tokio::net::TcpListener;
@@ -56,7 +57,7 @@ impl AppState {
 
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
-    use api::{codes, schedules, stacks, tasks};
+    use api::{codes, logs, schedules, stacks, tasks};
 
     let upload_limit = state
         .config
@@ -81,8 +82,9 @@ pub fn router(state: AppState) -> Router {
         .route("/tasks", get(tasks::list).post(tasks::queue))
         .route("/tasks/webhook", post(tasks::webhook))
         .route("/tasks/{task_id}", get(tasks::show))
-        .route("/tasks/{task_id}/log", get(tasks::log))
-        .route("/tasks/{task_id}/outlog", get(tasks::log))
+        .route("/tasks/{task_id}/log", get(logs::log))
+        .route("/tasks/{task_id}/log/stream", get(logs::stream))
+        .route("/tasks/{task_id}/outlog", get(logs::log))
         .route("/tasks/{task_id}/cancel", post(tasks::cancel))
         .route("/tasks/{task_id}/retry", post(tasks::retry))
         .route("/tasks/{task_id}/progress", post(tasks::progress))
@@ -106,13 +108,19 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves, then finishes the requests in
-/// flight and returns.
+/// flight and returns. Live log streams end when shutdown begins (their clients resume
+/// elsewhere or later); without that the server would wait for their tasks to finish.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
+    let streams = api::logs::StreamShutdown::default();
+    let app = router(state).layer(Extension(streams.clone()));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            streams.0.cancel();
+        })
         .await
 }

@@ -145,6 +145,22 @@ pub struct Requeue {
     pub max_infra_attempts: u32,
 }
 
+/// A piece of a task's log read together with the task's state, so that a follower knows
+/// whether more can come: once `status` is terminal, `size` is final.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogSlice {
+    /// The log from the offset asked for: at most `max_bytes`, empty at or past the end.
+    pub bytes: Vec<u8>,
+    /// Bytes stored in all (the task's `log_size`).
+    pub size: u64,
+    /// Where the truncation marker begins once the log reached its cap. After that the log
+    /// never changes; bytes past this offset read before may have been replaced by the marker.
+    pub truncated_at: Option<u64>,
+    pub status: TaskStatus,
+    pub percent: Option<u8>,
+    pub msg: Option<String>,
+}
+
 /// Everything stevedore keeps. One implementation per database; one shared test suite
 /// (`testsuite`) that every implementation must pass.
 #[async_trait]
@@ -245,6 +261,18 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Task>;
     /// The task's log so far; `StoreError::NotFound` while there is none.
     async fn get_log(&self, project_id: &str, task_id: &str) -> Result<Vec<u8>>;
+
+    /// The task's log from byte `offset`, at most `max_bytes` of it, with the task's status,
+    /// progress and log size as of the same moment: everything logged before a terminal status
+    /// is within `size`. Unknown tasks (and other projects' tasks) are `StoreError::NotFound`;
+    /// an empty log is an empty slice.
+    async fn get_log_since(
+        &self,
+        project_id: &str,
+        task_id: &str,
+        offset: u64,
+        max_bytes: u32,
+    ) -> Result<LogSlice>;
 
     // === leases (the runner's side) ===
 

@@ -60,6 +60,13 @@ pub(crate) fn truncation_marker(cap: u64) -> String {
     format!("\n[stevedore: log truncated at {cap} bytes]\n")
 }
 
+/// Where the truncation marker begins in a log that reached its cap: a truncated log is exactly
+/// `cap` bytes long and ends with the marker (cut to the cap when the cap is smaller).
+pub(crate) fn truncation_marker_start(size: u64) -> u64 {
+    let marker = u64::try_from(truncation_marker(size).len()).unwrap_or(u64::MAX);
+    size - marker.min(size)
+}
+
 /// Plans an append of `bytes` to a log of `size` bytes that may hold at most `cap` bytes in
 /// total, marker included. Returns `None` when nothing is to be written.
 pub(crate) fn plan_log_append(
@@ -299,6 +306,19 @@ mod tests {
         assert_eq!(plan.truncate_to, Some(kept));
         assert_eq!(plan.chunks.len(), 1);
         assert_eq!(plan.new_size, 100);
+    }
+
+    #[test]
+    fn the_marker_start_matches_the_plan() {
+        for (size, cap, bytes) in [(0, 100, 500), (100, 100, 1), (0, 5, 11), (10, 1000, 2000)] {
+            let plan = plan_log_append(size, false, &vec![b'x'; bytes], cap).unwrap();
+            let (marker_at, _) = plan.chunks.last().unwrap();
+            assert_eq!(
+                truncation_marker_start(plan.new_size),
+                *marker_at,
+                "cap {cap}"
+            );
+        }
     }
 
     #[test]

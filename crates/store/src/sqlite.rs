@@ -47,8 +47,8 @@ use self::rows::{
 };
 use crate::record::{TaskRecord, normalize, plan_log_append};
 use crate::{
-    CodeStats, HeartbeatReply, LeaseRequest, LeasedTask, Package, Page, Project, Requeue, Result,
-    RunReport, Store, StoreError, TaskFilter, TokenRecord, TokenRole,
+    CodeStats, HeartbeatReply, LeaseRequest, LeasedTask, LogSlice, Package, Page, Project, Requeue,
+    Result, RunReport, Store, StoreError, TaskFilter, TokenRecord, TokenRole,
 };
 
 /// How hard SQLite works to make a commit durable.
@@ -1017,6 +1017,30 @@ impl Store for SqliteStore {
                 .fetch_all(&mut *conn)
                 .await?;
         Ok(chunks.concat())
+    }
+
+    async fn get_log_since(
+        &self,
+        project_id: &str,
+        task_id: &str,
+        offset: u64,
+        max_bytes: u32,
+    ) -> Result<LogSlice> {
+        let mut conn = self.readers.acquire().await?;
+        let state = tasks::log_state(&mut conn, project_id, task_id).await?;
+        if offset >= state.size || max_bytes == 0 {
+            return Ok(state);
+        }
+        // The state and the bytes come from one snapshot: a log cut back for its truncation
+        // marker between two separate reads would otherwise mix old and new bytes.
+        let mut tx = conn.begin().await?;
+        let mut slice = tasks::log_state(&mut tx, project_id, task_id).await?;
+        let end = slice.size.min(offset.saturating_add(u64::from(max_bytes)));
+        if offset < end {
+            slice.bytes = tasks::read_log(&mut tx, task_id, offset, end).await?;
+        }
+        tx.commit().await?;
+        Ok(slice)
     }
 
     // === leases (the runner's side) ===

@@ -25,7 +25,7 @@ use stevedore_model::{
 };
 
 use crate::{
-    LeaseRequest, LeasedTask, Package, Page, Project, Requeue, Result, RunReport, Store,
+    LeaseRequest, LeasedTask, LogSlice, Package, Page, Project, Requeue, Result, RunReport, Store,
     StoreError, TaskFilter, TokenRole,
 };
 
@@ -59,6 +59,8 @@ macro_rules! store_test_suite {
             rescue_touches_only_expired_leases,
             heartbeat_extends_the_lease,
             log_is_capped_with_one_marker,
+            log_is_read_from_any_offset_with_the_task_state,
+            log_slices_show_where_the_truncation_marker_begins,
             cancel_queued_leased_and_finished_tasks,
             cancel_all_cancels_a_codes_tasks,
             progress_from_the_task_and_the_runner,
@@ -1379,6 +1381,99 @@ pub async fn log_is_capped_with_one_marker(store: &dyn Store) -> Result<()> {
     Ok(())
 }
 
+pub async fn log_is_read_from_any_offset_with_the_task_state(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let id = enqueue_one(store, &acme.id, new_task("hello"), at(0)).await?;
+    let slice = store.get_log_since(&acme.id, &id, 0, 1024).await?;
+    assert_eq!(
+        slice,
+        LogSlice {
+            bytes: Vec::new(),
+            size: 0,
+            truncated_at: None,
+            status: TaskStatus::Queued,
+            percent: None,
+            msg: None,
+        },
+        "a task without a log has an empty one"
+    );
+
+    let token = lease_one(store, at(1)).await?.lease.token;
+    store.mark_running(&id, token, at(2), at(2)).await?;
+    let mut log = Vec::new();
+    for chunk in [&b"hello "[..], b"wor", b"ld\n", "caf\u{e9}\n".as_bytes()] {
+        store.append_log(&id, token, chunk, 1024, at(3)).await?;
+        log.extend_from_slice(chunk);
+    }
+    store
+        .runner_progress(&id, token, Some(40), Some("warming up"), at(4))
+        .await?;
+    let size = log.len() as u64;
+    let slice = store.get_log_since(&acme.id, &id, 0, 1024).await?;
+    assert_eq!(slice.bytes, log);
+    assert_eq!(slice.size, size);
+    assert_eq!(
+        (slice.status, slice.percent, slice.msg.as_deref()),
+        (TaskStatus::Running, Some(40), Some("warming up"))
+    );
+    assert_eq!(slice.truncated_at, None);
+
+    // Every offset and bound, across and inside chunks, reads exactly that part of the log.
+    for offset in 0..=size + 2 {
+        for max_bytes in [0u32, 1, 2, 5, 100] {
+            let slice = store
+                .get_log_since(&acme.id, &id, offset, max_bytes)
+                .await?;
+            let from = (offset as usize).min(log.len());
+            let to = (offset + u64::from(max_bytes)).min(size) as usize;
+            assert_eq!(
+                slice.bytes,
+                log[from..to.max(from)],
+                "offset {offset}, max_bytes {max_bytes}"
+            );
+            assert_eq!(slice.size, size);
+        }
+    }
+
+    store
+        .complete(&id, token, &exited(0), &RunReport::default(), at(5))
+        .await?;
+    let slice = store.get_log_since(&acme.id, &id, 6, 1024).await?;
+    assert_eq!((slice.status, slice.size), (TaskStatus::Complete, size));
+    assert_eq!(slice.bytes, log[6..]);
+
+    assert_not_found(
+        store.get_log_since(&acme.id, "no-such-task", 0, 10).await,
+        "no-such-task",
+    );
+    Ok(())
+}
+
+pub async fn log_slices_show_where_the_truncation_marker_begins(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let id = enqueue_one(store, &acme.id, new_task("hello"), at(0)).await?;
+    let token = lease_one(store, at(1)).await?.lease.token;
+    let cap = 100;
+    store
+        .append_log(&id, token, &[b'a'; 90], cap, at(2))
+        .await?;
+    let before = store.get_log_since(&acme.id, &id, 0, 1000).await?;
+    assert_eq!((before.size, before.truncated_at), (90, None));
+
+    // The next write passes the cap: the log is cut back and ends with the marker.
+    store
+        .append_log(&id, token, &[b'b'; 20], cap, at(3))
+        .await?;
+    let marker = format!("\n[stevedore: log truncated at {cap} bytes]\n");
+    let kept = cap - marker.len() as u64;
+    let slice = store.get_log_since(&acme.id, &id, 0, 1000).await?;
+    assert_eq!((slice.size, slice.truncated_at), (cap, Some(kept)));
+    assert!(slice.bytes.ends_with(marker.as_bytes()));
+    let tail = store.get_log_since(&acme.id, &id, kept, 1000).await?;
+    assert_eq!(tail.bytes, marker.as_bytes());
+    Ok(())
+}
+
 // === cancel ===
 
 pub async fn cancel_queued_leased_and_finished_tasks(store: &dyn Store) -> Result<()> {
@@ -1601,6 +1696,7 @@ pub async fn project_isolation(store: &dyn Store) -> Result<()> {
         &id,
     );
     assert_not_found(store.get_log(other, &id).await, &id);
+    assert_not_found(store.get_log_since(other, &id, 0, 1024).await, &id);
     assert!(
         store
             .list_tasks(other, &TaskFilter::default(), ALL)

@@ -1,13 +1,11 @@
-//! Tasks: queue (batch and webhook), list with IronWorker's filters, show, log, cancel,
-//! retry, progress.
+//! Tasks: queue (batch and webhook), list with IronWorker's filters, show, cancel, retry,
+//! progress. Logs are in `logs`.
 
 use std::collections::HashMap;
 
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::header::CONTENT_TYPE;
-use axum::response::IntoResponse;
 use serde::Deserialize;
 use stevedore_api_types::v2;
 use stevedore_model::limits::MAX_TASKS_PER_REQUEST;
@@ -217,19 +215,6 @@ pub async fn show(
 ) -> ApiResult<Json<v2::TaskInfo>> {
     let task = state.store.get_task(&access.project_id, &task_id).await?;
     Ok(Json(wire::task_info(&task)))
-}
-
-/// A task's log (stdout and stderr) so far, as text. 404 while it has none.
-#[utoipa::path(get, path = "/2/projects/{project_id}/tasks/{task_id}/log", tag = "tasks",
-    params(("project_id" = String, Path), ("task_id" = String, Path)),
-    responses((status = 200, content_type = "text/plain", body = String), (status = 404, body = v2::Message)))]
-pub async fn log(
-    State(state): State<AppState>,
-    access: ProjectAccess,
-    Path((_, task_id)): Path<(String, String)>,
-) -> ApiResult<impl IntoResponse> {
-    let log = state.store.get_log(&access.project_id, &task_id).await?;
-    Ok(([(CONTENT_TYPE, "text/plain; charset=utf-8")], log))
 }
 
 /// Cancel a task: a queued one at once, a running one is killed by its runner.

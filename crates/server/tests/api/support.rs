@@ -16,7 +16,8 @@ pub struct TestServer {
     pub store: Arc<dyn Store>,
     pub http: reqwest::Client,
     _data_dir: tempfile::TempDir,
-    _shutdown: tokio::sync::oneshot::Sender<()>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
 pub struct Reply {
@@ -89,7 +90,7 @@ impl TestServer {
             on_enqueue: None,
         };
         let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(stevedore_server::serve(listener, state, async move {
+        let served = tokio::spawn(stevedore_server::serve(listener, state, async move {
             let _ = stopped.await;
         }));
         TestServer {
@@ -99,7 +100,18 @@ impl TestServer {
             store,
             http: reqwest::Client::new(),
             _data_dir: data_dir,
-            _shutdown: shutdown,
+            shutdown: Some(shutdown),
+            served: Some(served),
+        }
+    }
+
+    /// Shuts the server down as a signal would, and waits until it has stopped.
+    pub async fn stop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(served) = self.served.take() {
+            served.await.unwrap().unwrap();
         }
     }
 

@@ -171,6 +171,7 @@ async fn stacks_and_openapi_are_served() {
         "/2/projects/{project_id}/codes",
         "/2/projects/{project_id}/tasks",
         "/2/projects/{project_id}/tasks/{task_id}/log",
+        "/2/projects/{project_id}/tasks/{task_id}/log/stream",
         "/2/projects/{project_id}/schedules/{schedule_id}/cancel",
         "/2/stacks",
     ] {

@@ -6,8 +6,8 @@ use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 use stevedore_model::{CodeRevision, Schedule, ScheduleStatus, Task, TaskStatus, Timestamp};
 
-use crate::record::TaskRecord;
-use crate::{Project, Result, StoreError, TokenRecord, TokenRole};
+use crate::record::{TaskRecord, truncation_marker_start};
+use crate::{LogSlice, Project, Result, StoreError, TokenRecord, TokenRole};
 
 /// A whole `tasks` row as one JSON object in a column named `task`, for a query that names the
 /// table `t`. One value per row instead of thirty-three: sqlx copies every value of a row on
@@ -77,7 +77,7 @@ pub(super) fn opt_signed(value: Option<u64>) -> Option<i64> {
     value.map(signed)
 }
 
-fn unsigned<T: TryFrom<i64>>(column: &str, value: i64) -> Result<T> {
+pub(super) fn unsigned<T: TryFrom<i64>>(column: &str, value: i64) -> Result<T> {
     T::try_from(value)
         .map_err(|_| StoreError::Corrupt(format!("{column} holds {value}, out of range")))
 }
@@ -197,6 +197,21 @@ pub(super) fn task_record(row: &SqliteRow) -> Result<TaskRecord> {
         lease_expires_at: opt_timestamp(row.lease_expires_at)?,
         log_truncated: row.log_truncated != 0,
         version: row.version,
+    })
+}
+
+/// What a log follower needs of a task, from a row of `tasks::log_state`, as a slice without
+/// bytes.
+pub(super) fn log_state(row: &SqliteRow) -> Result<LogSlice> {
+    let size = unsigned("log_size", row.try_get("log_size")?)?;
+    let truncated = row.try_get::<i64, _>("log_truncated")? != 0;
+    Ok(LogSlice {
+        bytes: Vec::new(),
+        size,
+        truncated_at: truncated.then(|| truncation_marker_start(size)),
+        status: status(row.try_get("status")?)?,
+        percent: opt_unsigned("percent", row.try_get("percent")?)?,
+        msg: row.try_get("msg")?,
     })
 }
 

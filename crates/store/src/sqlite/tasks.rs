@@ -16,7 +16,7 @@ use super::rows::{
     self, micros, opt_micros, opt_signed, revision_columns, signed, task_columns, to_json,
 };
 use crate::record::TaskRecord;
-use crate::{Lease, LeaseRequest, LeasedTask, Result, StoreError};
+use crate::{Lease, LeaseRequest, LeasedTask, LogSlice, Result, StoreError};
 
 /// The least number of candidates the lease query fetches per priority, so that a few tasks of
 /// a full code do not cost a query each.
@@ -86,6 +86,69 @@ pub(super) async fn load(
     };
     let row = row.ok_or_else(|| StoreError::not_found(format!("task {task_id}")))?;
     rows::task_record(&row)
+}
+
+/// The log size and state of a task in `project_id`, as a slice without bytes: one lookup by
+/// primary key, so a follower that finds nothing new pays for nothing more.
+pub(super) async fn log_state(
+    conn: &mut SqliteConnection,
+    project_id: &str,
+    task_id: &str,
+) -> Result<LogSlice> {
+    let row = sqlx::query(
+        "SELECT status, percent, msg, log_size, log_truncated FROM tasks \
+         WHERE id = ?1 AND project_id = ?2",
+    )
+    .bind(task_id)
+    .bind(project_id)
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or_else(|| StoreError::not_found(format!("task {task_id}")))?;
+    rows::log_state(&row)
+}
+
+/// Bytes `start..end` of a task's log, which must be stored. One range of the primary key: from
+/// the chunk holding `start` (the last one at or before it, found by a seek) to `end`.
+pub(super) async fn read_log(
+    conn: &mut SqliteConnection,
+    task_id: &str,
+    start: u64,
+    end: u64,
+) -> Result<Vec<u8>> {
+    let chunks = sqlx::query(
+        "SELECT seq, bytes FROM task_logs WHERE task_id = ?1 \
+         AND seq >= (SELECT coalesce(max(seq), 0) FROM task_logs WHERE task_id = ?1 AND seq <= ?2) \
+         AND seq < ?3 ORDER BY seq",
+    )
+    .bind(task_id)
+    .bind(signed(start))
+    .bind(signed(end))
+    .fetch_all(&mut *conn)
+    .await?;
+    let wanted = usize::try_from(end.saturating_sub(start)).unwrap_or(usize::MAX);
+    let mut bytes = Vec::with_capacity(wanted);
+    let mut next: Option<u64> = None;
+    for chunk in &chunks {
+        let seq: u64 = rows::unsigned("task_logs.seq", chunk.try_get("seq")?)?;
+        let data: &[u8] = chunk.try_get("bytes")?;
+        if next.is_some_and(|next| next != seq) {
+            break;
+        }
+        let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
+        let (from, to) = (start.max(seq), end.min(seq.saturating_add(len)));
+        if from < to {
+            let range = usize::try_from(from - seq).unwrap_or(usize::MAX)
+                ..usize::try_from(to - seq).unwrap_or(usize::MAX);
+            bytes.extend_from_slice(&data[range]);
+        }
+        next = Some(seq.saturating_add(len));
+    }
+    if bytes.len() != wanted {
+        return Err(StoreError::Corrupt(format!(
+            "the log of task {task_id} lacks bytes between {start} and {end}"
+        )));
+    }
+    Ok(bytes)
 }
 
 /// Writes back every column a task's life changes, provided the stored row still has the
