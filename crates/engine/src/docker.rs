@@ -9,13 +9,14 @@ use bollard::Docker;
 use bollard::auth::DockerCredentials;
 use bollard::container::LogOutput;
 use bollard::models::{
-    ContainerCreateBody, ContainerStatsResponse, CreateImageInfo, HostConfig, SystemInfo,
+    ContainerCreateBody, ContainerStatsResponse, HostConfig, ProgressDetail, SystemInfo,
     SystemVersion,
 };
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, InspectContainerOptions,
-    KillContainerOptionsBuilder, ListContainersOptionsBuilder, LogsOptionsBuilder,
-    RemoveContainerOptionsBuilder, RemoveImageOptions, StartContainerOptions, StatsOptionsBuilder,
+    BuildImageOptions, BuildImageOptionsBuilder, CreateContainerOptionsBuilder,
+    CreateImageOptionsBuilder, InspectContainerOptions, KillContainerOptionsBuilder,
+    ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    RemoveImageOptions, StartContainerOptions, StatsOptionsBuilder, TagImageOptionsBuilder,
     UploadToContainerOptionsBuilder, WaitContainerOptions,
 };
 use bytes::Bytes;
@@ -24,6 +25,8 @@ use futures::future::ready;
 use tokio::sync::broadcast;
 
 use crate::archive::task_files_archive;
+use crate::build::{BuildProgress, BuildRequest, BuiltImage, OutputLines};
+use crate::context::{ContextPlan, plan_context, stream_context};
 use crate::engine::{
     ContainerEngine, EngineCapabilities, ExitStatus, ImagePresence, LogChunk, LogChunkStream,
     OutputStream, PullProgress, PullProgressSender, RegistryAuth, ResourceSample,
@@ -211,6 +214,83 @@ impl ContainerEngine for DockerEngine {
         self.image_id(&reference).await?.ok_or_else(|| {
             EngineError::protocol(format!("the imported image {reference} is missing"))
         })
+    }
+
+    async fn build_image(
+        &self,
+        request: &BuildRequest,
+        on_progress: &mut (dyn FnMut(BuildProgress) + Send),
+    ) -> Result<BuiltImage, EngineError> {
+        let tags: Vec<String> = request
+            .tags
+            .iter()
+            .map(|tag| normalize_reference(tag))
+            .collect();
+        let plan = plan_in_background(request).await?;
+        on_progress(BuildProgress::Context {
+            files: plan.files,
+            bytes: plan.bytes,
+        });
+        let options = build_options(request, &plan, tags.first().map(String::as_str));
+        let (body, context_failure) = stream_context(plan);
+        tracing::info!(context = %request.context_dir.display(), ?tags, "building image");
+
+        let mut answers =
+            self.docker
+                .build_image(options, None, Some(bollard::body_try_stream(body)));
+        let mut lines = OutputLines::default();
+        let mut reported_id = None;
+        while let Some(answer) = answers.next().await {
+            let info = match answer {
+                Ok(info) => info,
+                Err(error) => {
+                    lines.finish(on_progress);
+                    return Err(context_failure
+                        .take()
+                        .unwrap_or_else(|| EngineError::from_bollard(error, Subject::Build)));
+                }
+            };
+            if let Some(text) = info.stream {
+                lines.push(&text, on_progress);
+            }
+            if let Some(event) = pull_progress_of(info.id, info.status, info.progress_detail) {
+                on_progress(BuildProgress::Pull(event));
+            }
+            if let Some(id) = info.aux.and_then(|aux| aux.id) {
+                on_progress(BuildProgress::ImageId { id: id.clone() });
+                reported_id = Some(id);
+            }
+        }
+        lines.finish(on_progress);
+        if let Some(error) = context_failure.take() {
+            return Err(error);
+        }
+
+        let id = match (reported_id, tags.first()) {
+            (Some(id), _) => id,
+            // An engine that does not report the id still tagged the image.
+            (None, Some(tag)) => self.image_id(tag).await?.ok_or_else(|| {
+                EngineError::protocol(format!("the build ended but {tag} is missing"))
+            })?,
+            (None, None) => {
+                return Err(EngineError::protocol(
+                    "the build ended without reporting the image id",
+                ));
+            }
+        };
+        for tag in tags.iter().skip(1) {
+            let (repository, tag) = split_tag(tag);
+            let options = TagImageOptionsBuilder::new()
+                .repo(repository)
+                .tag(tag)
+                .build();
+            self.docker
+                .tag_image(&id, Some(options))
+                .await
+                .map_err(|error| EngineError::from_bollard(error, Subject::Engine))?;
+        }
+        tracing::info!(%id, ?tags, "image built");
+        Ok(BuiltImage { id, tags })
     }
 
     async fn create(&self, spec: &ContainerSpec) -> Result<ContainerId, EngineError> {
@@ -433,7 +513,7 @@ async fn pull_image(
     while let Some(answer) = answers.next().await {
         let info =
             answer.map_err(|error| EngineError::from_bollard(error, Subject::Pull(&reference)))?;
-        if let Some(event) = progress_of(info) {
+        if let Some(event) = pull_progress_of(info.id, info.status, info.progress_detail) {
             // Nobody listening is fine: progress is optional.
             let _ = events.send(event);
         }
@@ -442,10 +522,14 @@ async fn pull_image(
     Ok(())
 }
 
-fn progress_of(info: CreateImageInfo) -> Option<PullProgress> {
-    let status = info.status?;
-    let (current, total) = info
-        .progress_detail
+/// A pull's progress from the engine's status line, whether a pull or a build reported it.
+fn pull_progress_of(
+    id: Option<String>,
+    status: Option<String>,
+    detail: Option<ProgressDetail>,
+) -> Option<PullProgress> {
+    let status = status?;
+    let (current, total) = detail
         .map(|detail| {
             (
                 detail.current.and_then(|c| u64::try_from(c).ok()),
@@ -453,7 +537,7 @@ fn progress_of(info: CreateImageInfo) -> Option<PullProgress> {
             )
         })
         .unwrap_or((None, None));
-    Some(match info.id {
+    Some(match id {
         Some(layer) if !layer.is_empty() => PullProgress::Layer {
             layer,
             status,
@@ -462,6 +546,43 @@ fn progress_of(info: CreateImageInfo) -> Option<PullProgress> {
         },
         _ => PullProgress::Message { status },
     })
+}
+
+/// Walks the build context on a blocking thread.
+async fn plan_in_background(request: &BuildRequest) -> Result<ContextPlan, EngineError> {
+    let request = request.clone();
+    tokio::task::spawn_blocking(move || plan_context(&request))
+        .await
+        .map_err(|error| {
+            EngineError::protocol(format!("reading the build context failed: {error}"))
+        })?
+}
+
+/// The build's query: the classic builder, intermediate containers always removed, the first
+/// tag (the others are added after the build).
+fn build_options(
+    request: &BuildRequest,
+    plan: &ContextPlan,
+    tag: Option<&str>,
+) -> BuildImageOptions {
+    let mut options = BuildImageOptionsBuilder::new()
+        .dockerfile(&plan.dockerfile)
+        .rm(true)
+        .forcerm(true)
+        .nocache(request.no_cache);
+    if let Some(tag) = tag {
+        options = options.t(tag);
+    }
+    if request.pull {
+        options = options.pull("1");
+    }
+    if !request.build_args.is_empty() {
+        options = options.buildargs(&request.build_args.clone().into_iter().collect());
+    }
+    if !request.labels.is_empty() {
+        options = options.labels(&request.labels.clone().into_iter().collect());
+    }
+    options.build()
 }
 
 fn credentials_of(auth: RegistryAuth) -> DockerCredentials {

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 
+use crate::build::{BuildProgress, BuildRequest, BuiltImage};
 use crate::error::EngineError;
 use crate::spec::{ContainerId, ContainerSpec};
 
@@ -62,6 +63,46 @@ pub trait ContainerEngine: Send + Sync + 'static {
         registry_auth: Option<RegistryAuth>,
         progress: Option<PullProgressSender>,
     ) -> Result<ImagePresence, EngineError>;
+
+    /// [`ContainerEngine::ensure_image`] with its progress handed to `on_progress` as it
+    /// happens, for a progress display: `Started`, then layer and message events, then
+    /// `Finished` when a pull was needed; nothing when the image was present.
+    async fn ensure_image_with_progress(
+        &self,
+        image: &str,
+        registry_auth: Option<RegistryAuth>,
+        on_progress: &mut (dyn FnMut(PullProgress) + Send),
+    ) -> Result<ImagePresence, EngineError> {
+        let (sink, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let ensure = self.ensure_image(image, registry_auth, Some(sink));
+        let mut ensure = std::pin::pin!(ensure);
+        loop {
+            tokio::select! {
+                result = &mut ensure => {
+                    while let Ok(event) = events.try_recv() {
+                        on_progress(event);
+                    }
+                    return result;
+                }
+                Some(event) = events.recv() => on_progress(event),
+            }
+        }
+    }
+
+    /// Builds an image from a Dockerfile (`docker build`) and tags it.
+    ///
+    /// The context directory is read and checked first (Dockerfile present, `.dockerignore`
+    /// applied, size within [`BuildRequest::max_context_bytes`]), then streamed to the
+    /// engine. Progress arrives on `on_progress` while the build runs: the context's size,
+    /// each step, the output lines, base-image pulls and the image id. A failing build is
+    /// [`EngineError::BuildFailed`] with the engine's message, an unusable context
+    /// [`EngineError::InvalidBuildContext`]; both are the user's. Intermediate containers are
+    /// removed, also when a step fails. Dropping the future cancels the build.
+    async fn build_image(
+        &self,
+        request: &BuildRequest,
+        on_progress: &mut (dyn FnMut(BuildProgress) + Send),
+    ) -> Result<BuiltImage, EngineError>;
 
     /// Imports a root filesystem tar as the image `reference` (`docker import`), applying
     /// Dockerfile-style `changes` such as `CMD ["sh"]`. Returns the new image's id.

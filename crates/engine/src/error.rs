@@ -122,6 +122,31 @@ pub enum EngineError {
         message: String,
     },
 
+    /// Building an image failed, as the engine reported it: a `RUN` that exited non-zero, a
+    /// base image that cannot be found or pulled, a Dockerfile the engine cannot parse, a
+    /// `COPY` of a file the context does not have.
+    ///
+    /// This is the user's error: the Dockerfile or its context must change. (The build
+    /// endpoint answers 500 to some of these too, so its status does not tell.)
+    #[error("building the image failed: {message}")]
+    BuildFailed {
+        /// The HTTP status when the engine refused the build outright (400 for a Dockerfile
+        /// it cannot parse); `None` when the build started and then failed.
+        status: Option<u16>,
+        /// The engine's error message, for the user: e.g. "The command '/bin/sh -c make'
+        /// returned a non-zero code: 2".
+        message: String,
+    },
+
+    /// The build context cannot be sent: no Dockerfile, a directory that cannot be read, a
+    /// broken `.dockerignore` pattern, more than the size limit. Refused before (or while)
+    /// sending, and the user's to fix.
+    #[error("invalid build context: {reason}")]
+    InvalidBuildContext {
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// The engine's answer could not be understood (bad JSON, an error reported mid-stream, a
     /// missing field that every engine sends).
     #[error("unexpected answer from the container engine: {message}")]
@@ -141,6 +166,8 @@ pub(crate) enum Subject<'a> {
     ImageForCreate(&'a str),
     /// Pulling this image from its registry.
     Pull(&'a str),
+    /// Building an image: every answer of the engine is about the user's Dockerfile.
+    Build,
     /// Anything else (info, version, list, import).
     Engine,
 }
@@ -158,8 +185,8 @@ impl EngineError {
     ///
     /// The user's: an image that does not exist ([`EngineError::ImageNotFound`], decided from
     /// a 404, so the reference was well-formed and the registry answered), registry
-    /// credentials that were refused, a request the engine rejected as invalid (400), and a
-    /// spec refused before sending.
+    /// credentials that were refused, a request the engine rejected as invalid (400), a
+    /// spec refused before sending, and a failed image build or its unusable context.
     pub fn is_infrastructure(&self) -> bool {
         match self {
             EngineError::Unreachable { .. }
@@ -174,7 +201,9 @@ impl EngineError {
             EngineError::ImageNotFound { .. }
             | EngineError::RegistryDenied { .. }
             | EngineError::Rejected { .. }
-            | EngineError::InvalidSpec { .. } => false,
+            | EngineError::InvalidSpec { .. }
+            | EngineError::BuildFailed { .. }
+            | EngineError::InvalidBuildContext { .. } => false,
         }
     }
 
@@ -184,7 +213,9 @@ impl EngineError {
             EngineError::Server { status, .. }
             | EngineError::Rejected { status, .. }
             | EngineError::RegistryDenied { status, .. } => Some(*status),
-            EngineError::PullFailed { status, .. } => *status,
+            EngineError::PullFailed { status, .. } | EngineError::BuildFailed { status, .. } => {
+                *status
+            }
             EngineError::NoSuchContainer { .. } | EngineError::ImageNotFound { .. } => Some(404),
             EngineError::Conflict { .. } => Some(409),
             _ => None,
@@ -229,6 +260,10 @@ impl EngineError {
                     status: None,
                     message: error,
                 },
+                Subject::Build => EngineError::BuildFailed {
+                    status: None,
+                    message: error,
+                },
                 _ => EngineError::Protocol { message: error },
             },
             other => EngineError::Protocol {
@@ -239,6 +274,10 @@ impl EngineError {
 
     fn from_status(status: u16, message: String, subject: Subject<'_>) -> Self {
         match (status, subject) {
+            (_, Subject::Build) => EngineError::BuildFailed {
+                status: Some(status),
+                message,
+            },
             (404, Subject::Container(id)) => EngineError::NoSuchContainer { id: id.to_owned() },
             (404, Subject::ImageForCreate(image) | Subject::Pull(image)) => {
                 EngineError::ImageNotFound {
@@ -359,6 +398,33 @@ mod tests {
         let timeout = EngineError::from_bollard(B::RequestTimeoutError, Subject::Engine);
         assert_eq!(timeout, EngineError::Timeout);
         assert!(timeout.is_infrastructure());
+    }
+
+    #[test]
+    fn every_answer_to_a_build_is_the_users() {
+        for status in [400, 404, 500] {
+            let error = EngineError::from_bollard(answer(status), Subject::Build);
+            assert_eq!(error.http_status(), Some(status));
+            assert!(matches!(error, EngineError::BuildFailed { .. }));
+            assert!(!error.is_infrastructure());
+        }
+        let failed_step = EngineError::from_bollard(
+            B::DockerStreamError {
+                error: "The command '/bin/sh -c exit 3' returned a non-zero code: 3".into(),
+            },
+            Subject::Build,
+        );
+        assert!(matches!(
+            failed_step,
+            EngineError::BuildFailed { status: None, ref message } if message.contains("code: 3")
+        ));
+        assert!(!failed_step.is_infrastructure());
+        // The engine out of reach is still the infrastructure's.
+        let gone = EngineError::from_bollard(
+            B::SocketNotFoundError("/var/run/docker.sock".into()),
+            Subject::Build,
+        );
+        assert!(gone.is_infrastructure());
     }
 
     #[test]

@@ -18,6 +18,8 @@ use futures::StreamExt;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
+use crate::build::{BuildProgress, BuildRequest, BuiltImage};
+use crate::context::plan_context;
 use crate::engine::{
     ContainerEngine, EngineCapabilities, ExitStatus, ImagePresence, LogChunk, LogChunkStream,
     OutputStream, PullProgress, PullProgressSender, RegistryAuth, ResourceSample,
@@ -69,6 +71,8 @@ pub enum FakeOperation {
     Pull,
     /// `import_image`.
     Import,
+    /// `build_image` (after the context was read).
+    Build,
     /// `create`.
     Create,
     /// `start`.
@@ -115,6 +119,7 @@ struct FakeState {
     /// Images a pull can fetch, with how long the pull takes.
     registry: BTreeMap<String, Duration>,
     pull_counts: BTreeMap<String, usize>,
+    builds: Vec<BuildRequest>,
     containers: BTreeMap<String, FakeContainer>,
     created: Vec<(ContainerId, ContainerSpec)>,
     removed: Vec<ContainerId>,
@@ -250,6 +255,7 @@ impl FakeEngine {
                 images: BTreeMap::new(),
                 registry: BTreeMap::new(),
                 pull_counts: BTreeMap::new(),
+                builds: Vec::new(),
                 containers: BTreeMap::new(),
                 created: Vec::new(),
                 removed: Vec::new(),
@@ -339,6 +345,11 @@ impl FakeEngine {
             .get(&normalize_reference(image))
             .copied()
             .unwrap_or(0)
+    }
+
+    /// Every image build asked for so far, in order (failed ones too).
+    pub fn builds(&self) -> Vec<BuildRequest> {
+        self.lock().builds.clone()
     }
 
     /// Every container created so far, with its spec, in order (removed ones too).
@@ -498,6 +509,62 @@ impl ContainerEngine for FakeEngine {
     ) -> Result<String, EngineError> {
         self.injected(FakeOperation::Import)?;
         Ok(self.lock().insert_image(normalize_reference(reference)))
+    }
+
+    /// Reads the context as the Docker engine does (so a missing Dockerfile, a broken
+    /// `.dockerignore` or an oversized context fail the same way), reports one step per
+    /// Dockerfile instruction, and adds the image under every tag. Nothing runs.
+    async fn build_image(
+        &self,
+        request: &BuildRequest,
+        on_progress: &mut (dyn FnMut(BuildProgress) + Send),
+    ) -> Result<BuiltImage, EngineError> {
+        self.lock().builds.push(request.clone());
+        let plan = plan_context(request)?;
+        on_progress(BuildProgress::Context {
+            files: plan.files,
+            bytes: plan.bytes,
+        });
+        self.injected(FakeOperation::Build)?;
+        let dockerfile = std::fs::read_to_string(plan.dockerfile_path()).map_err(|error| {
+            EngineError::InvalidBuildContext {
+                reason: format!("cannot read {}: {error}", plan.dockerfile),
+            }
+        })?;
+        let instructions = dockerfile_instructions(&dockerfile);
+        if instructions.is_empty() {
+            return Err(EngineError::BuildFailed {
+                status: Some(400),
+                message: "the Dockerfile has no instructions".to_owned(),
+            });
+        }
+        let total = u32::try_from(instructions.len()).unwrap_or(u32::MAX);
+        for (number, instruction) in (1..).zip(instructions) {
+            on_progress(BuildProgress::Step {
+                number,
+                total,
+                instruction,
+            });
+        }
+        let tags: Vec<String> = request
+            .tags
+            .iter()
+            .map(|tag| normalize_reference(tag))
+            .collect();
+        let id = {
+            let mut state = self.lock();
+            let id = format!("sha256:{:064x}", state.next_id);
+            state.next_id += 1;
+            if tags.is_empty() {
+                state.images.insert(id.clone(), id.clone());
+            }
+            for tag in &tags {
+                state.images.insert(tag.clone(), id.clone());
+            }
+            id
+        };
+        on_progress(BuildProgress::ImageId { id: id.clone() });
+        Ok(BuiltImage { id, tags })
     }
 
     async fn create(&self, spec: &ContainerSpec) -> Result<ContainerId, EngineError> {
@@ -715,6 +782,33 @@ impl ContainerEngine for FakeEngine {
     }
 }
 
+/// A Dockerfile's instructions, one a step: comments and blank lines dropped, continued lines
+/// joined.
+fn dockerfile_instructions(dockerfile: &str) -> Vec<String> {
+    let mut instructions = Vec::new();
+    let mut current = String::new();
+    for line in dockerfile.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        match line.strip_suffix('\\') {
+            Some(continued) => {
+                current.push_str(continued.trim_end());
+                current.push(' ');
+            }
+            None => {
+                current.push_str(line);
+                instructions.push(std::mem::take(&mut current));
+            }
+        }
+    }
+    if !current.trim().is_empty() {
+        instructions.push(current.trim().to_owned());
+    }
+    instructions
+}
+
 fn no_such_container(id: &ContainerId) -> EngineError {
     EngineError::NoSuchContainer {
         id: id.as_str().to_owned(),
@@ -783,6 +877,118 @@ mod tests {
             ImagePresence::AlreadyPresent
         );
         assert_eq!(engine.pull_count("team/app:1"), 1);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn pull_progress_reaches_a_callback_and_only_when_pulling() -> Result<(), EngineError> {
+        let engine = FakeEngine::new();
+        engine.add_registry_image("team/app:1", Duration::from_millis(20));
+        let mut events = Vec::new();
+        let presence = engine
+            .ensure_image_with_progress("team/app:1", None, &mut |event| events.push(event))
+            .await?;
+        assert_eq!(presence, ImagePresence::Pulled);
+        assert_eq!(
+            events.first(),
+            Some(&PullProgress::Started {
+                image: "team/app:1".into()
+            })
+        );
+        assert!(events.iter().any(|event| matches!(
+            event,
+            PullProgress::Layer {
+                current: Some(100),
+                total: Some(100),
+                ..
+            }
+        )));
+        assert_eq!(
+            events.last(),
+            Some(&PullProgress::Finished {
+                image: "team/app:1".into(),
+                ok: true
+            })
+        );
+
+        events.clear();
+        let presence = engine
+            .ensure_image_with_progress("team/app:1", None, &mut |event| events.push(event))
+            .await?;
+        assert_eq!(presence, ImagePresence::AlreadyPresent);
+        assert!(events.is_empty(), "{events:?}");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn builds_read_the_context_tag_the_image_and_report_steps()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(
+            dir.path().join("Dockerfile"),
+            "# built by a test\nFROM stevedore/busybox:local\nRUN echo a \\\n  && echo b\n\nCMD [\"sh\"]\n",
+        )?;
+        let engine = FakeEngine::new();
+        let request = BuildRequest::new(dir.path())
+            .tag("team/app")
+            .tag("team/app:2");
+        let mut events = Vec::new();
+        let built = engine
+            .build_image(&request, &mut |event| events.push(event))
+            .await?;
+        assert_eq!(built.tags, vec!["team/app:latest", "team/app:2"]);
+        assert_eq!(engine.image_id("team/app").await?, Some(built.id.clone()));
+        assert_eq!(engine.image_id("team/app:2").await?, Some(built.id.clone()));
+        assert!(matches!(
+            events.first(),
+            Some(BuildProgress::Context { files: 1, .. })
+        ));
+        let steps: Vec<(u32, u32, String)> = events
+            .iter()
+            .filter_map(|event| match event {
+                BuildProgress::Step {
+                    number,
+                    total,
+                    instruction,
+                } => Some((*number, *total, instruction.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            steps,
+            vec![
+                (1, 3, "FROM stevedore/busybox:local".to_owned()),
+                (2, 3, "RUN echo a && echo b".to_owned()),
+                (3, 3, "CMD [\"sh\"]".to_owned()),
+            ]
+        );
+        assert_eq!(
+            events.last(),
+            Some(&BuildProgress::ImageId {
+                id: built.id.clone()
+            })
+        );
+
+        engine.fail_next(
+            FakeOperation::Build,
+            EngineError::BuildFailed {
+                status: None,
+                message: "The command '/bin/sh -c exit 3' returned a non-zero code: 3".into(),
+            },
+        );
+        let failed = engine.build_image(&request, &mut |_| {}).await;
+        assert!(
+            matches!(failed, Err(ref e @ EngineError::BuildFailed { .. }) if !e.is_infrastructure())
+        );
+
+        let missing = engine
+            .build_image(&BuildRequest::new(dir.path().join("nope")), &mut |_| {})
+            .await;
+        assert!(matches!(
+            missing,
+            Err(EngineError::InvalidBuildContext { .. })
+        ));
+        assert_eq!(engine.builds().len(), 3);
         Ok(())
     }
 

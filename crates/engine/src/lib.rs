@@ -11,7 +11,8 @@
 //! * **Images**: [`ContainerEngine::ensure_image`] pulls what is missing, one pull per image
 //!   however many tasks wait for it, with observable progress; [`build_local_busybox_image`]
 //!   imports `stevedore/busybox:local` from the host's static busybox for machines that reach
-//!   no registry.
+//!   no registry; [`ContainerEngine::build_image`] builds an image from a Dockerfile and a
+//!   context directory, honouring its `.dockerignore`, with structured progress.
 //! * **Containers**: create from a [`ContainerSpec`] with limits, dropped capabilities and
 //!   `no-new-privileges`, with files uploaded through the archive API (never bind mounts);
 //!   start, logs (stdout and stderr apart), wait (exit code, `OOMKilled`, times), kill, stats,
@@ -29,6 +30,8 @@
 #![forbid(unsafe_code)]
 
 mod archive;
+mod build;
+mod context;
 mod docker;
 mod engine;
 mod error;
@@ -38,6 +41,9 @@ mod local_image;
 mod pull;
 mod spec;
 
+pub use build::{
+    BuildProgress, BuildRequest, BuiltImage, DEFAULT_DOCKERFILE, DEFAULT_MAX_BUILD_CONTEXT_BYTES,
+};
 pub use docker::DockerEngine;
 pub use engine::{
     ContainerEngine, EngineCapabilities, ExitStatus, ImagePresence, LogChunk, LogChunkStream,

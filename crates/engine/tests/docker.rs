@@ -4,7 +4,9 @@
 //! a missing engine fails them. `scripts/ensure-docker.sh` starts one. Every container carries
 //! `stevedore.task=<test>-<pid>` and `stevedore.test=1` and is removed by the test (and, should
 //! it panic, by its [`Cleanup`] guard), so `docker ps -a --filter label=stevedore.task` is empty
-//! after a run. The tests build `stevedore/busybox:local` once per run from `/bin/busybox`.
+//! after a run. The tests build `stevedore/busybox:local` once per run from `/bin/busybox`;
+//! images they build from Dockerfiles are tagged `stevedore-test/...:<pid>` and removed by
+//! tag at the end (and, should a test panic, by its [`ImageCleanup`] guard).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -13,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use stevedore_engine::{
-    ContainerEngine, ContainerId, ContainerSpec, DockerEngine, EngineError, ExitStatus,
-    FileToUpload, HOST_BUSYBOX, ImagePresence, LOCAL_BUSYBOX_IMAGE, OutputStream, Requirements,
-    build_local_busybox_image, check_required,
+    BuildProgress, BuildRequest, ContainerEngine, ContainerId, ContainerSpec, DockerEngine,
+    EngineError, ExitStatus, FileToUpload, HOST_BUSYBOX, ImagePresence, LOCAL_BUSYBOX_IMAGE,
+    OutputStream, PullProgress, Requirements, build_local_busybox_image, check_required,
 };
 use tokio::sync::OnceCell;
 
@@ -33,7 +35,16 @@ struct Cleanup {
     task: String,
 }
 
+/// Removes images by tag when dropped, even when the test panicked.
+struct ImageCleanup {
+    tags: Vec<String>,
+}
+
 static LOCAL_IMAGE: OnceCell<()> = OnceCell::const_new();
+
+/// The longest a build or pull in these tests may take before the test fails instead of
+/// hanging: a safety net, far above what they need.
+const SAFETY_NET: Duration = Duration::from_secs(120);
 
 fn ci_requires_docker() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
@@ -164,6 +175,89 @@ impl Drop for Cleanup {
         })
         .join();
     }
+}
+
+// === impl ImageCleanup ===
+
+impl ImageCleanup {
+    fn new(tags: &[&str]) -> Self {
+        ImageCleanup {
+            tags: tags.iter().map(|tag| (*tag).to_owned()).collect(),
+        }
+    }
+}
+
+impl Drop for ImageCleanup {
+    fn drop(&mut self) {
+        let tags = std::mem::take(&mut self.tags);
+        let _ = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async {
+                let Ok(engine) = DockerEngine::connect().await else {
+                    return;
+                };
+                for tag in tags {
+                    // Already removed by the test itself, or never built: fine.
+                    let _ = engine.remove_image(&tag).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// An image tag only this test process uses.
+fn test_tag(name: &str) -> String {
+    format!("stevedore-test/{name}:{}", std::process::id())
+}
+
+/// Writes `files` (path, contents) into a fresh directory.
+fn context_with(files: &[(&str, &str)]) -> std::io::Result<tempfile::TempDir> {
+    let dir = tempfile::tempdir()?;
+    for (path, contents) in files {
+        let path = dir.path().join(path);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(path, contents)?;
+    }
+    Ok(dir)
+}
+
+/// Builds within the safety net, collecting the progress events.
+async fn build(
+    engine: &DockerEngine,
+    request: &BuildRequest,
+) -> Result<
+    (
+        Result<stevedore_engine::BuiltImage, EngineError>,
+        Vec<BuildProgress>,
+    ),
+    EngineError,
+> {
+    let mut events = Vec::new();
+    let built = tokio::time::timeout(
+        SAFETY_NET,
+        engine.build_image(request, &mut |event| events.push(event)),
+    )
+    .await
+    .map_err(|_| EngineError::Timeout)?;
+    Ok((built, events))
+}
+
+fn output_lines(events: &[BuildProgress]) -> Vec<&str> {
+    events
+        .iter()
+        .filter_map(|event| match event {
+            BuildProgress::Output { line } => Some(line.as_str()),
+            _ => None,
+        })
+        .collect()
 }
 
 #[tokio::test]
@@ -646,5 +740,309 @@ async fn waits_and_log_follows_outlast_the_clients_request_timeout() -> TestResu
     let (status, output) = run(&short, &shell(&task, "sleep 3; echo done")).await?;
     assert_eq!(status.exit_code, 0);
     assert_eq!(output.stdout, "done\n");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_dockerfile_builds_an_image_with_its_copies_and_runs() -> TestResult {
+    let engine = engine_or_skip!();
+    local_image(&engine).await?;
+    let task = task_label("build");
+    let _cleanup = Cleanup::new(&task);
+    let tag = test_tag("built");
+    let second_tag = format!("{tag}-second");
+    let _images = ImageCleanup::new(&[&tag, &second_tag]);
+
+    let files = [
+        (
+            "Dockerfile",
+            "FROM stevedore/busybox:local\n\
+             ARG GREETING=hello\n\
+             COPY app/ /app/\n\
+             RUN echo \"$GREETING from RUN\" > /app/built.txt && echo output of the step\n\
+             CMD [\"/app/run.sh\"]\n",
+        ),
+        (".dockerignore", "app/secret.txt\n*/*.log\n!app/keep.log\n"),
+        (
+            "app/run.sh",
+            "#!/bin/sh\ncat /app/data.txt /app/built.txt\nls /app\n\
+             [ -L /app/link ] && echo \"link: $(cat /app/link)\"\n",
+        ),
+        ("app/data.txt", "data\n"),
+        ("app/secret.txt", "hunter2\n"),
+        ("app/debug.log", "noise\n"),
+        ("app/keep.log", "kept\n"),
+    ];
+    let dir = context_with(&files)?;
+    let sent_bytes: usize = files
+        .iter()
+        .filter(|(path, _)| !["app/secret.txt", "app/debug.log"].contains(path))
+        .map(|(_, contents)| contents.len())
+        .sum();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            dir.path().join("app/run.sh"),
+            std::fs::Permissions::from_mode(0o755),
+        )?;
+        std::os::unix::fs::symlink("data.txt", dir.path().join("app/link"))?;
+    }
+    let mut request = BuildRequest::new(dir.path())
+        .tag(tag.as_str())
+        .tag(second_tag.as_str());
+    request.build_args.insert("GREETING".into(), "hi".into());
+    request.labels.insert("stevedore.test".into(), "1".into());
+
+    let (built, events) = build(&engine, &request).await?;
+    let built = built?;
+    assert_eq!(built.tags, vec![tag.clone(), second_tag.clone()]);
+    assert_eq!(engine.image_id(&tag).await?, Some(built.id.clone()));
+    assert_eq!(engine.image_id(&second_tag).await?, Some(built.id.clone()));
+
+    // Progress: the context's size first, then every step in order, the RUN's output, the id.
+    assert_eq!(
+        events.first(),
+        Some(&BuildProgress::Context {
+            files: 5,
+            bytes: sent_bytes as u64
+        }),
+        "Dockerfile, .dockerignore, run.sh, data.txt and keep.log: {events:?}"
+    );
+    let steps: Vec<(u32, u32, &str)> = events
+        .iter()
+        .filter_map(|event| match event {
+            BuildProgress::Step {
+                number,
+                total,
+                instruction,
+            } => Some((*number, *total, instruction.as_str())),
+            _ => None,
+        })
+        .collect();
+    eprintln!("steps: {steps:?}");
+    // Five instructions, and the engine counts one more for the labels.
+    assert!(steps.len() >= 5, "{steps:?}");
+    for (index, (number, total, _)) in steps.iter().enumerate() {
+        assert_eq!(*number as usize, index + 1, "{steps:?}");
+        assert_eq!(*total as usize, steps.len(), "{steps:?}");
+    }
+    assert_eq!(steps[0].2, "FROM stevedore/busybox:local");
+    assert!(steps[3].2.starts_with("RUN echo"), "{steps:?}");
+    assert!(
+        output_lines(&events).contains(&"output of the step"),
+        "{events:?}"
+    );
+    assert!(events.contains(&BuildProgress::ImageId {
+        id: built.id.clone()
+    }));
+
+    // The image runs its CMD: the copied files are there, the RUN's file too, the link is
+    // a link, and what .dockerignore left out is not.
+    let mut spec = shell(&task, "");
+    spec.image = tag.clone();
+    spec.cmd = None;
+    let (status, output) = run(&engine, &spec).await?;
+    assert_eq!(status.exit_code, 0, "{output:?}");
+    let expected = if cfg!(unix) {
+        "data\nhi from RUN\nbuilt.txt\ndata.txt\nkeep.log\nlink\nrun.sh\nlink: data\n"
+    } else {
+        "data\nhi from RUN\nbuilt.txt\ndata.txt\nkeep.log\nrun.sh\n"
+    };
+    assert_eq!(output.stdout, expected, "{output:?}");
+
+    engine.remove_image(&second_tag).await?;
+    engine.remove_image(&tag).await?;
+    assert_eq!(engine.image_id(&built.id).await?, None);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failing_run_step_is_the_users_error_with_the_engines_message() -> TestResult {
+    let engine = engine_or_skip!();
+    local_image(&engine).await?;
+    let tag = test_tag("fails");
+    let _images = ImageCleanup::new(&[&tag]);
+    let dir = context_with(&[(
+        "Dockerfile",
+        "FROM stevedore/busybox:local\nRUN echo about to fail && exit 3\n",
+    )])?;
+
+    let (built, events) = build(&engine, &BuildRequest::new(dir.path()).tag(tag.as_str())).await?;
+    match built {
+        Err(
+            ref error @ EngineError::BuildFailed {
+                status,
+                ref message,
+            },
+        ) => {
+            assert!(!error.is_infrastructure());
+            assert_eq!(status, None, "the build started, then failed");
+            // The engine's own words reach the user, the step's exit code included.
+            assert!(message.contains("code: 3"), "{message}");
+        }
+        other => panic!("expected BuildFailed, got {other:?}"),
+    }
+    assert!(
+        output_lines(&events).contains(&"about to fail"),
+        "{events:?}"
+    );
+    assert_eq!(engine.image_id(&tag).await?, None);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_missing_base_image_a_bad_dockerfile_and_a_bad_context_are_the_users() -> TestResult {
+    let engine = engine_or_skip!();
+    let tag = test_tag("refused");
+    let _images = ImageCleanup::new(&[&tag]);
+
+    // No registry answers here and pull is off: the engine still tries to fetch a missing
+    // base image, fails, and says so.
+    let dir = context_with(&[("Dockerfile", "FROM stevedore/not-built:never\nRUN true\n")])?;
+    let started = Instant::now();
+    let (built, _) = build(&engine, &BuildRequest::new(dir.path()).tag(tag.as_str())).await?;
+    eprintln!(
+        "missing base image: {built:?} after {:?}",
+        started.elapsed()
+    );
+    match built {
+        Err(ref error @ EngineError::BuildFailed { ref message, .. }) => {
+            assert!(!error.is_infrastructure());
+            assert!(!message.is_empty());
+        }
+        other => panic!("expected BuildFailed, got {other:?}"),
+    }
+
+    // An instruction the engine does not know: refused outright with 400.
+    let dir = context_with(&[(
+        "Dockerfile",
+        "FROM stevedore/busybox:local\nNOT_AN_INSTRUCTION here\n",
+    )])?;
+    let (built, _) = build(&engine, &BuildRequest::new(dir.path()).tag(tag.as_str())).await?;
+    match built {
+        Err(
+            ref error @ EngineError::BuildFailed {
+                status,
+                ref message,
+            },
+        ) => {
+            assert!(!error.is_infrastructure());
+            assert_eq!(status, Some(400), "{message}");
+        }
+        other => panic!("expected BuildFailed, got {other:?}"),
+    }
+
+    // No Dockerfile, or too much context: refused before the engine hears of it.
+    let dir = context_with(&[("Containerfile", "FROM scratch\n"), ("blob", "0123456789")])?;
+    let (built, events) = build(&engine, &BuildRequest::new(dir.path())).await?;
+    assert!(
+        matches!(built, Err(EngineError::InvalidBuildContext { .. })),
+        "{built:?}"
+    );
+    assert!(events.is_empty());
+    let mut request = BuildRequest::new(dir.path());
+    request.dockerfile = "Containerfile".into();
+    request.max_context_bytes = 8;
+    let (built, _) = build(&engine, &request).await?;
+    match built {
+        Err(ref error @ EngineError::InvalidBuildContext { .. }) => {
+            assert!(!error.is_infrastructure())
+        }
+        other => panic!("expected InvalidBuildContext, got {other:?}"),
+    }
+    assert_eq!(engine.image_id(&tag).await?, None);
+    Ok(())
+}
+
+#[tokio::test]
+async fn pull_progress_reaches_a_callback_and_a_dead_registry_fails_as_before() -> TestResult {
+    let engine = engine_or_skip!();
+    local_image(&engine).await?;
+
+    let mut events = Vec::new();
+    let pulled = tokio::time::timeout(
+        SAFETY_NET,
+        engine.ensure_image_with_progress("registry.invalid/stevedore/none:2", None, &mut |e| {
+            events.push(e)
+        }),
+    )
+    .await?;
+    match pulled {
+        Err(error @ EngineError::PullFailed { .. }) => assert!(error.is_infrastructure()),
+        other => panic!("expected PullFailed, got {other:?}"),
+    }
+    assert_eq!(
+        events.first(),
+        Some(&PullProgress::Started {
+            image: "registry.invalid/stevedore/none:2".into()
+        })
+    );
+    assert_eq!(
+        events.last(),
+        Some(&PullProgress::Finished {
+            image: "registry.invalid/stevedore/none:2".into(),
+            ok: false
+        })
+    );
+
+    // A present image needs no pull and reports nothing.
+    events.clear();
+    let present = engine
+        .ensure_image_with_progress(LOCAL_BUSYBOX_IMAGE, None, &mut |e| events.push(e))
+        .await?;
+    assert_eq!(present, ImagePresence::AlreadyPresent);
+    assert!(events.is_empty(), "{events:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn dropping_a_build_cancels_it_and_leaves_no_container() -> TestResult {
+    let engine = engine_or_skip!();
+    local_image(&engine).await?;
+    // A command only this test runs, to find its intermediate container by.
+    let marker = format!("sleep {}", 1000 + std::process::id() % 1000);
+    let dir = context_with(&[(
+        "Dockerfile",
+        &format!("FROM stevedore/busybox:local\nRUN echo started && {marker}\n"),
+    )])?;
+    let request = BuildRequest::new(dir.path());
+    let started = tokio::sync::Notify::new();
+    let mut on_progress = |event: BuildProgress| {
+        if matches!(event, BuildProgress::Output { ref line } if line == "started") {
+            started.notify_one();
+        }
+    };
+    let building = engine.build_image(&request, &mut on_progress);
+    tokio::time::timeout(SAFETY_NET, async {
+        tokio::select! {
+            built = building => panic!("the build ended by itself: {built:?}"),
+            () = started.notified() => {}
+        }
+    })
+    .await?;
+
+    // The build future is gone: the engine stops the build and removes its container.
+    let docker = bollard::Docker::connect_with_defaults()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let options = bollard::query_parameters::ListContainersOptionsBuilder::new()
+            .all(true)
+            .build();
+        let leftovers: Vec<_> = docker
+            .list_containers(Some(options))
+            .await?
+            .into_iter()
+            .filter(|c| c.command.as_deref().is_some_and(|c| c.contains(&marker)))
+            .collect();
+        if leftovers.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cancelled build left {leftovers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     Ok(())
 }
