@@ -261,8 +261,9 @@ async fn push(ctx: &Ctx, args: PushArgs) -> anyhow::Result<()> {
     );
     let mut upload = definition.upload(&args.name)?;
     if let Some(context) = &definition.dockerfile {
+        let engine = crate::connect_engine().await?;
         upload.image =
-            Some(crate::build::build_code_image(&args.name, context, !ctx.json()).await?);
+            Some(crate::build::build_code_image(&engine, &args.name, context, !ctx.json()).await?);
     }
     let uploaded: v2::CodeUploaded = match definition.package()? {
         Some(package) => upload_package(&ctx.client, &upload, package, !ctx.json()).await?,

@@ -106,7 +106,9 @@ fn normalise(text: &str, ids: &[(&str, &str)]) -> String {
             index += 1;
         }
     }
-    out.lines().map(|line| format!("{}\n", line.trim_end())).collect()
+    out.lines()
+        .map(|line| format!("{}\n", line.trim_end()))
+        .collect()
 }
 
 fn is_time(text: &str) -> bool {
