@@ -48,7 +48,13 @@ pub async fn run(settings: &Settings, args: RunArgs, format: Format) -> anyhow::
     };
     if let Some(context) = &args.definition.dockerfile {
         upload.image = Some(
-            crate::build::build_code_image(engine.as_ref(), &args.code, context, format == Format::Human).await?,
+            crate::build::build_code_image(
+                engine.as_ref(),
+                &args.code,
+                context,
+                format == Format::Human,
+            )
+            .await?,
         );
     }
     // The same checks as the server's, so what runs here would also be accepted there.

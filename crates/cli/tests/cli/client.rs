@@ -458,3 +458,71 @@ fn queue_wait_and_follow_stream_the_log_of_real_containers() {
         (Some(99), Some("step 3"))
     );
 }
+
+#[test]
+fn code_push_builds_a_dockerfile_into_the_code_image() {
+    if !docker_available() {
+        return;
+    }
+    ensure_local_image();
+    let data = tempfile::tempdir().unwrap();
+    let server =
+        ServerProcess::start_running(data.path(), &format!("cli-df-{}", std::process::id()), &[]);
+    let cli = Cli::new(&server);
+    let context = cli.cwd.path().join("worker");
+    std::fs::create_dir_all(&context).unwrap();
+    std::fs::write(
+        context.join("Dockerfile"),
+        "FROM stevedore/busybox:local\nCOPY greeting.txt /greeting.txt\nRUN echo built-by-run > /built.txt\nCMD cat /greeting.txt /built.txt\n",
+    )
+    .unwrap();
+    std::fs::write(context.join("greeting.txt"), "hello from a Dockerfile\n").unwrap();
+    std::fs::write(context.join("secret.txt"), "ignored\n").unwrap();
+    std::fs::write(context.join(".dockerignore"), "secret.txt\n").unwrap();
+
+    let pushed = cli.json(&[
+        "code",
+        "push",
+        "built",
+        "--dockerfile",
+        context.to_str().unwrap(),
+    ]);
+    let code = cli.json(&["code", "show", "built"]);
+    let image = code["image"].as_str().unwrap().to_owned();
+    assert!(image.starts_with("stevedore-code/built:"), "{image}");
+    assert_eq!(pushed["rev"], 1);
+
+    let output = cli.run(&["task", "queue", "built", "--wait"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "hello from a Dockerfile\nbuilt-by-run\n"
+    );
+
+    // A Dockerfile that fails says why, and registers nothing.
+    std::fs::write(
+        context.join("Dockerfile"),
+        "FROM stevedore/busybox:local\nRUN exit 3\n",
+    )
+    .unwrap();
+    let error = cli.fails(
+        &[
+            "code",
+            "push",
+            "built",
+            "--dockerfile",
+            context.to_str().unwrap(),
+        ],
+        1,
+    );
+    assert!(error.contains("cannot build the image"), "{error}");
+    assert_eq!(cli.json(&["code", "show", "built"])["rev"], 1);
+
+    let _ = Command::new("docker")
+        .args(["image", "rm", "-f", &image])
+        .output();
+}
