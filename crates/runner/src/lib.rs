@@ -17,6 +17,9 @@
 //!   archive upload, the unpacked zip package, limits and labels.
 //! * **Log shipping**: stdout and stderr into the task source in chunks while the task runs,
 //!   up to the log cap.
+//! * **Progress from inside the container**: lines `::stevedore-progress::<percent> <msg>`
+//!   in the task's output set its `percent` and `msg` ([`parse_progress_line`] has the
+//!   rules); forwarded coalesced, and kept in the log like any other line.
 //! * **Failure classification**: only by [`stevedore_engine::EngineError::is_infrastructure`];
 //!   infrastructure failures requeue the task with exponential backoff without spending the
 //!   user's retries, the user's failures end the task `error` with a clear message.
@@ -44,6 +47,7 @@ mod container;
 mod error;
 mod logs;
 mod package;
+mod progress;
 mod runner;
 mod source;
 
@@ -53,6 +57,10 @@ pub use container::{
     CONFIG_FILE, ContainerPlan, LABEL_RUNNER, LABEL_TASK, PAYLOAD_FILE, registry_auth_for,
 };
 pub use error::{RunnerError, SourceError};
+pub use progress::{
+    MAX_PROGRESS_LINE_BYTES, MAX_PROGRESS_MESSAGE_BYTES, PROGRESS_MARKER, ProgressUpdate,
+    parse_progress_line,
+};
 pub use runner::{Runner, StartedRunner, WorkNotifier};
 pub use source::{RequeueRequest, StoreTaskSource, TaskSource};
 pub use stevedore_engine::TASK_DIR;

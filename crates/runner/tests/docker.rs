@@ -463,3 +463,52 @@ async fn quick_exits_never_lose_their_output() {
     let ids: Vec<&str> = tasks.iter().map(String::as_str).collect();
     test.stop_and_check_teardown(runner, &ids).await;
 }
+
+#[tokio::test]
+async fn progress_lines_from_a_real_container_reach_the_source() {
+    let test = docker_or_skip!("progress");
+    // `network: none` (the harness's default): progress needs nothing but stdout.
+    let script = r#"
+echo '::stevedore-progress::10 starting'
+printf '::stevedore-progress::2'; sleep 0.4; printf '5 split across writes\n'
+sleep 0.6
+i=0
+while [ $i -lt 3000 ]; do echo "::stevedore-progress::$((i % 100)) item $i"; i=$((i+1)); done
+echo '::stevedore-progress::100'
+# stdout and stderr reach the runner on separate pipes: give stdout time to drain first.
+sleep 0.5
+echo '::stevedore-progress:: all done' >&2
+"#;
+    test.shell_code("progress", script).await;
+    let task = test.harness.queue("progress", "", 60).await;
+    let source = test.harness.source();
+    let runner = Background::start(Runner::new(
+        test.config(),
+        source.clone(),
+        test.engine.clone(),
+    ));
+
+    let done = test.harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
+    assert_eq!(done.percent, Some(100));
+    assert_eq!(done.msg.as_deref(), Some("all done"));
+    let calls = source.progress_of(&task.id);
+    assert_eq!(
+        calls.first(),
+        Some(&(Some(10), Some("starting".to_owned()))),
+        "{calls:?}"
+    );
+    assert!(
+        calls.contains(&(Some(25), Some("split across writes".to_owned()))),
+        "{calls:?}"
+    );
+    assert!(
+        calls.len() <= 20,
+        "3000 lines were not coalesced: {} calls",
+        calls.len()
+    );
+    let log = test.harness.log(&task.id).await;
+    assert!(log.contains("::stevedore-progress::25 split across writes\n"));
+    assert!(log.contains("::stevedore-progress::99 item 2999\n"));
+    test.stop_and_check_teardown(runner, &[&task.id]).await;
+}

@@ -730,3 +730,75 @@ async fn start_up_reaps_the_containers_of_an_earlier_life() {
     assert_eq!(engine.removed(), vec![mine]);
     assert_eq!(engine.existing(), vec![theirs]);
 }
+
+// === progress reported from inside the container ===
+
+#[tokio::test]
+async fn progress_lines_in_the_output_become_the_tasks_percent_and_msg() {
+    let harness = system_harness().await;
+    // Lines split across chunks and streams, garbage, and a flood to coalesce.
+    let mut run = FakeRun::success()
+        .stdout("starting\n::stevedore-pro")
+        .stderr("::stevedore-progress::5 warming up\n")
+        .stdout("gress::10 loading\r\n")
+        .stdout("::stevedore-progress::101 not progress\n::stevedore-progress::x\n");
+    let mut flood = String::new();
+    for n in 0..5000 {
+        flood.push_str(&format!("::stevedore-progress::{} item {n}\n", n % 90));
+    }
+    run = run
+        .stdout(flood)
+        .stderr("::stevedore-progress:: almost done\n")
+        .stdout("::stevedore-progress::100\nbye\n");
+    let engine = engine_with("test/progress", run);
+    harness
+        .push_image_code("progress", "test/progress", Some("work"), |_| {})
+        .await;
+    let task = harness.queue("progress", "", 60).await;
+    let (runner, source) = start(&harness, test_config("r-progress"), &engine);
+
+    let done = harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
+    assert_eq!(done.percent, Some(100));
+    assert_eq!(done.msg.as_deref(), Some("almost done"));
+    let calls = source.progress_of(&task.id);
+    assert!(
+        !calls.is_empty() && calls.len() <= 5,
+        "the flood was not coalesced: {} calls",
+        calls.len()
+    );
+    assert_eq!(
+        calls.last().unwrap(),
+        &(Some(100), Some("almost done".to_owned()))
+    );
+    // The lines stay in the log (interleaved as the streams were).
+    let log = harness.log(&task.id).await;
+    assert!(
+        log.starts_with(
+            "starting\n::stevedore-pro::stevedore-progress::5 warming up\ngress::10 loading\r\n"
+        ),
+        "{log:.200}"
+    );
+    assert!(log.ends_with("::stevedore-progress::100\nbye\n"));
+    runner.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failing_progress_report_never_fails_the_task() {
+    let harness = system_harness().await;
+    let engine = engine_with(
+        "test/progress-refused",
+        FakeRun::success().stdout("::stevedore-progress::50 half\n"),
+    );
+    harness
+        .push_image_code("refused", "test/progress-refused", Some("work"), |_| {})
+        .await;
+    let task = harness.queue("refused", "", 60).await;
+    let (runner, source) = start(&harness, test_config("r-progress-refused"), &engine);
+    source.fail_progress(true);
+    let done = harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
+    assert_eq!(done.percent, None);
+    assert_eq!(source.progress_of(&task.id).len(), 1);
+    runner.stop().await.unwrap();
+}
