@@ -232,6 +232,15 @@ pub fn code_spec(name: &str, kind: CodeKind) -> CodeSpec {
     }
 }
 
+/// A log callback for local runs that keeps what it is given, and what it kept.
+pub fn collecting_sink() -> (stevedore_runner::LogSink, Arc<Mutex<Vec<u8>>>) {
+    let printed = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&printed);
+    let on_log: stevedore_runner::LogSink =
+        Arc::new(move |bytes: &[u8]| sink.lock().unwrap().extend_from_slice(bytes));
+    (on_log, printed)
+}
+
 /// A zip with the given `(path, contents, unix mode)` files.
 pub fn zip_of(files: &[(&str, &str, u32)]) -> Vec<u8> {
     let mut writer = zip::ZipWriter::new(Cursor::new(Vec::new()));
