@@ -35,6 +35,7 @@ use crate::config::RunnerConfig;
 use crate::container::{ContainerPlan, registry_auth_for};
 use crate::error::SourceError;
 use crate::logs::{LogShipper, ShippedLogs};
+use crate::progress::ProgressReporter;
 use crate::source::{RequeueRequest, TaskSource};
 
 /// What every attempt shares with the runner.
@@ -344,6 +345,7 @@ impl Attempt {
             flush_bytes: config.log_flush_bytes,
             stored: self.leased.task.log_size,
             skip: 0,
+            progress: ProgressReporter::new(config.progress_interval),
         };
         let logs = self
             .context
@@ -445,9 +447,12 @@ impl Attempt {
     /// Waits for the live log stream of the stopped container to end, then reads the log
     /// once more for whatever the live stream missed (see the `logs` module).
     async fn drain_logs(&self, id: &ContainerId, live: JoinHandle<ShippedLogs>) {
+        let abort = live.abort_handle();
         let shipped = match tokio::time::timeout(LOG_DRAIN_TIMEOUT, live).await {
             Ok(Ok(shipped)) => shipped,
             Ok(Err(_)) | Err(_) => {
+                // Stopped, so that nothing about the task is sent after its result.
+                abort.abort();
                 tracing::warn!("the container's log stream did not end; some output may be lost");
                 return;
             }
@@ -468,6 +473,7 @@ impl Attempt {
             flush_bytes: config.log_flush_bytes,
             stored: shipped.stored,
             skip: shipped.read,
+            progress: shipped.progress,
         };
         let caught_up = tokio::time::timeout(
             LOG_DRAIN_TIMEOUT,

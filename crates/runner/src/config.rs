@@ -39,6 +39,10 @@ pub struct RunnerConfig {
     pub log_flush_interval: Duration,
     /// ... and as soon as this many bytes are buffered. Default 64 KiB.
     pub log_flush_bytes: usize,
+    /// Progress lines a task prints (`::stevedore-progress::...`) are forwarded at most this
+    /// often, the latest value winning; the last one always goes out before the result.
+    /// Zero forwards every line. Default 250 ms.
+    pub progress_interval: Duration,
     /// On shutdown, how long running tasks may go on before they are killed and requeued.
     /// Default 30 s.
     pub shutdown_grace: Duration,
@@ -104,6 +108,7 @@ impl Default for RunnerConfig {
             log_cap_bytes: 10 << 20,
             log_flush_interval: Duration::from_millis(200),
             log_flush_bytes: 64 << 10,
+            progress_interval: Duration::from_millis(250),
             shutdown_grace: Duration::from_secs(30),
             max_infra_attempts: 5,
             requeue_backoff_base: Duration::from_secs(2),

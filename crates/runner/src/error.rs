@@ -4,8 +4,9 @@
 use stevedore_engine::EngineError;
 use stevedore_store::StoreError;
 
-/// Why [`crate::Runner::run`] refused to run. Failures of single tasks are not errors of the
-/// runner: they end or requeue the task and the runner goes on.
+/// Why [`crate::Runner::run`] refused to run, or why [`crate::run_local`] produced no
+/// result. Failures of single tasks are not errors of a runner: they end or requeue the task
+/// and the runner goes on. A local run has only its one task, so there they are errors.
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
     /// The container engine did not answer at start-up.
@@ -18,6 +19,15 @@ pub enum RunnerError {
     /// The configuration makes no sense (no clusters, a zero capacity...).
     #[error("invalid runner configuration: {0}")]
     InvalidConfig(String),
+    /// A local run's task did not run to an end of its own: it could not be set up (a
+    /// missing image, an unknown runtime, a package without its entry point, an entry point
+    /// the engine cannot start) or the infrastructure failed it (`infrastructure`). A local
+    /// run never tries again.
+    #[error("the task could not run: {reason}")]
+    TaskNotRun {
+        reason: String,
+        infrastructure: bool,
+    },
 }
 
 /// What a [`crate::TaskSource`] answered when it did not do what was asked.

@@ -17,6 +17,11 @@
 //!   archive upload, the unpacked zip package, limits and labels.
 //! * **Log shipping**: stdout and stderr into the task source in chunks while the task runs,
 //!   up to the log cap.
+//! * **Progress from inside the container**: lines `::stevedore-progress::<percent> <msg>`
+//!   in the task's output set its `percent` and `msg` ([`parse_progress_line`] has the
+//!   rules); forwarded coalesced, and kept in the log like any other line.
+//! * **Local runs** ([`run_local`]): one task run by the real runner over an in-memory
+//!   source, without a server or a database, for `stevedore run`.
 //! * **Failure classification**: only by [`stevedore_engine::EngineError::is_infrastructure`];
 //!   infrastructure failures requeue the task with exponential backoff without spending the
 //!   user's retries, the user's failures end the task `error` with a clear message.
@@ -29,8 +34,9 @@
 //! (the server's rescuer), and anything Docker-specific (the `engine` crate).
 //!
 //! The runner talks to its tasks only through the [`TaskSource`] trait: [`StoreTaskSource`]
-//! over the store for the runner embedded in `stevedore serve`, and an HTTP implementation
-//! for remote runners, so both share this crate unchanged.
+//! over the store for the runner embedded in `stevedore serve`, an in-memory one holding a
+//! single task for [`run_local`], and an HTTP implementation for remote runners, so all of
+//! them share this crate unchanged.
 
 #![forbid(unsafe_code)]
 // Tests may unwrap: a panic there is a failed test with a clear location.
@@ -42,8 +48,10 @@ mod backoff;
 mod config;
 mod container;
 mod error;
+mod local;
 mod logs;
 mod package;
+mod progress;
 mod runner;
 mod source;
 
@@ -53,6 +61,11 @@ pub use container::{
     CONFIG_FILE, ContainerPlan, LABEL_RUNNER, LABEL_TASK, PAYLOAD_FILE, registry_auth_for,
 };
 pub use error::{RunnerError, SourceError};
+pub use local::{LocalResult, LocalRun, LogSink, run_local};
+pub use progress::{
+    MAX_PROGRESS_LINE_BYTES, MAX_PROGRESS_MESSAGE_BYTES, PROGRESS_MARKER, ProgressUpdate,
+    parse_progress_line,
+};
 pub use runner::{Runner, StartedRunner, WorkNotifier};
 pub use source::{RequeueRequest, StoreTaskSource, TaskSource};
 pub use stevedore_engine::TASK_DIR;

@@ -4,7 +4,11 @@
 //! Output is buffered and shipped every `flush_interval` or as soon as `flush_bytes` are
 //! buffered, whichever comes first. The source keeps at most `cap` bytes and writes the
 //! truncation marker itself; the shipper sends no more than one byte past the cap (so the
-//! source sees that something was cut) and then stops.
+//! source sees that something was cut) and then ships nothing more.
+//!
+//! The shipper also reads the output for progress lines (see the `progress` module) and
+//! forwards them, coalesced. Past the cap it goes on reading, shipping nothing, so progress
+//! still arrives from a task whose log is full.
 //!
 //! A live stream can end before it delivered everything: Docker 20.10's followed logs of a
 //! container that exits right after its start sometimes end empty although the output is in
@@ -17,9 +21,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use stevedore_engine::LogChunkStream;
-use tokio::time::MissedTickBehavior;
+use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::error::SourceError;
+use crate::progress::ProgressReporter;
 use crate::source::TaskSource;
 
 /// Ships one task's output.
@@ -35,10 +40,13 @@ pub(crate) struct LogShipper {
     /// Output bytes at the start of the stream that were shipped already (by the live
     /// stream, when this is the catch-up read) and are skipped.
     pub skip: u64,
+    /// Progress lines found so far and not yet forwarded (carried from the live stream into
+    /// the catch-up read, so a line split between the two is still found).
+    pub progress: ProgressReporter,
 }
 
 /// How shipping ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) struct ShippedLogs {
     /// Bytes the source holds, as it last said.
     pub stored: u64,
@@ -49,12 +57,15 @@ pub(crate) struct ShippedLogs {
     /// Shipping stopped early: the cap, a refusal, or a failed stream. Nothing more is to
     /// be shipped.
     pub stopped: bool,
+    /// The progress state at the end, everything found forwarded.
+    pub progress: ProgressReporter,
 }
 
 /// What the shipping loop reacts to.
 enum Event {
     Output(Option<Result<stevedore_engine::LogChunk, stevedore_engine::EngineError>>),
     FlushDue,
+    ProgressDue,
 }
 
 /// Why shipping ended early.
@@ -71,25 +82,36 @@ const MAX_BUFFERED_FLUSHES: usize = 16;
 // === impl LogShipper ===
 
 impl LogShipper {
-    /// Reads `chunks` until the container's output ends (or the cap is reached, or the
-    /// source refuses), shipping as it goes.
+    /// Reads `chunks` until the container's output ends (or the source refuses, or the
+    /// stream fails), shipping as it goes up to the cap and forwarding progress throughout.
     pub(crate) async fn ship(mut self, mut chunks: LogChunkStream) -> ShippedLogs {
         let mut buffer: Vec<u8> = Vec::new();
         let mut read: u64 = 0;
+        let mut capped = false;
         let mut flush_due = tokio::time::interval(self.flush_interval);
         flush_due.set_missed_tick_behavior(MissedTickBehavior::Delay);
         flush_due.reset();
         loop {
+            let progress_due = self.progress.due();
             let event = tokio::select! {
                 chunk = chunks.next() => Event::Output(chunk),
-                _ = flush_due.tick() => Event::FlushDue,
+                _ = flush_due.tick(), if !capped => Event::FlushDue,
+                () = sleep_until(progress_due) => Event::ProgressDue,
             };
             let stop = match event {
                 Event::Output(Some(Ok(chunk))) => {
                     let len = chunk.bytes.len() as u64;
                     let skipped = self.skip.saturating_sub(read).min(len);
                     read += len;
-                    buffer.extend_from_slice(&chunk.bytes[usize::try_from(skipped).unwrap_or(0)..]);
+                    let fresh = &chunk.bytes[usize::try_from(skipped).unwrap_or(0)..];
+                    self.progress.scan(chunk.stream, fresh);
+                    if self.progress.is_due() {
+                        self.forward_progress().await;
+                    }
+                    if capped {
+                        continue;
+                    }
+                    buffer.extend_from_slice(fresh);
                     if buffer.len() < self.flush_bytes {
                         continue;
                     }
@@ -100,18 +122,42 @@ impl LogShipper {
                     // its wait. Keep what was read.
                     tracing::warn!(%error, "the container's log stream failed");
                     let stop = self.flush(&mut buffer).await;
-                    return self.ended(read, stop.or(Some(Stop::StreamFailed)));
+                    self.forward_progress().await;
+                    let stop = match stop {
+                        Some(stop) => Some(stop),
+                        None if capped => Some(Stop::Capped),
+                        None => Some(Stop::StreamFailed),
+                    };
+                    return self.ended(read, stop);
                 }
                 Event::Output(None) => {
                     let stop = self.flush(&mut buffer).await;
-                    return self.ended(read, stop);
+                    // The last value goes out before the task's result is recorded.
+                    self.forward_progress().await;
+                    return self.ended(read, stop.or(capped.then_some(Stop::Capped)));
                 }
                 Event::FlushDue => self.flush(&mut buffer).await,
+                Event::ProgressDue => {
+                    self.forward_progress().await;
+                    None
+                }
             };
-            if stop.is_some() {
-                return self.ended(read, stop);
+            match stop {
+                None => {}
+                Some(Stop::Capped) => {
+                    // Nothing more is shipped; reading goes on for progress lines.
+                    capped = true;
+                    buffer = Vec::new();
+                }
+                Some(stop) => return self.ended(read, Some(stop)),
             }
         }
+    }
+
+    async fn forward_progress(&mut self) {
+        self.progress
+            .forward(self.source.as_ref(), &self.task_id, self.token)
+            .await;
     }
 
     /// Ships the buffer. Returns why shipping must stop, if it must.
@@ -149,12 +195,225 @@ impl LogShipper {
         }
     }
 
-    fn ended(&self, read: u64, stop: Option<Stop>) -> ShippedLogs {
+    fn ended(self, read: u64, stop: Option<Stop>) -> ShippedLogs {
         ShippedLogs {
             stored: self.stored,
             read,
             capped: matches!(stop, Some(Stop::Capped)),
             stopped: stop.is_some(),
+            progress: self.progress,
         }
+    }
+}
+
+/// Sleeps until `at`; forever when there is no `at`.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+    use bytes::Bytes;
+    use stevedore_engine::{LogChunk, OutputStream};
+    use stevedore_model::TaskOutcome;
+    use stevedore_store::{HeartbeatReply, LeaseRequest, LeasedTask, RunReport};
+
+    use super::*;
+    use crate::source::RequeueRequest;
+
+    /// One progress call: when, percent, message.
+    type ProgressCall = (Instant, Option<u8>, Option<String>);
+
+    /// Records what the shipper sends; only logs and progress are expected.
+    #[derive(Default)]
+    struct Recorder {
+        shipped: Mutex<Vec<u8>>,
+        progress: Mutex<Vec<ProgressCall>>,
+    }
+
+    #[async_trait]
+    impl TaskSource for Recorder {
+        async fn lease(&self, _: &LeaseRequest) -> Result<Vec<LeasedTask>, SourceError> {
+            unreachable!()
+        }
+        async fn heartbeat(&self, _: &str, _: i64, _: u32) -> Result<HeartbeatReply, SourceError> {
+            unreachable!()
+        }
+        async fn mark_running(&self, _: &str, _: i64) -> Result<(), SourceError> {
+            unreachable!()
+        }
+        async fn append_log(
+            &self,
+            _: &str,
+            _: i64,
+            bytes: &[u8],
+            _: u64,
+        ) -> Result<u64, SourceError> {
+            let mut shipped = self.shipped.lock().unwrap();
+            shipped.extend_from_slice(bytes);
+            Ok(shipped.len() as u64)
+        }
+        async fn progress(
+            &self,
+            _: &str,
+            _: i64,
+            percent: Option<u8>,
+            msg: Option<&str>,
+        ) -> Result<(), SourceError> {
+            self.progress
+                .lock()
+                .unwrap()
+                .push((Instant::now(), percent, msg.map(str::to_owned)));
+            Ok(())
+        }
+        async fn complete(
+            &self,
+            _: &str,
+            _: i64,
+            _: &TaskOutcome,
+            _: &RunReport,
+        ) -> Result<(), SourceError> {
+            unreachable!()
+        }
+        async fn requeue(&self, _: &str, _: i64, _: &RequeueRequest) -> Result<(), SourceError> {
+            unreachable!()
+        }
+        async fn code_package(&self, _: &str, _: &str, _: u32) -> Result<Vec<u8>, SourceError> {
+            unreachable!()
+        }
+    }
+
+    fn shipper(source: &Arc<Recorder>, cap: u64, progress_interval: Duration) -> LogShipper {
+        LogShipper {
+            source: Arc::clone(source) as Arc<dyn TaskSource>,
+            task_id: "t".into(),
+            token: 1,
+            cap,
+            flush_interval: Duration::from_millis(20),
+            flush_bytes: 4096,
+            stored: 0,
+            skip: 0,
+            progress: ProgressReporter::new(progress_interval),
+        }
+    }
+
+    /// `chunks`, one every `every`.
+    fn paced(chunks: Vec<Vec<u8>>, every: Duration) -> LogChunkStream {
+        futures::stream::unfold(chunks.into_iter(), move |mut chunks| async move {
+            let chunk = chunks.next()?;
+            tokio::time::sleep(every).await;
+            let chunk = LogChunk {
+                stream: OutputStream::Stdout,
+                bytes: Bytes::from(chunk),
+            };
+            Some((Ok(chunk), chunks))
+        })
+        .boxed()
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_progress_lines_is_coalesced_and_the_last_one_wins() {
+        let source = Arc::new(Recorder::default());
+        let interval = Duration::from_millis(100);
+        // 10 000 progress lines over about half a second.
+        let chunks: Vec<Vec<u8>> = (0..50)
+            .map(|chunk| {
+                (0..200)
+                    .map(|line| {
+                        let n = chunk * 200 + line;
+                        format!("::stevedore-progress::{} step {n}\n", n % 100)
+                    })
+                    .collect::<String>()
+                    .into_bytes()
+            })
+            .collect();
+        let total: usize = chunks.iter().map(Vec::len).sum();
+        let shipped = shipper(&source, 10 << 20, interval)
+            .ship(paced(chunks, Duration::from_millis(10)))
+            .await;
+        assert!(!shipped.stopped);
+        assert_eq!(source.shipped.lock().unwrap().len(), total);
+        let progress = source.progress.lock().unwrap().clone();
+        assert!(
+            (2..=12).contains(&progress.len()),
+            "{} progress calls",
+            progress.len()
+        );
+        let last = progress.last().unwrap();
+        assert_eq!((last.1, last.2.as_deref()), (Some(99), Some("step 9999")));
+        // All but the final flush keep the interval.
+        for pair in progress[..progress.len() - 1].windows(2) {
+            assert!(pair[1].0 - pair[0].0 >= interval);
+        }
+    }
+
+    #[tokio::test]
+    async fn progress_still_arrives_after_the_log_is_capped() {
+        let source = Arc::new(Recorder::default());
+        let mut filler = vec![b'x'; 4999];
+        filler.push(b'\n');
+        let chunks = vec![
+            filler,
+            b"::stevedore-progress::40 past".to_vec(),
+            b" the cap\n".to_vec(),
+            vec![b'y'; 5000],
+        ];
+        let shipped = shipper(&source, 1000, Duration::from_millis(250))
+            .ship(paced(chunks, Duration::from_millis(5)))
+            .await;
+        assert!(shipped.capped && shipped.stopped);
+        assert_eq!(shipped.read, 10_038);
+        assert_eq!(source.shipped.lock().unwrap().len(), 1001);
+        let progress = source.progress.lock().unwrap().clone();
+        assert_eq!(progress.len(), 1);
+        assert_eq!(
+            (progress[0].1, progress[0].2.as_deref()),
+            (Some(40), Some("past the cap"))
+        );
+    }
+
+    #[tokio::test]
+    async fn the_catch_up_read_finishes_a_line_the_live_stream_began() {
+        let source = Arc::new(Recorder::default());
+        let live = shipper(&source, 10 << 20, Duration::from_millis(250))
+            .ship(paced(
+                vec![b"::stevedore-progress::10 a\n::stevedore-pro".to_vec()],
+                Duration::ZERO,
+            ))
+            .await;
+        let catch_up = LogShipper {
+            stored: live.stored,
+            skip: live.read,
+            progress: live.progress,
+            ..shipper(&source, 10 << 20, Duration::from_millis(250))
+        };
+        // The stopped container's whole log again: the known part is skipped, not re-read.
+        catch_up
+            .ship(paced(
+                vec![
+                    b"::stevedore-progress::10 a\n::stevedore-pro".to_vec(),
+                    b"gress::20 b\n".to_vec(),
+                ],
+                Duration::ZERO,
+            ))
+            .await;
+        let progress: Vec<Option<u8>> = source
+            .progress
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|call| call.1)
+            .collect();
+        assert_eq!(progress, vec![Some(10), Some(20)]);
+        assert_eq!(
+            source.shipped.lock().unwrap().as_slice(),
+            b"::stevedore-progress::10 a\n::stevedore-progress::20 b\n"
+        );
     }
 }

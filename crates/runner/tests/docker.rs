@@ -4,7 +4,8 @@
 //! a missing engine fails them (`scripts/ensure-docker.sh` starts one). Each test runs its own
 //! runner id, checks after shutdown that no container of its runner or its tasks is left
 //! (`docker ps -a --filter label=stevedore.task=<id>` is empty), and removes leftovers in a
-//! guard should it panic. The tests build their own tag of the local busybox image, so they
+//! guard should it panic. Local runs (`run_local`) are checked the same way by their task's
+//! label and the runner id they report. The tests build their own tag of the local busybox image, so they
 //! never race other tests that rebuild `stevedore/busybox:local`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -12,14 +13,17 @@
 #[path = "support/harness.rs"]
 mod harness;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use harness::{Background, Harness, zip_of};
 use stevedore_engine::{ContainerEngine, DockerEngine};
-use stevedore_model::{Stack, SystemClock, TaskStatus};
-use stevedore_runner::{LABEL_RUNNER, LABEL_TASK, Runner, RunnerConfig};
+use stevedore_model::{CodeKind, CodeSpec, Stack, SystemClock, TaskStatus};
+use stevedore_runner::{
+    LABEL_RUNNER, LABEL_TASK, LocalResult, LocalRun, Runner, RunnerConfig, RunnerError, run_local,
+};
 use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
 
 /// The image every test runs: the host's static busybox, imported under a tag of our own.
 const TEST_IMAGE: &str = "stevedore/busybox:runner-tests";
@@ -35,9 +39,10 @@ struct DockerTest {
     _cleanup: Cleanup,
 }
 
-/// Removes every container of one runner id when dropped, even after a panic.
+/// Removes every container carrying one label when dropped, even after a panic.
 struct Cleanup {
-    runner_id: String,
+    label: &'static str,
+    value: String,
 }
 
 /// The test's world, or `None` (the test then skips) when the engine is unreachable
@@ -49,7 +54,8 @@ async fn docker_test(name: &str) -> Option<DockerTest> {
         engine: Arc::new(engine),
         harness: Harness::new(Arc::new(SystemClock)).await,
         _cleanup: Cleanup {
-            runner_id: runner_id.clone(),
+            label: LABEL_RUNNER,
+            value: runner_id.clone(),
         },
         runner_id,
     })
@@ -113,7 +119,7 @@ impl DockerTest {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let runner_id = self.runner_id.clone();
+        let (label, value) = (self.label, self.value.clone());
         // Drop cannot await; a thread with its own runtime can.
         let _ = std::thread::spawn(move || {
             let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
@@ -126,7 +132,7 @@ impl Drop for Cleanup {
                 let Ok(engine) = DockerEngine::connect().await else {
                     return;
                 };
-                if let Ok(ids) = engine.list_labeled(LABEL_RUNNER, &runner_id).await {
+                if let Ok(ids) = engine.list_labeled(label, &value).await {
                     for id in ids {
                         let _ = engine.remove(&id).await;
                     }
@@ -462,4 +468,311 @@ async fn quick_exits_never_lose_their_output() {
     }
     let ids: Vec<&str> = tasks.iter().map(String::as_str).collect();
     test.stop_and_check_teardown(runner, &ids).await;
+}
+
+#[tokio::test]
+async fn progress_lines_from_a_real_container_reach_the_source() {
+    let test = docker_or_skip!("progress");
+    // `network: none` (the harness's default): progress needs nothing but stdout.
+    let script = r#"
+echo '::stevedore-progress::10 starting'
+printf '::stevedore-progress::2'; sleep 0.4; printf '5 split across writes\n'
+sleep 0.6
+i=0
+while [ $i -lt 3000 ]; do echo "::stevedore-progress::$((i % 100)) item $i"; i=$((i+1)); done
+echo '::stevedore-progress::100'
+# stdout and stderr reach the runner on separate pipes: give stdout time to drain first.
+sleep 0.5
+echo '::stevedore-progress:: all done' >&2
+"#;
+    test.shell_code("progress", script).await;
+    let task = test.harness.queue("progress", "", 60).await;
+    let source = test.harness.source();
+    let runner = Background::start(Runner::new(
+        test.config(),
+        source.clone(),
+        test.engine.clone(),
+    ));
+
+    let done = test.harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
+    assert_eq!(done.percent, Some(100));
+    assert_eq!(done.msg.as_deref(), Some("all done"));
+    let calls = source.progress_of(&task.id);
+    assert_eq!(
+        calls.first(),
+        Some(&(Some(10), Some("starting".to_owned()))),
+        "{calls:?}"
+    );
+    assert!(
+        calls.contains(&(Some(25), Some("split across writes".to_owned()))),
+        "{calls:?}"
+    );
+    assert!(
+        calls.len() <= 20,
+        "3000 lines were not coalesced: {} calls",
+        calls.len()
+    );
+    let log = test.harness.log(&task.id).await;
+    assert!(log.contains("::stevedore-progress::25 split across writes\n"));
+    assert!(log.contains("::stevedore-progress::99 item 2999\n"));
+    test.stop_and_check_teardown(runner, &[&task.id]).await;
+}
+
+// === local runs (`stevedore run`) ===
+
+/// A local run in progress: its task id, what its callback got so far, and the guard that
+/// removes its container should the test panic.
+struct LocalRunning {
+    task_id: String,
+    printed: Arc<Mutex<Vec<u8>>>,
+    handle: tokio::task::JoinHandle<Result<LocalResult, RunnerError>>,
+    _cleanup: Cleanup,
+}
+
+impl DockerTest {
+    /// Starts `run` locally in the background.
+    fn run_local(&self, run: LocalRun, cancel: CancellationToken) -> LocalRunning {
+        let task_id = run.task.id.clone();
+        let (on_log, printed) = harness::collecting_sink();
+        let engine: Arc<dyn ContainerEngine> = self.engine.clone();
+        let config = self.config();
+        let handle = tokio::spawn(run_local(
+            engine,
+            config,
+            run,
+            Arc::new(SystemClock),
+            on_log,
+            cancel,
+        ));
+        LocalRunning {
+            _cleanup: Cleanup {
+                label: LABEL_TASK,
+                value: task_id.clone(),
+            },
+            task_id,
+            printed,
+            handle,
+        }
+    }
+}
+
+impl LocalRunning {
+    fn printed(&self) -> String {
+        String::from_utf8_lossy(&self.printed.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until the callback got `text`.
+    async fn wait_for_output(&self, text: &str) {
+        let deadline = tokio::time::Instant::now() + WITHIN;
+        while !self.printed().contains(text) {
+            assert!(
+                !self.handle.is_finished(),
+                "the run ended before printing {text:?}: {:?}",
+                self.printed()
+            );
+            assert!(tokio::time::Instant::now() < deadline, "no {text:?} yet");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits for the run's end and checks that it left no container behind.
+    async fn finish(self, engine: &DockerEngine) -> Result<LocalResult, RunnerError> {
+        let result = tokio::time::timeout(WITHIN, self.handle)
+            .await
+            .expect("the local run did not end")
+            .unwrap();
+        let left = engine
+            .list_labeled(LABEL_TASK, &self.task_id)
+            .await
+            .unwrap();
+        assert!(left.is_empty(), "the local run left {left:?}");
+        if let Ok(result) = &result {
+            assert!(result.runner_id.starts_with("local-"));
+            let left = engine
+                .list_labeled(LABEL_RUNNER, &result.runner_id)
+                .await
+                .unwrap();
+            assert!(left.is_empty(), "the local runner left {left:?}");
+        }
+        result
+    }
+}
+
+fn local_spec(name: &str, kind: CodeKind) -> CodeSpec {
+    harness::code_spec(name, kind)
+}
+
+fn local_shell(name: &str, command: &str, adjust: impl FnOnce(&mut CodeSpec)) -> LocalRun {
+    let mut spec = local_spec(
+        name,
+        CodeKind::Image {
+            image: TEST_IMAGE.to_owned(),
+            command: Some(command.to_owned()),
+        },
+    );
+    adjust(&mut spec);
+    LocalRun::new(spec, String::new(), None, chrono::Utc::now()).unwrap()
+}
+
+#[tokio::test]
+async fn a_local_run_sees_the_contract_and_streams_its_log_live() {
+    let test = docker_or_skip!("local-contract");
+    let script = r#"#!/bin/sh
+echo "args=$*"
+echo "TASK_ID=$TASK_ID"
+echo "TASK_DIR=$TASK_DIR"
+echo "PAYLOAD_FILE=$PAYLOAD_FILE"
+echo "CONFIG_FILE=$CONFIG_FILE"
+echo "GREETING=$GREETING"
+echo "pwd=$(pwd)"
+echo "payload=$(cat "$PAYLOAD_FILE")"
+echo "config=$(cat "$CONFIG_FILE")"
+echo "data=$(cat lib/data.txt)"
+echo '::stevedore-progress::50 halfway'
+sleep 2
+echo second
+"#;
+    let zip = zip_of(&[
+        ("hello.sh", script, 0o644),
+        ("lib/data.txt", "from the zip", 0o644),
+    ]);
+    let mut spec = local_spec(
+        "local-contract",
+        CodeKind::Runtime {
+            runtime: "sh".into(),
+            file_name: "hello.sh".into(),
+        },
+    );
+    spec.env_vars
+        .insert("GREETING".into(), "hello there".into());
+    spec.config = Some("{\"db\":\"x\"}".into());
+    let run = LocalRun::new(spec, "{\"n\":42}".into(), Some(zip), chrono::Utc::now()).unwrap();
+    let running = test.run_local(run, CancellationToken::new());
+    let id = running.task_id.clone();
+
+    // Live: the first lines arrive while the task still sleeps.
+    running.wait_for_output("data=from the zip\n").await;
+    assert!(!running.printed().contains("second"));
+    let printed = running.printed.clone();
+    let result = running.finish(&test.engine).await.unwrap();
+    let log = String::from_utf8(result.log.clone()).unwrap();
+    assert_eq!(result.status, TaskStatus::Complete, "{result:#?}\n{log}");
+    assert_eq!(result.exit_code, Some(0));
+    assert_eq!(
+        (result.percent, result.msg.as_deref()),
+        (Some(50), Some("halfway"))
+    );
+    for expected in [
+        format!("args=-id {id} -d /mnt/task -payload /mnt/.task_payload -config /mnt/.task_config"),
+        format!("TASK_ID={id}"),
+        "TASK_DIR=/mnt/task".to_owned(),
+        "PAYLOAD_FILE=/mnt/.task_payload".to_owned(),
+        "CONFIG_FILE=/mnt/.task_config".to_owned(),
+        "GREETING=hello there".to_owned(),
+        "pwd=/mnt/task".to_owned(),
+        "payload={\"n\":42}".to_owned(),
+        "config={\"db\":\"x\"}".to_owned(),
+        "data=from the zip".to_owned(),
+        "second".to_owned(),
+    ] {
+        assert!(
+            log.lines().any(|line| line == expected),
+            "missing {expected:?} in\n{log}"
+        );
+    }
+    assert_eq!(*printed.lock().unwrap(), result.log);
+    let ran = result.end_time.unwrap() - result.start_time.unwrap();
+    assert!(ran >= chrono::Duration::milliseconds(1900), "ran {ran}");
+    assert!(result.peak_memory_bytes.is_some_and(|bytes| bytes > 0));
+}
+
+#[tokio::test]
+async fn a_local_binary_run_ends_with_its_exit_code() {
+    let test = docker_or_skip!("local-exit");
+    let zip = zip_of(&[(
+        "bin/run",
+        "#!/bin/sh\necho \"failing on purpose\" >&2\nexit 7\n",
+        0o644,
+    )]);
+    let spec = local_spec(
+        "local-exit",
+        CodeKind::Runtime {
+            runtime: "binary".into(),
+            file_name: "bin/run".into(),
+        },
+    );
+    let run = LocalRun::new(spec, String::new(), Some(zip), chrono::Utc::now()).unwrap();
+    let result = test
+        .run_local(run, CancellationToken::new())
+        .finish(&test.engine)
+        .await
+        .unwrap();
+    assert_eq!(result.status, TaskStatus::Error, "{result:#?}");
+    assert_eq!(result.exit_code, Some(7));
+    assert_eq!(result.msg.as_deref(), Some("exited with code 7"));
+    assert_eq!(result.log, b"failing on purpose\n");
+}
+
+#[tokio::test]
+async fn a_local_run_over_its_memory_limit_ends_out_of_memory() {
+    let test = docker_or_skip!("local-oom");
+    let run = local_shell(
+        "local-oom",
+        "x=$(head -c 67108864 /dev/zero | tr '\\0' a); echo survived ${#x}",
+        |spec| spec.limits.memory_mib = 16,
+    );
+    let result = test
+        .run_local(run, CancellationToken::new())
+        .finish(&test.engine)
+        .await
+        .unwrap();
+    assert_eq!(result.status, TaskStatus::Error, "{result:#?}");
+    assert_eq!(result.msg.as_deref(), Some("out of memory (limit 16 MiB)"));
+    assert_eq!(result.exit_code, Some(137));
+    assert!(!String::from_utf8_lossy(&result.log).contains("survived"));
+}
+
+#[tokio::test]
+async fn cancelling_a_local_run_kills_its_container_at_once() {
+    let test = docker_or_skip!("local-cancel");
+    let run = local_shell("local-cancel", "echo started; sleep 60", |_| {});
+    let cancel = CancellationToken::new();
+    let running = test.run_local(run, cancel.clone());
+    running.wait_for_output("started\n").await;
+    let asked = tokio::time::Instant::now();
+    cancel.cancel();
+    let result = running.finish(&test.engine).await.unwrap();
+    let took = asked.elapsed();
+    assert_eq!(result.status, TaskStatus::Cancelled, "{result:#?}");
+    assert_eq!(result.log, b"started\n");
+    // Killed, reported and removed: all within a couple of seconds.
+    assert!(took < Duration::from_secs(3), "cancelling took {took:?}");
+}
+
+#[tokio::test]
+async fn a_local_run_of_a_missing_image_is_an_error_naming_it() {
+    let test = docker_or_skip!("local-missing-image");
+    let mut spec = local_spec(
+        "local-missing",
+        CodeKind::Image {
+            image: "stevedore/no-such-image:runner-tests".into(),
+            command: Some("true".into()),
+        },
+    );
+    spec.retries = 3;
+    let run = LocalRun::new(spec, String::new(), None, chrono::Utc::now()).unwrap();
+    let error = test
+        .run_local(run, CancellationToken::new())
+        .finish(&test.engine)
+        .await
+        .unwrap_err();
+    // Without a registry the pull fails (the infrastructure's); with one, the registry says
+    // the image does not exist (the user's). Either way: one clear error, no retry loop.
+    assert!(matches!(error, RunnerError::TaskNotRun { .. }), "{error:?}");
+    let message = error.to_string();
+    assert!(
+        message.contains("stevedore/no-such-image:runner-tests"),
+        "{message}"
+    );
 }

@@ -13,8 +13,11 @@ use std::time::Duration;
 use harness::{Background, Harness, zip_of};
 use stevedore_engine::fake::{FakeEngine, FakeOperation, FakeRun};
 use stevedore_engine::{ContainerEngine, ContainerSpec, EngineCapabilities, EngineError};
-use stevedore_model::{Clock, ManualClock, Stack, SystemClock, TaskOutcome, TaskStatus};
-use stevedore_runner::{LABEL_RUNNER, LABEL_TASK, Runner, RunnerConfig, RunnerError};
+use stevedore_model::{Clock, CodeKind, ManualClock, Stack, SystemClock, TaskOutcome, TaskStatus};
+use stevedore_runner::{
+    LABEL_RUNNER, LABEL_TASK, LocalResult, LocalRun, Runner, RunnerConfig, RunnerError, run_local,
+};
+use tokio_util::sync::CancellationToken;
 
 const WITHIN: Duration = Duration::from_secs(10);
 
@@ -729,4 +732,328 @@ async fn start_up_reaps_the_containers_of_an_earlier_life() {
     runner.stop().await.unwrap();
     assert_eq!(engine.removed(), vec![mine]);
     assert_eq!(engine.existing(), vec![theirs]);
+}
+
+// === progress reported from inside the container ===
+
+#[tokio::test]
+async fn progress_lines_in_the_output_become_the_tasks_percent_and_msg() {
+    let harness = system_harness().await;
+    // Lines split across chunks and streams, garbage, and a flood to coalesce.
+    let mut run = FakeRun::success()
+        .stdout("starting\n::stevedore-pro")
+        .stderr("::stevedore-progress::5 warming up\n")
+        .stdout("gress::10 loading\r\n")
+        .stdout("::stevedore-progress::101 not progress\n::stevedore-progress::x\n");
+    let mut flood = String::new();
+    for n in 0..5000 {
+        flood.push_str(&format!("::stevedore-progress::{} item {n}\n", n % 90));
+    }
+    run = run
+        .stdout(flood)
+        .stderr("::stevedore-progress:: almost done\n")
+        .stdout("::stevedore-progress::100\nbye\n");
+    let engine = engine_with("test/progress", run);
+    harness
+        .push_image_code("progress", "test/progress", Some("work"), |_| {})
+        .await;
+    let task = harness.queue("progress", "", 60).await;
+    let (runner, source) = start(&harness, test_config("r-progress"), &engine);
+
+    let done = harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
+    assert_eq!(done.percent, Some(100));
+    assert_eq!(done.msg.as_deref(), Some("almost done"));
+    let calls = source.progress_of(&task.id);
+    assert!(
+        !calls.is_empty() && calls.len() <= 5,
+        "the flood was not coalesced: {} calls",
+        calls.len()
+    );
+    assert_eq!(
+        calls.last().unwrap(),
+        &(Some(100), Some("almost done".to_owned()))
+    );
+    // The lines stay in the log (interleaved as the streams were).
+    let log = harness.log(&task.id).await;
+    assert!(
+        log.starts_with(
+            "starting\n::stevedore-pro::stevedore-progress::5 warming up\ngress::10 loading\r\n"
+        ),
+        "{log:.200}"
+    );
+    assert!(log.ends_with("::stevedore-progress::100\nbye\n"));
+    runner.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failing_progress_report_never_fails_the_task() {
+    let harness = system_harness().await;
+    let engine = engine_with(
+        "test/progress-refused",
+        FakeRun::success().stdout("::stevedore-progress::50 half\n"),
+    );
+    harness
+        .push_image_code("refused", "test/progress-refused", Some("work"), |_| {})
+        .await;
+    let task = harness.queue("refused", "", 60).await;
+    let (runner, source) = start(&harness, test_config("r-progress-refused"), &engine);
+    source.fail_progress(true);
+    let done = harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
+    assert_eq!(done.percent, None);
+    assert_eq!(source.progress_of(&task.id).len(), 1);
+    runner.stop().await.unwrap();
+}
+
+// === local runs ===
+
+fn local_config() -> RunnerConfig {
+    RunnerConfig {
+        stacks: vec![Stack::new("sh", "test/local-stack", &["sh"])],
+        ..RunnerConfig::default()
+    }
+}
+
+fn local_image_run(image: &str, adjust: impl FnOnce(&mut stevedore_model::CodeSpec)) -> LocalRun {
+    let mut spec = harness::code_spec(
+        "local",
+        CodeKind::Image {
+            image: image.to_owned(),
+            command: Some("work".to_owned()),
+        },
+    );
+    adjust(&mut spec);
+    LocalRun::new(spec, "{\"n\":1}".to_owned(), None, chrono::Utc::now()).unwrap()
+}
+
+async fn run_locally(
+    engine: &FakeEngine,
+    run: LocalRun,
+    cancel: CancellationToken,
+) -> (Result<LocalResult, RunnerError>, Vec<u8>) {
+    let (on_log, printed) = harness::collecting_sink();
+    let result = tokio::time::timeout(
+        WITHIN,
+        run_local(
+            Arc::new(engine.clone()),
+            local_config(),
+            run,
+            Arc::new(SystemClock),
+            on_log,
+            cancel,
+        ),
+    )
+    .await
+    .expect("the local run did not end");
+    let printed = printed.lock().unwrap().clone();
+    (result, printed)
+}
+
+#[tokio::test]
+async fn a_local_run_completes_with_its_log_progress_and_usage_and_leaves_nothing() {
+    let engine = engine_with(
+        "test/local-ok",
+        FakeRun::success()
+            .stdout("hello\n::stevedore-progress::70 nearly\n")
+            .stderr("a warning\n")
+            .running_for(Duration::from_millis(50))
+            .peak_memory(7 << 20),
+    );
+    let run = local_image_run("test/local-ok", |spec| {
+        spec.env_vars.insert("GREETING".into(), "hi".into());
+        spec.retries = 3;
+    });
+    let task_id = run.task.id.clone();
+    let (result, printed) = run_locally(&engine, run, CancellationToken::new()).await;
+    let result = result.unwrap();
+    assert_eq!(result.task_id, task_id);
+    assert_eq!(result.status, TaskStatus::Complete);
+    assert_eq!(result.exit_code, Some(0));
+    assert_eq!(
+        (result.percent, result.msg.as_deref()),
+        (Some(70), Some("nearly"))
+    );
+    assert_eq!(result.peak_memory_bytes, Some(7 << 20));
+    assert_eq!(result.cpu_time_ms, Some(1));
+    let (start, end) = (result.start_time.unwrap(), result.end_time.unwrap());
+    assert!(end - start >= chrono::Duration::milliseconds(50));
+    let log = String::from_utf8(result.log.clone()).unwrap();
+    assert!(
+        log.contains("hello\n") && log.contains("a warning\n"),
+        "{log}"
+    );
+    assert_eq!(printed, result.log, "the callback saw the whole log");
+
+    // The production contract, with a runner id of its own, and nothing left behind.
+    assert!(
+        result.runner_id.starts_with("local-"),
+        "{}",
+        result.runner_id
+    );
+    let (id, spec) = engine.created().remove(0);
+    assert_eq!(spec.labels[LABEL_RUNNER], result.runner_id);
+    assert_eq!(spec.labels[LABEL_TASK], task_id);
+    assert!(spec.env.contains(&("TASK_ID".into(), task_id.clone())));
+    assert!(spec.env.contains(&("GREETING".into(), "hi".into())));
+    assert_eq!(spec.memory_bytes, Some(64 << 20));
+    assert_eq!(spec.pids_limit, Some(512));
+    assert_eq!(spec.network_mode.as_deref(), Some("none"));
+    assert_eq!(
+        engine.uploaded_file(&id, "/mnt/.task_payload"),
+        None,
+        "removed before run_local returned"
+    );
+    assert_eq!(engine.removed(), vec![id]);
+    assert!(engine.existing().is_empty());
+}
+
+#[tokio::test]
+async fn a_local_run_that_exits_non_zero_ends_error_without_a_retry() {
+    let engine = engine_with("test/local-fails", FakeRun::exits(3).stderr("broken\n"));
+    let run = local_image_run("test/local-fails", |spec| spec.retries = 5);
+    let (result, printed) = run_locally(&engine, run, CancellationToken::new()).await;
+    let result = result.unwrap();
+    assert_eq!(result.status, TaskStatus::Error);
+    assert_eq!(result.exit_code, Some(3));
+    assert_eq!(result.msg.as_deref(), Some("exited with code 3"));
+    assert_eq!(printed, b"broken\n");
+    // One attempt: the code's retries are not applied locally.
+    assert_eq!(engine.created().len(), 1);
+    assert!(engine.existing().is_empty());
+}
+
+#[tokio::test]
+async fn cancelling_a_local_run_kills_its_container_and_ends_cancelled() {
+    let engine = engine_with("test/local-forever", FakeRun::forever());
+    let run = local_image_run("test/local-forever", |_| {});
+    let cancel = CancellationToken::new();
+    let running = {
+        let (engine, cancel) = (engine.clone(), cancel.clone());
+        tokio::spawn(async move { run_locally(&engine, run, cancel).await })
+    };
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    while engine.created().is_empty() || !engine.kills().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let asked = tokio::time::Instant::now();
+    cancel.cancel();
+    let (result, _) = running.await.unwrap();
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
+    let result = result.unwrap();
+    assert_eq!(result.status, TaskStatus::Cancelled);
+    assert_eq!(result.msg.as_deref(), Some("cancelled"));
+    assert_eq!(engine.kills().len(), 1);
+    assert!(engine.existing().is_empty());
+}
+
+#[tokio::test]
+async fn a_local_run_reports_infrastructure_and_setup_failures_as_errors_once() {
+    // The engine fails mid-way: an error naming the failure, after one attempt.
+    let engine = engine_with("test/local-infra", FakeRun::success());
+    engine.fail_next(
+        FakeOperation::Create,
+        EngineError::Server {
+            status: 500,
+            message: "the storage driver broke".into(),
+        },
+    );
+    let run = local_image_run("test/local-infra", |_| {});
+    let (result, _) = run_locally(&engine, run, CancellationToken::new()).await;
+    match result {
+        Err(RunnerError::TaskNotRun {
+            reason,
+            infrastructure: true,
+        }) => assert!(reason.contains("the storage driver broke"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(engine.created().is_empty());
+
+    // A missing image: the user's, with the image named.
+    let engine = FakeEngine::new();
+    let run = local_image_run("team/no-such-image:1", |_| {});
+    let (result, _) = run_locally(&engine, run, CancellationToken::new()).await;
+    match result {
+        Err(
+            error @ RunnerError::TaskNotRun {
+                infrastructure: false,
+                ..
+            },
+        ) => {
+            let message = error.to_string();
+            assert!(
+                message.contains("team/no-such-image:1") && message.contains("not found"),
+                "{message}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // No engine at all.
+    let engine = FakeEngine::new();
+    engine.set_unreachable(true);
+    let run = local_image_run("test/anything", |_| {});
+    let (result, _) = run_locally(&engine, run, CancellationToken::new()).await;
+    assert!(
+        matches!(result, Err(RunnerError::EngineUnavailable(_))),
+        "{result:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_local_run_leaves_the_containers_of_other_runners_alone() {
+    let engine = engine_with("test/local-neighbour", FakeRun::success());
+    let mut theirs = ContainerSpec::new("test/local-neighbour");
+    theirs.labels.insert(LABEL_RUNNER.into(), "embedded".into());
+    theirs
+        .labels
+        .insert(LABEL_TASK.into(), "served-task".into());
+    let theirs = engine.create(&theirs).await.unwrap();
+    let run = local_image_run("test/local-neighbour", |_| {});
+    let (result, _) = run_locally(&engine, run, CancellationToken::new()).await;
+    assert_eq!(result.unwrap().status, TaskStatus::Complete);
+    assert_eq!(engine.existing(), vec![theirs]);
+}
+
+#[tokio::test]
+async fn a_local_runtime_run_gets_its_package() {
+    let engine = FakeEngine::new();
+    engine.add_image("test/local-stack");
+    engine.set_default_run(FakeRun::success().stdout("ran\n"));
+    let zip = zip_of(&[("run.sh", "echo ran\n", 0o644)]);
+    let spec = harness::code_spec(
+        "local-runtime",
+        CodeKind::Runtime {
+            runtime: "sh".into(),
+            file_name: "run.sh".into(),
+        },
+    );
+    let run = LocalRun::new(spec, String::new(), Some(zip), chrono::Utc::now())
+        .unwrap()
+        .with_timeout(30)
+        .unwrap();
+    let task_id = run.task.id.clone();
+    let (result, printed) = run_locally(&engine, run, CancellationToken::new()).await;
+    assert_eq!(result.unwrap().status, TaskStatus::Complete);
+    assert_eq!(printed, b"ran\n");
+    let (_, spec) = engine.created().remove(0);
+    assert_eq!(
+        spec.cmd.unwrap().join(" "),
+        format!(
+            "sh /mnt/task/run.sh -id {task_id} -d /mnt/task -payload /mnt/.task_payload \
+             -config /mnt/.task_config"
+        )
+    );
+    let script = spec
+        .files
+        .iter()
+        .find(|f| f.path == "/mnt/task/run.sh")
+        .unwrap();
+    assert_eq!(script.mode & 0o755, 0o755);
 }

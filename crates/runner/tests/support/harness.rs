@@ -39,12 +39,17 @@ pub struct Harness {
 pub struct ObservedSource {
     inner: StoreTaskSource,
     pub heartbeats_cut: AtomicBool,
+    progress_failing: AtomicBool,
     counts: Mutex<Counts>,
     pub outcomes: Mutex<Vec<(String, TaskOutcome, RunReport)>>,
     pub requeues: Mutex<Vec<(String, RequeueRequest)>>,
     pub log_appends: Mutex<Vec<(String, usize)>>,
     pub progress_messages: Mutex<Vec<String>>,
+    pub progress_calls: Mutex<Vec<ProgressCall>>,
 }
+
+/// One progress call the runner made: task id, percent, message.
+pub type ProgressCall = (String, Option<u8>, Option<String>);
 
 /// Tasks leased and not yet given back, and tasks running, with their peaks.
 #[derive(Default)]
@@ -227,6 +232,15 @@ pub fn code_spec(name: &str, kind: CodeKind) -> CodeSpec {
     }
 }
 
+/// A log callback for local runs that keeps what it is given, and what it kept.
+pub fn collecting_sink() -> (stevedore_runner::LogSink, Arc<Mutex<Vec<u8>>>) {
+    let printed = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&printed);
+    let on_log: stevedore_runner::LogSink =
+        Arc::new(move |bytes: &[u8]| sink.lock().unwrap().extend_from_slice(bytes));
+    (on_log, printed)
+}
+
 /// A zip with the given `(path, contents, unix mode)` files.
 pub fn zip_of(files: &[(&str, &str, u32)]) -> Vec<u8> {
     let mut writer = zip::ZipWriter::new(Cursor::new(Vec::new()));
@@ -245,11 +259,13 @@ impl ObservedSource {
         ObservedSource {
             inner,
             heartbeats_cut: AtomicBool::new(false),
+            progress_failing: AtomicBool::new(false),
             counts: Mutex::new(Counts::default()),
             outcomes: Mutex::new(Vec::new()),
             requeues: Mutex::new(Vec::new()),
             log_appends: Mutex::new(Vec::new()),
             progress_messages: Mutex::new(Vec::new()),
+            progress_calls: Mutex::new(Vec::new()),
         }
     }
 
@@ -263,8 +279,24 @@ impl ObservedSource {
         self.counts.lock().unwrap().max_running
     }
 
+    /// While set, progress reports fail as unavailable.
+    pub fn fail_progress(&self, fail: bool) {
+        self.progress_failing.store(fail, Ordering::SeqCst);
+    }
+
     pub fn cut_heartbeats(&self, cut: bool) {
         self.heartbeats_cut.store(cut, Ordering::SeqCst);
+    }
+
+    /// The progress calls about one task: percent and message.
+    pub fn progress_of(&self, task_id: &str) -> Vec<(Option<u8>, Option<String>)> {
+        self.progress_calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(id, _, _)| id == task_id)
+            .map(|(_, percent, msg)| (*percent, msg.clone()))
+            .collect()
     }
 
     pub fn outcome_of(&self, task_id: &str) -> Option<(TaskOutcome, RunReport)> {
@@ -341,6 +373,16 @@ impl TaskSource for ObservedSource {
     ) -> Result<(), SourceError> {
         if let Some(msg) = msg {
             self.progress_messages.lock().unwrap().push(msg.to_owned());
+        }
+        self.progress_calls.lock().unwrap().push((
+            task_id.to_owned(),
+            percent,
+            msg.map(str::to_owned),
+        ));
+        if self.progress_failing.load(Ordering::SeqCst) {
+            return Err(SourceError::Unavailable {
+                message: "the test fails progress reports".to_owned(),
+            });
         }
         self.inner.progress(task_id, token, percent, msg).await
     }
