@@ -174,8 +174,8 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        // The command has already said how the task ended.
         Err(error) if error.downcast_ref::<TaskFailed>().is_some() => {
-            eprintln!("{error:#}");
             ExitCode::from(EXIT_TASK_FAILED)
         }
         Err(error) => {

@@ -73,11 +73,11 @@ pub struct CodeDefinition {
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
     pub env: Vec<String>,
     /// The code's config string, handed to every task in CONFIG_FILE.
-    #[arg(long, conflicts_with = "config_file")]
-    pub config: Option<String>,
-    /// Read the config string from a file.
+    #[arg(long, value_name = "STRING", conflicts_with = "code_config_file")]
+    pub code_config: Option<String>,
+    /// Read the code's config string from a file.
     #[arg(long, value_name = "FILE")]
-    pub config_file: Option<PathBuf>,
+    pub code_config_file: Option<PathBuf>,
     /// The most tasks of this code running at once (default: unlimited).
     #[arg(long)]
     pub max_concurrency: Option<i64>,
@@ -125,7 +125,7 @@ impl CodeDefinition {
                     .with_context(|| format!("--env {pair:?} must look like KEY=VALUE"))
             })
             .collect::<anyhow::Result<BTreeMap<_, _>>>()?;
-        let config = match (&self.config, &self.config_file) {
+        let config = match (&self.code_config, &self.code_config_file) {
             (Some(config), _) => Some(config.clone()),
             (None, Some(path)) => Some(
                 std::fs::read_to_string(path)

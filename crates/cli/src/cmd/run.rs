@@ -11,6 +11,8 @@ use clap::Args;
 use reqwest::Method;
 use stevedore_api_types::v2;
 use stevedore_engine::ContainerEngine;
+use stevedore_model::{Clock, CodeKind, SystemClock, TaskStatus};
+use stevedore_runner::{LocalResult, LocalRun, LogSink, run_local};
 use tokio_util::sync::CancellationToken;
 
 use super::code::{CodeDefinition, find_code};
@@ -36,6 +38,7 @@ pub struct RunArgs {
 }
 
 pub async fn run(settings: &Settings, args: RunArgs, format: Format) -> anyhow::Result<()> {
+    let human = format == Format::Human;
     let payload = read_payload(args.payload.clone(), args.payload_file.as_deref())?;
     let engine: Arc<dyn ContainerEngine> = Arc::new(crate::connect_engine().await?);
     let (mut upload, package) = if args.definition.defines_code() {
@@ -76,18 +79,101 @@ pub async fn run(settings: &Settings, args: RunArgs, format: Format) -> anyhow::
         );
     }
     let package = package.map(|package| package.bytes);
-    let _ = (
-        spec,
-        package,
-        engine,
-        TaskFailed {
-            task_id: String::new(),
-            status: String::new(),
-            msg: None,
-        },
-        CancellationToken::new(),
-    );
-    anyhow::bail!("PENDING")
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let mut local = LocalRun::new(spec, payload, package, clock.now())
+        .map_err(|error| anyhow::anyhow!("{error}"))?;
+    if let Some(timeout) = args.definition.timeout {
+        let timeout = u32::try_from(timeout).unwrap_or(0);
+        local = local
+            .with_timeout(timeout)
+            .map_err(|error| anyhow::anyhow!("{error}"))?;
+    }
+    let config = settings.runner.runner_config(&settings.stacks);
+    let image = match &local.code.spec.kind {
+        CodeKind::Image { image, .. } => Some(image.clone()),
+        CodeKind::Runtime { runtime, .. } => settings
+            .stacks
+            .iter()
+            .find(|stack| &stack.name == runtime)
+            .map(|stack| stack.image.clone()),
+    };
+    if let Some(image) = image {
+        let auth = stevedore_runner::registry_auth_for(&image, &config.registry_auth);
+        crate::build::ensure_image(engine.as_ref(), &image, auth, human).await?;
+    }
+    let task_id = local.task.id.clone();
+    let cancel = CancellationToken::new();
+    let on_interrupt = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("interrupted: stopping the task");
+            on_interrupt.cancel();
+        }
+    });
+    if human {
+        eprintln!("running {} locally as task {task_id}", args.code);
+    }
+    let on_log: LogSink = Arc::new(move |bytes: &[u8]| {
+        if human {
+            let mut stdout = std::io::stdout().lock();
+            let _ = stdout.write_all(bytes);
+            let _ = stdout.flush();
+        }
+    });
+    let result = run_local(engine, config, local, clock, on_log, cancel)
+        .await
+        .map_err(|error| anyhow::anyhow!("the task could not run: {error}"))?;
+    let status = result.status.as_str().to_owned();
+    if human {
+        eprintln!("{}", summary(&result));
+    } else {
+        output::print_json(&to_json(&result))?;
+    }
+    if result.status == TaskStatus::Complete {
+        return Ok(());
+    }
+    Err(TaskFailed {
+        task_id,
+        status,
+        msg: result.msg.clone(),
+    }
+    .into())
+}
+
+/// One line on how the local run ended, like `task queue --wait` prints.
+fn summary(result: &LocalResult) -> String {
+    let mut line = format!("task {} {}", result.task_id, result.status.as_str());
+    if let Some(code) = result.exit_code {
+        line.push_str(&format!(" (exit code {code})"));
+    }
+    if let (Some(start), Some(end)) = (result.start_time, result.end_time) {
+        line.push_str(&format!(
+            " in {}",
+            output::duration_ms((end - start).num_milliseconds())
+        ));
+    }
+    if let Some(peak) = result.peak_memory_bytes {
+        line.push_str(&format!(", peak memory {}", output::bytes(peak)));
+    }
+    if let Some(msg) = result.msg.as_deref().filter(|msg| !msg.is_empty()) {
+        line.push_str(&format!(": {msg}"));
+    }
+    line
+}
+
+fn to_json(result: &LocalResult) -> serde_json::Value {
+    serde_json::json!({
+        "id": result.task_id,
+        "status": result.status.as_str(),
+        "exit_code": result.exit_code,
+        "msg": result.msg,
+        "percent": result.percent,
+        "start_time": result.start_time.map(|time| time.to_rfc3339()),
+        "end_time": result.end_time.map(|time| time.to_rfc3339()),
+        "peak_memory_bytes": result.peak_memory_bytes,
+        "cpu_time_ms": result.cpu_time_ms,
+        "log": String::from_utf8_lossy(&result.log),
+    })
 }
 
 /// The code's definition and package from the server, as `code push` would have sent them.

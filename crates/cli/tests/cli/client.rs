@@ -526,3 +526,139 @@ fn code_push_builds_a_dockerfile_into_the_code_image() {
         .args(["image", "rm", "-f", &image])
         .output();
 }
+
+#[test]
+fn run_executes_a_code_locally_with_the_production_contract() {
+    if !docker_available() {
+        return;
+    }
+    ensure_local_image();
+    // No server at all: the code comes from the flags.
+    let nowhere = tempfile::tempdir().unwrap();
+    let cli = Cli::for_data_dir(nowhere.path());
+    let output = cli.run(&[
+        "run", "local", "--image", "stevedore/busybox:local", "--env", "GREETING=hey",
+        "--code-config", "the-config", "--payload", r#"{"n":2}"#, "--command",
+        "echo \"$GREETING $TASK_ID in $TASK_DIR\"; cat $PAYLOAD_FILE; echo; cat $CONFIG_FILE; echo; echo '::stevedore-progress::60 most'",
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.starts_with("hey ") && stdout.contains(" in /mnt/task\n{\"n\":2}\nthe-config\n"),
+        "{stdout}"
+    );
+    assert!(stderr.contains(" complete (exit code 0)"), "{stderr}");
+
+    // A zip package on a runtime, with the IronWorker flags; a failure exits 3.
+    let dir = hello_dir(&cli);
+    let output = cli.run(&[
+        "run",
+        "legacy",
+        "--runtime",
+        "sh",
+        "--file",
+        "hello.sh",
+        "--zip",
+        dir.to_str().unwrap(),
+        "--payload",
+        "zipped",
+        "--json",
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let result: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let log = result["log"].as_str().unwrap();
+    assert!(
+        log.starts_with("hello from ") && log.ends_with("zipped\nmore\n"),
+        "{log}"
+    );
+    assert!(
+        crate::support::containers_labelled(&format!(
+            "stevedore.task={}",
+            result["id"].as_str().unwrap()
+        ))
+        .is_empty()
+    );
+
+    let failed = cli.run(&[
+        "run",
+        "bad",
+        "--image",
+        "stevedore/busybox:local",
+        "--command",
+        "exit 9",
+        "--json",
+    ]);
+    assert_eq!(failed.status.code(), Some(3));
+    let result: Value = serde_json::from_slice(&failed.stdout).unwrap();
+    assert_eq!(
+        (result["status"].as_str(), result["exit_code"].as_i64()),
+        (Some("error"), Some(9))
+    );
+    let oom = cli.run(&[
+        "run",
+        "oom",
+        "--image",
+        "stevedore/busybox:local",
+        "--memory",
+        "16",
+        "--json",
+        "--command",
+        "head -c 64m /dev/zero | tail > /dev/null",
+    ]);
+    assert_eq!(oom.status.code(), Some(3));
+    let result: Value = serde_json::from_slice(&oom.stdout).unwrap();
+    assert_eq!(result["msg"], "out of memory (limit 16 MiB)");
+
+    let missing = cli.fails(
+        &["run", "ghost", "--image", "stevedore/no-such-image:none"],
+        1,
+    );
+    assert!(
+        missing.contains("stevedore/no-such-image:none"),
+        "{missing}"
+    );
+    let invalid = cli.fails(
+        &[
+            "run",
+            "bad",
+            "--image",
+            "stevedore/busybox:local",
+            "--memory",
+            "1",
+        ],
+        1,
+    );
+    assert!(invalid.contains("memory"), "{invalid}");
+
+    // Without definition flags, the code and its package come from the server.
+    let data = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(data.path());
+    let cli = Cli::new(&server);
+    let dir = hello_dir(&cli);
+    cli.ok(&[
+        "code",
+        "push",
+        "legacy",
+        "--runtime",
+        "sh",
+        "--file",
+        "hello.sh",
+        "--zip",
+        dir.to_str().unwrap(),
+    ]);
+    let output = cli.run(&["run", "legacy", "--payload", "from-the-server"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.ends_with("from-the-server\nmore\n"), "{stdout}");
+    let unknown = cli.fails(&["run", "nope"], 1);
+    assert!(unknown.contains("no code named \"nope\""), "{unknown}");
+}
