@@ -106,7 +106,7 @@ enum Command {
     },
     /// Run a code here, once, in the same image with the same contract and limits as on a
     /// runner, without a server. Exit 3 unless the task completed.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(Debug, Subcommand)]
@@ -224,7 +224,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let ctx = Ctx::connect(&settings.data_dir, &connection, format)?;
             cmd::stack_list(&ctx).await
         }
-        Command::Run(args) => cmd::run::run(&settings, args, format).await,
+        Command::Run(args) => cmd::run::run(&settings, *args, format).await,
         Command::Serve { listen } => {
             if let Some(listen) = listen {
                 settings.listen = listen;

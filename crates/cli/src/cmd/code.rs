@@ -19,7 +19,7 @@ use crate::output::{self, Table};
 pub enum CodeCommand {
     /// Register a code, or a new revision of it: a Docker image, a zip package for a runtime,
     /// or an image built here from a Dockerfile.
-    Push(PushArgs),
+    Push(Box<PushArgs>),
     /// List the project's codes.
     Ls,
     /// Show one code (by name or id).
@@ -173,7 +173,7 @@ impl CodeDefinition {
 
 pub async fn run(ctx: &Ctx, command: CodeCommand) -> anyhow::Result<()> {
     match command {
-        CodeCommand::Push(args) => push(ctx, args).await,
+        CodeCommand::Push(args) => push(ctx, *args).await,
         CodeCommand::Ls => list(ctx).await,
         CodeCommand::Show { code } => {
             let code = find_code(&ctx.client, &code).await?;

@@ -12,7 +12,7 @@ use crate::output::{self, Table};
 #[derive(Debug, Subcommand)]
 pub enum ScheduleCommand {
     /// Make tasks of a code on a timetable: every N seconds, or by cron.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List schedules, newest first.
     Ls {
         #[arg(long, default_value_t = 0)]
@@ -67,6 +67,7 @@ pub struct CreateArgs {
 pub async fn run(ctx: &Ctx, command: ScheduleCommand) -> anyhow::Result<()> {
     match command {
         ScheduleCommand::Create(args) => {
+            let args = *args;
             let payload = read_payload(args.payload, args.payload_file.as_deref())?;
             let request = v2::SchedulesCreate {
                 schedules: vec![v2::ScheduleCreate {
