@@ -82,7 +82,7 @@ pub fn router(state: AppState) -> Router {
         .route("/tasks/webhook", post(tasks::webhook))
         .route("/tasks/{task_id}", get(tasks::show))
         .route("/tasks/{task_id}/log", get(tasks::log))
-        .route("/tasks/{task_id}/outlog", get(tasks::log))
+        .route("/tasks/{task_id}/outlog", get(tasks::outlog))
         .route("/tasks/{task_id}/cancel", post(tasks::cancel))
         .route("/tasks/{task_id}/retry", post(tasks::retry))
         .route("/tasks/{task_id}/progress", post(tasks::progress))

@@ -2,24 +2,19 @@
 
 use axum::Json;
 use axum::extract::State;
-use stevedore_api_types::v2;
 
 use crate::AppState;
 
-/// The configured stacks.
+/// The names of the configured stacks: a JSON array of strings, as IronWorker documents it.
 #[utoipa::path(get, path = "/2/stacks", tag = "stacks",
-    responses((status = 200, body = Vec<v2::StackInfo>)))]
-pub async fn list(State(state): State<AppState>) -> Json<Vec<v2::StackInfo>> {
+    responses((status = 200, body = Vec<String>)))]
+pub async fn list(State(state): State<AppState>) -> Json<Vec<String>> {
     Json(
         state
             .config
             .stacks
             .iter()
-            .map(|stack| v2::StackInfo {
-                name: stack.name.clone(),
-                image: stack.image.clone(),
-                launcher: stack.launcher.clone(),
-            })
+            .map(|stack| stack.name.clone())
             .collect(),
     )
 }

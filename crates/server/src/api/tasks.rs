@@ -232,6 +232,27 @@ pub async fn log(
     Ok(([(CONTENT_TYPE, "text/plain; charset=utf-8")], log))
 }
 
+/// The task's output as IronWorker's `outlog` serves it (the clients' `stdout()`, which their
+/// `run()` polls): the log, 404 while a task that may still print has none, and an empty
+/// text once the task finished without printing anything, so a client waiting for the
+/// output of a silent task stops waiting.
+#[utoipa::path(get, path = "/2/projects/{project_id}/tasks/{task_id}/outlog", tag = "tasks",
+    params(("project_id" = String, Path), ("task_id" = String, Path)),
+    responses((status = 200, content_type = "text/plain", body = String), (status = 404, body = v2::Message)))]
+pub async fn outlog(
+    State(state): State<AppState>,
+    access: ProjectAccess,
+    Path((_, task_id)): Path<(String, String)>,
+) -> ApiResult<impl IntoResponse> {
+    let task = state.store.get_task(&access.project_id, &task_id).await?;
+    let output = if task.status.is_terminal() && task.log_size == 0 {
+        Vec::new()
+    } else {
+        state.store.get_log(&access.project_id, &task_id).await?
+    };
+    Ok(([(CONTENT_TYPE, "text/plain; charset=utf-8")], output))
+}
+
 /// Cancel a task: a queued one at once, a running one is killed by its runner.
 #[utoipa::path(post, path = "/2/projects/{project_id}/tasks/{task_id}/cancel", tag = "tasks",
     params(("project_id" = String, Path), ("task_id" = String, Path)),
