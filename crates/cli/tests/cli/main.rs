@@ -3,6 +3,7 @@
 // Test helpers fail loudly by design.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod node_client;
 mod python_client;
 mod schedules;
 mod serve;
