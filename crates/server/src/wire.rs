@@ -374,8 +374,10 @@ pub fn task_info(task: &Task) -> v2::TaskInfo {
         updated_at: format_time(task.updated_at),
         start_time: task.start_time.map(format_time),
         end_time: task.end_time.map(format_time),
+        // The engine stamps a container's start after its process is running, so one that
+        // exits at once can end "before" it started: that ran for no time, not a negative one.
         duration: match (task.start_time, task.end_time) {
-            (Some(start), Some(end)) => Some((end - start).num_milliseconds()),
+            (Some(start), Some(end)) => Some((end - start).num_milliseconds().max(0)),
             _ => None,
         },
         run_times: u32::from(task.start_time.is_some()),

@@ -2,8 +2,11 @@
 //! server once did differently. Each test names the incompatibility it pins down; the list
 //! with symptoms is in tests/compat/IRON_WORKER_PYTHON.md and IRON_WORKER_NODE.md.
 
+use chrono::{Duration, Utc};
 use reqwest::Method;
 use serde_json::json;
+use stevedore_model::TaskOutcome;
+use stevedore_store::{LeaseRequest, RunReport};
 
 use crate::support::{TestServer, code_form, zip_of};
 
@@ -71,7 +74,7 @@ async fn code_stats_honour_start_and_end_date() {
     server
         .queue(json!([{"code_name": "hello", "delay": 600}, {"code_name": "hello", "delay": 600}]))
         .await;
-    let now = chrono::Utc::now().timestamp();
+    let now = Utc::now().timestamp();
     let stats = server
         .get(&format!("codes/{id}/stats?start_date={}", now - 600))
         .await
@@ -264,4 +267,47 @@ async fn multipart_upload_with_typed_parts_in_any_order() {
     assert_eq!(reply.status, 200, "{}", reply.text());
     let id = reply.json()["id"].as_str().unwrap().to_owned();
     assert_eq!(server.get(&format!("codes/{id}/download")).await.body, zip);
+}
+
+/// The engine stamps a container's start after its process runs, so a task that exits at
+/// once could show a negative `duration` (seen in the real-container tests now and then).
+#[tokio::test]
+async fn duration_is_never_negative() {
+    let server = TestServer::start().await;
+    server.image_code("fast", json!({})).await;
+    let id = server.queue(json!([{"code_name": "fast"}])).await.remove(0);
+    let now = Utc::now();
+    let request = LeaseRequest {
+        runner_id: "runner".into(),
+        clusters: vec!["default".into()],
+        max_tasks: 1,
+        lease_secs: 60,
+    };
+    let leased = server.store.lease(&request, now).await.unwrap().remove(0);
+    let token = leased.lease.token;
+    server
+        .store
+        .mark_running(&id, token, now, now)
+        .await
+        .unwrap();
+    let report = RunReport {
+        start_time: Some(now),
+        end_time: Some(now - Duration::milliseconds(3)),
+        ..RunReport::default()
+    };
+    server
+        .store
+        .complete(
+            &id,
+            token,
+            &TaskOutcome::Exited { exit_code: 0 },
+            &report,
+            now,
+        )
+        .await
+        .unwrap();
+    let task = server.get(&format!("tasks/{id}")).await.json();
+    assert_eq!(task["status"], "complete");
+    assert_eq!(task["duration"], 0);
+    assert_eq!(task["run_times"], 1);
 }
