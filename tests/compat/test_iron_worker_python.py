@@ -818,6 +818,7 @@ assert not IronWorker.loaded()
 out = {"task_id": IronWorker.task_id(), "task_dir": IronWorker.task_dir(),
        "payload": IronWorker.payload(), "config": IronWorker.config()}
 assert IronWorker.loaded()
+assert IronWorker.args()["task_id"] == out["task_id"]
 print(json.dumps(out))
 """
 
