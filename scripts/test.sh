@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every stevedore test: unit, API, store, the real binary, the real Docker engine and the
-# official IronWorker Python client. Installs and starts whatever a fresh machine lacks first.
+# official IronWorker Python and Node clients. Installs and starts whatever a fresh machine
+# lacks first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +32,21 @@ if ! .venv/bin/python -c 'import iron_worker, pytest' >/dev/null 2>&1; then
   .venv/bin/pip install --quiet --disable-pip-version-check -r tests/compat/requirements.txt
 fi
 export STEVEDORE_PYTHON="$PWD/.venv/bin/python"
+
+# The official IronWorker Node client, exactly as tests/compat/node/package-lock.json pins it.
+# `npm ci` runs only when the installed tree is missing or was made from another lock file;
+# --prefer-offline takes packages from npm's cache when it has them.
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  log "installing Node.js"
+  apt_install nodejs npm
+fi
+node_compat="$PWD/tests/compat/node"
+if ! cmp -s "$node_compat/package-lock.json" "$node_compat/node_modules/.stevedore-installed-lock"; then
+  log "installing the IronWorker Node client into tests/compat/node"
+  (cd "$node_compat" && npm ci --prefer-offline --no-audit --no-fund --loglevel=error)
+  cp "$node_compat/package-lock.json" "$node_compat/node_modules/.stevedore-installed-lock"
+fi
+export STEVEDORE_NODE_COMPAT="$node_compat"
 
 # Tests marked #[ignore] kill the Docker daemon every other test shares, so they run alone,
 # after the rest.

@@ -6,9 +6,13 @@ STEVEDORE_PORT / STEVEDORE_PROJECT_ID / STEVEDORE_TOKEN). Without it every
 server test is skipped; the `test_offline_*` tests always run and pin down
 client quirks the server must cope with (see IRON_WORKER_PYTHON.md).
 
-Nothing here waits for a task to run, except the `runs_containers` test
-(enabled by STEVEDORE_RUNS_TASKS=1). Every task queued by the other tests is
-delayed, so a server with a real runner will not pick them up either.
+Tests marked `runs_containers` (enabled by STEVEDORE_RUNS_TASKS=1) run real
+tasks in real containers and check their results: status, exit, log, output,
+retries, cancellation, schedules firing, and the worker-side helpers against
+what a container really got. Every task queued by the other tests is delayed,
+so a server with a real runner does not pick them up.
+
+IRON_WORKER_PYTHON.md maps every public call of the client to the tests here.
 """
 import contextlib
 import datetime as dt
@@ -20,7 +24,12 @@ import time
 import uuid
 import zipfile
 
+import base64
+import subprocess
+import sys
+
 import pytest
+import requests
 from requests.exceptions import HTTPError
 
 from iron_worker import CodePackage, IronWorker, Task
@@ -41,6 +50,40 @@ echo "payload_file=$pf"
 echo "payload:"
 cat "$pf"
 echo
+"""
+
+# One worker for the container tests; the payload's "mode" picks what it does.
+WORKER_SH = r"""#!/bin/sh
+id="$TASK_ID"
+pf="$PAYLOAD_FILE"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -id) id="$2"; shift ;;
+    -payload) pf="$2"; shift ;;
+  esac
+  shift
+done
+mode=$(sed -n 's/.*"mode": *"\([a-z]*\)".*/\1/p' "$pf")
+case "$mode" in
+  fail) echo "failing on purpose"; exit 3 ;;
+  sleep) echo "sleeping"; sleep 120 ;;
+  silent) exit 0 ;;
+  *) echo "task_id=$id"; echo "payload:"; cat "$pf"; echo ;;
+esac
+"""
+
+# Prints exactly what the container was given: argv, the contract's env vars, the working
+# directory, and the payload and config files (base64), one `key=value` a line.
+CAPTURE_SH = r"""#!/bin/sh
+echo "argc=$#"
+for a in "$@"; do printf 'arg=%s\n' "$a"; done
+printf 'env=TASK_ID=%s\n' "$TASK_ID"
+printf 'env=TASK_DIR=%s\n' "$TASK_DIR"
+printf 'env=PAYLOAD_FILE=%s\n' "$PAYLOAD_FILE"
+printf 'env=CONFIG_FILE=%s\n' "$CONFIG_FILE"
+printf 'pwd=%s\n' "$(pwd)"
+printf 'payload64=%s\n' "$(base64 -w0 < "$PAYLOAD_FILE")"
+printf 'config64=%s\n' "$(base64 -w0 < "$CONFIG_FILE")"
 """
 
 RUN_ID = uuid.uuid4().hex[:8]
@@ -138,6 +181,45 @@ def _queue_delayed(worker, **extra):
     return t
 
 
+def _write_script(workdir, name, text):
+    path = os.path.join(str(workdir), name)
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o755)
+    return path
+
+
+def _upload_worker(worker, workdir, name):
+    """Uploads WORKER_SH as a `binary` zip code, the way upload(path_to_file) does it."""
+    sub = os.path.join(str(workdir), name)
+    os.makedirs(sub, exist_ok=True)
+    script = _write_script(sub, "worker.sh", WORKER_SH)
+    code = CodePackage(name=name, runtime="binary")  # upload(path) alone would say "python"
+    code.merge(script)
+    with _in_dir(sub):
+        return worker.upload(code)
+
+
+def _raw(worker):
+    """The client's base URL and auth, for what the client itself cannot send."""
+    c = worker.client
+    return c.base_url, {"Authorization": "OAuth %s" % c.token}
+
+
+def _wait_status(worker, task_id, wanted, timeout=90):
+    deadline = time.time() + timeout
+    task = worker.task(task_id)
+    while task.status not in wanted:
+        assert time.time() < deadline, "task %s stayed %s, wanted %s" % (
+            task_id, task.status, wanted)
+        time.sleep(0.3)
+        task = worker.task(task_id)
+    return task
+
+
+FINISHED = ("complete", "error", "timeout", "cancelled")
+
+
 # --------------------------------------------------------------------------
 # fixtures
 # --------------------------------------------------------------------------
@@ -162,6 +244,14 @@ def worker(stevedore_settings, workdir):
 def uploaded(worker, workdir):
     up = _upload_hello(worker, workdir, CODE_NAME)
     return up
+
+
+@pytest.fixture(scope="module")
+def runner_code(worker, workdir):
+    """A code that really runs; its payload's "mode" says how (see WORKER_SH)."""
+    name = "pyclient-worker-%s" % RUN_ID
+    _upload_worker(worker, workdir, name)
+    return name
 
 
 # --------------------------------------------------------------------------
@@ -205,6 +295,46 @@ def test_offline_task_parsing_quirks():
     # empty-string timestamps crash the client
     with pytest.raises(ValueError):
         Task({"id": "t", "created_at": ""})
+
+
+def test_offline_static_helpers():
+    assert IronWorker.get_content_type("x.zip") == "application/zip"
+    assert IronWorker.get_content_type("x.unknown-ext") == "application/octet-stream"
+    # run()/wait_for_*: 0.5 s doubling, held once it reaches 60 s or more
+    assert IronWorker.sleep_between_retries(0.5) == 1
+    assert IronWorker.sleep_between_retries(32) == 64
+    assert IronWorker.sleep_between_retries(64) == 64
+
+
+def test_offline_merge_ignore_root_dir_mangles_names(tmp_path):
+    """Client bug: merge(dir, ignoreRootDir=True) uses str.lstrip(target), which strips a
+    set of characters, not a prefix; names starting with one of them lose letters."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "gopher.sh").write_text("x")
+    (pkg / "run.sh").write_text("x")
+    with _in_dir(tmp_path):
+        code = CodePackage(name="x")
+        code.merge("./pkg", ignoreRootDir=True)
+    assert sorted(code.files) == ["opher.sh", "run.sh"]
+    with _in_dir(tmp_path):
+        code = CodePackage(name="x")
+        code.merge("pkg")
+    assert sorted(code.files) == ["pkg/gopher.sh", "pkg/run.sh"]
+    assert code.executable is None  # only a single file sets it
+
+
+def test_offline_merge_dependency_keeps_one_file_per_directory(capsys):
+    """Client bug: merge_dependency() tests the path after the inner loop, so it packs
+    only the last file of every directory of the module (and prints to stdout)."""
+    import dateutil
+    code = CodePackage(name="x")
+    code.merge_dependency("dateutil")
+    root = os.path.dirname(dateutil.__file__)
+    dirs_with_files = sum(1 for _, _, files in os.walk(root) if files)
+    all_files = sum(len(files) for _, _, files in os.walk(root))
+    assert len(code.files) == dirs_with_files < all_files
+    assert capsys.readouterr().out  # the module's location, printed
 
 
 # --------------------------------------------------------------------------
@@ -283,6 +413,78 @@ def test_delete_code(worker, workdir):
     with pytest.raises(HTTPError) as exc:
         worker.code(up.id)
     assert exc.value.response.status_code == 404
+
+
+def test_download_is_broken_in_the_client_but_served(worker, workdir, uploaded):
+    """download() fails before it reads anything: it calls the http.client method
+    Response.getheader on a requests Response (and would then write the str body of a
+    non-JSON reply into a binary file). The server side it would use is checked raw."""
+    with pytest.raises(AttributeError, match="getheader"):
+        worker.download(uploaded.id)
+    base, auth = _raw(worker)
+    code = worker.code(uploaded.id)
+    for rev in sorted({1, code.revision}):
+        r = requests.get(base + "codes/%s/download?revision=%s" % (uploaded.id, rev),
+                         headers=auth)
+        assert r.status_code == 200
+        assert r.headers["Content-Type"] == "application/zip"
+        assert r.headers["Content-Disposition"] == 'attachment; filename="%s_%s.zip"' % (CODE_NAME, rev)
+        assert zipfile.ZipFile(io.BytesIO(r.content)).read("hello.sh").decode() == HELLO_SH
+    r = requests.get(base + "codes/%s/download?revision=999" % uploaded.id, headers=auth)
+    assert r.status_code == 404 and "msg" in r.json()
+
+
+def test_revisions_follow_the_documented_shape(worker, uploaded):
+    revs = worker.revisions(uploaded.id)
+    assert revs and all(r.name == CODE_NAME for r in revs)
+    raw = worker.client.get("codes/%s/revisions" % uploaded.id)["body"]["revisions"]
+    assert all(r["code_id"] == uploaded.id for r in raw)
+    assert len({r["id"] for r in raw}) == len(raw), "each revision has an id of its own"
+
+
+def test_post_code_with_an_explicit_zip(worker, workdir):
+    name = "pyclient-postcode-%s" % RUN_ID
+    sub = os.path.join(str(workdir), name)
+    os.makedirs(sub)
+    script = _write_script(sub, "hello.sh", HELLO_SH)
+    code = CodePackage(name=name, runtime="binary")
+    code.merge(script)
+    with _in_dir(sub):
+        assert code.zip(destination="custom.zip")
+        posted = worker.postCode(code, zipFilename="custom.zip")
+        with open("custom.zip", "rb") as f:
+            zip_bytes = f.read()
+    assert isinstance(posted, CodePackage) and posted.id
+    got = worker.code(posted.id)
+    assert (got.name, got.runtime, got.revision) == (name, "binary", 1)
+    base, auth = _raw(worker)
+    r = requests.get(base + "codes/%s/download" % posted.id, headers=auth)
+    assert r.content == zip_bytes
+    with pytest.raises(ValueError):  # checked client-side: no request is made
+        worker.postCode(CodePackage(name=name))
+
+
+def test_upload_directory_form_registers_python(worker, workdir):
+    """upload(dir, name, executable) keeps the walked paths (with the directory) and,
+    given no CodePackage, always registers runtime "python"."""
+    name = "pyclient-dir-%s" % RUN_ID
+    base_dir = os.path.join(str(workdir), name)
+    os.makedirs(os.path.join(base_dir, "app", "lib"))
+    _write_script(os.path.join(base_dir, "app"), "main.py", "print('hi')\n")
+    with open(os.path.join(base_dir, "app", "lib", "data.txt"), "w") as f:
+        f.write("data\n")
+    with _in_dir(base_dir):
+        up = worker.upload("app", name=name, executable="app/main.py")
+        assert not os.path.exists(name + ".zip"), "upload() removes its zip"
+    got = worker.code(up.id)
+    assert got.runtime == "python"
+    raw = worker.client.get("codes/%s" % up.id)["body"]
+    assert raw["file_name"] == "app/main.py"
+    base, auth = _raw(worker)
+    r = requests.get(base + "codes/%s/download" % up.id, headers=auth)
+    assert sorted(zipfile.ZipFile(io.BytesIO(r.content)).namelist()) == [
+        "app/lib/data.txt", "app/main.py"]
+    worker.deleteCode(up.id)
 
 
 @pytest.mark.skip(reason="iron-worker 1.3.8 cannot register image codes: postCode() "
@@ -469,3 +671,214 @@ def test_run_zip_task_and_read_log(worker, workdir):
     assert isinstance(log, str), "log must be served as text/plain, not JSON"
     assert "task_id=%s" % t.id in log
     assert '{"hello": "world"}' in log
+
+
+@pytest.mark.runs_containers
+def test_upload_directory_and_run_it(worker, workdir):
+    name = "pyclient-dirrun-%s" % RUN_ID
+    base_dir = os.path.join(str(workdir), name)
+    os.makedirs(os.path.join(base_dir, "app", "lib"))
+    _write_script(os.path.join(base_dir, "app"), "run.sh",
+                  "#!/bin/sh\ncat app/lib/data.txt\necho \"cwd=$(pwd)\"\n")
+    with open(os.path.join(base_dir, "app", "lib", "data.txt"), "w") as f:
+        f.write("data from the package\n")
+    code = CodePackage(name=name, runtime="binary")
+    with _in_dir(base_dir):
+        code.merge("app")  # relative: the zip keeps "app/..." as walked
+        worker.upload(code, executable="app/run.sh")
+    t = worker.queue(code_name=name, timeout=60)
+    done = worker.wait_for_task(t)
+    assert done.status == "complete"
+    log = worker.log(t.id)
+    assert "data from the package" in log
+    assert "cwd=/mnt/task" in log
+
+
+@pytest.mark.runs_containers
+def test_run_waits_and_returns_the_output(worker, runner_code):
+    out = worker.run(code_name=runner_code, payload={"sync": "yes"}, timeout=60)
+    assert isinstance(out, str)
+    assert "payload:" in out and '{"sync": "yes"}' in out
+    mine = worker.tasks(code_name=runner_code, complete=True, per_page=100)
+    assert any(t.payload == {"sync": "yes"} for t in mine)
+
+
+@pytest.mark.runs_containers
+def test_run_of_a_silent_task_returns_empty_output(worker, runner_code):
+    """A task that prints nothing: outlog must answer "" once it is finished, or run()
+    retries the 404 sixty times with sleeps of up to a minute."""
+    started = time.time()
+    out = worker.run(code_name=runner_code, payload={"mode": "silent"}, timeout=60)
+    assert out == ""
+    assert time.time() - started < 60
+
+
+@pytest.mark.runs_containers
+def test_wait_for_task_and_its_log_and_stdout(worker, runner_code):
+    t = worker.queue(code_name=runner_code, payload={"wait": 1}, timeout=60)
+    assert worker.task(t.id).status in ("queued", "preparing", "running", "complete")
+    done = worker.wait_for_task(t)  # a Task or an id
+    assert isinstance(done, Task) and done.id == t.id
+    assert done.status == "complete"
+    assert done.scheduled is False
+    assert isinstance(done.duration, int) and done.duration >= 0  # milliseconds
+    assert isinstance(done.start_time, str) and isinstance(done.end_time, str)
+    assert isinstance(done.updated_at, dt.datetime)
+    assert done.run_times == 1
+    log = worker.wait_for_task_log(t.id)
+    assert "task_id=%s" % t.id in log and '{"wait": 1}' in log
+    assert worker.wait_for_task_stdout(done) == log
+    assert worker.stdout(t.id) == log
+
+
+@pytest.mark.runs_containers
+def test_every_status_flag_retry_progress_and_cancel(worker, runner_code):
+    """Real tasks in every end state, listed by each status flag the client has."""
+    ok = worker.queue(code_name=runner_code, payload={"mode": "ok"}, timeout=60)
+    failed = worker.queue(code_name=runner_code, payload={"mode": "fail"}, timeout=60)
+    slow = worker.queue(code_name=runner_code, payload={"mode": "sleep"}, timeout=2)
+    assert _wait_status(worker, ok.id, FINISHED).status == "complete"
+    bad = _wait_status(worker, failed.id, FINISHED)
+    assert bad.status == "error"
+    assert "failing on purpose" in worker.log(failed.id)
+    assert _wait_status(worker, slow.id, FINISHED).status == "timeout"
+
+    # A running task: progress from outside, then cancel kills its container.
+    long = worker.queue(code_name=runner_code, payload={"mode": "sleep"}, timeout=300)
+    _wait_status(worker, long.id, ("running",))
+    running = worker.tasks(code_name=runner_code, running=True, per_page=100)
+    assert long.id in {t.id for t in running}
+    assert all(t.status == "running" for t in running)
+    worker.setProgress(long.id, 30, "a third")
+    g = worker.task(long.id)
+    assert (g.percent, g.message) == (30, "a third")
+    cancel_sent = time.time()
+    assert worker.cancel(long.id) is True
+    assert _wait_status(worker, long.id, FINISHED, timeout=20).status == "cancelled"
+    assert time.time() - cancel_sent < 15
+
+    def listed(**flag):
+        got = worker.tasks(code_name=runner_code, per_page=100, **flag)
+        return got, {t.id for t in got}
+
+    for flag, task, status in [("complete", ok, "complete"), ("error", failed, "error"),
+                               ("timeout", slow, "timeout"), ("cancelled", long, "cancelled"),
+                               ("killed", long, "cancelled")]:
+        got, ids = listed(**{flag: True})
+        assert task.id in ids, flag
+        assert all(t.status == status for t in got), flag
+    got, ids = listed(queued=True)
+    assert not ids & {ok.id, failed.id, slow.id, long.id}
+    # flags combine as "any of"
+    _, ids = listed(complete=True, error=True)
+    assert {ok.id, failed.id} <= ids and slow.id not in ids
+
+    # retry: a new task with the same payload, which really runs again
+    body = worker.retry(failed.id, delay=0)
+    new_id = body["tasks"][0]["id"]
+    assert new_id != failed.id
+    again = _wait_status(worker, new_id, FINISHED)
+    assert again.status == "error" and again.payload == {"mode": "fail"}
+    raw = worker.client.get("tasks/%s" % new_id)["body"]
+    assert raw["original_task_id"] == failed.id and raw["retry_count"] == 1
+    body = worker.retry(ok.id)  # the client's default delay is 1 s
+    assert _wait_status(worker, body["tasks"][0]["id"], FINISHED).status == "complete"
+    with pytest.raises(HTTPError) as exc:  # only a finished task can be retried
+        worker.retry(_queue_delayed(worker).id)
+    assert exc.value.response.status_code == 409
+
+
+@pytest.mark.runs_containers
+def test_a_schedule_fires_real_tasks(worker, runner_code):
+    start_at = dt.datetime.now(dt.timezone.utc)
+    s = worker.queue(code_name=runner_code, payload={"from": "schedule"},
+                     start_at=start_at, run_times=1)
+    assert s.scheduled is True
+    deadline = time.time() + 60
+    fired = []
+    while not fired:
+        assert time.time() < deadline, "the schedule made no task"
+        time.sleep(0.5)
+        fired = [t for t in worker.tasks(code_name=runner_code, per_page=100)
+                 if t.schedule_id == s.id]
+    done = worker.wait_for_task(fired[0].id)
+    assert done.status == "complete" and done.scheduled is False
+    assert '{"from": "schedule"}' in worker.log(done.id)
+    sched = worker.task(s.id, scheduled=True)
+    assert sched.run_count == 1
+    assert sched.status == "complete"
+    assert isinstance(sched.last_run_time, dt.datetime)
+
+
+HELPER_PROBE = """
+import json, sys
+sys.argv = json.loads(sys.argv[1])
+from iron_worker import IronWorker
+assert not IronWorker.loaded()
+out = {"task_id": IronWorker.task_id(), "task_dir": IronWorker.task_dir(),
+       "payload": IronWorker.payload(), "config": IronWorker.config()}
+assert IronWorker.loaded()
+assert IronWorker.args()["task_id"] == out["task_id"]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.runs_containers
+def test_worker_helpers_read_what_the_container_got(worker, workdir, tmp_path):
+    """payload(), config(), task_id() and task_dir() run inside a task; the stacks have
+    no Python, so a shell worker captures its argv, env and files, and the helpers run
+    here against that copy, with the container's paths moved under a scratch root."""
+    name = "pyclient-capture-%s" % RUN_ID
+    config = {"db": "postgres://example", "n": 2}
+    zip_buf = io.BytesIO()
+    with zipfile.ZipFile(zip_buf, "w") as z:
+        info = zipfile.ZipInfo("capture.sh")
+        info.external_attr = 0o100755 << 16
+        z.writestr(info, CAPTURE_SH)
+    base, auth = _raw(worker)
+    # the client cannot send a code's config, so this upload is raw
+    data = {"name": name, "runtime": "binary", "file_name": "capture.sh",
+            "config": json.dumps(config)}
+    r = requests.post(base + "codes", headers=auth,
+                      files={"data": (None, json.dumps(data)),
+                             "file": ("capture.zip", zip_buf.getvalue(), "application/zip")})
+    assert r.status_code == 200, r.text
+    payload = {"hello": "world", "list": [1, 2], "unicode": "h\u00e9"}
+    t = worker.queue(code_name=name, payload=payload, timeout=60)
+    assert worker.wait_for_task(t).status == "complete"
+    lines = worker.log(t.id).splitlines()
+
+    args = [l[len("arg="):] for l in lines if l.startswith("arg=")]
+    env = dict(l[len("env="):].split("=", 1) for l in lines if l.startswith("env="))
+    fields = dict(l.split("=", 1) for l in lines if "=" in l and not l.startswith(("arg=", "env=")))
+    # the contract: argv flags and env vars agree, the working directory is TASK_DIR
+    assert args[0::2] == ["-id", "-d", "-payload", "-config"]
+    flags = dict(zip(args[0::2], args[1::2]))
+    assert flags == {"-id": t.id, "-d": env["TASK_DIR"], "-payload": env["PAYLOAD_FILE"],
+                     "-config": env["CONFIG_FILE"]}
+    assert env["TASK_ID"] == t.id and fields["pwd"] == env["TASK_DIR"] == "/mnt/task"
+    payload_bytes = base64.b64decode(fields["payload64"])
+    config_bytes = base64.b64decode(fields["config64"])
+    assert json.loads(payload_bytes) == payload and json.loads(config_bytes) == config
+
+    root = str(tmp_path / "root")
+    moved = lambda p: root + p if p.startswith("/") else p
+    os.makedirs(moved(env["TASK_DIR"]))
+    for path, blob in ((env["PAYLOAD_FILE"], payload_bytes), (env["CONFIG_FILE"], config_bytes)):
+        os.makedirs(os.path.dirname(moved(path)), exist_ok=True)
+        with open(moved(path), "wb") as f:
+            f.write(blob)
+    contract_env = {k: moved(v) if k != "TASK_ID" else v for k, v in env.items()}
+    moved_args = [moved(a) for a in args]
+    clean = {k: v for k, v in os.environ.items() if k not in contract_env}
+    expected = {"task_id": t.id, "task_dir": moved(env["TASK_DIR"]),
+                "payload": payload, "config": config}
+    for label, argv, extra in [("argv and env, as in the container", moved_args, contract_env),
+                               ("argv flags alone", moved_args, {}),
+                               ("env vars alone", [], contract_env)]:
+        out = subprocess.run([sys.executable, "-c", HELPER_PROBE,
+                              json.dumps(["worker.sh"] + argv)],
+                             env=dict(clean, **extra), capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, (label, out.stderr)
+        assert json.loads(out.stdout.splitlines()[-1]) == expected, label

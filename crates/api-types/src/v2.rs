@@ -54,7 +54,11 @@ pub struct CodeUpload {
 /// A code, as its latest revision describes it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CodeInfo {
+    /// The code's id; in a revision list, the revision's own id (its `latest_history_id`),
+    /// as IronWorker documents revisions.
     pub id: String,
+    /// The code's id, in code and revision lists alike.
+    pub code_id: String,
     pub project_id: String,
     pub name: String,
     pub rev: u32,
@@ -184,6 +188,10 @@ pub struct TaskInfo {
     pub end_time: Option<String>,
     /// Milliseconds between start and end.
     pub duration: Option<i64>,
+    /// IronWorker's count of runs: 1 once the task has started, 0 before. A stevedore task
+    /// runs once; a retry is a new task, and the infrastructure's re-runs are
+    /// `infra_attempts`.
+    pub run_times: u32,
     pub percent: Option<u8>,
     pub msg: Option<String>,
     pub retry_count: u32,
@@ -286,11 +294,12 @@ pub struct ScheduleList {
 
 // === stacks ===
 
-/// A runtime a zip package can run on.
+// `GET /2/stacks` answers a JSON array of the stack names, as IronWorker documents it.
+
+/// A stack with its image and launcher (`GET /2/stacks?details=true`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct StackInfo {
     pub name: String,
     pub image: String,
-    /// The command that runs a package's `file_name`.
     pub launcher: Vec<String>,
 }

@@ -20,7 +20,15 @@ pub struct IronJson {
     pub host: String,
     pub port: u16,
     pub protocol: String,
+    /// `protocol` again, under the name IronWorker's Node client (`iron_core` 0.2) reads: it
+    /// knows no `protocol` and would otherwise speak HTTPS to this plain-HTTP server.
+    #[serde(default = "default_scheme")]
+    pub scheme: String,
     pub api_version: u32,
+}
+
+fn default_scheme() -> String {
+    "http".to_owned()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +61,7 @@ pub async fn ensure_default_project(
             let iron = IronJson {
                 host: host.to_owned(),
                 port,
+                scheme: existing.protocol.clone(),
                 ..existing
             };
             write_iron_json(&path, &iron)?;
@@ -78,6 +87,7 @@ pub async fn ensure_default_project(
         host: host.to_owned(),
         port,
         protocol: "http".to_owned(),
+        scheme: "http".to_owned(),
         api_version: 2,
     };
     write_iron_json(&path, &iron)?;

@@ -84,7 +84,7 @@ pub fn router(state: AppState) -> Router {
         .route("/tasks/{task_id}", get(tasks::show))
         .route("/tasks/{task_id}/log", get(logs::log))
         .route("/tasks/{task_id}/log/stream", get(logs::stream))
-        .route("/tasks/{task_id}/outlog", get(logs::log))
+        .route("/tasks/{task_id}/outlog", get(logs::outlog))
         .route("/tasks/{task_id}/cancel", post(tasks::cancel))
         .route("/tasks/{task_id}/retry", post(tasks::retry))
         .route("/tasks/{task_id}/progress", post(tasks::progress))

@@ -11,7 +11,7 @@ use crate::api::{codes, logs, schedules, stacks, tasks};
     paths(
         codes::upload, codes::list, codes::show, codes::revisions, codes::download, codes::delete,
         codes::cancel_all, codes::pause, codes::resume, codes::stats,
-        tasks::queue, tasks::webhook, tasks::list, tasks::show, logs::log, logs::stream, tasks::cancel,
+        tasks::queue, tasks::webhook, tasks::list, tasks::show, logs::log, logs::stream, logs::outlog, tasks::cancel,
         tasks::retry, tasks::progress,
         schedules::create, schedules::list, schedules::show, schedules::cancel,
         stacks::list,

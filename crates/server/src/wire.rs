@@ -236,6 +236,63 @@ pub fn code_spec(
     Ok(spec)
 }
 
+/// Whether a code upload names neither an image, a runtime nor a package: IronWorker then
+/// changes the options of the code of that name and keeps what it runs.
+pub fn is_options_update(upload: &v2::CodeUpload, has_package: bool) -> bool {
+    let given = |value: &Option<String>| value.as_deref().is_some_and(|text| !text.is_empty());
+    !has_package && !given(&upload.image) && !given(&upload.runtime) && !given(&upload.stack)
+}
+
+/// An options update over `latest`: every field the upload gives wins, every other one keeps
+/// the latest revision's value. What runs (the image, or the runtime and its entry point)
+/// stays; a new `file_name` needs a new package.
+pub fn options_over(upload: v2::CodeUpload, latest: &CodeSpec) -> Result<v2::CodeUpload, ApiError> {
+    let (runtime, file_name, image, command) = match &latest.kind {
+        CodeKind::Image { image, command } => (None, None, Some(image.clone()), command.clone()),
+        CodeKind::Runtime { runtime, file_name } => {
+            (Some(runtime.clone()), Some(file_name.clone()), None, None)
+        }
+    };
+    if let (Some(given), Some(current)) = (&upload.file_name, &file_name)
+        && given != current
+    {
+        return Err(ApiError::BadRequest(format!(
+            "file_name: changing the entry point from {current:?} to {given:?} needs a new zip package in the multipart part `file`"
+        )));
+    }
+    Ok(v2::CodeUpload {
+        name: upload.name,
+        runtime,
+        stack: None,
+        file_name,
+        image,
+        command: upload.command.or(command),
+        env_vars: upload.env_vars.or_else(|| Some(latest.env_vars.clone())),
+        config: upload
+            .config
+            .or_else(|| latest.config.clone().map(Value::String)),
+        max_concurrency: upload
+            .max_concurrency
+            .or(Some(latest.max_concurrency.map_or(-1, i64::from))),
+        retries: upload.retries.or(Some(i64::from(latest.retries))),
+        retries_delay: upload
+            .retries_delay
+            .or(Some(i64::from(latest.retries_delay_secs))),
+        retries_backoff: upload
+            .retries_backoff
+            .or_else(|| Some(latest.retries_backoff.to_string())),
+        default_priority: upload
+            .default_priority
+            .or(Some(i64::from(latest.default_priority))),
+        timeout: upload
+            .timeout
+            .or(Some(i64::from(latest.limits.timeout_secs))),
+        memory: upload.memory.or(Some(i64::from(latest.limits.memory_mib))),
+        cpus: upload.cpus.or(latest.limits.cpus),
+        network: upload.network.or_else(|| Some(latest.network.clone())),
+    })
+}
+
 /// Turns a schedule request into a validated `ScheduleSpec`.
 pub fn schedule_spec(
     request: v2::ScheduleCreate,
@@ -317,10 +374,13 @@ pub fn task_info(task: &Task) -> v2::TaskInfo {
         updated_at: format_time(task.updated_at),
         start_time: task.start_time.map(format_time),
         end_time: task.end_time.map(format_time),
+        // The engine stamps a container's start after its process is running, so one that
+        // exits at once can end "before" it started: that ran for no time, not a negative one.
         duration: match (task.start_time, task.end_time) {
-            (Some(start), Some(end)) => Some((end - start).num_milliseconds()),
+            (Some(start), Some(end)) => Some((end - start).num_milliseconds().max(0)),
             _ => None,
         },
+        run_times: u32::from(task.start_time.is_some()),
         percent: task.percent,
         msg: task.msg.clone(),
         retry_count: task.retry_count,
@@ -349,6 +409,7 @@ pub fn code_info(code: &CodeRevision) -> v2::CodeInfo {
     };
     v2::CodeInfo {
         id: code.id.clone(),
+        code_id: code.id.clone(),
         project_id: code.project_id.clone(),
         name: spec.name.clone(),
         rev: code.rev,
@@ -375,6 +436,13 @@ pub fn code_info(code: &CodeRevision) -> v2::CodeInfo {
         created_at: format_time(code.created_at),
         updated_at: format_time(code.updated_at),
     }
+}
+
+/// A revision as IronWorker lists them: its own id, and the code's as `code_id`.
+pub fn revision_info(code: &CodeRevision) -> v2::CodeInfo {
+    let mut info = code_info(code);
+    info.id = info.latest_history_id.clone();
+    info
 }
 
 pub fn schedule_info(schedule: &Schedule) -> v2::ScheduleInfo {

@@ -82,6 +82,16 @@ pub struct TaskFilter {
     pub to_time: Option<Timestamp>,
 }
 
+/// Which of a code's tasks `code_stats` counts, by when each last changed. Open bounds count
+/// every task.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StatsWindow {
+    /// Only tasks last changed at or after this time.
+    pub updated_from: Option<Timestamp>,
+    /// Only tasks last changed at or before this time.
+    pub updated_to: Option<Timestamp>,
+}
+
 /// Counts of a code's tasks by status.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CodeStats {
@@ -222,8 +232,14 @@ pub trait Store: Send + Sync + 'static {
         paused: bool,
         now: Timestamp,
     ) -> Result<CodeRevision>;
-    /// Counts of the code's tasks for every status, in lifecycle order, zeros included.
-    async fn code_stats(&self, project_id: &str, code_id: &str) -> Result<CodeStats>;
+    /// Counts of the code's tasks in `window` for every status, in lifecycle order, zeros
+    /// included.
+    async fn code_stats(
+        &self,
+        project_id: &str,
+        code_id: &str,
+        window: StatsWindow,
+    ) -> Result<CodeStats>;
 
     // === tasks ===
 

@@ -48,7 +48,7 @@ use self::rows::{
 use crate::record::{TaskRecord, normalize, plan_log_append};
 use crate::{
     CodeStats, HeartbeatReply, LeaseRequest, LeasedTask, LogSlice, Package, Page, Project, Requeue,
-    Result, RunReport, Store, StoreError, TaskFilter, TokenRecord, TokenRole,
+    Result, RunReport, StatsWindow, Store, StoreError, TaskFilter, TokenRecord, TokenRole,
 };
 
 /// How hard SQLite works to make a commit durable.
@@ -861,16 +861,24 @@ impl Store for SqliteStore {
         rows::revision(&row)
     }
 
-    async fn code_stats(&self, project_id: &str, code_id: &str) -> Result<CodeStats> {
+    async fn code_stats(
+        &self,
+        project_id: &str,
+        code_id: &str,
+        window: StatsWindow,
+    ) -> Result<CodeStats> {
         let mut conn = self.readers.acquire().await?;
         ensure_code(&mut conn, project_id, code_id).await?;
         // Every status listed, so the count seeks the (status, code_id) index once per status.
         let rows = sqlx::query(
             "SELECT status, COUNT(*) AS n FROM tasks WHERE code_id = ?1 AND status IN \
              ('queued', 'preparing', 'running', 'complete', 'error', 'timeout', 'cancelled') \
+             AND (?2 IS NULL OR updated_at >= ?2) AND (?3 IS NULL OR updated_at <= ?3) \
              GROUP BY status",
         )
         .bind(code_id)
+        .bind(window.updated_from.map(micros))
+        .bind(window.updated_to.map(micros))
         .fetch_all(&mut *conn)
         .await?;
         let mut by_status: Vec<(TaskStatus, u64)> =

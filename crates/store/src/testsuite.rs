@@ -25,8 +25,8 @@ use stevedore_model::{
 };
 
 use crate::{
-    LeaseRequest, LeasedTask, LogSlice, Package, Page, Project, Requeue, Result, RunReport, Store,
-    StoreError, TaskFilter, TokenRole,
+    CodeStats, LeaseRequest, LeasedTask, LogSlice, Package, Page, Project, Requeue, Result,
+    RunReport, StatsWindow, Store, StoreError, TaskFilter, TokenRole,
 };
 
 /// Makes one `#[tokio::test]` per suite function. `$factory` is an async function (or
@@ -880,7 +880,9 @@ pub async fn concurrent_runners_finish_every_task_once(store: &dyn Store) -> Res
             store
                 .list_tasks(&acme.id, &TaskFilter::default(), page(1, 10))
                 .await?;
-            store.code_stats(&acme.id, &code.id).await?;
+            store
+                .code_stats(&acme.id, &code.id, StatsWindow::default())
+                .await?;
         }
         Ok::<_, StoreError>(())
     };
@@ -902,7 +904,9 @@ pub async fn concurrent_runners_finish_every_task_once(store: &dyn Store) -> Res
     tokens.dedup();
     assert_eq!(tokens.len(), total, "a lease token was handed out twice");
 
-    let stats = store.code_stats(&acme.id, &code.id).await?;
+    let stats = store
+        .code_stats(&acme.id, &code.id, StatsWindow::default())
+        .await?;
     assert!(
         stats
             .by_status
@@ -1676,7 +1680,12 @@ pub async fn project_isolation(store: &dyn Store) -> Result<()> {
     assert_not_found(store.get_revision(other, &code.id, 1).await, &code.id);
     assert_not_found(store.list_revisions(other, &code.id, ALL).await, &code.id);
     assert_not_found(store.get_package(other, &code.id, None).await, &code.id);
-    assert_not_found(store.code_stats(other, &code.id).await, &code.id);
+    assert_not_found(
+        store
+            .code_stats(other, &code.id, StatsWindow::default())
+            .await,
+        &code.id,
+    );
     assert_not_found(
         store.set_code_paused(other, &code.id, true, at(4)).await,
         &code.id,
@@ -1804,7 +1813,9 @@ pub async fn list_tasks_filters_and_pages(store: &dyn Store) -> Result<()> {
 pub async fn code_stats_count_by_status(store: &dyn Store) -> Result<()> {
     let acme = project_with_code(store, "hello").await?;
     let code = store.get_code_by_name(&acme.id, "hello").await?;
-    let empty = store.code_stats(&acme.id, &code.id).await?;
+    let empty = store
+        .code_stats(&acme.id, &code.id, StatsWindow::default())
+        .await?;
     assert!(empty.by_status.iter().all(|(_, count)| *count == 0));
     store
         .enqueue(&acme.id, &vec![new_task("hello"); 5], at(0))
@@ -1827,7 +1838,9 @@ pub async fn code_stats_count_by_status(store: &dyn Store) -> Result<()> {
     store
         .mark_running(&third.task.id, third.lease.token, at(4), at(4))
         .await?;
-    let stats = store.code_stats(&acme.id, &code.id).await?;
+    let stats = store
+        .code_stats(&acme.id, &code.id, StatsWindow::default())
+        .await?;
     let count = |status: TaskStatus| {
         stats
             .by_status
@@ -1841,6 +1854,31 @@ pub async fn code_stats_count_by_status(store: &dyn Store) -> Result<()> {
     assert_eq!(count(TaskStatus::Error), 1);
     assert_eq!(count(TaskStatus::Complete), 0);
     assert_eq!(first.task.status, TaskStatus::Preparing);
+
+    // IronWorker's start_date/end_date: only tasks last changed inside the window count.
+    let counts = |stats: CodeStats| -> Vec<(TaskStatus, u64)> {
+        stats
+            .by_status
+            .into_iter()
+            .filter(|(_, count)| *count > 0)
+            .collect()
+    };
+    let late = StatsWindow {
+        updated_from: Some(at(3)),
+        updated_to: None,
+    };
+    assert_eq!(
+        counts(store.code_stats(&acme.id, &code.id, late).await?),
+        vec![(TaskStatus::Running, 1), (TaskStatus::Error, 1)]
+    );
+    let early = StatsWindow {
+        updated_from: None,
+        updated_to: Some(at(1)),
+    };
+    assert_eq!(
+        counts(store.code_stats(&acme.id, &code.id, early).await?),
+        vec![(TaskStatus::Queued, 2), (TaskStatus::Preparing, 1)]
+    );
     Ok(())
 }
 

@@ -110,7 +110,10 @@ pub fn read_payload(payload: Option<String>, file: Option<&Path>) -> anyhow::Res
 pub async fn stack_list(ctx: &Ctx) -> anyhow::Result<()> {
     let response = ctx
         .client
-        .send(ctx.client.root_request(reqwest::Method::GET, "2/stacks"))
+        .send(
+            ctx.client
+                .root_request(reqwest::Method::GET, "2/stacks?details=true"),
+        )
         .await?;
     let stacks: Vec<stevedore_api_types::v2::StackInfo> = response.json().await?;
     if ctx.json() {

@@ -50,11 +50,16 @@ async fn first_start_writes_iron_json_and_later_starts_reuse_it() {
         "host",
         "port",
         "protocol",
+        "scheme",
         "api_version",
     ] {
         assert!(iron.get(key).is_some(), "iron.json lacks {key}: {iron}");
     }
     assert_eq!(iron["protocol"], "http");
+    assert_eq!(
+        iron["scheme"], "http",
+        "IronWorker's Node client reads `scheme`"
+    );
     assert_eq!(iron["api_version"], 2);
     let status = server.terminate();
     assert!(

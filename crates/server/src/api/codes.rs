@@ -8,7 +8,7 @@ use axum::response::IntoResponse;
 use serde::Deserialize;
 use stevedore_api_types::v2;
 use stevedore_model::TaskStatus;
-use stevedore_store::Package;
+use stevedore_store::{Package, StatsWindow};
 
 use super::{Paging, message};
 use crate::AppState;
@@ -37,12 +37,33 @@ pub async fn upload(
                 .to_ascii_lowercase()
                 .starts_with("multipart/form-data")
         });
-    let (upload, file) = if is_multipart {
+    let (mut upload, mut file) = if is_multipart {
         read_multipart(request, &state).await?
     } else {
         let body = read_body(request.into_body(), 1 << 20).await?;
         (parse_json::<v2::CodeUpload>(&body)?, None)
     };
+    // IronWorker: a known name without image, runtime or package only changes options.
+    if wire::is_options_update(&upload, file.is_some())
+        && let Some(name) = upload.name.as_deref()
+    {
+        match state.store.get_code_by_name(&access.project_id, name).await {
+            Ok(latest) => {
+                if matches!(latest.spec.kind, stevedore_model::CodeKind::Runtime { .. }) {
+                    file = Some(
+                        state
+                            .store
+                            .get_package(&access.project_id, &latest.id, Some(latest.rev))
+                            .await?,
+                    );
+                }
+                upload = wire::options_over(upload, &latest.spec)?;
+            }
+            // An unknown name falls through to the usual message about what a code needs.
+            Err(stevedore_store::StoreError::NotFound { .. }) => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
     let package = file
         .map(|bytes| check_package(decode_upload(bytes), state.config.package))
         .transpose()?;
@@ -172,7 +193,7 @@ pub async fn revisions(
         .list_revisions(&access.project_id, &code_id, paging.page()?)
         .await?;
     Ok(Json(v2::RevisionList {
-        revisions: revisions.iter().map(wire::code_info).collect(),
+        revisions: revisions.iter().map(wire::revision_info).collect(),
     }))
 }
 
@@ -205,8 +226,9 @@ pub async fn download(
         .store
         .get_package(&access.project_id, &code_id, Some(code.rev))
         .await?;
+    // IronWorker documents the name as `yourworker_rev.zip`.
     let file_name = format!(
-        "{}-{}.zip",
+        "{}_{}.zip",
         code.spec.name.replace(
             |c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_',
             "_"
@@ -296,16 +318,38 @@ async fn set_paused(
     Ok(())
 }
 
+/// `GET codes/{id}/stats` filters, as IronWorker documents them: seconds since the epoch.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+pub struct StatsQuery {
+    /// Count only tasks last changed at or after this time.
+    pub start_date: Option<i64>,
+    /// Count only tasks last changed at or before this time.
+    pub end_date: Option<i64>,
+}
+
 /// Task counts of a code by status.
 #[utoipa::path(get, path = "/2/projects/{project_id}/codes/{code_id}/stats", tag = "codes",
-    params(("project_id" = String, Path), ("code_id" = String, Path)),
-    responses((status = 200, body = v2::CodeStats), (status = 404, body = v2::Message)))]
+    params(("project_id" = String, Path), ("code_id" = String, Path), StatsQuery),
+    responses((status = 200, body = v2::CodeStats), (status = 400, body = v2::Message), (status = 404, body = v2::Message)))]
 pub async fn stats(
     State(state): State<AppState>,
     access: ProjectAccess,
     Path((_, code_id)): Path<(String, String)>,
+    ApiQuery(query): ApiQuery<StatsQuery>,
 ) -> ApiResult<Json<v2::CodeStats>> {
-    let counts = state.store.code_stats(&access.project_id, &code_id).await?;
+    let time = |field: &str, seconds: Option<i64>| {
+        seconds
+            .map(|seconds| wire::parse_time(field, &serde_json::Value::from(seconds)))
+            .transpose()
+    };
+    let window = StatsWindow {
+        updated_from: time("start_date", query.start_date)?,
+        updated_to: time("end_date", query.end_date)?,
+    };
+    let counts = state
+        .store
+        .code_stats(&access.project_id, &code_id, window)
+        .await?;
     let mut stats = v2::CodeStats::default();
     for (status, count) in counts.by_status {
         let slot = match status {

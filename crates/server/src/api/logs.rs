@@ -20,6 +20,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt, stream};
 use serde::Deserialize;
 use stevedore_api_types::v2;
+use stevedore_store::StoreError;
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
@@ -81,7 +82,22 @@ pub async fn log(
                 "offset applies only with follow=true".into(),
             ));
         }
-        let log = state.store.get_log(&access.project_id, &task_id).await?;
+        let log = match state.store.get_log(&access.project_id, &task_id).await {
+            Ok(log) => log,
+            // A finished task that printed nothing has an empty log, so that clients waiting
+            // for a log stop waiting; 404 stays the answer while a task may still print.
+            Err(StoreError::NotFound { .. })
+                if state
+                    .store
+                    .get_task(&access.project_id, &task_id)
+                    .await?
+                    .status
+                    .is_terminal() =>
+            {
+                Vec::new()
+            }
+            Err(error) => return Err(error.into()),
+        };
         return Ok(([(CONTENT_TYPE, "text/plain; charset=utf-8")], log).into_response());
     }
     let follower = open(&state, &access, &task_id, offset.unwrap_or(0)).await?;
@@ -101,6 +117,27 @@ pub async fn log(
         Body::from_stream(bytes),
     )
         .into_response())
+}
+
+/// The task's output as IronWorker's `outlog` serves it (the clients' `stdout()`, which their
+/// `run()` polls): the log, 404 while a task that may still print has none, and an empty
+/// text once the task finished without printing anything, so a client waiting for the
+/// output of a silent task stops waiting.
+#[utoipa::path(get, path = "/2/projects/{project_id}/tasks/{task_id}/outlog", tag = "tasks",
+    params(("project_id" = String, Path), ("task_id" = String, Path)),
+    responses((status = 200, content_type = "text/plain", body = String), (status = 404, body = v2::Message)))]
+pub async fn outlog(
+    State(state): State<AppState>,
+    access: ProjectAccess,
+    Path((_, task_id)): Path<(String, String)>,
+) -> ApiResult<impl IntoResponse> {
+    let task = state.store.get_task(&access.project_id, &task_id).await?;
+    let output = if task.status.is_terminal() && task.log_size == 0 {
+        Vec::new()
+    } else {
+        state.store.get_log(&access.project_id, &task_id).await?
+    };
+    Ok(([(CONTENT_TYPE, "text/plain; charset=utf-8")], output))
 }
 
 /// A task's log as Server-Sent Events, live until the task ends. `log`: `id` is the byte

@@ -6,6 +6,7 @@
 mod auth;
 mod bad_input;
 mod codes;
+mod compat;
 mod logs;
 mod schedules;
 mod support;

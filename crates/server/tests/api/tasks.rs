@@ -155,7 +155,10 @@ async fn stacks_and_openapi_are_served() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| s["name"].as_str().unwrap())
+        .map(|s| {
+            s.as_str()
+                .expect("IronWorker documents stacks as an array of names")
+        })
         .collect();
     assert!(
         names.contains(&"binary") && names.contains(&"sh"),
