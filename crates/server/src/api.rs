@@ -14,6 +14,7 @@ use std::collections::HashMap;
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
+use crate::wire::CodeDefaults;
 
 /// `?page=N&per_page=M`: IronWorker's pages count from 0.
 #[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
@@ -51,19 +52,24 @@ pub fn message(text: impl Into<String>) -> axum::Json<stevedore_api_types::v2::M
     axum::Json(stevedore_api_types::v2::Message { msg: text.into() })
 }
 
-/// The default priority of the code named `name`, looked up once per request.
-pub async fn code_default_priority(
+/// The default priority of the code named `name` and its default timeout, looked up once per
+/// request.
+pub async fn code_defaults(
     state: &AppState,
     project_id: &str,
     name: &str,
-    cache: &mut HashMap<String, u8>,
-) -> ApiResult<u8> {
-    if let Some(priority) = cache.get(name) {
-        return Ok(*priority);
+    cache: &mut HashMap<String, CodeDefaults>,
+) -> ApiResult<CodeDefaults> {
+    if let Some(defaults) = cache.get(name) {
+        return Ok(*defaults);
     }
     let code = state.store.get_code_by_name(project_id, name).await?;
-    cache.insert(name.to_owned(), code.spec.default_priority);
-    Ok(code.spec.default_priority)
+    let defaults = CodeDefaults {
+        priority: code.spec.default_priority,
+        timeout_secs: code.spec.limits.timeout_secs,
+    };
+    cache.insert(name.to_owned(), defaults);
+    Ok(defaults)
 }
 
 /// The same error, its message placed under `prefix` (e.g. `tasks[3]`).

@@ -90,10 +90,26 @@ fn priority(field: &str, value: Option<i64>, default: u8) -> Result<u8, Validati
     u8::try_from(priority).map_err(|_| ValidationError::new(field, "out of range"))
 }
 
-/// Turns a task request into a validated `NewTask`; `default_priority` is its code's.
+/// What a task or schedule takes from its code when the request leaves it out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CodeDefaults {
+    pub priority: u8,
+    pub timeout_secs: u32,
+}
+
+impl Default for CodeDefaults {
+    fn default() -> Self {
+        Self {
+            priority: 0,
+            timeout_secs: limits::DEFAULT_TIMEOUT_SECS,
+        }
+    }
+}
+
+/// Turns a task request into a validated `NewTask`; what it leaves out comes from its code.
 pub fn new_task(
     request: v2::TaskCreate,
-    default_priority: u8,
+    defaults: CodeDefaults,
     config: &ServerConfig,
 ) -> Result<NewTask, ApiError> {
     let code_name = request
@@ -103,11 +119,11 @@ pub fn new_task(
     let task = NewTask {
         code_name,
         payload,
-        priority: priority("priority", request.priority, default_priority)?,
+        priority: priority("priority", request.priority, defaults.priority)?,
         timeout_secs: bounded(
             "timeout",
             request.timeout,
-            limits::DEFAULT_TIMEOUT_SECS,
+            defaults.timeout_secs,
             1,
             limits::MAX_TIMEOUT_SECS,
         )?,
@@ -296,7 +312,7 @@ pub fn options_over(upload: v2::CodeUpload, latest: &CodeSpec) -> Result<v2::Cod
 /// Turns a schedule request into a validated `ScheduleSpec`.
 pub fn schedule_spec(
     request: v2::ScheduleCreate,
-    default_priority: u8,
+    defaults: CodeDefaults,
     config: &ServerConfig,
 ) -> Result<ScheduleSpec, ApiError> {
     let code_name = request
@@ -337,11 +353,11 @@ pub fn schedule_spec(
             .map(|value| parse_time("end_at", &value))
             .transpose()?,
         run_times: if once { Some(1) } else { run_times },
-        priority: priority("priority", request.priority, default_priority)?,
+        priority: priority("priority", request.priority, defaults.priority)?,
         timeout_secs: bounded(
             "timeout",
             request.timeout,
-            limits::DEFAULT_TIMEOUT_SECS,
+            defaults.timeout_secs,
             1,
             limits::MAX_TIMEOUT_SECS,
         )?,

@@ -7,7 +7,7 @@ use axum::extract::{Path, State};
 use stevedore_api_types::v2;
 use stevedore_model::limits::MAX_TASKS_PER_REQUEST;
 
-use super::{Paging, code_default_priority, message, prefix_error};
+use super::{Paging, code_defaults, message, prefix_error};
 use crate::AppState;
 use crate::auth::ProjectAccess;
 use crate::error::{ApiError, ApiResult};
@@ -35,19 +35,17 @@ pub async fn create(
         )));
     }
     let now = state.clock.now();
-    let mut default_priorities: HashMap<String, u8> = HashMap::new();
+    let mut code_cache: HashMap<String, wire::CodeDefaults> = HashMap::new();
     let mut specs = Vec::with_capacity(request.schedules.len());
     for (index, schedule) in request.schedules.into_iter().enumerate() {
         let prefix = format!("schedules[{index}]");
-        let default_priority = match schedule.code_name.as_deref() {
-            Some(name) => {
-                code_default_priority(&state, &access.project_id, name, &mut default_priorities)
-                    .await
-                    .map_err(|error| prefix_error(error, &prefix))?
-            }
-            None => 0,
+        let defaults = match schedule.code_name.as_deref() {
+            Some(name) => code_defaults(&state, &access.project_id, name, &mut code_cache)
+                .await
+                .map_err(|error| prefix_error(error, &prefix))?,
+            None => wire::CodeDefaults::default(),
         };
-        let spec = wire::schedule_spec(schedule, default_priority, &state.config)
+        let spec = wire::schedule_spec(schedule, defaults, &state.config)
             .map_err(|error| prefix_error(error, &prefix))?;
         let first = spec.first_fire(now);
         if first.is_none() {

@@ -12,7 +12,7 @@ use stevedore_model::limits::MAX_TASKS_PER_REQUEST;
 use stevedore_model::{NewTask, TaskStatus};
 use stevedore_store::TaskFilter;
 
-use super::{Paging, code_default_priority, message, prefix_error};
+use super::{Paging, code_defaults, message, prefix_error};
 use crate::AppState;
 use crate::auth::ProjectAccess;
 use crate::error::{ApiError, ApiResult};
@@ -41,19 +41,17 @@ pub async fn queue(
             request.tasks.len()
         )));
     }
-    let mut default_priorities: HashMap<String, u8> = HashMap::new();
+    let mut code_cache: HashMap<String, wire::CodeDefaults> = HashMap::new();
     let mut tasks = Vec::with_capacity(request.tasks.len());
     for (index, task) in request.tasks.into_iter().enumerate() {
         let at = |error: ApiError| prefix_error(error, &format!("tasks[{index}]"));
-        let default_priority = match task.code_name.as_deref() {
-            Some(name) => {
-                code_default_priority(&state, &access.project_id, name, &mut default_priorities)
-                    .await
-                    .map_err(at)?
-            }
-            None => 0,
+        let defaults = match task.code_name.as_deref() {
+            Some(name) => code_defaults(&state, &access.project_id, name, &mut code_cache)
+                .await
+                .map_err(at)?,
+            None => wire::CodeDefaults::default(),
         };
-        tasks.push(wire::new_task(task, default_priority, &state.config).map_err(at)?);
+        tasks.push(wire::new_task(task, defaults, &state.config).map_err(at)?);
     }
     let queued = state
         .store
@@ -94,8 +92,7 @@ pub async fn webhook(
     let payload = String::from_utf8(body.to_vec())
         .map_err(|_| ApiError::BadRequest("payload: a webhook body must be UTF-8 text".into()))?;
     let mut cache = HashMap::new();
-    let default_priority =
-        code_default_priority(&state, &access.project_id, &code_name, &mut cache).await?;
+    let defaults = code_defaults(&state, &access.project_id, &code_name, &mut cache).await?;
     let request = v2::TaskCreate {
         code_name: Some(code_name),
         payload: Some(serde_json::Value::String(payload)),
@@ -105,7 +102,7 @@ pub async fn webhook(
         label: query.label,
         cluster: query.cluster,
     };
-    let task = wire::new_task(request, default_priority, &state.config)?;
+    let task = wire::new_task(request, defaults, &state.config)?;
     let mut queued = state
         .store
         .enqueue(&access.project_id, &[task], state.clock.now())

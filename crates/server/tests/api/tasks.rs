@@ -184,3 +184,29 @@ async fn stacks_and_openapi_are_served() {
         );
     }
 }
+
+#[tokio::test]
+async fn tasks_and_schedules_take_their_codes_timeout_unless_they_name_one() {
+    let server = TestServer::start().await;
+    server.image_code("short", json!({"timeout": 45})).await;
+    let ids = server
+        .queue(json!([
+            {"code_name": "short", "payload": "{}"},
+            {"code_name": "short", "payload": "{}", "timeout": 600},
+        ]))
+        .await;
+    let first = server.get(&format!("tasks/{}", ids[0])).await.json();
+    let second = server.get(&format!("tasks/{}", ids[1])).await.json();
+    assert_eq!((first["timeout"].as_u64(), second["timeout"].as_u64()), (Some(45), Some(600)));
+
+    let reply = server
+        .post(
+            "schedules",
+            json!({"schedules": [{"code_name": "short", "payload": "{}", "run_every": 3600}]}),
+        )
+        .await
+        .json();
+    let schedule_id = reply["schedules"][0]["id"].as_str().unwrap();
+    let schedule = server.get(&format!("schedules/{schedule_id}")).await.json();
+    assert_eq!(schedule["timeout"], 45);
+}
