@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use futures::TryStreamExt as _;
 use indicatif::{ProgressBar, ProgressStyle};
 use reqwest::Method;
 use reqwest::multipart::{Form, Part};
@@ -318,8 +319,6 @@ async fn upload_package(
     bar.finish_and_clear();
     Ok(response?.json().await?)
 }
-
-use futures::TryStreamExt as _;
 
 async fn list(ctx: &Ctx) -> anyhow::Result<()> {
     let codes = all_codes(&ctx.client).await?;

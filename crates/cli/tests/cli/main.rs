@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod client;
+mod image;
 mod node_client;
 mod python_client;
 mod schedules;

@@ -197,7 +197,10 @@ async fn tasks_and_schedules_take_their_codes_timeout_unless_they_name_one() {
         .await;
     let first = server.get(&format!("tasks/{}", ids[0])).await.json();
     let second = server.get(&format!("tasks/{}", ids[1])).await.json();
-    assert_eq!((first["timeout"].as_u64(), second["timeout"].as_u64()), (Some(45), Some(600)));
+    assert_eq!(
+        (first["timeout"].as_u64(), second["timeout"].as_u64()),
+        (Some(45), Some(600))
+    );
 
     let reply = server
         .post(
