@@ -21,6 +21,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use stevedore_engine::{ContainerEngine, DockerEngine};
 use stevedore_model::{Clock, SystemClock};
 use stevedore_runner::{Runner, StoreTaskSource};
+use stevedore_server::leader::{self, LeaderDuties};
 use stevedore_server::rescuer::RescuerConfig;
 use stevedore_server::scheduler::SchedulerConfig;
 use stevedore_server::{AppState, EnqueueHook, auth, bootstrap};
@@ -358,25 +359,22 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         let runner_shutdown = shutdown.child_token();
         background.spawn(async move { runner.run_started(started, runner_shutdown).await });
     }
-    let rescuer = RescuerConfig {
-        max_infra_attempts: settings.runner.max_infra_attempts,
-        ..RescuerConfig::default()
+    let duties = LeaderDuties {
+        scheduler: SchedulerConfig {
+            interval: Duration::from_millis(settings.scheduler_interval_ms.max(10)),
+            ..SchedulerConfig::default()
+        },
+        rescuer: RescuerConfig {
+            max_infra_attempts: settings.runner.max_infra_attempts,
+            ..RescuerConfig::default()
+        },
+        on_enqueue: on_enqueue.clone(),
+        check_interval: leader::DEFAULT_CHECK_INTERVAL,
     };
-    background.spawn(stevedore_server::rescuer::run(
+    background.spawn(leader::run(
         store.clone(),
         clock.clone(),
-        rescuer,
-        shutdown.child_token(),
-    ));
-    let scheduler = SchedulerConfig {
-        interval: Duration::from_millis(settings.scheduler_interval_ms.max(10)),
-        ..SchedulerConfig::default()
-    };
-    background.spawn(stevedore_server::scheduler::run(
-        store.clone(),
-        clock.clone(),
-        scheduler,
-        on_enqueue.clone(),
+        duties,
         shutdown.child_token(),
     ));
     background.close();

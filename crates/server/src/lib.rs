@@ -14,6 +14,7 @@ pub mod config;
 pub mod error;
 pub mod extract;
 pub mod follow;
+pub mod leader;
 pub mod openapi;
 pub mod package;
 pub mod rescuer;

@@ -397,4 +397,19 @@ pub trait Store: Send + Sync + 'static {
         next_start: Option<Timestamp>,
         now: Timestamp,
     ) -> Result<Task>;
+
+    // === leadership ===
+
+    /// Tries to make this process the leader: the one among the servers sharing this store
+    /// that runs the scheduler and the rescuer. `None` while another process leads. The
+    /// leadership lasts while the returned guard lives and [`Leadership::is_held`] says so;
+    /// a process that dies loses it by itself, so another takes over.
+    async fn try_lead(&self) -> Result<Option<Box<dyn Leadership>>>;
+}
+
+/// Held by the leader; dropping it gives the leadership up.
+#[async_trait]
+pub trait Leadership: Send + Sync {
+    /// Whether this process still leads (a lost database connection ends a leadership).
+    async fn is_held(&self) -> bool;
 }

@@ -47,9 +47,20 @@ use self::rows::{
 };
 use crate::record::{TaskRecord, normalize, plan_log_append};
 use crate::{
-    CodeStats, HeartbeatReply, LeaseRequest, LeasedTask, LogSlice, Package, Page, Project, Requeue,
-    Result, RunReport, StatsWindow, Store, StoreError, TaskFilter, TokenRecord, TokenRole,
+    CodeStats, HeartbeatReply, Leadership, LeaseRequest, LeasedTask, LogSlice, Package, Page,
+    Project, Requeue, Result, RunReport, StatsWindow, Store, StoreError, TaskFilter, TokenRecord,
+    TokenRole,
 };
+
+/// The leadership of the one process that uses a SQLite database.
+struct SoleProcess;
+
+#[async_trait]
+impl Leadership for SoleProcess {
+    async fn is_held(&self) -> bool {
+        true
+    }
+}
 
 /// How hard SQLite works to make a commit durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -1433,6 +1444,11 @@ impl Store for SqliteStore {
         queued
             .pop()
             .ok_or_else(|| StoreError::Corrupt("firing a schedule queued no task".to_owned()))
+    }
+
+    async fn try_lead(&self) -> Result<Option<Box<dyn Leadership>>> {
+        // One process owns a SQLite database, so it always leads.
+        Ok(Some(Box::new(SoleProcess)))
     }
 }
 

@@ -37,6 +37,7 @@ macro_rules! store_test_suite {
     ($factory:expr) => {
         $crate::store_test_suite!(@tests $factory;
             projects_and_tokens,
+            a_lone_process_can_lead,
             codes_and_revisions,
             deleting_a_code_hides_it_and_cancels_its_queued_tasks,
             enqueue_pins_the_latest_revision,
@@ -2394,5 +2395,13 @@ pub async fn exponential_backoff_doubles_the_retry_delay(store: &dyn Store) -> R
         [10, 20, 40, 80],
         "four retries, each waiting twice as long"
     );
+    Ok(())
+}
+
+/// With nobody else on the store, this process leads, and keeps leading while it holds on.
+pub async fn a_lone_process_can_lead(store: &dyn Store) -> Result<()> {
+    let leadership = store.try_lead().await?.expect("nobody else leads");
+    assert!(leadership.is_held().await);
+    assert!(leadership.is_held().await, "asking again does not give it up");
     Ok(())
 }
