@@ -5,6 +5,7 @@
 
 mod client;
 mod python_client;
+mod remote;
 mod schedules;
 mod serve;
 mod support;

@@ -88,6 +88,7 @@ impl TestServer {
             clock: Arc::new(SystemClock),
             config: Arc::new(config),
             on_enqueue: None,
+            lease_wake: Default::default(),
         };
         let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
         let served = tokio::spawn(stevedore_server::serve(listener, state, async move {
