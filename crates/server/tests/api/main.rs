@@ -5,8 +5,10 @@
 
 mod auth;
 mod bad_input;
+mod clusters;
 mod codes;
 mod logs;
+mod runner;
 mod schedules;
 mod support;
 mod tasks;
