@@ -1,6 +1,6 @@
 //! The wire types of stevedore's HTTP APIs, shared by the server and the CLI:
-//! IronWorker API v2 (`/2/...`), which the official IronWorker clients speak, and later
-//! the runner protocol.
+//! IronWorker API v2 (`/2/...`), which the official IronWorker clients speak, and the runner
+//! protocol (`/runner/v1/...`) that remote runners lease and report through.
 //!
 //! Requests are deliberately lenient where IronWorker's clients are (an optional field may be
 //! absent or `null`; a payload may be a string or any JSON value); the server turns them into
@@ -9,4 +9,5 @@
 
 #![forbid(unsafe_code)]
 
+pub mod runner;
 pub mod v2;

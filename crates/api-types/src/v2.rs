@@ -303,3 +303,83 @@ pub struct StackInfo {
     pub image: String,
     pub launcher: Vec<String>,
 }
+
+// === clusters ===
+
+/// `POST /2/clusters` and `PUT /2/clusters/{id}`. IronWorker's clients name the cluster
+/// `cluster` or `name`; fields stevedore does not know are ignored.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterCreate {
+    pub name: Option<String>,
+    /// IronWorker's form of `name`.
+    pub cluster: Option<String>,
+    /// Memory per runner, MiB (informational: runners enforce their own limits).
+    pub memory: Option<i64>,
+    /// Disk per runner, MiB (informational).
+    pub disk: Option<i64>,
+    /// How many runners the operator intends to run for it (informational).
+    pub runners: Option<i64>,
+}
+
+/// A cluster: a named pool of runners. `default` is built in and shared by every project.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterInfo {
+    pub id: String,
+    pub name: String,
+    /// The owning project; `null` for shared clusters.
+    pub project_id: Option<String>,
+    pub shared: bool,
+    pub memory: Option<u32>,
+    pub disk: Option<u32>,
+    pub runners: Option<u32>,
+    pub created_at: Option<String>,
+    pub updated_at: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterList {
+    pub clusters: Vec<ClusterInfo>,
+}
+
+/// `GET /2/clusters/{id}`: `{"cluster": {...}}`, as IronWorker answered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterGet {
+    pub cluster: ClusterInfo,
+}
+
+/// The answer to a create or an update.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterSaved {
+    pub id: String,
+    pub msg: String,
+    pub cluster: ClusterInfo,
+}
+
+/// A runner seen serving a cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterRunner {
+    pub id: String,
+    pub clusters: Vec<String>,
+    pub capacity: u32,
+    /// Tasks it holds leases on now.
+    pub in_use: u64,
+    pub last_seen: String,
+}
+
+/// `GET /2/clusters/{id}/stats`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterStats {
+    pub id: String,
+    pub name: String,
+    /// Runners online: seen leasing recently, or holding a live lease.
+    pub runners_online: u64,
+    /// Their capacity together.
+    pub capacity: u64,
+    /// Tasks they run now together.
+    pub in_use: u64,
+    /// Tasks of this cluster waiting to run (of the caller's project for `default`).
+    pub queued: u64,
+    /// Tasks of this cluster preparing or running (of the caller's project for `default`).
+    pub running: u64,
+    pub runners: Vec<ClusterRunner>,
+}

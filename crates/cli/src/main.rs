@@ -8,6 +8,7 @@ mod build;
 mod client;
 mod cmd;
 mod output;
+mod remote;
 mod settings;
 
 use std::net::SocketAddr;
@@ -67,6 +68,9 @@ enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
+    /// Run tasks for a server elsewhere: lease over its runner protocol, run each task in a
+    /// container on this machine's Docker engine.
+    Runner(Box<RunnerArgs>),
     /// Manage projects (tenants).
     Project {
         #[command(subcommand)]
@@ -108,6 +112,27 @@ enum Command {
     /// Run a code here, once, in the same image with the same contract and limits as on a
     /// runner, without a server. Exit 3 unless the task completed.
     Run(Box<RunArgs>),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunnerArgs {
+    /// The server's URL, e.g. http://host:8080.
+    #[arg(long, env = "STEVEDORE_API")]
+    api: String,
+    /// A runner token (`stevedore token create --role runner` on the server).
+    #[arg(long, env = "STEVEDORE_RUNNER_TOKEN", hide_env_values = true)]
+    token: String,
+    /// A cluster whose tasks to run; repeat for several. Default: the configured clusters
+    /// (`default`).
+    #[arg(long = "cluster")]
+    clusters: Vec<String>,
+    /// The runner's name, stable across restarts: at start-up it removes the containers an
+    /// earlier life of the same id left behind. Default: `remote-<hostname>`.
+    #[arg(long)]
+    id: Option<String>,
+    /// The most tasks at once (default: from the engine's cores and memory).
+    #[arg(long)]
+    capacity: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -153,7 +178,7 @@ fn main() -> ExitCode {
     // The server reports what it does; a client command only warnings, so its output stays
     // its own.
     let default_filter = match cli.command {
-        Command::Serve { .. } => "info",
+        Command::Serve { .. } | Command::Runner(_) => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -226,6 +251,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cmd::stack_list(&ctx).await
         }
         Command::Run(args) => cmd::run::run(&settings, *args, format).await,
+        Command::Runner(args) => remote_runner(settings, *args).await,
         Command::Serve { listen } => {
             if let Some(listen) = listen {
                 settings.listen = listen;
@@ -359,6 +385,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         let runner_shutdown = shutdown.child_token();
         background.spawn(async move { runner.run_started(started, runner_shutdown).await });
     }
+    let lease_wake = Arc::new(tokio::sync::Notify::new());
     let duties = LeaderDuties {
         scheduler: SchedulerConfig {
             interval: Duration::from_millis(settings.scheduler_interval_ms.max(10)),
@@ -368,7 +395,10 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             max_infra_attempts: settings.runner.max_infra_attempts,
             ..RescuerConfig::default()
         },
-        on_enqueue: on_enqueue.clone(),
+        on_enqueue: Some(AppState::lease_wake_hook(
+            lease_wake.clone(),
+            on_enqueue.clone(),
+        )),
         check_interval: leader::DEFAULT_CHECK_INTERVAL,
     };
     background.spawn(leader::run(
@@ -394,6 +424,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         clock,
         config: Arc::new(settings.server_config()),
         on_enqueue,
+        lease_wake,
     };
     tracing::info!(
         %address,
@@ -412,6 +443,55 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     background.wait().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `stevedore runner`: the runner of `serve`, leasing over HTTP instead of from the store.
+async fn remote_runner(settings: Settings, args: RunnerArgs) -> anyhow::Result<()> {
+    let mut config = settings.runner.runner_config(&settings.stacks);
+    config.runner_id = match args.id {
+        Some(id) => id,
+        None => format!("remote-{}", host_name()),
+    };
+    if !args.clusters.is_empty() {
+        config.clusters = args.clusters;
+    }
+    if args.capacity.is_some() {
+        config.capacity = args.capacity;
+    }
+    // The server holds a lease request until there is work, so the runner need not poll.
+    config.idle_poll_interval = Duration::from_millis(250);
+    let shutdown = CancellationToken::new();
+    let source = Arc::new(remote::RemoteTaskSource::new(
+        remote::RemoteOptions::new(&args.api, &args.token),
+        shutdown.clone(),
+    )?);
+    source
+        .probe(&config.runner_id, &config.clusters)
+        .await
+        .context("the runner cannot start")?;
+    let engine: Arc<dyn ContainerEngine> = Arc::new(connect_engine().await?);
+    let runner_id = config.runner_id.clone();
+    let runner = Runner::new(config, source.clone(), engine);
+    let started = runner.start().await.context("the runner cannot start")?;
+    source.set_capacity(started.capacity());
+    tracing::info!(api = %args.api, %runner_id, "runner leasing from the server");
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        stop.cancel();
+    });
+    runner.run_started(started, shutdown).await;
+    Ok(())
+}
+
+/// This machine's name, for a default runner id.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "runner".to_owned())
 }
 
 async fn shutdown_signal() {

@@ -314,6 +314,15 @@ fn log_engine(capabilities: &EngineCapabilities) {
     }
 }
 
+// === impl StartedRunner ===
+
+impl StartedRunner {
+    /// The most tasks the runner runs at once, as configured or derived from the engine.
+    pub fn capacity(&self) -> u32 {
+        self.limits.capacity
+    }
+}
+
 // === impl WorkNotifier ===
 
 impl WorkNotifier {

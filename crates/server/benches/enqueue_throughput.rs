@@ -52,6 +52,7 @@ async fn setup() -> Setup {
         clock: Arc::new(SystemClock),
         config: Arc::new(ServerConfig::default()),
         on_enqueue: None,
+        lease_wake: Default::default(),
     };
     tokio::spawn(stevedore_server::serve(
         listener,

@@ -1,5 +1,6 @@
 //! The IronWorker v2 API: `/2/projects/{project_id}/...`.
 
+pub mod clusters;
 pub mod codes;
 pub mod logs;
 pub mod schedules;

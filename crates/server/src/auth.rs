@@ -19,6 +19,21 @@ pub struct ProjectAccess {
     pub token: TokenRecord,
 }
 
+/// A request from a runner: a runner token, or an admin's. Project tokens are refused (403).
+#[derive(Debug, Clone)]
+pub struct RunnerAccess {
+    pub token: TokenRecord,
+}
+
+/// A request to an account-wide resource (`/2/clusters`): a project token acts for its
+/// project, an admin token for every project (`project_id` is `None`). Runner tokens are
+/// refused (403).
+#[derive(Debug, Clone)]
+pub struct TenantAccess {
+    pub project_id: Option<String>,
+    pub token: TokenRecord,
+}
+
 /// A new token's secret: 40 hex digits from the OS's random source.
 pub fn new_token_secret() -> String {
     let high = uuid::Uuid::new_v4().simple().to_string();
@@ -93,6 +108,47 @@ impl FromRequestParts<AppState> for ProjectAccess {
             }
         }
         Ok(ProjectAccess { project_id, token })
+    }
+}
+
+impl FromRequestParts<AppState> for RunnerAccess {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let token = authenticate(parts, state).await?;
+        match token.role {
+            TokenRole::Runner | TokenRole::Admin => Ok(RunnerAccess { token }),
+            TokenRole::Project => Err(ApiError::Forbidden(
+                "the runner protocol needs a runner token (`stevedore token create --role runner`)"
+                    .into(),
+            )),
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for TenantAccess {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let token = authenticate(parts, state).await?;
+        let project_id = match token.role {
+            TokenRole::Project => Some(token.project_id.clone().ok_or_else(|| {
+                ApiError::Internal(format!("project token {} has no project", token.id))
+            })?),
+            TokenRole::Admin => None,
+            TokenRole::Runner => {
+                return Err(ApiError::Forbidden(
+                    "a runner token may only use the runner protocol".into(),
+                ));
+            }
+        };
+        Ok(TenantAccess { project_id, token })
     }
 }
 

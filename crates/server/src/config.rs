@@ -16,6 +16,34 @@ pub struct ServerConfig {
     pub min_run_every_secs: u32,
     pub stacks: Vec<Stack>,
     pub log_stream: LogStreamConfig,
+    pub runner_api: RunnerApiConfig,
+}
+
+/// The runner protocol (`/runner/v1/...`).
+#[derive(Debug, Clone)]
+pub struct RunnerApiConfig {
+    /// While a lease request waits for work, how often it looks again in case tasks were
+    /// queued through another server (or became due). Tasks queued through this server wake
+    /// it at once.
+    pub poll_interval: Duration,
+    /// The longest a lease request is held (a runner's `wait_ms` is capped to it).
+    pub max_wait: Duration,
+    /// A runner counts as online in cluster statistics this long after it last asked for
+    /// work (or while it holds a live lease).
+    pub online_window: Duration,
+    /// The largest log chunk one append may carry.
+    pub max_log_chunk_bytes: usize,
+}
+
+impl Default for RunnerApiConfig {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_secs(1),
+            max_wait: Duration::from_secs(30),
+            online_window: Duration::from_secs(60),
+            max_log_chunk_bytes: 8 << 20,
+        }
+    }
 }
 
 /// Live log streams (`log/stream`, `log?follow=true`). Each one polls the store, so any server
@@ -53,6 +81,7 @@ impl Default for ServerConfig {
             min_run_every_secs: limits::DEFAULT_MIN_RUN_EVERY_SECS,
             stacks: Stack::defaults(),
             log_stream: LogStreamConfig::default(),
+            runner_api: RunnerApiConfig::default(),
         }
     }
 }

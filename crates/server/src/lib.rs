@@ -18,6 +18,7 @@ pub mod leader;
 pub mod openapi;
 pub mod package;
 pub mod rescuer;
+pub mod runner_api;
 pub mod scheduler;
 pub mod wire;
 
@@ -30,9 +31,10 @@ use axum::{Extension, Router};
 use stevedore_model::Clock;
 use stevedore_store::Store;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tower_http::trace::TraceLayer;
 
-pub use config::ServerConfig;
+pub use config::{RunnerApiConfig, ServerConfig};
 
 /// Called after tasks were queued, so an embedded runner leases at once instead of at its
 /// next poll. A missed or extra call is harmless.
@@ -45,20 +47,51 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     pub config: Arc<ServerConfig>,
     pub on_enqueue: Option<EnqueueHook>,
+    /// Wakes the runner protocol's waiting lease requests when tasks are queued. Share it
+    /// with the scheduler's hook (see [`AppState::lease_wake_hook`]) so scheduled tasks wake
+    /// them too.
+    pub lease_wake: Arc<Notify>,
 }
 
 impl AppState {
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        config: Arc<ServerConfig>,
+        on_enqueue: Option<EnqueueHook>,
+    ) -> Self {
+        AppState {
+            store,
+            clock,
+            config,
+            on_enqueue,
+            lease_wake: Arc::new(Notify::new()),
+        }
+    }
+
     /// Tells whoever listens that tasks were queued.
     pub fn tasks_queued(&self) {
+        self.lease_wake.notify_waiters();
         if let Some(hook) = &self.on_enqueue {
             hook();
         }
+    }
+
+    /// A hook that wakes waiting lease requests and then calls `then`, for enqueuers outside
+    /// the HTTP layer (the scheduler).
+    pub fn lease_wake_hook(wake: Arc<Notify>, then: Option<EnqueueHook>) -> EnqueueHook {
+        Arc::new(move || {
+            wake.notify_waiters();
+            if let Some(then) = &then {
+                then();
+            }
+        })
     }
 }
 
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
-    use api::{codes, logs, schedules, stacks, tasks};
+    use api::{clusters, codes, logs, schedules, stacks, tasks};
 
     let upload_limit = state
         .config
@@ -96,6 +129,15 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .nest("/2/projects/{project_id}", project)
         .route("/2/stacks", get(stacks::list))
+        .route("/2/clusters", get(clusters::list).post(clusters::create))
+        .route(
+            "/2/clusters/{cluster_id}",
+            get(clusters::show)
+                .put(clusters::update)
+                .delete(clusters::delete),
+        )
+        .route("/2/clusters/{cluster_id}/stats", get(clusters::stats))
+        .nest("/runner/v1", runner_api::routes(&state.config))
         .route("/openapi.json", get(openapi::document))
         .route(
             "/health",

@@ -3,7 +3,7 @@
 use axum::Json;
 use utoipa::OpenApi;
 
-use crate::api::{codes, logs, schedules, stacks, tasks};
+use crate::api::{clusters, codes, logs, schedules, stacks, tasks};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -15,12 +15,15 @@ use crate::api::{codes, logs, schedules, stacks, tasks};
         tasks::retry, tasks::progress,
         schedules::create, schedules::list, schedules::show, schedules::cancel,
         stacks::list,
+        clusters::list, clusters::show, clusters::create, clusters::update, clusters::delete,
+        clusters::stats,
     ),
     tags(
         (name = "codes", description = "Worker code and its revisions"),
         (name = "tasks", description = "Runs of a code with a payload"),
         (name = "schedules", description = "Tasks made on a timetable"),
         (name = "stacks", description = "Runtimes for zip packages"),
+        (name = "clusters", description = "Named pools of runners that tasks can be routed to"),
     )
 )]
 pub struct ApiDoc;

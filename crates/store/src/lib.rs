@@ -171,6 +171,58 @@ pub struct LogSlice {
     pub msg: Option<String>,
 }
 
+/// What a cluster is made of, as a project asked for it. Only `name` routes tasks; the rest is
+/// the operator's record of what the pool should look like.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClusterSpec {
+    pub name: String,
+    pub memory_mib: Option<u32>,
+    pub disk_mib: Option<u32>,
+    pub runners: Option<u32>,
+}
+
+/// A named pool of runners. Its name is unique across the store, so a runner serving it only
+/// ever gets the owning project's tasks (or every project's, for a shared cluster).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cluster {
+    pub id: String,
+    /// The owning project; `None` for a shared cluster.
+    pub project_id: Option<String>,
+    pub spec: ClusterSpec,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+/// A runner as it introduced itself when it last asked for work.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunnerSeen {
+    pub id: String,
+    pub clusters: Vec<String>,
+    pub capacity: u32,
+}
+
+/// A runner of a cluster, as `cluster_load` reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunnerStatus {
+    pub id: String,
+    pub clusters: Vec<String>,
+    pub capacity: u32,
+    /// Tasks it holds live leases on now.
+    pub in_use: u64,
+    pub last_seen: Timestamp,
+}
+
+/// What a cluster is doing now.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClusterLoad {
+    /// Its tasks waiting to run.
+    pub queued: u64,
+    /// Its tasks preparing or running.
+    pub running: u64,
+    /// Runners serving it that are online: seen since the given time, or holding a live lease.
+    pub runners: Vec<RunnerStatus>,
+}
+
 /// Everything stevedore keeps. One implementation per database; one shared test suite
 /// (`testsuite`) that every implementation must pass.
 #[async_trait]
@@ -359,6 +411,51 @@ pub trait Store: Send + Sync + 'static {
     /// Requeues every task whose lease expired before `now` (due at `now`), as `requeue`
     /// would. Returns the ids it rescued. The old token is refused from then on.
     async fn rescue_expired(&self, now: Timestamp, max_infra_attempts: u32) -> Result<Vec<String>>;
+
+    // === clusters and runners ===
+
+    /// Creates a cluster owned by `project_id` (`None`: shared by every project). Names are
+    /// unique across the store; a taken name (or `default`) is `StoreError::Conflict`.
+    async fn create_cluster(
+        &self,
+        project_id: Option<&str>,
+        spec: &ClusterSpec,
+        now: Timestamp,
+    ) -> Result<Cluster>;
+    /// A cluster visible to `project_id`: its own or a shared one (`None` sees every cluster).
+    async fn get_cluster(&self, project_id: Option<&str>, cluster_id: &str) -> Result<Cluster>;
+    /// The cluster named `name` if `project_id` may use it (its own or a shared one; `None`
+    /// sees every cluster).
+    async fn find_cluster_by_name(
+        &self,
+        project_id: Option<&str>,
+        name: &str,
+    ) -> Result<Option<Cluster>>;
+    /// The clusters visible to `project_id`, by name.
+    async fn list_clusters(&self, project_id: Option<&str>) -> Result<Vec<Cluster>>;
+    /// Replaces a cluster's spec. A new name must be free, and a cluster with tasks queued or
+    /// running keeps its name (`StoreError::Conflict`), so no task is stranded.
+    async fn update_cluster(
+        &self,
+        cluster_id: &str,
+        spec: &ClusterSpec,
+        now: Timestamp,
+    ) -> Result<Cluster>;
+    /// Deletes a cluster; refused (`StoreError::Conflict`) while tasks of it are queued or
+    /// running.
+    async fn delete_cluster(&self, cluster_id: &str) -> Result<()>;
+    /// Notes that a runner asked for work at `now`, with its clusters and capacity.
+    async fn record_runner(&self, runner: &RunnerSeen, now: Timestamp) -> Result<()>;
+    /// Tasks of the cluster named `name` (only `project_id`'s when given) queued and active,
+    /// and the runners serving it that were seen at or after `online_since` or hold a lease
+    /// that has not expired at `now`.
+    async fn cluster_load(
+        &self,
+        name: &str,
+        project_id: Option<&str>,
+        online_since: Timestamp,
+        now: Timestamp,
+    ) -> Result<ClusterLoad>;
 
     // === schedules ===
 

@@ -17,6 +17,7 @@
 //! The SQL lives here and in `sqlite/tasks.rs` (the task and lease queries); what a state
 //! change does to a task is decided in `crate::record`, shared with every backend.
 
+mod clusters;
 mod rows;
 mod tasks;
 
@@ -47,9 +48,9 @@ use self::rows::{
 };
 use crate::record::{TaskRecord, normalize, plan_log_append};
 use crate::{
-    CodeStats, HeartbeatReply, Leadership, LeaseRequest, LeasedTask, LogSlice, Package, Page,
-    Project, Requeue, Result, RunReport, StatsWindow, Store, StoreError, TaskFilter, TokenRecord,
-    TokenRole,
+    Cluster, ClusterLoad, ClusterSpec, CodeStats, HeartbeatReply, Leadership, LeaseRequest,
+    LeasedTask, LogSlice, Package, Page, Project, Requeue, Result, RunReport, RunnerSeen,
+    StatsWindow, Store, StoreError, TaskFilter, TokenRecord, TokenRole,
 };
 
 /// The leadership of the one process that uses a SQLite database.
@@ -1261,6 +1262,60 @@ impl Store for SqliteStore {
             leases.remember(record);
         }
         Ok(rescued.into_iter().map(|record| record.task.id).collect())
+    }
+
+    // === clusters and runners ===
+
+    async fn create_cluster(
+        &self,
+        project_id: Option<&str>,
+        spec: &ClusterSpec,
+        now: Timestamp,
+    ) -> Result<Cluster> {
+        clusters::create(self, project_id, spec, now).await
+    }
+
+    async fn get_cluster(&self, project_id: Option<&str>, cluster_id: &str) -> Result<Cluster> {
+        clusters::get(self, project_id, cluster_id).await
+    }
+
+    async fn find_cluster_by_name(
+        &self,
+        project_id: Option<&str>,
+        name: &str,
+    ) -> Result<Option<Cluster>> {
+        clusters::find_by_name(self, project_id, name).await
+    }
+
+    async fn list_clusters(&self, project_id: Option<&str>) -> Result<Vec<Cluster>> {
+        clusters::list(self, project_id).await
+    }
+
+    async fn update_cluster(
+        &self,
+        cluster_id: &str,
+        spec: &ClusterSpec,
+        now: Timestamp,
+    ) -> Result<Cluster> {
+        clusters::update(self, cluster_id, spec, now).await
+    }
+
+    async fn delete_cluster(&self, cluster_id: &str) -> Result<()> {
+        clusters::delete(self, cluster_id).await
+    }
+
+    async fn record_runner(&self, runner: &RunnerSeen, now: Timestamp) -> Result<()> {
+        clusters::record_runner(self, runner, now).await
+    }
+
+    async fn cluster_load(
+        &self,
+        name: &str,
+        project_id: Option<&str>,
+        online_since: Timestamp,
+        now: Timestamp,
+    ) -> Result<ClusterLoad> {
+        clusters::load(self, name, project_id, online_since, now).await
     }
 
     // === schedules ===

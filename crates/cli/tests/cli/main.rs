@@ -7,6 +7,7 @@ mod client;
 mod image;
 mod node_client;
 mod python_client;
+mod remote;
 mod schedules;
 mod serve;
 mod support;

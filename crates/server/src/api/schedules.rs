@@ -55,6 +55,12 @@ pub async fn create(
         }
         specs.push((spec, first));
     }
+    super::clusters::check_task_clusters(
+        &state,
+        &access.project_id,
+        specs.iter().map(|(spec, _)| spec.cluster.as_str()),
+    )
+    .await?;
     let schedules = state
         .store
         .create_schedules(&access.project_id, &specs, now)

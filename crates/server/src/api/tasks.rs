@@ -53,6 +53,12 @@ pub async fn queue(
         };
         tasks.push(wire::new_task(task, defaults, &state.config).map_err(at)?);
     }
+    super::clusters::check_task_clusters(
+        &state,
+        &access.project_id,
+        tasks.iter().map(|task| task.cluster.as_str()),
+    )
+    .await?;
     let queued = state
         .store
         .enqueue(&access.project_id, &tasks, state.clock.now())
@@ -103,6 +109,8 @@ pub async fn webhook(
         cluster: query.cluster,
     };
     let task = wire::new_task(request, defaults, &state.config)?;
+    super::clusters::check_task_clusters(&state, &access.project_id, [task.cluster.as_str()])
+        .await?;
     let mut queued = state
         .store
         .enqueue(&access.project_id, &[task], state.clock.now())

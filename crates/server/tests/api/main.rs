@@ -5,9 +5,11 @@
 
 mod auth;
 mod bad_input;
+mod clusters;
 mod codes;
 mod compat;
 mod logs;
+mod runner;
 mod schedules;
 mod support;
 mod tasks;

@@ -88,6 +88,7 @@ impl TestServer {
             clock: Arc::new(SystemClock),
             config: Arc::new(config),
             on_enqueue: None,
+            lease_wake: Default::default(),
         };
         let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
         let served = tokio::spawn(stevedore_server::serve(listener, state, async move {
@@ -130,6 +131,28 @@ impl TestServer {
             .await
             .unwrap();
         (project.id, token)
+    }
+
+    /// A token of `role` without a project (runner or admin).
+    pub async fn token_of(&self, role: TokenRole) -> String {
+        let token = stevedore_server::auth::new_token_secret();
+        self.store
+            .create_token(
+                None,
+                role,
+                &stevedore_server::auth::token_digest(&token),
+                SystemClock.now(),
+            )
+            .await
+            .unwrap();
+        token
+    }
+
+    /// A request to a path from the server's root, with `token`.
+    pub fn root(&self, method: Method, path: &str, token: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .header("Authorization", format!("OAuth {token}"))
     }
 
     pub fn url(&self, path: &str) -> String {

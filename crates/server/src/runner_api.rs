@@ -1,0 +1,319 @@
+//! The runner protocol, `/runner/v1/...`: remote runners lease tasks and report on them over
+//! HTTP. Every handler is a thin layer over the same `Store` calls the embedded runner makes
+//! through `StoreTaskSource`, so both kinds of runner share one lease logic; the server's
+//! clock is "now" for all of them.
+//!
+//! Wire formats are in `stevedore_api_types::runner`. A stale lease token is the store's
+//! `StaleLease`, answered 409 by the error table.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use stevedore_api_types::runner as wire;
+use stevedore_api_types::v2::Message;
+use stevedore_model::validation::check_name;
+use stevedore_store::{LeaseRequest, Requeue, RunReport, RunnerSeen};
+
+use crate::api::logs::StreamShutdown;
+use crate::auth::RunnerAccess;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiJson, ApiQuery, read_body};
+use crate::{AppState, ServerConfig};
+
+/// The most tasks one lease call hands out.
+const MAX_TASKS_PER_LEASE: u32 = 256;
+/// The longest lease a runner may ask for.
+const MAX_LEASE_SECS: u32 = 3600;
+/// The longest requeue delay a runner may ask for.
+const MAX_REQUEUE_DELAY: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The routes under `/runner/v1`.
+pub fn routes(_config: &ServerConfig) -> Router<AppState> {
+    Router::new()
+        .route("/lease", post(lease))
+        .route("/tasks/{task_id}/heartbeat", post(heartbeat))
+        .route("/tasks/{task_id}/running", post(running))
+        .route("/tasks/{task_id}/log", post(append_log))
+        .route("/tasks/{task_id}/progress", post(progress))
+        .route("/tasks/{task_id}/complete", post(complete))
+        .route("/tasks/{task_id}/requeue", post(requeue))
+        .route(
+            "/codes/{code_id}/revisions/{rev}/package",
+            get(code_package),
+        )
+}
+
+fn check_lease_secs(lease_secs: u32) -> ApiResult<()> {
+    if !(1..=MAX_LEASE_SECS).contains(&lease_secs) {
+        return Err(ApiError::BadRequest(format!(
+            "lease_secs must be between 1 and {MAX_LEASE_SECS}, got {lease_secs}"
+        )));
+    }
+    Ok(())
+}
+
+/// `POST /runner/v1/lease`: up to `max_tasks` tasks of the runner's clusters. With nothing to
+/// hand out it waits up to `wait_ms` (capped), woken at once by tasks queued through this
+/// server and looking again every `poll_interval` for tasks queued elsewhere or become due.
+pub async fn lease(
+    State(state): State<AppState>,
+    _access: RunnerAccess,
+    shutdown: Option<Extension<StreamShutdown>>,
+    ApiJson(request): ApiJson<wire::LeaseRequest>,
+) -> ApiResult<Json<wire::LeaseResponse>> {
+    check_name("runner_id", &request.runner_id)?;
+    if request.clusters.is_empty() {
+        return Err(ApiError::BadRequest(
+            "clusters must name at least one cluster".into(),
+        ));
+    }
+    for cluster in &request.clusters {
+        check_name("clusters", cluster)?;
+    }
+    if request.max_tasks > MAX_TASKS_PER_LEASE {
+        return Err(ApiError::BadRequest(format!(
+            "max_tasks must be at most {MAX_TASKS_PER_LEASE}, got {}",
+            request.max_tasks
+        )));
+    }
+    check_lease_secs(request.lease_secs)?;
+    let config = &state.config.runner_api;
+    let wait = Duration::from_millis(request.wait_ms).min(config.max_wait);
+    let deadline = tokio::time::Instant::now() + wait;
+    state
+        .store
+        .record_runner(
+            &RunnerSeen {
+                id: request.runner_id.clone(),
+                clusters: request.clusters.clone(),
+                capacity: request.capacity.unwrap_or(request.max_tasks),
+            },
+            state.clock.now(),
+        )
+        .await?;
+    let lease = LeaseRequest {
+        runner_id: request.runner_id,
+        clusters: request.clusters,
+        max_tasks: request.max_tasks,
+        lease_secs: request.lease_secs,
+    };
+    let stopping = shutdown.map(|Extension(StreamShutdown(token))| token);
+    loop {
+        // Registered before looking, so a task queued in between still wakes this request.
+        let woken = state.lease_wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        let leased = state.store.lease(&lease, state.clock.now()).await?;
+        let stopped = stopping.as_ref().is_some_and(|token| token.is_cancelled());
+        if !leased.is_empty() || tokio::time::Instant::now() >= deadline || stopped {
+            let tasks = leased
+                .into_iter()
+                .map(|leased| wire::LeasedTask {
+                    task: leased.task,
+                    code: leased.code,
+                    lease_token: leased.lease.token,
+                    expires_at: leased.lease.expires_at,
+                })
+                .collect();
+            return Ok(Json(wire::LeaseResponse { tasks }));
+        }
+        let stop = async {
+            match &stopping {
+                Some(token) => token.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = &mut woken => {}
+            () = tokio::time::sleep(config.poll_interval) => {}
+            () = tokio::time::sleep_until(deadline) => {}
+            () = stop => {}
+        }
+    }
+}
+
+/// `POST /runner/v1/tasks/{id}/heartbeat`: extends the lease, tells of a cancel.
+pub async fn heartbeat(
+    State(state): State<AppState>,
+    _access: RunnerAccess,
+    Path(task_id): Path<String>,
+    ApiJson(request): ApiJson<wire::Heartbeat>,
+) -> ApiResult<Json<wire::HeartbeatReply>> {
+    check_lease_secs(request.lease_secs)?;
+    let reply = state
+        .store
+        .heartbeat(
+            &task_id,
+            request.token,
+            request.lease_secs,
+            state.clock.now(),
+        )
+        .await?;
+    Ok(Json(wire::HeartbeatReply {
+        expires_at: reply.expires_at,
+        cancel_requested: reply.cancel_requested,
+    }))
+}
+
+/// `POST /runner/v1/tasks/{id}/running`: the container started.
+pub async fn running(
+    State(state): State<AppState>,
+    _access: RunnerAccess,
+    Path(task_id): Path<String>,
+    ApiJson(request): ApiJson<wire::Fenced>,
+) -> ApiResult<Json<Message>> {
+    let now = state.clock.now();
+    state
+        .store
+        .mark_running(&task_id, request.token, now, now)
+        .await?;
+    Ok(ack("running"))
+}
+
+fn header_number<T: std::str::FromStr>(headers: &HeaderMap, name: &str) -> ApiResult<T> {
+    let value = headers
+        .get(name)
+        .ok_or_else(|| ApiError::BadRequest(format!("the {name} header is required")))?;
+    value
+        .to_str()
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .ok_or_else(|| ApiError::BadRequest(format!("the {name} header must be a number")))
+}
+
+/// `POST /runner/v1/tasks/{id}/log`: the body is the log bytes, verbatim.
+pub async fn append_log(
+    State(state): State<AppState>,
+    _access: RunnerAccess,
+    Path(task_id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<wire::LogAppended>> {
+    let token: i64 = header_number(&headers, wire::LEASE_TOKEN_HEADER)?;
+    let cap: u64 = header_number(&headers, wire::LOG_CAP_HEADER)?;
+    let bytes = read_body(body, state.config.runner_api.max_log_chunk_bytes).await?;
+    let size = state
+        .store
+        .append_log(&task_id, token, &bytes, cap, state.clock.now())
+        .await?;
+    Ok(Json(wire::LogAppended { size }))
+}
+
+/// `POST /runner/v1/tasks/{id}/progress`.
+pub async fn progress(
+    State(state): State<AppState>,
+    _access: RunnerAccess,
+    Path(task_id): Path<String>,
+    ApiJson(request): ApiJson<wire::ProgressReport>,
+) -> ApiResult<Json<Message>> {
+    if request.percent.is_some_and(|percent| percent > 100) {
+        return Err(ApiError::BadRequest(
+            "percent must be between 0 and 100".into(),
+        ));
+    }
+    state
+        .store
+        .runner_progress(
+            &task_id,
+            request.token,
+            request.percent,
+            request.msg.as_deref(),
+            state.clock.now(),
+        )
+        .await?;
+    Ok(ack("progress recorded"))
+}
+
+/// `POST /runner/v1/tasks/{id}/complete`: the terminal result, once.
+pub async fn complete(
+    State(state): State<AppState>,
+    _access: RunnerAccess,
+    Path(task_id): Path<String>,
+    ApiJson(request): ApiJson<wire::Complete>,
+) -> ApiResult<Json<Message>> {
+    let report = RunReport {
+        start_time: request.report.start_time,
+        end_time: request.report.end_time,
+        peak_memory_bytes: request.report.peak_memory_bytes,
+        cpu_time_ms: request.report.cpu_time_ms,
+    };
+    let task = state
+        .store
+        .complete(
+            &task_id,
+            request.token,
+            &request.outcome,
+            &report,
+            state.clock.now(),
+        )
+        .await?;
+    // A user retry may have been queued with the result.
+    state.tasks_queued();
+    Ok(ack(format!("task is {}", task.status)))
+}
+
+/// `POST /runner/v1/tasks/{id}/requeue`: back to the queue after an infrastructure failure.
+pub async fn requeue(
+    State(state): State<AppState>,
+    _access: RunnerAccess,
+    Path(task_id): Path<String>,
+    ApiJson(request): ApiJson<wire::Requeue>,
+) -> ApiResult<Json<Message>> {
+    let delay = Duration::from_millis(request.delay_ms);
+    if delay > MAX_REQUEUE_DELAY {
+        return Err(ApiError::BadRequest(format!(
+            "delay_ms must be at most {}",
+            MAX_REQUEUE_DELAY.as_millis()
+        )));
+    }
+    if request.max_infra_attempts == 0 {
+        return Err(ApiError::BadRequest(
+            "max_infra_attempts must be at least 1".into(),
+        ));
+    }
+    let now = state.clock.now();
+    let delay = chrono::Duration::from_std(delay)
+        .map_err(|_| ApiError::BadRequest("delay_ms is too large".into()))?;
+    let requeue = Requeue {
+        reason: request.reason,
+        due_at: now + delay,
+        max_infra_attempts: request.max_infra_attempts,
+    };
+    let task = state
+        .store
+        .requeue(&task_id, request.token, &requeue, now)
+        .await?;
+    state.tasks_queued();
+    Ok(ack(format!("task is {}", task.status)))
+}
+
+/// `GET /runner/v1/codes/{code_id}/revisions/{rev}/package?project_id=`: the zip package.
+pub async fn code_package(
+    State(state): State<AppState>,
+    _access: RunnerAccess,
+    Path((code_id, rev)): Path<(String, String)>,
+    ApiQuery(query): ApiQuery<wire::PackageQuery>,
+) -> ApiResult<Response> {
+    let rev: u32 = rev
+        .parse()
+        .map_err(|_| ApiError::BadRequest(format!("rev must be a number, got {rev:?}")))?;
+    let bytes = state
+        .store
+        .get_package(&query.project_id, &code_id, Some(rev))
+        .await?;
+    Ok((
+        [(CONTENT_TYPE, HeaderValue::from_static("application/zip"))],
+        bytes,
+    )
+        .into_response())
+}
+
+fn ack(text: impl Into<String>) -> Json<Message> {
+    Json(Message { msg: text.into() })
+}

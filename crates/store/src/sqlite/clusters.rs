@@ -1,0 +1,279 @@
+//! Clusters and the runners that serve them.
+
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Connection, Row, SqliteConnection};
+use stevedore_model::task::DEFAULT_CLUSTER;
+use stevedore_model::{Timestamp, new_id};
+
+use super::rows::{micros, timestamp, to_json, unsigned};
+use super::{BEGIN_WRITE, SqliteStore, unique_violation};
+use crate::record::normalize;
+use crate::{Cluster, ClusterLoad, ClusterSpec, Result, RunnerSeen, RunnerStatus, StoreError};
+
+/// `SELECT` and the columns of `clusters`.
+macro_rules! select_clusters {
+    ($rest:literal) => {
+        concat!(
+            "SELECT id, project_id, name, memory_mib, disk_mib, runners, created_at, updated_at \
+             FROM clusters ",
+            $rest
+        )
+    };
+}
+
+fn cluster(row: &SqliteRow) -> Result<Cluster> {
+    let opt = |column: &str| -> Result<Option<u32>> {
+        row.try_get::<Option<i64>, _>(column)?
+            .map(|value| unsigned(column, value))
+            .transpose()
+    };
+    Ok(Cluster {
+        id: row.try_get("id")?,
+        project_id: row.try_get("project_id")?,
+        spec: ClusterSpec {
+            name: row.try_get("name")?,
+            memory_mib: opt("memory_mib")?,
+            disk_mib: opt("disk_mib")?,
+            runners: opt("runners")?,
+        },
+        created_at: timestamp(row.try_get("created_at")?)?,
+        updated_at: timestamp(row.try_get("updated_at")?)?,
+    })
+}
+
+fn taken(name: &str) -> StoreError {
+    StoreError::Conflict(format!("a cluster named {name:?} already exists"))
+}
+
+/// Tasks of the cluster named `name` that are queued or active.
+async fn live_tasks(conn: &mut SqliteConnection, name: &str) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT COUNT(*) FROM tasks WHERE cluster = ?1 AND status IN ('queued', 'preparing', 'running')",
+    )
+    .bind(name)
+    .fetch_one(&mut *conn)
+    .await?)
+}
+
+pub(super) async fn create(
+    store: &SqliteStore,
+    project_id: Option<&str>,
+    spec: &ClusterSpec,
+    now: Timestamp,
+) -> Result<Cluster> {
+    if spec.name == DEFAULT_CLUSTER {
+        return Err(taken(&spec.name));
+    }
+    let now = normalize(now);
+    let cluster = Cluster {
+        id: new_id(),
+        project_id: project_id.map(str::to_owned),
+        spec: spec.clone(),
+        created_at: now,
+        updated_at: now,
+    };
+    let mut writer = store.writer().await?;
+    let mut tx = writer.conn.begin_with(BEGIN_WRITE).await?;
+    if let Some(project_id) = project_id {
+        super::ensure_project(&mut tx, project_id).await?;
+    }
+    sqlx::query(
+        "INSERT INTO clusters (id, project_id, name, memory_mib, disk_mib, runners, created_at, \
+         updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+    )
+    .bind(&cluster.id)
+    .bind(project_id)
+    .bind(&spec.name)
+    .bind(spec.memory_mib)
+    .bind(spec.disk_mib)
+    .bind(spec.runners)
+    .bind(micros(now))
+    .execute(&mut *tx)
+    .await
+    .map_err(|error| unique_violation(error, || taken(&spec.name).to_string()))?;
+    tx.commit().await?;
+    Ok(cluster)
+}
+
+pub(super) async fn get(
+    store: &SqliteStore,
+    project_id: Option<&str>,
+    cluster_id: &str,
+) -> Result<Cluster> {
+    let row = sqlx::query(select_clusters!(
+        "WHERE id = ?1 \
+         AND (?2 IS NULL OR project_id IS NULL OR project_id = ?2)"
+    ))
+    .bind(cluster_id)
+    .bind(project_id)
+    .fetch_optional(&store.readers)
+    .await?
+    .ok_or_else(|| StoreError::not_found(format!("cluster {cluster_id}")))?;
+    cluster(&row)
+}
+
+pub(super) async fn find_by_name(
+    store: &SqliteStore,
+    project_id: Option<&str>,
+    name: &str,
+) -> Result<Option<Cluster>> {
+    let row = sqlx::query(select_clusters!(
+        "WHERE name = ?1 \
+         AND (?2 IS NULL OR project_id IS NULL OR project_id = ?2)"
+    ))
+    .bind(name)
+    .bind(project_id)
+    .fetch_optional(&store.readers)
+    .await?;
+    row.as_ref().map(cluster).transpose()
+}
+
+pub(super) async fn list(store: &SqliteStore, project_id: Option<&str>) -> Result<Vec<Cluster>> {
+    let rows = sqlx::query(select_clusters!(
+        "\
+         WHERE ?1 IS NULL OR project_id IS NULL OR project_id = ?1 ORDER BY name"
+    ))
+    .bind(project_id)
+    .fetch_all(&store.readers)
+    .await?;
+    rows.iter().map(cluster).collect()
+}
+
+pub(super) async fn update(
+    store: &SqliteStore,
+    cluster_id: &str,
+    spec: &ClusterSpec,
+    now: Timestamp,
+) -> Result<Cluster> {
+    if spec.name == DEFAULT_CLUSTER {
+        return Err(taken(&spec.name));
+    }
+    let now = normalize(now);
+    let mut writer = store.writer().await?;
+    let mut tx = writer.conn.begin_with(BEGIN_WRITE).await?;
+    let row = sqlx::query(select_clusters!("WHERE id = ?1"))
+        .bind(cluster_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| StoreError::not_found(format!("cluster {cluster_id}")))?;
+    let mut found = cluster(&row)?;
+    if found.spec.name != spec.name {
+        let live = live_tasks(&mut tx, &found.spec.name).await?;
+        if live > 0 {
+            return Err(StoreError::Conflict(format!(
+                "cluster {:?} has {live} tasks queued or running; it keeps its name until they finish",
+                found.spec.name
+            )));
+        }
+    }
+    sqlx::query(
+        "UPDATE clusters SET name = ?1, memory_mib = ?2, disk_mib = ?3, runners = ?4, \
+         updated_at = ?5 WHERE id = ?6",
+    )
+    .bind(&spec.name)
+    .bind(spec.memory_mib)
+    .bind(spec.disk_mib)
+    .bind(spec.runners)
+    .bind(micros(now))
+    .bind(cluster_id)
+    .execute(&mut *tx)
+    .await
+    .map_err(|error| unique_violation(error, || taken(&spec.name).to_string()))?;
+    tx.commit().await?;
+    found.spec = spec.clone();
+    found.updated_at = now;
+    Ok(found)
+}
+
+pub(super) async fn delete(store: &SqliteStore, cluster_id: &str) -> Result<()> {
+    let mut writer = store.writer().await?;
+    let mut tx = writer.conn.begin_with(BEGIN_WRITE).await?;
+    let name: String = sqlx::query_scalar("SELECT name FROM clusters WHERE id = ?1")
+        .bind(cluster_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| StoreError::not_found(format!("cluster {cluster_id}")))?;
+    let live = live_tasks(&mut tx, &name).await?;
+    if live > 0 {
+        return Err(StoreError::Conflict(format!(
+            "cluster {name:?} has {live} tasks queued or running; cancel them or let them finish first"
+        )));
+    }
+    sqlx::query("DELETE FROM clusters WHERE id = ?1")
+        .bind(cluster_id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+pub(super) async fn record_runner(
+    store: &SqliteStore,
+    runner: &RunnerSeen,
+    now: Timestamp,
+) -> Result<()> {
+    let clusters = to_json(&runner.clusters)?;
+    let mut writer = store.writer().await?;
+    sqlx::query(
+        "INSERT INTO runners (id, clusters, capacity, last_seen) VALUES (?1, ?2, ?3, ?4) \
+         ON CONFLICT (id) DO UPDATE SET clusters = excluded.clusters, \
+         capacity = excluded.capacity, last_seen = excluded.last_seen",
+    )
+    .bind(&runner.id)
+    .bind(&clusters)
+    .bind(runner.capacity)
+    .bind(micros(normalize(now)))
+    .execute(&mut writer.conn)
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn load(
+    store: &SqliteStore,
+    name: &str,
+    project_id: Option<&str>,
+    online_since: Timestamp,
+    now: Timestamp,
+) -> Result<ClusterLoad> {
+    let mut conn = store.readers.acquire().await?;
+    let counts = sqlx::query(
+        "SELECT COALESCE(SUM(status = 'queued'), 0) AS queued, \
+         COALESCE(SUM(status IN ('preparing', 'running')), 0) AS running \
+         FROM tasks WHERE cluster = ?1 AND status IN ('queued', 'preparing', 'running') \
+         AND (?2 IS NULL OR project_id = ?2)",
+    )
+    .bind(name)
+    .bind(project_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    let rows = sqlx::query(
+        "SELECT r.id, r.clusters, r.capacity, r.last_seen, \
+         (SELECT COUNT(*) FROM tasks AS t WHERE t.runner_id = r.id \
+          AND t.status IN ('preparing', 'running') AND t.lease_expires_at > ?3) AS in_use \
+         FROM runners AS r \
+         WHERE EXISTS (SELECT 1 FROM json_each(r.clusters) WHERE value = ?1) \
+         AND (r.last_seen >= ?2 OR in_use > 0) ORDER BY r.id",
+    )
+    .bind(name)
+    .bind(micros(online_since))
+    .bind(micros(now))
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut runners = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let clusters: String = row.try_get("clusters")?;
+        runners.push(RunnerStatus {
+            id: row.try_get("id")?,
+            clusters: serde_json::from_str(&clusters)
+                .map_err(|error| StoreError::Corrupt(format!("runners.clusters: {error}")))?,
+            capacity: unsigned("capacity", row.try_get("capacity")?)?,
+            in_use: unsigned("in_use", row.try_get("in_use")?)?,
+            last_seen: timestamp(row.try_get("last_seen")?)?,
+        });
+    }
+    Ok(ClusterLoad {
+        queued: unsigned("queued", counts.try_get("queued")?)?,
+        running: unsigned("running", counts.try_get("running")?)?,
+        runners,
+    })
+}
