@@ -194,7 +194,18 @@ impl ScheduleSpec {
         let first = match &self.timing {
             ScheduleTiming::Once | ScheduleTiming::Every { .. } => Some(earliest),
             // A cron time equal to `earliest` counts: step back one second and look after it.
-            ScheduleTiming::Cron { .. } => self.timing.next_after(earliest - Duration::seconds(1)),
+            // Cron times are whole seconds, so with `earliest` inside a second that finds the
+            // time just before it: then the one after is the first.
+            ScheduleTiming::Cron { .. } => self
+                .timing
+                .next_after(earliest - Duration::seconds(1))
+                .and_then(|time| {
+                    if time < earliest {
+                        self.timing.next_after(time)
+                    } else {
+                        Some(time)
+                    }
+                }),
         }?;
         self.within_end(first)
     }
