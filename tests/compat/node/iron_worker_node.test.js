@@ -335,11 +335,42 @@ test('tasksSetProgress, tasksRetry, tasksCancelAll', live, async () => {
   assert.equal((await call('tasksList', { code_name: CODE, queued: 1 })).length, 0);
 });
 
-test('errors: unknown ids, unknown codes, and the cluster calls stevedore lacks', live, async () => {
+test('errors: unknown ids, unknown codes and clusters', live, async () => {
   // GET errors come back as the raw JSON text of the body, POST errors as its msg.
   await assert.rejects(call('tasksGet', '000000000000000000000000'), /"msg":"task .* not found"/);
   await assert.rejects(call('tasksCreate', 'no-such-code', {}, {}), /no-such-code/);
-  await assert.rejects(call('clustersList', {}), /no such endpoint/);
+  await assert.rejects(call('clustersGet', 'no-such-cluster'), /not found/);
+  await assert.rejects(call('tasksCreate', CODE, {}, { cluster: 'no-such-cluster' }), /cluster/);
+});
+
+test('clustersCreate, clustersGet, clustersList, clustersUpdate, clustersStats, clustersDelete', live, async () => {
+  const name = `node-pool-${process.pid}`;
+  const created = await call('clustersCreate', name, 1024, 2048, {});
+  assert.ok(created.id);
+  assert.equal(created.cluster.name, name);
+  assert.equal(created.cluster.memory, 1024);
+  assert.equal(created.cluster.disk, 2048);
+
+  const { cluster } = await call('clustersGet', created.id);
+  assert.equal(cluster.id, created.id);
+  const { clusters } = await call('clustersList', {});
+  assert.deepEqual(clusters.map((c) => c.name).filter((n) => n === 'default' || n === name),
+    ['default', name]);
+
+  const updated = await call('clustersUpdate', created.id, { memory: 4096 });
+  assert.equal(updated.cluster.memory, 4096);
+  assert.equal(updated.cluster.disk, 2048, 'an update changes only the fields it names');
+
+  // A task for the cluster waits for that pool's runners: none serve it here.
+  const task = await call('tasksCreate', CODE, {}, { cluster: name });
+  const stats = await call('clustersStats', created.id);
+  assert.equal(stats.name, name);
+  assert.equal(stats.queued, 1);
+  assert.equal(stats.runners_online, 0);
+  await assert.rejects(call('clustersDelete', created.id), /tasks/);
+  await call('tasksCancel', task.id);
+  await call('clustersDelete', created.id);
+  await assert.rejects(call('clustersGet', created.id), /not found/);
 });
 
 // ---------------------------------------------------------------------------------------
