@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod client;
+mod postgres;
 mod python_client;
 mod schedules;
 mod serve;
