@@ -53,7 +53,7 @@ fn main() -> BenchResult {
              tasks/s"
         );
         println!(
-            "{:<34} {:>16} {:>16}",
+            "{:<42} {:>16} {:>16}",
             "", "SQLite (normal)", "PostgreSQL"
         );
         let patterns = [
@@ -71,14 +71,14 @@ fn main() -> BenchResult {
             };
             enqueue = (sqlite.0, postgres.map(|(enqueue, _)| enqueue));
             println!(
-                "{:<34} {:>16.0} {:>16}",
+                "{:<42} {:>16.0} {:>16}",
                 format!("{runners} runner loop(s), {}", calls.name()),
                 sqlite.1,
                 shown(postgres.map(|(_, run)| run)),
             );
         }
         println!(
-            "{:<34} {:>16.0} {:>16}",
+            "{:<42} {:>16.0} {:>16}",
             "enqueue",
             enqueue.0,
             shown(enqueue.1)

@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
-use sqlx::{Postgres, QueryBuilder, Row};
+use sqlx::{Postgres, QueryBuilder, Row, Transaction};
 use stevedore_model::{
     CodeRevision, CodeSpec, NewTask, Schedule, ScheduleSpec, ScheduleStatus, Task, TaskOutcome,
     TaskStatus, Timestamp, new_id,
@@ -132,25 +132,28 @@ impl PgStore {
         change: impl FnOnce(&mut TaskRecord) -> Result<T>,
     ) -> Result<(TaskRecord, T)> {
         let mut tx = self.pool.begin().await?;
-        let mut record = tasks::load_for_update(&mut tx, project_id, task_id).await?;
-        let was = record.task.status;
-        let value = change(&mut record)?;
-        let follow_up = match retry {
-            Some(RetryCheck { outcome, now }) => {
-                tasks::plan_retry(&mut tx, &record, outcome, now).await?
+        let result: Result<_> = async {
+            let mut record = tasks::load_for_update(&mut tx, project_id, task_id).await?;
+            let was = record.task.status;
+            let value = change(&mut record)?;
+            let follow_up = match retry {
+                Some(RetryCheck { outcome, now }) => {
+                    tasks::plan_retry(&mut tx, &record, outcome, now).await?
+                }
+                None => None,
+            };
+            tasks::write(&mut tx, &mut record).await?;
+            let requeued = was != TaskStatus::Queued && record.task.status == TaskStatus::Queued;
+            if let Some(retry) = &follow_up {
+                tasks::insert_rows(&mut tx, std::slice::from_ref(retry)).await?;
             }
-            None => None,
-        };
-        tasks::write(&mut tx, &mut record).await?;
-        let requeued = was != TaskStatus::Queued && record.task.status == TaskStatus::Queued;
-        if let Some(retry) = &follow_up {
-            tasks::insert_rows(&mut tx, std::slice::from_ref(retry)).await?;
+            if requeued || follow_up.is_some() {
+                tasks::notify_work(&mut tx).await?;
+            }
+            Ok((record, value))
         }
-        if requeued || follow_up.is_some() {
-            tasks::notify_work(&mut tx).await?;
-        }
-        tx.commit().await?;
-        Ok((record, value))
+        .await;
+        finish(tx, result).await
     }
 
     /// `change_task` for a runner holding a lease: refused unless `token` is current.
@@ -248,27 +251,30 @@ impl Store for PgStore {
             created_at: normalize(now),
         };
         let mut tx = self.pool.begin().await?;
-        if let Some(project_id) = project_id {
-            ensure_project(&mut tx, project_id).await?;
+        let result: Result<_> = async {
+            if let Some(project_id) = project_id {
+                ensure_project(&mut tx, project_id).await?;
+            }
+            sqlx::query(
+                "INSERT INTO tokens (id, project_id, role, secret_sha256, created_at) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(&record.id)
+            .bind(project_id)
+            .bind(role_text(role))
+            .bind(secret_sha256)
+            .bind(micros(record.created_at))
+            .execute(&mut *tx)
+            .await
+            .map_err(|error| {
+                unique_violation(error, || {
+                    "a token with this secret already exists".to_owned()
+                })
+            })?;
+            Ok(record)
         }
-        sqlx::query(
-            "INSERT INTO tokens (id, project_id, role, secret_sha256, created_at) \
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(&record.id)
-        .bind(project_id)
-        .bind(role_text(role))
-        .bind(secret_sha256)
-        .bind(micros(record.created_at))
-        .execute(&mut *tx)
-        .await
-        .map_err(|error| {
-            unique_violation(error, || {
-                "a token with this secret already exists".to_owned()
-            })
-        })?;
-        tx.commit().await?;
-        Ok(record)
+        .await;
+        finish(tx, result).await
     }
 
     async fn find_token(&self, secret_sha256: &str) -> Result<Option<TokenRecord>> {
@@ -296,98 +302,101 @@ impl Store for PgStore {
         let package_size =
             package.map(|package| u64::try_from(package.bytes.len()).unwrap_or(u64::MAX));
         let mut tx = self.pool.begin().await?;
-        ensure_project(&mut tx, project_id).await?;
-        // The code row is locked while its next revision is written, so two pushes of one code
-        // number their revisions one after the other. Two pushes creating one new name meet
-        // at the unique index: the second inserts nothing and takes the revision path.
-        let mut created = None;
-        let existing = loop {
-            let existing = sqlx::query(
-                "SELECT id, latest_rev, paused, created_at FROM codes \
-                 WHERE project_id = $1 AND name = $2 AND deleted_at IS NULL FOR UPDATE",
-            )
-            .bind(project_id)
-            .bind(&spec.name)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if existing.is_some() {
-                break existing;
-            }
-            let code_id = new_id();
-            let inserted = sqlx::query(
-                "INSERT INTO codes (id, project_id, name, latest_rev, max_concurrency, paused, \
-                 created_at, updated_at) VALUES ($1, $2, $3, 1, $4, FALSE, $5, $5) \
-                 ON CONFLICT (project_id, name) WHERE deleted_at IS NULL DO NOTHING",
+        let result: Result<_> = async {
+            ensure_project(&mut tx, project_id).await?;
+            // The code row is locked while its next revision is written, so two pushes of one code
+            // number their revisions one after the other. Two pushes creating one new name meet
+            // at the unique index: the second inserts nothing and takes the revision path.
+            let mut created = None;
+            let existing = loop {
+                let existing = sqlx::query(
+                    "SELECT id, latest_rev, paused, created_at FROM codes \
+                     WHERE project_id = $1 AND name = $2 AND deleted_at IS NULL FOR UPDATE",
+                )
+                .bind(project_id)
+                .bind(&spec.name)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if existing.is_some() {
+                    break existing;
+                }
+                let code_id = new_id();
+                let inserted = sqlx::query(
+                    "INSERT INTO codes (id, project_id, name, latest_rev, max_concurrency, paused, \
+                     created_at, updated_at) VALUES ($1, $2, $3, 1, $4, FALSE, $5, $5) \
+                     ON CONFLICT (project_id, name) WHERE deleted_at IS NULL DO NOTHING",
+                )
+                .bind(&code_id)
+                .bind(project_id)
+                .bind(&spec.name)
+                .bind(max_concurrency)
+                .bind(micros(now))
+                .execute(&mut *tx)
+                .await?;
+                if inserted.rows_affected() == 1 {
+                    created = Some(code_id);
+                    break None;
+                }
+            };
+            let (code_id, rev, paused, created_at) = match (existing, created) {
+                (Some(row), _) => {
+                    let code_id: String = row.try_get("id")?;
+                    let rev = row.try_get::<i64, _>("latest_rev")? + 1;
+                    sqlx::query(
+                        "UPDATE codes SET latest_rev = $1, max_concurrency = $2, updated_at = $3 \
+                         WHERE id = $4",
+                    )
+                    .bind(rev)
+                    .bind(max_concurrency)
+                    .bind(micros(now))
+                    .bind(&code_id)
+                    .execute(&mut *tx)
+                    .await?;
+                    let created_at = timestamp(row.try_get("created_at")?)?;
+                    (code_id, rev, row.try_get::<bool, _>("paused")?, created_at)
+                }
+                (None, Some(code_id)) => (code_id, 1, false, now),
+                (None, None) => {
+                    return Err(StoreError::Corrupt(
+                        "pushing a code found neither an old code nor a new one".to_owned(),
+                    ));
+                }
+            };
+            sqlx::query(
+                "INSERT INTO code_revisions (code_id, rev, spec, package_sha256, package_size, \
+                 created_at) VALUES ($1, $2, $3, $4, $5, $6)",
             )
             .bind(&code_id)
-            .bind(project_id)
-            .bind(&spec.name)
-            .bind(max_concurrency)
+            .bind(rev)
+            .bind(&spec_json)
+            .bind(package.map(|package| package.sha256.as_str()))
+            .bind(opt_signed(package_size))
             .bind(micros(now))
             .execute(&mut *tx)
             .await?;
-            if inserted.rows_affected() == 1 {
-                created = Some(code_id);
-                break None;
+            if let Some(package) = package {
+                sqlx::query("INSERT INTO code_packages (code_id, rev, bytes) VALUES ($1, $2, $3)")
+                    .bind(&code_id)
+                    .bind(rev)
+                    .bind(package.bytes.as_slice())
+                    .execute(&mut *tx)
+                    .await?;
             }
-        };
-        let (code_id, rev, paused, created_at) = match (existing, created) {
-            (Some(row), _) => {
-                let code_id: String = row.try_get("id")?;
-                let rev = row.try_get::<i64, _>("latest_rev")? + 1;
-                sqlx::query(
-                    "UPDATE codes SET latest_rev = $1, max_concurrency = $2, updated_at = $3 \
-                     WHERE id = $4",
-                )
-                .bind(rev)
-                .bind(max_concurrency)
-                .bind(micros(now))
-                .bind(&code_id)
-                .execute(&mut *tx)
-                .await?;
-                let created_at = timestamp(row.try_get("created_at")?)?;
-                (code_id, rev, row.try_get::<bool, _>("paused")?, created_at)
-            }
-            (None, Some(code_id)) => (code_id, 1, false, now),
-            (None, None) => {
-                return Err(StoreError::Corrupt(
-                    "pushing a code found neither an old code nor a new one".to_owned(),
-                ));
-            }
-        };
-        sqlx::query(
-            "INSERT INTO code_revisions (code_id, rev, spec, package_sha256, package_size, \
-             created_at) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(&code_id)
-        .bind(rev)
-        .bind(&spec_json)
-        .bind(package.map(|package| package.sha256.as_str()))
-        .bind(opt_signed(package_size))
-        .bind(micros(now))
-        .execute(&mut *tx)
-        .await?;
-        if let Some(package) = package {
-            sqlx::query("INSERT INTO code_packages (code_id, rev, bytes) VALUES ($1, $2, $3)")
-                .bind(&code_id)
-                .bind(rev)
-                .bind(package.bytes.as_slice())
-                .execute(&mut *tx)
-                .await?;
+            Ok(CodeRevision {
+                id: code_id,
+                project_id: project_id.to_owned(),
+                rev: u32::try_from(rev)
+                    .map_err(|_| StoreError::Corrupt(format!("revision {rev} out of range")))?,
+                spec: spec.clone(),
+                package_sha256: package.map(|package| package.sha256.clone()),
+                package_size,
+                created_at,
+                updated_at: now,
+                paused,
+            })
         }
-        tx.commit().await?;
-        Ok(CodeRevision {
-            id: code_id,
-            project_id: project_id.to_owned(),
-            rev: u32::try_from(rev)
-                .map_err(|_| StoreError::Corrupt(format!("revision {rev} out of range")))?,
-            spec: spec.clone(),
-            package_sha256: package.map(|package| package.sha256.clone()),
-            package_size,
-            created_at,
-            updated_at: now,
-            paused,
-        })
+        .await;
+        finish(tx, result).await
     }
 
     async fn get_code(&self, project_id: &str, code_id: &str) -> Result<CodeRevision> {
@@ -506,32 +515,35 @@ impl Store for PgStore {
     async fn delete_code(&self, project_id: &str, code_id: &str, now: Timestamp) -> Result<()> {
         let now = normalize(now);
         let mut tx = self.pool.begin().await?;
-        let deleted = sqlx::query(
-            "UPDATE codes SET deleted_at = $1 \
-             WHERE id = $2 AND project_id = $3 AND deleted_at IS NULL",
-        )
-        .bind(micros(now))
-        .bind(code_id)
-        .bind(project_id)
-        .execute(&mut *tx)
-        .await?;
-        if deleted.rows_affected() == 0 {
-            return Err(StoreError::not_found(format!("code {code_id}")));
+        let result: Result<_> = async {
+            let deleted = sqlx::query(
+                "UPDATE codes SET deleted_at = $1 \
+                 WHERE id = $2 AND project_id = $3 AND deleted_at IS NULL",
+            )
+            .bind(micros(now))
+            .bind(code_id)
+            .bind(project_id)
+            .execute(&mut *tx)
+            .await?;
+            if deleted.rows_affected() == 0 {
+                return Err(StoreError::not_found(format!("code {code_id}")));
+            }
+            tasks::cancel_code_tasks(&mut tx, code_id, now).await?;
+            // A schedule of a deleted code could only ever fail to fire.
+            sqlx::query(
+                "UPDATE schedules SET status = $1, next_start = NULL, updated_at = $2 \
+                 WHERE code_id = $3 AND status = $4",
+            )
+            .bind(ScheduleStatus::Cancelled.as_str())
+            .bind(micros(now))
+            .bind(code_id)
+            .bind(ScheduleStatus::Scheduled.as_str())
+            .execute(&mut *tx)
+            .await?;
+            Ok(())
         }
-        tasks::cancel_code_tasks(&mut tx, code_id, now).await?;
-        // A schedule of a deleted code could only ever fail to fire.
-        sqlx::query(
-            "UPDATE schedules SET status = $1, next_start = NULL, updated_at = $2 \
-             WHERE code_id = $3 AND status = $4",
-        )
-        .bind(ScheduleStatus::Cancelled.as_str())
-        .bind(micros(now))
-        .bind(code_id)
-        .bind(ScheduleStatus::Scheduled.as_str())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        .await;
+        finish(tx, result).await
     }
 
     async fn set_code_paused(
@@ -542,31 +554,34 @@ impl Store for PgStore {
         _now: Timestamp,
     ) -> Result<CodeRevision> {
         let mut tx = self.pool.begin().await?;
-        let changed = sqlx::query(
-            "UPDATE codes SET paused = $1 WHERE id = $2 AND project_id = $3 AND deleted_at IS NULL",
-        )
-        .bind(paused)
-        .bind(code_id)
-        .bind(project_id)
-        .execute(&mut *tx)
-        .await?;
-        if changed.rows_affected() == 0 {
-            return Err(StoreError::not_found(format!("code {code_id}")));
+        let result: Result<_> = async {
+            let changed = sqlx::query(
+                "UPDATE codes SET paused = $1 WHERE id = $2 AND project_id = $3 AND deleted_at IS NULL",
+            )
+            .bind(paused)
+            .bind(code_id)
+            .bind(project_id)
+            .execute(&mut *tx)
+            .await?;
+            if changed.rows_affected() == 0 {
+                return Err(StoreError::not_found(format!("code {code_id}")));
+            }
+            let row = sqlx::query(concat!(
+                "SELECT ",
+                revision_columns!(),
+                " FROM codes AS c JOIN code_revisions AS r ON r.code_id = c.id AND r.rev = c.latest_rev \
+                 WHERE c.id = $1"
+            ))
+            .bind(code_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            if !paused {
+                tasks::notify_work(&mut tx).await?;
+            }
+            rows::revision(&row)
         }
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            revision_columns!(),
-            " FROM codes AS c JOIN code_revisions AS r ON r.code_id = c.id AND r.rev = c.latest_rev \
-             WHERE c.id = $1"
-        ))
-        .bind(code_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        if !paused {
-            tasks::notify_work(&mut tx).await?;
-        }
-        tx.commit().await?;
-        rows::revision(&row)
+        .await;
+        finish(tx, result).await
     }
 
     async fn code_stats(&self, project_id: &str, code_id: &str) -> Result<CodeStats> {
@@ -602,12 +617,15 @@ impl Store for PgStore {
     ) -> Result<Vec<Task>> {
         let now = normalize(now);
         let mut tx = self.pool.begin().await?;
-        let queued = tasks::insert(&mut tx, project_id, new_tasks, now).await?;
-        if !queued.is_empty() {
-            tasks::notify_work(&mut tx).await?;
+        let result: Result<_> = async {
+            let queued = tasks::insert(&mut tx, project_id, new_tasks, now).await?;
+            if !queued.is_empty() {
+                tasks::notify_work(&mut tx).await?;
+            }
+            Ok(queued)
         }
-        tx.commit().await?;
-        Ok(queued)
+        .await;
+        finish(tx, result).await
     }
 
     async fn get_task(&self, project_id: &str, task_id: &str) -> Result<Task> {
@@ -672,10 +690,13 @@ impl Store for PgStore {
     async fn cancel_all(&self, project_id: &str, code_id: &str, now: Timestamp) -> Result<u64> {
         let now = normalize(now);
         let mut tx = self.pool.begin().await?;
-        ensure_code(&mut tx, project_id, code_id).await?;
-        let touched = tasks::cancel_code_tasks(&mut tx, code_id, now).await?;
-        tx.commit().await?;
-        Ok(touched)
+        let result: Result<_> = async {
+            ensure_code(&mut tx, project_id, code_id).await?;
+            let touched = tasks::cancel_code_tasks(&mut tx, code_id, now).await?;
+            Ok(touched)
+        }
+        .await;
+        finish(tx, result).await
     }
 
     async fn set_progress(
@@ -704,23 +725,27 @@ impl Store for PgStore {
 
     async fn get_log(&self, project_id: &str, task_id: &str) -> Result<Vec<u8>> {
         let mut tx = self.pool.begin_with(BEGIN_SNAPSHOT).await?;
-        let log_size: Option<i64> =
-            sqlx::query_scalar("SELECT log_size FROM tasks WHERE id = $1 AND project_id = $2")
-                .bind(task_id)
-                .bind(project_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let log_size = log_size.ok_or_else(|| StoreError::not_found(format!("task {task_id}")))?;
-        if log_size == 0 {
-            return Err(StoreError::not_found(format!("log of task {task_id}")));
+        let result: Result<_> = async {
+            let log_size: Option<i64> =
+                sqlx::query_scalar("SELECT log_size FROM tasks WHERE id = $1 AND project_id = $2")
+                    .bind(task_id)
+                    .bind(project_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let log_size =
+                log_size.ok_or_else(|| StoreError::not_found(format!("task {task_id}")))?;
+            if log_size == 0 {
+                return Err(StoreError::not_found(format!("log of task {task_id}")));
+            }
+            let chunks: Vec<Vec<u8>> =
+                sqlx::query_scalar("SELECT bytes FROM task_logs WHERE task_id = $1 ORDER BY seq")
+                    .bind(task_id)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            Ok(chunks.concat())
         }
-        let chunks: Vec<Vec<u8>> =
-            sqlx::query_scalar("SELECT bytes FROM task_logs WHERE task_id = $1 ORDER BY seq")
-                .bind(task_id)
-                .fetch_all(&mut *tx)
-                .await?;
-        tx.commit().await?;
-        Ok(chunks.concat())
+        .await;
+        finish(tx, result).await
     }
 
     async fn get_log_since(
@@ -734,13 +759,16 @@ impl Store for PgStore {
         // marker between two separate reads would otherwise mix old and new bytes, and bytes
         // written after a terminal status was read would pass the final size.
         let mut tx = self.pool.begin_with(BEGIN_SNAPSHOT).await?;
-        let mut slice = tasks::log_state(&mut tx, project_id, task_id).await?;
-        let end = slice.size.min(offset.saturating_add(u64::from(max_bytes)));
-        if offset < end {
-            slice.bytes = tasks::read_log(&mut tx, task_id, offset, end).await?;
+        let result: Result<_> = async {
+            let mut slice = tasks::log_state(&mut tx, project_id, task_id).await?;
+            let end = slice.size.min(offset.saturating_add(u64::from(max_bytes)));
+            if offset < end {
+                slice.bytes = tasks::read_log(&mut tx, task_id, offset, end).await?;
+            }
+            Ok(slice)
         }
-        tx.commit().await?;
-        Ok(slice)
+        .await;
+        finish(tx, result).await
     }
 
     // === leases (the runner's side) ===
@@ -751,13 +779,8 @@ impl Store for PgStore {
         }
         let now = normalize(now);
         let mut tx = self.pool.begin().await?;
-        let leased = tasks::lease(&mut tx, request, now).await?;
-        if leased.is_empty() {
-            tx.rollback().await?;
-        } else {
-            tx.commit().await?;
-        }
-        Ok(leased)
+        let leased = tasks::lease(&mut tx, request, now).await;
+        finish(tx, leased).await
     }
 
     async fn heartbeat(
@@ -803,40 +826,44 @@ impl Store for PgStore {
     ) -> Result<u64> {
         let now = normalize(now);
         let mut tx = self.pool.begin().await?;
-        let mut record = tasks::load_for_update(&mut tx, None, task_id).await?;
-        record.check_lease(token)?;
-        let Some(plan) = plan_log_append(record.task.log_size, record.log_truncated, bytes, cap)
-        else {
-            return Ok(record.task.log_size);
-        };
-        record.apply_log_plan(&plan, now);
-        if let Some(keep) = plan.truncate_to {
-            let keep = signed(keep);
-            sqlx::query("DELETE FROM task_logs WHERE task_id = $1 AND seq >= $2")
+        let result: Result<_> = async {
+            let mut record = tasks::load_for_update(&mut tx, None, task_id).await?;
+            record.check_lease(token)?;
+            let Some(plan) =
+                plan_log_append(record.task.log_size, record.log_truncated, bytes, cap)
+            else {
+                return Ok(record.task.log_size);
+            };
+            record.apply_log_plan(&plan, now);
+            if let Some(keep) = plan.truncate_to {
+                let keep = signed(keep);
+                sqlx::query("DELETE FROM task_logs WHERE task_id = $1 AND seq >= $2")
+                    .bind(task_id)
+                    .bind(keep)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "UPDATE task_logs SET bytes = substring(bytes FROM 1 FOR ($2 - seq)::int) \
+                     WHERE task_id = $1 AND seq < $2 AND seq + length(bytes) > $2",
+                )
                 .bind(task_id)
                 .bind(keep)
                 .execute(&mut *tx)
                 .await?;
-            sqlx::query(
-                "UPDATE task_logs SET bytes = substring(bytes FROM 1 FOR ($2 - seq)::int) \
-                 WHERE task_id = $1 AND seq < $2 AND seq + length(bytes) > $2",
-            )
-            .bind(task_id)
-            .bind(keep)
-            .execute(&mut *tx)
-            .await?;
+            }
+            for (seq, chunk) in &plan.chunks {
+                sqlx::query("INSERT INTO task_logs (task_id, seq, bytes) VALUES ($1, $2, $3)")
+                    .bind(task_id)
+                    .bind(signed(*seq))
+                    .bind(chunk.as_slice())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tasks::write(&mut tx, &mut record).await?;
+            Ok(record.task.log_size)
         }
-        for (seq, chunk) in &plan.chunks {
-            sqlx::query("INSERT INTO task_logs (task_id, seq, bytes) VALUES ($1, $2, $3)")
-                .bind(task_id)
-                .bind(signed(*seq))
-                .bind(chunk.as_slice())
-                .execute(&mut *tx)
-                .await?;
-        }
-        tasks::write(&mut tx, &mut record).await?;
-        tx.commit().await?;
-        Ok(record.task.log_size)
+        .await;
+        finish(tx, result).await
     }
 
     async fn runner_progress(
@@ -900,37 +927,40 @@ impl Store for PgStore {
     async fn rescue_expired(&self, now: Timestamp, max_infra_attempts: u32) -> Result<Vec<String>> {
         let now = normalize(now);
         let mut tx = self.pool.begin().await?;
-        // SKIP LOCKED: a task whose runner is writing about it right now (a heartbeat) is not
-        // expired for long; two rescuers each take the ones the other does not hold.
-        let expired = sqlx::query(concat!(
-            "SELECT ",
-            task_columns!(),
-            " FROM tasks AS t WHERE t.status IN ($1, $2) AND t.lease_expires_at < $3 \
-             ORDER BY t.lease_expires_at, t.id FOR UPDATE SKIP LOCKED"
-        ))
-        .bind(TaskStatus::Preparing.as_str())
-        .bind(TaskStatus::Running.as_str())
-        .bind(micros(now))
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut rescued = Vec::with_capacity(expired.len());
-        let mut requeued = false;
-        for row in &expired {
-            let mut record = rows::task_record(row)?;
-            let reason = format!(
-                "the lease of runner {} expired",
-                record.task.runner_id.as_deref().unwrap_or("(unknown)")
-            );
-            record.give_back(&reason, now, max_infra_attempts, now)?;
-            tasks::write(&mut tx, &mut record).await?;
-            requeued |= record.task.status == TaskStatus::Queued;
-            rescued.push(record.task.id);
+        let result: Result<_> = async {
+            // SKIP LOCKED: a task whose runner is writing about it right now (a heartbeat) is not
+            // expired for long; two rescuers each take the ones the other does not hold.
+            let expired = sqlx::query(concat!(
+                "SELECT ",
+                task_columns!(),
+                " FROM tasks AS t WHERE t.status IN ($1, $2) AND t.lease_expires_at < $3 \
+                 ORDER BY t.lease_expires_at, t.id FOR UPDATE SKIP LOCKED"
+            ))
+            .bind(TaskStatus::Preparing.as_str())
+            .bind(TaskStatus::Running.as_str())
+            .bind(micros(now))
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut rescued = Vec::with_capacity(expired.len());
+            let mut requeued = false;
+            for row in &expired {
+                let mut record = rows::task_record(row)?;
+                let reason = format!(
+                    "the lease of runner {} expired",
+                    record.task.runner_id.as_deref().unwrap_or("(unknown)")
+                );
+                record.give_back(&reason, now, max_infra_attempts, now)?;
+                tasks::write(&mut tx, &mut record).await?;
+                requeued |= record.task.status == TaskStatus::Queued;
+                rescued.push(record.task.id);
+            }
+            if requeued {
+                tasks::notify_work(&mut tx).await?;
+            }
+            Ok(rescued)
         }
-        if requeued {
-            tasks::notify_work(&mut tx).await?;
-        }
-        tx.commit().await?;
-        Ok(rescued)
+        .await;
+        finish(tx, result).await
     }
 
     // === schedules ===
@@ -943,53 +973,56 @@ impl Store for PgStore {
     ) -> Result<Vec<Schedule>> {
         let now = normalize(now);
         let mut tx = self.pool.begin().await?;
-        let mut created = Vec::with_capacity(specs.len());
-        for (spec, first_fire) in specs {
-            // Share-locked so that a code deleted at the same moment cancels this schedule.
-            let code_id: String = sqlx::query_scalar(
-                "SELECT id FROM codes WHERE project_id = $1 AND name = $2 AND deleted_at IS NULL \
-                 FOR SHARE",
-            )
-            .bind(project_id)
-            .bind(&spec.code_name)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| StoreError::not_found(format!("code {}", spec.code_name)))?;
-            let next_start = first_fire.map(normalize);
-            let schedule = Schedule {
-                id: new_id(),
-                project_id: project_id.to_owned(),
-                code_id,
-                spec: spec.clone(),
-                status: if next_start.is_some() {
-                    ScheduleStatus::Scheduled
-                } else {
-                    ScheduleStatus::Complete
-                },
-                next_start,
-                last_run_time: None,
-                run_count: 0,
-                created_at: now,
-                updated_at: now,
-            };
-            sqlx::query(
-                "INSERT INTO schedules (id, project_id, code_id, spec, status, next_start, \
-                 last_run_time, run_count, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, NULL, 0, $7, $7)",
-            )
-            .bind(&schedule.id)
-            .bind(project_id)
-            .bind(&schedule.code_id)
-            .bind(to_json(spec)?)
-            .bind(schedule.status.as_str())
-            .bind(opt_micros(schedule.next_start))
-            .bind(micros(now))
-            .execute(&mut *tx)
-            .await?;
-            created.push(schedule);
+        let result: Result<_> = async {
+            let mut created = Vec::with_capacity(specs.len());
+            for (spec, first_fire) in specs {
+                // Share-locked so that a code deleted at the same moment cancels this schedule.
+                let code_id: String = sqlx::query_scalar(
+                    "SELECT id FROM codes WHERE project_id = $1 AND name = $2 AND deleted_at IS NULL \
+                     FOR SHARE",
+                )
+                .bind(project_id)
+                .bind(&spec.code_name)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| StoreError::not_found(format!("code {}", spec.code_name)))?;
+                let next_start = first_fire.map(normalize);
+                let schedule = Schedule {
+                    id: new_id(),
+                    project_id: project_id.to_owned(),
+                    code_id,
+                    spec: spec.clone(),
+                    status: if next_start.is_some() {
+                        ScheduleStatus::Scheduled
+                    } else {
+                        ScheduleStatus::Complete
+                    },
+                    next_start,
+                    last_run_time: None,
+                    run_count: 0,
+                    created_at: now,
+                    updated_at: now,
+                };
+                sqlx::query(
+                    "INSERT INTO schedules (id, project_id, code_id, spec, status, next_start, \
+                     last_run_time, run_count, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, NULL, 0, $7, $7)",
+                )
+                .bind(&schedule.id)
+                .bind(project_id)
+                .bind(&schedule.code_id)
+                .bind(to_json(spec)?)
+                .bind(schedule.status.as_str())
+                .bind(opt_micros(schedule.next_start))
+                .bind(micros(now))
+                .execute(&mut *tx)
+                .await?;
+                created.push(schedule);
+            }
+            Ok(created)
         }
-        tx.commit().await?;
-        Ok(created)
+        .await;
+        finish(tx, result).await
     }
 
     async fn get_schedule(&self, project_id: &str, schedule_id: &str) -> Result<Schedule> {
@@ -1065,58 +1098,79 @@ impl Store for PgStore {
             next_start.map(normalize),
         );
         let mut tx = self.pool.begin().await?;
-        // The row lock makes a second scheduler wait and then see the new `next_start`.
-        let schedule = load_schedule(&mut tx, None, schedule_id, true).await?;
-        if schedule.status != ScheduleStatus::Scheduled || schedule.next_start != Some(fired_at) {
-            return Err(StoreError::Conflict(format!(
-                "schedule {schedule_id} is not due at {fired_at}: it already fired or was cancelled"
-            )));
+        let result: Result<_> = async {
+            // The row lock makes a second scheduler wait and then see the new `next_start`.
+            let schedule = load_schedule(&mut tx, None, schedule_id, true).await?;
+            if schedule.status != ScheduleStatus::Scheduled || schedule.next_start != Some(fired_at) {
+                return Err(StoreError::Conflict(format!(
+                    "schedule {schedule_id} is not due at {fired_at}: it already fired or was cancelled"
+                )));
+            }
+            let spec = &schedule.spec;
+            let new_task = NewTask {
+                code_name: spec.code_name.clone(),
+                payload: spec.payload.clone(),
+                priority: spec.priority,
+                timeout_secs: spec.timeout_secs,
+                delay_secs: 0,
+                label: spec.label.clone(),
+                cluster: spec.cluster.clone(),
+                retry_count: 0,
+                original_task_id: None,
+                schedule_id: Some(schedule.id.clone()),
+                code_rev: None,
+            };
+            let mut queued = tasks::insert(
+                &mut tx,
+                &schedule.project_id,
+                std::slice::from_ref(&new_task),
+                now,
+            )
+            .await?;
+            let status = if next_start.is_some() {
+                ScheduleStatus::Scheduled
+            } else {
+                ScheduleStatus::Complete
+            };
+            sqlx::query(
+                "UPDATE schedules SET status = $1, next_start = $2, last_run_time = $3, \
+                 run_count = run_count + 1, updated_at = $3 WHERE id = $4",
+            )
+            .bind(status.as_str())
+            .bind(opt_micros(next_start))
+            .bind(micros(now))
+            .bind(schedule_id)
+            .execute(&mut *tx)
+            .await?;
+            tasks::notify_work(&mut tx).await?;
+            queued
+                .pop()
+                .ok_or_else(|| StoreError::Corrupt("firing a schedule queued no task".to_owned()))
         }
-        let spec = &schedule.spec;
-        let new_task = NewTask {
-            code_name: spec.code_name.clone(),
-            payload: spec.payload.clone(),
-            priority: spec.priority,
-            timeout_secs: spec.timeout_secs,
-            delay_secs: 0,
-            label: spec.label.clone(),
-            cluster: spec.cluster.clone(),
-            retry_count: 0,
-            original_task_id: None,
-            schedule_id: Some(schedule.id.clone()),
-            code_rev: None,
-        };
-        let mut queued = tasks::insert(
-            &mut tx,
-            &schedule.project_id,
-            std::slice::from_ref(&new_task),
-            now,
-        )
-        .await?;
-        let status = if next_start.is_some() {
-            ScheduleStatus::Scheduled
-        } else {
-            ScheduleStatus::Complete
-        };
-        sqlx::query(
-            "UPDATE schedules SET status = $1, next_start = $2, last_run_time = $3, \
-             run_count = run_count + 1, updated_at = $3 WHERE id = $4",
-        )
-        .bind(status.as_str())
-        .bind(opt_micros(next_start))
-        .bind(micros(now))
-        .bind(schedule_id)
-        .execute(&mut *tx)
-        .await?;
-        tasks::notify_work(&mut tx).await?;
-        tx.commit().await?;
-        queued
-            .pop()
-            .ok_or_else(|| StoreError::Corrupt("firing a schedule queued no task".to_owned()))
+        .await;
+        finish(tx, result).await
     }
 }
 
 // === helpers ===
+
+/// Ends a transaction: commits it when `result` is `Ok`, rolls it back otherwise. Explicitly,
+/// because a transaction merely dropped is rolled back only when its connection is next used,
+/// and until then it keeps its row locks, which a lease elsewhere would `SKIP`.
+async fn finish<T>(tx: Transaction<'_, Postgres>, result: Result<T>) -> Result<T> {
+    match result {
+        Ok(value) => {
+            tx.commit().await?;
+            Ok(value)
+        }
+        Err(error) => {
+            if let Err(rollback) = tx.rollback().await {
+                tracing::warn!(error = %rollback, "rolling back a failed transaction failed");
+            }
+            Err(error)
+        }
+    }
+}
 
 /// `LIMIT` and `OFFSET` of a 1-based page; page 0 reads as page 1.
 fn limit_offset(page: Page) -> (i64, i64) {
