@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs every stevedore test: unit, API, store, the real binary, the real Docker engine and the
-# official IronWorker Python and Node clients. Installs and starts whatever a fresh machine
-# lacks first.
+# Runs every stevedore test: unit, API, store (SQLite and PostgreSQL), the real binary, the real
+# Docker engine and the official IronWorker Python and Node clients. Installs and starts
+# whatever a fresh machine lacks first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +19,11 @@ apt_install() {
 if [ -x scripts/ensure-docker.sh ]; then
   scripts/ensure-docker.sh
 fi
+
+# PostgreSQL's binaries, for the PostgreSQL store's tests, benchmark and `serve --database`
+# tests. No server is started here: the tests start a throwaway cluster of their own.
+STEVEDORE_PG_BIN="$(scripts/ensure-postgres.sh)"
+export STEVEDORE_PG_BIN
 
 # The official IronWorker Python client, in a virtual environment of its own.
 if ! command -v python3 >/dev/null 2>&1; then

@@ -26,7 +26,7 @@ use stevedore_server::leader::{self, LeaderDuties};
 use stevedore_server::rescuer::RescuerConfig;
 use stevedore_server::scheduler::SchedulerConfig;
 use stevedore_server::{AppState, EnqueueHook, auth, bootstrap};
-use stevedore_store::{SqliteStore, Store, TokenRole};
+use stevedore_store::{PgStore, SqliteStore, Store, TokenRole};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -67,6 +67,10 @@ enum Command {
         /// The address to listen on.
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// A postgres:// URL of a database several servers share (default: SQLite in the
+        /// data directory).
+        #[arg(long)]
+        database: Option<String>,
     },
     /// Run tasks for a server elsewhere: lease over its runner protocol, run each task in a
     /// container on this machine's Docker engine.
@@ -252,9 +256,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run(args) => cmd::run::run(&settings, *args, format).await,
         Command::Runner(args) => remote_runner(settings, *args).await,
-        Command::Serve { listen } => {
+        Command::Serve { listen, database } => {
             if let Some(listen) = listen {
                 settings.listen = listen;
+            }
+            if database.is_some() {
+                settings.database = database;
             }
             serve(settings).await
         }
@@ -338,14 +345,23 @@ fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn open_store(settings: &Settings) -> anyhow::Result<SqliteStore> {
+/// PostgreSQL when `database` names it, else SQLite in the data directory.
+async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
+    if let Some(options) = settings.postgres_options()? {
+        // The URL is not repeated: it may hold a password.
+        let store = PgStore::connect(options)
+            .await
+            .context("cannot connect to the PostgreSQL database")?;
+        return Ok(Arc::new(store));
+    }
     let options = settings.store_options()?;
-    SqliteStore::open(options).await.with_context(|| {
+    let store = SqliteStore::open(options).await.with_context(|| {
         format!(
             "cannot open the database in {}",
             settings.data_dir.display()
         )
-    })
+    })?;
+    Ok(Arc::new(store))
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
@@ -355,7 +371,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             settings.data_dir.display()
         )
     })?;
-    let store: Arc<dyn Store> = Arc::new(open_store(&settings).await?);
+    let store = open_store(&settings).await?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let listener = TcpListener::bind(settings.listen)
         .await

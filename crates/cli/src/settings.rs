@@ -13,7 +13,7 @@ use stevedore_engine::RegistryAuth;
 use stevedore_model::{Stack, limits};
 use stevedore_runner::RunnerConfig;
 use stevedore_server::ServerConfig;
-use stevedore_store::{SqliteOptions, SyncMode};
+use stevedore_store::{PgOptions, SqliteOptions, SyncMode};
 
 /// Everything configurable, as read from files and the environment.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -22,7 +22,12 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// Where the database and `iron.json` live.
     pub data_dir: PathBuf,
-    /// `normal` survives a crash of the process; `full` also a power failure.
+    /// The database: absent for SQLite in `data_dir` (the default), or a `postgres://` URL of a
+    /// PostgreSQL database that several servers share.
+    pub database: Option<String>,
+    /// The most connections to PostgreSQL this server opens.
+    pub database_max_connections: u32,
+    /// SQLite only: `normal` survives a crash of the process; `full` also a power failure.
     pub sync: String,
     pub max_payload_bytes: usize,
     pub max_package_bytes: usize,
@@ -125,6 +130,8 @@ impl Default for Settings {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("stevedore-data"),
+            database: None,
+            database_max_connections: 10,
             sync: "normal".to_owned(),
             max_payload_bytes: limits::DEFAULT_MAX_PAYLOAD_BYTES,
             max_package_bytes: server.package.max_bytes,
@@ -158,6 +165,21 @@ impl Settings {
             .merge(Env::prefixed("STEVEDORE_").split("__"))
             .extract()
             .context("invalid configuration")
+    }
+
+    /// Where PostgreSQL is, when `database` names it; `None` for SQLite.
+    pub fn postgres_options(&self) -> anyhow::Result<Option<PgOptions>> {
+        let Some(url) = self.database.as_deref().filter(|url| !url.is_empty()) else {
+            return Ok(None);
+        };
+        anyhow::ensure!(
+            url.starts_with("postgres://") || url.starts_with("postgresql://"),
+            "database must be a postgres:// URL (or absent for SQLite in the data directory)"
+        );
+        Ok(Some(PgOptions {
+            max_connections: self.database_max_connections,
+            ..PgOptions::new(url)
+        }))
     }
 
     pub fn store_options(&self) -> anyhow::Result<SqliteOptions> {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use stevedore_engine::{ContainerEngine, EngineCapabilities, Requirements, check_required};
-use stevedore_store::{LeaseRequest, LeasedTask};
+use stevedore_store::{LeaseRequest, LeasedTask, WorkSignal};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -48,6 +48,14 @@ pub struct StartedRunner {
 
 /// How many containers left by an earlier life are removed at once at start-up.
 const REAP_CONCURRENCY: usize = 8;
+
+/// Waits for the source's work signal; forever when it has none.
+async fn notified(signal: &mut Option<WorkSignal>) {
+    match signal {
+        Some(signal) => signal.notified().await,
+        None => std::future::pending().await,
+    }
+}
 
 // === impl Runner ===
 
@@ -201,6 +209,8 @@ impl Runner {
         let config = &self.config;
         let mut idle = IdleBackoff::new(config.idle_poll_interval);
         let mut released = admission.subscribe();
+        // Work queued through another server on the same database.
+        let mut shared_work = self.source.work_signal();
         loop {
             if shutdown.is_cancelled() {
                 return;
@@ -244,6 +254,7 @@ impl Runner {
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}
                 () = self.work.notified() => idle.reset(),
+                () = notified(&mut shared_work) => idle.reset(),
                 () = shutdown.cancelled() => return,
             }
         }

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use stevedore_model::{Clock, TaskOutcome};
-use stevedore_store::{HeartbeatReply, LeaseRequest, LeasedTask, Requeue, RunReport, Store};
+use stevedore_store::{
+    HeartbeatReply, LeaseRequest, LeasedTask, Requeue, RunReport, Store, WorkSignal,
+};
 
 use crate::error::SourceError;
 
@@ -20,6 +22,12 @@ use crate::error::SourceError;
 /// [`SourceError::StaleLease`], after which the runner drops the task.
 #[async_trait]
 pub trait TaskSource: Send + Sync + 'static {
+    /// A signal that work may be waiting, when the source has one beyond its caller's own
+    /// `WorkNotifier` (a store shared by several servers). The lease loop still polls.
+    fn work_signal(&self) -> Option<WorkSignal> {
+        None
+    }
+
     /// Claims up to `request.max_tasks` due tasks for this runner.
     async fn lease(&self, request: &LeaseRequest) -> Result<Vec<LeasedTask>, SourceError>;
 
@@ -115,6 +123,10 @@ impl std::fmt::Debug for StoreTaskSource {
 
 #[async_trait]
 impl TaskSource for StoreTaskSource {
+    fn work_signal(&self) -> Option<WorkSignal> {
+        self.store.work_signal()
+    }
+
     async fn lease(&self, request: &LeaseRequest) -> Result<Vec<LeasedTask>, SourceError> {
         Ok(self.store.lease(request, self.clock.now()).await?)
     }

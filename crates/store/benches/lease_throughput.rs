@@ -1,4 +1,6 @@
-//! How fast the SQLite store queues and hands out tasks, on this machine's disk.
+//! How fast the stores queue and hand out tasks, SQLite on this machine's disk beside
+//! PostgreSQL in the throwaway test cluster (`stevedore_store::testcluster`; skipped when
+//! PostgreSQL is not installed).
 //!
 //! `cargo bench -p stevedore-store --bench lease_throughput` queues tasks in batches of 100
 //! (tasks/s), then drains the queue with runner loops that lease batches of 32 and finish each
@@ -8,8 +10,11 @@
 //!   failure, which is valid straight from `preparing`);
 //! * `lease+running+complete`: what the runner really does for a task that ran, three calls.
 //!
-//! With several runner loops the writes still serialize on the one writer connection; the
-//! loops only overlap their round trips.
+//! With several runner loops SQLite's writes still serialize on its one writer connection;
+//! the loops only overlap their round trips. PostgreSQL runs them on as many connections, but
+//! the test cluster runs without fsync, so its figures are what the store's statements cost,
+//! not what a durable server's disk allows. `STEVEDORE_BENCH_TASKS` sets how many tasks the
+//! side-by-side runs queue (default 20000).
 
 use std::error::Error;
 use std::sync::Arc;
@@ -18,7 +23,9 @@ use std::time::Instant;
 use chrono::Utc;
 use stevedore_model::TaskOutcome;
 use stevedore_store::testsuite::{image_spec, lease_request, new_task};
-use stevedore_store::{RunReport, SqliteOptions, SqliteStore, Store, SyncMode};
+use stevedore_store::{
+    PgOptions, PgStore, RunReport, SqliteOptions, SqliteStore, Store, SyncMode, testcluster,
+};
 
 type BenchResult<T = ()> = Result<T, Box<dyn Error + Send + Sync>>;
 
@@ -37,26 +44,108 @@ fn main() -> BenchResult {
         .enable_all()
         .build()?;
     runtime.block_on(async {
+        let total: usize = std::env::var("STEVEDORE_BENCH_TASKS")
+            .ok()
+            .and_then(|total| total.parse().ok())
+            .unwrap_or(20_000);
         println!(
-            "SQLite store: enqueue batches of {ENQUEUE_BATCH}, lease batches of {LEASE_BATCH}"
+            "{total} tasks, enqueue batches of {ENQUEUE_BATCH}, lease batches of {LEASE_BATCH}; \
+             tasks/s"
         );
-        bench(SyncMode::Normal, 100_000, 1, Calls::LeaseComplete).await?;
-        bench(SyncMode::Normal, 100_000, 1, Calls::LeaseRunningComplete).await?;
-        bench(SyncMode::Normal, 100_000, 4, Calls::LeaseRunningComplete).await?;
-        bench(SyncMode::Full, 10_000, 1, Calls::LeaseComplete).await?;
-        bench(SyncMode::Full, 10_000, 4, Calls::LeaseRunningComplete).await
+        println!(
+            "{:<42} {:>16} {:>16}",
+            "", "SQLite (normal)", "PostgreSQL"
+        );
+        let patterns = [
+            (1, Calls::LeaseComplete),
+            (4, Calls::LeaseComplete),
+            (1, Calls::LeaseRunningComplete),
+            (4, Calls::LeaseRunningComplete),
+        ];
+        let mut enqueue = (0.0, None);
+        for (runners, calls) in patterns {
+            let sqlite = bench(&open_sqlite(SyncMode::Normal).await?, total, runners, calls).await?;
+            let postgres = match open_postgres().await? {
+                Some(store) => Some(bench(&store, total, runners, calls).await?),
+                None => None,
+            };
+            enqueue = (sqlite.0, postgres.map(|(enqueue, _)| enqueue));
+            println!(
+                "{:<42} {:>16.0} {:>16}",
+                format!("{runners} runner loop(s), {}", calls.name()),
+                sqlite.1,
+                shown(postgres.map(|(_, run)| run)),
+            );
+        }
+        println!(
+            "{:<42} {:>16.0} {:>16}",
+            "enqueue",
+            enqueue.0,
+            shown(enqueue.1)
+        );
+        let full = bench(&open_sqlite(SyncMode::Full).await?, 10_000, 1, Calls::LeaseComplete).await?;
+        println!(
+            "SQLite with sync = full, 10000 tasks: enqueue {:.0}, 1 runner loop lease+complete {:.0}",
+            full.0, full.1
+        );
+        Ok(())
     })
 }
 
-async fn bench(sync: SyncMode, total: usize, runners: usize, calls: Calls) -> BenchResult {
+fn shown(value: Option<f64>) -> String {
+    value.map_or_else(
+        || "(no PostgreSQL)".to_owned(),
+        |value| format!("{value:.0}"),
+    )
+}
+
+/// A store and what must live as long as it.
+struct Opened {
+    store: Arc<dyn Store>,
+    _guard: Box<dyn std::any::Any>,
+}
+
+async fn open_sqlite(sync: SyncMode) -> BenchResult<Opened> {
     let dir = tempfile::tempdir()?;
-    let store = Arc::new(
-        SqliteStore::open(SqliteOptions {
-            path: dir.path().join("bench.db"),
-            sync,
-        })
-        .await?,
-    );
+    let store = SqliteStore::open(SqliteOptions {
+        path: dir.path().join("bench.db"),
+        sync,
+    })
+    .await?;
+    Ok(Opened {
+        store: Arc::new(store),
+        _guard: Box::new(dir),
+    })
+}
+
+async fn open_postgres() -> BenchResult<Option<Opened>> {
+    let Some(database) = testcluster::fresh_database().await else {
+        return Ok(None);
+    };
+    let store = PgStore::connect(PgOptions::new(&database.url)).await?;
+    Ok(Some(Opened {
+        store: Arc::new(store),
+        _guard: Box::new(database),
+    }))
+}
+
+impl Calls {
+    fn name(self) -> &'static str {
+        match self {
+            Calls::LeaseComplete => "lease+complete",
+            Calls::LeaseRunningComplete => "lease+running+complete",
+        }
+    }
+}
+
+/// Queues `total` tasks and runs them; tasks per second (enqueue, run).
+async fn bench(
+    opened: &Opened,
+    total: usize,
+    runners: usize,
+    calls: Calls,
+) -> BenchResult<(f64, f64)> {
+    let store = &opened.store;
     let project = store.create_project("bench", Utc::now()).await?;
     store
         .push_code(&project.id, &image_spec("hello"), None, Utc::now())
@@ -72,7 +161,7 @@ async fn bench(sync: SyncMode, total: usize, runners: usize, calls: Calls) -> Be
     let started = Instant::now();
     let mut loops = tokio::task::JoinSet::new();
     for runner in 0..runners {
-        let store = Arc::clone(&store);
+        let store = Arc::clone(store);
         loops.spawn(async move { run_tasks(&*store, &format!("runner-{runner}"), calls).await });
     }
     let mut done = 0;
@@ -81,19 +170,7 @@ async fn bench(sync: SyncMode, total: usize, runners: usize, calls: Calls) -> Be
     }
     let run_secs = started.elapsed().as_secs_f64();
     assert_eq!(done, total, "every queued task ran once");
-
-    let calls_name = match calls {
-        Calls::LeaseComplete => "lease+complete",
-        Calls::LeaseRunningComplete => "lease+running+complete",
-    };
-    println!(
-        "{sync:?} sync, {total} tasks: enqueue {:>6.0} tasks/s | {runners} runner loop(s), \
-         {calls_name}: {:>5.0} tasks/s ({run_secs:.1} s)",
-        total as f64 / enqueue_secs,
-        total as f64 / run_secs,
-    );
-    store.close().await;
-    Ok(())
+    Ok((total as f64 / enqueue_secs, total as f64 / run_secs))
 }
 
 /// One runner's store traffic until the queue is empty. Returns how many tasks it finished.

@@ -12,9 +12,12 @@
 
 #![forbid(unsafe_code)]
 
+mod convert;
 mod error;
+mod postgres;
 mod record;
 mod sqlite;
+pub mod testcluster;
 pub mod testsuite;
 
 use async_trait::async_trait;
@@ -24,6 +27,7 @@ use stevedore_model::{
 };
 
 pub use error::StoreError;
+pub use postgres::{PgOptions, PgStore};
 pub use sqlite::{SqliteOptions, SqliteStore, SyncMode};
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -223,10 +227,40 @@ pub struct ClusterLoad {
     pub runners: Vec<RunnerStatus>,
 }
 
+/// Wakes a lease loop when work may have been queued by any process sharing the database: a
+/// task queued, requeued or retried, a schedule fired, a code resumed. A hint, not a promise:
+/// a signal may come without new work, and the loop must still poll now and then, because a
+/// signal can be lost while the store reconnects. Cheap to clone; each clone keeps its own
+/// place, so a signal sent while its holder was busy is seen by its next `notified`.
+#[derive(Debug, Clone)]
+pub struct WorkSignal(tokio::sync::watch::Receiver<u64>);
+
+impl WorkSignal {
+    pub(crate) fn new(receiver: tokio::sync::watch::Receiver<u64>) -> Self {
+        WorkSignal(receiver)
+    }
+
+    /// Returns at the first signal after the last one this handle saw. Never returns once the
+    /// store that sends them is gone.
+    pub async fn notified(&mut self) {
+        if self.0.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// Everything stevedore keeps. One implementation per database; one shared test suite
 /// (`testsuite`) that every implementation must pass.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// A signal of work queued by any process sharing this store, for lease loops that would
+    /// otherwise only poll. `None` (the default) when the store has no such signal of its own:
+    /// SQLite is one process's, and the server tells its embedded runner of new work directly.
+    /// PostgreSQL's comes from `LISTEN`, shared by every server on the database.
+    fn work_signal(&self) -> Option<WorkSignal> {
+        None
+    }
+
     // === projects and tokens ===
 
     async fn create_project(&self, name: &str, now: Timestamp) -> Result<Project>;

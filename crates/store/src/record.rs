@@ -8,7 +8,9 @@
 //! and lease token it loaded.
 
 use chrono::{Duration, SubsecRound};
-use stevedore_model::{Event, Task, TaskOutcome, Timestamp, transition};
+use stevedore_model::{
+    Event, NewTask, Task, TaskOutcome, TaskStatus, Timestamp, new_id, transition,
+};
 
 use crate::{Result, RunReport, StoreError};
 
@@ -109,6 +111,47 @@ pub(crate) fn plan_log_append(
         plan.chunks.push((kept, marker.to_vec()));
     }
     Some(plan)
+}
+
+/// A new queued task of a resolved code revision, due at `now + delay`.
+pub(crate) fn queued_task(
+    project_id: &str,
+    code_id: &str,
+    code_rev: u32,
+    new_task: &NewTask,
+    now: Timestamp,
+) -> Task {
+    Task {
+        id: new_id(),
+        project_id: project_id.to_owned(),
+        code_id: code_id.to_owned(),
+        code_name: new_task.code_name.clone(),
+        code_rev,
+        status: TaskStatus::Queued,
+        priority: new_task.priority,
+        payload: new_task.payload.clone(),
+        label: new_task.label.clone(),
+        cluster: new_task.cluster.clone(),
+        timeout_secs: new_task.timeout_secs,
+        delay_secs: new_task.delay_secs,
+        created_at: now,
+        updated_at: now,
+        due_at: now + Duration::seconds(i64::from(new_task.delay_secs)),
+        start_time: None,
+        end_time: None,
+        percent: None,
+        msg: None,
+        retry_count: new_task.retry_count,
+        original_task_id: new_task.original_task_id.clone(),
+        schedule_id: new_task.schedule_id.clone(),
+        exit_code: None,
+        log_size: 0,
+        infra_attempts: 0,
+        cancel_requested: false,
+        peak_memory_bytes: None,
+        cpu_time_ms: None,
+        runner_id: None,
+    }
 }
 
 impl TaskRecord {

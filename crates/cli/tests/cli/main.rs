@@ -6,6 +6,7 @@
 mod client;
 mod image;
 mod node_client;
+mod postgres;
 mod python_client;
 mod remote;
 mod schedules;

@@ -41,6 +41,11 @@ impl ServerProcess {
     }
 
     pub fn start_with_env(data_dir: &Path, env: &[(&str, &str)]) -> ServerProcess {
+        Self::start_with(data_dir, &[], env)
+    }
+
+    /// `serve` with more arguments and environment variables.
+    pub fn start_with(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> ServerProcess {
         let iron_path = data_dir.join("iron.json");
         let before = std::fs::metadata(&iron_path)
             .and_then(|meta| meta.modified())
@@ -49,6 +54,7 @@ impl ServerProcess {
         command
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
+            .args(args)
             .env("STEVEDORE_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -1,13 +1,12 @@
 //! Rows to domain values and back: the column lists every query selects, and the conversions
 //! of time, integers and statuses at the boundary of the database.
 
-use chrono::DateTime;
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
-use stevedore_model::{CodeRevision, Schedule, ScheduleStatus, Task, TaskStatus, Timestamp};
+use stevedore_model::{CodeRevision, Schedule, ScheduleStatus, Task};
 
 use crate::record::{TaskRecord, truncation_marker_start};
-use crate::{LogSlice, Project, Result, StoreError, TokenRecord, TokenRole};
+use crate::{LogSlice, Project, Result, StoreError, TokenRecord};
 
 /// A whole `tasks` row as one JSON object in a column named `task`, for a query that names the
 /// table `t`. One value per row instead of thirty-three: sqlx copies every value of a row on
@@ -50,72 +49,10 @@ pub(super) use {revision_columns, schedule_columns, task_columns};
 
 // === conversions ===
 
-pub(super) fn micros(at: Timestamp) -> i64 {
-    at.timestamp_micros()
-}
-
-pub(super) fn opt_micros(at: Option<Timestamp>) -> Option<i64> {
-    at.map(micros)
-}
-
-pub(super) fn timestamp(value: i64) -> Result<Timestamp> {
-    DateTime::from_timestamp_micros(value)
-        .ok_or_else(|| StoreError::Corrupt(format!("timestamp {value} is out of range")))
-}
-
-pub(super) fn opt_timestamp(value: Option<i64>) -> Result<Option<Timestamp>> {
-    value.map(timestamp).transpose()
-}
-
-/// Unsigned values go into signed 64-bit columns (PostgreSQL has no unsigned types either);
-/// nothing stevedore counts comes near `i64::MAX`, so saturating is never lossy in practice.
-pub(super) fn signed(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-pub(super) fn opt_signed(value: Option<u64>) -> Option<i64> {
-    value.map(signed)
-}
-
-pub(super) fn unsigned<T: TryFrom<i64>>(column: &str, value: i64) -> Result<T> {
-    T::try_from(value)
-        .map_err(|_| StoreError::Corrupt(format!("{column} holds {value}, out of range")))
-}
-
-fn opt_unsigned<T: TryFrom<i64>>(column: &str, value: Option<i64>) -> Result<Option<T>> {
-    value.map(|value| unsigned(column, value)).transpose()
-}
-
-fn status(text: &str) -> Result<TaskStatus> {
-    text.parse()
-        .map_err(|error| StoreError::Corrupt(format!("tasks.status: {error}")))
-}
-
-pub(super) fn role_text(role: TokenRole) -> &'static str {
-    match role {
-        TokenRole::Project => "project",
-        TokenRole::Runner => "runner",
-        TokenRole::Admin => "admin",
-    }
-}
-
-fn role(text: &str) -> Result<TokenRole> {
-    match text {
-        "project" => Ok(TokenRole::Project),
-        "runner" => Ok(TokenRole::Runner),
-        "admin" => Ok(TokenRole::Admin),
-        other => Err(StoreError::Corrupt(format!("unknown token role {other:?}"))),
-    }
-}
-
-pub(super) fn to_json<T: serde::Serialize>(value: &T) -> Result<String> {
-    serde_json::to_string(value)
-        .map_err(|error| StoreError::Corrupt(format!("cannot encode JSON: {error}")))
-}
-
-fn from_json<T: serde::de::DeserializeOwned>(column: &str, text: &str) -> Result<T> {
-    serde_json::from_str(text).map_err(|error| StoreError::Corrupt(format!("{column}: {error}")))
-}
+use crate::convert::{from_json, opt_timestamp, opt_unsigned, role, status};
+pub(super) use crate::convert::{
+    micros, opt_micros, opt_signed, role_text, signed, timestamp, to_json, unsigned,
+};
 
 // === decoding ===
 

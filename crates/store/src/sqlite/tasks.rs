@@ -9,13 +9,13 @@ use sqlx::sqlite::SqliteConnection;
 use stevedore_model::limits::MAX_PRIORITY;
 use stevedore_model::{
     CodeRevision, Event, NewTask, Task, TaskOutcome, TaskStatus, Timestamp, automatic_retry,
-    new_id, transition,
+    transition,
 };
 
 use super::rows::{
     self, micros, opt_micros, opt_signed, revision_columns, signed, task_columns, to_json,
 };
-use crate::record::TaskRecord;
+use crate::record::{TaskRecord, queued_task};
 use crate::{Lease, LeaseRequest, LeasedTask, LogSlice, Result, StoreError};
 
 /// The least number of candidates the lease query fetches per priority, so that a few tasks of
@@ -253,47 +253,6 @@ pub(super) async fn insert(
     }
     insert_rows(conn, &queued).await?;
     Ok(queued)
-}
-
-/// A new queued task of a resolved code revision, due at `now + delay`.
-fn queued_task(
-    project_id: &str,
-    code_id: &str,
-    code_rev: u32,
-    new_task: &NewTask,
-    now: Timestamp,
-) -> Task {
-    Task {
-        id: new_id(),
-        project_id: project_id.to_owned(),
-        code_id: code_id.to_owned(),
-        code_name: new_task.code_name.clone(),
-        code_rev,
-        status: TaskStatus::Queued,
-        priority: new_task.priority,
-        payload: new_task.payload.clone(),
-        label: new_task.label.clone(),
-        cluster: new_task.cluster.clone(),
-        timeout_secs: new_task.timeout_secs,
-        delay_secs: new_task.delay_secs,
-        created_at: now,
-        updated_at: now,
-        due_at: now + Duration::seconds(i64::from(new_task.delay_secs)),
-        start_time: None,
-        end_time: None,
-        percent: None,
-        msg: None,
-        retry_count: new_task.retry_count,
-        original_task_id: new_task.original_task_id.clone(),
-        schedule_id: new_task.schedule_id.clone(),
-        exit_code: None,
-        log_size: 0,
-        infra_attempts: 0,
-        cancel_requested: false,
-        peak_memory_bytes: None,
-        cpu_time_ms: None,
-        runner_id: None,
-    }
 }
 
 /// The user retry of a task a runner just completed with `outcome`, when its pinned code

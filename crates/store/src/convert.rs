@@ -1,0 +1,75 @@
+//! Values at the boundary of every database: time as integer microseconds since the epoch,
+//! unsigned counts in signed 64-bit columns, statuses and roles as text, specs as JSON. Shared by
+//! the SQLite and PostgreSQL stores, whose schemas use the same representations.
+
+use chrono::DateTime;
+use stevedore_model::{TaskStatus, Timestamp};
+
+use crate::{Result, StoreError, TokenRole};
+
+pub(crate) fn micros(at: Timestamp) -> i64 {
+    at.timestamp_micros()
+}
+
+pub(crate) fn opt_micros(at: Option<Timestamp>) -> Option<i64> {
+    at.map(micros)
+}
+
+pub(crate) fn timestamp(value: i64) -> Result<Timestamp> {
+    DateTime::from_timestamp_micros(value)
+        .ok_or_else(|| StoreError::Corrupt(format!("timestamp {value} is out of range")))
+}
+
+pub(crate) fn opt_timestamp(value: Option<i64>) -> Result<Option<Timestamp>> {
+    value.map(timestamp).transpose()
+}
+
+/// Unsigned values go into signed 64-bit columns (PostgreSQL has no unsigned types either);
+/// nothing stevedore counts comes near `i64::MAX`, so saturating is never lossy in practice.
+pub(crate) fn signed(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn opt_signed(value: Option<u64>) -> Option<i64> {
+    value.map(signed)
+}
+
+pub(crate) fn unsigned<T: TryFrom<i64>>(column: &str, value: i64) -> Result<T> {
+    T::try_from(value)
+        .map_err(|_| StoreError::Corrupt(format!("{column} holds {value}, out of range")))
+}
+
+pub(crate) fn opt_unsigned<T: TryFrom<i64>>(column: &str, value: Option<i64>) -> Result<Option<T>> {
+    value.map(|value| unsigned(column, value)).transpose()
+}
+
+pub(crate) fn status(text: &str) -> Result<TaskStatus> {
+    text.parse()
+        .map_err(|error| StoreError::Corrupt(format!("tasks.status: {error}")))
+}
+
+pub(crate) fn role_text(role: TokenRole) -> &'static str {
+    match role {
+        TokenRole::Project => "project",
+        TokenRole::Runner => "runner",
+        TokenRole::Admin => "admin",
+    }
+}
+
+pub(crate) fn role(text: &str) -> Result<TokenRole> {
+    match text {
+        "project" => Ok(TokenRole::Project),
+        "runner" => Ok(TokenRole::Runner),
+        "admin" => Ok(TokenRole::Admin),
+        other => Err(StoreError::Corrupt(format!("unknown token role {other:?}"))),
+    }
+}
+
+pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> Result<String> {
+    serde_json::to_string(value)
+        .map_err(|error| StoreError::Corrupt(format!("cannot encode JSON: {error}")))
+}
+
+pub(crate) fn from_json<T: serde::de::DeserializeOwned>(column: &str, text: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|error| StoreError::Corrupt(format!("{column}: {error}")))
+}

@@ -1,0 +1,117 @@
+//! The shared store suite against PostgreSQL, each test in a fresh database of a throwaway
+//! cluster (`stevedore_store::testcluster`), plus what only several stores on one database can
+//! show: two "servers" sharing leases, tokens and wake-ups.
+//!
+//! Skipped with a message when PostgreSQL is not installed, unless `CI` is set.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use stevedore_store::testcluster::{TestDatabase, fresh_database};
+use stevedore_store::testsuite::{at, image_spec, lease_request, new_task};
+use stevedore_store::{PgOptions, PgStore, Store};
+
+async fn connect(database: &TestDatabase) -> PgStore {
+    let options = PgOptions {
+        max_connections: 5,
+        ..PgOptions::new(&database.url)
+    };
+    PgStore::connect(options)
+        .await
+        .expect("connect to the test database")
+}
+
+/// A fresh store in its own database; the database is dropped with the guard.
+async fn fresh_store() -> Option<(PgStore, TestDatabase)> {
+    let database = fresh_database().await?;
+    let store = connect(&database).await;
+    Some((store, database))
+}
+
+stevedore_store::store_test_suite!(optional fresh_store);
+
+#[tokio::test]
+async fn two_servers_share_leases_and_tokens() {
+    let Some(database) = fresh_database().await else {
+        return;
+    };
+    let (one, two) = (connect(&database).await, connect(&database).await);
+    let project = one.create_project("acme", at(0)).await.unwrap();
+    let mut limited = image_spec("limited");
+    limited.max_concurrency = Some(2);
+    one.push_code(&project.id, &limited, None, at(0))
+        .await
+        .unwrap();
+    two.enqueue(&project.id, &vec![new_task("limited"); 10], at(1))
+        .await
+        .unwrap();
+    let (request_one, request_two) = (lease_request("runner-1", 5), lease_request("runner-2", 5));
+    let (a, b) = tokio::join!(
+        one.lease(&request_one, at(2)),
+        two.lease(&request_two, at(2))
+    );
+    let leased = [a.unwrap(), b.unwrap()].concat();
+    assert!(leased.len() <= 2, "max_concurrency holds across servers");
+    let token = leased
+        .iter()
+        .map(|leased| leased.lease.token)
+        .max()
+        .unwrap_or(0);
+    // Whoever leases next gets a larger token, from either server.
+    let first = &leased[0];
+    two.complete(
+        &first.task.id,
+        first.lease.token,
+        &stevedore_model::TaskOutcome::Cancelled,
+        &stevedore_store::RunReport::default(),
+        at(3),
+    )
+    .await
+    .unwrap();
+    let next = one
+        .lease(&lease_request("runner-1", 5), at(4))
+        .await
+        .unwrap();
+    assert!(next.iter().all(|leased| leased.lease.token > token));
+    one.close().await;
+    two.close().await;
+}
+
+#[tokio::test]
+async fn a_task_queued_by_one_server_wakes_the_other() {
+    let Some(database) = fresh_database().await else {
+        return;
+    };
+    let (one, two) = (connect(&database).await, connect(&database).await);
+    let mut signal = two.work_signal().expect("PostgreSQL has a work signal");
+    let project = one.create_project("acme", at(0)).await.unwrap();
+    one.push_code(&project.id, &image_spec("hello"), None, at(0))
+        .await
+        .unwrap();
+    // The first tick says "listening now": whatever came before is unknown.
+    tokio::time::timeout(Duration::from_secs(10), signal.notified())
+        .await
+        .expect("the listener starts");
+    one.enqueue(&project.id, &[new_task("hello")], at(1))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), signal.notified())
+        .await
+        .expect("a task queued on one server wakes the other");
+    one.close().await;
+    two.close().await;
+}
+
+#[tokio::test]
+async fn migrations_run_once_for_servers_starting_together() {
+    let Some(database) = fresh_database().await else {
+        return;
+    };
+    let (one, two, three) =
+        tokio::join!(connect(&database), connect(&database), connect(&database));
+    for store in [&one, &two, &three] {
+        store.close().await;
+    }
+    connect(&database).await.close().await;
+}
