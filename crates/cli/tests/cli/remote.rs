@@ -2,96 +2,15 @@
 //! `stevedore serve` whose embedded runner is off, runs real containers to completion.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 use crate::support::{
-    Api, ServerProcess, binary, containers_labelled, docker_available, ensure_local_image, run_ok,
+    Api, RunnerProcess, ServerProcess, binary, containers_labelled, docker_available,
+    ensure_local_image, remove_containers, run_ok,
 };
-
-/// A `stevedore runner` process.
-struct RunnerProcess {
-    child: Child,
-    id: String,
-}
-
-impl RunnerProcess {
-    fn start(server: &ServerProcess, token: &str, id: &str, clusters: &[&str]) -> RunnerProcess {
-        let mut command = Command::new(binary());
-        command
-            .args([
-                "runner",
-                "--api",
-                &server.base,
-                "--id",
-                id,
-                "--capacity",
-                "2",
-            ])
-            .env("STEVEDORE_RUNNER_TOKEN", token)
-            .env("STEVEDORE_LOG", "warn")
-            .env("STEVEDORE_RUNNER__LEASE_SECS", "3")
-            .env("STEVEDORE_RUNNER__SHUTDOWN_GRACE_SECS", "5")
-            // No stevedore.toml of the working directory.
-            .env("STEVEDORE_CONFIG", "/dev/null")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        for cluster in clusters {
-            command.args(["--cluster", cluster]);
-        }
-        #[allow(clippy::zombie_processes)]
-        let child = command.spawn().expect("start stevedore runner");
-        RunnerProcess {
-            child,
-            id: id.to_owned(),
-        }
-    }
-
-    fn label(&self) -> String {
-        format!("stevedore.runner={}", self.id)
-    }
-
-    fn kill_hard(&mut self) {
-        self.child.kill().expect("kill -9");
-        self.child.wait().expect("reap");
-    }
-
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        assert!(status.success());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the runner did not stop within 20 s of SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for RunnerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn remove_containers(label: &str) {
-    for id in containers_labelled(label) {
-        let _ = Command::new("docker")
-            .args(["rm", "-f", &id])
-            .stdout(Stdio::null())
-            .status();
-    }
-}
 
 fn runner_token(data_dir: &Path) -> String {
     let out = run_ok(&[

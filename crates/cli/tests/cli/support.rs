@@ -46,13 +46,23 @@ impl ServerProcess {
 
     /// `serve` with more arguments and environment variables.
     pub fn start_with(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> ServerProcess {
+        Self::start_listening(data_dir, "127.0.0.1:0", args, env)
+    }
+
+    /// Starts on a given address, e.g. the port of an earlier life of the same server.
+    pub fn start_listening(
+        data_dir: &Path,
+        listen: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> ServerProcess {
         let iron_path = data_dir.join("iron.json");
         let before = std::fs::metadata(&iron_path)
             .and_then(|meta| meta.modified())
             .ok();
         let mut command = Command::new(binary());
         command
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir)
             .args(args)
             .env("STEVEDORE_LOG", "warn")
@@ -306,5 +316,87 @@ impl<'a> Api<'a> {
             )
         })
         .await
+    }
+}
+
+/// A `stevedore runner` process.
+pub struct RunnerProcess {
+    pub child: Child,
+    pub id: String,
+}
+
+impl RunnerProcess {
+    pub fn start(server: &ServerProcess, token: &str, id: &str, clusters: &[&str]) -> RunnerProcess {
+        let mut command = Command::new(binary());
+        command
+            .args([
+                "runner",
+                "--api",
+                &server.base,
+                "--id",
+                id,
+                "--capacity",
+                "2",
+            ])
+            .env("STEVEDORE_RUNNER_TOKEN", token)
+            .env("STEVEDORE_LOG", "warn")
+            .env("STEVEDORE_RUNNER__LEASE_SECS", "3")
+            .env("STEVEDORE_RUNNER__SHUTDOWN_GRACE_SECS", "5")
+            // No stevedore.toml of the working directory.
+            .env("STEVEDORE_CONFIG", "/dev/null")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for cluster in clusters {
+            command.args(["--cluster", cluster]);
+        }
+        #[allow(clippy::zombie_processes)]
+        let child = command.spawn().expect("start stevedore runner");
+        RunnerProcess {
+            child,
+            id: id.to_owned(),
+        }
+    }
+
+    pub fn label(&self) -> String {
+        format!("stevedore.runner={}", self.id)
+    }
+
+    pub fn kill_hard(&mut self) {
+        self.child.kill().expect("kill -9");
+        self.child.wait().expect("reap");
+    }
+
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the runner did not stop within 20 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RunnerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn remove_containers(label: &str) {
+    for id in containers_labelled(label) {
+        let _ = Command::new("docker")
+            .args(["rm", "-f", &id])
+            .stdout(Stdio::null())
+            .status();
     }
 }

@@ -1,0 +1,243 @@
+//! Scale-out under failure: two `stevedore serve` processes on one PostgreSQL, three
+//! `stevedore runner` processes leasing over HTTP, 500 real container tasks — and, mid-run, one
+//! runner and the leading server killed with SIGKILL. Every task must end exactly once,
+//! `complete`; none may be lost; and no task's container may start after the task completed.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use stevedore_store::testcluster::fresh_database;
+
+use crate::support::{
+    RunnerProcess, ServerProcess, binary, containers_labelled, docker_available,
+    ensure_local_image, remove_containers,
+};
+
+const TASKS: usize = 500;
+
+/// Talks to whichever server is up, with the project token both share.
+struct Cluster {
+    http: reqwest::Client,
+    project_id: String,
+    token: String,
+}
+
+impl Cluster {
+    async fn call(&self, base: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> Option<Value> {
+        let mut request = self
+            .http
+            .request(method, format!("{base}/2/projects/{}/{path}", self.project_id))
+            .header("Authorization", format!("OAuth {}", self.token))
+            .timeout(Duration::from_secs(20));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.ok()?;
+        assert!(response.status().is_success(), "{path}: {}", response.status());
+        response.json().await.ok()
+    }
+
+    /// Every task of the code, newest first, page by page.
+    async fn all_tasks(&self, base: &str) -> Vec<Value> {
+        let mut tasks = Vec::new();
+        for page in 0.. {
+            let list = self
+                .call(base, reqwest::Method::GET, &format!("tasks?code_name=echo&per_page=100&page={page}"), None)
+                .await
+                .expect("list tasks");
+            let items = list["tasks"].as_array().unwrap().clone();
+            let done = items.len() < 100;
+            tasks.extend(items);
+            if done {
+                break;
+            }
+        }
+        tasks
+    }
+}
+
+fn status_counts(tasks: &[Value]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for task in tasks {
+        *counts
+            .entry(task["status"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_and_three_runners_lose_no_task_when_a_runner_and_a_server_die() {
+    if !docker_available() {
+        return;
+    }
+    let Some(database) = fresh_database().await else {
+        return;
+    };
+    ensure_local_image();
+    let started = chrono::Utc::now();
+    let database_args = ["--database", database.url.as_str()];
+    let server_env = [
+        ("STEVEDORE_RUNNER__ENABLED", "false"),
+        ("STEVEDORE_DATABASE", database.url.as_str()),
+    ];
+    // The first server leads (scheduler and rescuer); it is the one that dies.
+    let data_a = tempfile::tempdir().unwrap();
+    let mut server_a = ServerProcess::start_with(data_a.path(), &database_args, &server_env);
+    let data_b = tempfile::tempdir().unwrap();
+    let server_b = ServerProcess::start_with(data_b.path(), &database_args, &server_env);
+    let cluster = Cluster {
+        http: reqwest::Client::new(),
+        project_id: server_a.iron["project_id"].as_str().unwrap().to_owned(),
+        token: server_a.token(),
+    };
+    assert_eq!(server_b.iron["project_id"], server_a.iron["project_id"], "one default project");
+
+    let created = Command::new(binary())
+        .args(["token", "create", "--role", "runner"])
+        .env("STEVEDORE_DATABASE", &database.url)
+        .env("STEVEDORE_CONFIG", "/dev/null")
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let runner_token = serde_json::from_slice::<Value>(&created.stdout).unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let prefix = format!("multi-{}", std::process::id());
+    let ids = [1, 2, 3].map(|n| format!("{prefix}-{n}"));
+    let mut runner_1 = RunnerProcess::start(&server_a, &runner_token, &ids[0], &[]);
+    let _runner_2 = RunnerProcess::start(&server_a, &runner_token, &ids[1], &[]);
+    let _runner_3 = RunnerProcess::start(&server_b, &runner_token, &ids[2], &[]);
+
+    cluster
+        .call(&server_b.base, reqwest::Method::POST, "codes", Some(json!({
+            "name": "echo", "image": "stevedore/busybox:local",
+            "command": "echo \"ran $TASK_ID\"; sleep 0.2",
+        })))
+        .await
+        .expect("push the code");
+    for batch in 0..TASKS / 100 {
+        let base = if batch % 2 == 0 { &server_a.base } else { &server_b.base };
+        let tasks: Vec<Value> = (0..100)
+            .map(|n| json!({"code_name": "echo", "payload": format!("{}", batch * 100 + n)}))
+            .collect();
+        cluster
+            .call(base, reqwest::Method::POST, "tasks", Some(json!({"tasks": tasks})))
+            .await
+            .expect("queue a batch");
+    }
+
+    // Let the run get going, then kill a busy runner and the leading server.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let counts = status_counts(&cluster.all_tasks(&server_b.base).await);
+        if counts.get("complete").copied().unwrap_or(0) >= 80 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the run does not get going: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    runner_1.kill_hard();
+    let listen_a = server_a.base.trim_start_matches("http://").to_owned();
+    server_a.kill_hard();
+    // The survivors go on: runner 2 waits for its server, which a supervisor restarts; the
+    // other server takes over the rescuer, which requeues what the dead runner held.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let server_a = ServerProcess::start_listening(data_a.path(), &listen_a, &database_args, &server_env);
+    // Runner 1 comes back under its id and removes the containers its earlier life left.
+    let _runner_1 = RunnerProcess::start(&server_b, &runner_token, &ids[0], &[]);
+
+    let deadline = Instant::now() + Duration::from_secs(900);
+    let tasks = loop {
+        let tasks = cluster.all_tasks(&server_a.base).await;
+        let counts = status_counts(&tasks);
+        let finished: usize = ["complete", "error", "timeout", "cancelled"]
+            .iter()
+            .map(|status| counts.get(*status).copied().unwrap_or(0))
+            .sum();
+        if finished == TASKS {
+            break tasks;
+        }
+        assert!(Instant::now() < deadline, "not every task ended: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+
+    // Every task is there once, and ended complete, once.
+    assert_eq!(tasks.len(), TASKS, "no task lost, none made twice");
+    let mut payloads: Vec<usize> = tasks
+        .iter()
+        .map(|task| task["payload"].as_str().unwrap().parse().unwrap())
+        .collect();
+    payloads.sort_unstable();
+    assert_eq!(payloads, (0..TASKS).collect::<Vec<_>>());
+    let not_complete: Vec<&Value> = tasks.iter().filter(|task| task["status"] != "complete").collect();
+    assert!(not_complete.is_empty(), "{not_complete:#?}");
+    let rescued = tasks
+        .iter()
+        .filter(|task| task["infra_attempts"].as_u64() > Some(0))
+        .count();
+    assert!(rescued >= 1, "the killed runner held tasks, so some were rescued");
+
+    // No container of a task started after the task completed: every start the engine saw
+    // for our runners' tasks came before the task's end time.
+    let until = chrono::Utc::now();
+    let events = Command::new("docker")
+        .args([
+            "events",
+            "--since",
+            &started.timestamp().to_string(),
+            "--until",
+            &(until.timestamp() + 1).to_string(),
+            "--filter",
+            "type=container",
+            "--filter",
+            "event=start",
+            "--format",
+            "{{index .Actor.Attributes \"stevedore.task\"}} {{index .Actor.Attributes \"stevedore.runner\"}} {{.TimeNano}}",
+        ])
+        .output()
+        .unwrap();
+    let events = String::from_utf8_lossy(&events.stdout);
+    let end_times: HashMap<&str, i64> = tasks
+        .iter()
+        .map(|task| {
+            let end = chrono::DateTime::parse_from_rfc3339(task["end_time"].as_str().unwrap())
+                .unwrap()
+                .timestamp_nanos_opt()
+                .unwrap();
+            (task["id"].as_str().unwrap(), end)
+        })
+        .collect();
+    let mut starts: HashMap<&str, usize> = HashMap::new();
+    for line in events.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(task), Some(runner), Some(time)) = (fields.next(), fields.next(), fields.next()) else {
+            continue;
+        };
+        if !runner.starts_with(&prefix) {
+            continue;
+        }
+        let Some(end) = end_times.get(task) else { continue };
+        *starts.entry(task).or_default() += 1;
+        let time: i64 = time.parse().unwrap();
+        assert!(time <= *end, "task {task}'s container started after the task ended");
+    }
+    assert_eq!(starts.len(), TASKS, "every task's container started");
+    let many = starts.values().filter(|count| **count > 1).count();
+    assert!(many <= rescued, "only rescued tasks ran twice ({many} > {rescued})");
+
+    // Nothing is left behind by the runners that are still alive or came back.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for id in &ids {
+        let label = format!("stevedore.runner={id}");
+        while !containers_labelled(&label).is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let left = containers_labelled(&label);
+        remove_containers(&label);
+        assert!(left.is_empty(), "{id} left {left:?}");
+    }
+}
