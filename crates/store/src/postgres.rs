@@ -12,7 +12,10 @@
 //!   per-code advisory lock (see `tasks::ConcurrencySlots`);
 //! * lease tokens come from a sequence, which only grows, whoever asks;
 //! * firing a schedule locks the schedule's row and checks its due time under the lock;
-//! * a log read with its size and status comes from one REPEATABLE READ snapshot.
+//! * a log read with its size and status comes from one REPEATABLE READ snapshot;
+//! * renaming or deleting a cluster locks its row, which every insertion of its tasks
+//!   share-locks (`clusters`);
+//! * the leader holds a session-level advisory lock on a connection of its own (`lead`).
 //!
 //! Every commit that makes work available (`enqueue`, a requeue, a retry, a rescue, a fired
 //! schedule, a resumed code) also sends `NOTIFY stevedore_work`; `work_signal` hands out a
@@ -22,6 +25,8 @@
 //! The representations are the SQLite store's (`crate::convert`); what a state change does to
 //! a task is decided in `crate::record`, shared with it.
 
+mod clusters;
+mod lead;
 mod listen;
 mod rows;
 mod tasks;
@@ -42,8 +47,9 @@ use self::rows::{revision_columns, schedule_columns, task_columns};
 use crate::convert::{micros, opt_micros, opt_signed, role_text, signed, timestamp, to_json};
 use crate::record::{TaskRecord, normalize, plan_log_append};
 use crate::{
-    CodeStats, HeartbeatReply, LeaseRequest, LeasedTask, LogSlice, Package, Page, Project, Requeue,
-    Result, RunReport, Store, StoreError, TaskFilter, TokenRecord, TokenRole, WorkSignal,
+    Cluster, ClusterLoad, ClusterSpec, CodeStats, HeartbeatReply, Leadership, LeaseRequest,
+    LeasedTask, LogSlice, Package, Page, Project, Requeue, Result, RunReport, RunnerSeen,
+    StatsWindow, Store, StoreError, TaskFilter, TokenRecord, TokenRole, WorkSignal,
 };
 
 /// Where and how to connect.
@@ -584,13 +590,22 @@ impl Store for PgStore {
         finish(tx, result).await
     }
 
-    async fn code_stats(&self, project_id: &str, code_id: &str) -> Result<CodeStats> {
+    async fn code_stats(
+        &self,
+        project_id: &str,
+        code_id: &str,
+        window: StatsWindow,
+    ) -> Result<CodeStats> {
         let mut conn = self.pool.acquire().await?;
         ensure_code(&mut conn, project_id, code_id).await?;
         let rows = sqlx::query(
-            "SELECT status, count(*) AS n FROM tasks WHERE code_id = $1 GROUP BY status",
+            "SELECT status, count(*) AS n FROM tasks WHERE code_id = $1 \
+             AND ($2::bigint IS NULL OR updated_at >= $2) \
+             AND ($3::bigint IS NULL OR updated_at <= $3) GROUP BY status",
         )
         .bind(code_id)
+        .bind(opt_micros(window.updated_from))
+        .bind(opt_micros(window.updated_to))
         .fetch_all(&mut *conn)
         .await?;
         let mut by_status: Vec<(TaskStatus, u64)> =
@@ -963,6 +978,60 @@ impl Store for PgStore {
         finish(tx, result).await
     }
 
+    // === clusters and runners ===
+
+    async fn create_cluster(
+        &self,
+        project_id: Option<&str>,
+        spec: &ClusterSpec,
+        now: Timestamp,
+    ) -> Result<Cluster> {
+        clusters::create(self, project_id, spec, now).await
+    }
+
+    async fn get_cluster(&self, project_id: Option<&str>, cluster_id: &str) -> Result<Cluster> {
+        clusters::get(self, project_id, cluster_id).await
+    }
+
+    async fn find_cluster_by_name(
+        &self,
+        project_id: Option<&str>,
+        name: &str,
+    ) -> Result<Option<Cluster>> {
+        clusters::find_by_name(self, project_id, name).await
+    }
+
+    async fn list_clusters(&self, project_id: Option<&str>) -> Result<Vec<Cluster>> {
+        clusters::list(self, project_id).await
+    }
+
+    async fn update_cluster(
+        &self,
+        cluster_id: &str,
+        spec: &ClusterSpec,
+        now: Timestamp,
+    ) -> Result<Cluster> {
+        clusters::update(self, cluster_id, spec, now).await
+    }
+
+    async fn delete_cluster(&self, cluster_id: &str) -> Result<()> {
+        clusters::delete(self, cluster_id).await
+    }
+
+    async fn record_runner(&self, runner: &RunnerSeen, now: Timestamp) -> Result<()> {
+        clusters::record_runner(self, runner, now).await
+    }
+
+    async fn cluster_load(
+        &self,
+        name: &str,
+        project_id: Option<&str>,
+        online_since: Timestamp,
+        now: Timestamp,
+    ) -> Result<ClusterLoad> {
+        clusters::load(self, name, project_id, online_since, now).await
+    }
+
     // === schedules ===
 
     async fn create_schedules(
@@ -1149,6 +1218,13 @@ impl Store for PgStore {
         }
         .await;
         finish(tx, result).await
+    }
+
+    // === leadership ===
+
+    async fn try_lead(&self) -> Result<Option<Box<dyn Leadership>>> {
+        let leadership = lead::try_lead(&self.connect).await?;
+        Ok(leadership.map(|held| Box::new(held) as Box<dyn Leadership>))
     }
 }
 

@@ -1,6 +1,6 @@
 //! The shared store suite against PostgreSQL, each test in a fresh database of a throwaway
 //! cluster (`stevedore_store::testcluster`), plus what only several stores on one database can
-//! show: two "servers" sharing leases, tokens and wake-ups.
+//! show: two "servers" sharing leases, tokens, wake-ups and the leadership.
 //!
 //! Skipped with a message when PostgreSQL is not installed, unless `CI` is set.
 
@@ -8,9 +8,10 @@
 
 use std::time::Duration;
 
+use sqlx::Connection;
 use stevedore_store::testcluster::{TestDatabase, fresh_database};
 use stevedore_store::testsuite::{at, image_spec, lease_request, new_task};
-use stevedore_store::{PgOptions, PgStore, Store};
+use stevedore_store::{Leadership, PgOptions, PgStore, Store};
 
 async fn connect(database: &TestDatabase) -> PgStore {
     let options = PgOptions {
@@ -114,4 +115,91 @@ async fn migrations_run_once_for_servers_starting_together() {
         store.close().await;
     }
     connect(&database).await.close().await;
+}
+
+/// Asks `store` to lead until it may, for up to ten seconds: a lock given up by a closed or
+/// killed session is released by the server a moment later.
+async fn lead_soon(store: &PgStore) -> Box<dyn Leadership> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(leadership) = store.try_lead().await.unwrap() {
+            return leadership;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the leadership was never given up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn one_server_leads_until_it_lets_go() {
+    let Some(database) = fresh_database().await else {
+        return;
+    };
+    let (one, two) = (connect(&database).await, connect(&database).await);
+    let leadership = one.try_lead().await.unwrap().expect("nobody leads yet");
+    assert!(leadership.is_held().await);
+    assert!(
+        two.try_lead().await.unwrap().is_none(),
+        "one leader at a time"
+    );
+    assert!(
+        one.try_lead().await.unwrap().is_none(),
+        "a second guard of the same store is refused too"
+    );
+    assert!(
+        leadership.is_held().await,
+        "being asked again changes nothing"
+    );
+
+    drop(leadership);
+    let taken_over = lead_soon(&two).await;
+    assert!(taken_over.is_held().await);
+    assert!(one.try_lead().await.unwrap().is_none());
+    drop(taken_over);
+    one.close().await;
+    two.close().await;
+}
+
+#[tokio::test]
+async fn a_leader_whose_connection_dies_stops_leading() {
+    let Some(database) = fresh_database().await else {
+        return;
+    };
+    let (one, two) = (connect(&database).await, connect(&database).await);
+    let leadership = one.try_lead().await.unwrap().expect("nobody leads yet");
+    assert!(two.try_lead().await.unwrap().is_none());
+
+    // An administrator (or a network failure) ends the leader's session.
+    let mut admin = sqlx::PgConnection::connect(&database.url).await.unwrap();
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'stevedore leader'",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(killed, [true], "exactly the leader's session is ended");
+
+    assert!(
+        !leadership.is_held().await,
+        "a dead connection holds no lock"
+    );
+    assert!(
+        !leadership.is_held().await,
+        "and a lost leadership stays lost"
+    );
+    let taken_over = lead_soon(&two).await;
+    assert!(taken_over.is_held().await);
+    drop(leadership);
+    assert!(
+        taken_over.is_held().await,
+        "dropping the old guard takes nothing from the new"
+    );
+    drop(taken_over);
+    admin.close().await.unwrap();
+    one.close().await;
+    two.close().await;
 }

@@ -240,11 +240,14 @@ pub(super) async fn insert(
     Ok(queued)
 }
 
-/// Writes new queued tasks in one statement, a column per array.
+/// Writes new queued tasks in one statement, a column per array, holding the rows of their
+/// clusters until the transaction ends (`clusters::hold_for_tasks`).
 pub(super) async fn insert_rows(conn: &mut PgConnection, queued: &[Task]) -> Result<()> {
     if queued.is_empty() {
         return Ok(());
     }
+    let clusters: Vec<&str> = queued.iter().map(|task| task.cluster.as_str()).collect();
+    super::clusters::hold_for_tasks(conn, &clusters).await?;
     let column = |get: fn(&Task) -> String| queued.iter().map(get).collect::<Vec<String>>();
     let optional = |get: fn(&Task) -> Option<String>| queued.iter().map(get).collect::<Vec<_>>();
     let number = |get: fn(&Task) -> i64| queued.iter().map(get).collect::<Vec<i64>>();
