@@ -70,7 +70,11 @@ async fn serve(data_dir: &Path, env: &[(&str, String)]) -> Server {
     };
     Server {
         _process: process,
-        base: format!("http://{}:{}", iron["host"].as_str().expect("host"), iron["port"]),
+        base: format!(
+            "http://{}:{}",
+            iron["host"].as_str().expect("host"),
+            iron["port"]
+        ),
         project_id: iron["project_id"].as_str().expect("project_id").to_owned(),
         token: iron["token"].as_str().expect("token").to_owned(),
     }
@@ -144,7 +148,10 @@ async fn measure(servers: &[&Server], tasks: usize) -> f64 {
         let mut complete = 0;
         for page in 0.. {
             let list: Value = http
-                .get(api(first, &format!("tasks?code_name=bench&complete=1&per_page=100&page={page}")))
+                .get(api(
+                    first,
+                    &format!("tasks?code_name=bench&complete=1&per_page=100&page={page}"),
+                ))
                 .header("Authorization", &auth)
                 .send()
                 .await
@@ -161,7 +168,10 @@ async fn measure(servers: &[&Server], tasks: usize) -> f64 {
         if complete >= tasks {
             return tasks as f64 / started.elapsed().as_secs_f64();
         }
-        assert!(started.elapsed() < RUN_DEADLINE, "tasks did not complete in time");
+        assert!(
+            started.elapsed() < RUN_DEADLINE,
+            "tasks did not complete in time"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -170,7 +180,11 @@ async fn measure(servers: &[&Server], tasks: usize) -> f64 {
 async fn main() {
     let tasks = std::env::var("STEVEDORE_BENCH_TASKS")
         .ok()
-        .map(|value| value.parse::<usize>().expect("STEVEDORE_BENCH_TASKS must be a number"))
+        .map(|value| {
+            value
+                .parse::<usize>()
+                .expect("STEVEDORE_BENCH_TASKS must be a number")
+        })
         .unwrap_or(DEFAULT_TASKS);
     if std::process::Command::new("docker")
         .args(["image", "inspect", "stevedore/busybox:local"])
@@ -179,7 +193,9 @@ async fn main() {
         .status()
         .map_or(true, |status| !status.success())
     {
-        println!("skipped: no Docker engine with stevedore/busybox:local (stevedore stack build-local)");
+        println!(
+            "skipped: no Docker engine with stevedore/busybox:local (stevedore stack build-local)"
+        );
         return;
     }
     let id = std::process::id();
@@ -234,7 +250,9 @@ async fn main() {
 
     let baseline = results[0].1;
     println!();
-    println!("{tasks} tasks per set-up, `true` in stevedore/busybox:local, capacity {CAPACITY} per runner");
+    println!(
+        "{tasks} tasks per set-up, `true` in stevedore/busybox:local, capacity {CAPACITY} per runner"
+    );
     println!("{:<42} {:>10} {:>10}", "set-up", "tasks/s", "vs SQLite");
     for (label, rate) in &results {
         println!("{label:<42} {rate:>10.2} {:>9.2}x", rate / baseline);

@@ -25,17 +25,30 @@ struct Cluster {
 }
 
 impl Cluster {
-    async fn call(&self, base: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> Option<Value> {
+    async fn call(
+        &self,
+        base: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Option<Value> {
         let mut request = self
             .http
-            .request(method, format!("{base}/2/projects/{}/{path}", self.project_id))
+            .request(
+                method,
+                format!("{base}/2/projects/{}/{path}", self.project_id),
+            )
             .header("Authorization", format!("OAuth {}", self.token))
             .timeout(Duration::from_secs(20));
         if let Some(body) = body {
             request = request.json(&body);
         }
         let response = request.send().await.ok()?;
-        assert!(response.status().is_success(), "{path}: {}", response.status());
+        assert!(
+            response.status().is_success(),
+            "{path}: {}",
+            response.status()
+        );
         response.json().await.ok()
     }
 
@@ -44,7 +57,12 @@ impl Cluster {
         let mut tasks = Vec::new();
         for page in 0.. {
             let list = self
-                .call(base, reqwest::Method::GET, &format!("tasks?code_name=echo&per_page=100&page={page}"), None)
+                .call(
+                    base,
+                    reqwest::Method::GET,
+                    &format!("tasks?code_name=echo&per_page=100&page={page}"),
+                    None,
+                )
                 .await
                 .expect("list tasks");
             let items = list["tasks"].as_array().unwrap().clone();
@@ -93,7 +111,10 @@ async fn two_servers_and_three_runners_lose_no_task_when_a_runner_and_a_server_d
         project_id: server_a.iron["project_id"].as_str().unwrap().to_owned(),
         token: server_a.token(),
     };
-    assert_eq!(server_b.iron["project_id"], server_a.iron["project_id"], "one default project");
+    assert_eq!(
+        server_b.iron["project_id"], server_a.iron["project_id"],
+        "one default project"
+    );
 
     let created = Command::new(binary())
         .args(["token", "create", "--role", "runner"])
@@ -101,7 +122,11 @@ async fn two_servers_and_three_runners_lose_no_task_when_a_runner_and_a_server_d
         .env("STEVEDORE_CONFIG", "/dev/null")
         .output()
         .unwrap();
-    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
     let runner_token = serde_json::from_slice::<Value>(&created.stdout).unwrap()["token"]
         .as_str()
         .unwrap()
@@ -113,19 +138,33 @@ async fn two_servers_and_three_runners_lose_no_task_when_a_runner_and_a_server_d
     let _runner_3 = RunnerProcess::start(&server_b, &runner_token, &ids[2], &[]);
 
     cluster
-        .call(&server_b.base, reqwest::Method::POST, "codes", Some(json!({
-            "name": "echo", "image": "stevedore/busybox:local",
-            "command": "echo \"ran $TASK_ID\"; sleep 0.2",
-        })))
+        .call(
+            &server_b.base,
+            reqwest::Method::POST,
+            "codes",
+            Some(json!({
+                "name": "echo", "image": "stevedore/busybox:local",
+                "command": "echo \"ran $TASK_ID\"; sleep 0.2",
+            })),
+        )
         .await
         .expect("push the code");
     for batch in 0..TASKS / 100 {
-        let base = if batch % 2 == 0 { &server_a.base } else { &server_b.base };
+        let base = if batch % 2 == 0 {
+            &server_a.base
+        } else {
+            &server_b.base
+        };
         let tasks: Vec<Value> = (0..100)
             .map(|n| json!({"code_name": "echo", "payload": format!("{}", batch * 100 + n)}))
             .collect();
         cluster
-            .call(base, reqwest::Method::POST, "tasks", Some(json!({"tasks": tasks})))
+            .call(
+                base,
+                reqwest::Method::POST,
+                "tasks",
+                Some(json!({"tasks": tasks})),
+            )
             .await
             .expect("queue a batch");
     }
@@ -137,7 +176,10 @@ async fn two_servers_and_three_runners_lose_no_task_when_a_runner_and_a_server_d
         if counts.get("complete").copied().unwrap_or(0) >= 80 {
             break;
         }
-        assert!(Instant::now() < deadline, "the run does not get going: {counts:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the run does not get going: {counts:?}"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     runner_1.kill_hard();
@@ -146,7 +188,8 @@ async fn two_servers_and_three_runners_lose_no_task_when_a_runner_and_a_server_d
     // The survivors go on: runner 2 waits for its server, which a supervisor restarts; the
     // other server takes over the rescuer, which requeues what the dead runner held.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let server_a = ServerProcess::start_listening(data_a.path(), &listen_a, &database_args, &server_env);
+    let server_a =
+        ServerProcess::start_listening(data_a.path(), &listen_a, &database_args, &server_env);
     // Runner 1 comes back under its id and removes the containers its earlier life left.
     let _runner_1 = RunnerProcess::start(&server_b, &runner_token, &ids[0], &[]);
 
@@ -161,7 +204,10 @@ async fn two_servers_and_three_runners_lose_no_task_when_a_runner_and_a_server_d
         if finished == TASKS {
             break tasks;
         }
-        assert!(Instant::now() < deadline, "not every task ended: {counts:?}");
+        assert!(
+            Instant::now() < deadline,
+            "not every task ended: {counts:?}"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
 
@@ -173,13 +219,19 @@ async fn two_servers_and_three_runners_lose_no_task_when_a_runner_and_a_server_d
         .collect();
     payloads.sort_unstable();
     assert_eq!(payloads, (0..TASKS).collect::<Vec<_>>());
-    let not_complete: Vec<&Value> = tasks.iter().filter(|task| task["status"] != "complete").collect();
+    let not_complete: Vec<&Value> = tasks
+        .iter()
+        .filter(|task| task["status"] != "complete")
+        .collect();
     assert!(not_complete.is_empty(), "{not_complete:#?}");
     let rescued = tasks
         .iter()
         .filter(|task| task["infra_attempts"].as_u64() > Some(0))
         .count();
-    assert!(rescued >= 1, "the killed runner held tasks, so some were rescued");
+    assert!(
+        rescued >= 1,
+        "the killed runner held tasks, so some were rescued"
+    );
 
     // No container of a task started after the task completed: every start the engine saw
     // for our runners' tasks came before the task's end time.
@@ -214,20 +266,29 @@ async fn two_servers_and_three_runners_lose_no_task_when_a_runner_and_a_server_d
     let mut starts: HashMap<&str, usize> = HashMap::new();
     for line in events.lines() {
         let mut fields = line.split_whitespace();
-        let (Some(task), Some(runner), Some(time)) = (fields.next(), fields.next(), fields.next()) else {
+        let (Some(task), Some(runner), Some(time)) = (fields.next(), fields.next(), fields.next())
+        else {
             continue;
         };
         if !runner.starts_with(&prefix) {
             continue;
         }
-        let Some(end) = end_times.get(task) else { continue };
+        let Some(end) = end_times.get(task) else {
+            continue;
+        };
         *starts.entry(task).or_default() += 1;
         let time: i64 = time.parse().unwrap();
-        assert!(time <= *end, "task {task}'s container started after the task ended");
+        assert!(
+            time <= *end,
+            "task {task}'s container started after the task ended"
+        );
     }
     assert_eq!(starts.len(), TASKS, "every task's container started");
     let many = starts.values().filter(|count| **count > 1).count();
-    assert!(many <= rescued, "only rescued tasks ran twice ({many} > {rescued})");
+    assert!(
+        many <= rescued,
+        "only rescued tasks ran twice ({many} > {rescued})"
+    );
 
     // Nothing is left behind by the runners that are still alive or came back.
     let deadline = Instant::now() + Duration::from_secs(60);

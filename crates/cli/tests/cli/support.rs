@@ -326,7 +326,12 @@ pub struct RunnerProcess {
 }
 
 impl RunnerProcess {
-    pub fn start(server: &ServerProcess, token: &str, id: &str, clusters: &[&str]) -> RunnerProcess {
+    pub fn start(
+        server: &ServerProcess,
+        token: &str,
+        id: &str,
+        clusters: &[&str],
+    ) -> RunnerProcess {
         let mut command = Command::new(binary());
         command
             .args([
