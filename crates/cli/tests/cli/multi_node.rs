@@ -17,6 +17,22 @@ use crate::support::{
 
 const TASKS: usize = 500;
 
+/// A child process that does not outlive the test, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl KillOnDrop {
+    fn stop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// Talks to whichever server is up, with the project token both share.
 struct Cluster {
     http: reqwest::Client,
@@ -95,7 +111,21 @@ async fn two_servers_and_three_runners_lose_no_task_when_a_runner_and_a_server_d
         return;
     };
     ensure_local_image();
-    let started = chrono::Utc::now();
+    // The engine keeps only its last few hundred events, so they are watched from the start.
+    let events_file = tempfile::NamedTempFile::new().unwrap();
+    let mut watcher = KillOnDrop(Command::new("docker")
+        .args([
+            "events",
+            "--filter",
+            "type=container",
+            "--filter",
+            "event=start",
+            "--format",
+            "{{index .Actor.Attributes \"stevedore.task\"}} {{index .Actor.Attributes \"stevedore.runner\"}} {{.TimeNano}}",
+        ])
+        .stdout(events_file.reopen().unwrap())
+        .spawn()
+        .unwrap());
     let database_args = ["--database", database.url.as_str()];
     let server_env = [
         ("STEVEDORE_RUNNER__ENABLED", "false"),
@@ -235,24 +265,11 @@ async fn two_servers_and_three_runners_lose_no_task_when_a_runner_and_a_server_d
 
     // No container of a task started after the task completed: every start the engine saw
     // for our runners' tasks came before the task's end time.
-    let until = chrono::Utc::now();
-    let events = Command::new("docker")
-        .args([
-            "events",
-            "--since",
-            &started.timestamp().to_string(),
-            "--until",
-            &(until.timestamp() + 1).to_string(),
-            "--filter",
-            "type=container",
-            "--filter",
-            "event=start",
-            "--format",
-            "{{index .Actor.Attributes \"stevedore.task\"}} {{index .Actor.Attributes \"stevedore.runner\"}} {{.TimeNano}}",
-        ])
-        .output()
-        .unwrap();
-    let events = String::from_utf8_lossy(&events.stdout);
+    // Give the watcher a moment to write the last starts out, then stop it.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    watcher.stop();
+    let events = std::fs::read(events_file.path()).unwrap();
+    let events = String::from_utf8_lossy(&events);
     let end_times: HashMap<&str, i64> = tasks
         .iter()
         .map(|task| {
