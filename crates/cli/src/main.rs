@@ -365,6 +365,7 @@ async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let signal = shutdown_signal();
     std::fs::create_dir_all(&settings.data_dir).with_context(|| {
         format!(
             "cannot create the data directory {}",
@@ -451,7 +452,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     );
     let stop = shutdown.clone();
     stevedore_server::serve(listener, state, async move {
-        shutdown_signal().await;
+        signal.await;
         stop.cancel();
     })
     .await?;
@@ -463,6 +464,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
 
 /// `stevedore runner`: the runner of `serve`, leasing over HTTP instead of from the store.
 async fn remote_runner(settings: Settings, args: RunnerArgs) -> anyhow::Result<()> {
+    let signal = shutdown_signal();
     let mut config = settings.runner.runner_config(&settings.stacks);
     config.runner_id = match args.id {
         Some(id) => id,
@@ -493,7 +495,7 @@ async fn remote_runner(settings: Settings, args: RunnerArgs) -> anyhow::Result<(
     tracing::info!(api = %args.api, %runner_id, "runner leasing from the server");
     let stop = shutdown.clone();
     tokio::spawn(async move {
-        shutdown_signal().await;
+        signal.await;
         stop.cancel();
     });
     runner.run_started(started, shutdown).await;
@@ -510,25 +512,36 @@ fn host_name() -> String {
         .unwrap_or_else(|| "runner".to_owned())
 }
 
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+/// Registers for SIGINT and SIGTERM at once and returns a future that resolves at the first
+/// of them. Registered before the process says it is ready, so a signal sent right after that
+/// stops it cleanly instead of killing it the default way.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = interrupt => {}
-                    _ = terminate.recv() => {}
+        use tokio::signal::unix::{SignalKind, signal};
+        let interrupt = signal(SignalKind::interrupt());
+        let terminate = signal(SignalKind::terminate());
+        async move {
+            match (interrupt, terminate) {
+                (Ok(mut interrupt), Ok(mut terminate)) => {
+                    tokio::select! {
+                        _ = interrupt.recv() => {}
+                        _ = terminate.recv() => {}
+                    }
                 }
+                (Ok(mut only), Err(_)) | (Err(_), Ok(mut only)) => {
+                    only.recv().await;
+                }
+                (Err(_), Err(_)) => std::future::pending::<()>().await,
             }
-            Err(_) => {
-                let _ = interrupt.await;
-            }
+            tracing::info!("shutting down");
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = interrupt.await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutting down");
+        }
     }
-    tracing::info!("shutting down");
 }
