@@ -516,15 +516,21 @@ async fn the_pids_limit_holds_a_fork_bomb() -> TestResult {
     let task = task_label("fork-bomb");
     let _cleanup = Cleanup::new(&task);
 
-    let mut spec = shell(&task, "bomb() { bomb | bomb & }; bomb; sleep 30");
+    // PID 1 forks once, before the bomb grows, then `exec`s: the bomb cannot starve it.
+    let mut spec = shell(&task, "(bomb() { bomb | bomb & }; bomb) & exec sleep 30");
     spec.pids_limit = Some(32);
     let id = engine.create(&spec).await?;
     engine.start(&id).await?;
+    // At least three seconds of samples; on a loaded machine the engine may need longer to
+    // answer with a first one.
     let mut peak = 0;
-    for _ in 0..6 {
+    for round in 0..30 {
         tokio::time::sleep(Duration::from_millis(500)).await;
         if let Some(sample) = engine.stats_snapshot(&id).await? {
             peak = peak.max(sample.pids.unwrap_or(0));
+        }
+        if round >= 5 && peak > 1 {
+            break;
         }
     }
     eprintln!("fork bomb peak pids: {peak}");

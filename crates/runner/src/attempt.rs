@@ -1,8 +1,8 @@
 //! One attempt at one leased task, from lease to teardown.
 //!
 //! ```text
-//! leased ─▶ memory reserved ─▶ image present ─▶ package fetched ─▶ created ─▶ started
-//!        ─▶ mark_running ─▶ supervised (exit | deadline | cancel | lease lost | shutdown)
+//! leased ─▶ memory reserved ─▶ image present ─▶ package fetched ─▶ created
+//!        ─▶ lease confirmed ─▶ started ─▶ mark_running ─▶ supervised (exit | deadline | cancel | lease lost | shutdown)
 //!        ─▶ logs drained ─▶ result recorded (complete | requeue | abandoned) ─▶ slot freed
 //!        ─▶ container removed in the background
 //! ```
@@ -202,6 +202,9 @@ impl Attempt {
         if let Some(ending) = self.interrupted_before_start() {
             return ending;
         }
+        if let Some(ending) = self.confirm_lease().await {
+            return ending;
+        }
         if let Err(error) = self.context.engine.start(&id).await {
             return self.engine_failed("starting the container", error);
         }
@@ -320,6 +323,31 @@ impl Attempt {
     }
 
     /// Whether the task was cancelled, lost or shut down while its container was created.
+    /// Asks the source whether the lease still holds, right before the container starts. A
+    /// runner that was cut off while it prepared may hold a lease that expired meanwhile —
+    /// the task rescued and perhaps completed by another runner — and must then not run it
+    /// again. A confirmed lease lasts `lease_secs` from now, longer than a start takes, and
+    /// the heartbeat loop keeps extending it.
+    async fn confirm_lease(&self) -> Option<Ending> {
+        let (task_id, token) = (self.leased.task.id.clone(), self.leased.lease.token);
+        let lease_secs = self.context.config.lease_secs;
+        let source = Arc::clone(&self.context.source);
+        match with_retries("confirm the lease", || {
+            source.heartbeat(&task_id, token, lease_secs)
+        })
+        .await
+        {
+            Ok(reply) if reply.cancel_requested => Some(cancelled(RunReport::default())),
+            Ok(_) => self.interrupted_before_start(),
+            Err(SourceError::StaleLease { .. }) => Some(lease_lost()),
+            // Nothing answers: the lease cannot be shown to hold, so the task is left to the
+            // rescuer rather than run on a lease that may be gone.
+            Err(error) => Some(Ending::Abandon {
+                why: format!("the lease could not be confirmed before the start: {error}"),
+            }),
+        }
+    }
+
     fn interrupted_before_start(&self) -> Option<Ending> {
         if self.signals.lease_lost.is_cancelled() {
             Some(lease_lost())

@@ -321,8 +321,9 @@ async fn a_task_over_its_memory_limit_ends_error_out_of_memory() {
 #[tokio::test]
 async fn the_pids_limit_holds_a_fork_bomb_and_the_runner_stays_responsive() {
     let test = docker_or_skip!("fork-bomb");
-    // PID 1 forks once and then `exec`s: it never needs a fork the bomb could starve it of.
-    test.shell_code("bomb", "bomb() { bomb | bomb & }; bomb; exec sleep 60")
+    // PID 1 forks once, before the bomb grows, and then `exec`s: it never needs a fork the
+    // bomb could starve it of (a pipeline forked by PID 1 itself could fail halfway).
+    test.shell_code("bomb", "(bomb() { bomb | bomb & }; bomb) & exec sleep 60")
         .await;
     test.shell_code("bystander", "echo still here").await;
     let bomb = test.harness.queue("bomb", "", 5).await;
