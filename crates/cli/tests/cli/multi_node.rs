@@ -16,6 +16,7 @@ use crate::support::{
 };
 
 const TASKS: usize = 500;
+const LEASE_SECS: u32 = 10;
 
 /// A child process that does not outlive the test, however it ends.
 struct KillOnDrop(std::process::Child);
@@ -163,9 +164,14 @@ async fn two_servers_and_three_runners_lose_no_task_when_a_runner_and_a_server_d
         .to_owned();
     let prefix = format!("multi-{}", std::process::id());
     let ids = [1, 2, 3].map(|n| format!("{prefix}-{n}"));
-    let mut runner_1 = RunnerProcess::start(&server_a, &runner_token, &ids[0], &[]);
-    let _runner_2 = RunnerProcess::start(&server_a, &runner_token, &ids[1], &[]);
-    let _runner_3 = RunnerProcess::start(&server_b, &runner_token, &ids[2], &[]);
+    // Leases long enough that a container start on a loaded machine fits well inside one,
+    // short enough that the dead runner's tasks are rescued soon.
+    let mut runner_1 =
+        RunnerProcess::start_with_lease(&server_a, &runner_token, &ids[0], &[], LEASE_SECS);
+    let _runner_2 =
+        RunnerProcess::start_with_lease(&server_a, &runner_token, &ids[1], &[], LEASE_SECS);
+    let _runner_3 =
+        RunnerProcess::start_with_lease(&server_b, &runner_token, &ids[2], &[], LEASE_SECS);
 
     cluster
         .call(
@@ -221,7 +227,8 @@ async fn two_servers_and_three_runners_lose_no_task_when_a_runner_and_a_server_d
     let server_a =
         ServerProcess::start_listening(data_a.path(), &listen_a, &database_args, &server_env);
     // Runner 1 comes back under its id and removes the containers its earlier life left.
-    let _runner_1 = RunnerProcess::start(&server_b, &runner_token, &ids[0], &[]);
+    let _runner_1 =
+        RunnerProcess::start_with_lease(&server_b, &runner_token, &ids[0], &[], LEASE_SECS);
 
     let deadline = Instant::now() + Duration::from_secs(900);
     let tasks = loop {

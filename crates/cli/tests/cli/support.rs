@@ -326,12 +326,24 @@ pub struct RunnerProcess {
 }
 
 impl RunnerProcess {
+    /// A runner with short leases (3 s), so that a killed one's tasks are rescued quickly.
     pub fn start(
         server: &ServerProcess,
         token: &str,
         id: &str,
         clusters: &[&str],
     ) -> RunnerProcess {
+        Self::start_with_lease(server, token, id, clusters, 3)
+    }
+
+    pub fn start_with_lease(
+        server: &ServerProcess,
+        token: &str,
+        id: &str,
+        clusters: &[&str],
+        lease_secs: u32,
+    ) -> RunnerProcess {
+        let lease_secs = lease_secs.to_string();
         let mut command = Command::new(binary());
         command
             .args([
@@ -345,7 +357,7 @@ impl RunnerProcess {
             ])
             .env("STEVEDORE_RUNNER_TOKEN", token)
             .env("STEVEDORE_LOG", "warn")
-            .env("STEVEDORE_RUNNER__LEASE_SECS", "3")
+            .env("STEVEDORE_RUNNER__LEASE_SECS", &lease_secs)
             .env("STEVEDORE_RUNNER__SHUTDOWN_GRACE_SECS", "5")
             // No stevedore.toml of the working directory.
             .env("STEVEDORE_CONFIG", "/dev/null")
