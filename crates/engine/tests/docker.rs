@@ -741,9 +741,10 @@ async fn waits_and_log_follows_outlast_the_clients_request_timeout() -> TestResu
     let task = task_label("long-wait");
     let _cleanup = Cleanup::new(&task);
 
-    let client = bollard::Docker::connect_with_defaults()?.with_timeout(Duration::from_secs(1));
+    // Short, but not so short that a create on a loaded machine runs into it.
+    let client = bollard::Docker::connect_with_defaults()?.with_timeout(Duration::from_secs(3));
     let short = DockerEngine::with_client(client).await?;
-    let (status, output) = run(&short, &shell(&task, "sleep 3; echo done")).await?;
+    let (status, output) = run(&short, &shell(&task, "sleep 7; echo done")).await?;
     assert_eq!(status.exit_code, 0);
     assert_eq!(output.stdout, "done\n");
     Ok(())
