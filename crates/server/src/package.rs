@@ -30,6 +30,23 @@ pub struct CheckedPackage {
     pub files: Vec<String>,
 }
 
+impl CheckedPackage {
+    /// A runtime code's package must hold the file it runs.
+    pub fn check_entry_point(&self, kind: &stevedore_model::CodeKind) -> Result<(), ApiError> {
+        match kind {
+            stevedore_model::CodeKind::Runtime { file_name, .. }
+                if !self.files.iter().any(|file| file == file_name) =>
+            {
+                Err(ApiError::BadRequest(format!(
+                    "file_name: the zip package holds no file {file_name:?}; it holds {:?}",
+                    self.files.iter().take(20).collect::<Vec<_>>()
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 const S_IFMT: u32 = 0o170_000;
 const S_IFLNK: u32 = 0o120_000;
 

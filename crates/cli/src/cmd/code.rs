@@ -420,6 +420,14 @@ pub async fn all_codes(client: &Client) -> anyhow::Result<Vec<v2::CodeInfo>> {
 
 /// A code by name, or by id when no code has that name.
 pub async fn find_code(client: &Client, name_or_id: &str) -> anyhow::Result<v2::CodeInfo> {
+    // What looks like an id is asked for directly, sparing a walk over every code.
+    if looks_like_id(name_or_id)
+        && let Ok(code) = client
+            .get_json::<v2::CodeInfo>(&format!("codes/{name_or_id}"))
+            .await
+    {
+        return Ok(code);
+    }
     if let Some(code) = all_codes(client)
         .await?
         .into_iter()
@@ -435,6 +443,14 @@ pub async fn find_code(client: &Client, name_or_id: &str) -> anyhow::Result<v2::
         ),
         Err(error) => Err(error),
     }
+}
+
+/// Ids are 32 lowercase hex digits.
+fn looks_like_id(text: &str) -> bool {
+    text.len() == 32
+        && text
+            .bytes()
+            .all(|byte| matches!(byte, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// Zips a directory: every regular file under it, with its Unix mode, paths relative to it.

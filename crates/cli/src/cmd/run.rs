@@ -70,13 +70,10 @@ pub async fn run(settings: &Settings, args: RunArgs, format: Format) -> anyhow::
         .transpose()?;
     let spec = stevedore_server::wire::code_spec(upload, package.is_some(), &server_config)
         .map_err(|error| anyhow::anyhow!("{error}"))?;
-    if let (stevedore_model::CodeKind::Runtime { file_name, .. }, Some(package)) =
-        (&spec.kind, &package)
-    {
-        anyhow::ensure!(
-            package.files.iter().any(|file| file == file_name),
-            "the package holds no file {file_name:?}"
-        );
+    if let Some(package) = &package {
+        package
+            .check_entry_point(&spec.kind)
+            .map_err(|error| anyhow::anyhow!("{error}"))?;
     }
     let package = package.map(|package| package.bytes);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);

@@ -68,14 +68,8 @@ pub async fn upload(
         .map(|bytes| check_package(decode_upload(bytes), state.config.package))
         .transpose()?;
     let spec = wire::code_spec(upload, package.is_some(), &state.config)?;
-    if let (stevedore_model::CodeKind::Runtime { file_name, .. }, Some(package)) =
-        (&spec.kind, &package)
-        && !package.files.iter().any(|file| file == file_name)
-    {
-        return Err(ApiError::BadRequest(format!(
-            "file_name: the zip package holds no file {file_name:?}; it holds {:?}",
-            package.files.iter().take(20).collect::<Vec<_>>()
-        )));
+    if let Some(package) = &package {
+        package.check_entry_point(&spec.kind)?;
     }
     let package = package.map(|package| Package {
         bytes: package.bytes,

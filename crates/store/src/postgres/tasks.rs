@@ -56,17 +56,12 @@ pub(super) async fn load_for_update(
     project_id: Option<&str>,
     task_id: &str,
 ) -> Result<TaskRecord> {
-    let row = sqlx::query(concat!(
+    const SQL: &str = concat!(
         "SELECT ",
         task_columns!(),
         " FROM tasks AS t WHERE t.id = $1 AND ($2::text IS NULL OR t.project_id = $2) FOR UPDATE"
-    ))
-    .bind(task_id)
-    .bind(project_id)
-    .fetch_optional(&mut *conn)
-    .await?
-    .ok_or_else(|| StoreError::not_found(format!("task {task_id}")))?;
-    rows::task_record(&row)
+    );
+    fetch_task(conn, SQL, project_id, task_id).await
 }
 
 /// Loads a task without locking it.
@@ -75,16 +70,27 @@ pub(super) async fn load(
     project_id: &str,
     task_id: &str,
 ) -> Result<TaskRecord> {
-    let row = sqlx::query(concat!(
+    const SQL: &str = concat!(
         "SELECT ",
         task_columns!(),
         " FROM tasks AS t WHERE t.id = $1 AND t.project_id = $2"
-    ))
-    .bind(task_id)
-    .bind(project_id)
-    .fetch_optional(&mut *conn)
-    .await?
-    .ok_or_else(|| StoreError::not_found(format!("task {task_id}")))?;
+    );
+    fetch_task(conn, SQL, Some(project_id), task_id).await
+}
+
+/// Runs one of the task queries above: `$1` is the task id, `$2` the project.
+async fn fetch_task(
+    conn: &mut PgConnection,
+    sql: &'static str,
+    project_id: Option<&str>,
+    task_id: &str,
+) -> Result<TaskRecord> {
+    let row = sqlx::query(sql)
+        .bind(task_id)
+        .bind(project_id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| StoreError::not_found(format!("task {task_id}")))?;
     rows::task_record(&row)
 }
 
