@@ -11,6 +11,7 @@ pub mod api;
 pub mod auth;
 pub mod bootstrap;
 pub mod config;
+pub mod dashboard;
 pub mod error;
 pub mod extract;
 pub mod follow;
@@ -138,6 +139,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/2/clusters/{cluster_id}/stats", get(clusters::stats))
         .nest("/runner/v1", runner_api::routes(&state.config))
+        .merge(dashboard::routes())
         .route("/openapi.json", get(openapi::document))
         .route(
             "/health",

@@ -121,14 +121,19 @@ pub async fn list(
     State(state): State<AppState>,
     access: TenantAccess,
 ) -> ApiResult<Json<v2::ClusterList>> {
-    let stored = state
-        .store
-        .list_clusters(access.project_id.as_deref())
-        .await?;
-    let clusters = std::iter::once(default_info())
-        .chain(stored.into_iter().map(info))
-        .collect();
+    let clusters = visible_clusters(&state, access.project_id.as_deref()).await?;
     Ok(Json(v2::ClusterList { clusters }))
+}
+
+/// `default` and the clusters `project_id` may use (every cluster for `None`, an admin).
+pub async fn visible_clusters(
+    state: &AppState,
+    project_id: Option<&str>,
+) -> ApiResult<Vec<v2::ClusterInfo>> {
+    let stored = state.store.list_clusters(project_id).await?;
+    Ok(std::iter::once(default_info())
+        .chain(stored.into_iter().map(info))
+        .collect())
 }
 
 /// `GET /2/clusters/{cluster_id}`: `{"cluster": {...}}`.
@@ -227,12 +232,24 @@ pub async fn stats(
     access: TenantAccess,
     Path(cluster_id): Path<String>,
 ) -> ApiResult<Json<v2::ClusterStats>> {
+    Ok(Json(
+        cluster_stats(&state, access.project_id.as_deref(), &cluster_id).await?,
+    ))
+}
+
+/// A cluster's runners online with their capacity and load, and its tasks waiting and running
+/// (only `project_id`'s counted when given).
+pub async fn cluster_stats(
+    state: &AppState,
+    project_id: Option<&str>,
+    cluster_id: &str,
+) -> ApiResult<v2::ClusterStats> {
     let name = if cluster_id == DEFAULT_CLUSTER {
         DEFAULT_CLUSTER.to_owned()
     } else {
         state
             .store
-            .get_cluster(access.project_id.as_deref(), &cluster_id)
+            .get_cluster(project_id, cluster_id)
             .await?
             .spec
             .name
@@ -242,7 +259,7 @@ pub async fn stats(
         .unwrap_or_else(|_| chrono::Duration::minutes(1));
     let load = state
         .store
-        .cluster_load(&name, access.project_id.as_deref(), now - window, now)
+        .cluster_load(&name, project_id, now - window, now)
         .await?;
     let runners: Vec<v2::ClusterRunner> = load
         .runners
@@ -255,8 +272,8 @@ pub async fn stats(
             last_seen: format_time(runner.last_seen),
         })
         .collect();
-    Ok(Json(v2::ClusterStats {
-        id: cluster_id,
+    Ok(v2::ClusterStats {
+        id: cluster_id.to_owned(),
         name,
         runners_online: u64::try_from(runners.len()).unwrap_or(u64::MAX),
         capacity: runners
@@ -267,7 +284,7 @@ pub async fn stats(
         queued: load.queued,
         running: load.running,
         runners,
-    }))
+    })
 }
 
 /// Refuses clusters the project may not queue onto: anything but `default`, the project's own

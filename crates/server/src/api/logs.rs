@@ -100,7 +100,7 @@ pub async fn log(
         };
         return Ok(([(CONTENT_TYPE, "text/plain; charset=utf-8")], log).into_response());
     }
-    let follower = open(&state, &access, &task_id, offset.unwrap_or(0)).await?;
+    let follower = open(&state, &access.project_id, &task_id, offset.unwrap_or(0)).await?;
     let bytes = followed(follower).filter_map(|item| async move {
         match item {
             Followed::Log { bytes, .. } => Some(Ok::<_, Infallible>(Bytes::from(bytes))),
@@ -159,11 +159,24 @@ pub async fn stream(
     shutdown: Option<Extension<StreamShutdown>>,
 ) -> ApiResult<Response> {
     let offset = resume_offset(&headers, query.offset.as_deref())?;
-    let follower = open(&state, &access, &task_id, offset).await?;
+    event_stream(&state, &access.project_id, &task_id, offset, shutdown).await
+}
+
+/// A task's log and status as Server-Sent Events from byte `offset` (see `stream`): the API's
+/// stream and the dashboard's task page both read this.
+pub async fn event_stream(
+    state: &AppState,
+    project_id: &str,
+    task_id: &str,
+    offset: u64,
+    shutdown: Option<Extension<StreamShutdown>>,
+) -> ApiResult<Response> {
+    let follower = open(state, project_id, task_id, offset).await?;
+    let task_id = task_id.to_owned();
     let mut decoder = TextDecoder::starting_at(offset);
     let events = followed(follower)
         .flat_map(move |item| stream::iter(events_of(item, &task_id, &mut decoder)));
-    let events = cut_short(events, &state, shutdown);
+    let events = cut_short(events, state, shutdown);
     let events = Sse::new(events).keep_alive(
         KeepAlive::new()
             .interval(state.config.log_stream.keep_alive)
@@ -174,7 +187,7 @@ pub async fn stream(
 
 /// The offset to start at: `Last-Event-ID` (a reconnecting client's progress) before
 /// `?offset`, else 0.
-fn resume_offset(headers: &HeaderMap, query_offset: Option<&str>) -> ApiResult<u64> {
+pub fn resume_offset(headers: &HeaderMap, query_offset: Option<&str>) -> ApiResult<u64> {
     if let Some(value) = headers.get("last-event-id") {
         let value = value
             .to_str()
@@ -233,13 +246,13 @@ fn log_event(text: LogText) -> Result<Event, axum::Error> {
 
 async fn open(
     state: &AppState,
-    access: &ProjectAccess,
+    project_id: &str,
     task_id: &str,
     offset: u64,
 ) -> ApiResult<LogFollower> {
     LogFollower::open(
         state.store.clone(),
-        &access.project_id,
+        project_id,
         task_id,
         offset,
         state.config.log_stream.poll_interval,

@@ -9,7 +9,7 @@ use axum::extract::{Path, State};
 use serde::Deserialize;
 use stevedore_api_types::v2;
 use stevedore_model::limits::MAX_TASKS_PER_REQUEST;
-use stevedore_model::{NewTask, TaskStatus};
+use stevedore_model::{NewTask, Task, TaskStatus};
 use stevedore_store::TaskFilter;
 
 use super::{Paging, code_defaults, message, prefix_error};
@@ -30,23 +30,35 @@ pub async fn queue(
     access: ProjectAccess,
     ApiJson(request): ApiJson<v2::TasksCreate>,
 ) -> ApiResult<Json<v2::TasksQueued>> {
-    if request.tasks.is_empty() {
+    let queued = queue_tasks(&state, &access.project_id, request.tasks).await?;
+    Ok(queued_reply(queued))
+}
+
+/// Validates and queues a batch of tasks for a project, then wakes the runners: the API's
+/// `POST tasks` and the dashboard's queue form both end here. A bad task fails the whole
+/// batch with its index in the message.
+pub async fn queue_tasks(
+    state: &AppState,
+    project_id: &str,
+    requests: Vec<v2::TaskCreate>,
+) -> ApiResult<Vec<Task>> {
+    if requests.is_empty() {
         return Err(ApiError::BadRequest(
             "tasks must hold at least one task".into(),
         ));
     }
-    if request.tasks.len() > MAX_TASKS_PER_REQUEST {
+    if requests.len() > MAX_TASKS_PER_REQUEST {
         return Err(ApiError::BadRequest(format!(
             "at most {MAX_TASKS_PER_REQUEST} tasks may be queued in one request, got {}",
-            request.tasks.len()
+            requests.len()
         )));
     }
     let mut code_cache: HashMap<String, wire::CodeDefaults> = HashMap::new();
-    let mut tasks = Vec::with_capacity(request.tasks.len());
-    for (index, task) in request.tasks.into_iter().enumerate() {
+    let mut tasks = Vec::with_capacity(requests.len());
+    for (index, task) in requests.into_iter().enumerate() {
         let at = |error: ApiError| prefix_error(error, &format!("tasks[{index}]"));
         let defaults = match task.code_name.as_deref() {
-            Some(name) => code_defaults(&state, &access.project_id, name, &mut code_cache)
+            Some(name) => code_defaults(state, project_id, name, &mut code_cache)
                 .await
                 .map_err(at)?,
             None => wire::CodeDefaults::default(),
@@ -54,17 +66,17 @@ pub async fn queue(
         tasks.push(wire::new_task(task, defaults, &state.config).map_err(at)?);
     }
     super::clusters::check_task_clusters(
-        &state,
-        &access.project_id,
+        state,
+        project_id,
         tasks.iter().map(|task| task.cluster.as_str()),
     )
     .await?;
     let queued = state
         .store
-        .enqueue(&access.project_id, &tasks, state.clock.now())
+        .enqueue(project_id, &tasks, state.clock.now())
         .await?;
     state.tasks_queued();
-    Ok(queued_reply(queued))
+    Ok(queued)
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -256,7 +268,19 @@ pub async fn retry(
         0,
         stevedore_model::limits::MAX_DELAY_SECS,
     )?;
-    let task = state.store.get_task(&access.project_id, &task_id).await?;
+    let queued = retry_task(&state, &access.project_id, &task_id, delay_secs).await?;
+    Ok(queued_reply(queued))
+}
+
+/// Queues a finished task again as a new task after `delay_secs`; 409 while it is not
+/// finished. The API's `retry` and the dashboard's retry button both end here.
+pub async fn retry_task(
+    state: &AppState,
+    project_id: &str,
+    task_id: &str,
+    delay_secs: u32,
+) -> ApiResult<Vec<Task>> {
+    let task = state.store.get_task(project_id, task_id).await?;
     if !task.status.is_terminal() {
         return Err(ApiError::Conflict(format!(
             "task {task_id} is {}; only a finished task can be retried",
@@ -266,10 +290,10 @@ pub async fn retry(
     let retry = NewTask::retry_of(&task, delay_secs);
     let queued = state
         .store
-        .enqueue(&access.project_id, &[retry], state.clock.now())
+        .enqueue(project_id, &[retry], state.clock.now())
         .await?;
     state.tasks_queued();
-    Ok(queued_reply(queued))
+    Ok(queued)
 }
 
 /// Set a task's progress: a percentage and a message.
