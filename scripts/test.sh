@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every stevedore test: unit, API, store (SQLite and PostgreSQL), the real binary, the real
-# Docker engine and the official IronWorker Python and Node clients. Installs and starts
-# whatever a fresh machine lacks first.
+# Docker engine, the official IronWorker Python and Node clients and the dashboard in a headless
+# browser. Installs and starts whatever a fresh machine lacks first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +13,18 @@ apt_install() {
     apt_updated=1
   fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+# Installs a directory's npm packages exactly as its package-lock.json pins them. `npm ci` runs
+# only when the installed tree is missing or was made from another lock file; --prefer-offline
+# takes packages from npm's cache when it has them.
+npm_ci_when_changed() {
+  local dir="$1" what="$2"
+  if ! cmp -s "$dir/package-lock.json" "$dir/node_modules/.stevedore-installed-lock"; then
+    log "installing $what into ${dir#"$PWD"/}"
+    (cd "$dir" && npm ci --prefer-offline --no-audit --no-fund --loglevel=error)
+    cp "$dir/package-lock.json" "$dir/node_modules/.stevedore-installed-lock"
+  fi
 }
 
 # The Docker engine and the static busybox the local test image is built from.
@@ -39,19 +51,19 @@ fi
 export STEVEDORE_PYTHON="$PWD/.venv/bin/python"
 
 # The official IronWorker Node client, exactly as tests/compat/node/package-lock.json pins it.
-# `npm ci` runs only when the installed tree is missing or was made from another lock file;
-# --prefer-offline takes packages from npm's cache when it has them.
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
   log "installing Node.js"
   apt_install nodejs npm
 fi
-node_compat="$PWD/tests/compat/node"
-if ! cmp -s "$node_compat/package-lock.json" "$node_compat/node_modules/.stevedore-installed-lock"; then
-  log "installing the IronWorker Node client into tests/compat/node"
-  (cd "$node_compat" && npm ci --prefer-offline --no-audit --no-fund --loglevel=error)
-  cp "$node_compat/package-lock.json" "$node_compat/node_modules/.stevedore-installed-lock"
-fi
-export STEVEDORE_NODE_COMPAT="$node_compat"
+npm_ci_when_changed "$PWD/tests/compat/node" "the IronWorker Node client"
+export STEVEDORE_NODE_COMPAT="$PWD/tests/compat/node"
+
+# The dashboard's browser test: Debian's Chromium, driven by playwright-core as
+# tests/dashboard/package-lock.json pins it (playwright-core never downloads a browser).
+STEVEDORE_CHROMIUM="$(scripts/ensure-browser.sh)"
+export STEVEDORE_CHROMIUM
+npm_ci_when_changed "$PWD/tests/dashboard" "playwright-core"
+export STEVEDORE_DASHBOARD_TESTS="$PWD/tests/dashboard"
 
 # Tests marked #[ignore] kill the Docker daemon every other test shares, so they run alone,
 # after the rest.

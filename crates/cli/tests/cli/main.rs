@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod client;
+mod dashboard;
 mod image;
 mod multi_node;
 mod node_client;

@@ -5,16 +5,15 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::support::{ServerProcess, docker_available, ensure_local_image, in_ci};
+use crate::support::{ServerProcess, docker_available, ensure_local_image, required_env};
 
 #[test]
 fn the_official_node_client_works_unmodified() {
-    let Some(compat) = std::env::var_os("STEVEDORE_NODE_COMPAT").map(PathBuf::from) else {
-        assert!(
-            !in_ci(),
-            "STEVEDORE_NODE_COMPAT must name tests/compat/node with its packages installed in CI"
-        );
-        eprintln!("skipped: STEVEDORE_NODE_COMPAT is not set (scripts/test.sh sets it)");
+    let Some(compat) = required_env(
+        "STEVEDORE_NODE_COMPAT",
+        "tests/compat/node with its packages installed",
+    )
+    .map(PathBuf::from) else {
         return;
     };
     assert!(

@@ -5,16 +5,12 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::support::{ServerProcess, docker_available, ensure_local_image, in_ci};
+use crate::support::{ServerProcess, docker_available, ensure_local_image, required_env};
 
 #[test]
 fn the_official_python_client_works_unmodified() {
-    let Some(python) = std::env::var_os("STEVEDORE_PYTHON") else {
-        assert!(
-            !in_ci(),
-            "STEVEDORE_PYTHON must name a Python with iron-worker and pytest in CI"
-        );
-        eprintln!("skipped: STEVEDORE_PYTHON is not set (scripts/test.sh sets it)");
+    let Some(python) = required_env("STEVEDORE_PYTHON", "a Python with iron-worker and pytest")
+    else {
         return;
     };
     let data = tempfile::tempdir().unwrap();

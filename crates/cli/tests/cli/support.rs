@@ -1,5 +1,6 @@
 //! Starting and stopping the real binary.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -170,6 +171,21 @@ pub fn run_ok(args: &[&str]) -> String {
 /// Whether the tests are running in CI, where nothing may be skipped.
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|value| !value.is_empty() && value != "false" && value != "0")
+}
+
+/// The value of `name`, which `scripts/test.sh` sets to `what` for a test that needs a tool
+/// installed outside cargo. Unset, the test is skipped (`None`, with the reason printed), except
+/// in CI, where nothing may be skipped: there it fails.
+pub fn required_env(name: &str, what: &str) -> Option<OsString> {
+    let value = std::env::var_os(name).filter(|value| !value.is_empty());
+    if value.is_none() {
+        assert!(
+            !in_ci(),
+            "{name} must name {what} in CI (scripts/test.sh sets it)"
+        );
+        eprintln!("skipped: {name} is not set (scripts/test.sh sets it)");
+    }
+    value
 }
 
 /// Whether a Docker engine answers. In CI it must: a missing engine fails the test there.
