@@ -230,7 +230,7 @@ async function main() {
       new URL(page.url()).pathname === '/ui/',
       `a good token ended on ${pathOf(page)}, not /ui/`,
     );
-    const cookies = await context.cookies(origin);
+    const cookies = await context.cookies(`${origin}/ui/`);
     check(cookies.length > 0, 'signing in set no cookie');
   });
 
