@@ -383,3 +383,93 @@ pub struct ClusterStats {
     pub running: u64,
     pub runners: Vec<ClusterRunner>,
 }
+
+// === usage ===
+
+/// `GET usage`: a project's finished tasks over a window, in buckets, by code and by stack,
+/// with queue waits and the status mix. Built for charts: `buckets` lists every bucket of the
+/// window in order, empty ones included, so a series has one point per bucket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UsageReport {
+    /// The window, RFC 3339: tasks that ended at or after `from` and before `to`.
+    pub from: String,
+    pub to: String,
+    /// The width of a bucket. Buckets are aligned to multiples of it since the Unix epoch, so
+    /// the first and last bucket may reach outside the window; only tasks inside it count.
+    pub bucket_secs: u32,
+    pub buckets: Vec<UsageBucket>,
+    /// Everything in the window.
+    pub totals: UsageCounts,
+    /// Totals per code, by name (then id: a deleted code's name may have been reused).
+    pub codes: Vec<UsageByCode>,
+    /// Totals per stack, by name.
+    pub stacks: Vec<UsageByStack>,
+    /// Queue waits of the tasks whose container started in the window.
+    pub queue_wait: QueueWaitSummary,
+    /// The project's tasks last changed in the window, by status.
+    pub status_mix: CodeStats,
+}
+
+/// Finished tasks, counted by how they ended.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UsageCounts {
+    /// Tasks that finished: the throughput.
+    pub tasks: u64,
+    pub complete: u64,
+    /// Tasks that ended `error` or `timeout`.
+    pub failures: u64,
+    pub cancelled: u64,
+    /// Time spent in containers: the sum of each started task's end minus start.
+    pub compute_seconds: f64,
+}
+
+/// One bucket of the window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UsageBucket {
+    /// The bucket's start, RFC 3339.
+    pub start: String,
+    /// Every task that finished in the bucket.
+    pub totals: UsageCounts,
+    /// Only the codes that finished tasks in the bucket.
+    pub codes: Vec<UsageByCode>,
+    /// Only the stacks that finished tasks in the bucket.
+    pub stacks: Vec<UsageByStack>,
+    /// Waits of the tasks whose container started in the bucket.
+    pub queue_wait: QueueWaitStats,
+}
+
+/// A code's share of the usage, across its revisions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UsageByCode {
+    pub code_id: String,
+    pub code_name: String,
+    #[serde(flatten)]
+    pub counts: UsageCounts,
+}
+
+/// A stack's share of the usage: the runtime of a zip code's revision, or `image` for image
+/// codes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UsageByStack {
+    pub stack: String,
+    #[serde(flatten)]
+    pub counts: UsageCounts,
+}
+
+/// Queue-wait percentiles (nearest rank) of a set of samples; `null` without samples.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct QueueWaitStats {
+    pub samples: u64,
+    pub p50_ms: Option<u64>,
+    pub p99_ms: Option<u64>,
+}
+
+/// Queue waits over the whole window.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct QueueWaitSummary {
+    #[serde(flatten)]
+    pub stats: QueueWaitStats,
+    /// The samples are the latest starts, at most a fixed number of them. When that number
+    /// was reached, this is the earliest sample's start: buckets before it have no samples.
+    pub sampled_since: Option<String>,
+}

@@ -113,6 +113,13 @@ enum Command {
         #[command(subcommand)]
         command: StackCommand,
     },
+    /// Finished tasks, compute time and queue waits over time, by code or by stack.
+    Usage {
+        #[command(flatten)]
+        connection: ConnectionArgs,
+        #[command(flatten)]
+        args: cmd::usage::UsageArgs,
+    },
     /// Run a code here, once, in the same image with the same contract and limits as on a
     /// runner, without a server. Exit 3 unless the task completed.
     Run(Box<RunArgs>),
@@ -253,6 +260,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let ctx = Ctx::connect(&settings.data_dir, &connection, format)?;
             cmd::stack_list(&ctx).await
+        }
+        Command::Usage { connection, args } => {
+            let ctx = Ctx::connect(&settings.data_dir, &connection, format)?;
+            cmd::usage::run(&ctx, args).await
         }
         Command::Run(args) => cmd::run::run(&settings, *args, format).await,
         Command::Runner(args) => remote_runner(settings, *args).await,

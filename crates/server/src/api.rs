@@ -6,6 +6,7 @@ pub mod logs;
 pub mod schedules;
 pub mod stacks;
 pub mod tasks;
+pub mod usage;
 
 use serde::Deserialize;
 use stevedore_model::limits::{DEFAULT_PER_PAGE, MAX_PER_PAGE};

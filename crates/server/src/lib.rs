@@ -21,6 +21,7 @@ pub mod package;
 pub mod rescuer;
 pub mod runner_api;
 pub mod scheduler;
+pub mod usage;
 pub mod wire;
 
 use std::future::Future;
@@ -92,7 +93,7 @@ impl AppState {
 
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
-    use api::{clusters, codes, logs, schedules, stacks, tasks};
+    use api::{clusters, codes, logs, schedules, stacks, tasks, usage};
 
     let upload_limit = state
         .config
@@ -125,7 +126,8 @@ pub fn router(state: AppState) -> Router {
         .route("/tasks/{task_id}/progress", post(tasks::progress))
         .route("/schedules", get(schedules::list).post(schedules::create))
         .route("/schedules/{schedule_id}", get(schedules::show))
-        .route("/schedules/{schedule_id}/cancel", post(schedules::cancel));
+        .route("/schedules/{schedule_id}/cancel", post(schedules::cancel))
+        .route("/usage", get(usage::usage));
 
     Router::new()
         .nest("/2/projects/{project_id}", project)

@@ -3,7 +3,7 @@
 use axum::Json;
 use utoipa::OpenApi;
 
-use crate::api::{clusters, codes, logs, schedules, stacks, tasks};
+use crate::api::{clusters, codes, logs, schedules, stacks, tasks, usage};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -17,6 +17,7 @@ use crate::api::{clusters, codes, logs, schedules, stacks, tasks};
         stacks::list,
         clusters::list, clusters::show, clusters::create, clusters::update, clusters::delete,
         clusters::stats,
+        usage::usage,
     ),
     tags(
         (name = "codes", description = "Worker code and its revisions"),
@@ -24,6 +25,7 @@ use crate::api::{clusters, codes, logs, schedules, stacks, tasks};
         (name = "schedules", description = "Tasks made on a timetable"),
         (name = "stacks", description = "Runtimes for zip packages"),
         (name = "clusters", description = "Named pools of runners that tasks can be routed to"),
+        (name = "usage", description = "Finished tasks, compute time and queue waits over time"),
     )
 )]
 pub struct ApiDoc;

@@ -9,7 +9,7 @@ use stevedore_model::limits::{self, DEFAULT_RETRIES_DELAY_SECS};
 use stevedore_model::task::DEFAULT_CLUSTER;
 use stevedore_model::{
     CodeRevision, CodeSpec, Limits, NewTask, RetriesBackoff, Schedule, ScheduleSpec,
-    ScheduleTiming, Task, Timestamp, ValidationError,
+    ScheduleTiming, Task, TaskStatus, Timestamp, ValidationError,
 };
 
 use crate::config::ServerConfig;
@@ -18,6 +18,24 @@ use crate::error::ApiError;
 /// RFC 3339 in UTC with milliseconds, e.g. `2026-01-01T10:00:00.000Z`.
 pub fn format_time(time: Timestamp) -> String {
     time.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Counts by status as `codes/{id}/stats` answers them (IronWorker's `killed` stays 0).
+pub fn code_stats(counts: stevedore_store::CodeStats) -> v2::CodeStats {
+    let mut stats = v2::CodeStats::default();
+    for (status, count) in counts.by_status {
+        let slot = match status {
+            TaskStatus::Queued => &mut stats.queued,
+            TaskStatus::Preparing => &mut stats.preparing,
+            TaskStatus::Running => &mut stats.running,
+            TaskStatus::Complete => &mut stats.complete,
+            TaskStatus::Error => &mut stats.error,
+            TaskStatus::Timeout => &mut stats.timeout,
+            TaskStatus::Cancelled => &mut stats.cancelled,
+        };
+        *slot += count;
+    }
+    stats
 }
 
 /// A time given as an RFC 3339 string or as seconds since the epoch.

@@ -5,7 +5,7 @@
 use chrono::DateTime;
 use stevedore_model::{TaskStatus, Timestamp};
 
-use crate::{Result, StoreError, TokenRole};
+use crate::{CodeStats, Result, StoreError, TokenRole};
 
 pub(crate) fn micros(at: Timestamp) -> i64 {
     at.timestamp_micros()
@@ -46,6 +46,20 @@ pub(crate) fn opt_unsigned<T: TryFrom<i64>>(column: &str, value: Option<i64>) ->
 pub(crate) fn status(text: &str) -> Result<TaskStatus> {
     text.parse()
         .map_err(|error| StoreError::Corrupt(format!("tasks.status: {error}")))
+}
+
+/// Counts by status from `(status, count)` rows of a `GROUP BY status`: every status in
+/// lifecycle order, zeros included, so callers need not know which statuses had rows.
+pub(crate) fn status_counts(rows: impl IntoIterator<Item = (String, i64)>) -> Result<CodeStats> {
+    let mut by_status: Vec<(TaskStatus, u64)> =
+        TaskStatus::ALL.iter().map(|known| (*known, 0)).collect();
+    for (text, count) in rows {
+        let found = status(&text)?;
+        if let Some(entry) = by_status.iter_mut().find(|(known, _)| *known == found) {
+            entry.1 = unsigned("count", count)?;
+        }
+    }
+    Ok(CodeStats { by_status })
 }
 
 pub(crate) fn role_text(role: TokenRole) -> &'static str {

@@ -22,8 +22,8 @@ pub mod testsuite;
 
 use async_trait::async_trait;
 use stevedore_model::{
-    CodeRevision, CodeSpec, NewTask, Schedule, ScheduleSpec, Task, TaskOutcome, TaskStatus,
-    Timestamp,
+    CodeKind, CodeRevision, CodeSpec, NewTask, Schedule, ScheduleSpec, Task, TaskOutcome,
+    TaskStatus, Timestamp,
 };
 
 pub use error::StoreError;
@@ -100,6 +100,48 @@ pub struct StatsWindow {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CodeStats {
     pub by_status: Vec<(TaskStatus, u64)>,
+}
+
+/// Which finished tasks `Store::usage` sums, and into which buckets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageQuery {
+    /// Tasks that ended at or after this time…
+    pub from: Timestamp,
+    /// …and before this one.
+    pub to: Timestamp,
+    /// The width of a bucket. Buckets are aligned to multiples of it since the Unix epoch,
+    /// not to `from`, so a bucket holds the same tasks whichever window asks for it (a chart
+    /// that slides with the clock keeps its past bars); the first and last bucket of a window
+    /// may be cut by `from` and `to`.
+    pub bucket_secs: u32,
+}
+
+/// The tasks of one code revision that ended in one bucket.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageRow {
+    /// The start of the bucket, a multiple of `bucket_secs` since the epoch.
+    pub bucket_start: Timestamp,
+    pub code_id: String,
+    pub code_name: String,
+    pub code_rev: u32,
+    /// What the revision runs (a stack's runtime or an image), read from the revision even
+    /// when its code has been deleted since, so usage can be told apart by stack.
+    pub kind: CodeKind,
+    pub complete: u64,
+    pub error: u64,
+    pub timeout: u64,
+    pub cancelled: u64,
+    /// Time in containers: the sum of `end_time - start_time` over the tasks that started.
+    /// A task cancelled or failed before its container started adds nothing.
+    pub compute_ms: u64,
+}
+
+/// How long one task waited between being due and its container starting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueWait {
+    pub started_at: Timestamp,
+    /// `start_time - due_at`, never below zero (the start comes from the container's clock).
+    pub wait_ms: u64,
 }
 
 /// A runner's request for work.
@@ -536,6 +578,27 @@ pub trait Store: Send + Sync + 'static {
     /// leadership lasts while the returned guard lives and [`Leadership::is_held`] says so;
     /// a process that dies loses it by itself, so another takes over.
     async fn try_lead(&self) -> Result<Option<Box<dyn Leadership>>>;
+
+    // === usage ===
+
+    /// The project's tasks that ended in `[query.from, query.to)`, summed per bucket and code
+    /// revision in the database, ordered by bucket, code name, code id and revision. Buckets
+    /// and revisions without finished tasks have no row.
+    async fn usage(&self, project_id: &str, query: &UsageQuery) -> Result<Vec<UsageRow>>;
+    /// Queue waits of the project's tasks whose container started in `[from, to)`: at most
+    /// `limit` of them, the latest starts first. A window with more starts than `limit` is
+    /// sampled by recency: its earliest part has no samples, so callers that compute
+    /// percentiles should say how many samples they had and when the limit cut them.
+    async fn queue_waits(
+        &self,
+        project_id: &str,
+        from: Timestamp,
+        to: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<QueueWait>>;
+    /// Counts of all the project's tasks in `window` for every status, in lifecycle order,
+    /// zeros included, as `code_stats` counts one code's. An unknown project counts zero.
+    async fn project_counts(&self, project_id: &str, window: StatsWindow) -> Result<CodeStats>;
 }
 
 /// Held by the leader; dropping it gives the leadership up.

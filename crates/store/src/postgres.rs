@@ -30,6 +30,7 @@ mod lead;
 mod listen;
 mod rows;
 mod tasks;
+mod usage;
 
 use std::str::FromStr;
 use std::sync::Mutex;
@@ -48,8 +49,9 @@ use crate::convert::{micros, opt_micros, opt_signed, role_text, signed, timestam
 use crate::record::{TaskRecord, normalize, plan_log_append};
 use crate::{
     Cluster, ClusterLoad, ClusterSpec, CodeStats, HeartbeatReply, Leadership, LeaseRequest,
-    LeasedTask, LogSlice, Package, Page, Project, Requeue, Result, RunReport, RunnerSeen,
-    StatsWindow, Store, StoreError, TaskFilter, TokenRecord, TokenRole, WorkSignal,
+    LeasedTask, LogSlice, Package, Page, Project, QueueWait, Requeue, Result, RunReport,
+    RunnerSeen, StatsWindow, Store, StoreError, TaskFilter, TokenRecord, TokenRole, UsageQuery,
+    UsageRow, WorkSignal,
 };
 
 /// Where and how to connect.
@@ -608,18 +610,11 @@ impl Store for PgStore {
         .bind(opt_micros(window.updated_to))
         .fetch_all(&mut *conn)
         .await?;
-        let mut by_status: Vec<(TaskStatus, u64)> =
-            TaskStatus::ALL.iter().map(|status| (*status, 0)).collect();
-        for row in rows {
-            let status: String = row.try_get("status")?;
-            let status = TaskStatus::from_str(&status)
-                .map_err(|error| StoreError::Corrupt(error.to_string()))?;
-            let count: i64 = row.try_get("n")?;
-            if let Some(entry) = by_status.iter_mut().find(|(known, _)| *known == status) {
-                entry.1 = u64::try_from(count).unwrap_or(0);
-            }
-        }
-        Ok(CodeStats { by_status })
+        crate::convert::status_counts(
+            rows.iter()
+                .map(|row| Ok((row.try_get("status")?, row.try_get("n")?)))
+                .collect::<Result<Vec<_>>>()?,
+        )
     }
 
     // === tasks ===
@@ -1225,6 +1220,26 @@ impl Store for PgStore {
     async fn try_lead(&self) -> Result<Option<Box<dyn Leadership>>> {
         let leadership = lead::try_lead(&self.connect).await?;
         Ok(leadership.map(|held| Box::new(held) as Box<dyn Leadership>))
+    }
+
+    // === usage ===
+
+    async fn usage(&self, project_id: &str, query: &UsageQuery) -> Result<Vec<UsageRow>> {
+        usage::usage(self, project_id, query).await
+    }
+
+    async fn queue_waits(
+        &self,
+        project_id: &str,
+        from: Timestamp,
+        to: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<QueueWait>> {
+        usage::queue_waits(self, project_id, from, to, limit).await
+    }
+
+    async fn project_counts(&self, project_id: &str, window: StatsWindow) -> Result<CodeStats> {
+        usage::project_counts(self, project_id, window).await
     }
 }
 

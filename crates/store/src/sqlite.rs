@@ -20,10 +20,10 @@
 mod clusters;
 mod rows;
 mod tasks;
+mod usage;
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -49,8 +49,9 @@ use self::rows::{
 use crate::record::{TaskRecord, normalize, plan_log_append};
 use crate::{
     Cluster, ClusterLoad, ClusterSpec, CodeStats, HeartbeatReply, Leadership, LeaseRequest,
-    LeasedTask, LogSlice, Package, Page, Project, Requeue, Result, RunReport, RunnerSeen,
-    StatsWindow, Store, StoreError, TaskFilter, TokenRecord, TokenRole,
+    LeasedTask, LogSlice, Package, Page, Project, QueueWait, Requeue, Result, RunReport,
+    RunnerSeen, StatsWindow, Store, StoreError, TaskFilter, TokenRecord, TokenRole, UsageQuery,
+    UsageRow,
 };
 
 /// The leadership of the one process that uses a SQLite database.
@@ -893,18 +894,11 @@ impl Store for SqliteStore {
         .bind(window.updated_to.map(micros))
         .fetch_all(&mut *conn)
         .await?;
-        let mut by_status: Vec<(TaskStatus, u64)> =
-            TaskStatus::ALL.iter().map(|status| (*status, 0)).collect();
-        for row in rows {
-            let status: String = row.try_get("status")?;
-            let status = TaskStatus::from_str(&status)
-                .map_err(|error| StoreError::Corrupt(error.to_string()))?;
-            let count: i64 = row.try_get("n")?;
-            if let Some(entry) = by_status.iter_mut().find(|(known, _)| *known == status) {
-                entry.1 = u64::try_from(count).unwrap_or(0);
-            }
-        }
-        Ok(CodeStats { by_status })
+        crate::convert::status_counts(
+            rows.iter()
+                .map(|row| Ok((row.try_get("status")?, row.try_get("n")?)))
+                .collect::<Result<Vec<_>>>()?,
+        )
     }
 
     // === tasks ===
@@ -1504,6 +1498,26 @@ impl Store for SqliteStore {
     async fn try_lead(&self) -> Result<Option<Box<dyn Leadership>>> {
         // One process owns a SQLite database, so it always leads.
         Ok(Some(Box::new(SoleProcess)))
+    }
+
+    // === usage ===
+
+    async fn usage(&self, project_id: &str, query: &UsageQuery) -> Result<Vec<UsageRow>> {
+        usage::usage(self, project_id, query).await
+    }
+
+    async fn queue_waits(
+        &self,
+        project_id: &str,
+        from: Timestamp,
+        to: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<QueueWait>> {
+        usage::queue_waits(self, project_id, from, to, limit).await
+    }
+
+    async fn project_counts(&self, project_id: &str, window: StatsWindow) -> Result<CodeStats> {
+        usage::project_counts(self, project_id, window).await
     }
 }
 

@@ -1,10 +1,11 @@
-//! The client commands: `code`, `task`, `schedule`, `stack ls`, in the spirit of `iron worker`.
+//! The client commands: `code`, `task`, `schedule`, `stack ls`, `usage`, in the spirit of `iron worker`.
 //! Each talks to a server over the IronWorker v2 API; `run` needs no server at all.
 
 pub mod code;
 pub mod run;
 pub mod schedule;
 pub mod task;
+pub mod usage;
 
 use std::path::{Path, PathBuf};
 

@@ -662,3 +662,43 @@ fn run_executes_a_code_locally_with_the_production_contract() {
     let unknown = cli.fails(&["run", "nope"], 1);
     assert!(unknown.contains("no code named \"nope\""), "{unknown}");
 }
+
+#[test]
+fn usage_from_the_command_line() {
+    let data = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(data.path());
+    let cli = Cli::new(&server);
+    cli.ok(&[
+        "code",
+        "push",
+        "hello",
+        "--image",
+        "stevedore/busybox:local",
+    ]);
+    // A task cancelled while it waits has finished, without compute time.
+    let queued = cli.json(&["task", "queue", "hello", "--delay", "3600"]);
+    let task_id = queued["tasks"][0]["id"].as_str().unwrap().to_owned();
+    cli.ok(&["task", "cancel", &task_id]);
+
+    let report = cli.json(&["usage", "--bucket", "hour"]);
+    assert_eq!(report["bucket_secs"], 3600);
+    assert_eq!(report["totals"]["tasks"], 1);
+    assert_eq!(report["totals"]["cancelled"], 1);
+    assert_eq!(report["codes"][0]["code_name"], "hello");
+    assert_eq!(report["stacks"][0]["stack"], "image");
+
+    let by_stack = cli.ok(&["usage", "--by", "stack"]);
+    let total = by_stack
+        .lines()
+        .find(|line| line.starts_with("total"))
+        .unwrap_or_else(|| panic!("no total row in:\n{by_stack}"));
+    let cells: Vec<&str> = total.split_whitespace().collect();
+    assert_eq!(cells, ["total", "image", "1", "0", "0", "1", "0ms"]);
+    assert!(by_stack.contains("STACK"), "{by_stack}");
+
+    let refused = cli.fails(&["usage", "--bucket", "week"], 1);
+    assert!(
+        refused.starts_with("error: the server answered 400") && refused.contains("bucket"),
+        "{refused}"
+    );
+}

@@ -7,7 +7,6 @@ use axum::http::header::{CONTENT_DISPOSITION, CONTENT_TYPE};
 use axum::response::IntoResponse;
 use serde::Deserialize;
 use stevedore_api_types::v2;
-use stevedore_model::TaskStatus;
 use stevedore_store::{Package, StatsWindow};
 
 use super::{Paging, message};
@@ -344,18 +343,5 @@ pub async fn stats(
         .store
         .code_stats(&access.project_id, &code_id, window)
         .await?;
-    let mut stats = v2::CodeStats::default();
-    for (status, count) in counts.by_status {
-        let slot = match status {
-            TaskStatus::Queued => &mut stats.queued,
-            TaskStatus::Preparing => &mut stats.preparing,
-            TaskStatus::Running => &mut stats.running,
-            TaskStatus::Complete => &mut stats.complete,
-            TaskStatus::Error => &mut stats.error,
-            TaskStatus::Timeout => &mut stats.timeout,
-            TaskStatus::Cancelled => &mut stats.cancelled,
-        };
-        *slot += count;
-    }
-    Ok(Json(stats))
+    Ok(Json(wire::code_stats(counts)))
 }

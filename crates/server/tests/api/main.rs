@@ -13,3 +13,4 @@ mod runner;
 mod schedules;
 mod support;
 mod tasks;
+mod usage;
