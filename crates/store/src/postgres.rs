@@ -26,6 +26,7 @@
 //! a task is decided in `crate::record`, shared with it.
 
 mod clusters;
+mod gauges;
 mod lead;
 mod listen;
 mod rows;
@@ -49,7 +50,7 @@ use crate::record::{TaskRecord, normalize, plan_log_append};
 use crate::{
     Cluster, ClusterLoad, ClusterSpec, CodeStats, HeartbeatReply, Leadership, LeaseRequest,
     LeasedTask, LogSlice, Package, Page, Project, Requeue, Result, RunReport, RunnerSeen,
-    StatsWindow, Store, StoreError, TaskFilter, TokenRecord, TokenRole, WorkSignal,
+    StatsWindow, Store, StoreError, StoreGauges, TaskFilter, TokenRecord, TokenRole, WorkSignal,
 };
 
 /// Where and how to connect.
@@ -1225,6 +1226,12 @@ impl Store for PgStore {
     async fn try_lead(&self) -> Result<Option<Box<dyn Leadership>>> {
         let leadership = lead::try_lead(&self.connect).await?;
         Ok(leadership.map(|held| Box::new(held) as Box<dyn Leadership>))
+    }
+
+    // === gauges ===
+
+    async fn gauges(&self, now: Timestamp) -> Result<StoreGauges> {
+        gauges::gauges(self, now).await
     }
 }
 

@@ -18,6 +18,7 @@
 //! change does to a task is decided in `crate::record`, shared with every backend.
 
 mod clusters;
+mod gauges;
 mod rows;
 mod tasks;
 
@@ -50,7 +51,7 @@ use crate::record::{TaskRecord, normalize, plan_log_append};
 use crate::{
     Cluster, ClusterLoad, ClusterSpec, CodeStats, HeartbeatReply, Leadership, LeaseRequest,
     LeasedTask, LogSlice, Package, Page, Project, Requeue, Result, RunReport, RunnerSeen,
-    StatsWindow, Store, StoreError, TaskFilter, TokenRecord, TokenRole,
+    StatsWindow, Store, StoreError, StoreGauges, TaskFilter, TokenRecord, TokenRole,
 };
 
 /// The leadership of the one process that uses a SQLite database.
@@ -1504,6 +1505,12 @@ impl Store for SqliteStore {
     async fn try_lead(&self) -> Result<Option<Box<dyn Leadership>>> {
         // One process owns a SQLite database, so it always leads.
         Ok(Some(Box::new(SoleProcess)))
+    }
+
+    // === gauges ===
+
+    async fn gauges(&self, now: Timestamp) -> Result<StoreGauges> {
+        gauges::gauges(self, now).await
     }
 }
 

@@ -5,6 +5,7 @@
 
 mod client;
 mod image;
+mod metrics;
 mod multi_node;
 mod node_client;
 mod postgres;

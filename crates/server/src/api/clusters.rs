@@ -238,11 +238,10 @@ pub async fn stats(
             .name
     };
     let now = state.clock.now();
-    let window = chrono::Duration::from_std(state.config.runner_api.online_window)
-        .unwrap_or_else(|_| chrono::Duration::minutes(1));
+    let online_since = state.config.runner_api.online_since(now);
     let load = state
         .store
-        .cluster_load(&name, access.project_id.as_deref(), now - window, now)
+        .cluster_load(&name, access.project_id.as_deref(), online_since, now)
         .await?;
     let runners: Vec<v2::ClusterRunner> = load
         .runners
