@@ -144,6 +144,9 @@ struct RunnerArgs {
     /// The most tasks at once (default: from the engine's cores and memory).
     #[arg(long)]
     capacity: Option<u32>,
+    /// Serve this runner's Prometheus metrics at `http://ADDR/metrics` (default: not served).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -383,6 +386,8 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             settings.data_dir.display()
         )
     })?;
+    // First, so that everything from the start is counted.
+    stevedore_metrics::install()?;
     let store = open_store(&settings).await?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let listener = TcpListener::bind(settings.listen)
@@ -490,6 +495,9 @@ async fn remote_runner(settings: Settings, args: RunnerArgs) -> anyhow::Result<(
     // The server holds a lease request until there is work, so the runner need not poll.
     config.idle_poll_interval = Duration::from_millis(250);
     let shutdown = CancellationToken::new();
+    if let Some(address) = args.metrics_listen {
+        serve_runner_metrics(address, shutdown.clone()).await?;
+    }
     let source = Arc::new(remote::RemoteTaskSource::new(
         remote::RemoteOptions::new(&args.api, &args.token),
         shutdown.clone(),
@@ -510,6 +518,28 @@ async fn remote_runner(settings: Settings, args: RunnerArgs) -> anyhow::Result<(
         stop.cancel();
     });
     runner.run_started(started, shutdown).await;
+    Ok(())
+}
+
+/// Serves the remote runner's own `/metrics` on `address` until `shutdown`. Binds before it
+/// returns, so a taken address stops the runner before it leases anything.
+async fn serve_runner_metrics(
+    address: SocketAddr,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    stevedore_metrics::install()?;
+    let listener = TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen on {address} for metrics"))?;
+    tracing::info!(address = %listener.local_addr()?, "serving the runner's metrics");
+    tokio::spawn(async move {
+        let served = axum::serve(listener, stevedore_server::metrics::exporter_router())
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "the metrics listener failed");
+        }
+    });
     Ok(())
 }
 

@@ -38,6 +38,15 @@ pub struct Settings {
     pub scheduler_interval_ms: u64,
     pub stacks: Vec<Stack>,
     pub runner: RunnerSettings,
+    pub metrics: MetricsSettings,
+}
+
+/// `GET /metrics`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MetricsSettings {
+    /// Ask scrapers for an admin token (`STEVEDORE_METRICS__TOKEN_REQUIRED=true`); off, the
+    /// endpoint is open like most exporters: it carries counts and bounded names only.
+    pub token_required: bool,
 }
 
 /// The runner embedded in `serve`.
@@ -140,6 +149,7 @@ impl Default for Settings {
             scheduler_interval_ms: 1000,
             stacks: Stack::defaults(),
             runner: RunnerSettings::default(),
+            metrics: MetricsSettings::default(),
         }
     }
 }
@@ -203,6 +213,7 @@ impl Settings {
         };
         config.package.max_bytes = self.max_package_bytes;
         config.package.max_unpacked_bytes = self.max_unpacked_bytes;
+        config.metrics.token_required = self.metrics.token_required;
         config
     }
 }

@@ -175,6 +175,28 @@ pub(crate) enum Subject<'a> {
 // === impl EngineError ===
 
 impl EngineError {
+    /// The variant as a fixed snake_case name, for metrics labels and logs that group
+    /// failures: a closed set, never the message.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EngineError::Unreachable { .. } => "unreachable",
+            EngineError::Timeout => "timeout",
+            EngineError::Server { .. } => "server",
+            EngineError::NoSuchContainer { .. } => "no_such_container",
+            EngineError::ImageNotFound { .. } => "image_not_found",
+            EngineError::RegistryDenied { .. } => "registry_denied",
+            EngineError::PullFailed { .. } => "pull_failed",
+            EngineError::Rejected { .. } => "rejected",
+            EngineError::Conflict { .. } => "conflict",
+            EngineError::MissingCapability { .. } => "missing_capability",
+            EngineError::InvalidSpec { .. } => "invalid_spec",
+            EngineError::LocalIo { .. } => "local_io",
+            EngineError::BuildFailed { .. } => "build_failed",
+            EngineError::InvalidBuildContext { .. } => "invalid_build_context",
+            EngineError::Protocol { .. } => "protocol",
+        }
+    }
+
     /// True when the failure is the infrastructure's, not the user's: the task should go back
     /// to the queue and run again without spending the user's retries.
     ///
@@ -311,6 +333,16 @@ mod tests {
             status_code,
             message: "whatever the engine says today".to_owned(),
         }
+    }
+
+    #[test]
+    fn kinds_are_fixed_names_without_the_message() {
+        let error = EngineError::Server {
+            status: 500,
+            message: "whatever the engine says today".to_owned(),
+        };
+        assert_eq!(error.kind(), "server");
+        assert_eq!(EngineError::Timeout.kind(), "timeout");
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub(crate) struct Slot {
 
 impl Admission {
     pub(crate) fn new(capacity: u32, memory_budget_mib: u64) -> Arc<Self> {
+        stevedore_metrics::runner_slots(capacity, 0);
         Arc::new(Admission {
             capacity,
             memory_budget_mib,
@@ -67,7 +68,11 @@ impl Admission {
     /// Takes a slot for a freshly leased task. The lease loop asked for no more than
     /// [`Admission::lease_size`], so it is free.
     pub(crate) fn take(self: &Arc<Self>) -> Slot {
-        self.lock().slots += 1;
+        {
+            let mut in_use = self.lock();
+            in_use.slots += 1;
+            stevedore_metrics::runner_slots(self.capacity, in_use.slots);
+        }
         Slot {
             admission: Arc::clone(self),
             memory_mib: 0,
@@ -94,6 +99,7 @@ impl Admission {
             let mut in_use = self.lock();
             in_use.slots = in_use.slots.saturating_sub(1);
             in_use.memory_mib = in_use.memory_mib.saturating_sub(memory_mib);
+            stevedore_metrics::runner_slots(self.capacity, in_use.slots);
         }
         self.released
             .send_modify(|generation| *generation = generation.wrapping_add(1));

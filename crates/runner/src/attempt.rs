@@ -21,6 +21,7 @@ use stevedore_engine::{
     ContainerEngine, ContainerId, EngineError, ExitStatus, PullProgress, ResourceSampleStream,
     ResourceUsage,
 };
+use stevedore_metrics::ContainerOperation;
 use stevedore_model::TaskOutcome;
 use stevedore_store::{LeasedTask, RunReport};
 use tokio::task::JoinHandle;
@@ -156,7 +157,9 @@ impl Attempt {
         {
             // The task is someone else's or goes back to the queue: its process must stop
             // now, not whenever the background removal gets to it.
-            if let Err(error) = self.context.engine.kill(id).await {
+            if let Err(error) =
+                engine_call(ContainerOperation::Kill, self.context.engine.kill(id)).await
+            {
                 tracing::debug!(%error, "kill before giving the task up failed");
             }
         }
@@ -194,7 +197,12 @@ impl Attempt {
         };
         // Not raced against anything: a create in flight that was dropped could leave a
         // container behind whose id we never learnt.
-        let id = match self.context.engine.create(&spec).await {
+        let id = match engine_call(
+            ContainerOperation::Create,
+            self.context.engine.create(&spec),
+        )
+        .await
+        {
             Ok(id) => id,
             Err(error) => return self.engine_failed("creating the container", error),
         };
@@ -205,7 +213,9 @@ impl Attempt {
         if let Some(ending) = self.confirm_lease().await {
             return ending;
         }
-        if let Err(error) = self.context.engine.start(&id).await {
+        if let Err(error) =
+            engine_call(ContainerOperation::Start, self.context.engine.start(&id)).await
+        {
             return self.engine_failed("starting the container", error);
         }
         self.started = true;
@@ -267,10 +277,12 @@ impl Attempt {
     async fn ensure_image(&self, image: &str) -> Result<(), Ending> {
         let auth = registry_auth_for(image, &self.context.config.registry_auth);
         let (progress, mut pull_events) = tokio::sync::mpsc::unbounded_channel();
-        let ensure = self
-            .context
-            .engine
-            .ensure_image(image, auth, Some(progress));
+        let ensure = engine_call(
+            ContainerOperation::EnsureImage,
+            self.context
+                .engine
+                .ensure_image(image, auth, Some(progress)),
+        );
         tokio::pin!(ensure);
         let mut pull_started: Option<Instant> = None;
         let presence = loop {
@@ -524,7 +536,9 @@ impl Attempt {
         id: &ContainerId,
         wait: std::pin::Pin<&mut impl Future<Output = Result<ExitStatus, EngineError>>>,
     ) -> Option<ExitStatus> {
-        if let Err(error) = self.context.engine.kill(id).await {
+        if let Err(error) =
+            engine_call(ContainerOperation::Kill, self.context.engine.kill(id)).await
+        {
             tracing::warn!(%error, "killing the container failed");
             self.suspect_engine(&error);
         }
@@ -746,12 +760,28 @@ async fn follow_usage(
     }
 }
 
+/// Calls the engine, recording how long the operation took and, when it failed, the kind of
+/// failure: the runner's every container operation goes through here, so the metrics see
+/// all of them.
+pub(crate) async fn engine_call<T>(
+    operation: ContainerOperation,
+    call: impl Future<Output = Result<T, EngineError>>,
+) -> Result<T, EngineError> {
+    let began = Instant::now();
+    let result = call.await;
+    stevedore_metrics::container_operation(operation, began.elapsed());
+    if let Err(error) = &result {
+        stevedore_metrics::engine_error(operation, error.kind());
+    }
+    result
+}
+
 /// Removes a finished task's container, measuring how long the engine takes.
 async fn remove_container(engine: Arc<dyn ContainerEngine>, id: ContainerId) {
     // Waits grow to about a minute in all, enough for an engine that restarts to come back.
     let mut delay = Duration::from_millis(500);
     for attempt in 1..=REMOVE_ATTEMPTS {
-        match engine.remove(&id).await {
+        match engine_call(ContainerOperation::Remove, engine.remove(&id)).await {
             Ok(took) => {
                 tracing::info!(container = %id, took_ms = took.as_millis(), "container removed");
                 return;

@@ -25,6 +25,9 @@
 //! * **Failure classification**: only by [`stevedore_engine::EngineError::is_infrastructure`];
 //!   infrastructure failures requeue the task with exponential backoff without spending the
 //!   user's retries, the user's failures end the task `error` with a clear message.
+//! * **Metrics** of its side (through `stevedore_metrics`): every engine call timed and its
+//!   failures counted by kind, the capacity and slots in use, log bytes shipped, and for
+//!   [`StoreTaskSource`] lease calls, queue waits and tasks finished.
 //! * **Teardown**: every container is removed (force, with volumes) in the background after
 //!   the result is recorded, and containers left by an earlier life of this runner are
 //!   reaped at start-up.

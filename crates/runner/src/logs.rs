@@ -175,6 +175,7 @@ impl LogShipper {
             .await
         {
             Ok(stored) => {
+                stevedore_metrics::log_bytes_shipped(sending as u64);
                 self.stored = stored;
                 buffer.clear();
                 truncating.then_some(Stop::Capped)

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use stevedore_engine::{ContainerEngine, EngineCapabilities, Requirements, check_required};
+use stevedore_metrics::ContainerOperation;
 use stevedore_store::{LeaseRequest, LeasedTask, WorkSignal};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -13,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::admission::Admission;
-use crate::attempt::{self, TaskContext};
+use crate::attempt::{self, TaskContext, engine_call};
 use crate::config::{ResolvedLimits, RunnerConfig};
 use crate::container::LABEL_RUNNER;
 use crate::error::RunnerError;
@@ -185,7 +186,7 @@ impl Runner {
         let engine = &self.engine;
         futures::stream::iter(leftovers)
             .for_each_concurrent(REAP_CONCURRENCY, |id| async move {
-                match engine.remove(&id).await {
+                match engine_call(ContainerOperation::Remove, engine.remove(&id)).await {
                     Ok(took) => tracing::info!(
                         container = %id,
                         took_ms = took.as_millis(),

@@ -6,7 +6,7 @@
 //! own clock: the source decides what "now" is (the store's clock, or the server's).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use stevedore_model::{Clock, TaskOutcome};
@@ -128,7 +128,15 @@ impl TaskSource for StoreTaskSource {
     }
 
     async fn lease(&self, request: &LeaseRequest) -> Result<Vec<LeasedTask>, SourceError> {
-        Ok(self.store.lease(request, self.clock.now()).await?)
+        let now = self.clock.now();
+        let began = Instant::now();
+        let leased = self.store.lease(request, now).await?;
+        stevedore_metrics::lease_call(
+            began.elapsed(),
+            now,
+            leased.iter().map(|leased| leased.task.due_at),
+        );
+        Ok(leased)
     }
 
     async fn heartbeat(
@@ -182,9 +190,11 @@ impl TaskSource for StoreTaskSource {
         outcome: &TaskOutcome,
         report: &RunReport,
     ) -> Result<(), SourceError> {
-        self.store
+        let task = self
+            .store
             .complete(task_id, token, outcome, report, self.clock.now())
             .await?;
+        stevedore_metrics::task_finished(task.status, &task.code_name);
         Ok(())
     }
 
@@ -203,7 +213,9 @@ impl TaskSource for StoreTaskSource {
             due_at: now + delay,
             max_infra_attempts: request.max_infra_attempts,
         };
-        self.store.requeue(task_id, token, &requeue, now).await?;
+        let task = self.store.requeue(task_id, token, &requeue, now).await?;
+        // Past its infrastructure attempts (or cancelled meanwhile) the task is final now.
+        stevedore_metrics::task_finished(task.status, &task.code_name);
         Ok(())
     }
 

@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
-use stevedore_model::{Stack, limits};
+use stevedore_model::{Stack, Timestamp, limits};
 
+pub use crate::metrics::MetricsConfig;
 use crate::package::PackageLimits;
 
 /// Everything the HTTP layer needs to know beyond the store.
@@ -17,6 +18,7 @@ pub struct ServerConfig {
     pub stacks: Vec<Stack>,
     pub log_stream: LogStreamConfig,
     pub runner_api: RunnerApiConfig,
+    pub metrics: MetricsConfig,
 }
 
 /// The runner protocol (`/runner/v1/...`).
@@ -43,6 +45,15 @@ impl Default for RunnerApiConfig {
             online_window: Duration::from_secs(60),
             max_log_chunk_bytes: 8 << 20,
         }
+    }
+}
+
+impl RunnerApiConfig {
+    /// The earliest last sighting at `now` of a runner that still counts as online.
+    pub fn online_since(&self, now: Timestamp) -> Timestamp {
+        let window = chrono::Duration::from_std(self.online_window)
+            .unwrap_or_else(|_| chrono::Duration::minutes(1));
+        now - window
     }
 }
 
@@ -82,6 +93,7 @@ impl Default for ServerConfig {
             stacks: Stack::defaults(),
             log_stream: LogStreamConfig::default(),
             runner_api: RunnerApiConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! The server owns HTTP and nothing below it: every request is parsed and validated into
 //! domain values (`wire`), handed to the `Store`, and answered from the result. Errors of every
-//! layer meet in one table (`error`) that decides status codes and messages.
+//! layer meet in one table (`error`) that decides status codes and messages. `GET /metrics`
+//! (`metrics`) exposes the process's Prometheus metrics.
 
 #![forbid(unsafe_code)]
 
@@ -16,6 +17,7 @@ pub mod error;
 pub mod extract;
 pub mod follow;
 pub mod leader;
+pub mod metrics;
 pub mod openapi;
 pub mod package;
 pub mod rescuer;
@@ -143,6 +145,7 @@ pub fn router(state: AppState) -> Router {
         .nest("/runner/v1", runner_api::routes(&state.config))
         .merge(dashboard::routes())
         .route("/openapi.json", get(openapi::document))
+        .route("/metrics", get(metrics::scrape))
         .route(
             "/health",
             get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
@@ -150,6 +153,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async {
             error::ApiError::NotFound("no such endpoint; see /openapi.json".into())
         })
+        .layer(axum::middleware::from_fn(metrics::track_requests))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

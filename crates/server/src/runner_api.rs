@@ -109,7 +109,14 @@ pub async fn lease(
         let woken = state.lease_wake.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
-        let leased = state.store.lease(&lease, state.clock.now()).await?;
+        let now = state.clock.now();
+        let began = std::time::Instant::now();
+        let leased = state.store.lease(&lease, now).await?;
+        stevedore_metrics::lease_call(
+            began.elapsed(),
+            now,
+            leased.iter().map(|leased| leased.task.due_at),
+        );
         let stopped = stopping.as_ref().is_some_and(|token| token.is_cancelled());
         if !leased.is_empty() || tokio::time::Instant::now() >= deadline || stopped {
             let tasks = leased
@@ -202,6 +209,7 @@ pub async fn append_log(
         .store
         .append_log(&task_id, token, &bytes, cap, state.clock.now())
         .await?;
+    stevedore_metrics::runner_api_log_bytes(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
     Ok(Json(wire::LogAppended { size }))
 }
 
@@ -253,6 +261,7 @@ pub async fn complete(
             state.clock.now(),
         )
         .await?;
+    stevedore_metrics::task_finished(task.status, &task.code_name);
     // A user retry may have been queued with the result.
     state.tasks_queued();
     Ok(ack(format!("task is {}", task.status)))
@@ -289,6 +298,8 @@ pub async fn requeue(
         .store
         .requeue(&task_id, request.token, &requeue, now)
         .await?;
+    // Past its infrastructure attempts (or cancelled meanwhile) the task is final now.
+    stevedore_metrics::task_finished(task.status, &task.code_name);
     state.tasks_queued();
     Ok(ack(format!("task is {}", task.status)))
 }

@@ -269,6 +269,58 @@ pub struct ClusterLoad {
     pub runners: Vec<RunnerStatus>,
 }
 
+/// The store's task counts at one moment, for metrics read at scrape time.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StoreGauges {
+    /// Tasks queued, preparing and running, in that order, zeros included.
+    pub by_status: Vec<(TaskStatus, u64)>,
+    /// Queued tasks due at the time asked about (paused codes' included), for every priority
+    /// from 0 to `MAX_PRIORITY`, zeros included.
+    pub queue_depth: Vec<(u8, u64)>,
+}
+
+// === impl StoreGauges ===
+
+impl StoreGauges {
+    /// The statuses `by_status` reports: those a task leaves again.
+    pub const STATUSES: [TaskStatus; 3] = [
+        TaskStatus::Queued,
+        TaskStatus::Preparing,
+        TaskStatus::Running,
+    ];
+
+    /// Fills in the zeros around the counts a database reported (`GROUP BY` leaves out
+    /// what it did not see).
+    pub(crate) fn from_counts(
+        by_status: &[(TaskStatus, u64)],
+        queue_depth: &[(u8, u64)],
+    ) -> StoreGauges {
+        let count_of = |status: TaskStatus| {
+            by_status
+                .iter()
+                .filter(|(seen, _)| *seen == status)
+                .map(|(_, count)| count)
+                .sum()
+        };
+        let depth_of = |priority: u8| {
+            queue_depth
+                .iter()
+                .filter(|(seen, _)| *seen == priority)
+                .map(|(_, count)| count)
+                .sum()
+        };
+        StoreGauges {
+            by_status: Self::STATUSES
+                .iter()
+                .map(|status| (*status, count_of(*status)))
+                .collect(),
+            queue_depth: (0..=stevedore_model::limits::MAX_PRIORITY)
+                .map(|priority| (priority, depth_of(priority)))
+                .collect(),
+        }
+    }
+}
+
 /// Wakes a lease loop when work may have been queued by any process sharing the database: a
 /// task queued, requeued or retried, a schedule fired, a code resumed. A hint, not a promise:
 /// a signal may come without new work, and the loop must still poll now and then, because a
@@ -599,6 +651,12 @@ pub trait Store: Send + Sync + 'static {
     /// Counts of all the project's tasks in `window` for every status, in lifecycle order,
     /// zeros included, as `code_stats` counts one code's. An unknown project counts zero.
     async fn project_counts(&self, project_id: &str, window: StatsWindow) -> Result<CodeStats>;
+    // === gauges ===
+
+    /// How many tasks are queued, preparing and running across every project, and how many
+    /// queued ones are due at `now` per priority: what the metrics endpoint reports at each
+    /// scrape. Two reads, not one snapshot; a gauge needs no more.
+    async fn gauges(&self, now: Timestamp) -> Result<StoreGauges>;
 }
 
 /// Held by the leader; dropping it gives the leadership up.

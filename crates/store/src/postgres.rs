@@ -26,6 +26,7 @@
 //! a task is decided in `crate::record`, shared with it.
 
 mod clusters;
+mod gauges;
 mod lead;
 mod listen;
 mod rows;
@@ -50,7 +51,7 @@ use crate::record::{TaskRecord, normalize, plan_log_append};
 use crate::{
     Cluster, ClusterLoad, ClusterSpec, CodeStats, HeartbeatReply, Leadership, LeaseRequest,
     LeasedTask, LogSlice, Package, Page, Project, QueueWait, Requeue, Result, RunReport,
-    RunnerSeen, StatsWindow, Store, StoreError, TaskFilter, TokenRecord, TokenRole, UsageQuery,
+    RunnerSeen, StatsWindow, Store, StoreError, StoreGauges, TaskFilter, TokenRecord, TokenRole, UsageQuery,
     UsageRow, WorkSignal,
 };
 
@@ -1240,6 +1241,12 @@ impl Store for PgStore {
 
     async fn project_counts(&self, project_id: &str, window: StatsWindow) -> Result<CodeStats> {
         usage::project_counts(self, project_id, window).await
+    }
+
+    // === gauges ===
+
+    async fn gauges(&self, now: Timestamp) -> Result<StoreGauges> {
+        gauges::gauges(self, now).await
     }
 }
 

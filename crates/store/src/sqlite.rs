@@ -18,6 +18,7 @@
 //! change does to a task is decided in `crate::record`, shared with every backend.
 
 mod clusters;
+mod gauges;
 mod rows;
 mod tasks;
 mod usage;
@@ -50,7 +51,7 @@ use crate::record::{TaskRecord, normalize, plan_log_append};
 use crate::{
     Cluster, ClusterLoad, ClusterSpec, CodeStats, HeartbeatReply, Leadership, LeaseRequest,
     LeasedTask, LogSlice, Package, Page, Project, QueueWait, Requeue, Result, RunReport,
-    RunnerSeen, StatsWindow, Store, StoreError, TaskFilter, TokenRecord, TokenRole, UsageQuery,
+    RunnerSeen, StatsWindow, Store, StoreError, StoreGauges, TaskFilter, TokenRecord, TokenRole, UsageQuery,
     UsageRow,
 };
 
@@ -1518,6 +1519,12 @@ impl Store for SqliteStore {
 
     async fn project_counts(&self, project_id: &str, window: StatsWindow) -> Result<CodeStats> {
         usage::project_counts(self, project_id, window).await
+    }
+
+    // === gauges ===
+
+    async fn gauges(&self, now: Timestamp) -> Result<StoreGauges> {
+        gauges::gauges(self, now).await
     }
 }
 

@@ -6,6 +6,7 @@
 mod client;
 mod dashboard;
 mod image;
+mod metrics;
 mod multi_node;
 mod node_client;
 mod postgres;

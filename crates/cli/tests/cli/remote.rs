@@ -1,39 +1,15 @@
 //! `stevedore runner`: a separate runner process, leasing over the runner protocol from a
 //! `stevedore serve` whose embedded runner is off, runs real containers to completion.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::support::{
     Api, RunnerProcess, ServerProcess, binary, containers_labelled, docker_available,
-    ensure_local_image, remove_containers, run_ok,
+    ensure_local_image, remove_containers, runner_token, unique,
 };
-
-fn runner_token(data_dir: &Path) -> String {
-    let out = run_ok(&[
-        "token",
-        "create",
-        "--role",
-        "runner",
-        "--data-dir",
-        data_dir.to_str().unwrap(),
-    ]);
-    let created: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(created["role"], "runner");
-    assert_eq!(created["project_id"], Value::Null);
-    created["token"].as_str().unwrap().to_owned()
-}
-
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{prefix}-{:x}{nanos:x}", std::process::id())
-}
 
 #[tokio::test]
 async fn a_remote_runner_runs_tasks_survives_kill_9_and_cancels() {

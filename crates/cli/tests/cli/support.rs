@@ -359,6 +359,18 @@ impl RunnerProcess {
         clusters: &[&str],
         lease_secs: u32,
     ) -> RunnerProcess {
+        Self::start_with_args(server, token, id, clusters, lease_secs, &[])
+    }
+
+    /// A runner with more command-line arguments.
+    pub fn start_with_args(
+        server: &ServerProcess,
+        token: &str,
+        id: &str,
+        clusters: &[&str],
+        lease_secs: u32,
+        args: &[&str],
+    ) -> RunnerProcess {
         let lease_secs = lease_secs.to_string();
         let mut command = Command::new(binary());
         command
@@ -383,6 +395,7 @@ impl RunnerProcess {
         for cluster in clusters {
             command.args(["--cluster", cluster]);
         }
+        command.args(args);
         #[allow(clippy::zombie_processes)]
         let child = command.spawn().expect("start stevedore runner");
         RunnerProcess {
@@ -432,4 +445,29 @@ pub fn remove_containers(label: &str) {
             .stdout(Stdio::null())
             .status();
     }
+}
+
+/// A new runner token of the server whose data directory is `data_dir`.
+pub fn runner_token(data_dir: &Path) -> String {
+    let out = run_ok(&[
+        "token",
+        "create",
+        "--role",
+        "runner",
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+    ]);
+    let created: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(created["role"], "runner");
+    assert_eq!(created["project_id"], Value::Null);
+    created["token"].as_str().unwrap().to_owned()
+}
+
+/// `prefix` and a suffix no other test run shares, for runner ids and labels.
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}-{:x}{nanos:x}", std::process::id())
 }

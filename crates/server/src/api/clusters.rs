@@ -255,11 +255,10 @@ pub async fn cluster_stats(
             .name
     };
     let now = state.clock.now();
-    let window = chrono::Duration::from_std(state.config.runner_api.online_window)
-        .unwrap_or_else(|_| chrono::Duration::minutes(1));
+    let online_since = state.config.runner_api.online_since(now);
     let load = state
         .store
-        .cluster_load(&name, project_id, now - window, now)
+        .cluster_load(&name, project_id, online_since, now)
         .await?;
     let runners: Vec<v2::ClusterRunner> = load
         .runners

@@ -243,10 +243,12 @@ pub async fn cancel(
     access: ProjectAccess,
     Path((_, task_id)): Path<(String, String)>,
 ) -> ApiResult<Json<v2::Message>> {
-    state
+    let task = state
         .store
         .cancel_task(&access.project_id, &task_id, state.clock.now())
         .await?;
+    // A queued task is cancelled at once; a leased one when its runner completes it.
+    stevedore_metrics::task_finished(task.status, &task.code_name);
     Ok(message("Cancelled"))
 }
 
