@@ -51,8 +51,8 @@ use crate::record::{TaskRecord, normalize, plan_log_append};
 use crate::{
     Cluster, ClusterLoad, ClusterSpec, CodeStats, HeartbeatReply, Leadership, LeaseRequest,
     LeasedTask, LogSlice, Package, Page, Project, QueueWait, Requeue, Result, RunReport,
-    RunnerSeen, StatsWindow, Store, StoreError, StoreGauges, TaskFilter, TokenRecord, TokenRole, UsageQuery,
-    UsageRow,
+    RunnerSeen, StatsWindow, Store, StoreError, StoreGauges, TaskFilter, TokenRecord, TokenRole,
+    UsageQuery, UsageRow,
 };
 
 /// The leadership of the one process that uses a SQLite database.

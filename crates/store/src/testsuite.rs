@@ -26,8 +26,8 @@ use stevedore_model::{
 
 use crate::{
     ClusterSpec, CodeStats, LeaseRequest, LeasedTask, LogSlice, Package, Page, Project, QueueWait,
-    Requeue, Result, RunReport, RunnerSeen, StatsWindow, Store, StoreError, StoreGauges, TaskFilter,
-    TokenRole, UsageQuery, UsageRow,
+    Requeue, Result, RunReport, RunnerSeen, StatsWindow, Store, StoreError, StoreGauges,
+    TaskFilter, TokenRole, UsageQuery, UsageRow,
 };
 
 /// Makes one `#[tokio::test]` per suite function. `$factory` is an async function (or
