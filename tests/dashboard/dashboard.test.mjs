@@ -323,6 +323,40 @@ async function main() {
     await screenshot(page, '08-task-complete.png');
   });
 
+  await step('the overview counts the finished task in its totals and charts', async () => {
+    await page.goto(`${origin}/ui/`);
+    try {
+      await page.waitForSelector('#charts[data-loaded="true"]', { timeout: 15_000 });
+    } catch {
+      const problem = await textOf(page, '#usage-error');
+      throw new StepFailure(`the charts never loaded their data: ${JSON.stringify(problem)}`);
+    }
+    const finished = Number((await textOf(page, '[data-total="tasks"]')).trim());
+    check(finished >= 1, `the overview counts ${finished} finished tasks, not at least 1`);
+    const drawn = await page.evaluate(() => {
+      const sum = (id) => {
+        const chart = window.Chart.getChart(document.getElementById(id));
+        if (!chart) return -1;
+        return chart.data.datasets
+          .flatMap((dataset) => dataset.data)
+          .reduce((total, value) => total + (Number(value) || 0), 0);
+      };
+      return {
+        throughput: sum('chart-throughput'),
+        status: sum('chart-status'),
+        stacks: sum('chart-stacks'),
+        wait: window.Chart.getChart(document.getElementById('chart-wait'))
+          ? window.Chart.getChart(document.getElementById('chart-wait')).data.datasets.length
+          : -1,
+      };
+    });
+    check(drawn.throughput >= 1, `the throughput chart shows ${drawn.throughput} tasks`);
+    check(drawn.status >= 1, `the status chart shows ${drawn.status} tasks`);
+    check(drawn.stacks > 0, `the stack chart shows ${drawn.stacks} compute seconds`);
+    check(drawn.wait === 2, `the queue-wait chart has ${drawn.wait} series, not p50 and p99`);
+    await screenshot(page, '12-overview-with-a-task.png');
+  });
+
   await step('the finished task is listed under ?status=complete, and not under ?status=error', async () => {
     const link = `tr.task a.task-link[href="/ui/tasks/${taskId}"]`;
     await page.goto(`${origin}/ui/tasks?status=complete`);

@@ -101,6 +101,137 @@
     source.onopen = () => { state.textContent = "live"; };
   }
 
+  // === the overview's charts ===
+
+  // Each window asks for buckets fine enough to show its shape and few enough to draw.
+  const WINDOWS = {
+    "1h": { seconds: 3600, bucket: "minute" },
+    "24h": { seconds: 86400, bucket: "hour" },
+    "7d": { seconds: 7 * 86400, bucket: "hour" },
+    "30d": { seconds: 30 * 86400, bucket: "day" },
+  };
+  const COLORS = {
+    complete: "#1a7f37", failures: "#cf222e", error: "#cf222e", timeout: "#bc4c00",
+    cancelled: "#8c959f", queued: "#d4a72c", preparing: "#54aeff", running: "#1f6feb",
+  };
+  const PALETTE = ["#1f6feb", "#8250df", "#1a7f37", "#bf3989", "#bc4c00", "#0a7ea4", "#6e7781", "#d4a72c"];
+
+  function bucketLabel(iso, bucketSecs) {
+    const date = new Date(iso);
+    if (bucketSecs >= 86400) return `${date.getMonth() + 1}-${pad(date.getDate())}`;
+    if (bucketSecs >= 3600 && bucketSecs * 48 > 86400) {
+      return `${date.getMonth() + 1}-${pad(date.getDate())} ${pad(date.getHours())}:00`;
+    }
+    return `${pad(date.getHours())}:${pad(date.getMinutes())}`;
+  }
+
+  function humanSeconds(seconds) {
+    return seconds < 1 ? `${Math.round(seconds * 1000)} ms` : humanDuration(Math.round(seconds * 1000));
+  }
+
+  function setTotals(report) {
+    const set = (name, text) => {
+      const node = document.querySelector(`[data-total="${name}"]`);
+      if (node) node.textContent = text;
+    };
+    set("tasks", String(report.totals.tasks));
+    set("failures", String(report.totals.failures));
+    set("compute", humanSeconds(report.totals.compute_seconds));
+    const wait = report.queue_wait;
+    set("wait", wait.samples ? `${humanDuration(wait.p50_ms)} / ${humanDuration(wait.p99_ms)}` : "no starts");
+  }
+
+  function chartData(report) {
+    const labels = report.buckets.map((bucket) => bucketLabel(bucket.start, report.bucket_secs));
+    const series = (pick) => report.buckets.map(pick);
+    const statuses = ["queued", "preparing", "running", "complete", "error", "timeout", "cancelled"]
+      .filter((status) => report.status_mix[status] > 0);
+    const stackNames = report.stacks.map((stack) => stack.stack);
+    return {
+      throughput: {
+        labels,
+        datasets: ["complete", "failures", "cancelled"].map((outcome) => ({
+          label: outcome, data: series((bucket) => bucket.totals[outcome]),
+          backgroundColor: COLORS[outcome], stack: "tasks",
+        })),
+      },
+      status: {
+        labels: statuses,
+        datasets: [{
+          data: statuses.map((status) => report.status_mix[status]),
+          backgroundColor: statuses.map((status) => COLORS[status]),
+        }],
+      },
+      stacks: {
+        labels,
+        datasets: stackNames.map((name, index) => ({
+          label: name,
+          data: series((bucket) => {
+            const found = bucket.stacks.find((stack) => stack.stack === name);
+            return found ? Number(found.compute_seconds.toFixed(3)) : 0;
+          }),
+          backgroundColor: PALETTE[index % PALETTE.length], stack: "compute",
+        })),
+      },
+      wait: {
+        labels,
+        datasets: [
+          { label: "p50 (ms)", data: series((bucket) => bucket.queue_wait.p50_ms), borderColor: "#1f6feb", backgroundColor: "#1f6feb" },
+          { label: "p99 (ms)", data: series((bucket) => bucket.queue_wait.p99_ms), borderColor: "#cf222e", backgroundColor: "#cf222e" },
+        ],
+      },
+    };
+  }
+
+  const CHART_TYPES = { throughput: "bar", status: "doughnut", stacks: "bar", wait: "line" };
+
+  function chartOptions(name) {
+    const options = { responsive: true, maintainAspectRatio: false, animation: false, plugins: { legend: { position: "bottom" } } };
+    if (name === "throughput" || name === "stacks") {
+      options.scales = { x: { stacked: true }, y: { stacked: true, beginAtZero: true } };
+    }
+    if (name === "stacks") options.scales.y.title = { display: true, text: "compute seconds" };
+    if (name === "wait") {
+      options.spanGaps = true;
+      options.scales = { y: { beginAtZero: true, title: { display: true, text: "milliseconds" } } };
+    }
+    return options;
+  }
+
+  window.stevedoreCharts = function (section) {
+    const drawn = {};
+    const select = document.getElementById("window-select");
+    const problem = document.getElementById("usage-error");
+    async function refresh() {
+      const choice = WINDOWS[select.value] || WINDOWS["24h"];
+      const from = Math.floor(Date.now() / 1000) - choice.seconds;
+      const response = await fetch(`${section.dataset.usage}?from=${from}&bucket=${choice.bucket}`, { credentials: "same-origin" });
+      if (!response.ok) {
+        const body = await response.json().catch(() => ({}));
+        problem.textContent = `The usage report failed: ${body.msg || response.status}`;
+        problem.hidden = false;
+        return;
+      }
+      problem.hidden = true;
+      const report = await response.json();
+      setTotals(report);
+      const data = chartData(report);
+      for (const name of Object.keys(CHART_TYPES)) {
+        if (drawn[name]) {
+          drawn[name].data = data[name];
+          drawn[name].update();
+        } else {
+          const canvas = document.getElementById(`chart-${name}`);
+          drawn[name] = new window.Chart(canvas, { type: CHART_TYPES[name], data: data[name], options: chartOptions(name) });
+        }
+      }
+      section.dataset.loaded = "true";
+    }
+    select.addEventListener("change", refresh);
+    refresh();
+    setInterval(refresh, 15000);
+  };
+
   // === start ===
 
   document.addEventListener("DOMContentLoaded", () => {

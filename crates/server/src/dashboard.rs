@@ -32,6 +32,7 @@ pub fn routes() -> Router<AppState> {
         .route("/ui/", get(pages::overview))
         .route("/ui/login", get(session::login_page).post(session::login))
         .route("/ui/logout", post(session::logout))
+        .route("/ui/usage.json", get(pages::usage_json))
         .route("/ui/codes", get(pages::codes))
         .route("/ui/codes/{code_id}", get(pages::code))
         .route("/ui/codes/{code_id}/pause", post(pages::pause_code))

@@ -4,10 +4,10 @@
 
 use askama::Template;
 use axum::Extension;
-use axum::Form;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{Redirect, Response};
+use axum::{Form, Json};
 use serde::Deserialize;
 use stevedore_api_types::v2;
 use stevedore_model::TaskStatus;
@@ -18,6 +18,7 @@ use crate::AppState;
 use crate::api::logs::{StreamShutdown, event_stream, resume_offset};
 use crate::api::{clusters, tasks as task_api};
 use crate::error::ApiError;
+use crate::usage::{self, UsageParams};
 use crate::wire;
 
 /// Tasks on one page of the task list.
@@ -54,6 +55,18 @@ pub async fn overview(session: Session) -> Response {
     render(&OverviewPage {
         chrome: Chrome::new(&session, "overview"),
     })
+}
+
+/// The overview's chart data: the project's usage report for the window the page asks for
+/// (the API's `GET usage` parameters), as JSON.
+pub async fn usage_json(
+    State(state): State<AppState>,
+    session: Session,
+    Query(params): Query<UsageParams>,
+) -> Result<Json<v2::UsageReport>, ApiError> {
+    Ok(Json(
+        usage::report(&state, &session.project.id, &params).await?,
+    ))
 }
 
 // === codes ===
