@@ -281,6 +281,7 @@ pub async fn task_rows(
 /// The queue form: a code, a payload, and optionally what the API's task fields set.
 #[derive(Debug, Deserialize)]
 pub struct QueueForm {
+    #[serde(default)]
     code: String,
     #[serde(default)]
     payload: String,

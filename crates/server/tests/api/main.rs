@@ -8,6 +8,7 @@ mod bad_input;
 mod clusters;
 mod codes;
 mod compat;
+mod dashboard;
 mod logs;
 mod runner;
 mod schedules;
