@@ -463,6 +463,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         %address,
         project_id = %iron.project_id,
         iron_json = %settings.data_dir.join("iron.json").display(),
+        dashboard = %format!("http://{address}/ui/"),
         runner = settings.runner.enabled,
         "stevedore is serving"
     );
