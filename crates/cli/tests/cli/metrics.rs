@@ -232,14 +232,22 @@ async fn serve_exports_tasks_containers_queues_and_requests() {
     );
     assert_eq!(value(&metrics, "stevedore_runner_capacity", &[]), 3.0);
     assert_eq!(value(&metrics, "stevedore_runner_busy", &[]), 0.0);
-    // The embedded runner leases from the store, so no remote runner is online.
+    // The embedded runner serves the default cluster like a runner leasing over HTTP.
     assert_eq!(
         value(
             &metrics,
             "stevedore_cluster_runners",
             &[("cluster", "default")]
         ),
-        0.0
+        1.0
+    );
+    assert_eq!(
+        value(
+            &metrics,
+            "stevedore_cluster_capacity",
+            &[("cluster", "default")]
+        ),
+        3.0
     );
 
     let requests = "stevedore_http_requests_total";
