@@ -153,7 +153,13 @@ pub fn render() -> Result<String, MetricsError> {
 
 /// A task reached a final status. Statuses that are not final are ignored.
 pub fn task_finished(status: TaskStatus, code_name: &str) {
-    if !status.is_terminal() {
+    tasks_finished(status, code_name, 1);
+}
+
+/// `count` tasks of one code reached the same final status at once (a code's queued tasks
+/// cancelled together). Statuses that are not final are ignored, and so is a count of 0.
+pub fn tasks_finished(status: TaskStatus, code_name: &str, count: u64) {
+    if !status.is_terminal() || count == 0 {
         return;
     }
     counter!(
@@ -161,7 +167,7 @@ pub fn task_finished(status: TaskStatus, code_name: &str) {
         "status" => status.as_str(),
         "code" => CODE_LABELS.label(code_name),
     )
-    .increment(1);
+    .increment(count);
 }
 
 /// One lease call to the store took `took` at `now` and handed out tasks due at `due`.
