@@ -400,13 +400,19 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     };
     let shutdown = CancellationToken::new();
     let background = TaskTracker::new();
+    let server_config = settings.server_config();
     let mut on_enqueue: Option<EnqueueHook> = None;
     if settings.runner.enabled {
         let engine: Arc<dyn ContainerEngine> = Arc::new(connect_engine().await?);
-        let source = Arc::new(StoreTaskSource::new(store.clone(), clock.clone()));
+        // Recorded like a runner leasing over HTTP, often enough to stay online in cluster
+        // statistics while it polls, seldom enough that idle polls do not write every time.
+        let source = Arc::new(
+            StoreTaskSource::new(store.clone(), clock.clone())
+                .announcing(server_config.runner_api.online_window / 4),
+        );
         let runner = Runner::new(
             settings.runner.runner_config(&settings.stacks),
-            source,
+            source.clone(),
             engine,
         );
         let wake = runner.work_notifier();
@@ -415,6 +421,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             .start()
             .await
             .context("the embedded runner cannot start (set runner.enabled = false to serve the API without running tasks)")?;
+        source.set_capacity(started.capacity());
         let runner_shutdown = shutdown.child_token();
         background.spawn(async move { runner.run_started(started, runner_shutdown).await });
     }
@@ -455,7 +462,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let state = AppState {
         store,
         clock,
-        config: Arc::new(settings.server_config()),
+        config: Arc::new(server_config),
         on_enqueue,
         lease_wake,
     };

@@ -47,11 +47,11 @@ pub mod names {
     pub const LOG_BYTES: &str = "stevedore_log_bytes_total";
     /// Counter: bytes of task output remote runners appended through `/runner/v1`.
     pub const RUNNER_API_LOG_BYTES: &str = "stevedore_runner_api_log_bytes_total";
-    /// Gauge `{cluster}`: remote runners online per cluster.
+    /// Gauge `{cluster}`: runners online per cluster (remote and embedded).
     pub const CLUSTER_RUNNERS: &str = "stevedore_cluster_runners";
-    /// Gauge `{cluster}`: the summed capacity of a cluster's online remote runners.
+    /// Gauge `{cluster}`: the summed capacity of a cluster's online runners.
     pub const CLUSTER_CAPACITY: &str = "stevedore_cluster_capacity";
-    /// Gauge `{cluster}`: the live leases a cluster's online remote runners hold.
+    /// Gauge `{cluster}`: the live leases a cluster's online runners hold.
     pub const CLUSTER_BUSY: &str = "stevedore_cluster_busy";
     /// Counter `{method, route, status}`: HTTP requests answered.
     pub const HTTP_REQUESTS: &str = "stevedore_http_requests_total";
@@ -95,7 +95,7 @@ pub struct LabelCap {
     seen: Mutex<BTreeSet<String>>,
 }
 
-/// Remote runners of one cluster at scrape time, for [`cluster_gauges`].
+/// The online runners of one cluster at scrape time, for [`cluster_gauges`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterGauge {
     pub cluster: String,
@@ -153,7 +153,13 @@ pub fn render() -> Result<String, MetricsError> {
 
 /// A task reached a final status. Statuses that are not final are ignored.
 pub fn task_finished(status: TaskStatus, code_name: &str) {
-    if !status.is_terminal() {
+    tasks_finished(status, code_name, 1);
+}
+
+/// `count` tasks of one code reached the same final status at once (a code's queued tasks
+/// cancelled together). Statuses that are not final are ignored, and so is a count of 0.
+pub fn tasks_finished(status: TaskStatus, code_name: &str, count: u64) {
+    if !status.is_terminal() || count == 0 {
         return;
     }
     counter!(
@@ -161,7 +167,7 @@ pub fn task_finished(status: TaskStatus, code_name: &str) {
         "status" => status.as_str(),
         "code" => CODE_LABELS.label(code_name),
     )
-    .increment(1);
+    .increment(count);
 }
 
 /// One lease call to the store took `took` at `now` and handed out tasks due at `due`.
@@ -240,7 +246,7 @@ pub fn store_gauges(by_status: &[(TaskStatus, u64)], queue_depth: &[(u8, u64)]) 
     }
 }
 
-/// Remote runners per cluster at scrape time. Clusters past the label cap are summed into
+/// Online runners per cluster at scrape time. Clusters past the label cap are summed into
 /// [`OTHER_LABEL`]; a cluster seen before and gone now reads zero rather than its last value.
 pub fn cluster_gauges(clusters: &[ClusterGauge]) {
     let mut by_label: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
@@ -355,17 +361,17 @@ fn describe() {
     describe_gauge!(
         names::CLUSTER_RUNNERS,
         Unit::Count,
-        "Remote runners online per cluster, read at scrape time."
+        "Runners online per cluster, read at scrape time."
     );
     describe_gauge!(
         names::CLUSTER_CAPACITY,
         Unit::Count,
-        "Summed capacity of a cluster's online remote runners, read at scrape time."
+        "Summed capacity of a cluster's online runners, read at scrape time."
     );
     describe_gauge!(
         names::CLUSTER_BUSY,
         Unit::Count,
-        "Live leases held by a cluster's online remote runners, read at scrape time."
+        "Live leases held by a cluster's online runners, read at scrape time."
     );
     describe_counter!(
         names::HTTP_REQUESTS,

@@ -1,17 +1,24 @@
 //! The runner's side of the lease protocol: [`TaskSource`], and [`StoreTaskSource`], which
 //! implements it over the store for the runner embedded in `stevedore serve`.
 //!
+//! A runner leasing over HTTP is recorded for cluster statistics by the server's lease
+//! handler; the embedded runner is recorded by its `StoreTaskSource` when it is told to
+//! announce itself ([`StoreTaskSource::announcing`]), throttled so that an idle poll loop
+//! does not write to the database on every poll.
+//!
 //! A remote runner implements the same trait over the server's `/runner/v1/...` protocol, so
 //! the trait speaks only in the shared domain types and never in time stamps of the runner's
 //! own clock: the source decides what "now" is (the store's clock, or the server's).
 
 use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use stevedore_model::{Clock, TaskOutcome};
+use stevedore_model::{Clock, TaskOutcome, Timestamp};
 use stevedore_store::{
-    HeartbeatReply, LeaseRequest, LeasedTask, Requeue, RunReport, Store, WorkSignal,
+    HeartbeatReply, LeaseRequest, LeasedTask, Requeue, RunReport, RunnerSeen, Store, WorkSignal,
 };
 
 use crate::error::SourceError;
@@ -105,13 +112,101 @@ pub struct RequeueRequest {
 pub struct StoreTaskSource {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
+    /// Set when the runner is a member of its clusters and records itself as one; `None`
+    /// for a runner nobody should count.
+    announce: Option<Arc<Announce>>,
+}
+
+/// How a [`StoreTaskSource`] records its runner (`Store::record_runner`) for cluster
+/// statistics, as the server does for a runner leasing over HTTP.
+#[derive(Debug)]
+struct Announce {
+    /// The least time between two records. Below the server's online window, so a runner
+    /// that keeps polling never drops out of the statistics.
+    every: chrono::Duration,
+    /// The runner's capacity once known; 0 until then, when a lease's `max_tasks` stands in
+    /// (as the server does for a runner that sends none).
+    capacity: AtomicU32,
+    /// When the runner was last recorded.
+    last_recorded: Mutex<Option<Timestamp>>,
 }
 
 // === impl StoreTaskSource ===
 
 impl StoreTaskSource {
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Self {
-        StoreTaskSource { store, clock }
+        StoreTaskSource {
+            store,
+            clock,
+            announce: None,
+        }
+    }
+
+    /// Records the runner (its id, clusters and capacity) with its lease calls, at most once
+    /// per `every`, so that cluster statistics list it. `every` should be well below the
+    /// online window of the statistics.
+    pub fn announcing(mut self, every: Duration) -> Self {
+        // Only a duration of centuries is out of chrono's range; a day is as good as that.
+        let every = chrono::Duration::from_std(every).unwrap_or_else(|_| chrono::Duration::days(1));
+        self.announce = Some(Arc::new(Announce {
+            every,
+            capacity: AtomicU32::new(0),
+            last_recorded: Mutex::new(None),
+        }));
+        self
+    }
+
+    /// The runner's capacity, recorded from now on; known only once the runner has started.
+    pub fn set_capacity(&self, capacity: u32) {
+        if let Some(announce) = &self.announce {
+            announce.capacity.store(capacity, Ordering::Relaxed);
+        }
+    }
+
+    /// Records the runner if it is announced and was not recorded within the last `every`.
+    async fn announce(&self, request: &LeaseRequest, now: Timestamp) -> Result<(), SourceError> {
+        let Some(announce) = &self.announce else {
+            return Ok(());
+        };
+        if !announce.due(now) {
+            return Ok(());
+        }
+        let capacity = match announce.capacity.load(Ordering::Relaxed) {
+            0 => request.max_tasks,
+            known => known,
+        };
+        let runner = RunnerSeen {
+            id: request.runner_id.clone(),
+            clusters: request.clusters.clone(),
+            capacity,
+        };
+        self.store.record_runner(&runner, now).await?;
+        announce.recorded(now);
+        Ok(())
+    }
+}
+
+// === impl Announce ===
+
+impl Announce {
+    /// Whether the runner should be recorded again at `now`. A clock that stepped back
+    /// counts as due, so a runner is never left unrecorded for long.
+    fn due(&self, now: Timestamp) -> bool {
+        let last = *self
+            .last_recorded
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match last {
+            None => true,
+            Some(last) => now < last || now - last >= self.every,
+        }
+    }
+
+    fn recorded(&self, now: Timestamp) {
+        *self
+            .last_recorded
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(now);
     }
 }
 
@@ -129,6 +224,7 @@ impl TaskSource for StoreTaskSource {
 
     async fn lease(&self, request: &LeaseRequest) -> Result<Vec<LeasedTask>, SourceError> {
         let now = self.clock.now();
+        self.announce(request, now).await?;
         let began = Instant::now();
         let leased = self.store.lease(request, now).await?;
         stevedore_metrics::lease_call(
@@ -229,5 +325,105 @@ impl TaskSource for StoreTaskSource {
             .store
             .get_package(project_id, code_id, Some(rev))
             .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use stevedore_model::ManualClock;
+    use stevedore_store::{RunnerStatus, SqliteOptions, SqliteStore, SyncMode};
+
+    use super::*;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        store: Arc<dyn Store>,
+        clock: Arc<ManualClock>,
+    }
+
+    async fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(SqliteOptions {
+            path: dir.path().join("stevedore.db"),
+            sync: SyncMode::Normal,
+        })
+        .await
+        .unwrap();
+        Fixture {
+            _dir: dir,
+            store: Arc::new(store),
+            // Whole seconds, so times read back from the store compare equal.
+            clock: Arc::new(ManualClock::new(
+                chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+            )),
+        }
+    }
+
+    fn request() -> LeaseRequest {
+        LeaseRequest {
+            runner_id: "embedded-test".into(),
+            clusters: vec!["default".into()],
+            max_tasks: 3,
+            lease_secs: 30,
+        }
+    }
+
+    async fn runners(fixture: &Fixture) -> Vec<RunnerStatus> {
+        let now = fixture.clock.now();
+        fixture
+            .store
+            .cluster_load("default", None, now - chrono::Duration::hours(1), now)
+            .await
+            .unwrap()
+            .runners
+    }
+
+    #[tokio::test]
+    async fn an_announcing_source_records_its_runner_at_most_once_per_interval() {
+        let fixture = fixture().await;
+        let source = StoreTaskSource::new(fixture.store.clone(), fixture.clock.clone())
+            .announcing(Duration::from_secs(20));
+        let start = fixture.clock.now();
+
+        // Before the runner knows its capacity, the lease size stands in for it.
+        assert!(source.lease(&request()).await.unwrap().is_empty());
+        let seen = runners(&fixture).await;
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_eq!(seen[0].id, "embedded-test");
+        assert_eq!(seen[0].clusters, vec!["default".to_owned()]);
+        assert_eq!(seen[0].capacity, 3);
+        assert_eq!(seen[0].last_seen, start);
+
+        // Polls within the interval write nothing.
+        source.set_capacity(7);
+        for _ in 0..5 {
+            fixture.clock.advance(chrono::Duration::seconds(3));
+            source.lease(&request()).await.unwrap();
+        }
+        let seen = runners(&fixture).await;
+        assert_eq!(seen[0].last_seen, start, "{seen:?}");
+        assert_eq!(seen[0].capacity, 3, "{seen:?}");
+
+        // Once the interval has passed, the next poll records it again, with its capacity.
+        fixture.clock.advance(chrono::Duration::seconds(5));
+        source.lease(&request()).await.unwrap();
+        let seen = runners(&fixture).await;
+        assert_eq!(seen[0].last_seen, fixture.clock.now(), "{seen:?}");
+        assert_eq!(seen[0].capacity, 7, "{seen:?}");
+
+        // A clock stepped back does not silence it.
+        fixture.clock.advance(chrono::Duration::seconds(-60));
+        source.lease(&request()).await.unwrap();
+        let seen = runners(&fixture).await;
+        assert_eq!(seen[0].last_seen, fixture.clock.now(), "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn a_source_not_announcing_records_no_runner() {
+        let fixture = fixture().await;
+        let source = StoreTaskSource::new(fixture.store.clone(), fixture.clock.clone());
+        source.set_capacity(4);
+        source.lease(&request()).await.unwrap();
+        assert_eq!(runners(&fixture).await, Vec::new());
     }
 }

@@ -368,7 +368,8 @@ async fn a_stale_lease_is_abandoned_and_its_container_killed_and_removed() {
     source.cut_heartbeats(true);
     clock.advance(chrono::Duration::seconds(31));
     let rescued = harness.store.rescue_expired(clock.now(), 5).await.unwrap();
-    assert_eq!(rescued, vec![task.id.clone()]);
+    let rescued: Vec<&str> = rescued.iter().map(|task| task.task_id.as_str()).collect();
+    assert_eq!(rescued, vec![task.id.as_str()]);
     source.cut_heartbeats(false);
 
     // The old attempt learns at its next heartbeat and lets go (the rescued task may well be

@@ -483,7 +483,7 @@ async fn cancel_all_cancels_queued_tasks_at_once_and_kills_running_ones() {
         .cancel_all(&test.harness.project_id, &code.id, test.harness.clock.now())
         .await
         .unwrap();
-    assert_eq!(touched, 5);
+    assert_eq!(touched.touched(), 5);
     for id in &queued {
         let task = test.harness.task(id).await;
         assert_eq!(task.status, TaskStatus::Cancelled, "at once: {task:#?}");

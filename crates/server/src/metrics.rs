@@ -3,7 +3,7 @@
 //! What the server records itself goes through `stevedore_metrics`' helpers (the one list of
 //! names): finished tasks in the runner protocol and the API's cancel, lease calls and log
 //! bytes of the runner protocol, and every request through [`track_requests`]. The store's
-//! task counts and the remote runners per cluster are gauges read from the store at each
+//! task counts and the runners online per cluster are gauges read from the store at each
 //! scrape, so any server sharing the database reports the same values.
 //!
 //! Open by default, like most exporters: the exposition carries counts and bounded names,
@@ -74,7 +74,7 @@ pub async fn track_requests(request: Request, next: Next) -> Response {
     response
 }
 
-/// The store's task counts and the remote runners of every cluster, as gauges.
+/// The store's task counts and the runners online in every cluster, as gauges.
 async fn refresh_store_gauges(state: &AppState) -> ApiResult<()> {
     let now = state.clock.now();
     let gauges = state.store.gauges(now).await?;

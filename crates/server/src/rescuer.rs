@@ -1,6 +1,9 @@
 //! The rescuer: gives back to the queue every task whose lease expired — its runner died, lost
 //! its engine or its network — so that another lease runs it again. The expired lease's token
 //! is dead from then on: whatever its old runner still sends is refused.
+//!
+//! A task past its infrastructure attempts (or asked to cancel) ends here instead, and is
+//! counted as finished like one its runner completed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,7 +49,11 @@ pub async fn run(
             .await
         {
             Ok(rescued) if !rescued.is_empty() => {
-                tracing::warn!(count = rescued.len(), tasks = ?rescued, "requeued tasks whose lease expired");
+                for task in &rescued {
+                    stevedore_metrics::task_finished(task.status, &task.code_name);
+                }
+                // Each with its new status: `queued` again, or ended.
+                tracing::warn!(count = rescued.len(), tasks = ?rescued, "rescued tasks whose lease expired");
             }
             Ok(_) => {}
             Err(error) => tracing::error!(%error, "rescuing expired leases failed"),

@@ -201,6 +201,27 @@ pub struct Requeue {
     pub max_infra_attempts: u32,
 }
 
+/// A task whose lease expired, as `rescue_expired` left it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RescuedTask {
+    pub task_id: String,
+    pub code_name: String,
+    /// `queued` again, or final: `error` once its infrastructure attempts ran out,
+    /// `cancelled` when a user had asked to cancel it.
+    pub status: TaskStatus,
+}
+
+/// What cancelling a code's tasks (`cancel_all`, `delete_code`) did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CodeCancellation {
+    /// The code's name, as its tasks carry it.
+    pub code_name: String,
+    /// Queued tasks that are `cancelled` now.
+    pub cancelled: u64,
+    /// Leased tasks asked to cancel: their runners kill them and complete them `cancelled`.
+    pub cancel_requested: u64,
+}
+
 /// A piece of a task's log read together with the task's state, so that a follower knows
 /// whether more can come: once `status` is terminal, `size` is final.
 #[derive(Debug, Clone, PartialEq)]
@@ -277,6 +298,27 @@ pub struct StoreGauges {
     /// Queued tasks due at the time asked about (paused codes' included), for every priority
     /// from 0 to `MAX_PRIORITY`, zeros included.
     pub queue_depth: Vec<(u8, u64)>,
+}
+
+// === impl RescuedTask ===
+
+impl From<&Task> for RescuedTask {
+    fn from(task: &Task) -> Self {
+        RescuedTask {
+            task_id: task.id.clone(),
+            code_name: task.code_name.clone(),
+            status: task.status,
+        }
+    }
+}
+
+// === impl CodeCancellation ===
+
+impl CodeCancellation {
+    /// Every task it touched: cancelled now or asked to cancel.
+    pub fn touched(&self) -> u64 {
+        self.cancelled + self.cancel_requested
+    }
 }
 
 // === impl StoreGauges ===
@@ -404,7 +446,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<u8>>;
     /// Deletes a code; its queued tasks are cancelled, its leased ones asked to cancel, its
     /// schedules cancelled; finished tasks stay readable. The name is free for a new code.
-    async fn delete_code(&self, project_id: &str, code_id: &str, now: Timestamp) -> Result<()>;
+    async fn delete_code(
+        &self,
+        project_id: &str,
+        code_id: &str,
+        now: Timestamp,
+    ) -> Result<CodeCancellation>;
     async fn set_code_paused(
         &self,
         project_id: &str,
@@ -445,8 +492,12 @@ pub trait Store: Send + Sync + 'static {
     /// with `TaskOutcome::Cancelled`. A finished task is `StoreError::Conflict`.
     async fn cancel_task(&self, project_id: &str, task_id: &str, now: Timestamp) -> Result<Task>;
     /// Cancels every queued task of a code and requests cancellation of its leased ones.
-    /// Returns how many tasks it touched.
-    async fn cancel_all(&self, project_id: &str, code_id: &str, now: Timestamp) -> Result<u64>;
+    async fn cancel_all(
+        &self,
+        project_id: &str,
+        code_id: &str,
+        now: Timestamp,
+    ) -> Result<CodeCancellation>;
     async fn set_progress(
         &self,
         project_id: &str,
@@ -537,8 +588,13 @@ pub trait Store: Send + Sync + 'static {
         now: Timestamp,
     ) -> Result<Task>;
     /// Requeues every task whose lease expired before `now` (due at `now`), as `requeue`
-    /// would. Returns the ids it rescued. The old token is refused from then on.
-    async fn rescue_expired(&self, now: Timestamp, max_infra_attempts: u32) -> Result<Vec<String>>;
+    /// would. Returns the tasks it rescued with the status each has now (final ones
+    /// included). The old token is refused from then on.
+    async fn rescue_expired(
+        &self,
+        now: Timestamp,
+        max_infra_attempts: u32,
+    ) -> Result<Vec<RescuedTask>>;
 
     // === clusters and runners ===
 

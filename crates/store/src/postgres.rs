@@ -49,10 +49,10 @@ use self::rows::{revision_columns, schedule_columns, task_columns};
 use crate::convert::{micros, opt_micros, opt_signed, role_text, signed, timestamp, to_json};
 use crate::record::{TaskRecord, normalize, plan_log_append};
 use crate::{
-    Cluster, ClusterLoad, ClusterSpec, CodeStats, HeartbeatReply, Leadership, LeaseRequest,
-    LeasedTask, LogSlice, Package, Page, Project, QueueWait, Requeue, Result, RunReport,
-    RunnerSeen, StatsWindow, Store, StoreError, StoreGauges, TaskFilter, TokenRecord, TokenRole,
-    UsageQuery, UsageRow, WorkSignal,
+    Cluster, ClusterLoad, ClusterSpec, CodeCancellation, CodeStats, HeartbeatReply, Leadership,
+    LeaseRequest, LeasedTask, LogSlice, Package, Page, Project, QueueWait, Requeue, RescuedTask,
+    Result, RunReport, RunnerSeen, StatsWindow, Store, StoreError, StoreGauges, TaskFilter,
+    TokenRecord, TokenRole, UsageQuery, UsageRow, WorkSignal,
 };
 
 /// Where and how to connect.
@@ -521,7 +521,12 @@ impl Store for PgStore {
         })
     }
 
-    async fn delete_code(&self, project_id: &str, code_id: &str, now: Timestamp) -> Result<()> {
+    async fn delete_code(
+        &self,
+        project_id: &str,
+        code_id: &str,
+        now: Timestamp,
+    ) -> Result<CodeCancellation> {
         let now = normalize(now);
         let mut tx = self.pool.begin().await?;
         let result: Result<_> = async {
@@ -537,7 +542,7 @@ impl Store for PgStore {
             if deleted.rows_affected() == 0 {
                 return Err(StoreError::not_found(format!("code {code_id}")));
             }
-            tasks::cancel_code_tasks(&mut tx, code_id, now).await?;
+            let cancellation = tasks::cancel_code_tasks(&mut tx, code_id, now).await?;
             // A schedule of a deleted code could only ever fail to fire.
             sqlx::query(
                 "UPDATE schedules SET status = $1, next_start = NULL, updated_at = $2 \
@@ -549,7 +554,7 @@ impl Store for PgStore {
             .bind(ScheduleStatus::Scheduled.as_str())
             .execute(&mut *tx)
             .await?;
-            Ok(())
+            Ok(cancellation)
         }
         .await;
         finish(tx, result).await
@@ -698,13 +703,17 @@ impl Store for PgStore {
         Ok(record.task)
     }
 
-    async fn cancel_all(&self, project_id: &str, code_id: &str, now: Timestamp) -> Result<u64> {
+    async fn cancel_all(
+        &self,
+        project_id: &str,
+        code_id: &str,
+        now: Timestamp,
+    ) -> Result<CodeCancellation> {
         let now = normalize(now);
         let mut tx = self.pool.begin().await?;
         let result: Result<_> = async {
             ensure_code(&mut tx, project_id, code_id).await?;
-            let touched = tasks::cancel_code_tasks(&mut tx, code_id, now).await?;
-            Ok(touched)
+            tasks::cancel_code_tasks(&mut tx, code_id, now).await
         }
         .await;
         finish(tx, result).await
@@ -935,7 +944,11 @@ impl Store for PgStore {
         Ok(record.task)
     }
 
-    async fn rescue_expired(&self, now: Timestamp, max_infra_attempts: u32) -> Result<Vec<String>> {
+    async fn rescue_expired(
+        &self,
+        now: Timestamp,
+        max_infra_attempts: u32,
+    ) -> Result<Vec<RescuedTask>> {
         let now = normalize(now);
         let mut tx = self.pool.begin().await?;
         let result: Result<_> = async {
@@ -963,7 +976,7 @@ impl Store for PgStore {
                 record.give_back(&reason, now, max_infra_attempts, now)?;
                 tasks::write(&mut tx, &mut record).await?;
                 requeued |= record.task.status == TaskStatus::Queued;
-                rescued.push(record.task.id);
+                rescued.push(RescuedTask::from(&record.task));
             }
             if requeued {
                 tasks::notify_work(&mut tx).await?;

@@ -49,10 +49,10 @@ use self::rows::{
 };
 use crate::record::{TaskRecord, normalize, plan_log_append};
 use crate::{
-    Cluster, ClusterLoad, ClusterSpec, CodeStats, HeartbeatReply, Leadership, LeaseRequest,
-    LeasedTask, LogSlice, Package, Page, Project, QueueWait, Requeue, Result, RunReport,
-    RunnerSeen, StatsWindow, Store, StoreError, StoreGauges, TaskFilter, TokenRecord, TokenRole,
-    UsageQuery, UsageRow,
+    Cluster, ClusterLoad, ClusterSpec, CodeCancellation, CodeStats, HeartbeatReply, Leadership,
+    LeaseRequest, LeasedTask, LogSlice, Package, Page, Project, QueueWait, Requeue, RescuedTask,
+    Result, RunReport, RunnerSeen, StatsWindow, Store, StoreError, StoreGauges, TaskFilter,
+    TokenRecord, TokenRole, UsageQuery, UsageRow,
 };
 
 /// The leadership of the one process that uses a SQLite database.
@@ -817,7 +817,12 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn delete_code(&self, project_id: &str, code_id: &str, now: Timestamp) -> Result<()> {
+    async fn delete_code(
+        &self,
+        project_id: &str,
+        code_id: &str,
+        now: Timestamp,
+    ) -> Result<CodeCancellation> {
         let now = normalize(now);
         let mut writer = self.writer().await?;
         let mut tx = writer.conn.begin_with(BEGIN_WRITE).await?;
@@ -827,7 +832,7 @@ impl Store for SqliteStore {
             .bind(code_id)
             .execute(&mut *tx)
             .await?;
-        tasks::cancel_code_tasks(&mut tx, code_id, now).await?;
+        let cancellation = tasks::cancel_code_tasks(&mut tx, code_id, now).await?;
         // A schedule of a deleted code could only ever fail to fire.
         sqlx::query(
             "UPDATE schedules SET status = ?1, next_start = NULL, updated_at = ?2 \
@@ -840,7 +845,7 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(())
+        Ok(cancellation)
     }
 
     async fn set_code_paused(
@@ -980,14 +985,19 @@ impl Store for SqliteStore {
         Ok(record.task)
     }
 
-    async fn cancel_all(&self, project_id: &str, code_id: &str, now: Timestamp) -> Result<u64> {
+    async fn cancel_all(
+        &self,
+        project_id: &str,
+        code_id: &str,
+        now: Timestamp,
+    ) -> Result<CodeCancellation> {
         let now = normalize(now);
         let mut writer = self.writer().await?;
         let mut tx = writer.conn.begin_with(BEGIN_WRITE).await?;
         ensure_code(&mut tx, project_id, code_id).await?;
-        let touched = tasks::cancel_code_tasks(&mut tx, code_id, now).await?;
+        let cancellation = tasks::cancel_code_tasks(&mut tx, code_id, now).await?;
         tx.commit().await?;
-        Ok(touched)
+        Ok(cancellation)
     }
 
     async fn set_progress(
@@ -1225,7 +1235,11 @@ impl Store for SqliteStore {
         Ok(record.task)
     }
 
-    async fn rescue_expired(&self, now: Timestamp, max_infra_attempts: u32) -> Result<Vec<String>> {
+    async fn rescue_expired(
+        &self,
+        now: Timestamp,
+        max_infra_attempts: u32,
+    ) -> Result<Vec<RescuedTask>> {
         let now = normalize(now);
         let mut writer = self.writer().await?;
         let Writer { conn, leases, .. } = &mut *writer;
@@ -1256,7 +1270,10 @@ impl Store for SqliteStore {
         for record in &rescued {
             leases.remember(record);
         }
-        Ok(rescued.into_iter().map(|record| record.task.id).collect())
+        Ok(rescued
+            .iter()
+            .map(|record| RescuedTask::from(&record.task))
+            .collect())
     }
 
     // === clusters and runners ===

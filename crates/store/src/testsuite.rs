@@ -25,9 +25,9 @@ use stevedore_model::{
 };
 
 use crate::{
-    ClusterSpec, CodeStats, LeaseRequest, LeasedTask, LogSlice, Package, Page, Project, QueueWait,
-    Requeue, Result, RunReport, RunnerSeen, StatsWindow, Store, StoreError, StoreGauges,
-    TaskFilter, TokenRole, UsageQuery, UsageRow,
+    ClusterSpec, CodeCancellation, CodeStats, LeaseRequest, LeasedTask, LogSlice, Package, Page,
+    Project, QueueWait, Requeue, RescuedTask, Result, RunReport, RunnerSeen, StatsWindow, Store,
+    StoreError, StoreGauges, TaskFilter, TokenRole, UsageQuery, UsageRow,
 };
 
 /// Makes one `#[tokio::test]` per suite function. `$factory` is an async function (or
@@ -242,6 +242,22 @@ fn assert_stale<T: std::fmt::Debug>(result: Result<T>, operation: &str) {
     );
 }
 
+fn rescued_one(task_id: &str, code_name: &str, status: TaskStatus) -> Vec<RescuedTask> {
+    vec![RescuedTask {
+        task_id: task_id.to_owned(),
+        code_name: code_name.to_owned(),
+        status,
+    }]
+}
+
+fn code_cancellation(code_name: &str, cancelled: u64, cancel_requested: u64) -> CodeCancellation {
+    CodeCancellation {
+        code_name: code_name.to_owned(),
+        cancelled,
+        cancel_requested,
+    }
+}
+
 fn exited(exit_code: i64) -> TaskOutcome {
     TaskOutcome::Exited { exit_code }
 }
@@ -409,7 +425,10 @@ pub async fn deleting_a_code_hides_it_and_cancels_its_queued_tasks(
         .create_schedules(&acme.id, &[(schedule_spec, Some(at(60)))], at(3))
         .await?;
 
-    store.delete_code(&acme.id, &code.id, at(4)).await?;
+    assert_eq!(
+        store.delete_code(&acme.id, &code.id, at(4)).await?,
+        code_cancellation("hello", 1, 1)
+    );
     assert_not_found(store.get_code(&acme.id, &code.id).await, &code.id);
     assert_not_found(store.get_code_by_name(&acme.id, "hello").await, "hello");
     assert!(store.list_codes(&acme.id, ALL).await?.is_empty());
@@ -975,7 +994,10 @@ pub async fn stale_token_is_refused_after_rescue(store: &dyn Store) -> Result<()
         .mark_running(&id, old.lease.token, at(2), at(2))
         .await?;
     // The runner goes silent; its lease expires at 61 s and the rescuer requeues the task.
-    assert_eq!(store.rescue_expired(at(62), 5).await?, vec![id.clone()]);
+    assert_eq!(
+        store.rescue_expired(at(62), 5).await?,
+        rescued_one(&id, "hello", TaskStatus::Queued)
+    );
     let new = lease_one(store, at(63)).await?;
     assert_eq!(new.task.id, id);
     assert!(new.lease.token > old.lease.token);
@@ -1286,7 +1308,7 @@ pub async fn rescue_touches_only_expired_leases(store: &dyn Store) -> Result<()>
     );
     assert_eq!(
         store.rescue_expired(at(62), 5).await?,
-        vec![silent.task.id.clone()]
+        rescued_one(&silent.task.id, "hello", TaskStatus::Queued)
     );
     let rescued = store.get_task(&acme.id, &silent.task.id).await?;
     assert_eq!(
@@ -1318,7 +1340,7 @@ pub async fn rescue_touches_only_expired_leases(store: &dyn Store) -> Result<()>
     // At the cap the rescuer gives up on the task.
     assert_eq!(
         store.rescue_expired(at(91), 1).await?,
-        vec![late.task.id.clone()]
+        rescued_one(&late.task.id, "hello", TaskStatus::Error)
     );
     let failed = store.get_task(&acme.id, &late.task.id).await?;
     assert_eq!(failed.status, TaskStatus::Error);
@@ -1342,7 +1364,10 @@ pub async fn heartbeat_extends_the_lease(store: &dyn Store) -> Result<()> {
         .await?;
     assert_eq!((reply.expires_at, reply.cancel_requested), (at(170), false));
     assert!(store.rescue_expired(at(100), 5).await?.is_empty());
-    assert_eq!(store.rescue_expired(at(171), 5).await?, vec![id.clone()]);
+    assert_eq!(
+        store.rescue_expired(at(171), 5).await?,
+        rescued_one(&id, "hello", TaskStatus::Queued)
+    );
     assert_not_found(
         store.heartbeat("no-such-task", 1, 60, at(0)).await,
         "no-such-task",
@@ -1623,7 +1648,10 @@ pub async fn cancel_all_cancels_a_codes_tasks(store: &dyn Store) -> Result<()> {
         .await?;
     let untouched = enqueue_one(store, &acme.id, new_task("other"), at(6)).await?;
 
-    assert_eq!(store.cancel_all(&acme.id, &code.id, at(7)).await?, 3);
+    assert_eq!(
+        store.cancel_all(&acme.id, &code.id, at(7)).await?,
+        code_cancellation("hello", 2, 1)
+    );
     for task in &queued {
         let task = store.get_task(&acme.id, &task.id).await?;
         assert_eq!(
@@ -1647,8 +1675,16 @@ pub async fn cancel_all_cancels_a_codes_tasks(store: &dyn Store) -> Result<()> {
         store.get_task(&acme.id, &untouched).await?.status,
         TaskStatus::Queued
     );
-    assert_eq!(store.cancel_all(&acme.id, &code.id, at(8)).await?, 0);
+    assert_eq!(
+        store.cancel_all(&acme.id, &code.id, at(8)).await?,
+        code_cancellation("hello", 0, 0)
+    );
     assert_not_found(store.cancel_all(&acme.id, "nope", at(8)).await, "nope");
+    // A task asked to cancel whose runner went silent ends `cancelled` when rescued.
+    assert_eq!(
+        store.rescue_expired(at(68), 5).await?,
+        rescued_one(&running, "hello", TaskStatus::Cancelled)
+    );
     Ok(())
 }
 
@@ -2337,7 +2373,10 @@ pub async fn infrastructure_give_ups_spend_no_user_retry(store: &dyn Store) -> R
     // The rescuer gives up on an expired lease.
     let id = enqueue_one(store, &acme.id, new_task("flaky"), at(3)).await?;
     lease_one(store, at(4)).await?;
-    assert_eq!(store.rescue_expired(at(1000), 1).await?, vec![id.clone()]);
+    assert_eq!(
+        store.rescue_expired(at(1000), 1).await?,
+        rescued_one(&id, "flaky", TaskStatus::Error)
+    );
     assert_eq!(
         store.get_task(&acme.id, &id).await?.status,
         TaskStatus::Error
@@ -2361,7 +2400,10 @@ pub async fn a_stale_completion_queues_no_retry(store: &dyn Store) -> Result<()>
         .mark_running(&id, dead.lease.token, at(1), at(1))
         .await?;
     // The runner vanishes; its lease expires and the task is rescued.
-    assert_eq!(store.rescue_expired(at(100), 5).await?, vec![id.clone()]);
+    assert_eq!(
+        store.rescue_expired(at(100), 5).await?,
+        rescued_one(&id, "flaky", TaskStatus::Queued)
+    );
     assert_stale(
         store
             .complete(

@@ -232,14 +232,22 @@ async fn serve_exports_tasks_containers_queues_and_requests() {
     );
     assert_eq!(value(&metrics, "stevedore_runner_capacity", &[]), 3.0);
     assert_eq!(value(&metrics, "stevedore_runner_busy", &[]), 0.0);
-    // The embedded runner leases from the store, so no remote runner is online.
+    // The embedded runner serves the default cluster like a runner leasing over HTTP.
     assert_eq!(
         value(
             &metrics,
             "stevedore_cluster_runners",
             &[("cluster", "default")]
         ),
-        0.0
+        1.0
+    );
+    assert_eq!(
+        value(
+            &metrics,
+            "stevedore_cluster_capacity",
+            &[("cluster", "default")]
+        ),
+        3.0
     );
 
     let requests = "stevedore_http_requests_total";
@@ -415,4 +423,91 @@ async fn a_remote_runner_serves_its_own_metrics() {
             "{gauge}"
         );
     }
+}
+
+/// Tasks that no runner completes are counted as finished too: queued ones that `cancel_all`
+/// and code deletion cancel, and leased ones the rescuer ends once their runner went silent.
+#[tokio::test]
+async fn tasks_ended_by_cancel_all_code_deletion_and_the_rescuer_are_counted() {
+    let data = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start_with_env(
+        data.path(),
+        &[
+            ("STEVEDORE_RUNNER__ENABLED", "false"),
+            ("STEVEDORE_RUNNER__MAX_INFRA_ATTEMPTS", "1"),
+        ],
+    );
+    let api = Api::new(&server);
+    let mut code_ids = Vec::new();
+    for name in ["cancelled-all", "deleted", "abandoned"] {
+        let pushed = api
+            .post(
+                "codes",
+                json!({"name": name, "image": "stevedore/busybox:local", "command": "true"}),
+            )
+            .await;
+        code_ids.push(pushed["id"].as_str().unwrap().to_owned());
+    }
+    api.queue(json!(vec![json!({"code_name": "cancelled-all"}); 3]))
+        .await;
+    api.queue(json!(vec![json!({"code_name": "deleted"}); 2]))
+        .await;
+    let abandoned = api.queue(json!([{"code_name": "abandoned"}])).await;
+
+    let cancelled = api
+        .post(&format!("codes/{}/cancel_all", code_ids[0]), json!({}))
+        .await;
+    assert_eq!(cancelled["msg"], "Cancelled 3 tasks", "{cancelled}");
+    let response = api
+        .http
+        .delete(server.url(&format!("codes/{}", code_ids[1])))
+        .header("Authorization", format!("OAuth {}", server.token()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    // A runner leases the last task over the runner protocol and is never heard of again:
+    // past its one infrastructure attempt, the rescuer ends it `error`.
+    let http = reqwest::Client::new();
+    let leased: Value = http
+        .post(format!("{}/runner/v1/lease", server.base))
+        .header(
+            "Authorization",
+            format!("OAuth {}", runner_token(data.path())),
+        )
+        .json(
+            &json!({"runner_id": unique("silent"), "clusters": ["default"],
+                      "max_tasks": 1, "lease_secs": 1, "wait_ms": 0}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        leased["tasks"][0]["task"]["id"],
+        abandoned[0].as_str(),
+        "{leased}"
+    );
+    let task = api
+        .wait_finished(&abandoned[0], Duration::from_secs(30))
+        .await;
+    assert_eq!(task["status"], "error", "{task}");
+
+    let metrics = scrape(&http, &format!("{}/metrics", server.base)).await;
+    let finished = "stevedore_tasks_finished_total";
+    for (status, code, count) in [
+        ("cancelled", "cancelled-all", 3.0),
+        ("cancelled", "deleted", 2.0),
+        ("error", "abandoned", 1.0),
+    ] {
+        assert_eq!(
+            value(&metrics, finished, &[("status", status), ("code", code)]),
+            count,
+            "{status} {code}"
+        );
+    }
+    assert_eq!(samples(&metrics, finished, &[]).len(), 3);
 }

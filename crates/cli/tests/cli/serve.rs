@@ -1,8 +1,9 @@
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{ServerProcess, binary, run_ok};
+use crate::support::{Api, ServerProcess, binary, docker_available, run_ok, unique};
 
 fn client() -> reqwest::Client {
     reqwest::Client::new()
@@ -164,4 +165,45 @@ async fn admin_commands_print_json() {
         .unwrap();
     assert!(!orphan.status.success());
     assert!(String::from_utf8_lossy(&orphan.stderr).contains("--project"));
+}
+
+/// The runner embedded in `serve` leases from the store, not over HTTP, and is still listed in
+/// the default cluster's statistics with its id and capacity.
+#[tokio::test]
+async fn the_embedded_runner_is_listed_in_cluster_stats() {
+    if !docker_available() {
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let runner_id = unique("embedded-stats");
+    let mut server = ServerProcess::start_running(
+        data.path(),
+        &runner_id,
+        &[("STEVEDORE_RUNNER__CAPACITY", "3")],
+    );
+    let api = Api::new(&server);
+    // Its first lease comes right after start-up; wait for it rather than race it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stats = loop {
+        let stats = api.get("../../clusters/default/stats").await;
+        if stats["runners_online"] != 0 {
+            break stats;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the embedded runner never showed up: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(stats["runners_online"], 1, "{stats}");
+    assert_eq!(stats["capacity"], 3, "{stats}");
+    assert_eq!(stats["runners"][0]["id"], runner_id.as_str(), "{stats}");
+    assert_eq!(stats["runners"][0]["capacity"], 3, "{stats}");
+    assert_eq!(
+        stats["runners"][0]["clusters"],
+        json!(["default"]),
+        "{stats}"
+    );
+    assert_eq!(stats["runners"][0]["in_use"], 0, "{stats}");
+    assert!(server.terminate().success());
 }

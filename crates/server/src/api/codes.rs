@@ -7,7 +7,8 @@ use axum::http::header::{CONTENT_DISPOSITION, CONTENT_TYPE};
 use axum::response::IntoResponse;
 use serde::Deserialize;
 use stevedore_api_types::v2;
-use stevedore_store::{Package, StatsWindow};
+use stevedore_model::TaskStatus;
+use stevedore_store::{CodeCancellation, Package, StatsWindow};
 
 use super::{Paging, message};
 use crate::AppState;
@@ -249,10 +250,11 @@ pub async fn delete(
     access: ProjectAccess,
     Path((_, code_id)): Path<(String, String)>,
 ) -> ApiResult<Json<v2::Message>> {
-    state
+    let cancellation = state
         .store
         .delete_code(&access.project_id, &code_id, state.clock.now())
         .await?;
+    record_cancelled(&cancellation);
     Ok(message("Deleted"))
 }
 
@@ -265,11 +267,25 @@ pub async fn cancel_all(
     access: ProjectAccess,
     Path((_, code_id)): Path<(String, String)>,
 ) -> ApiResult<Json<v2::Message>> {
-    let count = state
+    let cancellation = state
         .store
         .cancel_all(&access.project_id, &code_id, state.clock.now())
         .await?;
-    Ok(message(format!("Cancelled {count} tasks")))
+    record_cancelled(&cancellation);
+    Ok(message(format!(
+        "Cancelled {} tasks",
+        cancellation.touched()
+    )))
+}
+
+/// Counts the queued tasks a cancellation ended. Those it only asked to cancel are counted
+/// when their runners complete them.
+fn record_cancelled(cancellation: &CodeCancellation) {
+    stevedore_metrics::tasks_finished(
+        TaskStatus::Cancelled,
+        &cancellation.code_name,
+        cancellation.cancelled,
+    );
 }
 
 /// Pause a code's task queue: its queued tasks wait until it is resumed.

@@ -180,7 +180,8 @@ async fn a_rescued_tasks_old_token_is_refused_with_409() {
         .rescue_expired(SystemClock.now(), 5)
         .await
         .unwrap();
-    assert_eq!(rescued, std::slice::from_ref(&task_id));
+    let rescued: Vec<&str> = rescued.iter().map(|task| task.task_id.as_str()).collect();
+    assert_eq!(rescued, vec![task_id.as_str()]);
     let leased = runner.lease(&["default"], 1, 0).await;
     let (again, new) = lease_of(&leased[0]);
     assert_eq!(again, task_id);

@@ -18,7 +18,7 @@ use stevedore_model::{
 use super::rows::{self, revision_columns, task_columns};
 use crate::convert::{micros, opt_micros, opt_signed, signed, unsigned};
 use crate::record::{TaskRecord, queued_task};
-use crate::{Lease, LeaseRequest, LeasedTask, Result, StoreError};
+use crate::{CodeCancellation, Lease, LeaseRequest, LeasedTask, Result, StoreError};
 
 /// The channel `LISTEN`ed to for wake-ups.
 pub(super) const WORK_CHANNEL: &str = "stevedore_work";
@@ -345,7 +345,12 @@ pub(super) async fn cancel_code_tasks(
     conn: &mut PgConnection,
     code_id: &str,
     now: Timestamp,
-) -> Result<u64> {
+) -> Result<CodeCancellation> {
+    let code_name: String = sqlx::query_scalar("SELECT name FROM codes WHERE id = $1")
+        .bind(code_id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| StoreError::not_found(format!("code {code_id}")))?;
     let cancelled = transition(TaskStatus::Queued, &Event::Cancelled)?;
     let queued = sqlx::query(
         "UPDATE tasks SET status = $1, end_time = $2, updated_at = $2, msg = $3, \
@@ -368,7 +373,11 @@ pub(super) async fn cancel_code_tasks(
     .bind(TaskStatus::Running.as_str())
     .execute(&mut *conn)
     .await?;
-    Ok(queued.rows_affected() + leased.rows_affected())
+    Ok(CodeCancellation {
+        code_name,
+        cancelled: queued.rows_affected(),
+        cancel_requested: leased.rows_affected(),
+    })
 }
 
 /// The lease transaction's body; the caller holds the transaction and commits it.

@@ -16,7 +16,7 @@ use super::rows::{
     self, micros, opt_micros, opt_signed, revision_columns, signed, task_columns, to_json,
 };
 use crate::record::{TaskRecord, queued_task};
-use crate::{Lease, LeaseRequest, LeasedTask, LogSlice, Result, StoreError};
+use crate::{CodeCancellation, Lease, LeaseRequest, LeasedTask, LogSlice, Result, StoreError};
 
 /// The least number of candidates the lease query fetches per priority, so that a few tasks of
 /// a full code do not cost a query each.
@@ -370,7 +370,12 @@ pub(super) async fn cancel_code_tasks(
     conn: &mut SqliteConnection,
     code_id: &str,
     now: Timestamp,
-) -> Result<u64> {
+) -> Result<CodeCancellation> {
+    let code_name: String = sqlx::query_scalar("SELECT name FROM codes WHERE id = ?1")
+        .bind(code_id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| StoreError::not_found(format!("code {code_id}")))?;
     let cancelled = transition(TaskStatus::Queued, &Event::Cancelled)?;
     let queued = sqlx::query(
         "UPDATE tasks SET status = ?1, end_time = ?2, updated_at = ?2, msg = ?3, version = version + 1 \
@@ -393,7 +398,11 @@ pub(super) async fn cancel_code_tasks(
     .bind(TaskStatus::Running.as_str())
     .execute(&mut *conn)
     .await?;
-    Ok(queued.rows_affected() + leased.rows_affected())
+    Ok(CodeCancellation {
+        code_name,
+        cancelled: queued.rows_affected(),
+        cancel_requested: leased.rows_affected(),
+    })
 }
 
 /// The lease transaction's body; the caller holds the write transaction.
