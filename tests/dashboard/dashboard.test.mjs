@@ -250,6 +250,13 @@ async function main() {
         // Chart.js animates its first drawing; let it finish before the picture is taken.
         await page.waitForTimeout(1500);
       }
+      if (href === '/ui/runners') {
+        // serve's embedded runner announces itself in the default cluster.
+        const runners = await page.locator('section[data-cluster="default"] tr.runner').count();
+        check(runners >= 1, `the default cluster lists ${runners} runners, not serve's own`);
+        const capacity = Number((await textOf(page, 'section[data-cluster="default"] .capacity')).trim());
+        check(capacity > 0, `the default cluster shows a capacity of ${capacity}`);
+      }
       if (href === '/ui/codes') {
         const body = await page.locator('body').innerText();
         check(body.includes(env.code), `the codes page does not list ${env.code}`);
