@@ -265,6 +265,18 @@ async function main() {
     });
   }
 
+  await step("a code's page shows its definition and its queue form", async () => {
+    await page.goto(`${origin}/ui/codes`);
+    const link = page.locator('tr.code a.code-link', { hasText: env.code });
+    check((await link.count()) === 1, `the codes page has no link to ${env.code}`);
+    await Promise.all([page.waitForNavigation({ waitUntil: 'load' }), link.click()]);
+    check(/^\/ui\/codes\/[^/]+$/.test(new URL(page.url()).pathname), `the code link ended on ${pathOf(page)}`);
+    const facts = await textOf(page, 'dl.facts');
+    check(facts.includes('stevedore/busybox:local'), `the code page does not show its image: ${facts}`);
+    check((await page.locator('form#queue-task').count()) === 1, 'the code page has no queue form');
+    await screenshot(page, '13-code.png');
+  });
+
   let taskId = null;
   let firstStatus = null;
   await step('a task queued from /ui/tasks lands on its page', async () => {

@@ -117,6 +117,44 @@ async fn measure(name: &str, store: Arc<dyn Store>, total: usize) {
         assert_eq!(report.totals.tasks as usize, total, "every task is counted");
     })
     .await;
+    // The report's three store reads on their own, for the 24-hour window.
+    let window = usage::UsageWindow::parse(
+        &UsageParams {
+            bucket: Some("hour".into()),
+            ..UsageParams::default()
+        },
+        Utc::now(),
+    )
+    .unwrap();
+    let sums = median(|| async {
+        store.usage(&project_id, &window.query()).await.unwrap();
+    })
+    .await;
+    let waits = median(|| async {
+        store
+            .queue_waits(
+                &project_id,
+                window.from,
+                window.to,
+                usage::QUEUE_WAIT_SAMPLES,
+            )
+            .await
+            .unwrap();
+    })
+    .await;
+    let mix = median(|| async {
+        store
+            .project_counts(
+                &project_id,
+                StatsWindow {
+                    updated_from: Some(window.from),
+                    updated_to: Some(window.to),
+                },
+            )
+            .await
+            .unwrap();
+    })
+    .await;
     let hour = median(|| async {
         let params = UsageParams {
             from: Some((Utc::now().timestamp() - 3600).to_string()),
@@ -139,6 +177,9 @@ async fn measure(name: &str, store: Arc<dyn Store>, total: usize) {
         ("task list page (baseline)", list),
         ("code stats (baseline)", stats),
         ("usage report, 24 h in hours", day),
+        ("  of which: sums per bucket and code", sums),
+        ("  of which: queue-wait samples", waits),
+        ("  of which: status mix", mix),
         ("usage report, last hour in minutes", hour),
         ("store gauges (each /metrics scrape)", gauges),
     ] {
