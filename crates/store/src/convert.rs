@@ -2,10 +2,12 @@
 //! unsigned counts in signed 64-bit columns, statuses and roles as text, specs as JSON. Shared by
 //! the SQLite and PostgreSQL stores, whose schemas use the same representations.
 
-use chrono::DateTime;
-use stevedore_model::{TaskStatus, Timestamp};
+use std::collections::HashMap;
 
-use crate::{CodeStats, Result, StoreError, TokenRole};
+use chrono::DateTime;
+use stevedore_model::{CodeKind, CodeSpec, TaskStatus, Timestamp};
+
+use crate::{CodeStats, Result, StoreError, TokenRole, UsageRow};
 
 pub(crate) fn micros(at: Timestamp) -> i64 {
     at.timestamp_micros()
@@ -86,4 +88,45 @@ pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> Result<String> {
 
 pub(crate) fn from_json<T: serde::de::DeserializeOwned>(column: &str, text: &str) -> Result<T> {
     serde_json::from_str(text).map_err(|error| StoreError::Corrupt(format!("{column}: {error}")))
+}
+
+/// The usage query's rows as `UsageRow`s. Both backends select the same columns (`bucket`,
+/// `code_id`, `code_name`, `code_rev`, `complete`, `error`, `timeout`, `cancelled`,
+/// `compute_micros`, `spec`); each revision's spec is parsed once however many buckets it has.
+pub(crate) fn usage_rows<R>(rows: &[R]) -> Result<Vec<UsageRow>>
+where
+    R: sqlx::Row,
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let mut kinds: HashMap<(String, i64), CodeKind> = HashMap::new();
+    rows.iter()
+        .map(|row| {
+            let code_id: String = row.try_get("code_id")?;
+            let code_rev: i64 = row.try_get("code_rev")?;
+            let kind = match kinds.get(&(code_id.clone(), code_rev)) {
+                Some(kind) => kind.clone(),
+                None => {
+                    let spec: String = row.try_get("spec")?;
+                    let kind = from_json::<CodeSpec>("code_revisions.spec", &spec)?.kind;
+                    kinds.insert((code_id.clone(), code_rev), kind.clone());
+                    kind
+                }
+            };
+            let count = |column: &str| -> Result<u64> { unsigned(column, row.try_get(column)?) };
+            Ok(UsageRow {
+                bucket_start: timestamp(row.try_get("bucket")?)?,
+                code_name: row.try_get("code_name")?,
+                code_rev: unsigned("code_rev", code_rev)?,
+                code_id,
+                kind,
+                complete: count("complete")?,
+                error: count("error")?,
+                timeout: count("timeout")?,
+                cancelled: count("cancelled")?,
+                compute_ms: count("compute_micros")? / 1000,
+            })
+        })
+        .collect()
 }

@@ -1,13 +1,11 @@
 //! Usage reports: finished tasks summed per bucket and code revision, queue waits, a
 //! project's status mix. Everything is aggregated by the database; only the sums come back.
 
-use std::collections::HashMap;
-
 use sqlx::Row;
-use stevedore_model::{CodeKind, CodeSpec, Timestamp};
+use stevedore_model::Timestamp;
 
 use super::PgStore;
-use crate::convert::{from_json, micros, opt_micros, status_counts, timestamp, unsigned};
+use crate::convert::{micros, opt_micros, status_counts, timestamp, unsigned, usage_rows};
 use crate::{CodeStats, QueueWait, Result, StatsWindow, UsageQuery, UsageRow};
 
 pub(super) async fn usage(
@@ -42,35 +40,7 @@ pub(super) async fn usage(
     .bind(bucket_micros)
     .fetch_all(&store.pool)
     .await?;
-    let mut kinds: HashMap<(String, i64), CodeKind> = HashMap::new();
-    rows.iter()
-        .map(|row| {
-            let code_id: String = row.try_get("code_id")?;
-            let code_rev: i64 = row.try_get("code_rev")?;
-            let kind = match kinds.get(&(code_id.clone(), code_rev)) {
-                Some(kind) => kind.clone(),
-                None => {
-                    let spec: String = row.try_get("spec")?;
-                    let kind = from_json::<CodeSpec>("code_revisions.spec", &spec)?.kind;
-                    kinds.insert((code_id.clone(), code_rev), kind.clone());
-                    kind
-                }
-            };
-            let count = |column: &str| -> Result<u64> { unsigned(column, row.try_get(column)?) };
-            Ok(UsageRow {
-                bucket_start: timestamp(row.try_get("bucket")?)?,
-                code_name: row.try_get("code_name")?,
-                code_rev: unsigned("code_rev", code_rev)?,
-                code_id,
-                kind,
-                complete: count("complete")?,
-                error: count("error")?,
-                timeout: count("timeout")?,
-                cancelled: count("cancelled")?,
-                compute_ms: count("compute_micros")? / 1000,
-            })
-        })
-        .collect()
+    usage_rows(&rows)
 }
 
 pub(super) async fn queue_waits(
