@@ -12,16 +12,20 @@ mod pages;
 mod session;
 
 use askama::Template;
-use axum::Router;
-use axum::extract::Path;
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
+use axum::{Form, Router};
 use rust_embed::RustEmbed;
+
+use serde::de::DeserializeOwned;
 
 use crate::AppState;
 use crate::error::ApiError;
+use crate::extract::ApiQuery;
 
 pub use session::{SESSION_COOKIE, Session};
 
@@ -134,6 +138,44 @@ impl IntoResponse for PageError {
 }
 
 pub type PageResult<T> = Result<T, PageError>;
+
+/// Query parameters whose rejection is an error page, not axum's plain text.
+#[derive(Debug, Clone)]
+pub struct PageQuery<T>(pub T);
+
+impl<T: DeserializeOwned + Send> FromRequestParts<AppState> for PageQuery<T> {
+    type Rejection = PageError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let ApiQuery(value) = ApiQuery::<T>::from_request_parts(parts, state).await?;
+        Ok(PageQuery(value))
+    }
+}
+
+/// A posted form (`application/x-www-form-urlencoded`) whose rejection is an error page.
+#[derive(Debug, Clone)]
+pub struct PageForm<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for PageForm<T> {
+    type Rejection = PageError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        Form::<T>::from_request(request, state)
+            .await
+            .map(|Form(value)| PageForm(value))
+            .map_err(|rejection| {
+                let message = format!("the form could not be read: {}", rejection.body_text());
+                PageError(match rejection.status() {
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMediaType(message),
+                    StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(message),
+                    _ => ApiError::BadRequest(message),
+                })
+            })
+    }
+}
 
 /// Renders a template, or a plain 500 when rendering itself fails (a bug: templates are
 /// checked at compile time, so only a value's `Display` can fail).

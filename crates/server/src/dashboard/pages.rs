@@ -4,20 +4,21 @@
 
 use askama::Template;
 use axum::Extension;
-use axum::extract::{Path, Query, State};
+use axum::Json;
+use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::{Redirect, Response};
-use axum::{Form, Json};
 use serde::Deserialize;
 use stevedore_api_types::v2;
 use stevedore_model::TaskStatus;
 use stevedore_store::{Page, StatsWindow, TaskFilter};
 
-use super::{PageResult, Session, render};
+use super::{PageForm, PageQuery, PageResult, Session, render};
 use crate::AppState;
 use crate::api::logs::{StreamShutdown, event_stream, resume_offset};
 use crate::api::{clusters, tasks as task_api};
 use crate::error::ApiError;
+use crate::extract::ApiQuery;
 use crate::usage::{self, UsageParams};
 use crate::wire;
 
@@ -62,7 +63,7 @@ pub async fn overview(session: Session) -> Response {
 pub async fn usage_json(
     State(state): State<AppState>,
     session: Session,
-    Query(params): Query<UsageParams>,
+    ApiQuery(params): ApiQuery<UsageParams>,
 ) -> Result<Json<v2::UsageReport>, ApiError> {
     Ok(Json(
         usage::report(&state, &session.project.id, &params).await?,
@@ -240,7 +241,7 @@ struct TaskRows {
 pub async fn tasks(
     State(state): State<AppState>,
     session: Session,
-    Query(query): Query<TaskListQuery>,
+    PageQuery(query): PageQuery<TaskListQuery>,
 ) -> PageResult<Response> {
     let tasks = list_tasks(&state, &session, &query).await?;
     let code_names: Vec<String> = list_codes(&state, &session)
@@ -272,7 +273,7 @@ pub async fn tasks(
 pub async fn task_rows(
     State(state): State<AppState>,
     session: Session,
-    Query(query): Query<TaskListQuery>,
+    PageQuery(query): PageQuery<TaskListQuery>,
 ) -> PageResult<Response> {
     let tasks = list_tasks(&state, &session, &query).await?;
     Ok(render(&TaskRows { tasks }))
@@ -297,7 +298,7 @@ pub struct QueueForm {
 pub async fn queue_task(
     State(state): State<AppState>,
     session: Session,
-    Form(form): Form<QueueForm>,
+    PageForm(form): PageForm<QueueForm>,
 ) -> PageResult<Redirect> {
     if form.code.trim().is_empty() {
         return Err(ApiError::BadRequest("choose a code to run".into()).into());

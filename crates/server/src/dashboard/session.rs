@@ -9,7 +9,6 @@
 //! what a browser marks as cross-site anyway.
 
 use askama::Template;
-use axum::Form;
 use axum::extract::{FromRequestParts, State};
 use axum::http::header::{COOKIE, HOST, ORIGIN, SET_COOKIE};
 use axum::http::request::Parts;
@@ -18,7 +17,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
 use stevedore_store::{Project, TokenRole};
 
-use super::{PageError, render};
+use super::{PageError, PageForm, render};
 use crate::AppState;
 use crate::auth::token_digest;
 use crate::error::ApiError;
@@ -113,7 +112,7 @@ pub async fn login_page() -> Response {
 pub async fn login(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Form(form): Form<LoginForm>,
+    PageForm(form): PageForm<LoginForm>,
 ) -> Result<Response, PageError> {
     if !same_origin(&headers) {
         return Err(PageError(ApiError::Forbidden(

@@ -265,6 +265,23 @@ async fn the_queue_form_queues_through_the_api_and_explains_mistakes() {
         assert!(reply.text().contains(message), "{form}: {}", reply.text());
     }
 
+    // What is not a form, or not a page number, gets an error page that says so.
+    let json_body = server
+        .send(
+            browser
+                .request(reqwest::Method::POST, "/ui/tasks")
+                .header(CONTENT_TYPE, "application/json")
+                .header("Sec-Fetch-Site", "same-origin")
+                .body(r#"{"code": "greeter"}"#),
+        )
+        .await;
+    assert_eq!(json_body.status, 415, "{}", json_body.text());
+    assert!(json_body.text().contains("the form could not be read"));
+    let bad_page = browser.get("/ui/tasks?page=last").await;
+    assert_eq!(bad_page.status, 400);
+    assert!(bad_page.content_type.starts_with("text/html"));
+    assert!(bad_page.text().contains("invalid query parameters"));
+
     // A form posted from another site is refused before anything happens.
     let before = server.get("tasks").await.json()["tasks"]
         .as_array()
