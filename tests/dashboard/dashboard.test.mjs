@@ -256,6 +256,16 @@ async function main() {
         check(runners >= 1, `the default cluster lists ${runners} runners, not serve's own`);
         const capacity = Number((await textOf(page, 'section[data-cluster="default"] .capacity')).trim());
         check(capacity > 0, `the default cluster shows a capacity of ${capacity}`);
+        // The clusters reload themselves every 5 s; the runner is still listed after that.
+        const reloaded = await page
+          .waitForResponse((response) => new URL(response.url()).pathname === '/ui/runners', {
+            timeout: 10_000,
+          })
+          .catch(() => null);
+        check(reloaded && reloaded.status() === 200, 'the Runners page did not reload its clusters');
+        await page.waitForTimeout(300);
+        const after = await page.locator('#clusters section[data-cluster="default"] tr.runner').count();
+        check(after >= 1, `after reloading, the default cluster lists ${after} runners`);
       }
       if (href === '/ui/codes') {
         const body = await page.locator('body').innerText();

@@ -241,5 +241,6 @@
     const charts = document.getElementById("charts");
     if (charts && window.stevedoreCharts) window.stevedoreCharts(charts);
   });
-  document.addEventListener("htmx:afterSwap", (event) => prettify(event.target));
+  // Content htmx swaps in (the task rows, the clusters) gets the same treatment.
+  document.addEventListener("htmx:load", (event) => prettify(event.target));
 })();
