@@ -99,12 +99,8 @@ async fn refresh_store_gauges(state: &AppState) -> ApiResult<()> {
         clusters.push(ClusterGauge {
             cluster: name,
             runners: u64::try_from(load.runners.len()).unwrap_or(u64::MAX),
-            capacity: load
-                .runners
-                .iter()
-                .map(|runner| u64::from(runner.capacity))
-                .sum(),
-            busy: load.runners.iter().map(|runner| runner.in_use).sum(),
+            capacity: load.capacity(),
+            busy: load.in_use(),
         });
     }
     stevedore_metrics::cluster_gauges(&clusters);

@@ -290,6 +290,21 @@ pub struct ClusterLoad {
     pub runners: Vec<RunnerStatus>,
 }
 
+impl ClusterLoad {
+    /// The online runners' slots, summed.
+    pub fn capacity(&self) -> u64 {
+        self.runners
+            .iter()
+            .map(|runner| u64::from(runner.capacity))
+            .sum()
+    }
+
+    /// The online runners' slots in use (live leases), summed.
+    pub fn in_use(&self) -> u64 {
+        self.runners.iter().map(|runner| runner.in_use).sum()
+    }
+}
+
 /// The store's task counts at one moment, for metrics read at scrape time.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StoreGauges {

@@ -260,6 +260,7 @@ pub async fn cluster_stats(
         .store
         .cluster_load(&name, project_id, online_since, now)
         .await?;
+    let (capacity, in_use) = (load.capacity(), load.in_use());
     let runners: Vec<v2::ClusterRunner> = load
         .runners
         .into_iter()
@@ -275,11 +276,8 @@ pub async fn cluster_stats(
         id: cluster_id.to_owned(),
         name,
         runners_online: u64::try_from(runners.len()).unwrap_or(u64::MAX),
-        capacity: runners
-            .iter()
-            .map(|runner| u64::from(runner.capacity))
-            .sum(),
-        in_use: runners.iter().map(|runner| runner.in_use).sum(),
+        capacity,
+        in_use,
         queued: load.queued,
         running: load.running,
         runners,
