@@ -349,6 +349,12 @@ async function main() {
     }
     const sameDocument = await page.evaluate(() => window.stevedoreTestMarker === true);
     check(sameDocument, 'the task page reloaded to show the result instead of updating live');
+    // Peak memory reads as a size a person can take in (KiB or MiB), not a count of bytes.
+    const peak = (await textOf(page, '[data-field="peak_memory_bytes"]')).trim();
+    check(
+      peak === '' || /^\d+(\.\d)? (B|KiB|MiB|GiB)$/.test(peak),
+      `peak memory shows ${JSON.stringify(peak)}, not a size such as "1.2 MiB"`,
+    );
     await screenshot(page, '08-task-complete.png');
   });
 

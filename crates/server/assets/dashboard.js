@@ -23,6 +23,18 @@
     return `${Math.floor(minutes / 60)} h ${minutes % 60} min`;
   }
 
+  function humanBytes(count) {
+    if (count < 1024) return `${count} B`;
+    const units = ["KiB", "MiB", "GiB", "TiB"];
+    let value = count / 1024;
+    let unit = 0;
+    while (value >= 1024 && unit + 1 < units.length) {
+      value /= 1024;
+      unit += 1;
+    }
+    return `${value.toFixed(1)} ${units[unit]}`;
+  }
+
   function prettify(root) {
     root.querySelectorAll("time[datetime]").forEach((node) => {
       node.title = node.getAttribute("datetime");
@@ -30,6 +42,10 @@
     });
     root.querySelectorAll(".duration[data-ms]").forEach((node) => {
       node.textContent = humanDuration(Number(node.dataset.ms));
+    });
+    root.querySelectorAll(".bytes[data-bytes]").forEach((node) => {
+      node.title = `${node.dataset.bytes} bytes`;
+      node.textContent = humanBytes(Number(node.dataset.bytes));
     });
   }
 
@@ -60,7 +76,8 @@
       duration: task.duration !== null && task.duration !== undefined &&
         `<span class="duration" data-ms="${Number(task.duration)}"></span>`,
       exit_code: task.exit_code !== null && task.exit_code !== undefined && String(Number(task.exit_code)),
-      peak_memory_bytes: task.peak_memory_bytes && `${Number(task.peak_memory_bytes)} bytes`,
+      peak_memory_bytes: task.peak_memory_bytes &&
+        `<span class="bytes" data-bytes="${Number(task.peak_memory_bytes)}"></span>`,
       cpu_time_ms: task.cpu_time_ms && `${Number(task.cpu_time_ms)} ms`,
     };
     for (const [field, html] of Object.entries(fields)) {

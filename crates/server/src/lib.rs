@@ -144,6 +144,7 @@ pub fn router(state: AppState) -> Router {
         .route("/2/clusters/{cluster_id}/stats", get(clusters::stats))
         .nest("/runner/v1", runner_api::routes(&state.config))
         .merge(dashboard::routes())
+        .route("/", get(front_door))
         .route("/openapi.json", get(openapi::document))
         .route("/metrics", get(metrics::scrape))
         .route(
@@ -156,6 +157,28 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn(metrics::track_requests))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// `GET /`: a browser is sent to the dashboard; any other client gets a JSON note of where
+/// things are, so that a first `curl` of the server's address says more than "not found".
+async fn front_door(headers: axum::http::HeaderMap) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let wants_html = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|accept| accept.to_str().ok())
+        .is_some_and(|accept| accept.contains("text/html"));
+    if wants_html {
+        return axum::response::Redirect::to("/ui/").into_response();
+    }
+    axum::Json(serde_json::json!({
+        "name": "stevedore",
+        "version": env!("CARGO_PKG_VERSION"),
+        "api": "/2",
+        "openapi": "/openapi.json",
+        "dashboard": "/ui/",
+        "metrics": "/metrics",
+    }))
+    .into_response()
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves, then finishes the requests in

@@ -1,6 +1,6 @@
 //! `stevedore task queue|ls|show|log|cancel|retry`.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -238,6 +238,8 @@ pub async fn follow_log(
     let mut offset: u64 = 0;
     let mut failures = 0u32;
     let mut last_progress: Option<(Option<u8>, Option<String>)> = None;
+    // Whether the log printed so far ends in the middle of a line.
+    let mut line_open = false;
     loop {
         let request = client
             .project_request(Method::GET, &format!("tasks/{task_id}/log/stream"))
@@ -271,10 +273,11 @@ pub async fn follow_log(
                             .get("text")
                             .and_then(|text| text.as_str())
                             .unwrap_or("");
-                        if print {
+                        if print && !text.is_empty() {
                             let mut stdout = std::io::stdout().lock();
                             stdout.write_all(text.as_bytes())?;
                             stdout.flush()?;
+                            line_open = !text.ends_with('\n');
                         }
                         if let Some(id) = event.id.as_deref().and_then(|id| id.parse().ok()) {
                             offset = id;
@@ -309,6 +312,12 @@ pub async fn follow_log(
                         last_progress = Some(progress);
                     }
                     "end" => {
+                        // A last line without its newline would leave the status line that
+                        // follows on the same terminal line; a redirected log stays byte for
+                        // byte what the task wrote.
+                        if line_open && std::io::stdout().is_terminal() {
+                            println!();
+                        }
                         return serde_json::from_str(&event.data)
                             .context("the server sent an end event that is not a task");
                     }

@@ -51,6 +51,33 @@ impl Cli {
         self.command(args).output().expect("run stevedore")
     }
 
+    /// Runs stevedore with its standard output and error on a pseudo-terminal (util-linux's
+    /// `script`) and returns what the terminal showed.
+    pub fn run_on_terminal(&self, args: &[&str]) -> String {
+        let mut line = shell_quote(binary());
+        for arg in ["--data-dir", &self.data_dir.to_string_lossy()]
+            .iter()
+            .chain(args)
+        {
+            line.push(' ');
+            line.push_str(&shell_quote(arg));
+        }
+        let template = self.command(&[]);
+        let mut terminal = Command::new("script");
+        terminal
+            .args(["--quiet", "--return", "--command", &line, "/dev/null"])
+            .current_dir(self.cwd.path())
+            .stdin(Stdio::null());
+        for (key, value) in template.get_envs() {
+            match value {
+                Some(value) => terminal.env(key, value),
+                None => terminal.env_remove(key),
+            };
+        }
+        let output = terminal.output().expect("run stevedore under script(1)");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
     /// Runs and asserts success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let output = self.run(args);
@@ -441,6 +468,23 @@ fn queue_wait_and_follow_stream_the_log_of_real_containers() {
         (Some("error"), Some(7))
     );
 
+    // On a terminal, a log whose last line lacks its newline still leaves the status line on
+    // a line of its own (a regression: it was printed right after the output).
+    cli.ok(&[
+        "code",
+        "push",
+        "no-newline",
+        "--image",
+        "stevedore/busybox:local",
+        "--command",
+        "printf 'no newline at the end'",
+    ]);
+    let on_terminal = cli.run_on_terminal(&["task", "queue", "no-newline", "--wait"]);
+    assert!(
+        on_terminal.contains("no newline at the end\r\ntask "),
+        "{on_terminal:?}"
+    );
+
     // Follow a task that is already running, then read its whole log.
     let task_id = cli
         .ok(&["task", "queue", "steps", "--payload", "p2"])
@@ -701,4 +745,9 @@ fn usage_from_the_command_line() {
         refused.starts_with("error: the server answered 400") && refused.contains("bucket"),
         "{refused}"
     );
+}
+
+/// Quotes `text` for a POSIX shell.
+fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "'\\''"))
 }

@@ -412,3 +412,29 @@ async fn assets_are_served_from_the_binary() {
         assert_eq!(browser.get(missing).await.status, 404, "{missing}");
     }
 }
+
+/// The server's address opened in a browser leads to the dashboard; a client that asks for
+/// JSON is told where the API, its description and the dashboard are (it was a bare 404).
+#[tokio::test]
+async fn the_front_door_sends_a_browser_to_the_dashboard_and_tells_a_client_where_things_are() {
+    let server = TestServer::start().await;
+    let browser = Browser::new(&server);
+    let page = browser
+        .server
+        .send(
+            browser
+                .request(reqwest::Method::GET, "/")
+                .header("Accept", "text/html,application/xhtml+xml,*/*;q=0.8"),
+        )
+        .await;
+    assert_eq!(page.status, 303, "{}", page.text());
+
+    let client = server
+        .send(server.http.get(format!("{}/", server.base)))
+        .await;
+    assert_eq!(client.status, 200, "{}", client.text());
+    let body = client.json();
+    assert_eq!(body["dashboard"], "/ui/");
+    assert_eq!(body["openapi"], "/openapi.json");
+    assert_eq!(body["api"], "/2");
+}
