@@ -207,3 +207,38 @@ async fn the_embedded_runner_is_listed_in_cluster_stats() {
     assert_eq!(stats["runners"][0]["in_use"], 0, "{stats}");
     assert!(server.terminate().success());
 }
+
+/// `serve`'s log written to a file or a pipe is plain text: no terminal colour codes (they
+/// were written whatever the output was).
+#[test]
+fn the_log_written_to_a_file_has_no_colour_codes() {
+    let data = tempfile::tempdir().unwrap();
+    let log_path = data.path().join("serve.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = Command::new(binary())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data.path())
+        .env("STEVEDORE_LOG", "info")
+        .env("STEVEDORE_RUNNER__ENABLED", "false")
+        .env_remove("NO_COLOR")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if text.contains("INFO") || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        text.contains("INFO"),
+        "serve logged nothing at info: {text:?}"
+    );
+    assert!(!text.contains('\u{1b}'), "colour codes in {text:?}");
+}
