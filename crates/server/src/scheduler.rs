@@ -31,6 +31,9 @@ pub struct SchedulerConfig {
 pub struct FireReport {
     /// Schedules fired, one task each.
     pub fired: u32,
+    /// Schedules that passed a fire time without a task: their `max_concurrency` of tasks
+    /// were still unfinished.
+    pub passed: u32,
     /// Schedules another scheduler fired (or a user cancelled) first.
     pub lost: u32,
     /// Schedules whose firing failed; they are tried again at the next tick.
@@ -91,7 +94,7 @@ pub async fn fire_due(
             fire_one(store, schedule, now, &mut report).await;
         }
         // A full round that fired nothing would find the same schedules again: stop there.
-        if !full || report.fired == before.fired {
+        if !full || (report.fired, report.passed) == (before.fired, before.passed) {
             return Ok(report);
         }
     }
@@ -112,7 +115,16 @@ async fn fire_one(store: &dyn Store, schedule: &Schedule, now: Timestamp, report
         .fire_schedule(&schedule.id, fired_at, next_start, now)
         .await
     {
-        Ok(task) => {
+        Ok(None) => {
+            report.passed += 1;
+            tracing::info!(
+                schedule_id = %schedule.id,
+                project_id = %schedule.project_id,
+                %fired_at,
+                "schedule passed a fire time: its max_concurrency of tasks are still unfinished"
+            );
+        }
+        Ok(Some(task)) => {
             report.fired += 1;
             tracing::info!(
                 schedule_id = %schedule.id,
@@ -159,6 +171,8 @@ mod tests {
             timeout_secs: 60,
             cluster: "default".into(),
             label: None,
+            delay_secs: 0,
+            max_concurrency: None,
         }
     }
 

@@ -175,6 +175,7 @@ async fn queue(ctx: &Ctx, args: QueueArgs) -> anyhow::Result<()> {
             delay: args.delay,
             label: args.label,
             cluster: args.cluster,
+            ..v2::TaskCreate::default()
         }],
     };
     let queued: v2::TasksQueued = ctx.client.post_json("tasks", &request).await?;

@@ -99,11 +99,20 @@ async fn progress_retry_and_logs() {
     // No log yet: 404, as IronWorker's clients expect while a task has not run.
     server.get(&format!("tasks/{id}/log")).await.error(404);
 
-    // Only a finished task can be retried.
+    // A queued task can be retried too, as IronWorker allowed: the copy is queued beside it.
+    let reply = server.post(&format!("tasks/{id}/retry"), json!({})).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let copy_id = reply.json()["tasks"][0]["id"].as_str().unwrap().to_owned();
+    let copy = server.get(&format!("tasks/{copy_id}")).await.json();
+    assert_eq!(
+        (copy["status"].as_str(), copy["payload"].as_str()),
+        (Some("queued"), Some("p"))
+    );
+    let original = server.get(&format!("tasks/{id}")).await.json();
+    assert_eq!(original["status"], "queued");
     server
-        .post(&format!("tasks/{id}/retry"), json!({}))
-        .await
-        .error(409);
+        .post(&format!("tasks/{copy_id}/cancel"), json!({}))
+        .await;
     server.post(&format!("tasks/{id}/cancel"), json!({})).await;
     let reply = server.post_raw(&format!("tasks/{id}/retry"), "").await;
     assert_eq!(reply.status, 200, "{}", reply.text());
