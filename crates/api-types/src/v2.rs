@@ -23,8 +23,10 @@ pub struct ProjectInfo {
 
 // === codes ===
 
-/// The `data` part of a code upload (`POST codes`, multipart).
+/// The `data` part of a code upload (`POST codes`, multipart). A field not listed here is
+/// refused with 400 rather than ignored.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct CodeUpload {
     pub name: Option<String>,
     /// The stack that runs a zip package (`binary`, `sh`, ...). IronWorker's clients also
@@ -59,6 +61,14 @@ pub struct CodeUpload {
     pub cpus: Option<f64>,
     /// stevedore: the container's network, `bridge` (default) or `none`.
     pub network: Option<String>,
+    /// Sent by IronWorker's Node client (`"text/plain"`); it describes nothing stevedore
+    /// uses: accepted and not kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    /// IronWorker's hosted-service address (its Go and Ruby CLIs' `--host`). stevedore hosts
+    /// no services: anything but empty is a 400.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// A code, as its latest revision describes it.
@@ -156,6 +166,10 @@ pub struct TaskCreate {
     pub delay: Option<i64>,
     pub label: Option<String>,
     pub cluster: Option<String>,
+    /// IronWorker's Ruby CLI sends its own `--wait` along (it then waits by polling): accepted
+    /// and not kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<bool>,
     /// IronWorker's legacy task name, which its Python client sends as the code's name. Only
     /// a name: accepted and not kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -239,6 +253,7 @@ pub struct TaskList {
 
 /// `POST tasks/{id}/progress`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Progress {
     pub percent: Option<i64>,
     pub msg: Option<String>,
@@ -246,8 +261,12 @@ pub struct Progress {
 
 /// `POST tasks/{id}/retry`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Retry {
     pub delay: Option<i64>,
+    /// IronWorker's Ruby CLI sends its own `--wait` along: accepted and not kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<bool>,
 }
 
 // === schedules ===
@@ -357,18 +376,24 @@ pub struct StackInfo {
 // === clusters ===
 
 /// `POST /2/clusters` and `PUT /2/clusters/{id}`. IronWorker's clients name the cluster
-/// `cluster` or `name`; fields stevedore does not know are ignored.
+/// `cluster` or `name`; a field not listed here is refused with 400.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ClusterCreate {
     pub name: Option<String>,
     /// IronWorker's form of `name`.
     pub cluster: Option<String>,
     /// Memory per runner, MiB (informational: runners enforce their own limits).
     pub memory: Option<i64>,
-    /// Disk per runner, MiB (informational).
+    /// Disk per runner, MiB (informational). IronWorker's Go client names it `disk_space`.
+    #[serde(alias = "disk_space")]
     pub disk: Option<i64>,
     /// How many runners the operator intends to run for it (informational).
     pub runners: Option<i64>,
+    /// IronWorker's CPU share per task (sent by its Go client). stevedore sets each task's
+    /// CPU from its code's `cpus`: a value here is a 400.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_share: Option<i64>,
 }
 
 /// A cluster: a named pool of runners. `default` is built in and shared by every project.

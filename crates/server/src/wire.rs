@@ -195,6 +195,11 @@ pub fn code_spec(
     let name = upload
         .name
         .ok_or_else(|| ValidationError::new("name", "is required"))?;
+    if let Some(host) = upload.host.as_deref().filter(|host| !host.is_empty()) {
+        return Err(ApiError::BadRequest(format!(
+            "host: stevedore runs tasks, it hosts no services; leave out {host:?}"
+        )));
+    }
     let runtime = upload
         .runtime
         .or(upload.stack)
@@ -338,6 +343,8 @@ pub fn options_over(upload: v2::CodeUpload, latest: &CodeSpec) -> Result<v2::Cod
         memory: upload.memory.or(Some(i64::from(latest.limits.memory_mib))),
         cpus: upload.cpus.or(latest.limits.cpus),
         network: upload.network.or_else(|| Some(latest.network.clone())),
+        content_type: None,
+        host: upload.host,
     })
 }
 

@@ -151,7 +151,10 @@ pub async fn run(ctx: &Ctx, command: TaskCommand) -> anyhow::Result<()> {
         TaskCommand::Retry { task_id, delay } => {
             let queued: v2::TasksQueued = ctx
                 .client
-                .post_json(&format!("tasks/{task_id}/retry"), &v2::Retry { delay })
+                .post_json(
+                    &format!("tasks/{task_id}/retry"),
+                    &v2::Retry { delay, wait: None },
+                )
                 .await?;
             if ctx.json() {
                 return output::print_json(&queued);

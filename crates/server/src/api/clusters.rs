@@ -74,6 +74,11 @@ fn spec(request: v2::ClusterCreate, current: Option<&ClusterSpec>) -> ApiResult<
         }
     };
     check_name("name", &name)?;
+    if request.cpu_share.is_some() {
+        return Err(ApiError::BadRequest(
+            "cpu_share: a cluster has no CPU share here; each task's CPU comes from its code's `cpus`".into(),
+        ));
+    }
     if name == DEFAULT_CLUSTER {
         return Err(ApiError::BadRequest(format!(
             "name: {DEFAULT_CLUSTER:?} is the built-in cluster; choose another name"

@@ -79,7 +79,9 @@ pub async fn queue_tasks(
     Ok(queued)
 }
 
+/// A parameter not listed here is refused with 400 rather than ignored.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
 pub struct WebhookQuery {
     /// The code to run.
     pub code_name: Option<String>,

@@ -649,3 +649,82 @@ async fn the_project_itself_can_be_read() {
         .await
         .error(403);
 }
+
+/// Fields the server did not know were dropped without a word. What the official clients send
+/// is honoured or accepted as the naming it is (`name`, `sync`, `wait`, Node's `content_type`,
+/// Go's `disk_space`); anything else, or what stevedore cannot honour (`host`, `cpu_share`),
+/// is a 400 that names it.
+#[tokio::test]
+async fn fields_the_clients_send_are_honoured_or_refused_by_name() {
+    let server = TestServer::start().await;
+    server
+        .image_code("hello", json!({"content_type": "text/plain", "host": ""}))
+        .await;
+    for (upload, needle) in [
+        (
+            json!({"name": "x", "image": "busybox", "host": "x.example"}),
+            "host",
+        ),
+        (
+            json!({"name": "x", "image": "busybox", "stak": "node"}),
+            "stak",
+        ),
+    ] {
+        let reply = server.post("codes", upload).await;
+        assert!(reply.error(400).contains(needle), "{needle}");
+    }
+
+    // Python sends name and sync, the Ruby CLI wait, with every task.
+    let id = server
+        .queue(json!([{"code_name": "hello", "name": "hello", "sync": false, "wait": true}]))
+        .await
+        .remove(0);
+    let reply = server
+        .post(
+            &format!("tasks/{id}/retry"),
+            json!({"delay": 0, "wait": true}),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let reply = server
+        .post(&format!("tasks/{id}/retry"), json!({"delai": 5}))
+        .await;
+    assert!(reply.error(400).contains("delai"));
+    let reply = server
+        .post(
+            &format!("tasks/{id}/progress"),
+            json!({"percent": 5, "message": "x"}),
+        )
+        .await;
+    assert!(reply.error(400).contains("message"));
+    let url = format!(
+        "{}?code_name=hello&oauth={}&priorty=1",
+        server.url("tasks/webhook"),
+        server.token
+    );
+    let reply = reqwest::Client::new()
+        .post(url)
+        .body("payload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 400);
+    assert!(reply.text().await.unwrap().contains("priorty"));
+
+    let create = |body: serde_json::Value| {
+        server.send(
+            server
+                .root(Method::POST, "/2/clusters", &server.token)
+                .json(&body),
+        )
+    };
+    let created = create(json!({"name": "go-made", "memory": 1024, "disk_space": 2048})).await;
+    assert_eq!(created.status, 200, "{}", created.text());
+    assert_eq!(created.json()["cluster"]["disk"], 2048);
+    for (body, needle) in [
+        (json!({"name": "cpu", "cpu_share": 2}), "cpu_share"),
+        (json!({"name": "typo", "runnerz": 2}), "runnerz"),
+    ] {
+        assert!(create(body).await.error(400).contains(needle), "{needle}");
+    }
+}
