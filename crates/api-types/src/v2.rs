@@ -406,6 +406,8 @@ pub struct ClusterInfo {
     pub shared: bool,
     pub memory: Option<u32>,
     pub disk: Option<u32>,
+    /// `disk` again, under the name IronWorker's Go client (iron_go3) reads.
+    pub disk_space: Option<u32>,
     pub runners: Option<u32>,
     pub created_at: Option<String>,
     pub updated_at: Option<String>,
