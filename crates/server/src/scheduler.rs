@@ -208,6 +208,58 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_schedule_at_its_max_concurrency_passes_fire_times_until_a_task_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, project_id) = store(&dir).await;
+        let start = at("2026-01-01T00:01:00Z");
+        let spec = ScheduleSpec {
+            max_concurrency: Some(1),
+            delay_secs: 5,
+            ..every(60, start, Some(2))
+        };
+        let created = store
+            .create_schedules(&project_id, &[(spec, Some(start))], start)
+            .await
+            .unwrap();
+        let id = created[0].id.clone();
+        let clock = ManualClock::new(start);
+        let report = fire_due(&store, &clock, 10).await.unwrap();
+        assert_eq!((report.fired, report.passed), (1, 0));
+        let all = Page {
+            page: 1,
+            per_page: 100,
+        };
+        let tasks = store
+            .list_tasks(&project_id, &TaskFilter::default(), all)
+            .await
+            .unwrap();
+        assert_eq!(tasks[0].due_at, start + TimeDelta::seconds(5));
+
+        // Its task has not run yet: the next time passes, and is not one of its two runs.
+        clock.set(at("2026-01-01T00:02:00Z"));
+        let report = fire_due(&store, &clock, 10).await.unwrap();
+        assert_eq!((report.fired, report.passed), (0, 1));
+        let schedule = store.get_schedule(&project_id, &id).await.unwrap();
+        assert_eq!(
+            (schedule.status, schedule.run_count, schedule.next_start),
+            (ScheduleStatus::Scheduled, 1, Some(at("2026-01-01T00:03:00Z")))
+        );
+
+        store
+            .cancel_task(&project_id, &tasks[0].id, at("2026-01-01T00:02:30Z"))
+            .await
+            .unwrap();
+        clock.set(at("2026-01-01T00:03:00Z"));
+        assert_eq!(fire_due(&store, &clock, 10).await.unwrap().fired, 1);
+        let schedule = store.get_schedule(&project_id, &id).await.unwrap();
+        assert_eq!(
+            (schedule.status, schedule.run_count),
+            (ScheduleStatus::Complete, 2)
+        );
+        assert_eq!(task_count(&store, &project_id).await, 2);
+    }
+
+    #[tokio::test]
     async fn fires_on_time_never_early_and_skips_a_missed_window() {
         let dir = tempfile::tempdir().unwrap();
         let (store, project_id) = store(&dir).await;
