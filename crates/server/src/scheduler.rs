@@ -242,7 +242,11 @@ mod tests {
         let schedule = store.get_schedule(&project_id, &id).await.unwrap();
         assert_eq!(
             (schedule.status, schedule.run_count, schedule.next_start),
-            (ScheduleStatus::Scheduled, 1, Some(at("2026-01-01T00:03:00Z")))
+            (
+                ScheduleStatus::Scheduled,
+                1,
+                Some(at("2026-01-01T00:03:00Z"))
+            )
         );
 
         store

@@ -180,6 +180,13 @@ pub async fn run(ctx: &Ctx, command: ScheduleCommand) -> anyhow::Result<()> {
                 ("runs", runs(&schedule)),
                 ("priority", schedule.priority.to_string()),
                 ("timeout", format!("{}s", schedule.timeout)),
+                ("delay", format!("{}s", schedule.delay)),
+                (
+                    "max concurrency",
+                    schedule
+                        .max_concurrency
+                        .map_or_else(|| "unlimited".to_owned(), |limit| limit.to_string()),
+                ),
                 ("cluster", schedule.cluster.clone()),
                 ("label", output::opt(schedule.label.as_deref())),
                 ("msg", output::opt(schedule.msg.as_deref())),

@@ -281,8 +281,17 @@ fn codes_tasks_and_schedules_from_the_command_line() {
         "2100-01-01T00:00:00Z",
         "--run-times",
         "3",
+        "--delay",
+        "30",
+        "--max-concurrency",
+        "2",
     ]);
     let schedule_id = schedule_id.trim();
+    let every = cli.ok(&["schedule", "show", schedule_id]);
+    assert!(
+        every.contains("30s") && every.contains("max concurrency") && every.contains('2'),
+        "{every}"
+    );
     let cron = cli.json(&[
         "schedule",
         "create",
