@@ -79,6 +79,9 @@ pub struct ListArgs {
     /// Only these statuses, comma-separated: queued,preparing,running,complete,error,timeout,cancelled.
     #[arg(long, value_delimiter = ',')]
     pub status: Vec<String>,
+    /// Only tasks with this label.
+    #[arg(long)]
+    pub label: Option<String>,
     /// The page, from 0.
     #[arg(long, default_value_t = 0)]
     pub page: u32,
@@ -336,6 +339,9 @@ async fn list(ctx: &Ctx, args: ListArgs) -> anyhow::Result<()> {
     ];
     if let Some(code) = &args.code {
         query.push(format!("code_name={}", encode(code)));
+    }
+    if let Some(label) = &args.label {
+        query.push(format!("label={}", encode(label)));
     }
     for status in &args.status {
         anyhow::ensure!(

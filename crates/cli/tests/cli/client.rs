@@ -255,6 +255,14 @@ fn codes_tasks_and_schedules_from_the_command_line() {
         .map(|task| task["id"].as_str().unwrap())
         .collect();
     assert_eq!(listed, vec![task_id.as_str()]);
+    let labelled = cli.json(&["task", "ls", "--label", "first"]);
+    let labelled: Vec<&str> = labelled["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|task| task["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(labelled, vec![task_id.as_str()]);
     let table = cli.ok(&["task", "ls"]);
     assert!(table.starts_with("ID ") && table.contains(&task_id) && table.contains(&second_id));
     let no_log = cli.run(&["task", "log", &task_id]);
