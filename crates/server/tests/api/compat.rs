@@ -640,6 +640,7 @@ async fn the_project_itself_can_be_read() {
         .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     let project = reply.json();
+    crate::support::redactions().bind(|| insta::assert_json_snapshot!("project", project));
     assert_eq!(project["id"], server.project_id.as_str());
     assert_eq!(project["name"], "default");
     assert!(project["created_at"].is_string());

@@ -185,6 +185,7 @@ async fn stacks_and_openapi_are_served() {
         "/2/projects/{project_id}/tasks/{task_id}/log",
         "/2/projects/{project_id}/tasks/{task_id}/log/stream",
         "/2/projects/{project_id}/schedules/{schedule_id}/cancel",
+        "/2/projects/{project_id}",
         "/2/stacks",
     ] {
         assert!(
@@ -192,6 +193,11 @@ async fn stacks_and_openapi_are_served() {
             "{path} missing from the OpenAPI document"
         );
     }
+    let schedule = &paths["/2/projects/{project_id}/schedules/{schedule_id}"];
+    assert!(
+        schedule["put"].is_object(),
+        "PUT schedules/{{id}} is documented"
+    );
 }
 
 #[tokio::test]
