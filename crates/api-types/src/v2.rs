@@ -11,10 +11,22 @@ pub struct Message {
     pub msg: String,
 }
 
+// === projects ===
+
+/// `GET /2/projects/{project_id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ProjectInfo {
+    pub id: String,
+    pub name: String,
+    pub created_at: String,
+}
+
 // === codes ===
 
-/// The `data` part of a code upload (`POST codes`, multipart).
+/// The `data` part of a code upload (`POST codes`, multipart). A field not listed here is
+/// refused with 400 rather than ignored.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct CodeUpload {
     pub name: Option<String>,
     /// The stack that runs a zip package (`binary`, `sh`, ...). IronWorker's clients also
@@ -49,6 +61,14 @@ pub struct CodeUpload {
     pub cpus: Option<f64>,
     /// stevedore: the container's network, `bridge` (default) or `none`.
     pub network: Option<String>,
+    /// Sent by IronWorker's Node client (`"text/plain"`); it describes nothing stevedore
+    /// uses: accepted and not kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    /// IronWorker's hosted-service address (its Go and Ruby CLIs' `--host`). stevedore hosts
+    /// no services: anything but empty is a 400.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// A code, as its latest revision describes it.
@@ -77,7 +97,12 @@ pub struct CodeInfo {
     pub latest_change: String,
     pub env_vars: BTreeMap<String, String>,
     pub config: Option<String>,
-    pub max_concurrency: i64,
+    /// The most tasks of this code running at once as IronWorker reported it: `null` for no
+    /// limit, and `-1` while the code's task queue is paused (its own limit is kept, in
+    /// `concurrency_limit`, and applies again on resume).
+    pub max_concurrency: Option<i64>,
+    /// stevedore: the code's own limit, paused or not; `null` for no limit.
+    pub concurrency_limit: Option<u32>,
     pub retries: u32,
     pub retries_delay: u32,
     /// `fixed` or `exponential`.
@@ -126,8 +151,10 @@ pub struct CodeStats {
 
 // === tasks ===
 
-/// One task in `POST tasks`. Every optional field may be absent or `null`.
+/// One task in `POST tasks`. Every optional field may be absent or `null`. A field not listed
+/// here is refused with 400 rather than ignored.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct TaskCreate {
     pub code_name: Option<String>,
     /// The payload handed to the task. A string is passed as is; any other JSON value is
@@ -139,6 +166,18 @@ pub struct TaskCreate {
     pub delay: Option<i64>,
     pub label: Option<String>,
     pub cluster: Option<String>,
+    /// IronWorker's Ruby CLI sends its own `--wait` along (it then waits by polling): accepted
+    /// and not kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<bool>,
+    /// IronWorker's legacy task name, which its Python client sends as the code's name. Only
+    /// a name: accepted and not kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// IronWorker's Python client sends `sync` (true from its `run`, which then waits for the
+    /// task by polling). A stevedore task runs the same either way: accepted and not kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -174,7 +213,9 @@ pub struct TaskInfo {
     /// The pinned revision's id (`code_id` + `/` + `code_rev`).
     pub code_history_id: String,
     pub code_name: String,
-    pub code_rev: u32,
+    /// The pinned revision's number, as a string: IronWorker's API reference and its Go
+    /// client type it so (`"1"`).
+    pub code_rev: String,
     pub status: String,
     pub priority: u8,
     pub payload: String,
@@ -212,6 +253,7 @@ pub struct TaskList {
 
 /// `POST tasks/{id}/progress`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Progress {
     pub percent: Option<i64>,
     pub msg: Option<String>,
@@ -219,14 +261,21 @@ pub struct Progress {
 
 /// `POST tasks/{id}/retry`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Retry {
     pub delay: Option<i64>,
+    /// IronWorker's Ruby CLI sends its own `--wait` along: accepted and not kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<bool>,
 }
 
 // === schedules ===
 
-/// One schedule in `POST schedules`.
+/// One schedule in `POST schedules`, and the body of `PUT schedules/{id}` (there, the fields
+/// given replace the schedule's). A field not listed here is refused with 400 rather than
+/// ignored.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ScheduleCreate {
     pub code_name: Option<String>,
     #[schema(value_type = Option<String>)]
@@ -242,11 +291,27 @@ pub struct ScheduleCreate {
     pub start_at: Option<serde_json::Value>,
     #[schema(value_type = Option<String>)]
     pub end_at: Option<serde_json::Value>,
+    /// At most this many runs; absent or 0 (what IronWorker's `iron` CLI sends when none is
+    /// given) for no limit.
     pub run_times: Option<i64>,
+    /// The priority of its tasks; absent or negative for the code's default.
     pub priority: Option<i64>,
+    /// Its tasks' timeout, seconds; absent or 0 for the code's.
     pub timeout: Option<i64>,
     pub cluster: Option<String>,
     pub label: Option<String>,
+    /// Seconds each of its tasks waits after the schedule fires before it may run.
+    pub delay: Option<i64>,
+    /// The most of its tasks queued or running at once: a fire that finds that many still
+    /// unfinished queues no task and waits for the next fire time. Absent, 0 or -1: no limit.
+    pub max_concurrency: Option<i64>,
+    /// IronWorker's legacy schedule name (its clients send the code's name or ""). Only a
+    /// name: accepted and not kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Sent by IronWorker's Python client; a schedule's tasks run the same either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -282,6 +347,10 @@ pub struct ScheduleInfo {
     pub timeout: u32,
     pub cluster: String,
     pub label: Option<String>,
+    /// Seconds each of its tasks waits before it may run.
+    pub delay: u32,
+    /// The most of its tasks queued or running at once; `null` for no limit.
+    pub max_concurrency: Option<u32>,
     pub msg: Option<String>,
     pub created_at: String,
     pub updated_at: String,
@@ -307,18 +376,24 @@ pub struct StackInfo {
 // === clusters ===
 
 /// `POST /2/clusters` and `PUT /2/clusters/{id}`. IronWorker's clients name the cluster
-/// `cluster` or `name`; fields stevedore does not know are ignored.
+/// `cluster` or `name`; a field not listed here is refused with 400.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ClusterCreate {
     pub name: Option<String>,
     /// IronWorker's form of `name`.
     pub cluster: Option<String>,
     /// Memory per runner, MiB (informational: runners enforce their own limits).
     pub memory: Option<i64>,
-    /// Disk per runner, MiB (informational).
+    /// Disk per runner, MiB (informational). IronWorker's Go client names it `disk_space`.
+    #[serde(alias = "disk_space")]
     pub disk: Option<i64>,
     /// How many runners the operator intends to run for it (informational).
     pub runners: Option<i64>,
+    /// IronWorker's CPU share per task (sent by its Go client). stevedore sets each task's
+    /// CPU from its code's `cpus`: a value here is a 400.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_share: Option<i64>,
 }
 
 /// A cluster: a named pool of runners. `default` is built in and shared by every project.
@@ -331,6 +406,8 @@ pub struct ClusterInfo {
     pub shared: bool,
     pub memory: Option<u32>,
     pub disk: Option<u32>,
+    /// `disk` again, under the name IronWorker's Go client (iron_go3) reads.
+    pub disk_space: Option<u32>,
     pub runners: Option<u32>,
     pub created_at: Option<String>,
     pub updated_at: Option<String>,

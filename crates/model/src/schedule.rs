@@ -52,6 +52,15 @@ pub struct ScheduleSpec {
     pub timeout_secs: u32,
     pub cluster: String,
     pub label: Option<String>,
+    /// Seconds each task it makes waits after the schedule fires before it may run (a task's
+    /// `delay`). Absent from specs stored before it existed, which read as 0.
+    #[serde(default)]
+    pub delay_secs: u32,
+    /// The most of its tasks that may be queued or running at once. A fire that finds that
+    /// many still unfinished queues nothing: the fire time passes, as a missed one does, and
+    /// the schedule fires again at its next time. `None` is no limit.
+    #[serde(default)]
+    pub max_concurrency: Option<u32>,
 }
 
 /// A stored schedule.
@@ -138,6 +147,15 @@ impl ScheduleSpec {
         if let Some(label) = &self.label {
             check_name("label", label)?;
         }
+        check_range(
+            "delay",
+            i64::from(self.delay_secs),
+            0,
+            i64::from(crate::limits::MAX_DELAY_SECS),
+        )?;
+        if let Some(max) = self.max_concurrency {
+            check_range("max_concurrency", i64::from(max), 1, 100_000)?;
+        }
         match &self.timing {
             ScheduleTiming::Once => {}
             ScheduleTiming::Every { seconds } => {
@@ -186,6 +204,24 @@ impl ScheduleSpec {
             ));
         }
         Ok(())
+    }
+
+    /// The task one fire of schedule `schedule_id` queues: its code (latest revision),
+    /// payload, priority, timeout, delay, label and cluster.
+    pub fn task(&self, schedule_id: &str) -> crate::NewTask {
+        crate::NewTask {
+            code_name: self.code_name.clone(),
+            payload: self.payload.clone(),
+            priority: self.priority,
+            timeout_secs: self.timeout_secs,
+            delay_secs: self.delay_secs,
+            label: self.label.clone(),
+            cluster: self.cluster.clone(),
+            retry_count: 0,
+            original_task_id: None,
+            schedule_id: Some(schedule_id.to_owned()),
+            code_rev: None,
+        }
     }
 
     /// When a new schedule fires first, seen at `now`.
@@ -274,6 +310,8 @@ mod tests {
             timeout_secs: 60,
             cluster: "default".into(),
             label: None,
+            delay_secs: 0,
+            max_concurrency: None,
         }
     }
 

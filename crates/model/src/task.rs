@@ -136,7 +136,8 @@ impl NewTask {
         Ok(())
     }
 
-    /// The retry of a finished task: the same code revision, payload, priority, timeout,
+    /// The retry of a task (a finished one, or one a user retries while it is queued or
+    /// running): the same code revision, payload, priority, timeout,
     /// label, cluster and schedule, one more retry, and the first task of the chain as its
     /// original. Due `delay_secs` after it is queued.
     pub fn retry_of(failed: &Task, delay_secs: u32) -> NewTask {

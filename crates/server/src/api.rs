@@ -3,6 +3,7 @@
 pub mod clusters;
 pub mod codes;
 pub mod logs;
+pub mod projects;
 pub mod schedules;
 pub mod stacks;
 pub mod tasks;
@@ -18,13 +19,18 @@ use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::wire::CodeDefaults;
 
-/// `?page=N&per_page=M`: IronWorker's pages count from 0.
+/// `?page=N&per_page=M`: IronWorker's pages count from 0. Other parameters are refused with
+/// 400: these lists have no filters, and one silently ignored would widen the list.
 #[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
 pub struct Paging {
     /// The page, counting from 0.
     pub page: Option<i64>,
     /// Items per page, 1 to 100 (default 30).
     pub per_page: Option<i64>,
+    /// The token, for clients that cannot set headers (read by the authentication).
+    #[param(ignore)]
+    pub oauth: Option<String>,
 }
 
 impl Paging {

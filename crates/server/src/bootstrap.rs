@@ -24,7 +24,27 @@ pub struct IronJson {
     /// knows no `protocol` and would otherwise speak HTTPS to this plain-HTTP server.
     #[serde(default = "default_scheme")]
     pub scheme: String,
-    pub api_version: u32,
+    /// A string (`"2"`): IronWorker's Go client (iron_go3, under the `iron` CLI) reads every
+    /// setting but `port` as a string and cannot start on a number. Files written by earlier
+    /// versions hold the number, and are read either way.
+    #[serde(deserialize_with = "string_or_number")]
+    pub api_version: String,
+}
+
+/// The API version `iron.json` names.
+pub const API_VERSION: &str = "2";
+
+fn string_or_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum StringOrNumber {
+        String(String),
+        Number(serde_json::Number),
+    }
+    Ok(match StringOrNumber::deserialize(deserializer)? {
+        StringOrNumber::String(text) => text,
+        StringOrNumber::Number(number) => number.to_string(),
+    })
 }
 
 fn default_scheme() -> String {
@@ -62,6 +82,7 @@ pub async fn ensure_default_project(
                 host: host.to_owned(),
                 port,
                 scheme: existing.protocol.clone(),
+                api_version: API_VERSION.to_owned(),
                 ..existing
             };
             write_iron_json(&path, &iron)?;
@@ -88,7 +109,7 @@ pub async fn ensure_default_project(
         port,
         protocol: "http".to_owned(),
         scheme: "http".to_owned(),
-        api_version: 2,
+        api_version: API_VERSION.to_owned(),
     };
     write_iron_json(&path, &iron)?;
     Ok(iron)
@@ -121,3 +142,31 @@ fn restrict_permissions(path: &Path) {
 
 #[cfg(not(unix))]
 fn restrict_permissions(_path: &Path) {}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn api_version_is_written_as_a_string_and_read_in_either_form() {
+        let iron = IronJson {
+            project_id: "p".into(),
+            token: "t".into(),
+            host: "127.0.0.1".into(),
+            port: 8080,
+            protocol: "http".into(),
+            scheme: "http".into(),
+            api_version: API_VERSION.into(),
+        };
+        let json = serde_json::to_value(&iron).unwrap();
+        assert_eq!(json["api_version"], serde_json::json!("2"));
+        assert_eq!(json["port"], serde_json::json!(8080));
+        let old = r#"{"project_id":"p","token":"t","host":"h","port":1,"protocol":"http","api_version":2}"#;
+        let read: IronJson = serde_json::from_str(old).unwrap();
+        assert_eq!(read.api_version, "2");
+        let new: IronJson = serde_json::from_str(&json.to_string()).unwrap();
+        assert_eq!(new, iron);
+    }
+}

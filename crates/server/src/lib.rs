@@ -95,7 +95,7 @@ impl AppState {
 
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
-    use api::{clusters, codes, logs, schedules, stacks, tasks, usage};
+    use api::{clusters, codes, logs, projects, schedules, stacks, tasks, usage};
 
     let upload_limit = state
         .config
@@ -127,11 +127,15 @@ pub fn router(state: AppState) -> Router {
         .route("/tasks/{task_id}/retry", post(tasks::retry))
         .route("/tasks/{task_id}/progress", post(tasks::progress))
         .route("/schedules", get(schedules::list).post(schedules::create))
-        .route("/schedules/{schedule_id}", get(schedules::show))
+        .route(
+            "/schedules/{schedule_id}",
+            get(schedules::show).put(schedules::update),
+        )
         .route("/schedules/{schedule_id}/cancel", post(schedules::cancel))
         .route("/usage", get(usage::usage));
 
     Router::new()
+        .route("/2/projects/{project_id}", get(projects::show))
         .nest("/2/projects/{project_id}", project)
         .route("/2/stacks", get(stacks::list))
         .route("/2/clusters", get(clusters::list).post(clusters::create))

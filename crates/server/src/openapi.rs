@@ -3,23 +3,25 @@
 use axum::Json;
 use utoipa::OpenApi;
 
-use crate::api::{clusters, codes, logs, schedules, stacks, tasks, usage};
+use crate::api::{clusters, codes, logs, projects, schedules, stacks, tasks, usage};
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "stevedore", description = "IronWorker API v2, served by stevedore. Authenticate with `Authorization: OAuth <token>`."),
     paths(
+        projects::show,
         codes::upload, codes::list, codes::show, codes::revisions, codes::download, codes::delete,
         codes::cancel_all, codes::pause, codes::resume, codes::stats,
         tasks::queue, tasks::webhook, tasks::list, tasks::show, logs::log, logs::stream, logs::outlog, tasks::cancel,
         tasks::retry, tasks::progress,
-        schedules::create, schedules::list, schedules::show, schedules::cancel,
+        schedules::create, schedules::list, schedules::show, schedules::update, schedules::cancel,
         stacks::list,
         clusters::list, clusters::show, clusters::create, clusters::update, clusters::delete,
         clusters::stats,
         usage::usage,
     ),
     tags(
+        (name = "projects", description = "The project a token belongs to"),
         (name = "codes", description = "Worker code and its revisions"),
         (name = "tasks", description = "Runs of a code with a payload"),
         (name = "schedules", description = "Tasks made on a timetable"),

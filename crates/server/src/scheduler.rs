@@ -31,6 +31,9 @@ pub struct SchedulerConfig {
 pub struct FireReport {
     /// Schedules fired, one task each.
     pub fired: u32,
+    /// Schedules that passed a fire time without a task: their `max_concurrency` of tasks
+    /// were still unfinished.
+    pub passed: u32,
     /// Schedules another scheduler fired (or a user cancelled) first.
     pub lost: u32,
     /// Schedules whose firing failed; they are tried again at the next tick.
@@ -91,7 +94,7 @@ pub async fn fire_due(
             fire_one(store, schedule, now, &mut report).await;
         }
         // A full round that fired nothing would find the same schedules again: stop there.
-        if !full || report.fired == before.fired {
+        if !full || (report.fired, report.passed) == (before.fired, before.passed) {
             return Ok(report);
         }
     }
@@ -112,7 +115,16 @@ async fn fire_one(store: &dyn Store, schedule: &Schedule, now: Timestamp, report
         .fire_schedule(&schedule.id, fired_at, next_start, now)
         .await
     {
-        Ok(task) => {
+        Ok(None) => {
+            report.passed += 1;
+            tracing::info!(
+                schedule_id = %schedule.id,
+                project_id = %schedule.project_id,
+                %fired_at,
+                "schedule passed a fire time: its max_concurrency of tasks are still unfinished"
+            );
+        }
+        Ok(Some(task)) => {
             report.fired += 1;
             tracing::info!(
                 schedule_id = %schedule.id,
@@ -159,6 +171,8 @@ mod tests {
             timeout_secs: 60,
             cluster: "default".into(),
             label: None,
+            delay_secs: 0,
+            max_concurrency: None,
         }
     }
 
@@ -191,6 +205,62 @@ mod tests {
             .await
             .unwrap()
             .len()
+    }
+
+    #[tokio::test]
+    async fn a_schedule_at_its_max_concurrency_passes_fire_times_until_a_task_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, project_id) = store(&dir).await;
+        let start = at("2026-01-01T00:01:00Z");
+        let spec = ScheduleSpec {
+            max_concurrency: Some(1),
+            delay_secs: 5,
+            ..every(60, start, Some(2))
+        };
+        let created = store
+            .create_schedules(&project_id, &[(spec, Some(start))], start)
+            .await
+            .unwrap();
+        let id = created[0].id.clone();
+        let clock = ManualClock::new(start);
+        let report = fire_due(&store, &clock, 10).await.unwrap();
+        assert_eq!((report.fired, report.passed), (1, 0));
+        let all = Page {
+            page: 1,
+            per_page: 100,
+        };
+        let tasks = store
+            .list_tasks(&project_id, &TaskFilter::default(), all)
+            .await
+            .unwrap();
+        assert_eq!(tasks[0].due_at, start + TimeDelta::seconds(5));
+
+        // Its task has not run yet: the next time passes, and is not one of its two runs.
+        clock.set(at("2026-01-01T00:02:00Z"));
+        let report = fire_due(&store, &clock, 10).await.unwrap();
+        assert_eq!((report.fired, report.passed), (0, 1));
+        let schedule = store.get_schedule(&project_id, &id).await.unwrap();
+        assert_eq!(
+            (schedule.status, schedule.run_count, schedule.next_start),
+            (
+                ScheduleStatus::Scheduled,
+                1,
+                Some(at("2026-01-01T00:03:00Z"))
+            )
+        );
+
+        store
+            .cancel_task(&project_id, &tasks[0].id, at("2026-01-01T00:02:30Z"))
+            .await
+            .unwrap();
+        clock.set(at("2026-01-01T00:03:00Z"));
+        assert_eq!(fire_due(&store, &clock, 10).await.unwrap().fired, 1);
+        let schedule = store.get_schedule(&project_id, &id).await.unwrap();
+        assert_eq!(
+            (schedule.status, schedule.run_count),
+            (ScheduleStatus::Complete, 2)
+        );
+        assert_eq!(task_count(&store, &project_id).await, 2);
     }
 
     #[tokio::test]

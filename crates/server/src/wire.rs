@@ -97,7 +97,11 @@ pub fn bounded(
     u32::try_from(value).map_err(|_| ValidationError::new(field, "out of range"))
 }
 
+/// A priority, `default` when absent or negative: IronWorker read a negative priority as "the
+/// code's default", and its `iron` CLI sends -3 (a task's or schedule's `priority`) or -1000 (a
+/// code's `default_priority`) when none was given. Above the highest priority is a 400.
 fn priority(field: &str, value: Option<i64>, default: u8) -> Result<u8, ValidationError> {
+    let value = value.filter(|value| *value >= 0);
     let priority = bounded(
         field,
         value,
@@ -106,6 +110,33 @@ fn priority(field: &str, value: Option<i64>, default: u8) -> Result<u8, Validati
         u32::from(limits::MAX_PRIORITY),
     )?;
     u8::try_from(priority).map_err(|_| ValidationError::new(field, "out of range"))
+}
+
+/// A task's or schedule's timeout, `default` when absent or 0: IronWorker's `iron` CLI and Go
+/// client send 0 for "no timeout given" ("0 = the maximum allowed", and the code's own
+/// timeout is the most a task of it gets here).
+fn task_timeout(value: Option<i64>, default: u32) -> Result<u32, ValidationError> {
+    bounded(
+        "timeout",
+        value.filter(|value| *value != 0),
+        default,
+        1,
+        limits::MAX_TIMEOUT_SECS,
+    )
+}
+
+/// A `max_concurrency` as IronWorker's clients send it: absent, 0 or -1 mean no limit.
+fn concurrency_limit(value: Option<i64>) -> Result<Option<u32>, ValidationError> {
+    match value {
+        None | Some(0) | Some(-1) => Ok(None),
+        Some(value) if value > 0 => u32::try_from(value)
+            .map(Some)
+            .map_err(|_| ValidationError::new("max_concurrency", "too large")),
+        Some(value) => Err(ValidationError::new(
+            "max_concurrency",
+            format!("must be a positive number, or -1 for no limit; got {value}"),
+        )),
+    }
 }
 
 /// What a task or schedule takes from its code when the request leaves it out.
@@ -138,13 +169,7 @@ pub fn new_task(
         code_name,
         payload,
         priority: priority("priority", request.priority, defaults.priority)?,
-        timeout_secs: bounded(
-            "timeout",
-            request.timeout,
-            defaults.timeout_secs,
-            1,
-            limits::MAX_TIMEOUT_SECS,
-        )?,
+        timeout_secs: task_timeout(request.timeout, defaults.timeout_secs)?,
         delay_secs: bounded("delay", request.delay, 0, 0, limits::MAX_DELAY_SECS)?,
         label: request.label.filter(|label| !label.is_empty()),
         cluster: request
@@ -170,6 +195,11 @@ pub fn code_spec(
     let name = upload
         .name
         .ok_or_else(|| ValidationError::new("name", "is required"))?;
+    if let Some(host) = upload.host.as_deref().filter(|host| !host.is_empty()) {
+        return Err(ApiError::BadRequest(format!(
+            "host: stevedore runs tasks, it hosts no services; leave out {host:?}"
+        )));
+    }
     let runtime = upload
         .runtime
         .or(upload.stack)
@@ -209,20 +239,7 @@ pub fn code_spec(
             ));
         }
     };
-    let max_concurrency = match upload.max_concurrency {
-        None | Some(0) | Some(-1) => None,
-        Some(value) if value > 0 => Some(
-            u32::try_from(value)
-                .map_err(|_| ValidationError::new("max_concurrency", "too large"))?,
-        ),
-        Some(value) => {
-            return Err(ValidationError::new(
-                "max_concurrency",
-                format!("must be a positive number, or -1 for no limit; got {value}"),
-            )
-            .into());
-        }
-    };
+    let max_concurrency = concurrency_limit(upload.max_concurrency)?;
     let config_text = match upload.config {
         None | Some(Value::Null) => None,
         Some(Value::String(text)) => Some(text),
@@ -315,8 +332,10 @@ pub fn options_over(upload: v2::CodeUpload, latest: &CodeSpec) -> Result<v2::Cod
         retries_backoff: upload
             .retries_backoff
             .or_else(|| Some(latest.retries_backoff.to_string())),
+        // A negative default priority is "not given" (the `iron` CLI sends -1000): keep it.
         default_priority: upload
             .default_priority
+            .filter(|priority| *priority >= 0)
             .or(Some(i64::from(latest.default_priority))),
         timeout: upload
             .timeout
@@ -324,6 +343,66 @@ pub fn options_over(upload: v2::CodeUpload, latest: &CodeSpec) -> Result<v2::Cod
         memory: upload.memory.or(Some(i64::from(latest.limits.memory_mib))),
         cpus: upload.cpus.or(latest.limits.cpus),
         network: upload.network.or_else(|| Some(latest.network.clone())),
+        content_type: None,
+        host: upload.host,
+    })
+}
+
+/// A schedule update over the schedule's `current` spec: every field the update gives wins,
+/// every other one keeps the current value. Its code stays: naming another is a 400.
+pub fn schedule_over(
+    update: v2::ScheduleCreate,
+    current: &ScheduleSpec,
+) -> Result<v2::ScheduleCreate, ApiError> {
+    if let Some(name) = update.code_name.as_deref()
+        && name != current.code_name
+    {
+        return Err(ApiError::BadRequest(format!(
+            "code_name: a schedule's code cannot change (it runs {:?}); cancel it and create another for {name:?}",
+            current.code_name
+        )));
+    }
+    let timing_given = update.run_every.is_some() || update.cron.is_some();
+    let (run_every, cron, timezone) = if timing_given {
+        (update.run_every, update.cron, update.timezone)
+    } else {
+        match &current.timing {
+            ScheduleTiming::Once => (None, None, None),
+            ScheduleTiming::Every { seconds } => (Some(i64::from(*seconds)), None, None),
+            ScheduleTiming::Cron {
+                expression,
+                timezone,
+            } => (
+                None,
+                Some(expression.clone()),
+                update.timezone.or_else(|| Some(timezone.clone())),
+            ),
+        }
+    };
+    let time = |time: Option<Timestamp>| time.map(|time| Value::String(format_time(time)));
+    Ok(v2::ScheduleCreate {
+        code_name: Some(current.code_name.clone()),
+        payload: update
+            .payload
+            .or_else(|| Some(Value::String(current.payload.clone()))),
+        run_every,
+        cron,
+        timezone,
+        start_at: update.start_at.or_else(|| time(current.start_at)),
+        end_at: update.end_at.or_else(|| time(current.end_at)),
+        run_times: update
+            .run_times
+            .or_else(|| current.run_times.map(i64::from)),
+        priority: update.priority.or(Some(i64::from(current.priority))),
+        timeout: update.timeout.or(Some(i64::from(current.timeout_secs))),
+        cluster: update.cluster.or_else(|| Some(current.cluster.clone())),
+        label: update.label.or_else(|| current.label.clone()),
+        delay: update.delay.or(Some(i64::from(current.delay_secs))),
+        max_concurrency: update
+            .max_concurrency
+            .or_else(|| current.max_concurrency.map(i64::from)),
+        name: None,
+        sync: None,
     })
 }
 
@@ -353,8 +432,9 @@ pub fn schedule_spec(
         // IronWorker runs a schedule without run_every once, at start_at.
         (None, None) => ScheduleTiming::Once,
     };
+    // The `iron` CLI sends `run_times: 0` when none was given.
     let run_times = match request.run_times {
-        None => None,
+        None | Some(0) => None,
         Some(times) => Some(bounded("run_times", Some(times), 1, 1, u32::MAX)?),
     };
     let once = timing == ScheduleTiming::Once;
@@ -372,18 +452,14 @@ pub fn schedule_spec(
             .transpose()?,
         run_times: if once { Some(1) } else { run_times },
         priority: priority("priority", request.priority, defaults.priority)?,
-        timeout_secs: bounded(
-            "timeout",
-            request.timeout,
-            defaults.timeout_secs,
-            1,
-            limits::MAX_TIMEOUT_SECS,
-        )?,
+        timeout_secs: task_timeout(request.timeout, defaults.timeout_secs)?,
         cluster: request
             .cluster
             .filter(|cluster| !cluster.is_empty())
             .unwrap_or_else(|| DEFAULT_CLUSTER.to_owned()),
         label: request.label.filter(|label| !label.is_empty()),
+        delay_secs: bounded("delay", request.delay, 0, 0, limits::MAX_DELAY_SECS)?,
+        max_concurrency: concurrency_limit(request.max_concurrency)?,
     };
     spec.validate(config.min_run_every_secs)?;
     Ok(spec)
@@ -396,7 +472,7 @@ pub fn task_info(task: &Task) -> v2::TaskInfo {
         code_id: task.code_id.clone(),
         code_history_id: format!("{}/{}", task.code_id, task.code_rev),
         code_name: task.code_name.clone(),
-        code_rev: task.code_rev,
+        code_rev: task.code_rev.to_string(),
         status: task.status.as_str().to_owned(),
         priority: task.priority,
         payload: task.payload.clone(),
@@ -457,7 +533,12 @@ pub fn code_info(code: &CodeRevision) -> v2::CodeInfo {
         latest_change: format_time(code.updated_at),
         env_vars: spec.env_vars.clone(),
         config: spec.config.clone(),
-        max_concurrency: spec.max_concurrency.map_or(-1, i64::from),
+        max_concurrency: if code.paused {
+            Some(-1)
+        } else {
+            spec.max_concurrency.map(i64::from)
+        },
+        concurrency_limit: spec.max_concurrency,
         retries: spec.retries,
         retries_delay: spec.retries_delay_secs,
         retries_backoff: spec.retries_backoff.to_string(),
@@ -509,6 +590,8 @@ pub fn schedule_info(schedule: &Schedule) -> v2::ScheduleInfo {
         timeout: spec.timeout_secs,
         cluster: spec.cluster.clone(),
         label: spec.label.clone(),
+        delay: spec.delay_secs,
+        max_concurrency: spec.max_concurrency,
         msg: None,
         created_at: format_time(schedule.created_at),
         updated_at: format_time(schedule.updated_at),

@@ -79,6 +79,8 @@ pub struct Page {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TaskFilter {
     pub code_name: Option<String>,
+    /// Only tasks with this label.
+    pub label: Option<String>,
     pub statuses: Vec<TaskStatus>,
     /// Only tasks created at or after this time.
     pub from_time: Option<Timestamp>,
@@ -678,6 +680,17 @@ pub trait Store: Send + Sync + 'static {
         schedule_id: &str,
         now: Timestamp,
     ) -> Result<Schedule>;
+    /// Replaces a `scheduled` schedule's spec and its next fire time (`None` completes it);
+    /// its runs so far and its code stay. `StoreError::Conflict` once it is complete or
+    /// cancelled.
+    async fn update_schedule(
+        &self,
+        project_id: &str,
+        schedule_id: &str,
+        spec: &ScheduleSpec,
+        next_start: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Result<Schedule>;
     /// Schedules of every project that are `scheduled` and due (`next_start <= now`), the
     /// longest-waiting first. For the scheduler loop.
     async fn due_schedules(&self, now: Timestamp, limit: u32) -> Result<Vec<Schedule>>;
@@ -686,13 +699,16 @@ pub trait Store: Send + Sync + 'static {
     /// `next_start` to `next_start`, or completes the schedule when that is `None`.
     /// `StoreError::Conflict` when the schedule is no longer due at `fired_at` (another
     /// scheduler fired it, or it was cancelled), so a schedule never fires twice for one time.
+    /// `None` when the schedule's `max_concurrency` of its tasks are still queued or running:
+    /// then it queues nothing, does not count a run, and moves on to the fire time after
+    /// `fired_at` (its spec's `next_fire` with the runs so far), as after a missed time.
     async fn fire_schedule(
         &self,
         schedule_id: &str,
         fired_at: Timestamp,
         next_start: Option<Timestamp>,
         now: Timestamp,
-    ) -> Result<Task>;
+    ) -> Result<Option<Task>>;
 
     // === leadership ===
 

@@ -667,6 +667,9 @@ impl Store for PgStore {
                 .push(" AND t.code_name = ")
                 .push_bind(code_name.as_str());
         }
+        if let Some(label) = &filter.label {
+            query.push(" AND t.label = ").push_bind(label.as_str());
+        }
         if !filter.statuses.is_empty() {
             let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
             query
@@ -1149,6 +1152,50 @@ impl Store for PgStore {
         }
     }
 
+    async fn update_schedule(
+        &self,
+        project_id: &str,
+        schedule_id: &str,
+        spec: &ScheduleSpec,
+        next_start: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Result<Schedule> {
+        let (now, next_start) = (normalize(now), next_start.map(normalize));
+        let mut tx = self.pool.begin().await?;
+        let result: Result<_> = async {
+            // The row lock orders the change with a fire of the schedule.
+            let mut schedule = load_schedule(&mut tx, Some(project_id), schedule_id, true).await?;
+            if schedule.status != ScheduleStatus::Scheduled {
+                return Err(StoreError::Conflict(format!(
+                    "schedule {schedule_id} is {}; only a scheduled one can be changed",
+                    schedule.status.as_str()
+                )));
+            }
+            schedule.spec = spec.clone();
+            schedule.next_start = next_start;
+            schedule.status = if next_start.is_some() {
+                ScheduleStatus::Scheduled
+            } else {
+                ScheduleStatus::Complete
+            };
+            schedule.updated_at = now;
+            sqlx::query(
+                "UPDATE schedules SET spec = $1, status = $2, next_start = $3, updated_at = $4 \
+                 WHERE id = $5",
+            )
+            .bind(to_json(spec)?)
+            .bind(schedule.status.as_str())
+            .bind(opt_micros(next_start))
+            .bind(micros(now))
+            .bind(schedule_id)
+            .execute(&mut *tx)
+            .await?;
+            Ok(schedule)
+        }
+        .await;
+        finish(tx, result).await
+    }
+
     async fn due_schedules(&self, now: Timestamp, limit: u32) -> Result<Vec<Schedule>> {
         let rows = sqlx::query(concat!(
             "SELECT ",
@@ -1169,7 +1216,7 @@ impl Store for PgStore {
         fired_at: Timestamp,
         next_start: Option<Timestamp>,
         now: Timestamp,
-    ) -> Result<Task> {
+    ) -> Result<Option<Task>> {
         let (now, fired_at, next_start) = (
             normalize(now),
             normalize(fired_at),
@@ -1185,19 +1232,25 @@ impl Store for PgStore {
                 )));
             }
             let spec = &schedule.spec;
-            let new_task = NewTask {
-                code_name: spec.code_name.clone(),
-                payload: spec.payload.clone(),
-                priority: spec.priority,
-                timeout_secs: spec.timeout_secs,
-                delay_secs: 0,
-                label: spec.label.clone(),
-                cluster: spec.cluster.clone(),
-                retry_count: 0,
-                original_task_id: None,
-                schedule_id: Some(schedule.id.clone()),
-                code_rev: None,
-            };
+            if let Some(limit) = spec.max_concurrency {
+                // The schedule's row lock (taken above) orders this count with every other
+                // fire of the schedule.
+                let unfinished: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM tasks WHERE schedule_id = $1 \
+                     AND status IN ('queued', 'preparing', 'running')",
+                )
+                .bind(schedule_id)
+                .fetch_one(&mut *tx)
+                .await?;
+                if unfinished >= i64::from(limit) {
+                    let next_start = spec
+                        .next_fire(fired_at, schedule.run_count, now)
+                        .map(normalize);
+                    pass_fire(&mut tx, schedule_id, next_start, now).await?;
+                    return Ok(None);
+                }
+            }
+            let new_task = spec.task(&schedule.id);
             let mut queued = tasks::insert(
                 &mut tx,
                 &schedule.project_id,
@@ -1223,6 +1276,7 @@ impl Store for PgStore {
             tasks::notify_work(&mut tx).await?;
             queued
                 .pop()
+                .map(Some)
                 .ok_or_else(|| StoreError::Corrupt("firing a schedule queued no task".to_owned()))
         }
         .await;
@@ -1319,6 +1373,29 @@ async fn ensure_code(conn: &mut PgConnection, project_id: &str, code_id: &str) -
     .fetch_optional(&mut *conn)
     .await?;
     latest.ok_or_else(|| StoreError::not_found(format!("code {code_id}")))
+}
+
+/// Moves a schedule past a fire time without queueing a task (its `max_concurrency` was
+/// reached): to `next_start`, or complete when there is none. The run is not counted.
+async fn pass_fire(
+    conn: &mut PgConnection,
+    schedule_id: &str,
+    next_start: Option<Timestamp>,
+    now: Timestamp,
+) -> Result<()> {
+    let status = if next_start.is_some() {
+        ScheduleStatus::Scheduled
+    } else {
+        ScheduleStatus::Complete
+    };
+    sqlx::query("UPDATE schedules SET status = $1, next_start = $2, updated_at = $3 WHERE id = $4")
+        .bind(status.as_str())
+        .bind(opt_micros(next_start))
+        .bind(micros(now))
+        .bind(schedule_id)
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 async fn load_schedule(

@@ -948,6 +948,9 @@ impl Store for SqliteStore {
                 .push(" AND t.code_name = ")
                 .push_bind(code_name.as_str());
         }
+        if let Some(label) = &filter.label {
+            query.push(" AND t.label = ").push_bind(label.as_str());
+        }
         if !filter.statuses.is_empty() {
             query.push(" AND t.status IN (");
             let mut list = query.separated(", ");
@@ -1437,6 +1440,47 @@ impl Store for SqliteStore {
         Ok(schedule)
     }
 
+    async fn update_schedule(
+        &self,
+        project_id: &str,
+        schedule_id: &str,
+        spec: &ScheduleSpec,
+        next_start: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Result<Schedule> {
+        let (now, next_start) = (normalize(now), next_start.map(normalize));
+        let mut writer = self.writer().await?;
+        let mut tx = writer.conn.begin_with(BEGIN_WRITE).await?;
+        let mut schedule = load_schedule(&mut tx, Some(project_id), schedule_id).await?;
+        if schedule.status != ScheduleStatus::Scheduled {
+            return Err(StoreError::Conflict(format!(
+                "schedule {schedule_id} is {}; only a scheduled one can be changed",
+                schedule.status.as_str()
+            )));
+        }
+        schedule.spec = spec.clone();
+        schedule.next_start = next_start;
+        schedule.status = if next_start.is_some() {
+            ScheduleStatus::Scheduled
+        } else {
+            ScheduleStatus::Complete
+        };
+        schedule.updated_at = now;
+        sqlx::query(
+            "UPDATE schedules SET spec = ?1, status = ?2, next_start = ?3, updated_at = ?4 \
+             WHERE id = ?5",
+        )
+        .bind(to_json(spec)?)
+        .bind(schedule.status.as_str())
+        .bind(opt_micros(next_start))
+        .bind(micros(now))
+        .bind(schedule_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(schedule)
+    }
+
     async fn due_schedules(&self, now: Timestamp, limit: u32) -> Result<Vec<Schedule>> {
         let rows = sqlx::query(concat!(
             "SELECT ",
@@ -1457,7 +1501,7 @@ impl Store for SqliteStore {
         fired_at: Timestamp,
         next_start: Option<Timestamp>,
         now: Timestamp,
-    ) -> Result<Task> {
+    ) -> Result<Option<Task>> {
         let (now, fired_at, next_start) = (
             normalize(now),
             normalize(fired_at),
@@ -1472,19 +1516,24 @@ impl Store for SqliteStore {
             )));
         }
         let spec = &schedule.spec;
-        let new_task = NewTask {
-            code_name: spec.code_name.clone(),
-            payload: spec.payload.clone(),
-            priority: spec.priority,
-            timeout_secs: spec.timeout_secs,
-            delay_secs: 0,
-            label: spec.label.clone(),
-            cluster: spec.cluster.clone(),
-            retry_count: 0,
-            original_task_id: None,
-            schedule_id: Some(schedule.id.clone()),
-            code_rev: None,
-        };
+        if let Some(limit) = spec.max_concurrency {
+            let unfinished: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM tasks WHERE schedule_id = ?1 \
+                 AND status IN ('queued', 'preparing', 'running')",
+            )
+            .bind(schedule_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            if unfinished >= i64::from(limit) {
+                let next_start = spec
+                    .next_fire(fired_at, schedule.run_count, now)
+                    .map(normalize);
+                pass_fire(&mut tx, schedule_id, next_start, now).await?;
+                tx.commit().await?;
+                return Ok(None);
+            }
+        }
+        let new_task = spec.task(&schedule.id);
         let mut queued = tasks::insert(
             &mut tx,
             &schedule.project_id,
@@ -1510,6 +1559,7 @@ impl Store for SqliteStore {
         tx.commit().await?;
         queued
             .pop()
+            .map(Some)
             .ok_or_else(|| StoreError::Corrupt("firing a schedule queued no task".to_owned()))
     }
 
@@ -1583,6 +1633,29 @@ async fn ensure_code(conn: &mut SqliteConnection, project_id: &str, code_id: &st
     .fetch_optional(&mut *conn)
     .await?;
     latest.ok_or_else(|| StoreError::not_found(format!("code {code_id}")))
+}
+
+/// Moves a schedule past a fire time without queueing a task (its `max_concurrency` was
+/// reached): to `next_start`, or complete when there is none. The run is not counted.
+async fn pass_fire(
+    conn: &mut SqliteConnection,
+    schedule_id: &str,
+    next_start: Option<Timestamp>,
+    now: Timestamp,
+) -> Result<()> {
+    let status = if next_start.is_some() {
+        ScheduleStatus::Scheduled
+    } else {
+        ScheduleStatus::Complete
+    };
+    sqlx::query("UPDATE schedules SET status = ?1, next_start = ?2, updated_at = ?3 WHERE id = ?4")
+        .bind(status.as_str())
+        .bind(opt_micros(next_start))
+        .bind(micros(now))
+        .bind(schedule_id)
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 async fn load_schedule(

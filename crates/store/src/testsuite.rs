@@ -81,6 +81,8 @@ macro_rules! store_test_suite {
             code_stats_count_by_status,
             schedules_are_created_all_or_nothing_and_cancelled,
             schedules_fire_once_per_due_time,
+            a_schedule_at_its_max_concurrency_passes_a_fire_time,
+            a_scheduled_schedule_can_be_changed,
             a_failed_task_with_retries_left_queues_one_retry,
             timeouts_and_setup_failures_retry_but_cancels_and_successes_do_not,
             infrastructure_give_ups_spend_no_user_retry,
@@ -1832,7 +1834,11 @@ pub async fn list_tasks_filters_and_pages(store: &dyn Store) -> Result<()> {
         .await?;
     let x1 = enqueue_one(store, &acme.id, new_task("x"), at(1)).await?;
     let x2 = enqueue_one(store, &acme.id, new_task("x"), at(2)).await?;
-    let x3 = enqueue_one(store, &acme.id, new_task("x"), at(3)).await?;
+    let labelled = NewTask {
+        label: Some("nightly".to_owned()),
+        ..new_task("x")
+    };
+    let x3 = enqueue_one(store, &acme.id, labelled, at(3)).await?;
     let y4 = enqueue_one(store, &acme.id, new_task("y"), at(4)).await?;
     let leased = lease_one(store, at(5)).await?;
     assert_eq!(leased.task.id, x1);
@@ -1876,8 +1882,14 @@ pub async fn list_tasks_filters_and_pages(store: &dyn Store) -> Result<()> {
         ..TaskFilter::default()
     };
     assert_eq!(list(by_time, ALL).await?, vec![x3.clone(), x2.clone()]);
+    let by_label = TaskFilter {
+        label: Some("nightly".to_owned()),
+        ..TaskFilter::default()
+    };
+    assert_eq!(list(by_label, ALL).await?, vec![x3.clone()]);
     let everything = TaskFilter {
         code_name: Some("x".to_owned()),
+        label: None,
         statuses: vec![TaskStatus::Preparing],
         from_time: Some(at(1)),
         to_time: Some(at(1)),
@@ -1974,6 +1986,8 @@ fn schedule_spec(code_name: &str, every_secs: u32) -> ScheduleSpec {
         timeout_secs: 60,
         cluster: "default".to_owned(),
         label: Some("nightly".to_owned()),
+        delay_secs: 0,
+        max_concurrency: None,
     }
 }
 
@@ -2079,7 +2093,8 @@ pub async fn schedules_fire_once_per_due_time(store: &dyn Store) -> Result<()> {
 
     let task = store
         .fire_schedule(&schedule.id, at(60), Some(at(120)), at(61))
-        .await?;
+        .await?
+        .ok_or_else(|| StoreError::Corrupt("the schedule queued no task".to_owned()))?;
     assert_eq!(task.schedule_id.as_deref(), Some(schedule.id.as_str()));
     assert_eq!(
         (task.status, task.priority, task.timeout_secs),
@@ -2124,6 +2139,100 @@ pub async fn schedules_fire_once_per_due_time(store: &dyn Store) -> Result<()> {
     assert!(matches!(
         store
             .fire_schedule(&schedule.id, at(120), None, at(122))
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    Ok(())
+}
+
+pub async fn a_schedule_at_its_max_concurrency_passes_a_fire_time(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let spec = ScheduleSpec {
+        delay_secs: 30,
+        max_concurrency: Some(1),
+        run_times: Some(3),
+        ..schedule_spec("hello", 60)
+    };
+    let schedule = store
+        .create_schedules(&acme.id, &[(spec, Some(at(60)))], at(0))
+        .await?
+        .remove(0);
+    let first = store
+        .fire_schedule(&schedule.id, at(60), Some(at(120)), at(60))
+        .await?
+        .ok_or_else(|| StoreError::Corrupt("the first fire queued no task".to_owned()))?;
+    // The schedule's delay is its tasks' delay.
+    assert_eq!((first.delay_secs, first.due_at), (30, at(90)));
+
+    // Its one task is still queued: the next fire time passes without a task, uncounted.
+    let passed = store
+        .fire_schedule(&schedule.id, at(120), Some(at(180)), at(120))
+        .await?;
+    assert_eq!(passed, None);
+    let after = store.get_schedule(&acme.id, &schedule.id).await?;
+    assert_eq!(
+        (after.status, after.run_count, after.next_start),
+        (ScheduleStatus::Scheduled, 1, Some(at(180)))
+    );
+    assert_eq!(
+        store
+            .list_tasks(&acme.id, &TaskFilter::default(), ALL)
+            .await?
+            .len(),
+        1
+    );
+
+    // Once its task is finished, it fires again.
+    store.cancel_task(&acme.id, &first.id, at(150)).await?;
+    let second = store
+        .fire_schedule(&schedule.id, at(180), Some(at(240)), at(180))
+        .await?;
+    assert!(second.is_some());
+    let after = store.get_schedule(&acme.id, &schedule.id).await?;
+    assert_eq!((after.run_count, after.next_start), (2, Some(at(240))));
+    Ok(())
+}
+
+pub async fn a_scheduled_schedule_can_be_changed(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let schedule = store
+        .create_schedules(
+            &acme.id,
+            &[(schedule_spec("hello", 60), Some(at(60)))],
+            at(0),
+        )
+        .await?
+        .remove(0);
+    let changed_spec = ScheduleSpec {
+        payload: "new".to_owned(),
+        delay_secs: 5,
+        max_concurrency: Some(2),
+        ..schedule_spec("hello", 120)
+    };
+    let changed = store
+        .update_schedule(&acme.id, &schedule.id, &changed_spec, Some(at(120)), at(10))
+        .await?;
+    assert_eq!(
+        (&changed.spec, changed.next_start, changed.updated_at),
+        (&changed_spec, Some(at(120)), at(10))
+    );
+    assert_eq!(store.get_schedule(&acme.id, &schedule.id).await?, changed);
+    assert!(store.due_schedules(at(61), 10).await?.is_empty());
+
+    // Another project's token cannot reach it; a cancelled one cannot change.
+    let other = store.create_project("other", at(0)).await?;
+    assert_not_found(
+        store
+            .update_schedule(&other.id, &schedule.id, &changed_spec, None, at(11))
+            .await,
+        &schedule.id,
+    );
+    store
+        .cancel_schedule(&acme.id, &schedule.id, at(12))
+        .await?;
+    assert!(matches!(
+        store
+            .update_schedule(&acme.id, &schedule.id, &changed_spec, Some(at(120)), at(13))
             .await,
         Err(StoreError::Conflict(_))
     ));

@@ -203,3 +203,68 @@ async fn a_leader_whose_connection_dies_stops_leading() {
     one.close().await;
     two.close().await;
 }
+
+/// Databases made before ids became IronWorker's 24 hex digits hold 32-digit ids (UUID v7).
+/// Such a row is served beside new ones: found by its id, listed newest first, leased in
+/// order and cancelled.
+#[tokio::test]
+async fn rows_with_the_older_32_digit_ids_are_still_served() {
+    use stevedore_store::{Page, TaskFilter};
+
+    let Some(database) = fresh_database().await else {
+        return;
+    };
+    let store = connect(&database).await;
+    let project = store.create_project("acme", at(0)).await.unwrap();
+    store
+        .push_code(&project.id, &image_spec("hello"), None, at(0))
+        .await
+        .unwrap();
+    let new = store
+        .enqueue(&project.id, &[new_task("hello")], at(2))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(new.id.len(), 24);
+
+    // A copy of the row under an id of the older form, queued a second earlier.
+    let legacy = "019ae6a1c2d37c5e9f0a1b2c3d4e5f60";
+    let mut conn = sqlx::PgConnection::connect(&database.url).await.unwrap();
+    for statement in [
+        "CREATE TEMP TABLE legacy AS SELECT * FROM tasks",
+        "UPDATE legacy SET id = $1, created_at = created_at - 1000000, \
+         updated_at = updated_at - 1000000, due_at = due_at - 1000000",
+        "INSERT INTO tasks SELECT * FROM legacy",
+    ] {
+        let query = sqlx::query(statement);
+        let query = if statement.contains("$1") {
+            query.bind(legacy)
+        } else {
+            query
+        };
+        query.execute(&mut conn).await.unwrap();
+    }
+    conn.close().await.unwrap();
+
+    let old = store.get_task(&project.id, legacy).await.unwrap();
+    assert_eq!(old.id, legacy);
+    let page = Page {
+        page: 1,
+        per_page: 10,
+    };
+    let listed: Vec<String> = store
+        .list_tasks(&project.id, &TaskFilter::default(), page)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|task| task.id)
+        .collect();
+    assert_eq!(listed, vec![new.id.clone(), legacy.to_owned()]);
+    let leased = store
+        .lease(&lease_request("runner-1", 1), at(3))
+        .await
+        .unwrap();
+    assert_eq!(leased[0].task.id, legacy, "the older task is due first");
+    let cancelled = store.cancel_task(&project.id, legacy, at(4)).await.unwrap();
+    assert_eq!(cancelled.id, legacy);
+}

@@ -39,7 +39,14 @@ pub struct ClientFlags {
     pub token: Option<String>,
 }
 
-const KEYS: [&str; 5] = ["host", "port", "protocol", "project_id", "token"];
+const KEYS: [&str; 6] = [
+    "host",
+    "port",
+    "protocol",
+    "project_id",
+    "token",
+    "api_version",
+];
 
 impl Default for ClientConfig {
     fn default() -> Self {
@@ -171,6 +178,11 @@ impl ClientConfig {
                 );
                 self.protocol = text;
             }
+            // IronWorker's tools write it as a number or a string; this client speaks v2 only.
+            "api_version" => anyhow::ensure!(
+                text == "2",
+                "api_version in {source} must be 2 (the IronWorker API v2), not {text:?}"
+            ),
             "project_id" => self.project_id = Some(text),
             "token" => self.token = Some(text),
             _ => {}
@@ -222,6 +234,27 @@ mod tests {
         assert_eq!(config.base_url(), "http://127.0.0.1:8080");
         let error = config.credentials().unwrap_err().to_string();
         assert!(error.contains("IRON_PROJECT_ID"), "{error}");
+    }
+
+    #[test]
+    fn api_version_is_read_as_a_number_or_a_string() {
+        for text in [
+            r#"{"project_id":"p","token":"t","api_version":2}"#,
+            r#"{"project_id":"p","token":"t","api_version":"2"}"#,
+        ] {
+            let data = tempfile::tempdir().unwrap();
+            std::fs::write(data.path().join("iron.json"), text).unwrap();
+            let config =
+                ClientConfig::discover(data.path(), None, &no_env, &ClientFlags::default())
+                    .unwrap();
+            assert_eq!(config.credentials().unwrap(), ("p", "t"), "{text}");
+        }
+        let data = tempfile::tempdir().unwrap();
+        std::fs::write(data.path().join("iron.json"), r#"{"api_version":"3"}"#).unwrap();
+        let error = ClientConfig::discover(data.path(), None, &no_env, &ClientFlags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("api_version"), "{error}");
     }
 
     #[test]

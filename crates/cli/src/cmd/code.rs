@@ -359,11 +359,9 @@ fn describe(code: &v2::CodeInfo) -> String {
         .collect::<Vec<_>>()
         .join(" ");
     let cpus = code.cpus.map(|cpus| cpus.to_string()).unwrap_or_default();
-    let concurrency = if code.max_concurrency < 0 {
-        "unlimited".to_owned()
-    } else {
-        code.max_concurrency.to_string()
-    };
+    let concurrency = code
+        .concurrency_limit
+        .map_or_else(|| "unlimited".to_owned(), |limit| limit.to_string());
     output::fields(&[
         ("id", code.id.clone()),
         ("name", code.name.clone()),
@@ -421,7 +419,7 @@ pub async fn all_codes(client: &Client) -> anyhow::Result<Vec<v2::CodeInfo>> {
 /// A code by name, or by id when no code has that name.
 pub async fn find_code(client: &Client, name_or_id: &str) -> anyhow::Result<v2::CodeInfo> {
     // What looks like an id is asked for directly, sparing a walk over every code.
-    if looks_like_id(name_or_id)
+    if stevedore_model::ids::is_hex_id(name_or_id)
         && let Ok(code) = client
             .get_json::<v2::CodeInfo>(&format!("codes/{name_or_id}"))
             .await
@@ -443,14 +441,6 @@ pub async fn find_code(client: &Client, name_or_id: &str) -> anyhow::Result<v2::
         ),
         Err(error) => Err(error),
     }
-}
-
-/// Ids are 32 lowercase hex digits.
-fn looks_like_id(text: &str) -> bool {
-    text.len() == 32
-        && text
-            .bytes()
-            .all(|byte| matches!(byte, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// Zips a directory: every regular file under it, with its Unix mode, paths relative to it.

@@ -62,6 +62,13 @@ pub struct CreateArgs {
     pub cluster: Option<String>,
     #[arg(long)]
     pub label: Option<String>,
+    /// Seconds each task it makes waits before it may run.
+    #[arg(long)]
+    pub delay: Option<i64>,
+    /// The most of its tasks queued or running at once; a fire that finds that many
+    /// unfinished queues nothing.
+    #[arg(long)]
+    pub max_concurrency: Option<i64>,
 }
 
 pub async fn run(ctx: &Ctx, command: ScheduleCommand) -> anyhow::Result<()> {
@@ -83,6 +90,9 @@ pub async fn run(ctx: &Ctx, command: ScheduleCommand) -> anyhow::Result<()> {
                     timeout: args.timeout,
                     cluster: args.cluster,
                     label: args.label,
+                    delay: args.delay,
+                    max_concurrency: args.max_concurrency,
+                    ..v2::ScheduleCreate::default()
                 }],
             };
             let created: v2::SchedulesCreated = ctx.client.post_json("schedules", &request).await?;
@@ -170,6 +180,13 @@ pub async fn run(ctx: &Ctx, command: ScheduleCommand) -> anyhow::Result<()> {
                 ("runs", runs(&schedule)),
                 ("priority", schedule.priority.to_string()),
                 ("timeout", format!("{}s", schedule.timeout)),
+                ("delay", format!("{}s", schedule.delay)),
+                (
+                    "max concurrency",
+                    schedule
+                        .max_concurrency
+                        .map_or_else(|| "unlimited".to_owned(), |limit| limit.to_string()),
+                ),
                 ("cluster", schedule.cluster.clone()),
                 ("label", output::opt(schedule.label.as_deref())),
                 ("msg", output::opt(schedule.msg.as_deref())),

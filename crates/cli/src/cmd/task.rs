@@ -79,6 +79,9 @@ pub struct ListArgs {
     /// Only these statuses, comma-separated: queued,preparing,running,complete,error,timeout,cancelled.
     #[arg(long, value_delimiter = ',')]
     pub status: Vec<String>,
+    /// Only tasks with this label.
+    #[arg(long)]
+    pub label: Option<String>,
     /// The page, from 0.
     #[arg(long, default_value_t = 0)]
     pub page: u32,
@@ -151,7 +154,10 @@ pub async fn run(ctx: &Ctx, command: TaskCommand) -> anyhow::Result<()> {
         TaskCommand::Retry { task_id, delay } => {
             let queued: v2::TasksQueued = ctx
                 .client
-                .post_json(&format!("tasks/{task_id}/retry"), &v2::Retry { delay })
+                .post_json(
+                    &format!("tasks/{task_id}/retry"),
+                    &v2::Retry { delay, wait: None },
+                )
                 .await?;
             if ctx.json() {
                 return output::print_json(&queued);
@@ -175,6 +181,7 @@ async fn queue(ctx: &Ctx, args: QueueArgs) -> anyhow::Result<()> {
             delay: args.delay,
             label: args.label,
             cluster: args.cluster,
+            ..v2::TaskCreate::default()
         }],
     };
     let queued: v2::TasksQueued = ctx.client.post_json("tasks", &request).await?;
@@ -341,6 +348,9 @@ async fn list(ctx: &Ctx, args: ListArgs) -> anyhow::Result<()> {
     ];
     if let Some(code) = &args.code {
         query.push(format!("code_name={}", encode(code)));
+    }
+    if let Some(label) = &args.label {
+        query.push(format!("label={}", encode(label)));
     }
     for status in &args.status {
         anyhow::ensure!(

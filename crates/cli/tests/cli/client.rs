@@ -282,6 +282,14 @@ fn codes_tasks_and_schedules_from_the_command_line() {
         .map(|task| task["id"].as_str().unwrap())
         .collect();
     assert_eq!(listed, vec![task_id.as_str()]);
+    let labelled = cli.json(&["task", "ls", "--label", "first"]);
+    let labelled: Vec<&str> = labelled["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|task| task["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(labelled, vec![task_id.as_str()]);
     let table = cli.ok(&["task", "ls"]);
     assert!(table.starts_with("ID ") && table.contains(&task_id) && table.contains(&second_id));
     let no_log = cli.run(&["task", "log", &task_id]);
@@ -308,8 +316,17 @@ fn codes_tasks_and_schedules_from_the_command_line() {
         "2100-01-01T00:00:00Z",
         "--run-times",
         "3",
+        "--delay",
+        "30",
+        "--max-concurrency",
+        "2",
     ]);
     let schedule_id = schedule_id.trim();
+    let every = cli.ok(&["schedule", "show", schedule_id]);
+    assert!(
+        every.contains("30s") && every.contains("max concurrency") && every.contains('2'),
+        "{every}"
+    );
     let cron = cli.json(&[
         "schedule",
         "create",

@@ -61,16 +61,25 @@ async fn first_start_writes_iron_json_and_later_starts_reuse_it() {
         iron["scheme"], "http",
         "IronWorker's Node client reads `scheme`"
     );
-    assert_eq!(iron["api_version"], 2);
+    // IronWorker's Go client (under the `iron` CLI) reads every setting but `port` as a
+    // string, and `port` as a number.
+    assert_eq!(iron["api_version"], "2");
+    assert!(iron["port"].is_u64(), "{iron}");
     let status = server.terminate();
     assert!(
         status.success(),
         "SIGTERM should stop the server cleanly: {status:?}"
     );
 
+    // A file written by an earlier version, with the number, is still read and reused.
+    let path = data.path().join("iron.json");
+    let mut old = iron.clone();
+    old["api_version"] = serde_json::json!(2);
+    std::fs::write(&path, old.to_string()).unwrap();
     let server = ServerProcess::start(data.path());
     assert_eq!(server.iron["project_id"], iron["project_id"]);
     assert_eq!(server.iron["token"], iron["token"]);
+    assert_eq!(server.iron["api_version"], "2");
 }
 
 /// Every acknowledged write survives `kill -9` of the server.

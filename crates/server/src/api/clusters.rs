@@ -29,6 +29,7 @@ fn default_info() -> v2::ClusterInfo {
         shared: true,
         memory: None,
         disk: None,
+        disk_space: None,
         runners: None,
         created_at: None,
         updated_at: None,
@@ -43,6 +44,7 @@ fn info(cluster: Cluster) -> v2::ClusterInfo {
         project_id: cluster.project_id,
         memory: cluster.spec.memory_mib,
         disk: cluster.spec.disk_mib,
+        disk_space: cluster.spec.disk_mib,
         runners: cluster.spec.runners,
         created_at: Some(format_time(cluster.created_at)),
         updated_at: Some(format_time(cluster.updated_at)),
@@ -74,6 +76,11 @@ fn spec(request: v2::ClusterCreate, current: Option<&ClusterSpec>) -> ApiResult<
         }
     };
     check_name("name", &name)?;
+    if request.cpu_share.is_some() {
+        return Err(ApiError::BadRequest(
+            "cpu_share: a cluster has no CPU share here; each task's CPU comes from its code's `cpus`".into(),
+        ));
+    }
     if name == DEFAULT_CLUSTER {
         return Err(ApiError::BadRequest(format!(
             "name: {DEFAULT_CLUSTER:?} is the built-in cluster; choose another name"

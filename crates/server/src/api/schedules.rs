@@ -1,10 +1,11 @@
-//! Schedules: create (batch), list, show, cancel. Firing them is the scheduler's job.
+//! Schedules: create (batch), list, show, update, cancel. Firing them is the scheduler's job.
 
 use std::collections::HashMap;
 
 use axum::Json;
 use axum::extract::{Path, State};
 use stevedore_api_types::v2;
+use stevedore_model::ScheduleStatus;
 use stevedore_model::limits::MAX_TASKS_PER_REQUEST;
 
 use super::{Paging, code_defaults, message, prefix_error};
@@ -106,6 +107,56 @@ pub async fn show(
         .get_schedule(&access.project_id, &schedule_id)
         .await?;
     Ok(Json(wire::schedule_info(&schedule)))
+}
+
+/// Change a schedule: the fields given replace the schedule's, the others stay (a negative
+/// `priority` is the code's default, `run_times: 0` no limit). Its runs so far stay counted;
+/// its next fire time follows from the new timing and its last run. Its code cannot change.
+#[utoipa::path(put, path = "/2/projects/{project_id}/schedules/{schedule_id}", tag = "schedules",
+    params(("project_id" = String, Path), ("schedule_id" = String, Path)),
+    request_body = v2::ScheduleCreate,
+    responses((status = 200, body = v2::ScheduleInfo), (status = 400, body = v2::Message),
+        (status = 404, body = v2::Message), (status = 409, body = v2::Message)))]
+pub async fn update(
+    State(state): State<AppState>,
+    access: ProjectAccess,
+    Path((_, schedule_id)): Path<(String, String)>,
+    ApiJson(request): ApiJson<v2::ScheduleCreate>,
+) -> ApiResult<Json<v2::ScheduleInfo>> {
+    let now = state.clock.now();
+    let current = state
+        .store
+        .get_schedule(&access.project_id, &schedule_id)
+        .await?;
+    if current.status != ScheduleStatus::Scheduled {
+        return Err(ApiError::Conflict(format!(
+            "schedule {schedule_id} is {}; only a scheduled one can be changed",
+            current.status.as_str()
+        )));
+    }
+    let merged = wire::schedule_over(request, &current.spec)?;
+    let mut cache = HashMap::new();
+    let defaults = code_defaults(
+        &state,
+        &access.project_id,
+        &current.spec.code_name,
+        &mut cache,
+    )
+    .await?;
+    let spec = wire::schedule_spec(merged, defaults, &state.config)?;
+    super::clusters::check_task_clusters(&state, &access.project_id, [spec.cluster.as_str()])
+        .await?;
+    let next_start = match current.last_run_time {
+        Some(last_run) => spec.next_fire(last_run, current.run_count, now),
+        None => spec.first_fire(now),
+    };
+    let updated = state
+        .store
+        .update_schedule(&access.project_id, &schedule_id, &spec, next_start, now)
+        .await?;
+    let mut info = wire::schedule_info(&updated);
+    info.msg = Some("Updated".to_owned());
+    Ok(Json(info))
 }
 
 /// Cancel a schedule: it makes no more tasks.

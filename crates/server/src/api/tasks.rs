@@ -79,7 +79,9 @@ pub async fn queue_tasks(
     Ok(queued)
 }
 
+/// A parameter not listed here is refused with 400 rather than ignored.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
 pub struct WebhookQuery {
     /// The code to run.
     pub code_name: Option<String>,
@@ -119,6 +121,7 @@ pub async fn webhook(
         delay: query.delay,
         label: query.label,
         cluster: query.cluster,
+        ..v2::TaskCreate::default()
     };
     let task = wire::new_task(request, defaults, &state.config)?;
     super::clusters::check_task_clusters(&state, &access.project_id, [task.cluster.as_str()])
@@ -138,10 +141,15 @@ pub async fn webhook(
 }
 
 /// IronWorker's task list filters. A status flag such as `queued=1` selects that status; with
-/// no flag every status is listed. Times are seconds since the epoch.
+/// no flag every status is listed. Times are seconds since the epoch. A parameter not listed
+/// here is refused with 400 rather than ignored, so a filter stevedore does not know never
+/// silently widens the list.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
 pub struct TaskListQuery {
     pub code_name: Option<String>,
+    /// Only tasks with this label.
+    pub label: Option<String>,
     pub page: Option<i64>,
     pub per_page: Option<i64>,
     pub from_time: Option<i64>,
@@ -154,6 +162,9 @@ pub struct TaskListQuery {
     pub cancelled: Option<String>,
     pub killed: Option<String>,
     pub timeout: Option<String>,
+    /// The token, for clients that cannot set headers (read by the authentication).
+    #[param(ignore)]
+    pub oauth: Option<String>,
 }
 
 fn flag(value: &Option<String>) -> bool {
@@ -191,6 +202,7 @@ impl TaskListQuery {
         };
         Ok(TaskFilter {
             code_name: self.code_name.clone().filter(|name| !name.is_empty()),
+            label: self.label.clone().filter(|label| !label.is_empty()),
             statuses,
             from_time: time("from_time", self.from_time)?,
             to_time: time("to_time", self.to_time)?,
@@ -210,6 +222,7 @@ pub async fn list(
     let page = Paging {
         page: query.page,
         per_page: query.per_page,
+        oauth: None,
     }
     .page()?;
     let tasks = state
@@ -252,11 +265,12 @@ pub async fn cancel(
     Ok(message("Cancelled"))
 }
 
-/// Queue a finished task again as a new task (same code revision, payload and settings).
+/// Queue a task again as a new task (same code revision, payload and settings), whatever its
+/// status.
 #[utoipa::path(post, path = "/2/projects/{project_id}/tasks/{task_id}/retry", tag = "tasks",
     params(("project_id" = String, Path), ("task_id" = String, Path)),
     request_body = v2::Retry,
-    responses((status = 200, body = v2::TasksQueued), (status = 404, body = v2::Message), (status = 409, body = v2::Message)))]
+    responses((status = 200, body = v2::TasksQueued), (status = 404, body = v2::Message)))]
 pub async fn retry(
     State(state): State<AppState>,
     access: ProjectAccess,
@@ -274,8 +288,10 @@ pub async fn retry(
     Ok(queued_reply(queued))
 }
 
-/// Queues a finished task again as a new task after `delay_secs`; 409 while it is not
-/// finished. The API's `retry` and the dashboard's retry button both end here.
+/// Queues a copy of a task as a new task after `delay_secs`, whatever the task's status: as
+/// IronWorker did, a retry of a task still queued or running runs the same code revision and
+/// payload again beside it (the original is left alone). The API's `retry` and the
+/// dashboard's retry button both end here.
 pub async fn retry_task(
     state: &AppState,
     project_id: &str,
@@ -283,12 +299,6 @@ pub async fn retry_task(
     delay_secs: u32,
 ) -> ApiResult<Vec<Task>> {
     let task = state.store.get_task(project_id, task_id).await?;
-    if !task.status.is_terminal() {
-        return Err(ApiError::Conflict(format!(
-            "task {task_id} is {}; only a finished task can be retried",
-            task.status
-        )));
-    }
     let retry = NewTask::retry_of(&task, delay_secs);
     let queued = state
         .store

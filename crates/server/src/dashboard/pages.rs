@@ -320,6 +320,7 @@ pub async fn queue_task(
         delay: number("delay", &form.delay)?,
         label: Some(form.label.trim().to_owned()).filter(|label| !label.is_empty()),
         cluster: None,
+        ..v2::TaskCreate::default()
     };
     let queued = task_api::queue_tasks(&state, &session.project.id, vec![request]).await?;
     let task = queued

@@ -29,13 +29,22 @@ async fn clusters_crud_and_stats() {
     assert_eq!(list.status, 200);
     insta::assert_json_snapshot!("only_default", list.json());
 
-    // IronWorker's clients send `cluster` for the name; unknown fields are ignored.
+    // IronWorker's clients send `cluster` for the name; unknown fields are refused by name.
+    let refused = call(
+        &server,
+        Method::POST,
+        "",
+        &token,
+        Some(json!({"cluster": "gpu", "type": "whatever"})),
+    )
+    .await;
+    assert!(refused.error(400).contains("type"));
     let created = call(
         &server,
         Method::POST,
         "",
         &token,
-        Some(json!({"cluster": "gpu", "memory": 4096, "disk": 20480, "runners": 2, "type": "whatever"})),
+        Some(json!({"cluster": "gpu", "memory": 4096, "disk": 20480, "runners": 2})),
     )
     .await;
     assert_eq!(created.status, 200, "{}", created.text());

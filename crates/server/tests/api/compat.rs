@@ -311,3 +311,421 @@ async fn duration_is_never_negative() {
     assert_eq!(task["duration"], 0);
     assert_eq!(task["run_times"], 1);
 }
+
+fn is_iron_id(id: &str) -> bool {
+    id.len() == 24 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// IronWorker's Ruby client (`iron_worker_ng` over `iron_core`) refuses any project, code,
+/// task or schedule id that is not 24 characters long; stevedore's were 32.
+#[tokio::test]
+async fn ids_are_24_hex_digits_as_ironworker_made_them() {
+    let server = TestServer::start().await;
+    let code_id = server.image_code("hello", json!({})).await;
+    let task_id = server
+        .queue(json!([{"code_name": "hello"}]))
+        .await
+        .remove(0);
+    let schedule = server
+        .post(
+            "schedules",
+            json!({"schedules": [{"code_name": "hello", "run_every": 3600}]}),
+        )
+        .await
+        .json();
+    let schedule_id = schedule["schedules"][0]["id"].as_str().unwrap().to_owned();
+    let cluster = server
+        .send(
+            server
+                .root(Method::POST, "/2/clusters", &server.token)
+                .json(&json!({"name": "ids"})),
+        )
+        .await
+        .json();
+    let cluster_id = cluster["id"].as_str().unwrap().to_owned();
+    for id in [
+        &server.project_id,
+        &code_id,
+        &task_id,
+        &schedule_id,
+        &cluster_id,
+    ] {
+        assert!(is_iron_id(id), "{id:?} is not 24 lowercase hex digits");
+    }
+    let task = server.get(&format!("tasks/{task_id}")).await.json();
+    assert!(is_iron_id(task["code_id"].as_str().unwrap()));
+}
+
+/// The `iron` CLI (over iron_go3) queues with `priority: -3`, `timeout: 0`, `delay: 0`,
+/// `cluster: ""` and `label: ""` when none is given, registers codes with
+/// `default_priority: -1000`, and schedules with `run_times: 0` and `name: ""`: each means
+/// "not given". All were refused with 400. Its Go client decodes `code_rev` as a string.
+#[tokio::test]
+async fn the_iron_cli_not_given_values_mean_the_defaults() {
+    let server = TestServer::start().await;
+    let code_id = server
+        .image_code("cli", json!({"default_priority": 2, "timeout": 120}))
+        .await;
+    let id = server
+        .queue(
+            json!([{"code_name": "cli", "payload": "{}", "priority": -3, "timeout": 0,
+            "delay": 0, "cluster": "", "label": ""}]),
+        )
+        .await
+        .remove(0);
+    let task = server.get(&format!("tasks/{id}")).await.json();
+    assert_eq!(
+        (&task["priority"], &task["timeout"], &task["code_rev"]),
+        (&json!(2), &json!(120), &json!("1"))
+    );
+    // Above the highest priority is still refused.
+    for priority in [3, 7] {
+        let reply = server
+            .post(
+                "tasks",
+                json!({"tasks": [{"code_name": "cli", "priority": priority}]}),
+            )
+            .await;
+        assert!(reply.error(400).contains("priority"));
+    }
+
+    // `iron worker register` sends default_priority -1000: unset, so an options update keeps
+    // the code's and a new code gets 0.
+    let reply = server
+        .post("codes", json!({"name": "cli", "default_priority": -1000}))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let code = server.get(&format!("codes/{code_id}")).await.json();
+    assert_eq!(
+        (&code["default_priority"], &code["rev"]),
+        (&json!(2), &json!(2))
+    );
+    server
+        .image_code("fresh", json!({"default_priority": -1000}))
+        .await;
+    let fresh = server.get("codes").await.json();
+    let fresh = fresh["codes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|code| code["name"] == "fresh")
+        .unwrap()
+        .clone();
+    assert_eq!(fresh["default_priority"], 0);
+    let reply = server
+        .post(
+            "codes",
+            json!({"name": "bad", "image": "busybox", "default_priority": 3}),
+        )
+        .await;
+    assert!(reply.error(400).contains("default_priority"));
+
+    let reply = server
+        .post(
+            "schedules",
+            json!({"schedules": [{"code_name": "cli", "name": "", "payload": "{}", "delay": 0,
+                "timeout": 0, "run_times": 0, "run_every": 3600, "label": "", "cluster": ""}]}),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let schedule_id = reply.json()["schedules"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let schedule = server.get(&format!("schedules/{schedule_id}")).await.json();
+    assert_eq!(
+        (
+            &schedule["priority"],
+            &schedule["timeout"],
+            &schedule["run_times"]
+        ),
+        (&json!(2), &json!(120), &json!(null))
+    );
+}
+
+/// `GET tasks?label=` (sent by iron_go3's `FilteredTaskList`) was ignored, listing every
+/// task; a parameter the server does not know is refused now rather than ignored.
+#[tokio::test]
+async fn the_task_list_filters_by_label_and_refuses_unknown_parameters() {
+    let server = TestServer::start().await;
+    server.image_code("hello", json!({})).await;
+    let nightly = server
+        .queue(json!([{"code_name": "hello", "label": "nightly"}, {"code_name": "hello", "label": "nightly"}]))
+        .await;
+    server
+        .queue(json!([{"code_name": "hello", "label": "hourly"}, {"code_name": "hello"}]))
+        .await;
+    let listed = server
+        .get("tasks?label=nightly&code_name=hello")
+        .await
+        .json();
+    let mut ids: Vec<&str> = listed["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|task| task["id"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    let mut expected: Vec<&str> = nightly.iter().map(String::as_str).collect();
+    expected.sort_unstable();
+    assert_eq!(ids, expected);
+
+    let reply = server.get("tasks?labels=nightly").await;
+    assert!(reply.error(400).contains("labels"));
+    let reply = server.get("schedules?status=scheduled").await;
+    assert!(reply.error(400).contains("status"));
+    // The token as a query parameter is still understood.
+    let url = format!(
+        "{}?oauth={}&label=hourly",
+        server.url("tasks"),
+        server.token
+    );
+    let reply = reqwest::get(url).await.unwrap();
+    assert_eq!(reply.status(), 200);
+    let listed: serde_json::Value = reply.json().await.unwrap();
+    assert_eq!(listed["tasks"].as_array().unwrap().len(), 1);
+}
+
+/// IronWorker reported a paused code's `max_concurrency` as -1 (the Ruby client's own tests
+/// read it so); the server left it unchanged, and used -1 for "no limit".
+#[tokio::test]
+async fn a_paused_code_reports_max_concurrency_minus_one_and_keeps_its_limit() {
+    let server = TestServer::start().await;
+    for (name, limit) in [("limited", json!(3)), ("open", json!(null))] {
+        let id = server
+            .image_code(name, json!({"max_concurrency": limit}))
+            .await;
+        let code = server.get(&format!("codes/{id}")).await.json();
+        assert_eq!(
+            (&code["max_concurrency"], &code["concurrency_limit"]),
+            (&limit, &limit)
+        );
+        let reply = server
+            .post(&format!("codes/{id}/pause_task_queue"), json!({}))
+            .await;
+        assert_eq!(reply.json()["msg"], "Paused");
+        let paused = server.get(&format!("codes/{id}")).await.json();
+        assert_eq!(
+            (
+                &paused["max_concurrency"],
+                &paused["concurrency_limit"],
+                &paused["paused"]
+            ),
+            (&json!(-1), &limit, &json!(true))
+        );
+        server
+            .post(&format!("codes/{id}/resume_task_queue"), json!({}))
+            .await;
+        let resumed = server.get(&format!("codes/{id}")).await.json();
+        assert_eq!(resumed["max_concurrency"], limit);
+    }
+}
+
+/// A schedule's `delay`, `max_concurrency`, `label` and `timeout` as the clients send them
+/// were dropped (`delay`, `max_concurrency`) or not returned, and there was no
+/// `PUT schedules/{id}` (the Ruby client's `schedules.update`).
+#[tokio::test]
+async fn schedules_keep_their_task_settings_and_can_be_updated() {
+    let server = TestServer::start().await;
+    server.image_code("hello", json!({})).await;
+    let start_at = (Utc::now() + Duration::hours(1)).to_rfc3339();
+    let reply = server
+        .post(
+            "schedules",
+            json!({"schedules": [{"code_name": "hello", "payload": "p", "run_every": 3600,
+                "start_at": start_at, "delay": 30, "max_concurrency": 2, "label": "nightly",
+                "timeout": 90, "priority": 1}]}),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let id = reply.json()["schedules"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let schedule = server.get(&format!("schedules/{id}")).await.json();
+    assert_eq!(
+        (
+            &schedule["delay"],
+            &schedule["max_concurrency"],
+            &schedule["label"],
+            &schedule["timeout"],
+            &schedule["priority"],
+        ),
+        (
+            &json!(30),
+            &json!(2),
+            &json!("nightly"),
+            &json!(90),
+            &json!(1)
+        )
+    );
+
+    let put = |body: serde_json::Value| {
+        let request = server
+            .request(Method::PUT, &format!("schedules/{id}"))
+            .json(&body);
+        server.send(request)
+    };
+    let reply = put(
+        json!({"run_every": 7200, "payload": "q", "max_concurrency": -1,
+        "priority": -3}),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let updated = reply.json();
+    assert_eq!(updated["msg"], "Updated");
+    let shown = server.get(&format!("schedules/{id}")).await.json();
+    assert_eq!(
+        (
+            &shown["run_every"],
+            &shown["payload"],
+            &shown["max_concurrency"],
+            &shown["priority"],
+            &shown["delay"],
+            &shown["label"],
+            &shown["start_at"],
+        ),
+        (
+            &json!(7200),
+            &json!("q"),
+            &json!(null),
+            &json!(0),
+            &json!(30),
+            &json!("nightly"),
+            &schedule["start_at"],
+        )
+    );
+    assert_eq!(shown["next_start"], schedule["next_start"]);
+
+    // Bad input is refused and changes nothing.
+    for (body, needle) in [
+        (json!({"priority": 3}), "priority"),
+        (json!({"run_every": 1}), "run_every"),
+        (json!({"code_name": "other"}), "code_name"),
+        (json!({"timeout": -1}), "timeout"),
+        (json!({"colour": "red"}), "colour"),
+        (json!({"run_every": 3600, "cron": "* * * * *"}), "cron"),
+    ] {
+        let reply = put(body).await;
+        assert!(reply.error(400).contains(needle), "{needle}");
+    }
+    assert_eq!(server.get(&format!("schedules/{id}")).await.json(), shown);
+
+    let request = server
+        .request(Method::PUT, "schedules/000000000000000000000000")
+        .json(&json!({"payload": "x"}));
+    server.send(request).await.error(404);
+    server
+        .post(&format!("schedules/{id}/cancel"), json!({}))
+        .await;
+    assert!(
+        put(json!({"payload": "x"}))
+            .await
+            .error(409)
+            .contains("cancelled")
+    );
+}
+
+/// `GET /2/projects/{id}` (the Ruby client's `projects.get`, which prints `name` and `id`)
+/// was a 404.
+#[tokio::test]
+async fn the_project_itself_can_be_read() {
+    let server = TestServer::start().await;
+    let reply = server
+        .send(server.root(
+            Method::GET,
+            &format!("/2/projects/{}", server.project_id),
+            &server.token,
+        ))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let project = reply.json();
+    crate::support::redactions().bind(|| insta::assert_json_snapshot!("project", project));
+    assert_eq!(project["id"], server.project_id.as_str());
+    assert_eq!(project["name"], "default");
+    assert!(project["created_at"].is_string());
+    let (other, _) = server.other_project("other").await;
+    server
+        .send(server.root(Method::GET, &format!("/2/projects/{other}"), &server.token))
+        .await
+        .error(403);
+}
+
+/// Fields the server did not know were dropped without a word. What the official clients send
+/// is honoured or accepted as the naming it is (`name`, `sync`, `wait`, Node's `content_type`,
+/// Go's `disk_space`); anything else, or what stevedore cannot honour (`host`, `cpu_share`),
+/// is a 400 that names it.
+#[tokio::test]
+async fn fields_the_clients_send_are_honoured_or_refused_by_name() {
+    let server = TestServer::start().await;
+    server
+        .image_code("hello", json!({"content_type": "text/plain", "host": ""}))
+        .await;
+    for (upload, needle) in [
+        (
+            json!({"name": "x", "image": "busybox", "host": "x.example"}),
+            "host",
+        ),
+        (
+            json!({"name": "x", "image": "busybox", "stak": "node"}),
+            "stak",
+        ),
+    ] {
+        let reply = server.post("codes", upload).await;
+        assert!(reply.error(400).contains(needle), "{needle}");
+    }
+
+    // Python sends name and sync, the Ruby CLI wait, with every task.
+    let id = server
+        .queue(json!([{"code_name": "hello", "name": "hello", "sync": false, "wait": true}]))
+        .await
+        .remove(0);
+    let reply = server
+        .post(
+            &format!("tasks/{id}/retry"),
+            json!({"delay": 0, "wait": true}),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let reply = server
+        .post(&format!("tasks/{id}/retry"), json!({"delai": 5}))
+        .await;
+    assert!(reply.error(400).contains("delai"));
+    let reply = server
+        .post(
+            &format!("tasks/{id}/progress"),
+            json!({"percent": 5, "message": "x"}),
+        )
+        .await;
+    assert!(reply.error(400).contains("message"));
+    let url = format!(
+        "{}?code_name=hello&oauth={}&priorty=1",
+        server.url("tasks/webhook"),
+        server.token
+    );
+    let reply = reqwest::Client::new()
+        .post(url)
+        .body("payload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 400);
+    assert!(reply.text().await.unwrap().contains("priorty"));
+
+    let create = |body: serde_json::Value| {
+        server.send(
+            server
+                .root(Method::POST, "/2/clusters", &server.token)
+                .json(&body),
+        )
+    };
+    let created = create(json!({"name": "go-made", "memory": 1024, "disk_space": 2048})).await;
+    assert_eq!(created.status, 200, "{}", created.text());
+    assert_eq!(created.json()["cluster"]["disk"], 2048);
+    for (body, needle) in [
+        (json!({"name": "cpu", "cpu_share": 2}), "cpu_share"),
+        (json!({"name": "typo", "runnerz": 2}), "runnerz"),
+    ] {
+        assert!(create(body).await.error(400).contains(needle), "{needle}");
+    }
+}

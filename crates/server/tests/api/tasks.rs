@@ -99,11 +99,20 @@ async fn progress_retry_and_logs() {
     // No log yet: 404, as IronWorker's clients expect while a task has not run.
     server.get(&format!("tasks/{id}/log")).await.error(404);
 
-    // Only a finished task can be retried.
+    // A queued task can be retried too, as IronWorker allowed: the copy is queued beside it.
+    let reply = server.post(&format!("tasks/{id}/retry"), json!({})).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let copy_id = reply.json()["tasks"][0]["id"].as_str().unwrap().to_owned();
+    let copy = server.get(&format!("tasks/{copy_id}")).await.json();
+    assert_eq!(
+        (copy["status"].as_str(), copy["payload"].as_str()),
+        (Some("queued"), Some("p"))
+    );
+    let original = server.get(&format!("tasks/{id}")).await.json();
+    assert_eq!(original["status"], "queued");
     server
-        .post(&format!("tasks/{id}/retry"), json!({}))
-        .await
-        .error(409);
+        .post(&format!("tasks/{copy_id}/cancel"), json!({}))
+        .await;
     server.post(&format!("tasks/{id}/cancel"), json!({})).await;
     let reply = server.post_raw(&format!("tasks/{id}/retry"), "").await;
     assert_eq!(reply.status, 200, "{}", reply.text());
@@ -176,6 +185,7 @@ async fn stacks_and_openapi_are_served() {
         "/2/projects/{project_id}/tasks/{task_id}/log",
         "/2/projects/{project_id}/tasks/{task_id}/log/stream",
         "/2/projects/{project_id}/schedules/{schedule_id}/cancel",
+        "/2/projects/{project_id}",
         "/2/stacks",
     ] {
         assert!(
@@ -183,6 +193,11 @@ async fn stacks_and_openapi_are_served() {
             "{path} missing from the OpenAPI document"
         );
     }
+    let schedule = &paths["/2/projects/{project_id}/schedules/{schedule_id}"];
+    assert!(
+        schedule["put"].is_object(),
+        "PUT schedules/{{id}} is documented"
+    );
 }
 
 #[tokio::test]
