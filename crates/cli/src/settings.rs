@@ -39,6 +39,34 @@ pub struct Settings {
     pub stacks: Vec<Stack>,
     pub runner: RunnerSettings,
     pub metrics: MetricsSettings,
+    /// The key that seals projects' registry passwords, 64 hex digits. Servers sharing a
+    /// PostgreSQL database must all have the same key: set it here (or
+    /// `STEVEDORE_CREDENTIAL_KEY`) or point `credential_key_file` at one shared file. Absent,
+    /// the key comes from `credential_key_file`.
+    pub credential_key: Option<String>,
+    /// A file holding the key (64 hex digits). Default `credential.key` in the data directory,
+    /// created with a random key (mode 0600) on the first start.
+    pub credential_key_file: Option<PathBuf>,
+    /// The operator's registry for the images `code push --dockerfile` builds: when set, they
+    /// are pushed there (under `<server_address>/<repository>/<project id>/`) so runners on
+    /// other machines can pull them; absent, they stay on the machine that built them.
+    pub code_registry: Option<CodeRegistrySettings>,
+}
+
+/// The operator's registry for built code images, with the operator's credentials for it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CodeRegistrySettings {
+    /// The registry's address, e.g. `registry.example.com:5000`.
+    pub server_address: String,
+    /// The repository path the images go under (default `stevedore`).
+    #[serde(default = "default_code_repository")]
+    pub repository: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+fn default_code_repository() -> String {
+    "stevedore".to_owned()
 }
 
 /// `GET /metrics`.
@@ -150,6 +178,9 @@ impl Default for Settings {
             stacks: Stack::defaults(),
             runner: RunnerSettings::default(),
             metrics: MetricsSettings::default(),
+            credential_key: None,
+            credential_key_file: None,
+            code_registry: None,
         }
     }
 }

@@ -295,6 +295,7 @@ mod tests {
                 token: 7,
                 expires_at: now,
             },
+            registry_credential: None,
         }
     }
 

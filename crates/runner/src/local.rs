@@ -446,6 +446,8 @@ impl TaskSource for LocalTaskSource {
                 token: LOCAL_TOKEN,
                 expires_at: now + chrono::Duration::seconds(i64::from(request.lease_secs)),
             },
+            // A local run pulls with the operator's credentials only.
+            registry_credential: None,
         }])
     }
 

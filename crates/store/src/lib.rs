@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 mod convert;
+pub mod credentials;
 mod error;
 mod postgres;
 mod record;
@@ -22,10 +23,14 @@ pub mod testsuite;
 
 use async_trait::async_trait;
 use stevedore_model::{
-    CodeKind, CodeRevision, CodeSpec, NewTask, Schedule, ScheduleSpec, Task, TaskOutcome,
-    TaskStatus, Timestamp,
+    CodeKind, CodeRevision, CodeSpec, NewTask, RegistryCredential, Schedule, ScheduleSpec, Task,
+    TaskOutcome, TaskStatus, Timestamp,
 };
 
+pub use credentials::{
+    CredentialKey, CredentialVault, SealedSecret, SecretError, StoredCredential,
+    attach_registry_credentials,
+};
 pub use error::StoreError;
 pub use postgres::{PgOptions, PgStore};
 pub use sqlite::{SqliteOptions, SqliteStore, SyncMode};
@@ -163,6 +168,9 @@ pub struct LeasedTask {
     /// The code revision the task pinned.
     pub code: CodeRevision,
     pub lease: Lease,
+    /// The project's credential for the registry of the code's image, when it stored one:
+    /// filled in by [`attach_registry_credentials`] after the lease, never by the lease itself.
+    pub registry_credential: Option<RegistryCredential>,
 }
 
 /// The right to act on one task. `token` only grows across the whole store, so a rescued
@@ -693,6 +701,30 @@ pub trait Store: Send + Sync + 'static {
         next_start: Option<Timestamp>,
         now: Timestamp,
     ) -> Result<Task>;
+
+    // === registry credentials ===
+
+    /// Stores (or replaces) the project's credential for `registry`, its password sealed.
+    /// `StoreError::NotFound` for an unknown project.
+    async fn put_registry_credential(
+        &self,
+        project_id: &str,
+        registry: &str,
+        username: &str,
+        sealed: &SealedSecret,
+        now: Timestamp,
+    ) -> Result<StoredCredential>;
+    /// The project's credential for `registry`, if it stored one.
+    async fn get_registry_credential(
+        &self,
+        project_id: &str,
+        registry: &str,
+    ) -> Result<Option<StoredCredential>>;
+    /// The project's credentials, by registry.
+    async fn list_registry_credentials(&self, project_id: &str) -> Result<Vec<StoredCredential>>;
+    /// Forgets the project's credential for `registry`; `StoreError::NotFound` when it has
+    /// none.
+    async fn delete_registry_credential(&self, project_id: &str, registry: &str) -> Result<()>;
 
     // === leadership ===
 

@@ -89,6 +89,9 @@ impl TestServer {
             config: Arc::new(config),
             on_enqueue: None,
             lease_wake: Default::default(),
+            credentials: Arc::new(stevedore_store::CredentialVault::new(
+                &stevedore_store::CredentialKey::generate().unwrap(),
+            )),
         };
         let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
         let served = tokio::spawn(stevedore_server::serve(listener, state, async move {
