@@ -107,6 +107,13 @@ enum Command {
         #[command(subcommand)]
         command: ScheduleCommand,
     },
+    /// The project's credentials for private container registries.
+    Registry {
+        #[command(flatten)]
+        connection: ConnectionArgs,
+        #[command(subcommand)]
+        command: cmd::registry::RegistryCommand,
+    },
     /// Runtimes for zip packages.
     Stack {
         #[command(flatten)]
@@ -242,7 +249,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             command,
         } => {
             let ctx = Ctx::connect(&settings.data_dir, &connection, format)?;
-            cmd::code::run(&ctx, command).await
+            cmd::code::run(&ctx, &settings, command).await
         }
         Command::Task {
             connection,
@@ -250,6 +257,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let ctx = Ctx::connect(&settings.data_dir, &connection, format)?;
             cmd::task::run(&ctx, command).await
+        }
+        Command::Registry {
+            connection,
+            command,
+        } => {
+            let ctx = Ctx::connect(&settings.data_dir, &connection, format)?;
+            cmd::registry::run(&ctx, command).await
         }
         Command::Schedule {
             connection,
@@ -413,11 +427,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
                 .announcing(server_config.runner_api.online_window / 4)
                 .with_credentials(credentials.clone()),
         );
-        let runner = Runner::new(
-            settings.runner.runner_config(&settings.stacks),
-            source.clone(),
-            engine,
-        );
+        let runner = Runner::new(settings.runner_config(), source.clone(), engine);
         let wake = runner.work_notifier();
         on_enqueue = Some(Arc::new(move || wake.notify()));
         let started = runner
@@ -522,7 +532,7 @@ fn credential_vault(settings: &Settings) -> anyhow::Result<CredentialVault> {
 /// `stevedore runner`: the runner of `serve`, leasing over HTTP instead of from the store.
 async fn remote_runner(settings: Settings, args: RunnerArgs) -> anyhow::Result<()> {
     let signal = shutdown_signal();
-    let mut config = settings.runner.runner_config(&settings.stacks);
+    let mut config = settings.runner_config();
     config.runner_id = match args.id {
         Some(id) => id,
         None => format!("remote-{}", host_name()),

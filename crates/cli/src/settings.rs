@@ -10,7 +10,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 use stevedore_engine::RegistryAuth;
-use stevedore_model::{Stack, limits};
+use stevedore_model::{CodeImages, Stack, limits};
 use stevedore_runner::RunnerConfig;
 use stevedore_server::ServerConfig;
 use stevedore_store::{PgOptions, SqliteOptions, SyncMode};
@@ -63,6 +63,18 @@ pub struct CodeRegistrySettings {
     pub repository: String,
     pub username: Option<String>,
     pub password: Option<String>,
+}
+
+impl CodeRegistrySettings {
+    /// The operator's credentials for the registry.
+    pub fn auth(&self) -> RegistryAuth {
+        RegistryAuth {
+            username: self.username.clone(),
+            password: self.password.clone(),
+            identity_token: None,
+            server_address: Some(self.server_address.clone()),
+        }
+    }
 }
 
 fn default_code_repository() -> String {
@@ -233,6 +245,28 @@ impl Settings {
             path: self.data_dir.join("stevedore.db"),
             sync,
         })
+    }
+
+    /// The runner's configuration: the `runner` section, the stacks, and the operator's code
+    /// registry (whose images it recognizes and whose credentials it pulls them with).
+    pub fn runner_config(&self) -> RunnerConfig {
+        let mut config = self.runner.runner_config(&self.stacks);
+        config.code_images = self.code_images();
+        if let Some(registry) = &self.code_registry {
+            config.registry_auth.insert(0, registry.auth());
+        }
+        config
+    }
+
+    /// Where `code push --dockerfile` puts the images it builds.
+    pub fn code_images(&self) -> CodeImages {
+        match &self.code_registry {
+            Some(registry) => CodeImages {
+                registry: Some(registry.server_address.clone()),
+                repository: registry.repository.clone(),
+            },
+            None => CodeImages::local(),
+        }
     }
 
     pub fn server_config(&self) -> ServerConfig {

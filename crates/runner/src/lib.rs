@@ -55,6 +55,7 @@ mod local;
 mod logs;
 mod package;
 mod progress;
+mod registry;
 mod runner;
 mod source;
 
