@@ -46,14 +46,14 @@ pub(super) async fn put(
     let mut tx = store.pool.begin().await?;
     let result: Result<_> = async {
         ensure_project(&mut tx, project_id).await?;
-        let row = sqlx::query(concat!(
+        let row = sqlx::query(
             "INSERT INTO registry_credentials (project_id, registry, username, sealed, key_id, \
              created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6) \
              ON CONFLICT (project_id, registry) DO UPDATE SET username = excluded.username, \
              sealed = excluded.sealed, key_id = excluded.key_id, \
              updated_at = excluded.updated_at \
-             RETURNING project_id, registry, username, sealed, key_id, created_at, updated_at"
-        ))
+             RETURNING project_id, registry, username, sealed, key_id, created_at, updated_at",
+        )
         .bind(project_id)
         .bind(registry)
         .bind(username)
