@@ -16,7 +16,10 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use stevedore_engine::{ContainerEngine, DockerEngine, RegistryAuth};
 
-use crate::support::{ServerProcess, binary, docker_available, ensure_local_image, required_env};
+use crate::support::{
+    RunnerProcess, ServerProcess, binary, docker_available, ensure_local_image, required_env,
+    runner_token, unique,
+};
 
 const USER: &str = "alice";
 const PASSWORD: &str = "registry-Passw0rd";
@@ -565,4 +568,63 @@ async fn private_images_run_only_for_projects_that_can_pull_them() {
         )
         .await;
     drop(images);
+}
+
+/// A remote runner gets the project's credential through its lease, as the embedded runner
+/// does, and refuses the cached image to a project without one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_remote_runner_pulls_with_the_credential_its_lease_carries() {
+    let Some((registry_binary, htpasswd)) = tools() else {
+        return;
+    };
+    ensure_local_image();
+    let registry = TestRegistry::start(&registry_binary, &htpasswd);
+    let private = format!("{}/private/remote:{}", registry.address, std::process::id());
+    let _images = Images(vec![private.clone()]);
+    push_private_image(&registry, &private).await;
+
+    let data = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(data.path());
+    let owner = Project::default_of(&server);
+    let stranger = Project::create(&server, "stranger");
+    login(&server, &owner, &registry.address, PASSWORD);
+    for project in [&owner, &stranger] {
+        stevedore_ok(
+            &server,
+            project,
+            &[
+                "code",
+                "push",
+                "private",
+                "--image",
+                &private,
+                "--command",
+                "cat /private.txt",
+            ],
+        );
+    }
+    let token = runner_token(data.path());
+    let _runner = RunnerProcess::start(&server, &token, &unique("remote-registry"), &[]);
+
+    let task = owner.queue(&server, "private").await;
+    let done = owner.finished(&server, &task).await;
+    assert_eq!(done["status"], "complete", "{done}");
+    assert!(
+        owner
+            .log(&server, &task)
+            .await
+            .contains("private-image-ran")
+    );
+    assert!(image_cached(&private));
+
+    let task = stranger.queue(&server, "private").await;
+    let refused = stranger.finished(&server, &task).await;
+    assert_eq!(refused["status"], "error", "{refused}");
+    assert!(
+        refused["msg"]
+            .as_str()
+            .unwrap()
+            .contains("registry refused access"),
+        "{refused}"
+    );
 }
