@@ -26,7 +26,12 @@ pub enum KeySource {
 
 /// The configured key, or the key file's, created when it does not exist yet.
 pub fn credential_key(settings: &Settings) -> anyhow::Result<(CredentialKey, KeySource)> {
-    if let Some(text) = settings.credential_key.as_deref().filter(|t| !t.is_empty()) {
+    if let Some(text) = settings
+        .credential_key
+        .as_ref()
+        .map(|secret| secret.0.as_str())
+        .filter(|text| !text.is_empty())
+    {
         let key = CredentialKey::from_hex(text).context("credential_key")?;
         return Ok((key, KeySource::Setting));
     }
@@ -101,7 +106,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = CredentialKey::generate().unwrap();
         let configured = Settings {
-            credential_key: Some(key.to_hex()),
+            credential_key: Some(crate::settings::Secret(key.to_hex())),
             ..settings(dir.path())
         };
         let (used, source) = credential_key(&configured).unwrap();
@@ -109,7 +114,7 @@ mod tests {
         assert!(!dir.path().join(DEFAULT_KEY_FILE).exists());
 
         let malformed = Settings {
-            credential_key: Some("nothex".into()),
+            credential_key: Some(crate::settings::Secret("nothex".into())),
             ..settings(dir.path())
         };
         assert!(credential_key(&malformed).is_err());

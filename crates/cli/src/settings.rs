@@ -43,7 +43,7 @@ pub struct Settings {
     /// PostgreSQL database must all have the same key: set it here (or
     /// `STEVEDORE_CREDENTIAL_KEY`) or point `credential_key_file` at one shared file. Absent,
     /// the key comes from `credential_key_file`.
-    pub credential_key: Option<String>,
+    pub credential_key: Option<Secret>,
     /// A file holding the key (64 hex digits). Default `credential.key` in the data directory,
     /// created with a random key (mode 0600) on the first start.
     pub credential_key_file: Option<PathBuf>,
@@ -51,6 +51,18 @@ pub struct Settings {
     /// are pushed there (under `<server_address>/<repository>/<project id>/`) so runners on
     /// other machines can pull them; absent, they stay on the machine that built them.
     pub code_registry: Option<CodeRegistrySettings>,
+}
+
+/// A setting that must never be printed (a password, a key): its `Debug` says only whether
+/// it is set.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// The operator's registry for built code images, with the operator's credentials for it.
@@ -62,7 +74,7 @@ pub struct CodeRegistrySettings {
     #[serde(default = "default_code_repository")]
     pub repository: String,
     pub username: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<Secret>,
 }
 
 impl CodeRegistrySettings {
@@ -70,7 +82,7 @@ impl CodeRegistrySettings {
     pub fn auth(&self) -> RegistryAuth {
         RegistryAuth {
             username: self.username.clone(),
-            password: self.password.clone(),
+            password: self.password.as_ref().map(|secret| secret.0.clone()),
             identity_token: None,
             server_address: Some(self.server_address.clone()),
         }

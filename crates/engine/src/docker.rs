@@ -864,6 +864,27 @@ mod tests {
     }
 
     #[test]
+    fn pulls_are_shared_only_under_the_same_credentials() {
+        let auth = |password: &str| RegistryAuth {
+            username: Some("alice".into()),
+            password: Some(password.into()),
+            identity_token: None,
+            server_address: Some("r:5000".into()),
+        };
+        let image = "r:5000/app:1";
+        assert_eq!(
+            pull_key(image, Some(&auth("a"))),
+            pull_key(image, Some(&auth("a")))
+        );
+        assert_ne!(
+            pull_key(image, Some(&auth("a"))),
+            pull_key(image, Some(&auth("b")))
+        );
+        assert_ne!(pull_key(image, Some(&auth("a"))), pull_key(image, None));
+        assert!(!pull_key(image, Some(&auth("hunter2"))).contains("hunter2"));
+    }
+
+    #[test]
     fn an_empty_stats_answer_is_no_sample() {
         assert_eq!(sample_of(&ContainerStatsResponse::default()), None);
     }

@@ -450,6 +450,34 @@ mod tests {
     }
 
     #[test]
+    fn push_refusals_are_the_users_and_a_broken_push_the_infrastructures() {
+        let denied = EngineError::from_bollard(answer(401), Subject::Push("r:5000/x:1"));
+        assert!(matches!(
+            denied,
+            EngineError::RegistryDenied { status: 401, .. }
+        ));
+        assert!(!denied.is_infrastructure());
+        let missing = EngineError::from_bollard(answer(404), Subject::Push("r:5000/x:1"));
+        assert!(matches!(missing, EngineError::ImageNotFound { .. }));
+        for failed in [
+            EngineError::from_bollard(answer(500), Subject::Push("r:5000/x:1")),
+            EngineError::from_bollard(
+                B::DockerStreamError {
+                    error: "connection reset".into(),
+                },
+                Subject::Push("r:5000/x:1"),
+            ),
+        ] {
+            assert!(
+                matches!(failed, EngineError::PushFailed { .. }),
+                "{failed:?}"
+            );
+            assert_eq!(failed.kind(), "push_failed");
+            assert!(failed.is_infrastructure());
+        }
+    }
+
+    #[test]
     fn transport_failures_and_timeouts_are_infrastructure() {
         let missing = EngineError::from_bollard(
             B::SocketNotFoundError("/var/run/docker.sock".into()),
