@@ -291,6 +291,7 @@ impl Settings {
         config.package.max_bytes = self.max_package_bytes;
         config.package.max_unpacked_bytes = self.max_unpacked_bytes;
         config.metrics.token_required = self.metrics.token_required;
+        config.code_images = self.code_images();
         config
     }
 }

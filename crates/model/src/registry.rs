@@ -78,6 +78,21 @@ impl CodeImages {
         }
     }
 
+    /// Refuses an image that lies under another project's path of these code images, or of
+    /// the local ones: a project names only its own built images.
+    pub fn check_owner(&self, image: &str, project_id: &str) -> Result<(), ValidationError> {
+        let owner = [self, &CodeImages::local()]
+            .into_iter()
+            .find_map(|images| images.owner_of(image));
+        match owner {
+            Some(owner) if owner != project_id => Err(ValidationError::new(
+                "image",
+                format!("{image:?} was built for another project's code"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// The project an image belongs to when it lies under these code images (`None` for any
     /// other image): the path component right after the repository.
     pub fn owner_of<'a>(&self, image: &'a str) -> Option<&'a str> {
@@ -210,6 +225,19 @@ mod tests {
         assert_eq!(pushed.owner_of("127.0.0.1:5001/stevedore/p1/x:1"), None);
         assert_eq!(pushed.owner_of("127.0.0.1:5000/stevedorex/p1/x:1"), None);
         assert_eq!(pushed.owner_of("stevedore/p1/x:1"), None);
+
+        assert!(
+            pushed
+                .check_owner("127.0.0.1:5000/stevedore/p1/x:1", "p1")
+                .is_ok()
+        );
+        assert!(
+            pushed
+                .check_owner("127.0.0.1:5000/stevedore/p2/x:1", "p1")
+                .is_err()
+        );
+        assert!(pushed.check_owner("stevedore-code/p2/x:1", "p1").is_err());
+        assert!(pushed.check_owner("busybox", "p1").is_ok());
 
         let local = CodeImages::local();
         let image = format!("{}:1", local.repository_for("p1", "hello"));

@@ -72,17 +72,15 @@ impl ImageAccess {
             return Ok(operator());
         }
         let project_id = &leased.task.project_id;
-        let code_image_owner = [&config.code_images, &CodeImages::local()]
+        config
+            .code_images
+            .check_owner(image, project_id)
+            .map_err(|error| format!("{error}; a project runs only its own built images"))?;
+        let own_built_image = [&config.code_images, &CodeImages::local()]
             .into_iter()
-            .find_map(|images| images.owner_of(image));
-        if let Some(owner) = code_image_owner {
-            if owner == project_id {
-                return Ok(operator());
-            }
-            return Err(format!(
-                "the image {image} was built for another project's code; a project runs only \
-                 its own built images"
-            ));
+            .any(|images| images.owner_of(image).is_some());
+        if own_built_image {
+            return Ok(operator());
         }
         let registry = registry_of(image);
         let auth = leased

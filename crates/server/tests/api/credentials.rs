@@ -246,3 +246,23 @@ async fn a_lease_carries_the_credential_only_to_the_projects_task_in_that_regist
     assert_eq!(credential_of(&mine[1]), Value::Null);
     assert_eq!(credential_of(&theirs), Value::Null);
 }
+
+#[tokio::test]
+async fn a_code_cannot_name_another_projects_built_image() {
+    let server = TestServer::start().await;
+    let (other_id, _) = server.other_project("other").await;
+    let reply = server
+        .post(
+            "codes",
+            json!({"name": "borrowed", "image": format!("stevedore-code/{other_id}/hello:1")}),
+        )
+        .await;
+    assert!(reply.error(400).contains("another project"));
+    let own = format!("stevedore-code/{}/hello:1", server.project_id);
+    let reply = server
+        .post("codes", json!({"name": "own", "image": own}))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let listed = server.get("codes").await.json();
+    assert_eq!(listed["codes"].as_array().unwrap().len(), 1, "{listed}");
+}
