@@ -20,13 +20,16 @@
 //!
 //! So public and locally built images cost nothing after the first use on a runner, and a
 //! private image pulled for one project cannot run for another that cannot pull it itself.
+//!
+//! A local run (`stevedore run`) is its own project: the configured credentials for its image's
+//! registry travel in its lease as the project's would ([`local_run_credential`]).
 
 use std::collections::HashSet;
 use std::sync::Mutex;
 
 use stevedore_engine::{ContainerEngine, EngineError, RegistryAuth};
 use stevedore_model::registry::registry_of;
-use stevedore_model::{CodeImages, CodeKind};
+use stevedore_model::{CodeImages, CodeKind, CodeRevision, RegistryCredential};
 use stevedore_store::LeasedTask;
 
 use crate::config::RunnerConfig;
@@ -131,6 +134,24 @@ impl ImageAccess {
             public.insert(image);
         }
     }
+}
+
+/// The credential a local run (`stevedore run`) uses for an image code's image: the
+/// configured one for its registry, as if the project had stored it. Stack images need none
+/// (the runner pulls them with the configured credentials anyway).
+pub(crate) fn local_run_credential(
+    code: &CodeRevision,
+    auths: &[RegistryAuth],
+) -> Option<RegistryCredential> {
+    let CodeKind::Image { image, .. } = &code.spec.kind else {
+        return None;
+    };
+    let auth = registry_auth_for(image, auths)?;
+    Some(RegistryCredential {
+        registry: registry_of(image),
+        username: auth.username?,
+        password: auth.password?,
+    })
 }
 
 // === impl PublicImages ===
@@ -238,6 +259,21 @@ mod tests {
         let local = "stevedore-code/p1/hello:1";
         assert!(ImageAccess::decide(&leased("p1", image(local), None), local, &config()).is_ok());
         assert!(ImageAccess::decide(&leased("p2", image(local), None), local, &config()).is_err());
+    }
+
+    #[test]
+    fn a_local_run_uses_the_configured_credential_as_its_projects() {
+        let task = leased("p1", image("ops.example:5000/private/app:1"), None);
+        let credential = local_run_credential(&task.code, &config().registry_auth).unwrap();
+        assert_eq!(
+            (credential.registry.as_str(), credential.username.as_str()),
+            ("ops.example:5000", "operator")
+        );
+        let elsewhere = leased("p1", image("r.example/app:1"), None);
+        assert_eq!(
+            local_run_credential(&elsewhere.code, &config().registry_auth),
+            None
+        );
     }
 
     #[test]
