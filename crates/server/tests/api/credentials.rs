@@ -9,6 +9,41 @@ use stevedore_store::TokenRole;
 
 use crate::support::{Reply, TestServer};
 
+/// Every test here against a server on SQLite and on PostgreSQL.
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            use crate::support::TestServer;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(TestServer::start().await).await;
+                }
+            )*
+        }
+        mod postgres {
+            use crate::support::TestServer;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let Some(server) = TestServer::start_on_postgres().await else {
+                        return;
+                    };
+                    super::$name(server).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_stores!(
+    iron_docker_login_stores_credentials_that_are_listed_without_their_password,
+    bad_logins_get_a_clear_400_that_repeats_no_secret_and_store_nothing,
+    projects_never_see_or_touch_each_others_credentials,
+    a_lease_carries_the_credential_only_to_the_projects_task_in_that_registry,
+    a_code_cannot_name_another_projects_built_image,
+);
+
 const PASSWORD: &str = "s3cret-Passw0rd";
 
 /// The body `iron docker login -u alice -p ... -e ... -url ...` posts.
@@ -26,9 +61,9 @@ fn assert_no_password(reply: &Reply) {
     );
 }
 
-#[tokio::test]
-async fn iron_docker_login_stores_credentials_that_are_listed_without_their_password() {
-    let server = TestServer::start().await;
+async fn iron_docker_login_stores_credentials_that_are_listed_without_their_password(
+    server: TestServer,
+) {
     let reply = server
         .post("credentials", iron_login("https://127.0.0.1:5000/v2/"))
         .await;
@@ -87,9 +122,7 @@ async fn iron_docker_login_stores_credentials_that_are_listed_without_their_pass
     assert_eq!(reply.json()["credentials"].as_array().unwrap().len(), 1);
 }
 
-#[tokio::test]
-async fn bad_logins_get_a_clear_400_that_repeats_no_secret_and_store_nothing() {
-    let server = TestServer::start().await;
+async fn bad_logins_get_a_clear_400_that_repeats_no_secret_and_store_nothing(server: TestServer) {
     let encoded =
         |value: Value| base64::engine::general_purpose::STANDARD.encode(value.to_string());
     let cases = [
@@ -136,9 +169,7 @@ async fn bad_logins_get_a_clear_400_that_repeats_no_secret_and_store_nothing() {
     assert_eq!(listed["credentials"], json!([]));
 }
 
-#[tokio::test]
-async fn projects_never_see_or_touch_each_others_credentials() {
-    let server = TestServer::start().await;
+async fn projects_never_see_or_touch_each_others_credentials(server: TestServer) {
     assert_eq!(
         server
             .post("credentials", iron_login("127.0.0.1:5000"))
@@ -177,9 +208,9 @@ async fn projects_never_see_or_touch_each_others_credentials() {
     assert_eq!(listed["credentials"].as_array().unwrap().len(), 1);
 }
 
-#[tokio::test]
-async fn a_lease_carries_the_credential_only_to_the_projects_task_in_that_registry() {
-    let server = TestServer::start().await;
+async fn a_lease_carries_the_credential_only_to_the_projects_task_in_that_registry(
+    server: TestServer,
+) {
     assert_eq!(
         server
             .post("credentials", iron_login("127.0.0.1:5000"))
@@ -247,9 +278,7 @@ async fn a_lease_carries_the_credential_only_to_the_projects_task_in_that_regist
     assert_eq!(credential_of(&theirs), Value::Null);
 }
 
-#[tokio::test]
-async fn a_code_cannot_name_another_projects_built_image() {
-    let server = TestServer::start().await;
+async fn a_code_cannot_name_another_projects_built_image(server: TestServer) {
     let (other_id, _) = server.other_project("other").await;
     let reply = server
         .post(
