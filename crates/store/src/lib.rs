@@ -7,6 +7,10 @@
 //! lives here because priorities, `max_concurrency`, paused queues, clusters and lease fencing
 //! must be decided inside one transaction to hold across every runner.
 //!
+//! Projects' registry credentials are kept with their passwords sealed (`credentials`); the
+//! store never sees a password in clear, and [`attach_registry_credentials`] is the one place
+//! a lease gets its project's credential, for every kind of runner.
+//!
 //! Time is an argument: every method that compares or stamps time takes `now`, so tests drive
 //! it with a fake clock.
 
