@@ -37,6 +37,11 @@ fi
 STEVEDORE_PG_BIN="$(scripts/ensure-postgres.sh)"
 export STEVEDORE_PG_BIN
 
+# Debian's container registry and htpasswd, for the private-image tests, which start a
+# registry of their own on a loopback port.
+{ read -r STEVEDORE_DOCKER_REGISTRY; read -r STEVEDORE_HTPASSWD; } < <(scripts/ensure-registry.sh)
+export STEVEDORE_DOCKER_REGISTRY STEVEDORE_HTPASSWD
+
 # The official IronWorker Python client, in a virtual environment of its own.
 if ! command -v python3 >/dev/null 2>&1; then
   log "installing python3"

@@ -25,7 +25,7 @@
 //! the wire, and a task's output reaches the store byte for byte whatever it contains.
 
 use serde::{Deserialize, Serialize};
-use stevedore_model::{CodeRevision, Task, TaskOutcome, Timestamp};
+use stevedore_model::{CodeRevision, RegistryCredential, Task, TaskOutcome, Timestamp};
 
 /// The header that carries the lease token of a log append.
 pub const LEASE_TOKEN_HEADER: &str = "stevedore-lease-token";
@@ -68,6 +68,11 @@ pub struct LeasedTask {
     pub lease_token: i64,
     /// When the lease runs out without a heartbeat (the server's clock).
     pub expires_at: Timestamp,
+    /// The task's project's credential for the registry of the code's image, in clear, when
+    /// the project stored one (`POST /2/projects/{id}/credentials`). Absent otherwise, and for
+    /// stack images, which the runner pulls with the operator's own credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_credential: Option<RegistryCredential>,
 }
 
 /// A call that only needs the lease token (`running`).

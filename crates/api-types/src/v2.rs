@@ -550,3 +550,43 @@ pub struct QueueWaitSummary {
     /// was reached, this is the earliest sample's start: buckets before it have no samples.
     pub sampled_since: Option<String>,
 }
+
+// === registry credentials ===
+
+/// `POST /2/projects/{id}/credentials`: a project's credentials for a private registry, as
+/// `iron docker login` sends them: `auth` holds the base64 of a JSON object with `username`,
+/// `password`, `serveraddress` (empty or absent for Docker Hub) and `email` (ignored, as
+/// Docker ignores it). The same fields may also be sent directly instead of `auth`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CredentialsUpload {
+    pub auth: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub serveraddress: Option<String>,
+    pub email: Option<String>,
+}
+
+/// The answer to a stored credential. Never carries the password.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CredentialStored {
+    /// What `iron docker login` prints after "Added docker repo credentials: ".
+    pub msg: String,
+    /// The registry, normalized (`docker.io` for Docker Hub).
+    pub registry: String,
+    pub username: String,
+}
+
+/// One stored credential, without its password.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Credential {
+    pub registry: String,
+    pub username: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// `GET /2/projects/{id}/credentials`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CredentialList {
+    pub credentials: Vec<Credential>,
+}

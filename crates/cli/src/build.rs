@@ -8,18 +8,28 @@ use std::path::Path;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use stevedore_engine::{BuildProgress, BuildRequest, ContainerEngine, PullProgress, RegistryAuth};
+use stevedore_model::CodeImages;
+use stevedore_model::registry::LOCAL_CODE_REPOSITORY;
 
 /// Builds the image of code `name` from `context`/Dockerfile and returns its reference. Each
 /// build gets a tag of its own, so every revision pins the exact image it was pushed with.
+///
+/// With `project`, the image goes under that project's path of `images` (and must then be
+/// pushed when they live in a registry, see [`push_code_image`]); without (`stevedore run`),
+/// it is a local image of this machine's alone.
 pub async fn build_code_image(
     engine: &dyn ContainerEngine,
+    project: Option<(&CodeImages, &str)>,
     name: &str,
     context: &Path,
     show_progress: bool,
 ) -> anyhow::Result<String> {
+    let repository = match project {
+        Some((images, project_id)) => images.repository_for(project_id, &repository_name(name)),
+        None => format!("{LOCAL_CODE_REPOSITORY}/{}", repository_name(name)),
+    };
     let reference = format!(
-        "stevedore-code/{}:{}",
-        repository_name(name),
+        "{repository}:{}",
         chrono::Utc::now().format("%Y%m%d%H%M%S%3f")
     );
     let mut request = BuildRequest::new(context).tag(reference.clone());
@@ -59,6 +69,25 @@ pub async fn build_code_image(
         eprintln!("built {reference} ({})", built.id);
     }
     Ok(reference)
+}
+
+/// Pushes a built code image to the operator's registry, so runners on other machines can
+/// pull it.
+pub async fn push_code_image(
+    engine: &dyn ContainerEngine,
+    reference: &str,
+    auth: RegistryAuth,
+    show_progress: bool,
+) -> anyhow::Result<()> {
+    let bar = bar(show_progress, "{spinner} pushing {msg}");
+    bar.set_message(reference.to_owned());
+    let pushed = engine.push_image(reference, Some(auth)).await;
+    bar.finish_and_clear();
+    pushed.with_context(|| format!("cannot push {reference} to the code registry"))?;
+    if show_progress {
+        eprintln!("pushed {reference}");
+    }
+    Ok(())
 }
 
 /// Makes sure `image` is on the engine, pulling it with a progress bar when it is not.

@@ -9,6 +9,7 @@ mod client;
 mod cmd;
 mod output;
 mod remote;
+mod secrets;
 mod settings;
 
 use std::io::IsTerminal;
@@ -27,7 +28,7 @@ use stevedore_server::leader::{self, LeaderDuties};
 use stevedore_server::rescuer::RescuerConfig;
 use stevedore_server::scheduler::SchedulerConfig;
 use stevedore_server::{AppState, EnqueueHook, auth, bootstrap};
-use stevedore_store::{PgStore, SqliteStore, Store, TokenRole};
+use stevedore_store::{CredentialVault, PgStore, SqliteStore, Store, TokenRole};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -106,6 +107,13 @@ enum Command {
         connection: ConnectionArgs,
         #[command(subcommand)]
         command: ScheduleCommand,
+    },
+    /// The project's credentials for private container registries.
+    Registry {
+        #[command(flatten)]
+        connection: ConnectionArgs,
+        #[command(subcommand)]
+        command: cmd::registry::RegistryCommand,
     },
     /// Runtimes for zip packages.
     Stack {
@@ -244,7 +252,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             command,
         } => {
             let ctx = Ctx::connect(&settings.data_dir, &connection, format)?;
-            cmd::code::run(&ctx, command).await
+            cmd::code::run(&ctx, &settings, command).await
         }
         Command::Task {
             connection,
@@ -252,6 +260,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let ctx = Ctx::connect(&settings.data_dir, &connection, format)?;
             cmd::task::run(&ctx, command).await
+        }
+        Command::Registry {
+            connection,
+            command,
+        } => {
+            let ctx = Ctx::connect(&settings.data_dir, &connection, format)?;
+            cmd::registry::run(&ctx, command).await
         }
         Command::Schedule {
             connection,
@@ -392,6 +407,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     // First, so that everything from the start is counted.
     stevedore_metrics::install()?;
     let store = open_store(&settings).await?;
+    let credentials = Arc::new(credential_vault(&settings)?);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let listener = TcpListener::bind(settings.listen)
         .await
@@ -411,13 +427,10 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         // statistics while it polls, seldom enough that idle polls do not write every time.
         let source = Arc::new(
             StoreTaskSource::new(store.clone(), clock.clone())
-                .announcing(server_config.runner_api.online_window / 4),
+                .announcing(server_config.runner_api.online_window / 4)
+                .with_credentials(credentials.clone()),
         );
-        let runner = Runner::new(
-            settings.runner.runner_config(&settings.stacks),
-            source.clone(),
-            engine,
-        );
+        let runner = Runner::new(settings.runner_config(), source.clone(), engine);
         let wake = runner.work_notifier();
         on_enqueue = Some(Arc::new(move || wake.notify()));
         let started = runner
@@ -468,6 +481,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         config: Arc::new(server_config),
         on_enqueue,
         lease_wake,
+        credentials,
     };
     tracing::info!(
         %address,
@@ -489,10 +503,39 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The vault for projects' registry passwords, with the configured key (or the data
+/// directory's key file, created on the first start).
+fn credential_vault(settings: &Settings) -> anyhow::Result<CredentialVault> {
+    let (key, source) = secrets::credential_key(settings)?;
+    match &source {
+        secrets::KeySource::Setting => {
+            tracing::info!(key_id = %key.id(), "registry credentials sealed with the configured key");
+        }
+        secrets::KeySource::File(path) | secrets::KeySource::Created(path) => {
+            tracing::info!(
+                key_id = %key.id(),
+                key_file = %path.display(),
+                created = matches!(source, secrets::KeySource::Created(_)),
+                "registry credentials sealed with the key file's key"
+            );
+            if settings.postgres_options()?.is_some() && settings.credential_key_file.is_none() {
+                tracing::warn!(
+                    key_file = %path.display(),
+                    "servers sharing this PostgreSQL database must share one credential key: \
+                     set credential_key (STEVEDORE_CREDENTIAL_KEY) or credential_key_file to \
+                     the same key on every server, or they cannot read each other's registry \
+                     credentials"
+                );
+            }
+        }
+    }
+    Ok(CredentialVault::new(&key))
+}
+
 /// `stevedore runner`: the runner of `serve`, leasing over HTTP instead of from the store.
 async fn remote_runner(settings: Settings, args: RunnerArgs) -> anyhow::Result<()> {
     let signal = shutdown_signal();
-    let mut config = settings.runner.runner_config(&settings.stacks);
+    let mut config = settings.runner_config();
     config.runner_id = match args.id {
         Some(id) => id,
         None => format!("remote-{}", host_name()),

@@ -253,6 +253,7 @@ impl TaskSource for RemoteTaskSource {
                     token: leased.lease_token,
                     expires_at: leased.expires_at,
                 },
+                registry_credential: leased.registry_credential,
             })
             .collect())
     }

@@ -10,7 +10,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 use stevedore_engine::RegistryAuth;
-use stevedore_model::{Stack, limits};
+use stevedore_model::{CodeImages, Stack, limits};
 use stevedore_runner::RunnerConfig;
 use stevedore_server::ServerConfig;
 use stevedore_store::{PgOptions, SqliteOptions, SyncMode};
@@ -39,6 +39,58 @@ pub struct Settings {
     pub stacks: Vec<Stack>,
     pub runner: RunnerSettings,
     pub metrics: MetricsSettings,
+    /// The key that seals projects' registry passwords, 64 hex digits. Servers sharing a
+    /// PostgreSQL database must all have the same key: set it here (or
+    /// `STEVEDORE_CREDENTIAL_KEY`) or point `credential_key_file` at one shared file. Absent,
+    /// the key comes from `credential_key_file`.
+    pub credential_key: Option<Secret>,
+    /// A file holding the key (64 hex digits). Default `credential.key` in the data directory,
+    /// created with a random key (mode 0600) on the first start.
+    pub credential_key_file: Option<PathBuf>,
+    /// The operator's registry for the images `code push --dockerfile` builds: when set, they
+    /// are pushed there (under `<server_address>/<repository>/<project id>/`) so runners on
+    /// other machines can pull them; absent, they stay on the machine that built them.
+    pub code_registry: Option<CodeRegistrySettings>,
+}
+
+/// A setting that must never be printed (a password, a key): its `Debug` says only whether
+/// it is set.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// The operator's registry for built code images, with the operator's credentials for it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CodeRegistrySettings {
+    /// The registry's address, e.g. `registry.example.com:5000`.
+    pub server_address: String,
+    /// The repository path the images go under (default `stevedore`).
+    #[serde(default = "default_code_repository")]
+    pub repository: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+}
+
+impl CodeRegistrySettings {
+    /// The operator's credentials for the registry.
+    pub fn auth(&self) -> RegistryAuth {
+        RegistryAuth {
+            username: self.username.clone(),
+            password: self.password.as_ref().map(|secret| secret.0.clone()),
+            identity_token: None,
+            server_address: Some(self.server_address.clone()),
+        }
+    }
+}
+
+fn default_code_repository() -> String {
+    "stevedore".to_owned()
 }
 
 /// `GET /metrics`.
@@ -150,6 +202,9 @@ impl Default for Settings {
             stacks: Stack::defaults(),
             runner: RunnerSettings::default(),
             metrics: MetricsSettings::default(),
+            credential_key: None,
+            credential_key_file: None,
+            code_registry: None,
         }
     }
 }
@@ -204,6 +259,28 @@ impl Settings {
         })
     }
 
+    /// The runner's configuration: the `runner` section, the stacks, and the operator's code
+    /// registry (whose images it recognizes and whose credentials it pulls them with).
+    pub fn runner_config(&self) -> RunnerConfig {
+        let mut config = self.runner.runner_config(&self.stacks);
+        config.code_images = self.code_images();
+        if let Some(registry) = &self.code_registry {
+            config.registry_auth.insert(0, registry.auth());
+        }
+        config
+    }
+
+    /// Where `code push --dockerfile` puts the images it builds.
+    pub fn code_images(&self) -> CodeImages {
+        match &self.code_registry {
+            Some(registry) => CodeImages {
+                registry: Some(registry.server_address.clone()),
+                repository: registry.repository.clone(),
+            },
+            None => CodeImages::local(),
+        }
+    }
+
     pub fn server_config(&self) -> ServerConfig {
         let mut config = ServerConfig {
             max_payload_bytes: self.max_payload_bytes,
@@ -214,6 +291,7 @@ impl Settings {
         config.package.max_bytes = self.max_package_bytes;
         config.package.max_unpacked_bytes = self.max_unpacked_bytes;
         config.metrics.token_required = self.metrics.token_required;
+        config.code_images = self.code_images();
         config
     }
 }

@@ -15,9 +15,9 @@ use bollard::models::{
 use bollard::query_parameters::{
     BuildImageOptions, BuildImageOptionsBuilder, CreateContainerOptionsBuilder,
     CreateImageOptionsBuilder, InspectContainerOptions, KillContainerOptionsBuilder,
-    ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
-    RemoveImageOptions, StartContainerOptions, StatsOptionsBuilder, TagImageOptionsBuilder,
-    UploadToContainerOptionsBuilder, WaitContainerOptions,
+    ListContainersOptionsBuilder, LogsOptionsBuilder, PushImageOptionsBuilder,
+    RemoveContainerOptionsBuilder, RemoveImageOptions, StartContainerOptions, StatsOptionsBuilder,
+    TagImageOptionsBuilder, UploadToContainerOptionsBuilder, WaitContainerOptions,
 };
 use bytes::Bytes;
 use futures::StreamExt;
@@ -28,8 +28,8 @@ use crate::archive::task_files_archive;
 use crate::build::{BuildProgress, BuildRequest, BuiltImage, OutputLines};
 use crate::context::{ContextPlan, plan_context, stream_context};
 use crate::engine::{
-    ContainerEngine, EngineCapabilities, ExitStatus, ImagePresence, LogChunk, LogChunkStream,
-    OutputStream, PullProgress, PullProgressSender, RegistryAuth, ResourceSample,
+    ContainerEngine, EngineCapabilities, ExitStatus, ImagePresence, LocalImage, LogChunk,
+    LogChunkStream, OutputStream, PullProgress, PullProgressSender, RegistryAuth, ResourceSample,
     ResourceSampleStream, Timestamp,
 };
 use crate::error::{EngineError, Subject};
@@ -155,6 +155,94 @@ impl ContainerEngine for DockerEngine {
         }
     }
 
+    async fn local_image(&self, image: &str) -> Result<Option<LocalImage>, EngineError> {
+        let reference = normalize_reference(image);
+        match self.docker.inspect_image(&reference).await {
+            Ok(inspected) => Ok(Some(LocalImage {
+                id: inspected.id.ok_or_else(|| {
+                    EngineError::protocol(format!("the image {reference} has no id"))
+                })?,
+                repo_digests: inspected.repo_digests.unwrap_or_default(),
+            })),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(error) => Err(EngineError::from_bollard(error, Subject::Engine)),
+        }
+    }
+
+    async fn check_registry_access(
+        &self,
+        image: &str,
+        registry_auth: Option<RegistryAuth>,
+    ) -> Result<(), EngineError> {
+        let reference = normalize_reference(image);
+        let anonymous = registry_auth.is_none();
+        let asked = self
+            .docker
+            .inspect_registry_image(&reference, registry_auth.map(credentials_of))
+            .await;
+        let error = match asked {
+            Ok(_) => return Ok(()),
+            Err(error) => EngineError::from_bollard(error, Subject::Pull(&reference)),
+        };
+        if !(anonymous && matches!(error, EngineError::PullFailed { .. })) {
+            return Err(error);
+        }
+        // Without credentials the engine answers 500 both when the registry is unreachable
+        // and when it demands basic auth (the engine gives up before asking); with
+        // credentials the registry's 401 comes through as 401. So a placeholder credential,
+        // which no registry accepts, tells the two apart by status alone.
+        let placeholder = DockerCredentials {
+            username: Some(PLACEHOLDER_USERNAME.to_owned()),
+            password: Some(PLACEHOLDER_USERNAME.to_owned()),
+            ..DockerCredentials::default()
+        };
+        match self
+            .docker
+            .inspect_registry_image(&reference, Some(placeholder))
+            .await
+            .map_err(|again| EngineError::from_bollard(again, Subject::Pull(&reference)))
+        {
+            Err(EngineError::RegistryDenied { status, .. }) => Err(EngineError::RegistryDenied {
+                image: reference.clone(),
+                status,
+                message: "the registry requires credentials, and none were given for it".to_owned(),
+            }),
+            // Still unreachable, or something odd: the first answer stands.
+            _ => Err(error),
+        }
+    }
+
+    async fn push_image(
+        &self,
+        image: &str,
+        registry_auth: Option<RegistryAuth>,
+    ) -> Result<(), EngineError> {
+        let reference = normalize_reference(image);
+        let (repository, tag) = split_tag(&reference);
+        let options = PushImageOptionsBuilder::new().tag(tag).build();
+        // The engine wants the auth header on every push, even an empty one.
+        let credentials = registry_auth.map(credentials_of).unwrap_or_default();
+        tracing::info!(image = %reference, "pushing image");
+        let mut answers = self
+            .docker
+            .push_image(repository, Some(options), Some(credentials));
+        while let Some(answer) = answers.next().await {
+            let info = answer
+                .map_err(|error| EngineError::from_bollard(error, Subject::Push(&reference)))?;
+            if let Some(detail) = info.error_detail {
+                return Err(EngineError::PushFailed {
+                    image: reference.clone(),
+                    status: None,
+                    message: detail.message.unwrap_or_default(),
+                });
+            }
+        }
+        tracing::info!(image = %reference, "image pushed");
+        Ok(())
+    }
+
     async fn remove_image(&self, image: &str) -> Result<(), EngineError> {
         self.docker
             .remove_image(image, None::<RemoveImageOptions>, None)
@@ -181,14 +269,26 @@ impl ContainerEngine for DockerEngine {
             return Ok(ImagePresence::AlreadyPresent);
         }
         let docker = self.docker.clone();
-        let credentials = registry_auth.map(credentials_of);
+        let key = pull_key(&reference, registry_auth.as_ref());
+        let credentials = registry_auth.clone().map(credentials_of);
         let pulled = reference.clone();
-        self.pulls
-            .pull(&reference, progress, move |events| {
+        let result = self
+            .pulls
+            .pull(&key, &reference, progress, move |events| {
                 pull_image(docker, pulled, credentials, events)
             })
-            .await?;
-        Ok(ImagePresence::Pulled)
+            .await;
+        match result {
+            Ok(()) => Ok(ImagePresence::Pulled),
+            // The engine says only "it failed": the registry says whose failure it was.
+            Err(error @ EngineError::PullFailed { .. }) => {
+                match self.check_registry_access(&reference, registry_auth).await {
+                    Err(refusal) if !refusal.is_infrastructure() => Err(refusal),
+                    _ => Err(error),
+                }
+            }
+            Err(error) => Err(error),
+        }
     }
 
     async fn import_image(
@@ -585,6 +685,18 @@ fn build_options(
     options.build()
 }
 
+/// The user name of the credential that [`DockerEngine::check_registry_access`] sends to learn
+/// whether a registry demands credentials; it never names a real account.
+const PLACEHOLDER_USERNAME: &str = "stevedore-no-credentials";
+
+/// Pulls are shared only between callers with the same credentials.
+fn pull_key(reference: &str, auth: Option<&RegistryAuth>) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    auth.hash(&mut hasher);
+    format!("{reference}#{:016x}", hasher.finish())
+}
+
 fn credentials_of(auth: RegistryAuth) -> DockerCredentials {
     DockerCredentials {
         username: auth.username,
@@ -749,6 +861,27 @@ mod tests {
         );
         assert_eq!(body.cmd, None);
         Ok(())
+    }
+
+    #[test]
+    fn pulls_are_shared_only_under_the_same_credentials() {
+        let auth = |password: &str| RegistryAuth {
+            username: Some("alice".into()),
+            password: Some(password.into()),
+            identity_token: None,
+            server_address: Some("r:5000".into()),
+        };
+        let image = "r:5000/app:1";
+        assert_eq!(
+            pull_key(image, Some(&auth("a"))),
+            pull_key(image, Some(&auth("a")))
+        );
+        assert_ne!(
+            pull_key(image, Some(&auth("a"))),
+            pull_key(image, Some(&auth("b")))
+        );
+        assert_ne!(pull_key(image, Some(&auth("a"))), pull_key(image, None));
+        assert!(!pull_key(image, Some(&auth("hunter2"))).contains("hunter2"));
     }
 
     #[test]

@@ -48,15 +48,42 @@ pub trait ContainerEngine: Send + Sync + 'static {
         Ok(self.image_id(image).await?.is_some())
     }
 
+    /// The local image's id and repository digests, `None` when it is not present.
+    async fn local_image(&self, image: &str) -> Result<Option<LocalImage>, EngineError>;
+
+    /// Asks `image`'s registry, through the engine, whether `registry_auth` (or no
+    /// credentials at all) may pull it: the engine fetches the manifest's descriptor, no
+    /// layers. `Ok` when it may; [`EngineError::RegistryDenied`] when the registry refuses
+    /// the credentials, or demands some and none were given; [`EngineError::ImageNotFound`]
+    /// when the registry does not have it; an infrastructure error when the registry cannot
+    /// be reached.
+    async fn check_registry_access(
+        &self,
+        image: &str,
+        registry_auth: Option<RegistryAuth>,
+    ) -> Result<(), EngineError>;
+
+    /// Pushes the local image `image` to its registry with `registry_auth`.
+    async fn push_image(
+        &self,
+        image: &str,
+        registry_auth: Option<RegistryAuth>,
+    ) -> Result<(), EngineError>;
+
     /// Removes a local image (by reference or id), without force: an image a container still
     /// uses is refused with [`EngineError::Conflict`].
     async fn remove_image(&self, image: &str) -> Result<(), EngineError>;
 
     /// Makes sure `image` is present locally: done at once when it is, pulled otherwise.
     ///
-    /// Concurrent calls for the same image share one pull; each caller gets the pull's result
+    /// Concurrent calls for the same image with the same credentials share one pull (a
+    /// caller with other credentials pulls on its own, so nobody gets an image through
+    /// someone else's access); each caller gets the pull's result
     /// and, when it passed a `progress` sender, the progress events from the moment it joined.
-    /// A reference without a tag or digest means `:latest` (never "every tag").
+    /// A reference without a tag or digest means `:latest` (never "every tag"). A pull the
+    /// engine fails without saying why (an HTTP 500, as it answers for refused credentials
+    /// and unreachable registries alike) is classified by asking the registry
+    /// ([`ContainerEngine::check_registry_access`]).
     async fn ensure_image(
         &self,
         image: &str,
@@ -206,8 +233,18 @@ pub struct Requirements {
     pub allow_unenforced_memory_limit: bool,
 }
 
+/// What the engine holds of a local image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalImage {
+    /// The image's id.
+    pub id: String,
+    /// `RepoDigests`: the `repository@digest` names it has in registries it was pulled from or
+    /// pushed to. Empty for an image built or imported here and never pushed.
+    pub repo_digests: Vec<String>,
+}
+
 /// Credentials for a private registry, sent with a pull.
-#[derive(Clone, PartialEq, Eq, Default)]
+#[derive(Clone, PartialEq, Eq, Hash, Default)]
 pub struct RegistryAuth {
     /// The registry's user name.
     pub username: Option<String>,

@@ -77,6 +77,18 @@ pub enum EngineError {
         message: String,
     },
 
+    /// Pushing an image failed for a reason that is not a refusal of the credentials: the
+    /// registry is down or unreachable, or the push broke off mid-stream.
+    #[error("pushing {image} failed: {message}")]
+    PushFailed {
+        /// The image reference that was pushed.
+        image: String,
+        /// The HTTP status code, when the engine refused the push with one.
+        status: Option<u16>,
+        /// The engine's error message, for logs.
+        message: String,
+    },
+
     /// The engine refused the request as invalid (HTTP 400 and other 4xx without a more
     /// specific variant): a bad image reference, an impossible limit, an unknown network mode.
     #[error("container engine rejected the request (HTTP {status}): {message}")]
@@ -164,8 +176,10 @@ pub(crate) enum Subject<'a> {
     Container(&'a str),
     /// Creating a container from this image: a 404 means the image is missing locally.
     ImageForCreate(&'a str),
-    /// Pulling this image from its registry.
+    /// Pulling this image from its registry (or asking the registry about it).
     Pull(&'a str),
+    /// Pushing this local image to its registry.
+    Push(&'a str),
     /// Building an image: every answer of the engine is about the user's Dockerfile.
     Build,
     /// Anything else (info, version, list, import).
@@ -186,6 +200,7 @@ impl EngineError {
             EngineError::ImageNotFound { .. } => "image_not_found",
             EngineError::RegistryDenied { .. } => "registry_denied",
             EngineError::PullFailed { .. } => "pull_failed",
+            EngineError::PushFailed { .. } => "push_failed",
             EngineError::Rejected { .. } => "rejected",
             EngineError::Conflict { .. } => "conflict",
             EngineError::MissingCapability { .. } => "missing_capability",
@@ -216,6 +231,7 @@ impl EngineError {
             | EngineError::Server { .. }
             | EngineError::NoSuchContainer { .. }
             | EngineError::PullFailed { .. }
+            | EngineError::PushFailed { .. }
             | EngineError::Conflict { .. }
             | EngineError::MissingCapability { .. }
             | EngineError::LocalIo { .. }
@@ -235,9 +251,9 @@ impl EngineError {
             EngineError::Server { status, .. }
             | EngineError::Rejected { status, .. }
             | EngineError::RegistryDenied { status, .. } => Some(*status),
-            EngineError::PullFailed { status, .. } | EngineError::BuildFailed { status, .. } => {
-                *status
-            }
+            EngineError::PullFailed { status, .. }
+            | EngineError::PushFailed { status, .. }
+            | EngineError::BuildFailed { status, .. } => *status,
             EngineError::NoSuchContainer { .. } | EngineError::ImageNotFound { .. } => Some(404),
             EngineError::Conflict { .. } => Some(409),
             _ => None,
@@ -286,6 +302,11 @@ impl EngineError {
                     status: None,
                     message: error,
                 },
+                Subject::Push(image) => EngineError::PushFailed {
+                    image: image.to_owned(),
+                    status: None,
+                    message: error,
+                },
                 _ => EngineError::Protocol { message: error },
             },
             other => EngineError::Protocol {
@@ -306,13 +327,23 @@ impl EngineError {
                     image: image.to_owned(),
                 }
             }
-            (401 | 403, Subject::Pull(image)) => EngineError::RegistryDenied {
+            (404, Subject::Push(image)) => EngineError::ImageNotFound {
                 image: image.to_owned(),
-                status,
-                message,
             },
+            (401 | 403, Subject::Pull(image) | Subject::Push(image)) => {
+                EngineError::RegistryDenied {
+                    image: image.to_owned(),
+                    status,
+                    message,
+                }
+            }
             (409, _) => EngineError::Conflict { message },
             (500..=599, Subject::Pull(image)) => EngineError::PullFailed {
+                image: image.to_owned(),
+                status: Some(status),
+                message,
+            },
+            (500..=599, Subject::Push(image)) => EngineError::PushFailed {
                 image: image.to_owned(),
                 status: Some(status),
                 message,
@@ -416,6 +447,34 @@ mod tests {
             EngineError::RegistryDenied { status: 401, .. }
         ));
         assert!(!error.is_infrastructure());
+    }
+
+    #[test]
+    fn push_refusals_are_the_users_and_a_broken_push_the_infrastructures() {
+        let denied = EngineError::from_bollard(answer(401), Subject::Push("r:5000/x:1"));
+        assert!(matches!(
+            denied,
+            EngineError::RegistryDenied { status: 401, .. }
+        ));
+        assert!(!denied.is_infrastructure());
+        let missing = EngineError::from_bollard(answer(404), Subject::Push("r:5000/x:1"));
+        assert!(matches!(missing, EngineError::ImageNotFound { .. }));
+        for failed in [
+            EngineError::from_bollard(answer(500), Subject::Push("r:5000/x:1")),
+            EngineError::from_bollard(
+                B::DockerStreamError {
+                    error: "connection reset".into(),
+                },
+                Subject::Push("r:5000/x:1"),
+            ),
+        ] {
+            assert!(
+                matches!(failed, EngineError::PushFailed { .. }),
+                "{failed:?}"
+            );
+            assert_eq!(failed.kind(), "push_failed");
+            assert!(failed.is_infrastructure());
+        }
     }
 
     #[test]

@@ -21,8 +21,8 @@ use tokio::time::Instant;
 use crate::build::{BuildProgress, BuildRequest, BuiltImage};
 use crate::context::plan_context;
 use crate::engine::{
-    ContainerEngine, EngineCapabilities, ExitStatus, ImagePresence, LogChunk, LogChunkStream,
-    OutputStream, PullProgress, PullProgressSender, RegistryAuth, ResourceSample,
+    ContainerEngine, EngineCapabilities, ExitStatus, ImagePresence, LocalImage, LogChunk,
+    LogChunkStream, OutputStream, PullProgress, PullProgressSender, RegistryAuth, ResourceSample,
     ResourceSampleStream, Timestamp,
 };
 use crate::error::EngineError;
@@ -439,6 +439,44 @@ impl ContainerEngine for FakeEngine {
         Ok(state.find_image(image).map(|(_, id)| id.clone()))
     }
 
+    async fn local_image(&self, image: &str) -> Result<Option<LocalImage>, EngineError> {
+        self.injected(FakeOperation::ImagePresent)?;
+        let state = self.lock();
+        // The fake's images were never in a registry: they carry no repository digests.
+        Ok(state.find_image(image).map(|(_, id)| LocalImage {
+            id: id.clone(),
+            repo_digests: Vec::new(),
+        }))
+    }
+
+    async fn check_registry_access(
+        &self,
+        image: &str,
+        _registry_auth: Option<RegistryAuth>,
+    ) -> Result<(), EngineError> {
+        self.injected(FakeOperation::Pull)?;
+        let reference = normalize_reference(image);
+        if self.lock().registry.contains_key(&reference) {
+            Ok(())
+        } else {
+            Err(EngineError::ImageNotFound { image: reference })
+        }
+    }
+
+    async fn push_image(
+        &self,
+        image: &str,
+        _registry_auth: Option<RegistryAuth>,
+    ) -> Result<(), EngineError> {
+        let reference = normalize_reference(image);
+        let mut state = self.lock();
+        if state.find_image(&reference).is_none() {
+            return Err(EngineError::ImageNotFound { image: reference });
+        }
+        state.registry.insert(reference, Duration::ZERO);
+        Ok(())
+    }
+
     async fn remove_image(&self, image: &str) -> Result<(), EngineError> {
         self.injected(FakeOperation::RemoveImage)?;
         let mut state = self.lock();
@@ -474,7 +512,7 @@ impl ContainerEngine for FakeEngine {
         let engine = self.clone();
         let pulled = reference.clone();
         self.pulls
-            .pull(&reference, progress, move |events| async move {
+            .pull(&reference, &reference, progress, move |events| async move {
                 engine.injected(FakeOperation::Pull)?;
                 let takes = engine.lock().registry.get(&pulled).copied();
                 *engine.lock().pull_counts.entry(pulled.clone()).or_default() += 1;

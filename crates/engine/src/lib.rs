@@ -12,7 +12,11 @@
 //!   however many tasks wait for it, with observable progress; [`build_local_busybox_image`]
 //!   imports `stevedore/busybox:local` from the host's static busybox for machines that reach
 //!   no registry; [`ContainerEngine::build_image`] builds an image from a Dockerfile and a
-//!   context directory, honouring its `.dockerignore`, with structured progress.
+//!   context directory, honouring its `.dockerignore`, with structured progress;
+//!   [`ContainerEngine::push_image`] pushes one; [`ContainerEngine::check_registry_access`]
+//!   asks an image's registry, through the engine's distribution endpoint, whether given
+//!   credentials (or none) may pull it, classified by status alone; pulls are shared only
+//!   between callers with the same credentials.
 //! * **Containers**: create from a [`ContainerSpec`] with limits, dropped capabilities and
 //!   `no-new-privileges`, with files uploaded through the archive API (never bind mounts);
 //!   start, logs (stdout and stderr apart), wait (exit code, `OOMKilled`, times), kill, stats,
@@ -46,9 +50,9 @@ pub use build::{
 };
 pub use docker::DockerEngine;
 pub use engine::{
-    ContainerEngine, EngineCapabilities, ExitStatus, ImagePresence, LogChunk, LogChunkStream,
-    OutputStream, PullProgress, PullProgressSender, RegistryAuth, Requirements, ResourceSample,
-    ResourceSampleStream, ResourceUsage, Timestamp, check_required,
+    ContainerEngine, EngineCapabilities, ExitStatus, ImagePresence, LocalImage, LogChunk,
+    LogChunkStream, OutputStream, PullProgress, PullProgressSender, RegistryAuth, Requirements,
+    ResourceSample, ResourceSampleStream, ResourceUsage, Timestamp, check_required,
 };
 pub use error::EngineError;
 pub use local_image::{

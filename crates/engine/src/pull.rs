@@ -45,12 +45,14 @@ pub(crate) fn normalize_reference(image: &str) -> String {
 // === impl PullCoalescer ===
 
 impl PullCoalescer {
-    /// Runs `start` unless a pull of `image` is already under way, then waits for whichever
-    /// pull it is, forwarding progress to `sink`.
+    /// Runs `start` unless a pull under `key` is already under way, then waits for whichever
+    /// pull it is, forwarding progress to `sink`. `key` names the image and the credentials
+    /// it is pulled with: a caller never joins a pull made with someone else's credentials.
     ///
     /// `start` gets the broadcast sender for its layer and message events.
     pub(crate) async fn pull<F, Fut>(
         &self,
+        key: &str,
         image: &str,
         sink: Option<PullProgressSender>,
         start: F,
@@ -59,7 +61,7 @@ impl PullCoalescer {
         F: FnOnce(broadcast::Sender<PullProgress>) -> Fut,
         Fut: Future<Output = Result<(), EngineError>> + Send + 'static,
     {
-        let (mut events, done) = self.join_or_start(image, start);
+        let (mut events, done) = self.join_or_start(key, start);
         send(
             &sink,
             PullProgress::Started {
@@ -190,7 +192,7 @@ mod tests {
             let started = Arc::clone(&started);
             waiters.push(tokio::spawn(async move {
                 coalescer
-                    .pull("img:1", Some(sink), move |progress| {
+                    .pull("img:1", "img:1", Some(sink), move |progress| {
                         started.fetch_add(1, Ordering::SeqCst);
                         async move {
                             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -254,7 +256,7 @@ mod tests {
             let failure = failure.clone();
             waiters.push(tokio::spawn(async move {
                 coalescer
-                    .pull("img:1", None, move |_| async move {
+                    .pull("img:1", "img:1", None, move |_| async move {
                         tokio::time::sleep(Duration::from_millis(30)).await;
                         Err(failure)
                     })

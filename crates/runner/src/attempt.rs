@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use stevedore_engine::{
-    ContainerEngine, ContainerId, EngineError, ExitStatus, PullProgress, ResourceSampleStream,
-    ResourceUsage,
+    ContainerEngine, ContainerId, EngineError, ExitStatus, ImagePresence, PullProgress,
+    ResourceSampleStream, ResourceUsage,
 };
 use stevedore_metrics::ContainerOperation;
 use stevedore_model::TaskOutcome;
@@ -33,10 +33,11 @@ use tracing::Instrument;
 use crate::admission::Slot;
 use crate::backoff::requeue_delay;
 use crate::config::RunnerConfig;
-use crate::container::{ContainerPlan, registry_auth_for};
+use crate::container::ContainerPlan;
 use crate::error::SourceError;
 use crate::logs::{LogShipper, ShippedLogs};
 use crate::progress::ProgressReporter;
+use crate::registry::{ImageAccess, ImageOwner, PublicImages};
 use crate::source::{RequeueRequest, TaskSource};
 
 /// What every attempt shares with the runner.
@@ -53,6 +54,8 @@ pub(crate) struct TaskContext {
     /// Set when the engine failed in an infrastructure way; the lease loop then checks the
     /// engine answers before it leases more work.
     pub engine_suspect: AtomicBool,
+    /// Images found pullable without credentials, whose cached copies need no check.
+    pub public_images: PublicImages,
 }
 
 /// How an attempt ended, to be recorded.
@@ -273,15 +276,20 @@ impl Attempt {
         .map_err(setup_failed)
     }
 
-    /// Makes the image present, telling the task's progress when it has to be pulled.
+    /// Makes the image present with the credentials its owner allows (see the `registry`
+    /// module), telling the task's progress when it has to be pulled.
     async fn ensure_image(&self, image: &str) -> Result<(), Ending> {
-        let auth = registry_auth_for(image, &self.context.config.registry_auth);
+        let access =
+            ImageAccess::decide(&self.leased, image, &self.context.config).map_err(setup_failed)?;
+        if self.cached_copy_usable(&access, image).await? {
+            return Ok(());
+        }
+        let engine = self.context.engine.as_ref();
+        let public = &self.context.public_images;
         let (progress, mut pull_events) = tokio::sync::mpsc::unbounded_channel();
         let ensure = engine_call(
             ContainerOperation::EnsureImage,
-            self.context
-                .engine
-                .ensure_image(image, auth, Some(progress)),
+            engine.ensure_image(image, access.auth.clone(), Some(progress)),
         );
         tokio::pin!(ensure);
         let mut pull_started: Option<Instant> = None;
@@ -297,7 +305,12 @@ impl Attempt {
             }
         };
         match presence {
+            // Another task's pull finished in between: this task has not shown access yet.
+            Ok(ImagePresence::AlreadyPresent) if access.owner == ImageOwner::Project => {
+                self.cached_copy_usable(&access, image).await.map(drop)
+            }
             Ok(_) => {
+                access.usable(image, public);
                 if let Some(started) = pull_started {
                     let took = started.elapsed();
                     tracing::info!(image, took_ms = took.as_millis(), "image pulled");
@@ -311,6 +324,21 @@ impl Attempt {
             }
             Err(error) => Err(self.engine_failed(&format!("preparing the image {image}"), error)),
         }
+    }
+
+    /// Whether the image is cached and this task may use that copy (see the `registry`
+    /// module); a refusal by the registry ends the task.
+    async fn cached_copy_usable(&self, access: &ImageAccess, image: &str) -> Result<bool, Ending> {
+        let check = access.cached_copy_usable(
+            self.context.engine.as_ref(),
+            image,
+            &self.context.public_images,
+        );
+        engine_call(ContainerOperation::EnsureImage, check)
+            .await
+            .map_err(|error| {
+                self.engine_failed(&format!("checking access to the image {image}"), error)
+            })
     }
 
     async fn fetch_package(&self) -> Result<Vec<u8>, Ending> {

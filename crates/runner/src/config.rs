@@ -3,9 +3,9 @@
 use std::time::Duration;
 
 use stevedore_engine::RegistryAuth;
-use stevedore_model::Stack;
 use stevedore_model::limits::DEFAULT_MEMORY_MIB;
 use stevedore_model::task::DEFAULT_CLUSTER;
+use stevedore_model::{CodeImages, Stack};
 
 use crate::error::RunnerError;
 
@@ -59,6 +59,10 @@ pub struct RunnerConfig {
     /// Credentials for private registries, picked by the image's registry host (an entry
     /// without `server_address` serves Docker Hub). Default none.
     pub registry_auth: Vec<RegistryAuth>,
+    /// Where the images `code push --dockerfile` builds live (the operator's registry, or
+    /// this machine): an image under it belongs to the project its path names, is pulled
+    /// with the operator's credentials, and runs for that project only. Default: local.
+    pub code_images: CodeImages,
     /// The most processes and threads in one task's container: holds a fork bomb. `None`
     /// leaves it unlimited. Default 512.
     pub pids_limit: Option<u64>,
@@ -115,6 +119,7 @@ impl Default for RunnerConfig {
             requeue_backoff_max: Duration::from_secs(300),
             stacks: Stack::defaults(),
             registry_auth: Vec::new(),
+            code_images: CodeImages::local(),
             pids_limit: Some(512),
             allow_unlimited_memory: false,
         }

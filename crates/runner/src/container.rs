@@ -219,7 +219,7 @@ fn nano_cpus(cpus: f64) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::BTreeMap;
 
     use stevedore_model::{CodeRevision, CodeSpec, Limits, Task, TaskStatus};
@@ -228,7 +228,7 @@ mod tests {
     use super::*;
     use crate::package::tests::zip_of;
 
-    fn leased(id: &str, kind: CodeKind) -> LeasedTask {
+    pub(crate) fn leased(id: &str, kind: CodeKind) -> LeasedTask {
         let now = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
         let task = Task {
             id: id.into(),
@@ -295,6 +295,7 @@ mod tests {
                 token: 7,
                 expires_at: now,
             },
+            registry_credential: None,
         }
     }
 

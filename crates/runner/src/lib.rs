@@ -15,6 +15,10 @@
 //! * **The in-container contract** (DESIGN.md section 5): the container spec built from a
 //!   task, its code revision and the stacks ([`ContainerPlan`]): environment, files by
 //!   archive upload, the unpacked zip package, limits and labels.
+//! * **Whose credentials pull an image** (`registry`): the operator's for stack images and a
+//!   project's own built images, the project's own (from the lease) for what its code names;
+//!   a cached image from a registry is used by a project only after its registry said that
+//!   project may pull it.
 //! * **Log shipping**: stdout and stderr into the task source in chunks while the task runs,
 //!   up to the log cap.
 //! * **Progress from inside the container**: lines `::stevedore-progress::<percent> <msg>`
@@ -55,6 +59,7 @@ mod local;
 mod logs;
 mod package;
 mod progress;
+mod registry;
 mod runner;
 mod source;
 

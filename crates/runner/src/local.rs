@@ -25,14 +25,15 @@ use stevedore_engine::ContainerEngine;
 use stevedore_model::limits::{DEFAULT_MAX_PAYLOAD_BYTES, MAX_TIMEOUT_SECS};
 use stevedore_model::task::DEFAULT_CLUSTER;
 use stevedore_model::{
-    Clock, CodeKind, CodeRevision, CodeSpec, Event, NewTask, Task, TaskOutcome, TaskStatus,
-    Timestamp, ValidationError, new_id, transition,
+    Clock, CodeKind, CodeRevision, CodeSpec, Event, NewTask, RegistryCredential, Task, TaskOutcome,
+    TaskStatus, Timestamp, ValidationError, new_id, transition,
 };
 use stevedore_store::{HeartbeatReply, Lease, LeaseRequest, LeasedTask, RunReport};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RunnerConfig;
 use crate::error::{RunnerError, SourceError};
+use crate::registry::local_run_credential;
 use crate::runner::Runner;
 use crate::source::{RequeueRequest, TaskSource};
 
@@ -225,7 +226,10 @@ pub async fn run_local(
         log_flush_interval: config.log_flush_interval.min(LOCAL_LOG_FLUSH_INTERVAL),
         ..config
     };
-    let source = Arc::new(LocalTaskSource::new(run, clock, on_log));
+    // Whoever runs a task locally runs it as its project: the configured credentials for the
+    // image's registry are that project's own.
+    let credential = local_run_credential(&run.code, &config.registry_auth);
+    let source = Arc::new(LocalTaskSource::new(run, credential, clock, on_log));
     let runner = Runner::new(config, Arc::clone(&source) as Arc<dyn TaskSource>, engine);
     let started = runner.start().await?;
 
@@ -265,6 +269,8 @@ struct LocalState {
     task: Task,
     code: CodeRevision,
     package: Option<Vec<u8>>,
+    /// The credential the task's lease carries for its image's registry.
+    registry_credential: Option<RegistryCredential>,
     leased: bool,
     log: Vec<u8>,
     log_truncated: bool,
@@ -284,12 +290,18 @@ enum LocalEnding {
 // === impl LocalTaskSource ===
 
 impl LocalTaskSource {
-    fn new(run: LocalRun, clock: Arc<dyn Clock>, on_log: LogSink) -> Self {
+    fn new(
+        run: LocalRun,
+        registry_credential: Option<RegistryCredential>,
+        clock: Arc<dyn Clock>,
+        on_log: LogSink,
+    ) -> Self {
         LocalTaskSource {
             state: Mutex::new(LocalState {
                 task: run.task,
                 code: run.code,
                 package: run.package,
+                registry_credential,
                 leased: false,
                 log: Vec::new(),
                 log_truncated: false,
@@ -446,6 +458,7 @@ impl TaskSource for LocalTaskSource {
                 token: LOCAL_TOKEN,
                 expires_at: now + chrono::Duration::seconds(i64::from(request.lease_secs)),
             },
+            registry_credential: state.registry_credential.clone(),
         }])
     }
 
@@ -623,6 +636,7 @@ mod tests {
         let sink = Arc::clone(&printed);
         let source = LocalTaskSource::new(
             run,
+            None,
             Arc::new(ManualClock::new(now())),
             Arc::new(move |bytes: &[u8]| sink.lock().unwrap().extend_from_slice(bytes)),
         );

@@ -18,6 +18,7 @@ use crate::attempt::{self, TaskContext, engine_call};
 use crate::config::{ResolvedLimits, RunnerConfig};
 use crate::container::LABEL_RUNNER;
 use crate::error::RunnerError;
+use crate::registry::PublicImages;
 use crate::source::TaskSource;
 
 /// Leases tasks from a [`TaskSource`] and runs each in its own container on a
@@ -141,6 +142,7 @@ impl Runner {
             shutdown: shutdown.clone(),
             hard_stop: CancellationToken::new(),
             engine_suspect: AtomicBool::new(false),
+            public_images: PublicImages::default(),
         });
         self.lease_loop(&context, &admission, &shutdown).await;
 

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use stevedore_model::{Clock, TaskOutcome, Timestamp};
 use stevedore_store::{
-    HeartbeatReply, LeaseRequest, LeasedTask, Requeue, RunReport, RunnerSeen, Store, WorkSignal,
+    CredentialVault, HeartbeatReply, LeaseRequest, LeasedTask, Requeue, RunReport, RunnerSeen,
+    Store, WorkSignal, attach_registry_credentials,
 };
 
 use crate::error::SourceError;
@@ -115,6 +116,9 @@ pub struct StoreTaskSource {
     /// Set when the runner is a member of its clusters and records itself as one; `None`
     /// for a runner nobody should count.
     announce: Option<Arc<Announce>>,
+    /// Opens projects' registry credentials for the leases of their tasks, as the runner
+    /// protocol's lease handler does for remote runners; `None` leases without them.
+    credentials: Option<Arc<CredentialVault>>,
 }
 
 /// How a [`StoreTaskSource`] records its runner (`Store::record_runner`) for cluster
@@ -139,7 +143,15 @@ impl StoreTaskSource {
             store,
             clock,
             announce: None,
+            credentials: None,
         }
+    }
+
+    /// Gives leased tasks their projects' registry credentials, opened with `vault` (the
+    /// server's credential key), through the same function the runner protocol uses.
+    pub fn with_credentials(mut self, vault: Arc<CredentialVault>) -> Self {
+        self.credentials = Some(vault);
+        self
     }
 
     /// Records the runner (its id, clusters and capacity) with its lease calls, at most once
@@ -226,7 +238,10 @@ impl TaskSource for StoreTaskSource {
         let now = self.clock.now();
         self.announce(request, now).await?;
         let began = Instant::now();
-        let leased = self.store.lease(request, now).await?;
+        let mut leased = self.store.lease(request, now).await?;
+        if let Some(vault) = &self.credentials {
+            attach_registry_credentials(self.store.as_ref(), vault, &mut leased).await?;
+        }
         stevedore_metrics::lease_call(
             began.elapsed(),
             now,

@@ -53,6 +53,9 @@ async fn setup() -> Setup {
         config: Arc::new(ServerConfig::default()),
         on_enqueue: None,
         lease_wake: Default::default(),
+        credentials: Arc::new(stevedore_store::CredentialVault::new(
+            &stevedore_store::CredentialKey::generate().expect("a key"),
+        )),
     };
     tokio::spawn(stevedore_server::serve(
         listener,

@@ -85,6 +85,9 @@ async fn measure(name: &str, store: Arc<dyn Store>, total: usize) {
         Arc::new(SystemClock),
         Arc::new(ServerConfig::default()),
         None,
+        Arc::new(stevedore_store::CredentialVault::new(
+            &stevedore_store::CredentialKey::generate().expect("a key"),
+        )),
     );
 
     let list = median(|| async {

@@ -2,6 +2,7 @@
 
 pub mod clusters;
 pub mod codes;
+pub mod credentials;
 pub mod logs;
 pub mod projects;
 pub mod schedules;

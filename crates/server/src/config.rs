@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use stevedore_model::{Stack, Timestamp, limits};
+use stevedore_model::{CodeImages, Stack, Timestamp, limits};
 
 pub use crate::metrics::MetricsConfig;
 use crate::package::PackageLimits;
@@ -19,6 +19,9 @@ pub struct ServerConfig {
     pub log_stream: LogStreamConfig,
     pub runner_api: RunnerApiConfig,
     pub metrics: MetricsConfig,
+    /// Where `code push --dockerfile` puts built images: a code may name another project's
+    /// only to be refused (400).
+    pub code_images: CodeImages,
 }
 
 /// The runner protocol (`/runner/v1/...`).
@@ -94,6 +97,7 @@ impl Default for ServerConfig {
             log_stream: LogStreamConfig::default(),
             runner_api: RunnerApiConfig::default(),
             metrics: MetricsConfig::default(),
+            code_images: CodeImages::local(),
         }
     }
 }

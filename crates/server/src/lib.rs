@@ -30,10 +30,10 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Extension, Router};
 use stevedore_model::Clock;
-use stevedore_store::Store;
+use stevedore_store::{CredentialVault, Store};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tower_http::trace::TraceLayer;
@@ -55,6 +55,9 @@ pub struct AppState {
     /// with the scheduler's hook (see [`AppState::lease_wake_hook`]) so scheduled tasks wake
     /// them too.
     pub lease_wake: Arc<Notify>,
+    /// Seals projects' registry passwords before they are stored and opens them for the
+    /// leases of their tasks. Every server sharing a database needs the same key.
+    pub credentials: Arc<CredentialVault>,
 }
 
 impl AppState {
@@ -63,6 +66,7 @@ impl AppState {
         clock: Arc<dyn Clock>,
         config: Arc<ServerConfig>,
         on_enqueue: Option<EnqueueHook>,
+        credentials: Arc<CredentialVault>,
     ) -> Self {
         AppState {
             store,
@@ -70,6 +74,7 @@ impl AppState {
             config,
             on_enqueue,
             lease_wake: Arc::new(Notify::new()),
+            credentials,
         }
     }
 
@@ -95,7 +100,7 @@ impl AppState {
 
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
-    use api::{clusters, codes, logs, projects, schedules, stacks, tasks, usage};
+    use api::{clusters, codes, credentials, logs, projects, schedules, stacks, tasks, usage};
 
     let upload_limit = state
         .config
@@ -132,7 +137,12 @@ pub fn router(state: AppState) -> Router {
             get(schedules::show).put(schedules::update),
         )
         .route("/schedules/{schedule_id}/cancel", post(schedules::cancel))
-        .route("/usage", get(usage::usage));
+        .route("/usage", get(usage::usage))
+        .route(
+            "/credentials",
+            get(credentials::list).post(credentials::store),
+        )
+        .route("/credentials/{registry}", delete(credentials::delete));
 
     Router::new()
         .route("/2/projects/{project_id}", get(projects::show))

@@ -3,7 +3,7 @@
 use axum::Json;
 use utoipa::OpenApi;
 
-use crate::api::{clusters, codes, logs, projects, schedules, stacks, tasks, usage};
+use crate::api::{clusters, codes, credentials, logs, projects, schedules, stacks, tasks, usage};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -19,6 +19,7 @@ use crate::api::{clusters, codes, logs, projects, schedules, stacks, tasks, usag
         clusters::list, clusters::show, clusters::create, clusters::update, clusters::delete,
         clusters::stats,
         usage::usage,
+        credentials::store, credentials::list, credentials::delete,
     ),
     tags(
         (name = "projects", description = "The project a token belongs to"),
@@ -28,6 +29,7 @@ use crate::api::{clusters, codes, logs, projects, schedules, stacks, tasks, usag
         (name = "stacks", description = "Runtimes for zip packages"),
         (name = "clusters", description = "Named pools of runners that tasks can be routed to"),
         (name = "usage", description = "Finished tasks, compute time and queue waits over time"),
+        (name = "credentials", description = "A project's credentials for private container registries"),
     )
 )]
 pub struct ApiDoc;

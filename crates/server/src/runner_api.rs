@@ -18,7 +18,7 @@ use axum::{Extension, Json, Router};
 use stevedore_api_types::runner as wire;
 use stevedore_api_types::v2::Message;
 use stevedore_model::validation::check_name;
-use stevedore_store::{LeaseRequest, Requeue, RunReport, RunnerSeen};
+use stevedore_store::{LeaseRequest, Requeue, RunReport, RunnerSeen, attach_registry_credentials};
 
 use crate::api::logs::StreamShutdown;
 use crate::auth::RunnerAccess;
@@ -111,7 +111,8 @@ pub async fn lease(
         woken.as_mut().enable();
         let now = state.clock.now();
         let began = std::time::Instant::now();
-        let leased = state.store.lease(&lease, now).await?;
+        let mut leased = state.store.lease(&lease, now).await?;
+        attach_registry_credentials(state.store.as_ref(), &state.credentials, &mut leased).await?;
         stevedore_metrics::lease_call(
             began.elapsed(),
             now,
@@ -126,6 +127,7 @@ pub async fn lease(
                     code: leased.code,
                     lease_token: leased.lease.token,
                     expires_at: leased.lease.expires_at,
+                    registry_credential: leased.registry_credential,
                 })
                 .collect();
             return Ok(Json(wire::LeaseResponse { tasks }));

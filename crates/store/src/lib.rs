@@ -7,12 +7,17 @@
 //! lives here because priorities, `max_concurrency`, paused queues, clusters and lease fencing
 //! must be decided inside one transaction to hold across every runner.
 //!
+//! Projects' registry credentials are kept with their passwords sealed (`credentials`); the
+//! store never sees a password in clear, and [`attach_registry_credentials`] is the one place
+//! a lease gets its project's credential, for every kind of runner.
+//!
 //! Time is an argument: every method that compares or stamps time takes `now`, so tests drive
 //! it with a fake clock.
 
 #![forbid(unsafe_code)]
 
 mod convert;
+pub mod credentials;
 mod error;
 mod postgres;
 mod record;
@@ -22,10 +27,14 @@ pub mod testsuite;
 
 use async_trait::async_trait;
 use stevedore_model::{
-    CodeKind, CodeRevision, CodeSpec, NewTask, Schedule, ScheduleSpec, Task, TaskOutcome,
-    TaskStatus, Timestamp,
+    CodeKind, CodeRevision, CodeSpec, NewTask, RegistryCredential, Schedule, ScheduleSpec, Task,
+    TaskOutcome, TaskStatus, Timestamp,
 };
 
+pub use credentials::{
+    CredentialKey, CredentialVault, SealedSecret, SecretError, StoredCredential,
+    attach_registry_credentials,
+};
 pub use error::StoreError;
 pub use postgres::{PgOptions, PgStore};
 pub use sqlite::{SqliteOptions, SqliteStore, SyncMode};
@@ -165,6 +174,9 @@ pub struct LeasedTask {
     /// The code revision the task pinned.
     pub code: CodeRevision,
     pub lease: Lease,
+    /// The project's credential for the registry of the code's image, when it stored one:
+    /// filled in by [`attach_registry_credentials`] after the lease, never by the lease itself.
+    pub registry_credential: Option<RegistryCredential>,
 }
 
 /// The right to act on one task. `token` only grows across the whole store, so a rescued
@@ -709,6 +721,30 @@ pub trait Store: Send + Sync + 'static {
         next_start: Option<Timestamp>,
         now: Timestamp,
     ) -> Result<Option<Task>>;
+
+    // === registry credentials ===
+
+    /// Stores (or replaces) the project's credential for `registry`, its password sealed.
+    /// `StoreError::NotFound` for an unknown project.
+    async fn put_registry_credential(
+        &self,
+        project_id: &str,
+        registry: &str,
+        username: &str,
+        sealed: &SealedSecret,
+        now: Timestamp,
+    ) -> Result<StoredCredential>;
+    /// The project's credential for `registry`, if it stored one.
+    async fn get_registry_credential(
+        &self,
+        project_id: &str,
+        registry: &str,
+    ) -> Result<Option<StoredCredential>>;
+    /// The project's credentials, by registry.
+    async fn list_registry_credentials(&self, project_id: &str) -> Result<Vec<StoredCredential>>;
+    /// Forgets the project's credential for `registry`; `StoreError::NotFound` when it has
+    /// none.
+    async fn delete_registry_credential(&self, project_id: &str, registry: &str) -> Result<()>;
 
     // === leadership ===
 

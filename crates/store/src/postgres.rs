@@ -26,6 +26,7 @@
 //! a task is decided in `crate::record`, shared with it.
 
 mod clusters;
+mod credentials;
 mod gauges;
 mod lead;
 mod listen;
@@ -51,8 +52,8 @@ use crate::record::{TaskRecord, normalize, plan_log_append};
 use crate::{
     Cluster, ClusterLoad, ClusterSpec, CodeCancellation, CodeStats, HeartbeatReply, Leadership,
     LeaseRequest, LeasedTask, LogSlice, Package, Page, Project, QueueWait, Requeue, RescuedTask,
-    Result, RunReport, RunnerSeen, StatsWindow, Store, StoreError, StoreGauges, TaskFilter,
-    TokenRecord, TokenRole, UsageQuery, UsageRow, WorkSignal,
+    Result, RunReport, RunnerSeen, SealedSecret, StatsWindow, Store, StoreError, StoreGauges,
+    StoredCredential, TaskFilter, TokenRecord, TokenRole, UsageQuery, UsageRow, WorkSignal,
 };
 
 /// Where and how to connect.
@@ -1281,6 +1282,35 @@ impl Store for PgStore {
         }
         .await;
         finish(tx, result).await
+    }
+
+    // === registry credentials ===
+
+    async fn put_registry_credential(
+        &self,
+        project_id: &str,
+        registry: &str,
+        username: &str,
+        sealed: &SealedSecret,
+        now: Timestamp,
+    ) -> Result<StoredCredential> {
+        credentials::put(self, project_id, registry, username, sealed, now).await
+    }
+
+    async fn get_registry_credential(
+        &self,
+        project_id: &str,
+        registry: &str,
+    ) -> Result<Option<StoredCredential>> {
+        credentials::get(self, project_id, registry).await
+    }
+
+    async fn list_registry_credentials(&self, project_id: &str) -> Result<Vec<StoredCredential>> {
+        credentials::list(self, project_id).await
+    }
+
+    async fn delete_registry_credential(&self, project_id: &str, registry: &str) -> Result<()> {
+        credentials::delete(self, project_id, registry).await
     }
 
     // === leadership ===

@@ -18,6 +18,7 @@
 //! change does to a task is decided in `crate::record`, shared with every backend.
 
 mod clusters;
+mod credentials;
 mod gauges;
 mod rows;
 mod tasks;
@@ -51,8 +52,8 @@ use crate::record::{TaskRecord, normalize, plan_log_append};
 use crate::{
     Cluster, ClusterLoad, ClusterSpec, CodeCancellation, CodeStats, HeartbeatReply, Leadership,
     LeaseRequest, LeasedTask, LogSlice, Package, Page, Project, QueueWait, Requeue, RescuedTask,
-    Result, RunReport, RunnerSeen, StatsWindow, Store, StoreError, StoreGauges, TaskFilter,
-    TokenRecord, TokenRole, UsageQuery, UsageRow,
+    Result, RunReport, RunnerSeen, SealedSecret, StatsWindow, Store, StoreError, StoreGauges,
+    StoredCredential, TaskFilter, TokenRecord, TokenRole, UsageQuery, UsageRow,
 };
 
 /// The leadership of the one process that uses a SQLite database.
@@ -1561,6 +1562,35 @@ impl Store for SqliteStore {
             .pop()
             .map(Some)
             .ok_or_else(|| StoreError::Corrupt("firing a schedule queued no task".to_owned()))
+    }
+
+    // === registry credentials ===
+
+    async fn put_registry_credential(
+        &self,
+        project_id: &str,
+        registry: &str,
+        username: &str,
+        sealed: &SealedSecret,
+        now: Timestamp,
+    ) -> Result<StoredCredential> {
+        credentials::put(self, project_id, registry, username, sealed, now).await
+    }
+
+    async fn get_registry_credential(
+        &self,
+        project_id: &str,
+        registry: &str,
+    ) -> Result<Option<StoredCredential>> {
+        credentials::get(self, project_id, registry).await
+    }
+
+    async fn list_registry_credentials(&self, project_id: &str) -> Result<Vec<StoredCredential>> {
+        credentials::list(self, project_id).await
+    }
+
+    async fn delete_registry_credential(&self, project_id: &str, registry: &str) -> Result<()> {
+        credentials::delete(self, project_id, registry).await
     }
 
     async fn try_lead(&self) -> Result<Option<Box<dyn Leadership>>> {

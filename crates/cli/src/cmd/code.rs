@@ -15,6 +15,7 @@ use stevedore_api_types::v2;
 use super::Ctx;
 use crate::client::{Client, is_not_found};
 use crate::output::{self, Table};
+use crate::settings::Settings;
 
 #[derive(Debug, Subcommand)]
 pub enum CodeCommand {
@@ -172,9 +173,9 @@ impl CodeDefinition {
     }
 }
 
-pub async fn run(ctx: &Ctx, command: CodeCommand) -> anyhow::Result<()> {
+pub async fn run(ctx: &Ctx, settings: &Settings, command: CodeCommand) -> anyhow::Result<()> {
     match command {
-        CodeCommand::Push(args) => push(ctx, *args).await,
+        CodeCommand::Push(args) => push(ctx, settings, *args).await,
         CodeCommand::Ls => list(ctx).await,
         CodeCommand::Show { code } => {
             let code = find_code(&ctx.client, &code).await?;
@@ -254,7 +255,7 @@ pub async fn run(ctx: &Ctx, command: CodeCommand) -> anyhow::Result<()> {
     }
 }
 
-async fn push(ctx: &Ctx, args: PushArgs) -> anyhow::Result<()> {
+async fn push(ctx: &Ctx, settings: &Settings, args: PushArgs) -> anyhow::Result<()> {
     let definition = &args.definition;
     anyhow::ensure!(
         definition.defines_code(),
@@ -263,8 +264,16 @@ async fn push(ctx: &Ctx, args: PushArgs) -> anyhow::Result<()> {
     let mut upload = definition.upload(&args.name)?;
     if let Some(context) = &definition.dockerfile {
         let engine = crate::connect_engine().await?;
-        upload.image =
-            Some(crate::build::build_code_image(&engine, &args.name, context, !ctx.json()).await?);
+        let images = settings.code_images();
+        let project = Some((&images, ctx.client.project_id()));
+        let image =
+            crate::build::build_code_image(&engine, project, &args.name, context, !ctx.json())
+                .await?;
+        // With a code registry the image goes there, so runners elsewhere can pull it.
+        if let Some(registry) = &settings.code_registry {
+            crate::build::push_code_image(&engine, &image, registry.auth(), !ctx.json()).await?;
+        }
+        upload.image = Some(image);
     }
     let uploaded: v2::CodeUploaded = match definition.package()? {
         Some(package) => upload_package(&ctx.client, &upload, package, !ctx.json()).await?,

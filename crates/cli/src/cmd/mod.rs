@@ -2,6 +2,7 @@
 //! Each talks to a server over the IronWorker v2 API; `run` needs no server at all.
 
 pub mod code;
+pub mod registry;
 pub mod run;
 pub mod schedule;
 pub mod task;

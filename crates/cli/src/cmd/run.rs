@@ -53,6 +53,7 @@ pub async fn run(settings: &Settings, args: RunArgs, format: Format) -> anyhow::
         upload.image = Some(
             crate::build::build_code_image(
                 engine.as_ref(),
+                None,
                 &args.code,
                 context,
                 format == Format::Human,
@@ -85,7 +86,7 @@ pub async fn run(settings: &Settings, args: RunArgs, format: Format) -> anyhow::
             .with_timeout(timeout)
             .map_err(|error| anyhow::anyhow!("{error}"))?;
     }
-    let config = settings.runner.runner_config(&settings.stacks);
+    let config = settings.runner_config();
     let image = match &local.code.spec.kind {
         CodeKind::Image { image, .. } => Some(image.clone()),
         CodeKind::Runtime { runtime, .. } => settings

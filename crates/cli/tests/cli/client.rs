@@ -550,7 +550,12 @@ fn code_push_builds_a_dockerfile_into_the_code_image() {
     ]);
     let code = cli.json(&["code", "show", "built"]);
     let image = code["image"].as_str().unwrap().to_owned();
-    assert!(image.starts_with("stevedore-code/built:"), "{image}");
+    // Built for this project alone: its id is in the image's path.
+    let project_id = server.iron["project_id"].as_str().unwrap();
+    assert!(
+        image.starts_with(&format!("stevedore-code/{project_id}/built:")),
+        "{image}"
+    );
     assert_eq!(pushed["rev"], 1);
 
     let output = cli.run(&["task", "queue", "built", "--wait"]);

@@ -11,6 +11,7 @@ mod multi_node;
 mod node_client;
 mod postgres;
 mod python_client;
+mod registry;
 mod remote;
 mod schedules;
 mod serve;

@@ -68,6 +68,12 @@ pub async fn upload(
         .map(|bytes| check_package(decode_upload(bytes), state.config.package))
         .transpose()?;
     let spec = wire::code_spec(upload, package.is_some(), &state.config)?;
+    if let stevedore_model::CodeKind::Image { image, .. } = &spec.kind {
+        state
+            .config
+            .code_images
+            .check_owner(image, &access.project_id)?;
+    }
     if let Some(package) = &package {
         package.check_entry_point(&spec.kind)?;
     }

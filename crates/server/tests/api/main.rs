@@ -8,6 +8,7 @@ mod bad_input;
 mod clusters;
 mod codes;
 mod compat;
+mod credentials;
 mod dashboard;
 mod logs;
 mod runner;

@@ -16,6 +16,8 @@ pub struct TestServer {
     pub store: Arc<dyn Store>,
     pub http: reqwest::Client,
     _data_dir: tempfile::TempDir,
+    /// The PostgreSQL database behind a server started on one, dropped after the server.
+    _database: Option<stevedore_store::testcluster::TestDatabase>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     served: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -72,6 +74,28 @@ impl TestServer {
             .await
             .unwrap(),
         );
+        Self::start_on(config, store, data_dir, None).await
+    }
+
+    /// The server on a fresh PostgreSQL database of the test cluster; `None` (the test then
+    /// skips) when PostgreSQL is not installed, except in CI, where that fails.
+    pub async fn start_on_postgres() -> Option<TestServer> {
+        let database = stevedore_store::testcluster::fresh_database().await?;
+        let store: Arc<dyn Store> = Arc::new(
+            stevedore_store::PgStore::connect(stevedore_store::PgOptions::new(&database.url))
+                .await
+                .unwrap(),
+        );
+        let data_dir = tempfile::tempdir().unwrap();
+        Some(Self::start_on(ServerConfig::default(), store, data_dir, Some(database)).await)
+    }
+
+    async fn start_on(
+        config: ServerConfig,
+        store: Arc<dyn Store>,
+        data_dir: tempfile::TempDir,
+        database: Option<stevedore_store::testcluster::TestDatabase>,
+    ) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let iron = bootstrap::ensure_default_project(
@@ -89,6 +113,9 @@ impl TestServer {
             config: Arc::new(config),
             on_enqueue: None,
             lease_wake: Default::default(),
+            credentials: Arc::new(stevedore_store::CredentialVault::new(
+                &stevedore_store::CredentialKey::generate().unwrap(),
+            )),
         };
         let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
         let served = tokio::spawn(stevedore_server::serve(listener, state, async move {
@@ -101,6 +128,7 @@ impl TestServer {
             store,
             http: reqwest::Client::new(),
             _data_dir: data_dir,
+            _database: database,
             shutdown: Some(shutdown),
             served: Some(served),
         }

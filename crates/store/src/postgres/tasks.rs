@@ -467,6 +467,7 @@ pub(super) async fn lease(
             task: record.task,
             code,
             lease: Lease { token, expires_at },
+            registry_credential: None,
         });
     }
     Ok(leased)

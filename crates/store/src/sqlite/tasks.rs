@@ -506,6 +506,7 @@ pub(super) async fn lease(
                 token: record.lease_token.unwrap_or(first_token),
                 expires_at,
             },
+            registry_credential: None,
         });
     }
     Ok((leased, picked))

@@ -1,0 +1,110 @@
+//! Projects' registry credentials (their passwords sealed; see `crate::credentials`).
+
+use sqlx::Row;
+use sqlx::postgres::PgRow;
+use stevedore_model::Timestamp;
+
+use super::{PgStore, ensure_project, finish};
+use crate::convert::{micros, timestamp};
+use crate::record::normalize;
+use crate::{Result, SealedSecret, StoreError, StoredCredential};
+
+/// `SELECT` and the columns of `registry_credentials`.
+macro_rules! select_credentials {
+    ($rest:literal) => {
+        concat!(
+            "SELECT project_id, registry, username, sealed, key_id, created_at, updated_at \
+             FROM registry_credentials ",
+            $rest
+        )
+    };
+}
+
+fn credential(row: &PgRow) -> Result<StoredCredential> {
+    Ok(StoredCredential {
+        project_id: row.try_get("project_id")?,
+        registry: row.try_get("registry")?,
+        username: row.try_get("username")?,
+        sealed: SealedSecret {
+            bytes: row.try_get("sealed")?,
+            key_id: row.try_get("key_id")?,
+        },
+        created_at: timestamp(row.try_get("created_at")?)?,
+        updated_at: timestamp(row.try_get("updated_at")?)?,
+    })
+}
+
+pub(super) async fn put(
+    store: &PgStore,
+    project_id: &str,
+    registry: &str,
+    username: &str,
+    sealed: &SealedSecret,
+    now: Timestamp,
+) -> Result<StoredCredential> {
+    let now = normalize(now);
+    let mut tx = store.pool.begin().await?;
+    let result: Result<_> = async {
+        ensure_project(&mut tx, project_id).await?;
+        let row = sqlx::query(
+            "INSERT INTO registry_credentials (project_id, registry, username, sealed, key_id, \
+             created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6) \
+             ON CONFLICT (project_id, registry) DO UPDATE SET username = excluded.username, \
+             sealed = excluded.sealed, key_id = excluded.key_id, \
+             updated_at = excluded.updated_at \
+             RETURNING project_id, registry, username, sealed, key_id, created_at, updated_at",
+        )
+        .bind(project_id)
+        .bind(registry)
+        .bind(username)
+        .bind(&sealed.bytes)
+        .bind(&sealed.key_id)
+        .bind(micros(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        credential(&row)
+    }
+    .await;
+    finish(tx, result).await
+}
+
+pub(super) async fn get(
+    store: &PgStore,
+    project_id: &str,
+    registry: &str,
+) -> Result<Option<StoredCredential>> {
+    let row = sqlx::query(select_credentials!(
+        "WHERE project_id = $1 AND registry = $2"
+    ))
+    .bind(project_id)
+    .bind(registry)
+    .fetch_optional(&store.pool)
+    .await?;
+    row.as_ref().map(credential).transpose()
+}
+
+pub(super) async fn list(store: &PgStore, project_id: &str) -> Result<Vec<StoredCredential>> {
+    let rows = sqlx::query(select_credentials!(
+        "WHERE project_id = $1 ORDER BY registry"
+    ))
+    .bind(project_id)
+    .fetch_all(&store.pool)
+    .await?;
+    rows.iter().map(credential).collect()
+}
+
+pub(super) async fn delete(store: &PgStore, project_id: &str, registry: &str) -> Result<()> {
+    let deleted =
+        sqlx::query("DELETE FROM registry_credentials WHERE project_id = $1 AND registry = $2")
+            .bind(project_id)
+            .bind(registry)
+            .execute(&store.pool)
+            .await?
+            .rows_affected();
+    if deleted == 0 {
+        return Err(StoreError::not_found(format!(
+            "registry credentials for {registry}"
+        )));
+    }
+    Ok(())
+}
