@@ -151,11 +151,15 @@ struct RunnerArgs {
 
 #[derive(Debug, Subcommand)]
 enum StackCommand {
-    /// List the server's stacks: runtime name, image, launcher.
+    /// List the server's stacks: name, aliases, the runtimes each launches, image.
     Ls,
-    /// Build `stevedore/busybox:local` from the host's static busybox, for machines that reach
-    /// no registry. The `binary` and `sh` stacks run on it.
+    /// Build the stacks' local images without any container registry: `busybox` from the
+    /// host's static busybox, every other stack on a Debian base image made from Debian's
+    /// archive (mmdebstrap) with Debian's packages. An image whose recipe is unchanged is
+    /// reused. `stack_images = "local"` in stevedore.toml runs the stacks on them.
     BuildLocal {
+        /// The stacks to build (names or aliases); default: every stack.
+        names: Vec<String>,
         /// The static busybox to build from.
         #[arg(long, default_value = stevedore_engine::HOST_BUSYBOX)]
         busybox: PathBuf,
@@ -335,15 +339,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
         }
         Command::Stack {
-            command: StackCommand::BuildLocal { busybox },
+            command: StackCommand::BuildLocal { names, busybox },
             ..
         } => {
             let engine = connect_engine().await?;
-            let image = stevedore_engine::LOCAL_BUSYBOX_IMAGE;
-            let image_id = stevedore_engine::build_local_busybox_image(&engine, &busybox, image)
-                .await
-                .with_context(|| format!("cannot build {image} from {}", busybox.display()))?;
-            print_json(&serde_json::json!({"image": image, "id": image_id}))
+            let built = build::build_local_stacks(&engine, &names, &busybox, true).await?;
+            print_json(&serde_json::to_value(built)?)
         }
     }
 }
@@ -400,7 +401,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     };
     let shutdown = CancellationToken::new();
     let background = TaskTracker::new();
-    let server_config = settings.server_config();
+    let server_config = settings.server_config()?;
     let mut on_enqueue: Option<EnqueueHook> = None;
     if settings.runner.enabled {
         let engine: Arc<dyn ContainerEngine> = Arc::new(connect_engine().await?);
@@ -411,7 +412,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
                 .announcing(server_config.runner_api.online_window / 4),
         );
         let runner = Runner::new(
-            settings.runner.runner_config(&settings.stacks),
+            settings.runner.runner_config(&server_config.stacks),
             source.clone(),
             engine,
         );
@@ -489,7 +490,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
 /// `stevedore runner`: the runner of `serve`, leasing over HTTP instead of from the store.
 async fn remote_runner(settings: Settings, args: RunnerArgs) -> anyhow::Result<()> {
     let signal = shutdown_signal();
-    let mut config = settings.runner.runner_config(&settings.stacks);
+    let mut config = settings.runner.runner_config(&settings.stack_table()?);
     config.runner_id = match args.id {
         Some(id) => id,
         None => format!("remote-{}", host_name()),

@@ -10,7 +10,8 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 use stevedore_engine::RegistryAuth;
-use stevedore_model::{Stack, limits};
+use stevedore_model::stack::StackSetting;
+use stevedore_model::{StackImages, StackTable, limits};
 use stevedore_runner::RunnerConfig;
 use stevedore_server::ServerConfig;
 use stevedore_store::{PgOptions, SqliteOptions, SyncMode};
@@ -36,7 +37,14 @@ pub struct Settings {
     /// How often the scheduler looks for due schedules, in milliseconds: a scheduled task
     /// starts at most this late.
     pub scheduler_interval_ms: u64,
-    pub stacks: Vec<Stack>,
+    /// Which images the built-in stacks run on: `official` (default), each language's
+    /// official image as a connected machine pulls it, or `local`, the images
+    /// `stevedore stack build-local` builds from Debian's archive without any registry.
+    pub stack_images: StackImages,
+    /// Changes to the built-in stacks (`[[stacks]]` with a stack's `name` and a new `image`,
+    /// `aliases` or `runtimes`) and stacks of one's own (`name`, `image`, `runtimes`, and
+    /// optionally `aliases`).
+    pub stacks: Vec<StackSetting>,
     pub runner: RunnerSettings,
     pub metrics: MetricsSettings,
 }
@@ -105,7 +113,7 @@ impl Default for RunnerSettings {
 }
 
 impl RunnerSettings {
-    pub fn runner_config(&self, stacks: &[Stack]) -> RunnerConfig {
+    pub fn runner_config(&self, stacks: &StackTable) -> RunnerConfig {
         RunnerConfig {
             runner_id: self.id.clone(),
             clusters: self.clusters.clone(),
@@ -117,7 +125,7 @@ impl RunnerSettings {
             max_infra_attempts: self.max_infra_attempts,
             pids_limit: self.pids_limit,
             allow_unlimited_memory: self.allow_unlimited_memory,
-            stacks: stacks.to_vec(),
+            stacks: stacks.clone(),
             registry_auth: self
                 .registries
                 .iter()
@@ -147,7 +155,8 @@ impl Default for Settings {
             max_unpacked_bytes: server.package.max_unpacked_bytes,
             min_run_every_secs: limits::DEFAULT_MIN_RUN_EVERY_SECS,
             scheduler_interval_ms: 1000,
-            stacks: Stack::defaults(),
+            stack_images: StackImages::default(),
+            stacks: Vec::new(),
             runner: RunnerSettings::default(),
             metrics: MetricsSettings::default(),
         }
@@ -204,16 +213,21 @@ impl Settings {
         })
     }
 
-    pub fn server_config(&self) -> ServerConfig {
+    /// The built-in stacks on the chosen images, with the configured changes.
+    pub fn stack_table(&self) -> anyhow::Result<StackTable> {
+        StackTable::configured(self.stack_images, &self.stacks).context("invalid configuration")
+    }
+
+    pub fn server_config(&self) -> anyhow::Result<ServerConfig> {
         let mut config = ServerConfig {
             max_payload_bytes: self.max_payload_bytes,
             min_run_every_secs: self.min_run_every_secs,
-            stacks: self.stacks.clone(),
+            stacks: self.stack_table()?,
             ..ServerConfig::default()
         };
         config.package.max_bytes = self.max_package_bytes;
         config.package.max_unpacked_bytes = self.max_unpacked_bytes;
         config.metrics.token_required = self.metrics.token_required;
-        config
+        Ok(config)
     }
 }

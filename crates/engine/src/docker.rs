@@ -1,6 +1,6 @@
 //! [`DockerEngine`]: the [`ContainerEngine`] over the Docker Engine API, through bollard.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -148,6 +148,25 @@ impl ContainerEngine for DockerEngine {
             Ok(inspected) => Ok(Some(inspected.id.ok_or_else(|| {
                 EngineError::protocol(format!("the image {reference} has no id"))
             })?)),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(error) => Err(EngineError::from_bollard(error, Subject::Engine)),
+        }
+    }
+
+    async fn image_labels(
+        &self,
+        image: &str,
+    ) -> Result<Option<BTreeMap<String, String>>, EngineError> {
+        match self.docker.inspect_image(&normalize_reference(image)).await {
+            Ok(inspected) => Ok(Some(
+                inspected
+                    .config
+                    .and_then(|config| config.labels)
+                    .map(|labels| labels.into_iter().collect())
+                    .unwrap_or_default(),
+            )),
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..
             }) => Ok(None),

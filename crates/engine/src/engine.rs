@@ -3,6 +3,7 @@
 //! The trait knows containers, images and limits, not tasks: the runner maps a task onto a
 //! [`ContainerSpec`](crate::ContainerSpec) and reads an [`ExitStatus`] back.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -42,6 +43,12 @@ pub trait ContainerEngine: Send + Sync + 'static {
 
     /// The id of `image` when it is present locally, `None` when it is not.
     async fn image_id(&self, image: &str) -> Result<Option<String>, EngineError>;
+
+    /// The labels of `image` when it is present locally, `None` when it is not.
+    async fn image_labels(
+        &self,
+        image: &str,
+    ) -> Result<Option<BTreeMap<String, String>>, EngineError>;
 
     /// Whether `image` is present locally.
     async fn image_present(&self, image: &str) -> Result<bool, EngineError> {

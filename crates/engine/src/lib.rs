@@ -11,7 +11,9 @@
 //! * **Images**: [`ContainerEngine::ensure_image`] pulls what is missing, one pull per image
 //!   however many tasks wait for it, with observable progress; [`build_local_busybox_image`]
 //!   imports `stevedore/busybox:local` from the host's static busybox for machines that reach
-//!   no registry; [`ContainerEngine::build_image`] builds an image from a Dockerfile and a
+//!   no registry; [`build_debian_base`] and [`build_debian_stack`] build the other local stack
+//!   images from Debian's archive (mmdebstrap, then `apt-get` in a generated Dockerfile),
+//!   reusing an image whose recorded recipe is unchanged; [`ContainerEngine::build_image`] builds an image from a Dockerfile and a
 //!   context directory, honouring its `.dockerignore`, with structured progress.
 //! * **Containers**: create from a [`ContainerSpec`] with limits, dropped capabilities and
 //!   `no-new-privileges`, with files uploaded through the archive API (never bind mounts);
@@ -38,6 +40,7 @@ mod error;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
 mod local_image;
+mod local_stacks;
 mod pull;
 mod spec;
 
@@ -53,6 +56,10 @@ pub use engine::{
 pub use error::EngineError;
 pub use local_image::{
     HOST_BUSYBOX, LOCAL_BUSYBOX_IMAGE, build_local_busybox_image, busybox_rootfs_tar,
+};
+pub use local_stacks::{
+    DEBIAN_MIRROR, LocalImage, RECIPE_LABEL, build_debian_base, build_debian_stack,
+    stack_dockerfile,
 };
 pub use spec::{
     ContainerId, ContainerSpec, DEFAULT_CAPABILITIES, DirectoryToCreate, FileToUpload, TASK_DIR,

@@ -20,8 +20,16 @@ pub enum CodeKind {
         image: String,
         command: Option<String>,
     },
-    /// A zip package run by a stack's launcher: `file_name` is the entry point inside the zip.
-    Runtime { runtime: String, file_name: String },
+    /// A zip package: `file_name` is the entry point inside the zip, launched as `runtime`
+    /// says on the image of `stack`.
+    Runtime {
+        runtime: String,
+        file_name: String,
+        /// The stack resolved when the revision was pushed (see [`crate::stack`]); absent from
+        /// revisions stored before stacks were resolved, which run on their runtime's default.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stack: Option<String>,
+    },
 }
 
 /// Resource limits of a task's container.
@@ -112,7 +120,9 @@ impl CodeSpec {
                     ));
                 }
             }
-            CodeKind::Runtime { runtime, file_name } => {
+            CodeKind::Runtime {
+                runtime, file_name, ..
+            } => {
                 check_name("runtime", runtime)?;
                 check_package_path("file_name", file_name)?;
             }

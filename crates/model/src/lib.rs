@@ -24,7 +24,7 @@ pub use code::{CodeKind, CodeRevision, CodeSpec, Limits};
 pub use ids::new_id;
 pub use retry::{RetriesBackoff, automatic_retry, retry_delay_secs};
 pub use schedule::{Schedule, ScheduleSpec, ScheduleStatus, ScheduleTiming};
-pub use stack::Stack;
+pub use stack::{Runtime, Stack, StackImages, StackTable};
 pub use status::{Event, TaskStatus, TransitionError, transition};
 pub use task::{NewTask, Task, TaskOutcome};
 pub use validation::ValidationError;

@@ -33,7 +33,7 @@ use tracing::Instrument;
 use crate::admission::Slot;
 use crate::backoff::requeue_delay;
 use crate::config::RunnerConfig;
-use crate::container::{ContainerPlan, registry_auth_for};
+use crate::container::{ContainerPlan, PackagePlan, registry_auth_for};
 use crate::error::SourceError;
 use crate::logs::{LogShipper, ShippedLogs};
 use crate::progress::ProgressReporter;
@@ -260,9 +260,11 @@ impl Attempt {
         let config = &self.context.config;
         let plan = ContainerPlan::new(&self.leased, &config.stacks).map_err(setup_failed)?;
         self.ensure_image(&plan.image).await?;
-        let package = match &plan.package_entry_point {
-            None => None,
-            Some(_) => Some(self.fetch_package().await?),
+        let package = match &plan.package {
+            PackagePlan::None => None,
+            PackagePlan::Unpack | PackagePlan::UnpackWithEntryPoint(_) => {
+                Some(self.fetch_package().await?)
+            }
         };
         plan.spec(
             &self.leased,

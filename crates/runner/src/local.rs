@@ -89,7 +89,8 @@ impl LocalRun {
     /// new code (with `package` for a runtime code) and a task queued for it with the code's
     /// defaults: its priority, its timeout (`limits.timeout_secs`), the default cluster, no
     /// delay. Refuses what the server would refuse: an invalid spec, a payload over the
-    /// default limit, a runtime code without a package, an image code with one.
+    /// default limit, a runtime code without a package. An image code's package, like the
+    /// server's, is unpacked into `TASK_DIR`.
     pub fn new(
         spec: CodeSpec,
         payload: String,
@@ -102,12 +103,6 @@ impl LocalRun {
                 return Err(ValidationError::new(
                     "package",
                     "a code with a runtime needs a zip package",
-                ));
-            }
-            (CodeKind::Image { .. }, Some(_)) => {
-                return Err(ValidationError::new(
-                    "package",
-                    "an image code takes no zip package: the image holds the code",
                 ));
             }
             _ => {}
@@ -663,6 +658,7 @@ mod tests {
         let runtime = CodeKind::Runtime {
             runtime: "sh".into(),
             file_name: "run.sh".into(),
+            stack: None,
         };
         let refused = |spec: CodeSpec, payload: &str, package: Option<Vec<u8>>| {
             LocalRun::new(spec, payload.into(), package, now())
@@ -802,6 +798,7 @@ mod tests {
         let runtime = CodeKind::Runtime {
             runtime: "sh".into(),
             file_name: "run.sh".into(),
+            stack: None,
         };
         let run = LocalRun::new(spec(runtime), String::new(), Some(vec![7, 7]), now()).unwrap();
         let code_id = run.code.id.clone();
