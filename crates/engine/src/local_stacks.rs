@@ -142,11 +142,14 @@ pub async fn build_debian_stack(
 }
 
 /// The Dockerfile of a stack on `base`: the packages without their recommendations, apt's
-/// lists and caches removed in the same layer.
+/// lists and caches removed in the same layer. OpenJDK's post-install script links its man
+/// page into `/usr/share/man/man1` and fails when that directory is missing, as it is with
+/// the man pages left out, so it is created first.
 pub fn stack_dockerfile(base: &str, packages: &[&str]) -> String {
     format!(
         "FROM {base}\n\
-         RUN apt-get update \\\n \
+         RUN mkdir -p /usr/share/man/man1 \\\n \
+         && apt-get update \\\n \
          && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends {} \\\n \
          && apt-get clean \\\n \
          && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt /var/log/dpkg.log\n\

@@ -103,6 +103,14 @@ pub const RESERVED_ENV_VARS: [&str; 4] = ["TASK_ID", "TASK_DIR", "PAYLOAD_FILE",
 /// the runner's own network.
 pub const NETWORK_MODES: [&str; 2] = ["bridge", "none"];
 
+impl CodeRevision {
+    /// Whether the revision came with a zip package (a runtime code's, or one shipped beside
+    /// an image).
+    pub fn has_package(&self) -> bool {
+        self.package_sha256.is_some() || self.package_size.is_some()
+    }
+}
+
 impl CodeSpec {
     /// Checks every field; the first problem found is reported.
     pub fn validate(&self) -> Result<(), ValidationError> {

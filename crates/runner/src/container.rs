@@ -60,7 +60,7 @@ impl ContainerPlan {
     /// The plan for a leased task. Fails, with a message for the user, when the code's stack
     /// is not one of this runner's or cannot launch its runtime.
     pub fn new(leased: &LeasedTask, stacks: &StackTable) -> Result<Self, String> {
-        let has_package = leased.code.package_sha256.is_some();
+        let has_package = leased.code.has_package();
         match &leased.code.spec.kind {
             CodeKind::Image { image, command } => Ok(ContainerPlan {
                 image: image.clone(),

@@ -14,5 +14,6 @@ mod python_client;
 mod remote;
 mod schedules;
 mod serve;
+mod stacks;
 mod support;
 mod tasks;

@@ -51,7 +51,7 @@ pub async fn upload(
             Ok(latest) => {
                 // The package goes on with the options: a runtime code's, and the one an
                 // image code was uploaded with.
-                if latest.package_sha256.is_some() {
+                if latest.has_package() {
                     file = Some(
                         state
                             .store
