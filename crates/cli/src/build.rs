@@ -107,7 +107,8 @@ pub async fn ensure_image(
 /// What `stack build-local` did for one image.
 #[derive(Debug, serde::Serialize)]
 pub struct LocalStackBuilt {
-    pub stack: String,
+    /// The stack the image is for; none for the Debian base image the stacks share.
+    pub stack: Option<String>,
     pub image: String,
     pub id: String,
     /// False when the image existed from the same recipe and was reused.
@@ -158,7 +159,7 @@ pub async fn build_local_stacks(
                     .await
                     .with_context(|| format!("cannot build {LOCAL_DEBIAN_IMAGE}"))?;
                     done.push(LocalStackBuilt {
-                        stack: "(base)".to_owned(),
+                        stack: None,
                         image: LOCAL_DEBIAN_IMAGE.to_owned(),
                         id: base.id().to_owned(),
                         built: base.was_built(),
@@ -197,11 +198,15 @@ pub async fn build_local_stacks(
             }
         };
         if show_progress {
-            let verb = if outcome.was_built() { "built" } else { "reused" };
+            let verb = if outcome.was_built() {
+                "built"
+            } else {
+                "reused"
+            };
             eprintln!("{verb} {} for the stack {}", build.image, build.stack);
         }
         done.push(LocalStackBuilt {
-            stack: build.stack.to_owned(),
+            stack: Some(build.stack.to_owned()),
             image: build.image.to_owned(),
             id: outcome.id().to_owned(),
             built: outcome.was_built(),

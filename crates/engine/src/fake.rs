@@ -585,7 +585,9 @@ impl ContainerEngine for FakeEngine {
             for tag in &tags {
                 state.images.insert(tag.clone(), id.clone());
             }
-            state.image_labels.insert(id.clone(), request.labels.clone());
+            state
+                .image_labels
+                .insert(id.clone(), request.labels.clone());
             id
         };
         on_progress(BuildProgress::ImageId { id: id.clone() });
@@ -1159,7 +1161,10 @@ mod tests {
                 id: first.id().to_owned()
             }
         );
-        assert_eq!(engine.image_id("local/bb:1").await?.as_deref(), Some(first.id()));
+        assert_eq!(
+            engine.image_id("local/bb:1").await?.as_deref(),
+            Some(first.id())
+        );
         Ok(())
     }
 

@@ -51,8 +51,12 @@ const BASE_CHANGES: &[&str] = &[
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LocalImage {
     /// The tag existed with the same recipe: nothing was built.
-    Reused { id: String },
-    Built { id: String },
+    Reused {
+        id: String,
+    },
+    Built {
+        id: String,
+    },
 }
 
 /// Which tool made the base image's root filesystem.
@@ -87,7 +91,11 @@ pub async fn build_debian_base(
 ) -> Result<LocalImage, EngineError> {
     let tool = bootstrapper()?;
     let arguments = bootstrap_arguments(tool, suite);
-    let recipe = digest([format!("{tool:?}"), arguments.join("\n"), BASE_CHANGES.join("\n")]);
+    let recipe = digest([
+        format!("{tool:?}"),
+        arguments.join("\n"),
+        BASE_CHANGES.join("\n"),
+    ]);
     if let Some(id) = reused(engine, reference, &recipe).await? {
         return Ok(LocalImage::Reused { id });
     }
@@ -357,7 +365,12 @@ mod tests {
         let first = build_debian_stack(&engine, "s/py:1", base, &["python3"], &mut ignore).await?;
         assert!(first.was_built());
         let again = build_debian_stack(&engine, "s/py:1", base, &["python3"], &mut ignore).await?;
-        assert_eq!(again, LocalImage::Reused { id: first.id().to_owned() });
+        assert_eq!(
+            again,
+            LocalImage::Reused {
+                id: first.id().to_owned()
+            }
+        );
         let more =
             build_debian_stack(&engine, "s/py:1", base, &["python3", "ruby"], &mut ignore).await?;
         assert!(more.was_built());
@@ -366,7 +379,10 @@ mod tests {
         let rebased =
             build_debian_stack(&engine, "s/py:1", base, &["python3", "ruby"], &mut ignore).await?;
         assert!(rebased.was_built());
-        assert_eq!(engine.image_id("s/py:1").await?.as_deref(), Some(rebased.id()));
+        assert_eq!(
+            engine.image_id("s/py:1").await?.as_deref(),
+            Some(rebased.id())
+        );
         Ok(())
     }
 
@@ -374,7 +390,8 @@ mod tests {
     async fn a_missing_base_is_refused() {
         let engine = FakeEngine::new();
         let mut ignore = |_: BuildProgress| {};
-        let result = build_debian_stack(&engine, "s/x:1", "no/base:1", &["ruby"], &mut ignore).await;
+        let result =
+            build_debian_stack(&engine, "s/x:1", "no/base:1", &["ruby"], &mut ignore).await;
         assert!(matches!(result, Err(EngineError::ImageNotFound { .. })));
     }
 }

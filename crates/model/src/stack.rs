@@ -91,7 +91,10 @@ pub struct ResolvedStack<'a> {
 /// What can be wrong with a runtime, a stack or a pair of them. The messages are for users.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StackError {
-    #[error("runtime: unknown runtime {name:?}; the runtimes are {}", Runtime::names())]
+    #[error(
+        "runtime: unknown runtime {name:?}; the runtimes are {}",
+        Runtime::names()
+    )]
     UnknownRuntime { name: String },
     #[error("stack: unknown stack {name:?}; the stacks are {known}")]
     UnknownStack { name: String, known: String },
@@ -160,7 +163,13 @@ const BUILTINS: &[Builtin] = &[
         runtimes: &[Sh, Binary, Python, Node, Ruby, Php, Java],
         official_image: None,
         local_image: "stevedore/stack-default:local",
-        packages: Some(&["python3", "nodejs", "ruby", "php-cli", "openjdk-17-jre-headless"]),
+        packages: Some(&[
+            "python3",
+            "nodejs",
+            "ruby",
+            "php-cli",
+            "openjdk-17-jre-headless",
+        ]),
     },
     Builtin {
         name: "python-3.11",
@@ -270,7 +279,9 @@ impl FromStr for Runtime {
         let runtime = match lower.as_str() {
             "python3" => Some(Python),
             "nodejs" => Some(Node),
-            _ => Self::ALL.into_iter().find(|runtime| runtime.name() == lower),
+            _ => Self::ALL
+                .into_iter()
+                .find(|runtime| runtime.name() == lower),
         };
         runtime.ok_or_else(|| StackError::UnknownRuntime {
             name: name.to_owned(),
@@ -477,7 +488,9 @@ impl StackTable {
     pub fn apply(&mut self, setting: &StackSetting) -> Result<(), StackError> {
         let name = setting.name.trim().to_ascii_lowercase();
         if name.is_empty() {
-            return Err(StackError::InvalidSetting("a stack needs a name".to_owned()));
+            return Err(StackError::InvalidSetting(
+                "a stack needs a name".to_owned(),
+            ));
         }
         match self.stacks.iter().position(|stack| stack.name == name) {
             Some(index) => {
@@ -579,7 +592,11 @@ impl Default for StackTable {
 mod tests {
     use super::*;
 
-    fn resolved(table: &StackTable, runtime: Option<&str>, stack: Option<&str>) -> (Runtime, String) {
+    fn resolved(
+        table: &StackTable,
+        runtime: Option<&str>,
+        stack: Option<&str>,
+    ) -> (Runtime, String) {
         let resolved = table.resolve(runtime, stack).unwrap();
         (resolved.runtime, resolved.stack.name.clone())
     }
@@ -618,9 +635,15 @@ mod tests {
         let python2 = table.lookup("python-2.7").unwrap_err();
         assert!(matches!(python2, StackError::Python2 { .. }));
         let message = python2.to_string();
-        assert!(message.contains("python-3.11") && message.contains("Python 2"), "{message}");
+        assert!(
+            message.contains("python-3.11") && message.contains("Python 2"),
+            "{message}"
+        );
         let unknown = table.lookup("cobol-85").unwrap_err().to_string();
-        assert!(unknown.contains("cobol-85") && unknown.contains("node-18"), "{unknown}");
+        assert!(
+            unknown.contains("cobol-85") && unknown.contains("node-18"),
+            "{unknown}"
+        );
     }
 
     #[test]
@@ -638,7 +661,10 @@ mod tests {
             .resolve(Some("php"), Some("python-3.11"))
             .unwrap_err()
             .to_string();
-        assert!(error.contains("php") && error.contains("python-3.11"), "{error}");
+        assert!(
+            error.contains("php") && error.contains("python-3.11"),
+            "{error}"
+        );
         assert!(matches!(
             table.resolve(Some("cobol"), Some("busybox")),
             Err(StackError::UnknownRuntime { .. })
@@ -663,8 +689,14 @@ mod tests {
     #[test]
     fn images_are_official_or_local_and_configurable() {
         let official = StackTable::builtin(StackImages::Official);
-        assert_eq!(official.get("python-3.11").unwrap().image, "python:3.11-slim");
-        assert_eq!(official.get("default").unwrap().image, "stevedore/stack-default:local");
+        assert_eq!(
+            official.get("python-3.11").unwrap().image,
+            "python:3.11-slim"
+        );
+        assert_eq!(
+            official.get("default").unwrap().image,
+            "stevedore/stack-default:local"
+        );
         let local = StackTable::builtin(StackImages::Local);
         assert_eq!(
             local.get("python-3.11").unwrap().image,
@@ -687,7 +719,10 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(table.get("node-18").unwrap().image, "mirror.example.com/node:18");
+        assert_eq!(
+            table.get("node-18").unwrap().image,
+            "mirror.example.com/node:18"
+        );
         assert_eq!(table.lookup("deno").unwrap().name, "deno-2");
         let clash = StackTable::configured(
             StackImages::Official,

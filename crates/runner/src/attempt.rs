@@ -311,7 +311,20 @@ impl Attempt {
                 }
                 Ok(())
             }
-            Err(error) => Err(self.engine_failed(&format!("preparing the image {image}"), error)),
+            Err(error) => {
+                // A local stack image is never in a registry: say how it is made.
+                let local = stevedore_model::StackTable::local_builds()
+                    .iter()
+                    .any(|build| build.image == image);
+                let what = if local {
+                    format!(
+                        "preparing the image {image} (a local stack image: build it on the runner's machine with `stevedore stack build-local`)"
+                    )
+                } else {
+                    format!("preparing the image {image}")
+                };
+                Err(self.engine_failed(&what, error))
+            }
         }
     }
 

@@ -440,8 +440,18 @@ mod tests {
     fn each_runtime_has_its_launcher_on_its_stack() {
         for (runtime, stack, image, launcher) in [
             ("python", None, "python:3.11-slim", "python3"),
-            ("java", Some("java-17"), "eclipse-temurin:17-jre", "java -jar"),
-            ("node", Some("default"), "stevedore/stack-default:local", "node"),
+            (
+                "java",
+                Some("java-17"),
+                "eclipse-temurin:17-jre",
+                "java -jar",
+            ),
+            (
+                "node",
+                Some("default"),
+                "stevedore/stack-default:local",
+                "node",
+            ),
             ("binary", None, "stevedore/busybox:local", ""),
         ] {
             let leased = leased(
@@ -456,7 +466,7 @@ mod tests {
             assert_eq!(plan.image, image, "{runtime}");
             let cmd = plan.cmd.unwrap().join(" ");
             assert!(
-                cmd.starts_with(&format!("{launcher} /mnt/task/main -id t").trim_start()),
+                cmd.starts_with(format!("{launcher} /mnt/task/main -id t").trim_start()),
                 "{runtime}: {cmd}"
             );
         }
@@ -476,8 +486,13 @@ mod tests {
         leased.code.package_sha256 = Some("abc".into());
         let plan = ContainerPlan::new(&leased, &StackTable::default()).unwrap();
         assert_eq!(plan.package, PackagePlan::Unpack);
-        let zip = zip_of(&[("run.sh", "echo hi\n", Some(0o755)), ("data/a.txt", "a", None)]);
-        let spec = plan.spec(&leased, "r1", None, Some(zip.as_slice())).unwrap();
+        let zip = zip_of(&[
+            ("run.sh", "echo hi\n", Some(0o755)),
+            ("data/a.txt", "a", None),
+        ]);
+        let spec = plan
+            .spec(&leased, "r1", None, Some(zip.as_slice()))
+            .unwrap();
         let paths: Vec<&str> = spec.files.iter().map(|file| file.path.as_str()).collect();
         assert!(paths.contains(&"/mnt/task/run.sh") && paths.contains(&"/mnt/task/data/a.txt"));
         assert!(plan.spec(&leased, "r1", None, None).is_err());

@@ -98,14 +98,11 @@ impl LocalRun {
         now: Timestamp,
     ) -> Result<LocalRun, ValidationError> {
         spec.validate()?;
-        match (&spec.kind, &package) {
-            (CodeKind::Runtime { .. }, None) => {
-                return Err(ValidationError::new(
-                    "package",
-                    "a code with a runtime needs a zip package",
-                ));
-            }
-            _ => {}
+        if matches!(spec.kind, CodeKind::Runtime { .. }) && package.is_none() {
+            return Err(ValidationError::new(
+                "package",
+                "a code with a runtime needs a zip package",
+            ));
         }
         let new_task = NewTask {
             code_name: spec.name.clone(),
@@ -666,7 +663,8 @@ mod tests {
                 .field
         };
         assert_eq!(refused(spec(runtime.clone()), "", None), "package");
-        assert_eq!(refused(spec(image()), "", Some(vec![1])), "package");
+        // An image code may come with a package, unpacked beside the image's command.
+        assert!(LocalRun::new(spec(image()), String::new(), Some(vec![1]), now()).is_ok());
         let too_big = "x".repeat(DEFAULT_MAX_PAYLOAD_BYTES + 1);
         assert_eq!(refused(spec(image()), &too_big, None), "payload");
         let mut bad = spec(image());

@@ -34,7 +34,10 @@ const DEFAULT_DIRECTORY_MODE: u32 = 0o777;
 /// Unpacks `zip` under `TASK_DIR`. `entry_point` (a runtime code's `file_name`) is made
 /// executable whatever the zip recorded, so a `#!/bin/sh` script zipped without modes still
 /// runs.
-pub(crate) fn unpack(zip: &[u8], entry_point: Option<&str>) -> Result<UnpackedPackage, PackageError> {
+pub(crate) fn unpack(
+    zip: &[u8],
+    entry_point: Option<&str>,
+) -> Result<UnpackedPackage, PackageError> {
     let mut archive =
         zip::ZipArchive::new(Cursor::new(zip)).map_err(|error| PackageError(error.to_string()))?;
     // Every directory that holds something, explicit or implied, with its mode: listing the

@@ -13,7 +13,9 @@ use std::time::Duration;
 use harness::{Background, Harness, zip_of};
 use stevedore_engine::fake::{FakeEngine, FakeOperation, FakeRun};
 use stevedore_engine::{ContainerEngine, ContainerSpec, EngineCapabilities, EngineError};
-use stevedore_model::{Clock, CodeKind, ManualClock, StackTable, SystemClock, TaskOutcome, TaskStatus};
+use stevedore_model::{
+    Clock, CodeKind, ManualClock, StackTable, SystemClock, TaskOutcome, TaskStatus,
+};
 use stevedore_runner::{
     LABEL_RUNNER, LABEL_TASK, LocalResult, LocalRun, Runner, RunnerConfig, RunnerError, run_local,
 };

@@ -95,7 +95,9 @@ impl QueueTest {
             heartbeat_interval: Duration::from_millis(300),
             idle_poll_interval: Duration::from_millis(100),
             shutdown_grace: Duration::from_secs(10),
-            stacks: StackTable::default().with_image("default", TEST_IMAGE).unwrap(),
+            stacks: StackTable::default()
+                .with_image("default", TEST_IMAGE)
+                .unwrap(),
             ..RunnerConfig::default()
         }
     }

@@ -173,7 +173,11 @@ pub fn code_spec(
     let given = |value: Option<String>| value.filter(|text| !text.trim().is_empty());
     let runtime = given(upload.runtime).filter(|runtime| runtime != "image");
     let stack = given(upload.stack);
-    let kind = match (upload.image.filter(|image| !image.is_empty()), runtime, stack) {
+    let kind = match (
+        upload.image.filter(|image| !image.is_empty()),
+        runtime,
+        stack,
+    ) {
         (Some(image), _, _) => CodeKind::Image {
             image,
             command: upload.command.filter(|command| !command.is_empty()),

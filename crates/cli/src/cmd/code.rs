@@ -159,7 +159,6 @@ impl CodeDefinition {
             memory: self.memory,
             cpus: self.cpus,
             network: self.network.clone(),
-            ..v2::CodeUpload::default()
         })
     }
 

@@ -245,7 +245,11 @@ async fn real_workers_run_on_every_stack() {
         let log = api.log(&id).await.unwrap_or_default();
         assert_eq!(task["status"], "complete", "{}: {task}\n{log}", worker.data);
         let expected = worker.expected.replace("{task}", &id);
-        assert!(log.contains(&expected), "{}: wanted {expected:?} in\n{log}", worker.data);
+        assert!(
+            log.contains(&expected),
+            "{}: wanted {expected:?} in\n{log}",
+            worker.data
+        );
     }
 }
 
@@ -261,7 +265,11 @@ async fn an_image_code_runs_its_command_beside_the_unpacked_zip() {
     let server = ServerProcess::start_running(data.path(), &unique("imagezip"), &[]);
     let api = Api::new(&server);
     let zip = zip_of(&[
-        ("run.sh", b"echo \"script in $(pwd)\"; cat data/greeting.txt\n", 0o644),
+        (
+            "run.sh",
+            b"echo \"script in $(pwd)\"; cat data/greeting.txt\n",
+            0o644,
+        ),
         ("data/greeting.txt", b"hello from the zip\n", 0o644),
     ]);
     api.upload(
@@ -308,4 +316,47 @@ fn build_jar(scratch: &Path) -> Vec<u8> {
         .unwrap();
     assert!(jar.success(), "jar failed");
     std::fs::read(source_dir.join("hello.jar")).unwrap()
+}
+
+/// `stack build-local` reuses every image whose recipe is unchanged (the tests' set-up has
+/// built them all), and names the stacks when asked for one it does not know.
+#[test]
+fn building_the_local_stacks_again_reuses_them() {
+    if !docker_available() {
+        return;
+    }
+    ensure_local_image();
+    let built: Value =
+        serde_json::from_str(&crate::support::run_ok(&["stack", "build-local"])).unwrap();
+    let built = built.as_array().unwrap();
+    let images: Vec<&str> = built
+        .iter()
+        .map(|entry| entry["image"].as_str().unwrap())
+        .collect();
+    for image in [
+        "stevedore/busybox:local",
+        "stevedore/debian:bookworm-local",
+        "stevedore/stack-default:local",
+        "stevedore/stack-python:3.11-local",
+        "stevedore/stack-node:18-local",
+        "stevedore/stack-ruby:3.1-local",
+        "stevedore/stack-php:8.2-local",
+        "stevedore/stack-java:17-local",
+    ] {
+        assert!(images.contains(&image), "{image} missing from {built:?}");
+    }
+    assert!(
+        built.iter().all(|entry| entry["built"] == false),
+        "{built:?}"
+    );
+    let output = Command::new(crate::support::binary())
+        .args(["stack", "build-local", "cobol-85"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cobol-85") && stderr.contains("python-3.11"),
+        "{stderr}"
+    );
 }

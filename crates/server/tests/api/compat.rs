@@ -125,7 +125,10 @@ async fn stacks_are_a_list_of_names() {
         "{stacks:?}"
     );
     for name in ["busybox", "default", "python-3.11", "node-18", "ruby-3.1"] {
-        assert!(stacks.contains(&json!(name)), "{name} missing from {stacks:?}");
+        assert!(
+            stacks.contains(&json!(name)),
+            "{name} missing from {stacks:?}"
+        );
     }
 }
 

@@ -88,12 +88,36 @@ async fn uploads_resolve_their_stack_once_and_store_it() {
         (json!({"runtime": "python"}), "python", "python-3.11"),
         (json!({"runtime": "java"}), "java", "java-17"),
         // Aliases and IronWorker's old names.
-        (json!({"runtime": "sh", "stack": "ruby-2.1"}), "sh", "ruby-3.1"),
-        (json!({"runtime": "ruby", "stack": "ruby"}), "ruby", "ruby-3.1"),
-        (json!({"runtime": "node", "stack": "node-0.10"}), "node", "node-18"),
-        (json!({"runtime": "python", "stack": "python-3.5"}), "python", "python-3.11"),
-        (json!({"runtime": "php", "stack": "php-5.4"}), "php", "php-8.2"),
-        (json!({"runtime": "java", "stack": "java-1.7"}), "java", "java-17"),
+        (
+            json!({"runtime": "sh", "stack": "ruby-2.1"}),
+            "sh",
+            "ruby-3.1",
+        ),
+        (
+            json!({"runtime": "ruby", "stack": "ruby"}),
+            "ruby",
+            "ruby-3.1",
+        ),
+        (
+            json!({"runtime": "node", "stack": "node-0.10"}),
+            "node",
+            "node-18",
+        ),
+        (
+            json!({"runtime": "python", "stack": "python-3.5"}),
+            "python",
+            "python-3.11",
+        ),
+        (
+            json!({"runtime": "php", "stack": "php-5.4"}),
+            "php",
+            "php-8.2",
+        ),
+        (
+            json!({"runtime": "java", "stack": "java-1.7"}),
+            "java",
+            "java-17",
+        ),
         // A stack alone brings its language's runtime.
         (json!({"stack": "node"}), "node", "node-18"),
     ] {
@@ -110,7 +134,10 @@ async fn uploads_resolve_their_stack_once_and_store_it() {
     assert_eq!(reply.status, 200, "{}", reply.text());
     let codes = server.get("codes").await.json();
     let code = &codes["codes"][0];
-    assert_eq!((code["runtime"].as_str(), code["stack"].as_str()), (Some("node"), Some("node-18")));
+    assert_eq!(
+        (code["runtime"].as_str(), code["stack"].as_str()),
+        (Some("node"), Some("node-18"))
+    );
 }
 
 #[tokio::test]
@@ -125,7 +152,10 @@ async fn pairs_that_cannot_work_and_python_2_are_refused_with_the_stacks() {
             json!({"runtime": "python", "stack": "python-2.7"}),
             &["Python 2", "python-3.11"][..],
         ),
-        (json!({"runtime": "sh", "stack": "cobol-85"}), &["cobol-85", "node-18"][..]),
+        (
+            json!({"runtime": "sh", "stack": "cobol-85"}),
+            &["cobol-85", "node-18"][..],
+        ),
         (json!({"runtime": "fortran"}), &["fortran", "python"][..]),
     ] {
         let mut data = data;
