@@ -138,7 +138,7 @@ pub async fn build_local_stacks(
     let mut done = Vec::new();
     let mut base_ready = false;
     for build in builds {
-        let started = std::time::Instant::now();
+        let mut started = std::time::Instant::now();
         let outcome = match build.packages {
             None => stevedore_engine::build_local_busybox_image(engine, busybox, build.image)
                 .await
@@ -166,6 +166,8 @@ pub async fn build_local_stacks(
                         seconds: base_started.elapsed().as_secs_f64(),
                     });
                     base_ready = true;
+                    // The base is reported on its own; the stack's time starts after it.
+                    started = std::time::Instant::now();
                 }
                 if show_progress {
                     eprintln!("building {} ({})", build.image, packages.join(" "));

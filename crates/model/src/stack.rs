@@ -39,6 +39,9 @@ pub enum Runtime {
     Php,
     /// `java -jar <file>`: the entry point is a jar with a `Main-Class`.
     Java,
+    /// `go run <file>`: the entry point is a Go source file, compiled when the task starts
+    /// (as IronWorker's Ruby client ran Go workers).
+    Go,
 }
 
 /// Which images the built-in stacks name.
@@ -147,6 +150,7 @@ const NODE_PACKAGES: &[&str] = &["nodejs"];
 const RUBY_PACKAGES: &[&str] = &["ruby"];
 const PHP_PACKAGES: &[&str] = &["php-cli"];
 const JAVA_PACKAGES: &[&str] = &["openjdk-17-jre-headless"];
+const GO_PACKAGES: &[&str] = &["golang-go"];
 
 const BUILTINS: &[Builtin] = &[
     Builtin {
@@ -211,12 +215,20 @@ const BUILTINS: &[Builtin] = &[
         local_image: "stevedore/stack-java:17-local",
         packages: Some(JAVA_PACKAGES),
     },
+    Builtin {
+        name: "go-1.19",
+        aliases: &["go", "golang"],
+        runtimes: &[Go, Sh, Binary],
+        official_image: Some("golang:1.19"),
+        local_image: "stevedore/stack-go:1.19-local",
+        packages: Some(GO_PACKAGES),
+    },
 ];
 
 // === impl Runtime ===
 
 impl Runtime {
-    pub const ALL: [Runtime; 7] = [Binary, Sh, Python, Node, Ruby, Php, Java];
+    pub const ALL: [Runtime; 8] = [Binary, Sh, Python, Node, Ruby, Php, Java, Go];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -227,6 +239,7 @@ impl Runtime {
             Ruby => "ruby",
             Php => "php",
             Java => "java",
+            Go => "go",
         }
     }
 
@@ -240,6 +253,7 @@ impl Runtime {
             Ruby => &["ruby"],
             Php => &["php"],
             Java => &["java", "-jar"],
+            Go => &["go", "run"],
         }
     }
 
@@ -255,6 +269,7 @@ impl Runtime {
             Ruby => "ruby-3.1",
             Php => "php-8.2",
             Java => "java-17",
+            Go => "go-1.19",
         }
     }
 
@@ -279,6 +294,7 @@ impl FromStr for Runtime {
         let runtime = match lower.as_str() {
             "python3" => Some(Python),
             "nodejs" => Some(Node),
+            "golang" => Some(Go),
             _ => Self::ALL
                 .into_iter()
                 .find(|runtime| runtime.name() == lower),
@@ -628,6 +644,7 @@ mod tests {
             ("ruby-1.9", "ruby-3.1"),
             ("java-1.7", "java-17"),
             ("php-5.4", "php-8.2"),
+            ("go-1.4", "go-1.19"),
             ("busybox", "busybox"),
         ] {
             assert_eq!(table.lookup(name).unwrap().name, expected, "{name}");

@@ -1,7 +1,7 @@
 //! Real workers on every stack, against the real binary and Docker, on the images
 //! `stack build-local` made from Debian's archive: a Ruby worker uploaded exactly as
-//! IronWorker's Ruby client (`iron_worker_ng`) uploads one, PHP and Java (a jar) workers,
-//! plain Python and Node workers, and an image code shipped with a zip. The official Python
+//! IronWorker's Ruby client (`iron_worker_ng`) uploads one, PHP, Java (a jar) and Go
+//! workers, plain Python and Node workers, and an image code shipped with a zip. The official Python
 //! and Node clients' own workers run in `python_client.rs` and `node_client.rs`.
 
 use std::path::Path;
@@ -138,6 +138,34 @@ const payload = JSON.parse(fs.readFileSync(flags['-payload'], 'utf8'));
 console.log(`node ${process.versions.node.split('.')[0]} says hello to ${payload.name} in task ${flags['-id']}`);
 "#;
 
+const GO_WORKER: &str = r#"package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"runtime"
+	"strings"
+)
+
+func main() {
+	flags := map[string]string{}
+	for i := 1; i+1 < len(os.Args); i++ {
+		flags[os.Args[i]] = os.Args[i+1]
+	}
+	raw, err := os.ReadFile(flags["-payload"])
+	if err != nil {
+		panic(err)
+	}
+	var payload map[string]string
+	if err := json.Unmarshal(raw, &payload); err != nil {
+		panic(err)
+	}
+	release := strings.Join(strings.SplitN(runtime.Version(), ".", 3)[:2], ".")
+	fmt.Printf("%s says hello to %s in task %s\n", release, payload["name"], flags["-id"])
+}
+"#;
+
 /// One worker to upload and the line its log must hold (`{task}` stands for the task's id).
 struct Worker {
     data: Value,
@@ -166,6 +194,7 @@ async fn real_workers_run_on_every_stack() {
     let java_zip = zip_of(&[("hello.jar", &jar, 0o644)]);
     let python_zip = zip_of(&[("worker.py", PYTHON_WORKER.as_bytes(), 0o644)]);
     let node_zip = zip_of(&[("worker.js", NODE_WORKER.as_bytes(), 0o644)]);
+    let go_zip = zip_of(&[("hello.go", GO_WORKER.as_bytes(), 0o644)]);
     // The Ruby client's upload: `runtime: "sh"`, `__runner__.sh`, its options, and `stack`
     // only when the worker names one.
     let ng = |name: &str, stack: Option<&str>| {
@@ -229,6 +258,12 @@ async fn real_workers_run_on_every_stack() {
             zip: node_zip,
             payload: json!({"name": "node-18"}),
             expected: "node 18 says hello to node-18 in task {task}",
+        },
+        Worker {
+            data: json!({"name": "go", "runtime": "go", "file_name": "hello.go"}),
+            zip: go_zip,
+            payload: json!({"name": "go-1.19"}),
+            expected: "go1.19 says hello to go-1.19 in task {task}",
         },
     ];
     let mut queued = Vec::new();
@@ -342,6 +377,7 @@ fn building_the_local_stacks_again_reuses_them() {
         "stevedore/stack-ruby:3.1-local",
         "stevedore/stack-php:8.2-local",
         "stevedore/stack-java:17-local",
+        "stevedore/stack-go:1.19-local",
     ] {
         assert!(images.contains(&image), "{image} missing from {built:?}");
     }

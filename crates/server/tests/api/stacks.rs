@@ -118,6 +118,7 @@ async fn uploads_resolve_their_stack_once_and_store_it() {
             "java",
             "java-17",
         ),
+        (json!({"runtime": "go", "stack": "go-1.4"}), "go", "go-1.19"),
         // A stack alone brings its language's runtime.
         (json!({"stack": "node"}), "node", "node-18"),
     ] {
