@@ -231,3 +231,56 @@ impl Settings {
         Ok(config)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(toml: &str) -> anyhow::Result<Settings> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("stevedore.toml");
+        std::fs::write(&path, toml)?;
+        Settings::load(Some(&path))
+    }
+
+    #[test]
+    fn stacks_run_on_the_local_images_with_changes() -> anyhow::Result<()> {
+        let local = load(
+            r#"
+stack_images = "local"
+
+[[stacks]]
+name = "ruby-3.1"
+image = "mirror.example.com/ruby:3.1"
+
+[[stacks]]
+name = "deno-2"
+image = "denoland/deno:2"
+runtimes = ["sh"]
+"#,
+        )?
+        .stack_table()?;
+        assert_eq!(
+            local.get("node-18").map(|s| s.image.as_str()),
+            Some("stevedore/stack-node:18-local")
+        );
+        assert_eq!(
+            local.get("ruby-3.1").map(|s| s.image.as_str()),
+            Some("mirror.example.com/ruby:3.1")
+        );
+        assert!(local.get("deno-2").is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn stack_settings_of_the_old_form_are_refused() {
+        // A launcher belongs to the runtime now; an old `[[stacks]]` entry says so loudly.
+        let old = load("[[stacks]]\nname = \"sh\"\nimage = \"x\"\nlauncher = [\"sh\"]\n");
+        assert!(old.is_err());
+        let new_without_runtimes = load("[[stacks]]\nname = \"mine\"\nimage = \"x\"\n")
+            .and_then(|settings| settings.stack_table());
+        let message = format!("{:#}", new_without_runtimes.unwrap_err());
+        assert!(message.contains("runtimes"), "{message}");
+        assert!(load("stack_images = \"nearby\"\n").is_err());
+    }
+}

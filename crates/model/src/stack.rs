@@ -77,6 +77,7 @@ pub struct StackTable {
 /// A stack as `stevedore.toml`'s `[[stacks]]` gives it: a built-in stack's name with what
 /// changes (usually `image`), or a new stack with its image and runtimes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StackSetting {
     pub name: String,
     pub image: Option<String>,
