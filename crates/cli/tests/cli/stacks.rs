@@ -321,6 +321,31 @@ async fn an_image_code_runs_its_command_beside_the_unpacked_zip() {
     assert!(log.contains("script in /mnt/task"), "{log}");
     assert!(log.contains("hello from the zip"), "{log}");
 
+    // `code push --image --zip DIR` ships the same way.
+    let dir = data.path().join("image-zip");
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    std::fs::write(dir.join("run.sh"), "cat data/greeting.txt\n").unwrap();
+    std::fs::write(dir.join("data/greeting.txt"), "pushed from a directory\n").unwrap();
+    let cli = crate::client::Cli::new(&server);
+    cli.ok(&[
+        "code",
+        "push",
+        "image-dir",
+        "--image",
+        "stevedore/busybox:local",
+        "--command",
+        "sh run.sh",
+        "--zip",
+        dir.to_str().unwrap(),
+    ]);
+    let ids = api
+        .queue(json!([{"code_name": "image-dir", "payload": "{}"}]))
+        .await;
+    let task = api.wait_finished(&ids[0], TASK_WAIT).await;
+    let log = api.log(&ids[0]).await.unwrap_or_default();
+    assert_eq!(task["status"], "complete", "{task}\n{log}");
+    assert!(log.contains("pushed from a directory"), "{log}");
+
     // An options update keeps the zip with the image.
     api.post("codes", json!({"name": "image-zip", "retries": 1}))
         .await;
