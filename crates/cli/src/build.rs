@@ -149,7 +149,9 @@ pub async fn build_local_stacks(
                 if !base_ready {
                     let base_started = std::time::Instant::now();
                     if show_progress {
-                        eprintln!("building {LOCAL_DEBIAN_IMAGE} from Debian's archive");
+                        eprintln!(
+                            "{LOCAL_DEBIAN_IMAGE}: bootstrapped from Debian's archive unless it is built (a minute or two)"
+                        );
                     }
                     let base = stevedore_engine::build_debian_base(
                         engine,
@@ -158,6 +160,10 @@ pub async fn build_local_stacks(
                     )
                     .await
                     .with_context(|| format!("cannot build {LOCAL_DEBIAN_IMAGE}"))?;
+                    if show_progress {
+                        let verb = if base.was_built() { "built" } else { "reused" };
+                        eprintln!("{verb} {LOCAL_DEBIAN_IMAGE}");
+                    }
                     done.push(LocalStackBuilt {
                         stack: None,
                         image: LOCAL_DEBIAN_IMAGE.to_owned(),
@@ -168,9 +174,6 @@ pub async fn build_local_stacks(
                     base_ready = true;
                     // The base is reported on its own; the stack's time starts after it.
                     started = std::time::Instant::now();
-                }
-                if show_progress {
-                    eprintln!("building {} ({})", build.image, packages.join(" "));
                 }
                 let mut on_progress = |event: BuildProgress| {
                     if !show_progress {
@@ -199,13 +202,15 @@ pub async fn build_local_stacks(
                 .with_context(|| format!("cannot build {}", build.image))?
             }
         };
-        if show_progress {
-            let verb = if outcome.was_built() {
-                "built"
-            } else {
-                "reused"
-            };
-            eprintln!("{verb} {} for the stack {}", build.image, build.stack);
+        if show_progress && outcome.was_built() {
+            eprintln!(
+                "built {} for the stack {} in {:.0} s",
+                build.image,
+                build.stack,
+                started.elapsed().as_secs_f64()
+            );
+        } else if show_progress {
+            eprintln!("reused {} for the stack {}", build.image, build.stack);
         }
         done.push(LocalStackBuilt {
             stack: Some(build.stack.to_owned()),
