@@ -32,6 +32,19 @@ if [ -x scripts/ensure-docker.sh ]; then
   scripts/ensure-docker.sh
 fi
 
+# Every stack's local image, built from Debian's archive (or reused), so that workers of every
+# language really run in the tests without any container registry. The tests run the stacks
+# on them (they set STEVEDORE_STACK_IMAGES=local for the servers they start).
+log "building stevedore"
+cargo build --locked --bin stevedore
+scripts/ensure-stacks.sh target/debug/stevedore
+
+# A JDK, for the Java worker the tests compile into a jar.
+if ! command -v javac >/dev/null 2>&1 || ! command -v jar >/dev/null 2>&1; then
+  log "installing a JDK"
+  apt_install default-jdk-headless
+fi
+
 # PostgreSQL's binaries, for the PostgreSQL store's tests, benchmark and `serve --database`
 # tests. No server is started here: the tests start a throwaway cluster of their own.
 STEVEDORE_PG_BIN="$(scripts/ensure-postgres.sh)"

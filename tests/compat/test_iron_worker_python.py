@@ -830,9 +830,10 @@ print(json.dumps(out))
 
 @pytest.mark.runs_containers
 def test_worker_helpers_read_what_the_container_got(worker, workdir, tmp_path):
-    """payload(), config(), task_id() and task_dir() run inside a task; the stacks have
-    no Python, so a shell worker captures its argv, env and files, and the helpers run
-    here against that copy, with the container's paths moved under a scratch root."""
+    """payload(), config(), task_id() and task_dir() run inside a task; here a shell worker
+    captures its argv, env and files, and the helpers run against that copy, with the
+    container's paths moved under a scratch root, each way of passing them alone (the
+    helpers inside a real Python task: the test after this one)."""
     name = "pyclient-capture-%s" % RUN_ID
     config = {"db": "postgres://example", "n": 2}
     zip_buf = io.BytesIO()
@@ -887,3 +888,74 @@ def test_worker_helpers_read_what_the_container_got(worker, workdir, tmp_path):
                              timeout=60)
         assert out.returncode == 0, (label, out.stderr)
         assert json.loads(out.stdout.splitlines()[-1]) == expected, label
+
+
+# A worker as users ship one: it imports the client and its dependencies from its own zip and
+# reads its task through the client's in-task helpers.
+HELPER_WORKER_PY = r"""import sys
+from dateutil import parser
+from iron_worker import IronWorker
+
+payload = IronWorker.payload()
+print("python %d.%d runs the worker" % sys.version_info[:2])
+print("payload=%s" % json_dumps(payload))
+print("config=%s" % json_dumps(IronWorker.config()))
+print("task_id=%s" % IronWorker.task_id())
+print("weekday=%s" % parser.isoparse(payload["when"]).strftime("%A"))
+"""
+
+
+def _vendor(module, destination):
+    """Copies an installed module or package into `destination`, as `pip install --target`
+    would lay it out, without caches."""
+    import importlib
+    import shutil
+    location = importlib.import_module(module).__file__
+    if os.path.basename(location) == "__init__.py":
+        source = os.path.dirname(location)
+        shutil.copytree(source, os.path.join(destination, os.path.basename(source)),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        shutil.copy(location, destination)
+
+
+@pytest.mark.runs_containers
+def test_a_python_worker_with_vendored_dependencies_reads_its_task_through_the_helpers(
+        worker, workdir):
+    """The client uploads `runtime: "python"` and no stack: the worker runs under python3 on
+    the python stack, importing iron_worker, iron_core, requests and dateutil from its zip."""
+    name = "pyclient-helpers-%s" % RUN_ID
+    base_dir = os.path.join(str(workdir), name)
+    os.makedirs(base_dir)
+    with open(os.path.join(base_dir, "worker.py"), "w") as f:
+        f.write("import json\njson_dumps = lambda v: json.dumps(v, sort_keys=True)\n")
+        f.write(HELPER_WORKER_PY)
+    for module in ("iron_worker", "iron_core", "requests", "urllib3", "idna",
+                   "charset_normalizer", "certifi", "dateutil"):
+        _vendor(module, base_dir)
+    code = CodePackage(name=name)
+    with _in_dir(base_dir):
+        code.merge(".")
+        uploaded = worker.upload(code, executable="worker.py")
+    assert uploaded.id
+    info = worker.code(uploaded.id)
+    assert info.runtime == "python"
+    # the client cannot send a code's config: an options update adds it and keeps the zip
+    base, auth = _raw(worker)
+    config = {"greeting": "from the config"}
+    r = requests.post(base + "codes", headers=auth,
+                      json={"name": name, "config": json.dumps(config)})
+    assert r.status_code == 200, r.text
+    raw_code = requests.get(base + "codes/%s" % uploaded.id, headers=auth).json()
+    assert raw_code["stack"] == "python-3.11", raw_code
+
+    payload = {"hello": "world", "when": "2026-12-04T10:00:00Z"}
+    t = worker.queue(code_name=name, payload=payload, timeout=60)
+    done = worker.wait_for_task(t)
+    log = worker.log(t.id)
+    assert done.status == "complete", log
+    assert "python 3.11 runs the worker" in log
+    assert "payload=%s" % json.dumps(payload, sort_keys=True) in log
+    assert "config=%s" % json.dumps(config, sort_keys=True) in log
+    assert "task_id=%s" % t.id in log
+    assert "weekday=Friday" in log

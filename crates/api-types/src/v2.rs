@@ -29,9 +29,11 @@ pub struct ProjectInfo {
 #[serde(deny_unknown_fields)]
 pub struct CodeUpload {
     pub name: Option<String>,
-    /// The stack that runs a zip package (`binary`, `sh`, ...). IronWorker's clients also
-    /// send `stack`; either names it.
+    /// How a zip package's `file_name` is launched: `binary`, `sh`, `python`, `node`, `ruby`,
+    /// `php`, `java` (`java -jar`).
     pub runtime: Option<String>,
+    /// The stack (image) a zip package runs on: `python-3.11`, an alias such as `python`,
+    /// or one of IronWorker's old names (`ruby-2.1`); absent, the runtime's default stack.
     pub stack: Option<String>,
     /// The entry point inside the zip package.
     pub file_name: Option<String>,
@@ -82,8 +84,11 @@ pub struct CodeInfo {
     pub project_id: String,
     pub name: String,
     pub rev: u32,
-    /// `image` or the stack name of a zip package.
+    /// `image`, or how a zip package is launched.
     pub runtime: Option<String>,
+    /// The stack a zip package runs on, as resolved when it was uploaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stack: Option<String>,
     pub file_name: Option<String>,
     pub image: Option<String>,
     pub command: Option<String>,
@@ -365,12 +370,14 @@ pub struct ScheduleList {
 
 // `GET /2/stacks` answers a JSON array of the stack names, as IronWorker documents it.
 
-/// A stack with its image and launcher (`GET /2/stacks?details=true`).
+/// A stack with its aliases, the runtimes it launches and its image
+/// (`GET /2/stacks?details=true`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct StackInfo {
     pub name: String,
+    pub aliases: Vec<String>,
+    pub runtimes: Vec<String>,
     pub image: String,
-    pub launcher: Vec<String>,
 }
 
 // === clusters ===

@@ -1,6 +1,6 @@
 //! Images on the local engine, with progress on the terminal: building a code's image from a
-//! Dockerfile (`code push --dockerfile`, `run --dockerfile`) and pulling one that is missing
-//! (`run`).
+//! Dockerfile (`code push --dockerfile`, `run --dockerfile`), pulling one that is missing
+//! (`run`), and building the local stack images (`stack build-local`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,6 +10,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use stevedore_engine::{BuildProgress, BuildRequest, ContainerEngine, PullProgress, RegistryAuth};
 use stevedore_model::CodeImages;
 use stevedore_model::registry::LOCAL_CODE_REPOSITORY;
+use stevedore_model::stack::{LOCAL_DEBIAN_IMAGE, LOCAL_DEBIAN_SUITE, LocalBuild};
+use stevedore_model::{StackImages, StackTable};
 
 /// Builds the image of code `name` from `context`/Dockerfile and returns its reference. Each
 /// build gets a tag of its own, so every revision pins the exact image it was pushed with.
@@ -129,6 +131,125 @@ pub async fn ensure_image(
     result
         .with_context(|| format!("the image {image} is not on the engine and cannot be pulled"))?;
     Ok(())
+}
+
+/// What `stack build-local` did for one image.
+#[derive(Debug, serde::Serialize)]
+pub struct LocalStackBuilt {
+    /// The stack the image is for; none for the Debian base image the stacks share.
+    pub stack: Option<String>,
+    pub image: String,
+    pub id: String,
+    /// False when the image existed from the same recipe and was reused.
+    pub built: bool,
+    pub seconds: f64,
+}
+
+/// Builds the local images of the stacks `names` (every built-in stack when empty): busybox
+/// from the host's static busybox, the others on a Debian base image bootstrapped from
+/// Debian's archive. An image that exists from the same recipe is reused.
+pub async fn build_local_stacks(
+    engine: &dyn ContainerEngine,
+    names: &[String],
+    busybox: &Path,
+    show_progress: bool,
+) -> anyhow::Result<Vec<LocalStackBuilt>> {
+    let table = StackTable::builtin(StackImages::Local);
+    let mut wanted = Vec::new();
+    for name in names {
+        let stack = table.lookup(name)?;
+        wanted.push(stack.name.clone());
+    }
+    let builds: Vec<LocalBuild> = StackTable::local_builds()
+        .into_iter()
+        .filter(|build| wanted.is_empty() || wanted.iter().any(|name| name == build.stack))
+        .collect();
+    let mut done = Vec::new();
+    let mut base_ready = false;
+    for build in builds {
+        let mut started = std::time::Instant::now();
+        let outcome = match build.packages {
+            None => stevedore_engine::build_local_busybox_image(engine, busybox, build.image)
+                .await
+                .with_context(|| {
+                    format!("cannot build {} from {}", build.image, busybox.display())
+                })?,
+            Some(packages) => {
+                if !base_ready {
+                    let base_started = std::time::Instant::now();
+                    if show_progress {
+                        eprintln!(
+                            "{LOCAL_DEBIAN_IMAGE}: bootstrapped from Debian's archive unless it is built (a minute or two)"
+                        );
+                    }
+                    let base = stevedore_engine::build_debian_base(
+                        engine,
+                        LOCAL_DEBIAN_IMAGE,
+                        LOCAL_DEBIAN_SUITE,
+                    )
+                    .await
+                    .with_context(|| format!("cannot build {LOCAL_DEBIAN_IMAGE}"))?;
+                    if show_progress {
+                        let verb = if base.was_built() { "built" } else { "reused" };
+                        eprintln!("{verb} {LOCAL_DEBIAN_IMAGE}");
+                    }
+                    done.push(LocalStackBuilt {
+                        stack: None,
+                        image: LOCAL_DEBIAN_IMAGE.to_owned(),
+                        id: base.id().to_owned(),
+                        built: base.was_built(),
+                        seconds: base_started.elapsed().as_secs_f64(),
+                    });
+                    base_ready = true;
+                    // The base is reported on its own; the stack's time starts after it.
+                    started = std::time::Instant::now();
+                }
+                let mut on_progress = |event: BuildProgress| {
+                    if !show_progress {
+                        return;
+                    }
+                    match event {
+                        BuildProgress::Step {
+                            number,
+                            total,
+                            instruction,
+                        } => eprintln!("  step {number}/{total}: {instruction}"),
+                        BuildProgress::Output { line } if !line.trim().is_empty() => {
+                            eprintln!("    {}", line.trim_end());
+                        }
+                        _ => {}
+                    }
+                };
+                stevedore_engine::build_debian_stack(
+                    engine,
+                    build.image,
+                    LOCAL_DEBIAN_IMAGE,
+                    packages,
+                    &mut on_progress,
+                )
+                .await
+                .with_context(|| format!("cannot build {}", build.image))?
+            }
+        };
+        if show_progress && outcome.was_built() {
+            eprintln!(
+                "built {} for the stack {} in {:.0} s",
+                build.image,
+                build.stack,
+                started.elapsed().as_secs_f64()
+            );
+        } else if show_progress {
+            eprintln!("reused {} for the stack {}", build.image, build.stack);
+        }
+        done.push(LocalStackBuilt {
+            stack: Some(build.stack.to_owned()),
+            image: build.image.to_owned(),
+            id: outcome.id().to_owned(),
+            built: outcome.was_built(),
+            seconds: started.elapsed().as_secs_f64(),
+        });
+    }
+    Ok(done)
 }
 
 fn bar(show: bool, template: &str) -> ProgressBar {

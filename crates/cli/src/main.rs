@@ -160,11 +160,15 @@ struct RunnerArgs {
 
 #[derive(Debug, Subcommand)]
 enum StackCommand {
-    /// List the server's stacks: runtime name, image, launcher.
+    /// List the server's stacks: name, aliases, the runtimes each launches, image.
     Ls,
-    /// Build `stevedore/busybox:local` from the host's static busybox, for machines that reach
-    /// no registry. The `binary` and `sh` stacks run on it.
+    /// Build the stacks' local images without any container registry: `busybox` from the
+    /// host's static busybox, every other stack on a Debian base image made from Debian's
+    /// archive (mmdebstrap) with Debian's packages. An image whose recipe is unchanged is
+    /// reused. `stack_images = "local"` in stevedore.toml runs the stacks on them.
     BuildLocal {
+        /// The stacks to build (names or aliases); default: every stack.
+        names: Vec<String>,
         /// The static busybox to build from.
         #[arg(long, default_value = stevedore_engine::HOST_BUSYBOX)]
         busybox: PathBuf,
@@ -353,15 +357,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
         }
         Command::Stack {
-            command: StackCommand::BuildLocal { busybox },
+            command: StackCommand::BuildLocal { names, busybox },
             ..
         } => {
             let engine = connect_engine().await?;
-            let image = stevedore_engine::LOCAL_BUSYBOX_IMAGE;
-            let image_id = stevedore_engine::build_local_busybox_image(&engine, &busybox, image)
-                .await
-                .with_context(|| format!("cannot build {image} from {}", busybox.display()))?;
-            print_json(&serde_json::json!({"image": image, "id": image_id}))
+            let built = build::build_local_stacks(&engine, &names, &busybox, true).await?;
+            print_json(&serde_json::to_value(built)?)
         }
     }
 }
@@ -419,7 +420,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     };
     let shutdown = CancellationToken::new();
     let background = TaskTracker::new();
-    let server_config = settings.server_config();
+    let server_config = settings.server_config()?;
     let mut on_enqueue: Option<EnqueueHook> = None;
     if settings.runner.enabled {
         let engine: Arc<dyn ContainerEngine> = Arc::new(connect_engine().await?);
@@ -430,7 +431,11 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
                 .announcing(server_config.runner_api.online_window / 4)
                 .with_credentials(credentials.clone()),
         );
-        let runner = Runner::new(settings.runner_config(), source.clone(), engine);
+        let runner = Runner::new(
+            settings.runner_config(&server_config.stacks),
+            source.clone(),
+            engine,
+        );
         let wake = runner.work_notifier();
         on_enqueue = Some(Arc::new(move || wake.notify()));
         let started = runner
@@ -535,7 +540,7 @@ fn credential_vault(settings: &Settings) -> anyhow::Result<CredentialVault> {
 /// `stevedore runner`: the runner of `serve`, leasing over HTTP instead of from the store.
 async fn remote_runner(settings: Settings, args: RunnerArgs) -> anyhow::Result<()> {
     let signal = shutdown_signal();
-    let mut config = settings.runner_config();
+    let mut config = settings.runner_config(&settings.stack_table()?);
     config.runner_id = match args.id {
         Some(id) => id,
         None => format!("remote-{}", host_name()),

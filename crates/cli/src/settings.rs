@@ -10,7 +10,8 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 use stevedore_engine::RegistryAuth;
-use stevedore_model::{CodeImages, Stack, limits};
+use stevedore_model::stack::StackSetting;
+use stevedore_model::{CodeImages, StackImages, StackTable, limits};
 use stevedore_runner::RunnerConfig;
 use stevedore_server::ServerConfig;
 use stevedore_store::{PgOptions, SqliteOptions, SyncMode};
@@ -36,7 +37,14 @@ pub struct Settings {
     /// How often the scheduler looks for due schedules, in milliseconds: a scheduled task
     /// starts at most this late.
     pub scheduler_interval_ms: u64,
-    pub stacks: Vec<Stack>,
+    /// Which images the built-in stacks run on: `official` (default), each language's
+    /// official image as a connected machine pulls it, or `local`, the images
+    /// `stevedore stack build-local` builds from Debian's archive without any registry.
+    pub stack_images: StackImages,
+    /// Changes to the built-in stacks (`[[stacks]]` with a stack's `name` and a new `image`,
+    /// `aliases` or `runtimes`) and stacks of one's own (`name`, `image`, `runtimes`, and
+    /// optionally `aliases`).
+    pub stacks: Vec<StackSetting>,
     pub runner: RunnerSettings,
     pub metrics: MetricsSettings,
     /// The key that seals projects' registry passwords, 64 hex digits. Servers sharing a
@@ -157,7 +165,7 @@ impl Default for RunnerSettings {
 }
 
 impl RunnerSettings {
-    pub fn runner_config(&self, stacks: &[Stack]) -> RunnerConfig {
+    pub fn runner_config(&self, stacks: &StackTable) -> RunnerConfig {
         RunnerConfig {
             runner_id: self.id.clone(),
             clusters: self.clusters.clone(),
@@ -169,7 +177,7 @@ impl RunnerSettings {
             max_infra_attempts: self.max_infra_attempts,
             pids_limit: self.pids_limit,
             allow_unlimited_memory: self.allow_unlimited_memory,
-            stacks: stacks.to_vec(),
+            stacks: stacks.clone(),
             registry_auth: self
                 .registries
                 .iter()
@@ -199,7 +207,8 @@ impl Default for Settings {
             max_unpacked_bytes: server.package.max_unpacked_bytes,
             min_run_every_secs: limits::DEFAULT_MIN_RUN_EVERY_SECS,
             scheduler_interval_ms: 1000,
-            stacks: Stack::defaults(),
+            stack_images: StackImages::default(),
+            stacks: Vec::new(),
             runner: RunnerSettings::default(),
             metrics: MetricsSettings::default(),
             credential_key: None,
@@ -261,8 +270,8 @@ impl Settings {
 
     /// The runner's configuration: the `runner` section, the stacks, and the operator's code
     /// registry (whose images it recognizes and whose credentials it pulls them with).
-    pub fn runner_config(&self) -> RunnerConfig {
-        let mut config = self.runner.runner_config(&self.stacks);
+    pub fn runner_config(&self, stacks: &StackTable) -> RunnerConfig {
+        let mut config = self.runner.runner_config(stacks);
         config.code_images = self.code_images();
         if let Some(registry) = &self.code_registry {
             config.registry_auth.insert(0, registry.auth());
@@ -281,17 +290,75 @@ impl Settings {
         }
     }
 
-    pub fn server_config(&self) -> ServerConfig {
+    /// The built-in stacks on the chosen images, with the configured changes.
+    pub fn stack_table(&self) -> anyhow::Result<StackTable> {
+        StackTable::configured(self.stack_images, &self.stacks).context("invalid configuration")
+    }
+
+    pub fn server_config(&self) -> anyhow::Result<ServerConfig> {
         let mut config = ServerConfig {
             max_payload_bytes: self.max_payload_bytes,
             min_run_every_secs: self.min_run_every_secs,
-            stacks: self.stacks.clone(),
+            stacks: self.stack_table()?,
             ..ServerConfig::default()
         };
         config.package.max_bytes = self.max_package_bytes;
         config.package.max_unpacked_bytes = self.max_unpacked_bytes;
         config.metrics.token_required = self.metrics.token_required;
         config.code_images = self.code_images();
-        config
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(toml: &str) -> anyhow::Result<Settings> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("stevedore.toml");
+        std::fs::write(&path, toml)?;
+        Settings::load(Some(&path))
+    }
+
+    #[test]
+    fn stacks_run_on_the_local_images_with_changes() -> anyhow::Result<()> {
+        let local = load(
+            r#"
+stack_images = "local"
+
+[[stacks]]
+name = "ruby-3.1"
+image = "mirror.example.com/ruby:3.1"
+
+[[stacks]]
+name = "deno-2"
+image = "denoland/deno:2"
+runtimes = ["sh"]
+"#,
+        )?
+        .stack_table()?;
+        assert_eq!(
+            local.get("node-18").map(|s| s.image.as_str()),
+            Some("stevedore/stack-node:18-local")
+        );
+        assert_eq!(
+            local.get("ruby-3.1").map(|s| s.image.as_str()),
+            Some("mirror.example.com/ruby:3.1")
+        );
+        assert!(local.get("deno-2").is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn stack_settings_of_the_old_form_are_refused() {
+        // A launcher belongs to the runtime now; an old `[[stacks]]` entry says so loudly.
+        let old = load("[[stacks]]\nname = \"sh\"\nimage = \"x\"\nlauncher = [\"sh\"]\n");
+        assert!(old.is_err());
+        let new_without_runtimes = load("[[stacks]]\nname = \"mine\"\nimage = \"x\"\n")
+            .and_then(|settings| settings.stack_table());
+        let message = format!("{:#}", new_without_runtimes.unwrap_err());
+        assert!(message.contains("runtimes"), "{message}");
+        assert!(load("stack_images = \"nearby\"\n").is_err());
     }
 }

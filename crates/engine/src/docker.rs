@@ -163,6 +163,11 @@ impl ContainerEngine for DockerEngine {
                     EngineError::protocol(format!("the image {reference} has no id"))
                 })?,
                 repo_digests: inspected.repo_digests.unwrap_or_default(),
+                labels: inspected
+                    .config
+                    .and_then(|config| config.labels)
+                    .map(|labels| labels.into_iter().collect())
+                    .unwrap_or_default(),
             })),
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..

@@ -3,6 +3,7 @@
 //! The trait knows containers, images and limits, not tasks: the runner maps a task onto a
 //! [`ContainerSpec`](crate::ContainerSpec) and reads an [`ExitStatus`] back.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -48,7 +49,7 @@ pub trait ContainerEngine: Send + Sync + 'static {
         Ok(self.image_id(image).await?.is_some())
     }
 
-    /// The local image's id and repository digests, `None` when it is not present.
+    /// The local image's id, repository digests and labels, `None` when it is not present.
     async fn local_image(&self, image: &str) -> Result<Option<LocalImage>, EngineError>;
 
     /// Asks `image`'s registry, through the engine, whether `registry_auth` (or no
@@ -241,6 +242,8 @@ pub struct LocalImage {
     /// `RepoDigests`: the `repository@digest` names it has in registries it was pulled from or
     /// pushed to. Empty for an image built or imported here and never pushed.
     pub repo_digests: Vec<String>,
+    /// The image's labels (`stevedore.recipe` on the local stack images).
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Credentials for a private registry, sent with a pull.

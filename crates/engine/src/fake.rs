@@ -116,6 +116,8 @@ struct FakeState {
     capabilities: EngineCapabilities,
     /// Images present locally: normalized reference → id.
     images: BTreeMap<String, String>,
+    /// The labels of built and imported images, by id.
+    image_labels: BTreeMap<String, BTreeMap<String, String>>,
     /// Images a pull can fetch, with how long the pull takes.
     registry: BTreeMap<String, Duration>,
     pull_counts: BTreeMap<String, usize>,
@@ -253,6 +255,7 @@ impl FakeEngine {
                     warnings: Vec::new(),
                 },
                 images: BTreeMap::new(),
+                image_labels: BTreeMap::new(),
                 registry: BTreeMap::new(),
                 pull_counts: BTreeMap::new(),
                 builds: Vec::new(),
@@ -446,6 +449,7 @@ impl ContainerEngine for FakeEngine {
         Ok(state.find_image(image).map(|(_, id)| LocalImage {
             id: id.clone(),
             repo_digests: Vec::new(),
+            labels: state.image_labels.get(id).cloned().unwrap_or_default(),
         }))
     }
 
@@ -543,10 +547,20 @@ impl ContainerEngine for FakeEngine {
         &self,
         _rootfs_tar: Bytes,
         reference: &str,
-        _changes: &[String],
+        changes: &[String],
     ) -> Result<String, EngineError> {
         self.injected(FakeOperation::Import)?;
-        Ok(self.lock().insert_image(normalize_reference(reference)))
+        let mut state = self.lock();
+        let id = state.insert_image(normalize_reference(reference));
+        // `LABEL key=value` changes, as the engine applies them.
+        let labels = changes
+            .iter()
+            .filter_map(|change| change.strip_prefix("LABEL "))
+            .filter_map(|label| label.split_once('='))
+            .map(|(key, value)| (key.trim().to_owned(), value.trim().to_owned()))
+            .collect();
+        state.image_labels.insert(id.clone(), labels);
+        Ok(id)
     }
 
     /// Reads the context as the Docker engine does (so a missing Dockerfile, a broken
@@ -599,6 +613,9 @@ impl ContainerEngine for FakeEngine {
             for tag in &tags {
                 state.images.insert(tag.clone(), id.clone());
             }
+            state
+                .image_labels
+                .insert(id.clone(), request.labels.clone());
             id
         };
         on_progress(BuildProgress::ImageId { id: id.clone() });
@@ -1156,7 +1173,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn rebuilding_the_local_image_removes_the_one_it_replaced() -> Result<(), EngineError> {
+    async fn the_local_image_is_reused_while_busybox_is_unchanged() -> Result<(), EngineError> {
         let busybox = std::path::Path::new(crate::HOST_BUSYBOX);
         if !busybox.exists() {
             eprintln!("skipped: {} is not installed", crate::HOST_BUSYBOX);
@@ -1164,10 +1181,18 @@ mod tests {
         }
         let engine = FakeEngine::new();
         let first = crate::build_local_busybox_image(&engine, busybox, "local/bb:1").await?;
+        assert!(first.was_built());
         let second = crate::build_local_busybox_image(&engine, busybox, "local/bb:1").await?;
-        assert_ne!(first, second);
-        assert_eq!(engine.image_id("local/bb:1").await?, Some(second));
-        assert_eq!(engine.image_id(&first).await?, None);
+        assert_eq!(
+            second,
+            crate::BuildOutcome::Reused {
+                id: first.id().to_owned()
+            }
+        );
+        assert_eq!(
+            engine.image_id("local/bb:1").await?.as_deref(),
+            Some(first.id())
+        );
         Ok(())
     }
 

@@ -11,12 +11,14 @@
 //! * **Images**: [`ContainerEngine::ensure_image`] pulls what is missing, one pull per image
 //!   however many tasks wait for it, with observable progress; [`build_local_busybox_image`]
 //!   imports `stevedore/busybox:local` from the host's static busybox for machines that reach
-//!   no registry; [`ContainerEngine::build_image`] builds an image from a Dockerfile and a
-//!   context directory, honouring its `.dockerignore`, with structured progress;
-//!   [`ContainerEngine::push_image`] pushes one; [`ContainerEngine::check_registry_access`]
-//!   asks an image's registry, through the engine's distribution endpoint, whether given
-//!   credentials (or none) may pull it, classified by status alone; pulls are shared only
-//!   between callers with the same credentials.
+//!   no registry; [`build_debian_base`] and [`build_debian_stack`] build the other local stack
+//!   images from Debian's archive (mmdebstrap, then `apt-get` in a generated Dockerfile),
+//!   reusing an image whose recorded recipe is unchanged; [`ContainerEngine::build_image`]
+//!   builds an image from a Dockerfile and a context directory, honouring its `.dockerignore`,
+//!   with structured progress; [`ContainerEngine::push_image`] pushes one;
+//!   [`ContainerEngine::check_registry_access`] asks an image's registry, through the engine's
+//!   distribution endpoint, whether given credentials (or none) may pull it, classified by
+//!   status alone; pulls are shared only between callers with the same credentials.
 //! * **Containers**: create from a [`ContainerSpec`] with limits, dropped capabilities and
 //!   `no-new-privileges`, with files uploaded through the archive API (never bind mounts);
 //!   start, logs (stdout and stderr apart), wait (exit code, `OOMKilled`, times), kill, stats,
@@ -42,6 +44,7 @@ mod error;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
 mod local_image;
+mod local_stacks;
 mod pull;
 mod spec;
 
@@ -57,6 +60,10 @@ pub use engine::{
 pub use error::EngineError;
 pub use local_image::{
     HOST_BUSYBOX, LOCAL_BUSYBOX_IMAGE, build_local_busybox_image, busybox_rootfs_tar,
+};
+pub use local_stacks::{
+    BuildOutcome, DEBIAN_MIRROR, RECIPE_LABEL, build_debian_base, build_debian_stack,
+    stack_dockerfile,
 };
 pub use spec::{
     ContainerId, ContainerSpec, DEFAULT_CAPABILITIES, DirectoryToCreate, FileToUpload, TASK_DIR,

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use crate::archive::ArchiveBuilder;
 use crate::engine::ContainerEngine;
 use crate::error::EngineError;
+use crate::local_stacks::{BuildOutcome, RECIPE_LABEL, digest, remove_replaced, reused};
 use crate::spec::TASK_DIR;
 
 /// The reference of the local busybox image.
@@ -112,7 +113,8 @@ pub fn busybox_rootfs_tar(busybox: &Path, mtime: u64) -> Result<Vec<u8>, EngineE
 }
 
 /// Builds [`LOCAL_BUSYBOX_IMAGE`] (or `reference`) from the host's static busybox and imports
-/// it into `engine`. Returns the image id.
+/// it into `engine`, unless it exists from the same busybox (recorded as the image's
+/// [`RECIPE_LABEL`]).
 ///
 /// Rebuilding moves the tag to the new image and removes the one it replaced, unless a
 /// container still uses it (then it stays, untagged, until pruned).
@@ -120,7 +122,15 @@ pub async fn build_local_busybox_image(
     engine: &dyn ContainerEngine,
     busybox: &Path,
     reference: &str,
-) -> Result<String, EngineError> {
+) -> Result<BuildOutcome, EngineError> {
+    let binary = std::fs::read(busybox).map_err(|error| EngineError::LocalIo {
+        path: busybox.display().to_string(),
+        message: error.to_string(),
+    })?;
+    let recipe = digest([binary.as_slice(), IMAGE_CHANGES.join("\n").as_bytes()]);
+    if let Some(id) = reused(engine, reference, &recipe).await? {
+        return Ok(BuildOutcome::Reused { id });
+    }
     let busybox = busybox.to_owned();
     let mtime = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -129,18 +139,15 @@ pub async fn build_local_busybox_image(
     let rootfs = tokio::task::spawn_blocking(move || busybox_rootfs_tar(&busybox, mtime))
         .await
         .map_err(|error| EngineError::protocol(format!("building the rootfs failed: {error}")))??;
-    let changes: Vec<String> = IMAGE_CHANGES.iter().map(|c| (*c).to_owned()).collect();
+    let mut changes: Vec<String> = IMAGE_CHANGES.iter().map(|c| (*c).to_owned()).collect();
+    changes.push(format!("LABEL {RECIPE_LABEL}={recipe}"));
     let replaced = engine.image_id(reference).await?;
     let id = engine
         .import_image(Bytes::from(rootfs), reference, &changes)
         .await?;
     tracing::info!(image = reference, %id, "built the local busybox image");
-    if let Some(old) = replaced.filter(|old| *old != id)
-        && let Err(error) = engine.remove_image(&old).await
-    {
-        tracing::info!(image = %old, %error, "keeping the replaced busybox image");
-    }
-    Ok(id)
+    remove_replaced(engine, replaced, &id).await;
+    Ok(BuildOutcome::Built { id })
 }
 
 /// The applets' paths relative to `/` (`bin/sh`, `usr/bin/env`...), from the binary itself.

@@ -20,8 +20,16 @@ pub enum CodeKind {
         image: String,
         command: Option<String>,
     },
-    /// A zip package run by a stack's launcher: `file_name` is the entry point inside the zip.
-    Runtime { runtime: String, file_name: String },
+    /// A zip package: `file_name` is the entry point inside the zip, launched as `runtime`
+    /// says on the image of `stack`.
+    Runtime {
+        runtime: String,
+        file_name: String,
+        /// The stack resolved when the revision was pushed (see [`crate::stack`]); absent from
+        /// revisions stored before stacks were resolved, which run on their runtime's default.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stack: Option<String>,
+    },
 }
 
 /// Resource limits of a task's container.
@@ -95,6 +103,14 @@ pub const RESERVED_ENV_VARS: [&str; 4] = ["TASK_ID", "TASK_DIR", "PAYLOAD_FILE",
 /// the runner's own network.
 pub const NETWORK_MODES: [&str; 2] = ["bridge", "none"];
 
+impl CodeRevision {
+    /// Whether the revision came with a zip package (a runtime code's, or one shipped beside
+    /// an image).
+    pub fn has_package(&self) -> bool {
+        self.package_sha256.is_some() || self.package_size.is_some()
+    }
+}
+
 impl CodeSpec {
     /// Checks every field; the first problem found is reported.
     pub fn validate(&self) -> Result<(), ValidationError> {
@@ -112,7 +128,9 @@ impl CodeSpec {
                     ));
                 }
             }
-            CodeKind::Runtime { runtime, file_name } => {
+            CodeKind::Runtime {
+                runtime, file_name, ..
+            } => {
                 check_name("runtime", runtime)?;
                 check_package_path("file_name", file_name)?;
             }

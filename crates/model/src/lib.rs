@@ -26,7 +26,7 @@ pub use ids::new_id;
 pub use registry::{CodeImages, RegistryCredential};
 pub use retry::{RetriesBackoff, automatic_retry, retry_delay_secs};
 pub use schedule::{Schedule, ScheduleSpec, ScheduleStatus, ScheduleTiming};
-pub use stack::Stack;
+pub use stack::{Runtime, Stack, StackImages, StackTable};
 pub use status::{Event, TaskStatus, TransitionError, transition};
 pub use task::{NewTask, Task, TaskOutcome};
 pub use validation::ValidationError;

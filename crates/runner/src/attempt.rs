@@ -33,7 +33,7 @@ use tracing::Instrument;
 use crate::admission::Slot;
 use crate::backoff::requeue_delay;
 use crate::config::RunnerConfig;
-use crate::container::ContainerPlan;
+use crate::container::{ContainerPlan, PackagePlan};
 use crate::error::SourceError;
 use crate::logs::{LogShipper, ShippedLogs};
 use crate::progress::ProgressReporter;
@@ -263,9 +263,11 @@ impl Attempt {
         let config = &self.context.config;
         let plan = ContainerPlan::new(&self.leased, &config.stacks).map_err(setup_failed)?;
         self.ensure_image(&plan.image).await?;
-        let package = match &plan.package_entry_point {
-            None => None,
-            Some(_) => Some(self.fetch_package().await?),
+        let package = match &plan.package {
+            PackagePlan::None => None,
+            PackagePlan::Unpack | PackagePlan::UnpackWithEntryPoint(_) => {
+                Some(self.fetch_package().await?)
+            }
         };
         plan.spec(
             &self.leased,
@@ -322,7 +324,20 @@ impl Attempt {
                 }
                 Ok(())
             }
-            Err(error) => Err(self.engine_failed(&format!("preparing the image {image}"), error)),
+            Err(error) => {
+                // A local stack image is never in a registry: say how it is made.
+                let local = stevedore_model::StackTable::local_builds()
+                    .iter()
+                    .any(|build| build.image == image);
+                let what = if local {
+                    format!(
+                        "preparing the image {image} (a local stack image: build it on the runner's machine with `stevedore stack build-local`)"
+                    )
+                } else {
+                    format!("preparing the image {image}")
+                };
+                Err(self.engine_failed(&what, error))
+            }
         }
     }
 

@@ -3,9 +3,10 @@
 use std::time::Duration;
 
 use stevedore_engine::RegistryAuth;
+use stevedore_model::CodeImages;
+use stevedore_model::StackTable;
 use stevedore_model::limits::DEFAULT_MEMORY_MIB;
 use stevedore_model::task::DEFAULT_CLUSTER;
-use stevedore_model::{CodeImages, Stack};
 
 use crate::error::RunnerError;
 
@@ -54,8 +55,9 @@ pub struct RunnerConfig {
     pub requeue_backoff_base: Duration,
     /// The longest such delay. Default 5 minutes.
     pub requeue_backoff_max: Duration,
-    /// Runtime names mapped to their images and launchers. Default [`Stack::defaults`].
-    pub stacks: Vec<Stack>,
+    /// The stacks runtime codes run on. Default: the built-in stacks with their official
+    /// images.
+    pub stacks: StackTable,
     /// Credentials for private registries, picked by the image's registry host (an entry
     /// without `server_address` serves Docker Hub). Default none.
     pub registry_auth: Vec<RegistryAuth>,
@@ -117,7 +119,7 @@ impl Default for RunnerConfig {
             max_infra_attempts: 5,
             requeue_backoff_base: Duration::from_secs(2),
             requeue_backoff_max: Duration::from_secs(300),
-            stacks: Stack::defaults(),
+            stacks: StackTable::default(),
             registry_auth: Vec::new(),
             code_images: CodeImages::local(),
             pids_limit: Some(512),

@@ -8,13 +8,13 @@
 //! | `PAYLOAD_FILE` | `/mnt/.task_payload` (the payload string as given) |
 //! | `CONFIG_FILE` | `/mnt/.task_config` (the code's config string, empty when it has none) |
 //! | user `env_vars` | from the code |
-//! | image code | `sh -c <command>` when a command is set, else the image's own entrypoint/cmd |
-//! | runtime code | the stack's launcher + `/mnt/task/<file_name>` + `-id <id> -d /mnt/task -payload /mnt/.task_payload -config /mnt/.task_config` |
+//! | image code | `sh -c <command>` when a command is set, else the image's own entrypoint/cmd; a zip uploaded with it is unpacked into `/mnt/task` too |
+//! | runtime code | on its stack's image, the runtime's launcher + `/mnt/task/<file_name>` + `-id <id> -d /mnt/task -payload /mnt/.task_payload -config /mnt/.task_config` |
 
 use std::collections::BTreeMap;
 
 use stevedore_engine::{ContainerSpec, FileToUpload, RegistryAuth, TASK_DIR};
-use stevedore_model::{CodeKind, Stack};
+use stevedore_model::{CodeKind, StackTable};
 use stevedore_store::LeasedTask;
 
 use crate::package;
@@ -38,17 +38,29 @@ pub struct ContainerPlan {
     pub entrypoint: Option<Vec<String>>,
     /// The command; `None` runs the image's own.
     pub cmd: Option<Vec<String>>,
-    /// For runtime codes: the package's entry point (`file_name`), to unpack the package
-    /// under `TASK_DIR` and make that file executable.
-    pub package_entry_point: Option<String>,
+    /// What to do with the code's zip package, when the revision has one.
+    pub package: PackagePlan,
+}
+
+/// Where a revision's zip package goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PackagePlan {
+    /// The revision has no package.
+    None,
+    /// Unpacked under `TASK_DIR`, as IronWorker did for an image code uploaded with a zip.
+    Unpack,
+    /// Unpacked under `TASK_DIR` with this entry point (a runtime code's `file_name`) made
+    /// executable; a package without it is the user's error.
+    UnpackWithEntryPoint(String),
 }
 
 // === impl ContainerPlan ===
 
 impl ContainerPlan {
-    /// The plan for a leased task. Fails, with a message for the user, when the code names
-    /// a runtime that no stack of this runner provides.
-    pub fn new(leased: &LeasedTask, stacks: &[Stack]) -> Result<Self, String> {
+    /// The plan for a leased task. Fails, with a message for the user, when the code's stack
+    /// is not one of this runner's or cannot launch its runtime.
+    pub fn new(leased: &LeasedTask, stacks: &StackTable) -> Result<Self, String> {
+        let has_package = leased.code.has_package();
         match &leased.code.spec.kind {
             CodeKind::Image { image, command } => Ok(ContainerPlan {
                 image: image.clone(),
@@ -58,18 +70,27 @@ impl ContainerPlan {
                 cmd: command
                     .as_ref()
                     .map(|command| vec!["sh".to_owned(), "-c".to_owned(), command.clone()]),
-                package_entry_point: None,
+                package: if has_package {
+                    PackagePlan::Unpack
+                } else {
+                    PackagePlan::None
+                },
             }),
-            CodeKind::Runtime { runtime, file_name } => {
-                let Some(stack) = stacks.iter().find(|stack| stack.name == *runtime) else {
-                    let known: Vec<&str> = stacks.iter().map(|stack| stack.name.as_str()).collect();
-                    return Err(format!(
-                        "unknown runtime {runtime:?}: this runner has the stacks {}",
-                        known.join(", ")
-                    ));
-                };
+            CodeKind::Runtime {
+                runtime,
+                file_name,
+                stack,
+            } => {
+                let resolved = stacks
+                    .for_revision(runtime, stack.as_deref())
+                    .map_err(|error| format!("this runner cannot run the code: {error}"))?;
                 let entry_point = file_name.trim_start_matches("./").to_owned();
-                let mut cmd = stack.launcher.clone();
+                let mut cmd: Vec<String> = resolved
+                    .runtime
+                    .launcher()
+                    .iter()
+                    .map(|part| (*part).to_owned())
+                    .collect();
                 cmd.extend([
                     format!("{TASK_DIR}/{entry_point}"),
                     "-id".to_owned(),
@@ -82,19 +103,19 @@ impl ContainerPlan {
                     CONFIG_FILE.to_owned(),
                 ]);
                 Ok(ContainerPlan {
-                    image: stack.image.clone(),
+                    image: resolved.stack.image.clone(),
                     // The launcher is the whole command: an image entrypoint would wrap it.
                     entrypoint: Some(Vec::new()),
                     cmd: Some(cmd),
-                    package_entry_point: Some(entry_point),
+                    package: PackagePlan::UnpackWithEntryPoint(entry_point),
                 })
             }
         }
     }
 
-    /// The full container spec: contract environment and files, the unpacked `package` (for
-    /// runtime codes), limits and labels. Fails, with a message for the user, when the
-    /// package cannot be read.
+    /// The full container spec: contract environment and files, the unpacked `package`,
+    /// limits and labels. Fails, with a message for the user, when the package cannot be
+    /// read or lacks the entry point.
     pub fn spec(
         &self,
         leased: &LeasedTask,
@@ -138,24 +159,27 @@ impl ContainerPlan {
             ],
             ..ContainerSpec::default()
         };
-        if let Some(entry_point) = &self.package_entry_point {
-            let Some(package) = package else {
-                return Err("the code has no package to run".to_owned());
-            };
-            let unpacked =
-                package::unpack(package, entry_point).map_err(|error| error.to_string())?;
-            if !unpacked
+        let entry_point = match &self.package {
+            PackagePlan::None => return Ok(spec),
+            PackagePlan::Unpack => None,
+            PackagePlan::UnpackWithEntryPoint(entry_point) => Some(entry_point.as_str()),
+        };
+        let Some(package) = package else {
+            return Err("the code's zip package is missing".to_owned());
+        };
+        let unpacked = package::unpack(package, entry_point).map_err(|error| error.to_string())?;
+        if let Some(entry_point) = entry_point
+            && !unpacked
                 .files
                 .iter()
                 .any(|file| file.path == format!("{TASK_DIR}/{entry_point}"))
-            {
-                return Err(format!(
-                    "the code package has no file {entry_point:?} (the code's file_name)"
-                ));
-            }
-            spec.directories = unpacked.directories;
-            spec.files.extend(unpacked.files);
+        {
+            return Err(format!(
+                "the code package has no file {entry_point:?} (the code's file_name)"
+            ));
         }
+        spec.directories = unpacked.directories;
+        spec.files.extend(unpacked.files);
         Ok(spec)
     }
 }
@@ -308,7 +332,7 @@ pub(crate) mod tests {
                 command: Some("echo $TASK_ID".into()),
             },
         );
-        let plan = ContainerPlan::new(&leased, &Stack::defaults()).unwrap();
+        let plan = ContainerPlan::new(&leased, &StackTable::default()).unwrap();
         let spec = plan.spec(&leased, "r1", Some(64), None).unwrap();
         assert_eq!(spec.name.as_deref(), Some("stevedore-r1-t1-7"));
         assert_eq!(spec.image, "busybox");
@@ -350,7 +374,7 @@ pub(crate) mod tests {
                 command: None,
             },
         );
-        let plan = ContainerPlan::new(&leased, &[]).unwrap();
+        let plan = ContainerPlan::new(&leased, &StackTable::default()).unwrap();
         assert_eq!((plan.entrypoint, plan.cmd), (None, None));
     }
 
@@ -361,10 +385,11 @@ pub(crate) mod tests {
             CodeKind::Runtime {
                 runtime: "sh".into(),
                 file_name: "hello.sh".into(),
+                stack: None,
             },
         );
-        let plan = ContainerPlan::new(&leased, &Stack::defaults()).unwrap();
-        assert_eq!(plan.image, stevedore_model::stack::LOCAL_BUSYBOX_IMAGE);
+        let plan = ContainerPlan::new(&leased, &StackTable::default()).unwrap();
+        assert_eq!(plan.image, "stevedore/stack-default:local");
         assert_eq!(
             plan.cmd.clone().unwrap().join(" "),
             "sh /mnt/task/hello.sh -id t2 -d /mnt/task -payload /mnt/.task_payload \
@@ -387,18 +412,91 @@ pub(crate) mod tests {
 
     #[test]
     fn an_unknown_runtime_names_the_known_ones() {
-        let leased = leased(
+        let cobol = leased(
             "t",
             CodeKind::Runtime {
                 runtime: "cobol".into(),
                 file_name: "main.cob".into(),
+                stack: None,
             },
         );
-        let error = ContainerPlan::new(&leased, &Stack::defaults()).unwrap_err();
+        let error = ContainerPlan::new(&cobol, &StackTable::default()).unwrap_err();
         assert!(
             error.contains("cobol") && error.contains("binary"),
             "{error}"
         );
+        let php_on_python = leased(
+            "t",
+            CodeKind::Runtime {
+                runtime: "php".into(),
+                file_name: "main.php".into(),
+                stack: Some("python-3.11".into()),
+            },
+        );
+        let error = ContainerPlan::new(&php_on_python, &StackTable::default()).unwrap_err();
+        assert!(error.contains("python-3.11"), "{error}");
+    }
+
+    #[test]
+    fn each_runtime_has_its_launcher_on_its_stack() {
+        for (runtime, stack, image, launcher) in [
+            ("python", None, "python:3.11-slim", "python3"),
+            (
+                "java",
+                Some("java-17"),
+                "eclipse-temurin:17-jre",
+                "java -jar",
+            ),
+            (
+                "node",
+                Some("default"),
+                "stevedore/stack-default:local",
+                "node",
+            ),
+            ("binary", None, "stevedore/busybox:local", ""),
+        ] {
+            let leased = leased(
+                "t",
+                CodeKind::Runtime {
+                    runtime: runtime.into(),
+                    file_name: "main".into(),
+                    stack: stack.map(str::to_owned),
+                },
+            );
+            let plan = ContainerPlan::new(&leased, &StackTable::default()).unwrap();
+            assert_eq!(plan.image, image, "{runtime}");
+            let cmd = plan.cmd.unwrap().join(" ");
+            assert!(
+                cmd.starts_with(format!("{launcher} /mnt/task/main -id t").trim_start()),
+                "{runtime}: {cmd}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_image_code_uploaded_with_a_zip_gets_it_unpacked() {
+        let mut leased = leased(
+            "t3",
+            CodeKind::Image {
+                image: "team/app:1".into(),
+                command: Some("./run.sh".into()),
+            },
+        );
+        let without = ContainerPlan::new(&leased, &StackTable::default()).unwrap();
+        assert_eq!(without.package, PackagePlan::None);
+        leased.code.package_sha256 = Some("abc".into());
+        let plan = ContainerPlan::new(&leased, &StackTable::default()).unwrap();
+        assert_eq!(plan.package, PackagePlan::Unpack);
+        let zip = zip_of(&[
+            ("run.sh", "echo hi\n", Some(0o755)),
+            ("data/a.txt", "a", None),
+        ]);
+        let spec = plan
+            .spec(&leased, "r1", None, Some(zip.as_slice()))
+            .unwrap();
+        let paths: Vec<&str> = spec.files.iter().map(|file| file.path.as_str()).collect();
+        assert!(paths.contains(&"/mnt/task/run.sh") && paths.contains(&"/mnt/task/data/a.txt"));
+        assert!(plan.spec(&leased, "r1", None, None).is_err());
     }
 
     #[test]

@@ -66,7 +66,8 @@ mod source;
 pub use backoff::requeue_delay;
 pub use config::{RunnerConfig, default_capacity, default_memory_budget_mib};
 pub use container::{
-    CONFIG_FILE, ContainerPlan, LABEL_RUNNER, LABEL_TASK, PAYLOAD_FILE, registry_auth_for,
+    CONFIG_FILE, ContainerPlan, LABEL_RUNNER, LABEL_TASK, PAYLOAD_FILE, PackagePlan,
+    registry_auth_for,
 };
 pub use error::{RunnerError, SourceError};
 pub use local::{LocalResult, LocalRun, LogSink, run_local};

@@ -90,7 +90,8 @@ impl LocalRun {
     /// new code (with `package` for a runtime code) and a task queued for it with the code's
     /// defaults: its priority, its timeout (`limits.timeout_secs`), the default cluster, no
     /// delay. Refuses what the server would refuse: an invalid spec, a payload over the
-    /// default limit, a runtime code without a package, an image code with one.
+    /// default limit, a runtime code without a package. An image code's package, like the
+    /// server's, is unpacked into `TASK_DIR`.
     pub fn new(
         spec: CodeSpec,
         payload: String,
@@ -98,20 +99,11 @@ impl LocalRun {
         now: Timestamp,
     ) -> Result<LocalRun, ValidationError> {
         spec.validate()?;
-        match (&spec.kind, &package) {
-            (CodeKind::Runtime { .. }, None) => {
-                return Err(ValidationError::new(
-                    "package",
-                    "a code with a runtime needs a zip package",
-                ));
-            }
-            (CodeKind::Image { .. }, Some(_)) => {
-                return Err(ValidationError::new(
-                    "package",
-                    "an image code takes no zip package: the image holds the code",
-                ));
-            }
-            _ => {}
+        if matches!(spec.kind, CodeKind::Runtime { .. }) && package.is_none() {
+            return Err(ValidationError::new(
+                "package",
+                "a code with a runtime needs a zip package",
+            ));
         }
         let new_task = NewTask {
             code_name: spec.name.clone(),
@@ -677,6 +669,7 @@ mod tests {
         let runtime = CodeKind::Runtime {
             runtime: "sh".into(),
             file_name: "run.sh".into(),
+            stack: None,
         };
         let refused = |spec: CodeSpec, payload: &str, package: Option<Vec<u8>>| {
             LocalRun::new(spec, payload.into(), package, now())
@@ -684,7 +677,8 @@ mod tests {
                 .field
         };
         assert_eq!(refused(spec(runtime.clone()), "", None), "package");
-        assert_eq!(refused(spec(image()), "", Some(vec![1])), "package");
+        // An image code may come with a package, unpacked beside the image's command.
+        assert!(LocalRun::new(spec(image()), String::new(), Some(vec![1]), now()).is_ok());
         let too_big = "x".repeat(DEFAULT_MAX_PAYLOAD_BYTES + 1);
         assert_eq!(refused(spec(image()), &too_big, None), "payload");
         let mut bad = spec(image());
@@ -816,6 +810,7 @@ mod tests {
         let runtime = CodeKind::Runtime {
             runtime: "sh".into(),
             file_name: "run.sh".into(),
+            stack: None,
         };
         let run = LocalRun::new(spec(runtime), String::new(), Some(vec![7, 7]), now()).unwrap();
         let code_id = run.code.id.clone();

@@ -31,9 +31,13 @@ const DEFAULT_FILE_MODE: u32 = 0o644;
 /// Directories without a recorded mode are writable by any user, like `TASK_DIR` itself.
 const DEFAULT_DIRECTORY_MODE: u32 = 0o777;
 
-/// Unpacks `zip` under `TASK_DIR`. `entry_point` (the code's `file_name`) is made executable
-/// whatever the zip recorded, so a `#!/bin/sh` script zipped without modes still runs.
-pub(crate) fn unpack(zip: &[u8], entry_point: &str) -> Result<UnpackedPackage, PackageError> {
+/// Unpacks `zip` under `TASK_DIR`. `entry_point` (a runtime code's `file_name`) is made
+/// executable whatever the zip recorded, so a `#!/bin/sh` script zipped without modes still
+/// runs.
+pub(crate) fn unpack(
+    zip: &[u8],
+    entry_point: Option<&str>,
+) -> Result<UnpackedPackage, PackageError> {
     let mut archive =
         zip::ZipArchive::new(Cursor::new(zip)).map_err(|error| PackageError(error.to_string()))?;
     // Every directory that holds something, explicit or implied, with its mode: listing the
@@ -77,7 +81,7 @@ pub(crate) fn unpack(zip: &[u8], entry_point: &str) -> Result<UnpackedPackage, P
             .read_to_end(&mut contents)
             .map_err(|error| PackageError(error.to_string()))?;
         let mut mode = permissions.unwrap_or(DEFAULT_FILE_MODE);
-        if relative == entry_point.trim_start_matches("./") {
+        if entry_point.is_some_and(|entry_point| relative == entry_point.trim_start_matches("./")) {
             mode |= 0o755;
         }
         files.push(FileToUpload {
@@ -145,7 +149,7 @@ pub(crate) mod tests {
             ("bin/tool", "x", Some(0o700)),
             ("lib/deep/data.txt", "d", Some(0o600)),
         ]);
-        let unpacked = unpack(&zip, "hello.sh").unwrap();
+        let unpacked = unpack(&zip, Some("hello.sh")).unwrap();
         let file = |path: &str| {
             unpacked
                 .files
@@ -174,6 +178,6 @@ pub(crate) mod tests {
 
     #[test]
     fn a_broken_zip_is_an_error() {
-        assert!(unpack(b"not a zip", "x").is_err());
+        assert!(unpack(b"not a zip", Some("x")).is_err());
     }
 }

@@ -283,6 +283,7 @@ mod tests {
             CodeKind::Runtime {
                 runtime: "sh".into(),
                 file_name: "x.sh".into(),
+                stack: None,
             },
             None,
         );

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use harness::{Background, Harness, zip_of};
 use stevedore_engine::{ContainerEngine, DockerEngine};
-use stevedore_model::{CodeKind, CodeSpec, Stack, SystemClock, TaskStatus};
+use stevedore_model::{CodeKind, CodeSpec, StackTable, SystemClock, TaskStatus};
 use stevedore_runner::{
     LABEL_RUNNER, LABEL_TASK, LocalResult, LocalRun, Runner, RunnerConfig, RunnerError, run_local,
 };
@@ -81,10 +81,10 @@ impl DockerTest {
             heartbeat_interval: Duration::from_millis(300),
             idle_poll_interval: Duration::from_millis(100),
             shutdown_grace: Duration::from_secs(10),
-            stacks: vec![
-                Stack::new("binary", TEST_IMAGE, &[]),
-                Stack::new("sh", TEST_IMAGE, &["sh"]),
-            ],
+            stacks: StackTable::default()
+                .with_image("busybox", TEST_IMAGE)
+                .and_then(|table| table.with_image("default", TEST_IMAGE))
+                .unwrap(),
             ..RunnerConfig::default()
         }
     }
@@ -643,6 +643,7 @@ echo second
         CodeKind::Runtime {
             runtime: "sh".into(),
             file_name: "hello.sh".into(),
+            stack: None,
         },
     );
     spec.env_vars
@@ -701,6 +702,7 @@ async fn a_local_binary_run_ends_with_its_exit_code() {
         CodeKind::Runtime {
             runtime: "binary".into(),
             file_name: "bin/run".into(),
+            stack: None,
         },
     );
     let run = LocalRun::new(spec, String::new(), Some(zip), chrono::Utc::now()).unwrap();

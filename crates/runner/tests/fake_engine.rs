@@ -13,7 +13,9 @@ use std::time::Duration;
 use harness::{Background, Harness, zip_of};
 use stevedore_engine::fake::{FakeEngine, FakeOperation, FakeRun};
 use stevedore_engine::{ContainerEngine, ContainerSpec, EngineCapabilities, EngineError};
-use stevedore_model::{Clock, CodeKind, ManualClock, Stack, SystemClock, TaskOutcome, TaskStatus};
+use stevedore_model::{
+    Clock, CodeKind, ManualClock, StackTable, SystemClock, TaskOutcome, TaskStatus,
+};
 use stevedore_runner::{
     LABEL_RUNNER, LABEL_TASK, LocalResult, LocalRun, Runner, RunnerConfig, RunnerError, run_local,
 };
@@ -626,7 +628,9 @@ async fn an_unknown_runtime_ends_error_without_touching_the_engine() {
         .await;
     let task = harness.queue("odd", "", 60).await;
     let config = RunnerConfig {
-        stacks: vec![Stack::new("sh", "stevedore/busybox:local", &["sh"])],
+        stacks: StackTable::default()
+            .with_image("default", "stevedore/busybox:local")
+            .unwrap(),
         ..test_config("r-unknown-runtime")
     };
     let (runner, _) = start(&harness, config, &engine);
@@ -811,7 +815,9 @@ async fn a_failing_progress_report_never_fails_the_task() {
 
 fn local_config() -> RunnerConfig {
     RunnerConfig {
-        stacks: vec![Stack::new("sh", "test/local-stack", &["sh"])],
+        stacks: StackTable::default()
+            .with_image("default", "test/local-stack")
+            .unwrap(),
         ..RunnerConfig::default()
     }
 }
@@ -1033,6 +1039,7 @@ async fn a_local_runtime_run_gets_its_package() {
         CodeKind::Runtime {
             runtime: "sh".into(),
             file_name: "run.sh".into(),
+            stack: None,
         },
     );
     let run = LocalRun::new(spec, String::new(), Some(zip), chrono::Utc::now())

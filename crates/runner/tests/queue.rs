@@ -20,7 +20,7 @@ use std::time::Duration;
 use harness::{Background, Harness, ObservedSource};
 use stevedore_engine::{ContainerEngine, DockerEngine};
 use stevedore_model::task::DEFAULT_CLUSTER;
-use stevedore_model::{CodeRevision, NewTask, Stack, SystemClock, Task, TaskStatus};
+use stevedore_model::{CodeRevision, NewTask, StackTable, SystemClock, Task, TaskStatus};
 use stevedore_runner::{LABEL_RUNNER, LABEL_TASK, Runner, RunnerConfig};
 use stevedore_store::{Page, TaskFilter};
 use tokio::sync::OnceCell;
@@ -95,7 +95,9 @@ impl QueueTest {
             heartbeat_interval: Duration::from_millis(300),
             idle_poll_interval: Duration::from_millis(100),
             shutdown_grace: Duration::from_secs(10),
-            stacks: vec![Stack::new("sh", TEST_IMAGE, &["sh"])],
+            stacks: StackTable::default()
+                .with_image("default", TEST_IMAGE)
+                .unwrap(),
             ..RunnerConfig::default()
         }
     }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use stevedore_model::{CodeImages, Stack, Timestamp, limits};
+use stevedore_model::{CodeImages, StackTable, Timestamp, limits};
 
 pub use crate::metrics::MetricsConfig;
 use crate::package::PackageLimits;
@@ -15,7 +15,8 @@ pub struct ServerConfig {
     pub package: PackageLimits,
     /// The shortest `run_every` a schedule may ask for.
     pub min_run_every_secs: u32,
-    pub stacks: Vec<Stack>,
+    /// The stacks runtime codes are resolved against when they are uploaded.
+    pub stacks: StackTable,
     pub log_stream: LogStreamConfig,
     pub runner_api: RunnerApiConfig,
     pub metrics: MetricsConfig,
@@ -93,7 +94,7 @@ impl Default for ServerConfig {
                 max_entries: 20_000,
             },
             min_run_every_secs: limits::DEFAULT_MIN_RUN_EVERY_SECS,
-            stacks: Stack::defaults(),
+            stacks: StackTable::default(),
             log_stream: LogStreamConfig::default(),
             runner_api: RunnerApiConfig::default(),
             metrics: MetricsConfig::default(),
@@ -103,10 +104,6 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
-    pub fn stack(&self, name: &str) -> Option<&Stack> {
-        self.stacks.iter().find(|stack| stack.name == name)
-    }
-
     /// The request body limit of `POST tasks`: a full batch of maximal payloads and room for
     /// the JSON around them. Larger bodies are refused before they are read.
     pub fn max_tasks_body_bytes(&self) -> usize {

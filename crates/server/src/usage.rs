@@ -227,11 +227,12 @@ pub fn build_report(
     }
 }
 
-/// The stack a revision runs on: its runtime, or `image` for an image code, whose image is
-/// its own and would make every code a stack of one.
+/// The stack a revision runs on: the stack it was resolved to (its runtime for revisions
+/// stored before stacks were resolved), or `image` for an image code, whose image is its own
+/// and would make every code a stack of one.
 pub fn stack_of(kind: &CodeKind) -> &str {
     match kind {
-        CodeKind::Runtime { runtime, .. } => runtime,
+        CodeKind::Runtime { runtime, stack, .. } => stack.as_deref().unwrap_or(runtime),
         CodeKind::Image { .. } => "image",
     }
 }
@@ -567,6 +568,7 @@ mod tests {
         CodeKind::Runtime {
             runtime: "python".to_owned(),
             file_name: "main.py".to_owned(),
+            stack: None,
         }
     }
 

@@ -200,26 +200,24 @@ pub fn code_spec(
             "host: stevedore runs tasks, it hosts no services; leave out {host:?}"
         )));
     }
-    let runtime = upload
-        .runtime
-        .or(upload.stack)
-        .filter(|runtime| !runtime.is_empty());
-    let kind = match (upload.image.filter(|image| !image.is_empty()), runtime) {
-        (Some(image), _) => CodeKind::Image {
+    let given = |value: Option<String>| value.filter(|text| !text.trim().is_empty());
+    let runtime = given(upload.runtime).filter(|runtime| runtime != "image");
+    let stack = given(upload.stack);
+    let kind = match (
+        upload.image.filter(|image| !image.is_empty()),
+        runtime,
+        stack,
+    ) {
+        (Some(image), _, _) => CodeKind::Image {
             image,
             command: upload.command.filter(|command| !command.is_empty()),
         },
-        (None, Some(runtime)) if runtime != "image" => {
-            if config.stack(&runtime).is_none() {
-                let known: Vec<&str> = config
-                    .stacks
-                    .iter()
-                    .map(|stack| stack.name.as_str())
-                    .collect();
-                return Err(ApiError::BadRequest(format!(
-                    "runtime: unknown stack {runtime:?}; the configured stacks are {known:?}"
-                )));
-            }
+        (None, runtime, stack) if runtime.is_some() || stack.is_some() => {
+            let resolved = config
+                .stacks
+                .resolve(runtime.as_deref(), stack.as_deref())
+                .map_err(|error| ApiError::BadRequest(error.to_string()))?;
+            let runtime = resolved.runtime.name().to_owned();
             if !has_package {
                 return Err(ApiError::BadRequest(format!(
                     "file: a code with runtime {runtime:?} needs a zip package in the multipart part `file`"
@@ -231,7 +229,11 @@ pub fn code_spec(
                     "is required with a runtime: name the file in the zip to run",
                 )
             })?;
-            CodeKind::Runtime { runtime, file_name }
+            CodeKind::Runtime {
+                runtime,
+                file_name,
+                stack: Some(resolved.stack.name.clone()),
+            }
         }
         _ => {
             return Err(ApiError::BadRequest(
@@ -298,11 +300,21 @@ pub fn is_options_update(upload: &v2::CodeUpload, has_package: bool) -> bool {
 /// the latest revision's value. What runs (the image, or the runtime and its entry point)
 /// stays; a new `file_name` needs a new package.
 pub fn options_over(upload: v2::CodeUpload, latest: &CodeSpec) -> Result<v2::CodeUpload, ApiError> {
-    let (runtime, file_name, image, command) = match &latest.kind {
-        CodeKind::Image { image, command } => (None, None, Some(image.clone()), command.clone()),
-        CodeKind::Runtime { runtime, file_name } => {
-            (Some(runtime.clone()), Some(file_name.clone()), None, None)
+    let (runtime, stack, file_name, image, command) = match &latest.kind {
+        CodeKind::Image { image, command } => {
+            (None, None, None, Some(image.clone()), command.clone())
         }
+        CodeKind::Runtime {
+            runtime,
+            file_name,
+            stack,
+        } => (
+            Some(runtime.clone()),
+            stack.clone(),
+            Some(file_name.clone()),
+            None,
+            None,
+        ),
     };
     if let (Some(given), Some(current)) = (&upload.file_name, &file_name)
         && given != current
@@ -314,7 +326,7 @@ pub fn options_over(upload: v2::CodeUpload, latest: &CodeSpec) -> Result<v2::Cod
     Ok(v2::CodeUpload {
         name: upload.name,
         runtime,
-        stack: None,
+        stack,
         file_name,
         image,
         command: upload.command.or(command),
@@ -506,16 +518,25 @@ pub fn task_info(task: &Task) -> v2::TaskInfo {
 
 pub fn code_info(code: &CodeRevision) -> v2::CodeInfo {
     let spec = &code.spec;
-    let (runtime, file_name, image, command) = match &spec.kind {
+    let (runtime, stack, file_name, image, command) = match &spec.kind {
         CodeKind::Image { image, command } => (
             Some("image".to_owned()),
+            None,
             None,
             Some(image.clone()),
             command.clone(),
         ),
-        CodeKind::Runtime { runtime, file_name } => {
-            (Some(runtime.clone()), Some(file_name.clone()), None, None)
-        }
+        CodeKind::Runtime {
+            runtime,
+            file_name,
+            stack,
+        } => (
+            Some(runtime.clone()),
+            stack.clone(),
+            Some(file_name.clone()),
+            None,
+            None,
+        ),
     };
     v2::CodeInfo {
         id: code.id.clone(),
@@ -524,6 +545,7 @@ pub fn code_info(code: &CodeRevision) -> v2::CodeInfo {
         name: spec.name.clone(),
         rev: code.rev,
         runtime,
+        stack,
         file_name,
         image,
         command,

@@ -3083,6 +3083,7 @@ fn runtime_spec(name: &str, runtime: &str) -> CodeSpec {
         kind: CodeKind::Runtime {
             runtime: runtime.to_owned(),
             file_name: "main.py".to_owned(),
+            stack: None,
         },
         ..image_spec(name)
     }
@@ -3177,7 +3178,8 @@ pub async fn usage_sums_finished_tasks_per_bucket_and_revision(store: &dyn Store
         py.kind,
         CodeKind::Runtime {
             runtime: "python".to_owned(),
-            file_name: "main.py".to_owned()
+            file_name: "main.py".to_owned(),
+            stack: None,
         }
     );
     assert!(matches!(rows[0].kind, CodeKind::Image { .. }));

@@ -242,12 +242,12 @@ test('codesUpload, codesGet, codesList, codesRevisions, codesDownload, codesDele
   assert.notEqual(Buffer.from(mangled).length, zip.toBuffer().length);
 
   if (RUNS_TASKS) {
-    // The stacks run on busybox, which has no Node: the runner script really runs in a
-    // container, cds into -d and fails to find `node`.
+    // `sh` with no stack runs on the default stack, which has Node: the runner script cds
+    // into -d and runs `node hello.js`.
     const task = await call('tasksCreate', name, { x: 1 }, { timeout: 60 });
     const done = await waitStatus(task.id, FINISHED);
-    assert.equal(done.status, 'error');
-    assert.match(await call('tasksLog', task.id), /node: not found/);
+    assert.equal(done.status, 'complete', await call('tasksLog', task.id));
+    assert.match(await call('tasksLog', task.id), /hello from node/);
   }
 
   const deleted = await call('codesDelete', id);
@@ -479,6 +479,66 @@ test('a schedule fires a real task', containers, async () => {
 // The worker-side helpers (params, config, taskId, taskDir) run inside a task. The stacks
 // have no Node, so a shell worker captures its argv, env and files, and the helpers run
 // here against that copy, with the container's paths moved under a scratch root.
+// A copy of `file` whose CRC-32 stays below 2^31, so that adm-zip can zip it: `comment`
+// makes a line the file's language ignores, appended until the CRC fits.
+function crcSafeCopy(file, comment) {
+  let text = fs.readFileSync(file, 'utf8');
+  for (let n = 0; !crcSafe(text); n += 1) text = `${text}${comment(n)}`;
+  return text;
+}
+
+test('a worker uploaded with codesUpload runs under node, and its helpers see payload, config and id', containers, async () => {
+  // A worker that ships the client's in-task helpers in its own node_modules, as users
+  // ship their dependencies (the copies differ from the originals only by trailing comments
+  // or blanks that keep their CRC-32s below 2^31, see crcSafe).
+  const modules = path.join(__dirname, 'node_modules');
+  const dest = path.join(scratch, 'helperworker');
+  const vendored = [
+    ['node_modules/iron_worker/lib/helper.js', (n) => `\n// ${n}`],
+    ['node_modules/underscore/underscore.js', (n) => `\n// ${n}`],
+    ['node_modules/underscore/package.json', () => ' '],
+  ];
+  for (const [file, comment] of vendored) {
+    fs.mkdirSync(path.dirname(path.join(dest, file)), { recursive: true });
+    const original = path.join(modules, file.slice('node_modules/'.length));
+    fs.writeFileSync(path.join(dest, file), crcSafeCopy(original, comment));
+  }
+  let source = `const worker = require('iron_worker/lib/helper');
+console.log('node ' + process.versions.node.split('.')[0] + ' runs the worker');
+console.log('params=' + JSON.stringify(worker.params()));
+console.log('config=' + JSON.stringify(worker.config()));
+console.log('taskId=' + worker.taskId());
+`;
+  for (let n = 0; !crcSafe(source); n += 1) source = `${source}// ${n}\n`;
+  fs.writeFileSync(path.join(dest, 'worker.js'), source);
+  const packageDir = path.dirname(require.resolve('iron_worker/package.json'));
+  const runner = fs.readFileSync(path.join(packageDir, 'upload_files', '__runner__.sh'), 'utf8');
+  fs.cpSync(path.join(packageDir, 'upload_files'), path.join(scratch, 'upload_files'), { recursive: true, force: true });
+  let fileName = 'worker.js';
+  while (!crcSafe(`${runner}\nnode ${fileName}`)) fileName = `./${fileName}`;
+
+  const name = `nodeclient-helpers-${RUN_ID}`;
+  const uploaded = await call('codesUpload', name, dest, fileName);
+  const code = await call('codesGet', uploaded.id);
+  assert.equal(code.runtime, 'sh');
+  assert.equal(code.stack, 'default', 'sh without a stack runs on the stack with every language');
+  // The client cannot send a code's config; an options update adds it and keeps the zip.
+  const config = { greeting: 'from the config' };
+  const response = await raw('POST', 'codes', JSON.stringify({ name, config: JSON.stringify(config) }),
+    { 'Content-Type': 'application/json' });
+  assert.equal(response.status, 200, await response.text());
+
+  const payload = { hello: 'world', n: 3 };
+  const task = await call('tasksCreate', name, payload, { timeout: 60 });
+  const done = await waitStatus(task.id, FINISHED);
+  const log = await call('tasksLog', task.id);
+  assert.equal(done.status, 'complete', log);
+  assert.match(log, /^node 18 runs the worker$/m);
+  assert.ok(log.includes(`params=${JSON.stringify(payload)}`), log);
+  assert.ok(log.includes(`config=${JSON.stringify(config)}`), log);
+  assert.ok(log.includes(`taskId=${task.id}`), log);
+});
+
 const HELPER_PROBE = `
 const args = JSON.parse(process.argv[1]);
 process.argv.splice(1, process.argv.length, ...args);

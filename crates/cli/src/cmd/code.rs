@@ -59,14 +59,21 @@ pub struct CodeDefinition {
     /// With --image or --dockerfile: run `sh -c COMMAND` instead of the image's own command.
     #[arg(long)]
     pub command: Option<String>,
-    /// A runtime (stack) for a zip package: binary, sh, python, node, ruby… (`stevedore stack ls`).
+    /// How the zip package's --file is launched: binary, sh, python, node, ruby, php, java.
     #[arg(long, requires = "file")]
     pub runtime: Option<String>,
+    /// With --runtime: the stack (image) it runs on, e.g. python-3.11, an alias such as
+    /// python, or an IronWorker name such as ruby-2.1 (default: the runtime's own;
+    /// `stevedore stack ls`).
+    #[arg(long, requires = "runtime")]
+    pub stack: Option<String>,
     /// With --runtime: the file in the package to run.
     #[arg(long, requires = "runtime")]
     pub file: Option<String>,
-    /// With --runtime: the package, a directory or a .zip file (default: just --file).
-    #[arg(long, requires = "runtime", value_name = "DIR|ZIP")]
+    /// The package, a directory or a .zip file, unpacked into /mnt/task for each task: with
+    /// --runtime (default: just --file), or with --image or --dockerfile to ship code beside
+    /// the image, as `iron worker upload --zip` did.
+    #[arg(long, value_name = "DIR|ZIP")]
     pub zip: Option<PathBuf>,
     /// Build the image from DIR/Dockerfile with the local Docker engine, then use it.
     #[arg(long, value_name = "DIR", conflicts_with = "runtime")]
@@ -138,6 +145,7 @@ impl CodeDefinition {
         Ok(v2::CodeUpload {
             name: Some(name.to_owned()),
             runtime: self.runtime.clone(),
+            stack: self.stack.clone(),
             file_name: self.file.clone(),
             image: self.image.clone(),
             command: self.command.clone(),
@@ -152,16 +160,21 @@ impl CodeDefinition {
             memory: self.memory,
             cpus: self.cpus,
             network: self.network.clone(),
-            ..v2::CodeUpload::default()
+            content_type: None,
+            host: None,
         })
     }
 
-    /// The zip package of a runtime code: the --zip file as it is, the --zip directory
-    /// zipped, or the single --file.
+    /// The zip package: the --zip file as it is, the --zip directory zipped, or a runtime
+    /// code's single --file.
     pub fn package(&self) -> anyhow::Result<Option<Vec<u8>>> {
-        if self.runtime.is_none() {
+        if self.runtime.is_none() && self.zip.is_none() {
             return Ok(None);
         }
+        anyhow::ensure!(
+            self.defines_code(),
+            "--zip goes with --runtime, --image or --dockerfile"
+        );
         match (&self.zip, &self.file) {
             (Some(path), _) if path.is_dir() => zip_directory(path).map(Some),
             (Some(path), _) => std::fs::read(path)
@@ -354,7 +367,10 @@ fn runs(code: &v2::CodeInfo) -> String {
             Some(command) => format!("{image}: {command}"),
             None => image.clone(),
         },
-        (None, Some(runtime), Some(file)) => format!("{runtime}: {file}"),
+        (None, Some(runtime), Some(file)) => match &code.stack {
+            Some(stack) => format!("{runtime} on {stack}: {file}"),
+            None => format!("{runtime}: {file}"),
+        },
         (None, Some(runtime), None) => runtime.clone(),
         _ => String::new(),
     }

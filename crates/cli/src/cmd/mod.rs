@@ -121,12 +121,13 @@ pub async fn stack_list(ctx: &Ctx) -> anyhow::Result<()> {
     if ctx.json() {
         return crate::output::print_json(&stacks);
     }
-    let mut table = crate::output::Table::new(&["NAME", "IMAGE", "LAUNCHER"]);
+    let mut table = crate::output::Table::new(&["NAME", "ALIASES", "RUNTIMES", "IMAGE"]);
     for stack in &stacks {
         table.row(vec![
             stack.name.clone(),
+            stack.aliases.join(","),
+            stack.runtimes.join(","),
             stack.image.clone(),
-            stack.launcher.join(" "),
         ]);
     }
     crate::output::print(&table.render())

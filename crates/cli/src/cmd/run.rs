@@ -62,7 +62,7 @@ pub async fn run(settings: &Settings, args: RunArgs, format: Format) -> anyhow::
         );
     }
     // The same checks as the server's, so what runs here would also be accepted there.
-    let server_config = settings.server_config();
+    let server_config = settings.server_config()?;
     let package = package
         .map(|bytes| {
             stevedore_server::package::check_package(bytes, server_config.package)
@@ -86,14 +86,14 @@ pub async fn run(settings: &Settings, args: RunArgs, format: Format) -> anyhow::
             .with_timeout(timeout)
             .map_err(|error| anyhow::anyhow!("{error}"))?;
     }
-    let config = settings.runner_config();
+    let config = settings.runner_config(&server_config.stacks);
     let image = match &local.code.spec.kind {
         CodeKind::Image { image, .. } => Some(image.clone()),
-        CodeKind::Runtime { runtime, .. } => settings
+        CodeKind::Runtime { runtime, stack, .. } => server_config
             .stacks
-            .iter()
-            .find(|stack| &stack.name == runtime)
-            .map(|stack| stack.image.clone()),
+            .for_revision(runtime, stack.as_deref())
+            .ok()
+            .map(|resolved| resolved.stack.image.clone()),
     };
     if let Some(image) = image {
         let auth = stevedore_runner::registry_auth_for(&image, &config.registry_auth);

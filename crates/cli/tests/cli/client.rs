@@ -38,6 +38,8 @@ impl Cli {
             .current_dir(self.cwd.path())
             .env("HOME", self.home.path())
             .env("STEVEDORE_LOG", "warn")
+            // `run` runs the stacks on the images `stack build-local` made.
+            .env("STEVEDORE_STACK_IMAGES", "local")
             .stdin(Stdio::null());
         for (key, _) in std::env::vars() {
             if key.starts_with("IRON_") {

@@ -15,5 +15,6 @@ mod registry;
 mod remote;
 mod schedules;
 mod serve;
+mod stacks;
 mod support;
 mod tasks;

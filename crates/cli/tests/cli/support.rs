@@ -67,6 +67,8 @@ impl ServerProcess {
             .arg(data_dir)
             .args(args)
             .env("STEVEDORE_LOG", "warn")
+            // The stacks run on the images `stack build-local` made (`ensure_local_image`).
+            .env("STEVEDORE_STACK_IMAGES", "local")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
@@ -188,6 +190,36 @@ pub fn required_env(name: &str, what: &str) -> Option<OsString> {
     value
 }
 
+/// Whether the host has `program` (a JDK's `javac`, say); in CI it must.
+pub fn host_has(program: &str, installed_by: &str) -> bool {
+    let found = Command::new(program)
+        .arg("-version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    assert!(
+        found || !in_ci(),
+        "CI must have {program} ({installed_by} installs it)"
+    );
+    if !found {
+        eprintln!("skipped: {program} is missing ({installed_by} installs it)");
+    }
+    found
+}
+
+/// A zip of `(path, contents, unix mode)` entries, as a client would build it.
+pub fn zip_of(entries: &[(&str, &[u8], u32)]) -> Vec<u8> {
+    use std::io::Write;
+    let mut writer = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for (path, contents, mode) in entries {
+        let options = zip::write::SimpleFileOptions::default().unix_permissions(*mode);
+        writer.start_file(*path, options).unwrap();
+        writer.write_all(contents).unwrap();
+    }
+    writer.finish().unwrap().into_inner()
+}
+
 /// Whether a Docker engine answers. In CI it must: a missing engine fails the test there.
 pub fn docker_available() -> bool {
     let answers = Command::new("docker")
@@ -206,17 +238,10 @@ pub fn docker_available() -> bool {
     answers
 }
 
-/// Builds `stevedore/busybox:local` with the binary when the engine lacks it.
+/// Builds every stack's local image with the binary, or reuses it (`scripts/test.sh` has
+/// built them all before the tests start, so this only checks).
 pub fn ensure_local_image() {
-    let present = Command::new("docker")
-        .args(["image", "inspect", "stevedore/busybox:local"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|status| status.success());
-    if !present {
-        run_ok(&["stack", "build-local"]);
-    }
+    run_ok(&["stack", "build-local"]);
 }
 
 /// The ids of containers that carry `label`, running or not.
@@ -271,6 +296,32 @@ impl<'a> Api<'a> {
         let status = response.status();
         let text = response.text().await.unwrap();
         assert!(status.is_success(), "GET {path}: {status} {text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// Uploads a code as IronWorker's clients do: a multipart `data` document and the zip
+    /// in `file`. Returns the answer.
+    pub async fn upload(&self, data: Value, zip: Vec<u8>) -> Value {
+        let form = reqwest::multipart::Form::new()
+            .text("data", data.to_string())
+            .part(
+                "file",
+                reqwest::multipart::Part::bytes(zip)
+                    .file_name("code.zip")
+                    .mime_str("application/zip")
+                    .unwrap(),
+            );
+        let response = self
+            .http
+            .post(self.server.url("codes"))
+            .header("Authorization", format!("OAuth {}", self.server.token()))
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        assert!(status.is_success(), "POST codes {data}: {status} {text}");
         serde_json::from_str(&text).unwrap()
     }
 
@@ -387,6 +438,7 @@ impl RunnerProcess {
             .env("STEVEDORE_LOG", "warn")
             .env("STEVEDORE_RUNNER__LEASE_SECS", &lease_secs)
             .env("STEVEDORE_RUNNER__SHUTDOWN_GRACE_SECS", "5")
+            .env("STEVEDORE_STACK_IMAGES", "local")
             // No stevedore.toml of the working directory.
             .env("STEVEDORE_CONFIG", "/dev/null")
             .stdin(Stdio::null())

@@ -134,6 +134,7 @@ impl Harness {
             CodeKind::Runtime {
                 runtime: runtime.to_owned(),
                 file_name: file_name.to_owned(),
+                stack: None,
             },
         );
         adjust(&mut spec);

@@ -49,7 +49,9 @@ pub async fn upload(
     {
         match state.store.get_code_by_name(&access.project_id, name).await {
             Ok(latest) => {
-                if matches!(latest.spec.kind, stevedore_model::CodeKind::Runtime { .. }) {
+                // The package goes on with the options: a runtime code's, and the one an
+                // image code was uploaded with.
+                if latest.has_package() {
                     file = Some(
                         state
                             .store

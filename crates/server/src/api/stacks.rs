@@ -12,19 +12,19 @@ use crate::extract::ApiQuery;
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 pub struct StacksQuery {
-    /// `true`: each stack as an object with its image and launcher.
+    /// `true`: each stack as an object with its aliases, runtimes and image.
     pub details: Option<String>,
 }
 
 /// The names of the configured stacks: a JSON array of strings, as IronWorker documents it;
-/// with `details=true`, objects with each stack's image and launcher.
+/// with `details=true`, objects with each stack's aliases, runtimes and image.
 #[utoipa::path(get, path = "/2/stacks", tag = "stacks", params(StacksQuery),
     responses((status = 200, body = Vec<String>), (status = 400, body = v2::Message)))]
 pub async fn list(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<StacksQuery>,
 ) -> ApiResult<Response> {
-    let stacks = &state.config.stacks;
+    let stacks = state.config.stacks.stacks();
     let details = match query.details.as_deref() {
         None | Some("false" | "0") => false,
         Some("true" | "1") => true,
@@ -39,8 +39,13 @@ pub async fn list(
             .iter()
             .map(|stack| v2::StackInfo {
                 name: stack.name.clone(),
+                aliases: stack.aliases.clone(),
+                runtimes: stack
+                    .runtimes
+                    .iter()
+                    .map(|runtime| runtime.name().to_owned())
+                    .collect(),
                 image: stack.image.clone(),
-                launcher: stack.launcher.clone(),
             })
             .collect();
         return Ok(Json(stacks).into_response());

@@ -155,7 +155,7 @@ async fn bad_codes_are_refused() {
         ),
         (
             json!({"name": "x", "runtime": "cobol", "file_name": "a"}),
-            "stack",
+            "cobol",
         ),
         (
             json!({"name": "x", "runtime": "binary", "file_name": "a"}),

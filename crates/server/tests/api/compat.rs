@@ -124,7 +124,12 @@ async fn stacks_are_a_list_of_names() {
         stacks.iter().all(serde_json::Value::is_string),
         "{stacks:?}"
     );
-    assert!(stacks.contains(&json!("binary")) && stacks.contains(&json!("sh")));
+    for name in ["busybox", "default", "python-3.11", "node-18", "ruby-3.1"] {
+        assert!(
+            stacks.contains(&json!(name)),
+            "{name} missing from {stacks:?}"
+        );
+    }
 }
 
 /// IronWorker names a download `yourworker_rev.zip`; the server used a dash.

@@ -13,6 +13,7 @@ mod dashboard;
 mod logs;
 mod runner;
 mod schedules;
+mod stacks;
 mod support;
 mod tasks;
 mod usage;

@@ -170,7 +170,7 @@ async fn stacks_and_openapi_are_served() {
         })
         .collect();
     assert!(
-        names.contains(&"binary") && names.contains(&"sh"),
+        names.contains(&"busybox") && names.contains(&"default"),
         "{names:?}"
     );
     let document = server
