@@ -36,6 +36,13 @@ use crate::error::{EngineError, Subject};
 use crate::pull::{PullCoalescer, normalize_reference};
 use crate::spec::{ContainerId, ContainerSpec};
 
+/// The exit code of a process killed by SIGKILL, as an OOM kill leaves it.
+const SIGKILL_EXIT_CODE: i64 = 137;
+/// How often a SIGKILLed container's state is asked again for a late OOM mark, and how long
+/// apart: at most a quarter of a second, paid only by tasks that died of SIGKILL.
+const OOM_RECHECKS: u32 = 5;
+const OOM_RECHECK_DELAY: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// The Docker engine behind the [`ContainerEngine`] trait. Cheap to clone; clones share the
 /// connection pool and the table of pulls under way.
 #[derive(Clone)]
@@ -47,6 +54,20 @@ pub struct DockerEngine {
 // === impl DockerEngine ===
 
 impl DockerEngine {
+    /// The container's `State` as the engine reports it now.
+    async fn container_state(
+        &self,
+        id: &ContainerId,
+        subject: Subject<'_>,
+    ) -> Result<bollard::models::ContainerState, EngineError> {
+        self.docker
+            .inspect_container(id.as_str(), None::<InspectContainerOptions>)
+            .await
+            .map_err(|error| EngineError::from_bollard(error, subject))?
+            .state
+            .ok_or_else(|| EngineError::protocol("the container has no State"))
+    }
+
     /// Connects the way the `docker` CLI does: `DOCKER_HOST` when set, the local socket
     /// otherwise. Then negotiates the API version down to what the engine speaks (Debian's
     /// engine 20.10 answers 1.41 and refuses newer clients), which also proves it answers.
@@ -500,14 +521,17 @@ impl ContainerEngine for DockerEngine {
             Some(Err(error)) => return Err(EngineError::from_bollard(error, subject)),
             None => return Err(EngineError::protocol("the wait ended without an answer")),
         }
-        let inspected = self
-            .docker
-            .inspect_container(id.as_str(), None::<InspectContainerOptions>)
-            .await
-            .map_err(|error| EngineError::from_bollard(error, subject))?;
-        let state = inspected
-            .state
-            .ok_or_else(|| EngineError::protocol("the container has no State"))?;
+        let mut state = self.container_state(id, subject).await?;
+        // The engine learns of an OOM kill from a separate event that may be handled just
+        // after the exit: a container killed by SIGKILL (137) that is not (yet) marked
+        // OOMKilled is asked again a few times before the answer stands.
+        for _ in 0..OOM_RECHECKS {
+            if state.oom_killed == Some(true) || state.exit_code != Some(SIGKILL_EXIT_CODE) {
+                break;
+            }
+            tokio::time::sleep(OOM_RECHECK_DELAY).await;
+            state = self.container_state(id, subject).await?;
+        }
         Ok(ExitStatus {
             exit_code: state
                 .exit_code
