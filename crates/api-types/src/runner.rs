@@ -27,6 +27,10 @@
 use serde::{Deserialize, Serialize};
 use stevedore_model::{CodeRevision, RegistryCredential, Task, TaskOutcome, Timestamp};
 
+/// The answer to a heartbeat and the container's own account of a run travel as the domain
+/// types themselves, in their serde form.
+pub use stevedore_model::lease::{HeartbeatReply, RunReport};
+
 /// The header that carries the lease token of a log append.
 pub const LEASE_TOKEN_HEADER: &str = "stevedore-lease-token";
 /// The header that carries the log cap of a log append, bytes.
@@ -88,13 +92,6 @@ pub struct Heartbeat {
     pub lease_secs: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct HeartbeatReply {
-    pub expires_at: Timestamp,
-    /// A user cancelled the task: kill it and complete it as cancelled.
-    pub cancel_requested: bool,
-}
-
 /// The answer to a log append.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LogAppended {
@@ -117,15 +114,6 @@ pub struct Complete {
     pub outcome: TaskOutcome,
     #[serde(default)]
     pub report: RunReport,
-}
-
-/// The container's own account of a run.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct RunReport {
-    pub start_time: Option<Timestamp>,
-    pub end_time: Option<Timestamp>,
-    pub peak_memory_bytes: Option<u64>,
-    pub cpu_time_ms: Option<u64>,
 }
 
 /// `POST .../requeue`: give the task back after an infrastructure failure or at shutdown.

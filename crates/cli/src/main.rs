@@ -7,6 +7,7 @@
 mod build;
 mod client;
 mod cmd;
+mod embedded;
 mod output;
 mod remote;
 mod secrets;
@@ -23,11 +24,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use stevedore_engine::{ContainerEngine, DockerEngine};
 use stevedore_model::{Clock, SystemClock};
-use stevedore_runner::{Runner, StoreTaskSource};
+use stevedore_runner::{Runner, WorkNotifier};
 use stevedore_server::leader::{self, LeaderDuties};
 use stevedore_server::rescuer::RescuerConfig;
 use stevedore_server::scheduler::SchedulerConfig;
-use stevedore_server::{AppState, EnqueueHook, auth, bootstrap};
+use stevedore_server::{AppState, EnqueueHook, LeaseDesk, auth, bootstrap};
 use stevedore_store::{CredentialVault, PgStore, SqliteStore, Store, TokenRole};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -421,23 +422,40 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let background = TaskTracker::new();
     let server_config = settings.server_config()?;
-    let mut on_enqueue: Option<EnqueueHook> = None;
+    // Wakes the runner protocol's waiting lease requests and the embedded runner (once it
+    // exists) whenever work may have become available: tasks queued through this server,
+    // fired schedules, and completions and requeues at the lease desk.
+    let lease_wake = Arc::new(tokio::sync::Notify::new());
+    let embedded_wake = Arc::new(std::sync::OnceLock::<WorkNotifier>::new());
+    let on_enqueue: Option<EnqueueHook> = Some({
+        let embedded_wake = embedded_wake.clone();
+        Arc::new(move || {
+            if let Some(wake) = embedded_wake.get() {
+                wake.notify();
+            }
+        })
+    });
+    let desk = LeaseDesk::new(
+        store.clone(),
+        clock.clone(),
+        credentials.clone(),
+        AppState::lease_wake_hook(lease_wake.clone(), on_enqueue.clone()),
+    );
     if settings.runner.enabled {
         let engine: Arc<dyn ContainerEngine> = Arc::new(connect_engine().await?);
         // Recorded like a runner leasing over HTTP, often enough to stay online in cluster
         // statistics while it polls, seldom enough that idle polls do not write every time.
         let source = Arc::new(
-            StoreTaskSource::new(store.clone(), clock.clone())
-                .announcing(server_config.runner_api.online_window / 4)
-                .with_credentials(credentials.clone()),
+            embedded::DeskTaskSource::new(desk.clone())
+                .announcing(server_config.runner_api.online_window / 4),
         );
         let runner = Runner::new(
             settings.runner_config(&server_config.stacks),
             source.clone(),
             engine,
         );
-        let wake = runner.work_notifier();
-        on_enqueue = Some(Arc::new(move || wake.notify()));
+        // Set once, before anything could be queued through this server.
+        let _ = embedded_wake.set(runner.work_notifier());
         let started = runner
             .start()
             .await
@@ -446,7 +464,6 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         let runner_shutdown = shutdown.child_token();
         background.spawn(async move { runner.run_started(started, runner_shutdown).await });
     }
-    let lease_wake = Arc::new(tokio::sync::Notify::new());
     let duties = LeaderDuties {
         scheduler: SchedulerConfig {
             interval: Duration::from_millis(settings.scheduler_interval_ms.max(10)),
@@ -487,6 +504,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         on_enqueue,
         lease_wake,
         credentials,
+        desk,
     };
     tracing::info!(
         %address,

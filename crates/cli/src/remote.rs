@@ -21,8 +21,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use stevedore_api_types::runner as wire;
 use stevedore_model::TaskOutcome;
+use stevedore_model::{HeartbeatReply, Lease, LeaseRequest, LeasedTask, RunReport};
 use stevedore_runner::{RequeueRequest, SourceError, TaskSource};
-use stevedore_store::{HeartbeatReply, Lease, LeaseRequest, LeasedTask, RunReport};
 use tokio_util::sync::CancellationToken;
 
 /// How a [`RemoteTaskSource`] reaches its server.
@@ -264,13 +264,8 @@ impl TaskSource for RemoteTaskSource {
         token: i64,
         lease_secs: u32,
     ) -> Result<HeartbeatReply, SourceError> {
-        let reply: wire::HeartbeatReply = self
-            .task_call(task_id, "heartbeat", &wire::Heartbeat { token, lease_secs })
-            .await?;
-        Ok(HeartbeatReply {
-            expires_at: reply.expires_at,
-            cancel_requested: reply.cancel_requested,
-        })
+        self.task_call(task_id, "heartbeat", &wire::Heartbeat { token, lease_secs })
+            .await
     }
 
     async fn mark_running(&self, task_id: &str, token: i64) -> Result<(), SourceError> {
@@ -328,12 +323,7 @@ impl TaskSource for RemoteTaskSource {
         let body = wire::Complete {
             token,
             outcome: outcome.clone(),
-            report: wire::RunReport {
-                start_time: report.start_time,
-                end_time: report.end_time,
-                peak_memory_bytes: report.peak_memory_bytes,
-                cpu_time_ms: report.cpu_time_ms,
-            },
+            report: report.clone(),
         };
         self.task_call::<serde_json::Value>(task_id, "complete", &body)
             .await

@@ -11,6 +11,7 @@
 pub mod clock;
 pub mod code;
 pub mod ids;
+pub mod lease;
 pub mod limits;
 pub mod registry;
 pub mod retry;
@@ -23,6 +24,7 @@ pub mod validation;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use code::{CodeKind, CodeRevision, CodeSpec, Limits};
 pub use ids::new_id;
+pub use lease::{HeartbeatReply, Lease, LeaseRequest, LeasedTask, RunReport, WorkSignal};
 pub use registry::{CodeImages, RegistryCredential};
 pub use retry::{RetriesBackoff, automatic_retry, retry_delay_secs};
 pub use schedule::{Schedule, ScheduleSpec, ScheduleStatus, ScheduleTiming};

@@ -23,7 +23,7 @@ use stevedore_engine::{
 };
 use stevedore_metrics::ContainerOperation;
 use stevedore_model::TaskOutcome;
-use stevedore_store::{LeasedTask, RunReport};
+use stevedore_model::{LeasedTask, RunReport};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;

@@ -14,8 +14,8 @@
 use std::collections::BTreeMap;
 
 use stevedore_engine::{ContainerSpec, FileToUpload, RegistryAuth, TASK_DIR};
+use stevedore_model::LeasedTask;
 use stevedore_model::{CodeKind, StackTable};
-use stevedore_store::LeasedTask;
 
 use crate::package;
 
@@ -246,8 +246,8 @@ fn nano_cpus(cpus: f64) -> u64 {
 pub(crate) mod tests {
     use std::collections::BTreeMap;
 
+    use stevedore_model::Lease;
     use stevedore_model::{CodeRevision, CodeSpec, Limits, Task, TaskStatus};
-    use stevedore_store::Lease;
 
     use super::*;
     use crate::package::tests::zip_of;

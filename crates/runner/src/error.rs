@@ -2,7 +2,6 @@
 //! answered when it refused or failed a request ([`SourceError`]).
 
 use stevedore_engine::EngineError;
-use stevedore_store::StoreError;
 
 /// Why [`crate::Runner::run`] refused to run, or why [`crate::run_local`] produced no
 /// result. Failures of single tasks are not errors of a runner: they end or requeue the task
@@ -33,7 +32,7 @@ pub enum RunnerError {
 /// What a [`crate::TaskSource`] answered when it did not do what was asked.
 ///
 /// The variants are what the runner acts on, whatever transport the source uses: the store
-/// directly, or the server over HTTP (409 → `StaleLease`, 404 → `NotFound`, 5xx and transport
+/// server's lease desk in the same process, or the server over HTTP (409 → `StaleLease`, 404 → `NotFound`, 5xx and transport
 /// failures → `Unavailable`, other 4xx → `Refused`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SourceError {
@@ -59,25 +58,5 @@ impl SourceError {
     /// Whether trying the same request again later may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(self, SourceError::Unavailable { .. })
-    }
-}
-
-impl From<StoreError> for SourceError {
-    fn from(error: StoreError) -> Self {
-        match error {
-            StoreError::StaleLease { task_id } => SourceError::StaleLease { task_id },
-            StoreError::NotFound { what } => SourceError::NotFound { what },
-            StoreError::Database(error) => SourceError::Unavailable {
-                message: error.to_string(),
-            },
-            StoreError::Migration(error) => SourceError::Unavailable {
-                message: error.to_string(),
-            },
-            error @ (StoreError::Conflict(_)
-            | StoreError::Transition(_)
-            | StoreError::Corrupt(_)) => SourceError::Refused {
-                message: error.to_string(),
-            },
-        }
     }
 }

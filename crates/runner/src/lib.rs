@@ -30,8 +30,8 @@
 //!   infrastructure failures requeue the task with exponential backoff without spending the
 //!   user's retries, the user's failures end the task `error` with a clear message.
 //! * **Metrics** of its side (through `stevedore_metrics`): every engine call timed and its
-//!   failures counted by kind, the capacity and slots in use, log bytes shipped, and for
-//!   [`StoreTaskSource`] lease calls, queue waits and tasks finished.
+//!   failures counted by kind, the capacity and slots in use, log bytes shipped. Lease calls,
+//!   queue waits and tasks finished are counted by the server's lease desk.
 //! * **Teardown**: every container is removed (force, with volumes) in the background after
 //!   the result is recorded, and containers left by an earlier life of this runner are
 //!   reaped at start-up.
@@ -40,10 +40,11 @@
 //! retries of failed tasks (the store queues them on completion), rescuing expired leases
 //! (the server's rescuer), and anything Docker-specific (the `engine` crate).
 //!
-//! The runner talks to its tasks only through the [`TaskSource`] trait: [`StoreTaskSource`]
-//! over the store for the runner embedded in `stevedore serve`, an in-memory one holding a
-//! single task for [`run_local`], and an HTTP implementation for remote runners, so all of
-//! them share this crate unchanged.
+//! The runner talks to its tasks only through the [`TaskSource`] trait, in the lease
+//! vocabulary of `stevedore-model`: one over the server's lease desk for the runner embedded
+//! in `stevedore serve`, an in-memory one holding a single task for [`run_local`], and an
+//! HTTP implementation for remote runners, so all of them share this crate unchanged. It
+//! does not depend on the store.
 
 #![forbid(unsafe_code)]
 // Tests may unwrap: a panic there is a failed test with a clear location.
@@ -76,5 +77,5 @@ pub use progress::{
     parse_progress_line,
 };
 pub use runner::{Runner, StartedRunner, WorkNotifier};
-pub use source::{RequeueRequest, StoreTaskSource, TaskSource};
+pub use source::{RequeueRequest, TaskSource};
 pub use stevedore_engine::TASK_DIR;

@@ -28,7 +28,7 @@ use stevedore_model::{
     Clock, CodeKind, CodeRevision, CodeSpec, Event, NewTask, RegistryCredential, Task, TaskOutcome,
     TaskStatus, Timestamp, ValidationError, new_id, transition,
 };
-use stevedore_store::{HeartbeatReply, Lease, LeaseRequest, LeasedTask, RunReport};
+use stevedore_model::{HeartbeatReply, Lease, LeaseRequest, LeasedTask, RunReport};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RunnerConfig;

@@ -223,7 +223,7 @@ mod tests {
     use bytes::Bytes;
     use stevedore_engine::{LogChunk, OutputStream};
     use stevedore_model::TaskOutcome;
-    use stevedore_store::{HeartbeatReply, LeaseRequest, LeasedTask, RunReport};
+    use stevedore_model::{HeartbeatReply, LeaseRequest, LeasedTask, RunReport};
 
     use super::*;
     use crate::source::RequeueRequest;

@@ -28,9 +28,9 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 
 use stevedore_engine::{ContainerEngine, EngineError, RegistryAuth};
+use stevedore_model::LeasedTask;
 use stevedore_model::registry::registry_of;
 use stevedore_model::{CodeImages, CodeKind, CodeRevision, RegistryCredential};
-use stevedore_store::LeasedTask;
 
 use crate::config::RunnerConfig;
 use crate::container::registry_auth_for;

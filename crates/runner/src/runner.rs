@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use stevedore_engine::{ContainerEngine, EngineCapabilities, Requirements, check_required};
 use stevedore_metrics::ContainerOperation;
-use stevedore_store::{LeaseRequest, LeasedTask, WorkSignal};
+use stevedore_model::{LeaseRequest, LeasedTask, WorkSignal};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

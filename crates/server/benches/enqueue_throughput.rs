@@ -47,16 +47,15 @@ async fn setup() -> Setup {
     )
     .await
     .expect("bootstrap");
-    let state = AppState {
-        store: store.clone(),
-        clock: Arc::new(SystemClock),
-        config: Arc::new(ServerConfig::default()),
-        on_enqueue: None,
-        lease_wake: Default::default(),
-        credentials: Arc::new(stevedore_store::CredentialVault::new(
+    let state = AppState::new(
+        store.clone(),
+        Arc::new(SystemClock),
+        Arc::new(ServerConfig::default()),
+        None,
+        Arc::new(stevedore_store::CredentialVault::new(
             &stevedore_store::CredentialKey::generate().expect("a key"),
         )),
-    };
+    );
     tokio::spawn(stevedore_server::serve(
         listener,
         state,

@@ -83,6 +83,15 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<crate::lease_desk::DeskError> for ApiError {
+    fn from(error: crate::lease_desk::DeskError) -> Self {
+        match error {
+            crate::lease_desk::DeskError::Store(error) => error.into(),
+            crate::lease_desk::DeskError::Invalid(message) => ApiError::BadRequest(message),
+        }
+    }
+}
+
 impl From<ValidationError> for ApiError {
     fn from(error: ValidationError) -> Self {
         ApiError::BadRequest(error.to_string())

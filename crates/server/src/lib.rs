@@ -17,6 +17,7 @@ pub mod error;
 pub mod extract;
 pub mod follow;
 pub mod leader;
+pub mod lease_desk;
 pub mod metrics;
 pub mod openapi;
 pub mod package;
@@ -39,6 +40,7 @@ use tokio::sync::Notify;
 use tower_http::trace::TraceLayer;
 
 pub use config::{RunnerApiConfig, ServerConfig};
+pub use lease_desk::{DeskError, GiveBack, LeaseDesk};
 
 /// Called after tasks were queued, so an embedded runner leases at once instead of at its
 /// next poll. A missed or extra call is harmless.
@@ -58,6 +60,9 @@ pub struct AppState {
     /// Seals projects' registry passwords before they are stored and opens them for the
     /// leases of their tasks. Every server sharing a database needs the same key.
     pub credentials: Arc<CredentialVault>,
+    /// Every runner protocol call goes through it, as the embedded runner's do; its wake
+    /// hook should be [`AppState::lease_wake_hook`] over `lease_wake` and `on_enqueue`.
+    pub desk: LeaseDesk,
 }
 
 impl AppState {
@@ -68,13 +73,21 @@ impl AppState {
         on_enqueue: Option<EnqueueHook>,
         credentials: Arc<CredentialVault>,
     ) -> Self {
+        let lease_wake = Arc::new(Notify::new());
+        let desk = LeaseDesk::new(
+            store.clone(),
+            clock.clone(),
+            credentials.clone(),
+            AppState::lease_wake_hook(lease_wake.clone(), on_enqueue.clone()),
+        );
         AppState {
             store,
             clock,
             config,
             on_enqueue,
-            lease_wake: Arc::new(Notify::new()),
+            lease_wake,
             credentials,
+            desk,
         }
     }
 

@@ -1,10 +1,12 @@
 //! The runner protocol, `/runner/v1/...`: remote runners lease tasks and report on them over
-//! HTTP. Every handler is a thin layer over the same `Store` calls the embedded runner makes
-//! through `StoreTaskSource`, so both kinds of runner share one lease logic; the server's
-//! clock is "now" for all of them.
+//! HTTP. Every handler checks its request and hands it to the server's [`LeaseDesk`], which
+//! the embedded runner's task source calls too, so both kinds of runner share one lease
+//! logic; the server's clock is "now" for all of them.
 //!
 //! Wire formats are in `stevedore_api_types::runner`. A stale lease token is the store's
-//! `StaleLease`, answered 409 by the error table.
+//! `StaleLease`, answered 409 by the error table; what the desk refuses is a 400.
+//!
+//! [`LeaseDesk`]: crate::lease_desk::LeaseDesk
 
 use std::time::Duration;
 
@@ -17,21 +19,21 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use stevedore_api_types::runner as wire;
 use stevedore_api_types::v2::Message;
+use stevedore_model::LeaseRequest;
 use stevedore_model::validation::check_name;
-use stevedore_store::{LeaseRequest, Requeue, RunReport, RunnerSeen, attach_registry_credentials};
+use stevedore_store::RunnerSeen;
 
 use crate::api::logs::StreamShutdown;
 use crate::auth::RunnerAccess;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiQuery, read_body};
+use crate::lease_desk::GiveBack;
 use crate::{AppState, ServerConfig};
 
 /// The most tasks one lease call hands out.
 const MAX_TASKS_PER_LEASE: u32 = 256;
 /// The longest lease a runner may ask for.
 const MAX_LEASE_SECS: u32 = 3600;
-/// The longest requeue delay a runner may ask for.
-const MAX_REQUEUE_DELAY: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// The routes under `/runner/v1`.
 pub fn routes(_config: &ServerConfig) -> Router<AppState> {
@@ -87,15 +89,12 @@ pub async fn lease(
     let wait = Duration::from_millis(request.wait_ms).min(config.max_wait);
     let deadline = tokio::time::Instant::now() + wait;
     state
-        .store
-        .record_runner(
-            &RunnerSeen {
-                id: request.runner_id.clone(),
-                clusters: request.clusters.clone(),
-                capacity: request.capacity.unwrap_or(request.max_tasks),
-            },
-            state.clock.now(),
-        )
+        .desk
+        .record_runner(&RunnerSeen {
+            id: request.runner_id.clone(),
+            clusters: request.clusters.clone(),
+            capacity: request.capacity.unwrap_or(request.max_tasks),
+        })
         .await?;
     let lease = LeaseRequest {
         runner_id: request.runner_id,
@@ -109,15 +108,7 @@ pub async fn lease(
         let woken = state.lease_wake.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
-        let now = state.clock.now();
-        let began = std::time::Instant::now();
-        let mut leased = state.store.lease(&lease, now).await?;
-        attach_registry_credentials(state.store.as_ref(), &state.credentials, &mut leased).await?;
-        stevedore_metrics::lease_call(
-            began.elapsed(),
-            now,
-            leased.iter().map(|leased| leased.task.due_at),
-        );
+        let leased = state.desk.lease(&lease).await?;
         let stopped = stopping.as_ref().is_some_and(|token| token.is_cancelled());
         if !leased.is_empty() || tokio::time::Instant::now() >= deadline || stopped {
             let tasks = leased
@@ -156,18 +147,10 @@ pub async fn heartbeat(
 ) -> ApiResult<Json<wire::HeartbeatReply>> {
     check_lease_secs(request.lease_secs)?;
     let reply = state
-        .store
-        .heartbeat(
-            &task_id,
-            request.token,
-            request.lease_secs,
-            state.clock.now(),
-        )
+        .desk
+        .heartbeat(&task_id, request.token, request.lease_secs)
         .await?;
-    Ok(Json(wire::HeartbeatReply {
-        expires_at: reply.expires_at,
-        cancel_requested: reply.cancel_requested,
-    }))
+    Ok(Json(reply))
 }
 
 /// `POST /runner/v1/tasks/{id}/running`: the container started.
@@ -177,11 +160,7 @@ pub async fn running(
     Path(task_id): Path<String>,
     ApiJson(request): ApiJson<wire::Fenced>,
 ) -> ApiResult<Json<Message>> {
-    let now = state.clock.now();
-    state
-        .store
-        .mark_running(&task_id, request.token, now, now)
-        .await?;
+    state.desk.mark_running(&task_id, request.token).await?;
     Ok(ack("running"))
 }
 
@@ -207,10 +186,7 @@ pub async fn append_log(
     let token: i64 = header_number(&headers, wire::LEASE_TOKEN_HEADER)?;
     let cap: u64 = header_number(&headers, wire::LOG_CAP_HEADER)?;
     let bytes = read_body(body, state.config.runner_api.max_log_chunk_bytes).await?;
-    let size = state
-        .store
-        .append_log(&task_id, token, &bytes, cap, state.clock.now())
-        .await?;
+    let size = state.desk.append_log(&task_id, token, &bytes, cap).await?;
     stevedore_metrics::runner_api_log_bytes(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
     Ok(Json(wire::LogAppended { size }))
 }
@@ -228,13 +204,12 @@ pub async fn progress(
         ));
     }
     state
-        .store
-        .runner_progress(
+        .desk
+        .progress(
             &task_id,
             request.token,
             request.percent,
             request.msg.as_deref(),
-            state.clock.now(),
         )
         .await?;
     Ok(ack("progress recorded"))
@@ -247,26 +222,11 @@ pub async fn complete(
     Path(task_id): Path<String>,
     ApiJson(request): ApiJson<wire::Complete>,
 ) -> ApiResult<Json<Message>> {
-    let report = RunReport {
-        start_time: request.report.start_time,
-        end_time: request.report.end_time,
-        peak_memory_bytes: request.report.peak_memory_bytes,
-        cpu_time_ms: request.report.cpu_time_ms,
-    };
-    let task = state
-        .store
-        .complete(
-            &task_id,
-            request.token,
-            &request.outcome,
-            &report,
-            state.clock.now(),
-        )
+    let status = state
+        .desk
+        .complete(&task_id, request.token, &request.outcome, &request.report)
         .await?;
-    stevedore_metrics::task_finished(task.status, &task.code_name);
-    // A user retry may have been queued with the result.
-    state.tasks_queued();
-    Ok(ack(format!("task is {}", task.status)))
+    Ok(ack(format!("task is {status}")))
 }
 
 /// `POST /runner/v1/tasks/{id}/requeue`: back to the queue after an infrastructure failure.
@@ -276,34 +236,16 @@ pub async fn requeue(
     Path(task_id): Path<String>,
     ApiJson(request): ApiJson<wire::Requeue>,
 ) -> ApiResult<Json<Message>> {
-    let delay = Duration::from_millis(request.delay_ms);
-    if delay > MAX_REQUEUE_DELAY {
-        return Err(ApiError::BadRequest(format!(
-            "delay_ms must be at most {}",
-            MAX_REQUEUE_DELAY.as_millis()
-        )));
-    }
-    if request.max_infra_attempts == 0 {
-        return Err(ApiError::BadRequest(
-            "max_infra_attempts must be at least 1".into(),
-        ));
-    }
-    let now = state.clock.now();
-    let delay = chrono::Duration::from_std(delay)
-        .map_err(|_| ApiError::BadRequest("delay_ms is too large".into()))?;
-    let requeue = Requeue {
+    let give_back = GiveBack {
         reason: request.reason,
-        due_at: now + delay,
+        delay: Duration::from_millis(request.delay_ms),
         max_infra_attempts: request.max_infra_attempts,
     };
-    let task = state
-        .store
-        .requeue(&task_id, request.token, &requeue, now)
+    let status = state
+        .desk
+        .requeue(&task_id, request.token, &give_back)
         .await?;
-    // Past its infrastructure attempts (or cancelled meanwhile) the task is final now.
-    stevedore_metrics::task_finished(task.status, &task.code_name);
-    state.tasks_queued();
-    Ok(ack(format!("task is {}", task.status)))
+    Ok(ack(format!("task is {status}")))
 }
 
 /// `GET /runner/v1/codes/{code_id}/revisions/{rev}/package?project_id=`: the zip package.
@@ -317,8 +259,8 @@ pub async fn code_package(
         .parse()
         .map_err(|_| ApiError::BadRequest(format!("rev must be a number, got {rev:?}")))?;
     let bytes = state
-        .store
-        .get_package(&query.project_id, &code_id, Some(rev))
+        .desk
+        .code_package(&query.project_id, &code_id, rev)
         .await?;
     Ok((
         [(CONTENT_TYPE, HeaderValue::from_static("application/zip"))],

@@ -27,8 +27,8 @@ pub mod testsuite;
 
 use async_trait::async_trait;
 use stevedore_model::{
-    CodeKind, CodeRevision, CodeSpec, NewTask, RegistryCredential, Schedule, ScheduleSpec, Task,
-    TaskOutcome, TaskStatus, Timestamp,
+    CodeKind, CodeRevision, CodeSpec, NewTask, Schedule, ScheduleSpec, Task, TaskOutcome,
+    TaskStatus, Timestamp,
 };
 
 pub use credentials::{
@@ -38,6 +38,9 @@ pub use credentials::{
 pub use error::StoreError;
 pub use postgres::{PgOptions, PgStore};
 pub use sqlite::{SqliteOptions, SqliteStore, SyncMode};
+pub use stevedore_model::lease::{
+    HeartbeatReply, Lease, LeaseRequest, LeasedTask, RunReport, WorkSignal,
+};
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -153,55 +156,6 @@ pub struct QueueWait {
     pub started_at: Timestamp,
     /// `start_time - due_at`, never below zero (the start comes from the container's clock).
     pub wait_ms: u64,
-}
-
-/// A runner's request for work.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LeaseRequest {
-    pub runner_id: String,
-    /// Clusters this runner serves; a task is only handed to a runner of its cluster.
-    pub clusters: Vec<String>,
-    /// The most tasks to hand out.
-    pub max_tasks: u32,
-    /// How long the lease lasts without a heartbeat.
-    pub lease_secs: u32,
-}
-
-/// A task handed to a runner with the lease that fences every later write about it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LeasedTask {
-    pub task: Task,
-    /// The code revision the task pinned.
-    pub code: CodeRevision,
-    pub lease: Lease,
-    /// The project's credential for the registry of the code's image, when it stored one:
-    /// filled in by [`attach_registry_credentials`] after the lease, never by the lease itself.
-    pub registry_credential: Option<RegistryCredential>,
-}
-
-/// The right to act on one task. `token` only grows across the whole store, so a rescued
-/// task's new lease always outranks the old one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Lease {
-    pub token: i64,
-    pub expires_at: Timestamp,
-}
-
-/// What a heartbeat tells the runner.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HeartbeatReply {
-    pub expires_at: Timestamp,
-    /// A user cancelled the task: kill it and complete it as cancelled.
-    pub cancel_requested: bool,
-}
-
-/// The container's own account of a run, recorded on completion.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct RunReport {
-    pub start_time: Option<Timestamp>,
-    pub end_time: Option<Timestamp>,
-    pub peak_memory_bytes: Option<u64>,
-    pub cpu_time_ms: Option<u64>,
 }
 
 /// Why a runner gives a task back.
@@ -388,28 +342,6 @@ impl StoreGauges {
             queue_depth: (0..=stevedore_model::limits::MAX_PRIORITY)
                 .map(|priority| (priority, depth_of(priority)))
                 .collect(),
-        }
-    }
-}
-
-/// Wakes a lease loop when work may have been queued by any process sharing the database: a
-/// task queued, requeued or retried, a schedule fired, a code resumed. A hint, not a promise:
-/// a signal may come without new work, and the loop must still poll now and then, because a
-/// signal can be lost while the store reconnects. Cheap to clone; each clone keeps its own
-/// place, so a signal sent while its holder was busy is seen by its next `notified`.
-#[derive(Debug, Clone)]
-pub struct WorkSignal(tokio::sync::watch::Receiver<u64>);
-
-impl WorkSignal {
-    pub(crate) fn new(receiver: tokio::sync::watch::Receiver<u64>) -> Self {
-        WorkSignal(receiver)
-    }
-
-    /// Returns at the first signal after the last one this handle saw. Never returns once the
-    /// store that sends them is gone.
-    pub async fn notified(&mut self) {
-        if self.0.changed().await.is_err() {
-            std::future::pending::<()>().await;
         }
     }
 }

@@ -16,12 +16,10 @@ use stevedore_model::task::DEFAULT_CLUSTER;
 use stevedore_model::{
     Clock, CodeKind, CodeRevision, CodeSpec, Limits, NewTask, Task, TaskOutcome,
 };
-use stevedore_runner::{
-    RequeueRequest, Runner, RunnerError, SourceError, StoreTaskSource, TaskSource,
-};
+use stevedore_runner::{RequeueRequest, Runner, RunnerError, SourceError, TaskSource};
 use stevedore_store::{
-    HeartbeatReply, LeaseRequest, LeasedTask, Package, RunReport, SqliteOptions, SqliteStore,
-    Store, SyncMode,
+    HeartbeatReply, LeaseRequest, LeasedTask, Package, Requeue, RunReport, SqliteOptions,
+    SqliteStore, Store, StoreError, SyncMode,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -37,7 +35,7 @@ pub struct Harness {
 /// A [`TaskSource`] over the store that counts what the runner does and can pretend the
 /// network to the store is cut (heartbeats fail as unavailable).
 pub struct ObservedSource {
-    inner: StoreTaskSource,
+    inner: StoreSource,
     pub heartbeats_cut: AtomicBool,
     progress_failing: AtomicBool,
     counts: Mutex<Counts>,
@@ -58,6 +56,13 @@ struct Counts {
     running: HashSet<String>,
     max_leased: usize,
     max_running: usize,
+}
+
+/// The store's lease calls, plainly, with the clock's "now": the runner's side of what the
+/// server's lease desk does (which the runner cannot depend on), for these tests only.
+struct StoreSource {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
 }
 
 /// A runner running in the background until [`Background::stop`].
@@ -91,10 +96,10 @@ impl Harness {
     }
 
     pub fn source(&self) -> Arc<ObservedSource> {
-        Arc::new(ObservedSource::new(StoreTaskSource::new(
-            Arc::clone(&self.store),
-            Arc::clone(&self.clock),
-        )))
+        Arc::new(ObservedSource::new(StoreSource {
+            store: Arc::clone(&self.store),
+            clock: Arc::clone(&self.clock),
+        }))
     }
 
     /// Pushes an image code; `adjust` changes the spec before it is pushed.
@@ -256,7 +261,7 @@ pub fn zip_of(files: &[(&str, &str, u32)]) -> Vec<u8> {
 // === impl ObservedSource ===
 
 impl ObservedSource {
-    fn new(inner: StoreTaskSource) -> Self {
+    fn new(inner: StoreSource) -> Self {
         ObservedSource {
             inner,
             heartbeats_cut: AtomicBool::new(false),
@@ -488,4 +493,120 @@ pub async fn docker_engine(
         .await
         .unwrap();
     Some(engine)
+}
+
+// === impl StoreSource ===
+
+fn source_error(error: StoreError) -> SourceError {
+    match error {
+        StoreError::StaleLease { task_id } => SourceError::StaleLease { task_id },
+        StoreError::NotFound { what } => SourceError::NotFound { what },
+        error @ (StoreError::Database(_) | StoreError::Migration(_)) => SourceError::Unavailable {
+            message: error.to_string(),
+        },
+        error => SourceError::Refused {
+            message: error.to_string(),
+        },
+    }
+}
+
+impl StoreSource {
+    async fn lease(&self, request: &LeaseRequest) -> Result<Vec<LeasedTask>, SourceError> {
+        self.store
+            .lease(request, self.clock.now())
+            .await
+            .map_err(source_error)
+    }
+
+    async fn heartbeat(
+        &self,
+        task_id: &str,
+        token: i64,
+        lease_secs: u32,
+    ) -> Result<HeartbeatReply, SourceError> {
+        self.store
+            .heartbeat(task_id, token, lease_secs, self.clock.now())
+            .await
+            .map_err(source_error)
+    }
+
+    async fn mark_running(&self, task_id: &str, token: i64) -> Result<(), SourceError> {
+        let now = self.clock.now();
+        self.store
+            .mark_running(task_id, token, now, now)
+            .await
+            .map_err(source_error)?;
+        Ok(())
+    }
+
+    async fn append_log(
+        &self,
+        task_id: &str,
+        token: i64,
+        bytes: &[u8],
+        cap: u64,
+    ) -> Result<u64, SourceError> {
+        self.store
+            .append_log(task_id, token, bytes, cap, self.clock.now())
+            .await
+            .map_err(source_error)
+    }
+
+    async fn progress(
+        &self,
+        task_id: &str,
+        token: i64,
+        percent: Option<u8>,
+        msg: Option<&str>,
+    ) -> Result<(), SourceError> {
+        self.store
+            .runner_progress(task_id, token, percent, msg, self.clock.now())
+            .await
+            .map_err(source_error)
+    }
+
+    async fn complete(
+        &self,
+        task_id: &str,
+        token: i64,
+        outcome: &TaskOutcome,
+        report: &RunReport,
+    ) -> Result<(), SourceError> {
+        self.store
+            .complete(task_id, token, outcome, report, self.clock.now())
+            .await
+            .map_err(source_error)?;
+        Ok(())
+    }
+
+    async fn requeue(
+        &self,
+        task_id: &str,
+        token: i64,
+        request: &RequeueRequest,
+    ) -> Result<(), SourceError> {
+        let now = self.clock.now();
+        let requeue = Requeue {
+            reason: request.reason.clone(),
+            due_at: now + chrono::Duration::from_std(request.delay).unwrap(),
+            max_infra_attempts: request.max_infra_attempts,
+        };
+        self.store
+            .requeue(task_id, token, &requeue, now)
+            .await
+            .map_err(source_error)?;
+        Ok(())
+    }
+
+    async fn code_package(
+        &self,
+        project_id: &str,
+        code_id: &str,
+        rev: u32,
+    ) -> Result<Vec<u8>, SourceError> {
+        self.store
+            .get_package(project_id, code_id, Some(rev))
+            .await
+            .map_err(source_error)
+    }
 }

@@ -107,16 +107,15 @@ impl TestServer {
         )
         .await
         .unwrap();
-        let state = AppState {
-            store: store.clone(),
-            clock: Arc::new(SystemClock),
-            config: Arc::new(config),
-            on_enqueue: None,
-            lease_wake: Default::default(),
-            credentials: Arc::new(stevedore_store::CredentialVault::new(
+        let state = AppState::new(
+            store.clone(),
+            Arc::new(SystemClock),
+            Arc::new(config),
+            None,
+            Arc::new(stevedore_store::CredentialVault::new(
                 &stevedore_store::CredentialKey::generate().unwrap(),
             )),
-        };
+        );
         let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
         let served = tokio::spawn(stevedore_server::serve(listener, state, async move {
             let _ = stopped.await;
