@@ -13,6 +13,7 @@ pub mod code;
 pub mod ids;
 pub mod lease;
 pub mod limits;
+pub mod log;
 pub mod registry;
 pub mod retry;
 pub mod schedule;

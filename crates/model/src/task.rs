@@ -2,10 +2,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::Timestamp;
+use crate::lease::RunReport;
 use crate::limits::*;
-use crate::status::TaskStatus;
+use crate::status::{TaskStatus, TransitionError, transition};
 use crate::validation::{ValidationError, check_name, check_range};
+use crate::{Timestamp, new_id};
 
 /// A task as stored. Timestamps are UTC; `start_time` and `end_time` come from the container's
 /// own run, not from the runner's bookkeeping.
@@ -97,6 +98,73 @@ pub enum TaskOutcome {
 
 /// The default cluster every runner serves unless told otherwise.
 pub const DEFAULT_CLUSTER: &str = "default";
+
+impl Task {
+    /// A new queued task of a resolved code revision, due at `now + delay`: what the store
+    /// writes on enqueue, and what a local run starts from.
+    pub fn queued(
+        project_id: &str,
+        code_id: &str,
+        code_rev: u32,
+        new_task: &NewTask,
+        now: Timestamp,
+    ) -> Task {
+        Task {
+            id: new_id(),
+            project_id: project_id.to_owned(),
+            code_id: code_id.to_owned(),
+            code_name: new_task.code_name.clone(),
+            code_rev,
+            status: TaskStatus::Queued,
+            priority: new_task.priority,
+            payload: new_task.payload.clone(),
+            label: new_task.label.clone(),
+            cluster: new_task.cluster.clone(),
+            timeout_secs: new_task.timeout_secs,
+            delay_secs: new_task.delay_secs,
+            created_at: now,
+            updated_at: now,
+            due_at: now + chrono::Duration::seconds(i64::from(new_task.delay_secs)),
+            start_time: None,
+            end_time: None,
+            percent: None,
+            msg: None,
+            retry_count: new_task.retry_count,
+            original_task_id: new_task.original_task_id.clone(),
+            schedule_id: new_task.schedule_id.clone(),
+            exit_code: None,
+            log_size: 0,
+            infra_attempts: 0,
+            cancel_requested: false,
+            peak_memory_bytes: None,
+            cpu_time_ms: None,
+            runner_id: None,
+        }
+    }
+
+    /// Records the end of a run with `outcome` (through [`transition`]) and the container's
+    /// own `report`; the outcome's message replaces `msg` when it has one. The runner no
+    /// longer holds the task. The caller fences the write with the lease first.
+    pub fn finish(
+        &mut self,
+        outcome: &TaskOutcome,
+        report: &RunReport,
+        now: Timestamp,
+    ) -> Result<(), TransitionError> {
+        self.status = transition(self.status, &outcome.event())?;
+        self.updated_at = now;
+        self.exit_code = outcome.exit_code();
+        if let Some(message) = outcome.message() {
+            self.msg = Some(message);
+        }
+        self.start_time = report.start_time.or(self.start_time);
+        self.end_time = Some(report.end_time.unwrap_or(now));
+        self.peak_memory_bytes = report.peak_memory_bytes.or(self.peak_memory_bytes);
+        self.cpu_time_ms = report.cpu_time_ms.or(self.cpu_time_ms);
+        self.runner_id = None;
+        Ok(())
+    }
+}
 
 impl NewTask {
     /// Checks what the wire layer could not: ranges, names and the payload size.

@@ -23,6 +23,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use stevedore_engine::ContainerEngine;
 use stevedore_model::limits::{DEFAULT_MAX_PAYLOAD_BYTES, MAX_TIMEOUT_SECS};
+use stevedore_model::log::plan_log_append;
 use stevedore_model::task::DEFAULT_CLUSTER;
 use stevedore_model::{
     Clock, CodeKind, CodeRevision, CodeSpec, Event, NewTask, RegistryCredential, Task, TaskOutcome,
@@ -131,37 +132,7 @@ impl LocalRun {
             updated_at: now,
             paused: false,
         };
-        let task = Task {
-            id: new_id(),
-            project_id: LOCAL_PROJECT.to_owned(),
-            code_id,
-            code_name: new_task.code_name,
-            code_rev: 1,
-            status: TaskStatus::Queued,
-            priority: new_task.priority,
-            payload: new_task.payload,
-            label: None,
-            cluster: new_task.cluster,
-            timeout_secs: new_task.timeout_secs,
-            delay_secs: 0,
-            created_at: now,
-            updated_at: now,
-            due_at: now,
-            start_time: None,
-            end_time: None,
-            percent: None,
-            msg: None,
-            retry_count: 0,
-            original_task_id: None,
-            schedule_id: None,
-            exit_code: None,
-            log_size: 0,
-            infra_attempts: 0,
-            cancel_requested: false,
-            peak_memory_bytes: None,
-            cpu_time_ms: None,
-            runner_id: None,
-        };
+        let task = Task::queued(LOCAL_PROJECT, &code_id, 1, &new_task, now);
         Ok(LocalRun {
             task,
             code,
@@ -402,29 +373,25 @@ impl LocalState {
         Ok(())
     }
 
-    /// Appends to the log as the store does: at most `cap` bytes in all, the last of them
-    /// the truncation marker. Returns what was added to the end, for the log callback.
+    /// Appends to the log with the store's plan (`model::log`): at most `cap` bytes in all,
+    /// the last of them the truncation marker. Returns what was added to the end, for the
+    /// log callback.
     fn append_log(&mut self, bytes: &[u8], cap: u64) -> Vec<u8> {
-        if self.log_truncated || bytes.is_empty() {
+        let size = u64::try_from(self.log.len()).unwrap_or(u64::MAX);
+        let Some(plan) = plan_log_append(size, self.log_truncated, bytes, cap) else {
             return Vec::new();
+        };
+        let at = |offset: u64| usize::try_from(offset).unwrap_or(usize::MAX);
+        if let Some(kept) = plan.truncate_to {
+            self.log.truncate(at(kept));
         }
-        let cap = usize::try_from(cap).unwrap_or(usize::MAX);
-        if self.log.len().saturating_add(bytes.len()) <= cap {
-            self.log.extend_from_slice(bytes);
-            return bytes.to_vec();
-        }
-        let marker = format!("\n[stevedore: log truncated at {cap} bytes]\n");
-        let marker = &marker.as_bytes()[..marker.len().min(cap)];
-        let kept = cap - marker.len();
         let mut added = Vec::new();
-        if self.log.len() < kept {
-            added.extend_from_slice(&bytes[..kept - self.log.len()]);
+        for (offset, chunk) in &plan.chunks {
+            self.log.truncate(at(*offset));
+            self.log.extend_from_slice(chunk);
+            added.extend_from_slice(chunk);
         }
-        self.log.truncate(kept);
-        self.log.extend_from_slice(&added);
-        self.log.extend_from_slice(marker);
-        added.extend_from_slice(marker);
-        self.log_truncated = true;
+        self.log_truncated = plan.truncated;
         added
     }
 }
@@ -525,17 +492,12 @@ impl TaskSource for LocalTaskSource {
     ) -> Result<(), SourceError> {
         let now = self.clock.now();
         let mut state = self.leased(task_id, token)?;
-        state.apply(&outcome.event(), now)?;
-        let task = &mut state.task;
-        task.exit_code = outcome.exit_code();
-        if let Some(message) = outcome.message() {
-            task.msg = Some(message);
-        }
-        task.start_time = report.start_time.or(task.start_time);
-        task.end_time = Some(report.end_time.unwrap_or(now));
-        task.peak_memory_bytes = report.peak_memory_bytes.or(task.peak_memory_bytes);
-        task.cpu_time_ms = report.cpu_time_ms.or(task.cpu_time_ms);
-        task.runner_id = None;
+        state
+            .task
+            .finish(outcome, report, now)
+            .map_err(|error| SourceError::Refused {
+                message: error.to_string(),
+            })?;
         self.end(state, LocalEnding::Completed(outcome.clone()));
         Ok(())
     }

@@ -8,9 +8,10 @@
 //! the key's id, never the password. Servers sharing a database must share the key: a server
 //! with another key cannot open what the first sealed, and says so in its log by key id.
 //!
-//! [`attach_registry_credentials`] is the one place a lease gets its credential: the embedded
-//! runner's `StoreTaskSource` and the runner protocol's lease handler both call it, so a
-//! remote runner and the embedded one receive exactly the same.
+//! [`attach_registry_credentials`] is the one place a lease gets its credential, called once,
+//! by the server's lease desk that the embedded runner and the runner protocol's lease
+//! handler both lease through, so a remote runner and the embedded one receive exactly the
+//! same.
 
 use chacha20poly1305::aead::{Aead, Generate, Key, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};

@@ -324,6 +324,25 @@ async fn bad_runner_requests_are_400() {
         .await
         .error(400);
     assert!(msg.contains("percent"), "{msg}");
+    // A requeue delay over a day is refused (the embedded runner gets the same answer from
+    // the lease desk), as are zero infrastructure attempts, before the task is looked at.
+    for (body, naming) in [
+        (
+            json!({"token": 1, "reason": "x", "delay_ms": 86_400_001u64, "max_infra_attempts": 5}),
+            "delay",
+        ),
+        (
+            json!({"token": 1, "reason": "x", "delay_ms": u64::MAX, "max_infra_attempts": 5}),
+            "delay",
+        ),
+        (
+            json!({"token": 1, "reason": "x", "delay_ms": 0, "max_infra_attempts": 0}),
+            "max_infra_attempts",
+        ),
+    ] {
+        let msg = runner.post("tasks/x/requeue", body).await.error(400);
+        assert!(msg.contains(naming), "{msg}");
+    }
     // An unknown task is not found.
     runner
         .post(
