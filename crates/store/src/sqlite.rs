@@ -155,7 +155,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most writes one group commit holds, so that its first writer's wait stays short.
 const MAX_GROUP_WRITES: usize = 64;
 /// How long a writer waits for its group to commit before committing it itself: only when the
-/// writer that should have committed was cancelled half-way.
+/// group was left open for a waiter that went away before it held the writer.
 const GROUP_COMMIT_PATIENCE: Duration = Duration::from_millis(100);
 /// How many failed groups `GroupCommits` remembers.
 const FAILED_GROUPS_KEPT: usize = 16;
