@@ -14,12 +14,12 @@
 //! `UPDATE` on a record the writer remembers from the lease (`tasks::LeaseCache`). WAL
 //! checkpoints run on their own connection in the background, off the commit path.
 //!
-//! A unit of write work that spans several awaits on the writer (a group transaction from its
-//! `BEGIN` to its last write, a group's `COMMIT` and the telling of its writers) runs on a task
-//! of its own that holds the writer (`detached`): a caller dropped half-way (a client that
-//! disconnects, a runner's request timeout) never leaves a completion without its retry, nor
-//! the writer in a transaction nobody tracks. The other writes use sqlx transactions, which roll
-//! back when dropped, or single statements.
+//! A write in a group transaction (from the group's `BEGIN`, through a completion and its
+//! retry, to the group's `COMMIT` and the telling of its writers) runs on a task of its own that
+//! holds the writer (`detached`): a caller dropped half-way (a client that disconnects, a
+//! runner's request timeout) never leaves a completion without its retry, nor the writer in a
+//! transaction nobody tracks. The other writes use sqlx transactions, which roll back when
+//! dropped, or single statements, whole wherever their caller stops.
 //!
 //! The SQL lives here and in `sqlite/tasks.rs` (the task and lease queries); what a state
 //! change does to a task is decided in `crate::record`, shared with every backend.
@@ -286,13 +286,13 @@ impl SqliteStore {
     /// and, if that turns out stale, on the row read afresh. With `retry`, a runner's
     /// completion, the user retry it calls for is queued in the same transaction.
     ///
-    /// Alone, the write commits by itself. When other writers are waiting, it opens (or joins)
-    /// a group transaction, leaves it open for them and returns once the last of them has
-    /// committed it: under load, many single-task writes share one commit. A write that may
-    /// queue a retry always runs in a group, so the completion and its retry commit together.
-    ///
-    /// Once this caller holds the writer, the rest runs on a task of its own (`detached`): a
-    /// caller dropped after that point leaves the write to run to its commit or rollback.
+    /// Alone, the write commits by itself (in a transaction of its own when it may queue a
+    /// retry, so the completion and its retry commit together). When other writers are
+    /// waiting, it opens (or joins) a group transaction, leaves it open for them and returns
+    /// once the last of them has committed it: under load, many single-task writes share one
+    /// commit. A write in a group runs, once this caller holds the writer, on a task of its own
+    /// (`detached`): a caller dropped after that point leaves it to run to its commit or
+    /// rollback.
     async fn change_task<T: Send + 'static>(
         &self,
         project_id: Option<&str>,
@@ -300,15 +300,45 @@ impl SqliteStore {
         retry: Option<RetryCheck>,
         change: impl FnMut(&mut TaskRecord) -> Result<T> + Send + 'static,
     ) -> Result<(TaskRecord, T)> {
-        let writer = self.writing.lock_writer().await?;
-        let writing = Arc::clone(&self.writing);
-        let (project_id, task_id) = (project_id.map(str::to_owned), task_id.to_owned());
-        detached(async move {
-            writing
-                .change_task(writer, project_id.as_deref(), &task_id, retry, change)
+        let mut writer = self.writing.lock_writer().await?;
+        if writer.group.is_some() || self.writing.waiting.load(Ordering::SeqCst) > 0 {
+            let writing = Arc::clone(&self.writing);
+            let (project_id, task_id) = (project_id.map(str::to_owned), task_id.to_owned());
+            return detached(async move {
+                writing
+                    .change_in_group(writer, project_id.as_deref(), &task_id, retry, change)
+                    .await
+            })
+            .await;
+        }
+        // Alone, the write is whole wherever this caller stops, without a task of its own: one
+        // guarded `UPDATE` after reads or, with a retry to queue, a sqlx transaction (rolled
+        // back when dropped; a `BEGIN` it never saw acknowledged is rolled back by sqlx too).
+        let Writer {
+            conn,
+            leases,
+            revisions,
+            ..
+        } = &mut *writer;
+        if retry.is_none() {
+            return change_one_task(conn, leases, revisions, project_id, task_id, None, change)
                 .await
-        })
+                .map_err(|failed| failed.error);
+        }
+        let mut tx = conn.begin_with(BEGIN_WRITE).await?;
+        let changed = change_one_task(
+            &mut tx,
+            leases,
+            revisions,
+            project_id,
+            task_id,
+            retry.as_ref(),
+            change,
+        )
         .await
+        .map_err(|failed| failed.error)?;
+        tx.commit().await?;
+        Ok(changed)
     }
 
     /// `change_task` for a runner holding a lease: refused unless `token` is current.
@@ -413,10 +443,11 @@ impl Writing {
         }
     }
 
-    /// `SqliteStore::change_task`'s unit of work, from the held writer to the end of the
-    /// write's group. Not cancel-safe by itself (a drop between the completion and its retry
-    /// would leave the group with half a change): only ever run through `detached`.
-    async fn change_task<T>(
+    /// `SqliteStore::change_task`'s unit of work in a group transaction, from the held writer
+    /// to the end of the group. Not cancel-safe by itself (a drop between the completion and
+    /// its retry would leave the group with half a change, a drop right after `BEGIN` a
+    /// transaction nobody tracks): only ever run through `detached`.
+    async fn change_in_group<T>(
         &self,
         mut writer: WriterGuard,
         project_id: Option<&str>,
@@ -424,7 +455,7 @@ impl Writing {
         retry: Option<RetryCheck>,
         change: impl FnMut(&mut TaskRecord) -> Result<T>,
     ) -> Result<(TaskRecord, T)> {
-        if writer.group.is_none() && (retry.is_some() || self.waiting.load(Ordering::SeqCst) > 0) {
+        if writer.group.is_none() {
             sqlx::query(BEGIN_WRITE).execute(&mut writer.conn).await?;
             writer.last_group += 1;
             writer.group = Some(OpenGroup {
@@ -432,8 +463,22 @@ impl Writing {
                 writes: 0,
             });
         }
-        let changed =
-            change_one_task(&mut writer, project_id, task_id, retry.as_ref(), change).await;
+        let Writer {
+            conn,
+            leases,
+            revisions,
+            ..
+        } = &mut *writer;
+        let changed = change_one_task(
+            conn,
+            leases,
+            revisions,
+            project_id,
+            task_id,
+            retry.as_ref(),
+            change,
+        )
+        .await;
         let Some(group) = writer.group.as_mut() else {
             return changed.map_err(|failed| failed.error);
         };
@@ -507,18 +552,14 @@ impl From<StoreError> for ChangeFailed {
 
 /// `SqliteStore::change_task`'s work inside whatever transaction the writer is in.
 async fn change_one_task<T>(
-    writer: &mut Writer,
+    conn: &mut SqliteConnection,
+    leases: &mut tasks::LeaseCache,
+    revisions: &mut tasks::RevisionCache,
     project_id: Option<&str>,
     task_id: &str,
     retry: Option<&RetryCheck>,
     mut change: impl FnMut(&mut TaskRecord) -> Result<T>,
 ) -> Result<(TaskRecord, T), ChangeFailed> {
-    let Writer {
-        conn,
-        leases,
-        revisions,
-        ..
-    } = writer;
     if let Some(mut record) = leases.take(task_id)
         && project_id.is_none_or(|project_id| project_id == record.task.project_id)
         && let Ok(value) = change(&mut record)

@@ -75,13 +75,31 @@ async fn assert_writer_usable(store: &SqliteStore, polls: usize) {
 /// Drops a failing completion, whose code retries, after 0, 1, 2, … polls, each poll followed
 /// by a turn of the runtime so that the work it started moves on to its next await, until a
 /// completion finishes: the drops land at every stage of the write, from before the writer is
-/// held, through the group's `BEGIN` (poll 1 drops the caller right after it: the writer was
-/// left in a transaction nobody tracked, and the later write never committed), the
-/// completion's write and its retry's, to the group's `COMMIT`. After every drop the completion
-/// and its retry are committed together or not at all, and the writer is usable, with no
-/// transaction left open.
+/// held, through the transaction's `BEGIN` (poll 1 drops the caller right after it: before the
+/// fix the writer was left in a transaction nobody tracked, and the later write never
+/// committed), the completion's write and its retry's, to the `COMMIT`. After every drop the
+/// completion and its retry are committed together or not at all, and the writer is usable,
+/// with no transaction left open.
 #[tokio::test]
 async fn a_dropped_completion_commits_with_its_retry_or_not_at_all() {
+    drop_a_completion_at_every_await(Contention::Alone).await;
+}
+
+/// The same with another writer waiting for the writer, so the completion opens a group
+/// transaction, leaves it open for that writer and waits for it to commit.
+#[tokio::test]
+async fn a_dropped_completion_in_a_group_commits_with_its_retry_or_not_at_all() {
+    drop_a_completion_at_every_await(Contention::AnotherWriterWaits).await;
+}
+
+/// Whether the completion finds the writer to itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Contention {
+    Alone,
+    AnotherWriterWaits,
+}
+
+async fn drop_a_completion_at_every_await(contention: Contention) {
     let (store, _dir) = fresh_store().await;
     let project = store.create_project("acme", at(0)).await.unwrap();
     let spec = CodeSpec {
@@ -114,21 +132,41 @@ async fn a_dropped_completion_commits_with_its_retry_or_not_at_all() {
             .await
             .unwrap();
 
+        let other_name = format!("other-{polls}");
+        let mut other = pin!(store.create_project(&other_name, at(4)));
+        let mut other_done = false;
         let finished = {
             let mut completion =
-                pin!(store.complete(&task_id, leased.lease.token, &failed, &report, at(3),));
+                pin!(store.complete(&task_id, leased.lease.token, &failed, &report, at(3)));
             let mut finished = false;
-            for _ in 0..polls {
+            // The test holds the writer until the completion (and the other write) queue for
+            // it, so that the other write waits behind the completion.
+            let mut held = Some(store.writing.lock_writer().await.unwrap());
+            for poll in 0..polls {
                 if let Poll::Ready(result) = completion.as_mut().poll(&mut context) {
                     result.unwrap();
                     finished = true;
                     break;
                 }
+                // The other write, a live caller, is driven beside the completion: it commits
+                // the group the completion left open for it.
+                if contention == Contention::AnotherWriterWaits
+                    && !other_done
+                    && let Poll::Ready(result) = other.as_mut().poll(&mut context)
+                {
+                    result.unwrap();
+                    other_done = true;
+                }
+                held = None;
                 tokio::task::yield_now().await;
             }
+            drop(held);
             finished
         };
         assert_whole_or_nothing(completion_and_retries(&store, &task_id).await, polls);
+        if !other_done {
+            other.await.unwrap();
+        }
         assert_writer_usable(&store, polls).await;
         // The work outlives its caller: by now it has ended, one way or the other.
         assert_whole_or_nothing(completion_and_retries(&store, &task_id).await, polls);
