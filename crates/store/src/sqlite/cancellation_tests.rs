@@ -142,7 +142,7 @@ async fn drop_a_completion_at_every_await(contention: Contention) {
             // The test holds the writer until the completion (and the other write) queue for
             // it, so that the other write waits behind the completion.
             let mut held = Some(store.writing.lock_writer().await.unwrap());
-            for poll in 0..polls {
+            for _ in 0..polls {
                 if let Poll::Ready(result) = completion.as_mut().poll(&mut context) {
                     result.unwrap();
                     finished = true;
