@@ -14,9 +14,18 @@
 //! `UPDATE` on a record the writer remembers from the lease (`tasks::LeaseCache`). WAL
 //! checkpoints run on their own connection in the background, off the commit path.
 //!
+//! A write in a group transaction (from the group's `BEGIN`, through a completion and its
+//! retry, to the group's `COMMIT` and the telling of its writers) runs on a task of its own that
+//! holds the writer (`detached`): a caller dropped half-way (a client that disconnects, a
+//! runner's request timeout) never leaves a completion without its retry, nor the writer in a
+//! transaction nobody tracks. The other writes use sqlx transactions, which roll back when
+//! dropped, or single statements, whole wherever their caller stops.
+//!
 //! The SQL lives here and in `sqlite/tasks.rs` (the task and lease queries); what a state
 //! change does to a task is decided in `crate::record`, shared with every backend.
 
+#[cfg(test)]
+mod cancellation_tests;
 mod clusters;
 mod credentials;
 mod gauges;
@@ -40,7 +49,7 @@ use stevedore_model::{
     CodeRevision, CodeSpec, NewTask, Schedule, ScheduleSpec, ScheduleStatus, Task, TaskOutcome,
     TaskStatus, Timestamp, new_id,
 };
-use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard, watch};
+use tokio::sync::{Mutex, OwnedMappedMutexGuard, OwnedMutexGuard, watch};
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 
@@ -89,18 +98,29 @@ pub struct SqliteOptions {
 /// The SQLite store. Cheap to share behind an `Arc`; every method is safe to call
 /// concurrently.
 pub struct SqliteStore {
-    /// The one connection that writes; holding the lock is the write lock. `None` once closed.
-    writer: Mutex<Option<Writer>>,
-    /// Callers waiting for the writer. A single-task write that sees others waiting leaves
-    /// its transaction open for them, and the last of them commits (group commit).
-    waiting: AtomicUsize,
-    /// How the latest group commit ended, for the callers whose writes it held.
-    commits: watch::Sender<GroupCommits>,
+    /// The writer and its group commits, shared with the tasks that finish units of write work
+    /// for callers that may be gone.
+    writing: Arc<Writing>,
     /// Read-only connections for queries that change nothing.
     readers: SqlitePool,
     /// Copies the WAL back into the database file in the background; stopped on close and drop.
     checkpointer: JoinHandle<()>,
 }
+
+/// The writer connection behind its lock, and the state of its group commits.
+struct Writing {
+    /// The one connection that writes; holding the lock is the write lock. `None` once closed.
+    /// Its own `Arc` so that a detached unit of work can own the lock.
+    writer: Arc<Mutex<Option<Writer>>>,
+    /// Callers waiting for the writer. A single-task write that sees others waiting leaves
+    /// its transaction open for them, and the last of them commits (group commit).
+    waiting: AtomicUsize,
+    /// How the latest group commit ended, for the callers whose writes it held.
+    commits: watch::Sender<GroupCommits>,
+}
+
+/// The writer, held: the write lock.
+type WriterGuard = OwnedMappedMutexGuard<Option<Writer>, Writer>;
 
 /// The writer connection and what only the writer touches.
 struct Writer {
@@ -135,7 +155,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most writes one group commit holds, so that its first writer's wait stays short.
 const MAX_GROUP_WRITES: usize = 64;
 /// How long a writer waits for its group to commit before committing it itself: only when the
-/// writer that should have committed was cancelled half-way.
+/// group was left open for a waiter that went away before it held the writer.
 const GROUP_COMMIT_PATIENCE: Duration = Duration::from_millis(100);
 /// How many failed groups `GroupCommits` remembers.
 const FAILED_GROUPS_KEPT: usize = 16;
@@ -209,15 +229,17 @@ impl SqliteStore {
             .await?;
         let checkpointer = tokio::spawn(checkpoint_in_background(connect.connect().await?));
         Ok(SqliteStore {
-            writer: Mutex::new(Some(Writer {
-                conn: writer,
-                leases: tasks::LeaseCache::default(),
-                revisions: tasks::RevisionCache::default(),
-                group: None,
-                last_group: 0,
-            })),
-            waiting: AtomicUsize::new(0),
-            commits: watch::Sender::new(GroupCommits::default()),
+            writing: Arc::new(Writing {
+                writer: Arc::new(Mutex::new(Some(Writer {
+                    conn: writer,
+                    leases: tasks::LeaseCache::default(),
+                    revisions: tasks::RevisionCache::default(),
+                    group: None,
+                    last_group: 0,
+                }))),
+                waiting: AtomicUsize::new(0),
+                commits: watch::Sender::new(GroupCommits::default()),
+            }),
             readers,
             checkpointer,
         })
@@ -231,29 +253,119 @@ impl SqliteStore {
         self.readers.close().await;
         // Taking the writer commits the group transaction, if one is open.
         drop(self.writer().await);
-        if let Some(writer) = self.writer.lock().await.take()
+        if let Some(writer) = self.writing.writer.lock().await.take()
             && let Err(error) = writer.conn.close().await
         {
             tracing::warn!(%error, "closing the SQLite writer connection failed");
         }
     }
 
-    /// The writer for a caller that needs it alone: an open group is committed first.
-    async fn writer(&self) -> Result<MappedMutexGuard<'_, Writer>> {
-        let mut writer = self.lock_writer().await?;
-        if let Err(error) = self.end_group(&mut writer, true).await {
-            // The group's own writers learn of it; this caller's work is not affected.
-            tracing::warn!(%error, "a group commit failed");
+    /// The writer for a caller that needs it alone: an open group is committed first, on a
+    /// task of its own so that the group's end is told to its writers whatever becomes of this
+    /// caller. What the caller then does must be cancel-safe by itself: a sqlx transaction
+    /// (rolled back when dropped) or a single statement.
+    async fn writer(&self) -> Result<WriterGuard> {
+        let writer = self.writing.lock_writer().await?;
+        if writer.group.is_none() {
+            return Ok(writer);
         }
-        Ok(writer)
+        let writing = Arc::clone(&self.writing);
+        detached(async move {
+            let mut writer = writer;
+            if let Err(error) = writing.end_group(&mut writer, true).await {
+                // The group's own writers learn of it; this caller's work is not affected.
+                tracing::warn!(%error, "a group commit failed");
+            }
+            Ok(writer)
+        })
+        .await
     }
 
+    /// Changes one task: loads it (from the lease cache when it is there), lets `change` alter
+    /// it, writes it back guarded by its version. `change` may run twice: on a cached record
+    /// and, if that turns out stale, on the row read afresh. With `retry`, a runner's
+    /// completion, the user retry it calls for is queued in the same transaction.
+    ///
+    /// Alone, the write commits by itself (in a transaction of its own when it may queue a
+    /// retry, so the completion and its retry commit together). When other writers are
+    /// waiting, it opens (or joins) a group transaction, leaves it open for them and returns
+    /// once the last of them has committed it: under load, many single-task writes share one
+    /// commit. A write in a group runs, once this caller holds the writer, on a task of its own
+    /// (`detached`): a caller dropped after that point leaves it to run to its commit or
+    /// rollback.
+    async fn change_task<T: Send + 'static>(
+        &self,
+        project_id: Option<&str>,
+        task_id: &str,
+        retry: Option<RetryCheck>,
+        change: impl FnMut(&mut TaskRecord) -> Result<T> + Send + 'static,
+    ) -> Result<(TaskRecord, T)> {
+        let mut writer = self.writing.lock_writer().await?;
+        if writer.group.is_some() || self.writing.waiting.load(Ordering::SeqCst) > 0 {
+            let writing = Arc::clone(&self.writing);
+            let (project_id, task_id) = (project_id.map(str::to_owned), task_id.to_owned());
+            return detached(async move {
+                writing
+                    .change_in_group(writer, project_id.as_deref(), &task_id, retry, change)
+                    .await
+            })
+            .await;
+        }
+        // Alone, the write is whole wherever this caller stops, without a task of its own: one
+        // guarded `UPDATE` after reads or, with a retry to queue, a sqlx transaction (rolled
+        // back when dropped; a `BEGIN` it never saw acknowledged is rolled back by sqlx too).
+        let Writer {
+            conn,
+            leases,
+            revisions,
+            ..
+        } = &mut *writer;
+        if retry.is_none() {
+            return change_one_task(conn, leases, revisions, project_id, task_id, None, change)
+                .await
+                .map_err(|failed| failed.error);
+        }
+        let mut tx = conn.begin_with(BEGIN_WRITE).await?;
+        let changed = change_one_task(
+            &mut tx,
+            leases,
+            revisions,
+            project_id,
+            task_id,
+            retry.as_ref(),
+            change,
+        )
+        .await
+        .map_err(|failed| failed.error)?;
+        tx.commit().await?;
+        Ok(changed)
+    }
+
+    /// `change_task` for a runner holding a lease: refused unless `token` is current.
+    async fn change_leased_task<T: Send + 'static>(
+        &self,
+        task_id: &str,
+        token: i64,
+        retry: Option<RetryCheck>,
+        mut change: impl FnMut(&mut TaskRecord) -> Result<T> + Send + 'static,
+    ) -> Result<(TaskRecord, T)> {
+        self.change_task(None, task_id, retry, move |record| {
+            record.check_lease(token)?;
+            change(record)
+        })
+        .await
+    }
+}
+
+// === impl Writing ===
+
+impl Writing {
     /// The writer as it is, an open group included; counted in `waiting` until it is ours.
-    async fn lock_writer(&self) -> Result<MappedMutexGuard<'_, Writer>> {
+    async fn lock_writer(&self) -> Result<WriterGuard> {
         let waiting = Waiting::new(&self.waiting);
-        let writer = self.writer.lock().await;
+        let writer = Arc::clone(&self.writer).lock_owned().await;
         drop(waiting);
-        MutexGuard::try_map(writer, Option::as_mut)
+        OwnedMutexGuard::try_map(writer, Option::as_mut)
             .map_err(|_| StoreError::Database(sqlx::Error::PoolClosed))
     }
 
@@ -321,8 +433,8 @@ impl SqliteStore {
                 .await
                 .is_err()
             {
-                // Whoever should have committed the group went away (cancelled half-way), or
-                // left it to a waiter that had no use for it: commit it ourselves. Whoever
+                // The group was left to a waiter that had no use for it (it was dropped while
+                // it waited for the writer, or it only read): commit it ourselves. Whoever
                 // holds the writer between two writes may end the open group; the outcome
                 // reaches this loop through `commits`.
                 let mut writer = self.lock_writer().await?;
@@ -331,24 +443,19 @@ impl SqliteStore {
         }
     }
 
-    /// Changes one task: loads it (from the lease cache when it is there), lets `change` alter
-    /// it, writes it back guarded by its version. `change` may run twice: on a cached record
-    /// and, if that turns out stale, on the row read afresh. With `retry`, a runner's
-    /// completion, the user retry it calls for is queued in the same transaction.
-    ///
-    /// Alone, the write commits by itself. When other writers are waiting, it opens (or joins)
-    /// a group transaction, leaves it open for them and returns once the last of them has
-    /// committed it: under load, many single-task writes share one commit. A write that may
-    /// queue a retry always runs in a group, so the completion and its retry commit together.
-    async fn change_task<T>(
+    /// `SqliteStore::change_task`'s unit of work in a group transaction, from the held writer
+    /// to the end of the group. Not cancel-safe by itself (a drop between the completion and
+    /// its retry would leave the group with half a change, a drop right after `BEGIN` a
+    /// transaction nobody tracks): only ever run through `detached`.
+    async fn change_in_group<T>(
         &self,
+        mut writer: WriterGuard,
         project_id: Option<&str>,
         task_id: &str,
-        retry: Option<RetryCheck<'_>>,
+        retry: Option<RetryCheck>,
         change: impl FnMut(&mut TaskRecord) -> Result<T>,
     ) -> Result<(TaskRecord, T)> {
-        let mut writer = self.lock_writer().await?;
-        if writer.group.is_none() && (retry.is_some() || self.waiting.load(Ordering::SeqCst) > 0) {
+        if writer.group.is_none() {
             sqlx::query(BEGIN_WRITE).execute(&mut writer.conn).await?;
             writer.last_group += 1;
             writer.group = Some(OpenGroup {
@@ -356,7 +463,22 @@ impl SqliteStore {
                 writes: 0,
             });
         }
-        let changed = change_one_task(&mut writer, project_id, task_id, retry, change).await;
+        let Writer {
+            conn,
+            leases,
+            revisions,
+            ..
+        } = &mut *writer;
+        let changed = change_one_task(
+            conn,
+            leases,
+            revisions,
+            project_id,
+            task_id,
+            retry.as_ref(),
+            change,
+        )
+        .await;
         let Some(group) = writer.group.as_mut() else {
             return changed.map_err(|failed| failed.error);
         };
@@ -387,27 +509,29 @@ impl SqliteStore {
         }
         changed
     }
+}
 
-    /// `change_task` for a runner holding a lease: refused unless `token` is current.
-    async fn change_leased_task<T>(
-        &self,
-        task_id: &str,
-        token: i64,
-        retry: Option<RetryCheck<'_>>,
-        mut change: impl FnMut(&mut TaskRecord) -> Result<T>,
-    ) -> Result<(TaskRecord, T)> {
-        self.change_task(None, task_id, retry, |record| {
-            record.check_lease(token)?;
-            change(record)
-        })
-        .await
+/// Runs a unit of write work on a task of its own and waits for its result. Dropping the
+/// caller's future leaves the unit running to its end (a commit or a rollback), so a write is
+/// never cut between two of its statements nor leaves the writer in an untracked transaction.
+async fn detached<T: Send + 'static>(
+    work: impl Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    match tokio::spawn(work).await {
+        Ok(result) => result,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        // Only a runtime shutting down cancels the task; the writer's connection rolls back
+        // whatever it had not committed when it closes.
+        Err(error) => Err(StoreError::Database(sqlx::Error::Io(
+            std::io::Error::other(format!("a write was stopped before it finished: {error}")),
+        ))),
     }
 }
 
 /// A runner's completion, for `change_task` to queue the user retry it calls for.
-#[derive(Debug, Clone, Copy)]
-struct RetryCheck<'a> {
-    outcome: &'a TaskOutcome,
+#[derive(Debug, Clone)]
+struct RetryCheck {
+    outcome: TaskOutcome,
     now: Timestamp,
 }
 
@@ -428,18 +552,14 @@ impl From<StoreError> for ChangeFailed {
 
 /// `SqliteStore::change_task`'s work inside whatever transaction the writer is in.
 async fn change_one_task<T>(
-    writer: &mut Writer,
+    conn: &mut SqliteConnection,
+    leases: &mut tasks::LeaseCache,
+    revisions: &mut tasks::RevisionCache,
     project_id: Option<&str>,
     task_id: &str,
-    retry: Option<RetryCheck<'_>>,
+    retry: Option<&RetryCheck>,
     mut change: impl FnMut(&mut TaskRecord) -> Result<T>,
 ) -> Result<(TaskRecord, T), ChangeFailed> {
-    let Writer {
-        conn,
-        leases,
-        revisions,
-        ..
-    } = writer;
     if let Some(mut record) = leases.take(task_id)
         && project_id.is_none_or(|project_id| project_id == record.task.project_id)
         && let Ok(value) = change(&mut record)
@@ -466,11 +586,11 @@ async fn plan_follow_up(
     conn: &mut SqliteConnection,
     revisions: &mut tasks::RevisionCache,
     record: &TaskRecord,
-    retry: Option<RetryCheck<'_>>,
+    retry: Option<&RetryCheck>,
 ) -> Result<Option<Task>> {
     match retry {
         Some(RetryCheck { outcome, now }) => {
-            tasks::plan_retry(conn, revisions, record, outcome, now).await
+            tasks::plan_retry(conn, revisions, record, outcome, *now).await
         }
         None => Ok(None),
     }
@@ -984,7 +1104,9 @@ impl Store for SqliteStore {
     async fn cancel_task(&self, project_id: &str, task_id: &str, now: Timestamp) -> Result<Task> {
         let now = normalize(now);
         let (record, _) = self
-            .change_task(Some(project_id), task_id, None, |record| record.cancel(now))
+            .change_task(Some(project_id), task_id, None, move |record| {
+                record.cancel(now)
+            })
             .await?;
         Ok(record.task)
     }
@@ -1013,15 +1135,16 @@ impl Store for SqliteStore {
         now: Timestamp,
     ) -> Result<Task> {
         let now = normalize(now);
+        let (id, msg) = (task_id.to_owned(), msg.map(str::to_owned));
         let (record, ()) = self
-            .change_task(Some(project_id), task_id, None, |record| {
+            .change_task(Some(project_id), task_id, None, move |record| {
                 if record.task.status.is_terminal() {
                     return Err(StoreError::Conflict(format!(
-                        "task {task_id} is already finished: it is {}",
+                        "task {id} is already finished: it is {}",
                         record.task.status
                     )));
                 }
-                record.set_progress(percent, msg, now);
+                record.set_progress(percent, msg.as_deref(), now);
                 Ok(())
             })
             .await?;
@@ -1108,7 +1231,7 @@ impl Store for SqliteStore {
     ) -> Result<HeartbeatReply> {
         let now = normalize(now);
         let (record, expires_at) = self
-            .change_leased_task(task_id, token, None, |record| {
+            .change_leased_task(task_id, token, None, move |record| {
                 Ok(record.extend_lease(lease_secs, now))
             })
             .await?;
@@ -1127,7 +1250,9 @@ impl Store for SqliteStore {
     ) -> Result<Task> {
         let (now, start_time) = (normalize(now), normalize(start_time));
         let (record, ()) = self
-            .change_leased_task(task_id, token, None, |record| record.start(start_time, now))
+            .change_leased_task(task_id, token, None, move |record| {
+                record.start(start_time, now)
+            })
             .await?;
         Ok(record.task)
     }
@@ -1190,8 +1315,9 @@ impl Store for SqliteStore {
         now: Timestamp,
     ) -> Result<()> {
         let now = normalize(now);
-        self.change_leased_task(task_id, token, None, |record| {
-            record.set_progress(percent, msg, now);
+        let msg = msg.map(str::to_owned);
+        self.change_leased_task(task_id, token, None, move |record| {
+            record.set_progress(percent, msg.as_deref(), now);
             Ok(())
         })
         .await?;
@@ -1212,13 +1338,15 @@ impl Store for SqliteStore {
             end_time: report.end_time.map(normalize),
             ..report.clone()
         };
+        let retry = RetryCheck {
+            outcome: outcome.clone(),
+            now,
+        };
+        let outcome = outcome.clone();
         let (record, ()) = self
-            .change_leased_task(
-                task_id,
-                token,
-                Some(RetryCheck { outcome, now }),
-                |record| record.finish(outcome, &report, now),
-            )
+            .change_leased_task(task_id, token, Some(retry), move |record| {
+                record.finish(&outcome, &report, now)
+            })
             .await?;
         Ok(record.task)
     }
@@ -1231,9 +1359,10 @@ impl Store for SqliteStore {
         now: Timestamp,
     ) -> Result<Task> {
         let (now, due_at) = (normalize(now), normalize(requeue.due_at));
+        let (reason, max_infra_attempts) = (requeue.reason.clone(), requeue.max_infra_attempts);
         let (record, ()) = self
-            .change_leased_task(task_id, token, None, |record| {
-                record.give_back(&requeue.reason, due_at, requeue.max_infra_attempts, now)
+            .change_leased_task(task_id, token, None, move |record| {
+                record.give_back(&reason, due_at, max_infra_attempts, now)
             })
             .await?;
         Ok(record.task)
