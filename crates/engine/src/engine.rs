@@ -24,125 +24,31 @@ pub type LogChunkStream = BoxStream<'static, Result<LogChunk, EngineError>>;
 /// A container's resource samples, about one a second while it runs: ends when it stops.
 pub type ResourceSampleStream = BoxStream<'static, Result<ResourceSample, EngineError>>;
 
-/// Where [`ContainerEngine::ensure_image`] reports pull progress. Unbounded, so a slow reader
+/// Where [`ImageStore::ensure_image`] reports pull progress. Unbounded, so a slow reader
 /// (a progress bar) never holds up a pull that other tasks wait for.
 pub type PullProgressSender = tokio::sync::mpsc::UnboundedSender<PullProgress>;
 
-/// A container engine: Docker today, perhaps Kubernetes Jobs later.
+/// The container runtime a runner drives: Docker today, perhaps Kubernetes Jobs or Podman
+/// later.
 ///
-/// Held as `Arc<dyn ContainerEngine>`. Every method classifies its failures into
-/// [`EngineError`] from the engine's structured answers; see
+/// It knows containers and the limits it can enforce; images reach it through an
+/// [`ImageStore`]. Every method classifies its failures into [`EngineError`] from the
+/// runtime's structured answers, never from message text; see
 /// [`EngineError::is_infrastructure`] for which failures are the user's.
 ///
-/// The lifecycle of one task container is `ensure_image` → `create` (files uploaded) →
-/// `start` → `logs` and `wait` (and `kill` on timeout or cancel) → `remove`.
+/// The lifecycle of one task container is `create` (files in place) → `start` → `logs` and
+/// `wait` (and `kill` on timeout or cancel) → `remove`. A second implementation proves itself
+/// by passing the conformance suite (`conformance`, cargo feature `test-support`) that the
+/// Docker implementation and the fake pass.
 #[async_trait]
-pub trait ContainerEngine: Send + Sync + 'static {
+pub trait ContainerRuntime: Send + Sync + 'static {
     /// What the engine can enforce, from its `/info` and `/version` answers.
     async fn capabilities(&self) -> Result<EngineCapabilities, EngineError>;
 
-    /// The id of `image` when it is present locally, `None` when it is not.
-    async fn image_id(&self, image: &str) -> Result<Option<String>, EngineError>;
-
-    /// Whether `image` is present locally.
-    async fn image_present(&self, image: &str) -> Result<bool, EngineError> {
-        Ok(self.image_id(image).await?.is_some())
-    }
-
-    /// The local image's id, repository digests and labels, `None` when it is not present.
-    async fn local_image(&self, image: &str) -> Result<Option<LocalImage>, EngineError>;
-
-    /// Asks `image`'s registry, through the engine, whether `registry_auth` (or no
-    /// credentials at all) may pull it: the engine fetches the manifest's descriptor, no
-    /// layers. `Ok` when it may; [`EngineError::RegistryDenied`] when the registry refuses
-    /// the credentials, or demands some and none were given; [`EngineError::ImageNotFound`]
-    /// when the registry does not have it; an infrastructure error when the registry cannot
-    /// be reached.
-    async fn check_registry_access(
-        &self,
-        image: &str,
-        registry_auth: Option<RegistryAuth>,
-    ) -> Result<(), EngineError>;
-
-    /// Pushes the local image `image` to its registry with `registry_auth`.
-    async fn push_image(
-        &self,
-        image: &str,
-        registry_auth: Option<RegistryAuth>,
-    ) -> Result<(), EngineError>;
-
-    /// Removes a local image (by reference or id), without force: an image a container still
-    /// uses is refused with [`EngineError::Conflict`].
-    async fn remove_image(&self, image: &str) -> Result<(), EngineError>;
-
-    /// Makes sure `image` is present locally: done at once when it is, pulled otherwise.
-    ///
-    /// Concurrent calls for the same image with the same credentials share one pull (a
-    /// caller with other credentials pulls on its own, so nobody gets an image through
-    /// someone else's access); each caller gets the pull's result
-    /// and, when it passed a `progress` sender, the progress events from the moment it joined.
-    /// A reference without a tag or digest means `:latest` (never "every tag"). A pull the
-    /// engine fails without saying why (an HTTP 500, as it answers for refused credentials
-    /// and unreachable registries alike) is classified by asking the registry
-    /// ([`ContainerEngine::check_registry_access`]).
-    async fn ensure_image(
-        &self,
-        image: &str,
-        registry_auth: Option<RegistryAuth>,
-        progress: Option<PullProgressSender>,
-    ) -> Result<ImagePresence, EngineError>;
-
-    /// [`ContainerEngine::ensure_image`] with its progress handed to `on_progress` as it
-    /// happens, for a progress display: `Started`, then layer and message events, then
-    /// `Finished` when a pull was needed; nothing when the image was present.
-    async fn ensure_image_with_progress(
-        &self,
-        image: &str,
-        registry_auth: Option<RegistryAuth>,
-        on_progress: &mut (dyn FnMut(PullProgress) + Send),
-    ) -> Result<ImagePresence, EngineError> {
-        let (sink, mut events) = tokio::sync::mpsc::unbounded_channel();
-        let ensure = self.ensure_image(image, registry_auth, Some(sink));
-        let mut ensure = std::pin::pin!(ensure);
-        loop {
-            tokio::select! {
-                result = &mut ensure => {
-                    while let Ok(event) = events.try_recv() {
-                        on_progress(event);
-                    }
-                    return result;
-                }
-                Some(event) = events.recv() => on_progress(event),
-            }
-        }
-    }
-
-    /// Builds an image from a Dockerfile (`docker build`) and tags it.
-    ///
-    /// The context directory is read and checked first (Dockerfile present, `.dockerignore`
-    /// applied, size within [`BuildRequest::max_context_bytes`]), then streamed to the
-    /// engine. Progress arrives on `on_progress` while the build runs: the context's size,
-    /// each step, the output lines, base-image pulls and the image id. A failing build is
-    /// [`EngineError::BuildFailed`] with the engine's message, an unusable context
-    /// [`EngineError::InvalidBuildContext`]; both are the user's. Intermediate containers are
-    /// removed, also when a step fails. Dropping the future cancels the build.
-    async fn build_image(
-        &self,
-        request: &BuildRequest,
-        on_progress: &mut (dyn FnMut(BuildProgress) + Send),
-    ) -> Result<BuiltImage, EngineError>;
-
-    /// Imports a root filesystem tar as the image `reference` (`docker import`), applying
-    /// Dockerfile-style `changes` such as `CMD ["sh"]`. Returns the new image's id.
-    async fn import_image(
-        &self,
-        rootfs_tar: Bytes,
-        reference: &str,
-        changes: &[String],
-    ) -> Result<String, EngineError>;
-
-    /// Creates a container and uploads the spec's directories and files into it. The
-    /// container is not started. When the upload fails the container is removed again.
+    /// Creates a container with the spec's directories and files in place (how they get there
+    /// is the runtime's business: Docker uploads an archive, never a bind mount). The
+    /// container is not started. When the files cannot be put in place the container is
+    /// removed again and the error returned.
     async fn create(&self, spec: &ContainerSpec) -> Result<ContainerId, EngineError>;
 
     /// Starts a created container.
@@ -168,7 +74,7 @@ pub trait ContainerEngine: Send + Sync + 'static {
     /// Resource samples while the container runs; the stream ends when it stops.
     fn stats(&self, id: &ContainerId) -> ResourceSampleStream;
 
-    /// Follows [`ContainerEngine::stats`] until the container stops and returns the peaks.
+    /// Follows [`ContainerRuntime::stats`] until the container stops and returns the peaks.
     /// Start it right after `start` and await it after `wait`.
     async fn resource_peak(&self, id: &ContainerId) -> Result<ResourceUsage, EngineError> {
         let mut usage = ResourceUsage::default();
@@ -187,6 +93,129 @@ pub trait ContainerEngine: Send + Sync + 'static {
     /// finds the leftovers of an earlier life at start-up.
     async fn list_labeled(&self, key: &str, value: &str) -> Result<Vec<ContainerId>, EngineError>;
 }
+
+/// The images a runtime runs containers from, as a runner needs them: whether one is
+/// present (and what it is), pulling one that is missing, and asking a registry whether given
+/// credentials may pull it.
+///
+/// Kept apart from [`ContainerRuntime`] because it answers to registries and credentials, not
+/// to containers: a runtime that pulls for itself (a cluster's nodes) pairs with a store that
+/// only asks the registry, and the runtime's conformance does not depend on a registry being
+/// reachable. The runner holds both, as one [`ContainerEngine`].
+#[async_trait]
+pub trait ImageStore: Send + Sync + 'static {
+    /// The id of `image` when it is present locally, `None` when it is not.
+    async fn image_id(&self, image: &str) -> Result<Option<String>, EngineError>;
+
+    /// Whether `image` is present locally.
+    async fn image_present(&self, image: &str) -> Result<bool, EngineError> {
+        Ok(self.image_id(image).await?.is_some())
+    }
+
+    /// The local image's id, repository digests and labels, `None` when it is not present.
+    async fn local_image(&self, image: &str) -> Result<Option<LocalImage>, EngineError>;
+
+    /// Asks `image`'s registry, through the engine, whether `registry_auth` (or no
+    /// credentials at all) may pull it: the engine fetches the manifest's descriptor, no
+    /// layers. `Ok` when it may; [`EngineError::RegistryDenied`] when the registry refuses
+    /// the credentials, or demands some and none were given; [`EngineError::ImageNotFound`]
+    /// when the registry does not have it; an infrastructure error when the registry cannot
+    /// be reached.
+    async fn check_registry_access(
+        &self,
+        image: &str,
+        registry_auth: Option<RegistryAuth>,
+    ) -> Result<(), EngineError>;
+
+    /// Makes sure `image` is present locally: done at once when it is, pulled otherwise.
+    ///
+    /// Concurrent calls for the same image with the same credentials share one pull (a
+    /// caller with other credentials pulls on its own, so nobody gets an image through
+    /// someone else's access); each caller gets the pull's result
+    /// and, when it passed a `progress` sender, the progress events from the moment it joined.
+    /// A reference without a tag or digest means `:latest` (never "every tag"). A pull the
+    /// engine fails without saying why (an HTTP 500, as it answers for refused credentials
+    /// and unreachable registries alike) is classified by asking the registry
+    /// ([`ImageStore::check_registry_access`]).
+    async fn ensure_image(
+        &self,
+        image: &str,
+        registry_auth: Option<RegistryAuth>,
+        progress: Option<PullProgressSender>,
+    ) -> Result<ImagePresence, EngineError>;
+
+    /// [`ImageStore::ensure_image`] with its progress handed to `on_progress` as it
+    /// happens, for a progress display: `Started`, then layer and message events, then
+    /// `Finished` when a pull was needed; nothing when the image was present.
+    async fn ensure_image_with_progress(
+        &self,
+        image: &str,
+        registry_auth: Option<RegistryAuth>,
+        on_progress: &mut (dyn FnMut(PullProgress) + Send),
+    ) -> Result<ImagePresence, EngineError> {
+        let (sink, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let ensure = self.ensure_image(image, registry_auth, Some(sink));
+        let mut ensure = std::pin::pin!(ensure);
+        loop {
+            tokio::select! {
+                result = &mut ensure => {
+                    while let Ok(event) = events.try_recv() {
+                        on_progress(event);
+                    }
+                    return result;
+                }
+                Some(event) = events.recv() => on_progress(event),
+            }
+        }
+    }
+}
+
+/// Making images rather than running them: what `code push --dockerfile` and
+/// `stack build-local` need, and no runner does. A builder works on an [`ImageStore`] (it
+/// pulls base images and reuses an image whose recipe is unchanged), hence the supertrait.
+#[async_trait]
+pub trait ImageBuilder: ImageStore {
+    /// Builds an image from a Dockerfile (`docker build`) and tags it.
+    ///
+    /// The context directory is read and checked first (Dockerfile present, `.dockerignore`
+    /// applied, size within [`BuildRequest::max_context_bytes`]), then streamed to the
+    /// engine. Progress arrives on `on_progress` while the build runs: the context's size,
+    /// each step, the output lines, base-image pulls and the image id. A failing build is
+    /// [`EngineError::BuildFailed`] with the engine's message, an unusable context
+    /// [`EngineError::InvalidBuildContext`]; both are the user's. Intermediate containers are
+    /// removed, also when a step fails. Dropping the future cancels the build.
+    async fn build_image(
+        &self,
+        request: &BuildRequest,
+        on_progress: &mut (dyn FnMut(BuildProgress) + Send),
+    ) -> Result<BuiltImage, EngineError>;
+
+    /// Imports a root filesystem tar as the image `reference` (`docker import`), applying
+    /// Dockerfile-style `changes` such as `CMD ["sh"]`. Returns the new image's id.
+    async fn import_image(
+        &self,
+        rootfs_tar: Bytes,
+        reference: &str,
+        changes: &[String],
+    ) -> Result<String, EngineError>;
+
+    /// Pushes the local image `image` to its registry with `registry_auth`.
+    async fn push_image(
+        &self,
+        image: &str,
+        registry_auth: Option<RegistryAuth>,
+    ) -> Result<(), EngineError>;
+
+    /// Removes a local image (by reference or id), without force: an image a container still
+    /// uses is refused with [`EngineError::Conflict`].
+    async fn remove_image(&self, image: &str) -> Result<(), EngineError>;
+}
+
+/// What a runner holds: a [`ContainerRuntime`] and the [`ImageStore`] its containers come
+/// from, as one `Arc<dyn ContainerEngine>`. Implemented for everything that is both.
+pub trait ContainerEngine: ContainerRuntime + ImageStore {}
+
+impl<T: ContainerRuntime + ImageStore + ?Sized> ContainerEngine for T {}
 
 /// What an engine says it can enforce and what it runs on.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -259,7 +288,7 @@ pub struct RegistryAuth {
     pub server_address: Option<String>,
 }
 
-/// Whether [`ContainerEngine::ensure_image`] had to pull.
+/// Whether [`ImageStore::ensure_image`] had to pull.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ImagePresence {
     /// The image was there already.
@@ -447,7 +476,7 @@ pub fn check_required(
                  this was explicitly allowed: a task can exhaust this machine's memory"
             );
         } else {
-            return Err(EngineError::MissingCapability {
+            return Err(EngineError::LimitUnenforceable {
                 capability: "memory limits".to_owned(),
                 hint: "the engine reports MemoryLimit=false (no cgroup memory controller); \
                        enable it (cgroup_enable=memory on the kernel command line, or cgroup v2), \
@@ -457,7 +486,7 @@ pub fn check_required(
         }
     }
     if requirements.swap_limit && !capabilities.swap_limit {
-        return Err(EngineError::MissingCapability {
+        return Err(EngineError::LimitUnenforceable {
             capability: "swap limits".to_owned(),
             hint: "the engine reports SwapLimit=false; enable swap accounting \
                    (swapaccount=1 on the kernel command line, or cgroup v2) or run without swap"
@@ -465,7 +494,7 @@ pub fn check_required(
         });
     }
     if requirements.cpu_quota && !capabilities.cpu_cfs_quota {
-        return Err(EngineError::MissingCapability {
+        return Err(EngineError::LimitUnenforceable {
             capability: "CPU quotas".to_owned(),
             hint: "the engine reports CpuCfsQuota=false; enable CFS bandwidth control in the \
                    kernel, or configure no CPU limits"
@@ -473,7 +502,7 @@ pub fn check_required(
         });
     }
     if requirements.pids_limit && !capabilities.pids_limit {
-        return Err(EngineError::MissingCapability {
+        return Err(EngineError::LimitUnenforceable {
             capability: "process limits".to_owned(),
             hint: "the engine reports PidsLimit=false; enable the cgroup pids controller, \
                    or configure no pids limit"
@@ -506,7 +535,7 @@ mod tests {
         let refused = check_required(&capabilities, &Requirements::default());
         assert!(matches!(
             refused,
-            Err(EngineError::MissingCapability { ref capability, .. }) if capability == "memory limits"
+            Err(EngineError::LimitUnenforceable { ref capability, .. }) if capability == "memory limits"
         ));
 
         let allowed = Requirements {

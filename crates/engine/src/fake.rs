@@ -21,9 +21,9 @@ use tokio::time::Instant;
 use crate::build::{BuildProgress, BuildRequest, BuiltImage};
 use crate::context::plan_context;
 use crate::engine::{
-    ContainerEngine, EngineCapabilities, ExitStatus, ImagePresence, LocalImage, LogChunk,
-    LogChunkStream, OutputStream, PullProgress, PullProgressSender, RegistryAuth, ResourceSample,
-    ResourceSampleStream, Timestamp,
+    ContainerRuntime, EngineCapabilities, ExitStatus, ImageBuilder, ImagePresence, ImageStore,
+    LocalImage, LogChunk, LogChunkStream, OutputStream, PullProgress, PullProgressSender,
+    RegistryAuth, ResourceSample, ResourceSampleStream, Timestamp,
 };
 use crate::error::EngineError;
 use crate::pull::{PullCoalescer, normalize_reference};
@@ -419,7 +419,7 @@ impl FakeEngine {
             .containers
             .get(id.as_str())
             .map(|container| container.phase.subscribe())
-            .ok_or_else(|| no_such_container(id))
+            .ok_or_else(|| container_not_found(id))
     }
 
     fn now(&self) -> Timestamp {
@@ -430,196 +430,10 @@ impl FakeEngine {
 }
 
 #[async_trait]
-impl ContainerEngine for FakeEngine {
+impl ContainerRuntime for FakeEngine {
     async fn capabilities(&self) -> Result<EngineCapabilities, EngineError> {
         self.injected(FakeOperation::Capabilities)?;
         Ok(self.lock().capabilities.clone())
-    }
-
-    async fn image_id(&self, image: &str) -> Result<Option<String>, EngineError> {
-        self.injected(FakeOperation::ImagePresent)?;
-        let state = self.lock();
-        Ok(state.find_image(image).map(|(_, id)| id.clone()))
-    }
-
-    async fn local_image(&self, image: &str) -> Result<Option<LocalImage>, EngineError> {
-        self.injected(FakeOperation::ImagePresent)?;
-        let state = self.lock();
-        // The fake's images were never in a registry: they carry no repository digests.
-        Ok(state.find_image(image).map(|(_, id)| LocalImage {
-            id: id.clone(),
-            repo_digests: Vec::new(),
-            labels: state.image_labels.get(id).cloned().unwrap_or_default(),
-        }))
-    }
-
-    async fn check_registry_access(
-        &self,
-        image: &str,
-        _registry_auth: Option<RegistryAuth>,
-    ) -> Result<(), EngineError> {
-        self.injected(FakeOperation::Pull)?;
-        let reference = normalize_reference(image);
-        if self.lock().registry.contains_key(&reference) {
-            Ok(())
-        } else {
-            Err(EngineError::ImageNotFound { image: reference })
-        }
-    }
-
-    async fn push_image(
-        &self,
-        image: &str,
-        _registry_auth: Option<RegistryAuth>,
-    ) -> Result<(), EngineError> {
-        let reference = normalize_reference(image);
-        let mut state = self.lock();
-        if state.find_image(&reference).is_none() {
-            return Err(EngineError::ImageNotFound { image: reference });
-        }
-        state.registry.insert(reference, Duration::ZERO);
-        Ok(())
-    }
-
-    async fn remove_image(&self, image: &str) -> Result<(), EngineError> {
-        self.injected(FakeOperation::RemoveImage)?;
-        let mut state = self.lock();
-        let Some((reference, _)) = state.find_image(image) else {
-            return Err(EngineError::ImageNotFound {
-                image: image.to_owned(),
-            });
-        };
-        let reference = reference.clone();
-        let in_use = state
-            .containers
-            .values()
-            .any(|c| normalize_reference(&c.spec.image) == reference);
-        if in_use {
-            return Err(EngineError::Conflict {
-                message: format!("the image {image} is used by a container"),
-            });
-        }
-        state.images.remove(&reference);
-        Ok(())
-    }
-
-    async fn ensure_image(
-        &self,
-        image: &str,
-        _registry_auth: Option<RegistryAuth>,
-        progress: Option<PullProgressSender>,
-    ) -> Result<ImagePresence, EngineError> {
-        if self.image_present(image).await? {
-            return Ok(ImagePresence::AlreadyPresent);
-        }
-        let reference = normalize_reference(image);
-        let engine = self.clone();
-        let pulled = reference.clone();
-        self.pulls
-            .pull(&reference, &reference, progress, move |events| async move {
-                engine.injected(FakeOperation::Pull)?;
-                let takes = engine.lock().registry.get(&pulled).copied();
-                *engine.lock().pull_counts.entry(pulled.clone()).or_default() += 1;
-                let Some(takes) = takes else {
-                    return Err(EngineError::ImageNotFound { image: pulled });
-                };
-                let _ = events.send(PullProgress::Layer {
-                    layer: "fake-layer".to_owned(),
-                    status: "Downloading".to_owned(),
-                    current: Some(0),
-                    total: Some(100),
-                });
-                tokio::time::sleep(takes).await;
-                let _ = events.send(PullProgress::Layer {
-                    layer: "fake-layer".to_owned(),
-                    status: "Pull complete".to_owned(),
-                    current: Some(100),
-                    total: Some(100),
-                });
-                engine.lock().insert_image(pulled);
-                Ok(())
-            })
-            .await?;
-        Ok(ImagePresence::Pulled)
-    }
-
-    async fn import_image(
-        &self,
-        _rootfs_tar: Bytes,
-        reference: &str,
-        changes: &[String],
-    ) -> Result<String, EngineError> {
-        self.injected(FakeOperation::Import)?;
-        let mut state = self.lock();
-        let id = state.insert_image(normalize_reference(reference));
-        // `LABEL key=value` changes, as the engine applies them.
-        let labels = changes
-            .iter()
-            .filter_map(|change| change.strip_prefix("LABEL "))
-            .filter_map(|label| label.split_once('='))
-            .map(|(key, value)| (key.trim().to_owned(), value.trim().to_owned()))
-            .collect();
-        state.image_labels.insert(id.clone(), labels);
-        Ok(id)
-    }
-
-    /// Reads the context as the Docker engine does (so a missing Dockerfile, a broken
-    /// `.dockerignore` or an oversized context fail the same way), reports one step per
-    /// Dockerfile instruction, and adds the image under every tag. Nothing runs.
-    async fn build_image(
-        &self,
-        request: &BuildRequest,
-        on_progress: &mut (dyn FnMut(BuildProgress) + Send),
-    ) -> Result<BuiltImage, EngineError> {
-        self.lock().builds.push(request.clone());
-        let plan = plan_context(request)?;
-        on_progress(BuildProgress::Context {
-            files: plan.files,
-            bytes: plan.bytes,
-        });
-        self.injected(FakeOperation::Build)?;
-        let dockerfile = std::fs::read_to_string(plan.dockerfile_path()).map_err(|error| {
-            EngineError::InvalidBuildContext {
-                reason: format!("cannot read {}: {error}", plan.dockerfile),
-            }
-        })?;
-        let instructions = dockerfile_instructions(&dockerfile);
-        if instructions.is_empty() {
-            return Err(EngineError::BuildFailed {
-                status: Some(400),
-                message: "the Dockerfile has no instructions".to_owned(),
-            });
-        }
-        let total = u32::try_from(instructions.len()).unwrap_or(u32::MAX);
-        for (number, instruction) in (1..).zip(instructions) {
-            on_progress(BuildProgress::Step {
-                number,
-                total,
-                instruction,
-            });
-        }
-        let tags: Vec<String> = request
-            .tags
-            .iter()
-            .map(|tag| normalize_reference(tag))
-            .collect();
-        let id = {
-            let mut state = self.lock();
-            let id = format!("sha256:{:064x}", state.next_id);
-            state.next_id += 1;
-            if tags.is_empty() {
-                state.images.insert(id.clone(), id.clone());
-            }
-            for tag in &tags {
-                state.images.insert(tag.clone(), id.clone());
-            }
-            state
-                .image_labels
-                .insert(id.clone(), request.labels.clone());
-            id
-        };
-        on_progress(BuildProgress::ImageId { id: id.clone() });
-        Ok(BuiltImage { id, tags })
     }
 
     async fn create(&self, spec: &ContainerSpec) -> Result<ContainerId, EngineError> {
@@ -672,7 +486,7 @@ impl ContainerEngine for FakeEngine {
             let container = state
                 .containers
                 .get(id.as_str())
-                .ok_or_else(|| no_such_container(id))?;
+                .ok_or_else(|| container_not_found(id))?;
             if !matches!(*container.phase.borrow(), Phase::Created) {
                 // Docker answers 304 for an already started container: not an error.
                 return Ok(());
@@ -754,7 +568,7 @@ impl ContainerEngine for FakeEngine {
                 engine_error: None,
             }),
             // The container was removed while we waited.
-            Err(_) => Err(no_such_container(id)),
+            Err(_) => Err(container_not_found(id)),
         }
     }
 
@@ -764,7 +578,7 @@ impl ContainerEngine for FakeEngine {
         let container = state
             .containers
             .get(id.as_str())
-            .ok_or_else(|| no_such_container(id))?;
+            .ok_or_else(|| container_not_found(id))?;
         if matches!(*container.phase.borrow(), Phase::Running) {
             container.kill.notify_one();
         }
@@ -781,7 +595,7 @@ impl ContainerEngine for FakeEngine {
         let container = state
             .containers
             .get(id.as_str())
-            .ok_or_else(|| no_such_container(id))?;
+            .ok_or_else(|| container_not_found(id))?;
         Ok(match *container.phase.borrow() {
             Phase::Running => Some(sample_of(&container.run)),
             Phase::Created | Phase::Exited(_) => None,
@@ -813,7 +627,7 @@ impl ContainerEngine for FakeEngine {
             let container = state
                 .containers
                 .remove(id.as_str())
-                .ok_or_else(|| no_such_container(id))?;
+                .ok_or_else(|| container_not_found(id))?;
             // Force: a running container is killed on the way out.
             container.kill.notify_one();
             state.removed.push(id.clone());
@@ -834,6 +648,197 @@ impl ContainerEngine for FakeEngine {
             })
             .map(|(id, _)| ContainerId::new(id.clone()))
             .collect())
+    }
+}
+
+#[async_trait]
+impl ImageStore for FakeEngine {
+    async fn image_id(&self, image: &str) -> Result<Option<String>, EngineError> {
+        self.injected(FakeOperation::ImagePresent)?;
+        let state = self.lock();
+        Ok(state.find_image(image).map(|(_, id)| id.clone()))
+    }
+
+    async fn local_image(&self, image: &str) -> Result<Option<LocalImage>, EngineError> {
+        self.injected(FakeOperation::ImagePresent)?;
+        let state = self.lock();
+        // The fake's images were never in a registry: they carry no repository digests.
+        Ok(state.find_image(image).map(|(_, id)| LocalImage {
+            id: id.clone(),
+            repo_digests: Vec::new(),
+            labels: state.image_labels.get(id).cloned().unwrap_or_default(),
+        }))
+    }
+
+    async fn check_registry_access(
+        &self,
+        image: &str,
+        _registry_auth: Option<RegistryAuth>,
+    ) -> Result<(), EngineError> {
+        self.injected(FakeOperation::Pull)?;
+        let reference = normalize_reference(image);
+        if self.lock().registry.contains_key(&reference) {
+            Ok(())
+        } else {
+            Err(EngineError::ImageNotFound { image: reference })
+        }
+    }
+
+    async fn ensure_image(
+        &self,
+        image: &str,
+        _registry_auth: Option<RegistryAuth>,
+        progress: Option<PullProgressSender>,
+    ) -> Result<ImagePresence, EngineError> {
+        if self.image_present(image).await? {
+            return Ok(ImagePresence::AlreadyPresent);
+        }
+        let reference = normalize_reference(image);
+        let engine = self.clone();
+        let pulled = reference.clone();
+        self.pulls
+            .pull(&reference, &reference, progress, move |events| async move {
+                engine.injected(FakeOperation::Pull)?;
+                let takes = engine.lock().registry.get(&pulled).copied();
+                *engine.lock().pull_counts.entry(pulled.clone()).or_default() += 1;
+                let Some(takes) = takes else {
+                    return Err(EngineError::ImageNotFound { image: pulled });
+                };
+                let _ = events.send(PullProgress::Layer {
+                    layer: "fake-layer".to_owned(),
+                    status: "Downloading".to_owned(),
+                    current: Some(0),
+                    total: Some(100),
+                });
+                tokio::time::sleep(takes).await;
+                let _ = events.send(PullProgress::Layer {
+                    layer: "fake-layer".to_owned(),
+                    status: "Pull complete".to_owned(),
+                    current: Some(100),
+                    total: Some(100),
+                });
+                engine.lock().insert_image(pulled);
+                Ok(())
+            })
+            .await?;
+        Ok(ImagePresence::Pulled)
+    }
+}
+
+#[async_trait]
+impl ImageBuilder for FakeEngine {
+    async fn push_image(
+        &self,
+        image: &str,
+        _registry_auth: Option<RegistryAuth>,
+    ) -> Result<(), EngineError> {
+        let reference = normalize_reference(image);
+        let mut state = self.lock();
+        if state.find_image(&reference).is_none() {
+            return Err(EngineError::ImageNotFound { image: reference });
+        }
+        state.registry.insert(reference, Duration::ZERO);
+        Ok(())
+    }
+
+    async fn remove_image(&self, image: &str) -> Result<(), EngineError> {
+        self.injected(FakeOperation::RemoveImage)?;
+        let mut state = self.lock();
+        let Some((reference, _)) = state.find_image(image) else {
+            return Err(EngineError::ImageNotFound {
+                image: image.to_owned(),
+            });
+        };
+        let reference = reference.clone();
+        let in_use = state
+            .containers
+            .values()
+            .any(|c| normalize_reference(&c.spec.image) == reference);
+        if in_use {
+            return Err(EngineError::Conflict {
+                message: format!("the image {image} is used by a container"),
+            });
+        }
+        state.images.remove(&reference);
+        Ok(())
+    }
+
+    async fn import_image(
+        &self,
+        _rootfs_tar: Bytes,
+        reference: &str,
+        changes: &[String],
+    ) -> Result<String, EngineError> {
+        self.injected(FakeOperation::Import)?;
+        let mut state = self.lock();
+        let id = state.insert_image(normalize_reference(reference));
+        // `LABEL key=value` changes, as the engine applies them.
+        let labels = changes
+            .iter()
+            .filter_map(|change| change.strip_prefix("LABEL "))
+            .filter_map(|label| label.split_once('='))
+            .map(|(key, value)| (key.trim().to_owned(), value.trim().to_owned()))
+            .collect();
+        state.image_labels.insert(id.clone(), labels);
+        Ok(id)
+    }
+
+    /// Reads the context as the Docker engine does (so a missing Dockerfile, a broken
+    /// `.dockerignore` or an oversized context fail the same way), reports one step per
+    /// Dockerfile instruction, and adds the image under every tag. Nothing runs.
+    async fn build_image(
+        &self,
+        request: &BuildRequest,
+        on_progress: &mut (dyn FnMut(BuildProgress) + Send),
+    ) -> Result<BuiltImage, EngineError> {
+        self.lock().builds.push(request.clone());
+        let plan = plan_context(request)?;
+        on_progress(BuildProgress::Context {
+            files: plan.files,
+            bytes: plan.bytes,
+        });
+        self.injected(FakeOperation::Build)?;
+        let dockerfile = std::fs::read_to_string(plan.dockerfile_path()).map_err(|error| {
+            EngineError::InvalidBuildContext {
+                reason: format!("cannot read {}: {error}", plan.dockerfile),
+            }
+        })?;
+        let instructions = dockerfile_instructions(&dockerfile);
+        if instructions.is_empty() {
+            return Err(EngineError::BuildFailed {
+                message: "the Dockerfile has no instructions".to_owned(),
+            });
+        }
+        let total = u32::try_from(instructions.len()).unwrap_or(u32::MAX);
+        for (number, instruction) in (1..).zip(instructions) {
+            on_progress(BuildProgress::Step {
+                number,
+                total,
+                instruction,
+            });
+        }
+        let tags: Vec<String> = request
+            .tags
+            .iter()
+            .map(|tag| normalize_reference(tag))
+            .collect();
+        let id = {
+            let mut state = self.lock();
+            let id = format!("sha256:{:064x}", state.next_id);
+            state.next_id += 1;
+            if tags.is_empty() {
+                state.images.insert(id.clone(), id.clone());
+            }
+            for tag in &tags {
+                state.images.insert(tag.clone(), id.clone());
+            }
+            state
+                .image_labels
+                .insert(id.clone(), request.labels.clone());
+            id
+        };
+        on_progress(BuildProgress::ImageId { id: id.clone() });
+        Ok(BuiltImage { id, tags })
     }
 }
 
@@ -864,8 +869,8 @@ fn dockerfile_instructions(dockerfile: &str) -> Vec<String> {
     instructions
 }
 
-fn no_such_container(id: &ContainerId) -> EngineError {
-    EngineError::NoSuchContainer {
+fn container_not_found(id: &ContainerId) -> EngineError {
+    EngineError::ContainerNotFound {
         id: id.as_str().to_owned(),
     }
 }
@@ -1027,7 +1032,6 @@ mod tests {
         engine.fail_next(
             FakeOperation::Build,
             EngineError::BuildFailed {
-                status: None,
                 message: "The command '/bin/sh -c exit 3' returned a non-zero code: 3".into(),
             },
         );
@@ -1058,7 +1062,6 @@ mod tests {
             FakeOperation::Pull,
             EngineError::PullFailed {
                 image: "team/app:1".into(),
-                status: Some(500),
                 message: "registry down".into(),
             },
         );
@@ -1153,8 +1156,7 @@ mod tests {
         engine.add_image("img");
         engine.fail_next(
             FakeOperation::Create,
-            EngineError::Server {
-                status: 500,
+            EngineError::Failed {
                 message: "boom".into(),
             },
         );
@@ -1233,7 +1235,7 @@ mod tests {
         );
         assert!(matches!(
             engine.remove(&id).await,
-            Err(EngineError::NoSuchContainer { .. })
+            Err(EngineError::ContainerNotFound { .. })
         ));
         assert!(matches!(
             engine.create(&ContainerSpec::new("missing")).await,

@@ -53,9 +53,10 @@ pub use build::{
 };
 pub use docker::DockerEngine;
 pub use engine::{
-    ContainerEngine, EngineCapabilities, ExitStatus, ImagePresence, LocalImage, LogChunk,
-    LogChunkStream, OutputStream, PullProgress, PullProgressSender, RegistryAuth, Requirements,
-    ResourceSample, ResourceSampleStream, ResourceUsage, Timestamp, check_required,
+    ContainerEngine, ContainerRuntime, EngineCapabilities, ExitStatus, ImageBuilder, ImagePresence,
+    ImageStore, LocalImage, LogChunk, LogChunkStream, OutputStream, PullProgress,
+    PullProgressSender, RegistryAuth, Requirements, ResourceSample, ResourceSampleStream,
+    ResourceUsage, Timestamp, check_required,
 };
 pub use error::EngineError;
 pub use local_image::{
