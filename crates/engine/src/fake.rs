@@ -56,6 +56,19 @@ pub struct FakeRun {
     pub cpu_total_ns: u64,
     /// `State.Error` it reports (e.g. "executable file not found").
     pub engine_error: Option<String>,
+    /// Where its stdout also comes from, read from the container as created (after `logs`):
+    /// what a program that prints one of its files or variables would print.
+    pub echoes: Vec<FakeEcho>,
+}
+
+/// Something of its own container a fake run prints on stdout, so a test sees that files and
+/// environment reached the container the way a real program would see them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FakeEcho {
+    /// The contents of the file at this path (nothing when there is none).
+    File(String),
+    /// The value of this environment variable (nothing when it is unset).
+    Env(String),
 }
 
 /// The engine operations a failure can be injected into.
@@ -175,6 +188,7 @@ impl FakeRun {
             peak_memory_bytes: 4 << 20,
             cpu_total_ns: 1_000_000,
             engine_error: None,
+            echoes: Vec::new(),
         }
     }
 
@@ -215,6 +229,18 @@ impl FakeRun {
             stream: OutputStream::Stderr,
             bytes: text.into(),
         });
+        self
+    }
+
+    /// Prints the contents of its container's file at `path` on stdout.
+    pub fn echo_file(mut self, path: impl Into<String>) -> Self {
+        self.echoes.push(FakeEcho::File(path.into()));
+        self
+    }
+
+    /// Prints the value of its container's environment variable `name` on stdout.
+    pub fn echo_env(mut self, name: impl Into<String>) -> Self {
+        self.echoes.push(FakeEcho::Env(name.into()));
         self
     }
 
@@ -464,6 +490,24 @@ impl ContainerRuntime for FakeEngine {
             })
             .map(|(_, run)| run.clone())
             .unwrap_or_else(|| state.default_run.clone());
+        let mut run = run;
+        for echo in std::mem::take(&mut run.echoes) {
+            let bytes = match echo {
+                FakeEcho::File(path) => spec
+                    .files
+                    .iter()
+                    .find(|file| file.path == path)
+                    .map(|file| file.contents.clone()),
+                FakeEcho::Env(name) => spec
+                    .env
+                    .iter()
+                    .find(|(key, _)| *key == name)
+                    .map(|(_, value)| value.clone().into_bytes()),
+            };
+            if let Some(bytes) = bytes {
+                run = run.stdout(bytes);
+            }
+        }
         let id = ContainerId::new(format!("{:064x}", state.next_id));
         state.next_id += 1;
         state.containers.insert(
@@ -603,20 +647,25 @@ impl ContainerRuntime for FakeEngine {
     }
 
     fn stats(&self, id: &ContainerId) -> ResourceSampleStream {
-        let engine = self.clone();
-        let id = id.clone();
-        let sample = async move {
-            let snapshot = engine.stats_snapshot(&id).await?;
-            if snapshot.is_some() {
-                let mut phase = engine.phase_of(&id)?;
+        // One sample at once, as the engine streams its first right away; the stream then
+        // ends when the container stops.
+        let (engine, id) = (self.clone(), id.clone());
+        let (follower, followed) = (self.clone(), id.clone());
+        let sample =
+            futures::stream::once(async move { engine.stats_snapshot(&id).await.transpose() });
+        let until_stopped = futures::stream::once(async move {
+            if let Ok(mut phase) = follower.phase_of(&followed)
+                && matches!(*phase.borrow(), Phase::Running)
+            {
                 let _ = phase
                     .wait_for(|phase| matches!(phase, Phase::Exited(_)))
                     .await;
             }
-            Ok::<_, EngineError>(snapshot)
-        };
-        futures::stream::once(sample)
-            .filter_map(|result| futures::future::ready(result.transpose()))
+            None
+        });
+        sample
+            .chain(until_stopped)
+            .filter_map(futures::future::ready)
             .boxed()
     }
 
@@ -895,6 +944,59 @@ async fn sleep_or_forever(duration: Duration) {
 mod tests {
     use super::*;
     use crate::spec::FileToUpload;
+
+    /// The fake under the runtime conformance suite: each program is a scripted run, chosen
+    /// by a label of its own; files and environment come back through [`FakeEcho`].
+    struct FakeHarness {
+        engine: FakeEngine,
+        programs: std::sync::atomic::AtomicU64,
+    }
+
+    const HARNESS_IMAGE: &str = "conformance/fake:1";
+
+    async fn fake_harness(_check: &'static str) -> Option<FakeHarness> {
+        let engine = FakeEngine::new();
+        engine.add_image(HARNESS_IMAGE);
+        Some(FakeHarness {
+            engine,
+            programs: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    impl crate::conformance::Harness for FakeHarness {
+        fn runtime(&self) -> &dyn ContainerRuntime {
+            &self.engine
+        }
+
+        fn spec(&self, program: &crate::conformance::Program) -> ContainerSpec {
+            use crate::conformance::Program;
+            let n = self
+                .programs
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .to_string();
+            let mut spec = ContainerSpec::new(HARNESS_IMAGE);
+            spec.labels.insert("conformance.program".into(), n.clone());
+            let run = match program {
+                Program::Exit(code) => FakeRun::exits(*code),
+                Program::Print { stdout, stderr } => FakeRun::success()
+                    .stdout(stdout.clone())
+                    .stderr(stderr.clone()),
+                Program::CatFiles(paths) => paths
+                    .iter()
+                    .fold(FakeRun::success(), |run, path| run.echo_file(path.clone())),
+                Program::PrintEnv(name) => FakeRun::success().echo_env(name.clone()),
+                Program::ExceedMemory => {
+                    spec.memory_bytes = Some(8 << 20);
+                    FakeRun::oom_killed()
+                }
+                Program::Forever => FakeRun::forever(),
+            };
+            self.engine.script_label("conformance.program", &n, run);
+            spec
+        }
+    }
+
+    crate::runtime_conformance_tests!(fake_harness);
 
     fn labeled(image: &str, task: &str) -> ContainerSpec {
         let mut spec = ContainerSpec::new(image);

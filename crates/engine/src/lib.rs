@@ -31,12 +31,17 @@
 //! calls [`ContainerEngine::kill`]), and when to remove (the runner removes in the background).
 //!
 //! [`fake::FakeEngine`] (cargo feature `fake`) is an in-memory engine for other crates' fast
-//! tests; the integration tests in `tests/docker.rs` run against a real Docker engine.
+//! tests. [`conformance`] (cargo feature `test-support`) is the suite every
+//! [`ContainerRuntime`] must pass: `tests/docker.rs` runs it against the real Docker engine,
+//! the fake's unit tests against the fake; the other integration tests in `tests/docker.rs`
+//! cover what is Docker's own (image builds, pulls, registries, limits).
 
 #![forbid(unsafe_code)]
 
 mod archive;
 mod build;
+#[cfg(any(test, feature = "test-support"))]
+pub mod conformance;
 mod context;
 mod docker;
 mod engine;

@@ -14,6 +14,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use stevedore_engine::conformance::{Harness, Program};
 use stevedore_engine::{
     BuildProgress, BuildRequest, ContainerId, ContainerRuntime, ContainerSpec, DockerEngine,
     EngineError, ExitStatus, FileToUpload, HOST_BUSYBOX, ImageBuilder, ImagePresence, ImageStore,
@@ -91,6 +92,70 @@ async fn local_image(engine: &DockerEngine) -> Result<(), EngineError> {
         .await
         .map(|_| ())
 }
+
+/// The real engine under the runtime conformance suite: every program is a busybox shell,
+/// labelled for its check so its [`Cleanup`] removes whatever a failed check left.
+struct DockerHarness {
+    engine: DockerEngine,
+    task: String,
+    _cleanup: Cleanup,
+}
+
+async fn docker_harness(check: &'static str) -> Option<DockerHarness> {
+    let engine = engine().await?;
+    if let Err(error) = local_image(&engine).await {
+        panic!("cannot build {LOCAL_BUSYBOX_IMAGE}: {error}");
+    }
+    let task = task_label(&format!("conformance-{check}"));
+    Some(DockerHarness {
+        engine,
+        _cleanup: Cleanup::new(&task),
+        task,
+    })
+}
+
+impl Harness for DockerHarness {
+    fn runtime(&self) -> &dyn ContainerRuntime {
+        &self.engine
+    }
+
+    fn spec(&self, program: &Program) -> ContainerSpec {
+        match program {
+            Program::Exit(code) => shell(&self.task, &format!("exit {code}")),
+            Program::Print { stdout, stderr } => {
+                let mut spec = shell(
+                    &self.task,
+                    "printf '%s' \"$CONFORMANCE_STDOUT\"; printf '%s' \"$CONFORMANCE_STDERR\" >&2",
+                );
+                spec.env.push(("CONFORMANCE_STDOUT".into(), stdout.clone()));
+                spec.env.push(("CONFORMANCE_STDERR".into(), stderr.clone()));
+                spec
+            }
+            Program::CatFiles(paths) => {
+                let mut spec = shell(&self.task, "");
+                spec.cmd = Some(
+                    std::iter::once("cat".to_owned())
+                        .chain(paths.iter().cloned())
+                        .collect(),
+                );
+                spec
+            }
+            Program::PrintEnv(name) => shell(&self.task, &format!("printf '%s' \"${name}\"")),
+            Program::ExceedMemory => {
+                // The shell itself (PID 1) holds 64 MiB in a variable against an 8 MiB limit.
+                let mut spec = shell(
+                    &self.task,
+                    "x=$(head -c 67108864 /dev/zero | tr '\\0' a); echo survived ${#x}",
+                );
+                spec.memory_bytes = Some(8 << 20);
+                spec
+            }
+            Program::Forever => shell(&self.task, "sleep 3600"),
+        }
+    }
+}
+
+stevedore_engine::runtime_conformance_tests!(docker_harness);
 
 fn task_label(test: &str) -> String {
     format!("{test}-{}", std::process::id())
