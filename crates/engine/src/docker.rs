@@ -1,4 +1,5 @@
-//! [`DockerEngine`]: the [`ContainerEngine`] over the Docker Engine API, through bollard.
+//! [`DockerEngine`]: the [`ContainerRuntime`], [`ImageStore`] and [`ImageBuilder`] over the
+//! Docker Engine API, through bollard.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -43,7 +44,7 @@ const SIGKILL_EXIT_CODE: i64 = 137;
 const OOM_RECHECKS: u32 = 5;
 const OOM_RECHECK_DELAY: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// The Docker engine behind the [`ContainerEngine`] trait. Cheap to clone; clones share the
+/// The Docker engine behind the engine traits. Cheap to clone; clones share the
 /// connection pool and the table of pulls under way.
 #[derive(Clone)]
 pub struct DockerEngine {

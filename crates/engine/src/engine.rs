@@ -42,7 +42,9 @@ pub type PullProgressSender = tokio::sync::mpsc::UnboundedSender<PullProgress>;
 /// Docker implementation and the fake pass.
 #[async_trait]
 pub trait ContainerRuntime: Send + Sync + 'static {
-    /// What the engine can enforce, from its `/info` and `/version` answers.
+    /// What the runtime can enforce (memory, swap, CPU and process limits) and runs on; a
+    /// runner refuses to start on a runtime that would silently ignore a limit it needs
+    /// ([`check_required`]).
     async fn capabilities(&self) -> Result<EngineCapabilities, EngineError>;
 
     /// Creates a container with the spec's directories and files in place (how they get there
@@ -58,7 +60,9 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// stops. Failures (the container does not exist) arrive as the stream's first item.
     ///
     /// Call it after `start`: output written before the call is included, but following a
-    /// container that has not started yet ends at once, empty (the engine's behaviour).
+    /// container that has not started yet ends at once, empty (the engine's behaviour). A live
+    /// stream may miss output written just before the container stops; called again after
+    /// `wait`, it returns all of it (the runner reads that catch-up).
     fn logs(&self, id: &ContainerId) -> LogChunkStream;
 
     /// Waits until the container stops, then reports how it ended.
@@ -134,8 +138,8 @@ pub trait ImageStore: Send + Sync + 'static {
     /// someone else's access); each caller gets the pull's result
     /// and, when it passed a `progress` sender, the progress events from the moment it joined.
     /// A reference without a tag or digest means `:latest` (never "every tag"). A pull the
-    /// engine fails without saying why (an HTTP 500, as it answers for refused credentials
-    /// and unreachable registries alike) is classified by asking the registry
+    /// engine fails without saying why (Docker answers 500 for refused credentials and
+    /// unreachable registries alike) is classified by asking the registry
     /// ([`ImageStore::check_registry_access`]).
     async fn ensure_image(
         &self,

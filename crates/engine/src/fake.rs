@@ -1,4 +1,5 @@
-//! [`FakeEngine`]: an in-memory [`ContainerEngine`] for other crates' fast unit tests.
+//! [`FakeEngine`]: an in-memory [`ContainerRuntime`], [`ImageStore`] and [`ImageBuilder`]
+//! for other crates' fast unit tests.
 //!
 //! Nothing runs: a "container" is a record that moves from created to running to exited on
 //! tokio's clock (so `tokio::time::pause` makes long tasks instant). What a container does is
