@@ -433,15 +433,23 @@ impl ImageStore for DockerEngine {
             password: Some(PLACEHOLDER_USERNAME.to_owned()),
             ..DockerCredentials::default()
         };
-        match self
+        let again = self
             .docker
             .inspect_registry_image(&reference, Some(placeholder))
-            .await
-            .map_err(|again| EngineError::from_bollard(again, Subject::Pull(&reference)))
-        {
+            .await;
+        let status = match &again {
+            Err(bollard::errors::Error::DockerResponseServerError { status_code, .. }) => {
+                *status_code
+            }
+            _ => 0,
+        };
+        match again.map_err(|again| EngineError::from_bollard(again, Subject::Pull(&reference))) {
             Err(EngineError::RegistryDenied { .. }) => Err(EngineError::RegistryDenied {
                 image: reference.clone(),
-                message: "the registry requires credentials, and none were given for it".to_owned(),
+                message: EngineError::answered(
+                    status,
+                    "the registry requires credentials, and none were given for it",
+                ),
             }),
             // Still unreachable, or something odd: the first answer stands.
             _ => Err(error),

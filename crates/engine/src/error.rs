@@ -373,6 +373,49 @@ mod tests {
     }
 
     #[test]
+    fn every_kind_is_in_the_closed_set_once() {
+        let text = || "m".to_owned();
+        let image = || "i:1".to_owned();
+        let every = [
+            EngineError::Unreachable { message: text() },
+            EngineError::Timeout,
+            EngineError::Failed { message: text() },
+            EngineError::ContainerNotFound { id: text() },
+            EngineError::ImageNotFound { image: image() },
+            EngineError::RegistryDenied {
+                image: image(),
+                message: text(),
+            },
+            EngineError::PullFailed {
+                image: image(),
+                message: text(),
+            },
+            EngineError::PushFailed {
+                image: image(),
+                message: text(),
+            },
+            EngineError::Refused { message: text() },
+            EngineError::Conflict { message: text() },
+            EngineError::LimitUnenforceable {
+                capability: text(),
+                hint: text(),
+            },
+            EngineError::InvalidSpec { reason: text() },
+            EngineError::LocalIo {
+                path: text(),
+                message: text(),
+            },
+            EngineError::BuildFailed { message: text() },
+            EngineError::InvalidBuildContext { reason: text() },
+            EngineError::Protocol { message: text() },
+        ];
+        let kinds: std::collections::BTreeSet<_> = every.iter().map(EngineError::kind).collect();
+        let closed: std::collections::BTreeSet<_> = EngineError::KINDS.into_iter().collect();
+        assert_eq!(kinds, closed);
+        assert_eq!(closed.len(), EngineError::KINDS.len());
+    }
+
+    #[test]
     fn a_404_on_a_container_is_container_not_found_and_infrastructure() {
         let error = EngineError::from_bollard(answer(404), Subject::Container("abc"));
         assert_eq!(error, EngineError::ContainerNotFound { id: "abc".into() });
