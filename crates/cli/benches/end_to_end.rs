@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use stevedore_engine::{
-    ContainerEngine, ContainerId, ContainerSpec, DockerEngine, EngineError, HOST_BUSYBOX,
-    LOCAL_BUSYBOX_IMAGE,
+    ContainerId, ContainerRuntime, ContainerSpec, DockerEngine, EngineError, HOST_BUSYBOX,
+    ImageStore, LOCAL_BUSYBOX_IMAGE,
 };
 use tokio::process::{Child, Command};
 

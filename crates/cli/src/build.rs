@@ -7,7 +7,9 @@ use std::path::Path;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use stevedore_engine::{BuildProgress, BuildRequest, ContainerEngine, PullProgress, RegistryAuth};
+use stevedore_engine::{
+    BuildProgress, BuildRequest, ImageBuilder, ImageStore, PullProgress, RegistryAuth,
+};
 use stevedore_model::CodeImages;
 use stevedore_model::registry::LOCAL_CODE_REPOSITORY;
 use stevedore_model::stack::{LOCAL_DEBIAN_IMAGE, LOCAL_DEBIAN_SUITE, LocalBuild};
@@ -20,7 +22,7 @@ use stevedore_model::{StackImages, StackTable};
 /// pushed when they live in a registry, see [`push_code_image`]); without (`stevedore run`),
 /// it is a local image of this machine's alone.
 pub async fn build_code_image(
-    engine: &dyn ContainerEngine,
+    engine: &dyn ImageBuilder,
     project: Option<(&CodeImages, &str)>,
     name: &str,
     context: &Path,
@@ -76,7 +78,7 @@ pub async fn build_code_image(
 /// Pushes a built code image to the operator's registry, so runners on other machines can
 /// pull it.
 pub async fn push_code_image(
-    engine: &dyn ContainerEngine,
+    engine: &dyn ImageBuilder,
     reference: &str,
     auth: RegistryAuth,
     show_progress: bool,
@@ -94,7 +96,7 @@ pub async fn push_code_image(
 
 /// Makes sure `image` is on the engine, pulling it with a progress bar when it is not.
 pub async fn ensure_image(
-    engine: &dyn ContainerEngine,
+    engine: &dyn ImageStore,
     image: &str,
     auth: Option<RegistryAuth>,
     show_progress: bool,
@@ -149,7 +151,7 @@ pub struct LocalStackBuilt {
 /// from the host's static busybox, the others on a Debian base image bootstrapped from
 /// Debian's archive. An image that exists from the same recipe is reused.
 pub async fn build_local_stacks(
-    engine: &dyn ContainerEngine,
+    engine: &dyn ImageBuilder,
     names: &[String],
     busybox: &Path,
     show_progress: bool,

@@ -1,4 +1,5 @@
-//! [`DockerEngine`]: the [`ContainerEngine`] over the Docker Engine API, through bollard.
+//! [`DockerEngine`]: the [`ContainerRuntime`], [`ImageStore`] and [`ImageBuilder`] over the
+//! Docker Engine API, through bollard.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,9 +29,9 @@ use crate::archive::task_files_archive;
 use crate::build::{BuildProgress, BuildRequest, BuiltImage, OutputLines};
 use crate::context::{ContextPlan, plan_context, stream_context};
 use crate::engine::{
-    ContainerEngine, EngineCapabilities, ExitStatus, ImagePresence, LocalImage, LogChunk,
-    LogChunkStream, OutputStream, PullProgress, PullProgressSender, RegistryAuth, ResourceSample,
-    ResourceSampleStream, Timestamp,
+    ContainerRuntime, EngineCapabilities, ExitStatus, ImageBuilder, ImagePresence, ImageStore,
+    LocalImage, LogChunk, LogChunkStream, OutputStream, PullProgress, PullProgressSender,
+    RegistryAuth, ResourceSample, ResourceSampleStream, Timestamp,
 };
 use crate::error::{EngineError, Subject};
 use crate::pull::{PullCoalescer, normalize_reference};
@@ -39,11 +40,12 @@ use crate::spec::{ContainerId, ContainerSpec};
 /// The exit code of a process killed by SIGKILL, as an OOM kill leaves it.
 const SIGKILL_EXIT_CODE: i64 = 137;
 /// How often a SIGKILLed container's state is asked again for a late OOM mark, and how long
-/// apart: at most a quarter of a second, paid only by tasks that died of SIGKILL.
-const OOM_RECHECKS: u32 = 5;
-const OOM_RECHECK_DELAY: std::time::Duration = std::time::Duration::from_millis(50);
+/// apart: at most two seconds, paid only by tasks that died of SIGKILL without the mark (a
+/// quarter of a second was seen to be too short on a loaded machine).
+const OOM_RECHECKS: u32 = 20;
+const OOM_RECHECK_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// The Docker engine behind the [`ContainerEngine`] trait. Cheap to clone; clones share the
+/// The Docker engine behind the engine traits. Cheap to clone; clones share the
 /// connection pool and the table of pulls under way.
 #[derive(Clone)]
 pub struct DockerEngine {
@@ -129,9 +131,8 @@ impl DockerEngine {
                 status_code: 404,
                 message,
             } => match self.image_present(image).await {
-                Ok(true) => EngineError::Rejected {
-                    status: 404,
-                    message,
+                Ok(true) => EngineError::Refused {
+                    message: EngineError::answered(404, &message),
                 },
                 Ok(false) => EngineError::ImageNotFound {
                     image: image.to_owned(),
@@ -144,7 +145,7 @@ impl DockerEngine {
 }
 
 #[async_trait]
-impl ContainerEngine for DockerEngine {
+impl ContainerRuntime for DockerEngine {
     async fn capabilities(&self) -> Result<EngineCapabilities, EngineError> {
         let info = self
             .docker
@@ -157,266 +158,6 @@ impl ContainerEngine for DockerEngine {
             .await
             .map_err(|error| EngineError::from_bollard(error, Subject::Engine))?;
         Ok(capabilities_of(info, version, self.api_version()))
-    }
-
-    async fn image_id(&self, image: &str) -> Result<Option<String>, EngineError> {
-        let reference = if image.starts_with("sha256:") {
-            image.to_owned()
-        } else {
-            normalize_reference(image)
-        };
-        match self.docker.inspect_image(&reference).await {
-            Ok(inspected) => Ok(Some(inspected.id.ok_or_else(|| {
-                EngineError::protocol(format!("the image {reference} has no id"))
-            })?)),
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Ok(None),
-            Err(error) => Err(EngineError::from_bollard(error, Subject::Engine)),
-        }
-    }
-
-    async fn local_image(&self, image: &str) -> Result<Option<LocalImage>, EngineError> {
-        let reference = normalize_reference(image);
-        match self.docker.inspect_image(&reference).await {
-            Ok(inspected) => Ok(Some(LocalImage {
-                id: inspected.id.ok_or_else(|| {
-                    EngineError::protocol(format!("the image {reference} has no id"))
-                })?,
-                repo_digests: inspected.repo_digests.unwrap_or_default(),
-                labels: inspected
-                    .config
-                    .and_then(|config| config.labels)
-                    .map(|labels| labels.into_iter().collect())
-                    .unwrap_or_default(),
-            })),
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Ok(None),
-            Err(error) => Err(EngineError::from_bollard(error, Subject::Engine)),
-        }
-    }
-
-    async fn check_registry_access(
-        &self,
-        image: &str,
-        registry_auth: Option<RegistryAuth>,
-    ) -> Result<(), EngineError> {
-        let reference = normalize_reference(image);
-        let anonymous = registry_auth.is_none();
-        let asked = self
-            .docker
-            .inspect_registry_image(&reference, registry_auth.map(credentials_of))
-            .await;
-        let error = match asked {
-            Ok(_) => return Ok(()),
-            Err(error) => EngineError::from_bollard(error, Subject::Pull(&reference)),
-        };
-        if !(anonymous && matches!(error, EngineError::PullFailed { .. })) {
-            return Err(error);
-        }
-        // Without credentials the engine answers 500 both when the registry is unreachable
-        // and when it demands basic auth (the engine gives up before asking); with
-        // credentials the registry's 401 comes through as 401. So a placeholder credential,
-        // which no registry accepts, tells the two apart by status alone.
-        let placeholder = DockerCredentials {
-            username: Some(PLACEHOLDER_USERNAME.to_owned()),
-            password: Some(PLACEHOLDER_USERNAME.to_owned()),
-            ..DockerCredentials::default()
-        };
-        match self
-            .docker
-            .inspect_registry_image(&reference, Some(placeholder))
-            .await
-            .map_err(|again| EngineError::from_bollard(again, Subject::Pull(&reference)))
-        {
-            Err(EngineError::RegistryDenied { status, .. }) => Err(EngineError::RegistryDenied {
-                image: reference.clone(),
-                status,
-                message: "the registry requires credentials, and none were given for it".to_owned(),
-            }),
-            // Still unreachable, or something odd: the first answer stands.
-            _ => Err(error),
-        }
-    }
-
-    async fn push_image(
-        &self,
-        image: &str,
-        registry_auth: Option<RegistryAuth>,
-    ) -> Result<(), EngineError> {
-        let reference = normalize_reference(image);
-        let (repository, tag) = split_tag(&reference);
-        let options = PushImageOptionsBuilder::new().tag(tag).build();
-        // The engine wants the auth header on every push, even an empty one.
-        let credentials = registry_auth.map(credentials_of).unwrap_or_default();
-        tracing::info!(image = %reference, "pushing image");
-        let mut answers = self
-            .docker
-            .push_image(repository, Some(options), Some(credentials));
-        while let Some(answer) = answers.next().await {
-            let info = answer
-                .map_err(|error| EngineError::from_bollard(error, Subject::Push(&reference)))?;
-            if let Some(detail) = info.error_detail {
-                return Err(EngineError::PushFailed {
-                    image: reference.clone(),
-                    status: None,
-                    message: detail.message.unwrap_or_default(),
-                });
-            }
-        }
-        tracing::info!(image = %reference, "image pushed");
-        Ok(())
-    }
-
-    async fn remove_image(&self, image: &str) -> Result<(), EngineError> {
-        self.docker
-            .remove_image(image, None::<RemoveImageOptions>, None)
-            .await
-            .map(|_| ())
-            .map_err(|error| match error {
-                bollard::errors::Error::DockerResponseServerError {
-                    status_code: 404, ..
-                } => EngineError::ImageNotFound {
-                    image: image.to_owned(),
-                },
-                other => EngineError::from_bollard(other, Subject::Engine),
-            })
-    }
-
-    async fn ensure_image(
-        &self,
-        image: &str,
-        registry_auth: Option<RegistryAuth>,
-        progress: Option<PullProgressSender>,
-    ) -> Result<ImagePresence, EngineError> {
-        let reference = normalize_reference(image);
-        if self.image_present(&reference).await? {
-            return Ok(ImagePresence::AlreadyPresent);
-        }
-        let docker = self.docker.clone();
-        let key = pull_key(&reference, registry_auth.as_ref());
-        let credentials = registry_auth.clone().map(credentials_of);
-        let pulled = reference.clone();
-        let result = self
-            .pulls
-            .pull(&key, &reference, progress, move |events| {
-                pull_image(docker, pulled, credentials, events)
-            })
-            .await;
-        match result {
-            Ok(()) => Ok(ImagePresence::Pulled),
-            // The engine says only "it failed": the registry says whose failure it was.
-            Err(error @ EngineError::PullFailed { .. }) => {
-                match self.check_registry_access(&reference, registry_auth).await {
-                    Err(refusal) if !refusal.is_infrastructure() => Err(refusal),
-                    _ => Err(error),
-                }
-            }
-            Err(error) => Err(error),
-        }
-    }
-
-    async fn import_image(
-        &self,
-        rootfs_tar: Bytes,
-        reference: &str,
-        changes: &[String],
-    ) -> Result<String, EngineError> {
-        let reference = normalize_reference(reference);
-        let (repository, tag) = split_tag(&reference);
-        let options = CreateImageOptionsBuilder::new()
-            .from_src("-")
-            .repo(repository)
-            .tag(tag)
-            .changes(changes.to_vec())
-            .build();
-        let mut answers =
-            self.docker
-                .create_image(Some(options), Some(bollard::body_full(rootfs_tar)), None);
-        while let Some(answer) = answers.next().await {
-            answer.map_err(|error| EngineError::from_bollard(error, Subject::Engine))?;
-        }
-        self.image_id(&reference).await?.ok_or_else(|| {
-            EngineError::protocol(format!("the imported image {reference} is missing"))
-        })
-    }
-
-    async fn build_image(
-        &self,
-        request: &BuildRequest,
-        on_progress: &mut (dyn FnMut(BuildProgress) + Send),
-    ) -> Result<BuiltImage, EngineError> {
-        let tags: Vec<String> = request
-            .tags
-            .iter()
-            .map(|tag| normalize_reference(tag))
-            .collect();
-        let plan = plan_in_background(request).await?;
-        on_progress(BuildProgress::Context {
-            files: plan.files,
-            bytes: plan.bytes,
-        });
-        let options = build_options(request, &plan, tags.first().map(String::as_str));
-        let (body, context_failure) = stream_context(plan);
-        tracing::info!(context = %request.context_dir.display(), ?tags, "building image");
-
-        let mut answers =
-            self.docker
-                .build_image(options, None, Some(bollard::body_try_stream(body)));
-        let mut lines = OutputLines::default();
-        let mut reported_id = None;
-        while let Some(answer) = answers.next().await {
-            let info = match answer {
-                Ok(info) => info,
-                Err(error) => {
-                    lines.finish(on_progress);
-                    return Err(context_failure
-                        .take()
-                        .unwrap_or_else(|| EngineError::from_bollard(error, Subject::Build)));
-                }
-            };
-            if let Some(text) = info.stream {
-                lines.push(&text, on_progress);
-            }
-            if let Some(event) = pull_progress_of(info.id, info.status, info.progress_detail) {
-                on_progress(BuildProgress::Pull(event));
-            }
-            if let Some(id) = info.aux.and_then(|aux| aux.id) {
-                on_progress(BuildProgress::ImageId { id: id.clone() });
-                reported_id = Some(id);
-            }
-        }
-        lines.finish(on_progress);
-        if let Some(error) = context_failure.take() {
-            return Err(error);
-        }
-
-        let id = match (reported_id, tags.first()) {
-            (Some(id), _) => id,
-            // An engine that does not report the id still tagged the image.
-            (None, Some(tag)) => self.image_id(tag).await?.ok_or_else(|| {
-                EngineError::protocol(format!("the build ended but {tag} is missing"))
-            })?,
-            (None, None) => {
-                return Err(EngineError::protocol(
-                    "the build ended without reporting the image id",
-                ));
-            }
-        };
-        for tag in tags.iter().skip(1) {
-            let (repository, tag) = split_tag(tag);
-            let options = TagImageOptionsBuilder::new()
-                .repo(repository)
-                .tag(tag)
-                .build();
-            self.docker
-                .tag_image(&id, Some(options))
-                .await
-                .map_err(|error| EngineError::from_bollard(error, Subject::Engine))?;
-        }
-        tracing::info!(%id, ?tags, "image built");
-        Ok(BuiltImage { id, tags })
     }
 
     async fn create(&self, spec: &ContainerSpec) -> Result<ContainerId, EngineError> {
@@ -462,9 +203,8 @@ impl ContainerEngine for DockerEngine {
                 .inspect_container(id.as_str(), None::<InspectContainerOptions>)
                 .await
             {
-                Ok(_) => Err(EngineError::Rejected {
-                    status: 404,
-                    message,
+                Ok(_) => Err(EngineError::Refused {
+                    message: EngineError::answered(404, &message),
                 }),
                 Err(error) => Err(EngineError::from_bollard(
                     error,
@@ -624,6 +364,278 @@ impl ContainerEngine for DockerEngine {
             .into_iter()
             .filter_map(|container| container.id.map(ContainerId::new))
             .collect())
+    }
+}
+
+#[async_trait]
+impl ImageStore for DockerEngine {
+    async fn image_id(&self, image: &str) -> Result<Option<String>, EngineError> {
+        let reference = if image.starts_with("sha256:") {
+            image.to_owned()
+        } else {
+            normalize_reference(image)
+        };
+        match self.docker.inspect_image(&reference).await {
+            Ok(inspected) => Ok(Some(inspected.id.ok_or_else(|| {
+                EngineError::protocol(format!("the image {reference} has no id"))
+            })?)),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(error) => Err(EngineError::from_bollard(error, Subject::Engine)),
+        }
+    }
+
+    async fn local_image(&self, image: &str) -> Result<Option<LocalImage>, EngineError> {
+        let reference = normalize_reference(image);
+        match self.docker.inspect_image(&reference).await {
+            Ok(inspected) => Ok(Some(LocalImage {
+                id: inspected.id.ok_or_else(|| {
+                    EngineError::protocol(format!("the image {reference} has no id"))
+                })?,
+                repo_digests: inspected.repo_digests.unwrap_or_default(),
+                labels: inspected
+                    .config
+                    .and_then(|config| config.labels)
+                    .map(|labels| labels.into_iter().collect())
+                    .unwrap_or_default(),
+            })),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(error) => Err(EngineError::from_bollard(error, Subject::Engine)),
+        }
+    }
+
+    async fn check_registry_access(
+        &self,
+        image: &str,
+        registry_auth: Option<RegistryAuth>,
+    ) -> Result<(), EngineError> {
+        let reference = normalize_reference(image);
+        let anonymous = registry_auth.is_none();
+        let asked = self
+            .docker
+            .inspect_registry_image(&reference, registry_auth.map(credentials_of))
+            .await;
+        let error = match asked {
+            Ok(_) => return Ok(()),
+            Err(error) => EngineError::from_bollard(error, Subject::Pull(&reference)),
+        };
+        if !(anonymous && matches!(error, EngineError::PullFailed { .. })) {
+            return Err(error);
+        }
+        // Without credentials the engine answers 500 both when the registry is unreachable
+        // and when it demands basic auth (the engine gives up before asking); with
+        // credentials the registry's 401 comes through as 401. So a placeholder credential,
+        // which no registry accepts, tells the two apart by status alone.
+        let placeholder = DockerCredentials {
+            username: Some(PLACEHOLDER_USERNAME.to_owned()),
+            password: Some(PLACEHOLDER_USERNAME.to_owned()),
+            ..DockerCredentials::default()
+        };
+        let again = self
+            .docker
+            .inspect_registry_image(&reference, Some(placeholder))
+            .await;
+        let status = match &again {
+            Err(bollard::errors::Error::DockerResponseServerError { status_code, .. }) => {
+                *status_code
+            }
+            _ => 0,
+        };
+        match again.map_err(|again| EngineError::from_bollard(again, Subject::Pull(&reference))) {
+            Err(EngineError::RegistryDenied { .. }) => Err(EngineError::RegistryDenied {
+                image: reference.clone(),
+                message: EngineError::answered(
+                    status,
+                    "the registry requires credentials, and none were given for it",
+                ),
+            }),
+            // Still unreachable, or something odd: the first answer stands.
+            _ => Err(error),
+        }
+    }
+
+    async fn ensure_image(
+        &self,
+        image: &str,
+        registry_auth: Option<RegistryAuth>,
+        progress: Option<PullProgressSender>,
+    ) -> Result<ImagePresence, EngineError> {
+        let reference = normalize_reference(image);
+        if self.image_present(&reference).await? {
+            return Ok(ImagePresence::AlreadyPresent);
+        }
+        let docker = self.docker.clone();
+        let key = pull_key(&reference, registry_auth.as_ref());
+        let credentials = registry_auth.clone().map(credentials_of);
+        let pulled = reference.clone();
+        let result = self
+            .pulls
+            .pull(&key, &reference, progress, move |events| {
+                pull_image(docker, pulled, credentials, events)
+            })
+            .await;
+        match result {
+            Ok(()) => Ok(ImagePresence::Pulled),
+            // The engine says only "it failed": the registry says whose failure it was.
+            Err(error @ EngineError::PullFailed { .. }) => {
+                match self.check_registry_access(&reference, registry_auth).await {
+                    Err(refusal) if !refusal.is_infrastructure() => Err(refusal),
+                    _ => Err(error),
+                }
+            }
+            Err(error) => Err(error),
+        }
+    }
+}
+
+#[async_trait]
+impl ImageBuilder for DockerEngine {
+    async fn push_image(
+        &self,
+        image: &str,
+        registry_auth: Option<RegistryAuth>,
+    ) -> Result<(), EngineError> {
+        let reference = normalize_reference(image);
+        let (repository, tag) = split_tag(&reference);
+        let options = PushImageOptionsBuilder::new().tag(tag).build();
+        // The engine wants the auth header on every push, even an empty one.
+        let credentials = registry_auth.map(credentials_of).unwrap_or_default();
+        tracing::info!(image = %reference, "pushing image");
+        let mut answers = self
+            .docker
+            .push_image(repository, Some(options), Some(credentials));
+        while let Some(answer) = answers.next().await {
+            let info = answer
+                .map_err(|error| EngineError::from_bollard(error, Subject::Push(&reference)))?;
+            if let Some(detail) = info.error_detail {
+                return Err(EngineError::PushFailed {
+                    image: reference.clone(),
+                    message: detail.message.unwrap_or_default(),
+                });
+            }
+        }
+        tracing::info!(image = %reference, "image pushed");
+        Ok(())
+    }
+
+    async fn remove_image(&self, image: &str) -> Result<(), EngineError> {
+        self.docker
+            .remove_image(image, None::<RemoveImageOptions>, None)
+            .await
+            .map(|_| ())
+            .map_err(|error| match error {
+                bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                } => EngineError::ImageNotFound {
+                    image: image.to_owned(),
+                },
+                other => EngineError::from_bollard(other, Subject::Engine),
+            })
+    }
+
+    async fn import_image(
+        &self,
+        rootfs_tar: Bytes,
+        reference: &str,
+        changes: &[String],
+    ) -> Result<String, EngineError> {
+        let reference = normalize_reference(reference);
+        let (repository, tag) = split_tag(&reference);
+        let options = CreateImageOptionsBuilder::new()
+            .from_src("-")
+            .repo(repository)
+            .tag(tag)
+            .changes(changes.to_vec())
+            .build();
+        let mut answers =
+            self.docker
+                .create_image(Some(options), Some(bollard::body_full(rootfs_tar)), None);
+        while let Some(answer) = answers.next().await {
+            answer.map_err(|error| EngineError::from_bollard(error, Subject::Engine))?;
+        }
+        self.image_id(&reference).await?.ok_or_else(|| {
+            EngineError::protocol(format!("the imported image {reference} is missing"))
+        })
+    }
+
+    async fn build_image(
+        &self,
+        request: &BuildRequest,
+        on_progress: &mut (dyn FnMut(BuildProgress) + Send),
+    ) -> Result<BuiltImage, EngineError> {
+        let tags: Vec<String> = request
+            .tags
+            .iter()
+            .map(|tag| normalize_reference(tag))
+            .collect();
+        let plan = plan_in_background(request).await?;
+        on_progress(BuildProgress::Context {
+            files: plan.files,
+            bytes: plan.bytes,
+        });
+        let options = build_options(request, &plan, tags.first().map(String::as_str));
+        let (body, context_failure) = stream_context(plan);
+        tracing::info!(context = %request.context_dir.display(), ?tags, "building image");
+
+        let mut answers =
+            self.docker
+                .build_image(options, None, Some(bollard::body_try_stream(body)));
+        let mut lines = OutputLines::default();
+        let mut reported_id = None;
+        while let Some(answer) = answers.next().await {
+            let info = match answer {
+                Ok(info) => info,
+                Err(error) => {
+                    lines.finish(on_progress);
+                    return Err(context_failure
+                        .take()
+                        .unwrap_or_else(|| EngineError::from_bollard(error, Subject::Build)));
+                }
+            };
+            if let Some(text) = info.stream {
+                lines.push(&text, on_progress);
+            }
+            if let Some(event) = pull_progress_of(info.id, info.status, info.progress_detail) {
+                on_progress(BuildProgress::Pull(event));
+            }
+            if let Some(id) = info.aux.and_then(|aux| aux.id) {
+                on_progress(BuildProgress::ImageId { id: id.clone() });
+                reported_id = Some(id);
+            }
+        }
+        lines.finish(on_progress);
+        if let Some(error) = context_failure.take() {
+            return Err(error);
+        }
+
+        let id = match (reported_id, tags.first()) {
+            (Some(id), _) => id,
+            // An engine that does not report the id still tagged the image.
+            (None, Some(tag)) => self.image_id(tag).await?.ok_or_else(|| {
+                EngineError::protocol(format!("the build ended but {tag} is missing"))
+            })?,
+            (None, None) => {
+                return Err(EngineError::protocol(
+                    "the build ended without reporting the image id",
+                ));
+            }
+        };
+        for tag in tags.iter().skip(1) {
+            let (repository, tag) = split_tag(tag);
+            let options = TagImageOptionsBuilder::new()
+                .repo(repository)
+                .tag(tag)
+                .build();
+            self.docker
+                .tag_image(&id, Some(options))
+                .await
+                .map_err(|error| EngineError::from_bollard(error, Subject::Engine))?;
+        }
+        tracing::info!(%id, ?tags, "image built");
+        Ok(BuiltImage { id, tags })
     }
 }
 

@@ -24,23 +24,90 @@ pub type LogChunkStream = BoxStream<'static, Result<LogChunk, EngineError>>;
 /// A container's resource samples, about one a second while it runs: ends when it stops.
 pub type ResourceSampleStream = BoxStream<'static, Result<ResourceSample, EngineError>>;
 
-/// Where [`ContainerEngine::ensure_image`] reports pull progress. Unbounded, so a slow reader
+/// Where [`ImageStore::ensure_image`] reports pull progress. Unbounded, so a slow reader
 /// (a progress bar) never holds up a pull that other tasks wait for.
 pub type PullProgressSender = tokio::sync::mpsc::UnboundedSender<PullProgress>;
 
-/// A container engine: Docker today, perhaps Kubernetes Jobs later.
+/// The container runtime a runner drives: Docker today, perhaps Kubernetes Jobs or Podman
+/// later.
 ///
-/// Held as `Arc<dyn ContainerEngine>`. Every method classifies its failures into
-/// [`EngineError`] from the engine's structured answers; see
+/// It knows containers and the limits it can enforce; images reach it through an
+/// [`ImageStore`]. Every method classifies its failures into [`EngineError`] from the
+/// runtime's structured answers, never from message text; see
 /// [`EngineError::is_infrastructure`] for which failures are the user's.
 ///
-/// The lifecycle of one task container is `ensure_image` → `create` (files uploaded) →
-/// `start` → `logs` and `wait` (and `kill` on timeout or cancel) → `remove`.
+/// The lifecycle of one task container is `create` (files in place) → `start` → `logs` and
+/// `wait` (and `kill` on timeout or cancel) → `remove`. A second implementation proves itself
+/// by passing the conformance suite (`conformance`, cargo feature `test-support`) that the
+/// Docker implementation and the fake pass.
 #[async_trait]
-pub trait ContainerEngine: Send + Sync + 'static {
-    /// What the engine can enforce, from its `/info` and `/version` answers.
+pub trait ContainerRuntime: Send + Sync + 'static {
+    /// What the runtime can enforce (memory, swap, CPU and process limits) and runs on; a
+    /// runner refuses to start on a runtime that would silently ignore a limit it needs
+    /// ([`check_required`]).
     async fn capabilities(&self) -> Result<EngineCapabilities, EngineError>;
 
+    /// Creates a container with the spec's directories and files in place (how they get there
+    /// is the runtime's business: Docker uploads an archive, never a bind mount). The
+    /// container is not started. When the files cannot be put in place the container is
+    /// removed again and the error returned.
+    async fn create(&self, spec: &ContainerSpec) -> Result<ContainerId, EngineError>;
+
+    /// Starts a created container.
+    async fn start(&self, id: &ContainerId) -> Result<(), EngineError>;
+
+    /// The container's stdout and stderr from its start, kept apart, following until it
+    /// stops. Failures (the container does not exist) arrive as the stream's first item.
+    ///
+    /// Call it after `start`: output written before the call is included, but following a
+    /// container that has not started yet ends at once, empty (the engine's behaviour). A live
+    /// stream may miss output written just before the container stops; called again after
+    /// `wait`, it returns all of it (the runner reads that catch-up).
+    fn logs(&self, id: &ContainerId) -> LogChunkStream;
+
+    /// Waits until the container stops, then reports how it ended.
+    async fn wait(&self, id: &ContainerId) -> Result<ExitStatus, EngineError>;
+
+    /// Kills the container (SIGKILL). Killing a container that already stopped succeeds.
+    async fn kill(&self, id: &ContainerId) -> Result<(), EngineError>;
+
+    /// One resource sample now; `None` when the container is not running.
+    async fn stats_snapshot(&self, id: &ContainerId)
+    -> Result<Option<ResourceSample>, EngineError>;
+
+    /// Resource samples while the container runs; the stream ends when it stops.
+    fn stats(&self, id: &ContainerId) -> ResourceSampleStream;
+
+    /// Follows [`ContainerRuntime::stats`] until the container stops and returns the peaks.
+    /// Start it right after `start` and await it after `wait`.
+    async fn resource_peak(&self, id: &ContainerId) -> Result<ResourceUsage, EngineError> {
+        let mut usage = ResourceUsage::default();
+        let mut samples = self.stats(id);
+        while let Some(sample) = samples.next().await {
+            usage.record(&sample?);
+        }
+        Ok(usage)
+    }
+
+    /// Removes the container, forcefully (killing it if it runs) and with its anonymous
+    /// volumes. Returns how long the engine took, because slow deletes are worth watching.
+    async fn remove(&self, id: &ContainerId) -> Result<Duration, EngineError>;
+
+    /// Every container, running or not, that carries the label `key=value`: how a runner
+    /// finds the leftovers of an earlier life at start-up.
+    async fn list_labeled(&self, key: &str, value: &str) -> Result<Vec<ContainerId>, EngineError>;
+}
+
+/// The images a runtime runs containers from, as a runner needs them: whether one is
+/// present (and what it is), pulling one that is missing, and asking a registry whether given
+/// credentials may pull it.
+///
+/// Kept apart from [`ContainerRuntime`] because it answers to registries and credentials, not
+/// to containers: a runtime that pulls for itself (a cluster's nodes) pairs with a store that
+/// only asks the registry, and the runtime's conformance does not depend on a registry being
+/// reachable. The runner holds both, as one [`ContainerEngine`].
+#[async_trait]
+pub trait ImageStore: Send + Sync + 'static {
     /// The id of `image` when it is present locally, `None` when it is not.
     async fn image_id(&self, image: &str) -> Result<Option<String>, EngineError>;
 
@@ -64,17 +131,6 @@ pub trait ContainerEngine: Send + Sync + 'static {
         registry_auth: Option<RegistryAuth>,
     ) -> Result<(), EngineError>;
 
-    /// Pushes the local image `image` to its registry with `registry_auth`.
-    async fn push_image(
-        &self,
-        image: &str,
-        registry_auth: Option<RegistryAuth>,
-    ) -> Result<(), EngineError>;
-
-    /// Removes a local image (by reference or id), without force: an image a container still
-    /// uses is refused with [`EngineError::Conflict`].
-    async fn remove_image(&self, image: &str) -> Result<(), EngineError>;
-
     /// Makes sure `image` is present locally: done at once when it is, pulled otherwise.
     ///
     /// Concurrent calls for the same image with the same credentials share one pull (a
@@ -82,9 +138,9 @@ pub trait ContainerEngine: Send + Sync + 'static {
     /// someone else's access); each caller gets the pull's result
     /// and, when it passed a `progress` sender, the progress events from the moment it joined.
     /// A reference without a tag or digest means `:latest` (never "every tag"). A pull the
-    /// engine fails without saying why (an HTTP 500, as it answers for refused credentials
-    /// and unreachable registries alike) is classified by asking the registry
-    /// ([`ContainerEngine::check_registry_access`]).
+    /// engine fails without saying why (Docker answers 500 for refused credentials and
+    /// unreachable registries alike) is classified by asking the registry
+    /// ([`ImageStore::check_registry_access`]).
     async fn ensure_image(
         &self,
         image: &str,
@@ -92,7 +148,7 @@ pub trait ContainerEngine: Send + Sync + 'static {
         progress: Option<PullProgressSender>,
     ) -> Result<ImagePresence, EngineError>;
 
-    /// [`ContainerEngine::ensure_image`] with its progress handed to `on_progress` as it
+    /// [`ImageStore::ensure_image`] with its progress handed to `on_progress` as it
     /// happens, for a progress display: `Started`, then layer and message events, then
     /// `Finished` when a pull was needed; nothing when the image was present.
     async fn ensure_image_with_progress(
@@ -116,7 +172,13 @@ pub trait ContainerEngine: Send + Sync + 'static {
             }
         }
     }
+}
 
+/// Making images rather than running them: what `code push --dockerfile` and
+/// `stack build-local` need, and no runner does. A builder works on an [`ImageStore`] (it
+/// pulls base images and reuses an image whose recipe is unchanged), hence the supertrait.
+#[async_trait]
+pub trait ImageBuilder: ImageStore {
     /// Builds an image from a Dockerfile (`docker build`) and tags it.
     ///
     /// The context directory is read and checked first (Dockerfile present, `.dockerignore`
@@ -141,52 +203,23 @@ pub trait ContainerEngine: Send + Sync + 'static {
         changes: &[String],
     ) -> Result<String, EngineError>;
 
-    /// Creates a container and uploads the spec's directories and files into it. The
-    /// container is not started. When the upload fails the container is removed again.
-    async fn create(&self, spec: &ContainerSpec) -> Result<ContainerId, EngineError>;
+    /// Pushes the local image `image` to its registry with `registry_auth`.
+    async fn push_image(
+        &self,
+        image: &str,
+        registry_auth: Option<RegistryAuth>,
+    ) -> Result<(), EngineError>;
 
-    /// Starts a created container.
-    async fn start(&self, id: &ContainerId) -> Result<(), EngineError>;
-
-    /// The container's stdout and stderr from its start, kept apart, following until it
-    /// stops. Failures (the container does not exist) arrive as the stream's first item.
-    ///
-    /// Call it after `start`: output written before the call is included, but following a
-    /// container that has not started yet ends at once, empty (the engine's behaviour).
-    fn logs(&self, id: &ContainerId) -> LogChunkStream;
-
-    /// Waits until the container stops, then reports how it ended.
-    async fn wait(&self, id: &ContainerId) -> Result<ExitStatus, EngineError>;
-
-    /// Kills the container (SIGKILL). Killing a container that already stopped succeeds.
-    async fn kill(&self, id: &ContainerId) -> Result<(), EngineError>;
-
-    /// One resource sample now; `None` when the container is not running.
-    async fn stats_snapshot(&self, id: &ContainerId)
-    -> Result<Option<ResourceSample>, EngineError>;
-
-    /// Resource samples while the container runs; the stream ends when it stops.
-    fn stats(&self, id: &ContainerId) -> ResourceSampleStream;
-
-    /// Follows [`ContainerEngine::stats`] until the container stops and returns the peaks.
-    /// Start it right after `start` and await it after `wait`.
-    async fn resource_peak(&self, id: &ContainerId) -> Result<ResourceUsage, EngineError> {
-        let mut usage = ResourceUsage::default();
-        let mut samples = self.stats(id);
-        while let Some(sample) = samples.next().await {
-            usage.record(&sample?);
-        }
-        Ok(usage)
-    }
-
-    /// Removes the container, forcefully (killing it if it runs) and with its anonymous
-    /// volumes. Returns how long the engine took, because slow deletes are worth watching.
-    async fn remove(&self, id: &ContainerId) -> Result<Duration, EngineError>;
-
-    /// Every container, running or not, that carries the label `key=value`: how a runner
-    /// finds the leftovers of an earlier life at start-up.
-    async fn list_labeled(&self, key: &str, value: &str) -> Result<Vec<ContainerId>, EngineError>;
+    /// Removes a local image (by reference or id), without force: an image a container still
+    /// uses is refused with [`EngineError::Conflict`].
+    async fn remove_image(&self, image: &str) -> Result<(), EngineError>;
 }
+
+/// What a runner holds: a [`ContainerRuntime`] and the [`ImageStore`] its containers come
+/// from, as one `Arc<dyn ContainerEngine>`. Implemented for everything that is both.
+pub trait ContainerEngine: ContainerRuntime + ImageStore {}
+
+impl<T: ContainerRuntime + ImageStore + ?Sized> ContainerEngine for T {}
 
 /// What an engine says it can enforce and what it runs on.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -259,7 +292,7 @@ pub struct RegistryAuth {
     pub server_address: Option<String>,
 }
 
-/// Whether [`ContainerEngine::ensure_image`] had to pull.
+/// Whether [`ImageStore::ensure_image`] had to pull.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ImagePresence {
     /// The image was there already.
@@ -447,7 +480,7 @@ pub fn check_required(
                  this was explicitly allowed: a task can exhaust this machine's memory"
             );
         } else {
-            return Err(EngineError::MissingCapability {
+            return Err(EngineError::LimitUnenforceable {
                 capability: "memory limits".to_owned(),
                 hint: "the engine reports MemoryLimit=false (no cgroup memory controller); \
                        enable it (cgroup_enable=memory on the kernel command line, or cgroup v2), \
@@ -457,7 +490,7 @@ pub fn check_required(
         }
     }
     if requirements.swap_limit && !capabilities.swap_limit {
-        return Err(EngineError::MissingCapability {
+        return Err(EngineError::LimitUnenforceable {
             capability: "swap limits".to_owned(),
             hint: "the engine reports SwapLimit=false; enable swap accounting \
                    (swapaccount=1 on the kernel command line, or cgroup v2) or run without swap"
@@ -465,7 +498,7 @@ pub fn check_required(
         });
     }
     if requirements.cpu_quota && !capabilities.cpu_cfs_quota {
-        return Err(EngineError::MissingCapability {
+        return Err(EngineError::LimitUnenforceable {
             capability: "CPU quotas".to_owned(),
             hint: "the engine reports CpuCfsQuota=false; enable CFS bandwidth control in the \
                    kernel, or configure no CPU limits"
@@ -473,7 +506,7 @@ pub fn check_required(
         });
     }
     if requirements.pids_limit && !capabilities.pids_limit {
-        return Err(EngineError::MissingCapability {
+        return Err(EngineError::LimitUnenforceable {
             capability: "process limits".to_owned(),
             hint: "the engine reports PidsLimit=false; enable the cgroup pids controller, \
                    or configure no pids limit"
@@ -506,7 +539,7 @@ mod tests {
         let refused = check_required(&capabilities, &Requirements::default());
         assert!(matches!(
             refused,
-            Err(EngineError::MissingCapability { ref capability, .. }) if capability == "memory limits"
+            Err(EngineError::LimitUnenforceable { ref capability, .. }) if capability == "memory limits"
         ));
 
         let allowed = Requirements {

@@ -1,4 +1,5 @@
-//! [`FakeEngine`]: an in-memory [`ContainerEngine`] for other crates' fast unit tests.
+//! [`FakeEngine`]: an in-memory [`ContainerRuntime`], [`ImageStore`] and [`ImageBuilder`]
+//! for other crates' fast unit tests.
 //!
 //! Nothing runs: a "container" is a record that moves from created to running to exited on
 //! tokio's clock (so `tokio::time::pause` makes long tasks instant). What a container does is
@@ -21,9 +22,9 @@ use tokio::time::Instant;
 use crate::build::{BuildProgress, BuildRequest, BuiltImage};
 use crate::context::plan_context;
 use crate::engine::{
-    ContainerEngine, EngineCapabilities, ExitStatus, ImagePresence, LocalImage, LogChunk,
-    LogChunkStream, OutputStream, PullProgress, PullProgressSender, RegistryAuth, ResourceSample,
-    ResourceSampleStream, Timestamp,
+    ContainerRuntime, EngineCapabilities, ExitStatus, ImageBuilder, ImagePresence, ImageStore,
+    LocalImage, LogChunk, LogChunkStream, OutputStream, PullProgress, PullProgressSender,
+    RegistryAuth, ResourceSample, ResourceSampleStream, Timestamp,
 };
 use crate::error::EngineError;
 use crate::pull::{PullCoalescer, normalize_reference};
@@ -56,6 +57,19 @@ pub struct FakeRun {
     pub cpu_total_ns: u64,
     /// `State.Error` it reports (e.g. "executable file not found").
     pub engine_error: Option<String>,
+    /// Where its stdout also comes from, read from the container as created (after `logs`):
+    /// what a program that prints one of its files or variables would print.
+    pub echoes: Vec<FakeEcho>,
+}
+
+/// Something of its own container a fake run prints on stdout, so a test sees that files and
+/// environment reached the container the way a real program would see them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FakeEcho {
+    /// The contents of the file at this path (nothing when there is none).
+    File(String),
+    /// The value of this environment variable (nothing when it is unset).
+    Env(String),
 }
 
 /// The engine operations a failure can be injected into.
@@ -175,6 +189,7 @@ impl FakeRun {
             peak_memory_bytes: 4 << 20,
             cpu_total_ns: 1_000_000,
             engine_error: None,
+            echoes: Vec::new(),
         }
     }
 
@@ -215,6 +230,18 @@ impl FakeRun {
             stream: OutputStream::Stderr,
             bytes: text.into(),
         });
+        self
+    }
+
+    /// Prints the contents of its container's file at `path` on stdout.
+    pub fn echo_file(mut self, path: impl Into<String>) -> Self {
+        self.echoes.push(FakeEcho::File(path.into()));
+        self
+    }
+
+    /// Prints the value of its container's environment variable `name` on stdout.
+    pub fn echo_env(mut self, name: impl Into<String>) -> Self {
+        self.echoes.push(FakeEcho::Env(name.into()));
         self
     }
 
@@ -419,7 +446,7 @@ impl FakeEngine {
             .containers
             .get(id.as_str())
             .map(|container| container.phase.subscribe())
-            .ok_or_else(|| no_such_container(id))
+            .ok_or_else(|| container_not_found(id))
     }
 
     fn now(&self) -> Timestamp {
@@ -430,196 +457,10 @@ impl FakeEngine {
 }
 
 #[async_trait]
-impl ContainerEngine for FakeEngine {
+impl ContainerRuntime for FakeEngine {
     async fn capabilities(&self) -> Result<EngineCapabilities, EngineError> {
         self.injected(FakeOperation::Capabilities)?;
         Ok(self.lock().capabilities.clone())
-    }
-
-    async fn image_id(&self, image: &str) -> Result<Option<String>, EngineError> {
-        self.injected(FakeOperation::ImagePresent)?;
-        let state = self.lock();
-        Ok(state.find_image(image).map(|(_, id)| id.clone()))
-    }
-
-    async fn local_image(&self, image: &str) -> Result<Option<LocalImage>, EngineError> {
-        self.injected(FakeOperation::ImagePresent)?;
-        let state = self.lock();
-        // The fake's images were never in a registry: they carry no repository digests.
-        Ok(state.find_image(image).map(|(_, id)| LocalImage {
-            id: id.clone(),
-            repo_digests: Vec::new(),
-            labels: state.image_labels.get(id).cloned().unwrap_or_default(),
-        }))
-    }
-
-    async fn check_registry_access(
-        &self,
-        image: &str,
-        _registry_auth: Option<RegistryAuth>,
-    ) -> Result<(), EngineError> {
-        self.injected(FakeOperation::Pull)?;
-        let reference = normalize_reference(image);
-        if self.lock().registry.contains_key(&reference) {
-            Ok(())
-        } else {
-            Err(EngineError::ImageNotFound { image: reference })
-        }
-    }
-
-    async fn push_image(
-        &self,
-        image: &str,
-        _registry_auth: Option<RegistryAuth>,
-    ) -> Result<(), EngineError> {
-        let reference = normalize_reference(image);
-        let mut state = self.lock();
-        if state.find_image(&reference).is_none() {
-            return Err(EngineError::ImageNotFound { image: reference });
-        }
-        state.registry.insert(reference, Duration::ZERO);
-        Ok(())
-    }
-
-    async fn remove_image(&self, image: &str) -> Result<(), EngineError> {
-        self.injected(FakeOperation::RemoveImage)?;
-        let mut state = self.lock();
-        let Some((reference, _)) = state.find_image(image) else {
-            return Err(EngineError::ImageNotFound {
-                image: image.to_owned(),
-            });
-        };
-        let reference = reference.clone();
-        let in_use = state
-            .containers
-            .values()
-            .any(|c| normalize_reference(&c.spec.image) == reference);
-        if in_use {
-            return Err(EngineError::Conflict {
-                message: format!("the image {image} is used by a container"),
-            });
-        }
-        state.images.remove(&reference);
-        Ok(())
-    }
-
-    async fn ensure_image(
-        &self,
-        image: &str,
-        _registry_auth: Option<RegistryAuth>,
-        progress: Option<PullProgressSender>,
-    ) -> Result<ImagePresence, EngineError> {
-        if self.image_present(image).await? {
-            return Ok(ImagePresence::AlreadyPresent);
-        }
-        let reference = normalize_reference(image);
-        let engine = self.clone();
-        let pulled = reference.clone();
-        self.pulls
-            .pull(&reference, &reference, progress, move |events| async move {
-                engine.injected(FakeOperation::Pull)?;
-                let takes = engine.lock().registry.get(&pulled).copied();
-                *engine.lock().pull_counts.entry(pulled.clone()).or_default() += 1;
-                let Some(takes) = takes else {
-                    return Err(EngineError::ImageNotFound { image: pulled });
-                };
-                let _ = events.send(PullProgress::Layer {
-                    layer: "fake-layer".to_owned(),
-                    status: "Downloading".to_owned(),
-                    current: Some(0),
-                    total: Some(100),
-                });
-                tokio::time::sleep(takes).await;
-                let _ = events.send(PullProgress::Layer {
-                    layer: "fake-layer".to_owned(),
-                    status: "Pull complete".to_owned(),
-                    current: Some(100),
-                    total: Some(100),
-                });
-                engine.lock().insert_image(pulled);
-                Ok(())
-            })
-            .await?;
-        Ok(ImagePresence::Pulled)
-    }
-
-    async fn import_image(
-        &self,
-        _rootfs_tar: Bytes,
-        reference: &str,
-        changes: &[String],
-    ) -> Result<String, EngineError> {
-        self.injected(FakeOperation::Import)?;
-        let mut state = self.lock();
-        let id = state.insert_image(normalize_reference(reference));
-        // `LABEL key=value` changes, as the engine applies them.
-        let labels = changes
-            .iter()
-            .filter_map(|change| change.strip_prefix("LABEL "))
-            .filter_map(|label| label.split_once('='))
-            .map(|(key, value)| (key.trim().to_owned(), value.trim().to_owned()))
-            .collect();
-        state.image_labels.insert(id.clone(), labels);
-        Ok(id)
-    }
-
-    /// Reads the context as the Docker engine does (so a missing Dockerfile, a broken
-    /// `.dockerignore` or an oversized context fail the same way), reports one step per
-    /// Dockerfile instruction, and adds the image under every tag. Nothing runs.
-    async fn build_image(
-        &self,
-        request: &BuildRequest,
-        on_progress: &mut (dyn FnMut(BuildProgress) + Send),
-    ) -> Result<BuiltImage, EngineError> {
-        self.lock().builds.push(request.clone());
-        let plan = plan_context(request)?;
-        on_progress(BuildProgress::Context {
-            files: plan.files,
-            bytes: plan.bytes,
-        });
-        self.injected(FakeOperation::Build)?;
-        let dockerfile = std::fs::read_to_string(plan.dockerfile_path()).map_err(|error| {
-            EngineError::InvalidBuildContext {
-                reason: format!("cannot read {}: {error}", plan.dockerfile),
-            }
-        })?;
-        let instructions = dockerfile_instructions(&dockerfile);
-        if instructions.is_empty() {
-            return Err(EngineError::BuildFailed {
-                status: Some(400),
-                message: "the Dockerfile has no instructions".to_owned(),
-            });
-        }
-        let total = u32::try_from(instructions.len()).unwrap_or(u32::MAX);
-        for (number, instruction) in (1..).zip(instructions) {
-            on_progress(BuildProgress::Step {
-                number,
-                total,
-                instruction,
-            });
-        }
-        let tags: Vec<String> = request
-            .tags
-            .iter()
-            .map(|tag| normalize_reference(tag))
-            .collect();
-        let id = {
-            let mut state = self.lock();
-            let id = format!("sha256:{:064x}", state.next_id);
-            state.next_id += 1;
-            if tags.is_empty() {
-                state.images.insert(id.clone(), id.clone());
-            }
-            for tag in &tags {
-                state.images.insert(tag.clone(), id.clone());
-            }
-            state
-                .image_labels
-                .insert(id.clone(), request.labels.clone());
-            id
-        };
-        on_progress(BuildProgress::ImageId { id: id.clone() });
-        Ok(BuiltImage { id, tags })
     }
 
     async fn create(&self, spec: &ContainerSpec) -> Result<ContainerId, EngineError> {
@@ -650,6 +491,24 @@ impl ContainerEngine for FakeEngine {
             })
             .map(|(_, run)| run.clone())
             .unwrap_or_else(|| state.default_run.clone());
+        let mut run = run;
+        for echo in std::mem::take(&mut run.echoes) {
+            let bytes = match echo {
+                FakeEcho::File(path) => spec
+                    .files
+                    .iter()
+                    .find(|file| file.path == path)
+                    .map(|file| file.contents.clone()),
+                FakeEcho::Env(name) => spec
+                    .env
+                    .iter()
+                    .find(|(key, _)| *key == name)
+                    .map(|(_, value)| value.clone().into_bytes()),
+            };
+            if let Some(bytes) = bytes {
+                run = run.stdout(bytes);
+            }
+        }
         let id = ContainerId::new(format!("{:064x}", state.next_id));
         state.next_id += 1;
         state.containers.insert(
@@ -672,7 +531,7 @@ impl ContainerEngine for FakeEngine {
             let container = state
                 .containers
                 .get(id.as_str())
-                .ok_or_else(|| no_such_container(id))?;
+                .ok_or_else(|| container_not_found(id))?;
             if !matches!(*container.phase.borrow(), Phase::Created) {
                 // Docker answers 304 for an already started container: not an error.
                 return Ok(());
@@ -754,7 +613,7 @@ impl ContainerEngine for FakeEngine {
                 engine_error: None,
             }),
             // The container was removed while we waited.
-            Err(_) => Err(no_such_container(id)),
+            Err(_) => Err(container_not_found(id)),
         }
     }
 
@@ -764,7 +623,7 @@ impl ContainerEngine for FakeEngine {
         let container = state
             .containers
             .get(id.as_str())
-            .ok_or_else(|| no_such_container(id))?;
+            .ok_or_else(|| container_not_found(id))?;
         if matches!(*container.phase.borrow(), Phase::Running) {
             container.kill.notify_one();
         }
@@ -781,7 +640,7 @@ impl ContainerEngine for FakeEngine {
         let container = state
             .containers
             .get(id.as_str())
-            .ok_or_else(|| no_such_container(id))?;
+            .ok_or_else(|| container_not_found(id))?;
         Ok(match *container.phase.borrow() {
             Phase::Running => Some(sample_of(&container.run)),
             Phase::Created | Phase::Exited(_) => None,
@@ -789,20 +648,25 @@ impl ContainerEngine for FakeEngine {
     }
 
     fn stats(&self, id: &ContainerId) -> ResourceSampleStream {
-        let engine = self.clone();
-        let id = id.clone();
-        let sample = async move {
-            let snapshot = engine.stats_snapshot(&id).await?;
-            if snapshot.is_some() {
-                let mut phase = engine.phase_of(&id)?;
+        // One sample at once, as the engine streams its first right away; the stream then
+        // ends when the container stops.
+        let (engine, id) = (self.clone(), id.clone());
+        let (follower, followed) = (self.clone(), id.clone());
+        let sample =
+            futures::stream::once(async move { engine.stats_snapshot(&id).await.transpose() });
+        let until_stopped = futures::stream::once(async move {
+            if let Ok(mut phase) = follower.phase_of(&followed)
+                && matches!(*phase.borrow(), Phase::Running)
+            {
                 let _ = phase
                     .wait_for(|phase| matches!(phase, Phase::Exited(_)))
                     .await;
             }
-            Ok::<_, EngineError>(snapshot)
-        };
-        futures::stream::once(sample)
-            .filter_map(|result| futures::future::ready(result.transpose()))
+            None
+        });
+        sample
+            .chain(until_stopped)
+            .filter_map(futures::future::ready)
             .boxed()
     }
 
@@ -813,7 +677,7 @@ impl ContainerEngine for FakeEngine {
             let container = state
                 .containers
                 .remove(id.as_str())
-                .ok_or_else(|| no_such_container(id))?;
+                .ok_or_else(|| container_not_found(id))?;
             // Force: a running container is killed on the way out.
             container.kill.notify_one();
             state.removed.push(id.clone());
@@ -834,6 +698,197 @@ impl ContainerEngine for FakeEngine {
             })
             .map(|(id, _)| ContainerId::new(id.clone()))
             .collect())
+    }
+}
+
+#[async_trait]
+impl ImageStore for FakeEngine {
+    async fn image_id(&self, image: &str) -> Result<Option<String>, EngineError> {
+        self.injected(FakeOperation::ImagePresent)?;
+        let state = self.lock();
+        Ok(state.find_image(image).map(|(_, id)| id.clone()))
+    }
+
+    async fn local_image(&self, image: &str) -> Result<Option<LocalImage>, EngineError> {
+        self.injected(FakeOperation::ImagePresent)?;
+        let state = self.lock();
+        // The fake's images were never in a registry: they carry no repository digests.
+        Ok(state.find_image(image).map(|(_, id)| LocalImage {
+            id: id.clone(),
+            repo_digests: Vec::new(),
+            labels: state.image_labels.get(id).cloned().unwrap_or_default(),
+        }))
+    }
+
+    async fn check_registry_access(
+        &self,
+        image: &str,
+        _registry_auth: Option<RegistryAuth>,
+    ) -> Result<(), EngineError> {
+        self.injected(FakeOperation::Pull)?;
+        let reference = normalize_reference(image);
+        if self.lock().registry.contains_key(&reference) {
+            Ok(())
+        } else {
+            Err(EngineError::ImageNotFound { image: reference })
+        }
+    }
+
+    async fn ensure_image(
+        &self,
+        image: &str,
+        _registry_auth: Option<RegistryAuth>,
+        progress: Option<PullProgressSender>,
+    ) -> Result<ImagePresence, EngineError> {
+        if self.image_present(image).await? {
+            return Ok(ImagePresence::AlreadyPresent);
+        }
+        let reference = normalize_reference(image);
+        let engine = self.clone();
+        let pulled = reference.clone();
+        self.pulls
+            .pull(&reference, &reference, progress, move |events| async move {
+                engine.injected(FakeOperation::Pull)?;
+                let takes = engine.lock().registry.get(&pulled).copied();
+                *engine.lock().pull_counts.entry(pulled.clone()).or_default() += 1;
+                let Some(takes) = takes else {
+                    return Err(EngineError::ImageNotFound { image: pulled });
+                };
+                let _ = events.send(PullProgress::Layer {
+                    layer: "fake-layer".to_owned(),
+                    status: "Downloading".to_owned(),
+                    current: Some(0),
+                    total: Some(100),
+                });
+                tokio::time::sleep(takes).await;
+                let _ = events.send(PullProgress::Layer {
+                    layer: "fake-layer".to_owned(),
+                    status: "Pull complete".to_owned(),
+                    current: Some(100),
+                    total: Some(100),
+                });
+                engine.lock().insert_image(pulled);
+                Ok(())
+            })
+            .await?;
+        Ok(ImagePresence::Pulled)
+    }
+}
+
+#[async_trait]
+impl ImageBuilder for FakeEngine {
+    async fn push_image(
+        &self,
+        image: &str,
+        _registry_auth: Option<RegistryAuth>,
+    ) -> Result<(), EngineError> {
+        let reference = normalize_reference(image);
+        let mut state = self.lock();
+        if state.find_image(&reference).is_none() {
+            return Err(EngineError::ImageNotFound { image: reference });
+        }
+        state.registry.insert(reference, Duration::ZERO);
+        Ok(())
+    }
+
+    async fn remove_image(&self, image: &str) -> Result<(), EngineError> {
+        self.injected(FakeOperation::RemoveImage)?;
+        let mut state = self.lock();
+        let Some((reference, _)) = state.find_image(image) else {
+            return Err(EngineError::ImageNotFound {
+                image: image.to_owned(),
+            });
+        };
+        let reference = reference.clone();
+        let in_use = state
+            .containers
+            .values()
+            .any(|c| normalize_reference(&c.spec.image) == reference);
+        if in_use {
+            return Err(EngineError::Conflict {
+                message: format!("the image {image} is used by a container"),
+            });
+        }
+        state.images.remove(&reference);
+        Ok(())
+    }
+
+    async fn import_image(
+        &self,
+        _rootfs_tar: Bytes,
+        reference: &str,
+        changes: &[String],
+    ) -> Result<String, EngineError> {
+        self.injected(FakeOperation::Import)?;
+        let mut state = self.lock();
+        let id = state.insert_image(normalize_reference(reference));
+        // `LABEL key=value` changes, as the engine applies them.
+        let labels = changes
+            .iter()
+            .filter_map(|change| change.strip_prefix("LABEL "))
+            .filter_map(|label| label.split_once('='))
+            .map(|(key, value)| (key.trim().to_owned(), value.trim().to_owned()))
+            .collect();
+        state.image_labels.insert(id.clone(), labels);
+        Ok(id)
+    }
+
+    /// Reads the context as the Docker engine does (so a missing Dockerfile, a broken
+    /// `.dockerignore` or an oversized context fail the same way), reports one step per
+    /// Dockerfile instruction, and adds the image under every tag. Nothing runs.
+    async fn build_image(
+        &self,
+        request: &BuildRequest,
+        on_progress: &mut (dyn FnMut(BuildProgress) + Send),
+    ) -> Result<BuiltImage, EngineError> {
+        self.lock().builds.push(request.clone());
+        let plan = plan_context(request)?;
+        on_progress(BuildProgress::Context {
+            files: plan.files,
+            bytes: plan.bytes,
+        });
+        self.injected(FakeOperation::Build)?;
+        let dockerfile = std::fs::read_to_string(plan.dockerfile_path()).map_err(|error| {
+            EngineError::InvalidBuildContext {
+                reason: format!("cannot read {}: {error}", plan.dockerfile),
+            }
+        })?;
+        let instructions = dockerfile_instructions(&dockerfile);
+        if instructions.is_empty() {
+            return Err(EngineError::BuildFailed {
+                message: "the Dockerfile has no instructions".to_owned(),
+            });
+        }
+        let total = u32::try_from(instructions.len()).unwrap_or(u32::MAX);
+        for (number, instruction) in (1..).zip(instructions) {
+            on_progress(BuildProgress::Step {
+                number,
+                total,
+                instruction,
+            });
+        }
+        let tags: Vec<String> = request
+            .tags
+            .iter()
+            .map(|tag| normalize_reference(tag))
+            .collect();
+        let id = {
+            let mut state = self.lock();
+            let id = format!("sha256:{:064x}", state.next_id);
+            state.next_id += 1;
+            if tags.is_empty() {
+                state.images.insert(id.clone(), id.clone());
+            }
+            for tag in &tags {
+                state.images.insert(tag.clone(), id.clone());
+            }
+            state
+                .image_labels
+                .insert(id.clone(), request.labels.clone());
+            id
+        };
+        on_progress(BuildProgress::ImageId { id: id.clone() });
+        Ok(BuiltImage { id, tags })
     }
 }
 
@@ -864,8 +919,8 @@ fn dockerfile_instructions(dockerfile: &str) -> Vec<String> {
     instructions
 }
 
-fn no_such_container(id: &ContainerId) -> EngineError {
-    EngineError::NoSuchContainer {
+fn container_not_found(id: &ContainerId) -> EngineError {
+    EngineError::ContainerNotFound {
         id: id.as_str().to_owned(),
     }
 }
@@ -890,6 +945,59 @@ async fn sleep_or_forever(duration: Duration) {
 mod tests {
     use super::*;
     use crate::spec::FileToUpload;
+
+    /// The fake under the runtime conformance suite: each program is a scripted run, chosen
+    /// by a label of its own; files and environment come back through [`FakeEcho`].
+    struct FakeHarness {
+        engine: FakeEngine,
+        programs: std::sync::atomic::AtomicU64,
+    }
+
+    const HARNESS_IMAGE: &str = "conformance/fake:1";
+
+    async fn fake_harness(_check: &'static str) -> Option<FakeHarness> {
+        let engine = FakeEngine::new();
+        engine.add_image(HARNESS_IMAGE);
+        Some(FakeHarness {
+            engine,
+            programs: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    impl crate::conformance::Harness for FakeHarness {
+        fn runtime(&self) -> &dyn ContainerRuntime {
+            &self.engine
+        }
+
+        fn spec(&self, program: &crate::conformance::Program) -> ContainerSpec {
+            use crate::conformance::Program;
+            let n = self
+                .programs
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .to_string();
+            let mut spec = ContainerSpec::new(HARNESS_IMAGE);
+            spec.labels.insert("conformance.program".into(), n.clone());
+            let run = match program {
+                Program::Exit(code) => FakeRun::exits(*code),
+                Program::Print { stdout, stderr } => FakeRun::success()
+                    .stdout(stdout.clone())
+                    .stderr(stderr.clone()),
+                Program::CatFiles(paths) => paths
+                    .iter()
+                    .fold(FakeRun::success(), |run, path| run.echo_file(path.clone())),
+                Program::PrintEnv(name) => FakeRun::success().echo_env(name.clone()),
+                Program::ExceedMemory => {
+                    spec.memory_bytes = Some(8 << 20);
+                    FakeRun::oom_killed()
+                }
+                Program::Forever => FakeRun::forever(),
+            };
+            self.engine.script_label("conformance.program", &n, run);
+            spec
+        }
+    }
+
+    crate::runtime_conformance_tests!(fake_harness);
 
     fn labeled(image: &str, task: &str) -> ContainerSpec {
         let mut spec = ContainerSpec::new(image);
@@ -1027,7 +1135,6 @@ mod tests {
         engine.fail_next(
             FakeOperation::Build,
             EngineError::BuildFailed {
-                status: None,
                 message: "The command '/bin/sh -c exit 3' returned a non-zero code: 3".into(),
             },
         );
@@ -1058,7 +1165,6 @@ mod tests {
             FakeOperation::Pull,
             EngineError::PullFailed {
                 image: "team/app:1".into(),
-                status: Some(500),
                 message: "registry down".into(),
             },
         );
@@ -1153,8 +1259,7 @@ mod tests {
         engine.add_image("img");
         engine.fail_next(
             FakeOperation::Create,
-            EngineError::Server {
-                status: 500,
+            EngineError::Failed {
                 message: "boom".into(),
             },
         );
@@ -1233,7 +1338,7 @@ mod tests {
         );
         assert!(matches!(
             engine.remove(&id).await,
-            Err(EngineError::NoSuchContainer { .. })
+            Err(EngineError::ContainerNotFound { .. })
         ));
         assert!(matches!(
             engine.create(&ContainerSpec::new("missing")).await,

@@ -1,6 +1,13 @@
-//! stevedore's container engine: the [`ContainerEngine`] trait and its Docker implementation,
-//! [`DockerEngine`]. This is the only crate that knows Docker (and bollard); everything above
-//! it talks to the trait, held as `Arc<dyn ContainerEngine>`.
+//! stevedore's container engine: three seams and their Docker implementation, [`DockerEngine`].
+//! This is the only crate that knows Docker (and bollard); everything above it talks to the
+//! traits:
+//!
+//! * [`ContainerRuntime`]: what a runner drives (capabilities, create with files, start, logs,
+//!   wait, kill, stats, remove, list its own containers);
+//! * [`ImageStore`]: the images the runtime runs from (presence, pulls, registry checks);
+//! * [`ImageBuilder`]: building, importing, pushing and removing images, for the CLI alone.
+//!
+//! A runner holds `Arc<dyn ContainerEngine>`, which is [`ContainerRuntime`] + [`ImageStore`].
 //!
 //! What this crate owns:
 //!
@@ -8,35 +15,42 @@
 //!   socket) and negotiating the API version down to what the engine speaks.
 //! * **Capabilities**: which limits the engine can enforce ([`EngineCapabilities`]), and
 //!   [`check_required`], which refuses an engine that would silently ignore a limit.
-//! * **Images**: [`ContainerEngine::ensure_image`] pulls what is missing, one pull per image
+//! * **Images**: [`ImageStore::ensure_image`] pulls what is missing, one pull per image
 //!   however many tasks wait for it, with observable progress; [`build_local_busybox_image`]
 //!   imports `stevedore/busybox:local` from the host's static busybox for machines that reach
 //!   no registry; [`build_debian_base`] and [`build_debian_stack`] build the other local stack
 //!   images from Debian's archive (mmdebstrap, then `apt-get` in a generated Dockerfile),
-//!   reusing an image whose recorded recipe is unchanged; [`ContainerEngine::build_image`]
+//!   reusing an image whose recorded recipe is unchanged; [`ImageBuilder::build_image`]
 //!   builds an image from a Dockerfile and a context directory, honouring its `.dockerignore`,
-//!   with structured progress; [`ContainerEngine::push_image`] pushes one;
-//!   [`ContainerEngine::check_registry_access`] asks an image's registry, through the engine's
+//!   with structured progress; [`ImageBuilder::push_image`] pushes one;
+//!   [`ImageStore::check_registry_access`] asks an image's registry, through the engine's
 //!   distribution endpoint, whether given credentials (or none) may pull it, classified by
 //!   status alone; pulls are shared only between callers with the same credentials.
 //! * **Containers**: create from a [`ContainerSpec`] with limits, dropped capabilities and
 //!   `no-new-privileges`, with files uploaded through the archive API (never bind mounts);
 //!   start, logs (stdout and stderr apart), wait (exit code, `OOMKilled`, times), kill, stats,
 //!   remove (timed), and listing by label for the start-up reaper.
-//! * **Errors**: one [`EngineError`], classified from the engine's structured answers (HTTP
-//!   status, transport failure, timeout), never from message text;
-//!   [`EngineError::is_infrastructure`] tells the runner whose failure it was.
+//! * **Errors**: one [`EngineError`], in the runtime's terms (unreachable, timeout, failed,
+//!   container or image not found, refused, conflict, limit unenforceable, ...) with no
+//!   transport detail in its variants; the Docker implementation decides them from the
+//!   engine's structured answers (HTTP status, transport failure, timeout), never from message
+//!   text. [`EngineError::is_infrastructure`] tells the runner whose failure it was.
 //!
 //! What it does not own: tasks, retries, timeouts (the runner counts a task's timeout and
-//! calls [`ContainerEngine::kill`]), and when to remove (the runner removes in the background).
+//! calls [`ContainerRuntime::kill`]), and when to remove (the runner removes in the background).
 //!
 //! [`fake::FakeEngine`] (cargo feature `fake`) is an in-memory engine for other crates' fast
-//! tests; the integration tests in `tests/docker.rs` run against a real Docker engine.
+//! tests. [`conformance`] (cargo feature `test-support`) is the suite every
+//! [`ContainerRuntime`] must pass: `tests/docker.rs` runs it against the real Docker engine,
+//! the fake's unit tests against the fake; the other integration tests in `tests/docker.rs`
+//! cover what is Docker's own (image builds, pulls, registries, limits).
 
 #![forbid(unsafe_code)]
 
 mod archive;
 mod build;
+#[cfg(any(test, feature = "test-support"))]
+pub mod conformance;
 mod context;
 mod docker;
 mod engine;
@@ -53,9 +67,10 @@ pub use build::{
 };
 pub use docker::DockerEngine;
 pub use engine::{
-    ContainerEngine, EngineCapabilities, ExitStatus, ImagePresence, LocalImage, LogChunk,
-    LogChunkStream, OutputStream, PullProgress, PullProgressSender, RegistryAuth, Requirements,
-    ResourceSample, ResourceSampleStream, ResourceUsage, Timestamp, check_required,
+    ContainerEngine, ContainerRuntime, EngineCapabilities, ExitStatus, ImageBuilder, ImagePresence,
+    ImageStore, LocalImage, LogChunk, LogChunkStream, OutputStream, PullProgress,
+    PullProgressSender, RegistryAuth, Requirements, ResourceSample, ResourceSampleStream,
+    ResourceUsage, Timestamp, check_required,
 };
 pub use error::EngineError;
 pub use local_image::{

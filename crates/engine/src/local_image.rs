@@ -11,7 +11,7 @@ use std::process::Command;
 use bytes::Bytes;
 
 use crate::archive::ArchiveBuilder;
-use crate::engine::ContainerEngine;
+use crate::engine::ImageBuilder;
 use crate::error::EngineError;
 use crate::local_stacks::{BuildOutcome, RECIPE_LABEL, digest, remove_replaced, reused};
 use crate::spec::TASK_DIR;
@@ -119,7 +119,7 @@ pub fn busybox_rootfs_tar(busybox: &Path, mtime: u64) -> Result<Vec<u8>, EngineE
 /// Rebuilding moves the tag to the new image and removes the one it replaced, unless a
 /// container still uses it (then it stays, untagged, until pruned).
 pub async fn build_local_busybox_image(
-    engine: &dyn ContainerEngine,
+    engine: &dyn ImageBuilder,
     busybox: &Path,
     reference: &str,
 ) -> Result<BuildOutcome, EngineError> {

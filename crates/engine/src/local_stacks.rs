@@ -18,7 +18,7 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use crate::build::{BuildProgress, BuildRequest};
-use crate::engine::ContainerEngine;
+use crate::engine::ImageBuilder;
 use crate::error::EngineError;
 use crate::spec::TASK_DIR;
 
@@ -85,7 +85,7 @@ impl BuildOutcome {
 /// a minimal Debian with `ca-certificates`, documentation left out (also of what is installed
 /// later), and a world-writable `/mnt/task`.
 pub async fn build_debian_base(
-    engine: &dyn ContainerEngine,
+    engine: &dyn ImageBuilder,
     reference: &str,
     suite: &str,
 ) -> Result<BuildOutcome, EngineError> {
@@ -117,7 +117,7 @@ pub async fn build_debian_base(
 /// Builds `reference` from `base` with Debian's `packages` installed, unless it exists from
 /// the same recipe (the same packages on the same base image).
 pub async fn build_debian_stack(
-    engine: &dyn ContainerEngine,
+    engine: &dyn ImageBuilder,
     reference: &str,
     base: &str,
     packages: &[&str],
@@ -168,7 +168,7 @@ pub fn stack_dockerfile(base: &str, packages: &[&str]) -> String {
 
 /// The id of `reference` when it exists and was made from `recipe`.
 pub(crate) async fn reused(
-    engine: &dyn ContainerEngine,
+    engine: &dyn ImageBuilder,
     reference: &str,
     recipe: &str,
 ) -> Result<Option<String>, EngineError> {
@@ -181,7 +181,7 @@ pub(crate) async fn reused(
 /// Removes the image a rebuild replaced, unless a container still uses it (then it stays,
 /// untagged, until pruned).
 pub(crate) async fn remove_replaced(
-    engine: &dyn ContainerEngine,
+    engine: &dyn ImageBuilder,
     replaced: Option<String>,
     new_id: &str,
 ) {
@@ -342,6 +342,7 @@ fn local_io(path: &str, error: std::io::Error) -> EngineError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::ImageStore;
     use crate::fake::FakeEngine;
 
     #[test]

@@ -247,7 +247,6 @@ mod tests {
         let coalescer = Arc::new(PullCoalescer::default());
         let failure = EngineError::PullFailed {
             image: "img:1".into(),
-            status: Some(500),
             message: "registry down".into(),
         };
         let mut waiters = Vec::new();

@@ -39,7 +39,7 @@ pub struct ContainerSpec {
     /// The container's name; `None` lets the engine pick one.
     pub name: Option<String>,
     /// The image reference, e.g. `stevedore/busybox:local`. Must be present locally: see
-    /// `ContainerEngine::ensure_image`.
+    /// `ImageStore::ensure_image`.
     pub image: String,
     /// The command; `None` runs the image's own `CMD`.
     pub cmd: Option<Vec<String>>,
@@ -67,12 +67,13 @@ pub struct ContainerSpec {
     pub capabilities: Option<Vec<String>>,
     /// Directories to create before the container starts, with their modes.
     pub directories: Vec<DirectoryToCreate>,
-    /// Files uploaded into the created container before it starts.
+    /// Files the container has when it starts.
     pub files: Vec<FileToUpload>,
 }
 
-/// One file put into a created container through the engine's archive upload (not a host bind
-/// mount, so it works with a remote engine and with a runner that itself runs in a container).
+/// One file a container has when it starts. The runtime puts it there without a host bind
+/// mount, so it works with a remote runtime and with a runner that itself runs in a container
+/// (Docker: an archive upload into the created container).
 #[derive(Clone, PartialEq, Eq)]
 pub struct FileToUpload {
     /// Absolute path inside the container. Missing parent directories are created (root,

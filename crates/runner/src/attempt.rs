@@ -829,7 +829,7 @@ async fn remove_container(engine: Arc<dyn ContainerEngine>, id: ContainerId) {
                 tracing::info!(container = %id, took_ms = took.as_millis(), "container removed");
                 return;
             }
-            Err(EngineError::NoSuchContainer { .. }) => return,
+            Err(EngineError::ContainerNotFound { .. }) => return,
             Err(error) if attempt < REMOVE_ATTEMPTS => {
                 tracing::warn!(container = %id, %error, "removing the container failed; trying again");
                 tokio::time::sleep(delay).await;

@@ -27,7 +27,7 @@
 use std::collections::HashSet;
 use std::sync::Mutex;
 
-use stevedore_engine::{ContainerEngine, EngineError, RegistryAuth};
+use stevedore_engine::{EngineError, ImageStore, RegistryAuth};
 use stevedore_model::LeasedTask;
 use stevedore_model::registry::registry_of;
 use stevedore_model::{CodeImages, CodeKind, CodeRevision, RegistryCredential};
@@ -108,7 +108,7 @@ impl ImageAccess {
     /// refusal ends here.
     pub async fn cached_copy_usable(
         &self,
-        engine: &dyn ContainerEngine,
+        engine: &dyn ImageStore,
         image: &str,
         public: &PublicImages,
     ) -> Result<bool, EngineError> {

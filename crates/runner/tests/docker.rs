@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use harness::{Background, Harness, zip_of};
-use stevedore_engine::{ContainerEngine, DockerEngine};
+use stevedore_engine::{ContainerEngine, ContainerRuntime, DockerEngine};
 use stevedore_model::{CodeKind, CodeSpec, StackTable, SystemClock, TaskStatus};
 use stevedore_runner::{
     LABEL_RUNNER, LABEL_TASK, LocalResult, LocalRun, Runner, RunnerConfig, RunnerError, run_local,

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use harness::{Background, Harness, zip_of};
 use stevedore_engine::fake::{FakeEngine, FakeOperation, FakeRun};
-use stevedore_engine::{ContainerEngine, ContainerSpec, EngineCapabilities, EngineError};
+use stevedore_engine::{ContainerRuntime, ContainerSpec, EngineCapabilities, EngineError};
 use stevedore_model::{
     Clock, CodeKind, ManualClock, StackTable, SystemClock, TaskOutcome, TaskStatus,
 };
@@ -240,8 +240,7 @@ async fn infrastructure_failures_requeue_with_backoff_and_end_error_after_the_ca
     for _ in 0..10 {
         engine.fail_next(
             FakeOperation::Create,
-            EngineError::Server {
-                status: 500,
+            EngineError::Failed {
                 message: "the storage driver broke".into(),
             },
         );
@@ -966,8 +965,7 @@ async fn a_local_run_reports_infrastructure_and_setup_failures_as_errors_once() 
     let engine = engine_with("test/local-infra", FakeRun::success());
     engine.fail_next(
         FakeOperation::Create,
-        EngineError::Server {
-            status: 500,
+        EngineError::Failed {
             message: "the storage driver broke".into(),
         },
     );

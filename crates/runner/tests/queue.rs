@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use harness::{Background, Harness, ObservedSource};
-use stevedore_engine::{ContainerEngine, DockerEngine};
+use stevedore_engine::{ContainerRuntime, DockerEngine};
 use stevedore_model::task::DEFAULT_CLUSTER;
 use stevedore_model::{CodeRevision, NewTask, StackTable, SystemClock, Task, TaskStatus};
 use stevedore_runner::{LABEL_RUNNER, LABEL_TASK, Runner, RunnerConfig};

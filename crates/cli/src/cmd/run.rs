@@ -10,7 +10,6 @@ use anyhow::Context;
 use clap::Args;
 use reqwest::Method;
 use stevedore_api_types::v2;
-use stevedore_engine::ContainerEngine;
 use stevedore_model::{Clock, CodeKind, SystemClock, TaskStatus};
 use stevedore_runner::{LocalResult, LocalRun, LogSink, run_local};
 use tokio_util::sync::CancellationToken;
@@ -40,7 +39,7 @@ pub struct RunArgs {
 pub async fn run(settings: &Settings, args: RunArgs, format: Format) -> anyhow::Result<()> {
     let human = format == Format::Human;
     let payload = read_payload(args.payload.clone(), args.payload_file.as_deref())?;
-    let engine: Arc<dyn ContainerEngine> = Arc::new(crate::connect_engine().await?);
+    let engine = Arc::new(crate::connect_engine().await?);
     let (mut upload, package) = if args.definition.defines_code() {
         (
             args.definition.upload(&args.code)?,

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use stevedore_engine::{ContainerEngine, DockerEngine, RegistryAuth};
+use stevedore_engine::{DockerEngine, ImageBuilder, RegistryAuth};
 
 use crate::support::{
     RunnerProcess, ServerProcess, binary, docker_available, ensure_local_image, required_env,
