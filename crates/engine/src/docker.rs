@@ -51,11 +51,21 @@ const OOM_RECHECK_DELAY: std::time::Duration = std::time::Duration::from_millis(
 pub struct DockerEngine {
     docker: Docker,
     pulls: Arc<PullCoalescer>,
+    /// Containers this engine was asked to kill, until they are removed: their SIGKILL is
+    /// ours, so their exit is never waited on for a late OOM mark.
+    killed: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 // === impl DockerEngine ===
 
 impl DockerEngine {
+    /// The containers this engine killed, whatever a panicking holder left of the set.
+    fn killed(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.killed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// The container's `State` as the engine reports it now.
     async fn container_state(
         &self,
@@ -90,6 +100,7 @@ impl DockerEngine {
         Ok(DockerEngine {
             docker,
             pulls: Arc::new(PullCoalescer::default()),
+            killed: Arc::default(),
         })
     }
 
@@ -264,8 +275,14 @@ impl ContainerRuntime for DockerEngine {
         let mut state = self.container_state(id, subject).await?;
         // The engine learns of an OOM kill from a separate event that may be handled just
         // after the exit: a container killed by SIGKILL (137) that is not (yet) marked
-        // OOMKilled is asked again a few times before the answer stands.
-        for _ in 0..OOM_RECHECKS {
+        // OOMKilled is asked again a few times before the answer stands, unless the SIGKILL
+        // was this engine's own (a cancel, a timeout).
+        let rechecks = if self.killed().contains(id.as_str()) {
+            0
+        } else {
+            OOM_RECHECKS
+        };
+        for _ in 0..rechecks {
             if state.oom_killed == Some(true) || state.exit_code != Some(SIGKILL_EXIT_CODE) {
                 break;
             }
@@ -284,6 +301,7 @@ impl ContainerRuntime for DockerEngine {
     }
 
     async fn kill(&self, id: &ContainerId) -> Result<(), EngineError> {
+        self.killed().insert(id.as_str().to_owned());
         let options = KillContainerOptionsBuilder::new().signal("SIGKILL").build();
         match self.docker.kill_container(id.as_str(), Some(options)).await {
             Ok(()) => Ok(()),
@@ -340,6 +358,7 @@ impl ContainerRuntime for DockerEngine {
             .v(true)
             .build();
         let started = Instant::now();
+        self.killed().remove(id.as_str());
         self.docker
             .remove_container(id.as_str(), Some(options))
             .await
