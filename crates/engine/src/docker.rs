@@ -388,25 +388,13 @@ impl ContainerRuntime for DockerEngine {
 
 #[async_trait]
 impl ImageStore for DockerEngine {
-    async fn image_id(&self, image: &str) -> Result<Option<String>, EngineError> {
+    async fn local_image(&self, image: &str) -> Result<Option<LocalImage>, EngineError> {
+        // An image id is asked for as it is; a name gets its registry and tag written out.
         let reference = if image.starts_with("sha256:") {
             image.to_owned()
         } else {
             normalize_reference(image)
         };
-        match self.docker.inspect_image(&reference).await {
-            Ok(inspected) => Ok(Some(inspected.id.ok_or_else(|| {
-                EngineError::protocol(format!("the image {reference} has no id"))
-            })?)),
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Ok(None),
-            Err(error) => Err(EngineError::from_bollard(error, Subject::Engine)),
-        }
-    }
-
-    async fn local_image(&self, image: &str) -> Result<Option<LocalImage>, EngineError> {
-        let reference = normalize_reference(image);
         match self.docker.inspect_image(&reference).await {
             Ok(inspected) => Ok(Some(LocalImage {
                 id: inspected.id.ok_or_else(|| {

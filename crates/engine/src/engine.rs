@@ -109,7 +109,9 @@ pub trait ContainerRuntime: Send + Sync + 'static {
 #[async_trait]
 pub trait ImageStore: Send + Sync + 'static {
     /// The id of `image` when it is present locally, `None` when it is not.
-    async fn image_id(&self, image: &str) -> Result<Option<String>, EngineError>;
+    async fn image_id(&self, image: &str) -> Result<Option<String>, EngineError> {
+        Ok(self.local_image(image).await?.map(|local| local.id))
+    }
 
     /// Whether `image` is present locally.
     async fn image_present(&self, image: &str) -> Result<bool, EngineError> {

@@ -703,12 +703,6 @@ impl ContainerRuntime for FakeEngine {
 
 #[async_trait]
 impl ImageStore for FakeEngine {
-    async fn image_id(&self, image: &str) -> Result<Option<String>, EngineError> {
-        self.injected(FakeOperation::ImagePresent)?;
-        let state = self.lock();
-        Ok(state.find_image(image).map(|(_, id)| id.clone()))
-    }
-
     async fn local_image(&self, image: &str) -> Result<Option<LocalImage>, EngineError> {
         self.injected(FakeOperation::ImagePresent)?;
         let state = self.lock();
