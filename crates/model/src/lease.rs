@@ -4,7 +4,13 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::validation::{ValidationError, check_name};
 use crate::{CodeRevision, RegistryCredential, Task, Timestamp};
+
+/// The most tasks one lease hands out.
+pub const MAX_TASKS_PER_LEASE: u32 = 256;
+/// The longest lease a runner may ask for, in seconds.
+pub const MAX_LEASE_SECS: u32 = 3600;
 
 /// A runner's request for work.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -16,6 +22,45 @@ pub struct LeaseRequest {
     pub max_tasks: u32,
     /// How long the lease lasts without a heartbeat.
     pub lease_secs: u32,
+}
+
+impl LeaseRequest {
+    /// Checks what makes no sense whatever the store holds: the runner's id and cluster
+    /// names, at least one cluster, at most [`MAX_TASKS_PER_LEASE`] tasks, and a lease of
+    /// 1 to [`MAX_LEASE_SECS`] seconds.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        check_name("runner_id", &self.runner_id)?;
+        if self.clusters.is_empty() {
+            return Err(ValidationError::new(
+                "clusters",
+                "must name at least one cluster",
+            ));
+        }
+        for cluster in &self.clusters {
+            check_name("clusters", cluster)?;
+        }
+        if self.max_tasks > MAX_TASKS_PER_LEASE {
+            return Err(ValidationError::new(
+                "max_tasks",
+                format!(
+                    "must be at most {MAX_TASKS_PER_LEASE}, got {}",
+                    self.max_tasks
+                ),
+            ));
+        }
+        check_lease_secs(self.lease_secs)
+    }
+}
+
+/// Checks a lease's length (on a lease and on every heartbeat): 1 to [`MAX_LEASE_SECS`].
+pub fn check_lease_secs(lease_secs: u32) -> Result<(), ValidationError> {
+    if !(1..=MAX_LEASE_SECS).contains(&lease_secs) {
+        return Err(ValidationError::new(
+            "lease_secs",
+            format!("must be between 1 and {MAX_LEASE_SECS}, got {lease_secs}"),
+        ));
+    }
+    Ok(())
 }
 
 /// A task handed to a runner with the lease that fences every later write about it.

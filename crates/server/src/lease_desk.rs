@@ -15,12 +15,17 @@
 //!   lease requests and the embedded runner through the server's wake hook;
 //! * recording a runner for cluster statistics ([`LeaseDesk::record_runner`]).
 //!
-//! What it does not own: checking a remote runner's request (the handlers, which answer 400)
-//! and how often the embedded runner records itself (its task source throttles that).
+//! It also refuses what makes no sense whatever the store holds (a lease request's limits, a
+//! lease's length, a requeue delay), so every kind of runner gets the same answer. What it
+//! does not own: the wire format of a remote runner's request (the handlers, which answer
+//! 400 for what the desk refuses) and how often the embedded runner records itself (its task
+//! source throttles that).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use stevedore_model::lease::check_lease_secs;
+use stevedore_model::validation::ValidationError;
 use stevedore_model::{
     Clock, HeartbeatReply, LeaseRequest, LeasedTask, RunReport, TaskOutcome, TaskStatus, Timestamp,
     WorkSignal,
@@ -109,8 +114,10 @@ impl LeaseDesk {
     }
 
     /// Claims up to `request.max_tasks` due tasks, each with its project's registry
-    /// credential, and records the call and the queue wait of each task.
+    /// credential, and records the call and the queue wait of each task. A request that makes
+    /// no sense ([`LeaseRequest::validate`]) is refused before the store is asked.
     pub async fn lease(&self, request: &LeaseRequest) -> Result<Vec<LeasedTask>, DeskError> {
+        request.validate().map_err(invalid)?;
         let now = self.clock.now();
         let began = Instant::now();
         let mut leased = self.store.lease(request, now).await?;
@@ -130,6 +137,7 @@ impl LeaseDesk {
         token: i64,
         lease_secs: u32,
     ) -> Result<HeartbeatReply, DeskError> {
+        check_lease_secs(lease_secs).map_err(invalid)?;
         Ok(self
             .store
             .heartbeat(task_id, token, lease_secs, self.clock.now())
@@ -228,6 +236,10 @@ impl LeaseDesk {
             .get_package(project_id, code_id, Some(rev))
             .await?)
     }
+}
+
+fn invalid(error: ValidationError) -> DeskError {
+    DeskError::Invalid(error.to_string())
 }
 
 /// A requeue delay as a duration of the clock, refused over [`MAX_REQUEUE_DELAY`].
@@ -382,6 +394,68 @@ mod tests {
             task.due_at,
             fixture.desk.now() + chrono::Duration::seconds(30)
         );
+    }
+
+    #[tokio::test]
+    async fn a_lease_request_out_of_bounds_is_refused_for_every_runner_and_leases_nothing() {
+        let fixture = fixture().await;
+        let queued = leased(&fixture, 0).await.task;
+        fixture
+            .store
+            .enqueue(
+                &fixture.project_id,
+                &[new_task("hello")],
+                fixture.desk.now(),
+            )
+            .await
+            .unwrap();
+        let good = lease_request("desk-test", 1);
+        for (bad, naming) in [
+            (
+                LeaseRequest {
+                    max_tasks: 257,
+                    ..good.clone()
+                },
+                "max_tasks",
+            ),
+            (
+                LeaseRequest {
+                    lease_secs: 0,
+                    ..good.clone()
+                },
+                "lease_secs",
+            ),
+            (
+                LeaseRequest {
+                    lease_secs: 3601,
+                    ..good.clone()
+                },
+                "lease_secs",
+            ),
+            (
+                LeaseRequest {
+                    clusters: vec![],
+                    ..good.clone()
+                },
+                "clusters",
+            ),
+            (
+                LeaseRequest {
+                    runner_id: "a/b".into(),
+                    ..good.clone()
+                },
+                "runner_id",
+            ),
+        ] {
+            match fixture.desk.lease(&bad).await {
+                Err(DeskError::Invalid(message)) => assert!(message.contains(naming), "{message}"),
+                other => panic!("{bad:?} was not refused: {other:?}"),
+            }
+        }
+        let refused = fixture.desk.heartbeat(&queued.id, 1, 0).await;
+        assert!(matches!(refused, Err(DeskError::Invalid(_))), "{refused:?}");
+        // The second task is still there for a sensible request.
+        assert_eq!(fixture.desk.lease(&good).await.unwrap().len(), 1);
     }
 
     #[tokio::test]

@@ -20,7 +20,6 @@ use axum::{Extension, Json, Router};
 use stevedore_api_types::runner as wire;
 use stevedore_api_types::v2::Message;
 use stevedore_model::LeaseRequest;
-use stevedore_model::validation::check_name;
 use stevedore_store::RunnerSeen;
 
 use crate::api::logs::StreamShutdown;
@@ -29,11 +28,6 @@ use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiQuery, read_body};
 use crate::lease_desk::GiveBack;
 use crate::{AppState, ServerConfig};
-
-/// The most tasks one lease call hands out.
-const MAX_TASKS_PER_LEASE: u32 = 256;
-/// The longest lease a runner may ask for.
-const MAX_LEASE_SECS: u32 = 3600;
 
 /// The routes under `/runner/v1`.
 pub fn routes(_config: &ServerConfig) -> Router<AppState> {
@@ -51,15 +45,6 @@ pub fn routes(_config: &ServerConfig) -> Router<AppState> {
         )
 }
 
-fn check_lease_secs(lease_secs: u32) -> ApiResult<()> {
-    if !(1..=MAX_LEASE_SECS).contains(&lease_secs) {
-        return Err(ApiError::BadRequest(format!(
-            "lease_secs must be between 1 and {MAX_LEASE_SECS}, got {lease_secs}"
-        )));
-    }
-    Ok(())
-}
-
 /// `POST /runner/v1/lease`: up to `max_tasks` tasks of the runner's clusters. With nothing to
 /// hand out it waits up to `wait_ms` (capped), woken at once by tasks queued through this
 /// server and looking again every `poll_interval` for tasks queued elsewhere or become due.
@@ -69,39 +54,17 @@ pub async fn lease(
     shutdown: Option<Extension<StreamShutdown>>,
     ApiJson(request): ApiJson<wire::LeaseRequest>,
 ) -> ApiResult<Json<wire::LeaseResponse>> {
-    check_name("runner_id", &request.runner_id)?;
-    if request.clusters.is_empty() {
-        return Err(ApiError::BadRequest(
-            "clusters must name at least one cluster".into(),
-        ));
-    }
-    for cluster in &request.clusters {
-        check_name("clusters", cluster)?;
-    }
-    if request.max_tasks > MAX_TASKS_PER_LEASE {
-        return Err(ApiError::BadRequest(format!(
-            "max_tasks must be at most {MAX_TASKS_PER_LEASE}, got {}",
-            request.max_tasks
-        )));
-    }
-    check_lease_secs(request.lease_secs)?;
     let config = &state.config.runner_api;
     let wait = Duration::from_millis(request.wait_ms).min(config.max_wait);
     let deadline = tokio::time::Instant::now() + wait;
-    state
-        .desk
-        .record_runner(&RunnerSeen {
-            id: request.runner_id.clone(),
-            clusters: request.clusters.clone(),
-            capacity: request.capacity.unwrap_or(request.max_tasks),
-        })
-        .await?;
+    let capacity = request.capacity.unwrap_or(request.max_tasks);
     let lease = LeaseRequest {
         runner_id: request.runner_id,
         clusters: request.clusters,
         max_tasks: request.max_tasks,
         lease_secs: request.lease_secs,
     };
+    let mut recorded = false;
     let stopping = shutdown.map(|Extension(StreamShutdown(token))| token);
     loop {
         // Registered before looking, so a task queued in between still wakes this request.
@@ -109,6 +72,18 @@ pub async fn lease(
         tokio::pin!(woken);
         woken.as_mut().enable();
         let leased = state.desk.lease(&lease).await?;
+        if !recorded {
+            // After the first lease, which refused a request that makes no sense.
+            state
+                .desk
+                .record_runner(&RunnerSeen {
+                    id: lease.runner_id.clone(),
+                    clusters: lease.clusters.clone(),
+                    capacity,
+                })
+                .await?;
+            recorded = true;
+        }
         let stopped = stopping.as_ref().is_some_and(|token| token.is_cancelled());
         if !leased.is_empty() || tokio::time::Instant::now() >= deadline || stopped {
             let tasks = leased
@@ -145,7 +120,6 @@ pub async fn heartbeat(
     Path(task_id): Path<String>,
     ApiJson(request): ApiJson<wire::Heartbeat>,
 ) -> ApiResult<Json<wire::HeartbeatReply>> {
-    check_lease_secs(request.lease_secs)?;
     let reply = state
         .desk
         .heartbeat(&task_id, request.token, request.lease_secs)

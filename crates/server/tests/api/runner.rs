@@ -343,6 +343,12 @@ async fn bad_runner_requests_are_400() {
         let msg = runner.post("tasks/x/requeue", body).await.error(400);
         assert!(msg.contains(naming), "{msg}");
     }
+    // A lease's length is checked on every heartbeat too, before the task is looked at.
+    let msg = runner
+        .post("tasks/nope/heartbeat", json!({"token": 1, "lease_secs": 0}))
+        .await
+        .error(400);
+    assert!(msg.contains("lease_secs"), "{msg}");
     // An unknown task is not found.
     runner
         .post(
