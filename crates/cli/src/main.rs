@@ -415,6 +415,14 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
     let address = listener.local_addr()?;
+    let metrics_listener = match settings.metrics.listen {
+        Some(metrics_address) => Some(
+            TcpListener::bind(metrics_address)
+                .await
+                .with_context(|| format!("cannot listen on {metrics_address} for metrics"))?,
+        ),
+        None => None,
+    };
     let host = match address.ip() {
         ip if ip.is_unspecified() => "127.0.0.1".to_owned(),
         ip => ip.to_string(),
@@ -506,6 +514,19 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         credentials,
         desk,
     };
+    if let Some(metrics_listener) = metrics_listener {
+        tracing::info!(address = %metrics_listener.local_addr()?, "serving /metrics without a token");
+        let router = stevedore_server::metrics::scrape_router(state.clone());
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(metrics_listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+            if let Err(error) = served {
+                tracing::error!(%error, "the metrics listener failed");
+            }
+        });
+    }
     tracing::info!(
         %address,
         project_id = %iron.project_id,

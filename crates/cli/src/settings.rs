@@ -102,11 +102,25 @@ fn default_code_repository() -> String {
 }
 
 /// `GET /metrics`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
 pub struct MetricsSettings {
-    /// Ask scrapers for an admin token (`STEVEDORE_METRICS__TOKEN_REQUIRED=true`); off, the
-    /// endpoint is open like most exporters: it carries counts and bounded names only.
+    /// On the API's address, ask scrapers for an admin token (the default); off
+    /// (`STEVEDORE_METRICS__TOKEN_REQUIRED=false`), anyone who reaches the API may scrape
+    /// every project's code and cluster names.
     pub token_required: bool,
+    /// Also serve `/metrics`, without a token, on this address of its own
+    /// (`STEVEDORE_METRICS__LISTEN=127.0.0.1:9464`), for a scraper the operator lets reach it.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        MetricsSettings {
+            token_required: true,
+            listen: None,
+        }
+    }
 }
 
 /// The runner embedded in `serve`.

@@ -62,6 +62,27 @@ fn token_from_parts(parts: &Parts) -> Option<String> {
     pairs.get("oauth").cloned()
 }
 
+/// The request's path and query as logs may show it: the value of every `oauth` parameter
+/// (a token, for clients that cannot set a header) is replaced with `redacted`, however its
+/// name was percent-encoded.
+pub fn loggable_uri(uri: &axum::http::Uri) -> String {
+    let path = uri.path();
+    let Some(query) = uri.query() else {
+        return path.to_owned();
+    };
+    let query = query
+        .split('&')
+        .map(|pair| {
+            let token = form_urlencoded::parse(pair.as_bytes())
+                .next()
+                .is_some_and(|(name, _)| name == "oauth");
+            if token { "oauth=redacted" } else { pair }
+        })
+        .collect::<Vec<_>>()
+        .join("&");
+    format!("{path}?{query}")
+}
+
 /// Resolves the request's token, or refuses with 401.
 pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<TokenRecord, ApiError> {
     let secret = token_from_parts(parts).ok_or_else(|| {
@@ -155,6 +176,24 @@ impl FromRequestParts<AppState> for TenantAccess {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_in_the_query_never_reaches_the_logs() {
+        let uri = |text: &str| text.parse::<axum::http::Uri>().unwrap();
+        assert_eq!(
+            loggable_uri(&uri("/2/projects/p/tasks")),
+            "/2/projects/p/tasks"
+        );
+        assert_eq!(
+            loggable_uri(&uri("/2/projects/p/tasks?oauth=s3cret&per_page=5")),
+            "/2/projects/p/tasks?oauth=redacted&per_page=5"
+        );
+        // Spelled with percent-escapes, the name is still `oauth` to the server.
+        assert_eq!(
+            loggable_uri(&uri("/x?%6Fauth=s3cret&o%61uth=s3cret&oauth&b=1")),
+            "/x?oauth=redacted&oauth=redacted&oauth=redacted&b=1"
+        );
+    }
 
     #[test]
     fn secrets_are_long_and_distinct() {

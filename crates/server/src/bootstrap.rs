@@ -127,21 +127,32 @@ fn write_iron_json(path: &Path, iron: &IronJson) -> Result<(), BootstrapError> {
     };
     let mut text = serde_json::to_string_pretty(iron).map_err(|error| write_error(error.into()))?;
     text.push('\n');
-    // Write beside and rename, so a crash never leaves a half-written file.
+    // Write beside and rename, so a crash never leaves a half-written file. The file holds a
+    // token: it is created readable by its owner only, never wider for a moment.
     let temporary = path.with_extension("json.tmp");
-    std::fs::write(&temporary, text).map_err(write_error)?;
-    restrict_permissions(&temporary);
+    let _ = std::fs::remove_file(&temporary);
+    let mut file = owner_only()
+        .write(true)
+        .create_new(true)
+        .open(&temporary)
+        .map_err(write_error)?;
+    std::io::Write::write_all(&mut file, text.as_bytes()).map_err(write_error)?;
+    drop(file);
     std::fs::rename(&temporary, path).map_err(write_error)
 }
 
 #[cfg(unix)]
-fn restrict_permissions(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+fn owner_only() -> std::fs::OpenOptions {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.mode(0o600);
+    options
 }
 
 #[cfg(not(unix))]
-fn restrict_permissions(_path: &Path) {}
+fn owner_only() -> std::fs::OpenOptions {
+    std::fs::OpenOptions::new()
+}
 
 #[cfg(test)]
 mod tests {
@@ -168,5 +179,33 @@ mod tests {
         assert_eq!(read.api_version, "2");
         let new: IronJson = serde_json::from_str(&json.to_string()).unwrap();
         assert_eq!(new, iron);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn iron_json_is_created_readable_by_its_owner_only_over_a_leftover() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("iron.json");
+        // A leftover of a crash, world-readable, is not reused.
+        std::fs::write(path.with_extension("json.tmp"), "old").unwrap();
+        std::fs::set_permissions(
+            path.with_extension("json.tmp"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let iron = IronJson {
+            project_id: "p".into(),
+            token: "t".into(),
+            host: "127.0.0.1".into(),
+            port: 8080,
+            protocol: "http".into(),
+            scheme: "http".into(),
+            api_version: API_VERSION.into(),
+        };
+        write_iron_json(&path, &iron).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(read_iron_json(&path), Some(iron));
     }
 }

@@ -182,7 +182,16 @@ pub fn router(state: AppState) -> Router {
             error::ApiError::NotFound("no such endpoint; see /openapi.json".into())
         })
         .layer(axum::middleware::from_fn(metrics::track_requests))
-        .layer(TraceLayer::new_for_http())
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<_>| {
+                tracing::debug_span!(
+                    "request",
+                    method = %request.method(),
+                    uri = %auth::loggable_uri(request.uri()),
+                    version = ?request.version(),
+                )
+            }),
+        )
         .with_state(state)
 }
 

@@ -6,8 +6,11 @@
 //! task counts and the runners online per cluster are gauges read from the store at each
 //! scrape, so any server sharing the database reports the same values.
 //!
-//! Open by default, like most exporters: the exposition carries counts and bounded names,
-//! never payloads or ids. `metrics.token_required` asks for an admin token.
+//! The exposition carries counts and bounded names, never payloads or ids; but those names
+//! (codes, clusters) are every project's, so on the API's address it asks for an admin token
+//! unless the operator turns `token_required` off. A scraper without a token is served on
+//! an address of its own ([`scrape_router`], `metrics.listen`), which the operator binds where
+//! only the scraper reaches.
 
 use std::time::Instant;
 
@@ -26,11 +29,19 @@ use crate::AppState;
 use crate::auth::authenticate;
 use crate::error::{ApiError, ApiResult};
 
-/// Who may read `/metrics`.
-#[derive(Debug, Clone, Default)]
+/// Who may read `/metrics` on the API's address.
+#[derive(Debug, Clone)]
 pub struct MetricsConfig {
-    /// Ask for an admin token; off, anyone who reaches the server may scrape.
+    /// Ask for an admin token (the default); off, anyone who reaches the API may scrape.
     pub token_required: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            token_required: true,
+        }
+    }
 }
 
 /// The route label of requests that matched no route, so that probes of random paths do not
@@ -45,12 +56,27 @@ pub async fn scrape(State(state): State<AppState>, request: Request) -> ApiResul
         let token = authenticate(&parts, &state).await?;
         if token.role != TokenRole::Admin {
             return Err(ApiError::Forbidden(
-                "metrics.token_required is set: /metrics needs an admin token".into(),
+                "/metrics on the API's address needs an admin token (`stevedore token create --role admin`); \
+                 or serve it on an address of its own with `metrics.listen`"
+                    .into(),
             ));
         }
     }
+    open_scrape(State(state)).await
+}
+
+/// `GET /metrics` without a token, for the address of its own the operator gave scrapers.
+async fn open_scrape(State(state): State<AppState>) -> ApiResult<Response> {
     refresh_store_gauges(&state).await?;
     exposition()
+}
+
+/// A router with only `GET /metrics`, open, for `metrics.listen`: the same exposition as the
+/// API's, store gauges included.
+pub fn scrape_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(open_scrape))
+        .with_state(state)
 }
 
 /// A router with only `GET /metrics`, for a process without the API (a remote runner): what

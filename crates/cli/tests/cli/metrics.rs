@@ -93,6 +93,15 @@ fn observations(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     }
 }
 
+/// A free port on loopback: taken by the OS, then handed over to a listener of the test's.
+fn free_address() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string()
+}
+
 /// Scrapes until `ready` holds (background work such as container removal lands a moment
 /// after a task finished), or panics after 30 s.
 async fn scrape_until(
@@ -162,10 +171,15 @@ async fn serve_exports_tasks_containers_queues_and_requests() {
     }
     ensure_local_image();
     let data = tempfile::tempdir().unwrap();
+    // Scraped without a token on an address of its own, as an operator's Prometheus would be.
+    let metrics_address = free_address();
     let server = ServerProcess::start_running(
         data.path(),
         &unique("metrics"),
-        &[("STEVEDORE_RUNNER__CAPACITY", "3")],
+        &[
+            ("STEVEDORE_RUNNER__CAPACITY", "3"),
+            ("STEVEDORE_METRICS__LISTEN", &metrics_address),
+        ],
     );
     let api = Api::new(&server);
     push_codes(&api).await;
@@ -178,7 +192,7 @@ async fn serve_exports_tasks_containers_queues_and_requests() {
         .unwrap();
     assert_eq!(nowhere.status(), 404);
 
-    let url = format!("{}/metrics", server.base);
+    let url = format!("http://{metrics_address}/metrics");
     let metrics = scrape_until(&http, &url, |scraped| removals(scraped) >= 2.0).await;
 
     let finished = "stevedore_tasks_finished_total";
@@ -302,16 +316,13 @@ async fn serve_exports_tasks_containers_queues_and_requests() {
     );
 }
 
+/// On the API's address, `/metrics` names every project's codes and clusters: by default only
+/// an admin token reads it.
 #[tokio::test]
-async fn metrics_can_require_an_admin_token() {
+async fn metrics_on_the_api_address_need_an_admin_token() {
     let data = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start_with_env(
-        data.path(),
-        &[
-            ("STEVEDORE_RUNNER__ENABLED", "false"),
-            ("STEVEDORE_METRICS__TOKEN_REQUIRED", "true"),
-        ],
-    );
+    let server =
+        ServerProcess::start_with_env(data.path(), &[("STEVEDORE_RUNNER__ENABLED", "false")]);
     let http = reqwest::Client::new();
     let url = format!("{}/metrics", server.base);
     let anonymous = http.get(&url).send().await.unwrap();
@@ -362,17 +373,19 @@ async fn a_remote_runner_serves_its_own_metrics() {
     }
     ensure_local_image();
     let data = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(data.path());
+    // The operator opened the API's `/metrics` to anyone who reaches it.
+    let server = ServerProcess::start_with_env(
+        data.path(),
+        &[
+            ("STEVEDORE_RUNNER__ENABLED", "false"),
+            ("STEVEDORE_METRICS__TOKEN_REQUIRED", "false"),
+        ],
+    );
     let token = runner_token(data.path());
     let api = Api::new(&server);
     push_codes(&api).await;
 
-    // A free port for the runner's listener: taken by the OS, then handed over.
-    let address = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
+    let address = free_address();
     let _runner = RunnerProcess::start_with_args(
         &server,
         &token,
@@ -435,6 +448,7 @@ async fn tasks_ended_by_cancel_all_code_deletion_and_the_rescuer_are_counted() {
         &[
             ("STEVEDORE_RUNNER__ENABLED", "false"),
             ("STEVEDORE_RUNNER__MAX_INFRA_ATTEMPTS", "1"),
+            ("STEVEDORE_METRICS__TOKEN_REQUIRED", "false"),
         ],
     );
     let api = Api::new(&server);
