@@ -206,18 +206,33 @@ pub fn check_image_reference(image: &str) -> Result<(), ValidationError> {
     if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return bad("it contains white space");
     }
-    let (name, _digest) = image.split_once('@').unwrap_or((image, ""));
+    let (name, digest) = image.split_once('@').unwrap_or((image, ""));
     // A tag follows the last ':' that comes after the last '/', so `host:5000/app` has none.
     let last_slash = name.rfind('/').map_or(0, |i| i + 1);
-    let path = match name[last_slash..].split_once(':') {
+    let (path, tagged) = match name[last_slash..].split_once(':') {
         Some((base, tag)) => {
             if tag.is_empty() || tag.len() > 128 {
                 return bad("its tag is empty or too long");
             }
-            &name[..last_slash + base.len()]
+            (&name[..last_slash + base.len()], true)
         }
-        None => name,
+        None => (name, false),
     };
+    // Docker reads `sha256:<hex>`, and a bare hex name it has no image of, as (a prefix of)
+    // the id of any image on the runner, whoever's it is.
+    if path == "sha256" {
+        return bad("it is an image id; name the image by repository and tag or digest");
+    }
+    if !tagged
+        && digest.is_empty()
+        && path
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+    {
+        return bad(&format!(
+            "Docker would read it as the id of an image on the runner; add a tag ({image}:latest)"
+        ));
+    }
     if path.is_empty() || path.starts_with('/') || path.ends_with('/') || path.contains("//") {
         return bad("its repository path is malformed");
     }
@@ -312,11 +327,25 @@ mod tests {
             "registry.example.com:5000/team/app:1.2",
             "localhost/app@sha256:abc",
             "library/ubuntu:22.04",
+            "cafe:latest",
+            "team/cafe",
+            "cafe@sha256:abc",
         ] {
             assert!(check_image_reference(good).is_ok(), "{good}");
         }
         for bad in ["", "Busybox", "a b", "app:", "/app", "app//x", "app/"] {
             assert!(check_image_reference(bad).is_err(), "{bad}");
+        }
+        // What Docker would take for the id of whatever image the runner has.
+        for id in [
+            "681c",
+            "681c4496748f",
+            "cafe",
+            "sha256:681c4496748f",
+            "sha256:x",
+        ] {
+            let refused = check_image_reference(id).unwrap_err();
+            assert!(refused.message.contains("id"), "{id}: {refused}");
         }
     }
 

@@ -29,6 +29,7 @@ use std::sync::Mutex;
 
 use stevedore_engine::{EngineError, ImageStore, RegistryAuth};
 use stevedore_model::LeasedTask;
+use stevedore_model::code::check_image_reference;
 use stevedore_model::registry::registry_of;
 use stevedore_model::{CodeImages, CodeKind, CodeRevision, RegistryCredential};
 
@@ -74,6 +75,9 @@ impl ImageAccess {
         if named != image {
             return Ok(operator());
         }
+        // A code stored before such names were refused: never let Docker resolve it to the id
+        // of an image some other project has on this runner.
+        check_image_reference(image).map_err(|error| error.to_string())?;
         let project_id = &leased.task.project_id;
         config
             .code_images
@@ -259,6 +263,14 @@ mod tests {
         let local = "stevedore-code/p1/hello:1";
         assert!(ImageAccess::decide(&leased("p1", image(local), None), local, &config()).is_ok());
         assert!(ImageAccess::decide(&leased("p2", image(local), None), local, &config()).is_err());
+    }
+
+    #[test]
+    fn a_name_docker_would_read_as_an_image_id_is_refused_even_if_stored() {
+        for id in ["681c", "sha256:681c4496748f"] {
+            let refused = ImageAccess::decide(&leased("p2", image(id), None), id, &config());
+            assert!(refused.unwrap_err().contains("id"), "{id}");
+        }
     }
 
     #[test]
