@@ -75,7 +75,7 @@ pub(super) async fn create(
     let mut writer = store.writer().await?;
     let mut tx = writer.conn.begin_with(BEGIN_WRITE).await?;
     if let Some(project_id) = project_id {
-        super::ensure_project(&mut tx, project_id).await?;
+        super::projects::ensure(&mut tx, project_id).await?;
     }
     sqlx::query(
         "INSERT INTO clusters (id, project_id, name, memory_mib, disk_mib, runners, created_at, \

@@ -46,7 +46,7 @@ pub(super) async fn put(
     let now = normalize(now);
     let mut writer = store.writer().await?;
     let mut tx = writer.conn.begin_with(BEGIN_WRITE).await?;
-    super::ensure_project(&mut tx, project_id).await?;
+    super::projects::ensure(&mut tx, project_id).await?;
     let row = sqlx::query(
         "INSERT INTO registry_credentials (project_id, registry, username, sealed, key_id, \
          created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6) \

@@ -137,7 +137,7 @@ pub(super) fn task_record(row: &SqliteRow) -> Result<TaskRecord> {
     })
 }
 
-/// What a log follower needs of a task, from a row of `tasks::log_state`, as a slice without
+/// What a log follower needs of a task, from a row of `logs::log_state`, as a slice without
 /// bytes.
 pub(super) fn log_state(row: &SqliteRow) -> Result<LogSlice> {
     let size = unsigned("log_size", row.try_get("log_size")?)?;
