@@ -13,7 +13,7 @@ use sqlx::{PgConnection, Row};
 use stevedore_model::task::DEFAULT_CLUSTER;
 use stevedore_model::{Timestamp, new_id};
 
-use super::{BEGIN_SNAPSHOT, PgStore, ensure_project, finish, unique_violation};
+use super::{BEGIN_SNAPSHOT, PgStore, finish, projects, unique_violation};
 use crate::convert::{micros, opt_unsigned, timestamp, unsigned};
 use crate::record::normalize;
 use crate::{Cluster, ClusterLoad, ClusterSpec, Result, RunnerSeen, RunnerStatus, StoreError};
@@ -113,7 +113,7 @@ pub(super) async fn create(
     let mut tx = store.pool.begin().await?;
     let result: Result<_> = async {
         if let Some(project_id) = project_id {
-            ensure_project(&mut tx, project_id).await?;
+            projects::ensure(&mut tx, project_id).await?;
         }
         sqlx::query(
             "INSERT INTO clusters (id, project_id, name, memory_mib, disk_mib, runners, \

@@ -4,7 +4,7 @@ use sqlx::Row;
 use sqlx::postgres::PgRow;
 use stevedore_model::Timestamp;
 
-use super::{PgStore, ensure_project, finish};
+use super::{PgStore, finish, projects};
 use crate::convert::{micros, timestamp};
 use crate::record::normalize;
 use crate::{Result, SealedSecret, StoreError, StoredCredential};
@@ -45,7 +45,7 @@ pub(super) async fn put(
     let now = normalize(now);
     let mut tx = store.pool.begin().await?;
     let result: Result<_> = async {
-        ensure_project(&mut tx, project_id).await?;
+        projects::ensure(&mut tx, project_id).await?;
         let row = sqlx::query(
             "INSERT INTO registry_credentials (project_id, registry, username, sealed, key_id, \
              created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6) \
