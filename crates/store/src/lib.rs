@@ -24,6 +24,7 @@ pub mod credentials;
 mod error;
 mod postgres;
 mod record;
+mod rows;
 mod sqlite;
 #[cfg(feature = "test-support")]
 pub mod testcluster;

@@ -1,15 +1,15 @@
 //! Task logs: appends up to the cap, and reads from any offset with the task's state from
 //! one snapshot.
 
-use sqlx::Row;
 use sqlx::postgres::PgConnection;
 use stevedore_model::Timestamp;
 
-use super::rows::{self};
+use super::rows;
 use super::tasks;
 use super::{BEGIN_SNAPSHOT, PgStore, finish};
-use crate::convert::{signed, unsigned};
+use crate::convert::signed;
 use crate::record::{normalize, plan_log_append};
+use crate::rows::log_bytes;
 use crate::{LogSlice, Result, StoreError};
 
 pub(super) async fn get(store: &PgStore, project_id: &str, task_id: &str) -> Result<Vec<u8>> {
@@ -115,7 +115,7 @@ async fn log_state(
     task_id: &str,
 ) -> Result<crate::LogSlice> {
     let row = sqlx::query(
-        "SELECT status, percent, msg, log_size, log_truncated FROM tasks \
+        "SELECT status, percent::bigint AS percent, msg, log_size, log_truncated FROM tasks \
          WHERE id = $1 AND project_id = $2",
     )
     .bind(task_id)
@@ -128,12 +128,7 @@ async fn log_state(
 
 /// Bytes `start..end` of a task's log, which must be stored: from the chunk holding `start` to
 /// `end`, one range of the primary key.
-async fn read_log(
-    conn: &mut PgConnection,
-    task_id: &str,
-    start: u64,
-    end: u64,
-) -> Result<Vec<u8>> {
+async fn read_log(conn: &mut PgConnection, task_id: &str, start: u64, end: u64) -> Result<Vec<u8>> {
     let chunks = sqlx::query(
         "SELECT seq, bytes FROM task_logs WHERE task_id = $1 \
          AND seq >= (SELECT coalesce(max(seq), 0) FROM task_logs WHERE task_id = $1 AND seq <= $2) \
@@ -144,28 +139,5 @@ async fn read_log(
     .bind(signed(end))
     .fetch_all(&mut *conn)
     .await?;
-    let wanted = usize::try_from(end.saturating_sub(start)).unwrap_or(usize::MAX);
-    let mut bytes = Vec::with_capacity(wanted);
-    let mut next: Option<u64> = None;
-    for chunk in &chunks {
-        let seq: u64 = unsigned("task_logs.seq", chunk.try_get("seq")?)?;
-        let data: &[u8] = chunk.try_get("bytes")?;
-        if next.is_some_and(|next| next != seq) {
-            break;
-        }
-        let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
-        let (from, to) = (start.max(seq), end.min(seq.saturating_add(len)));
-        if from < to {
-            let range = usize::try_from(from - seq).unwrap_or(usize::MAX)
-                ..usize::try_from(to - seq).unwrap_or(usize::MAX);
-            bytes.extend_from_slice(&data[range]);
-        }
-        next = Some(seq.saturating_add(len));
-    }
-    if bytes.len() != wanted {
-        return Err(StoreError::Corrupt(format!(
-            "the log of task {task_id} lacks bytes between {start} and {end}"
-        )));
-    }
-    Ok(bytes)
+    log_bytes(&chunks, task_id, start, end)
 }

@@ -3,7 +3,7 @@
 use sqlx::postgres::PgConnection;
 use stevedore_model::{Timestamp, new_id};
 
-use super::rows::{self};
+use super::rows;
 use super::{PgStore, finish, unique_violation};
 use crate::convert::{micros, role_text};
 use crate::record::normalize;

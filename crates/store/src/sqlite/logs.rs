@@ -1,7 +1,7 @@
 //! Task logs: appends up to the cap, and reads from any offset with the task's state.
 
+use sqlx::Connection;
 use sqlx::sqlite::SqliteConnection;
-use sqlx::{Connection, Row};
 use stevedore_model::Timestamp;
 
 use super::rows::{self, signed};
@@ -9,6 +9,7 @@ use super::tasks;
 use super::writer::Writer;
 use super::{BEGIN_WRITE, SqliteStore};
 use crate::record::{normalize, plan_log_append};
+use crate::rows::log_bytes;
 use crate::{LogSlice, Result, StoreError};
 
 pub(super) async fn get(store: &SqliteStore, project_id: &str, task_id: &str) -> Result<Vec<u8>> {
@@ -140,28 +141,5 @@ async fn read_log(
     .bind(signed(end))
     .fetch_all(&mut *conn)
     .await?;
-    let wanted = usize::try_from(end.saturating_sub(start)).unwrap_or(usize::MAX);
-    let mut bytes = Vec::with_capacity(wanted);
-    let mut next: Option<u64> = None;
-    for chunk in &chunks {
-        let seq: u64 = rows::unsigned("task_logs.seq", chunk.try_get("seq")?)?;
-        let data: &[u8] = chunk.try_get("bytes")?;
-        if next.is_some_and(|next| next != seq) {
-            break;
-        }
-        let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
-        let (from, to) = (start.max(seq), end.min(seq.saturating_add(len)));
-        if from < to {
-            let range = usize::try_from(from - seq).unwrap_or(usize::MAX)
-                ..usize::try_from(to - seq).unwrap_or(usize::MAX);
-            bytes.extend_from_slice(&data[range]);
-        }
-        next = Some(seq.saturating_add(len));
-    }
-    if bytes.len() != wanted {
-        return Err(StoreError::Corrupt(format!(
-            "the log of task {task_id} lacks bytes between {start} and {end}"
-        )));
-    }
-    Ok(bytes)
+    log_bytes(&chunks, task_id, start, end)
 }
