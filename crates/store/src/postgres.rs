@@ -57,8 +57,8 @@ use crate::record::TaskRecord;
 use crate::{
     Cluster, ClusterLoad, ClusterSpec, CodeCancellation, CodeStats, HeartbeatReply, Leadership,
     LeaseRequest, LeasedTask, LogSlice, Package, Page, Project, QueueWait, Requeue, RescuedTask,
-    Result, RunReport, RunnerSeen, SealedSecret, StatsWindow, Store, StoreError, StoreGauges,
-    StoredCredential, TaskFilter, TokenRecord, TokenRole, UsageQuery, UsageRow, WorkSignal,
+    Result, RunReport, RunnerSeen, SealedSecret, StatsWindow, Store, StoreGauges, StoredCredential,
+    TaskFilter, TokenRecord, TokenRole, UsageQuery, UsageRow, WorkSignal,
 };
 
 /// Where and how to connect.
@@ -648,21 +648,5 @@ async fn finish<T>(tx: Transaction<'_, Postgres>, result: Result<T>) -> Result<T
             }
             Err(error)
         }
-    }
-}
-
-/// `LIMIT` and `OFFSET` of a 1-based page; page 0 reads as page 1.
-fn limit_offset(page: Page) -> (i64, i64) {
-    let per_page = i64::from(page.per_page);
-    (per_page, i64::from(page.page.max(1) - 1) * per_page)
-}
-
-/// Turns a unique-key violation into a `Conflict` with a message for the user.
-fn unique_violation(error: sqlx::Error, message: impl FnOnce() -> String) -> StoreError {
-    match &error {
-        sqlx::Error::Database(database) if database.is_unique_violation() => {
-            StoreError::Conflict(message())
-        }
-        _ => StoreError::Database(error),
     }
 }

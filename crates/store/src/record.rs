@@ -1,6 +1,7 @@
 //! What every backend does to a task between loading its row and writing it back: the lease
 //! check, the state changes (each through `stevedore_model::transition`) and the field updates
-//! that go with them. The pure parts every holder of a task shares (a queued task from a
+//! that go with them; and likewise for schedules (`new_schedule`, `change_schedule`, the checks
+//! and moves of a fire). The pure parts every holder of a task shares (a queued task from a
 //! `NewTask`, the end of a run, the plan for appending to a capped log) are `stevedore-model`'s.
 //!
 //! Keeping this out of the SQL modules means the SQLite and PostgreSQL stores share one
@@ -10,7 +11,10 @@
 
 use chrono::{Duration, SubsecRound};
 pub(crate) use stevedore_model::log::{LogAppendPlan, plan_log_append, truncation_marker_start};
-use stevedore_model::{Event, NewTask, Task, TaskOutcome, Timestamp, transition};
+use stevedore_model::{
+    Event, NewTask, Schedule, ScheduleSpec, ScheduleStatus, Task, TaskOutcome, Timestamp, new_id,
+    transition,
+};
 
 use crate::{Result, RunReport, StoreError};
 
@@ -205,4 +209,95 @@ impl TaskRecord {
         self.lease_expires_at = None;
         self.task.runner_id = None;
     }
+}
+
+// === schedules ===
+
+/// A new schedule of `code_id`, first due at `first_fire`; one that will never fire is
+/// `complete` from the start.
+pub(crate) fn new_schedule(
+    project_id: &str,
+    code_id: String,
+    spec: &ScheduleSpec,
+    first_fire: Option<Timestamp>,
+    now: Timestamp,
+) -> Schedule {
+    let next_start = first_fire.map(normalize);
+    Schedule {
+        id: new_id(),
+        project_id: project_id.to_owned(),
+        code_id,
+        spec: spec.clone(),
+        status: schedule_status(next_start),
+        next_start,
+        last_run_time: None,
+        run_count: 0,
+        created_at: now,
+        updated_at: now,
+    }
+}
+
+/// A live schedule's status with `next_start` as its next fire time: `scheduled`, or
+/// `complete` once it will never fire again.
+pub(crate) fn schedule_status(next_start: Option<Timestamp>) -> ScheduleStatus {
+    if next_start.is_some() {
+        ScheduleStatus::Scheduled
+    } else {
+        ScheduleStatus::Complete
+    }
+}
+
+/// Replaces a `scheduled` schedule's spec and next fire time; one that is complete or
+/// cancelled is a conflict.
+pub(crate) fn change_schedule(
+    schedule: &mut Schedule,
+    spec: &ScheduleSpec,
+    next_start: Option<Timestamp>,
+    now: Timestamp,
+) -> Result<()> {
+    if schedule.status != ScheduleStatus::Scheduled {
+        return Err(StoreError::Conflict(format!(
+            "schedule {} is {}; only a scheduled one can be changed",
+            schedule.id,
+            schedule.status.as_str()
+        )));
+    }
+    schedule.spec = spec.clone();
+    schedule.next_start = next_start;
+    schedule.status = schedule_status(next_start);
+    schedule.updated_at = now;
+    Ok(())
+}
+
+/// Refuses to fire a schedule that is no longer due at `fired_at`: another scheduler fired it,
+/// or it was cancelled.
+pub(crate) fn check_due(schedule: &Schedule, fired_at: Timestamp) -> Result<()> {
+    if schedule.status != ScheduleStatus::Scheduled || schedule.next_start != Some(fired_at) {
+        return Err(StoreError::Conflict(format!(
+            "schedule {} is not due at {fired_at}: it already fired or was cancelled",
+            schedule.id
+        )));
+    }
+    Ok(())
+}
+
+/// Where a schedule at its `max_concurrency` goes instead of firing at `fired_at`: the fire
+/// time after it, as after a missed time.
+pub(crate) fn next_start_after_pass(
+    schedule: &Schedule,
+    fired_at: Timestamp,
+    now: Timestamp,
+) -> Option<Timestamp> {
+    schedule
+        .spec
+        .next_fire(fired_at, schedule.run_count, now)
+        .map(normalize)
+}
+
+/// The one task a fire queued.
+pub(crate) fn fired_task(mut queued: Vec<Task>) -> Result<Option<Task>> {
+    queued
+        .pop()
+        .map(Some)
+        .ok_or_else(|| StoreError::Corrupt("firing a schedule queued no task".to_owned()))
 }

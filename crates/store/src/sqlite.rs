@@ -635,21 +635,3 @@ impl Store for SqliteStore {
         gauges::gauges(self, now).await
     }
 }
-
-// === helpers ===
-
-/// `LIMIT` and `OFFSET` of a 1-based page; page 0 reads as page 1.
-fn limit_offset(page: Page) -> (i64, i64) {
-    let per_page = i64::from(page.per_page);
-    (per_page, i64::from(page.page.max(1) - 1) * per_page)
-}
-
-/// Turns a unique-key violation into a `Conflict` with a message for the user.
-fn unique_violation(error: sqlx::Error, message: impl FnOnce() -> String) -> StoreError {
-    match &error {
-        sqlx::Error::Database(database) if database.is_unique_violation() => {
-            StoreError::Conflict(message())
-        }
-        _ => StoreError::Database(error),
-    }
-}

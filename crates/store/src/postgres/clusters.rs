@@ -12,8 +12,8 @@ use sqlx::{PgConnection, Row};
 use stevedore_model::task::DEFAULT_CLUSTER;
 use stevedore_model::{Timestamp, new_id};
 
-use super::{BEGIN_SNAPSHOT, PgStore, finish, projects, unique_violation};
-use crate::convert::{micros, timestamp, unsigned};
+use super::{BEGIN_SNAPSHOT, PgStore, finish, projects};
+use crate::convert::{micros, timestamp, unique_violation, unsigned};
 use crate::record::normalize;
 use crate::rows::{cluster, select_clusters};
 use crate::{Cluster, ClusterLoad, ClusterSpec, Result, RunnerSeen, RunnerStatus, StoreError};

@@ -5,9 +5,9 @@ use sqlx::postgres::PgConnection;
 use stevedore_model::{CodeRevision, CodeSpec, ScheduleStatus, Timestamp, new_id};
 
 use super::rows::{self, revision_columns};
-use super::{PgStore, finish, limit_offset};
+use super::{PgStore, finish};
 use super::{projects, tasks};
-use crate::convert::{micros, opt_micros, opt_signed, timestamp, to_json};
+use crate::convert::{limit_offset, micros, opt_micros, opt_signed, timestamp, to_json};
 use crate::record::normalize;
 use crate::{CodeCancellation, CodeStats, Package, Page, Result, StatsWindow, StoreError};
 

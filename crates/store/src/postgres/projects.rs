@@ -4,8 +4,8 @@ use sqlx::postgres::PgConnection;
 use stevedore_model::{Timestamp, new_id};
 
 use super::rows;
-use super::{PgStore, finish, unique_violation};
-use crate::convert::{micros, role_text};
+use super::{PgStore, finish};
+use crate::convert::{micros, role_text, unique_violation};
 use crate::record::normalize;
 use crate::{Project, Result, StoreError, TokenRecord, TokenRole};
 

@@ -2,13 +2,16 @@
 //! schedule's row lock.
 
 use sqlx::postgres::PgConnection;
-use stevedore_model::{Schedule, ScheduleSpec, ScheduleStatus, Task, Timestamp, new_id};
+use stevedore_model::{Schedule, ScheduleSpec, ScheduleStatus, Task, Timestamp};
 
 use super::rows::{self, schedule_columns};
 use super::tasks;
-use super::{PgStore, finish, limit_offset};
-use crate::convert::{micros, opt_micros, to_json};
-use crate::record::normalize;
+use super::{PgStore, finish};
+use crate::convert::{limit_offset, micros, opt_micros, to_json};
+use crate::record::{
+    change_schedule, check_due, fired_task, new_schedule, next_start_after_pass, normalize,
+    schedule_status,
+};
 use crate::{Page, Result, StoreError};
 
 pub(super) async fn create(
@@ -32,23 +35,7 @@ pub(super) async fn create(
             .fetch_optional(&mut *tx)
             .await?
             .ok_or_else(|| StoreError::not_found(format!("code {}", spec.code_name)))?;
-            let next_start = first_fire.map(normalize);
-            let schedule = Schedule {
-                id: new_id(),
-                project_id: project_id.to_owned(),
-                code_id,
-                spec: spec.clone(),
-                status: if next_start.is_some() {
-                    ScheduleStatus::Scheduled
-                } else {
-                    ScheduleStatus::Complete
-                },
-                next_start,
-                last_run_time: None,
-                run_count: 0,
-                created_at: now,
-                updated_at: now,
-            };
+            let schedule = new_schedule(project_id, code_id, spec, *first_fire, now);
             sqlx::query(
                 "INSERT INTO schedules (id, project_id, code_id, spec, status, next_start, \
                  last_run_time, run_count, created_at, updated_at) \
@@ -130,20 +117,7 @@ pub(super) async fn update(
     let result: Result<_> = async {
         // The row lock orders the change with a fire of the schedule.
         let mut schedule = load(&mut tx, Some(project_id), schedule_id, true).await?;
-        if schedule.status != ScheduleStatus::Scheduled {
-            return Err(StoreError::Conflict(format!(
-                "schedule {schedule_id} is {}; only a scheduled one can be changed",
-                schedule.status.as_str()
-            )));
-        }
-        schedule.spec = spec.clone();
-        schedule.next_start = next_start;
-        schedule.status = if next_start.is_some() {
-            ScheduleStatus::Scheduled
-        } else {
-            ScheduleStatus::Complete
-        };
-        schedule.updated_at = now;
+        change_schedule(&mut schedule, spec, next_start, now)?;
         sqlx::query(
             "UPDATE schedules SET spec = $1, status = $2, next_start = $3, updated_at = $4 \
              WHERE id = $5",
@@ -191,11 +165,7 @@ pub(super) async fn fire(
     let result: Result<_> = async {
         // The row lock makes a second scheduler wait and then see the new `next_start`.
         let schedule = load(&mut tx, None, schedule_id, true).await?;
-        if schedule.status != ScheduleStatus::Scheduled || schedule.next_start != Some(fired_at) {
-            return Err(StoreError::Conflict(format!(
-                "schedule {schedule_id} is not due at {fired_at}: it already fired or was cancelled"
-            )));
-        }
+        check_due(&schedule, fired_at)?;
         let spec = &schedule.spec;
         if let Some(limit) = spec.max_concurrency {
             // The schedule's row lock (taken above) orders this count with every other
@@ -208,26 +178,20 @@ pub(super) async fn fire(
             .fetch_one(&mut *tx)
             .await?;
             if unfinished >= i64::from(limit) {
-                let next_start = spec
-                    .next_fire(fired_at, schedule.run_count, now)
-                    .map(normalize);
+                let next_start = next_start_after_pass(&schedule, fired_at, now);
                 pass_fire(&mut tx, schedule_id, next_start, now).await?;
                 return Ok(None);
             }
         }
         let new_task = spec.task(&schedule.id);
-        let mut queued = tasks::insert(
+        let queued = tasks::insert(
             &mut tx,
             &schedule.project_id,
             std::slice::from_ref(&new_task),
             now,
         )
         .await?;
-        let status = if next_start.is_some() {
-            ScheduleStatus::Scheduled
-        } else {
-            ScheduleStatus::Complete
-        };
+        let status = schedule_status(next_start);
         sqlx::query(
             "UPDATE schedules SET status = $1, next_start = $2, last_run_time = $3, \
              run_count = run_count + 1, updated_at = $3 WHERE id = $4",
@@ -239,10 +203,7 @@ pub(super) async fn fire(
         .execute(&mut *tx)
         .await?;
         tasks::notify_work(&mut tx).await?;
-        queued
-            .pop()
-            .map(Some)
-            .ok_or_else(|| StoreError::Corrupt("firing a schedule queued no task".to_owned()))
+        fired_task(queued)
     }
     .await;
     finish(tx, result).await
@@ -285,11 +246,7 @@ async fn pass_fire(
     next_start: Option<Timestamp>,
     now: Timestamp,
 ) -> Result<()> {
-    let status = if next_start.is_some() {
-        ScheduleStatus::Scheduled
-    } else {
-        ScheduleStatus::Complete
-    };
+    let status = schedule_status(next_start);
     sqlx::query("UPDATE schedules SET status = $1, next_start = $2, updated_at = $3 WHERE id = $4")
         .bind(status.as_str())
         .bind(opt_micros(next_start))

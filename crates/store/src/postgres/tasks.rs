@@ -16,8 +16,8 @@ use stevedore_model::{
 
 use super::codes;
 use super::rows::{self, task_columns};
-use super::{PgStore, finish, limit_offset};
-use crate::convert::{micros, opt_micros, opt_signed, signed, unsigned};
+use super::{PgStore, finish};
+use crate::convert::{limit_offset, micros, opt_micros, opt_signed, signed, unsigned};
 use crate::record::{TaskRecord, normalize, queued_task};
 use crate::{CodeCancellation, Page, Result, StoreError, TaskFilter};
 

@@ -5,7 +5,8 @@ use stevedore_model::task::DEFAULT_CLUSTER;
 use stevedore_model::{Timestamp, new_id};
 
 use super::rows::{micros, timestamp, to_json, unsigned};
-use super::{BEGIN_WRITE, SqliteStore, unique_violation};
+use super::{BEGIN_WRITE, SqliteStore};
+use crate::convert::unique_violation;
 use crate::record::normalize;
 use crate::rows::{cluster, select_clusters};
 use crate::{Cluster, ClusterLoad, ClusterSpec, Result, RunnerSeen, RunnerStatus, StoreError};

@@ -8,8 +8,9 @@ use sqlx::{Connection, Row};
 use stevedore_model::{CodeRevision, CodeSpec, ScheduleStatus, Timestamp, new_id};
 
 use super::rows::{self, micros, opt_signed, revision_columns, to_json};
-use super::{BEGIN_WRITE, SqliteStore, limit_offset};
+use super::{BEGIN_WRITE, SqliteStore};
 use super::{projects, tasks};
+use crate::convert::limit_offset;
 use crate::record::normalize;
 use crate::{CodeCancellation, CodeStats, Package, Page, Result, StatsWindow, StoreError};
 

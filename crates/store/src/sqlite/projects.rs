@@ -5,7 +5,8 @@ use sqlx::sqlite::SqliteConnection;
 use stevedore_model::{Timestamp, new_id};
 
 use super::rows::{self, micros, role_text};
-use super::{BEGIN_WRITE, SqliteStore, unique_violation};
+use super::{BEGIN_WRITE, SqliteStore};
+use crate::convert::unique_violation;
 use crate::record::normalize;
 use crate::{Project, Result, StoreError, TokenRecord, TokenRole};
 

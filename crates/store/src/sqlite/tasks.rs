@@ -12,7 +12,8 @@ use stevedore_model::{
 use super::codes;
 use super::codes::RevisionCache;
 use super::rows::{self, micros, opt_micros, opt_signed, signed, task_columns, to_json};
-use super::{BEGIN_WRITE, SqliteStore, limit_offset};
+use super::{BEGIN_WRITE, SqliteStore};
+use crate::convert::limit_offset;
 use crate::record::{TaskRecord, normalize, queued_task};
 use crate::{CodeCancellation, Page, Result, StoreError, TaskFilter};
 
