@@ -16,7 +16,7 @@ use stevedore_model::{
     transition,
 };
 
-use crate::{Result, RunReport, StoreError};
+use crate::{HeartbeatReply, Requeue, Result, RunReport, StoreError};
 
 /// A task as stored, with the columns `Task` does not show.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,6 +46,15 @@ pub(crate) enum CancelEffect {
 /// returns equals what a later read returns.
 pub(crate) fn normalize(at: Timestamp) -> Timestamp {
     at.trunc_subsecs(6)
+}
+
+/// A runner's report with its times cut as `normalize` cuts them.
+pub(crate) fn normalize_report(report: &RunReport) -> RunReport {
+    RunReport {
+        start_time: report.start_time.map(normalize),
+        end_time: report.end_time.map(normalize),
+        ..report.clone()
+    }
 }
 
 /// A new queued task of a resolved code revision, due at `now + delay`.
@@ -88,12 +97,15 @@ impl TaskRecord {
         Ok(())
     }
 
-    /// Extends the lease to `now + lease_secs`.
-    pub fn extend_lease(&mut self, lease_secs: u32, now: Timestamp) -> Timestamp {
+    /// Extends the lease to `now + lease_secs`, and tells the runner whether to cancel.
+    pub fn extend_lease(&mut self, lease_secs: u32, now: Timestamp) -> HeartbeatReply {
         let expires_at = now + Duration::seconds(i64::from(lease_secs));
         self.lease_expires_at = Some(expires_at);
         self.task.updated_at = now;
-        expires_at
+        HeartbeatReply {
+            expires_at,
+            cancel_requested: self.task.cancel_requested,
+        }
     }
 
     /// The container started: `preparing` → `running`. An earlier infrastructure failure's
@@ -159,16 +171,27 @@ impl TaskRecord {
         Ok(())
     }
 
+    /// A runner's requeue (`Store::requeue`): `give_back` with its reason, due time and cap.
+    pub fn requeue(&mut self, requeue: &Requeue, now: Timestamp) -> Result<()> {
+        let due_at = normalize(requeue.due_at);
+        self.give_back(&requeue.reason, due_at, requeue.max_infra_attempts, now)
+    }
+
+    /// Takes back a task whose lease expired before `now`: due again at once, unless that was
+    /// its last infrastructure attempt.
+    pub fn rescue(&mut self, max_infra_attempts: u32, now: Timestamp) -> Result<()> {
+        let reason = format!(
+            "the lease of runner {} expired",
+            self.task.runner_id.as_deref().unwrap_or("(unknown)")
+        );
+        self.give_back(&reason, now, max_infra_attempts, now)
+    }
+
     /// A user's cancel: a queued task ends at once, a leased one is flagged for its runner, a
     /// finished one is a conflict.
     pub fn cancel(&mut self, now: Timestamp) -> Result<CancelEffect> {
+        self.refuse_finished()?;
         let status = self.task.status;
-        if status.is_terminal() {
-            return Err(StoreError::Conflict(format!(
-                "task {} is already finished: it is {status}",
-                self.task.id
-            )));
-        }
         if status.is_active() {
             self.task.cancel_requested = true;
             self.task.updated_at = now;
@@ -191,6 +214,18 @@ impl TaskRecord {
         self.task.updated_at = now;
     }
 
+    /// Progress set through the API: a finished task is a conflict.
+    pub fn set_user_progress(
+        &mut self,
+        percent: Option<u8>,
+        msg: Option<&str>,
+        now: Timestamp,
+    ) -> Result<()> {
+        self.refuse_finished()?;
+        self.set_progress(percent, msg, now);
+        Ok(())
+    }
+
     pub fn apply_log_plan(&mut self, plan: &LogAppendPlan, now: Timestamp) {
         self.task.log_size = plan.new_size;
         self.log_truncated = plan.truncated;
@@ -201,6 +236,17 @@ impl TaskRecord {
     fn apply(&mut self, event: &Event, now: Timestamp) -> Result<()> {
         self.task.status = transition(self.task.status, event)?;
         self.task.updated_at = now;
+        Ok(())
+    }
+
+    fn refuse_finished(&self) -> Result<()> {
+        let status = self.task.status;
+        if status.is_terminal() {
+            return Err(StoreError::Conflict(format!(
+                "task {} is already finished: it is {status}",
+                self.task.id
+            )));
+        }
         Ok(())
     }
 

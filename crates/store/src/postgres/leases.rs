@@ -12,7 +12,7 @@ use super::rows::{self, task_columns};
 use super::{PgStore, RetryCheck, finish};
 use super::{codes, tasks};
 use crate::convert::micros;
-use crate::record::{TaskRecord, normalize};
+use crate::record::{TaskRecord, normalize, normalize_report};
 use crate::{
     HeartbeatReply, Lease, LeaseRequest, LeasedTask, Requeue, RescuedTask, Result, RunReport,
     StoreError,
@@ -66,15 +66,12 @@ pub(super) async fn heartbeat(
     now: Timestamp,
 ) -> Result<HeartbeatReply> {
     let now = normalize(now);
-    let (record, expires_at) = store
+    let (_, reply) = store
         .change_leased_task(task_id, token, None, |record| {
             Ok(record.extend_lease(lease_secs, now))
         })
         .await?;
-    Ok(HeartbeatReply {
-        expires_at,
-        cancel_requested: record.task.cancel_requested,
-    })
+    Ok(reply)
 }
 
 pub(super) async fn mark_running(
@@ -118,11 +115,7 @@ pub(super) async fn complete(
     now: Timestamp,
 ) -> Result<Task> {
     let now = normalize(now);
-    let report = RunReport {
-        start_time: report.start_time.map(normalize),
-        end_time: report.end_time.map(normalize),
-        ..report.clone()
-    };
+    let report = normalize_report(report);
     let (record, ()) = store
         .change_leased_task(
             task_id,
@@ -141,11 +134,9 @@ pub(super) async fn requeue(
     requeue: &Requeue,
     now: Timestamp,
 ) -> Result<Task> {
-    let (now, due_at) = (normalize(now), normalize(requeue.due_at));
+    let now = normalize(now);
     let (record, ()) = store
-        .change_leased_task(task_id, token, None, |record| {
-            record.give_back(&requeue.reason, due_at, requeue.max_infra_attempts, now)
-        })
+        .change_leased_task(task_id, token, None, |record| record.requeue(requeue, now))
         .await?;
     Ok(record.task)
 }
@@ -175,11 +166,7 @@ pub(super) async fn rescue_expired(
         let mut requeued = false;
         for row in &expired {
             let mut record = rows::task_record(row)?;
-            let reason = format!(
-                "the lease of runner {} expired",
-                record.task.runner_id.as_deref().unwrap_or("(unknown)")
-            );
-            record.give_back(&reason, now, max_infra_attempts, now)?;
+            record.rescue(max_infra_attempts, now)?;
             tasks::write(&mut tx, &mut record).await?;
             requeued |= record.task.status == TaskStatus::Queued;
             rescued.push(RescuedTask::from(&record.task));

@@ -137,14 +137,7 @@ pub(super) async fn set_progress(
     let now = normalize(now);
     let (record, ()) = store
         .change_task(Some(project_id), task_id, None, |record| {
-            if record.task.status.is_terminal() {
-                return Err(StoreError::Conflict(format!(
-                    "task {task_id} is already finished: it is {}",
-                    record.task.status
-                )));
-            }
-            record.set_progress(percent, msg, now);
-            Ok(())
+            record.set_user_progress(percent, msg, now)
         })
         .await?;
     Ok(record.task)

@@ -14,7 +14,7 @@ use super::rows::{self, micros, task_columns, to_json};
 use super::tasks;
 use super::writer::{RetryCheck, Writer};
 use super::{BEGIN_WRITE, SqliteStore};
-use crate::record::{TaskRecord, normalize};
+use crate::record::{TaskRecord, normalize, normalize_report};
 use crate::{
     HeartbeatReply, Lease, LeaseRequest, LeasedTask, Requeue, RescuedTask, Result, RunReport,
     StoreError,
@@ -95,15 +95,12 @@ pub(super) async fn heartbeat(
     now: Timestamp,
 ) -> Result<HeartbeatReply> {
     let now = normalize(now);
-    let (record, expires_at) = store
+    let (_, reply) = store
         .change_leased_task(task_id, token, None, move |record| {
             Ok(record.extend_lease(lease_secs, now))
         })
         .await?;
-    Ok(HeartbeatReply {
-        expires_at,
-        cancel_requested: record.task.cancel_requested,
-    })
+    Ok(reply)
 }
 
 pub(super) async fn mark_running(
@@ -150,11 +147,7 @@ pub(super) async fn complete(
     now: Timestamp,
 ) -> Result<Task> {
     let now = normalize(now);
-    let report = RunReport {
-        start_time: report.start_time.map(normalize),
-        end_time: report.end_time.map(normalize),
-        ..report.clone()
-    };
+    let report = normalize_report(report);
     let retry = RetryCheck {
         outcome: outcome.clone(),
         now,
@@ -175,11 +168,10 @@ pub(super) async fn requeue(
     requeue: &Requeue,
     now: Timestamp,
 ) -> Result<Task> {
-    let (now, due_at) = (normalize(now), normalize(requeue.due_at));
-    let (reason, max_infra_attempts) = (requeue.reason.clone(), requeue.max_infra_attempts);
+    let (now, requeue) = (normalize(now), requeue.clone());
     let (record, ()) = store
         .change_leased_task(task_id, token, None, move |record| {
-            record.give_back(&reason, due_at, max_infra_attempts, now)
+            record.requeue(&requeue, now)
         })
         .await?;
     Ok(record.task)
@@ -208,11 +200,7 @@ pub(super) async fn rescue_expired(
     let mut rescued = Vec::with_capacity(expired.len());
     for row in &expired {
         let mut record = rows::task_record(row)?;
-        let reason = format!(
-            "the lease of runner {} expired",
-            record.task.runner_id.as_deref().unwrap_or("(unknown)")
-        );
-        record.give_back(&reason, now, max_infra_attempts, now)?;
+        record.rescue(max_infra_attempts, now)?;
         tasks::write_loaded(&mut tx, &mut record).await?;
         rescued.push(record);
     }

@@ -125,17 +125,10 @@ pub(super) async fn set_progress(
     now: Timestamp,
 ) -> Result<Task> {
     let now = normalize(now);
-    let (id, msg) = (task_id.to_owned(), msg.map(str::to_owned));
+    let msg = msg.map(str::to_owned);
     let (record, ()) = store
         .change_task(Some(project_id), task_id, None, move |record| {
-            if record.task.status.is_terminal() {
-                return Err(StoreError::Conflict(format!(
-                    "task {id} is already finished: it is {}",
-                    record.task.status
-                )));
-            }
-            record.set_progress(percent, msg.as_deref(), now);
-            Ok(())
+            record.set_user_progress(percent, msg.as_deref(), now)
         })
         .await?;
     Ok(record.task)
