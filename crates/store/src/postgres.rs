@@ -9,7 +9,7 @@
 //!   a completion calls for is queued in the same transaction;
 //! * leasing takes due tasks with `FOR UPDATE SKIP LOCKED`, so concurrent leasers never wait
 //!   for each other and never hand out one task twice, and decides `max_concurrency` under a
-//!   per-code advisory lock (see `leases::ConcurrencySlots`);
+//!   per-code advisory lock (see `leases::free_slots`);
 //! * lease tokens come from a sequence, which only grows, whoever asks;
 //! * firing a schedule locks the schedule's row and checks its due time under the lock;
 //! * a log read with its size and status comes from one REPEATABLE READ snapshot;

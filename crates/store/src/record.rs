@@ -9,6 +9,8 @@
 //! `TaskRecord`, calls one of these methods and writes the record back, guarded by the status
 //! and lease token it loaded.
 
+use std::collections::HashMap;
+
 use chrono::{Duration, SubsecRound};
 pub(crate) use stevedore_model::log::{LogAppendPlan, plan_log_append, truncation_marker_start};
 use stevedore_model::{
@@ -30,6 +32,17 @@ pub(crate) struct TaskRecord {
     /// The row's version when it was loaded. A write succeeds only while the stored row still
     /// has it (and bumps it), so two writers can never both act on the same version of a task.
     pub version: i64,
+}
+
+/// Free `max_concurrency` slots of the codes seen in one lease call. A code's free slots are
+/// counted the first time it is seen, the way the backend must count them (`take`); the tasks
+/// picked in this call are taken off as they are picked.
+#[derive(Debug, Default)]
+pub(crate) struct ConcurrencySlots {
+    /// Codes with a limit: how many more tasks may start.
+    free: HashMap<String, i64>,
+    /// Codes that are full; the lease query skips them.
+    full: Vec<String>,
 }
 
 /// What `cancel` did.
@@ -254,6 +267,46 @@ impl TaskRecord {
         self.lease_token = None;
         self.lease_expires_at = None;
         self.task.runner_id = None;
+    }
+}
+
+// === impl ConcurrencySlots ===
+
+impl ConcurrencySlots {
+    /// Codes that are full; the lease query skips them.
+    pub fn full(&self) -> &[String] {
+        &self.full
+    }
+
+    /// Takes a slot of the code, if it has one free. The first time a code with a limit is
+    /// seen, `count_free` tells how many of its `limit` slots are free.
+    pub async fn take(
+        &mut self,
+        code_id: &str,
+        limit: Option<i64>,
+        count_free: impl AsyncFnOnce(i64) -> Result<i64>,
+    ) -> Result<bool> {
+        let Some(limit) = limit else {
+            return Ok(true);
+        };
+        let free = match self.free.get_mut(code_id) {
+            Some(free) => free,
+            None => {
+                let free = count_free(limit).await?;
+                self.free.entry(code_id.to_owned()).or_insert(free)
+            }
+        };
+        if *free > 0 {
+            *free -= 1;
+            if *free == 0 {
+                self.full.push(code_id.to_owned());
+            }
+            return Ok(true);
+        }
+        if !self.full.iter().any(|full| full == code_id) {
+            self.full.push(code_id.to_owned());
+        }
+        Ok(false)
     }
 }
 

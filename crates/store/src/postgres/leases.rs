@@ -12,7 +12,7 @@ use super::rows::{self, task_columns};
 use super::{PgStore, RetryCheck, finish};
 use super::{codes, tasks};
 use crate::convert::micros;
-use crate::record::{TaskRecord, normalize, normalize_report};
+use crate::record::{ConcurrencySlots, TaskRecord, normalize, normalize_report};
 use crate::{
     HeartbeatReply, Lease, LeaseRequest, LeasedTask, Requeue, RescuedTask, Result, RunReport,
     StoreError,
@@ -183,7 +183,7 @@ pub(super) async fn rescue_expired(
 /// The lease transaction's body; the caller holds the transaction and commits it.
 ///
 /// Candidates come best first and locked (`LEASE_CANDIDATES`). `max_concurrency` is decided
-/// under a per-code advisory lock (`ConcurrencySlots`). Tokens come from the sequence
+/// under a per-code advisory lock (`free_slots`). Tokens come from the sequence
 /// `lease_tokens`, one per task, in the order the tasks were picked.
 async fn lease_due_tasks(
     conn: &mut PgConnection,
@@ -203,7 +203,7 @@ async fn lease_due_tasks(
         let candidates = sqlx::query(LEASE_CANDIDATES)
             .bind(micros(now))
             .bind(&request.clusters)
-            .bind(&slots.full)
+            .bind(slots.full())
             .bind(&picked_ids)
             .bind(i64::try_from(fetch).unwrap_or(i64::MAX))
             .fetch_all(&mut *conn)
@@ -212,7 +212,9 @@ async fn lease_due_tasks(
         for row in &candidates {
             let record = rows::task_record(row)?;
             let limit: Option<i64> = row.try_get("code_max_concurrency")?;
-            if slots.take(conn, &record.task.code_id, limit).await? {
+            let code_id = record.task.code_id.as_str();
+            let free = async |limit| free_slots(conn, code_id, limit).await;
+            if slots.take(code_id, limit, free).await? {
                 picked.push(record);
                 if picked.len() == max_tasks {
                     break;
@@ -321,7 +323,7 @@ async fn write_leases(
     Ok(())
 }
 
-/// Free `max_concurrency` slots of the codes seen in one lease call.
+/// How many of a code's `limit` slots are free for this lease call.
 ///
 /// Two servers leasing at once would each count a code's active tasks, each see room, and
 /// together pass the limit: row locks on the tasks cannot prevent that, because the tasks that
@@ -333,60 +335,21 @@ async fn write_leases(
 /// (which could deadlock two servers taking two codes' locks in opposite orders). The other
 /// server hands the code's tasks out meanwhile, and this one sees them at its next lease.
 /// A hash collision between two codes only makes one of them wait a turn.
-#[derive(Default)]
-struct ConcurrencySlots {
-    /// Codes with a limit: how many more tasks may start.
-    free: HashMap<String, i64>,
-    /// Codes that are full (or locked by another server); the lease query skips them.
-    full: Vec<String>,
-}
-
-impl ConcurrencySlots {
-    /// Takes a slot of the code, locking and counting it the first time it is seen.
-    async fn take(
-        &mut self,
-        conn: &mut PgConnection,
-        code_id: &str,
-        limit: Option<i64>,
-    ) -> Result<bool> {
-        let Some(limit) = limit else {
-            return Ok(true);
-        };
-        let free = match self.free.get_mut(code_id) {
-            Some(free) => free,
-            None => {
-                let locked: bool =
-                    sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, hashtext($2))")
-                        .bind(CODE_LOCK_CLASS)
-                        .bind(code_id)
-                        .fetch_one(&mut *conn)
-                        .await?;
-                let free = if locked {
-                    let active: i64 = sqlx::query_scalar(
-                        "SELECT count(*) FROM tasks WHERE code_id = $1 AND status IN ($2, $3)",
-                    )
-                    .bind(code_id)
-                    .bind(TaskStatus::Preparing.as_str())
-                    .bind(TaskStatus::Running.as_str())
-                    .fetch_one(&mut *conn)
-                    .await?;
-                    limit - active
-                } else {
-                    0
-                };
-                self.free.entry(code_id.to_owned()).or_insert(free)
-            }
-        };
-        if *free > 0 {
-            *free -= 1;
-            if *free == 0 {
-                self.full.push(code_id.to_owned());
-            }
-            return Ok(true);
-        }
-        if !self.full.iter().any(|full| full == code_id) {
-            self.full.push(code_id.to_owned());
-        }
-        Ok(false)
+async fn free_slots(conn: &mut PgConnection, code_id: &str, limit: i64) -> Result<i64> {
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, hashtext($2))")
+        .bind(CODE_LOCK_CLASS)
+        .bind(code_id)
+        .fetch_one(&mut *conn)
+        .await?;
+    if !locked {
+        return Ok(0);
     }
+    let active: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM tasks WHERE code_id = $1 AND status IN ($2, $3)")
+            .bind(code_id)
+            .bind(TaskStatus::Preparing.as_str())
+            .bind(TaskStatus::Running.as_str())
+            .fetch_one(&mut *conn)
+            .await?;
+    Ok(limit - active)
 }

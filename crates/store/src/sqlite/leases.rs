@@ -14,7 +14,7 @@ use super::rows::{self, micros, task_columns, to_json};
 use super::tasks;
 use super::writer::{RetryCheck, Writer};
 use super::{BEGIN_WRITE, SqliteStore};
-use crate::record::{TaskRecord, normalize, normalize_report};
+use crate::record::{ConcurrencySlots, TaskRecord, normalize, normalize_report};
 use crate::{
     HeartbeatReply, Lease, LeaseRequest, LeasedTask, Requeue, RescuedTask, Result, RunReport,
     StoreError,
@@ -242,7 +242,7 @@ async fn lease_due_tasks(
         let candidates = sqlx::query(LEASE_CANDIDATES)
             .bind(micros(now))
             .bind(&clusters)
-            .bind(to_json(&slots.full)?)
+            .bind(to_json(&slots.full())?)
             .bind(to_json(&picked_ids)?)
             .bind(i64::try_from(fetch).unwrap_or(i64::MAX))
             .fetch_all(&mut *conn)
@@ -269,7 +269,9 @@ async fn lease_due_tasks(
             if let Some(count) = per_priority.get_mut(usize::from(record.task.priority)) {
                 *count += 1;
             }
-            if slots.take(conn, &record.task.code_id, limit).await? {
+            let code_id = record.task.code_id.as_str();
+            let free = async |limit| free_slots(conn, code_id, limit).await;
+            if slots.take(code_id, limit, free).await? {
                 picked.push(record);
                 if picked.len() == max_tasks {
                     break;
@@ -377,54 +379,16 @@ async fn write_leases(
     Ok(())
 }
 
-/// Free `max_concurrency` slots of the codes seen in one lease call.
-#[derive(Default)]
-struct ConcurrencySlots {
-    /// Codes with a limit: how many more tasks may start.
-    free: HashMap<String, i64>,
-    /// Codes that are full; the lease query skips them.
-    full: Vec<String>,
-}
-
-impl ConcurrencySlots {
-    /// Takes a slot of the code, counting its active tasks the first time it is seen.
-    async fn take(
-        &mut self,
-        conn: &mut SqliteConnection,
-        code_id: &str,
-        limit: Option<i64>,
-    ) -> Result<bool> {
-        let Some(limit) = limit else {
-            return Ok(true);
-        };
-        let free = match self.free.get_mut(code_id) {
-            Some(free) => free,
-            None => {
-                let active: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM tasks WHERE code_id = ?1 AND status IN (?2, ?3)",
-                )
-                .bind(code_id)
-                .bind(TaskStatus::Preparing.as_str())
-                .bind(TaskStatus::Running.as_str())
-                .fetch_one(&mut *conn)
-                .await?;
-                self.free
-                    .entry(code_id.to_owned())
-                    .or_insert(limit - active)
-            }
-        };
-        if *free > 0 {
-            *free -= 1;
-            if *free == 0 {
-                self.full.push(code_id.to_owned());
-            }
-            return Ok(true);
-        }
-        if !self.full.iter().any(|full| full == code_id) {
-            self.full.push(code_id.to_owned());
-        }
-        Ok(false)
-    }
+/// How many of a code's `limit` slots are free: its tasks preparing and running take one each.
+async fn free_slots(conn: &mut SqliteConnection, code_id: &str, limit: i64) -> Result<i64> {
+    let active: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE code_id = ?1 AND status IN (?2, ?3)")
+            .bind(code_id)
+            .bind(TaskStatus::Preparing.as_str())
+            .bind(TaskStatus::Running.as_str())
+            .fetch_one(&mut *conn)
+            .await?;
+    Ok(limit - active)
 }
 
 /// The leased tasks as this process last wrote them, so that a runner's heartbeat, start and
