@@ -14,8 +14,8 @@ use std::collections::HashMap;
 use chrono::{Duration, SubsecRound};
 pub(crate) use stevedore_model::log::{LogAppendPlan, plan_log_append, truncation_marker_start};
 use stevedore_model::{
-    Event, NewTask, Schedule, ScheduleSpec, ScheduleStatus, Task, TaskOutcome, Timestamp, new_id,
-    transition,
+    CodeSpec, Event, NewTask, Schedule, ScheduleSpec, ScheduleStatus, Task, TaskOutcome, Timestamp,
+    automatic_retry, new_id, transition,
 };
 
 use crate::{HeartbeatReply, Requeue, Result, RunReport, StoreError};
@@ -81,6 +81,28 @@ pub(crate) fn queued_task(
     Task::queued(project_id, code_id, code_rev, new_task, now)
 }
 
+/// A new queued task of a code whose latest revision is `latest`. It pins that revision, or the
+/// one it asks for (`NewTask::code_rev`, a retry), which must exist.
+pub(crate) fn queued_task_of_code(
+    project_id: &str,
+    code_id: &str,
+    latest: u32,
+    new_task: &NewTask,
+    now: Timestamp,
+) -> Result<Task> {
+    let code_rev = match new_task.code_rev {
+        Some(pinned) if pinned == 0 || pinned > latest => {
+            return Err(StoreError::not_found(format!(
+                "revision {pinned} of code {}",
+                new_task.code_name
+            )));
+        }
+        Some(pinned) => pinned,
+        None => latest,
+    };
+    Ok(queued_task(project_id, code_id, code_rev, new_task, now))
+}
+
 impl TaskRecord {
     /// Refuses a runner's write unless `token` is the task's current lease and the task is
     /// still alive.
@@ -128,6 +150,27 @@ impl TaskRecord {
         self.task.start_time = Some(start_time);
         self.task.msg = None;
         Ok(())
+    }
+
+    /// Whether a completion with `outcome` may call for a user retry at all: most completions
+    /// succeed, and that much is decided without reading anything.
+    pub fn may_retry(&self, outcome: &TaskOutcome) -> bool {
+        outcome.is_user_failure() && !self.task.cancel_requested
+    }
+
+    /// The user retry a completion with `outcome` calls for while the task's code revision,
+    /// with `spec`, has retries left (`stevedore_model::automatic_retry` decides). It pins the
+    /// revision that failed.
+    pub fn retry(&self, outcome: &TaskOutcome, spec: &CodeSpec, now: Timestamp) -> Option<Task> {
+        let task = &self.task;
+        let retry = automatic_retry(task, outcome, spec)?;
+        Some(queued_task(
+            &task.project_id,
+            &task.code_id,
+            task.code_rev,
+            &retry,
+            now,
+        ))
     }
 
     /// Records the run's end (`Task::finish`) and clears the lease.

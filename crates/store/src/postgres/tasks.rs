@@ -10,15 +10,13 @@ use std::collections::HashMap;
 
 use sqlx::postgres::PgConnection;
 use sqlx::{Postgres, QueryBuilder, Row};
-use stevedore_model::{
-    Event, NewTask, Task, TaskOutcome, TaskStatus, Timestamp, automatic_retry, transition,
-};
+use stevedore_model::{Event, NewTask, Task, TaskOutcome, TaskStatus, Timestamp, transition};
 
 use super::codes;
 use super::rows::{self, task_columns};
 use super::{PgStore, finish};
 use crate::convert::{limit_offset, micros, opt_micros, opt_signed, signed, unsigned};
-use crate::record::{TaskRecord, normalize, queued_task};
+use crate::record::{TaskRecord, normalize, queued_task_of_code};
 use crate::{CodeCancellation, Page, Result, StoreError, TaskFilter};
 
 /// The channel `LISTEN`ed to for wake-ups.
@@ -262,17 +260,9 @@ pub(super) async fn insert(
                 code
             }
         };
-        let code_rev = match new_task.code_rev {
-            Some(pinned) if pinned == 0 || pinned > code_rev => {
-                return Err(StoreError::not_found(format!(
-                    "revision {pinned} of code {}",
-                    new_task.code_name
-                )));
-            }
-            Some(pinned) => pinned,
-            None => code_rev,
-        };
-        queued.push(queued_task(project_id, &code_id, code_rev, new_task, now));
+        queued.push(queued_task_of_code(
+            project_id, &code_id, code_rev, new_task, now,
+        )?);
     }
     insert_rows(conn, &queued).await?;
     Ok(queued)
@@ -345,11 +335,11 @@ pub(super) async fn plan_retry(
     now: Timestamp,
 ) -> Result<Option<Task>> {
     let task = &failed.task;
-    if !outcome.is_user_failure() || task.cancel_requested {
+    if !failed.may_retry(outcome) {
         return Ok(None);
     }
     let code = codes::load_revision(conn, &task.code_id, task.code_rev).await?;
-    let Some(retry) = automatic_retry(task, outcome, &code.spec) else {
+    let Some(retry) = failed.retry(outcome, &code.spec, now) else {
         return Ok(None);
     };
     // Share-locked like `insert`, so a concurrent delete cannot miss the retry.
@@ -361,13 +351,7 @@ pub(super) async fn plan_retry(
     if live.is_none() {
         return Ok(None);
     }
-    Ok(Some(queued_task(
-        &task.project_id,
-        &task.code_id,
-        task.code_rev,
-        &retry,
-        now,
-    )))
+    Ok(Some(retry))
 }
 
 /// Cancels a code's queued tasks and asks the runners of its leased ones to cancel them.

@@ -5,16 +5,14 @@ use std::collections::HashMap;
 
 use sqlx::sqlite::SqliteConnection;
 use sqlx::{Connection, QueryBuilder, Row, Sqlite};
-use stevedore_model::{
-    Event, NewTask, Task, TaskOutcome, TaskStatus, Timestamp, automatic_retry, transition,
-};
+use stevedore_model::{Event, NewTask, Task, TaskOutcome, TaskStatus, Timestamp, transition};
 
 use super::codes;
 use super::codes::RevisionCache;
 use super::rows::{self, micros, opt_micros, opt_signed, signed, task_columns, to_json};
 use super::{BEGIN_WRITE, SqliteStore};
 use crate::convert::limit_offset;
-use crate::record::{TaskRecord, normalize, queued_task};
+use crate::record::{TaskRecord, normalize, queued_task_of_code};
 use crate::{CodeCancellation, Page, Result, StoreError, TaskFilter};
 
 pub(super) async fn enqueue(
@@ -254,18 +252,9 @@ pub(super) async fn insert(
                 code
             }
         };
-        // A retry pins the revision that failed; everything else pins the latest.
-        let code_rev = match new_task.code_rev {
-            Some(pinned) if pinned == 0 || pinned > code_rev => {
-                return Err(StoreError::not_found(format!(
-                    "revision {pinned} of code {}",
-                    new_task.code_name
-                )));
-            }
-            Some(pinned) => pinned,
-            None => code_rev,
-        };
-        queued.push(queued_task(project_id, &code_id, code_rev, new_task, now));
+        queued.push(queued_task_of_code(
+            project_id, &code_id, code_rev, new_task, now,
+        )?);
     }
     insert_rows(conn, &queued).await?;
     Ok(queued)
@@ -284,12 +273,11 @@ pub(super) async fn plan_retry(
     now: Timestamp,
 ) -> Result<Option<Task>> {
     let task = &failed.task;
-    // Most completions succeed: decide that much without reading anything.
-    if !outcome.is_user_failure() || task.cancel_requested {
+    if !failed.may_retry(outcome) {
         return Ok(None);
     }
     let code = revisions.get(conn, &task.code_id, task.code_rev).await?;
-    let Some(retry) = automatic_retry(task, outcome, &code.spec) else {
+    let Some(retry) = failed.retry(outcome, &code.spec, now) else {
         return Ok(None);
     };
     let live: Option<i64> =
@@ -300,13 +288,7 @@ pub(super) async fn plan_retry(
     if live.is_none() {
         return Ok(None);
     }
-    Ok(Some(queued_task(
-        &task.project_id,
-        &task.code_id,
-        task.code_rev,
-        &retry,
-        now,
-    )))
+    Ok(Some(retry))
 }
 
 /// Writes new queued tasks.
