@@ -71,7 +71,7 @@ pub(crate) fn normalize_report(report: &RunReport) -> RunReport {
 }
 
 /// A new queued task of a resolved code revision, due at `now + delay`.
-pub(crate) fn queued_task(
+fn queued_task(
     project_id: &str,
     code_id: &str,
     code_rev: u32,
