@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use chrono::DateTime;
 use stevedore_model::{CodeKind, CodeSpec, TaskStatus, Timestamp};
 
-use crate::{CodeStats, Result, StoreError, TokenRole, UsageRow};
+use crate::{CodeStats, Page, Result, StoreError, TokenRole, UsageRow};
 
 pub(crate) fn micros(at: Timestamp) -> i64 {
     at.timestamp_micros()
@@ -43,6 +43,22 @@ pub(crate) fn unsigned<T: TryFrom<i64>>(column: &str, value: i64) -> Result<T> {
 
 pub(crate) fn opt_unsigned<T: TryFrom<i64>>(column: &str, value: Option<i64>) -> Result<Option<T>> {
     value.map(|value| unsigned(column, value)).transpose()
+}
+
+/// `LIMIT` and `OFFSET` of a 1-based page; page 0 reads as page 1.
+pub(crate) fn limit_offset(page: Page) -> (i64, i64) {
+    let per_page = i64::from(page.per_page);
+    (per_page, i64::from(page.page.max(1) - 1) * per_page)
+}
+
+/// Turns a unique-key violation into a `Conflict` with a message for the user.
+pub(crate) fn unique_violation(error: sqlx::Error, message: impl FnOnce() -> String) -> StoreError {
+    match &error {
+        sqlx::Error::Database(database) if database.is_unique_violation() => {
+            StoreError::Conflict(message())
+        }
+        _ => StoreError::Database(error),
+    }
 }
 
 pub(crate) fn status(text: &str) -> Result<TaskStatus> {

@@ -13,6 +13,9 @@
 //!
 //! Time is an argument: every method that compares or stamps time takes `now`, so tests drive
 //! it with a fake clock.
+//!
+//! `testsuite` (cargo feature `test-support`) is the suite every `Store` must pass;
+//! `testcluster` (the same feature) is a throwaway PostgreSQL for tests and benchmarks.
 
 #![forbid(unsafe_code)]
 
@@ -21,8 +24,11 @@ pub mod credentials;
 mod error;
 mod postgres;
 mod record;
+mod rows;
 mod sqlite;
+#[cfg(feature = "test-support")]
 pub mod testcluster;
+#[cfg(any(test, feature = "test-support"))]
 pub mod testsuite;
 
 use async_trait::async_trait;

@@ -9,7 +9,7 @@
 //!   a completion calls for is queued in the same transaction;
 //! * leasing takes due tasks with `FOR UPDATE SKIP LOCKED`, so concurrent leasers never wait
 //!   for each other and never hand out one task twice, and decides `max_concurrency` under a
-//!   per-code advisory lock (see `tasks::ConcurrencySlots`);
+//!   per-code advisory lock (see `leases::free_slots`);
 //! * lease tokens come from a sequence, which only grows, whoever asks;
 //! * firing a schedule locks the schedule's row and checks its due time under the lock;
 //! * a log read with its size and status comes from one REPEATABLE READ snapshot;
@@ -22,15 +22,22 @@
 //! signal fed by one `LISTEN`ing connection per store (`listen`), which reconnects on its own
 //! and, while it cannot, signals on a timer so that waiters fall back to polling.
 //!
-//! The representations are the SQLite store's (`crate::convert`); what a state change does to
-//! a task is decided in `crate::record`, shared with it.
+//! The SQL lives in one module per concern (`projects`, `codes`, `tasks`, `logs`, `leases`,
+//! `schedules`, `clusters`, `usage`, `credentials`, `gauges`), as in the SQLite store. The
+//! representations are the SQLite store's (`crate::convert`); what a state change does to a
+//! task is decided in `crate::record`, shared with it.
 
 mod clusters;
+mod codes;
 mod credentials;
 mod gauges;
 mod lead;
+mod leases;
 mod listen;
+mod logs;
+mod projects;
 mod rows;
+mod schedules;
 mod tasks;
 mod usage;
 
@@ -39,21 +46,19 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
-use sqlx::{Postgres, QueryBuilder, Row, Transaction};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Postgres, Transaction};
 use stevedore_model::{
-    CodeRevision, CodeSpec, NewTask, Schedule, ScheduleSpec, ScheduleStatus, Task, TaskOutcome,
-    TaskStatus, Timestamp, new_id,
+    CodeRevision, CodeSpec, NewTask, Schedule, ScheduleSpec, Task, TaskOutcome, TaskStatus,
+    Timestamp,
 };
 
-use self::rows::{revision_columns, schedule_columns, task_columns};
-use crate::convert::{micros, opt_micros, opt_signed, role_text, signed, timestamp, to_json};
-use crate::record::{TaskRecord, normalize, plan_log_append};
+use crate::record::TaskRecord;
 use crate::{
     Cluster, ClusterLoad, ClusterSpec, CodeCancellation, CodeStats, HeartbeatReply, Leadership,
     LeaseRequest, LeasedTask, LogSlice, Package, Page, Project, QueueWait, Requeue, RescuedTask,
-    Result, RunReport, RunnerSeen, SealedSecret, StatsWindow, Store, StoreError, StoreGauges,
-    StoredCredential, TaskFilter, TokenRecord, TokenRole, UsageQuery, UsageRow, WorkSignal,
+    Result, RunReport, RunnerSeen, SealedSecret, StatsWindow, Store, StoreGauges, StoredCredential,
+    TaskFilter, TokenRecord, TokenRole, UsageQuery, UsageRow, WorkSignal,
 };
 
 /// Where and how to connect.
@@ -134,7 +139,7 @@ impl PgStore {
     /// Changes one task under its row lock: loads it, lets `change` alter it, writes it back;
     /// with `retry` (a runner's completion) the user retry it calls for is queued in the same
     /// transaction. Wakes the lease loops when the task or its retry is queued.
-    async fn change_task<T>(
+    pub(super) async fn change_task<T>(
         &self,
         project_id: Option<&str>,
         task_id: &str,
@@ -167,7 +172,7 @@ impl PgStore {
     }
 
     /// `change_task` for a runner holding a lease: refused unless `token` is current.
-    async fn change_leased_task<T>(
+    pub(super) async fn change_leased_task<T>(
         &self,
         task_id: &str,
         token: i64,
@@ -192,9 +197,9 @@ impl Drop for PgStore {
 
 /// A runner's completion, for `change_task` to queue the user retry it calls for.
 #[derive(Debug, Clone, Copy)]
-struct RetryCheck<'a> {
-    outcome: &'a TaskOutcome,
-    now: Timestamp,
+pub(super) struct RetryCheck<'a> {
+    pub(super) outcome: &'a TaskOutcome,
+    pub(super) now: Timestamp,
 }
 
 #[async_trait]
@@ -213,38 +218,15 @@ impl Store for PgStore {
     // === projects and tokens ===
 
     async fn create_project(&self, name: &str, now: Timestamp) -> Result<Project> {
-        let project = Project {
-            id: new_id(),
-            name: name.to_owned(),
-            created_at: normalize(now),
-        };
-        sqlx::query("INSERT INTO projects (id, name, created_at) VALUES ($1, $2, $3)")
-            .bind(&project.id)
-            .bind(&project.name)
-            .bind(micros(project.created_at))
-            .execute(&self.pool)
-            .await
-            .map_err(|error| {
-                unique_violation(error, || format!("a project named {name:?} already exists"))
-            })?;
-        Ok(project)
+        projects::create(self, name, now).await
     }
 
     async fn get_project(&self, project_id: &str) -> Result<Project> {
-        let row = sqlx::query("SELECT id, name, created_at FROM projects WHERE id = $1")
-            .bind(project_id)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| StoreError::not_found(format!("project {project_id}")))?;
-        rows::project(&row)
+        projects::get(self, project_id).await
     }
 
     async fn find_project_by_name(&self, name: &str) -> Result<Option<Project>> {
-        let row = sqlx::query("SELECT id, name, created_at FROM projects WHERE name = $1")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(rows::project).transpose()
+        projects::find_by_name(self, name).await
     }
 
     async fn create_token(
@@ -254,47 +236,11 @@ impl Store for PgStore {
         secret_sha256: &str,
         now: Timestamp,
     ) -> Result<TokenRecord> {
-        let record = TokenRecord {
-            id: new_id(),
-            project_id: project_id.map(str::to_owned),
-            role,
-            created_at: normalize(now),
-        };
-        let mut tx = self.pool.begin().await?;
-        let result: Result<_> = async {
-            if let Some(project_id) = project_id {
-                ensure_project(&mut tx, project_id).await?;
-            }
-            sqlx::query(
-                "INSERT INTO tokens (id, project_id, role, secret_sha256, created_at) \
-                 VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(&record.id)
-            .bind(project_id)
-            .bind(role_text(role))
-            .bind(secret_sha256)
-            .bind(micros(record.created_at))
-            .execute(&mut *tx)
-            .await
-            .map_err(|error| {
-                unique_violation(error, || {
-                    "a token with this secret already exists".to_owned()
-                })
-            })?;
-            Ok(record)
-        }
-        .await;
-        finish(tx, result).await
+        projects::create_token(self, project_id, role, secret_sha256, now).await
     }
 
     async fn find_token(&self, secret_sha256: &str) -> Result<Option<TokenRecord>> {
-        let row = sqlx::query(
-            "SELECT id, project_id, role, created_at FROM tokens WHERE secret_sha256 = $1",
-        )
-        .bind(secret_sha256)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(rows::token).transpose()
+        projects::find_token(self, secret_sha256).await
     }
 
     // === codes ===
@@ -306,154 +252,19 @@ impl Store for PgStore {
         package: Option<&Package>,
         now: Timestamp,
     ) -> Result<CodeRevision> {
-        let now = normalize(now);
-        let spec_json = to_json(spec)?;
-        let max_concurrency = spec.max_concurrency.map(i64::from);
-        let package_size =
-            package.map(|package| u64::try_from(package.bytes.len()).unwrap_or(u64::MAX));
-        let mut tx = self.pool.begin().await?;
-        let result: Result<_> = async {
-            ensure_project(&mut tx, project_id).await?;
-            // The code row is locked while its next revision is written, so two pushes of one code
-            // number their revisions one after the other. Two pushes creating one new name meet
-            // at the unique index: the second inserts nothing and takes the revision path.
-            let mut created = None;
-            let existing = loop {
-                let existing = sqlx::query(
-                    "SELECT id, latest_rev, paused, created_at FROM codes \
-                     WHERE project_id = $1 AND name = $2 AND deleted_at IS NULL FOR UPDATE",
-                )
-                .bind(project_id)
-                .bind(&spec.name)
-                .fetch_optional(&mut *tx)
-                .await?;
-                if existing.is_some() {
-                    break existing;
-                }
-                let code_id = new_id();
-                let inserted = sqlx::query(
-                    "INSERT INTO codes (id, project_id, name, latest_rev, max_concurrency, paused, \
-                     created_at, updated_at) VALUES ($1, $2, $3, 1, $4, FALSE, $5, $5) \
-                     ON CONFLICT (project_id, name) WHERE deleted_at IS NULL DO NOTHING",
-                )
-                .bind(&code_id)
-                .bind(project_id)
-                .bind(&spec.name)
-                .bind(max_concurrency)
-                .bind(micros(now))
-                .execute(&mut *tx)
-                .await?;
-                if inserted.rows_affected() == 1 {
-                    created = Some(code_id);
-                    break None;
-                }
-            };
-            let (code_id, rev, paused, created_at) = match (existing, created) {
-                (Some(row), _) => {
-                    let code_id: String = row.try_get("id")?;
-                    let rev = row.try_get::<i64, _>("latest_rev")? + 1;
-                    sqlx::query(
-                        "UPDATE codes SET latest_rev = $1, max_concurrency = $2, updated_at = $3 \
-                         WHERE id = $4",
-                    )
-                    .bind(rev)
-                    .bind(max_concurrency)
-                    .bind(micros(now))
-                    .bind(&code_id)
-                    .execute(&mut *tx)
-                    .await?;
-                    let created_at = timestamp(row.try_get("created_at")?)?;
-                    (code_id, rev, row.try_get::<bool, _>("paused")?, created_at)
-                }
-                (None, Some(code_id)) => (code_id, 1, false, now),
-                (None, None) => {
-                    return Err(StoreError::Corrupt(
-                        "pushing a code found neither an old code nor a new one".to_owned(),
-                    ));
-                }
-            };
-            sqlx::query(
-                "INSERT INTO code_revisions (code_id, rev, spec, package_sha256, package_size, \
-                 created_at) VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(&code_id)
-            .bind(rev)
-            .bind(&spec_json)
-            .bind(package.map(|package| package.sha256.as_str()))
-            .bind(opt_signed(package_size))
-            .bind(micros(now))
-            .execute(&mut *tx)
-            .await?;
-            if let Some(package) = package {
-                sqlx::query("INSERT INTO code_packages (code_id, rev, bytes) VALUES ($1, $2, $3)")
-                    .bind(&code_id)
-                    .bind(rev)
-                    .bind(package.bytes.as_slice())
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            Ok(CodeRevision {
-                id: code_id,
-                project_id: project_id.to_owned(),
-                rev: u32::try_from(rev)
-                    .map_err(|_| StoreError::Corrupt(format!("revision {rev} out of range")))?,
-                spec: spec.clone(),
-                package_sha256: package.map(|package| package.sha256.clone()),
-                package_size,
-                created_at,
-                updated_at: now,
-                paused,
-            })
-        }
-        .await;
-        finish(tx, result).await
+        codes::push(self, project_id, spec, package, now).await
     }
 
     async fn get_code(&self, project_id: &str, code_id: &str) -> Result<CodeRevision> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            revision_columns!(),
-            " FROM codes AS c JOIN code_revisions AS r ON r.code_id = c.id AND r.rev = c.latest_rev \
-             WHERE c.id = $1 AND c.project_id = $2 AND c.deleted_at IS NULL"
-        ))
-        .bind(code_id)
-        .bind(project_id)
-        .fetch_optional(&self.pool)
-        .await?
-        .ok_or_else(|| StoreError::not_found(format!("code {code_id}")))?;
-        rows::revision(&row)
+        codes::get(self, project_id, code_id).await
     }
 
     async fn get_code_by_name(&self, project_id: &str, name: &str) -> Result<CodeRevision> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            revision_columns!(),
-            " FROM codes AS c JOIN code_revisions AS r ON r.code_id = c.id AND r.rev = c.latest_rev \
-             WHERE c.project_id = $1 AND c.name = $2 AND c.deleted_at IS NULL"
-        ))
-        .bind(project_id)
-        .bind(name)
-        .fetch_optional(&self.pool)
-        .await?
-        .ok_or_else(|| StoreError::not_found(format!("code {name}")))?;
-        rows::revision(&row)
+        codes::get_by_name(self, project_id, name).await
     }
 
     async fn list_codes(&self, project_id: &str, page: Page) -> Result<Vec<CodeRevision>> {
-        let (limit, offset) = limit_offset(page);
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            revision_columns!(),
-            " FROM codes AS c JOIN code_revisions AS r ON r.code_id = c.id AND r.rev = c.latest_rev \
-             WHERE c.project_id = $1 AND c.deleted_at IS NULL \
-             ORDER BY c.updated_at DESC, c.id DESC LIMIT $2 OFFSET $3"
-        ))
-        .bind(project_id)
-        .bind(limit)
-        .bind(offset)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(rows::revision).collect()
+        codes::list(self, project_id, page).await
     }
 
     async fn list_revisions(
@@ -462,23 +273,7 @@ impl Store for PgStore {
         code_id: &str,
         page: Page,
     ) -> Result<Vec<CodeRevision>> {
-        let mut conn = self.pool.acquire().await?;
-        ensure_code(&mut conn, project_id, code_id).await?;
-        let (limit, offset) = limit_offset(page);
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            revision_columns!(),
-            " FROM codes AS c JOIN code_revisions AS r ON r.code_id = c.id \
-             WHERE c.id = $1 AND c.project_id = $2 AND c.deleted_at IS NULL \
-             ORDER BY r.rev DESC LIMIT $3 OFFSET $4"
-        ))
-        .bind(code_id)
-        .bind(project_id)
-        .bind(limit)
-        .bind(offset)
-        .fetch_all(&mut *conn)
-        .await?;
-        rows.iter().map(rows::revision).collect()
+        codes::list_revisions(self, project_id, code_id, page).await
     }
 
     async fn get_revision(
@@ -487,19 +282,7 @@ impl Store for PgStore {
         code_id: &str,
         rev: u32,
     ) -> Result<CodeRevision> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            revision_columns!(),
-            " FROM codes AS c JOIN code_revisions AS r ON r.code_id = c.id \
-             WHERE c.id = $1 AND c.project_id = $2 AND c.deleted_at IS NULL AND r.rev = $3"
-        ))
-        .bind(code_id)
-        .bind(project_id)
-        .bind(i64::from(rev))
-        .fetch_optional(&self.pool)
-        .await?
-        .ok_or_else(|| StoreError::not_found(format!("revision {rev} of code {code_id}")))?;
-        rows::revision(&row)
+        codes::get_revision(self, project_id, code_id, rev).await
     }
 
     async fn get_package(
@@ -508,18 +291,7 @@ impl Store for PgStore {
         code_id: &str,
         rev: Option<u32>,
     ) -> Result<Vec<u8>> {
-        let mut conn = self.pool.acquire().await?;
-        let latest = ensure_code(&mut conn, project_id, code_id).await?;
-        let rev = rev.map_or(latest, i64::from);
-        let bytes: Option<Vec<u8>> =
-            sqlx::query_scalar("SELECT bytes FROM code_packages WHERE code_id = $1 AND rev = $2")
-                .bind(code_id)
-                .bind(rev)
-                .fetch_optional(&mut *conn)
-                .await?;
-        bytes.ok_or_else(|| {
-            StoreError::not_found(format!("package of code {code_id} revision {rev}"))
-        })
+        codes::get_package(self, project_id, code_id, rev).await
     }
 
     async fn delete_code(
@@ -528,37 +300,7 @@ impl Store for PgStore {
         code_id: &str,
         now: Timestamp,
     ) -> Result<CodeCancellation> {
-        let now = normalize(now);
-        let mut tx = self.pool.begin().await?;
-        let result: Result<_> = async {
-            let deleted = sqlx::query(
-                "UPDATE codes SET deleted_at = $1 \
-                 WHERE id = $2 AND project_id = $3 AND deleted_at IS NULL",
-            )
-            .bind(micros(now))
-            .bind(code_id)
-            .bind(project_id)
-            .execute(&mut *tx)
-            .await?;
-            if deleted.rows_affected() == 0 {
-                return Err(StoreError::not_found(format!("code {code_id}")));
-            }
-            let cancellation = tasks::cancel_code_tasks(&mut tx, code_id, now).await?;
-            // A schedule of a deleted code could only ever fail to fire.
-            sqlx::query(
-                "UPDATE schedules SET status = $1, next_start = NULL, updated_at = $2 \
-                 WHERE code_id = $3 AND status = $4",
-            )
-            .bind(ScheduleStatus::Cancelled.as_str())
-            .bind(micros(now))
-            .bind(code_id)
-            .bind(ScheduleStatus::Scheduled.as_str())
-            .execute(&mut *tx)
-            .await?;
-            Ok(cancellation)
-        }
-        .await;
-        finish(tx, result).await
+        codes::delete(self, project_id, code_id, now).await
     }
 
     async fn set_code_paused(
@@ -566,37 +308,9 @@ impl Store for PgStore {
         project_id: &str,
         code_id: &str,
         paused: bool,
-        _now: Timestamp,
+        now: Timestamp,
     ) -> Result<CodeRevision> {
-        let mut tx = self.pool.begin().await?;
-        let result: Result<_> = async {
-            let changed = sqlx::query(
-                "UPDATE codes SET paused = $1 WHERE id = $2 AND project_id = $3 AND deleted_at IS NULL",
-            )
-            .bind(paused)
-            .bind(code_id)
-            .bind(project_id)
-            .execute(&mut *tx)
-            .await?;
-            if changed.rows_affected() == 0 {
-                return Err(StoreError::not_found(format!("code {code_id}")));
-            }
-            let row = sqlx::query(concat!(
-                "SELECT ",
-                revision_columns!(),
-                " FROM codes AS c JOIN code_revisions AS r ON r.code_id = c.id AND r.rev = c.latest_rev \
-                 WHERE c.id = $1"
-            ))
-            .bind(code_id)
-            .fetch_one(&mut *tx)
-            .await?;
-            if !paused {
-                tasks::notify_work(&mut tx).await?;
-            }
-            rows::revision(&row)
-        }
-        .await;
-        finish(tx, result).await
+        codes::set_paused(self, project_id, code_id, paused, now).await
     }
 
     async fn code_stats(
@@ -605,23 +319,7 @@ impl Store for PgStore {
         code_id: &str,
         window: StatsWindow,
     ) -> Result<CodeStats> {
-        let mut conn = self.pool.acquire().await?;
-        ensure_code(&mut conn, project_id, code_id).await?;
-        let rows = sqlx::query(
-            "SELECT status, count(*) AS n FROM tasks WHERE code_id = $1 \
-             AND ($2::bigint IS NULL OR updated_at >= $2) \
-             AND ($3::bigint IS NULL OR updated_at <= $3) GROUP BY status",
-        )
-        .bind(code_id)
-        .bind(opt_micros(window.updated_from))
-        .bind(opt_micros(window.updated_to))
-        .fetch_all(&mut *conn)
-        .await?;
-        crate::convert::status_counts(
-            rows.iter()
-                .map(|row| Ok((row.try_get("status")?, row.try_get("n")?)))
-                .collect::<Result<Vec<_>>>()?,
-        )
+        codes::stats(self, project_id, code_id, window).await
     }
 
     // === tasks ===
@@ -632,22 +330,11 @@ impl Store for PgStore {
         new_tasks: &[NewTask],
         now: Timestamp,
     ) -> Result<Vec<Task>> {
-        let now = normalize(now);
-        let mut tx = self.pool.begin().await?;
-        let result: Result<_> = async {
-            let queued = tasks::insert(&mut tx, project_id, new_tasks, now).await?;
-            if !queued.is_empty() {
-                tasks::notify_work(&mut tx).await?;
-            }
-            Ok(queued)
-        }
-        .await;
-        finish(tx, result).await
+        tasks::enqueue(self, project_id, new_tasks, now).await
     }
 
     async fn get_task(&self, project_id: &str, task_id: &str) -> Result<Task> {
-        let mut conn = self.pool.acquire().await?;
-        Ok(tasks::load(&mut conn, project_id, task_id).await?.task)
+        tasks::get(self, project_id, task_id).await
     }
 
     async fn list_tasks(
@@ -656,55 +343,11 @@ impl Store for PgStore {
         filter: &TaskFilter,
         page: Page,
     ) -> Result<Vec<Task>> {
-        let (limit, offset) = limit_offset(page);
-        let mut query = QueryBuilder::<Postgres>::new(concat!(
-            "SELECT ",
-            task_columns!(),
-            " FROM tasks AS t WHERE t.project_id = "
-        ));
-        query.push_bind(project_id);
-        if let Some(code_name) = &filter.code_name {
-            query
-                .push(" AND t.code_name = ")
-                .push_bind(code_name.as_str());
-        }
-        if let Some(label) = &filter.label {
-            query.push(" AND t.label = ").push_bind(label.as_str());
-        }
-        if !filter.statuses.is_empty() {
-            let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
-            query
-                .push(" AND t.status = ANY(")
-                .push_bind(statuses)
-                .push(")");
-        }
-        if let Some(from_time) = filter.from_time {
-            query
-                .push(" AND t.created_at >= ")
-                .push_bind(micros(from_time));
-        }
-        if let Some(to_time) = filter.to_time {
-            query
-                .push(" AND t.created_at <= ")
-                .push_bind(micros(to_time));
-        }
-        query
-            .push(" ORDER BY t.created_at DESC, t.id DESC LIMIT ")
-            .push_bind(limit)
-            .push(" OFFSET ")
-            .push_bind(offset);
-        let rows = query.build().fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|row| Ok(rows::task_record(row)?.task))
-            .collect()
+        tasks::list(self, project_id, filter, page).await
     }
 
     async fn cancel_task(&self, project_id: &str, task_id: &str, now: Timestamp) -> Result<Task> {
-        let now = normalize(now);
-        let (record, _) = self
-            .change_task(Some(project_id), task_id, None, |record| record.cancel(now))
-            .await?;
-        Ok(record.task)
+        tasks::cancel(self, project_id, task_id, now).await
     }
 
     async fn cancel_all(
@@ -713,14 +356,7 @@ impl Store for PgStore {
         code_id: &str,
         now: Timestamp,
     ) -> Result<CodeCancellation> {
-        let now = normalize(now);
-        let mut tx = self.pool.begin().await?;
-        let result: Result<_> = async {
-            ensure_code(&mut tx, project_id, code_id).await?;
-            tasks::cancel_code_tasks(&mut tx, code_id, now).await
-        }
-        .await;
-        finish(tx, result).await
+        tasks::cancel_all(self, project_id, code_id, now).await
     }
 
     async fn set_progress(
@@ -731,45 +367,11 @@ impl Store for PgStore {
         msg: Option<&str>,
         now: Timestamp,
     ) -> Result<Task> {
-        let now = normalize(now);
-        let (record, ()) = self
-            .change_task(Some(project_id), task_id, None, |record| {
-                if record.task.status.is_terminal() {
-                    return Err(StoreError::Conflict(format!(
-                        "task {task_id} is already finished: it is {}",
-                        record.task.status
-                    )));
-                }
-                record.set_progress(percent, msg, now);
-                Ok(())
-            })
-            .await?;
-        Ok(record.task)
+        tasks::set_progress(self, project_id, task_id, percent, msg, now).await
     }
 
     async fn get_log(&self, project_id: &str, task_id: &str) -> Result<Vec<u8>> {
-        let mut tx = self.pool.begin_with(BEGIN_SNAPSHOT).await?;
-        let result: Result<_> = async {
-            let log_size: Option<i64> =
-                sqlx::query_scalar("SELECT log_size FROM tasks WHERE id = $1 AND project_id = $2")
-                    .bind(task_id)
-                    .bind(project_id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            let log_size =
-                log_size.ok_or_else(|| StoreError::not_found(format!("task {task_id}")))?;
-            if log_size == 0 {
-                return Err(StoreError::not_found(format!("log of task {task_id}")));
-            }
-            let chunks: Vec<Vec<u8>> =
-                sqlx::query_scalar("SELECT bytes FROM task_logs WHERE task_id = $1 ORDER BY seq")
-                    .bind(task_id)
-                    .fetch_all(&mut *tx)
-                    .await?;
-            Ok(chunks.concat())
-        }
-        .await;
-        finish(tx, result).await
+        logs::get(self, project_id, task_id).await
     }
 
     async fn get_log_since(
@@ -779,32 +381,13 @@ impl Store for PgStore {
         offset: u64,
         max_bytes: u32,
     ) -> Result<LogSlice> {
-        // The state and the bytes come from one snapshot: a log cut back for its truncation
-        // marker between two separate reads would otherwise mix old and new bytes, and bytes
-        // written after a terminal status was read would pass the final size.
-        let mut tx = self.pool.begin_with(BEGIN_SNAPSHOT).await?;
-        let result: Result<_> = async {
-            let mut slice = tasks::log_state(&mut tx, project_id, task_id).await?;
-            let end = slice.size.min(offset.saturating_add(u64::from(max_bytes)));
-            if offset < end {
-                slice.bytes = tasks::read_log(&mut tx, task_id, offset, end).await?;
-            }
-            Ok(slice)
-        }
-        .await;
-        finish(tx, result).await
+        logs::get_since(self, project_id, task_id, offset, max_bytes).await
     }
 
     // === leases (the runner's side) ===
 
     async fn lease(&self, request: &LeaseRequest, now: Timestamp) -> Result<Vec<LeasedTask>> {
-        if request.max_tasks == 0 || request.clusters.is_empty() {
-            return Ok(Vec::new());
-        }
-        let now = normalize(now);
-        let mut tx = self.pool.begin().await?;
-        let leased = tasks::lease(&mut tx, request, now).await;
-        finish(tx, leased).await
+        leases::lease(self, request, now).await
     }
 
     async fn heartbeat(
@@ -814,16 +397,7 @@ impl Store for PgStore {
         lease_secs: u32,
         now: Timestamp,
     ) -> Result<HeartbeatReply> {
-        let now = normalize(now);
-        let (record, expires_at) = self
-            .change_leased_task(task_id, token, None, |record| {
-                Ok(record.extend_lease(lease_secs, now))
-            })
-            .await?;
-        Ok(HeartbeatReply {
-            expires_at,
-            cancel_requested: record.task.cancel_requested,
-        })
+        leases::heartbeat(self, task_id, token, lease_secs, now).await
     }
 
     async fn mark_running(
@@ -833,11 +407,7 @@ impl Store for PgStore {
         start_time: Timestamp,
         now: Timestamp,
     ) -> Result<Task> {
-        let (now, start_time) = (normalize(now), normalize(start_time));
-        let (record, ()) = self
-            .change_leased_task(task_id, token, None, |record| record.start(start_time, now))
-            .await?;
-        Ok(record.task)
+        leases::mark_running(self, task_id, token, start_time, now).await
     }
 
     async fn append_log(
@@ -848,46 +418,7 @@ impl Store for PgStore {
         cap: u64,
         now: Timestamp,
     ) -> Result<u64> {
-        let now = normalize(now);
-        let mut tx = self.pool.begin().await?;
-        let result: Result<_> = async {
-            let mut record = tasks::load_for_update(&mut tx, None, task_id).await?;
-            record.check_lease(token)?;
-            let Some(plan) =
-                plan_log_append(record.task.log_size, record.log_truncated, bytes, cap)
-            else {
-                return Ok(record.task.log_size);
-            };
-            record.apply_log_plan(&plan, now);
-            if let Some(keep) = plan.truncate_to {
-                let keep = signed(keep);
-                sqlx::query("DELETE FROM task_logs WHERE task_id = $1 AND seq >= $2")
-                    .bind(task_id)
-                    .bind(keep)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(
-                    "UPDATE task_logs SET bytes = substring(bytes FROM 1 FOR ($2 - seq)::int) \
-                     WHERE task_id = $1 AND seq < $2 AND seq + length(bytes) > $2",
-                )
-                .bind(task_id)
-                .bind(keep)
-                .execute(&mut *tx)
-                .await?;
-            }
-            for (seq, chunk) in &plan.chunks {
-                sqlx::query("INSERT INTO task_logs (task_id, seq, bytes) VALUES ($1, $2, $3)")
-                    .bind(task_id)
-                    .bind(signed(*seq))
-                    .bind(chunk.as_slice())
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            tasks::write(&mut tx, &mut record).await?;
-            Ok(record.task.log_size)
-        }
-        .await;
-        finish(tx, result).await
+        logs::append(self, task_id, token, bytes, cap, now).await
     }
 
     async fn runner_progress(
@@ -898,13 +429,7 @@ impl Store for PgStore {
         msg: Option<&str>,
         now: Timestamp,
     ) -> Result<()> {
-        let now = normalize(now);
-        self.change_leased_task(task_id, token, None, |record| {
-            record.set_progress(percent, msg, now);
-            Ok(())
-        })
-        .await?;
-        Ok(())
+        leases::progress(self, task_id, token, percent, msg, now).await
     }
 
     async fn complete(
@@ -915,21 +440,7 @@ impl Store for PgStore {
         report: &RunReport,
         now: Timestamp,
     ) -> Result<Task> {
-        let now = normalize(now);
-        let report = RunReport {
-            start_time: report.start_time.map(normalize),
-            end_time: report.end_time.map(normalize),
-            ..report.clone()
-        };
-        let (record, ()) = self
-            .change_leased_task(
-                task_id,
-                token,
-                Some(RetryCheck { outcome, now }),
-                |record| record.finish(outcome, &report, now),
-            )
-            .await?;
-        Ok(record.task)
+        leases::complete(self, task_id, token, outcome, report, now).await
     }
 
     async fn requeue(
@@ -939,13 +450,7 @@ impl Store for PgStore {
         requeue: &Requeue,
         now: Timestamp,
     ) -> Result<Task> {
-        let (now, due_at) = (normalize(now), normalize(requeue.due_at));
-        let (record, ()) = self
-            .change_leased_task(task_id, token, None, |record| {
-                record.give_back(&requeue.reason, due_at, requeue.max_infra_attempts, now)
-            })
-            .await?;
-        Ok(record.task)
+        leases::requeue(self, task_id, token, requeue, now).await
     }
 
     async fn rescue_expired(
@@ -953,42 +458,7 @@ impl Store for PgStore {
         now: Timestamp,
         max_infra_attempts: u32,
     ) -> Result<Vec<RescuedTask>> {
-        let now = normalize(now);
-        let mut tx = self.pool.begin().await?;
-        let result: Result<_> = async {
-            // SKIP LOCKED: a task whose runner is writing about it right now (a heartbeat) is not
-            // expired for long; two rescuers each take the ones the other does not hold.
-            let expired = sqlx::query(concat!(
-                "SELECT ",
-                task_columns!(),
-                " FROM tasks AS t WHERE t.status IN ($1, $2) AND t.lease_expires_at < $3 \
-                 ORDER BY t.lease_expires_at, t.id FOR UPDATE SKIP LOCKED"
-            ))
-            .bind(TaskStatus::Preparing.as_str())
-            .bind(TaskStatus::Running.as_str())
-            .bind(micros(now))
-            .fetch_all(&mut *tx)
-            .await?;
-            let mut rescued = Vec::with_capacity(expired.len());
-            let mut requeued = false;
-            for row in &expired {
-                let mut record = rows::task_record(row)?;
-                let reason = format!(
-                    "the lease of runner {} expired",
-                    record.task.runner_id.as_deref().unwrap_or("(unknown)")
-                );
-                record.give_back(&reason, now, max_infra_attempts, now)?;
-                tasks::write(&mut tx, &mut record).await?;
-                requeued |= record.task.status == TaskStatus::Queued;
-                rescued.push(RescuedTask::from(&record.task));
-            }
-            if requeued {
-                tasks::notify_work(&mut tx).await?;
-            }
-            Ok(rescued)
-        }
-        .await;
-        finish(tx, result).await
+        leases::rescue_expired(self, now, max_infra_attempts).await
     }
 
     // === clusters and runners ===
@@ -1053,79 +523,15 @@ impl Store for PgStore {
         specs: &[(ScheduleSpec, Option<Timestamp>)],
         now: Timestamp,
     ) -> Result<Vec<Schedule>> {
-        let now = normalize(now);
-        let mut tx = self.pool.begin().await?;
-        let result: Result<_> = async {
-            let mut created = Vec::with_capacity(specs.len());
-            for (spec, first_fire) in specs {
-                // Share-locked so that a code deleted at the same moment cancels this schedule.
-                let code_id: String = sqlx::query_scalar(
-                    "SELECT id FROM codes WHERE project_id = $1 AND name = $2 AND deleted_at IS NULL \
-                     FOR SHARE",
-                )
-                .bind(project_id)
-                .bind(&spec.code_name)
-                .fetch_optional(&mut *tx)
-                .await?
-                .ok_or_else(|| StoreError::not_found(format!("code {}", spec.code_name)))?;
-                let next_start = first_fire.map(normalize);
-                let schedule = Schedule {
-                    id: new_id(),
-                    project_id: project_id.to_owned(),
-                    code_id,
-                    spec: spec.clone(),
-                    status: if next_start.is_some() {
-                        ScheduleStatus::Scheduled
-                    } else {
-                        ScheduleStatus::Complete
-                    },
-                    next_start,
-                    last_run_time: None,
-                    run_count: 0,
-                    created_at: now,
-                    updated_at: now,
-                };
-                sqlx::query(
-                    "INSERT INTO schedules (id, project_id, code_id, spec, status, next_start, \
-                     last_run_time, run_count, created_at, updated_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, NULL, 0, $7, $7)",
-                )
-                .bind(&schedule.id)
-                .bind(project_id)
-                .bind(&schedule.code_id)
-                .bind(to_json(spec)?)
-                .bind(schedule.status.as_str())
-                .bind(opt_micros(schedule.next_start))
-                .bind(micros(now))
-                .execute(&mut *tx)
-                .await?;
-                created.push(schedule);
-            }
-            Ok(created)
-        }
-        .await;
-        finish(tx, result).await
+        schedules::create(self, project_id, specs, now).await
     }
 
     async fn get_schedule(&self, project_id: &str, schedule_id: &str) -> Result<Schedule> {
-        let mut conn = self.pool.acquire().await?;
-        load_schedule(&mut conn, Some(project_id), schedule_id, false).await
+        schedules::get(self, project_id, schedule_id).await
     }
 
     async fn list_schedules(&self, project_id: &str, page: Page) -> Result<Vec<Schedule>> {
-        let (limit, offset) = limit_offset(page);
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            schedule_columns!(),
-            " FROM schedules AS s WHERE s.project_id = $1 \
-             ORDER BY s.created_at DESC, s.id DESC LIMIT $2 OFFSET $3"
-        ))
-        .bind(project_id)
-        .bind(limit)
-        .bind(offset)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(rows::schedule).collect()
+        schedules::list(self, project_id, page).await
     }
 
     async fn cancel_schedule(
@@ -1134,23 +540,7 @@ impl Store for PgStore {
         schedule_id: &str,
         now: Timestamp,
     ) -> Result<Schedule> {
-        let now = normalize(now);
-        let cancelled = sqlx::query(concat!(
-            "UPDATE schedules AS s SET status = $1, next_start = NULL, updated_at = $2 \
-             WHERE s.id = $3 AND s.project_id = $4 AND s.status = $5 RETURNING ",
-            schedule_columns!()
-        ))
-        .bind(ScheduleStatus::Cancelled.as_str())
-        .bind(micros(now))
-        .bind(schedule_id)
-        .bind(project_id)
-        .bind(ScheduleStatus::Scheduled.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
-        match cancelled {
-            Some(row) => rows::schedule(&row),
-            None => self.get_schedule(project_id, schedule_id).await,
-        }
+        schedules::cancel(self, project_id, schedule_id, now).await
     }
 
     async fn update_schedule(
@@ -1161,54 +551,11 @@ impl Store for PgStore {
         next_start: Option<Timestamp>,
         now: Timestamp,
     ) -> Result<Schedule> {
-        let (now, next_start) = (normalize(now), next_start.map(normalize));
-        let mut tx = self.pool.begin().await?;
-        let result: Result<_> = async {
-            // The row lock orders the change with a fire of the schedule.
-            let mut schedule = load_schedule(&mut tx, Some(project_id), schedule_id, true).await?;
-            if schedule.status != ScheduleStatus::Scheduled {
-                return Err(StoreError::Conflict(format!(
-                    "schedule {schedule_id} is {}; only a scheduled one can be changed",
-                    schedule.status.as_str()
-                )));
-            }
-            schedule.spec = spec.clone();
-            schedule.next_start = next_start;
-            schedule.status = if next_start.is_some() {
-                ScheduleStatus::Scheduled
-            } else {
-                ScheduleStatus::Complete
-            };
-            schedule.updated_at = now;
-            sqlx::query(
-                "UPDATE schedules SET spec = $1, status = $2, next_start = $3, updated_at = $4 \
-                 WHERE id = $5",
-            )
-            .bind(to_json(spec)?)
-            .bind(schedule.status.as_str())
-            .bind(opt_micros(next_start))
-            .bind(micros(now))
-            .bind(schedule_id)
-            .execute(&mut *tx)
-            .await?;
-            Ok(schedule)
-        }
-        .await;
-        finish(tx, result).await
+        schedules::update(self, project_id, schedule_id, spec, next_start, now).await
     }
 
     async fn due_schedules(&self, now: Timestamp, limit: u32) -> Result<Vec<Schedule>> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            schedule_columns!(),
-            " FROM schedules AS s WHERE s.status = 'scheduled' AND s.next_start <= $1 \
-             ORDER BY s.next_start, s.id LIMIT $2"
-        ))
-        .bind(micros(now))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(rows::schedule).collect()
+        schedules::due(self, now, limit).await
     }
 
     async fn fire_schedule(
@@ -1218,70 +565,7 @@ impl Store for PgStore {
         next_start: Option<Timestamp>,
         now: Timestamp,
     ) -> Result<Option<Task>> {
-        let (now, fired_at, next_start) = (
-            normalize(now),
-            normalize(fired_at),
-            next_start.map(normalize),
-        );
-        let mut tx = self.pool.begin().await?;
-        let result: Result<_> = async {
-            // The row lock makes a second scheduler wait and then see the new `next_start`.
-            let schedule = load_schedule(&mut tx, None, schedule_id, true).await?;
-            if schedule.status != ScheduleStatus::Scheduled || schedule.next_start != Some(fired_at) {
-                return Err(StoreError::Conflict(format!(
-                    "schedule {schedule_id} is not due at {fired_at}: it already fired or was cancelled"
-                )));
-            }
-            let spec = &schedule.spec;
-            if let Some(limit) = spec.max_concurrency {
-                // The schedule's row lock (taken above) orders this count with every other
-                // fire of the schedule.
-                let unfinished: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM tasks WHERE schedule_id = $1 \
-                     AND status IN ('queued', 'preparing', 'running')",
-                )
-                .bind(schedule_id)
-                .fetch_one(&mut *tx)
-                .await?;
-                if unfinished >= i64::from(limit) {
-                    let next_start = spec
-                        .next_fire(fired_at, schedule.run_count, now)
-                        .map(normalize);
-                    pass_fire(&mut tx, schedule_id, next_start, now).await?;
-                    return Ok(None);
-                }
-            }
-            let new_task = spec.task(&schedule.id);
-            let mut queued = tasks::insert(
-                &mut tx,
-                &schedule.project_id,
-                std::slice::from_ref(&new_task),
-                now,
-            )
-            .await?;
-            let status = if next_start.is_some() {
-                ScheduleStatus::Scheduled
-            } else {
-                ScheduleStatus::Complete
-            };
-            sqlx::query(
-                "UPDATE schedules SET status = $1, next_start = $2, last_run_time = $3, \
-                 run_count = run_count + 1, updated_at = $3 WHERE id = $4",
-            )
-            .bind(status.as_str())
-            .bind(opt_micros(next_start))
-            .bind(micros(now))
-            .bind(schedule_id)
-            .execute(&mut *tx)
-            .await?;
-            tasks::notify_work(&mut tx).await?;
-            queued
-                .pop()
-                .map(Some)
-                .ok_or_else(|| StoreError::Corrupt("firing a schedule queued no task".to_owned()))
-        }
-        .await;
-        finish(tx, result).await
+        schedules::fire(self, schedule_id, fired_at, next_start, now).await
     }
 
     // === registry credentials ===
@@ -1365,94 +649,4 @@ async fn finish<T>(tx: Transaction<'_, Postgres>, result: Result<T>) -> Result<T
             Err(error)
         }
     }
-}
-
-/// `LIMIT` and `OFFSET` of a 1-based page; page 0 reads as page 1.
-fn limit_offset(page: Page) -> (i64, i64) {
-    let per_page = i64::from(page.per_page);
-    (per_page, i64::from(page.page.max(1) - 1) * per_page)
-}
-
-/// Turns a unique-key violation into a `Conflict` with a message for the user.
-fn unique_violation(error: sqlx::Error, message: impl FnOnce() -> String) -> StoreError {
-    match &error {
-        sqlx::Error::Database(database) if database.is_unique_violation() => {
-            StoreError::Conflict(message())
-        }
-        _ => StoreError::Database(error),
-    }
-}
-
-async fn ensure_project(conn: &mut PgConnection, project_id: &str) -> Result<()> {
-    let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM projects WHERE id = $1")
-        .bind(project_id)
-        .fetch_optional(&mut *conn)
-        .await?;
-    found
-        .map(|_| ())
-        .ok_or_else(|| StoreError::not_found(format!("project {project_id}")))
-}
-
-/// Checks that a live code exists in the project; returns its latest revision number.
-async fn ensure_code(conn: &mut PgConnection, project_id: &str, code_id: &str) -> Result<i64> {
-    let latest: Option<i64> = sqlx::query_scalar(
-        "SELECT latest_rev FROM codes WHERE id = $1 AND project_id = $2 AND deleted_at IS NULL",
-    )
-    .bind(code_id)
-    .bind(project_id)
-    .fetch_optional(&mut *conn)
-    .await?;
-    latest.ok_or_else(|| StoreError::not_found(format!("code {code_id}")))
-}
-
-/// Moves a schedule past a fire time without queueing a task (its `max_concurrency` was
-/// reached): to `next_start`, or complete when there is none. The run is not counted.
-async fn pass_fire(
-    conn: &mut PgConnection,
-    schedule_id: &str,
-    next_start: Option<Timestamp>,
-    now: Timestamp,
-) -> Result<()> {
-    let status = if next_start.is_some() {
-        ScheduleStatus::Scheduled
-    } else {
-        ScheduleStatus::Complete
-    };
-    sqlx::query("UPDATE schedules SET status = $1, next_start = $2, updated_at = $3 WHERE id = $4")
-        .bind(status.as_str())
-        .bind(opt_micros(next_start))
-        .bind(micros(now))
-        .bind(schedule_id)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-async fn load_schedule(
-    conn: &mut PgConnection,
-    project_id: Option<&str>,
-    schedule_id: &str,
-    for_update: bool,
-) -> Result<Schedule> {
-    let query = if for_update {
-        concat!(
-            "SELECT ",
-            schedule_columns!(),
-            " FROM schedules AS s WHERE s.id = $1 AND ($2::text IS NULL OR s.project_id = $2) \
-             FOR UPDATE"
-        )
-    } else {
-        concat!(
-            "SELECT ",
-            schedule_columns!(),
-            " FROM schedules AS s WHERE s.id = $1 AND ($2::text IS NULL OR s.project_id = $2)"
-        )
-    };
-    let row = sqlx::query(query)
-        .bind(schedule_id)
-        .bind(project_id)
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or_else(|| StoreError::not_found(format!("schedule {schedule_id}")))?;
-    rows::schedule(&row)
 }

@@ -1,6 +1,7 @@
 //! What every backend does to a task between loading its row and writing it back: the lease
 //! check, the state changes (each through `stevedore_model::transition`) and the field updates
-//! that go with them. The pure parts every holder of a task shares (a queued task from a
+//! that go with them; and likewise for schedules (`new_schedule`, `change_schedule`, the checks
+//! and moves of a fire). The pure parts every holder of a task shares (a queued task from a
 //! `NewTask`, the end of a run, the plan for appending to a capped log) are `stevedore-model`'s.
 //!
 //! Keeping this out of the SQL modules means the SQLite and PostgreSQL stores share one
@@ -8,11 +9,16 @@
 //! `TaskRecord`, calls one of these methods and writes the record back, guarded by the status
 //! and lease token it loaded.
 
+use std::collections::HashMap;
+
 use chrono::{Duration, SubsecRound};
 pub(crate) use stevedore_model::log::{LogAppendPlan, plan_log_append, truncation_marker_start};
-use stevedore_model::{Event, NewTask, Task, TaskOutcome, Timestamp, transition};
+use stevedore_model::{
+    CodeSpec, Event, NewTask, Schedule, ScheduleSpec, ScheduleStatus, Task, TaskOutcome, Timestamp,
+    automatic_retry, new_id, transition,
+};
 
-use crate::{Result, RunReport, StoreError};
+use crate::{HeartbeatReply, Requeue, Result, RunReport, StoreError};
 
 /// A task as stored, with the columns `Task` does not show.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,6 +32,17 @@ pub(crate) struct TaskRecord {
     /// The row's version when it was loaded. A write succeeds only while the stored row still
     /// has it (and bumps it), so two writers can never both act on the same version of a task.
     pub version: i64,
+}
+
+/// Free `max_concurrency` slots of the codes seen in one lease call. A code's free slots are
+/// counted the first time it is seen, the way the backend must count them (`take`); the tasks
+/// picked in this call are taken off as they are picked.
+#[derive(Debug, Default)]
+pub(crate) struct ConcurrencySlots {
+    /// Codes with a limit: how many more tasks may start.
+    free: HashMap<String, i64>,
+    /// Codes that are full; the lease query skips them.
+    full: Vec<String>,
 }
 
 /// What `cancel` did.
@@ -44,8 +61,17 @@ pub(crate) fn normalize(at: Timestamp) -> Timestamp {
     at.trunc_subsecs(6)
 }
 
+/// A runner's report with its times cut as `normalize` cuts them.
+pub(crate) fn normalize_report(report: &RunReport) -> RunReport {
+    RunReport {
+        start_time: report.start_time.map(normalize),
+        end_time: report.end_time.map(normalize),
+        ..report.clone()
+    }
+}
+
 /// A new queued task of a resolved code revision, due at `now + delay`.
-pub(crate) fn queued_task(
+fn queued_task(
     project_id: &str,
     code_id: &str,
     code_rev: u32,
@@ -53,6 +79,28 @@ pub(crate) fn queued_task(
     now: Timestamp,
 ) -> Task {
     Task::queued(project_id, code_id, code_rev, new_task, now)
+}
+
+/// A new queued task of a code whose latest revision is `latest`. It pins that revision, or the
+/// one it asks for (`NewTask::code_rev`, a retry), which must exist.
+pub(crate) fn queued_task_of_code(
+    project_id: &str,
+    code_id: &str,
+    latest: u32,
+    new_task: &NewTask,
+    now: Timestamp,
+) -> Result<Task> {
+    let code_rev = match new_task.code_rev {
+        Some(pinned) if pinned == 0 || pinned > latest => {
+            return Err(StoreError::not_found(format!(
+                "revision {pinned} of code {}",
+                new_task.code_name
+            )));
+        }
+        Some(pinned) => pinned,
+        None => latest,
+    };
+    Ok(queued_task(project_id, code_id, code_rev, new_task, now))
 }
 
 impl TaskRecord {
@@ -84,12 +132,15 @@ impl TaskRecord {
         Ok(())
     }
 
-    /// Extends the lease to `now + lease_secs`.
-    pub fn extend_lease(&mut self, lease_secs: u32, now: Timestamp) -> Timestamp {
+    /// Extends the lease to `now + lease_secs`, and tells the runner whether to cancel.
+    pub fn extend_lease(&mut self, lease_secs: u32, now: Timestamp) -> HeartbeatReply {
         let expires_at = now + Duration::seconds(i64::from(lease_secs));
         self.lease_expires_at = Some(expires_at);
         self.task.updated_at = now;
-        expires_at
+        HeartbeatReply {
+            expires_at,
+            cancel_requested: self.task.cancel_requested,
+        }
     }
 
     /// The container started: `preparing` → `running`. An earlier infrastructure failure's
@@ -99,6 +150,27 @@ impl TaskRecord {
         self.task.start_time = Some(start_time);
         self.task.msg = None;
         Ok(())
+    }
+
+    /// Whether a completion with `outcome` may call for a user retry at all: most completions
+    /// succeed, and that much is decided without reading anything.
+    pub fn may_retry(&self, outcome: &TaskOutcome) -> bool {
+        outcome.is_user_failure() && !self.task.cancel_requested
+    }
+
+    /// The user retry a completion with `outcome` calls for while the task's code revision,
+    /// with `spec`, has retries left (`stevedore_model::automatic_retry` decides). It pins the
+    /// revision that failed.
+    pub fn retry(&self, outcome: &TaskOutcome, spec: &CodeSpec, now: Timestamp) -> Option<Task> {
+        let task = &self.task;
+        let retry = automatic_retry(task, outcome, spec)?;
+        Some(queued_task(
+            &task.project_id,
+            &task.code_id,
+            task.code_rev,
+            &retry,
+            now,
+        ))
     }
 
     /// Records the run's end (`Task::finish`) and clears the lease.
@@ -155,16 +227,27 @@ impl TaskRecord {
         Ok(())
     }
 
+    /// A runner's requeue (`Store::requeue`): `give_back` with its reason, due time and cap.
+    pub fn requeue(&mut self, requeue: &Requeue, now: Timestamp) -> Result<()> {
+        let due_at = normalize(requeue.due_at);
+        self.give_back(&requeue.reason, due_at, requeue.max_infra_attempts, now)
+    }
+
+    /// Takes back a task whose lease expired before `now`: due again at once, unless that was
+    /// its last infrastructure attempt.
+    pub fn rescue(&mut self, max_infra_attempts: u32, now: Timestamp) -> Result<()> {
+        let reason = format!(
+            "the lease of runner {} expired",
+            self.task.runner_id.as_deref().unwrap_or("(unknown)")
+        );
+        self.give_back(&reason, now, max_infra_attempts, now)
+    }
+
     /// A user's cancel: a queued task ends at once, a leased one is flagged for its runner, a
     /// finished one is a conflict.
     pub fn cancel(&mut self, now: Timestamp) -> Result<CancelEffect> {
+        self.refuse_finished()?;
         let status = self.task.status;
-        if status.is_terminal() {
-            return Err(StoreError::Conflict(format!(
-                "task {} is already finished: it is {status}",
-                self.task.id
-            )));
-        }
         if status.is_active() {
             self.task.cancel_requested = true;
             self.task.updated_at = now;
@@ -187,6 +270,18 @@ impl TaskRecord {
         self.task.updated_at = now;
     }
 
+    /// Progress set through the API: a finished task is a conflict.
+    pub fn set_user_progress(
+        &mut self,
+        percent: Option<u8>,
+        msg: Option<&str>,
+        now: Timestamp,
+    ) -> Result<()> {
+        self.refuse_finished()?;
+        self.set_progress(percent, msg, now);
+        Ok(())
+    }
+
     pub fn apply_log_plan(&mut self, plan: &LogAppendPlan, now: Timestamp) {
         self.task.log_size = plan.new_size;
         self.log_truncated = plan.truncated;
@@ -200,9 +295,151 @@ impl TaskRecord {
         Ok(())
     }
 
+    fn refuse_finished(&self) -> Result<()> {
+        let status = self.task.status;
+        if status.is_terminal() {
+            return Err(StoreError::Conflict(format!(
+                "task {} is already finished: it is {status}",
+                self.task.id
+            )));
+        }
+        Ok(())
+    }
+
     fn clear_lease(&mut self) {
         self.lease_token = None;
         self.lease_expires_at = None;
         self.task.runner_id = None;
     }
+}
+
+// === impl ConcurrencySlots ===
+
+impl ConcurrencySlots {
+    /// Codes that are full; the lease query skips them.
+    pub fn full(&self) -> &[String] {
+        &self.full
+    }
+
+    /// Takes a slot of the code, if it has one free. The first time a code with a limit is
+    /// seen, `count_free` tells how many of its `limit` slots are free.
+    pub async fn take(
+        &mut self,
+        code_id: &str,
+        limit: Option<i64>,
+        count_free: impl AsyncFnOnce(i64) -> Result<i64>,
+    ) -> Result<bool> {
+        let Some(limit) = limit else {
+            return Ok(true);
+        };
+        let free = match self.free.get_mut(code_id) {
+            Some(free) => free,
+            None => {
+                let free = count_free(limit).await?;
+                self.free.entry(code_id.to_owned()).or_insert(free)
+            }
+        };
+        if *free > 0 {
+            *free -= 1;
+            if *free == 0 {
+                self.full.push(code_id.to_owned());
+            }
+            return Ok(true);
+        }
+        if !self.full.iter().any(|full| full == code_id) {
+            self.full.push(code_id.to_owned());
+        }
+        Ok(false)
+    }
+}
+
+// === schedules ===
+
+/// A new schedule of `code_id`, first due at `first_fire`; one that will never fire is
+/// `complete` from the start.
+pub(crate) fn new_schedule(
+    project_id: &str,
+    code_id: String,
+    spec: &ScheduleSpec,
+    first_fire: Option<Timestamp>,
+    now: Timestamp,
+) -> Schedule {
+    let next_start = first_fire.map(normalize);
+    Schedule {
+        id: new_id(),
+        project_id: project_id.to_owned(),
+        code_id,
+        spec: spec.clone(),
+        status: schedule_status(next_start),
+        next_start,
+        last_run_time: None,
+        run_count: 0,
+        created_at: now,
+        updated_at: now,
+    }
+}
+
+/// A live schedule's status with `next_start` as its next fire time: `scheduled`, or
+/// `complete` once it will never fire again.
+pub(crate) fn schedule_status(next_start: Option<Timestamp>) -> ScheduleStatus {
+    if next_start.is_some() {
+        ScheduleStatus::Scheduled
+    } else {
+        ScheduleStatus::Complete
+    }
+}
+
+/// Replaces a `scheduled` schedule's spec and next fire time; one that is complete or
+/// cancelled is a conflict.
+pub(crate) fn change_schedule(
+    schedule: &mut Schedule,
+    spec: &ScheduleSpec,
+    next_start: Option<Timestamp>,
+    now: Timestamp,
+) -> Result<()> {
+    if schedule.status != ScheduleStatus::Scheduled {
+        return Err(StoreError::Conflict(format!(
+            "schedule {} is {}; only a scheduled one can be changed",
+            schedule.id,
+            schedule.status.as_str()
+        )));
+    }
+    schedule.spec = spec.clone();
+    schedule.next_start = next_start;
+    schedule.status = schedule_status(next_start);
+    schedule.updated_at = now;
+    Ok(())
+}
+
+/// Refuses to fire a schedule that is no longer due at `fired_at`: another scheduler fired it,
+/// or it was cancelled.
+pub(crate) fn check_due(schedule: &Schedule, fired_at: Timestamp) -> Result<()> {
+    if schedule.status != ScheduleStatus::Scheduled || schedule.next_start != Some(fired_at) {
+        return Err(StoreError::Conflict(format!(
+            "schedule {} is not due at {fired_at}: it already fired or was cancelled",
+            schedule.id
+        )));
+    }
+    Ok(())
+}
+
+/// Where a schedule at its `max_concurrency` goes instead of firing at `fired_at`: the fire
+/// time after it, as after a missed time.
+pub(crate) fn next_start_after_pass(
+    schedule: &Schedule,
+    fired_at: Timestamp,
+    now: Timestamp,
+) -> Option<Timestamp> {
+    schedule
+        .spec
+        .next_fire(fired_at, schedule.run_count, now)
+        .map(normalize)
+}
+
+/// The one task a fire queued.
+pub(crate) fn fired_task(mut queued: Vec<Task>) -> Result<Option<Task>> {
+    queued
+        .pop()
+        .map(Some)
+        .ok_or_else(|| StoreError::Corrupt("firing a schedule queued no task".to_owned()))
 }

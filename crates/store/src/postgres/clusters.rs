@@ -8,44 +8,15 @@
 //! rename or deletion to commit: the check and the write are one step, as on SQLite, whose
 //! writes are serialized anyway.
 
-use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 use stevedore_model::task::DEFAULT_CLUSTER;
 use stevedore_model::{Timestamp, new_id};
 
-use super::{BEGIN_SNAPSHOT, PgStore, ensure_project, finish, unique_violation};
-use crate::convert::{micros, opt_unsigned, timestamp, unsigned};
+use super::{BEGIN_SNAPSHOT, PgStore, finish, projects};
+use crate::convert::{micros, timestamp, unique_violation, unsigned};
 use crate::record::normalize;
+use crate::rows::{cluster, select_clusters};
 use crate::{Cluster, ClusterLoad, ClusterSpec, Result, RunnerSeen, RunnerStatus, StoreError};
-
-/// `SELECT` and the columns of `clusters`.
-macro_rules! select_clusters {
-    ($rest:literal) => {
-        concat!(
-            "SELECT id, project_id, name, memory_mib, disk_mib, runners, created_at, updated_at \
-             FROM clusters ",
-            $rest
-        )
-    };
-}
-
-fn cluster(row: &PgRow) -> Result<Cluster> {
-    let size = |column: &str| -> Result<Option<u32>> {
-        opt_unsigned(column, row.try_get::<Option<i64>, _>(column)?)
-    };
-    Ok(Cluster {
-        id: row.try_get("id")?,
-        project_id: row.try_get("project_id")?,
-        spec: ClusterSpec {
-            name: row.try_get("name")?,
-            memory_mib: size("memory_mib")?,
-            disk_mib: size("disk_mib")?,
-            runners: size("runners")?,
-        },
-        created_at: timestamp(row.try_get("created_at")?)?,
-        updated_at: timestamp(row.try_get("updated_at")?)?,
-    })
-}
 
 fn taken(name: &str) -> StoreError {
     StoreError::Conflict(format!("a cluster named {name:?} already exists"))
@@ -113,7 +84,7 @@ pub(super) async fn create(
     let mut tx = store.pool.begin().await?;
     let result: Result<_> = async {
         if let Some(project_id) = project_id {
-            ensure_project(&mut tx, project_id).await?;
+            projects::ensure(&mut tx, project_id).await?;
         }
         sqlx::query(
             "INSERT INTO clusters (id, project_id, name, memory_mib, disk_mib, runners, \

@@ -1,38 +1,12 @@
 //! Projects' registry credentials (their passwords sealed; see `crate::credentials`).
 
-use sqlx::Row;
-use sqlx::postgres::PgRow;
 use stevedore_model::Timestamp;
 
-use super::{PgStore, ensure_project, finish};
-use crate::convert::{micros, timestamp};
+use super::{PgStore, finish, projects};
+use crate::convert::micros;
 use crate::record::normalize;
+use crate::rows::{credential, select_credentials};
 use crate::{Result, SealedSecret, StoreError, StoredCredential};
-
-/// `SELECT` and the columns of `registry_credentials`.
-macro_rules! select_credentials {
-    ($rest:literal) => {
-        concat!(
-            "SELECT project_id, registry, username, sealed, key_id, created_at, updated_at \
-             FROM registry_credentials ",
-            $rest
-        )
-    };
-}
-
-fn credential(row: &PgRow) -> Result<StoredCredential> {
-    Ok(StoredCredential {
-        project_id: row.try_get("project_id")?,
-        registry: row.try_get("registry")?,
-        username: row.try_get("username")?,
-        sealed: SealedSecret {
-            bytes: row.try_get("sealed")?,
-            key_id: row.try_get("key_id")?,
-        },
-        created_at: timestamp(row.try_get("created_at")?)?,
-        updated_at: timestamp(row.try_get("updated_at")?)?,
-    })
-}
 
 pub(super) async fn put(
     store: &PgStore,
@@ -45,7 +19,7 @@ pub(super) async fn put(
     let now = normalize(now);
     let mut tx = store.pool.begin().await?;
     let result: Result<_> = async {
-        ensure_project(&mut tx, project_id).await?;
+        projects::ensure(&mut tx, project_id).await?;
         let row = sqlx::query(
             "INSERT INTO registry_credentials (project_id, registry, username, sealed, key_id, \
              created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6) \

@@ -18,7 +18,7 @@ use crate::{Leadership, Result};
 
 /// The key of the leader lock (`pg_try_advisory_lock(bigint)`): the bytes of "stvdlead", an
 /// arbitrary constant that keeps it apart from any other application's advisory locks. Keys of
-/// one `bigint` never meet the two-`int` keys of `tasks::CODE_LOCK_CLASS`.
+/// one `bigint` never meet the two-`int` keys of `leases::CODE_LOCK_CLASS`.
 pub(super) const LEADER_LOCK_KEY: i64 = 0x7374_7664_6c65_6164;
 
 /// How long opening the leader's connection may take.

@@ -1,5 +1,6 @@
-//! The task queries: load a task under its row lock and write it back, queue a batch, cancel a
-//! code's tasks, read a log, and the lease transaction.
+//! Tasks: queue a batch, read and list them, cancel them, set their progress; and the queries
+//! every change to a task goes through (load one under its row lock, write it back, queue its
+//! retry, wake the lease loops).
 //!
 //! Every change to a task runs in a transaction that first locks its row (`FOR UPDATE`), so
 //! two servers acting on one task take turns, and the second sees what the first wrote: that
@@ -7,47 +8,138 @@
 
 use std::collections::HashMap;
 
-use chrono::Duration;
-use sqlx::Row;
 use sqlx::postgres::PgConnection;
-use stevedore_model::{
-    CodeRevision, Event, NewTask, Task, TaskOutcome, TaskStatus, Timestamp, automatic_retry,
-    transition,
-};
+use sqlx::{Postgres, QueryBuilder, Row};
+use stevedore_model::{Event, NewTask, Task, TaskOutcome, TaskStatus, Timestamp, transition};
 
-use super::rows::{self, revision_columns, task_columns};
-use crate::convert::{micros, opt_micros, opt_signed, signed, unsigned};
-use crate::record::{TaskRecord, queued_task};
-use crate::{CodeCancellation, Lease, LeaseRequest, LeasedTask, Result, StoreError};
+use super::codes;
+use super::rows::{self, task_columns};
+use super::{PgStore, finish};
+use crate::convert::{limit_offset, micros, opt_micros, opt_signed, signed, unsigned};
+use crate::record::{TaskRecord, normalize, queued_task_of_code};
+use crate::{CodeCancellation, Page, Result, StoreError, TaskFilter};
 
 /// The channel `LISTEN`ed to for wake-ups.
 pub(super) const WORK_CHANNEL: &str = "stevedore_work";
 
-/// The first key of the advisory locks that serialize leasing per code (the second is a hash
-/// of the code id): an arbitrary constant, so stevedore's locks stay apart from any other
-/// application's on the same database.
-const CODE_LOCK_CLASS: i32 = 0x5374_6476;
+pub(super) async fn enqueue(
+    store: &PgStore,
+    project_id: &str,
+    new_tasks: &[NewTask],
+    now: Timestamp,
+) -> Result<Vec<Task>> {
+    let now = normalize(now);
+    let mut tx = store.pool.begin().await?;
+    let result: Result<_> = async {
+        let queued = insert(&mut tx, project_id, new_tasks, now).await?;
+        if !queued.is_empty() {
+            notify_work(&mut tx).await?;
+        }
+        Ok(queued)
+    }
+    .await;
+    finish(tx, result).await
+}
 
-/// The least number of candidates the lease query fetches, so that a few tasks of a full code
-/// do not cost a query each.
-const MIN_CANDIDATES: usize = 16;
+pub(super) async fn get(store: &PgStore, project_id: &str, task_id: &str) -> Result<Task> {
+    let mut conn = store.pool.acquire().await?;
+    Ok(load(&mut conn, project_id, task_id).await?.task)
+}
 
-/// Due queued tasks of runnable codes in the runner's clusters, best first (the partial index
-/// `tasks_queued` holds exactly this order), locked for this transaction. `SKIP LOCKED` passes
-/// over tasks another server is leasing right now instead of waiting for it; a row that another
-/// transaction changed and committed after this statement's snapshot is checked again against
-/// the `WHERE` clause before it is returned, so a task leased elsewhere in the meantime is not
-/// returned. `$3` lists codes that are full, `$4` tasks already picked in this call.
-const LEASE_CANDIDATES: &str = concat!(
-    "SELECT ",
-    task_columns!(),
-    ", c.max_concurrency AS code_max_concurrency \
-     FROM tasks AS t JOIN codes AS c ON c.id = t.code_id \
-     WHERE t.status = 'queued' AND t.due_at <= $1 AND NOT c.paused AND c.deleted_at IS NULL \
-     AND t.cluster = ANY($2) AND t.code_id <> ALL($3) AND t.id <> ALL($4) \
-     ORDER BY t.priority DESC, t.due_at, t.id LIMIT $5 \
-     FOR UPDATE OF t SKIP LOCKED"
-);
+pub(super) async fn list(
+    store: &PgStore,
+    project_id: &str,
+    filter: &TaskFilter,
+    page: Page,
+) -> Result<Vec<Task>> {
+    let (limit, offset) = limit_offset(page);
+    let mut query = QueryBuilder::<Postgres>::new(concat!(
+        "SELECT ",
+        task_columns!(),
+        " FROM tasks AS t WHERE t.project_id = "
+    ));
+    query.push_bind(project_id);
+    if let Some(code_name) = &filter.code_name {
+        query
+            .push(" AND t.code_name = ")
+            .push_bind(code_name.as_str());
+    }
+    if let Some(label) = &filter.label {
+        query.push(" AND t.label = ").push_bind(label.as_str());
+    }
+    if !filter.statuses.is_empty() {
+        let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
+        query
+            .push(" AND t.status = ANY(")
+            .push_bind(statuses)
+            .push(")");
+    }
+    if let Some(from_time) = filter.from_time {
+        query
+            .push(" AND t.created_at >= ")
+            .push_bind(micros(from_time));
+    }
+    if let Some(to_time) = filter.to_time {
+        query
+            .push(" AND t.created_at <= ")
+            .push_bind(micros(to_time));
+    }
+    query
+        .push(" ORDER BY t.created_at DESC, t.id DESC LIMIT ")
+        .push_bind(limit)
+        .push(" OFFSET ")
+        .push_bind(offset);
+    let rows = query.build().fetch_all(&store.pool).await?;
+    rows.iter()
+        .map(|row| Ok(rows::task_record(row)?.task))
+        .collect()
+}
+
+pub(super) async fn cancel(
+    store: &PgStore,
+    project_id: &str,
+    task_id: &str,
+    now: Timestamp,
+) -> Result<Task> {
+    let now = normalize(now);
+    let (record, _) = store
+        .change_task(Some(project_id), task_id, None, |record| record.cancel(now))
+        .await?;
+    Ok(record.task)
+}
+
+pub(super) async fn cancel_all(
+    store: &PgStore,
+    project_id: &str,
+    code_id: &str,
+    now: Timestamp,
+) -> Result<CodeCancellation> {
+    let now = normalize(now);
+    let mut tx = store.pool.begin().await?;
+    let result: Result<_> = async {
+        codes::ensure(&mut tx, project_id, code_id).await?;
+        cancel_code_tasks(&mut tx, code_id, now).await
+    }
+    .await;
+    finish(tx, result).await
+}
+
+pub(super) async fn set_progress(
+    store: &PgStore,
+    project_id: &str,
+    task_id: &str,
+    percent: Option<u8>,
+    msg: Option<&str>,
+    now: Timestamp,
+) -> Result<Task> {
+    let now = normalize(now);
+    let (record, ()) = store
+        .change_task(Some(project_id), task_id, None, |record| {
+            record.set_user_progress(percent, msg, now)
+        })
+        .await?;
+    Ok(record.task)
+}
 
 /// Loads a task and locks its row until the transaction ends; with `project_id`, only from
 /// that project.
@@ -92,68 +184,6 @@ async fn fetch_task(
         .await?
         .ok_or_else(|| StoreError::not_found(format!("task {task_id}")))?;
     rows::task_record(&row)
-}
-
-/// The log size and state of a task in `project_id`, as a slice without bytes.
-pub(super) async fn log_state(
-    conn: &mut PgConnection,
-    project_id: &str,
-    task_id: &str,
-) -> Result<crate::LogSlice> {
-    let row = sqlx::query(
-        "SELECT status, percent, msg, log_size, log_truncated FROM tasks \
-         WHERE id = $1 AND project_id = $2",
-    )
-    .bind(task_id)
-    .bind(project_id)
-    .fetch_optional(&mut *conn)
-    .await?
-    .ok_or_else(|| StoreError::not_found(format!("task {task_id}")))?;
-    rows::log_state(&row)
-}
-
-/// Bytes `start..end` of a task's log, which must be stored: from the chunk holding `start` to
-/// `end`, one range of the primary key.
-pub(super) async fn read_log(
-    conn: &mut PgConnection,
-    task_id: &str,
-    start: u64,
-    end: u64,
-) -> Result<Vec<u8>> {
-    let chunks = sqlx::query(
-        "SELECT seq, bytes FROM task_logs WHERE task_id = $1 \
-         AND seq >= (SELECT coalesce(max(seq), 0) FROM task_logs WHERE task_id = $1 AND seq <= $2) \
-         AND seq < $3 ORDER BY seq",
-    )
-    .bind(task_id)
-    .bind(signed(start))
-    .bind(signed(end))
-    .fetch_all(&mut *conn)
-    .await?;
-    let wanted = usize::try_from(end.saturating_sub(start)).unwrap_or(usize::MAX);
-    let mut bytes = Vec::with_capacity(wanted);
-    let mut next: Option<u64> = None;
-    for chunk in &chunks {
-        let seq: u64 = unsigned("task_logs.seq", chunk.try_get("seq")?)?;
-        let data: &[u8] = chunk.try_get("bytes")?;
-        if next.is_some_and(|next| next != seq) {
-            break;
-        }
-        let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
-        let (from, to) = (start.max(seq), end.min(seq.saturating_add(len)));
-        if from < to {
-            let range = usize::try_from(from - seq).unwrap_or(usize::MAX)
-                ..usize::try_from(to - seq).unwrap_or(usize::MAX);
-            bytes.extend_from_slice(&data[range]);
-        }
-        next = Some(seq.saturating_add(len));
-    }
-    if bytes.len() != wanted {
-        return Err(StoreError::Corrupt(format!(
-            "the log of task {task_id} lacks bytes between {start} and {end}"
-        )));
-    }
-    Ok(bytes)
 }
 
 /// Writes back every column a task's life changes, guarded by the version it was loaded with
@@ -230,17 +260,9 @@ pub(super) async fn insert(
                 code
             }
         };
-        let code_rev = match new_task.code_rev {
-            Some(pinned) if pinned == 0 || pinned > code_rev => {
-                return Err(StoreError::not_found(format!(
-                    "revision {pinned} of code {}",
-                    new_task.code_name
-                )));
-            }
-            Some(pinned) => pinned,
-            None => code_rev,
-        };
-        queued.push(queued_task(project_id, &code_id, code_rev, new_task, now));
+        queued.push(queued_task_of_code(
+            project_id, &code_id, code_rev, new_task, now,
+        )?);
     }
     insert_rows(conn, &queued).await?;
     Ok(queued)
@@ -313,11 +335,11 @@ pub(super) async fn plan_retry(
     now: Timestamp,
 ) -> Result<Option<Task>> {
     let task = &failed.task;
-    if !outcome.is_user_failure() || task.cancel_requested {
+    if !failed.may_retry(outcome) {
         return Ok(None);
     }
-    let code = load_revision(conn, &task.code_id, task.code_rev).await?;
-    let Some(retry) = automatic_retry(task, outcome, &code.spec) else {
+    let code = codes::load_revision(conn, &task.code_id, task.code_rev).await?;
+    let Some(retry) = failed.retry(outcome, &code.spec, now) else {
         return Ok(None);
     };
     // Share-locked like `insert`, so a concurrent delete cannot miss the retry.
@@ -329,13 +351,7 @@ pub(super) async fn plan_retry(
     if live.is_none() {
         return Ok(None);
     }
-    Ok(Some(queued_task(
-        &task.project_id,
-        &task.code_id,
-        task.code_rev,
-        &retry,
-        now,
-    )))
+    Ok(Some(retry))
 }
 
 /// Cancels a code's queued tasks and asks the runners of its leased ones to cancel them.
@@ -378,237 +394,6 @@ pub(super) async fn cancel_code_tasks(
         cancelled: queued.rows_affected(),
         cancel_requested: leased.rows_affected(),
     })
-}
-
-/// The lease transaction's body; the caller holds the transaction and commits it.
-///
-/// Candidates come best first and locked (`LEASE_CANDIDATES`). `max_concurrency` is decided
-/// under a per-code advisory lock (`ConcurrencySlots`). Tokens come from the sequence
-/// `lease_tokens`, one per task, in the order the tasks were picked.
-pub(super) async fn lease(
-    conn: &mut PgConnection,
-    request: &LeaseRequest,
-    now: Timestamp,
-) -> Result<Vec<LeasedTask>> {
-    let max_tasks = usize::try_from(request.max_tasks).unwrap_or(usize::MAX);
-    let mut picked: Vec<TaskRecord> = Vec::with_capacity(max_tasks.min(1024));
-    let mut slots = ConcurrencySlots::default();
-    loop {
-        let wanted = max_tasks - picked.len();
-        let fetch = wanted.max(MIN_CANDIDATES);
-        let picked_ids: Vec<&str> = picked
-            .iter()
-            .map(|record| record.task.id.as_str())
-            .collect();
-        let candidates = sqlx::query(LEASE_CANDIDATES)
-            .bind(micros(now))
-            .bind(&request.clusters)
-            .bind(&slots.full)
-            .bind(&picked_ids)
-            .bind(i64::try_from(fetch).unwrap_or(i64::MAX))
-            .fetch_all(&mut *conn)
-            .await?;
-        let fetched = candidates.len();
-        for row in &candidates {
-            let record = rows::task_record(row)?;
-            let limit: Option<i64> = row.try_get("code_max_concurrency")?;
-            if slots.take(conn, &record.task.code_id, limit).await? {
-                picked.push(record);
-                if picked.len() == max_tasks {
-                    break;
-                }
-            }
-        }
-        // Every candidate was picked or belongs to a code that is full now and excluded from
-        // the next query, so each round makes progress; a short answer means no more are due.
-        if picked.len() == max_tasks || fetched < fetch {
-            break;
-        }
-    }
-    if picked.is_empty() {
-        return Ok(Vec::new());
-    }
-
-    let count = i64::try_from(picked.len()).unwrap_or(i64::MAX);
-    let mut tokens: Vec<i64> =
-        sqlx::query_scalar("SELECT nextval('lease_tokens') FROM generate_series(1, $1)")
-            .bind(count)
-            .fetch_all(&mut *conn)
-            .await?;
-    tokens.sort_unstable();
-    let expires_at = now + Duration::seconds(i64::from(request.lease_secs));
-    for (record, token) in picked.iter_mut().zip(&tokens) {
-        record.grant_lease(&request.runner_id, *token, expires_at, now)?;
-    }
-    write_leases(conn, &picked, expires_at, now).await?;
-
-    let mut codes: HashMap<(String, u32), CodeRevision> = HashMap::new();
-    let mut leased = Vec::with_capacity(picked.len());
-    for mut record in picked {
-        record.version += 1;
-        let key = (record.task.code_id.clone(), record.task.code_rev);
-        let code = match codes.get(&key) {
-            Some(code) => code.clone(),
-            None => {
-                let mut code = load_revision(conn, &key.0, key.1).await?;
-                // Leased means the code was running, whatever a concurrent pause says.
-                code.paused = false;
-                codes.insert(key, code.clone());
-                code
-            }
-        };
-        let token = record.lease_token.ok_or_else(|| {
-            StoreError::Corrupt(format!(
-                "task {} was leased without a token",
-                record.task.id
-            ))
-        })?;
-        leased.push(LeasedTask {
-            task: record.task,
-            code,
-            lease: Lease { token, expires_at },
-            registry_credential: None,
-        });
-    }
-    Ok(leased)
-}
-
-/// Writes a batch of fresh leases in one statement: the fields `TaskRecord::grant_lease`
-/// changes. Every record was queued and locked by this transaction, so every row must match.
-async fn write_leases(
-    conn: &mut PgConnection,
-    leased: &[TaskRecord],
-    expires_at: Timestamp,
-    now: Timestamp,
-) -> Result<()> {
-    let Some(first) = leased.first() else {
-        return Ok(());
-    };
-    let (status, runner_id) = (first.task.status, first.task.runner_id.as_deref());
-    if !leased
-        .iter()
-        .all(|record| record.task.status == status && record.task.runner_id.as_deref() == runner_id)
-    {
-        return Err(StoreError::Corrupt(
-            "a lease batch must share its status and runner".to_owned(),
-        ));
-    }
-    let ids: Vec<&str> = leased
-        .iter()
-        .map(|record| record.task.id.as_str())
-        .collect();
-    let tokens: Vec<Option<i64>> = leased.iter().map(|record| record.lease_token).collect();
-    let written = sqlx::query(
-        "UPDATE tasks SET status = $1, updated_at = $2, runner_id = $3, lease_expires_at = $4, \
-         lease_token = picked.token, version = tasks.version + 1 \
-         FROM unnest($5::text[], $6::bigint[]) AS picked (id, token) \
-         WHERE tasks.id = picked.id AND tasks.status = $7 AND tasks.lease_token IS NULL",
-    )
-    .bind(status.as_str())
-    .bind(micros(now))
-    .bind(runner_id)
-    .bind(micros(expires_at))
-    .bind(&ids)
-    .bind(&tokens)
-    .bind(TaskStatus::Queued.as_str())
-    .execute(&mut *conn)
-    .await?;
-    if written.rows_affected() != leased.len() as u64 {
-        return Err(StoreError::Conflict(
-            "tasks changed while they were being leased; try again".to_owned(),
-        ));
-    }
-    Ok(())
-}
-
-/// A code revision by id and number, whatever the project (the task already names it).
-pub(super) async fn load_revision(
-    conn: &mut PgConnection,
-    code_id: &str,
-    rev: u32,
-) -> Result<CodeRevision> {
-    let row = sqlx::query(concat!(
-        "SELECT ",
-        revision_columns!(),
-        " FROM code_revisions AS r JOIN codes AS c ON c.id = r.code_id \
-         WHERE r.code_id = $1 AND r.rev = $2"
-    ))
-    .bind(code_id)
-    .bind(i64::from(rev))
-    .fetch_optional(&mut *conn)
-    .await?
-    .ok_or_else(|| StoreError::Corrupt(format!("revision {rev} of code {code_id} is missing")))?;
-    rows::revision(&row)
-}
-
-/// Free `max_concurrency` slots of the codes seen in one lease call.
-///
-/// Two servers leasing at once would each count a code's active tasks, each see room, and
-/// together pass the limit: row locks on the tasks cannot prevent that, because the tasks that
-/// matter are the ones the other transaction is about to change. So a code with a limit is
-/// counted only under a transaction-scoped advisory lock on that code: whoever holds it counts
-/// after every earlier holder committed (each statement in READ COMMITTED sees what committed
-/// before it began) and keeps it until its own leases commit. The lock is only *tried*: a code
-/// that another server is leasing right now counts as full for this call, instead of waiting
-/// (which could deadlock two servers taking two codes' locks in opposite orders). The other
-/// server hands the code's tasks out meanwhile, and this one sees them at its next lease.
-/// A hash collision between two codes only makes one of them wait a turn.
-#[derive(Default)]
-struct ConcurrencySlots {
-    /// Codes with a limit: how many more tasks may start.
-    free: HashMap<String, i64>,
-    /// Codes that are full (or locked by another server); the lease query skips them.
-    full: Vec<String>,
-}
-
-impl ConcurrencySlots {
-    /// Takes a slot of the code, locking and counting it the first time it is seen.
-    async fn take(
-        &mut self,
-        conn: &mut PgConnection,
-        code_id: &str,
-        limit: Option<i64>,
-    ) -> Result<bool> {
-        let Some(limit) = limit else {
-            return Ok(true);
-        };
-        let free = match self.free.get_mut(code_id) {
-            Some(free) => free,
-            None => {
-                let locked: bool =
-                    sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, hashtext($2))")
-                        .bind(CODE_LOCK_CLASS)
-                        .bind(code_id)
-                        .fetch_one(&mut *conn)
-                        .await?;
-                let free = if locked {
-                    let active: i64 = sqlx::query_scalar(
-                        "SELECT count(*) FROM tasks WHERE code_id = $1 AND status IN ($2, $3)",
-                    )
-                    .bind(code_id)
-                    .bind(TaskStatus::Preparing.as_str())
-                    .bind(TaskStatus::Running.as_str())
-                    .fetch_one(&mut *conn)
-                    .await?;
-                    limit - active
-                } else {
-                    0
-                };
-                self.free.entry(code_id.to_owned()).or_insert(free)
-            }
-        };
-        if *free > 0 {
-            *free -= 1;
-            if *free == 0 {
-                self.full.push(code_id.to_owned());
-            }
-            return Ok(true);
-        }
-        if !self.full.iter().any(|full| full == code_id) {
-            self.full.push(code_id.to_owned());
-        }
-        Ok(false)
-    }
 }
 
 /// Wakes every listening server's lease loop once this transaction commits (PostgreSQL

@@ -1,45 +1,15 @@
 //! Clusters and the runners that serve them.
 
-use sqlx::sqlite::SqliteRow;
 use sqlx::{Connection, Row, SqliteConnection};
 use stevedore_model::task::DEFAULT_CLUSTER;
 use stevedore_model::{Timestamp, new_id};
 
 use super::rows::{micros, timestamp, to_json, unsigned};
-use super::{BEGIN_WRITE, SqliteStore, unique_violation};
+use super::{BEGIN_WRITE, SqliteStore};
+use crate::convert::unique_violation;
 use crate::record::normalize;
+use crate::rows::{cluster, select_clusters};
 use crate::{Cluster, ClusterLoad, ClusterSpec, Result, RunnerSeen, RunnerStatus, StoreError};
-
-/// `SELECT` and the columns of `clusters`.
-macro_rules! select_clusters {
-    ($rest:literal) => {
-        concat!(
-            "SELECT id, project_id, name, memory_mib, disk_mib, runners, created_at, updated_at \
-             FROM clusters ",
-            $rest
-        )
-    };
-}
-
-fn cluster(row: &SqliteRow) -> Result<Cluster> {
-    let opt = |column: &str| -> Result<Option<u32>> {
-        row.try_get::<Option<i64>, _>(column)?
-            .map(|value| unsigned(column, value))
-            .transpose()
-    };
-    Ok(Cluster {
-        id: row.try_get("id")?,
-        project_id: row.try_get("project_id")?,
-        spec: ClusterSpec {
-            name: row.try_get("name")?,
-            memory_mib: opt("memory_mib")?,
-            disk_mib: opt("disk_mib")?,
-            runners: opt("runners")?,
-        },
-        created_at: timestamp(row.try_get("created_at")?)?,
-        updated_at: timestamp(row.try_get("updated_at")?)?,
-    })
-}
 
 fn taken(name: &str) -> StoreError {
     StoreError::Conflict(format!("a cluster named {name:?} already exists"))
@@ -75,7 +45,7 @@ pub(super) async fn create(
     let mut writer = store.writer().await?;
     let mut tx = writer.conn.begin_with(BEGIN_WRITE).await?;
     if let Some(project_id) = project_id {
-        super::ensure_project(&mut tx, project_id).await?;
+        super::projects::ensure(&mut tx, project_id).await?;
     }
     sqlx::query(
         "INSERT INTO clusters (id, project_id, name, memory_mib, disk_mib, runners, created_at, \

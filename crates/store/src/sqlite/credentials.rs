@@ -1,39 +1,14 @@
 //! Projects' registry credentials (their passwords sealed; see `crate::credentials`).
 
-use sqlx::sqlite::SqliteRow;
-use sqlx::{Connection, Row};
+use sqlx::Connection;
 use stevedore_model::Timestamp;
 
 use super::BEGIN_WRITE;
 use super::SqliteStore;
-use crate::convert::{micros, timestamp};
+use crate::convert::micros;
 use crate::record::normalize;
+use crate::rows::{credential, select_credentials};
 use crate::{Result, SealedSecret, StoreError, StoredCredential};
-
-/// `SELECT` and the columns of `registry_credentials`.
-macro_rules! select_credentials {
-    ($rest:literal) => {
-        concat!(
-            "SELECT project_id, registry, username, sealed, key_id, created_at, updated_at \
-             FROM registry_credentials ",
-            $rest
-        )
-    };
-}
-
-fn credential(row: &SqliteRow) -> Result<StoredCredential> {
-    Ok(StoredCredential {
-        project_id: row.try_get("project_id")?,
-        registry: row.try_get("registry")?,
-        username: row.try_get("username")?,
-        sealed: SealedSecret {
-            bytes: row.try_get("sealed")?,
-            key_id: row.try_get("key_id")?,
-        },
-        created_at: timestamp(row.try_get("created_at")?)?,
-        updated_at: timestamp(row.try_get("updated_at")?)?,
-    })
-}
 
 pub(super) async fn put(
     store: &SqliteStore,
@@ -46,7 +21,7 @@ pub(super) async fn put(
     let now = normalize(now);
     let mut writer = store.writer().await?;
     let mut tx = writer.conn.begin_with(BEGIN_WRITE).await?;
-    super::ensure_project(&mut tx, project_id).await?;
+    super::projects::ensure(&mut tx, project_id).await?;
     let row = sqlx::query(
         "INSERT INTO registry_credentials (project_id, registry, username, sealed, key_id, \
          created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6) \

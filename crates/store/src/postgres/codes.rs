@@ -1,0 +1,379 @@
+//! Codes, their revisions and packages.
+
+use sqlx::Row;
+use sqlx::postgres::PgConnection;
+use stevedore_model::{CodeRevision, CodeSpec, ScheduleStatus, Timestamp, new_id};
+
+use super::rows::{self, revision_columns};
+use super::{PgStore, finish};
+use super::{projects, tasks};
+use crate::convert::{limit_offset, micros, opt_micros, opt_signed, timestamp, to_json};
+use crate::record::normalize;
+use crate::{CodeCancellation, CodeStats, Package, Page, Result, StatsWindow, StoreError};
+
+pub(super) async fn push(
+    store: &PgStore,
+    project_id: &str,
+    spec: &CodeSpec,
+    package: Option<&Package>,
+    now: Timestamp,
+) -> Result<CodeRevision> {
+    let now = normalize(now);
+    let spec_json = to_json(spec)?;
+    let max_concurrency = spec.max_concurrency.map(i64::from);
+    let package_size =
+        package.map(|package| u64::try_from(package.bytes.len()).unwrap_or(u64::MAX));
+    let mut tx = store.pool.begin().await?;
+    let result: Result<_> = async {
+        projects::ensure(&mut tx, project_id).await?;
+        // The code row is locked while its next revision is written, so two pushes of one code
+        // number their revisions one after the other. Two pushes creating one new name meet
+        // at the unique index: the second inserts nothing and takes the revision path.
+        let mut created = None;
+        let existing = loop {
+            let existing = sqlx::query(
+                "SELECT id, latest_rev, paused, created_at FROM codes \
+                 WHERE project_id = $1 AND name = $2 AND deleted_at IS NULL FOR UPDATE",
+            )
+            .bind(project_id)
+            .bind(&spec.name)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if existing.is_some() {
+                break existing;
+            }
+            let code_id = new_id();
+            let inserted = sqlx::query(
+                "INSERT INTO codes (id, project_id, name, latest_rev, max_concurrency, paused, \
+                 created_at, updated_at) VALUES ($1, $2, $3, 1, $4, FALSE, $5, $5) \
+                 ON CONFLICT (project_id, name) WHERE deleted_at IS NULL DO NOTHING",
+            )
+            .bind(&code_id)
+            .bind(project_id)
+            .bind(&spec.name)
+            .bind(max_concurrency)
+            .bind(micros(now))
+            .execute(&mut *tx)
+            .await?;
+            if inserted.rows_affected() == 1 {
+                created = Some(code_id);
+                break None;
+            }
+        };
+        let (code_id, rev, paused, created_at) = match (existing, created) {
+            (Some(row), _) => {
+                let code_id: String = row.try_get("id")?;
+                let rev = row.try_get::<i64, _>("latest_rev")? + 1;
+                sqlx::query(
+                    "UPDATE codes SET latest_rev = $1, max_concurrency = $2, updated_at = $3 \
+                     WHERE id = $4",
+                )
+                .bind(rev)
+                .bind(max_concurrency)
+                .bind(micros(now))
+                .bind(&code_id)
+                .execute(&mut *tx)
+                .await?;
+                let created_at = timestamp(row.try_get("created_at")?)?;
+                (code_id, rev, row.try_get::<bool, _>("paused")?, created_at)
+            }
+            (None, Some(code_id)) => (code_id, 1, false, now),
+            (None, None) => {
+                return Err(StoreError::Corrupt(
+                    "pushing a code found neither an old code nor a new one".to_owned(),
+                ));
+            }
+        };
+        sqlx::query(
+            "INSERT INTO code_revisions (code_id, rev, spec, package_sha256, package_size, \
+             created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&code_id)
+        .bind(rev)
+        .bind(&spec_json)
+        .bind(package.map(|package| package.sha256.as_str()))
+        .bind(opt_signed(package_size))
+        .bind(micros(now))
+        .execute(&mut *tx)
+        .await?;
+        if let Some(package) = package {
+            sqlx::query("INSERT INTO code_packages (code_id, rev, bytes) VALUES ($1, $2, $3)")
+                .bind(&code_id)
+                .bind(rev)
+                .bind(package.bytes.as_slice())
+                .execute(&mut *tx)
+                .await?;
+        }
+        Ok(CodeRevision {
+            id: code_id,
+            project_id: project_id.to_owned(),
+            rev: u32::try_from(rev)
+                .map_err(|_| StoreError::Corrupt(format!("revision {rev} out of range")))?,
+            spec: spec.clone(),
+            package_sha256: package.map(|package| package.sha256.clone()),
+            package_size,
+            created_at,
+            updated_at: now,
+            paused,
+        })
+    }
+    .await;
+    finish(tx, result).await
+}
+
+pub(super) async fn get(store: &PgStore, project_id: &str, code_id: &str) -> Result<CodeRevision> {
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        revision_columns!(),
+        " FROM codes AS c JOIN code_revisions AS r ON r.code_id = c.id AND r.rev = c.latest_rev \
+         WHERE c.id = $1 AND c.project_id = $2 AND c.deleted_at IS NULL"
+    ))
+    .bind(code_id)
+    .bind(project_id)
+    .fetch_optional(&store.pool)
+    .await?
+    .ok_or_else(|| StoreError::not_found(format!("code {code_id}")))?;
+    rows::revision(&row)
+}
+
+pub(super) async fn get_by_name(
+    store: &PgStore,
+    project_id: &str,
+    name: &str,
+) -> Result<CodeRevision> {
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        revision_columns!(),
+        " FROM codes AS c JOIN code_revisions AS r ON r.code_id = c.id AND r.rev = c.latest_rev \
+         WHERE c.project_id = $1 AND c.name = $2 AND c.deleted_at IS NULL"
+    ))
+    .bind(project_id)
+    .bind(name)
+    .fetch_optional(&store.pool)
+    .await?
+    .ok_or_else(|| StoreError::not_found(format!("code {name}")))?;
+    rows::revision(&row)
+}
+
+pub(super) async fn list(
+    store: &PgStore,
+    project_id: &str,
+    page: Page,
+) -> Result<Vec<CodeRevision>> {
+    let (limit, offset) = limit_offset(page);
+    let rows = sqlx::query(concat!(
+        "SELECT ",
+        revision_columns!(),
+        " FROM codes AS c JOIN code_revisions AS r ON r.code_id = c.id AND r.rev = c.latest_rev \
+         WHERE c.project_id = $1 AND c.deleted_at IS NULL \
+         ORDER BY c.updated_at DESC, c.id DESC LIMIT $2 OFFSET $3"
+    ))
+    .bind(project_id)
+    .bind(limit)
+    .bind(offset)
+    .fetch_all(&store.pool)
+    .await?;
+    rows.iter().map(rows::revision).collect()
+}
+
+pub(super) async fn list_revisions(
+    store: &PgStore,
+    project_id: &str,
+    code_id: &str,
+    page: Page,
+) -> Result<Vec<CodeRevision>> {
+    let mut conn = store.pool.acquire().await?;
+    ensure(&mut conn, project_id, code_id).await?;
+    let (limit, offset) = limit_offset(page);
+    let rows = sqlx::query(concat!(
+        "SELECT ",
+        revision_columns!(),
+        " FROM codes AS c JOIN code_revisions AS r ON r.code_id = c.id \
+         WHERE c.id = $1 AND c.project_id = $2 AND c.deleted_at IS NULL \
+         ORDER BY r.rev DESC LIMIT $3 OFFSET $4"
+    ))
+    .bind(code_id)
+    .bind(project_id)
+    .bind(limit)
+    .bind(offset)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(rows::revision).collect()
+}
+
+pub(super) async fn get_revision(
+    store: &PgStore,
+    project_id: &str,
+    code_id: &str,
+    rev: u32,
+) -> Result<CodeRevision> {
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        revision_columns!(),
+        " FROM codes AS c JOIN code_revisions AS r ON r.code_id = c.id \
+         WHERE c.id = $1 AND c.project_id = $2 AND c.deleted_at IS NULL AND r.rev = $3"
+    ))
+    .bind(code_id)
+    .bind(project_id)
+    .bind(i64::from(rev))
+    .fetch_optional(&store.pool)
+    .await?
+    .ok_or_else(|| StoreError::not_found(format!("revision {rev} of code {code_id}")))?;
+    rows::revision(&row)
+}
+
+pub(super) async fn get_package(
+    store: &PgStore,
+    project_id: &str,
+    code_id: &str,
+    rev: Option<u32>,
+) -> Result<Vec<u8>> {
+    let mut conn = store.pool.acquire().await?;
+    let latest = ensure(&mut conn, project_id, code_id).await?;
+    let rev = rev.map_or(latest, i64::from);
+    let bytes: Option<Vec<u8>> =
+        sqlx::query_scalar("SELECT bytes FROM code_packages WHERE code_id = $1 AND rev = $2")
+            .bind(code_id)
+            .bind(rev)
+            .fetch_optional(&mut *conn)
+            .await?;
+    bytes.ok_or_else(|| StoreError::not_found(format!("package of code {code_id} revision {rev}")))
+}
+
+pub(super) async fn delete(
+    store: &PgStore,
+    project_id: &str,
+    code_id: &str,
+    now: Timestamp,
+) -> Result<CodeCancellation> {
+    let now = normalize(now);
+    let mut tx = store.pool.begin().await?;
+    let result: Result<_> = async {
+        let deleted = sqlx::query(
+            "UPDATE codes SET deleted_at = $1 \
+             WHERE id = $2 AND project_id = $3 AND deleted_at IS NULL",
+        )
+        .bind(micros(now))
+        .bind(code_id)
+        .bind(project_id)
+        .execute(&mut *tx)
+        .await?;
+        if deleted.rows_affected() == 0 {
+            return Err(StoreError::not_found(format!("code {code_id}")));
+        }
+        let cancellation = tasks::cancel_code_tasks(&mut tx, code_id, now).await?;
+        // A schedule of a deleted code could only ever fail to fire.
+        sqlx::query(
+            "UPDATE schedules SET status = $1, next_start = NULL, updated_at = $2 \
+             WHERE code_id = $3 AND status = $4",
+        )
+        .bind(ScheduleStatus::Cancelled.as_str())
+        .bind(micros(now))
+        .bind(code_id)
+        .bind(ScheduleStatus::Scheduled.as_str())
+        .execute(&mut *tx)
+        .await?;
+        Ok(cancellation)
+    }
+    .await;
+    finish(tx, result).await
+}
+
+pub(super) async fn set_paused(
+    store: &PgStore,
+    project_id: &str,
+    code_id: &str,
+    paused: bool,
+    _now: Timestamp,
+) -> Result<CodeRevision> {
+    let mut tx = store.pool.begin().await?;
+    let result: Result<_> = async {
+        let changed = sqlx::query(
+            "UPDATE codes SET paused = $1 WHERE id = $2 AND project_id = $3 AND deleted_at IS NULL",
+        )
+        .bind(paused)
+        .bind(code_id)
+        .bind(project_id)
+        .execute(&mut *tx)
+        .await?;
+        if changed.rows_affected() == 0 {
+            return Err(StoreError::not_found(format!("code {code_id}")));
+        }
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            revision_columns!(),
+            " FROM codes AS c JOIN code_revisions AS r ON r.code_id = c.id AND r.rev = c.latest_rev \
+             WHERE c.id = $1"
+        ))
+        .bind(code_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if !paused {
+            tasks::notify_work(&mut tx).await?;
+        }
+        rows::revision(&row)
+    }
+    .await;
+    finish(tx, result).await
+}
+
+pub(super) async fn stats(
+    store: &PgStore,
+    project_id: &str,
+    code_id: &str,
+    window: StatsWindow,
+) -> Result<CodeStats> {
+    let mut conn = store.pool.acquire().await?;
+    ensure(&mut conn, project_id, code_id).await?;
+    let rows = sqlx::query(
+        "SELECT status, count(*) AS n FROM tasks WHERE code_id = $1 \
+         AND ($2::bigint IS NULL OR updated_at >= $2) \
+         AND ($3::bigint IS NULL OR updated_at <= $3) GROUP BY status",
+    )
+    .bind(code_id)
+    .bind(opt_micros(window.updated_from))
+    .bind(opt_micros(window.updated_to))
+    .fetch_all(&mut *conn)
+    .await?;
+    crate::convert::status_counts(
+        rows.iter()
+            .map(|row| Ok((row.try_get("status")?, row.try_get("n")?)))
+            .collect::<Result<Vec<_>>>()?,
+    )
+}
+
+/// Checks that a live code exists in the project; returns its latest revision number.
+pub(super) async fn ensure(
+    conn: &mut PgConnection,
+    project_id: &str,
+    code_id: &str,
+) -> Result<i64> {
+    let latest: Option<i64> = sqlx::query_scalar(
+        "SELECT latest_rev FROM codes WHERE id = $1 AND project_id = $2 AND deleted_at IS NULL",
+    )
+    .bind(code_id)
+    .bind(project_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    latest.ok_or_else(|| StoreError::not_found(format!("code {code_id}")))
+}
+
+/// A code revision by id and number, whatever the project (the task already names it).
+pub(super) async fn load_revision(
+    conn: &mut PgConnection,
+    code_id: &str,
+    rev: u32,
+) -> Result<CodeRevision> {
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        revision_columns!(),
+        " FROM code_revisions AS r JOIN codes AS c ON c.id = r.code_id \
+         WHERE r.code_id = $1 AND r.rev = $2"
+    ))
+    .bind(code_id)
+    .bind(i64::from(rev))
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or_else(|| StoreError::Corrupt(format!("revision {rev} of code {code_id} is missing")))?;
+    rows::revision(&row)
+}

@@ -1,0 +1,355 @@
+//! The runner's side: the lease transaction, heartbeats, starts, progress, completions,
+//! requeues and rescues.
+
+use std::collections::HashMap;
+
+use chrono::Duration;
+use sqlx::Row;
+use sqlx::postgres::PgConnection;
+use stevedore_model::{CodeRevision, Task, TaskOutcome, TaskStatus, Timestamp};
+
+use super::rows::{self, task_columns};
+use super::{PgStore, RetryCheck, finish};
+use super::{codes, tasks};
+use crate::convert::micros;
+use crate::record::{ConcurrencySlots, TaskRecord, normalize, normalize_report};
+use crate::{
+    HeartbeatReply, Lease, LeaseRequest, LeasedTask, Requeue, RescuedTask, Result, RunReport,
+    StoreError,
+};
+
+/// The first key of the advisory locks that serialize leasing per code (the second is a hash
+/// of the code id): an arbitrary constant, so stevedore's locks stay apart from any other
+/// application's on the same database.
+const CODE_LOCK_CLASS: i32 = 0x5374_6476;
+
+/// The least number of candidates the lease query fetches, so that a few tasks of a full code
+/// do not cost a query each.
+const MIN_CANDIDATES: usize = 16;
+
+/// Due queued tasks of runnable codes in the runner's clusters, best first (the partial index
+/// `tasks_queued` holds exactly this order), locked for this transaction. `SKIP LOCKED` passes
+/// over tasks another server is leasing right now instead of waiting for it; a row that another
+/// transaction changed and committed after this statement's snapshot is checked again against
+/// the `WHERE` clause before it is returned, so a task leased elsewhere in the meantime is not
+/// returned. `$3` lists codes that are full, `$4` tasks already picked in this call.
+const LEASE_CANDIDATES: &str = concat!(
+    "SELECT ",
+    task_columns!(),
+    ", c.max_concurrency AS code_max_concurrency \
+     FROM tasks AS t JOIN codes AS c ON c.id = t.code_id \
+     WHERE t.status = 'queued' AND t.due_at <= $1 AND NOT c.paused AND c.deleted_at IS NULL \
+     AND t.cluster = ANY($2) AND t.code_id <> ALL($3) AND t.id <> ALL($4) \
+     ORDER BY t.priority DESC, t.due_at, t.id LIMIT $5 \
+     FOR UPDATE OF t SKIP LOCKED"
+);
+
+pub(super) async fn lease(
+    store: &PgStore,
+    request: &LeaseRequest,
+    now: Timestamp,
+) -> Result<Vec<LeasedTask>> {
+    if request.max_tasks == 0 || request.clusters.is_empty() {
+        return Ok(Vec::new());
+    }
+    let now = normalize(now);
+    let mut tx = store.pool.begin().await?;
+    let leased = lease_due_tasks(&mut tx, request, now).await;
+    finish(tx, leased).await
+}
+
+pub(super) async fn heartbeat(
+    store: &PgStore,
+    task_id: &str,
+    token: i64,
+    lease_secs: u32,
+    now: Timestamp,
+) -> Result<HeartbeatReply> {
+    let now = normalize(now);
+    let (_, reply) = store
+        .change_leased_task(task_id, token, None, |record| {
+            Ok(record.extend_lease(lease_secs, now))
+        })
+        .await?;
+    Ok(reply)
+}
+
+pub(super) async fn mark_running(
+    store: &PgStore,
+    task_id: &str,
+    token: i64,
+    start_time: Timestamp,
+    now: Timestamp,
+) -> Result<Task> {
+    let (now, start_time) = (normalize(now), normalize(start_time));
+    let (record, ()) = store
+        .change_leased_task(task_id, token, None, |record| record.start(start_time, now))
+        .await?;
+    Ok(record.task)
+}
+
+pub(super) async fn progress(
+    store: &PgStore,
+    task_id: &str,
+    token: i64,
+    percent: Option<u8>,
+    msg: Option<&str>,
+    now: Timestamp,
+) -> Result<()> {
+    let now = normalize(now);
+    store
+        .change_leased_task(task_id, token, None, |record| {
+            record.set_progress(percent, msg, now);
+            Ok(())
+        })
+        .await?;
+    Ok(())
+}
+
+pub(super) async fn complete(
+    store: &PgStore,
+    task_id: &str,
+    token: i64,
+    outcome: &TaskOutcome,
+    report: &RunReport,
+    now: Timestamp,
+) -> Result<Task> {
+    let now = normalize(now);
+    let report = normalize_report(report);
+    let (record, ()) = store
+        .change_leased_task(
+            task_id,
+            token,
+            Some(RetryCheck { outcome, now }),
+            |record| record.finish(outcome, &report, now),
+        )
+        .await?;
+    Ok(record.task)
+}
+
+pub(super) async fn requeue(
+    store: &PgStore,
+    task_id: &str,
+    token: i64,
+    requeue: &Requeue,
+    now: Timestamp,
+) -> Result<Task> {
+    let now = normalize(now);
+    let (record, ()) = store
+        .change_leased_task(task_id, token, None, |record| record.requeue(requeue, now))
+        .await?;
+    Ok(record.task)
+}
+
+pub(super) async fn rescue_expired(
+    store: &PgStore,
+    now: Timestamp,
+    max_infra_attempts: u32,
+) -> Result<Vec<RescuedTask>> {
+    let now = normalize(now);
+    let mut tx = store.pool.begin().await?;
+    let result: Result<_> = async {
+        // SKIP LOCKED: a task whose runner is writing about it right now (a heartbeat) is not
+        // expired for long; two rescuers each take the ones the other does not hold.
+        let expired = sqlx::query(concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks AS t WHERE t.status IN ($1, $2) AND t.lease_expires_at < $3 \
+             ORDER BY t.lease_expires_at, t.id FOR UPDATE SKIP LOCKED"
+        ))
+        .bind(TaskStatus::Preparing.as_str())
+        .bind(TaskStatus::Running.as_str())
+        .bind(micros(now))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut rescued = Vec::with_capacity(expired.len());
+        let mut requeued = false;
+        for row in &expired {
+            let mut record = rows::task_record(row)?;
+            record.rescue(max_infra_attempts, now)?;
+            tasks::write(&mut tx, &mut record).await?;
+            requeued |= record.task.status == TaskStatus::Queued;
+            rescued.push(RescuedTask::from(&record.task));
+        }
+        if requeued {
+            tasks::notify_work(&mut tx).await?;
+        }
+        Ok(rescued)
+    }
+    .await;
+    finish(tx, result).await
+}
+
+/// The lease transaction's body; the caller holds the transaction and commits it.
+///
+/// Candidates come best first and locked (`LEASE_CANDIDATES`). `max_concurrency` is decided
+/// under a per-code advisory lock (`free_slots`). Tokens come from the sequence
+/// `lease_tokens`, one per task, in the order the tasks were picked.
+async fn lease_due_tasks(
+    conn: &mut PgConnection,
+    request: &LeaseRequest,
+    now: Timestamp,
+) -> Result<Vec<LeasedTask>> {
+    let max_tasks = usize::try_from(request.max_tasks).unwrap_or(usize::MAX);
+    let mut picked: Vec<TaskRecord> = Vec::with_capacity(max_tasks.min(1024));
+    let mut slots = ConcurrencySlots::default();
+    loop {
+        let wanted = max_tasks - picked.len();
+        let fetch = wanted.max(MIN_CANDIDATES);
+        let picked_ids: Vec<&str> = picked
+            .iter()
+            .map(|record| record.task.id.as_str())
+            .collect();
+        let candidates = sqlx::query(LEASE_CANDIDATES)
+            .bind(micros(now))
+            .bind(&request.clusters)
+            .bind(slots.full())
+            .bind(&picked_ids)
+            .bind(i64::try_from(fetch).unwrap_or(i64::MAX))
+            .fetch_all(&mut *conn)
+            .await?;
+        let fetched = candidates.len();
+        for row in &candidates {
+            let record = rows::task_record(row)?;
+            let limit: Option<i64> = row.try_get("code_max_concurrency")?;
+            let code_id = record.task.code_id.as_str();
+            let free = async |limit| free_slots(conn, code_id, limit).await;
+            if slots.take(code_id, limit, free).await? {
+                picked.push(record);
+                if picked.len() == max_tasks {
+                    break;
+                }
+            }
+        }
+        // Every candidate was picked or belongs to a code that is full now and excluded from
+        // the next query, so each round makes progress; a short answer means no more are due.
+        if picked.len() == max_tasks || fetched < fetch {
+            break;
+        }
+    }
+    if picked.is_empty() {
+        return Ok(Vec::new());
+    }
+
+    let count = i64::try_from(picked.len()).unwrap_or(i64::MAX);
+    let mut tokens: Vec<i64> =
+        sqlx::query_scalar("SELECT nextval('lease_tokens') FROM generate_series(1, $1)")
+            .bind(count)
+            .fetch_all(&mut *conn)
+            .await?;
+    tokens.sort_unstable();
+    let expires_at = now + Duration::seconds(i64::from(request.lease_secs));
+    for (record, token) in picked.iter_mut().zip(&tokens) {
+        record.grant_lease(&request.runner_id, *token, expires_at, now)?;
+    }
+    write_leases(conn, &picked, expires_at, now).await?;
+
+    let mut codes: HashMap<(String, u32), CodeRevision> = HashMap::new();
+    let mut leased = Vec::with_capacity(picked.len());
+    for mut record in picked {
+        record.version += 1;
+        let key = (record.task.code_id.clone(), record.task.code_rev);
+        let code = match codes.get(&key) {
+            Some(code) => code.clone(),
+            None => {
+                let mut code = codes::load_revision(conn, &key.0, key.1).await?;
+                // Leased means the code was running, whatever a concurrent pause says.
+                code.paused = false;
+                codes.insert(key, code.clone());
+                code
+            }
+        };
+        let token = record.lease_token.ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "task {} was leased without a token",
+                record.task.id
+            ))
+        })?;
+        leased.push(LeasedTask {
+            task: record.task,
+            code,
+            lease: Lease { token, expires_at },
+            registry_credential: None,
+        });
+    }
+    Ok(leased)
+}
+
+/// Writes a batch of fresh leases in one statement: the fields `TaskRecord::grant_lease`
+/// changes. Every record was queued and locked by this transaction, so every row must match.
+async fn write_leases(
+    conn: &mut PgConnection,
+    leased: &[TaskRecord],
+    expires_at: Timestamp,
+    now: Timestamp,
+) -> Result<()> {
+    let Some(first) = leased.first() else {
+        return Ok(());
+    };
+    let (status, runner_id) = (first.task.status, first.task.runner_id.as_deref());
+    if !leased
+        .iter()
+        .all(|record| record.task.status == status && record.task.runner_id.as_deref() == runner_id)
+    {
+        return Err(StoreError::Corrupt(
+            "a lease batch must share its status and runner".to_owned(),
+        ));
+    }
+    let ids: Vec<&str> = leased
+        .iter()
+        .map(|record| record.task.id.as_str())
+        .collect();
+    let tokens: Vec<Option<i64>> = leased.iter().map(|record| record.lease_token).collect();
+    let written = sqlx::query(
+        "UPDATE tasks SET status = $1, updated_at = $2, runner_id = $3, lease_expires_at = $4, \
+         lease_token = picked.token, version = tasks.version + 1 \
+         FROM unnest($5::text[], $6::bigint[]) AS picked (id, token) \
+         WHERE tasks.id = picked.id AND tasks.status = $7 AND tasks.lease_token IS NULL",
+    )
+    .bind(status.as_str())
+    .bind(micros(now))
+    .bind(runner_id)
+    .bind(micros(expires_at))
+    .bind(&ids)
+    .bind(&tokens)
+    .bind(TaskStatus::Queued.as_str())
+    .execute(&mut *conn)
+    .await?;
+    if written.rows_affected() != leased.len() as u64 {
+        return Err(StoreError::Conflict(
+            "tasks changed while they were being leased; try again".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+/// How many of a code's `limit` slots are free for this lease call.
+///
+/// Two servers leasing at once would each count a code's active tasks, each see room, and
+/// together pass the limit: row locks on the tasks cannot prevent that, because the tasks that
+/// matter are the ones the other transaction is about to change. So a code with a limit is
+/// counted only under a transaction-scoped advisory lock on that code: whoever holds it counts
+/// after every earlier holder committed (each statement in READ COMMITTED sees what committed
+/// before it began) and keeps it until its own leases commit. The lock is only *tried*: a code
+/// that another server is leasing right now counts as full for this call, instead of waiting
+/// (which could deadlock two servers taking two codes' locks in opposite orders). The other
+/// server hands the code's tasks out meanwhile, and this one sees them at its next lease.
+/// A hash collision between two codes only makes one of them wait a turn.
+async fn free_slots(conn: &mut PgConnection, code_id: &str, limit: i64) -> Result<i64> {
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, hashtext($2))")
+        .bind(CODE_LOCK_CLASS)
+        .bind(code_id)
+        .fetch_one(&mut *conn)
+        .await?;
+    if !locked {
+        return Ok(0);
+    }
+    let active: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM tasks WHERE code_id = $1 AND status IN ($2, $3)")
+            .bind(code_id)
+            .bind(TaskStatus::Preparing.as_str())
+            .bind(TaskStatus::Running.as_str())
+            .fetch_one(&mut *conn)
+            .await?;
+    Ok(limit - active)
+}

@@ -1,0 +1,143 @@
+//! Task logs: appends up to the cap, and reads from any offset with the task's state from
+//! one snapshot.
+
+use sqlx::postgres::PgConnection;
+use stevedore_model::Timestamp;
+
+use super::rows;
+use super::tasks;
+use super::{BEGIN_SNAPSHOT, PgStore, finish};
+use crate::convert::signed;
+use crate::record::{normalize, plan_log_append};
+use crate::rows::log_bytes;
+use crate::{LogSlice, Result, StoreError};
+
+pub(super) async fn get(store: &PgStore, project_id: &str, task_id: &str) -> Result<Vec<u8>> {
+    let mut tx = store.pool.begin_with(BEGIN_SNAPSHOT).await?;
+    let result: Result<_> = async {
+        let log_size: Option<i64> =
+            sqlx::query_scalar("SELECT log_size FROM tasks WHERE id = $1 AND project_id = $2")
+                .bind(task_id)
+                .bind(project_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let log_size = log_size.ok_or_else(|| StoreError::not_found(format!("task {task_id}")))?;
+        if log_size == 0 {
+            return Err(StoreError::not_found(format!("log of task {task_id}")));
+        }
+        let chunks: Vec<Vec<u8>> =
+            sqlx::query_scalar("SELECT bytes FROM task_logs WHERE task_id = $1 ORDER BY seq")
+                .bind(task_id)
+                .fetch_all(&mut *tx)
+                .await?;
+        Ok(chunks.concat())
+    }
+    .await;
+    finish(tx, result).await
+}
+
+pub(super) async fn get_since(
+    store: &PgStore,
+    project_id: &str,
+    task_id: &str,
+    offset: u64,
+    max_bytes: u32,
+) -> Result<LogSlice> {
+    // The state and the bytes come from one snapshot: a log cut back for its truncation
+    // marker between two separate reads would otherwise mix old and new bytes, and bytes
+    // written after a terminal status was read would pass the final size.
+    let mut tx = store.pool.begin_with(BEGIN_SNAPSHOT).await?;
+    let result: Result<_> = async {
+        let mut slice = log_state(&mut tx, project_id, task_id).await?;
+        let end = slice.size.min(offset.saturating_add(u64::from(max_bytes)));
+        if offset < end {
+            slice.bytes = read_log(&mut tx, task_id, offset, end).await?;
+        }
+        Ok(slice)
+    }
+    .await;
+    finish(tx, result).await
+}
+
+pub(super) async fn append(
+    store: &PgStore,
+    task_id: &str,
+    token: i64,
+    bytes: &[u8],
+    cap: u64,
+    now: Timestamp,
+) -> Result<u64> {
+    let now = normalize(now);
+    let mut tx = store.pool.begin().await?;
+    let result: Result<_> = async {
+        let mut record = tasks::load_for_update(&mut tx, None, task_id).await?;
+        record.check_lease(token)?;
+        let Some(plan) = plan_log_append(record.task.log_size, record.log_truncated, bytes, cap)
+        else {
+            return Ok(record.task.log_size);
+        };
+        record.apply_log_plan(&plan, now);
+        if let Some(keep) = plan.truncate_to {
+            let keep = signed(keep);
+            sqlx::query("DELETE FROM task_logs WHERE task_id = $1 AND seq >= $2")
+                .bind(task_id)
+                .bind(keep)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "UPDATE task_logs SET bytes = substring(bytes FROM 1 FOR ($2 - seq)::int) \
+                 WHERE task_id = $1 AND seq < $2 AND seq + length(bytes) > $2",
+            )
+            .bind(task_id)
+            .bind(keep)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for (seq, chunk) in &plan.chunks {
+            sqlx::query("INSERT INTO task_logs (task_id, seq, bytes) VALUES ($1, $2, $3)")
+                .bind(task_id)
+                .bind(signed(*seq))
+                .bind(chunk.as_slice())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tasks::write(&mut tx, &mut record).await?;
+        Ok(record.task.log_size)
+    }
+    .await;
+    finish(tx, result).await
+}
+
+/// The log size and state of a task in `project_id`, as a slice without bytes.
+async fn log_state(
+    conn: &mut PgConnection,
+    project_id: &str,
+    task_id: &str,
+) -> Result<crate::LogSlice> {
+    let row = sqlx::query(
+        "SELECT status, percent::bigint AS percent, msg, log_size, log_truncated FROM tasks \
+         WHERE id = $1 AND project_id = $2",
+    )
+    .bind(task_id)
+    .bind(project_id)
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or_else(|| StoreError::not_found(format!("task {task_id}")))?;
+    rows::log_state(&row)
+}
+
+/// Bytes `start..end` of a task's log, which must be stored: from the chunk holding `start` to
+/// `end`, one range of the primary key.
+async fn read_log(conn: &mut PgConnection, task_id: &str, start: u64, end: u64) -> Result<Vec<u8>> {
+    let chunks = sqlx::query(
+        "SELECT seq, bytes FROM task_logs WHERE task_id = $1 \
+         AND seq >= (SELECT coalesce(max(seq), 0) FROM task_logs WHERE task_id = $1 AND seq <= $2) \
+         AND seq < $3 ORDER BY seq",
+    )
+    .bind(task_id)
+    .bind(signed(start))
+    .bind(signed(end))
+    .fetch_all(&mut *conn)
+    .await?;
+    log_bytes(&chunks, task_id, start, end)
+}

@@ -1,0 +1,106 @@
+//! Projects and their tokens.
+
+use sqlx::Connection;
+use sqlx::sqlite::SqliteConnection;
+use stevedore_model::{Timestamp, new_id};
+
+use super::rows::{self, micros, role_text};
+use super::{BEGIN_WRITE, SqliteStore};
+use crate::convert::unique_violation;
+use crate::record::normalize;
+use crate::{Project, Result, StoreError, TokenRecord, TokenRole};
+
+pub(super) async fn create(store: &SqliteStore, name: &str, now: Timestamp) -> Result<Project> {
+    let project = Project {
+        id: new_id(),
+        name: name.to_owned(),
+        created_at: normalize(now),
+    };
+    sqlx::query("INSERT INTO projects (id, name, created_at) VALUES (?1, ?2, ?3)")
+        .bind(&project.id)
+        .bind(&project.name)
+        .bind(micros(project.created_at))
+        .execute(&mut store.writer().await?.conn)
+        .await
+        .map_err(|error| {
+            unique_violation(error, || format!("a project named {name:?} already exists"))
+        })?;
+    Ok(project)
+}
+
+pub(super) async fn get(store: &SqliteStore, project_id: &str) -> Result<Project> {
+    let row = sqlx::query("SELECT id, name, created_at FROM projects WHERE id = ?1")
+        .bind(project_id)
+        .fetch_optional(&store.readers)
+        .await?
+        .ok_or_else(|| StoreError::not_found(format!("project {project_id}")))?;
+    rows::project(&row)
+}
+
+pub(super) async fn find_by_name(store: &SqliteStore, name: &str) -> Result<Option<Project>> {
+    let row = sqlx::query("SELECT id, name, created_at FROM projects WHERE name = ?1")
+        .bind(name)
+        .fetch_optional(&store.readers)
+        .await?;
+    row.as_ref().map(rows::project).transpose()
+}
+
+pub(super) async fn create_token(
+    store: &SqliteStore,
+    project_id: Option<&str>,
+    role: TokenRole,
+    secret_sha256: &str,
+    now: Timestamp,
+) -> Result<TokenRecord> {
+    let record = TokenRecord {
+        id: new_id(),
+        project_id: project_id.map(str::to_owned),
+        role,
+        created_at: normalize(now),
+    };
+    let mut writer = store.writer().await?;
+    let mut tx = writer.conn.begin_with(BEGIN_WRITE).await?;
+    if let Some(project_id) = project_id {
+        ensure(&mut tx, project_id).await?;
+    }
+    sqlx::query(
+        "INSERT INTO tokens (id, project_id, role, secret_sha256, created_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .bind(&record.id)
+    .bind(project_id)
+    .bind(role_text(role))
+    .bind(secret_sha256)
+    .bind(micros(record.created_at))
+    .execute(&mut *tx)
+    .await
+    .map_err(|error| {
+        unique_violation(error, || {
+            "a token with this secret already exists".to_owned()
+        })
+    })?;
+    tx.commit().await?;
+    Ok(record)
+}
+
+pub(super) async fn find_token(
+    store: &SqliteStore,
+    secret_sha256: &str,
+) -> Result<Option<TokenRecord>> {
+    let row =
+        sqlx::query("SELECT id, project_id, role, created_at FROM tokens WHERE secret_sha256 = ?1")
+            .bind(secret_sha256)
+            .fetch_optional(&store.readers)
+            .await?;
+    row.as_ref().map(rows::token).transpose()
+}
+
+pub(super) async fn ensure(conn: &mut SqliteConnection, project_id: &str) -> Result<()> {
+    let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM projects WHERE id = ?1")
+        .bind(project_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    found
+        .map(|_| ())
+        .ok_or_else(|| StoreError::not_found(format!("project {project_id}")))
+}

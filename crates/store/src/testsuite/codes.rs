@@ -1,0 +1,244 @@
+//! Codes and their revisions, packages, deletion and task counts.
+
+use stevedore_model::{ScheduleStatus, TaskOutcome, TaskStatus};
+
+use super::{
+    ALL, assert_not_found, at, code_cancellation, enqueue_one, exited, image_spec, lease_one,
+    new_task, page, project, project_with_code, schedule_spec,
+};
+use crate::{CodeStats, Package, Result, RunReport, StatsWindow, Store};
+
+pub async fn codes_and_revisions(store: &dyn Store) -> Result<()> {
+    let acme = project(store, "acme").await?;
+    let package = Package {
+        bytes: b"PK\x03\x04 zip bytes".to_vec(),
+        sha256: "abc123".to_owned(),
+    };
+    let first = store
+        .push_code(&acme.id, &image_spec("hello"), Some(&package), at(10))
+        .await?;
+    assert_eq!(first.rev, 1);
+    assert_eq!(first.project_id, acme.id);
+    assert_eq!(first.package_sha256.as_deref(), Some("abc123"));
+    assert_eq!(first.package_size, Some(package.bytes.len() as u64));
+    assert_eq!((first.created_at, first.updated_at), (at(10), at(10)));
+    assert!(!first.paused);
+
+    let mut changed = image_spec("hello");
+    changed.max_concurrency = Some(3);
+    changed
+        .env_vars
+        .insert("GREETING".to_owned(), "hi".to_owned());
+    let second = store.push_code(&acme.id, &changed, None, at(20)).await?;
+    assert_eq!((second.id.as_str(), second.rev), (first.id.as_str(), 2));
+    assert_eq!((second.created_at, second.updated_at), (at(10), at(20)));
+    assert_eq!(second.spec, changed);
+    assert_eq!(second.package_sha256, None);
+
+    assert_eq!(store.get_code(&acme.id, &first.id).await?, second);
+    assert_eq!(store.get_code_by_name(&acme.id, "hello").await?, second);
+    assert_eq!(store.get_revision(&acme.id, &first.id, 1).await?, first);
+    assert_not_found(
+        store.get_revision(&acme.id, &first.id, 3).await,
+        "revision 3",
+    );
+    let revisions = store.list_revisions(&acme.id, &first.id, ALL).await?;
+    assert_eq!(
+        revisions.iter().map(|r| r.rev).collect::<Vec<_>>(),
+        vec![2, 1]
+    );
+    assert_eq!(
+        store
+            .list_revisions(&acme.id, &first.id, page(2, 1))
+            .await?,
+        vec![first.clone()]
+    );
+
+    assert_eq!(
+        store.get_package(&acme.id, &first.id, Some(1)).await?,
+        package.bytes
+    );
+    assert_not_found(
+        store.get_package(&acme.id, &first.id, None).await,
+        "package",
+    );
+    assert_not_found(store.get_code_by_name(&acme.id, "nope").await, "nope");
+    assert_not_found(store.get_code(&acme.id, "nope").await, "nope");
+
+    // Newest-updated first: pushing to `hello` again moves it ahead of `other`.
+    let other = store
+        .push_code(&acme.id, &image_spec("other"), None, at(30))
+        .await?;
+    let names = |codes: Vec<stevedore_model::CodeRevision>| {
+        codes.into_iter().map(|c| c.spec.name).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        names(store.list_codes(&acme.id, ALL).await?),
+        vec!["other", "hello"]
+    );
+    let third = store
+        .push_code(&acme.id, &image_spec("hello"), Some(&package), at(40))
+        .await?;
+    assert_eq!(third.rev, 3);
+    assert_eq!(
+        names(store.list_codes(&acme.id, ALL).await?),
+        vec!["hello", "other"]
+    );
+    assert_eq!(
+        names(store.list_codes(&acme.id, page(2, 1)).await?),
+        vec!["other"]
+    );
+    assert_eq!(
+        store.get_package(&acme.id, &first.id, None).await?,
+        package.bytes
+    );
+
+    let paused = store
+        .set_code_paused(&acme.id, &other.id, true, at(50))
+        .await?;
+    assert!(paused.paused);
+    assert!(store.get_code(&acme.id, &other.id).await?.paused);
+    assert!(
+        !store
+            .set_code_paused(&acme.id, &other.id, false, at(51))
+            .await?
+            .paused
+    );
+    assert_not_found(
+        store
+            .push_code("ghost", &image_spec("x"), None, at(60))
+            .await,
+        "ghost",
+    );
+    Ok(())
+}
+
+pub async fn deleting_a_code_hides_it_and_cancels_its_queued_tasks(
+    store: &dyn Store,
+) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let code = store.get_code_by_name(&acme.id, "hello").await?;
+    let running = enqueue_one(store, &acme.id, new_task("hello"), at(1)).await?;
+    let queued = enqueue_one(store, &acme.id, new_task("hello"), at(2)).await?;
+    let leased = lease_one(store, at(3)).await?;
+    assert_eq!(leased.task.id, running);
+    let schedule_spec = schedule_spec("hello", 60);
+    let schedules = store
+        .create_schedules(&acme.id, &[(schedule_spec, Some(at(60)))], at(3))
+        .await?;
+
+    assert_eq!(
+        store.delete_code(&acme.id, &code.id, at(4)).await?,
+        code_cancellation("hello", 1, 1)
+    );
+    assert_not_found(store.get_code(&acme.id, &code.id).await, &code.id);
+    assert_not_found(store.get_code_by_name(&acme.id, "hello").await, "hello");
+    assert!(store.list_codes(&acme.id, ALL).await?.is_empty());
+    assert_not_found(
+        store.enqueue(&acme.id, &[new_task("hello")], at(5)).await,
+        "hello",
+    );
+    assert_not_found(store.delete_code(&acme.id, &code.id, at(5)).await, &code.id);
+
+    let queued = store.get_task(&acme.id, &queued).await?;
+    assert_eq!(
+        (queued.status, queued.end_time),
+        (TaskStatus::Cancelled, Some(at(4)))
+    );
+    let running = store.get_task(&acme.id, &running).await?;
+    assert_eq!(running.status, TaskStatus::Preparing);
+    assert!(running.cancel_requested);
+    let schedule = store.get_schedule(&acme.id, &schedules[0].id).await?;
+    assert_eq!(
+        (schedule.status, schedule.next_start),
+        (ScheduleStatus::Cancelled, None)
+    );
+    // The leased task can still finish, and a new code may take the name.
+    store
+        .complete(
+            &running.id,
+            leased.lease.token,
+            &TaskOutcome::Cancelled,
+            &RunReport::default(),
+            at(6),
+        )
+        .await?;
+    let reborn = store
+        .push_code(&acme.id, &image_spec("hello"), None, at(7))
+        .await?;
+    assert_ne!(reborn.id, code.id);
+    assert_eq!(reborn.rev, 1);
+    Ok(())
+}
+
+pub async fn code_stats_count_by_status(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let code = store.get_code_by_name(&acme.id, "hello").await?;
+    let empty = store
+        .code_stats(&acme.id, &code.id, StatsWindow::default())
+        .await?;
+    assert!(empty.by_status.iter().all(|(_, count)| *count == 0));
+    store
+        .enqueue(&acme.id, &vec![new_task("hello"); 5], at(0))
+        .await?;
+    let first = lease_one(store, at(1)).await?;
+    let second = lease_one(store, at(1)).await?;
+    store
+        .mark_running(&second.task.id, second.lease.token, at(2), at(2))
+        .await?;
+    store
+        .complete(
+            &second.task.id,
+            second.lease.token,
+            &exited(1),
+            &RunReport::default(),
+            at(3),
+        )
+        .await?;
+    let third = lease_one(store, at(4)).await?;
+    store
+        .mark_running(&third.task.id, third.lease.token, at(4), at(4))
+        .await?;
+    let stats = store
+        .code_stats(&acme.id, &code.id, StatsWindow::default())
+        .await?;
+    let count = |status: TaskStatus| {
+        stats
+            .by_status
+            .iter()
+            .find(|(known, _)| *known == status)
+            .map_or(0, |(_, count)| *count)
+    };
+    assert_eq!(count(TaskStatus::Queued), 2);
+    assert_eq!(count(TaskStatus::Preparing), 1);
+    assert_eq!(count(TaskStatus::Running), 1);
+    assert_eq!(count(TaskStatus::Error), 1);
+    assert_eq!(count(TaskStatus::Complete), 0);
+    assert_eq!(first.task.status, TaskStatus::Preparing);
+
+    // IronWorker's start_date/end_date: only tasks last changed inside the window count.
+    let counts = |stats: CodeStats| -> Vec<(TaskStatus, u64)> {
+        stats
+            .by_status
+            .into_iter()
+            .filter(|(_, count)| *count > 0)
+            .collect()
+    };
+    let late = StatsWindow {
+        updated_from: Some(at(3)),
+        updated_to: None,
+    };
+    assert_eq!(
+        counts(store.code_stats(&acme.id, &code.id, late).await?),
+        vec![(TaskStatus::Running, 1), (TaskStatus::Error, 1)]
+    );
+    let early = StatsWindow {
+        updated_from: None,
+        updated_to: Some(at(1)),
+    };
+    assert_eq!(
+        counts(store.code_stats(&acme.id, &code.id, early).await?),
+        vec![(TaskStatus::Queued, 2), (TaskStatus::Preparing, 1)]
+    );
+    Ok(())
+}
