@@ -106,6 +106,7 @@ impl DeskTaskSource {
             id: request.runner_id.clone(),
             clusters: request.clusters.clone(),
             capacity,
+            owner: request.owner.clone(),
         };
         self.desk
             .record_runner(&runner)
@@ -301,6 +302,7 @@ mod tests {
             clusters: vec!["default".into()],
             max_tasks: 3,
             lease_secs: 30,
+            owner: None,
         }
     }
 
@@ -308,7 +310,7 @@ mod tests {
         let now = fixture.clock.now();
         fixture
             .store
-            .cluster_load("default", None, now - chrono::Duration::hours(1), now)
+            .cluster_load("default", None, None, now - chrono::Duration::hours(1), now)
             .await
             .unwrap()
             .runners

@@ -29,7 +29,7 @@ use stevedore_server::leader::{self, LeaderDuties};
 use stevedore_server::rescuer::RescuerConfig;
 use stevedore_server::scheduler::SchedulerConfig;
 use stevedore_server::{AppState, EnqueueHook, LeaseDesk, auth, bootstrap};
-use stevedore_store::{CredentialVault, PgStore, SqliteStore, Store, TokenRole};
+use stevedore_store::{CredentialVault, NewToken, PgStore, SqliteStore, Store, TokenRole};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -186,11 +186,16 @@ enum ProjectCommand {
 enum TokenCommand {
     /// Create a token; prints JSON holding the secret, which is shown only this once.
     Create {
-        /// The project the token belongs to (required for project tokens).
+        /// The project the token belongs to (required for project tokens). A runner token
+        /// with a project serves only that project's own clusters.
         #[arg(long)]
         project: Option<String>,
         #[arg(long, value_enum, default_value_t = Role::Project)]
         role: Role,
+        /// A runner token serves only these clusters (repeat for several); without, every
+        /// shared cluster (or, with --project, every cluster the project owns).
+        #[arg(long = "cluster", value_name = "NAME")]
+        clusters: Vec<String>,
     },
 }
 
@@ -315,8 +320,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let token = auth::new_token_secret();
             store
                 .create_token(
-                    Some(&project.id),
-                    TokenRole::Project,
+                    &NewToken {
+                        project_id: Some(project.id.clone()),
+                        role: TokenRole::Project,
+                        clusters: None,
+                    },
                     &auth::token_digest(&token),
                     now,
                 )
@@ -324,7 +332,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_json(&serde_json::json!({"id": project.id, "name": project.name, "token": token}))
         }
         Command::Token {
-            command: TokenCommand::Create { project, role },
+            command:
+                TokenCommand::Create {
+                    project,
+                    role,
+                    clusters,
+                },
         } => {
             let store = open_store(&settings).await?;
             let role = match role {
@@ -343,19 +356,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
                 (_, None) => None,
             };
+            let clusters =
+                runner_token_clusters(store.as_ref(), role, project.as_deref(), clusters).await?;
             let token = auth::new_token_secret();
             let record = store
                 .create_token(
-                    project.as_deref(),
-                    role,
+                    &NewToken {
+                        project_id: project,
+                        role,
+                        clusters,
+                    },
                     &auth::token_digest(&token),
                     SystemClock.now(),
                 )
                 .await?;
             let role_name = format!("{role:?}").to_lowercase();
-            print_json(
-                &serde_json::json!({"id": record.id, "project_id": record.project_id, "role": role_name, "token": token}),
-            )
+            print_json(&serde_json::json!({
+                "id": record.id,
+                "project_id": record.project_id,
+                "role": role_name,
+                "clusters": record.clusters,
+                "token": token,
+            }))
         }
         Command::Stack {
             command: StackCommand::BuildLocal { names, busybox },
@@ -366,6 +388,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_json(&serde_json::to_value(built)?)
         }
     }
+}
+
+/// The clusters a new token is limited to: only a runner token may be; a project's runner
+/// token only to clusters that project owns.
+async fn runner_token_clusters(
+    store: &dyn Store,
+    role: TokenRole,
+    project: Option<&str>,
+    clusters: Vec<String>,
+) -> anyhow::Result<Option<Vec<String>>> {
+    if clusters.is_empty() {
+        return Ok(None);
+    }
+    anyhow::ensure!(
+        role == TokenRole::Runner,
+        "--cluster limits a runner token; a {} token serves no clusters",
+        format!("{role:?}").to_lowercase()
+    );
+    for name in &clusters {
+        stevedore_model::validation::check_name("--cluster", name)?;
+        if let Some(project) = project {
+            let own = store
+                .find_cluster_by_name(Some(project), name)
+                .await?
+                .is_some_and(|cluster| cluster.project_id.as_deref() == Some(project));
+            anyhow::ensure!(
+                own,
+                "project {project} has no cluster named {name:?} of its own (POST /2/clusters creates one)"
+            );
+        }
+    }
+    Ok(Some(clusters))
 }
 
 pub(crate) async fn connect_engine() -> anyhow::Result<DockerEngine> {

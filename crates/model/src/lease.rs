@@ -22,6 +22,12 @@ pub struct LeaseRequest {
     pub max_tasks: u32,
     /// How long the lease lasts without a heartbeat.
     pub lease_secs: u32,
+    /// Whose clusters `clusters` names: `None`, the operator's (shared) clusters, leasing any
+    /// project's tasks there but none of a project that owns a cluster of the same name;
+    /// `Some(project)`, that project's own clusters, leasing only its tasks. Set by the server
+    /// from the runner's token, never by the runner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 impl LeaseRequest {

@@ -603,6 +603,7 @@ mod tests {
             clusters: vec![DEFAULT_CLUSTER.into()],
             max_tasks: 1,
             lease_secs: 30,
+            owner: None,
         }
     }
 

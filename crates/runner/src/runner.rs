@@ -237,6 +237,7 @@ impl Runner {
                 clusters: config.clusters.clone(),
                 max_tasks: wanted,
                 lease_secs: config.lease_secs,
+                owner: None,
             };
             // Not raced against shutdown: a lease granted and then dropped unseen would sit
             // until it expired. Tasks leased after shutdown give themselves back at once.

@@ -150,6 +150,56 @@ impl FromRequestParts<AppState> for RunnerAccess {
     }
 }
 
+impl RunnerAccess {
+    /// Whose clusters this runner may lease from, if it may lease from every one of
+    /// `clusters`: `None`, the shared clusters; `Some(project)`, that project's own. Refused
+    /// (403, naming the clusters) when a cluster is outside the token's: a runner token made
+    /// with `--cluster` serves only those, and a project's runner token only clusters that
+    /// project owns now. An admin token serves every shared cluster.
+    pub async fn lease_owner(
+        &self,
+        state: &AppState,
+        clusters: &[String],
+    ) -> Result<Option<String>, ApiError> {
+        let token = &self.token;
+        if token.role == TokenRole::Runner
+            && let Some(allowed) = &token.clusters
+        {
+            let outside: Vec<&str> = clusters
+                .iter()
+                .filter(|cluster| !allowed.contains(cluster))
+                .map(String::as_str)
+                .collect();
+            if !outside.is_empty() {
+                return Err(ApiError::Forbidden(format!(
+                    "this runner token serves only the clusters {allowed:?}, not {outside:?}"
+                )));
+            }
+        }
+        let Some(project_id) = token
+            .project_id
+            .clone()
+            .filter(|_| token.role == TokenRole::Runner)
+        else {
+            return Ok(None);
+        };
+        for name in clusters {
+            let own = state
+                .store
+                .find_cluster_by_name(Some(&project_id), name)
+                .await?
+                .is_some_and(|cluster| cluster.project_id.as_deref() == Some(project_id.as_str()));
+            if !own {
+                return Err(ApiError::Forbidden(format!(
+                    "this runner token serves project {project_id}'s own clusters, and {name:?} \
+                     is not one of them"
+                )));
+            }
+        }
+        Ok(Some(project_id))
+    }
+}
+
 impl FromRequestParts<AppState> for TenantAccess {
     type Rejection = ApiError;
 

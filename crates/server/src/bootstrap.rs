@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use stevedore_model::Timestamp;
-use stevedore_store::{Store, StoreError, TokenRole};
+use stevedore_store::{NewToken, Store, StoreError, TokenRole};
 
 use crate::auth::{new_token_secret, token_digest};
 
@@ -96,8 +96,11 @@ pub async fn ensure_default_project(
     let token = new_token_secret();
     store
         .create_token(
-            Some(&project.id),
-            TokenRole::Project,
+            &NewToken {
+                project_id: Some(project.id.clone()),
+                role: TokenRole::Project,
+                clusters: None,
+            },
             &token_digest(&token),
             now,
         )

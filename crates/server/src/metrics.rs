@@ -106,24 +106,29 @@ async fn refresh_store_gauges(state: &AppState) -> ApiResult<()> {
     let gauges = state.store.gauges(now).await?;
     stevedore_metrics::store_gauges(&gauges.by_status, &gauges.queue_depth);
 
-    let mut names = vec![DEFAULT_CLUSTER.to_owned()];
+    // A project's own cluster is labelled `project/name`: its name alone may be a shared
+    // cluster's too.
+    let mut names = vec![(DEFAULT_CLUSTER.to_owned(), None)];
     names.extend(
         state
             .store
             .list_clusters(None)
             .await?
             .into_iter()
-            .map(|cluster| cluster.spec.name),
+            .map(|cluster| (cluster.spec.name, cluster.project_id)),
     );
     let online_since = state.config.runner_api.online_since(now);
     let mut clusters = Vec::with_capacity(names.len());
-    for name in names {
+    for (name, owner) in names {
         let load = state
             .store
-            .cluster_load(&name, None, online_since, now)
+            .cluster_load(&name, owner.as_deref(), None, online_since, now)
             .await?;
         clusters.push(ClusterGauge {
-            cluster: name,
+            cluster: match owner {
+                Some(project_id) => format!("{project_id}/{name}"),
+                None => name,
+            },
             runners: u64::try_from(load.runners.len()).unwrap_or(u64::MAX),
             capacity: load.capacity(),
             busy: load.in_use(),

@@ -50,7 +50,7 @@ pub fn routes(_config: &ServerConfig) -> Router<AppState> {
 /// server and looking again every `poll_interval` for tasks queued elsewhere or become due.
 pub async fn lease(
     State(state): State<AppState>,
-    _access: RunnerAccess,
+    access: RunnerAccess,
     shutdown: Option<Extension<StreamShutdown>>,
     ApiJson(request): ApiJson<wire::LeaseRequest>,
 ) -> ApiResult<Json<wire::LeaseResponse>> {
@@ -58,12 +58,16 @@ pub async fn lease(
     let wait = Duration::from_millis(request.wait_ms).min(config.max_wait);
     let deadline = tokio::time::Instant::now() + wait;
     let capacity = request.capacity.unwrap_or(request.max_tasks);
-    let lease = LeaseRequest {
+    let mut lease = LeaseRequest {
         runner_id: request.runner_id,
         clusters: request.clusters,
         max_tasks: request.max_tasks,
         lease_secs: request.lease_secs,
+        owner: None,
     };
+    // Names first (a 400 for what makes no sense), then whether this token may serve them.
+    lease.validate()?;
+    lease.owner = access.lease_owner(&state, &lease.clusters).await?;
     let mut recorded = false;
     let stopping = shutdown.map(|Extension(StreamShutdown(token))| token);
     loop {
@@ -80,6 +84,7 @@ pub async fn lease(
                     id: lease.runner_id.clone(),
                     clusters: lease.clusters.clone(),
                     capacity,
+                    owner: lease.owner.clone(),
                 })
                 .await?;
             recorded = true;

@@ -18,6 +18,9 @@ pub enum StoreError {
     /// Stored data that does not decode: a bug or a corrupted database.
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
+    /// The operating system gave no random bytes (for a lease token).
+    #[error("the system's random number generator failed: {0}")]
+    Random(String),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     #[error("database migration failed: {0}")]

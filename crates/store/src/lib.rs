@@ -73,10 +73,22 @@ pub enum TokenRole {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenRecord {
     pub id: String,
-    /// The project the token belongs to; `None` for admin and runner tokens.
+    /// The project the token belongs to: a project token's, or a runner token's that serves
+    /// only that project's own clusters; `None` for admin and operator runner tokens.
     pub project_id: Option<String>,
     pub role: TokenRole,
+    /// A runner token's clusters: it leases from these only. `None`: every shared cluster
+    /// (an operator's runner token made without `--cluster`).
+    pub clusters: Option<Vec<String>>,
     pub created_at: Timestamp,
+}
+
+/// A token to create: whose, what it may do, and for a runner token, which clusters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewToken {
+    pub project_id: Option<String>,
+    pub role: TokenRole,
+    pub clusters: Option<Vec<String>>,
 }
 
 /// A code's zip package to store beside a new revision.
@@ -240,6 +252,8 @@ pub struct RunnerSeen {
     pub id: String,
     pub clusters: Vec<String>,
     pub capacity: u32,
+    /// Whose clusters `clusters` names: `None`, the shared ones; else that project's own.
+    pub owner: Option<String>,
 }
 
 /// A runner of a cluster, as `cluster_load` reports it.
@@ -372,8 +386,7 @@ pub trait Store: Send + Sync + 'static {
     /// Stores a token by the SHA-256 of its secret.
     async fn create_token(
         &self,
-        project_id: Option<&str>,
-        role: TokenRole,
+        token: &NewToken,
         secret_sha256: &str,
         now: Timestamp,
     ) -> Result<TokenRecord>;
@@ -593,16 +606,17 @@ pub trait Store: Send + Sync + 'static {
         now: Timestamp,
     ) -> Result<Cluster>;
     /// Deletes a cluster; refused (`StoreError::Conflict`) while tasks of it are queued or
-    /// running.
+    /// running or schedules still firing name it.
     async fn delete_cluster(&self, cluster_id: &str) -> Result<()>;
     /// Notes that a runner asked for work at `now`, with its clusters and capacity.
     async fn record_runner(&self, runner: &RunnerSeen, now: Timestamp) -> Result<()>;
-    /// Tasks of the cluster named `name` (only `project_id`'s when given) queued and active,
-    /// and the runners serving it that were seen at or after `online_since` or hold a lease
-    /// that has not expired at `now`.
+    /// Tasks of the cluster named `name` owned by `owner` (`None`: the shared one; only
+    /// `project_id`'s tasks when given) queued and active, and the runners serving it that
+    /// were seen at or after `online_since` or hold a lease that has not expired at `now`.
     async fn cluster_load(
         &self,
         name: &str,
+        owner: Option<&str>,
         project_id: Option<&str>,
         online_since: Timestamp,
         now: Timestamp,

@@ -118,6 +118,21 @@ impl TaskRecord {
     /// Hands the task to a runner: `queued` → `preparing`. A lease batch is written in bulk
     /// with exactly the fields set here (status, `updated_at`, runner, token, expiry); a change
     /// here must change that statement too.
+    /// Leases every record of a batch to `runner_id` until `expires_at`, each with a fresh
+    /// random token ([`fresh_lease_tokens`]).
+    pub fn grant_leases(
+        records: &mut [TaskRecord],
+        runner_id: &str,
+        expires_at: Timestamp,
+        now: Timestamp,
+    ) -> Result<()> {
+        let tokens = fresh_lease_tokens(records.len())?;
+        for (record, token) in records.iter_mut().zip(tokens) {
+            record.grant_lease(runner_id, token, expires_at, now)?;
+        }
+        Ok(())
+    }
+
     pub fn grant_lease(
         &mut self,
         runner_id: &str,
@@ -442,4 +457,55 @@ pub(crate) fn fired_task(mut queued: Vec<Task>) -> Result<Option<Task>> {
         .pop()
         .map(Some)
         .ok_or_else(|| StoreError::Corrupt("firing a schedule queued no task".to_owned()))
+}
+
+/// `count` lease tokens: random, positive, distinct from one another. A token is the only
+/// proof that a runner holds a task's lease (every later write about the task carries it), so
+/// it must not be guessable from the tokens a runner was given itself, as counted ones were. A
+/// rescued task's new lease has a new token, so the old one no longer matches.
+pub fn fresh_lease_tokens(count: usize) -> Result<Vec<i64>> {
+    let mut bytes = vec![0_u8; count * 8];
+    getrandom::fill(&mut bytes).map_err(|error| StoreError::Random(error.to_string()))?;
+    let mut tokens: Vec<i64> = bytes
+        .chunks_exact(8)
+        .map(|chunk| {
+            let raw = u64::from_le_bytes(<[u8; 8]>::try_from(chunk).unwrap_or_default());
+            i64::try_from(raw >> 1).unwrap_or(i64::MAX).max(1)
+        })
+        .collect();
+    // 63 random bits: a repeat within one batch is all but impossible, but cheap to rule out.
+    let mut seen = std::collections::HashSet::with_capacity(tokens.len());
+    for token in &mut tokens {
+        while !seen.insert(*token) {
+            *token = token.wrapping_add(1).max(1);
+        }
+    }
+    Ok(tokens)
+}
+
+/// What still uses a cluster's name: its tasks queued or active and its schedules still
+/// firing. While any does, the cluster keeps its name and stays, so no later cluster of that
+/// name (another project's) inherits them.
+pub struct Users {
+    pub tasks: i64,
+    pub schedules: i64,
+}
+
+impl Users {
+    /// Refuses with a message naming what holds cluster `name` and `until`, what would let go.
+    pub fn check(&self, name: &str, until: &str) -> Result<()> {
+        if self.tasks > 0 {
+            return Err(StoreError::Conflict(format!(
+                "cluster {name:?} has {} tasks queued or running; {until} they finish (or are cancelled)",
+                self.tasks
+            )));
+        }
+        if self.schedules > 0 {
+            return Err(StoreError::Conflict(format!(
+                "cluster {name:?} is named by {} schedules; {until} they are cancelled or moved to another cluster",
+                self.schedules
+            )));
+        }
+        Ok(())
+    }
 }

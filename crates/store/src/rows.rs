@@ -283,12 +283,20 @@ pub(crate) fn project(row: &impl SqlRow) -> Result<Project> {
     })
 }
 
-/// A row of `tokens` (`id`, `project_id`, `role`, `created_at`).
+/// A row of `tokens` (`id`, `project_id`, `role`, `created_at`, `clusters`).
 pub(crate) fn token(row: &impl SqlRow) -> Result<TokenRecord> {
+    let clusters = row
+        .opt_text("clusters")?
+        .map(|clusters| {
+            serde_json::from_str(&clusters)
+                .map_err(|error| StoreError::Corrupt(format!("tokens.clusters: {error}")))
+        })
+        .transpose()?;
     Ok(TokenRecord {
         id: row.text("id")?,
         project_id: row.opt_text("project_id")?,
         role: role(&row.text("role")?)?,
+        clusters,
         created_at: timestamp(row.int("created_at")?)?,
     })
 }

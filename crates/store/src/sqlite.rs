@@ -60,9 +60,9 @@ use tokio::time::MissedTickBehavior;
 use self::writer::Writing;
 use crate::{
     Cluster, ClusterLoad, ClusterSpec, CodeCancellation, CodeStats, HeartbeatReply, Leadership,
-    LeaseRequest, LeasedTask, LogSlice, Package, Page, Project, QueueWait, Requeue, RescuedTask,
-    Result, RunReport, RunnerSeen, SealedSecret, StatsWindow, Store, StoreError, StoreGauges,
-    StoredCredential, TaskFilter, TokenRecord, TokenRole, UsageQuery, UsageRow,
+    LeaseRequest, LeasedTask, LogSlice, NewToken, Package, Page, Project, QueueWait, Requeue,
+    RescuedTask, Result, RunReport, RunnerSeen, SealedSecret, StatsWindow, Store, StoreError,
+    StoreGauges, StoredCredential, TaskFilter, TokenRecord, UsageQuery, UsageRow,
 };
 
 /// The leadership of the one process that uses a SQLite database.
@@ -238,12 +238,11 @@ impl Store for SqliteStore {
 
     async fn create_token(
         &self,
-        project_id: Option<&str>,
-        role: TokenRole,
+        token: &NewToken,
         secret_sha256: &str,
         now: Timestamp,
     ) -> Result<TokenRecord> {
-        projects::create_token(self, project_id, role, secret_sha256, now).await
+        projects::create_token(self, token, secret_sha256, now).await
     }
 
     async fn find_token(&self, secret_sha256: &str) -> Result<Option<TokenRecord>> {
@@ -515,11 +514,12 @@ impl Store for SqliteStore {
     async fn cluster_load(
         &self,
         name: &str,
+        owner: Option<&str>,
         project_id: Option<&str>,
         online_since: Timestamp,
         now: Timestamp,
     ) -> Result<ClusterLoad> {
-        clusters::load(self, name, project_id, online_since, now).await
+        clusters::load(self, name, owner, project_id, online_since, now).await
     }
 
     // === schedules ===

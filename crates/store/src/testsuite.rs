@@ -39,8 +39,8 @@ use stevedore_model::{
 };
 
 use crate::{
-    CodeCancellation, LeaseRequest, LeasedTask, Page, Project, RescuedTask, Result, Store,
-    StoreError,
+    CodeCancellation, LeaseRequest, LeasedTask, NewToken, Page, Project, RescuedTask, Result,
+    Store, StoreError, TokenRole,
 };
 
 /// Makes one `#[tokio::test]` per suite function. `$factory` is an async function (or
@@ -87,7 +87,7 @@ macro_rules! store_test_suite {
                 max_concurrency_holds_across_lease_calls,
                 paused_code_is_skipped_until_resumed,
                 lease_matches_clusters,
-                lease_tokens_strictly_increase,
+                lease_tokens_are_random_and_distinct,
                 concurrent_runners_finish_every_task_once,
                 stale_token_is_refused_after_rescue,
                 complete_records_the_result_once,
@@ -118,6 +118,8 @@ macro_rules! store_test_suite {
                 clusters_are_owned_visible_and_unique,
                 clusters_keep_their_name_while_tasks_use_it,
                 cluster_load_counts_tasks_and_online_runners,
+                cluster_names_are_scoped_and_leases_follow_their_owner,
+                clusters_named_by_schedules_stay_and_fires_check_them,
             ],
             usage: [
                 usage_sums_finished_tasks_per_bucket_and_revision,
@@ -214,6 +216,15 @@ pub fn new_task(code_name: &str) -> NewTask {
     }
 }
 
+/// A token of `role`, of `project_id` when given, for every cluster it may serve.
+pub fn new_token(project_id: Option<&str>, role: TokenRole) -> NewToken {
+    NewToken {
+        project_id: project_id.map(str::to_owned),
+        role,
+        clusters: None,
+    }
+}
+
 /// A runner serving the default cluster, 60 s leases.
 pub fn lease_request(runner_id: &str, max_tasks: u32) -> LeaseRequest {
     LeaseRequest {
@@ -221,6 +232,7 @@ pub fn lease_request(runner_id: &str, max_tasks: u32) -> LeaseRequest {
         clusters: vec!["default".to_owned()],
         max_tasks,
         lease_secs: 60,
+        owner: None,
     }
 }
 

@@ -251,21 +251,17 @@ pub async fn cluster_stats(
     project_id: Option<&str>,
     cluster_id: &str,
 ) -> ApiResult<v2::ClusterStats> {
-    let name = if cluster_id == DEFAULT_CLUSTER {
-        DEFAULT_CLUSTER.to_owned()
+    let (name, owner) = if cluster_id == DEFAULT_CLUSTER {
+        (DEFAULT_CLUSTER.to_owned(), None)
     } else {
-        state
-            .store
-            .get_cluster(project_id, cluster_id)
-            .await?
-            .spec
-            .name
+        let cluster = state.store.get_cluster(project_id, cluster_id).await?;
+        (cluster.spec.name, cluster.project_id)
     };
     let now = state.clock.now();
     let online_since = state.config.runner_api.online_since(now);
     let load = state
         .store
-        .cluster_load(&name, project_id, online_since, now)
+        .cluster_load(&name, owner.as_deref(), project_id, online_since, now)
         .await?;
     let (capacity, in_use) = (load.capacity(), load.in_use());
     let runners: Vec<v2::ClusterRunner> = load

@@ -2,7 +2,7 @@
 
 use reqwest::Method;
 use serde_json::{Value, json};
-use stevedore_store::TokenRole;
+use stevedore_store::{NewToken, TokenRole};
 
 use crate::support::{Reply, TestServer, redactions};
 
@@ -88,7 +88,14 @@ async fn clusters_crud_and_stats() {
     server
         .queue(json!([{"code_name": "hello", "cluster": "gpu"}, {"code_name": "hello", "cluster": "gpu"}]))
         .await;
-    let runner_token = server.token_of(TokenRole::Runner).await;
+    // The project's own cluster is served by a runner token of the project's.
+    let runner_token = server
+        .token(NewToken {
+            project_id: Some(server.project_id.clone()),
+            role: TokenRole::Runner,
+            clusters: Some(vec!["gpu".into()]),
+        })
+        .await;
     let reply = server
         .send(server.root(Method::POST, "/runner/v1/lease", &runner_token).json(&json!(
             {"runner_id": "gpu-box", "clusters": ["gpu"], "max_tasks": 1, "lease_secs": 30, "capacity": 3}
@@ -152,7 +159,8 @@ async fn clusters_belong_to_their_project() {
     let mine_id = mine["id"].as_str().unwrap();
     assert_eq!(mine["cluster"]["project_id"], server.project_id.as_str());
 
-    // Another project neither sees nor changes it, nor queues onto it, nor takes its name.
+    // Another project neither sees nor changes it, nor queues onto it. Names are scoped: its
+    // own cluster of the same name is another cluster.
     call(&server, Method::GET, &format!("/{mine_id}"), &other, None)
         .await
         .error(404);
@@ -165,11 +173,21 @@ async fn clusters_belong_to_their_project() {
     )
     .await
     .error(404);
-    call(
+    let theirs = call(
         &server,
         Method::POST,
         "",
         &other,
+        Some(json!({"name": "mine"})),
+    )
+    .await
+    .json();
+    assert_ne!(theirs["id"], mine["id"]);
+    call(
+        &server,
+        Method::POST,
+        "",
+        &server.token,
         Some(json!({"name": "mine"})),
     )
     .await
@@ -207,6 +225,37 @@ async fn clusters_belong_to_their_project() {
     )
     .await;
     assert_eq!(changed.status, 200, "{}", changed.text());
+    // A shared name is the operator's: no project's cluster takes it, by creation or rename;
+    // the operator may still create a shared cluster of a name projects use.
+    let refused = call(
+        &server,
+        Method::POST,
+        "",
+        &other,
+        Some(json!({"name": "big"})),
+    )
+    .await
+    .error(409);
+    assert!(refused.contains("shared"), "{refused}");
+    let refused = call(
+        &server,
+        Method::PUT,
+        &format!("/{mine_id}"),
+        &server.token,
+        Some(json!({"name": "big"})),
+    )
+    .await
+    .error(409);
+    assert!(refused.contains("shared"), "{refused}");
+    let operators = call(
+        &server,
+        Method::POST,
+        "",
+        &admin,
+        Some(json!({"name": "mine"})),
+    )
+    .await;
+    assert_eq!(operators.status, 200, "{}", operators.text());
 
     // The built-in cluster is not to be changed.
     call(&server, Method::DELETE, "/default", &server.token, None)

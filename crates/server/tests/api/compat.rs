@@ -287,6 +287,7 @@ async fn duration_is_never_negative() {
         clusters: vec!["default".into()],
         max_tasks: 1,
         lease_secs: 60,
+        owner: None,
     };
     let leased = server.store.lease(&request, now).await.unwrap().remove(0);
     let token = leased.lease.token;

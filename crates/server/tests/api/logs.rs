@@ -56,6 +56,7 @@ impl Leased {
             clusters: vec!["default".to_owned()],
             max_tasks: 1,
             lease_secs: 600,
+            owner: None,
         };
         let leased = server
             .store

@@ -7,7 +7,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use stevedore_model::{Clock, SystemClock};
 use stevedore_server::ServerConfig;
-use stevedore_store::TokenRole;
+use stevedore_store::{NewToken, TokenRole};
 
 use crate::support::{Reply, TestServer};
 
@@ -19,6 +19,24 @@ struct Runner<'a> {
 impl<'a> Runner<'a> {
     async fn new(server: &'a TestServer) -> Runner<'a> {
         let token = server.token_of(TokenRole::Runner).await;
+        Runner { server, token }
+    }
+
+    /// A runner whose token serves only `clusters` (all of them when `None`), and only
+    /// `project`'s own clusters when given.
+    async fn scoped(
+        server: &'a TestServer,
+        project: Option<&str>,
+        clusters: Option<&[&str]>,
+    ) -> Runner<'a> {
+        let token = server
+            .token(NewToken {
+                project_id: project.map(str::to_owned),
+                role: TokenRole::Runner,
+                clusters: clusters
+                    .map(|names| names.iter().map(|name| (*name).to_owned()).collect()),
+            })
+            .await;
         Runner { server, token }
     }
 
@@ -185,7 +203,7 @@ async fn a_rescued_tasks_old_token_is_refused_with_409() {
     let leased = runner.lease(&["default"], 1, 0).await;
     let (again, new) = lease_of(&leased[0]);
     assert_eq!(again, task_id);
-    assert!(new > old);
+    assert_ne!(new, old);
 
     for (action, body) in [
         ("heartbeat", json!({"token": old, "lease_secs": 30})),
@@ -409,10 +427,34 @@ async fn a_cluster_task_is_leased_only_by_its_clusters_runners() {
     assert_eq!(plain.len(), 1);
     assert_eq!(plain[0]["task"]["id"], ids[1].as_str());
     assert!(runner.lease(&["default", "arm"], 10, 0).await.is_empty());
-    let gpu = runner.lease(&["gpu"], 10, 0).await;
+    // The project's own cluster is not the operator's: an operator runner serving a `gpu`
+    // gets nothing of it; the project's own runner token does.
+    assert!(runner.lease(&["gpu"], 10, 0).await.is_empty());
+    let own = Runner::scoped(&server, Some(&server.project_id), Some(&["gpu"])).await;
+    let gpu = own.lease(&["gpu"], 10, 0).await;
     assert_eq!(gpu.len(), 1);
     assert_eq!(gpu[0]["task"]["id"], ids[0].as_str());
     assert_eq!(gpu[0]["task"]["cluster"], "gpu");
+
+    // A scoped token is refused (403, naming the cluster) for any cluster outside its scope.
+    for (scoped, clusters) in [
+        (&own, &["default"][..]),
+        (&own, &["gpu", "default"][..]),
+        (
+            &Runner::scoped(&server, None, Some(&["arm"])).await,
+            &["gpu"][..],
+        ),
+    ] {
+        let body =
+            json!({"runner_id": "r", "clusters": clusters, "max_tasks": 1, "lease_secs": 30});
+        let msg = scoped.post("lease", body).await.error(403);
+        assert!(msg.contains("default") || msg.contains("gpu"), "{msg}");
+    }
+    // A project's runner token serves only clusters that project owns now.
+    let (other_id, _) = server.other_project("squatter").await;
+    let theirs = Runner::scoped(&server, Some(&other_id), None).await;
+    let body = json!({"runner_id": "r", "clusters": ["gpu"], "max_tasks": 1, "lease_secs": 30});
+    assert!(theirs.post("lease", body).await.error(403).contains("gpu"));
 
     // A cluster that does not exist (or is another project's) is refused when queueing.
     let msg = server

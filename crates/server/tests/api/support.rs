@@ -6,7 +6,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use stevedore_model::{Clock, SystemClock};
 use stevedore_server::{AppState, ServerConfig, bootstrap};
-use stevedore_store::{SqliteOptions, SqliteStore, Store, SyncMode, TokenRole};
+use stevedore_store::{NewToken, SqliteOptions, SqliteStore, Store, SyncMode, TokenRole};
 use tokio::net::TcpListener;
 
 pub struct TestServer {
@@ -147,32 +147,38 @@ impl TestServer {
     pub async fn other_project(&self, name: &str) -> (String, String) {
         let now = SystemClock.now();
         let project = self.store.create_project(name, now).await.unwrap();
-        let token = stevedore_server::auth::new_token_secret();
-        self.store
-            .create_token(
-                Some(&project.id),
-                TokenRole::Project,
-                &stevedore_server::auth::token_digest(&token),
-                now,
-            )
-            .await
-            .unwrap();
+        let token = self
+            .token(NewToken {
+                project_id: Some(project.id.clone()),
+                role: TokenRole::Project,
+                clusters: None,
+            })
+            .await;
         (project.id, token)
     }
 
     /// A token of `role` without a project (runner or admin).
     pub async fn token_of(&self, role: TokenRole) -> String {
-        let token = stevedore_server::auth::new_token_secret();
+        self.token(NewToken {
+            project_id: None,
+            role,
+            clusters: None,
+        })
+        .await
+    }
+
+    /// A token as `token` says; its secret.
+    pub async fn token(&self, token: NewToken) -> String {
+        let secret = stevedore_server::auth::new_token_secret();
         self.store
             .create_token(
-                None,
-                role,
-                &stevedore_server::auth::token_digest(&token),
+                &token,
+                &stevedore_server::auth::token_digest(&secret),
                 SystemClock.now(),
             )
             .await
             .unwrap();
-        token
+        secret
     }
 
     /// A request to a path from the server's root, with `token`.

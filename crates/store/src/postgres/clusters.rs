@@ -1,7 +1,7 @@
 //! Clusters and the runners that serve them.
 //!
 //! A cluster's name may only change, and the cluster only go, while no task of it is queued or
-//! running. Renaming and deleting lock the cluster's row (`FOR UPDATE`) before they count its
+//! running and no schedule still firing names it. Renaming and deleting lock the cluster's row (`FOR UPDATE`) before they count its
 //! tasks, and every insertion of tasks holds the rows of the clusters it names (`FOR KEY
 //! SHARE`, see `hold_for_tasks`) until it commits. So the count always sees the tasks an
 //! insertion that came first committed, and an insertion that comes second waits for the
@@ -14,6 +14,7 @@ use stevedore_model::{Timestamp, new_id};
 
 use super::{BEGIN_SNAPSHOT, PgStore, finish, projects};
 use crate::convert::{micros, timestamp, unique_violation, unsigned};
+use crate::record::Users;
 use crate::record::normalize;
 use crate::rows::{cluster, select_clusters};
 use crate::{Cluster, ClusterLoad, ClusterSpec, Result, RunnerSeen, RunnerStatus, StoreError};
@@ -22,15 +23,68 @@ fn taken(name: &str) -> StoreError {
     StoreError::Conflict(format!("a cluster named {name:?} already exists"))
 }
 
-/// Tasks of the cluster named `name` that are queued or active.
-async fn live_tasks(conn: &mut PgConnection, name: &str) -> Result<i64> {
-    Ok(sqlx::query_scalar(
-        "SELECT count(*) FROM tasks WHERE cluster = $1 \
-         AND status IN ('queued', 'preparing', 'running')",
+fn shared_taken(name: &str) -> StoreError {
+    StoreError::Conflict(format!(
+        "{name:?} is the name of a shared cluster: a project's cluster may not take it; choose another name"
+    ))
+}
+
+/// Whether a shared cluster is named `name` (a project's cluster may not take the name). The
+/// shared row, if any, is held until the transaction ends, so it cannot be renamed meanwhile.
+async fn shared_exists(conn: &mut PgConnection, name: &str) -> Result<bool> {
+    let found: Option<i32> = sqlx::query_scalar(
+        "SELECT 1 FROM clusters WHERE name = $1 AND project_id IS NULL FOR KEY SHARE",
     )
     .bind(name)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(found.is_some())
+}
+
+/// Tasks queued or active, and schedules still firing, of the cluster named `name` owned by
+/// `owner` (`None`: the shared one, which serves the tasks of every project that has no
+/// cluster of its own by that name). What keeps a cluster's name and the cluster itself.
+async fn users(conn: &mut PgConnection, name: &str, owner: Option<&str>) -> Result<Users> {
+    let tasks: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM tasks AS t WHERE t.cluster = $1 \
+         AND t.status IN ('queued', 'preparing', 'running') \
+         AND (CASE WHEN $2::text IS NULL THEN NOT EXISTS (SELECT 1 FROM clusters AS k \
+              WHERE k.project_id = t.project_id AND k.name = t.cluster) \
+              ELSE t.project_id = $2 END)",
+    )
+    .bind(name)
+    .bind(owner)
     .fetch_one(&mut *conn)
-    .await?)
+    .await?;
+    let schedules: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM schedules AS s WHERE s.status = 'scheduled' \
+         AND s.spec::jsonb ->> 'cluster' = $1 \
+         AND (CASE WHEN $2::text IS NULL THEN NOT EXISTS (SELECT 1 FROM clusters AS k \
+              WHERE k.project_id = s.project_id AND k.name = $1) \
+              ELSE s.project_id = $2 END)",
+    )
+    .bind(name)
+    .bind(owner)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(Users { tasks, schedules })
+}
+
+/// Whether `project_id` may queue tasks in the cluster named `name`: `default`, one of its
+/// own, or a shared one.
+pub(super) async fn usable(conn: &mut PgConnection, project_id: &str, name: &str) -> Result<bool> {
+    if name == DEFAULT_CLUSTER {
+        return Ok(true);
+    }
+    let found: Option<i32> = sqlx::query_scalar(
+        "SELECT 1 FROM clusters WHERE name = $1 AND (project_id IS NULL OR project_id = $2) \
+         LIMIT 1",
+    )
+    .bind(name)
+    .bind(project_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(found.is_some())
 }
 
 /// Loads a cluster and locks its row until the transaction ends.
@@ -85,6 +139,9 @@ pub(super) async fn create(
     let result: Result<_> = async {
         if let Some(project_id) = project_id {
             projects::ensure(&mut tx, project_id).await?;
+            if shared_exists(&mut tx, &spec.name).await? {
+                return Err(shared_taken(&spec.name));
+            }
         }
         sqlx::query(
             "INSERT INTO clusters (id, project_id, name, memory_mib, disk_mib, runners, \
@@ -127,8 +184,11 @@ pub(super) async fn find_by_name(
     project_id: Option<&str>,
     name: &str,
 ) -> Result<Option<Cluster>> {
+    // A project's own cluster comes before the shared one of the same name; an admin (no
+    // project) finds the shared one first.
     let row = sqlx::query(select_clusters!(
-        "WHERE name = $1 AND ($2::text IS NULL OR project_id IS NULL OR project_id = $2)"
+        "WHERE name = $1 AND ($2::text IS NULL OR project_id IS NULL OR project_id = $2) \
+         ORDER BY (project_id IS NULL) = ($2::text IS NOT NULL) LIMIT 1"
     ))
     .bind(name)
     .bind(project_id)
@@ -161,13 +221,11 @@ pub(super) async fn update(
     let result: Result<_> = async {
         let mut found = load_for_update(&mut tx, cluster_id).await?;
         if found.spec.name != spec.name {
-            let live = live_tasks(&mut tx, &found.spec.name).await?;
-            if live > 0 {
-                return Err(StoreError::Conflict(format!(
-                    "cluster {:?} has {live} tasks queued or running; it keeps its name until \
-                     they finish",
-                    found.spec.name
-                )));
+            users(&mut tx, &found.spec.name, found.project_id.as_deref())
+                .await?
+                .check(&found.spec.name, "it keeps its name until")?;
+            if found.project_id.is_some() && shared_exists(&mut tx, &spec.name).await? {
+                return Err(shared_taken(&spec.name));
             }
         }
         sqlx::query(
@@ -195,14 +253,9 @@ pub(super) async fn delete(store: &PgStore, cluster_id: &str) -> Result<()> {
     let mut tx = store.pool.begin().await?;
     let result: Result<_> = async {
         let found = load_for_update(&mut tx, cluster_id).await?;
-        let name = &found.spec.name;
-        let live = live_tasks(&mut tx, name).await?;
-        if live > 0 {
-            return Err(StoreError::Conflict(format!(
-                "cluster {name:?} has {live} tasks queued or running; cancel them or let them \
-                 finish first"
-            )));
-        }
+        users(&mut tx, &found.spec.name, found.project_id.as_deref())
+            .await?
+            .check(&found.spec.name, "it stays until")?;
         sqlx::query("DELETE FROM clusters WHERE id = $1")
             .bind(cluster_id)
             .execute(&mut *tx)
@@ -219,14 +272,16 @@ pub(super) async fn record_runner(
     now: Timestamp,
 ) -> Result<()> {
     sqlx::query(
-        "INSERT INTO runners (id, clusters, capacity, last_seen) VALUES ($1, $2, $3, $4) \
+        "INSERT INTO runners (id, clusters, capacity, last_seen, owner) \
+         VALUES ($1, $2, $3, $4, $5) \
          ON CONFLICT (id) DO UPDATE SET clusters = excluded.clusters, \
-         capacity = excluded.capacity, last_seen = excluded.last_seen",
+         capacity = excluded.capacity, last_seen = excluded.last_seen, owner = excluded.owner",
     )
     .bind(&runner.id)
     .bind(&runner.clusters)
     .bind(i64::from(runner.capacity))
     .bind(micros(normalize(now)))
+    .bind(runner.owner.as_deref())
     .execute(&store.pool)
     .await?;
     Ok(())
@@ -235,6 +290,7 @@ pub(super) async fn record_runner(
 pub(super) async fn load(
     store: &PgStore,
     name: &str,
+    owner: Option<&str>,
     project_id: Option<&str>,
     online_since: Timestamp,
     now: Timestamp,
@@ -244,11 +300,16 @@ pub(super) async fn load(
         let counts = sqlx::query(
             "SELECT count(*) FILTER (WHERE status = 'queued') AS queued, \
              count(*) FILTER (WHERE status IN ('preparing', 'running')) AS running \
-             FROM tasks WHERE cluster = $1 AND status IN ('queued', 'preparing', 'running') \
-             AND ($2::text IS NULL OR project_id = $2)",
+             FROM tasks AS t WHERE t.cluster = $1 \
+             AND t.status IN ('queued', 'preparing', 'running') \
+             AND ($2::text IS NULL OR t.project_id = $2) \
+             AND (CASE WHEN $3::text IS NULL THEN NOT EXISTS (SELECT 1 FROM clusters AS k \
+                  WHERE k.project_id = t.project_id AND k.name = t.cluster) \
+                  ELSE t.project_id = $3 END)",
         )
         .bind(name)
         .bind(project_id)
+        .bind(owner)
         .fetch_one(&mut *tx)
         .await?;
         let rows = sqlx::query(
@@ -256,12 +317,13 @@ pub(super) async fn load(
              FROM runners AS r CROSS JOIN LATERAL \
              (SELECT count(*) AS in_use FROM tasks AS t WHERE t.runner_id = r.id \
               AND t.status IN ('preparing', 'running') AND t.lease_expires_at > $3) AS l \
-             WHERE r.clusters @> ARRAY[$1::text] AND (r.last_seen >= $2 OR l.in_use > 0) \
-             ORDER BY r.id",
+             WHERE r.clusters @> ARRAY[$1::text] AND r.owner IS NOT DISTINCT FROM $4 \
+             AND (r.last_seen >= $2 OR l.in_use > 0) ORDER BY r.id",
         )
         .bind(name)
         .bind(micros(online_since))
         .bind(micros(now))
+        .bind(owner)
         .fetch_all(&mut *tx)
         .await?;
         let mut runners = Vec::with_capacity(rows.len());

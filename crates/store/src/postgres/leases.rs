@@ -32,7 +32,9 @@ const MIN_CANDIDATES: usize = 16;
 /// over tasks another server is leasing right now instead of waiting for it; a row that another
 /// transaction changed and committed after this statement's snapshot is checked again against
 /// the `WHERE` clause before it is returned, so a task leased elsewhere in the meantime is not
-/// returned. `$3` lists codes that are full, `$4` tasks already picked in this call.
+/// returned. `$3` lists codes that are full, `$4` tasks already picked in this call, `$6` the
+/// request's owner: a project's runner gets only that project's tasks; the operator's runners
+/// get none of a project that owns a cluster of the task's cluster name.
 const LEASE_CANDIDATES: &str = concat!(
     "SELECT ",
     task_columns!(),
@@ -40,6 +42,9 @@ const LEASE_CANDIDATES: &str = concat!(
      FROM tasks AS t JOIN codes AS c ON c.id = t.code_id \
      WHERE t.status = 'queued' AND t.due_at <= $1 AND NOT c.paused AND c.deleted_at IS NULL \
      AND t.cluster = ANY($2) AND t.code_id <> ALL($3) AND t.id <> ALL($4) \
+     AND (CASE WHEN $6::text IS NULL THEN NOT EXISTS (SELECT 1 FROM clusters AS k \
+          WHERE k.project_id = t.project_id AND k.name = t.cluster) \
+          ELSE t.project_id = $6 END) \
      ORDER BY t.priority DESC, t.due_at, t.id LIMIT $5 \
      FOR UPDATE OF t SKIP LOCKED"
 );
@@ -183,8 +188,8 @@ pub(super) async fn rescue_expired(
 /// The lease transaction's body; the caller holds the transaction and commits it.
 ///
 /// Candidates come best first and locked (`LEASE_CANDIDATES`). `max_concurrency` is decided
-/// under a per-code advisory lock (`free_slots`). Tokens come from the sequence
-/// `lease_tokens`, one per task, in the order the tasks were picked.
+/// under a per-code advisory lock (`free_slots`). Each task gets a random token
+/// (`TaskRecord::grant_leases`).
 async fn lease_due_tasks(
     conn: &mut PgConnection,
     request: &LeaseRequest,
@@ -206,6 +211,7 @@ async fn lease_due_tasks(
             .bind(slots.full())
             .bind(&picked_ids)
             .bind(i64::try_from(fetch).unwrap_or(i64::MAX))
+            .bind(request.owner.as_deref())
             .fetch_all(&mut *conn)
             .await?;
         let fetched = candidates.len();
@@ -231,17 +237,8 @@ async fn lease_due_tasks(
         return Ok(Vec::new());
     }
 
-    let count = i64::try_from(picked.len()).unwrap_or(i64::MAX);
-    let mut tokens: Vec<i64> =
-        sqlx::query_scalar("SELECT nextval('lease_tokens') FROM generate_series(1, $1)")
-            .bind(count)
-            .fetch_all(&mut *conn)
-            .await?;
-    tokens.sort_unstable();
     let expires_at = now + Duration::seconds(i64::from(request.lease_secs));
-    for (record, token) in picked.iter_mut().zip(&tokens) {
-        record.grant_lease(&request.runner_id, *token, expires_at, now)?;
-    }
+    TaskRecord::grant_leases(&mut picked, &request.runner_id, expires_at, now)?;
     write_leases(conn, &picked, expires_at, now).await?;
 
     let mut codes: HashMap<(String, u32), CodeRevision> = HashMap::new();

@@ -5,9 +5,10 @@ use stevedore_model::{Timestamp, new_id};
 
 use super::rows;
 use super::{PgStore, finish};
+use crate::convert::to_json;
 use crate::convert::{micros, role_text, unique_violation};
 use crate::record::normalize;
-use crate::{Project, Result, StoreError, TokenRecord, TokenRole};
+use crate::{NewToken, Project, Result, StoreError, TokenRecord};
 
 pub(super) async fn create(store: &PgStore, name: &str, now: Timestamp) -> Result<Project> {
     let project = Project {
@@ -46,15 +47,18 @@ pub(super) async fn find_by_name(store: &PgStore, name: &str) -> Result<Option<P
 
 pub(super) async fn create_token(
     store: &PgStore,
-    project_id: Option<&str>,
-    role: TokenRole,
+    token: &NewToken,
     secret_sha256: &str,
     now: Timestamp,
 ) -> Result<TokenRecord> {
+    let project_id = token.project_id.as_deref();
+    let role = token.role;
+    let clusters = token.clusters.as_ref().map(to_json).transpose()?;
     let record = TokenRecord {
         id: new_id(),
         project_id: project_id.map(str::to_owned),
         role,
+        clusters: token.clusters.clone(),
         created_at: normalize(now),
     };
     let mut tx = store.pool.begin().await?;
@@ -63,14 +67,15 @@ pub(super) async fn create_token(
             ensure(&mut tx, project_id).await?;
         }
         sqlx::query(
-            "INSERT INTO tokens (id, project_id, role, secret_sha256, created_at) \
-             VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO tokens (id, project_id, role, secret_sha256, created_at, clusters) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(&record.id)
         .bind(project_id)
         .bind(role_text(role))
         .bind(secret_sha256)
         .bind(micros(record.created_at))
+        .bind(&clusters)
         .execute(&mut *tx)
         .await
         .map_err(|error| {
@@ -88,11 +93,12 @@ pub(super) async fn find_token(
     store: &PgStore,
     secret_sha256: &str,
 ) -> Result<Option<TokenRecord>> {
-    let row =
-        sqlx::query("SELECT id, project_id, role, created_at FROM tokens WHERE secret_sha256 = $1")
-            .bind(secret_sha256)
-            .fetch_optional(&store.pool)
-            .await?;
+    let row = sqlx::query(
+        "SELECT id, project_id, role, created_at, clusters FROM tokens WHERE secret_sha256 = $1",
+    )
+    .bind(secret_sha256)
+    .fetch_optional(&store.pool)
+    .await?;
     row.as_ref().map(rows::token).transpose()
 }
 

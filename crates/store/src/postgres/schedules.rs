@@ -23,6 +23,12 @@ pub(super) async fn create(
     let now = normalize(now);
     let mut tx = store.pool.begin().await?;
     let result: Result<_> = async {
+        // As for tasks: the clusters the schedules name keep their names until this commits.
+        let clusters: Vec<&str> = specs
+            .iter()
+            .map(|(spec, _)| spec.cluster.as_str())
+            .collect();
+        super::clusters::hold_for_tasks(&mut tx, &clusters).await?;
         let mut created = Vec::with_capacity(specs.len());
         for (spec, first_fire) in specs {
             // Share-locked so that a code deleted at the same moment cancels this schedule.
@@ -117,6 +123,7 @@ pub(super) async fn update(
     let result: Result<_> = async {
         // The row lock orders the change with a fire of the schedule.
         let mut schedule = load(&mut tx, Some(project_id), schedule_id, true).await?;
+        super::clusters::hold_for_tasks(&mut tx, &[spec.cluster.as_str()]).await?;
         change_schedule(&mut schedule, spec, next_start, now)?;
         sqlx::query(
             "UPDATE schedules SET spec = $1, status = $2, next_start = $3, updated_at = $4 \
@@ -167,6 +174,13 @@ pub(super) async fn fire(
         let schedule = load(&mut tx, None, schedule_id, true).await?;
         check_due(&schedule, fired_at)?;
         let spec = &schedule.spec;
+        if !super::clusters::usable(&mut tx, &schedule.project_id, &spec.cluster).await? {
+            // Its cluster is gone (it cannot go while the schedule names it; older stores
+            // allowed that): a task queued there could reach whoever took the name since.
+            let next_start = next_start_after_pass(&schedule, fired_at, now);
+            pass_fire(&mut tx, schedule_id, next_start, now).await?;
+            return Ok(None);
+        }
         if let Some(limit) = spec.max_concurrency {
             // The schedule's row lock (taken above) orders this count with every other
             // fire of the schedule.

@@ -27,7 +27,9 @@ const MIN_CANDIDATES: usize = 16;
 /// Due queued tasks of runnable codes in the runner's clusters, best first: up to `?5` of each
 /// priority, each walked through the partial index `tasks_queued` by due time (one range per
 /// priority, so tasks that are not due yet are never read). `?3` lists codes at their
-/// `max_concurrency`, `?4` tasks already picked in this call.
+/// `max_concurrency`, `?4` tasks already picked in this call. `?6` is the request's owner: a
+/// project's runner gets only that project's tasks; the operator's runners get none of a
+/// project that owns a cluster of the task's cluster name (scoped names: see `clusters`).
 macro_rules! lease_candidates_of_priority {
     ($priority:literal) => {
         concat!(
@@ -39,6 +41,9 @@ macro_rules! lease_candidates_of_priority {
             $priority,
             " AND t.due_at <= ?1 AND c.id = t.code_id AND c.paused = 0 AND c.deleted_at IS NULL \
              AND t.cluster IN (SELECT value FROM json_each(?2)) \
+             AND (CASE WHEN ?6 IS NULL THEN NOT EXISTS (SELECT 1 FROM clusters AS k \
+                  WHERE k.project_id = t.project_id AND k.name = t.cluster) \
+                  ELSE t.project_id = ?6 END) \
              AND t.code_id NOT IN (SELECT value FROM json_each(?3)) \
              AND t.id NOT IN (SELECT value FROM json_each(?4)) \
              ORDER BY t.due_at, t.id LIMIT ?5)"
@@ -220,7 +225,7 @@ pub(super) async fn rescue_expired(
 /// through the partial index `tasks_queued`, skipping paused and deleted codes and other
 /// clusters in SQL. `max_concurrency` is counted here: a code's active tasks are counted once
 /// per call, the tasks picked in this call are added, and a code that is full is excluded
-/// from the next query. Tokens come from `lease_counter` in one block for the whole batch.
+/// from the next query. Each task gets a random token (`TaskRecord::grant_leases`).
 /// Returns the leased tasks and their records as written, for the lease cache.
 async fn lease_due_tasks(
     conn: &mut SqliteConnection,
@@ -245,6 +250,7 @@ async fn lease_due_tasks(
             .bind(to_json(&slots.full())?)
             .bind(to_json(&picked_ids)?)
             .bind(i64::try_from(fetch).unwrap_or(i64::MAX))
+            .bind(request.owner.as_deref())
             .fetch_all(&mut *conn)
             .await?;
         let mut candidates = candidates
@@ -288,19 +294,9 @@ async fn lease_due_tasks(
         return Ok((Vec::new(), Vec::new()));
     }
 
-    let count = i64::try_from(picked.len()).unwrap_or(i64::MAX);
-    let last_token: i64 = sqlx::query_scalar(
-        "UPDATE lease_counter SET last_token = last_token + ?1 WHERE id = 1 RETURNING last_token",
-    )
-    .bind(count)
-    .fetch_one(&mut *conn)
-    .await?;
-    let first_token = last_token - count + 1;
     let expires_at = now + Duration::seconds(i64::from(request.lease_secs));
-    for (token, record) in (first_token..).zip(picked.iter_mut()) {
-        record.grant_lease(&request.runner_id, token, expires_at, now)?;
-    }
-    write_leases(conn, &picked, first_token, expires_at, now).await?;
+    TaskRecord::grant_leases(&mut picked, &request.runner_id, expires_at, now)?;
+    write_leases(conn, &picked, expires_at, now).await?;
     for record in &mut picked {
         record.version += 1;
     }
@@ -314,7 +310,12 @@ async fn lease_due_tasks(
             task: record.task.clone(),
             code,
             lease: Lease {
-                token: record.lease_token.unwrap_or(first_token),
+                token: record.lease_token.ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "task {} was leased without a token",
+                        record.task.id
+                    ))
+                })?,
                 expires_at,
             },
             registry_credential: None,
@@ -324,12 +325,11 @@ async fn lease_due_tasks(
 }
 
 /// Writes a batch of fresh leases in one statement: the fields `TaskRecord::grant_lease`
-/// changes, with consecutive tokens from `first_token` in the batch's order. Every record was
-/// queued when it was picked and took the same transition, so one status serves them all.
+/// changes, each task with its own token. Every record was queued when it was picked and took
+/// the same transition, so one status serves them all.
 async fn write_leases(
     conn: &mut SqliteConnection,
     leased: &[TaskRecord],
-    first_token: i64,
     expires_at: Timestamp,
     now: Timestamp,
 ) -> Result<()> {
@@ -339,35 +339,34 @@ async fn write_leases(
     let runner_id = leased
         .first()
         .and_then(|record| record.task.runner_id.as_deref());
-    let consistent = leased.iter().zip(first_token..).all(|(record, token)| {
+    let consistent = leased.iter().all(|record| {
         record.task.status == status
             && record.task.runner_id.as_deref() == runner_id
-            && record.lease_token == Some(token)
+            && record.lease_token.is_some()
     });
     if !consistent {
         return Err(StoreError::Corrupt(
             "a lease batch must share its status and runner".to_owned(),
         ));
     }
-    let ids: Vec<&str> = leased
+    let picked: Vec<(&str, Option<i64>)> = leased
         .iter()
-        .map(|record| record.task.id.as_str())
+        .map(|record| (record.task.id.as_str(), record.lease_token))
         .collect();
-    // Each id's token is the first token plus its place in the list. `+status` keeps the
-    // planner on the primary key: with a plain `status = ?` it walks the (status, code_id)
-    // index over every queued task instead.
+    // `picked` is a JSON array of `[id, token]`. `+status` keeps the planner on the primary
+    // key: with a plain `status = ?` it walks the (status, code_id) index over every queued
+    // task instead.
     let written = sqlx::query(
         "UPDATE tasks SET status = ?1, updated_at = ?2, runner_id = ?3, lease_expires_at = ?4, \
          lease_token = picked.token, version = version + 1 \
-         FROM (SELECT value AS id, ?5 + key AS token FROM json_each(?6)) AS picked \
-         WHERE tasks.id = picked.id AND +tasks.status = ?7 AND tasks.lease_token IS NULL",
+         FROM (SELECT value ->> 0 AS id, value ->> 1 AS token FROM json_each(?5)) AS picked \
+         WHERE tasks.id = picked.id AND +tasks.status = ?6 AND tasks.lease_token IS NULL",
     )
     .bind(status.as_str())
     .bind(micros(now))
     .bind(runner_id)
     .bind(micros(expires_at))
-    .bind(first_token)
-    .bind(to_json(&ids)?)
+    .bind(to_json(&picked)?)
     .bind(TaskStatus::Queued.as_str())
     .execute(&mut *conn)
     .await?;

@@ -170,6 +170,14 @@ pub(super) async fn fire(
     let schedule = load(&mut tx, None, schedule_id).await?;
     check_due(&schedule, fired_at)?;
     let spec = &schedule.spec;
+    if !super::clusters::usable(&mut tx, &schedule.project_id, &spec.cluster).await? {
+        // Its cluster is gone (it cannot go while the schedule names it; older stores allowed
+        // that): a task queued there could reach whoever took the name since.
+        let next_start = next_start_after_pass(&schedule, fired_at, now);
+        pass_fire(&mut tx, schedule_id, next_start, now).await?;
+        tx.commit().await?;
+        return Ok(None);
+    }
     if let Some(limit) = spec.max_concurrency {
         let unfinished: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM tasks WHERE schedule_id = ?1 \

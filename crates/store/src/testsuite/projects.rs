@@ -3,7 +3,8 @@
 use stevedore_model::{ScheduleStatus, TaskStatus};
 
 use super::{
-    ALL, assert_not_found, at, enqueue_one, image_spec, lease_one, new_task, project, schedule_spec,
+    ALL, assert_not_found, at, enqueue_one, image_spec, lease_one, new_task, new_token, project,
+    schedule_spec,
 };
 use crate::{Result, StatsWindow, Store, StoreError, TaskFilter, TokenRole};
 
@@ -22,25 +23,50 @@ pub async fn projects_and_tokens(store: &dyn Store) -> Result<()> {
     ));
 
     let token = store
-        .create_token(Some(&acme.id), TokenRole::Project, "sha-project", at(2))
+        .create_token(
+            &new_token(Some(&acme.id), TokenRole::Project),
+            "sha-project",
+            at(2),
+        )
         .await?;
     assert_eq!(token.project_id.as_deref(), Some(acme.id.as_str()));
     assert_eq!(store.find_token("sha-project").await?, Some(token));
     let admin = store
-        .create_token(None, TokenRole::Admin, "sha-admin", at(3))
+        .create_token(&new_token(None, TokenRole::Admin), "sha-admin", at(3))
         .await?;
     assert_eq!(store.find_token("sha-admin").await?, Some(admin));
     let runner = store
-        .create_token(None, TokenRole::Runner, "sha-runner", at(3))
+        .create_token(&new_token(None, TokenRole::Runner), "sha-runner", at(3))
         .await?;
     assert_eq!(
         store.find_token("sha-runner").await?.map(|t| t.role),
         Some(runner.role)
     );
     assert_eq!(store.find_token("sha-unknown").await?, None);
+    // A runner token limited to clusters, bound to a project, keeps both.
+    let scoped = store
+        .create_token(
+            &crate::NewToken {
+                project_id: Some(acme.id.clone()),
+                role: TokenRole::Runner,
+                clusters: Some(vec!["gpu".to_owned(), "arm".to_owned()]),
+            },
+            "sha-scoped",
+            at(3),
+        )
+        .await?;
+    assert_eq!(store.find_token("sha-scoped").await?, Some(scoped.clone()));
+    assert_eq!(
+        scoped.clusters.as_deref(),
+        Some(&["gpu".to_owned(), "arm".to_owned()][..])
+    );
     assert_not_found(
         store
-            .create_token(Some("ghost"), TokenRole::Project, "sha-ghost", at(4))
+            .create_token(
+                &new_token(Some("ghost"), TokenRole::Project),
+                "sha-ghost",
+                at(4),
+            )
             .await,
         "ghost",
     );
