@@ -18,7 +18,7 @@
 //! | `POST /runner/v1/tasks/{id}/progress` | [`ProgressReport`] | `{"msg"}` |
 //! | `POST /runner/v1/tasks/{id}/complete` | [`Complete`] | `{"msg"}` |
 //! | `POST /runner/v1/tasks/{id}/requeue` | [`Requeue`] | `{"msg"}` |
-//! | `GET /runner/v1/codes/{code_id}/revisions/{rev}/package?project_id=` | | the zip, `application/zip` |
+//! | `GET /runner/v1/tasks/{id}/package` | token in [`LEASE_TOKEN_HEADER`] | the zip of the revision the task pinned, `application/zip` |
 //!
 //! Log bytes go as the raw request body rather than base64 in JSON: logs are the largest and
 //! most frequent thing a runner sends, raw bytes cost nothing to encode and a third less on
@@ -31,7 +31,7 @@ use stevedore_model::{CodeRevision, RegistryCredential, Task, TaskOutcome, Times
 /// types themselves, in their serde form.
 pub use stevedore_model::lease::{HeartbeatReply, RunReport};
 
-/// The header that carries the lease token of a log append.
+/// The header that carries the lease token of a log append and of a package download.
 pub const LEASE_TOKEN_HEADER: &str = "stevedore-lease-token";
 /// The header that carries the log cap of a log append, bytes.
 pub const LOG_CAP_HEADER: &str = "stevedore-log-cap";
@@ -125,10 +125,4 @@ pub struct Requeue {
     pub delay_ms: u64,
     /// After this many infrastructure failures the task ends `error` instead.
     pub max_infra_attempts: u32,
-}
-
-/// `?project_id=` of a package download.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PackageQuery {
-    pub project_id: String,
 }

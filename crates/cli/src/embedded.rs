@@ -235,14 +235,9 @@ impl TaskSource for DeskTaskSource {
         Ok(())
     }
 
-    async fn code_package(
-        &self,
-        project_id: &str,
-        code_id: &str,
-        rev: u32,
-    ) -> Result<Vec<u8>, SourceError> {
+    async fn task_package(&self, task_id: &str, token: i64) -> Result<Vec<u8>, SourceError> {
         self.desk
-            .code_package(project_id, code_id, rev)
+            .task_package(task_id, token)
             .await
             .map_err(source_error)
     }

@@ -347,22 +347,14 @@ impl TaskSource for RemoteTaskSource {
             .map(drop)
     }
 
-    async fn code_package(
-        &self,
-        project_id: &str,
-        code_id: &str,
-        rev: u32,
-    ) -> Result<Vec<u8>, SourceError> {
-        let mut url =
-            reqwest::Url::parse(&self.url(&format!("codes/{code_id}/revisions/{rev}/package")))
-                .map_err(|error| SourceError::Refused {
-                    message: format!("bad package URL: {error}"),
-                })?;
-        url.query_pairs_mut().append_pair("project_id", project_id);
+    async fn task_package(&self, task_id: &str, token: i64) -> Result<Vec<u8>, SourceError> {
+        let url = self.url(&format!("tasks/{task_id}/package"));
         let mut pause = self.options.backoff;
         let mut attempt = 1;
         loop {
-            let request = self.request(Method::GET, url.as_str());
+            let request = self
+                .request(Method::GET, &url)
+                .header(wire::LEASE_TOKEN_HEADER, token);
             let failed = match self.send_once(request).await {
                 Ok(response) => match response.bytes().await {
                     Ok(bytes) => return Ok(bytes.to_vec()),
@@ -376,10 +368,7 @@ impl TaskSource for RemoteTaskSource {
                     pause = (pause * 2).min(self.options.max_backoff);
                     attempt += 1;
                 }
-                CallError::Answer(StatusCode::NOT_FOUND, message) => {
-                    return Err(SourceError::NotFound { what: message });
-                }
-                other => return Err(source_error(other, code_id)),
+                other => return Err(source_error(other, task_id)),
             }
         }
     }

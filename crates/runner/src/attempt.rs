@@ -358,9 +358,10 @@ impl Attempt {
 
     async fn fetch_package(&self) -> Result<Vec<u8>, Ending> {
         let task = &self.leased.task;
+        let token = self.leased.lease.token;
         let source = &self.context.source;
         match with_retries("fetch the code package", || {
-            source.code_package(&task.project_id, &task.code_id, task.code_rev)
+            source.task_package(&task.id, token)
         })
         .await
         {

@@ -527,22 +527,11 @@ impl TaskSource for LocalTaskSource {
         Ok(())
     }
 
-    async fn code_package(
-        &self,
-        project_id: &str,
-        code_id: &str,
-        rev: u32,
-    ) -> Result<Vec<u8>, SourceError> {
-        let state = self.lock();
-        let code = &state.code;
-        match &state.package {
-            Some(package) if project_id == code.project_id && code_id == code.id && rev == 1 => {
-                Ok(package.clone())
-            }
-            _ => Err(SourceError::NotFound {
-                what: format!("the package of revision {rev} of code {code_id}"),
-            }),
-        }
+    async fn task_package(&self, task_id: &str, token: i64) -> Result<Vec<u8>, SourceError> {
+        let state = self.leased(task_id, token)?;
+        state.package.clone().ok_or_else(|| SourceError::NotFound {
+            what: format!("the package of code {}", state.code.id),
+        })
     }
 }
 
@@ -769,20 +758,40 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn only_the_runs_own_package_is_served() {
+    async fn the_package_is_served_only_to_the_lease_holder() {
         let runtime = CodeKind::Runtime {
             runtime: "sh".into(),
             file_name: "run.sh".into(),
             stack: None,
         };
         let run = LocalRun::new(spec(runtime), String::new(), Some(vec![7, 7]), now()).unwrap();
-        let code_id = run.code.id.clone();
+        let id = run.task.id.clone();
         let (source, _) = local_source(run);
+        let stale = |result: Result<Vec<u8>, SourceError>| {
+            assert!(
+                matches!(result, Err(SourceError::StaleLease { .. })),
+                "{result:?}"
+            );
+        };
+        stale(source.task_package(&id, LOCAL_TOKEN).await);
+        source.lease(&request()).await.unwrap();
         assert_eq!(
-            source.code_package("local", &code_id, 1).await.unwrap(),
+            source.task_package(&id, LOCAL_TOKEN).await.unwrap(),
             vec![7, 7]
         );
-        assert!(source.code_package("local", &code_id, 2).await.is_err());
-        assert!(source.code_package("local", "other", 1).await.is_err());
+        stale(source.task_package(&id, LOCAL_TOKEN + 1).await);
+        stale(source.task_package("other", LOCAL_TOKEN).await);
+    }
+
+    #[tokio::test]
+    async fn an_image_codes_run_has_no_package() {
+        let run = LocalRun::new(spec(image()), String::new(), None, now()).unwrap();
+        let id = run.task.id.clone();
+        let (source, _) = local_source(run);
+        source.lease(&request()).await.unwrap();
+        assert!(matches!(
+            source.task_package(&id, LOCAL_TOKEN).await,
+            Err(SourceError::NotFound { .. })
+        ));
     }
 }

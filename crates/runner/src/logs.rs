@@ -285,7 +285,7 @@ mod tests {
         async fn requeue(&self, _: &str, _: i64, _: &RequeueRequest) -> Result<(), SourceError> {
             unreachable!()
         }
-        async fn code_package(&self, _: &str, _: &str, _: u32) -> Result<Vec<u8>, SourceError> {
+        async fn task_package(&self, _: &str, _: i64) -> Result<Vec<u8>, SourceError> {
             unreachable!()
         }
     }

@@ -77,13 +77,9 @@ pub trait TaskSource: Send + Sync + 'static {
         request: &RequeueRequest,
     ) -> Result<(), SourceError>;
 
-    /// The zip package of one revision of a code.
-    async fn code_package(
-        &self,
-        project_id: &str,
-        code_id: &str,
-        rev: u32,
-    ) -> Result<Vec<u8>, SourceError>;
+    /// The zip package of the code revision the leased task pinned. Only the holder of the
+    /// lease gets it: a package is the project's code, never handed out by id alone.
+    async fn task_package(&self, task_id: &str, token: i64) -> Result<Vec<u8>, SourceError>;
 }
 
 /// Why and for how long a runner gives a task back. The delay is relative, so a remote

@@ -1,7 +1,8 @@
 //! The lease desk: the one place where "lease / heartbeat / report on / complete / requeue a
-//! leased task" is done, for every runner that goes through a server. The runner protocol's
-//! handlers (`runner_api`, remote runners) and the embedded runner's task source (in the
-//! binary) both call it, so the two kinds of runner share one lease logic and cannot drift.
+//! leased task, and hand its holder the task's code package" is done, for every runner that
+//! goes through a server. The runner protocol's handlers (`runner_api`, remote runners) and the
+//! embedded runner's task source (in the binary) both call it, so the two kinds of runner share
+//! one lease logic and cannot drift.
 //!
 //! Besides the store call, the desk owns what belongs to every such call:
 //!
@@ -224,17 +225,10 @@ impl LeaseDesk {
         Ok(task.status)
     }
 
-    /// The zip package of one revision of a code.
-    pub async fn code_package(
-        &self,
-        project_id: &str,
-        code_id: &str,
-        rev: u32,
-    ) -> Result<Vec<u8>, DeskError> {
-        Ok(self
-            .store
-            .get_package(project_id, code_id, Some(rev))
-            .await?)
+    /// The zip package of the code revision the leased task pinned, for the holder of the
+    /// lease only: a stale token is refused like any other write about the task.
+    pub async fn task_package(&self, task_id: &str, token: i64) -> Result<Vec<u8>, DeskError> {
+        Ok(self.store.leased_package(task_id, token).await?)
     }
 }
 

@@ -25,7 +25,7 @@ use stevedore_store::RunnerSeen;
 use crate::api::logs::StreamShutdown;
 use crate::auth::RunnerAccess;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{ApiJson, ApiQuery, read_body};
+use crate::extract::{ApiJson, read_body};
 use crate::lease_desk::GiveBack;
 use crate::{AppState, ServerConfig};
 
@@ -39,10 +39,7 @@ pub fn routes(_config: &ServerConfig) -> Router<AppState> {
         .route("/tasks/{task_id}/progress", post(progress))
         .route("/tasks/{task_id}/complete", post(complete))
         .route("/tasks/{task_id}/requeue", post(requeue))
-        .route(
-            "/codes/{code_id}/revisions/{rev}/package",
-            get(code_package),
-        )
+        .route("/tasks/{task_id}/package", get(task_package))
 }
 
 /// `POST /runner/v1/lease`: up to `max_tasks` tasks of the runner's clusters. With nothing to
@@ -227,20 +224,17 @@ pub async fn requeue(
     Ok(ack(format!("task is {status}")))
 }
 
-/// `GET /runner/v1/codes/{code_id}/revisions/{rev}/package?project_id=`: the zip package.
-pub async fn code_package(
+/// `GET /runner/v1/tasks/{id}/package`: the zip package of the code revision the task pinned,
+/// for the holder of its lease only (the token in the `stevedore-lease-token` header): a
+/// runner token alone opens no project's code.
+pub async fn task_package(
     State(state): State<AppState>,
     _access: RunnerAccess,
-    Path((code_id, rev)): Path<(String, String)>,
-    ApiQuery(query): ApiQuery<wire::PackageQuery>,
+    Path(task_id): Path<String>,
+    headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let rev: u32 = rev
-        .parse()
-        .map_err(|_| ApiError::BadRequest(format!("rev must be a number, got {rev:?}")))?;
-    let bytes = state
-        .desk
-        .code_package(&query.project_id, &code_id, rev)
-        .await?;
+    let token: i64 = header_number(&headers, wire::LEASE_TOKEN_HEADER)?;
+    let bytes = state.desk.task_package(&task_id, token).await?;
     Ok((
         [(CONTENT_TYPE, HeaderValue::from_static("application/zip"))],
         bytes,

@@ -424,6 +424,10 @@ pub trait Store: Send + Sync + 'static {
         code_id: &str,
         rev: Option<u32>,
     ) -> Result<Vec<u8>>;
+    /// The zip package of the code revision a leased task pinned, for the runner holding the
+    /// lease: `StoreError::StaleLease` unless `token` is the task's current lease (as for
+    /// `heartbeat`), `StoreError::NotFound` for an unknown task or a revision without a package.
+    async fn leased_package(&self, task_id: &str, token: i64) -> Result<Vec<u8>>;
     /// Deletes a code; its queued tasks are cancelled, its leased ones asked to cancel, its
     /// schedules cancelled; finished tasks stay readable. The name is free for a new code.
     async fn delete_code(

@@ -293,6 +293,10 @@ impl Store for PgStore {
         codes::get_package(self, project_id, code_id, rev).await
     }
 
+    async fn leased_package(&self, task_id: &str, token: i64) -> Result<Vec<u8>> {
+        codes::leased_package(self, task_id, token).await
+    }
+
     async fn delete_code(
         &self,
         project_id: &str,

@@ -66,6 +66,7 @@ macro_rules! store_test_suite {
             ],
             codes: [
                 codes_and_revisions,
+                a_leased_tasks_package_goes_only_to_its_lease_holder,
                 deleting_a_code_hides_it_and_cancels_its_queued_tasks,
                 code_stats_count_by_status,
             ],

@@ -1,5 +1,6 @@
 //! `stevedore runner`: a separate runner process, leasing over the runner protocol from a
-//! `stevedore serve` whose embedded runner is off, runs real containers to completion.
+//! `stevedore serve` whose embedded runner is off, runs real containers to completion, zip
+//! codes' packages included.
 
 use std::process::Command;
 use std::time::Duration;
@@ -8,7 +9,7 @@ use serde_json::json;
 
 use crate::support::{
     Api, RunnerProcess, ServerProcess, binary, containers_labelled, docker_available,
-    ensure_local_image, remove_containers, runner_token, unique,
+    ensure_local_image, remove_containers, runner_token, unique, zip_of,
 };
 
 #[tokio::test]
@@ -63,6 +64,19 @@ async fn a_remote_runner_runs_tasks_survives_kill_9_and_cancels() {
     assert!(log.contains(&format!("hello from {}", ids[0])), "{log}");
     assert!(log.contains("{\"n\":1}"), "{log}");
 
+    // A zip code's package reaches the runner through its task's lease.
+    let zip = zip_of(&[("run.sh", b"echo \"unpacked in $(pwd)\"\n", 0o644)]);
+    api.upload(
+        json!({"name": "zipped", "image": "stevedore/busybox:local", "command": "sh run.sh"}),
+        zip,
+    )
+    .await;
+    let ids = api.queue(json!([{"code_name": "zipped"}])).await;
+    let task = api.wait_finished(&ids[0], Duration::from_secs(60)).await;
+    let log = api.log(&ids[0]).await.unwrap_or_default();
+    assert_eq!(task["status"], "complete", "{task}\n{log}");
+    assert!(log.contains("unpacked in /mnt/task"), "{log}");
+
     // A cancel reaches the container through the heartbeat.
     let ids = api.queue(json!([{"code_name": "forever"}])).await;
     api.wait_for(&ids[0], Duration::from_secs(60), |task| {
@@ -93,7 +107,7 @@ async fn a_remote_runner_runs_tasks_survives_kill_9_and_cancels() {
     // Every task ended exactly once, none was duplicated.
     let listed = api.get("tasks?per_page=100").await;
     let tasks = listed["tasks"].as_array().unwrap();
-    assert_eq!(tasks.len(), 3, "{listed}");
+    assert_eq!(tasks.len(), 4, "{listed}");
     for task in tasks {
         assert!(
             matches!(task["status"].as_str(), Some("complete" | "cancelled")),

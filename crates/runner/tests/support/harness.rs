@@ -422,13 +422,8 @@ impl TaskSource for ObservedSource {
         self.inner.requeue(task_id, token, request).await
     }
 
-    async fn code_package(
-        &self,
-        project_id: &str,
-        code_id: &str,
-        rev: u32,
-    ) -> Result<Vec<u8>, SourceError> {
-        self.inner.code_package(project_id, code_id, rev).await
+    async fn task_package(&self, task_id: &str, token: i64) -> Result<Vec<u8>, SourceError> {
+        self.inner.task_package(task_id, token).await
     }
 }
 
@@ -598,14 +593,9 @@ impl StoreSource {
         Ok(())
     }
 
-    async fn code_package(
-        &self,
-        project_id: &str,
-        code_id: &str,
-        rev: u32,
-    ) -> Result<Vec<u8>, SourceError> {
+    async fn task_package(&self, task_id: &str, token: i64) -> Result<Vec<u8>, SourceError> {
         self.store
-            .get_package(project_id, code_id, Some(rev))
+            .leased_package(task_id, token)
             .await
             .map_err(source_error)
     }

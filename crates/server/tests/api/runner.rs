@@ -1,5 +1,5 @@
-//! The runner protocol over real HTTP: lease, heartbeat, log, progress, complete, requeue;
-//! fencing by the lease token; token roles; the long-poll; cluster routing.
+//! The runner protocol over real HTTP: lease, heartbeat, log, progress, complete, requeue,
+//! package; fencing by the lease token; token roles; the long-poll; cluster routing.
 
 use std::time::{Duration, Instant};
 
@@ -9,7 +9,7 @@ use stevedore_model::{Clock, SystemClock};
 use stevedore_server::ServerConfig;
 use stevedore_store::{NewToken, TokenRole};
 
-use crate::support::{Reply, TestServer};
+use crate::support::{Reply, TestServer, code_form, zip_of};
 
 struct Runner<'a> {
     server: &'a TestServer,
@@ -60,6 +60,19 @@ impl<'a> Runner<'a> {
             .await;
         assert_eq!(reply.status, 200, "{}", reply.text());
         reply.json()["tasks"].as_array().unwrap().clone()
+    }
+
+    /// `GET tasks/{id}/package`, with `token` in the lease token header if there is one.
+    async fn package(&self, task_id: &str, token: Option<i64>) -> Reply {
+        let mut request = self.server.root(
+            Method::GET,
+            &format!("/runner/v1/tasks/{task_id}/package"),
+            &self.token,
+        );
+        if let Some(token) = token {
+            request = request.header("stevedore-lease-token", token);
+        }
+        self.server.send(request).await
     }
 
     async fn log(&self, task_id: &str, token: i64, bytes: &'static [u8]) -> Reply {
@@ -292,13 +305,84 @@ async fn only_runner_and_admin_tokens_use_the_runner_protocol() {
             .await
             .error(403);
     }
-    let package = "/runner/v1/codes/x/revisions/1/package?project_id=y";
+    let package = "/runner/v1/tasks/x/package";
     server
-        .send(server.root(Method::GET, package, &server.token))
+        .send(
+            server
+                .root(Method::GET, package, &server.token)
+                .header("stevedore-lease-token", 1),
+        )
         .await
         .error(403);
     server
-        .send(server.root(Method::GET, package, &runner_token))
+        .send(
+            server
+                .root(Method::GET, package, &runner_token)
+                .header("stevedore-lease-token", 1),
+        )
+        .await
+        .error(404);
+}
+
+#[tokio::test]
+async fn a_package_goes_only_to_the_runner_holding_its_tasks_lease() {
+    let server = TestServer::start().await;
+    let upload = |zip: Vec<u8>| {
+        let data = json!({"name": "zipped", "runtime": "binary", "file_name": "hello.sh"});
+        server.send(
+            server
+                .request(Method::POST, "codes")
+                .multipart(code_form(data, Some(zip))),
+        )
+    };
+    let pinned = zip_of(&[("hello.sh", b"#!/bin/sh\necho first\n", 0o755)]);
+    let reply = upload(pinned.clone()).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let code_id = reply.json()["id"].as_str().unwrap().to_owned();
+    server.queue(json!([{"code_name": "zipped"}])).await;
+    // A later revision changes nothing for the queued task: it runs the revision it pinned.
+    let reply = upload(zip_of(&[("hello.sh", b"#!/bin/sh\necho second\n", 0o755)])).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+
+    let holder = Runner::new(&server).await;
+    let leased = holder.lease(&["default"], 1, 0).await;
+    let (task_id, token) = lease_of(&leased[0]);
+    let reply = holder.package(&task_id, Some(token)).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.content_type, "application/zip");
+    assert_eq!(reply.body, pinned);
+
+    // A wrong token is a stale lease; an unknown task is not found.
+    let msg = holder.package(&task_id, Some(token + 1)).await.error(409);
+    assert!(msg.contains("stale"), "{msg}");
+    holder.package("nope", Some(token)).await.error(404);
+
+    // Another runner's token, without the lease's, gets nothing: it must send a token, and a
+    // guessed one is refused.
+    let other = Runner::new(&server).await;
+    let msg = other.package(&task_id, None).await.error(400);
+    assert!(msg.contains("stevedore-lease-token"), "{msg}");
+    for guess in (token - 3..=token + 3).filter(|guess| *guess != token) {
+        other.package(&task_id, Some(guess)).await.error(409);
+    }
+
+    // Once the task is finished, its last lease opens nothing either.
+    let reply = holder
+        .post(
+            &format!("tasks/{task_id}/complete"),
+            json!({"token": token, "outcome": {"outcome": "cancelled"}}),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    holder.package(&task_id, Some(token)).await.error(409);
+
+    // The download by code id and revision is gone.
+    let old = format!(
+        "/runner/v1/codes/{code_id}/revisions/1/package?project_id={}",
+        server.project_id
+    );
+    server
+        .send(server.root(Method::GET, &old, &holder.token))
         .await
         .error(404);
 }

@@ -4,7 +4,7 @@ use sqlx::Row;
 use sqlx::postgres::PgConnection;
 use stevedore_model::{CodeRevision, CodeSpec, ScheduleStatus, Timestamp, new_id};
 
-use super::rows::{self, revision_columns};
+use super::rows::{self, revision_columns, task_columns};
 use super::{PgStore, finish};
 use super::{projects, tasks};
 use crate::convert::{limit_offset, micros, opt_micros, opt_signed, timestamp, to_json};
@@ -238,6 +238,31 @@ pub(super) async fn get_package(
             .fetch_optional(&mut *conn)
             .await?;
     bytes.ok_or_else(|| StoreError::not_found(format!("package of code {code_id} revision {rev}")))
+}
+
+/// The package of the revision a leased task pinned, read with the task in one query and
+/// refused, as every runner's call about a leased task is, unless `token` is its current lease.
+pub(super) async fn leased_package(store: &PgStore, task_id: &str, token: i64) -> Result<Vec<u8>> {
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        task_columns!(),
+        ", p.bytes AS package FROM tasks AS t \
+         LEFT JOIN code_packages AS p ON p.code_id = t.code_id AND p.rev = t.code_rev \
+         WHERE t.id = $1"
+    ))
+    .bind(task_id)
+    .fetch_optional(&store.pool)
+    .await?
+    .ok_or_else(|| StoreError::not_found(format!("task {task_id}")))?;
+    let record = rows::task_record(&row)?;
+    record.check_lease(token)?;
+    let package: Option<Vec<u8>> = row.try_get("package")?;
+    package.ok_or_else(|| {
+        StoreError::not_found(format!(
+            "package of code {} revision {}",
+            record.task.code_id, record.task.code_rev
+        ))
+    })
 }
 
 pub(super) async fn delete(

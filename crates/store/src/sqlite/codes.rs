@@ -7,7 +7,7 @@ use sqlx::sqlite::SqliteConnection;
 use sqlx::{Connection, Row};
 use stevedore_model::{CodeRevision, CodeSpec, ScheduleStatus, Timestamp, new_id};
 
-use super::rows::{self, micros, opt_signed, revision_columns, to_json};
+use super::rows::{self, micros, opt_signed, revision_columns, task_columns, to_json};
 use super::{BEGIN_WRITE, SqliteStore};
 use super::{projects, tasks};
 use crate::convert::limit_offset;
@@ -226,6 +226,35 @@ pub(super) async fn get_package(
             .fetch_optional(&mut *conn)
             .await?;
     bytes.ok_or_else(|| StoreError::not_found(format!("package of code {code_id} revision {rev}")))
+}
+
+/// The package of the revision a leased task pinned, read with the task in one query and
+/// refused, as every runner's call about a leased task is, unless `token` is its current lease.
+pub(super) async fn leased_package(
+    store: &SqliteStore,
+    task_id: &str,
+    token: i64,
+) -> Result<Vec<u8>> {
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        task_columns!(),
+        ", p.bytes AS package FROM tasks AS t \
+         LEFT JOIN code_packages AS p ON p.code_id = t.code_id AND p.rev = t.code_rev \
+         WHERE t.id = ?1"
+    ))
+    .bind(task_id)
+    .fetch_optional(&store.readers)
+    .await?
+    .ok_or_else(|| StoreError::not_found(format!("task {task_id}")))?;
+    let record = rows::task_record(&row)?;
+    record.check_lease(token)?;
+    let package: Option<Vec<u8>> = row.try_get("package")?;
+    package.ok_or_else(|| {
+        StoreError::not_found(format!(
+            "package of code {} revision {}",
+            record.task.code_id, record.task.code_rev
+        ))
+    })
 }
 
 pub(super) async fn delete(

@@ -3,10 +3,10 @@
 use stevedore_model::{ScheduleStatus, TaskOutcome, TaskStatus};
 
 use super::{
-    ALL, assert_not_found, at, code_cancellation, enqueue_one, exited, image_spec, lease_one,
-    new_task, page, project, project_with_code, schedule_spec,
+    ALL, assert_not_found, assert_stale, at, code_cancellation, enqueue_one, exited, image_spec,
+    lease_one, new_task, page, project, project_with_code, rescued_one, schedule_spec,
 };
-use crate::{CodeStats, Package, Result, RunReport, StatsWindow, Store};
+use crate::{CodeStats, Package, Requeue, Result, RunReport, StatsWindow, Store};
 
 pub async fn codes_and_revisions(store: &dyn Store) -> Result<()> {
     let acme = project(store, "acme").await?;
@@ -109,6 +109,114 @@ pub async fn codes_and_revisions(store: &dyn Store) -> Result<()> {
             .push_code("ghost", &image_spec("x"), None, at(60))
             .await,
         "ghost",
+    );
+    Ok(())
+}
+
+pub async fn a_leased_tasks_package_goes_only_to_its_lease_holder(store: &dyn Store) -> Result<()> {
+    let acme = project(store, "acme").await?;
+    let package = |bytes: &[u8]| Package {
+        bytes: bytes.to_vec(),
+        sha256: "abc123".to_owned(),
+    };
+    let pinned = package(b"PK first");
+    store
+        .push_code(&acme.id, &image_spec("zipped"), Some(&pinned), at(0))
+        .await?;
+    let id = enqueue_one(store, &acme.id, new_task("zipped"), at(1)).await?;
+    // A later revision changes nothing for the task: it runs the revision it pinned.
+    store
+        .push_code(
+            &acme.id,
+            &image_spec("zipped"),
+            Some(&package(b"PK second")),
+            at(2),
+        )
+        .await?;
+
+    // Queued, the task is nobody's: no token gets its package.
+    assert_stale(
+        store.leased_package(&id, 1).await,
+        "a queued task's package",
+    );
+    assert_not_found(store.leased_package("nope", 1).await, "nope");
+
+    let old = lease_one(store, at(3)).await?;
+    assert_eq!(
+        store.leased_package(&id, old.lease.token).await?,
+        pinned.bytes
+    );
+    assert_stale(
+        store.leased_package(&id, old.lease.token + 1).await,
+        "another token's package",
+    );
+    store
+        .mark_running(&id, old.lease.token, at(4), at(4))
+        .await?;
+    assert_eq!(
+        store.leased_package(&id, old.lease.token).await?,
+        pinned.bytes
+    );
+
+    // Rescued and leased again: only the new lease's token gets the package.
+    assert_eq!(
+        store.rescue_expired(at(70), 5).await?,
+        rescued_one(&id, "zipped", TaskStatus::Queued)
+    );
+    assert_stale(
+        store.leased_package(&id, old.lease.token).await,
+        "a rescued lease's package",
+    );
+    let new = lease_one(store, at(71)).await?;
+    assert_stale(
+        store.leased_package(&id, old.lease.token).await,
+        "a stale lease's package",
+    );
+    assert_eq!(
+        store.leased_package(&id, new.lease.token).await?,
+        pinned.bytes
+    );
+
+    // Given back, the task is nobody's again; finished, its last lease gets nothing either.
+    let requeue = Requeue {
+        reason: "engine down".to_owned(),
+        due_at: at(72),
+        max_infra_attempts: 5,
+    };
+    store
+        .requeue(&id, new.lease.token, &requeue, at(72))
+        .await?;
+    assert_stale(
+        store.leased_package(&id, new.lease.token).await,
+        "a requeued task's package",
+    );
+    let last = lease_one(store, at(73)).await?;
+    store
+        .complete(
+            &id,
+            last.lease.token,
+            &TaskOutcome::SetupFailed {
+                message: "no".to_owned(),
+            },
+            &RunReport::default(),
+            at(74),
+        )
+        .await?;
+    assert_stale(
+        store.leased_package(&id, last.lease.token).await,
+        "a finished task's package",
+    );
+
+    // An image code's task has no package to hand out.
+    store
+        .push_code(&acme.id, &image_spec("plain"), None, at(80))
+        .await?;
+    let plain = enqueue_one(store, &acme.id, new_task("plain"), at(80)).await?;
+    let leased = lease_one(store, at(81)).await?;
+    assert_eq!(leased.task.id, plain);
+    assert_not_found(
+        store.leased_package(&plain, leased.lease.token).await,
+        "package",
     );
     Ok(())
 }
