@@ -57,8 +57,10 @@ mod engine;
 mod error;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
+mod firewall;
 mod local_image;
 mod local_stacks;
+mod network;
 mod pull;
 mod spec;
 
@@ -79,6 +81,10 @@ pub use local_image::{
 pub use local_stacks::{
     BuildOutcome, DEBIAN_MIRROR, RECIPE_LABEL, build_debian_base, build_debian_stack,
     stack_dockerfile,
+};
+pub use network::{
+    DEFAULT_BLOCKED_RANGES, Destination, EgressPolicy, Ipv4Net, MAX_BRIDGE_NAME_LEN, NETWORK_LABEL,
+    NetworkInfo, NetworkSpec, parse_ipv4_net,
 };
 pub use spec::{
     ContainerId, ContainerSpec, DEFAULT_CAPABILITIES, DirectoryToCreate, FileToUpload, TASK_DIR,
