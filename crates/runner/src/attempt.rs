@@ -269,13 +269,8 @@ impl Attempt {
                 Some(self.fetch_package().await?)
             }
         };
-        plan.spec(
-            &self.leased,
-            &config.runner_id,
-            config.pids_limit,
-            package.as_deref(),
-        )
-        .map_err(setup_failed)
+        plan.spec(&self.leased, config, package.as_deref())
+            .map_err(setup_failed)
     }
 
     /// Makes the image present with the credentials its owner allows (see the `registry`
