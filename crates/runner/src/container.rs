@@ -8,6 +8,8 @@
 //! | `PAYLOAD_FILE` | `/mnt/.task_payload` (the payload string as given) |
 //! | `CONFIG_FILE` | `/mnt/.task_config` (the code's config string, empty when it has none) |
 //! | user `env_vars` | from the code |
+//! | `IRON_HOST`, `IRON_PORT`, `IRON_PROTOCOL` | the published API (`task_network.api_url`), when there is one and the code does not set them |
+//! | network | `bridge`: the runner's isolated task network; `none`; or a network the operator lists |
 //! | image code | `sh -c <command>` when a command is set, else the image's own entrypoint/cmd; a zip uploaded with it is unpacked into `/mnt/task` too |
 //! | runtime code | on its stack's image, the runtime's launcher + `/mnt/task/<file_name>` + `-id <id> -d /mnt/task -payload /mnt/.task_payload -config /mnt/.task_config` |
 

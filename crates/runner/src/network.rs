@@ -111,6 +111,7 @@ pub(crate) async fn prepare(
     engine: &dyn ContainerEngine,
     config: &TaskNetworkConfig,
 ) -> Result<NetworkInfo, RunnerError> {
+    let started = std::time::Instant::now();
     let network = engine
         .ensure_network(&config.spec)
         .await
@@ -135,6 +136,7 @@ pub(crate) async fn prepare(
         network = %network.name,
         bridge = ?network.bridge,
         subnets = ?network.subnets.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        took_ms = started.elapsed().as_millis(),
         "task network ready"
     );
     Ok(network)
