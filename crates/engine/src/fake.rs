@@ -435,6 +435,12 @@ impl FakeEngine {
         self.lock().isolations.get(network).cloned()
     }
 
+    /// Removes a network, as `docker network prune` would behind a runner's back.
+    pub fn remove_network(&self, name: &str) -> &Self {
+        self.lock().networks.remove(name);
+        self
+    }
+
     /// The networks that exist, by name.
     pub fn networks(&self) -> Vec<NetworkInfo> {
         self.lock().networks.values().cloned().collect()

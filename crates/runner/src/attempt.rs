@@ -200,12 +200,7 @@ impl Attempt {
         };
         // Not raced against anything: a create in flight that was dropped could leave a
         // container behind whose id we never learnt.
-        let id = match engine_call(
-            ContainerOperation::Create,
-            self.context.engine.create(&spec),
-        )
-        .await
-        {
+        let id = match self.create(&spec).await {
             Ok(id) => id,
             Err(error) => return self.engine_failed("creating the container", error),
         };
@@ -243,6 +238,32 @@ impl Attempt {
         }
         tracing::debug!("container started");
         self.supervise(id, deadline).await
+    }
+
+    /// Creates the container. When the engine refuses a container on the managed task
+    /// network, the network may have been removed behind the runner's back (a `docker
+    /// network prune` while no task ran): it is made sure of again and the create tried once
+    /// more. The firewall rules match the bridge by name, so they hold for the new network.
+    async fn create(
+        &self,
+        spec: &stevedore_engine::ContainerSpec,
+    ) -> Result<ContainerId, EngineError> {
+        let engine = &self.context.engine;
+        let managed = &self.context.config.network.spec;
+        match engine_call(ContainerOperation::Create, engine.create(spec)).await {
+            Err(EngineError::Refused { message })
+                if spec.network_mode.as_deref() == Some(managed.name.as_str()) =>
+            {
+                let missing = matches!(engine.inspect_network(&managed.name).await, Ok(None));
+                if !missing {
+                    return Err(EngineError::Refused { message });
+                }
+                tracing::warn!(network = %managed.name, "the task network is gone: creating it again");
+                engine.ensure_network(managed).await?;
+                engine_call(ContainerOperation::Create, engine.create(spec)).await
+            }
+            other => other,
+        }
     }
 
     /// Reserves memory, makes the image present, fetches the package and builds the spec.
