@@ -33,6 +33,14 @@ fi
 if ! dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'install ok installed'; then
     missing_packages+=(busybox-static)
 fi
+# The runner isolates the task network with iptables (docker.io depends on it, but a Docker
+# from elsewhere may not have brought it) and the tests add an address with `ip`.
+if ! command -v iptables-restore >/dev/null 2>&1 && [ ! -x /usr/sbin/iptables-restore ]; then
+    missing_packages+=(iptables)
+fi
+if ! command -v ip >/dev/null 2>&1 && [ ! -x /usr/sbin/ip ] && [ ! -x /sbin/ip ]; then
+    missing_packages+=(iproute2)
+fi
 if [ "${#missing_packages[@]}" -gt 0 ]; then
     log "installing ${missing_packages[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -512,7 +512,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
                 .announcing(server_config.runner_api.online_window / 4),
         );
         let runner = Runner::new(
-            settings.runner_config(&server_config.stacks),
+            settings.runner_config(&server_config.stacks)?,
             source.clone(),
             engine,
         );
@@ -633,7 +633,7 @@ fn credential_vault(settings: &Settings) -> anyhow::Result<CredentialVault> {
 /// `stevedore runner`: the runner of `serve`, leasing over HTTP instead of from the store.
 async fn remote_runner(settings: Settings, args: RunnerArgs) -> anyhow::Result<()> {
     let signal = shutdown_signal();
-    let mut config = settings.runner_config(&settings.stack_table()?);
+    let mut config = settings.runner_config(&settings.stack_table()?)?;
     config.runner_id = match args.id {
         Some(id) => id,
         None => format!("remote-{}", host_name()),

@@ -9,10 +9,12 @@ use anyhow::Context;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
-use stevedore_engine::RegistryAuth;
+use stevedore_engine::{
+    DEFAULT_BLOCKED_RANGES, Destination, NetworkSpec, RegistryAuth, parse_ipv4_net,
+};
 use stevedore_model::stack::StackSetting;
 use stevedore_model::{CodeImages, StackImages, StackTable, limits};
-use stevedore_runner::RunnerConfig;
+use stevedore_runner::{PublishedApi, RunnerConfig, TaskNetworkConfig};
 use stevedore_server::ServerConfig;
 use stevedore_store::{PgOptions, SqliteOptions, SyncMode};
 
@@ -46,6 +48,10 @@ pub struct Settings {
     /// optionally `aliases`).
     pub stacks: Vec<StackSetting>,
     pub runner: RunnerSettings,
+    /// The network tasks run on and what they may reach (`[task_network]`), for the
+    /// embedded runner, remote runners and `run`, and for the server's check of a code's
+    /// `network`.
+    pub task_network: TaskNetworkSettings,
     pub metrics: MetricsSettings,
     /// The key that seals projects' registry passwords, 64 hex digits. Servers sharing a
     /// PostgreSQL database must all have the same key: set it here (or
@@ -148,6 +154,139 @@ pub struct RunnerSettings {
     pub registries: Vec<RegistrySettings>,
 }
 
+/// `[task_network]`: the network `bridge` codes run on, isolated from the host, from each
+/// other and from the blocked ranges.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TaskNetworkSettings {
+    /// The Docker network's name.
+    pub name: String,
+    /// The host's bridge interface for it (at most 14 characters), which the firewall rules
+    /// match.
+    pub bridge: String,
+    /// Its IPv4 subnet (`172.30.0.0/16`); absent, Docker picks one that collides with nothing.
+    pub subnet: Option<String>,
+    /// The ranges (`CIDR` or address) tasks never reach. Default: private, carrier-grade NAT,
+    /// link-local, loopback and the other special ranges.
+    pub blocked: Vec<String>,
+    /// Destinations tasks reach all the same: `ADDRESS[/PREFIX][:PORT]`.
+    pub allowed: Vec<String>,
+    /// The API's URL as tasks should use it (`http://172.30.0.1:8080`): reachable from the
+    /// task network, and handed to tasks as `IRON_HOST`, `IRON_PORT`, `IRON_PROTOCOL`.
+    pub api_url: Option<String>,
+    /// Other Docker networks a code may name as its `network`.
+    pub named_networks: Vec<String>,
+    /// Run tasks even when the network cannot be isolated (no root, no iptables, a remote
+    /// engine): they can then reach this host, each other and private ranges.
+    pub unguarded: bool,
+}
+
+impl Default for TaskNetworkSettings {
+    fn default() -> Self {
+        let defaults = TaskNetworkConfig::default();
+        Self {
+            name: defaults.spec.name,
+            bridge: defaults.spec.bridge,
+            subnet: None,
+            blocked: DEFAULT_BLOCKED_RANGES
+                .iter()
+                .map(|range| (*range).to_owned())
+                .collect(),
+            allowed: Vec::new(),
+            api_url: None,
+            named_networks: Vec::new(),
+            unguarded: false,
+        }
+    }
+}
+
+impl TaskNetworkSettings {
+    /// The runner's view, parsed and checked.
+    pub fn config(&self) -> anyhow::Result<TaskNetworkConfig> {
+        let context = |what: &str| format!("invalid configuration: task_network.{what}");
+        let subnet = self
+            .subnet
+            .as_deref()
+            .filter(|subnet| !subnet.trim().is_empty())
+            .map(parse_ipv4_net)
+            .transpose()
+            .map_err(anyhow::Error::msg)
+            .with_context(|| context("subnet"))?;
+        let blocked = self
+            .blocked
+            .iter()
+            .map(|range| parse_ipv4_net(range))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(anyhow::Error::msg)
+            .with_context(|| context("blocked"))?;
+        let allowed = self
+            .allowed
+            .iter()
+            .map(|destination| destination.parse::<Destination>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(anyhow::Error::msg)
+            .with_context(|| context("allowed"))?;
+        let api = self
+            .api_url
+            .as_deref()
+            .filter(|url| !url.trim().is_empty())
+            .map(published_api)
+            .transpose()
+            .with_context(|| context("api_url"))?;
+        for name in &self.named_networks {
+            anyhow::ensure!(
+                !["host", "bridge", "none", "default"].contains(&name.as_str())
+                    && *name != self.name,
+                "{}: {name:?} cannot be listed (host is never allowed; bridge, none and the task \
+                 network are there already)",
+                context("named_networks")
+            );
+        }
+        let config = TaskNetworkConfig {
+            spec: NetworkSpec {
+                name: self.name.clone(),
+                bridge: self.bridge.clone(),
+                subnet,
+            },
+            blocked,
+            allowed,
+            api,
+            named_networks: self.named_networks.clone(),
+            unguarded: self.unguarded,
+        };
+        config
+            .spec
+            .validate()
+            .map_err(|error| anyhow::anyhow!("invalid configuration: task_network: {error}"))?;
+        Ok(config)
+    }
+}
+
+/// `http(s)://host[:port][/]`: where tasks find the API.
+fn published_api(url: &str) -> anyhow::Result<PublishedApi> {
+    let parsed = reqwest::Url::parse(url).with_context(|| format!("{url:?} is not a URL"))?;
+    anyhow::ensure!(
+        matches!(parsed.scheme(), "http" | "https"),
+        "{url:?} must be an http:// or https:// URL"
+    );
+    anyhow::ensure!(
+        parsed.path() == "/" || parsed.path().is_empty(),
+        "{url:?} must name the server only (no path): the clients add /2/..."
+    );
+    let host = match parsed.host_str() {
+        Some(host) if !host.starts_with('[') => host.to_owned(),
+        _ => anyhow::bail!("{url:?} needs a host name or an IPv4 address (tasks have no IPv6)"),
+    };
+    let port = parsed
+        .port_or_known_default()
+        .with_context(|| format!("{url:?} has no port"))?;
+    Ok(PublishedApi {
+        protocol: parsed.scheme().to_owned(),
+        host,
+        port,
+    })
+}
+
 /// Credentials for one registry.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RegistrySettings {
@@ -224,6 +363,7 @@ impl Default for Settings {
             stack_images: StackImages::default(),
             stacks: Vec::new(),
             runner: RunnerSettings::default(),
+            task_network: TaskNetworkSettings::default(),
             metrics: MetricsSettings::default(),
             credential_key: None,
             credential_key_file: None,
@@ -282,15 +422,17 @@ impl Settings {
         })
     }
 
-    /// The runner's configuration: the `runner` section, the stacks, and the operator's code
-    /// registry (whose images it recognizes and whose credentials it pulls them with).
-    pub fn runner_config(&self, stacks: &StackTable) -> RunnerConfig {
+    /// The runner's configuration: the `runner` section, the stacks, the operator's code
+    /// registry (whose images it recognizes and whose credentials it pulls them with) and
+    /// the task network.
+    pub fn runner_config(&self, stacks: &StackTable) -> anyhow::Result<RunnerConfig> {
         let mut config = self.runner.runner_config(stacks);
         config.code_images = self.code_images();
         if let Some(registry) = &self.code_registry {
             config.registry_auth.insert(0, registry.auth());
         }
-        config
+        config.network = self.task_network.config()?;
+        Ok(config)
     }
 
     /// Where `code push --dockerfile` puts the images it builds.
@@ -320,6 +462,7 @@ impl Settings {
         config.package.max_unpacked_bytes = self.max_unpacked_bytes;
         config.metrics.token_required = self.metrics.token_required;
         config.code_images = self.code_images();
+        config.named_networks = self.task_network.config()?.named_networks;
         Ok(config)
     }
 }
@@ -361,6 +504,56 @@ runtimes = ["sh"]
             Some("mirror.example.com/ruby:3.1")
         );
         assert!(local.get("deno-2").is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn the_task_network_is_parsed_once_with_the_private_ranges_blocked() -> anyhow::Result<()> {
+        let defaults = Settings::default().task_network.config()?;
+        assert_eq!(defaults, TaskNetworkConfig::default());
+        let configured = load(
+            r#"
+[task_network]
+name = "tasks"
+bridge = "tasks0"
+subnet = "172.30.0.0/24"
+allowed = ["10.1.2.3:5432", "192.168.7.0/24"]
+api_url = "http://172.30.0.1:8080"
+named_networks = ["databases"]
+"#,
+        )?
+        .task_network
+        .config()?;
+        assert_eq!(configured.spec.bridge, "tasks0");
+        assert_eq!(
+            configured.spec.subnet.map(|net| net.to_string()),
+            Some("172.30.0.0/24".to_owned())
+        );
+        assert_eq!(configured.allowed.len(), 2);
+        assert_eq!(configured.blocked, TaskNetworkConfig::default().blocked);
+        assert_eq!(
+            configured.api,
+            Some(PublishedApi {
+                protocol: "http".into(),
+                host: "172.30.0.1".into(),
+                port: 8080
+            })
+        );
+        for broken in [
+            "[task_network]\nallowed = [\"10.1.2.3:http\"]\n",
+            "[task_network]\nblocked = [\"10.0.0.0/33\"]\n",
+            "[task_network]\napi_url = \"ftp://x\"\n",
+            "[task_network]\napi_url = \"http://x:8080/2/projects\"\n",
+            "[task_network]\nnamed_networks = [\"host\"]\n",
+            "[task_network]\nbridge = \"a-bridge-name-too-long\"\n",
+        ] {
+            let refused = load(broken).and_then(|settings| settings.task_network.config());
+            let message = format!(
+                "{:#}",
+                refused.err().unwrap_or_else(|| anyhow::anyhow!("accepted"))
+            );
+            assert!(message.contains("task_network"), "{broken}: {message}");
+        }
         Ok(())
     }
 

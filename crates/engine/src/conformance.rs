@@ -19,6 +19,7 @@ use futures::StreamExt;
 
 use crate::engine::{ContainerRuntime, ExitStatus, OutputStream};
 use crate::error::EngineError;
+use crate::network::NetworkSpec;
 use crate::spec::{ContainerId, ContainerSpec, DirectoryToCreate, FileToUpload};
 
 /// The label a runner puts on its containers to find them again (its value: the runner's id).
@@ -374,6 +375,86 @@ pub async fn unknown_containers_are_not_found(harness: &dyn Harness) {
     }
 }
 
+/// The network the suite ensures; it is left in place (a runner's network outlives its
+/// runs too), so every run of the suite finds it again.
+pub const CONFORMANCE_NETWORK: &str = "stevedore-conformance";
+
+/// `ensure_network` creates a network once, with containers cut off from each other and no
+/// IPv6, and finds it again (also when asked twice at once); `inspect_network` reports it
+/// and knows no unknown one; a container on it runs; a spec naming the network with another
+/// bridge is refused as a conflict, a bad name as invalid.
+pub async fn networks_are_ensured_once(harness: &dyn Harness) {
+    let runtime = harness.runtime();
+    let spec = NetworkSpec {
+        name: CONFORMANCE_NETWORK.to_owned(),
+        bridge: "stvd-conform".to_owned(),
+        subnet: None,
+    };
+    let (first, second) = within(
+        "ensure_network",
+        futures::future::join(runtime.ensure_network(&spec), runtime.ensure_network(&spec)),
+    )
+    .await;
+    let (first, second) = (ok(first, "ensure_network"), ok(second, "ensure_network"));
+    assert_eq!(first, second, "two ensures found two networks");
+    let again = ok(
+        within("ensure_network", runtime.ensure_network(&spec)).await,
+        "ensure_network again",
+    );
+    assert_eq!(again.id, first.id);
+    assert_eq!(first.name, CONFORMANCE_NETWORK);
+    assert_eq!(first.bridge.as_deref(), Some("stvd-conform"));
+    assert!(!first.inter_container, "{first:?}");
+    assert!(!first.ipv6, "{first:?}");
+    assert!(
+        first
+            .gateways
+            .iter()
+            .any(|gateway| first.subnets.iter().any(|subnet| subnet.contains(gateway))),
+        "no gateway inside the subnet: {first:?}"
+    );
+    let inspected = ok(
+        within(
+            "inspect_network",
+            runtime.inspect_network(CONFORMANCE_NETWORK),
+        )
+        .await,
+        "inspect_network",
+    );
+    assert_eq!(inspected.as_ref(), Some(&first));
+    let unknown = ok(
+        within(
+            "inspect_network",
+            runtime.inspect_network(&unique("no-such-network")),
+        )
+        .await,
+        "inspect_network of an unknown network",
+    );
+    assert_eq!(unknown, None);
+
+    let mut on_it = labelled(harness, &Program::Exit(0), &unique("network"));
+    on_it.network_mode = Some(CONFORMANCE_NETWORK.to_owned());
+    let finished = run_to_end(runtime, &on_it).await;
+    assert_eq!(finished.status.exit_code, 0, "{finished:?}");
+
+    let other_bridge = NetworkSpec {
+        bridge: "stvd-other".to_owned(),
+        ..spec.clone()
+    };
+    match within("ensure_network", runtime.ensure_network(&other_bridge)).await {
+        Err(EngineError::Conflict { .. }) => {}
+        other => panic!("a network of the same name with another bridge: {other:?}"),
+    }
+    let bad_name = NetworkSpec {
+        name: "host".to_owned(),
+        ..spec
+    };
+    match within("ensure_network", runtime.ensure_network(&bad_name)).await {
+        Err(EngineError::InvalidSpec { .. }) => {}
+        other => panic!("a network named host: {other:?}"),
+    }
+}
+
 fn assert_not_found<T: std::fmt::Debug>(
     result: Result<T, EngineError>,
     id: &ContainerId,
@@ -405,7 +486,8 @@ macro_rules! runtime_conformance_tests {
             kill_stops_a_running_container,
             remove_forgets_the_container,
             list_finds_own_containers_by_runner_label,
-            unknown_containers_are_not_found
+            unknown_containers_are_not_found,
+            networks_are_ensured_once
         );
     };
     (@checks $make:ident; $($check:ident),*) => {

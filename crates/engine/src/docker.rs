@@ -10,8 +10,8 @@ use bollard::Docker;
 use bollard::auth::DockerCredentials;
 use bollard::container::LogOutput;
 use bollard::models::{
-    ContainerCreateBody, ContainerStatsResponse, HostConfig, ProgressDetail, SystemInfo,
-    SystemVersion,
+    ContainerCreateBody, ContainerStatsResponse, HostConfig, Ipam, IpamConfig,
+    NetworkCreateRequest, NetworkInspect, ProgressDetail, SystemInfo, SystemVersion,
 };
 use bollard::query_parameters::{
     BuildImageOptions, BuildImageOptionsBuilder, CreateContainerOptionsBuilder,
@@ -34,8 +34,14 @@ use crate::engine::{
     RegistryAuth, ResourceSample, ResourceSampleStream, Timestamp,
 };
 use crate::error::{EngineError, Subject};
+use crate::firewall;
+use crate::network::{EgressPolicy, NETWORK_LABEL, NetworkInfo, NetworkSpec};
 use crate::pull::{PullCoalescer, normalize_reference};
 use crate::spec::{ContainerId, ContainerSpec};
+
+/// Docker's bridge driver options a task network is created with, and checked for.
+const BRIDGE_NAME_OPTION: &str = "com.docker.network.bridge.name";
+const ICC_OPTION: &str = "com.docker.network.bridge.enable_icc";
 
 /// The exit code of a process killed by SIGKILL, as an OOM kill leaves it.
 const SIGKILL_EXIT_CODE: i64 = 137;
@@ -383,6 +389,70 @@ impl ContainerRuntime for DockerEngine {
             .into_iter()
             .filter_map(|container| container.id.map(ContainerId::new))
             .collect())
+    }
+
+    async fn inspect_network(&self, name: &str) -> Result<Option<NetworkInfo>, EngineError> {
+        match self.docker.inspect_network(name, None).await {
+            Ok(inspected) => network_info_of(inspected).map(Some),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(error) => Err(EngineError::from_bollard(error, Subject::Engine)),
+        }
+    }
+
+    async fn ensure_network(&self, spec: &NetworkSpec) -> Result<NetworkInfo, EngineError> {
+        spec.validate()?;
+        if let Some(existing) = self.inspect_network(&spec.name).await? {
+            return matching(spec, existing);
+        }
+        let request = NetworkCreateRequest {
+            name: spec.name.clone(),
+            driver: Some("bridge".to_owned()),
+            internal: Some(false),
+            attachable: Some(false),
+            enable_ipv6: Some(false),
+            ipam: spec.subnet.map(|subnet| Ipam {
+                driver: Some("default".to_owned()),
+                config: Some(vec![IpamConfig {
+                    subnet: Some(subnet.trunc().to_string()),
+                    ..IpamConfig::default()
+                }]),
+                options: None,
+            }),
+            options: Some(HashMap::from([
+                (BRIDGE_NAME_OPTION.to_owned(), spec.bridge.clone()),
+                (ICC_OPTION.to_owned(), "false".to_owned()),
+            ])),
+            labels: Some(HashMap::from([(
+                NETWORK_LABEL.to_owned(),
+                "tasks".to_owned(),
+            )])),
+            ..NetworkCreateRequest::default()
+        };
+        let created = self.docker.create_network(request).await;
+        // Another runner may have created it meanwhile: Docker then refuses the second
+        // bridge of the same name, and the name finds the first.
+        match (created, self.inspect_network(&spec.name).await?) {
+            (Ok(_), Some(network)) => {
+                tracing::info!(network = %network.name, bridge = %spec.bridge, subnets = ?network.subnets, "task network created");
+                matching(spec, network)
+            }
+            (Err(_), Some(network)) => matching(spec, network),
+            (Ok(_), None) => Err(EngineError::protocol(format!(
+                "the network {} was created but is not found",
+                spec.name
+            ))),
+            (Err(error), None) => Err(EngineError::from_bollard(error, Subject::Engine)),
+        }
+    }
+
+    async fn isolate_network(
+        &self,
+        network: &NetworkInfo,
+        policy: &EgressPolicy,
+    ) -> Result<(), EngineError> {
+        firewall::isolate(network, policy).await
     }
 }
 
@@ -790,6 +860,78 @@ fn create_body(spec: &ContainerSpec) -> Result<ContainerCreateBody, EngineError>
         host_config: Some(host_config),
         ..ContainerCreateBody::default()
     })
+}
+
+/// What Docker says of a network, in the trait's terms.
+fn network_info_of(inspected: NetworkInspect) -> Result<NetworkInfo, EngineError> {
+    let options = inspected.options.unwrap_or_default();
+    let configs = inspected
+        .ipam
+        .and_then(|ipam| ipam.config)
+        .unwrap_or_default();
+    Ok(NetworkInfo {
+        id: inspected
+            .id
+            .ok_or_else(|| EngineError::protocol("a network without an id"))?,
+        name: inspected.name.unwrap_or_default(),
+        bridge: options
+            .get(BRIDGE_NAME_OPTION)
+            .cloned()
+            .filter(|_| inspected.driver.as_deref() == Some("bridge")),
+        subnets: configs
+            .iter()
+            .filter_map(|config| config.subnet.as_deref()?.parse().ok())
+            .collect(),
+        gateways: configs
+            .iter()
+            .filter_map(|config| config.gateway.as_deref()?.parse().ok())
+            .collect(),
+        inter_container: options.get(ICC_OPTION).map(String::as_str) != Some("false"),
+        ipv6: inspected.enable_ipv6.unwrap_or(false),
+    })
+}
+
+/// `network` when it is what `spec` asks for; a conflict naming the difference otherwise.
+fn matching(spec: &NetworkSpec, network: NetworkInfo) -> Result<NetworkInfo, EngineError> {
+    let mut differences = Vec::new();
+    if network.bridge.as_deref() != Some(spec.bridge.as_str()) {
+        differences.push(format!(
+            "its bridge is {:?}, not {:?}",
+            network.bridge.as_deref().unwrap_or("Docker's choice"),
+            spec.bridge
+        ));
+    }
+    if network.inter_container {
+        differences.push("its containers may talk to each other (enable_icc)".to_owned());
+    }
+    if network.ipv6 {
+        differences.push("it has IPv6".to_owned());
+    }
+    if let Some(subnet) = spec.subnet
+        && !network.subnets.contains(&subnet.trunc())
+    {
+        differences.push(format!(
+            "its subnets are {:?}, not {subnet}",
+            network
+                .subnets
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        ));
+    }
+    if differences.is_empty() {
+        Ok(network)
+    } else {
+        Err(EngineError::Conflict {
+            message: format!(
+                "the network {} exists with other settings ({}); remove it (docker network rm {}) \
+                 or choose another name",
+                spec.name,
+                differences.join("; "),
+                spec.name
+            ),
+        })
+    }
 }
 
 fn capabilities_of(

@@ -13,6 +13,7 @@ use futures::stream::BoxStream;
 
 use crate::build::{BuildProgress, BuildRequest, BuiltImage};
 use crate::error::EngineError;
+use crate::network::{EgressPolicy, NetworkInfo, NetworkSpec};
 use crate::spec::{ContainerId, ContainerSpec};
 
 /// Timestamps the engine reports (container start and finish), in UTC.
@@ -96,6 +97,27 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Every container, running or not, that carries the label `key=value`: how a runner
     /// finds the leftovers of an earlier life at start-up.
     async fn list_labeled(&self, key: &str, value: &str) -> Result<Vec<ContainerId>, EngineError>;
+
+    /// The network `name`, or `None` when the runtime has none of that name.
+    async fn inspect_network(&self, name: &str) -> Result<Option<NetworkInfo>, EngineError>;
+
+    /// Makes sure the network `spec` describes exists, with containers on it cut off from
+    /// each other and without IPv6, and returns it. Idempotent, also when several callers
+    /// ask at once: an existing network is reused when it matches the spec, and refused
+    /// ([`EngineError::Conflict`]) when it does not. A spec with a bad name is
+    /// [`EngineError::InvalidSpec`].
+    async fn ensure_network(&self, spec: &NetworkSpec) -> Result<NetworkInfo, EngineError>;
+
+    /// Holds the containers on `network` to `policy` from now on, replacing the policy this
+    /// runtime applied to it before: no traffic to the runtime's host nor between them, no
+    /// blocked range, except the allowed destinations. When the runtime cannot enforce it
+    /// (no host firewall it may change, the network's host is another machine) the answer
+    /// is [`EngineError::LimitUnenforceable`], never a silent success.
+    async fn isolate_network(
+        &self,
+        network: &NetworkInfo,
+        policy: &EgressPolicy,
+    ) -> Result<(), EngineError>;
 }
 
 /// The images a runtime runs containers from, as a runner needs them: whether one is

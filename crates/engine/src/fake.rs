@@ -27,6 +27,7 @@ use crate::engine::{
     RegistryAuth, ResourceSample, ResourceSampleStream, Timestamp,
 };
 use crate::error::EngineError;
+use crate::network::{EgressPolicy, NetworkInfo, NetworkSpec};
 use crate::pull::{PullCoalescer, normalize_reference};
 use crate::spec::{ContainerId, ContainerSpec};
 
@@ -103,6 +104,10 @@ pub enum FakeOperation {
     Remove,
     /// `list_labeled`.
     List,
+    /// `inspect_network` and `ensure_network`.
+    Network,
+    /// `isolate_network`.
+    Isolate,
 }
 
 /// How a fake container's run is chosen.
@@ -145,6 +150,10 @@ struct FakeState {
     failures: HashMap<FakeOperation, VecDeque<EngineError>>,
     unreachable: bool,
     remove_takes: Duration,
+    /// Networks by name.
+    networks: BTreeMap<String, NetworkInfo>,
+    /// The policy each network was last isolated with, by name.
+    isolations: BTreeMap<String, EgressPolicy>,
     next_id: u64,
     /// The wall-clock time the fake's clock starts at, for `started_at`/`finished_at`.
     epoch: Timestamp,
@@ -295,6 +304,8 @@ impl FakeEngine {
                 failures: HashMap::new(),
                 unreachable: false,
                 remove_takes: Duration::ZERO,
+                networks: BTreeMap::new(),
+                isolations: BTreeMap::new(),
                 next_id: 1,
                 epoch,
                 epoch_instant: Instant::now(),
@@ -419,6 +430,22 @@ impl FakeEngine {
             .map(|file| file.contents.clone())
     }
 
+    /// The policy `network` was last isolated with, if it was.
+    pub fn isolation(&self, network: &str) -> Option<EgressPolicy> {
+        self.lock().isolations.get(network).cloned()
+    }
+
+    /// Removes a network, as `docker network prune` would behind a runner's back.
+    pub fn remove_network(&self, name: &str) -> &Self {
+        self.lock().networks.remove(name);
+        self
+    }
+
+    /// The networks that exist, by name.
+    pub fn networks(&self) -> Vec<NetworkInfo> {
+        self.lock().networks.values().cloned().collect()
+    }
+
     fn lock(&self) -> MutexGuard<'_, FakeState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -470,6 +497,14 @@ impl ContainerRuntime for FakeEngine {
         if !state.images.contains_key(&normalize_reference(&spec.image)) {
             return Err(EngineError::ImageNotFound {
                 image: spec.image.clone(),
+            });
+        }
+        if let Some(network) = &spec.network_mode
+            && !["bridge", "none", "host", "default"].contains(&network.as_str())
+            && !state.networks.contains_key(network)
+        {
+            return Err(EngineError::Refused {
+                message: format!("network {network} not found"),
             });
         }
         if let Some(name) = &spec.name
@@ -698,6 +733,63 @@ impl ContainerRuntime for FakeEngine {
             })
             .map(|(id, _)| ContainerId::new(id.clone()))
             .collect())
+    }
+
+    async fn inspect_network(&self, name: &str) -> Result<Option<NetworkInfo>, EngineError> {
+        self.injected(FakeOperation::Network)?;
+        Ok(self.lock().networks.get(name).cloned())
+    }
+
+    async fn ensure_network(&self, spec: &NetworkSpec) -> Result<NetworkInfo, EngineError> {
+        self.injected(FakeOperation::Network)?;
+        spec.validate()?;
+        let mut state = self.lock();
+        if let Some(existing) = state.networks.get(&spec.name) {
+            if existing.bridge.as_deref() != Some(spec.bridge.as_str())
+                || spec
+                    .subnet
+                    .is_some_and(|subnet| !existing.subnets.contains(&subnet))
+            {
+                return Err(EngineError::Conflict {
+                    message: format!("the network {} exists with other settings", spec.name),
+                });
+            }
+            return Ok(existing.clone());
+        }
+        let index = u8::try_from(state.networks.len() % 200).unwrap_or(0);
+        let subnet = spec.subnet.unwrap_or_else(|| {
+            ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(172, 30, index, 0), 24).unwrap_or_default()
+        });
+        let network = NetworkInfo {
+            id: format!("{:064x}", state.next_id),
+            name: spec.name.clone(),
+            bridge: Some(spec.bridge.clone()),
+            subnets: vec![subnet],
+            gateways: subnet.hosts().next().into_iter().collect(),
+            inter_container: false,
+            ipv6: false,
+        };
+        state.next_id += 1;
+        state.networks.insert(spec.name.clone(), network.clone());
+        Ok(network)
+    }
+
+    async fn isolate_network(
+        &self,
+        network: &NetworkInfo,
+        policy: &EgressPolicy,
+    ) -> Result<(), EngineError> {
+        self.injected(FakeOperation::Isolate)?;
+        let mut state = self.lock();
+        if !state.networks.contains_key(&network.name) {
+            return Err(EngineError::Refused {
+                message: format!("network {} not found", network.name),
+            });
+        }
+        state
+            .isolations
+            .insert(network.name.clone(), policy.clone());
+        Ok(())
     }
 }
 

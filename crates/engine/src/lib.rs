@@ -3,7 +3,7 @@
 //! traits:
 //!
 //! * [`ContainerRuntime`]: what a runner drives (capabilities, create with files, start, logs,
-//!   wait, kill, stats, remove, list its own containers);
+//!   wait, kill, stats, remove, list its own containers, its task network and its isolation);
 //! * [`ImageStore`]: the images the runtime runs from (presence, pulls, registry checks);
 //! * [`ImageBuilder`]: building, importing, pushing and removing images, for the CLI alone.
 //!
@@ -30,6 +30,12 @@
 //!   `no-new-privileges`, with files uploaded through the archive API (never bind mounts);
 //!   start, logs (stdout and stderr apart), wait (exit code, `OOMKilled`, times), kill, stats,
 //!   remove (timed), and listing by label for the start-up reaper.
+//! * **Task networks**: [`ContainerRuntime::ensure_network`] makes sure of a network whose
+//!   containers cannot talk to each other, on a bridge of a fixed name, without IPv6;
+//!   [`ContainerRuntime::isolate_network`] holds its containers to an [`EgressPolicy`] (no
+//!   host, no other container, no blocked range, except allowed destinations). On Docker that
+//!   is the host firewall (`firewall`: iptables chains of stevedore's own, rebuilt atomically),
+//!   refused as [`EngineError::LimitUnenforceable`] when it cannot be set up.
 //! * **Errors**: one [`EngineError`], in the runtime's terms (unreachable, timeout, failed,
 //!   container or image not found, refused, conflict, limit unenforceable, ...) with no
 //!   transport detail in its variants; the Docker implementation decides them from the
@@ -57,8 +63,10 @@ mod engine;
 mod error;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
+mod firewall;
 mod local_image;
 mod local_stacks;
+mod network;
 mod pull;
 mod spec;
 
@@ -79,6 +87,10 @@ pub use local_image::{
 pub use local_stacks::{
     BuildOutcome, DEBIAN_MIRROR, RECIPE_LABEL, build_debian_base, build_debian_stack,
     stack_dockerfile,
+};
+pub use network::{
+    DEFAULT_BLOCKED_RANGES, Destination, EgressPolicy, Ipv4Net, MAX_BRIDGE_NAME_LEN, NETWORK_LABEL,
+    NetworkInfo, NetworkSpec, parse_ipv4_net,
 };
 pub use spec::{
     ContainerId, ContainerSpec, DEFAULT_CAPABILITIES, DirectoryToCreate, FileToUpload, TASK_DIR,

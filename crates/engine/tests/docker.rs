@@ -1107,3 +1107,148 @@ async fn dropping_a_build_cancels_it_and_leaves_no_container() -> TestResult {
     }
     Ok(())
 }
+
+/// The network the isolation test runs on; like a runner's, it stays for the next run.
+const ISOLATION_NETWORK: &str = "stevedore-isolation-test";
+const ISOLATION_BRIDGE: &str = "stvd-isotest";
+
+/// Whether this process may change the host's firewall: the isolation tests need root, and
+/// skip without it (saying so) unless `CI` is set.
+fn root_or_ci() -> bool {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("Uid:"))
+                .and_then(|uids| uids.split_whitespace().nth(1).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false);
+    if !root && !ci_requires_docker() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipped: isolating a network needs root (iptables); set CI=true to make this a failure"
+        );
+    }
+    root || ci_requires_docker()
+}
+
+/// This host's address on its way out (the interface of its default route), found without
+/// sending anything: a UDP socket's source address once "connected".
+fn host_address() -> std::io::Result<std::net::Ipv4Addr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    socket.connect("198.51.100.1:9")?;
+    match socket.local_addr()?.ip() {
+        std::net::IpAddr::V4(ip) if !ip.is_loopback() => Ok(ip),
+        other => Err(std::io::Error::other(format!(
+            "no IPv4 host address: {other}"
+        ))),
+    }
+}
+
+/// A task container on the isolated network reaches neither a listener on the host (on the
+/// network's gateway and on the host's own address), nor another container on the network,
+/// nor a blocked range; it does reach an allowed host address and port. IPv6 is off inside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_network_keeps_tasks_from_the_host_and_each_other() -> TestResult {
+    use stevedore_engine::{Destination, EgressPolicy, NetworkSpec};
+    let engine = engine_or_skip!();
+    if !root_or_ci() {
+        return Ok(());
+    }
+    local_image(&engine).await?;
+    let task = task_label("isolation");
+    let _cleanup = Cleanup::new(&task);
+    let network = engine
+        .ensure_network(&NetworkSpec {
+            name: ISOLATION_NETWORK.to_owned(),
+            bridge: ISOLATION_BRIDGE.to_owned(),
+            subnet: None,
+        })
+        .await?;
+    let gateway = *network
+        .gateways
+        .first()
+        .ok_or("the network has no gateway")?;
+    let host = host_address()?;
+    // Listening is enough: the kernel completes a connection into the backlog unaccepted.
+    let everywhere = std::net::TcpListener::bind("0.0.0.0:0")?;
+    let closed_port = everywhere.local_addr()?.port();
+    let allowed = std::net::TcpListener::bind((host, 0))?;
+    let allowed_port = allowed.local_addr()?.port();
+    engine
+        .isolate_network(
+            &network,
+            &EgressPolicy {
+                blocked: EgressPolicy::default_blocked(),
+                allowed: vec![Destination::address(host, allowed_port)],
+            },
+        )
+        .await?;
+    // Applying the same policy again changes nothing (and fails nothing).
+    engine
+        .isolate_network(
+            &network,
+            &EgressPolicy {
+                blocked: EgressPolicy::default_blocked(),
+                allowed: vec![Destination::address(host, allowed_port)],
+            },
+        )
+        .await?;
+
+    // Another task, listening, that tells its address.
+    let mut listener = shell(
+        &task,
+        "ip -4 -o addr show eth0 | sed 's/.*inet \\([0-9.]*\\).*/\\1/'; nc -l -p 7000 >/dev/null",
+    );
+    listener.network_mode = Some(ISOLATION_NETWORK.to_owned());
+    let listening = engine.create(&listener).await?;
+    engine.start(&listening).await?;
+    let mut neighbour = String::new();
+    let mut logs = engine.logs(&listening);
+    while neighbour.trim().is_empty() {
+        match tokio::time::timeout(SAFETY_NET, logs.next()).await? {
+            Some(chunk) => neighbour.push_str(&String::from_utf8_lossy(&chunk?.bytes)),
+            None => return Err("the listening task ended without its address".into()),
+        }
+    }
+    let neighbour = neighbour.trim().to_owned();
+
+    let targets = [
+        ("gateway", gateway.to_string(), closed_port),
+        ("host", host.to_string(), closed_port),
+        ("neighbour", neighbour.clone(), 7000),
+        ("allowed", host.to_string(), allowed_port),
+    ];
+    let script: String = targets
+        .iter()
+        .map(|(name, ip, port)| {
+            // nc exits 1 when it cannot connect; once connected it waits for the other side,
+            // which never closes, so `timeout` ends it (143).
+            format!(
+                "timeout 3 nc -w 2 {ip} {port} </dev/null 2>/dev/null; \
+                 if [ $? -eq 1 ]; then echo {name}=closed; else echo {name}=open; fi; "
+            )
+        })
+        .chain(["echo ipv6=$(cat /proc/sys/net/ipv6/conf/all/disable_ipv6)".to_owned()])
+        .collect();
+    let mut prober = shell(&task, &script);
+    prober.network_mode = Some(ISOLATION_NETWORK.to_owned());
+    let (status, output) = tokio::time::timeout(SAFETY_NET, run(&engine, &prober)).await??;
+    engine.remove(&listening).await?;
+    assert_eq!(status.exit_code, 0, "{output:?}");
+    assert_eq!(
+        output.stdout.lines().collect::<Vec<_>>(),
+        [
+            "gateway=closed",
+            "host=closed",
+            "neighbour=closed",
+            "allowed=open",
+            "ipv6=1"
+        ],
+        "gateway {gateway}, host {host}, neighbour {neighbour}: {output:?}"
+    );
+    // The listener outside the network is there: the host itself reaches it.
+    std::net::TcpStream::connect((host, closed_port))?;
+    Ok(())
+}

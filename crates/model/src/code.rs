@@ -74,7 +74,9 @@ pub struct CodeSpec {
     pub retries_backoff: RetriesBackoff,
     pub default_priority: u8,
     pub limits: Limits,
-    /// Docker network mode of the task's container: `bridge` (default) or `none`.
+    /// The network the task's container is on: `bridge` (the default, IronWorker's name),
+    /// which is the operator's isolated task network, `none`, or a network the operator
+    /// lists by name (checked at upload against that list, see [`check_network`]).
     pub network: String,
 }
 
@@ -99,9 +101,52 @@ pub struct CodeRevision {
 /// Environment variables that belong to the in-container contract; a code may not set them.
 pub const RESERVED_ENV_VARS: [&str; 4] = ["TASK_ID", "TASK_DIR", "PAYLOAD_FILE", "CONFIG_FILE"];
 
-/// Network modes a code may choose. `host` is left out on purpose: it would give user code
-/// the runner's own network.
-pub const NETWORK_MODES: [&str; 2] = ["bridge", "none"];
+/// The network every code may choose: `bridge` (IronWorker's name for the default network),
+/// which runs on the operator's isolated task network, and `none`. Others are accepted only
+/// where the operator lists them ([`check_network`]); `host` never, as it would give user
+/// code the runner's own network.
+pub const NETWORK_MODES: [&str; 2] = [DEFAULT_NETWORK, NO_NETWORK];
+
+/// A code's network by default: the operator's isolated task network.
+pub const DEFAULT_NETWORK: &str = "bridge";
+
+/// No network at all: only a loopback interface.
+pub const NO_NETWORK: &str = "none";
+
+/// Checks that `network` is one a code may use: [`NETWORK_MODES`] or one of the operator's
+/// `named` networks. The error names every allowed value.
+pub fn check_network(network: &str, named: &[String]) -> Result<(), ValidationError> {
+    if NETWORK_MODES.contains(&network) || named.iter().any(|name| name == network) {
+        return Ok(());
+    }
+    let allowed: Vec<&str> = NETWORK_MODES
+        .into_iter()
+        .chain(named.iter().map(String::as_str))
+        .collect();
+    Err(ValidationError::new(
+        "network",
+        format!("must be one of {allowed:?}, got {network:?}"),
+    ))
+}
+
+/// Whether `network` could name a network at all: what a stored code may hold whatever the
+/// operator lists today. `host` and another container's network are never one.
+fn check_network_name(network: &str) -> Result<(), ValidationError> {
+    let plausible = !network.is_empty()
+        && network.len() <= 128
+        && network
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+        && network != "host";
+    if plausible {
+        Ok(())
+    } else {
+        Err(ValidationError::new(
+            "network",
+            format!("{network:?} is not a network a task may use"),
+        ))
+    }
+}
 
 impl CodeRevision {
     /// Whether the revision came with a zip package (a runtime code's, or one shipped beside
@@ -179,12 +224,7 @@ impl CodeSpec {
                 format!("must be between 0.01 and {MAX_CPUS}, got {cpus}"),
             ));
         }
-        if !NETWORK_MODES.contains(&self.network.as_str()) {
-            return Err(ValidationError::new(
-                "network",
-                format!("must be one of {NETWORK_MODES:?}, got {:?}", self.network),
-            ));
-        }
+        check_network_name(&self.network)?;
         Ok(())
     }
 }
@@ -373,5 +413,24 @@ mod tests {
         let mut spec = image_spec("busybox");
         spec.network = "host".into();
         assert_eq!(spec.validate().unwrap_err().field, "network");
+        spec.network = "container:other".into();
+        assert_eq!(spec.validate().unwrap_err().field, "network");
+    }
+
+    #[test]
+    fn networks_are_the_built_in_ones_or_the_operators() {
+        let named = vec!["databases".to_owned()];
+        assert!(check_network("bridge", &[]).is_ok());
+        assert!(check_network("none", &[]).is_ok());
+        assert!(check_network("databases", &named).is_ok());
+        let refused = check_network("other", &named).unwrap_err();
+        assert_eq!(refused.field, "network");
+        assert!(
+            refused
+                .message
+                .contains(r#"["bridge", "none", "databases"]"#),
+            "{}",
+            refused.message
+        );
     }
 }

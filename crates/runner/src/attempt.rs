@@ -200,12 +200,7 @@ impl Attempt {
         };
         // Not raced against anything: a create in flight that was dropped could leave a
         // container behind whose id we never learnt.
-        let id = match engine_call(
-            ContainerOperation::Create,
-            self.context.engine.create(&spec),
-        )
-        .await
-        {
+        let id = match self.create(&spec).await {
             Ok(id) => id,
             Err(error) => return self.engine_failed("creating the container", error),
         };
@@ -245,6 +240,32 @@ impl Attempt {
         self.supervise(id, deadline).await
     }
 
+    /// Creates the container. When the engine refuses a container on the managed task
+    /// network, the network may have been removed behind the runner's back (a `docker
+    /// network prune` while no task ran): it is made sure of again and the create tried once
+    /// more. The firewall rules match the bridge by name, so they hold for the new network.
+    async fn create(
+        &self,
+        spec: &stevedore_engine::ContainerSpec,
+    ) -> Result<ContainerId, EngineError> {
+        let engine = &self.context.engine;
+        let managed = &self.context.config.network.spec;
+        match engine_call(ContainerOperation::Create, engine.create(spec)).await {
+            Err(EngineError::Refused { message })
+                if spec.network_mode.as_deref() == Some(managed.name.as_str()) =>
+            {
+                let missing = matches!(engine.inspect_network(&managed.name).await, Ok(None));
+                if !missing {
+                    return Err(EngineError::Refused { message });
+                }
+                tracing::warn!(network = %managed.name, "the task network is gone: creating it again");
+                engine.ensure_network(managed).await?;
+                engine_call(ContainerOperation::Create, engine.create(spec)).await
+            }
+            other => other,
+        }
+    }
+
     /// Reserves memory, makes the image present, fetches the package and builds the spec.
     async fn prepare(&mut self) -> Result<stevedore_engine::ContainerSpec, Ending> {
         let memory_mib = u64::from(self.leased.code.spec.limits.memory_mib);
@@ -269,13 +290,8 @@ impl Attempt {
                 Some(self.fetch_package().await?)
             }
         };
-        plan.spec(
-            &self.leased,
-            &config.runner_id,
-            config.pids_limit,
-            package.as_deref(),
-        )
-        .map_err(setup_failed)
+        plan.spec(&self.leased, config, package.as_deref())
+            .map_err(setup_failed)
     }
 
     /// Makes the image present with the credentials its owner allows (see the `registry`

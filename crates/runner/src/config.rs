@@ -9,6 +9,7 @@ use stevedore_model::limits::DEFAULT_MEMORY_MIB;
 use stevedore_model::task::DEFAULT_CLUSTER;
 
 use crate::error::RunnerError;
+use crate::network::TaskNetworkConfig;
 
 /// How one runner behaves. `RunnerConfig::default()` is what `stevedore serve` embeds.
 #[derive(Debug, Clone)]
@@ -71,6 +72,9 @@ pub struct RunnerConfig {
     /// Run even when the engine cannot enforce memory limits. Default false: the runner
     /// refuses, because one task could then take the whole machine down.
     pub allow_unlimited_memory: bool,
+    /// The network tasks run on (the managed, isolated one for `bridge`) and what they may
+    /// reach from it.
+    pub network: TaskNetworkConfig,
 }
 
 /// What a [`RunnerConfig`] comes to on a given engine: the derived defaults filled in.
@@ -124,6 +128,7 @@ impl Default for RunnerConfig {
             code_images: CodeImages::local(),
             pids_limit: Some(512),
             allow_unlimited_memory: false,
+            network: TaskNetworkConfig::default(),
         }
     }
 }
@@ -160,6 +165,9 @@ impl RunnerConfig {
         }
         if self.pids_limit == Some(0) {
             return invalid("pids_limit is 0: not even the task's own process could run");
+        }
+        if let Err(error) = self.network.spec.validate() {
+            return invalid(&format!("task network: {error}"));
         }
         Ok(())
     }

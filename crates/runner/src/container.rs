@@ -8,6 +8,8 @@
 //! | `PAYLOAD_FILE` | `/mnt/.task_payload` (the payload string as given) |
 //! | `CONFIG_FILE` | `/mnt/.task_config` (the code's config string, empty when it has none) |
 //! | user `env_vars` | from the code |
+//! | `IRON_HOST`, `IRON_PORT`, `IRON_PROTOCOL` | the published API (`task_network.api_url`), when there is one and the code does not set them |
+//! | network | `bridge`: the runner's isolated task network; `none`; or a network the operator lists |
 //! | image code | `sh -c <command>` when a command is set, else the image's own entrypoint/cmd; a zip uploaded with it is unpacked into `/mnt/task` too |
 //! | runtime code | on its stack's image, the runtime's launcher + `/mnt/task/<file_name>` + `-id <id> -d /mnt/task -payload /mnt/.task_payload -config /mnt/.task_config` |
 
@@ -17,6 +19,7 @@ use stevedore_engine::{ContainerSpec, FileToUpload, RegistryAuth, TASK_DIR};
 use stevedore_model::LeasedTask;
 use stevedore_model::{CodeKind, StackTable};
 
+use crate::config::RunnerConfig;
 use crate::package;
 
 /// The label that names a container's task.
@@ -113,23 +116,33 @@ impl ContainerPlan {
         }
     }
 
-    /// The full container spec: contract environment and files, the unpacked `package`,
-    /// limits and labels. Fails, with a message for the user, when the package cannot be
-    /// read or lacks the entry point.
+    /// The full container spec for the runner `config`: contract environment and files
+    /// (and where the API is, when the operator publishes it, unless the code sets those
+    /// variables itself), the unpacked `package`, limits, labels and the network. Fails,
+    /// with a message for the user, when the package cannot be read or lacks the entry
+    /// point, or the code's network is not allowed here.
     pub fn spec(
         &self,
         leased: &LeasedTask,
-        runner_id: &str,
-        pids_limit: Option<u64>,
+        config: &RunnerConfig,
         package: Option<&[u8]>,
     ) -> Result<ContainerSpec, String> {
         let (task, code) = (&leased.task, &leased.code);
+        let runner_id = config.runner_id.as_str();
+        let network = config.network.engine_network(&code.spec.network)?;
         let mut env = vec![
             ("TASK_ID".to_owned(), task.id.clone()),
             ("TASK_DIR".to_owned(), TASK_DIR.to_owned()),
             ("PAYLOAD_FILE".to_owned(), PAYLOAD_FILE.to_owned()),
             ("CONFIG_FILE".to_owned(), CONFIG_FILE.to_owned()),
         ];
+        env.extend(
+            config
+                .network
+                .api_env()
+                .into_iter()
+                .filter(|(name, _)| !code.spec.env_vars.contains_key(name)),
+        );
         env.extend(
             code.spec
                 .env_vars
@@ -151,8 +164,8 @@ impl ContainerPlan {
             ]),
             memory_bytes: Some(u64::from(code.spec.limits.memory_mib) << 20),
             nano_cpus: code.spec.limits.cpus.map(nano_cpus),
-            pids_limit,
-            network_mode: Some(code.spec.network.clone()),
+            pids_limit: config.pids_limit,
+            network_mode: Some(network),
             files: vec![
                 FileToUpload::readable(PAYLOAD_FILE, task.payload.as_bytes()),
                 FileToUpload::readable(CONFIG_FILE, code.spec.config.clone().unwrap_or_default()),
@@ -252,6 +265,14 @@ pub(crate) mod tests {
     use super::*;
     use crate::package::tests::zip_of;
 
+    pub(crate) fn runner(runner_id: &str, pids_limit: Option<u64>) -> RunnerConfig {
+        RunnerConfig {
+            runner_id: runner_id.to_owned(),
+            pids_limit,
+            ..RunnerConfig::default()
+        }
+    }
+
     pub(crate) fn leased(id: &str, kind: CodeKind) -> LeasedTask {
         let now = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
         let task = Task {
@@ -333,7 +354,7 @@ pub(crate) mod tests {
             },
         );
         let plan = ContainerPlan::new(&leased, &StackTable::default()).unwrap();
-        let spec = plan.spec(&leased, "r1", Some(64), None).unwrap();
+        let spec = plan.spec(&leased, &runner("r1", Some(64)), None).unwrap();
         assert_eq!(spec.name.as_deref(), Some("stevedore-r1-t1-7"));
         assert_eq!(spec.image, "busybox");
         assert_eq!(spec.entrypoint, Some(vec![]));
@@ -363,6 +384,42 @@ pub(crate) mod tests {
         assert_eq!(spec.files[1].path, CONFIG_FILE);
         assert_eq!(spec.files[1].contents, b"{\"k\":\"v\"}");
         assert!(spec.validate().is_ok());
+    }
+
+    #[test]
+    fn bridge_runs_on_the_managed_network_and_the_published_api_is_in_the_environment() {
+        let mut leased = leased(
+            "t1",
+            CodeKind::Image {
+                image: "busybox".into(),
+                command: None,
+            },
+        );
+        leased.code.spec.network = "bridge".into();
+        leased
+            .code
+            .spec
+            .env_vars
+            .insert("IRON_PORT".into(), "9999".into());
+        let mut config = runner("r1", None);
+        config.network.api = Some(crate::PublishedApi {
+            protocol: "http".into(),
+            host: "172.30.0.1".into(),
+            port: 8080,
+        });
+        let plan = ContainerPlan::new(&leased, &StackTable::default()).unwrap();
+        let spec = plan.spec(&leased, &config, None).unwrap();
+        assert_eq!(spec.network_mode.as_deref(), Some("stevedore-tasks"));
+        let env: BTreeMap<_, _> = spec.env.iter().cloned().collect();
+        assert_eq!(env["IRON_HOST"], "172.30.0.1");
+        assert_eq!(env["IRON_PROTOCOL"], "http");
+        // The code's own value wins, and is there once.
+        assert_eq!(env["IRON_PORT"], "9999");
+        assert_eq!(spec.env.iter().filter(|(k, _)| k == "IRON_PORT").count(), 1);
+
+        leased.code.spec.network = "somewhere".into();
+        let refused = plan.spec(&leased, &config, None).unwrap_err();
+        assert!(refused.contains("not allowed"), "{refused}");
     }
 
     #[test]
@@ -397,7 +454,7 @@ pub(crate) mod tests {
         );
         let zip = zip_of(&[("hello.sh", "#!/bin/sh\necho hi\n", Some(0o644))]);
         let spec = plan
-            .spec(&leased, "r1", None, Some(zip.as_slice()))
+            .spec(&leased, &runner("r1", None), Some(zip.as_slice()))
             .unwrap();
         let script = spec
             .files
@@ -406,7 +463,7 @@ pub(crate) mod tests {
             .unwrap();
         assert_eq!(script.mode, 0o755);
 
-        let missing = plan.spec(&leased, "r1", None, Some(zip_of(&[]).as_slice()));
+        let missing = plan.spec(&leased, &runner("r1", None), Some(zip_of(&[]).as_slice()));
         assert!(missing.unwrap_err().contains("hello.sh"));
     }
 
@@ -492,11 +549,11 @@ pub(crate) mod tests {
             ("data/a.txt", "a", None),
         ]);
         let spec = plan
-            .spec(&leased, "r1", None, Some(zip.as_slice()))
+            .spec(&leased, &runner("r1", None), Some(zip.as_slice()))
             .unwrap();
         let paths: Vec<&str> = spec.files.iter().map(|file| file.path.as_str()).collect();
         assert!(paths.contains(&"/mnt/task/run.sh") && paths.contains(&"/mnt/task/data/a.txt"));
-        assert!(plan.spec(&leased, "r1", None, None).is_err());
+        assert!(plan.spec(&leased, &runner("r1", None), None).is_err());
     }
 
     #[test]

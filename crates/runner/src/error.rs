@@ -15,6 +15,18 @@ pub enum RunnerError {
     /// configuration explicitly allows running without them).
     #[error("refusing to run tasks: {0}")]
     EngineCannotEnforceLimits(#[source] EngineError),
+    /// The task network cannot be had: the engine refused to create it, or one of its name
+    /// exists with other settings.
+    #[error("the task network cannot be set up: {0}")]
+    TaskNetwork(#[source] EngineError),
+    /// The task network cannot be isolated (no root, no iptables, an engine on another
+    /// machine), and the operator did not opt for an unguarded network.
+    #[error(
+        "refusing to run tasks on a network that is not isolated: {0} (set \
+         task_network.unguarded = true to run them anyway, able to reach this host, each other \
+         and private ranges)"
+    )]
+    TaskNetworkUnguarded(#[source] EngineError),
     /// The configuration makes no sense (no clusters, a zero capacity...).
     #[error("invalid runner configuration: {0}")]
     InvalidConfig(String),

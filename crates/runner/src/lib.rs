@@ -19,6 +19,11 @@
 //!   project's own built images, the project's own (from the lease) for what its code names;
 //!   a cached image from a registry is used by a project only after its registry said that
 //!   project may pull it.
+//! * **The task network** (`network`): `bridge` codes run on a network the runner manages,
+//!   made sure of at start-up and isolated by the engine (no host, no other task, no blocked
+//!   range, except allowed destinations and the published API); other networks only where
+//!   the operator lists them. Without isolation the runner refuses to start, unless the
+//!   operator opted for an unguarded network.
 //! * **Log shipping**: stdout and stderr into the task source in chunks while the task runs,
 //!   up to the log cap.
 //! * **Progress from inside the container**: lines `::stevedore-progress::<percent> <msg>`
@@ -58,6 +63,7 @@ mod container;
 mod error;
 mod local;
 mod logs;
+mod network;
 mod package;
 mod progress;
 mod registry;
@@ -72,6 +78,7 @@ pub use container::{
 };
 pub use error::{RunnerError, SourceError};
 pub use local::{LocalResult, LocalRun, LogSink, run_local};
+pub use network::{PublishedApi, TaskNetworkConfig};
 pub use progress::{
     MAX_PROGRESS_LINE_BYTES, MAX_PROGRESS_MESSAGE_BYTES, PROGRESS_MARKER, ProgressUpdate,
     parse_progress_line,

@@ -88,8 +88,9 @@ impl Runner {
     /// runner left behind. Separate from [`Runner::run_started`] so that a caller can refuse
     /// to start (with the error) before it serves anything.
     ///
-    /// Refuses when the configuration is invalid, the engine does not answer, or the engine
-    /// cannot enforce memory limits (unless `allow_unlimited_memory`).
+    /// Refuses when the configuration is invalid, the engine does not answer, the engine
+    /// cannot enforce memory limits (unless `allow_unlimited_memory`), or the task network
+    /// cannot be set up and isolated (unless its `unguarded` is set).
     pub async fn start(&self) -> Result<StartedRunner, RunnerError> {
         let config = &self.config;
         config.validate()?;
@@ -109,6 +110,7 @@ impl Runner {
             .map_err(RunnerError::EngineCannotEnforceLimits)?;
         let limits = config.resolve(capabilities.ncpu, capabilities.mem_total);
         log_engine(&capabilities);
+        crate::network::prepare(self.engine.as_ref(), &config.network).await?;
         tracing::info!(
             runner_id = %config.runner_id,
             clusters = ?config.clusters,

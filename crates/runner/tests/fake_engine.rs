@@ -1063,3 +1063,63 @@ async fn a_local_runtime_run_gets_its_package() {
         .unwrap();
     assert_eq!(script.mode & 0o755, 0o755);
 }
+
+#[tokio::test]
+async fn bridge_codes_run_on_the_managed_network_isolated_before_the_first_lease() {
+    let harness = system_harness().await;
+    let engine = engine_with("test/net", FakeRun::success());
+    harness
+        .push_image_code("net", "test/net", None, |spec| {
+            spec.network = "bridge".into();
+        })
+        .await;
+    let task = harness.queue("net", "", 60).await;
+    let mut config = test_config("r-network");
+    config.network.allowed = vec!["10.1.2.3:5432".parse().unwrap()];
+    let (runner, _) = start(&harness, config.clone(), &engine);
+    let done = harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
+
+    // The network was gone meanwhile (pruned): the next task creates it again and runs.
+    engine.remove_network("stevedore-tasks");
+    let again = harness.queue("net", "", 60).await;
+    let done = harness.finished(&again.id, WITHIN).await;
+    runner.stop().await.unwrap();
+    assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
+    for (_, spec) in engine.created() {
+        assert_eq!(spec.network_mode.as_deref(), Some("stevedore-tasks"));
+    }
+    let policy = engine.isolation("stevedore-tasks").unwrap();
+    assert_eq!(policy.blocked, config.network.blocked);
+    assert_eq!(policy.allowed, config.network.allowed);
+    assert_eq!(engine.networks().len(), 1);
+}
+
+#[tokio::test]
+async fn a_runner_whose_network_cannot_be_isolated_refuses_to_start_unless_unguarded() {
+    let harness = system_harness().await;
+    let engine = FakeEngine::new();
+    let refusal = || EngineError::LimitUnenforceable {
+        capability: "task network isolation".into(),
+        hint: "iptables is not installed".into(),
+    };
+    engine.fail_next(FakeOperation::Isolate, refusal());
+    let runner = Runner::new(
+        test_config("r-unguarded"),
+        harness.source(),
+        Arc::new(engine.clone()),
+    );
+    let refused = runner.start().await.unwrap_err();
+    let message = refused.to_string();
+    assert!(
+        message.contains("iptables is not installed") && message.contains("task_network.unguarded"),
+        "{message}"
+    );
+
+    engine.fail_next(FakeOperation::Isolate, refusal());
+    let mut config = test_config("r-unguarded");
+    config.network.unguarded = true;
+    let runner = Runner::new(config, harness.source(), Arc::new(engine.clone()));
+    assert!(runner.start().await.is_ok());
+    assert_eq!(engine.isolation("stevedore-tasks"), None);
+}

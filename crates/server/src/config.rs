@@ -23,6 +23,9 @@ pub struct ServerConfig {
     /// Where `code push --dockerfile` puts built images: a code may name another project's
     /// only to be refused (400).
     pub code_images: CodeImages,
+    /// The networks a code may name besides `bridge` (the isolated task network) and `none`:
+    /// the operator's `task_network.named_networks`. Any other is a 400 at upload.
+    pub named_networks: Vec<String>,
 }
 
 /// The runner protocol (`/runner/v1/...`).
@@ -99,6 +102,7 @@ impl Default for ServerConfig {
             runner_api: RunnerApiConfig::default(),
             metrics: MetricsConfig::default(),
             code_images: CodeImages::local(),
+            named_networks: Vec::new(),
         }
     }
 }

@@ -4,7 +4,7 @@
 use chrono::{SecondsFormat, TimeZone, Utc};
 use serde_json::Value;
 use stevedore_api_types::v2;
-use stevedore_model::code::CodeKind;
+use stevedore_model::code::{self, CodeKind};
 use stevedore_model::limits::{self, DEFAULT_RETRIES_DELAY_SECS};
 use stevedore_model::task::DEFAULT_CLUSTER;
 use stevedore_model::{
@@ -283,9 +283,12 @@ pub fn code_spec(
             )?,
             cpus: upload.cpus,
         },
-        network: upload.network.unwrap_or_else(|| "bridge".to_owned()),
+        network: upload
+            .network
+            .unwrap_or_else(|| code::DEFAULT_NETWORK.to_owned()),
     };
     spec.validate()?;
+    code::check_network(&spec.network, &config.named_networks)?;
     Ok(spec)
 }
 

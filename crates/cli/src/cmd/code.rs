@@ -111,7 +111,8 @@ pub struct CodeDefinition {
     /// CPUs a task may use, e.g. 0.5.
     #[arg(long)]
     pub cpus: Option<f64>,
-    /// The container network: bridge (default), none, host or a named network.
+    /// The container network: bridge (the default: the isolated task network), none, or a
+    /// network the operator lists in task_network.named_networks.
     #[arg(long)]
     pub network: Option<String>,
 }

@@ -85,7 +85,7 @@ pub async fn run(settings: &Settings, args: RunArgs, format: Format) -> anyhow::
             .with_timeout(timeout)
             .map_err(|error| anyhow::anyhow!("{error}"))?;
     }
-    let config = settings.runner_config(&server_config.stacks);
+    let config = settings.runner_config(&server_config.stacks)?;
     let image = match &local.code.spec.kind {
         CodeKind::Image { image, .. } => Some(image.clone()),
         CodeKind::Runtime { runtime, stack, .. } => server_config

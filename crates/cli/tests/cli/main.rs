@@ -8,6 +8,7 @@ mod dashboard;
 mod image;
 mod metrics;
 mod multi_node;
+mod network;
 mod node_client;
 mod postgres;
 mod python_client;
