@@ -5,6 +5,7 @@
 
 mod client;
 mod dashboard;
+mod hostile;
 mod image;
 mod metrics;
 mod multi_node;

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use crate::support::{
     Api, RunnerProcess, ServerProcess, binary, containers_labelled, docker_available,
-    ensure_local_image, remove_containers, runner_token, unique, zip_of,
+    ensure_local_image, project_runner_token, remove_containers, runner_token, unique, zip_of,
 };
 
 #[tokio::test]
@@ -153,8 +153,11 @@ async fn cluster_tasks_run_only_on_their_clusters_runners() {
         "the default runner left it: {task}"
     );
 
+    // The project's own cluster is served by a runner token of the project's.
+    let project_id = server.iron["project_id"].as_str().unwrap().to_owned();
+    let own = project_runner_token(data.path(), &project_id, &[cluster.as_str()]);
     let mut special =
-        RunnerProcess::start(&server, &token, &unique("remote-gpu"), &[cluster.as_str()]);
+        RunnerProcess::start(&server, &own, &unique("remote-gpu"), &[cluster.as_str()]);
     let task = api.wait_finished(&ids[0], Duration::from_secs(60)).await;
     assert_eq!(task["status"], "complete", "{task}");
     let stats = api

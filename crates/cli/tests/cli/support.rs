@@ -50,12 +50,28 @@ impl ServerProcess {
         Self::start_listening(data_dir, "127.0.0.1:0", args, env)
     }
 
+    /// `serve` whose log (standard error) goes to the file `log`.
+    pub fn start_logging(data_dir: &Path, env: &[(&str, &str)], log: &Path) -> ServerProcess {
+        let file = std::fs::File::create(log).expect("create the server's log file");
+        Self::spawn(data_dir, "127.0.0.1:0", &[], env, Stdio::from(file))
+    }
+
     /// Starts on a given address, e.g. the port of an earlier life of the same server.
     pub fn start_listening(
         data_dir: &Path,
         listen: &str,
         args: &[&str],
         env: &[(&str, &str)],
+    ) -> ServerProcess {
+        Self::spawn(data_dir, listen, args, env, Stdio::inherit())
+    }
+
+    fn spawn(
+        data_dir: &Path,
+        listen: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        stderr: Stdio,
     ) -> ServerProcess {
         let iron_path = data_dir.join("iron.json");
         let before = std::fs::metadata(&iron_path)
@@ -71,7 +87,7 @@ impl ServerProcess {
             .env("STEVEDORE_STACK_IMAGES", "local")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+            .stderr(stderr);
         for (key, value) in env {
             command.env(key, value);
         }
@@ -512,6 +528,28 @@ pub fn runner_token(data_dir: &Path) -> String {
     let created: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(created["role"], "runner");
     assert_eq!(created["project_id"], Value::Null);
+    created["token"].as_str().unwrap().to_owned()
+}
+
+/// A new runner token of the server whose data directory is `data_dir`, serving only
+/// `project`'s own `clusters`.
+pub fn project_runner_token(data_dir: &Path, project: &str, clusters: &[&str]) -> String {
+    let mut args = vec![
+        "token",
+        "create",
+        "--role",
+        "runner",
+        "--project",
+        project,
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+    ];
+    for cluster in clusters {
+        args.extend(["--cluster", cluster]);
+    }
+    let created: Value = serde_json::from_str(&run_ok(&args)).unwrap();
+    assert_eq!(created["project_id"], project);
+    assert_eq!(created["clusters"], serde_json::json!(clusters));
     created["token"].as_str().unwrap().to_owned()
 }
 

@@ -299,6 +299,8 @@ pub async fn retry_task(
     delay_secs: u32,
 ) -> ApiResult<Vec<Task>> {
     let task = state.store.get_task(project_id, task_id).await?;
+    // The task's cluster may have gone since it ran: checked again, as at every queueing.
+    super::clusters::check_task_clusters(state, project_id, [task.cluster.as_str()]).await?;
     let retry = NewTask::retry_of(&task, delay_secs);
     let queued = state
         .store

@@ -137,6 +137,13 @@ async fn clusters_crud_and_stats() {
     let deleted = call(&server, Method::DELETE, &format!("/{id}"), &token, None).await;
     assert_eq!(deleted.status, 200, "{}", deleted.text());
     assert_eq!(deleted.json(), json!({"msg": "Cluster deleted"}));
+    // A retry is a queueing like any other: into a cluster that is gone, it is refused.
+    let finished = listed["tasks"][0]["id"].as_str().unwrap();
+    let msg = server
+        .post(&format!("tasks/{finished}/retry"), json!({}))
+        .await
+        .error(400);
+    assert!(msg.contains("gpu"), "{msg}");
     call(&server, Method::GET, &format!("/{id}"), &token, None)
         .await
         .error(404);
