@@ -46,9 +46,10 @@ const ICC_OPTION: &str = "com.docker.network.bridge.enable_icc";
 /// The exit code of a process killed by SIGKILL, as an OOM kill leaves it.
 const SIGKILL_EXIT_CODE: i64 = 137;
 /// How often a SIGKILLed container's state is asked again for a late OOM mark, and how long
-/// apart: at most two seconds, paid only by tasks that died of SIGKILL without the mark (a
-/// quarter of a second was seen to be too short on a loaded machine).
-const OOM_RECHECKS: u32 = 20;
+/// apart: at most five seconds, paid only by tasks that died of SIGKILL without the mark (a
+/// quarter of a second, and on a machine busy with three builds two seconds, were seen to be
+/// too short).
+const OOM_RECHECKS: u32 = 50;
 const OOM_RECHECK_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The Docker engine behind the engine traits. Cheap to clone; clones share the
