@@ -68,6 +68,16 @@ if ! .venv/bin/python -c 'import iron_worker, pytest' >/dev/null 2>&1; then
 fi
 export STEVEDORE_PYTHON="$PWD/.venv/bin/python"
 
+# Schemathesis, which fuzzes the API from its OpenAPI document, in a virtual environment of its
+# own (its dependencies are not the IronWorker client's).
+if ! .venv-fuzz/bin/schemathesis --version 2>/dev/null | grep -q "$(sed -n 's/^schemathesis==//p' tests/fuzz/requirements.txt)"; then
+  log "installing Schemathesis into .venv-fuzz"
+  rm -rf .venv-fuzz
+  python3 -m venv .venv-fuzz
+  .venv-fuzz/bin/pip install --quiet --disable-pip-version-check -r tests/fuzz/requirements.txt
+fi
+export STEVEDORE_SCHEMATHESIS="$PWD/.venv-fuzz/bin/schemathesis"
+
 # The official IronWorker Node client, exactly as tests/compat/node/package-lock.json pins it.
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
   log "installing Node.js"

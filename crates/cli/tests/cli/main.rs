@@ -5,6 +5,7 @@
 
 mod client;
 mod dashboard;
+mod fuzz;
 mod hostile;
 mod image;
 mod metrics;
