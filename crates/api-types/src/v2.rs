@@ -439,6 +439,20 @@ pub struct ClusterSaved {
     pub cluster: ClusterInfo,
 }
 
+/// A runner token for one cluster (`POST /2/clusters/{id}/runner_tokens`): the secret is shown
+/// only in this answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterRunnerToken {
+    pub msg: String,
+    /// The secret, for `stevedore runner --token`.
+    pub token: String,
+    /// The one cluster the token serves.
+    pub cluster: String,
+    /// The project whose tasks alone the token's runner gets; absent for a shared cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_id: Option<String>,
+}
+
 /// A runner seen serving a cluster.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ClusterRunner {

@@ -169,6 +169,10 @@ pub fn router(state: AppState) -> Router {
                 .delete(clusters::delete),
         )
         .route("/2/clusters/{cluster_id}/stats", get(clusters::stats))
+        .route(
+            "/2/clusters/{cluster_id}/runner_tokens",
+            post(clusters::runner_token),
+        )
         .nest("/runner/v1", runner_api::routes(&state.config))
         .merge(dashboard::routes())
         .route("/", get(front_door))

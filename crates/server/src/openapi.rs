@@ -17,7 +17,7 @@ use crate::api::{clusters, codes, credentials, logs, projects, schedules, stacks
         schedules::create, schedules::list, schedules::show, schedules::update, schedules::cancel,
         stacks::list,
         clusters::list, clusters::show, clusters::create, clusters::update, clusters::delete,
-        clusters::stats,
+        clusters::stats, clusters::runner_token,
         usage::usage,
         credentials::store, credentials::list, credentials::delete,
     ),

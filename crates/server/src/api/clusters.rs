@@ -12,11 +12,11 @@ use axum::extract::{Path, State};
 use stevedore_api_types::v2;
 use stevedore_model::task::DEFAULT_CLUSTER;
 use stevedore_model::validation::check_name;
-use stevedore_store::{Cluster, ClusterSpec};
+use stevedore_store::{Cluster, ClusterSpec, NewToken, TokenRole};
 
 use super::message;
 use crate::AppState;
-use crate::auth::TenantAccess;
+use crate::auth::{TenantAccess, new_token_secret, token_digest};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::ApiJson;
 use crate::wire::format_time;
@@ -227,6 +227,43 @@ pub async fn delete(
     owned(&state, &access, &cluster_id).await?;
     state.store.delete_cluster(&cluster_id).await?;
     Ok(message("Cluster deleted"))
+}
+
+/// `POST /2/clusters/{cluster_id}/runner_tokens`: a runner token that serves this cluster
+/// alone, for a runner of the caller's own (a project's cluster: only that project's tasks). A
+/// project mints them for its own clusters, an admin for any.
+#[utoipa::path(post, path = "/2/clusters/{cluster_id}/runner_tokens", tag = "clusters",
+    params(("cluster_id" = String, Path)),
+    responses((status = 200, body = v2::ClusterRunnerToken), (status = 403, body = v2::Message),
+        (status = 404, body = v2::Message), (status = 409, body = v2::Message)))]
+pub async fn runner_token(
+    State(state): State<AppState>,
+    access: TenantAccess,
+    Path(cluster_id): Path<String>,
+) -> ApiResult<Json<v2::ClusterRunnerToken>> {
+    let cluster = owned(&state, &access, &cluster_id).await?;
+    let secret = new_token_secret();
+    state
+        .store
+        .create_token(
+            &NewToken {
+                project_id: cluster.project_id.clone(),
+                role: TokenRole::Runner,
+                clusters: Some(vec![cluster.spec.name.clone()]),
+            },
+            &token_digest(&secret),
+            state.clock.now(),
+        )
+        .await?;
+    Ok(Json(v2::ClusterRunnerToken {
+        msg: format!(
+            "Runner token created: `stevedore runner --token <token> --cluster {}` serves this cluster alone",
+            cluster.spec.name
+        ),
+        token: secret,
+        cluster: cluster.spec.name,
+        project_id: cluster.project_id,
+    }))
 }
 
 /// `GET /2/clusters/{cluster_id}/stats`: runners online with their capacity and load, and the

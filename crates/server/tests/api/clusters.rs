@@ -312,3 +312,104 @@ async fn bad_cluster_input_is_400() {
         .await
         .error(401);
 }
+
+/// A project mints runner tokens for its own clusters, for runners of its own: such a token
+/// leases that project's tasks of that cluster and nothing else. Nobody mints one for a cluster
+/// that is not theirs; an admin mints one for a shared cluster.
+#[tokio::test]
+async fn runner_tokens_are_minted_per_cluster_by_its_owner() {
+    let server = TestServer::start().await;
+    let (_, other) = server.other_project("other").await;
+    let admin = server.token_of(TokenRole::Admin).await;
+    server.image_code("hello", json!({})).await;
+    let pool = call(
+        &server,
+        Method::POST,
+        "",
+        &server.token,
+        Some(json!({"name": "pool"})),
+    )
+    .await
+    .json();
+    let pool_id = pool["id"].as_str().unwrap();
+    let ids = server
+        .queue(json!([{"code_name": "hello", "cluster": "pool"}, {"code_name": "hello"}]))
+        .await;
+
+    let minted = call(
+        &server,
+        Method::POST,
+        &format!("/{pool_id}/runner_tokens"),
+        &server.token,
+        None,
+    )
+    .await;
+    assert_eq!(minted.status, 200, "{}", minted.text());
+    let minted = minted.json();
+    assert_eq!(minted["cluster"], "pool");
+    assert_eq!(minted["project_id"], server.project_id.as_str());
+    let runner_token = minted["token"].as_str().unwrap();
+    let lease = |clusters: Value| {
+        server.send(server.root(Method::POST, "/runner/v1/lease", runner_token).json(
+            &json!({"runner_id": "own-box", "clusters": clusters, "max_tasks": 10, "lease_secs": 30}),
+        ))
+    };
+    assert!(lease(json!(["default"])).await.error(403).contains("pool"));
+    let leased = lease(json!(["pool"])).await.json();
+    let leased: Vec<&str> = leased["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|task| task["task"]["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(leased, [ids[0].as_str()]);
+
+    // Not for another project's cluster (it does not see it), nor a project for a shared one.
+    call(
+        &server,
+        Method::POST,
+        &format!("/{pool_id}/runner_tokens"),
+        &other,
+        None,
+    )
+    .await
+    .error(404);
+    let big = call(
+        &server,
+        Method::POST,
+        "",
+        &admin,
+        Some(json!({"name": "big"})),
+    )
+    .await
+    .json();
+    let big_id = big["id"].as_str().unwrap();
+    call(
+        &server,
+        Method::POST,
+        &format!("/{big_id}/runner_tokens"),
+        &server.token,
+        None,
+    )
+    .await
+    .error(403);
+    let shared = call(
+        &server,
+        Method::POST,
+        &format!("/{big_id}/runner_tokens"),
+        &admin,
+        None,
+    )
+    .await;
+    assert_eq!(shared.status, 200, "{}", shared.text());
+    assert_eq!(shared.json().get("project_id"), None);
+    call(
+        &server,
+        Method::POST,
+        "/default/runner_tokens",
+        &admin,
+        None,
+    )
+    .await
+    .error(409);
+}
