@@ -115,12 +115,7 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     use api::{clusters, codes, credentials, logs, projects, schedules, stacks, tasks, usage};
 
-    let upload_limit = state
-        .config
-        .package
-        .max_bytes
-        .saturating_mul(4)
-        .saturating_add(1 << 20);
+    let upload_limit = state.config.max_upload_bytes();
     let project = Router::new()
         .route(
             "/codes",
