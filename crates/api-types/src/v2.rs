@@ -19,7 +19,30 @@ pub struct ProjectInfo {
     pub id: String,
     pub name: String,
     pub created_at: String,
+    /// Every quota by name (`queued_tasks`, `schedules`, `codes`, `revisions_per_code`,
+    /// `package_bytes`, `log_streams_per_token`): its limit and what the project holds.
+    #[serde(default)]
+    pub quotas: BTreeMap<String, QuotaInfo>,
 }
+
+/// One quota of a project.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct QuotaInfo {
+    /// The project's own limit, or the operator's default.
+    pub limit: u64,
+    /// What the project holds now: for `revisions_per_code` the most revisions of any one
+    /// code, for `log_streams_per_token` the streams the asking token holds open on the
+    /// server that answered.
+    pub used: u64,
+    /// Whether `limit` is the project's own, set by an admin, rather than the default.
+    pub own_limit: bool,
+}
+
+/// `PUT /2/projects/{project_id}/quotas` (admin tokens only): the project's own limits by
+/// quota name; `null` returns a quota to the operator's default, a quota not named stays.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(transparent)]
+pub struct QuotasUpdate(pub BTreeMap<String, Option<u64>>);
 
 // === codes ===
 

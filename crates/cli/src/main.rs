@@ -440,7 +440,7 @@ async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
         let store = PgStore::connect(options)
             .await
             .context("cannot connect to the PostgreSQL database")?;
-        return Ok(Arc::new(store));
+        return Ok(Arc::new(store.with_quota_defaults(settings.quotas)));
     }
     let options = settings.store_options()?;
     let store = SqliteStore::open(options).await.with_context(|| {
@@ -449,7 +449,7 @@ async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
             settings.data_dir.display()
         )
     })?;
-    Ok(Arc::new(store))
+    Ok(Arc::new(store.with_quota_defaults(settings.quotas)))
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
@@ -567,6 +567,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         lease_wake,
         credentials,
         desk,
+        streams: Default::default(),
     };
     if let Some(metrics_listener) = metrics_listener {
         tracing::info!(address = %metrics_listener.local_addr()?, "serving /metrics without a token");

@@ -13,7 +13,7 @@ use stevedore_engine::{
     DEFAULT_BLOCKED_RANGES, Destination, NetworkSpec, RegistryAuth, parse_ipv4_net,
 };
 use stevedore_model::stack::StackSetting;
-use stevedore_model::{CodeImages, StackImages, StackTable, limits};
+use stevedore_model::{CodeImages, QuotaLimits, StackImages, StackTable, limits};
 use stevedore_runner::{PublishedApi, RunnerConfig, TaskNetworkConfig};
 use stevedore_server::ServerConfig;
 use stevedore_store::{PgOptions, SqliteOptions, SyncMode};
@@ -65,6 +65,10 @@ pub struct Settings {
     /// are pushed there (under `<server_address>/<repository>/<project id>/`) so runners on
     /// other machines can pull them; absent, they stay on the machine that built them.
     pub code_registry: Option<CodeRegistrySettings>,
+    /// What one project may hold (`[quotas]`, `STEVEDORE_QUOTAS__<KEY>`): the defaults of
+    /// every project; an admin sets a project's own with `PUT /2/projects/{id}/quotas`.
+    /// Servers sharing a PostgreSQL database should all have the same.
+    pub quotas: QuotaLimits,
 }
 
 /// A setting that must never be printed (a password, a key): its `Debug` says only whether
@@ -368,6 +372,7 @@ impl Default for Settings {
             credential_key: None,
             credential_key_file: None,
             code_registry: None,
+            quotas: QuotaLimits::default(),
         }
     }
 }
@@ -554,6 +559,23 @@ named_networks = ["databases"]
             );
             assert!(message.contains("task_network"), "{broken}: {message}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn quotas_come_from_the_file_over_generous_defaults() -> anyhow::Result<()> {
+        let settings = load("[quotas]\nqueued_tasks = 500\ncodes = 20\n")?;
+        assert_eq!(settings.quotas.queued_tasks, 500);
+        assert_eq!(settings.quotas.codes, 20);
+        assert_eq!(
+            settings.quotas.schedules,
+            QuotaLimits::default().schedules,
+            "an unnamed quota keeps its default"
+        );
+        assert!(
+            load("[quotas]\nqueud_tasks = 5\n").is_err(),
+            "a misspelt quota"
+        );
         Ok(())
     }
 

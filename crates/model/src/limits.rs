@@ -34,3 +34,6 @@ pub const MAX_PER_PAGE: u32 = 100;
 pub const DEFAULT_PER_PAGE: u32 = 30;
 /// The longest code, label and cluster names.
 pub const MAX_NAME_LEN: usize = 255;
+/// The longest cron expression: five fields fit in far less; a longer one is refused before it
+/// is parsed or stored.
+pub const MAX_CRON_LEN: usize = 256;

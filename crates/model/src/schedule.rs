@@ -170,6 +170,16 @@ impl ScheduleSpec {
                 expression,
                 timezone,
             } => {
+                if expression.len() > crate::limits::MAX_CRON_LEN {
+                    return Err(ValidationError::new(
+                        "cron",
+                        format!(
+                            "is {} bytes, more than the limit of {} bytes",
+                            expression.len(),
+                            crate::limits::MAX_CRON_LEN
+                        ),
+                    ));
+                }
                 if expression.split_whitespace().count() != 5 {
                     return Err(ValidationError::new(
                         "cron",
@@ -178,7 +188,7 @@ impl ScheduleSpec {
                         ),
                     ));
                 }
-                croner::Cron::from_str(expression).map_err(|error| {
+                let cron = croner::Cron::from_str(expression).map_err(|error| {
                     ValidationError::new(
                         "cron",
                         format!("{expression:?} is not a valid cron expression: {error}"),
@@ -190,6 +200,19 @@ impl ScheduleSpec {
                         format!("{timezone:?} is not an IANA time zone such as \"Europe/Berlin\" or \"UTC\""),
                     )
                 })?;
+                // An expression of dates that do not exist (`0 0 30 2 *`) parses but never
+                // fires. Every calendar date recurs within 400 years (the Gregorian cycle), so
+                // a search from a fixed start that finds nothing means never; croner gives up
+                // at the year 5000.
+                let reference = chrono::Utc.with_ymd_and_hms(2000, 1, 1, 0, 0, 0);
+                if let Some(reference) = reference.single()
+                    && cron.find_next_occurrence(&reference, true).is_err()
+                {
+                    return Err(ValidationError::new(
+                        "cron",
+                        format!("{expression:?} never fires: no date matches it"),
+                    ));
+                }
             }
         }
         if let (Some(start), Some(end)) = (self.start_at, self.end_at)
@@ -357,6 +380,34 @@ mod tests {
         schedule.run_times = None;
         schedule.end_at = Some(now + Duration::seconds(30));
         assert_eq!(schedule.next_fire(now, 1, now), None);
+    }
+
+    #[test]
+    fn a_cron_that_never_fires_is_refused_as_such() {
+        let never = spec(ScheduleTiming::Cron {
+            expression: "0 0 30 2 *".into(),
+            timezone: "UTC".into(),
+        });
+        let error = never.validate(60).unwrap_err();
+        assert_eq!(error.field, "cron");
+        assert!(error.message.contains("never fires"), "{error}");
+        // Once in four years is not never.
+        let leap_day = spec(ScheduleTiming::Cron {
+            expression: "0 0 29 2 *".into(),
+            timezone: "Europe/Berlin".into(),
+        });
+        assert!(leap_day.validate(60).is_ok());
+    }
+
+    #[test]
+    fn an_overlong_cron_expression_is_refused_before_it_is_parsed() {
+        let long = spec(ScheduleTiming::Cron {
+            expression: format!("0 0 * * {}", "1,".repeat(400_000)),
+            timezone: "UTC".into(),
+        });
+        let error = long.validate(60).unwrap_err();
+        assert_eq!(error.field, "cron");
+        assert!(error.message.contains("limit of 256 bytes"), "{error}");
     }
 
     #[test]

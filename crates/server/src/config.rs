@@ -108,6 +108,20 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
+    /// Room in a code upload for what surrounds the package: the `data` part's JSON (itself
+    /// limited to 1 MiB when sent alone) and the multipart framing.
+    pub const UPLOAD_FORM_OVERHEAD_BYTES: usize = 1 << 20;
+
+    /// The request body limit of a code upload, the number its 413 names: the package limit
+    /// and the form around it. The server stops reading a body there. (The official Python
+    /// client sends the text of the zip's bytes repr, up to four times the zip's size, so
+    /// through that client a package passes only while its repr fits.)
+    pub fn max_upload_bytes(&self) -> usize {
+        self.package
+            .max_bytes
+            .saturating_add(Self::UPLOAD_FORM_OVERHEAD_BYTES)
+    }
+
     /// The request body limit of `POST tasks`: a full batch of maximal payloads and room for
     /// the JSON around them. Larger bodies are refused before they are read.
     pub fn max_tasks_body_bytes(&self) -> usize {

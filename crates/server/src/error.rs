@@ -5,7 +5,7 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use stevedore_api_types::v2::Message;
-use stevedore_model::ValidationError;
+use stevedore_model::{QuotaExceeded, ValidationError};
 use stevedore_store::StoreError;
 
 /// A failed API request.
@@ -29,6 +29,10 @@ pub enum ApiError {
     PayloadTooLarge(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// A limit that frees itself as work goes on (a quota on queued tasks or live streams):
+    /// the same request may succeed later.
+    #[error("{0}")]
+    TooManyRequests(String),
     /// Something failed inside stevedore; the detail goes to the log only.
     #[error("internal error: {0}")]
     Internal(String),
@@ -44,6 +48,7 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -78,6 +83,7 @@ impl From<StoreError> for ApiError {
             StoreError::StaleLease { .. } | StoreError::Transition(_) => {
                 ApiError::Conflict(error.to_string())
             }
+            StoreError::QuotaExceeded(exceeded) => exceeded.into(),
             other => ApiError::Internal(other.to_string()),
         }
     }
@@ -88,6 +94,19 @@ impl From<crate::lease_desk::DeskError> for ApiError {
         match error {
             crate::lease_desk::DeskError::Store(error) => error.into(),
             crate::lease_desk::DeskError::Invalid(message) => ApiError::BadRequest(message),
+        }
+    }
+}
+
+/// Over a quota: 429 for a limit that frees itself as work goes on (queued tasks, live
+/// streams), 403 for what the project must remove itself (codes, schedules, revisions,
+/// package bytes). The message names the quota, its limit and the use.
+impl From<QuotaExceeded> for ApiError {
+    fn from(exceeded: QuotaExceeded) -> Self {
+        if exceeded.quota.is_rate_like() {
+            ApiError::TooManyRequests(exceeded.to_string())
+        } else {
+            ApiError::Forbidden(exceeded.to_string())
         }
     }
 }
@@ -114,10 +133,31 @@ mod tests {
             (ApiError::Conflict(String::new()), 409),
             (ApiError::PayloadTooLarge(String::new()), 413),
             (ApiError::UnsupportedMediaType(String::new()), 415),
+            (ApiError::TooManyRequests(String::new()), 429),
             (ApiError::Internal(String::new()), 500),
         ];
         for (error, status) in cases {
             assert_eq!(error.status().as_u16(), status, "{error:?}");
+        }
+        let over = |quota| {
+            ApiError::from(StoreError::QuotaExceeded(QuotaExceeded {
+                quota,
+                limit: 2,
+                used: 2,
+            }))
+            .status()
+            .as_u16()
+        };
+        use stevedore_model::Quota;
+        assert_eq!(over(Quota::QueuedTasks), 429);
+        assert_eq!(over(Quota::LogStreamsPerToken), 429);
+        for quota in [
+            Quota::Schedules,
+            Quota::Codes,
+            Quota::RevisionsPerCode,
+            Quota::PackageBytes,
+        ] {
+            assert_eq!(over(quota), 403, "{quota}");
         }
         assert!(
             !ApiError::Internal("secret path".into())

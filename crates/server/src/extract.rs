@@ -75,3 +75,15 @@ impl<T: DeserializeOwned + Send> FromRequestParts<AppState> for ApiQuery<T> {
             })
     }
 }
+
+/// An IronWorker-style flag parameter: `1`, `true`, `yes`, `on` or empty (a bare `?name`)
+/// is yes; `0`, `false`, `no`, `off` is no; anything else is a 400 that names `name`.
+pub fn parse_flag(name: &str, value: &str) -> Result<bool, ApiError> {
+    match value.to_ascii_lowercase().as_str() {
+        "" | "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(ApiError::BadRequest(format!(
+            "{name} must be true or false (or 1 or 0), got {value:?}"
+        ))),
+    }
+}

@@ -24,6 +24,7 @@ pub mod package;
 pub mod rescuer;
 pub mod runner_api;
 pub mod scheduler;
+pub mod streams;
 pub mod usage;
 pub mod wire;
 
@@ -31,7 +32,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Extension, Router};
 use stevedore_model::Clock;
 use stevedore_store::{CredentialVault, Store};
@@ -63,6 +64,8 @@ pub struct AppState {
     /// Every runner protocol call goes through it, as the embedded runner's do; its wake
     /// hook should be [`AppState::lease_wake_hook`] over `lease_wake` and `on_enqueue`.
     pub desk: LeaseDesk,
+    /// Live log streams open in this process, per token (the `log_streams_per_token` quota).
+    pub streams: streams::OpenStreams,
 }
 
 impl AppState {
@@ -88,6 +91,7 @@ impl AppState {
             lease_wake,
             credentials,
             desk,
+            streams: streams::OpenStreams::default(),
         }
     }
 
@@ -115,12 +119,7 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     use api::{clusters, codes, credentials, logs, projects, schedules, stacks, tasks, usage};
 
-    let upload_limit = state
-        .config
-        .package
-        .max_bytes
-        .saturating_mul(4)
-        .saturating_add(1 << 20);
+    let upload_limit = state.config.max_upload_bytes();
     let project = Router::new()
         .route(
             "/codes",
@@ -159,6 +158,7 @@ pub fn router(state: AppState) -> Router {
 
     Router::new()
         .route("/2/projects/{project_id}", get(projects::show))
+        .route("/2/projects/{project_id}/quotas", put(projects::set_quotas))
         .nest("/2/projects/{project_id}", project)
         .route("/2/stacks", get(stacks::list))
         .route("/2/clusters", get(clusters::list).post(clusters::create))

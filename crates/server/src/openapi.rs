@@ -9,7 +9,7 @@ use crate::api::{clusters, codes, credentials, logs, projects, schedules, stacks
 #[openapi(
     info(title = "stevedore", description = "IronWorker API v2, served by stevedore. Authenticate with `Authorization: OAuth <token>`."),
     paths(
-        projects::show,
+        projects::show, projects::set_quotas,
         codes::upload, codes::list, codes::show, codes::revisions, codes::download, codes::delete,
         codes::cancel_all, codes::pause, codes::resume, codes::stats,
         tasks::queue, tasks::webhook, tasks::list, tasks::show, logs::log, logs::stream, logs::outlog, tasks::cancel,

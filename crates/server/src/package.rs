@@ -1,9 +1,10 @@
 //! Code packages: the zip files uploaded with runtime codes.
 //!
 //! A package is checked completely before anything is stored: its size, that it is a zip,
-//! that every entry is a regular file or directory at a relative path without `..`, and that
-//! it unpacks to no more than a configured total — measured by really decompressing every
-//! entry, because the sizes a zip declares can lie (a zip bomb).
+//! that every entry is a regular file or directory (no link, FIFO, device or socket) at a
+//! relative path without `..`, each path once, and that it unpacks to no more than a
+//! configured total — measured by really decompressing every entry, because the sizes a zip
+//! declares can lie (a zip bomb).
 
 use std::io::{Cursor, Read};
 
@@ -49,6 +50,19 @@ impl CheckedPackage {
 
 const S_IFMT: u32 = 0o170_000;
 const S_IFLNK: u32 = 0o120_000;
+const S_IFREG: u32 = 0o100_000;
+const S_IFDIR: u32 = 0o040_000;
+
+/// What a unix mode's file type bits name, for a message that says why an entry is refused.
+fn file_kind(kind: u32) -> &'static str {
+    match kind {
+        0o010_000 => "a FIFO",
+        0o020_000 => "a character device",
+        0o060_000 => "a block device",
+        0o140_000 => "a socket",
+        _ => "an entry of an unknown file type",
+    }
+}
 
 /// Undoes a quirk of the official Python client: under Python 3 it sends the text of the
 /// zip's `bytes` repr (`b'PK\x03\x04...'`) instead of the zip. Anything else is returned as is.
@@ -119,28 +133,55 @@ pub fn check_package(bytes: Vec<u8>, limits: PackageLimits) -> Result<CheckedPac
             limits.max_entries
         )));
     }
+    // The reader keeps one entry per name, so two entries of one name never reach the loop
+    // below; the runner would unpack one of them, not what a reader of the zip's listing
+    // (or of its first entry) expects to run.
+    if archive.has_duplicate_names() {
+        return Err(ApiError::BadRequest(
+            "the code package holds an entry name twice; each path may appear once".into(),
+        ));
+    }
     let mut files = Vec::new();
+    let mut paths = std::collections::HashSet::new();
     let mut unpacked: u64 = 0;
     for index in 0..archive.len() {
         let mut entry = archive.by_index(index).map_err(not_a_zip)?;
         let name = entry.name().map_err(not_a_zip)?.into_owned();
-        stevedore_model::code::check_package_path("file", name.trim_end_matches('/')).map_err(
-            |_| {
-                ApiError::BadRequest(format!(
-                    "the code package holds {name:?}: entries must be relative paths without '..'"
-                ))
-            },
-        )?;
-        if entry.is_symlink()
-            || entry
-                .unix_mode()
-                .is_some_and(|mode| mode & S_IFMT == S_IFLNK)
-        {
+        let path = name.trim_end_matches('/');
+        stevedore_model::code::check_package_path("file", path).map_err(|_| {
+            ApiError::BadRequest(format!(
+                "the code package holds {name:?}: entries must be relative paths without '..'"
+            ))
+        })?;
+        // A directory `lib/` and a file `lib` are one path too.
+        if !paths.insert(path.to_owned()) {
+            return Err(ApiError::BadRequest(format!(
+                "the code package holds {path:?} twice; each path may appear once"
+            )));
+        }
+        // The type bits, when the zip records them; zero when only permissions were recorded.
+        let kind = entry
+            .unix_mode()
+            .map(|mode| mode & S_IFMT)
+            .filter(|kind| *kind != 0);
+        if entry.is_symlink() || kind == Some(S_IFLNK) {
             return Err(ApiError::BadRequest(format!(
                 "the code package holds a symbolic link {name:?}; only regular files and directories are allowed"
             )));
         }
-        if entry.is_dir() {
+        // Read as the runner reads it: a name ending in '/' or a directory's mode is a
+        // directory; anything else must be a regular file.
+        let is_dir = entry.is_dir() || kind == Some(S_IFDIR);
+        if let Some(kind) = kind
+            && kind != S_IFREG
+            && kind != S_IFDIR
+        {
+            return Err(ApiError::BadRequest(format!(
+                "the code package holds {} {name:?}; only regular files and directories are allowed",
+                file_kind(kind)
+            )));
+        }
+        if is_dir {
             continue;
         }
         let budget = limits.max_unpacked_bytes - unpacked;
@@ -223,6 +264,83 @@ mod tests {
         assert!(matches!(
             check_package(bytes, LIMITS),
             Err(ApiError::BadRequest(_))
+        ));
+    }
+
+    /// A zip of one entry whose external attributes record `mode` (type bits included).
+    fn zip_with_mode(name: &str, mode: u32) -> Vec<u8> {
+        let mut writer = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        writer
+            .start_file(name, zip::write::SimpleFileOptions::default())
+            .unwrap();
+        writer.write_all(b"").unwrap();
+        let mut bytes = writer.finish().unwrap().into_inner();
+        // The central directory's external attributes hold the unix mode in their high half;
+        // the writer keeps only permission bits, so set the type bits in place.
+        let header = bytes
+            .windows(4)
+            .rposition(|window| window == b"PK\x01\x02")
+            .unwrap();
+        let attributes = header + 38;
+        bytes[attributes..attributes + 4].copy_from_slice(&(mode << 16).to_le_bytes());
+        // "Made by" unix, so the mode is read at all.
+        bytes[header + 5] = 3;
+        bytes
+    }
+
+    #[test]
+    fn fifos_devices_and_sockets_are_refused() {
+        for (mode, what) in [
+            (0o010_644, "FIFO"),
+            (0o020_644, "character device"),
+            (0o060_644, "block device"),
+            (0o140_644, "socket"),
+        ] {
+            let error = check_package(zip_with_mode("run.sh", mode), LIMITS).unwrap_err();
+            let ApiError::BadRequest(message) = error else {
+                panic!("{what}: {error:?}")
+            };
+            assert!(message.contains(what), "{message}");
+        }
+        // A regular file's and a directory's modes pass.
+        let package = check_package(zip_with_mode("run.sh", 0o100_755), LIMITS).unwrap();
+        assert_eq!(package.files, ["run.sh"]);
+        let package = check_package(zip_with_mode("lib", 0o040_755), LIMITS).unwrap();
+        assert!(package.files.is_empty(), "a directory is no file");
+    }
+
+    #[test]
+    fn duplicate_entry_names_are_refused() {
+        // The writer refuses a name twice, so write two names and make them one.
+        let renamed = |bytes: Vec<u8>, from: &[u8], to: &[u8]| {
+            let mut bytes = bytes;
+            let positions: Vec<usize> = (0..bytes.len() - from.len())
+                .filter(|&at| &bytes[at..at + from.len()] == from)
+                .collect();
+            for at in positions {
+                bytes[at..at + to.len()].copy_from_slice(to);
+            }
+            bytes
+        };
+        let twice = renamed(
+            zip_of(&[("run.sh", b"good"), ("run.sX", b"evil")]),
+            b"run.sX",
+            b"run.sh",
+        );
+        let error = check_package(twice, LIMITS).unwrap_err();
+        assert!(
+            matches!(&error, ApiError::BadRequest(message) if message.contains("twice")),
+            "{error:?}"
+        );
+        // A directory and a file of one path are the same path too.
+        let mut writer = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        let options = zip::write::SimpleFileOptions::default();
+        writer.add_directory("lib/", options).unwrap();
+        writer.start_file("liX", options).unwrap();
+        let bytes = renamed(writer.finish().unwrap().into_inner(), b"liX", b"lib");
+        assert!(matches!(
+            check_package(bytes, LIMITS),
+            Err(ApiError::BadRequest(message)) if message.contains("twice")
         ));
     }
 

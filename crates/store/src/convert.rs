@@ -146,3 +146,18 @@ where
         })
         .collect()
 }
+
+/// A project's own quota limits from their rows, `(quota, limit)`. A quota this build does not
+/// know (written by a newer one) is left out: its default applies here.
+pub(crate) fn own_quota_limits(
+    rows: impl IntoIterator<Item = (String, i64)>,
+) -> Result<Vec<(stevedore_model::Quota, u64)>> {
+    let mut own = Vec::new();
+    for (name, limit) in rows {
+        let Ok(quota) = name.parse() else {
+            continue;
+        };
+        own.push((quota, unsigned("limit", limit)?));
+    }
+    Ok(own)
+}

@@ -1,4 +1,4 @@
-use stevedore_model::TransitionError;
+use stevedore_model::{QuotaExceeded, TransitionError};
 
 /// What can go wrong in a store. The server maps each variant to one HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -15,6 +15,9 @@ pub enum StoreError {
     StaleLease { task_id: String },
     #[error(transparent)]
     Transition(#[from] TransitionError),
+    /// The write would take the project past one of its quotas; nothing was written.
+    #[error(transparent)]
+    QuotaExceeded(#[from] QuotaExceeded),
     /// Stored data that does not decode: a bug or a corrupted database.
     #[error("corrupt stored data: {0}")]
     Corrupt(String),

@@ -33,8 +33,8 @@ pub mod testsuite;
 
 use async_trait::async_trait;
 use stevedore_model::{
-    CodeKind, CodeRevision, CodeSpec, NewTask, Schedule, ScheduleSpec, Task, TaskOutcome,
-    TaskStatus, Timestamp,
+    CodeKind, CodeRevision, CodeSpec, NewTask, Quota, QuotaLimits, Schedule, ScheduleSpec, Task,
+    TaskOutcome, TaskStatus, Timestamp,
 };
 
 pub use credentials::{
@@ -301,6 +301,44 @@ pub struct StoreGauges {
     /// Queued tasks due at the time asked about (paused codes' included), for every priority
     /// from 0 to `MAX_PRIORITY`, zeros included.
     pub queue_depth: Vec<(u8, u64)>,
+}
+
+/// One quota of a project, as `Store::project_quotas` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaUse {
+    pub quota: Quota,
+    /// The project's own limit, or the operator's default.
+    pub limit: u64,
+    /// Whether `limit` is the project's own (set by an admin) rather than the default.
+    pub own_limit: bool,
+    /// What the project holds now; `None` for what the store does not count (live log
+    /// streams, which exist in a server's process). For `revisions_per_code`, the most
+    /// revisions any one of its codes has.
+    pub used: Option<u64>,
+}
+
+// === impl QuotaUse ===
+
+impl QuotaUse {
+    /// Every quota in `Quota::ALL` order, from the operator's `defaults`, the project's own
+    /// limits and the counts a backend made (`count` answers `None` for what it does not
+    /// count).
+    pub(crate) fn list(
+        defaults: &QuotaLimits,
+        own: &[(Quota, u64)],
+        count: impl Fn(Quota) -> Option<u64>,
+    ) -> Vec<QuotaUse> {
+        let limits = defaults.with_overrides(own);
+        Quota::ALL
+            .into_iter()
+            .map(|quota| QuotaUse {
+                quota,
+                limit: limits.get(quota),
+                own_limit: own.iter().any(|(overridden, _)| *overridden == quota),
+                used: count(quota),
+            })
+            .collect()
+    }
 }
 
 // === impl RescuedTask ===
@@ -667,9 +705,10 @@ pub trait Store: Send + Sync + 'static {
     /// `next_start` to `next_start`, or completes the schedule when that is `None`.
     /// `StoreError::Conflict` when the schedule is no longer due at `fired_at` (another
     /// scheduler fired it, or it was cancelled), so a schedule never fires twice for one time.
-    /// `None` when the schedule's `max_concurrency` of its tasks are still queued or running:
-    /// then it queues nothing, does not count a run, and moves on to the fire time after
-    /// `fired_at` (its spec's `next_fire` with the runs so far), as after a missed time.
+    /// `None` when the schedule's `max_concurrency` of its tasks are still queued or running,
+    /// or its project is at its queued-tasks quota: then it queues nothing, does not count a
+    /// run, and moves on to the fire time after `fired_at` (its spec's `next_fire` with the
+    /// runs so far), as after a missed time.
     async fn fire_schedule(
         &self,
         schedule_id: &str,
@@ -730,6 +769,34 @@ pub trait Store: Send + Sync + 'static {
     /// Counts of all the project's tasks in `window` for every status, in lifecycle order,
     /// zeros included, as `code_stats` counts one code's. An unknown project counts zero.
     async fn project_counts(&self, project_id: &str, window: StatsWindow) -> Result<CodeStats>;
+
+    // === quotas ===
+
+    /// The project's quotas, each in `Quota::ALL` order with its limit (the project's own or
+    /// the operator's default, see `with_quota_defaults` of each store) and what the project
+    /// holds. `StoreError::NotFound` for an unknown project.
+    ///
+    /// The store enforces them where it writes, inside the write's transaction, so that
+    /// concurrent requests cannot pass a limit together: `enqueue` (queued tasks), `push_code`
+    /// (codes, revisions per code, package bytes) and `create_schedules` (schedules) fail
+    /// with `StoreError::QuotaExceeded` and write nothing; `fire_schedule` at the queued-tasks
+    /// limit queues nothing and moves on, as at its `max_concurrency`. User retries queued by
+    /// `complete` and requeues are not refused: they continue work already admitted.
+    async fn project_quotas(&self, project_id: &str) -> Result<Vec<QuotaUse>>;
+    /// The project's limits alone, without counting what it holds: its own where it has them,
+    /// else the operator's defaults. `StoreError::NotFound` for an unknown project.
+    async fn quota_limits(&self, project_id: &str) -> Result<QuotaLimits>;
+    /// Sets the project's own limit for `quota`; `None` returns it to the operator's default.
+    /// A limit below what the project holds refuses new writes and removes nothing.
+    /// `StoreError::NotFound` for an unknown project.
+    async fn set_project_quota(
+        &self,
+        project_id: &str,
+        quota: Quota,
+        limit: Option<u64>,
+        now: Timestamp,
+    ) -> Result<()>;
+
     // === gauges ===
 
     /// How many tasks are queued, preparing and running across every project, and how many

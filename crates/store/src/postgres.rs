@@ -15,7 +15,9 @@
 //! * a log read with its size and status comes from one REPEATABLE READ snapshot;
 //! * renaming or deleting a cluster locks its row, which every insertion of its tasks
 //!   share-locks (`clusters`);
-//! * the leader holds a session-level advisory lock on a connection of its own (`lead`).
+//! * the leader holds a session-level advisory lock on a connection of its own (`lead`);
+//! * a write that a quota limits locks its project's row first (`FOR NO KEY UPDATE`, which
+//!   leaves foreign-key checks alone) and counts under that lock (`quotas`).
 //!
 //! Every commit that makes work available (`enqueue`, a requeue, a retry, a rescue, a fired
 //! schedule, a resumed code) also sends `NOTIFY stevedore_work`; `work_signal` hands out a
@@ -23,7 +25,7 @@
 //! and, while it cannot, signals on a timer so that waiters fall back to polling.
 //!
 //! The SQL lives in one module per concern (`projects`, `codes`, `tasks`, `logs`, `leases`,
-//! `schedules`, `clusters`, `usage`, `credentials`, `gauges`), as in the SQLite store. The
+//! `schedules`, `clusters`, `usage`, `credentials`, `gauges`, `quotas`), as in the SQLite store. The
 //! representations are the SQLite store's (`crate::convert`); what a state change does to a
 //! task is decided in `crate::record`, shared with it.
 
@@ -36,6 +38,7 @@ mod leases;
 mod listen;
 mod logs;
 mod projects;
+mod quotas;
 mod rows;
 mod schedules;
 mod tasks;
@@ -49,16 +52,16 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 use stevedore_model::{
-    CodeRevision, CodeSpec, NewTask, Schedule, ScheduleSpec, Task, TaskOutcome, TaskStatus,
-    Timestamp,
+    CodeRevision, CodeSpec, NewTask, Quota, QuotaLimits, Schedule, ScheduleSpec, Task, TaskOutcome,
+    TaskStatus, Timestamp,
 };
 
 use crate::record::TaskRecord;
 use crate::{
     Cluster, ClusterLoad, ClusterSpec, CodeCancellation, CodeStats, HeartbeatReply, Leadership,
-    LeaseRequest, LeasedTask, LogSlice, NewToken, Package, Page, Project, QueueWait, Requeue,
-    RescuedTask, Result, RunReport, RunnerSeen, SealedSecret, StatsWindow, Store, StoreGauges,
-    StoredCredential, TaskFilter, TokenRecord, UsageQuery, UsageRow, WorkSignal,
+    LeaseRequest, LeasedTask, LogSlice, NewToken, Package, Page, Project, QueueWait, QuotaUse,
+    Requeue, RescuedTask, Result, RunReport, RunnerSeen, SealedSecret, StatsWindow, Store,
+    StoreGauges, StoredCredential, TaskFilter, TokenRecord, UsageQuery, UsageRow, WorkSignal,
 };
 
 /// Where and how to connect.
@@ -80,6 +83,8 @@ pub struct PgStore {
     connect: PgConnectOptions,
     /// The `LISTEN` task and its signal, started by the first `work_signal`.
     listener: Mutex<Option<listen::Listener>>,
+    /// The operator's quota limits, for projects without limits of their own.
+    quota_defaults: QuotaLimits,
 }
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -117,7 +122,15 @@ impl PgStore {
             pool,
             connect,
             listener: Mutex::new(None),
+            quota_defaults: QuotaLimits::default(),
         })
+    }
+
+    /// The operator's quota limits, for every project without limits of its own (by default
+    /// `QuotaLimits::default()`). Servers sharing a database should all have the same.
+    pub fn with_quota_defaults(mut self, defaults: QuotaLimits) -> Self {
+        self.quota_defaults = defaults;
+        self
     }
 
     /// Closes every connection and stops listening. Later calls fail with a closed-pool
@@ -626,6 +639,26 @@ impl Store for PgStore {
 
     async fn project_counts(&self, project_id: &str, window: StatsWindow) -> Result<CodeStats> {
         usage::project_counts(self, project_id, window).await
+    }
+
+    // === quotas ===
+
+    async fn project_quotas(&self, project_id: &str) -> Result<Vec<QuotaUse>> {
+        quotas::project_quotas(self, project_id).await
+    }
+
+    async fn quota_limits(&self, project_id: &str) -> Result<QuotaLimits> {
+        quotas::quota_limits(self, project_id).await
+    }
+
+    async fn set_project_quota(
+        &self,
+        project_id: &str,
+        quota: Quota,
+        limit: Option<u64>,
+        now: Timestamp,
+    ) -> Result<()> {
+        quotas::set(self, project_id, quota, limit, now).await
     }
 
     // === gauges ===

@@ -394,6 +394,12 @@ pub(crate) fn new_schedule(
     }
 }
 
+/// How many of `specs` will be stored `scheduled` (those with a first fire time): what they
+/// add to the project's schedules quota.
+pub(crate) fn firing(specs: &[(ScheduleSpec, Option<Timestamp>)]) -> u64 {
+    specs.iter().filter(|(_, first)| first.is_some()).count() as u64
+}
+
 /// A live schedule's status with `next_start` as its next fire time: `scheduled`, or
 /// `complete` once it will never fire again.
 pub(crate) fn schedule_status(next_start: Option<Timestamp>) -> ScheduleStatus {

@@ -22,7 +22,7 @@
 //! dropped, or single statements, whole wherever their caller stops.
 //!
 //! The SQL lives in one module per concern (`projects`, `codes`, `tasks`, `logs`, `leases`,
-//! `schedules`, `clusters`, `usage`, `credentials`, `gauges`), the writer and its group commits
+//! `schedules`, `clusters`, `usage`, `credentials`, `gauges`, `quotas`), the writer and its group commits
 //! in `writer`; what a state change does to a task is decided in `crate::record`, shared with
 //! every backend.
 
@@ -35,6 +35,7 @@ mod gauges;
 mod leases;
 mod logs;
 mod projects;
+mod quotas;
 mod rows;
 mod schedules;
 mod tasks;
@@ -52,7 +53,8 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use stevedore_model::{
-    CodeRevision, CodeSpec, NewTask, Schedule, ScheduleSpec, Task, TaskOutcome, Timestamp,
+    CodeRevision, CodeSpec, NewTask, Quota, QuotaLimits, Schedule, ScheduleSpec, Task, TaskOutcome,
+    Timestamp,
 };
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
@@ -60,9 +62,9 @@ use tokio::time::MissedTickBehavior;
 use self::writer::Writing;
 use crate::{
     Cluster, ClusterLoad, ClusterSpec, CodeCancellation, CodeStats, HeartbeatReply, Leadership,
-    LeaseRequest, LeasedTask, LogSlice, NewToken, Package, Page, Project, QueueWait, Requeue,
-    RescuedTask, Result, RunReport, RunnerSeen, SealedSecret, StatsWindow, Store, StoreError,
-    StoreGauges, StoredCredential, TaskFilter, TokenRecord, UsageQuery, UsageRow,
+    LeaseRequest, LeasedTask, LogSlice, NewToken, Package, Page, Project, QueueWait, QuotaUse,
+    Requeue, RescuedTask, Result, RunReport, RunnerSeen, SealedSecret, StatsWindow, Store,
+    StoreError, StoreGauges, StoredCredential, TaskFilter, TokenRecord, UsageQuery, UsageRow,
 };
 
 /// The leadership of the one process that uses a SQLite database.
@@ -105,6 +107,8 @@ pub struct SqliteStore {
     readers: SqlitePool,
     /// Copies the WAL back into the database file in the background; stopped on close and drop.
     checkpointer: JoinHandle<()>,
+    /// The operator's quota limits, for projects without limits of their own.
+    quota_defaults: QuotaLimits,
 }
 
 /// How many read connections to keep. Reads are short; a few cover a 2-core machine.
@@ -184,7 +188,15 @@ impl SqliteStore {
             writing: Arc::new(Writing::new(writer)),
             readers,
             checkpointer,
+            quota_defaults: QuotaLimits::default(),
         })
+    }
+
+    /// The operator's quota limits, for every project without limits of its own (by default
+    /// `QuotaLimits::default()`).
+    pub fn with_quota_defaults(mut self, defaults: QuotaLimits) -> Self {
+        self.quota_defaults = defaults;
+        self
     }
 
     /// Closes every connection, waiting for them to finish. Dropping the store without this
@@ -631,6 +643,26 @@ impl Store for SqliteStore {
 
     async fn project_counts(&self, project_id: &str, window: StatsWindow) -> Result<CodeStats> {
         usage::project_counts(self, project_id, window).await
+    }
+
+    // === quotas ===
+
+    async fn project_quotas(&self, project_id: &str) -> Result<Vec<QuotaUse>> {
+        quotas::project_quotas(self, project_id).await
+    }
+
+    async fn quota_limits(&self, project_id: &str) -> Result<QuotaLimits> {
+        quotas::quota_limits(self, project_id).await
+    }
+
+    async fn set_project_quota(
+        &self,
+        project_id: &str,
+        quota: Quota,
+        limit: Option<u64>,
+        now: Timestamp,
+    ) -> Result<()> {
+        quotas::set(self, project_id, quota, limit, now).await
     }
 
     // === gauges ===

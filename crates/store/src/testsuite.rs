@@ -25,6 +25,7 @@ pub mod gauges;
 pub mod leases;
 pub mod logs;
 pub mod projects;
+pub mod quotas;
 pub mod retries;
 pub mod schedules;
 pub mod tasks;
@@ -133,6 +134,12 @@ macro_rules! store_test_suite {
             ],
             gauges: [
                 gauges_count_live_tasks_and_due_queues_by_priority,
+            ],
+            quotas: [
+                quotas_default_and_are_overridden_per_project,
+                each_quota_refuses_the_write_that_passes_it_and_writes_nothing,
+                a_schedule_at_its_projects_queued_quota_passes_a_fire_time,
+                concurrent_writers_never_pass_a_quota,
             ],
             concurrency: [
                 concurrent_leasers_share_no_task_and_respect_max_concurrency,

@@ -20,14 +20,16 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt, stream};
 use serde::Deserialize;
 use stevedore_api_types::v2;
+use stevedore_model::Quota;
 use stevedore_store::StoreError;
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
 use crate::auth::ProjectAccess;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::ApiQuery;
+use crate::extract::{ApiQuery, parse_flag};
 use crate::follow::{Followed, LogFollower, LogText, TextDecoder};
+use crate::streams::StreamSlot;
 use crate::wire;
 
 /// Asks reverse proxies (nginx and those that copy it) to pass a live stream on as it comes.
@@ -70,7 +72,11 @@ pub async fn log(
     ApiQuery(query): ApiQuery<LogQuery>,
     shutdown: Option<Extension<StreamShutdown>>,
 ) -> ApiResult<Response> {
-    let follow = query.follow.as_deref().map(parse_follow).transpose()?;
+    let follow = query
+        .follow
+        .as_deref()
+        .map(|value| parse_flag("follow", value))
+        .transpose()?;
     let offset = query
         .offset
         .as_deref()
@@ -100,8 +106,15 @@ pub async fn log(
         };
         return Ok(([(CONTENT_TYPE, "text/plain; charset=utf-8")], log).into_response());
     }
-    let follower = open(&state, &access.project_id, &task_id, offset.unwrap_or(0)).await?;
-    let bytes = followed(follower).filter_map(|item| async move {
+    let (follower, slot) = open(
+        &state,
+        &access.project_id,
+        &access.token.id,
+        &task_id,
+        offset.unwrap_or(0),
+    )
+    .await?;
+    let bytes = followed(follower, slot).filter_map(|item| async move {
         match item {
             Followed::Log { bytes, .. } => Some(Ok::<_, Infallible>(Bytes::from(bytes))),
             Followed::Status(_) | Followed::End(_) => None,
@@ -159,22 +172,32 @@ pub async fn stream(
     shutdown: Option<Extension<StreamShutdown>>,
 ) -> ApiResult<Response> {
     let offset = resume_offset(&headers, query.offset.as_deref())?;
-    event_stream(&state, &access.project_id, &task_id, offset, shutdown).await
+    event_stream(
+        &state,
+        &access.project_id,
+        &access.token.id,
+        &task_id,
+        offset,
+        shutdown,
+    )
+    .await
 }
 
-/// A task's log and status as Server-Sent Events from byte `offset` (see `stream`): the API's
-/// stream and the dashboard's task page both read this.
+/// A task's log and status as Server-Sent Events from byte `offset` (see `stream`), counted
+/// against the quota of `token_id`'s open streams: the API's stream and the dashboard's task
+/// page both read this.
 pub async fn event_stream(
     state: &AppState,
     project_id: &str,
+    token_id: &str,
     task_id: &str,
     offset: u64,
     shutdown: Option<Extension<StreamShutdown>>,
 ) -> ApiResult<Response> {
-    let follower = open(state, project_id, task_id, offset).await?;
+    let (follower, slot) = open(state, project_id, token_id, task_id, offset).await?;
     let task_id = task_id.to_owned();
     let mut decoder = TextDecoder::starting_at(offset);
-    let events = followed(follower)
+    let events = followed(follower, slot)
         .flat_map(move |item| stream::iter(events_of(item, &task_id, &mut decoder)));
     let events = cut_short(events, state, shutdown);
     let events = Sse::new(events).keep_alive(
@@ -244,29 +267,40 @@ fn log_event(text: LogText) -> Result<Event, axum::Error> {
         .json_data(serde_json::json!({"offset": text.offset, "text": text.text}))
 }
 
+/// Opens a live stream for `token_id`: refused (429) when the token already holds its
+/// project's `log_streams_per_token` open on this server.
 async fn open(
     state: &AppState,
     project_id: &str,
+    token_id: &str,
     task_id: &str,
     offset: u64,
-) -> ApiResult<LogFollower> {
-    LogFollower::open(
+) -> ApiResult<(LogFollower, StreamSlot)> {
+    let limits = state.store.quota_limits(project_id).await?;
+    let slot = state
+        .streams
+        .open(token_id, limits.get(Quota::LogStreamsPerToken))?;
+    let follower = LogFollower::open(
         state.store.clone(),
         project_id,
         task_id,
         offset,
         state.config.log_stream.poll_interval,
     )
-    .await
+    .await?;
+    Ok((follower, slot))
 }
 
 /// Everything the follower hands out, in order; ends after the task's end, or early (logged)
-/// when the store fails.
-fn followed(follower: LogFollower) -> impl Stream<Item = Followed> + Send + 'static {
-    stream::unfold(Some(follower), |follower| async move {
-        let mut follower = follower?;
+/// when the store fails. The stream holds `slot` until it is dropped.
+fn followed(
+    follower: LogFollower,
+    slot: StreamSlot,
+) -> impl Stream<Item = Followed> + Send + 'static {
+    stream::unfold(Some((follower, slot)), |open| async move {
+        let (mut follower, slot) = open?;
         match follower.next().await {
-            Ok(Some(items)) => Some((stream::iter(items), Some(follower))),
+            Ok(Some(items)) => Some((stream::iter(items), Some((follower, slot)))),
             Ok(None) => None,
             Err(error) => {
                 tracing::warn!(%error, "a log stream ended early: the store failed");
@@ -295,17 +329,6 @@ fn cut_short<S: Stream + Send + 'static>(
     })
 }
 
-/// `follow`: IronWorker-style flags.
-fn parse_follow(value: &str) -> ApiResult<bool> {
-    match value.to_ascii_lowercase().as_str() {
-        "" | "1" | "true" | "yes" | "on" => Ok(true),
-        "0" | "false" | "no" | "off" => Ok(false),
-        _ => Err(ApiError::BadRequest(format!(
-            "follow must be true or false (or 1 or 0), got {value:?}"
-        ))),
-    }
-}
-
 fn parse_offset(name: &str, value: &str) -> ApiResult<u64> {
     value.trim().parse().map_err(|_| {
         ApiError::BadRequest(format!(
@@ -320,9 +343,9 @@ mod tests {
 
     #[test]
     fn query_values() {
-        assert!(matches!(parse_follow("TRUE"), Ok(true)));
-        assert!(matches!(parse_follow("0"), Ok(false)));
-        assert!(parse_follow("maybe").is_err());
+        assert!(matches!(parse_flag("follow", "TRUE"), Ok(true)));
+        assert!(matches!(parse_flag("follow", "0"), Ok(false)));
+        assert!(parse_flag("follow", "maybe").is_err());
         assert!(matches!(parse_offset("offset", "42"), Ok(42)));
         for bad in ["-1", "1.5", "x", ""] {
             assert!(parse_offset("offset", bad).is_err(), "{bad}");

@@ -51,7 +51,7 @@ pub async fn create(
         let first = spec.first_fire(now);
         if first.is_none() {
             return Err(ApiError::BadRequest(format!(
-                "{prefix}: the schedule would never fire (end_at is in the past or before its first time)"
+                "{prefix}.end_at: the schedule would never fire: end_at is before its first time"
             )));
         }
         specs.push((spec, first));

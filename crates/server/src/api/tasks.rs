@@ -16,6 +16,7 @@ use super::{Paging, code_defaults, message, prefix_error};
 use crate::AppState;
 use crate::auth::ProjectAccess;
 use crate::error::{ApiError, ApiResult};
+use crate::extract::parse_flag;
 use crate::extract::{ApiJson, ApiQuery, read_body};
 use crate::wire;
 
@@ -140,10 +141,11 @@ pub async fn webhook(
     }))
 }
 
-/// IronWorker's task list filters. A status flag such as `queued=1` selects that status; with
-/// no flag every status is listed. Times are seconds since the epoch. A parameter not listed
-/// here is refused with 400 rather than ignored, so a filter stevedore does not know never
-/// silently widens the list.
+/// IronWorker's task list filters. A status flag such as `queued=1` selects that status, as
+/// does `status=queued,running`; with neither every status is listed. Times are seconds since
+/// the epoch. A parameter not listed here, a status that does not exist and a flag value that
+/// is neither yes nor no are refused with 400 rather than ignored, so a filter stevedore does
+/// not understand never silently widens the list.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct TaskListQuery {
@@ -154,6 +156,8 @@ pub struct TaskListQuery {
     pub per_page: Option<i64>,
     pub from_time: Option<i64>,
     pub to_time: Option<i64>,
+    /// Only tasks of these statuses, comma-separated (`killed` is `cancelled`).
+    pub status: Option<String>,
     pub queued: Option<String>,
     pub preparing: Option<String>,
     pub running: Option<String>,
@@ -167,33 +171,59 @@ pub struct TaskListQuery {
     pub oauth: Option<String>,
 }
 
-fn flag(value: &Option<String>) -> bool {
-    value.as_deref().is_some_and(|value| {
-        matches!(
-            value.to_ascii_lowercase().as_str(),
-            "1" | "true" | "yes" | "on" | ""
-        )
-    })
+/// Whether a status flag selects its status: absent or a "no" does not, a "yes" (or a bare
+/// `queued`) does, anything else is a 400.
+fn flag(name: &str, value: &Option<String>) -> ApiResult<bool> {
+    value
+        .as_deref()
+        .map_or(Ok(false), |value| parse_flag(name, value))
+}
+
+/// The statuses `status=` names, comma-separated.
+fn parse_statuses(text: &str) -> ApiResult<Vec<TaskStatus>> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(|name| match name {
+            // IronWorker's `killed` has no status of its own here: a killed task is cancelled.
+            "killed" => Ok(TaskStatus::Cancelled),
+            name => name.parse::<TaskStatus>().map_err(|_| {
+                let known: Vec<&str> = TaskStatus::ALL
+                    .iter()
+                    .map(|status| status.as_str())
+                    .collect();
+                ApiError::BadRequest(format!(
+                    "status: {name:?} is not a task status; the statuses are {}",
+                    known.join(", ")
+                ))
+            }),
+        })
+        .collect()
 }
 
 impl TaskListQuery {
     fn filter(&self) -> ApiResult<TaskFilter> {
         let flags = [
-            (&self.queued, TaskStatus::Queued),
-            (&self.preparing, TaskStatus::Preparing),
-            (&self.running, TaskStatus::Running),
-            (&self.complete, TaskStatus::Complete),
-            (&self.error, TaskStatus::Error),
-            (&self.cancelled, TaskStatus::Cancelled),
+            ("queued", &self.queued, TaskStatus::Queued),
+            ("preparing", &self.preparing, TaskStatus::Preparing),
+            ("running", &self.running, TaskStatus::Running),
+            ("complete", &self.complete, TaskStatus::Complete),
+            ("error", &self.error, TaskStatus::Error),
+            ("cancelled", &self.cancelled, TaskStatus::Cancelled),
             // IronWorker's `killed` has no status of its own here: a killed task is cancelled.
-            (&self.killed, TaskStatus::Cancelled),
-            (&self.timeout, TaskStatus::Timeout),
+            ("killed", &self.killed, TaskStatus::Cancelled),
+            ("timeout", &self.timeout, TaskStatus::Timeout),
         ];
-        let mut statuses: Vec<TaskStatus> = flags
-            .into_iter()
-            .filter(|(value, _)| flag(value))
-            .map(|(_, status)| status)
-            .collect();
+        let mut statuses = match &self.status {
+            Some(text) => parse_statuses(text)?,
+            None => Vec::new(),
+        };
+        for (name, value, status) in flags {
+            if flag(name, value)? {
+                statuses.push(status);
+            }
+        }
+        statuses.sort();
         statuses.dedup();
         let time = |field: &str, seconds: Option<i64>| {
             seconds

@@ -359,7 +359,15 @@ pub async fn task_events(
     shutdown: Option<Extension<StreamShutdown>>,
 ) -> PageResult<Response> {
     let offset = resume_offset(&headers, None)?;
-    Ok(event_stream(&state, &session.project.id, &task_id, offset, shutdown).await?)
+    Ok(event_stream(
+        &state,
+        &session.project.id,
+        &session.token_id,
+        &task_id,
+        offset,
+        shutdown,
+    )
+    .await?)
 }
 
 pub async fn cancel_task(

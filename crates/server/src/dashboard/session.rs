@@ -32,6 +32,8 @@ const SESSION_MAX_AGE_SECS: u32 = 30 * 24 * 3600;
 #[derive(Debug, Clone)]
 pub struct Session {
     pub project: Project,
+    /// The id of the token the session carries (live streams are counted per token).
+    pub token_id: String,
 }
 
 /// Why a request has no session.
@@ -64,7 +66,7 @@ impl FromRequestParts<AppState> for Session {
             return Err(SessionRejection::SignIn { htmx });
         };
         match project_of_token(state, &secret).await {
-            Ok(Some(project)) => Ok(Session { project }),
+            Ok(Some((project, token_id))) => Ok(Session { project, token_id }),
             Ok(None) => Err(SessionRejection::SignIn { htmx }),
             Err(error) => Err(SessionRejection::Failed(error)),
         }
@@ -177,14 +179,18 @@ fn session_response(cookie: &str, to: &str) -> Response {
 // === checks ===
 
 /// The project a token secret signs in to, if it is a project token that still exists.
-async fn project_of_token(state: &AppState, secret: &str) -> Result<Option<Project>, PageError> {
+async fn project_of_token(
+    state: &AppState,
+    secret: &str,
+) -> Result<Option<(Project, String)>, PageError> {
     let Some(token) = state.store.find_token(&token_digest(secret)).await? else {
         return Ok(None);
     };
     match (token.role, token.project_id) {
-        (TokenRole::Project, Some(project_id)) => {
-            Ok(Some(state.store.get_project(&project_id).await?))
-        }
+        (TokenRole::Project, Some(project_id)) => Ok(Some((
+            state.store.get_project(&project_id).await?,
+            token.id,
+        ))),
         _ => Ok(None),
     }
 }

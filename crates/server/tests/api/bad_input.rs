@@ -252,3 +252,132 @@ async fn hostile_zip_packages_are_refused() {
         "nothing half-written"
     );
 }
+
+/// Issue 15, item 8: a cron expression of any length was stored, and one that never fires
+/// was refused as "end_at is in the past" with no end_at given.
+#[tokio::test]
+async fn overlong_and_never_firing_cron_expressions_are_refused_as_such() {
+    let server = TestServer::start().await;
+    server.image_code("hello", json!({})).await;
+    let long = format!("0 0 * * {}", "1,".repeat(400_000));
+    let msg = server
+        .post(
+            "schedules",
+            json!({"schedules": [{"code_name": "hello", "cron": long}]}),
+        )
+        .await
+        .error(400);
+    assert!(msg.contains("cron") && msg.contains("256 bytes"), "{msg}");
+    assert!(msg.len() < 200, "the message does not echo the expression");
+
+    let msg = server
+        .post(
+            "schedules",
+            json!({"schedules": [{"code_name": "hello", "cron": "0 0 30 2 *"}]}),
+        )
+        .await
+        .error(400);
+    assert!(msg.contains("never fires"), "{msg}");
+    assert!(!msg.contains("end_at"), "{msg}");
+    assert_eq!(server.get("schedules").await.json()["schedules"], json!([]));
+}
+
+/// Issue 15, item 8: `?status=bogus` listed every task.
+#[tokio::test]
+async fn an_unknown_task_status_filter_is_refused_with_the_known_ones() {
+    let server = TestServer::start().await;
+    server.image_code("hello", json!({})).await;
+    server.queue(json!([{"code_name": "hello"}])).await;
+
+    let msg = server.get("tasks?status=bogus").await.error(400);
+    assert!(msg.contains("\"bogus\""), "{msg}");
+    for status in ["queued", "running", "complete", "cancelled"] {
+        assert!(msg.contains(status), "{msg} should list {status}");
+    }
+    assert!(
+        server
+            .get("tasks?queued=bogus")
+            .await
+            .error(400)
+            .contains("queued")
+    );
+
+    let listed = |reply: crate::support::Reply| reply.json()["tasks"].as_array().unwrap().len();
+    assert_eq!(listed(server.get("tasks?status=queued").await), 1);
+    assert_eq!(listed(server.get("tasks?status=complete,error").await), 0);
+    assert_eq!(listed(server.get("tasks?queued=0&complete=1").await), 0);
+    assert_eq!(listed(server.get("tasks?queued=1").await), 1);
+}
+
+/// Issue 15, item 8: FIFOs, devices and two entries of one name were accepted in a package.
+#[tokio::test]
+async fn zip_packages_with_fifos_or_duplicate_names_are_refused() {
+    let server = TestServer::start().await;
+    let data = json!({"name": "z", "runtime": "binary", "file_name": "run.sh"});
+    let upload = |zip: Vec<u8>| {
+        server
+            .request(Method::POST, "codes")
+            .multipart(code_form(data.clone(), Some(zip)))
+    };
+    // The writer records permission bits only: set a FIFO's type bits in the central
+    // directory, with "made by" unix so that they are read.
+    let mut fifo = zip_of(&[("run.sh", b"x", 0o755), ("pipe", b"", 0o644)]);
+    let header = fifo
+        .windows(4)
+        .rposition(|window| window == b"PK\x01\x02")
+        .unwrap();
+    fifo[header + 5] = 3;
+    fifo[header + 38..header + 42].copy_from_slice(&(0o010_644u32 << 16).to_le_bytes());
+    let msg = server.send(upload(fifo)).await.error(400);
+    assert!(msg.contains("FIFO") && msg.contains("pipe"), "{msg}");
+
+    // The writer refuses a name twice: write two names of one length and make them one.
+    let mut twice = zip_of(&[
+        ("run.sh", b"echo good", 0o755),
+        ("run.sX", b"echo evil", 0o755),
+    ]);
+    for at in 0..twice.len() - 6 {
+        if &twice[at..at + 6] == b"run.sX" {
+            twice[at..at + 6].copy_from_slice(b"run.sh");
+        }
+    }
+    let msg = server.send(upload(twice)).await.error(400);
+    assert!(msg.contains("twice"), "{msg}");
+    assert_eq!(server.get("codes").await.json()["codes"], json!([]));
+}
+
+/// Issue 15, item 8: the 413 named a 64 MiB limit while four times that and more was read
+/// first. The body limit of an upload and the number its 413 names are one.
+#[tokio::test]
+async fn an_upload_over_the_named_limit_is_refused_at_that_limit() {
+    let mut config = ServerConfig::default();
+    config.package.max_bytes = 256 * 1024;
+    let named = config.max_upload_bytes();
+    assert_eq!(named, 256 * 1024 + ServerConfig::UPLOAD_FORM_OVERHEAD_BYTES);
+    let server = TestServer::start_with(config).await;
+    let data = json!({"name": "z", "runtime": "binary", "file_name": "run.sh"});
+    let over = vec![b'x'; named + 1];
+    let msg = server
+        .send(
+            server
+                .request(Method::POST, "codes")
+                .multipart(code_form(data.clone(), Some(over))),
+        )
+        .await
+        .error(413);
+    assert!(msg.contains(&format!("limit of {named} bytes")), "{msg}");
+    // A package over the package limit but inside the body limit is read and refused by the
+    // package check, which names the package limit.
+    let package: Vec<u8> = (0u64..300 * 1024).map(|i| (i * 7919 % 251) as u8).collect();
+    let msg = server
+        .send(server.request(Method::POST, "codes").multipart(code_form(
+            data,
+            Some(zip_of(&[("run.sh", &package, 0o755)])),
+        )))
+        .await
+        .error(413);
+    assert!(
+        msg.contains(&format!("limit of {} bytes", 256 * 1024)),
+        "{msg}"
+    );
+}

@@ -11,6 +11,7 @@ mod compat;
 mod credentials;
 mod dashboard;
 mod logs;
+mod quotas;
 mod runner;
 mod schedules;
 mod stacks;

@@ -2,11 +2,11 @@
 
 use sqlx::Row;
 use sqlx::postgres::PgConnection;
-use stevedore_model::{CodeRevision, CodeSpec, ScheduleStatus, Timestamp, new_id};
+use stevedore_model::{CodeRevision, CodeSpec, Quota, ScheduleStatus, Timestamp, new_id};
 
 use super::rows::{self, revision_columns, task_columns};
 use super::{PgStore, finish};
-use super::{projects, tasks};
+use super::{quotas, tasks};
 use crate::convert::{limit_offset, micros, opt_micros, opt_signed, timestamp, to_json};
 use crate::record::normalize;
 use crate::{CodeCancellation, CodeStats, Package, Page, Result, StatsWindow, StoreError};
@@ -25,7 +25,15 @@ pub(super) async fn push(
         package.map(|package| u64::try_from(package.bytes.len()).unwrap_or(u64::MAX));
     let mut tx = store.pool.begin().await?;
     let result: Result<_> = async {
-        projects::ensure(&mut tx, project_id).await?;
+        let limits = quotas::hold(&mut tx, &store.quota_defaults, project_id).await?;
+        quotas::check(
+            &mut tx,
+            &limits,
+            Quota::PackageBytes,
+            project_id,
+            package_size.unwrap_or(0),
+        )
+        .await?;
         // The code row is locked while its next revision is written, so two pushes of one code
         // number their revisions one after the other. Two pushes creating one new name meet
         // at the unique index: the second inserts nothing and takes the revision path.
@@ -42,6 +50,7 @@ pub(super) async fn push(
             if existing.is_some() {
                 break existing;
             }
+            quotas::check(&mut tx, &limits, Quota::Codes, project_id, 1).await?;
             let code_id = new_id();
             let inserted = sqlx::query(
                 "INSERT INTO codes (id, project_id, name, latest_rev, max_concurrency, paused, \
@@ -63,7 +72,13 @@ pub(super) async fn push(
         let (code_id, rev, paused, created_at) = match (existing, created) {
             (Some(row), _) => {
                 let code_id: String = row.try_get("id")?;
-                let rev = row.try_get::<i64, _>("latest_rev")? + 1;
+                let latest = row.try_get::<i64, _>("latest_rev")?;
+                limits.check(
+                    Quota::RevisionsPerCode,
+                    u64::try_from(latest).unwrap_or(0),
+                    1,
+                )?;
+                let rev = latest + 1;
                 sqlx::query(
                     "UPDATE codes SET latest_rev = $1, max_concurrency = $2, updated_at = $3 \
                      WHERE id = $4",

@@ -2,14 +2,14 @@
 //! schedule's row lock.
 
 use sqlx::postgres::PgConnection;
-use stevedore_model::{Schedule, ScheduleSpec, ScheduleStatus, Task, Timestamp};
+use stevedore_model::{Quota, Schedule, ScheduleSpec, ScheduleStatus, Task, Timestamp};
 
 use super::rows::{self, schedule_columns};
-use super::tasks;
 use super::{PgStore, finish};
+use super::{quotas, tasks};
 use crate::convert::{limit_offset, micros, opt_micros, to_json};
 use crate::record::{
-    change_schedule, check_due, fired_task, new_schedule, next_start_after_pass, normalize,
+    change_schedule, check_due, fired_task, firing, new_schedule, next_start_after_pass, normalize,
     schedule_status,
 };
 use crate::{Page, Result, StoreError};
@@ -23,6 +23,15 @@ pub(super) async fn create(
     let now = normalize(now);
     let mut tx = store.pool.begin().await?;
     let result: Result<_> = async {
+        let limits = quotas::hold(&mut tx, &store.quota_defaults, project_id).await?;
+        quotas::check(
+            &mut tx,
+            &limits,
+            Quota::Schedules,
+            project_id,
+            firing(specs),
+        )
+        .await?;
         // As for tasks: the clusters the schedules name keep their names until this commits.
         let clusters: Vec<&str> = specs
             .iter()
@@ -170,6 +179,15 @@ pub(super) async fn fire(
     );
     let mut tx = store.pool.begin().await?;
     let result: Result<_> = async {
+        // The project's lock first, as every write a quota limits takes it (see `quotas`).
+        let project_id: Option<String> =
+            sqlx::query_scalar("SELECT project_id FROM schedules WHERE id = $1")
+                .bind(schedule_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let project_id =
+            project_id.ok_or_else(|| StoreError::not_found(format!("schedule {schedule_id}")))?;
+        let limits = quotas::hold(&mut tx, &store.quota_defaults, &project_id).await?;
         // The row lock makes a second scheduler wait and then see the new `next_start`.
         let schedule = load(&mut tx, None, schedule_id, true).await?;
         check_due(&schedule, fired_at)?;
@@ -196,6 +214,25 @@ pub(super) async fn fire(
                 pass_fire(&mut tx, schedule_id, next_start, now).await?;
                 return Ok(None);
             }
+        }
+        match quotas::check(
+            &mut tx,
+            &limits,
+            Quota::QueuedTasks,
+            &schedule.project_id,
+            1,
+        )
+        .await
+        {
+            Err(StoreError::QuotaExceeded(exceeded)) => {
+                // As at its `max_concurrency`: this fire time passes and the next one may find
+                // room.
+                tracing::info!(schedule_id, %exceeded, "a schedule's fire passed at its project's quota");
+                let next_start = next_start_after_pass(&schedule, fired_at, now);
+                pass_fire(&mut tx, schedule_id, next_start, now).await?;
+                return Ok(None);
+            }
+            other => other?,
         }
         let new_task = spec.task(&schedule.id);
         let queued = tasks::insert(

@@ -10,9 +10,12 @@ use std::collections::HashMap;
 
 use sqlx::postgres::PgConnection;
 use sqlx::{Postgres, QueryBuilder, Row};
-use stevedore_model::{Event, NewTask, Task, TaskOutcome, TaskStatus, Timestamp, transition};
+use stevedore_model::{
+    Event, NewTask, Quota, Task, TaskOutcome, TaskStatus, Timestamp, transition,
+};
 
 use super::codes;
+use super::quotas;
 use super::rows::{self, task_columns};
 use super::{PgStore, finish};
 use crate::convert::{limit_offset, micros, opt_micros, opt_signed, signed, unsigned};
@@ -31,6 +34,15 @@ pub(super) async fn enqueue(
     let now = normalize(now);
     let mut tx = store.pool.begin().await?;
     let result: Result<_> = async {
+        let limits = quotas::hold(&mut tx, &store.quota_defaults, project_id).await?;
+        quotas::check(
+            &mut tx,
+            &limits,
+            Quota::QueuedTasks,
+            project_id,
+            new_tasks.len() as u64,
+        )
+        .await?;
         let queued = insert(&mut tx, project_id, new_tasks, now).await?;
         if !queued.is_empty() {
             notify_work(&mut tx).await?;

@@ -5,11 +5,11 @@ use std::collections::HashMap;
 
 use sqlx::sqlite::SqliteConnection;
 use sqlx::{Connection, Row};
-use stevedore_model::{CodeRevision, CodeSpec, ScheduleStatus, Timestamp, new_id};
+use stevedore_model::{CodeRevision, CodeSpec, Quota, ScheduleStatus, Timestamp, new_id};
 
 use super::rows::{self, micros, opt_signed, revision_columns, task_columns, to_json};
 use super::{BEGIN_WRITE, SqliteStore};
-use super::{projects, tasks};
+use super::{projects, quotas, tasks};
 use crate::convert::limit_offset;
 use crate::record::normalize;
 use crate::{CodeCancellation, CodeStats, Package, Page, Result, StatsWindow, StoreError};
@@ -29,6 +29,7 @@ pub(super) async fn push(
     let mut writer = store.writer().await?;
     let mut tx = writer.conn.begin_with(BEGIN_WRITE).await?;
     projects::ensure(&mut tx, project_id).await?;
+    let limits = quotas::limits(&mut tx, &store.quota_defaults, project_id).await?;
     let existing = sqlx::query(
         "SELECT id, latest_rev, paused, created_at FROM codes \
          WHERE project_id = ?1 AND name = ?2 AND deleted_at IS NULL",
@@ -37,10 +38,23 @@ pub(super) async fn push(
     .bind(&spec.name)
     .fetch_optional(&mut *tx)
     .await?;
+    quotas::check(
+        &mut tx,
+        &limits,
+        Quota::PackageBytes,
+        project_id,
+        package_size.unwrap_or(0),
+    )
+    .await?;
     let (code_id, rev, paused, created_at) = match existing {
         Some(row) => {
             let code_id: String = row.try_get("id")?;
             let latest: i64 = row.try_get("latest_rev")?;
+            limits.check(
+                Quota::RevisionsPerCode,
+                u64::try_from(latest).unwrap_or(0),
+                1,
+            )?;
             let rev = latest + 1;
             sqlx::query(
                 "UPDATE codes SET latest_rev = ?1, max_concurrency = ?2, updated_at = ?3 WHERE id = ?4",
@@ -55,6 +69,7 @@ pub(super) async fn push(
             (code_id, rev, row.try_get::<bool, _>("paused")?, created_at)
         }
         None => {
+            quotas::check(&mut tx, &limits, Quota::Codes, project_id, 1).await?;
             let code_id = new_id();
             sqlx::query(
                 "INSERT INTO codes (id, project_id, name, latest_rev, max_concurrency, paused, \

@@ -2,14 +2,14 @@
 
 use sqlx::Connection;
 use sqlx::sqlite::SqliteConnection;
-use stevedore_model::{Schedule, ScheduleSpec, ScheduleStatus, Task, Timestamp};
+use stevedore_model::{Quota, Schedule, ScheduleSpec, ScheduleStatus, Task, Timestamp};
 
 use super::rows::{self, micros, opt_micros, schedule_columns, to_json};
-use super::tasks;
 use super::{BEGIN_WRITE, SqliteStore};
+use super::{quotas, tasks};
 use crate::convert::limit_offset;
 use crate::record::{
-    change_schedule, check_due, fired_task, new_schedule, next_start_after_pass, normalize,
+    change_schedule, check_due, fired_task, firing, new_schedule, next_start_after_pass, normalize,
     schedule_status,
 };
 use crate::{Page, Result, StoreError};
@@ -23,6 +23,15 @@ pub(super) async fn create(
     let now = normalize(now);
     let mut writer = store.writer().await?;
     let mut tx = writer.conn.begin_with(BEGIN_WRITE).await?;
+    let limits = quotas::limits(&mut tx, &store.quota_defaults, project_id).await?;
+    quotas::check(
+        &mut tx,
+        &limits,
+        Quota::Schedules,
+        project_id,
+        firing(specs),
+    )
+    .await?;
     let mut created = Vec::with_capacity(specs.len());
     for (spec, first_fire) in specs {
         let code_id: String = sqlx::query_scalar(
@@ -192,6 +201,26 @@ pub(super) async fn fire(
             tx.commit().await?;
             return Ok(None);
         }
+    }
+    let limits = quotas::limits(&mut tx, &store.quota_defaults, &schedule.project_id).await?;
+    match quotas::check(
+        &mut tx,
+        &limits,
+        Quota::QueuedTasks,
+        &schedule.project_id,
+        1,
+    )
+    .await
+    {
+        Err(StoreError::QuotaExceeded(exceeded)) => {
+            // As at its `max_concurrency`: this fire time passes and the next one may find room.
+            tracing::info!(schedule_id, %exceeded, "a schedule's fire passed at its project's quota");
+            let next_start = next_start_after_pass(&schedule, fired_at, now);
+            pass_fire(&mut tx, schedule_id, next_start, now).await?;
+            tx.commit().await?;
+            return Ok(None);
+        }
+        other => other?,
     }
     let new_task = spec.task(&schedule.id);
     let queued = tasks::insert(

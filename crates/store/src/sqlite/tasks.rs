@@ -5,10 +5,13 @@ use std::collections::HashMap;
 
 use sqlx::sqlite::SqliteConnection;
 use sqlx::{Connection, QueryBuilder, Row, Sqlite};
-use stevedore_model::{Event, NewTask, Task, TaskOutcome, TaskStatus, Timestamp, transition};
+use stevedore_model::{
+    Event, NewTask, Quota, Task, TaskOutcome, TaskStatus, Timestamp, transition,
+};
 
 use super::codes;
 use super::codes::RevisionCache;
+use super::quotas;
 use super::rows::{self, micros, opt_micros, opt_signed, signed, task_columns, to_json};
 use super::{BEGIN_WRITE, SqliteStore};
 use crate::convert::limit_offset;
@@ -24,6 +27,15 @@ pub(super) async fn enqueue(
     let now = normalize(now);
     let mut writer = store.writer().await?;
     let mut tx = writer.conn.begin_with(BEGIN_WRITE).await?;
+    let limits = quotas::limits(&mut tx, &store.quota_defaults, project_id).await?;
+    quotas::check(
+        &mut tx,
+        &limits,
+        Quota::QueuedTasks,
+        project_id,
+        new_tasks.len() as u64,
+    )
+    .await?;
     let queued = insert(&mut tx, project_id, new_tasks, now).await?;
     tx.commit().await?;
     Ok(queued)
