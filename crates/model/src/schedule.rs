@@ -286,9 +286,13 @@ impl ScheduleSpec {
                 let step = i64::from((*seconds).max(1));
                 let mut next = fired_at + Duration::seconds(step);
                 if next < now {
-                    let behind = (now - next).num_seconds();
-                    let steps = behind.div_euclid(step) + i64::from(behind.rem_euclid(step) != 0);
-                    next += Duration::seconds(steps * step);
+                    // Whole steps to reach `now`, rounded up: counted in microseconds, since
+                    // `now` has a fraction of a second that whole seconds would drop.
+                    let behind = (now - next).num_microseconds().unwrap_or(i64::MAX);
+                    let step_micros = step * 1_000_000;
+                    let steps = behind.div_euclid(step_micros)
+                        + i64::from(behind.rem_euclid(step_micros) != 0);
+                    next += Duration::seconds(steps.saturating_mul(step));
                 }
                 next
             }
