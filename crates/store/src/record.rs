@@ -9,6 +9,8 @@
 //! `TaskRecord`, calls one of these methods and writes the record back, guarded by the status
 //! and lease token it loaded.
 
+mod fair_share;
+
 use std::collections::HashMap;
 
 use chrono::{Duration, SubsecRound};
@@ -19,6 +21,8 @@ use stevedore_model::{
 };
 
 use crate::{HeartbeatReply, Requeue, Result, RunReport, StoreError};
+
+pub(crate) use fair_share::{FairShare, Next, ProjectTurn, served_turns};
 
 /// A task as stored, with the columns `Task` does not show.
 #[derive(Debug, Clone, PartialEq)]
