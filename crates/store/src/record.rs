@@ -49,6 +49,11 @@ pub(crate) struct ConcurrencySlots {
     full: Vec<String>,
 }
 
+/// The most rows one statement of a bulk change (`cancel_all`, a code's deletion) writes. Each
+/// chunk is a write transaction of its own, so on SQLite's single writer other writes go in
+/// between chunks instead of waiting for the whole change (a chunk takes a few milliseconds).
+pub(crate) const BULK_CHUNK: i64 = 500;
+
 /// What `cancel` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CancelEffect {

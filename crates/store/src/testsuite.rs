@@ -136,6 +136,7 @@ macro_rules! store_test_suite {
             ],
             gauges: [
                 gauges_count_live_tasks_and_due_queues_by_priority,
+                bulk_cancels_count_every_task_and_keep_the_gauges,
             ],
             concurrency: [
                 concurrent_leasers_share_no_task_and_respect_max_concurrency,

@@ -203,6 +203,8 @@ pub(super) async fn rescue_expired(
     max_infra_attempts: u32,
 ) -> Result<Vec<RescuedTask>> {
     let now = normalize(now);
+    // The rescuer's rounds keep the gauges' change log short even when nobody scrapes.
+    super::gauges::fold_task_counts(&mut *store.pool.acquire().await?).await?;
     let mut tx = store.pool.begin().await?;
     let result: Result<_> = async {
         // SKIP LOCKED: a task whose runner is writing about it right now (a heartbeat) is not
