@@ -372,25 +372,33 @@ impl StoreGauges {
         TaskStatus::Running,
     ];
 
-    /// Fills in the zeros around the counts a database reported (`GROUP BY` leaves out
-    /// what it did not see).
-    pub(crate) fn from_counts(
-        by_status: &[(TaskStatus, u64)],
-        queue_depth: &[(u8, u64)],
+    /// The gauges from the stored task counts (`task_counts`: tasks by status and priority,
+    /// kept in the same transactions as every change of a status) and the queued tasks not due
+    /// yet by priority, counted apart: the queue depth is what is due. Fills in the zeros
+    /// around what the database reported (`GROUP BY` leaves out what it did not see).
+    pub(crate) fn from_task_counts(
+        counts: &[(TaskStatus, u8, u64)],
+        queued_later: &[(u8, u64)],
     ) -> StoreGauges {
         let count_of = |status: TaskStatus| {
-            by_status
+            counts
                 .iter()
-                .filter(|(seen, _)| *seen == status)
-                .map(|(_, count)| count)
+                .filter(|(seen, _, _)| *seen == status)
+                .map(|(_, _, count)| count)
                 .sum()
         };
         let depth_of = |priority: u8| {
-            queue_depth
+            let queued: u64 = counts
                 .iter()
-                .filter(|(seen, _)| *seen == priority)
+                .filter(|(seen, at, _)| *seen == TaskStatus::Queued && *at == priority)
+                .map(|(_, _, count)| count)
+                .sum();
+            let later: u64 = queued_later
+                .iter()
+                .filter(|(at, _)| *at == priority)
                 .map(|(_, count)| count)
-                .sum()
+                .sum();
+            queued.saturating_sub(later)
         };
         StoreGauges {
             by_status: Self::STATUSES

@@ -9,6 +9,8 @@
 //! `TaskRecord`, calls one of these methods and writes the record back, guarded by the status
 //! and lease token it loaded.
 
+mod fair_share;
+
 use std::collections::HashMap;
 
 use chrono::{Duration, SubsecRound};
@@ -19,6 +21,8 @@ use stevedore_model::{
 };
 
 use crate::{HeartbeatReply, Requeue, Result, RunReport, StoreError};
+
+pub(crate) use fair_share::{FairShare, Next, ProjectTurn, served_turns};
 
 /// A task as stored, with the columns `Task` does not show.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +48,11 @@ pub(crate) struct ConcurrencySlots {
     /// Codes that are full; the lease query skips them.
     full: Vec<String>,
 }
+
+/// The most rows one statement of a bulk change (`cancel_all`, a code's deletion) writes. Each
+/// chunk is a write transaction of its own, so on SQLite's single writer other writes go in
+/// between chunks instead of waiting for the whole change (a chunk takes a few milliseconds).
+pub(crate) const BULK_CHUNK: i64 = 500;
 
 /// What `cancel` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

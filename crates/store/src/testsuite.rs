@@ -97,6 +97,9 @@ macro_rules! store_test_suite {
                 requeue_below_and_at_the_cap,
                 rescue_touches_only_expired_leases,
                 heartbeat_extends_the_lease,
+                a_projects_backlog_does_not_starve_another_projects_task,
+                successive_leases_alternate_between_projects,
+                priorities_win_over_fair_share,
             ],
             logs: [
                 log_is_capped_with_one_marker,
@@ -134,6 +137,7 @@ macro_rules! store_test_suite {
             ],
             gauges: [
                 gauges_count_live_tasks_and_due_queues_by_priority,
+                bulk_cancels_count_every_task_and_keep_the_gauges,
             ],
             quotas: [
                 quotas_default_and_are_overridden_per_project,

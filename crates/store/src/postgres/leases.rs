@@ -6,13 +6,17 @@ use std::collections::HashMap;
 use chrono::Duration;
 use sqlx::Row;
 use sqlx::postgres::PgConnection;
+use stevedore_model::limits::MAX_PRIORITY;
 use stevedore_model::{CodeRevision, Task, TaskOutcome, TaskStatus, Timestamp};
 
 use super::rows::{self, task_columns};
 use super::{PgStore, RetryCheck, finish};
 use super::{codes, tasks};
 use crate::convert::micros;
-use crate::record::{ConcurrencySlots, TaskRecord, normalize, normalize_report};
+use crate::record::{
+    ConcurrencySlots, FairShare, Next, ProjectTurn, TaskRecord, normalize, normalize_report,
+    served_turns,
+};
 use crate::{
     HeartbeatReply, Lease, LeaseRequest, LeasedTask, Requeue, RescuedTask, Result, RunReport,
     StoreError,
@@ -23,30 +27,77 @@ use crate::{
 /// application's on the same database.
 const CODE_LOCK_CLASS: i32 = 0x5374_6476;
 
-/// The least number of candidates the lease query fetches, so that a few tasks of a full code
-/// do not cost a query each.
-const MIN_CANDIDATES: usize = 16;
+/// The filter every lease candidate `t` (of code `c`) passes, whatever its priority and
+/// project: due by `$1`, of a runnable code, in one of the runner's clusters `$2`, and
+/// visible to the request's owner (`$owner`): a project's runner gets only that project's
+/// tasks; the operator's runners get none of a project that owns a cluster of the task's
+/// cluster name.
+macro_rules! runnable_due_task {
+    ($owner:literal) => {
+        concat!(
+            "t.due_at <= $1 AND NOT c.paused AND c.deleted_at IS NULL AND t.cluster = ANY($2) \
+             AND (CASE WHEN ",
+            $owner,
+            "::text IS NULL THEN NOT EXISTS (SELECT 1 FROM clusters AS k \
+             WHERE k.project_id = t.project_id AND k.name = t.cluster) ELSE t.project_id = ",
+            $owner,
+            " END)"
+        )
+    };
+}
 
-/// Due queued tasks of runnable codes in the runner's clusters, best first (the partial index
-/// `tasks_queued` holds exactly this order), locked for this transaction. `SKIP LOCKED` passes
-/// over tasks another server is leasing right now instead of waiting for it; a row that another
-/// transaction changed and committed after this statement's snapshot is checked again against
-/// the `WHERE` clause before it is returned, so a task leased elsewhere in the meantime is not
-/// returned. `$3` lists codes that are full, `$4` tasks already picked in this call, `$6` the
-/// request's owner: a project's runner gets only that project's tasks; the operator's runners
-/// get none of a project that owns a cluster of the task's cluster name.
+/// The projects with runnable due tasks at each priority (`record::ProjectTurn`), with their
+/// last turn and when their earliest such task became due; only the owner's with `$3`. The
+/// projects with queued tasks are found by a loose index scan of `tasks_queued_by_project`
+/// (each step one seek for the next (priority, project)), so a project's backlog costs
+/// nothing here.
+const PROJECTS_WITH_DUE_WORK: &str = concat!(
+    "WITH RECURSIVE waiting (priority, project_id) AS ( \
+     (SELECT t.priority, t.project_id FROM tasks AS t WHERE t.status = 'queued' \
+      AND $3::text IS NULL ORDER BY t.priority, t.project_id LIMIT 1) \
+     UNION ALL \
+     SELECT n.priority, n.project_id FROM waiting AS w CROSS JOIN LATERAL \
+      (SELECT t.priority, t.project_id FROM tasks AS t WHERE t.status = 'queued' \
+       AND (t.priority, t.project_id) > (w.priority, w.project_id) \
+       ORDER BY t.priority, t.project_id LIMIT 1) AS n), \
+     owned (priority, project_id) AS (SELECT p::smallint, $3::text \
+      FROM generate_series(0, 2) AS p WHERE $3::text IS NOT NULL) \
+     SELECT w.priority, w.project_id, COALESCE(l.turn, 0) AS turn, d.due_at AS first_due \
+     FROM (SELECT * FROM waiting UNION ALL SELECT * FROM owned) AS w \
+     LEFT JOIN project_lease_turns AS l ON l.project_id = w.project_id \
+     CROSS JOIN LATERAL (SELECT t.due_at FROM tasks AS t JOIN codes AS c ON c.id = t.code_id \
+      WHERE t.status = 'queued' AND t.priority = w.priority AND t.project_id = w.project_id \
+      AND ",
+    runnable_due_task!("$3"),
+    " ORDER BY t.due_at LIMIT 1) AS d"
+);
+
+const _: () = assert!(
+    MAX_PRIORITY == 2,
+    "PROJECTS_WITH_DUE_WORK lists every priority"
+);
+
+/// Lease candidates of priority `$7`: up to `$5` runnable due tasks of each project of `$8`,
+/// each project's walked by due time through `tasks_queued_by_project`, in the order of `$8`,
+/// locked for this transaction. (PostgreSQL plans this and `PROJECTS_WITH_DUE_WORK` per call
+/// from the bound values: a generic plan is estimated far costlier, so it is never chosen. On
+/// a table never analyzed, as right after a first bulk enqueue, the planner may walk a
+/// project's tasks through another index until autovacuum has analyzed it.) `SKIP LOCKED` passes over tasks another server is leasing
+/// right now instead of waiting for it; a row that another transaction changed and committed
+/// after this statement's snapshot is checked again against the `WHERE` clause before it is
+/// returned, so a task leased elsewhere in the meantime is not returned. `$3` lists codes that
+/// are full, `$4` tasks already picked in this call, `$6` is the request's owner.
 const LEASE_CANDIDATES: &str = concat!(
-    "SELECT ",
+    "SELECT x.* FROM unnest($8::text[]) WITH ORDINALITY AS w (project_id, position) \
+     CROSS JOIN LATERAL (SELECT ",
     task_columns!(),
     ", c.max_concurrency AS code_max_concurrency \
      FROM tasks AS t JOIN codes AS c ON c.id = t.code_id \
-     WHERE t.status = 'queued' AND t.due_at <= $1 AND NOT c.paused AND c.deleted_at IS NULL \
-     AND t.cluster = ANY($2) AND t.code_id <> ALL($3) AND t.id <> ALL($4) \
-     AND (CASE WHEN $6::text IS NULL THEN NOT EXISTS (SELECT 1 FROM clusters AS k \
-          WHERE k.project_id = t.project_id AND k.name = t.cluster) \
-          ELSE t.project_id = $6 END) \
-     ORDER BY t.priority DESC, t.due_at, t.id LIMIT $5 \
-     FOR UPDATE OF t SKIP LOCKED"
+     WHERE t.status = 'queued' AND t.priority = $7 AND t.project_id = w.project_id AND ",
+    runnable_due_task!("$6"),
+    " AND t.code_id <> ALL($3) AND t.id <> ALL($4) \
+     ORDER BY t.due_at, t.id LIMIT $5 FOR UPDATE OF t SKIP LOCKED) AS x \
+     ORDER BY w.position, x.due_at, x.id"
 );
 
 pub(super) async fn lease(
@@ -152,6 +203,8 @@ pub(super) async fn rescue_expired(
     max_infra_attempts: u32,
 ) -> Result<Vec<RescuedTask>> {
     let now = normalize(now);
+    // The rescuer's rounds keep the gauges' change log short even when nobody scrapes.
+    super::gauges::fold_task_counts(&mut *store.pool.acquire().await?).await?;
     let mut tx = store.pool.begin().await?;
     let result: Result<_> = async {
         // SKIP LOCKED: a task whose runner is writing about it right now (a heartbeat) is not
@@ -187,55 +240,66 @@ pub(super) async fn rescue_expired(
 
 /// The lease transaction's body; the caller holds the transaction and commits it.
 ///
-/// Candidates come best first and locked (`LEASE_CANDIDATES`). `max_concurrency` is decided
-/// under a per-code advisory lock (`free_slots`). Each task gets a random token
-/// (`TaskRecord::grant_leases`).
+/// Hands out due queued tasks priority by priority (highest first) and, within a priority,
+/// in turns between the projects with due work (`record::FairShare`); candidates come locked
+/// (`LEASE_CANDIDATES`). `max_concurrency` is decided under a per-code advisory lock
+/// (`free_slots`). Each task gets a random token (`TaskRecord::grant_leases`); each project
+/// served gets a new turn (`record_turns`).
 async fn lease_due_tasks(
     conn: &mut PgConnection,
     request: &LeaseRequest,
     now: Timestamp,
 ) -> Result<Vec<LeasedTask>> {
     let max_tasks = usize::try_from(request.max_tasks).unwrap_or(usize::MAX);
+    let owner = request.owner.as_deref();
+    let projects = projects_with_due_work(conn, &request.clusters, owner, now).await?;
+    let mut share = FairShare::new(projects);
     let mut picked: Vec<TaskRecord> = Vec::with_capacity(max_tasks.min(1024));
     let mut slots = ConcurrencySlots::default();
-    loop {
-        let wanted = max_tasks - picked.len();
-        let fetch = wanted.max(MIN_CANDIDATES);
-        let picked_ids: Vec<&str> = picked
-            .iter()
-            .map(|record| record.task.id.as_str())
-            .collect();
-        let candidates = sqlx::query(LEASE_CANDIDATES)
-            .bind(micros(now))
-            .bind(&request.clusters)
-            .bind(slots.full())
-            .bind(&picked_ids)
-            .bind(i64::try_from(fetch).unwrap_or(i64::MAX))
-            .bind(request.owner.as_deref())
-            .fetch_all(&mut *conn)
-            .await?;
-        let fetched = candidates.len();
-        for row in &candidates {
-            let record = rows::task_record(row)?;
-            let limit: Option<i64> = row.try_get("code_max_concurrency")?;
-            let code_id = record.task.code_id.as_str();
-            let free = async |limit| free_slots(conn, code_id, limit).await;
-            if slots.take(code_id, limit, free).await? {
-                picked.push(record);
-                if picked.len() == max_tasks {
-                    break;
+    while picked.len() < max_tasks {
+        match share.next(max_tasks - picked.len()) {
+            Next::Done => break,
+            Next::Fetch(plan) => {
+                let picked_ids: Vec<&str> = picked
+                    .iter()
+                    .map(|record| record.task.id.as_str())
+                    .collect();
+                let candidates = sqlx::query(LEASE_CANDIDATES)
+                    .bind(micros(now))
+                    .bind(&request.clusters)
+                    .bind(slots.full())
+                    .bind(&picked_ids)
+                    .bind(i64::try_from(plan.per_project).unwrap_or(i64::MAX))
+                    .bind(owner)
+                    .bind(i16::from(plan.priority))
+                    .bind(&plan.projects)
+                    .fetch_all(&mut *conn)
+                    .await?;
+                let candidates = candidates
+                    .iter()
+                    .map(|row| {
+                        Ok((
+                            rows::task_record(row)?,
+                            row.try_get::<Option<i64>, _>("code_max_concurrency")?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                share.refill(&plan, candidates)?;
+            }
+            Next::Candidate(candidate) => {
+                let (record, limit) = *candidate;
+                let code_id = record.task.code_id.as_str();
+                let free = async |limit| free_slots(conn, code_id, limit).await;
+                if slots.take(code_id, limit, free).await? {
+                    picked.push(record);
                 }
             }
-        }
-        // Every candidate was picked or belongs to a code that is full now and excluded from
-        // the next query, so each round makes progress; a short answer means no more are due.
-        if picked.len() == max_tasks || fetched < fetch {
-            break;
         }
     }
     if picked.is_empty() {
         return Ok(Vec::new());
     }
+    record_turns(conn, &served_turns(&picked)).await?;
 
     let expires_at = now + Duration::seconds(i64::from(request.lease_secs));
     TaskRecord::grant_leases(&mut picked, &request.runner_id, expires_at, now)?;
@@ -270,6 +334,60 @@ async fn lease_due_tasks(
         });
     }
     Ok(leased)
+}
+
+/// The projects with runnable due tasks at each priority, for `FairShare`.
+async fn projects_with_due_work(
+    conn: &mut PgConnection,
+    clusters: &[String],
+    owner: Option<&str>,
+    now: Timestamp,
+) -> Result<Vec<ProjectTurn>> {
+    let rows = sqlx::query(PROJECTS_WITH_DUE_WORK)
+        .bind(micros(now))
+        .bind(clusters)
+        .bind(owner)
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter()
+        .map(|row| {
+            let priority: i16 = row.try_get("priority")?;
+            Ok(ProjectTurn {
+                priority: u8::try_from(priority)
+                    .map_err(|_| StoreError::Corrupt(format!("priority {priority}")))?,
+                project_id: row.try_get("project_id")?,
+                turn: row.try_get("turn")?,
+                first_due: row.try_get("first_due")?,
+            })
+        })
+        .collect()
+}
+
+/// Gives the projects a lease served, in order, turns later than every turn before.
+///
+/// No leaser waits for another here either: a project's row that another server's lease holds
+/// right now (it is serving the same project) is skipped, and that lease records the turn. A
+/// project's first row may wait for another server inserting the same row at that moment,
+/// once in the project's life.
+async fn record_turns(conn: &mut PgConnection, served: &[&str]) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO project_lease_turns (project_id, turn) SELECT unnest($1::text[]), 0 \
+         ON CONFLICT (project_id) DO NOTHING",
+    )
+    .bind(served)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "UPDATE project_lease_turns AS l SET turn = m.turn + s.position \
+         FROM unnest($1::text[]) WITH ORDINALITY AS s (project_id, position), \
+         (SELECT COALESCE(max(turn), 0) AS turn FROM project_lease_turns) AS m \
+         WHERE l.project_id = s.project_id AND l.project_id IN (SELECT project_id \
+         FROM project_lease_turns WHERE project_id = ANY($1) FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(served)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// Writes a batch of fresh leases in one statement: the fields `TaskRecord::grant_lease`

@@ -19,7 +19,7 @@ use super::quotas;
 use super::rows::{self, task_columns};
 use super::{PgStore, finish};
 use crate::convert::{limit_offset, micros, opt_micros, opt_signed, signed, unsigned};
-use crate::record::{TaskRecord, normalize, queued_task_of_code};
+use crate::record::{BULK_CHUNK, TaskRecord, normalize, queued_task_of_code};
 use crate::{CodeCancellation, Page, Result, StoreError, TaskFilter};
 
 /// The channel `LISTEN`ed to for wake-ups.
@@ -127,13 +127,42 @@ pub(super) async fn cancel_all(
     now: Timestamp,
 ) -> Result<CodeCancellation> {
     let now = normalize(now);
+    let chunked = cancel_queued_in_chunks(store, project_id, code_id, now).await?;
     let mut tx = store.pool.begin().await?;
     let result: Result<_> = async {
         codes::ensure(&mut tx, project_id, code_id).await?;
-        cancel_code_tasks(&mut tx, code_id, now).await
+        let mut cancellation = cancel_code_tasks(&mut tx, code_id, now).await?;
+        cancellation.cancelled += chunked;
+        Ok(cancellation)
     }
     .await;
     finish(tx, result).await
+}
+
+/// Cancels a live code's queued tasks `BULK_CHUNK` at a time, each chunk a transaction of its
+/// own, so that no transaction holds the locks of a whole backlog's rows (nor bloats one
+/// snapshot's work). Stops when a chunk finds fewer than that; the caller's last transaction
+/// (`cancel_code_tasks`) cancels what was queued meanwhile. Returns how many it cancelled.
+pub(super) async fn cancel_queued_in_chunks(
+    store: &PgStore,
+    project_id: &str,
+    code_id: &str,
+    now: Timestamp,
+) -> Result<u64> {
+    let mut cancelled = 0;
+    loop {
+        let mut tx = store.pool.begin().await?;
+        let result: Result<_> = async {
+            codes::ensure(&mut tx, project_id, code_id).await?;
+            cancel_queued(&mut tx, code_id, now, Some(BULK_CHUNK)).await
+        }
+        .await;
+        let chunk = finish(tx, result).await?;
+        cancelled += chunk;
+        if chunk < BULK_CHUNK.unsigned_abs() {
+            return Ok(cancelled);
+        }
+    }
 }
 
 pub(super) async fn set_progress(
@@ -379,18 +408,7 @@ pub(super) async fn cancel_code_tasks(
         .fetch_optional(&mut *conn)
         .await?
         .ok_or_else(|| StoreError::not_found(format!("code {code_id}")))?;
-    let cancelled = transition(TaskStatus::Queued, &Event::Cancelled)?;
-    let queued = sqlx::query(
-        "UPDATE tasks SET status = $1, end_time = $2, updated_at = $2, msg = $3, \
-         version = version + 1 WHERE code_id = $4 AND status = $5",
-    )
-    .bind(cancelled.as_str())
-    .bind(micros(now))
-    .bind(TaskOutcome::Cancelled.message())
-    .bind(code_id)
-    .bind(TaskStatus::Queued.as_str())
-    .execute(&mut *conn)
-    .await?;
+    let queued = cancel_queued(&mut *conn, code_id, now, None).await?;
     let leased = sqlx::query(
         "UPDATE tasks SET cancel_requested = TRUE, updated_at = $1, version = version + 1 \
          WHERE code_id = $2 AND status IN ($3, $4) AND NOT cancel_requested",
@@ -403,9 +421,33 @@ pub(super) async fn cancel_code_tasks(
     .await?;
     Ok(CodeCancellation {
         code_name,
-        cancelled: queued.rows_affected(),
+        cancelled: queued,
         cancel_requested: leased.rows_affected(),
     })
+}
+
+/// Cancels up to `limit` queued tasks of a code (all without one); returns how many.
+async fn cancel_queued(
+    conn: &mut PgConnection,
+    code_id: &str,
+    now: Timestamp,
+    limit: Option<i64>,
+) -> Result<u64> {
+    let cancelled = transition(TaskStatus::Queued, &Event::Cancelled)?;
+    let written = sqlx::query(
+        "UPDATE tasks SET status = $1, end_time = $2, updated_at = $2, msg = $3, \
+         version = version + 1 WHERE status = $5 AND id IN (SELECT id FROM tasks \
+         WHERE code_id = $4 AND status = $5 LIMIT $6)",
+    )
+    .bind(cancelled.as_str())
+    .bind(micros(now))
+    .bind(TaskOutcome::Cancelled.message())
+    .bind(code_id)
+    .bind(TaskStatus::Queued.as_str())
+    .bind(limit)
+    .execute(&mut *conn)
+    .await?;
+    Ok(written.rows_affected())
 }
 
 /// Wakes every listening server's lease loop once this transaction commits (PostgreSQL

@@ -279,6 +279,10 @@ pub(super) async fn delete(
     now: Timestamp,
 ) -> Result<CodeCancellation> {
     let now = normalize(now);
+    // The backlog first, in chunks, while the code is live; then, in one transaction, the
+    // code, what was queued meanwhile, its leased tasks and schedules. Stopped half-way, the
+    // code is still there, with fewer queued tasks, and a second delete finishes it.
+    let chunked = tasks::cancel_queued_in_chunks(store, project_id, code_id, now).await?;
     let mut writer = store.writer().await?;
     let mut tx = writer.conn.begin_with(BEGIN_WRITE).await?;
     ensure(&mut tx, project_id, code_id).await?;
@@ -287,7 +291,8 @@ pub(super) async fn delete(
         .bind(code_id)
         .execute(&mut *tx)
         .await?;
-    let cancellation = tasks::cancel_code_tasks(&mut tx, code_id, now).await?;
+    let mut cancellation = tasks::cancel_code_tasks(&mut tx, code_id, now).await?;
+    cancellation.cancelled += chunked;
     // A schedule of a deleted code could only ever fail to fire.
     sqlx::query(
         "UPDATE schedules SET status = ?1, next_start = NULL, updated_at = ?2 \

@@ -1,39 +1,72 @@
 //! The task counts behind the metrics gauges.
+//!
+//! They are read from `task_counts`, which triggers keep in the same transaction as every
+//! change of a task's status or priority (migration 0008), so a scrape reads a few rows
+//! whatever the number of tasks. Only the queued tasks that are not due yet are counted, apart
+//! (through `tasks_queued`, one range per priority): usually few.
 
-use sqlx::Row;
+use sqlx::{Connection, Row};
 use stevedore_model::Timestamp;
+use stevedore_model::limits::MAX_PRIORITY;
 
 use super::SqliteStore;
 use crate::convert::{micros, status, unsigned};
 use crate::{Result, StoreGauges};
 
+/// Queued tasks not due yet at `?1`, by priority.
+macro_rules! queued_later_of_priority {
+    ($priority:literal) => {
+        concat!(
+            "SELECT ",
+            $priority,
+            " AS priority, COUNT(*) AS n FROM tasks \
+             WHERE status = 'queued' AND priority = ",
+            $priority,
+            " AND due_at > ?1"
+        )
+    };
+}
+
+const QUEUED_LATER: &str = concat!(
+    queued_later_of_priority!("2"),
+    " UNION ALL ",
+    queued_later_of_priority!("1"),
+    " UNION ALL ",
+    queued_later_of_priority!("0"),
+);
+
+const _: () = assert!(MAX_PRIORITY == 2, "QUEUED_LATER lists every priority");
+
 pub(super) async fn gauges(store: &SqliteStore, now: Timestamp) -> Result<StoreGauges> {
     let mut conn = store.readers.acquire().await?;
-    let status_rows = sqlx::query(
-        "SELECT status, COUNT(*) AS n FROM tasks \
-         WHERE status IN ('queued', 'preparing', 'running') GROUP BY status",
+    // One read transaction: both reads see the same snapshot.
+    let mut tx = conn.begin().await?;
+    let count_rows = sqlx::query(
+        "SELECT status, priority, n FROM task_counts \
+         WHERE status IN ('queued', 'preparing', 'running')",
     )
-    .fetch_all(&mut *conn)
+    .fetch_all(&mut *tx)
     .await?;
-    let mut by_status = Vec::with_capacity(status_rows.len());
-    for row in &status_rows {
+    let later_rows = sqlx::query(QUEUED_LATER)
+        .bind(micros(now))
+        .fetch_all(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    let mut counts = Vec::with_capacity(count_rows.len());
+    for row in &count_rows {
         let text: String = row.try_get("status")?;
-        by_status.push((status(&text)?, unsigned("n", row.try_get("n")?)?));
-    }
-    let depth_rows = sqlx::query(
-        "SELECT priority, COUNT(*) AS n FROM tasks \
-         WHERE status = 'queued' AND due_at <= ?1 GROUP BY priority",
-    )
-    .bind(micros(now))
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut queue_depth = Vec::with_capacity(depth_rows.len());
-    for row in &depth_rows {
-        let priority: i64 = row.try_get("priority")?;
-        queue_depth.push((
-            unsigned("priority", priority)?,
+        counts.push((
+            status(&text)?,
+            unsigned("priority", row.try_get("priority")?)?,
             unsigned("n", row.try_get("n")?)?,
         ));
     }
-    Ok(StoreGauges::from_counts(&by_status, &queue_depth))
+    let mut queued_later = Vec::with_capacity(later_rows.len());
+    for row in &later_rows {
+        queued_later.push((
+            unsigned("priority", row.try_get("priority")?)?,
+            unsigned("n", row.try_get("n")?)?,
+        ));
+    }
+    Ok(StoreGauges::from_task_counts(&counts, &queued_later))
 }

@@ -14,54 +14,125 @@ use super::rows::{self, micros, task_columns, to_json};
 use super::tasks;
 use super::writer::{RetryCheck, Writer};
 use super::{BEGIN_WRITE, SqliteStore};
-use crate::record::{ConcurrencySlots, TaskRecord, normalize, normalize_report};
+use crate::record::{
+    ConcurrencySlots, FairShare, Next, ProjectTurn, TaskRecord, normalize, normalize_report,
+    served_turns,
+};
 use crate::{
     HeartbeatReply, Lease, LeaseRequest, LeasedTask, Requeue, RescuedTask, Result, RunReport,
     StoreError,
 };
 
-/// The least number of candidates the lease query fetches per priority, so that a few tasks of
-/// a full code do not cost a query each.
-const MIN_CANDIDATES: usize = 16;
-
-/// Due queued tasks of runnable codes in the runner's clusters, best first: up to `?5` of each
-/// priority, each walked through the partial index `tasks_queued` by due time (one range per
-/// priority, so tasks that are not due yet are never read). `?3` lists codes at their
-/// `max_concurrency`, `?4` tasks already picked in this call. `?6` is the request's owner: a
-/// project's runner gets only that project's tasks; the operator's runners get none of a
-/// project that owns a cluster of the task's cluster name (scoped names: see `clusters`).
-macro_rules! lease_candidates_of_priority {
-    ($priority:literal) => {
+/// The filter every lease candidate `t` (of code `c`) passes, whatever its priority and
+/// project: due by `$now`, of a runnable code, in one of the clusters of the JSON array
+/// `$clusters`, and visible to the request's owner `$owner`: a project's runner gets only that
+/// project's tasks; the operator's runners get none of a project that owns a cluster of the
+/// task's cluster name (scoped names: see `clusters`).
+macro_rules! runnable_due_task {
+    ($now:literal, $clusters:literal, $owner:literal) => {
         concat!(
-            "SELECT * FROM (SELECT ",
-            task_columns!(),
-            ", t.priority, t.due_at, t.id, c.max_concurrency AS code_max_concurrency \
-             FROM tasks AS t CROSS JOIN codes AS c \
-             WHERE t.status = 'queued' AND t.priority = ",
-            $priority,
-            " AND t.due_at <= ?1 AND c.id = t.code_id AND c.paused = 0 AND c.deleted_at IS NULL \
-             AND t.cluster IN (SELECT value FROM json_each(?2)) \
-             AND (CASE WHEN ?6 IS NULL THEN NOT EXISTS (SELECT 1 FROM clusters AS k \
-                  WHERE k.project_id = t.project_id AND k.name = t.cluster) \
-                  ELSE t.project_id = ?6 END) \
-             AND t.code_id NOT IN (SELECT value FROM json_each(?3)) \
-             AND t.id NOT IN (SELECT value FROM json_each(?4)) \
-             ORDER BY t.due_at, t.id LIMIT ?5)"
+            "t.due_at <= ",
+            $now,
+            " AND c.id = t.code_id AND c.paused = 0 AND c.deleted_at IS NULL \
+             AND t.cluster IN (SELECT value FROM json_each(",
+            $clusters,
+            ")) AND (CASE WHEN ",
+            $owner,
+            " IS NULL THEN NOT EXISTS (SELECT 1 FROM clusters AS k \
+             WHERE k.project_id = t.project_id AND k.name = t.cluster) ELSE t.project_id = ",
+            $owner,
+            " END)"
         )
     };
 }
 
-/// The priorities are `0..=MAX_PRIORITY`; validation keeps tasks inside them. The caller sorts
-/// the few rows (sorting them in SQL copied every task's JSON into a temporary b-tree).
-const LEASE_CANDIDATES: &str = concat!(
-    lease_candidates_of_priority!("2"),
+/// The projects with queued tasks of one priority, one seek each through the partial index
+/// `tasks_queued_by_project` (a loose index scan: each step asks for the next project id);
+/// only the owner's with `?3`.
+macro_rules! projects_queued_at_priority {
+    ($priority:literal) => {
+        concat!(
+            "waiting_",
+            $priority,
+            " (project_id) AS (SELECT COALESCE(?3, (SELECT t.project_id FROM tasks AS t \
+             WHERE t.status = 'queued' AND t.priority = ",
+            $priority,
+            " ORDER BY t.project_id LIMIT 1)) UNION ALL SELECT (SELECT t.project_id FROM tasks AS t \
+             WHERE t.status = 'queued' AND t.priority = ",
+            $priority,
+            " AND t.project_id > w.project_id ORDER BY t.project_id LIMIT 1) FROM waiting_",
+            $priority,
+            " AS w WHERE w.project_id IS NOT NULL AND ?3 IS NULL)"
+        )
+    };
+}
+
+/// Of those projects, the ones with a runnable due task, with their last turn and when their
+/// earliest such task became due.
+macro_rules! projects_with_due_work_of_priority {
+    ($priority:literal) => {
+        concat!(
+            "SELECT * FROM (SELECT ",
+            $priority,
+            " AS priority, w.project_id, COALESCE(l.turn, 0) AS turn, \
+             (SELECT t.due_at FROM tasks AS t CROSS JOIN codes AS c WHERE t.status = 'queued' \
+             AND t.priority = ",
+            $priority,
+            " AND t.project_id = w.project_id AND ",
+            runnable_due_task!("?1", "?2", "?3"),
+            " ORDER BY t.due_at LIMIT 1) AS first_due FROM waiting_",
+            $priority,
+            " AS w LEFT JOIN project_lease_turns AS l ON l.project_id = w.project_id \
+             WHERE w.project_id IS NOT NULL) WHERE first_due IS NOT NULL"
+        )
+    };
+}
+
+/// The projects with runnable due tasks at each priority (`record::ProjectTurn`): `?1` is now,
+/// `?2` the runner's clusters, `?3` the request's owner. The priorities are `0..=MAX_PRIORITY`;
+/// validation keeps tasks inside them.
+const PROJECTS_WITH_DUE_WORK: &str = concat!(
+    "WITH RECURSIVE ",
+    projects_queued_at_priority!("2"),
+    ", ",
+    projects_queued_at_priority!("1"),
+    ", ",
+    projects_queued_at_priority!("0"),
+    " ",
+    projects_with_due_work_of_priority!("2"),
     " UNION ALL ",
-    lease_candidates_of_priority!("1"),
+    projects_with_due_work_of_priority!("1"),
     " UNION ALL ",
-    lease_candidates_of_priority!("0"),
+    projects_with_due_work_of_priority!("0"),
 );
 
-const _: () = assert!(MAX_PRIORITY == 2, "LEASE_CANDIDATES lists every priority");
+const _: () = assert!(
+    MAX_PRIORITY == 2,
+    "PROJECTS_WITH_DUE_WORK lists every priority"
+);
+
+/// Lease candidates of priority `?7`: up to `?5` runnable due tasks of each project of the
+/// JSON array `?8`, each project's walked by due time through `tasks_queued_by_project`, in
+/// the order of `?8`. `?3` lists codes at their `max_concurrency`, `?4` tasks already picked
+/// in this call.
+const LEASE_CANDIDATES: &str = concat!(
+    "SELECT ",
+    task_columns!(),
+    ", c.max_concurrency AS code_max_concurrency FROM json_each(?8) AS w \
+     JOIN tasks AS t ON t.id IN (SELECT t.id FROM tasks AS t CROSS JOIN codes AS c \
+     WHERE t.status = 'queued' AND t.priority = ?7 AND t.project_id = w.value AND ",
+    runnable_due_task!("?1", "?2", "?6"),
+    " AND t.code_id NOT IN (SELECT value FROM json_each(?3)) \
+     AND t.id NOT IN (SELECT value FROM json_each(?4)) ORDER BY t.due_at, t.id LIMIT ?5) \
+     JOIN codes AS c ON c.id = t.code_id ORDER BY w.key, t.due_at, t.id"
+);
+
+/// Records the turns of the projects a lease served: the JSON array `?1`, in order, each a
+/// turn later than every turn before.
+const RECORD_TURNS: &str = "INSERT INTO project_lease_turns (project_id, turn) \
+     SELECT value, (SELECT COALESCE(MAX(turn), 0) FROM project_lease_turns) + key + 1 \
+     FROM json_each(?1) WHERE true \
+     ON CONFLICT (project_id) DO UPDATE SET turn = excluded.turn";
 
 pub(super) async fn lease(
     store: &SqliteStore,
@@ -221,11 +292,13 @@ pub(super) async fn rescue_expired(
 
 /// The lease transaction's body; the caller holds the write transaction.
 ///
-/// Walks the due queued tasks one priority at a time (highest first), earliest due first,
-/// through the partial index `tasks_queued`, skipping paused and deleted codes and other
-/// clusters in SQL. `max_concurrency` is counted here: a code's active tasks are counted once
-/// per call, the tasks picked in this call are added, and a code that is full is excluded
-/// from the next query. Each task gets a random token (`TaskRecord::grant_leases`).
+/// Hands out due queued tasks priority by priority (highest first) and, within a priority,
+/// in turns between the projects with due work (`record::FairShare`), each project's tasks
+/// earliest due first, through the partial index `tasks_queued_by_project`, skipping paused
+/// and deleted codes and other clusters in SQL. `max_concurrency` is counted here: a code's
+/// active tasks are counted once per call, the tasks picked in this call are added, and a code
+/// that is full is excluded from the next query. Each task gets a random token
+/// (`TaskRecord::grant_leases`); each project served gets a new turn.
 /// Returns the leased tasks and their records as written, for the lease cache.
 async fn lease_due_tasks(
     conn: &mut SqliteConnection,
@@ -235,64 +308,58 @@ async fn lease_due_tasks(
 ) -> Result<(Vec<LeasedTask>, Vec<TaskRecord>)> {
     let max_tasks = usize::try_from(request.max_tasks).unwrap_or(usize::MAX);
     let clusters = to_json(&request.clusters)?;
+    let owner = request.owner.as_deref();
+    let projects = projects_with_due_work(conn, &clusters, owner, now).await?;
+    let mut share = FairShare::new(projects);
     let mut picked: Vec<TaskRecord> = Vec::with_capacity(max_tasks.min(1024));
     let mut slots = ConcurrencySlots::default();
-    loop {
-        let wanted = max_tasks - picked.len();
-        let fetch = wanted.max(MIN_CANDIDATES);
-        let picked_ids: Vec<&str> = picked
-            .iter()
-            .map(|record| record.task.id.as_str())
-            .collect();
-        let candidates = sqlx::query(LEASE_CANDIDATES)
-            .bind(micros(now))
-            .bind(&clusters)
-            .bind(to_json(&slots.full())?)
-            .bind(to_json(&picked_ids)?)
-            .bind(i64::try_from(fetch).unwrap_or(i64::MAX))
-            .bind(request.owner.as_deref())
-            .fetch_all(&mut *conn)
-            .await?;
-        let mut candidates = candidates
-            .iter()
-            .map(|row| {
-                Ok((
-                    rows::task_record(row)?,
-                    row.try_get::<Option<i64>, _>("code_max_concurrency")?,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        candidates.sort_by(|(a, _), (b, _)| {
-            (b.task.priority, a.task.due_at, &a.task.id).cmp(&(
-                a.task.priority,
-                b.task.due_at,
-                &b.task.id,
-            ))
-        });
-        // A priority that filled its share of the answer may hold more due tasks.
-        let mut per_priority = [0_usize; MAX_PRIORITY as usize + 1];
-        for (record, limit) in candidates {
-            if let Some(count) = per_priority.get_mut(usize::from(record.task.priority)) {
-                *count += 1;
+    while picked.len() < max_tasks {
+        match share.next(max_tasks - picked.len()) {
+            Next::Done => break,
+            Next::Fetch(plan) => {
+                let picked_ids: Vec<&str> = picked
+                    .iter()
+                    .map(|record| record.task.id.as_str())
+                    .collect();
+                let candidates = sqlx::query(LEASE_CANDIDATES)
+                    .bind(micros(now))
+                    .bind(&clusters)
+                    .bind(to_json(&slots.full())?)
+                    .bind(to_json(&picked_ids)?)
+                    .bind(i64::try_from(plan.per_project).unwrap_or(i64::MAX))
+                    .bind(owner)
+                    .bind(i64::from(plan.priority))
+                    .bind(to_json(&plan.projects)?)
+                    .fetch_all(&mut *conn)
+                    .await?;
+                let candidates = candidates
+                    .iter()
+                    .map(|row| {
+                        Ok((
+                            rows::task_record(row)?,
+                            row.try_get::<Option<i64>, _>("code_max_concurrency")?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                share.refill(&plan, candidates)?;
             }
-            let code_id = record.task.code_id.as_str();
-            let free = async |limit| free_slots(conn, code_id, limit).await;
-            if slots.take(code_id, limit, free).await? {
-                picked.push(record);
-                if picked.len() == max_tasks {
-                    break;
+            Next::Candidate(candidate) => {
+                let (record, limit) = *candidate;
+                let code_id = record.task.code_id.as_str();
+                let free = async |limit| free_slots(conn, code_id, limit).await;
+                if slots.take(code_id, limit, free).await? {
+                    picked.push(record);
                 }
             }
-        }
-        // Every candidate was either picked or belongs to a code that is full now and excluded
-        // from the next query, so each round makes progress.
-        if picked.len() == max_tasks || per_priority.iter().all(|count| *count < fetch) {
-            break;
         }
     }
     if picked.is_empty() {
         return Ok((Vec::new(), Vec::new()));
     }
+    sqlx::query(RECORD_TURNS)
+        .bind(to_json(&served_turns(&picked))?)
+        .execute(&mut *conn)
+        .await?;
 
     let expires_at = now + Duration::seconds(i64::from(request.lease_secs));
     TaskRecord::grant_leases(&mut picked, &request.runner_id, expires_at, now)?;
@@ -322,6 +389,33 @@ async fn lease_due_tasks(
         });
     }
     Ok((leased, picked))
+}
+
+/// The projects with runnable due tasks at each priority, for `FairShare`.
+async fn projects_with_due_work(
+    conn: &mut SqliteConnection,
+    clusters: &str,
+    owner: Option<&str>,
+    now: Timestamp,
+) -> Result<Vec<ProjectTurn>> {
+    let rows = sqlx::query(PROJECTS_WITH_DUE_WORK)
+        .bind(micros(now))
+        .bind(clusters)
+        .bind(owner)
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter()
+        .map(|row| {
+            let priority: i64 = row.try_get("priority")?;
+            Ok(ProjectTurn {
+                priority: u8::try_from(priority)
+                    .map_err(|_| StoreError::Corrupt(format!("priority {priority}")))?,
+                project_id: row.try_get("project_id")?,
+                turn: row.try_get("turn")?,
+                first_due: row.try_get("first_due")?,
+            })
+        })
+        .collect()
 }
 
 /// Writes a batch of fresh leases in one statement: the fields `TaskRecord::grant_lease`

@@ -15,7 +15,7 @@ use super::quotas;
 use super::rows::{self, micros, opt_micros, opt_signed, signed, task_columns, to_json};
 use super::{BEGIN_WRITE, SqliteStore};
 use crate::convert::limit_offset;
-use crate::record::{TaskRecord, normalize, queued_task_of_code};
+use crate::record::{BULK_CHUNK, TaskRecord, normalize, queued_task_of_code};
 use crate::{CodeCancellation, Page, Result, StoreError, TaskFilter};
 
 pub(super) async fn enqueue(
@@ -118,12 +118,40 @@ pub(super) async fn cancel_all(
     now: Timestamp,
 ) -> Result<CodeCancellation> {
     let now = normalize(now);
+    let chunked = cancel_queued_in_chunks(store, project_id, code_id, now).await?;
     let mut writer = store.writer().await?;
     let mut tx = writer.conn.begin_with(BEGIN_WRITE).await?;
     codes::ensure(&mut tx, project_id, code_id).await?;
-    let cancellation = cancel_code_tasks(&mut tx, code_id, now).await?;
+    let mut cancellation = cancel_code_tasks(&mut tx, code_id, now).await?;
     tx.commit().await?;
+    cancellation.cancelled += chunked;
     Ok(cancellation)
+}
+
+/// Cancels a live code's queued tasks `BULK_CHUNK` at a time, each chunk a write transaction
+/// of its own that takes the writer anew, so that other writes wait for one chunk at most,
+/// never for the whole backlog. Stops when a chunk finds fewer than that; the caller's last
+/// transaction (`cancel_code_tasks`) cancels what was queued meanwhile. Returns how many it
+/// cancelled.
+pub(super) async fn cancel_queued_in_chunks(
+    store: &SqliteStore,
+    project_id: &str,
+    code_id: &str,
+    now: Timestamp,
+) -> Result<u64> {
+    let mut cancelled = 0;
+    loop {
+        let mut writer = store.writer().await?;
+        let mut tx = writer.conn.begin_with(BEGIN_WRITE).await?;
+        codes::ensure(&mut tx, project_id, code_id).await?;
+        let chunk = cancel_queued(&mut tx, code_id, now, BULK_CHUNK).await?;
+        tx.commit().await?;
+        drop(writer);
+        cancelled += chunk;
+        if chunk < BULK_CHUNK.unsigned_abs() {
+            return Ok(cancelled);
+        }
+    }
 }
 
 pub(super) async fn set_progress(
@@ -386,18 +414,7 @@ pub(super) async fn cancel_code_tasks(
         .fetch_optional(&mut *conn)
         .await?
         .ok_or_else(|| StoreError::not_found(format!("code {code_id}")))?;
-    let cancelled = transition(TaskStatus::Queued, &Event::Cancelled)?;
-    let queued = sqlx::query(
-        "UPDATE tasks SET status = ?1, end_time = ?2, updated_at = ?2, msg = ?3, version = version + 1 \
-         WHERE code_id = ?4 AND status = ?5",
-    )
-    .bind(cancelled.as_str())
-    .bind(micros(now))
-    .bind(TaskOutcome::Cancelled.message())
-    .bind(code_id)
-    .bind(TaskStatus::Queued.as_str())
-    .execute(&mut *conn)
-    .await?;
+    let queued = cancel_queued(&mut *conn, code_id, now, -1).await?;
     let leased = sqlx::query(
         "UPDATE tasks SET cancel_requested = 1, updated_at = ?1, version = version + 1 \
          WHERE status IN (?3, ?4) AND code_id = ?2 AND cancel_requested = 0",
@@ -410,7 +427,31 @@ pub(super) async fn cancel_code_tasks(
     .await?;
     Ok(CodeCancellation {
         code_name,
-        cancelled: queued.rows_affected(),
+        cancelled: queued,
         cancel_requested: leased.rows_affected(),
     })
+}
+
+/// Cancels up to `limit` queued tasks of a code (all with a negative `limit`), in the order of
+/// the index on (status, code); returns how many.
+async fn cancel_queued(
+    conn: &mut SqliteConnection,
+    code_id: &str,
+    now: Timestamp,
+    limit: i64,
+) -> Result<u64> {
+    let cancelled = transition(TaskStatus::Queued, &Event::Cancelled)?;
+    let written = sqlx::query(
+        "UPDATE tasks SET status = ?1, end_time = ?2, updated_at = ?2, msg = ?3, version = version + 1 \
+         WHERE id IN (SELECT id FROM tasks WHERE status = ?5 AND code_id = ?4 LIMIT ?6)",
+    )
+    .bind(cancelled.as_str())
+    .bind(micros(now))
+    .bind(TaskOutcome::Cancelled.message())
+    .bind(code_id)
+    .bind(TaskStatus::Queued.as_str())
+    .bind(limit)
+    .execute(&mut *conn)
+    .await?;
+    Ok(written.rows_affected())
 }

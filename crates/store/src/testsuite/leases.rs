@@ -738,3 +738,95 @@ pub async fn heartbeat_extends_the_lease(store: &dyn Store) -> Result<()> {
     );
     Ok(())
 }
+
+/// Issue 15: a project's backlog does not hold back another project's task of the same
+/// priority. Both projects are new, so the one whose task is due first starts.
+pub async fn a_projects_backlog_does_not_starve_another_projects_task(
+    store: &dyn Store,
+) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let other = project(store, "other").await?;
+    store
+        .push_code(&other.id, &image_spec("hello"), None, at(0))
+        .await?;
+    let backlog = store
+        .enqueue(&acme.id, &vec![new_task("hello"); 50], at(1))
+        .await?;
+    let single = enqueue_one(store, &other.id, new_task("hello"), at(2)).await?;
+    let leased = ids(&store.lease(&lease_request("runner-1", 10), at(3)).await?);
+    assert_eq!(leased.len(), 10);
+    assert_eq!(leased[..2], [backlog[0].id.clone(), single]);
+    // The rest of the lease is the backlog's, by due time.
+    let expected: Vec<String> = backlog[1..9].iter().map(|task| task.id.clone()).collect();
+    assert_eq!(leased[2..], expected[..]);
+
+    // Once acme was served, a task the other project queues goes first.
+    let next = enqueue_one(store, &other.id, new_task("hello"), at(4)).await?;
+    assert_eq!(
+        ids(&store.lease(&lease_request("runner-1", 3), at(5)).await?)[0],
+        next
+    );
+    Ok(())
+}
+
+pub async fn successive_leases_alternate_between_projects(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let other = project(store, "other").await?;
+    store
+        .push_code(&other.id, &image_spec("hello"), None, at(0))
+        .await?;
+    store
+        .enqueue(&acme.id, &vec![new_task("hello"); 5], at(1))
+        .await?;
+    store
+        .enqueue(&other.id, &vec![new_task("hello"); 2], at(2))
+        .await?;
+    let mut projects = Vec::new();
+    for second in 0..7 {
+        let leased = lease_one(store, at(10 + second)).await?;
+        projects.push(if leased.task.project_id == acme.id {
+            "acme"
+        } else {
+            "other"
+        });
+    }
+    assert_eq!(
+        projects,
+        ["acme", "other", "acme", "other", "acme", "acme", "acme"]
+    );
+    Ok(())
+}
+
+pub async fn priorities_win_over_fair_share(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let other = project(store, "other").await?;
+    store
+        .push_code(&other.id, &image_spec("hello"), None, at(0))
+        .await?;
+    let urgent = |priority| NewTask {
+        priority,
+        ..new_task("hello")
+    };
+    // The other project waits longest and was never served, but its task is of priority 0.
+    let low = enqueue_one(store, &other.id, urgent(0), at(1)).await?;
+    let high = store.enqueue(&acme.id, &vec![urgent(2); 3], at(2)).await?;
+    let middle = enqueue_one(store, &other.id, urgent(1), at(3)).await?;
+    let leased = ids(&store.lease(&lease_request("runner-1", 10), at(4)).await?);
+    let mut expected: Vec<String> = high.iter().map(|task| task.id.clone()).collect();
+    expected.extend([middle, low]);
+    assert_eq!(leased, expected);
+
+    // Within priority 2, the projects alternate again.
+    let acme_again = store.enqueue(&acme.id, &vec![urgent(2); 2], at(5)).await?;
+    let other_again = store.enqueue(&other.id, &vec![urgent(2); 2], at(6)).await?;
+    assert_eq!(
+        ids(&store.lease(&lease_request("runner-1", 4), at(7)).await?),
+        vec![
+            acme_again[0].id.clone(),
+            other_again[0].id.clone(),
+            acme_again[1].id.clone(),
+            other_again[1].id.clone(),
+        ]
+    );
+    Ok(())
+}
