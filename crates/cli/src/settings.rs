@@ -18,6 +18,10 @@ use stevedore_runner::{PublishedApi, RunnerConfig, TaskNetworkConfig};
 use stevedore_server::ServerConfig;
 use stevedore_store::{PgOptions, SqliteOptions, SyncMode};
 
+/// The CPUs `serve` keeps from its embedded runner's tasks for the API and the store, unless
+/// `runner.reserve_cpus` says otherwise.
+pub const SERVE_RESERVE_CPUS: f64 = 0.5;
+
 /// Everything configurable, as read from files and the environment.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Settings {
@@ -148,6 +152,12 @@ pub struct RunnerSettings {
     /// Infrastructure failures of one task before it ends `error`.
     pub max_infra_attempts: u32,
     pub pids_limit: Option<u64>,
+    /// The CPU limit of a task whose code sets no `cpus`; 0 leaves such tasks unlimited.
+    pub default_cpus: f64,
+    /// CPUs kept from the tasks for the API and the store: all task containers together get
+    /// the engine's cores less this. Absent: half a core in `serve`, none in `runner` and
+    /// `run`, which serve no API.
+    pub reserve_cpus: Option<f64>,
     /// Run even when the engine cannot enforce memory limits (not recommended).
     pub allow_unlimited_memory: bool,
     /// Credentials for pulling from private registries.
@@ -311,6 +321,8 @@ impl Default for RunnerSettings {
             shutdown_grace_secs: defaults.shutdown_grace.as_secs(),
             max_infra_attempts: defaults.max_infra_attempts,
             pids_limit: defaults.pids_limit,
+            default_cpus: defaults.default_cpus.unwrap_or(0.0),
+            reserve_cpus: None,
             allow_unlimited_memory: defaults.allow_unlimited_memory,
             registries: Vec::new(),
         }
@@ -329,6 +341,8 @@ impl RunnerSettings {
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
             max_infra_attempts: self.max_infra_attempts,
             pids_limit: self.pids_limit,
+            default_cpus: (self.default_cpus > 0.0).then_some(self.default_cpus),
+            reserve_cpus: self.reserve_cpus.unwrap_or(0.0),
             allow_unlimited_memory: self.allow_unlimited_memory,
             stacks: stacks.clone(),
             registry_auth: self
@@ -432,6 +446,17 @@ impl Settings {
             config.registry_auth.insert(0, registry.auth());
         }
         config.network = self.task_network.config()?;
+        Ok(config)
+    }
+
+    /// The configuration of the runner embedded in `serve`: [`Settings::runner_config`],
+    /// keeping [`SERVE_RESERVE_CPUS`] for the API and the store unless `runner.reserve_cpus`
+    /// says otherwise.
+    pub fn embedded_runner_config(&self, stacks: &StackTable) -> anyhow::Result<RunnerConfig> {
+        let mut config = self.runner_config(stacks)?;
+        if self.runner.reserve_cpus.is_none() {
+            config.reserve_cpus = SERVE_RESERVE_CPUS;
+        }
         Ok(config)
     }
 

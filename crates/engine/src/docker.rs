@@ -10,13 +10,14 @@ use bollard::Docker;
 use bollard::auth::DockerCredentials;
 use bollard::container::LogOutput;
 use bollard::models::{
-    ContainerCreateBody, ContainerStatsResponse, HostConfig, Ipam, IpamConfig,
-    NetworkCreateRequest, NetworkInspect, ProgressDetail, SystemInfo, SystemVersion,
+    ContainerCreateBody, ContainerStatsResponse, HostConfig, HostConfigLogConfig, Ipam, IpamConfig,
+    NetworkCreateRequest, NetworkInspect, ProgressDetail, SystemInfo, SystemInfoCgroupVersionEnum,
+    SystemVersion,
 };
 use bollard::query_parameters::{
-    BuildImageOptions, BuildImageOptionsBuilder, CreateContainerOptionsBuilder,
-    CreateImageOptionsBuilder, InspectContainerOptions, KillContainerOptionsBuilder,
-    ListContainersOptionsBuilder, LogsOptionsBuilder, PushImageOptionsBuilder,
+    AttachContainerOptionsBuilder, BuildImageOptions, BuildImageOptionsBuilder,
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, InspectContainerOptions,
+    KillContainerOptionsBuilder, ListContainersOptionsBuilder, PushImageOptionsBuilder,
     RemoveContainerOptionsBuilder, RemoveImageOptions, StartContainerOptions, StatsOptionsBuilder,
     TagImageOptionsBuilder, UploadToContainerOptionsBuilder, WaitContainerOptions,
 };
@@ -28,6 +29,7 @@ use tokio::sync::broadcast;
 use crate::archive::task_files_archive;
 use crate::build::{BuildProgress, BuildRequest, BuiltImage, OutputLines};
 use crate::context::{ContextPlan, plan_context, stream_context};
+use crate::cpu_group;
 use crate::engine::{
     ContainerRuntime, EngineCapabilities, ExitStatus, ImageBuilder, ImagePresence, ImageStore,
     LocalImage, LogChunk, LogChunkStream, OutputStream, PullProgress, PullProgressSender,
@@ -42,6 +44,9 @@ use crate::spec::{ContainerId, ContainerSpec};
 /// Docker's bridge driver options a task network is created with, and checked for.
 const BRIDGE_NAME_OPTION: &str = "com.docker.network.bridge.name";
 const ICC_OPTION: &str = "com.docker.network.bridge.enable_icc";
+
+/// The log driver of task containers: none, see `create_body`.
+const NO_ENGINE_LOG: &str = "none";
 
 /// The exit code of a process killed by SIGKILL, as an OOM kill leaves it.
 const SIGKILL_EXIT_CODE: i64 = 137;
@@ -235,16 +240,26 @@ impl ContainerRuntime for DockerEngine {
         }
     }
 
-    fn logs(&self, id: &ContainerId) -> LogChunkStream {
-        let options = LogsOptionsBuilder::new()
-            .follow(true)
+    async fn attach(&self, id: &ContainerId) -> Result<LogChunkStream, EngineError> {
+        let options = AttachContainerOptionsBuilder::new()
+            .stream(true)
             .stdout(true)
             .stderr(true)
+            .logs(false)
             .build();
         let container = id.as_str().to_owned();
-        self.docker
-            .logs(id.as_str(), Some(options))
+        let attached = self
+            .docker
+            .attach_container(id.as_str(), Some(options))
+            .await
+            .map_err(|error| EngineError::from_bollard(error, Subject::Container(&container)))?;
+        // The connection's writing half stays open with the stream: the engine reads no
+        // input (stdin is not attached), but the attachment lasts as long as the reader.
+        let input = attached.input;
+        Ok(attached
+            .output
             .filter_map(move |item| {
+                let _attached = &input;
                 ready(match item {
                     Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => {
                         Some(Ok(LogChunk {
@@ -263,7 +278,7 @@ impl ContainerRuntime for DockerEngine {
                     ))),
                 })
             })
-            .boxed()
+            .boxed())
     }
 
     async fn wait(&self, id: &ContainerId) -> Result<ExitStatus, EngineError> {
@@ -389,6 +404,23 @@ impl ContainerRuntime for DockerEngine {
             .into_iter()
             .filter_map(|container| container.id.map(ContainerId::new))
             .collect())
+    }
+
+    async fn ensure_cpu_group(&self, name: &str, nano_cpus: u64) -> Result<(), EngineError> {
+        let info = self
+            .docker
+            .info()
+            .await
+            .map_err(|error| EngineError::from_bollard(error, Subject::Engine))?;
+        let hierarchy = match info.cgroup_version {
+            Some(SystemInfoCgroupVersionEnum::_2) => cpu_group::Hierarchy::V2,
+            _ => cpu_group::Hierarchy::V1,
+        };
+        let driver = info
+            .cgroup_driver
+            .map(|driver| driver.to_string())
+            .unwrap_or_default();
+        cpu_group::ensure(name, nano_cpus, hierarchy, &driver).await
     }
 
     async fn inspect_network(&self, name: &str) -> Result<Option<NetworkInfo>, EngineError> {
@@ -838,10 +870,18 @@ fn create_body(spec: &ContainerSpec) -> Result<ContainerCreateBody, EngineError>
         memory_swap: memory,
         nano_cpus: as_engine_integer(spec.nano_cpus)?,
         pids_limit: as_engine_integer(spec.pids_limit)?,
+        cgroup_parent: spec.cpu_group.as_ref().map(|group| format!("/{group}")),
         network_mode: spec.network_mode.clone(),
         security_opt: Some(vec!["no-new-privileges".to_owned()]),
         cap_drop: Some(vec!["ALL".to_owned()]),
         cap_add: Some(spec.effective_capabilities()),
+        // The engine keeps none of the output: the runner reads it through `attach` and
+        // stores it capped, and an engine's own log file of a task printing without end
+        // would grow until the disk is full (tens of MB a second).
+        log_config: Some(HostConfigLogConfig {
+            typ: Some(NO_ENGINE_LOG.to_owned()),
+            config: None,
+        }),
         ..HostConfig::default()
     };
     Ok(ContainerCreateBody {
@@ -1050,6 +1090,10 @@ mod tests {
                 .contains(&"SETUID".to_owned())
         );
         assert_eq!(body.cmd, None);
+        assert_eq!(
+            host.log_config.and_then(|config| config.typ).as_deref(),
+            Some("none")
+        );
         Ok(())
     }
 

@@ -37,8 +37,8 @@ pub type PullProgressSender = tokio::sync::mpsc::UnboundedSender<PullProgress>;
 /// runtime's structured answers, never from message text; see
 /// [`EngineError::is_infrastructure`] for which failures are the user's.
 ///
-/// The lifecycle of one task container is `create` (files in place) → `start` → `logs` and
-/// `wait` (and `kill` on timeout or cancel) → `remove`. A second implementation proves itself
+/// The lifecycle of one task container is `create` (files in place) → `attach` → `start` →
+/// its output and `wait` (and `kill` on timeout or cancel) → `remove`. A second implementation proves itself
 /// by passing the conformance suite (`conformance`, cargo feature `test-support`) that the
 /// Docker implementation and the fake pass.
 #[async_trait]
@@ -57,14 +57,16 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Starts a created container.
     async fn start(&self, id: &ContainerId) -> Result<(), EngineError>;
 
-    /// The container's stdout and stderr from its start, kept apart, following until it
-    /// stops. Failures (the container does not exist) arrive as the stream's first item.
+    /// Attaches to the container's stdout and stderr, kept apart: call it after `create` and
+    /// before `start`. The stream delivers everything the container writes from its start and
+    /// ends when the container stopped and its output is delivered. Failures (the container
+    /// does not exist) are the call's error.
     ///
-    /// Call it after `start`: output written before the call is included, but following a
-    /// container that has not started yet ends at once, empty (the engine's behaviour). A live
-    /// stream may miss output written just before the container stops; called again after
-    /// `wait`, it returns all of it (the runner reads that catch-up).
-    fn logs(&self, id: &ContainerId) -> LogChunkStream;
+    /// The runtime keeps no copy of the output (Docker: the `none` log driver), so a task that
+    /// prints without end fills no disk: the attached reader is its only reader. A reader
+    /// slower than the container holds the container's writes back instead of losing
+    /// output; dropping the stream detaches, and later output is discarded.
+    async fn attach(&self, id: &ContainerId) -> Result<LogChunkStream, EngineError>;
 
     /// Waits until the container stops, then reports how it ended.
     async fn wait(&self, id: &ContainerId) -> Result<ExitStatus, EngineError>;
@@ -97,6 +99,16 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Every container, running or not, that carries the label `key=value`: how a runner
     /// finds the leftovers of an earlier life at start-up.
     async fn list_labeled(&self, key: &str, value: &str) -> Result<Vec<ContainerId>, EngineError>;
+
+    /// Makes sure of the CPU group `name`: the containers created with it as their
+    /// [`ContainerSpec::cpu_group`](crate::ContainerSpec::cpu_group) use at most `nano_cpus`
+    /// (billionths of a CPU) together, so that whatever runs beside them on the runtime's
+    /// host (the API and the store of `serve`) keeps the rest however many are busy. Each
+    /// container keeps its own limit inside the group's. Idempotent; asking again changes the
+    /// cap. When the runtime cannot cap a group (it runs on another host, no permission, a
+    /// cgroup manager it does not drive) the answer is [`EngineError::LimitUnenforceable`],
+    /// never a silent success; a bad name is [`EngineError::InvalidSpec`].
+    async fn ensure_cpu_group(&self, name: &str, nano_cpus: u64) -> Result<(), EngineError>;
 
     /// The network `name`, or `None` when the runtime has none of that name.
     async fn inspect_network(&self, name: &str) -> Result<Option<NetworkInfo>, EngineError>;

@@ -92,8 +92,8 @@ pub enum FakeOperation {
     Create,
     /// `start`.
     Start,
-    /// `logs` (the stream's first item).
-    Logs,
+    /// `attach`.
+    Attach,
     /// `wait`.
     Wait,
     /// `kill`.
@@ -108,6 +108,8 @@ pub enum FakeOperation {
     Network,
     /// `isolate_network`.
     Isolate,
+    /// `ensure_cpu_group`.
+    CpuGroup,
 }
 
 /// How a fake container's run is chosen.
@@ -154,6 +156,8 @@ struct FakeState {
     networks: BTreeMap<String, NetworkInfo>,
     /// The policy each network was last isolated with, by name.
     isolations: BTreeMap<String, EgressPolicy>,
+    /// CPU groups and their caps in billionths of a CPU, by name.
+    cpu_groups: BTreeMap<String, u64>,
     next_id: u64,
     /// The wall-clock time the fake's clock starts at, for `started_at`/`finished_at`.
     epoch: Timestamp,
@@ -306,6 +310,7 @@ impl FakeEngine {
                 remove_takes: Duration::ZERO,
                 networks: BTreeMap::new(),
                 isolations: BTreeMap::new(),
+                cpu_groups: BTreeMap::new(),
                 next_id: 1,
                 epoch,
                 epoch_instant: Instant::now(),
@@ -439,6 +444,11 @@ impl FakeEngine {
     pub fn remove_network(&self, name: &str) -> &Self {
         self.lock().networks.remove(name);
         self
+    }
+
+    /// The cap of the CPU group `name`, in billionths of a CPU, once it was made sure of.
+    pub fn cpu_group(&self, name: &str) -> Option<u64> {
+        self.lock().cpu_groups.get(name).copied()
     }
 
     /// The networks that exist, by name.
@@ -601,15 +611,20 @@ impl ContainerRuntime for FakeEngine {
         Ok(())
     }
 
-    fn logs(&self, id: &ContainerId) -> LogChunkStream {
+    async fn attach(&self, id: &ContainerId) -> Result<LogChunkStream, EngineError> {
+        self.injected(FakeOperation::Attach)?;
+        let mut phase = self.phase_of(id)?;
         let engine = self.clone();
         let id = id.clone();
         let chunks = async move {
-            engine.injected(FakeOperation::Logs)?;
-            let mut phase = engine.phase_of(&id)?;
-            // Following a container that has not started ends at once, as Docker's does.
-            if matches!(*phase.borrow(), Phase::Created) {
-                return Ok(Vec::new());
+            // The output comes once the container started; a container removed before its
+            // start had none.
+            if phase
+                .wait_for(|phase| !matches!(phase, Phase::Created))
+                .await
+                .is_err()
+            {
+                return Vec::new();
             }
             let logs = engine
                 .lock()
@@ -620,14 +635,11 @@ impl ContainerRuntime for FakeEngine {
             let _ = phase
                 .wait_for(|phase| matches!(phase, Phase::Exited(_)))
                 .await;
-            Ok::<_, EngineError>(logs)
+            logs
         };
-        futures::stream::once(chunks)
-            .flat_map(|result| match result {
-                Ok(logs) => futures::stream::iter(logs.into_iter().map(Ok)).boxed(),
-                Err(error) => futures::stream::iter([Err(error)]).boxed(),
-            })
-            .boxed()
+        Ok(futures::stream::once(chunks)
+            .flat_map(|logs| futures::stream::iter(logs.into_iter().map(Ok)))
+            .boxed())
     }
 
     async fn wait(&self, id: &ContainerId) -> Result<ExitStatus, EngineError> {
@@ -733,6 +745,13 @@ impl ContainerRuntime for FakeEngine {
             })
             .map(|(id, _)| ContainerId::new(id.clone()))
             .collect())
+    }
+
+    async fn ensure_cpu_group(&self, name: &str, nano_cpus: u64) -> Result<(), EngineError> {
+        self.injected(FakeOperation::CpuGroup)?;
+        crate::cpu_group::check_name(name)?;
+        self.lock().cpu_groups.insert(name.to_owned(), nano_cpus);
+        Ok(())
     }
 
     async fn inspect_network(&self, name: &str) -> Result<Option<NetworkInfo>, EngineError> {
@@ -1091,9 +1110,8 @@ mod tests {
         spec
     }
 
-    async fn collect_logs(engine: &FakeEngine, id: &ContainerId) -> Vec<LogChunk> {
+    async fn collect_logs(mut logs: LogChunkStream) -> Vec<LogChunk> {
         let mut chunks = Vec::new();
-        let mut logs = engine.logs(id);
         while let Some(chunk) = logs.next().await {
             match chunk {
                 Ok(chunk) => chunks.push(chunk),
@@ -1269,9 +1287,10 @@ mod tests {
         engine.set_default_run(FakeRun::success().stdout("hello\n"));
 
         let ok = engine.create(&labeled("img", "ok")).await?;
+        let output = engine.attach(&ok).await?;
         engine.start(&ok).await?;
         assert_eq!(
-            collect_logs(&engine, &ok).await,
+            collect_logs(output).await,
             vec![LogChunk {
                 stream: OutputStream::Stdout,
                 bytes: Bytes::from("hello\n")
@@ -1280,13 +1299,11 @@ mod tests {
         assert!(engine.wait(&ok).await?.success());
 
         let fails = engine.create(&labeled("img", "fails")).await?;
+        let output = engine.attach(&fails).await?;
         engine.start(&fails).await?;
         let status = engine.wait(&fails).await?;
         assert_eq!((status.exit_code, status.oom_killed), (3, false));
-        assert_eq!(
-            collect_logs(&engine, &fails).await[0].stream,
-            OutputStream::Stderr
-        );
+        assert_eq!(collect_logs(output).await[0].stream, OutputStream::Stderr);
 
         let oom = engine.create(&labeled("img", "oom")).await?;
         engine.start(&oom).await?;
@@ -1388,14 +1405,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn logs_of_a_container_that_has_not_started_end_empty() -> Result<(), EngineError> {
+    async fn output_attached_before_the_start_arrives_and_a_removal_ends_it_empty()
+    -> Result<(), EngineError> {
         let engine = FakeEngine::new();
         engine.add_image("img");
         engine.set_default_run(FakeRun::success().stdout("late\n"));
-        let id = engine.create(&labeled("img", "early-logs")).await?;
-        assert!(collect_logs(&engine, &id).await.is_empty());
+        let id = engine.create(&labeled("img", "early-attach")).await?;
+        let output = engine.attach(&id).await?;
         engine.start(&id).await?;
-        assert_eq!(collect_logs(&engine, &id).await.len(), 1);
+        assert_eq!(collect_logs(output).await.len(), 1);
+
+        let never_started = engine.create(&labeled("img", "never-started")).await?;
+        let output = engine.attach(&never_started).await?;
+        engine.remove(&never_started).await?;
+        assert!(collect_logs(output).await.is_empty());
         Ok(())
     }
 

@@ -29,7 +29,13 @@
 //! * **Containers**: create from a [`ContainerSpec`] with limits, dropped capabilities and
 //!   `no-new-privileges`, with files uploaded through the archive API (never bind mounts);
 //!   start, logs (stdout and stderr apart), wait (exit code, `OOMKilled`, times), kill, stats,
-//!   remove (timed), and listing by label for the start-up reaper.
+//!   remove (timed), and listing by label for the start-up reaper. The engine keeps no copy
+//!   of a container's output (the `none` log driver): [`ContainerRuntime::attach`], made
+//!   before the start, is its only reader, and holds a fast writer back instead of losing
+//!   output.
+//! * **CPU groups**: [`ContainerRuntime::ensure_cpu_group`] caps the CPU of all task
+//!   containers together, so the API and store beside them keep a reserve (Docker: a cgroup
+//!   of stevedore's own as the containers' `CgroupParent`, `cpu_group`).
 //! * **Task networks**: [`ContainerRuntime::ensure_network`] makes sure of a network whose
 //!   containers cannot talk to each other, on a bridge of a fixed name, without IPv6;
 //!   [`ContainerRuntime::isolate_network`] holds its containers to an [`EgressPolicy`] (no
@@ -58,6 +64,7 @@ mod build;
 #[cfg(any(test, feature = "test-support"))]
 pub mod conformance;
 mod context;
+mod cpu_group;
 mod docker;
 mod engine;
 mod error;

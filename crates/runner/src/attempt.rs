@@ -1,7 +1,7 @@
 //! One attempt at one leased task, from lease to teardown.
 //!
 //! ```text
-//! leased ─▶ memory reserved ─▶ image present ─▶ package fetched ─▶ created
+//! leased ─▶ memory reserved ─▶ image present ─▶ package fetched ─▶ created ─▶ output attached
 //!        ─▶ lease confirmed ─▶ started ─▶ mark_running ─▶ supervised (exit | deadline | cancel | lease lost | shutdown)
 //!        ─▶ logs drained ─▶ result recorded (complete | requeue | abandoned) ─▶ slot freed
 //!        ─▶ container removed in the background
@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use stevedore_engine::{
-    ContainerEngine, ContainerId, EngineError, ExitStatus, ImagePresence, PullProgress,
-    ResourceSampleStream, ResourceUsage,
+    ContainerEngine, ContainerId, EngineError, ExitStatus, ImagePresence, LogChunkStream,
+    PullProgress, ResourceSampleStream, ResourceUsage,
 };
 use stevedore_metrics::ContainerOperation;
 use stevedore_model::TaskOutcome;
@@ -56,6 +56,8 @@ pub(crate) struct TaskContext {
     pub engine_suspect: AtomicBool,
     /// Images found pullable without credentials, whose cached copies need no check.
     pub public_images: PublicImages,
+    /// The CPU group every task container goes into (the reserve), when there is one.
+    pub cpu_group: Option<String>,
 }
 
 /// How an attempt ended, to be recorded.
@@ -92,7 +94,7 @@ struct Signals {
     done: CancellationToken,
 }
 
-/// How long to wait for the rest of a container's output after it stopped.
+/// How long to wait for the rest of a container's output to be shipped after it stopped.
 const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long resource sampling may go on after the container stopped (and the log drained).
 const USAGE_GRACE: Duration = Duration::from_millis(50);
@@ -205,6 +207,12 @@ impl Attempt {
             Err(error) => return self.engine_failed("creating the container", error),
         };
         self.container = Some(id.clone());
+        // Attached before the start, so the output is whole from the first byte: the engine
+        // keeps no copy to read again later.
+        let output = match self.context.engine.attach(&id).await {
+            Ok(output) => output,
+            Err(error) => return self.engine_failed("attaching to the container", error),
+        };
         if let Some(ending) = self.interrupted_before_start() {
             return ending;
         }
@@ -237,7 +245,7 @@ impl Attempt {
             }
         }
         tracing::debug!("container started");
-        self.supervise(id, deadline).await
+        self.supervise(id, output, deadline).await
     }
 
     /// Creates the container. When the engine refuses a container on the managed task
@@ -290,8 +298,11 @@ impl Attempt {
                 Some(self.fetch_package().await?)
             }
         };
-        plan.spec(&self.leased, config, package.as_deref())
-            .map_err(setup_failed)
+        let mut spec = plan
+            .spec(&self.leased, config, package.as_deref())
+            .map_err(setup_failed)?;
+        spec.cpu_group = self.context.cpu_group.clone();
+        Ok(spec)
     }
 
     /// Makes the image present with the credentials its owner allows (see the `registry`
@@ -433,7 +444,12 @@ impl Attempt {
     }
 
     /// Follows a started container to its end.
-    async fn supervise(&self, id: ContainerId, deadline: Instant) -> Ending {
+    async fn supervise(
+        &self,
+        id: ContainerId,
+        output: LogChunkStream,
+        deadline: Instant,
+    ) -> Ending {
         let engine = Arc::clone(&self.context.engine);
         let config = &self.context.config;
         let shipper = LogShipper {
@@ -444,13 +460,12 @@ impl Attempt {
             flush_interval: config.log_flush_interval,
             flush_bytes: config.log_flush_bytes,
             stored: self.leased.task.log_size,
-            skip: 0,
             progress: ProgressReporter::new(config.progress_interval),
         };
         let logs = self
             .context
             .tracker
-            .spawn(shipper.ship(engine.logs(&id)).in_current_span());
+            .spawn(shipper.ship(output).in_current_span());
         let usage = Arc::new(std::sync::Mutex::new(ResourceUsage::default()));
         let sampling = self
             .context
@@ -526,7 +541,7 @@ impl Attempt {
             }
         };
 
-        self.drain_logs(&id, logs).await;
+        self.drain_logs(logs).await;
         // The engine samples about once a second and may take that long to notice the
         // container stopped; the peaks seen so far are what there is.
         if tokio::time::timeout(USAGE_GRACE, sampling).await.is_err() {
@@ -544,49 +559,23 @@ impl Attempt {
         Ending::Finished { outcome, report }
     }
 
-    /// Waits for the live log stream of the stopped container to end, then reads the log
-    /// once more for whatever the live stream missed (see the `logs` module).
-    async fn drain_logs(&self, id: &ContainerId, live: JoinHandle<ShippedLogs>) {
+    /// Waits (bounded) for the output of the stopped container to be shipped.
+    async fn drain_logs(&self, live: JoinHandle<ShippedLogs>) {
         let abort = live.abort_handle();
-        let shipped = match tokio::time::timeout(LOG_DRAIN_TIMEOUT, live).await {
-            Ok(Ok(shipped)) => shipped,
+        match tokio::time::timeout(LOG_DRAIN_TIMEOUT, live).await {
+            Ok(Ok(shipped)) if shipped.capped => {
+                tracing::info!(
+                    stored = shipped.stored,
+                    read = shipped.read,
+                    "the task's log reached its cap"
+                );
+            }
+            Ok(Ok(_)) => {}
             Ok(Err(_)) | Err(_) => {
                 // Stopped, so that nothing about the task is sent after its result.
                 abort.abort();
-                tracing::warn!("the container's log stream did not end; some output may be lost");
-                return;
+                tracing::warn!("the container's output did not end; some of it may be lost");
             }
-        };
-        if shipped.capped {
-            tracing::info!(stored = shipped.stored, "the task's log reached its cap");
-        }
-        if shipped.stopped {
-            return;
-        }
-        let config = &self.context.config;
-        let catch_up = LogShipper {
-            source: Arc::clone(&self.context.source),
-            task_id: self.leased.task.id.clone(),
-            token: self.leased.lease.token,
-            cap: config.log_cap_bytes,
-            flush_interval: config.log_flush_interval,
-            flush_bytes: config.log_flush_bytes,
-            stored: shipped.stored,
-            skip: shipped.read,
-            progress: shipped.progress,
-        };
-        let caught_up = tokio::time::timeout(
-            LOG_DRAIN_TIMEOUT,
-            catch_up.ship(self.context.engine.logs(id)),
-        )
-        .await;
-        match caught_up {
-            Ok(caught_up) if caught_up.read > shipped.read => tracing::debug!(
-                missed = caught_up.read - shipped.read,
-                "shipped output the live log stream missed"
-            ),
-            Ok(_) => {}
-            Err(_) => tracing::warn!("reading the stopped container's log again timed out"),
         }
     }
 

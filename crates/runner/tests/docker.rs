@@ -410,6 +410,119 @@ async fn the_log_cap_truncates_with_a_visible_marker() {
     test.stop_and_check_teardown(runner, &[&task.id]).await;
 }
 
+/// Regression (disks filled by the engine's own log of a task): a task printing as fast as it
+/// can leaves no log with the engine, and the stored log still holds the first 10 MiB of its
+/// output, in order, and the marker.
+#[tokio::test]
+async fn a_flood_of_output_keeps_its_first_ten_mib_whole_and_the_marker() {
+    let test = docker_or_skip!("flood-cap");
+    // About 23 MB of short lines: far more than the cap, and a worst case for a log file
+    // (the json-file driver made 200 MB of it on disk).
+    let lines = 3_000_000u32;
+    test.shell_code("flood", &format!("seq 1 {lines}")).await;
+    let task = test.harness.queue("flood", "", 120).await;
+    let runner = test.start(test.config());
+
+    let running = test
+        .harness
+        .wait_for(&task.id, WITHIN, |task| {
+            task.status != TaskStatus::Queued && task.status != TaskStatus::Preparing
+        })
+        .await;
+    if running.status == TaskStatus::Running {
+        let containers = test
+            .engine
+            .list_labeled(LABEL_TASK, &task.id)
+            .await
+            .unwrap();
+        for id in containers {
+            let log_path =
+                docker_inspect(id.as_str(), "{{.HostConfig.LogConfig.Type}} {{.LogPath}}");
+            assert_eq!(log_path.trim(), "none", "the engine keeps a log");
+        }
+    }
+    let done = test
+        .harness
+        .finished(&task.id, Duration::from_secs(120))
+        .await;
+    assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
+    let log = test.harness.log(&task.id).await;
+    let cap = 10 << 20;
+    let marker = format!("\n[stevedore: log truncated at {cap} bytes]\n");
+    assert_eq!(log.len(), cap, "the cap holds the marker too");
+    assert!(log.ends_with(&marker), "{:?}", &log[cap - 100..]);
+    let expected: String = (1..=lines).map(|n| format!("{n}\n")).collect();
+    let kept = cap - marker.len();
+    assert!(
+        log.as_bytes()[..kept] == expected.as_bytes()[..kept],
+        "the stored log is not the first {kept} bytes of the output"
+    );
+    test.stop_and_check_teardown(runner, &[&task.id]).await;
+}
+
+/// A code without `cpus` runs under the runner's default CPU limit, and with a reserve its
+/// container sits in the runner's CPU group, capped at the cores less the reserve.
+#[tokio::test]
+async fn a_task_gets_the_default_cpu_limit_and_the_reserve_caps_all_tasks() {
+    let test = docker_or_skip!("cpu-limits");
+    test.shell_code("busy", "sleep 30").await;
+    let task = test.harness.queue("busy", "", 60).await;
+    let config = RunnerConfig {
+        reserve_cpus: 0.5,
+        ..test.config()
+    };
+    let group = format!("stevedore-{}", test.runner_id);
+    let runner = test.start(config);
+    test.harness
+        .wait_for(&task.id, WITHIN, |task| task.status == TaskStatus::Running)
+        .await;
+    let containers = test
+        .engine
+        .list_labeled(LABEL_TASK, &task.id)
+        .await
+        .unwrap();
+    assert_eq!(containers.len(), 1);
+    let inspected = docker_inspect(
+        containers[0].as_str(),
+        "{{.HostConfig.NanoCpus}} {{.HostConfig.CgroupParent}}",
+    );
+    assert_eq!(inspected.trim(), format!("1000000000 /{group}"));
+
+    let ncpu: f64 = test.engine.capabilities().await.unwrap().ncpu as f64;
+    let quota = std::fs::read_to_string(format!("/sys/fs/cgroup/cpu/{group}/cpu.cfs_quota_us"))
+        .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/{group}/cpu.max")))
+        .unwrap();
+    let quota: u64 = quota.split_whitespace().next().unwrap().parse().unwrap();
+    assert_eq!(quota, ((ncpu - 0.5) * 100_000.0).round() as u64);
+    // The container's own cgroup is inside the group.
+    let id = docker_inspect(containers[0].as_str(), "{{.Id}}");
+    assert!(
+        std::path::Path::new(&format!("/sys/fs/cgroup/cpu/{group}/{}", id.trim())).exists()
+            || std::path::Path::new(&format!("/sys/fs/cgroup/{group}/{}", id.trim())).exists()
+    );
+
+    test.harness
+        .store
+        .cancel_task(&test.harness.project_id, &task.id, test.harness.clock.now())
+        .await
+        .unwrap();
+    test.harness.finished(&task.id, WITHIN).await;
+    test.stop_and_check_teardown(runner, &[&task.id]).await;
+    // The group is empty once the containers are gone; leave the host as it was.
+    let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/cpu/{group}"));
+    let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/{group}"));
+}
+
+/// A field of `docker inspect`, through the docker CLI, as an operator would look.
+fn docker_inspect(id: &str, format: &str) -> String {
+    let output = std::process::Command::new("docker")
+        .args(["inspect", "--format", format, id])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 #[tokio::test]
 async fn an_image_code_without_a_command_runs_the_images_own_cmd() {
     let test = docker_or_skip!("image-cmd");
@@ -448,7 +561,7 @@ async fn an_entry_point_that_cannot_execute_ends_error_without_a_requeue() {
 #[tokio::test]
 async fn quick_exits_never_lose_their_output() {
     // Regression: Docker 20.10's followed logs of a container that exits right after its
-    // start sometimes end empty; the runner reads the stopped container's log once more.
+    // start sometimes ended empty; the runner now attaches to the output before the start.
     let test = docker_or_skip!("quick-output");
     test.shell_code("quick", "echo \"out $TASK_ID\"; echo \"err $TASK_ID\" >&2")
         .await;

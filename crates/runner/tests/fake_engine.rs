@@ -689,6 +689,7 @@ async fn an_engine_without_memory_limits_is_refused_unless_allowed() {
     let engine = FakeEngine::new();
     engine.set_capabilities(EngineCapabilities {
         memory_limit: false,
+        cpu_cfs_quota: true,
         pids_limit: true,
         ncpu: 2,
         mem_total: 4 << 30,
@@ -713,6 +714,63 @@ async fn an_engine_without_memory_limits_is_refused_unless_allowed() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!runner.is_finished());
     runner.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_cpu_reserve_puts_every_task_in_a_capped_group_or_runs_loudly_without() {
+    let harness = system_harness().await;
+    let engine = engine_with("test/busy", FakeRun::success());
+    harness
+        .push_image_code("busy", "test/busy", Some("true"), |_| {})
+        .await;
+    let task = harness.queue("busy", "", 60).await;
+    let config = RunnerConfig {
+        reserve_cpus: 0.5,
+        ..test_config("r-reserve")
+    };
+    let (runner, _source) = start(&harness, config.clone(), &engine);
+    let done = harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Complete);
+    runner.stop().await.unwrap();
+    // Two cores less half a core, for every task together.
+    assert_eq!(engine.cpu_group("stevedore-r-reserve"), Some(1_500_000_000));
+    let created = engine.created();
+    assert_eq!(created.len(), 1);
+    assert_eq!(
+        created[0].1.cpu_group.as_deref(),
+        Some("stevedore-r-reserve")
+    );
+    // The code sets no cpus: the default limit.
+    assert_eq!(created[0].1.nano_cpus, Some(1_000_000_000));
+
+    // An engine that cannot cap a group still runs tasks, without one.
+    let unenforceable = engine_with("test/busy", FakeRun::success());
+    unenforceable.fail_next(
+        FakeOperation::CpuGroup,
+        EngineError::LimitUnenforceable {
+            capability: "a CPU reserve".into(),
+            hint: "not root".into(),
+        },
+    );
+    let task = harness.queue("busy", "", 60).await;
+    let (runner, _source) = start(&harness, config, &unenforceable);
+    let done = harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Complete);
+    runner.stop().await.unwrap();
+    assert_eq!(unenforceable.created()[0].1.cpu_group, None);
+
+    // A reserve that leaves no CPU is refused before anything runs.
+    let greedy = RunnerConfig {
+        reserve_cpus: 2.0,
+        ..test_config("r-greedy")
+    };
+    let refused = Runner::new(greedy, harness.source(), Arc::new(engine.clone()))
+        .run(CancellationToken::new())
+        .await;
+    assert!(
+        matches!(refused, Err(RunnerError::InvalidConfig(_))),
+        "{refused:?}"
+    );
 }
 
 #[tokio::test]
