@@ -152,6 +152,12 @@ pub struct RunnerSettings {
     /// Infrastructure failures of one task before it ends `error`.
     pub max_infra_attempts: u32,
     pub pids_limit: Option<u64>,
+    /// How long a task's image pull may take before the attempt is given back as the
+    /// infrastructure's failure.
+    pub pull_timeout_secs: u64,
+    /// The largest image a task may pull, bytes (download sizes while pulling, the size on
+    /// disk after); over it the task ends `error`. 0: no limit.
+    pub max_image_bytes: u64,
     /// The CPU limit of a task whose code sets no `cpus`; 0 leaves such tasks unlimited.
     pub default_cpus: f64,
     /// CPUs kept from the tasks for the API and the store: all task containers together get
@@ -321,6 +327,8 @@ impl Default for RunnerSettings {
             shutdown_grace_secs: defaults.shutdown_grace.as_secs(),
             max_infra_attempts: defaults.max_infra_attempts,
             pids_limit: defaults.pids_limit,
+            pull_timeout_secs: defaults.pull_timeout.as_secs(),
+            max_image_bytes: defaults.max_image_bytes.unwrap_or(0),
             default_cpus: defaults.default_cpus.unwrap_or(0.0),
             reserve_cpus: None,
             allow_unlimited_memory: defaults.allow_unlimited_memory,
@@ -341,6 +349,8 @@ impl RunnerSettings {
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
             max_infra_attempts: self.max_infra_attempts,
             pids_limit: self.pids_limit,
+            pull_timeout: Duration::from_secs(self.pull_timeout_secs),
+            max_image_bytes: (self.max_image_bytes > 0).then_some(self.max_image_bytes),
             default_cpus: (self.default_cpus > 0.0).then_some(self.default_cpus),
             reserve_cpus: self.reserve_cpus.unwrap_or(0.0),
             allow_unlimited_memory: self.allow_unlimited_memory,

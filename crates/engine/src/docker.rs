@@ -508,6 +508,7 @@ impl ImageStore for DockerEngine {
                     .and_then(|config| config.labels)
                     .map(|labels| labels.into_iter().collect())
                     .unwrap_or_default(),
+                size_bytes: inspected.size.and_then(|size| u64::try_from(size).ok()),
             })),
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..

@@ -171,7 +171,9 @@ pub trait ImageStore: Send + Sync + 'static {
     ///
     /// Concurrent calls for the same image with the same credentials share one pull (a
     /// caller with other credentials pulls on its own, so nobody gets an image through
-    /// someone else's access); each caller gets the pull's result
+    /// someone else's access). A caller that drops its call (a deadline of its own, a size
+    /// limit) leaves the pull to the others; when the last one does, the pull is stopped.
+    /// Each caller gets the pull's result
     /// and, when it passed a `progress` sender, the progress events from the moment it joined.
     /// A reference without a tag or digest means `:latest` (never "every tag"). A pull the
     /// engine fails without saying why (Docker answers 500 for refused credentials and
@@ -313,6 +315,8 @@ pub struct LocalImage {
     pub repo_digests: Vec<String>,
     /// The image's labels (`stevedore.recipe` on the local stack images).
     pub labels: BTreeMap<String, String>,
+    /// Its size on disk, unpacked, when the runtime says.
+    pub size_bytes: Option<u64>,
 }
 
 /// Credentials for a private registry, sent with a pull.

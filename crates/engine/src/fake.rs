@@ -34,6 +34,9 @@ use crate::spec::{ContainerId, ContainerSpec};
 /// The exit code of a killed container (128 + SIGKILL), as Docker reports it.
 pub const KILLED_EXIT_CODE: i64 = 137;
 
+/// The size of a fake image unless set otherwise ([`FakeEngine::set_image_size`]).
+pub const FAKE_IMAGE_BYTES: u64 = 1 << 20;
+
 /// The in-memory engine. Cheap to clone; clones share state.
 #[derive(Clone)]
 pub struct FakeEngine {
@@ -137,6 +140,8 @@ struct FakeState {
     capabilities: EngineCapabilities,
     /// Images present locally: normalized reference → id.
     images: BTreeMap<String, String>,
+    /// Sizes of images that are not [`FAKE_IMAGE_BYTES`], by id.
+    image_sizes: BTreeMap<String, u64>,
     /// The labels of built and imported images, by id.
     image_labels: BTreeMap<String, BTreeMap<String, String>>,
     /// Images a pull can fetch, with how long the pull takes.
@@ -296,6 +301,7 @@ impl FakeEngine {
                 },
                 images: BTreeMap::new(),
                 image_labels: BTreeMap::new(),
+                image_sizes: BTreeMap::new(),
                 registry: BTreeMap::new(),
                 pull_counts: BTreeMap::new(),
                 builds: Vec::new(),
@@ -443,6 +449,15 @@ impl FakeEngine {
     /// Removes a network, as `docker network prune` would behind a runner's back.
     pub fn remove_network(&self, name: &str) -> &Self {
         self.lock().networks.remove(name);
+        self
+    }
+
+    /// Sets the size of the local image `image` (by reference), as `local_image` reports it.
+    pub fn set_image_size(&self, image: &str, bytes: u64) -> &Self {
+        let mut state = self.lock();
+        if let Some(id) = state.find_image(image).map(|(_, id)| id.clone()) {
+            state.image_sizes.insert(id, bytes);
+        }
         self
     }
 
@@ -822,6 +837,13 @@ impl ImageStore for FakeEngine {
             id: id.clone(),
             repo_digests: Vec::new(),
             labels: state.image_labels.get(id).cloned().unwrap_or_default(),
+            size_bytes: Some(
+                state
+                    .image_sizes
+                    .get(id)
+                    .copied()
+                    .unwrap_or(FAKE_IMAGE_BYTES),
+            ),
         }))
     }
 

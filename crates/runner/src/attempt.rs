@@ -321,18 +321,53 @@ impl Attempt {
             engine.ensure_image(image, access.auth.clone(), Some(progress)),
         );
         tokio::pin!(ensure);
+        let config = &self.context.config;
+        let deadline = tokio::time::sleep(config.pull_timeout);
+        tokio::pin!(deadline);
         let mut pull_started: Option<Instant> = None;
+        let mut layers = LayerSizes::default();
+        // Dropping `ensure` leaves a pull shared with other tasks to them; the engine stops
+        // it when nobody waits any more.
         let presence = loop {
             tokio::select! {
                 presence = &mut ensure => break presence,
-                Some(event) = pull_events.recv(), if pull_started.is_none() => {
-                    if matches!(event, PullProgress::Started { .. }) {
+                () = &mut deadline => {
+                    return Err(Ending::Requeue {
+                        reason: format!(
+                            "infrastructure failure while preparing the image {image}: it was not \
+                             pulled within {} s (runner.pull_timeout_secs): the registry is slow \
+                             or unreachable",
+                            config.pull_timeout.as_secs()
+                        ),
+                        delay: self.backoff(),
+                    });
+                }
+                Some(event) = pull_events.recv() => {
+                    if matches!(event, PullProgress::Started { .. }) && pull_started.is_none() {
                         pull_started = Some(Instant::now());
                         self.report_progress(format!("pulling image {image}")).await;
+                    }
+                    layers.record(&event);
+                    if let Some(max) = config.max_image_bytes
+                        && layers.total() > max
+                    {
+                        return Err(image_too_large(image, max, layers.total(), "its layers' downloads add up to"));
                     }
                 }
             }
         };
+        if let (Ok(ImagePresence::Pulled), Some(max)) = (&presence, config.max_image_bytes) {
+            // Pulled within the download limit, but layers unpack to more than they download.
+            let size = engine
+                .local_image(image)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|local| local.size_bytes);
+            if let Some(size) = size.filter(|size| *size > max) {
+                return Err(image_too_large(image, max, size, "it takes"));
+            }
+        }
         match presence {
             // Another task's pull finished in between: this task has not shown access yet.
             Ok(ImagePresence::AlreadyPresent) if access.owner == ImageOwner::Project => {
@@ -684,6 +719,36 @@ impl Attempt {
             tracing::debug!(%error, "progress not reported");
         }
     }
+}
+
+/// The download sizes of a pull's layers, from its progress events: each layer's `total`
+/// is known once it starts downloading (layers already present report none).
+#[derive(Debug, Default)]
+struct LayerSizes(std::collections::HashMap<String, u64>);
+
+impl LayerSizes {
+    fn record(&mut self, event: &PullProgress) {
+        if let PullProgress::Layer {
+            layer,
+            total: Some(total),
+            ..
+        } = event
+        {
+            self.0.insert(layer.clone(), *total);
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.0.values().sum()
+    }
+}
+
+/// An image over the runner's size limit: the user's choice of image, so the task ends.
+fn image_too_large(image: &str, max: u64, size: u64, measured: &str) -> Ending {
+    setup_failed(format!(
+        "the image {image} is larger than this runner allows ({max} bytes, \
+         runner.max_image_bytes): {measured} {size} bytes"
+    ))
 }
 
 fn setup_failed(message: String) -> Ending {

@@ -69,6 +69,15 @@ pub struct RunnerConfig {
     /// The most processes and threads in one task's container: holds a fork bomb. `None`
     /// leaves it unlimited. Default 512.
     pub pids_limit: Option<u64>,
+    /// How long making a task's image present (a pull) may take: past it the attempt ends
+    /// and the task goes back to the queue as an infrastructure failure (a slow or
+    /// unreachable registry), so a pull never holds a slot for ever. Default 10 minutes.
+    pub pull_timeout: Duration,
+    /// The largest image a task may pull, in bytes: a pull is stopped as soon as its layers'
+    /// download sizes add up to more, and a pulled image larger on disk is refused; either
+    /// ends the task `error` (its image is the user's choice). `None`: no limit. Default
+    /// 10 GiB.
+    pub max_image_bytes: Option<u64>,
     /// The CPU limit of a task whose code sets no `cpus`, in CPUs; `None` leaves such tasks
     /// unlimited. Default 1: a busy loop takes one core, not the machine.
     pub default_cpus: Option<f64>,
@@ -137,6 +146,8 @@ impl Default for RunnerConfig {
             registry_auth: Vec::new(),
             code_images: CodeImages::local(),
             pids_limit: Some(512),
+            pull_timeout: Duration::from_secs(600),
+            max_image_bytes: Some(10 << 30),
             default_cpus: Some(1.0),
             reserve_cpus: 0.0,
             allow_unlimited_memory: false,
@@ -174,6 +185,9 @@ impl RunnerConfig {
         }
         if self.log_flush_bytes == 0 {
             return invalid("log_flush_bytes is 0");
+        }
+        if self.pull_timeout.is_zero() || self.max_image_bytes == Some(0) {
+            return invalid("pull_timeout and max_image_bytes must be above 0");
         }
         if self.pids_limit == Some(0) {
             return invalid("pids_limit is 0: not even the task's own process could run");

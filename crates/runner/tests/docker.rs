@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use harness::{Background, Harness, zip_of};
-use stevedore_engine::{ContainerEngine, ContainerRuntime, DockerEngine};
+use stevedore_engine::{ContainerEngine, ContainerRuntime, DockerEngine, ImageStore};
 use stevedore_model::{CodeKind, CodeSpec, StackTable, SystemClock, TaskStatus};
 use stevedore_runner::{
     LABEL_RUNNER, LABEL_TASK, LocalResult, LocalRun, Runner, RunnerConfig, RunnerError, run_local,
@@ -511,6 +511,236 @@ async fn a_task_gets_the_default_cpu_limit_and_the_reserve_caps_all_tasks() {
     // The group is empty once the containers are gone; leave the host as it was.
     let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/cpu/{group}"));
     let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/{group}"));
+}
+
+/// Debian's `docker-registry` on a loopback port, without auth, serving a temporary
+/// directory; the engine pulls from 127.0.0.0/8 over plain HTTP. Killed when dropped.
+struct LocalRegistry {
+    child: std::process::Child,
+    address: String,
+    _dir: tempfile::TempDir,
+}
+
+impl LocalRegistry {
+    /// `None` (the test skips) when `docker-registry` is not installed and `CI` is not set
+    /// (`scripts/ensure-registry.sh` installs it).
+    fn start() -> Option<LocalRegistry> {
+        let Ok(binary) = which("docker-registry") else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "docker-registry is missing"
+            );
+            eprintln!("skipped: docker-registry is not installed");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let address = format!("127.0.0.1:{port}");
+        let config = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: {address}\n",
+            dir.path().join("data").display(),
+        );
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config).unwrap();
+        let child = std::process::Command::new(binary)
+            .arg("serve")
+            .arg(&config_path)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let registry = LocalRegistry {
+            child,
+            address,
+            _dir: dir,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&registry.address).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the registry did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(registry)
+    }
+
+    /// Pushes an image of one layer of `bytes` random bytes (so no layer of it is on this
+    /// machine already) as `<registry>/hygiene/<name>` and removes it here, so a task has to
+    /// pull it whole; returns the repository path and tag after the registry address.
+    fn push_random_image(&self, name: &str, bytes: usize) -> String {
+        let path = format!("hygiene/{name}:{}", std::process::id());
+        let image = format!("{}/{path}", self.address);
+        let dir = tempfile::tempdir().unwrap();
+        let noise: Vec<u8> = {
+            let mut state = 0x2545_f491_4f6c_dd1d_u64 ^ u64::from(std::process::id());
+            (0..bytes)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state as u8
+                })
+                .collect()
+        };
+        std::fs::write(dir.path().join("noise"), noise).unwrap();
+        let tar = dir.path().join("layer.tar");
+        let packed = std::process::Command::new("tar")
+            .args([
+                "-cf",
+                tar.to_str().unwrap(),
+                "-C",
+                dir.path().to_str().unwrap(),
+                "noise",
+            ])
+            .status()
+            .unwrap();
+        assert!(packed.success());
+        docker(&["import", tar.to_str().unwrap(), &image]);
+        docker(&["push", &image]);
+        docker(&["rmi", &image]);
+        path
+    }
+}
+
+impl Drop for LocalRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP proxy to `upstream` that passes its answers on at about `bytes_per_second`: a slow
+/// registry. Runs until the test's runtime ends.
+async fn slow_proxy(upstream: String, bytes_per_second: usize) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+            });
+            tokio::spawn(async move {
+                let mut buffer = vec![0u8; bytes_per_second / 10];
+                loop {
+                    let Ok(read) = server_read.read(&mut buffer).await else {
+                        return;
+                    };
+                    if read == 0 || client_write.write_all(&buffer[..read]).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+        }
+    });
+    address
+}
+
+fn docker(args: &[&str]) {
+    let output = std::process::Command::new("docker")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "docker {args:?}: {output:?}");
+}
+
+fn which(binary: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(binary))
+                .find(|path| path.is_file())
+        })
+        .ok_or(())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A pull from a registry too slow to finish within the deadline ends the attempt in about
+/// the deadline, as the infrastructure's failure, with the reason in the task's message; the
+/// pull is stopped, not left running for nobody.
+#[tokio::test]
+async fn a_pull_past_its_deadline_gives_the_slot_back_as_an_infrastructure_failure() {
+    let test = docker_or_skip!("pull-deadline");
+    let Some(registry) = LocalRegistry::start() else {
+        return;
+    };
+    let path = registry.push_random_image("slow", 1_000_000);
+    // About 20 KB/s: the image (1 MB) would take most of a minute.
+    let proxy = slow_proxy(registry.address.clone(), 20_000).await;
+    let image = format!("{proxy}/{path}");
+    test.harness
+        .push_image_code("slow-pull", &image, Some("true"), |_| {})
+        .await;
+    let task = test.harness.queue("slow-pull", "", 60).await;
+    let config = RunnerConfig {
+        pull_timeout: Duration::from_secs(2),
+        max_infra_attempts: 1,
+        ..test.config()
+    };
+    let began = std::time::Instant::now();
+    let runner = test.start(config);
+    let done = test.harness.finished(&task.id, WITHIN).await;
+    let took = began.elapsed();
+    assert_eq!(done.status, TaskStatus::Error, "{done:#?}");
+    assert_eq!(done.infra_attempts, 1);
+    let msg = done.msg.clone().unwrap_or_default();
+    assert!(
+        msg.contains("pull_timeout_secs") && msg.contains(&image),
+        "{msg}"
+    );
+    assert!(took < Duration::from_secs(15), "the deadline took {took:?}");
+    test.stop_and_check_teardown(runner, &[&task.id]).await;
+    assert!(!test.engine.image_present(&image).await.unwrap());
+}
+
+/// An image larger than the runner's limit ends its task `error` (the user chose it), saying
+/// so, and runs nothing.
+#[tokio::test]
+async fn an_image_over_the_size_limit_ends_error_with_the_sizes() {
+    let test = docker_or_skip!("pull-size");
+    let Some(registry) = LocalRegistry::start() else {
+        return;
+    };
+    let path = registry.push_random_image("big", 1_000_000);
+    let image = format!("{}/{path}", registry.address);
+    test.harness
+        .push_image_code("big-image", &image, Some("true"), |_| {})
+        .await;
+    let task = test.harness.queue("big-image", "", 60).await;
+    let config = RunnerConfig {
+        max_image_bytes: Some(100_000),
+        ..test.config()
+    };
+    let runner = test.start(config);
+    let done = test.harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Error, "{done:#?}");
+    assert_eq!(done.infra_attempts, 0);
+    let msg = done.msg.clone().unwrap_or_default();
+    eprintln!("an image over the limit: {msg}");
+    assert!(
+        msg.contains("max_image_bytes") && msg.contains(&image),
+        "{msg}"
+    );
+    test.stop_and_check_teardown(runner, &[&task.id]).await;
+    let _ = std::process::Command::new("docker")
+        .args(["rmi", &image])
+        .output();
 }
 
 /// A field of `docker inspect`, through the docker CLI, as an operator would look.

@@ -341,6 +341,58 @@ async fn a_missing_image_is_the_users_error_with_a_clear_message() {
 }
 
 #[tokio::test]
+async fn a_pull_past_its_deadline_requeues_and_an_image_over_the_size_limit_ends_error() {
+    let harness = system_harness().await;
+    let engine = FakeEngine::new();
+    engine.add_registry_image("team/slow:1", Duration::from_secs(30));
+    engine.add_registry_image("team/big:1", Duration::from_millis(10));
+    harness
+        .push_image_code("slow", "team/slow:1", Some("true"), |_| {})
+        .await;
+    harness
+        .push_image_code("big", "team/big:1", Some("true"), |_| {})
+        .await;
+    let slow = harness.queue("slow", "", 60).await;
+    let big = harness.queue("big", "", 60).await;
+    let config = RunnerConfig {
+        pull_timeout: Duration::from_millis(300),
+        // The fake's layer is 100 bytes to download and its image 1 MiB on disk: the pull
+        // passes, the image does not.
+        max_image_bytes: Some(150),
+        max_infra_attempts: 2,
+        ..test_config("r-pull-bounds")
+    };
+    let (runner, source) = start(&harness, config, &engine);
+
+    let done = harness.finished(&big.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Error);
+    assert_eq!(done.infra_attempts, 0);
+    let msg = done.msg.unwrap_or_default();
+    assert!(
+        msg.contains("team/big:1") && msg.contains("max_image_bytes"),
+        "{msg}"
+    );
+
+    // Requeued as the infrastructure's, then ended after the cap, the reason kept.
+    let done = harness.finished(&slow.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Error);
+    assert_eq!(done.infra_attempts, 2);
+    let msg = done.msg.unwrap_or_default();
+    assert!(msg.contains("pull_timeout_secs"), "{msg}");
+    let requeues = source.requeues.lock().unwrap().clone();
+    assert!(
+        requeues
+            .iter()
+            .any(|(id, request)| id == &slow.id && request.reason.contains("not pulled within"))
+    );
+    runner.stop().await.unwrap();
+    assert!(engine.created().is_empty());
+    // Nobody waited for the slow pull any more: it was stopped, so the second attempt
+    // pulled afresh instead of joining a pull left running.
+    assert_eq!(engine.pull_count("team/slow:1"), 2);
+}
+
+#[tokio::test]
 async fn a_stale_lease_is_abandoned_and_its_container_killed_and_removed() {
     let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
     let harness = Harness::new(clock.clone()).await;
