@@ -158,6 +158,9 @@ pub struct RunnerSettings {
     /// The largest image a task may pull, bytes (download sizes while pulling, the size on
     /// disk after); over it the task ends `error`. 0: no limit.
     pub max_image_bytes: u64,
+    /// The disk the engine's images may take, MiB; over it the images this runner used least
+    /// recently (and no task uses now) are removed, never a stack image. 0: never removed.
+    pub image_disk_budget_mib: u64,
     /// The CPU limit of a task whose code sets no `cpus`; 0 leaves such tasks unlimited.
     pub default_cpus: f64,
     /// CPUs kept from the tasks for the API and the store: all task containers together get
@@ -329,6 +332,7 @@ impl Default for RunnerSettings {
             pids_limit: defaults.pids_limit,
             pull_timeout_secs: defaults.pull_timeout.as_secs(),
             max_image_bytes: defaults.max_image_bytes.unwrap_or(0),
+            image_disk_budget_mib: defaults.image_disk_budget_mib.unwrap_or(0),
             default_cpus: defaults.default_cpus.unwrap_or(0.0),
             reserve_cpus: None,
             allow_unlimited_memory: defaults.allow_unlimited_memory,
@@ -351,6 +355,8 @@ impl RunnerSettings {
             pids_limit: self.pids_limit,
             pull_timeout: Duration::from_secs(self.pull_timeout_secs),
             max_image_bytes: (self.max_image_bytes > 0).then_some(self.max_image_bytes),
+            image_disk_budget_mib: (self.image_disk_budget_mib > 0)
+                .then_some(self.image_disk_budget_mib),
             default_cpus: (self.default_cpus > 0.0).then_some(self.default_cpus),
             reserve_cpus: self.reserve_cpus.unwrap_or(0.0),
             allow_unlimited_memory: self.allow_unlimited_memory,

@@ -17,9 +17,10 @@ use bollard::models::{
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, BuildImageOptions, BuildImageOptionsBuilder,
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, InspectContainerOptions,
-    KillContainerOptionsBuilder, ListContainersOptionsBuilder, PushImageOptionsBuilder,
-    RemoveContainerOptionsBuilder, RemoveImageOptions, StartContainerOptions, StatsOptionsBuilder,
-    TagImageOptionsBuilder, UploadToContainerOptionsBuilder, WaitContainerOptions,
+    KillContainerOptionsBuilder, ListContainersOptionsBuilder, ListImagesOptionsBuilder,
+    PushImageOptionsBuilder, RemoveContainerOptionsBuilder, RemoveImageOptions,
+    StartContainerOptions, StatsOptionsBuilder, TagImageOptionsBuilder,
+    UploadToContainerOptionsBuilder, WaitContainerOptions,
 };
 use bytes::Bytes;
 use futures::StreamExt;
@@ -31,9 +32,9 @@ use crate::build::{BuildProgress, BuildRequest, BuiltImage, OutputLines};
 use crate::context::{ContextPlan, plan_context, stream_context};
 use crate::cpu_group;
 use crate::engine::{
-    ContainerRuntime, EngineCapabilities, ExitStatus, ImageBuilder, ImagePresence, ImageStore,
-    LocalImage, LogChunk, LogChunkStream, OutputStream, PullProgress, PullProgressSender,
-    RegistryAuth, ResourceSample, ResourceSampleStream, Timestamp,
+    ContainerRuntime, EngineCapabilities, ExitStatus, ImageBuilder, ImageEntry, ImagePresence,
+    ImageStore, LocalImage, LogChunk, LogChunkStream, OutputStream, PullProgress,
+    PullProgressSender, RegistryAuth, ResourceSample, ResourceSampleStream, Timestamp,
 };
 use crate::error::{EngineError, Subject};
 use crate::firewall;
@@ -517,6 +518,42 @@ impl ImageStore for DockerEngine {
         }
     }
 
+    async fn list_images(&self) -> Result<Vec<ImageEntry>, EngineError> {
+        let options = ListImagesOptionsBuilder::new().all(false).build();
+        let images = self
+            .docker
+            .list_images(Some(options))
+            .await
+            .map_err(|error| EngineError::from_bollard(error, Subject::Engine))?;
+        Ok(images
+            .into_iter()
+            .map(|image| ImageEntry {
+                id: image.id,
+                references: image
+                    .repo_tags
+                    .into_iter()
+                    .filter(|tag| tag != "<none>:<none>")
+                    .collect(),
+                size_bytes: u64::try_from(image.size).unwrap_or(0),
+            })
+            .collect())
+    }
+
+    async fn remove_image(&self, image: &str) -> Result<(), EngineError> {
+        self.docker
+            .remove_image(image, None::<RemoveImageOptions>, None)
+            .await
+            .map(|_| ())
+            .map_err(|error| match error {
+                bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                } => EngineError::ImageNotFound {
+                    image: image.to_owned(),
+                },
+                other => EngineError::from_bollard(other, Subject::Engine),
+            })
+    }
+
     async fn check_registry_access(
         &self,
         image: &str,
@@ -629,21 +666,6 @@ impl ImageBuilder for DockerEngine {
         }
         tracing::info!(image = %reference, "image pushed");
         Ok(())
-    }
-
-    async fn remove_image(&self, image: &str) -> Result<(), EngineError> {
-        self.docker
-            .remove_image(image, None::<RemoveImageOptions>, None)
-            .await
-            .map(|_| ())
-            .map_err(|error| match error {
-                bollard::errors::Error::DockerResponseServerError {
-                    status_code: 404, ..
-                } => EngineError::ImageNotFound {
-                    image: image.to_owned(),
-                },
-                other => EngineError::from_bollard(other, Subject::Engine),
-            })
     }
 
     async fn import_image(

@@ -155,6 +155,15 @@ pub trait ImageStore: Send + Sync + 'static {
     /// The local image's id, repository digests and labels, `None` when it is not present.
     async fn local_image(&self, image: &str) -> Result<Option<LocalImage>, EngineError>;
 
+    /// Every local image with its references and size: what a janitor keeping the images
+    /// under a disk budget weighs.
+    async fn list_images(&self) -> Result<Vec<ImageEntry>, EngineError>;
+
+    /// Removes a local image (by reference or id), without force: an image a container still
+    /// uses (running or not) is refused with [`EngineError::Conflict`]. Removing one of
+    /// several references of an image only removes that reference.
+    async fn remove_image(&self, image: &str) -> Result<(), EngineError>;
+
     /// Asks `image`'s registry, through the engine, whether `registry_auth` (or no
     /// credentials at all) may pull it: the engine fetches the manifest's descriptor, no
     /// layers. `Ok` when it may; [`EngineError::RegistryDenied`] when the registry refuses
@@ -247,10 +256,6 @@ pub trait ImageBuilder: ImageStore {
         image: &str,
         registry_auth: Option<RegistryAuth>,
     ) -> Result<(), EngineError>;
-
-    /// Removes a local image (by reference or id), without force: an image a container still
-    /// uses is refused with [`EngineError::Conflict`].
-    async fn remove_image(&self, image: &str) -> Result<(), EngineError>;
 }
 
 /// What a runner holds: a [`ContainerRuntime`] and the [`ImageStore`] its containers come
@@ -317,6 +322,17 @@ pub struct LocalImage {
     pub labels: BTreeMap<String, String>,
     /// Its size on disk, unpacked, when the runtime says.
     pub size_bytes: Option<u64>,
+}
+
+/// One local image, as [`ImageStore::list_images`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageEntry {
+    /// The image's id.
+    pub id: String,
+    /// Its references (`repository:tag`); empty for an untagged image.
+    pub references: Vec<String>,
+    /// Its size on disk, unpacked, layers it shares with other images included.
+    pub size_bytes: u64,
 }
 
 /// Credentials for a private registry, sent with a pull.

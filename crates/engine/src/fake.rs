@@ -22,9 +22,9 @@ use tokio::time::Instant;
 use crate::build::{BuildProgress, BuildRequest, BuiltImage};
 use crate::context::plan_context;
 use crate::engine::{
-    ContainerRuntime, EngineCapabilities, ExitStatus, ImageBuilder, ImagePresence, ImageStore,
-    LocalImage, LogChunk, LogChunkStream, OutputStream, PullProgress, PullProgressSender,
-    RegistryAuth, ResourceSample, ResourceSampleStream, Timestamp,
+    ContainerRuntime, EngineCapabilities, ExitStatus, ImageBuilder, ImageEntry, ImagePresence,
+    ImageStore, LocalImage, LogChunk, LogChunkStream, OutputStream, PullProgress,
+    PullProgressSender, RegistryAuth, ResourceSample, ResourceSampleStream, Timestamp,
 };
 use crate::error::EngineError;
 use crate::network::{EgressPolicy, NetworkInfo, NetworkSpec};
@@ -847,6 +847,50 @@ impl ImageStore for FakeEngine {
         }))
     }
 
+    async fn list_images(&self) -> Result<Vec<ImageEntry>, EngineError> {
+        self.injected(FakeOperation::ImagePresent)?;
+        let state = self.lock();
+        let mut by_id: BTreeMap<&String, ImageEntry> = BTreeMap::new();
+        for (reference, id) in &state.images {
+            by_id
+                .entry(id)
+                .or_insert_with(|| ImageEntry {
+                    id: id.clone(),
+                    references: Vec::new(),
+                    size_bytes: state
+                        .image_sizes
+                        .get(id)
+                        .copied()
+                        .unwrap_or(FAKE_IMAGE_BYTES),
+                })
+                .references
+                .push(reference.clone());
+        }
+        Ok(by_id.into_values().collect())
+    }
+
+    async fn remove_image(&self, image: &str) -> Result<(), EngineError> {
+        self.injected(FakeOperation::RemoveImage)?;
+        let mut state = self.lock();
+        let Some((reference, _)) = state.find_image(image) else {
+            return Err(EngineError::ImageNotFound {
+                image: image.to_owned(),
+            });
+        };
+        let reference = reference.clone();
+        let in_use = state
+            .containers
+            .values()
+            .any(|c| normalize_reference(&c.spec.image) == reference);
+        if in_use {
+            return Err(EngineError::Conflict {
+                message: format!("the image {image} is used by a container"),
+            });
+        }
+        state.images.remove(&reference);
+        Ok(())
+    }
+
     async fn check_registry_access(
         &self,
         image: &str,
@@ -915,28 +959,6 @@ impl ImageBuilder for FakeEngine {
             return Err(EngineError::ImageNotFound { image: reference });
         }
         state.registry.insert(reference, Duration::ZERO);
-        Ok(())
-    }
-
-    async fn remove_image(&self, image: &str) -> Result<(), EngineError> {
-        self.injected(FakeOperation::RemoveImage)?;
-        let mut state = self.lock();
-        let Some((reference, _)) = state.find_image(image) else {
-            return Err(EngineError::ImageNotFound {
-                image: image.to_owned(),
-            });
-        };
-        let reference = reference.clone();
-        let in_use = state
-            .containers
-            .values()
-            .any(|c| normalize_reference(&c.spec.image) == reference);
-        if in_use {
-            return Err(EngineError::Conflict {
-                message: format!("the image {image} is used by a container"),
-            });
-        }
-        state.images.remove(&reference);
         Ok(())
     }
 

@@ -4,8 +4,9 @@
 //!
 //! * [`ContainerRuntime`]: what a runner drives (capabilities, create with files, start, logs,
 //!   wait, kill, stats, remove, list its own containers, its task network and its isolation);
-//! * [`ImageStore`]: the images the runtime runs from (presence, pulls, registry checks);
-//! * [`ImageBuilder`]: building, importing, pushing and removing images, for the CLI alone.
+//! * [`ImageStore`]: the images the runtime runs from (presence, pulls, registry checks,
+//!   listing and removing them);
+//! * [`ImageBuilder`]: building, importing and pushing images, for the CLI alone.
 //!
 //! A runner holds `Arc<dyn ContainerEngine>`, which is [`ContainerRuntime`] + [`ImageStore`].
 //!
@@ -82,8 +83,8 @@ pub use build::{
 };
 pub use docker::DockerEngine;
 pub use engine::{
-    ContainerEngine, ContainerRuntime, EngineCapabilities, ExitStatus, ImageBuilder, ImagePresence,
-    ImageStore, LocalImage, LogChunk, LogChunkStream, OutputStream, PullProgress,
+    ContainerEngine, ContainerRuntime, EngineCapabilities, ExitStatus, ImageBuilder, ImageEntry,
+    ImagePresence, ImageStore, LocalImage, LogChunk, LogChunkStream, OutputStream, PullProgress,
     PullProgressSender, RegistryAuth, Requirements, ResourceSample, ResourceSampleStream,
     ResourceUsage, Timestamp, check_required,
 };

@@ -35,6 +35,7 @@ use crate::backoff::requeue_delay;
 use crate::config::RunnerConfig;
 use crate::container::{ContainerPlan, PackagePlan};
 use crate::error::SourceError;
+use crate::images::{ImageInUse, ImageUses};
 use crate::logs::{LogShipper, ShippedLogs};
 use crate::progress::ProgressReporter;
 use crate::registry::{ImageAccess, ImageOwner, PublicImages};
@@ -58,6 +59,8 @@ pub(crate) struct TaskContext {
     pub public_images: PublicImages,
     /// The CPU group every task container goes into (the reserve), when there is one.
     pub cpu_group: Option<String>,
+    /// The images tasks used, for the image janitor.
+    pub image_uses: Arc<ImageUses>,
 }
 
 /// How an attempt ended, to be recorded.
@@ -123,6 +126,7 @@ pub(crate) async fn run(context: Arc<TaskContext>, leased: LeasedTask, slot: Slo
         signals: Signals::default(),
         container: None,
         started: false,
+        image: None,
     }
     .run()
     .instrument(span)
@@ -138,6 +142,8 @@ struct Attempt {
     container: Option<ContainerId>,
     /// Whether the container was started (and so may be running).
     started: bool,
+    /// The task's image, kept from the image janitor until the attempt ends.
+    image: Option<ImageInUse>,
 }
 
 // === impl Attempt ===
@@ -291,6 +297,8 @@ impl Attempt {
 
         let config = &self.context.config;
         let plan = ContainerPlan::new(&self.leased, &config.stacks).map_err(setup_failed)?;
+        // In use before it is made present, so the janitor never takes it in between.
+        self.image = Some(self.context.image_uses.acquire(&plan.image));
         self.ensure_image(&plan.image).await?;
         let package = match &plan.package {
             PackagePlan::None => None,
@@ -373,8 +381,11 @@ impl Attempt {
             Ok(ImagePresence::AlreadyPresent) if access.owner == ImageOwner::Project => {
                 self.cached_copy_usable(&access, image).await.map(drop)
             }
-            Ok(_) => {
+            Ok(presence) => {
                 access.usable(image, public);
+                if presence == ImagePresence::Pulled {
+                    self.context.image_uses.pulled();
+                }
                 if let Some(started) = pull_started {
                     let took = started.elapsed();
                     tracing::info!(image, took_ms = took.as_millis(), "image pulled");

@@ -78,6 +78,13 @@ pub struct RunnerConfig {
     /// ends the task `error` (its image is the user's choice). `None`: no limit. Default
     /// 10 GiB.
     pub max_image_bytes: Option<u64>,
+    /// The disk the engine's images may take, MiB: over it, the images this runner used
+    /// least recently (and uses no more) are removed, never a stack image. `None`: images
+    /// are never removed. Default 20 GiB.
+    pub image_disk_budget_mib: Option<u64>,
+    /// How often the images are weighed against the budget, besides after every pull.
+    /// Default 5 minutes.
+    pub image_janitor_interval: Duration,
     /// The CPU limit of a task whose code sets no `cpus`, in CPUs; `None` leaves such tasks
     /// unlimited. Default 1: a busy loop takes one core, not the machine.
     pub default_cpus: Option<f64>,
@@ -148,6 +155,8 @@ impl Default for RunnerConfig {
             pids_limit: Some(512),
             pull_timeout: Duration::from_secs(600),
             max_image_bytes: Some(10 << 30),
+            image_disk_budget_mib: Some(20 << 10),
+            image_janitor_interval: Duration::from_secs(300),
             default_cpus: Some(1.0),
             reserve_cpus: 0.0,
             allow_unlimited_memory: false,
@@ -185,6 +194,9 @@ impl RunnerConfig {
         }
         if self.log_flush_bytes == 0 {
             return invalid("log_flush_bytes is 0");
+        }
+        if self.image_disk_budget_mib == Some(0) || self.image_janitor_interval.is_zero() {
+            return invalid("image_disk_budget_mib and image_janitor_interval must be above 0");
         }
         if self.pull_timeout.is_zero() || self.max_image_bytes == Some(0) {
             return invalid("pull_timeout and max_image_bytes must be above 0");

@@ -172,7 +172,21 @@ impl Runner {
             engine_suspect: AtomicBool::new(false),
             public_images: PublicImages::default(),
             cpu_group,
+            image_uses: Arc::default(),
         });
+        if let Some(budget_mib) = config.image_disk_budget_mib {
+            context.tracker.spawn(
+                crate::images::janitor(
+                    Arc::clone(&self.engine),
+                    Arc::clone(&context.image_uses),
+                    budget_mib << 20,
+                    stack_images(config),
+                    config.image_janitor_interval,
+                    shutdown.clone(),
+                )
+                .in_current_span(),
+            );
+        }
         self.lease_loop(&context, &admission, &shutdown).await;
 
         let running = context.tracker.len();
@@ -339,6 +353,22 @@ impl std::fmt::Debug for Runner {
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
+}
+
+/// The images the janitor never removes: every stack's (the local ones cannot be pulled
+/// again, the others are what most tasks run on).
+fn stack_images(config: &RunnerConfig) -> std::collections::HashSet<String> {
+    config
+        .stacks
+        .stacks()
+        .iter()
+        .map(|stack| stack.image.clone())
+        .chain(
+            stevedore_model::StackTable::local_builds()
+                .into_iter()
+                .map(|build| build.image.to_owned()),
+        )
+        .collect()
 }
 
 fn log_engine(capabilities: &EngineCapabilities) {

@@ -743,6 +743,117 @@ async fn an_image_over_the_size_limit_ends_error_with_the_sizes() {
         .output();
 }
 
+/// Builds `image` from the test image with a layer of `bytes` random bytes of its own, so
+/// it takes disk of its own.
+fn build_image_with_noise(image: &str, bytes: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64 ^ image.len() as u64 ^ u64::from(std::process::id());
+    let noise: Vec<u8> = image
+        .bytes()
+        .chain((0..bytes).map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        }))
+        .collect();
+    std::fs::write(dir.path().join("noise"), noise).unwrap();
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        format!("FROM {TEST_IMAGE}\nCOPY noise /noise\n"),
+    )
+    .unwrap();
+    docker(&["build", "-q", "-t", image, dir.path().to_str().unwrap()]);
+}
+
+/// Over the disk budget, the janitor removes the images the runner's tasks used and no task
+/// uses now; the image of a running task stays, and so do the stack images and images the
+/// runner never used.
+#[tokio::test]
+async fn images_over_the_disk_budget_go_least_recently_used_first_never_one_in_use() {
+    let test = docker_or_skip!("image-gc");
+    let repository = format!("stevedore/hygiene-gc-{}", std::process::id());
+    let images: Vec<String> = ["a", "b", "c", "busy", "foreign"]
+        .iter()
+        .map(|tag| format!("{repository}:{tag}"))
+        .collect();
+    for image in &images {
+        build_image_with_noise(image, 1 << 20);
+    }
+    let _remove = RemoveImagesOnDrop(images.clone());
+    for (code, image) in ["a", "b", "c"].iter().zip(&images) {
+        test.harness
+            .push_image_code(code, image, Some("true"), |_| {})
+            .await;
+    }
+    test.harness
+        .push_image_code("busy", &images[3], Some("sleep 30"), |_| {})
+        .await;
+    let config = RunnerConfig {
+        // Far below what the engine holds: everything that may go, goes.
+        image_disk_budget_mib: Some(1),
+        image_janitor_interval: Duration::from_millis(300),
+        ..test.config()
+    };
+    let runner = test.start(config);
+    let busy = test.harness.queue("busy", "", 60).await;
+    test.harness
+        .wait_for(&busy.id, WITHIN, |task| task.status == TaskStatus::Running)
+        .await;
+    for code in ["a", "b", "c"] {
+        let task = test.harness.queue(code, "", 60).await;
+        let done = test.harness.finished(&task.id, WITHIN).await;
+        assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut gone = true;
+        for image in &images[..3] {
+            gone &= !test.engine.image_present(image).await.unwrap();
+        }
+        if gone {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the used images were not removed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        test.engine.image_present(&images[3]).await.unwrap(),
+        "the busy task's image went"
+    );
+    assert!(
+        test.engine.image_present(&images[4]).await.unwrap(),
+        "a foreign image went"
+    );
+    assert!(
+        test.engine.image_present(TEST_IMAGE).await.unwrap(),
+        "the stack image went"
+    );
+    test.harness
+        .store
+        .cancel_task(&test.harness.project_id, &busy.id, test.harness.clock.now())
+        .await
+        .unwrap();
+    test.harness.finished(&busy.id, WITHIN).await;
+    test.stop_and_check_teardown(runner, &[&busy.id]).await;
+}
+
+/// Removes the images a test made, also when it fails.
+struct RemoveImagesOnDrop(Vec<String>);
+
+impl Drop for RemoveImagesOnDrop {
+    fn drop(&mut self) {
+        for image in &self.0 {
+            let _ = std::process::Command::new("docker")
+                .args(["rmi", image])
+                .output();
+        }
+    }
+}
+
 /// A field of `docker inspect`, through the docker CLI, as an operator would look.
 fn docker_inspect(id: &str, format: &str) -> String {
     let output = std::process::Command::new("docker")
