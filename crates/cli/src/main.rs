@@ -512,7 +512,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
                 .announcing(server_config.runner_api.online_window / 4),
         );
         let runner = Runner::new(
-            settings.runner_config(&server_config.stacks)?,
+            settings.embedded_runner_config(&server_config.stacks)?,
             source.clone(),
             engine,
         );

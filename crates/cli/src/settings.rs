@@ -18,6 +18,10 @@ use stevedore_runner::{PublishedApi, RunnerConfig, TaskNetworkConfig};
 use stevedore_server::ServerConfig;
 use stevedore_store::{PgOptions, SqliteOptions, SyncMode};
 
+/// The CPUs `serve` keeps from its embedded runner's tasks for the API and the store, unless
+/// `runner.reserve_cpus` says otherwise.
+pub const SERVE_RESERVE_CPUS: f64 = 0.5;
+
 /// Everything configurable, as read from files and the environment.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Settings {
@@ -152,6 +156,21 @@ pub struct RunnerSettings {
     /// Infrastructure failures of one task before it ends `error`.
     pub max_infra_attempts: u32,
     pub pids_limit: Option<u64>,
+    /// How long a task's image pull may take before the attempt is given back as the
+    /// infrastructure's failure.
+    pub pull_timeout_secs: u64,
+    /// The largest image a task may pull, bytes (download sizes while pulling, the size on
+    /// disk after); over it the task ends `error`. 0: no limit.
+    pub max_image_bytes: u64,
+    /// The disk the engine's images may take, MiB; over it the images this runner used least
+    /// recently (and no task uses now) are removed, never a stack image. 0: never removed.
+    pub image_disk_budget_mib: u64,
+    /// The CPU limit of a task whose code sets no `cpus`; 0 leaves such tasks unlimited.
+    pub default_cpus: f64,
+    /// CPUs kept from the tasks for the API and the store: all task containers together get
+    /// the engine's cores less this. Absent: half a core in `serve`, none in `runner` and
+    /// `run`, which serve no API.
+    pub reserve_cpus: Option<f64>,
     /// Run even when the engine cannot enforce memory limits (not recommended).
     pub allow_unlimited_memory: bool,
     /// Credentials for pulling from private registries.
@@ -315,6 +334,11 @@ impl Default for RunnerSettings {
             shutdown_grace_secs: defaults.shutdown_grace.as_secs(),
             max_infra_attempts: defaults.max_infra_attempts,
             pids_limit: defaults.pids_limit,
+            pull_timeout_secs: defaults.pull_timeout.as_secs(),
+            max_image_bytes: defaults.max_image_bytes.unwrap_or(0),
+            image_disk_budget_mib: defaults.image_disk_budget_mib.unwrap_or(0),
+            default_cpus: defaults.default_cpus.unwrap_or(0.0),
+            reserve_cpus: None,
             allow_unlimited_memory: defaults.allow_unlimited_memory,
             registries: Vec::new(),
         }
@@ -333,6 +357,12 @@ impl RunnerSettings {
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
             max_infra_attempts: self.max_infra_attempts,
             pids_limit: self.pids_limit,
+            pull_timeout: Duration::from_secs(self.pull_timeout_secs),
+            max_image_bytes: (self.max_image_bytes > 0).then_some(self.max_image_bytes),
+            image_disk_budget_mib: (self.image_disk_budget_mib > 0)
+                .then_some(self.image_disk_budget_mib),
+            default_cpus: (self.default_cpus > 0.0).then_some(self.default_cpus),
+            reserve_cpus: self.reserve_cpus.unwrap_or(0.0),
             allow_unlimited_memory: self.allow_unlimited_memory,
             stacks: stacks.clone(),
             registry_auth: self
@@ -437,6 +467,17 @@ impl Settings {
             config.registry_auth.insert(0, registry.auth());
         }
         config.network = self.task_network.config()?;
+        Ok(config)
+    }
+
+    /// The configuration of the runner embedded in `serve`: [`Settings::runner_config`],
+    /// keeping [`SERVE_RESERVE_CPUS`] for the API and the store unless `runner.reserve_cpus`
+    /// says otherwise.
+    pub fn embedded_runner_config(&self, stacks: &StackTable) -> anyhow::Result<RunnerConfig> {
+        let mut config = self.runner_config(stacks)?;
+        if self.runner.reserve_cpus.is_none() {
+            config.reserve_cpus = SERVE_RESERVE_CPUS;
+        }
         Ok(config)
     }
 

@@ -5,7 +5,7 @@
 //! fake in its unit tests; a second implementation proves itself by passing it too. A
 //! [`Harness`] turns the suite's [`Program`]s into specs its runtime runs (a shell in a small
 //! image for Docker, a scripted run for the fake); everything else (creating with files,
-//! environment, starting, waiting, logs, stats, kill, remove, listing by label, the errors) is
+//! environment, starting, waiting, attached output, stats, kill, remove, listing by label, the errors) is
 //! asked through the trait alone.
 //!
 //! [`runtime_conformance_tests!`](crate::runtime_conformance_tests) writes one `#[tokio::test]`
@@ -105,18 +105,16 @@ fn labelled(harness: &dyn Harness, program: &Program, runner: &str) -> Container
     spec
 }
 
-/// Creates and starts `spec`, waits until it ends, reads its whole output (which `logs` gives
-/// for a stopped container; a live stream may miss the last of it, so the runner reads again
-/// after `wait` too), then removes it.
+/// Creates `spec`, attaches to its output, starts it, reads its whole output (the stream ends
+/// once the container stopped), waits for its end, then removes it.
 pub async fn run_to_end(runtime: &dyn ContainerRuntime, spec: &ContainerSpec) -> Finished {
     let id = ok(within("create", runtime.create(spec)).await, "create");
+    let mut output = ok(within("attach", runtime.attach(&id)).await, "attach");
     ok(within("start", runtime.start(&id)).await, "start");
-    let status = ok(within("wait", runtime.wait(&id)).await, "wait");
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-    let mut logs = runtime.logs(&id);
-    within("logs", async {
-        while let Some(chunk) = logs.next().await {
-            let chunk = ok(chunk, "logs");
+    within("output", async {
+        while let Some(chunk) = output.next().await {
+            let chunk = ok(chunk, "output");
             match chunk.stream {
                 OutputStream::Stdout => stdout.extend_from_slice(&chunk.bytes),
                 OutputStream::Stderr => stderr.extend_from_slice(&chunk.bytes),
@@ -124,6 +122,7 @@ pub async fn run_to_end(runtime: &dyn ContainerRuntime, spec: &ContainerSpec) ->
         }
     })
     .await;
+    let status = ok(within("wait", runtime.wait(&id)).await, "wait");
     ok(within("remove", runtime.remove(&id)).await, "remove");
     Finished {
         status,
@@ -221,7 +220,7 @@ pub async fn memory_limit_kill_is_named_oom(harness: &dyn Harness) {
     assert_ne!(finished.status.exit_code, 0, "{finished:?}");
 }
 
-/// `logs` keeps stdout and stderr apart.
+/// `attach` keeps stdout and stderr apart.
 pub async fn logs_keep_stdout_and_stderr_apart(harness: &dyn Harness) {
     let program = Program::Print {
         stdout: "to stdout\n".to_owned(),
@@ -368,11 +367,11 @@ pub async fn unknown_containers_are_not_found(harness: &dyn Harness) {
         &id,
         "stats_snapshot",
     );
-    let first = within("logs", runtime.logs(&id).next()).await;
-    match first {
-        Some(result) => assert_not_found(result.map(|_| ()), &id, "logs"),
-        None => panic!("logs of an unknown container ended without an error"),
-    }
+    assert_not_found(
+        within("attach", runtime.attach(&id)).await.map(|_| ()),
+        &id,
+        "attach",
+    );
 }
 
 /// The network the suite ensures; it is left in place (a runner's network outlives its

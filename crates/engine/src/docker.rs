@@ -10,15 +10,17 @@ use bollard::Docker;
 use bollard::auth::DockerCredentials;
 use bollard::container::LogOutput;
 use bollard::models::{
-    ContainerCreateBody, ContainerStatsResponse, HostConfig, Ipam, IpamConfig,
-    NetworkCreateRequest, NetworkInspect, ProgressDetail, SystemInfo, SystemVersion,
+    ContainerCreateBody, ContainerStatsResponse, HostConfig, HostConfigLogConfig, Ipam, IpamConfig,
+    NetworkCreateRequest, NetworkInspect, ProgressDetail, SystemInfo, SystemInfoCgroupVersionEnum,
+    SystemVersion,
 };
 use bollard::query_parameters::{
-    BuildImageOptions, BuildImageOptionsBuilder, CreateContainerOptionsBuilder,
-    CreateImageOptionsBuilder, InspectContainerOptions, KillContainerOptionsBuilder,
-    ListContainersOptionsBuilder, LogsOptionsBuilder, PushImageOptionsBuilder,
-    RemoveContainerOptionsBuilder, RemoveImageOptions, StartContainerOptions, StatsOptionsBuilder,
-    TagImageOptionsBuilder, UploadToContainerOptionsBuilder, WaitContainerOptions,
+    AttachContainerOptionsBuilder, BuildImageOptions, BuildImageOptionsBuilder,
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, InspectContainerOptions,
+    KillContainerOptionsBuilder, ListContainersOptionsBuilder, ListImagesOptionsBuilder,
+    PushImageOptionsBuilder, RemoveContainerOptionsBuilder, RemoveImageOptions,
+    StartContainerOptions, StatsOptionsBuilder, TagImageOptionsBuilder,
+    UploadToContainerOptionsBuilder, WaitContainerOptions,
 };
 use bytes::Bytes;
 use futures::StreamExt;
@@ -28,10 +30,11 @@ use tokio::sync::broadcast;
 use crate::archive::task_files_archive;
 use crate::build::{BuildProgress, BuildRequest, BuiltImage, OutputLines};
 use crate::context::{ContextPlan, plan_context, stream_context};
+use crate::cpu_group;
 use crate::engine::{
-    ContainerRuntime, EngineCapabilities, ExitStatus, ImageBuilder, ImagePresence, ImageStore,
-    LocalImage, LogChunk, LogChunkStream, OutputStream, PullProgress, PullProgressSender,
-    RegistryAuth, ResourceSample, ResourceSampleStream, Timestamp,
+    ContainerRuntime, EngineCapabilities, ExitStatus, ImageBuilder, ImageEntry, ImagePresence,
+    ImageStore, LocalImage, LogChunk, LogChunkStream, OutputStream, PullProgress,
+    PullProgressSender, RegistryAuth, ResourceSample, ResourceSampleStream, Timestamp,
 };
 use crate::error::{EngineError, Subject};
 use crate::firewall;
@@ -42,6 +45,9 @@ use crate::spec::{ContainerId, ContainerSpec};
 /// Docker's bridge driver options a task network is created with, and checked for.
 const BRIDGE_NAME_OPTION: &str = "com.docker.network.bridge.name";
 const ICC_OPTION: &str = "com.docker.network.bridge.enable_icc";
+
+/// The log driver of task containers: none, see `create_body`.
+const NO_ENGINE_LOG: &str = "none";
 
 /// The exit code of a process killed by SIGKILL, as an OOM kill leaves it.
 const SIGKILL_EXIT_CODE: i64 = 137;
@@ -236,16 +242,26 @@ impl ContainerRuntime for DockerEngine {
         }
     }
 
-    fn logs(&self, id: &ContainerId) -> LogChunkStream {
-        let options = LogsOptionsBuilder::new()
-            .follow(true)
+    async fn attach(&self, id: &ContainerId) -> Result<LogChunkStream, EngineError> {
+        let options = AttachContainerOptionsBuilder::new()
+            .stream(true)
             .stdout(true)
             .stderr(true)
+            .logs(false)
             .build();
         let container = id.as_str().to_owned();
-        self.docker
-            .logs(id.as_str(), Some(options))
+        let attached = self
+            .docker
+            .attach_container(id.as_str(), Some(options))
+            .await
+            .map_err(|error| EngineError::from_bollard(error, Subject::Container(&container)))?;
+        // The connection's writing half stays open with the stream: the engine reads no
+        // input (stdin is not attached), but the attachment lasts as long as the reader.
+        let input = attached.input;
+        Ok(attached
+            .output
             .filter_map(move |item| {
+                let _attached = &input;
                 ready(match item {
                     Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => {
                         Some(Ok(LogChunk {
@@ -264,7 +280,7 @@ impl ContainerRuntime for DockerEngine {
                     ))),
                 })
             })
-            .boxed()
+            .boxed())
     }
 
     async fn wait(&self, id: &ContainerId) -> Result<ExitStatus, EngineError> {
@@ -392,6 +408,23 @@ impl ContainerRuntime for DockerEngine {
             .collect())
     }
 
+    async fn ensure_cpu_group(&self, name: &str, nano_cpus: u64) -> Result<(), EngineError> {
+        let info = self
+            .docker
+            .info()
+            .await
+            .map_err(|error| EngineError::from_bollard(error, Subject::Engine))?;
+        let hierarchy = match info.cgroup_version {
+            Some(SystemInfoCgroupVersionEnum::_2) => cpu_group::Hierarchy::V2,
+            _ => cpu_group::Hierarchy::V1,
+        };
+        let driver = info
+            .cgroup_driver
+            .map(|driver| driver.to_string())
+            .unwrap_or_default();
+        cpu_group::ensure(name, nano_cpus, hierarchy, &driver).await
+    }
+
     async fn inspect_network(&self, name: &str) -> Result<Option<NetworkInfo>, EngineError> {
         match self.docker.inspect_network(name, None).await {
             Ok(inspected) => network_info_of(inspected).map(Some),
@@ -477,12 +510,49 @@ impl ImageStore for DockerEngine {
                     .and_then(|config| config.labels)
                     .map(|labels| labels.into_iter().collect())
                     .unwrap_or_default(),
+                size_bytes: inspected.size.and_then(|size| u64::try_from(size).ok()),
             })),
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..
             }) => Ok(None),
             Err(error) => Err(EngineError::from_bollard(error, Subject::Engine)),
         }
+    }
+
+    async fn list_images(&self) -> Result<Vec<ImageEntry>, EngineError> {
+        let options = ListImagesOptionsBuilder::new().all(false).build();
+        let images = self
+            .docker
+            .list_images(Some(options))
+            .await
+            .map_err(|error| EngineError::from_bollard(error, Subject::Engine))?;
+        Ok(images
+            .into_iter()
+            .map(|image| ImageEntry {
+                id: image.id,
+                references: image
+                    .repo_tags
+                    .into_iter()
+                    .filter(|tag| tag != "<none>:<none>")
+                    .collect(),
+                size_bytes: u64::try_from(image.size).unwrap_or(0),
+            })
+            .collect())
+    }
+
+    async fn remove_image(&self, image: &str) -> Result<(), EngineError> {
+        self.docker
+            .remove_image(image, None::<RemoveImageOptions>, None)
+            .await
+            .map(|_| ())
+            .map_err(|error| match error {
+                bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                } => EngineError::ImageNotFound {
+                    image: image.to_owned(),
+                },
+                other => EngineError::from_bollard(other, Subject::Engine),
+            })
     }
 
     async fn check_registry_access(
@@ -597,21 +667,6 @@ impl ImageBuilder for DockerEngine {
         }
         tracing::info!(image = %reference, "image pushed");
         Ok(())
-    }
-
-    async fn remove_image(&self, image: &str) -> Result<(), EngineError> {
-        self.docker
-            .remove_image(image, None::<RemoveImageOptions>, None)
-            .await
-            .map(|_| ())
-            .map_err(|error| match error {
-                bollard::errors::Error::DockerResponseServerError {
-                    status_code: 404, ..
-                } => EngineError::ImageNotFound {
-                    image: image.to_owned(),
-                },
-                other => EngineError::from_bollard(other, Subject::Engine),
-            })
     }
 
     async fn import_image(
@@ -839,10 +894,18 @@ fn create_body(spec: &ContainerSpec) -> Result<ContainerCreateBody, EngineError>
         memory_swap: memory,
         nano_cpus: as_engine_integer(spec.nano_cpus)?,
         pids_limit: as_engine_integer(spec.pids_limit)?,
+        cgroup_parent: spec.cpu_group.as_ref().map(|group| format!("/{group}")),
         network_mode: spec.network_mode.clone(),
         security_opt: Some(vec!["no-new-privileges".to_owned()]),
         cap_drop: Some(vec!["ALL".to_owned()]),
         cap_add: Some(spec.effective_capabilities()),
+        // The engine keeps none of the output: the runner reads it through `attach` and
+        // stores it capped, and an engine's own log file of a task printing without end
+        // would grow until the disk is full (tens of MB a second).
+        log_config: Some(HostConfigLogConfig {
+            typ: Some(NO_ENGINE_LOG.to_owned()),
+            config: None,
+        }),
         ..HostConfig::default()
     };
     Ok(ContainerCreateBody {
@@ -1051,6 +1114,10 @@ mod tests {
                 .contains(&"SETUID".to_owned())
         );
         assert_eq!(body.cmd, None);
+        assert_eq!(
+            host.log_config.and_then(|config| config.typ).as_deref(),
+            Some("none")
+        );
         Ok(())
     }
 

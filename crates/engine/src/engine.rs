@@ -37,8 +37,8 @@ pub type PullProgressSender = tokio::sync::mpsc::UnboundedSender<PullProgress>;
 /// runtime's structured answers, never from message text; see
 /// [`EngineError::is_infrastructure`] for which failures are the user's.
 ///
-/// The lifecycle of one task container is `create` (files in place) → `start` → `logs` and
-/// `wait` (and `kill` on timeout or cancel) → `remove`. A second implementation proves itself
+/// The lifecycle of one task container is `create` (files in place) → `attach` → `start` →
+/// its output and `wait` (and `kill` on timeout or cancel) → `remove`. A second implementation proves itself
 /// by passing the conformance suite (`conformance`, cargo feature `test-support`) that the
 /// Docker implementation and the fake pass.
 #[async_trait]
@@ -57,14 +57,16 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Starts a created container.
     async fn start(&self, id: &ContainerId) -> Result<(), EngineError>;
 
-    /// The container's stdout and stderr from its start, kept apart, following until it
-    /// stops. Failures (the container does not exist) arrive as the stream's first item.
+    /// Attaches to the container's stdout and stderr, kept apart: call it after `create` and
+    /// before `start`. The stream delivers everything the container writes from its start and
+    /// ends when the container stopped and its output is delivered. Failures (the container
+    /// does not exist) are the call's error.
     ///
-    /// Call it after `start`: output written before the call is included, but following a
-    /// container that has not started yet ends at once, empty (the engine's behaviour). A live
-    /// stream may miss output written just before the container stops; called again after
-    /// `wait`, it returns all of it (the runner reads that catch-up).
-    fn logs(&self, id: &ContainerId) -> LogChunkStream;
+    /// The runtime keeps no copy of the output (Docker: the `none` log driver), so a task that
+    /// prints without end fills no disk: the attached reader is its only reader. A reader
+    /// slower than the container holds the container's writes back instead of losing
+    /// output; dropping the stream detaches, and later output is discarded.
+    async fn attach(&self, id: &ContainerId) -> Result<LogChunkStream, EngineError>;
 
     /// Waits until the container stops, then reports how it ended.
     async fn wait(&self, id: &ContainerId) -> Result<ExitStatus, EngineError>;
@@ -97,6 +99,16 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Every container, running or not, that carries the label `key=value`: how a runner
     /// finds the leftovers of an earlier life at start-up.
     async fn list_labeled(&self, key: &str, value: &str) -> Result<Vec<ContainerId>, EngineError>;
+
+    /// Makes sure of the CPU group `name`: the containers created with it as their
+    /// [`ContainerSpec::cpu_group`](crate::ContainerSpec::cpu_group) use at most `nano_cpus`
+    /// (billionths of a CPU) together, so that whatever runs beside them on the runtime's
+    /// host (the API and the store of `serve`) keeps the rest however many are busy. Each
+    /// container keeps its own limit inside the group's. Idempotent; asking again changes the
+    /// cap. When the runtime cannot cap a group (it runs on another host, no permission, a
+    /// cgroup manager it does not drive) the answer is [`EngineError::LimitUnenforceable`],
+    /// never a silent success; a bad name is [`EngineError::InvalidSpec`].
+    async fn ensure_cpu_group(&self, name: &str, nano_cpus: u64) -> Result<(), EngineError>;
 
     /// The network `name`, or `None` when the runtime has none of that name.
     async fn inspect_network(&self, name: &str) -> Result<Option<NetworkInfo>, EngineError>;
@@ -143,6 +155,15 @@ pub trait ImageStore: Send + Sync + 'static {
     /// The local image's id, repository digests and labels, `None` when it is not present.
     async fn local_image(&self, image: &str) -> Result<Option<LocalImage>, EngineError>;
 
+    /// Every local image with its references and size: what a janitor keeping the images
+    /// under a disk budget weighs.
+    async fn list_images(&self) -> Result<Vec<ImageEntry>, EngineError>;
+
+    /// Removes a local image (by reference or id), without force: an image a container still
+    /// uses (running or not) is refused with [`EngineError::Conflict`]. Removing one of
+    /// several references of an image only removes that reference.
+    async fn remove_image(&self, image: &str) -> Result<(), EngineError>;
+
     /// Asks `image`'s registry, through the engine, whether `registry_auth` (or no
     /// credentials at all) may pull it: the engine fetches the manifest's descriptor, no
     /// layers. `Ok` when it may; [`EngineError::RegistryDenied`] when the registry refuses
@@ -159,7 +180,9 @@ pub trait ImageStore: Send + Sync + 'static {
     ///
     /// Concurrent calls for the same image with the same credentials share one pull (a
     /// caller with other credentials pulls on its own, so nobody gets an image through
-    /// someone else's access); each caller gets the pull's result
+    /// someone else's access). A caller that drops its call (a deadline of its own, a size
+    /// limit) leaves the pull to the others; when the last one does, the pull is stopped.
+    /// Each caller gets the pull's result
     /// and, when it passed a `progress` sender, the progress events from the moment it joined.
     /// A reference without a tag or digest means `:latest` (never "every tag"). A pull the
     /// engine fails without saying why (Docker answers 500 for refused credentials and
@@ -233,10 +256,6 @@ pub trait ImageBuilder: ImageStore {
         image: &str,
         registry_auth: Option<RegistryAuth>,
     ) -> Result<(), EngineError>;
-
-    /// Removes a local image (by reference or id), without force: an image a container still
-    /// uses is refused with [`EngineError::Conflict`].
-    async fn remove_image(&self, image: &str) -> Result<(), EngineError>;
 }
 
 /// What a runner holds: a [`ContainerRuntime`] and the [`ImageStore`] its containers come
@@ -301,6 +320,19 @@ pub struct LocalImage {
     pub repo_digests: Vec<String>,
     /// The image's labels (`stevedore.recipe` on the local stack images).
     pub labels: BTreeMap<String, String>,
+    /// Its size on disk, unpacked, when the runtime says.
+    pub size_bytes: Option<u64>,
+}
+
+/// One local image, as [`ImageStore::list_images`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageEntry {
+    /// The image's id.
+    pub id: String,
+    /// Its references (`repository:tag`); empty for an untagged image.
+    pub references: Vec<String>,
+    /// Its size on disk, unpacked, layers it shares with other images included.
+    pub size_bytes: u64,
 }
 
 /// Credentials for a private registry, sent with a pull.

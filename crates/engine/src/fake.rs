@@ -22,9 +22,9 @@ use tokio::time::Instant;
 use crate::build::{BuildProgress, BuildRequest, BuiltImage};
 use crate::context::plan_context;
 use crate::engine::{
-    ContainerRuntime, EngineCapabilities, ExitStatus, ImageBuilder, ImagePresence, ImageStore,
-    LocalImage, LogChunk, LogChunkStream, OutputStream, PullProgress, PullProgressSender,
-    RegistryAuth, ResourceSample, ResourceSampleStream, Timestamp,
+    ContainerRuntime, EngineCapabilities, ExitStatus, ImageBuilder, ImageEntry, ImagePresence,
+    ImageStore, LocalImage, LogChunk, LogChunkStream, OutputStream, PullProgress,
+    PullProgressSender, RegistryAuth, ResourceSample, ResourceSampleStream, Timestamp,
 };
 use crate::error::EngineError;
 use crate::network::{EgressPolicy, NetworkInfo, NetworkSpec};
@@ -33,6 +33,9 @@ use crate::spec::{ContainerId, ContainerSpec};
 
 /// The exit code of a killed container (128 + SIGKILL), as Docker reports it.
 pub const KILLED_EXIT_CODE: i64 = 137;
+
+/// The size of a fake image unless set otherwise ([`FakeEngine::set_image_size`]).
+pub const FAKE_IMAGE_BYTES: u64 = 1 << 20;
 
 /// The in-memory engine. Cheap to clone; clones share state.
 #[derive(Clone)]
@@ -92,8 +95,8 @@ pub enum FakeOperation {
     Create,
     /// `start`.
     Start,
-    /// `logs` (the stream's first item).
-    Logs,
+    /// `attach`.
+    Attach,
     /// `wait`.
     Wait,
     /// `kill`.
@@ -108,6 +111,8 @@ pub enum FakeOperation {
     Network,
     /// `isolate_network`.
     Isolate,
+    /// `ensure_cpu_group`.
+    CpuGroup,
 }
 
 /// How a fake container's run is chosen.
@@ -135,6 +140,8 @@ struct FakeState {
     capabilities: EngineCapabilities,
     /// Images present locally: normalized reference → id.
     images: BTreeMap<String, String>,
+    /// Sizes of images that are not [`FAKE_IMAGE_BYTES`], by id.
+    image_sizes: BTreeMap<String, u64>,
     /// The labels of built and imported images, by id.
     image_labels: BTreeMap<String, BTreeMap<String, String>>,
     /// Images a pull can fetch, with how long the pull takes.
@@ -154,6 +161,8 @@ struct FakeState {
     networks: BTreeMap<String, NetworkInfo>,
     /// The policy each network was last isolated with, by name.
     isolations: BTreeMap<String, EgressPolicy>,
+    /// CPU groups and their caps in billionths of a CPU, by name.
+    cpu_groups: BTreeMap<String, u64>,
     next_id: u64,
     /// The wall-clock time the fake's clock starts at, for `started_at`/`finished_at`.
     epoch: Timestamp,
@@ -292,6 +301,7 @@ impl FakeEngine {
                 },
                 images: BTreeMap::new(),
                 image_labels: BTreeMap::new(),
+                image_sizes: BTreeMap::new(),
                 registry: BTreeMap::new(),
                 pull_counts: BTreeMap::new(),
                 builds: Vec::new(),
@@ -306,6 +316,7 @@ impl FakeEngine {
                 remove_takes: Duration::ZERO,
                 networks: BTreeMap::new(),
                 isolations: BTreeMap::new(),
+                cpu_groups: BTreeMap::new(),
                 next_id: 1,
                 epoch,
                 epoch_instant: Instant::now(),
@@ -439,6 +450,20 @@ impl FakeEngine {
     pub fn remove_network(&self, name: &str) -> &Self {
         self.lock().networks.remove(name);
         self
+    }
+
+    /// Sets the size of the local image `image` (by reference), as `local_image` reports it.
+    pub fn set_image_size(&self, image: &str, bytes: u64) -> &Self {
+        let mut state = self.lock();
+        if let Some(id) = state.find_image(image).map(|(_, id)| id.clone()) {
+            state.image_sizes.insert(id, bytes);
+        }
+        self
+    }
+
+    /// The cap of the CPU group `name`, in billionths of a CPU, once it was made sure of.
+    pub fn cpu_group(&self, name: &str) -> Option<u64> {
+        self.lock().cpu_groups.get(name).copied()
     }
 
     /// The networks that exist, by name.
@@ -601,15 +626,20 @@ impl ContainerRuntime for FakeEngine {
         Ok(())
     }
 
-    fn logs(&self, id: &ContainerId) -> LogChunkStream {
+    async fn attach(&self, id: &ContainerId) -> Result<LogChunkStream, EngineError> {
+        self.injected(FakeOperation::Attach)?;
+        let mut phase = self.phase_of(id)?;
         let engine = self.clone();
         let id = id.clone();
         let chunks = async move {
-            engine.injected(FakeOperation::Logs)?;
-            let mut phase = engine.phase_of(&id)?;
-            // Following a container that has not started ends at once, as Docker's does.
-            if matches!(*phase.borrow(), Phase::Created) {
-                return Ok(Vec::new());
+            // The output comes once the container started; a container removed before its
+            // start had none.
+            if phase
+                .wait_for(|phase| !matches!(phase, Phase::Created))
+                .await
+                .is_err()
+            {
+                return Vec::new();
             }
             let logs = engine
                 .lock()
@@ -620,14 +650,11 @@ impl ContainerRuntime for FakeEngine {
             let _ = phase
                 .wait_for(|phase| matches!(phase, Phase::Exited(_)))
                 .await;
-            Ok::<_, EngineError>(logs)
+            logs
         };
-        futures::stream::once(chunks)
-            .flat_map(|result| match result {
-                Ok(logs) => futures::stream::iter(logs.into_iter().map(Ok)).boxed(),
-                Err(error) => futures::stream::iter([Err(error)]).boxed(),
-            })
-            .boxed()
+        Ok(futures::stream::once(chunks)
+            .flat_map(|logs| futures::stream::iter(logs.into_iter().map(Ok)))
+            .boxed())
     }
 
     async fn wait(&self, id: &ContainerId) -> Result<ExitStatus, EngineError> {
@@ -735,6 +762,13 @@ impl ContainerRuntime for FakeEngine {
             .collect())
     }
 
+    async fn ensure_cpu_group(&self, name: &str, nano_cpus: u64) -> Result<(), EngineError> {
+        self.injected(FakeOperation::CpuGroup)?;
+        crate::cpu_group::check_name(name)?;
+        self.lock().cpu_groups.insert(name.to_owned(), nano_cpus);
+        Ok(())
+    }
+
     async fn inspect_network(&self, name: &str) -> Result<Option<NetworkInfo>, EngineError> {
         self.injected(FakeOperation::Network)?;
         Ok(self.lock().networks.get(name).cloned())
@@ -803,7 +837,58 @@ impl ImageStore for FakeEngine {
             id: id.clone(),
             repo_digests: Vec::new(),
             labels: state.image_labels.get(id).cloned().unwrap_or_default(),
+            size_bytes: Some(
+                state
+                    .image_sizes
+                    .get(id)
+                    .copied()
+                    .unwrap_or(FAKE_IMAGE_BYTES),
+            ),
         }))
+    }
+
+    async fn list_images(&self) -> Result<Vec<ImageEntry>, EngineError> {
+        self.injected(FakeOperation::ImagePresent)?;
+        let state = self.lock();
+        let mut by_id: BTreeMap<&String, ImageEntry> = BTreeMap::new();
+        for (reference, id) in &state.images {
+            by_id
+                .entry(id)
+                .or_insert_with(|| ImageEntry {
+                    id: id.clone(),
+                    references: Vec::new(),
+                    size_bytes: state
+                        .image_sizes
+                        .get(id)
+                        .copied()
+                        .unwrap_or(FAKE_IMAGE_BYTES),
+                })
+                .references
+                .push(reference.clone());
+        }
+        Ok(by_id.into_values().collect())
+    }
+
+    async fn remove_image(&self, image: &str) -> Result<(), EngineError> {
+        self.injected(FakeOperation::RemoveImage)?;
+        let mut state = self.lock();
+        let Some((reference, _)) = state.find_image(image) else {
+            return Err(EngineError::ImageNotFound {
+                image: image.to_owned(),
+            });
+        };
+        let reference = reference.clone();
+        let in_use = state
+            .containers
+            .values()
+            .any(|c| normalize_reference(&c.spec.image) == reference);
+        if in_use {
+            return Err(EngineError::Conflict {
+                message: format!("the image {image} is used by a container"),
+            });
+        }
+        state.images.remove(&reference);
+        Ok(())
     }
 
     async fn check_registry_access(
@@ -874,28 +959,6 @@ impl ImageBuilder for FakeEngine {
             return Err(EngineError::ImageNotFound { image: reference });
         }
         state.registry.insert(reference, Duration::ZERO);
-        Ok(())
-    }
-
-    async fn remove_image(&self, image: &str) -> Result<(), EngineError> {
-        self.injected(FakeOperation::RemoveImage)?;
-        let mut state = self.lock();
-        let Some((reference, _)) = state.find_image(image) else {
-            return Err(EngineError::ImageNotFound {
-                image: image.to_owned(),
-            });
-        };
-        let reference = reference.clone();
-        let in_use = state
-            .containers
-            .values()
-            .any(|c| normalize_reference(&c.spec.image) == reference);
-        if in_use {
-            return Err(EngineError::Conflict {
-                message: format!("the image {image} is used by a container"),
-            });
-        }
-        state.images.remove(&reference);
         Ok(())
     }
 
@@ -1091,9 +1154,8 @@ mod tests {
         spec
     }
 
-    async fn collect_logs(engine: &FakeEngine, id: &ContainerId) -> Vec<LogChunk> {
+    async fn collect_logs(mut logs: LogChunkStream) -> Vec<LogChunk> {
         let mut chunks = Vec::new();
-        let mut logs = engine.logs(id);
         while let Some(chunk) = logs.next().await {
             match chunk {
                 Ok(chunk) => chunks.push(chunk),
@@ -1269,9 +1331,10 @@ mod tests {
         engine.set_default_run(FakeRun::success().stdout("hello\n"));
 
         let ok = engine.create(&labeled("img", "ok")).await?;
+        let output = engine.attach(&ok).await?;
         engine.start(&ok).await?;
         assert_eq!(
-            collect_logs(&engine, &ok).await,
+            collect_logs(output).await,
             vec![LogChunk {
                 stream: OutputStream::Stdout,
                 bytes: Bytes::from("hello\n")
@@ -1280,13 +1343,11 @@ mod tests {
         assert!(engine.wait(&ok).await?.success());
 
         let fails = engine.create(&labeled("img", "fails")).await?;
+        let output = engine.attach(&fails).await?;
         engine.start(&fails).await?;
         let status = engine.wait(&fails).await?;
         assert_eq!((status.exit_code, status.oom_killed), (3, false));
-        assert_eq!(
-            collect_logs(&engine, &fails).await[0].stream,
-            OutputStream::Stderr
-        );
+        assert_eq!(collect_logs(output).await[0].stream, OutputStream::Stderr);
 
         let oom = engine.create(&labeled("img", "oom")).await?;
         engine.start(&oom).await?;
@@ -1388,14 +1449,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn logs_of_a_container_that_has_not_started_end_empty() -> Result<(), EngineError> {
+    async fn output_attached_before_the_start_arrives_and_a_removal_ends_it_empty()
+    -> Result<(), EngineError> {
         let engine = FakeEngine::new();
         engine.add_image("img");
         engine.set_default_run(FakeRun::success().stdout("late\n"));
-        let id = engine.create(&labeled("img", "early-logs")).await?;
-        assert!(collect_logs(&engine, &id).await.is_empty());
+        let id = engine.create(&labeled("img", "early-attach")).await?;
+        let output = engine.attach(&id).await?;
         engine.start(&id).await?;
-        assert_eq!(collect_logs(&engine, &id).await.len(), 1);
+        assert_eq!(collect_logs(output).await.len(), 1);
+
+        let never_started = engine.create(&labeled("img", "never-started")).await?;
+        let output = engine.attach(&never_started).await?;
+        engine.remove(&never_started).await?;
+        assert!(collect_logs(output).await.is_empty());
         Ok(())
     }
 

@@ -4,8 +4,9 @@
 //!
 //! * [`ContainerRuntime`]: what a runner drives (capabilities, create with files, start, logs,
 //!   wait, kill, stats, remove, list its own containers, its task network and its isolation);
-//! * [`ImageStore`]: the images the runtime runs from (presence, pulls, registry checks);
-//! * [`ImageBuilder`]: building, importing, pushing and removing images, for the CLI alone.
+//! * [`ImageStore`]: the images the runtime runs from (presence, pulls, registry checks,
+//!   listing and removing them);
+//! * [`ImageBuilder`]: building, importing and pushing images, for the CLI alone.
 //!
 //! A runner holds `Arc<dyn ContainerEngine>`, which is [`ContainerRuntime`] + [`ImageStore`].
 //!
@@ -29,7 +30,13 @@
 //! * **Containers**: create from a [`ContainerSpec`] with limits, dropped capabilities and
 //!   `no-new-privileges`, with files uploaded through the archive API (never bind mounts);
 //!   start, logs (stdout and stderr apart), wait (exit code, `OOMKilled`, times), kill, stats,
-//!   remove (timed), and listing by label for the start-up reaper.
+//!   remove (timed), and listing by label for the start-up reaper. The engine keeps no copy
+//!   of a container's output (the `none` log driver): [`ContainerRuntime::attach`], made
+//!   before the start, is its only reader, and holds a fast writer back instead of losing
+//!   output.
+//! * **CPU groups**: [`ContainerRuntime::ensure_cpu_group`] caps the CPU of all task
+//!   containers together, so the API and store beside them keep a reserve (Docker: a cgroup
+//!   of stevedore's own as the containers' `CgroupParent`, `cpu_group`).
 //! * **Task networks**: [`ContainerRuntime::ensure_network`] makes sure of a network whose
 //!   containers cannot talk to each other, on a bridge of a fixed name, without IPv6;
 //!   [`ContainerRuntime::isolate_network`] holds its containers to an [`EgressPolicy`] (no
@@ -58,6 +65,7 @@ mod build;
 #[cfg(any(test, feature = "test-support"))]
 pub mod conformance;
 mod context;
+mod cpu_group;
 mod docker;
 mod engine;
 mod error;
@@ -75,8 +83,8 @@ pub use build::{
 };
 pub use docker::DockerEngine;
 pub use engine::{
-    ContainerEngine, ContainerRuntime, EngineCapabilities, ExitStatus, ImageBuilder, ImagePresence,
-    ImageStore, LocalImage, LogChunk, LogChunkStream, OutputStream, PullProgress,
+    ContainerEngine, ContainerRuntime, EngineCapabilities, ExitStatus, ImageBuilder, ImageEntry,
+    ImagePresence, ImageStore, LocalImage, LogChunk, LogChunkStream, OutputStream, PullProgress,
     PullProgressSender, RegistryAuth, Requirements, ResourceSample, ResourceSampleStream,
     ResourceUsage, Timestamp, check_required,
 };

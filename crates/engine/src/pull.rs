@@ -3,6 +3,11 @@
 //! The first caller for an image starts the pull as its own tokio task (so it finishes even if
 //! that caller is cancelled); later callers join it and get the same result. Progress events
 //! go out on a broadcast channel that every joined caller forwards to its own sink.
+//!
+//! A caller that gives up (its future is dropped: a task's pull deadline, a size limit, a
+//! cancel) leaves the pull to the others; when the last one gives up, the pull is stopped
+//! (its request to the engine dropped, which ends the engine's pull) instead of going on for
+//! nobody.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -22,13 +27,29 @@ const PROGRESS_BUFFER: usize = 256;
 #[derive(Default)]
 pub(crate) struct PullCoalescer {
     inflight: Arc<Mutex<HashMap<String, InFlight>>>,
+    generations: std::sync::atomic::AtomicU64,
 }
 
+/// The result of a pull, for every caller waiting on it.
+type PullDone = Shared<BoxFuture<'static, Result<(), EngineError>>>;
+
 /// A pull under way.
-#[derive(Clone)]
 struct InFlight {
+    /// Tells this pull from a later one under the same key.
+    generation: u64,
     progress: broadcast::Sender<PullProgress>,
-    done: Shared<BoxFuture<'static, Result<(), EngineError>>>,
+    done: PullDone,
+    /// Callers waiting for it; the last to give up stops it.
+    waiters: usize,
+    abort: tokio::task::AbortHandle,
+}
+
+/// One caller's place among a pull's waiters: dropping it (done or given up) leaves, and the
+/// last to leave an unfinished pull stops it.
+struct Waiting {
+    inflight: Arc<Mutex<HashMap<String, InFlight>>>,
+    key: String,
+    generation: u64,
 }
 
 /// Adds `:latest` to a reference without tag or digest: the engine would otherwise pull every
@@ -61,7 +82,7 @@ impl PullCoalescer {
         F: FnOnce(broadcast::Sender<PullProgress>) -> Fut,
         Fut: Future<Output = Result<(), EngineError>> + Send + 'static,
     {
-        let (mut events, done) = self.join_or_start(key, start);
+        let (mut events, done, _waiting) = self.join_or_start(key, start);
         send(
             &sink,
             PullProgress::Started {
@@ -105,32 +126,42 @@ impl PullCoalescer {
         &self,
         image: &str,
         start: F,
-    ) -> (
-        broadcast::Receiver<PullProgress>,
-        Shared<BoxFuture<'static, Result<(), EngineError>>>,
-    )
+    ) -> (broadcast::Receiver<PullProgress>, PullDone, Waiting)
     where
         F: FnOnce(broadcast::Sender<PullProgress>) -> Fut,
         Fut: Future<Output = Result<(), EngineError>> + Send + 'static,
     {
         let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(pull) = inflight.get(image) {
+        if let Some(pull) = inflight.get_mut(image) {
             tracing::debug!(image, "joining a pull under way");
-            return (pull.progress.subscribe(), pull.done.clone());
+            pull.waiters += 1;
+            let waiting = Waiting {
+                inflight: Arc::clone(&self.inflight),
+                key: image.to_owned(),
+                generation: pull.generation,
+            };
+            return (pull.progress.subscribe(), pull.done.clone(), waiting);
         }
 
+        let generation = self
+            .generations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (progress, receiver) = broadcast::channel(PROGRESS_BUFFER);
         let pull = start(progress.clone());
         let registry = Arc::clone(&self.inflight);
         let key = image.to_owned();
         let task = tokio::spawn(async move {
             let result = pull.await;
-            registry
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&key);
+            let mut inflight = registry.lock().unwrap_or_else(PoisonError::into_inner);
+            if inflight
+                .get(&key)
+                .is_some_and(|p| p.generation == generation)
+            {
+                inflight.remove(&key);
+            }
             result
         });
+        let abort = task.abort_handle();
         let done = async move {
             task.await.unwrap_or_else(|join_error| {
                 Err(EngineError::protocol(format!(
@@ -143,11 +174,39 @@ impl PullCoalescer {
         inflight.insert(
             image.to_owned(),
             InFlight {
+                generation,
                 progress,
                 done: done.clone(),
+                waiters: 1,
+                abort,
             },
         );
-        (receiver, done)
+        let waiting = Waiting {
+            inflight: Arc::clone(&self.inflight),
+            key: image.to_owned(),
+            generation,
+        };
+        (receiver, done, waiting)
+    }
+}
+
+// === impl Waiting ===
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(pull) = inflight.get_mut(&self.key) else {
+            return;
+        };
+        if pull.generation != self.generation {
+            return;
+        }
+        pull.waiters = pull.waiters.saturating_sub(1);
+        if pull.waiters == 0 {
+            tracing::info!(image = %self.key, "nobody waits for the pull any more: stopping it");
+            pull.abort.abort();
+            inflight.remove(&self.key);
+        }
     }
 }
 
@@ -239,6 +298,83 @@ mod tests {
                 .lock()
                 .map(|m| m.is_empty())
                 .unwrap_or(false)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_caller_giving_up_leaves_the_pull_to_the_others_and_the_last_stops_it() {
+        let coalescer = Arc::new(PullCoalescer::default());
+        let (finished, stopped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let pull = |finished: Arc<AtomicUsize>, stopped: Arc<AtomicUsize>| {
+            move |_| async move {
+                // Counts a stop: the future is dropped before it finished.
+                struct OnDrop(Arc<AtomicUsize>, bool);
+                impl Drop for OnDrop {
+                    fn drop(&mut self) {
+                        if !self.1 {
+                            self.0.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+                let mut guard = OnDrop(stopped, false);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                guard.1 = true;
+                finished.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        };
+        let patient = {
+            let coalescer = Arc::clone(&coalescer);
+            let start = pull(Arc::clone(&finished), Arc::clone(&stopped));
+            tokio::spawn(async move { coalescer.pull("img:1", "img:1", None, start).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let impatient = tokio::time::timeout(
+            Duration::from_millis(50),
+            coalescer.pull(
+                "img:1",
+                "img:1",
+                None,
+                pull(Arc::clone(&finished), Arc::clone(&stopped)),
+            ),
+        )
+        .await;
+        assert!(impatient.is_err(), "the impatient caller gave up");
+        assert_eq!(patient.await.ok(), Some(Ok(())));
+        assert_eq!(
+            (
+                finished.load(Ordering::SeqCst),
+                stopped.load(Ordering::SeqCst)
+            ),
+            (1, 0)
+        );
+
+        // Alone, giving up stops the pull.
+        let alone = tokio::time::timeout(
+            Duration::from_millis(50),
+            coalescer.pull(
+                "img:2",
+                "img:2",
+                None,
+                pull(Arc::clone(&finished), Arc::clone(&stopped)),
+            ),
+        )
+        .await;
+        assert!(alone.is_err());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(stopped.load(Ordering::SeqCst), 1);
+        assert!(
+            coalescer
+                .inflight
+                .lock()
+                .map(|m| m.is_empty())
+                .unwrap_or(false)
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            finished.load(Ordering::SeqCst),
+            1,
+            "the stopped pull never finished"
         );
     }
 

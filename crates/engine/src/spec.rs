@@ -60,6 +60,9 @@ pub struct ContainerSpec {
     pub nano_cpus: Option<u64>,
     /// The maximum number of processes/threads in the container; holds a fork bomb.
     pub pids_limit: Option<u64>,
+    /// The CPU group whose cap this container shares with the others in it (made sure of
+    /// with `ContainerRuntime::ensure_cpu_group` first); `None`: the runtime's default place.
+    pub cpu_group: Option<String>,
     /// The network mode (`bridge`, `none`, `host`, a network name); `None` = the engine's
     /// default (bridge).
     pub network_mode: Option<String>,
@@ -198,6 +201,9 @@ impl ContainerSpec {
             if normalized(&file.path).is_empty() {
                 return Err(EngineError::invalid_spec("a file cannot be uploaded to /"));
             }
+        }
+        if let Some(group) = &self.cpu_group {
+            crate::cpu_group::check_name(group)?;
         }
         for (what, value) in [
             ("memory_bytes", self.memory_bytes),

@@ -18,8 +18,8 @@ use stevedore_engine::conformance::{Harness, Program};
 use stevedore_engine::{
     BuildProgress, BuildRequest, ContainerId, ContainerRuntime, ContainerSpec, DockerEngine,
     EngineError, ExitStatus, FileToUpload, HOST_BUSYBOX, ImageBuilder, ImagePresence, ImageStore,
-    LOCAL_BUSYBOX_IMAGE, OutputStream, PullProgress, Requirements, build_local_busybox_image,
-    check_required,
+    LOCAL_BUSYBOX_IMAGE, LogChunkStream, OutputStream, PullProgress, Requirements,
+    build_local_busybox_image, check_required,
 };
 use tokio::sync::OnceCell;
 
@@ -175,9 +175,8 @@ fn shell(task: &str, script: &str) -> ContainerSpec {
     spec
 }
 
-async fn collect(engine: &DockerEngine, id: &ContainerId) -> Result<Output, EngineError> {
+async fn collect(mut logs: LogChunkStream) -> Result<Output, EngineError> {
     let mut output = Output::default();
-    let mut logs = engine.logs(id);
     while let Some(chunk) = logs.next().await {
         let chunk = chunk?;
         let text = String::from_utf8_lossy(&chunk.bytes);
@@ -196,8 +195,9 @@ async fn run(
 ) -> Result<(ExitStatus, Output), EngineError> {
     let id = engine.create(spec).await?;
     let result = async {
+        let attached = engine.attach(&id).await?;
         engine.start(&id).await?;
-        let output = collect(engine, &id).await?;
+        let output = collect(attached).await?;
         let status = engine.wait(&id).await?;
         Ok((status, output))
     }
@@ -511,8 +511,8 @@ async fn kill_stops_a_running_task_at_once() -> TestResult {
     let id = engine
         .create(&shell(&task, "echo started; sleep 300"))
         .await?;
+    let mut logs = engine.attach(&id).await?;
     engine.start(&id).await?;
-    let mut logs = engine.logs(&id);
     let first = tokio::time::timeout(Duration::from_secs(10), logs.next()).await?;
     assert!(matches!(first, Some(Ok(ref chunk)) if &chunk.bytes[..] == b"started\n"));
 
@@ -544,9 +544,9 @@ async fn logs_stream_live_with_stdout_and_stderr_apart() -> TestResult {
             "echo out1; echo err1 >&2; sleep 2; echo out2; echo err2 >&2",
         ))
         .await?;
+    let mut logs = engine.attach(&id).await?;
     engine.start(&id).await?;
     let started = Instant::now();
-    let mut logs = engine.logs(&id);
     let mut chunks = Vec::new();
     while let Some(chunk) = logs.next().await {
         chunks.push((started.elapsed(), chunk?));
@@ -572,6 +572,65 @@ async fn logs_stream_live_with_stdout_and_stderr_apart() -> TestResult {
         "not streamed: {chunks:?}"
     );
     Ok(())
+}
+
+/// Regression (disks filled by the engine's own log of a task): a task printing as fast as
+/// it can leaves no log file with the engine, and a reader slower than the task still gets
+/// every byte in order, because the task's writes wait for it.
+#[tokio::test]
+async fn fast_output_reaches_a_slow_reader_whole_and_the_engine_keeps_no_log_file() -> TestResult {
+    let engine = engine_or_skip!();
+    local_image(&engine).await?;
+    let task = task_label("flood");
+    let _cleanup = Cleanup::new(&task);
+
+    // About 20 MB in 2.5 million short lines: with the json-file driver that is about
+    // 200 MB on disk, and a follower of a rotated file loses most of it.
+    let lines = 2_500_000u32;
+    let id = engine
+        .create(&shell(&task, &format!("seq 1 {lines}")))
+        .await?;
+    let log_path = docker_inspect(&id, "{{.LogPath}}")?;
+    assert_eq!(log_path, "", "the engine keeps a log file: {log_path}");
+    let mut output = engine.attach(&id).await?;
+    engine.start(&id).await?;
+    let mut stdout = Vec::new();
+    let mut chunks = 0u32;
+    while let Some(chunk) = tokio::time::timeout(SAFETY_NET, output.next()).await? {
+        stdout.extend_from_slice(&chunk?.bytes);
+        chunks += 1;
+        // A reader slower than the task: the task waits for it.
+        if chunks.is_multiple_of(64) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let status = engine.wait(&id).await?;
+    engine.remove(&id).await?;
+    assert_eq!(status.exit_code, 0);
+    let expected: String = (1..=lines).map(|n| format!("{n}\n")).collect();
+    assert_eq!(stdout.len(), expected.len());
+    assert!(
+        stdout == expected.as_bytes(),
+        "the output arrived out of order"
+    );
+    Ok(())
+}
+
+/// One field of `docker inspect` of a container, through the docker CLI (what an operator
+/// would look at).
+fn docker_inspect(
+    id: &ContainerId,
+    format: &str,
+) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+    let inspected = std::process::Command::new("docker")
+        .args(["inspect", "--format", format, id.as_str()])
+        .output()?;
+    if !inspected.status.success() {
+        return Err(String::from_utf8_lossy(&inspected.stderr)
+            .into_owned()
+            .into());
+    }
+    Ok(String::from_utf8_lossy(&inspected.stdout).trim().to_owned())
 }
 
 #[tokio::test]
@@ -1203,9 +1262,9 @@ async fn an_isolated_network_keeps_tasks_from_the_host_and_each_other() -> TestR
     );
     listener.network_mode = Some(ISOLATION_NETWORK.to_owned());
     let listening = engine.create(&listener).await?;
+    let mut logs = engine.attach(&listening).await?;
     engine.start(&listening).await?;
     let mut neighbour = String::new();
-    let mut logs = engine.logs(&listening);
     while neighbour.trim().is_empty() {
         match tokio::time::timeout(SAFETY_NET, logs.next()).await? {
             Some(chunk) => neighbour.push_str(&String::from_utf8_lossy(&chunk?.bytes)),

@@ -1,7 +1,7 @@
 //! One attempt at one leased task, from lease to teardown.
 //!
 //! ```text
-//! leased ─▶ memory reserved ─▶ image present ─▶ package fetched ─▶ created
+//! leased ─▶ memory reserved ─▶ image present ─▶ package fetched ─▶ created ─▶ output attached
 //!        ─▶ lease confirmed ─▶ started ─▶ mark_running ─▶ supervised (exit | deadline | cancel | lease lost | shutdown)
 //!        ─▶ logs drained ─▶ result recorded (complete | requeue | abandoned) ─▶ slot freed
 //!        ─▶ container removed in the background
@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use stevedore_engine::{
-    ContainerEngine, ContainerId, EngineError, ExitStatus, ImagePresence, PullProgress,
-    ResourceSampleStream, ResourceUsage,
+    ContainerEngine, ContainerId, EngineError, ExitStatus, ImagePresence, LogChunkStream,
+    PullProgress, ResourceSampleStream, ResourceUsage,
 };
 use stevedore_metrics::ContainerOperation;
 use stevedore_model::TaskOutcome;
@@ -35,6 +35,7 @@ use crate::backoff::requeue_delay;
 use crate::config::RunnerConfig;
 use crate::container::{ContainerPlan, PackagePlan};
 use crate::error::SourceError;
+use crate::images::{ImageInUse, ImageUses};
 use crate::logs::{LogShipper, ShippedLogs};
 use crate::progress::ProgressReporter;
 use crate::registry::{ImageAccess, ImageOwner, PublicImages};
@@ -56,6 +57,10 @@ pub(crate) struct TaskContext {
     pub engine_suspect: AtomicBool,
     /// Images found pullable without credentials, whose cached copies need no check.
     pub public_images: PublicImages,
+    /// The CPU group every task container goes into (the reserve), when there is one.
+    pub cpu_group: Option<String>,
+    /// The images tasks used, for the image janitor.
+    pub image_uses: Arc<ImageUses>,
 }
 
 /// How an attempt ended, to be recorded.
@@ -92,7 +97,7 @@ struct Signals {
     done: CancellationToken,
 }
 
-/// How long to wait for the rest of a container's output after it stopped.
+/// How long to wait for the rest of a container's output to be shipped after it stopped.
 const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long resource sampling may go on after the container stopped (and the log drained).
 const USAGE_GRACE: Duration = Duration::from_millis(50);
@@ -121,6 +126,7 @@ pub(crate) async fn run(context: Arc<TaskContext>, leased: LeasedTask, slot: Slo
         signals: Signals::default(),
         container: None,
         started: false,
+        image: None,
     }
     .run()
     .instrument(span)
@@ -136,6 +142,8 @@ struct Attempt {
     container: Option<ContainerId>,
     /// Whether the container was started (and so may be running).
     started: bool,
+    /// The task's image, kept from the image janitor until the attempt ends.
+    image: Option<ImageInUse>,
 }
 
 // === impl Attempt ===
@@ -205,6 +213,12 @@ impl Attempt {
             Err(error) => return self.engine_failed("creating the container", error),
         };
         self.container = Some(id.clone());
+        // Attached before the start, so the output is whole from the first byte: the engine
+        // keeps no copy to read again later.
+        let output = match self.context.engine.attach(&id).await {
+            Ok(output) => output,
+            Err(error) => return self.engine_failed("attaching to the container", error),
+        };
         if let Some(ending) = self.interrupted_before_start() {
             return ending;
         }
@@ -237,7 +251,7 @@ impl Attempt {
             }
         }
         tracing::debug!("container started");
-        self.supervise(id, deadline).await
+        self.supervise(id, output, deadline).await
     }
 
     /// Creates the container. When the engine refuses a container on the managed task
@@ -283,6 +297,8 @@ impl Attempt {
 
         let config = &self.context.config;
         let plan = ContainerPlan::new(&self.leased, &config.stacks).map_err(setup_failed)?;
+        // In use before it is made present, so the janitor never takes it in between.
+        self.image = Some(self.context.image_uses.acquire(&plan.image));
         self.ensure_image(&plan.image).await?;
         let package = match &plan.package {
             PackagePlan::None => None,
@@ -290,8 +306,11 @@ impl Attempt {
                 Some(self.fetch_package().await?)
             }
         };
-        plan.spec(&self.leased, config, package.as_deref())
-            .map_err(setup_failed)
+        let mut spec = plan
+            .spec(&self.leased, config, package.as_deref())
+            .map_err(setup_failed)?;
+        spec.cpu_group = self.context.cpu_group.clone();
+        Ok(spec)
     }
 
     /// Makes the image present with the credentials its owner allows (see the `registry`
@@ -310,25 +329,63 @@ impl Attempt {
             engine.ensure_image(image, access.auth.clone(), Some(progress)),
         );
         tokio::pin!(ensure);
+        let config = &self.context.config;
+        let deadline = tokio::time::sleep(config.pull_timeout);
+        tokio::pin!(deadline);
         let mut pull_started: Option<Instant> = None;
+        let mut layers = LayerSizes::default();
+        // Dropping `ensure` leaves a pull shared with other tasks to them; the engine stops
+        // it when nobody waits any more.
         let presence = loop {
             tokio::select! {
                 presence = &mut ensure => break presence,
-                Some(event) = pull_events.recv(), if pull_started.is_none() => {
-                    if matches!(event, PullProgress::Started { .. }) {
+                () = &mut deadline => {
+                    return Err(Ending::Requeue {
+                        reason: format!(
+                            "infrastructure failure while preparing the image {image}: it was not \
+                             pulled within {} s (runner.pull_timeout_secs): the registry is slow \
+                             or unreachable",
+                            config.pull_timeout.as_secs()
+                        ),
+                        delay: self.backoff(),
+                    });
+                }
+                Some(event) = pull_events.recv() => {
+                    if matches!(event, PullProgress::Started { .. }) && pull_started.is_none() {
                         pull_started = Some(Instant::now());
                         self.report_progress(format!("pulling image {image}")).await;
+                    }
+                    layers.record(&event);
+                    if let Some(max) = config.max_image_bytes
+                        && layers.total() > max
+                    {
+                        return Err(image_too_large(image, max, layers.total(), "its layers' downloads add up to"));
                     }
                 }
             }
         };
+        if let (Ok(ImagePresence::Pulled), Some(max)) = (&presence, config.max_image_bytes) {
+            // Pulled within the download limit, but layers unpack to more than they download.
+            let size = engine
+                .local_image(image)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|local| local.size_bytes);
+            if let Some(size) = size.filter(|size| *size > max) {
+                return Err(image_too_large(image, max, size, "it takes"));
+            }
+        }
         match presence {
             // Another task's pull finished in between: this task has not shown access yet.
             Ok(ImagePresence::AlreadyPresent) if access.owner == ImageOwner::Project => {
                 self.cached_copy_usable(&access, image).await.map(drop)
             }
-            Ok(_) => {
+            Ok(presence) => {
                 access.usable(image, public);
+                if presence == ImagePresence::Pulled {
+                    self.context.image_uses.pulled();
+                }
                 if let Some(started) = pull_started {
                     let took = started.elapsed();
                     tracing::info!(image, took_ms = took.as_millis(), "image pulled");
@@ -433,7 +490,12 @@ impl Attempt {
     }
 
     /// Follows a started container to its end.
-    async fn supervise(&self, id: ContainerId, deadline: Instant) -> Ending {
+    async fn supervise(
+        &self,
+        id: ContainerId,
+        output: LogChunkStream,
+        deadline: Instant,
+    ) -> Ending {
         let engine = Arc::clone(&self.context.engine);
         let config = &self.context.config;
         let shipper = LogShipper {
@@ -444,13 +506,12 @@ impl Attempt {
             flush_interval: config.log_flush_interval,
             flush_bytes: config.log_flush_bytes,
             stored: self.leased.task.log_size,
-            skip: 0,
             progress: ProgressReporter::new(config.progress_interval),
         };
         let logs = self
             .context
             .tracker
-            .spawn(shipper.ship(engine.logs(&id)).in_current_span());
+            .spawn(shipper.ship(output).in_current_span());
         let usage = Arc::new(std::sync::Mutex::new(ResourceUsage::default()));
         let sampling = self
             .context
@@ -526,7 +587,7 @@ impl Attempt {
             }
         };
 
-        self.drain_logs(&id, logs).await;
+        self.drain_logs(logs).await;
         // The engine samples about once a second and may take that long to notice the
         // container stopped; the peaks seen so far are what there is.
         if tokio::time::timeout(USAGE_GRACE, sampling).await.is_err() {
@@ -544,49 +605,23 @@ impl Attempt {
         Ending::Finished { outcome, report }
     }
 
-    /// Waits for the live log stream of the stopped container to end, then reads the log
-    /// once more for whatever the live stream missed (see the `logs` module).
-    async fn drain_logs(&self, id: &ContainerId, live: JoinHandle<ShippedLogs>) {
+    /// Waits (bounded) for the output of the stopped container to be shipped.
+    async fn drain_logs(&self, live: JoinHandle<ShippedLogs>) {
         let abort = live.abort_handle();
-        let shipped = match tokio::time::timeout(LOG_DRAIN_TIMEOUT, live).await {
-            Ok(Ok(shipped)) => shipped,
+        match tokio::time::timeout(LOG_DRAIN_TIMEOUT, live).await {
+            Ok(Ok(shipped)) if shipped.capped => {
+                tracing::info!(
+                    stored = shipped.stored,
+                    read = shipped.read,
+                    "the task's log reached its cap"
+                );
+            }
+            Ok(Ok(_)) => {}
             Ok(Err(_)) | Err(_) => {
                 // Stopped, so that nothing about the task is sent after its result.
                 abort.abort();
-                tracing::warn!("the container's log stream did not end; some output may be lost");
-                return;
+                tracing::warn!("the container's output did not end; some of it may be lost");
             }
-        };
-        if shipped.capped {
-            tracing::info!(stored = shipped.stored, "the task's log reached its cap");
-        }
-        if shipped.stopped {
-            return;
-        }
-        let config = &self.context.config;
-        let catch_up = LogShipper {
-            source: Arc::clone(&self.context.source),
-            task_id: self.leased.task.id.clone(),
-            token: self.leased.lease.token,
-            cap: config.log_cap_bytes,
-            flush_interval: config.log_flush_interval,
-            flush_bytes: config.log_flush_bytes,
-            stored: shipped.stored,
-            skip: shipped.read,
-            progress: shipped.progress,
-        };
-        let caught_up = tokio::time::timeout(
-            LOG_DRAIN_TIMEOUT,
-            catch_up.ship(self.context.engine.logs(id)),
-        )
-        .await;
-        match caught_up {
-            Ok(caught_up) if caught_up.read > shipped.read => tracing::debug!(
-                missed = caught_up.read - shipped.read,
-                "shipped output the live log stream missed"
-            ),
-            Ok(_) => {}
-            Err(_) => tracing::warn!("reading the stopped container's log again timed out"),
         }
     }
 
@@ -695,6 +730,36 @@ impl Attempt {
             tracing::debug!(%error, "progress not reported");
         }
     }
+}
+
+/// The download sizes of a pull's layers, from its progress events: each layer's `total`
+/// is known once it starts downloading (layers already present report none).
+#[derive(Debug, Default)]
+struct LayerSizes(std::collections::HashMap<String, u64>);
+
+impl LayerSizes {
+    fn record(&mut self, event: &PullProgress) {
+        if let PullProgress::Layer {
+            layer,
+            total: Some(total),
+            ..
+        } = event
+        {
+            self.0.insert(layer.clone(), *total);
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.0.values().sum()
+    }
+}
+
+/// An image over the runner's size limit: the user's choice of image, so the task ends.
+fn image_too_large(image: &str, max: u64, size: u64, measured: &str) -> Ending {
+    setup_failed(format!(
+        "the image {image} is larger than this runner allows ({max} bytes, \
+         runner.max_image_bytes): {measured} {size} bytes"
+    ))
 }
 
 fn setup_failed(message: String) -> Ending {

@@ -69,6 +69,30 @@ pub struct RunnerConfig {
     /// The most processes and threads in one task's container: holds a fork bomb. `None`
     /// leaves it unlimited. Default 512.
     pub pids_limit: Option<u64>,
+    /// How long making a task's image present (a pull) may take: past it the attempt ends
+    /// and the task goes back to the queue as an infrastructure failure (a slow or
+    /// unreachable registry), so a pull never holds a slot for ever. Default 10 minutes.
+    pub pull_timeout: Duration,
+    /// The largest image a task may pull, in bytes: a pull is stopped as soon as its layers'
+    /// download sizes add up to more, and a pulled image larger on disk is refused; either
+    /// ends the task `error` (its image is the user's choice). `None`: no limit. Default
+    /// 10 GiB.
+    pub max_image_bytes: Option<u64>,
+    /// The disk the engine's images may take, MiB: over it, the images this runner used
+    /// least recently (and uses no more) are removed, never a stack image. `None`: images
+    /// are never removed. Default 20 GiB.
+    pub image_disk_budget_mib: Option<u64>,
+    /// How often the images are weighed against the budget, besides after every pull.
+    /// Default 5 minutes.
+    pub image_janitor_interval: Duration,
+    /// The CPU limit of a task whose code sets no `cpus`, in CPUs; `None` leaves such tasks
+    /// unlimited. Default 1: a busy loop takes one core, not the machine.
+    pub default_cpus: Option<f64>,
+    /// CPUs kept from the tasks for what runs beside them on the engine's machine (the API
+    /// and the store of `serve`): the containers of all tasks together get at most the
+    /// machine's cores less this (a CPU group, `ContainerRuntime::ensure_cpu_group`). 0
+    /// (the default here; `serve` keeps half a core) caps nothing.
+    pub reserve_cpus: f64,
     /// Run even when the engine cannot enforce memory limits. Default false: the runner
     /// refuses, because one task could then take the whole machine down.
     pub allow_unlimited_memory: bool,
@@ -78,10 +102,12 @@ pub struct RunnerConfig {
 }
 
 /// What a [`RunnerConfig`] comes to on a given engine: the derived defaults filled in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ResolvedLimits {
     pub capacity: u32,
     pub memory_budget_mib: u64,
+    /// The CPU group every task container goes into, when the CPU reserve is held.
+    pub cpu_group: Option<String>,
 }
 
 /// The default capacity: four tasks per core (tasks mostly wait on IO), but no more than
@@ -127,6 +153,12 @@ impl Default for RunnerConfig {
             registry_auth: Vec::new(),
             code_images: CodeImages::local(),
             pids_limit: Some(512),
+            pull_timeout: Duration::from_secs(600),
+            max_image_bytes: Some(10 << 30),
+            image_disk_budget_mib: Some(20 << 10),
+            image_janitor_interval: Duration::from_secs(300),
+            default_cpus: Some(1.0),
+            reserve_cpus: 0.0,
             allow_unlimited_memory: false,
             network: TaskNetworkConfig::default(),
         }
@@ -163,8 +195,23 @@ impl RunnerConfig {
         if self.log_flush_bytes == 0 {
             return invalid("log_flush_bytes is 0");
         }
+        if self.image_disk_budget_mib == Some(0) || self.image_janitor_interval.is_zero() {
+            return invalid("image_disk_budget_mib and image_janitor_interval must be above 0");
+        }
+        if self.pull_timeout.is_zero() || self.max_image_bytes == Some(0) {
+            return invalid("pull_timeout and max_image_bytes must be above 0");
+        }
         if self.pids_limit == Some(0) {
             return invalid("pids_limit is 0: not even the task's own process could run");
+        }
+        if self
+            .default_cpus
+            .is_some_and(|cpus| !(cpus.is_finite() && (0.01..=1024.0).contains(&cpus)))
+        {
+            return invalid("default_cpus must be between 0.01 and 1024");
+        }
+        if !(self.reserve_cpus.is_finite() && self.reserve_cpus >= 0.0) {
+            return invalid("reserve_cpus must be 0 or more");
         }
         if let Err(error) = self.network.spec.validate() {
             return invalid(&format!("task network: {error}"));
@@ -182,7 +229,42 @@ impl RunnerConfig {
                 .capacity
                 .unwrap_or_else(|| default_capacity(ncpu, memory_budget_mib)),
             memory_budget_mib,
+            cpu_group: None,
         }
+    }
+
+    /// The CPUs all tasks together may use on an engine with `ncpu` cores, in billionths of
+    /// a CPU: `None` without a reserve; an error when the reserve leaves nothing.
+    pub(crate) fn task_cpus(&self, ncpu: u64) -> Result<Option<u64>, RunnerError> {
+        if self.reserve_cpus <= 0.0 {
+            return Ok(None);
+        }
+        let left = ncpu as f64 - self.reserve_cpus;
+        if left < 0.01 {
+            return Err(RunnerError::InvalidConfig(format!(
+                "reserve_cpus {} leaves no CPU for tasks on an engine with {ncpu} cores",
+                self.reserve_cpus
+            )));
+        }
+        Ok(Some((left * 1e9).round() as u64))
+    }
+
+    /// The name of this runner's CPU group: one per runner id, so two runners on one host
+    /// never change each other's cap.
+    pub(crate) fn cpu_group_name(&self) -> String {
+        let id: String = self
+            .runner_id
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .take(48)
+            .collect();
+        format!("stevedore-{id}")
     }
 }
 
@@ -213,9 +295,23 @@ mod tests {
             config.resolve(64, 1 << 40),
             ResolvedLimits {
                 capacity: 3,
-                memory_budget_mib: 1000
+                memory_budget_mib: 1000,
+                cpu_group: None,
             }
         );
+    }
+
+    #[test]
+    fn the_cpu_reserve_leaves_the_rest_to_tasks_or_is_refused() {
+        let config = RunnerConfig {
+            reserve_cpus: 0.5,
+            runner_id: "a b/c".into(),
+            ..RunnerConfig::default()
+        };
+        assert_eq!(config.task_cpus(2).ok(), Some(Some(1_500_000_000)));
+        assert!(config.task_cpus(0).is_err());
+        assert_eq!(RunnerConfig::default().task_cpus(2).ok(), Some(None));
+        assert_eq!(config.cpu_group_name(), "stevedore-a-b-c");
     }
 
     #[test]
@@ -232,6 +328,14 @@ mod tests {
             },
             RunnerConfig {
                 heartbeat_interval: Duration::from_secs(30),
+                ..RunnerConfig::default()
+            },
+            RunnerConfig {
+                default_cpus: Some(0.0),
+                ..RunnerConfig::default()
+            },
+            RunnerConfig {
+                reserve_cpus: -1.0,
                 ..RunnerConfig::default()
             },
         ] {

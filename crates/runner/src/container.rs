@@ -163,7 +163,7 @@ impl ContainerPlan {
                 (LABEL_RUNNER.to_owned(), runner_id.to_owned()),
             ]),
             memory_bytes: Some(u64::from(code.spec.limits.memory_mib) << 20),
-            nano_cpus: code.spec.limits.cpus.map(nano_cpus),
+            nano_cpus: code.spec.limits.cpus.or(config.default_cpus).map(nano_cpus),
             pids_limit: config.pids_limit,
             network_mode: Some(network),
             files: vec![
@@ -384,6 +384,33 @@ pub(crate) mod tests {
         assert_eq!(spec.files[1].path, CONFIG_FILE);
         assert_eq!(spec.files[1].contents, b"{\"k\":\"v\"}");
         assert!(spec.validate().is_ok());
+    }
+
+    #[test]
+    fn a_code_without_cpus_gets_the_runners_default_cpu_limit() {
+        let mut leased = leased(
+            "t1",
+            CodeKind::Image {
+                image: "busybox".into(),
+                command: None,
+            },
+        );
+        leased.code.spec.limits.cpus = None;
+        let plan = ContainerPlan::new(&leased, &StackTable::default()).unwrap();
+        let spec = plan.spec(&leased, &runner("r1", None), None).unwrap();
+        assert_eq!(spec.nano_cpus, Some(1_000_000_000));
+        let unlimited = RunnerConfig {
+            default_cpus: None,
+            ..runner("r1", None)
+        };
+        assert_eq!(
+            plan.spec(&leased, &unlimited, None).unwrap().nano_cpus,
+            None
+        );
+        // The code's own limit wins over the default.
+        leased.code.spec.limits.cpus = Some(0.25);
+        let spec = plan.spec(&leased, &runner("r1", None), None).unwrap();
+        assert_eq!(spec.nano_cpus, Some(250_000_000));
     }
 
     #[test]

@@ -37,6 +37,10 @@
 //! * **Metrics** of its side (through `stevedore_metrics`): every engine call timed and its
 //!   failures counted by kind, the capacity and slots in use, log bytes shipped. Lease calls,
 //!   queue waits and tasks finished are counted by the server's lease desk.
+//! * **Engine hygiene**: no engine log of a task (its output is attached before the start),
+//!   a default CPU limit per task and a CPU reserve for what runs beside the tasks, pulls
+//!   bounded by a deadline and a size, and an image janitor (`images`) that keeps the engine's
+//!   images under a disk budget, least recently used first.
 //! * **Teardown**: every container is removed (force, with volumes) in the background after
 //!   the result is recorded, and containers left by an earlier life of this runner are
 //!   reaped at start-up.
@@ -61,6 +65,7 @@ mod backoff;
 mod config;
 mod container;
 mod error;
+mod images;
 mod local;
 mod logs;
 mod network;

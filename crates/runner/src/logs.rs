@@ -10,11 +10,10 @@
 //! forwards them, coalesced. Past the cap it goes on reading, shipping nothing, so progress
 //! still arrives from a task whose log is full.
 //!
-//! A live stream can end before it delivered everything: Docker 20.10's followed logs of a
-//! container that exits right after its start sometimes end empty although the output is in
-//! the container's log (about one in ten `echo`-and-exit containers here). So once the
-//! container has stopped, the supervisor reads its log once more from the start and ships
-//! whatever follows the bytes the live stream delivered ([`LogShipper::skip`]).
+//! The output comes from the engine's attachment to the container (made before its start,
+//! so nothing is missed); the engine keeps no copy of its own. A task that prints faster than
+//! the shipper reads waits for it, so nothing is lost before the cap either: past it the
+//! shipper reads on only for progress lines.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,11 +36,7 @@ pub(crate) struct LogShipper {
     pub flush_bytes: usize,
     /// Bytes the source already holds for this task (from an earlier attempt).
     pub stored: u64,
-    /// Output bytes at the start of the stream that were shipped already (by the live
-    /// stream, when this is the catch-up read) and are skipped.
-    pub skip: u64,
-    /// Progress lines found so far and not yet forwarded (carried from the live stream into
-    /// the catch-up read, so a line split between the two is still found).
+    /// Progress lines found in the output and not yet forwarded.
     pub progress: ProgressReporter,
 }
 
@@ -50,15 +45,10 @@ pub(crate) struct LogShipper {
 pub(crate) struct ShippedLogs {
     /// Bytes the source holds, as it last said.
     pub stored: u64,
-    /// Output bytes read from the stream, skipped ones included.
+    /// Output bytes read from the stream.
     pub read: u64,
     /// The cap was reached and later output was dropped.
     pub capped: bool,
-    /// Shipping stopped early: the cap, a refusal, or a failed stream. Nothing more is to
-    /// be shipped.
-    pub stopped: bool,
-    /// The progress state at the end, everything found forwarded.
-    pub progress: ProgressReporter,
 }
 
 /// What the shipping loop reacts to.
@@ -100,10 +90,8 @@ impl LogShipper {
             };
             let stop = match event {
                 Event::Output(Some(Ok(chunk))) => {
-                    let len = chunk.bytes.len() as u64;
-                    let skipped = self.skip.saturating_sub(read).min(len);
-                    read += len;
-                    let fresh = &chunk.bytes[usize::try_from(skipped).unwrap_or(0)..];
+                    read += chunk.bytes.len() as u64;
+                    let fresh = &chunk.bytes[..];
                     self.progress.scan(chunk.stream, fresh);
                     if self.progress.is_due() {
                         self.forward_progress().await;
@@ -201,8 +189,6 @@ impl LogShipper {
             stored: self.stored,
             read,
             capped: matches!(stop, Some(Stop::Capped)),
-            stopped: stop.is_some(),
-            progress: self.progress,
         }
     }
 }
@@ -299,7 +285,6 @@ mod tests {
             flush_interval: Duration::from_millis(20),
             flush_bytes: 4096,
             stored: 0,
-            skip: 0,
             progress: ProgressReporter::new(progress_interval),
         }
     }
@@ -338,7 +323,7 @@ mod tests {
         let shipped = shipper(&source, 10 << 20, interval)
             .ship(paced(chunks, Duration::from_millis(10)))
             .await;
-        assert!(!shipped.stopped);
+        assert!(!shipped.capped);
         assert_eq!(source.shipped.lock().unwrap().len(), total);
         let progress = source.progress.lock().unwrap().clone();
         assert!(
@@ -368,7 +353,7 @@ mod tests {
         let shipped = shipper(&source, 1000, Duration::from_millis(250))
             .ship(paced(chunks, Duration::from_millis(5)))
             .await;
-        assert!(shipped.capped && shipped.stopped);
+        assert!(shipped.capped);
         assert_eq!(shipped.read, 10_038);
         assert_eq!(source.shipped.lock().unwrap().len(), 1001);
         let progress = source.progress.lock().unwrap().clone();
@@ -376,45 +361,6 @@ mod tests {
         assert_eq!(
             (progress[0].1, progress[0].2.as_deref()),
             (Some(40), Some("past the cap"))
-        );
-    }
-
-    #[tokio::test]
-    async fn the_catch_up_read_finishes_a_line_the_live_stream_began() {
-        let source = Arc::new(Recorder::default());
-        let live = shipper(&source, 10 << 20, Duration::from_millis(250))
-            .ship(paced(
-                vec![b"::stevedore-progress::10 a\n::stevedore-pro".to_vec()],
-                Duration::ZERO,
-            ))
-            .await;
-        let catch_up = LogShipper {
-            stored: live.stored,
-            skip: live.read,
-            progress: live.progress,
-            ..shipper(&source, 10 << 20, Duration::from_millis(250))
-        };
-        // The stopped container's whole log again: the known part is skipped, not re-read.
-        catch_up
-            .ship(paced(
-                vec![
-                    b"::stevedore-progress::10 a\n::stevedore-pro".to_vec(),
-                    b"gress::20 b\n".to_vec(),
-                ],
-                Duration::ZERO,
-            ))
-            .await;
-        let progress: Vec<Option<u8>> = source
-            .progress
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|call| call.1)
-            .collect();
-        assert_eq!(progress, vec![Some(10), Some(20)]);
-        assert_eq!(
-            source.shipped.lock().unwrap().as_slice(),
-            b"::stevedore-progress::10 a\n::stevedore-progress::20 b\n"
         );
     }
 }

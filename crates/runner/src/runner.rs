@@ -102,24 +102,49 @@ impl Runner {
         let requirements = Requirements {
             memory_limit: true,
             swap_limit: false,
-            cpu_quota: false,
+            cpu_quota: config.default_cpus.is_some(),
             pids_limit: config.pids_limit.is_some(),
             allow_unenforced_memory_limit: config.allow_unlimited_memory,
         };
         check_required(&capabilities, &requirements)
             .map_err(RunnerError::EngineCannotEnforceLimits)?;
-        let limits = config.resolve(capabilities.ncpu, capabilities.mem_total);
+        let mut limits = config.resolve(capabilities.ncpu, capabilities.mem_total);
         log_engine(&capabilities);
+        limits.cpu_group = self.cpu_group(capabilities.ncpu).await?;
         crate::network::prepare(self.engine.as_ref(), &config.network).await?;
         tracing::info!(
             runner_id = %config.runner_id,
             clusters = ?config.clusters,
             capacity = limits.capacity,
             memory_budget_mib = limits.memory_budget_mib,
+            default_cpus = ?config.default_cpus,
+            cpu_group = ?limits.cpu_group,
             "runner starting"
         );
         self.reap().await;
         Ok(StartedRunner { limits })
+    }
+
+    /// Makes sure of the CPU group that holds the reserve, when there is one. An engine that
+    /// cannot cap a group (another host, not root, systemd's cgroups) runs tasks without the
+    /// reserve, loudly: refusing would stop `serve` for a safeguard of its own API.
+    async fn cpu_group(&self, ncpu: u64) -> Result<Option<String>, RunnerError> {
+        let Some(task_cpus) = self.config.task_cpus(ncpu)? else {
+            return Ok(None);
+        };
+        let name = self.config.cpu_group_name();
+        match self.engine.ensure_cpu_group(&name, task_cpus).await {
+            Ok(()) => Ok(Some(name)),
+            Err(error @ stevedore_engine::EngineError::LimitUnenforceable { .. }) => {
+                tracing::warn!(
+                    %error,
+                    reserve_cpus = self.config.reserve_cpus,
+                    "the CPU reserve cannot be held: tasks may take every core"
+                );
+                Ok(None)
+            }
+            Err(error) => Err(RunnerError::EngineUnavailable(error)),
+        }
     }
 
     /// [`Runner::start`], then [`Runner::run_started`].
@@ -135,6 +160,7 @@ impl Runner {
     pub async fn run_started(&self, started: StartedRunner, shutdown: CancellationToken) {
         let config = &self.config;
         let limits = started.limits;
+        let cpu_group = limits.cpu_group.clone();
         let admission = Admission::new(limits.capacity, limits.memory_budget_mib);
         let context = Arc::new(TaskContext {
             config: config.clone(),
@@ -145,7 +171,22 @@ impl Runner {
             hard_stop: CancellationToken::new(),
             engine_suspect: AtomicBool::new(false),
             public_images: PublicImages::default(),
+            cpu_group,
+            image_uses: Arc::default(),
         });
+        if let Some(budget_mib) = config.image_disk_budget_mib {
+            context.tracker.spawn(
+                crate::images::janitor(
+                    Arc::clone(&self.engine),
+                    Arc::clone(&context.image_uses),
+                    budget_mib << 20,
+                    stack_images(config),
+                    config.image_janitor_interval,
+                    shutdown.clone(),
+                )
+                .in_current_span(),
+            );
+        }
         self.lease_loop(&context, &admission, &shutdown).await;
 
         let running = context.tracker.len();
@@ -312,6 +353,22 @@ impl std::fmt::Debug for Runner {
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
+}
+
+/// The images the janitor never removes: every stack's (the local ones cannot be pulled
+/// again, the others are what most tasks run on).
+fn stack_images(config: &RunnerConfig) -> std::collections::HashSet<String> {
+    config
+        .stacks
+        .stacks()
+        .iter()
+        .map(|stack| stack.image.clone())
+        .chain(
+            stevedore_model::StackTable::local_builds()
+                .into_iter()
+                .map(|build| build.image.to_owned()),
+        )
+        .collect()
 }
 
 fn log_engine(capabilities: &EngineCapabilities) {

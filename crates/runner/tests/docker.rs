@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use harness::{Background, Harness, zip_of};
-use stevedore_engine::{ContainerEngine, ContainerRuntime, DockerEngine};
+use stevedore_engine::{ContainerEngine, ContainerRuntime, DockerEngine, ImageStore};
 use stevedore_model::{CodeKind, CodeSpec, StackTable, SystemClock, TaskStatus};
 use stevedore_runner::{
     LABEL_RUNNER, LABEL_TASK, LocalResult, LocalRun, Runner, RunnerConfig, RunnerError, run_local,
@@ -410,6 +410,460 @@ async fn the_log_cap_truncates_with_a_visible_marker() {
     test.stop_and_check_teardown(runner, &[&task.id]).await;
 }
 
+/// Regression (disks filled by the engine's own log of a task): a task printing as fast as it
+/// can leaves no log with the engine, and the stored log still holds the first 10 MiB of its
+/// output, in order, and the marker.
+#[tokio::test]
+async fn a_flood_of_output_keeps_its_first_ten_mib_whole_and_the_marker() {
+    let test = docker_or_skip!("flood-cap");
+    // About 23 MB of short lines: far more than the cap, and a worst case for a log file
+    // (the json-file driver made 200 MB of it on disk).
+    let lines = 3_000_000u32;
+    test.shell_code("flood", &format!("seq 1 {lines}")).await;
+    let task = test.harness.queue("flood", "", 120).await;
+    let runner = test.start(test.config());
+
+    let running = test
+        .harness
+        .wait_for(&task.id, WITHIN, |task| {
+            task.status != TaskStatus::Queued && task.status != TaskStatus::Preparing
+        })
+        .await;
+    if running.status == TaskStatus::Running {
+        let containers = test
+            .engine
+            .list_labeled(LABEL_TASK, &task.id)
+            .await
+            .unwrap();
+        for id in containers {
+            let log_path =
+                docker_inspect(id.as_str(), "{{.HostConfig.LogConfig.Type}} {{.LogPath}}");
+            assert_eq!(log_path.trim(), "none", "the engine keeps a log");
+        }
+    }
+    let done = test
+        .harness
+        .finished(&task.id, Duration::from_secs(120))
+        .await;
+    assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
+    let log = test.harness.log(&task.id).await;
+    let cap = 10 << 20;
+    let marker = format!("\n[stevedore: log truncated at {cap} bytes]\n");
+    assert_eq!(log.len(), cap, "the cap holds the marker too");
+    assert!(log.ends_with(&marker), "{:?}", &log[cap - 100..]);
+    let expected: String = (1..=lines).map(|n| format!("{n}\n")).collect();
+    let kept = cap - marker.len();
+    assert!(
+        log.as_bytes()[..kept] == expected.as_bytes()[..kept],
+        "the stored log is not the first {kept} bytes of the output"
+    );
+    test.stop_and_check_teardown(runner, &[&task.id]).await;
+}
+
+/// A code without `cpus` runs under the runner's default CPU limit, and with a reserve its
+/// container sits in the runner's CPU group, capped at the cores less the reserve.
+#[tokio::test]
+async fn a_task_gets_the_default_cpu_limit_and_the_reserve_caps_all_tasks() {
+    let test = docker_or_skip!("cpu-limits");
+    test.shell_code("busy", "sleep 30").await;
+    let task = test.harness.queue("busy", "", 60).await;
+    let config = RunnerConfig {
+        reserve_cpus: 0.5,
+        ..test.config()
+    };
+    let group = format!("stevedore-{}", test.runner_id);
+    let runner = test.start(config);
+    test.harness
+        .wait_for(&task.id, WITHIN, |task| task.status == TaskStatus::Running)
+        .await;
+    let containers = test
+        .engine
+        .list_labeled(LABEL_TASK, &task.id)
+        .await
+        .unwrap();
+    assert_eq!(containers.len(), 1);
+    let inspected = docker_inspect(
+        containers[0].as_str(),
+        "{{.HostConfig.NanoCpus}} {{.HostConfig.CgroupParent}}",
+    );
+    assert_eq!(inspected.trim(), format!("1000000000 /{group}"));
+
+    let ncpu: f64 = test.engine.capabilities().await.unwrap().ncpu as f64;
+    let quota = std::fs::read_to_string(format!("/sys/fs/cgroup/cpu/{group}/cpu.cfs_quota_us"))
+        .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/{group}/cpu.max")))
+        .unwrap();
+    let quota: u64 = quota.split_whitespace().next().unwrap().parse().unwrap();
+    assert_eq!(quota, ((ncpu - 0.5) * 100_000.0).round() as u64);
+    // The container's own cgroup is inside the group.
+    let id = docker_inspect(containers[0].as_str(), "{{.Id}}");
+    assert!(
+        std::path::Path::new(&format!("/sys/fs/cgroup/cpu/{group}/{}", id.trim())).exists()
+            || std::path::Path::new(&format!("/sys/fs/cgroup/{group}/{}", id.trim())).exists()
+    );
+
+    test.harness
+        .store
+        .cancel_task(&test.harness.project_id, &task.id, test.harness.clock.now())
+        .await
+        .unwrap();
+    test.harness.finished(&task.id, WITHIN).await;
+    test.stop_and_check_teardown(runner, &[&task.id]).await;
+    // The group is empty once the containers are gone; leave the host as it was.
+    let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/cpu/{group}"));
+    let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/{group}"));
+}
+
+/// Debian's `docker-registry` on a loopback port, without auth, serving a temporary
+/// directory; the engine pulls from 127.0.0.0/8 over plain HTTP. Killed when dropped.
+struct LocalRegistry {
+    child: std::process::Child,
+    address: String,
+    _dir: tempfile::TempDir,
+}
+
+impl LocalRegistry {
+    /// `None` (the test skips) when `docker-registry` is not installed and `CI` is not set
+    /// (`scripts/ensure-registry.sh` installs it).
+    fn start() -> Option<LocalRegistry> {
+        let Ok(binary) = which("docker-registry") else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "docker-registry is missing"
+            );
+            eprintln!("skipped: docker-registry is not installed");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let address = format!("127.0.0.1:{port}");
+        let config = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: {address}\n",
+            dir.path().join("data").display(),
+        );
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config).unwrap();
+        let child = std::process::Command::new(binary)
+            .arg("serve")
+            .arg(&config_path)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let registry = LocalRegistry {
+            child,
+            address,
+            _dir: dir,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&registry.address).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the registry did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(registry)
+    }
+
+    /// Pushes an image of one layer of `bytes` random bytes (so no layer of it is on this
+    /// machine already) as `<registry>/hygiene/<name>` and removes it here, so a task has to
+    /// pull it whole; returns the repository path and tag after the registry address.
+    fn push_random_image(&self, name: &str, bytes: usize) -> String {
+        let path = format!("hygiene/{name}:{}", std::process::id());
+        let image = format!("{}/{path}", self.address);
+        let dir = tempfile::tempdir().unwrap();
+        let noise: Vec<u8> = {
+            let mut state = 0x2545_f491_4f6c_dd1d_u64 ^ u64::from(std::process::id());
+            (0..bytes)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state as u8
+                })
+                .collect()
+        };
+        std::fs::write(dir.path().join("noise"), noise).unwrap();
+        let tar = dir.path().join("layer.tar");
+        let packed = std::process::Command::new("tar")
+            .args([
+                "-cf",
+                tar.to_str().unwrap(),
+                "-C",
+                dir.path().to_str().unwrap(),
+                "noise",
+            ])
+            .status()
+            .unwrap();
+        assert!(packed.success());
+        docker(&["import", tar.to_str().unwrap(), &image]);
+        docker(&["push", &image]);
+        docker(&["rmi", &image]);
+        path
+    }
+}
+
+impl Drop for LocalRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP proxy to `upstream` that passes its answers on at about `bytes_per_second`: a slow
+/// registry. Runs until the test's runtime ends.
+async fn slow_proxy(upstream: String, bytes_per_second: usize) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+            });
+            tokio::spawn(async move {
+                let mut buffer = vec![0u8; bytes_per_second / 10];
+                loop {
+                    let Ok(read) = server_read.read(&mut buffer).await else {
+                        return;
+                    };
+                    if read == 0 || client_write.write_all(&buffer[..read]).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+        }
+    });
+    address
+}
+
+fn docker(args: &[&str]) {
+    let output = std::process::Command::new("docker")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "docker {args:?}: {output:?}");
+}
+
+fn which(binary: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(binary))
+                .find(|path| path.is_file())
+        })
+        .ok_or(())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A pull from a registry too slow to finish within the deadline ends the attempt in about
+/// the deadline, as the infrastructure's failure, with the reason in the task's message; the
+/// pull is stopped, not left running for nobody.
+#[tokio::test]
+async fn a_pull_past_its_deadline_gives_the_slot_back_as_an_infrastructure_failure() {
+    let test = docker_or_skip!("pull-deadline");
+    let Some(registry) = LocalRegistry::start() else {
+        return;
+    };
+    let path = registry.push_random_image("slow", 1_000_000);
+    // About 20 KB/s: the image (1 MB) would take most of a minute.
+    let proxy = slow_proxy(registry.address.clone(), 20_000).await;
+    let image = format!("{proxy}/{path}");
+    test.harness
+        .push_image_code("slow-pull", &image, Some("true"), |_| {})
+        .await;
+    let task = test.harness.queue("slow-pull", "", 60).await;
+    let config = RunnerConfig {
+        pull_timeout: Duration::from_secs(2),
+        max_infra_attempts: 1,
+        ..test.config()
+    };
+    let began = std::time::Instant::now();
+    let runner = test.start(config);
+    let done = test.harness.finished(&task.id, WITHIN).await;
+    let took = began.elapsed();
+    assert_eq!(done.status, TaskStatus::Error, "{done:#?}");
+    assert_eq!(done.infra_attempts, 1);
+    let msg = done.msg.clone().unwrap_or_default();
+    assert!(
+        msg.contains("pull_timeout_secs") && msg.contains(&image),
+        "{msg}"
+    );
+    assert!(took < Duration::from_secs(15), "the deadline took {took:?}");
+    test.stop_and_check_teardown(runner, &[&task.id]).await;
+    assert!(!test.engine.image_present(&image).await.unwrap());
+}
+
+/// An image larger than the runner's limit ends its task `error` (the user chose it), saying
+/// so, and runs nothing.
+#[tokio::test]
+async fn an_image_over_the_size_limit_ends_error_with_the_sizes() {
+    let test = docker_or_skip!("pull-size");
+    let Some(registry) = LocalRegistry::start() else {
+        return;
+    };
+    let path = registry.push_random_image("big", 1_000_000);
+    let image = format!("{}/{path}", registry.address);
+    test.harness
+        .push_image_code("big-image", &image, Some("true"), |_| {})
+        .await;
+    let task = test.harness.queue("big-image", "", 60).await;
+    let config = RunnerConfig {
+        max_image_bytes: Some(100_000),
+        ..test.config()
+    };
+    let runner = test.start(config);
+    let done = test.harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Error, "{done:#?}");
+    assert_eq!(done.infra_attempts, 0);
+    let msg = done.msg.clone().unwrap_or_default();
+    eprintln!("an image over the limit: {msg}");
+    assert!(
+        msg.contains("max_image_bytes") && msg.contains(&image),
+        "{msg}"
+    );
+    test.stop_and_check_teardown(runner, &[&task.id]).await;
+    let _ = std::process::Command::new("docker")
+        .args(["rmi", &image])
+        .output();
+}
+
+/// Builds `image` from the test image with a layer of `bytes` random bytes of its own, so
+/// it takes disk of its own.
+fn build_image_with_noise(image: &str, bytes: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64 ^ image.len() as u64 ^ u64::from(std::process::id());
+    let noise: Vec<u8> = image
+        .bytes()
+        .chain((0..bytes).map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        }))
+        .collect();
+    std::fs::write(dir.path().join("noise"), noise).unwrap();
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        format!("FROM {TEST_IMAGE}\nCOPY noise /noise\n"),
+    )
+    .unwrap();
+    docker(&["build", "-q", "-t", image, dir.path().to_str().unwrap()]);
+}
+
+/// Over the disk budget, the janitor removes the images the runner's tasks used and no task
+/// uses now; the image of a running task stays, and so do the stack images and images the
+/// runner never used.
+#[tokio::test]
+async fn images_over_the_disk_budget_go_least_recently_used_first_never_one_in_use() {
+    let test = docker_or_skip!("image-gc");
+    let repository = format!("stevedore/hygiene-gc-{}", std::process::id());
+    let images: Vec<String> = ["a", "b", "c", "busy", "foreign"]
+        .iter()
+        .map(|tag| format!("{repository}:{tag}"))
+        .collect();
+    for image in &images {
+        build_image_with_noise(image, 1 << 20);
+    }
+    let _remove = RemoveImagesOnDrop(images.clone());
+    for (code, image) in ["a", "b", "c"].iter().zip(&images) {
+        test.harness
+            .push_image_code(code, image, Some("true"), |_| {})
+            .await;
+    }
+    test.harness
+        .push_image_code("busy", &images[3], Some("sleep 30"), |_| {})
+        .await;
+    let config = RunnerConfig {
+        // Far below what the engine holds: everything that may go, goes.
+        image_disk_budget_mib: Some(1),
+        image_janitor_interval: Duration::from_millis(300),
+        ..test.config()
+    };
+    let runner = test.start(config);
+    let busy = test.harness.queue("busy", "", 60).await;
+    test.harness
+        .wait_for(&busy.id, WITHIN, |task| task.status == TaskStatus::Running)
+        .await;
+    for code in ["a", "b", "c"] {
+        let task = test.harness.queue(code, "", 60).await;
+        let done = test.harness.finished(&task.id, WITHIN).await;
+        assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut gone = true;
+        for image in &images[..3] {
+            gone &= !test.engine.image_present(image).await.unwrap();
+        }
+        if gone {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the used images were not removed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        test.engine.image_present(&images[3]).await.unwrap(),
+        "the busy task's image went"
+    );
+    assert!(
+        test.engine.image_present(&images[4]).await.unwrap(),
+        "a foreign image went"
+    );
+    assert!(
+        test.engine.image_present(TEST_IMAGE).await.unwrap(),
+        "the stack image went"
+    );
+    test.harness
+        .store
+        .cancel_task(&test.harness.project_id, &busy.id, test.harness.clock.now())
+        .await
+        .unwrap();
+    test.harness.finished(&busy.id, WITHIN).await;
+    test.stop_and_check_teardown(runner, &[&busy.id]).await;
+}
+
+/// Removes the images a test made, also when it fails.
+struct RemoveImagesOnDrop(Vec<String>);
+
+impl Drop for RemoveImagesOnDrop {
+    fn drop(&mut self) {
+        for image in &self.0 {
+            let _ = std::process::Command::new("docker")
+                .args(["rmi", image])
+                .output();
+        }
+    }
+}
+
+/// A field of `docker inspect`, through the docker CLI, as an operator would look.
+fn docker_inspect(id: &str, format: &str) -> String {
+    let output = std::process::Command::new("docker")
+        .args(["inspect", "--format", format, id])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 #[tokio::test]
 async fn an_image_code_without_a_command_runs_the_images_own_cmd() {
     let test = docker_or_skip!("image-cmd");
@@ -448,7 +902,7 @@ async fn an_entry_point_that_cannot_execute_ends_error_without_a_requeue() {
 #[tokio::test]
 async fn quick_exits_never_lose_their_output() {
     // Regression: Docker 20.10's followed logs of a container that exits right after its
-    // start sometimes end empty; the runner reads the stopped container's log once more.
+    // start sometimes ended empty; the runner now attaches to the output before the start.
     let test = docker_or_skip!("quick-output");
     test.shell_code("quick", "echo \"out $TASK_ID\"; echo \"err $TASK_ID\" >&2")
         .await;

@@ -341,6 +341,58 @@ async fn a_missing_image_is_the_users_error_with_a_clear_message() {
 }
 
 #[tokio::test]
+async fn a_pull_past_its_deadline_requeues_and_an_image_over_the_size_limit_ends_error() {
+    let harness = system_harness().await;
+    let engine = FakeEngine::new();
+    engine.add_registry_image("team/slow:1", Duration::from_secs(30));
+    engine.add_registry_image("team/big:1", Duration::from_millis(10));
+    harness
+        .push_image_code("slow", "team/slow:1", Some("true"), |_| {})
+        .await;
+    harness
+        .push_image_code("big", "team/big:1", Some("true"), |_| {})
+        .await;
+    let slow = harness.queue("slow", "", 60).await;
+    let big = harness.queue("big", "", 60).await;
+    let config = RunnerConfig {
+        pull_timeout: Duration::from_millis(300),
+        // The fake's layer is 100 bytes to download and its image 1 MiB on disk: the pull
+        // passes, the image does not.
+        max_image_bytes: Some(150),
+        max_infra_attempts: 2,
+        ..test_config("r-pull-bounds")
+    };
+    let (runner, source) = start(&harness, config, &engine);
+
+    let done = harness.finished(&big.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Error);
+    assert_eq!(done.infra_attempts, 0);
+    let msg = done.msg.unwrap_or_default();
+    assert!(
+        msg.contains("team/big:1") && msg.contains("max_image_bytes"),
+        "{msg}"
+    );
+
+    // Requeued as the infrastructure's, then ended after the cap, the reason kept.
+    let done = harness.finished(&slow.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Error);
+    assert_eq!(done.infra_attempts, 2);
+    let msg = done.msg.unwrap_or_default();
+    assert!(msg.contains("pull_timeout_secs"), "{msg}");
+    let requeues = source.requeues.lock().unwrap().clone();
+    assert!(
+        requeues
+            .iter()
+            .any(|(id, request)| id == &slow.id && request.reason.contains("not pulled within"))
+    );
+    runner.stop().await.unwrap();
+    assert!(engine.created().is_empty());
+    // Nobody waited for the slow pull any more: it was stopped, so the second attempt
+    // pulled afresh instead of joining a pull left running.
+    assert_eq!(engine.pull_count("team/slow:1"), 2);
+}
+
+#[tokio::test]
 async fn a_stale_lease_is_abandoned_and_its_container_killed_and_removed() {
     let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
     let harness = Harness::new(clock.clone()).await;
@@ -689,6 +741,7 @@ async fn an_engine_without_memory_limits_is_refused_unless_allowed() {
     let engine = FakeEngine::new();
     engine.set_capabilities(EngineCapabilities {
         memory_limit: false,
+        cpu_cfs_quota: true,
         pids_limit: true,
         ncpu: 2,
         mem_total: 4 << 30,
@@ -713,6 +766,63 @@ async fn an_engine_without_memory_limits_is_refused_unless_allowed() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!runner.is_finished());
     runner.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_cpu_reserve_puts_every_task_in_a_capped_group_or_runs_loudly_without() {
+    let harness = system_harness().await;
+    let engine = engine_with("test/busy", FakeRun::success());
+    harness
+        .push_image_code("busy", "test/busy", Some("true"), |_| {})
+        .await;
+    let task = harness.queue("busy", "", 60).await;
+    let config = RunnerConfig {
+        reserve_cpus: 0.5,
+        ..test_config("r-reserve")
+    };
+    let (runner, _source) = start(&harness, config.clone(), &engine);
+    let done = harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Complete);
+    runner.stop().await.unwrap();
+    // Two cores less half a core, for every task together.
+    assert_eq!(engine.cpu_group("stevedore-r-reserve"), Some(1_500_000_000));
+    let created = engine.created();
+    assert_eq!(created.len(), 1);
+    assert_eq!(
+        created[0].1.cpu_group.as_deref(),
+        Some("stevedore-r-reserve")
+    );
+    // The code sets no cpus: the default limit.
+    assert_eq!(created[0].1.nano_cpus, Some(1_000_000_000));
+
+    // An engine that cannot cap a group still runs tasks, without one.
+    let unenforceable = engine_with("test/busy", FakeRun::success());
+    unenforceable.fail_next(
+        FakeOperation::CpuGroup,
+        EngineError::LimitUnenforceable {
+            capability: "a CPU reserve".into(),
+            hint: "not root".into(),
+        },
+    );
+    let task = harness.queue("busy", "", 60).await;
+    let (runner, _source) = start(&harness, config, &unenforceable);
+    let done = harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Complete);
+    runner.stop().await.unwrap();
+    assert_eq!(unenforceable.created()[0].1.cpu_group, None);
+
+    // A reserve that leaves no CPU is refused before anything runs.
+    let greedy = RunnerConfig {
+        reserve_cpus: 2.0,
+        ..test_config("r-greedy")
+    };
+    let refused = Runner::new(greedy, harness.source(), Arc::new(engine.clone()))
+        .run(CancellationToken::new())
+        .await;
+    assert!(
+        matches!(refused, Err(RunnerError::InvalidConfig(_))),
+        "{refused:?}"
+    );
 }
 
 #[tokio::test]
