@@ -82,6 +82,34 @@ pub(crate) async fn ensure(
     Ok(())
 }
 
+/// Removes the group `name` on this host when it is empty (a cgroup with tasks or children
+/// cannot be removed, and stays). On cgroup v1 the engine made the group's directory under
+/// every controller (memory, pids, ...), not only `cpu`: each goes.
+pub(crate) async fn remove(name: &str, hierarchy: Hierarchy) -> Result<(), EngineError> {
+    check_name(name)?;
+    let root = Path::new(CGROUP_ROOT);
+    let groups = match hierarchy {
+        Hierarchy::V2 => vec![root.join(name)],
+        Hierarchy::V1 => {
+            let mut groups = Vec::new();
+            if let Ok(mut controllers) = tokio::fs::read_dir(root).await {
+                while let Ok(Some(controller)) = controllers.next_entry().await {
+                    groups.push(controller.path().join(name));
+                }
+            }
+            groups
+        }
+    };
+    for group in groups {
+        match tokio::fs::remove_dir(&group).await {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => tracing::debug!(group = %group.display(), %error, "the group stays"),
+        }
+    }
+    Ok(())
+}
+
 /// The quota per period for `nano_cpus`, at least the kernel's minimum of 1 ms.
 fn quota_us(nano_cpus: u64) -> u64 {
     (u128::from(nano_cpus) * u128::from(PERIOD_US) / 1_000_000_000)

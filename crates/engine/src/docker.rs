@@ -414,15 +414,21 @@ impl ContainerRuntime for DockerEngine {
             .info()
             .await
             .map_err(|error| EngineError::from_bollard(error, Subject::Engine))?;
-        let hierarchy = match info.cgroup_version {
-            Some(SystemInfoCgroupVersionEnum::_2) => cpu_group::Hierarchy::V2,
-            _ => cpu_group::Hierarchy::V1,
-        };
+        let hierarchy = hierarchy_of(&info);
         let driver = info
             .cgroup_driver
             .map(|driver| driver.to_string())
             .unwrap_or_default();
         cpu_group::ensure(name, nano_cpus, hierarchy, &driver).await
+    }
+
+    async fn remove_cpu_group(&self, name: &str) -> Result<(), EngineError> {
+        let info = self
+            .docker
+            .info()
+            .await
+            .map_err(|error| EngineError::from_bollard(error, Subject::Engine))?;
+        cpu_group::remove(name, hierarchy_of(&info)).await
     }
 
     async fn inspect_network(&self, name: &str) -> Result<Option<NetworkInfo>, EngineError> {
@@ -924,6 +930,14 @@ fn create_body(spec: &ContainerSpec) -> Result<ContainerCreateBody, EngineError>
         host_config: Some(host_config),
         ..ContainerCreateBody::default()
     })
+}
+
+/// The engine's cgroup hierarchy, v1 unless it says v2.
+fn hierarchy_of(info: &SystemInfo) -> cpu_group::Hierarchy {
+    match info.cgroup_version {
+        Some(SystemInfoCgroupVersionEnum::_2) => cpu_group::Hierarchy::V2,
+        _ => cpu_group::Hierarchy::V1,
+    }
 }
 
 /// What Docker says of a network, in the trait's terms.

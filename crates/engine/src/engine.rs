@@ -110,6 +110,10 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// never a silent success; a bad name is [`EngineError::InvalidSpec`].
     async fn ensure_cpu_group(&self, name: &str, nano_cpus: u64) -> Result<(), EngineError>;
 
+    /// Removes the CPU group `name` once no container is in it (a runner that stops); a group
+    /// that does not exist, or still holds containers, is left as it is.
+    async fn remove_cpu_group(&self, name: &str) -> Result<(), EngineError>;
+
     /// The network `name`, or `None` when the runtime has none of that name.
     async fn inspect_network(&self, name: &str) -> Result<Option<NetworkInfo>, EngineError>;
 

@@ -111,7 +111,7 @@ pub enum FakeOperation {
     Network,
     /// `isolate_network`.
     Isolate,
-    /// `ensure_cpu_group`.
+    /// `ensure_cpu_group` and `remove_cpu_group`.
     CpuGroup,
 }
 
@@ -766,6 +766,19 @@ impl ContainerRuntime for FakeEngine {
         self.injected(FakeOperation::CpuGroup)?;
         crate::cpu_group::check_name(name)?;
         self.lock().cpu_groups.insert(name.to_owned(), nano_cpus);
+        Ok(())
+    }
+
+    async fn remove_cpu_group(&self, name: &str) -> Result<(), EngineError> {
+        self.injected(FakeOperation::CpuGroup)?;
+        let mut state = self.lock();
+        let in_use = state
+            .containers
+            .values()
+            .any(|container| container.spec.cpu_group.as_deref() == Some(name));
+        if !in_use {
+            state.cpu_groups.remove(name);
+        }
         Ok(())
     }
 

@@ -210,6 +210,11 @@ impl Runner {
         // Every task is over: whatever still carries this runner's label is garbage that a
         // failed removal left (the engine was down at the time).
         self.reap().await;
+        if let Some(group) = &limits.cpu_group
+            && let Err(error) = self.engine.remove_cpu_group(group).await
+        {
+            tracing::debug!(%error, group, "the CPU group stays");
+        }
         tracing::info!("runner stopped");
     }
 

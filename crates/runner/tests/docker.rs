@@ -508,9 +508,10 @@ async fn a_task_gets_the_default_cpu_limit_and_the_reserve_caps_all_tasks() {
         .unwrap();
     test.harness.finished(&task.id, WITHIN).await;
     test.stop_and_check_teardown(runner, &[&task.id]).await;
-    // The group is empty once the containers are gone; leave the host as it was.
-    let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/cpu/{group}"));
-    let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/{group}"));
+    // The runner removed its group on the way out: the host is as it was.
+    assert!(!std::path::Path::new(&format!("/sys/fs/cgroup/cpu/{group}")).exists());
+    assert!(!std::path::Path::new(&format!("/sys/fs/cgroup/memory/{group}")).exists());
+    assert!(!std::path::Path::new(&format!("/sys/fs/cgroup/{group}")).exists());
 }
 
 /// Debian's `docker-registry` on a loopback port, without auth, serving a temporary

@@ -783,9 +783,11 @@ async fn the_cpu_reserve_puts_every_task_in_a_capped_group_or_runs_loudly_withou
     let (runner, _source) = start(&harness, config.clone(), &engine);
     let done = harness.finished(&task.id, WITHIN).await;
     assert_eq!(done.status, TaskStatus::Complete);
-    runner.stop().await.unwrap();
     // Two cores less half a core, for every task together.
     assert_eq!(engine.cpu_group("stevedore-r-reserve"), Some(1_500_000_000));
+    runner.stop().await.unwrap();
+    // Removed with the runner, once its containers are gone.
+    assert_eq!(engine.cpu_group("stevedore-r-reserve"), None);
     let created = engine.created();
     assert_eq!(created.len(), 1);
     assert_eq!(

@@ -1,0 +1,348 @@
+//! The API's latency while every slot of `serve`'s runner runs a CPU-bound task: the real
+//! `stevedore serve` binary, its slots filled with busy loops, and `GET tasks` asked over and
+//! over meanwhile. Three runs, in one process and one sitting so machine noise hits all alike:
+//!
+//! * `idle`: no task runs (the baseline);
+//! * `unlimited`: tasks without a CPU limit and no reserve (`runner.default_cpus = 0`,
+//!   `runner.reserve_cpus = 0`: stevedore before engine hygiene);
+//! * `reserve`: the defaults of `serve` (a task gets 1 CPU, all tasks together the cores less
+//!   half a core).
+//!
+//! Prints p50/p99/max of the API's answers and the `unlimited`/`reserve` ratio of the p99.
+//! Asserts nothing about speed; fails loudly when the server or a task misbehaves.
+//!
+//! `cargo bench -p stevedore --bench cpu_reserve` (`STEVEDORE_BENCH_REQUESTS` sets the
+//! requests per run, default 400; `STEVEDORE_BENCH_SLOTS` the tasks, default 4 per core).
+//! Needs a Docker engine; skips with a message without one. The reserve needs root on the
+//! engine's host (a cgroup of its own); without it `serve` warns and the run shows no reserve.
+
+// A benchmark fails loudly: every `expect` says what went wrong.
+#![allow(clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use stevedore_engine::{ContainerRuntime, DockerEngine, ImageStore, LOCAL_BUSYBOX_IMAGE};
+use tokio::process::{Child, Command};
+
+const DEFAULT_REQUESTS: usize = 400;
+const REQUEST_PAUSE: Duration = Duration::from_millis(10);
+const TASK_TIMEOUT_SECS: u64 = 600;
+
+/// One run's settings for `serve`'s runner.
+struct Run {
+    name: &'static str,
+    busy: bool,
+    env: &'static [(&'static str, &'static str)],
+}
+
+/// Each busy configuration runs twice, alternating, so that load from outside that comes and
+/// goes hits both alike; their answers are pooled.
+const RUNS: [Run; 5] = [
+    Run {
+        name: "idle",
+        busy: false,
+        env: &[],
+    },
+    Run {
+        name: "unlimited",
+        busy: true,
+        env: &[
+            ("STEVEDORE_RUNNER__DEFAULT_CPUS", "0"),
+            ("STEVEDORE_RUNNER__RESERVE_CPUS", "0"),
+        ],
+    },
+    Run {
+        name: "reserve",
+        busy: true,
+        env: &[],
+    },
+    Run {
+        name: "unlimited",
+        busy: true,
+        env: &[
+            ("STEVEDORE_RUNNER__DEFAULT_CPUS", "0"),
+            ("STEVEDORE_RUNNER__RESERVE_CPUS", "0"),
+        ],
+    },
+    Run {
+        name: "reserve",
+        busy: true,
+        env: &[],
+    },
+];
+
+#[tokio::main]
+async fn main() {
+    let requests = env_count("STEVEDORE_BENCH_REQUESTS").unwrap_or(DEFAULT_REQUESTS);
+    let engine = match DockerEngine::connect().await {
+        Ok(engine) => engine,
+        Err(error) => {
+            println!("cpu_reserve: skipped, the Docker engine is unreachable ({error})");
+            return;
+        }
+    };
+    assert!(
+        engine
+            .image_present(LOCAL_BUSYBOX_IMAGE)
+            .await
+            .expect("ask the engine for the local busybox image"),
+        "{LOCAL_BUSYBOX_IMAGE} is missing: `stevedore stack build-local busybox` makes it"
+    );
+    let ncpu = engine
+        .capabilities()
+        .await
+        .expect("the engine's capabilities")
+        .ncpu;
+    let slots = env_count("STEVEDORE_BENCH_SLOTS").unwrap_or(4 * ncpu as usize);
+    eprintln!("{ncpu} cores, {slots} slots, {requests} requests per run");
+
+    let mut results: Vec<(&str, Vec<f64>)> = Vec::new();
+    for (index, run) in RUNS.iter().enumerate() {
+        let runner_id = format!("bench-cpu-{}-{index}", std::process::id());
+        eprintln!("{}: starting", run.name);
+        let latencies = measure(run, slots, requests, &runner_id).await;
+        let leftovers = engine
+            .list_labeled("stevedore.runner", &runner_id)
+            .await
+            .expect("list the runner's containers");
+        for id in leftovers {
+            let _ = engine.remove(&id).await;
+        }
+        match results.iter_mut().find(|(name, _)| *name == run.name) {
+            Some((_, pooled)) => pooled.extend(latencies),
+            None => results.push((run.name, latencies)),
+        }
+    }
+
+    println!();
+    println!(
+        "{:<10} {:>6} {:>9} {:>9} {:>9} {:>9}",
+        "run", "slots", "answers", "p50 ms", "p99 ms", "max ms"
+    );
+    let mut p99 = std::collections::HashMap::new();
+    for (name, mut latencies) in results {
+        latencies.sort_by(f64::total_cmp);
+        let busy = if name == "idle" { 0 } else { slots };
+        println!(
+            "{name:<10} {busy:>6} {:>9} {:>9.2} {:>9.2} {:>9.2}",
+            latencies.len(),
+            percentile(&latencies, 50.0),
+            percentile(&latencies, 99.0),
+            latencies.last().copied().unwrap_or_default()
+        );
+        p99.insert(name, percentile(&latencies, 99.0));
+    }
+    if let (Some(unlimited), Some(reserve)) = (p99.get("unlimited"), p99.get("reserve")) {
+        println!();
+        println!(
+            "API p99 with every slot busy: {unlimited:.2} ms unlimited, {reserve:.2} ms with the \
+             reserve ({:.1}x)",
+            unlimited / reserve
+        );
+    }
+}
+
+/// Starts `serve` for `run`, fills its slots (when the run is busy), and times `requests`
+/// answers of `GET tasks`, in milliseconds.
+async fn measure(run: &Run, slots: usize, requests: usize, runner_id: &str) -> Vec<f64> {
+    let data_dir = tempfile::tempdir().expect("a temporary data directory");
+    let mut server = Server::start(data_dir.path(), slots, runner_id, run.env).await;
+    let client = reqwest::Client::new();
+    let uploaded = client
+        .post(server.url("codes"))
+        .header("Authorization", server.authorization())
+        .json(&json!({
+            "name": "spin",
+            "image": LOCAL_BUSYBOX_IMAGE,
+            "command": "while :; do :; done",
+            "network": "none",
+        }))
+        .send()
+        .await
+        .expect("POST codes");
+    assert!(uploaded.status().is_success(), "POST codes: {uploaded:?}");
+
+    if run.busy {
+        let batch: Vec<Value> = (0..slots)
+            .map(|_| json!({"code_name": "spin", "timeout": TASK_TIMEOUT_SECS}))
+            .collect();
+        let queued = client
+            .post(server.url("tasks"))
+            .header("Authorization", server.authorization())
+            .json(&json!({ "tasks": batch }))
+            .send()
+            .await
+            .expect("POST tasks");
+        assert!(queued.status().is_success(), "POST tasks: {queued:?}");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while running(&client, &server).await < slots {
+            server.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "the slots did not fill in 2 minutes"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Let the busy loops settle on the cores.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+
+    let mut latencies = Vec::with_capacity(requests);
+    for _ in 0..requests {
+        let asked = Instant::now();
+        client
+            .get(server.url("tasks?per_page=30"))
+            .header("Authorization", server.authorization())
+            .send()
+            .await
+            .expect("GET tasks")
+            .error_for_status()
+            .expect("GET tasks succeeds")
+            .bytes()
+            .await
+            .expect("GET tasks answers");
+        latencies.push(asked.elapsed().as_secs_f64() * 1000.0);
+        tokio::time::sleep(REQUEST_PAUSE).await;
+    }
+    server.terminate().await;
+    latencies
+}
+
+/// How many of the project's tasks run now.
+async fn running(client: &reqwest::Client, server: &Server) -> usize {
+    let listed: Value = client
+        .get(server.url("tasks?per_page=100&running=1"))
+        .header("Authorization", server.authorization())
+        .send()
+        .await
+        .expect("GET tasks")
+        .json()
+        .await
+        .expect("GET tasks answers JSON");
+    listed["tasks"]
+        .as_array()
+        .map(|tasks| {
+            tasks
+                .iter()
+                .filter(|task| task["status"] == "running")
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn env_count(name: &str) -> Option<usize> {
+    std::env::var(name).ok().map(|value| {
+        value
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .unwrap_or_else(|| panic!("{name} must be a positive integer"))
+    })
+}
+
+/// The nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// A `stevedore serve` process on a free loopback port.
+struct Server {
+    child: Child,
+    base: String,
+    project_id: String,
+    token: String,
+}
+
+impl Server {
+    async fn start(data_dir: &Path, slots: usize, runner_id: &str, env: &[(&str, &str)]) -> Server {
+        let iron_path: PathBuf = data_dir.join("iron.json");
+        let child = Command::new(env!("CARGO_BIN_EXE_stevedore"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .current_dir(data_dir)
+            .env("STEVEDORE_RUNNER__CAPACITY", slots.to_string())
+            .env("STEVEDORE_RUNNER__ID", runner_id)
+            // The running tasks are killed at once when the run ends.
+            .env("STEVEDORE_RUNNER__SHUTDOWN_GRACE_SECS", "0")
+            .env("STEVEDORE_LOG", "warn")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start stevedore serve");
+        let mut server = Server {
+            child,
+            base: String::new(),
+            project_id: String::new(),
+            token: String::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            server.assert_running();
+            let iron = std::fs::read_to_string(&iron_path)
+                .ok()
+                .and_then(|text| serde_json::from_str::<Value>(&text).ok());
+            if let Some(iron) = iron
+                && iron["port"].as_u64().is_some_and(|port| port != 0)
+            {
+                let field = |name: &str| {
+                    iron[name]
+                        .as_str()
+                        .unwrap_or_else(|| panic!("iron.json lacks {name}: {iron}"))
+                        .to_owned()
+                };
+                server.base = format!("http://{}:{}", field("host"), iron["port"]);
+                server.project_id = field("project_id");
+                server.token = field("token");
+                return server;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "stevedore serve wrote no iron.json within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/2/projects/{}/{path}", self.base, self.project_id)
+    }
+
+    fn authorization(&self) -> String {
+        format!("OAuth {}", self.token)
+    }
+
+    fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().expect("poll the server process") {
+            panic!("stevedore serve exited early: {status}");
+        }
+    }
+
+    /// SIGTERM, then wait for the exit.
+    async fn terminate(&mut self) {
+        let pid = self.child.id().expect("the server is still running");
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await
+            .expect("run kill -TERM");
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+            .await
+            .expect("stevedore serve stops within 60 s of SIGTERM")
+            .expect("wait for stevedore serve");
+        assert!(
+            status.success(),
+            "stevedore serve exited {status} on SIGTERM"
+        );
+    }
+}
