@@ -19,13 +19,15 @@
 // A benchmark fails loudly: every `expect` says what went wrong.
 #![allow(clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use stevedore_engine::{ContainerRuntime, DockerEngine, ImageStore, LOCAL_BUSYBOX_IMAGE};
-use tokio::process::{Child, Command};
+
+#[path = "support/server.rs"]
+mod server;
+
+use server::Server;
 
 const DEFAULT_REQUESTS: usize = 400;
 const REQUEST_PAUSE: Duration = Duration::from_millis(10);
@@ -149,7 +151,10 @@ async fn main() {
 /// answers of `GET tasks`, in milliseconds.
 async fn measure(run: &Run, slots: usize, requests: usize, runner_id: &str) -> Vec<f64> {
     let data_dir = tempfile::tempdir().expect("a temporary data directory");
-    let mut server = Server::start(data_dir.path(), slots, runner_id, run.env).await;
+    // The running tasks are killed at once when the run ends.
+    let mut env = vec![("STEVEDORE_RUNNER__SHUTDOWN_GRACE_SECS", "0")];
+    env.extend_from_slice(run.env);
+    let mut server = Server::start(data_dir.path(), slots, runner_id, &env).await;
     let client = reqwest::Client::new();
     let uploaded = client
         .post(server.url("codes"))
@@ -250,99 +255,4 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
     let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-/// A `stevedore serve` process on a free loopback port.
-struct Server {
-    child: Child,
-    base: String,
-    project_id: String,
-    token: String,
-}
-
-impl Server {
-    async fn start(data_dir: &Path, slots: usize, runner_id: &str, env: &[(&str, &str)]) -> Server {
-        let iron_path: PathBuf = data_dir.join("iron.json");
-        let child = Command::new(env!("CARGO_BIN_EXE_stevedore"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .current_dir(data_dir)
-            .env("STEVEDORE_RUNNER__CAPACITY", slots.to_string())
-            .env("STEVEDORE_RUNNER__ID", runner_id)
-            // The running tasks are killed at once when the run ends.
-            .env("STEVEDORE_RUNNER__SHUTDOWN_GRACE_SECS", "0")
-            .env("STEVEDORE_LOG", "warn")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start stevedore serve");
-        let mut server = Server {
-            child,
-            base: String::new(),
-            project_id: String::new(),
-            token: String::new(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            server.assert_running();
-            let iron = std::fs::read_to_string(&iron_path)
-                .ok()
-                .and_then(|text| serde_json::from_str::<Value>(&text).ok());
-            if let Some(iron) = iron
-                && iron["port"].as_u64().is_some_and(|port| port != 0)
-            {
-                let field = |name: &str| {
-                    iron[name]
-                        .as_str()
-                        .unwrap_or_else(|| panic!("iron.json lacks {name}: {iron}"))
-                        .to_owned()
-                };
-                server.base = format!("http://{}:{}", field("host"), iron["port"]);
-                server.project_id = field("project_id");
-                server.token = field("token");
-                return server;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "stevedore serve wrote no iron.json within 30 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}/2/projects/{}/{path}", self.base, self.project_id)
-    }
-
-    fn authorization(&self) -> String {
-        format!("OAuth {}", self.token)
-    }
-
-    fn assert_running(&mut self) {
-        if let Some(status) = self.child.try_wait().expect("poll the server process") {
-            panic!("stevedore serve exited early: {status}");
-        }
-    }
-
-    /// SIGTERM, then wait for the exit.
-    async fn terminate(&mut self) {
-        let pid = self.child.id().expect("the server is still running");
-        let sent = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .await
-            .expect("run kill -TERM");
-        assert!(sent.success(), "kill -TERM {pid} failed");
-        let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
-            .await
-            .expect("stevedore serve stops within 60 s of SIGTERM")
-            .expect("wait for stevedore serve");
-        assert!(
-            status.success(),
-            "stevedore serve exited {status} on SIGTERM"
-        );
-    }
 }
