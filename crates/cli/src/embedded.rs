@@ -12,10 +12,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::{StreamExt, TryStreamExt};
 use stevedore_model::{
     HeartbeatReply, LeaseRequest, LeasedTask, RunReport, TaskOutcome, Timestamp, WorkSignal,
 };
-use stevedore_runner::{RequeueRequest, SourceError, TaskSource};
+use stevedore_runner::{PackageDownload, RequeueRequest, SourceError, TaskSource};
 use stevedore_server::{DeskError, GiveBack, LeaseDesk};
 use stevedore_store::{RunnerSeen, StoreError};
 
@@ -235,11 +236,23 @@ impl TaskSource for DeskTaskSource {
         Ok(())
     }
 
-    async fn task_package(&self, task_id: &str, token: i64) -> Result<Vec<u8>, SourceError> {
-        self.desk
+    async fn task_package(
+        &self,
+        task_id: &str,
+        token: i64,
+    ) -> Result<PackageDownload, SourceError> {
+        let package = self
+            .desk
             .task_package(task_id, token)
             .await
-            .map_err(source_error)
+            .map_err(source_error)?;
+        Ok(PackageDownload {
+            size: package.size,
+            chunks: package
+                .chunks
+                .map_err(|error| source_error(DeskError::from(error)))
+                .boxed(),
+        })
     }
 }
 

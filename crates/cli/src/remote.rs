@@ -16,13 +16,14 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::{StreamExt, TryStreamExt};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use stevedore_api_types::runner as wire;
 use stevedore_model::TaskOutcome;
 use stevedore_model::{HeartbeatReply, Lease, LeaseRequest, LeasedTask, RunReport};
-use stevedore_runner::{RequeueRequest, SourceError, TaskSource};
+use stevedore_runner::{PackageDownload, RequeueRequest, SourceError, TaskSource};
 use tokio_util::sync::CancellationToken;
 
 /// How a [`RemoteTaskSource`] reaches its server.
@@ -347,7 +348,11 @@ impl TaskSource for RemoteTaskSource {
             .map(drop)
     }
 
-    async fn task_package(&self, task_id: &str, token: i64) -> Result<Vec<u8>, SourceError> {
+    async fn task_package(
+        &self,
+        task_id: &str,
+        token: i64,
+    ) -> Result<PackageDownload, SourceError> {
         let url = self.url(&format!("tasks/{task_id}/package"));
         let mut pause = self.options.backoff;
         let mut attempt = 1;
@@ -355,20 +360,29 @@ impl TaskSource for RemoteTaskSource {
             let request = self
                 .request(Method::GET, &url)
                 .header(wire::LEASE_TOKEN_HEADER, token);
-            let failed = match self.send_once(request).await {
-                Ok(response) => match response.bytes().await {
-                    Ok(bytes) => return Ok(bytes.to_vec()),
-                    Err(error) => CallError::Transient(error.to_string()),
-                },
-                Err(error) => error,
-            };
-            match failed {
-                CallError::Transient(_) if attempt < self.options.attempts => {
+            match self.send_once(request).await {
+                Ok(response) => {
+                    // The server always announces the length; without it the download could
+                    // not be checked for a cut-off end.
+                    let Some(size) = response.content_length() else {
+                        return Err(SourceError::Unavailable {
+                            message: "the server sent a package without its length".to_owned(),
+                        });
+                    };
+                    let chunks = response
+                        .bytes_stream()
+                        .map_err(|error| SourceError::Unavailable {
+                            message: format!("the package download broke off: {error}"),
+                        })
+                        .boxed();
+                    return Ok(PackageDownload { size, chunks });
+                }
+                Err(CallError::Transient(_)) if attempt < self.options.attempts => {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(self.options.max_backoff);
                     attempt += 1;
                 }
-                other => return Err(source_error(other, task_id)),
+                Err(other) => return Err(source_error(other, task_id)),
             }
         }
     }

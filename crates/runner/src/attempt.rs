@@ -438,7 +438,10 @@ impl Attempt {
         })
         .await
         {
-            Ok(package) => Ok(package),
+            Ok(package) => package.into_bytes().await.map_err(|error| Ending::Requeue {
+                reason: format!("the code package could not be fetched: {error}"),
+                delay: self.backoff(),
+            }),
             Err(SourceError::NotFound { .. }) => Err(setup_failed(format!(
                 "revision {} of code {:?} has no package",
                 task.code_rev, task.code_name

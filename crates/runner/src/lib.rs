@@ -89,5 +89,5 @@ pub use progress::{
     parse_progress_line,
 };
 pub use runner::{Runner, StartedRunner, WorkNotifier};
-pub use source::{RequeueRequest, TaskSource};
+pub use source::{PackageDownload, RequeueRequest, TaskSource};
 pub use stevedore_engine::TASK_DIR;

@@ -36,7 +36,7 @@ use crate::config::RunnerConfig;
 use crate::error::{RunnerError, SourceError};
 use crate::registry::local_run_credential;
 use crate::runner::Runner;
-use crate::source::{RequeueRequest, TaskSource};
+use crate::source::{PackageDownload, RequeueRequest, TaskSource};
 
 /// Receives a local task's output as it is shipped (stdout and stderr together, as the log
 /// stores them), up to the log cap and its truncation marker.
@@ -527,11 +527,19 @@ impl TaskSource for LocalTaskSource {
         Ok(())
     }
 
-    async fn task_package(&self, task_id: &str, token: i64) -> Result<Vec<u8>, SourceError> {
+    async fn task_package(
+        &self,
+        task_id: &str,
+        token: i64,
+    ) -> Result<PackageDownload, SourceError> {
         let state = self.leased(task_id, token)?;
-        state.package.clone().ok_or_else(|| SourceError::NotFound {
-            what: format!("the package of code {}", state.code.id),
-        })
+        state
+            .package
+            .clone()
+            .map(PackageDownload::from_bytes)
+            .ok_or_else(|| SourceError::NotFound {
+                what: format!("the package of code {}", state.code.id),
+            })
     }
 }
 
@@ -767,7 +775,7 @@ mod tests {
         let run = LocalRun::new(spec(runtime), String::new(), Some(vec![7, 7]), now()).unwrap();
         let id = run.task.id.clone();
         let (source, _) = local_source(run);
-        let stale = |result: Result<Vec<u8>, SourceError>| {
+        let stale = |result: Result<PackageDownload, SourceError>| {
             assert!(
                 matches!(result, Err(SourceError::StaleLease { .. })),
                 "{result:?}"
@@ -776,7 +784,13 @@ mod tests {
         stale(source.task_package(&id, LOCAL_TOKEN).await);
         source.lease(&request()).await.unwrap();
         assert_eq!(
-            source.task_package(&id, LOCAL_TOKEN).await.unwrap(),
+            source
+                .task_package(&id, LOCAL_TOKEN)
+                .await
+                .unwrap()
+                .into_bytes()
+                .await
+                .unwrap(),
             vec![7, 7]
         );
         stale(source.task_package(&id, LOCAL_TOKEN + 1).await);

@@ -271,7 +271,11 @@ mod tests {
         async fn requeue(&self, _: &str, _: i64, _: &RequeueRequest) -> Result<(), SourceError> {
             unreachable!()
         }
-        async fn task_package(&self, _: &str, _: i64) -> Result<Vec<u8>, SourceError> {
+        async fn task_package(
+            &self,
+            _: &str,
+            _: i64,
+        ) -> Result<crate::PackageDownload, SourceError> {
             unreachable!()
         }
     }

@@ -9,6 +9,8 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use stevedore_model::{
     HeartbeatReply, LeaseRequest, LeasedTask, RunReport, TaskOutcome, WorkSignal,
 };
@@ -79,7 +81,59 @@ pub trait TaskSource: Send + Sync + 'static {
 
     /// The zip package of the code revision the leased task pinned. Only the holder of the
     /// lease gets it: a package is the project's code, never handed out by id alone.
-    async fn task_package(&self, task_id: &str, token: i64) -> Result<Vec<u8>, SourceError>;
+    async fn task_package(&self, task_id: &str, token: i64)
+    -> Result<PackageDownload, SourceError>;
+}
+
+/// A code package on its way to the runner: its length up front, its bytes in chunks, so the
+/// runner never holds a whole package in memory to pass it on.
+pub struct PackageDownload {
+    /// The package's length in bytes, as the source announced it.
+    pub size: u64,
+    /// The package's bytes, in order.
+    pub chunks: BoxStream<'static, Result<Bytes, SourceError>>,
+}
+
+// === impl PackageDownload ===
+
+impl PackageDownload {
+    /// A package already in memory, as one chunk.
+    pub fn from_bytes(bytes: impl Into<Bytes>) -> Self {
+        let bytes: Bytes = bytes.into();
+        PackageDownload {
+            size: bytes.len() as u64,
+            chunks: futures::stream::once(async move { Ok(bytes) }).boxed(),
+        }
+    }
+
+    /// Every chunk gathered into one buffer, checked against the announced length.
+    pub async fn into_bytes(self) -> Result<Vec<u8>, SourceError> {
+        let expected = self.size;
+        let bytes: Vec<u8> = self
+            .chunks
+            .try_fold(Vec::new(), |mut all, chunk| async move {
+                all.extend_from_slice(&chunk);
+                Ok(all)
+            })
+            .await?;
+        if bytes.len() as u64 != expected {
+            return Err(SourceError::Unavailable {
+                message: format!(
+                    "the package was announced as {expected} bytes but {} arrived",
+                    bytes.len()
+                ),
+            });
+        }
+        Ok(bytes)
+    }
+}
+
+impl std::fmt::Debug for PackageDownload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackageDownload")
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why and for how long a runner gives a task back. The delay is relative, so a remote

@@ -227,7 +227,11 @@ impl LeaseDesk {
 
     /// The zip package of the code revision the leased task pinned, for the holder of the
     /// lease only: a stale token is refused like any other write about the task.
-    pub async fn task_package(&self, task_id: &str, token: i64) -> Result<Vec<u8>, DeskError> {
+    pub async fn task_package(
+        &self,
+        task_id: &str,
+        token: i64,
+    ) -> Result<stevedore_store::PackageStream, DeskError> {
         Ok(self.store.leased_package(task_id, token).await?)
     }
 }

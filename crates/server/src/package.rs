@@ -208,6 +208,18 @@ pub fn check_package(bytes: Vec<u8>, limits: PackageLimits) -> Result<CheckedPac
     })
 }
 
+/// A stored package as a response body: its length announced, its bytes streamed as the store
+/// reads them. A read that fails half-way aborts the response, which the announced length lets
+/// every client notice.
+pub fn package_body(package: stevedore_store::PackageStream) -> (u64, axum::body::Body) {
+    use futures::TryStreamExt;
+    let size = package.size;
+    (
+        size,
+        axum::body::Body::from_stream(package.chunks.map_err(std::io::Error::other)),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Write;

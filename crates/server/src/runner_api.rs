@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::header::CONTENT_TYPE;
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -234,10 +234,14 @@ pub async fn task_package(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let token: i64 = header_number(&headers, wire::LEASE_TOKEN_HEADER)?;
-    let bytes = state.desk.task_package(&task_id, token).await?;
+    let package = state.desk.task_package(&task_id, token).await?;
+    let (size, body) = crate::package::package_body(package);
     Ok((
-        [(CONTENT_TYPE, HeaderValue::from_static("application/zip"))],
-        bytes,
+        [
+            (CONTENT_TYPE, HeaderValue::from_static("application/zip")),
+            (CONTENT_LENGTH, HeaderValue::from(size)),
+        ],
+        body,
     )
         .into_response())
 }

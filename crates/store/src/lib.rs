@@ -22,6 +22,7 @@
 mod convert;
 pub mod credentials;
 mod error;
+mod package;
 mod postgres;
 mod record;
 mod rows;
@@ -42,6 +43,7 @@ pub use credentials::{
     attach_registry_credentials,
 };
 pub use error::StoreError;
+pub use package::PackageStream;
 pub use postgres::{PgOptions, PgStore};
 pub use sqlite::{SqliteOptions, SqliteStore, SyncMode};
 pub use stevedore_model::lease::{
@@ -469,11 +471,11 @@ pub trait Store: Send + Sync + 'static {
         project_id: &str,
         code_id: &str,
         rev: Option<u32>,
-    ) -> Result<Vec<u8>>;
+    ) -> Result<PackageStream>;
     /// The zip package of the code revision a leased task pinned, for the runner holding the
     /// lease: `StoreError::StaleLease` unless `token` is the task's current lease (as for
     /// `heartbeat`), `StoreError::NotFound` for an unknown task or a revision without a package.
-    async fn leased_package(&self, task_id: &str, token: i64) -> Result<Vec<u8>>;
+    async fn leased_package(&self, task_id: &str, token: i64) -> Result<PackageStream>;
     /// Deletes a code; its queued tasks are cancelled, its leased ones asked to cancel, its
     /// schedules cancelled; finished tasks stay readable. The name is free for a new code.
     async fn delete_code(

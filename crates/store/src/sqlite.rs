@@ -62,9 +62,10 @@ use tokio::time::MissedTickBehavior;
 use self::writer::Writing;
 use crate::{
     Cluster, ClusterLoad, ClusterSpec, CodeCancellation, CodeStats, HeartbeatReply, Leadership,
-    LeaseRequest, LeasedTask, LogSlice, NewToken, Package, Page, Project, QueueWait, QuotaUse,
-    Requeue, RescuedTask, Result, RunReport, RunnerSeen, SealedSecret, StatsWindow, Store,
-    StoreError, StoreGauges, StoredCredential, TaskFilter, TokenRecord, UsageQuery, UsageRow,
+    LeaseRequest, LeasedTask, LogSlice, NewToken, Package, PackageStream, Page, Project, QueueWait,
+    QuotaUse, Requeue, RescuedTask, Result, RunReport, RunnerSeen, SealedSecret, StatsWindow,
+    Store, StoreError, StoreGauges, StoredCredential, TaskFilter, TokenRecord, UsageQuery,
+    UsageRow,
 };
 
 /// The leadership of the one process that uses a SQLite database.
@@ -308,12 +309,16 @@ impl Store for SqliteStore {
         project_id: &str,
         code_id: &str,
         rev: Option<u32>,
-    ) -> Result<Vec<u8>> {
-        codes::get_package(self, project_id, code_id, rev).await
+    ) -> Result<PackageStream> {
+        codes::get_package(self, project_id, code_id, rev)
+            .await
+            .map(PackageStream::from_bytes)
     }
 
-    async fn leased_package(&self, task_id: &str, token: i64) -> Result<Vec<u8>> {
-        codes::leased_package(self, task_id, token).await
+    async fn leased_package(&self, task_id: &str, token: i64) -> Result<PackageStream> {
+        codes::leased_package(self, task_id, token)
+            .await
+            .map(PackageStream::from_bytes)
     }
 
     async fn delete_code(

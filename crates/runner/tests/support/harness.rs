@@ -11,12 +11,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::{StreamExt, TryStreamExt};
 use stevedore_model::limits::DEFAULT_RETRIES_DELAY_SECS;
 use stevedore_model::task::DEFAULT_CLUSTER;
 use stevedore_model::{
     Clock, CodeKind, CodeRevision, CodeSpec, Limits, NewTask, Task, TaskOutcome,
 };
-use stevedore_runner::{RequeueRequest, Runner, RunnerError, SourceError, TaskSource};
+use stevedore_runner::{
+    PackageDownload, RequeueRequest, Runner, RunnerError, SourceError, TaskSource,
+};
 use stevedore_store::{
     HeartbeatReply, LeaseRequest, LeasedTask, Package, Requeue, RunReport, SqliteOptions,
     SqliteStore, Store, StoreError, SyncMode,
@@ -422,7 +425,11 @@ impl TaskSource for ObservedSource {
         self.inner.requeue(task_id, token, request).await
     }
 
-    async fn task_package(&self, task_id: &str, token: i64) -> Result<Vec<u8>, SourceError> {
+    async fn task_package(
+        &self,
+        task_id: &str,
+        token: i64,
+    ) -> Result<PackageDownload, SourceError> {
         self.inner.task_package(task_id, token).await
     }
 }
@@ -593,10 +600,19 @@ impl StoreSource {
         Ok(())
     }
 
-    async fn task_package(&self, task_id: &str, token: i64) -> Result<Vec<u8>, SourceError> {
-        self.store
+    async fn task_package(
+        &self,
+        task_id: &str,
+        token: i64,
+    ) -> Result<PackageDownload, SourceError> {
+        let package = self
+            .store
             .leased_package(task_id, token)
             .await
-            .map_err(source_error)
+            .map_err(source_error)?;
+        Ok(PackageDownload {
+            size: package.size,
+            chunks: package.chunks.map_err(source_error).boxed(),
+        })
     }
 }

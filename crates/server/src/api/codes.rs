@@ -3,7 +3,7 @@
 
 use axum::Json;
 use axum::extract::{FromRequest, Multipart, Path, Request, State};
-use axum::http::header::{CONTENT_DISPOSITION, CONTENT_TYPE};
+use axum::http::header::{CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_TYPE};
 use axum::response::IntoResponse;
 use serde::Deserialize;
 use stevedore_api_types::v2;
@@ -56,6 +56,8 @@ pub async fn upload(
                         state
                             .store
                             .get_package(&access.project_id, &latest.id, Some(latest.rev))
+                            .await?
+                            .into_bytes()
                             .await?,
                     );
                 }
@@ -222,10 +224,11 @@ pub async fn download(
         }
         None => state.store.get_code(&access.project_id, &code_id).await?,
     };
-    let bytes = state
+    let package = state
         .store
         .get_package(&access.project_id, &code_id, Some(code.rev))
         .await?;
+    let (size, body) = crate::package::package_body(package);
     // IronWorker documents the name as `yourworker_rev.zip`.
     let file_name = format!(
         "{}_{}.zip",
@@ -238,12 +241,13 @@ pub async fn download(
     Ok((
         [
             (CONTENT_TYPE, "application/zip".to_owned()),
+            (CONTENT_LENGTH, size.to_string()),
             (
                 CONTENT_DISPOSITION,
                 format!("attachment; filename=\"{file_name}\""),
             ),
         ],
-        bytes,
+        body,
     ))
 }
 

@@ -55,7 +55,11 @@ pub async fn codes_and_revisions(store: &dyn Store) -> Result<()> {
     );
 
     assert_eq!(
-        store.get_package(&acme.id, &first.id, Some(1)).await?,
+        store
+            .get_package(&acme.id, &first.id, Some(1))
+            .await?
+            .into_bytes()
+            .await?,
         package.bytes
     );
     assert_not_found(
@@ -89,7 +93,11 @@ pub async fn codes_and_revisions(store: &dyn Store) -> Result<()> {
         vec!["other"]
     );
     assert_eq!(
-        store.get_package(&acme.id, &first.id, None).await?,
+        store
+            .get_package(&acme.id, &first.id, None)
+            .await?
+            .into_bytes()
+            .await?,
         package.bytes
     );
 
@@ -143,7 +151,11 @@ pub async fn a_leased_tasks_package_goes_only_to_its_lease_holder(store: &dyn St
 
     let old = lease_one(store, at(3)).await?;
     assert_eq!(
-        store.leased_package(&id, old.lease.token).await?,
+        store
+            .leased_package(&id, old.lease.token)
+            .await?
+            .into_bytes()
+            .await?,
         pinned.bytes
     );
     assert_stale(
@@ -154,7 +166,11 @@ pub async fn a_leased_tasks_package_goes_only_to_its_lease_holder(store: &dyn St
         .mark_running(&id, old.lease.token, at(4), at(4))
         .await?;
     assert_eq!(
-        store.leased_package(&id, old.lease.token).await?,
+        store
+            .leased_package(&id, old.lease.token)
+            .await?
+            .into_bytes()
+            .await?,
         pinned.bytes
     );
 
@@ -173,7 +189,11 @@ pub async fn a_leased_tasks_package_goes_only_to_its_lease_holder(store: &dyn St
         "a stale lease's package",
     );
     assert_eq!(
-        store.leased_package(&id, new.lease.token).await?,
+        store
+            .leased_package(&id, new.lease.token)
+            .await?
+            .into_bytes()
+            .await?,
         pinned.bytes
     );
 
