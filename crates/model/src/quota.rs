@@ -20,6 +20,10 @@ use crate::validation::ValidationError;
 pub enum Quota {
     /// Tasks `queued` (delayed ones included). A rate-like limit: runners drain it.
     QueuedTasks,
+    /// Tasks `preparing` or `running` at once, on every runner together. Never refuses a
+    /// request: a project at its limit gets no more leases until one of its tasks ends, and
+    /// its queued tasks wait while other projects' run.
+    RunningTasks,
     /// Schedules still `scheduled`.
     Schedules,
     /// Codes not deleted.
@@ -39,6 +43,7 @@ pub enum Quota {
 #[serde(default, deny_unknown_fields)]
 pub struct QuotaLimits {
     pub queued_tasks: u64,
+    pub running_tasks: u64,
     pub schedules: u64,
     pub codes: u64,
     pub revisions_per_code: u64,
@@ -63,8 +68,9 @@ pub struct QuotaExceeded {
 
 impl Quota {
     /// Every quota, in the order the API lists them.
-    pub const ALL: [Quota; 6] = [
+    pub const ALL: [Quota; 7] = [
         Quota::QueuedTasks,
+        Quota::RunningTasks,
         Quota::Schedules,
         Quota::Codes,
         Quota::RevisionsPerCode,
@@ -75,6 +81,7 @@ impl Quota {
     pub fn as_str(self) -> &'static str {
         match self {
             Quota::QueuedTasks => "queued_tasks",
+            Quota::RunningTasks => "running_tasks",
             Quota::Schedules => "schedules",
             Quota::Codes => "codes",
             Quota::RevisionsPerCode => "revisions_per_code",
@@ -86,13 +93,17 @@ impl Quota {
     /// Whether the limit frees itself as work goes on (tasks run, streams end), so that the
     /// same request can succeed later: answered 429 rather than 403.
     pub fn is_rate_like(self) -> bool {
-        matches!(self, Quota::QueuedTasks | Quota::LogStreamsPerToken)
+        matches!(
+            self,
+            Quota::QueuedTasks | Quota::RunningTasks | Quota::LogStreamsPerToken
+        )
     }
 
     /// What the project can do itself to get under the limit.
     fn remedy(self) -> &'static str {
         match self {
             Quota::QueuedTasks => "wait for tasks to run, or cancel some",
+            Quota::RunningTasks => "wait for running tasks to end",
             Quota::Schedules => "cancel schedules",
             Quota::Codes => "delete codes",
             Quota::RevisionsPerCode => "delete the code and push it anew",
@@ -136,6 +147,7 @@ impl Default for QuotaLimits {
     fn default() -> Self {
         Self {
             queued_tasks: 100_000,
+            running_tasks: 1_000,
             schedules: 1_000,
             codes: 1_000,
             revisions_per_code: 1_000,
@@ -149,6 +161,7 @@ impl QuotaLimits {
     pub fn get(&self, quota: Quota) -> u64 {
         match quota {
             Quota::QueuedTasks => self.queued_tasks,
+            Quota::RunningTasks => self.running_tasks,
             Quota::Schedules => self.schedules,
             Quota::Codes => self.codes,
             Quota::RevisionsPerCode => self.revisions_per_code,
@@ -160,6 +173,7 @@ impl QuotaLimits {
     pub fn set(&mut self, quota: Quota, limit: u64) {
         match quota {
             Quota::QueuedTasks => self.queued_tasks = limit,
+            Quota::RunningTasks => self.running_tasks = limit,
             Quota::Schedules => self.schedules = limit,
             Quota::Codes => self.codes = limit,
             Quota::RevisionsPerCode => self.revisions_per_code = limit,
@@ -197,7 +211,12 @@ mod tests {
             assert_eq!(quota.as_str().parse::<Quota>(), Ok(quota));
         }
         let error = "tasks".parse::<Quota>().unwrap_err();
-        assert!(error.message.contains("queued_tasks, schedules"), "{error}");
+        assert!(
+            error
+                .message
+                .contains("queued_tasks, running_tasks, schedules"),
+            "{error}"
+        );
     }
 
     #[test]

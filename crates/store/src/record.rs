@@ -38,17 +38,6 @@ pub(crate) struct TaskRecord {
     pub version: i64,
 }
 
-/// Free `max_concurrency` slots of the codes seen in one lease call. A code's free slots are
-/// counted the first time it is seen, the way the backend must count them (`take`); the tasks
-/// picked in this call are taken off as they are picked.
-#[derive(Debug, Default)]
-pub(crate) struct ConcurrencySlots {
-    /// Codes with a limit: how many more tasks may start.
-    free: HashMap<String, i64>,
-    /// Codes that are full; the lease query skips them.
-    full: Vec<String>,
-}
-
 /// The most rows one statement of a bulk change (`cancel_all`, a code's deletion) writes. Each
 /// chunk is a write transaction of its own, so on SQLite's single writer other writes go in
 /// between chunks instead of waiting for the whole change (a chunk takes a few milliseconds).
@@ -337,43 +326,96 @@ impl TaskRecord {
     }
 }
 
-// === impl ConcurrencySlots ===
-
-impl ConcurrencySlots {
+/// The slots one lease call may fill: each code's `max_concurrency` and each project's
+/// `running_tasks` quota. The free slots of a code with a limit, and of a project, are counted
+/// the first time one of its tasks is offered, the way the backend must count them
+/// (`uncounted`, `counted`); the tasks picked in this call are taken off as they are picked.
+#[derive(Debug, Default)]
+pub(crate) struct LeaseSlots {
+    /// Codes with a limit: how many more of their tasks may start.
+    codes: HashMap<String, i64>,
     /// Codes that are full; the lease query skips them.
-    pub fn full(&self) -> &[String] {
-        &self.full
+    full_codes: Vec<String>,
+    /// Projects seen: how many more of their tasks may start.
+    projects: HashMap<String, i64>,
+}
+
+/// Which free slots the backend counts for `LeaseSlots`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FreeSlots {
+    /// The candidate's project's, under its `running_tasks` quota.
+    OfProject,
+    /// The candidate's code's, of its `max_concurrency` `limit`.
+    OfCode { limit: i64 },
+}
+
+/// Whether a candidate may be picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Slot {
+    Taken,
+    /// Its code is at its `max_concurrency`; the next fetch leaves the code out.
+    CodeFull,
+    /// Its project is at its `running_tasks` quota; the call serves the project no more.
+    ProjectFull,
+}
+
+// === impl LeaseSlots ===
+
+impl LeaseSlots {
+    /// Codes that are full; the lease query skips them.
+    pub fn full_codes(&self) -> &[String] {
+        &self.full_codes
     }
 
-    /// Takes a slot of the code, if it has one free. The first time a code with a limit is
-    /// seen, `count_free` tells how many of its `limit` slots are free.
-    pub async fn take(
-        &mut self,
-        code_id: &str,
-        limit: Option<i64>,
-        count_free: impl AsyncFnOnce(i64) -> Result<i64>,
-    ) -> Result<bool> {
-        let Some(limit) = limit else {
-            return Ok(true);
+    /// What the backend must count before `take` can decide about a candidate of a code
+    /// with `code_limit`, if anything. Ask until `None`, handing each count to `counted`.
+    pub fn uncounted(&self, record: &TaskRecord, code_limit: Option<i64>) -> Option<FreeSlots> {
+        match self.projects.get(&record.task.project_id) {
+            None => return Some(FreeSlots::OfProject),
+            Some(free) if *free <= 0 => return None,
+            Some(_) => {}
+        }
+        let limit = code_limit?;
+        (!self.codes.contains_key(&record.task.code_id)).then_some(FreeSlots::OfCode { limit })
+    }
+
+    /// Records what the backend counted for a candidate.
+    pub fn counted(&mut self, record: &TaskRecord, what: FreeSlots, free: i64) {
+        let key = match what {
+            FreeSlots::OfProject => &mut self.projects,
+            FreeSlots::OfCode { .. } => &mut self.codes,
         };
-        let free = match self.free.get_mut(code_id) {
-            Some(free) => free,
-            None => {
-                let free = count_free(limit).await?;
-                self.free.entry(code_id.to_owned()).or_insert(free)
+        let id = match what {
+            FreeSlots::OfProject => &record.task.project_id,
+            FreeSlots::OfCode { .. } => &record.task.code_id,
+        };
+        key.insert(id.clone(), free);
+    }
+
+    /// Takes a slot of the candidate's project and of its code, if both have one free.
+    /// Everything `uncounted` asked for must have been counted.
+    pub fn take(&mut self, record: &TaskRecord, code_limit: Option<i64>) -> Slot {
+        let (project_id, code_id) = (&record.task.project_id, &record.task.code_id);
+        if self.projects.get(project_id).is_none_or(|free| *free <= 0) {
+            return Slot::ProjectFull;
+        }
+        if code_limit.is_some() {
+            let free = self.codes.entry(code_id.clone()).or_insert(0);
+            if *free <= 0 {
+                if !self.full_codes.contains(code_id) {
+                    self.full_codes.push(code_id.clone());
+                }
+                return Slot::CodeFull;
             }
-        };
-        if *free > 0 {
             *free -= 1;
             if *free == 0 {
-                self.full.push(code_id.to_owned());
+                self.full_codes.push(code_id.clone());
             }
-            return Ok(true);
         }
-        if !self.full.iter().any(|full| full == code_id) {
-            self.full.push(code_id.to_owned());
+        if let Some(free) = self.projects.get_mut(project_id) {
+            *free -= 1;
         }
-        Ok(false)
+        Slot::Taken
     }
 }
 

@@ -144,6 +144,7 @@ macro_rules! store_test_suite {
                 each_quota_refuses_the_write_that_passes_it_and_writes_nothing,
                 a_schedule_at_its_projects_queued_quota_passes_a_fire_time,
                 concurrent_writers_never_pass_a_quota,
+                the_running_tasks_quota_holds_leases_back_and_lets_others_run,
             ],
             concurrency: [
                 concurrent_leasers_share_no_task_and_respect_max_concurrency,

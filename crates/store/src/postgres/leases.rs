@@ -7,15 +7,17 @@ use chrono::Duration;
 use sqlx::Row;
 use sqlx::postgres::PgConnection;
 use stevedore_model::limits::MAX_PRIORITY;
-use stevedore_model::{CodeRevision, Task, TaskOutcome, TaskStatus, Timestamp};
+use stevedore_model::{CodeRevision, Quota, QuotaLimits, Task, TaskOutcome, TaskStatus, Timestamp};
+
+use crate::convert::signed;
 
 use super::rows::{self, task_columns};
 use super::{PgStore, RetryCheck, finish};
 use super::{codes, tasks};
 use crate::convert::micros;
 use crate::record::{
-    ConcurrencySlots, FairShare, Next, ProjectTurn, TaskRecord, normalize, normalize_report,
-    served_turns,
+    FairShare, FreeSlots, LeaseSlots, Next, ProjectTurn, Slot, TaskRecord, normalize,
+    normalize_report, served_turns,
 };
 use crate::{
     HeartbeatReply, Lease, LeaseRequest, LeasedTask, Requeue, RescuedTask, Result, RunReport,
@@ -26,6 +28,10 @@ use crate::{
 /// of the code id): an arbitrary constant, so stevedore's locks stay apart from any other
 /// application's on the same database.
 const CODE_LOCK_CLASS: i32 = 0x5374_6476;
+
+/// The first key of the advisory locks that serialize leasing per project, for its
+/// `running_tasks` quota (the second is a hash of the project id).
+const PROJECT_LOCK_CLASS: i32 = 0x5374_6477;
 
 /// The filter every lease candidate `t` (of code `c`) passes, whatever its priority and
 /// project: due by `$1`, of a runnable code, in one of the runner's clusters `$2`, and
@@ -110,7 +116,7 @@ pub(super) async fn lease(
     }
     let now = normalize(now);
     let mut tx = store.pool.begin().await?;
-    let leased = lease_due_tasks(&mut tx, request, now).await;
+    let leased = lease_due_tasks(&mut tx, &store.quota_defaults, request, now).await;
     finish(tx, leased).await
 }
 
@@ -247,6 +253,7 @@ pub(super) async fn rescue_expired(
 /// served gets a new turn (`record_turns`).
 async fn lease_due_tasks(
     conn: &mut PgConnection,
+    quotas: &QuotaLimits,
     request: &LeaseRequest,
     now: Timestamp,
 ) -> Result<Vec<LeasedTask>> {
@@ -255,7 +262,7 @@ async fn lease_due_tasks(
     let projects = projects_with_due_work(conn, &request.clusters, owner, now).await?;
     let mut share = FairShare::new(projects);
     let mut picked: Vec<TaskRecord> = Vec::with_capacity(max_tasks.min(1024));
-    let mut slots = ConcurrencySlots::default();
+    let mut slots = LeaseSlots::default();
     while picked.len() < max_tasks {
         match share.next(max_tasks - picked.len()) {
             Next::Done => break,
@@ -267,7 +274,7 @@ async fn lease_due_tasks(
                 let candidates = sqlx::query(LEASE_CANDIDATES)
                     .bind(micros(now))
                     .bind(&request.clusters)
-                    .bind(slots.full())
+                    .bind(slots.full_codes())
                     .bind(&picked_ids)
                     .bind(i64::try_from(plan.per_project).unwrap_or(i64::MAX))
                     .bind(owner)
@@ -288,10 +295,21 @@ async fn lease_due_tasks(
             }
             Next::Candidate(candidate) => {
                 let (record, limit) = *candidate;
-                let code_id = record.task.code_id.as_str();
-                let free = async |limit| free_slots(conn, code_id, limit).await;
-                if slots.take(code_id, limit, free).await? {
-                    picked.push(record);
+                while let Some(what) = slots.uncounted(&record, limit) {
+                    let free = match what {
+                        FreeSlots::OfProject => {
+                            free_project_slots(conn, quotas, &record.task.project_id).await?
+                        }
+                        FreeSlots::OfCode { limit } => {
+                            free_slots(conn, &record.task.code_id, limit).await?
+                        }
+                    };
+                    slots.counted(&record, what, free);
+                }
+                match slots.take(&record, limit) {
+                    Slot::Taken => picked.push(record),
+                    Slot::CodeFull => {}
+                    Slot::ProjectFull => share.drop_project(&record.task.project_id),
                 }
             }
         }
@@ -466,5 +484,36 @@ async fn free_slots(conn: &mut PgConnection, code_id: &str, limit: i64) -> Resul
             .bind(TaskStatus::Running.as_str())
             .fetch_one(&mut *conn)
             .await?;
+    Ok(limit - active)
+}
+
+/// How many more tasks of the project may start under its `running_tasks` quota (its own
+/// limit, else `defaults`). Under a per-project advisory lock held to the end of the
+/// transaction, as for `free_slots`: two lease calls never count the same free slot twice. A
+/// project another call is leasing right now counts as full for this one.
+async fn free_project_slots(
+    conn: &mut PgConnection,
+    defaults: &QuotaLimits,
+    project_id: &str,
+) -> Result<i64> {
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, hashtext($2))")
+        .bind(PROJECT_LOCK_CLASS)
+        .bind(project_id)
+        .fetch_one(&mut *conn)
+        .await?;
+    if !locked {
+        return Ok(0);
+    }
+    let (active, own): (i64, Option<i64>) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM tasks WHERE project_id = $1 AND status IN ($2, $3)), \
+         (SELECT \"limit\" FROM project_quotas WHERE project_id = $1 AND quota = $4)",
+    )
+    .bind(project_id)
+    .bind(TaskStatus::Preparing.as_str())
+    .bind(TaskStatus::Running.as_str())
+    .bind(Quota::RunningTasks.as_str())
+    .fetch_one(&mut *conn)
+    .await?;
+    let limit = own.unwrap_or_else(|| signed(defaults.running_tasks));
     Ok(limit - active)
 }

@@ -129,6 +129,9 @@ async fn own_limits(conn: &mut PgConnection, project_id: &str) -> Result<Vec<(Qu
 /// What the project holds of `quota`; `None` for what the store does not count.
 async fn count(conn: &mut PgConnection, quota: Quota, project_id: &str) -> Result<Option<u64>> {
     let sql = match quota {
+        Quota::RunningTasks => {
+            "SELECT COUNT(*) FROM tasks WHERE project_id = $1 AND status IN ('preparing', 'running')"
+        }
         Quota::QueuedTasks => {
             "SELECT COUNT(*) FROM tasks WHERE project_id = $1 AND status = 'queued'"
         }

@@ -148,6 +148,23 @@ impl FairShare {
         }
     }
 
+    /// Serves `project_id` no more in this call, at any priority: it reached its
+    /// `running_tasks` quota.
+    pub fn drop_project(&mut self, project_id: &str) {
+        for (index, (_, queues)) in self.priorities.iter_mut().enumerate() {
+            if let Some(position) = queues
+                .iter()
+                .position(|queue| queue.project_id == project_id)
+            {
+                queues.remove(position);
+                // At the current priority the cursor stays on the project after it.
+                if index == 0 && position < self.cursor {
+                    self.cursor -= 1;
+                }
+            }
+        }
+    }
+
     /// Hands the candidates fetched for `plan` to their projects (in the order fetched,
     /// earliest due first). A project that got fewer than asked has nothing more due.
     pub fn refill(&mut self, plan: &FetchPlan, fetched: Vec<Candidate>) -> Result<()> {

@@ -7,7 +7,9 @@ use chrono::Duration;
 use sqlx::sqlite::SqliteConnection;
 use sqlx::{Connection, Row};
 use stevedore_model::limits::MAX_PRIORITY;
-use stevedore_model::{Task, TaskOutcome, TaskStatus, Timestamp};
+use stevedore_model::{Quota, QuotaLimits, Task, TaskOutcome, TaskStatus, Timestamp};
+
+use crate::convert::signed;
 
 use super::codes::RevisionCache;
 use super::rows::{self, micros, task_columns, to_json};
@@ -15,8 +17,8 @@ use super::tasks;
 use super::writer::{RetryCheck, Writer};
 use super::{BEGIN_WRITE, SqliteStore};
 use crate::record::{
-    ConcurrencySlots, FairShare, Next, ProjectTurn, TaskRecord, normalize, normalize_report,
-    served_turns,
+    FairShare, FreeSlots, LeaseSlots, Next, ProjectTurn, Slot, TaskRecord, normalize,
+    normalize_report, served_turns,
 };
 use crate::{
     HeartbeatReply, Lease, LeaseRequest, LeasedTask, Requeue, RescuedTask, Result, RunReport,
@@ -151,7 +153,8 @@ pub(super) async fn lease(
         ..
     } = &mut *writer;
     let mut tx = conn.begin_with(BEGIN_WRITE).await?;
-    let (leased, records) = lease_due_tasks(&mut tx, revisions, request, now).await?;
+    let (leased, records) =
+        lease_due_tasks(&mut tx, revisions, &store.quota_defaults, request, now).await?;
     if leased.is_empty() {
         tx.rollback().await?;
     } else {
@@ -303,6 +306,7 @@ pub(super) async fn rescue_expired(
 async fn lease_due_tasks(
     conn: &mut SqliteConnection,
     revisions: &mut RevisionCache,
+    quotas: &QuotaLimits,
     request: &LeaseRequest,
     now: Timestamp,
 ) -> Result<(Vec<LeasedTask>, Vec<TaskRecord>)> {
@@ -312,7 +316,7 @@ async fn lease_due_tasks(
     let projects = projects_with_due_work(conn, &clusters, owner, now).await?;
     let mut share = FairShare::new(projects);
     let mut picked: Vec<TaskRecord> = Vec::with_capacity(max_tasks.min(1024));
-    let mut slots = ConcurrencySlots::default();
+    let mut slots = LeaseSlots::default();
     while picked.len() < max_tasks {
         match share.next(max_tasks - picked.len()) {
             Next::Done => break,
@@ -324,7 +328,7 @@ async fn lease_due_tasks(
                 let candidates = sqlx::query(LEASE_CANDIDATES)
                     .bind(micros(now))
                     .bind(&clusters)
-                    .bind(to_json(&slots.full())?)
+                    .bind(to_json(&slots.full_codes())?)
                     .bind(to_json(&picked_ids)?)
                     .bind(i64::try_from(plan.per_project).unwrap_or(i64::MAX))
                     .bind(owner)
@@ -345,10 +349,21 @@ async fn lease_due_tasks(
             }
             Next::Candidate(candidate) => {
                 let (record, limit) = *candidate;
-                let code_id = record.task.code_id.as_str();
-                let free = async |limit| free_slots(conn, code_id, limit).await;
-                if slots.take(code_id, limit, free).await? {
-                    picked.push(record);
+                while let Some(what) = slots.uncounted(&record, limit) {
+                    let free = match what {
+                        FreeSlots::OfProject => {
+                            free_project_slots(conn, quotas, &record.task.project_id).await?
+                        }
+                        FreeSlots::OfCode { limit } => {
+                            free_slots(conn, &record.task.code_id, limit).await?
+                        }
+                    };
+                    slots.counted(&record, what, free);
+                }
+                match slots.take(&record, limit) {
+                    Slot::Taken => picked.push(record),
+                    Slot::CodeFull => {}
+                    Slot::ProjectFull => share.drop_project(&record.task.project_id),
                 }
             }
         }
@@ -481,6 +496,28 @@ async fn free_slots(conn: &mut SqliteConnection, code_id: &str, limit: i64) -> R
             .bind(TaskStatus::Running.as_str())
             .fetch_one(&mut *conn)
             .await?;
+    Ok(limit - active)
+}
+
+/// How many more tasks of the project may start under its `running_tasks` quota (its own
+/// limit, else `defaults`); the writer's transaction keeps the count true until the lease
+/// commits.
+async fn free_project_slots(
+    conn: &mut SqliteConnection,
+    defaults: &QuotaLimits,
+    project_id: &str,
+) -> Result<i64> {
+    let (active, own): (i64, Option<i64>) = sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM tasks WHERE project_id = ?1 AND status IN (?2, ?3)), \
+         (SELECT \"limit\" FROM project_quotas WHERE project_id = ?1 AND quota = ?4)",
+    )
+    .bind(project_id)
+    .bind(TaskStatus::Preparing.as_str())
+    .bind(TaskStatus::Running.as_str())
+    .bind(Quota::RunningTasks.as_str())
+    .fetch_one(&mut *conn)
+    .await?;
+    let limit = own.unwrap_or_else(|| signed(defaults.running_tasks));
     Ok(limit - active)
 }
 

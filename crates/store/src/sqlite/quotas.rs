@@ -112,6 +112,9 @@ async fn own_limits(conn: &mut SqliteConnection, project_id: &str) -> Result<Vec
 /// What the project holds of `quota`; `None` for what the store does not count.
 async fn count(conn: &mut SqliteConnection, quota: Quota, project_id: &str) -> Result<Option<u64>> {
     let sql = match quota {
+        Quota::RunningTasks => {
+            "SELECT COUNT(*) FROM tasks WHERE project_id = ?1 AND status IN ('preparing', 'running')"
+        }
         // Kept by triggers on `tasks` (`0007_quotas.sql`): one row, whatever the backlog.
         Quota::QueuedTasks => {
             "SELECT COALESCE((SELECT queued FROM project_queued_tasks WHERE project_id = ?1), 0)"

@@ -1,10 +1,13 @@
 //! Quotas: a project's own limits over the defaults, each enforced by the write it guards with
 //! nothing written when refused, and counts that hold when writers race.
 
-use stevedore_model::{Quota, QuotaExceeded, QuotaLimits, TaskStatus};
+use stevedore_model::{Quota, QuotaExceeded, QuotaLimits, TaskOutcome, TaskStatus};
 
-use super::{ALL, at, image_spec, lease_one, new_task, project, project_with_code, schedule_spec};
-use crate::{Package, Result, Store, StoreError, TaskFilter};
+use super::{
+    ALL, at, image_spec, lease_one, lease_request, new_task, project, project_with_code,
+    schedule_spec,
+};
+use crate::{LeasedTask, Package, Result, RunReport, Store, StoreError, TaskFilter};
 
 fn assert_exceeded<T: std::fmt::Debug>(result: Result<T>, quota: Quota, limit: u64, used: u64) {
     match result {
@@ -269,5 +272,77 @@ pub async fn concurrent_writers_never_pass_a_quota(store: &dyn Store) -> Result<
         .count();
     assert_eq!(pushed, 3, "three new codes beside the first fit under four");
     assert_eq!(store.list_codes(&acme.id, ALL).await?.len(), 4);
+    Ok(())
+}
+
+/// A project at its `running_tasks` quota gets no more leases, within one lease call and
+/// across calls, while other projects' tasks go on; a task that ends frees its place.
+pub async fn the_running_tasks_quota_holds_leases_back_and_lets_others_run(
+    store: &dyn Store,
+) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let other = project(store, "other").await?;
+    store
+        .push_code(&other.id, &image_spec("other"), None, at(0))
+        .await?;
+    store
+        .set_project_quota(&acme.id, Quota::RunningTasks, Some(2), at(0))
+        .await?;
+    store
+        .enqueue(&acme.id, &vec![new_task("hello"); 6], at(1))
+        .await?;
+    store
+        .enqueue(&other.id, &vec![new_task("other"); 3], at(1))
+        .await?;
+
+    let first = store.lease(&lease_request("runner-1", 10), at(2)).await?;
+    let of = |leased: &[LeasedTask], project: &str| {
+        leased
+            .iter()
+            .filter(|leased| leased.task.project_id == project)
+            .count()
+    };
+    assert_eq!((of(&first, &acme.id), of(&first, &other.id)), (2, 3));
+    let quotas = store.project_quotas(&acme.id).await?;
+    let running = quotas
+        .iter()
+        .find(|quota| quota.quota == Quota::RunningTasks)
+        .expect("listed");
+    assert_eq!((running.used, running.limit), (Some(2), 2));
+
+    // Preparing and running both count; nothing more of acme's is handed out.
+    let held = first
+        .iter()
+        .find(|leased| leased.task.project_id == acme.id)
+        .expect("one of acme's");
+    store
+        .mark_running(&held.task.id, held.lease.token, at(3), at(3))
+        .await?;
+    assert!(
+        store
+            .lease(&lease_request("runner-2", 10), at(4))
+            .await?
+            .is_empty()
+    );
+
+    // One ends: exactly one more starts.
+    store
+        .complete(
+            &held.task.id,
+            held.lease.token,
+            &TaskOutcome::Exited { exit_code: 0 },
+            &RunReport::default(),
+            at(5),
+        )
+        .await?;
+    let next = store.lease(&lease_request("runner-2", 10), at(6)).await?;
+    assert_eq!(of(&next, &acme.id), 1);
+
+    // Without its own limit the project is back to the generous default.
+    store
+        .set_project_quota(&acme.id, Quota::RunningTasks, None, at(7))
+        .await?;
+    let rest = store.lease(&lease_request("runner-3", 10), at(8)).await?;
+    assert_eq!(of(&rest, &acme.id), 3);
     Ok(())
 }
