@@ -19,6 +19,7 @@
 //! | `POST /runner/v1/tasks/{id}/complete` | [`Complete`] | `{"msg"}` |
 //! | `POST /runner/v1/tasks/{id}/requeue` | [`Requeue`] | `{"msg"}` |
 //! | `GET /runner/v1/tasks/{id}/package` | token in [`LEASE_TOKEN_HEADER`] | the zip of the revision the task pinned, `application/zip` |
+//! | `POST /runner/v1/runners/{id}/release` | [`Release`] | [`Released`] |
 //!
 //! Log bytes go as the raw request body rather than base64 in JSON: logs are the largest and
 //! most frequent thing a runner sends, raw bytes cost nothing to encode and a third less on
@@ -114,6 +115,21 @@ pub struct Complete {
     pub outcome: TaskOutcome,
     #[serde(default)]
     pub report: RunReport,
+}
+
+/// `POST /runner/v1/runners/{id}/release`: a runner starting again gives back every task it
+/// held in an earlier life (a project's runner token: that project's only), without waiting
+/// for their leases to expire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Release {
+    /// After this many infrastructure failures a task ends `error` instead.
+    pub max_infra_attempts: u32,
+}
+
+/// What a release gave back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Released {
+    pub released: u32,
 }
 
 /// `POST .../requeue`: give the task back after an infrastructure failure or at shutdown.

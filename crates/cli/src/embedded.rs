@@ -236,6 +236,17 @@ impl TaskSource for DeskTaskSource {
         Ok(())
     }
 
+    async fn release_held(
+        &self,
+        runner_id: &str,
+        max_infra_attempts: u32,
+    ) -> Result<u32, SourceError> {
+        self.desk
+            .release_runner(runner_id, None, max_infra_attempts)
+            .await
+            .map_err(source_error)
+    }
+
     async fn task_package(
         &self,
         task_id: &str,

@@ -8,6 +8,7 @@ mod build;
 mod client;
 mod cmd;
 mod embedded;
+mod identity;
 mod output;
 mod remote;
 mod secrets;
@@ -147,8 +148,9 @@ struct RunnerArgs {
     /// (`default`).
     #[arg(long = "cluster")]
     clusters: Vec<String>,
-    /// The runner's name, stable across restarts: at start-up it removes the containers an
-    /// earlier life of the same id left behind. Default: `remote-<hostname>`.
+    /// The runner's id: at start-up it removes the containers and gives back the tasks an
+    /// earlier life of the same id left behind, so no two runners may share one. Default:
+    /// `remote-<hostname>-<random>`, made once and kept in the data directory.
     #[arg(long)]
     id: Option<String>,
     /// The most tasks at once (default: from the engine's cores and memory).
@@ -511,11 +513,14 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             embedded::DeskTaskSource::new(desk.clone())
                 .announcing(server_config.runner_api.online_window / 4),
         );
-        let runner = Runner::new(
-            settings.embedded_runner_config(&server_config.stacks)?,
-            source.clone(),
-            engine,
-        );
+        let identity = identity::runner_identity(
+            &settings.data_dir,
+            identity::RunnerKind::Embedded,
+            settings.runner.id.clone(),
+        )?;
+        let mut config = settings.embedded_runner_config(&server_config.stacks)?;
+        config.runner_id = identity.id.clone();
+        let runner = Runner::new(config, source.clone(), engine);
         // Set once, before anything could be queued through this server.
         let _ = embedded_wake.set(runner.work_notifier());
         let started = runner
@@ -524,7 +529,11 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             .context("the embedded runner cannot start (set runner.enabled = false to serve the API without running tasks)")?;
         source.set_capacity(started.capacity());
         let runner_shutdown = shutdown.child_token();
-        background.spawn(async move { runner.run_started(started, runner_shutdown).await });
+        background.spawn(async move {
+            runner.run_started(started, runner_shutdown).await;
+            // The id stays this process's until its runner has stopped.
+            drop(identity);
+        });
     }
     let duties = LeaderDuties {
         scheduler: SchedulerConfig {
@@ -635,10 +644,12 @@ fn credential_vault(settings: &Settings) -> anyhow::Result<CredentialVault> {
 async fn remote_runner(settings: Settings, args: RunnerArgs) -> anyhow::Result<()> {
     let signal = shutdown_signal();
     let mut config = settings.runner_config(&settings.stack_table()?)?;
-    config.runner_id = match args.id {
-        Some(id) => id,
-        None => format!("remote-{}", host_name()),
-    };
+    let identity = identity::runner_identity(
+        &settings.data_dir,
+        identity::RunnerKind::Remote,
+        args.id.or_else(|| settings.runner.id.clone()),
+    )?;
+    config.runner_id = identity.id.clone();
     if !args.clusters.is_empty() {
         config.clusters = args.clusters;
     }

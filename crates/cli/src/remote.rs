@@ -348,6 +348,29 @@ impl TaskSource for RemoteTaskSource {
             .map(drop)
     }
 
+    async fn release_held(
+        &self,
+        runner_id: &str,
+        max_infra_attempts: u32,
+    ) -> Result<u32, SourceError> {
+        let mut url =
+            reqwest::Url::parse(&self.url("runners")).map_err(|error| SourceError::Refused {
+                message: format!("the server's address makes no URL: {error}"),
+            })?;
+        url.path_segments_mut()
+            .map_err(|()| SourceError::Refused {
+                message: "the server's address cannot take a path".to_owned(),
+            })?
+            .push(runner_id)
+            .push("release");
+        let body = wire::Release { max_infra_attempts };
+        let released: wire::Released = self
+            .call(|| self.request(Method::POST, url.as_str()).json(&body))
+            .await
+            .map_err(|error| source_error(error, runner_id))?;
+        Ok(released.released)
+    }
+
     async fn task_package(
         &self,
         task_id: &str,

@@ -142,9 +142,10 @@ impl Default for MetricsSettings {
 pub struct RunnerSettings {
     /// Run tasks in this process. Off, `serve` only stores them (for API-only servers).
     pub enabled: bool,
-    /// Stable across restarts: at start-up the runner removes containers an earlier life of
-    /// the same id left behind.
-    pub id: String,
+    /// The runner's id. At start-up the runner removes the containers and gives back the
+    /// tasks an earlier life of the same id left behind, so no two runners may share one.
+    /// Absent (the default): an id made unique once and kept in the data directory.
+    pub id: Option<String>,
     pub clusters: Vec<String>,
     /// The most tasks at once; derived from cores and memory when absent.
     pub capacity: Option<u32>,
@@ -325,7 +326,7 @@ impl Default for RunnerSettings {
         let defaults = RunnerConfig::default();
         Self {
             enabled: true,
-            id: defaults.runner_id,
+            id: None,
             clusters: defaults.clusters,
             capacity: None,
             memory_budget_mib: None,
@@ -345,10 +346,16 @@ impl Default for RunnerSettings {
     }
 }
 
+/// The placeholder id of a runner config before the runner's identity is settled
+/// (`identity::runner_identity`).
+fn defaults_runner_id() -> String {
+    RunnerConfig::default().runner_id
+}
+
 impl RunnerSettings {
     pub fn runner_config(&self, stacks: &StackTable) -> RunnerConfig {
         RunnerConfig {
-            runner_id: self.id.clone(),
+            runner_id: self.id.clone().unwrap_or(defaults_runner_id()),
             clusters: self.clusters.clone(),
             capacity: self.capacity,
             memory_budget_mib: self.memory_budget_mib,

@@ -122,6 +122,7 @@ impl Runner {
             "runner starting"
         );
         self.reap().await;
+        self.release_held().await;
         Ok(StartedRunner { limits })
     }
 
@@ -216,6 +217,29 @@ impl Runner {
             tracing::debug!(%error, group, "the CPU group stays");
         }
         tracing::info!("runner stopped");
+    }
+
+    /// Gives back what an earlier life of this runner id still holds: its containers were
+    /// just reaped, so those tasks run nowhere. A source that cannot be reached now leaves
+    /// them to the rescuer, which requeues them when their leases expire.
+    async fn release_held(&self) {
+        let config = &self.config;
+        match self
+            .source
+            .release_held(&config.runner_id, config.max_infra_attempts)
+            .await
+        {
+            Ok(0) => {}
+            Ok(released) => tracing::info!(
+                released,
+                "gave back the tasks an earlier life of this runner held"
+            ),
+            Err(error) => tracing::warn!(
+                %error,
+                "cannot give back the tasks an earlier life of this runner held; they are \
+                 requeued when their leases expire"
+            ),
+        }
     }
 
     /// Removes every container with this runner's label: at start-up what an earlier life

@@ -83,6 +83,19 @@ pub trait TaskSource: Send + Sync + 'static {
     /// lease gets it: a package is the project's code, never handed out by id alone.
     async fn task_package(&self, task_id: &str, token: i64)
     -> Result<PackageDownload, SourceError>;
+
+    /// Gives back every task runner `runner_id` still holds from an earlier life, at start-up
+    /// after its leftover containers are gone: they run nowhere, so they need not wait for
+    /// their leases to expire. How many. A source whose runners never outlive one process
+    /// (a local run) holds nothing to give back.
+    async fn release_held(
+        &self,
+        runner_id: &str,
+        max_infra_attempts: u32,
+    ) -> Result<u32, SourceError> {
+        let _ = (runner_id, max_infra_attempts);
+        Ok(0)
+    }
 }
 
 /// A code package on its way to the runner: its length up front, its bytes in chunks, so the

@@ -1235,3 +1235,38 @@ async fn a_runner_whose_network_cannot_be_isolated_refuses_to_start_unless_ungua
     assert!(runner.start().await.is_ok());
     assert_eq!(engine.isolation("stevedore-tasks"), None);
 }
+
+#[tokio::test]
+async fn a_restarted_runner_gives_back_what_its_earlier_life_held_at_once() {
+    // The store's clock stands still: nothing expires, so only the release can free the task.
+    let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
+    let harness = Harness::new(clock.clone()).await;
+    let engine = engine_with("test/reborn", FakeRun::success().stdout("again\n"));
+    harness
+        .push_image_code("reborn", "test/reborn", Some("true"), |_| {})
+        .await;
+    let task = harness.queue("reborn", "", 3600).await;
+    // An earlier life of runner r-reborn leased it and died.
+    let held = harness
+        .store
+        .lease(
+            &stevedore_model::LeaseRequest {
+                runner_id: "r-reborn".to_owned(),
+                clusters: vec!["default".to_owned()],
+                max_tasks: 1,
+                lease_secs: 30,
+                owner: None,
+            },
+            clock.now(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 1);
+
+    let (runner, _) = start(&harness, test_config("r-reborn"), &engine);
+    let done = harness
+        .wait_for(&task.id, WITHIN, |task| task.status == TaskStatus::Complete)
+        .await;
+    assert_eq!(done.infra_attempts, 1, "the lost attempt is counted");
+    runner.stop().await.unwrap();
+}

@@ -151,6 +151,15 @@ impl FromRequestParts<AppState> for RunnerAccess {
 }
 
 impl RunnerAccess {
+    /// The project a project's runner token is bound to; `None` for the operator's runner
+    /// tokens and admin tokens.
+    pub fn project_scope(&self) -> Option<&str> {
+        self.token
+            .project_id
+            .as_deref()
+            .filter(|_| self.token.role == TokenRole::Runner)
+    }
+
     /// Whose clusters this runner may lease from, if it may lease from every one of
     /// `clusters`: `None`, the shared clusters; `Some(project)`, that project's own. Refused
     /// (403, naming the clusters) when a cluster is outside the token's: a runner token made

@@ -225,6 +225,38 @@ impl LeaseDesk {
         Ok(task.status)
     }
 
+    /// Gives back at once every task runner `runner_id` held (only `owner`'s when given), for
+    /// a runner that starts again; how many.
+    pub async fn release_runner(
+        &self,
+        runner_id: &str,
+        owner: Option<&str>,
+        max_infra_attempts: u32,
+    ) -> Result<u32, DeskError> {
+        stevedore_model::validation::check_name("runner_id", runner_id).map_err(invalid)?;
+        if max_infra_attempts == 0 {
+            return Err(DeskError::Invalid(
+                "max_infra_attempts must be at least 1".into(),
+            ));
+        }
+        let released = self
+            .store
+            .release_runner(runner_id, owner, self.clock.now(), max_infra_attempts)
+            .await?;
+        for task in &released {
+            stevedore_metrics::task_finished(task.status, &task.code_name);
+        }
+        if !released.is_empty() {
+            tracing::info!(
+                runner_id,
+                released = released.len(),
+                "a runner that started again gave back the tasks it held"
+            );
+            (self.wake)();
+        }
+        Ok(u32::try_from(released.len()).unwrap_or(u32::MAX))
+    }
+
     /// The zip package of the code revision the leased task pinned, for the holder of the
     /// lease only: a stale token is refused like any other write about the task.
     pub async fn task_package(

@@ -40,6 +40,7 @@ pub fn routes(_config: &ServerConfig) -> Router<AppState> {
         .route("/tasks/{task_id}/complete", post(complete))
         .route("/tasks/{task_id}/requeue", post(requeue))
         .route("/tasks/{task_id}/package", get(task_package))
+        .route("/runners/{runner_id}/release", post(release))
 }
 
 /// `POST /runner/v1/lease`: up to `max_tasks` tasks of the runner's clusters. With nothing to
@@ -222,6 +223,22 @@ pub async fn requeue(
         .requeue(&task_id, request.token, &give_back)
         .await?;
     Ok(ack(format!("task is {status}")))
+}
+
+/// `POST /runner/v1/runners/{id}/release`: a runner starting again gives back the tasks it
+/// held. A project's runner token gives back only that project's.
+pub async fn release(
+    State(state): State<AppState>,
+    access: RunnerAccess,
+    Path(runner_id): Path<String>,
+    ApiJson(request): ApiJson<wire::Release>,
+) -> ApiResult<Json<wire::Released>> {
+    let owner = access.project_scope();
+    let released = state
+        .desk
+        .release_runner(&runner_id, owner, request.max_infra_attempts)
+        .await?;
+    Ok(Json(wire::Released { released }))
 }
 
 /// `GET /runner/v1/tasks/{id}/package`: the zip package of the code revision the task pinned,

@@ -627,6 +627,16 @@ pub trait Store: Send + Sync + 'static {
         now: Timestamp,
         max_infra_attempts: u32,
     ) -> Result<Vec<RescuedTask>>;
+    /// Requeues, as `rescue_expired` does, every task runner `runner_id` holds (only those of
+    /// `project_id` when given), whatever its lease: the runner started again and runs none of
+    /// them, so they need not wait for their leases to expire.
+    async fn release_runner(
+        &self,
+        runner_id: &str,
+        project_id: Option<&str>,
+        now: Timestamp,
+        max_infra_attempts: u32,
+    ) -> Result<Vec<RescuedTask>>;
 
     // === clusters and runners ===
 

@@ -43,6 +43,16 @@ pub(crate) struct TaskRecord {
 /// between chunks instead of waiting for the whole change (a chunk takes a few milliseconds).
 pub(crate) const BULK_CHUNK: i64 = 500;
 
+/// Why a task is taken back from its runner without the runner's word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rescue {
+    /// Its lease expired: the runner stopped heartbeating (the rescuer).
+    LeaseExpired,
+    /// The runner started again under the same id, so it runs none of the tasks it held
+    /// (`Store::release_runner`).
+    RunnerRestarted,
+}
+
 /// What `cancel` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CancelEffect {
@@ -246,13 +256,16 @@ impl TaskRecord {
         self.give_back(&requeue.reason, due_at, requeue.max_infra_attempts, now)
     }
 
-    /// Takes back a task whose lease expired before `now`: due again at once, unless that was
-    /// its last infrastructure attempt.
-    pub fn rescue(&mut self, max_infra_attempts: u32, now: Timestamp) -> Result<()> {
-        let reason = format!(
-            "the lease of runner {} expired",
-            self.task.runner_id.as_deref().unwrap_or("(unknown)")
-        );
+    /// Takes back a task from its runner without the runner's word: due again at once, unless
+    /// that was its last infrastructure attempt.
+    pub fn rescue(&mut self, why: Rescue, max_infra_attempts: u32, now: Timestamp) -> Result<()> {
+        let runner = self.task.runner_id.as_deref().unwrap_or("(unknown)");
+        let reason = match why {
+            Rescue::LeaseExpired => format!("the lease of runner {runner} expired"),
+            Rescue::RunnerRestarted => {
+                format!("runner {runner} restarted while it held the task")
+            }
+        };
         self.give_back(&reason, now, max_infra_attempts, now)
     }
 

@@ -488,6 +488,16 @@ impl Store for SqliteStore {
         leases::rescue_expired(self, now, max_infra_attempts).await
     }
 
+    async fn release_runner(
+        &self,
+        runner_id: &str,
+        project_id: Option<&str>,
+        now: Timestamp,
+        max_infra_attempts: u32,
+    ) -> Result<Vec<RescuedTask>> {
+        leases::release_runner(self, runner_id, project_id, now, max_infra_attempts).await
+    }
+
     // === clusters and runners ===
 
     async fn create_cluster(

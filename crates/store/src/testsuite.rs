@@ -100,6 +100,7 @@ macro_rules! store_test_suite {
                 a_projects_backlog_does_not_starve_another_projects_task,
                 successive_leases_alternate_between_projects,
                 priorities_win_over_fair_share,
+                a_restarted_runner_releases_what_it_held_at_once,
             ],
             logs: [
                 log_is_capped_with_one_marker,

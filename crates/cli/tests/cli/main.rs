@@ -7,6 +7,7 @@ mod client;
 mod dashboard;
 mod fuzz;
 mod hostile;
+mod identity;
 mod image;
 mod metrics;
 mod multi_node;

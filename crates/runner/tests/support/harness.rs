@@ -432,6 +432,14 @@ impl TaskSource for ObservedSource {
     ) -> Result<PackageDownload, SourceError> {
         self.inner.task_package(task_id, token).await
     }
+
+    async fn release_held(
+        &self,
+        runner_id: &str,
+        max_infra_attempts: u32,
+    ) -> Result<u32, SourceError> {
+        self.inner.release_held(runner_id, max_infra_attempts).await
+    }
 }
 
 // === impl Background ===
@@ -598,6 +606,19 @@ impl StoreSource {
             .await
             .map_err(source_error)?;
         Ok(())
+    }
+
+    async fn release_held(
+        &self,
+        runner_id: &str,
+        max_infra_attempts: u32,
+    ) -> Result<u32, SourceError> {
+        let released = self
+            .store
+            .release_runner(runner_id, None, self.clock.now(), max_infra_attempts)
+            .await
+            .map_err(source_error)?;
+        Ok(u32::try_from(released.len()).unwrap_or(u32::MAX))
     }
 
     async fn task_package(

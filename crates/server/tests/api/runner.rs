@@ -559,3 +559,59 @@ async fn a_cluster_task_is_leased_only_by_its_clusters_runners() {
         "only default"
     );
 }
+
+#[tokio::test]
+async fn a_restarted_runner_gives_back_what_its_id_held_and_bad_releases_are_400() {
+    let server = TestServer::start().await;
+    server.image_code("hello", json!({})).await;
+    server
+        .queue(json!([{"code_name": "hello"}, {"code_name": "hello"}]))
+        .await;
+    let runner = Runner::new(&server).await;
+    let leased = runner.lease(&["default"], 2, 0).await;
+    assert_eq!(leased.len(), 2);
+
+    // A project's runner token gives back only its project's tasks: none of these.
+    let other = server
+        .store
+        .create_project("other", SystemClock.now())
+        .await
+        .unwrap();
+    let theirs = Runner::scoped(&server, Some(&other.id), None).await;
+    let reply = theirs
+        .post("runners/runner-1/release", json!({"max_infra_attempts": 5}))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["released"], 0);
+
+    let reply = runner
+        .post("runners/runner-1/release", json!({"max_infra_attempts": 5}))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["released"], 2);
+    for leased in &leased {
+        let (task_id, token) = lease_of(leased);
+        let task = server.get(&format!("tasks/{task_id}")).await.json();
+        assert_eq!(task["status"], "queued", "{task}");
+        assert_eq!(task["infra_attempts"], 1, "{task}");
+        runner
+            .post(
+                &format!("tasks/{task_id}/heartbeat"),
+                json!({"token": token, "lease_secs": 30}),
+            )
+            .await
+            .error(409);
+    }
+    runner
+        .post("runners/runner-1/release", json!({"max_infra_attempts": 0}))
+        .await
+        .error(400);
+    runner
+        .post("runners/runner-1/release", json!({}))
+        .await
+        .error(400);
+    runner
+        .post("runners/%20/release", json!({"max_infra_attempts": 5}))
+        .await
+        .error(400);
+}

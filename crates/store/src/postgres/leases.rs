@@ -16,7 +16,7 @@ use super::{PgStore, RetryCheck, finish};
 use super::{codes, tasks};
 use crate::convert::micros;
 use crate::record::{
-    FairShare, FreeSlots, LeaseSlots, Next, ProjectTurn, Slot, TaskRecord, normalize,
+    FairShare, FreeSlots, LeaseSlots, Next, ProjectTurn, Rescue, Slot, TaskRecord, normalize,
     normalize_report, served_turns,
 };
 use crate::{
@@ -211,26 +211,66 @@ pub(super) async fn rescue_expired(
     let now = normalize(now);
     // The rescuer's rounds keep the gauges' change log short even when nobody scrapes.
     super::gauges::fold_task_counts(&mut *store.pool.acquire().await?).await?;
+    // SKIP LOCKED: a task whose runner is writing about it right now (a heartbeat) is not
+    // expired for long; two rescuers each take the ones the other does not hold.
+    let held = sqlx::query(concat!(
+        "SELECT ",
+        task_columns!(),
+        " FROM tasks AS t WHERE t.status IN ($1, $2) AND t.lease_expires_at < $3 \
+         ORDER BY t.lease_expires_at, t.id FOR UPDATE SKIP LOCKED"
+    ))
+    .bind(TaskStatus::Preparing.as_str())
+    .bind(TaskStatus::Running.as_str())
+    .bind(micros(now));
+    rescue(store, held, Rescue::LeaseExpired, max_infra_attempts, now).await
+}
+
+pub(super) async fn release_runner(
+    store: &PgStore,
+    runner_id: &str,
+    project_id: Option<&str>,
+    now: Timestamp,
+    max_infra_attempts: u32,
+) -> Result<Vec<RescuedTask>> {
+    let now = normalize(now);
+    // Rows locked, waiting for a write about them to end: the runner's own last writes of an
+    // earlier life, if any are still in flight, go first.
+    let held = sqlx::query(concat!(
+        "SELECT ",
+        task_columns!(),
+        " FROM tasks AS t WHERE t.runner_id = $3 AND t.status IN ($1, $2) \
+         AND ($4::text IS NULL OR t.project_id = $4) ORDER BY t.id FOR UPDATE"
+    ))
+    .bind(TaskStatus::Preparing.as_str())
+    .bind(TaskStatus::Running.as_str())
+    .bind(runner_id.to_owned())
+    .bind(project_id.map(str::to_owned));
+    rescue(
+        store,
+        held,
+        Rescue::RunnerRestarted,
+        max_infra_attempts,
+        now,
+    )
+    .await
+}
+
+/// Takes back the leased tasks `held` selects (and locks), in one transaction.
+async fn rescue(
+    store: &PgStore,
+    held: sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    why: Rescue,
+    max_infra_attempts: u32,
+    now: Timestamp,
+) -> Result<Vec<RescuedTask>> {
     let mut tx = store.pool.begin().await?;
     let result: Result<_> = async {
-        // SKIP LOCKED: a task whose runner is writing about it right now (a heartbeat) is not
-        // expired for long; two rescuers each take the ones the other does not hold.
-        let expired = sqlx::query(concat!(
-            "SELECT ",
-            task_columns!(),
-            " FROM tasks AS t WHERE t.status IN ($1, $2) AND t.lease_expires_at < $3 \
-             ORDER BY t.lease_expires_at, t.id FOR UPDATE SKIP LOCKED"
-        ))
-        .bind(TaskStatus::Preparing.as_str())
-        .bind(TaskStatus::Running.as_str())
-        .bind(micros(now))
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut rescued = Vec::with_capacity(expired.len());
+        let held = held.fetch_all(&mut *tx).await?;
+        let mut rescued = Vec::with_capacity(held.len());
         let mut requeued = false;
-        for row in &expired {
+        for row in &held {
             let mut record = rows::task_record(row)?;
-            record.rescue(max_infra_attempts, now)?;
+            record.rescue(why, max_infra_attempts, now)?;
             tasks::write(&mut tx, &mut record).await?;
             requeued |= record.task.status == TaskStatus::Queued;
             rescued.push(RescuedTask::from(&record.task));

@@ -17,7 +17,7 @@ use super::tasks;
 use super::writer::{RetryCheck, Writer};
 use super::{BEGIN_WRITE, SqliteStore};
 use crate::record::{
-    FairShare, FreeSlots, LeaseSlots, Next, ProjectTurn, Slot, TaskRecord, normalize,
+    FairShare, FreeSlots, LeaseSlots, Next, ProjectTurn, Rescue, Slot, TaskRecord, normalize,
     normalize_report, served_turns,
 };
 use crate::{
@@ -262,10 +262,7 @@ pub(super) async fn rescue_expired(
     max_infra_attempts: u32,
 ) -> Result<Vec<RescuedTask>> {
     let now = normalize(now);
-    let mut writer = store.writer().await?;
-    let Writer { conn, leases, .. } = &mut *writer;
-    let mut tx = conn.begin_with(BEGIN_WRITE).await?;
-    let expired = sqlx::query(concat!(
+    let held = sqlx::query(concat!(
         "SELECT ",
         task_columns!(),
         " FROM tasks AS t WHERE t.status IN (?1, ?2) AND t.lease_expires_at < ?3 \
@@ -273,13 +270,54 @@ pub(super) async fn rescue_expired(
     ))
     .bind(TaskStatus::Preparing.as_str())
     .bind(TaskStatus::Running.as_str())
-    .bind(micros(now))
-    .fetch_all(&mut *tx)
-    .await?;
-    let mut rescued = Vec::with_capacity(expired.len());
-    for row in &expired {
+    .bind(micros(now));
+    rescue(store, held, Rescue::LeaseExpired, max_infra_attempts, now).await
+}
+
+pub(super) async fn release_runner(
+    store: &SqliteStore,
+    runner_id: &str,
+    project_id: Option<&str>,
+    now: Timestamp,
+    max_infra_attempts: u32,
+) -> Result<Vec<RescuedTask>> {
+    let now = normalize(now);
+    let held = sqlx::query(concat!(
+        "SELECT ",
+        task_columns!(),
+        " FROM tasks AS t WHERE t.runner_id = ?3 AND t.status IN (?1, ?2) \
+         AND (?4 IS NULL OR t.project_id = ?4) ORDER BY t.id"
+    ))
+    .bind(TaskStatus::Preparing.as_str())
+    .bind(TaskStatus::Running.as_str())
+    .bind(runner_id.to_owned())
+    .bind(project_id.map(str::to_owned));
+    rescue(
+        store,
+        held,
+        Rescue::RunnerRestarted,
+        max_infra_attempts,
+        now,
+    )
+    .await
+}
+
+/// Takes back the leased tasks `held` selects, in one write transaction.
+async fn rescue(
+    store: &SqliteStore,
+    held: sqlx::query::Query<'static, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+    why: Rescue,
+    max_infra_attempts: u32,
+    now: Timestamp,
+) -> Result<Vec<RescuedTask>> {
+    let mut writer = store.writer().await?;
+    let Writer { conn, leases, .. } = &mut *writer;
+    let mut tx = conn.begin_with(BEGIN_WRITE).await?;
+    let held = held.fetch_all(&mut *tx).await?;
+    let mut rescued = Vec::with_capacity(held.len());
+    for row in &held {
         let mut record = rows::task_record(row)?;
-        record.rescue(max_infra_attempts, now)?;
+        record.rescue(why, max_infra_attempts, now)?;
         tasks::write_loaded(&mut tx, &mut record).await?;
         rescued.push(record);
     }

@@ -8,7 +8,10 @@ use super::{
     assert_not_found, assert_stale, at, enqueue_one, exited, ids, image_spec, lease_one,
     lease_request, new_task, page, project, project_with_code, rescued_one,
 };
-use crate::{LeaseRequest, Requeue, Result, RunReport, StatsWindow, Store, StoreError, TaskFilter};
+use crate::{
+    LeaseRequest, LeasedTask, Requeue, Result, RunReport, StatsWindow, Store, StoreError,
+    TaskFilter,
+};
 
 pub async fn lease_orders_by_priority_then_due_time(store: &dyn Store) -> Result<()> {
     let acme = project_with_code(store, "hello").await?;
@@ -827,6 +830,78 @@ pub async fn priorities_win_over_fair_share(store: &dyn Store) -> Result<()> {
             acme_again[1].id.clone(),
             other_again[1].id.clone(),
         ]
+    );
+    Ok(())
+}
+
+/// A runner that starts again gives back at once every task it held, or only one project's
+/// for a project's runner, without waiting for the leases to expire; other runners' tasks
+/// and the old tokens' writes are refused as after a rescue.
+pub async fn a_restarted_runner_releases_what_it_held_at_once(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let other = project(store, "other").await?;
+    store
+        .push_code(&other.id, &image_spec("theirs"), None, at(0))
+        .await?;
+    store
+        .enqueue(&acme.id, &vec![new_task("hello"); 3], at(0))
+        .await?;
+    store
+        .enqueue(&other.id, &[new_task("theirs")], at(0))
+        .await?;
+    let held = store.lease(&lease_request("runner-1", 3), at(1)).await?;
+    assert_eq!(held.len(), 3);
+    let elsewhere = store.lease(&lease_request("runner-2", 5), at(1)).await?;
+    assert_eq!(elsewhere.len(), 1);
+    store
+        .mark_running(&held[0].task.id, held[0].lease.token, at(2), at(2))
+        .await?;
+
+    // A project's runner releases only that project's tasks.
+    let project_of = |leased: &LeasedTask| leased.task.project_id.clone();
+    let theirs: Vec<&LeasedTask> = held
+        .iter()
+        .filter(|leased| project_of(leased) == other.id)
+        .collect();
+    let released = store
+        .release_runner("runner-1", Some(&other.id), at(3), 5)
+        .await?;
+    assert_eq!(released.len(), theirs.len());
+
+    let released = store.release_runner("runner-1", None, at(4), 5).await?;
+    assert_eq!(released.len(), 3 - theirs.len());
+    for leased in &held {
+        let task = store
+            .get_task(&leased.task.project_id, &leased.task.id)
+            .await?;
+        assert_eq!(
+            (task.status, task.runner_id.as_deref()),
+            (TaskStatus::Queued, None)
+        );
+        assert!(
+            task.msg
+                .as_deref()
+                .is_some_and(|msg| msg.contains("restarted")),
+            "{:?}",
+            task.msg
+        );
+        assert_stale(
+            store
+                .heartbeat(&leased.task.id, leased.lease.token, 30, at(5))
+                .await,
+            "a released task's heartbeat",
+        );
+    }
+    // Nothing else was touched; a second release finds nothing.
+    let kept = &elsewhere[0];
+    store
+        .heartbeat(&kept.task.id, kept.lease.token, 30, at(5))
+        .await?;
+    assert!(
+        store
+            .release_runner("runner-1", None, at(6), 5)
+            .await?
+            .is_empty()
     );
     Ok(())
 }
