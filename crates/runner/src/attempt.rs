@@ -817,9 +817,17 @@ async fn heartbeat_loop(
             _ = ticks.tick() => {}
         }
         let asked = Instant::now();
+        // A heartbeat that has not answered when the lease surely ended is as good as failed:
+        // over a link that drops packets silently, the source's own retries would take
+        // minutes while the task is rescued and run elsewhere.
         let beat = tokio::select! {
             () = signals.done.cancelled() => return,
             beat = source.heartbeat(&task_id, token, lease_secs) => beat,
+            () = tokio::time::sleep_until(lease_surely_until) => {
+                tracing::warn!("no heartbeat was answered for a whole lease");
+                signals.lease_lost.cancel();
+                return;
+            }
         };
         match beat {
             Ok(reply) => {

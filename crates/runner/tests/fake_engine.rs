@@ -484,6 +484,39 @@ async fn a_runner_cut_off_for_a_whole_lease_stops_its_container() {
 }
 
 #[tokio::test]
+async fn a_heartbeat_that_never_answers_stops_the_container_within_the_lease() {
+    let harness = system_harness().await;
+    let engine = engine_with("test/silent", FakeRun::forever());
+    harness
+        .push_image_code("silent", "test/silent", Some("sleep 1000"), |_| {})
+        .await;
+    let task = harness.queue("silent", "", 3600).await;
+    let config = RunnerConfig {
+        lease_secs: 1,
+        ..test_config("r-silent")
+    };
+    let (runner, source) = start(&harness, config, &engine);
+    harness
+        .wait_for(&task.id, WITHIN, |task| task.status == TaskStatus::Running)
+        .await;
+    let container = engine.existing().remove(0);
+
+    // Packets dropped without a word: the heartbeat neither answers nor fails.
+    source.hang_heartbeats(true);
+    let cut = tokio::time::Instant::now();
+    while !engine.kills().contains(&container) {
+        assert!(
+            cut.elapsed() < Duration::from_millis(2500),
+            "the container outlived its lease: a hung heartbeat kept it"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(source.outcomes.lock().unwrap().is_empty());
+    source.hang_heartbeats(false);
+    runner.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn capacity_and_the_memory_budget_are_never_exceeded() {
     let harness = system_harness().await;
     let engine = engine_with(

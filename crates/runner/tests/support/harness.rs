@@ -40,6 +40,8 @@ pub struct Harness {
 pub struct ObservedSource {
     inner: StoreSource,
     pub heartbeats_cut: AtomicBool,
+    /// Heartbeats never answer, as over a link that silently drops every packet.
+    pub heartbeats_hang: AtomicBool,
     progress_failing: AtomicBool,
     counts: Mutex<Counts>,
     pub outcomes: Mutex<Vec<(String, TaskOutcome, RunReport)>>,
@@ -268,6 +270,7 @@ impl ObservedSource {
         ObservedSource {
             inner,
             heartbeats_cut: AtomicBool::new(false),
+            heartbeats_hang: AtomicBool::new(false),
             progress_failing: AtomicBool::new(false),
             counts: Mutex::new(Counts::default()),
             outcomes: Mutex::new(Vec::new()),
@@ -295,6 +298,11 @@ impl ObservedSource {
 
     pub fn cut_heartbeats(&self, cut: bool) {
         self.heartbeats_cut.store(cut, Ordering::SeqCst);
+    }
+
+    /// From now on heartbeats hang instead of failing, until the caller gives up on them.
+    pub fn hang_heartbeats(&self, hang: bool) {
+        self.heartbeats_hang.store(hang, Ordering::SeqCst);
     }
 
     /// The progress calls about one task: percent and message.
@@ -347,6 +355,9 @@ impl TaskSource for ObservedSource {
             return Err(SourceError::Unavailable {
                 message: "the test cut the network".to_owned(),
             });
+        }
+        if self.heartbeats_hang.load(Ordering::SeqCst) {
+            return std::future::pending().await;
         }
         self.inner.heartbeat(task_id, token, lease_secs).await
     }
