@@ -13,6 +13,7 @@ mod output;
 mod remote;
 mod secrets;
 mod settings;
+mod watchdog;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -79,6 +80,16 @@ enum Command {
     /// Run tasks for a server elsewhere: lease over its runner protocol, run each task in a
     /// container on this machine's Docker engine.
     Runner(Box<RunnerArgs>),
+    /// Started by a runner beside itself: stops the runner's containers once their leases
+    /// ended, also after the runner was killed.
+    #[command(hide = true)]
+    Watchdog {
+        #[arg(long)]
+        runner_id: String,
+        /// The runner's lease ledger.
+        #[arg(long)]
+        ledger: PathBuf,
+    },
     /// Manage projects (tenants).
     Project {
         #[command(subcommand)]
@@ -213,7 +224,7 @@ fn main() -> ExitCode {
     // The server reports what it does; a client command only warnings, so its output stays
     // its own.
     let default_filter = match cli.command {
-        Command::Serve { .. } | Command::Runner(_) => "info",
+        Command::Serve { .. } | Command::Runner(_) | Command::Watchdog { .. } => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -300,6 +311,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run(args) => cmd::run::run(&settings, *args, format).await,
         Command::Runner(args) => remote_runner(settings, *args).await,
+        Command::Watchdog { runner_id, ledger } => watchdog::run(runner_id, ledger).await,
         Command::Serve { listen, database } => {
             if let Some(listen) = listen {
                 settings.listen = listen;
@@ -520,6 +532,8 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         )?;
         let mut config = settings.embedded_runner_config(&server_config.stacks)?;
         config.runner_id = identity.id.clone();
+        let ledger = watchdog::ledger_dir(&settings.data_dir, &identity.id);
+        config.lease_ledger = Some(ledger.clone());
         let runner = Runner::new(config, source.clone(), engine);
         // Set once, before anything could be queued through this server.
         let _ = embedded_wake.set(runner.work_notifier());
@@ -527,6 +541,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             .start()
             .await
             .context("the embedded runner cannot start (set runner.enabled = false to serve the API without running tasks)")?;
+        watchdog::ensure_watchdog(&identity.id, &ledger)?;
         source.set_capacity(started.capacity());
         let runner_shutdown = shutdown.child_token();
         background.spawn(async move {
@@ -650,6 +665,8 @@ async fn remote_runner(settings: Settings, args: RunnerArgs) -> anyhow::Result<(
         args.id.or_else(|| settings.runner.id.clone()),
     )?;
     config.runner_id = identity.id.clone();
+    let ledger = watchdog::ledger_dir(&settings.data_dir, &identity.id);
+    config.lease_ledger = Some(ledger.clone());
     if !args.clusters.is_empty() {
         config.clusters = args.clusters;
     }
@@ -674,6 +691,7 @@ async fn remote_runner(settings: Settings, args: RunnerArgs) -> anyhow::Result<(
     let runner_id = config.runner_id.clone();
     let runner = Runner::new(config, source.clone(), engine);
     let started = runner.start().await.context("the runner cannot start")?;
+    watchdog::ensure_watchdog(&runner_id, &ledger)?;
     source.set_capacity(started.capacity());
     tracing::info!(api = %args.api, %runner_id, "runner leasing from the server");
     let stop = shutdown.clone();

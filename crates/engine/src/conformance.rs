@@ -335,10 +335,27 @@ pub async fn list_finds_own_containers_by_runner_label(harness: &dyn Harness) {
         .map(|(id, _)| id.clone())
         .collect();
     expected.sort();
+    // The detailed listing names the same containers, with their labels; none runs now.
+    let detailed = ok(
+        within("list", runtime.list_labeled_containers(RUNNER_LABEL, &mine)).await,
+        "list_labeled_containers",
+    );
+    let mut detailed_ids: Vec<ContainerId> =
+        detailed.iter().map(|listed| listed.id.clone()).collect();
+    detailed_ids.sort();
     for id in created.keys() {
         ok(within("remove", runtime.remove(id)).await, "remove");
     }
     assert_eq!(listed, expected);
+    assert_eq!(detailed_ids, expected);
+    for listed in &detailed {
+        assert_eq!(
+            listed.labels.get(RUNNER_LABEL).map(String::as_str),
+            Some(mine.as_str()),
+            "{listed:?}"
+        );
+        assert!(!listed.running, "{listed:?}");
+    }
     let nobody = ok(
         within(
             "list",

@@ -10,9 +10,9 @@ use bollard::Docker;
 use bollard::auth::DockerCredentials;
 use bollard::container::LogOutput;
 use bollard::models::{
-    ContainerCreateBody, ContainerStatsResponse, HostConfig, HostConfigLogConfig, Ipam, IpamConfig,
-    NetworkCreateRequest, NetworkInspect, ProgressDetail, SystemInfo, SystemInfoCgroupVersionEnum,
-    SystemVersion,
+    ContainerCreateBody, ContainerStatsResponse, ContainerSummaryStateEnum, HostConfig,
+    HostConfigLogConfig, Ipam, IpamConfig, NetworkCreateRequest, NetworkInspect, ProgressDetail,
+    SystemInfo, SystemInfoCgroupVersionEnum, SystemVersion,
 };
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, BuildImageOptions, BuildImageOptionsBuilder,
@@ -33,7 +33,7 @@ use crate::context::{ContextPlan, plan_context, stream_context};
 use crate::cpu_group;
 use crate::engine::{
     ContainerRuntime, EngineCapabilities, ExitStatus, ImageBuilder, ImageEntry, ImagePresence,
-    ImageStore, LocalImage, LogChunk, LogChunkStream, OutputStream, PullProgress,
+    ImageStore, ListedContainer, LocalImage, LogChunk, LogChunkStream, OutputStream, PullProgress,
     PullProgressSender, RegistryAuth, ResourceSample, ResourceSampleStream, Timestamp,
 };
 use crate::error::{EngineError, Subject};
@@ -405,6 +405,42 @@ impl ContainerRuntime for DockerEngine {
         Ok(containers
             .into_iter()
             .filter_map(|container| container.id.map(ContainerId::new))
+            .collect())
+    }
+
+    async fn list_labeled_containers(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> Result<Vec<ListedContainer>, EngineError> {
+        let filters = HashMap::from([("label", vec![format!("{key}={value}")])]);
+        let options = ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let containers = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|error| EngineError::from_bollard(error, Subject::Engine))?;
+        Ok(containers
+            .into_iter()
+            .filter_map(|container| {
+                let running = matches!(
+                    container.state,
+                    Some(
+                        ContainerSummaryStateEnum::RUNNING
+                            | ContainerSummaryStateEnum::PAUSED
+                            | ContainerSummaryStateEnum::RESTARTING
+                            | ContainerSummaryStateEnum::STOPPING
+                    )
+                );
+                Some(ListedContainer {
+                    id: ContainerId::new(container.id?),
+                    labels: container.labels.unwrap_or_default().into_iter().collect(),
+                    running,
+                })
+            })
             .collect())
     }
 

@@ -100,6 +100,14 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// finds the leftovers of an earlier life at start-up.
     async fn list_labeled(&self, key: &str, value: &str) -> Result<Vec<ContainerId>, EngineError>;
 
+    /// As `list_labeled`, with each container's labels and whether it is running: what a
+    /// watchdog needs to match the containers of a runner to the leases they run under.
+    async fn list_labeled_containers(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> Result<Vec<ListedContainer>, EngineError>;
+
     /// Makes sure of the CPU group `name`: the containers created with it as their
     /// [`ContainerSpec::cpu_group`](crate::ContainerSpec::cpu_group) use at most `nano_cpus`
     /// (billionths of a CPU) together, so that whatever runs beside them on the runtime's
@@ -402,6 +410,15 @@ pub enum OutputStream {
     Stdout,
     /// Standard error.
     Stderr,
+}
+
+/// A container as a listing shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedContainer {
+    pub id: ContainerId,
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Started and not stopped yet.
+    pub running: bool,
 }
 
 /// A piece of a container's output, as the engine delivered it (not split into lines).

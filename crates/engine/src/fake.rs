@@ -23,7 +23,7 @@ use crate::build::{BuildProgress, BuildRequest, BuiltImage};
 use crate::context::plan_context;
 use crate::engine::{
     ContainerRuntime, EngineCapabilities, ExitStatus, ImageBuilder, ImageEntry, ImagePresence,
-    ImageStore, LocalImage, LogChunk, LogChunkStream, OutputStream, PullProgress,
+    ImageStore, ListedContainer, LocalImage, LogChunk, LogChunkStream, OutputStream, PullProgress,
     PullProgressSender, RegistryAuth, ResourceSample, ResourceSampleStream, Timestamp,
 };
 use crate::error::EngineError;
@@ -759,6 +759,27 @@ impl ContainerRuntime for FakeEngine {
                 container.spec.labels.get(key).map(String::as_str) == Some(value)
             })
             .map(|(id, _)| ContainerId::new(id.clone()))
+            .collect())
+    }
+
+    async fn list_labeled_containers(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> Result<Vec<ListedContainer>, EngineError> {
+        self.injected(FakeOperation::List)?;
+        Ok(self
+            .lock()
+            .containers
+            .iter()
+            .filter(|(_, container)| {
+                container.spec.labels.get(key).map(String::as_str) == Some(value)
+            })
+            .map(|(id, container)| ListedContainer {
+                id: ContainerId::new(id.clone()),
+                labels: container.spec.labels.clone(),
+                running: matches!(*container.phase.borrow(), Phase::Running),
+            })
             .collect())
     }
 

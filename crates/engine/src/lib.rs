@@ -84,9 +84,9 @@ pub use build::{
 pub use docker::DockerEngine;
 pub use engine::{
     ContainerEngine, ContainerRuntime, EngineCapabilities, ExitStatus, ImageBuilder, ImageEntry,
-    ImagePresence, ImageStore, LocalImage, LogChunk, LogChunkStream, OutputStream, PullProgress,
-    PullProgressSender, RegistryAuth, Requirements, ResourceSample, ResourceSampleStream,
-    ResourceUsage, Timestamp, check_required,
+    ImagePresence, ImageStore, ListedContainer, LocalImage, LogChunk, LogChunkStream, OutputStream,
+    PullProgress, PullProgressSender, RegistryAuth, Requirements, ResourceSample,
+    ResourceSampleStream, ResourceUsage, Timestamp, check_required,
 };
 pub use error::EngineError;
 pub use local_image::{

@@ -36,6 +36,7 @@ use crate::config::RunnerConfig;
 use crate::container::{ContainerPlan, PackagePlan};
 use crate::error::SourceError;
 use crate::images::{ImageInUse, ImageUses};
+use crate::ledger::LeaseLedger;
 use crate::logs::{LogShipper, ShippedLogs};
 use crate::progress::ProgressReporter;
 use crate::registry::{ImageAccess, ImageOwner, PublicImages};
@@ -61,6 +62,8 @@ pub(crate) struct TaskContext {
     pub cpu_group: Option<String>,
     /// The images tasks used, for the image janitor.
     pub image_uses: Arc<ImageUses>,
+    /// Where each attempt writes down until when its lease surely holds, for the watchdog.
+    pub ledger: Option<Arc<LeaseLedger>>,
 }
 
 /// How an attempt ended, to be recorded.
@@ -150,13 +153,23 @@ struct Attempt {
 
 impl Attempt {
     async fn run(mut self) {
+        let ledger = self.context.ledger.clone();
+        let task_id = self.leased.task.id.clone();
+        let lease = Duration::from_secs(u64::from(self.context.config.lease_secs));
+        // Written before any container exists, so the watchdog never meets one without it.
+        if let Some(ledger) = &ledger {
+            ledger.promise(&task_id, Instant::now() + lease);
+        }
         let heartbeats = self.context.tracker.spawn(
             heartbeat_loop(
                 Arc::clone(&self.context.source),
-                self.leased.task.id.clone(),
-                self.leased.lease.token,
-                self.context.config.lease_secs,
-                self.context.config.heartbeat_interval,
+                Heartbeat {
+                    task_id: task_id.clone(),
+                    token: self.leased.lease.token,
+                    lease_secs: self.context.config.lease_secs,
+                    interval: self.context.config.heartbeat_interval,
+                    ledger: ledger.clone(),
+                },
                 self.signals.clone(),
             )
             .in_current_span(),
@@ -184,11 +197,24 @@ impl Attempt {
             ..
         } = self;
         drop(slot);
-        if let Some(id) = container {
-            let engine = Arc::clone(&context.engine);
-            context
-                .tracker
-                .spawn(remove_container(engine, id).in_current_span());
+        match container {
+            Some(id) => {
+                let engine = Arc::clone(&context.engine);
+                context.tracker.spawn(
+                    async move {
+                        remove_container(engine, id).await;
+                        if let Some(ledger) = ledger {
+                            ledger.release(&task_id);
+                        }
+                    }
+                    .in_current_span(),
+                );
+            }
+            None => {
+                if let Some(ledger) = ledger {
+                    ledger.release(&task_id);
+                }
+            }
         }
     }
 
@@ -792,16 +818,26 @@ fn shutdown_before_start() -> Ending {
     }
 }
 
-/// Extends the lease every `interval` until the attempt is done; raises `cancel` when a user
-/// cancelled the task and `lease_lost` when the lease is no longer ours.
-async fn heartbeat_loop(
-    source: Arc<dyn TaskSource>,
+/// What the heartbeat loop of one attempt extends, and how often.
+struct Heartbeat {
     task_id: String,
     token: i64,
     lease_secs: u32,
     interval: Duration,
-    signals: Signals,
-) {
+    /// Told each new end of the lease, for the watchdog.
+    ledger: Option<Arc<LeaseLedger>>,
+}
+
+/// Extends the lease every `interval` until the attempt is done; raises `cancel` when a user
+/// cancelled the task and `lease_lost` when the lease is no longer ours.
+async fn heartbeat_loop(source: Arc<dyn TaskSource>, heartbeat: Heartbeat, signals: Signals) {
+    let Heartbeat {
+        task_id,
+        token,
+        lease_secs,
+        interval,
+        ledger,
+    } = heartbeat;
     let lease = Duration::from_secs(u64::from(lease_secs));
     // When the lease surely ended if no heartbeat gets through: counted on this runner's own
     // monotonic clock from the last answered heartbeat, so a runner cut off from its source
@@ -832,6 +868,9 @@ async fn heartbeat_loop(
         match beat {
             Ok(reply) => {
                 lease_surely_until = asked + lease;
+                if let Some(ledger) = &ledger {
+                    ledger.promise(&task_id, lease_surely_until);
+                }
                 if reply.cancel_requested && !signals.cancel.is_cancelled() {
                     tracing::info!("cancellation requested");
                     signals.cancel.cancel();

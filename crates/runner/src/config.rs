@@ -85,6 +85,10 @@ pub struct RunnerConfig {
     /// How often the images are weighed against the budget, besides after every pull.
     /// Default 5 minutes.
     pub image_janitor_interval: Duration,
+    /// Where the runner writes down until when each running task's lease surely holds (the
+    /// lease ledger), for a watchdog process that outlives the runner to stop the containers
+    /// of a runner that died. `None`: no ledger (a local run, tests).
+    pub lease_ledger: Option<std::path::PathBuf>,
     /// The CPU limit of a task whose code sets no `cpus`, in CPUs; `None` leaves such tasks
     /// unlimited. Default 1: a busy loop takes one core, not the machine.
     pub default_cpus: Option<f64>,
@@ -157,6 +161,7 @@ impl Default for RunnerConfig {
             max_image_bytes: Some(10 << 30),
             image_disk_budget_mib: Some(20 << 10),
             image_janitor_interval: Duration::from_secs(300),
+            lease_ledger: None,
             default_cpus: Some(1.0),
             reserve_cpus: 0.0,
             allow_unlimited_memory: false,

@@ -26,6 +26,9 @@ use crate::package;
 pub const LABEL_TASK: &str = "stevedore.task";
 /// The label that names the runner that created a container; start-up reaps by it.
 pub const LABEL_RUNNER: &str = "stevedore.runner";
+/// The label naming the lease ledger a container's lease is written in (its directory), so a
+/// watchdog touches only the containers its own ledger accounts for.
+pub const LABEL_LEDGER: &str = "stevedore.ledger";
 /// Where the payload is, inside the container.
 pub const PAYLOAD_FILE: &str = "/mnt/.task_payload";
 /// Where the code's config is, inside the container.
@@ -158,10 +161,18 @@ impl ContainerPlan {
             entrypoint: self.entrypoint.clone(),
             env,
             working_dir: Some(TASK_DIR.to_owned()),
-            labels: BTreeMap::from([
-                (LABEL_TASK.to_owned(), task.id.clone()),
-                (LABEL_RUNNER.to_owned(), runner_id.to_owned()),
-            ]),
+            labels: BTreeMap::from_iter(
+                [
+                    Some((LABEL_TASK.to_owned(), task.id.clone())),
+                    Some((LABEL_RUNNER.to_owned(), runner_id.to_owned())),
+                    config
+                        .lease_ledger
+                        .as_ref()
+                        .map(|dir| (LABEL_LEDGER.to_owned(), dir.display().to_string())),
+                ]
+                .into_iter()
+                .flatten(),
+            ),
             memory_bytes: Some(u64::from(code.spec.limits.memory_mib) << 20),
             nano_cpus: code.spec.limits.cpus.or(config.default_cpus).map(nano_cpus),
             pids_limit: config.pids_limit,

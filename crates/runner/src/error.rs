@@ -27,6 +27,10 @@ pub enum RunnerError {
          and private ranges)"
     )]
     TaskNetworkUnguarded(#[source] EngineError),
+    /// The lease ledger cannot be opened (another runner process holds it, or the disk
+    /// refuses).
+    #[error("the lease ledger cannot be opened: {0}")]
+    LeaseLedger(#[source] std::io::Error),
     /// The configuration makes no sense (no clusters, a zero capacity...).
     #[error("invalid runner configuration: {0}")]
     InvalidConfig(String),

@@ -66,6 +66,7 @@ mod config;
 mod container;
 mod error;
 mod images;
+mod ledger;
 mod local;
 mod logs;
 mod network;
@@ -74,11 +75,12 @@ mod progress;
 mod registry;
 mod runner;
 mod source;
+pub mod watchdog;
 
 pub use backoff::requeue_delay;
 pub use config::{RunnerConfig, default_capacity, default_memory_budget_mib};
 pub use container::{
-    CONFIG_FILE, ContainerPlan, LABEL_RUNNER, LABEL_TASK, PAYLOAD_FILE, PackagePlan,
+    CONFIG_FILE, ContainerPlan, LABEL_LEDGER, LABEL_RUNNER, LABEL_TASK, PAYLOAD_FILE, PackagePlan,
     registry_auth_for,
 };
 pub use error::{RunnerError, SourceError};

@@ -18,6 +18,7 @@ use crate::attempt::{self, TaskContext, engine_call};
 use crate::config::{ResolvedLimits, RunnerConfig};
 use crate::container::LABEL_RUNNER;
 use crate::error::RunnerError;
+use crate::ledger::LeaseLedger;
 use crate::registry::PublicImages;
 use crate::source::TaskSource;
 
@@ -46,6 +47,7 @@ struct IdleBackoff {
 #[derive(Debug)]
 pub struct StartedRunner {
     limits: ResolvedLimits,
+    ledger: Option<Arc<LeaseLedger>>,
 }
 
 /// How many containers left by an earlier life are removed at once at start-up.
@@ -121,9 +123,15 @@ impl Runner {
             cpu_group = ?limits.cpu_group,
             "runner starting"
         );
+        let ledger = match &config.lease_ledger {
+            Some(dir) => Some(Arc::new(
+                LeaseLedger::open(dir).map_err(RunnerError::LeaseLedger)?,
+            )),
+            None => None,
+        };
         self.reap().await;
         self.release_held().await;
-        Ok(StartedRunner { limits })
+        Ok(StartedRunner { limits, ledger })
     }
 
     /// Makes sure of the CPU group that holds the reserve, when there is one. An engine that
@@ -174,6 +182,7 @@ impl Runner {
             public_images: PublicImages::default(),
             cpu_group,
             image_uses: Arc::default(),
+            ledger: started.ledger,
         });
         if let Some(budget_mib) = config.image_disk_budget_mib {
             context.tracker.spawn(

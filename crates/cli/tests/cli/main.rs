@@ -9,6 +9,7 @@ mod fuzz;
 mod hostile;
 mod identity;
 mod image;
+mod lease_safety;
 mod metrics;
 mod multi_node;
 mod network;

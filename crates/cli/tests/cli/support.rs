@@ -452,6 +452,11 @@ impl RunnerProcess {
             ])
             .env("STEVEDORE_RUNNER_TOKEN", token)
             .env("STEVEDORE_LOG", "warn")
+            // The runner's lease ledger: the same for every life of one id, outside the tree.
+            .env(
+                "STEVEDORE_DATA_DIR",
+                std::env::temp_dir().join(format!("stevedore-runner-{id}")),
+            )
             .env("STEVEDORE_RUNNER__LEASE_SECS", &lease_secs)
             .env("STEVEDORE_RUNNER__SHUTDOWN_GRACE_SECS", "5")
             .env("STEVEDORE_STACK_IMAGES", "local")

@@ -1,0 +1,87 @@
+//! The watchdog process beside a runner (`stevedore watchdog`, started by `serve` and
+//! `stevedore runner`, never by hand): it outlives the runner process and stops the runner's
+//! containers once their leases surely ended, so a runner killed with SIGKILL leaves no task
+//! running twice. What it does is `stevedore_runner::watchdog`; this is how it is started.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use stevedore_runner::watchdog::Watchdog;
+use tokio_util::sync::CancellationToken;
+
+/// How often the watchdog looks at the runner's containers.
+const INTERVAL: Duration = Duration::from_secs(1);
+/// How long before a lease's recorded end the watchdog stops the container of a runner that
+/// is gone: more than `INTERVAL`, so the container is stopped before the lease ends.
+const LEAD: Duration = Duration::from_secs(2);
+
+/// The lease ledger of runner `runner_id` in `data_dir`.
+pub fn ledger_dir(data_dir: &Path, runner_id: &str) -> PathBuf {
+    let name: String = runner_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let dir = data_dir.join("leases").join(name);
+    // Absolute: the path names the ledger on the containers' labels.
+    std::path::absolute(&dir).unwrap_or(dir)
+}
+
+/// Starts the watchdog of the ledger `ledger` unless one watches it already (an earlier
+/// life's, still stopping what that life left). Its own process group: a Ctrl-C meant for
+/// the runner does not stop it, and it ends by itself once the runner and its containers are
+/// gone.
+pub fn ensure_watchdog(runner_id: &str, ledger: &Path) -> anyhow::Result<()> {
+    if Watchdog::is_watched(ledger)
+        .with_context(|| format!("cannot open the lease ledger {}", ledger.display()))?
+    {
+        return Ok(());
+    }
+    let binary =
+        std::env::current_exe().context("cannot find this program to start its watchdog")?;
+    let mut command = Command::new(binary);
+    command
+        .args(["watchdog", "--runner-id", runner_id, "--ledger"])
+        .arg(ledger)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        command.process_group(0);
+    }
+    let mut child = command
+        .spawn()
+        .context("cannot start the runner's watchdog")?;
+    tracing::debug!(pid = child.id(), "started the runner's watchdog");
+    // Reaped when it ends, so it leaves no zombie behind while this process lives.
+    std::thread::spawn(move || child.wait());
+    Ok(())
+}
+
+/// `stevedore watchdog`: watches until the runner is gone and nothing of it is left.
+pub async fn run(runner_id: String, ledger: PathBuf) -> anyhow::Result<()> {
+    let Some(_claim) = Watchdog::claim(&ledger)
+        .with_context(|| format!("cannot open the lease ledger {}", ledger.display()))?
+    else {
+        tracing::debug!("another watchdog watches this ledger");
+        return Ok(());
+    };
+    let engine = Arc::new(crate::connect_engine().await?);
+    let watchdog = Watchdog {
+        runner_id,
+        ledger_dir: ledger,
+        interval: INTERVAL,
+        lead: LEAD,
+    };
+    watchdog.run(engine, CancellationToken::new()).await;
+    Ok(())
+}
