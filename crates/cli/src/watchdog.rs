@@ -47,12 +47,20 @@ pub fn ensure_watchdog(runner_id: &str, ledger: &Path) -> anyhow::Result<()> {
     }
     let binary =
         std::env::current_exe().context("cannot find this program to start its watchdog")?;
+    // Its own log, beside the ledger: it outlives whatever reads the runner's output.
+    let log_path = ledger.join("watchdog.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open the watchdog's log {}", log_path.display()))?;
     let mut command = Command::new(binary);
     command
         .args(["watchdog", "--runner-id", runner_id, "--ledger"])
         .arg(ledger)
         .stdin(Stdio::null())
-        .stdout(Stdio::null());
+        .stdout(Stdio::null())
+        .stderr(log);
     #[cfg(unix)]
     {
         use std::os::unix::process::CommandExt;

@@ -174,6 +174,7 @@ impl Attempt {
             )
             .in_current_span(),
         );
+        self.mark_retried_attempt().await;
         let ending = self.execute().await;
         if let Some(id) = &self.container
             && self.started
@@ -215,6 +216,35 @@ impl Attempt {
                     ledger.release(&task_id);
                 }
             }
+        }
+    }
+
+    /// Starts the log of an attempt after the first with a line saying which attempt this is
+    /// and why the last one ended, so that a second run's output is never glued to the first
+    /// one's. Best effort: a log that cannot take it now still gets the task's output.
+    async fn mark_retried_attempt(&mut self) {
+        let task = &self.leased.task;
+        if task.infra_attempts == 0 {
+            return;
+        }
+        let line = attempt_line(
+            task.infra_attempts + 1,
+            task.msg.as_deref().unwrap_or("unknown"),
+            task.log_size > 0,
+        );
+        let appended = self
+            .context
+            .source
+            .append_log(
+                &task.id,
+                self.leased.lease.token,
+                line.as_bytes(),
+                self.context.config.log_cap_bytes,
+            )
+            .await;
+        match appended {
+            Ok(stored) => self.leased.task.log_size = stored,
+            Err(error) => tracing::debug!(%error, "the attempt line was not logged"),
         }
     }
 
@@ -826,6 +856,17 @@ struct Heartbeat {
     interval: Duration,
     /// Told each new end of the lease, for the watchdog.
     ledger: Option<Arc<LeaseLedger>>,
+}
+
+/// The line that opens the log of attempt `attempt` (the second or later): which attempt and
+/// why the last one ended; on a line of its own after an earlier attempt's output.
+fn attempt_line(attempt: u32, last_ended: &str, after_output: bool) -> String {
+    let last_ended: String = last_ended
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let separator = if after_output { "\n" } else { "" };
+    format!("{separator}--- stevedore: attempt {attempt}; the last one ended: {last_ended} ---\n")
 }
 
 /// Extends the lease every `interval` until the attempt is done; raises `cancel` when a user

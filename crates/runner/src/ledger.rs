@@ -100,7 +100,8 @@ pub(crate) fn deadlines(dir: &Path) -> io::Result<HashMap<String, SystemTime>> {
         let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
             continue;
         };
-        if name == ALIVE_LOCK || name.ends_with(PARTIAL) || name.starts_with('.') {
+        // Task ids have no dot; the locks, logs and partial writes beside them do.
+        if name.contains('.') {
             continue;
         }
         let Ok(text) = std::fs::read_to_string(entry.path()) else {

@@ -1301,5 +1301,11 @@ async fn a_restarted_runner_gives_back_what_its_earlier_life_held_at_once() {
         .wait_for(&task.id, WITHIN, |task| task.status == TaskStatus::Complete)
         .await;
     assert_eq!(done.infra_attempts, 1, "the lost attempt is counted");
+    let log = harness.log(&task.id).await;
+    assert_eq!(
+        log,
+        "--- stevedore: attempt 2; the last one ended: runner r-reborn restarted while it \
+         held the task ---\nagain\n"
+    );
     runner.stop().await.unwrap();
 }

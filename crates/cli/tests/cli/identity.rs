@@ -124,6 +124,16 @@ async fn a_restarted_server_gives_back_what_it_held_without_waiting_for_the_leas
     let task = api.wait_finished(&task_id, Duration::from_secs(60)).await;
     assert_eq!(task["status"], "complete", "{task}");
     assert_eq!(task["infra_attempts"], 1, "{task}");
+    // Each attempt's output apart, the second one's opened by a line saying why.
+    let log = api.log(&task_id).await.unwrap();
+    let second = format!(
+        "--- stevedore: attempt 2; the last one ended: runner {id} restarted while it held \
+         the task ---\nstarted\nfinished\n"
+    );
+    assert!(log.ends_with(&second), "{log}");
+    if log.len() > second.len() {
+        assert_eq!(&log[..log.len() - second.len()], "started\n\n", "{log}");
+    }
     assert!(
         restarted.elapsed() < Duration::from_secs(60),
         "the task waited for its lease"
