@@ -378,6 +378,16 @@ impl FakeEngine {
         self
     }
 
+    /// From now on `started_at` and `finished_at` count from `now` instead of the fixed
+    /// epoch: for callers that compare them with their own wall clock.
+    pub fn set_clock(&self, now: Timestamp) -> &Self {
+        let mut state = self.lock();
+        state.epoch = now;
+        state.epoch_instant = Instant::now();
+        drop(state);
+        self
+    }
+
     /// While set, every operation fails with [`EngineError::Unreachable`].
     pub fn set_unreachable(&self, unreachable: bool) -> &Self {
         self.lock().unreachable = unreachable;

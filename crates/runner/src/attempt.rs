@@ -19,7 +19,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use stevedore_engine::{
     ContainerEngine, ContainerId, EngineError, ExitStatus, ImagePresence, LogChunkStream,
-    PullProgress, ResourceSampleStream, ResourceUsage,
+    PullProgress, ResourceSampleStream, ResourceUsage, Timestamp,
 };
 use stevedore_metrics::ContainerOperation;
 use stevedore_model::TaskOutcome;
@@ -111,6 +111,9 @@ const KILL_WAIT_TIMEOUT: Duration = Duration::from_secs(10);
 const RECORD_ATTEMPTS: u32 = 8;
 /// Attempts at removing a container.
 const REMOVE_ATTEMPTS: u32 = 8;
+/// How long a running task's attempt waits for an engine that went away to come back and
+/// say how its container ended, before giving the task back.
+const ENGINE_RETURN_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Runs one leased task to its end. The slot is given back once the result is recorded.
 pub(crate) async fn run(context: Arc<TaskContext>, leased: LeasedTask, slot: Slot) {
@@ -609,17 +612,40 @@ impl Attempt {
                 (outcome, Some(status))
             }
             Supervision::Exited(Err(error)) => {
+                let lost_at = chrono::Utc::now();
                 logs.abort();
                 sampling.abort();
                 // After a start there is no user error left to make: whatever broke the wait
                 // is the infrastructure's (the engine went away, the container vanished).
                 self.suspect_engine(&error);
-                return Ending::Requeue {
-                    reason: format!(
-                        "infrastructure failure while waiting for the container: {error}"
-                    ),
-                    delay: self.backoff(),
-                };
+                match self.exit_across_engine_loss(&id, &error, lost_at).await {
+                    Ok(status) => {
+                        self.note_lost_output(lost_at).await;
+                        let outcome = if status.oom_killed {
+                            TaskOutcome::OutOfMemory {
+                                limit_mib: self.leased.code.spec.limits.memory_mib,
+                            }
+                        } else {
+                            TaskOutcome::Exited {
+                                exit_code: status.exit_code,
+                            }
+                        };
+                        let report = RunReport {
+                            start_time: status.started_at,
+                            end_time: status.finished_at,
+                            ..RunReport::default()
+                        };
+                        return Ending::Finished { outcome, report };
+                    }
+                    Err(why) => {
+                        return Ending::Requeue {
+                            reason: format!(
+                                "infrastructure failure while waiting for the container: {error}; {why}"
+                            ),
+                            delay: self.backoff(),
+                        };
+                    }
+                }
             }
             Supervision::LeaseLost => {
                 logs.abort();
@@ -662,6 +688,87 @@ impl Attempt {
             cpu_time_ms: usage.cpu_total_ns.map(|ns| ns / 1_000_000),
         };
         Ending::Finished { outcome, report }
+    }
+
+    /// How a container ended that the runner lost sight of when its engine went away (killed,
+    /// restarted), asked again once the engine answers. A container that exited before the
+    /// engine went away, or on its own while it was away, ran to its end: that end is the
+    /// task's, and running the task again would repeat work already done. One that the
+    /// engine's going took with it (killed by a signal after the engine was lost), or that is
+    /// gone, or an engine that stays away for as long as the lease holds: the task is tried
+    /// again (the `Err` says why).
+    async fn exit_across_engine_loss(
+        &self,
+        id: &ContainerId,
+        error: &EngineError,
+        lost_at: Timestamp,
+    ) -> Result<ExitStatus, String> {
+        if matches!(error, EngineError::ContainerNotFound { .. }) {
+            return Err("the container is gone".to_owned());
+        }
+        let engine = &self.context.engine;
+        let give_up = Instant::now() + ENGINE_RETURN_TIMEOUT;
+        let mut pause = Duration::from_millis(250);
+        loop {
+            let waited = tokio::select! {
+                biased;
+                () = self.signals.lease_lost.cancelled() => return Err("the lease was lost meanwhile".to_owned()),
+                () = self.context.hard_stop.cancelled() => return Err("the runner shut down meanwhile".to_owned()),
+                () = tokio::time::sleep_until(give_up) => return Err("the engine did not come back in time".to_owned()),
+                waited = engine.wait(id) => waited,
+            };
+            match waited {
+                Ok(status) => {
+                    let ended_before_loss = status
+                        .finished_at
+                        .is_some_and(|finished| finished <= lost_at);
+                    // 137 and 143: SIGKILL and SIGTERM, what an engine going down sends.
+                    let killed = !status.oom_killed && matches!(status.exit_code, 137 | 143);
+                    if ended_before_loss || !killed {
+                        tracing::info!(
+                            exit_code = status.exit_code,
+                            ended_before_loss,
+                            "the engine came back: the container had ended on its own"
+                        );
+                        return Ok(status);
+                    }
+                    return Err(format!(
+                        "the container died with the engine (exit code {})",
+                        status.exit_code
+                    ));
+                }
+                Err(EngineError::ContainerNotFound { .. }) => {
+                    return Err("the container was gone when the engine came back".to_owned());
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "the engine is still away");
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Says in the task's log that output may be missing: what the container printed while
+    /// the engine was away never reached the runner.
+    async fn note_lost_output(&self, lost_at: Timestamp) {
+        let line = format!(
+            "\n--- stevedore: the container engine went away at {}; output after that may be missing ---\n",
+            lost_at.format("%Y-%m-%dT%H:%M:%SZ")
+        );
+        let appended = self
+            .context
+            .source
+            .append_log(
+                &self.leased.task.id,
+                self.leased.lease.token,
+                line.as_bytes(),
+                self.context.config.log_cap_bytes,
+            )
+            .await;
+        if let Err(error) = appended {
+            tracing::debug!(%error, "the note about lost output was not logged");
+        }
     }
 
     /// Waits (bounded) for the output of the stopped container to be shipped.

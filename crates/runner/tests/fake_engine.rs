@@ -1309,3 +1309,69 @@ async fn a_restarted_runner_gives_back_what_its_earlier_life_held_at_once() {
     );
     runner.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_container_that_ended_while_the_engine_was_away_completes_instead_of_running_again() {
+    let harness = system_harness().await;
+    let engine = engine_with("test/lost-sight", FakeRun::success().stdout("done once\n"));
+    // The engine goes away just as the runner starts to wait; it answers again at once.
+    engine.fail_next(
+        FakeOperation::Wait,
+        EngineError::Unreachable {
+            message: "the engine restarted".into(),
+        },
+    );
+    harness
+        .push_image_code("lost-sight", "test/lost-sight", Some("true"), |_| {})
+        .await;
+    let task = harness.queue("lost-sight", "", 60).await;
+    let (runner, _) = start(&harness, test_config("r-lost-sight"), &engine);
+
+    let done = harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
+    assert_eq!(done.infra_attempts, 0, "it ran once: {done:#?}");
+    assert_eq!(engine.created().len(), 1, "one container, not a second run");
+    let log = harness.log(&task.id).await;
+    assert!(
+        log.contains("the container engine went away at"),
+        "the log says output may be missing: {log:?}"
+    );
+    runner.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_container_killed_with_the_engine_is_run_again() {
+    let harness = system_harness().await;
+    // Killed by the engine's going (exit 137, well after the runner lost sight of it) the first
+    // time; the second run ends on its own.
+    let engine = engine_with(
+        "test/died-with",
+        FakeRun::exits(137).running_for(Duration::from_millis(300)),
+    );
+    engine.set_clock(chrono::Utc::now());
+    engine.fail_next(
+        FakeOperation::Wait,
+        EngineError::Unreachable {
+            message: "the engine restarted".into(),
+        },
+    );
+    harness
+        .push_image_code("died-with", "test/died-with", Some("true"), |_| {})
+        .await;
+    let task = harness.queue("died-with", "", 60).await;
+    let (runner, _) = start(&harness, test_config("r-died-with"), &engine);
+
+    let done = harness.finished(&task.id, WITHIN).await;
+    assert_eq!(
+        done.infra_attempts, 1,
+        "one retry for the engine: {done:#?}"
+    );
+    assert_eq!(engine.created().len(), 2, "{done:#?}");
+    assert_eq!(
+        (done.status, done.exit_code),
+        (TaskStatus::Error, Some(137))
+    );
+    let log = harness.log(&task.id).await;
+    assert!(log.contains("died with the engine"), "{log:?}");
+    runner.stop().await.unwrap();
+}
