@@ -474,6 +474,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             settings.data_dir.display()
         )
     })?;
+    remove_upload_leftovers(&settings.upload_dir());
     // First, so that everything from the start is counted.
     stevedore_metrics::install()?;
     let store = open_store(&settings).await?;
@@ -624,6 +625,26 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     background.wait().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Removes the spooled uploads an earlier life of the server left behind when it stopped
+/// half-way through one (a crash, a kill): `upload-*` files older than an hour, so that a
+/// server sharing the directory loses no upload in progress.
+fn remove_upload_leftovers(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(60 * 60);
+    for entry in entries.flatten() {
+        let leftover = entry.file_name().to_string_lossy().starts_with("upload-")
+            && entry
+                .metadata()
+                .and_then(|metadata| metadata.modified())
+                .is_ok_and(|modified| modified < hour_ago);
+        if leftover && let Err(error) = std::fs::remove_file(entry.path()) {
+            tracing::warn!(%error, path = %entry.path().display(), "cannot remove a leftover upload");
+        }
+    }
 }
 
 /// The vault for projects' registry passwords, with the configured key (or the data

@@ -504,6 +504,12 @@ impl Settings {
         StackTable::configured(self.stack_images, &self.stacks).context("invalid configuration")
     }
 
+    /// Where uploaded packages are spooled while they arrive: beside the database, never
+    /// in memory.
+    pub fn upload_dir(&self) -> PathBuf {
+        self.data_dir.join("uploads")
+    }
+
     pub fn server_config(&self) -> anyhow::Result<ServerConfig> {
         let mut config = ServerConfig {
             max_payload_bytes: self.max_payload_bytes,
@@ -513,6 +519,7 @@ impl Settings {
         };
         config.package.max_bytes = self.max_package_bytes;
         config.package.max_unpacked_bytes = self.max_unpacked_bytes;
+        config.upload_dir = self.upload_dir();
         config.metrics.token_required = self.metrics.token_required;
         config.code_images = self.code_images();
         config.named_networks = self.task_network.config()?.named_networks;

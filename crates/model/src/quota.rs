@@ -30,8 +30,10 @@ pub enum Quota {
     Codes,
     /// Revisions of any one code.
     RevisionsPerCode,
-    /// Bytes of zip packages stored for the project's codes (every revision of every code not
-    /// deleted).
+    /// Bytes of the zip packages the project's live revisions hold (revisions of codes not
+    /// deleted, whose package retention has not removed): each distinct package once, however
+    /// many of the project's revisions or codes hold it. A package another project holds too
+    /// counts for each of them, though it is stored once.
     PackageBytes,
     /// Live log streams (`log/stream`, `log?follow=true`) one token holds open on one server
     /// at once. Each polls the store for as long as it is open. A rate-like limit.

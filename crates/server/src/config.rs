@@ -1,5 +1,6 @@
 //! The server's settings, with the defaults a fresh installation runs with.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use stevedore_model::{CodeImages, StackTable, Timestamp, limits};
@@ -13,6 +14,9 @@ pub struct ServerConfig {
     /// The largest task payload, bytes.
     pub max_payload_bytes: usize,
     pub package: PackageLimits,
+    /// Where uploaded packages are spooled while they arrive and are checked (`upload-*`
+    /// files, removed once the upload is done).
+    pub upload_dir: PathBuf,
     /// The shortest `run_every` a schedule may ask for.
     pub min_run_every_secs: u32,
     /// The stacks runtime codes are resolved against when they are uploaded.
@@ -96,6 +100,7 @@ impl Default for ServerConfig {
                 max_unpacked_bytes: 512 * 1024 * 1024,
                 max_entries: 20_000,
             },
+            upload_dir: std::env::temp_dir(),
             min_run_every_secs: limits::DEFAULT_MIN_RUN_EVERY_SECS,
             stacks: StackTable::default(),
             log_stream: LogStreamConfig::default(),
@@ -108,14 +113,19 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
-    /// Room in a code upload for what surrounds the package: the `data` part's JSON (itself
-    /// limited to 1 MiB when sent alone) and the multipart framing.
+    /// The largest part of a code upload's form other than the package: the `data` part's
+    /// JSON (limited so also when sent alone) and any part the server ignores.
+    pub const MAX_FORM_PART_BYTES: usize = 1 << 20;
+
+    /// Room in a code upload for what surrounds the package: the `data` part's JSON and the
+    /// multipart framing.
     pub const UPLOAD_FORM_OVERHEAD_BYTES: usize = 1 << 20;
 
     /// The request body limit of a code upload, the number its 413 names: the package limit
-    /// and the form around it. The server stops reading a body there. (The official Python
-    /// client sends the text of the zip's bytes repr, up to four times the zip's size, so
-    /// through that client a package passes only while its repr fits.)
+    /// and the form around it. The server stops reading a body there; each part has a limit
+    /// of its own too, the package's `package.max_bytes` as sent (the official Python client
+    /// sends the text of the zip's bytes repr, up to four times the zip's size, so through that
+    /// client a package passes only while its repr fits).
     pub fn max_upload_bytes(&self) -> usize {
         self.package
             .max_bytes

@@ -79,6 +79,7 @@ impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::NotFound { what } => ApiError::NotFound(format!("{what} not found")),
+            StoreError::PackageRemoved { .. } => ApiError::NotFound(error.to_string()),
             StoreError::Conflict(message) => ApiError::Conflict(message),
             StoreError::StaleLease { .. } | StoreError::Transition(_) => {
                 ApiError::Conflict(error.to_string())
@@ -159,6 +160,15 @@ mod tests {
         ] {
             assert_eq!(over(quota), 403, "{quota}");
         }
+        let removed = ApiError::from(StoreError::PackageRemoved {
+            code: "hello".into(),
+            rev: 3,
+        });
+        assert_eq!(removed.status().as_u16(), 404);
+        assert_eq!(
+            removed.public_message(),
+            "the package of revision 3 of code hello was removed by retention; push the code again or use a newer revision"
+        );
         assert!(
             !ApiError::Internal("secret path".into())
                 .public_message()

@@ -6,6 +6,12 @@ pub enum StoreError {
     /// No such thing in this project (or at all): `what` names it for the user.
     #[error("{what} not found")]
     NotFound { what: String },
+    /// A revision's package was removed by `Store::prune_packages`; the revision itself
+    /// stays. Answered like `NotFound`.
+    #[error(
+        "the package of revision {rev} of code {code} was removed by retention; push the code again or use a newer revision"
+    )]
+    PackageRemoved { code: String, rev: u32 },
     /// The request conflicts with the current state, e.g. cancelling a finished task.
     #[error("{0}")]
     Conflict(String),
@@ -21,6 +27,10 @@ pub enum StoreError {
     /// Stored data that does not decode: a bug or a corrupted database.
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
+    /// A package file to store could not be read, or did not hold what it was described with
+    /// (`PackageFile`'s size and checksum): the caller's fault, nothing was stored.
+    #[error("the package file cannot be stored: {0}")]
+    PackageFile(String),
     /// The operating system gave no random bytes (for a lease token).
     #[error("the system's random number generator failed: {0}")]
     Random(String),

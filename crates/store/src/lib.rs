@@ -43,7 +43,7 @@ pub use credentials::{
     attach_registry_credentials,
 };
 pub use error::StoreError;
-pub use package::PackageStream;
+pub use package::{PackageFile, PackagePrune, PackageStream, RevisionPackage};
 pub use postgres::{PgOptions, PgStore};
 pub use sqlite::{SqliteOptions, SqliteStore, SyncMode};
 pub use stevedore_model::lease::{
@@ -91,13 +91,6 @@ pub struct NewToken {
     pub project_id: Option<String>,
     pub role: TokenRole,
     pub clusters: Option<Vec<String>>,
-}
-
-/// A code's zip package to store beside a new revision.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Package {
-    pub bytes: Vec<u8>,
-    pub sha256: String,
 }
 
 /// A page of a list: 1-based page number and its size.
@@ -443,12 +436,16 @@ pub trait Store: Send + Sync + 'static {
     // === codes ===
 
     /// Adds a revision to the code named `spec.name`, creating the code at revision 1 when
-    /// the project has none by that name. Atomic with the package.
+    /// the project has none by that name. A package is stored once per checksum, whoever
+    /// pushed it: a file whose checksum is stored already is not read, and
+    /// `RevisionPackage::Stored` stores nothing. A new package's bytes are written chunk by
+    /// chunk before the revision's transaction, which makes them the revision's package: no
+    /// revision ever holds a half-written one.
     async fn push_code(
         &self,
         project_id: &str,
         spec: &CodeSpec,
-        package: Option<&Package>,
+        package: Option<RevisionPackage<'_>>,
         now: Timestamp,
     ) -> Result<CodeRevision>;
     /// The latest revision of a code.
@@ -465,7 +462,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<CodeRevision>>;
     async fn get_revision(&self, project_id: &str, code_id: &str, rev: u32)
     -> Result<CodeRevision>;
-    /// The zip package of a revision (the latest when `rev` is `None`).
+    /// The zip package of a revision (the latest when `rev` is `None`), read chunk by chunk as
+    /// the stream is polled. `StoreError::NotFound` for a revision without one,
+    /// `StoreError::PackageRemoved` for one whose package was pruned.
     async fn get_package(
         &self,
         project_id: &str,
@@ -499,6 +498,20 @@ pub trait Store: Send + Sync + 'static {
         code_id: &str,
         window: StatsWindow,
     ) -> Result<CodeStats>;
+
+    // === package retention ===
+
+    /// Drops the package of every revision older than the newest `keep_revisions` (at least
+    /// 1) of its code, and of every revision of a deleted code, except the revisions an
+    /// unfinished (queued, preparing or running) task pins; deletes the packages no revision
+    /// holds any more; and deletes the chunks of blobs given up (a pruned package's, or a
+    /// write not finished within an hour). A revision keeps its record of the package
+    /// (`package_sha256`, `package_size`); `get_package` answers it with
+    /// `StoreError::PackageRemoved`. At most `max_rows` of each per call, in short
+    /// transactions: call again until it reports nothing done.
+    async fn prune_packages(&self, keep_revisions: u32, max_rows: u32) -> Result<PackagePrune>;
+    /// The bytes of every stored package, each once (shared packages are stored once).
+    async fn package_bytes(&self) -> Result<u64>;
 
     // === tasks ===
 

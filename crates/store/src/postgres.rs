@@ -16,6 +16,8 @@
 //! * renaming or deleting a cluster locks its row, which every insertion of its tasks
 //!   share-locks (`clusters`);
 //! * the leader holds a session-level advisory lock on a connection of its own (`lead`);
+//! * a push holds the package it references `FOR KEY SHARE`, and pruning locks what it drops
+//!   `FOR UPDATE SKIP LOCKED` and checks it again in a statement of its own (`packages`);
 //! * a write that a quota limits locks its project's row first (`FOR NO KEY UPDATE`, which
 //!   leaves foreign-key checks alone) and counts under that lock (`quotas`).
 //!
@@ -24,7 +26,7 @@
 //! signal fed by one `LISTEN`ing connection per store (`listen`), which reconnects on its own
 //! and, while it cannot, signals on a timer so that waiters fall back to polling.
 //!
-//! The SQL lives in one module per concern (`projects`, `codes`, `tasks`, `logs`, `leases`,
+//! The SQL lives in one module per concern (`projects`, `codes`, `packages`, `tasks`, `logs`, `leases`,
 //! `schedules`, `clusters`, `usage`, `credentials`, `gauges`, `quotas`), as in the SQLite store. The
 //! representations are the SQLite store's (`crate::convert`); what a state change does to a
 //! task is decided in `crate::record`, shared with it.
@@ -37,6 +39,7 @@ mod lead;
 mod leases;
 mod listen;
 mod logs;
+mod packages;
 mod projects;
 mod quotas;
 mod rows;
@@ -59,10 +62,10 @@ use stevedore_model::{
 use crate::record::TaskRecord;
 use crate::{
     Cluster, ClusterLoad, ClusterSpec, CodeCancellation, CodeStats, HeartbeatReply, Leadership,
-    LeaseRequest, LeasedTask, LogSlice, NewToken, Package, PackageStream, Page, Project, QueueWait,
-    QuotaUse, Requeue, RescuedTask, Result, RunReport, RunnerSeen, SealedSecret, StatsWindow,
-    Store, StoreGauges, StoredCredential, TaskFilter, TokenRecord, UsageQuery, UsageRow,
-    WorkSignal,
+    LeaseRequest, LeasedTask, LogSlice, NewToken, PackagePrune, PackageStream, Page, Project,
+    QueueWait, QuotaUse, Requeue, RescuedTask, Result, RevisionPackage, RunReport, RunnerSeen,
+    SealedSecret, StatsWindow, Store, StoreGauges, StoredCredential, TaskFilter, TokenRecord,
+    UsageQuery, UsageRow, WorkSignal,
 };
 
 /// Where and how to connect.
@@ -262,7 +265,7 @@ impl Store for PgStore {
         &self,
         project_id: &str,
         spec: &CodeSpec,
-        package: Option<&Package>,
+        package: Option<RevisionPackage<'_>>,
         now: Timestamp,
     ) -> Result<CodeRevision> {
         codes::push(self, project_id, spec, package, now).await
@@ -304,15 +307,11 @@ impl Store for PgStore {
         code_id: &str,
         rev: Option<u32>,
     ) -> Result<PackageStream> {
-        codes::get_package(self, project_id, code_id, rev)
-            .await
-            .map(PackageStream::from_bytes)
+        codes::get_package(self, project_id, code_id, rev).await
     }
 
     async fn leased_package(&self, task_id: &str, token: i64) -> Result<PackageStream> {
-        codes::leased_package(self, task_id, token)
-            .await
-            .map(PackageStream::from_bytes)
+        codes::leased_package(self, task_id, token).await
     }
 
     async fn delete_code(
@@ -341,6 +340,16 @@ impl Store for PgStore {
         window: StatsWindow,
     ) -> Result<CodeStats> {
         codes::stats(self, project_id, code_id, window).await
+    }
+
+    // === package retention ===
+
+    async fn prune_packages(&self, keep_revisions: u32, max_rows: u32) -> Result<PackagePrune> {
+        crate::package::prune(self, keep_revisions, max_rows).await
+    }
+
+    async fn package_bytes(&self) -> Result<u64> {
+        packages::package_bytes(self).await
     }
 
     // === tasks ===

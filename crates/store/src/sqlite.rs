@@ -6,7 +6,8 @@
 //! is not a sqlx pool of one because a pool pings a connection each time it is returned: one
 //! more round trip to SQLite's worker thread per write. Migrations are embedded in the binary
 //! and run on open. Timestamps are integer microseconds since the epoch; code specs and
-//! schedule specs are JSON; packages and logs are BLOBs.
+//! schedule specs are JSON; logs are BLOBs, and packages are BLOBs of about 1 MiB each, one
+//! chunk a row (`packages`, over the shared steps of `crate::package`).
 //!
 //! Throughput comes from counting statements, since each one is a round trip to the
 //! connection's worker thread: a lease batch is a handful of statements whatever its size, a
@@ -21,7 +22,7 @@
 //! transaction nobody tracks. The other writes use sqlx transactions, which roll back when
 //! dropped, or single statements, whole wherever their caller stops.
 //!
-//! The SQL lives in one module per concern (`projects`, `codes`, `tasks`, `logs`, `leases`,
+//! The SQL lives in one module per concern (`projects`, `codes`, `packages`, `tasks`, `logs`, `leases`,
 //! `schedules`, `clusters`, `usage`, `credentials`, `gauges`, `quotas`), the writer and its group commits
 //! in `writer`; what a state change does to a task is decided in `crate::record`, shared with
 //! every backend.
@@ -34,6 +35,7 @@ mod credentials;
 mod gauges;
 mod leases;
 mod logs;
+mod packages;
 mod projects;
 mod quotas;
 mod rows;
@@ -62,10 +64,10 @@ use tokio::time::MissedTickBehavior;
 use self::writer::Writing;
 use crate::{
     Cluster, ClusterLoad, ClusterSpec, CodeCancellation, CodeStats, HeartbeatReply, Leadership,
-    LeaseRequest, LeasedTask, LogSlice, NewToken, Package, PackageStream, Page, Project, QueueWait,
-    QuotaUse, Requeue, RescuedTask, Result, RunReport, RunnerSeen, SealedSecret, StatsWindow,
-    Store, StoreError, StoreGauges, StoredCredential, TaskFilter, TokenRecord, UsageQuery,
-    UsageRow,
+    LeaseRequest, LeasedTask, LogSlice, NewToken, PackagePrune, PackageStream, Page, Project,
+    QueueWait, QuotaUse, Requeue, RescuedTask, Result, RevisionPackage, RunReport, RunnerSeen,
+    SealedSecret, StatsWindow, Store, StoreError, StoreGauges, StoredCredential, TaskFilter,
+    TokenRecord, UsageQuery, UsageRow,
 };
 
 /// The leadership of the one process that uses a SQLite database.
@@ -268,7 +270,7 @@ impl Store for SqliteStore {
         &self,
         project_id: &str,
         spec: &CodeSpec,
-        package: Option<&Package>,
+        package: Option<RevisionPackage<'_>>,
         now: Timestamp,
     ) -> Result<CodeRevision> {
         codes::push(self, project_id, spec, package, now).await
@@ -310,15 +312,11 @@ impl Store for SqliteStore {
         code_id: &str,
         rev: Option<u32>,
     ) -> Result<PackageStream> {
-        codes::get_package(self, project_id, code_id, rev)
-            .await
-            .map(PackageStream::from_bytes)
+        codes::get_package(self, project_id, code_id, rev).await
     }
 
     async fn leased_package(&self, task_id: &str, token: i64) -> Result<PackageStream> {
-        codes::leased_package(self, task_id, token)
-            .await
-            .map(PackageStream::from_bytes)
+        codes::leased_package(self, task_id, token).await
     }
 
     async fn delete_code(
@@ -347,6 +345,16 @@ impl Store for SqliteStore {
         window: StatsWindow,
     ) -> Result<CodeStats> {
         codes::stats(self, project_id, code_id, window).await
+    }
+
+    // === package retention ===
+
+    async fn prune_packages(&self, keep_revisions: u32, max_rows: u32) -> Result<PackagePrune> {
+        crate::package::prune(self, keep_revisions, max_rows).await
+    }
+
+    async fn package_bytes(&self) -> Result<u64> {
+        packages::package_bytes(self).await
     }
 
     // === tasks ===

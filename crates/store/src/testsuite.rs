@@ -24,6 +24,7 @@ pub mod credentials;
 pub mod gauges;
 pub mod leases;
 pub mod logs;
+pub mod packages;
 pub mod projects;
 pub mod quotas;
 pub mod retries;
@@ -40,8 +41,8 @@ use stevedore_model::{
 };
 
 use crate::{
-    CodeCancellation, LeaseRequest, LeasedTask, NewToken, Page, Project, RescuedTask, Result,
-    Store, StoreError, TokenRole,
+    CodeCancellation, LeaseRequest, LeasedTask, NewToken, PackageFile, Page, Project, RescuedTask,
+    Result, RevisionPackage, Store, StoreError, TokenRole,
 };
 
 /// Makes one `#[tokio::test]` per suite function. `$factory` is an async function (or
@@ -70,6 +71,19 @@ macro_rules! store_test_suite {
                 a_leased_tasks_package_goes_only_to_its_lease_holder,
                 deleting_a_code_hides_it_and_cancels_its_queued_tasks,
                 code_stats_count_by_status,
+            ],
+            packages: [
+                a_package_is_stored_once_per_checksum_and_read_in_chunks,
+                an_options_update_stores_and_reads_nothing,
+                a_file_that_is_not_what_it_claims_stores_nothing,
+                package_bytes_count_each_package_once_per_project,
+                pruning_keeps_the_newest_revisions_and_those_tasks_pin,
+                pruning_removes_the_packages_of_deleted_codes,
+                pruning_keeps_a_package_another_revision_holds,
+                pruning_is_bounded_per_call,
+                a_retry_pinning_a_pruned_revision_is_refused,
+                concurrent_pushes_of_one_package_store_it_once,
+                a_push_racing_the_pruning_of_its_package_keeps_it,
             ],
             tasks: [
                 enqueue_pins_the_latest_revision,
@@ -228,6 +242,33 @@ pub fn new_task(code_name: &str) -> NewTask {
         schedule_id: None,
         code_rev: None,
     }
+}
+
+/// A package's bytes in a temporary file, described for `push_code`; the file lives as long
+/// as this value.
+pub struct SpooledPackage {
+    pub file: PackageFile,
+    _path: tempfile::TempPath,
+}
+
+impl SpooledPackage {
+    /// The package as a new revision's.
+    pub fn revision(&self) -> Option<RevisionPackage<'_>> {
+        Some(RevisionPackage::File(&self.file))
+    }
+}
+
+/// Writes `bytes` to a temporary file and describes it (size, SHA-256) as `push_code` takes it.
+pub async fn spool(bytes: &[u8]) -> Result<SpooledPackage> {
+    let mut file = tempfile::NamedTempFile::new()
+        .map_err(|error| StoreError::PackageFile(error.to_string()))?;
+    std::io::Write::write_all(&mut file, bytes)
+        .map_err(|error| StoreError::PackageFile(error.to_string()))?;
+    let path = file.into_temp_path();
+    Ok(SpooledPackage {
+        file: PackageFile::describe(path.to_path_buf()).await?,
+        _path: path,
+    })
 }
 
 /// A token of `role`, of `project_id` when given, for every cluster it may serve.

@@ -272,3 +272,73 @@ async fn rows_with_the_older_32_digit_ids_are_still_served() {
     let cancelled = store.cancel_task(&project.id, legacy, at(4)).await.unwrap();
     assert_eq!(cancelled.id, legacy);
 }
+
+/// A database from before packages were stored once per checksum (migration 0009, a package
+/// per revision in `code_packages`) keeps serving them, byte for byte, once migrated.
+#[tokio::test]
+async fn packages_stored_per_revision_are_served_after_the_migration() {
+    use stevedore_store::testsuite::packages::{legacy_packages, legacy_packages_are_served};
+
+    let Some(database) = fresh_database().await else {
+        return;
+    };
+    let mut conn = sqlx::PgConnection::connect(&database.url).await.unwrap();
+    let migrations = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/postgres");
+    sqlx::migrate::Migrator::new(migrations)
+        .await
+        .unwrap()
+        .run_to(9, &mut conn)
+        .await
+        .unwrap();
+    let legacy = legacy_packages();
+    sqlx::query("INSERT INTO projects (id, name, created_at) VALUES ($1, 'legacy', 0)")
+        .bind(&legacy.project_id)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    for (id, name, latest) in &legacy.codes {
+        sqlx::query(
+            "INSERT INTO codes (id, project_id, name, latest_rev, paused, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, FALSE, 0, 0)",
+        )
+        .bind(id)
+        .bind(&legacy.project_id)
+        .bind(name)
+        .bind(latest)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    for revision in &legacy.revisions {
+        let (sha256, size) = revision
+            .package
+            .as_ref()
+            .map(|(sha256, bytes)| (sha256.clone(), bytes.len() as i64))
+            .unzip();
+        sqlx::query(
+            "INSERT INTO code_revisions (code_id, rev, spec, package_sha256, package_size, \
+             created_at) VALUES ($1, $2, $3, $4, $5, $2)",
+        )
+        .bind(&revision.code_id)
+        .bind(revision.rev)
+        .bind(&revision.spec)
+        .bind(sha256)
+        .bind(size)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        if let Some((_, bytes)) = &revision.package {
+            sqlx::query("INSERT INTO code_packages (code_id, rev, bytes) VALUES ($1, $2, $3)")
+                .bind(&revision.code_id)
+                .bind(revision.rev)
+                .bind(bytes)
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+    conn.close().await.unwrap();
+
+    let store = connect(&database).await;
+    legacy_packages_are_served(&store, &legacy).await.unwrap();
+}

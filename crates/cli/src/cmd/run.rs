@@ -62,20 +62,23 @@ pub async fn run(settings: &Settings, args: RunArgs, format: Format) -> anyhow::
     }
     // The same checks as the server's, so what runs here would also be accepted there.
     let server_config = settings.server_config()?;
-    let package = package
+    let checked = package
+        .as_ref()
         .map(|bytes| {
-            stevedore_server::package::check_package(bytes, server_config.package)
-                .map_err(|error| anyhow::anyhow!("the package: {error}"))
+            stevedore_server::package::check_package(
+                std::io::Cursor::new(bytes),
+                server_config.package,
+            )
+            .map_err(|error| anyhow::anyhow!("the package: {error}"))
         })
         .transpose()?;
     let spec = stevedore_server::wire::code_spec(upload, package.is_some(), &server_config)
         .map_err(|error| anyhow::anyhow!("{error}"))?;
-    if let Some(package) = &package {
-        package
+    if let Some(checked) = &checked {
+        checked
             .check_entry_point(&spec.kind)
             .map_err(|error| anyhow::anyhow!("{error}"))?;
     }
-    let package = package.map(|package| package.bytes);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let mut local = LocalRun::new(spec, payload, package, clock.now())
         .map_err(|error| anyhow::anyhow!("{error}"))?;

@@ -21,8 +21,8 @@ use stevedore_runner::{
     PackageDownload, RequeueRequest, Runner, RunnerError, SourceError, TaskSource,
 };
 use stevedore_store::{
-    HeartbeatReply, LeaseRequest, LeasedTask, Package, Requeue, RunReport, SqliteOptions,
-    SqliteStore, Store, StoreError, SyncMode,
+    HeartbeatReply, LeaseRequest, LeasedTask, PackageFile, Requeue, RevisionPackage, RunReport,
+    SqliteOptions, SqliteStore, Store, StoreError, SyncMode,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -149,12 +149,17 @@ impl Harness {
         );
         adjust(&mut spec);
         spec.validate().unwrap();
-        let package = Package {
-            sha256: format!("{:064x}", zip.len()),
-            bytes: zip,
-        };
+        // The store reads a package from a file, as the server spools an upload.
+        let mut spooled = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut spooled, &zip).unwrap();
+        let package = PackageFile::describe(spooled.path()).await.unwrap();
         self.store
-            .push_code(&self.project_id, &spec, Some(&package), self.clock.now())
+            .push_code(
+                &self.project_id,
+                &spec,
+                Some(RevisionPackage::File(&package)),
+                self.clock.now(),
+            )
             .await
             .unwrap()
     }

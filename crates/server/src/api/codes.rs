@@ -8,14 +8,15 @@ use axum::response::IntoResponse;
 use serde::Deserialize;
 use stevedore_api_types::v2;
 use stevedore_model::TaskStatus;
-use stevedore_store::{CodeCancellation, Package, StatsWindow};
+use stevedore_store::{CodeCancellation, RevisionPackage, StatsWindow};
 
 use super::{Paging, message};
 use crate::AppState;
 use crate::auth::ProjectAccess;
+use crate::config::ServerConfig;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiQuery, parse_json, read_body};
-use crate::package::{check_package, decode_upload};
+use crate::package::{CheckedPackage, UploadSpool};
 use crate::wire;
 
 /// Upload a code: a new code, or a new revision of the code with the same name.
@@ -37,30 +38,22 @@ pub async fn upload(
                 .to_ascii_lowercase()
                 .starts_with("multipart/form-data")
         });
-    let (mut upload, mut file) = if is_multipart {
+    let (mut upload, package) = if is_multipart {
         read_multipart(request, &state).await?
     } else {
-        let body = read_body(request.into_body(), 1 << 20).await?;
+        let body = read_body(request.into_body(), ServerConfig::MAX_FORM_PART_BYTES).await?;
         (parse_json::<v2::CodeUpload>(&body)?, None)
     };
-    // IronWorker: a known name without image, runtime or package only changes options.
-    if wire::is_options_update(&upload, file.is_some())
+    // IronWorker: a known name without image, runtime or package only changes options. The
+    // package goes on with the options (a runtime code's, and the one an image code was
+    // uploaded with), by its checksum: the store neither reads nor copies it.
+    let mut kept_package = None;
+    if wire::is_options_update(&upload, package.is_some())
         && let Some(name) = upload.name.as_deref()
     {
         match state.store.get_code_by_name(&access.project_id, name).await {
             Ok(latest) => {
-                // The package goes on with the options: a runtime code's, and the one an
-                // image code was uploaded with.
-                if latest.has_package() {
-                    file = Some(
-                        state
-                            .store
-                            .get_package(&access.project_id, &latest.id, Some(latest.rev))
-                            .await?
-                            .into_bytes()
-                            .await?,
-                    );
-                }
+                kept_package = latest.package_sha256.clone();
                 upload = wire::options_over(upload, &latest.spec)?;
             }
             // An unknown name falls through to the usual message about what a code needs.
@@ -68,10 +61,11 @@ pub async fn upload(
             Err(error) => return Err(error.into()),
         }
     }
-    let package = file
-        .map(|bytes| check_package(decode_upload(bytes), state.config.package))
-        .transpose()?;
-    let spec = wire::code_spec(upload, package.is_some(), &state.config)?;
+    let spec = wire::code_spec(
+        upload,
+        package.is_some() || kept_package.is_some(),
+        &state.config,
+    )?;
     if let stevedore_model::CodeKind::Image { image, .. } = &spec.kind {
         state
             .config
@@ -81,19 +75,22 @@ pub async fn upload(
     if let Some(package) = &package {
         package.check_entry_point(&spec.kind)?;
     }
-    let package = package.map(|package| Package {
-        bytes: package.bytes,
-        sha256: package.sha256,
-    });
+    let revision_package = match (&package, &kept_package) {
+        (Some(package), _) => Some(RevisionPackage::File(&package.file)),
+        (None, Some(sha256)) => Some(RevisionPackage::Stored { sha256 }),
+        (None, None) => None,
+    };
     let code = state
         .store
         .push_code(
             &access.project_id,
             &spec,
-            package.as_ref(),
+            revision_package,
             state.clock.now(),
         )
         .await?;
+    // The spooled file goes only now, once the store has read what it needed.
+    drop(package);
     tracing::info!(project_id = %access.project_id, code_id = %code.id, rev = code.rev, "code uploaded");
     Ok(Json(v2::CodeUploaded {
         id: code.id,
@@ -102,17 +99,19 @@ pub async fn upload(
     }))
 }
 
+/// Reads a code upload's form part by part, as it arrives: the `data` part's JSON (at most
+/// `MAX_FORM_PART_BYTES`), the `file` part spooled to a temporary file (`UploadSpool`, at
+/// most the package limit, then checked on a blocking thread), other parts read and dropped
+/// (each at most `MAX_FORM_PART_BYTES`). No part is ever held whole beyond its small limit.
 async fn read_multipart(
     request: Request,
     state: &AppState,
-) -> ApiResult<(v2::CodeUpload, Option<Vec<u8>>)> {
+) -> ApiResult<(v2::CodeUpload, Option<CheckedPackage>)> {
     let mut multipart = Multipart::from_request(request, state)
         .await
         .map_err(|rejection| {
             ApiError::BadRequest(format!("invalid multipart body: {}", rejection.body_text()))
         })?;
-    let mut upload = None;
-    let mut file = None;
     // The router's body limit for this route is this number, so the message names the point
     // where reading stopped.
     let limit = state.config.max_upload_bytes();
@@ -126,19 +125,46 @@ async fn read_multipart(
             ApiError::BadRequest(format!("invalid multipart body: {}", error.body_text()))
         }
     };
-    while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
-        match field.name().unwrap_or_default() {
-            "data" => {
-                let bytes = field.bytes().await.map_err(multipart_error)?;
-                upload = Some(parse_json::<v2::CodeUpload>(&bytes)?);
+    let mut upload = None;
+    let mut spooled = None;
+    while let Some(mut field) = multipart.next_field().await.map_err(multipart_error)? {
+        let name = field.name().unwrap_or_default().to_owned();
+        let again = match name.as_str() {
+            "data" => upload.is_some(),
+            "file" => spooled.is_some(),
+            _ => false,
+        };
+        if again {
+            return Err(ApiError::BadRequest(format!(
+                "the multipart body holds more than one `{name}` part"
+            )));
+        }
+        if name == "file" {
+            let mut spool =
+                UploadSpool::create(&state.config.upload_dir, state.config.package).await?;
+            while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+                spool.write(&chunk).await?;
             }
-            "file" => {
-                // The Python client sends the zip's bytes repr, longer than the zip: the
-                // package check applies the package limit after decoding.
-                let bytes = field.bytes().await.map_err(multipart_error)?;
-                file = Some(bytes.to_vec());
+            spooled = Some(spool);
+            continue;
+        }
+        // Only `data` is kept; other parts are read to pass them by.
+        let mut data = Vec::new();
+        let mut received = 0;
+        while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+            received += chunk.len();
+            if received > ServerConfig::MAX_FORM_PART_BYTES {
+                return Err(ApiError::PayloadTooLarge(format!(
+                    "the `{name}` part is larger than the limit of {} bytes",
+                    ServerConfig::MAX_FORM_PART_BYTES
+                )));
             }
-            _ => {}
+            if name == "data" {
+                data.extend_from_slice(&chunk);
+            }
+        }
+        if name == "data" {
+            upload = Some(parse_json::<v2::CodeUpload>(&data)?);
         }
     }
     let upload = upload.ok_or_else(|| {
@@ -146,7 +172,11 @@ async fn read_multipart(
             "the multipart body needs a `data` part holding the code's JSON".into(),
         )
     })?;
-    Ok((upload, file))
+    let package = match spooled {
+        Some(spool) => Some(spool.finish().await?),
+        None => None,
+    };
+    Ok((upload, package))
 }
 
 /// List codes, most recently changed first.

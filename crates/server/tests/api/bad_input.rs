@@ -347,37 +347,87 @@ async fn zip_packages_with_fifos_or_duplicate_names_are_refused() {
 }
 
 /// Issue 15, item 8: the 413 named a 64 MiB limit while four times that and more was read
-/// first. The body limit of an upload and the number its 413 names are one.
+/// first. Each part of an upload is refused as soon as it passes its own limit, and the 413
+/// names that limit; the whole body's limit stays for what the parts leave.
 #[tokio::test]
 async fn an_upload_over_the_named_limit_is_refused_at_that_limit() {
+    let upload_dir = tempfile::tempdir().unwrap();
     let mut config = ServerConfig::default();
     config.package.max_bytes = 256 * 1024;
+    config.upload_dir = upload_dir.path().to_owned();
     let named = config.max_upload_bytes();
     assert_eq!(named, 256 * 1024 + ServerConfig::UPLOAD_FORM_OVERHEAD_BYTES);
     let server = TestServer::start_with(config).await;
     let data = json!({"name": "z", "runtime": "binary", "file_name": "run.sh"});
-    let over = vec![b'x'; named + 1];
-    let msg = server
-        .send(
-            server
-                .request(Method::POST, "codes")
-                .multipart(code_form(data.clone(), Some(over))),
-        )
-        .await
-        .error(413);
-    assert!(msg.contains(&format!("limit of {named} bytes")), "{msg}");
-    // A package over the package limit but inside the body limit is read and refused by the
-    // package check, which names the package limit.
-    let package: Vec<u8> = (0u64..300 * 1024).map(|i| (i * 7919 % 251) as u8).collect();
-    let msg = server
-        .send(server.request(Method::POST, "codes").multipart(code_form(
-            data,
-            Some(zip_of(&[("run.sh", &package, 0o755)])),
-        )))
+    let send = |form: reqwest::multipart::Form| {
+        server.send(server.request(Method::POST, "codes").multipart(form))
+    };
+
+    // The package part: at the package limit, as sent.
+    let msg = send(code_form(data.clone(), Some(vec![b'x'; named + 1])))
         .await
         .error(413);
     assert!(
         msg.contains(&format!("limit of {} bytes", 256 * 1024)),
         "{msg}"
+    );
+    let package: Vec<u8> = (0u64..300 * 1024).map(|i| (i * 7919 % 251) as u8).collect();
+    let msg = send(code_form(
+        data.clone(),
+        Some(zip_of(&[("run.sh", &package, 0o755)])),
+    ))
+    .await
+    .error(413);
+    assert!(
+        msg.contains(&format!("limit of {} bytes", 256 * 1024)),
+        "{msg}"
+    );
+    // The Python client's repr counts as sent, and the message says so.
+    let repr = format!("b'{}'", "\\x00".repeat(70 * 1024));
+    let form = reqwest::multipart::Form::new()
+        .text("data", data.to_string())
+        .part(
+            "file",
+            reqwest::multipart::Part::text(repr).file_name("z.zip"),
+        );
+    let msg = send(form).await.error(413);
+    assert!(
+        msg.contains("bytes repr") && msg.contains(&format!("limit of {} bytes", 256 * 1024)),
+        "{msg}"
+    );
+
+    // The `data` part, and any other part, at 1 MiB.
+    let part_limit = ServerConfig::MAX_FORM_PART_BYTES;
+    let long = json!({"name": "z", "runtime": "binary", "file_name": "run.sh", "config": "x".repeat(part_limit)});
+    let msg = send(code_form(long, None)).await.error(413);
+    assert!(
+        msg.contains("`data` part") && msg.contains(&format!("limit of {part_limit} bytes")),
+        "{msg}"
+    );
+    let form = code_form(data.clone(), None).text("extra", "x".repeat(part_limit + 1));
+    let msg = send(form).await.error(413);
+    assert!(msg.contains("`extra` part"), "{msg}");
+
+    // Parts each within their limits that add up past the body's limit meet that one.
+    let form = code_form(data.clone(), None)
+        .text("one", "x".repeat(part_limit - 1024))
+        .text("two", "x".repeat(part_limit - 1024));
+    let msg = send(form).await.error(413);
+    assert!(msg.contains(&format!("limit of {named} bytes")), "{msg}");
+
+    // Two parts of one name are refused rather than one silently chosen.
+    let form = code_form(data.clone(), None).text("data", data.to_string());
+    assert!(
+        send(form)
+            .await
+            .error(400)
+            .contains("more than one `data` part")
+    );
+
+    assert_eq!(server.get("codes").await.json()["codes"], json!([]));
+    let leftovers: Vec<_> = std::fs::read_dir(upload_dir.path()).unwrap().collect();
+    assert!(
+        leftovers.is_empty(),
+        "spooled uploads are removed: {leftovers:?}"
     );
 }

@@ -10,7 +10,7 @@
 use sqlx::postgres::PgConnection;
 use stevedore_model::{Quota, QuotaLimits, Timestamp};
 
-use super::{BEGIN_SNAPSHOT, PgStore, finish, projects};
+use super::{BEGIN_SNAPSHOT, PgStore, finish, packages, projects};
 use crate::convert::{micros, signed};
 use crate::record::normalize;
 use crate::{QuotaUse, Result, StoreError};
@@ -48,6 +48,28 @@ pub(super) async fn check(
     }
     let used = count(conn, quota, project_id).await?.unwrap_or(0);
     Ok(limits.check(quota, used, adding)?)
+}
+
+/// Refuses a package the project has no room for before its bytes are written, without
+/// locking: the push's transaction checks again (`check`, under `hold`), this only spares
+/// writing a package that would be refused.
+pub(super) async fn check_package_room(
+    store: &PgStore,
+    project_id: &str,
+    sha256: &str,
+    size: u64,
+) -> Result<()> {
+    let mut conn = store.pool.acquire().await?;
+    projects::ensure(&mut conn, project_id).await?;
+    let limits = store
+        .quota_defaults
+        .with_overrides(&own_limits(&mut conn, project_id).await?);
+    let adding = if packages::held_by_project(&mut conn, project_id, sha256).await? {
+        0
+    } else {
+        size
+    };
+    check(&mut conn, &limits, Quota::PackageBytes, project_id, adding).await
 }
 
 pub(super) async fn project_quotas(store: &PgStore, project_id: &str) -> Result<Vec<QuotaUse>> {
@@ -144,10 +166,11 @@ async fn count(conn: &mut PgConnection, quota: Quota, project_id: &str) -> Resul
             "SELECT COALESCE(MAX(latest_rev), 0)::BIGINT FROM codes \
              WHERE project_id = $1 AND deleted_at IS NULL"
         }
+        // Each package the project's live revisions hold, once however many hold it.
         Quota::PackageBytes => {
-            "SELECT COALESCE(SUM(r.package_size), 0)::BIGINT FROM code_revisions AS r \
-             JOIN codes AS c ON c.id = r.code_id \
-             WHERE c.project_id = $1 AND c.deleted_at IS NULL"
+            "SELECT COALESCE(SUM(p.size), 0)::BIGINT FROM packages AS p WHERE p.sha256 IN (\
+             SELECT r.stored_package FROM codes AS c JOIN code_revisions AS r ON r.code_id = c.id \
+             WHERE c.project_id = $1 AND c.deleted_at IS NULL AND r.stored_package IS NOT NULL)"
         }
         Quota::LogStreamsPerToken => return Ok(None),
     };

@@ -9,23 +9,41 @@ use stevedore_model::{CodeRevision, CodeSpec, Quota, ScheduleStatus, Timestamp, 
 
 use super::rows::{self, micros, opt_signed, revision_columns, task_columns, to_json};
 use super::{BEGIN_WRITE, SqliteStore};
-use super::{projects, quotas, tasks};
+use super::{packages, projects, quotas, tasks};
 use crate::convert::limit_offset;
+use crate::package::{self, held_columns};
 use crate::record::normalize;
-use crate::{CodeCancellation, CodeStats, Package, Page, Result, StatsWindow, StoreError};
+use crate::{
+    CodeCancellation, CodeStats, PackageStream, Page, Result, RevisionPackage, StatsWindow,
+    StoreError,
+};
 
 pub(super) async fn push(
     store: &SqliteStore,
     project_id: &str,
     spec: &CodeSpec,
-    package: Option<&Package>,
+    package: Option<RevisionPackage<'_>>,
     now: Timestamp,
 ) -> Result<CodeRevision> {
+    package::push_with(store, project_id, package, |blob| {
+        Box::pin(push_revision(store, project_id, spec, package, blob, now))
+    })
+    .await
+}
+
+/// The revision's transaction: `None` (rolled back) when its package is neither stored nor
+/// written (`packages::attach`).
+async fn push_revision(
+    store: &SqliteStore,
+    project_id: &str,
+    spec: &CodeSpec,
+    package: Option<RevisionPackage<'_>>,
+    blob: Option<i64>,
+    now: Timestamp,
+) -> Result<Option<CodeRevision>> {
     let now = normalize(now);
     let spec_json = to_json(spec)?;
     let max_concurrency = spec.max_concurrency.map(i64::from);
-    let package_size =
-        package.map(|package| u64::try_from(package.bytes.len()).unwrap_or(u64::MAX));
     let mut writer = store.writer().await?;
     let mut tx = writer.conn.begin_with(BEGIN_WRITE).await?;
     projects::ensure(&mut tx, project_id).await?;
@@ -38,14 +56,21 @@ pub(super) async fn push(
     .bind(&spec.name)
     .fetch_optional(&mut *tx)
     .await?;
-    quotas::check(
-        &mut tx,
-        &limits,
-        Quota::PackageBytes,
-        project_id,
-        package_size.unwrap_or(0),
-    )
-    .await?;
+    let held = match package {
+        None => None,
+        Some(package) => match packages::attach(&mut tx, project_id, package, blob, now).await? {
+            Some(held) => Some(held),
+            None => return Ok(None),
+        },
+    };
+    // A package the project's live revisions hold already adds nothing.
+    let adding = match &held {
+        Some((sha256, size)) if !packages::held_by_project(&mut tx, project_id, sha256).await? => {
+            *size
+        }
+        _ => 0,
+    };
+    quotas::check(&mut tx, &limits, Quota::PackageBytes, project_id, adding).await?;
     let (code_id, rev, paused, created_at) = match existing {
         Some(row) => {
             let code_id: String = row.try_get("id")?;
@@ -85,39 +110,32 @@ pub(super) async fn push(
             (code_id, 1, false, now)
         }
     };
+    let (package_sha256, package_size) = held.unzip();
     sqlx::query(
-        "INSERT INTO code_revisions (code_id, rev, spec, package_sha256, package_size, created_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO code_revisions (code_id, rev, spec, package_sha256, package_size, \
+         stored_package, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?4, ?6)",
     )
     .bind(&code_id)
     .bind(rev)
     .bind(&spec_json)
-    .bind(package.map(|package| package.sha256.as_str()))
+    .bind(package_sha256.as_deref())
     .bind(opt_signed(package_size))
     .bind(micros(now))
     .execute(&mut *tx)
     .await?;
-    if let Some(package) = package {
-        sqlx::query("INSERT INTO code_packages (code_id, rev, bytes) VALUES (?1, ?2, ?3)")
-            .bind(&code_id)
-            .bind(rev)
-            .bind(package.bytes.as_slice())
-            .execute(&mut *tx)
-            .await?;
-    }
     tx.commit().await?;
-    Ok(CodeRevision {
+    Ok(Some(CodeRevision {
         id: code_id,
         project_id: project_id.to_owned(),
         rev: u32::try_from(rev)
             .map_err(|_| StoreError::Corrupt(format!("revision {rev} out of range")))?,
         spec: spec.clone(),
-        package_sha256: package.map(|package| package.sha256.clone()),
+        package_sha256,
         package_size,
         created_at,
         updated_at: now,
         paused,
-    })
+    }))
 }
 
 pub(super) async fn get(
@@ -230,31 +248,41 @@ pub(super) async fn get_package(
     project_id: &str,
     code_id: &str,
     rev: Option<u32>,
-) -> Result<Vec<u8>> {
+) -> Result<PackageStream> {
     let mut conn = store.readers.acquire().await?;
     let latest = ensure(&mut conn, project_id, code_id).await?;
     let rev = rev.map_or(latest, i64::from);
-    let bytes: Option<Vec<u8>> =
-        sqlx::query_scalar("SELECT bytes FROM code_packages WHERE code_id = ?1 AND rev = ?2")
-            .bind(code_id)
-            .bind(rev)
-            .fetch_optional(&mut *conn)
-            .await?;
-    bytes.ok_or_else(|| StoreError::not_found(format!("package of code {code_id} revision {rev}")))
+    let row = sqlx::query(concat!(
+        "SELECT c.name, r.package_sha256, ",
+        held_columns!(),
+        " FROM codes AS c JOIN code_revisions AS r ON r.code_id = c.id \
+         LEFT JOIN packages AS p ON p.sha256 = r.stored_package \
+         WHERE c.id = ?1 AND r.rev = ?2"
+    ))
+    .bind(code_id)
+    .bind(rev)
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or_else(|| StoreError::not_found(format!("package of code {code_id} revision {rev}")))?;
+    let held = packages::held_row(&row, row.try_get("name")?, rev)?;
+    packages::stream(store, held)
 }
 
-/// The package of the revision a leased task pinned, read with the task in one query and
+/// The package of the revision a leased task pinned, looked up with the task in one query and
 /// refused, as every runner's call about a leased task is, unless `token` is its current lease.
 pub(super) async fn leased_package(
     store: &SqliteStore,
     task_id: &str,
     token: i64,
-) -> Result<Vec<u8>> {
+) -> Result<PackageStream> {
     let row = sqlx::query(concat!(
         "SELECT ",
         task_columns!(),
-        ", p.bytes AS package FROM tasks AS t \
-         LEFT JOIN code_packages AS p ON p.code_id = t.code_id AND p.rev = t.code_rev \
+        ", r.package_sha256, ",
+        held_columns!(),
+        " FROM tasks AS t \
+         JOIN code_revisions AS r ON r.code_id = t.code_id AND r.rev = t.code_rev \
+         LEFT JOIN packages AS p ON p.sha256 = r.stored_package \
          WHERE t.id = ?1"
     ))
     .bind(task_id)
@@ -263,13 +291,9 @@ pub(super) async fn leased_package(
     .ok_or_else(|| StoreError::not_found(format!("task {task_id}")))?;
     let record = rows::task_record(&row)?;
     record.check_lease(token)?;
-    let package: Option<Vec<u8>> = row.try_get("package")?;
-    package.ok_or_else(|| {
-        StoreError::not_found(format!(
-            "package of code {} revision {}",
-            record.task.code_id, record.task.code_rev
-        ))
-    })
+    let task = record.task;
+    let held = packages::held_row(&row, task.code_name, i64::from(task.code_rev))?;
+    packages::stream(store, held)
 }
 
 pub(super) async fn delete(

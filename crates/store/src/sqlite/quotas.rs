@@ -10,7 +10,7 @@ use sqlx::sqlite::SqliteConnection;
 use stevedore_model::{Quota, QuotaLimits, Timestamp};
 
 use super::rows::{micros, signed};
-use super::{BEGIN_WRITE, SqliteStore, projects};
+use super::{BEGIN_WRITE, SqliteStore, packages, projects};
 use crate::record::normalize;
 use crate::{QuotaUse, Result};
 
@@ -37,6 +37,26 @@ pub(super) async fn check(
     }
     let used = count(conn, quota, project_id).await?.unwrap_or(0);
     Ok(limits.check(quota, used, adding)?)
+}
+
+/// Refuses a package the project has no room for before its bytes are written, on a read
+/// connection: the push's transaction checks again (`check`), this only spares writing a
+/// package that would be refused.
+pub(super) async fn check_package_room(
+    store: &SqliteStore,
+    project_id: &str,
+    sha256: &str,
+    size: u64,
+) -> Result<()> {
+    let mut conn = store.readers.acquire().await?;
+    projects::ensure(&mut conn, project_id).await?;
+    let limits = limits(&mut conn, &store.quota_defaults, project_id).await?;
+    let adding = if packages::held_by_project(&mut conn, project_id, sha256).await? {
+        0
+    } else {
+        size
+    };
+    check(&mut conn, &limits, Quota::PackageBytes, project_id, adding).await
 }
 
 pub(super) async fn project_quotas(store: &SqliteStore, project_id: &str) -> Result<Vec<QuotaUse>> {
@@ -128,10 +148,11 @@ async fn count(conn: &mut SqliteConnection, quota: Quota, project_id: &str) -> R
             "SELECT COALESCE(MAX(latest_rev), 0) FROM codes \
              WHERE project_id = ?1 AND deleted_at IS NULL"
         }
+        // Each package the project's live revisions hold, once however many hold it.
         Quota::PackageBytes => {
-            "SELECT COALESCE(SUM(r.package_size), 0) FROM code_revisions AS r \
-             JOIN codes AS c ON c.id = r.code_id \
-             WHERE c.project_id = ?1 AND c.deleted_at IS NULL"
+            "SELECT COALESCE(SUM(p.size), 0) FROM packages AS p WHERE p.sha256 IN (\
+             SELECT r.stored_package FROM codes AS c JOIN code_revisions AS r ON r.code_id = c.id \
+             WHERE c.project_id = ?1 AND c.deleted_at IS NULL AND r.stored_package IS NOT NULL)"
         }
         Quota::LogStreamsPerToken => return Ok(None),
     };

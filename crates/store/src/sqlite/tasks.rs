@@ -292,9 +292,11 @@ pub(super) async fn insert(
                 code
             }
         };
-        queued.push(queued_task_of_code(
-            project_id, &code_id, code_rev, new_task, now,
-        )?);
+        let task = queued_task_of_code(project_id, &code_id, code_rev, new_task, now)?;
+        if task.code_rev != code_rev {
+            super::packages::check_pinnable(conn, &task.code_name, &code_id, task.code_rev).await?;
+        }
+        queued.push(task);
     }
     insert_rows(conn, &queued).await?;
     Ok(queued)

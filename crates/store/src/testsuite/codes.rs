@@ -4,23 +4,24 @@ use stevedore_model::{ScheduleStatus, TaskOutcome, TaskStatus};
 
 use super::{
     ALL, assert_not_found, assert_stale, at, code_cancellation, enqueue_one, exited, image_spec,
-    lease_one, new_task, page, project, project_with_code, rescued_one, schedule_spec,
+    lease_one, new_task, page, project, project_with_code, rescued_one, schedule_spec, spool,
 };
-use crate::{CodeStats, Package, Requeue, Result, RunReport, StatsWindow, Store};
+use crate::{CodeStats, Requeue, Result, RunReport, StatsWindow, Store};
 
 pub async fn codes_and_revisions(store: &dyn Store) -> Result<()> {
     let acme = project(store, "acme").await?;
-    let package = Package {
-        bytes: b"PK\x03\x04 zip bytes".to_vec(),
-        sha256: "abc123".to_owned(),
-    };
+    let bytes = b"PK\x03\x04 zip bytes".to_vec();
+    let package = spool(&bytes).await?;
     let first = store
-        .push_code(&acme.id, &image_spec("hello"), Some(&package), at(10))
+        .push_code(&acme.id, &image_spec("hello"), package.revision(), at(10))
         .await?;
     assert_eq!(first.rev, 1);
     assert_eq!(first.project_id, acme.id);
-    assert_eq!(first.package_sha256.as_deref(), Some("abc123"));
-    assert_eq!(first.package_size, Some(package.bytes.len() as u64));
+    assert_eq!(
+        first.package_sha256.as_deref(),
+        Some(package.file.sha256.as_str())
+    );
+    assert_eq!(first.package_size, Some(bytes.len() as u64));
     assert_eq!((first.created_at, first.updated_at), (at(10), at(10)));
     assert!(!first.paused);
 
@@ -60,7 +61,7 @@ pub async fn codes_and_revisions(store: &dyn Store) -> Result<()> {
             .await?
             .into_bytes()
             .await?,
-        package.bytes
+        bytes
     );
     assert_not_found(
         store.get_package(&acme.id, &first.id, None).await,
@@ -81,7 +82,7 @@ pub async fn codes_and_revisions(store: &dyn Store) -> Result<()> {
         vec!["other", "hello"]
     );
     let third = store
-        .push_code(&acme.id, &image_spec("hello"), Some(&package), at(40))
+        .push_code(&acme.id, &image_spec("hello"), package.revision(), at(40))
         .await?;
     assert_eq!(third.rev, 3);
     assert_eq!(
@@ -98,7 +99,7 @@ pub async fn codes_and_revisions(store: &dyn Store) -> Result<()> {
             .await?
             .into_bytes()
             .await?,
-        package.bytes
+        bytes
     );
 
     let paused = store
@@ -123,13 +124,10 @@ pub async fn codes_and_revisions(store: &dyn Store) -> Result<()> {
 
 pub async fn a_leased_tasks_package_goes_only_to_its_lease_holder(store: &dyn Store) -> Result<()> {
     let acme = project(store, "acme").await?;
-    let package = |bytes: &[u8]| Package {
-        bytes: bytes.to_vec(),
-        sha256: "abc123".to_owned(),
-    };
-    let pinned = package(b"PK first");
+    let pinned_bytes = b"PK first".to_vec();
+    let pinned = spool(&pinned_bytes).await?;
     store
-        .push_code(&acme.id, &image_spec("zipped"), Some(&pinned), at(0))
+        .push_code(&acme.id, &image_spec("zipped"), pinned.revision(), at(0))
         .await?;
     let id = enqueue_one(store, &acme.id, new_task("zipped"), at(1)).await?;
     // A later revision changes nothing for the task: it runs the revision it pinned.
@@ -137,7 +135,7 @@ pub async fn a_leased_tasks_package_goes_only_to_its_lease_holder(store: &dyn St
         .push_code(
             &acme.id,
             &image_spec("zipped"),
-            Some(&package(b"PK second")),
+            spool(b"PK second").await?.revision(),
             at(2),
         )
         .await?;
@@ -156,7 +154,7 @@ pub async fn a_leased_tasks_package_goes_only_to_its_lease_holder(store: &dyn St
             .await?
             .into_bytes()
             .await?,
-        pinned.bytes
+        pinned_bytes
     );
     assert_stale(
         store.leased_package(&id, old.lease.token + 1).await,
@@ -171,7 +169,7 @@ pub async fn a_leased_tasks_package_goes_only_to_its_lease_holder(store: &dyn St
             .await?
             .into_bytes()
             .await?,
-        pinned.bytes
+        pinned_bytes
     );
 
     // Rescued and leased again: only the new lease's token gets the package.
@@ -194,7 +192,7 @@ pub async fn a_leased_tasks_package_goes_only_to_its_lease_holder(store: &dyn St
             .await?
             .into_bytes()
             .await?,
-        pinned.bytes
+        pinned_bytes
     );
 
     // Given back, the task is nobody's again; finished, its last lease gets nothing either.

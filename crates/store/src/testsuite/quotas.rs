@@ -4,10 +4,10 @@
 use stevedore_model::{Quota, QuotaExceeded, QuotaLimits, TaskOutcome, TaskStatus};
 
 use super::{
-    ALL, at, image_spec, lease_one, lease_request, new_task, project, project_with_code,
-    schedule_spec,
+    ALL, SpooledPackage, at, image_spec, lease_one, lease_request, new_task, project,
+    project_with_code, schedule_spec, spool,
 };
-use crate::{LeasedTask, Package, Result, RunReport, Store, StoreError, TaskFilter};
+use crate::{LeasedTask, Result, RunReport, Store, StoreError, TaskFilter};
 
 fn assert_exceeded<T: std::fmt::Debug>(result: Result<T>, quota: Quota, limit: u64, used: u64) {
     match result {
@@ -26,11 +26,9 @@ async fn queued(store: &dyn Store, project_id: &str) -> Result<usize> {
     Ok(store.list_tasks(project_id, &filter, ALL).await?.len())
 }
 
-fn package(bytes: usize) -> Package {
-    Package {
-        bytes: vec![b'z'; bytes],
-        sha256: "0".repeat(64),
-    }
+/// A package of `size` bytes, different for each `seed`.
+async fn package(size: usize, seed: u8) -> Result<SpooledPackage> {
+    spool(&vec![seed; size]).await
 }
 
 pub async fn quotas_default_and_are_overridden_per_project(store: &dyn Store) -> Result<()> {
@@ -173,26 +171,42 @@ pub async fn each_quota_refuses_the_write_that_passes_it_and_writes_nothing(
     );
     assert_eq!(store.get_code_by_name(&acme.id, "hello").await?.rev, 2);
 
-    // Package bytes: every stored revision's package counts.
+    // Package bytes: each package the project's revisions hold counts once.
     set(Quota::RevisionsPerCode, 100).await?;
     set(Quota::PackageBytes, 1000).await?;
+    let first = package(600, 1).await?;
     store
-        .push_code(&acme.id, &image_spec("hello"), Some(&package(600)), at(9))
+        .push_code(&acme.id, &image_spec("hello"), first.revision(), at(9))
         .await?;
     assert_exceeded(
         store
-            .push_code(&acme.id, &image_spec("hello"), Some(&package(600)), at(10))
+            .push_code(
+                &acme.id,
+                &image_spec("hello"),
+                package(600, 2).await?.revision(),
+                at(10),
+            )
             .await,
         Quota::PackageBytes,
         1000,
         600,
     );
     assert_eq!(store.get_code_by_name(&acme.id, "hello").await?.rev, 3);
+    // The same package again adds nothing.
+    store
+        .push_code(&acme.id, &image_spec("hello"), first.revision(), at(10))
+        .await?;
+    assert_eq!(store.get_code_by_name(&acme.id, "hello").await?.rev, 4);
     // Deleting the code frees its codes and package bytes.
     let code = store.get_code_by_name(&acme.id, "hello").await?;
     store.delete_code(&acme.id, &code.id, at(11)).await?;
     store
-        .push_code(&acme.id, &image_spec("again"), Some(&package(900)), at(12))
+        .push_code(
+            &acme.id,
+            &image_spec("again"),
+            package(900, 3).await?.revision(),
+            at(12),
+        )
         .await?;
 
     // A limit lowered below what the project holds removes nothing and refuses more.
