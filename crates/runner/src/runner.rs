@@ -20,6 +20,7 @@ use crate::container::LABEL_RUNNER;
 use crate::error::RunnerError;
 use crate::registry::PublicImages;
 use crate::source::TaskSource;
+use crate::spool::PackageSpool;
 
 /// Leases tasks from a [`TaskSource`] and runs each in its own container on a
 /// [`ContainerEngine`]. One runner per engine; [`Runner::run`] until shutdown.
@@ -46,6 +47,7 @@ struct IdleBackoff {
 #[derive(Debug)]
 pub struct StartedRunner {
     limits: ResolvedLimits,
+    spool: PackageSpool,
 }
 
 /// How many containers left by an earlier life are removed at once at start-up.
@@ -85,12 +87,14 @@ impl Runner {
     }
 
     /// Checks the configuration and the engine, then removes what an earlier life of this
-    /// runner left behind. Separate from [`Runner::run_started`] so that a caller can refuse
-    /// to start (with the error) before it serves anything.
+    /// runner left behind (containers, spooled packages). Separate from
+    /// [`Runner::run_started`] so that a caller can refuse to start (with the error) before
+    /// it serves anything.
     ///
     /// Refuses when the configuration is invalid, the engine does not answer, the engine
-    /// cannot enforce memory limits (unless `allow_unlimited_memory`), or the task network
-    /// cannot be set up and isolated (unless its `unguarded` is set).
+    /// cannot enforce memory limits (unless `allow_unlimited_memory`), the task network
+    /// cannot be set up and isolated (unless its `unguarded` is set), or the work directory
+    /// cannot be used.
     pub async fn start(&self) -> Result<StartedRunner, RunnerError> {
         let config = &self.config;
         config.validate()?;
@@ -121,8 +125,14 @@ impl Runner {
             cpu_group = ?limits.cpu_group,
             "runner starting"
         );
+        let spool = PackageSpool::open(&config.work_dir, &config.runner_id)
+            .await
+            .map_err(|source| RunnerError::WorkDir {
+                path: config.work_dir.display().to_string(),
+                source,
+            })?;
         self.reap().await;
-        Ok(StartedRunner { limits })
+        Ok(StartedRunner { limits, spool })
     }
 
     /// Makes sure of the CPU group that holds the reserve, when there is one. An engine that
@@ -159,7 +169,7 @@ impl Runner {
     /// container it created is removed.
     pub async fn run_started(&self, started: StartedRunner, shutdown: CancellationToken) {
         let config = &self.config;
-        let limits = started.limits;
+        let StartedRunner { limits, spool } = started;
         let cpu_group = limits.cpu_group.clone();
         let admission = Admission::new(limits.capacity, limits.memory_budget_mib);
         let context = Arc::new(TaskContext {
@@ -173,6 +183,7 @@ impl Runner {
             public_images: PublicImages::default(),
             cpu_group,
             image_uses: Arc::default(),
+            spool: spool.clone(),
         });
         if let Some(budget_mib) = config.image_disk_budget_mib {
             context.tracker.spawn(
@@ -210,6 +221,7 @@ impl Runner {
         // Every task is over: whatever still carries this runner's label is garbage that a
         // failed removal left (the engine was down at the time).
         self.reap().await;
+        spool.close();
         if let Some(group) = &limits.cpu_group
             && let Err(error) = self.engine.remove_cpu_group(group).await
         {
