@@ -26,8 +26,11 @@ use stevedore_engine::{ContainerRuntime, DockerEngine, ImageStore, LOCAL_BUSYBOX
 
 #[path = "support/server.rs"]
 mod server;
+#[path = "support/stats.rs"]
+mod stats;
 
 use server::Server;
+use stats::percentile;
 
 const DEFAULT_REQUESTS: usize = 400;
 const REQUEST_PAUSE: Duration = Duration::from_millis(10);
@@ -246,13 +249,4 @@ fn env_count(name: &str) -> Option<usize> {
             .filter(|n| *n > 0)
             .unwrap_or_else(|| panic!("{name} must be a positive integer"))
     })
-}
-
-/// The nearest-rank percentile of sorted values.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }

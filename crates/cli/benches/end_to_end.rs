@@ -35,8 +35,11 @@ use stevedore_engine::{
 
 #[path = "support/server.rs"]
 mod server;
+#[path = "support/stats.rs"]
+mod stats;
 
 use server::Server;
+use stats::percentile;
 
 const CONCURRENCY_LEVELS: [usize; 2] = [1, 4];
 const DEFAULT_TASKS: usize = 200;
@@ -337,12 +340,6 @@ async fn stevedore_run(
 }
 
 // === the report ===
-
-/// The nearest-rank percentile of sorted values.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
 
 fn print_table(measurements: &[Measurement]) {
     println!();

@@ -176,6 +176,11 @@ pub struct RunnerSettings {
     pub allow_unlimited_memory: bool,
     /// Credentials for pulling from private registries.
     pub registries: Vec<RegistrySettings>,
+    /// Where the runner spools code packages on their way into containers (a file per task
+    /// being prepared, gone when its attempt ends). Absent: `work` in the data directory for
+    /// `serve` and `runner`, the system's temporary directory for `run`. Give it a disk, not
+    /// a memory-backed `/tmp`.
+    pub work_dir: Option<PathBuf>,
 }
 
 /// `[task_network]`: the network `bridge` codes run on, isolated from the host, from each
@@ -342,6 +347,7 @@ impl Default for RunnerSettings {
             reserve_cpus: None,
             allow_unlimited_memory: defaults.allow_unlimited_memory,
             registries: Vec::new(),
+            work_dir: None,
         }
     }
 }
@@ -464,11 +470,16 @@ impl Settings {
         })
     }
 
-    /// The runner's configuration: the `runner` section, the stacks, the operator's code
-    /// registry (whose images it recognizes and whose credentials it pulls them with) and
-    /// the task network.
+    /// The runner's configuration: the `runner` section (its work directory `work` in the
+    /// data directory unless set), the stacks, the operator's code registry (whose images it
+    /// recognizes and whose credentials it pulls them with) and the task network.
     pub fn runner_config(&self, stacks: &StackTable) -> anyhow::Result<RunnerConfig> {
         let mut config = self.runner.runner_config(stacks);
+        config.work_dir = self
+            .runner
+            .work_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("work"));
         config.code_images = self.code_images();
         if let Some(registry) = &self.code_registry {
             config.registry_auth.insert(0, registry.auth());
@@ -614,6 +625,23 @@ named_networks = ["databases"]
             );
             assert!(message.contains("task_network"), "{broken}: {message}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn packages_are_spooled_in_the_data_directory_unless_the_work_dir_is_set() -> anyhow::Result<()>
+    {
+        let stacks = StackTable::default();
+        let defaults = load("data_dir = \"/srv/stevedore\"\n")?;
+        assert_eq!(
+            defaults.runner_config(&stacks)?.work_dir,
+            PathBuf::from("/srv/stevedore/work")
+        );
+        let set = load("[runner]\nwork_dir = \"/var/spool/stevedore\"\n")?;
+        assert_eq!(
+            set.embedded_runner_config(&stacks)?.work_dir,
+            PathBuf::from("/var/spool/stevedore")
+        );
         Ok(())
     }
 

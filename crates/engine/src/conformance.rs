@@ -4,9 +4,9 @@
 //! The Docker implementation passes it in `tests/docker.rs` (against the real engine), the
 //! fake in its unit tests; a second implementation proves itself by passing it too. A
 //! [`Harness`] turns the suite's [`Program`]s into specs its runtime runs (a shell in a small
-//! image for Docker, a scripted run for the fake); everything else (creating with files,
-//! environment, starting, waiting, attached output, stats, kill, remove, listing by label, the errors) is
-//! asked through the trait alone.
+//! image for Docker, a scripted run for the fake); everything else (creating with files and
+//! a zip package, environment, starting, waiting, attached output, stats, kill, remove,
+//! listing by label, the errors) is asked through the trait alone.
 //!
 //! [`runtime_conformance_tests!`](crate::runtime_conformance_tests) writes one `#[tokio::test]`
 //! per check. Each check removes what it created; it panics on a failed expectation, as a
@@ -20,7 +20,8 @@ use futures::StreamExt;
 use crate::engine::{ContainerRuntime, ExitStatus, OutputStream};
 use crate::error::EngineError;
 use crate::network::NetworkSpec;
-use crate::spec::{ContainerId, ContainerSpec, DirectoryToCreate, FileToUpload};
+use crate::package::ZipPackage;
+use crate::spec::{ContainerId, ContainerSpec, DirectoryToCreate, FileToUpload, TASK_DIR};
 
 /// The label a runner puts on its containers to find them again (its value: the runner's id).
 pub const RUNNER_LABEL: &str = "stevedore.runner";
@@ -44,6 +45,12 @@ pub enum Program {
     CatFiles(Vec<String>),
     /// Prints the value of this environment variable (no newline), then exits 0.
     PrintEnv(String),
+    /// Prints a line `<octal mode> <path>` for every directory and file below this directory
+    /// of its own container (a directory's path ending in `/`), in any order, then exits 0.
+    ListFiles(String),
+    /// Prints the size in bytes of this file of its own container, as `wc -c <` does, then
+    /// exits 0.
+    CountBytes(String),
     /// Uses more memory than its spec's limit allows, and is killed for it.
     ExceedMemory,
     /// Runs until killed.
@@ -179,6 +186,184 @@ pub async fn files_are_in_place_when_it_starts(harness: &dyn Harness) {
         finished.stdout.len(),
         expected.len()
     );
+}
+
+/// A zip package is unpacked under [`TASK_DIR`] in the same create as the spec's files:
+/// modes kept, implied directories writable by any user, the entry point executable,
+/// links and entries without a safe path left out, the bytes as zipped.
+pub async fn package_files_arrive_with_their_modes(harness: &dyn Harness) {
+    let scratch = ok_io(tempfile::tempdir(), "a temporary directory");
+    let zip = scratch.path().join("package.zip");
+    ok_io(
+        write_package(&zip, |writer| {
+            use std::io::Write;
+            use zip::write::SimpleFileOptions;
+            let mode = |mode| SimpleFileOptions::default().unix_permissions(mode);
+            writer.start_file("run.sh", SimpleFileOptions::default())?;
+            writer.write_all(b"#!/bin/sh\necho hi\n")?;
+            writer.add_directory("bin/", mode(0o750))?;
+            writer.start_file("bin/tool", mode(0o700))?;
+            writer.write_all(b"tool")?;
+            writer.start_file("lib/deep/data.txt", mode(0o640))?;
+            writer.write_all(b"data")?;
+            writer.add_symlink("link", "run.sh", SimpleFileOptions::default())?;
+            writer.start_file("../escape.txt", SimpleFileOptions::default())?;
+            writer.write_all(b"outside")?;
+            Ok(())
+        }),
+        "write the package",
+    );
+    let package = ok(ZipPackage::open(&zip, Some("run.sh")), "open the package");
+
+    let mut spec = labelled(
+        harness,
+        &Program::ListFiles(TASK_DIR.to_owned()),
+        &unique("package"),
+    );
+    spec.files.push(FileToUpload::readable(
+        format!("{TASK_DIR}/from-spec.txt"),
+        "spec",
+    ));
+    spec.package = Some(package.clone());
+    let finished = run_to_end(harness.runtime(), &spec).await;
+    assert_eq!(finished.status.exit_code, 0, "{finished:?}");
+    let listing = String::from_utf8_lossy(&finished.stdout);
+    let listed: BTreeMap<&str, u32> = listing
+        .lines()
+        .filter_map(|line| {
+            let (mode, path) = line.split_once(' ')?;
+            Some((path, u32::from_str_radix(mode, 8).ok()?))
+        })
+        .collect();
+    let expected = BTreeMap::from([
+        ("/mnt/task/bin/", 0o750),
+        ("/mnt/task/bin/tool", 0o700),
+        ("/mnt/task/from-spec.txt", 0o644),
+        ("/mnt/task/lib/", 0o777),
+        ("/mnt/task/lib/deep/", 0o777),
+        ("/mnt/task/lib/deep/data.txt", 0o640),
+        ("/mnt/task/run.sh", 0o755),
+    ]);
+    assert_eq!(listed, expected, "the listing: {listing}");
+
+    let mut spec = labelled(
+        harness,
+        &Program::CatFiles(vec![
+            format!("{TASK_DIR}/run.sh"),
+            format!("{TASK_DIR}/lib/deep/data.txt"),
+        ]),
+        &unique("package"),
+    );
+    spec.package = Some(package);
+    let finished = run_to_end(harness.runtime(), &spec).await;
+    assert_eq!(finished.status.exit_code, 0, "{finished:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&finished.stdout),
+        "#!/bin/sh\necho hi\ndata"
+    );
+}
+
+/// The size of the file in [`a_package_larger_than_memory_arrives_whole`].
+pub const LARGE_PACKAGE_FILE_BYTES: u64 = 200 << 20;
+
+/// How much more memory than before this process may have held while a package of
+/// [`LARGE_PACKAGE_FILE_BYTES`] was put in place: half the file. A runtime that held the
+/// unpacked file (or the archive of it) needs more.
+pub const LARGE_PACKAGE_MEMORY_BUDGET: u64 = LARGE_PACKAGE_FILE_BYTES / 2;
+
+/// A package that unpacks to more than a runtime could hold in memory budget-wise (a small zip
+/// of a file of [`LARGE_PACKAGE_FILE_BYTES`] zeros) arrives whole, and the runtime's process
+/// does not hold it on the way: its peak memory grows by less than
+/// [`LARGE_PACKAGE_MEMORY_BUDGET`] (checked where `/proc/self/status` tells it).
+pub async fn a_package_larger_than_memory_arrives_whole(harness: &dyn Harness) {
+    let scratch = ok_io(tempfile::tempdir(), "a temporary directory");
+    let zip = scratch.path().join("large.zip");
+    let writing = zip.clone();
+    let written = tokio::task::spawn_blocking(move || {
+        write_package(&writing, |writer| {
+            use std::io::Write;
+            // The fastest level: zeros shrink anyway, and a test build deflates slowly.
+            let deflated = zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Deflated)
+                .compression_level(Some(1));
+            writer.start_file("zeros.bin", deflated)?;
+            let block = vec![0u8; 1 << 20];
+            for _ in 0..LARGE_PACKAGE_FILE_BYTES / (1 << 20) {
+                writer.write_all(&block)?;
+            }
+            Ok(())
+        })
+    });
+    ok_io(
+        within("writing the package", written)
+            .await
+            .unwrap_or_else(|error| panic!("writing the package: {error}")),
+        "write the package",
+    );
+    let package = ok(ZipPackage::open(&zip, None), "open the package");
+    assert_eq!(package.unpacked_bytes(), LARGE_PACKAGE_FILE_BYTES);
+
+    let before = process_memory();
+    let mut spec = labelled(
+        harness,
+        &Program::CountBytes(format!("{TASK_DIR}/zeros.bin")),
+        &unique("large-package"),
+    );
+    spec.package = Some(package);
+    let finished = run_to_end(harness.runtime(), &spec).await;
+    let after = process_memory();
+    assert_eq!(finished.status.exit_code, 0, "{finished:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&finished.stdout).trim(),
+        LARGE_PACKAGE_FILE_BYTES.to_string()
+    );
+    if let (Some(before), Some(after)) = (before, after) {
+        // The peak only tells when it rose above an earlier one.
+        let allowed = before
+            .peak
+            .max(before.resident + LARGE_PACKAGE_MEMORY_BUDGET);
+        assert!(
+            after.peak <= allowed,
+            "the process peaked at {} MiB while the package went in, {} MiB over the {} MiB it \
+             held before",
+            after.peak >> 20,
+            after.peak.saturating_sub(before.resident) >> 20,
+            before.resident >> 20
+        );
+    }
+}
+
+/// A package whose entry holds more or fewer bytes than it declares fails the create with
+/// [`EngineError::InvalidPackage`] (the user's error, named), and leaves no container: the
+/// archive announced the declared size, and a runtime must not take a cut-off or overlong
+/// entry for a whole one.
+pub async fn a_package_lying_about_a_size_fails_the_create(harness: &dyn Harness) {
+    let scratch = ok_io(tempfile::tempdir(), "a temporary directory");
+    for declared in [10, 1000] {
+        let zip = scratch.path().join(format!("lying-{declared}.zip"));
+        ok_io(write_lying_zip(&zip, declared), "write the package");
+        let package = ok(ZipPackage::open(&zip, None), "open the package");
+        let runner = unique("lying-package");
+        let mut spec = labelled(harness, &Program::Exit(0), &runner);
+        spec.package = Some(package);
+        let runtime = harness.runtime();
+        match within("create", runtime.create(&spec)).await {
+            Err(error @ EngineError::InvalidPackage { .. }) => {
+                assert!(!error.is_infrastructure());
+                assert!(error.to_string().contains("data.bin"), "{error}");
+            }
+            Ok(id) => {
+                let _ = runtime.remove(&id).await;
+                panic!("a package whose entry declares {declared} of its 100 bytes was accepted");
+            }
+            Err(other) => panic!("declared {declared} of 100 bytes: {other:?}"),
+        }
+        let left = ok(
+            within("list", runtime.list_labeled(RUNNER_LABEL, &runner)).await,
+            "list_labeled",
+        );
+        assert!(left.is_empty(), "the failed create left {left:?}");
+    }
 }
 
 /// The spec's environment reaches the program, values with spaces and `=` intact.
@@ -471,6 +656,71 @@ pub async fn networks_are_ensured_once(harness: &dyn Harness) {
     }
 }
 
+/// This process's memory, in bytes.
+#[derive(Debug, Clone, Copy)]
+struct ProcessMemory {
+    /// Resident now (`VmRSS`).
+    resident: u64,
+    /// The peak so far (`VmHWM`).
+    peak: u64,
+}
+
+/// What `/proc/self/status` says, where there is one.
+fn process_memory() -> Option<ProcessMemory> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib = |field: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(field))?
+            .split_whitespace()
+            .next()?
+            .parse::<u64>()
+            .ok()
+            .map(|kib| kib << 10)
+    };
+    Some(ProcessMemory {
+        resident: kib("VmRSS:")?,
+        peak: kib("VmHWM:")?,
+    })
+}
+
+/// Writes a zip to `path` with what `entries` adds.
+fn write_package(
+    path: &std::path::Path,
+    entries: impl FnOnce(&mut zip::ZipWriter<std::fs::File>) -> zip::result::ZipResult<()>,
+) -> zip::result::ZipResult<()> {
+    let mut writer = zip::ZipWriter::new(std::fs::File::create(path)?);
+    entries(&mut writer)?;
+    writer.finish()?;
+    Ok(())
+}
+
+/// Writes a zip whose one entry, `data.bin`, holds 100 bytes stored but declares `declared`
+/// (its uncompressed size rewritten in the central directory).
+pub(crate) fn write_lying_zip(path: &std::path::Path, declared: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut writer = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let stored =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    writer.start_file("data.bin", stored)?;
+    writer.write_all(&[b'x'; 100])?;
+    let mut bytes = writer.finish()?.into_inner();
+    let central = bytes
+        .windows(4)
+        .position(|window| window == b"PK\x01\x02")
+        .ok_or_else(|| std::io::Error::other("no central directory"))?;
+    // A central directory header holds the uncompressed size at offset 24.
+    bytes[central + 24..central + 28].copy_from_slice(&declared.to_le_bytes());
+    std::fs::write(path, bytes)
+}
+
+fn ok_io<T, E: std::fmt::Display>(result: Result<T, E>, what: &str) -> T {
+    match result {
+        Ok(value) => value,
+        Err(error) => panic!("{what}: {error}"),
+    }
+}
+
 fn assert_not_found<T: std::fmt::Debug>(
     result: Result<T, EngineError>,
     id: &ContainerId,
@@ -494,6 +744,9 @@ macro_rules! runtime_conformance_tests {
         $crate::runtime_conformance_tests!(@checks $make;
             capabilities_answer,
             files_are_in_place_when_it_starts,
+            package_files_arrive_with_their_modes,
+            a_package_larger_than_memory_arrives_whole,
+            a_package_lying_about_a_size_fails_the_create,
             environment_reaches_the_program,
             wait_reports_the_exit_code,
             memory_limit_kill_is_named_oom,

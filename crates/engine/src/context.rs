@@ -12,23 +12,16 @@
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::UNIX_EPOCH;
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
 
+use crate::archive::{ArchiveFailure, stream_archive};
 use crate::build::BuildRequest;
 use crate::error::EngineError;
 
 /// The ignore file's name, at the root of the context.
 pub(crate) const DOCKERIGNORE: &str = ".dockerignore";
-
-/// How much of the tar is handed to the engine at once.
-const CHUNK_BYTES: usize = 256 << 10;
-
-/// Chunks written ahead of what the engine has read.
-const CHANNEL_CHUNKS: usize = 4;
 
 /// What a build sends: the entries of the context that survive `.dockerignore`, parents
 /// before children, siblings in name order.
@@ -91,12 +84,6 @@ enum Token {
         negated: bool,
         ranges: Vec<(char, char)>,
     },
-}
-
-/// Writes the tar into a channel, one chunk at a time, for a request body to read.
-struct ChannelWriter {
-    sender: mpsc::Sender<Result<Bytes, io::Error>>,
-    buffer: Vec<u8>,
 }
 
 /// Reads exactly the size a tar header announced: a file that shrank or grew while it was
@@ -229,53 +216,15 @@ pub(crate) fn plan_context(request: &BuildRequest) -> Result<ContextPlan, Engine
 /// Streams the plan's tar from a blocking task, in chunks, as a request body.
 ///
 /// When the context itself fails (a file cannot be read), the body ends with an error, which
-/// the request reports as a transport failure; the returned [`ContextFailure`] then holds the
+/// the request reports as a transport failure; the returned [`ArchiveFailure`] then holds the
 /// real reason. A body nobody reads any more (the request ended) stops the task.
 pub(crate) fn stream_context(
     plan: ContextPlan,
 ) -> (
     impl futures::Stream<Item = Result<Bytes, io::Error>> + Send + 'static,
-    ContextFailure,
+    ArchiveFailure,
 ) {
-    let (sender, receiver) = mpsc::channel(CHANNEL_CHUNKS);
-    let failure = ContextFailure::default();
-    let slot = failure.clone();
-    tokio::task::spawn_blocking(move || {
-        let written =
-            write_context_tar(&plan, ChannelWriter::new(sender.clone())).and_then(|mut writer| {
-                writer
-                    .flush()
-                    .map_err(|error| invalid(format!("cannot finish the context archive: {error}")))
-            });
-        if let Err(error) = written {
-            if sender.is_closed() {
-                // The request ended first; its own outcome is the one to report.
-                return;
-            }
-            let message = error.to_string();
-            slot.set(error);
-            let _ = sender.blocking_send(Err(io::Error::other(message)));
-        }
-    });
-    let body = futures::stream::unfold(receiver, |mut receiver| async move {
-        receiver.recv().await.map(|chunk| (chunk, receiver))
-    });
-    (body, failure)
-}
-
-/// Where the task writing a context tar leaves its failure.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct ContextFailure(Arc<Mutex<Option<EngineError>>>);
-
-impl ContextFailure {
-    fn set(&self, error: EngineError) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(error);
-    }
-
-    /// The context's failure, if it failed.
-    pub(crate) fn take(&self) -> Option<EngineError> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
-    }
+    stream_archive(move |out| write_context_tar(&plan, out))
 }
 
 fn read_directory(path: &Path, name: &str) -> Result<Vec<std::ffi::OsString>, EngineError> {
@@ -581,42 +530,6 @@ fn matches_tokens(tokens: &[Token], text: &[char]) -> bool {
                     .filter(|at| text[*at] == '/')
                     .any(|slash| matches_tokens(rest, &text[slash + 1..]))
         }
-    }
-}
-
-// === impl ChannelWriter ===
-
-impl ChannelWriter {
-    /// A writer that hands chunks to `sender`.
-    fn new(sender: mpsc::Sender<Result<Bytes, io::Error>>) -> Self {
-        ChannelWriter {
-            sender,
-            buffer: Vec::with_capacity(CHUNK_BYTES),
-        }
-    }
-
-    fn send(&mut self) -> io::Result<()> {
-        if self.buffer.is_empty() {
-            return Ok(());
-        }
-        let chunk = std::mem::replace(&mut self.buffer, Vec::with_capacity(CHUNK_BYTES));
-        self.sender
-            .blocking_send(Ok(Bytes::from(chunk)))
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the engine stopped reading"))
-    }
-}
-
-impl Write for ChannelWriter {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.buffer.extend_from_slice(data);
-        if self.buffer.len() >= CHUNK_BYTES {
-            self.send()?;
-        }
-        Ok(data.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.send()
     }
 }
 

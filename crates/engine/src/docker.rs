@@ -27,7 +27,7 @@ use futures::StreamExt;
 use futures::future::ready;
 use tokio::sync::broadcast;
 
-use crate::archive::task_files_archive;
+use crate::archive::{stream_archive, write_task_archive};
 use crate::build::{BuildProgress, BuildRequest, BuiltImage, OutputLines};
 use crate::context::{ContextPlan, plan_context, stream_context};
 use crate::cpu_group;
@@ -122,6 +122,9 @@ impl DockerEngine {
         self.docker.client_version().to_string()
     }
 
+    /// Puts the spec's directories, files and package in place with one archive upload,
+    /// streamed as it is written: the package is read entry by entry on a blocking thread, so
+    /// what is held is a few chunks, never the package.
     async fn upload_files(
         &self,
         id: &ContainerId,
@@ -131,16 +134,19 @@ impl DockerEngine {
             .duration_since(UNIX_EPOCH)
             .map(|since| since.as_secs())
             .unwrap_or(0);
-        let archive = task_files_archive(spec, mtime)?;
+        let spec = spec.clone();
+        let (body, failure) = stream_archive(move |out| write_task_archive(&spec, mtime, out));
         let options = UploadToContainerOptionsBuilder::new().path("/").build();
-        self.docker
-            .upload_to_container(
-                id.as_str(),
-                Some(options),
-                bollard::body_full(archive.into()),
-            )
-            .await
-            .map_err(|error| EngineError::from_bollard(error, Subject::Container(id.as_str())))
+        let uploaded = self
+            .docker
+            .upload_to_container(id.as_str(), Some(options), bollard::body_try_stream(body))
+            .await;
+        // A package that could not be read broke the upload off: its reason is the one to
+        // report, not the broken request.
+        if let Some(error) = failure.take() {
+            return Err(error);
+        }
+        uploaded.map_err(|error| EngineError::from_bollard(error, Subject::Container(id.as_str())))
     }
 
     /// A 404 on create means a missing image or a missing network; asking whether the image

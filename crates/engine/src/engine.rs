@@ -48,10 +48,12 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// ([`check_required`]).
     async fn capabilities(&self) -> Result<EngineCapabilities, EngineError>;
 
-    /// Creates a container with the spec's directories and files in place (how they get there
-    /// is the runtime's business: Docker uploads an archive, never a bind mount). The
-    /// container is not started. When the files cannot be put in place the container is
-    /// removed again and the error returned.
+    /// Creates a container with the spec's directories and files in place and its package
+    /// unpacked (how they get there is the runtime's business: Docker uploads one archive,
+    /// streamed as it is written, never a bind mount; a package is read entry by entry, never
+    /// held whole). The container is not started. When the files cannot be put in place the
+    /// container is removed again and the error returned ([`EngineError::InvalidPackage`]
+    /// for a package whose entry holds another size than it declares).
     async fn create(&self, spec: &ContainerSpec) -> Result<ContainerId, EngineError>;
 
     /// Starts a created container.

@@ -147,6 +147,17 @@ pub enum EngineError {
         reason: String,
     },
 
+    /// A code package cannot be unpacked into the container: the zip cannot be read, or an
+    /// entry holds fewer or more bytes than it declares (which would corrupt the archive the
+    /// runtime is sent, so the upload is stopped instead).
+    ///
+    /// This is the user's error: the same package fails the same way on any runner.
+    #[error("invalid code package: {reason}")]
+    InvalidPackage {
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// The runtime's answer could not be understood (bad JSON, an error reported mid-stream, a
     /// missing field that every runtime sends).
     #[error("unexpected answer from the container runtime: {message}")]
@@ -200,12 +211,13 @@ impl EngineError {
             EngineError::LocalIo { .. } => "local_io",
             EngineError::BuildFailed { .. } => "build_failed",
             EngineError::InvalidBuildContext { .. } => "invalid_build_context",
+            EngineError::InvalidPackage { .. } => "invalid_package",
             EngineError::Protocol { .. } => "protocol",
         }
     }
 
     /// Every name [`EngineError::kind`] can return: the closed set of metric label values.
-    pub const KINDS: [&'static str; 16] = [
+    pub const KINDS: [&'static str; 17] = [
         "unreachable",
         "timeout",
         "server",
@@ -221,6 +233,7 @@ impl EngineError {
         "local_io",
         "build_failed",
         "invalid_build_context",
+        "invalid_package",
         "protocol",
     ];
 
@@ -234,8 +247,8 @@ impl EngineError {
     ///
     /// The user's: an image that does not exist ([`EngineError::ImageNotFound`]: the reference
     /// was well-formed and the registry answered), registry credentials that were refused, a
-    /// request the runtime refused as invalid, a spec refused before sending, and a failed
-    /// image build or its unusable context.
+    /// request the runtime refused as invalid, a spec refused before sending, a failed image
+    /// build or its unusable context, and a code package that cannot be unpacked.
     pub fn is_infrastructure(&self) -> bool {
         match self {
             EngineError::Unreachable { .. }
@@ -253,7 +266,8 @@ impl EngineError {
             | EngineError::Refused { .. }
             | EngineError::InvalidSpec { .. }
             | EngineError::BuildFailed { .. }
-            | EngineError::InvalidBuildContext { .. } => false,
+            | EngineError::InvalidBuildContext { .. }
+            | EngineError::InvalidPackage { .. } => false,
         }
     }
 
@@ -407,6 +421,7 @@ mod tests {
             },
             EngineError::BuildFailed { message: text() },
             EngineError::InvalidBuildContext { reason: text() },
+            EngineError::InvalidPackage { reason: text() },
             EngineError::Protocol { message: text() },
         ];
         let kinds: std::collections::BTreeSet<_> = every.iter().map(EngineError::kind).collect();

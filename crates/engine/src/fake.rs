@@ -5,7 +5,11 @@
 //! tokio's clock (so `tokio::time::pause` makes long tasks instant). What a container does is
 //! scripted with a [`FakeRun`] chosen by label, by image or by default; failures are injected
 //! per operation with [`FakeEngine::fail_next`] or for everything with
-//! [`FakeEngine::set_unreachable`].
+//! [`FakeEngine::set_unreachable`]. What a container holds when it is created (its
+//! directories, files and unpacked package) is recorded as a runtime would have put it in
+//! place ([`FakeEngine::filesystem`]), but for the contents of files over
+//! [`FAKE_KEPT_FILE_BYTES`], of which only the size is kept: a test can put a package larger
+//! than memory through the fake.
 //!
 //! Available with the `fake` cargo feature, and in this crate's own tests.
 
@@ -36,6 +40,9 @@ pub const KILLED_EXIT_CODE: i64 = 137;
 
 /// The size of a fake image unless set otherwise ([`FakeEngine::set_image_size`]).
 pub const FAKE_IMAGE_BYTES: u64 = 1 << 20;
+
+/// The largest file whose contents a fake container keeps; of larger ones it keeps the size.
+pub const FAKE_KEPT_FILE_BYTES: u64 = 1 << 20;
 
 /// The in-memory engine. Cheap to clone; clones share state.
 #[derive(Clone)]
@@ -70,11 +77,44 @@ pub struct FakeRun {
 /// environment reached the container the way a real program would see them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FakeEcho {
-    /// The contents of the file at this path (nothing when there is none).
+    /// The contents of the file at this path (nothing when there is none, or when only its
+    /// size was kept).
     File(String),
     /// The value of this environment variable (nothing when it is unset).
     Env(String),
+    /// The size of the file at this path in bytes, in decimal with a newline, as `wc -c <`
+    /// prints it (nothing when there is none).
+    Size(String),
+    /// A line `<octal mode> <path>` for every directory and file below this directory (a
+    /// directory's path ending in `/`), in path order.
+    Listing(String),
 }
+
+/// One directory or file a fake container holds from its creation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeEntry {
+    /// Unix permission bits.
+    pub mode: u32,
+    /// What it is.
+    pub kind: FakeEntryKind,
+}
+
+/// A directory, or a file with its size and (up to [`FAKE_KEPT_FILE_BYTES`]) its contents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FakeEntryKind {
+    /// A directory.
+    Directory,
+    /// A file of `size` bytes; `contents` when it is no larger than [`FAKE_KEPT_FILE_BYTES`].
+    File {
+        /// Its size in bytes.
+        size: u64,
+        /// Its bytes, when kept.
+        contents: Option<Vec<u8>>,
+    },
+}
+
+/// What a fake container holds from its creation, by absolute path.
+pub type FakeFilesystem = BTreeMap<String, FakeEntry>;
 
 /// The engine operations a failure can be injected into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -150,6 +190,8 @@ struct FakeState {
     builds: Vec<BuildRequest>,
     containers: BTreeMap<String, FakeContainer>,
     created: Vec<(ContainerId, ContainerSpec)>,
+    /// What each created container held, by id (kept after its removal).
+    filesystems: HashMap<String, Arc<FakeFilesystem>>,
     removed: Vec<ContainerId>,
     kills: Vec<ContainerId>,
     scripts: Vec<(Selector, FakeRun)>,
@@ -263,6 +305,18 @@ impl FakeRun {
         self
     }
 
+    /// Prints the size of its container's file at `path` on stdout ([`FakeEcho::Size`]).
+    pub fn echo_size(mut self, path: impl Into<String>) -> Self {
+        self.echoes.push(FakeEcho::Size(path.into()));
+        self
+    }
+
+    /// Lists what its container holds below `directory` on stdout ([`FakeEcho::Listing`]).
+    pub fn echo_listing(mut self, directory: impl Into<String>) -> Self {
+        self.echoes.push(FakeEcho::Listing(directory.into()));
+        self
+    }
+
     /// Reports this peak memory in its stats.
     pub fn peak_memory(mut self, bytes: u64) -> Self {
         self.peak_memory_bytes = bytes;
@@ -307,6 +361,7 @@ impl FakeEngine {
                 builds: Vec::new(),
                 containers: BTreeMap::new(),
                 created: Vec::new(),
+                filesystems: HashMap::new(),
                 removed: Vec::new(),
                 kills: Vec::new(),
                 scripts: Vec::new(),
@@ -439,16 +494,26 @@ impl FakeEngine {
         self.lock().kills.clone()
     }
 
-    /// The bytes uploaded to `path` in container `id`, if any.
+    /// The bytes put at `path` in container `id` when it was created, while the container
+    /// exists and has such a file whose contents were kept.
     pub fn uploaded_file(&self, id: &ContainerId, path: &str) -> Option<Vec<u8>> {
-        let state = self.lock();
-        let container = state.containers.get(id.as_str())?;
-        container
-            .spec
-            .files
-            .iter()
-            .find(|file| file.path == path)
-            .map(|file| file.contents.clone())
+        if !self.lock().containers.contains_key(id.as_str()) {
+            return None;
+        }
+        match self.filesystem(id)?.get(path)? {
+            FakeEntry {
+                kind: FakeEntryKind::File { contents, .. },
+                ..
+            } => contents.clone(),
+            FakeEntry { .. } => None,
+        }
+    }
+
+    /// What container `id` held when it was created: the spec's directories and files and
+    /// its unpacked package, as a runtime puts them in place. Kept after the container is
+    /// removed.
+    pub fn filesystem(&self, id: &ContainerId) -> Option<Arc<FakeFilesystem>> {
+        self.lock().filesystems.get(id.as_str()).cloned()
     }
 
     /// The policy `network` was last isolated with, if it was.
@@ -528,6 +593,10 @@ impl ContainerRuntime for FakeEngine {
     async fn create(&self, spec: &ContainerSpec) -> Result<ContainerId, EngineError> {
         self.injected(FakeOperation::Create)?;
         spec.validate()?;
+        // Read inline, not on a blocking thread: a test's paused clock must not run ahead
+        // while a package is read. A package that cannot be read fails the create, as it
+        // fails a real runtime's upload.
+        let filesystem = Arc::new(filesystem_of(spec)?);
         let mut state = self.lock();
         if !state.images.contains_key(&normalize_reference(&spec.image)) {
             return Err(EngineError::ImageNotFound {
@@ -564,16 +633,26 @@ impl ContainerRuntime for FakeEngine {
         let mut run = run;
         for echo in std::mem::take(&mut run.echoes) {
             let bytes = match echo {
-                FakeEcho::File(path) => spec
-                    .files
-                    .iter()
-                    .find(|file| file.path == path)
-                    .map(|file| file.contents.clone()),
+                FakeEcho::File(path) => match filesystem.get(&path) {
+                    Some(FakeEntry {
+                        kind: FakeEntryKind::File { contents, .. },
+                        ..
+                    }) => contents.clone(),
+                    _ => None,
+                },
                 FakeEcho::Env(name) => spec
                     .env
                     .iter()
                     .find(|(key, _)| *key == name)
                     .map(|(_, value)| value.clone().into_bytes()),
+                FakeEcho::Size(path) => match filesystem.get(&path) {
+                    Some(FakeEntry {
+                        kind: FakeEntryKind::File { size, .. },
+                        ..
+                    }) => Some(format!("{size}\n").into_bytes()),
+                    _ => None,
+                },
+                FakeEcho::Listing(directory) => Some(listing(&filesystem, &directory)),
             };
             if let Some(bytes) = bytes {
                 run = run.stdout(bytes);
@@ -591,6 +670,7 @@ impl ContainerRuntime for FakeEngine {
             },
         );
         state.created.push((id.clone(), spec.clone()));
+        state.filesystems.insert(id.as_str().to_owned(), filesystem);
         Ok(id)
     }
 
@@ -1112,6 +1192,84 @@ fn dockerfile_instructions(dockerfile: &str) -> Vec<String> {
     instructions
 }
 
+/// What a container created from `spec` holds: its directories, then its files, then its
+/// package's files, each later entry replacing an earlier one at the same path as an
+/// archive's would.
+fn filesystem_of(spec: &ContainerSpec) -> Result<FakeFilesystem, EngineError> {
+    let mut filesystem = FakeFilesystem::new();
+    for directory in spec.effective_directories() {
+        filesystem.insert(
+            normalized_path(&directory.path),
+            FakeEntry {
+                mode: directory.mode,
+                kind: FakeEntryKind::Directory,
+            },
+        );
+    }
+    for file in &spec.files {
+        filesystem.insert(
+            normalized_path(&file.path),
+            FakeEntry {
+                mode: file.mode,
+                kind: FakeEntryKind::File {
+                    size: file.contents.len() as u64,
+                    contents: Some(file.contents.clone()),
+                },
+            },
+        );
+    }
+    if let Some(package) = &spec.package {
+        package.read_files(|file, contents| {
+            let kept = if file.size <= FAKE_KEPT_FILE_BYTES {
+                let mut bytes = Vec::new();
+                contents.read_to_end(&mut bytes)?;
+                Some(bytes)
+            } else {
+                std::io::copy(contents, &mut std::io::sink())?;
+                None
+            };
+            filesystem.insert(
+                normalized_path(&file.path),
+                FakeEntry {
+                    mode: file.mode,
+                    kind: FakeEntryKind::File {
+                        size: file.size,
+                        contents: kept,
+                    },
+                },
+            );
+            Ok(())
+        })?;
+    }
+    Ok(filesystem)
+}
+
+/// `path` absolute, without empty or `.` components: how the filesystem is keyed.
+fn normalized_path(path: &str) -> String {
+    format!("/{}", crate::spec::normalized(path))
+}
+
+/// [`FakeEcho::Listing`] of `directory`.
+fn listing(filesystem: &FakeFilesystem, directory: &str) -> Vec<u8> {
+    let prefix = format!("{}/", normalized_path(directory).trim_end_matches('/'));
+    let mut lines = String::new();
+    for (path, entry) in filesystem.range(prefix.clone()..) {
+        if !path.starts_with(&prefix) {
+            break;
+        }
+        if path.len() == prefix.len() {
+            continue;
+        }
+        let slash = if entry.kind == FakeEntryKind::Directory {
+            "/"
+        } else {
+            ""
+        };
+        lines.push_str(&format!("{:o} {path}{slash}\n", entry.mode));
+    }
+    lines.into_bytes()
+}
+
 fn container_not_found(id: &ContainerId) -> EngineError {
     EngineError::ContainerNotFound {
         id: id.as_str().to_owned(),
@@ -1179,6 +1337,8 @@ mod tests {
                     .iter()
                     .fold(FakeRun::success(), |run, path| run.echo_file(path.clone())),
                 Program::PrintEnv(name) => FakeRun::success().echo_env(name.clone()),
+                Program::ListFiles(directory) => FakeRun::success().echo_listing(directory.clone()),
+                Program::CountBytes(path) => FakeRun::success().echo_size(path.clone()),
                 Program::ExceedMemory => {
                     spec.memory_bytes = Some(8 << 20);
                     FakeRun::oom_killed()

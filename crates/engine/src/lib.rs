@@ -28,7 +28,9 @@
 //!   distribution endpoint, whether given credentials (or none) may pull it, classified by
 //!   status alone; pulls are shared only between callers with the same credentials.
 //! * **Containers**: create from a [`ContainerSpec`] with limits, dropped capabilities and
-//!   `no-new-privileges`, with files uploaded through the archive API (never bind mounts);
+//!   `no-new-privileges`, with files and a code's zip package ([`ZipPackage`], unpacked under
+//!   [`TASK_DIR`] entry by entry, never held whole) uploaded through the archive API as one
+//!   streamed archive (never bind mounts);
 //!   start, logs (stdout and stderr apart), wait (exit code, `OOMKilled`, times), kill, stats,
 //!   remove (timed), and listing by label for the start-up reaper. The engine keeps no copy
 //!   of a container's output (the `none` log driver): [`ContainerRuntime::attach`], made
@@ -75,6 +77,7 @@ mod firewall;
 mod local_image;
 mod local_stacks;
 mod network;
+mod package;
 mod pull;
 mod spec;
 
@@ -100,6 +103,7 @@ pub use network::{
     DEFAULT_BLOCKED_RANGES, Destination, EgressPolicy, Ipv4Net, MAX_BRIDGE_NAME_LEN, NETWORK_LABEL,
     NetworkInfo, NetworkSpec, parse_ipv4_net,
 };
+pub use package::ZipPackage;
 pub use spec::{
     ContainerId, ContainerSpec, DEFAULT_CAPABILITIES, DirectoryToCreate, FileToUpload, TASK_DIR,
 };

@@ -75,7 +75,7 @@ pub fn busybox_rootfs_tar(busybox: &Path, mtime: u64) -> Result<Vec<u8>, EngineE
     })?;
     let applets = applets_of(busybox);
 
-    let mut archive = ArchiveBuilder::new(mtime);
+    let mut archive = ArchiveBuilder::new(Vec::new(), mtime);
     for (directory, mode) in [
         ("/bin", 0o755),
         ("/sbin", 0o755),

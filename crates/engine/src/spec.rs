@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use crate::error::EngineError;
+use crate::package::ZipPackage;
 
 /// The working directory every task container gets, writable by whatever user the image runs
 /// as (IronWorker's `TASK_DIR`).
@@ -72,6 +73,9 @@ pub struct ContainerSpec {
     pub directories: Vec<DirectoryToCreate>,
     /// Files the container has when it starts.
     pub files: Vec<FileToUpload>,
+    /// A zip package unpacked under [`TASK_DIR`] before the container starts, after the
+    /// directories and files above. Its file must stay until `create` returned.
+    pub package: Option<ZipPackage>,
 }
 
 /// One file a container has when it starts. The runtime puts it there without a host bind
@@ -146,7 +150,8 @@ impl ContainerSpec {
     }
 
     /// The directories to create: the listed ones, plus [`TASK_DIR`] (mode 0777) when the
-    /// spec does not list it, so every task container has a writable task directory.
+    /// spec does not list it, so every task container has a writable task directory, then
+    /// those of the package.
     pub fn effective_directories(&self) -> Vec<DirectoryToCreate> {
         let mut directories = self.directories.clone();
         if !directories
@@ -160,6 +165,9 @@ impl ContainerSpec {
                     mode: 0o777,
                 },
             );
+        }
+        if let Some(package) = &self.package {
+            directories.extend_from_slice(package.directories());
         }
         directories
     }

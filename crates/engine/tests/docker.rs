@@ -141,6 +141,21 @@ impl Harness for DockerHarness {
                 spec
             }
             Program::PrintEnv(name) => shell(&self.task, &format!("printf '%s' \"${name}\"")),
+            Program::ListFiles(directory) => {
+                let mut spec = shell(
+                    &self.task,
+                    "find \"$CONFORMANCE_DIR\" -mindepth 1 | while read -r path; do \
+                     if [ -d \"$path\" ]; then stat -c '%a %n/' \"$path\"; \
+                     else stat -c '%a %n' \"$path\"; fi; done",
+                );
+                spec.env.push(("CONFORMANCE_DIR".into(), directory.clone()));
+                spec
+            }
+            Program::CountBytes(path) => {
+                let mut spec = shell(&self.task, "wc -c < \"$CONFORMANCE_FILE\"");
+                spec.env.push(("CONFORMANCE_FILE".into(), path.clone()));
+                spec
+            }
             Program::ExceedMemory => {
                 // The shell itself (PID 1) holds 64 MiB in a variable against an 8 MiB limit.
                 let mut spec = shell(

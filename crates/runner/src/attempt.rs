@@ -1,7 +1,7 @@
 //! One attempt at one leased task, from lease to teardown.
 //!
 //! ```text
-//! leased ─▶ memory reserved ─▶ image present ─▶ package fetched ─▶ created ─▶ output attached
+//! leased ─▶ memory reserved ─▶ image present ─▶ package spooled ─▶ created ─▶ output attached
 //!        ─▶ lease confirmed ─▶ started ─▶ mark_running ─▶ supervised (exit | deadline | cancel | lease lost | shutdown)
 //!        ─▶ logs drained ─▶ result recorded (complete | requeue | abandoned) ─▶ slot freed
 //!        ─▶ container removed in the background
@@ -19,7 +19,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use stevedore_engine::{
     ContainerEngine, ContainerId, EngineError, ExitStatus, ImagePresence, LogChunkStream,
-    PullProgress, ResourceSampleStream, ResourceUsage, Timestamp,
+    PullProgress, ResourceSampleStream, ResourceUsage, Timestamp, ZipPackage,
 };
 use stevedore_metrics::ContainerOperation;
 use stevedore_model::TaskOutcome;
@@ -41,6 +41,7 @@ use crate::logs::{LogShipper, ShippedLogs};
 use crate::progress::ProgressReporter;
 use crate::registry::{ImageAccess, ImageOwner, PublicImages};
 use crate::source::{RequeueRequest, TaskSource};
+use crate::spool::{PackageSpool, SpoolError, SpooledPackage};
 
 /// What every attempt shares with the runner.
 pub(crate) struct TaskContext {
@@ -64,6 +65,8 @@ pub(crate) struct TaskContext {
     pub image_uses: Arc<ImageUses>,
     /// Where each attempt writes down until when its lease surely holds, for the watchdog.
     pub ledger: Option<Arc<LeaseLedger>>,
+    /// Where code packages are spooled on their way into containers.
+    pub spool: PackageSpool,
 }
 
 /// How an attempt ended, to be recorded.
@@ -133,6 +136,7 @@ pub(crate) async fn run(context: Arc<TaskContext>, leased: LeasedTask, slot: Slo
         container: None,
         started: false,
         image: None,
+        package: None,
     }
     .run()
     .instrument(span)
@@ -150,6 +154,8 @@ struct Attempt {
     started: bool,
     /// The task's image, kept from the image janitor until the attempt ends.
     image: Option<ImageInUse>,
+    /// The spooled code package, until the container is created (or the attempt ends).
+    package: Option<SpooledPackage>,
 }
 
 // === impl Attempt ===
@@ -267,7 +273,10 @@ impl Attempt {
         };
         // Not raced against anything: a create in flight that was dropped could leave a
         // container behind whose id we never learnt.
-        let id = match self.create(&spec).await {
+        let created = self.create(&spec).await;
+        // The package is in the container now (or never will be): its file goes.
+        self.package = None;
+        let id = match created {
             Ok(id) => id,
             Err(error) => return self.engine_failed("creating the container", error),
         };
@@ -354,7 +363,8 @@ impl Attempt {
         }
         self.slot.reserve_memory(memory_mib).await;
 
-        let config = &self.context.config;
+        let context = Arc::clone(&self.context);
+        let config = &context.config;
         let plan = ContainerPlan::new(&self.leased, &config.stacks).map_err(setup_failed)?;
         // In use before it is made present, so the janitor never takes it in between.
         self.image = Some(self.context.image_uses.acquire(&plan.image));
@@ -362,11 +372,11 @@ impl Attempt {
         let package = match &plan.package {
             PackagePlan::None => None,
             PackagePlan::Unpack | PackagePlan::UnpackWithEntryPoint(_) => {
-                Some(self.fetch_package().await?)
+                Some(self.fetch_package(plan.package.entry_point()).await?)
             }
         };
         let mut spec = plan
-            .spec(&self.leased, config, package.as_deref())
+            .spec(&self.leased, config, package)
             .map_err(setup_failed)?;
         spec.cpu_group = self.context.cpu_group.clone();
         Ok(spec)
@@ -488,28 +498,60 @@ impl Attempt {
             })
     }
 
-    async fn fetch_package(&self) -> Result<Vec<u8>, Ending> {
+    /// Downloads the code package to the spool and reads its directory, with `entry_point`
+    /// to be made executable. The spooled file stays with the attempt until the container is
+    /// created. A download that breaks off or does not match its announced size is the
+    /// infrastructure's (the task is requeued); a zip that cannot be read is the user's.
+    async fn fetch_package(&mut self, entry_point: Option<&str>) -> Result<ZipPackage, Ending> {
         let task = &self.leased.task;
         let token = self.leased.lease.token;
         let source = &self.context.source;
-        match with_retries("fetch the code package", || {
+        let fetch_failed = |error: &dyn std::fmt::Display| Ending::Requeue {
+            reason: format!("the code package could not be fetched: {error}"),
+            delay: self.backoff(),
+        };
+        let download = match with_retries("fetch the code package", || {
             source.task_package(&task.id, token)
         })
         .await
         {
-            Ok(package) => package.into_bytes().await.map_err(|error| Ending::Requeue {
-                reason: format!("the code package could not be fetched: {error}"),
-                delay: self.backoff(),
-            }),
-            Err(SourceError::NotFound { .. }) => Err(setup_failed(format!(
-                "revision {} of code {:?} has no package",
-                task.code_rev, task.code_name
-            ))),
-            Err(SourceError::StaleLease { .. }) => Err(lease_lost()),
-            Err(error) => Err(Ending::Requeue {
-                reason: format!("the code package could not be fetched: {error}"),
-                delay: self.backoff(),
-            }),
+            Ok(download) => download,
+            Err(SourceError::NotFound { .. }) => {
+                return Err(setup_failed(format!(
+                    "revision {} of code {:?} has no package",
+                    task.code_rev, task.code_name
+                )));
+            }
+            Err(SourceError::StaleLease { .. }) => return Err(lease_lost()),
+            Err(error) => return Err(fetch_failed(&error)),
+        };
+        let spooled = match self.context.spool.receive(download, &task.id).await {
+            Ok(spooled) => spooled,
+            Err(SpoolError::Download(SourceError::StaleLease { .. })) => return Err(lease_lost()),
+            Err(error) => return Err(fetch_failed(&error)),
+        };
+        let path = spooled.path().to_owned();
+        self.package = Some(spooled);
+        let (opening, entry_point) = (path.clone(), entry_point.map(str::to_owned));
+        let opened =
+            tokio::task::spawn_blocking(move || ZipPackage::open(opening, entry_point.as_deref()))
+                .await
+                .unwrap_or_else(|error| {
+                    Err(EngineError::LocalIo {
+                        path: path.display().to_string(),
+                        message: error.to_string(),
+                    })
+                });
+        match opened {
+            Ok(package) => {
+                tracing::debug!(
+                    files = package.file_count(),
+                    unpacked_bytes = package.unpacked_bytes(),
+                    "code package spooled"
+                );
+                Ok(package)
+            }
+            Err(error) => Err(self.engine_failed("reading the code package", error)),
         }
     }
 

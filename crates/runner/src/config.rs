@@ -1,5 +1,6 @@
 //! [`RunnerConfig`]: everything a runner is told, with the defaults an operator would expect.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use stevedore_engine::RegistryAuth;
@@ -103,6 +104,13 @@ pub struct RunnerConfig {
     /// The network tasks run on (the managed, isolated one for `bridge`) and what they may
     /// reach from it.
     pub network: TaskNetworkConfig,
+    /// Where the runner spools code packages on their way into containers, in a directory of
+    /// its own (`runner-<id>`): a file per task being prepared, removed when its attempt ends
+    /// and, what a killed runner left, when the runner starts again. Give it a disk with room
+    /// for `capacity` packages; not a memory-backed `/tmp`. Default: the system's temporary
+    /// directory (`stevedore serve` and `stevedore runner` use `work` in their data
+    /// directory).
+    pub work_dir: PathBuf,
 }
 
 /// What a [`RunnerConfig`] comes to on a given engine: the derived defaults filled in.
@@ -166,6 +174,7 @@ impl Default for RunnerConfig {
             reserve_cpus: 0.0,
             allow_unlimited_memory: false,
             network: TaskNetworkConfig::default(),
+            work_dir: std::env::temp_dir().join("stevedore"),
         }
     }
 }

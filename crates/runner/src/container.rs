@@ -15,12 +15,11 @@
 
 use std::collections::BTreeMap;
 
-use stevedore_engine::{ContainerSpec, FileToUpload, RegistryAuth, TASK_DIR};
+use stevedore_engine::{ContainerSpec, FileToUpload, RegistryAuth, TASK_DIR, ZipPackage};
 use stevedore_model::LeasedTask;
 use stevedore_model::{CodeKind, StackTable};
 
 use crate::config::RunnerConfig;
-use crate::package;
 
 /// The label that names a container's task.
 pub const LABEL_TASK: &str = "stevedore.task";
@@ -58,6 +57,18 @@ pub enum PackagePlan {
     /// Unpacked under `TASK_DIR` with this entry point (a runtime code's `file_name`) made
     /// executable; a package without it is the user's error.
     UnpackWithEntryPoint(String),
+}
+
+// === impl PackagePlan ===
+
+impl PackagePlan {
+    /// The entry point to make executable, when there is one.
+    pub fn entry_point(&self) -> Option<&str> {
+        match self {
+            PackagePlan::UnpackWithEntryPoint(entry_point) => Some(entry_point),
+            PackagePlan::None | PackagePlan::Unpack => None,
+        }
+    }
 }
 
 // === impl ContainerPlan ===
@@ -121,14 +132,15 @@ impl ContainerPlan {
 
     /// The full container spec for the runner `config`: contract environment and files
     /// (and where the API is, when the operator publishes it, unless the code sets those
-    /// variables itself), the unpacked `package`, limits, labels and the network. Fails,
-    /// with a message for the user, when the package cannot be read or lacks the entry
-    /// point, or the code's network is not allowed here.
+    /// variables itself), the `package` to unpack (opened with this plan's entry point,
+    /// [`PackagePlan::entry_point`]), limits, labels and the network. Fails, with a message
+    /// for the user, when the package is missing or lacks the entry point, or the code's
+    /// network is not allowed here.
     pub fn spec(
         &self,
         leased: &LeasedTask,
         config: &RunnerConfig,
-        package: Option<&[u8]>,
+        package: Option<ZipPackage>,
     ) -> Result<ContainerSpec, String> {
         let (task, code) = (&leased.task, &leased.code);
         let runner_id = config.runner_id.as_str();
@@ -183,27 +195,20 @@ impl ContainerPlan {
             ],
             ..ContainerSpec::default()
         };
-        let entry_point = match &self.package {
-            PackagePlan::None => return Ok(spec),
-            PackagePlan::Unpack => None,
-            PackagePlan::UnpackWithEntryPoint(entry_point) => Some(entry_point.as_str()),
-        };
+        if self.package == PackagePlan::None {
+            return Ok(spec);
+        }
         let Some(package) = package else {
             return Err("the code's zip package is missing".to_owned());
         };
-        let unpacked = package::unpack(package, entry_point).map_err(|error| error.to_string())?;
-        if let Some(entry_point) = entry_point
-            && !unpacked
-                .files
-                .iter()
-                .any(|file| file.path == format!("{TASK_DIR}/{entry_point}"))
+        if let Some(entry_point) = self.package.entry_point()
+            && !package.contains_file(entry_point)
         {
             return Err(format!(
                 "the code package has no file {entry_point:?} (the code's file_name)"
             ));
         }
-        spec.directories = unpacked.directories;
-        spec.files.extend(unpacked.files);
+        spec.package = Some(package);
         Ok(spec)
     }
 }
@@ -242,8 +247,13 @@ pub fn registry_auth_for(image: &str, auths: &[RegistryAuth]) -> Option<Registry
 
 /// The container's name: readable in `docker ps`, unique per attempt.
 fn container_name(runner_id: &str, task_id: &str, lease_token: i64) -> String {
-    let runner: String = runner_id
-        .chars()
+    format!("stevedore-{}-{task_id}-{lease_token}", name_safe(runner_id))
+}
+
+/// `name` with every character a container or file name cannot hold (anything but ASCII
+/// letters, digits, `_`, `.` and `-`) made a `-`.
+pub(crate) fn name_safe(name: &str) -> String {
+    name.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || "_.-".contains(c) {
                 c
@@ -251,8 +261,7 @@ fn container_name(runner_id: &str, task_id: &str, lease_token: i64) -> String {
                 '-'
             }
         })
-        .collect();
-    format!("stevedore-{runner}-{task_id}-{lease_token}")
+        .collect()
 }
 
 /// A CPU count in the engine's billionths of a CPU; at least one.
@@ -274,7 +283,26 @@ pub(crate) mod tests {
     use stevedore_model::{CodeRevision, CodeSpec, Limits, Task, TaskStatus};
 
     use super::*;
-    use crate::package::tests::zip_of;
+
+    /// The package of a zip with `entries`, opened for `plan`; the directory holds its file.
+    fn package_of(
+        plan: &ContainerPlan,
+        entries: &[(&str, &str)],
+    ) -> (tempfile::TempDir, ZipPackage) {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("code.zip");
+        let mut writer = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+        for (name, contents) in entries {
+            writer
+                .start_file(*name, zip::write::SimpleFileOptions::default())
+                .unwrap();
+            writer.write_all(contents.as_bytes()).unwrap();
+        }
+        writer.finish().unwrap();
+        let package = ZipPackage::open(&path, plan.package.entry_point()).unwrap();
+        (dir, package)
+    }
 
     pub(crate) fn runner(runner_id: &str, pids_limit: Option<u64>) -> RunnerConfig {
         RunnerConfig {
@@ -490,18 +518,15 @@ pub(crate) mod tests {
             "sh /mnt/task/hello.sh -id t2 -d /mnt/task -payload /mnt/.task_payload \
              -config /mnt/.task_config"
         );
-        let zip = zip_of(&[("hello.sh", "#!/bin/sh\necho hi\n", Some(0o644))]);
+        assert_eq!(plan.package.entry_point(), Some("hello.sh"));
+        let (_dir, package) = package_of(&plan, &[("hello.sh", "#!/bin/sh\necho hi\n")]);
         let spec = plan
-            .spec(&leased, &runner("r1", None), Some(zip.as_slice()))
+            .spec(&leased, &runner("r1", None), Some(package.clone()))
             .unwrap();
-        let script = spec
-            .files
-            .iter()
-            .find(|file| file.path == "/mnt/task/hello.sh")
-            .unwrap();
-        assert_eq!(script.mode, 0o755);
+        assert_eq!(spec.package, Some(package));
 
-        let missing = plan.spec(&leased, &runner("r1", None), Some(zip_of(&[]).as_slice()));
+        let (_dir, without_entry_point) = package_of(&plan, &[("other.sh", "")]);
+        let missing = plan.spec(&leased, &runner("r1", None), Some(without_entry_point));
         assert!(missing.unwrap_err().contains("hello.sh"));
     }
 
@@ -582,15 +607,13 @@ pub(crate) mod tests {
         leased.code.package_sha256 = Some("abc".into());
         let plan = ContainerPlan::new(&leased, &StackTable::default()).unwrap();
         assert_eq!(plan.package, PackagePlan::Unpack);
-        let zip = zip_of(&[
-            ("run.sh", "echo hi\n", Some(0o755)),
-            ("data/a.txt", "a", None),
-        ]);
+        assert_eq!(plan.package.entry_point(), None);
+        let (_dir, package) = package_of(&plan, &[("run.sh", "echo hi\n"), ("data/a.txt", "a")]);
         let spec = plan
-            .spec(&leased, &runner("r1", None), Some(zip.as_slice()))
+            .spec(&leased, &runner("r1", None), Some(package))
             .unwrap();
-        let paths: Vec<&str> = spec.files.iter().map(|file| file.path.as_str()).collect();
-        assert!(paths.contains(&"/mnt/task/run.sh") && paths.contains(&"/mnt/task/data/a.txt"));
+        let package = spec.package.unwrap();
+        assert!(package.contains_file("run.sh") && package.contains_file("data/a.txt"));
         assert!(plan.spec(&leased, &runner("r1", None), None).is_err());
     }
 

@@ -31,6 +31,13 @@ pub enum RunnerError {
     /// refuses).
     #[error("the lease ledger cannot be opened: {0}")]
     LeaseLedger(#[source] std::io::Error),
+    /// The work directory (`work_dir`) cannot be created or cleaned.
+    #[error("the runner's work directory {path} cannot be used: {source}")]
+    WorkDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// The configuration makes no sense (no clusters, a zero capacity...).
     #[error("invalid runner configuration: {0}")]
     InvalidConfig(String),

@@ -14,7 +14,12 @@
 //!   a lost lease (stop and abandon the task to whoever holds it now).
 //! * **The in-container contract** (DESIGN.md section 5): the container spec built from a
 //!   task, its code revision and the stacks ([`ContainerPlan`]): environment, files by
-//!   archive upload, the unpacked zip package, limits and labels.
+//!   archive upload, the zip package to unpack, limits and labels.
+//! * **Code packages on their way** (`spool`): a task's package is downloaded to a file of
+//!   the runner's work directory chunk by chunk, checked against its announced size, and
+//!   handed to the engine as a [`stevedore_engine::ZipPackage`] that it unpacks entry by
+//!   entry; the file goes when the attempt ends, and leftovers of a killed runner at its
+//!   start.
 //! * **Whose credentials pull an image** (`registry`): the operator's for stack images and a
 //!   project's own built images, the project's own (from the lease) for what its code names;
 //!   a cached image from a registry is used by a project only after its registry said that
@@ -70,11 +75,11 @@ mod ledger;
 mod local;
 mod logs;
 mod network;
-mod package;
 mod progress;
 mod registry;
 mod runner;
 mod source;
+mod spool;
 pub mod watchdog;
 
 pub use backoff::requeue_delay;

@@ -783,16 +783,14 @@ mod tests {
         };
         stale(source.task_package(&id, LOCAL_TOKEN).await);
         source.lease(&request()).await.unwrap();
-        assert_eq!(
-            source
-                .task_package(&id, LOCAL_TOKEN)
-                .await
-                .unwrap()
-                .into_bytes()
-                .await
-                .unwrap(),
-            vec![7, 7]
-        );
+        let download = source.task_package(&id, LOCAL_TOKEN).await.unwrap();
+        assert_eq!(download.size, 2);
+        let chunks: Vec<_> = futures::StreamExt::collect(download.chunks).await;
+        let bytes: Vec<u8> = chunks
+            .into_iter()
+            .flat_map(|chunk| chunk.unwrap().to_vec())
+            .collect();
+        assert_eq!(bytes, vec![7, 7]);
         stale(source.task_package(&id, LOCAL_TOKEN + 1).await);
         stale(source.task_package("other", LOCAL_TOKEN).await);
     }

@@ -21,6 +21,7 @@ use crate::error::RunnerError;
 use crate::ledger::LeaseLedger;
 use crate::registry::PublicImages;
 use crate::source::TaskSource;
+use crate::spool::PackageSpool;
 
 /// Leases tasks from a [`TaskSource`] and runs each in its own container on a
 /// [`ContainerEngine`]. One runner per engine; [`Runner::run`] until shutdown.
@@ -48,6 +49,7 @@ struct IdleBackoff {
 pub struct StartedRunner {
     limits: ResolvedLimits,
     ledger: Option<Arc<LeaseLedger>>,
+    spool: PackageSpool,
 }
 
 /// How many containers left by an earlier life are removed at once at start-up.
@@ -87,12 +89,14 @@ impl Runner {
     }
 
     /// Checks the configuration and the engine, then removes what an earlier life of this
-    /// runner left behind. Separate from [`Runner::run_started`] so that a caller can refuse
-    /// to start (with the error) before it serves anything.
+    /// runner left behind (containers, spooled packages). Separate from
+    /// [`Runner::run_started`] so that a caller can refuse to start (with the error) before
+    /// it serves anything.
     ///
     /// Refuses when the configuration is invalid, the engine does not answer, the engine
-    /// cannot enforce memory limits (unless `allow_unlimited_memory`), or the task network
-    /// cannot be set up and isolated (unless its `unguarded` is set).
+    /// cannot enforce memory limits (unless `allow_unlimited_memory`), the task network
+    /// cannot be set up and isolated (unless its `unguarded` is set), or the work directory
+    /// cannot be used.
     pub async fn start(&self) -> Result<StartedRunner, RunnerError> {
         let config = &self.config;
         config.validate()?;
@@ -129,9 +133,19 @@ impl Runner {
             )),
             None => None,
         };
+        let spool = PackageSpool::open(&config.work_dir, &config.runner_id)
+            .await
+            .map_err(|source| RunnerError::WorkDir {
+                path: config.work_dir.display().to_string(),
+                source,
+            })?;
         self.reap().await;
         self.release_held().await;
-        Ok(StartedRunner { limits, ledger })
+        Ok(StartedRunner {
+            limits,
+            ledger,
+            spool,
+        })
     }
 
     /// Makes sure of the CPU group that holds the reserve, when there is one. An engine that
@@ -168,7 +182,11 @@ impl Runner {
     /// container it created is removed.
     pub async fn run_started(&self, started: StartedRunner, shutdown: CancellationToken) {
         let config = &self.config;
-        let limits = started.limits;
+        let StartedRunner {
+            limits,
+            spool,
+            ledger,
+        } = started;
         let cpu_group = limits.cpu_group.clone();
         let admission = Admission::new(limits.capacity, limits.memory_budget_mib);
         let context = Arc::new(TaskContext {
@@ -182,7 +200,8 @@ impl Runner {
             public_images: PublicImages::default(),
             cpu_group,
             image_uses: Arc::default(),
-            ledger: started.ledger,
+            ledger,
+            spool: spool.clone(),
         });
         if let Some(budget_mib) = config.image_disk_budget_mib {
             context.tracker.spawn(
@@ -220,6 +239,7 @@ impl Runner {
         // Every task is over: whatever still carries this runner's label is garbage that a
         // failed removal left (the engine was down at the time).
         self.reap().await;
+        spool.close();
         if let Some(group) = &limits.cpu_group
             && let Err(error) = self.engine.remove_cpu_group(group).await
         {

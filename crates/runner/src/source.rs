@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::stream::{BoxStream, StreamExt, TryStreamExt};
+use futures::stream::{BoxStream, StreamExt};
 use stevedore_model::{
     HeartbeatReply, LeaseRequest, LeasedTask, RunReport, TaskOutcome, WorkSignal,
 };
@@ -99,7 +99,8 @@ pub trait TaskSource: Send + Sync + 'static {
 }
 
 /// A code package on its way to the runner: its length up front, its bytes in chunks, so the
-/// runner never holds a whole package in memory to pass it on.
+/// runner never holds a whole package in memory to pass it on (it spools them to a file and
+/// checks them against the length).
 pub struct PackageDownload {
     /// The package's length in bytes, as the source announced it.
     pub size: u64,
@@ -117,27 +118,6 @@ impl PackageDownload {
             size: bytes.len() as u64,
             chunks: futures::stream::once(async move { Ok(bytes) }).boxed(),
         }
-    }
-
-    /// Every chunk gathered into one buffer, checked against the announced length.
-    pub async fn into_bytes(self) -> Result<Vec<u8>, SourceError> {
-        let expected = self.size;
-        let bytes: Vec<u8> = self
-            .chunks
-            .try_fold(Vec::new(), |mut all, chunk| async move {
-                all.extend_from_slice(&chunk);
-                Ok(all)
-            })
-            .await?;
-        if bytes.len() as u64 != expected {
-            return Err(SourceError::Unavailable {
-                message: format!(
-                    "the package was announced as {expected} bytes but {} arrived",
-                    bytes.len()
-                ),
-            });
-        }
-        Ok(bytes)
     }
 }
 

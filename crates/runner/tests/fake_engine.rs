@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use harness::{Background, Harness, zip_of};
-use stevedore_engine::fake::{FakeEngine, FakeOperation, FakeRun};
+use stevedore_engine::fake::{FakeEngine, FakeEntryKind, FakeOperation, FakeRun};
 use stevedore_engine::{ContainerRuntime, ContainerSpec, EngineCapabilities, EngineError};
 use stevedore_model::{
     Clock, CodeKind, ManualClock, StackTable, SystemClock, TaskOutcome, TaskStatus,
@@ -679,7 +679,7 @@ async fn a_runtime_code_gets_its_package_and_the_legacy_flags() {
     let done = harness.finished(&task.id, WITHIN).await;
     assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
     runner.stop().await.unwrap();
-    let (_, spec): (_, ContainerSpec) = engine.created().remove(0);
+    let (id, spec): (_, ContainerSpec) = engine.created().remove(0);
     assert_eq!(spec.image, stevedore_model::stack::LOCAL_BUSYBOX_IMAGE);
     assert_eq!(
         spec.cmd.unwrap().join(" "),
@@ -689,17 +689,80 @@ async fn a_runtime_code_gets_its_package_and_the_legacy_flags() {
             task.id
         )
     );
-    let script = spec
-        .files
-        .iter()
-        .find(|f| f.path == "/mnt/task/hello.sh")
-        .unwrap();
-    assert_eq!(script.mode, 0o755);
-    assert!(
-        spec.files
-            .iter()
-            .any(|f| f.path == "/mnt/task/lib/data.txt")
+    // The package went in with the create, and its spooled file is gone since.
+    let filesystem = engine.filesystem(&id).unwrap();
+    assert_eq!(filesystem["/mnt/task/hello.sh"].mode, 0o755);
+    assert_eq!(
+        filesystem["/mnt/task/lib/data.txt"].kind,
+        FakeEntryKind::File {
+            size: 4,
+            contents: Some(b"data".to_vec())
+        }
     );
+    let spooled = spec.package.unwrap();
+    assert!(!spooled.path().exists(), "{}", spooled.path().display());
+}
+
+#[tokio::test]
+async fn a_package_download_cut_short_is_requeued_and_leaves_no_file() {
+    let harness = system_harness().await;
+    let engine = FakeEngine::new();
+    engine.add_image(stevedore_model::stack::LOCAL_BUSYBOX_IMAGE);
+    let zip = zip_of(&[("hello.sh", "#!/bin/sh\necho hi\n", 0o755)]);
+    harness
+        .push_runtime_code("cut-short", "binary", "hello.sh", zip, |_| {})
+        .await;
+    let work = tempfile::tempdir().unwrap();
+    let config = RunnerConfig {
+        work_dir: work.path().to_owned(),
+        ..test_config("r-cut-short")
+    };
+    let (runner, source) = start(&harness, config, &engine);
+    source.cut_packages_short(true);
+    let task = harness.queue("cut-short", "", 60).await;
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    while source.requeues.lock().unwrap().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no requeue");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (_, requeue) = source.requeues.lock().unwrap()[0].clone();
+    assert!(
+        requeue.reason.contains("announced as") && requeue.reason.contains("arrived"),
+        "{}",
+        requeue.reason
+    );
+    // The next attempt gets the whole package and runs.
+    source.cut_packages_short(false);
+    let done = harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
+    runner.stop().await.unwrap();
+    assert_eq!(engine.created().len(), 1);
+    let left: Vec<_> = std::fs::read_dir(work.path()).unwrap().collect();
+    assert!(left.is_empty(), "the work directory holds {left:?}");
+}
+
+#[tokio::test]
+async fn a_package_that_is_no_zip_ends_error_for_the_user_without_a_container() {
+    let harness = system_harness().await;
+    let engine = FakeEngine::new();
+    engine.add_image(stevedore_model::stack::LOCAL_BUSYBOX_IMAGE);
+    harness
+        .push_runtime_code(
+            "not-a-zip",
+            "binary",
+            "hello.sh",
+            b"not a zip".to_vec(),
+            |_| {},
+        )
+        .await;
+    let task = harness.queue("not-a-zip", "", 60).await;
+    let (runner, _) = start(&harness, test_config("r-not-a-zip"), &engine);
+    let done = harness.finished(&task.id, WITHIN).await;
+    runner.stop().await.unwrap();
+    assert_eq!(done.status, TaskStatus::Error, "{done:#?}");
+    let msg = done.msg.unwrap_or_default();
+    assert!(msg.contains("invalid code package"), "{msg}");
+    assert!(engine.created().is_empty());
 }
 
 #[tokio::test]
@@ -1193,7 +1256,7 @@ async fn a_local_runtime_run_gets_its_package() {
     let (result, printed) = run_locally(&engine, run, CancellationToken::new()).await;
     assert_eq!(result.unwrap().status, TaskStatus::Complete);
     assert_eq!(printed, b"ran\n");
-    let (_, spec) = engine.created().remove(0);
+    let (id, spec) = engine.created().remove(0);
     assert_eq!(
         spec.cmd.unwrap().join(" "),
         format!(
@@ -1201,12 +1264,11 @@ async fn a_local_runtime_run_gets_its_package() {
              -config /mnt/.task_config"
         )
     );
-    let script = spec
-        .files
-        .iter()
-        .find(|f| f.path == "/mnt/task/run.sh")
-        .unwrap();
+    let script = &engine.filesystem(&id).unwrap()["/mnt/task/run.sh"];
     assert_eq!(script.mode & 0o755, 0o755);
+    // The run's own spool directory went with it: a local run leaves nothing behind.
+    let spool = spec.package.unwrap().path().parent().unwrap().to_owned();
+    assert!(!spool.exists(), "{} is left", spool.display());
 }
 
 #[tokio::test]

@@ -26,7 +26,12 @@ impl Server {
         env: &[(&str, &str)],
     ) -> Server {
         let iron_path: PathBuf = data_dir.join("iron.json");
-        let child = Command::new(env!("CARGO_BIN_EXE_stevedore"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_stevedore"));
+        // The benchmarks' own knobs are not settings of `serve`.
+        for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("STEVEDORE_BENCH_")) {
+            command.env_remove(name);
+        }
+        let child = command
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             // No stray `stevedore.toml` from the working directory.
@@ -34,7 +39,6 @@ impl Server {
             .env("STEVEDORE_RUNNER__CAPACITY", capacity.to_string())
             .env("STEVEDORE_RUNNER__ID", runner_id)
             .env("STEVEDORE_LOG", "warn")
-            .env_remove("STEVEDORE_BENCH_TASKS")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -79,6 +83,12 @@ impl Server {
     /// A project path of the v2 API.
     pub fn url(&self, path: &str) -> String {
         format!("{}/2/projects/{}/{path}", self.base, self.project_id)
+    }
+
+    /// The process id of `serve`, for reading its memory from `/proc`.
+    #[allow(dead_code)] // Only some benchmarks read it.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the server is still running")
     }
 
     pub fn authorization(&self) -> String {

@@ -88,7 +88,11 @@ pub async fn run(settings: &Settings, args: RunArgs, format: Format) -> anyhow::
             .with_timeout(timeout)
             .map_err(|error| anyhow::anyhow!("{error}"))?;
     }
-    let config = settings.runner_config(&server_config.stacks)?;
+    let mut config = settings.runner_config(&server_config.stacks)?;
+    if settings.runner.work_dir.is_none() {
+        // A one-off run is no server: it leaves no data directory where it was started.
+        config.work_dir = stevedore_runner::RunnerConfig::default().work_dir;
+    }
     let image = match &local.code.spec.kind {
         CodeKind::Image { image, .. } => Some(image.clone()),
         CodeKind::Runtime { runtime, stack, .. } => server_config

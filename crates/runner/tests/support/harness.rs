@@ -43,6 +43,7 @@ pub struct ObservedSource {
     /// Heartbeats never answer, as over a link that silently drops every packet.
     pub heartbeats_hang: AtomicBool,
     progress_failing: AtomicBool,
+    packages_cut_short: AtomicBool,
     counts: Mutex<Counts>,
     pub outcomes: Mutex<Vec<(String, TaskOutcome, RunReport)>>,
     pub requeues: Mutex<Vec<(String, RequeueRequest)>>,
@@ -277,6 +278,7 @@ impl ObservedSource {
             heartbeats_cut: AtomicBool::new(false),
             heartbeats_hang: AtomicBool::new(false),
             progress_failing: AtomicBool::new(false),
+            packages_cut_short: AtomicBool::new(false),
             counts: Mutex::new(Counts::default()),
             outcomes: Mutex::new(Vec::new()),
             requeues: Mutex::new(Vec::new()),
@@ -299,6 +301,12 @@ impl ObservedSource {
     /// While set, progress reports fail as unavailable.
     pub fn fail_progress(&self, fail: bool) {
         self.progress_failing.store(fail, Ordering::SeqCst);
+    }
+
+    /// While set, package downloads announce one byte more than they bring, as a download
+    /// cut off at its end would.
+    pub fn cut_packages_short(&self, cut: bool) {
+        self.packages_cut_short.store(cut, Ordering::SeqCst);
     }
 
     pub fn cut_heartbeats(&self, cut: bool) {
@@ -446,7 +454,11 @@ impl TaskSource for ObservedSource {
         task_id: &str,
         token: i64,
     ) -> Result<PackageDownload, SourceError> {
-        self.inner.task_package(task_id, token).await
+        let mut download = self.inner.task_package(task_id, token).await?;
+        if self.packages_cut_short.load(Ordering::SeqCst) {
+            download.size += 1;
+        }
+        Ok(download)
     }
 
     async fn release_held(
