@@ -272,6 +272,29 @@ pub struct TaskInfo {
     pub infra_attempts: u32,
     pub peak_memory_bytes: Option<u64>,
     pub cpu_time_ms: Option<u64>,
+    /// stevedore: every attempt at running the task, first first (`GET tasks/{id}` only; a
+    /// list leaves it out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<Vec<TaskAttemptInfo>>,
+}
+
+/// One attempt at running a task: one lease of it, from the lease to its end.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TaskAttemptInfo {
+    /// 1 for the first.
+    pub attempt: u32,
+    pub runner_id: Option<String>,
+    pub leased_at: String,
+    /// When its container started, if it did.
+    pub started_at: Option<String>,
+    /// When it ended; absent while it goes on.
+    pub ended_at: Option<String>,
+    /// `requeued` (given back to the queue: a runner lost or restarted, an engine restart, an
+    /// expired lease), or the status the task ended with.
+    pub ending: Option<String>,
+    pub exit_code: Option<i64>,
+    /// Why it ended: a requeue's reason, a final status's message.
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

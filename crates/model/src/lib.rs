@@ -33,7 +33,7 @@ pub use retry::{RetriesBackoff, automatic_retry, retry_delay_secs};
 pub use schedule::{Schedule, ScheduleSpec, ScheduleStatus, ScheduleTiming};
 pub use stack::{Runtime, Stack, StackImages, StackTable};
 pub use status::{Event, TaskStatus, TransitionError, transition};
-pub use task::{NewTask, Task, TaskOutcome};
+pub use task::{NewTask, Task, TaskAttempt, TaskOutcome};
 pub use validation::ValidationError;
 
 /// Timestamps are UTC everywhere inside stevedore; time zones only matter for cron schedules.

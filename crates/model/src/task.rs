@@ -8,6 +8,25 @@ use crate::status::{TaskStatus, TransitionError, transition};
 use crate::validation::{ValidationError, check_name, check_range};
 use crate::{Timestamp, new_id};
 
+/// One attempt at running a task: one lease of it, from the lease to its end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskAttempt {
+    /// 1 for the first.
+    pub attempt: u32,
+    pub runner_id: Option<String>,
+    pub leased_at: Timestamp,
+    /// When its container started, if it did.
+    pub started_at: Option<Timestamp>,
+    /// When the attempt ended; `None` while it goes on.
+    pub ended_at: Option<Timestamp>,
+    /// `requeued` (the task was given back to the queue: a runner lost, an engine restart, an
+    /// expired lease), or the status the task ended with.
+    pub ending: Option<String>,
+    pub exit_code: Option<i64>,
+    /// Why it ended: a requeue's reason, a final status's message.
+    pub reason: Option<String>,
+}
+
 /// A task as stored. Timestamps are UTC; `start_time` and `end_time` come from the container's
 /// own run, not from the runner's bookkeeping.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -4,6 +4,7 @@
 use chrono::{SecondsFormat, TimeZone, Utc};
 use serde_json::Value;
 use stevedore_api_types::v2;
+use stevedore_model::TaskAttempt;
 use stevedore_model::code::{self, CodeKind};
 use stevedore_model::limits::{self, DEFAULT_RETRIES_DELAY_SECS};
 use stevedore_model::task::DEFAULT_CLUSTER;
@@ -516,6 +517,20 @@ pub fn task_info(task: &Task) -> v2::TaskInfo {
         infra_attempts: task.infra_attempts,
         peak_memory_bytes: task.peak_memory_bytes,
         cpu_time_ms: task.cpu_time_ms,
+        attempts: None,
+    }
+}
+
+pub fn task_attempt_info(attempt: &TaskAttempt) -> v2::TaskAttemptInfo {
+    v2::TaskAttemptInfo {
+        attempt: attempt.attempt,
+        runner_id: attempt.runner_id.clone(),
+        leased_at: format_time(attempt.leased_at),
+        started_at: attempt.started_at.map(format_time),
+        ended_at: attempt.ended_at.map(format_time),
+        ending: attempt.ending.clone(),
+        exit_code: attempt.exit_code,
+        reason: attempt.reason.clone(),
     }
 }
 

@@ -35,7 +35,7 @@ pub mod testsuite;
 use async_trait::async_trait;
 use stevedore_model::{
     CodeKind, CodeRevision, CodeSpec, NewTask, Quota, QuotaLimits, Schedule, ScheduleSpec, Task,
-    TaskOutcome, TaskStatus, Timestamp,
+    TaskAttempt, TaskOutcome, TaskStatus, Timestamp,
 };
 
 pub use credentials::{
@@ -525,6 +525,9 @@ pub trait Store: Send + Sync + 'static {
         now: Timestamp,
     ) -> Result<Vec<Task>>;
     async fn get_task(&self, project_id: &str, task_id: &str) -> Result<Task>;
+    /// Every attempt at running the task, first first: each lease, its runner, its start and
+    /// how it ended.
+    async fn task_attempts(&self, project_id: &str, task_id: &str) -> Result<Vec<TaskAttempt>>;
     /// Tasks matching the filter, newest first.
     async fn list_tasks(
         &self,

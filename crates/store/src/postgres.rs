@@ -54,6 +54,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
+use stevedore_model::TaskAttempt;
 use stevedore_model::{
     CodeRevision, CodeSpec, NewTask, Quota, QuotaLimits, Schedule, ScheduleSpec, Task, TaskOutcome,
     TaskStatus, Timestamp,
@@ -365,6 +366,10 @@ impl Store for PgStore {
 
     async fn get_task(&self, project_id: &str, task_id: &str) -> Result<Task> {
         tasks::get(self, project_id, task_id).await
+    }
+
+    async fn task_attempts(&self, project_id: &str, task_id: &str) -> Result<Vec<TaskAttempt>> {
+        tasks::attempts(self, project_id, task_id).await
     }
 
     async fn list_tasks(

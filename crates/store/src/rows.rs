@@ -332,3 +332,30 @@ pub(crate) fn credential(row: &impl SqlRow) -> Result<StoredCredential> {
         updated_at: timestamp(row.int("updated_at")?)?,
     })
 }
+
+/// A `task_attempts` row as both backends read it: attempt, runner_id, leased_at, started_at,
+/// ended_at, ending, exit_code, reason.
+pub(crate) type AttemptRow = (
+    i64,
+    Option<String>,
+    i64,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+);
+
+pub(crate) fn attempt(row: AttemptRow) -> Result<stevedore_model::TaskAttempt> {
+    let (attempt, runner_id, leased_at, started_at, ended_at, ending, exit_code, reason) = row;
+    Ok(stevedore_model::TaskAttempt {
+        attempt: unsigned("task_attempts.attempt", attempt)?,
+        runner_id,
+        leased_at: timestamp(leased_at)?,
+        started_at: opt_timestamp(started_at)?,
+        ended_at: opt_timestamp(ended_at)?,
+        ending,
+        exit_code,
+        reason,
+    })
+}

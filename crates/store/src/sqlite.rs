@@ -54,6 +54,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
+use stevedore_model::TaskAttempt;
 use stevedore_model::{
     CodeRevision, CodeSpec, NewTask, Quota, QuotaLimits, Schedule, ScheduleSpec, Task, TaskOutcome,
     Timestamp,
@@ -370,6 +371,10 @@ impl Store for SqliteStore {
 
     async fn get_task(&self, project_id: &str, task_id: &str) -> Result<Task> {
         tasks::get(self, project_id, task_id).await
+    }
+
+    async fn task_attempts(&self, project_id: &str, task_id: &str) -> Result<Vec<TaskAttempt>> {
+        tasks::attempts(self, project_id, task_id).await
     }
 
     async fn list_tasks(

@@ -115,6 +115,7 @@ macro_rules! store_test_suite {
                 successive_leases_alternate_between_projects,
                 priorities_win_over_fair_share,
                 a_restarted_runner_releases_what_it_held_at_once,
+                every_attempt_is_recorded_with_how_it_ended,
             ],
             logs: [
                 log_is_capped_with_one_marker,

@@ -274,7 +274,13 @@ pub async fn show(
     Path((_, task_id)): Path<(String, String)>,
 ) -> ApiResult<Json<v2::TaskInfo>> {
     let task = state.store.get_task(&access.project_id, &task_id).await?;
-    Ok(Json(wire::task_info(&task)))
+    let attempts = state
+        .store
+        .task_attempts(&access.project_id, &task_id)
+        .await?;
+    let mut info = wire::task_info(&task);
+    info.attempts = Some(attempts.iter().map(wire::task_attempt_info).collect());
+    Ok(Json(info))
 }
 
 /// Cancel a task: a queued one at once, a running one is killed by its runner.

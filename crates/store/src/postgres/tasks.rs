@@ -10,6 +10,7 @@ use std::collections::HashMap;
 
 use sqlx::postgres::PgConnection;
 use sqlx::{Postgres, QueryBuilder, Row};
+use stevedore_model::TaskAttempt;
 use stevedore_model::{
     Event, NewTask, Quota, Task, TaskOutcome, TaskStatus, Timestamp, transition,
 };
@@ -460,4 +461,26 @@ pub(super) async fn notify_work(conn: &mut PgConnection) -> Result<()> {
         .execute(&mut *conn)
         .await?;
     Ok(())
+}
+
+/// The task's attempts, kept by the trigger of `0012_task_attempts.sql`.
+pub(super) async fn attempts(
+    store: &PgStore,
+    project_id: &str,
+    task_id: &str,
+) -> Result<Vec<TaskAttempt>> {
+    let mut tx = store.pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    load(&mut tx, project_id, task_id).await?;
+    let rows: Vec<crate::rows::AttemptRow> = sqlx::query_as(
+        "SELECT attempt, runner_id, leased_at, started_at, ended_at, ending, exit_code, reason \
+         FROM task_attempts WHERE task_id = $1 ORDER BY attempt",
+    )
+    .bind(task_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.rollback().await?;
+    rows.into_iter().map(crate::rows::attempt).collect()
 }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use sqlx::sqlite::SqliteConnection;
 use sqlx::{Connection, QueryBuilder, Row, Sqlite};
+use stevedore_model::TaskAttempt;
 use stevedore_model::{
     Event, NewTask, Quota, Task, TaskOutcome, TaskStatus, Timestamp, transition,
 };
@@ -456,4 +457,25 @@ async fn cancel_queued(
     .execute(&mut *conn)
     .await?;
     Ok(written.rows_affected())
+}
+
+/// The task's attempts, kept by the triggers of `0012_task_attempts.sql`.
+pub(super) async fn attempts(
+    store: &SqliteStore,
+    project_id: &str,
+    task_id: &str,
+) -> Result<Vec<TaskAttempt>> {
+    let mut conn = store.readers.acquire().await?;
+    // One snapshot: the task must be the project's.
+    let mut tx = conn.begin().await?;
+    load(&mut tx, Some(project_id), task_id).await?;
+    let rows: Vec<crate::rows::AttemptRow> = sqlx::query_as(
+        "SELECT attempt, runner_id, leased_at, started_at, ended_at, ending, exit_code, reason \
+         FROM task_attempts WHERE task_id = ?1 ORDER BY attempt",
+    )
+    .bind(task_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.rollback().await?;
+    rows.into_iter().map(crate::rows::attempt).collect()
 }

@@ -905,3 +905,68 @@ pub async fn a_restarted_runner_releases_what_it_held_at_once(store: &dyn Store)
     );
     Ok(())
 }
+
+/// Every attempt is recorded: each lease with its runner, its start and how it ended, the
+/// lost ones with why; only the task's project reads them.
+pub async fn every_attempt_is_recorded_with_how_it_ended(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let id = enqueue_one(store, &acme.id, new_task("hello"), at(0)).await?;
+    assert!(store.task_attempts(&acme.id, &id).await?.is_empty());
+
+    let first = lease_one(store, at(1)).await?;
+    store
+        .mark_running(&id, first.lease.token, at(2), at(2))
+        .await?;
+    let attempts = store.task_attempts(&acme.id, &id).await?;
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(
+        (attempts[0].attempt, attempts[0].runner_id.as_deref()),
+        (1, Some("runner-1"))
+    );
+    assert_eq!(
+        (
+            attempts[0].leased_at,
+            attempts[0].started_at,
+            attempts[0].ended_at
+        ),
+        (at(1), Some(at(2)), None)
+    );
+
+    // The runner is lost: the rescue ends the first attempt; a second runner finishes.
+    store.rescue_expired(at(100), 5).await?;
+    let second = store.lease(&lease_request("runner-2", 1), at(101)).await?;
+    let token = second[0].lease.token;
+    store.mark_running(&id, token, at(102), at(102)).await?;
+    store
+        .complete(&id, token, &exited(3), &RunReport::default(), at(103))
+        .await?;
+
+    let attempts = store.task_attempts(&acme.id, &id).await?;
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert_eq!(attempts[0].ended_at, Some(at(100)));
+    assert_eq!(attempts[0].ending.as_deref(), Some("requeued"));
+    assert!(
+        attempts[0]
+            .reason
+            .as_deref()
+            .is_some_and(|reason| reason.contains("lease of runner runner-1 expired")),
+        "{attempts:?}"
+    );
+    assert_eq!(
+        (
+            attempts[1].attempt,
+            attempts[1].runner_id.as_deref(),
+            attempts[1].started_at,
+            attempts[1].ended_at,
+        ),
+        (2, Some("runner-2"), Some(at(102)), Some(at(103)))
+    );
+    assert_eq!(
+        (attempts[1].ending.as_deref(), attempts[1].exit_code),
+        (Some("error"), Some(3))
+    );
+
+    let other = project(store, "other").await?;
+    assert_not_found(store.task_attempts(&other.id, &id).await, &id);
+    Ok(())
+}
