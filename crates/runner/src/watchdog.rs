@@ -88,6 +88,11 @@ impl Watchdog {
     /// or `shutdown`.
     pub async fn run(&self, engine: Arc<dyn ContainerRuntime>, shutdown: CancellationToken) {
         loop {
+            if !self.ledger_dir.exists() {
+                // The runner's data directory is gone, and with it what there was to watch.
+                tracing::info!(ledger = %self.ledger_dir.display(), "the lease ledger is gone");
+                return;
+            }
             match self.round(engine.as_ref()).await {
                 Ok(round) if !round.runner_alive && round.left == 0 => {
                     tracing::info!(runner_id = %self.runner_id, "the runner is gone and nothing of it is left");
@@ -238,6 +243,24 @@ mod tests {
         assert!(existing.contains(&holds) && existing.contains(&theirs));
         assert!(existing.contains(&other_life));
         assert!(!existing.contains(&ending) && !existing.contains(&unrecorded));
+    }
+
+    #[tokio::test]
+    async fn a_watchdog_whose_ledger_is_gone_ends() {
+        let engine = Arc::new(FakeEngine::new());
+        let dir = tempfile::tempdir().unwrap();
+        let watchdog = Watchdog {
+            runner_id: "r1".into(),
+            ledger_dir: dir.path().join("gone"),
+            interval: Duration::from_millis(10),
+            lead: Duration::from_secs(2),
+        };
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            watchdog.run(engine, CancellationToken::new()),
+        )
+        .await
+        .expect("the watchdog ended");
     }
 
     #[tokio::test]

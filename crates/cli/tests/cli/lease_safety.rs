@@ -1,6 +1,7 @@
 //! No task runs twice at once: a remote runner killed with SIGKILL leaves its container to
-//! the watchdog beside it, which stops it before the lease ends, so the task rescued and run
-//! by another runner never has two containers running.
+//! the watchdog beside it, and a runner cut off from the server without a word stops its
+//! container itself, both before the lease ends, so the task rescued and run by another
+//! runner never has two containers running.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -110,4 +111,235 @@ async fn a_killed_runners_container_stops_before_the_task_runs_again() {
         String::from_utf8_lossy(&left.stdout).trim().is_empty(),
         "containers left behind"
     );
+}
+
+/// A child process that does not outlive the test, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl KillOnDrop {
+    fn stop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A network namespace joined to the host by a veth pair, whose traffic to the host can be
+/// dropped without a word: a runner inside it is cut off silently, not refused.
+struct CutOffNamespace {
+    name: String,
+    host_veth: String,
+    host_address: String,
+}
+
+impl CutOffNamespace {
+    /// The namespace, or `None` without the rights to make one (outside CI).
+    fn create() -> Option<CutOffNamespace> {
+        let suffix = std::process::id() % 10_000;
+        let namespace = CutOffNamespace {
+            name: format!("stv-cut-{suffix}"),
+            host_veth: format!("stvh{suffix}"),
+            host_address: format!("10.213.{}.1", suffix % 250),
+        };
+        let inside = format!("10.213.{}.2/30", suffix % 250);
+        let steps: Vec<Vec<String>> = vec![
+            vec!["netns".into(), "add".into(), namespace.name.clone()],
+            vec![
+                "link".into(),
+                "add".into(),
+                namespace.host_veth.clone(),
+                "type".into(),
+                "veth".into(),
+                "peer".into(),
+                "name".into(),
+                "stvn0".into(),
+                "netns".into(),
+                namespace.name.clone(),
+            ],
+            vec![
+                "addr".into(),
+                "add".into(),
+                format!("{}/30", namespace.host_address),
+                "dev".into(),
+                namespace.host_veth.clone(),
+            ],
+            vec![
+                "link".into(),
+                "set".into(),
+                namespace.host_veth.clone(),
+                "up".into(),
+            ],
+            namespace.inside(&["ip", "addr", "add", &inside, "dev", "stvn0"]),
+            namespace.inside(&["ip", "link", "set", "stvn0", "up"]),
+            namespace.inside(&["ip", "link", "set", "lo", "up"]),
+        ];
+        for step in steps {
+            let status = Command::new("ip").args(&step).status();
+            if !status.is_ok_and(|status| status.success()) {
+                assert!(
+                    !crate::support::in_ci(),
+                    "cannot set up a network namespace: ip {step:?}"
+                );
+                return None;
+            }
+        }
+        Some(namespace)
+    }
+
+    /// `ip netns exec <namespace>` followed by `command`.
+    fn inside(&self, command: &[&str]) -> Vec<String> {
+        let mut args = vec!["netns".to_owned(), "exec".to_owned(), self.name.clone()];
+        args.extend(command.iter().map(|part| (*part).to_owned()));
+        args
+    }
+
+    /// From now on every packet from the namespace to the host is dropped.
+    fn cut(&self) {
+        let status = Command::new("ip")
+            .args(self.inside(&[
+                "iptables",
+                "-A",
+                "OUTPUT",
+                "-d",
+                &self.host_address,
+                "-j",
+                "DROP",
+            ]))
+            .status()
+            .unwrap();
+        assert!(status.success(), "cannot drop the namespace's packets");
+    }
+}
+
+impl Drop for CutOffNamespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_veth])
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_runner_cut_off_silently_stops_its_container_before_the_task_runs_again() {
+    if !docker_available() {
+        return;
+    }
+    let Some(namespace) = CutOffNamespace::create() else {
+        return;
+    };
+    ensure_local_image();
+    let data = tempfile::tempdir().unwrap();
+    // Reachable from the namespace: the server listens on the host's end of the veth pair.
+    let listen = format!("{}:0", namespace.host_address);
+    let mut server = ServerProcess::start_listening(
+        data.path(),
+        &listen,
+        &[],
+        &[("STEVEDORE_RUNNER__ENABLED", "false")],
+    );
+    let token = runner_token(data.path());
+    let api = Api::new(&server);
+    api.post(
+        "codes",
+        json!({"name": "long", "image": "stevedore/busybox:local",
+               "command": "echo started; sleep 25; echo finished"}),
+    )
+    .await;
+
+    let lease_secs: u32 = 6;
+    let cut_id = unique("cut-off");
+    let runner_data = tempfile::tempdir().unwrap();
+    let mut command = Command::new("ip");
+    command
+        .args(namespace.inside(&[
+            crate::support::binary(),
+            "runner",
+            "--api",
+            &server.base,
+            "--id",
+            &cut_id,
+            "--capacity",
+            "2",
+        ]))
+        .env("STEVEDORE_RUNNER_TOKEN", &token)
+        .env("STEVEDORE_LOG", "warn")
+        .env("STEVEDORE_DATA_DIR", runner_data.path())
+        .env("STEVEDORE_RUNNER__LEASE_SECS", lease_secs.to_string())
+        .env("STEVEDORE_STACK_IMAGES", "local")
+        .env("STEVEDORE_CONFIG", "/dev/null")
+        // Inside the namespace the host's firewall is out of reach; the test's tasks need no
+        // network isolation.
+        .env("STEVEDORE_TASK_NETWORK__UNGUARDED", "true")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    let mut cut_runner = KillOnDrop(command.spawn().expect("start the runner in the namespace"));
+
+    let ids = api.queue(json!([{"code_name": "long"}])).await;
+    let task_id = ids[0].clone();
+    api.wait_for(&task_id, Duration::from_secs(60), |task| {
+        task["status"] == "running"
+    })
+    .await;
+    let first = running_containers(&task_id);
+    assert_eq!(first.len(), 1);
+
+    namespace.cut();
+    let cut = Instant::now();
+    let heir_id = unique("heir");
+    let mut heir =
+        RunnerProcess::start_with_lease(&server, &token, &heir_id, &["default"], lease_secs);
+
+    let mut most = 0;
+    let mut first_stopped = None;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let running = running_containers(&task_id);
+        most = most.max(running.len());
+        if first_stopped.is_none() && !running.contains(&first[0]) {
+            first_stopped = Some(cut.elapsed());
+        }
+        let task = api.get(&format!("tasks/{task_id}")).await;
+        if task["status"] == "complete" {
+            // The first attempt ran on the cut-off runner; a lease answered to it after the
+            // cut may have been lost on the way (an attempt that never started); the last
+            // ran on the heir.
+            let attempts = task["attempts"].as_array().unwrap();
+            let (last, earlier) = attempts.split_last().unwrap();
+            assert_eq!(last["runner_id"], heir_id.as_str(), "{task}");
+            assert_eq!(last["ending"], "complete", "{task}");
+            for attempt in earlier {
+                assert_eq!(attempt["ending"], "requeued", "{task}");
+                assert_eq!(attempt["runner_id"], cut_id.as_str(), "{task}");
+            }
+            assert!(earlier[0]["started_at"].is_string(), "{task}");
+            assert!(
+                earlier[1..]
+                    .iter()
+                    .all(|attempt| attempt["started_at"].is_null()),
+                "the cut-off runner started nothing after the cut: {task}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "the task never ended: {task}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(most, 1, "two containers of one task ran at once");
+    let stopped = first_stopped.expect("the cut-off runner's container stopped");
+    assert!(
+        stopped <= Duration::from_secs(u64::from(lease_secs)),
+        "the cut-off runner's container outlived its lease: {stopped:?}"
+    );
+    eprintln!("the cut-off runner's container stopped {stopped:?} after the cut");
+
+    cut_runner.stop();
+    assert!(heir.terminate().success());
+    assert!(server.terminate().success());
 }
