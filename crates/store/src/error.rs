@@ -6,6 +6,12 @@ pub enum StoreError {
     /// No such thing in this project (or at all): `what` names it for the user.
     #[error("{what} not found")]
     NotFound { what: String },
+    /// Retention removed it (a finished task's log): it existed and will not come back.
+    #[error("{what} was removed by retention at {}", at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))]
+    Removed {
+        what: String,
+        at: stevedore_model::Timestamp,
+    },
     /// The request conflicts with the current state, e.g. cancelling a finished task.
     #[error("{0}")]
     Conflict(String),
