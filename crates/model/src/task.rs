@@ -60,7 +60,8 @@ pub struct Task {
     /// The runner holding the task's lease, while it is leased.
     pub runner_id: Option<String>,
     /// When retention removed the log of this finished task (`Store::prune_task_data`): its
-    /// bytes are gone, and reading it says so instead of answering an empty log.
+    /// bytes are gone, and reading it says so instead of answering an empty log. Set on a
+    /// task that printed nothing too, whose log still reads as empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_removed_at: Option<Timestamp>,
     /// When retention removed the payload of this finished task: `payload` is empty from then
