@@ -7,8 +7,8 @@
 //! ```
 //!
 //! Each step removes in chunks of `Pace::chunk_rows`, each chunk one short transaction of the
-//! store's, with a pause between chunks so that a pass never holds SQLite's one writer for
-//! long: other writes wait for one chunk at most. Task rows stay (history, usage, stats); a
+//! store's, with a pause between chunks (at least as long as the chunk took) so that a pass
+//! never holds SQLite's one writer for long: other writes wait for one chunk at most. Task rows stay (history, usage, stats); a
 //! removed log answers 410 and a removed payload reads empty.
 //!
 //! The leader runs a pass every `RetentionConfig::interval` ([`run`]); `stevedore gc` runs one
@@ -17,7 +17,7 @@
 //! leadership) has removed what it removed; the next one goes on from there.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use stevedore_metrics::{StoredBytes, StoredKind};
 use stevedore_model::{Clock, Timestamp};
@@ -41,7 +41,9 @@ pub struct RetentionPolicy {
 pub struct Pace {
     /// The most tasks (or revisions) one chunk touches.
     pub chunk_rows: u32,
-    /// The pause between two chunks, for the writes that waited.
+    /// The least pause between two chunks, for the writes that waited. A chunk that took
+    /// longer (a busy disk, a checkpoint) is followed by a pause as long as it took, so a pass
+    /// never takes more than half of SQLite's writer.
     pub pause: Duration,
 }
 
@@ -127,11 +129,11 @@ impl Default for Pace {
 }
 
 impl Pace {
-    /// Waits between two chunks; `false` when `stop` came first.
-    async fn pause(&self, stop: &CancellationToken) -> bool {
+    /// Waits after a chunk that took `took`; `false` when `stop` came first.
+    async fn pause(&self, took: Duration, stop: &CancellationToken) -> bool {
         tokio::select! {
             () = stop.cancelled() => false,
-            () = tokio::time::sleep(self.pause) => true,
+            () = tokio::time::sleep(self.pause.max(took)) => true,
         }
     }
 }
@@ -276,6 +278,7 @@ async fn prune_task_data(
     };
     let mut after: Option<PruneCursor> = None;
     loop {
+        let started = Instant::now();
         let chunk = store
             .prune_task_data(data, finished_before, after.as_ref(), pace.chunk_rows, now)
             .await?;
@@ -286,7 +289,7 @@ async fn prune_task_data(
         if after.is_none() {
             return Ok(StepEnd::Done);
         }
-        if !pace.pause(stop).await {
+        if !pace.pause(started.elapsed(), stop).await {
             return Ok(StepEnd::Stopped);
         }
     }
@@ -305,6 +308,7 @@ async fn prune_packages(
     removed: &mut PackagesRemoved,
 ) -> Result<StepEnd, StoreError> {
     loop {
+        let started = Instant::now();
         let chunk =
             packages_stand_in::prune_packages(store, keep_revisions, pace.chunk_rows).await?;
         removed.revisions += chunk.revisions;
@@ -314,7 +318,7 @@ async fn prune_packages(
         if chunk.revisions < u64::from(pace.chunk_rows) {
             return Ok(StepEnd::Done);
         }
-        if !pace.pause(stop).await {
+        if !pace.pause(started.elapsed(), stop).await {
             return Ok(StepEnd::Stopped);
         }
     }

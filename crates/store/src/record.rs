@@ -24,7 +24,7 @@ use stevedore_model::{
 use crate::{HeartbeatReply, Requeue, Result, RunReport, StoreError};
 
 pub(crate) use fair_share::{FairShare, Next, ProjectTurn, served_turns};
-pub(crate) use retention::{PruneCandidate, cutoff, plan_prune, walk_start};
+pub(crate) use retention::{PruneCandidate, plan_prune, walk_start};
 
 /// A task as stored, with the columns `Task` does not show.
 #[derive(Debug, Clone, PartialEq)]

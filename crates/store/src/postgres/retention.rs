@@ -13,7 +13,7 @@ use stevedore_model::Timestamp;
 
 use super::{PgStore, finish};
 use crate::convert::{micros, unsigned};
-use crate::record::{PruneCandidate, cutoff, normalize, plan_prune, walk_start};
+use crate::record::{PruneCandidate, normalize, plan_prune, walk_start};
 use crate::{PruneCursor, Result, TaskData, TaskDataPrune};
 
 /// The next finished tasks (`$1`: ended before; `$2`, `$3`: after this end time and id; `$4`:
@@ -46,7 +46,7 @@ pub(super) async fn prune_task_data(
             TaskData::Log => LOGS_KEPT,
             TaskData::Payload => PAYLOADS_KEPT,
         })
-        .bind(cutoff(finished_before))
+        .bind(micros(finished_before))
         .bind(after_end)
         .bind(after_id)
         .bind(i64::from(max_rows))

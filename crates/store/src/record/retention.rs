@@ -1,8 +1,6 @@
 //! Retention's chunks, decided alike by both backends: which of the tasks a call of
 //! `Store::prune_task_data` read it takes, and where the walk goes on.
 
-use stevedore_model::Timestamp;
-
 use crate::convert::{micros, timestamp};
 use crate::{PruneCursor, Result, TaskDataPrune};
 
@@ -65,11 +63,6 @@ pub(crate) fn plan_prune(candidates: Vec<PruneCandidate>, max_rows: u32) -> Resu
         _ => None,
     };
     Ok(PrunePlan { task_ids, prune })
-}
-
-/// `finished_before` as the walk's query compares it.
-pub(crate) fn cutoff(finished_before: Timestamp) -> i64 {
-    micros(finished_before)
 }
 
 #[cfg(test)]
