@@ -27,7 +27,11 @@ async fn gc_removes_finished_tasks_logs_and_payloads_and_nothing_else() {
     }
     ensure_local_image();
     let data = tempfile::tempdir().unwrap();
-    let mut server = ServerProcess::start_running(data.path(), &unique("gc"), &[]);
+    let mut server = ServerProcess::start_running(
+        data.path(),
+        &unique("gc"),
+        &[("STEVEDORE_METRICS__TOKEN_REQUIRED", "false")],
+    );
     let api = Api::new(&server);
     api.post(
         "codes",
@@ -66,6 +70,9 @@ async fn gc_removes_finished_tasks_logs_and_payloads_and_nothing_else() {
     assert_eq!(kept["removed"]["logs"]["tasks"], 0, "{kept}");
     assert_eq!(kept["before"], kept["after"], "{kept}");
 
+    let logs_stored = stored_logs(&api).await;
+    assert!(logs_stored > 0.0);
+
     // Everything that finished before now.
     let output = gc(
         data.path(),
@@ -90,6 +97,9 @@ async fn gc_removes_finished_tasks_logs_and_payloads_and_nothing_else() {
         logs_before - log_size,
         "{report}"
     );
+
+    // The server's gauge reads the store: the removed bytes are gone from it.
+    assert_eq!(stored_logs(&api).await, logs_stored - log_size as f64);
 
     // The finished task's row stays and says what went.
     let task = api.get(&format!("tasks/{done}")).await;
@@ -145,4 +155,28 @@ async fn gc_removes_finished_tasks_logs_and_payloads_and_nothing_else() {
     api.post(&format!("tasks/{queued}/cancel"), json!({})).await;
     api.wait_finished(&running, Duration::from_secs(60)).await;
     assert!(server.terminate().success());
+}
+
+/// `stevedore_stored_bytes{kind="logs"}` in the server's exposition, and the server's own
+/// retention pass (run at start, with nothing old enough to remove) seen in its gauges.
+async fn stored_logs(api: &Api<'_>) -> f64 {
+    let text = api
+        .http
+        .get(format!("{}/metrics", api.server.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("stevedore_retention_run_stored_bytes{kind=\"logs\",point=\"before\"}")
+            && text.contains("stevedore_retention_last_run_timestamp_seconds "),
+        "{text}"
+    );
+    text.lines()
+        .find_map(|line| line.strip_prefix("stevedore_stored_bytes{kind=\"logs\"} "))
+        .unwrap_or_else(|| panic!("no stored logs in {text}"))
+        .parse()
+        .unwrap()
 }
