@@ -62,7 +62,8 @@ pub mod names {
     /// Gauge `{kind, point}`: the stored bytes right `before` and `after` the last retention
     /// run of this process.
     pub const RETENTION_RUN_STORED_BYTES: &str = "stevedore_retention_run_stored_bytes";
-    /// Gauge: when the last retention run of this process ended, seconds since the epoch.
+    /// Gauge: the time the last retention run of this process counted its ages from (when it
+    /// started), seconds since the epoch.
     pub const RETENTION_LAST_RUN: &str = "stevedore_retention_last_run_timestamp_seconds";
     /// Counter `{kind}`: what retention removed: tasks' logs, tasks' payloads, package
     /// revisions.
@@ -306,8 +307,9 @@ pub fn stored_bytes(stored: &StoredBytes) {
     }
 }
 
-/// A retention run ended at `ended` with the store holding `before` and `after` it.
-pub fn retention_run(before: &StoredBytes, after: &StoredBytes, ended: Timestamp) {
+/// A retention run that counted its ages from `now` is over, the store holding `before` and
+/// `after` it.
+pub fn retention_run(before: &StoredBytes, after: &StoredBytes, now: Timestamp) {
     for (point, stored) in [("before", before), ("after", after)] {
         for (kind, bytes) in stored.by_kind() {
             gauge!(
@@ -319,7 +321,7 @@ pub fn retention_run(before: &StoredBytes, after: &StoredBytes, ended: Timestamp
         }
     }
     stored_bytes(after);
-    gauge!(names::RETENTION_LAST_RUN).set(ended.timestamp_millis() as f64 / 1000.0);
+    gauge!(names::RETENTION_LAST_RUN).set(now.timestamp_millis() as f64 / 1000.0);
 }
 
 /// Retention removed `items` (tasks' logs or payloads, package revisions) of `kind`, `bytes`
@@ -458,7 +460,7 @@ fn describe() {
     describe_gauge!(
         names::RETENTION_LAST_RUN,
         Unit::Seconds,
-        "When the last retention run of this process ended, seconds since the epoch."
+        "When the last retention run of this process started, seconds since the epoch."
     );
     describe_counter!(
         names::RETENTION_REMOVED,
