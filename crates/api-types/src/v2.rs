@@ -272,6 +272,14 @@ pub struct TaskInfo {
     pub infra_attempts: u32,
     pub peak_memory_bytes: Option<u64>,
     pub cpu_time_ms: Option<u64>,
+    /// When retention removed this finished task's log (its `log_size` bytes): `log` answers
+    /// 410 from then on. Absent while the log is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_removed_at: Option<String>,
+    /// When retention removed this finished task's payload: `payload` is empty from then on
+    /// and the task can no longer be retried. Absent while the payload is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_removed_at: Option<String>,
     /// stevedore: every attempt at running the task, first first (`GET tasks/{id}` only; a
     /// list leaves it out).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,5 +1,5 @@
 //! The `stevedore` binary: `serve` runs the server on an embedded SQLite store; `project` and
-//! `token` administer tenants on the same data directory; `code`, `task`, `schedule` and
+//! `token` administer tenants on the same data directory, and `gc` runs retention there now; `code`, `task`, `schedule` and
 //! `stack` are the client commands; `run` runs a code locally, without a server.
 
 #![forbid(unsafe_code)]
@@ -145,6 +145,10 @@ enum Command {
     /// Run a code here, once, in the same image with the same contract and limits as on a
     /// runner, without a server. Exit 3 unless the task completed.
     Run(Box<RunArgs>),
+    /// Remove finished tasks' old logs and payloads and old revisions' packages now, as the
+    /// server's retention does every `retention.interval_secs`; prints the sizes before and
+    /// after. Works on the configured store, beside a running server or without one.
+    Gc(cmd::gc::GcArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -310,6 +314,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cmd::usage::run(&ctx, args).await
         }
         Command::Run(args) => cmd::run::run(&settings, *args, format).await,
+        Command::Gc(args) => {
+            // Checked before the store is opened: a broken setting is the first thing said.
+            settings.retention.policy()?;
+            let store = open_store(&settings).await?;
+            let stop = CancellationToken::new();
+            let signal = shutdown_signal();
+            let stopping = stop.clone();
+            tokio::spawn(async move {
+                signal.await;
+                stopping.cancel();
+            });
+            cmd::gc::run(store.as_ref(), &settings, args, format, stop).await
+        }
         Command::Runner(args) => remote_runner(settings, *args).await,
         Command::Watchdog { runner_id, ledger } => watchdog::run(runner_id, ledger).await,
         Command::Serve { listen, database } => {
@@ -468,6 +485,7 @@ async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
     let signal = shutdown_signal();
+    let retention = settings.retention.config()?;
     std::fs::create_dir_all(&settings.data_dir).with_context(|| {
         format!(
             "cannot create the data directory {}",
@@ -560,6 +578,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             max_infra_attempts: settings.runner.max_infra_attempts,
             ..RescuerConfig::default()
         },
+        retention,
         on_enqueue: Some(AppState::lease_wake_hook(
             lease_wake.clone(),
             on_enqueue.clone(),

@@ -16,6 +16,7 @@ use stevedore_model::stack::StackSetting;
 use stevedore_model::{CodeImages, QuotaLimits, StackImages, StackTable, limits};
 use stevedore_runner::{PublishedApi, RunnerConfig, TaskNetworkConfig};
 use stevedore_server::ServerConfig;
+use stevedore_server::retention::{Pace, RetentionConfig, RetentionPolicy};
 use stevedore_store::{PgOptions, SqliteOptions, SyncMode};
 
 /// The CPUs `serve` keeps from its embedded runner's tasks for the API and the store, unless
@@ -73,7 +74,33 @@ pub struct Settings {
     /// every project; an admin sets a project's own with `PUT /2/projects/{id}/quotas`.
     /// Servers sharing a PostgreSQL database should all have the same.
     pub quotas: QuotaLimits,
+    /// How long finished work's data is kept (`[retention]`, `STEVEDORE_RETENTION__<KEY>`):
+    /// the leader removes older logs, payloads and packages every `interval_secs`;
+    /// `stevedore gc` does it at once.
+    pub retention: RetentionSettings,
 }
+
+/// `[retention]`: what finished work leaves behind, and for how long it is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// Remove old data on the leader (the default); off, nothing is removed but by
+    /// `stevedore gc`.
+    pub enabled: bool,
+    /// Days a finished task's log is kept after the task ended.
+    pub log_days: u32,
+    /// Days a finished task's payload is kept after the task ended.
+    pub payload_days: u32,
+    /// Revisions per code whose packages are kept, the latest ones.
+    pub keep_revisions: u32,
+    /// Seconds from the start of one retention pass to the start of the next.
+    pub interval_secs: u64,
+}
+
+/// The longest age retention takes: a century.
+const MAX_RETENTION_DAYS: u32 = 36_500;
+/// The longest time between two retention passes: thirty days.
+const MAX_RETENTION_INTERVAL_SECS: u64 = 30 * 86_400;
 
 /// A setting that must never be printed (a password, a key): its `Debug` says only whether
 /// it is set.
@@ -181,6 +208,67 @@ pub struct RunnerSettings {
     /// `serve` and `runner`, the system's temporary directory for `run`. Give it a disk, not
     /// a memory-backed `/tmp`.
     pub work_dir: Option<PathBuf>,
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        let policy = RetentionPolicy::default();
+        RetentionSettings {
+            enabled: true,
+            log_days: days_of(policy.log_age),
+            payload_days: days_of(policy.payload_age),
+            keep_revisions: policy.keep_revisions,
+            interval_secs: 3600,
+        }
+    }
+}
+
+impl RetentionSettings {
+    /// What is kept, checked: every age at least a day, at least one revision's package. A
+    /// zero would remove a task's log the moment it ends, or the package its code runs, which
+    /// no operator means as a standing setting (`stevedore gc --log-days 0` does it once).
+    pub fn policy(&self) -> anyhow::Result<RetentionPolicy> {
+        let days = |key: &str, days: u32| -> anyhow::Result<chrono::TimeDelta> {
+            anyhow::ensure!(
+                (1..=MAX_RETENTION_DAYS).contains(&days),
+                "invalid configuration: retention.{key} must be between 1 and \
+                 {MAX_RETENTION_DAYS} days, not {days}"
+            );
+            Ok(chrono::TimeDelta::days(i64::from(days)))
+        };
+        anyhow::ensure!(
+            self.keep_revisions >= 1,
+            "invalid configuration: retention.keep_revisions must be at least 1 (the latest \
+             revision's package is what the code runs), not 0"
+        );
+        Ok(RetentionPolicy {
+            log_age: days("log_days", self.log_days)?,
+            payload_age: days("payload_days", self.payload_days)?,
+            keep_revisions: self.keep_revisions,
+        })
+    }
+
+    /// The leader's duty, checked; `None` when retention is off. Checked when it is off too,
+    /// so that turning it on never meets a broken setting.
+    pub fn config(&self) -> anyhow::Result<Option<RetentionConfig>> {
+        let policy = self.policy()?;
+        anyhow::ensure!(
+            (1..=MAX_RETENTION_INTERVAL_SECS).contains(&self.interval_secs),
+            "invalid configuration: retention.interval_secs must be between 1 and \
+             {MAX_RETENTION_INTERVAL_SECS}, not {}",
+            self.interval_secs
+        );
+        Ok(self.enabled.then(|| RetentionConfig {
+            policy,
+            interval: Duration::from_secs(self.interval_secs),
+            pace: Pace::default(),
+        }))
+    }
+}
+
+/// Whole days of an age.
+fn days_of(age: chrono::TimeDelta) -> u32 {
+    u32::try_from(age.num_days()).unwrap_or(u32::MAX)
 }
 
 /// `[task_network]`: the network `bridge` codes run on, isolated from the host, from each
@@ -416,6 +504,7 @@ impl Default for Settings {
             credential_key_file: None,
             code_registry: None,
             quotas: QuotaLimits::default(),
+            retention: RetentionSettings::default(),
         }
     }
 }
@@ -659,6 +748,56 @@ named_networks = ["databases"]
             load("[quotas]\nqueud_tasks = 5\n").is_err(),
             "a misspelt quota"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn retention_comes_from_the_file_and_refuses_zeros() -> anyhow::Result<()> {
+        let defaults = Settings::default().retention;
+        let config = defaults.config()?.expect("on by default");
+        assert_eq!(config.policy, RetentionPolicy::default());
+        assert_eq!(config.interval, Duration::from_secs(3600));
+        assert_eq!(
+            (
+                defaults.log_days,
+                defaults.payload_days,
+                defaults.keep_revisions
+            ),
+            (30, 30, 10)
+        );
+
+        let settings = load("[retention]\nlog_days = 7\ninterval_secs = 600\n")?;
+        let config = settings.retention.config()?.expect("on");
+        assert_eq!(config.policy.log_age, chrono::TimeDelta::days(7));
+        assert_eq!(config.policy.payload_age, chrono::TimeDelta::days(30));
+        assert_eq!(config.interval, Duration::from_secs(600));
+        assert_eq!(
+            load("[retention]\nenabled = false\n")?.retention.config()?,
+            None
+        );
+
+        for (broken, key) in [
+            ("log_days = 0", "retention.log_days"),
+            ("payload_days = 0", "retention.payload_days"),
+            ("payload_days = 40000", "retention.payload_days"),
+            ("keep_revisions = 0", "retention.keep_revisions"),
+            ("interval_secs = 0", "retention.interval_secs"),
+        ] {
+            let refused = load(&format!("[retention]\n{broken}\n"))
+                .and_then(|settings| settings.retention.config());
+            let message = format!("{:#}", refused.expect_err(broken));
+            assert!(message.contains(key), "{broken}: {message}");
+        }
+        for broken in ["log_days = -1", "log_days = \"a week\"", "log_dys = 7"] {
+            let message = format!(
+                "{:#}",
+                load(&format!("[retention]\n{broken}\n")).expect_err(broken)
+            );
+            assert!(
+                message.contains("invalid configuration"),
+                "{broken}: {message}"
+            );
+        }
         Ok(())
     }
 

@@ -57,6 +57,19 @@ pub mod names {
     pub const HTTP_REQUESTS: &str = "stevedore_http_requests_total";
     /// Histogram `{method, route}`: how long answering an HTTP request took.
     pub const HTTP_REQUEST_DURATION: &str = "stevedore_http_request_duration_seconds";
+    /// Gauge `{kind}`: bytes of task logs, task payloads and code packages the store holds.
+    pub const STORED_BYTES: &str = "stevedore_stored_bytes";
+    /// Gauge `{kind, point}`: the stored bytes right `before` and `after` the last retention
+    /// run of this process.
+    pub const RETENTION_RUN_STORED_BYTES: &str = "stevedore_retention_run_stored_bytes";
+    /// Gauge: the time the last retention run of this process counted its ages from (when it
+    /// started), seconds since the epoch.
+    pub const RETENTION_LAST_RUN: &str = "stevedore_retention_last_run_timestamp_seconds";
+    /// Counter `{kind}`: what retention removed: tasks' logs, tasks' payloads, package
+    /// revisions.
+    pub const RETENTION_REMOVED: &str = "stevedore_retention_removed_total";
+    /// Counter `{kind}`: the bytes retention removed.
+    pub const RETENTION_REMOVED_BYTES: &str = "stevedore_retention_removed_bytes_total";
 }
 
 /// The label value that stands for every name past a [`LabelCap`]'s limit.
@@ -75,6 +88,25 @@ pub enum ContainerOperation {
     Start,
     Kill,
     Remove,
+}
+
+/// What the store holds that retention removes, as the `kind` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredKind {
+    /// Finished and running tasks' logs.
+    Logs,
+    /// Tasks' payloads.
+    Payloads,
+    /// Code revisions' zip packages.
+    Packages,
+}
+
+/// Bytes stored of every [`StoredKind`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoredBytes {
+    pub logs: u64,
+    pub payloads: u64,
+    pub packages: u64,
 }
 
 /// The recorder could not be installed.
@@ -268,6 +300,38 @@ pub fn cluster_gauges(clusters: &[ClusterGauge]) {
     }
 }
 
+/// The bytes the store holds, by kind (read at scrape time and by retention runs).
+pub fn stored_bytes(stored: &StoredBytes) {
+    for (kind, bytes) in stored.by_kind() {
+        gauge!(names::STORED_BYTES, "kind" => kind.as_str()).set(bytes as f64);
+    }
+}
+
+/// A retention run that counted its ages from `now` is over, the store holding `before` and
+/// `after` it.
+pub fn retention_run(before: &StoredBytes, after: &StoredBytes, now: Timestamp) {
+    for (point, stored) in [("before", before), ("after", after)] {
+        for (kind, bytes) in stored.by_kind() {
+            gauge!(
+                names::RETENTION_RUN_STORED_BYTES,
+                "kind" => kind.as_str(),
+                "point" => point,
+            )
+            .set(bytes as f64);
+        }
+    }
+    stored_bytes(after);
+    gauge!(names::RETENTION_LAST_RUN).set(now.timestamp_millis() as f64 / 1000.0);
+}
+
+/// Retention removed `items` (tasks' logs or payloads, package revisions) of `kind`, `bytes`
+/// in all. Counted as each chunk commits, so a run stopped half-way is counted as far as it
+/// went.
+pub fn retention_removed(kind: StoredKind, items: u64, bytes: u64) {
+    counter!(names::RETENTION_REMOVED, "kind" => kind.as_str()).increment(items);
+    counter!(names::RETENTION_REMOVED_BYTES, "kind" => kind.as_str()).increment(bytes);
+}
+
 fn build_and_install() -> Result<PrometheusHandle, BuildError> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(names::LEASE_DURATION.into()), LEASE_BUCKETS)?
@@ -383,6 +447,31 @@ fn describe() {
         Unit::Seconds,
         "How long answering an HTTP request took, by method and route template."
     );
+    describe_gauge!(
+        names::STORED_BYTES,
+        Unit::Bytes,
+        "Bytes of task logs, task payloads and code packages the store holds."
+    );
+    describe_gauge!(
+        names::RETENTION_RUN_STORED_BYTES,
+        Unit::Bytes,
+        "Bytes stored by kind right before and after the last retention run of this process."
+    );
+    describe_gauge!(
+        names::RETENTION_LAST_RUN,
+        Unit::Seconds,
+        "When the last retention run of this process started, seconds since the epoch."
+    );
+    describe_counter!(
+        names::RETENTION_REMOVED,
+        Unit::Count,
+        "Task logs, task payloads and package revisions retention removed."
+    );
+    describe_counter!(
+        names::RETENTION_REMOVED_BYTES,
+        Unit::Bytes,
+        "Bytes retention removed, by kind."
+    );
 }
 
 /// Methods outside the standard set (HTTP allows any token) share one label.
@@ -410,6 +499,37 @@ impl ContainerOperation {
             ContainerOperation::Kill => "kill",
             ContainerOperation::Remove => "remove",
         }
+    }
+}
+
+// === impl StoredKind ===
+
+impl StoredKind {
+    pub const ALL: [StoredKind; 3] = [StoredKind::Logs, StoredKind::Payloads, StoredKind::Packages];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoredKind::Logs => "logs",
+            StoredKind::Payloads => "payloads",
+            StoredKind::Packages => "packages",
+        }
+    }
+}
+
+// === impl StoredBytes ===
+
+impl StoredBytes {
+    pub fn get(&self, kind: StoredKind) -> u64 {
+        match kind {
+            StoredKind::Logs => self.logs,
+            StoredKind::Payloads => self.payloads,
+            StoredKind::Packages => self.packages,
+        }
+    }
+
+    /// Every kind with its bytes.
+    pub fn by_kind(&self) -> [(StoredKind, u64); 3] {
+        StoredKind::ALL.map(|kind| (kind, self.get(kind)))
     }
 }
 
@@ -493,6 +613,14 @@ mod tests {
         );
         container_operation(ContainerOperation::Create, Duration::from_millis(40));
         runner_slots(4, 1);
+        let before = StoredBytes {
+            logs: 100,
+            payloads: 10,
+            packages: 1000,
+        };
+        let after = StoredBytes { logs: 40, ..before };
+        retention_removed(StoredKind::Logs, 3, 60);
+        retention_run(&before, &after, now);
 
         let text = render().unwrap();
         assert!(
@@ -560,6 +688,26 @@ mod tests {
         assert_eq!(
             value_of(names::RUNNER_CAPACITY, &[]),
             Some(prometheus_parse::Value::Gauge(4.0))
+        );
+        // Retention: what it removed, and the sizes around its last run.
+        assert_eq!(
+            value_of(names::RETENTION_REMOVED_BYTES, &[("kind", "logs")]),
+            Some(prometheus_parse::Value::Counter(60.0))
+        );
+        assert_eq!(
+            value_of(
+                names::RETENTION_RUN_STORED_BYTES,
+                &[("kind", "logs"), ("point", "before")]
+            ),
+            Some(prometheus_parse::Value::Gauge(100.0))
+        );
+        assert_eq!(
+            value_of(names::STORED_BYTES, &[("kind", "logs")]),
+            Some(prometheus_parse::Value::Gauge(40.0))
+        );
+        assert_eq!(
+            value_of(names::STORED_BYTES, &[("kind", "packages")]),
+            Some(prometheus_parse::Value::Gauge(1000.0))
         );
     }
 }

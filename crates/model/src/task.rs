@@ -39,7 +39,8 @@ pub struct Task {
     pub code_rev: u32,
     pub status: TaskStatus,
     pub priority: u8,
-    /// The payload string exactly as given.
+    /// The payload string exactly as given; empty once retention removed it
+    /// (`payload_removed_at`).
     pub payload: String,
     pub label: Option<String>,
     pub cluster: String,
@@ -64,7 +65,8 @@ pub struct Task {
     /// The schedule that made this task, if one did.
     pub schedule_id: Option<String>,
     pub exit_code: Option<i64>,
-    /// Bytes of log stored so far.
+    /// Bytes of log stored so far. Once retention removed the log (`log_removed_at`) this is
+    /// the size it had, and none of it is stored any more.
     pub log_size: u64,
     /// Times the infrastructure failed this task and it was queued again. Not user retries.
     pub infra_attempts: u32,
@@ -76,6 +78,15 @@ pub struct Task {
     pub cpu_time_ms: Option<u64>,
     /// The runner holding the task's lease, while it is leased.
     pub runner_id: Option<String>,
+    /// When retention removed the log of this finished task (`Store::prune_task_data`): its
+    /// bytes are gone, and reading it says so instead of answering an empty log. Set on a
+    /// task that printed nothing too, whose log still reads as empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_removed_at: Option<Timestamp>,
+    /// When retention removed the payload of this finished task: `payload` is empty from then
+    /// on, and the task can no longer be retried with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_removed_at: Option<Timestamp>,
 }
 
 /// A validated request to queue a task. Defaults are already applied.
@@ -158,6 +169,8 @@ impl Task {
             peak_memory_bytes: None,
             cpu_time_ms: None,
             runner_id: None,
+            log_removed_at: None,
+            payload_removed_at: None,
         }
     }
 

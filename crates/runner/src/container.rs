@@ -344,6 +344,8 @@ pub(crate) mod tests {
             peak_memory_bytes: None,
             cpu_time_ms: None,
             runner_id: Some("r1".into()),
+            log_removed_at: None,
+            payload_removed_at: None,
         };
         let code = CodeRevision {
             id: "c".into(),

@@ -254,7 +254,8 @@
   document.addEventListener("DOMContentLoaded", () => {
     prettify(document);
     const task = document.getElementById("task");
-    if (task) followTask(task);
+    // A log that retention removed has nothing to follow; the page says so.
+    if (task && task.dataset.events) followTask(task);
     const charts = document.getElementById("charts");
     if (charts && window.stevedoreCharts) window.stevedoreCharts(charts);
   });

@@ -25,6 +25,9 @@ pub enum ApiError {
     /// The request conflicts with the current state (e.g. cancelling a finished task).
     #[error("{0}")]
     Conflict(String),
+    /// It was there and is gone for good: retention removed a finished task's log.
+    #[error("{0}")]
+    Gone(String),
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
@@ -46,6 +49,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Gone(_) => StatusCode::GONE,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -81,6 +85,7 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound { what } => ApiError::NotFound(format!("{what} not found")),
             StoreError::PackageRemoved { .. } => ApiError::NotFound(error.to_string()),
             StoreError::Conflict(message) => ApiError::Conflict(message),
+            StoreError::Removed { .. } => ApiError::Gone(error.to_string()),
             StoreError::StaleLease { .. } | StoreError::Transition(_) => {
                 ApiError::Conflict(error.to_string())
             }
@@ -132,6 +137,7 @@ mod tests {
             (ApiError::Forbidden(String::new()), 403),
             (ApiError::NotFound(String::new()), 404),
             (ApiError::Conflict(String::new()), 409),
+            (ApiError::Gone(String::new()), 410),
             (ApiError::PayloadTooLarge(String::new()), 413),
             (ApiError::UnsupportedMediaType(String::new()), 415),
             (ApiError::TooManyRequests(String::new()), 429),

@@ -1,8 +1,8 @@
-//! The scheduler and the rescuer run in one process at a time: the leader among the servers
-//! sharing a store. Every server runs this loop; it tries to lead, runs both while it does,
-//! and stops them the moment it no longer does (its database connection was lost, say), so
-//! another server takes over. Both are safe to overlap for a moment anyway: firing and rescue
-//! are guarded in the store.
+//! The scheduler, the rescuer and retention run in one process at a time: the leader among the
+//! servers sharing a store. Every server runs this loop; it tries to lead, runs them while it
+//! does, and stops them the moment it no longer does (its database connection was lost, say),
+//! so another server takes over. They are safe to overlap for a moment anyway: firing and
+//! rescue are guarded in the store, and two retention passes skip each other's tasks.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::EnqueueHook;
 use crate::rescuer::{self, RescuerConfig};
+use crate::retention::{self, RetentionConfig};
 use crate::scheduler::{self, SchedulerConfig};
 
 /// How often a follower asks to lead, and a leader checks that it still does.
@@ -24,6 +25,8 @@ pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 pub struct LeaderDuties {
     pub scheduler: SchedulerConfig,
     pub rescuer: RescuerConfig,
+    /// Retention's passes; `None` when the operator turned retention off.
+    pub retention: Option<RetentionConfig>,
     pub on_enqueue: Option<EnqueueHook>,
     pub check_interval: Duration,
 }
@@ -45,7 +48,10 @@ pub async fn run(
             }
         };
         if let Some(leadership) = leadership {
-            tracing::info!("leading: this server runs the scheduler and the rescuer");
+            tracing::info!(
+                retention = duties.retention.is_some(),
+                "leading: this server runs the scheduler, the rescuer and retention"
+            );
             let duty = shutdown.child_token();
             let tasks = TaskTracker::new();
             tasks.spawn(rescuer::run(
@@ -61,6 +67,14 @@ pub async fn run(
                 duties.on_enqueue.clone(),
                 duty.clone(),
             ));
+            if let Some(config) = duties.retention {
+                tasks.spawn(retention::run(
+                    store.clone(),
+                    clock.clone(),
+                    config,
+                    duty.clone(),
+                ));
+            }
             tasks.close();
             loop {
                 tokio::select! {
@@ -68,7 +82,9 @@ pub async fn run(
                     () = tokio::time::sleep(duties.check_interval) => {}
                 }
                 if !leadership.is_held().await {
-                    tracing::warn!("lost the leadership: stopping the scheduler and the rescuer");
+                    tracing::warn!(
+                        "lost the leadership: stopping the scheduler, the rescuer and retention"
+                    );
                     break;
                 }
             }

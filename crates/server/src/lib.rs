@@ -4,7 +4,8 @@
 //! The server owns HTTP and nothing below it: every request is parsed and validated into
 //! domain values (`wire`), handed to the `Store`, and answered from the result. Errors of every
 //! layer meet in one table (`error`) that decides status codes and messages. `GET /metrics`
-//! (`metrics`) exposes the process's Prometheus metrics.
+//! (`metrics`) exposes the process's Prometheus metrics. The leader (`leader`) runs the
+//! scheduler, the rescuer and retention (`retention`), which `stevedore gc` also runs once.
 
 #![forbid(unsafe_code)]
 
@@ -22,6 +23,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod package;
 pub mod rescuer;
+pub mod retention;
 pub mod runner_api;
 pub mod scheduler;
 pub mod streams;

@@ -3,8 +3,9 @@
 //! What the server records itself goes through `stevedore_metrics`' helpers (the one list of
 //! names): finished tasks in the runner protocol and the API's cancel, lease calls and log
 //! bytes of the runner protocol, and every request through [`track_requests`]. The store's
-//! task counts and the runners online per cluster are gauges read from the store at each
-//! scrape, so any server sharing the database reports the same values.
+//! task counts, the bytes it holds (`retention::stored_bytes`) and the runners online per
+//! cluster are gauges read from the store at each scrape, so any server sharing the database
+//! reports the same values.
 //!
 //! The exposition carries counts and bounded names, never payloads or ids; but those names
 //! (codes, clusters) are every project's, so on the API's address it asks for an admin token
@@ -100,11 +101,13 @@ pub async fn track_requests(request: Request, next: Next) -> Response {
     response
 }
 
-/// The store's task counts and the runners online in every cluster, as gauges.
+/// The store's task counts, the bytes it holds and the runners online in every cluster, as
+/// gauges.
 async fn refresh_store_gauges(state: &AppState) -> ApiResult<()> {
     let now = state.clock.now();
     let gauges = state.store.gauges(now).await?;
     stevedore_metrics::store_gauges(&gauges.by_status, &gauges.queue_depth);
+    stevedore_metrics::stored_bytes(&crate::retention::stored_bytes(state.store.as_ref()).await?);
 
     // A project's own cluster is labelled `project/name`: its name alone may be a shared
     // cluster's too.

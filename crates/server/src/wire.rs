@@ -517,6 +517,12 @@ pub fn task_info(task: &Task) -> v2::TaskInfo {
         infra_attempts: task.infra_attempts,
         peak_memory_bytes: task.peak_memory_bytes,
         cpu_time_ms: task.cpu_time_ms,
+        // A task that printed nothing lost nothing: its log still reads as empty.
+        log_removed_at: task
+            .log_removed_at
+            .filter(|_| task.log_size > 0)
+            .map(format_time),
+        payload_removed_at: task.payload_removed_at.map(format_time),
         attempts: None,
     }
 }

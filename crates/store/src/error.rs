@@ -12,6 +12,12 @@ pub enum StoreError {
         "the package of revision {rev} of code {code} was removed by retention; push the code again or use a newer revision"
     )]
     PackageRemoved { code: String, rev: u32 },
+    /// Retention removed it (a finished task's log): it existed and will not come back.
+    #[error("{what} was removed by retention at {}", at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))]
+    Removed {
+        what: String,
+        at: stevedore_model::Timestamp,
+    },
     /// The request conflicts with the current state, e.g. cancelling a finished task.
     #[error("{0}")]
     Conflict(String),

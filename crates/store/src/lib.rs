@@ -298,6 +298,47 @@ pub struct StoreGauges {
     pub queue_depth: Vec<(u8, u64)>,
 }
 
+/// What retention removes of a finished task, kept apart because each has an age of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskData {
+    /// The task's log: its bytes go, `log_size` stays as the size it had.
+    Log,
+    /// The task's payload: it reads as empty from then on.
+    Payload,
+}
+
+/// Where a walk of `Store::prune_task_data` goes on: the last task a call passed, by end time
+/// and id (the walk's order).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PruneCursor {
+    pub end_time: Timestamp,
+    pub task_id: String,
+}
+
+/// What one call of `Store::prune_task_data` did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TaskDataPrune {
+    /// Finished tasks it passed over, each marked as pruned (`log_removed_at` or
+    /// `payload_removed_at`), those with nothing stored included: at most `max_rows`.
+    pub passed: u64,
+    /// Of them, the tasks that held bytes, which are gone now.
+    pub removed: u64,
+    /// The bytes removed: the logs' sizes, or the payloads' UTF-8 bytes.
+    pub bytes: u64,
+    /// Where the next call goes on; `None` once nothing before the cutoff was left.
+    pub next: Option<PruneCursor>,
+}
+
+/// The bytes of task data the store holds, from totals kept in the transactions that change
+/// them (no scan): logs as stored (truncation markers included) and payloads as UTF-8.
+/// Logical sizes: what the database takes on disk for them differs by its pages and
+/// compression.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DataSizes {
+    pub log_bytes: u64,
+    pub payload_bytes: u64,
+}
+
 /// One quota of a project, as `Store::project_quotas` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuotaUse {
@@ -554,13 +595,14 @@ pub trait Store: Send + Sync + 'static {
         msg: Option<&str>,
         now: Timestamp,
     ) -> Result<Task>;
-    /// The task's log so far; `StoreError::NotFound` while there is none.
+    /// The task's log so far; `StoreError::NotFound` while there is none,
+    /// `StoreError::Removed` once retention removed it.
     async fn get_log(&self, project_id: &str, task_id: &str) -> Result<Vec<u8>>;
 
     /// The task's log from byte `offset`, at most `max_bytes` of it, with the task's status,
     /// progress and log size as of the same moment: everything logged before a terminal status
     /// is within `size`. Unknown tasks (and other projects' tasks) are `StoreError::NotFound`;
-    /// an empty log is an empty slice.
+    /// an empty log is an empty slice; a log retention removed is `StoreError::Removed`.
     async fn get_log_since(
         &self,
         project_id: &str,
@@ -839,6 +881,31 @@ pub trait Store: Send + Sync + 'static {
     /// queued ones are due at `now` per priority: what the metrics endpoint reports at each
     /// scrape. Two reads, not one snapshot; a gauge needs no more.
     async fn gauges(&self, now: Timestamp) -> Result<StoreGauges>;
+    /// The bytes of logs and payloads stored, read from totals the store keeps with its task
+    /// counts: a few rows whatever the number of tasks.
+    async fn data_sizes(&self) -> Result<DataSizes>;
+
+    // === retention ===
+
+    /// Removes the logs (`TaskData::Log`) or the payloads (`TaskData::Payload`) of tasks that
+    /// finished (complete, error, timeout, cancelled) before `finished_before`: at most
+    /// `max_rows` tasks, the first by end time and id after `after` (from the oldest when
+    /// `None`), in one short transaction. A chunk of logs also ends once it holds 32 MiB, so
+    /// that no other write waits long behind a chunk of big logs. Each task
+    /// passed is marked with `now` (`log_removed_at`, `payload_removed_at`) and leaves the
+    /// walk; its row stays, with its history and usage. Unfinished tasks are never touched.
+    ///
+    /// The caller calls again from `next` until it is `None`; a walk that starts over (`None`)
+    /// finds whatever an earlier walk left. Reading a removed log afterwards is
+    /// `StoreError::Removed`; a removed payload reads as empty.
+    async fn prune_task_data(
+        &self,
+        data: TaskData,
+        finished_before: Timestamp,
+        after: Option<&PruneCursor>,
+        max_rows: u32,
+        now: Timestamp,
+    ) -> Result<TaskDataPrune>;
 }
 
 /// Held by the leader; dropping it gives the leadership up.

@@ -27,7 +27,7 @@
 //! and, while it cannot, signals on a timer so that waiters fall back to polling.
 //!
 //! The SQL lives in one module per concern (`projects`, `codes`, `packages`, `tasks`, `logs`, `leases`,
-//! `schedules`, `clusters`, `usage`, `credentials`, `gauges`, `quotas`), as in the SQLite store. The
+//! `schedules`, `clusters`, `usage`, `credentials`, `gauges`, `quotas`, `retention`), as in the SQLite store. The
 //! representations are the SQLite store's (`crate::convert`); what a state change does to a
 //! task is decided in `crate::record`, shared with it.
 
@@ -42,6 +42,7 @@ mod logs;
 mod packages;
 mod projects;
 mod quotas;
+mod retention;
 mod rows;
 mod schedules;
 mod tasks;
@@ -62,11 +63,11 @@ use stevedore_model::{
 
 use crate::record::TaskRecord;
 use crate::{
-    Cluster, ClusterLoad, ClusterSpec, CodeCancellation, CodeStats, HeartbeatReply, Leadership,
-    LeaseRequest, LeasedTask, LogSlice, NewToken, PackagePrune, PackageStream, Page, Project,
-    QueueWait, QuotaUse, Requeue, RescuedTask, Result, RevisionPackage, RunReport, RunnerSeen,
-    SealedSecret, StatsWindow, Store, StoreGauges, StoredCredential, TaskFilter, TokenRecord,
-    UsageQuery, UsageRow, WorkSignal,
+    Cluster, ClusterLoad, ClusterSpec, CodeCancellation, CodeStats, DataSizes, HeartbeatReply,
+    Leadership, LeaseRequest, LeasedTask, LogSlice, NewToken, PackagePrune, PackageStream, Page,
+    Project, PruneCursor, QueueWait, QuotaUse, Requeue, RescuedTask, Result, RevisionPackage,
+    RunReport, RunnerSeen, SealedSecret, StatsWindow, Store, StoreGauges, StoredCredential,
+    TaskData, TaskDataPrune, TaskFilter, TokenRecord, UsageQuery, UsageRow, WorkSignal,
 };
 
 /// Where and how to connect.
@@ -694,6 +695,23 @@ impl Store for PgStore {
 
     async fn gauges(&self, now: Timestamp) -> Result<StoreGauges> {
         gauges::gauges(self, now).await
+    }
+
+    async fn data_sizes(&self) -> Result<DataSizes> {
+        gauges::data_sizes(self).await
+    }
+
+    // === retention ===
+
+    async fn prune_task_data(
+        &self,
+        data: TaskData,
+        finished_before: Timestamp,
+        after: Option<&PruneCursor>,
+        max_rows: u32,
+        now: Timestamp,
+    ) -> Result<TaskDataPrune> {
+        retention::prune_task_data(self, data, finished_before, after, max_rows, now).await
     }
 }
 

@@ -10,6 +10,7 @@
 //! and lease token it loaded.
 
 mod fair_share;
+mod retention;
 
 use std::collections::HashMap;
 
@@ -23,6 +24,7 @@ use stevedore_model::{
 use crate::{HeartbeatReply, Requeue, Result, RunReport, StoreError};
 
 pub(crate) use fair_share::{FairShare, Next, ProjectTurn, served_turns};
+pub(crate) use retention::{PruneCandidate, plan_prune, walk_start};
 
 /// A task as stored, with the columns `Task` does not show.
 #[derive(Debug, Clone, PartialEq)]

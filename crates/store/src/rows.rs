@@ -101,6 +101,8 @@ pub(crate) struct TaskRow {
     pub lease_token: Option<i64>,
     pub lease_expires_at: Option<i64>,
     pub version: i64,
+    pub log_removed_at: Option<i64>,
+    pub payload_removed_at: Option<i64>,
 }
 
 // === impl SqlRow ===
@@ -162,6 +164,8 @@ impl TaskRow {
             cancel_requested: self.cancel_requested,
             peak_memory_bytes: opt_unsigned("peak_memory_bytes", self.peak_memory_bytes)?,
             cpu_time_ms: opt_unsigned("cpu_time_ms", self.cpu_time_ms)?,
+            log_removed_at: opt_timestamp(self.log_removed_at)?,
+            payload_removed_at: opt_timestamp(self.payload_removed_at)?,
             id: self.id,
             project_id: self.project_id,
             code_id: self.code_id,
@@ -191,10 +195,19 @@ fn flag<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<bool, D::Er
 
 // === decoding ===
 
-/// What a log follower needs of a task (`status`, `percent`, `msg`, `log_size`,
-/// `log_truncated`), as a slice without bytes.
+/// What a log follower needs of a task (`id`, `status`, `percent`, `msg`, `log_size`,
+/// `log_truncated`, `log_removed_at`), as a slice without bytes. A log that retention removed
+/// is `StoreError::Removed`; one that was empty stays an empty log.
 pub(crate) fn log_state(row: &impl SqlRow) -> Result<LogSlice> {
     let size = unsigned("log_size", row.int("log_size")?)?;
+    if let Some(removed_at) = row.opt_int("log_removed_at")?
+        && size > 0
+    {
+        return Err(StoreError::Removed {
+            what: format!("the log of task {}", row.text("id")?),
+            at: timestamp(removed_at)?,
+        });
+    }
     let truncated = row.flag("log_truncated")?;
     Ok(LogSlice {
         bytes: Vec::new(),

@@ -23,7 +23,7 @@
 //! dropped, or single statements, whole wherever their caller stops.
 //!
 //! The SQL lives in one module per concern (`projects`, `codes`, `packages`, `tasks`, `logs`, `leases`,
-//! `schedules`, `clusters`, `usage`, `credentials`, `gauges`, `quotas`), the writer and its group commits
+//! `schedules`, `clusters`, `usage`, `credentials`, `gauges`, `quotas`, `retention`), the writer and its group commits
 //! in `writer`; what a state change does to a task is decided in `crate::record`, shared with
 //! every backend.
 
@@ -38,6 +38,7 @@ mod logs;
 mod packages;
 mod projects;
 mod quotas;
+mod retention;
 mod rows;
 mod schedules;
 mod tasks;
@@ -64,11 +65,11 @@ use tokio::time::MissedTickBehavior;
 
 use self::writer::Writing;
 use crate::{
-    Cluster, ClusterLoad, ClusterSpec, CodeCancellation, CodeStats, HeartbeatReply, Leadership,
-    LeaseRequest, LeasedTask, LogSlice, NewToken, PackagePrune, PackageStream, Page, Project,
-    QueueWait, QuotaUse, Requeue, RescuedTask, Result, RevisionPackage, RunReport, RunnerSeen,
-    SealedSecret, StatsWindow, Store, StoreError, StoreGauges, StoredCredential, TaskFilter,
-    TokenRecord, UsageQuery, UsageRow,
+    Cluster, ClusterLoad, ClusterSpec, CodeCancellation, CodeStats, DataSizes, HeartbeatReply,
+    Leadership, LeaseRequest, LeasedTask, LogSlice, NewToken, PackagePrune, PackageStream, Page,
+    Project, PruneCursor, QueueWait, QuotaUse, Requeue, RescuedTask, Result, RevisionPackage,
+    RunReport, RunnerSeen, SealedSecret, StatsWindow, Store, StoreError, StoreGauges,
+    StoredCredential, TaskData, TaskDataPrune, TaskFilter, TokenRecord, UsageQuery, UsageRow,
 };
 
 /// The leadership of the one process that uses a SQLite database.
@@ -697,5 +698,22 @@ impl Store for SqliteStore {
 
     async fn gauges(&self, now: Timestamp) -> Result<StoreGauges> {
         gauges::gauges(self, now).await
+    }
+
+    async fn data_sizes(&self) -> Result<DataSizes> {
+        gauges::data_sizes(self).await
+    }
+
+    // === retention ===
+
+    async fn prune_task_data(
+        &self,
+        data: TaskData,
+        finished_before: Timestamp,
+        after: Option<&PruneCursor>,
+        max_rows: u32,
+        now: Timestamp,
+    ) -> Result<TaskDataPrune> {
+        retention::prune_task_data(self, data, finished_before, after, max_rows, now).await
     }
 }

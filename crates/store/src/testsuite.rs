@@ -27,6 +27,7 @@ pub mod logs;
 pub mod packages;
 pub mod projects;
 pub mod quotas;
+pub mod retention;
 pub mod retries;
 pub mod schedules;
 pub mod tasks;
@@ -154,6 +155,11 @@ macro_rules! store_test_suite {
             gauges: [
                 gauges_count_live_tasks_and_due_queues_by_priority,
                 bulk_cancels_count_every_task_and_keep_the_gauges,
+            ],
+            retention: [
+                retention_removes_only_what_finished_before_the_cutoff,
+                retention_walks_in_bounded_chunks,
+                data_sizes_follow_logs_payloads_and_truncation,
             ],
             quotas: [
                 quotas_default_and_are_overridden_per_project,

@@ -1,7 +1,9 @@
 //! The client commands: `code`, `task`, `schedule`, `stack ls`, `usage`, in the spirit of `iron worker`.
-//! Each talks to a server over the IronWorker v2 API; `run` needs no server at all.
+//! Each talks to a server over the IronWorker v2 API; `run` needs no server at all, and `gc`
+//! works on the store itself, like `token create`.
 
 pub mod code;
+pub mod gc;
 pub mod registry;
 pub mod run;
 pub mod schedule;

@@ -439,7 +439,17 @@ fn describe(task: &v2::TaskInfo) -> String {
                 .map(|ms| output::duration_ms(ms as i64))
                 .unwrap_or_default(),
         ),
-        ("log", output::bytes(task.log_size)),
+        (
+            "log",
+            match &task.log_removed_at {
+                Some(removed) => format!(
+                    "{}, removed by retention at {}",
+                    output::bytes(task.log_size),
+                    output::time(removed)
+                ),
+                None => output::bytes(task.log_size),
+            },
+        ),
         ("retry of", output::opt(task.original_task_id.as_deref())),
         (
             "retry count",
@@ -450,7 +460,13 @@ fn describe(task: &v2::TaskInfo) -> String {
             },
         ),
         ("schedule", output::opt(task.schedule_id.as_deref())),
-        ("payload", task.payload.clone()),
+        (
+            "payload",
+            match &task.payload_removed_at {
+                Some(removed) => format!("removed by retention at {}", output::time(removed)),
+                None => task.payload.clone(),
+            },
+        ),
     ])
 }
 

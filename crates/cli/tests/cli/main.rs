@@ -18,6 +18,7 @@ mod postgres;
 mod python_client;
 mod registry;
 mod remote;
+mod retention;
 mod schedules;
 mod serve;
 mod stacks;

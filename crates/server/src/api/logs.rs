@@ -60,11 +60,12 @@ pub struct LogStreamQuery {
 }
 
 /// A task's log (stdout and stderr) as text: the log so far (404 while it has none), or with
-/// `follow=true` the log streamed as it grows until the task ends.
+/// `follow=true` the log streamed as it grows until the task ends. 410 once retention removed
+/// the log of the finished task, with when.
 #[utoipa::path(get, path = "/2/projects/{project_id}/tasks/{task_id}/log", tag = "tasks",
     params(("project_id" = String, Path), ("task_id" = String, Path), LogQuery),
     responses((status = 200, content_type = "text/plain", body = String), (status = 400, body = v2::Message),
-        (status = 404, body = v2::Message)))]
+        (status = 404, body = v2::Message), (status = 410, body = v2::Message)))]
 pub async fn log(
     State(state): State<AppState>,
     access: ProjectAccess,
@@ -135,10 +136,11 @@ pub async fn log(
 /// The task's output as IronWorker's `outlog` serves it (the clients' `stdout()`, which their
 /// `run()` polls): the log, 404 while a task that may still print has none, and an empty
 /// text once the task finished without printing anything, so a client waiting for the
-/// output of a silent task stops waiting.
+/// output of a silent task stops waiting. 410 once retention removed the log.
 #[utoipa::path(get, path = "/2/projects/{project_id}/tasks/{task_id}/outlog", tag = "tasks",
     params(("project_id" = String, Path), ("task_id" = String, Path)),
-    responses((status = 200, content_type = "text/plain", body = String), (status = 404, body = v2::Message)))]
+    responses((status = 200, content_type = "text/plain", body = String), (status = 404, body = v2::Message),
+        (status = 410, body = v2::Message)))]
 pub async fn outlog(
     State(state): State<AppState>,
     access: ProjectAccess,
@@ -157,12 +159,13 @@ pub async fn outlog(
 /// offset after it, data `{"offset": N, "text": "..."}` (where the text begins; characters are
 /// never split, invalid bytes are U+FFFD). `status`, on a change of status or progress:
 /// `{"id", "status", "percent", "msg"}`. `end`, last: the finished task. A stream closed
-/// without `end` was cut short (time limit, shutdown): reconnect with `Last-Event-ID`.
+/// without `end` was cut short (time limit, shutdown): reconnect with `Last-Event-ID`. 410
+/// once retention removed the log.
 #[utoipa::path(get, path = "/2/projects/{project_id}/tasks/{task_id}/log/stream", tag = "tasks",
     params(("project_id" = String, Path), ("task_id" = String, Path), LogStreamQuery,
         ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this byte offset (the `id` of the last `log` event).")),
     responses((status = 200, content_type = "text/event-stream", body = String), (status = 400, body = v2::Message),
-        (status = 404, body = v2::Message)))]
+        (status = 404, body = v2::Message), (status = 410, body = v2::Message)))]
 pub async fn stream(
     State(state): State<AppState>,
     access: ProjectAccess,

@@ -302,11 +302,12 @@ pub async fn cancel(
 }
 
 /// Queue a task again as a new task (same code revision, payload and settings), whatever its
-/// status.
+/// status; 409 once retention removed its payload.
 #[utoipa::path(post, path = "/2/projects/{project_id}/tasks/{task_id}/retry", tag = "tasks",
     params(("project_id" = String, Path), ("task_id" = String, Path)),
     request_body = v2::Retry,
-    responses((status = 200, body = v2::TasksQueued), (status = 404, body = v2::Message)))]
+    responses((status = 200, body = v2::TasksQueued), (status = 404, body = v2::Message),
+        (status = 409, body = v2::Message)))]
 pub async fn retry(
     State(state): State<AppState>,
     access: ProjectAccess,
@@ -335,6 +336,13 @@ pub async fn retry_task(
     delay_secs: u32,
 ) -> ApiResult<Vec<Task>> {
     let task = state.store.get_task(project_id, task_id).await?;
+    // Its payload is what a retry runs again: without it the retry would run something else.
+    if task.payload_removed_at.is_some() {
+        return Err(ApiError::Conflict(format!(
+            "task {task_id} cannot be retried: retention removed its payload; queue a new task \
+             with the payload"
+        )));
+    }
     // The task's cluster may have gone since it ran: checked again, as at every queueing.
     super::clusters::check_task_clusters(state, project_id, [task.cluster.as_str()]).await?;
     let retry = NewTask::retry_of(&task, delay_secs);

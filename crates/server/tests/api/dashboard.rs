@@ -438,3 +438,59 @@ async fn the_front_door_sends_a_browser_to_the_dashboard_and_tells_a_client_wher
     assert_eq!(body["openapi"], "/openapi.json");
     assert_eq!(body["api"], "/2");
 }
+
+/// A task whose payload and log retention removed: the page says so, follows no log and
+/// offers no retry.
+#[tokio::test]
+async fn a_task_page_says_what_retention_removed() {
+    use stevedore_model::{Clock, SystemClock};
+    use stevedore_store::TaskData;
+
+    let server = TestServer::start().await;
+    server.image_code("hello", json!({})).await;
+    let task_id = server
+        .queue(json!([{"code_name": "hello", "payload": "the payload"}]))
+        .await
+        .remove(0);
+    let browser = Browser::signed_in(&server, &server.token).await;
+    let page = browser.get(&format!("/ui/tasks/{task_id}")).await.text();
+    assert!(page.contains("the payload") && page.contains("data-events"));
+
+    // Run as a runner would: it prints, and ends.
+    let now = SystemClock.now();
+    let request = stevedore_store::LeaseRequest {
+        runner_id: "runner-1".to_owned(),
+        clusters: vec!["default".to_owned()],
+        max_tasks: 1,
+        lease_secs: 600,
+        owner: None,
+    };
+    let token = server.store.lease(&request, now).await.unwrap()[0]
+        .lease
+        .token;
+    let store = &server.store;
+    store.mark_running(&task_id, token, now, now).await.unwrap();
+    store
+        .append_log(&task_id, token, b"printed\n", 1 << 20, now)
+        .await
+        .unwrap();
+    let exited = stevedore_model::TaskOutcome::Exited { exit_code: 0 };
+    let report = stevedore_store::RunReport::default();
+    store
+        .complete(&task_id, token, &exited, &report, now)
+        .await
+        .unwrap();
+    for data in [TaskData::Log, TaskData::Payload] {
+        server
+            .store
+            .prune_task_data(data, now + chrono::TimeDelta::seconds(1), None, 10, now)
+            .await
+            .unwrap();
+    }
+    let page = browser.get(&format!("/ui/tasks/{task_id}")).await.text();
+    assert!(page.contains("Removed by retention"), "{page}");
+    assert!(!page.contains("the payload"), "{page}");
+    assert!(!page.contains("/retry"), "{page}");
+    assert!(page.contains("removed by retention at"), "{page}");
+    assert!(!page.contains("data-events"), "{page}");
+}

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use stevedore_model::{Clock, SystemClock, TaskOutcome};
 use stevedore_server::ServerConfig;
 use stevedore_server::config::LogStreamConfig;
-use stevedore_store::{LeaseRequest, RunReport};
+use stevedore_store::{LeaseRequest, RunReport, TaskData};
 
 use crate::support::TestServer;
 
@@ -625,4 +625,74 @@ async fn live_logs_need_a_token_and_a_task_of_the_project() {
             .header("Authorization", format!("OAuth {other_token}"));
         server.send(request).await.error(404);
     }
+}
+
+/// Retention: a finished task's log and payload removed answer 410 (log, outlog, follow,
+/// stream) and 409 (retry) with a message saying so; the task itself still answers, saying
+/// when each was removed; a task still running is untouched.
+#[tokio::test]
+async fn what_retention_removed_is_gone_and_said_to_be() {
+    let server = server().await;
+    let done = Leased::new(&server).await;
+    done.start(&server).await;
+    done.log(&server, b"old output\n").await;
+    done.complete(&server).await;
+    // Queued after the first finished, so the lease takes it second.
+    let silent = Leased::new(&server).await;
+    silent.start(&server).await;
+    silent.complete(&server).await;
+    let running = Leased::new(&server).await;
+    running.start(&server).await;
+    running.log(&server, b"going on\n").await;
+
+    let now = SystemClock.now();
+    let later = now + chrono::TimeDelta::seconds(1);
+    for data in [TaskData::Log, TaskData::Payload] {
+        let pruned = server
+            .store
+            .prune_task_data(data, later, None, 100, now)
+            .await
+            .unwrap();
+        assert_eq!((pruned.passed, pruned.next), (2, None), "{data:?}");
+    }
+
+    let base = "tasks";
+    let task = server.get(&format!("{base}/{}", done.id)).await.json();
+    assert_eq!(task["status"], "complete");
+    assert_eq!(task["payload"], "");
+    assert_eq!(task["log_size"], 11);
+    assert!(task["log_removed_at"].is_string(), "{task}");
+    assert!(task["payload_removed_at"].is_string(), "{task}");
+    for path in ["log", "outlog", "log?follow=true", "log/stream"] {
+        let msg = server
+            .get(&format!("{base}/{}/{path}", done.id))
+            .await
+            .error(410);
+        assert!(
+            msg.contains(&done.id) && msg.contains("removed by retention"),
+            "{path}: {msg}"
+        );
+    }
+    let msg = server
+        .post(&format!("{base}/{}/retry", done.id), json!({}))
+        .await
+        .error(409);
+    assert!(msg.contains("payload"), "{msg}");
+
+    // A task that printed nothing lost nothing: its log is still empty, and not said removed.
+    let task = server.get(&format!("{base}/{}", silent.id)).await.json();
+    assert!(task.get("log_removed_at").is_none(), "{task}");
+    let log = server.get(&format!("{base}/{}/log", silent.id)).await;
+    assert_eq!((log.status.as_u16(), log.text()), (200, String::new()));
+
+    let task = server.get(&format!("{base}/{}", running.id)).await.json();
+    assert_eq!(task["payload"], "p");
+    assert!(task.get("log_removed_at").is_none(), "{task}");
+    assert_eq!(
+        server
+            .get(&format!("{base}/{}/log", running.id))
+            .await
+            .text(),
+        "going on\n"
+    );
 }

@@ -15,14 +15,7 @@ use crate::{LogSlice, Result, StoreError};
 pub(super) async fn get(store: &PgStore, project_id: &str, task_id: &str) -> Result<Vec<u8>> {
     let mut tx = store.pool.begin_with(BEGIN_SNAPSHOT).await?;
     let result: Result<_> = async {
-        let log_size: Option<i64> =
-            sqlx::query_scalar("SELECT log_size FROM tasks WHERE id = $1 AND project_id = $2")
-                .bind(task_id)
-                .bind(project_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let log_size = log_size.ok_or_else(|| StoreError::not_found(format!("task {task_id}")))?;
-        if log_size == 0 {
+        if log_state(&mut tx, project_id, task_id).await?.size == 0 {
             return Err(StoreError::not_found(format!("log of task {task_id}")));
         }
         let chunks: Vec<Vec<u8>> =
@@ -115,8 +108,8 @@ async fn log_state(
     task_id: &str,
 ) -> Result<crate::LogSlice> {
     let row = sqlx::query(
-        "SELECT status, percent::bigint AS percent, msg, log_size, log_truncated FROM tasks \
-         WHERE id = $1 AND project_id = $2",
+        "SELECT id, status, percent::bigint AS percent, msg, log_size, log_truncated, \
+         log_removed_at FROM tasks WHERE id = $1 AND project_id = $2",
     )
     .bind(task_id)
     .bind(project_id)

@@ -18,7 +18,7 @@ macro_rules! task_columns {
          t.updated_at, t.due_at, t.start_time, t.end_time, t.percent, t.msg, t.retry_count, \
          t.original_task_id, t.schedule_id, t.exit_code, t.log_size, t.log_truncated, \
          t.infra_attempts, t.cancel_requested, t.peak_memory_bytes, t.cpu_time_ms, t.runner_id, \
-         t.lease_token, t.lease_expires_at, t.version"
+         t.lease_token, t.lease_expires_at, t.version, t.log_removed_at, t.payload_removed_at"
     };
 }
 
@@ -71,6 +71,8 @@ pub(super) fn task_record(row: &PgRow) -> Result<TaskRecord> {
         lease_token: row.opt_int("lease_token")?,
         lease_expires_at: row.opt_int("lease_expires_at")?,
         version: row.int("version")?,
+        log_removed_at: row.opt_int("log_removed_at")?,
+        payload_removed_at: row.opt_int("payload_removed_at")?,
     }
     .into_record()
 }

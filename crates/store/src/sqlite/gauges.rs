@@ -1,8 +1,8 @@
-//! The task counts behind the metrics gauges.
+//! The task counts behind the metrics gauges, and the bytes of task data stored.
 //!
 //! They are read from `task_counts`, which triggers keep in the same transaction as every
-//! change of a task's status or priority (migration 0008), so a scrape reads a few rows
-//! whatever the number of tasks. Only the queued tasks that are not due yet are counted, apart
+//! change of a task's status or priority (migration 0009), log size or retention (0011), so a
+//! scrape reads a few rows whatever the number of tasks. Only the queued tasks that are not due yet are counted, apart
 //! (through `tasks_queued`, one range per priority): usually few.
 
 use sqlx::{Connection, Row};
@@ -11,7 +11,7 @@ use stevedore_model::limits::MAX_PRIORITY;
 
 use super::SqliteStore;
 use crate::convert::{micros, status, unsigned};
-use crate::{Result, StoreGauges};
+use crate::{DataSizes, Result, StoreGauges};
 
 /// Queued tasks not due yet at `?1`, by priority.
 macro_rules! queued_later_of_priority {
@@ -69,4 +69,18 @@ pub(super) async fn gauges(store: &SqliteStore, now: Timestamp) -> Result<StoreG
         ));
     }
     Ok(StoreGauges::from_task_counts(&counts, &queued_later))
+}
+
+pub(super) async fn data_sizes(store: &SqliteStore) -> Result<DataSizes> {
+    let mut conn = store.readers.acquire().await?;
+    let row = sqlx::query(
+        "SELECT coalesce(sum(log_bytes), 0) AS log_bytes, \
+         coalesce(sum(payload_bytes), 0) AS payload_bytes FROM task_counts",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(DataSizes {
+        log_bytes: unsigned("log_bytes", row.try_get("log_bytes")?)?,
+        payload_bytes: unsigned("payload_bytes", row.try_get("payload_bytes")?)?,
+    })
 }

@@ -14,21 +14,18 @@ use crate::{LogSlice, Result, StoreError};
 
 pub(super) async fn get(store: &SqliteStore, project_id: &str, task_id: &str) -> Result<Vec<u8>> {
     let mut conn = store.readers.acquire().await?;
-    let log_size: Option<i64> =
-        sqlx::query_scalar("SELECT log_size FROM tasks WHERE id = ?1 AND project_id = ?2")
-            .bind(task_id)
-            .bind(project_id)
-            .fetch_optional(&mut *conn)
-            .await?;
-    let log_size = log_size.ok_or_else(|| StoreError::not_found(format!("task {task_id}")))?;
-    if log_size == 0 {
+    // One snapshot: the size and the chunks of a log cut back for its marker meanwhile would
+    // not match, nor those of a log removed meanwhile.
+    let mut tx = conn.begin().await?;
+    if log_state(&mut tx, project_id, task_id).await?.size == 0 {
         return Err(StoreError::not_found(format!("log of task {task_id}")));
     }
     let chunks: Vec<Vec<u8>> =
         sqlx::query_scalar("SELECT bytes FROM task_logs WHERE task_id = ?1 ORDER BY seq")
             .bind(task_id)
-            .fetch_all(&mut *conn)
+            .fetch_all(&mut *tx)
             .await?;
+    tx.commit().await?;
     Ok(chunks.concat())
 }
 
@@ -112,7 +109,7 @@ async fn log_state(
     task_id: &str,
 ) -> Result<LogSlice> {
     let row = sqlx::query(
-        "SELECT status, percent, msg, log_size, log_truncated FROM tasks \
+        "SELECT id, status, percent, msg, log_size, log_truncated, log_removed_at FROM tasks \
          WHERE id = ?1 AND project_id = ?2",
     )
     .bind(task_id)

@@ -26,7 +26,8 @@ macro_rules! task_columns {
          'infra_attempts', t.infra_attempts, 'cancel_requested', t.cancel_requested, \
          'peak_memory_bytes', t.peak_memory_bytes, 'cpu_time_ms', t.cpu_time_ms, \
          'runner_id', t.runner_id, 'lease_token', t.lease_token, \
-         'lease_expires_at', t.lease_expires_at, 'version', t.version) AS task"
+         'lease_expires_at', t.lease_expires_at, 'version', t.version, \
+         'log_removed_at', t.log_removed_at, 'payload_removed_at', t.payload_removed_at) AS task"
     };
 }
 
