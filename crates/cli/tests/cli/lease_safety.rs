@@ -31,6 +31,44 @@ fn running_containers(task_id: &str) -> Vec<String> {
         .collect()
 }
 
+/// What sampling a task's running containers until it completed saw.
+struct Takeover {
+    /// The most containers of the task running at one moment.
+    most: usize,
+    /// How long after `since` the first runner's container was seen stopped.
+    first_stopped: Duration,
+    /// Whether another container of the task ran.
+    ran_again: bool,
+    /// The task as it ended.
+    task: serde_json::Value,
+}
+
+/// Samples the task's running containers every 100 ms until it is complete (at most two
+/// minutes), after its first runner's container `first` was lost at `since`.
+async fn follow_takeover(api: &Api<'_>, task_id: &str, first: &str, since: Instant) -> Takeover {
+    let (mut most, mut first_stopped, mut ran_again) = (0, None, false);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let running = running_containers(task_id);
+        most = most.max(running.len());
+        if first_stopped.is_none() && !running.iter().any(|id| id == first) {
+            first_stopped = Some(since.elapsed());
+        }
+        ran_again |= running.iter().any(|id| id != first);
+        let task = api.get(&format!("tasks/{task_id}")).await;
+        if task["status"] == "complete" {
+            return Takeover {
+                most,
+                first_stopped: first_stopped.expect("the first runner's container stopped"),
+                ran_again,
+                task,
+            };
+        }
+        assert!(Instant::now() < deadline, "the task never ended: {task}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_killed_runners_container_stops_before_the_task_runs_again() {
     if !docker_available() {
@@ -68,28 +106,14 @@ async fn a_killed_runners_container_stops_before_the_task_runs_again() {
 
     // Sampled until the task ran again and ended: never two containers at once; the killed
     // runner's stops within its lease.
-    let mut most = 0;
-    let mut doomed_stopped = None;
-    let mut ran_again = false;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let running = running_containers(&task_id);
-        most = most.max(running.len());
-        if doomed_stopped.is_none() && !running.contains(&doomed[0]) {
-            doomed_stopped = Some(killed.elapsed());
-        }
-        ran_again |= running.iter().any(|id| !doomed.contains(id));
-        let task = api.get(&format!("tasks/{task_id}")).await;
-        if task["status"] == "complete" {
-            assert_eq!(task["infra_attempts"], 1, "{task}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "the task never ended: {task}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ran_again, "the task ran again on the second runner");
-    assert_eq!(most, 1, "two containers of one task ran at once");
-    let stopped = doomed_stopped.expect("the killed runner's container stopped");
+    let takeover = follow_takeover(&api, &task_id, &doomed[0], killed).await;
+    assert_eq!(takeover.task["infra_attempts"], 1, "{}", takeover.task);
+    assert!(
+        takeover.ran_again,
+        "the task ran again on the second runner"
+    );
+    assert_eq!(takeover.most, 1, "two containers of one task ran at once");
+    let stopped = takeover.first_stopped;
     assert!(
         stopped <= Duration::from_secs(u64::from(lease_secs)),
         "the killed runner's container outlived its lease: {stopped:?}"
@@ -297,42 +321,27 @@ async fn a_runner_cut_off_silently_stops_its_container_before_the_task_runs_agai
     let mut heir =
         RunnerProcess::start_with_lease(&server, &token, &heir_id, &["default"], lease_secs);
 
-    let mut most = 0;
-    let mut first_stopped = None;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let running = running_containers(&task_id);
-        most = most.max(running.len());
-        if first_stopped.is_none() && !running.contains(&first[0]) {
-            first_stopped = Some(cut.elapsed());
-        }
-        let task = api.get(&format!("tasks/{task_id}")).await;
-        if task["status"] == "complete" {
-            // The first attempt ran on the cut-off runner; a lease answered to it after the
-            // cut may have been lost on the way (an attempt that never started); the last
-            // ran on the heir.
-            let attempts = task["attempts"].as_array().unwrap();
-            let (last, earlier) = attempts.split_last().unwrap();
-            assert_eq!(last["runner_id"], heir_id.as_str(), "{task}");
-            assert_eq!(last["ending"], "complete", "{task}");
-            for attempt in earlier {
-                assert_eq!(attempt["ending"], "requeued", "{task}");
-                assert_eq!(attempt["runner_id"], cut_id.as_str(), "{task}");
-            }
-            assert!(earlier[0]["started_at"].is_string(), "{task}");
-            assert!(
-                earlier[1..]
-                    .iter()
-                    .all(|attempt| attempt["started_at"].is_null()),
-                "the cut-off runner started nothing after the cut: {task}"
-            );
-            break;
-        }
-        assert!(Instant::now() < deadline, "the task never ended: {task}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let takeover = follow_takeover(&api, &task_id, &first[0], cut).await;
+    let task = &takeover.task;
+    // The first attempt ran on the cut-off runner; a lease answered to it after the cut may
+    // have been lost on the way (an attempt that never started); the last ran on the heir.
+    let attempts = task["attempts"].as_array().unwrap();
+    let (last, earlier) = attempts.split_last().unwrap();
+    assert_eq!(last["runner_id"], heir_id.as_str(), "{task}");
+    assert_eq!(last["ending"], "complete", "{task}");
+    for attempt in earlier {
+        assert_eq!(attempt["ending"], "requeued", "{task}");
+        assert_eq!(attempt["runner_id"], cut_id.as_str(), "{task}");
     }
-    assert_eq!(most, 1, "two containers of one task ran at once");
-    let stopped = first_stopped.expect("the cut-off runner's container stopped");
+    assert!(earlier[0]["started_at"].is_string(), "{task}");
+    assert!(
+        earlier[1..]
+            .iter()
+            .all(|attempt| attempt["started_at"].is_null()),
+        "the cut-off runner started nothing after the cut: {task}"
+    );
+    assert_eq!(takeover.most, 1, "two containers of one task ran at once");
+    let stopped = takeover.first_stopped;
     assert!(
         stopped <= Duration::from_secs(u64::from(lease_secs)),
         "the cut-off runner's container outlived its lease: {stopped:?}"
