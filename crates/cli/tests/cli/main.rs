@@ -20,6 +20,7 @@ mod registry;
 mod remote;
 mod schedules;
 mod serve;
+mod soak;
 mod stacks;
 mod support;
 mod tasks;
