@@ -304,11 +304,18 @@ impl Attempt {
             Instant::now() + Duration::from_secs(u64::from(self.leased.task.timeout_secs));
         let (task_id, token) = (self.leased.task.id.clone(), self.leased.lease.token);
         let source = Arc::clone(&self.context.source);
-        match with_retries("mark the task running", || {
-            source.mark_running(&task_id, token)
-        })
-        .await
-        {
+        // Raced against the lease: the container runs while this is retried, and a source
+        // gone right after the start (a server killed) would keep it running past the lease,
+        // beside the rescued task's next run.
+        let marked = tokio::select! {
+            biased;
+            () = self.signals.lease_lost.cancelled() => return lease_lost(),
+            () = self.context.hard_stop.cancelled() => return shutdown_while_running(),
+            marked = with_retries("mark the task running", || {
+                source.mark_running(&task_id, token)
+            }) => marked,
+        };
+        match marked {
             Ok(()) => {}
             Err(SourceError::StaleLease { .. }) => return lease_lost(),
             Err(error) => {
@@ -697,10 +704,7 @@ impl Attempt {
             Supervision::ShutdownKill => {
                 logs.abort();
                 sampling.abort();
-                return Ending::Requeue {
-                    reason: "the runner shut down while the task ran".to_owned(),
-                    delay: Duration::ZERO,
-                };
+                return shutdown_while_running();
             }
             Supervision::DeadlineReached => {
                 tracing::info!(timeout_secs, "the task reached its timeout; killing it");
@@ -993,6 +997,13 @@ fn lease_lost() -> Ending {
 fn shutdown_before_start() -> Ending {
     Ending::Requeue {
         reason: "the runner shut down before the task started".to_owned(),
+        delay: Duration::ZERO,
+    }
+}
+
+fn shutdown_while_running() -> Ending {
+    Ending::Requeue {
+        reason: "the runner shut down while the task ran".to_owned(),
         delay: Duration::ZERO,
     }
 }

@@ -10,7 +10,8 @@
 //! ledger and stops and removes each one whose lease, as the ledger last recorded it, ends
 //! within `lead` (or that the ledger does not account for): before the server's end of the
 //! lease, which is never earlier than the runner's record of it, so the rescued task never
-//! runs twice at once. It ends when nothing of the runner remains. One watchdog per ledger
+//! runs twice at once. It ends when nothing of the runner remains, also when the ledger's
+//! directory was removed after the runner stopped. One watchdog per ledger
 //! (`watchdog.lock`); a runner that starts again finds it still there or starts a new one.
 
 use std::fs::{File, OpenOptions};
@@ -114,7 +115,6 @@ impl Watchdog {
     /// lease ends within `lead`, or that the ledger does not account for.
     pub async fn round(&self, engine: &dyn ContainerRuntime) -> Result<Round, WatchdogError> {
         let dir = &self.ledger_dir;
-        let runner_alive = ledger::runner_alive(dir).map_err(WatchdogError::Ledger)?;
         // Only the containers this ledger accounts for: another life of the same runner id
         // may keep its ledger elsewhere.
         let ours = dir.display().to_string();
@@ -124,6 +124,14 @@ impl Watchdog {
             .into_iter()
             .filter(|container| container.labels.get(LABEL_LEDGER) == Some(&ours))
             .collect();
+        let runner_alive = match ledger::runner_alive(dir) {
+            Ok(alive) => alive,
+            // The ledger's directory is gone (the runner's data directory was removed once
+            // it stopped): with none of its containers left there is nothing to watch, and the
+            // watchdog ends instead of looking for ever.
+            Err(error) if error.kind() == io::ErrorKind::NotFound && containers.is_empty() => false,
+            Err(error) => return Err(WatchdogError::Ledger(error)),
+        };
         let mut round = Round {
             runner_alive,
             left: containers.len(),
@@ -178,8 +186,8 @@ mod tests {
 
     use std::collections::BTreeMap;
 
-    use stevedore_engine::ContainerSpec;
     use stevedore_engine::fake::{FakeEngine, FakeRun};
+    use stevedore_engine::{ContainerId, ContainerSpec};
     use tokio::time::Instant;
 
     use super::*;
@@ -243,6 +251,40 @@ mod tests {
         assert!(existing.contains(&holds) && existing.contains(&theirs));
         assert!(existing.contains(&other_life));
         assert!(!existing.contains(&ending) && !existing.contains(&unrecorded));
+    }
+
+    /// Found by the soak: a watchdog whose runner stopped cleanly and whose data directory
+    /// was then removed kept looking for ever, failing to open its ledger's lock.
+    #[tokio::test]
+    async fn a_watchdog_whose_ledger_was_removed_ends_once_nothing_is_left() {
+        let engine = FakeEngine::new();
+        engine.add_image("test/forever");
+        engine.set_default_run(FakeRun::forever());
+        let data_dir = tempfile::tempdir().unwrap();
+        let ledger_dir = data_dir.path().join("leases").join("r1");
+        let watchdog = Watchdog {
+            runner_id: "r1".into(),
+            ledger_dir: ledger_dir.clone(),
+            interval: Duration::from_millis(10),
+            lead: Duration::from_secs(2),
+        };
+        drop(LeaseLedger::open(&ledger_dir).unwrap());
+        let left = running(&engine, "r1", "orphan", &ledger_dir).await;
+        std::fs::remove_dir_all(data_dir.path()).unwrap();
+
+        // A container of the ledger is still there: not the end, whatever the ledger says.
+        assert!(watchdog.round(&engine).await.is_err());
+        engine.remove(&ContainerId::new(left)).await.unwrap();
+
+        let round = watchdog.round(&engine).await.unwrap();
+        assert!(!round.runner_alive);
+        assert_eq!(round.left, 0);
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            watchdog.run(Arc::new(engine), CancellationToken::new()),
+        )
+        .await
+        .expect("the watchdog ends");
     }
 
     #[tokio::test]

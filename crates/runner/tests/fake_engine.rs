@@ -516,6 +516,46 @@ async fn a_heartbeat_that_never_answers_stops_the_container_within_the_lease() {
     runner.stop().await.unwrap();
 }
 
+/// Found by the soak's reading of its runners' warnings: a server killed right after a
+/// container started left the runner retrying `mark_running` while the lease ran out, with the
+/// container running on; the rescued task could then start elsewhere while it still ran.
+#[tokio::test]
+async fn a_source_gone_while_the_task_is_marked_running_stops_the_container_within_the_lease() {
+    let harness = system_harness().await;
+    let engine = engine_with("test/marked", FakeRun::forever());
+    harness
+        .push_image_code("marked", "test/marked", Some("sleep 1000"), |_| {})
+        .await;
+    let config = RunnerConfig {
+        lease_secs: 1,
+        ..test_config("r-marked")
+    };
+    let (runner, source) = start(&harness, config, &engine);
+    source.go_away_at_mark_running(true);
+    let task = harness.queue("marked", "", 3600).await;
+    let container = loop {
+        if let Some(container) = engine.existing().first() {
+            break container.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let created = tokio::time::Instant::now();
+    while !engine.kills().contains(&container) {
+        assert!(
+            created.elapsed() < Duration::from_millis(2500),
+            "the container outlived its lease: a mark_running that never answered kept it"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(source.outcomes.lock().unwrap().is_empty());
+    // The task is the rescuer's now: still leased in the store until its lease is rescued.
+    assert_eq!(harness.task(&task.id).await.status, TaskStatus::Preparing);
+    source.go_away_at_mark_running(false);
+    source.cut_heartbeats(false);
+    runner.stop().await.unwrap();
+    assert!(engine.existing().is_empty());
+}
+
 #[tokio::test]
 async fn capacity_and_the_memory_budget_are_never_exceeded() {
     let harness = system_harness().await;

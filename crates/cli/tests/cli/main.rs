@@ -21,6 +21,7 @@ mod remote;
 mod retention;
 mod schedules;
 mod serve;
+mod soak;
 mod stacks;
 mod support;
 mod tasks;

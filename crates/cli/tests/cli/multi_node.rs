@@ -11,8 +11,8 @@ use serde_json::{Value, json};
 use stevedore_store::testcluster::fresh_database;
 
 use crate::support::{
-    RunnerProcess, ServerProcess, binary, containers_labelled, docker_available,
-    ensure_local_image, remove_containers,
+    RunnerProcess, ServerProcess, containers_labelled, docker_available, ensure_local_image,
+    remove_containers, runner_token_with_env,
 };
 
 const TASKS: usize = 500;
@@ -147,21 +147,13 @@ async fn two_servers_and_three_runners_lose_no_task_when_a_runner_and_a_server_d
         "one default project"
     );
 
-    let created = Command::new(binary())
-        .args(["token", "create", "--role", "runner"])
-        .env("STEVEDORE_DATABASE", &database.url)
-        .env("STEVEDORE_CONFIG", "/dev/null")
-        .output()
-        .unwrap();
-    assert!(
-        created.status.success(),
-        "{}",
-        String::from_utf8_lossy(&created.stderr)
+    let runner_token = runner_token_with_env(
+        data_a.path(),
+        &[
+            ("STEVEDORE_DATABASE", database.url.as_str()),
+            ("STEVEDORE_CONFIG", "/dev/null"),
+        ],
     );
-    let runner_token = serde_json::from_slice::<Value>(&created.stdout).unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     let prefix = format!("multi-{}", std::process::id());
     let ids = [1, 2, 3].map(|n| format!("{prefix}-{n}"));
     // Leases long enough that a container start on a loaded machine fits well inside one,

@@ -174,8 +174,14 @@ impl Drop for ServerProcess {
 
 /// Runs the binary with arguments and returns its stdout, asserting success.
 pub fn run_ok(args: &[&str]) -> String {
+    run_ok_with_env(args, &[])
+}
+
+/// [`run_ok`] with more environment variables, e.g. `STEVEDORE_DATABASE`.
+pub fn run_ok_with_env(args: &[&str], env: &[(&str, &str)]) -> String {
     let output = Command::new(binary())
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("run stevedore");
     assert!(
@@ -441,22 +447,12 @@ impl RunnerProcess {
         let lease_secs = lease_secs.to_string();
         let mut command = Command::new(binary());
         command
-            .args([
-                "runner",
-                "--api",
-                &server.base,
-                "--id",
-                id,
-                "--capacity",
-                "2",
-            ])
+            .args(["runner", "--api", &server.base, "--id", id])
             .env("STEVEDORE_RUNNER_TOKEN", token)
+            // Two slots unless `args` holds a `--capacity` of its own, which wins.
+            .env("STEVEDORE_RUNNER__CAPACITY", "2")
             .env("STEVEDORE_LOG", "warn")
-            // The runner's lease ledger: the same for every life of one id, outside the tree.
-            .env(
-                "STEVEDORE_DATA_DIR",
-                std::env::temp_dir().join(format!("stevedore-runner-{id}")),
-            )
+            .env("STEVEDORE_DATA_DIR", Self::data_dir(id))
             .env("STEVEDORE_RUNNER__LEASE_SECS", &lease_secs)
             .env("STEVEDORE_RUNNER__SHUTDOWN_GRACE_SECS", "5")
             .env("STEVEDORE_STACK_IMAGES", "local")
@@ -475,6 +471,12 @@ impl RunnerProcess {
             child,
             id: id.to_owned(),
         }
+    }
+
+    /// The data directory of runner `id` (its lease ledger, its spool): the same for every
+    /// life of one id, outside the tree.
+    pub fn data_dir(id: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("stevedore-runner-{id}"))
     }
 
     pub fn label(&self) -> String {
@@ -522,14 +524,23 @@ pub fn remove_containers(label: &str) {
 
 /// A new runner token of the server whose data directory is `data_dir`.
 pub fn runner_token(data_dir: &Path) -> String {
-    let out = run_ok(&[
-        "token",
-        "create",
-        "--role",
-        "runner",
-        "--data-dir",
-        data_dir.to_str().unwrap(),
-    ]);
+    runner_token_with_env(data_dir, &[])
+}
+
+/// [`runner_token`] with more environment variables, e.g. the `STEVEDORE_DATABASE` the
+/// servers share.
+pub fn runner_token_with_env(data_dir: &Path, env: &[(&str, &str)]) -> String {
+    let out = run_ok_with_env(
+        &[
+            "token",
+            "create",
+            "--role",
+            "runner",
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+        ],
+        env,
+    );
     let created: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(created["role"], "runner");
     assert_eq!(created["project_id"], Value::Null);

@@ -42,6 +42,9 @@ pub struct ObservedSource {
     pub heartbeats_cut: AtomicBool,
     /// Heartbeats never answer, as over a link that silently drops every packet.
     pub heartbeats_hang: AtomicBool,
+    /// The source goes away when the runner marks a task running: that call never answers
+    /// and heartbeats fail from then on, as when the server dies right after a start.
+    gone_at_mark_running: AtomicBool,
     progress_failing: AtomicBool,
     packages_cut_short: AtomicBool,
     counts: Mutex<Counts>,
@@ -277,6 +280,7 @@ impl ObservedSource {
             inner,
             heartbeats_cut: AtomicBool::new(false),
             heartbeats_hang: AtomicBool::new(false),
+            gone_at_mark_running: AtomicBool::new(false),
             progress_failing: AtomicBool::new(false),
             packages_cut_short: AtomicBool::new(false),
             counts: Mutex::new(Counts::default()),
@@ -316,6 +320,12 @@ impl ObservedSource {
     /// From now on heartbeats hang instead of failing, until the caller gives up on them.
     pub fn hang_heartbeats(&self, hang: bool) {
         self.heartbeats_hang.store(hang, Ordering::SeqCst);
+    }
+
+    /// While set, the source goes away when the runner marks a task running: that call
+    /// never answers, and heartbeats fail until `cut_heartbeats(false)`.
+    pub fn go_away_at_mark_running(&self, gone: bool) {
+        self.gone_at_mark_running.store(gone, Ordering::SeqCst);
     }
 
     /// The progress calls about one task: percent and message.
@@ -376,6 +386,10 @@ impl TaskSource for ObservedSource {
     }
 
     async fn mark_running(&self, task_id: &str, token: i64) -> Result<(), SourceError> {
+        if self.gone_at_mark_running.load(Ordering::SeqCst) {
+            self.heartbeats_cut.store(true, Ordering::SeqCst);
+            return std::future::pending().await;
+        }
         self.inner.mark_running(task_id, token).await?;
         let mut counts = self.counts.lock().unwrap();
         counts.running.insert(task_id.to_owned());
