@@ -89,11 +89,6 @@ impl Watchdog {
     /// or `shutdown`.
     pub async fn run(&self, engine: Arc<dyn ContainerRuntime>, shutdown: CancellationToken) {
         loop {
-            if !self.ledger_dir.exists() {
-                // The runner's data directory is gone, and with it what there was to watch.
-                tracing::info!(ledger = %self.ledger_dir.display(), "the lease ledger is gone");
-                return;
-            }
             match self.round(engine.as_ref()).await {
                 Ok(round) if !round.runner_alive && round.left == 0 => {
                     tracing::info!(runner_id = %self.runner_id, "the runner is gone and nothing of it is left");
@@ -126,10 +121,10 @@ impl Watchdog {
             .collect();
         let runner_alive = match ledger::runner_alive(dir) {
             Ok(alive) => alive,
-            // The ledger's directory is gone (the runner's data directory was removed once
-            // it stopped): with none of its containers left there is nothing to watch, and the
-            // watchdog ends instead of looking for ever.
-            Err(error) if error.kind() == io::ErrorKind::NotFound && containers.is_empty() => false,
+            // The ledger's directory is gone (the runner's data directory was removed): the
+            // runner is gone for good, what is left of it is stopped and removed like any dead
+            // runner's, and the watchdog ends instead of looking for ever.
+            Err(error) if error.kind() == io::ErrorKind::NotFound => false,
             Err(error) => return Err(WatchdogError::Ledger(error)),
         };
         let mut round = Round {
@@ -186,8 +181,8 @@ mod tests {
 
     use std::collections::BTreeMap;
 
+    use stevedore_engine::ContainerSpec;
     use stevedore_engine::fake::{FakeEngine, FakeRun};
-    use stevedore_engine::{ContainerId, ContainerSpec};
     use tokio::time::Instant;
 
     use super::*;
@@ -256,7 +251,7 @@ mod tests {
     /// Found by the soak: a watchdog whose runner stopped cleanly and whose data directory
     /// was then removed kept looking for ever, failing to open its ledger's lock.
     #[tokio::test]
-    async fn a_watchdog_whose_ledger_was_removed_ends_once_nothing_is_left() {
+    async fn a_watchdog_whose_ledger_was_removed_stops_what_is_left_and_ends() {
         let engine = FakeEngine::new();
         engine.add_image("test/forever");
         engine.set_default_run(FakeRun::forever());
@@ -272,13 +267,12 @@ mod tests {
         let left = running(&engine, "r1", "orphan", &ledger_dir).await;
         std::fs::remove_dir_all(data_dir.path()).unwrap();
 
-        // A container of the ledger is still there: not the end, whatever the ledger says.
-        assert!(watchdog.round(&engine).await.is_err());
-        engine.remove(&ContainerId::new(left)).await.unwrap();
-
+        // The runner is gone for good: its container still running is stopped and removed.
         let round = watchdog.round(&engine).await.unwrap();
         assert!(!round.runner_alive);
+        assert_eq!(round.stopped, vec![left.clone()]);
         assert_eq!(round.left, 0);
+        assert!(engine.existing().is_empty());
         tokio::time::timeout(
             Duration::from_secs(5),
             watchdog.run(Arc::new(engine), CancellationToken::new()),
