@@ -209,10 +209,12 @@ pub(super) fn chaos(
     stop: &mpsc::Receiver<()>,
     began: Instant,
 ) -> (Fleet, Vec<Kill>) {
-    let victims = settings.victims();
+    let kinds = settings.victims();
     let mut random = SplitMix(settings.seed);
     let mut kills = Vec::new();
-    if victims.is_empty() {
+    // The kinds still to kill in this round, each once, in a random order.
+    let mut round: Vec<usize> = Vec::new();
+    if kinds.is_empty() {
         let _ = stop.recv();
         return (fleet, kills);
     }
@@ -224,7 +226,14 @@ pub(super) fn chaos(
         ) {
             return (fleet, kills);
         }
-        let victim = victims[random.below(victims.len())];
+        if round.is_empty() {
+            round = (0..kinds.len()).collect();
+            for index in (1..round.len()).rev() {
+                round.swap(index, random.below(index + 1));
+            }
+        }
+        let kind = &kinds[round.pop().unwrap_or_default()];
+        let victim = kind[random.below(kind.len())];
         let at = began.elapsed();
         eprintln!("soak: {:.1} s: killing {victim:?}", at.as_secs_f64());
         fleet.kill(victim);

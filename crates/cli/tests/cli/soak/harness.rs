@@ -175,19 +175,20 @@ impl Settings {
         (nanos as u64) ^ u64::from(std::process::id()).rotate_left(32)
     }
 
-    fn victims(&self) -> Vec<Victim> {
-        let mut victims = Vec::new();
+    /// What may be killed, by kind: the chaos takes one of each kind in turn, so even a short
+    /// soak kills each kind once.
+    pub(super) fn victims(&self) -> Vec<Vec<Victim>> {
+        let mut kinds = Vec::new();
         if self.kill_runner {
-            victims.extend([Victim::Runner(0), Victim::Runner(1)]);
+            kinds.push(vec![Victim::Runner(0), Victim::Runner(1)]);
         }
         if self.kill_server {
-            victims.extend([Victim::Server(0), Victim::Server(1)]);
+            kinds.push(vec![Victim::Server(0), Victim::Server(1)]);
         }
         if self.kill_dockerd {
-            // As likely as a runner or a server, not as one of each.
-            victims.extend([Victim::Dockerd, Victim::Dockerd]);
+            kinds.push(vec![Victim::Dockerd]);
         }
-        victims
+        kinds
     }
 
     fn describe(&self) -> String {
