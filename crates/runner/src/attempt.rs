@@ -241,19 +241,39 @@ impl Attempt {
             task.msg.as_deref().unwrap_or("unknown"),
             task.log_size > 0,
         );
+        if let Some(stored) = self.append_note(&line).await {
+            self.leased.task.log_size = stored;
+        }
+    }
+
+    /// Appends a line of stevedore's own to the task's log; the size stored so far. Best
+    /// effort: a log that cannot take it now still gets the task's output.
+    async fn append_note(&self, line: &str) -> Option<u64> {
         let appended = self
             .context
             .source
             .append_log(
-                &task.id,
+                &self.leased.task.id,
                 self.leased.lease.token,
                 line.as_bytes(),
                 self.context.config.log_cap_bytes,
             )
             .await;
-        match appended {
-            Ok(stored) => self.leased.task.log_size = stored,
-            Err(error) => tracing::debug!(%error, "the attempt line was not logged"),
+        appended
+            .inspect_err(|error| tracing::debug!(%error, line, "a note was not logged"))
+            .ok()
+    }
+
+    /// The task's outcome from how its container ended.
+    fn outcome_of(&self, status: &ExitStatus) -> TaskOutcome {
+        if status.oom_killed {
+            TaskOutcome::OutOfMemory {
+                limit_mib: self.leased.code.spec.limits.memory_mib,
+            }
+        } else {
+            TaskOutcome::Exited {
+                exit_code: status.exit_code,
+            }
         }
     }
 
@@ -643,15 +663,7 @@ impl Attempt {
         let timeout_secs = self.leased.task.timeout_secs;
         let (outcome, status) = match event {
             Supervision::Exited(Ok(status)) => {
-                let outcome = if status.oom_killed {
-                    TaskOutcome::OutOfMemory {
-                        limit_mib: self.leased.code.spec.limits.memory_mib,
-                    }
-                } else {
-                    TaskOutcome::Exited {
-                        exit_code: status.exit_code,
-                    }
-                };
+                let outcome = self.outcome_of(&status);
                 if let Some(engine_error) = &status.engine_error {
                     tracing::info!(
                         engine_error,
@@ -670,15 +682,7 @@ impl Attempt {
                 match self.exit_across_engine_loss(&id, &error, lost_at).await {
                     Ok(status) => {
                         self.note_lost_output(lost_at).await;
-                        let outcome = if status.oom_killed {
-                            TaskOutcome::OutOfMemory {
-                                limit_mib: self.leased.code.spec.limits.memory_mib,
-                            }
-                        } else {
-                            TaskOutcome::Exited {
-                                exit_code: status.exit_code,
-                            }
-                        };
+                        let outcome = self.outcome_of(&status);
                         let report = RunReport {
                             start_time: status.started_at,
                             end_time: status.finished_at,
@@ -802,19 +806,7 @@ impl Attempt {
             "\n--- stevedore: the container engine went away at {}; output after that may be missing ---\n",
             lost_at.format("%Y-%m-%dT%H:%M:%SZ")
         );
-        let appended = self
-            .context
-            .source
-            .append_log(
-                &self.leased.task.id,
-                self.leased.lease.token,
-                line.as_bytes(),
-                self.context.config.log_cap_bytes,
-            )
-            .await;
-        if let Err(error) = appended {
-            tracing::debug!(%error, "the note about lost output was not logged");
-        }
+        self.append_note(&line).await;
     }
 
     /// Waits (bounded) for the output of the stopped container to be shipped.

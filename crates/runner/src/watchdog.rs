@@ -89,6 +89,14 @@ impl Watchdog {
     /// or `shutdown`.
     pub async fn run(&self, engine: Arc<dyn ContainerRuntime>, shutdown: CancellationToken) {
         loop {
+            // While the runner lives it stops its own containers: the watchdog only checks its
+            // lock, and asks the engine nothing.
+            if matches!(ledger::runner_alive(&self.ledger_dir), Ok(true)) {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(self.interval) => continue,
+                }
+            }
             match self.round(engine.as_ref()).await {
                 Ok(round) if !round.runner_alive && round.left == 0 => {
                     tracing::info!(runner_id = %self.runner_id, "the runner is gone and nothing of it is left");

@@ -133,15 +133,6 @@ pub(crate) struct HeldRow {
 // === impl PackageStream ===
 
 impl PackageStream {
-    /// A package already in memory, as one chunk.
-    pub fn from_bytes(bytes: impl Into<Bytes>) -> Self {
-        let bytes: Bytes = bytes.into();
-        PackageStream {
-            size: bytes.len() as u64,
-            chunks: stream::once(async move { Ok(bytes) }).boxed(),
-        }
-    }
-
     /// The package of `size` bytes whose chunks `read` fetches by number, one at a time as the
     /// stream is polled: the memory held is one chunk. A chunk missing before `size` bytes,
     /// an empty one, one that goes past `size`, or one more after it, ends the stream with

@@ -396,15 +396,11 @@ impl LeaseSlots {
 
     /// Records what the backend counted for a candidate.
     pub fn counted(&mut self, record: &TaskRecord, what: FreeSlots, free: i64) {
-        let key = match what {
-            FreeSlots::OfProject => &mut self.projects,
-            FreeSlots::OfCode { .. } => &mut self.codes,
+        let (counts, id) = match what {
+            FreeSlots::OfProject => (&mut self.projects, &record.task.project_id),
+            FreeSlots::OfCode { .. } => (&mut self.codes, &record.task.code_id),
         };
-        let id = match what {
-            FreeSlots::OfProject => &record.task.project_id,
-            FreeSlots::OfCode { .. } => &record.task.code_id,
-        };
-        key.insert(id.clone(), free);
+        counts.insert(id.clone(), free);
     }
 
     /// Takes a slot of the candidate's project and of its code, if both have one free.
