@@ -20,6 +20,7 @@
 //! | `POST /runner/v1/tasks/{id}/requeue` | [`Requeue`] | `{"msg"}` |
 //! | `GET /runner/v1/tasks/{id}/package` | token in [`LEASE_TOKEN_HEADER`] | the zip of the revision the task pinned, `application/zip` |
 //! | `POST /runner/v1/runners/{id}/release` | [`Release`] | [`Released`] |
+//! | `POST /runner/v1/runners/gone` | [`GoneQuery`] | [`Gone`] |
 //!
 //! Log bytes go as the raw request body rather than base64 in JSON: logs are the largest and
 //! most frequent thing a runner sends, raw bytes cost nothing to encode and a third less on
@@ -130,6 +131,20 @@ pub struct Release {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Released {
     pub released: u32,
+}
+
+/// `POST /runner/v1/runners/gone`: which of these runners (the runner labels a runner found
+/// on its engine's containers) the server knows and counts as gone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GoneQuery {
+    pub runner_ids: Vec<String>,
+}
+
+/// The runners of a [`GoneQuery`] that are gone: seen once, not for the online window since,
+/// and holding no live lease. Their containers outlived their leases.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Gone {
+    pub gone: Vec<String>,
 }
 
 /// `POST .../requeue`: give the task back after an infrastructure failure or at shutdown.

@@ -17,7 +17,7 @@ use stevedore_model::{
     HeartbeatReply, LeaseRequest, LeasedTask, RunReport, TaskOutcome, Timestamp, WorkSignal,
 };
 use stevedore_runner::{PackageDownload, RequeueRequest, SourceError, TaskSource};
-use stevedore_server::{DeskError, GiveBack, LeaseDesk};
+use stevedore_server::{DeskError, GiveBack, LeaseDesk, RunnerApiConfig};
 use stevedore_store::{RunnerSeen, StoreError};
 
 /// [`TaskSource`] over the server's [`LeaseDesk`].
@@ -27,6 +27,9 @@ pub struct DeskTaskSource {
     /// Set when the runner is a member of its clusters and records itself as one; `None`
     /// for a runner nobody should count.
     announce: Option<Arc<Announce>>,
+    /// How long a runner goes unseen, holding no live lease, before it counts as gone: the
+    /// server's online window, as for runners leasing over HTTP.
+    online_window: Duration,
 }
 
 /// How a [`DeskTaskSource`] records its runner for cluster statistics, as the server does
@@ -66,7 +69,14 @@ impl DeskTaskSource {
         DeskTaskSource {
             desk,
             announce: None,
+            online_window: RunnerApiConfig::default().online_window,
         }
+    }
+
+    /// Counts runners as gone after `window` unseen (the server's online window).
+    pub fn online_window(mut self, window: Duration) -> Self {
+        self.online_window = window;
+        self
     }
 
     /// Records the runner (its id, clusters and capacity) with its lease calls, at most once
@@ -243,6 +253,13 @@ impl TaskSource for DeskTaskSource {
     ) -> Result<u32, SourceError> {
         self.desk
             .release_runner(runner_id, None, max_infra_attempts)
+            .await
+            .map_err(source_error)
+    }
+
+    async fn gone_runners(&self, runner_ids: &[String]) -> Result<Vec<String>, SourceError> {
+        self.desk
+            .gone_runners(runner_ids, None, self.online_window)
             .await
             .map_err(source_error)
     }

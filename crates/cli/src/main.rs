@@ -542,7 +542,8 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         // statistics while it polls, seldom enough that idle polls do not write every time.
         let source = Arc::new(
             embedded::DeskTaskSource::new(desk.clone())
-                .announcing(server_config.runner_api.online_window / 4),
+                .announcing(server_config.runner_api.online_window / 4)
+                .online_window(server_config.runner_api.online_window),
         );
         let identity = identity::runner_identity(
             &settings.data_dir,

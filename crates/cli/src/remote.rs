@@ -371,6 +371,18 @@ impl TaskSource for RemoteTaskSource {
         Ok(released.released)
     }
 
+    async fn gone_runners(&self, runner_ids: &[String]) -> Result<Vec<String>, SourceError> {
+        let body = wire::GoneQuery {
+            runner_ids: runner_ids.to_vec(),
+        };
+        let url = self.url("runners/gone");
+        let gone: wire::Gone = self
+            .call(|| self.request(Method::POST, &url).json(&body))
+            .await
+            .map_err(|error| source_error(error, "runners/gone"))?;
+        Ok(gone.gone)
+    }
+
     async fn task_package(
         &self,
         task_id: &str,

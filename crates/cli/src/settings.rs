@@ -41,6 +41,10 @@ pub struct Settings {
     pub max_package_bytes: usize,
     pub max_unpacked_bytes: u64,
     pub min_run_every_secs: u32,
+    /// A runner unseen this long (no lease asked for) and holding no live lease counts as
+    /// gone: cluster statistics drop it, and a runner sharing its engine removes its
+    /// containers. Above the longest a runner waits between lease calls (30 s).
+    pub runner_online_window_secs: u64,
     /// How often the scheduler looks for due schedules, in milliseconds: a scheduled task
     /// starts at most this late.
     pub scheduler_interval_ms: u64,
@@ -193,6 +197,9 @@ pub struct RunnerSettings {
     /// The disk the engine's images may take, MiB; over it the images this runner used least
     /// recently (and no task uses now) are removed, never a stack image. 0: never removed.
     pub image_disk_budget_mib: u64,
+    /// How often the runner looks on its engine for containers of runners the server reports
+    /// gone, and removes them. 0: never.
+    pub reap_gone_interval_secs: u64,
     /// The CPU limit of a task whose code sets no `cpus`; 0 leaves such tasks unlimited.
     pub default_cpus: f64,
     /// CPUs kept from the tasks for the API and the store: all task containers together get
@@ -431,6 +438,9 @@ impl Default for RunnerSettings {
             pull_timeout_secs: defaults.pull_timeout.as_secs(),
             max_image_bytes: defaults.max_image_bytes.unwrap_or(0),
             image_disk_budget_mib: defaults.image_disk_budget_mib.unwrap_or(0),
+            reap_gone_interval_secs: defaults
+                .reap_gone_interval
+                .map_or(0, |interval| interval.as_secs()),
             default_cpus: defaults.default_cpus.unwrap_or(0.0),
             reserve_cpus: None,
             allow_unlimited_memory: defaults.allow_unlimited_memory,
@@ -462,6 +472,8 @@ impl RunnerSettings {
             max_image_bytes: (self.max_image_bytes > 0).then_some(self.max_image_bytes),
             image_disk_budget_mib: (self.image_disk_budget_mib > 0)
                 .then_some(self.image_disk_budget_mib),
+            reap_gone_interval: (self.reap_gone_interval_secs > 0)
+                .then(|| Duration::from_secs(self.reap_gone_interval_secs)),
             default_cpus: (self.default_cpus > 0.0).then_some(self.default_cpus),
             reserve_cpus: self.reserve_cpus.unwrap_or(0.0),
             allow_unlimited_memory: self.allow_unlimited_memory,
@@ -494,6 +506,7 @@ impl Default for Settings {
             max_package_bytes: server.package.max_bytes,
             max_unpacked_bytes: server.package.max_unpacked_bytes,
             min_run_every_secs: limits::DEFAULT_MIN_RUN_EVERY_SECS,
+            runner_online_window_secs: server.runner_api.online_window.as_secs(),
             scheduler_interval_ms: 1000,
             stack_images: StackImages::default(),
             stacks: Vec::new(),
@@ -620,6 +633,10 @@ impl Settings {
         config.package.max_bytes = self.max_package_bytes;
         config.package.max_unpacked_bytes = self.max_unpacked_bytes;
         config.upload_dir = self.upload_dir();
+        if self.runner_online_window_secs == 0 {
+            anyhow::bail!("runner_online_window_secs must be above 0");
+        }
+        config.runner_api.online_window = Duration::from_secs(self.runner_online_window_secs);
         config.metrics.token_required = self.metrics.token_required;
         config.code_images = self.code_images();
         config.named_networks = self.task_network.config()?.named_networks;

@@ -418,6 +418,57 @@ pub async fn logs_keep_stdout_and_stderr_apart(harness: &dyn Harness) {
     assert_eq!(String::from_utf8_lossy(&finished.stderr), "to stderr\n");
 }
 
+/// `kept_output` gives back what a container printed, also when nobody attached and after its
+/// end; it follows a running container until it stops.
+pub async fn kept_output_gives_back_what_was_printed(harness: &dyn Harness) {
+    let runtime = harness.runtime();
+    let program = Program::Print {
+        stdout: "kept on stdout\n".to_owned(),
+        stderr: "kept on stderr\n".to_owned(),
+    };
+    let spec = labelled(harness, &program, &unique("kept"));
+    let id = ok(within("create", runtime.create(&spec)).await, "create");
+    ok(within("start", runtime.start(&id)).await, "start");
+    let status = ok(within("wait", runtime.wait(&id)).await, "wait");
+    let kept = ok(
+        within("kept_output", runtime.kept_output(&id)).await,
+        "kept_output",
+    );
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    within("kept output", async {
+        let mut kept = kept;
+        while let Some(chunk) = kept.next().await {
+            let chunk = ok(chunk, "kept output");
+            match chunk.stream {
+                OutputStream::Stdout => stdout.extend_from_slice(&chunk.bytes),
+                OutputStream::Stderr => stderr.extend_from_slice(&chunk.bytes),
+            }
+        }
+    })
+    .await;
+    ok(within("remove", runtime.remove(&id)).await, "remove");
+    assert_eq!(status.exit_code, 0, "{status:?}");
+    assert_eq!(String::from_utf8_lossy(&stdout), "kept on stdout\n");
+    assert_eq!(String::from_utf8_lossy(&stderr), "kept on stderr\n");
+
+    // A running container is followed: the stream ends once it is killed.
+    let spec = labelled(harness, &Program::Forever, &unique("kept"));
+    let id = ok(within("create", runtime.create(&spec)).await, "create");
+    ok(within("start", runtime.start(&id)).await, "start");
+    let mut kept = ok(
+        within("kept_output", runtime.kept_output(&id)).await,
+        "kept_output",
+    );
+    ok(within("kill", runtime.kill(&id)).await, "kill");
+    within("the end of the kept output", async {
+        while let Some(chunk) = kept.next().await {
+            ok(chunk, "kept output");
+        }
+    })
+    .await;
+    ok(within("remove", runtime.remove(&id)).await, "remove");
+}
+
 /// A running container gives resource samples (a snapshot and a stream); a stopped one gives
 /// no snapshot, and its stream ends.
 pub async fn stats_sample_a_running_container(harness: &dyn Harness) {
@@ -490,7 +541,8 @@ pub async fn remove_forgets_the_container(harness: &dyn Harness) {
     );
 }
 
-/// `list_labeled` finds exactly one runner's containers, created or stopped, and no others.
+/// `list_labeled` finds exactly one runner's containers, created or stopped, and no others;
+/// by the label's key alone, every runner's.
 pub async fn list_finds_own_containers_by_runner_label(harness: &dyn Harness) {
     let runtime = harness.runtime();
     let (mine, theirs) = (unique("mine"), unique("theirs"));
@@ -522,17 +574,36 @@ pub async fn list_finds_own_containers_by_runner_label(harness: &dyn Harness) {
     expected.sort();
     // The detailed listing names the same containers, with their labels; none runs now.
     let detailed = ok(
-        within("list", runtime.list_labeled_containers(RUNNER_LABEL, &mine)).await,
+        within(
+            "list",
+            runtime.list_labeled_containers(RUNNER_LABEL, Some(&mine)),
+        )
+        .await,
         "list_labeled_containers",
     );
     let mut detailed_ids: Vec<ContainerId> =
         detailed.iter().map(|listed| listed.id.clone()).collect();
     detailed_ids.sort();
+    // By the label alone, every runner's containers are listed (other tests' too, so only
+    // these three are looked for).
+    let everyone = ok(
+        within("list", runtime.list_labeled_containers(RUNNER_LABEL, None)).await,
+        "list_labeled_containers",
+    );
+    let everyone: BTreeMap<ContainerId, String> = everyone
+        .into_iter()
+        .filter(|listed| created.contains_key(&listed.id))
+        .map(|listed| {
+            let runner = listed.labels.get(RUNNER_LABEL).cloned().unwrap_or_default();
+            (listed.id, runner)
+        })
+        .collect();
     for id in created.keys() {
         ok(within("remove", runtime.remove(id)).await, "remove");
     }
     assert_eq!(listed, expected);
     assert_eq!(detailed_ids, expected);
+    assert_eq!(everyone, created);
     for listed in &detailed {
         assert_eq!(
             listed.labels.get(RUNNER_LABEL).map(String::as_str),
@@ -573,6 +644,13 @@ pub async fn unknown_containers_are_not_found(harness: &dyn Harness) {
         within("attach", runtime.attach(&id)).await.map(|_| ()),
         &id,
         "attach",
+    );
+    assert_not_found(
+        within("kept_output", runtime.kept_output(&id))
+            .await
+            .map(|_| ()),
+        &id,
+        "kept_output",
     );
 }
 
@@ -751,6 +829,7 @@ macro_rules! runtime_conformance_tests {
             wait_reports_the_exit_code,
             memory_limit_kill_is_named_oom,
             logs_keep_stdout_and_stderr_apart,
+            kept_output_gives_back_what_was_printed,
             stats_sample_a_running_container,
             kill_stops_a_running_container,
             remove_forgets_the_container,

@@ -18,7 +18,7 @@ use bollard::query_parameters::{
     AttachContainerOptionsBuilder, BuildImageOptions, BuildImageOptionsBuilder,
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, InspectContainerOptions,
     KillContainerOptionsBuilder, ListContainersOptionsBuilder, ListImagesOptionsBuilder,
-    PushImageOptionsBuilder, RemoveContainerOptionsBuilder, RemoveImageOptions,
+    LogsOptionsBuilder, PushImageOptionsBuilder, RemoveContainerOptionsBuilder, RemoveImageOptions,
     StartContainerOptions, StatsOptionsBuilder, TagImageOptionsBuilder,
     UploadToContainerOptionsBuilder, WaitContainerOptions,
 };
@@ -46,8 +46,11 @@ use crate::spec::{ContainerId, ContainerSpec};
 const BRIDGE_NAME_OPTION: &str = "com.docker.network.bridge.name";
 const ICC_OPTION: &str = "com.docker.network.bridge.enable_icc";
 
-/// The log driver of task containers: none, see `create_body`.
-const NO_ENGINE_LOG: &str = "none";
+/// The log driver of task containers, see `create_body`: Docker's own binary format,
+/// uncompressed (it is read back only after an engine loss), in files of half
+/// `KEPT_OUTPUT_BYTES`: with `max-file` 1 the driver still keeps the file it rotated last
+/// beside the one it writes, so the two stay within `KEPT_OUTPUT_BYTES`.
+const TASK_LOG_DRIVER: &str = "local";
 
 /// The exit code of a process killed by SIGKILL, as an OOM kill leaves it.
 const SIGKILL_EXIT_CODE: i64 = 137;
@@ -289,6 +292,43 @@ impl ContainerRuntime for DockerEngine {
             .boxed())
     }
 
+    async fn kept_output(&self, id: &ContainerId) -> Result<LogChunkStream, EngineError> {
+        let container = id.as_str().to_owned();
+        // Asked once up front, so that a container that does not exist (or an engine still
+        // away) is the call's error rather than the stream's.
+        self.container_state(id, Subject::Container(&container))
+            .await?;
+        let options = LogsOptionsBuilder::new()
+            .follow(true)
+            .stdout(true)
+            .stderr(true)
+            .tail("all")
+            .build();
+        Ok(self
+            .docker
+            .logs(id.as_str(), Some(options))
+            .filter_map(move |item| {
+                ready(match item {
+                    Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => {
+                        Some(Ok(LogChunk {
+                            stream: OutputStream::Stdout,
+                            bytes: message,
+                        }))
+                    }
+                    Ok(LogOutput::StdErr { message }) => Some(Ok(LogChunk {
+                        stream: OutputStream::Stderr,
+                        bytes: message,
+                    })),
+                    Ok(LogOutput::StdIn { .. }) => None,
+                    Err(error) => Some(Err(EngineError::from_bollard(
+                        error,
+                        Subject::Container(&container),
+                    ))),
+                })
+            })
+            .boxed())
+    }
+
     async fn wait(&self, id: &ContainerId) -> Result<ExitStatus, EngineError> {
         let subject = Subject::Container(id.as_str());
         let mut answers = self
@@ -417,9 +457,13 @@ impl ContainerRuntime for DockerEngine {
     async fn list_labeled_containers(
         &self,
         key: &str,
-        value: &str,
+        value: Option<&str>,
     ) -> Result<Vec<ListedContainer>, EngineError> {
-        let filters = HashMap::from([("label", vec![format!("{key}={value}")])]);
+        let label = match value {
+            Some(value) => format!("{key}={value}"),
+            None => key.to_owned(),
+        };
+        let filters = HashMap::from([("label", vec![label])]);
         let options = ListContainersOptionsBuilder::new()
             .all(true)
             .filters(&filters)
@@ -947,12 +991,21 @@ fn create_body(spec: &ContainerSpec) -> Result<ContainerCreateBody, EngineError>
         security_opt: Some(vec!["no-new-privileges".to_owned()]),
         cap_drop: Some(vec!["ALL".to_owned()]),
         cap_add: Some(spec.effective_capabilities()),
-        // The engine keeps none of the output: the runner reads it through `attach` and
-        // stores it capped, and an engine's own log file of a task printing without end
-        // would grow until the disk is full (tens of MB a second).
+        // The runner reads the output through `attach` and stores it capped. The engine keeps
+        // one bounded file beside that, for `kept_output` after an engine loss: an unbounded
+        // one of a task printing without end would grow until the disk is full (tens of MB a
+        // second), and a rotated one is only read back once, so nothing is lost to rotation
+        // while a follower lags.
         log_config: Some(HostConfigLogConfig {
-            typ: Some(NO_ENGINE_LOG.to_owned()),
-            config: None,
+            typ: Some(TASK_LOG_DRIVER.to_owned()),
+            config: Some(HashMap::from([
+                (
+                    "max-size".to_owned(),
+                    (crate::spec::KEPT_OUTPUT_BYTES / 2).to_string(),
+                ),
+                ("max-file".to_owned(), "1".to_owned()),
+                ("compress".to_owned(), "false".to_owned()),
+            ])),
         }),
         ..HostConfig::default()
     };
@@ -1170,10 +1223,11 @@ mod tests {
                 .contains(&"SETUID".to_owned())
         );
         assert_eq!(body.cmd, None);
-        assert_eq!(
-            host.log_config.and_then(|config| config.typ).as_deref(),
-            Some("none")
-        );
+        let log = host.log_config.unwrap_or_default();
+        assert_eq!(log.typ.as_deref(), Some("local"));
+        let options = log.config.unwrap_or_default();
+        assert_eq!(options["max-size"], (4u64 << 20).to_string());
+        assert_eq!(options["max-file"], "1");
         Ok(())
     }
 

@@ -64,11 +64,20 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// ends when the container stopped and its output is delivered. Failures (the container
     /// does not exist) are the call's error.
     ///
-    /// The runtime keeps no copy of the output (Docker: the `none` log driver), so a task that
-    /// prints without end fills no disk: the attached reader is its only reader. A reader
+    /// The runtime keeps only a bounded copy of the output ([`Self::kept_output`]), so a task
+    /// that prints without end fills no disk: the attached reader is what ships it. A reader
     /// slower than the container holds the container's writes back instead of losing
     /// output; dropping the stream detaches, and later output is discarded.
     async fn attach(&self, id: &ContainerId) -> Result<LogChunkStream, EngineError>;
+
+    /// The output the runtime kept of the container, stdout and stderr in the order they were
+    /// written, from the oldest it still holds, following it until the container stops: what
+    /// a runner whose attachment broke (the engine went away and came back) reads to ship the
+    /// rest. The runtime keeps only a bounded tail (Docker: its `local` log driver, one file
+    /// of [`KEPT_OUTPUT_BYTES`](crate::KEPT_OUTPUT_BYTES)), so the caller compares what it
+    /// gets with what it had read. What the container printed while the engine was away and
+    /// nobody read its pipe is not there.
+    async fn kept_output(&self, id: &ContainerId) -> Result<LogChunkStream, EngineError>;
 
     /// Waits until the container stops, then reports how it ended.
     async fn wait(&self, id: &ContainerId) -> Result<ExitStatus, EngineError>;
@@ -102,12 +111,13 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// finds the leftovers of an earlier life at start-up.
     async fn list_labeled(&self, key: &str, value: &str) -> Result<Vec<ContainerId>, EngineError>;
 
-    /// As `list_labeled`, with each container's labels and whether it is running: what a
-    /// watchdog needs to match the containers of a runner to the leases they run under.
+    /// Every container that carries the label `key` (with the value `value` when given), with
+    /// its labels and whether it is running: what a watchdog needs to match the containers of
+    /// a runner to the leases they run under, and a runner to find other runners' containers.
     async fn list_labeled_containers(
         &self,
         key: &str,
-        value: &str,
+        value: Option<&str>,
     ) -> Result<Vec<ListedContainer>, EngineError>;
 
     /// Makes sure of the CPU group `name`: the containers created with it as their

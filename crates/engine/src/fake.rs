@@ -71,6 +71,9 @@ pub struct FakeRun {
     /// Where its stdout also comes from, read from the container as created (after `logs`):
     /// what a program that prints one of its files or variables would print.
     pub echoes: Vec<FakeEcho>,
+    /// The attachment breaks (the engine went away) after delivering this many chunks of its
+    /// output; what follows is only in `kept_output`.
+    pub attachment_breaks_after: Option<usize>,
 }
 
 /// Something of its own container a fake run prints on stdout, so a test sees that files and
@@ -137,6 +140,8 @@ pub enum FakeOperation {
     Start,
     /// `attach`.
     Attach,
+    /// `kept_output`.
+    KeptOutput,
     /// `wait`.
     Wait,
     /// `kill`.
@@ -250,6 +255,7 @@ impl FakeRun {
             cpu_total_ns: 1_000_000,
             engine_error: None,
             echoes: Vec::new(),
+            attachment_breaks_after: None,
         }
     }
 
@@ -314,6 +320,12 @@ impl FakeRun {
     /// Lists what its container holds below `directory` on stdout ([`FakeEcho::Listing`]).
     pub fn echo_listing(mut self, directory: impl Into<String>) -> Self {
         self.echoes.push(FakeEcho::Listing(directory.into()));
+        self
+    }
+
+    /// Its attachment breaks, as when the engine goes away, after `chunks` chunks of output.
+    pub fn attachment_breaks_after(mut self, chunks: usize) -> Self {
+        self.attachment_breaks_after = Some(chunks);
         self
     }
 
@@ -731,16 +743,62 @@ impl ContainerRuntime for FakeEngine {
             {
                 return Vec::new();
             }
-            let logs = engine
+            let (logs, breaks_after) = engine
+                .lock()
+                .containers
+                .get(id.as_str())
+                .map(|container| {
+                    (
+                        container.run.logs.clone(),
+                        container.run.attachment_breaks_after,
+                    )
+                })
+                .unwrap_or_default();
+            match breaks_after {
+                // The engine went away while the container runs: the attachment breaks then,
+                // not when the container ends.
+                Some(delivered) => {
+                    let mut items: Vec<Result<LogChunk, EngineError>> =
+                        logs.into_iter().take(delivered).map(Ok).collect();
+                    items.push(Err(EngineError::Unreachable {
+                        message: "the fake engine went away".to_owned(),
+                    }));
+                    items
+                }
+                None => {
+                    let _ = phase
+                        .wait_for(|phase| matches!(phase, Phase::Exited(_)))
+                        .await;
+                    logs.into_iter().map(Ok).collect()
+                }
+            }
+        };
+        Ok(futures::stream::once(chunks)
+            .flat_map(futures::stream::iter)
+            .boxed())
+    }
+
+    async fn kept_output(&self, id: &ContainerId) -> Result<LogChunkStream, EngineError> {
+        self.injected(FakeOperation::KeptOutput)?;
+        let mut phase = self.phase_of(id)?;
+        let engine = self.clone();
+        let id = id.clone();
+        // The whole scripted output, once the container stopped (it keeps printing until
+        // then); nothing of a container that never started.
+        let chunks = async move {
+            let ended = phase
+                .wait_for(|phase| !matches!(phase, Phase::Running))
+                .await
+                .map(|phase| matches!(*phase, Phase::Exited(_)));
+            if !matches!(ended, Ok(true)) {
+                return Vec::new();
+            }
+            engine
                 .lock()
                 .containers
                 .get(id.as_str())
                 .map(|container| container.run.logs.clone())
-                .unwrap_or_default();
-            let _ = phase
-                .wait_for(|phase| matches!(phase, Phase::Exited(_)))
-                .await;
-            logs
+                .unwrap_or_default()
         };
         Ok(futures::stream::once(chunks)
             .flat_map(|logs| futures::stream::iter(logs.into_iter().map(Ok)))
@@ -855,7 +913,7 @@ impl ContainerRuntime for FakeEngine {
     async fn list_labeled_containers(
         &self,
         key: &str,
-        value: &str,
+        value: Option<&str>,
     ) -> Result<Vec<ListedContainer>, EngineError> {
         self.injected(FakeOperation::List)?;
         Ok(self
@@ -863,7 +921,11 @@ impl ContainerRuntime for FakeEngine {
             .containers
             .iter()
             .filter(|(_, container)| {
-                container.spec.labels.get(key).map(String::as_str) == Some(value)
+                container
+                    .spec
+                    .labels
+                    .get(key)
+                    .is_some_and(|found| value.is_none_or(|value| found == value))
             })
             .map(|(id, container)| ListedContainer {
                 id: ContainerId::new(id.clone()),

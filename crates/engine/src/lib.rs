@@ -105,5 +105,6 @@ pub use network::{
 };
 pub use package::ZipPackage;
 pub use spec::{
-    ContainerId, ContainerSpec, DEFAULT_CAPABILITIES, DirectoryToCreate, FileToUpload, TASK_DIR,
+    ContainerId, ContainerSpec, DEFAULT_CAPABILITIES, DirectoryToCreate, FileToUpload,
+    KEPT_OUTPUT_BYTES, TASK_DIR,
 };

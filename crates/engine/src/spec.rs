@@ -11,6 +11,11 @@ use crate::package::ZipPackage;
 /// as (IronWorker's `TASK_DIR`).
 pub const TASK_DIR: &str = "/mnt/task";
 
+/// The most output a runtime keeps of a task container, beside what the runner reads as it
+/// comes (`ContainerRuntime::kept_output`): enough to ship what a runner had not read when
+/// its engine went away, bounded so that a task printing without end fills no disk.
+pub const KEPT_OUTPUT_BYTES: u64 = 8 << 20;
+
 /// The capabilities a task keeps after `cap_drop: ALL`: enough for ordinary programs that
 /// change file ownership, switch users or bind a low port inside their own container, and
 /// nothing that reaches the host (no `NET_RAW`, `SYS_ADMIN`, `MKNOD`, `SYS_CHROOT`...).

@@ -37,7 +37,7 @@ use crate::container::{ContainerPlan, PackagePlan};
 use crate::error::SourceError;
 use crate::images::{ImageInUse, ImageUses};
 use crate::ledger::LeaseLedger;
-use crate::logs::{LogShipper, ShippedLogs};
+use crate::logs::{LogShipper, ShippedLogs, skip_output};
 use crate::progress::ProgressReporter;
 use crate::registry::{ImageAccess, ImageOwner, PublicImages};
 use crate::source::{RequeueRequest, TaskSource};
@@ -101,6 +101,56 @@ struct Signals {
     lease_lost: CancellationToken,
     /// The attempt is over: heartbeats stop.
     done: CancellationToken,
+}
+
+/// Shipping of the engine's kept output after an engine loss; stopped if dropped unfinished
+/// (the attempt gave up on the container), so nothing is sent about the task after that.
+struct Resumed {
+    live: Option<JoinHandle<ShippedLogs>>,
+    /// Bytes of what the attachment had read that the kept output did not hold.
+    unmatched: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Drop for Resumed {
+    fn drop(&mut self) {
+        if let Some(live) = self.live.take() {
+            live.abort();
+        }
+    }
+}
+
+/// How much of a container's output survived an engine loss, for the note in its log.
+#[derive(Debug, Default)]
+struct Recovered {
+    /// When the engine answered again.
+    back_at: Option<Timestamp>,
+    /// Output bytes the attachment had read before it broke; `None`: unknown.
+    read_before: Option<u64>,
+    /// The log had reached its cap before: nothing more was to be shipped anyway.
+    capped: bool,
+    /// The engine's kept output was shorter than what had been read (it rolled over).
+    kept_short: bool,
+}
+
+impl Recovered {
+    /// Why output may be missing from the task's log, if it may.
+    fn output_missing(&self, lost_at: Timestamp, status: &ExitStatus) -> Option<&'static str> {
+        if self.capped {
+            return None;
+        }
+        if self.read_before.is_none() || self.back_at.is_none() {
+            return Some("what had been shipped is unknown, so the engine's copy was not used");
+        }
+        if self.kept_short {
+            return Some("the engine's copy of the output had rolled over");
+        }
+        let ended_while_away = status.finished_at.is_some_and(|finished| {
+            finished > lost_at && self.back_at.is_some_and(|back| finished < back)
+        });
+        ended_while_away.then_some(
+            "the container ended while the engine was away, and what it printed then reached nobody",
+        )
+    }
 }
 
 /// How long to wait for the rest of a container's output to be shipped after it stopped.
@@ -628,21 +678,7 @@ impl Attempt {
         deadline: Instant,
     ) -> Ending {
         let engine = Arc::clone(&self.context.engine);
-        let config = &self.context.config;
-        let shipper = LogShipper {
-            source: Arc::clone(&self.context.source),
-            task_id: self.leased.task.id.clone(),
-            token: self.leased.lease.token,
-            cap: config.log_cap_bytes,
-            flush_interval: config.log_flush_interval,
-            flush_bytes: config.log_flush_bytes,
-            stored: self.leased.task.log_size,
-            progress: ProgressReporter::new(config.progress_interval),
-        };
-        let logs = self
-            .context
-            .tracker
-            .spawn(shipper.ship(output).in_current_span());
+        let logs = self.ship_logs(output, self.leased.task.log_size);
         let usage = Arc::new(std::sync::Mutex::new(ResourceUsage::default()));
         let sampling = self
             .context
@@ -674,14 +710,21 @@ impl Attempt {
             }
             Supervision::Exited(Err(error)) => {
                 let lost_at = chrono::Utc::now();
-                logs.abort();
                 sampling.abort();
+                // The attachment broke with the engine: what it delivered is shipped, and how
+                // much it read is where the engine's kept output takes over.
+                let shipped = self.drain_logs(logs).await;
                 // After a start there is no user error left to make: whatever broke the wait
                 // is the infrastructure's (the engine went away, the container vanished).
                 self.suspect_engine(&error);
-                match self.exit_across_engine_loss(&id, &error, lost_at).await {
-                    Ok(status) => {
-                        self.note_lost_output(lost_at).await;
+                match self
+                    .exit_across_engine_loss(&id, &error, lost_at, shipped)
+                    .await
+                {
+                    Ok((status, recovered)) => {
+                        if let Some(why) = recovered.output_missing(lost_at, &status) {
+                            self.note_lost_output(lost_at, why).await;
+                        }
                         let outcome = self.outcome_of(&status);
                         let report = RunReport {
                             start_time: status.started_at,
@@ -747,19 +790,48 @@ impl Attempt {
     /// engine's going took with it (killed by a signal after the engine was lost), or that is
     /// gone, or an engine that stays away for as long as the lease holds: the task is tried
     /// again (the `Err` says why).
+    ///
+    /// Once the engine answers, the output it kept and the runner had not read is shipped
+    /// (what the broken attachment had delivered, `shipped`, is skipped), following the
+    /// container while it still runs (an engine restarted with live restore keeps it).
     async fn exit_across_engine_loss(
         &self,
         id: &ContainerId,
         error: &EngineError,
         lost_at: Timestamp,
-    ) -> Result<ExitStatus, String> {
+        shipped: Option<ShippedLogs>,
+    ) -> Result<(ExitStatus, Recovered), String> {
         if matches!(error, EngineError::ContainerNotFound { .. }) {
             return Err("the container is gone".to_owned());
         }
         let engine = &self.context.engine;
         let give_up = Instant::now() + ENGINE_RETURN_TIMEOUT;
         let mut pause = Duration::from_millis(250);
+        let mut follower: Option<(Timestamp, Resumed)> = None;
         loop {
+            if follower.is_none() {
+                match engine.kept_output(id).await {
+                    Ok(kept) => {
+                        let back_at = chrono::Utc::now();
+                        follower = Some((back_at, self.resume_logs(kept, shipped.as_ref())));
+                    }
+                    Err(EngineError::ContainerNotFound { .. }) => {
+                        return Err("the container was gone when the engine came back".to_owned());
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, "the engine is still away");
+                        tokio::select! {
+                            biased;
+                            () = self.signals.lease_lost.cancelled() => return Err("the lease was lost meanwhile".to_owned()),
+                            () = self.context.hard_stop.cancelled() => return Err("the runner shut down meanwhile".to_owned()),
+                            () = tokio::time::sleep_until(give_up) => return Err("the engine did not come back in time".to_owned()),
+                            () = tokio::time::sleep(pause) => {}
+                        }
+                        pause = (pause * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                }
+            }
             let waited = tokio::select! {
                 biased;
                 () = self.signals.lease_lost.cancelled() => return Err("the lease was lost meanwhile".to_owned()),
@@ -780,7 +852,16 @@ impl Attempt {
                             ended_before_loss,
                             "the engine came back: the container had ended on its own"
                         );
-                        return Ok(status);
+                        let recovered = match follower.take() {
+                            Some((back_at, resumed)) => Recovered {
+                                back_at: Some(back_at),
+                                read_before: shipped.as_ref().map(|shipped| shipped.read),
+                                capped: shipped.as_ref().is_some_and(|shipped| shipped.capped),
+                                kept_short: self.finish_resumed(resumed).await,
+                            },
+                            None => Recovered::default(),
+                        };
+                        return Ok((status, recovered));
                     }
                     return Err(format!(
                         "the container died with the engine (exit code {})",
@@ -799,32 +880,80 @@ impl Attempt {
         }
     }
 
-    /// Says in the task's log that output may be missing: what the container printed while
-    /// the engine was away never reached the runner.
-    async fn note_lost_output(&self, lost_at: Timestamp) {
+    /// Says in the task's log that output may be missing, and why.
+    async fn note_lost_output(&self, lost_at: Timestamp, why: &str) {
         let line = format!(
-            "\n--- stevedore: the container engine went away at {}; output after that may be missing ---\n",
+            "\n--- stevedore: the container engine went away at {}; output may be missing: {why} ---\n",
             lost_at.format("%Y-%m-%dT%H:%M:%SZ")
         );
         self.append_note(&line).await;
     }
 
-    /// Waits (bounded) for the output of the stopped container to be shipped.
-    async fn drain_logs(&self, live: JoinHandle<ShippedLogs>) {
+    /// Ships `output` to the source in the background, `stored` bytes being there already.
+    fn ship_logs(&self, output: LogChunkStream, stored: u64) -> JoinHandle<ShippedLogs> {
+        let config = &self.context.config;
+        let shipper = LogShipper {
+            source: Arc::clone(&self.context.source),
+            task_id: self.leased.task.id.clone(),
+            token: self.leased.lease.token,
+            cap: config.log_cap_bytes,
+            flush_interval: config.log_flush_interval,
+            flush_bytes: config.log_flush_bytes,
+            stored,
+            progress: ProgressReporter::new(config.progress_interval),
+        };
+        self.context
+            .tracker
+            .spawn(shipper.ship(output).in_current_span())
+    }
+
+    /// Ships the engine's kept output past what the broken attachment had read (`shipped`;
+    /// `None`: how much is unknown, so nothing is shipped twice and nothing more either).
+    fn resume_logs(&self, kept: LogChunkStream, shipped: Option<&ShippedLogs>) -> Resumed {
+        match shipped {
+            Some(shipped) if !shipped.capped => {
+                let (rest, unmatched) = skip_output(kept, shipped.read);
+                Resumed {
+                    live: Some(self.ship_logs(rest, shipped.stored)),
+                    unmatched,
+                }
+            }
+            _ => Resumed {
+                live: None,
+                unmatched: Arc::default(),
+            },
+        }
+    }
+
+    /// Waits (bounded) for the resumed shipping to end; whether the kept output was shorter
+    /// than what had been read (the engine's bounded file rolled over), so some is missing.
+    async fn finish_resumed(&self, mut resumed: Resumed) -> bool {
+        if let Some(live) = resumed.live.take() {
+            self.drain_logs(live).await;
+        }
+        resumed.unmatched.load(Ordering::Relaxed) > 0
+    }
+
+    /// Waits (bounded) for the output of the stopped container to be shipped; how it ended,
+    /// when it did in time.
+    async fn drain_logs(&self, live: JoinHandle<ShippedLogs>) -> Option<ShippedLogs> {
         let abort = live.abort_handle();
         match tokio::time::timeout(LOG_DRAIN_TIMEOUT, live).await {
-            Ok(Ok(shipped)) if shipped.capped => {
-                tracing::info!(
-                    stored = shipped.stored,
-                    read = shipped.read,
-                    "the task's log reached its cap"
-                );
+            Ok(Ok(shipped)) => {
+                if shipped.capped {
+                    tracing::info!(
+                        stored = shipped.stored,
+                        read = shipped.read,
+                        "the task's log reached its cap"
+                    );
+                }
+                Some(shipped)
             }
-            Ok(Ok(_)) => {}
             Ok(Err(_)) | Err(_) => {
                 // Stopped, so that nothing about the task is sent after its result.
                 abort.abort();
                 tracing::warn!("the container's output did not end; some of it may be lost");
+                None
             }
         }
     }

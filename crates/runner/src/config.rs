@@ -86,6 +86,11 @@ pub struct RunnerConfig {
     /// How often the images are weighed against the budget, besides after every pull.
     /// Default 5 minutes.
     pub image_janitor_interval: Duration,
+    /// How often the runner lists the containers of other runners on its engine and removes
+    /// those of runners the server reports gone (they outlived their leases: a runner that
+    /// died with its watchdog, a host that lost its way to the server). `None`: never.
+    /// Default a minute.
+    pub reap_gone_interval: Option<Duration>,
     /// Where the runner writes down until when each running task's lease surely holds (the
     /// lease ledger), for a watchdog process that outlives the runner to stop the containers
     /// of a runner that died. `None`: no ledger (a local run, tests).
@@ -169,6 +174,7 @@ impl Default for RunnerConfig {
             max_image_bytes: Some(10 << 30),
             image_disk_budget_mib: Some(20 << 10),
             image_janitor_interval: Duration::from_secs(300),
+            reap_gone_interval: Some(Duration::from_secs(60)),
             lease_ledger: None,
             default_cpus: Some(1.0),
             reserve_cpus: 0.0,
@@ -211,6 +217,12 @@ impl RunnerConfig {
         }
         if self.image_disk_budget_mib == Some(0) || self.image_janitor_interval.is_zero() {
             return invalid("image_disk_budget_mib and image_janitor_interval must be above 0");
+        }
+        if self
+            .reap_gone_interval
+            .is_some_and(|interval| interval.is_zero())
+        {
+            return invalid("reap_gone_interval must be above 0 (None turns reaping off)");
         }
         if self.pull_timeout.is_zero() || self.max_image_bytes == Some(0) {
             return invalid("pull_timeout and max_image_bytes must be above 0");

@@ -70,6 +70,7 @@ mod backoff;
 mod config;
 mod container;
 mod error;
+mod gone;
 mod images;
 mod ledger;
 mod local;

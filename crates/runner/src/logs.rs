@@ -11,11 +11,14 @@
 //! still arrives from a task whose log is full.
 //!
 //! The output comes from the engine's attachment to the container (made before its start,
-//! so nothing is missed); the engine keeps no copy of its own. A task that prints faster than
-//! the shipper reads waits for it, so nothing is lost before the cap either: past it the
-//! shipper reads on only for progress lines.
+//! so nothing is missed). A task that prints faster than the shipper reads waits for it, so
+//! nothing is lost before the cap either: past it the shipper reads on only for progress
+//! lines. The engine keeps a bounded copy of its own, read only when the attachment broke
+//! with the engine: the part past what the attachment delivered ([`skip_output`]) is shipped
+//! by a second shipper that takes over where the first stopped.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -25,6 +28,38 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::error::SourceError;
 use crate::progress::ProgressReporter;
 use crate::source::TaskSource;
+
+/// `output` without its first `skip` bytes (stdout and stderr together, in order): the part of
+/// an engine's kept output that a broken attachment had not delivered. The counter holds what
+/// was left to skip when the stream ended, above 0 when the kept output was shorter than
+/// `skip` (the engine's copy had rolled over).
+pub(crate) fn skip_output(output: LogChunkStream, skip: u64) -> (LogChunkStream, Arc<AtomicU64>) {
+    let unmatched = Arc::new(AtomicU64::new(skip));
+    let left = Arc::clone(&unmatched);
+    let rest = output
+        .filter_map(move |chunk| {
+            let chunk = match chunk {
+                Ok(mut chunk) => {
+                    let to_skip = left.load(Ordering::Relaxed);
+                    let len = chunk.bytes.len() as u64;
+                    if to_skip >= len {
+                        left.store(to_skip - len, Ordering::Relaxed);
+                        None
+                    } else {
+                        left.store(0, Ordering::Relaxed);
+                        // Below `len`, which is a usize.
+                        let from = usize::try_from(to_skip).unwrap_or(usize::MAX);
+                        chunk.bytes = chunk.bytes.slice(from..);
+                        Some(Ok(chunk))
+                    }
+                }
+                Err(error) => Some(Err(error)),
+            };
+            std::future::ready(chunk)
+        })
+        .boxed();
+    (rest, unmatched)
+}
 
 /// Ships one task's output.
 pub(crate) struct LogShipper {

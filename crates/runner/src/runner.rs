@@ -216,6 +216,18 @@ impl Runner {
                 .in_current_span(),
             );
         }
+        if let Some(interval) = config.reap_gone_interval {
+            context.tracker.spawn(
+                crate::gone::reap_gone_runners(
+                    Arc::clone(&self.engine),
+                    Arc::clone(&self.source),
+                    config.runner_id.clone(),
+                    interval,
+                    shutdown.clone(),
+                )
+                .in_current_span(),
+            );
+        }
         self.lease_loop(&context, &admission, &shutdown).await;
 
         let running = context.tracker.len();

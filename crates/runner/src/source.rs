@@ -96,6 +96,16 @@ pub trait TaskSource: Send + Sync + 'static {
         let _ = (runner_id, max_infra_attempts);
         Ok(0)
     }
+
+    /// Which of `runner_ids` are gone, as far as the server can tell: runners it saw leasing
+    /// that have not asked for work for longer than their leases last and hold no live lease.
+    /// Their containers outlived their leases; a runner sharing their engine removes them. A
+    /// runner the server never saw is not gone (it may lease from another server). A source
+    /// without other runners (a local run) knows of none.
+    async fn gone_runners(&self, runner_ids: &[String]) -> Result<Vec<String>, SourceError> {
+        let _ = runner_ids;
+        Ok(Vec::new())
+    }
 }
 
 /// A code package on its way to the runner: its length up front, its bytes in chunks, so the

@@ -122,7 +122,7 @@ impl Watchdog {
         // may keep its ledger elsewhere.
         let ours = dir.display().to_string();
         let containers: Vec<_> = engine
-            .list_labeled_containers(LABEL_RUNNER, &self.runner_id)
+            .list_labeled_containers(LABEL_RUNNER, Some(&self.runner_id))
             .await?
             .into_iter()
             .filter(|container| container.labels.get(LABEL_LEDGER) == Some(&ours))

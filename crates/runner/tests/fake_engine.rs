@@ -986,6 +986,61 @@ async fn start_up_reaps_the_containers_of_an_earlier_life() {
     assert_eq!(engine.existing(), vec![theirs]);
 }
 
+#[tokio::test]
+async fn containers_of_runners_the_server_reports_gone_are_removed_and_no_others() {
+    let harness = system_harness().await;
+    let now = harness.clock.now();
+    let seen = |id: &str| stevedore_store::RunnerSeen {
+        id: id.to_owned(),
+        clusters: vec!["default".to_owned()],
+        capacity: 2,
+        owner: None,
+    };
+    // Seen two minutes ago and not since: gone. Seen just now: alive. Never seen here (a
+    // runner of another server on the same engine): not this server's to judge.
+    harness
+        .store
+        .record_runner(&seen("r-ghost"), now - chrono::Duration::minutes(2))
+        .await
+        .unwrap();
+    harness
+        .store
+        .record_runner(&seen("r-alive"), now)
+        .await
+        .unwrap();
+    let engine = FakeEngine::new();
+    engine.add_image("test/other");
+    let mut created = std::collections::BTreeMap::new();
+    for runner in ["r-ghost", "r-ghost", "r-alive", "r-stranger"] {
+        let mut spec = ContainerSpec::new("test/other");
+        spec.labels.insert(LABEL_RUNNER.into(), runner.into());
+        spec.labels
+            .insert(LABEL_TASK.into(), format!("task-of-{runner}"));
+        let id = engine.create(&spec).await.unwrap();
+        engine.start(&id).await.unwrap();
+        created.insert(id, runner);
+    }
+
+    let config = RunnerConfig {
+        reap_gone_interval: Some(Duration::from_millis(50)),
+        ..test_config("r-reaper")
+    };
+    let (runner, _) = start(&harness, config, &engine);
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    while engine.removed().len() < 2 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A few more rounds, to see that nothing else goes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    runner.stop().await.unwrap();
+    let mut removed: Vec<&str> = engine.removed().iter().map(|id| created[id]).collect();
+    removed.sort_unstable();
+    assert_eq!(removed, ["r-ghost", "r-ghost"]);
+    let mut left: Vec<&str> = engine.existing().iter().map(|id| created[id]).collect();
+    left.sort_unstable();
+    assert_eq!(left, ["r-alive", "r-stranger"]);
+}
+
 // === progress reported from inside the container ===
 
 #[tokio::test]
@@ -1433,10 +1488,83 @@ async fn a_container_that_ended_while_the_engine_was_away_completes_instead_of_r
     assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
     assert_eq!(done.infra_attempts, 0, "it ran once: {done:#?}");
     assert_eq!(engine.created().len(), 1, "one container, not a second run");
+    // It had printed everything before: nothing is missing, nothing shipped twice.
+    assert_eq!(harness.log(&task.id).await, "done once\n");
+    runner.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn output_the_broken_attachment_missed_is_shipped_from_the_engines_copy() {
+    let harness = system_harness().await;
+    // The attachment breaks after the first line and the wait with it; the engine answers
+    // again at once (as one restarted with live restore does), its container still running.
+    let engine = engine_with(
+        "test/resumed",
+        FakeRun::success()
+            .stdout("one\n")
+            .stderr("two\n")
+            .stdout("three\n")
+            .running_for(Duration::from_millis(200))
+            .attachment_breaks_after(1),
+    );
+    engine.set_clock(chrono::Utc::now());
+    engine.fail_next(
+        FakeOperation::Wait,
+        EngineError::Unreachable {
+            message: "the engine restarted".into(),
+        },
+    );
+    harness
+        .push_image_code("resumed", "test/resumed", Some("true"), |_| {})
+        .await;
+    let task = harness.queue("resumed", "", 60).await;
+    let (runner, _) = start(&harness, test_config("r-resumed"), &engine);
+
+    let done = harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
+    assert_eq!(done.infra_attempts, 0, "{done:#?}");
+    assert_eq!(engine.created().len(), 1);
+    assert_eq!(harness.log(&task.id).await, "one\ntwo\nthree\n");
+    runner.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_container_that_ended_while_the_engine_was_away_says_its_output_may_be_missing() {
+    let harness = system_harness().await;
+    let engine = engine_with(
+        "test/ended-away",
+        FakeRun::success()
+            .stdout("printed\n")
+            .running_for(Duration::from_millis(100)),
+    );
+    engine.set_clock(chrono::Utc::now());
+    engine.fail_next(
+        FakeOperation::Wait,
+        EngineError::Unreachable {
+            message: "the engine restarted".into(),
+        },
+    );
+    // Still away when first asked again: back only after the container ended.
+    engine.fail_next(
+        FakeOperation::KeptOutput,
+        EngineError::Unreachable {
+            message: "the engine is restarting".into(),
+        },
+    );
+    harness
+        .push_image_code("ended-away", "test/ended-away", Some("true"), |_| {})
+        .await;
+    let task = harness.queue("ended-away", "", 60).await;
+    let (runner, _) = start(&harness, test_config("r-ended-away"), &engine);
+
+    let done = harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
+    assert_eq!(engine.created().len(), 1);
     let log = harness.log(&task.id).await;
+    assert!(log.starts_with("printed\n"), "{log:?}");
     assert!(
-        log.contains("the container engine went away at"),
-        "the log says output may be missing: {log:?}"
+        log.contains("the container ended while the engine was away"),
+        "{log:?}"
     );
     runner.stop().await.unwrap();
 }

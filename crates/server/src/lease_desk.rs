@@ -41,6 +41,10 @@ use crate::EnqueueHook;
 /// to minutes (their infrastructure backoff); anything longer is a mistake, refused.
 pub const MAX_REQUEUE_DELAY: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// The most runners one question about gone runners may name: a runner asks about the
+/// runner labels it finds on its engine's containers, a handful in practice.
+pub const MAX_GONE_QUERY: usize = 1000;
+
 /// Why the desk did not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum DeskError {
@@ -255,6 +259,33 @@ impl LeaseDesk {
             (self.wake)();
         }
         Ok(u32::try_from(released.len()).unwrap_or(u32::MAX))
+    }
+
+    /// Which of `runner_ids` (runners of `owner`: of the shared clusters when `None`) are
+    /// gone: not seen asking for work for `unseen_for` and holding no live lease. A runner
+    /// sharing their engine removes their containers, which outlived their leases.
+    pub async fn gone_runners(
+        &self,
+        runner_ids: &[String],
+        owner: Option<&str>,
+        unseen_for: Duration,
+    ) -> Result<Vec<String>, DeskError> {
+        if runner_ids.len() > MAX_GONE_QUERY {
+            return Err(DeskError::Invalid(format!(
+                "ask about at most {MAX_GONE_QUERY} runners at once, not {}",
+                runner_ids.len()
+            )));
+        }
+        for runner_id in runner_ids {
+            stevedore_model::validation::check_name("runner_ids", runner_id).map_err(invalid)?;
+        }
+        let now = self.clock.now();
+        let unseen_for = chrono::Duration::from_std(unseen_for)
+            .map_err(|_| DeskError::Invalid("the unseen period is too long".into()))?;
+        Ok(self
+            .store
+            .gone_runners(runner_ids, owner, now - unseen_for, now)
+            .await?)
     }
 
     /// The zip package of the code revision the leased task pinned, for the holder of the

@@ -41,6 +41,7 @@ pub fn routes(_config: &ServerConfig) -> Router<AppState> {
         .route("/tasks/{task_id}/requeue", post(requeue))
         .route("/tasks/{task_id}/package", get(task_package))
         .route("/runners/{runner_id}/release", post(release))
+        .route("/runners/gone", post(gone_runners))
 }
 
 /// `POST /runner/v1/lease`: up to `max_tasks` tasks of the runner's clusters. With nothing to
@@ -239,6 +240,25 @@ pub async fn release(
         .release_runner(&runner_id, owner, request.max_infra_attempts)
         .await?;
     Ok(Json(wire::Released { released }))
+}
+
+/// `POST /runner/v1/runners/gone`: which of the runners named are gone (unseen for the online
+/// window, no live lease), so that a runner sharing their engine may remove their containers.
+/// A project's runner token is answered about that project's runners only.
+pub async fn gone_runners(
+    State(state): State<AppState>,
+    access: RunnerAccess,
+    ApiJson(request): ApiJson<wire::GoneQuery>,
+) -> ApiResult<Json<wire::Gone>> {
+    let gone = state
+        .desk
+        .gone_runners(
+            &request.runner_ids,
+            access.project_scope(),
+            state.config.runner_api.online_window,
+        )
+        .await?;
+    Ok(Json(wire::Gone { gone }))
 }
 
 /// `GET /runner/v1/tasks/{id}/package`: the zip package of the code revision the task pinned,

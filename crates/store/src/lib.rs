@@ -741,6 +741,18 @@ pub trait Store: Send + Sync + 'static {
         online_since: Timestamp,
         now: Timestamp,
     ) -> Result<ClusterLoad>;
+    /// Which of `runner_ids` (runners of `owner`: of the shared clusters when `None`) are
+    /// gone: seen asking for work, but not since `seen_before`, and holding no lease that is
+    /// still live at `now`. Whatever such a runner started outlived its leases, so a runner on
+    /// the same engine may remove it. A runner this store never saw is not gone: it may lease
+    /// from another store whose tasks share the engine.
+    async fn gone_runners(
+        &self,
+        runner_ids: &[String],
+        owner: Option<&str>,
+        seen_before: Timestamp,
+        now: Timestamp,
+    ) -> Result<Vec<String>>;
 
     // === schedules ===
 

@@ -562,6 +562,16 @@ impl Store for PgStore {
         clusters::load(self, name, owner, project_id, online_since, now).await
     }
 
+    async fn gone_runners(
+        &self,
+        runner_ids: &[String],
+        owner: Option<&str>,
+        seen_before: Timestamp,
+        now: Timestamp,
+    ) -> Result<Vec<String>> {
+        clusters::gone_runners(self, runner_ids, owner, seen_before, now).await
+    }
+
     // === schedules ===
 
     async fn create_schedules(

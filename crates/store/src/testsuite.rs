@@ -140,6 +140,7 @@ macro_rules! store_test_suite {
                 clusters_are_owned_visible_and_unique,
                 clusters_keep_their_name_while_tasks_use_it,
                 cluster_load_counts_tasks_and_online_runners,
+                gone_runners_are_known_unseen_and_hold_no_live_lease,
                 cluster_names_are_scoped_and_leases_follow_their_owner,
                 clusters_named_by_schedules_stay_and_fires_check_them,
             ],

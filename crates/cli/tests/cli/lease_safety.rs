@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::support::{
-    Api, RunnerProcess, ServerProcess, docker_available, ensure_local_image, runner_token, unique,
+    Api, RunnerProcess, ServerProcess, containers_labelled, docker_available, ensure_local_image,
+    remove_containers, runner_token, unique,
 };
 
 /// The task's containers running now.
@@ -135,6 +136,96 @@ async fn a_killed_runners_container_stops_before_the_task_runs_again() {
         String::from_utf8_lossy(&left.stdout).trim().is_empty(),
         "containers left behind"
     );
+}
+
+#[tokio::test]
+async fn a_runner_that_died_with_its_watchdog_has_its_containers_removed_by_a_peer() {
+    if !docker_available() {
+        return;
+    }
+    ensure_local_image();
+    let data = tempfile::tempdir().unwrap();
+    // No runner in the server; runners count as gone 3 s after their last lease call.
+    let mut server = ServerProcess::start_with_env(
+        data.path(),
+        &[
+            ("STEVEDORE_RUNNER__ENABLED", "false"),
+            ("STEVEDORE_RUNNER_ONLINE_WINDOW_SECS", "3"),
+        ],
+    );
+    let token = runner_token(data.path());
+    let api = Api::new(&server);
+    api.post(
+        "codes",
+        json!({"name": "long", "image": "stevedore/busybox:local",
+               "command": "echo started; sleep 120"}),
+    )
+    .await;
+    let lease_secs = 6;
+    let doomed_id = unique("doomed");
+    let mut doomed =
+        RunnerProcess::start_with_lease(&server, &token, &doomed_id, &["default"], lease_secs);
+    let ids = api.queue(json!([{"code_name": "long"}])).await;
+    api.wait_for(&ids[0], Duration::from_secs(60), |task| {
+        task["status"] == "running"
+    })
+    .await;
+    let orphan = running_containers(&ids[0]);
+    assert_eq!(orphan.len(), 1);
+    // A container of a runner this server never saw: another server's, on the same engine.
+    let stranger_label = format!("stevedore.runner={}", unique("stranger"));
+    let stranger = Command::new("docker")
+        .args([
+            "run",
+            "-d",
+            "--network",
+            "none",
+            "--label",
+            &stranger_label,
+            "stevedore/busybox:local",
+            "sleep",
+            "120",
+        ])
+        .output()
+        .unwrap();
+    assert!(stranger.status.success(), "{stranger:?}");
+
+    // The runner and its watchdog die together: nothing on this host stops the container.
+    let killed = Command::new("pkill")
+        .args(["-KILL", "-f", &doomed_id])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let _ = doomed.child.wait();
+    let killed_at = Instant::now();
+    // A peer on the same engine that serves another cluster, so it runs nothing itself.
+    let mut peer = RunnerProcess::start_configured(
+        &server,
+        &token,
+        &unique("peer"),
+        &["spare"],
+        lease_secs,
+        &[],
+        &[("STEVEDORE_RUNNER__REAP_GONE_INTERVAL_SECS", "1")],
+    );
+    let deadline = killed_at + Duration::from_secs(60);
+    while running_containers(&ids[0]).contains(&orphan[0]) {
+        assert!(
+            Instant::now() < deadline,
+            "the gone runner's container still runs a minute after the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let removed_after = killed_at.elapsed();
+    eprintln!("the gone runner's container was removed {removed_after:?} after the kill");
+    // Not before the lease ended: until then the runner may be alive and busy.
+    assert!(removed_after >= Duration::from_secs(3), "{removed_after:?}");
+    let strangers = containers_labelled(&stranger_label);
+    assert_eq!(strangers.len(), 1, "a stranger's container was touched");
+    remove_containers(&stranger_label);
+    assert!(peer.terminate().success());
+    assert!(server.terminate().success());
+    remove_containers(&format!("stevedore.task={}", ids[0]));
 }
 
 /// A child process that does not outlive the test, however it ends.

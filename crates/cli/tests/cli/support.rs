@@ -444,6 +444,19 @@ impl RunnerProcess {
         lease_secs: u32,
         args: &[&str],
     ) -> RunnerProcess {
+        Self::start_configured(server, token, id, clusters, lease_secs, args, &[])
+    }
+
+    /// A runner with more command-line arguments and environment variables.
+    pub fn start_configured(
+        server: &ServerProcess,
+        token: &str,
+        id: &str,
+        clusters: &[&str],
+        lease_secs: u32,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> RunnerProcess {
         let lease_secs = lease_secs.to_string();
         let mut command = Command::new(binary());
         command
@@ -465,6 +478,9 @@ impl RunnerProcess {
             command.args(["--cluster", cluster]);
         }
         command.args(args);
+        for (key, value) in env {
+            command.env(key, value);
+        }
         #[allow(clippy::zombie_processes)]
         let child = command.spawn().expect("start stevedore runner");
         RunnerProcess {

@@ -482,6 +482,10 @@ impl TaskSource for ObservedSource {
     ) -> Result<u32, SourceError> {
         self.inner.release_held(runner_id, max_infra_attempts).await
     }
+
+    async fn gone_runners(&self, runner_ids: &[String]) -> Result<Vec<String>, SourceError> {
+        self.inner.gone_runners(runner_ids).await
+    }
 }
 
 // === impl Background ===
@@ -661,6 +665,15 @@ impl StoreSource {
             .await
             .map_err(source_error)?;
         Ok(u32::try_from(released.len()).unwrap_or(u32::MAX))
+    }
+
+    /// Gone after a minute unseen, the server's default online window.
+    async fn gone_runners(&self, runner_ids: &[String]) -> Result<Vec<String>, SourceError> {
+        let now = self.clock.now();
+        self.store
+            .gone_runners(runner_ids, None, now - chrono::Duration::minutes(1), now)
+            .await
+            .map_err(source_error)
     }
 
     async fn task_package(

@@ -615,3 +615,51 @@ async fn a_restarted_runner_gives_back_what_its_id_held_and_bad_releases_are_400
         .await
         .error(400);
 }
+
+#[tokio::test]
+async fn runners_long_unseen_without_live_leases_are_reported_gone_and_bad_questions_are_400() {
+    let server = TestServer::start().await;
+    let now = SystemClock.now();
+    let seen = |id: &str| stevedore_store::RunnerSeen {
+        id: id.to_owned(),
+        clusters: vec!["default".to_owned()],
+        capacity: 2,
+        owner: None,
+    };
+    server
+        .store
+        .record_runner(&seen("r-old"), now - chrono::Duration::minutes(5))
+        .await
+        .unwrap();
+    let runner = Runner::new(&server).await;
+    // Seen now: it asked for work.
+    runner.lease(&["default"], 1, 0).await;
+
+    let ask = json!({"runner_ids": ["r-old", "runner-1", "r-never-seen"]});
+    let reply = runner.post("runners/gone", ask.clone()).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["gone"], json!(["r-old"]));
+
+    // A project's runner token is answered about that project's runners only.
+    let other = server
+        .store
+        .create_project("other", SystemClock.now())
+        .await
+        .unwrap();
+    let theirs = Runner::scoped(&server, Some(&other.id), None).await;
+    let reply = theirs.post("runners/gone", ask).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["gone"], json!([]));
+
+    let too_many: Vec<String> = (0..1001).map(|n| format!("r-{n}")).collect();
+    let msg = runner
+        .post("runners/gone", json!({ "runner_ids": too_many }))
+        .await
+        .error(400);
+    assert!(msg.contains("at most 1000"), "{msg}");
+    runner
+        .post("runners/gone", json!({"runner_ids": [" "]}))
+        .await
+        .error(400);
+    runner.post("runners/gone", json!({})).await.error(400);
+}

@@ -315,3 +315,31 @@ pub(super) async fn load(
         runners,
     })
 }
+
+pub(super) async fn gone_runners(
+    store: &SqliteStore,
+    runner_ids: &[String],
+    owner: Option<&str>,
+    seen_before: Timestamp,
+    now: Timestamp,
+) -> Result<Vec<String>> {
+    if runner_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut conn = store.readers.acquire().await?;
+    let gone = sqlx::query_scalar(
+        "SELECT r.id FROM runners AS r \
+         WHERE r.id IN (SELECT value FROM json_each(?1)) AND r.owner IS ?2 \
+         AND r.last_seen < ?3 \
+         AND NOT EXISTS (SELECT 1 FROM tasks AS t WHERE t.runner_id = r.id \
+              AND t.status IN ('preparing', 'running') AND t.lease_expires_at > ?4) \
+         ORDER BY r.id",
+    )
+    .bind(to_json(&runner_ids)?)
+    .bind(owner)
+    .bind(micros(normalize(seen_before)))
+    .bind(micros(normalize(now)))
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(gone)
+}

@@ -229,6 +229,58 @@ pub async fn cluster_load_counts_tasks_and_online_runners(store: &dyn Store) -> 
 /// Scoped names: a project's cluster and a shared one may share a name; the project's tasks
 /// of that name are its own cluster's, leased only by its own runners, and the operator's
 /// runners of the shared cluster never see them.
+pub async fn gone_runners_are_known_unseen_and_hold_no_live_lease(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    enqueue_one(store, &acme.id, new_task("hello"), at(0)).await?;
+    let seen = |id: &str, owner: Option<&str>| RunnerSeen {
+        id: id.to_owned(),
+        clusters: vec!["default".to_owned()],
+        capacity: 2,
+        owner: owner.map(str::to_owned),
+    };
+    for id in ["r-busy", "r-idle", "r-fresh"] {
+        store.record_runner(&seen(id, None), at(0)).await?;
+    }
+    store
+        .record_runner(&seen("r-project", Some(&acme.id)), at(0))
+        .await?;
+    store.record_runner(&seen("r-fresh", None), at(50)).await?;
+    // r-busy holds the one task under a 60 s lease (until at(61)).
+    let leased = store.lease(&lease_request("r-busy", 1), at(1)).await?;
+    assert_eq!(leased.len(), 1);
+    let asked: Vec<String> = ["r-busy", "r-idle", "r-fresh", "r-project", "r-stranger"]
+        .iter()
+        .map(|id| (*id).to_owned())
+        .collect();
+
+    // Unseen since at(0), but r-busy's lease is live; r-fresh was seen at(50); r-stranger
+    // was never seen here; r-project belongs to a project, not to the shared clusters.
+    let gone = store.gone_runners(&asked, None, at(40), at(55)).await?;
+    assert_eq!(gone, ["r-idle"]);
+    // Once the lease has expired, its holder is gone too.
+    let gone = store.gone_runners(&asked, None, at(40), at(62)).await?;
+    assert_eq!(gone, ["r-busy", "r-idle"]);
+    // A project's runners are answered for that project only.
+    let gone = store
+        .gone_runners(&asked, Some(&acme.id), at(40), at(62))
+        .await?;
+    assert_eq!(gone, ["r-project"]);
+    // A heartbeat keeps the lease, and so the runner, alive.
+    let task = &leased[0];
+    store
+        .heartbeat(&task.task.id, task.lease.token, 60, at(60))
+        .await?;
+    let gone = store.gone_runners(&asked, None, at(40), at(62)).await?;
+    assert_eq!(gone, ["r-idle"]);
+    assert!(
+        store
+            .gone_runners(&[], None, at(40), at(62))
+            .await?
+            .is_empty()
+    );
+    Ok(())
+}
+
 pub async fn cluster_names_are_scoped_and_leases_follow_their_owner(
     store: &dyn Store,
 ) -> Result<()> {
