@@ -105,6 +105,18 @@ impl DockerEngine {
         Self::with_client(docker).await
     }
 
+    /// Connects to the engine listening on the Unix socket at `path` (a second engine on the
+    /// same host, say), as [`Self::connect`] does.
+    pub async fn connect_unix(path: &std::path::Path) -> Result<Self, EngineError> {
+        let docker = Docker::connect_with_unix(
+            &path.display().to_string(),
+            120,
+            bollard::API_DEFAULT_VERSION,
+        )
+        .map_err(|error| EngineError::from_bollard(error, Subject::Engine))?;
+        Self::with_client(docker).await
+    }
+
     /// Uses an already configured bollard client (another host, another timeout), after
     /// negotiating its API version.
     pub async fn with_client(docker: Docker) -> Result<Self, EngineError> {

@@ -1264,3 +1264,216 @@ async fn a_local_run_of_a_missing_image_is_an_error_naming_it() {
         "{message}"
     );
 }
+
+// === an engine restarted under running tasks ===
+
+/// A Docker engine of the test's own beside the shared one, on its own socket, state, bridge
+/// and `live-restore`: killing and restarting it touches no other test.
+struct PrivateDockerd {
+    dir: tempfile::TempDir,
+    exec_root: std::path::PathBuf,
+    bridge: String,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateDockerd {
+    /// Started and answering, or `None` (the test skips) without root or dockerd outside CI.
+    fn start() -> Option<PrivateDockerd> {
+        let root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|out| out.stdout.trim_ascii() == b"0");
+        if !root || which("dockerd").is_err() {
+            assert!(
+                !harness::ci_requires_docker(),
+                "CI needs root and dockerd for a private engine"
+            );
+            eprintln!("skipped: a private dockerd needs root and dockerd");
+            return None;
+        }
+        let id = std::process::id();
+        let dockerd = PrivateDockerd {
+            dir: tempfile::tempdir().unwrap(),
+            // Short: containerd's socket lives below it, and socket paths are short.
+            exec_root: std::path::PathBuf::from(format!("/tmp/stv-lr-{id}")),
+            // Its own bridge: with `--bridge none` dockerd would delete the shared docker0.
+            bridge: format!("stvlr{}", id % 100_000),
+            child: None,
+        };
+        let subnet = format!("10.219.{}.1/24", id % 250);
+        for args in [
+            vec!["link", "add", &dockerd.bridge, "type", "bridge"],
+            vec!["addr", "add", &subnet, "dev", &dockerd.bridge],
+            vec!["link", "set", &dockerd.bridge, "up"],
+        ] {
+            let status = std::process::Command::new("ip")
+                .args(&args)
+                .status()
+                .unwrap();
+            assert!(status.success(), "ip {args:?}");
+        }
+        let mut dockerd = dockerd;
+        dockerd.launch();
+        Some(dockerd)
+    }
+
+    fn socket(&self) -> std::path::PathBuf {
+        self.dir.path().join("docker.sock")
+    }
+
+    /// Starts dockerd and waits until it answers.
+    fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("dockerd.log"))
+            .unwrap();
+        let child = std::process::Command::new("dockerd")
+            .arg("--host")
+            .arg(format!("unix://{}", self.socket().display()))
+            .arg("--data-root")
+            .arg(self.dir.path().join("data"))
+            .arg("--exec-root")
+            .arg(&self.exec_root)
+            .arg("--pidfile")
+            .arg(self.dir.path().join("docker.pid"))
+            .args([
+                "--bridge",
+                &self.bridge,
+                "--iptables=false",
+                "--ip-masq=false",
+            ])
+            .arg("--live-restore")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start dockerd");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let answered = std::process::Command::new("docker")
+                .arg("-H")
+                .arg(format!("unix://{}", self.socket().display()))
+                .arg("version")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|status| status.success());
+            if answered {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the private dockerd did not answer: {}",
+                std::fs::read_to_string(self.dir.path().join("dockerd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL, as a crash or an OOM kill does; the containers live on (live restore).
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+        let _ = std::fs::remove_file(self.dir.path().join("docker.pid"));
+        // Its containerd dies with it (the shims, and so the containers, live on). Without an
+        // init that reaps it, it lingers as a zombie whose pid file would make the next
+        // dockerd wait for it in vain.
+        let _ = std::fs::remove_file(self.exec_root.join("containerd/containerd.pid"));
+    }
+}
+
+impl Drop for PrivateDockerd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+        // Its containerd and whatever it mounted go with its directories.
+        let _ = std::process::Command::new("pkill")
+            .args(["-KILL", "-f", &self.exec_root.display().to_string()])
+            .status();
+        for dir in [self.exec_root.clone(), self.dir.path().join("data")] {
+            let _ = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "grep -o ' {0}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l",
+                    dir.display()
+                ))
+                .status();
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        let _ = std::process::Command::new("ip")
+            .args(["link", "delete", &self.bridge])
+            .status();
+    }
+}
+
+/// With dockerd's `live-restore`, a task running while the engine is killed and started again
+/// carries on, and everything it printed reaches its log once, in order: what the attachment
+/// delivered before the kill, then the engine's kept copy past it (what the task printed while
+/// the engine was down waited in its pipe).
+#[tokio::test]
+async fn a_task_runs_on_through_an_engine_restart_with_its_whole_output() {
+    let Some(mut dockerd) = PrivateDockerd::start() else {
+        return;
+    };
+    let engine = DockerEngine::connect_unix(&dockerd.socket()).await.unwrap();
+    stevedore_engine::build_local_busybox_image(
+        &engine,
+        std::path::Path::new(stevedore_engine::HOST_BUSYBOX),
+        TEST_IMAGE,
+    )
+    .await
+    .unwrap();
+    let engine = Arc::new(engine);
+    let harness = Harness::new(Arc::new(SystemClock)).await;
+    harness
+        .push_image_code(
+            "steady",
+            TEST_IMAGE,
+            Some("for i in $(seq 1 40); do echo line $i; sleep 0.1; done"),
+            |_| {},
+        )
+        .await;
+    let task = harness.queue("steady", "", 120).await;
+    let mut network = stevedore_runner::TaskNetworkConfig::default();
+    network.spec.name = format!("stevedore-lr-{}", std::process::id());
+    network.spec.bridge = format!("stvlrt{}", std::process::id() % 100_000);
+    network.unguarded = true;
+    let config = RunnerConfig {
+        runner_id: format!("runner-test-live-restore-{}", std::process::id()),
+        capacity: Some(2),
+        memory_budget_mib: Some(1024),
+        heartbeat_interval: Duration::from_millis(300),
+        idle_poll_interval: Duration::from_millis(100),
+        shutdown_grace: Duration::from_secs(10),
+        stacks: StackTable::default()
+            .with_image("busybox", TEST_IMAGE)
+            .unwrap(),
+        network,
+        reserve_cpus: 0.0,
+        ..RunnerConfig::default()
+    };
+    let runner = Background::start(Runner::new(config, harness.source(), engine.clone()));
+    harness
+        .wait_for(&task.id, WITHIN, |task| task.status == TaskStatus::Running)
+        .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    dockerd.kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    dockerd.launch();
+
+    let done = harness.finished(&task.id, WITHIN).await;
+    runner.stop().await.unwrap();
+    assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
+    assert_eq!(done.infra_attempts, 0, "it ran once: {done:#?}");
+    let log = harness.log(&task.id).await;
+    let expected: String = (1..=40).map(|n| format!("line {n}\n")).collect();
+    assert_eq!(log, expected);
+}
