@@ -1317,6 +1317,11 @@ impl PrivateDockerd {
         Some(dockerd)
     }
 
+    /// The bridge of the task network the runner makes on this engine.
+    fn task_bridge(&self) -> String {
+        format!("stvlrt{}", std::process::id() % 100_000)
+    }
+
     fn socket(&self) -> std::path::PathBuf {
         self.dir.path().join("docker.sock")
     }
@@ -1408,9 +1413,12 @@ impl Drop for PrivateDockerd {
                 .status();
             let _ = std::fs::remove_dir_all(&dir);
         }
-        let _ = std::process::Command::new("ip")
-            .args(["link", "delete", &self.bridge])
-            .status();
+        // Its own bridge, and the task network's that it made.
+        for bridge in [self.bridge.clone(), self.task_bridge()] {
+            let _ = std::process::Command::new("ip")
+                .args(["link", "delete", &bridge])
+                .status();
+        }
     }
 }
 
@@ -1444,7 +1452,7 @@ async fn a_task_runs_on_through_an_engine_restart_with_its_whole_output() {
     let task = harness.queue("steady", "", 120).await;
     let mut network = stevedore_runner::TaskNetworkConfig::default();
     network.spec.name = format!("stevedore-lr-{}", std::process::id());
-    network.spec.bridge = format!("stvlrt{}", std::process::id() % 100_000);
+    network.spec.bridge = dockerd.task_bridge();
     network.unguarded = true;
     let config = RunnerConfig {
         runner_id: format!("runner-test-live-restore-{}", std::process::id()),
