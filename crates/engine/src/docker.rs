@@ -52,6 +52,29 @@ const ICC_OPTION: &str = "com.docker.network.bridge.enable_icc";
 /// beside the one it writes, so the two stay within `KEPT_OUTPUT_BYTES`.
 const TASK_LOG_DRIVER: &str = "local";
 
+/// A piece of a container's output as the engine sent it (attached or from its log), in the
+/// runtime's terms; `None` for what is not output (stdin echoed back).
+fn output_chunk(
+    item: Result<LogOutput, bollard::errors::Error>,
+    container: &str,
+) -> Option<Result<LogChunk, EngineError>> {
+    match item {
+        Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => Some(Ok(LogChunk {
+            stream: OutputStream::Stdout,
+            bytes: message,
+        })),
+        Ok(LogOutput::StdErr { message }) => Some(Ok(LogChunk {
+            stream: OutputStream::Stderr,
+            bytes: message,
+        })),
+        Ok(LogOutput::StdIn { .. }) => None,
+        Err(error) => Some(Err(EngineError::from_bollard(
+            error,
+            Subject::Container(container),
+        ))),
+    }
+}
+
 /// The exit code of a process killed by SIGKILL, as an OOM kill leaves it.
 const SIGKILL_EXIT_CODE: i64 = 137;
 /// How often a SIGKILLed container's state is asked again for a late OOM mark, and how long
@@ -283,23 +306,7 @@ impl ContainerRuntime for DockerEngine {
             .output
             .filter_map(move |item| {
                 let _attached = &input;
-                ready(match item {
-                    Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => {
-                        Some(Ok(LogChunk {
-                            stream: OutputStream::Stdout,
-                            bytes: message,
-                        }))
-                    }
-                    Ok(LogOutput::StdErr { message }) => Some(Ok(LogChunk {
-                        stream: OutputStream::Stderr,
-                        bytes: message,
-                    })),
-                    Ok(LogOutput::StdIn { .. }) => None,
-                    Err(error) => Some(Err(EngineError::from_bollard(
-                        error,
-                        Subject::Container(&container),
-                    ))),
-                })
+                ready(output_chunk(item, &container))
             })
             .boxed())
     }
@@ -319,25 +326,7 @@ impl ContainerRuntime for DockerEngine {
         Ok(self
             .docker
             .logs(id.as_str(), Some(options))
-            .filter_map(move |item| {
-                ready(match item {
-                    Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => {
-                        Some(Ok(LogChunk {
-                            stream: OutputStream::Stdout,
-                            bytes: message,
-                        }))
-                    }
-                    Ok(LogOutput::StdErr { message }) => Some(Ok(LogChunk {
-                        stream: OutputStream::Stderr,
-                        bytes: message,
-                    })),
-                    Ok(LogOutput::StdIn { .. }) => None,
-                    Err(error) => Some(Err(EngineError::from_bollard(
-                        error,
-                        Subject::Container(&container),
-                    ))),
-                })
-            })
+            .filter_map(move |item| ready(output_chunk(item, &container)))
             .boxed())
     }
 

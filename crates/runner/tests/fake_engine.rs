@@ -1467,17 +1467,23 @@ async fn a_restarted_runner_gives_back_what_its_earlier_life_held_at_once() {
     runner.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn a_container_that_ended_while_the_engine_was_away_completes_instead_of_running_again() {
-    let harness = system_harness().await;
-    let engine = engine_with("test/lost-sight", FakeRun::success().stdout("done once\n"));
-    // The engine goes away just as the runner starts to wait; it answers again at once.
+/// The engine goes away (and answers again at once) as the runner starts to wait for the
+/// task's container.
+fn engine_goes_away_at_the_wait(engine: &FakeEngine) {
     engine.fail_next(
         FakeOperation::Wait,
         EngineError::Unreachable {
             message: "the engine restarted".into(),
         },
     );
+}
+
+#[tokio::test]
+async fn a_container_that_ended_while_the_engine_was_away_completes_instead_of_running_again() {
+    let harness = system_harness().await;
+    let engine = engine_with("test/lost-sight", FakeRun::success().stdout("done once\n"));
+    // The engine goes away just as the runner starts to wait; it answers again at once.
+    engine_goes_away_at_the_wait(&engine);
     harness
         .push_image_code("lost-sight", "test/lost-sight", Some("true"), |_| {})
         .await;
@@ -1508,12 +1514,7 @@ async fn output_the_broken_attachment_missed_is_shipped_from_the_engines_copy() 
             .attachment_breaks_after(1),
     );
     engine.set_clock(chrono::Utc::now());
-    engine.fail_next(
-        FakeOperation::Wait,
-        EngineError::Unreachable {
-            message: "the engine restarted".into(),
-        },
-    );
+    engine_goes_away_at_the_wait(&engine);
     harness
         .push_image_code("resumed", "test/resumed", Some("true"), |_| {})
         .await;
@@ -1538,12 +1539,7 @@ async fn a_container_that_ended_while_the_engine_was_away_says_its_output_may_be
             .running_for(Duration::from_millis(100)),
     );
     engine.set_clock(chrono::Utc::now());
-    engine.fail_next(
-        FakeOperation::Wait,
-        EngineError::Unreachable {
-            message: "the engine restarted".into(),
-        },
-    );
+    engine_goes_away_at_the_wait(&engine);
     // Still away when first asked again: back only after the container ended.
     engine.fail_next(
         FakeOperation::KeptOutput,
@@ -1579,12 +1575,7 @@ async fn a_container_killed_with_the_engine_is_run_again() {
         FakeRun::exits(137).running_for(Duration::from_millis(300)),
     );
     engine.set_clock(chrono::Utc::now());
-    engine.fail_next(
-        FakeOperation::Wait,
-        EngineError::Unreachable {
-            message: "the engine restarted".into(),
-        },
-    );
+    engine_goes_away_at_the_wait(&engine);
     harness
         .push_image_code("died-with", "test/died-with", Some("true"), |_| {})
         .await;
