@@ -89,6 +89,19 @@ if [ -f /var/run/docker.pid ]; then
 fi
 
 if [ ! -f /var/run/docker.pid ]; then
+    # The containerd a killed dockerd had started dies with it, and may linger as a zombie
+    # for a moment; a new dockerd that finds its pid file waits for it in vain and gives up
+    # ("timeout waiting for containerd to start"). Only a live containerd's file stays.
+    containerd_pid_file=/var/run/docker/containerd/containerd.pid
+    if [ -f "${containerd_pid_file}" ]; then
+        containerd_pid="$(cat "${containerd_pid_file}" 2>/dev/null || true)"
+        containerd_stat="$(sed -e 's/^.*) //' "/proc/${containerd_pid}/stat" 2>/dev/null || true)"
+        if [ "$(cat "/proc/${containerd_pid}/comm" 2>/dev/null || true)" != "containerd" ] \
+            || [ "${containerd_stat%% *}" = "Z" ]; then
+            log "removing the pid file of a containerd that is gone"
+            rm -f "${containerd_pid_file}"
+        fi
+    fi
     mkdir -p "$(dirname "${dockerd_log}")"
     log "starting dockerd in the background (log: ${dockerd_log})"
     # setsid detaches dockerd from this shell's session so it outlives the script.
