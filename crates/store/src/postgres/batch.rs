@@ -335,7 +335,9 @@ async fn apply_all(
 
 /// `tasks::write` for many records in one statement: every column a task's life changes,
 /// each row guarded by the version it was loaded with (which cannot have moved while this
-/// transaction holds the row locks); bumps each version.
+/// transaction holds the row locks); bumps each version. The rows are named by `id = ANY(…)`
+/// as well as joined, so that the planner probes the primary key instead of scanning the
+/// table (see `leases::write_leases`).
 async fn write_many(conn: &mut PgConnection, records: &mut [&mut TaskRecord]) -> Result<()> {
     if records.is_empty() {
         return Ok(());
@@ -356,7 +358,7 @@ async fn write_many(conn: &mut PgConnection, records: &mut [&mut TaskRecord]) ->
          AS r(status, updated_at, due_at, start_time, end_time, percent, msg, exit_code, \
          log_size, log_truncated, infra_attempts, cancel_requested, peak_memory_bytes, \
          cpu_time_ms, runner_id, lease_token, lease_expires_at, id, version) \
-         WHERE tasks.id = r.id AND tasks.version = r.version",
+         WHERE tasks.id = ANY($18) AND tasks.id = r.id AND tasks.version = r.version",
     )
     .bind(tasks().map(|task| task.status.as_str()).collect::<Vec<_>>())
     .bind(

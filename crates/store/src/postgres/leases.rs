@@ -453,6 +453,11 @@ async fn record_turns(conn: &mut PgConnection, served: &[&str]) -> Result<()> {
 
 /// Writes a batch of fresh leases in one statement: the fields `TaskRecord::grant_lease`
 /// changes. Every record was queued and locked by this transaction, so every row must match.
+///
+/// The rows are also named by `id = ANY(…)`: joined with `unnest` alone, the planner reckons
+/// a hash join over a scan of the whole table cheaper than an index probe per task, and on a
+/// table whose updates have left many dead rows (a busy queue between two vacuums) that scan
+/// took tens of milliseconds per lease.
 async fn write_leases(
     conn: &mut PgConnection,
     leased: &[TaskRecord],
@@ -480,7 +485,8 @@ async fn write_leases(
         "UPDATE tasks SET status = $1, updated_at = $2, runner_id = $3, lease_expires_at = $4, \
          lease_token = picked.token, version = tasks.version + 1 \
          FROM unnest($5::text[], $6::bigint[]) AS picked (id, token) \
-         WHERE tasks.id = picked.id AND tasks.status = $7 AND tasks.lease_token IS NULL",
+         WHERE tasks.id = ANY($5) AND tasks.id = picked.id AND tasks.status = $7 \
+         AND tasks.lease_token IS NULL",
     )
     .bind(status.as_str())
     .bind(micros(now))
