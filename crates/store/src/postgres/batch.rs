@@ -4,9 +4,9 @@
 //! count trigger) and one `COMMIT` for many tasks instead of for each.
 //!
 //! ```text
-//! caller ──LeasedWrite──▶ channel ──▶ dispatcher: the first write, then whatever else waits
-//!                                     (one write per task per batch), once the batch before
-//!                                     has committed     │
+//! caller ──LeasedWrite──▶ channel ──▶ dispatcher: once a batch slot is free, what waits
+//!                                     (one write per task, none about a task in flight)
+//!                                          │
 //!                       batch transaction ◀┘  BEGIN
 //!                                             SELECT … WHERE id = ANY(…) ORDER BY id FOR UPDATE
 //!                                             each write checked and applied to its own row
@@ -27,15 +27,16 @@
 //! and each write is done again alone, so one write's trouble is never another's answer.
 //!
 //! The dispatcher adds no wait of its own: an idle server writes the first write at once, and
-//! the next batch forms from what arrives while one is written. One batch at a time per store
-//! keeps the order of writes about a task without tracking which tasks are in flight; servers
-//! sharing the database write their batches side by side.
+//! batches form from what arrives while up to `BATCHES_IN_FLIGHT` earlier ones are written.
+//! A write about a task that a batch in flight holds waits for that batch, so writes about
+//! one task keep their order whichever batches carry them.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
 
 use sqlx::postgres::{PgConnection, PgPool};
 use stevedore_model::{HeartbeatReply, Task, TaskOutcome, TaskStatus, Timestamp};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 
 use super::rows::{self, task_columns};
 use super::{PgStore, finish, tasks};
@@ -45,6 +46,10 @@ use crate::{Requeue, Result, RunReport, StoreError};
 
 /// The most writes one batch holds, so that one transaction's locks and statements stay short.
 const MAX_BATCH: usize = 256;
+
+/// How many batches one store writes at once, each on a connection of its own: runner loops
+/// that wait for each write before the next still write side by side.
+const BATCHES_IN_FLIGHT: usize = 4;
 
 /// What a runner asks to change about a task it leased.
 #[derive(Debug, Clone)]
@@ -161,65 +166,108 @@ impl LeasedWrites {
     }
 }
 
-/// Forms batches from the waiting writes and writes them, one after the other.
+/// Forms batches from the waiting writes and writes each on a task of its own, at most
+/// `BATCHES_IN_FLIGHT` at once. A write about a task that a batch in flight holds waits for
+/// that batch to end, so that writes about one task are written in the order they came.
 async fn dispatch(pool: PgPool, mut receiver: mpsc::UnboundedReceiver<LeasedWrite>) {
-    // Writes about a task that already had one in the batch being formed, in arrival order.
+    let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+    let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let ended = Arc::new(Notify::new());
+    // Writes put off (their task was in a batch), in arrival order; they came before anything
+    // still in the channel.
     let mut deferred: VecDeque<LeasedWrite> = VecDeque::new();
+    let mut open = true;
     loop {
-        let first = match deferred.pop_front() {
-            Some(write) => write,
-            None => match receiver.recv().await {
-                Some(write) => write,
+        if deferred.is_empty() {
+            match receiver.recv().await {
+                Some(write) => deferred.push_back(write),
                 None => return,
-            },
-        };
-        // The deferred writes first (they came before anything still in the channel), then
-        // what the channel holds, until the batch is full.
-        let mut pending = std::mem::take(&mut deferred);
-        pending.push_front(first);
-        let mut batch = Vec::new();
-        let mut tasks_in_batch = HashSet::new();
-        let mut later = VecDeque::new();
-        while batch.len() < MAX_BATCH {
-            let Some(write) = pending.pop_front().or_else(|| receiver.try_recv().ok()) else {
-                break;
-            };
-            if write.answer.is_closed() {
-                // Its caller went away before the write began: withdrawn, as a transaction
-                // dropped before its commit would be.
-                continue;
-            }
-            if tasks_in_batch.insert(write.task_id.clone()) {
-                batch.push(write);
-            } else {
-                later.push_back(write);
             }
         }
-        // Whatever was left of the deferred writes came after those put off just now.
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        let mut pending = std::mem::take(&mut deferred);
+        let mut batch = Vec::new();
+        let mut later = VecDeque::new();
+        {
+            let mut busy = lock(&in_flight);
+            while batch.len() < MAX_BATCH {
+                let next = match pending.pop_front() {
+                    Some(write) => Some(write),
+                    None if open => receiver.try_recv().ok(),
+                    None => None,
+                };
+                let Some(write) = next else {
+                    break;
+                };
+                if write.answer.is_closed() {
+                    // Its caller went away before the write began: withdrawn, as a
+                    // transaction dropped before its commit would be.
+                    continue;
+                }
+                if busy.insert(write.task_id.clone()) {
+                    batch.push(write);
+                } else {
+                    later.push_back(write);
+                }
+            }
+        }
+        // What was left of the put-off writes came after those put off just now.
         later.extend(pending);
         deferred = later;
-        if !batch.is_empty() {
-            write_batch(&pool, batch).await;
+        if batch.is_empty() {
+            drop(slot);
+            // Everything waiting is about tasks in flight: wait for a batch to end, or for a
+            // new write.
+            tokio::select! {
+                () = ended.notified() => {}
+                write = receiver.recv(), if open => match write {
+                    Some(write) => deferred.push_back(write),
+                    None => open = false,
+                },
+            }
+            continue;
         }
+        let (pool, in_flight, ended) = (pool.clone(), Arc::clone(&in_flight), Arc::clone(&ended));
+        tokio::spawn(async move {
+            let ids: Vec<String> = batch.iter().map(|write| write.task_id.clone()).collect();
+            let answers = write_batch(&pool, &batch).await;
+            {
+                let mut busy = lock(&in_flight);
+                for id in &ids {
+                    busy.remove(id);
+                }
+            }
+            drop(slot);
+            ended.notify_one();
+            for (write, answer) in batch.into_iter().zip(answers) {
+                // A caller that went away meanwhile has no use for its answer.
+                drop(write.answer.send(answer));
+            }
+        });
     }
 }
 
-/// Writes one batch and answers its callers; done again write by write if the batch fails.
-async fn write_batch(pool: &PgPool, batch: Vec<LeasedWrite>) {
-    let answers = match write_together(pool, &batch).await {
+/// The set of tasks in flight, whatever a panicking holder left.
+fn lock(in_flight: &Mutex<HashSet<String>>) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    in_flight
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Writes one batch; done again write by write if the batch fails. An answer per write.
+async fn write_batch(pool: &PgPool, batch: &[LeasedWrite]) -> Vec<Result<Changed>> {
+    match write_together(pool, batch).await {
         Ok(answers) => answers,
         Err(error) => {
             tracing::debug!(%error, writes = batch.len(), "a batch failed; writing alone");
             let mut answers = Vec::with_capacity(batch.len());
-            for write in &batch {
+            for write in batch {
                 answers.push(write_alone(pool, write).await);
             }
             answers
         }
-    };
-    for (write, answer) in batch.into_iter().zip(answers) {
-        // A caller that went away meanwhile has no use for its answer.
-        drop(write.answer.send(answer));
     }
 }
 
