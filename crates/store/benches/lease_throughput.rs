@@ -10,6 +10,10 @@
 //!   failure, which is valid straight from `preparing`);
 //! * `lease+running+complete`: what the runner really does for a task that ran, three calls.
 //!
+//! Each pattern runs twice: one task at a time per loop (every call waits for the one before),
+//! and with each leased task on a task of its own, as a runner's slots run them, so that a
+//! loop's calls about its batch arrive together and a store may write them together.
+//!
 //! With several runner loops SQLite's writes still serialize on its one writer connection;
 //! the loops only overlap their round trips. PostgreSQL runs them on as many connections, but
 //! the test cluster runs without fsync, so its figures are what the store's statements cost,
@@ -39,6 +43,16 @@ enum Calls {
     LeaseRunningComplete,
 }
 
+/// How a runner loop goes through the tasks of a lease.
+#[derive(Debug, Clone, Copy)]
+enum Slots {
+    /// One task after the other.
+    OneAtATime,
+    /// Every leased task on a task of its own, the lease's batch finished before the next
+    /// lease.
+    Concurrent,
+}
+
 fn main() -> BenchResult {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -53,37 +67,53 @@ fn main() -> BenchResult {
              tasks/s"
         );
         println!(
-            "{:<42} {:>16} {:>16}",
+            "{:<52} {:>16} {:>16}",
             "", "SQLite (normal)", "PostgreSQL"
         );
         let patterns = [
-            (1, Calls::LeaseComplete),
-            (4, Calls::LeaseComplete),
-            (1, Calls::LeaseRunningComplete),
-            (4, Calls::LeaseRunningComplete),
+            (1, Calls::LeaseComplete, Slots::OneAtATime),
+            (4, Calls::LeaseComplete, Slots::OneAtATime),
+            (1, Calls::LeaseRunningComplete, Slots::OneAtATime),
+            (4, Calls::LeaseRunningComplete, Slots::OneAtATime),
+            (4, Calls::LeaseComplete, Slots::Concurrent),
+            (4, Calls::LeaseRunningComplete, Slots::Concurrent),
         ];
         let mut enqueue = (0.0, None);
-        for (runners, calls) in patterns {
-            let sqlite = bench(&open_sqlite(SyncMode::Normal).await?, total, runners, calls).await?;
+        for (runners, calls, slots) in patterns {
+            let sqlite = bench(
+                &open_sqlite(SyncMode::Normal).await?,
+                total,
+                runners,
+                calls,
+                slots,
+            )
+            .await?;
             let postgres = match open_postgres().await? {
-                Some(store) => Some(bench(&store, total, runners, calls).await?),
+                Some(store) => Some(bench(&store, total, runners, calls, slots).await?),
                 None => None,
             };
             enqueue = (sqlite.0, postgres.map(|(enqueue, _)| enqueue));
             println!(
-                "{:<42} {:>16.0} {:>16}",
-                format!("{runners} runner loop(s), {}", calls.name()),
+                "{:<52} {:>16.0} {:>16}",
+                format!("{runners} runner loop(s), {}, {}", calls.name(), slots.name()),
                 sqlite.1,
                 shown(postgres.map(|(_, run)| run)),
             );
         }
         println!(
-            "{:<42} {:>16.0} {:>16}",
+            "{:<52} {:>16.0} {:>16}",
             "enqueue",
             enqueue.0,
             shown(enqueue.1)
         );
-        let full = bench(&open_sqlite(SyncMode::Full).await?, 10_000, 1, Calls::LeaseComplete).await?;
+        let full = bench(
+            &open_sqlite(SyncMode::Full).await?,
+            10_000,
+            1,
+            Calls::LeaseComplete,
+            Slots::OneAtATime,
+        )
+        .await?;
         println!(
             "SQLite with sync = full, 10000 tasks: enqueue {:.0}, 1 runner loop lease+complete {:.0}",
             full.0, full.1
@@ -138,12 +168,22 @@ impl Calls {
     }
 }
 
+impl Slots {
+    fn name(self) -> &'static str {
+        match self {
+            Slots::OneAtATime => "one at a time",
+            Slots::Concurrent => "concurrent",
+        }
+    }
+}
+
 /// Queues `total` tasks and runs them; tasks per second (enqueue, run).
 async fn bench(
     opened: &Opened,
     total: usize,
     runners: usize,
     calls: Calls,
+    slots: Slots,
 ) -> BenchResult<(f64, f64)> {
     let store = &opened.store;
     let project = store.create_project("bench", Utc::now()).await?;
@@ -162,7 +202,9 @@ async fn bench(
     let mut loops = tokio::task::JoinSet::new();
     for runner in 0..runners {
         let store = Arc::clone(store);
-        loops.spawn(async move { run_tasks(&*store, &format!("runner-{runner}"), calls).await });
+        loops.spawn(
+            async move { run_tasks(&store, &format!("runner-{runner}"), calls, slots).await },
+        );
     }
     let mut done = 0;
     while let Some(finished) = loops.join_next().await {
@@ -174,33 +216,56 @@ async fn bench(
 }
 
 /// One runner's store traffic until the queue is empty. Returns how many tasks it finished.
-async fn run_tasks(store: &dyn Store, runner_id: &str, calls: Calls) -> BenchResult<usize> {
+async fn run_tasks(
+    store: &Arc<dyn Store>,
+    runner_id: &str,
+    calls: Calls,
+    slots: Slots,
+) -> BenchResult<usize> {
     let request = lease_request(runner_id, LEASE_BATCH);
-    let exited = TaskOutcome::Exited { exit_code: 0 };
-    let setup_failed = TaskOutcome::SetupFailed {
-        message: "image not found".to_owned(),
-    };
-    let report = RunReport::default();
     let mut done = 0;
     loop {
         let leased = store.lease(&request, Utc::now()).await?;
         if leased.is_empty() {
             return Ok(done);
         }
-        for leased in leased {
-            let (id, token) = (&leased.task.id, leased.lease.token);
-            let outcome = match calls {
-                Calls::LeaseComplete => &setup_failed,
-                Calls::LeaseRunningComplete => {
-                    let now = Utc::now();
-                    store.mark_running(id, token, now, now).await?;
-                    &exited
+        done += leased.len();
+        match slots {
+            Slots::OneAtATime => {
+                for leased in leased {
+                    run_task(&**store, &leased.task.id, leased.lease.token, calls).await?;
                 }
-            };
-            store
-                .complete(id, token, outcome, &report, Utc::now())
-                .await?;
-            done += 1;
+            }
+            Slots::Concurrent => {
+                let mut running = tokio::task::JoinSet::new();
+                for leased in leased {
+                    let store = Arc::clone(store);
+                    running.spawn(async move {
+                        run_task(&*store, &leased.task.id, leased.lease.token, calls).await
+                    });
+                }
+                while let Some(finished) = running.join_next().await {
+                    finished??;
+                }
+            }
         }
     }
+}
+
+/// The store calls for one leased task after its lease.
+async fn run_task(store: &dyn Store, id: &str, token: i64, calls: Calls) -> BenchResult {
+    let outcome = match calls {
+        Calls::LeaseComplete => TaskOutcome::SetupFailed {
+            message: "image not found".to_owned(),
+        },
+        Calls::LeaseRunningComplete => {
+            let now = Utc::now();
+            store.mark_running(id, token, now, now).await?;
+            TaskOutcome::Exited { exit_code: 0 }
+        }
+    };
+    store
+        .complete(id, token, &outcome, &RunReport::default(), Utc::now())
+        .await?;
+    Ok(())
 }

@@ -6,7 +6,9 @@
 //! * a change to one task (heartbeat, log, progress, start, completion, requeue, cancel) locks
 //!   its row first (`SELECT … FOR UPDATE`), so the second of two writers reads what the first
 //!   wrote: a second completion finds the lease cleared and is `StaleLease`, and the user retry
-//!   a completion calls for is queued in the same transaction;
+//!   a completion calls for is queued in the same transaction. A runner's writes about its
+//!   leased tasks (heartbeats, starts, progress, completions, requeues) that arrive together
+//!   share such a transaction, their rows locked in id order and each checked alone (`batch`);
 //! * leasing takes due tasks with `FOR UPDATE SKIP LOCKED`, so concurrent leasers never wait
 //!   for each other and never hand out one task twice, and decides `max_concurrency` under a
 //!   per-code advisory lock (see `leases::free_slots`);
@@ -27,10 +29,12 @@
 //! and, while it cannot, signals on a timer so that waiters fall back to polling.
 //!
 //! The SQL lives in one module per concern (`projects`, `codes`, `packages`, `tasks`, `logs`, `leases`,
-//! `schedules`, `clusters`, `usage`, `credentials`, `gauges`, `quotas`, `retention`), as in the SQLite store. The
+//! `schedules`, `clusters`, `usage`, `credentials`, `gauges`, `quotas`, `retention`), as in the SQLite store;
+//! the batches of runners' writes in `batch`. The
 //! representations are the SQLite store's (`crate::convert`); what a state change does to a
 //! task is decided in `crate::record`, shared with it.
 
+mod batch;
 mod clusters;
 mod codes;
 mod credentials;
@@ -86,6 +90,8 @@ pub struct PgOptions {
 /// concurrently, from any number of processes.
 pub struct PgStore {
     pool: PgPool,
+    /// The batches that runners' writes about leased tasks share.
+    leased_writes: batch::LeasedWrites,
     connect: PgConnectOptions,
     /// The `LISTEN` task and its signal, started by the first `work_signal`.
     listener: Mutex<Option<listen::Listener>>,
@@ -117,7 +123,13 @@ impl PgStore {
     /// Connects and brings the schema up to date. Migrations take a database-wide advisory
     /// lock, so servers starting together apply each migration once.
     pub async fn connect(options: PgOptions) -> Result<PgStore> {
-        let connect = PgConnectOptions::from_str(&options.url)?.application_name("stevedore");
+        // JIT compilation off for every session: the store's statements are short, but the
+        // planner's estimate of the lease's projects query passes `jit_above_cost` whenever a
+        // backlog is large or not yet analyzed, and compiling it took 450 ms of a lease that
+        // runs in a few milliseconds (measured with `lease_throughput`).
+        let connect = PgConnectOptions::from_str(&options.url)?
+            .application_name("stevedore")
+            .options([("jit", "off")]);
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(1))
             .acquire_timeout(options.acquire_timeout)
@@ -125,6 +137,7 @@ impl PgStore {
             .await?;
         MIGRATOR.run(&pool).await?;
         Ok(PgStore {
+            leased_writes: batch::LeasedWrites::start(pool.clone()),
             pool,
             connect,
             listener: Mutex::new(None),
@@ -155,14 +168,13 @@ impl PgStore {
             .take()
     }
 
-    /// Changes one task under its row lock: loads it, lets `change` alter it, writes it back;
-    /// with `retry` (a runner's completion) the user retry it calls for is queued in the same
-    /// transaction. Wakes the lease loops when the task or its retry is queued.
+    /// Changes one task under its row lock: loads it, lets `change` alter it, writes it back.
+    /// Wakes the lease loops when the task is queued again. (A runner's writes about a leased
+    /// task go through `change_leased`, in batches.)
     pub(super) async fn change_task<T>(
         &self,
         project_id: Option<&str>,
         task_id: &str,
-        retry: Option<RetryCheck<'_>>,
         change: impl FnOnce(&mut TaskRecord) -> Result<T>,
     ) -> Result<(TaskRecord, T)> {
         let mut tx = self.pool.begin().await?;
@@ -170,39 +182,14 @@ impl PgStore {
             let mut record = tasks::load_for_update(&mut tx, project_id, task_id).await?;
             let was = record.task.status;
             let value = change(&mut record)?;
-            let follow_up = match retry {
-                Some(RetryCheck { outcome, now }) => {
-                    tasks::plan_retry(&mut tx, &record, outcome, now).await?
-                }
-                None => None,
-            };
             tasks::write(&mut tx, &mut record).await?;
-            let requeued = was != TaskStatus::Queued && record.task.status == TaskStatus::Queued;
-            if let Some(retry) = &follow_up {
-                tasks::insert_rows(&mut tx, std::slice::from_ref(retry)).await?;
-            }
-            if requeued || follow_up.is_some() {
+            if was != TaskStatus::Queued && record.task.status == TaskStatus::Queued {
                 tasks::notify_work(&mut tx).await?;
             }
             Ok((record, value))
         }
         .await;
         finish(tx, result).await
-    }
-
-    /// `change_task` for a runner holding a lease: refused unless `token` is current.
-    pub(super) async fn change_leased_task<T>(
-        &self,
-        task_id: &str,
-        token: i64,
-        retry: Option<RetryCheck<'_>>,
-        change: impl FnOnce(&mut TaskRecord) -> Result<T>,
-    ) -> Result<(TaskRecord, T)> {
-        self.change_task(None, task_id, retry, |record| {
-            record.check_lease(token)?;
-            change(record)
-        })
-        .await
     }
 }
 
@@ -212,13 +199,6 @@ impl Drop for PgStore {
             listener.abort();
         }
     }
-}
-
-/// A runner's completion, for `change_task` to queue the user retry it calls for.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct RetryCheck<'a> {
-    pub(super) outcome: &'a TaskOutcome,
-    pub(super) now: Timestamp,
 }
 
 #[async_trait]

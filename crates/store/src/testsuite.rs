@@ -172,6 +172,8 @@ macro_rules! store_test_suite {
             concurrency: [
                 concurrent_leasers_share_no_task_and_respect_max_concurrency,
                 concurrent_completions_record_one_result_and_one_retry,
+                many_concurrent_runner_writes_each_get_their_own_answer,
+                concurrent_writes_about_one_task_take_turns,
                 concurrent_log_appends_stop_at_the_cap_with_one_marker,
                 concurrent_fires_of_a_schedule_queue_one_task,
                 a_lone_process_can_lead,

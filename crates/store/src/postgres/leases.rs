@@ -11,8 +11,9 @@ use stevedore_model::{CodeRevision, Quota, QuotaLimits, Task, TaskOutcome, TaskS
 
 use crate::convert::signed;
 
+use super::batch::LeasedChange;
 use super::rows::{self, task_columns};
-use super::{PgStore, RetryCheck, finish};
+use super::{PgStore, finish};
 use super::{codes, tasks};
 use crate::convert::micros;
 use crate::record::{
@@ -127,13 +128,17 @@ pub(super) async fn heartbeat(
     lease_secs: u32,
     now: Timestamp,
 ) -> Result<HeartbeatReply> {
-    let now = normalize(now);
-    let (_, reply) = store
-        .change_leased_task(task_id, token, None, |record| {
-            Ok(record.extend_lease(lease_secs, now))
-        })
+    let changed = store
+        .change_leased(
+            task_id,
+            token,
+            LeasedChange::Heartbeat { lease_secs },
+            normalize(now),
+        )
         .await?;
-    Ok(reply)
+    changed.heartbeat.ok_or_else(|| {
+        StoreError::Corrupt(format!("the heartbeat of task {task_id} was not answered"))
+    })
 }
 
 pub(super) async fn mark_running(
@@ -143,11 +148,12 @@ pub(super) async fn mark_running(
     start_time: Timestamp,
     now: Timestamp,
 ) -> Result<Task> {
-    let (now, start_time) = (normalize(now), normalize(start_time));
-    let (record, ()) = store
-        .change_leased_task(task_id, token, None, |record| record.start(start_time, now))
-        .await?;
-    Ok(record.task)
+    let start_time = normalize(start_time);
+    let change = LeasedChange::Start { start_time };
+    Ok(store
+        .change_leased(task_id, token, change, normalize(now))
+        .await?
+        .task)
 }
 
 pub(super) async fn progress(
@@ -158,12 +164,12 @@ pub(super) async fn progress(
     msg: Option<&str>,
     now: Timestamp,
 ) -> Result<()> {
-    let now = normalize(now);
+    let change = LeasedChange::Progress {
+        percent,
+        msg: msg.map(str::to_owned),
+    };
     store
-        .change_leased_task(task_id, token, None, |record| {
-            record.set_progress(percent, msg, now);
-            Ok(())
-        })
+        .change_leased(task_id, token, change, normalize(now))
         .await?;
     Ok(())
 }
@@ -176,17 +182,14 @@ pub(super) async fn complete(
     report: &RunReport,
     now: Timestamp,
 ) -> Result<Task> {
-    let now = normalize(now);
-    let report = normalize_report(report);
-    let (record, ()) = store
-        .change_leased_task(
-            task_id,
-            token,
-            Some(RetryCheck { outcome, now }),
-            |record| record.finish(outcome, &report, now),
-        )
-        .await?;
-    Ok(record.task)
+    let change = LeasedChange::Complete {
+        outcome: outcome.clone(),
+        report: normalize_report(report),
+    };
+    Ok(store
+        .change_leased(task_id, token, change, normalize(now))
+        .await?
+        .task)
 }
 
 pub(super) async fn requeue(
@@ -196,11 +199,11 @@ pub(super) async fn requeue(
     requeue: &Requeue,
     now: Timestamp,
 ) -> Result<Task> {
-    let now = normalize(now);
-    let (record, ()) = store
-        .change_leased_task(task_id, token, None, |record| record.requeue(requeue, now))
-        .await?;
-    Ok(record.task)
+    let change = LeasedChange::Requeue(requeue.clone());
+    Ok(store
+        .change_leased(task_id, token, change, normalize(now))
+        .await?
+        .task)
 }
 
 pub(super) async fn rescue_expired(
@@ -450,6 +453,11 @@ async fn record_turns(conn: &mut PgConnection, served: &[&str]) -> Result<()> {
 
 /// Writes a batch of fresh leases in one statement: the fields `TaskRecord::grant_lease`
 /// changes. Every record was queued and locked by this transaction, so every row must match.
+///
+/// The rows are also named by `id = ANY(…)`: joined with `unnest` alone, the planner reckons
+/// a hash join over a scan of the whole table cheaper than an index probe per task, and on a
+/// table whose updates have left many dead rows (a busy queue between two vacuums) that scan
+/// took tens of milliseconds per lease.
 async fn write_leases(
     conn: &mut PgConnection,
     leased: &[TaskRecord],
@@ -477,7 +485,8 @@ async fn write_leases(
         "UPDATE tasks SET status = $1, updated_at = $2, runner_id = $3, lease_expires_at = $4, \
          lease_token = picked.token, version = tasks.version + 1 \
          FROM unnest($5::text[], $6::bigint[]) AS picked (id, token) \
-         WHERE tasks.id = picked.id AND tasks.status = $7 AND tasks.lease_token IS NULL",
+         WHERE tasks.id = ANY($5) AND tasks.id = picked.id AND tasks.status = $7 \
+         AND tasks.lease_token IS NULL",
     )
     .bind(status.as_str())
     .bind(micros(now))

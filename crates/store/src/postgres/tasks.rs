@@ -116,7 +116,7 @@ pub(super) async fn cancel(
 ) -> Result<Task> {
     let now = normalize(now);
     let (record, _) = store
-        .change_task(Some(project_id), task_id, None, |record| record.cancel(now))
+        .change_task(Some(project_id), task_id, |record| record.cancel(now))
         .await?;
     Ok(record.task)
 }
@@ -176,7 +176,7 @@ pub(super) async fn set_progress(
 ) -> Result<Task> {
     let now = normalize(now);
     let (record, ()) = store
-        .change_task(Some(project_id), task_id, None, |record| {
+        .change_task(Some(project_id), task_id, |record| {
             record.set_user_progress(percent, msg, now)
         })
         .await?;

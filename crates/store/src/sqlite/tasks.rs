@@ -7,7 +7,7 @@ use sqlx::sqlite::SqliteConnection;
 use sqlx::{Connection, QueryBuilder, Row, Sqlite};
 use stevedore_model::TaskAttempt;
 use stevedore_model::{
-    Event, NewTask, Quota, Task, TaskOutcome, TaskStatus, Timestamp, transition,
+    Event, NewTask, Quota, QuotaLimits, Task, TaskOutcome, TaskStatus, Timestamp, transition,
 };
 
 use super::codes;
@@ -19,6 +19,11 @@ use crate::convert::limit_offset;
 use crate::record::{BULK_CHUNK, TaskRecord, normalize, queued_task_of_code};
 use crate::{CodeCancellation, Page, Result, StoreError, TaskFilter};
 
+/// Queues a batch, or nothing. Alone on the writer it is a transaction of its own; when other
+/// writers wait it joins the group transaction (`SqliteStore::write_in_group`), so concurrent
+/// single-task requests share a commit. Either way it returns after the commit that holds its
+/// tasks, and a refusal (a quota, a missing code) writes nothing and leaves the group to the
+/// others.
 pub(super) async fn enqueue(
     store: &SqliteStore,
     project_id: &str,
@@ -26,20 +31,51 @@ pub(super) async fn enqueue(
     now: Timestamp,
 ) -> Result<Vec<Task>> {
     let now = normalize(now);
-    let mut writer = store.writer().await?;
+    let writer = store.writing.lock_writer().await?;
+    let mut writer = match store.writing.alone(writer) {
+        Ok(writer) => writer,
+        Err(writer) => {
+            let defaults = store.quota_defaults;
+            let (project_id, new_tasks) = (project_id.to_owned(), new_tasks.to_vec());
+            return store
+                .write_in_group(writer, move |writer| {
+                    Box::pin(async move {
+                        // Reads, then one `INSERT`: a failure of the `INSERT` is a database
+                        // error, which ends the group.
+                        Ok(
+                            queue(&mut writer.conn, &defaults, &project_id, &new_tasks, now)
+                                .await?,
+                        )
+                    })
+                })
+                .await;
+        }
+    };
     let mut tx = writer.conn.begin_with(BEGIN_WRITE).await?;
-    let limits = quotas::limits(&mut tx, &store.quota_defaults, project_id).await?;
+    let queued = queue(&mut tx, &store.quota_defaults, project_id, new_tasks, now).await?;
+    tx.commit().await?;
+    Ok(queued)
+}
+
+/// `enqueue`'s work inside whatever transaction the writer is in: the queued-tasks quota
+/// checked, then the tasks inserted.
+async fn queue(
+    conn: &mut SqliteConnection,
+    quota_defaults: &QuotaLimits,
+    project_id: &str,
+    new_tasks: &[NewTask],
+    now: Timestamp,
+) -> Result<Vec<Task>> {
+    let limits = quotas::limits(conn, quota_defaults, project_id).await?;
     quotas::check(
-        &mut tx,
+        conn,
         &limits,
         Quota::QueuedTasks,
         project_id,
         new_tasks.len() as u64,
     )
     .await?;
-    let queued = insert(&mut tx, project_id, new_tasks, now).await?;
-    tx.commit().await?;
-    Ok(queued)
+    insert(conn, project_id, new_tasks, now).await
 }
 
 pub(super) async fn get(store: &SqliteStore, project_id: &str, task_id: &str) -> Result<Task> {

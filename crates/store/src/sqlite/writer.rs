@@ -1,8 +1,11 @@
 //! The writer: the one connection that writes, behind its lock, and the group commits that let
-//! many single-task writes share one transaction. A write in a group, once it holds the writer,
-//! runs on a task of its own (`detached`), so that it is whole whatever becomes of its caller.
+//! many small writes share one transaction: changes to one task (a runner's heartbeat, start or
+//! completion, a user's cancel) and queueings of tasks. A write in a group, once it holds the
+//! writer, runs on a task of its own (`detached`), so that it is whole whatever becomes of its
+//! caller.
 
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -24,8 +27,8 @@ pub(super) struct Writing {
     /// The one connection that writes; holding the lock is the write lock. `None` once closed.
     /// Its own `Arc` so that a detached unit of work can own the lock.
     writer: Arc<Mutex<Option<Writer>>>,
-    /// Callers waiting for the writer. A single-task write that sees others waiting leaves
-    /// its transaction open for them, and the last of them commits (group commit).
+    /// Callers waiting for the writer. A small write that sees others waiting leaves its
+    /// transaction open for them, and the last of them commits (group commit).
     waiting: AtomicUsize,
     /// How the latest group commit ended, for the callers whose writes it held.
     commits: watch::Sender<GroupCommits>,
@@ -45,7 +48,7 @@ pub(super) struct Writer {
     last_group: u64,
 }
 
-/// A transaction that single-task writes share so that they pay for one commit.
+/// A transaction that small writes share so that they pay for one commit.
 pub(super) struct OpenGroup {
     number: u64,
     writes: usize,
@@ -121,17 +124,35 @@ impl SqliteStore {
         retry: Option<RetryCheck>,
         change: impl FnMut(&mut TaskRecord) -> Result<T> + Send + 'static,
     ) -> Result<(TaskRecord, T)> {
-        let mut writer = self.writing.lock_writer().await?;
-        if writer.group.is_some() || self.writing.waiting.load(Ordering::SeqCst) > 0 {
-            let writing = Arc::clone(&self.writing);
-            let (project_id, task_id) = (project_id.map(str::to_owned), task_id.to_owned());
-            return detached(async move {
-                writing
-                    .change_in_group(writer, project_id.as_deref(), &task_id, retry, change)
-                    .await
-            })
-            .await;
-        }
+        let writer = self.writing.lock_writer().await?;
+        let mut writer = match self.writing.alone(writer) {
+            Ok(writer) => writer,
+            Err(writer) => {
+                let (project_id, task_id) = (project_id.map(str::to_owned), task_id.to_owned());
+                return self
+                    .write_in_group(writer, move |writer| {
+                        Box::pin(async move {
+                            let Writer {
+                                conn,
+                                leases,
+                                revisions,
+                                ..
+                            } = writer;
+                            change_one_task(
+                                conn,
+                                leases,
+                                revisions,
+                                project_id.as_deref(),
+                                &task_id,
+                                retry.as_ref(),
+                                change,
+                            )
+                            .await
+                        })
+                    })
+                    .await;
+            }
+        };
         // Alone, the write is whole wherever this caller stops, without a task of its own: one
         // guarded `UPDATE` after reads or, with a retry to queue, a sqlx transaction (rolled
         // back when dropped; a `BEGIN` it never saw acknowledged is rolled back by sqlx too).
@@ -176,7 +197,25 @@ impl SqliteStore {
         })
         .await
     }
+
+    /// Runs `work` in the group transaction, opening one if none is open, on a task of its own
+    /// (`detached`), and returns once the group that holds the work has committed. For a caller
+    /// that holds the writer and found others waiting for it (`Writing::alone`). `work` must
+    /// say, when it fails, whether it had written anything (`ChangeFailed::wrote`): a refusal
+    /// before any write leaves the group to the others, anything else rolls it back.
+    pub(super) async fn write_in_group<T: Send + 'static>(
+        &self,
+        writer: WriterGuard,
+        work: impl for<'a> FnOnce(&'a mut Writer) -> GroupWork<'a, T> + Send + 'static,
+    ) -> Result<T> {
+        let writing = Arc::clone(&self.writing);
+        detached(async move { writing.in_group(writer, work).await }).await
+    }
 }
+
+/// A unit of write work in a group transaction, borrowing the writer while it runs.
+pub(super) type GroupWork<'a, T> =
+    Pin<Box<dyn Future<Output = Result<T, ChangeFailed>> + Send + 'a>>;
 
 impl Writing {
     /// The writer over `conn`, with empty caches and no group open.
@@ -191,6 +230,17 @@ impl Writing {
             }))),
             waiting: AtomicUsize::new(0),
             commits: watch::Sender::new(GroupCommits::default()),
+        }
+    }
+
+    /// The held writer back when its holder may write alone (no group is open and nobody
+    /// waits); otherwise it should write in the group (`SqliteStore::write_in_group`), so that
+    /// its commit is shared.
+    pub(super) fn alone(&self, writer: WriterGuard) -> Result<WriterGuard, WriterGuard> {
+        if writer.group.is_some() || self.waiting.load(Ordering::SeqCst) > 0 {
+            Err(writer)
+        } else {
+            Ok(writer)
         }
     }
 
@@ -277,18 +327,15 @@ impl Writing {
         }
     }
 
-    /// `SqliteStore::change_task`'s unit of work in a group transaction, from the held writer
-    /// to the end of the group. Not cancel-safe by itself (a drop between the completion and
-    /// its retry would leave the group with half a change, a drop right after `BEGIN` a
-    /// transaction nobody tracks): only ever run through `detached`.
-    async fn change_in_group<T>(
+    /// A unit of write work in the group transaction, from the held writer to the end of the
+    /// group. Not cancel-safe by itself (a drop between a completion and its retry would leave
+    /// the group with half a change, a drop right after `BEGIN` a transaction nobody tracks):
+    /// only ever run through `detached`.
+    async fn in_group<T>(
         &self,
         mut writer: WriterGuard,
-        project_id: Option<&str>,
-        task_id: &str,
-        retry: Option<RetryCheck>,
-        change: impl FnMut(&mut TaskRecord) -> Result<T>,
-    ) -> Result<(TaskRecord, T)> {
+        work: impl for<'a> FnOnce(&'a mut Writer) -> GroupWork<'a, T>,
+    ) -> Result<T> {
         if writer.group.is_none() {
             sqlx::query(BEGIN_WRITE).execute(&mut writer.conn).await?;
             writer.last_group += 1;
@@ -297,22 +344,7 @@ impl Writing {
                 writes: 0,
             });
         }
-        let Writer {
-            conn,
-            leases,
-            revisions,
-            ..
-        } = &mut *writer;
-        let changed = change_one_task(
-            conn,
-            leases,
-            revisions,
-            project_id,
-            task_id,
-            retry.as_ref(),
-            change,
-        )
-        .await;
+        let changed = work(&mut writer).await;
         let Some(group) = writer.group.as_mut() else {
             return changed.map_err(|failed| failed.error);
         };
@@ -369,10 +401,10 @@ pub(super) struct RetryCheck {
     pub(super) now: Timestamp,
 }
 
-/// Why `change_one_task` failed, and whether it had written anything by then.
-struct ChangeFailed {
-    error: StoreError,
-    wrote: bool,
+/// Why a unit of write work failed, and whether it had written anything by then.
+pub(super) struct ChangeFailed {
+    pub(super) error: StoreError,
+    pub(super) wrote: bool,
 }
 
 impl From<StoreError> for ChangeFailed {

@@ -2,12 +2,14 @@
 //! trait promises must hold however their statements interleave. And the leadership of a
 //! process alone on the store.
 
+use futures::FutureExt;
+use futures::future::join_all;
 use stevedore_model::{RetriesBackoff, TaskOutcome, TaskStatus};
 
 use super::retries::{project_with_retrying_code, retries_of};
 use super::{
-    ALL, at, enqueue_one, exited, image_spec, lease_one, lease_request, new_task, project,
-    project_with_code, schedule_spec,
+    ALL, assert_stale, at, enqueue_one, exited, image_spec, lease_one, lease_request, new_task,
+    project, project_with_code, schedule_spec,
 };
 use crate::{LeasedTask, Result, RunReport, Store, StoreError, TaskFilter};
 
@@ -190,6 +192,202 @@ pub async fn concurrent_fires_of_a_schedule_queue_one_task(store: &dyn Store) ->
         store.get_schedule(&acme.id, &schedule.id).await?.run_count,
         1
     );
+    Ok(())
+}
+
+/// Many writes about leased tasks at once, as a runner's slots send them: each gets its own
+/// answer, however a store groups them. A stale token among them is refused alone, each
+/// completion is recorded once with the one retry it calls for, and the counts and attempt
+/// records follow every task.
+pub async fn many_concurrent_runner_writes_each_get_their_own_answer(
+    store: &dyn Store,
+) -> Result<()> {
+    let acme = project_with_retrying_code(store, 1, 0, RetriesBackoff::Fixed).await?;
+    store
+        .push_code(&acme.id, &image_spec("hello"), None, at(0))
+        .await?;
+    store
+        .enqueue(&acme.id, &vec![new_task("hello"); 24], at(0))
+        .await?;
+    store
+        .enqueue(&acme.id, &vec![new_task("flaky"); 8], at(0))
+        .await?;
+    let leased = store.lease(&lease_request("runner-1", 32), at(1)).await?;
+    assert_eq!(leased.len(), 32);
+    // The first task is finished already (cancelled, which calls for no retry), so its token
+    // is stale from here on.
+    let (done, live) = leased.split_first().expect("32 tasks");
+    store
+        .complete(
+            &done.task.id,
+            done.lease.token,
+            &TaskOutcome::Cancelled,
+            &RunReport::default(),
+            at(2),
+        )
+        .await?;
+    let wrong_token = |leased: &LeasedTask| leased.lease.token ^ 1;
+
+    // Heartbeats: each live task's own, the finished task's, and one with a wrong token.
+    let mut heartbeats: Vec<_> = leased
+        .iter()
+        .map(|task| store.heartbeat(&task.task.id, task.lease.token, 120, at(3)))
+        .collect();
+    heartbeats.push(store.heartbeat(&live[0].task.id, wrong_token(&live[0]), 120, at(3)));
+    let mut answers = join_all(heartbeats).await.into_iter();
+    assert_stale(
+        answers.next_back().expect("an answer"),
+        "a heartbeat with a wrong token",
+    );
+    assert_stale(
+        answers.next().expect("an answer"),
+        "a heartbeat of a finished task",
+    );
+    for answer in answers {
+        assert_eq!(answer?.expires_at, at(123));
+    }
+
+    // Starts, then completions: every hello task exits 0, every flaky one 1; a second
+    // completion of one task with a wrong token is refused while its own is recorded.
+    let starts = join_all(
+        live.iter()
+            .map(|task| store.mark_running(&task.task.id, task.lease.token, at(4), at(4))),
+    )
+    .await;
+    for started in starts {
+        assert_eq!(started?.status, TaskStatus::Running);
+    }
+    let outcome = |task: &LeasedTask| exited(i64::from(task.task.code_name == "flaky"));
+    let mut completions: Vec<_> = live
+        .iter()
+        .map(|task| {
+            let outcome = outcome(task);
+            async move {
+                store
+                    .complete(
+                        &task.task.id,
+                        task.lease.token,
+                        &outcome,
+                        &RunReport::default(),
+                        at(5),
+                    )
+                    .await
+            }
+            .boxed()
+        })
+        .collect();
+    let twice = &live[1];
+    completions.push(
+        async move {
+            store
+                .complete(
+                    &twice.task.id,
+                    wrong_token(twice),
+                    &exited(0),
+                    &RunReport::default(),
+                    at(5),
+                )
+                .await
+        }
+        .boxed(),
+    );
+    let mut answers = join_all(completions).await;
+    assert_stale(
+        answers.pop().expect("an answer"),
+        "a completion with a wrong token",
+    );
+    for (task, answer) in live.iter().zip(answers) {
+        let expected = if task.task.code_name == "flaky" {
+            TaskStatus::Error
+        } else {
+            TaskStatus::Complete
+        };
+        let answered = answer?;
+        assert_eq!(answered.status, expected, "{}", task.task.id);
+        assert_eq!(store.get_task(&acme.id, &task.task.id).await?, answered);
+        let attempts = store.task_attempts(&acme.id, &task.task.id).await?;
+        assert_eq!(attempts.len(), 1, "{attempts:?}");
+        assert_eq!(
+            (
+                attempts[0].started_at,
+                attempts[0].ended_at,
+                attempts[0].ending.as_deref()
+            ),
+            (Some(at(4)), Some(at(5)), Some(expected.as_str())),
+            "{}",
+            task.task.id
+        );
+    }
+    // Each failed flaky task queued its one retry; nothing is leased any more.
+    let failed = live
+        .iter()
+        .filter(|task| task.task.code_name == "flaky")
+        .count();
+    let retries = retries_of(store, &acme.id).await?;
+    assert_eq!(retries.len(), failed, "{retries:?}");
+    let mut originals: Vec<_> = retries
+        .iter()
+        .filter_map(|retry| retry.original_task_id.clone())
+        .collect();
+    originals.sort();
+    originals.dedup();
+    assert_eq!(originals.len(), failed, "one retry per failed task");
+    let gauges = store.gauges(at(6)).await?;
+    assert_eq!(
+        gauges.by_status,
+        vec![
+            (TaskStatus::Queued, failed as u64),
+            (TaskStatus::Preparing, 0),
+            (TaskStatus::Running, 0)
+        ]
+    );
+    Ok(())
+}
+
+/// Writes about one task that arrive together take turns: each sees the task as the one
+/// before left it, so the task ends once and its one attempt is recorded whole.
+pub async fn concurrent_writes_about_one_task_take_turns(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let id = enqueue_one(store, &acme.id, new_task("hello"), at(0)).await?;
+    let token = lease_one(store, at(1)).await?.lease.token;
+    let id = id.as_str();
+    let (success, failure, report) = (exited(0), exited(1), RunReport::default());
+    let (heartbeat, started, progress, completed, again) = tokio::join!(
+        store.heartbeat(id, token, 120, at(2)),
+        store.mark_running(id, token, at(2), at(2)),
+        store.runner_progress(id, token, Some(50), Some("half"), at(2)),
+        store.complete(id, token, &success, &report, at(3)),
+        store.complete(id, token, &failure, &report, at(3)),
+    );
+    let refused = |result: &Result<()>| match result {
+        Ok(()) => Ok(false),
+        Err(StoreError::StaleLease { .. }) => Ok(true),
+        Err(other) => Err(format!("{other:?}")),
+    };
+    let outcomes = [
+        refused(&heartbeat.map(drop)),
+        refused(&started.map(drop)),
+        refused(&progress),
+        refused(&completed.map(drop)),
+        refused(&again.map(drop)),
+    ];
+    for outcome in &outcomes {
+        assert!(
+            outcome.is_ok(),
+            "only stale tokens may be refused: {outcomes:?}"
+        );
+    }
+    let finished = outcomes[3..]
+        .iter()
+        .filter(|outcome| **outcome == Ok(false))
+        .count();
+    assert_eq!(finished, 1, "exactly one completion wins: {outcomes:?}");
+    let task = store.get_task(&acme.id, id).await?;
+    assert!(task.status.is_terminal(), "{task:?}");
+    let attempts = store.task_attempts(&acme.id, id).await?;
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    assert_eq!(attempts[0].ended_at, Some(at(3)));
+    assert_eq!(attempts[0].ending.as_deref(), Some(task.status.as_str()));
     Ok(())
 }
 
