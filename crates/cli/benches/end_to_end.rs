@@ -1,8 +1,14 @@
 //! End-to-end task throughput: the real `stevedore serve` binary (queued over HTTP until
 //! complete) next to a raw Engine API loop (create, start, wait, remove) in the same process
 //! and the same run, at concurrency 1 and 4. Prints tasks/s and p50/p99 queue-to-start
-//! latency, and stevedore's throughput as a fraction of the raw loop's (target: at least 0.9).
+//! latency, and stevedore's throughput as a fraction of the raw loop's (target: at least 1.0).
 //! Asserts nothing about speed; fails loudly when a task does not complete.
+//!
+//! Where the time goes, per task and per run: the CPU the engine's processes spent (`dockerd`,
+//! `containerd`, the shims, read from `/proc`), the CPU of the client (`serve` for stevedore,
+//! this process for the raw loop), and every Engine API request about a task's container,
+//! with how many a task made and how long each took on average (the raw loop's from its own
+//! engine's observer, stevedore's from `serve`'s `stevedore_engine_request_duration_seconds`).
 //!
 //! `cargo bench -p stevedore --bench end_to_end` (`STEVEDORE_BENCH_TASKS` sets the number of
 //! tasks per run, default 200). Needs a Docker engine; skips with a message without one.
@@ -11,33 +17,42 @@
 //!
 //! * all tasks are submitted at once at t0 (one `POST tasks` for stevedore; a shared counter
 //!   for the raw loop's workers);
-//! * throughput is tasks / (t0 to the last completion seen): for stevedore the poll that first
-//!   sees every task `complete`, for the raw loop the last `wait` to return (the raw loop
-//!   removes each container inline before taking the next; stevedore removes in the
-//!   background);
+//! * throughput is tasks / (t0 to the last completion): for stevedore the latest `updated_at`
+//!   of its tasks once a listing (every 500 ms, so that listings cost `serve` little) sees
+//!   every task `complete`, which is when the store recorded the last one, for the raw loop the
+//!   last `wait` to return (the raw loop removes each container inline before taking the next;
+//!   stevedore removes in the background);
 //! * latency is queue-to-start: stevedore's `start_time - created_at` (the container's own
-//!   start as the engine recorded it), the raw loop's "`start` returned" - t0.
+//!   start as the engine recorded it), the raw loop's "`start` returned" - t0;
+//! * the raw loop's containers join the network stevedore's tasks join (the runner's managed
+//!   task network, `stevedore-tasks`), as the in-container contract has every task on an
+//!   isolated network: on Docker a network of one's own costs the engine more per container
+//!   than its default bridge (an embedded DNS set up in each container). Set
+//!   `STEVEDORE_BENCH_RAW_NETWORK` to run the raw loop on another (`bridge`: Docker's default).
 
 // A benchmark fails loudly: every `expect` says what went wrong.
 #![allow(clippy::expect_used)]
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use stevedore_engine::{
-    ContainerId, ContainerRuntime, ContainerSpec, DockerEngine, EngineError, HOST_BUSYBOX,
-    ImageStore, LOCAL_BUSYBOX_IMAGE,
+    ContainerId, ContainerRuntime, ContainerSpec, DockerEngine, EngineError, EngineRequest,
+    HOST_BUSYBOX, ImageStore, LOCAL_BUSYBOX_IMAGE,
 };
 
+#[path = "support/engine_cpu.rs"]
+mod engine_cpu;
 #[path = "support/server.rs"]
 mod server;
 #[path = "support/stats.rs"]
 mod stats;
 
+use engine_cpu::{EngineCpu, EngineCpuMeter, process_cpu};
 use server::Server;
 use stats::percentile;
 
@@ -45,10 +60,14 @@ const CONCURRENCY_LEVELS: [usize; 2] = [1, 4];
 const DEFAULT_TASKS: usize = 200;
 const MEMORY_BYTES: u64 = 256 << 20;
 const PER_PAGE: usize = 100;
-const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// How often stevedore's tasks are listed: seldom, as each listing costs `serve` CPU that the
+/// raw loop does not spend (a listing every 50 ms was a third of `serve`'s CPU per task), and
+/// the end of the run is read from the tasks' own times, not from when a listing saw it.
+const POLL_INTERVAL: Duration = Duration::from_millis(500);
 const RUN_DEADLINE: Duration = Duration::from_secs(900);
 const RAW_RUNNER_LABEL: &str = "bench-raw";
-const TARGET_RATIO: f64 = 0.9;
+const TARGET_RATIO: f64 = 1.0;
+const ENGINE_REQUEST_METRIC: &str = "stevedore_engine_request_duration_seconds";
 
 /// One measured run.
 struct Measurement {
@@ -58,7 +77,16 @@ struct Measurement {
     elapsed: Duration,
     /// Queue-to-start latency of every task, in milliseconds.
     latencies_ms: Vec<f64>,
+    /// What the engine's processes spent during the run.
+    engine_cpu: EngineCpu,
+    /// What the client spent: `serve` for stevedore, this process for the raw loop.
+    client_cpu: f64,
+    /// Every Engine API request about a task's container: how many, and their summed seconds.
+    requests: RequestTally,
 }
+
+/// Engine API requests by kind: (count, summed seconds).
+type RequestTally = BTreeMap<EngineRequest, (u64, f64)>;
 
 impl Measurement {
     fn throughput(&self) -> f64 {
@@ -76,8 +104,15 @@ async fn main() {
             .expect("STEVEDORE_BENCH_TASKS must be a positive integer"),
         Err(_) => DEFAULT_TASKS,
     };
+    let tally: Arc<Mutex<RequestTally>> = Arc::default();
+    let observed = tally.clone();
     let engine = match DockerEngine::connect().await {
-        Ok(engine) => Arc::new(engine),
+        Ok(engine) => Arc::new(engine.observe_requests(Arc::new(move |request, took| {
+            let mut tally = observed.lock().unwrap_or_else(PoisonError::into_inner);
+            let entry = tally.entry(request).or_default();
+            entry.0 += 1;
+            entry.1 += took.as_secs_f64();
+        }))),
         Err(error) => {
             println!(
                 "end_to_end: skipped, the Docker engine is unreachable ({error}); \
@@ -101,27 +136,55 @@ async fn main() {
         .expect("build the local busybox image (is busybox-static installed?)");
     }
 
+    let raw_network = match std::env::var("STEVEDORE_BENCH_RAW_NETWORK") {
+        Ok(network) => network,
+        Err(_) => {
+            let spec = stevedore_runner::TaskNetworkConfig::default().spec;
+            engine
+                .ensure_network(&spec)
+                .await
+                .expect("make sure of the task network");
+            spec.name
+        }
+    };
+    eprintln!("the raw loop runs on the network {raw_network}");
+    let meter = EngineCpuMeter::start();
     let mut measurements = Vec::new();
     for (run, concurrency) in CONCURRENCY_LEVELS.into_iter().enumerate() {
         // Alternate per level, so machine noise hits both alike.
         eprintln!("raw engine loop: {tasks} tasks at concurrency {concurrency}");
-        measurements.push(raw_run(engine.clone(), concurrency, tasks).await);
+        tally.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        let mut raw = raw_run(engine.clone(), &meter, &raw_network, concurrency, tasks).await;
+        raw.requests = std::mem::take(&mut *tally.lock().unwrap_or_else(PoisonError::into_inner));
+        measurements.push(raw);
         let runner_id = format!("bench-{}-{run}", std::process::id());
         eprintln!("stevedore ({runner_id}): {tasks} tasks at concurrency {concurrency}");
-        measurements.push(stevedore_run(engine.as_ref(), concurrency, tasks, &runner_id).await);
+        tally.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        measurements
+            .push(stevedore_run(engine.as_ref(), &meter, concurrency, tasks, &runner_id).await);
     }
     print_table(&measurements);
+    print_breakdown(&measurements);
 }
 
 // === the raw Engine API loop ===
 
-async fn raw_run(engine: Arc<DockerEngine>, concurrency: usize, tasks: usize) -> Measurement {
+async fn raw_run(
+    engine: Arc<DockerEngine>,
+    meter: &EngineCpuMeter,
+    network: &str,
+    concurrency: usize,
+    tasks: usize,
+) -> Measurement {
     let next = Arc::new(AtomicUsize::new(0));
+    let own_pid = std::process::id();
+    let (engine_before, client_before) = (meter.read(), process_cpu(own_pid).unwrap_or(0.0));
     let t0 = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..concurrency {
         let engine = engine.clone();
         let next = next.clone();
+        let network = network.to_owned();
         workers.spawn(async move {
             // (latency since t0 at start, time since t0 when the wait returned)
             let mut done = Vec::new();
@@ -130,7 +193,7 @@ async fn raw_run(engine: Arc<DockerEngine>, concurrency: usize, tasks: usize) ->
                 if i >= tasks {
                     return Ok::<_, String>(done);
                 }
-                done.push(raw_task(engine.as_ref(), t0, i).await?);
+                done.push(raw_task(engine.as_ref(), &network, t0, i).await?);
             }
         });
     }
@@ -145,6 +208,8 @@ async fn raw_run(engine: Arc<DockerEngine>, concurrency: usize, tasks: usize) ->
             last_completion = last_completion.max(completed);
         }
     }
+    let engine_cpu = meter.read().since(&engine_before);
+    let client_cpu = process_cpu(own_pid).unwrap_or(0.0) - client_before;
     let leftovers = engine
         .list_labeled("stevedore.runner", RAW_RUNNER_LABEL)
         .await
@@ -159,6 +224,9 @@ async fn raw_run(engine: Arc<DockerEngine>, concurrency: usize, tasks: usize) ->
         tasks,
         elapsed: last_completion,
         latencies_ms,
+        engine_cpu,
+        client_cpu,
+        requests: RequestTally::new(),
     }
 }
 
@@ -166,12 +234,14 @@ async fn raw_run(engine: Arc<DockerEngine>, concurrency: usize, tasks: usize) ->
 /// both measured from t0.
 async fn raw_task(
     engine: &DockerEngine,
+    network: &str,
     t0: Instant,
     i: usize,
 ) -> Result<(Duration, Duration), String> {
     let mut spec = ContainerSpec::new(LOCAL_BUSYBOX_IMAGE);
     spec.cmd = Some(vec!["true".to_owned()]);
     spec.memory_bytes = Some(MEMORY_BYTES);
+    spec.network_mode = Some(network.to_owned());
     spec.labels
         .insert("stevedore.task".to_owned(), format!("bench-raw-{i}"));
     spec.labels
@@ -205,12 +275,20 @@ async fn run_created(
 
 async fn stevedore_run(
     engine: &DockerEngine,
+    meter: &EngineCpuMeter,
     concurrency: usize,
     tasks: usize,
     runner_id: &str,
 ) -> Measurement {
     let data_dir = tempfile::tempdir().expect("a temporary data directory");
-    let mut server = Server::start(data_dir.path(), concurrency, runner_id, &[]).await;
+    let metrics_address = free_loopback_address();
+    let mut server = Server::start(
+        data_dir.path(),
+        concurrency,
+        runner_id,
+        &[("STEVEDORE_METRICS__LISTEN", &metrics_address)],
+    )
+    .await;
     let client = reqwest::Client::new();
 
     // Registering the code also waits for the server to serve, which it does only once the
@@ -227,7 +305,11 @@ async fn stevedore_run(
     assert!(status.is_success(), "POST codes answered {status}: {body}");
 
     let batch: Vec<Value> = (0..tasks).map(|_| json!({"code_name": "bench"})).collect();
+    let requests_before = scrape_requests(&client, &metrics_address).await;
+    let (engine_before, client_before) =
+        (meter.read(), process_cpu(server.pid()).expect("serve runs"));
     let t0 = Instant::now();
+    let t0_wall = chrono::Utc::now();
     let queued = client
         .post(server.url("tasks"))
         .header("Authorization", server.authorization())
@@ -290,7 +372,22 @@ async fn stevedore_run(
             }
         }
         if complete == ids.len() {
-            break t0.elapsed();
+            // When the last task was recorded complete (`updated_at`, the server's clock on
+            // this machine), not when this listing saw it.
+            let last = ids
+                .iter()
+                .map(|id| {
+                    let text = seen[id]["updated_at"]
+                        .as_str()
+                        .expect("a task has updated_at");
+                    chrono::DateTime::parse_from_rfc3339(text)
+                        .unwrap_or_else(|error| panic!("task {id}: updated_at {text:?}: {error}"))
+                })
+                .max()
+                .expect("the run has tasks");
+            break (last.with_timezone(&chrono::Utc) - t0_wall)
+                .to_std()
+                .expect("the last completion follows t0");
         }
         assert!(
             t0.elapsed() < RUN_DEADLINE,
@@ -319,6 +416,17 @@ async fn stevedore_run(
         })
         .collect();
 
+    let engine_cpu = meter.read().since(&engine_before);
+    let client_cpu = process_cpu(server.pid()).expect("serve runs") - client_before;
+    let requests_after = scrape_requests(&client, &metrics_address).await;
+    let requests = requests_after
+        .into_iter()
+        .map(|(request, (count, seconds))| {
+            let (count_before, seconds_before) =
+                requests_before.get(&request).copied().unwrap_or_default();
+            (request, (count - count_before, seconds - seconds_before))
+        })
+        .collect();
     server.terminate().await;
     let leftovers = engine
         .list_labeled("stevedore.runner", runner_id)
@@ -336,10 +444,96 @@ async fn stevedore_run(
         tasks,
         elapsed,
         latencies_ms,
+        engine_cpu,
+        client_cpu,
+        requests,
     }
 }
 
+/// A loopback address with a port free now, for `serve`'s metrics listener.
+fn free_loopback_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    listener
+        .local_addr()
+        .expect("a bound listener has an address")
+        .to_string()
+}
+
+/// `serve`'s Engine API request tally, from its metrics.
+async fn scrape_requests(client: &reqwest::Client, address: &str) -> RequestTally {
+    let text = client
+        .get(format!("http://{address}/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .error_for_status()
+        .expect("GET /metrics succeeds")
+        .text()
+        .await
+        .expect("GET /metrics answers text");
+    let mut tally = RequestTally::new();
+    for request in EngineRequest::ALL {
+        let series = |suffix: &str| {
+            let prefix = format!(
+                "{ENGINE_REQUEST_METRIC}_{suffix}{{request=\"{}\"}} ",
+                request.as_str()
+            );
+            text.lines()
+                .find_map(|line| line.strip_prefix(prefix.as_str()))
+                .and_then(|value| value.trim().parse::<f64>().ok())
+        };
+        if let (Some(count), Some(seconds)) = (series("count"), series("sum")) {
+            tally.insert(request, (count as u64, seconds));
+        }
+    }
+    tally
+}
+
 // === the report ===
+
+/// Per run: the engine's and the client's CPU per task, then each Engine API request's
+/// calls per task and mean duration.
+fn print_breakdown(measurements: &[Measurement]) {
+    println!();
+    println!(
+        "{:<12} {:>11} {:>12} {:>12} {:>12} {:>12} {:>12}",
+        "run", "concurrency", "engine ms/t", "dockerd", "containerd", "shims", "client ms/t"
+    );
+    for m in measurements {
+        let per_task = |seconds: f64| seconds * 1000.0 / m.tasks as f64;
+        println!(
+            "{:<12} {:>11} {:>12.1} {:>12.1} {:>12.1} {:>12.1} {:>12.1}",
+            m.run,
+            m.concurrency,
+            per_task(m.engine_cpu.total()),
+            per_task(m.engine_cpu.dockerd),
+            per_task(m.engine_cpu.containerd),
+            per_task(m.engine_cpu.shims),
+            per_task(m.client_cpu)
+        );
+    }
+    println!();
+    println!("Engine API requests per task: calls/task x mean ms");
+    print!("{:<12} {:>11}", "run", "concurrency");
+    for request in EngineRequest::ALL {
+        print!(" {:>14}", request.as_str());
+    }
+    println!();
+    for m in measurements {
+        print!("{:<12} {:>11}", m.run, m.concurrency);
+        for request in EngineRequest::ALL {
+            match m.requests.get(&request) {
+                Some((count, seconds)) if *count > 0 => {
+                    let calls = *count as f64 / m.tasks as f64;
+                    let mean_ms = seconds * 1000.0 / *count as f64;
+                    print!(" {:>14}", format!("{calls:.2}x{mean_ms:.1}"));
+                }
+                _ => print!(" {:>14}", "-"),
+            }
+        }
+        println!();
+    }
+}
 
 fn print_table(measurements: &[Measurement]) {
     println!();

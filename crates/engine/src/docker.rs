@@ -2,6 +2,7 @@
 //! Docker Engine API, through bollard.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -67,6 +68,47 @@ pub struct DockerEngine {
     /// Containers this engine was asked to kill, until they are removed: their SIGKILL is
     /// ours, so their exit is never waited on for a late OOM mark.
     killed: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Told how long each Engine API request of a task's container took, when someone
+    /// watches (the runner's metrics, a benchmark's breakdown).
+    observer: Option<RequestObserver>,
+}
+
+/// The Engine API requests a task's container costs, one name per kind: what
+/// [`DockerEngine::observe_requests`] reports. A task takes an image inspection, a create and
+/// an upload, an attach, a start, a wait and an inspection, and a remove; a kill when it is
+/// stopped; a stats stream when its usage is sampled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EngineRequest {
+    /// `GET /images/{name}/json`.
+    InspectImage,
+    /// `POST /containers/create`.
+    Create,
+    /// `PUT /containers/{id}/archive`: the task's files and package.
+    Upload,
+    /// `POST /containers/{id}/attach`, until the connection is taken over for the output.
+    Attach,
+    /// `POST /containers/{id}/start`.
+    Start,
+    /// `POST /containers/{id}/wait`, until the container stopped.
+    Wait,
+    /// `GET /containers/{id}/json`, after the wait (and again for a late OOM mark).
+    Inspect,
+    /// `GET /containers/{id}/stats`, a stream, from the request to its end.
+    Stats,
+    /// `POST /containers/{id}/kill`.
+    Kill,
+    /// `DELETE /containers/{id}`.
+    Remove,
+}
+
+/// Told of every [`EngineRequest`] with how long it took, successful or not.
+pub type RequestObserver = Arc<dyn Fn(EngineRequest, Duration) + Send + Sync>;
+
+/// Times a streamed request from its start until its stream is dropped.
+struct StreamTiming {
+    observer: Option<RequestObserver>,
+    request: EngineRequest,
+    began: Instant,
 }
 
 // === impl DockerEngine ===
@@ -85,12 +127,15 @@ impl DockerEngine {
         id: &ContainerId,
         subject: Subject<'_>,
     ) -> Result<bollard::models::ContainerState, EngineError> {
-        self.docker
-            .inspect_container(id.as_str(), None::<InspectContainerOptions>)
-            .await
-            .map_err(|error| EngineError::from_bollard(error, subject))?
-            .state
-            .ok_or_else(|| EngineError::protocol("the container has no State"))
+        self.timed(
+            EngineRequest::Inspect,
+            self.docker
+                .inspect_container(id.as_str(), None::<InspectContainerOptions>),
+        )
+        .await
+        .map_err(|error| EngineError::from_bollard(error, subject))?
+        .state
+        .ok_or_else(|| EngineError::protocol("the container has no State"))
     }
 
     /// Connects the way the `docker` CLI does: `DOCKER_HOST` when set, the local socket
@@ -114,7 +159,27 @@ impl DockerEngine {
             docker,
             pulls: Arc::new(PullCoalescer::default()),
             killed: Arc::default(),
+            observer: None,
         })
+    }
+
+    /// Tells `observer` how long each Engine API request of a task's container takes
+    /// ([`EngineRequest`]), for metrics: which of a task's requests cost what.
+    #[must_use]
+    pub fn observe_requests(mut self, observer: RequestObserver) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Runs `call`, telling the observer how long it took.
+    async fn timed<T>(&self, request: EngineRequest, call: impl Future<Output = T>) -> T {
+        let Some(observer) = &self.observer else {
+            return call.await;
+        };
+        let began = Instant::now();
+        let result = call.await;
+        observer(request, began.elapsed());
+        result
     }
 
     /// The API version in use after negotiation, e.g. `1.41`.
@@ -138,8 +203,14 @@ impl DockerEngine {
         let (body, failure) = stream_archive(move |out| write_task_archive(&spec, mtime, out));
         let options = UploadToContainerOptionsBuilder::new().path("/").build();
         let uploaded = self
-            .docker
-            .upload_to_container(id.as_str(), Some(options), bollard::body_try_stream(body))
+            .timed(
+                EngineRequest::Upload,
+                self.docker.upload_to_container(
+                    id.as_str(),
+                    Some(options),
+                    bollard::body_try_stream(body),
+                ),
+            )
             .await;
         // A package that could not be read broke the upload off: its reason is the one to
         // report, not the broken request.
@@ -174,6 +245,60 @@ impl DockerEngine {
     }
 }
 
+// === impl EngineRequest ===
+
+impl EngineRequest {
+    /// Every request, in the order a task makes them.
+    pub const ALL: [EngineRequest; 10] = [
+        EngineRequest::InspectImage,
+        EngineRequest::Create,
+        EngineRequest::Upload,
+        EngineRequest::Attach,
+        EngineRequest::Start,
+        EngineRequest::Wait,
+        EngineRequest::Inspect,
+        EngineRequest::Stats,
+        EngineRequest::Kill,
+        EngineRequest::Remove,
+    ];
+
+    /// The request's name, as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EngineRequest::InspectImage => "inspect_image",
+            EngineRequest::Create => "create",
+            EngineRequest::Upload => "upload",
+            EngineRequest::Attach => "attach",
+            EngineRequest::Start => "start",
+            EngineRequest::Wait => "wait",
+            EngineRequest::Inspect => "inspect",
+            EngineRequest::Stats => "stats",
+            EngineRequest::Kill => "kill",
+            EngineRequest::Remove => "remove",
+        }
+    }
+}
+
+// === impl StreamTiming ===
+
+impl StreamTiming {
+    fn new(observer: Option<RequestObserver>, request: EngineRequest) -> Self {
+        StreamTiming {
+            observer,
+            request,
+            began: Instant::now(),
+        }
+    }
+}
+
+impl Drop for StreamTiming {
+    fn drop(&mut self) {
+        if let Some(observer) = &self.observer {
+            observer(self.request, self.began.elapsed());
+        }
+    }
+}
+
 #[async_trait]
 impl ContainerRuntime for DockerEngine {
     async fn capabilities(&self) -> Result<EngineCapabilities, EngineError> {
@@ -197,7 +322,13 @@ impl ContainerRuntime for DockerEngine {
             .name
             .as_deref()
             .map(|name| CreateContainerOptionsBuilder::new().name(name).build());
-        let created = match self.docker.create_container(options, body).await {
+        let created = match self
+            .timed(
+                EngineRequest::Create,
+                self.docker.create_container(options, body),
+            )
+            .await
+        {
             Ok(created) => created,
             Err(error) => return Err(self.classify_create_failure(error, &spec.image).await),
         };
@@ -218,8 +349,11 @@ impl ContainerRuntime for DockerEngine {
 
     async fn start(&self, id: &ContainerId) -> Result<(), EngineError> {
         match self
-            .docker
-            .start_container(id.as_str(), None::<StartContainerOptions>)
+            .timed(
+                EngineRequest::Start,
+                self.docker
+                    .start_container(id.as_str(), None::<StartContainerOptions>),
+            )
             .await
         {
             Ok(()) => Ok(()),
@@ -257,8 +391,10 @@ impl ContainerRuntime for DockerEngine {
             .build();
         let container = id.as_str().to_owned();
         let attached = self
-            .docker
-            .attach_container(id.as_str(), Some(options))
+            .timed(
+                EngineRequest::Attach,
+                self.docker.attach_container(id.as_str(), Some(options)),
+            )
             .await
             .map_err(|error| EngineError::from_bollard(error, Subject::Container(&container)))?;
         // The connection's writing half stays open with the stream: the engine reads no
@@ -294,7 +430,7 @@ impl ContainerRuntime for DockerEngine {
         let mut answers = self
             .docker
             .wait_container(id.as_str(), None::<WaitContainerOptions>);
-        match answers.next().await {
+        match self.timed(EngineRequest::Wait, answers.next()).await {
             // bollard reports a non-zero exit as an error; either way the container stopped,
             // and its State below is the authority on how.
             Some(Ok(_)) | Some(Err(bollard::errors::Error::DockerContainerWaitError { .. })) => {}
@@ -332,7 +468,13 @@ impl ContainerRuntime for DockerEngine {
     async fn kill(&self, id: &ContainerId) -> Result<(), EngineError> {
         self.killed().insert(id.as_str().to_owned());
         let options = KillContainerOptionsBuilder::new().signal("SIGKILL").build();
-        match self.docker.kill_container(id.as_str(), Some(options)).await {
+        match self
+            .timed(
+                EngineRequest::Kill,
+                self.docker.kill_container(id.as_str(), Some(options)),
+            )
+            .await
+        {
             Ok(()) => Ok(()),
             // 409: the container is not running; it is as dead as a kill would make it.
             Err(bollard::errors::Error::DockerResponseServerError {
@@ -367,9 +509,12 @@ impl ContainerRuntime for DockerEngine {
     fn stats(&self, id: &ContainerId) -> ResourceSampleStream {
         let options = StatsOptionsBuilder::new().stream(true).build();
         let container = id.as_str().to_owned();
+        // The stream's whole life is the request's: timed until it is dropped.
+        let timing = StreamTiming::new(self.observer.clone(), EngineRequest::Stats);
         self.docker
             .stats(id.as_str(), Some(options))
             .map(move |answer| {
+                let _timing = &timing;
                 answer.map(|stats| sample_of(&stats)).map_err(|error| {
                     EngineError::from_bollard(error, Subject::Container(&container))
                 })
@@ -388,10 +533,12 @@ impl ContainerRuntime for DockerEngine {
             .build();
         let started = Instant::now();
         self.killed().remove(id.as_str());
-        self.docker
-            .remove_container(id.as_str(), Some(options))
-            .await
-            .map_err(|error| EngineError::from_bollard(error, Subject::Container(id.as_str())))?;
+        self.timed(
+            EngineRequest::Remove,
+            self.docker.remove_container(id.as_str(), Some(options)),
+        )
+        .await
+        .map_err(|error| EngineError::from_bollard(error, Subject::Container(id.as_str())))?;
         let took = started.elapsed();
         tracing::debug!(container = %id, took_ms = took.as_millis(), "container removed");
         Ok(took)
@@ -547,7 +694,13 @@ impl ImageStore for DockerEngine {
         } else {
             normalize_reference(image)
         };
-        match self.docker.inspect_image(&reference).await {
+        match self
+            .timed(
+                EngineRequest::InspectImage,
+                self.docker.inspect_image(&reference),
+            )
+            .await
+        {
             Ok(inspected) => Ok(Some(LocalImage {
                 id: inspected.id.ok_or_else(|| {
                     EngineError::protocol(format!("the image {reference} has no id"))

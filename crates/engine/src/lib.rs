@@ -84,7 +84,7 @@ mod spec;
 pub use build::{
     BuildProgress, BuildRequest, BuiltImage, DEFAULT_DOCKERFILE, DEFAULT_MAX_BUILD_CONTEXT_BYTES,
 };
-pub use docker::DockerEngine;
+pub use docker::{DockerEngine, EngineRequest, RequestObserver};
 pub use engine::{
     ContainerEngine, ContainerRuntime, EngineCapabilities, ExitStatus, ImageBuilder, ImageEntry,
     ImagePresence, ImageStore, ListedContainer, LocalImage, LogChunk, LogChunkStream, OutputStream,
