@@ -42,6 +42,7 @@ use crate::firewall;
 use crate::network::{EgressPolicy, NETWORK_LABEL, NetworkInfo, NetworkSpec};
 use crate::pull::{PullCoalescer, normalize_reference};
 use crate::spec::{ContainerId, ContainerSpec};
+use crate::usage_group::UsageGroups;
 
 /// Docker's bridge driver options a task network is created with, and checked for.
 const BRIDGE_NAME_OPTION: &str = "com.docker.network.bridge.name";
@@ -71,6 +72,11 @@ pub struct DockerEngine {
     /// Told how long each Engine API request of a task's container took, when someone
     /// watches (the runner's metrics, a benchmark's breakdown).
     observer: Option<RequestObserver>,
+    /// The containers' usage groups, decided at the first create: `None` when the engine's
+    /// cgroups cannot be read here (`usage_group`).
+    usage_groups: Arc<tokio::sync::OnceCell<Option<UsageGroups>>>,
+    /// The usage group of each container created under one, until it is removed.
+    usage_paths: Arc<std::sync::Mutex<HashMap<String, String>>>,
 }
 
 /// The Engine API requests a task's container costs, one name per kind: what
@@ -121,6 +127,42 @@ impl DockerEngine {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The usage group of the container `id`, when it was created under one.
+    fn usage_path(&self, id: &ContainerId) -> Option<String> {
+        self.usage_paths
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(id.as_str())
+            .cloned()
+    }
+
+    /// The usage groups, once the engine said which cgroups it uses; `None` when they cannot
+    /// be read here. An engine that does not answer is asked again at the next create.
+    async fn usage_groups(&self) -> Option<&UsageGroups> {
+        let decided = self
+            .usage_groups
+            .get_or_try_init(|| async {
+                let info = self
+                    .docker
+                    .info()
+                    .await
+                    .map_err(|error| EngineError::from_bollard(error, Subject::Engine))?;
+                let driver = info
+                    .cgroup_driver
+                    .map(|driver| driver.to_string())
+                    .unwrap_or_default();
+                Ok::<_, EngineError>(UsageGroups::new(hierarchy_of(&info), &driver).await)
+            })
+            .await;
+        match decided {
+            Ok(groups) => groups.as_ref(),
+            Err(error) => {
+                tracing::debug!(%error, "usage groups undecided");
+                None
+            }
+        }
+    }
+
     /// The container's `State` as the engine reports it now.
     async fn container_state(
         &self,
@@ -160,6 +202,8 @@ impl DockerEngine {
             pulls: Arc::new(PullCoalescer::default()),
             killed: Arc::default(),
             observer: None,
+            usage_groups: Arc::default(),
+            usage_paths: Arc::default(),
         })
     }
 
@@ -317,7 +361,11 @@ impl ContainerRuntime for DockerEngine {
 
     async fn create(&self, spec: &ContainerSpec) -> Result<ContainerId, EngineError> {
         spec.validate()?;
-        let body = create_body(spec)?;
+        let usage_group = match self.usage_groups().await {
+            Some(groups) => groups.allocate(spec.cpu_group.as_deref()),
+            None => None,
+        };
+        let body = create_body(spec, usage_group.as_deref())?;
         let options = spec
             .name
             .as_deref()
@@ -336,6 +384,12 @@ impl ContainerRuntime for DockerEngine {
             tracing::warn!(container = %created.id, warning, "engine warning on create");
         }
         let id = ContainerId::new(created.id);
+        if let Some(group) = usage_group {
+            self.usage_paths
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(id.as_str().to_owned(), group);
+        }
         if let Err(error) = self.upload_files(&id, spec).await {
             // A half-prepared container must not linger; the upload's error is the one to
             // report, so a failed removal is only logged (the start-up reaper gets it later).
@@ -454,14 +508,21 @@ impl ContainerRuntime for DockerEngine {
             tokio::time::sleep(OOM_RECHECK_DELAY).await;
             state = self.container_state(id, subject).await?;
         }
+        let exit_code = state
+            .exit_code
+            .ok_or_else(|| EngineError::protocol("the container's State has no ExitCode"))?;
+        // Read once it stopped: the group holds the container's whole life.
+        let usage = match (self.usage_path(id), self.usage_groups.get()) {
+            (Some(path), Some(Some(groups))) => groups.read(&path).await,
+            _ => None,
+        };
         Ok(ExitStatus {
-            exit_code: state
-                .exit_code
-                .ok_or_else(|| EngineError::protocol("the container's State has no ExitCode"))?,
+            exit_code,
             oom_killed: state.oom_killed.unwrap_or(false),
             started_at: state.started_at.as_deref().and_then(parse_engine_time),
             finished_at: state.finished_at.as_deref().and_then(parse_engine_time),
             engine_error: state.error.filter(|e| !e.is_empty()),
+            usage,
         })
     }
 
@@ -484,6 +545,13 @@ impl ContainerRuntime for DockerEngine {
                 error,
                 Subject::Container(id.as_str()),
             )),
+        }
+    }
+
+    async fn usage_accounted(&self, id: &ContainerId) -> bool {
+        match (self.usage_path(id), self.usage_groups.get()) {
+            (Some(path), Some(Some(groups))) => groups.present(&path).await,
+            _ => false,
         }
     }
 
@@ -533,12 +601,24 @@ impl ContainerRuntime for DockerEngine {
             .build();
         let started = Instant::now();
         self.killed().remove(id.as_str());
-        self.timed(
-            EngineRequest::Remove,
-            self.docker.remove_container(id.as_str(), Some(options)),
-        )
-        .await
-        .map_err(|error| EngineError::from_bollard(error, Subject::Container(id.as_str())))?;
+        let removed = self
+            .timed(
+                EngineRequest::Remove,
+                self.docker.remove_container(id.as_str(), Some(options)),
+            )
+            .await
+            .map_err(|error| EngineError::from_bollard(error, Subject::Container(id.as_str())));
+        if let Ok(()) | Err(EngineError::ContainerNotFound { .. }) = removed {
+            let path = self
+                .usage_paths
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(id.as_str());
+            if let (Some(path), Some(Some(groups))) = (path, self.usage_groups.get()) {
+                groups.remove(&path).await;
+            }
+        }
+        removed?;
         let took = started.elapsed();
         tracing::debug!(container = %id, took_ms = took.as_millis(), "container removed");
         Ok(took)
@@ -1082,7 +1162,12 @@ fn credentials_of(auth: RegistryAuth) -> DockerCredentials {
     }
 }
 
-fn create_body(spec: &ContainerSpec) -> Result<ContainerCreateBody, EngineError> {
+/// The create request for `spec`, the container under `usage_group` (`usage_group`) when it
+/// has one, else in its CPU group, if any.
+fn create_body(
+    spec: &ContainerSpec,
+    usage_group: Option<&str>,
+) -> Result<ContainerCreateBody, EngineError> {
     let as_engine_integer = |value: Option<u64>| -> Result<Option<i64>, EngineError> {
         value
             .map(|v| i64::try_from(v).map_err(EngineError::invalid_spec))
@@ -1095,7 +1180,9 @@ fn create_body(spec: &ContainerSpec) -> Result<ContainerCreateBody, EngineError>
         memory_swap: memory,
         nano_cpus: as_engine_integer(spec.nano_cpus)?,
         pids_limit: as_engine_integer(spec.pids_limit)?,
-        cgroup_parent: spec.cpu_group.as_ref().map(|group| format!("/{group}")),
+        cgroup_parent: usage_group
+            .or(spec.cpu_group.as_deref())
+            .map(|group| format!("/{group}")),
         network_mode: spec.network_mode.clone(),
         security_opt: Some(vec!["no-new-privileges".to_owned()]),
         cap_drop: Some(vec!["ALL".to_owned()]),
@@ -1307,7 +1394,7 @@ mod tests {
         spec.memory_bytes = Some(64 << 20);
         spec.pids_limit = Some(32);
         spec.labels = BTreeMap::from([("stevedore.task".to_owned(), "t1".to_owned())]);
-        let body = create_body(&spec)?;
+        let body = create_body(&spec, None)?;
         let host = body.host_config.unwrap_or_default();
         assert_eq!(host.memory, Some(64 << 20));
         assert_eq!(host.memory_swap, Some(64 << 20));

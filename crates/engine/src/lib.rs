@@ -80,6 +80,7 @@ mod network;
 mod package;
 mod pull;
 mod spec;
+mod usage_group;
 
 pub use build::{
     BuildProgress, BuildRequest, BuiltImage, DEFAULT_DOCKERFILE, DEFAULT_MAX_BUILD_CONTEXT_BYTES,

@@ -7,6 +7,10 @@
 //!        ─▶ container removed in the background
 //! ```
 //!
+//! The container's usage (peak memory, CPU time) comes with its exit when the engine keeps
+//! its own account of it ([`stevedore_engine::ContainerRuntime::usage_accounted`]); otherwise
+//! its stats are sampled while it runs.
+//!
 //! Heartbeats run beside all of it: they keep the lease, bring a user's cancellation in, and
 //! notice a lost lease. Every failure of the engine is classified by
 //! [`EngineError::is_infrastructure`] alone.
@@ -643,11 +647,23 @@ impl Attempt {
             .context
             .tracker
             .spawn(shipper.ship(output).in_current_span());
+        // An engine that keeps its own account of the container reports its usage with the
+        // exit; otherwise its stats are sampled while it runs.
         let usage = Arc::new(std::sync::Mutex::new(ResourceUsage::default()));
-        let sampling = self
-            .context
-            .tracker
-            .spawn(follow_usage(engine.stats(&id), Arc::clone(&usage)).in_current_span());
+        let sampling = if engine.usage_accounted(&id).await {
+            None
+        } else {
+            Some(
+                self.context
+                    .tracker
+                    .spawn(follow_usage(engine.stats(&id), Arc::clone(&usage)).in_current_span()),
+            )
+        };
+        let stop_sampling = || {
+            if let Some(sampling) = &sampling {
+                sampling.abort();
+            }
+        };
 
         let wait = engine.wait(&id);
         tokio::pin!(wait);
@@ -675,7 +691,7 @@ impl Attempt {
             Supervision::Exited(Err(error)) => {
                 let lost_at = chrono::Utc::now();
                 logs.abort();
-                sampling.abort();
+                stop_sampling();
                 // After a start there is no user error left to make: whatever broke the wait
                 // is the infrastructure's (the engine went away, the container vanished).
                 self.suspect_engine(&error);
@@ -702,12 +718,12 @@ impl Attempt {
             }
             Supervision::LeaseLost => {
                 logs.abort();
-                sampling.abort();
+                stop_sampling();
                 return lease_lost();
             }
             Supervision::ShutdownKill => {
                 logs.abort();
-                sampling.abort();
+                stop_sampling();
                 return shutdown_while_running();
             }
             Supervision::DeadlineReached => {
@@ -725,12 +741,18 @@ impl Attempt {
         self.drain_logs(logs).await;
         // The engine samples about once a second and may take that long to notice the
         // container stopped; the peaks seen so far are what there is.
-        if tokio::time::timeout(USAGE_GRACE, sampling).await.is_err() {
+        if let Some(sampling) = sampling
+            && tokio::time::timeout(USAGE_GRACE, sampling).await.is_err()
+        {
             tracing::trace!("resource sampling cut off after the container stopped");
         }
-        let usage = *usage
+        let sampled = *usage
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let usage = status
+            .as_ref()
+            .and_then(|status| status.usage)
+            .unwrap_or(sampled);
         let report = RunReport {
             start_time: status.as_ref().and_then(|status| status.started_at),
             end_time: status.as_ref().and_then(|status| status.finished_at),

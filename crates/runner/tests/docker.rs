@@ -204,6 +204,27 @@ echo written > "$TASK_DIR/out.txt" && echo "wrote=$(cat out.txt)"
     test.stop_and_check_teardown(runner, &[&task.id]).await;
 }
 
+/// A task too short for a single sample of the engine's stats still reports what it used:
+/// the engine's own account of the container is read once it stopped.
+#[tokio::test]
+async fn a_task_that_ends_at_once_reports_its_usage() {
+    let test = docker_or_skip!("usage");
+    test.shell_code("brief", "head -c 8388608 /dev/zero | wc -c")
+        .await;
+    let task = test.harness.queue("brief", "", 60).await;
+    let runner = test.start(test.config());
+
+    let done = test.harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
+    assert_eq!(test.harness.log(&task.id).await.trim(), "8388608");
+    assert!(
+        done.peak_memory_bytes.is_some_and(|bytes| bytes > 0),
+        "{done:#?}"
+    );
+    assert!(done.cpu_time_ms.is_some(), "{done:#?}");
+    test.stop_and_check_teardown(runner, &[&task.id]).await;
+}
+
 #[tokio::test]
 async fn the_payload_round_trips_byte_for_byte() {
     let test = docker_or_skip!("payload");
