@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! leased ─▶ memory reserved ─▶ image present ─▶ package spooled ─▶ created ─▶ output attached
-//!        ─▶ lease confirmed ─▶ started ─▶ mark_running ─▶ supervised (exit | deadline | cancel | lease lost | shutdown)
+//!                                                                 └ lease confirmed meanwhile ┘
+//!        ─▶ started ─▶ mark_running ─▶ supervised (exit | deadline | cancel | lease lost | shutdown)
 //!        ─▶ logs drained ─▶ result recorded (complete | requeue | abandoned) ─▶ slot freed
 //!        ─▶ container removed in the background
 //! ```
@@ -296,25 +297,28 @@ impl Attempt {
             Err(ending) => return ending,
         };
         // Not raced against anything: a create in flight that was dropped could leave a
-        // container behind whose id we never learnt.
-        let created = self.create(&spec).await;
+        // container behind whose id we never learnt. The lease is confirmed meanwhile: the
+        // source's answer and the engine's work overlap, and the start still follows the
+        // confirmation by no more than a create takes, far within the lease it confirmed.
+        let (created, confirmed) = tokio::join!(self.create_attached(&spec), self.confirm_lease());
         // The package is in the container now (or never will be): its file goes.
         self.package = None;
-        let id = match created {
-            Ok(id) => id,
-            Err(error) => return self.engine_failed("creating the container", error),
+        let (id, attached) = match created {
+            Ok(created) => created,
+            Err(error) => {
+                return confirmed
+                    .unwrap_or_else(|| self.engine_failed("creating the container", error));
+            }
         };
         self.container = Some(id.clone());
-        // Attached before the start, so the output is whole from the first byte: the engine
-        // keeps no copy to read again later.
-        let output = match self.context.engine.attach(&id).await {
+        if let Some(ending) = confirmed {
+            return ending;
+        }
+        let output = match attached {
             Ok(output) => output,
             Err(error) => return self.engine_failed("attaching to the container", error),
         };
         if let Some(ending) = self.interrupted_before_start() {
-            return ending;
-        }
-        if let Some(ending) = self.confirm_lease().await {
             return ending;
         }
         if let Err(error) =
@@ -377,6 +381,18 @@ impl Attempt {
             }
             other => other,
         }
+    }
+
+    /// Creates the container and attaches to its output, before the start, so the output is
+    /// whole from the first byte: the engine keeps no copy to read again later. The attach's
+    /// failure comes with the container, which exists and must be removed.
+    async fn create_attached(
+        &self,
+        spec: &stevedore_engine::ContainerSpec,
+    ) -> Result<(ContainerId, Result<LogChunkStream, EngineError>), EngineError> {
+        let id = self.create(spec).await?;
+        let output = self.context.engine.attach(&id).await;
+        Ok((id, output))
     }
 
     /// Reserves memory, makes the image present, fetches the package and builds the spec.
@@ -587,11 +603,11 @@ impl Attempt {
     }
 
     /// Whether the task was cancelled, lost or shut down while its container was created.
-    /// Asks the source whether the lease still holds, right before the container starts. A
-    /// runner that was cut off while it prepared may hold a lease that expired meanwhile —
-    /// the task rescued and perhaps completed by another runner — and must then not run it
-    /// again. A confirmed lease lasts `lease_secs` from now, longer than a start takes, and
-    /// the heartbeat loop keeps extending it.
+    /// Asks the source whether the lease still holds, while the container is created, right
+    /// before it starts. A runner that was cut off while it prepared may hold a lease that
+    /// expired meanwhile — the task rescued and perhaps completed by another runner — and
+    /// must then not run it again. A confirmed lease lasts `lease_secs` from now, longer than
+    /// a create and a start take, and the heartbeat loop keeps extending it.
     async fn confirm_lease(&self) -> Option<Ending> {
         let (task_id, token) = (self.leased.task.id.clone(), self.leased.lease.token);
         let lease_secs = self.context.config.lease_secs;
