@@ -58,6 +58,7 @@ use stats::percentile;
 
 const CONCURRENCY_LEVELS: [usize; 2] = [1, 4];
 const DEFAULT_TASKS: usize = 200;
+const DEFAULT_ROUNDS: usize = 4;
 const MEMORY_BYTES: u64 = 256 << 20;
 const PER_PAGE: usize = 100;
 /// How often stevedore's tasks are listed: seldom, as each listing costs `serve` CPU that the
@@ -89,6 +90,34 @@ struct Measurement {
 type RequestTally = BTreeMap<EngineRequest, (u64, f64)>;
 
 impl Measurement {
+    /// A measurement of nothing yet, for rounds to add to.
+    fn none(run: &'static str, concurrency: usize) -> Measurement {
+        Measurement {
+            run,
+            concurrency,
+            tasks: 0,
+            elapsed: Duration::ZERO,
+            latencies_ms: Vec::new(),
+            engine_cpu: EngineCpu::default(),
+            client_cpu: 0.0,
+            requests: RequestTally::new(),
+        }
+    }
+
+    /// Adds a round's measurement.
+    fn add(&mut self, round: Measurement) {
+        self.tasks += round.tasks;
+        self.elapsed += round.elapsed;
+        self.latencies_ms.extend(round.latencies_ms);
+        self.engine_cpu = self.engine_cpu.plus(&round.engine_cpu);
+        self.client_cpu += round.client_cpu;
+        for (request, (count, seconds)) in round.requests {
+            let entry = self.requests.entry(request).or_default();
+            entry.0 += count;
+            entry.1 += seconds;
+        }
+    }
+
     fn throughput(&self) -> f64 {
         self.tasks as f64 / self.elapsed.as_secs_f64()
     }
@@ -148,20 +177,45 @@ async fn main() {
         }
     };
     eprintln!("the raw loop runs on the network {raw_network}");
+    let rounds = match std::env::var("STEVEDORE_BENCH_ROUNDS") {
+        Ok(value) => value
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=tasks).contains(n))
+            .expect("STEVEDORE_BENCH_ROUNDS must be between 1 and the number of tasks"),
+        Err(_) => DEFAULT_ROUNDS.min(tasks),
+    };
     let meter = EngineCpuMeter::start();
     let mut measurements = Vec::new();
     for (run, concurrency) in CONCURRENCY_LEVELS.into_iter().enumerate() {
-        // Alternate per level, so machine noise hits both alike.
-        eprintln!("raw engine loop: {tasks} tasks at concurrency {concurrency}");
-        tally.lock().unwrap_or_else(PoisonError::into_inner).clear();
-        let mut raw = raw_run(engine.clone(), &meter, &raw_network, concurrency, tasks).await;
-        raw.requests = std::mem::take(&mut *tally.lock().unwrap_or_else(PoisonError::into_inner));
-        measurements.push(raw);
         let runner_id = format!("bench-{}-{run}", std::process::id());
-        eprintln!("stevedore ({runner_id}): {tasks} tasks at concurrency {concurrency}");
-        tally.lock().unwrap_or_else(PoisonError::into_inner).clear();
-        measurements
-            .push(stevedore_run(engine.as_ref(), &meter, concurrency, tasks, &runner_id).await);
+        let mut stevedore = Stevedore::start(concurrency, &runner_id).await;
+        let mut raw_total = Measurement::none("raw engine", concurrency);
+        let mut stevedore_total = Measurement::none("stevedore", concurrency);
+        // Rounds alternate the two, each going first in turn, so that noise from the rest of
+        // the machine (other builds, other users of the engine) hits both alike.
+        for round in 0..rounds {
+            let batch = tasks / rounds + usize::from(round < tasks % rounds);
+            for raw_turn in [round % 2 == 0, round % 2 == 1] {
+                if raw_turn {
+                    eprintln!("raw engine loop: {batch} tasks at concurrency {concurrency}");
+                    tally.lock().unwrap_or_else(PoisonError::into_inner).clear();
+                    let mut raw =
+                        raw_run(engine.clone(), &meter, &raw_network, concurrency, batch).await;
+                    raw.requests =
+                        std::mem::take(&mut *tally.lock().unwrap_or_else(PoisonError::into_inner));
+                    raw_total.add(raw);
+                } else {
+                    eprintln!(
+                        "stevedore ({runner_id}): {batch} tasks at concurrency {concurrency}"
+                    );
+                    stevedore_total.add(stevedore.batch(&meter, concurrency, batch).await);
+                }
+            }
+        }
+        stevedore.stop(engine.as_ref()).await;
+        measurements.push(raw_total);
+        measurements.push(stevedore_total);
     }
     print_table(&measurements);
     print_breakdown(&measurements);
@@ -273,180 +327,207 @@ async fn run_created(
 
 // === stevedore end to end ===
 
-async fn stevedore_run(
-    engine: &DockerEngine,
-    meter: &EngineCpuMeter,
-    concurrency: usize,
-    tasks: usize,
-    runner_id: &str,
-) -> Measurement {
-    let data_dir = tempfile::tempdir().expect("a temporary data directory");
-    let metrics_address = free_loopback_address();
-    let mut server = Server::start(
-        data_dir.path(),
-        concurrency,
-        runner_id,
-        &[("STEVEDORE_METRICS__LISTEN", &metrics_address)],
-    )
-    .await;
-    let client = reqwest::Client::new();
+/// `serve` with the benchmark's code registered, for batches of tasks.
+struct Stevedore {
+    server: Server,
+    client: reqwest::Client,
+    metrics_address: String,
+    runner_id: String,
+    _data_dir: tempfile::TempDir,
+}
 
-    // Registering the code also waits for the server to serve, which it does only once the
-    // embedded runner has started: nothing of the start-up is in the measurement.
-    let uploaded = client
-        .post(server.url("codes"))
-        .header("Authorization", server.authorization())
-        .json(&json!({"name": "bench", "image": LOCAL_BUSYBOX_IMAGE, "command": "true"}))
-        .send()
-        .await
-        .expect("POST codes");
-    let status = uploaded.status();
-    let body = uploaded.text().await.unwrap_or_default();
-    assert!(status.is_success(), "POST codes answered {status}: {body}");
+impl Stevedore {
+    async fn start(concurrency: usize, runner_id: &str) -> Stevedore {
+        let data_dir = tempfile::tempdir().expect("a temporary data directory");
+        let metrics_address = free_loopback_address();
+        let server = Server::start(
+            data_dir.path(),
+            concurrency,
+            runner_id,
+            &[("STEVEDORE_METRICS__LISTEN", &metrics_address)],
+        )
+        .await;
+        let client = reqwest::Client::new();
 
-    let batch: Vec<Value> = (0..tasks).map(|_| json!({"code_name": "bench"})).collect();
-    let requests_before = scrape_requests(&client, &metrics_address).await;
-    let (engine_before, client_before) =
-        (meter.read(), process_cpu(server.pid()).expect("serve runs"));
-    let t0 = Instant::now();
-    let t0_wall = chrono::Utc::now();
-    let queued = client
-        .post(server.url("tasks"))
-        .header("Authorization", server.authorization())
-        .json(&json!({ "tasks": batch }))
-        .send()
-        .await
-        .expect("POST tasks");
-    let status = queued.status();
-    let body: Value = queued.json().await.expect("POST tasks answers JSON");
-    assert!(status.is_success(), "POST tasks answered {status}: {body}");
-    let ids: Vec<String> = body["tasks"]
-        .as_array()
-        .expect("POST tasks answers a task list")
-        .iter()
-        .map(|task| {
-            task["id"]
-                .as_str()
-                .expect("a queued task has an id")
-                .to_owned()
-        })
-        .collect();
-    assert_eq!(ids.len(), tasks, "POST tasks queued {} tasks", ids.len());
-
-    let mut seen: HashMap<String, Value> = HashMap::new();
-    let mut last_report = Instant::now();
-    let elapsed = loop {
-        server.assert_running();
-        for page in 0.. {
-            let listed: Value = client
-                .get(server.url(&format!("tasks?per_page={PER_PAGE}&page={page}")))
-                .header("Authorization", server.authorization())
-                .send()
-                .await
-                .expect("GET tasks")
-                .error_for_status()
-                .expect("GET tasks succeeds")
-                .json()
-                .await
-                .expect("GET tasks answers JSON");
-            let listed = listed["tasks"]
-                .as_array()
-                .expect("GET tasks answers a task list");
-            for task in listed {
-                let id = task["id"].as_str().expect("a listed task has an id");
-                seen.insert(id.to_owned(), task.clone());
-            }
-            if listed.len() < PER_PAGE {
-                break;
-            }
+        // Registering the code also waits for the server to serve, which it does only once the
+        // embedded runner has started: nothing of the start-up is in the measurement.
+        let uploaded = client
+            .post(server.url("codes"))
+            .header("Authorization", server.authorization())
+            .json(&json!({"name": "bench", "image": LOCAL_BUSYBOX_IMAGE, "command": "true"}))
+            .send()
+            .await
+            .expect("POST codes");
+        let status = uploaded.status();
+        let body = uploaded.text().await.unwrap_or_default();
+        assert!(status.is_success(), "POST codes answered {status}: {body}");
+        Stevedore {
+            server,
+            client,
+            metrics_address,
+            runner_id: runner_id.to_owned(),
+            _data_dir: data_dir,
         }
-        let mut complete = 0;
-        for id in &ids {
-            let Some(task) = seen.get(id) else { continue };
-            match task["status"].as_str() {
-                Some("complete") => complete += 1,
-                Some("error" | "cancelled" | "timeout") => {
-                    panic!("task {id} did not complete: {task}")
-                }
-                _ => {}
-            }
-        }
-        if complete == ids.len() {
-            // When the last task was recorded complete (`updated_at`, the server's clock on
-            // this machine), not when this listing saw it.
-            let last = ids
-                .iter()
-                .map(|id| {
-                    let text = seen[id]["updated_at"]
-                        .as_str()
-                        .expect("a task has updated_at");
-                    chrono::DateTime::parse_from_rfc3339(text)
-                        .unwrap_or_else(|error| panic!("task {id}: updated_at {text:?}: {error}"))
-                })
-                .max()
-                .expect("the run has tasks");
-            break (last.with_timezone(&chrono::Utc) - t0_wall)
-                .to_std()
-                .expect("the last completion follows t0");
-        }
-        assert!(
-            t0.elapsed() < RUN_DEADLINE,
-            "only {complete} of {tasks} tasks completed within {RUN_DEADLINE:?}"
-        );
-        if last_report.elapsed() >= Duration::from_secs(10) {
-            eprintln!("  {complete}/{tasks} complete after {:.0?}", t0.elapsed());
-            last_report = Instant::now();
-        }
-        tokio::time::sleep(POLL_INTERVAL).await;
-    };
-
-    let latencies_ms = ids
-        .iter()
-        .map(|id| {
-            let task = &seen[id];
-            let time = |field: &str| {
-                let text = task[field]
-                    .as_str()
-                    .unwrap_or_else(|| panic!("task {id} has no {field}: {task}"));
-                chrono::DateTime::parse_from_rfc3339(text)
-                    .unwrap_or_else(|error| panic!("task {id}: {field} {text:?}: {error}"))
-            };
-            let latency = time("start_time") - time("created_at");
-            latency.num_microseconds().expect("a latency fits") as f64 / 1000.0
-        })
-        .collect();
-
-    let engine_cpu = meter.read().since(&engine_before);
-    let client_cpu = process_cpu(server.pid()).expect("serve runs") - client_before;
-    let requests_after = scrape_requests(&client, &metrics_address).await;
-    let requests = requests_after
-        .into_iter()
-        .map(|(request, (count, seconds))| {
-            let (count_before, seconds_before) =
-                requests_before.get(&request).copied().unwrap_or_default();
-            (request, (count - count_before, seconds - seconds_before))
-        })
-        .collect();
-    server.terminate().await;
-    let leftovers = engine
-        .list_labeled("stevedore.runner", runner_id)
-        .await
-        .expect("list the runner's containers");
-    if !leftovers.is_empty() {
-        eprintln!(
-            "warning: runner {runner_id} left {} containers after SIGTERM: {leftovers:?}",
-            leftovers.len()
-        );
     }
-    Measurement {
-        run: "stevedore",
-        concurrency,
-        tasks,
-        elapsed,
-        latencies_ms,
-        engine_cpu,
-        client_cpu,
-        requests,
+
+    /// Queues `tasks` at once and waits until every one completed.
+    async fn batch(
+        &mut self,
+        meter: &EngineCpuMeter,
+        concurrency: usize,
+        tasks: usize,
+    ) -> Measurement {
+        let (server, client) = (&mut self.server, &self.client);
+        let batch: Vec<Value> = (0..tasks).map(|_| json!({"code_name": "bench"})).collect();
+        let requests_before = scrape_requests(client, &self.metrics_address).await;
+        let (engine_before, client_before) =
+            (meter.read(), process_cpu(server.pid()).expect("serve runs"));
+        let t0 = Instant::now();
+        let t0_wall = chrono::Utc::now();
+        let queued = client
+            .post(server.url("tasks"))
+            .header("Authorization", server.authorization())
+            .json(&json!({ "tasks": batch }))
+            .send()
+            .await
+            .expect("POST tasks");
+        let status = queued.status();
+        let body: Value = queued.json().await.expect("POST tasks answers JSON");
+        assert!(status.is_success(), "POST tasks answered {status}: {body}");
+        let ids: Vec<String> = body["tasks"]
+            .as_array()
+            .expect("POST tasks answers a task list")
+            .iter()
+            .map(|task| {
+                task["id"]
+                    .as_str()
+                    .expect("a queued task has an id")
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(ids.len(), tasks, "POST tasks queued {} tasks", ids.len());
+
+        let mut seen: HashMap<String, Value> = HashMap::new();
+        let mut last_report = Instant::now();
+        let elapsed = loop {
+            server.assert_running();
+            for page in 0.. {
+                let listed: Value = client
+                    .get(server.url(&format!("tasks?per_page={PER_PAGE}&page={page}")))
+                    .header("Authorization", server.authorization())
+                    .send()
+                    .await
+                    .expect("GET tasks")
+                    .error_for_status()
+                    .expect("GET tasks succeeds")
+                    .json()
+                    .await
+                    .expect("GET tasks answers JSON");
+                let listed = listed["tasks"]
+                    .as_array()
+                    .expect("GET tasks answers a task list");
+                for task in listed {
+                    let id = task["id"].as_str().expect("a listed task has an id");
+                    seen.insert(id.to_owned(), task.clone());
+                }
+                if listed.len() < PER_PAGE {
+                    break;
+                }
+            }
+            let mut complete = 0;
+            for id in &ids {
+                let Some(task) = seen.get(id) else { continue };
+                match task["status"].as_str() {
+                    Some("complete") => complete += 1,
+                    Some("error" | "cancelled" | "timeout") => {
+                        panic!("task {id} did not complete: {task}")
+                    }
+                    _ => {}
+                }
+            }
+            if complete == ids.len() {
+                // When the last task was recorded complete (`updated_at`, the server's clock on
+                // this machine), not when this listing saw it.
+                let last = ids
+                    .iter()
+                    .map(|id| {
+                        let text = seen[id]["updated_at"]
+                            .as_str()
+                            .expect("a task has updated_at");
+                        chrono::DateTime::parse_from_rfc3339(text).unwrap_or_else(|error| {
+                            panic!("task {id}: updated_at {text:?}: {error}")
+                        })
+                    })
+                    .max()
+                    .expect("the run has tasks");
+                break (last.with_timezone(&chrono::Utc) - t0_wall)
+                    .to_std()
+                    .expect("the last completion follows t0");
+            }
+            assert!(
+                t0.elapsed() < RUN_DEADLINE,
+                "only {complete} of {tasks} tasks completed within {RUN_DEADLINE:?}"
+            );
+            if last_report.elapsed() >= Duration::from_secs(10) {
+                eprintln!("  {complete}/{tasks} complete after {:.0?}", t0.elapsed());
+                last_report = Instant::now();
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        };
+
+        let latencies_ms = ids
+            .iter()
+            .map(|id| {
+                let task = &seen[id];
+                let time = |field: &str| {
+                    let text = task[field]
+                        .as_str()
+                        .unwrap_or_else(|| panic!("task {id} has no {field}: {task}"));
+                    chrono::DateTime::parse_from_rfc3339(text)
+                        .unwrap_or_else(|error| panic!("task {id}: {field} {text:?}: {error}"))
+                };
+                let latency = time("start_time") - time("created_at");
+                latency.num_microseconds().expect("a latency fits") as f64 / 1000.0
+            })
+            .collect();
+
+        let engine_cpu = meter.read().since(&engine_before);
+        let client_cpu = process_cpu(server.pid()).expect("serve runs") - client_before;
+        let requests_after = scrape_requests(client, &self.metrics_address).await;
+        let requests = requests_after
+            .into_iter()
+            .map(|(request, (count, seconds))| {
+                let (count_before, seconds_before) =
+                    requests_before.get(&request).copied().unwrap_or_default();
+                (request, (count - count_before, seconds - seconds_before))
+            })
+            .collect();
+        Measurement {
+            run: "stevedore",
+            concurrency,
+            tasks,
+            elapsed,
+            latencies_ms,
+            engine_cpu,
+            client_cpu,
+            requests,
+        }
+    }
+
+    /// SIGTERM, then a look for containers the runner left.
+    async fn stop(mut self, engine: &DockerEngine) {
+        self.server.terminate().await;
+        let runner_id = &self.runner_id;
+        let leftovers = engine
+            .list_labeled("stevedore.runner", runner_id)
+            .await
+            .expect("list the runner's containers");
+        if !leftovers.is_empty() {
+            eprintln!(
+                "warning: runner {runner_id} left {} containers after SIGTERM: {leftovers:?}",
+                leftovers.len()
+            );
+        }
     }
 }
 

@@ -40,6 +40,15 @@ impl EngineCpu {
         self.dockerd + self.containerd + self.shims
     }
 
+    /// Both together.
+    pub fn plus(&self, other: &EngineCpu) -> EngineCpu {
+        EngineCpu {
+            dockerd: self.dockerd + other.dockerd,
+            containerd: self.containerd + other.containerd,
+            shims: self.shims + other.shims,
+        }
+    }
+
     /// What was spent between `earlier` and `self`.
     pub fn since(&self, earlier: &EngineCpu) -> EngineCpu {
         EngineCpu {
