@@ -507,7 +507,10 @@ async fn a_task_gets_the_default_cpu_limit_and_the_reserve_caps_all_tasks() {
         containers[0].as_str(),
         "{{.HostConfig.NanoCpus}} {{.HostConfig.CgroupParent}}",
     );
-    assert_eq!(inspected.trim(), format!("1000000000 /{group}"));
+    // Its parent is its usage group, inside the CPU group.
+    let (nano_cpus, parent) = inspected.trim().split_once(' ').unwrap();
+    assert_eq!(nano_cpus, "1000000000");
+    assert!(parent.starts_with(&format!("/{group}/usage-")), "{parent}");
 
     let ncpu: f64 = test.engine.capabilities().await.unwrap().ncpu as f64;
     let quota = std::fs::read_to_string(format!("/sys/fs/cgroup/cpu/{group}/cpu.cfs_quota_us"))
@@ -518,8 +521,8 @@ async fn a_task_gets_the_default_cpu_limit_and_the_reserve_caps_all_tasks() {
     // The container's own cgroup is inside the group.
     let id = docker_inspect(containers[0].as_str(), "{{.Id}}");
     assert!(
-        std::path::Path::new(&format!("/sys/fs/cgroup/cpu/{group}/{}", id.trim())).exists()
-            || std::path::Path::new(&format!("/sys/fs/cgroup/{group}/{}", id.trim())).exists()
+        std::path::Path::new(&format!("/sys/fs/cgroup/cpu{parent}/{}", id.trim())).exists()
+            || std::path::Path::new(&format!("/sys/fs/cgroup{parent}/{}", id.trim())).exists()
     );
 
     test.harness
