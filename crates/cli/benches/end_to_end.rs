@@ -15,8 +15,11 @@
 //!
 //! The two are measured as alike as their interfaces allow:
 //!
-//! * all tasks are submitted at once at t0 (one `POST tasks` for stevedore; a shared counter
-//!   for the raw loop's workers);
+//! * each concurrency level runs in rounds (`STEVEDORE_BENCH_ROUNDS`, default 4): a batch of
+//!   the raw loop and a batch of stevedore (one `serve` for the level), each going first in
+//!   turn, added up, so that noise from the rest of a shared machine hits both alike;
+//! * a batch's tasks are submitted at once at t0 (one `POST tasks` for stevedore; a shared
+//!   counter for the raw loop's workers);
 //! * throughput is tasks / (t0 to the last completion): for stevedore the latest `updated_at`
 //!   of its tasks once a listing (every 500 ms, so that listings cost `serve` little) sees
 //!   every task `complete`, which is when the store recorded the last one, for the raw loop the
@@ -27,8 +30,9 @@
 //! * the raw loop's containers join the network stevedore's tasks join (the runner's managed
 //!   task network, `stevedore-tasks`), as the in-container contract has every task on an
 //!   isolated network: on Docker a network of one's own costs the engine more per container
-//!   than its default bridge (an embedded DNS set up in each container). Set
-//!   `STEVEDORE_BENCH_RAW_NETWORK` to run the raw loop on another (`bridge`: Docker's default).
+//!   than its default bridge (Docker sets up its embedded DNS in each container of such a
+//!   network). Set `STEVEDORE_BENCH_RAW_NETWORK` to run the raw loop on another (`bridge`:
+//!   Docker's default, the yardstick of the first measurements).
 
 // A benchmark fails loudly: every `expect` says what went wrong.
 #![allow(clippy::expect_used)]

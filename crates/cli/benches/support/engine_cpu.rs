@@ -24,9 +24,12 @@ pub struct EngineCpu {
 
 /// Samples the engine's processes on a thread of its own until dropped.
 pub struct EngineCpuMeter {
-    seen: Arc<Mutex<HashMap<(u32, u64), (Kind, u64)>>>,
+    seen: Arc<Mutex<Seen>>,
     stop: Arc<AtomicBool>,
 }
+
+/// Every engine process seen, by id and start time: its kind and its last CPU ticks.
+type Seen = HashMap<(u32, u64), (Kind, u64)>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -106,7 +109,7 @@ pub fn process_cpu(pid: u32) -> Option<f64> {
 
 /// Reads every engine process's CPU ticks into `seen`, keeping what vanished processes spent.
 /// A process is known by its id and start time, as ids are reused.
-fn sample(seen: &Mutex<HashMap<(u32, u64), (Kind, u64)>>) {
+fn sample(seen: &Mutex<Seen>) {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return;
     };
