@@ -1,54 +1,78 @@
 //! End-to-end task throughput: the real `stevedore serve` binary (queued over HTTP until
 //! complete) next to a raw Engine API loop (create, start, wait, remove) in the same process
 //! and the same run, at concurrency 1 and 4. Prints tasks/s and p50/p99 queue-to-start
-//! latency, and stevedore's throughput as a fraction of the raw loop's (target: at least 0.9).
+//! latency, and stevedore's throughput as a fraction of the raw loop's (target: at least 1.0).
 //! Asserts nothing about speed; fails loudly when a task does not complete.
+//!
+//! Where the time goes, per task and per run: the CPU the engine's processes spent (`dockerd`,
+//! `containerd`, the shims, read from `/proc`), the CPU of the client (`serve` for stevedore,
+//! this process for the raw loop), and every Engine API request about a task's container,
+//! with how many a task made and how long each took on average (the raw loop's from its own
+//! engine's observer, stevedore's from `serve`'s `stevedore_engine_request_duration_seconds`).
 //!
 //! `cargo bench -p stevedore --bench end_to_end` (`STEVEDORE_BENCH_TASKS` sets the number of
 //! tasks per run, default 200). Needs a Docker engine; skips with a message without one.
 //!
 //! The two are measured as alike as their interfaces allow:
 //!
-//! * all tasks are submitted at once at t0 (one `POST tasks` for stevedore; a shared counter
-//!   for the raw loop's workers);
-//! * throughput is tasks / (t0 to the last completion seen): for stevedore the poll that first
-//!   sees every task `complete`, for the raw loop the last `wait` to return (the raw loop
-//!   removes each container inline before taking the next; stevedore removes in the
-//!   background);
+//! * each concurrency level runs in rounds (`STEVEDORE_BENCH_ROUNDS`, default 4): a batch of
+//!   the raw loop and a batch of stevedore (one `serve` for the level), each going first in
+//!   turn, added up, so that noise from the rest of a shared machine hits both alike;
+//! * a batch's tasks are submitted at once at t0 (one `POST tasks` for stevedore; a shared
+//!   counter for the raw loop's workers);
+//! * throughput is tasks / (t0 to the last completion): for stevedore the latest `updated_at`
+//!   of its tasks once a listing (every 500 ms, so that listings cost `serve` little) sees
+//!   every task `complete`, which is when the store recorded the last one, for the raw loop the
+//!   last `wait` to return (the raw loop removes each container inline before taking the next;
+//!   stevedore removes in the background);
 //! * latency is queue-to-start: stevedore's `start_time - created_at` (the container's own
-//!   start as the engine recorded it), the raw loop's "`start` returned" - t0.
+//!   start as the engine recorded it), the raw loop's "`start` returned" - t0;
+//! * the raw loop's containers join the network stevedore's tasks join (the runner's managed
+//!   task network, `stevedore-tasks`), as the in-container contract has every task on an
+//!   isolated network: on Docker a network of one's own costs the engine more per container
+//!   than its default bridge (Docker sets up its embedded DNS in each container of such a
+//!   network). Set `STEVEDORE_BENCH_RAW_NETWORK` to run the raw loop on another (`bridge`:
+//!   Docker's default, the yardstick of the first measurements).
 
 // A benchmark fails loudly: every `expect` says what went wrong.
 #![allow(clippy::expect_used)]
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use stevedore_engine::{
-    ContainerId, ContainerRuntime, ContainerSpec, DockerEngine, EngineError, HOST_BUSYBOX,
-    ImageStore, LOCAL_BUSYBOX_IMAGE,
+    ContainerId, ContainerRuntime, ContainerSpec, DockerEngine, EngineError, EngineRequest,
+    HOST_BUSYBOX, ImageStore, LOCAL_BUSYBOX_IMAGE,
 };
 
+#[path = "support/engine_cpu.rs"]
+mod engine_cpu;
 #[path = "support/server.rs"]
 mod server;
 #[path = "support/stats.rs"]
 mod stats;
 
+use engine_cpu::{EngineCpu, EngineCpuMeter, process_cpu};
 use server::Server;
 use stats::percentile;
 
 const CONCURRENCY_LEVELS: [usize; 2] = [1, 4];
 const DEFAULT_TASKS: usize = 200;
+const DEFAULT_ROUNDS: usize = 4;
 const MEMORY_BYTES: u64 = 256 << 20;
 const PER_PAGE: usize = 100;
-const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// How often stevedore's tasks are listed: seldom, as each listing costs `serve` CPU that the
+/// raw loop does not spend (a listing every 50 ms was a third of `serve`'s CPU per task), and
+/// the end of the run is read from the tasks' own times, not from when a listing saw it.
+const POLL_INTERVAL: Duration = Duration::from_millis(500);
 const RUN_DEADLINE: Duration = Duration::from_secs(900);
 const RAW_RUNNER_LABEL: &str = "bench-raw";
-const TARGET_RATIO: f64 = 0.9;
+const TARGET_RATIO: f64 = 1.0;
+const ENGINE_REQUEST_METRIC: &str = "stevedore_engine_request_duration_seconds";
 
 /// One measured run.
 struct Measurement {
@@ -58,9 +82,46 @@ struct Measurement {
     elapsed: Duration,
     /// Queue-to-start latency of every task, in milliseconds.
     latencies_ms: Vec<f64>,
+    /// What the engine's processes spent during the run.
+    engine_cpu: EngineCpu,
+    /// What the client spent: `serve` for stevedore, this process for the raw loop.
+    client_cpu: f64,
+    /// Every Engine API request about a task's container: how many, and their summed seconds.
+    requests: RequestTally,
 }
 
+/// Engine API requests by kind: (count, summed seconds).
+type RequestTally = BTreeMap<EngineRequest, (u64, f64)>;
+
 impl Measurement {
+    /// A measurement of nothing yet, for rounds to add to.
+    fn none(run: &'static str, concurrency: usize) -> Measurement {
+        Measurement {
+            run,
+            concurrency,
+            tasks: 0,
+            elapsed: Duration::ZERO,
+            latencies_ms: Vec::new(),
+            engine_cpu: EngineCpu::default(),
+            client_cpu: 0.0,
+            requests: RequestTally::new(),
+        }
+    }
+
+    /// Adds a round's measurement.
+    fn add(&mut self, round: Measurement) {
+        self.tasks += round.tasks;
+        self.elapsed += round.elapsed;
+        self.latencies_ms.extend(round.latencies_ms);
+        self.engine_cpu = self.engine_cpu.plus(&round.engine_cpu);
+        self.client_cpu += round.client_cpu;
+        for (request, (count, seconds)) in round.requests {
+            let entry = self.requests.entry(request).or_default();
+            entry.0 += count;
+            entry.1 += seconds;
+        }
+    }
+
     fn throughput(&self) -> f64 {
         self.tasks as f64 / self.elapsed.as_secs_f64()
     }
@@ -76,8 +137,15 @@ async fn main() {
             .expect("STEVEDORE_BENCH_TASKS must be a positive integer"),
         Err(_) => DEFAULT_TASKS,
     };
+    let tally: Arc<Mutex<RequestTally>> = Arc::default();
+    let observed = tally.clone();
     let engine = match DockerEngine::connect().await {
-        Ok(engine) => Arc::new(engine),
+        Ok(engine) => Arc::new(engine.observe_requests(Arc::new(move |request, took| {
+            let mut tally = observed.lock().unwrap_or_else(PoisonError::into_inner);
+            let entry = tally.entry(request).or_default();
+            entry.0 += 1;
+            entry.1 += took.as_secs_f64();
+        }))),
         Err(error) => {
             println!(
                 "end_to_end: skipped, the Docker engine is unreachable ({error}); \
@@ -101,27 +169,80 @@ async fn main() {
         .expect("build the local busybox image (is busybox-static installed?)");
     }
 
+    let raw_network = match std::env::var("STEVEDORE_BENCH_RAW_NETWORK") {
+        Ok(network) => network,
+        Err(_) => {
+            let spec = stevedore_runner::TaskNetworkConfig::default().spec;
+            engine
+                .ensure_network(&spec)
+                .await
+                .expect("make sure of the task network");
+            spec.name
+        }
+    };
+    eprintln!("the raw loop runs on the network {raw_network}");
+    let rounds = match std::env::var("STEVEDORE_BENCH_ROUNDS") {
+        Ok(value) => value
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=tasks).contains(n))
+            .expect("STEVEDORE_BENCH_ROUNDS must be between 1 and the number of tasks"),
+        Err(_) => DEFAULT_ROUNDS.min(tasks),
+    };
+    let meter = EngineCpuMeter::start();
     let mut measurements = Vec::new();
     for (run, concurrency) in CONCURRENCY_LEVELS.into_iter().enumerate() {
-        // Alternate per level, so machine noise hits both alike.
-        eprintln!("raw engine loop: {tasks} tasks at concurrency {concurrency}");
-        measurements.push(raw_run(engine.clone(), concurrency, tasks).await);
         let runner_id = format!("bench-{}-{run}", std::process::id());
-        eprintln!("stevedore ({runner_id}): {tasks} tasks at concurrency {concurrency}");
-        measurements.push(stevedore_run(engine.as_ref(), concurrency, tasks, &runner_id).await);
+        let mut stevedore = Stevedore::start(concurrency, &runner_id).await;
+        let mut raw_total = Measurement::none("raw engine", concurrency);
+        let mut stevedore_total = Measurement::none("stevedore", concurrency);
+        // Rounds alternate the two, each going first in turn, so that noise from the rest of
+        // the machine (other builds, other users of the engine) hits both alike.
+        for round in 0..rounds {
+            let batch = tasks / rounds + usize::from(round < tasks % rounds);
+            for raw_turn in [round % 2 == 0, round % 2 == 1] {
+                if raw_turn {
+                    eprintln!("raw engine loop: {batch} tasks at concurrency {concurrency}");
+                    tally.lock().unwrap_or_else(PoisonError::into_inner).clear();
+                    let mut raw =
+                        raw_run(engine.clone(), &meter, &raw_network, concurrency, batch).await;
+                    raw.requests =
+                        std::mem::take(&mut *tally.lock().unwrap_or_else(PoisonError::into_inner));
+                    raw_total.add(raw);
+                } else {
+                    eprintln!(
+                        "stevedore ({runner_id}): {batch} tasks at concurrency {concurrency}"
+                    );
+                    stevedore_total.add(stevedore.batch(&meter, concurrency, batch).await);
+                }
+            }
+        }
+        stevedore.stop(engine.as_ref()).await;
+        measurements.push(raw_total);
+        measurements.push(stevedore_total);
     }
     print_table(&measurements);
+    print_breakdown(&measurements);
 }
 
 // === the raw Engine API loop ===
 
-async fn raw_run(engine: Arc<DockerEngine>, concurrency: usize, tasks: usize) -> Measurement {
+async fn raw_run(
+    engine: Arc<DockerEngine>,
+    meter: &EngineCpuMeter,
+    network: &str,
+    concurrency: usize,
+    tasks: usize,
+) -> Measurement {
     let next = Arc::new(AtomicUsize::new(0));
+    let own_pid = std::process::id();
+    let (engine_before, client_before) = (meter.read(), process_cpu(own_pid).unwrap_or(0.0));
     let t0 = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..concurrency {
         let engine = engine.clone();
         let next = next.clone();
+        let network = network.to_owned();
         workers.spawn(async move {
             // (latency since t0 at start, time since t0 when the wait returned)
             let mut done = Vec::new();
@@ -130,7 +251,7 @@ async fn raw_run(engine: Arc<DockerEngine>, concurrency: usize, tasks: usize) ->
                 if i >= tasks {
                     return Ok::<_, String>(done);
                 }
-                done.push(raw_task(engine.as_ref(), t0, i).await?);
+                done.push(raw_task(engine.as_ref(), &network, t0, i).await?);
             }
         });
     }
@@ -145,6 +266,8 @@ async fn raw_run(engine: Arc<DockerEngine>, concurrency: usize, tasks: usize) ->
             last_completion = last_completion.max(completed);
         }
     }
+    let engine_cpu = meter.read().since(&engine_before);
+    let client_cpu = process_cpu(own_pid).unwrap_or(0.0) - client_before;
     let leftovers = engine
         .list_labeled("stevedore.runner", RAW_RUNNER_LABEL)
         .await
@@ -159,6 +282,9 @@ async fn raw_run(engine: Arc<DockerEngine>, concurrency: usize, tasks: usize) ->
         tasks,
         elapsed: last_completion,
         latencies_ms,
+        engine_cpu,
+        client_cpu,
+        requests: RequestTally::new(),
     }
 }
 
@@ -166,12 +292,14 @@ async fn raw_run(engine: Arc<DockerEngine>, concurrency: usize, tasks: usize) ->
 /// both measured from t0.
 async fn raw_task(
     engine: &DockerEngine,
+    network: &str,
     t0: Instant,
     i: usize,
 ) -> Result<(Duration, Duration), String> {
     let mut spec = ContainerSpec::new(LOCAL_BUSYBOX_IMAGE);
     spec.cmd = Some(vec!["true".to_owned()]);
     spec.memory_bytes = Some(MEMORY_BYTES);
+    spec.network_mode = Some(network.to_owned());
     spec.labels
         .insert("stevedore.task".to_owned(), format!("bench-raw-{i}"));
     spec.labels
@@ -203,143 +331,294 @@ async fn run_created(
 
 // === stevedore end to end ===
 
-async fn stevedore_run(
-    engine: &DockerEngine,
-    concurrency: usize,
-    tasks: usize,
-    runner_id: &str,
-) -> Measurement {
-    let data_dir = tempfile::tempdir().expect("a temporary data directory");
-    let mut server = Server::start(data_dir.path(), concurrency, runner_id, &[]).await;
-    let client = reqwest::Client::new();
+/// `serve` with the benchmark's code registered, for batches of tasks.
+struct Stevedore {
+    server: Server,
+    client: reqwest::Client,
+    metrics_address: String,
+    runner_id: String,
+    _data_dir: tempfile::TempDir,
+}
 
-    // Registering the code also waits for the server to serve, which it does only once the
-    // embedded runner has started: nothing of the start-up is in the measurement.
-    let uploaded = client
-        .post(server.url("codes"))
-        .header("Authorization", server.authorization())
-        .json(&json!({"name": "bench", "image": LOCAL_BUSYBOX_IMAGE, "command": "true"}))
-        .send()
-        .await
-        .expect("POST codes");
-    let status = uploaded.status();
-    let body = uploaded.text().await.unwrap_or_default();
-    assert!(status.is_success(), "POST codes answered {status}: {body}");
+impl Stevedore {
+    async fn start(concurrency: usize, runner_id: &str) -> Stevedore {
+        let data_dir = tempfile::tempdir().expect("a temporary data directory");
+        let metrics_address = free_loopback_address();
+        let server = Server::start(
+            data_dir.path(),
+            concurrency,
+            runner_id,
+            &[("STEVEDORE_METRICS__LISTEN", &metrics_address)],
+        )
+        .await;
+        let client = reqwest::Client::new();
 
-    let batch: Vec<Value> = (0..tasks).map(|_| json!({"code_name": "bench"})).collect();
-    let t0 = Instant::now();
-    let queued = client
-        .post(server.url("tasks"))
-        .header("Authorization", server.authorization())
-        .json(&json!({ "tasks": batch }))
-        .send()
-        .await
-        .expect("POST tasks");
-    let status = queued.status();
-    let body: Value = queued.json().await.expect("POST tasks answers JSON");
-    assert!(status.is_success(), "POST tasks answered {status}: {body}");
-    let ids: Vec<String> = body["tasks"]
-        .as_array()
-        .expect("POST tasks answers a task list")
-        .iter()
-        .map(|task| {
-            task["id"]
-                .as_str()
-                .expect("a queued task has an id")
-                .to_owned()
-        })
-        .collect();
-    assert_eq!(ids.len(), tasks, "POST tasks queued {} tasks", ids.len());
-
-    let mut seen: HashMap<String, Value> = HashMap::new();
-    let mut last_report = Instant::now();
-    let elapsed = loop {
-        server.assert_running();
-        for page in 0.. {
-            let listed: Value = client
-                .get(server.url(&format!("tasks?per_page={PER_PAGE}&page={page}")))
-                .header("Authorization", server.authorization())
-                .send()
-                .await
-                .expect("GET tasks")
-                .error_for_status()
-                .expect("GET tasks succeeds")
-                .json()
-                .await
-                .expect("GET tasks answers JSON");
-            let listed = listed["tasks"]
-                .as_array()
-                .expect("GET tasks answers a task list");
-            for task in listed {
-                let id = task["id"].as_str().expect("a listed task has an id");
-                seen.insert(id.to_owned(), task.clone());
-            }
-            if listed.len() < PER_PAGE {
-                break;
-            }
+        // Registering the code also waits for the server to serve, which it does only once the
+        // embedded runner has started: nothing of the start-up is in the measurement.
+        let uploaded = client
+            .post(server.url("codes"))
+            .header("Authorization", server.authorization())
+            .json(&json!({"name": "bench", "image": LOCAL_BUSYBOX_IMAGE, "command": "true"}))
+            .send()
+            .await
+            .expect("POST codes");
+        let status = uploaded.status();
+        let body = uploaded.text().await.unwrap_or_default();
+        assert!(status.is_success(), "POST codes answered {status}: {body}");
+        Stevedore {
+            server,
+            client,
+            metrics_address,
+            runner_id: runner_id.to_owned(),
+            _data_dir: data_dir,
         }
-        let mut complete = 0;
-        for id in &ids {
-            let Some(task) = seen.get(id) else { continue };
-            match task["status"].as_str() {
-                Some("complete") => complete += 1,
-                Some("error" | "cancelled" | "timeout") => {
-                    panic!("task {id} did not complete: {task}")
-                }
-                _ => {}
-            }
-        }
-        if complete == ids.len() {
-            break t0.elapsed();
-        }
-        assert!(
-            t0.elapsed() < RUN_DEADLINE,
-            "only {complete} of {tasks} tasks completed within {RUN_DEADLINE:?}"
-        );
-        if last_report.elapsed() >= Duration::from_secs(10) {
-            eprintln!("  {complete}/{tasks} complete after {:.0?}", t0.elapsed());
-            last_report = Instant::now();
-        }
-        tokio::time::sleep(POLL_INTERVAL).await;
-    };
-
-    let latencies_ms = ids
-        .iter()
-        .map(|id| {
-            let task = &seen[id];
-            let time = |field: &str| {
-                let text = task[field]
-                    .as_str()
-                    .unwrap_or_else(|| panic!("task {id} has no {field}: {task}"));
-                chrono::DateTime::parse_from_rfc3339(text)
-                    .unwrap_or_else(|error| panic!("task {id}: {field} {text:?}: {error}"))
-            };
-            let latency = time("start_time") - time("created_at");
-            latency.num_microseconds().expect("a latency fits") as f64 / 1000.0
-        })
-        .collect();
-
-    server.terminate().await;
-    let leftovers = engine
-        .list_labeled("stevedore.runner", runner_id)
-        .await
-        .expect("list the runner's containers");
-    if !leftovers.is_empty() {
-        eprintln!(
-            "warning: runner {runner_id} left {} containers after SIGTERM: {leftovers:?}",
-            leftovers.len()
-        );
     }
-    Measurement {
-        run: "stevedore",
-        concurrency,
-        tasks,
-        elapsed,
-        latencies_ms,
+
+    /// Queues `tasks` at once and waits until every one completed.
+    async fn batch(
+        &mut self,
+        meter: &EngineCpuMeter,
+        concurrency: usize,
+        tasks: usize,
+    ) -> Measurement {
+        let (server, client) = (&mut self.server, &self.client);
+        let batch: Vec<Value> = (0..tasks).map(|_| json!({"code_name": "bench"})).collect();
+        let requests_before = scrape_requests(client, &self.metrics_address).await;
+        let (engine_before, client_before) =
+            (meter.read(), process_cpu(server.pid()).expect("serve runs"));
+        let t0 = Instant::now();
+        let t0_wall = chrono::Utc::now();
+        let queued = client
+            .post(server.url("tasks"))
+            .header("Authorization", server.authorization())
+            .json(&json!({ "tasks": batch }))
+            .send()
+            .await
+            .expect("POST tasks");
+        let status = queued.status();
+        let body: Value = queued.json().await.expect("POST tasks answers JSON");
+        assert!(status.is_success(), "POST tasks answered {status}: {body}");
+        let ids: Vec<String> = body["tasks"]
+            .as_array()
+            .expect("POST tasks answers a task list")
+            .iter()
+            .map(|task| {
+                task["id"]
+                    .as_str()
+                    .expect("a queued task has an id")
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(ids.len(), tasks, "POST tasks queued {} tasks", ids.len());
+
+        let mut seen: HashMap<String, Value> = HashMap::new();
+        let mut last_report = Instant::now();
+        let elapsed = loop {
+            server.assert_running();
+            for page in 0.. {
+                let listed: Value = client
+                    .get(server.url(&format!("tasks?per_page={PER_PAGE}&page={page}")))
+                    .header("Authorization", server.authorization())
+                    .send()
+                    .await
+                    .expect("GET tasks")
+                    .error_for_status()
+                    .expect("GET tasks succeeds")
+                    .json()
+                    .await
+                    .expect("GET tasks answers JSON");
+                let listed = listed["tasks"]
+                    .as_array()
+                    .expect("GET tasks answers a task list");
+                for task in listed {
+                    let id = task["id"].as_str().expect("a listed task has an id");
+                    seen.insert(id.to_owned(), task.clone());
+                }
+                if listed.len() < PER_PAGE {
+                    break;
+                }
+            }
+            let mut complete = 0;
+            for id in &ids {
+                let Some(task) = seen.get(id) else { continue };
+                match task["status"].as_str() {
+                    Some("complete") => complete += 1,
+                    Some("error" | "cancelled" | "timeout") => {
+                        panic!("task {id} did not complete: {task}")
+                    }
+                    _ => {}
+                }
+            }
+            if complete == ids.len() {
+                // When the last task was recorded complete (`updated_at`, the server's clock on
+                // this machine), not when this listing saw it.
+                let last = ids
+                    .iter()
+                    .map(|id| {
+                        let text = seen[id]["updated_at"]
+                            .as_str()
+                            .expect("a task has updated_at");
+                        chrono::DateTime::parse_from_rfc3339(text).unwrap_or_else(|error| {
+                            panic!("task {id}: updated_at {text:?}: {error}")
+                        })
+                    })
+                    .max()
+                    .expect("the run has tasks");
+                break (last.with_timezone(&chrono::Utc) - t0_wall)
+                    .to_std()
+                    .expect("the last completion follows t0");
+            }
+            assert!(
+                t0.elapsed() < RUN_DEADLINE,
+                "only {complete} of {tasks} tasks completed within {RUN_DEADLINE:?}"
+            );
+            if last_report.elapsed() >= Duration::from_secs(10) {
+                eprintln!("  {complete}/{tasks} complete after {:.0?}", t0.elapsed());
+                last_report = Instant::now();
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        };
+
+        let latencies_ms = ids
+            .iter()
+            .map(|id| {
+                let task = &seen[id];
+                let time = |field: &str| {
+                    let text = task[field]
+                        .as_str()
+                        .unwrap_or_else(|| panic!("task {id} has no {field}: {task}"));
+                    chrono::DateTime::parse_from_rfc3339(text)
+                        .unwrap_or_else(|error| panic!("task {id}: {field} {text:?}: {error}"))
+                };
+                let latency = time("start_time") - time("created_at");
+                latency.num_microseconds().expect("a latency fits") as f64 / 1000.0
+            })
+            .collect();
+
+        let engine_cpu = meter.read().since(&engine_before);
+        let client_cpu = process_cpu(server.pid()).expect("serve runs") - client_before;
+        let requests_after = scrape_requests(client, &self.metrics_address).await;
+        let requests = requests_after
+            .into_iter()
+            .map(|(request, (count, seconds))| {
+                let (count_before, seconds_before) =
+                    requests_before.get(&request).copied().unwrap_or_default();
+                (request, (count - count_before, seconds - seconds_before))
+            })
+            .collect();
+        Measurement {
+            run: "stevedore",
+            concurrency,
+            tasks,
+            elapsed,
+            latencies_ms,
+            engine_cpu,
+            client_cpu,
+            requests,
+        }
+    }
+
+    /// SIGTERM, then a look for containers the runner left.
+    async fn stop(mut self, engine: &DockerEngine) {
+        self.server.terminate().await;
+        let runner_id = &self.runner_id;
+        let leftovers = engine
+            .list_labeled("stevedore.runner", runner_id)
+            .await
+            .expect("list the runner's containers");
+        if !leftovers.is_empty() {
+            eprintln!(
+                "warning: runner {runner_id} left {} containers after SIGTERM: {leftovers:?}",
+                leftovers.len()
+            );
+        }
     }
 }
 
+/// A loopback address with a port free now, for `serve`'s metrics listener.
+fn free_loopback_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    listener
+        .local_addr()
+        .expect("a bound listener has an address")
+        .to_string()
+}
+
+/// `serve`'s Engine API request tally, from its metrics.
+async fn scrape_requests(client: &reqwest::Client, address: &str) -> RequestTally {
+    let text = client
+        .get(format!("http://{address}/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .error_for_status()
+        .expect("GET /metrics succeeds")
+        .text()
+        .await
+        .expect("GET /metrics answers text");
+    let mut tally = RequestTally::new();
+    for request in EngineRequest::ALL {
+        let series = |suffix: &str| {
+            let prefix = format!(
+                "{ENGINE_REQUEST_METRIC}_{suffix}{{request=\"{}\"}} ",
+                request.as_str()
+            );
+            text.lines()
+                .find_map(|line| line.strip_prefix(prefix.as_str()))
+                .and_then(|value| value.trim().parse::<f64>().ok())
+        };
+        if let (Some(count), Some(seconds)) = (series("count"), series("sum")) {
+            tally.insert(request, (count as u64, seconds));
+        }
+    }
+    tally
+}
+
 // === the report ===
+
+/// Per run: the engine's and the client's CPU per task, then each Engine API request's
+/// calls per task and mean duration.
+fn print_breakdown(measurements: &[Measurement]) {
+    println!();
+    println!(
+        "{:<12} {:>11} {:>12} {:>12} {:>12} {:>12} {:>12}",
+        "run", "concurrency", "engine ms/t", "dockerd", "containerd", "shims", "client ms/t"
+    );
+    for m in measurements {
+        let per_task = |seconds: f64| seconds * 1000.0 / m.tasks as f64;
+        println!(
+            "{:<12} {:>11} {:>12.1} {:>12.1} {:>12.1} {:>12.1} {:>12.1}",
+            m.run,
+            m.concurrency,
+            per_task(m.engine_cpu.total()),
+            per_task(m.engine_cpu.dockerd),
+            per_task(m.engine_cpu.containerd),
+            per_task(m.engine_cpu.shims),
+            per_task(m.client_cpu)
+        );
+    }
+    println!();
+    println!("Engine API requests per task: calls/task x mean ms");
+    print!("{:<12} {:>11}", "run", "concurrency");
+    for request in EngineRequest::ALL {
+        print!(" {:>14}", request.as_str());
+    }
+    println!();
+    for m in measurements {
+        print!("{:<12} {:>11}", m.run, m.concurrency);
+        for request in EngineRequest::ALL {
+            match m.requests.get(&request) {
+                Some((count, seconds)) if *count > 0 => {
+                    let calls = *count as f64 / m.tasks as f64;
+                    let mean_ms = seconds * 1000.0 / *count as f64;
+                    print!(" {:>14}", format!("{calls:.2}x{mean_ms:.1}"));
+                }
+                _ => print!(" {:>14}", "-"),
+            }
+        }
+        println!();
+    }
+}
 
 fn print_table(measurements: &[Measurement]) {
     println!();

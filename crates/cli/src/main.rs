@@ -453,10 +453,14 @@ async fn runner_token_clusters(
     Ok(Some(clusters))
 }
 
+/// The Docker engine, each request about a task's container timed in the metrics.
 pub(crate) async fn connect_engine() -> anyhow::Result<DockerEngine> {
-    DockerEngine::connect().await.context(
+    let engine = DockerEngine::connect().await.context(
         "cannot reach the Docker engine (scripts/ensure-docker.sh installs and starts one; DOCKER_HOST points elsewhere)",
-    )
+    )?;
+    Ok(engine.observe_requests(Arc::new(|request, took| {
+        stevedore_metrics::engine_request(request.as_str(), took);
+    })))
 }
 
 fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {

@@ -5,8 +5,8 @@
 //! fake in its unit tests; a second implementation proves itself by passing it too. A
 //! [`Harness`] turns the suite's [`Program`]s into specs its runtime runs (a shell in a small
 //! image for Docker, a scripted run for the fake); everything else (creating with files and
-//! a zip package, environment, starting, waiting, attached output, stats, kill, remove,
-//! listing by label, the errors) is asked through the trait alone.
+//! a zip package, environment, starting, waiting, attached output, stats, usage with the
+//! exit, kill, remove, listing by label, the errors) is asked through the trait alone.
 //!
 //! [`runtime_conformance_tests!`](crate::runtime_conformance_tests) writes one `#[tokio::test]`
 //! per check. Each check removes what it created; it panics on a failed expectation, as a
@@ -505,6 +505,46 @@ pub async fn stats_sample_a_running_container(harness: &dyn Harness) {
     ok(within("remove", runtime.remove(&id)).await, "remove");
 }
 
+/// A runtime that keeps its own account of a container says so once it started, and reports
+/// with the exit what the container used over its life: some CPU time and some memory, even
+/// for a program that ends at once, before any sample could be taken. A runtime that keeps
+/// none reports nothing with the exit (its caller samples the stats instead).
+pub async fn usage_comes_with_the_exit_when_accounted(harness: &dyn Harness) {
+    let runtime = harness.runtime();
+    let spec = labelled(
+        harness,
+        &Program::Print {
+            stdout: "counted\n".to_owned(),
+            stderr: String::new(),
+        },
+        &unique("usage"),
+    );
+    let id = ok(within("create", runtime.create(&spec)).await, "create");
+    ok(within("start", runtime.start(&id)).await, "start");
+    let accounted = within("usage_accounted", runtime.usage_accounted(&id)).await;
+    let status = ok(within("wait", runtime.wait(&id)).await, "wait");
+    assert_eq!(status.exit_code, 0, "{status:?}");
+    if accounted {
+        let usage = status
+            .usage
+            .unwrap_or_else(|| panic!("accounted, but no usage with the exit: {status:?}"));
+        assert!(
+            usage.cpu_total_ns.is_some_and(|ns| ns > 0),
+            "no CPU time: {usage:?}"
+        );
+        assert!(
+            usage.peak_memory_bytes.is_some_and(|bytes| bytes > 0),
+            "no peak memory: {usage:?}"
+        );
+    } else {
+        assert_eq!(
+            status.usage, None,
+            "usage from a runtime that keeps no account"
+        );
+    }
+    ok(within("remove", runtime.remove(&id)).await, "remove");
+}
+
 /// `kill` stops a running container at once (not OOM-killed); killing it again succeeds.
 pub async fn kill_stops_a_running_container(harness: &dyn Harness) {
     let runtime = harness.runtime();
@@ -831,6 +871,7 @@ macro_rules! runtime_conformance_tests {
             logs_keep_stdout_and_stderr_apart,
             kept_output_gives_back_what_was_printed,
             stats_sample_a_running_container,
+            usage_comes_with_the_exit_when_accounted,
             kill_stops_a_running_container,
             remove_forgets_the_container,
             list_finds_own_containers_by_runner_label,

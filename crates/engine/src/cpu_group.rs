@@ -22,7 +22,7 @@ use crate::error::EngineError;
 /// What the errors call the missing capability.
 const CAPABILITY: &str = "a CPU reserve (a capped cgroup for task containers)";
 /// Where the host's cgroup file systems are mounted.
-const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+pub(crate) const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// The CFS period the quota is given in, microseconds (the kernel's default).
 const PERIOD_US: u64 = 100_000;
 
@@ -83,31 +83,61 @@ pub(crate) async fn ensure(
 }
 
 /// Removes the group `name` on this host when it is empty (a cgroup with tasks or children
-/// cannot be removed, and stays). On cgroup v1 the engine made the group's directory under
-/// every controller (memory, pids, ...), not only `cpu`: each goes.
+/// cannot be removed, and stays), after the usage groups (`usage_group`) its containers'
+/// removals left, if any.
 pub(crate) async fn remove(name: &str, hierarchy: Hierarchy) -> Result<(), EngineError> {
     check_name(name)?;
     let root = Path::new(CGROUP_ROOT);
-    let groups = match hierarchy {
-        Hierarchy::V2 => vec![root.join(name)],
-        Hierarchy::V1 => {
-            let mut groups = Vec::new();
-            if let Ok(mut controllers) = tokio::fs::read_dir(root).await {
-                while let Ok(Some(controller)) = controllers.next_entry().await {
-                    groups.push(controller.path().join(name));
-                }
+    let listed = match hierarchy {
+        Hierarchy::V1 => root.join("memory").join(name),
+        Hierarchy::V2 => root.join(name),
+    };
+    if let Ok(mut children) = tokio::fs::read_dir(&listed).await {
+        while let Ok(Some(child)) = children.next_entry().await {
+            if child.file_type().await.is_ok_and(|kind| kind.is_dir())
+                && let Some(child) = child.file_name().to_str()
+            {
+                remove_path(&format!("{name}/{child}"), hierarchy).await;
             }
-            groups
         }
+    }
+    remove_path(name, hierarchy).await;
+    Ok(())
+}
+
+/// Removes the cgroup at `path` (relative to the hierarchy's root) on this host when it is
+/// empty. On cgroup v1 the engine made its directory under every controller (memory, pids,
+/// ...), not only one: each goes.
+pub(crate) async fn remove_path(path: &str, hierarchy: Hierarchy) {
+    let path = path.to_owned();
+    // One blocking task for the whole walk: a dozen directories on cgroup v1.
+    let removed = tokio::task::spawn_blocking(move || remove_path_now(&path, hierarchy)).await;
+    if let Err(error) = removed {
+        tracing::debug!(%error, "removing a cgroup stopped");
+    }
+}
+
+/// [`remove_path`], on this thread.
+fn remove_path_now(path: &str, hierarchy: Hierarchy) {
+    let root = Path::new(CGROUP_ROOT);
+    let groups = match hierarchy {
+        Hierarchy::V2 => vec![root.join(path)],
+        Hierarchy::V1 => std::fs::read_dir(root)
+            .map(|controllers| {
+                controllers
+                    .flatten()
+                    .map(|controller| controller.path().join(path))
+                    .collect()
+            })
+            .unwrap_or_default(),
     };
     for group in groups {
-        match tokio::fs::remove_dir(&group).await {
+        match std::fs::remove_dir(&group) {
             Ok(()) => {}
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
             Err(error) => tracing::debug!(group = %group.display(), %error, "the group stays"),
         }
     }
-    Ok(())
 }
 
 /// The quota per period for `nano_cpus`, at least the kernel's minimum of 1 ms.

@@ -2,6 +2,7 @@
 //! Docker Engine API, through bollard.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -41,6 +42,7 @@ use crate::firewall;
 use crate::network::{EgressPolicy, NETWORK_LABEL, NetworkInfo, NetworkSpec};
 use crate::pull::{PullCoalescer, normalize_reference};
 use crate::spec::{ContainerId, ContainerSpec};
+use crate::usage_group::UsageGroups;
 
 /// Docker's bridge driver options a task network is created with, and checked for.
 const BRIDGE_NAME_OPTION: &str = "com.docker.network.bridge.name";
@@ -93,6 +95,52 @@ pub struct DockerEngine {
     /// Containers this engine was asked to kill, until they are removed: their SIGKILL is
     /// ours, so their exit is never waited on for a late OOM mark.
     killed: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Told how long each Engine API request of a task's container took, when someone
+    /// watches (the runner's metrics, a benchmark's breakdown).
+    observer: Option<RequestObserver>,
+    /// The containers' usage groups, decided at the first create: `None` when the engine's
+    /// cgroups cannot be read here (`usage_group`).
+    usage_groups: Arc<tokio::sync::OnceCell<Option<UsageGroups>>>,
+    /// The usage group of each container created under one, until it is removed.
+    usage_paths: Arc<std::sync::Mutex<HashMap<String, String>>>,
+}
+
+/// The Engine API requests a task's container costs, one name per kind: what
+/// [`DockerEngine::observe_requests`] reports. A task takes an image inspection, a create and
+/// an upload, an attach, a start, a wait and an inspection, and a remove; a kill when it is
+/// stopped; a stats stream when its usage is sampled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EngineRequest {
+    /// `GET /images/{name}/json`.
+    InspectImage,
+    /// `POST /containers/create`.
+    Create,
+    /// `PUT /containers/{id}/archive`: the task's files and package.
+    Upload,
+    /// `POST /containers/{id}/attach`, until the connection is taken over for the output.
+    Attach,
+    /// `POST /containers/{id}/start`.
+    Start,
+    /// `POST /containers/{id}/wait`, until the container stopped.
+    Wait,
+    /// `GET /containers/{id}/json`, after the wait (and again for a late OOM mark).
+    Inspect,
+    /// `GET /containers/{id}/stats`, a stream, from the request to its end.
+    Stats,
+    /// `POST /containers/{id}/kill`.
+    Kill,
+    /// `DELETE /containers/{id}`.
+    Remove,
+}
+
+/// Told of every [`EngineRequest`] with how long it took, successful or not.
+pub type RequestObserver = Arc<dyn Fn(EngineRequest, Duration) + Send + Sync>;
+
+/// Times a streamed request from its start until its stream is dropped.
+struct StreamTiming {
+    observer: Option<RequestObserver>,
+    request: EngineRequest,
+    began: Instant,
 }
 
 // === impl DockerEngine ===
@@ -105,18 +153,57 @@ impl DockerEngine {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The usage group of the container `id`, when it was created under one.
+    fn usage_path(&self, id: &ContainerId) -> Option<String> {
+        self.usage_paths
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(id.as_str())
+            .cloned()
+    }
+
+    /// The usage groups, once the engine said which cgroups it uses; `None` when they cannot
+    /// be read here. An engine that does not answer is asked again at the next create.
+    async fn usage_groups(&self) -> Option<&UsageGroups> {
+        let decided = self
+            .usage_groups
+            .get_or_try_init(|| async {
+                let info = self
+                    .docker
+                    .info()
+                    .await
+                    .map_err(|error| EngineError::from_bollard(error, Subject::Engine))?;
+                let driver = info
+                    .cgroup_driver
+                    .map(|driver| driver.to_string())
+                    .unwrap_or_default();
+                Ok::<_, EngineError>(UsageGroups::new(hierarchy_of(&info), &driver).await)
+            })
+            .await;
+        match decided {
+            Ok(groups) => groups.as_ref(),
+            Err(error) => {
+                tracing::debug!(%error, "usage groups undecided");
+                None
+            }
+        }
+    }
+
     /// The container's `State` as the engine reports it now.
     async fn container_state(
         &self,
         id: &ContainerId,
         subject: Subject<'_>,
     ) -> Result<bollard::models::ContainerState, EngineError> {
-        self.docker
-            .inspect_container(id.as_str(), None::<InspectContainerOptions>)
-            .await
-            .map_err(|error| EngineError::from_bollard(error, subject))?
-            .state
-            .ok_or_else(|| EngineError::protocol("the container has no State"))
+        self.timed(
+            EngineRequest::Inspect,
+            self.docker
+                .inspect_container(id.as_str(), None::<InspectContainerOptions>),
+        )
+        .await
+        .map_err(|error| EngineError::from_bollard(error, subject))?
+        .state
+        .ok_or_else(|| EngineError::protocol("the container has no State"))
     }
 
     /// Connects the way the `docker` CLI does: `DOCKER_HOST` when set, the local socket
@@ -152,7 +239,29 @@ impl DockerEngine {
             docker,
             pulls: Arc::new(PullCoalescer::default()),
             killed: Arc::default(),
+            observer: None,
+            usage_groups: Arc::default(),
+            usage_paths: Arc::default(),
         })
+    }
+
+    /// Tells `observer` how long each Engine API request of a task's container takes
+    /// ([`EngineRequest`]), for metrics: which of a task's requests cost what.
+    #[must_use]
+    pub fn observe_requests(mut self, observer: RequestObserver) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Runs `call`, telling the observer how long it took.
+    async fn timed<T>(&self, request: EngineRequest, call: impl Future<Output = T>) -> T {
+        let Some(observer) = &self.observer else {
+            return call.await;
+        };
+        let began = Instant::now();
+        let result = call.await;
+        observer(request, began.elapsed());
+        result
     }
 
     /// The API version in use after negotiation, e.g. `1.41`.
@@ -176,8 +285,14 @@ impl DockerEngine {
         let (body, failure) = stream_archive(move |out| write_task_archive(&spec, mtime, out));
         let options = UploadToContainerOptionsBuilder::new().path("/").build();
         let uploaded = self
-            .docker
-            .upload_to_container(id.as_str(), Some(options), bollard::body_try_stream(body))
+            .timed(
+                EngineRequest::Upload,
+                self.docker.upload_to_container(
+                    id.as_str(),
+                    Some(options),
+                    bollard::body_try_stream(body),
+                ),
+            )
             .await;
         // A package that could not be read broke the upload off: its reason is the one to
         // report, not the broken request.
@@ -212,6 +327,60 @@ impl DockerEngine {
     }
 }
 
+// === impl EngineRequest ===
+
+impl EngineRequest {
+    /// Every request, in the order a task makes them.
+    pub const ALL: [EngineRequest; 10] = [
+        EngineRequest::InspectImage,
+        EngineRequest::Create,
+        EngineRequest::Upload,
+        EngineRequest::Attach,
+        EngineRequest::Start,
+        EngineRequest::Wait,
+        EngineRequest::Inspect,
+        EngineRequest::Stats,
+        EngineRequest::Kill,
+        EngineRequest::Remove,
+    ];
+
+    /// The request's name, as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EngineRequest::InspectImage => "inspect_image",
+            EngineRequest::Create => "create",
+            EngineRequest::Upload => "upload",
+            EngineRequest::Attach => "attach",
+            EngineRequest::Start => "start",
+            EngineRequest::Wait => "wait",
+            EngineRequest::Inspect => "inspect",
+            EngineRequest::Stats => "stats",
+            EngineRequest::Kill => "kill",
+            EngineRequest::Remove => "remove",
+        }
+    }
+}
+
+// === impl StreamTiming ===
+
+impl StreamTiming {
+    fn new(observer: Option<RequestObserver>, request: EngineRequest) -> Self {
+        StreamTiming {
+            observer,
+            request,
+            began: Instant::now(),
+        }
+    }
+}
+
+impl Drop for StreamTiming {
+    fn drop(&mut self) {
+        if let Some(observer) = &self.observer {
+            observer(self.request, self.began.elapsed());
+        }
+    }
+}
+
 #[async_trait]
 impl ContainerRuntime for DockerEngine {
     async fn capabilities(&self) -> Result<EngineCapabilities, EngineError> {
@@ -230,12 +399,22 @@ impl ContainerRuntime for DockerEngine {
 
     async fn create(&self, spec: &ContainerSpec) -> Result<ContainerId, EngineError> {
         spec.validate()?;
-        let body = create_body(spec)?;
+        let usage_group = match self.usage_groups().await {
+            Some(groups) => groups.allocate(spec.cpu_group.as_deref()),
+            None => None,
+        };
+        let body = create_body(spec, usage_group.as_deref())?;
         let options = spec
             .name
             .as_deref()
             .map(|name| CreateContainerOptionsBuilder::new().name(name).build());
-        let created = match self.docker.create_container(options, body).await {
+        let created = match self
+            .timed(
+                EngineRequest::Create,
+                self.docker.create_container(options, body),
+            )
+            .await
+        {
             Ok(created) => created,
             Err(error) => return Err(self.classify_create_failure(error, &spec.image).await),
         };
@@ -243,6 +422,12 @@ impl ContainerRuntime for DockerEngine {
             tracing::warn!(container = %created.id, warning, "engine warning on create");
         }
         let id = ContainerId::new(created.id);
+        if let Some(group) = usage_group {
+            self.usage_paths
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(id.as_str().to_owned(), group);
+        }
         if let Err(error) = self.upload_files(&id, spec).await {
             // A half-prepared container must not linger; the upload's error is the one to
             // report, so a failed removal is only logged (the start-up reaper gets it later).
@@ -256,8 +441,11 @@ impl ContainerRuntime for DockerEngine {
 
     async fn start(&self, id: &ContainerId) -> Result<(), EngineError> {
         match self
-            .docker
-            .start_container(id.as_str(), None::<StartContainerOptions>)
+            .timed(
+                EngineRequest::Start,
+                self.docker
+                    .start_container(id.as_str(), None::<StartContainerOptions>),
+            )
             .await
         {
             Ok(()) => Ok(()),
@@ -295,8 +483,10 @@ impl ContainerRuntime for DockerEngine {
             .build();
         let container = id.as_str().to_owned();
         let attached = self
-            .docker
-            .attach_container(id.as_str(), Some(options))
+            .timed(
+                EngineRequest::Attach,
+                self.docker.attach_container(id.as_str(), Some(options)),
+            )
             .await
             .map_err(|error| EngineError::from_bollard(error, Subject::Container(&container)))?;
         // The connection's writing half stays open with the stream: the engine reads no
@@ -335,7 +525,7 @@ impl ContainerRuntime for DockerEngine {
         let mut answers = self
             .docker
             .wait_container(id.as_str(), None::<WaitContainerOptions>);
-        match answers.next().await {
+        match self.timed(EngineRequest::Wait, answers.next()).await {
             // bollard reports a non-zero exit as an error; either way the container stopped,
             // and its State below is the authority on how.
             Some(Ok(_)) | Some(Err(bollard::errors::Error::DockerContainerWaitError { .. })) => {}
@@ -359,21 +549,34 @@ impl ContainerRuntime for DockerEngine {
             tokio::time::sleep(OOM_RECHECK_DELAY).await;
             state = self.container_state(id, subject).await?;
         }
+        let exit_code = state
+            .exit_code
+            .ok_or_else(|| EngineError::protocol("the container's State has no ExitCode"))?;
+        // Read once it stopped: the group holds the container's whole life.
+        let usage = match (self.usage_path(id), self.usage_groups.get()) {
+            (Some(path), Some(Some(groups))) => groups.read(&path).await,
+            _ => None,
+        };
         Ok(ExitStatus {
-            exit_code: state
-                .exit_code
-                .ok_or_else(|| EngineError::protocol("the container's State has no ExitCode"))?,
+            exit_code,
             oom_killed: state.oom_killed.unwrap_or(false),
             started_at: state.started_at.as_deref().and_then(parse_engine_time),
             finished_at: state.finished_at.as_deref().and_then(parse_engine_time),
             engine_error: state.error.filter(|e| !e.is_empty()),
+            usage,
         })
     }
 
     async fn kill(&self, id: &ContainerId) -> Result<(), EngineError> {
         self.killed().insert(id.as_str().to_owned());
         let options = KillContainerOptionsBuilder::new().signal("SIGKILL").build();
-        match self.docker.kill_container(id.as_str(), Some(options)).await {
+        match self
+            .timed(
+                EngineRequest::Kill,
+                self.docker.kill_container(id.as_str(), Some(options)),
+            )
+            .await
+        {
             Ok(()) => Ok(()),
             // 409: the container is not running; it is as dead as a kill would make it.
             Err(bollard::errors::Error::DockerResponseServerError {
@@ -383,6 +586,13 @@ impl ContainerRuntime for DockerEngine {
                 error,
                 Subject::Container(id.as_str()),
             )),
+        }
+    }
+
+    async fn usage_accounted(&self, id: &ContainerId) -> bool {
+        match (self.usage_path(id), self.usage_groups.get()) {
+            (Some(path), Some(Some(groups))) => groups.present(&path).await,
+            _ => false,
         }
     }
 
@@ -408,9 +618,12 @@ impl ContainerRuntime for DockerEngine {
     fn stats(&self, id: &ContainerId) -> ResourceSampleStream {
         let options = StatsOptionsBuilder::new().stream(true).build();
         let container = id.as_str().to_owned();
+        // The stream's whole life is the request's: timed until it is dropped.
+        let timing = StreamTiming::new(self.observer.clone(), EngineRequest::Stats);
         self.docker
             .stats(id.as_str(), Some(options))
             .map(move |answer| {
+                let _timing = &timing;
                 answer.map(|stats| sample_of(&stats)).map_err(|error| {
                     EngineError::from_bollard(error, Subject::Container(&container))
                 })
@@ -429,10 +642,24 @@ impl ContainerRuntime for DockerEngine {
             .build();
         let started = Instant::now();
         self.killed().remove(id.as_str());
-        self.docker
-            .remove_container(id.as_str(), Some(options))
+        let removed = self
+            .timed(
+                EngineRequest::Remove,
+                self.docker.remove_container(id.as_str(), Some(options)),
+            )
             .await
-            .map_err(|error| EngineError::from_bollard(error, Subject::Container(id.as_str())))?;
+            .map_err(|error| EngineError::from_bollard(error, Subject::Container(id.as_str())));
+        if let Ok(()) | Err(EngineError::ContainerNotFound { .. }) = removed {
+            let path = self
+                .usage_paths
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(id.as_str());
+            if let (Some(path), Some(Some(groups))) = (path, self.usage_groups.get()) {
+                groups.remove(&path).await;
+            }
+        }
+        removed?;
         let took = started.elapsed();
         tracing::debug!(container = %id, took_ms = took.as_millis(), "container removed");
         Ok(took)
@@ -592,7 +819,13 @@ impl ImageStore for DockerEngine {
         } else {
             normalize_reference(image)
         };
-        match self.docker.inspect_image(&reference).await {
+        match self
+            .timed(
+                EngineRequest::InspectImage,
+                self.docker.inspect_image(&reference),
+            )
+            .await
+        {
             Ok(inspected) => Ok(Some(LocalImage {
                 id: inspected.id.ok_or_else(|| {
                     EngineError::protocol(format!("the image {reference} has no id"))
@@ -974,7 +1207,12 @@ fn credentials_of(auth: RegistryAuth) -> DockerCredentials {
     }
 }
 
-fn create_body(spec: &ContainerSpec) -> Result<ContainerCreateBody, EngineError> {
+/// The create request for `spec`, the container under `usage_group` (`usage_group`) when it
+/// has one, else in its CPU group, if any.
+fn create_body(
+    spec: &ContainerSpec,
+    usage_group: Option<&str>,
+) -> Result<ContainerCreateBody, EngineError> {
     let as_engine_integer = |value: Option<u64>| -> Result<Option<i64>, EngineError> {
         value
             .map(|v| i64::try_from(v).map_err(EngineError::invalid_spec))
@@ -987,7 +1225,9 @@ fn create_body(spec: &ContainerSpec) -> Result<ContainerCreateBody, EngineError>
         memory_swap: memory,
         nano_cpus: as_engine_integer(spec.nano_cpus)?,
         pids_limit: as_engine_integer(spec.pids_limit)?,
-        cgroup_parent: spec.cpu_group.as_ref().map(|group| format!("/{group}")),
+        cgroup_parent: usage_group
+            .or(spec.cpu_group.as_deref())
+            .map(|group| format!("/{group}")),
         network_mode: spec.network_mode.clone(),
         security_opt: Some(vec!["no-new-privileges".to_owned()]),
         cap_drop: Some(vec!["ALL".to_owned()]),
@@ -1208,7 +1448,7 @@ mod tests {
         spec.memory_bytes = Some(64 << 20);
         spec.pids_limit = Some(32);
         spec.labels = BTreeMap::from([("stevedore.task".to_owned(), "t1".to_owned())]);
-        let body = create_body(&spec)?;
+        let body = create_body(&spec, None)?;
         let host = body.host_config.unwrap_or_default();
         assert_eq!(host.memory, Some(64 << 20));
         assert_eq!(host.memory_swap, Some(64 << 20));

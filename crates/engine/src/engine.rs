@@ -89,6 +89,15 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     async fn stats_snapshot(&self, id: &ContainerId)
     -> Result<Option<ResourceSample>, EngineError>;
 
+    /// Whether [`ContainerRuntime::wait`] reports what the container used over its whole
+    /// life ([`ExitStatus::usage`]), asked right after `start`. When it does, nothing needs
+    /// to sample the container while it runs; when it does not, the caller follows
+    /// [`ContainerRuntime::stats`]. Docker on the engine's own host keeps an account of each
+    /// container (a cgroup that outlives it); by default a runtime keeps none.
+    async fn usage_accounted(&self, _id: &ContainerId) -> bool {
+        false
+    }
+
     /// Resource samples while the container runs; the stream ends when it stops.
     fn stats(&self, id: &ContainerId) -> ResourceSampleStream;
 
@@ -456,6 +465,9 @@ pub struct ExitStatus {
     /// `State.Error`: the engine's own failure to run the container (e.g. the command does
     /// not exist), for logs and messages only.
     pub engine_error: Option<String>,
+    /// What the container used over its whole life, exactly, when the runtime keeps its own
+    /// account ([`ContainerRuntime::usage_accounted`]); `None` otherwise.
+    pub usage: Option<ResourceUsage>,
 }
 
 /// One resource sample of a running container.

@@ -722,6 +722,7 @@ impl ContainerRuntime for FakeEngine {
                 started_at: Some(started_at),
                 finished_at: Some(engine.now()),
                 engine_error: run.engine_error.clone(),
+                usage: None,
             };
             phase.send_replace(Phase::Exited(status));
         });
@@ -821,6 +822,7 @@ impl ContainerRuntime for FakeEngine {
                 started_at: None,
                 finished_at: None,
                 engine_error: None,
+                usage: None,
             }),
             // The container was removed while we waited.
             Err(_) => Err(container_not_found(id)),

@@ -80,11 +80,12 @@ mod network;
 mod package;
 mod pull;
 mod spec;
+mod usage_group;
 
 pub use build::{
     BuildProgress, BuildRequest, BuiltImage, DEFAULT_DOCKERFILE, DEFAULT_MAX_BUILD_CONTEXT_BYTES,
 };
-pub use docker::DockerEngine;
+pub use docker::{DockerEngine, EngineRequest, RequestObserver};
 pub use engine::{
     ContainerEngine, ContainerRuntime, EngineCapabilities, ExitStatus, ImageBuilder, ImageEntry,
     ImagePresence, ImageStore, ListedContainer, LocalImage, LogChunk, LogChunkStream, OutputStream,

@@ -631,6 +631,70 @@ async fn fast_output_reaches_a_slow_reader_whole_and_the_engine_keeps_no_log_fil
     Ok(())
 }
 
+/// On its own host the engine keeps each container's account in a cgroup of its own that
+/// outlives the container: the usage it reports with the exit is exact (this program's
+/// memory is more than one sample could have seen, as it exits at once), and the cgroup goes
+/// with the container.
+#[tokio::test]
+async fn a_containers_usage_group_holds_its_usage_and_goes_with_it() -> TestResult {
+    let engine = engine_or_skip!();
+    local_image(&engine).await?;
+    let task = task_label("usage-group");
+    let _cleanup = Cleanup::new(&task);
+
+    // 16 MiB held in a shell variable for an instant, then the program exits.
+    let id = engine
+        .create(&shell(
+            &task,
+            "x=$(head -c 16777216 /dev/zero | tr '\\0' a); echo ${#x}",
+        ))
+        .await?;
+    let group = docker_inspect(&id, "{{.HostConfig.CgroupParent}}")?;
+    assert!(
+        group.starts_with("/stevedore-usage/usage-"),
+        "not in a usage group: {group:?}"
+    );
+    let mut output = engine.attach(&id).await?;
+    engine.start(&id).await?;
+    assert!(
+        engine.usage_accounted(&id).await,
+        "the usage group is not here"
+    );
+    let status = engine.wait(&id).await?;
+    let mut stdout = Vec::new();
+    while let Some(chunk) = output.next().await {
+        stdout.extend_from_slice(&chunk?.bytes);
+    }
+    assert_eq!(String::from_utf8_lossy(&stdout), "16777216\n");
+    let usage = status.usage.ok_or("no usage with the exit")?;
+    assert!(
+        usage
+            .peak_memory_bytes
+            .is_some_and(|bytes| bytes > 16 << 20),
+        "{usage:?}"
+    );
+    assert!(usage.cpu_total_ns.is_some_and(|ns| ns > 0), "{usage:?}");
+
+    let cgroups = Path::new("/sys/fs/cgroup");
+    let memory_group = if cgroups.join("cgroup.controllers").exists() {
+        cgroups.join(group.trim_start_matches('/'))
+    } else {
+        cgroups.join("memory").join(group.trim_start_matches('/'))
+    };
+    assert!(
+        memory_group.is_dir(),
+        "{} is missing",
+        memory_group.display()
+    );
+    engine.remove(&id).await?;
+    assert!(
+        !memory_group.exists(),
+        "{} outlived its container",
+        memory_group.display()
+    );
+    Ok(())
+}
+
 /// One field of `docker inspect` of a container, through the docker CLI (what an operator
 /// would look at).
 fn docker_inspect(
@@ -698,7 +762,7 @@ async fn resource_peaks_are_recorded_while_the_task_runs() -> TestResult {
 
     let mut spec = shell(
         &task,
-        "x=$(head -c 33554432 /dev/zero | tr '\\0' a); sleep 3; echo ${#x}",
+        "x=$(head -c 16777216 /dev/zero | tr '\\0' a); sleep 3; echo ${#x}",
     );
     spec.memory_bytes = Some(256 << 20);
     let id = engine.create(&spec).await?;

@@ -37,6 +37,10 @@ pub mod names {
     pub const QUEUE_WAIT: &str = "stevedore_queue_wait_seconds";
     /// Histogram `{operation}`: how long the engine takes for one container operation.
     pub const CONTAINER_OPERATION_DURATION: &str = "stevedore_container_operation_duration_seconds";
+    /// Histogram `{request}`: how long the engine takes for one request of its API about a
+    /// task's container (`inspect_image`, `create`, `upload`, `attach`, `start`, `wait`,
+    /// `inspect`, `stats`, `kill`, `remove`): the parts of a container operation.
+    pub const ENGINE_REQUEST_DURATION: &str = "stevedore_engine_request_duration_seconds";
     /// Counter `{operation, kind}`: failed engine calls by the kind of failure.
     pub const ENGINE_ERRORS: &str = "stevedore_engine_errors_total";
     /// Gauge: the most tasks the runner in this process runs at once.
@@ -222,6 +226,13 @@ pub fn container_operation(operation: ContainerOperation, took: Duration) {
     .record(took.as_secs_f64());
 }
 
+/// One request of the engine's API took `took`; `request` is its fixed name (the engine
+/// crate's closed list).
+pub fn engine_request(request: &'static str, took: Duration) {
+    metrics::histogram!(names::ENGINE_REQUEST_DURATION, "request" => request)
+        .record(took.as_secs_f64());
+}
+
 /// A container operation failed; `kind` is the engine error's fixed name.
 pub fn engine_error(operation: ContainerOperation, kind: &'static str) {
     counter!(
@@ -341,6 +352,10 @@ fn build_and_install() -> Result<PrometheusHandle, BuildError> {
             CONTAINER_BUCKETS,
         )?
         .set_buckets_for_metric(
+            Matcher::Full(names::ENGINE_REQUEST_DURATION.into()),
+            CONTAINER_BUCKETS,
+        )?
+        .set_buckets_for_metric(
             Matcher::Full(names::HTTP_REQUEST_DURATION.into()),
             HTTP_BUCKETS,
         )?
@@ -396,6 +411,11 @@ fn describe() {
         names::CONTAINER_OPERATION_DURATION,
         Unit::Seconds,
         "How long the container engine takes for one operation of the runner."
+    );
+    describe_histogram!(
+        names::ENGINE_REQUEST_DURATION,
+        Unit::Seconds,
+        "How long the container engine takes for one request of its API about a task's container."
     );
     describe_counter!(
         names::ENGINE_ERRORS,

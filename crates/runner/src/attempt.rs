@@ -2,10 +2,15 @@
 //!
 //! ```text
 //! leased ─▶ memory reserved ─▶ image present ─▶ package spooled ─▶ created ─▶ output attached
-//!        ─▶ lease confirmed ─▶ started ─▶ mark_running ─▶ supervised (exit | deadline | cancel | lease lost | shutdown)
+//!                                                                 └ lease confirmed meanwhile ┘
+//!        ─▶ started ─▶ mark_running ─▶ supervised (exit | deadline | cancel | lease lost | shutdown)
 //!        ─▶ logs drained ─▶ result recorded (complete | requeue | abandoned) ─▶ slot freed
 //!        ─▶ container removed in the background
 //! ```
+//!
+//! The container's usage (peak memory, CPU time) comes with its exit when the engine keeps
+//! its own account of it ([`stevedore_engine::ContainerRuntime::usage_accounted`]); otherwise
+//! its stats are sampled while it runs.
 //!
 //! Heartbeats run beside all of it: they keep the lease, bring a user's cancellation in, and
 //! notice a lost lease. Every failure of the engine is classified by
@@ -342,25 +347,28 @@ impl Attempt {
             Err(ending) => return ending,
         };
         // Not raced against anything: a create in flight that was dropped could leave a
-        // container behind whose id we never learnt.
-        let created = self.create(&spec).await;
+        // container behind whose id we never learnt. The lease is confirmed meanwhile: the
+        // source's answer and the engine's work overlap, and the start still follows the
+        // confirmation by no more than a create takes, far within the lease it confirmed.
+        let (created, confirmed) = tokio::join!(self.create_attached(&spec), self.confirm_lease());
         // The package is in the container now (or never will be): its file goes.
         self.package = None;
-        let id = match created {
-            Ok(id) => id,
-            Err(error) => return self.engine_failed("creating the container", error),
+        let (id, attached) = match created {
+            Ok(created) => created,
+            Err(error) => {
+                return confirmed
+                    .unwrap_or_else(|| self.engine_failed("creating the container", error));
+            }
         };
         self.container = Some(id.clone());
-        // Attached before the start, so the output is whole from the first byte: the engine
-        // keeps no copy to read again later.
-        let output = match self.context.engine.attach(&id).await {
+        if let Some(ending) = confirmed {
+            return ending;
+        }
+        let output = match attached {
             Ok(output) => output,
             Err(error) => return self.engine_failed("attaching to the container", error),
         };
         if let Some(ending) = self.interrupted_before_start() {
-            return ending;
-        }
-        if let Some(ending) = self.confirm_lease().await {
             return ending;
         }
         if let Err(error) =
@@ -423,6 +431,18 @@ impl Attempt {
             }
             other => other,
         }
+    }
+
+    /// Creates the container and attaches to its output, before the start, so the output is
+    /// whole from the first byte: the engine keeps no copy to read again later. The attach's
+    /// failure comes with the container, which exists and must be removed.
+    async fn create_attached(
+        &self,
+        spec: &stevedore_engine::ContainerSpec,
+    ) -> Result<(ContainerId, Result<LogChunkStream, EngineError>), EngineError> {
+        let id = self.create(spec).await?;
+        let output = self.context.engine.attach(&id).await;
+        Ok((id, output))
     }
 
     /// Reserves memory, makes the image present, fetches the package and builds the spec.
@@ -633,11 +653,11 @@ impl Attempt {
     }
 
     /// Whether the task was cancelled, lost or shut down while its container was created.
-    /// Asks the source whether the lease still holds, right before the container starts. A
-    /// runner that was cut off while it prepared may hold a lease that expired meanwhile —
-    /// the task rescued and perhaps completed by another runner — and must then not run it
-    /// again. A confirmed lease lasts `lease_secs` from now, longer than a start takes, and
-    /// the heartbeat loop keeps extending it.
+    /// Asks the source whether the lease still holds, while the container is created, right
+    /// before it starts. A runner that was cut off while it prepared may hold a lease that
+    /// expired meanwhile — the task rescued and perhaps completed by another runner — and
+    /// must then not run it again. A confirmed lease lasts `lease_secs` from now, longer than
+    /// a create and a start take, and the heartbeat loop keeps extending it.
     async fn confirm_lease(&self) -> Option<Ending> {
         let (task_id, token) = (self.leased.task.id.clone(), self.leased.lease.token);
         let lease_secs = self.context.config.lease_secs;
@@ -679,11 +699,23 @@ impl Attempt {
     ) -> Ending {
         let engine = Arc::clone(&self.context.engine);
         let logs = self.ship_logs(output, self.leased.task.log_size);
+        // An engine that keeps its own account of the container reports its usage with the
+        // exit; otherwise its stats are sampled while it runs.
         let usage = Arc::new(std::sync::Mutex::new(ResourceUsage::default()));
-        let sampling = self
-            .context
-            .tracker
-            .spawn(follow_usage(engine.stats(&id), Arc::clone(&usage)).in_current_span());
+        let sampling = if engine.usage_accounted(&id).await {
+            None
+        } else {
+            Some(
+                self.context
+                    .tracker
+                    .spawn(follow_usage(engine.stats(&id), Arc::clone(&usage)).in_current_span()),
+            )
+        };
+        let stop_sampling = || {
+            if let Some(sampling) = &sampling {
+                sampling.abort();
+            }
+        };
 
         let wait = engine.wait(&id);
         tokio::pin!(wait);
@@ -710,7 +742,7 @@ impl Attempt {
             }
             Supervision::Exited(Err(error)) => {
                 let lost_at = chrono::Utc::now();
-                sampling.abort();
+                stop_sampling();
                 // The attachment broke with the engine: what it delivered is shipped, and how
                 // much it read is where the engine's kept output takes over.
                 let shipped = self.drain_logs(logs).await;
@@ -745,12 +777,12 @@ impl Attempt {
             }
             Supervision::LeaseLost => {
                 logs.abort();
-                sampling.abort();
+                stop_sampling();
                 return lease_lost();
             }
             Supervision::ShutdownKill => {
                 logs.abort();
-                sampling.abort();
+                stop_sampling();
                 return shutdown_while_running();
             }
             Supervision::DeadlineReached => {
@@ -768,12 +800,18 @@ impl Attempt {
         self.drain_logs(logs).await;
         // The engine samples about once a second and may take that long to notice the
         // container stopped; the peaks seen so far are what there is.
-        if tokio::time::timeout(USAGE_GRACE, sampling).await.is_err() {
+        if let Some(sampling) = sampling
+            && tokio::time::timeout(USAGE_GRACE, sampling).await.is_err()
+        {
             tracing::trace!("resource sampling cut off after the container stopped");
         }
-        let usage = *usage
+        let sampled = *usage
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let usage = status
+            .as_ref()
+            .and_then(|status| status.usage)
+            .unwrap_or(sampled);
         let report = RunReport {
             start_time: status.as_ref().and_then(|status| status.started_at),
             end_time: status.as_ref().and_then(|status| status.finished_at),

@@ -204,6 +204,27 @@ echo written > "$TASK_DIR/out.txt" && echo "wrote=$(cat out.txt)"
     test.stop_and_check_teardown(runner, &[&task.id]).await;
 }
 
+/// A task too short for a single sample of the engine's stats still reports what it used:
+/// the engine's own account of the container is read once it stopped.
+#[tokio::test]
+async fn a_task_that_ends_at_once_reports_its_usage() {
+    let test = docker_or_skip!("usage");
+    test.shell_code("brief", "head -c 8388608 /dev/zero | wc -c")
+        .await;
+    let task = test.harness.queue("brief", "", 60).await;
+    let runner = test.start(test.config());
+
+    let done = test.harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
+    assert_eq!(test.harness.log(&task.id).await.trim(), "8388608");
+    assert!(
+        done.peak_memory_bytes.is_some_and(|bytes| bytes > 0),
+        "{done:#?}"
+    );
+    assert!(done.cpu_time_ms.is_some(), "{done:#?}");
+    test.stop_and_check_teardown(runner, &[&task.id]).await;
+}
+
 #[tokio::test]
 async fn the_payload_round_trips_byte_for_byte() {
     let test = docker_or_skip!("payload");
@@ -516,7 +537,10 @@ async fn a_task_gets_the_default_cpu_limit_and_the_reserve_caps_all_tasks() {
         containers[0].as_str(),
         "{{.HostConfig.NanoCpus}} {{.HostConfig.CgroupParent}}",
     );
-    assert_eq!(inspected.trim(), format!("1000000000 /{group}"));
+    // Its parent is its usage group, inside the CPU group.
+    let (nano_cpus, parent) = inspected.trim().split_once(' ').unwrap();
+    assert_eq!(nano_cpus, "1000000000");
+    assert!(parent.starts_with(&format!("/{group}/usage-")), "{parent}");
 
     let ncpu: f64 = test.engine.capabilities().await.unwrap().ncpu as f64;
     let quota = std::fs::read_to_string(format!("/sys/fs/cgroup/cpu/{group}/cpu.cfs_quota_us"))
@@ -527,8 +551,8 @@ async fn a_task_gets_the_default_cpu_limit_and_the_reserve_caps_all_tasks() {
     // The container's own cgroup is inside the group.
     let id = docker_inspect(containers[0].as_str(), "{{.Id}}");
     assert!(
-        std::path::Path::new(&format!("/sys/fs/cgroup/cpu/{group}/{}", id.trim())).exists()
-            || std::path::Path::new(&format!("/sys/fs/cgroup/{group}/{}", id.trim())).exists()
+        std::path::Path::new(&format!("/sys/fs/cgroup/cpu{parent}/{}", id.trim())).exists()
+            || std::path::Path::new(&format!("/sys/fs/cgroup{parent}/{}", id.trim())).exists()
     );
 
     test.harness
