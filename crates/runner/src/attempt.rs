@@ -882,8 +882,11 @@ impl Attempt {
                     let ended_before_loss = status
                         .finished_at
                         .is_some_and(|finished| finished <= lost_at);
-                    // 137 and 143: SIGKILL and SIGTERM, what an engine going down sends.
-                    let killed = !status.oom_killed && matches!(status.exit_code, 137 | 143);
+                    // 137 and 143: SIGKILL and SIGTERM, what an engine going down sends; 255:
+                    // what Docker records for a container whose process it found gone when it
+                    // came back (seen in the soak). A program of the user's that exits 255 in
+                    // that very window is run again rather than blamed on the user.
+                    let killed = !status.oom_killed && matches!(status.exit_code, 137 | 143 | 255);
                     if ended_before_loss || !killed {
                         tracing::info!(
                             exit_code = status.exit_code,

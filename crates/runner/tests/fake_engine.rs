@@ -1566,6 +1566,34 @@ async fn a_container_that_ended_while_the_engine_was_away_says_its_output_may_be
 }
 
 #[tokio::test]
+async fn a_container_the_engine_found_gone_when_it_came_back_is_run_again() {
+    let harness = system_harness().await;
+    // Docker records exit code 255 for a container whose process it found gone at its
+    // restart; well after the runner lost sight of it, that is the engine's doing.
+    let engine = engine_with(
+        "test/found-gone",
+        FakeRun::exits(255).running_for(Duration::from_millis(300)),
+    );
+    engine.set_clock(chrono::Utc::now());
+    engine_goes_away_at_the_wait(&engine);
+    harness
+        .push_image_code("found-gone", "test/found-gone", Some("true"), |_| {})
+        .await;
+    let task = harness.queue("found-gone", "", 60).await;
+    let (runner, _) = start(&harness, test_config("r-found-gone"), &engine);
+
+    let done = harness.finished(&task.id, WITHIN).await;
+    assert_eq!(done.infra_attempts, 1, "{done:#?}");
+    assert_eq!(engine.created().len(), 2, "{done:#?}");
+    let log = harness.log(&task.id).await;
+    assert!(
+        log.contains("died with the engine (exit code 255)"),
+        "{log:?}"
+    );
+    runner.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_container_killed_with_the_engine_is_run_again() {
     let harness = system_harness().await;
     // Killed by the engine's going (exit 137, well after the runner lost sight of it) the first
