@@ -124,11 +124,27 @@ impl Drop for Resumed {
     }
 }
 
+/// How long an attempt waits for an engine that went away, and how long it pauses before
+/// asking again.
+struct EngineAway {
+    give_up: Instant,
+    pause: Duration,
+}
+
+impl EngineAway {
+    fn new() -> Self {
+        EngineAway {
+            give_up: Instant::now() + ENGINE_RETURN_TIMEOUT,
+            pause: Duration::from_millis(250),
+        }
+    }
+}
+
 /// How much of a container's output survived an engine loss, for the note in its log.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Recovered {
     /// When the engine answered again.
-    back_at: Option<Timestamp>,
+    back_at: Timestamp,
     /// Output bytes the attachment had read before it broke; `None`: unknown.
     read_before: Option<u64>,
     /// The log had reached its cap before: nothing more was to be shipped anyway.
@@ -143,15 +159,15 @@ impl Recovered {
         if self.capped {
             return None;
         }
-        if self.read_before.is_none() || self.back_at.is_none() {
+        if self.read_before.is_none() {
             return Some("what had been shipped is unknown, so the engine's copy was not used");
         }
         if self.kept_short {
             return Some("the engine's copy of the output had rolled over");
         }
-        let ended_while_away = status.finished_at.is_some_and(|finished| {
-            finished > lost_at && self.back_at.is_some_and(|back| finished < back)
-        });
+        let ended_while_away = status
+            .finished_at
+            .is_some_and(|finished| finished > lost_at && finished < self.back_at);
         ended_while_away.then_some(
             "the container ended while the engine was away, and what it printed then reached nobody",
         )
@@ -434,7 +450,8 @@ impl Attempt {
     }
 
     /// Creates the container and attaches to its output, before the start, so the output is
-    /// whole from the first byte: the engine keeps no copy to read again later. The attach's
+    /// whole from the first byte (the engine's own copy is bounded and read only after an
+    /// engine loss). The attach's
     /// failure comes with the container, which exists and must be removed.
     async fn create_attached(
         &self,
@@ -843,38 +860,27 @@ impl Attempt {
             return Err("the container is gone".to_owned());
         }
         let engine = &self.context.engine;
-        let give_up = Instant::now() + ENGINE_RETURN_TIMEOUT;
-        let mut pause = Duration::from_millis(250);
-        let mut follower: Option<(Timestamp, Resumed)> = None;
-        loop {
-            if follower.is_none() {
-                match engine.kept_output(id).await {
-                    Ok(kept) => {
-                        let back_at = chrono::Utc::now();
-                        follower = Some((back_at, self.resume_logs(kept, shipped.as_ref())));
-                    }
-                    Err(EngineError::ContainerNotFound { .. }) => {
-                        return Err("the container was gone when the engine came back".to_owned());
-                    }
-                    Err(error) => {
-                        tracing::debug!(%error, "the engine is still away");
-                        tokio::select! {
-                            biased;
-                            () = self.signals.lease_lost.cancelled() => return Err("the lease was lost meanwhile".to_owned()),
-                            () = self.context.hard_stop.cancelled() => return Err("the runner shut down meanwhile".to_owned()),
-                            () = tokio::time::sleep_until(give_up) => return Err("the engine did not come back in time".to_owned()),
-                            () = tokio::time::sleep(pause) => {}
-                        }
-                        pause = (pause * 2).min(Duration::from_secs(5));
-                        continue;
-                    }
+        let mut away = EngineAway::new();
+        // First the engine back: its kept output is the proof, and is shipped from now on.
+        let (back_at, resumed) = loop {
+            match engine.kept_output(id).await {
+                Ok(kept) => break (chrono::Utc::now(), self.resume_logs(kept, shipped.as_ref())),
+                Err(EngineError::ContainerNotFound { .. }) => {
+                    return Err("the container was gone when the engine came back".to_owned());
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "the engine is still away");
+                    self.pause_while_away(&mut away).await?;
                 }
             }
+        };
+        // Then how the container ended.
+        loop {
             let waited = tokio::select! {
                 biased;
                 () = self.signals.lease_lost.cancelled() => return Err("the lease was lost meanwhile".to_owned()),
                 () = self.context.hard_stop.cancelled() => return Err("the runner shut down meanwhile".to_owned()),
-                () = tokio::time::sleep_until(give_up) => return Err("the engine did not come back in time".to_owned()),
+                () = tokio::time::sleep_until(away.give_up) => return Err("the engine did not come back in time".to_owned()),
                 waited = engine.wait(id) => waited,
             };
             match waited {
@@ -893,14 +899,11 @@ impl Attempt {
                             ended_before_loss,
                             "the engine came back: the container had ended on its own"
                         );
-                        let recovered = match follower.take() {
-                            Some((back_at, resumed)) => Recovered {
-                                back_at: Some(back_at),
-                                read_before: shipped.as_ref().map(|shipped| shipped.read),
-                                capped: shipped.as_ref().is_some_and(|shipped| shipped.capped),
-                                kept_short: self.finish_resumed(resumed).await,
-                            },
-                            None => Recovered::default(),
+                        let recovered = Recovered {
+                            back_at,
+                            read_before: shipped.as_ref().map(|shipped| shipped.read),
+                            capped: shipped.as_ref().is_some_and(|shipped| shipped.capped),
+                            kept_short: self.finish_resumed(resumed).await,
                         };
                         return Ok((status, recovered));
                     }
@@ -914,11 +917,24 @@ impl Attempt {
                 }
                 Err(error) => {
                     tracing::debug!(%error, "the engine is still away");
+                    self.pause_while_away(&mut away).await?;
                 }
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(5));
         }
+    }
+
+    /// Waits before asking an engine that is away again, the pause doubling up to 5 s; the
+    /// `Err` says why the attempt stops waiting instead.
+    async fn pause_while_away(&self, away: &mut EngineAway) -> Result<(), String> {
+        tokio::select! {
+            biased;
+            () = self.signals.lease_lost.cancelled() => return Err("the lease was lost meanwhile".to_owned()),
+            () = self.context.hard_stop.cancelled() => return Err("the runner shut down meanwhile".to_owned()),
+            () = tokio::time::sleep_until(away.give_up) => return Err("the engine did not come back in time".to_owned()),
+            () = tokio::time::sleep(away.pause) => {}
+        }
+        away.pause = (away.pause * 2).min(Duration::from_secs(5));
+        Ok(())
     }
 
     /// Says in the task's log that output may be missing, and why.

@@ -17,17 +17,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use stevedore_engine::{ContainerEngine, ContainerId};
-use stevedore_metrics::ContainerOperation;
 use tokio_util::sync::CancellationToken;
 
-use crate::attempt::engine_call;
 use crate::container::LABEL_RUNNER;
+use crate::runner::remove_containers;
 use crate::source::TaskSource;
-
-/// How many removals run at once.
-const REMOVE_CONCURRENCY: usize = 4;
 
 /// Looks every `interval` (the first time after one interval, when the runner's own start-up
 /// is over) until `shutdown`.
@@ -83,33 +78,17 @@ pub(crate) async fn reap_once(
             return 0;
         }
     };
-    let doomed: Vec<(String, ContainerId)> = gone
-        .into_iter()
-        .filter_map(|runner| by_runner.remove_entry(&runner))
-        .flat_map(|(runner, ids)| ids.into_iter().map(move |id| (runner.clone(), id)))
-        .collect();
-    let removed = std::sync::atomic::AtomicUsize::new(0);
-    futures::stream::iter(doomed)
-        .for_each_concurrent(REMOVE_CONCURRENCY, |(runner, id)| {
-            let removed = &removed;
-            async move {
-                match engine_call(ContainerOperation::Remove, engine.remove(&id)).await {
-                    Ok(_) => {
-                        removed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        tracing::warn!(
-                            container = %id,
-                            gone_runner = %runner,
-                            "removed a container of a runner the server reports gone: it \
-                             outlived its lease"
-                        );
-                    }
-                    Err(error) => {
-                        tracing::warn!(container = %id, gone_runner = %runner, %error,
-                            "cannot remove a gone runner's container");
-                    }
-                }
-            }
-        })
-        .await;
-    removed.into_inner()
+    let mut doomed = Vec::new();
+    for runner in gone {
+        if let Some(ids) = by_runner.remove(&runner) {
+            tracing::warn!(
+                gone_runner = %runner,
+                containers = ids.len(),
+                "removing the containers of a runner the server reports gone: they outlived \
+                 its leases"
+            );
+            doomed.extend(ids);
+        }
+    }
+    remove_containers(engine, doomed, "removed a gone runner's container").await
 }

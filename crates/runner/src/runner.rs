@@ -297,22 +297,12 @@ impl Runner {
         if leftovers.is_empty() {
             return;
         }
-        let count = leftovers.len();
-        let engine = &self.engine;
-        futures::stream::iter(leftovers)
-            .for_each_concurrent(REAP_CONCURRENCY, |id| async move {
-                match engine_call(ContainerOperation::Remove, engine.remove(&id)).await {
-                    Ok(took) => tracing::info!(
-                        container = %id,
-                        took_ms = took.as_millis(),
-                        "reaped a leftover container"
-                    ),
-                    Err(error) => {
-                        tracing::warn!(container = %id, %error, "cannot reap a container");
-                    }
-                }
-            })
-            .await;
+        let count = remove_containers(
+            self.engine.as_ref(),
+            leftovers,
+            "reaped a leftover container",
+        )
+        .await;
         tracing::info!(count, "reaped leftover containers");
     }
 
@@ -427,6 +417,33 @@ impl std::fmt::Debug for Runner {
 
 /// The images the janitor never removes: every stack's (the local ones cannot be pulled
 /// again, the others are what most tasks run on).
+/// Removes the containers `ids`, a few at a time, logging each with `what`; how many went.
+/// Failures are logged and left for the next look.
+pub(crate) async fn remove_containers(
+    engine: &dyn ContainerEngine,
+    ids: Vec<stevedore_engine::ContainerId>,
+    what: &'static str,
+) -> usize {
+    let removed = std::sync::atomic::AtomicUsize::new(0);
+    futures::stream::iter(ids)
+        .for_each_concurrent(REAP_CONCURRENCY, |id| {
+            let removed = &removed;
+            async move {
+                match engine_call(ContainerOperation::Remove, engine.remove(&id)).await {
+                    Ok(took) => {
+                        removed.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(container = %id, took_ms = took.as_millis(), "{what}");
+                    }
+                    Err(error) => {
+                        tracing::warn!(container = %id, %error, "cannot remove a container: {what}");
+                    }
+                }
+            }
+        })
+        .await;
+    removed.into_inner()
+}
+
 fn stack_images(config: &RunnerConfig) -> std::collections::HashSet<String> {
     config
         .stacks
