@@ -379,7 +379,8 @@ pub async fn environment_reaches_the_program(harness: &dyn Harness) {
 
 /// `wait` reports the program's exit code, not OOM-killed, with start and finish times.
 pub async fn wait_reports_the_exit_code(harness: &dyn Harness) {
-    for code in [0, 3, 125] {
+    // 137 is what a SIGKILL leaves: a program that exits with it was not OOM-killed.
+    for code in [0, 3, 125, 137] {
         let spec = labelled(harness, &Program::Exit(code), &unique("exit"));
         let finished = run_to_end(harness.runtime(), &spec).await;
         assert_eq!(finished.status.exit_code, code, "{finished:?}");

@@ -195,15 +195,24 @@ impl DockerEngine {
         id: &ContainerId,
         subject: Subject<'_>,
     ) -> Result<bollard::models::ContainerState, EngineError> {
+        self.inspect(id, subject)
+            .await?
+            .state
+            .ok_or_else(|| EngineError::protocol("the container has no State"))
+    }
+
+    async fn inspect(
+        &self,
+        id: &ContainerId,
+        subject: Subject<'_>,
+    ) -> Result<bollard::models::ContainerInspectResponse, EngineError> {
         self.timed(
             EngineRequest::Inspect,
             self.docker
                 .inspect_container(id.as_str(), None::<InspectContainerOptions>),
         )
         .await
-        .map_err(|error| EngineError::from_bollard(error, subject))?
-        .state
-        .ok_or_else(|| EngineError::protocol("the container has no State"))
+        .map_err(|error| EngineError::from_bollard(error, subject))
     }
 
     /// Connects the way the `docker` CLI does: `DOCKER_HOST` when set, the local socket
@@ -532,38 +541,63 @@ impl ContainerRuntime for DockerEngine {
             Some(Err(error)) => return Err(EngineError::from_bollard(error, subject)),
             None => return Err(EngineError::protocol("the wait ended without an answer")),
         }
-        let mut state = self.container_state(id, subject).await?;
-        // The engine learns of an OOM kill from a separate event that may be handled just
-        // after the exit: a container killed by SIGKILL (137) that is not (yet) marked
-        // OOMKilled is asked again a few times before the answer stands, unless the SIGKILL
-        // was this engine's own (a cancel, a timeout).
-        let rechecks = if self.killed().contains(id.as_str()) {
-            0
-        } else {
-            OOM_RECHECKS
+        let inspected = self.inspect(id, subject).await?;
+        let limit = inspected
+            .host_config
+            .and_then(|config| config.memory)
+            .and_then(|bytes| u64::try_from(bytes).ok());
+        let mut state = inspected
+            .state
+            .ok_or_else(|| EngineError::protocol("the container has no State"))?;
+        // Read once it stopped: the group holds the container's whole life.
+        let account = match (self.usage_path(id), self.usage_groups.get()) {
+            (Some(path), Some(Some(groups))) => groups.read(&path).await,
+            _ => None,
         };
-        for _ in 0..rechecks {
-            if state.oom_killed == Some(true) || state.exit_code != Some(SIGKILL_EXIT_CODE) {
-                break;
+        let mut oom_killed = state.oom_killed == Some(true);
+        // A SIGKILL this engine sent (a cancel, a timeout) is not the kernel's.
+        if !oom_killed && !self.killed().contains(id.as_str()) {
+            let sigkilled = state.exit_code == Some(SIGKILL_EXIT_CODE);
+            let counted = account
+                .as_ref()
+                .is_some_and(|account| account.oom_kills.is_some());
+            match account
+                .as_ref()
+                .and_then(|account| account.oom_killed(limit))
+            {
+                // The container's usage group tells: on cgroup v2 its count of OOM kills
+                // (whatever the exit code, as a killed child counts too), on v1 its peak.
+                Some(verdict) if counted || sigkilled => oom_killed = verdict,
+                Some(_) => {}
+                // Otherwise the engine's word: it learns of an OOM kill from a separate
+                // event that may be handled just after the exit (or, rarely, lost), so a
+                // container killed by SIGKILL that is not (yet) marked OOMKilled is asked
+                // again a few times before the answer stands.
+                None if sigkilled => {
+                    for _ in 0..OOM_RECHECKS {
+                        tokio::time::sleep(OOM_RECHECK_DELAY).await;
+                        state = self.container_state(id, subject).await?;
+                        if state.oom_killed == Some(true)
+                            || state.exit_code != Some(SIGKILL_EXIT_CODE)
+                        {
+                            break;
+                        }
+                    }
+                    oom_killed = state.oom_killed == Some(true);
+                }
+                None => {}
             }
-            tokio::time::sleep(OOM_RECHECK_DELAY).await;
-            state = self.container_state(id, subject).await?;
         }
         let exit_code = state
             .exit_code
             .ok_or_else(|| EngineError::protocol("the container's State has no ExitCode"))?;
-        // Read once it stopped: the group holds the container's whole life.
-        let usage = match (self.usage_path(id), self.usage_groups.get()) {
-            (Some(path), Some(Some(groups))) => groups.read(&path).await,
-            _ => None,
-        };
         Ok(ExitStatus {
             exit_code,
-            oom_killed: state.oom_killed.unwrap_or(false),
+            oom_killed,
             started_at: state.started_at.as_deref().and_then(parse_engine_time),
             finished_at: state.finished_at.as_deref().and_then(parse_engine_time),
             engine_error: state.error.filter(|e| !e.is_empty()),
-            usage,
+            usage: account.map(|account| account.usage),
         })
     }
 

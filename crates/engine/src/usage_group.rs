@@ -112,7 +112,7 @@ impl UsageGroups {
 
     /// What the container of the group `path` used over its life, read once it stopped.
     /// `None` when the group cannot be read.
-    pub(crate) async fn read(&self, path: &str) -> Option<ResourceUsage> {
+    pub(crate) async fn read(&self, path: &str) -> Option<Account> {
         let (path, hierarchy) = (path.to_owned(), self.hierarchy);
         let usage = tokio::task::spawn_blocking(move || read_now(&path, hierarchy))
             .await
@@ -165,10 +165,41 @@ async fn remove_leftovers(hierarchy: Hierarchy) {
     }
 }
 
+/// What a usage group holds of its container's life once the container stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Account {
+    pub(crate) usage: ResourceUsage,
+    /// How many processes the kernel killed in the group for its memory limit: counted on
+    /// cgroup v2 only (its `memory.events` counts a child's kills in every ancestor; v1
+    /// counts them in the container's own group alone, which is gone once it stopped).
+    pub(crate) oom_kills: Option<u64>,
+}
+
+impl Account {
+    /// Whether the container was killed for exceeding its memory limit of `limit` bytes,
+    /// as far as the group tells: on cgroup v2 its count of OOM kills; on v1, whether the
+    /// group's peak reached the limit (less the charges the kernel may hold back per CPU),
+    /// as it has for a container the kernel killed for its memory. `None` without a limit
+    /// or a peak.
+    pub(crate) fn oom_killed(&self, limit: Option<u64>) -> Option<bool> {
+        if let Some(kills) = self.oom_kills {
+            return Some(kills > 0);
+        }
+        let limit = limit.filter(|limit| *limit > 0)?;
+        let peak = self.usage.peak_memory_bytes?;
+        Some(peak >= limit.saturating_sub(OOM_PEAK_SLACK.max(limit / 64)))
+    }
+}
+
+/// How far below its limit a group's recorded peak may stay when its container was killed
+/// for memory: the kernel charges pages in per-CPU batches, so a charge can fail before the
+/// counter shows the whole limit.
+const OOM_PEAK_SLACK: u64 = 512 << 10;
+
 /// [`UsageGroups::read`], on this thread.
-fn read_now(path: &str, hierarchy: Hierarchy) -> Option<ResourceUsage> {
+fn read_now(path: &str, hierarchy: Hierarchy) -> Option<Account> {
     let root = Path::new(CGROUP_ROOT);
-    let (cpu_total_ns, peak_memory_bytes, peak_pids) = match hierarchy {
+    let (cpu_total_ns, peak_memory_bytes, peak_pids, oom_kills) = match hierarchy {
         Hierarchy::V1 => (
             read_number(&root.join("cpuacct").join(path).join("cpuacct.usage")),
             read_number(
@@ -178,6 +209,7 @@ fn read_now(path: &str, hierarchy: Hierarchy) -> Option<ResourceUsage> {
                     .join("memory.max_usage_in_bytes"),
             ),
             read_number(&root.join("pids").join(path).join("pids.peak")),
+            None,
         ),
         Hierarchy::V2 => {
             let group = root.join(path);
@@ -189,17 +221,32 @@ fn read_now(path: &str, hierarchy: Hierarchy) -> Option<ResourceUsage> {
                     .map(|usec| usec.saturating_mul(1000)),
                 read_number(&group.join("memory.peak")),
                 read_number(&group.join("pids.peak")),
+                std::fs::read_to_string(group.join("memory.events"))
+                    .ok()
+                    .as_deref()
+                    .and_then(|events| event_count(events, "oom_kill")),
             )
         }
     };
     if cpu_total_ns.is_none() && peak_memory_bytes.is_none() {
         return None;
     }
-    Some(ResourceUsage {
-        peak_memory_bytes,
-        cpu_total_ns,
-        peak_pids,
-        samples: 1,
+    Some(Account {
+        usage: ResourceUsage {
+            peak_memory_bytes,
+            cpu_total_ns,
+            peak_pids,
+            samples: 1,
+        },
+        oom_kills,
+    })
+}
+
+/// The count of `event` in a cgroup v2 `memory.events`.
+fn event_count(events: &str, event: &str) -> Option<u64> {
+    events.lines().find_map(|line| {
+        let (name, count) = line.split_once(' ')?;
+        (name == event).then(|| count.trim().parse().ok()).flatten()
     })
 }
 
@@ -225,6 +272,40 @@ mod tests {
         let stat = "usage_usec 1234\nuser_usec 1000\nsystem_usec 234\n";
         assert_eq!(usage_usec(stat), Some(1234));
         assert_eq!(usage_usec("user_usec 1\n"), None);
+    }
+
+    #[test]
+    fn memory_events_give_the_oom_kills() {
+        let events = "low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\noom_group_kill 0\n";
+        assert_eq!(event_count(events, "oom_kill"), Some(1));
+        assert_eq!(event_count(events, "oom"), Some(1));
+        assert_eq!(event_count("max 3\n", "oom_kill"), None);
+    }
+
+    #[test]
+    fn an_oom_kill_is_counted_on_v2_and_told_by_the_peak_on_v1() {
+        let account = |peak: u64, oom_kills: Option<u64>| Account {
+            usage: ResourceUsage {
+                peak_memory_bytes: Some(peak),
+                cpu_total_ns: Some(1),
+                peak_pids: Some(1),
+                samples: 1,
+            },
+            oom_kills,
+        };
+        let limit = Some(8 << 20);
+        // v2 counts: the peak does not matter.
+        assert_eq!(account(1 << 20, Some(1)).oom_killed(limit), Some(true));
+        assert_eq!(account(8 << 20, Some(0)).oom_killed(limit), Some(false));
+        // v1: a peak at the limit (or within the kernel's batch below it) is an OOM kill.
+        assert_eq!(account(8_650_752, None).oom_killed(limit), Some(true));
+        assert_eq!(
+            account((8 << 20) - (256 << 10), None).oom_killed(limit),
+            Some(true)
+        );
+        assert_eq!(account(4 << 20, None).oom_killed(limit), Some(false));
+        // Without a limit v1 cannot tell.
+        assert_eq!(account(8 << 20, None).oom_killed(None), None);
     }
 
     #[test]
