@@ -77,6 +77,7 @@ mod firewall;
 mod local_image;
 mod local_stacks;
 mod network;
+pub mod oci;
 mod package;
 mod pull;
 mod spec;
