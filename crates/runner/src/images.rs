@@ -8,21 +8,29 @@
 //!   runner knows, not in use, not a stack image ─▶ list again ─▶ … until under budget
 //! ```
 //!
-//! Only images this runner's tasks used in its current life are candidates: a pulled image
-//! cannot carry a label of ours, and an image the runner never used may be the operator's.
+//! Only images this runner's tasks used are candidates: a pulled image cannot carry a label
+//! of ours, and an image the runner never used may be the operator's. The record of when each
+//! was last used is kept in the runner's own directory (beside its lease ledger) after every
+//! sweep and at shutdown, so images used in an earlier life stay candidates after a restart
+//! instead of filling the disk for good.
 //! Stack images are never removed (the local ones cannot be pulled again). An image a
 //! container still uses is refused by the engine ([`EngineError::Conflict`]) and kept. The
 //! engine's sizes count a layer shared by several images in each, so the sum errs high and
 //! the janitor, if anything, removes early.
 
 use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use stevedore_engine::{ContainerEngine, EngineError};
 use tokio::sync::Notify;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+/// The file of the use record, in the runner's own directory (with a dot: the lease ledger
+/// beside it takes names without one for task ids).
+pub(crate) const USES_FILE: &str = "image-uses.record";
 
 /// The images this runner's tasks used: when last, and whether one uses it now.
 #[derive(Debug, Default)]
@@ -30,11 +38,16 @@ pub(crate) struct ImageUses {
     records: Mutex<HashMap<String, UseRecord>>,
     /// Wakes the janitor after a pull.
     pulled: Notify,
+    /// Where the record is kept across lives; `None`: this life only.
+    file: Option<PathBuf>,
+    /// Changed since it was last kept.
+    changed: AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct UseRecord {
-    last_used: Instant,
+    /// Wall-clock time, so that it means the same to the next life.
+    last_used: SystemTime,
     active: usize,
 }
 
@@ -59,15 +72,55 @@ pub(crate) struct Sweep {
 // === impl ImageUses ===
 
 impl ImageUses {
+    /// The record kept in `dir` (what an earlier life of the runner wrote there, if anything),
+    /// kept there again by [`ImageUses::keep`]. An unreadable record is started afresh: the
+    /// worst it costs is images that stay until the operator removes them.
+    pub(crate) fn kept_in(dir: &Path) -> ImageUses {
+        let file = dir.join(USES_FILE);
+        let records = match std::fs::read_to_string(&file) {
+            Ok(text) => parse_record(&text),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
+            Err(error) => {
+                tracing::warn!(%error, file = %file.display(), "cannot read the images' use record");
+                HashMap::new()
+            }
+        };
+        ImageUses {
+            records: Mutex::new(records),
+            file: Some(file),
+            ..ImageUses::default()
+        }
+    }
+
+    /// Writes the record down, when it changed since the last time (atomically: a new file
+    /// renamed over the old one).
+    pub(crate) async fn keep(&self) {
+        let Some(file) = &self.file else { return };
+        if !self.changed.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        let text = format_record(&self.lock());
+        let written = async {
+            let partial = file.with_extension("partial");
+            tokio::fs::write(&partial, text).await?;
+            tokio::fs::rename(&partial, file).await
+        };
+        if let Err(error) = written.await {
+            self.changed.store(true, Ordering::Relaxed);
+            tracing::warn!(%error, file = %file.display(), "cannot keep the images' use record");
+        }
+    }
+
     /// Marks `image` in use until the returned guard is dropped.
     pub(crate) fn acquire(self: &Arc<Self>, image: &str) -> ImageInUse {
         let mut records = self.lock();
         let record = records.entry(image.to_owned()).or_insert(UseRecord {
-            last_used: Instant::now(),
+            last_used: SystemTime::now(),
             active: 0,
         });
         record.active += 1;
-        record.last_used = Instant::now();
+        record.last_used = SystemTime::now();
+        self.changed.store(true, Ordering::Relaxed);
         ImageInUse {
             uses: Arc::clone(self),
             image: image.to_owned(),
@@ -81,7 +134,7 @@ impl ImageUses {
 
     /// The known images not in use and not `protected`, least recently used first.
     fn candidates(&self, protected: &HashSet<String>) -> Vec<String> {
-        let mut idle: Vec<(Instant, String)> = self
+        let mut idle: Vec<(SystemTime, String)> = self
             .lock()
             .iter()
             .filter(|(image, record)| record.active == 0 && !protected.contains(*image))
@@ -95,6 +148,7 @@ impl ImageUses {
         let mut records = self.lock();
         if records.get(image).is_some_and(|record| record.active == 0) {
             records.remove(image);
+            self.changed.store(true, Ordering::Relaxed);
         }
     }
 
@@ -108,9 +162,47 @@ impl Drop for ImageInUse {
         let mut records = self.uses.lock();
         if let Some(record) = records.get_mut(&self.image) {
             record.active = record.active.saturating_sub(1);
-            record.last_used = Instant::now();
+            record.last_used = SystemTime::now();
+            self.uses.changed.store(true, Ordering::Relaxed);
         }
     }
+}
+
+/// The record as its file holds it: a line per image, the seconds since the Unix epoch it
+/// was last used, a tab, its reference.
+fn format_record(records: &HashMap<String, UseRecord>) -> String {
+    let mut lines: Vec<(u64, &str)> = records
+        .iter()
+        .map(|(image, record)| {
+            let secs = record
+                .last_used
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |since| since.as_secs());
+            (secs, image.as_str())
+        })
+        .collect();
+    lines.sort_unstable();
+    lines
+        .into_iter()
+        .map(|(secs, image)| format!("{secs}\t{image}\n"))
+        .collect()
+}
+
+/// [`format_record`]'s file read back; lines that do not parse are skipped.
+fn parse_record(text: &str) -> HashMap<String, UseRecord> {
+    text.lines()
+        .filter_map(|line| {
+            let (secs, image) = line.split_once('\t')?;
+            let secs: u64 = secs.parse().ok()?;
+            (!image.is_empty()).then(|| {
+                let record = UseRecord {
+                    last_used: UNIX_EPOCH + Duration::from_secs(secs),
+                    active: 0,
+                };
+                (image.to_owned(), record)
+            })
+        })
+        .collect()
 }
 
 /// Sweeps every `interval` and after each pull until `shutdown`.
@@ -126,7 +218,10 @@ pub(crate) async fn janitor(
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
             () = uses.pulled.notified() => {}
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => {
+                uses.keep().await;
+                return;
+            }
         }
         match sweep(engine.as_ref(), &uses, budget_bytes, &protected).await {
             Ok(sweep) if !sweep.removed.is_empty() => tracing::info!(
@@ -144,6 +239,7 @@ pub(crate) async fn janitor(
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "cannot weigh the images against the budget"),
         }
+        uses.keep().await;
     }
 }
 
@@ -228,5 +324,51 @@ mod tests {
         let stuck = sweep(&engine, &uses, 100, &protected).await.unwrap();
         assert!(stuck.removed.is_empty());
         assert_eq!(stuck.after, 300);
+    }
+
+    #[tokio::test]
+    async fn images_used_in_an_earlier_life_stay_candidates() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = FakeEngine::new();
+        for image in ["first:1", "second:1", "foreign:1"] {
+            engine.add_image(image);
+            engine.set_image_size(image, 100);
+        }
+        let before = Arc::new(ImageUses::kept_in(dir.path()));
+        drop(before.acquire("first:1"));
+        before.lock().get_mut("first:1").unwrap().last_used = UNIX_EPOCH + Duration::from_secs(10);
+        drop(before.acquire("second:1"));
+        before.keep().await;
+        drop(before);
+
+        // The next life knows both, the older first, and removes them over its budget.
+        let after = ImageUses::kept_in(dir.path());
+        assert_eq!(
+            after.candidates(&HashSet::new()),
+            vec!["first:1".to_owned(), "second:1".to_owned()]
+        );
+        let swept = sweep(&engine, &after, 200, &HashSet::new()).await.unwrap();
+        assert_eq!(swept.removed, vec!["first:1".to_owned()]);
+        after.keep().await;
+        let kept = std::fs::read_to_string(dir.path().join(USES_FILE)).unwrap();
+        assert!(
+            !kept.contains("first:1") && kept.contains("second:1"),
+            "{kept}"
+        );
+        // Nothing the ledger would take for a task's deadline.
+        assert!(crate::ledger::deadlines(dir.path()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_record_reads_back_and_skips_what_does_not_parse() {
+        let text = "12\tbusybox:1\nnot a line\n\t\n34\tregistry.example:5000/a/b@sha256:00\n";
+        let records = parse_record(text);
+        assert_eq!(records.len(), 2);
+        assert_eq!(
+            parse_record(&format_record(&records))
+                .keys()
+                .collect::<HashSet<_>>(),
+            records.keys().collect::<HashSet<_>>()
+        );
     }
 }

@@ -18,6 +18,7 @@ use crate::attempt::{self, TaskContext, engine_call};
 use crate::config::{ResolvedLimits, RunnerConfig};
 use crate::container::LABEL_RUNNER;
 use crate::error::RunnerError;
+use crate::images::ImageUses;
 use crate::ledger::LeaseLedger;
 use crate::registry::PublicImages;
 use crate::source::TaskSource;
@@ -199,7 +200,10 @@ impl Runner {
             engine_suspect: AtomicBool::new(false),
             public_images: PublicImages::default(),
             cpu_group,
-            image_uses: Arc::default(),
+            image_uses: Arc::new(match &config.lease_ledger {
+                Some(dir) => ImageUses::kept_in(dir),
+                None => ImageUses::default(),
+            }),
             ledger,
             spool: spool.clone(),
         });
