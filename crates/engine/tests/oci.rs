@@ -1,0 +1,478 @@
+//! Integration tests of the direct OCI runtime against the real `crun` and `runc`: no mocks.
+//!
+//! The conformance suite runs once per runtime binary, on the busybox image unpacked from
+//! the host's static busybox as one layer; the other tests cover what the suite does not:
+//! nothing left behind after a removal, a later process finding and removing what a killed
+//! one left, OOM kills, CPU time and peak memory counted, limits and privileges.
+//!
+//! They need root, the static busybox and the runtime binary; without them they skip, saying
+//! why, unless `CI` is set, where they fail instead.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use stevedore_engine::conformance::{Harness, Program, RUNNER_LABEL, run_to_end};
+use stevedore_engine::oci::{
+    ImageRunConfig, OciRuntime, OciRuntimeKind, OciSettings, UnpackedImage, UnpackedImages,
+};
+use stevedore_engine::{
+    ContainerId, ContainerRuntime, ContainerSpec, EngineError, HOST_BUSYBOX, LOCAL_BUSYBOX_IMAGE,
+    NetworkSpec, busybox_rootfs_tar,
+};
+
+type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
+/// Says why a test skips, or fails it under CI.
+fn skip(why: &str) {
+    if ci() {
+        panic!("CI is set and {why}");
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "skipped: {why}; set CI=true to make this a failure"
+    );
+}
+
+fn root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("Uid:"))
+                .and_then(|uids| uids.split_whitespace().nth(1).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// The busybox image, unpacked once per machine as one layer (shared by the test processes:
+/// unpacked beside and renamed into place).
+struct BusyboxImage {
+    layer: PathBuf,
+}
+
+#[async_trait]
+impl UnpackedImages for BusyboxImage {
+    async fn unpacked(&self, reference: &str) -> Result<Option<UnpackedImage>, EngineError> {
+        if reference != LOCAL_BUSYBOX_IMAGE {
+            return Ok(None);
+        }
+        Ok(Some(UnpackedImage {
+            id: "sha256:busybox-test".to_owned(),
+            layers: vec![self.layer.clone()],
+            config: ImageRunConfig {
+                env: vec![
+                    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
+                ],
+                entrypoint: None,
+                cmd: Some(vec!["sh".to_owned()]),
+                working_dir: Some("/mnt/task".to_owned()),
+                user: None,
+            },
+        }))
+    }
+}
+
+fn scratch_root() -> PathBuf {
+    std::env::temp_dir().join("stevedore-oci-test")
+}
+
+/// The busybox layer, unpacked from the host's busybox when missing.
+fn busybox_layer() -> Result<PathBuf, Box<dyn std::error::Error + Send + Sync>> {
+    let layer = scratch_root().join("busybox-layer");
+    if layer.join("bin/busybox").exists() {
+        return Ok(layer);
+    }
+    std::fs::create_dir_all(scratch_root())?;
+    let unpacking = scratch_root().join(format!("busybox-layer-{}", std::process::id()));
+    let tar = busybox_rootfs_tar(Path::new(HOST_BUSYBOX), 0)?;
+    let mut archive = tar::Archive::new(&tar[..]);
+    archive.set_preserve_permissions(true);
+    archive.unpack(&unpacking)?;
+    if std::fs::rename(&unpacking, &layer).is_err() {
+        // Another test process was first.
+        let _ = std::fs::remove_dir_all(&unpacking);
+    }
+    Ok(layer)
+}
+
+/// A runtime over `binary` (`crun` or `runc`), or `None` (skipping) when this machine cannot
+/// run it outside CI.
+async fn runtime(binary: &str) -> Option<OciRuntime> {
+    if !root() {
+        skip("the OCI runtime needs root (mounts, cgroups, namespaces)");
+        return None;
+    }
+    if !Path::new(HOST_BUSYBOX).exists() {
+        skip(&format!("{HOST_BUSYBOX} is not installed (scripts/ensure-docker.sh)"));
+        return None;
+    }
+    let installed = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|dir| dir.join(binary))
+        .find(|path| path.is_file());
+    let Some(program) = installed else {
+        skip(&format!("{binary} is not installed (scripts/ensure-docker.sh)"));
+        return None;
+    };
+    let layer = match busybox_layer() {
+        Ok(layer) => layer,
+        Err(error) => panic!("cannot unpack the busybox image: {error}"),
+    };
+    let settings = OciSettings {
+        state_root: scratch_root().join("state"),
+        runtime: Some(program),
+    };
+    match OciRuntime::new(Arc::new(BusyboxImage { layer }), None, settings).await {
+        Ok(runtime) => Some(runtime),
+        Err(error) => panic!("cannot set up the OCI runtime {binary}: {error}"),
+    }
+}
+
+/// The OCI runtime under the conformance suite: every program is a busybox shell.
+struct OciHarness {
+    runtime: OciRuntime,
+}
+
+impl Harness for OciHarness {
+    fn runtime(&self) -> &dyn ContainerRuntime {
+        &self.runtime
+    }
+
+    fn spec(&self, program: &Program) -> ContainerSpec {
+        match program {
+            Program::Exit(code) => shell(&format!("exit {code}")),
+            Program::Print { stdout, stderr } => {
+                let mut spec = shell(
+                    "printf '%s' \"$CONFORMANCE_STDOUT\"; printf '%s' \"$CONFORMANCE_STDERR\" >&2",
+                );
+                spec.env.push(("CONFORMANCE_STDOUT".into(), stdout.clone()));
+                spec.env.push(("CONFORMANCE_STDERR".into(), stderr.clone()));
+                spec
+            }
+            Program::CatFiles(paths) => {
+                let mut spec = shell("");
+                spec.cmd = Some(
+                    std::iter::once("cat".to_owned())
+                        .chain(paths.iter().cloned())
+                        .collect(),
+                );
+                spec
+            }
+            Program::PrintEnv(name) => shell(&format!("printf '%s' \"${name}\"")),
+            Program::ListFiles(directory) => {
+                let mut spec = shell(
+                    "find \"$CONFORMANCE_DIR\" -mindepth 1 | while read -r path; do \
+                     if [ -d \"$path\" ]; then stat -c '%a %n/' \"$path\"; \
+                     else stat -c '%a %n' \"$path\"; fi; done",
+                );
+                spec.env.push(("CONFORMANCE_DIR".into(), directory.clone()));
+                spec
+            }
+            Program::CountBytes(path) => {
+                let mut spec = shell("wc -c < \"$CONFORMANCE_FILE\"");
+                spec.env.push(("CONFORMANCE_FILE".into(), path.clone()));
+                spec
+            }
+            Program::ExceedMemory => {
+                // The shell itself (PID 1) holds 64 MiB in a variable against an 8 MiB limit.
+                let mut spec =
+                    shell("x=$(head -c 67108864 /dev/zero | tr '\\0' a); echo survived ${#x}");
+                spec.memory_bytes = Some(8 << 20);
+                spec
+            }
+            Program::Forever => shell("sleep 3600"),
+        }
+    }
+}
+
+/// A busybox container running `script` with `sh -c`, without a network.
+fn shell(script: &str) -> ContainerSpec {
+    let mut spec = ContainerSpec::new(LOCAL_BUSYBOX_IMAGE);
+    spec.cmd = Some(vec!["sh".into(), "-c".into(), script.into()]);
+    spec.labels = BTreeMap::from([("stevedore.test".to_owned(), "1".to_owned())]);
+    spec.memory_bytes = Some(64 << 20);
+    spec.pids_limit = Some(64);
+    spec.network_mode = Some("none".to_owned());
+    spec
+}
+
+/// One conformance module per runtime binary. The suite's network check is left out: the
+/// OCI engine manages no networks (its pool does), which
+/// `managed_networks_are_refused_clearly` checks instead.
+macro_rules! conformance_with {
+    ($module:ident, $binary:literal) => {
+        mod $module {
+            async fn harness(_check: &'static str) -> Option<super::OciHarness> {
+                super::runtime($binary)
+                    .await
+                    .map(|runtime| super::OciHarness { runtime })
+            }
+
+            stevedore_engine::runtime_conformance_tests!(@checks harness;
+                capabilities_answer,
+                files_are_in_place_when_it_starts,
+                package_files_arrive_with_their_modes,
+                a_package_larger_than_memory_arrives_whole,
+                a_package_lying_about_a_size_fails_the_create,
+                environment_reaches_the_program,
+                wait_reports_the_exit_code,
+                memory_limit_kill_is_named_oom,
+                logs_keep_stdout_and_stderr_apart,
+                kept_output_gives_back_what_was_printed,
+                stats_sample_a_running_container,
+                usage_comes_with_the_exit_when_accounted,
+                kill_stops_a_running_container,
+                remove_forgets_the_container,
+                list_finds_own_containers_by_runner_label,
+                unknown_containers_are_not_found
+            );
+        }
+    };
+}
+
+conformance_with!(crun, "crun");
+conformance_with!(runc, "runc");
+
+/// The runtime binaries the other tests run under.
+const BINARIES: [&str; 2] = ["crun", "runc"];
+
+fn unique(what: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "oci-{what}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Asserts that nothing of container `id` is left on the host: no bundle, no mount, no
+/// runtime state, no cgroup.
+fn assert_nothing_left(runtime: &OciRuntime, id: &ContainerId) {
+    let bundle = runtime.bundle_dir(id);
+    assert!(!bundle.exists(), "the bundle {} stays", bundle.display());
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    assert!(
+        !mountinfo.contains(&bundle.to_string_lossy().to_string()),
+        "a mount of {} stays",
+        bundle.display()
+    );
+    let state = runtime.runtime_state_dir(id);
+    assert!(!state.exists(), "the runtime's state {} stays", state.display());
+    for group in runtime.cgroup_dirs(id) {
+        assert!(!group.exists(), "the cgroup {} stays", group.display());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_container_leaves_nothing_behind() -> TestResult {
+    for binary in BINARIES {
+        let Some(runtime) = runtime(binary).await else {
+            return Ok(());
+        };
+        // One that ran to its end, and one removed while it runs.
+        let finished = runtime.create(&shell("echo done")).await?;
+        runtime.start(&finished).await?;
+        runtime.wait(&finished).await?;
+        let running = runtime.create(&shell("sleep 3600")).await?;
+        runtime.start(&running).await?;
+        // One created and never started.
+        let created = runtime.create(&shell("true")).await?;
+        for id in [&finished, &running, &created] {
+            assert!(runtime.bundle_dir(id).exists());
+            runtime.remove(id).await?;
+            assert_nothing_left(&runtime, id);
+            assert!(matches!(
+                runtime.remove(id).await,
+                Err(EngineError::ContainerNotFound { .. })
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A runner killed with `-9` leaves its containers; the next process (another runtime over
+/// the same state root, which never saw them) finds them by label and removes them, running
+/// or not, leaving nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_process_finds_and_removes_what_an_earlier_one_left() -> TestResult {
+    for binary in BINARIES {
+        let Some(earlier) = runtime(binary).await else {
+            return Ok(());
+        };
+        let runner = unique("reap");
+        let mut spec = shell("sleep 3600");
+        spec.labels.insert(RUNNER_LABEL.to_owned(), runner.clone());
+        let running = earlier.create(&spec).await?;
+        earlier.start(&running).await?;
+        let mut spec = shell("exit 0");
+        spec.labels.insert(RUNNER_LABEL.to_owned(), runner.clone());
+        let stopped = earlier.create(&spec).await?;
+        earlier.start(&stopped).await?;
+        earlier.wait(&stopped).await?;
+        let never_started = earlier.create(&spec).await?;
+
+        let Some(later) = runtime(binary).await else {
+            return Ok(());
+        };
+        let mut listed = later.list_labeled(RUNNER_LABEL, &runner).await?;
+        listed.sort();
+        let mut expected = vec![running.clone(), stopped.clone(), never_started.clone()];
+        expected.sort();
+        assert_eq!(listed, expected);
+        let detailed = later
+            .list_labeled_containers(RUNNER_LABEL, Some(&runner))
+            .await?;
+        let running_now: Vec<&ContainerId> = detailed
+            .iter()
+            .filter(|listed| listed.running)
+            .map(|listed| &listed.id)
+            .collect();
+        assert_eq!(running_now, [&running]);
+        for id in &listed {
+            later.remove(id).await?;
+            assert_nothing_left(&later, id);
+        }
+        assert!(later.list_labeled(RUNNER_LABEL, &runner).await?.is_empty());
+        // The earlier process sees its container gone: killed, not OOM-killed.
+        let status = tokio::time::timeout(Duration::from_secs(30), earlier.wait(&running)).await?;
+        match status {
+            Ok(status) => assert_eq!(status.exit_code, 137, "{status:?}"),
+            Err(error) => panic!("{error}"),
+        }
+        let _ = earlier.remove(&running).await;
+    }
+    Ok(())
+}
+
+/// An OOM kill is named from the task group's own counter, with the peak at the limit; CPU
+/// time and peak memory are counted over the whole life, exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oom_kills_cpu_time_and_peak_memory_are_counted() -> TestResult {
+    for binary in BINARIES {
+        let Some(runtime) = runtime(binary).await else {
+            return Ok(());
+        };
+        let mut hungry = shell("x=$(head -c 67108864 /dev/zero | tr '\\0' a); echo ${#x}");
+        hungry.memory_bytes = Some(16 << 20);
+        let finished = run_to_end(&runtime, &hungry).await;
+        assert!(finished.status.oom_killed, "{finished:?}");
+        assert_eq!(finished.status.exit_code, 137, "{finished:?}");
+        let usage = finished.status.usage.ok_or("no usage")?;
+        assert!(
+            usage.peak_memory_bytes.is_some_and(|peak| peak >= 15 << 20),
+            "{usage:?}"
+        );
+
+        // About 300 ms of CPU, and 32 MiB held at once.
+        let busy = shell(
+            "x=$(head -c 33554432 /dev/zero | tr '\\0' a); \
+             end=$(($(date +%s%N) + 300000000)); \
+             while [ $(date +%s%N) -lt $end ]; do :; done; echo ${#x}",
+        );
+        let finished = run_to_end(&runtime, &busy).await;
+        assert_eq!(finished.status.exit_code, 0, "{finished:?}");
+        assert!(!finished.status.oom_killed);
+        assert_eq!(String::from_utf8_lossy(&finished.stdout), "33554432\n");
+        let usage = finished.status.usage.ok_or("no usage")?;
+        assert!(
+            usage.cpu_total_ns.is_some_and(|ns| ns >= 200_000_000),
+            "{usage:?}"
+        );
+        assert!(
+            usage.peak_memory_bytes.is_some_and(|peak| peak >= 32 << 20),
+            "{usage:?}"
+        );
+        assert!(usage.peak_pids.is_none_or(|pids| pids >= 2), "{usage:?}");
+    }
+    Ok(())
+}
+
+/// The process limit holds a fork bomb; the task runs without new privileges, with the
+/// default capabilities only, as the image's user or the spec's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_and_privileges_hold() -> TestResult {
+    for binary in BINARIES {
+        let Some(runtime) = runtime(binary).await else {
+            return Ok(());
+        };
+        let mut forks = shell(
+            "i=0; while [ $i -lt 40 ]; do sleep 5 & i=$((i+1)); done 2>/dev/null; \
+             echo $(ls /proc | grep -c '^[0-9]')",
+        );
+        forks.pids_limit = Some(10);
+        let finished = run_to_end(&runtime, &forks).await;
+        let processes: u32 = String::from_utf8_lossy(&finished.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        assert!(
+            (1..=10).contains(&processes),
+            "{processes} processes under a limit of 10: {finished:?}"
+        );
+
+        let mut status = shell("grep -E '^(NoNewPrivs|CapBnd|Uid)' /proc/self/status; hostname");
+        status.user = Some("nobody".to_owned());
+        let finished = run_to_end(&runtime, &status).await;
+        let text = String::from_utf8_lossy(&finished.stdout).to_string();
+        assert!(text.contains("NoNewPrivs:\t1"), "{text}");
+        // CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID NET_BIND_SERVICE SETFCAP.
+        assert!(text.contains("CapBnd:\t00000000800005fb"), "{text}");
+        assert!(text.contains("Uid:\t65534"), "{text}");
+    }
+    Ok(())
+}
+
+/// Networks are the pool's: the OCI engine refuses to manage one, and a task that needs one
+/// without a pool is refused before anything is made.
+#[tokio::test]
+async fn managed_networks_are_refused_clearly() -> TestResult {
+    let Some(runtime) = runtime("runc").await else {
+        return Ok(());
+    };
+    let refused = runtime
+        .ensure_network(&NetworkSpec {
+            name: "stevedore-oci-test".to_owned(),
+            bridge: "stvd-ocitest".to_owned(),
+            subnet: None,
+        })
+        .await;
+    assert!(
+        matches!(refused, Err(EngineError::LimitUnenforceable { .. })),
+        "{refused:?}"
+    );
+    let runner = unique("network");
+    let mut spec = shell("true");
+    spec.network_mode = Some("stevedore-tasks".to_owned());
+    spec.labels.insert(RUNNER_LABEL.to_owned(), runner.clone());
+    let refused = runtime.create(&spec).await;
+    assert!(
+        matches!(refused, Err(EngineError::LimitUnenforceable { .. })),
+        "{refused:?}"
+    );
+    assert!(runtime.list_labeled(RUNNER_LABEL, &runner).await?.is_empty());
+    Ok(())
+}
+
+/// The runtime is told apart from its version answer.
+#[tokio::test]
+async fn the_runtime_binary_is_recognised() -> TestResult {
+    for (binary, kind) in [("crun", OciRuntimeKind::Crun), ("runc", OciRuntimeKind::Runc)] {
+        let Some(runtime) = runtime(binary).await else {
+            return Ok(());
+        };
+        assert_eq!(runtime.kind(), kind);
+        let capabilities = runtime.capabilities().await?;
+        assert!(capabilities.server_version.starts_with(binary));
+        assert!(capabilities.memory_limit && capabilities.pids_limit);
+    }
+    Ok(())
+}
