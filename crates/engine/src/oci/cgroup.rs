@@ -14,9 +14,12 @@
 //!             memory.events `oom_kill`, cpu.stat `usage_usec`, pids.peak
 //! ```
 //!
-//! The limit sits on the task group, so the kernel's OOM killer acts for the task group and
-//! counts the kill there (v1 `oom_kill` and v2 `memory.events` alike), whichever child the
-//! process was in.
+//! The limit sits on the task group, so the kernel's OOM killer acts for the task group. On
+//! cgroup v2 the group's `memory.events` counts the kills of its children too, exactly. On
+//! v1 the `oom_kill` of `memory.oom_control` counts only kills of processes in the group
+//! itself, and the runtime's child (where the processes are) is gone once the container
+//! stopped: there a container killed by SIGKILL whose group peaked at its limit (less what
+//! the kernel charges per CPU in batches) was killed for its memory ([`Account::oom_killed`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -54,9 +57,36 @@ pub(crate) struct TaskGroup {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Account {
     pub(crate) usage: ResourceUsage,
-    /// Processes the kernel killed in the group for its memory limit.
+    /// Processes the kernel killed in the group for its memory limit (on v1, in the group
+    /// itself only, not in its children).
     pub(crate) oom_kills: Option<u64>,
+    pub(crate) hierarchy: Hierarchy,
 }
+
+// === impl Account ===
+
+impl Account {
+    /// Whether the kernel killed the container for its memory limit of `limit` bytes, the
+    /// container having ended with `exit_code`: counted on v2; on v1 (no count survives the
+    /// runtime's child) a SIGKILL (137) with the group's peak at the limit.
+    pub(crate) fn oom_killed(&self, limit: Option<u64>, exit_code: i64) -> bool {
+        if self.oom_kills.is_some_and(|kills| kills > 0) {
+            return true;
+        }
+        if self.hierarchy == Hierarchy::V2 || exit_code != 137 {
+            return false;
+        }
+        let (Some(limit), Some(peak)) = (limit, self.usage.peak_memory_bytes) else {
+            return false;
+        };
+        peak >= limit.saturating_sub(OOM_PEAK_SLACK.max(limit / 64))
+    }
+}
+
+/// How far below its limit a group's recorded peak may stay when its container was killed
+/// for memory: the kernel charges pages in per-CPU batches, so a charge can fail before the
+/// counter shows the whole limit.
+const OOM_PEAK_SLACK: u64 = 512 << 10;
 
 /// Which hierarchy this host's controllers are on: v2 when the unified hierarchy is the root
 /// (`cgroup.controllers` at the root), v1 otherwise (hybrid hosts count as v1: their
@@ -233,6 +263,7 @@ impl TaskGroup {
                 samples: 1,
             },
             oom_kills,
+            hierarchy: self.hierarchy,
         })
     }
 
@@ -429,6 +460,7 @@ mod tests {
                     samples: 1,
                 },
                 oom_kills: Some(1),
+                hierarchy: Hierarchy::V2,
             })
         );
         assert_eq!(
@@ -454,6 +486,30 @@ mod tests {
         assert_eq!(keyed_count(control, "oom_kill"), Some(2));
         assert_eq!(keyed_count(control, "oom_kill_disable"), Some(0));
         assert_eq!(keyed_count("under_oom 0\n", "oom_kill"), None);
+    }
+
+    #[test]
+    fn an_oom_kill_is_counted_on_v2_and_told_by_the_peak_on_v1() {
+        let account = |peak: u64, oom_kills: Option<u64>, hierarchy| Account {
+            usage: ResourceUsage {
+                peak_memory_bytes: Some(peak),
+                cpu_total_ns: Some(1),
+                peak_pids: Some(1),
+                samples: 1,
+            },
+            oom_kills,
+            hierarchy,
+        };
+        let limit = Some(8 << 20);
+        // v2 counts: the peak does not matter.
+        assert!(account(1 << 20, Some(1), Hierarchy::V2).oom_killed(limit, 137));
+        assert!(!account(8 << 20, Some(0), Hierarchy::V2).oom_killed(limit, 137));
+        // v1: a SIGKILL with the peak at the limit (or within the kernel's batch below it).
+        assert!(account(8 << 20, Some(0), Hierarchy::V1).oom_killed(limit, 137));
+        assert!(account((8 << 20) - (256 << 10), Some(0), Hierarchy::V1).oom_killed(limit, 137));
+        assert!(!account(8 << 20, Some(0), Hierarchy::V1).oom_killed(limit, 1));
+        assert!(!account(4 << 20, Some(0), Hierarchy::V1).oom_killed(limit, 137));
+        assert!(!account(8 << 20, Some(0), Hierarchy::V1).oom_killed(None, 137));
     }
 
     #[test]

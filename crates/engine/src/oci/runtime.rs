@@ -129,6 +129,8 @@ struct Live {
     id: String,
     bundle: PathBuf,
     group: TaskGroup,
+    /// The memory limit of its task group, which tells an OOM kill on cgroup v1.
+    memory_limit: Option<u64>,
     netns: Mutex<Option<TaskNetns>>,
     /// Where the output goes while a reader is attached.
     attached: Mutex<Option<mpsc::Sender<Result<LogChunk, EngineError>>>>,
@@ -548,6 +550,7 @@ impl Inner {
             id: id.clone(),
             bundle: bundle_dir,
             group,
+            memory_limit: spec.memory_bytes,
             netns: Mutex::new(netns),
             attached: Mutex::new(None),
             phase: watch::Sender::new(Phase::Created),
@@ -1034,8 +1037,7 @@ async fn reap(live: Arc<Live>, mut child: tokio::process::Child, started_at: Tim
         .flatten();
     let oom_killed = account
         .as_ref()
-        .and_then(|account| account.oom_kills)
-        .is_some_and(|kills| kills > 0);
+        .is_some_and(|account| account.oom_killed(live.memory_limit, exit_code));
     let engine_error = match status {
         Ok(_) => None,
         Err(error) => Some(format!("waiting for the OCI runtime failed: {error}")),
