@@ -93,11 +93,7 @@ async fn one_task(runtime: &dyn ContainerRuntime) -> Result<Duration, EngineErro
     outcome
 }
 
-async fn measure(
-    runtime: Arc<dyn ContainerRuntime>,
-    tasks: usize,
-    concurrency: usize,
-) -> Measured {
+async fn measure(runtime: Arc<dyn ContainerRuntime>, tasks: usize, concurrency: usize) -> Measured {
     let began = Instant::now();
     let results: Vec<Result<Duration, EngineError>> = futures::stream::iter(0..tasks)
         .map(|_| {
@@ -172,7 +168,12 @@ async fn main() -> BenchResult {
     println!("{tasks} `true` tasks each: create → attach → start → output → wait → remove");
     println!(
         "{:<14} {:>11} {:>9} {:>20} {:>20} {:>9}",
-        "engine", "concurrency", "tasks/s", "p50 create→start ms", "p90 create→start ms", "failures"
+        "engine",
+        "concurrency",
+        "tasks/s",
+        "p50 create→start ms",
+        "p90 create→start ms",
+        "failures"
     );
     for concurrency in [1, 4] {
         for (name, runtime) in &runtimes {

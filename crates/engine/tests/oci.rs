@@ -17,7 +17,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use stevedore_engine::conformance::{Harness, Program, RUNNER_LABEL, run_to_end};
 use stevedore_engine::oci::{
-    ImageRunConfig, OciRuntime, OciRuntimeKind, OciSettings, UnpackedImage, UnpackedImages,
+    ImageRunConfig, NetnsSource, OciRuntime, OciRuntimeKind, OciSettings, TaskNetns, UnpackedImage,
+    UnpackedImages,
 };
 use stevedore_engine::{
     ContainerId, ContainerRuntime, ContainerSpec, EngineError, HOST_BUSYBOX, LOCAL_BUSYBOX_IMAGE,
@@ -112,14 +113,18 @@ async fn runtime(binary: &str) -> Option<OciRuntime> {
         return None;
     }
     if !Path::new(HOST_BUSYBOX).exists() {
-        skip(&format!("{HOST_BUSYBOX} is not installed (scripts/ensure-docker.sh)"));
+        skip(&format!(
+            "{HOST_BUSYBOX} is not installed (scripts/ensure-docker.sh)"
+        ));
         return None;
     }
     let installed = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
         .map(|dir| dir.join(binary))
         .find(|path| path.is_file());
     let Some(program) = installed else {
-        skip(&format!("{binary} is not installed (scripts/ensure-docker.sh)"));
+        skip(&format!(
+            "{binary} is not installed (scripts/ensure-docker.sh)"
+        ));
         return None;
     };
     let layer = match busybox_layer() {
@@ -266,7 +271,11 @@ fn assert_nothing_left(runtime: &OciRuntime, id: &ContainerId) {
         bundle.display()
     );
     let state = runtime.runtime_state_dir(id);
-    assert!(!state.exists(), "the runtime's state {} stays", state.display());
+    assert!(
+        !state.exists(),
+        "the runtime's state {} stays",
+        state.display()
+    );
     for group in runtime.cgroup_dirs(id) {
         assert!(!group.exists(), "the cgroup {} stays", group.display());
     }
@@ -458,14 +467,22 @@ async fn managed_networks_are_refused_clearly() -> TestResult {
         matches!(refused, Err(EngineError::LimitUnenforceable { .. })),
         "{refused:?}"
     );
-    assert!(runtime.list_labeled(RUNNER_LABEL, &runner).await?.is_empty());
+    assert!(
+        runtime
+            .list_labeled(RUNNER_LABEL, &runner)
+            .await?
+            .is_empty()
+    );
     Ok(())
 }
 
 /// The runtime is told apart from its version answer.
 #[tokio::test]
 async fn the_runtime_binary_is_recognised() -> TestResult {
-    for (binary, kind) in [("crun", OciRuntimeKind::Crun), ("runc", OciRuntimeKind::Runc)] {
+    for (binary, kind) in [
+        ("crun", OciRuntimeKind::Crun),
+        ("runc", OciRuntimeKind::Runc),
+    ] {
         let Some(runtime) = runtime(binary).await else {
             return Ok(());
         };
@@ -473,6 +490,165 @@ async fn the_runtime_binary_is_recognised() -> TestResult {
         let capabilities = runtime.capabilities().await?;
         assert!(capabilities.server_version.starts_with(binary));
         assert!(capabilities.memory_limit && capabilities.pids_limit);
+    }
+    Ok(())
+}
+
+/// A pool of one kind of network namespace, made with `ip netns` when taken and deleted
+/// when given back: each holds a veth pair `probe0`, `probe1`, so a task can tell it runs in it.
+struct ProbeNetns {
+    prefix: String,
+    taken: std::sync::Mutex<Vec<(String, PathBuf)>>,
+    given_back: std::sync::Mutex<Vec<PathBuf>>,
+}
+
+fn ip(args: &[&str]) -> Result<(), EngineError> {
+    let output = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|error| EngineError::Failed {
+            message: format!("ip: {error}"),
+        })?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(EngineError::Failed {
+            message: String::from_utf8_lossy(&output.stderr).into_owned(),
+        })
+    }
+}
+
+#[async_trait]
+impl NetnsSource for ProbeNetns {
+    async fn take(&self, network: &str) -> Result<TaskNetns, EngineError> {
+        assert_eq!(network, "stevedore-tasks");
+        let name = {
+            let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
+            let name = format!("{}-{}", self.prefix, taken.len());
+            taken.push((name.clone(), PathBuf::from(format!("/run/netns/{name}"))));
+            name
+        };
+        ip(&["netns", "add", &name])?;
+        ip(&[
+            "-n", &name, "link", "add", "probe0", "type", "veth", "peer", "name", "probe1",
+        ])?;
+        Ok(TaskNetns {
+            path: PathBuf::from(format!("/run/netns/{name}")),
+            address: std::net::Ipv4Addr::new(10, 213, 0, 2),
+            gateway: std::net::Ipv4Addr::new(10, 213, 0, 1),
+            nameservers: vec![std::net::Ipv4Addr::new(10, 213, 0, 1)],
+        })
+    }
+
+    async fn give_back(&self, netns: TaskNetns) {
+        if let Some(name) = netns.path.file_name().and_then(|name| name.to_str()) {
+            let _ = ip(&["netns", "delete", name]);
+        }
+        self.given_back
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(netns.path);
+    }
+}
+
+/// A task on a network runs in the namespace the pool hands out, with its address and
+/// nameserver in `/etc/hosts` and `/etc/resolv.conf`; the namespace goes back to the pool
+/// with the removal. A task without a network gets an empty namespace of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_network_is_the_pools_namespace() -> TestResult {
+    for binary in BINARIES {
+        let Some(plain) = runtime(binary).await else {
+            return Ok(());
+        };
+        let pool = Arc::new(ProbeNetns {
+            prefix: unique("netns"),
+            taken: std::sync::Mutex::new(Vec::new()),
+            given_back: std::sync::Mutex::new(Vec::new()),
+        });
+        let settings = OciSettings {
+            state_root: scratch_root().join("state"),
+            runtime: Some(PathBuf::from(binary)),
+        };
+        let runtime = OciRuntime::new(
+            Arc::new(BusyboxImage {
+                layer: busybox_layer()?,
+            }),
+            Some(pool.clone()),
+            settings,
+        )
+        .await?;
+        let mut spec = shell("ls /sys/class/net; cat /etc/hosts /etc/resolv.conf");
+        spec.network_mode = Some("stevedore-tasks".to_owned());
+        let finished = run_to_end(&runtime, &spec).await;
+        assert_eq!(finished.status.exit_code, 0, "{finished:?}");
+        let output = String::from_utf8_lossy(&finished.stdout);
+        assert!(output.contains("probe0"), "{output}");
+        assert!(output.contains("10.213.0.2\t"), "{output}");
+        assert!(output.contains("nameserver 10.213.0.1"), "{output}");
+        let taken: Vec<PathBuf> = pool
+            .taken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(_, path)| path.clone())
+            .collect();
+        assert_eq!(
+            *pool.given_back.lock().unwrap_or_else(|e| e.into_inner()),
+            taken
+        );
+
+        let finished = run_to_end(&plain, &shell("ls /sys/class/net")).await;
+        assert_eq!(String::from_utf8_lossy(&finished.stdout), "lo\n");
+    }
+    Ok(())
+}
+
+/// Containers of a CPU group run in a capped cgroup of its own, and the group goes once
+/// they are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cpu_group_caps_its_containers() -> TestResult {
+    for binary in BINARIES {
+        let Some(runtime) = runtime(binary).await else {
+            return Ok(());
+        };
+        let group = unique("cpu");
+        runtime.ensure_cpu_group(&group, 500_000_000).await?;
+        let mut spec = shell("cat /proc/self/cgroup");
+        spec.cpu_group = Some(group.clone());
+        spec.nano_cpus = Some(250_000_000);
+        let id = runtime.create(&spec).await?;
+        let dirs = runtime.cgroup_dirs(&id);
+        assert!(
+            dirs.iter()
+                .any(|dir| dir.starts_with(format!("/sys/fs/cgroup/cpu/{group}"))
+                    || dir.starts_with(format!("/sys/fs/cgroup/{group}"))),
+            "{dirs:?}"
+        );
+        let v1_quota = Path::new("/sys/fs/cgroup/cpu")
+            .join(&group)
+            .join(id.as_str())
+            .join("cpu.cfs_quota_us");
+        if v1_quota.exists() {
+            assert_eq!(std::fs::read_to_string(&v1_quota)?.trim(), "25000");
+            let group_quota = Path::new("/sys/fs/cgroup/cpu")
+                .join(&group)
+                .join("cpu.cfs_quota_us");
+            assert_eq!(std::fs::read_to_string(&group_quota)?.trim(), "50000");
+        }
+        let mut output = runtime.attach(&id).await?;
+        runtime.start(&id).await?;
+        let mut text = Vec::new();
+        while let Some(chunk) = futures::StreamExt::next(&mut output).await {
+            text.extend_from_slice(&chunk?.bytes);
+        }
+        runtime.wait(&id).await?;
+        runtime.remove(&id).await?;
+        assert_nothing_left(&runtime, &id);
+        let text = String::from_utf8_lossy(&text);
+        assert!(text.contains(&format!("/{group}/{id}/")), "{text}");
+        runtime.remove_cpu_group(&group).await?;
+        assert!(!Path::new("/sys/fs/cgroup/cpu").join(&group).exists());
+        assert!(!Path::new("/sys/fs/cgroup/memory").join(&group).exists());
     }
     Ok(())
 }

@@ -50,7 +50,9 @@ pub(crate) fn nofile_limit() -> u64 {
     std::fs::read_to_string("/proc/self/limits")
         .ok()
         .and_then(|limits| {
-            let line = limits.lines().find(|line| line.starts_with("Max open files"))?;
+            let line = limits
+                .lines()
+                .find(|line| line.starts_with("Max open files"))?;
             // Max open files  <soft>  <hard>  files
             line.split_whitespace().nth(4)?.parse::<u64>().ok()
         })
@@ -130,7 +132,11 @@ pub(crate) fn environment(
     for (name, value) in &spec.env {
         set(name, value, true);
     }
-    for (name, value) in [("PATH", DEFAULT_PATH), ("HOSTNAME", hostname), ("HOME", home)] {
+    for (name, value) in [
+        ("PATH", DEFAULT_PATH),
+        ("HOSTNAME", hostname),
+        ("HOME", home),
+    ] {
         set(name, value, false);
     }
     names

@@ -178,7 +178,10 @@ impl TaskGroup {
         if let Some(nano_cpus) = limits.nano_cpus {
             let cpu = self.root.join("cpu").join(&self.path);
             write(&cpu.join("cpu.cfs_period_us"), &PERIOD_US.to_string())?;
-            write(&cpu.join("cpu.cfs_quota_us"), &quota_us(nano_cpus).to_string())?;
+            write(
+                &cpu.join("cpu.cfs_quota_us"),
+                &quota_us(nano_cpus).to_string(),
+            )?;
         }
         if let Some(pids) = limits.pids {
             let group = self.root.join("pids").join(&self.path);
@@ -393,8 +396,11 @@ mod tests {
     /// A fake cgroup v2 root: the kernel's files are plain files here.
     fn v2_root() -> tempfile::TempDir {
         let root = tempfile::tempdir().unwrap_or_else(|error| panic!("{error}"));
-        std::fs::write(root.path().join("cgroup.controllers"), "cpu memory pids io\n")
-            .unwrap_or_else(|error| panic!("{error}"));
+        std::fs::write(
+            root.path().join("cgroup.controllers"),
+            "cpu memory pids io\n",
+        )
+        .unwrap_or_else(|error| panic!("{error}"));
         root
     }
 
@@ -438,7 +444,10 @@ mod tests {
         let dir = root.path().join(TASKS_ROOT).join("abc");
         std::fs::create_dir_all(&dir).unwrap_or_else(|error| panic!("{error}"));
         for (file, contents) in [
-            ("cpu.stat", "usage_usec 1234\nuser_usec 1000\nsystem_usec 234\n"),
+            (
+                "cpu.stat",
+                "usage_usec 1234\nuser_usec 1000\nsystem_usec 234\n",
+            ),
             ("memory.peak", "9000000\n"),
             ("memory.current", "4096\n"),
             ("pids.peak", "3\n"),

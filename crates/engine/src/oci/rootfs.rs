@@ -217,7 +217,7 @@ impl Root {
         if relative.is_empty() {
             return Ok(());
         }
-        let directory = self.make_parents(&relative, true)?;
+        let directory = self.make_parents(&relative)?;
         rustix::fs::fchmod(&directory, Mode::from_raw_mode(mode))?;
         Ok(())
     }
@@ -231,7 +231,7 @@ impl Root {
             None => (None, relative.as_str()),
         };
         let parent = match parent {
-            Some(parent) => self.make_parents(parent, true)?,
+            Some(parent) => self.make_parents(parent)?,
             None => rustix::io::dup(&self.fd)?,
         };
         // Whatever was there (a link or a file of the image) goes; a directory stays and
@@ -254,7 +254,7 @@ impl Root {
 
     /// Opens the directory `relative`, making each missing component (0755) on the way,
     /// every step resolved inside the root.
-    fn make_parents(&self, relative: &str, create: bool) -> io::Result<OwnedFd> {
+    fn make_parents(&self, relative: &str) -> io::Result<OwnedFd> {
         let mut prefix = String::new();
         let mut current = rustix::io::dup(&self.fd)?;
         for component in relative.split('/').filter(|c| !c.is_empty()) {
@@ -262,16 +262,14 @@ impl Root {
                 prefix.push('/');
             }
             prefix.push_str(component);
-            if create {
-                match rustix::fs::mkdirat(&current, component, Mode::from_raw_mode(0o755)) {
-                    Ok(()) => {
-                        // The umask took bits away; the parents are 0755 whatever it is.
-                        let made = self.open_dir(&prefix)?;
-                        rustix::fs::fchmod(&made, Mode::from_raw_mode(0o755))?;
-                    }
-                    Err(rustix::io::Errno::EXIST) => {}
-                    Err(error) => return Err(error.into()),
+            match rustix::fs::mkdirat(&current, component, Mode::from_raw_mode(0o755)) {
+                Ok(()) => {
+                    // The umask took bits away; the parents are 0755 whatever it is.
+                    let made = self.open_dir(&prefix)?;
+                    rustix::fs::fchmod(&made, Mode::from_raw_mode(0o755))?;
                 }
+                Err(rustix::io::Errno::EXIST) => {}
+                Err(error) => return Err(error.into()),
             }
             current = self.open_dir(&prefix)?;
         }
@@ -346,20 +344,26 @@ mod tests {
             mode: 0o600,
         });
         spec.files
-            .push(FileToUpload::readable("/escape/payload", "inside"));
-        spec.files.push(FileToUpload::readable("/etc/linked", "replaced"));
+            .push(FileToUpload::readable("/etc/linked", "replaced"));
         put_files(&root, &spec)?;
 
         let mode = |path: &Path| -> u32 {
             std::fs::metadata(path).map_or(0, |m| m.permissions().mode() & 0o7777)
         };
-        // /mnt -> / resolves to the root's own /, so the task directory is there.
-        assert_eq!(mode(&root.join("mnt/task")), 0o777);
+        // /mnt -> / resolves to the root's own /, so the task directory is there (and not
+        // at the host's /task).
+        assert_eq!(mode(&root.join("task")), 0o777);
         assert_eq!(mode(&root.join("data/private")), 0o700);
         assert_eq!(mode(&root.join("data")), 0o755);
         assert_eq!(std::fs::read(root.join("data/private/secret"))?, b"s");
         assert_eq!(mode(&root.join("data/private/secret")), 0o600);
-        // The link to a directory outside resolved inside: the host's directory is untouched.
+        // A link to a directory outside resolves inside the root, where there is none: the
+        // file cannot go there, and the host's directory is untouched.
+        let mut escaping = ContainerSpec::new("img");
+        escaping
+            .files
+            .push(FileToUpload::readable("/escape/payload", "inside"));
+        assert!(put_files(&root, &escaping).is_err());
         assert!(std::fs::read_dir(&outside)?.next().is_none());
         // A link at a file's path is replaced, not followed.
         assert!(!outside.join("file").exists());
@@ -369,14 +373,18 @@ mod tests {
 
     #[test]
     fn users_are_looked_up_in_the_image() -> TestResult {
-        let passwd = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n";
+        let passwd =
+            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n";
         let group = "root:x:0:\nstaff:x:50:\n";
         assert_eq!(parse_user("0", passwd, group)?, (0, 0, "/root".into()));
         assert_eq!(
             parse_user("nobody", passwd, group)?,
             (65534, 65534, "/nonexistent".into())
         );
-        assert_eq!(parse_user("1000:50", passwd, group)?, (1000, 50, "/".into()));
+        assert_eq!(
+            parse_user("1000:50", passwd, group)?,
+            (1000, 50, "/".into())
+        );
         assert_eq!(
             parse_user("nobody:staff", passwd, group)?,
             (65534, 50, "/nonexistent".into())

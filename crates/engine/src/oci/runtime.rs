@@ -224,8 +224,10 @@ impl OciRuntime {
         let hierarchy = cgroup::detect_hierarchy();
         let hide_unified = kind == OciRuntimeKind::Crun
             && hierarchy == Hierarchy::V1
-            && std::fs::read_to_string(Path::new(cpu_group::CGROUP_ROOT).join("unified/cgroup.controllers"))
-                .is_ok_and(|controllers| !controllers.trim().is_empty());
+            && std::fs::read_to_string(
+                Path::new(cpu_group::CGROUP_ROOT).join("unified/cgroup.controllers"),
+            )
+            .is_ok_and(|controllers| !controllers.trim().is_empty());
         let containers = settings.state_root.join("containers");
         let root = settings.state_root.join("runtime");
         for directory in [&containers, &root] {
@@ -490,13 +492,13 @@ impl Inner {
             }
             None => new_id(),
         };
-        let image = self
-            .images
-            .unpacked(&spec.image)
-            .await?
-            .ok_or_else(|| EngineError::ImageNotFound {
-                image: spec.image.clone(),
-            })?;
+        let image =
+            self.images
+                .unpacked(&spec.image)
+                .await?
+                .ok_or_else(|| EngineError::ImageNotFound {
+                    image: spec.image.clone(),
+                })?;
         let bundle_dir = self.bundle(&id);
         match tokio::fs::create_dir(&bundle_dir).await {
             Ok(()) => {}
@@ -750,7 +752,10 @@ impl Inner {
                     )
                     .await;
                     if !matches!(stopped, Ok(Ok(_))) {
-                        tracing::warn!(container = id, "the killed container's runtime did not end");
+                        tracing::warn!(
+                            container = id,
+                            "the killed container's runtime did not end"
+                        );
                     }
                 }
                 let netns = live
@@ -1191,10 +1196,7 @@ impl ContainerRuntime for OciRuntime {
             return Ok(futures::stream::empty().boxed());
         }
         let (sender, mut receiver) = mpsc::channel(ATTACH_CHUNKS);
-        *live
-            .attached
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(sender);
+        *live.attached.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender);
         Ok(futures::stream::poll_fn(move |context| receiver.poll_recv(context)).boxed())
     }
 
