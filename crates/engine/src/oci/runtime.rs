@@ -238,6 +238,11 @@ impl OciRuntime {
                     message: error.to_string(),
                 })?;
         }
+        let sweeping = containers.clone();
+        let swept = blocking(move || Ok(sweep_cut_off_creates(&sweeping, hierarchy))).await?;
+        if swept > 0 {
+            tracing::info!(bundles = swept, "removed what cut-off creates left");
+        }
         tracing::info!(
             runtime = %program.display(),
             %version,
@@ -946,6 +951,41 @@ fn prepare(
     write("meta.json", &meta)
 }
 
+/// Bundles without a `meta.json` older than this are creates that a killed process cut off
+/// (a create takes milliseconds); younger ones may be another process's, under way.
+const CUT_OFF_AGE: Duration = Duration::from_secs(600);
+
+/// Removes what creates cut off by a killed process left in `containers` (a bundle without
+/// its `meta.json`, which no listing finds): its mount, the task group it may have made
+/// outside any CPU group, the bundle. Blocking. How many it removed.
+fn sweep_cut_off_creates(containers: &Path, hierarchy: Hierarchy) -> usize {
+    let Ok(entries) = std::fs::read_dir(containers) else {
+        return 0;
+    };
+    let mut swept = 0;
+    for entry in entries.flatten() {
+        let bundle = entry.path();
+        let old = entry
+            .metadata()
+            .and_then(|metadata| metadata.modified())
+            .ok()
+            .and_then(|modified| modified.elapsed().ok())
+            .is_some_and(|age| age > CUT_OFF_AGE);
+        let Some(id) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        if !old || bundle.join("meta.json").exists() || check_name(&id).is_err() {
+            continue;
+        }
+        let _ = rootfs::unmount(&bundle.join("rootfs"));
+        TaskGroup::new(&id, None, hierarchy).remove();
+        if remove_bundle(&bundle).is_ok() {
+            swept += 1;
+        }
+    }
+    swept
+}
+
 /// Removes a bundle directory whose root is unmounted; refuses one whose root is still
 /// mounted (removing it would reach into the container's files). Blocking.
 fn remove_bundle(bundle: &Path) -> Result<(), EngineError> {
@@ -1349,6 +1389,29 @@ mod tests {
         assert_eq!(&chunks[0].bytes[..], b"out");
         assert_eq!(chunks[1].stream, OutputStream::Stderr);
         assert_eq!(&chunks[1].bytes[..], b"err");
+    }
+
+    #[test]
+    fn only_old_bundles_without_meta_are_swept() -> Result<(), Box<dyn std::error::Error>> {
+        let containers = tempfile::tempdir()?;
+        let make = |name: &str, meta: bool, age: Duration| -> std::io::Result<()> {
+            let bundle = containers.path().join(name);
+            std::fs::create_dir_all(bundle.join("upper/mnt"))?;
+            if meta {
+                std::fs::write(bundle.join("meta.json"), "{}")?;
+            }
+            let when = std::time::SystemTime::now() - age;
+            std::fs::File::open(&bundle)?.set_modified(when)
+        };
+        let old = CUT_OFF_AGE + Duration::from_secs(60);
+        make("cut-off-sweep-test-1", false, old)?;
+        make("young-sweep-test-2", false, Duration::ZERO)?;
+        make("listed-sweep-test-3", true, old)?;
+        assert_eq!(sweep_cut_off_creates(containers.path(), Hierarchy::V1), 1);
+        assert!(!containers.path().join("cut-off-sweep-test-1").exists());
+        assert!(containers.path().join("young-sweep-test-2").exists());
+        assert!(containers.path().join("listed-sweep-test-3").exists());
+        Ok(())
     }
 
     #[test]
