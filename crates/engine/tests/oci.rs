@@ -652,3 +652,97 @@ async fn a_cpu_group_caps_its_containers() -> TestResult {
     }
     Ok(())
 }
+
+/// What [`nothing_is_left_after_a_kill_9_of_the_process_that_ran_it`] runs in a process of
+/// its own: starts a container labelled `$STEVEDORE_OCI_LEAVE_LABEL` that runs until killed,
+/// touches `$STEVEDORE_OCI_LEAVE_MARKER`, and waits to be killed itself. Does nothing
+/// without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by nothing_is_left_after_a_kill_9_of_the_process_that_ran_it"]
+async fn leaves_a_running_container() -> TestResult {
+    let (Ok(binary), Ok(label), Ok(marker)) = (
+        std::env::var("STEVEDORE_OCI_LEAVE_BINARY"),
+        std::env::var("STEVEDORE_OCI_LEAVE_LABEL"),
+        std::env::var("STEVEDORE_OCI_LEAVE_MARKER"),
+    ) else {
+        return Ok(());
+    };
+    let binary: &'static str = if binary == "crun" { "crun" } else { "runc" };
+    let Some(runtime) = runtime(binary).await else {
+        return Ok(());
+    };
+    let mut spec = shell("echo started; sleep 3600");
+    spec.labels.insert(RUNNER_LABEL.to_owned(), label);
+    let id = runtime.create(&spec).await?;
+    let _output = runtime.attach(&id).await?;
+    runtime.start(&id).await?;
+    std::fs::write(marker, id.as_str())?;
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    Ok(())
+}
+
+/// A process running a container is killed with `-9`; the next one finds the container by
+/// its label, still running, and removes it: no process, bundle, mount, runtime state or
+/// cgroup of it stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_left_after_a_kill_9_of_the_process_that_ran_it() -> TestResult {
+    for binary in BINARIES {
+        let Some(later) = runtime(binary).await else {
+            return Ok(());
+        };
+        let label = unique("kill9");
+        let marker = scratch_root().join(format!("{label}.started"));
+        let mut earlier = std::process::Command::new(std::env::current_exe()?)
+            .args([
+                "--ignored",
+                "--exact",
+                "leaves_a_running_container",
+                "--nocapture",
+            ])
+            .env("STEVEDORE_OCI_LEAVE_BINARY", binary)
+            .env("STEVEDORE_OCI_LEAVE_LABEL", &label)
+            .env("STEVEDORE_OCI_LEAVE_MARKER", &marker)
+            .stdout(std::process::Stdio::null())
+            .spawn()?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !marker.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the earlier process started no container"
+            );
+            if let Some(status) = earlier.try_wait()? {
+                panic!("the earlier process ended: {status}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let id = ContainerId::new(std::fs::read_to_string(&marker)?);
+        std::fs::remove_file(&marker)?;
+        earlier.kill()?; // SIGKILL
+        earlier.wait()?;
+
+        let listed = later
+            .list_labeled_containers(RUNNER_LABEL, Some(&label))
+            .await?;
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(listed[0].id, id);
+        assert!(listed[0].running, "{listed:?}");
+        let pid: u32 = std::fs::read_to_string(later.bundle_dir(&id).join("pid"))?
+            .trim()
+            .parse()?;
+        later.remove(&id).await?;
+        assert_nothing_left(&later, &id);
+        // The container's process is gone too (a zombie of nobody's for a moment at most).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{pid}")).exists()
+            && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| !stat.contains(") Z "))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the container's init {pid} still runs"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(())
+}
