@@ -422,6 +422,18 @@ async fn limits_and_privileges_hold() -> TestResult {
         let peak = finished.status.usage.and_then(|usage| usage.peak_pids);
         assert!(peak.is_none_or(|peak| peak <= 10), "{finished:?}");
 
+        // No way into a user namespace (which would hand back the capabilities), no mounts.
+        let escapes = shell(
+            "unshare -U true && echo unshared; unshare -r true && echo mapped; \
+             mount -t tmpfs none /tmp && echo mounted; echo tried",
+        );
+        let finished = run_to_end(&runtime, &escapes).await;
+        assert_eq!(
+            String::from_utf8_lossy(&finished.stdout),
+            "tried\n",
+            "{finished:?}"
+        );
+
         let mut status = shell("cat /proc/self/status");
         status.user = Some("nobody".to_owned());
         let finished = run_to_end(&runtime, &status).await;
@@ -436,6 +448,7 @@ async fn limits_and_privileges_hold() -> TestResult {
         // CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID NET_BIND_SERVICE SETFCAP.
         assert_eq!(field("CapBnd:"), "00000000800004fb", "{text}");
         assert!(field("Uid:").starts_with("65534"), "{text}");
+        assert_eq!(field("Seccomp:"), "2", "{text}");
     }
     Ok(())
 }

@@ -41,6 +41,87 @@ const READONLY_PATHS: &[&str] = &[
     "/proc/sysrq-trigger",
 ];
 
+/// The system calls a task is refused (`EPERM`), as Docker's default seccomp profile refuses
+/// them to a container without `CAP_SYS_ADMIN`: those that reach the host's kernel state
+/// (modules, keys, clocks, swap, reboot, mounts, BPF, perf, io_uring, userfaultfd, NUMA
+/// policies), and every way into new namespaces, whose user namespace would hand the task
+/// the capabilities it was refused.
+const REFUSED_SYSCALLS: &[&str] = &[
+    "acct",
+    "add_key",
+    "bpf",
+    "clock_adjtime",
+    "clock_settime",
+    "create_module",
+    "delete_module",
+    "fanotify_init",
+    "finit_module",
+    "fsconfig",
+    "fsmount",
+    "fsopen",
+    "fspick",
+    "get_kernel_syms",
+    "get_mempolicy",
+    "init_module",
+    "io_uring_enter",
+    "io_uring_register",
+    "io_uring_setup",
+    "ioperm",
+    "iopl",
+    "kcmp",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "lookup_dcookie",
+    "mbind",
+    "mount",
+    "move_mount",
+    "move_pages",
+    "name_to_handle_at",
+    "nfsservctl",
+    "open_by_handle_at",
+    "open_tree",
+    "perf_event_open",
+    "pivot_root",
+    "process_vm_readv",
+    "process_vm_writev",
+    "quotactl",
+    "reboot",
+    "request_key",
+    "set_mempolicy",
+    "setns",
+    "settimeofday",
+    "swapoff",
+    "swapon",
+    "syslog",
+    "umount2",
+    "unshare",
+    "uselib",
+    "userfaultfd",
+    "ustat",
+];
+
+/// `CLONE_NEWUSER`: a `clone` with it is refused (the other namespace flags need
+/// `CAP_SYS_ADMIN`, which a task does not have).
+const CLONE_NEWUSER: u64 = 0x1000_0000;
+
+/// The task's seccomp filter: everything but [`REFUSED_SYSCALLS`] and a `clone` into a new
+/// user namespace; `clone3` (whose flags a filter cannot read) answers `ENOSYS`, so the C
+/// library falls back to `clone`. Calls of another architecture than the runtime's own are
+/// refused by the filter as a whole.
+fn seccomp() -> Value {
+    json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [
+            {"names": REFUSED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": 1},
+            {"names": ["clone"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1,
+             "args": [{"index": 0, "value": CLONE_NEWUSER, "valueTwo": CLONE_NEWUSER,
+                       "op": "SCMP_CMP_MASKED_EQ"}]},
+            {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38},
+        ],
+    })
+}
+
 /// The open files a task may have, soft and hard (what Docker's daemon gives by default),
 /// unless this process may have fewer: a runtime cannot raise a hard limit it inherited.
 const NOFILE_LIMIT: u64 = 1_048_576;
@@ -248,6 +329,7 @@ pub(crate) fn config(bundle: &Bundle<'_>) -> Result<Value, EngineError> {
             "resources": {
                 "devices": [{"allow": false, "access": "rwm"}],
             },
+            "seccomp": seccomp(),
             "maskedPaths": MASKED_PATHS,
             "readonlyPaths": READONLY_PATHS,
         },
@@ -352,6 +434,10 @@ mod tests {
             json!({"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024})
         );
         assert!(nofile_limit() <= NOFILE_LIMIT);
+        assert_eq!(
+            config["linux"]["seccomp"]["syscalls"][0]["names"],
+            json!(REFUSED_SYSCALLS)
+        );
         assert_eq!(config["process"]["cwd"], json!("/app"));
         assert_eq!(config["process"]["user"], json!({"uid": 1000, "gid": 1000}));
         assert_eq!(config["annotations"]["stevedore.runner"], json!("r1"));
