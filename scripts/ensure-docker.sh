@@ -3,8 +3,8 @@
 #
 # Idempotent and meant to run as root on a plain Debian 12 machine, including one where PID 1 is
 # not systemd (a container, a CI sandbox, a microVM): it installs `docker.io` (the engine) and
-# `busybox-static` (the source of stevedore's local `stevedore/busybox:local` image) with apt-get
-# when they are missing, starts `dockerd` in the background when `docker info` does not answer,
+# `busybox-static` (the source of stevedore's local `stevedore/busybox:local` image) and `crun`
+# (the direct OCI engine's runtime) with apt-get when they are missing, starts `dockerd` in the background when `docker info` does not answer,
 # and waits a bounded time for the engine to come up.
 #
 # Environment:
@@ -40,6 +40,11 @@ if ! command -v iptables-restore >/dev/null 2>&1 && [ ! -x /usr/sbin/iptables-re
 fi
 if ! command -v ip >/dev/null 2>&1 && [ ! -x /usr/sbin/ip ] && [ ! -x /sbin/ip ]; then
     missing_packages+=(iproute2)
+fi
+# The direct OCI engine runs task containers with crun (runc, which docker.io brings, is its
+# fallback); its tests run both.
+if ! command -v crun >/dev/null 2>&1 && [ ! -x /usr/bin/crun ]; then
+    missing_packages+=(crun)
 fi
 if [ "${#missing_packages[@]}" -gt 0 ]; then
     log "installing ${missing_packages[*]}"

@@ -14,6 +14,13 @@ use async_trait::async_trait;
 
 use crate::error::EngineError;
 
+mod bundle;
+mod cgroup;
+mod rootfs;
+mod runtime;
+
+pub use runtime::{OciRuntime, OciRuntimeKind, OciSettings};
+
 /// An image unpacked in the local layer store, ready to be the lower layers of a task's
 /// overlay.
 #[derive(Debug, Clone, PartialEq, Eq)]
