@@ -16,9 +16,11 @@ use crate::error::EngineError;
 
 mod bundle;
 mod cgroup;
+mod images;
 mod rootfs;
 mod runtime;
 
+pub use images::{OciImages, OciImagesSettings, PinnedImage};
 pub use runtime::{OciRuntime, OciRuntimeKind, OciSettings};
 
 /// An image unpacked in the local layer store, ready to be the lower layers of a task's
