@@ -7,6 +7,8 @@
 //! has a bridge and subnet of its own, so the tests run side by side. They need root: without
 //! it they skip, except in CI, where they fail.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::ErrorKind;
 use std::net::{
     IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, ToSocketAddrs, UdpSocket,
@@ -136,9 +138,30 @@ fn host_address() -> Ipv4Addr {
     }
 }
 
+/// Whether `resolver` answers a DNS query (any answer, NXDOMAIN too) over UDP.
+fn dns_answers(resolver: Ipv4Addr) -> bool {
+    const QUERY: &[u8] = b"\x51\x7a\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\
+        \x07example\x03com\x00\x00\x01\x00\x01";
+    let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+    socket.set_read_timeout(Some(CONNECT_TIMEOUT)).unwrap();
+    socket.send_to(QUERY, (resolver, 53)).unwrap();
+    let mut answer = [0u8; 512];
+    socket
+        .recv_from(&mut answer)
+        .is_ok_and(|(length, _)| length >= 2 && answer[..2] == QUERY[..2])
+}
+
 fn ip(args: &[&str]) {
     let status = Command::new("ip").args(args).status().unwrap();
     assert!(status.success(), "ip {}", args.join(" "));
+}
+
+/// Runs `ip` with `args` for what it removes, whether or not there was anything to remove.
+fn quietly(args: &[&str]) {
+    let _ = Command::new("ip")
+        .args(args)
+        .stderr(std::process::Stdio::null())
+        .status();
 }
 
 fn ip_output(args: &[&str]) -> String {
@@ -160,8 +183,8 @@ impl OutsideServer {
     fn start(n: u8) -> Self {
         let name = format!("stvnt-outside{n}");
         let veth = format!("stvnt-out{n}");
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        let _ = Command::new("ip").args(["link", "del", &veth]).status();
+        quietly(&["netns", "del", &name]);
+        quietly(&["link", "del", &veth]);
         let (host_side, private, public) = (
             format!("10.250.{n}.1"),
             Ipv4Addr::new(10, 250, n, 2),
@@ -351,9 +374,20 @@ async fn a_task_namespace_reaches_allowed_destinations_and_the_world_but_not_the
         ""
     );
 
-    // DNS: the host's resolvers are the task's, reachable on port 53; and where this machine
-    // reaches the internet at all, so does the task.
+    // DNS: the host's resolvers are the task's, reachable on port 53 (only there when they
+    // are in a blocked range); and where this machine reaches the internet at all, so does the
+    // task.
     assert!(first.nameservers.iter().all(|ip| !ip.is_loopback()));
+    for &resolver in &first.nameservers {
+        let answered = in_netns(&first.path, move || dns_answers(resolver));
+        assert!(answered, "the resolver {resolver} does not answer the task");
+        if EgressPolicy::default_blocked()
+            .iter()
+            .any(|range| range.contains(&resolver))
+        {
+            assert_refused_by_firewall(&first.path, at(resolver, 80), "the resolver off port 53");
+        }
+    }
     let internet = ("example.com", 80)
         .to_socket_addrs()
         .ok()
@@ -469,6 +503,14 @@ async fn the_pool_refills_and_takes_at_once() {
         warm.push(started.elapsed());
         pool.give_back(netns).await;
     }
+    // Sustained: tasks one after another as fast as the pool hands them out (taking prepares
+    // inline when the pool runs dry), each given back at once.
+    let started = Instant::now();
+    for _ in 0..ROUNDS * 4 {
+        let netns = pool.take(NETWORK).await.unwrap();
+        pool.give_back(netns).await;
+    }
+    let sustained = (ROUNDS * 4) as f64 / started.elapsed().as_secs_f64();
     tear_down(pool).await;
 
     // Size 0: every take prepares its namespace, which times preparing one.
@@ -483,7 +525,10 @@ async fn the_pool_refills_and_takes_at_once() {
         pool.give_back(netns).await;
     }
     let (warm, cold) = (p50(warm), p50(cold));
-    println!("take from a warm pool: p50 {warm:?}; preparing a namespace: p50 {cold:?}");
+    println!(
+        "take from a warm pool: p50 {warm:?}; preparing a namespace: p50 {cold:?}; \
+         sustained take + give back with {SIZE} ready: {sustained:.0}/s"
+    );
     assert!(warm < Duration::from_millis(1), "a warm take took {warm:?}");
     tear_down(pool).await;
 }
@@ -498,15 +543,16 @@ async fn leftovers_of_a_killed_run_are_removed_at_start_and_nothing_is_left_at_t
     let (netns, veth) = ("stvnt-left-0ad60305", "stv0ad60305");
     let bare = "stvnt-left-0ad60306";
     for name in [netns, bare] {
-        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        quietly(&["netns", "del", name]);
         ip(&["netns", "add", name]);
     }
-    let _ = Command::new("ip").args(["link", "del", veth]).status();
+    quietly(&["link", "del", veth]);
     ip(&[
         "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns,
     ]);
     // Another pool's namespace is not touched.
     let foreign = "stvnt-leftover-0ad60305";
+    quietly(&["netns", "del", foreign]);
     ip(&["netns", "add", foreign]);
 
     let pool = NetnsPool::start(settings("stvnt-left", "10.214.3.0/24", 2, Vec::new()))

@@ -61,6 +61,10 @@ const VETH_PREFIX: &str = "stv";
 const CAPABILITY: &str = "the task network";
 /// How long the background worker waits after a namespace could not be prepared.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// How many namespaces the background worker prepares or destroys at a time: deleting a veth
+/// waits for the kernel (an RCU grace period, tens of milliseconds) more than it works, so a
+/// few at once keep up with tens of tasks a second.
+const PARALLEL_JOBS: usize = 4;
 
 /// What a [`NetnsPool`] builds and how many namespaces it keeps ready.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,6 +123,8 @@ struct State {
     ready: VecDeque<TaskNetns>,
     /// Namespaces given back, to be destroyed.
     retiring: VecDeque<TaskNetns>,
+    /// How many namespaces the worker is preparing.
+    preparing: usize,
     /// The addresses of the namespaces tasks hold.
     taken: HashSet<Ipv4Addr>,
     addresses: AddressBook,
@@ -244,6 +250,7 @@ impl NetnsPool {
             state: Mutex::new(State {
                 ready: VecDeque::with_capacity(settings.size),
                 retiring: VecDeque::new(),
+                preparing: 0,
                 taken: HashSet::new(),
                 addresses: AddressBook::new(subnet),
                 closing: false,
@@ -360,7 +367,18 @@ impl NetnsSource for NetnsPool {
         tracing::debug!(%address, "the task network pool is empty: preparing a namespace inline");
         match shared.prepare(address).await {
             Ok(netns) => {
-                shared.state().taken.insert(address);
+                let closing = {
+                    let mut state = shared.state();
+                    state.taken.insert(address);
+                    state.closing
+                };
+                if closing {
+                    // Shut down meanwhile: the shutdown's clean-up may have missed it.
+                    shared.destroy(address).await;
+                    return Err(EngineError::Failed {
+                        message: "the task network pool is shut down".to_owned(),
+                    });
+                }
                 Ok(netns)
             }
             Err(error) => {
@@ -433,47 +451,82 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The background worker: destroys what was given back, then keeps `size` namespaces
-    /// ready, until shutdown.
+    /// The background worker: destroys what was given back and keeps `size` namespaces ready
+    /// (or being prepared), up to [`PARALLEL_JOBS`] at a time, until shutdown; then it
+    /// finishes what it started.
     async fn work(self: Arc<Self>) {
+        let mut jobs = tokio::task::JoinSet::new();
         loop {
-            let job = {
-                let mut state = self.state();
-                if let Some(netns) = state.retiring.pop_front() {
-                    Job::Destroy(netns)
-                } else if state.closing {
-                    Job::Stop
-                } else if state.ready.len() < self.settings.size {
-                    state.addresses.allocate().map_or(Job::Wait, Job::Prepare)
-                } else {
-                    Job::Wait
-                }
-            };
-            match job {
-                Job::Destroy(netns) => {
-                    if self.destroy(netns.address).await {
-                        self.state().addresses.release(netns.address);
+            while jobs.len() < PARALLEL_JOBS {
+                match self.next_job() {
+                    Job::Destroy(netns) => jobs.spawn(Arc::clone(&self).retire(netns)),
+                    Job::Prepare(address) => jobs.spawn(Arc::clone(&self).refill(address)),
+                    Job::Wait => break,
+                    Job::Stop if jobs.is_empty() => return,
+                    Job::Stop => break,
+                };
+            }
+            tokio::select! {
+                Some(ended) = jobs.join_next(), if !jobs.is_empty() => {
+                    if let Err(error) = ended {
+                        tracing::warn!(%error, "a task network job ended badly");
                     }
                 }
-                Job::Prepare(address) => match self.prepare(address).await {
-                    Ok(netns) => {
-                        let mut state = self.state();
-                        if state.closing {
-                            state.retiring.push_back(netns);
-                        } else {
-                            state.ready.push_back(netns);
-                        }
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, %address, "cannot prepare a task network namespace");
-                        self.state().addresses.release(address);
-                        tokio::time::sleep(RETRY_AFTER).await;
-                    }
-                },
-                Job::Wait => self.wake.notified().await,
-                Job::Stop => return,
+                () = self.wake.notified() => {}
             }
         }
+    }
+
+    /// What the worker does next: destroy first (it frees addresses), then refill.
+    fn next_job(&self) -> Job {
+        let mut state = self.state();
+        if let Some(netns) = state.retiring.pop_front() {
+            Job::Destroy(netns)
+        } else if state.closing {
+            Job::Stop
+        } else if state.ready.len() + state.preparing < self.settings.size {
+            match state.addresses.allocate() {
+                Some(address) => {
+                    state.preparing += 1;
+                    Job::Prepare(address)
+                }
+                None => Job::Wait,
+            }
+        } else {
+            Job::Wait
+        }
+    }
+
+    /// Destroys a namespace given back, and frees its address once that is certain.
+    async fn retire(self: Arc<Self>, netns: TaskNetns) {
+        if self.destroy(netns.address).await {
+            self.state().addresses.release(netns.address);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Prepares a namespace for the ready queue. After a failure the job keeps its place a
+    /// while, so that a broken host is not hammered.
+    async fn refill(self: Arc<Self>, address: Ipv4Addr) {
+        match self.prepare(address).await {
+            Ok(netns) => {
+                let mut state = self.state();
+                state.preparing -= 1;
+                if state.closing {
+                    state.retiring.push_back(netns);
+                } else {
+                    state.ready.push_back(netns);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, %address, "cannot prepare a task network namespace");
+                tokio::time::sleep(RETRY_AFTER).await;
+                let mut state = self.state();
+                state.preparing -= 1;
+                state.addresses.release(address);
+            }
+        }
+        self.wake.notify_one();
     }
 
     /// Creates the namespace of `address`: the namespace, its veth on the bridge (an isolated
@@ -856,7 +909,7 @@ async fn disable_ipv6_inside(path: PathBuf) -> Result<(), String> {
 /// Deletes the connection tracking entries from and to `addresses` (an address or a CIDR
 /// range), so that no connection of a task that ended is taken for the next one's.
 async fn forget_connections(conntrack: &Path, addresses: &str) {
-    for direction in ["--orig-src", "--orig-dst"] {
+    let forget = |direction: &'static str| async move {
         let deleted = tokio::process::Command::new(conntrack)
             .args(["-D", direction, addresses])
             .stdin(Stdio::null())
@@ -869,7 +922,9 @@ async fn forget_connections(conntrack: &Path, addresses: &str) {
         if let Err(error) = deleted {
             tracing::warn!(%error, "cannot run conntrack");
         }
-    }
+    };
+    // The connections the task made, and those made to it (by the host: nothing else may).
+    tokio::join!(forget("--orig-src"), forget("--orig-dst"));
 }
 
 fn unenforceable(hint: impl Into<String>) -> EngineError {
