@@ -61,6 +61,9 @@ const VETH_PREFIX: &str = "stv";
 const CAPABILITY: &str = "the task network";
 /// How long the background worker waits after a namespace could not be prepared.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// How long a task waits for an address when every one is held, some by namespaces on their
+/// way out.
+const ADDRESS_WAIT: Duration = Duration::from_secs(10);
 /// How many namespaces the background worker prepares or destroys at a time: deleting a veth
 /// waits for the kernel (an RCU grace period, tens of milliseconds) more than it works, so a
 /// few at once keep up with tens of tasks a second.
@@ -115,6 +118,8 @@ struct Shared {
     state: Mutex<State>,
     /// Wakes the worker: a namespace taken (refill) or given back (destroy), or shutdown.
     wake: Notify,
+    /// Wakes the takers waiting for an address: a namespace ready, an address freed.
+    changed: Notify,
 }
 
 #[derive(Debug)]
@@ -125,6 +130,8 @@ struct State {
     retiring: VecDeque<TaskNetns>,
     /// How many namespaces the worker is preparing.
     preparing: usize,
+    /// How many namespaces given back the worker is destroying.
+    destroying: usize,
     /// The addresses of the namespaces tasks hold.
     taken: HashSet<Ipv4Addr>,
     addresses: AddressBook,
@@ -251,6 +258,7 @@ impl NetnsPool {
                 ready: VecDeque::with_capacity(settings.size),
                 retiring: VecDeque::new(),
                 preparing: 0,
+                destroying: 0,
                 taken: HashSet::new(),
                 addresses: AddressBook::new(subnet),
                 closing: false,
@@ -261,6 +269,7 @@ impl NetnsPool {
             ip,
             conntrack,
             wake: Notify::new(),
+            changed: Notify::new(),
         });
         let worker = tokio::spawn(Arc::clone(&shared).work());
         Ok(NetnsPool {
@@ -339,28 +348,36 @@ impl NetnsSource for NetnsPool {
                 shared.settings.network
             )));
         }
-        let address = {
-            let mut state = shared.state();
-            if state.closing {
-                return Err(EngineError::Failed {
-                    message: "the task network pool is shut down".to_owned(),
-                });
+        let deadline = tokio::time::Instant::now() + ADDRESS_WAIT;
+        let address = loop {
+            let changed = shared.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let mut state = shared.state();
+                if state.closing {
+                    return Err(EngineError::Failed {
+                        message: "the task network pool is shut down".to_owned(),
+                    });
+                }
+                if let Some(netns) = state.ready.pop_front() {
+                    state.taken.insert(netns.address);
+                    drop(state);
+                    shared.wake.notify_one();
+                    return Ok(netns);
+                }
+                if let Some(address) = state.addresses.allocate() {
+                    break address;
+                }
+                if state.preparing + state.destroying + state.retiring.len() == 0 {
+                    return Err(exhausted(shared.settings.subnet));
+                }
             }
-            if let Some(netns) = state.ready.pop_front() {
-                state.taken.insert(netns.address);
-                drop(state);
-                shared.wake.notify_one();
-                return Ok(netns);
+            // Every address is held, some by namespaces on their way out or in: one of them
+            // will do.
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Err(exhausted(shared.settings.subnet));
             }
-            state
-                .addresses
-                .allocate()
-                .ok_or_else(|| EngineError::Failed {
-                    message: format!(
-                        "the task subnet {} has no free address left",
-                        shared.settings.subnet
-                    ),
-                })?
         };
         // The pool ran dry (a burst larger than its size): this task waits for its own.
         shared.wake.notify_one();
@@ -383,6 +400,7 @@ impl NetnsSource for NetnsPool {
             }
             Err(error) => {
                 shared.state().addresses.release(address);
+                shared.changed.notify_waiters();
                 Err(error)
             }
         }
@@ -481,6 +499,7 @@ impl Shared {
     fn next_job(&self) -> Job {
         let mut state = self.state();
         if let Some(netns) = state.retiring.pop_front() {
+            state.destroying += 1;
             Job::Destroy(netns)
         } else if state.closing {
             Job::Stop
@@ -499,10 +518,16 @@ impl Shared {
 
     /// Destroys a namespace given back, and frees its address once that is certain.
     async fn retire(self: Arc<Self>, netns: TaskNetns) {
-        if self.destroy(netns.address).await {
-            self.state().addresses.release(netns.address);
-            self.wake.notify_one();
+        let freed = self.destroy(netns.address).await;
+        {
+            let mut state = self.state();
+            state.destroying -= 1;
+            if freed {
+                state.addresses.release(netns.address);
+            }
         }
+        self.wake.notify_one();
+        self.changed.notify_waiters();
     }
 
     /// Prepares a namespace for the ready queue. After a failure the job keeps its place a
@@ -527,6 +552,7 @@ impl Shared {
             }
         }
         self.wake.notify_one();
+        self.changed.notify_waiters();
     }
 
     /// Creates the namespace of `address`: the namespace, its veth on the bridge (an isolated
@@ -925,6 +951,12 @@ async fn forget_connections(conntrack: &Path, addresses: &str) {
     };
     // The connections the task made, and those made to it (by the host: nothing else may).
     tokio::join!(forget("--orig-src"), forget("--orig-dst"));
+}
+
+fn exhausted(subnet: Ipv4Net) -> EngineError {
+    EngineError::Failed {
+        message: format!("the task subnet {subnet} has no free address left"),
+    }
 }
 
 fn unenforceable(hint: impl Into<String>) -> EngineError {
