@@ -51,7 +51,7 @@ pub const DEFAULT_TASK_BRIDGE: &str = "stvoci0";
 /// The subnet of the OCI runtime's task network unless the operator names another: a private
 /// range that Docker's default address pools (172.17.0.0/16 to 172.31.0.0/16, 192.168.0.0/16)
 /// never hand out.
-pub const DEFAULT_TASK_SUBNET: &str = "10.213.0.0/16";
+pub const DEFAULT_TASK_SUBNET: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(10, 213, 0, 0), 16);
 
 /// Where `ip netns` keeps the namespaces' bind mounts.
 const NETNS_DIR: &str = "/run/netns";
@@ -177,9 +177,7 @@ impl Default for NetnsPoolSettings {
         NetnsPoolSettings {
             network: "stevedore-tasks".to_owned(),
             bridge: DEFAULT_TASK_BRIDGE.to_owned(),
-            subnet: DEFAULT_TASK_SUBNET
-                .parse()
-                .unwrap_or_else(|_| Ipv4Net::from(Ipv4Addr::new(10, 213, 0, 0))),
+            subnet: DEFAULT_TASK_SUBNET,
             size: 8,
             policy: EgressPolicy {
                 blocked: EgressPolicy::default_blocked(),
@@ -298,11 +296,14 @@ impl NetnsPool {
     /// from then on.
     pub async fn shutdown(&self) {
         {
+            // What is ready or given back goes with the rest below.
             let mut state = self.shared.state();
             state.closing = true;
             state.ready.clear();
+            state.retiring.clear();
         }
         self.shared.wake.notify_one();
+        self.shared.changed.notify_waiters();
         let worker = self
             .worker
             .lock()
