@@ -31,11 +31,11 @@
 //! of settings, never leaves a moment without them; the jumps are added once.
 //!
 //! A bridge of stevedore's own (the direct OCI runtime's task network, [`isolate_own_bridge`])
-//! gets the same chains, with two differences: no one else's rules accept its traffic after
+//! gets the same chains, with three differences: no one else's rules accept its traffic after
 //! ours (Docker's `FORWARD` policy is `DROP`), so what passes is accepted rather than handed
-//! on, and the forward chain also filters the way back into the bridge (`-o <bridge>`:
-//! replies pass, anything new is refused); and a `nat` chain masquerades the subnet on its
-//! way out, as Docker does for its networks:
+//! on; the forward chain also filters the way back into the bridge (`-o <bridge>`: replies
+//! pass, anything new is refused); and a `nat` chain masquerades the subnet on its way out,
+//! as Docker does for its networks:
 //!
 //! ```text
 //! INPUT       -i <bridge> -j STEVEDORE-IN-<bridge>          (as above)

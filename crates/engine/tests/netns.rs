@@ -414,6 +414,23 @@ async fn a_task_namespace_reaches_allowed_destinations_and_the_world_but_not_the
         );
     }
 
+    // A new policy holds the namespaces already handed out: the host port allowed no more.
+    let mut stricter = pool.policy();
+    stricter
+        .allowed
+        .retain(|destination| destination.net.addr() != host);
+    pool.isolate(&stricter).await.unwrap();
+    assert_refused_by_firewall(
+        &first.path,
+        at(host, allowed_host_port),
+        "a host port no longer allowed",
+    );
+    let info = pool.settings().network_info();
+    assert_eq!(
+        (info.name.as_str(), info.gateways.as_slice()),
+        (NETWORK, &[gateway][..])
+    );
+
     pool.give_back(first).await;
     pool.give_back(second).await;
     tear_down(pool).await;
@@ -466,6 +483,25 @@ async fn a_namespace_given_back_comes_back_fresh() {
     );
     pool.give_back(again).await;
     tear_down(pool).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridge_with_other_addresses_is_refused_not_readdressed() {
+    if !root() {
+        return;
+    }
+    let bridge = "stvnt-other";
+    quietly(&["link", "del", bridge]);
+    ip(&["link", "add", bridge, "type", "bridge"]);
+    ip(&["addr", "add", "10.214.4.1/24", "dev", bridge]);
+    let refused = NetnsPool::start(settings(bridge, "10.214.5.0/24", 1, Vec::new())).await;
+    assert!(
+        matches!(&refused, Err(EngineError::LimitUnenforceable { hint, .. }) if hint.contains("10.214.4.1/24")),
+        "{refused:?}"
+    );
+    let addresses = ip_output(&["-4", "-o", "addr", "show", "dev", bridge]);
+    assert!(addresses.contains("10.214.4.1/24"), "{addresses}");
+    ip(&["link", "del", bridge]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

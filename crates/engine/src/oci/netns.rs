@@ -43,7 +43,7 @@ use tokio::task::JoinHandle;
 use super::{NetnsSource, TaskNetns};
 use crate::error::EngineError;
 use crate::firewall;
-use crate::network::{EgressPolicy, Ipv4Net, check_bridge_name};
+use crate::network::{EgressPolicy, Ipv4Net, NetworkInfo, check_bridge_name};
 
 /// The bridge of the OCI runtime's task network unless the operator names another.
 pub const DEFAULT_TASK_BRIDGE: &str = "stvoci0";
@@ -111,6 +111,8 @@ struct Shared {
     gateway: Ipv4Addr,
     /// The host's upstream DNS resolvers, reachable on port 53 from every namespace.
     nameservers: Vec<Ipv4Addr>,
+    /// The policy the firewall holds the bridge to now.
+    policy: Mutex<EgressPolicy>,
     /// The `ip` tool.
     ip: PathBuf,
     /// The `conntrack` tool, when installed.
@@ -188,6 +190,22 @@ impl Default for NetnsPoolSettings {
 }
 
 impl NetnsPoolSettings {
+    /// The task network as a runtime describes it (what its `ensure_network` and
+    /// `inspect_network` answer): named after [`NetnsPoolSettings::network`], its id the
+    /// bridge's name, no traffic between tasks, no IPv6.
+    pub fn network_info(&self) -> NetworkInfo {
+        let subnet = self.subnet.trunc();
+        NetworkInfo {
+            id: self.bridge.clone(),
+            name: self.network.clone(),
+            bridge: Some(self.bridge.clone()),
+            subnets: vec![subnet],
+            gateways: vec![AddressBook::gateway(subnet)],
+            inter_container: false,
+            ipv6: false,
+        }
+    }
+
     /// Checks what the kernel and the pool need: a bridge name the kernel and the firewall
     /// chains take, a subnet with room for the gateway and the pool.
     pub fn validate(&self) -> Result<(), EngineError> {
@@ -261,6 +279,7 @@ impl NetnsPool {
                 addresses: AddressBook::new(subnet),
                 closing: false,
             }),
+            policy: Mutex::new(settings.policy.clone()),
             settings,
             gateway,
             nameservers,
@@ -284,6 +303,32 @@ impl NetnsPool {
     /// What the pool was started with.
     pub fn settings(&self) -> &NetnsPoolSettings {
         &self.shared.settings
+    }
+
+    /// The policy the bridge is held to now: the settings' one, or the last
+    /// [`NetnsPool::isolate`]'s.
+    pub fn policy(&self) -> EgressPolicy {
+        self.shared
+            .policy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Holds every namespace of the pool, those tasks hold included, to `policy` from now on
+    /// (what a runtime's `isolate_network` does): the bridge's chains rebuilt whole in one
+    /// transaction, nothing per namespace.
+    pub async fn isolate(&self, policy: &EgressPolicy) -> Result<(), EngineError> {
+        let shared = &self.shared;
+        firewall::isolate_own_bridge(
+            &shared.settings.bridge,
+            shared.settings.subnet.trunc(),
+            policy,
+            &shared.nameservers,
+        )
+        .await?;
+        *shared.policy.lock().unwrap_or_else(PoisonError::into_inner) = policy.clone();
+        Ok(())
     }
 
     /// The tasks' default gateway, the bridge's address.
@@ -862,10 +907,16 @@ async fn ensure_bridge(
             .collect();
         if current == [address.as_str()] {
             format!("link set {bridge} up\n")
+        } else if current.is_empty() {
+            format!("addr add {address} dev {bridge}\nlink set {bridge} up\n")
         } else {
-            format!(
-                "addr flush dev {bridge}\naddr add {address} dev {bridge}\nlink set {bridge} up\n"
-            )
+            // Another network's bridge (Docker's?), or this one's before a change of subnet:
+            // readdressing it could cut off whatever is on it.
+            return Err(unenforceable(format!(
+                "the bridge {bridge} exists with the addresses {current:?}, not {address}: \
+                 choose another bridge name, or remove it (ip link del {bridge}) if it is an \
+                 old task bridge of stevedore's"
+            )));
         }
     } else {
         format!(
