@@ -151,6 +151,34 @@ fn dns_answers(resolver: Ipv4Addr) -> bool {
         .is_ok_and(|(length, _)| length >= 2 && answer[..2] == QUERY[..2])
 }
 
+/// Whether the `conntrack` tool is here (required in CI, where the pool must use it).
+fn conntrack_available() -> bool {
+    let here = Command::new("conntrack").arg("--version").output().is_ok();
+    assert!(
+        here || !in_ci(),
+        "CI must have conntrack (apt-get install conntrack)"
+    );
+    if !here {
+        eprintln!("conntrack is not installed: the connection tracking checks are skipped");
+    }
+    here
+}
+
+/// How many connection tracking entries `address` has, either way.
+fn tracked(address: Ipv4Addr) -> usize {
+    ["--orig-src", "--orig-dst"]
+        .iter()
+        .map(|direction| {
+            let output = Command::new("conntrack")
+                .args(["-L", direction, &address.to_string()])
+                .stderr(std::process::Stdio::null())
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&output.stdout).lines().count()
+        })
+        .sum()
+}
+
 fn ip(args: &[&str]) {
     let status = Command::new("ip").args(args).status().unwrap();
     assert!(status.success(), "ip {}", args.join(" "));
@@ -441,8 +469,13 @@ async fn a_namespace_given_back_comes_back_fresh() {
     if !root() {
         return;
     }
+    // A datagram to an allowed host port leaves a connection tracking entry behind.
+    let host = host_address();
+    let receiver = UdpSocket::bind((host, 0)).unwrap();
+    let udp_port = receiver.local_addr().unwrap().port();
+    let allowed = vec![Destination::address(host, udp_port)];
     // Five task addresses, so the first one's comes round again soon.
-    let pool = NetnsPool::start(settings("stvnt-reset", "10.214.1.0/29", 1, Vec::new()))
+    let pool = NetnsPool::start(settings("stvnt-reset", "10.214.1.0/29", 1, allowed))
         .await
         .unwrap();
     let used = pool.take(NETWORK).await.unwrap();
@@ -451,6 +484,17 @@ async fn a_namespace_given_back_comes_back_fresh() {
     let name = used.path.file_name().unwrap().to_str().unwrap().to_owned();
     ip(&["-n", &name, "addr", "add", "10.77.0.9/32", "dev", "eth0"]);
     let address = used.address;
+    let conntrack = conntrack_available();
+    if conntrack {
+        in_netns(&used.path, move || {
+            let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+            socket.send_to(b"hello", (host, udp_port)).unwrap();
+        });
+        let mut buffer = [0u8; 16];
+        receiver.set_read_timeout(Some(CONNECT_TIMEOUT)).unwrap();
+        receiver.recv_from(&mut buffer).unwrap();
+        assert!(tracked(address) > 0, "the datagram left no conntrack entry");
+    }
     pool.give_back(used.clone()).await;
     // Given back twice: the second is refused, and must not touch what the address becomes.
     pool.give_back(used).await;
@@ -475,6 +519,13 @@ async fn a_namespace_given_back_comes_back_fresh() {
     );
     let addresses = ip_output(&["-n", &name, "-4", "-o", "addr", "show"]);
     assert!(!addresses.contains("10.77.0.9"), "{addresses}");
+    if conntrack {
+        assert_eq!(
+            tracked(address),
+            0,
+            "the old task's connections outlived its namespace"
+        );
+    }
     let listening = connect_from(&again.path, SocketAddrV4::new(again.address, 7200));
     assert_eq!(
         listening.map_err(|error| error.kind()),
