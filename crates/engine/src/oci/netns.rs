@@ -61,6 +61,10 @@ const VETH_PREFIX: &str = "stv";
 const CAPABILITY: &str = "the task network";
 /// How long the background worker waits after a namespace could not be prepared.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Where the kernel lists its connection tracking table, when it does.
+const CONNTRACK_TABLE: &str = "/proc/net/nf_conntrack";
+/// Connection tracking entries from and to an address, both.
+const BOTH_WAYS: (bool, bool) = (true, true);
 /// How long a task waits for an address when every one is held, some by namespaces on their
 /// way out.
 const ADDRESS_WAIT: Duration = Duration::from_secs(10);
@@ -259,7 +263,7 @@ impl NetnsPool {
         firewall::isolate_own_bridge(&settings.bridge, subnet, &settings.policy, &nameservers)
             .await?;
         if let Some(conntrack) = &conntrack {
-            forget_connections(conntrack, &subnet.to_string()).await;
+            forget_connections(conntrack, &subnet.to_string(), BOTH_WAYS).await;
         }
         tracing::info!(
             bridge = %settings.bridge,
@@ -361,7 +365,8 @@ impl NetnsPool {
         }
         remove_leftovers(&self.shared.ip, &self.shared.settings).await;
         if let Some(conntrack) = &self.shared.conntrack {
-            forget_connections(conntrack, &self.shared.settings.subnet.trunc().to_string()).await;
+            let subnet = self.shared.settings.subnet.trunc().to_string();
+            forget_connections(conntrack, &subnet, BOTH_WAYS).await;
         }
     }
 
@@ -667,7 +672,7 @@ impl Shared {
             return false;
         }
         if let Some(conntrack) = &self.conntrack {
-            forget_connections(conntrack, &address.to_string()).await;
+            forget_task_connections(conntrack, address).await;
         }
         true
     }
@@ -984,10 +989,45 @@ async fn disable_ipv6_inside(path: PathBuf) -> Result<(), String> {
         .map_err(|_| "the namespace thread ended without an answer".to_owned())?
 }
 
-/// Deletes the connection tracking entries from and to `addresses` (an address or a CIDR
-/// range), so that no connection of a task that ended is taken for the next one's.
-async fn forget_connections(conntrack: &Path, addresses: &str) {
-    let forget = |direction: &'static str| async move {
+/// Deletes the connection tracking entries of a task's `address` that ended, so that no
+/// connection of it is taken for the next one's: the connections it made, and those made to
+/// it (by the host: nothing else may). When the kernel lists its table
+/// (`/proc/net/nf_conntrack`), only the directions that have entries are deleted, which most
+/// often is none: running `conntrack` costs milliseconds of CPU, reading the table far less.
+async fn forget_task_connections(conntrack: &Path, address: Ipv4Addr) {
+    let directions = match tokio::fs::read_to_string(CONNTRACK_TABLE).await {
+        Ok(table) => tracked_directions(&table, address),
+        Err(_) => BOTH_WAYS,
+    };
+    if directions != (false, false) {
+        forget_connections(conntrack, &address.to_string(), directions).await;
+    }
+}
+
+/// Whether the connection tracking `table` (`/proc/net/nf_conntrack`'s lines) has entries
+/// whose original direction comes from `address`, and entries whose original direction goes
+/// to it.
+fn tracked_directions(table: &str, address: Ipv4Addr) -> (bool, bool) {
+    let (source, destination) = (format!("src={address}"), format!("dst={address}"));
+    table.lines().fold((false, false), |(from, to), line| {
+        // The first src= and dst= of a line are the original direction's.
+        let mut words = line.split_whitespace();
+        let first_source = words.find(|word| word.starts_with("src="));
+        let first_destination = words.find(|word| word.starts_with("dst="));
+        (
+            from || first_source == Some(source.as_str()),
+            to || first_destination == Some(destination.as_str()),
+        )
+    })
+}
+
+/// Deletes the connection tracking entries from (`directions.0`) and to (`directions.1`)
+/// `addresses`, an address or a CIDR range.
+async fn forget_connections(conntrack: &Path, addresses: &str, directions: (bool, bool)) {
+    let forget = |direction: &'static str, wanted: bool| async move {
+        if !wanted {
+            return;
+        }
         let deleted = tokio::process::Command::new(conntrack)
             .args(["-D", direction, addresses])
             .stdin(Stdio::null())
@@ -1001,8 +1041,10 @@ async fn forget_connections(conntrack: &Path, addresses: &str) {
             tracing::warn!(%error, "cannot run conntrack");
         }
     };
-    // The connections the task made, and those made to it (by the host: nothing else may).
-    tokio::join!(forget("--orig-src"), forget("--orig-dst"));
+    tokio::join!(
+        forget("--orig-src", directions.0),
+        forget("--orig-dst", directions.1)
+    );
 }
 
 fn exhausted(subnet: Ipv4Net) -> EngineError {
@@ -1070,6 +1112,18 @@ mod tests {
         );
         assert_eq!(address_in_name("stv0ae50002", VETH_PREFIX, subnet), None);
         assert_eq!(address_in_name("stvd-nettest", VETH_PREFIX, subnet), None);
+    }
+
+    #[test]
+    fn the_conntrack_table_tells_which_directions_an_address_has() {
+        let table = "ipv4     2 tcp      6 431999 ESTABLISHED src=10.213.0.2 dst=203.0.113.7 sport=40000 dport=443 src=203.0.113.7 dst=192.0.2.2 sport=443 dport=40000 [ASSURED] mark=0 use=1\n\
+                     ipv4     2 udp      17 29 src=192.0.2.2 dst=10.213.0.3 sport=5000 dport=53 [UNREPLIED] src=10.213.0.3 dst=192.0.2.2 sport=53 dport=5000 mark=0 use=1\n";
+        let address = |last| Ipv4Addr::new(10, 213, 0, last);
+        assert_eq!(tracked_directions(table, address(2)), (true, false));
+        assert_eq!(tracked_directions(table, address(3)), (false, true));
+        // 10.213.0.2's replies name 10.213.0.20's prefix, never a match.
+        assert_eq!(tracked_directions(table, address(20)), (false, false));
+        assert_eq!(tracked_directions("", address(2)), (false, false));
     }
 
     #[test]
