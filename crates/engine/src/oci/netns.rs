@@ -12,9 +12,9 @@
 //!         from it reaches another task's)
 //! ```
 //!
-//! A namespace's life: prepared in the background → ready → [`NetnsSource::take`]n by a task
-//! → [`NetnsSource::give_back`] when the task's container is gone → destroyed in the
-//! background → its address free again. The reset is destruction: a namespace serves one
+//! A namespace's life: prepared in the background → ready → taken for a task
+//! ([`NetnsSource::take`]) → given back when the task's container is gone
+//! ([`NetnsSource::give_back`]) → destroyed in the background → its address free again. The reset is destruction: a namespace serves one
 //! task, so nothing a task left in it (a listening socket, an address, a route, a process
 //! the runtime missed) can meet the next one. Its veth is deleted first, which cuts the old
 //! namespace off at once even while something still holds it; then its bind mount goes, and
@@ -26,7 +26,7 @@
 //! A process killed with `kill -9` leaves its namespaces and veths behind: the names carry
 //! the bridge's name and the address (inside the pool's subnet), so the next start removes
 //! them before anything else, as does [`NetnsPool::shutdown`] (or, as a last resort, dropping
-//! the pool).
+//! the pool). Hence one pool per bridge on a host: a second one would remove the first's.
 
 use std::collections::{HashSet, VecDeque};
 use std::net::Ipv4Addr;
