@@ -29,6 +29,20 @@
 //! The chains are rebuilt whole in one `iptables-restore --noflush` transaction (the chain
 //! header flushes just that chain), so applying the rules again, after a restart or a change
 //! of settings, never leaves a moment without them; the jumps are added once.
+//!
+//! A bridge of stevedore's own (the direct OCI runtime's task network, [`isolate_own_bridge`])
+//! gets the same chains, with three differences: no one else's rules accept its traffic after
+//! ours (Docker's `FORWARD` policy is `DROP`), so what passes is accepted rather than handed
+//! on; the forward chain also filters the way back into the bridge (`-o <bridge>`: replies
+//! pass, anything new is refused); and a `nat` chain masquerades the subnet on its way out,
+//! as Docker does for its networks:
+//!
+//! ```text
+//! INPUT       -i <bridge> -j STEVEDORE-IN-<bridge>          (as above)
+//! DOCKER-USER -i <bridge> -j STEVEDORE-FWD-<bridge>         (as above, ACCEPT for RETURN)
+//! DOCKER-USER -o <bridge> -j STEVEDORE-FWD-<bridge>         (replies only)
+//! POSTROUTING             -j STEVEDORE-NAT-<bridge>         (-s <subnet> ! -o <bridge> → MASQUERADE)
+//! ```
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -37,7 +51,7 @@ use std::process::Stdio;
 use tokio::io::AsyncWriteExt;
 
 use crate::error::EngineError;
-use crate::network::{Destination, EgressPolicy, NetworkInfo};
+use crate::network::{Destination, EgressPolicy, Ipv4Net, NetworkInfo};
 
 /// What the firewall errors call the missing capability.
 const CAPABILITY: &str = "task network isolation";
@@ -45,6 +59,9 @@ const CAPABILITY: &str = "task network isolation";
 const LOCK_WAIT_SECS: &str = "10";
 /// Where DNS resolvers are listed on the engine's host.
 const RESOLV_CONF: &str = "/etc/resolv.conf";
+/// Where systemd-resolved lists the upstream resolvers when `/etc/resolv.conf` names only
+/// its local stub (127.0.0.53), which no task network reaches.
+const RESOLVED_UPSTREAM_CONF: &str = "/run/systemd/resolve/resolv.conf";
 
 /// One address family's tools.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,15 +91,18 @@ pub(crate) async fn isolate(
             network.name
         )));
     }
-    let resolvers = host_resolvers(
-        &tokio::fs::read_to_string(RESOLV_CONF)
-            .await
-            .unwrap_or_default(),
-    );
-    let v4 = ipv4_rules(bridge, policy, &resolvers);
-    apply(Family::V4, &v4, bridge, forward_chain_v4().await).await?;
+    let resolvers = upstream_resolvers().await;
+    let v4 = ipv4_rules(bridge, policy, &resolvers, Pass::Return);
+    let forward_from = forward_chain_v4().await;
+    apply(
+        Family::V4,
+        &v4,
+        &filter_hooks(bridge, forward_from, Pass::Return),
+    )
+    .await?;
     if Path::new("/proc/net/if_inet6").exists() {
-        apply(Family::V6, &ipv6_rules(bridge), bridge, "FORWARD").await?;
+        let hooks = filter_hooks(bridge, "FORWARD", Pass::Return);
+        apply(Family::V6, &ipv6_rules(bridge), &hooks).await?;
     }
     tracing::info!(
         network = %network.name,
@@ -93,6 +113,101 @@ pub(crate) async fn isolate(
         "task network isolated by the host firewall"
     );
     Ok(())
+}
+
+/// Applies `policy` to `bridge`, a bridge of stevedore's own on this host whose tasks are in
+/// `subnet`, with `resolvers` reachable on port 53: the same chains as [`isolate`], what
+/// passes accepted, replies let back in, and the subnet masqueraded on its way out.
+pub(crate) async fn isolate_own_bridge(
+    bridge: &str,
+    subnet: Ipv4Net,
+    policy: &EgressPolicy,
+    resolvers: &[Ipv4Addr],
+) -> Result<(), EngineError> {
+    crate::network::check_bridge_name(bridge)?;
+    let forward_from = forward_chain_v4().await;
+    let v4 = ipv4_rules(bridge, policy, resolvers, Pass::Accept);
+    apply(
+        Family::V4,
+        &v4,
+        &filter_hooks(bridge, forward_from, Pass::Accept),
+    )
+    .await?;
+    let nat = masquerade_rules(bridge, subnet);
+    let nat_hook = Hook {
+        table: "nat",
+        from: "POSTROUTING",
+        matches: Vec::new(),
+        to: nat_chain(bridge),
+    };
+    apply(Family::V4, &nat, &[nat_hook]).await?;
+    if Path::new("/proc/net/if_inet6").exists() {
+        let hooks = filter_hooks(bridge, "FORWARD", Pass::Accept);
+        apply(Family::V6, &ipv6_rules(bridge), &hooks).await?;
+    }
+    tracing::info!(
+        bridge,
+        %subnet,
+        blocked = policy.blocked.len(),
+        allowed = ?policy.allowed.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        resolvers = ?resolvers,
+        "task bridge isolated by the host firewall"
+    );
+    Ok(())
+}
+
+/// Takes the chains of `bridge`, an own bridge that goes away, and the jumps to them off the
+/// host firewall. Best effort: what is not there is not missed.
+pub(crate) async fn remove_own_bridge(bridge: &str) {
+    let mut v4 = filter_hooks(bridge, "FORWARD", Pass::Accept);
+    v4.extend(filter_hooks(bridge, "DOCKER-USER", Pass::Accept));
+    v4.push(Hook {
+        table: "nat",
+        from: "POSTROUTING",
+        matches: Vec::new(),
+        to: nat_chain(bridge),
+    });
+    let v6 = filter_hooks(bridge, "FORWARD", Pass::Accept);
+    for (family, hooks) in [(Family::V4, v4), (Family::V6, v6)] {
+        for hook in &hooks {
+            let delete: Vec<&str> = ["-w", LOCK_WAIT_SECS, "-t", hook.table, "-D", hook.from]
+                .into_iter()
+                .chain(hook.matches.iter().map(String::as_str))
+                .chain(["-j", hook.to.as_str()])
+                .collect();
+            while run(family, &delete).await.is_ok() {}
+        }
+        let mut chains: Vec<(&str, &str)> = hooks
+            .iter()
+            .map(|hook| (hook.table, hook.to.as_str()))
+            .collect();
+        chains.sort_unstable();
+        chains.dedup();
+        for (table, chain) in chains {
+            for action in ["-F", "-X"] {
+                let _ = run(family, &["-w", LOCK_WAIT_SECS, "-t", table, action, chain]).await;
+            }
+        }
+    }
+}
+
+/// The DNS resolvers a task network is given and may reach: the engine host's own, from
+/// `/etc/resolv.conf`, or systemd-resolved's upstream ones when that file names only the
+/// local stub (as Docker does).
+pub(crate) async fn upstream_resolvers() -> Vec<Ipv4Addr> {
+    let resolvers = host_resolvers(
+        &tokio::fs::read_to_string(RESOLV_CONF)
+            .await
+            .unwrap_or_default(),
+    );
+    if !resolvers.is_empty() {
+        return resolvers;
+    }
+    host_resolvers(
+        &tokio::fs::read_to_string(RESOLVED_UPSTREAM_CONF)
+            .await
+            .unwrap_or_default(),
+    )
 }
 
 /// The chain forwarded traffic is filtered in: Docker's `DOCKER-USER`, which Docker keeps
@@ -119,15 +234,47 @@ pub(crate) fn forward_chain(bridge: &str) -> String {
     format!("STEVEDORE-FWD-{bridge}")
 }
 
+/// The chain that masquerades an own bridge's subnet.
+pub(crate) fn nat_chain(bridge: &str) -> String {
+    format!("STEVEDORE-NAT-{bridge}")
+}
+
+/// What the forward chain does with a packet it lets through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pass {
+    /// Hands it on to the network owner's rules (Docker's, which accept its bridges' traffic).
+    Return,
+    /// Accepts it: a bridge of stevedore's own, whose traffic no other rule accepts.
+    Accept,
+}
+
+/// A jump from a built-in chain to one of ours: `-t <table> <from> <matches> -j <to>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Hook {
+    table: &'static str,
+    from: &'static str,
+    matches: Vec<String>,
+    to: String,
+}
+
 /// The IPv4 rules, in `iptables-restore` form.
-pub(crate) fn ipv4_rules(bridge: &str, policy: &EgressPolicy, resolvers: &[Ipv4Addr]) -> String {
+pub(crate) fn ipv4_rules(
+    bridge: &str,
+    policy: &EgressPolicy,
+    resolvers: &[Ipv4Addr],
+    pass: Pass,
+) -> String {
     const REJECT: &str = "-j REJECT --reject-with icmp-admin-prohibited";
     let (input, forward) = (input_chain(bridge), forward_chain(bridge));
+    let through = match pass {
+        Pass::Return => "RETURN",
+        Pass::Accept => "ACCEPT",
+    };
     let mut allowed: Vec<Destination> = policy.allowed.clone();
     allowed.extend(resolvers.iter().map(|ip| Destination::address(*ip, 53)));
     allowed.sort();
     allowed.dedup();
-    let allow_rules = |chain: &str, rules: &mut Vec<String>| {
+    let allow_rules = |chain: &str, verdict: &str, rules: &mut Vec<String>| {
         for destination in &allowed {
             let net = destination.net;
             match destination.port {
@@ -135,12 +282,12 @@ pub(crate) fn ipv4_rules(bridge: &str, policy: &EgressPolicy, resolvers: &[Ipv4A
                     for protocol in ["tcp", "udp"] {
                         rules.push(format!(
                             "-A {chain} -p {protocol} -m conntrack --ctorigdst {net} \
-                             --ctorigdstport {port} -j RETURN"
+                             --ctorigdstport {port} -j {verdict}"
                         ));
                     }
                 }
                 None => rules.push(format!(
-                    "-A {chain} -m conntrack --ctorigdst {net} -j RETURN"
+                    "-A {chain} -m conntrack --ctorigdst {net} -j {verdict}"
                 )),
             }
         }
@@ -151,19 +298,54 @@ pub(crate) fn ipv4_rules(bridge: &str, policy: &EgressPolicy, resolvers: &[Ipv4A
         format!(":{forward} - [0:0]"),
         format!("-A {input} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"),
     ];
-    allow_rules(&input, &mut rules);
+    allow_rules(&input, "RETURN", &mut rules);
     rules.push(format!("-A {input} {REJECT}"));
     rules.push(format!(
-        "-A {forward} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"
+        "-A {forward} -m conntrack --ctstate RELATED,ESTABLISHED -j {through}"
     ));
     rules.push(format!("-A {forward} -o {bridge} {REJECT}"));
-    allow_rules(&forward, &mut rules);
+    allow_rules(&forward, through, &mut rules);
     rules.push(format!("-A {forward} -m conntrack --ctstate DNAT {REJECT}"));
     for net in &policy.blocked {
         rules.push(format!("-A {forward} -d {} {REJECT}", net.trunc()));
     }
+    if pass == Pass::Accept {
+        rules.push(format!("-A {forward} -j ACCEPT"));
+    }
     rules.push("COMMIT".to_owned());
     rules.join("\n") + "\n"
+}
+
+/// The `nat` rules of an own bridge: its subnet masqueraded on the way out of it.
+pub(crate) fn masquerade_rules(bridge: &str, subnet: Ipv4Net) -> String {
+    let nat = nat_chain(bridge);
+    [
+        "*nat".to_owned(),
+        format!(":{nat} - [0:0]"),
+        format!("-A {nat} -s {} ! -o {bridge} -j MASQUERADE", subnet.trunc()),
+        "COMMIT".to_owned(),
+    ]
+    .join("\n")
+        + "\n"
+}
+
+/// The jumps to `bridge`'s filter chains: its traffic to the host from `INPUT`, its traffic
+/// through the host from `forward_from`, and, for an own bridge, the traffic into it too.
+fn filter_hooks(bridge: &str, forward_from: &'static str, pass: Pass) -> Vec<Hook> {
+    let hook = |from: &'static str, direction: &str, to: String| Hook {
+        table: "filter",
+        from,
+        matches: vec![direction.to_owned(), bridge.to_owned()],
+        to,
+    };
+    let mut hooks = vec![
+        hook("INPUT", "-i", input_chain(bridge)),
+        hook(forward_from, "-i", forward_chain(bridge)),
+    ];
+    if pass == Pass::Accept {
+        hooks.push(hook(forward_from, "-o", forward_chain(bridge)));
+    }
+    hooks
 }
 
 /// The IPv6 rules: nothing from the bridge, to the host or through it.
@@ -196,30 +378,26 @@ pub(crate) fn host_resolvers(resolv_conf: &str) -> Vec<Ipv4Addr> {
         .collect()
 }
 
-/// Rebuilds the two chains of `bridge` from `rules` and makes sure `INPUT` and
-/// `forward_from` jump to them, first.
-async fn apply(
-    family: Family,
-    rules: &str,
-    bridge: &str,
-    forward_from: &str,
-) -> Result<(), EngineError> {
+/// Rebuilds the chains in `rules` and makes sure each of `hooks` jumps to them, first.
+async fn apply(family: Family, rules: &str, hooks: &[Hook]) -> Result<(), EngineError> {
     run_restore(family, rules).await?;
-    for (from, to) in [
-        ("INPUT", input_chain(bridge)),
-        (forward_from, forward_chain(bridge)),
-    ] {
-        let jump = ["-i", bridge, "-j", to.as_str()];
-        let check: Vec<&str> = ["-w", LOCK_WAIT_SECS, "-C", from]
+    for hook in hooks {
+        let jump: Vec<&str> = hook
+            .matches
+            .iter()
+            .map(String::as_str)
+            .chain(["-j", hook.to.as_str()])
+            .collect();
+        let check: Vec<&str> = ["-w", LOCK_WAIT_SECS, "-t", hook.table, "-C", hook.from]
             .into_iter()
-            .chain(jump)
+            .chain(jump.iter().copied())
             .collect();
         if run(family, &check).await.is_ok() {
             continue;
         }
-        let insert: Vec<&str> = ["-w", LOCK_WAIT_SECS, "-I", from, "1"]
+        let insert: Vec<&str> = ["-w", LOCK_WAIT_SECS, "-t", hook.table, "-I", hook.from, "1"]
             .into_iter()
-            .chain(jump)
+            .chain(jump.iter().copied())
             .collect();
         run(family, &insert).await?;
     }
@@ -280,8 +458,7 @@ async fn run(family: Family, args: &[&str]) -> Result<(), EngineError> {
     }
 }
 
-/// The path of `iptables`, `ip6tables` or their `-restore`, from `PATH` or the usual sbin
-/// directories (which a non-login `PATH` may lack).
+/// The path of `iptables`, `ip6tables` or their `-restore`.
 fn program(family: Family, restore: bool) -> Result<PathBuf, EngineError> {
     let name = match (family, restore) {
         (Family::V4, false) => "iptables",
@@ -289,16 +466,21 @@ fn program(family: Family, restore: bool) -> Result<PathBuf, EngineError> {
         (Family::V6, false) => "ip6tables",
         (Family::V6, true) => "ip6tables-restore",
     };
+    find_program(name).ok_or_else(|| {
+        unenforceable(format!(
+            "{name} is not installed (Debian: apt-get install iptables)"
+        ))
+    })
+}
+
+/// The path of the system program `name`, from `PATH` or the usual sbin directories (which a
+/// non-login `PATH` may lack).
+pub(crate) fn find_program(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from))
         .map(|directory| directory.join(name))
         .find(|candidate| candidate.is_file())
-        .ok_or_else(|| {
-            unenforceable(format!(
-                "{name} is not installed (Debian: apt-get install iptables)"
-            ))
-        })
 }
 
 fn unenforceable(hint: String) -> EngineError {
@@ -326,7 +508,12 @@ mod tests {
                 port: Some(5432),
             }],
         };
-        let rules = ipv4_rules("stevedore0", &policy, &[Ipv4Addr::new(10, 255, 255, 53)]);
+        let rules = ipv4_rules(
+            "stevedore0",
+            &policy,
+            &[Ipv4Addr::new(10, 255, 255, 53)],
+            Pass::Return,
+        );
         let lines: Vec<&str> = rules.lines().collect();
         let position = |needle: &str| {
             lines
@@ -360,6 +547,51 @@ mod tests {
         assert!(other_tasks < allowed_fwd && allowed_fwd < dnat && dnat < link_local);
         assert_eq!(lines.first(), Some(&"*filter"));
         assert_eq!(lines.last(), Some(&"COMMIT"));
+    }
+
+    #[test]
+    fn an_own_bridge_accepts_what_passes_and_masquerades_its_subnet() {
+        let policy = EgressPolicy {
+            blocked: vec![net("10.0.0.0/8")],
+            allowed: vec![Destination {
+                net: net("10.1.2.3"),
+                port: None,
+            }],
+        };
+        let docker = ipv4_rules("stvoci0", &policy, &[], Pass::Return);
+        assert!(!docker.contains("ACCEPT"), "{docker}");
+        let own = ipv4_rules("stvoci0", &policy, &[], Pass::Accept);
+        let lines: Vec<&str> = own.lines().collect();
+        let reject = "-j REJECT --reject-with icmp-admin-prohibited";
+        assert_eq!(
+            lines[lines.len() - 5..],
+            [
+                "-A STEVEDORE-FWD-stvoci0 -m conntrack --ctorigdst 10.1.2.3/32 -j ACCEPT",
+                &format!("-A STEVEDORE-FWD-stvoci0 -m conntrack --ctstate DNAT {reject}"),
+                &format!("-A STEVEDORE-FWD-stvoci0 -d 10.0.0.0/8 {reject}"),
+                "-A STEVEDORE-FWD-stvoci0 -j ACCEPT",
+                "COMMIT",
+            ]
+        );
+        // To the host nothing changes: the host's own INPUT rules still have their say.
+        assert!(
+            own.contains("-A STEVEDORE-IN-stvoci0 -m conntrack --ctorigdst 10.1.2.3/32 -j RETURN")
+        );
+        assert!(own.contains(&format!("-A STEVEDORE-IN-stvoci0 {reject}")));
+        // Replies come back into the bridge; nothing new does.
+        let hooks = filter_hooks("stvoci0", "DOCKER-USER", Pass::Accept);
+        assert!(hooks.iter().any(|hook| hook.from == "DOCKER-USER"
+            && hook.matches == ["-o", "stvoci0"]
+            && hook.to == "STEVEDORE-FWD-stvoci0"));
+        assert_eq!(
+            filter_hooks("stvoci0", "DOCKER-USER", Pass::Return).len(),
+            2
+        );
+        assert_eq!(
+            masquerade_rules("stvoci0", net("10.47.0.0/16")),
+            "*nat\n:STEVEDORE-NAT-stvoci0 - [0:0]\n\
+             -A STEVEDORE-NAT-stvoci0 -s 10.47.0.0/16 ! -o stvoci0 -j MASQUERADE\nCOMMIT\n"
+        );
     }
 
     #[test]

@@ -17,10 +17,12 @@ use crate::error::EngineError;
 mod bundle;
 mod cgroup;
 mod images;
+mod netns;
 mod rootfs;
 mod runtime;
 
 pub use images::{OciImages, OciImagesSettings, PinnedImage};
+pub use netns::{DEFAULT_TASK_BRIDGE, DEFAULT_TASK_SUBNET, NetnsPool, NetnsPoolSettings};
 pub use runtime::{OciRuntime, OciRuntimeKind, OciSettings};
 
 /// An image unpacked in the local layer store, ready to be the lower layers of a task's
