@@ -276,6 +276,11 @@ impl UnpackedImages for OciImages {
         let state = self.inner.state();
         Ok(self.inner.unpacked_of(&state.index, reference))
     }
+
+    fn pin(&self, reference: &str) -> Option<(UnpackedImage, crate::oci::ImagePin)> {
+        let pinned = OciImages::pin(self, reference)?;
+        Some((pinned.image().clone(), Box::new(pinned)))
+    }
 }
 
 #[async_trait]

@@ -16,11 +16,13 @@ use crate::error::EngineError;
 
 mod bundle;
 mod cgroup;
+mod engine;
 mod images;
 mod netns;
 mod rootfs;
 mod runtime;
 
+pub use engine::{OciEngine, OciEngineSettings};
 pub use images::{OciImages, OciImagesSettings, PinnedImage};
 pub use netns::{DEFAULT_TASK_BRIDGE, DEFAULT_TASK_SUBNET, NetnsPool, NetnsPoolSettings};
 pub use runtime::{OciRuntime, OciRuntimeKind, OciSettings};
@@ -56,7 +58,18 @@ pub trait UnpackedImages: Send + Sync + 'static {
     /// The image `reference` (a name with tag or digest, or an id) as unpacked here; `None`
     /// when it is not (the runner's `ensure_image` brings it first).
     async fn unpacked(&self, reference: &str) -> Result<Option<UnpackedImage>, EngineError>;
+
+    /// The image `reference` unpacked and held for a container's life: its layers stay until
+    /// the returned guard is dropped (the store refuses to remove it meanwhile). `None` when
+    /// the store holds nothing for a container, as a fixed test image does; the runtime then
+    /// asks [`UnpackedImages::unpacked`].
+    fn pin(&self, _reference: &str) -> Option<(UnpackedImage, ImagePin)> {
+        None
+    }
 }
+
+/// What keeps an image's layers while a container runs on them: dropped at its removal.
+pub type ImagePin = Box<dyn std::any::Any + Send + Sync>;
 
 /// A network namespace prepared ahead of time for one task, with the same isolation rules as
 /// the Docker path's task network (no host, no link-local, no other tasks, the operator's

@@ -53,7 +53,7 @@ use crate::engine::{
 use crate::error::EngineError;
 use crate::network::{EgressPolicy, NetworkInfo, NetworkSpec};
 use crate::oci::cgroup::{self, Limits, TaskGroup};
-use crate::oci::{NetnsSource, TaskNetns, UnpackedImages, bundle, rootfs};
+use crate::oci::{ImagePin, NetnsSource, TaskNetns, UnpackedImages, bundle, rootfs};
 use crate::spec::{ContainerId, ContainerSpec, KEPT_OUTPUT_BYTES};
 
 /// The OCI specification version the configurations are written for.
@@ -132,6 +132,8 @@ struct Live {
     /// The memory limit of its task group, which tells an OOM kill on cgroup v1.
     memory_limit: Option<u64>,
     netns: Mutex<Option<TaskNetns>>,
+    /// Keeps the image's layers while the container lives.
+    _image_pin: Option<ImagePin>,
     /// Where the output goes while a reader is attached.
     attached: Mutex<Option<mpsc::Sender<Result<LogChunk, EngineError>>>>,
     phase: watch::Sender<Phase>,
@@ -497,13 +499,18 @@ impl Inner {
             }
             None => new_id(),
         };
-        let image =
-            self.images
-                .unpacked(&spec.image)
-                .await?
-                .ok_or_else(|| EngineError::ImageNotFound {
-                    image: spec.image.clone(),
-                })?;
+        // Held from here to the removal, so that the layers under the overlay stay.
+        let (image, image_pin) = match self.images.pin(&spec.image) {
+            Some((image, pin)) => (image, Some(pin)),
+            None => (
+                self.images.unpacked(&spec.image).await?.ok_or_else(|| {
+                    EngineError::ImageNotFound {
+                        image: spec.image.clone(),
+                    }
+                })?,
+                None,
+            ),
+        };
         let bundle_dir = self.bundle(&id);
         match tokio::fs::create_dir(&bundle_dir).await {
             Ok(()) => {}
@@ -559,6 +566,7 @@ impl Inner {
             group,
             memory_limit: spec.memory_bytes,
             netns: Mutex::new(netns),
+            _image_pin: image_pin,
             attached: Mutex::new(None),
             phase: watch::Sender::new(Phase::Created),
             output_done: watch::Sender::new(false),
