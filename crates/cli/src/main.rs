@@ -76,6 +76,10 @@ enum Command {
         /// data directory).
         #[arg(long)]
         database: Option<String>,
+        /// What runs the tasks: `docker` (default) or `oci`, an OCI runtime (crun or runc)
+        /// driven directly (`engine` in the settings).
+        #[arg(long, value_enum)]
+        engine: Option<settings::EngineKind>,
     },
     /// Run tasks for a server elsewhere: lease over its runner protocol, run each task in a
     /// container on this machine's Docker engine.
@@ -89,6 +93,8 @@ enum Command {
         /// The runner's lease ledger.
         #[arg(long)]
         ledger: PathBuf,
+        #[command(flatten)]
+        engine: watchdog::WatchedEngine,
     },
     /// Manage projects (tenants).
     Project {
@@ -174,6 +180,9 @@ struct RunnerArgs {
     /// Serve this runner's Prometheus metrics at `http://ADDR/metrics` (default: not served).
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
+    /// What runs the tasks: `docker` (default) or `oci` (`engine` in the settings).
+    #[arg(long, value_enum)]
+    engine: Option<settings::EngineKind>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -328,13 +337,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cmd::gc::run(store.as_ref(), &settings, args, format, stop).await
         }
         Command::Runner(args) => remote_runner(settings, *args).await,
-        Command::Watchdog { runner_id, ledger } => watchdog::run(runner_id, ledger).await,
-        Command::Serve { listen, database } => {
+        Command::Watchdog {
+            runner_id,
+            ledger,
+            engine,
+        } => watchdog::run(runner_id, ledger, engine).await,
+        Command::Serve {
+            listen,
+            database,
+            engine,
+        } => {
             if let Some(listen) = listen {
                 settings.listen = listen;
             }
             if database.is_some() {
                 settings.database = database;
+            }
+            if let Some(engine) = engine {
+                settings.engine = engine;
             }
             serve(settings).await
         }
@@ -453,6 +473,31 @@ async fn runner_token_clusters(
     Ok(Some(clusters))
 }
 
+/// What runs the tasks of this process's runner, by the settings' `engine`, and how its
+/// watchdog reaches the same containers.
+async fn task_engine(
+    settings: &Settings,
+) -> anyhow::Result<(Arc<dyn ContainerEngine>, watchdog::WatchedEngine)> {
+    match settings.engine {
+        settings::EngineKind::Docker => Ok((
+            Arc::new(connect_engine().await?),
+            watchdog::WatchedEngine::default(),
+        )),
+        settings::EngineKind::Oci => {
+            let oci = settings.oci_engine_settings()?;
+            let watched = watchdog::WatchedEngine {
+                engine: Some(settings::EngineKind::Oci),
+                oci_root: Some(oci.runtime.state_root.clone()),
+                oci_runtime: oci.runtime.runtime.clone(),
+            };
+            let engine = stevedore_engine::oci::OciEngine::start(oci)
+                .await
+                .context("the OCI engine cannot start (engine = \"oci\")")?;
+            Ok((Arc::new(engine), watched))
+        }
+    }
+}
+
 /// The Docker engine, each request about a task's container timed in the metrics.
 pub(crate) async fn connect_engine() -> anyhow::Result<DockerEngine> {
     let engine = DockerEngine::connect().await.context(
@@ -541,7 +586,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         AppState::lease_wake_hook(lease_wake.clone(), on_enqueue.clone()),
     );
     if settings.runner.enabled {
-        let engine: Arc<dyn ContainerEngine> = Arc::new(connect_engine().await?);
+        let (engine, watched) = task_engine(&settings).await?;
         // Recorded like a runner leasing over HTTP, often enough to stay online in cluster
         // statistics while it polls, seldom enough that idle polls do not write every time.
         let source = Arc::new(
@@ -565,7 +610,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             .start()
             .await
             .context("the embedded runner cannot start (set runner.enabled = false to serve the API without running tasks)")?;
-        watchdog::ensure_watchdog(&identity.id, &ledger)?;
+        watchdog::ensure_watchdog(&identity.id, &ledger, &watched)?;
         source.set_capacity(started.capacity());
         let runner_shutdown = shutdown.child_token();
         background.spawn(async move {
@@ -718,6 +763,10 @@ async fn remote_runner(settings: Settings, args: RunnerArgs) -> anyhow::Result<(
     if args.capacity.is_some() {
         config.capacity = args.capacity;
     }
+    let mut settings = settings;
+    if let Some(engine) = args.engine {
+        settings.engine = engine;
+    }
     // The server holds a lease request until there is work, so the runner need not poll.
     config.idle_poll_interval = Duration::from_millis(250);
     let shutdown = CancellationToken::new();
@@ -732,11 +781,11 @@ async fn remote_runner(settings: Settings, args: RunnerArgs) -> anyhow::Result<(
         .probe(&config.runner_id, &config.clusters)
         .await
         .context("the runner cannot start")?;
-    let engine: Arc<dyn ContainerEngine> = Arc::new(connect_engine().await?);
+    let (engine, watched) = task_engine(&settings).await?;
     let runner_id = config.runner_id.clone();
     let runner = Runner::new(config, source.clone(), engine);
     let started = runner.start().await.context("the runner cannot start")?;
-    watchdog::ensure_watchdog(&runner_id, &ledger)?;
+    watchdog::ensure_watchdog(&runner_id, &ledger, &watched)?;
     source.set_capacity(started.capacity());
     tracing::info!(api = %args.api, %runner_id, "runner leasing from the server");
     let stop = shutdown.clone();

@@ -82,6 +82,62 @@ pub struct Settings {
     /// the leader removes older logs, payloads and packages every `interval_secs`;
     /// `stevedore gc` does it at once.
     pub retention: RetentionSettings,
+    /// What runs the task containers of `serve`'s runner and of `stevedore runner`:
+    /// `docker` (the default) or `oci` (`STEVEDORE_ENGINE`, `--engine`).
+    pub engine: EngineKind,
+    /// The direct OCI runtime (`[oci]`, `STEVEDORE_OCI__<KEY>`), when `engine = "oci"`.
+    pub oci: OciSettings,
+}
+
+/// What runs task containers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// The Docker engine: images it builds, pulls and holds, containers it runs.
+    #[default]
+    Docker,
+    /// An OCI runtime (`crun`, or `runc`) driven directly, on images unpacked into
+    /// stevedore's own store: a container starts in a fraction of Docker's time.
+    Oci,
+}
+
+/// `[oci]`: the direct OCI runtime.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OciSettings {
+    /// The runtime: `crun`, `runc` or a path to either. Absent: `crun` when installed,
+    /// `runc` otherwise.
+    pub runtime: Option<PathBuf>,
+    /// Where bundles, the runtime's state and the image store live: a local file system
+    /// that holds device nodes and extended attributes (ext4, xfs, tmpfs; not overlayfs).
+    /// Absent: `oci` in the data directory.
+    pub root: Option<PathBuf>,
+    /// The task network's bridge (at most 14 characters): the engine's own, not the Docker
+    /// network's (`task_network.bridge`), so both engines can run on one host.
+    pub bridge: String,
+    /// The task network's IPv4 subnet.
+    pub subnet: String,
+    /// Network namespaces kept ready for tasks.
+    pub pool_size: usize,
+    /// Take images the local Docker engine has from it (the stacks `stack build-local`
+    /// built, images pushed nowhere); pull the others from their registries.
+    pub import_from_docker: bool,
+    /// Registries (`host:port`) reached over plain HTTP; loopback ones always are.
+    pub insecure_registries: Vec<String>,
+}
+
+impl Default for OciSettings {
+    fn default() -> Self {
+        OciSettings {
+            runtime: None,
+            root: None,
+            bridge: stevedore_engine::oci::DEFAULT_TASK_BRIDGE.to_owned(),
+            subnet: stevedore_engine::oci::DEFAULT_TASK_SUBNET.to_string(),
+            pool_size: 8,
+            import_from_docker: true,
+            insecure_registries: Vec::new(),
+        }
+    }
 }
 
 /// `[retention]`: what finished work leaves behind, and for how long it is kept.
@@ -518,6 +574,8 @@ impl Default for Settings {
             code_registry: None,
             quotas: QuotaLimits::default(),
             retention: RetentionSettings::default(),
+            engine: EngineKind::default(),
+            oci: OciSettings::default(),
         }
     }
 }
@@ -615,6 +673,51 @@ impl Settings {
     /// The built-in stacks on the chosen images, with the configured changes.
     pub fn stack_table(&self) -> anyhow::Result<StackTable> {
         StackTable::configured(self.stack_images, &self.stacks).context("invalid configuration")
+    }
+
+    /// The OCI engine's root directory.
+    pub fn oci_root(&self) -> PathBuf {
+        let root = self
+            .oci
+            .root
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("oci"));
+        // Absolute: a watchdog started from elsewhere is handed the same root.
+        std::path::absolute(&root).unwrap_or(root)
+    }
+
+    /// The OCI engine's set-up, checked: [`Settings::oci`] with the runner's image limits
+    /// and the task network's blocked and allowed ranges (the runner applies the published
+    /// API's address when it isolates the network).
+    pub fn oci_engine_settings(&self) -> anyhow::Result<stevedore_engine::oci::OciEngineSettings> {
+        use stevedore_engine::oci::{NetnsPoolSettings, OciImagesSettings};
+        let root = self.oci_root();
+        let subnet = parse_ipv4_net(&self.oci.subnet)
+            .map_err(|error| anyhow::anyhow!("invalid configuration: oci.subnet: {error}"))?;
+        let task_network = self.task_network.config()?;
+        let network = NetnsPoolSettings {
+            network: task_network.spec.name.clone(),
+            bridge: self.oci.bridge.clone(),
+            subnet,
+            size: self.oci.pool_size.max(1),
+            ..NetnsPoolSettings::default()
+        };
+        network
+            .validate()
+            .map_err(|error| anyhow::anyhow!("invalid configuration: oci: {error}"))?;
+        let mut images = OciImagesSettings::new(root.join("images"));
+        images.max_image_bytes = (self.runner.max_image_bytes > 0).then_some(self.runner.max_image_bytes);
+        images.pull_timeout = Duration::from_secs(self.runner.pull_timeout_secs.max(1));
+        images.insecure_registries.clone_from(&self.oci.insecure_registries);
+        Ok(stevedore_engine::oci::OciEngineSettings {
+            runtime: stevedore_engine::oci::OciSettings {
+                state_root: root,
+                runtime: self.oci.runtime.clone(),
+            },
+            images,
+            network,
+            import_from_docker: self.oci.import_from_docker,
+        })
     }
 
     /// Where uploaded packages are spooled while they arrive: beside the database, never

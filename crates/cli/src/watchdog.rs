@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use stevedore_engine::oci::{OciRuntime, OciSettings, UnpackedImage, UnpackedImages};
+use stevedore_engine::{ContainerRuntime, EngineError};
 use stevedore_runner::watchdog::Watchdog;
 use tokio_util::sync::CancellationToken;
 
@@ -35,11 +37,79 @@ pub fn ledger_dir(data_dir: &Path, runner_id: &str) -> PathBuf {
     std::path::absolute(&dir).unwrap_or(dir)
 }
 
+/// How the watchdog reaches the runner's containers: the Docker engine unless it is told the
+/// OCI engine's root (its containers' bundles).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct WatchedEngine {
+    #[arg(long, value_enum)]
+    pub engine: Option<crate::settings::EngineKind>,
+    /// The OCI engine's root.
+    #[arg(long)]
+    pub oci_root: Option<PathBuf>,
+    /// The OCI runtime binary.
+    #[arg(long)]
+    pub oci_runtime: Option<PathBuf>,
+}
+
+impl WatchedEngine {
+    fn args(&self) -> Vec<std::ffi::OsString> {
+        let mut args = Vec::new();
+        if self.engine == Some(crate::settings::EngineKind::Oci) {
+            args.push("--engine".into());
+            args.push("oci".into());
+        }
+        for (flag, value) in [("--oci-root", &self.oci_root), ("--oci-runtime", &self.oci_runtime)] {
+            if let Some(value) = value {
+                args.push(flag.into());
+                args.push(value.clone().into_os_string());
+            }
+        }
+        args
+    }
+
+    /// The runtime: on OCI one over the same bundles that creates nothing (it has no
+    /// images and takes no network namespaces; the runner's next start returns those).
+    async fn connect(&self) -> anyhow::Result<Arc<dyn ContainerRuntime>> {
+        if self.engine != Some(crate::settings::EngineKind::Oci) {
+            return Ok(Arc::new(crate::connect_engine().await?));
+        }
+        let state_root = self
+            .oci_root
+            .clone()
+            .context("the watchdog of an OCI runner needs --oci-root")?;
+        let runtime = OciRuntime::new(
+            Arc::new(NoImages),
+            None,
+            OciSettings {
+                state_root,
+                runtime: self.oci_runtime.clone(),
+            },
+        )
+        .await
+        .context("cannot open the OCI engine's containers")?;
+        Ok(Arc::new(runtime))
+    }
+}
+
+/// The images of a runtime that only stops containers.
+struct NoImages;
+
+#[async_trait::async_trait]
+impl UnpackedImages for NoImages {
+    async fn unpacked(&self, _reference: &str) -> Result<Option<UnpackedImage>, EngineError> {
+        Ok(None)
+    }
+}
+
 /// Starts the watchdog of the ledger `ledger` unless one watches it already (an earlier
 /// life's, still stopping what that life left). Its own process group: a Ctrl-C meant for
 /// the runner does not stop it, and it ends by itself once the runner and its containers are
 /// gone.
-pub fn ensure_watchdog(runner_id: &str, ledger: &Path) -> anyhow::Result<()> {
+pub fn ensure_watchdog(
+    runner_id: &str,
+    ledger: &Path,
+    engine: &WatchedEngine,
+) -> anyhow::Result<()> {
     if Watchdog::is_watched(ledger)
         .with_context(|| format!("cannot open the lease ledger {}", ledger.display()))?
     {
@@ -58,6 +128,7 @@ pub fn ensure_watchdog(runner_id: &str, ledger: &Path) -> anyhow::Result<()> {
     command
         .args(["watchdog", "--runner-id", runner_id, "--ledger"])
         .arg(ledger)
+        .args(engine.args())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log);
@@ -76,14 +147,14 @@ pub fn ensure_watchdog(runner_id: &str, ledger: &Path) -> anyhow::Result<()> {
 }
 
 /// `stevedore watchdog`: watches until the runner is gone and nothing of it is left.
-pub async fn run(runner_id: String, ledger: PathBuf) -> anyhow::Result<()> {
+pub async fn run(runner_id: String, ledger: PathBuf, engine: WatchedEngine) -> anyhow::Result<()> {
     let Some(_claim) = Watchdog::claim(&ledger)
         .with_context(|| format!("cannot open the lease ledger {}", ledger.display()))?
     else {
         tracing::debug!("another watchdog watches this ledger");
         return Ok(());
     };
-    let engine = Arc::new(crate::connect_engine().await?);
+    let engine = engine.connect().await?;
     let watchdog = Watchdog {
         runner_id,
         ledger_dir: ledger,
