@@ -14,6 +14,10 @@ use async_trait::async_trait;
 
 use crate::error::EngineError;
 
+mod images;
+
+pub use images::{OciImages, OciImagesSettings, PinnedImage};
+
 /// An image unpacked in the local layer store, ready to be the lower layers of a task's
 /// overlay.
 #[derive(Debug, Clone, PartialEq, Eq)]
