@@ -33,6 +33,12 @@ const MANIFEST_TYPES: &[&str] = &[
     "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.v2+json",
 ];
+/// Whether this build's HTTP client speaks TLS. It does not yet: the workspace's reqwest is
+/// built without a TLS feature (`rustls` costs a C build of aws-lc, `native-tls` OpenSSL's
+/// headers). Until it is, registries are reached over plain HTTP only (loopback ones, and
+/// [`insecure_registries`](super::OciImagesSettings::insecure_registries)), and a pull from an
+/// HTTPS registry fails saying so instead of with a transport error.
+const HTTPS_SUPPORTED: bool = false;
 /// The most a manifest or config may weigh: they are read whole.
 const MAX_DOCUMENT_BYTES: usize = 8 << 20;
 
@@ -201,8 +207,16 @@ impl<'a> RegistrySession<'a> {
         };
         let scheme = if is_loopback(host) || plain_http(host) {
             "http"
-        } else {
+        } else if HTTPS_SUPPORTED {
             "https"
+        } else {
+            return Err(EngineError::PullFailed {
+                image: image.to_owned(),
+                message: format!(
+                    "{host} is reached over HTTPS, which this build's registry client does not \
+                     speak; list it among the insecure registries if it serves plain HTTP"
+                ),
+            });
         };
         Ok(RegistrySession {
             http,

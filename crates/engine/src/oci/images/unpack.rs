@@ -390,3 +390,166 @@ fn io_error(path: &Path, error: io::Error) -> UnpackError {
 fn invalid_header(error: impl std::fmt::Display) -> UnpackError {
     UnpackError::Invalid(format!("a bad tar header: {error}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+
+    /// A tar of `entries`, each `(path, kind, contents or link target)`.
+    fn archive(entries: &[(&str, tar::EntryType, &[u8])]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (path, kind, data) in entries {
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(*kind);
+            header.set_mode(if *kind == tar::EntryType::Directory {
+                0o750
+            } else {
+                0o640
+            });
+            header.set_uid(1234);
+            header.set_gid(4321);
+            header.set_mtime(1_000_000);
+            let body: &[u8] = match kind {
+                tar::EntryType::Symlink | tar::EntryType::Link => {
+                    let _ = header.set_link_name(std::str::from_utf8(data).unwrap_or_default());
+                    &[]
+                }
+                _ => data,
+            };
+            header.set_size(body.len() as u64);
+            if *kind == tar::EntryType::Char {
+                let _ = header.set_device_major(1);
+                let _ = header.set_device_minor(3);
+            }
+            // `set_path` refuses `..`: write the raw name, as a hostile archive would.
+            let name = path.as_bytes();
+            if let Some(gnu) = header.as_gnu_mut() {
+                gnu.name[..name.len()].copy_from_slice(name);
+            }
+            header.set_cksum();
+            let _ = builder.append(&header, body);
+        }
+        builder.into_inner().unwrap_or_default()
+    }
+
+    fn root_only() -> bool {
+        // Device nodes, ownership and `trusted.*` attributes need root.
+        std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+    }
+
+    #[test]
+    fn whiteouts_become_overlayfs_whiteouts_and_the_rest_is_kept()
+    -> Result<(), Box<dyn std::error::Error>> {
+        if !root_only() {
+            eprintln!("skipped: unpacking a layer needs root");
+            return Ok(());
+        }
+        let dir = tempfile::tempdir()?;
+        let layer = archive(&[
+            ("etc/", tar::EntryType::Directory, b""),
+            ("etc/.wh.group", tar::EntryType::Regular, b""),
+            ("home/.wh..wh..opq", tar::EntryType::Regular, b""),
+            ("home/file", tar::EntryType::Regular, b"hello"),
+            ("home/link", tar::EntryType::Symlink, b"/etc/passwd"),
+            ("home/hard", tar::EntryType::Link, b"home/file"),
+            ("dev/null", tar::EntryType::Char, b""),
+            ("x/.wh..wh.plnk", tar::EntryType::Regular, b""),
+        ]);
+        let mut digesting = Digesting::new(&layer[..]);
+        let stats = unpack_layer(&mut digesting, dir.path()).map_err(|e| format!("{e:?}"))?;
+        let (digest, read, _) = digesting.finish()?;
+        assert_eq!(read, layer.len() as u64);
+        assert_eq!(
+            digest,
+            format!("sha256:{}", hex::encode(Sha256::digest(&layer)))
+        );
+        assert_eq!(stats.bytes, 5);
+
+        let group = std::fs::symlink_metadata(dir.path().join("etc/group"))?;
+        assert!(group.file_type().is_char_device() && group.rdev() == 0);
+        let mut value = [0_u8; 4];
+        let length = rustix::fs::lgetxattr(dir.path().join("home"), OPAQUE_XATTR, &mut value)?;
+        assert_eq!(&value[..length], b"y");
+        let file = std::fs::symlink_metadata(dir.path().join("home/file"))?;
+        assert_eq!(
+            (file.mode() & 0o7777, file.uid(), file.gid()),
+            (0o640, 1234, 4321)
+        );
+        assert_eq!(file.mtime(), 1_000_000);
+        assert_eq!(
+            std::fs::metadata(dir.path().join("home/hard"))?.ino(),
+            file.ino()
+        );
+        assert_eq!(
+            std::fs::read_link(dir.path().join("home/link"))?,
+            Path::new("/etc/passwd")
+        );
+        assert_eq!(
+            std::fs::symlink_metadata(dir.path().join("home/link"))?.uid(),
+            1234
+        );
+        let etc = std::fs::symlink_metadata(dir.path().join("etc"))?;
+        assert_eq!((etc.mode() & 0o7777, etc.mtime()), (0o750, 1_000_000));
+        assert!(
+            std::fs::symlink_metadata(dir.path().join("dev/null"))?
+                .file_type()
+                .is_char_device()
+        );
+        assert!(
+            !dir.path().join("x/plnk").exists(),
+            "aufs bookkeeping is no whiteout"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn entries_that_leave_the_layer_are_refused() -> Result<(), Box<dyn std::error::Error>> {
+        if !root_only() {
+            eprintln!("skipped: unpacking a layer needs root");
+            return Ok(());
+        }
+        let outside = tempfile::tempdir()?;
+        let target = outside.path().display().to_string();
+        for (what, layer) in [
+            (
+                "a parent directory",
+                archive(&[("../escaped", tar::EntryType::Regular, b"x")]),
+            ),
+            (
+                "through a symlink",
+                archive(&[
+                    ("up", tar::EntryType::Symlink, target.as_bytes()),
+                    ("up/escaped", tar::EntryType::Regular, b"x"),
+                ]),
+            ),
+            (
+                "a whiteout through a symlink",
+                archive(&[
+                    ("up", tar::EntryType::Symlink, target.as_bytes()),
+                    ("up/.wh.escaped", tar::EntryType::Regular, b""),
+                ]),
+            ),
+            (
+                "a hard link out",
+                archive(&[("hard", tar::EntryType::Link, b"../../etc/passwd")]),
+            ),
+            (
+                "a hard link through a symlink",
+                archive(&[
+                    ("up", tar::EntryType::Symlink, b"/etc"),
+                    ("hard", tar::EntryType::Link, b"up/passwd"),
+                ]),
+            ),
+        ] {
+            let dir = tempfile::tempdir()?;
+            let result = unpack_layer(&layer[..], dir.path());
+            assert!(
+                matches!(result, Err(UnpackError::Invalid(_))),
+                "{what}: {result:?}"
+            );
+            assert_eq!(std::fs::read_dir(outside.path())?.count(), 0, "{what}");
+        }
+        Ok(())
+    }
+}
