@@ -90,7 +90,7 @@ async fn store(with_docker: bool) -> Result<(OciImages, tempfile::TempDir), Engi
     let store = if with_docker {
         OciImages::open_with_local_docker(settings).await?
     } else {
-        OciImages::open(settings, None).await?
+        OciImages::open(settings).await?
     };
     Ok((store, dir))
 }
@@ -416,7 +416,7 @@ async fn layers_are_shared_pinned_images_stay_and_the_last_user_removes_a_layer(
     // The store reopens as it was left.
     let root = store.root().to_owned();
     drop(store);
-    let store = OciImages::open(OciImagesSettings::new(&root), None).await?;
+    let store = OciImages::open(OciImagesSettings::new(&root)).await?;
     assert_eq!(
         store.unpacked(LOCAL_BUSYBOX_IMAGE).await?,
         Some(base.clone())

@@ -27,6 +27,21 @@
 //! the runtime holds a [`PinnedImage`] (from [`OciImages::pin`]) for a container's whole life,
 //! and [`ImageStore::remove_image`] refuses a pinned image with [`EngineError::Conflict`], as
 //! Docker refuses an image a container uses.
+//!
+//! How a runtime uses it:
+//!
+//! ```text
+//! let images = OciImages::open_with_local_docker(OciImagesSettings::new(data_dir.join("oci/images"))).await?;
+//! images.ensure_image(&spec.image, auth, progress).await?;     // the runner, as on Docker
+//! let pinned = images.pin(&spec.image)                          // create: pinned atomically
+//!     .ok_or_else(|| EngineError::ImageNotFound { image: spec.image.clone() })?;
+//! // lowerdir = pinned.layers reversed, joined by ':' (overlayfs names the top layer first);
+//! // the run config (env, entrypoint, cmd, working dir, user) is `pinned.config`.
+//! // Keep `pinned` with the container's record; drop it when the container is removed.
+//! ```
+//!
+//! Pins live in memory: after a restart, the runtime removes its earlier life's containers
+//! before anything removes images, as the runner's start-up reaper does.
 
 mod docker_import;
 mod index;
@@ -191,28 +206,18 @@ impl OciImagesSettings {
 // === impl OciImages ===
 
 impl OciImages {
-    /// Opens (or makes) the store at `settings.root`, importing images from `docker` when
-    /// given. Takes the store's lock (a second process opening the same root is refused with
-    /// [`EngineError::Conflict`]), empties `tmp/` of a crashed run's leftovers, removes layers
-    /// no image names and forgets images whose layers are gone.
-    pub async fn open(
-        settings: OciImagesSettings,
-        docker: Option<Docker>,
-    ) -> Result<OciImages, EngineError> {
-        let http = registry::http_client(STALL_TIMEOUT)?;
-        let opened = tokio::task::spawn_blocking(move || open_blocking(settings, docker, http))
-            .await
-            .map_err(|error| {
-                EngineError::protocol(format!("opening the store failed: {error}"))
-            })??;
-        Ok(OciImages {
-            inner: Arc::new(opened),
-        })
+    /// Opens (or makes) the store at `settings.root`, with registries as its only source
+    /// (a machine without Docker). Takes the store's lock (a second process opening the same
+    /// root is refused with [`EngineError::Conflict`]), empties `tmp/` of a crashed run's
+    /// leftovers, removes layers no image names and forgets images whose layers are gone.
+    pub async fn open(settings: OciImagesSettings) -> Result<OciImages, EngineError> {
+        Self::open_with(settings, None).await
     }
 
     /// [`Self::open`] with the local Docker engine as the first source, connected the way
-    /// the `docker` CLI does (`DOCKER_HOST`, or the local socket) and its API version
-    /// negotiated.
+    /// the `docker` CLI does (`DOCKER_HOST`, or the local socket) with its API version
+    /// negotiated: an image the engine has is imported from it, any other pulled from its
+    /// registry.
     pub async fn open_with_local_docker(
         settings: OciImagesSettings,
     ) -> Result<OciImages, EngineError> {
@@ -221,7 +226,18 @@ impl OciImages {
             .negotiate_version()
             .await
             .map_err(|error| EngineError::from_bollard(error, Subject::Engine))?;
-        Self::open(settings, Some(docker)).await
+        Self::open_with(settings, Some(docker)).await
+    }
+
+    async fn open_with(
+        settings: OciImagesSettings,
+        docker: Option<Docker>,
+    ) -> Result<OciImages, EngineError> {
+        let http = registry::http_client(STALL_TIMEOUT)?;
+        let opened = blocking(move || open_blocking(settings, docker, http)).await??;
+        Ok(OciImages {
+            inner: Arc::new(opened),
+        })
     }
 
     /// The store's root directory.
