@@ -324,6 +324,26 @@ async fn busybox_imported_from_docker_is_unpacked_once_with_its_modes_and_links(
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_image_over_the_size_limit_is_refused_before_anything_is_unpacked() -> TestResult {
+    let _engine = docker_or_skip!();
+    let dir = tempfile::tempdir()?;
+    let mut settings = OciImagesSettings::new(dir.path().join("images"));
+    settings.max_image_bytes = Some(1000);
+    let store = OciImages::open_with_local_docker(settings).await?;
+    let refused = store.ensure_image(LOCAL_BUSYBOX_IMAGE, None, None).await;
+    match refused {
+        Err(error @ EngineError::Refused { .. }) => assert!(!error.is_infrastructure()),
+        other => panic!("an image over the limit: {other:?}"),
+    }
+    assert!(store.list_images().await?.is_empty());
+    assert_eq!(
+        std::fs::read_dir(store.root().join("layers/sha256"))?.count(),
+        0
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn deletions_in_a_layer_become_overlayfs_whiteouts_and_hide_the_base() -> TestResult {
     let _engine = docker_or_skip!();
     let tag = format!("stevedore-test/oci-whiteouts:{}", std::process::id());

@@ -777,6 +777,12 @@ impl Inner {
         let inner = Arc::clone(self);
         let reference = reference.to_owned();
         blocking(move || {
+            // The layers' files reach the disk before the index names them: after a power
+            // loss the index never names a layer whose files were lost.
+            let root = &inner.settings.root;
+            std::fs::File::open(root)
+                .and_then(|directory| Ok(rustix::fs::syncfs(&directory)?))
+                .map_err(|error| local_io(root, &error))?;
             let mut state = inner.state();
             record.size_bytes = record
                 .layers

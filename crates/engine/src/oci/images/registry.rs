@@ -631,6 +631,20 @@ mod tests {
     }
 
     #[test]
+    fn registries_are_reached_over_http_only_where_allowed() -> Result<(), EngineError> {
+        let http = http_client(Duration::from_secs(5))?;
+        let refused = RegistrySession::new(&http, "registry.example/app:1", None, &|_| false);
+        assert!(matches!(refused, Err(EngineError::PullFailed { .. })));
+        let insecure = |host: &str| host == "registry.example";
+        let session = RegistrySession::new(&http, "registry.example/app:1", None, &insecure)?;
+        assert_eq!(session.base, "http://registry.example");
+        let local = RegistrySession::new(&http, "127.0.0.1:5000/app", None, &|_| false)?;
+        assert_eq!(local.base, "http://127.0.0.1:5000");
+        assert_eq!(local.name().reference, "latest");
+        Ok(())
+    }
+
+    #[test]
     fn loopback_registries_are_known() {
         for host in [
             "localhost:5000",
