@@ -433,6 +433,20 @@ async fn layers_are_shared_pinned_images_stay_and_the_last_user_removes_a_layer(
         Err(EngineError::ImageNotFound { .. })
     ));
 
+    // Imported again, the base layer the store has is only hashed, not unpacked again.
+    let mut events = Vec::new();
+    store
+        .ensure_image_with_progress(&tag, None, &mut |event| events.push(event))
+        .await?;
+    let skipped = events
+        .iter()
+        .filter(|e| matches!(e, PullProgress::Layer { status, .. } if status == "Already exists"))
+        .count();
+    assert_eq!(skipped, 1, "{events:?}");
+    assert_eq!(store.unpacked(&tag).await?, Some(upper.clone()));
+    assert!(upper.layers.iter().all(|layer| layer.is_dir()));
+    store.remove_image(&tag).await?;
+
     // The store reopens as it was left.
     let root = store.root().to_owned();
     drop(store);

@@ -62,7 +62,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use tokio::sync::broadcast;
 
-use self::index::{ImageRecord, ImageSource, Index, RunConfigRecord, local_io};
+use self::index::{ImageRecord, ImageSource, Index, LayerRecord, RunConfigRecord, local_io};
 use self::registry::{LayerBlob, RegistrySession};
 use self::unpack::{Digesting, UnpackError};
 use crate::engine::{
@@ -260,7 +260,13 @@ impl OciImages {
 
     /// The bytes the store's layers hold on disk (each layer once, as it is stored).
     pub fn disk_bytes(&self) -> u64 {
-        self.inner.state().index.layers.values().sum()
+        self.inner
+            .state()
+            .index
+            .layers
+            .values()
+            .map(|layer| layer.bytes)
+            .sum()
     }
 }
 
@@ -685,8 +691,12 @@ impl Inner {
                 let mut layer = Digesting::new(layer);
                 let stats = unpack::unpack_layer(&mut layer, &temporary)
                     .map_err(|error| unpack_failure(error, diff_id))?;
-                let (actual, _, _) = layer.finish().map_err(|e| pulled_badly(image, &e))?;
-                Ok::<_, EngineError>((stats, actual))
+                let (actual, tar_bytes, _) = layer.finish().map_err(|e| pulled_badly(image, &e))?;
+                let record = LayerRecord {
+                    bytes: stats.bytes,
+                    tar_bytes,
+                };
+                Ok::<_, EngineError>((record, actual))
             })();
             // The digest first, whatever the unpacking said: a layer that arrived damaged is
             // the transfer's fault, not the image's.
@@ -700,7 +710,7 @@ impl Inner {
                     ),
                 });
             }
-            let (stats, uncompressed) = unpacked?;
+            let (record, uncompressed) = unpacked?;
             if uncompressed != diff_id {
                 return Err(EngineError::PullFailed {
                     image: image.to_owned(),
@@ -709,7 +719,7 @@ impl Inner {
                     ),
                 });
             }
-            self.commit_layer(&temporary, diff_id, stats.bytes)
+            self.commit_layer(&temporary, diff_id, record)
         })();
         if result.is_err() {
             remove_quietly(&temporary);
@@ -719,7 +729,12 @@ impl Inner {
 
     /// Moves a checked layer from `temporary` into place; when a concurrent import put the
     /// same layer there first, that one stays.
-    fn commit_layer(&self, temporary: &Path, diff_id: &str, bytes: u64) -> Result<(), EngineError> {
+    fn commit_layer(
+        &self,
+        temporary: &Path,
+        diff_id: &str,
+        layer: LayerRecord,
+    ) -> Result<(), EngineError> {
         let target = self.layer_dir(diff_id);
         match std::fs::rename(temporary, &target) {
             Ok(()) => {}
@@ -730,7 +745,7 @@ impl Inner {
             .index
             .layers
             .entry(diff_id.to_owned())
-            .or_insert(bytes);
+            .or_insert(layer);
         Ok(())
     }
 
@@ -787,7 +802,7 @@ impl Inner {
             record.size_bytes = record
                 .layers
                 .iter()
-                .filter_map(|layer| state.index.layers.get(layer))
+                .filter_map(|layer| state.index.layers.get(layer).map(|layer| layer.bytes))
                 .sum();
             let id = record.id.clone();
             match state.index.images.get_mut(&id) {

@@ -21,7 +21,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use tokio::sync::broadcast;
 
-use super::index::{ImageRecord, ImageSource, local_io};
+use super::index::{ImageRecord, ImageSource, LayerRecord, local_io};
 use super::registry::sha256_digest;
 use super::unpack::{self, Digesting};
 use super::{
@@ -47,7 +47,18 @@ struct Unpacked {
     diff_id: String,
     /// `None` when the store had the layer and it was skipped.
     directory: Option<PathBuf>,
-    bytes: u64,
+    layer: LayerRecord,
+}
+
+impl Unpacked {
+    /// A layer the store has.
+    fn known(diff_id: String) -> Self {
+        Unpacked {
+            diff_id,
+            directory: None,
+            layer: LayerRecord::default(),
+        }
+    }
 }
 
 /// What the export held.
@@ -86,16 +97,64 @@ pub(super) async fn import(
     tracing::info!(image = %reference, %id, layers = diff_ids.len(), "importing a Docker image into the OCI store");
 
     let _busy = BusyLayers::mark(inner, &diff_ids);
+    // A layer the store may have is only hashed; should one turn out to be another layer of
+    // the same length, the export is read again, unpacking everything.
+    let config = match export_once(inner, docker, &id, reference, &diff_ids, true, events).await? {
+        Some(config) => config,
+        None => export_once(inner, docker, &id, reference, &diff_ids, false, events)
+            .await?
+            .ok_or_else(|| {
+                EngineError::protocol("an export read without skipping asked to skip")
+            })?,
+    };
+    let record = ImageRecord {
+        id: id.clone(),
+        references: vec![reference.to_owned()],
+        repo_digests,
+        layers: config.diff_ids,
+        size_bytes: 0,
+        source: ImageSource::Docker,
+        labels: config.labels,
+        config: config.run,
+    };
+    inner.record(record, reference).await?;
+    tracing::info!(image = %reference, %id, "Docker image imported into the OCI store");
+    Ok(())
+}
+
+/// Streams the engine's export of `id` into [`read_export`]; `None` when a layer taken for
+/// one the store has was not (read again with `skip_known` off).
+async fn export_once(
+    inner: &Arc<Inner>,
+    docker: &Docker,
+    id: &str,
+    reference: &str,
+    diff_ids: &[String],
+    skip_known: bool,
+    events: &broadcast::Sender<PullProgress>,
+) -> Result<Option<ImageConfig>, EngineError> {
     let (sender, chunks) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(STREAM_CHUNKS);
     let reading = {
         let inner = Arc::clone(inner);
         let events = events.clone();
-        let (id, reference) = (id.clone(), reference.to_owned());
+        let (id, reference) = (id.to_owned(), reference.to_owned());
+        let known = if skip_known {
+            known_layers(&inner, diff_ids)
+        } else {
+            HashMap::new()
+        };
         tokio::task::spawn_blocking(move || {
-            read_export(&inner, ChannelReader::new(chunks), &id, &reference, &events)
+            read_export(
+                &inner,
+                ChannelReader::new(chunks),
+                &id,
+                &reference,
+                &known,
+                &events,
+            )
         })
     };
-    let mut export = docker.export_image(&id);
+    let mut export = docker.export_image(id);
     let mut failure = None;
     while let Some(chunk) = export.next().await {
         match chunk {
@@ -117,37 +176,49 @@ pub(super) async fn import(
     let read = reading
         .await
         .map_err(|error| EngineError::protocol(format!("reading the export failed: {error}")))?;
-    if let Some(failure) = failure {
-        return Err(failure);
+    match failure {
+        Some(failure) => Err(failure),
+        None => read,
     }
-    let (config, _) = read?;
-    let record = ImageRecord {
-        id: id.clone(),
-        references: vec![reference.to_owned()],
-        repo_digests,
-        layers: config.diff_ids,
-        size_bytes: 0,
-        source: ImageSource::Docker,
-        labels: config.labels,
-        config: config.run,
-    };
-    inner.record(record, reference).await?;
-    tracing::info!(image = %reference, %id, "Docker image imported into the OCI store");
-    Ok(())
+}
+
+/// The layers of `diff_ids` the store has, by the length of their tar.
+fn known_layers(inner: &Inner, diff_ids: &[String]) -> HashMap<u64, Vec<String>> {
+    let state = inner.state();
+    let mut known: HashMap<u64, Vec<String>> = HashMap::new();
+    for diff_id in diff_ids {
+        if let Some(layer) = state.index.layers.get(diff_id)
+            && inner.layer_dir(diff_id).is_dir()
+        {
+            known
+                .entry(layer.tar_bytes)
+                .or_default()
+                .push(diff_id.clone());
+        }
+    }
+    known
 }
 
 /// Reads the export to its end (on a blocking thread), checks it against the image id, and
-/// moves its layers into place. Every layer unpacked and not moved is removed again.
+/// moves its layers into place. Every layer unpacked and not moved is removed again. `None`
+/// when a layer of a length in `known` was none of those layers.
 fn read_export(
     inner: &Inner,
     reader: ChannelReader,
     id: &str,
     reference: &str,
+    known: &HashMap<u64, Vec<String>>,
     events: &broadcast::Sender<PullProgress>,
-) -> Result<(ImageConfig, u64), EngineError> {
+) -> Result<Option<ImageConfig>, EngineError> {
     let mut export = Export::default();
-    let result = read_entries(inner, reader, reference, events, &mut export)
-        .and_then(|()| place_layers(inner, &mut export, id, reference));
+    let result =
+        read_entries(inner, reader, reference, known, events, &mut export).and_then(|complete| {
+            if complete {
+                place_layers(inner, &mut export, id, reference).map(Some)
+            } else {
+                Ok(None)
+            }
+        });
     for unpacked in export.layers.values() {
         if let Some(directory) = &unpacked.directory {
             remove_quietly(directory);
@@ -156,13 +227,16 @@ fn read_export(
     result
 }
 
+/// Reads the export's entries; `false` when a layer of a length in `known` was none of those
+/// layers (its bytes are gone, so the caller reads the export again).
 fn read_entries(
     inner: &Inner,
     reader: ChannelReader,
     reference: &str,
+    known: &HashMap<u64, Vec<String>>,
     events: &broadcast::Sender<PullProgress>,
     export: &mut Export,
-) -> Result<(), EngineError> {
+) -> Result<bool, EngineError> {
     let broken = |error: io::Error| EngineError::PullFailed {
         image: reference.to_owned(),
         message: format!("the engine's export cannot be read: {error}"),
@@ -204,14 +278,16 @@ fn read_entries(
                 .map(|hex| format!("sha256:{hex}"));
             if let Some(diff_id) = named.filter(|diff_id| inner.layer_dir(diff_id).is_dir()) {
                 let _ = events.send(layer_event(&short(&path), "Already exists", None, None));
-                export.layers.insert(
-                    path,
-                    Unpacked {
-                        diff_id,
-                        directory: None,
-                        bytes: 0,
-                    },
-                );
+                export.layers.insert(path, Unpacked::known(diff_id));
+                continue;
+            }
+            if let Some(candidates) = known.get(&size) {
+                let (diff_id, _, _) = Digesting::new(whole).finish().map_err(broken)?;
+                if !candidates.contains(&diff_id) {
+                    return Ok(false);
+                }
+                let _ = events.send(layer_event(&short(&path), "Already exists", None, None));
+                export.layers.insert(path, Unpacked::known(diff_id));
                 continue;
             }
             let _ = events.send(layer_event(
@@ -233,7 +309,7 @@ fn read_entries(
                     return Err(unpack_failure(error, &path));
                 }
             };
-            let (diff_id, _, _) = finished.map_err(broken)?;
+            let (diff_id, tar_bytes, _) = finished.map_err(broken)?;
             let _ = events.send(layer_event(
                 &short(&path),
                 "Pull complete",
@@ -245,7 +321,10 @@ fn read_entries(
                 Unpacked {
                     diff_id,
                     directory: Some(directory),
-                    bytes: stats.bytes,
+                    layer: LayerRecord {
+                        bytes: stats.bytes,
+                        tar_bytes,
+                    },
                 },
             );
         } else if size <= MAX_DOCUMENT_BYTES {
@@ -255,7 +334,7 @@ fn read_entries(
             export.documents.insert(path, bytes);
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Checks the export against the image id and moves its layers into place, in order.
@@ -264,7 +343,7 @@ fn place_layers(
     export: &mut Export,
     id: &str,
     reference: &str,
-) -> Result<(ImageConfig, u64), EngineError> {
+) -> Result<ImageConfig, EngineError> {
     let wrong = |message: String| EngineError::PullFailed {
         image: reference.to_owned(),
         message,
@@ -301,7 +380,6 @@ fn place_layers(
             config.diff_ids.len()
         )));
     }
-    let mut total = 0;
     for (path, diff_id) in manifest.layers.iter().zip(&config.diff_ids) {
         let path = export.links.get(path).unwrap_or(path).clone();
         let unpacked = export
@@ -315,11 +393,10 @@ fn place_layers(
             )));
         }
         if let Some(directory) = unpacked.directory.take() {
-            inner.commit_layer(&directory, diff_id, unpacked.bytes)?;
+            inner.commit_layer(&directory, diff_id, unpacked.layer)?;
         }
-        total += unpacked.bytes;
     }
-    Ok((config, total))
+    Ok(config)
 }
 
 /// A symlink's target in the export, relative to the export's root.

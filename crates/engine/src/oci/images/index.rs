@@ -24,9 +24,19 @@ pub(crate) const INDEX_FILE: &str = "index.json";
 pub(crate) struct Index {
     /// The images by id (`sha256:<hex>` of the config).
     pub(crate) images: BTreeMap<String, ImageRecord>,
-    /// The bytes each layer (by diff id) holds unpacked.
+    /// The layers in place, by diff id.
     #[serde(default)]
-    pub(crate) layers: BTreeMap<String, u64>,
+    pub(crate) layers: BTreeMap<String, LayerRecord>,
+}
+
+/// One layer in place.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct LayerRecord {
+    /// The bytes its files hold.
+    pub(crate) bytes: u64,
+    /// The length of its uncompressed tar: what tells an import that a layer of Docker's
+    /// export may be one the store has (then only its digest is computed).
+    pub(crate) tar_bytes: u64,
 }
 
 /// One image.
