@@ -25,6 +25,8 @@ const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 /// How PAX headers carry extended attributes.
 const PAX_XATTR_PREFIX: &str = "SCHILY.xattr.";
+/// The size of the writes a file's contents are copied in.
+const COPY_BUFFER: usize = 256 << 10;
 
 /// Why a layer could not be unpacked.
 #[derive(Debug)]
@@ -88,6 +90,7 @@ pub(crate) fn unpack_layer(archive: impl Read, dest: &Path) -> Result<LayerStats
         safe_dirs: HashSet::new(),
         dir_times: Vec::new(),
         stats: LayerStats::default(),
+        buffer: vec![0; COPY_BUFFER],
     };
     let mut archive = tar::Archive::new(archive);
     let entries = archive
@@ -113,6 +116,8 @@ struct Unpacker<'a> {
     /// Directories whose time is set at the end.
     dir_times: Vec<(PathBuf, u64)>,
     stats: LayerStats,
+    /// Files' contents pass through here, in writes larger than `io::copy`'s.
+    buffer: Vec<u8>,
 }
 
 impl Unpacker<'_> {
@@ -173,14 +178,15 @@ impl Unpacker<'_> {
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 remove_existing(&path)?;
                 let mut file = std::fs::File::create_new(&path).map_err(|e| io_error(&path, e))?;
-                let copied =
-                    io::copy(&mut entry, &mut file).map_err(|error| match error.kind() {
+                let copied = copy(&mut entry, &mut file, &mut self.buffer).map_err(|error| {
+                    match error.kind() {
                         // The archive ended inside the entry, or a read of the stream failed.
                         io::ErrorKind::UnexpectedEof => {
                             UnpackError::Invalid(format!("{} is cut short", raw_path.display()))
                         }
                         _ => io_error(&path, error),
-                    })?;
+                    }
+                })?;
                 self.stats.bytes += copied;
             }
             tar::EntryType::Symlink => {
@@ -363,6 +369,28 @@ fn remove_existing(path: &Path) -> Result<(), UnpackError> {
         Ok(_) => std::fs::remove_file(path).map_err(|error| io_error(path, error)),
         Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(error) => Err(io_error(path, error)),
+    }
+}
+
+/// Copies `reader` to `writer` through `buffer`; returns the bytes copied.
+fn copy(reader: &mut impl Read, writer: &mut impl io::Write, buffer: &mut [u8]) -> io::Result<u64> {
+    let mut copied = 0;
+    loop {
+        let mut filled = 0;
+        // Fill the buffer before writing: the stream arrives in small chunks.
+        while filled < buffer.len() {
+            match reader.read(&mut buffer[filled..]) {
+                Ok(0) => break,
+                Ok(read) => filled += read,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(error),
+            }
+        }
+        if filled == 0 {
+            return Ok(copied);
+        }
+        writer.write_all(&buffer[..filled])?;
+        copied += filled as u64;
     }
 }
 
