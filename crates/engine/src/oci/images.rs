@@ -522,7 +522,10 @@ impl Inner {
             status: format!("Digest: {}", resolved.manifest_digest),
         });
         let repo_digest = session.name().repo_digest(&resolved.manifest_digest);
-        if self.tag_existing(&resolved.config_digest, reference, Some(&repo_digest))? {
+        if self
+            .tag_existing(&resolved.config_digest, reference, Some(&repo_digest))
+            .await?
+        {
             return Ok(());
         }
         let download: u64 = resolved.layers.iter().map(|layer| layer.size).sum();
@@ -764,23 +767,29 @@ impl Inner {
 
     /// When the store has the image `id` already (another reference of it), names it
     /// `reference` too and says so.
-    fn tag_existing(
-        &self,
+    async fn tag_existing(
+        self: &Arc<Self>,
         id: &str,
         reference: &str,
         repo_digest: Option<&str>,
     ) -> Result<bool, EngineError> {
-        let mut state = self.state();
-        let Some(record) = state.index.images.get_mut(id) else {
-            return Ok(false);
-        };
-        if let Some(repo_digest) = repo_digest
-            && !record.repo_digests.iter().any(|known| known == repo_digest)
-        {
-            record.repo_digests.push(repo_digest.to_owned());
-        }
-        self.name_and_save(state, reference, id)?;
-        Ok(true)
+        let inner = Arc::clone(self);
+        let (id, reference) = (id.to_owned(), reference.to_owned());
+        let repo_digest = repo_digest.map(str::to_owned);
+        blocking(move || {
+            let mut state = inner.state();
+            let Some(record) = state.index.images.get_mut(&id) else {
+                return Ok(false);
+            };
+            if let Some(repo_digest) = repo_digest
+                && !record.repo_digests.contains(&repo_digest)
+            {
+                record.repo_digests.push(repo_digest);
+            }
+            inner.name_and_save(state, &reference, &id)?;
+            Ok(true)
+        })
+        .await?
     }
 
     /// Records an image whose layers are all in place, under `reference`.

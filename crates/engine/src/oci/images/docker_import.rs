@@ -85,7 +85,7 @@ pub(super) async fn import(
         .clone()
         .ok_or_else(|| EngineError::protocol(format!("the image {reference} has no id")))?;
     let repo_digests = inspected.repo_digests.clone().unwrap_or_default();
-    if inner.tag_existing(&id, reference, None)? {
+    if inner.tag_existing(&id, reference, None).await? {
         return Ok(());
     }
     let diff_ids = inspected
