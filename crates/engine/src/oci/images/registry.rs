@@ -8,6 +8,11 @@
 //! [`EngineError::RegistryDenied`], a 404 [`EngineError::ImageNotFound`], a 5xx, a refused
 //! connection or a stalled transfer [`EngineError::PullFailed`]; everything fetched by digest
 //! is checked against it.
+//!
+//! Not spoken: an identity token from an OAuth login (`RegistryAuth::identity_token`, which
+//! Docker trades for a token with a `refresh_token` grant; only user name and password are
+//! sent), schema 1 manifests, zstd layers, and HTTPS while the HTTP client is built without
+//! TLS (`HTTPS_SUPPORTED`).
 
 use std::sync::Mutex;
 use std::time::Duration;
