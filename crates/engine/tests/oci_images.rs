@@ -723,14 +723,26 @@ async fn a_registry_pull_matches_the_docker_import_and_refusals_are_classified()
 }
 
 /// Figures: the python stack image imported from Docker into a cold store, again into the
-/// warm one (nothing to do), and the disk it takes. Run with
-/// `cargo test -p stevedore-engine --test oci_images -- --ignored --nocapture`.
+/// warm one (nothing to do), the disk it takes, the engine's own export for comparison, and a
+/// second stack sharing its base layer. Run with
+/// `cargo test --release -p stevedore-engine --test oci_images -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "a measurement: needs the python stack image (stevedore stack build-local python)"]
+#[ignore = "a measurement: needs the local stack images (stevedore stack build-local)"]
 async fn python_stack_import_figures() -> TestResult {
     let _engine = docker_or_skip!();
     let image = std::env::var("STEVEDORE_OCI_BENCH_IMAGE")
         .unwrap_or_else(|_| "stevedore/stack-python:3.11-local".to_owned());
+    let sibling = std::env::var("STEVEDORE_OCI_BENCH_SIBLING")
+        .unwrap_or_else(|_| "stevedore/stack-node:18-local".to_owned());
+
+    let began = Instant::now();
+    let saved = Command::new("sh")
+        .arg("-c")
+        .arg(format!("docker save {image} > /dev/null"))
+        .status()?;
+    assert!(saved.success());
+    let export_alone = began.elapsed();
+
     let (store, _dir) = store(true).await?;
     let began = Instant::now();
     store.ensure_image(&image, None, None).await?;
@@ -742,28 +754,54 @@ async fn python_stack_import_figures() -> TestResult {
     let began = Instant::now();
     let unpacked = store.unpacked(&image).await?.ok_or("not unpacked")?;
     let lookup = began.elapsed();
-    let du = Command::new("du")
-        .args(["-sb"])
-        .arg(store.root().join("layers"))
-        .output()?;
-    let on_disk = String::from_utf8_lossy(&du.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or("?")
-        .to_owned();
+    let disk = |path: &Path| -> String {
+        Command::new("du")
+            .arg("-sb")
+            .arg(path)
+            .output()
+            .map(|out| {
+                String::from_utf8_lossy(&out.stdout)
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("?")
+                    .to_owned()
+            })
+            .unwrap_or_default()
+    };
+    let on_disk = disk(&store.root().join("layers"));
     let docker_size = Command::new("docker")
         .args(["image", "inspect", "-f", "{{.Size}}", &image])
         .output()?;
     println!(
-        "oci image store: {image}: {} layers; cold import {:.2} s, warm ensure_image {:.2} ms, \
-         unpacked lookup {:.3} ms; files {} bytes (index), {on_disk} bytes on disk (du -sb), \
-         Docker says {} bytes",
+        "oci image store: {image}: {} layers; cold import {:.2} s (the engine's export alone, \
+         `docker save > /dev/null`: {:.2} s), warm ensure_image {:.2} ms, unpacked lookup \
+         {:.3} ms; files {} bytes, {on_disk} bytes on disk (du -sb), Docker says {} bytes",
         unpacked.layers.len(),
         cold.as_secs_f64(),
+        export_alone.as_secs_f64(),
         warm.as_secs_f64() * 1e3,
         lookup.as_secs_f64() * 1e3,
         store.disk_bytes(),
         String::from_utf8_lossy(&docker_size.stdout).trim()
     );
+
+    if store.ensure_image(&sibling, None, None).await.is_ok() {
+        // Only its own layers were unpacked: the time of a store that has the base.
+        let (fresh, _fresh_dir) = self::store(true).await?;
+        let began = Instant::now();
+        fresh.ensure_image(&sibling, None, None).await?;
+        let alone = began.elapsed();
+        store.remove_image(&sibling).await?;
+        let began = Instant::now();
+        store.ensure_image(&sibling, None, None).await?;
+        let sharing = began.elapsed();
+        println!(
+            "oci image store: {sibling}: into an empty store {:.2} s, beside {image} (its base \
+             layer hashed, not unpacked) {:.2} s; the layers of both take {} bytes on disk",
+            alone.as_secs_f64(),
+            sharing.as_secs_f64(),
+            disk(&store.root().join("layers"))
+        );
+    }
     Ok(())
 }
