@@ -461,6 +461,70 @@ async fn layers_are_shared_pinned_images_stay_and_the_last_user_removes_a_layer(
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tag_rebuilt_in_docker_is_imported_again_and_the_old_image_waits_for_its_container()
+-> TestResult {
+    let _engine = docker_or_skip!();
+    let tag = format!("stevedore-test/oci-rebuilt:{}", std::process::id());
+    let _cleanup = Images(vec![tag.clone()]);
+    docker_build(
+        &tag,
+        &format!("FROM {LOCAL_BUSYBOX_IMAGE}\nRUN echo one > /version\n"),
+    )?;
+    let (store, _dir) = store(true).await?;
+    store.ensure_image(&tag, None, None).await?;
+    let old = store.pin(&tag).ok_or("cannot pin")?;
+    // The engine keeps the replaced image untagged: removed by id at the end.
+    let _replaced = Images(vec![old.id.clone()]);
+
+    docker_build(
+        &tag,
+        &format!("FROM {LOCAL_BUSYBOX_IMAGE}\nRUN echo two > /version\n"),
+    )?;
+    assert_eq!(
+        store.ensure_image(&tag, None, None).await?,
+        ImagePresence::Pulled,
+        "the engine's image under the tag changed"
+    );
+    let new = store.unpacked(&tag).await?.ok_or("not imported")?;
+    assert_ne!(new.id, old.id);
+    assert_eq!(
+        std::fs::read_to_string(new.layers[1].join("version"))?,
+        "two\n"
+    );
+    // The old image lost its name but not its layers: a container runs on them.
+    let listed = store.list_images().await?;
+    let dangling = listed
+        .iter()
+        .find(|entry| entry.id == old.id)
+        .ok_or("the pinned image is gone")?;
+    assert!(dangling.references.is_empty());
+    assert_eq!(
+        std::fs::read_to_string(old.layers[1].join("version"))?,
+        "one\n"
+    );
+    assert!(matches!(
+        store.remove_image(&old.id).await,
+        Err(EngineError::Conflict { .. })
+    ));
+    let old_layer = old.layers[1].clone();
+    drop(old);
+    let id = store
+        .list_images()
+        .await?
+        .into_iter()
+        .find(|e| e.references.is_empty());
+    store
+        .remove_image(&id.ok_or("no dangling image")?.id)
+        .await?;
+    assert!(!old_layer.exists());
+    assert!(
+        new.layers.iter().all(|layer| layer.is_dir()),
+        "the new image keeps its layers"
+    );
+    Ok(())
+}
+
 /// A `docker-registry` process serving a temporary directory on a loopback port, with
 /// htpasswd basic auth.
 struct TestRegistry {
