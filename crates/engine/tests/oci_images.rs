@@ -61,14 +61,19 @@ async fn docker() -> Option<DockerEngine> {
             return None;
         }
     };
-    LOCAL_IMAGE
+    let built = LOCAL_IMAGE
         .get_or_try_init(|| async {
             build_local_busybox_image(&engine, Path::new(HOST_BUSYBOX), LOCAL_BUSYBOX_IMAGE)
                 .await
                 .map(|_| ())
         })
-        .await
-        .ok()?;
+        .await;
+    if let Err(error) = built {
+        skip(&format!(
+            "the local busybox image cannot be built ({error}); run scripts/ensure-docker.sh"
+        ));
+        return None;
+    }
     Some(engine)
 }
 

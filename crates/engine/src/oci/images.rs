@@ -19,9 +19,10 @@
 //! their layers.
 //!
 //! A layer is unpacked into `tmp/` and renamed into place, so `layers/` only ever holds whole
-//! layers; the index is rewritten atomically after the layers it names are in place. Pulls of
-//! one reference with the same credentials are shared however many tasks ask
-//! ([`PullCoalescer`]), and a layer is fetched once however many images being pulled want it.
+//! layers; the index is rewritten atomically after the layers it names are in place (and
+//! after a `syncfs`, so a power loss never leaves it naming lost files). Pulls of one
+//! reference with the same credentials are shared however many tasks ask (`PullCoalescer`,
+//! as on the Docker path), and a layer is fetched once however many pulls want it.
 //!
 //! A layer is removed with the last image that names it, never while a container runs on it:
 //! the runtime holds a [`PinnedImage`] (from [`OciImages::pin`]) for a container's whole life,
