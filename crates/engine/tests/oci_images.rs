@@ -61,14 +61,19 @@ async fn docker() -> Option<DockerEngine> {
             return None;
         }
     };
-    LOCAL_IMAGE
+    let built = LOCAL_IMAGE
         .get_or_try_init(|| async {
             build_local_busybox_image(&engine, Path::new(HOST_BUSYBOX), LOCAL_BUSYBOX_IMAGE)
                 .await
                 .map(|_| ())
         })
-        .await
-        .ok()?;
+        .await;
+    if let Err(error) = built {
+        skip(&format!(
+            "the local busybox image cannot be built ({error}); run scripts/ensure-docker.sh"
+        ));
+        return None;
+    }
     Some(engine)
 }
 
@@ -461,6 +466,70 @@ async fn layers_are_shared_pinned_images_stay_and_the_last_user_removes_a_layer(
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tag_rebuilt_in_docker_is_imported_again_and_the_old_image_waits_for_its_container()
+-> TestResult {
+    let _engine = docker_or_skip!();
+    let tag = format!("stevedore-test/oci-rebuilt:{}", std::process::id());
+    let _cleanup = Images(vec![tag.clone()]);
+    docker_build(
+        &tag,
+        &format!("FROM {LOCAL_BUSYBOX_IMAGE}\nRUN echo one > /version\n"),
+    )?;
+    let (store, _dir) = store(true).await?;
+    store.ensure_image(&tag, None, None).await?;
+    let old = store.pin(&tag).ok_or("cannot pin")?;
+    // The engine keeps the replaced image untagged: removed by id at the end.
+    let _replaced = Images(vec![old.id.clone()]);
+
+    docker_build(
+        &tag,
+        &format!("FROM {LOCAL_BUSYBOX_IMAGE}\nRUN echo two > /version\n"),
+    )?;
+    assert_eq!(
+        store.ensure_image(&tag, None, None).await?,
+        ImagePresence::Pulled,
+        "the engine's image under the tag changed"
+    );
+    let new = store.unpacked(&tag).await?.ok_or("not imported")?;
+    assert_ne!(new.id, old.id);
+    assert_eq!(
+        std::fs::read_to_string(new.layers[1].join("version"))?,
+        "two\n"
+    );
+    // The old image lost its name but not its layers: a container runs on them.
+    let listed = store.list_images().await?;
+    let dangling = listed
+        .iter()
+        .find(|entry| entry.id == old.id)
+        .ok_or("the pinned image is gone")?;
+    assert!(dangling.references.is_empty());
+    assert_eq!(
+        std::fs::read_to_string(old.layers[1].join("version"))?,
+        "one\n"
+    );
+    assert!(matches!(
+        store.remove_image(&old.id).await,
+        Err(EngineError::Conflict { .. })
+    ));
+    let old_layer = old.layers[1].clone();
+    drop(old);
+    let id = store
+        .list_images()
+        .await?
+        .into_iter()
+        .find(|e| e.references.is_empty());
+    store
+        .remove_image(&id.ok_or("no dangling image")?.id)
+        .await?;
+    assert!(!old_layer.exists());
+    assert!(
+        new.layers.iter().all(|layer| layer.is_dir()),
+        "the new image keeps its layers"
+    );
+    Ok(())
+}
+
 /// A `docker-registry` process serving a temporary directory on a loopback port, with
 /// htpasswd basic auth.
 struct TestRegistry {
@@ -723,14 +792,26 @@ async fn a_registry_pull_matches_the_docker_import_and_refusals_are_classified()
 }
 
 /// Figures: the python stack image imported from Docker into a cold store, again into the
-/// warm one (nothing to do), and the disk it takes. Run with
-/// `cargo test -p stevedore-engine --test oci_images -- --ignored --nocapture`.
+/// warm one (nothing to do), the disk it takes, the engine's own export for comparison, and a
+/// second stack sharing its base layer. Run with
+/// `cargo test --release -p stevedore-engine --test oci_images -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "a measurement: needs the python stack image (stevedore stack build-local python)"]
+#[ignore = "a measurement: needs the local stack images (stevedore stack build-local)"]
 async fn python_stack_import_figures() -> TestResult {
     let _engine = docker_or_skip!();
     let image = std::env::var("STEVEDORE_OCI_BENCH_IMAGE")
         .unwrap_or_else(|_| "stevedore/stack-python:3.11-local".to_owned());
+    let sibling = std::env::var("STEVEDORE_OCI_BENCH_SIBLING")
+        .unwrap_or_else(|_| "stevedore/stack-node:18-local".to_owned());
+
+    let began = Instant::now();
+    let saved = Command::new("sh")
+        .arg("-c")
+        .arg(format!("docker save {image} > /dev/null"))
+        .status()?;
+    assert!(saved.success());
+    let export_alone = began.elapsed();
+
     let (store, _dir) = store(true).await?;
     let began = Instant::now();
     store.ensure_image(&image, None, None).await?;
@@ -742,28 +823,54 @@ async fn python_stack_import_figures() -> TestResult {
     let began = Instant::now();
     let unpacked = store.unpacked(&image).await?.ok_or("not unpacked")?;
     let lookup = began.elapsed();
-    let du = Command::new("du")
-        .args(["-sb"])
-        .arg(store.root().join("layers"))
-        .output()?;
-    let on_disk = String::from_utf8_lossy(&du.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or("?")
-        .to_owned();
+    let disk = |path: &Path| -> String {
+        Command::new("du")
+            .arg("-sb")
+            .arg(path)
+            .output()
+            .map(|out| {
+                String::from_utf8_lossy(&out.stdout)
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("?")
+                    .to_owned()
+            })
+            .unwrap_or_default()
+    };
+    let on_disk = disk(&store.root().join("layers"));
     let docker_size = Command::new("docker")
         .args(["image", "inspect", "-f", "{{.Size}}", &image])
         .output()?;
     println!(
-        "oci image store: {image}: {} layers; cold import {:.2} s, warm ensure_image {:.2} ms, \
-         unpacked lookup {:.3} ms; files {} bytes (index), {on_disk} bytes on disk (du -sb), \
-         Docker says {} bytes",
+        "oci image store: {image}: {} layers; cold import {:.2} s (the engine's export alone, \
+         `docker save > /dev/null`: {:.2} s), warm ensure_image {:.2} ms, unpacked lookup \
+         {:.3} ms; files {} bytes, {on_disk} bytes on disk (du -sb), Docker says {} bytes",
         unpacked.layers.len(),
         cold.as_secs_f64(),
+        export_alone.as_secs_f64(),
         warm.as_secs_f64() * 1e3,
         lookup.as_secs_f64() * 1e3,
         store.disk_bytes(),
         String::from_utf8_lossy(&docker_size.stdout).trim()
     );
+
+    if store.ensure_image(&sibling, None, None).await.is_ok() {
+        // Only its own layers were unpacked: the time of a store that has the base.
+        let (fresh, _fresh_dir) = self::store(true).await?;
+        let began = Instant::now();
+        fresh.ensure_image(&sibling, None, None).await?;
+        let alone = began.elapsed();
+        store.remove_image(&sibling).await?;
+        let began = Instant::now();
+        store.ensure_image(&sibling, None, None).await?;
+        let sharing = began.elapsed();
+        println!(
+            "oci image store: {sibling}: into an empty store {:.2} s, beside {image} (its base \
+             layer hashed, not unpacked) {:.2} s; the layers of both take {} bytes on disk",
+            alone.as_secs_f64(),
+            sharing.as_secs_f64(),
+            disk(&store.root().join("layers"))
+        );
+    }
     Ok(())
 }

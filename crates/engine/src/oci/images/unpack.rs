@@ -288,9 +288,33 @@ impl Unpacker<'_> {
     }
 
     /// The directory `relative` inside the layer as a path, made (with the usual 0755 root
-    /// directories on the way) where the archive did not make it first; refused when a
-    /// component on the way is a symlink or a file, which would put entries elsewhere.
+    /// directories on the way) where the archive did not make it first.
     fn directory(&mut self, relative: &Path) -> Result<PathBuf, UnpackError> {
+        self.walk(relative, |path, _| {
+            std::fs::create_dir(path).map_err(|error| io_error(path, error))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+                .map_err(|error| io_error(path, error))
+        })
+    }
+
+    /// Like [`Self::directory`], for a hard link's target: nothing is made.
+    fn directory_existing(&mut self, relative: Option<&Path>) -> Result<PathBuf, UnpackError> {
+        self.walk(relative.unwrap_or(Path::new("")), |_, walked| {
+            Err(UnpackError::Invalid(format!(
+                "a hard link's target under {} is not in the layer",
+                walked.display()
+            )))
+        })
+    }
+
+    /// Walks `relative` down from the layer's root, calling `missing` for a component that
+    /// does not exist; refused when a component is a symlink or a file, which would put
+    /// entries elsewhere (outside the layer, through a symlink).
+    fn walk(
+        &mut self,
+        relative: &Path,
+        missing: impl Fn(&Path, &Path) -> Result<(), UnpackError>,
+    ) -> Result<PathBuf, UnpackError> {
         let mut walked = PathBuf::new();
         for component in relative.components() {
             walked.push(component);
@@ -306,33 +330,8 @@ impl Unpacker<'_> {
                         walked.display()
                     )));
                 }
-                Err(error) if error.kind() == io::ErrorKind::NotFound => {
-                    std::fs::create_dir(&path).map_err(|error| io_error(&path, error))?;
-                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
-                        .map_err(|error| io_error(&path, error))?;
-                }
+                Err(error) if error.kind() == io::ErrorKind::NotFound => missing(&path, &walked)?,
                 Err(error) => return Err(io_error(&path, error)),
-            }
-            self.safe_dirs.insert(walked.clone());
-        }
-        Ok(self.dest.join(relative))
-    }
-
-    /// Like [`Self::directory`], for a hard link's target: nothing is made.
-    fn directory_existing(&mut self, relative: Option<&Path>) -> Result<PathBuf, UnpackError> {
-        let relative = relative.unwrap_or(Path::new(""));
-        let mut walked = PathBuf::new();
-        for component in relative.components() {
-            walked.push(component);
-            if self.safe_dirs.contains(&walked) {
-                continue;
-            }
-            let path = self.dest.join(&walked);
-            if !std::fs::symlink_metadata(&path).is_ok_and(|metadata| metadata.is_dir()) {
-                return Err(UnpackError::Invalid(format!(
-                    "a hard link's target under {} is not in the layer",
-                    walked.display()
-                )));
             }
             self.safe_dirs.insert(walked.clone());
         }
