@@ -101,13 +101,26 @@ export STEVEDORE_DASHBOARD_TESTS="$PWD/tests/dashboard"
 
 # Tests marked #[ignore] kill the Docker daemon every other test shares, so they run alone,
 # after the rest.
+# The end-to-end tests run on both engines (nextest's filter expression).
+OCI_END_TO_END='test(/^tasks::(a_task_runs_in|after_kill_9|a_failing)/) | test(/^stacks::(real_workers|an_image_code)/) | test(/^(python_client|node_client)::/) | test(/^lease_safety::a_killed/) | test(/^remote::a_remote_runner_runs/)'
+
 log "running the tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"
   log "running the tests that restart the Docker daemon, alone"
   cargo nextest run --workspace --no-fail-fast --run-ignored only --test-threads 1 "$@"
+  # The end-to-end tests that hold for any engine, again with `serve` and `runner` on the
+  # direct OCI runtime (`--engine oci`). One at a time: every OCI server of this host shares
+  # the task network's bridge, whose leftovers each start removes.
+  log "running the end-to-end tests again on the OCI engine"
+  STEVEDORE_TEST_ENGINE=oci cargo nextest run -p stevedore --test cli --no-fail-fast \
+    --test-threads 1 -E "$OCI_END_TO_END" "$@"
 else
   cargo test --workspace --no-fail-fast "$@"
   log "running the tests that restart the Docker daemon, alone"
   cargo test --workspace --no-fail-fast "$@" -- --ignored --test-threads 1
+  log "running the end-to-end tests again on the OCI engine"
+  STEVEDORE_TEST_ENGINE=oci cargo test -p stevedore --test cli --no-fail-fast "$@" -- \
+    --test-threads 1 tasks:: stacks::real_workers stacks::an_image_code python_client \
+    node_client lease_safety::a_killed remote::a_remote
 fi

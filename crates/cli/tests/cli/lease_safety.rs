@@ -10,26 +10,12 @@ use serde_json::json;
 
 use crate::support::{
     Api, RunnerProcess, ServerProcess, containers_labelled, docker_available, ensure_local_image,
-    remove_containers, runner_token, unique,
+    remove_containers, runner_token, running_containers_labelled, unique,
 };
 
 /// The task's containers running now.
 fn running_containers(task_id: &str) -> Vec<String> {
-    let output = Command::new("docker")
-        .args([
-            "ps",
-            "-q",
-            "--filter",
-            &format!("label=stevedore.task={task_id}"),
-            "--filter",
-            "status=running",
-        ])
-        .output()
-        .expect("docker ps");
-    String::from_utf8_lossy(&output.stdout)
-        .split_whitespace()
-        .map(str::to_owned)
-        .collect()
+    running_containers_labelled(&format!("stevedore.task={task_id}"))
 }
 
 /// What sampling a task's running containers until it completed saw.
@@ -123,17 +109,9 @@ async fn a_killed_runners_container_stops_before_the_task_runs_again() {
 
     assert!(second.terminate().success());
     assert!(server.terminate().success());
-    let left = Command::new("docker")
-        .args([
-            "ps",
-            "-aq",
-            "--filter",
-            &format!("label=stevedore.task={task_id}"),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&left.stdout).trim().is_empty(),
+    assert_eq!(
+        containers_labelled(&format!("stevedore.task={task_id}")),
+        Vec::<String>::new(),
         "containers left behind"
     );
 }

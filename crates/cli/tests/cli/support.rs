@@ -85,6 +85,7 @@ impl ServerProcess {
             .env("STEVEDORE_LOG", "warn")
             // The stacks run on the images `stack build-local` made (`ensure_local_image`).
             .env("STEVEDORE_STACK_IMAGES", "local")
+            .env("STEVEDORE_ENGINE", test_engine().unwrap_or_else(|| "docker".to_owned()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
@@ -266,8 +267,21 @@ pub fn ensure_local_image() {
     run_ok(&["stack", "build-local"]);
 }
 
-/// The ids of containers that carry `label`, running or not.
+/// The engine the servers and runners the tests start run their tasks on: Docker unless
+/// `STEVEDORE_TEST_ENGINE=oci` (`scripts/test.sh` runs the end-to-end tests on both).
+pub fn test_engine() -> Option<String> {
+    std::env::var("STEVEDORE_TEST_ENGINE")
+        .ok()
+        .filter(|engine| !engine.is_empty())
+}
+
+/// The ids of containers that carry `label` (`key=value`), running or not: on Docker as
+/// `docker ps` lists them, on the OCI engine the bundles of the tests' data directories
+/// (temporary directories, each with its engine's root `oci/` inside).
 pub fn containers_labelled(label: &str) -> Vec<String> {
+    if test_engine().as_deref() == Some("oci") {
+        return oci_containers_labelled(label);
+    }
     let output = Command::new("docker")
         .args(["ps", "-aq", "--filter", &format!("label={label}")])
         .output()
@@ -276,6 +290,70 @@ pub fn containers_labelled(label: &str) -> Vec<String> {
         .split_whitespace()
         .map(str::to_owned)
         .collect()
+}
+
+/// The ids of the running containers that carry `label`: on the OCI engine those whose
+/// bundle names a live init process and no exit yet.
+pub fn running_containers_labelled(label: &str) -> Vec<String> {
+    if test_engine().as_deref() == Some("oci") {
+        return oci_bundles_labelled(label)
+            .into_iter()
+            .filter(|bundle| {
+                !bundle.join("exit.json").exists()
+                    && std::fs::read_to_string(bundle.join("pid")).is_ok_and(|pid| {
+                        Path::new("/proc").join(pid.trim()).join("stat").exists()
+                    })
+            })
+            .map(|bundle| bundle.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+    }
+    let output = Command::new("docker")
+        .args([
+            "ps",
+            "-q",
+            "--filter",
+            &format!("label={label}"),
+            "--filter",
+            "status=running",
+        ])
+        .output()
+        .expect("docker ps");
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn oci_containers_labelled(label: &str) -> Vec<String> {
+    oci_bundles_labelled(label)
+        .into_iter()
+        .map(|bundle| bundle.file_name().unwrap().to_string_lossy().into_owned())
+        .collect()
+}
+
+fn oci_bundles_labelled(label: &str) -> Vec<PathBuf> {
+    let (key, value) = label.split_once('=').unwrap_or((label, ""));
+    let mut ids = Vec::new();
+    let Ok(data_dirs) = std::fs::read_dir(std::env::temp_dir()) else {
+        return ids;
+    };
+    for data_dir in data_dirs.flatten() {
+        let Ok(bundles) = std::fs::read_dir(data_dir.path().join("oci/containers")) else {
+            continue;
+        };
+        for bundle in bundles.flatten() {
+            let Ok(text) = std::fs::read_to_string(bundle.path().join("meta.json")) else {
+                continue;
+            };
+            let Ok(meta) = serde_json::from_str::<Value>(&text) else {
+                continue;
+            };
+            if meta["labels"][key].as_str() == Some(value) {
+                ids.push(bundle.path());
+            }
+        }
+    }
+    ids
 }
 
 /// A small HTTP client for one server.
@@ -469,6 +547,7 @@ impl RunnerProcess {
             .env("STEVEDORE_RUNNER__LEASE_SECS", &lease_secs)
             .env("STEVEDORE_RUNNER__SHUTDOWN_GRACE_SECS", "5")
             .env("STEVEDORE_STACK_IMAGES", "local")
+            .env("STEVEDORE_ENGINE", test_engine().unwrap_or_else(|| "docker".to_owned()))
             // No stevedore.toml of the working directory.
             .env("STEVEDORE_CONFIG", "/dev/null")
             .stdin(Stdio::null())
