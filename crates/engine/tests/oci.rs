@@ -759,3 +759,24 @@ async fn nothing_is_left_after_a_kill_9_of_the_process_that_ran_it() -> TestResu
     }
     Ok(())
 }
+
+/// A command the image does not have fails the container, not the start, with the runtime's
+/// word on its stderr and named as the engine's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_command_is_told() -> TestResult {
+    for binary in BINARIES {
+        let Some(runtime) = runtime(binary).await else {
+            return Ok(());
+        };
+        let mut spec = shell("");
+        spec.cmd = Some(vec!["/no/such/program".to_owned()]);
+        let finished = run_to_end(&runtime, &spec).await;
+        assert_ne!(finished.status.exit_code, 0, "{finished:?}");
+        assert!(finished.status.engine_error.is_some(), "{finished:?}");
+        assert!(
+            String::from_utf8_lossy(&finished.stderr).contains("/no/such/program"),
+            "{finished:?}"
+        );
+    }
+    Ok(())
+}
