@@ -381,6 +381,16 @@ async fn oom_kills_cpu_time_and_peak_memory_are_counted() -> TestResult {
             "{usage:?}"
         );
 
+        // A child killed for memory while the shell survives and exits 0: still named, from
+        // the group's own notification (v1) or count (v2), as Docker names it.
+        let mut child =
+            shell("(x=$(head -c 67108864 /dev/zero | tr '\\0' a); echo ${#x}); echo after");
+        child.memory_bytes = Some(16 << 20);
+        let finished = run_to_end(&runtime, &child).await;
+        assert_eq!(finished.status.exit_code, 0, "{finished:?}");
+        assert_eq!(String::from_utf8_lossy(&finished.stdout), "after\n");
+        assert!(finished.status.oom_killed, "{finished:?}");
+
         // Some CPU (hashing 16 MiB of random bytes, about 100 ms here), and 32 MiB held at once.
         let mut busy = shell(
             "x=$(head -c 33554432 /dev/zero | tr '\\0' a); \

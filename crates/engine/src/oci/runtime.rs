@@ -134,8 +134,11 @@ struct Live {
     id: String,
     bundle: PathBuf,
     group: TaskGroup,
-    /// The memory limit of its task group, which tells an OOM kill on cgroup v1.
+    /// The memory limit of its task group, which tells an OOM kill on cgroup v1 when there
+    /// is no notification.
     memory_limit: Option<u64>,
+    /// The task group's OOM notification (cgroup v1).
+    oom_watch: Option<cgroup::OomWatch>,
     netns: Mutex<Option<TaskNetns>>,
     /// Where the output goes while a reader is attached.
     attached: Mutex<Option<mpsc::Sender<Result<LogChunk, EngineError>>>>,
@@ -540,29 +543,35 @@ impl Inner {
                     &group,
                     netns.as_ref(),
                     hierarchy,
-                )
+                )?;
+                // Without a limit the group never runs out.
+                Ok(spec.memory_bytes.and_then(|_| group.watch_oom()))
             })
             .await
         };
-        if let Err(error) = prepared {
-            tracing::debug!(container = %id, %error, "the container could not be created");
-            let group = group.clone();
-            let _ = blocking(move || {
-                let _ = rootfs::unmount(&bundle_dir.join("rootfs"));
-                group.remove();
-                remove_bundle(&bundle_dir)
-            })
-            .await;
-            if let (Some(netns), Some(pool)) = (netns, &self.netns) {
-                pool.give_back(netns).await;
+        let oom_watch = match prepared {
+            Ok(watch) => watch,
+            Err(error) => {
+                tracing::debug!(container = %id, %error, "the container could not be created");
+                let group = group.clone();
+                let _ = blocking(move || {
+                    let _ = rootfs::unmount(&bundle_dir.join("rootfs"));
+                    group.remove();
+                    remove_bundle(&bundle_dir)
+                })
+                .await;
+                if let (Some(netns), Some(pool)) = (netns, &self.netns) {
+                    pool.give_back(netns).await;
+                }
+                return Err(error);
             }
-            return Err(error);
-        }
+        };
         let live = Arc::new(Live {
             id: id.clone(),
             bundle: bundle_dir,
             group,
             memory_limit: spec.memory_bytes,
+            oom_watch,
             netns: Mutex::new(netns),
             attached: Mutex::new(None),
             phase: watch::Sender::new(Phase::Created),
@@ -1096,9 +1105,10 @@ async fn reap(live: Arc<Live>, mut child: tokio::process::Child, started_at: Tim
         .await
         .ok()
         .flatten();
+    let oom_event = live.oom_watch.as_ref().map(cgroup::OomWatch::fired);
     let oom_killed = account
         .as_ref()
-        .is_some_and(|account| account.oom_killed(live.memory_limit, exit_code));
+        .is_some_and(|account| account.oom_killed(live.memory_limit, exit_code, oom_event));
     let engine_error = match status {
         // No pid: the runtime failed before the container's process existed (a command that
         // is not in the image, a bad working directory); it said why on the stderr pipe.
