@@ -7,6 +7,7 @@
 //! ```text
 //! cargo bench -p stevedore-engine --bench oci_throughput
 //! OCI_BENCH_TASKS=200 cargo bench -p stevedore-engine --bench oci_throughput
+//! OCI_BENCH_STATE_ROOT=/dev/shm/oci-bench OCI_BENCH_DOCKER=0 cargo bench ...  # bundles on tmpfs
 //! ```
 //!
 //! Needs root, the static busybox, and `crun`, `runc` and a Docker engine (each one missing
@@ -139,8 +140,15 @@ async fn main() -> BenchResult {
         .ok()
         .and_then(|tasks| tasks.parse().ok())
         .unwrap_or(60);
-    let scratch = tempfile::tempdir()?;
+    let scratch = match std::env::var_os("OCI_BENCH_STATE_ROOT") {
+        Some(root) => {
+            std::fs::create_dir_all(&root)?;
+            tempfile::tempdir_in(root)?
+        }
+        None => tempfile::tempdir()?,
+    };
     let layer = busybox_layer(scratch.path())?;
+    let with_docker = std::env::var("OCI_BENCH_DOCKER").map_or(true, |value| value != "0");
 
     let mut runtimes: Vec<(String, Arc<dyn ContainerRuntime>)> = Vec::new();
     for binary in ["crun", "runc"] {
@@ -157,6 +165,7 @@ async fn main() -> BenchResult {
         }
     }
     match DockerEngine::connect().await {
+        Ok(_) if !with_docker => eprintln!("left out: docker (OCI_BENCH_DOCKER=0)"),
         Ok(docker) => {
             build_local_busybox_image(&docker, Path::new(HOST_BUSYBOX), LOCAL_BUSYBOX_IMAGE)
                 .await?;

@@ -381,6 +381,16 @@ async fn oom_kills_cpu_time_and_peak_memory_are_counted() -> TestResult {
             "{usage:?}"
         );
 
+        // A child killed for memory while the shell survives and exits 0: still named, from
+        // the group's own notification (v1) or count (v2), as Docker names it.
+        let mut child =
+            shell("(x=$(head -c 67108864 /dev/zero | tr '\\0' a); echo ${#x}); echo after");
+        child.memory_bytes = Some(16 << 20);
+        let finished = run_to_end(&runtime, &child).await;
+        assert_eq!(finished.status.exit_code, 0, "{finished:?}");
+        assert_eq!(String::from_utf8_lossy(&finished.stdout), "after\n");
+        assert!(finished.status.oom_killed, "{finished:?}");
+
         // Some CPU (hashing 16 MiB of random bytes, about 100 ms here), and 32 MiB held at once.
         let mut busy = shell(
             "x=$(head -c 33554432 /dev/zero | tr '\\0' a); \
@@ -756,6 +766,27 @@ async fn nothing_is_left_after_a_kill_9_of_the_process_that_ran_it() -> TestResu
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+    Ok(())
+}
+
+/// A command the image does not have fails the container, not the start, with the runtime's
+/// word on its stderr and named as the engine's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_command_is_told() -> TestResult {
+    for binary in BINARIES {
+        let Some(runtime) = runtime(binary).await else {
+            return Ok(());
+        };
+        let mut spec = shell("");
+        spec.cmd = Some(vec!["/no/such/program".to_owned()]);
+        let finished = run_to_end(&runtime, &spec).await;
+        assert_ne!(finished.status.exit_code, 0, "{finished:?}");
+        assert!(finished.status.engine_error.is_some(), "{finished:?}");
+        assert!(
+            String::from_utf8_lossy(&finished.stderr).contains("/no/such/program"),
+            "{finished:?}"
+        );
     }
     Ok(())
 }

@@ -18,11 +18,18 @@
 //! cgroup v2 the group's `memory.events` counts the kills of its children too, exactly. On
 //! v1 the `oom_kill` of `memory.oom_control` counts only kills of processes in the group
 //! itself, and the runtime's child (where the processes are) is gone once the container
-//! stopped: there a container killed by SIGKILL whose group peaked at its limit (less what
-//! the kernel charges per CPU in batches) was killed for its memory ([`Account::oom_killed`]).
+//! stopped; but the group's OOM notification (an eventfd registered in its
+//! `cgroup.event_control`, [`OomWatch`]) fires when the group itself runs out. Without one (it
+//! could not be registered) a container killed by SIGKILL whose group peaked at its limit
+//! (less what the kernel charges per CPU in batches) was killed for its memory
+//! ([`Account::oom_killed`]).
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use rustix::event::EventfdFlags;
+use rustix::fs::{Mode, OFlags};
 
 use crate::cpu_group::{CGROUP_ROOT, Hierarchy};
 use crate::engine::{ResourceSample, ResourceUsage};
@@ -63,17 +70,49 @@ pub(crate) struct Account {
     pub(crate) hierarchy: Hierarchy,
 }
 
+/// The OOM notification of a cgroup v1 task group: an eventfd the kernel counts up each
+/// time the group runs out of memory (and once more when the group is removed: read it
+/// before).
+#[derive(Debug)]
+pub(crate) struct OomWatch {
+    events: OwnedFd,
+    /// The group's `memory.oom_control`, open for as long as the registration lasts.
+    _control: OwnedFd,
+}
+
+// === impl OomWatch ===
+
+impl OomWatch {
+    /// Whether the group ran out of memory since the watch began.
+    pub(crate) fn fired(&self) -> bool {
+        let mut count = [0u8; 8];
+        matches!(rustix::io::read(&self.events, &mut count), Ok(8)) && u64::from_ne_bytes(count) > 0
+    }
+}
+
 // === impl Account ===
 
 impl Account {
     /// Whether the kernel killed the container for its memory limit of `limit` bytes, the
-    /// container having ended with `exit_code`: counted on v2; on v1 (no count survives the
-    /// runtime's child) a SIGKILL (137) with the group's peak at the limit.
-    pub(crate) fn oom_killed(&self, limit: Option<u64>, exit_code: i64) -> bool {
+    /// container having ended with `exit_code`: counted on v2; on v1 told by the group's OOM
+    /// notification (`oom_event`, when it was watched), or else by a SIGKILL (137) with the
+    /// group's peak at the limit.
+    pub(crate) fn oom_killed(
+        &self,
+        limit: Option<u64>,
+        exit_code: i64,
+        oom_event: Option<bool>,
+    ) -> bool {
         if self.oom_kills.is_some_and(|kills| kills > 0) {
             return true;
         }
-        if self.hierarchy == Hierarchy::V2 || exit_code != 137 {
+        if self.hierarchy == Hierarchy::V2 {
+            return false;
+        }
+        if let Some(fired) = oom_event {
+            return fired;
+        }
+        if exit_code != 137 {
             return false;
         }
         let (Some(limit), Some(peak)) = (limit, self.usage.peak_memory_bytes) else {
@@ -227,6 +266,38 @@ impl TaskGroup {
             let _ = std::fs::write(group.join("cgroup.subtree_control"), controller);
         }
         Ok(())
+    }
+
+    /// Registers for the group's OOM notification, on cgroup v1 (v2 counts its kills in
+    /// `memory.events`). `None` when the kernel does not offer it. Blocking.
+    pub(crate) fn watch_oom(&self) -> Option<OomWatch> {
+        if self.hierarchy != Hierarchy::V1 {
+            return None;
+        }
+        let memory = self.root.join("memory").join(&self.path);
+        let watch = || -> std::io::Result<OomWatch> {
+            let control = rustix::fs::open(
+                memory.join("memory.oom_control"),
+                OFlags::RDONLY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            let events = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
+            std::fs::write(
+                memory.join("cgroup.event_control"),
+                format!("{} {}", events.as_raw_fd(), control.as_raw_fd()),
+            )?;
+            Ok(OomWatch {
+                events,
+                _control: control,
+            })
+        };
+        match watch() {
+            Ok(watch) => Some(watch),
+            Err(error) => {
+                tracing::debug!(group = %memory.display(), %error, "no OOM notification");
+                None
+            }
+        }
     }
 
     /// What the group counted: once its container stopped, its whole life. Blocking file IO.
@@ -511,14 +582,19 @@ mod tests {
         };
         let limit = Some(8 << 20);
         // v2 counts: the peak does not matter.
-        assert!(account(1 << 20, Some(1), Hierarchy::V2).oom_killed(limit, 137));
-        assert!(!account(8 << 20, Some(0), Hierarchy::V2).oom_killed(limit, 137));
-        // v1: a SIGKILL with the peak at the limit (or within the kernel's batch below it).
-        assert!(account(8 << 20, Some(0), Hierarchy::V1).oom_killed(limit, 137));
-        assert!(account((8 << 20) - (256 << 10), Some(0), Hierarchy::V1).oom_killed(limit, 137));
-        assert!(!account(8 << 20, Some(0), Hierarchy::V1).oom_killed(limit, 1));
-        assert!(!account(4 << 20, Some(0), Hierarchy::V1).oom_killed(limit, 137));
-        assert!(!account(8 << 20, Some(0), Hierarchy::V1).oom_killed(None, 137));
+        assert!(account(1 << 20, Some(1), Hierarchy::V2).oom_killed(limit, 137, None));
+        assert!(!account(8 << 20, Some(0), Hierarchy::V2).oom_killed(limit, 137, None));
+        // v1 with the notification watched: it alone tells.
+        assert!(account(1 << 20, Some(0), Hierarchy::V1).oom_killed(limit, 0, Some(true)));
+        assert!(!account(8 << 20, Some(0), Hierarchy::V1).oom_killed(limit, 137, Some(false)));
+        // v1 without: a SIGKILL with the peak at the limit (or within the kernel's batch
+        // below it).
+        let v1 = |peak| account(peak, Some(0), Hierarchy::V1);
+        assert!(v1(8 << 20).oom_killed(limit, 137, None));
+        assert!(v1((8 << 20) - (256 << 10)).oom_killed(limit, 137, None));
+        assert!(!v1(8 << 20).oom_killed(limit, 1, None));
+        assert!(!v1(4 << 20).oom_killed(limit, 137, None));
+        assert!(!v1(8 << 20).oom_killed(None, 137, None));
     }
 
     #[test]

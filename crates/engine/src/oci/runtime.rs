@@ -78,6 +78,11 @@ pub struct OciSettings {
     /// Where bundles and the runtime's state live: a directory of its own on a local file
     /// system that can hold overlayfs upper directories (not itself on overlayfs), e.g.
     /// `<data dir>/oci`. Made when missing.
+    ///
+    /// Every task's writes land here (its overlay's upper directory), and each task makes and
+    /// removes a dozen small files: on a tmpfs (`/run/...`) a `true` task costs about half
+    /// the time it does on a busy ext4 disk, but what tasks write, and the files and packages
+    /// put into them, are then held in memory until their removal.
     pub state_root: PathBuf,
     /// The runtime binary (`crun`, `runc`, or a path to either); `None` picks `crun` when it
     /// is installed, `runc` otherwise.
@@ -129,8 +134,11 @@ struct Live {
     id: String,
     bundle: PathBuf,
     group: TaskGroup,
-    /// The memory limit of its task group, which tells an OOM kill on cgroup v1.
+    /// The memory limit of its task group, which tells an OOM kill on cgroup v1 when there
+    /// is no notification.
     memory_limit: Option<u64>,
+    /// The task group's OOM notification (cgroup v1).
+    oom_watch: Option<cgroup::OomWatch>,
     netns: Mutex<Option<TaskNetns>>,
     /// Keeps the image's layers while the container lives.
     _image_pin: Option<ImagePin>,
@@ -542,29 +550,35 @@ impl Inner {
                     &group,
                     netns.as_ref(),
                     hierarchy,
-                )
+                )?;
+                // Without a limit the group never runs out.
+                Ok(spec.memory_bytes.and_then(|_| group.watch_oom()))
             })
             .await
         };
-        if let Err(error) = prepared {
-            tracing::debug!(container = %id, %error, "the container could not be created");
-            let group = group.clone();
-            let _ = blocking(move || {
-                let _ = rootfs::unmount(&bundle_dir.join("rootfs"));
-                group.remove();
-                remove_bundle(&bundle_dir)
-            })
-            .await;
-            if let (Some(netns), Some(pool)) = (netns, &self.netns) {
-                pool.give_back(netns).await;
+        let oom_watch = match prepared {
+            Ok(watch) => watch,
+            Err(error) => {
+                tracing::debug!(container = %id, %error, "the container could not be created");
+                let group = group.clone();
+                let _ = blocking(move || {
+                    let _ = rootfs::unmount(&bundle_dir.join("rootfs"));
+                    group.remove();
+                    remove_bundle(&bundle_dir)
+                })
+                .await;
+                if let (Some(netns), Some(pool)) = (netns, &self.netns) {
+                    pool.give_back(netns).await;
+                }
+                return Err(error);
             }
-            return Err(error);
-        }
+        };
         let live = Arc::new(Live {
             id: id.clone(),
             bundle: bundle_dir,
             group,
             memory_limit: spec.memory_bytes,
+            oom_watch,
             netns: Mutex::new(netns),
             _image_pin: image_pin,
             attached: Mutex::new(None),
@@ -1003,10 +1017,21 @@ fn remove_bundle(bundle: &Path) -> Result<(), EngineError> {
             message: format!("{} is still mounted", rootfs.display()),
         });
     }
-    match std::fs::remove_dir_all(bundle) {
-        Ok(()) => Ok(()),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(error) => Err(local_io(bundle, error)),
+    // The container's runtime process, still ending, or the process that ran it, recording
+    // how it ended, can add a file while the directory goes: then it is gone over again.
+    let mut attempts = 0;
+    loop {
+        match std::fs::remove_dir_all(bundle) {
+            Ok(()) => return Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(error)
+                if error.kind() == std::io::ErrorKind::DirectoryNotEmpty && attempts < 10 =>
+            {
+                attempts += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(error) => return Err(local_io(bundle, error)),
+        }
     }
 }
 
@@ -1018,7 +1043,7 @@ async fn pump(
     stdout: Option<tokio::process::ChildStdout>,
     stderr: Option<tokio::process::ChildStderr>,
 ) {
-    let mut kept = KeptWriter::create(&live.bundle.join("output")).await;
+    let mut kept = KeptWriter::new(live.bundle.join("output"));
     let (mut stdout, mut stderr) = (stdout, stderr);
     let (mut out_buffer, mut err_buffer) = (vec![0u8; READ_BYTES], vec![0u8; READ_BYTES]);
     while stdout.is_some() || stderr.is_some() {
@@ -1088,10 +1113,18 @@ async fn reap(live: Arc<Live>, mut child: tokio::process::Child, started_at: Tim
         .await
         .ok()
         .flatten();
+    let oom_event = live.oom_watch.as_ref().map(cgroup::OomWatch::fired);
     let oom_killed = account
         .as_ref()
-        .is_some_and(|account| account.oom_killed(live.memory_limit, exit_code));
+        .is_some_and(|account| account.oom_killed(live.memory_limit, exit_code, oom_event));
     let engine_error = match status {
+        // No pid: the runtime failed before the container's process existed (a command that
+        // is not in the image, a bad working directory); it said why on the stderr pipe.
+        Ok(_) if !live.bundle.join("pid").exists() => Some(
+            "the OCI runtime could not start the container (its message is on the \
+             container's stderr)"
+                .to_owned(),
+        ),
         Ok(_) => None,
         Err(error) => Some(format!("waiting for the OCI runtime failed: {error}")),
     };
@@ -1117,32 +1150,44 @@ async fn reap(live: Arc<Live>, mut child: tokio::process::Child, started_at: Tim
 
 /// The kept output: frames of one byte for the stream (1 stdout, 2 stderr), four for the
 /// length (little-endian), then the bytes; the first [`KEPT_OUTPUT_BYTES`] of output only.
+/// The file is made with the first output: a silent task costs no file.
 struct KeptWriter {
+    path: PathBuf,
     file: Option<tokio::io::BufWriter<tokio::fs::File>>,
     kept: u64,
+    /// The file could not be made or written: nothing more is kept.
+    broken: bool,
 }
 
 impl KeptWriter {
-    async fn create(path: &Path) -> Self {
-        let file = match tokio::fs::File::create(path).await {
-            Ok(file) => Some(tokio::io::BufWriter::new(file)),
-            Err(error) => {
-                tracing::warn!(path = %path.display(), %error, "no output is kept");
-                None
-            }
-        };
-        KeptWriter { file, kept: 0 }
+    fn new(path: PathBuf) -> Self {
+        KeptWriter {
+            path,
+            file: None,
+            kept: 0,
+            broken: false,
+        }
     }
 
     async fn keep(&mut self, stream: OutputStream, bytes: &[u8]) {
+        let room = KEPT_OUTPUT_BYTES.saturating_sub(self.kept);
+        let take = bytes.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        if take == 0 || self.broken {
+            return;
+        }
+        if self.file.is_none() {
+            match tokio::fs::File::create(&self.path).await {
+                Ok(file) => self.file = Some(tokio::io::BufWriter::new(file)),
+                Err(error) => {
+                    tracing::warn!(path = %self.path.display(), %error, "no output is kept");
+                    self.broken = true;
+                    return;
+                }
+            }
+        }
         let Some(file) = &mut self.file else {
             return;
         };
-        let room = KEPT_OUTPUT_BYTES.saturating_sub(self.kept);
-        let take = bytes.len().min(usize::try_from(room).unwrap_or(usize::MAX));
-        if take == 0 {
-            return;
-        }
         let mut frame = Vec::with_capacity(take + 5);
         frame.push(match stream {
             OutputStream::Stdout => 1,
@@ -1152,6 +1197,7 @@ impl KeptWriter {
         frame.extend_from_slice(&bytes[..take]);
         if file.write_all(&frame).await.is_err() {
             self.file = None;
+            self.broken = true;
             return;
         }
         self.kept += take as u64;
