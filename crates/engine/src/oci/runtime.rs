@@ -92,7 +92,9 @@ pub struct OciSettings {
 /// Which OCI runtime drives the containers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OciRuntimeKind {
+    /// `crun` (C, the faster to start a container).
     Crun,
+    /// `runc` (Go, what Docker itself runs).
     Runc,
 }
 
