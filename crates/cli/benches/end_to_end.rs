@@ -10,6 +10,13 @@
 //! with how many a task made and how long each took on average (the raw loop's from its own
 //! engine's observer, stevedore's from `serve`'s `stevedore_engine_request_duration_seconds`).
 //!
+//! Beside them, in the same rounds, the same tasks through `serve --engine oci` (the direct OCI
+//! runtime, "stevedore oci"), with its throughput as a multiple of the Docker path's and of
+//! the raw loop's (target: at least 40 tasks/s, queue-to-start p50 under 20 ms). Its engine
+//! is the runtime processes `serve` starts, so its engine CPU column stays empty and its
+//! client CPU holds `serve` with the runtime processes it reaped.
+//! `STEVEDORE_BENCH_OCI=0` leaves it out.
+//!
 //! `cargo bench -p stevedore --bench end_to_end` (`STEVEDORE_BENCH_TASKS` sets the number of
 //! tasks per run, default 200). Needs a Docker engine; skips with a message without one.
 //!
@@ -72,6 +79,9 @@ const POLL_INTERVAL: Duration = Duration::from_millis(500);
 const RUN_DEADLINE: Duration = Duration::from_secs(900);
 const RAW_RUNNER_LABEL: &str = "bench-raw";
 const TARGET_RATIO: f64 = 1.0;
+/// What the OCI path aims at: tasks/s, and queue-to-start p50 in ms.
+const OCI_TARGET_THROUGHPUT: f64 = 40.0;
+const OCI_TARGET_P50_MS: f64 = 20.0;
 const ENGINE_REQUEST_METRIC: &str = "stevedore_engine_request_duration_seconds";
 
 /// One measured run.
@@ -189,19 +199,39 @@ async fn main() {
             .expect("STEVEDORE_BENCH_ROUNDS must be between 1 and the number of tasks"),
         Err(_) => DEFAULT_ROUNDS.min(tasks),
     };
+    let with_oci = std::env::var("STEVEDORE_BENCH_OCI").map_or(true, |value| value != "0");
     let meter = EngineCpuMeter::start();
     let mut measurements = Vec::new();
     for (run, concurrency) in CONCURRENCY_LEVELS.into_iter().enumerate() {
         let runner_id = format!("bench-{}-{run}", std::process::id());
-        let mut stevedore = Stevedore::start(concurrency, &runner_id).await;
+        let mut stevedore = Stevedore::start(concurrency, &runner_id, "docker").await;
+        let mut oci = match with_oci {
+            true => Some(Stevedore::start(concurrency, &format!("{runner_id}-oci"), "oci").await),
+            false => None,
+        };
         let mut raw_total = Measurement::none("raw engine", concurrency);
         let mut stevedore_total = Measurement::none("stevedore", concurrency);
-        // Rounds alternate the two, each going first in turn, so that noise from the rest of
-        // the machine (other builds, other users of the engine) hits both alike.
+        let mut oci_total = Measurement::none("stevedore oci", concurrency);
+        // Rounds rotate the runs, each going first in turn, so that noise from the rest of
+        // the machine (other builds, other users of the engine) hits them alike.
         for round in 0..rounds {
             let batch = tasks / rounds + usize::from(round < tasks % rounds);
-            for raw_turn in [round % 2 == 0, round % 2 == 1] {
-                if raw_turn {
+            let mut turns = vec![Turn::Raw, Turn::Docker];
+            if oci.is_some() {
+                turns.push(Turn::Oci);
+            }
+            let first = round % turns.len();
+            turns.rotate_left(first);
+            for turn in turns {
+                if turn == Turn::Oci {
+                    if let Some(oci) = &mut oci {
+                        eprintln!("stevedore oci: {batch} tasks at concurrency {concurrency}");
+                        let mut measured = oci.batch(&meter, concurrency, batch).await;
+                        measured.run = "stevedore oci";
+                        measured.engine_cpu = EngineCpu::default();
+                        oci_total.add(measured);
+                    }
+                } else if turn == Turn::Raw {
                     eprintln!("raw engine loop: {batch} tasks at concurrency {concurrency}");
                     tally.lock().unwrap_or_else(PoisonError::into_inner).clear();
                     let mut raw =
@@ -220,9 +250,21 @@ async fn main() {
         stevedore.stop(engine.as_ref()).await;
         measurements.push(raw_total);
         measurements.push(stevedore_total);
+        if let Some(oci) = oci {
+            oci.stop(engine.as_ref()).await;
+            measurements.push(oci_total);
+        }
     }
     print_table(&measurements);
     print_breakdown(&measurements);
+}
+
+/// Which run a round's turn is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Turn {
+    Raw,
+    Docker,
+    Oci,
 }
 
 // === the raw Engine API loop ===
@@ -341,14 +383,18 @@ struct Stevedore {
 }
 
 impl Stevedore {
-    async fn start(concurrency: usize, runner_id: &str) -> Stevedore {
+    /// `serve` on `engine` (`docker` or `oci`).
+    async fn start(concurrency: usize, runner_id: &str, engine: &str) -> Stevedore {
         let data_dir = tempfile::tempdir().expect("a temporary data directory");
         let metrics_address = free_loopback_address();
         let server = Server::start(
             data_dir.path(),
             concurrency,
             runner_id,
-            &[("STEVEDORE_METRICS__LISTEN", &metrics_address)],
+            &[
+                ("STEVEDORE_METRICS__LISTEN", &metrics_address),
+                ("STEVEDORE_ENGINE", engine),
+            ],
         )
         .await;
         let client = reqwest::Client::new();
@@ -581,13 +627,13 @@ async fn scrape_requests(client: &reqwest::Client, address: &str) -> RequestTall
 fn print_breakdown(measurements: &[Measurement]) {
     println!();
     println!(
-        "{:<12} {:>11} {:>12} {:>12} {:>12} {:>12} {:>12}",
+        "{:<14} {:>11} {:>12} {:>12} {:>12} {:>12} {:>12}",
         "run", "concurrency", "engine ms/t", "dockerd", "containerd", "shims", "client ms/t"
     );
     for m in measurements {
         let per_task = |seconds: f64| seconds * 1000.0 / m.tasks as f64;
         println!(
-            "{:<12} {:>11} {:>12.1} {:>12.1} {:>12.1} {:>12.1} {:>12.1}",
+            "{:<14} {:>11} {:>12.1} {:>12.1} {:>12.1} {:>12.1} {:>12.1}",
             m.run,
             m.concurrency,
             per_task(m.engine_cpu.total()),
@@ -599,13 +645,13 @@ fn print_breakdown(measurements: &[Measurement]) {
     }
     println!();
     println!("Engine API requests per task: calls/task x mean ms");
-    print!("{:<12} {:>11}", "run", "concurrency");
+    print!("{:<14} {:>11}", "run", "concurrency");
     for request in EngineRequest::ALL {
         print!(" {:>14}", request.as_str());
     }
     println!();
     for m in measurements {
-        print!("{:<12} {:>11}", m.run, m.concurrency);
+        print!("{:<14} {:>11}", m.run, m.concurrency);
         for request in EngineRequest::ALL {
             match m.requests.get(&request) {
                 Some((count, seconds)) if *count > 0 => {
@@ -623,14 +669,14 @@ fn print_breakdown(measurements: &[Measurement]) {
 fn print_table(measurements: &[Measurement]) {
     println!();
     println!(
-        "{:<12} {:>11} {:>6} {:>9} {:>9} {:>9}",
+        "{:<14} {:>11} {:>6} {:>9} {:>9} {:>9}",
         "run", "concurrency", "tasks", "tasks/s", "p50 ms", "p99 ms"
     );
     for m in measurements {
         let mut sorted = m.latencies_ms.clone();
         sorted.sort_by(f64::total_cmp);
         println!(
-            "{:<12} {:>11} {:>6} {:>9.2} {:>9.1} {:>9.1}",
+            "{:<14} {:>11} {:>6} {:>9.2} {:>9.1} {:>9.1}",
             m.run,
             m.concurrency,
             m.tasks,
@@ -657,6 +703,29 @@ fn print_table(measurements: &[Measurement]) {
             println!(
                 "concurrency {concurrency}: stevedore/raw throughput {ratio:.3} \
                  ({verdict} the target of {TARGET_RATIO})"
+            );
+        }
+        if let Some(oci) = measurements
+            .iter()
+            .find(|m| m.run == "stevedore oci" && m.concurrency == concurrency)
+        {
+            let mut sorted = oci.latencies_ms.clone();
+            sorted.sort_by(f64::total_cmp);
+            let (tasks_per_s, p50) = (oci.throughput(), percentile(&sorted, 50.0));
+            let times = |run: &str| {
+                throughput(run).map_or("-".to_owned(), |other| {
+                    format!("{:.1}x", tasks_per_s / other)
+                })
+            };
+            let verdict = |met: bool| if met { "meets" } else { "MISSES" };
+            println!(
+                "concurrency {concurrency}: stevedore oci {tasks_per_s:.1} tasks/s ({} the \
+                 target of {OCI_TARGET_THROUGHPUT}), {} the Docker path, {} the raw loop; \
+                 queue-to-start p50 {p50:.1} ms ({} the target of {OCI_TARGET_P50_MS} ms)",
+                verdict(tasks_per_s >= OCI_TARGET_THROUGHPUT),
+                times("stevedore"),
+                times("raw engine"),
+                verdict(p50 < OCI_TARGET_P50_MS),
             );
         }
     }

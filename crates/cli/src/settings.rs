@@ -706,9 +706,12 @@ impl Settings {
             .validate()
             .map_err(|error| anyhow::anyhow!("invalid configuration: oci: {error}"))?;
         let mut images = OciImagesSettings::new(root.join("images"));
-        images.max_image_bytes = (self.runner.max_image_bytes > 0).then_some(self.runner.max_image_bytes);
+        images.max_image_bytes =
+            (self.runner.max_image_bytes > 0).then_some(self.runner.max_image_bytes);
         images.pull_timeout = Duration::from_secs(self.runner.pull_timeout_secs.max(1));
-        images.insecure_registries.clone_from(&self.oci.insecure_registries);
+        images
+            .insecure_registries
+            .clone_from(&self.oci.insecure_registries);
         Ok(stevedore_engine::oci::OciEngineSettings {
             runtime: stevedore_engine::oci::OciSettings {
                 state_root: root,

@@ -58,7 +58,10 @@ impl WatchedEngine {
             args.push("--engine".into());
             args.push("oci".into());
         }
-        for (flag, value) in [("--oci-root", &self.oci_root), ("--oci-runtime", &self.oci_runtime)] {
+        for (flag, value) in [
+            ("--oci-root", &self.oci_root),
+            ("--oci-runtime", &self.oci_runtime),
+        ] {
             if let Some(value) = value {
                 args.push(flag.into());
                 args.push(value.clone().into_os_string());

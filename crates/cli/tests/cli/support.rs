@@ -85,7 +85,10 @@ impl ServerProcess {
             .env("STEVEDORE_LOG", "warn")
             // The stacks run on the images `stack build-local` made (`ensure_local_image`).
             .env("STEVEDORE_STACK_IMAGES", "local")
-            .env("STEVEDORE_ENGINE", test_engine().unwrap_or_else(|| "docker".to_owned()))
+            .env(
+                "STEVEDORE_ENGINE",
+                test_engine().unwrap_or_else(|| "docker".to_owned()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
@@ -300,9 +303,8 @@ pub fn running_containers_labelled(label: &str) -> Vec<String> {
             .into_iter()
             .filter(|bundle| {
                 !bundle.join("exit.json").exists()
-                    && std::fs::read_to_string(bundle.join("pid")).is_ok_and(|pid| {
-                        Path::new("/proc").join(pid.trim()).join("stat").exists()
-                    })
+                    && std::fs::read_to_string(bundle.join("pid"))
+                        .is_ok_and(|pid| Path::new("/proc").join(pid.trim()).join("stat").exists())
             })
             .map(|bundle| bundle.file_name().unwrap().to_string_lossy().into_owned())
             .collect();
@@ -547,7 +549,10 @@ impl RunnerProcess {
             .env("STEVEDORE_RUNNER__LEASE_SECS", &lease_secs)
             .env("STEVEDORE_RUNNER__SHUTDOWN_GRACE_SECS", "5")
             .env("STEVEDORE_STACK_IMAGES", "local")
-            .env("STEVEDORE_ENGINE", test_engine().unwrap_or_else(|| "docker".to_owned()))
+            .env(
+                "STEVEDORE_ENGINE",
+                test_engine().unwrap_or_else(|| "docker".to_owned()),
+            )
             // No stevedore.toml of the working directory.
             .env("STEVEDORE_CONFIG", "/dev/null")
             .stdin(Stdio::null())

@@ -20,8 +20,8 @@ use tokio::sync::OnceCell;
 
 use crate::engine::{
     ContainerRuntime, EngineCapabilities, ExitStatus, ImageEntry, ImagePresence, ImageStore,
-    ListedContainer, LocalImage, LogChunkStream, PullProgressSender, RegistryAuth,
-    ResourceSample, ResourceSampleStream, ResourceUsage,
+    ListedContainer, LocalImage, LogChunkStream, PullProgressSender, RegistryAuth, ResourceSample,
+    ResourceSampleStream, ResourceUsage,
 };
 use crate::error::EngineError;
 use crate::network::{EgressPolicy, NetworkInfo, NetworkSpec};
@@ -314,7 +314,9 @@ impl ImageStore for OciEngine {
         image: &str,
         registry_auth: Option<RegistryAuth>,
     ) -> Result<(), EngineError> {
-        self.images.check_registry_access(image, registry_auth).await
+        self.images
+            .check_registry_access(image, registry_auth)
+            .await
     }
 
     async fn ensure_image(
@@ -323,6 +325,8 @@ impl ImageStore for OciEngine {
         registry_auth: Option<RegistryAuth>,
         progress: Option<PullProgressSender>,
     ) -> Result<ImagePresence, EngineError> {
-        self.images.ensure_image(image, registry_auth, progress).await
+        self.images
+            .ensure_image(image, registry_auth, progress)
+            .await
     }
 }
