@@ -78,7 +78,11 @@ fn in_netns<T: Send + 'static>(path: &Path, work: impl FnOnce() -> T + Send + 's
     let path = path.to_owned();
     std::thread::spawn(move || {
         let namespace = std::fs::File::open(&path).unwrap();
-        nix::sched::setns(namespace, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        rustix::thread::move_into_link_name_space(
+            std::os::fd::AsFd::as_fd(&namespace),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .unwrap();
         work()
     })
     .join()

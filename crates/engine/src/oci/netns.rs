@@ -969,7 +969,11 @@ async fn disable_ipv6_inside(path: PathBuf) -> Result<(), String> {
             let result = (|| {
                 let namespace = std::fs::File::open(&path)
                     .map_err(|error| format!("cannot open {}: {error}", path.display()))?;
-                nix::sched::setns(namespace, nix::sched::CloneFlags::CLONE_NEWNET)
+                use std::os::fd::AsFd;
+                rustix::thread::move_into_link_name_space(
+                    namespace.as_fd(),
+                    Some(rustix::thread::LinkNameSpaceType::Network),
+                )
                     .map_err(|error| format!("cannot join {}: {error}", path.display()))?;
                 let conf = Path::new("/proc/sys/net/ipv6/conf");
                 if !conf.exists() {
