@@ -22,6 +22,7 @@ pub mod lease_desk;
 pub mod metrics;
 pub mod openapi;
 pub mod package;
+pub mod recent;
 pub mod rescuer;
 pub mod retention;
 pub mod runner_api;
@@ -68,6 +69,11 @@ pub struct AppState {
     pub desk: LeaseDesk,
     /// Live log streams open in this process, per token (the `log_streams_per_token` quota).
     pub streams: streams::OpenStreams,
+    /// Tokens found recently, by the SHA-256 of their secret (`recent::TOKEN_TTL`).
+    pub tokens: Arc<recent::Recent<String, stevedore_store::TokenRecord>>,
+    /// Codes' task defaults read recently, by project and code name
+    /// (`recent::CODE_DEFAULTS_TTL`).
+    pub code_defaults: Arc<recent::Recent<(String, String), wire::CodeDefaults>>,
 }
 
 impl AppState {
@@ -94,6 +100,8 @@ impl AppState {
             credentials,
             desk,
             streams: streams::OpenStreams::default(),
+            tokens: Arc::new(recent::Recent::new(recent::TOKEN_TTL)),
+            code_defaults: Arc::new(recent::Recent::new(recent::CODE_DEFAULTS_TTL)),
         }
     }
 
