@@ -54,7 +54,11 @@ const BATCHES_IN_FLIGHT: usize = 4;
 /// The most tasks `WrittenTasks` holds. Copies of tasks whose runner never wrote again (it died
 /// and the rescuer took them back) would pile up: past this, the copies are dropped and the
 /// next writes read their rows.
-const MAX_WRITTEN_TASKS: usize = 65_536;
+const MAX_WRITTEN_TASKS: usize = 4096;
+
+/// A task with a larger payload is not copied (its writes read its row), so that the copies
+/// stay small whatever the payloads: at most `MAX_WRITTEN_TASKS` times this.
+const MAX_COPIED_PAYLOAD: usize = 16 * 1024;
 
 /// What a runner asks to change about a task it leased.
 #[derive(Debug, Clone)]
@@ -173,7 +177,10 @@ impl WrittenTasks {
     fn remember(&self, records: Vec<TaskRecord>) {
         let mut copies = self.lock();
         for record in records {
-            if record.task.status.is_terminal() || record.lease_token.is_none() {
+            if record.task.status.is_terminal()
+                || record.lease_token.is_none()
+                || record.task.payload.len() > MAX_COPIED_PAYLOAD
+            {
                 copies.remove(&record.task.id);
                 continue;
             }

@@ -293,7 +293,7 @@ async fn rescue(
 /// in turns between the projects with due work (`record::FairShare`); candidates come locked
 /// (`LEASE_CANDIDATES`). `max_concurrency` is decided under a per-code advisory lock
 /// (`free_slots`). Each task gets a random token (`TaskRecord::grant_leases`); each project
-/// served gets a new turn (`record_turns`). Returns the leased tasks and their records as
+/// served gets a new turn (`write_leases`). Returns the leased tasks and their records as
 /// written.
 async fn lease_due_tasks(
     conn: &mut PgConnection,
@@ -371,11 +371,9 @@ async fn lease_due_tasks(
     if picked.is_empty() {
         return Ok((Vec::new(), Vec::new()));
     }
-    record_turns(conn, &served_turns(&picked)).await?;
-
     let expires_at = now + Duration::seconds(i64::from(request.lease_secs));
     TaskRecord::grant_leases(&mut picked, &request.runner_id, expires_at, now)?;
-    write_leases(conn, &picked, expires_at, now).await?;
+    write_leases(conn, &picked, &served_turns(&picked), expires_at, now).await?;
 
     let mut leased = Vec::with_capacity(picked.len());
     let mut records = Vec::with_capacity(picked.len());
@@ -430,35 +428,15 @@ async fn projects_with_due_work(
         .collect()
 }
 
-/// Gives the projects a lease served, in order, turns later than every turn before.
+/// Writes a batch of fresh leases, and the turns of the projects they served, in one
+/// statement: the fields `TaskRecord::grant_lease` changes. Every record was queued and locked
+/// by this transaction, so every row must match.
 ///
-/// No leaser waits for another here either: a project's row that another server's lease holds
-/// right now (it is serving the same project) is skipped, and that lease records the turn. A
-/// project's first row may wait for another server inserting the same row at that moment,
-/// once in the project's life.
-async fn record_turns(conn: &mut PgConnection, served: &[&str]) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO project_lease_turns (project_id, turn) SELECT unnest($1::text[]), 0 \
-         ON CONFLICT (project_id) DO NOTHING",
-    )
-    .bind(served)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(
-        "UPDATE project_lease_turns AS l SET turn = m.turn + s.position \
-         FROM unnest($1::text[]) WITH ORDINALITY AS s (project_id, position), \
-         (SELECT COALESCE(max(turn), 0) AS turn FROM project_lease_turns) AS m \
-         WHERE l.project_id = s.project_id AND l.project_id IN (SELECT project_id \
-         FROM project_lease_turns WHERE project_id = ANY($1) FOR UPDATE SKIP LOCKED)",
-    )
-    .bind(served)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
-/// Writes a batch of fresh leases in one statement: the fields `TaskRecord::grant_lease`
-/// changes. Every record was queued and locked by this transaction, so every row must match.
+/// The projects served (`served`, in order) get turns later than every turn before. No
+/// leaser waits for another on a project's turn row: every project a lease serves was counted
+/// under its advisory lock (`free_project_slots`), held to the end of the transaction, so no
+/// other lease is writing its row meanwhile. (A project's first row may wait for another
+/// server inserting the same row at that moment, once in the project's life.)
 ///
 /// The rows are also named by `id = ANY(…)`: joined with `unnest` alone, the planner reckons
 /// a hash join over a scan of the whole table cheaper than an index probe per task, and on a
@@ -467,6 +445,7 @@ async fn record_turns(conn: &mut PgConnection, served: &[&str]) -> Result<()> {
 async fn write_leases(
     conn: &mut PgConnection,
     leased: &[TaskRecord],
+    served: &[&str],
     expires_at: Timestamp,
     now: Timestamp,
 ) -> Result<()> {
@@ -488,7 +467,12 @@ async fn write_leases(
         .collect();
     let tokens: Vec<Option<i64>> = leased.iter().map(|record| record.lease_token).collect();
     let written = sqlx::query(
-        "UPDATE tasks SET status = $1, updated_at = $2, runner_id = $3, lease_expires_at = $4, \
+        "WITH turns AS (INSERT INTO project_lease_turns (project_id, turn) \
+         SELECT s.project_id, m.turn + s.position \
+         FROM unnest($8::text[]) WITH ORDINALITY AS s (project_id, position), \
+         (SELECT COALESCE(max(turn), 0) AS turn FROM project_lease_turns) AS m \
+         ON CONFLICT (project_id) DO UPDATE SET turn = excluded.turn) \
+         UPDATE tasks SET status = $1, updated_at = $2, runner_id = $3, lease_expires_at = $4, \
          lease_token = picked.token, version = tasks.version + 1 \
          FROM unnest($5::text[], $6::bigint[]) AS picked (id, token) \
          WHERE tasks.id = ANY($5) AND tasks.id = picked.id AND tasks.status = $7 \
@@ -501,6 +485,7 @@ async fn write_leases(
     .bind(&ids)
     .bind(&tokens)
     .bind(TaskStatus::Queued.as_str())
+    .bind(served)
     .execute(&mut *conn)
     .await?;
     if written.rows_affected() != leased.len() as u64 {

@@ -98,11 +98,16 @@ pub(super) async fn enqueue(
 
 /// Writes batches of the waiting requests until none waits.
 async fn drain(writing: Arc<Writing>, quota_defaults: QuotaLimits) {
+    let mut draining = Draining {
+        writing: &writing,
+        ended: false,
+    };
     loop {
         let batch: Vec<QueueRequest> = {
             let mut pending = lock(&writing.queueings.pending);
             if pending.requests.is_empty() {
                 pending.draining = false;
+                draining.ended = true;
                 return;
             }
             std::mem::take(&mut pending.requests)
@@ -201,7 +206,9 @@ async fn queue_requests(
             }
         };
         let adding = queueing.new_tasks.len() as u64;
-        if let Err(exceeded) = limits.check(Quota::QueuedTasks, queued, adding) {
+        if adding > 0
+            && let Err(exceeded) = limits.check(Quota::QueuedTasks, queued, adding)
+        {
             projects.insert(project_id, (limits, queued));
             outcomes.push(Err(exceeded.into()));
             continue;
@@ -233,6 +240,22 @@ async fn queue_requests(
         .into_iter()
         .map(|outcome| outcome.map(|count| accepted.by_ref().take(count).collect()))
         .collect())
+}
+
+/// Marks the drainer stopped if it ends other than by finding nothing to do (a panic, the
+/// runtime shutting down), so that the next request starts another instead of waiting for it.
+struct Draining<'a> {
+    writing: &'a Writing,
+    /// It ended by finding nothing to do, and said so itself.
+    ended: bool,
+}
+
+impl Drop for Draining<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            lock(&self.writing.queueings.pending).draining = false;
+        }
+    }
 }
 
 /// The waiting requests, whatever a panicking holder left.
