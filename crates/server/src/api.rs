@@ -73,7 +73,7 @@ pub async fn code_defaults(
         return Ok(*defaults);
     }
     let key = (project_id.to_owned(), name.to_owned());
-    if let Some(defaults) = state.code_defaults.get(&key) {
+    if let Some(defaults) = state.recent.code_defaults.get(&key) {
         cache.insert(name.to_owned(), defaults);
         return Ok(defaults);
     }
@@ -83,7 +83,7 @@ pub async fn code_defaults(
         priority: code.spec.default_priority,
         timeout_secs: code.spec.limits.timeout_secs,
     };
-    state.code_defaults.insert(key, defaults, read_at);
+    state.recent.code_defaults.insert(key, defaults, read_at);
     cache.insert(name.to_owned(), defaults);
     Ok(defaults)
 }
@@ -91,6 +91,7 @@ pub async fn code_defaults(
 /// Forgets the task defaults read of the project's codes: a code of it changed.
 pub fn forget_code_defaults(state: &AppState, project_id: &str) {
     state
+        .recent
         .code_defaults
         .forget(|(project, _)| project == project_id);
 }

@@ -91,7 +91,7 @@ pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<TokenRecord
         )
     })?;
     let digest = token_digest(&secret);
-    if let Some(token) = state.tokens.get(&digest) {
+    if let Some(token) = state.recent.tokens.get(&digest) {
         return Ok(token);
     }
     let read_at = std::time::Instant::now();
@@ -100,7 +100,7 @@ pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<TokenRecord
         .find_token(&digest)
         .await?
         .ok_or_else(|| ApiError::Unauthorized("invalid token".into()))?;
-    state.tokens.insert(digest, token.clone(), read_at);
+    state.recent.tokens.insert(digest, token.clone(), read_at);
     Ok(token)
 }
 

@@ -69,11 +69,8 @@ pub struct AppState {
     pub desk: LeaseDesk,
     /// Live log streams open in this process, per token (the `log_streams_per_token` quota).
     pub streams: streams::OpenStreams,
-    /// Tokens found recently, by the SHA-256 of their secret (`recent::TOKEN_TTL`).
-    pub tokens: Arc<recent::Recent<String, stevedore_store::TokenRecord>>,
-    /// Codes' task defaults read recently, by project and code name
-    /// (`recent::CODE_DEFAULTS_TTL`).
-    pub code_defaults: Arc<recent::Recent<(String, String), wire::CodeDefaults>>,
+    /// Tokens and codes' task defaults found recently, reused for a bounded time.
+    pub recent: recent::RecentAnswers,
 }
 
 impl AppState {
@@ -100,8 +97,7 @@ impl AppState {
             credentials,
             desk,
             streams: streams::OpenStreams::default(),
-            tokens: Arc::new(recent::Recent::new(recent::TOKEN_TTL)),
-            code_defaults: Arc::new(recent::Recent::new(recent::CODE_DEFAULTS_TTL)),
+            recent: recent::RecentAnswers::default(),
         }
     }
 

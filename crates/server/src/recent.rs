@@ -9,8 +9,12 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use stevedore_store::TokenRecord;
+
+use crate::wire::CodeDefaults;
 
 /// How long a token found stays trusted without asking the store again. Tokens are never
 /// changed once made; a token removed from the store (with its project, or by an operator
@@ -23,6 +27,24 @@ pub const TOKEN_TTL: Duration = Duration::from_secs(2);
 /// for at most this long. Whether the code exists is not cached: the store checks it when the
 /// tasks are queued.
 pub const CODE_DEFAULTS_TTL: Duration = Duration::from_secs(1);
+
+/// The recent answers one server keeps.
+#[derive(Debug, Clone)]
+pub struct RecentAnswers {
+    /// Tokens found, by the SHA-256 of their secret ([`TOKEN_TTL`]).
+    pub tokens: Arc<Recent<String, TokenRecord>>,
+    /// Codes' task defaults, by project and code name ([`CODE_DEFAULTS_TTL`]).
+    pub code_defaults: Arc<Recent<(String, String), CodeDefaults>>,
+}
+
+impl Default for RecentAnswers {
+    fn default() -> Self {
+        RecentAnswers {
+            tokens: Arc::new(Recent::new(TOKEN_TTL)),
+            code_defaults: Arc::new(Recent::new(CODE_DEFAULTS_TTL)),
+        }
+    }
+}
 
 /// The most answers one cache holds; past it the cache starts over.
 const MAX_ENTRIES: usize = 16_384;
