@@ -36,6 +36,10 @@ use super::writer::Writing;
 use super::{BEGIN_WRITE, quotas, tasks};
 use crate::{Result, StoreError};
 
+/// The most tasks one batch writes (a request larger than this is a batch of its own), so
+/// that one transaction, and the wait of its first request, stays short.
+const MAX_BATCH_TASKS: usize = 2048;
+
 /// The requests waiting to be written, and whether a drainer is at work on them.
 #[derive(Default)]
 pub(super) struct Queueings {
@@ -110,7 +114,18 @@ async fn drain(writing: Arc<Writing>, quota_defaults: QuotaLimits) {
                 draining.ended = true;
                 return;
             }
-            std::mem::take(&mut pending.requests)
+            // Whole requests, at least one, up to `MAX_BATCH_TASKS` tasks.
+            let mut tasks = 0;
+            let taken = pending
+                .requests
+                .iter()
+                .take_while(|request| {
+                    let first = tasks == 0;
+                    tasks += request.queueing.new_tasks.len().max(1);
+                    first || tasks <= MAX_BATCH_TASKS
+                })
+                .count();
+            pending.requests.drain(..taken).collect()
         };
         let (queueings, answers): (Vec<Queueing>, Vec<_>) = batch
             .into_iter()
