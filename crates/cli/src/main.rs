@@ -662,6 +662,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         credentials,
         desk,
         streams: Default::default(),
+        recent: Default::default(),
     };
     if let Some(metrics_listener) = metrics_listener {
         tracing::info!(address = %metrics_listener.local_addr()?, "serving /metrics without a token");

@@ -72,13 +72,28 @@ pub async fn code_defaults(
     if let Some(defaults) = cache.get(name) {
         return Ok(*defaults);
     }
+    let key = (project_id.to_owned(), name.to_owned());
+    if let Some(defaults) = state.recent.code_defaults.get(&key) {
+        cache.insert(name.to_owned(), defaults);
+        return Ok(defaults);
+    }
+    let read_at = std::time::Instant::now();
     let code = state.store.get_code_by_name(project_id, name).await?;
     let defaults = CodeDefaults {
         priority: code.spec.default_priority,
         timeout_secs: code.spec.limits.timeout_secs,
     };
+    state.recent.code_defaults.insert(key, defaults, read_at);
     cache.insert(name.to_owned(), defaults);
     Ok(defaults)
+}
+
+/// Forgets the task defaults read of the project's codes: a code of it changed.
+pub fn forget_code_defaults(state: &AppState, project_id: &str) {
+    state
+        .recent
+        .code_defaults
+        .forget(|(project, _)| project == project_id);
 }
 
 /// The same error, its message placed under `prefix` (e.g. `tasks[3]`).

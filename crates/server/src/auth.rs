@@ -90,11 +90,18 @@ pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<TokenRecord
             "missing token: send `Authorization: OAuth <token>` (or `Bearer <token>`, or `?oauth=<token>`)".into(),
         )
     })?;
-    state
+    let digest = token_digest(&secret);
+    if let Some(token) = state.recent.tokens.get(&digest) {
+        return Ok(token);
+    }
+    let read_at = std::time::Instant::now();
+    let token = state
         .store
-        .find_token(&token_digest(&secret))
+        .find_token(&digest)
         .await?
-        .ok_or_else(|| ApiError::Unauthorized("invalid token".into()))
+        .ok_or_else(|| ApiError::Unauthorized("invalid token".into()))?;
+    state.recent.tokens.insert(digest, token.clone(), read_at);
+    Ok(token)
 }
 
 impl FromRequestParts<AppState> for ProjectAccess {

@@ -22,6 +22,7 @@ pub mod lease_desk;
 pub mod metrics;
 pub mod openapi;
 pub mod package;
+pub mod recent;
 pub mod rescuer;
 pub mod retention;
 pub mod runner_api;
@@ -68,6 +69,8 @@ pub struct AppState {
     pub desk: LeaseDesk,
     /// Live log streams open in this process, per token (the `log_streams_per_token` quota).
     pub streams: streams::OpenStreams,
+    /// Tokens and codes' task defaults found recently, reused for a bounded time.
+    pub recent: recent::RecentAnswers,
 }
 
 impl AppState {
@@ -94,6 +97,7 @@ impl AppState {
             credentials,
             desk,
             streams: streams::OpenStreams::default(),
+            recent: recent::RecentAnswers::default(),
         }
     }
 

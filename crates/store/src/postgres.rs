@@ -92,6 +92,8 @@ pub struct PgStore {
     pool: PgPool,
     /// The batches that runners' writes about leased tasks share.
     leased_writes: batch::LeasedWrites,
+    /// Code revisions handed out with leases.
+    revisions: codes::Revisions,
     connect: PgConnectOptions,
     /// The `LISTEN` task and its signal, started by the first `work_signal`.
     listener: Mutex<Option<listen::Listener>>,
@@ -138,6 +140,7 @@ impl PgStore {
         MIGRATOR.run(&pool).await?;
         Ok(PgStore {
             leased_writes: batch::LeasedWrites::start(pool.clone()),
+            revisions: codes::Revisions::default(),
             pool,
             connect,
             listener: Mutex::new(None),

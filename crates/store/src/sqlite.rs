@@ -37,6 +37,7 @@ mod leases;
 mod logs;
 mod packages;
 mod projects;
+mod queueing;
 mod quotas;
 mod retention;
 mod rows;

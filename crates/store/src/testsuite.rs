@@ -167,6 +167,7 @@ macro_rules! store_test_suite {
                 each_quota_refuses_the_write_that_passes_it_and_writes_nothing,
                 a_schedule_at_its_projects_queued_quota_passes_a_fire_time,
                 concurrent_writers_never_pass_a_quota,
+                concurrent_queueings_are_each_all_or_nothing,
                 the_running_tasks_quota_holds_leases_back_and_lets_others_run,
             ],
             concurrency: [

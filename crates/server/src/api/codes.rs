@@ -88,7 +88,10 @@ pub async fn upload(
             revision_package,
             state.clock.now(),
         )
-        .await?;
+        .await;
+    // Forgotten whatever the answer: a push that failed after its commit changed the code.
+    super::forget_code_defaults(&state, &access.project_id);
+    let code = code?;
     // The spooled file goes only now, once the store has read what it needed.
     drop(package);
     tracing::info!(project_id = %access.project_id, code_id = %code.id, rev = code.rev, "code uploaded");
@@ -293,7 +296,9 @@ pub async fn delete(
     let cancellation = state
         .store
         .delete_code(&access.project_id, &code_id, state.clock.now())
-        .await?;
+        .await;
+    super::forget_code_defaults(&state, &access.project_id);
+    let cancellation = cancellation?;
     record_cancelled(&cancellation);
     Ok(message("Deleted"))
 }

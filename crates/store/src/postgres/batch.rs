@@ -51,6 +51,15 @@ const MAX_BATCH: usize = 256;
 /// that wait for each write before the next still write side by side.
 const BATCHES_IN_FLIGHT: usize = 4;
 
+/// The most tasks `WrittenTasks` holds. Copies of tasks whose runner never wrote again (it died
+/// and the rescuer took them back) would pile up: past this, the copies are dropped and the
+/// next writes read their rows.
+const MAX_WRITTEN_TASKS: usize = 4096;
+
+/// A task with a larger payload is not copied (its writes read its row), so that the copies
+/// stay small whatever the payloads: at most `MAX_WRITTEN_TASKS` times this.
+const MAX_COPIED_PAYLOAD: usize = 16 * 1024;
+
 /// What a runner asks to change about a task it leased.
 #[derive(Debug, Clone)]
 pub(super) enum LeasedChange {
@@ -82,6 +91,20 @@ pub(super) struct Changed {
 /// The batching front of one store: hands writes to its dispatcher and waits for the answers.
 pub(super) struct LeasedWrites {
     sender: mpsc::UnboundedSender<LeasedWrite>,
+    /// The tasks this store leased or wrote last, as it wrote them.
+    written: Arc<WrittenTasks>,
+}
+
+/// The leased tasks as this store last wrote them, each with the version its write gave the
+/// row: a write about one of them is applied to this copy and written in one guarded
+/// statement, without reading the row first. The version guard makes the copy safe to use
+/// whatever happened meanwhile: every write of a task's row bumps its version (another
+/// server's, a user's cancel, the rescuer's, a log append), and a row whose version moved is
+/// not written; its write is done again on the row read afresh and locked. A copy only spares
+/// a read: a refusal, a retry or a requeue always goes the locked way.
+#[derive(Default)]
+struct WrittenTasks {
+    records: Mutex<HashMap<String, TaskRecord>>,
 }
 
 /// One caller's write, waiting for its batch.
@@ -118,11 +141,53 @@ impl LeasedChange {
         Ok(None)
     }
 
+    /// Whether this change may be written from the store's copy of the task
+    /// (`WrittenTasks`): one that neither queues a user retry nor gives the task back, so that
+    /// it is one guarded `UPDATE` of its own row and nothing else.
+    fn is_plain(&self, record: &TaskRecord) -> bool {
+        match self {
+            LeasedChange::Heartbeat { .. }
+            | LeasedChange::Start { .. }
+            | LeasedChange::Progress { .. } => true,
+            LeasedChange::Complete { outcome, .. } => !record.may_retry(outcome),
+            LeasedChange::Requeue(_) => false,
+        }
+    }
+
     /// The completion's outcome, for the user retry it may call for.
     fn outcome(&self) -> Option<&TaskOutcome> {
         match self {
             LeasedChange::Complete { outcome, .. } => Some(outcome),
             _ => None,
+        }
+    }
+}
+
+// === impl WrittenTasks ===
+
+impl WrittenTasks {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, TaskRecord>> {
+        self.records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Keeps copies of tasks as just written (and committed); a finished task's copy is let
+    /// go, no write about it can succeed.
+    fn remember(&self, records: Vec<TaskRecord>) {
+        let mut copies = self.lock();
+        for record in records {
+            if record.task.status.is_terminal()
+                || record.lease_token.is_none()
+                || record.task.payload.len() > MAX_COPIED_PAYLOAD
+            {
+                copies.remove(&record.task.id);
+                continue;
+            }
+            if copies.len() >= MAX_WRITTEN_TASKS {
+                copies.clear();
+            }
+            copies.insert(record.task.id.clone(), record);
         }
     }
 }
@@ -134,8 +199,14 @@ impl LeasedWrites {
     /// handed to it is answered.
     pub(super) fn start(pool: PgPool) -> LeasedWrites {
         let (sender, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(dispatch(pool, receiver));
-        LeasedWrites { sender }
+        let written = Arc::new(WrittenTasks::default());
+        tokio::spawn(dispatch(pool, Arc::clone(&written), receiver));
+        LeasedWrites { sender, written }
+    }
+
+    /// Keeps copies of tasks just leased and committed, for the writes about them to come.
+    pub(super) fn leased(&self, records: Vec<TaskRecord>) {
+        self.written.remember(records);
     }
 
     /// Writes `change` about `task_id` if `token` is its current lease, in the next batch.
@@ -169,7 +240,11 @@ impl LeasedWrites {
 /// Forms batches from the waiting writes and writes each on a task of its own, at most
 /// `BATCHES_IN_FLIGHT` at once. A write about a task that a batch in flight holds waits for
 /// that batch to end, so that writes about one task are written in the order they came.
-async fn dispatch(pool: PgPool, mut receiver: mpsc::UnboundedReceiver<LeasedWrite>) {
+async fn dispatch(
+    pool: PgPool,
+    written: Arc<WrittenTasks>,
+    mut receiver: mpsc::UnboundedReceiver<LeasedWrite>,
+) {
     let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
     let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
     let ended = Arc::new(Notify::new());
@@ -230,9 +305,10 @@ async fn dispatch(pool: PgPool, mut receiver: mpsc::UnboundedReceiver<LeasedWrit
             continue;
         }
         let (pool, in_flight, ended) = (pool.clone(), Arc::clone(&in_flight), Arc::clone(&ended));
+        let written = Arc::clone(&written);
         tokio::spawn(async move {
             let ids: Vec<String> = batch.iter().map(|write| write.task_id.clone()).collect();
-            let answers = write_batch(&pool, &batch).await;
+            let answers = write_batch(&pool, &written, &batch).await;
             {
                 let mut busy = lock(&in_flight);
                 for id in &ids {
@@ -256,23 +332,113 @@ fn lock(in_flight: &Mutex<HashSet<String>>) -> std::sync::MutexGuard<'_, HashSet
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Writes one batch; done again write by write if the batch fails. An answer per write.
-async fn write_batch(pool: &PgPool, batch: &[LeasedWrite]) -> Vec<Result<Changed>> {
-    match write_together(pool, batch).await {
-        Ok(answers) => answers,
-        Err(error) => {
-            tracing::debug!(%error, writes = batch.len(), "a batch failed; writing alone");
-            let mut answers = Vec::with_capacity(batch.len());
-            for write in batch {
-                answers.push(write_alone(pool, write).await);
+/// A write's result before it is answered: the task as written, and a heartbeat's reply.
+type Written = Result<(TaskRecord, Option<HeartbeatReply>)>;
+
+/// Writes one batch: the writes the store's copies serve in one guarded statement, the others
+/// (and those whose copy turned out stale) in one locked transaction, done again write by
+/// write if that fails. An answer per write; the tasks written are remembered for the next.
+async fn write_batch(
+    pool: &PgPool,
+    written: &WrittenTasks,
+    batch: &[LeasedWrite],
+) -> Vec<Result<Changed>> {
+    let mut results: Vec<Option<Written>> = write_from_copies(pool, written, batch).await;
+    let rest: Vec<&LeasedWrite> = batch
+        .iter()
+        .zip(&results)
+        .filter(|(_, result)| result.is_none())
+        .map(|(write, _)| write)
+        .collect();
+    if !rest.is_empty() {
+        let mut locked = match write_together(pool, &rest).await {
+            Ok(locked) => locked,
+            Err(error) => {
+                tracing::debug!(%error, writes = rest.len(), "a batch failed; writing alone");
+                let mut locked = Vec::with_capacity(rest.len());
+                for write in &rest {
+                    locked.push(write_alone(pool, write).await);
+                }
+                locked
             }
-            answers
+        }
+        .into_iter();
+        for result in results.iter_mut().filter(|result| result.is_none()) {
+            *result = locked.next();
         }
     }
+    let mut answers = Vec::with_capacity(batch.len());
+    let mut remembered = Vec::with_capacity(batch.len());
+    for result in results {
+        answers.push(match result {
+            Some(Ok((record, heartbeat))) => {
+                let task = record.task.clone();
+                remembered.push(record);
+                Ok(Changed { task, heartbeat })
+            }
+            Some(Err(error)) => Err(error),
+            None => Err(StoreError::Corrupt(
+                "a write in a batch was not answered".to_owned(),
+            )),
+        });
+    }
+    written.remember(remembered);
+    answers
+}
+
+/// The writes of the batch that the store's copies serve, applied to the copies and written in
+/// one statement that commits by itself: `Some` answer for each written, `None` for each left
+/// to the locked way (no copy, a change that is not plain, a refusal, which the row itself must
+/// confirm, or a copy whose version the row no longer has). A failure of the statement wrote
+/// nothing and leaves every write to the locked way.
+async fn write_from_copies(
+    pool: &PgPool,
+    written: &WrittenTasks,
+    batch: &[LeasedWrite],
+) -> Vec<Option<Written>> {
+    let mut results: Vec<Option<Written>> = batch.iter().map(|_| None).collect();
+    let mut applied: Vec<(usize, TaskRecord, Option<HeartbeatReply>)> = Vec::new();
+    {
+        let mut copies = written.lock();
+        for (index, write) in batch.iter().enumerate() {
+            let Some(mut record) = copies.remove(&write.task_id) else {
+                continue;
+            };
+            if !write.change.is_plain(&record) {
+                continue;
+            }
+            if let Ok(heartbeat) = write.change.apply(&mut record, write.token, write.now) {
+                applied.push((index, record, heartbeat));
+            }
+        }
+    }
+    if applied.is_empty() {
+        return results;
+    }
+    let mut records: Vec<&mut TaskRecord> =
+        applied.iter_mut().map(|(_, record, _)| record).collect();
+    let matched = match pool.acquire().await {
+        Ok(mut conn) => update_rows(&mut conn, &mut records).await,
+        Err(error) => Err(error.into()),
+    };
+    let matched = match matched {
+        Ok(matched) => matched,
+        Err(error) => {
+            tracing::debug!(%error, writes = applied.len(), "writing from copies failed; writing locked");
+            return results;
+        }
+    };
+    for (index, mut record, heartbeat) in applied {
+        if matched.contains(&record.task.id) {
+            record.version += 1;
+            results[index] = Some(Ok((record, heartbeat)));
+        }
+    }
+    results
 }
 
 /// One write in a transaction of its own, as if it had come alone.
-async fn write_alone(pool: &PgPool, write: &LeasedWrite) -> Result<Changed> {
+async fn write_alone(pool: &PgPool, write: &LeasedWrite) -> Written {
     let mut tx = pool.begin().await?;
     let result = async {
         let record = tasks::load_for_update(&mut tx, None, &write.task_id).await?;
@@ -288,9 +454,9 @@ async fn write_alone(pool: &PgPool, write: &LeasedWrite) -> Result<Changed> {
     finish(tx, result).await
 }
 
-/// The whole batch in one transaction: each write's own result, or the batch's failure
-/// (nothing written).
-async fn write_together(pool: &PgPool, batch: &[LeasedWrite]) -> Result<Vec<Result<Changed>>> {
+/// The writes in one transaction, each task's row read and locked: each write's own result,
+/// or the failure of the whole (nothing written).
+async fn write_together(pool: &PgPool, batch: &[&LeasedWrite]) -> Result<Vec<Written>> {
     let mut tx = pool.begin().await?;
     let result = async {
         let ids: Vec<&str> = batch.iter().map(|write| write.task_id.as_str()).collect();
@@ -313,7 +479,7 @@ async fn write_together(pool: &PgPool, batch: &[LeasedWrite]) -> Result<Vec<Resu
                 let record = records
                     .remove(&write.task_id)
                     .ok_or_else(|| StoreError::not_found(format!("task {}", write.task_id)));
-                (write, record)
+                (*write, record)
             })
             .collect();
         apply_all(&mut tx, loaded).await
@@ -329,7 +495,7 @@ async fn write_together(pool: &PgPool, batch: &[LeasedWrite]) -> Result<Vec<Resu
 async fn apply_all(
     conn: &mut PgConnection,
     loaded: Vec<(&LeasedWrite, Result<TaskRecord>)>,
-) -> Result<Vec<Result<Changed>>> {
+) -> Result<Vec<Written>> {
     let mut answers: Vec<Result<(TaskRecord, Option<HeartbeatReply>)>> =
         Vec::with_capacity(loaded.len());
     let mut retries: Vec<Task> = Vec::new();
@@ -370,15 +536,7 @@ async fn apply_all(
     if work_came_back {
         tasks::notify_work(conn).await?;
     }
-    Ok(answers
-        .into_iter()
-        .map(|answer| {
-            answer.map(|(record, heartbeat)| Changed {
-                task: record.task,
-                heartbeat,
-            })
-        })
-        .collect())
+    Ok(answers)
 }
 
 /// `tasks::write` for many records in one statement: every column a task's life changes,
@@ -390,8 +548,26 @@ async fn write_many(conn: &mut PgConnection, records: &mut [&mut TaskRecord]) ->
     if records.is_empty() {
         return Ok(());
     }
+    let matched = update_rows(conn, records).await?;
+    if matched.len() != records.len() {
+        return Err(StoreError::Conflict(
+            "tasks changed while a batch of writes held them; try again".to_owned(),
+        ));
+    }
+    for record in records.iter_mut() {
+        record.version += 1;
+    }
+    Ok(())
+}
+
+/// The `UPDATE` of `write_many`: writes each record whose row still has its version, and
+/// returns the ids of those written (their versions in `records` are left as they were).
+async fn update_rows(
+    conn: &mut PgConnection,
+    records: &mut [&mut TaskRecord],
+) -> Result<HashSet<String>> {
     let tasks = || records.iter().map(|record| &record.task);
-    let written = sqlx::query(
+    let written: Vec<(String,)> = sqlx::query_as(
         "UPDATE tasks SET status = r.status, updated_at = r.updated_at, due_at = r.due_at, \
          start_time = r.start_time, end_time = r.end_time, percent = r.percent, msg = r.msg, \
          exit_code = r.exit_code, log_size = r.log_size, log_truncated = r.log_truncated, \
@@ -406,7 +582,8 @@ async fn write_many(conn: &mut PgConnection, records: &mut [&mut TaskRecord]) ->
          AS r(status, updated_at, due_at, start_time, end_time, percent, msg, exit_code, \
          log_size, log_truncated, infra_attempts, cancel_requested, peak_memory_bytes, \
          cpu_time_ms, runner_id, lease_token, lease_expires_at, id, version) \
-         WHERE tasks.id = ANY($18) AND tasks.id = r.id AND tasks.version = r.version",
+         WHERE tasks.id = ANY($18) AND tasks.id = r.id AND tasks.version = r.version \
+         RETURNING tasks.id",
     )
     .bind(tasks().map(|task| task.status.as_str()).collect::<Vec<_>>())
     .bind(
@@ -487,17 +664,9 @@ async fn write_many(conn: &mut PgConnection, records: &mut [&mut TaskRecord]) ->
             .map(|record| record.version)
             .collect::<Vec<_>>(),
     )
-    .execute(&mut *conn)
+    .fetch_all(&mut *conn)
     .await?;
-    if written.rows_affected() != records.len() as u64 {
-        return Err(StoreError::Conflict(
-            "tasks changed while a batch of writes held them; try again".to_owned(),
-        ));
-    }
-    for record in records.iter_mut() {
-        record.version += 1;
-    }
-    Ok(())
+    Ok(written.into_iter().map(|(id,)| id).collect())
 }
 
 impl PgStore {

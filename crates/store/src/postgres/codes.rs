@@ -1,5 +1,7 @@
 //! Codes, their revisions and packages.
 
+use std::collections::HashMap;
+
 use sqlx::Row;
 use sqlx::postgres::PgConnection;
 use stevedore_model::{CodeRevision, CodeSpec, Quota, ScheduleStatus, Timestamp, new_id};
@@ -436,6 +438,45 @@ pub(super) async fn ensure(
 }
 
 /// A code revision by id and number, whatever the project (the task already names it).
+/// Code revisions handed out with leases, shared by the store's lease calls. A revision never
+/// changes once pushed, and a leased task's code is by definition not paused, so a kept copy
+/// stays true whatever other servers do.
+#[derive(Default)]
+pub(super) struct Revisions {
+    kept: std::sync::Mutex<HashMap<(String, u32), CodeRevision>>,
+}
+
+impl Revisions {
+    const MAX_REVISIONS: usize = 1024;
+
+    /// The revision, as a leased task's code (not paused).
+    pub(super) async fn leased(
+        &self,
+        conn: &mut PgConnection,
+        code_id: &str,
+        rev: u32,
+    ) -> Result<CodeRevision> {
+        let key = (code_id.to_owned(), rev);
+        if let Some(code) = self.lock().get(&key) {
+            return Ok(code.clone());
+        }
+        let mut code = load_revision(conn, code_id, rev).await?;
+        code.paused = false;
+        let mut kept = self.lock();
+        if kept.len() >= Self::MAX_REVISIONS {
+            kept.clear();
+        }
+        kept.insert(key, code.clone());
+        Ok(code)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, u32), CodeRevision>> {
+        self.kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 pub(super) async fn load_revision(
     conn: &mut PgConnection,
     code_id: &str,

@@ -1,20 +1,18 @@
 //! The runner's side: the lease transaction, heartbeats, starts, progress, completions,
 //! requeues and rescues.
 
-use std::collections::HashMap;
-
 use chrono::Duration;
 use sqlx::Row;
 use sqlx::postgres::PgConnection;
 use stevedore_model::limits::MAX_PRIORITY;
-use stevedore_model::{CodeRevision, Quota, QuotaLimits, Task, TaskOutcome, TaskStatus, Timestamp};
+use stevedore_model::{Quota, QuotaLimits, Task, TaskOutcome, TaskStatus, Timestamp};
 
 use crate::convert::signed;
 
 use super::batch::LeasedChange;
 use super::rows::{self, task_columns};
+use super::tasks;
 use super::{PgStore, finish};
-use super::{codes, tasks};
 use crate::convert::micros;
 use crate::record::{
     FairShare, FreeSlots, LeaseSlots, Next, ProjectTurn, Rescue, Slot, TaskRecord, normalize,
@@ -117,8 +115,11 @@ pub(super) async fn lease(
     }
     let now = normalize(now);
     let mut tx = store.pool.begin().await?;
-    let leased = lease_due_tasks(&mut tx, &store.quota_defaults, request, now).await;
-    finish(tx, leased).await
+    let leased = lease_due_tasks(&mut tx, store, request, now).await;
+    let (leased, records) = finish(tx, leased).await?;
+    // Committed: the runner's writes about these tasks may start from these copies.
+    store.leased_writes.leased(records);
+    Ok(leased)
 }
 
 pub(super) async fn heartbeat(
@@ -237,15 +238,14 @@ pub(super) async fn release_runner(
 ) -> Result<Vec<RescuedTask>> {
     let now = normalize(now);
     // Rows locked, waiting for a write about them to end: the runner's own last writes of an
-    // earlier life, if any are still in flight, go first.
+    // earlier life, if any are still in flight, go first. The statuses are written out, not
+    // bound, so that the planner sees they are those of the partial `tasks_by_runner`.
     let held = sqlx::query(concat!(
         "SELECT ",
         task_columns!(),
-        " FROM tasks AS t WHERE t.runner_id = $3 AND t.status IN ($1, $2) \
-         AND ($4::text IS NULL OR t.project_id = $4) ORDER BY t.id FOR UPDATE"
+        " FROM tasks AS t WHERE t.runner_id = $1 AND t.status IN ('preparing', 'running') \
+         AND ($2::text IS NULL OR t.project_id = $2) ORDER BY t.id FOR UPDATE"
     ))
-    .bind(TaskStatus::Preparing.as_str())
-    .bind(TaskStatus::Running.as_str())
     .bind(runner_id.to_owned())
     .bind(project_id.map(str::to_owned));
     rescue(
@@ -293,19 +293,22 @@ async fn rescue(
 /// in turns between the projects with due work (`record::FairShare`); candidates come locked
 /// (`LEASE_CANDIDATES`). `max_concurrency` is decided under a per-code advisory lock
 /// (`free_slots`). Each task gets a random token (`TaskRecord::grant_leases`); each project
-/// served gets a new turn (`record_turns`).
+/// served gets a new turn (`write_leases`). Returns the leased tasks and their records as
+/// written.
 async fn lease_due_tasks(
     conn: &mut PgConnection,
-    quotas: &QuotaLimits,
+    store: &PgStore,
     request: &LeaseRequest,
     now: Timestamp,
-) -> Result<Vec<LeasedTask>> {
+) -> Result<(Vec<LeasedTask>, Vec<TaskRecord>)> {
     let max_tasks = usize::try_from(request.max_tasks).unwrap_or(usize::MAX);
     let owner = request.owner.as_deref();
     let projects = projects_with_due_work(conn, &request.clusters, owner, now).await?;
     let mut share = FairShare::new(projects);
     let mut picked: Vec<TaskRecord> = Vec::with_capacity(max_tasks.min(1024));
     let mut slots = LeaseSlots::default();
+    // Whether this call holds an advisory lock yet (`free_project_slots`).
+    let mut holds_lock = false;
     while picked.len() < max_tasks {
         match share.next(max_tasks - picked.len()) {
             Next::Done => break,
@@ -341,12 +344,20 @@ async fn lease_due_tasks(
                 while let Some(what) = slots.uncounted(&record, limit) {
                     let free = match what {
                         FreeSlots::OfProject => {
-                            free_project_slots(conn, quotas, &record.task.project_id).await?
+                            free_project_slots(
+                                conn,
+                                &store.quota_defaults,
+                                &record.task.project_id,
+                                !holds_lock,
+                            )
+                            .await?
                         }
                         FreeSlots::OfCode { limit } => {
                             free_slots(conn, &record.task.code_id, limit).await?
                         }
                     };
+                    holds_lock |= free.is_some();
+                    let free = free.unwrap_or(0);
                     slots.counted(&record, what, free);
                 }
                 match slots.take(&record, limit) {
@@ -358,29 +369,22 @@ async fn lease_due_tasks(
         }
     }
     if picked.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     }
-    record_turns(conn, &served_turns(&picked)).await?;
-
     let expires_at = now + Duration::seconds(i64::from(request.lease_secs));
     TaskRecord::grant_leases(&mut picked, &request.runner_id, expires_at, now)?;
-    write_leases(conn, &picked, expires_at, now).await?;
+    write_leases(conn, &picked, &served_turns(&picked), expires_at, now).await?;
 
-    let mut codes: HashMap<(String, u32), CodeRevision> = HashMap::new();
     let mut leased = Vec::with_capacity(picked.len());
+    let mut records = Vec::with_capacity(picked.len());
     for mut record in picked {
         record.version += 1;
-        let key = (record.task.code_id.clone(), record.task.code_rev);
-        let code = match codes.get(&key) {
-            Some(code) => code.clone(),
-            None => {
-                let mut code = codes::load_revision(conn, &key.0, key.1).await?;
-                // Leased means the code was running, whatever a concurrent pause says.
-                code.paused = false;
-                codes.insert(key, code.clone());
-                code
-            }
-        };
+        records.push(record.clone());
+        // Leased means the code was running, whatever a concurrent pause says.
+        let code = store
+            .revisions
+            .leased(conn, &record.task.code_id, record.task.code_rev)
+            .await?;
         let token = record.lease_token.ok_or_else(|| {
             StoreError::Corrupt(format!(
                 "task {} was leased without a token",
@@ -394,7 +398,7 @@ async fn lease_due_tasks(
             registry_credential: None,
         });
     }
-    Ok(leased)
+    Ok((leased, records))
 }
 
 /// The projects with runnable due tasks at each priority, for `FairShare`.
@@ -424,35 +428,15 @@ async fn projects_with_due_work(
         .collect()
 }
 
-/// Gives the projects a lease served, in order, turns later than every turn before.
+/// Writes a batch of fresh leases, and the turns of the projects they served, in one
+/// statement: the fields `TaskRecord::grant_lease` changes. Every record was queued and locked
+/// by this transaction, so every row must match.
 ///
-/// No leaser waits for another here either: a project's row that another server's lease holds
-/// right now (it is serving the same project) is skipped, and that lease records the turn. A
-/// project's first row may wait for another server inserting the same row at that moment,
-/// once in the project's life.
-async fn record_turns(conn: &mut PgConnection, served: &[&str]) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO project_lease_turns (project_id, turn) SELECT unnest($1::text[]), 0 \
-         ON CONFLICT (project_id) DO NOTHING",
-    )
-    .bind(served)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(
-        "UPDATE project_lease_turns AS l SET turn = m.turn + s.position \
-         FROM unnest($1::text[]) WITH ORDINALITY AS s (project_id, position), \
-         (SELECT COALESCE(max(turn), 0) AS turn FROM project_lease_turns) AS m \
-         WHERE l.project_id = s.project_id AND l.project_id IN (SELECT project_id \
-         FROM project_lease_turns WHERE project_id = ANY($1) FOR UPDATE SKIP LOCKED)",
-    )
-    .bind(served)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
-/// Writes a batch of fresh leases in one statement: the fields `TaskRecord::grant_lease`
-/// changes. Every record was queued and locked by this transaction, so every row must match.
+/// The projects served (`served`, in order) get turns later than every turn before. No
+/// leaser waits for another on a project's turn row: every project a lease serves was counted
+/// under its advisory lock (`free_project_slots`), held to the end of the transaction, so no
+/// other lease is writing its row meanwhile. (A project's first row may wait for another
+/// server inserting the same row at that moment, once in the project's life.)
 ///
 /// The rows are also named by `id = ANY(…)`: joined with `unnest` alone, the planner reckons
 /// a hash join over a scan of the whole table cheaper than an index probe per task, and on a
@@ -461,6 +445,7 @@ async fn record_turns(conn: &mut PgConnection, served: &[&str]) -> Result<()> {
 async fn write_leases(
     conn: &mut PgConnection,
     leased: &[TaskRecord],
+    served: &[&str],
     expires_at: Timestamp,
     now: Timestamp,
 ) -> Result<()> {
@@ -482,7 +467,12 @@ async fn write_leases(
         .collect();
     let tokens: Vec<Option<i64>> = leased.iter().map(|record| record.lease_token).collect();
     let written = sqlx::query(
-        "UPDATE tasks SET status = $1, updated_at = $2, runner_id = $3, lease_expires_at = $4, \
+        "WITH turns AS (INSERT INTO project_lease_turns (project_id, turn) \
+         SELECT s.project_id, m.turn + s.position \
+         FROM unnest($8::text[]) WITH ORDINALITY AS s (project_id, position), \
+         (SELECT COALESCE(max(turn), 0) AS turn FROM project_lease_turns) AS m \
+         ON CONFLICT (project_id) DO UPDATE SET turn = excluded.turn) \
+         UPDATE tasks SET status = $1, updated_at = $2, runner_id = $3, lease_expires_at = $4, \
          lease_token = picked.token, version = tasks.version + 1 \
          FROM unnest($5::text[], $6::bigint[]) AS picked (id, token) \
          WHERE tasks.id = ANY($5) AND tasks.id = picked.id AND tasks.status = $7 \
@@ -495,6 +485,7 @@ async fn write_leases(
     .bind(&ids)
     .bind(&tokens)
     .bind(TaskStatus::Queued.as_str())
+    .bind(served)
     .execute(&mut *conn)
     .await?;
     if written.rows_affected() != leased.len() as u64 {
@@ -517,14 +508,15 @@ async fn write_leases(
 /// (which could deadlock two servers taking two codes' locks in opposite orders). The other
 /// server hands the code's tasks out meanwhile, and this one sees them at its next lease.
 /// A hash collision between two codes only makes one of them wait a turn.
-async fn free_slots(conn: &mut PgConnection, code_id: &str, limit: i64) -> Result<i64> {
+/// `None` when the lock was not had.
+async fn free_slots(conn: &mut PgConnection, code_id: &str, limit: i64) -> Result<Option<i64>> {
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, hashtext($2))")
         .bind(CODE_LOCK_CLASS)
         .bind(code_id)
         .fetch_one(&mut *conn)
         .await?;
     if !locked {
-        return Ok(0);
+        return Ok(None);
     }
     let active: i64 =
         sqlx::query_scalar("SELECT count(*) FROM tasks WHERE code_id = $1 AND status IN ($2, $3)")
@@ -533,25 +525,42 @@ async fn free_slots(conn: &mut PgConnection, code_id: &str, limit: i64) -> Resul
             .bind(TaskStatus::Running.as_str())
             .fetch_one(&mut *conn)
             .await?;
-    Ok(limit - active)
+    Ok(Some(limit - active))
 }
 
 /// How many more tasks of the project may start under its `running_tasks` quota (its own
-/// limit, else `defaults`). Under a per-project advisory lock held to the end of the
-/// transaction, as for `free_slots`: two lease calls never count the same free slot twice. A
-/// project another call is leasing right now counts as full for this one.
+/// limit, else `defaults`); `None` when the lock was not had. Under a per-project advisory
+/// lock held to the end of the transaction, as for `free_slots`: two lease calls never count
+/// the same free slot twice.
+///
+/// With `wait` (the call holds no advisory lock yet) the lock is waited for: runners of one
+/// project leasing at the same moment then take turns, instead of all but one hearing there is
+/// nothing to run while the project's backlog waits. That wait cannot close a circle: the
+/// holder waits for no advisory lock (it only tries any after its first), and for no row this
+/// call holds (lease candidates are taken `SKIP LOCKED`). A later lock of the same call is only
+/// tried, and a project another call is leasing right now counts as full for it.
 async fn free_project_slots(
     conn: &mut PgConnection,
     defaults: &QuotaLimits,
     project_id: &str,
-) -> Result<i64> {
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, hashtext($2))")
-        .bind(PROJECT_LOCK_CLASS)
-        .bind(project_id)
-        .fetch_one(&mut *conn)
-        .await?;
+    wait: bool,
+) -> Result<Option<i64>> {
+    let locked: bool = if wait {
+        sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+            .bind(PROJECT_LOCK_CLASS)
+            .bind(project_id)
+            .execute(&mut *conn)
+            .await?;
+        true
+    } else {
+        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, hashtext($2))")
+            .bind(PROJECT_LOCK_CLASS)
+            .bind(project_id)
+            .fetch_one(&mut *conn)
+            .await?
+    };
     if !locked {
-        return Ok(0);
+        return Ok(None);
     }
     let (active, own): (i64, Option<i64>) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM tasks WHERE project_id = $1 AND status IN ($2, $3)), \
@@ -564,5 +573,5 @@ async fn free_project_slots(
     .fetch_one(&mut *conn)
     .await?;
     let limit = own.unwrap_or_else(|| signed(defaults.running_tasks));
-    Ok(limit - active)
+    Ok(Some(limit - active))
 }

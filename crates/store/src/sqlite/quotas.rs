@@ -35,8 +35,17 @@ pub(super) async fn check(
     if adding == 0 {
         return Ok(());
     }
-    let used = count(conn, quota, project_id).await?.unwrap_or(0);
+    let used = used(conn, quota, project_id).await?;
     Ok(limits.check(quota, used, adding)?)
+}
+
+/// What the project holds of `quota` (0 for what the store does not count).
+pub(super) async fn used(
+    conn: &mut SqliteConnection,
+    quota: Quota,
+    project_id: &str,
+) -> Result<u64> {
+    Ok(count(conn, quota, project_id).await?.unwrap_or(0))
 }
 
 /// Refuses a package the project has no room for before its bytes are written, on a read

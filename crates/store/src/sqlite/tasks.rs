@@ -6,76 +6,34 @@ use std::collections::HashMap;
 use sqlx::sqlite::SqliteConnection;
 use sqlx::{Connection, QueryBuilder, Row, Sqlite};
 use stevedore_model::TaskAttempt;
-use stevedore_model::{
-    Event, NewTask, Quota, QuotaLimits, Task, TaskOutcome, TaskStatus, Timestamp, transition,
-};
+use stevedore_model::{Event, NewTask, Task, TaskOutcome, TaskStatus, Timestamp, transition};
 
 use super::codes;
 use super::codes::RevisionCache;
-use super::quotas;
 use super::rows::{self, micros, opt_micros, opt_signed, signed, task_columns, to_json};
 use super::{BEGIN_WRITE, SqliteStore};
 use crate::convert::limit_offset;
 use crate::record::{BULK_CHUNK, TaskRecord, normalize, queued_task_of_code};
 use crate::{CodeCancellation, Page, Result, StoreError, TaskFilter};
 
-/// Queues a batch, or nothing. Alone on the writer it is a transaction of its own; when other
-/// writers wait it joins the group transaction (`SqliteStore::write_in_group`), so concurrent
-/// single-task requests share a commit. Either way it returns after the commit that holds its
-/// tasks, and a refusal (a quota, a missing code) writes nothing and leaves the group to the
-/// others.
+/// Queues a batch, or nothing, with the other requests waiting to be queued
+/// (`queueing`): concurrent single-task requests share one `INSERT` and one commit. Returns
+/// after the commit that holds its tasks; a refusal (a quota, a missing code) writes nothing
+/// of this request and leaves the others to theirs.
 pub(super) async fn enqueue(
     store: &SqliteStore,
     project_id: &str,
     new_tasks: &[NewTask],
     now: Timestamp,
 ) -> Result<Vec<Task>> {
-    let now = normalize(now);
-    let writer = store.writing.lock_writer().await?;
-    let mut writer = match store.writing.alone(writer) {
-        Ok(writer) => writer,
-        Err(writer) => {
-            let defaults = store.quota_defaults;
-            let (project_id, new_tasks) = (project_id.to_owned(), new_tasks.to_vec());
-            return store
-                .write_in_group(writer, move |writer| {
-                    Box::pin(async move {
-                        // Reads, then one `INSERT`: a failure of the `INSERT` is a database
-                        // error, which ends the group.
-                        Ok(
-                            queue(&mut writer.conn, &defaults, &project_id, &new_tasks, now)
-                                .await?,
-                        )
-                    })
-                })
-                .await;
-        }
-    };
-    let mut tx = writer.conn.begin_with(BEGIN_WRITE).await?;
-    let queued = queue(&mut tx, &store.quota_defaults, project_id, new_tasks, now).await?;
-    tx.commit().await?;
-    Ok(queued)
-}
-
-/// `enqueue`'s work inside whatever transaction the writer is in: the queued-tasks quota
-/// checked, then the tasks inserted.
-async fn queue(
-    conn: &mut SqliteConnection,
-    quota_defaults: &QuotaLimits,
-    project_id: &str,
-    new_tasks: &[NewTask],
-    now: Timestamp,
-) -> Result<Vec<Task>> {
-    let limits = quotas::limits(conn, quota_defaults, project_id).await?;
-    quotas::check(
-        conn,
-        &limits,
-        Quota::QueuedTasks,
+    super::queueing::enqueue(
+        &store.writing,
+        store.quota_defaults,
         project_id,
-        new_tasks.len() as u64,
+        new_tasks,
+        normalize(now),
     )
-    .await?;
-    insert(conn, project_id, new_tasks, now).await
+    .await
 }
 
 pub(super) async fn get(store: &SqliteStore, project_id: &str, task_id: &str) -> Result<Task> {
@@ -305,10 +263,38 @@ pub(super) async fn insert(
     new_tasks: &[NewTask],
     now: Timestamp,
 ) -> Result<Vec<Task>> {
-    let mut codes: HashMap<&str, (String, u32)> = HashMap::new();
+    let queued = plan_tasks(
+        conn,
+        &mut CodeLookups::default(),
+        project_id,
+        new_tasks,
+        now,
+    )
+    .await?;
+    insert_rows(conn, &queued).await?;
+    Ok(queued)
+}
+
+/// Codes looked up by (project, name) for the tasks being queued: their id and latest
+/// revision, valid for the transaction that looked them up.
+#[derive(Default)]
+pub(super) struct CodeLookups {
+    found: HashMap<(String, String), (String, u32)>,
+}
+
+/// The queued tasks `new_tasks` become, each of its code's latest revision or the one it
+/// pins; reads only. A missing code or revision refuses the whole list.
+pub(super) async fn plan_tasks(
+    conn: &mut SqliteConnection,
+    codes: &mut CodeLookups,
+    project_id: &str,
+    new_tasks: &[NewTask],
+    now: Timestamp,
+) -> Result<Vec<Task>> {
     let mut queued = Vec::with_capacity(new_tasks.len());
     for new_task in new_tasks {
-        let (code_id, code_rev) = match codes.get(new_task.code_name.as_str()) {
+        let key = (project_id.to_owned(), new_task.code_name.clone());
+        let (code_id, code_rev) = match codes.found.get(&key) {
             Some(code) => code.clone(),
             None => {
                 let row = sqlx::query(
@@ -325,7 +311,7 @@ pub(super) async fn insert(
                     u32::try_from(latest)
                         .map_err(|_| StoreError::Corrupt(format!("revision {latest}")))?,
                 );
-                codes.insert(&new_task.code_name, code.clone());
+                codes.found.insert(key, code.clone());
                 code
             }
         };
@@ -335,7 +321,6 @@ pub(super) async fn insert(
         }
         queued.push(task);
     }
-    insert_rows(conn, &queued).await?;
     Ok(queued)
 }
 

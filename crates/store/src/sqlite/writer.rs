@@ -17,6 +17,7 @@ use tokio::sync::{Mutex, OwnedMappedMutexGuard, OwnedMutexGuard, watch};
 
 use super::codes::RevisionCache;
 use super::leases::LeaseCache;
+use super::queueing::Queueings;
 use super::{BEGIN_WRITE, SqliteStore, tasks};
 use crate::Result;
 use crate::StoreError;
@@ -32,6 +33,8 @@ pub(super) struct Writing {
     waiting: AtomicUsize,
     /// How the latest group commit ended, for the callers whose writes it held.
     commits: watch::Sender<GroupCommits>,
+    /// Requests to queue tasks, waiting to be written together.
+    pub(super) queueings: Queueings,
 }
 
 /// The writer, held: the write lock.
@@ -230,6 +233,7 @@ impl Writing {
             }))),
             waiting: AtomicUsize::new(0),
             commits: watch::Sender::new(GroupCommits::default()),
+            queueings: Queueings::default(),
         }
     }
 
@@ -330,8 +334,8 @@ impl Writing {
     /// A unit of write work in the group transaction, from the held writer to the end of the
     /// group. Not cancel-safe by itself (a drop between a completion and its retry would leave
     /// the group with half a change, a drop right after `BEGIN` a transaction nobody tracks):
-    /// only ever run through `detached`.
-    async fn in_group<T>(
+    /// only ever run through `detached` or on a task of its own.
+    pub(super) async fn in_group<T>(
         &self,
         mut writer: WriterGuard,
         work: impl for<'a> FnOnce(&'a mut Writer) -> GroupWork<'a, T>,

@@ -289,6 +289,57 @@ pub async fn concurrent_writers_never_pass_a_quota(store: &dyn Store) -> Result<
     Ok(())
 }
 
+/// Queueings that arrive together (and may be written together) are each all or nothing on
+/// their own: one refused for its quota or for a missing code writes none of its tasks and
+/// costs the others nothing, the quota counts the requests accepted before it, and another
+/// project's request is not held to this project's limit.
+pub async fn concurrent_queueings_are_each_all_or_nothing(store: &dyn Store) -> Result<()> {
+    let acme = project_with_code(store, "hello").await?;
+    let other = project(store, "other").await?;
+    store
+        .push_code(&other.id, &image_spec("hello"), None, at(0))
+        .await?;
+    store
+        .set_project_quota(&acme.id, Quota::QueuedTasks, Some(5), at(0))
+        .await?;
+    let single = [new_task("hello")];
+    let missing = [new_task("hello"), new_task("nope")];
+    let elsewhere = vec![new_task("hello"); 7];
+    let mut calls = Vec::new();
+    for index in 0..12 {
+        calls.push(match index % 4 {
+            1 => store.enqueue(&acme.id, &missing, at(1)),
+            3 if index == 3 => store.enqueue(&other.id, &elsewhere, at(1)),
+            _ => store.enqueue(&acme.id, &single, at(1)),
+        });
+    }
+    let results = futures::future::join_all(calls).await;
+    let mut accepted = 0;
+    for (index, result) in results.into_iter().enumerate() {
+        match (index % 4, result) {
+            (1, Err(StoreError::NotFound { .. })) => {}
+            (3, Ok(queued)) if index == 3 => {
+                assert_eq!(queued.len(), 7);
+                assert!(queued.iter().all(|task| task.project_id == other.id));
+            }
+            (_, Ok(queued)) => {
+                assert_eq!(queued.len(), 1);
+                assert_eq!(queued[0].project_id, acme.id);
+                accepted += 1;
+            }
+            (_, Err(StoreError::QuotaExceeded(_))) => {}
+            (index, other) => panic!("request {index}: unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        accepted, 5,
+        "five single tasks fit under five, whatever came with them"
+    );
+    assert_eq!(queued(store, &acme.id).await?, 5);
+    assert_eq!(queued(store, &other.id).await?, 7);
+    Ok(())
+}
+
 /// A project at its `running_tasks` quota gets no more leases, within one lease call and
 /// across calls, while other projects' tasks go on; a task that ends frees its place.
 pub async fn the_running_tasks_quota_holds_leases_back_and_lets_others_run(
