@@ -560,7 +560,7 @@ impl ContainerRuntime for DockerEngine {
             let sigkilled = state.exit_code == Some(SIGKILL_EXIT_CODE);
             let counted = account
                 .as_ref()
-                .is_some_and(|account| account.oom_kills.is_some());
+                .is_some_and(|account| account.hierarchy == cpu_group::Hierarchy::V2);
             match account
                 .as_ref()
                 .and_then(|account| account.oom_killed(limit))

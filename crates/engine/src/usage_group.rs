@@ -114,10 +114,12 @@ impl UsageGroups {
     /// `None` when the group cannot be read.
     pub(crate) async fn read(&self, path: &str) -> Option<Account> {
         let (path, hierarchy) = (path.to_owned(), self.hierarchy);
-        let usage = tokio::task::spawn_blocking(move || read_now(&path, hierarchy))
-            .await
-            .ok()
-            .flatten();
+        let usage = tokio::task::spawn_blocking(move || {
+            read_account(Path::new(CGROUP_ROOT), &path, hierarchy)
+        })
+        .await
+        .ok()
+        .flatten();
         if usage.is_none() {
             tracing::debug!("a usage group cannot be read");
         }
@@ -165,66 +167,70 @@ async fn remove_leftovers(hierarchy: Hierarchy) {
     }
 }
 
-/// What a usage group holds of its container's life once the container stopped.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a cgroup holds of its container's life once the container stopped: read alike for
+/// the Docker path's usage groups and the OCI engine's task groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Account {
     pub(crate) usage: ResourceUsage,
-    /// How many processes the kernel killed in the group for its memory limit: counted on
-    /// cgroup v2 only (its `memory.events` counts a child's kills in every ancestor; v1
-    /// counts them in the container's own group alone, which is gone once it stopped).
+    /// How many processes the kernel killed in the group for its memory limit: on cgroup v2
+    /// its `memory.events`, which counts a child's kills in every ancestor; on v1 its
+    /// `memory.oom_control`, which counts only kills in the group itself (for the Docker
+    /// path's usage group, which holds no limit, never any).
     pub(crate) oom_kills: Option<u64>,
+    pub(crate) hierarchy: Hierarchy,
 }
 
 impl Account {
-    /// Whether the container was killed for exceeding its memory limit of `limit` bytes,
-    /// as far as the group tells: on cgroup v2 its count of OOM kills; on v1, whether the
-    /// group's peak reached the limit (less the charges the kernel may hold back per CPU),
-    /// as it has for a container the kernel killed for its memory. `None` without a limit
-    /// or a peak.
+    /// Whether the Docker container of this usage group was killed for exceeding its memory
+    /// limit of `limit` bytes, as far as the group tells: on cgroup v2 its count of OOM
+    /// kills; on v1, where the kills are counted in the container's own group (gone by now),
+    /// whether the group's peak reached the limit ([`peak_at_limit`]). `None` without a
+    /// count, a limit or a peak.
     pub(crate) fn oom_killed(&self, limit: Option<u64>) -> Option<bool> {
-        if let Some(kills) = self.oom_kills {
-            return Some(kills > 0);
+        match self.hierarchy {
+            Hierarchy::V2 => self.oom_kills.map(|kills| kills > 0),
+            Hierarchy::V1 => Some(peak_at_limit(self.usage.peak_memory_bytes?, limit?)),
         }
-        let limit = limit.filter(|limit| *limit > 0)?;
-        let peak = self.usage.peak_memory_bytes?;
-        Some(peak >= limit.saturating_sub(OOM_PEAK_SLACK.max(limit / 64)))
     }
 }
 
+/// Whether a group's recorded `peak` reached its memory `limit`, as it has for a container
+/// the kernel killed for its memory: the kernel charges pages in per-CPU batches, so a
+/// charge can fail before the counter shows the whole limit.
+pub(crate) fn peak_at_limit(peak: u64, limit: u64) -> bool {
+    limit > 0 && peak >= limit.saturating_sub(OOM_PEAK_SLACK.max(limit / 64))
+}
+
 /// How far below its limit a group's recorded peak may stay when its container was killed
-/// for memory: the kernel charges pages in per-CPU batches, so a charge can fail before the
-/// counter shows the whole limit.
+/// for memory ([`peak_at_limit`]).
 const OOM_PEAK_SLACK: u64 = 512 << 10;
 
-/// [`UsageGroups::read`], on this thread.
-fn read_now(path: &str, hierarchy: Hierarchy) -> Option<Account> {
-    let root = Path::new(CGROUP_ROOT);
+/// What the cgroup `path` under the hierarchy mounted at `root` counted: CPU time, peak
+/// memory and pids, OOM kills (see [`Account`]). `None` when neither CPU time nor peak memory
+/// can be read. Blocking file IO.
+pub(crate) fn read_account(root: &Path, path: &str, hierarchy: Hierarchy) -> Option<Account> {
+    let text = |file: PathBuf| std::fs::read_to_string(file).ok();
     let (cpu_total_ns, peak_memory_bytes, peak_pids, oom_kills) = match hierarchy {
-        Hierarchy::V1 => (
-            read_number(&root.join("cpuacct").join(path).join("cpuacct.usage")),
-            read_number(
-                &root
-                    .join("memory")
-                    .join(path)
-                    .join("memory.max_usage_in_bytes"),
-            ),
-            read_number(&root.join("pids").join(path).join("pids.peak")),
-            None,
-        ),
+        Hierarchy::V1 => {
+            let v1 = |controller: &str, file: &str| root.join(controller).join(path).join(file);
+            (
+                read_number(&v1("cpuacct", "cpuacct.usage")),
+                read_number(&v1("memory", "memory.max_usage_in_bytes")),
+                read_number(&v1("pids", "pids.peak")),
+                text(v1("memory", "memory.oom_control"))
+                    .and_then(|control| keyed_count(&control, "oom_kill")),
+            )
+        }
         Hierarchy::V2 => {
             let group = root.join(path);
-            let cpu_stat = std::fs::read_to_string(group.join("cpu.stat")).ok();
             (
-                cpu_stat
-                    .as_deref()
-                    .and_then(usage_usec)
+                text(group.join("cpu.stat"))
+                    .and_then(|stat| keyed_count(&stat, "usage_usec"))
                     .map(|usec| usec.saturating_mul(1000)),
                 read_number(&group.join("memory.peak")),
                 read_number(&group.join("pids.peak")),
-                std::fs::read_to_string(group.join("memory.events"))
-                    .ok()
-                    .as_deref()
-                    .and_then(|events| event_count(events, "oom_kill")),
+                text(group.join("memory.events"))
+                    .and_then(|events| keyed_count(&events, "oom_kill")),
             )
         }
     };
@@ -239,28 +245,22 @@ fn read_now(path: &str, hierarchy: Hierarchy) -> Option<Account> {
             samples: 1,
         },
         oom_kills,
+        hierarchy,
     })
 }
 
-/// The count of `event` in a cgroup v2 `memory.events`.
-fn event_count(events: &str, event: &str) -> Option<u64> {
-    events.lines().find_map(|line| {
+/// The number after `key` in a file of `key value` lines (`memory.events`, `cpu.stat`, v1
+/// `memory.oom_control`).
+pub(crate) fn keyed_count(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
         let (name, count) = line.split_once(' ')?;
-        (name == event).then(|| count.trim().parse().ok()).flatten()
+        (name == key).then(|| count.trim().parse().ok()).flatten()
     })
 }
 
 /// A file holding one number.
-fn read_number(path: &Path) -> Option<u64> {
+pub(crate) fn read_number(path: &Path) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-/// `usage_usec` of a cgroup v2 `cpu.stat`.
-fn usage_usec(cpu_stat: &str) -> Option<u64> {
-    cpu_stat
-        .lines()
-        .find_map(|line| line.strip_prefix("usage_usec "))
-        .and_then(|value| value.trim().parse().ok())
 }
 
 #[cfg(test)]
@@ -268,23 +268,59 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cpu_stat_gives_its_usage() {
+    fn keyed_files_give_their_counts() {
+        let events = "low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\noom_group_kill 0\n";
+        assert_eq!(keyed_count(events, "oom_kill"), Some(1));
+        assert_eq!(keyed_count(events, "oom"), Some(1));
+        assert_eq!(keyed_count("max 3\n", "oom_kill"), None);
         let stat = "usage_usec 1234\nuser_usec 1000\nsystem_usec 234\n";
-        assert_eq!(usage_usec(stat), Some(1234));
-        assert_eq!(usage_usec("user_usec 1\n"), None);
+        assert_eq!(keyed_count(stat, "usage_usec"), Some(1234));
     }
 
     #[test]
-    fn memory_events_give_the_oom_kills() {
-        let events = "low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\noom_group_kill 0\n";
-        assert_eq!(event_count(events, "oom_kill"), Some(1));
-        assert_eq!(event_count(events, "oom"), Some(1));
-        assert_eq!(event_count("max 3\n", "oom_kill"), None);
+    fn a_group_reads_alike_on_v1_and_v2() {
+        let root = tempfile::tempdir().unwrap();
+        let write = |file: &str, text: &str| {
+            let file = root.path().join(file);
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::fs::write(file, text).unwrap();
+        };
+        write("cpuacct/g/cpuacct.usage", "5000\n");
+        write("memory/g/memory.max_usage_in_bytes", "8650752\n");
+        write(
+            "memory/g/memory.oom_control",
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        );
+        write("pids/g/pids.peak", "3\n");
+        let v1 = read_account(root.path(), "g", Hierarchy::V1).unwrap();
+        assert_eq!(
+            (
+                v1.usage.cpu_total_ns,
+                v1.usage.peak_memory_bytes,
+                v1.usage.peak_pids
+            ),
+            (Some(5000), Some(8_650_752), Some(3))
+        );
+        assert_eq!(v1.oom_kills, Some(2));
+        write("h/cpu.stat", "usage_usec 7\nuser_usec 5\n");
+        write("h/memory.peak", "4096\n");
+        write("h/memory.events", "oom 1\noom_kill 1\n");
+        let v2 = read_account(root.path(), "h", Hierarchy::V2).unwrap();
+        assert_eq!(
+            (
+                v2.usage.cpu_total_ns,
+                v2.usage.peak_memory_bytes,
+                v2.usage.peak_pids
+            ),
+            (Some(7000), Some(4096), None)
+        );
+        assert_eq!(v2.oom_kills, Some(1));
+        assert_eq!(read_account(root.path(), "none", Hierarchy::V2), None);
     }
 
     #[test]
     fn an_oom_kill_is_counted_on_v2_and_told_by_the_peak_on_v1() {
-        let account = |peak: u64, oom_kills: Option<u64>| Account {
+        let account = |peak: u64, oom_kills: Option<u64>, hierarchy| Account {
             usage: ResourceUsage {
                 peak_memory_bytes: Some(peak),
                 cpu_total_ns: Some(1),
@@ -292,20 +328,27 @@ mod tests {
                 samples: 1,
             },
             oom_kills,
+            hierarchy,
         };
         let limit = Some(8 << 20);
         // v2 counts: the peak does not matter.
-        assert_eq!(account(1 << 20, Some(1)).oom_killed(limit), Some(true));
-        assert_eq!(account(8 << 20, Some(0)).oom_killed(limit), Some(false));
-        // v1: a peak at the limit (or within the kernel's batch below it) is an OOM kill.
-        assert_eq!(account(8_650_752, None).oom_killed(limit), Some(true));
+        let v2 = Hierarchy::V2;
+        assert_eq!(account(1 << 20, Some(1), v2).oom_killed(limit), Some(true));
+        assert_eq!(account(8 << 20, Some(0), v2).oom_killed(limit), Some(false));
+        // v1: a peak at the limit (or within the kernel's batch below it) is an OOM kill,
+        // whatever the usage group's own (always zero) count says.
+        let v1 = Hierarchy::V1;
         assert_eq!(
-            account((8 << 20) - (256 << 10), None).oom_killed(limit),
+            account(8_650_752, Some(0), v1).oom_killed(limit),
             Some(true)
         );
-        assert_eq!(account(4 << 20, None).oom_killed(limit), Some(false));
+        assert_eq!(
+            account((8 << 20) - (256 << 10), None, v1).oom_killed(limit),
+            Some(true)
+        );
+        assert_eq!(account(4 << 20, Some(0), v1).oom_killed(limit), Some(false));
         // Without a limit v1 cannot tell.
-        assert_eq!(account(8 << 20, None).oom_killed(None), None);
+        assert_eq!(account(8 << 20, None, v1).oom_killed(None), None);
     }
 
     #[test]

@@ -32,8 +32,9 @@ use rustix::event::EventfdFlags;
 use rustix::fs::{Mode, OFlags};
 
 use crate::cpu_group::{CGROUP_ROOT, Hierarchy};
-use crate::engine::{ResourceSample, ResourceUsage};
+use crate::engine::ResourceSample;
 use crate::error::EngineError;
+use crate::usage_group::{Account, keyed_count, peak_at_limit, read_account, read_number};
 
 /// The parent of the task groups of containers outside any CPU group.
 pub(crate) const TASKS_ROOT: &str = "stevedore-oci";
@@ -60,16 +61,6 @@ pub(crate) struct TaskGroup {
     root: PathBuf,
 }
 
-/// What a task group counted over its container's life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Account {
-    pub(crate) usage: ResourceUsage,
-    /// Processes the kernel killed in the group for its memory limit (on v1, in the group
-    /// itself only, not in its children).
-    pub(crate) oom_kills: Option<u64>,
-    pub(crate) hierarchy: Hierarchy,
-}
-
 /// The OOM notification of a cgroup v1 task group: an eventfd the kernel counts up each
 /// time the group runs out of memory (and once more when the group is removed: read it
 /// before).
@@ -90,42 +81,31 @@ impl OomWatch {
     }
 }
 
-// === impl Account ===
-
-impl Account {
-    /// Whether the kernel killed the container for its memory limit of `limit` bytes, the
-    /// container having ended with `exit_code`: counted on v2; on v1 told by the group's OOM
-    /// notification (`oom_event`, when it was watched), or else by a SIGKILL (137) with the
-    /// group's peak at the limit.
-    pub(crate) fn oom_killed(
-        &self,
-        limit: Option<u64>,
-        exit_code: i64,
-        oom_event: Option<bool>,
-    ) -> bool {
-        if self.oom_kills.is_some_and(|kills| kills > 0) {
-            return true;
-        }
-        if self.hierarchy == Hierarchy::V2 {
-            return false;
-        }
-        if let Some(fired) = oom_event {
-            return fired;
-        }
-        if exit_code != 137 {
-            return false;
-        }
-        let (Some(limit), Some(peak)) = (limit, self.usage.peak_memory_bytes) else {
-            return false;
-        };
-        peak >= limit.saturating_sub(OOM_PEAK_SLACK.max(limit / 64))
+/// Whether the kernel killed a task group's container for its memory limit of `limit`
+/// bytes, the container having ended with `exit_code`: counted on v2 and, as the task group
+/// holds the limit, on v1 too; on v1 also told by the group's OOM notification (`oom_event`,
+/// when it was watched: a v1 group does not count kills in the runtime's child group), or
+/// else by a SIGKILL (137) with the group's peak at the limit.
+pub(crate) fn oom_killed(
+    account: &Account,
+    limit: Option<u64>,
+    exit_code: i64,
+    oom_event: Option<bool>,
+) -> bool {
+    if account.oom_kills.is_some_and(|kills| kills > 0) {
+        return true;
     }
+    if account.hierarchy == Hierarchy::V2 {
+        return false;
+    }
+    if let Some(fired) = oom_event {
+        return fired;
+    }
+    exit_code == 137
+        && limit
+            .zip(account.usage.peak_memory_bytes)
+            .is_some_and(|(limit, peak)| peak_at_limit(peak, limit))
 }
-
-/// How far below its limit a group's recorded peak may stay when its container was killed
-/// for memory: the kernel charges pages in per-CPU batches, so a charge can fail before the
-/// counter shows the whole limit.
-const OOM_PEAK_SLACK: u64 = 512 << 10;
 
 /// Which hierarchy this host's controllers are on: v2 when the unified hierarchy is the root
 /// (`cgroup.controllers` at the root), v1 otherwise (hybrid hosts count as v1: their
@@ -302,43 +282,7 @@ impl TaskGroup {
 
     /// What the group counted: once its container stopped, its whole life. Blocking file IO.
     pub(crate) fn account(&self) -> Option<Account> {
-        let (cpu_total_ns, peak_memory_bytes, peak_pids, oom_kills) = match self.hierarchy {
-            Hierarchy::V1 => (
-                read_number(&self.v1("cpuacct", "cpuacct.usage")),
-                read_number(&self.v1("memory", "memory.max_usage_in_bytes")),
-                read_number(&self.v1("pids", "pids.peak")),
-                std::fs::read_to_string(self.v1("memory", "memory.oom_control"))
-                    .ok()
-                    .as_deref()
-                    .and_then(|control| keyed_count(control, "oom_kill")),
-            ),
-            Hierarchy::V2 => (
-                std::fs::read_to_string(self.v2("cpu.stat"))
-                    .ok()
-                    .as_deref()
-                    .and_then(|stat| keyed_count(stat, "usage_usec"))
-                    .map(|usec| usec.saturating_mul(1000)),
-                read_number(&self.v2("memory.peak")),
-                read_number(&self.v2("pids.peak")),
-                std::fs::read_to_string(self.v2("memory.events"))
-                    .ok()
-                    .as_deref()
-                    .and_then(|events| keyed_count(events, "oom_kill")),
-            ),
-        };
-        if cpu_total_ns.is_none() && peak_memory_bytes.is_none() {
-            return None;
-        }
-        Some(Account {
-            usage: ResourceUsage {
-                peak_memory_bytes,
-                cpu_total_ns,
-                peak_pids,
-                samples: 1,
-            },
-            oom_kills,
-            hierarchy: self.hierarchy,
-        })
+        read_account(&self.root, &self.path, self.hierarchy)
     }
 
     /// One sample of the group now. Blocking file IO.
@@ -429,20 +373,6 @@ fn quota_us(nano_cpus: u64) -> u64 {
         .max(1_000)
 }
 
-/// The number after `key` in a file of `key value` lines (`memory.events`, `cpu.stat`,
-/// v1 `memory.oom_control`).
-fn keyed_count(text: &str, key: &str) -> Option<u64> {
-    text.lines().find_map(|line| {
-        let (name, count) = line.split_once(' ')?;
-        (name == key).then(|| count.trim().parse().ok()).flatten()
-    })
-}
-
-/// A file holding one number.
-fn read_number(path: &Path) -> Option<u64> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
 fn write(path: &Path, value: &str) -> Result<(), EngineError> {
     std::fs::write(path, value).map_err(|error| EngineError::LimitUnenforceable {
         capability: "the task's limits".to_owned(),
@@ -463,6 +393,7 @@ fn failed(path: &Path, error: &std::io::Error) -> EngineError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::ResourceUsage;
 
     /// A fake cgroup v2 root: the kernel's files are plain files here.
     fn v2_root() -> tempfile::TempDir {
@@ -561,14 +492,6 @@ mod tests {
     }
 
     #[test]
-    fn v1_counts_its_oom_kills_in_oom_control() {
-        let control = "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n";
-        assert_eq!(keyed_count(control, "oom_kill"), Some(2));
-        assert_eq!(keyed_count(control, "oom_kill_disable"), Some(0));
-        assert_eq!(keyed_count("under_oom 0\n", "oom_kill"), None);
-    }
-
-    #[test]
     fn an_oom_kill_is_counted_on_v2_and_told_by_the_peak_on_v1() {
         let account = |peak: u64, oom_kills: Option<u64>, hierarchy| Account {
             usage: ResourceUsage {
@@ -582,19 +505,39 @@ mod tests {
         };
         let limit = Some(8 << 20);
         // v2 counts: the peak does not matter.
-        assert!(account(1 << 20, Some(1), Hierarchy::V2).oom_killed(limit, 137, None));
-        assert!(!account(8 << 20, Some(0), Hierarchy::V2).oom_killed(limit, 137, None));
+        assert!(oom_killed(
+            &account(1 << 20, Some(1), Hierarchy::V2),
+            limit,
+            137,
+            None
+        ));
+        assert!(!oom_killed(
+            &account(8 << 20, Some(0), Hierarchy::V2),
+            limit,
+            137,
+            None
+        ));
         // v1 with the notification watched: it alone tells.
-        assert!(account(1 << 20, Some(0), Hierarchy::V1).oom_killed(limit, 0, Some(true)));
-        assert!(!account(8 << 20, Some(0), Hierarchy::V1).oom_killed(limit, 137, Some(false)));
+        assert!(oom_killed(
+            &account(1 << 20, Some(0), Hierarchy::V1),
+            limit,
+            0,
+            Some(true)
+        ));
+        assert!(!oom_killed(
+            &account(8 << 20, Some(0), Hierarchy::V1),
+            limit,
+            137,
+            Some(false)
+        ));
         // v1 without: a SIGKILL with the peak at the limit (or within the kernel's batch
         // below it).
         let v1 = |peak| account(peak, Some(0), Hierarchy::V1);
-        assert!(v1(8 << 20).oom_killed(limit, 137, None));
-        assert!(v1((8 << 20) - (256 << 10)).oom_killed(limit, 137, None));
-        assert!(!v1(8 << 20).oom_killed(limit, 1, None));
-        assert!(!v1(4 << 20).oom_killed(limit, 137, None));
-        assert!(!v1(8 << 20).oom_killed(None, 137, None));
+        assert!(oom_killed(&v1(8 << 20), limit, 137, None));
+        assert!(oom_killed(&v1((8 << 20) - (256 << 10)), limit, 137, None));
+        assert!(!oom_killed(&v1(8 << 20), limit, 1, None));
+        assert!(!oom_killed(&v1(4 << 20), limit, 137, None));
+        assert!(!oom_killed(&v1(8 << 20), None, 137, None));
     }
 
     #[test]

@@ -974,7 +974,7 @@ async fn disable_ipv6_inside(path: PathBuf) -> Result<(), String> {
                     namespace.as_fd(),
                     Some(rustix::thread::LinkNameSpaceType::Network),
                 )
-                    .map_err(|error| format!("cannot join {}: {error}", path.display()))?;
+                .map_err(|error| format!("cannot join {}: {error}", path.display()))?;
                 let conf = Path::new("/proc/sys/net/ipv6/conf");
                 if !conf.exists() {
                     return Ok(()); // IPv6 is off in this kernel altogether.

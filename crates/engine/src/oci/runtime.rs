@@ -1116,9 +1116,9 @@ async fn reap(live: Arc<Live>, mut child: tokio::process::Child, started_at: Tim
         .ok()
         .flatten();
     let oom_event = live.oom_watch.as_ref().map(cgroup::OomWatch::fired);
-    let oom_killed = account
-        .as_ref()
-        .is_some_and(|account| account.oom_killed(live.memory_limit, exit_code, oom_event));
+    let oom_killed = account.as_ref().is_some_and(|account| {
+        cgroup::oom_killed(account, live.memory_limit, exit_code, oom_event)
+    });
     let engine_error = match status {
         // No pid: the runtime failed before the container's process existed (a command that
         // is not in the image, a bad working directory); it said why on the stderr pipe.
