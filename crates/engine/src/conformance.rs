@@ -860,6 +860,14 @@ fn assert_not_found<T: std::fmt::Debug>(
 #[macro_export]
 macro_rules! runtime_conformance_tests {
     ($make:ident) => {
+        $crate::runtime_conformance_tests!(@containers_and $make; networks_are_ensured_once);
+    };
+    // Every check but the managed networks', for a runtime whose networks another part
+    // serves (the OCI runtime's come from its engine's pool).
+    (containers $make:ident) => {
+        $crate::runtime_conformance_tests!(@containers_and $make;);
+    };
+    (@containers_and $make:ident; $($extra:ident),*) => {
         $crate::runtime_conformance_tests!(@checks $make;
             capabilities_answer,
             files_are_in_place_when_it_starts,
@@ -876,8 +884,8 @@ macro_rules! runtime_conformance_tests {
             kill_stops_a_running_container,
             remove_forgets_the_container,
             list_finds_own_containers_by_runner_label,
-            unknown_containers_are_not_found,
-            networks_are_ensured_once
+            unknown_containers_are_not_found
+            $(, $extra)*
         );
     };
     (@checks $make:ident; $($check:ident),*) => {

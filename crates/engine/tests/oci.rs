@@ -221,24 +221,7 @@ macro_rules! conformance_with {
                     .map(|runtime| super::OciHarness { runtime })
             }
 
-            stevedore_engine::runtime_conformance_tests!(@checks harness;
-                capabilities_answer,
-                files_are_in_place_when_it_starts,
-                package_files_arrive_with_their_modes,
-                a_package_larger_than_memory_arrives_whole,
-                a_package_lying_about_a_size_fails_the_create,
-                environment_reaches_the_program,
-                wait_reports_the_exit_code,
-                memory_limit_kill_is_named_oom,
-                logs_keep_stdout_and_stderr_apart,
-                kept_output_gives_back_what_was_printed,
-                stats_sample_a_running_container,
-                usage_comes_with_the_exit_when_accounted,
-                kill_stops_a_running_container,
-                remove_forgets_the_container,
-                list_finds_own_containers_by_runner_label,
-                unknown_containers_are_not_found
-            );
+            stevedore_engine::runtime_conformance_tests!(containers harness);
         }
     };
 }
