@@ -202,6 +202,7 @@ async fn main() {
     let with_oci = std::env::var("STEVEDORE_BENCH_OCI").map_or(true, |value| value != "0");
     let meter = EngineCpuMeter::start();
     let mut measurements = Vec::new();
+    let mut idle_starts: Vec<(&str, Vec<f64>)> = Vec::new();
     for (run, concurrency) in CONCURRENCY_LEVELS.into_iter().enumerate() {
         let runner_id = format!("bench-{}-{run}", std::process::id());
         let mut stevedore = Stevedore::start(concurrency, &runner_id, "docker").await;
@@ -247,6 +248,14 @@ async fn main() {
                 }
             }
         }
+        if concurrency == 1 {
+            // Queue-to-start of a task alone on an idle runner: what a batch's latencies,
+            // which include the wait behind the batch's other tasks, do not show.
+            idle_starts.push(("stevedore", stevedore.idle_starts(&meter).await));
+            if let Some(oci) = &mut oci {
+                idle_starts.push(("stevedore oci", oci.idle_starts(&meter).await));
+            }
+        }
         stevedore.stop(engine.as_ref()).await;
         measurements.push(raw_total);
         measurements.push(stevedore_total);
@@ -256,7 +265,37 @@ async fn main() {
         }
     }
     print_table(&measurements);
+    print_idle_starts(&idle_starts);
     print_breakdown(&measurements);
+}
+
+/// Tasks queued one at a time, each once the last completed.
+const IDLE_STARTS: usize = 20;
+
+/// Queue-to-start of single tasks on an idle runner, per run.
+fn print_idle_starts(idle_starts: &[(&str, Vec<f64>)]) {
+    println!();
+    println!(
+        "{:<14} {:>6} {:>9} {:>9}   (queue-to-start of one task at a time, idle runner)",
+        "run", "tasks", "p50 ms", "p99 ms"
+    );
+    for (run, latencies) in idle_starts {
+        let mut sorted = latencies.clone();
+        sorted.sort_by(f64::total_cmp);
+        let p50 = percentile(&sorted, 50.0);
+        let verdict = match *run {
+            "stevedore oci" if p50 < OCI_TARGET_P50_MS => " (meets the OCI target)",
+            "stevedore oci" => " (MISSES the OCI target)",
+            _ => "",
+        };
+        println!(
+            "{:<14} {:>6} {:>9.1} {:>9.1}{verdict}",
+            run,
+            sorted.len(),
+            p50,
+            percentile(&sorted, 99.0)
+        );
+    }
 }
 
 /// Which run a round's turn is.
@@ -562,6 +601,15 @@ impl Stevedore {
             client_cpu,
             requests,
         }
+    }
+
+    /// Queue-to-start latencies of [`IDLE_STARTS`] tasks queued one at a time.
+    async fn idle_starts(&mut self, meter: &EngineCpuMeter) -> Vec<f64> {
+        let mut latencies = Vec::with_capacity(IDLE_STARTS);
+        for _ in 0..IDLE_STARTS {
+            latencies.extend(self.batch(meter, 1, 1).await.latencies_ms);
+        }
+        latencies
     }
 
     /// SIGTERM, then a look for containers the runner left.
