@@ -848,6 +848,26 @@ named_networks = ["databases"]
     }
 
     #[test]
+    fn the_oci_image_stores_registry_settings_reach_the_engine() -> anyhow::Result<()> {
+        let settings = load(
+            r#"
+[oci]
+insecure_registries = ["registry.internal:5000"]
+ca_file = "/etc/stevedore/registry-ca.pem"
+"#,
+        )?;
+        let images = settings.oci_engine_settings()?.images;
+        assert_eq!(images.insecure_registries, ["registry.internal:5000"]);
+        assert_eq!(
+            images.extra_ca_file.as_deref(),
+            Some(Path::new("/etc/stevedore/registry-ca.pem"))
+        );
+        let defaults = load("")?.oci_engine_settings()?.images;
+        assert_eq!(defaults.extra_ca_file, None);
+        Ok(())
+    }
+
+    #[test]
     fn packages_are_spooled_in_the_data_directory_unless_the_work_dir_is_set() -> anyhow::Result<()>
     {
         let stacks = StackTable::default();

@@ -5,12 +5,11 @@
 //! credentials or none) and plain basic auth.
 //!
 //! Registries are reached over HTTPS, their certificates checked against the system's roots
-//! and the operator's extra CA
-//! ([`extra_ca_file`](super::OciImagesSettings::extra_ca_file)), never skipped. Loopback
-//! registries and [`insecure_registries`](super::OciImagesSettings::insecure_registries) are
-//! tried
-//! over HTTPS first as well, and over plain HTTP when what answers does not speak TLS, as
-//! Docker does; a certificate such a registry presents is checked all the same.
+//! and the operator's extra CA ([`extra_ca_file`](super::OciImagesSettings::extra_ca_file)),
+//! never skipped. Loopback registries and
+//! [`insecure_registries`](super::OciImagesSettings::insecure_registries) are tried over HTTPS
+//! first as well, and over plain HTTP when what answers does not speak TLS, as Docker does; a
+//! certificate such a registry presents is checked all the same (where Docker would skip it).
 //!
 //! Failures are classified from the registry's status alone: 401 and 403 are
 //! [`EngineError::RegistryDenied`], a 404 [`EngineError::ImageNotFound`], a 5xx, a refused
