@@ -1,6 +1,7 @@
 //! The OCI runtime's image store against real components: images imported from the real
 //! Docker engine, and pulled from a real registry (Debian's `docker-registry` on loopback,
-//! with htpasswd basic auth), unpacked into a store in a temporary directory; whiteouts are
+//! with htpasswd basic auth, or over HTTPS with certificates of a throwaway authority made
+//! with the `openssl` command), unpacked into a store in a temporary directory; whiteouts are
 //! checked by mounting the layers as overlayfs.
 //!
 //! They need root (device nodes, ownership, `trusted.*` attributes, mounts), the Docker
