@@ -825,10 +825,17 @@ async fn an_https_registry_is_pulled_from_with_the_operators_ca_and_refused_with
         return Ok(());
     };
     let tag = std::process::id();
+    // An image of the test's own: pushing the shared busybox image would give it a repo
+    // digest that other tests, running at the same time, do not expect.
+    let local = format!("stevedore-test/oci-tls:{tag}");
     let pushed = format!("{}/oci/tls:{tag}", registries.plain);
-    let _cleanup = Images(vec![pushed.clone()]);
+    let _cleanup = Images(vec![local.clone(), pushed.clone()]);
+    docker_build(
+        &local,
+        &format!("FROM {LOCAL_BUSYBOX_IMAGE}\nLABEL stevedore.test=\"https registry {tag}\"\n"),
+    )?;
     let tagged = Command::new("docker")
-        .args(["tag", LOCAL_BUSYBOX_IMAGE, &pushed])
+        .args(["tag", &local, &pushed])
         .status()?;
     assert!(tagged.success());
     engine.push_image(&pushed, None).await?;
@@ -840,7 +847,7 @@ async fn an_https_registry_is_pulled_from_with_the_operators_ca_and_refused_with
     settings.extra_ca_file = Some(registries.ca.certificate());
     let trusting = OciImages::open(settings).await?;
     trusting.ensure_image(&over_tls, None, None).await?;
-    let expected = engine.image_id(LOCAL_BUSYBOX_IMAGE).await?;
+    let expected = engine.image_id(&local).await?;
     assert_eq!(trusting.image_id(&over_tls).await?, expected);
     assert!(trusting.unpacked(&over_tls).await?.is_some());
 
