@@ -122,8 +122,13 @@ pub struct OciSettings {
     /// Take images the local Docker engine has from it (the stacks `stack build-local`
     /// built, images pushed nowhere); pull the others from their registries.
     pub import_from_docker: bool,
-    /// Registries (`host:port`) reached over plain HTTP; loopback ones always are.
+    /// Registries (`host:port`) that may be reached over plain HTTP when they do not speak
+    /// TLS; loopback ones always may. Every other registry is reached over HTTPS only.
     pub insecure_registries: Vec<String>,
+    /// A PEM file of CA certificates trusted for registries' HTTPS besides the system's
+    /// roots: the authority of private registries with certificates of their own. Absent:
+    /// the system's roots alone.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for OciSettings {
@@ -136,6 +141,7 @@ impl Default for OciSettings {
             pool_size: 8,
             import_from_docker: true,
             insecure_registries: Vec::new(),
+            ca_file: None,
         }
     }
 }
@@ -712,6 +718,7 @@ impl Settings {
         images
             .insecure_registries
             .clone_from(&self.oci.insecure_registries);
+        images.extra_ca_file.clone_from(&self.oci.ca_file);
         Ok(stevedore_engine::oci::OciEngineSettings {
             runtime: stevedore_engine::oci::OciSettings {
                 state_root: root,
@@ -837,6 +844,26 @@ named_networks = ["databases"]
             );
             assert!(message.contains("task_network"), "{broken}: {message}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn the_oci_image_stores_registry_settings_reach_the_engine() -> anyhow::Result<()> {
+        let settings = load(
+            r#"
+[oci]
+insecure_registries = ["registry.internal:5000"]
+ca_file = "/etc/stevedore/registry-ca.pem"
+"#,
+        )?;
+        let images = settings.oci_engine_settings()?.images;
+        assert_eq!(images.insecure_registries, ["registry.internal:5000"]);
+        assert_eq!(
+            images.extra_ca_file.as_deref(),
+            Some(Path::new("/etc/stevedore/registry-ca.pem"))
+        );
+        let defaults = load("")?.oci_engine_settings()?.images;
+        assert_eq!(defaults.extra_ca_file, None);
         Ok(())
     }
 

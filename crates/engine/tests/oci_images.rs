@@ -1,6 +1,7 @@
 //! The OCI runtime's image store against real components: images imported from the real
 //! Docker engine, and pulled from a real registry (Debian's `docker-registry` on loopback,
-//! with htpasswd basic auth), unpacked into a store in a temporary directory; whiteouts are
+//! with htpasswd basic auth, or over HTTPS with certificates of a throwaway authority made
+//! with the `openssl` command), unpacked into a store in a temporary directory; whiteouts are
 //! checked by mounting the layers as overlayfs.
 //!
 //! They need root (device nodes, ownership, `trusted.*` attributes, mounts), the Docker
@@ -557,35 +558,16 @@ impl TestRegistry {
             .output()?;
         assert!(users.status.success());
         std::fs::write(dir.path().join("htpasswd"), &users.stdout)?;
-        let config = format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-             http:\n  addr: {address}\nauth:\n  htpasswd:\n    realm: stevedore-test\n    path: {}\n",
-            dir.path().join("data").display(),
-            dir.path().join("htpasswd").display(),
+        let auth = format!(
+            "auth:\n  htpasswd:\n    realm: stevedore-test\n    path: {}\n",
+            dir.path().join("htpasswd").display()
         );
-        let config_path = dir.path().join("config.yml");
-        std::fs::write(&config_path, config)?;
-        let child = Command::new(binary)
-            .arg("serve")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let registry = TestRegistry {
+        let child = serve_registry(&binary, dir.path(), "config", &address, &auth)?;
+        Ok(Some(TestRegistry {
             child,
             address,
             dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&registry.address).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the registry did not listen within 20 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(Some(registry))
+        }))
     }
 
     fn auth(&self, password: &str) -> RegistryAuth {
@@ -614,6 +596,303 @@ impl Drop for TestRegistry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts `docker-registry` on `address` with the storage `dir/data` (registries started on
+/// one `dir` serve the same images) and `extra` YAML (`auth:`, or `http.tls` indented under
+/// `http:`), and waits until it listens.
+fn serve_registry(
+    binary: &str,
+    dir: &Path,
+    name: &str,
+    address: &str,
+    extra: &str,
+) -> Result<Child, Box<dyn std::error::Error + Send + Sync>> {
+    let config = format!(
+        "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+         http:\n  addr: {address}\n{extra}",
+        dir.join("data").display(),
+    );
+    let config_path = dir.join(format!("{name}.yml"));
+    std::fs::write(&config_path, config)?;
+    let mut child = Command::new(binary)
+        .arg("serve")
+        .arg(&config_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(address).is_err() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(
+                format!("the registry {name} did not listen on {address} within 20 s").into(),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(child)
+}
+
+/// A free loopback address.
+fn loopback_address() -> Result<String, std::io::Error> {
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    Ok(format!("127.0.0.1:{port}"))
+}
+
+/// A throwaway certificate authority, and server certificates it signs, made with the
+/// `openssl` command in a temporary directory.
+struct TestCa {
+    dir: tempfile::TempDir,
+}
+
+impl TestCa {
+    fn new() -> Result<TestCa, Box<dyn std::error::Error + Send + Sync>> {
+        let dir = tempfile::tempdir()?;
+        let ca = TestCa { dir };
+        ca.openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=stevedore test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ])?;
+        Ok(ca)
+    }
+
+    /// The authority's certificate (PEM).
+    fn certificate(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+
+    /// A server certificate for `subject_alt_names` (`IP:127.0.0.1,DNS:localhost`) and its
+    /// key, as `(certificate, key)`.
+    fn issue(
+        &self,
+        name: &str,
+        subject_alt_names: &str,
+    ) -> Result<(PathBuf, PathBuf), Box<dyn std::error::Error + Send + Sync>> {
+        let (key, request, certificate, extensions) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+            format!("{name}.ext"),
+        );
+        std::fs::write(
+            self.dir.path().join(&extensions),
+            format!(
+                "subjectAltName={subject_alt_names}\nbasicConstraints=CA:FALSE\n\
+                 keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"
+            ),
+        )?;
+        self.openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &key,
+            "-out",
+            &request,
+        ])?;
+        self.openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &request,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &extensions,
+            "-out",
+            &certificate,
+        ])?;
+        Ok((self.dir.path().join(certificate), self.dir.path().join(key)))
+    }
+
+    fn openssl(&self, arguments: &[&str]) -> TestResult {
+        let output = Command::new("openssl")
+            .args(arguments)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .output()?;
+        assert!(
+            output.status.success(),
+            "openssl {arguments:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(())
+    }
+}
+
+/// Registries serving one storage: one over plain HTTP to push to (the Docker engine is not
+/// told of the test's authority), one over HTTPS with a certificate for 127.0.0.1 and
+/// localhost, and one over HTTPS with a certificate for another name, both signed by `ca`.
+struct TlsRegistries {
+    ca: TestCa,
+    plain: String,
+    tls: String,
+    wrong_name: String,
+    children: Vec<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsRegistries {
+    fn start() -> Result<Option<TlsRegistries>, Box<dyn std::error::Error + Send + Sync>> {
+        let Ok(binary) = std::env::var("STEVEDORE_DOCKER_REGISTRY") else {
+            skip("STEVEDORE_DOCKER_REGISTRY is not set (scripts/ensure-registry.sh)");
+            return Ok(None);
+        };
+        let dir = tempfile::tempdir()?;
+        let ca = TestCa::new()?;
+        let tls_config = |(certificate, key): (PathBuf, PathBuf)| {
+            format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                certificate.display(),
+                key.display()
+            )
+        };
+        let good = tls_config(ca.issue("registry", "IP:127.0.0.1,DNS:localhost")?);
+        let other = tls_config(ca.issue("elsewhere", "DNS:registry.example")?);
+        let mut registries = TlsRegistries {
+            ca,
+            plain: loopback_address()?,
+            tls: loopback_address()?,
+            wrong_name: loopback_address()?,
+            children: Vec::new(),
+            _dir: dir,
+        };
+        let root = registries._dir.path().to_owned();
+        for (name, address, extra) in [
+            ("plain", registries.plain.clone(), String::new()),
+            ("tls", registries.tls.clone(), good),
+            ("wrong-name", registries.wrong_name.clone(), other),
+        ] {
+            let child = serve_registry(&binary, &root, name, &address, &extra)?;
+            registries.children.push(child);
+        }
+        Ok(Some(registries))
+    }
+}
+
+impl Drop for TlsRegistries {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The message of a failed pull, or a failure of the test saying what came instead.
+fn pull_failure<T: std::fmt::Debug>(result: Result<T, EngineError>, what: &str) -> String {
+    match result {
+        Err(EngineError::PullFailed { message, .. }) => message,
+        other => panic!("{what}: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_https_registry_is_pulled_from_with_the_operators_ca_and_refused_without_it()
+-> TestResult {
+    let engine = docker_or_skip!();
+    let Some(registries) = TlsRegistries::start()? else {
+        return Ok(());
+    };
+    let tag = std::process::id();
+    // An image of the test's own: pushing the shared busybox image would give it a repo
+    // digest that other tests, running at the same time, do not expect.
+    let local = format!("stevedore-test/oci-tls:{tag}");
+    let pushed = format!("{}/oci/tls:{tag}", registries.plain);
+    let _cleanup = Images(vec![local.clone(), pushed.clone()]);
+    docker_build(
+        &local,
+        &format!("FROM {LOCAL_BUSYBOX_IMAGE}\nLABEL stevedore.test=\"https registry {tag}\"\n"),
+    )?;
+    let tagged = Command::new("docker")
+        .args(["tag", &local, &pushed])
+        .status()?;
+    assert!(tagged.success());
+    engine.push_image(&pushed, None).await?;
+    let over_tls = format!("{}/oci/tls:{tag}", registries.tls);
+    let dir = tempfile::tempdir()?;
+
+    // The authority given: pulled over HTTPS, the same image Docker has.
+    let mut settings = OciImagesSettings::new(dir.path().join("trusting"));
+    settings.extra_ca_file = Some(registries.ca.certificate());
+    let trusting = OciImages::open(settings).await?;
+    trusting.ensure_image(&over_tls, None, None).await?;
+    let expected = engine.image_id(&local).await?;
+    assert_eq!(trusting.image_id(&over_tls).await?, expected);
+    assert!(trusting.unpacked(&over_tls).await?.is_some());
+
+    // The certificate is checked although the registry is on loopback: it speaks TLS, so
+    // there is no falling back to plain HTTP.
+    let (untrusting, _untrusting_dir) = store(false).await?;
+    let unknown = pull_failure(
+        untrusting.ensure_image(&over_tls, None, None).await,
+        "an authority this machine does not trust",
+    );
+    assert!(
+        unknown.contains(&format!("https://{}", registries.tls))
+            && unknown.contains("authority this machine does not trust"),
+        "{unknown}"
+    );
+    assert!(untrusting.list_images().await?.is_empty());
+
+    let elsewhere = format!("{}/oci/tls:{tag}", registries.wrong_name);
+    let wrong_name = pull_failure(
+        trusting.ensure_image(&elsewhere, None, None).await,
+        "a certificate for another name",
+    );
+    assert!(
+        wrong_name.contains(&format!("https://{}", registries.wrong_name))
+            && wrong_name.contains("its certificate is for another name"),
+        "{wrong_name}"
+    );
+
+    // A loopback registry that does not speak TLS is still reached, over plain HTTP.
+    let plain = format!("{}/oci/tls:{tag}", registries.plain);
+    untrusting.ensure_image(&plain, None, None).await?;
+    assert_eq!(untrusting.image_id(&plain).await?, expected);
+
+    // An authority file that holds no certificate fails the store's open.
+    let garbage = dir.path().join("not-a-ca.pem");
+    std::fs::write(&garbage, "not a certificate\n")?;
+    let mut settings = OciImagesSettings::new(dir.path().join("garbage"));
+    settings.extra_ca_file = Some(garbage);
+    let refused = OciImages::open(settings).await;
+    assert!(
+        matches!(refused, Err(EngineError::LocalIo { .. })),
+        "{:?}",
+        refused.err()
+    );
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -96,9 +96,14 @@ pub struct OciImagesSettings {
     /// The longest one pull or import may take before it fails as the infrastructure's
     /// ([`EngineError::PullFailed`]); a runner's own, shorter deadline drops its wait first.
     pub pull_timeout: Duration,
-    /// Registries (`host:port`) reached over plain HTTP rather than HTTPS, as Docker's
-    /// `insecure-registries`; loopback registries always are.
+    /// Registries (`host:port`) that may be reached over plain HTTP, as Docker's
+    /// `insecure-registries`: HTTPS is tried first, and plain HTTP when the registry does not
+    /// speak TLS. Loopback registries always may; every other registry is HTTPS only.
     pub insecure_registries: Vec<String>,
+    /// A PEM file of CA certificates trusted for registries' HTTPS besides the system's
+    /// roots: the authority of private registries with certificates of their own. Read when
+    /// the store opens; a file that cannot be read or holds no certificate fails the open.
+    pub extra_ca_file: Option<PathBuf>,
 }
 
 /// The image store (see the module's documentation). Cheap to clone: clones share the store.
@@ -200,6 +205,7 @@ impl OciImagesSettings {
             max_image_bytes: None,
             pull_timeout: Duration::from_secs(600),
             insecure_registries: Vec::new(),
+            extra_ca_file: None,
         }
     }
 }
@@ -234,7 +240,11 @@ impl OciImages {
         settings: OciImagesSettings,
         docker: Option<Docker>,
     ) -> Result<OciImages, EngineError> {
-        let http = registry::http_client(STALL_TIMEOUT)?;
+        let extra_roots = match settings.extra_ca_file.clone() {
+            Some(path) => blocking(move || registry::extra_roots(&path)).await??,
+            None => Vec::new(),
+        };
+        let http = registry::http_client(STALL_TIMEOUT, extra_roots)?;
         let opened = blocking(move || open_blocking(settings, docker, http)).await??;
         Ok(OciImages {
             inner: Arc::new(opened),

@@ -4,15 +4,22 @@
 //! (the `WWW-Authenticate: Bearer realm=…` challenge, a token fetched with the user's basic
 //! credentials or none) and plain basic auth.
 //!
+//! Registries are reached over HTTPS, their certificates checked against the system's roots
+//! and the operator's extra CA ([`extra_ca_file`](super::OciImagesSettings::extra_ca_file)),
+//! never skipped. Loopback registries and
+//! [`insecure_registries`](super::OciImagesSettings::insecure_registries) are tried over HTTPS
+//! first as well, and over plain HTTP when what answers does not speak TLS, as Docker does; a
+//! certificate such a registry presents is checked all the same (where Docker would skip it).
+//!
 //! Failures are classified from the registry's status alone: 401 and 403 are
 //! [`EngineError::RegistryDenied`], a 404 [`EngineError::ImageNotFound`], a 5xx, a refused
-//! connection or a stalled transfer [`EngineError::PullFailed`]; everything fetched by digest
-//! is checked against it.
+//! connection, a failed TLS handshake (an authority this machine does not trust, a
+//! certificate for another name, read from rustls's own error) or a stalled transfer
+//! [`EngineError::PullFailed`]; everything fetched by digest is checked against it.
 //!
 //! Not spoken: an identity token from an OAuth login (`RegistryAuth::identity_token`, which
 //! Docker trades for a token with a `refresh_token` grant; only user name and password are
-//! sent), schema 1 manifests, zstd layers, and HTTPS while the HTTP client is built without
-//! TLS (`HTTPS_SUPPORTED`).
+//! sent), client certificates, schema 1 manifests, zstd layers.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -38,12 +45,6 @@ const MANIFEST_TYPES: &[&str] = &[
     "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.v2+json",
 ];
-/// Whether this build's HTTP client speaks TLS. It does not yet: the workspace's reqwest is
-/// built without a TLS feature (`rustls` costs a C build of aws-lc, `native-tls` OpenSSL's
-/// headers). Until it is, registries are reached over plain HTTP only (loopback ones, and
-/// [`insecure_registries`](super::OciImagesSettings::insecure_registries)), and a pull from an
-/// HTTPS registry fails saying so instead of with a transport error.
-const HTTPS_SUPPORTED: bool = false;
 /// The most a manifest or config may weigh: they are read whole.
 const MAX_DOCUMENT_BYTES: usize = 8 << 20;
 
@@ -83,8 +84,14 @@ pub(crate) struct ResolvedImage {
 pub(crate) struct RegistrySession<'a> {
     http: &'a reqwest::Client,
     name: ImageName,
-    /// `http://host:port` or `https://host`.
-    base: String,
+    /// `https://host[:port]`, or `http://host[:port]` once a registry that may be reached
+    /// over plain HTTP turned out not to speak TLS.
+    base: Mutex<String>,
+    /// `host[:port]` as the session reaches it, for errors.
+    host: String,
+    /// Whether the registry may still be reached over plain HTTP: a loopback or insecure
+    /// registry whose HTTPS has not been tried yet.
+    plain_http_allowed: Mutex<bool>,
     auth: Option<RegistryAuth>,
     /// The `Authorization` header value the last challenge earned.
     authorization: Mutex<Option<String>>,
@@ -196,8 +203,9 @@ impl ImageName {
 // === impl RegistrySession ===
 
 impl<'a> RegistrySession<'a> {
-    /// A session for `image` on its registry, over plain HTTP when `plain_http` says the
-    /// registry is one of those (loopback registries always are, as Docker treats them).
+    /// A session for `image` on its registry over HTTPS, falling back to plain HTTP when
+    /// `plain_http` says the registry is one that may be reached so (loopback registries
+    /// always are, as Docker treats them) and it does not speak TLS.
     pub(crate) fn new(
         http: &'a reqwest::Client,
         image: &str,
@@ -210,22 +218,11 @@ impl<'a> RegistrySession<'a> {
         } else {
             name.registry.as_str()
         };
-        let scheme = if is_loopback(host) || plain_http(host) {
-            "http"
-        } else if HTTPS_SUPPORTED {
-            "https"
-        } else {
-            return Err(EngineError::PullFailed {
-                image: image.to_owned(),
-                message: format!(
-                    "{host} is reached over HTTPS, which this build's registry client does not \
-                     speak; list it among the insecure registries if it serves plain HTTP"
-                ),
-            });
-        };
         Ok(RegistrySession {
             http,
-            base: format!("{scheme}://{host}"),
+            base: Mutex::new(format!("https://{host}")),
+            plain_http_allowed: Mutex::new(is_loopback(host) || plain_http(host)),
+            host: host.to_owned(),
             name,
             auth,
             authorization: Mutex::new(None),
@@ -294,17 +291,14 @@ impl<'a> RegistrySession<'a> {
     /// The blob `digest` as a response whose body streams; the caller checks the digest of
     /// what it reads.
     pub(crate) async fn blob(&self, digest: &str) -> Result<reqwest::Response, EngineError> {
-        let url = format!("{}/v2/{}/blobs/{digest}", self.base, self.name.repository);
-        self.get(&url, None).await
+        let path = format!("/v2/{}/blobs/{digest}", self.name.repository);
+        self.get(&path, None).await
     }
 
     /// A manifest by tag or digest, with its digest (checked when it was asked by digest).
     async fn manifest(&self, reference: &str) -> Result<(String, Manifest), EngineError> {
-        let url = format!(
-            "{}/v2/{}/manifests/{reference}",
-            self.base, self.name.repository
-        );
-        let response = self.get(&url, Some(&MANIFEST_TYPES.join(", "))).await?;
+        let path = format!("/v2/{}/manifests/{reference}", self.name.repository);
+        let response = self.get(&path, Some(&MANIFEST_TYPES.join(", "))).await?;
         let content_type = header_text(response.headers(), CONTENT_TYPE);
         let bytes = self.read_document(response).await?;
         let digest = sha256_digest(&bytes);
@@ -347,24 +341,37 @@ impl<'a> RegistrySession<'a> {
         Ok(Bytes::from(bytes))
     }
 
-    /// GETs `url` with the session's authorization, answering one challenge of the registry
-    /// (then asking again); fails with the status's classification.
-    async fn get(&self, url: &str, accept: Option<&str>) -> Result<reqwest::Response, EngineError> {
+    /// GETs `path` on the registry with the session's authorization, answering one
+    /// challenge of the registry (then asking again); fails with the status's
+    /// classification. The first answer over HTTPS settles whether a registry that may be
+    /// reached over plain HTTP is.
+    async fn get(
+        &self,
+        path: &str,
+        accept: Option<&str>,
+    ) -> Result<reqwest::Response, EngineError> {
         let mut challenged = false;
         loop {
-            let mut request = self.http.get(url);
+            let url = format!("{}{path}", self.base());
+            let mut request = self.http.get(&url);
             if let Some(accept) = accept {
                 request = request.header(ACCEPT, accept);
             }
-            let authorization = self
-                .authorization
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone();
+            let authorization = lock(&self.authorization).clone();
             if let Some(authorization) = authorization {
                 request = request.header(AUTHORIZATION, authorization);
             }
-            let response = request.send().await.map_err(|e| self.transport(&e))?;
+            let sent = request.send().await;
+            let plain_http_allowed = std::mem::take(&mut *lock(&self.plain_http_allowed));
+            let response = match sent {
+                Ok(response) => response,
+                Err(error) if plain_http_allowed && speaks_no_tls(&error) => {
+                    tracing::debug!(registry = %self.host, "no TLS: reached over plain HTTP");
+                    *lock(&self.base) = format!("http://{}", self.host);
+                    continue;
+                }
+                Err(error) => return Err(self.transport(&error)),
+            };
             let status = response.status();
             if status.is_success() {
                 return Ok(response);
@@ -373,10 +380,7 @@ impl<'a> RegistrySession<'a> {
                 challenged = true;
                 let challenge = header_text(response.headers(), WWW_AUTHENTICATE);
                 let earned = self.answer(challenge.as_deref()).await?;
-                *self
-                    .authorization
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(earned);
+                *lock(&self.authorization) = Some(earned);
                 continue;
             }
             let body = response.text().await.unwrap_or_default();
@@ -489,11 +493,25 @@ impl<'a> RegistrySession<'a> {
         }
     }
 
-    /// A transport failure: the registry out of reach, or a transfer that stalled.
+    /// Where the session reaches the registry: `https://host[:port]` or `http://…`.
+    fn base(&self) -> String {
+        lock(&self.base).clone()
+    }
+
+    /// A transport failure: the registry out of reach, a TLS handshake that failed (said in
+    /// words an operator can act on), or a transfer that stalled.
     pub(crate) fn transport(&self, error: &reqwest::Error) -> EngineError {
+        let message = match tls_error(error) {
+            Some(tls) => format!(
+                "TLS with the registry at {} failed: {}",
+                self.base(),
+                tls_reason(tls, &self.host)
+            ),
+            None => format!("the registry at {} cannot be read: {error:#}", self.base()),
+        };
         EngineError::PullFailed {
             image: self.image.clone(),
-            message: format!("the registry at {} cannot be read: {error:#}", self.base),
+            message,
         }
     }
 
@@ -506,19 +524,119 @@ impl<'a> RegistrySession<'a> {
 }
 
 /// The HTTP client every session of a store shares: connections kept, a deadline on
-/// connecting and on each read, so a registry that stalls fails the pull instead of hanging.
-pub(crate) fn http_client(stall: Duration) -> Result<reqwest::Client, EngineError> {
-    reqwest::Client::builder()
+/// connecting and on each read, so a registry that stalls fails the pull instead of hanging;
+/// certificates checked by the platform's verifier against the system's roots and
+/// `extra_roots` (an operator's CA for private registries).
+pub(crate) fn http_client(
+    stall: Duration,
+    extra_roots: Vec<reqwest::Certificate>,
+) -> Result<reqwest::Client, EngineError> {
+    let mut builder = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(30).min(stall))
         .read_timeout(stall)
-        .user_agent(concat!("stevedore/", env!("CARGO_PKG_VERSION")))
+        .user_agent(concat!("stevedore/", env!("CARGO_PKG_VERSION")));
+    if !extra_roots.is_empty() {
+        builder = builder.tls_certs_merge(extra_roots);
+    }
+    builder
         .build()
-        .map_err(|error| EngineError::protocol(format!("no HTTP client: {error}")))
+        .map_err(|error| EngineError::protocol(format!("no HTTP client: {error:#}")))
+}
+
+/// The certificates of a PEM bundle (`extra_ca_file`), refused when it holds none.
+pub(crate) fn extra_roots(
+    path: &std::path::Path,
+) -> Result<Vec<reqwest::Certificate>, EngineError> {
+    let pem = std::fs::read(path).map_err(|error| EngineError::LocalIo {
+        path: path.display().to_string(),
+        message: error.to_string(),
+    })?;
+    let invalid = |why: String| EngineError::LocalIo {
+        path: path.display().to_string(),
+        message: format!("not a PEM bundle of CA certificates: {why}"),
+    };
+    let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|error| invalid(format!("{error:#}")))?;
+    if certificates.is_empty() {
+        return Err(invalid("it holds no certificate".to_owned()));
+    }
+    Ok(certificates)
 }
 
 /// `sha256:<hex>` of `bytes`.
 pub(crate) fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// rustls's error behind a failed request, when TLS is what failed. An `io::Error` hides the
+/// error it wraps from `source()`, so each one is opened.
+fn tls_error<'e>(error: &'e (dyn std::error::Error + 'static)) -> Option<&'e rustls::Error> {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if let Some(tls) = error.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        if let Some(wrapped) = error
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            && let Some(tls) = tls_error(wrapped)
+        {
+            return Some(tls);
+        }
+        current = error.source();
+    }
+    None
+}
+
+/// Whether an HTTPS request failed because what answered does not speak TLS (a plain HTTP
+/// server answers a handshake with text, or hangs up on it), rather than because of a
+/// certificate or a connection that could not be made.
+fn speaks_no_tls(error: &reqwest::Error) -> bool {
+    match tls_error(error) {
+        Some(tls) => matches!(tls, rustls::Error::InvalidMessage(_)),
+        None => {
+            let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+            while let Some(error) = current {
+                if error
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof)
+                {
+                    return true;
+                }
+                current = error.source();
+            }
+            false
+        }
+    }
+}
+
+/// A failed handshake in an operator's words.
+fn tls_reason(error: &rustls::Error, host: &str) -> String {
+    use rustls::CertificateError;
+    match error {
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
+            "its certificate is signed by an authority this machine does not trust (add the \
+             registry's CA to the system's roots or give it as the extra CA file)"
+                .to_owned()
+        }
+        rustls::Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        ) => format!("its certificate is for another name than {host} ({error})"),
+        rustls::Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ) => format!("its certificate has expired ({error})"),
+        rustls::Error::InvalidMessage(_) => format!(
+            "it does not speak TLS ({error}); list it among the insecure registries if it \
+             serves plain HTTP"
+        ),
+        other => other.to_string(),
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Whether `host` (with or without port) is this machine.
@@ -636,15 +754,23 @@ mod tests {
     }
 
     #[test]
-    fn registries_are_reached_over_http_only_where_allowed() -> Result<(), EngineError> {
-        let http = http_client(Duration::from_secs(5))?;
-        let refused = RegistrySession::new(&http, "registry.example/app:1", None, &|_| false);
-        assert!(matches!(refused, Err(EngineError::PullFailed { .. })));
+    fn registries_are_reached_over_https_and_plain_http_only_where_allowed()
+    -> Result<(), EngineError> {
+        let http = http_client(Duration::from_secs(5), Vec::new())?;
+        let plain_http_allowed = |session: &RegistrySession<'_>| *lock(&session.plain_http_allowed);
+        let secure = RegistrySession::new(&http, "registry.example/app:1", None, &|_| false)?;
+        assert_eq!(secure.base(), "https://registry.example");
+        assert!(!plain_http_allowed(&secure));
+        let hub = RegistrySession::new(&http, "busybox", None, &|_| false)?;
+        assert_eq!(hub.base(), "https://registry-1.docker.io");
+        assert!(!plain_http_allowed(&hub));
         let insecure = |host: &str| host == "registry.example";
         let session = RegistrySession::new(&http, "registry.example/app:1", None, &insecure)?;
-        assert_eq!(session.base, "http://registry.example");
+        assert_eq!(session.base(), "https://registry.example");
+        assert!(plain_http_allowed(&session));
         let local = RegistrySession::new(&http, "127.0.0.1:5000/app", None, &|_| false)?;
-        assert_eq!(local.base, "http://127.0.0.1:5000");
+        assert_eq!(local.base(), "https://127.0.0.1:5000");
+        assert!(plain_http_allowed(&local));
         assert_eq!(local.name().reference, "latest");
         Ok(())
     }
