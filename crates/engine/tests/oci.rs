@@ -773,3 +773,38 @@ async fn a_missing_command_is_told() -> TestResult {
     }
     Ok(())
 }
+
+/// A runtime whose state root was removed (its data directory went) has nothing of its own
+/// left to list, so the watchdog of a runner gone with its data directory ends.
+#[tokio::test]
+async fn a_removed_state_root_lists_no_containers() -> TestResult {
+    if runtime("runc").await.is_none() {
+        return Ok(());
+    }
+    let state_root = tempfile::tempdir()?;
+    let runtime = OciRuntime::new(
+        Arc::new(BusyboxImage {
+            layer: busybox_layer()?,
+        }),
+        None,
+        OciSettings {
+            state_root: state_root.path().join("oci"),
+            runtime: Some(PathBuf::from("runc")),
+        },
+    )
+    .await?;
+    drop(state_root);
+    assert!(
+        runtime
+            .list_labeled(RUNNER_LABEL, "anyone")
+            .await?
+            .is_empty()
+    );
+    assert!(
+        runtime
+            .list_labeled_containers(RUNNER_LABEL, None)
+            .await?
+            .is_empty()
+    );
+    Ok(())
+}

@@ -842,6 +842,9 @@ impl Inner {
     ) -> Result<Vec<ListedContainer>, EngineError> {
         let mut entries = match tokio::fs::read_dir(&self.containers).await {
             Ok(entries) => entries,
+            // The state root is gone (its data directory was removed): no bundle is left, so
+            // nothing of ours is, and a watchdog looking for a dead runner's containers ends.
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(error) => return Err(local_io(&self.containers, error)),
         };
         let mut listed = Vec::new();
