@@ -40,7 +40,7 @@ use crate::engine::{
 use crate::error::{EngineError, Subject};
 use crate::firewall;
 use crate::network::{EgressPolicy, NETWORK_LABEL, NetworkInfo, NetworkSpec};
-use crate::pull::{PullCoalescer, normalize_reference};
+use crate::pull::{PullCoalescer, normalize_reference, pull_key};
 use crate::spec::{ContainerId, ContainerSpec};
 use crate::usage_group::UsageGroups;
 
@@ -1222,14 +1222,6 @@ fn build_options(
 /// The user name of the credential that [`DockerEngine::check_registry_access`] sends to learn
 /// whether a registry demands credentials; it never names a real account.
 const PLACEHOLDER_USERNAME: &str = "stevedore-no-credentials";
-
-/// Pulls are shared only between callers with the same credentials.
-fn pull_key(reference: &str, auth: Option<&RegistryAuth>) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    auth.hash(&mut hasher);
-    format!("{reference}#{:016x}", hasher.finish())
-}
 
 fn credentials_of(auth: RegistryAuth) -> DockerCredentials {
     DockerCredentials {

@@ -17,7 +17,7 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use tokio::sync::broadcast;
 
-use crate::engine::{PullProgress, PullProgressSender};
+use crate::engine::{PullProgress, PullProgressSender, RegistryAuth};
 use crate::error::EngineError;
 
 /// Progress events kept for a slow joined caller before it starts missing some.
@@ -50,6 +50,15 @@ struct Waiting {
     inflight: Arc<Mutex<HashMap<String, InFlight>>>,
     key: String,
     generation: u64,
+}
+
+/// The key a pull is shared under: the reference and a hash of the credentials (never the
+/// credentials themselves), so pulls are shared only between callers with the same ones.
+pub(crate) fn pull_key(reference: &str, auth: Option<&RegistryAuth>) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    auth.hash(&mut hasher);
+    format!("{reference}#{:016x}", hasher.finish())
 }
 
 /// Adds `:latest` to a reference without tag or digest: the engine would otherwise pull every

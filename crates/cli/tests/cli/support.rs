@@ -285,8 +285,14 @@ pub fn containers_labelled(label: &str) -> Vec<String> {
     if test_engine().as_deref() == Some("oci") {
         return oci_containers_labelled(label);
     }
+    docker_ps(&["-a", "--filter", &format!("label={label}")])
+}
+
+/// The ids `docker ps -q` lists with `args`.
+fn docker_ps(args: &[&str]) -> Vec<String> {
     let output = Command::new("docker")
-        .args(["ps", "-aq", "--filter", &format!("label={label}")])
+        .args(["ps", "-q"])
+        .args(args)
         .output()
         .expect("docker ps");
     String::from_utf8_lossy(&output.stdout)
@@ -309,21 +315,12 @@ pub fn running_containers_labelled(label: &str) -> Vec<String> {
             .map(|bundle| bundle.file_name().unwrap().to_string_lossy().into_owned())
             .collect();
     }
-    let output = Command::new("docker")
-        .args([
-            "ps",
-            "-q",
-            "--filter",
-            &format!("label={label}"),
-            "--filter",
-            "status=running",
-        ])
-        .output()
-        .expect("docker ps");
-    String::from_utf8_lossy(&output.stdout)
-        .split_whitespace()
-        .map(str::to_owned)
-        .collect()
+    docker_ps(&[
+        "--filter",
+        &format!("label={label}"),
+        "--filter",
+        "status=running",
+    ])
 }
 
 fn oci_containers_labelled(label: &str) -> Vec<String> {

@@ -72,7 +72,7 @@ use crate::engine::{
 };
 use crate::error::{EngineError, Subject};
 use crate::oci::{UnpackedImage, UnpackedImages};
-use crate::pull::{PullCoalescer, normalize_reference};
+use crate::pull::{PullCoalescer, normalize_reference, pull_key};
 
 /// Layers of one image fetched from a registry at once.
 const PARALLEL_LAYER_DOWNLOADS: usize = 3;
@@ -963,12 +963,4 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|error| EngineError::protocol(format!("the image store's work failed: {error}")))
-}
-
-/// Pulls are shared only between callers with the same credentials.
-fn pull_key(reference: &str, auth: Option<&RegistryAuth>) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    auth.hash(&mut hasher);
-    format!("{reference}#{:016x}", hasher.finish())
 }
