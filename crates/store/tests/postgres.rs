@@ -83,6 +83,78 @@ async fn two_servers_share_leases_and_tokens() {
     two.close().await;
 }
 
+/// Servers racing for a project's last running slots: leases count their project's free slots
+/// without waiting and confirm under its lock after writing, so those that went past the
+/// quota are rolled back and done again under the lock. Round after round, the project never
+/// runs more than its quota, and it fills up to it.
+#[tokio::test]
+async fn servers_racing_for_the_last_running_slots_never_pass_the_quota() {
+    let Some(database) = fresh_database().await else {
+        return;
+    };
+    let mut servers = Vec::new();
+    for _ in 0..4 {
+        servers.push(connect(&database).await);
+    }
+    let project = servers[0].create_project("acme", at(0)).await.unwrap();
+    servers[0]
+        .push_code(&project.id, &image_spec("hello"), None, at(0))
+        .await
+        .unwrap();
+    servers[0]
+        .set_project_quota(
+            &project.id,
+            stevedore_model::Quota::RunningTasks,
+            Some(7),
+            at(0),
+        )
+        .await
+        .unwrap();
+    servers[1]
+        .enqueue(&project.id, &vec![new_task("hello"); 200], at(1))
+        .await
+        .unwrap();
+    let mut running: Vec<stevedore_store::LeasedTask> = Vec::new();
+    for round in 0..12 {
+        let leases = servers.iter().enumerate().map(|(index, server)| {
+            let request = lease_request(&format!("runner-{index}"), 3);
+            async move { server.lease(&request, at(2 + round)).await }
+        });
+        for leased in futures::future::join_all(leases).await {
+            running.extend(leased.unwrap());
+        }
+        assert!(
+            running.len() <= 7,
+            "round {round}: {} running under a quota of 7",
+            running.len()
+        );
+        // Everything leased can be leased again: one more lease fills the project up.
+        running.extend(
+            servers[round as usize % 4]
+                .lease(&lease_request("runner-last", 7), at(2 + round))
+                .await
+                .unwrap(),
+        );
+        assert_eq!(running.len(), 7, "round {round}: the quota fills up");
+        // Some finish, freeing slots for the next round's race.
+        for done in running.drain(..4) {
+            servers[1]
+                .complete(
+                    &done.task.id,
+                    done.lease.token,
+                    &stevedore_model::TaskOutcome::Cancelled,
+                    &stevedore_store::RunReport::default(),
+                    at(2 + round),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    for server in servers {
+        server.close().await;
+    }
+}
+
 #[tokio::test]
 async fn a_task_queued_by_one_server_wakes_the_other() {
     let Some(database) = fresh_database().await else {

@@ -84,13 +84,15 @@ const _: () = assert!(
 
 /// Lease candidates of priority `$7`: up to `$5` runnable due tasks of each project of `$8`,
 /// each project's walked by due time through `tasks_queued_by_project`, in the order of `$8`,
-/// locked for this transaction. (PostgreSQL plans this and `PROJECTS_WITH_DUE_WORK` per call
-/// from the bound values: a generic plan is estimated far costlier, so it is never chosen. On
-/// a table never analyzed, as right after a first bulk enqueue, the planner may walk a
-/// project's tasks through another index until autovacuum has analyzed it.) `SKIP LOCKED` passes over tasks another server is leasing
-/// right now instead of waiting for it; a row that another transaction changed and committed
-/// after this statement's snapshot is checked again against the `WHERE` clause before it is
-/// returned, so a task leased elsewhere in the meantime is not returned. `$3` lists codes that
+/// locked for this transaction. (The lease plans this and `PROJECTS_WITH_DUE_WORK` once per
+/// connection, generically: planned per call from the bound values, which PostgreSQL would
+/// otherwise do for these, planning took longer than the statements ran. The generic plans
+/// walk `tasks_queued_by_project` as the custom ones did, checked on a table of 700,000
+/// tasks with one project holding most of the backlog.) `SKIP LOCKED` passes over tasks
+/// another server is leasing right now instead of waiting for it; a row that another
+/// transaction changed and committed after this statement's snapshot is checked again against
+/// the `WHERE` clause before it is returned, so a task leased elsewhere in the meantime is not
+/// returned. `$3` lists codes that
 /// are full, `$4` tasks already picked in this call, `$6` is the request's owner.
 const LEASE_CANDIDATES: &str = concat!(
     "SELECT x.* FROM unnest($8::text[]) WITH ORDINALITY AS w (project_id, position) \
@@ -114,12 +116,39 @@ pub(super) async fn lease(
         return Ok(Vec::new());
     }
     let now = normalize(now);
+    // Projects' free slots estimated first, confirmed under their locks after the writes; a
+    // lease that went past a project's quota is rolled back and done again counting under
+    // the locks from the start (`ProjectCounts`).
     let mut tx = store.pool.begin().await?;
-    let leased = lease_due_tasks(&mut tx, store, request, now).await;
-    let (leased, records) = finish(tx, leased).await?;
+    let leased = lease_due_tasks(&mut tx, store, request, ProjectCounts::Estimated, now).await;
+    let (leased, records) = match finish_lease(tx, leased).await? {
+        Some(leased) => leased,
+        None => {
+            let mut tx = store.pool.begin().await?;
+            let leased = lease_due_tasks(&mut tx, store, request, ProjectCounts::Locked, now)
+                .await
+                .map(Option::unwrap_or_default);
+            finish(tx, leased).await?
+        }
+    };
     // Committed: the runner's writes about these tasks may start from these copies.
     store.leased_writes.leased(records);
     Ok(leased)
+}
+
+/// Commits a lease, or rolls it back: on an error, and when it went past a project's quota
+/// (`None`).
+async fn finish_lease(
+    tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    leased: Result<Option<(Vec<LeasedTask>, Vec<TaskRecord>)>>,
+) -> Result<Option<(Vec<LeasedTask>, Vec<TaskRecord>)>> {
+    match leased {
+        Ok(None) => {
+            tx.rollback().await?;
+            Ok(None)
+        }
+        leased => finish(tx, leased).await,
+    }
 }
 
 pub(super) async fn heartbeat(
@@ -287,20 +316,46 @@ async fn rescue(
     finish(tx, result).await
 }
 
+/// How a lease counts the free slots of the projects it serves under their `running_tasks`
+/// quotas.
+///
+/// Counted under a per-project advisory lock held to the commit, leases of one project
+/// serialize for as long as each writes its leases: most of a lease. So a lease first only
+/// estimates (counts what committed, without the lock), writes, and then takes the locks of
+/// the projects it served and counts again: every lease of a project commits under the lock
+/// after a count that saw its own leases and every lease committed before, so none commits
+/// past the quota, and the lock is held for one count. A lease that the second count finds
+/// past a quota (another lease took the last slots meanwhile) is rolled back and done again
+/// `Locked`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProjectCounts {
+    Estimated,
+    Locked,
+}
+
 /// The lease transaction's body; the caller holds the transaction and commits it.
 ///
 /// Hands out due queued tasks priority by priority (highest first) and, within a priority,
 /// in turns between the projects with due work (`record::FairShare`); candidates come locked
 /// (`LEASE_CANDIDATES`). `max_concurrency` is decided under a per-code advisory lock
-/// (`free_slots`). Each task gets a random token (`TaskRecord::grant_leases`); each project
-/// served gets a new turn (`write_leases`). Returns the leased tasks and their records as
-/// written.
+/// (`free_slots`), the `running_tasks` quota as `counts` says (`ProjectCounts`). Each task
+/// gets a random token (`TaskRecord::grant_leases`); each project served gets a new turn
+/// (`confirm_leases`). Returns the leased tasks and their records as written, or `None` when
+/// the lease went past a project's quota and must be rolled back.
 async fn lease_due_tasks(
     conn: &mut PgConnection,
     store: &PgStore,
     request: &LeaseRequest,
+    counts: ProjectCounts,
     now: Timestamp,
-) -> Result<(Vec<LeasedTask>, Vec<TaskRecord>)> {
+) -> Result<Option<(Vec<LeasedTask>, Vec<TaskRecord>)>> {
+    // The lease's statements are planned once per connection, not per call: planning them
+    // from the bound values took longer than running them. Generic plans walk the same
+    // indexes (the statuses counted are bound, not written out, so that the counts take
+    // `tasks_by_project_status` rather than scan every active task of every project).
+    sqlx::raw_sql("SET LOCAL plan_cache_mode = force_generic_plan")
+        .execute(&mut *conn)
+        .await?;
     let max_tasks = usize::try_from(request.max_tasks).unwrap_or(usize::MAX);
     let owner = request.owner.as_deref();
     let projects = projects_with_due_work(conn, &request.clusters, owner, now).await?;
@@ -344,19 +399,15 @@ async fn lease_due_tasks(
                 while let Some(what) = slots.uncounted(&record, limit) {
                     let free = match what {
                         FreeSlots::OfProject => {
-                            free_project_slots(
-                                conn,
-                                &store.quota_defaults,
-                                &record.task.project_id,
-                                !holds_lock,
-                            )
-                            .await?
+                            let project_id = &record.task.project_id;
+                            project_slots(conn, store, project_id, counts, &mut holds_lock).await?
                         }
                         FreeSlots::OfCode { limit } => {
-                            free_slots(conn, &record.task.code_id, limit).await?
+                            let free = free_slots(conn, &record.task.code_id, limit).await?;
+                            holds_lock |= free.is_some();
+                            free
                         }
                     };
-                    holds_lock |= free.is_some();
                     let free = free.unwrap_or(0);
                     slots.counted(&record, what, free);
                 }
@@ -369,11 +420,21 @@ async fn lease_due_tasks(
         }
     }
     if picked.is_empty() {
-        return Ok((Vec::new(), Vec::new()));
+        return Ok(Some((Vec::new(), Vec::new())));
     }
     let expires_at = now + Duration::seconds(i64::from(request.lease_secs));
     TaskRecord::grant_leases(&mut picked, &request.runner_id, expires_at, now)?;
-    write_leases(conn, &picked, &served_turns(&picked), expires_at, now).await?;
+    write_leases(conn, &picked, expires_at, now).await?;
+    let within = confirm_leases(
+        conn,
+        &store.quota_defaults,
+        &served_turns(&picked),
+        counts == ProjectCounts::Estimated,
+    )
+    .await?;
+    if !within {
+        return Ok(None);
+    }
 
     let mut leased = Vec::with_capacity(picked.len());
     let mut records = Vec::with_capacity(picked.len());
@@ -398,7 +459,7 @@ async fn lease_due_tasks(
             registry_credential: None,
         });
     }
-    Ok((leased, records))
+    Ok(Some((leased, records)))
 }
 
 /// The projects with runnable due tasks at each priority, for `FairShare`.
@@ -428,15 +489,8 @@ async fn projects_with_due_work(
         .collect()
 }
 
-/// Writes a batch of fresh leases, and the turns of the projects they served, in one
-/// statement: the fields `TaskRecord::grant_lease` changes. Every record was queued and locked
-/// by this transaction, so every row must match.
-///
-/// The projects served (`served`, in order) get turns later than every turn before. No
-/// leaser waits for another on a project's turn row: every project a lease serves was counted
-/// under its advisory lock (`free_project_slots`), held to the end of the transaction, so no
-/// other lease is writing its row meanwhile. (A project's first row may wait for another
-/// server inserting the same row at that moment, once in the project's life.)
+/// Writes a batch of fresh leases in one statement: the fields `TaskRecord::grant_lease`
+/// changes. Every record was queued and locked by this transaction, so every row must match.
 ///
 /// The rows are also named by `id = ANY(…)`: joined with `unnest` alone, the planner reckons
 /// a hash join over a scan of the whole table cheaper than an index probe per task, and on a
@@ -445,7 +499,6 @@ async fn projects_with_due_work(
 async fn write_leases(
     conn: &mut PgConnection,
     leased: &[TaskRecord],
-    served: &[&str],
     expires_at: Timestamp,
     now: Timestamp,
 ) -> Result<()> {
@@ -467,12 +520,7 @@ async fn write_leases(
         .collect();
     let tokens: Vec<Option<i64>> = leased.iter().map(|record| record.lease_token).collect();
     let written = sqlx::query(
-        "WITH turns AS (INSERT INTO project_lease_turns (project_id, turn) \
-         SELECT s.project_id, m.turn + s.position \
-         FROM unnest($8::text[]) WITH ORDINALITY AS s (project_id, position), \
-         (SELECT COALESCE(max(turn), 0) AS turn FROM project_lease_turns) AS m \
-         ON CONFLICT (project_id) DO UPDATE SET turn = excluded.turn) \
-         UPDATE tasks SET status = $1, updated_at = $2, runner_id = $3, lease_expires_at = $4, \
+        "UPDATE tasks SET status = $1, updated_at = $2, runner_id = $3, lease_expires_at = $4, \
          lease_token = picked.token, version = tasks.version + 1 \
          FROM unnest($5::text[], $6::bigint[]) AS picked (id, token) \
          WHERE tasks.id = ANY($5) AND tasks.id = picked.id AND tasks.status = $7 \
@@ -485,7 +533,6 @@ async fn write_leases(
     .bind(&ids)
     .bind(&tokens)
     .bind(TaskStatus::Queued.as_str())
-    .bind(served)
     .execute(&mut *conn)
     .await?;
     if written.rows_affected() != leased.len() as u64 {
@@ -494,6 +541,56 @@ async fn write_leases(
         ));
     }
     Ok(())
+}
+
+/// After the leases are written: takes the advisory locks of the projects served (`served`,
+/// in turn order), gives each a turn later than every turn before, and with `check` counts
+/// each project's active tasks again, this lease's included. `false` when a project is past
+/// its `running_tasks` quota (its own limit, else `defaults`): the lease must be rolled back.
+///
+/// The locks are waited for in the order of their keys, so two leases never wait for each
+/// other in a circle; a lease counting under the locks (`ProjectCounts::Locked`) holds them
+/// already. The count is a statement after the one that took the locks, so that it sees every
+/// lease committed under them before. A project's turn row is written only under its lock, so
+/// no lease waits for another on it (a project's first row may wait for another server
+/// inserting the same row at that moment, once in the project's life).
+async fn confirm_leases(
+    conn: &mut PgConnection,
+    defaults: &QuotaLimits,
+    served: &[&str],
+    check: bool,
+) -> Result<bool> {
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock($1, k.key) FROM (SELECT DISTINCT hashtext(p) AS key \
+         FROM unnest($2::text[]) AS p ORDER BY key) AS k",
+    )
+    .bind(PROJECT_LOCK_CLASS)
+    .bind(served)
+    .execute(&mut *conn)
+    .await?;
+    let counted: Vec<(Option<i64>, Option<i64>)> = sqlx::query_as(
+        "WITH turns AS (INSERT INTO project_lease_turns (project_id, turn) \
+         SELECT s.project_id, m.turn + s.position \
+         FROM unnest($1::text[]) WITH ORDINALITY AS s (project_id, position), \
+         (SELECT COALESCE(max(turn), 0) AS turn FROM project_lease_turns) AS m \
+         ON CONFLICT (project_id) DO UPDATE SET turn = excluded.turn) \
+         SELECT CASE WHEN $2 THEN (SELECT count(*) FROM tasks AS t \
+         WHERE t.project_id = s.project_id AND t.status IN ($4, $5)) END, \
+         (SELECT q.\"limit\" FROM project_quotas AS q \
+         WHERE q.project_id = s.project_id AND q.quota = $3) \
+         FROM unnest($1::text[]) AS s (project_id)",
+    )
+    .bind(served)
+    .bind(check)
+    .bind(Quota::RunningTasks.as_str())
+    .bind(TaskStatus::Preparing.as_str())
+    .bind(TaskStatus::Running.as_str())
+    .fetch_all(&mut *conn)
+    .await?;
+    let limit = |own: Option<i64>| own.unwrap_or_else(|| signed(defaults.running_tasks));
+    Ok(counted
+        .into_iter()
+        .all(|(active, own)| active.is_none_or(|active| active <= limit(own))))
 }
 
 /// How many of a code's `limit` slots are free for this lease call.
@@ -528,40 +625,65 @@ async fn free_slots(conn: &mut PgConnection, code_id: &str, limit: i64) -> Resul
     Ok(Some(limit - active))
 }
 
-/// How many more tasks of the project may start under its `running_tasks` quota (its own
-/// limit, else `defaults`); `None` when the lock was not had. Under a per-project advisory
-/// lock held to the end of the transaction, as for `free_slots`: two lease calls never count
-/// the same free slot twice.
+/// Takes the project's advisory lock, held to the end of the transaction: with `wait` (the
+/// call holds no advisory lock yet) waited for, else only tried. `false` when the lock was
+/// not had.
 ///
-/// With `wait` (the call holds no advisory lock yet) the lock is waited for: runners of one
-/// project leasing at the same moment then take turns, instead of all but one hearing there is
-/// nothing to run while the project's backlog waits. That wait cannot close a circle: the
-/// holder waits for no advisory lock (it only tries any after its first), and for no row this
-/// call holds (lease candidates are taken `SKIP LOCKED`). A later lock of the same call is only
-/// tried, and a project another call is leasing right now counts as full for it.
-async fn free_project_slots(
-    conn: &mut PgConnection,
-    defaults: &QuotaLimits,
-    project_id: &str,
-    wait: bool,
-) -> Result<Option<i64>> {
-    let locked: bool = if wait {
+/// Waiting, runners of one project leasing at the same moment take turns, instead of all but
+/// one hearing there is nothing to run while the project's backlog waits. That wait cannot
+/// close a circle: the holder waits for no advisory lock (it only tries any after its first,
+/// and `confirm_leases` waits only for locks of projects it counted under them, which it holds),
+/// and for no row this call holds (lease candidates are taken `SKIP LOCKED`). A later lock of
+/// the same call is only tried, and a project another call is leasing right now counts as full
+/// for it.
+async fn lock_project(conn: &mut PgConnection, project_id: &str, wait: bool) -> Result<bool> {
+    if wait {
         sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
             .bind(PROJECT_LOCK_CLASS)
             .bind(project_id)
             .execute(&mut *conn)
             .await?;
-        true
-    } else {
+        return Ok(true);
+    }
+    Ok(
         sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, hashtext($2))")
             .bind(PROJECT_LOCK_CLASS)
             .bind(project_id)
             .fetch_one(&mut *conn)
-            .await?
-    };
-    if !locked {
-        return Ok(None);
+            .await?,
+    )
+}
+
+/// The free slots of a project for this lease, counted as `counts` says; with
+/// `ProjectCounts::Locked`, `None` when the project's lock was not had (`lock_project`, which
+/// waits unless the call `holds_lock` already).
+async fn project_slots(
+    conn: &mut PgConnection,
+    store: &PgStore,
+    project_id: &str,
+    counts: ProjectCounts,
+    holds_lock: &mut bool,
+) -> Result<Option<i64>> {
+    if counts == ProjectCounts::Locked {
+        let locked = lock_project(conn, project_id, !*holds_lock).await?;
+        *holds_lock |= locked;
+        if !locked {
+            return Ok(None);
+        }
     }
+    Ok(Some(
+        count_project_slots(conn, &store.quota_defaults, project_id).await?,
+    ))
+}
+
+/// How many more tasks of the project may start under its `running_tasks` quota (its own
+/// limit, else `defaults`), as committed when the statement began: exact under the project's
+/// lock, an estimate without it (`ProjectCounts`).
+async fn count_project_slots(
+    conn: &mut PgConnection,
+    defaults: &QuotaLimits,
+    project_id: &str,
+) -> Result<i64> {
     let (active, own): (i64, Option<i64>) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM tasks WHERE project_id = $1 AND status IN ($2, $3)), \
          (SELECT \"limit\" FROM project_quotas WHERE project_id = $1 AND quota = $4)",
@@ -573,5 +695,5 @@ async fn free_project_slots(
     .fetch_one(&mut *conn)
     .await?;
     let limit = own.unwrap_or_else(|| signed(defaults.running_tasks));
-    Ok(Some(limit - active))
+    Ok(limit - active)
 }

@@ -473,7 +473,7 @@ pub(super) async fn attempts(
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .execute(&mut *tx)
         .await?;
-    load(&mut tx, project_id, task_id).await?;
+    let record = load(&mut tx, project_id, task_id).await?;
     let rows: Vec<crate::rows::AttemptRow> = sqlx::query_as(
         "SELECT attempt, runner_id, leased_at, started_at, ended_at, ending, exit_code, reason \
          FROM task_attempts WHERE task_id = $1 ORDER BY attempt",
@@ -482,5 +482,16 @@ pub(super) async fn attempts(
     .fetch_all(&mut *tx)
     .await?;
     tx.rollback().await?;
-    rows.into_iter().map(crate::rows::attempt).collect()
+    let mut attempts = rows
+        .into_iter()
+        .map(crate::rows::attempt)
+        .collect::<Result<Vec<_>>>()?;
+    // The open attempt's start is the task's own until the attempt ends (`0014`).
+    if let Some(open) = attempts.last_mut()
+        && open.ended_at.is_none()
+        && open.started_at.is_none()
+    {
+        open.started_at = record.task.start_time;
+    }
+    Ok(attempts)
 }

@@ -943,7 +943,11 @@ pub async fn every_attempt_is_recorded_with_how_it_ended(store: &dyn Store) -> R
 
     let attempts = store.task_attempts(&acme.id, &id).await?;
     assert_eq!(attempts.len(), 2, "{attempts:?}");
-    assert_eq!(attempts[0].ended_at, Some(at(100)));
+    assert_eq!(
+        (attempts[0].started_at, attempts[0].ended_at),
+        (Some(at(2)), Some(at(100))),
+        "an ended attempt keeps its start"
+    );
     assert_eq!(attempts[0].ending.as_deref(), Some("requeued"));
     assert!(
         attempts[0]
