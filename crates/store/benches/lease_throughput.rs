@@ -8,7 +8,9 @@
 //!
 //! * `lease+complete`: the least a task costs, two store calls (`complete` with a setup
 //!   failure, which is valid straight from `preparing`);
-//! * `lease+running+complete`: what the runner really does for a task that ran, three calls.
+//! * `lease+running+complete`: what the runner really does for a task that ran, three calls;
+//! * `lease+running+log+complete`: the same for a task that printed a line, whose runner ships
+//!   it before the completion (four calls).
 //!
 //! Each pattern runs twice: one task at a time per loop (every call waits for the one before),
 //! and with each leased task on a task of its own, as a runner's slots run them, so that a
@@ -36,11 +38,12 @@ type BenchResult<T = ()> = Result<T, Box<dyn Error + Send + Sync>>;
 const ENQUEUE_BATCH: usize = 100;
 const LEASE_BATCH: u32 = 32;
 
-/// Which store calls a runner loop makes per task.
+/// Which store calls a runner loop makes per task, after the lease that handed it out.
 #[derive(Debug, Clone, Copy)]
 enum Calls {
-    LeaseComplete,
-    LeaseRunningComplete,
+    Complete,
+    RunningComplete,
+    RunningLogComplete,
 }
 
 /// How a runner loop goes through the tasks of a lease.
@@ -67,16 +70,17 @@ fn main() -> BenchResult {
              tasks/s"
         );
         println!(
-            "{:<52} {:>16} {:>16}",
+            "{:<56} {:>16} {:>16}",
             "", "SQLite (normal)", "PostgreSQL"
         );
         let patterns = [
-            (1, Calls::LeaseComplete, Slots::OneAtATime),
-            (4, Calls::LeaseComplete, Slots::OneAtATime),
-            (1, Calls::LeaseRunningComplete, Slots::OneAtATime),
-            (4, Calls::LeaseRunningComplete, Slots::OneAtATime),
-            (4, Calls::LeaseComplete, Slots::Concurrent),
-            (4, Calls::LeaseRunningComplete, Slots::Concurrent),
+            (1, Calls::Complete, Slots::OneAtATime),
+            (4, Calls::Complete, Slots::OneAtATime),
+            (1, Calls::RunningComplete, Slots::OneAtATime),
+            (4, Calls::RunningComplete, Slots::OneAtATime),
+            (4, Calls::Complete, Slots::Concurrent),
+            (4, Calls::RunningComplete, Slots::Concurrent),
+            (4, Calls::RunningLogComplete, Slots::Concurrent),
         ];
         let mut enqueue = (0.0, None);
         for (runners, calls, slots) in patterns {
@@ -94,14 +98,14 @@ fn main() -> BenchResult {
             };
             enqueue = (sqlite.0, postgres.map(|(enqueue, _)| enqueue));
             println!(
-                "{:<52} {:>16.0} {:>16}",
+                "{:<56} {:>16.0} {:>16}",
                 format!("{runners} runner loop(s), {}, {}", calls.name(), slots.name()),
                 sqlite.1,
                 shown(postgres.map(|(_, run)| run)),
             );
         }
         println!(
-            "{:<52} {:>16.0} {:>16}",
+            "{:<56} {:>16.0} {:>16}",
             "enqueue",
             enqueue.0,
             shown(enqueue.1)
@@ -110,7 +114,7 @@ fn main() -> BenchResult {
             &open_sqlite(SyncMode::Full).await?,
             10_000,
             1,
-            Calls::LeaseComplete,
+            Calls::Complete,
             Slots::OneAtATime,
         )
         .await?;
@@ -162,8 +166,9 @@ async fn open_postgres() -> BenchResult<Option<Opened>> {
 impl Calls {
     fn name(self) -> &'static str {
         match self {
-            Calls::LeaseComplete => "lease+complete",
-            Calls::LeaseRunningComplete => "lease+running+complete",
+            Calls::Complete => "lease+complete",
+            Calls::RunningComplete => "lease+running+complete",
+            Calls::RunningLogComplete => "lease+running+log+complete",
         }
     }
 }
@@ -255,12 +260,20 @@ async fn run_tasks(
 /// The store calls for one leased task after its lease.
 async fn run_task(store: &dyn Store, id: &str, token: i64, calls: Calls) -> BenchResult {
     let outcome = match calls {
-        Calls::LeaseComplete => TaskOutcome::SetupFailed {
+        Calls::Complete => TaskOutcome::SetupFailed {
             message: "image not found".to_owned(),
         },
-        Calls::LeaseRunningComplete => {
+        Calls::RunningComplete => {
             let now = Utc::now();
             store.mark_running(id, token, now, now).await?;
+            TaskOutcome::Exited { exit_code: 0 }
+        }
+        Calls::RunningLogComplete => {
+            let now = Utc::now();
+            store.mark_running(id, token, now, now).await?;
+            store
+                .append_log(id, token, b"hello from a task\n", 1 << 20, Utc::now())
+                .await?;
             TaskOutcome::Exited { exit_code: 0 }
         }
     };

@@ -1,7 +1,7 @@
-//! The runner's writes about leased tasks, batched: heartbeats, starts, progress, completions
-//! and requeues that arrive while earlier ones are being written share one transaction, so a
-//! busy server pays one `BEGIN`, one locking read, one `UPDATE` (and its statement-level
-//! count trigger) and one `COMMIT` for many tasks instead of for each.
+//! The runner's writes about leased tasks, batched: heartbeats, starts, progress, log appends,
+//! completions and requeues that arrive while earlier ones are being written share one
+//! transaction, so a busy server pays one `BEGIN`, one locking read, one `UPDATE` (and its
+//! statement-level count trigger) and one `COMMIT` for many tasks instead of for each.
 //!
 //! ```text
 //! caller ──LeasedWrite──▶ channel ──▶ dispatcher: once a batch slot is free, what waits
@@ -41,7 +41,7 @@ use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use super::rows::{self, task_columns};
 use super::{PgStore, finish, tasks};
 use crate::convert::{micros, opt_micros, opt_signed, signed};
-use crate::record::TaskRecord;
+use crate::record::{LogAppendPlan, TaskRecord, plan_log_append};
 use crate::{Requeue, Result, RunReport, StoreError};
 
 /// The most writes one batch holds, so that one transaction's locks and statements stay short.
@@ -83,6 +83,20 @@ pub(super) enum LeasedChange {
     },
     /// Give the task back (`TaskRecord::requeue`).
     Requeue(Requeue),
+    /// Append to the task's log, which may hold at most `cap` bytes (`plan_log_append`).
+    AppendLog { bytes: Vec<u8>, cap: u64 },
+}
+
+/// What applying a change to a task's record left to write beside its row.
+#[derive(Debug, Default)]
+struct Applied {
+    /// A heartbeat's answer.
+    heartbeat: Option<HeartbeatReply>,
+    /// A log append's plan: the chunks to insert (and the log to cut back first).
+    log: Option<LogAppendPlan>,
+    /// The change changed nothing (an append to a log already at its cap): the row is not
+    /// written.
+    unchanged: bool,
 }
 
 /// A change written: the task as it is now, and the heartbeat's answer for a heartbeat.
@@ -124,16 +138,14 @@ struct LeasedWrite {
 
 impl LeasedChange {
     /// Checks the token against the loaded task and applies the change to it.
-    fn apply(
-        &self,
-        record: &mut TaskRecord,
-        token: i64,
-        now: Timestamp,
-    ) -> Result<Option<HeartbeatReply>> {
+    fn apply(&self, record: &mut TaskRecord, token: i64, now: Timestamp) -> Result<Applied> {
         record.check_lease(token)?;
         match self {
             LeasedChange::Heartbeat { lease_secs } => {
-                return Ok(Some(record.extend_lease(*lease_secs, now)));
+                return Ok(Applied {
+                    heartbeat: Some(record.extend_lease(*lease_secs, now)),
+                    ..Applied::default()
+                });
             }
             LeasedChange::Start { start_time } => record.start(*start_time, now)?,
             LeasedChange::Progress { percent, msg } => {
@@ -141,13 +153,29 @@ impl LeasedChange {
             }
             LeasedChange::Complete { outcome, report } => record.finish(outcome, report, now)?,
             LeasedChange::Requeue(requeue) => record.requeue(requeue, now)?,
+            LeasedChange::AppendLog { bytes, cap } => {
+                let plan = plan_log_append(record.task.log_size, record.log_truncated, bytes, *cap);
+                let Some(plan) = plan else {
+                    return Ok(Applied {
+                        unchanged: true,
+                        ..Applied::default()
+                    });
+                };
+                record.apply_log_plan(&plan, now);
+                return Ok(Applied {
+                    log: Some(plan),
+                    ..Applied::default()
+                });
+            }
         }
-        Ok(None)
+        Ok(Applied::default())
     }
 
     /// Whether this change may be written from the store's copy of the task
-    /// (`WrittenTasks`): one that neither queues a user retry nor gives the task back, so that
-    /// it is one guarded `UPDATE` of its own row and nothing else.
+    /// (`WrittenTasks`): one that neither queues a user retry nor gives the task back nor cuts
+    /// a log back, so that it is one guarded `UPDATE` of its own row (and, for a log append,
+    /// the insert of its bytes in the same statement). An append that would change nothing
+    /// goes the locked way too: the row itself confirms the lease before it is answered.
     fn is_plain(&self, record: &TaskRecord) -> bool {
         match self {
             LeasedChange::Heartbeat { .. }
@@ -155,6 +183,12 @@ impl LeasedChange {
             | LeasedChange::Progress { .. } => true,
             LeasedChange::Complete { outcome, .. } => !record.may_retry(outcome),
             LeasedChange::Requeue(_) => false,
+            LeasedChange::AppendLog { bytes, cap } => {
+                let len = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
+                !record.log_truncated
+                    && !bytes.is_empty()
+                    && record.task.log_size.saturating_add(len) <= *cap
+            }
         }
     }
 
@@ -339,6 +373,10 @@ fn lock(in_flight: &Mutex<HashSet<String>>) -> std::sync::MutexGuard<'_, HashSet
 /// A write's result before it is answered: the task as written, and a heartbeat's reply.
 type Written = Result<(TaskRecord, Option<HeartbeatReply>)>;
 
+/// A chunk of a task's log to insert with its row's write: the task, the chunk's offset, its
+/// bytes.
+type LogChunk<'a> = (&'a str, i64, &'a [u8]);
+
 /// Writes one batch: the writes the store's copies serve in one guarded statement, the others
 /// (and those whose copy turned out stale) in one locked transaction, done again write by
 /// write if that fails. An answer per write; the tasks written are remembered for the next.
@@ -402,6 +440,7 @@ async fn write_from_copies(
 ) -> Vec<Option<Written>> {
     let mut results: Vec<Option<Written>> = batch.iter().map(|_| None).collect();
     let mut applied: Vec<(usize, TaskRecord, Option<HeartbeatReply>)> = Vec::new();
+    let mut logs: Vec<(String, LogAppendPlan)> = Vec::new();
     {
         let mut copies = written.lock();
         for (index, write) in batch.iter().enumerate() {
@@ -411,18 +450,20 @@ async fn write_from_copies(
             if !write.change.is_plain(&record) {
                 continue;
             }
-            if let Ok(heartbeat) = write.change.apply(&mut record, write.token, write.now) {
-                applied.push((index, record, heartbeat));
+            if let Ok(done) = write.change.apply(&mut record, write.token, write.now) {
+                if let Some(plan) = done.log {
+                    logs.push((record.task.id.clone(), plan));
+                }
+                applied.push((index, record, done.heartbeat));
             }
         }
     }
     if applied.is_empty() {
         return results;
     }
-    let mut records: Vec<&mut TaskRecord> =
-        applied.iter_mut().map(|(_, record, _)| record).collect();
+    let records: Vec<&TaskRecord> = applied.iter().map(|(_, record, _)| record).collect();
     let matched = match pool.acquire().await {
-        Ok(mut conn) => update_rows(&mut conn, &mut records).await,
+        Ok(mut conn) => update_rows(&mut conn, &records, &log_chunks(&logs)).await,
         Err(error) => Err(error.into()),
     };
     let matched = match matched {
@@ -439,6 +480,17 @@ async fn write_from_copies(
         }
     }
     results
+}
+
+/// The chunks of the log appends' plans, each with its task.
+fn log_chunks(logs: &[(String, LogAppendPlan)]) -> Vec<LogChunk<'_>> {
+    logs.iter()
+        .flat_map(|(task_id, plan)| {
+            plan.chunks
+                .iter()
+                .map(move |(seq, bytes)| (task_id.as_str(), signed(*seq), bytes.as_slice()))
+        })
+        .collect()
 }
 
 /// One write in a transaction of its own, as if it had come alone.
@@ -492,16 +544,19 @@ async fn write_together(pool: &PgPool, batch: &[&LeasedWrite]) -> Result<Vec<Wri
     finish(tx, result).await
 }
 
-/// Applies each write to its loaded task, then writes every changed task in one statement,
-/// the retries their completions call for in another, and wakes the lease loops when work
-/// came back. An `Err` of the whole is a failure of the transaction; a write refused is its
-/// own `Err` in the list, with nothing of it written.
+/// Applies each write to its loaded task, then writes every changed task in one statement
+/// (with the bytes of the log appends among them, after cutting back the logs that reached
+/// their cap), the retries their completions call for in another, and wakes the lease loops
+/// when work came back. An `Err` of the whole is a failure of the transaction; a write refused
+/// is its own `Err` in the list, with nothing of it written.
 async fn apply_all(
     conn: &mut PgConnection,
     loaded: Vec<(&LeasedWrite, Result<TaskRecord>)>,
 ) -> Result<Vec<Written>> {
     let mut answers: Vec<Result<(TaskRecord, Option<HeartbeatReply>)>> =
         Vec::with_capacity(loaded.len());
+    let mut unchanged: HashSet<String> = HashSet::new();
+    let mut logs: Vec<(String, LogAppendPlan)> = Vec::new();
     let mut retries: Vec<Task> = Vec::new();
     let mut work_came_back = false;
     for (write, record) in loaded {
@@ -513,26 +568,38 @@ async fn apply_all(
             }
         };
         let was = record.task.status;
-        let heartbeat = match write.change.apply(&mut record, write.token, write.now) {
-            Ok(heartbeat) => heartbeat,
+        let done = match write.change.apply(&mut record, write.token, write.now) {
+            Ok(done) => done,
             Err(error) => {
                 answers.push(Err(error));
                 continue;
             }
         };
+        if done.unchanged {
+            unchanged.insert(record.task.id.clone());
+        }
+        if let Some(plan) = done.log {
+            logs.push((record.task.id.clone(), plan));
+        }
         if let Some(outcome) = write.change.outcome()
             && let Some(retry) = tasks::plan_retry(conn, &record, outcome, write.now).await?
         {
             retries.push(retry);
         }
         work_came_back |= was != TaskStatus::Queued && record.task.status == TaskStatus::Queued;
-        answers.push(Ok((record, heartbeat)));
+        answers.push(Ok((record, done.heartbeat)));
+    }
+    for (task_id, plan) in &logs {
+        if let Some(keep) = plan.truncate_to {
+            cut_log(conn, task_id, signed(keep)).await?;
+        }
     }
     let mut changed: Vec<&mut TaskRecord> = answers
         .iter_mut()
         .filter_map(|answer| answer.as_mut().ok().map(|(record, _)| record))
+        .filter(|record| !unchanged.contains(&record.task.id))
         .collect();
-    write_many(conn, &mut changed).await?;
+    write_many(conn, &mut changed, &log_chunks(&logs)).await?;
     if !retries.is_empty() {
         tasks::insert_rows(conn, &retries).await?;
         work_came_back = true;
@@ -543,16 +610,41 @@ async fn apply_all(
     Ok(answers)
 }
 
+/// Cuts a task's stored log back to `keep` bytes, to make room for its truncation marker.
+async fn cut_log(conn: &mut PgConnection, task_id: &str, keep: i64) -> Result<()> {
+    sqlx::query("DELETE FROM task_logs WHERE task_id = $1 AND seq >= $2")
+        .bind(task_id)
+        .bind(keep)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(
+        "UPDATE task_logs SET bytes = substring(bytes FROM 1 FOR ($2 - seq)::int) \
+         WHERE task_id = $1 AND seq < $2 AND seq + length(bytes) > $2",
+    )
+    .bind(task_id)
+    .bind(keep)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 /// `tasks::write` for many records in one statement: every column a task's life changes,
 /// each row guarded by the version it was loaded with (which cannot have moved while this
 /// transaction holds the row locks); bumps each version. The rows are named by `id = ANY(…)`
 /// as well as joined, so that the planner probes the primary key instead of scanning the
 /// table (see `leases::write_leases`).
-async fn write_many(conn: &mut PgConnection, records: &mut [&mut TaskRecord]) -> Result<()> {
+async fn write_many(
+    conn: &mut PgConnection,
+    records: &mut [&mut TaskRecord],
+    logs: &[LogChunk<'_>],
+) -> Result<()> {
     if records.is_empty() {
         return Ok(());
     }
-    let matched = update_rows(conn, records).await?;
+    let matched = {
+        let rows: Vec<&TaskRecord> = records.iter().map(|record| &**record).collect();
+        update_rows(conn, &rows, logs).await?
+    };
     if matched.len() != records.len() {
         return Err(StoreError::Conflict(
             "tasks changed while a batch of writes held them; try again".to_owned(),
@@ -565,14 +657,17 @@ async fn write_many(conn: &mut PgConnection, records: &mut [&mut TaskRecord]) ->
 }
 
 /// The `UPDATE` of `write_many`: writes each record whose row still has its version, and
-/// returns the ids of those written (their versions in `records` are left as they were).
+/// returns the ids of those written (their versions in `records` are left as they were). The
+/// `logs` chunks of the rows written are inserted by the same statement; those of a row not
+/// written are not.
 async fn update_rows(
     conn: &mut PgConnection,
-    records: &mut [&mut TaskRecord],
+    records: &[&TaskRecord],
+    logs: &[LogChunk<'_>],
 ) -> Result<HashSet<String>> {
     let tasks = || records.iter().map(|record| &record.task);
     let written: Vec<(String,)> = sqlx::query_as(
-        "UPDATE tasks SET status = r.status, updated_at = r.updated_at, due_at = r.due_at, \
+        "WITH written AS (UPDATE tasks SET status = r.status, updated_at = r.updated_at, due_at = r.due_at, \
          start_time = r.start_time, end_time = r.end_time, percent = r.percent, msg = r.msg, \
          exit_code = r.exit_code, log_size = r.log_size, log_truncated = r.log_truncated, \
          infra_attempts = r.infra_attempts, cancel_requested = r.cancel_requested, \
@@ -587,7 +682,12 @@ async fn update_rows(
          log_size, log_truncated, infra_attempts, cancel_requested, peak_memory_bytes, \
          cpu_time_ms, runner_id, lease_token, lease_expires_at, id, version) \
          WHERE tasks.id = ANY($18) AND tasks.id = r.id AND tasks.version = r.version \
-         RETURNING tasks.id",
+         RETURNING tasks.id), \
+         logged AS (INSERT INTO task_logs (task_id, seq, bytes) \
+         SELECT l.task_id, l.seq, l.bytes \
+         FROM unnest($20::text[], $21::bigint[], $22::bytea[]) AS l (task_id, seq, bytes) \
+         JOIN written AS w ON w.id = l.task_id) \
+         SELECT id FROM written",
     )
     .bind(tasks().map(|task| task.status.as_str()).collect::<Vec<_>>())
     .bind(
@@ -668,6 +768,9 @@ async fn update_rows(
             .map(|record| record.version)
             .collect::<Vec<_>>(),
     )
+    .bind(logs.iter().map(|(task_id, _, _)| *task_id).collect::<Vec<_>>())
+    .bind(logs.iter().map(|(_, seq, _)| *seq).collect::<Vec<_>>())
+    .bind(logs.iter().map(|(_, _, bytes)| *bytes).collect::<Vec<_>>())
     .fetch_all(&mut *conn)
     .await?;
     Ok(written.into_iter().map(|(id,)| id).collect())

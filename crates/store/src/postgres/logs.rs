@@ -4,11 +4,11 @@
 use sqlx::postgres::PgConnection;
 use stevedore_model::Timestamp;
 
+use super::batch::LeasedChange;
 use super::rows;
-use super::tasks;
 use super::{BEGIN_SNAPSHOT, PgStore, finish};
 use crate::convert::signed;
-use crate::record::{normalize, plan_log_append};
+use crate::record::normalize;
 use crate::rows::log_bytes;
 use crate::{LogSlice, Result, StoreError};
 
@@ -52,6 +52,8 @@ pub(super) async fn get_since(
     finish(tx, result).await
 }
 
+/// Appends through the store's batches of runner writes (`batch`): the bytes are inserted
+/// in the statement or the transaction that writes the task's new log size.
 pub(super) async fn append(
     store: &PgStore,
     task_id: &str,
@@ -60,45 +62,14 @@ pub(super) async fn append(
     cap: u64,
     now: Timestamp,
 ) -> Result<u64> {
-    let now = normalize(now);
-    let mut tx = store.pool.begin().await?;
-    let result: Result<_> = async {
-        let mut record = tasks::load_for_update(&mut tx, None, task_id).await?;
-        record.check_lease(token)?;
-        let Some(plan) = plan_log_append(record.task.log_size, record.log_truncated, bytes, cap)
-        else {
-            return Ok(record.task.log_size);
-        };
-        record.apply_log_plan(&plan, now);
-        if let Some(keep) = plan.truncate_to {
-            let keep = signed(keep);
-            sqlx::query("DELETE FROM task_logs WHERE task_id = $1 AND seq >= $2")
-                .bind(task_id)
-                .bind(keep)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query(
-                "UPDATE task_logs SET bytes = substring(bytes FROM 1 FOR ($2 - seq)::int) \
-                 WHERE task_id = $1 AND seq < $2 AND seq + length(bytes) > $2",
-            )
-            .bind(task_id)
-            .bind(keep)
-            .execute(&mut *tx)
-            .await?;
-        }
-        for (seq, chunk) in &plan.chunks {
-            sqlx::query("INSERT INTO task_logs (task_id, seq, bytes) VALUES ($1, $2, $3)")
-                .bind(task_id)
-                .bind(signed(*seq))
-                .bind(chunk.as_slice())
-                .execute(&mut *tx)
-                .await?;
-        }
-        tasks::write(&mut tx, &mut record).await?;
-        Ok(record.task.log_size)
-    }
-    .await;
-    finish(tx, result).await
+    let change = LeasedChange::AppendLog {
+        bytes: bytes.to_vec(),
+        cap,
+    };
+    let changed = store
+        .change_leased(task_id, token, change, normalize(now))
+        .await?;
+    Ok(changed.task.log_size)
 }
 
 /// The log size and state of a task in `project_id`, as a slice without bytes.

@@ -257,6 +257,65 @@ pub async fn many_concurrent_runner_writes_each_get_their_own_answer(
     for started in starts {
         assert_eq!(started?.status, TaskStatus::Running);
     }
+
+    // Log appends, two per live task at once (a task's two land in order, in one batch or
+    // in two), one with a wrong token and one of the finished task: each task gets its own
+    // bytes, the refused ones none.
+    let line = |task: &LeasedTask, part: &str| format!("{} {part}\n", task.task.id);
+    let (firsts, seconds): (Vec<String>, Vec<String>) = live
+        .iter()
+        .map(|task| (line(task, "one"), line(task, "two")))
+        .unzip();
+    let mut appends: Vec<_> = live
+        .iter()
+        .zip(&firsts)
+        .map(|(task, bytes)| {
+            store.append_log(
+                &task.task.id,
+                task.lease.token,
+                bytes.as_bytes(),
+                4096,
+                at(4),
+            )
+        })
+        .collect();
+    appends.push(store.append_log(&done.task.id, done.lease.token, b"late\n", 4096, at(4)));
+    appends.push(store.append_log(
+        &live[0].task.id,
+        wrong_token(&live[0]),
+        b"stray\n",
+        4096,
+        at(4),
+    ));
+    let mut answers = join_all(appends).await.into_iter();
+    assert_stale(
+        answers.next_back().expect("an answer"),
+        "an append with a wrong token",
+    );
+    assert_stale(
+        answers.next_back().expect("an answer"),
+        "an append to a finished task",
+    );
+    for (answer, bytes) in answers.zip(&firsts) {
+        assert_eq!(answer?, bytes.len() as u64);
+    }
+    let seconds_appended = join_all(live.iter().zip(&seconds).map(|(task, bytes)| {
+        store.append_log(
+            &task.task.id,
+            task.lease.token,
+            bytes.as_bytes(),
+            4096,
+            at(4),
+        )
+    }))
+    .await;
+    for ((answer, first), second) in seconds_appended.into_iter().zip(&firsts).zip(&seconds) {
+        assert_eq!(answer?, (first.len() + second.len()) as u64);
+    }
+    for ((task, first), second) in live.iter().zip(&firsts).zip(&seconds) {
+        let log = store.get_log(&acme.id, &task.task.id).await?;
+        assert_eq!(String::from_utf8_lossy(&log), format!("{first}{second}"));
+    }
     let outcome = |task: &LeasedTask| exited(i64::from(task.task.code_name == "flaky"));
     let mut completions: Vec<_> = live
         .iter()
