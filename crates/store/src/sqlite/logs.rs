@@ -4,11 +4,12 @@ use sqlx::Connection;
 use sqlx::sqlite::SqliteConnection;
 use stevedore_model::Timestamp;
 
+use super::leases::LeaseCache;
 use super::rows::{self, signed};
 use super::tasks;
-use super::writer::Writer;
+use super::writer::{ChangeFailed, Writer};
 use super::{BEGIN_WRITE, SqliteStore};
-use crate::record::{normalize, plan_log_append};
+use crate::record::{LogAppendPlan, normalize, plan_log_append};
 use crate::rows::log_bytes;
 use crate::{LogSlice, Result, StoreError};
 
@@ -53,6 +54,9 @@ pub(super) async fn get_since(
     Ok(slice)
 }
 
+/// Appends in a transaction of its own when the writer is free; when other writers wait for it,
+/// in the group transaction they share (`SqliteStore::write_in_group`), so that a busy runner's
+/// log appends share commits with its heartbeats, starts and completions.
 pub(super) async fn append(
     store: &SqliteStore,
     task_id: &str,
@@ -62,21 +66,81 @@ pub(super) async fn append(
     now: Timestamp,
 ) -> Result<u64> {
     let now = normalize(now);
-    let mut writer = store.writer().await?;
+    let writer = store.writing.lock_writer().await?;
+    let mut writer = match store.writing.alone(writer) {
+        Ok(writer) => writer,
+        Err(writer) => {
+            let (task_id, bytes) = (task_id.to_owned(), bytes.to_vec());
+            return store
+                .write_in_group(writer, move |writer| {
+                    Box::pin(async move {
+                        let Writer { conn, leases, .. } = writer;
+                        append_in(conn, leases, &task_id, token, &bytes, cap, now).await
+                    })
+                })
+                .await;
+        }
+    };
     let Writer { conn, leases, .. } = &mut *writer;
     let mut tx = conn.begin_with(BEGIN_WRITE).await?;
-    let mut record = tasks::load(&mut tx, None, task_id).await?;
+    let size = append_in(&mut tx, leases, task_id, token, bytes, cap, now)
+        .await
+        .map_err(|failed| failed.error)?;
+    tx.commit().await?;
+    Ok(size)
+}
+
+/// The append inside whatever transaction the writer is in: the task taken from the lease
+/// cache (written guarded by its version) or else read, its lease checked, the log cut back
+/// when it reaches its cap, the chunks inserted. Returns the log's size.
+async fn append_in(
+    conn: &mut SqliteConnection,
+    leases: &mut LeaseCache,
+    task_id: &str,
+    token: i64,
+    bytes: &[u8],
+    cap: u64,
+    now: Timestamp,
+) -> Result<u64, ChangeFailed> {
+    let wrote = |error: StoreError| ChangeFailed { error, wrote: true };
+    // An append that changes nothing is answered from the row, which confirms the lease.
+    if let Some(mut record) = leases.take(task_id)
+        && record.check_lease(token).is_ok()
+        && let Some(plan) = plan_log_append(record.task.log_size, record.log_truncated, bytes, cap)
+    {
+        record.apply_log_plan(&plan, now);
+        if tasks::write(conn, &mut record).await? {
+            write_chunks(conn, task_id, &plan).await.map_err(wrote)?;
+            leases.remember(&record);
+            return Ok(record.task.log_size);
+        }
+    }
+    let mut record = tasks::load(conn, None, task_id).await?;
     record.check_lease(token)?;
     let Some(plan) = plan_log_append(record.task.log_size, record.log_truncated, bytes, cap) else {
         return Ok(record.task.log_size);
     };
     record.apply_log_plan(&plan, now);
+    tasks::write_loaded(conn, &mut record)
+        .await
+        .map_err(wrote)?;
+    write_chunks(conn, task_id, &plan).await.map_err(wrote)?;
+    leases.remember(&record);
+    Ok(record.task.log_size)
+}
+
+/// A planned append's rows: the log cut back first when it reached its cap, then its chunks.
+async fn write_chunks(
+    conn: &mut SqliteConnection,
+    task_id: &str,
+    plan: &LogAppendPlan,
+) -> Result<()> {
     if let Some(keep) = plan.truncate_to {
         let keep = signed(keep);
         sqlx::query("DELETE FROM task_logs WHERE task_id = ?1 AND seq >= ?2")
             .bind(task_id)
             .bind(keep)
-            .execute(&mut *tx)
+            .execute(&mut *conn)
             .await?;
         sqlx::query(
             "UPDATE task_logs SET bytes = substr(bytes, 1, ?2 - seq) \
@@ -84,7 +148,7 @@ pub(super) async fn append(
         )
         .bind(task_id)
         .bind(keep)
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await?;
     }
     for (seq, chunk) in &plan.chunks {
@@ -92,13 +156,10 @@ pub(super) async fn append(
             .bind(task_id)
             .bind(signed(*seq))
             .bind(chunk.as_slice())
-            .execute(&mut *tx)
+            .execute(&mut *conn)
             .await?;
     }
-    tasks::write_loaded(&mut tx, &mut record).await?;
-    tx.commit().await?;
-    leases.remember(&record);
-    Ok(record.task.log_size)
+    Ok(())
 }
 
 /// The log size and state of a task in `project_id`, as a slice without bytes: one lookup by
