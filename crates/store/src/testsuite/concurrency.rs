@@ -258,9 +258,9 @@ pub async fn many_concurrent_runner_writes_each_get_their_own_answer(
         assert_eq!(started?.status, TaskStatus::Running);
     }
 
-    // Log appends, two per live task at once (a task's two land in order, in one batch or
-    // in two), one with a wrong token and one of the finished task: each task gets its own
-    // bytes, the refused ones none.
+    // Log appends: one per live task at once, beside one with a wrong token and one of the
+    // finished task, then a second per live task: each task gets its own bytes in order, the
+    // refused ones none.
     let line = |task: &LeasedTask, part: &str| format!("{} {part}\n", task.task.id);
     let (firsts, seconds): (Vec<String>, Vec<String>) = live
         .iter()
