@@ -202,7 +202,9 @@ fn watchdog_runs(runner_id: &str) -> bool {
 }
 
 /// The chaos thread: until told to stop, waits a random while, kills a random victim and
-/// starts it again after a random while. Returns the fleet, every process up.
+/// starts it again after a random while. Told to stop before it killed one of every kind (the
+/// random pauses and restarts of a short run can leave no room for a whole round), it goes on
+/// with short pauses until it has. Returns the fleet, every process up.
 pub(super) fn chaos(
     mut fleet: Fleet,
     settings: &Settings,
@@ -218,12 +220,20 @@ pub(super) fn chaos(
         let _ = stop.recv();
         return (fleet, kills);
     }
+    // Whether each kind was killed yet.
+    let mut killed = vec![false; kinds.len()];
+    let mut stopping = false;
     loop {
         let pause = random.between(settings.kill_every / 2, settings.kill_every * 3 / 2);
-        if !matches!(
-            stop.recv_timeout(pause),
-            Err(mpsc::RecvTimeoutError::Timeout)
-        ) {
+        if stopping {
+            std::thread::sleep(Duration::from_secs(1));
+        } else {
+            stopping = !matches!(
+                stop.recv_timeout(pause),
+                Err(mpsc::RecvTimeoutError::Timeout)
+            );
+        }
+        if stopping && killed.iter().all(|killed| *killed) {
             return (fleet, kills);
         }
         if round.is_empty() {
@@ -232,7 +242,9 @@ pub(super) fn chaos(
                 round.swap(index, random.below(index + 1));
             }
         }
-        let kind = &kinds[round.pop().unwrap_or_default()];
+        let index = round.pop().unwrap_or_default();
+        killed[index] = true;
+        let kind = &kinds[index];
         let victim = kind[random.below(kind.len())];
         let at = began.elapsed();
         eprintln!("soak: {:.1} s: killing {victim:?}", at.as_secs_f64());
