@@ -146,13 +146,17 @@ fn host_address() -> Ipv4Addr {
 fn dns_answers(resolver: Ipv4Addr) -> bool {
     const QUERY: &[u8] = b"\x51\x7a\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\
         \x07example\x03com\x00\x00\x01\x00\x01";
-    let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
-    socket.set_read_timeout(Some(CONNECT_TIMEOUT)).unwrap();
-    socket.send_to(QUERY, (resolver, 53)).unwrap();
-    let mut answer = [0u8; 512];
-    socket
-        .recv_from(&mut answer)
-        .is_ok_and(|(length, _)| length >= 2 && answer[..2] == QUERY[..2])
+    // UDP: a query or its answer may be lost, so it is asked three times, as a stub resolver
+    // would, each from a socket of its own.
+    (0..3).any(|_| {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.set_read_timeout(Some(CONNECT_TIMEOUT)).unwrap();
+        socket.send_to(QUERY, (resolver, 53)).unwrap();
+        let mut answer = [0u8; 512];
+        socket
+            .recv_from(&mut answer)
+            .is_ok_and(|(length, _)| length >= 2 && answer[..2] == QUERY[..2])
+    })
 }
 
 /// Whether the `conntrack` tool is here (required in CI, where the pool must use it).
@@ -412,7 +416,16 @@ async fn a_task_namespace_reaches_allowed_destinations_and_the_world_but_not_the
     assert!(first.nameservers.iter().all(|ip| !ip.is_loopback()));
     for &resolver in &first.nameservers {
         let answered = in_netns(&first.path, move || dns_answers(resolver));
-        assert!(answered, "the resolver {resolver} does not answer the task");
+        // The machine's resolver is not ours: when it answers nobody, the host included, the
+        // task's silence says nothing about the task's network.
+        let host_answered = answered || dns_answers(resolver);
+        assert!(
+            answered || !host_answered,
+            "the resolver {resolver} answers the host but not the task"
+        );
+        if !host_answered {
+            eprintln!("the resolver {resolver} answers nobody just now: its check is left out");
+        }
         if EgressPolicy::default_blocked()
             .iter()
             .any(|range| range.contains(&resolver))
