@@ -26,7 +26,10 @@
 //!
 //! `crun` refuses hosts whose cgroup v2 hierarchy beside the v1 controllers holds a
 //! controller ("hybrid mode"); there it runs in a mount namespace of its own without the v2
-//! mount (`unshare`), which leaves it the v1 controllers the task groups are made on.
+//! mount, which leaves it the v1 controllers the task groups are made on. The namespace is
+//! made by a short-lived thread of this process that then starts the runtime
+//! ([`spawn_without_unified`]): no `unshare`, shell and `umount` processes before each
+//! runtime call.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
@@ -385,31 +388,36 @@ async fn blocking<T: Send + 'static>(
 impl RuntimeCommand {
     /// The runtime with its global options, then `args`.
     fn command(&self, args: &[&std::ffi::OsStr]) -> tokio::process::Command {
-        let mut command = if self.hide_unified {
-            let mut command = tokio::process::Command::new("unshare");
-            command.args(["--mount", "--propagation", "private", "--", "sh", "-c"]);
-            command.arg(format!(
-                "umount -l {}/unified && exec \"$@\"",
-                cpu_group::CGROUP_ROOT
-            ));
-            command.arg("sh").arg(&self.program);
-            command
-        } else {
-            tokio::process::Command::new(&self.program)
-        };
+        let mut command = tokio::process::Command::new(&self.program);
         command.arg("--root").arg(&self.root);
         command.args(args);
         command.stdin(Stdio::null());
         command
     }
 
+    /// Starts `command` (made by [`RuntimeCommand::command`]), in a mount namespace without
+    /// the host's cgroup v2 mount when the runtime needs that.
+    async fn spawn(
+        &self,
+        command: tokio::process::Command,
+    ) -> std::io::Result<tokio::process::Child> {
+        if self.hide_unified {
+            spawn_without_unified(command).await
+        } else {
+            let mut command = command;
+            command.spawn()
+        }
+    }
+
     /// Runs a short command (`kill`, `delete`); its stderr when it fails.
     async fn run(&self, args: &[&std::ffi::OsStr]) -> Result<(), String> {
+        let mut command = self.command(args);
+        command.stdout(Stdio::null()).stderr(Stdio::piped());
         let output = self
-            .command(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output()
+            .spawn(command)
+            .await
+            .map_err(|error| error.to_string())?
+            .wait_with_output()
             .await
             .map_err(|error| error.to_string())?;
         if output.status.success() {
@@ -428,6 +436,52 @@ impl RuntimeCommand {
         self.run(&["delete".as_ref(), "--force".as_ref(), id.as_ref()])
             .await
     }
+}
+
+/// Starts `command` from a thread of its own that first leaves this process's mount
+/// namespace for a private copy of it without the cgroup v2 mount (`unshare --mount
+/// --propagation private` and `umount -l <cgroup root>/unified`, in process). The child
+/// inherits the thread's namespace; the copy is made at each call, so the child sees every
+/// mount made until then (the task's overlay). A thread of tokio's pools must never change
+/// namespace, hence the thread; the child is registered with this runtime all the same.
+async fn spawn_without_unified(
+    mut command: tokio::process::Command,
+) -> std::io::Result<tokio::process::Child> {
+    let runtime = tokio::runtime::Handle::current();
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("stevedore-runtime-ns".to_owned())
+        .spawn(move || {
+            let spawned = leave_unified().and_then(|()| {
+                let _entered = runtime.enter();
+                command.spawn()
+            });
+            let _ = answer.send(spawned);
+        })?;
+    answered
+        .await
+        .map_err(|_| std::io::Error::other("the thread starting the runtime ended silently"))?
+}
+
+/// Moves the calling thread into a private copy of the mount namespace and detaches the
+/// cgroup v2 mount there.
+fn leave_unified() -> std::io::Result<()> {
+    use rustix::mount::{MountPropagationFlags, UnmountFlags};
+    use rustix::thread::UnshareFlags;
+    // `unshare_unsafe` is unsafe because of `UnshareFlags::FILES`, which could make file
+    // descriptors of other threads unusable in this one; a private filesystem context and
+    // mount namespace for this thread alone have no such effect.
+    #[allow(deprecated)]
+    rustix::thread::unshare(UnshareFlags::FS | UnshareFlags::NEWNS)?;
+    rustix::mount::mount_change(
+        "/",
+        MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
+    )?;
+    rustix::mount::unmount(
+        Path::new(cpu_group::CGROUP_ROOT).join("unified"),
+        UnmountFlags::DETACH,
+    )?;
+    Ok(())
 }
 
 // === impl Inner ===
@@ -631,7 +685,7 @@ impl Inner {
             .stderr(Stdio::piped())
             .process_group(0);
         let started_at = chrono::Utc::now();
-        let mut child = match command.spawn() {
+        let mut child = match self.command.spawn(command).await {
             Ok(child) => child,
             Err(error) => {
                 live.phase.send_replace(Phase::Created);
