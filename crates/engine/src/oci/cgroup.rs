@@ -19,10 +19,11 @@
 //! v1 the `oom_kill` of `memory.oom_control` counts only kills of processes in the group
 //! itself, and the runtime's child (where the processes are) is gone once the container
 //! stopped; but the group's OOM notification (an eventfd registered in its
-//! `cgroup.event_control`, [`OomWatch`]) fires when the group itself runs out. Without one (it
-//! could not be registered) a container killed by SIGKILL whose group peaked at its limit
-//! (less what the kernel charges per CPU in batches) was killed for its memory
-//! ([`Account::oom_killed`]).
+//! `cgroup.event_control`, [`OomWatch`]) fires when the group itself runs out, and also when
+//! the group is removed, so a firing counts only with the group's peak at its limit (less
+//! what the kernel charges per CPU in batches). Without one (it could not be registered) a
+//! container killed by SIGKILL whose group peaked at its limit was killed for its memory
+//! ([`oom_killed`]).
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -85,7 +86,7 @@ impl OomWatch {
 /// bytes, the container having ended with `exit_code`: counted on v2 and, as the task group
 /// holds the limit, on v1 too; on v1 also told by the group's OOM notification (`oom_event`,
 /// when it was watched: a v1 group does not count kills in the runtime's child group), or
-/// else by a SIGKILL (137) with the group's peak at the limit.
+/// else by a SIGKILL (137), either with the group's peak at the limit.
 pub(crate) fn oom_killed(
     account: &Account,
     limit: Option<u64>,
@@ -98,13 +99,15 @@ pub(crate) fn oom_killed(
     if account.hierarchy == Hierarchy::V2 {
         return false;
     }
-    if let Some(fired) = oom_event {
-        return fired;
+    let peak_at_limit = limit
+        .zip(account.usage.peak_memory_bytes)
+        .is_some_and(|(limit, peak)| peak_at_limit(peak, limit));
+    match oom_event {
+        // The notification also fires when the group is removed, and a group that ran out
+        // reached its limit: both, or it was no OOM.
+        Some(fired) => fired && peak_at_limit,
+        None => exit_code == 137 && peak_at_limit,
     }
-    exit_code == 137
-        && limit
-            .zip(account.usage.peak_memory_bytes)
-            .is_some_and(|(limit, peak)| peak_at_limit(peak, limit))
 }
 
 /// Which hierarchy this host's controllers are on: v2 when the unified hierarchy is the root
@@ -517,8 +520,16 @@ mod tests {
             137,
             None
         ));
-        // v1 with the notification watched: it alone tells.
+        // v1 with the notification watched: it tells, with the peak at the limit (a child
+        // process killed while the container's own ended well counts)...
         assert!(oom_killed(
+            &account(8 << 20, Some(0), Hierarchy::V1),
+            limit,
+            0,
+            Some(true)
+        ));
+        // ...but not alone: removing a group fires it too.
+        assert!(!oom_killed(
             &account(1 << 20, Some(0), Hierarchy::V1),
             limit,
             0,

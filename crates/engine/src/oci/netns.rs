@@ -14,14 +14,17 @@
 //!
 //! A namespace's life: prepared in the background → ready → taken for a task
 //! ([`NetnsSource::take`]) → given back when the task's container is gone
-//! ([`NetnsSource::give_back`]) → destroyed in the background → its address free again. The reset is destruction: a namespace serves one
-//! task, so nothing a task left in it (a listening socket, an address, a route, a process
-//! the runtime missed) can meet the next one. Its veth is deleted first, which cuts the old
-//! namespace off at once even while something still holds it; then its bind mount goes, and
-//! the connection tracking entries of its address (when the `conntrack` tool is installed), so
-//! that no connection of one task is taken for another's; only then is the address handed out
-//! again. Addresses are handed out in turn round the subnet, so an address comes back as late
-//! as the subnet allows.
+//! ([`NetnsSource::give_back`]) → destroyed in the background → its connections forgotten →
+//! its address free again. The reset is destruction: a namespace serves one task, so nothing
+//! a task left in it (a listening socket, an address, a route, a process the runtime missed)
+//! can meet the next one. Its veth is deleted first, which cuts the old namespace off at once
+//! even while something still holds it; then its bind mount goes. The connection tracking
+//! entries of its address go next (when the `conntrack` tool is installed), so that no
+//! connection of one task is taken for another's; only then is the address handed out
+//! again. Those of the addresses retired within [`FORGET_AFTER`] are forgotten together,
+//! from one reading of the kernel's table, which grows with the host's connections, not the
+//! tasks'; sooner when a task waits for an address. Addresses are handed out in turn round
+//! the subnet, so an address comes back as late as the subnet allows.
 //!
 //! A process killed with `kill -9` leaves its namespaces and veths behind: the names carry
 //! the bridge's name and the address (inside the pool's subnet), so the next start removes
@@ -65,6 +68,12 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 const CONNTRACK_TABLE: &str = "/proc/net/nf_conntrack";
 /// Connection tracking entries from and to an address, both.
 const BOTH_WAYS: (bool, bool) = (true, true);
+/// How long the addresses of destroyed namespaces wait to have their connection tracking
+/// entries forgotten together (unless a task waits for an address, or [`FORGET_BATCH`]
+/// wait).
+const FORGET_AFTER: Duration = Duration::from_secs(1);
+/// How many addresses waiting to be forgotten are forgotten at once without waiting longer.
+const FORGET_BATCH: usize = 64;
 /// How long a task waits for an address when every one is held, some by namespaces on their
 /// way out.
 const ADDRESS_WAIT: Duration = Duration::from_secs(10);
@@ -138,6 +147,14 @@ struct State {
     preparing: usize,
     /// How many namespaces given back the worker is destroying.
     destroying: usize,
+    /// The addresses of destroyed namespaces whose connection tracking entries are to be
+    /// forgotten before they are handed out again, and since when the first has waited.
+    forgetting: Vec<Ipv4Addr>,
+    forgetting_since: Option<Instant>,
+    /// How many addresses the worker is forgetting now.
+    being_forgotten: usize,
+    /// A task waits for an address: forget at once.
+    forget_now: bool,
     /// The addresses of the namespaces tasks hold.
     taken: HashSet<Ipv4Addr>,
     addresses: AddressBook,
@@ -171,6 +188,7 @@ struct Names {
 /// What the worker does next.
 enum Job {
     Destroy(TaskNetns),
+    Forget(Vec<Ipv4Addr>),
     Prepare(Ipv4Addr),
     Wait,
     Stop,
@@ -279,6 +297,10 @@ impl NetnsPool {
                 retiring: VecDeque::new(),
                 preparing: 0,
                 destroying: 0,
+                forgetting: Vec::new(),
+                forgetting_since: None,
+                being_forgotten: 0,
+                forget_now: false,
                 taken: HashSet::new(),
                 addresses: AddressBook::new(subnet),
                 closing: false,
@@ -420,8 +442,13 @@ impl NetnsSource for NetnsPool {
                 if let Some(address) = state.addresses.allocate() {
                     break address;
                 }
-                if state.preparing + state.destroying + state.retiring.len() == 0 {
+                let forgetting = state.forgetting.len() + state.being_forgotten;
+                if state.preparing + state.destroying + state.retiring.len() + forgetting == 0 {
                     return Err(exhausted(shared.settings.subnet));
+                }
+                if !state.forgetting.is_empty() {
+                    state.forget_now = true;
+                    shared.wake.notify_one();
                 }
             }
             // Every address is held, some by namespaces on their way out or in: one of them
@@ -529,12 +556,17 @@ impl Shared {
             while jobs.len() < PARALLEL_JOBS {
                 match self.next_job() {
                     Job::Destroy(netns) => jobs.spawn(Arc::clone(&self).retire(netns)),
+                    Job::Forget(addresses) => jobs.spawn(Arc::clone(&self).forget(addresses)),
                     Job::Prepare(address) => jobs.spawn(Arc::clone(&self).refill(address)),
                     Job::Wait => break,
                     Job::Stop if jobs.is_empty() => return,
                     Job::Stop => break,
                 };
             }
+            let forget_at = self
+                .state()
+                .forgetting_since
+                .map(|since| since + FORGET_AFTER);
             tokio::select! {
                 Some(ended) = jobs.join_next(), if !jobs.is_empty() => {
                     if let Err(error) = ended {
@@ -542,16 +574,32 @@ impl Shared {
                     }
                 }
                 () = self.wake.notified() => {}
+                () = sleep_until(forget_at) => {}
             }
         }
     }
 
-    /// What the worker does next: destroy first (it frees addresses), then refill.
+    /// What the worker does next: destroy first (it cuts tasks' namespaces off), forget the
+    /// connections of destroyed ones when that is due (it frees addresses), then refill.
     fn next_job(&self) -> Job {
         let mut state = self.state();
+        let forget_due = state.being_forgotten == 0
+            && !state.forgetting.is_empty()
+            && (state.forget_now
+                || state.closing
+                || state.forgetting.len() >= FORGET_BATCH
+                || state
+                    .forgetting_since
+                    .is_some_and(|since| since.elapsed() >= FORGET_AFTER));
         if let Some(netns) = state.retiring.pop_front() {
             state.destroying += 1;
             Job::Destroy(netns)
+        } else if forget_due {
+            let addresses = std::mem::take(&mut state.forgetting);
+            state.forgetting_since = None;
+            state.forget_now = false;
+            state.being_forgotten = addresses.len();
+            Job::Forget(addresses)
         } else if state.closing {
             Job::Stop
         } else if state.ready.len() + state.preparing < self.settings.size {
@@ -567,14 +615,35 @@ impl Shared {
         }
     }
 
-    /// Destroys a namespace given back, and frees its address once that is certain.
+    /// Destroys a namespace given back; once that is certain, its address waits for its
+    /// connections to be forgotten (or is free at once, without the `conntrack` tool).
     async fn retire(self: Arc<Self>, netns: TaskNetns) {
         let freed = self.destroy(netns.address).await;
         {
             let mut state = self.state();
             state.destroying -= 1;
-            if freed {
+            if freed && self.conntrack.is_some() {
+                state.forgetting.push(netns.address);
+                state.forgetting_since.get_or_insert_with(Instant::now);
+            } else if freed {
                 state.addresses.release(netns.address);
+            }
+        }
+        self.wake.notify_one();
+        self.changed.notify_waiters();
+    }
+
+    /// Forgets the connection tracking entries of `addresses` (of destroyed namespaces) from
+    /// one reading of the table, then frees them.
+    async fn forget(self: Arc<Self>, addresses: Vec<Ipv4Addr>) {
+        if let Some(conntrack) = &self.conntrack {
+            forget_task_connections(conntrack, &addresses).await;
+        }
+        {
+            let mut state = self.state();
+            state.being_forgotten = 0;
+            for address in addresses {
+                state.addresses.release(address);
             }
         }
         self.wake.notify_one();
@@ -655,9 +724,8 @@ impl Shared {
         })
     }
 
-    /// Destroys the namespace of `address`: its veth first (which cuts it off at once), its
-    /// bind mount, then its connection tracking entries. True when the address may be handed
-    /// out again: the veth is gone.
+    /// Destroys the namespace of `address`: its veth first (which cuts it off at once), then
+    /// its bind mount. True when the veth is gone.
     async fn destroy(&self, address: Ipv4Addr) -> bool {
         let names = Names::of(&self.settings.bridge, address);
         let batch = format!("link del {}\nnetns del {}\n", names.veth, names.netns);
@@ -670,9 +738,6 @@ impl Shared {
                 "cannot remove a task's veth: its address is not handed out again"
             );
             return false;
-        }
-        if let Some(conntrack) = &self.conntrack {
-            forget_task_connections(conntrack, address).await;
         }
         true
     }
@@ -993,36 +1058,70 @@ async fn disable_ipv6_inside(path: PathBuf) -> Result<(), String> {
         .map_err(|_| "the namespace thread ended without an answer".to_owned())?
 }
 
-/// Deletes the connection tracking entries of a task's `address` that ended, so that no
-/// connection of it is taken for the next one's: the connections it made, and those made to
-/// it (by the host: nothing else may). When the kernel lists its table
-/// (`/proc/net/nf_conntrack`), only the directions that have entries are deleted, which most
-/// often is none: running `conntrack` costs milliseconds of CPU, reading the table far less.
-async fn forget_task_connections(conntrack: &Path, address: Ipv4Addr) {
-    let directions = match tokio::fs::read_to_string(CONNTRACK_TABLE).await {
-        Ok(table) => tracked_directions(&table, address),
-        Err(_) => BOTH_WAYS,
-    };
-    if directions != (false, false) {
-        forget_connections(conntrack, &address.to_string(), directions).await;
+/// Deletes the connection tracking entries of tasks' `addresses` that ended, so that no
+/// connection of one is taken for the next one's: the connections they made, and those made
+/// to them (by the host: nothing else may). When the kernel lists its table
+/// (`/proc/net/nf_conntrack`, read once for all), only the directions that have entries are
+/// deleted, which most often is none: running `conntrack` costs milliseconds of CPU, reading
+/// the table far less.
+async fn forget_task_connections(conntrack: &Path, addresses: &[Ipv4Addr]) {
+    let table = tokio::fs::read_to_string(CONNTRACK_TABLE).await.ok();
+    let tracked = table.as_deref().map(TrackedAddresses::of);
+    for address in addresses {
+        let directions = match &tracked {
+            Some(tracked) => tracked.directions(*address),
+            None => BOTH_WAYS,
+        };
+        if directions != (false, false) {
+            forget_connections(conntrack, &address.to_string(), directions).await;
+        }
     }
 }
 
-/// Whether the connection tracking `table` (`/proc/net/nf_conntrack`'s lines) has entries
-/// whose original direction comes from `address`, and entries whose original direction goes
-/// to it.
-fn tracked_directions(table: &str, address: Ipv4Addr) -> (bool, bool) {
-    let (source, destination) = (format!("src={address}"), format!("dst={address}"));
-    table.lines().fold((false, false), |(from, to), line| {
-        // The first src= and dst= of a line are the original direction's.
-        let mut words = line.split_whitespace();
-        let first_source = words.find(|word| word.starts_with("src="));
-        let first_destination = words.find(|word| word.starts_with("dst="));
+/// Sleeps until `deadline`, or for ever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The addresses the connection tracking `table` (`/proc/net/nf_conntrack`'s lines) has
+/// entries from and to, in their original direction: one pass, however many addresses are
+/// asked about ([`TrackedAddresses::directions`]).
+struct TrackedAddresses<'a> {
+    sources: HashSet<&'a str>,
+    destinations: HashSet<&'a str>,
+}
+
+impl<'a> TrackedAddresses<'a> {
+    fn of(table: &'a str) -> Self {
+        let mut tracked = TrackedAddresses {
+            sources: HashSet::new(),
+            destinations: HashSet::new(),
+        };
+        for line in table.lines() {
+            // The first src= and dst= of a line are the original direction's.
+            let mut words = line.split_whitespace();
+            if let Some(source) = words.find_map(|word| word.strip_prefix("src=")) {
+                tracked.sources.insert(source);
+            }
+            if let Some(destination) = words.find_map(|word| word.strip_prefix("dst=")) {
+                tracked.destinations.insert(destination);
+            }
+        }
+        tracked
+    }
+
+    /// Whether the table has entries whose original direction comes from `address`, and
+    /// entries whose original direction goes to it.
+    fn directions(&self, address: Ipv4Addr) -> (bool, bool) {
+        let address = address.to_string();
         (
-            from || first_source == Some(source.as_str()),
-            to || first_destination == Some(destination.as_str()),
+            self.sources.contains(address.as_str()),
+            self.destinations.contains(address.as_str()),
         )
-    })
+    }
 }
 
 /// Deletes the connection tracking entries from (`directions.0`) and to (`directions.1`)
@@ -1123,11 +1222,19 @@ mod tests {
         let table = "ipv4     2 tcp      6 431999 ESTABLISHED src=10.213.0.2 dst=203.0.113.7 sport=40000 dport=443 src=203.0.113.7 dst=192.0.2.2 sport=443 dport=40000 [ASSURED] mark=0 use=1\n\
                      ipv4     2 udp      17 29 src=192.0.2.2 dst=10.213.0.3 sport=5000 dport=53 [UNREPLIED] src=10.213.0.3 dst=192.0.2.2 sport=53 dport=5000 mark=0 use=1\n";
         let address = |last| Ipv4Addr::new(10, 213, 0, last);
-        assert_eq!(tracked_directions(table, address(2)), (true, false));
-        assert_eq!(tracked_directions(table, address(3)), (false, true));
-        // 10.213.0.2's replies name 10.213.0.20's prefix, never a match.
-        assert_eq!(tracked_directions(table, address(20)), (false, false));
-        assert_eq!(tracked_directions("", address(2)), (false, false));
+        let tracked = TrackedAddresses::of(table);
+        assert_eq!(tracked.directions(address(2)), (true, false));
+        assert_eq!(tracked.directions(address(3)), (false, true));
+        // 10.213.0.2 is a prefix of 10.213.0.20, never a match; nor is a reply's address.
+        assert_eq!(tracked.directions(address(20)), (false, false));
+        assert_eq!(
+            tracked.directions(Ipv4Addr::new(203, 0, 113, 7)),
+            (false, true)
+        );
+        assert_eq!(
+            TrackedAddresses::of("").directions(address(2)),
+            (false, false)
+        );
     }
 
     #[test]
