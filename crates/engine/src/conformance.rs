@@ -51,6 +51,8 @@ pub enum Program {
     /// Prints the size in bytes of this file of its own container, as `wc -c <` does, then
     /// exits 0.
     CountBytes(String),
+    /// Prints the ids of its groups, its own first (as `id -G` does), then exits 0.
+    PrintGroups,
     /// Uses more memory than its spec's limit allows, and is killed for it.
     ExceedMemory,
     /// Runs until killed.
@@ -375,6 +377,40 @@ pub async fn environment_reaches_the_program(harness: &dyn Harness) {
     let finished = run_to_end(harness.runtime(), &spec).await;
     assert_eq!(finished.status.exit_code, 0, "{finished:?}");
     assert_eq!(String::from_utf8_lossy(&finished.stdout), "forty two = 42");
+}
+
+/// A user named by the spec runs with its own group and those the image's `/etc/group` lists
+/// it in, as Docker gives them; with an explicit group, with that one alone.
+pub async fn a_named_user_gets_the_groups_it_is_listed_in(harness: &dyn Harness) {
+    let etc = |path: &str, contents: &str| FileToUpload {
+        path: path.to_owned(),
+        contents: contents.as_bytes().to_vec(),
+        mode: 0o644,
+    };
+    for (user, expected) in [
+        ("worker", "1500 29 50"),
+        ("1500", "1500 29 50"),
+        ("worker:staff", "50"),
+    ] {
+        let mut spec = labelled(harness, &Program::PrintGroups, &unique("groups"));
+        spec.files.push(etc(
+            "/etc/passwd",
+            "root:x:0:0:root:/root:/bin/sh\nworker:x:1500:1500:worker:/home/worker:/bin/sh\n",
+        ));
+        spec.files.push(etc(
+            "/etc/group",
+            "root:x:0:\nworker:x:1500:\naudio:x:29:worker\nstaff:x:50:other,worker\n\
+             video:x:44:other\n",
+        ));
+        spec.user = Some(user.to_owned());
+        let finished = run_to_end(harness.runtime(), &spec).await;
+        assert_eq!(finished.status.exit_code, 0, "{user}: {finished:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&finished.stdout).trim(),
+            expected,
+            "the groups of {user}"
+        );
+    }
 }
 
 /// `wait` reports the program's exit code, not OOM-killed, with start and finish times.
@@ -860,12 +896,19 @@ fn assert_not_found<T: std::fmt::Debug>(
 #[macro_export]
 macro_rules! runtime_conformance_tests {
     ($make:ident) => {
-        $crate::runtime_conformance_tests!(@containers_and $make; networks_are_ensured_once);
+        $crate::runtime_conformance_tests!(@containers_and $make;
+            networks_are_ensured_once, a_named_user_gets_the_groups_it_is_listed_in);
     };
     // Every check but the managed networks', for a runtime whose networks another part
     // serves (the OCI runtime's come from its engine's pool).
     (containers $make:ident) => {
-        $crate::runtime_conformance_tests!(@containers_and $make;);
+        $crate::runtime_conformance_tests!(@containers_and $make;
+            a_named_user_gets_the_groups_it_is_listed_in);
+    };
+    // Every check but the users', for a model of the contract without an image's files to
+    // look users up in (the fake engine).
+    (model $make:ident) => {
+        $crate::runtime_conformance_tests!(@containers_and $make; networks_are_ensured_once);
     };
     (@containers_and $make:ident; $($extra:ident),*) => {
         $crate::runtime_conformance_tests!(@checks $make;

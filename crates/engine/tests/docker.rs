@@ -165,6 +165,7 @@ impl Harness for DockerHarness {
                 spec.memory_bytes = Some(8 << 20);
                 spec
             }
+            Program::PrintGroups => shell(&self.task, "id -G"),
             Program::Forever => shell(&self.task, "sleep 3600"),
         }
     }

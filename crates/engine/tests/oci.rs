@@ -193,6 +193,7 @@ impl Harness for OciHarness {
                 spec.memory_bytes = Some(8 << 20);
                 spec
             }
+            Program::PrintGroups => shell("id -G"),
             Program::Forever => shell("sleep 3600"),
         }
     }

@@ -152,6 +152,8 @@ pub(crate) struct Bundle<'a> {
     pub(crate) hostname: &'a str,
     pub(crate) uid: u32,
     pub(crate) gid: u32,
+    /// Its supplementary groups.
+    pub(crate) additional_gids: &'a [u32],
     pub(crate) home: &'a str,
     /// The prepared network namespace; `None`: a fresh, empty one.
     pub(crate) netns: Option<&'a Path>,
@@ -279,11 +281,15 @@ pub(crate) fn config(bundle: &Bundle<'_>) -> Result<Value, EngineError> {
     for (key, value) in &spec.labels {
         annotations.insert(key.clone(), Value::String(value.clone()));
     }
+    let mut user = json!({"uid": bundle.uid, "gid": bundle.gid});
+    if !bundle.additional_gids.is_empty() {
+        user["additionalGids"] = json!(bundle.additional_gids);
+    }
     Ok(json!({
         "ociVersion": "1.0.2",
         "process": {
             "terminal": false,
-            "user": {"uid": bundle.uid, "gid": bundle.gid},
+            "user": user,
             "args": process_args(spec, bundle.image)?,
             "env": environment(spec, bundle.image, bundle.hostname, bundle.home),
             "cwd": cwd,
@@ -418,6 +424,7 @@ mod tests {
             hostname: "abc",
             uid: 1000,
             gid: 1000,
+            additional_gids: &[],
             home: "/",
             netns: Some(Path::new("/run/netns/t1")),
             cgroups_path: "/stevedore-oci/abc/ctr",

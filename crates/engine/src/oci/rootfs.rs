@@ -136,10 +136,21 @@ pub(crate) fn put_files(root: &Path, spec: &ContainerSpec) -> Result<(), EngineE
     Ok(())
 }
 
-/// The uid and gid `user` (`uid`, `uid:gid`, `name`, `name:group`) runs as, its names looked
-/// up in the image's `/etc/passwd` and `/etc/group`, with its home directory (for `HOME`).
-/// Blocking file IO.
-pub(crate) fn resolve_user(root: &Path, user: &str) -> Result<(u32, u32, String), EngineError> {
+/// Who a container's process runs as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ImageUser {
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    /// The groups `/etc/group` lists the user's name in, as Docker gives them (not with an
+    /// explicit group, `name:group`).
+    pub(crate) additional_gids: Vec<u32>,
+    /// Its home directory (for `HOME`), `/` without a `/etc/passwd` entry.
+    pub(crate) home: String,
+}
+
+/// Who `user` (`uid`, `uid:gid`, `name`, `name:group`) is, its names looked up in the
+/// image's `/etc/passwd` and `/etc/group`. Blocking file IO.
+pub(crate) fn resolve_user(root: &Path, user: &str) -> Result<ImageUser, EngineError> {
     let read = |file: &str| -> String {
         let opened = rustix::fs::open(root, OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
             .and_then(|dir| {
@@ -162,7 +173,7 @@ pub(crate) fn resolve_user(root: &Path, user: &str) -> Result<(u32, u32, String)
 }
 
 /// [`resolve_user`] over the text of `/etc/passwd` and `/etc/group`.
-fn parse_user(user: &str, passwd: &str, group: &str) -> Result<(u32, u32, String), EngineError> {
+fn parse_user(user: &str, passwd: &str, group: &str) -> Result<ImageUser, EngineError> {
     let (user_part, group_part) = match user.split_once(':') {
         Some((user, group)) => (user, Some(group)),
         None => (user, None),
@@ -185,14 +196,19 @@ fn parse_user(user: &str, passwd: &str, group: &str) -> Result<(u32, u32, String
             })?,
     };
     let home = entry.map_or("/", |fields| fields[5]).to_owned();
+    // name:password:gid:member,member,...
+    let groups = || {
+        group
+            .lines()
+            .map(|line| line.split(':').collect::<Vec<_>>())
+            .filter(|fields| fields.len() >= 3)
+    };
     let gid = match group_part {
         None => entry.and_then(|fields| fields[3].parse().ok()).unwrap_or(0),
         Some(group_name) => match group_name.parse::<u32>() {
             Ok(gid) => gid,
-            Err(_) => group
-                .lines()
-                .map(|line| line.split(':').collect::<Vec<_>>())
-                .find(|fields| fields.len() >= 3 && fields[0] == group_name)
+            Err(_) => groups()
+                .find(|fields| fields[0] == group_name)
                 .and_then(|fields| fields[2].parse().ok())
                 .ok_or_else(|| {
                     EngineError::invalid_spec(format!(
@@ -201,7 +217,28 @@ fn parse_user(user: &str, passwd: &str, group: &str) -> Result<(u32, u32, String
                 })?,
         },
     };
-    Ok((uid, gid, home))
+    let mut additional_gids: Vec<u32> = Vec::new();
+    if let (None, Some(entry)) = (group_part, entry) {
+        let name = entry[0];
+        let memberships = groups()
+            .filter(|fields| {
+                fields
+                    .get(3)
+                    .is_some_and(|members| members.split(',').any(|member| member.trim() == name))
+            })
+            .filter_map(|fields| fields[2].parse::<u32>().ok());
+        for member_of in memberships {
+            if member_of != gid && !additional_gids.contains(&member_of) {
+                additional_gids.push(member_of);
+            }
+        }
+    }
+    Ok(ImageUser {
+        uid,
+        gid,
+        additional_gids,
+        home,
+    })
 }
 
 /// The container's root, as a directory descriptor every path is resolved under.
@@ -375,19 +412,31 @@ mod tests {
     fn users_are_looked_up_in_the_image() -> TestResult {
         let passwd =
             "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n";
-        let group = "root:x:0:\nstaff:x:50:\n";
-        assert_eq!(parse_user("0", passwd, group)?, (0, 0, "/root".into()));
+        let group = "root:x:0:\nstaff:x:50:\naudio:x:29:other,nobody\nnogroup:x:65534:nobody\n";
+        let user = |uid, gid, additional_gids: &[u32], home: &str| ImageUser {
+            uid,
+            gid,
+            additional_gids: additional_gids.to_vec(),
+            home: home.to_owned(),
+        };
+        assert_eq!(parse_user("0", passwd, group)?, user(0, 0, &[], "/root"));
+        // Its own group is not repeated among the others.
         assert_eq!(
             parse_user("nobody", passwd, group)?,
-            (65534, 65534, "/nonexistent".into())
+            user(65534, 65534, &[29], "/nonexistent")
+        );
+        assert_eq!(
+            parse_user("65534", passwd, group)?,
+            user(65534, 65534, &[29], "/nonexistent")
         );
         assert_eq!(
             parse_user("1000:50", passwd, group)?,
-            (1000, 50, "/".into())
+            user(1000, 50, &[], "/")
         );
+        // An explicit group is the only one, as with Docker.
         assert_eq!(
             parse_user("nobody:staff", passwd, group)?,
-            (65534, 50, "/nonexistent".into())
+            user(65534, 50, &[], "/nonexistent")
         );
         assert!(parse_user("ghost", passwd, group).is_err());
         assert!(parse_user("0:ghosts", passwd, group).is_err());

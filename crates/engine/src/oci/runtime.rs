@@ -976,7 +976,7 @@ fn prepare(
         .or_else(|| image.config.user.clone())
         .filter(|user| !user.is_empty())
         .unwrap_or_else(|| "0".to_owned());
-    let (uid, gid, home) = rootfs::resolve_user(&rootfs, &user)?;
+    let user = rootfs::resolve_user(&rootfs, &user)?;
     let hostname: String = id.chars().take(12).collect();
     let write = |name: &str, contents: &[u8]| {
         let path = bundle_dir.join(name);
@@ -1003,9 +1003,10 @@ fn prepare(
         rootfs: &rootfs,
         etc_dir: bundle_dir,
         hostname: &hostname,
-        uid,
-        gid,
-        home: &home,
+        uid: user.uid,
+        gid: user.gid,
+        additional_gids: &user.additional_gids,
+        home: &user.home,
         netns: netns.map(|netns| netns.path.as_path()),
         cgroups_path: &cgroups_path,
         cgroup_namespace: hierarchy == Hierarchy::V2,
