@@ -172,6 +172,7 @@ macro_rules! store_test_suite {
             ],
             concurrency: [
                 concurrent_leasers_share_no_task_and_respect_max_concurrency,
+                concurrent_leasers_never_pass_a_projects_running_tasks_quota,
                 concurrent_completions_record_one_result_and_one_retry,
                 many_concurrent_runner_writes_each_get_their_own_answer,
                 concurrent_writes_about_one_task_take_turns,

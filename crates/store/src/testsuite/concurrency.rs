@@ -4,7 +4,7 @@
 
 use futures::FutureExt;
 use futures::future::join_all;
-use stevedore_model::{RetriesBackoff, TaskOutcome, TaskStatus};
+use stevedore_model::{Quota, RetriesBackoff, TaskOutcome, TaskStatus};
 
 use super::retries::{project_with_retrying_code, retries_of};
 use super::{
@@ -87,6 +87,88 @@ pub async fn concurrent_leasers_share_no_task_and_respect_max_concurrency(
         limited_total + free_total,
         "every task ran once"
     );
+    Ok(())
+}
+
+/// Leasers at once never hold more of a project's tasks than its `running_tasks` quota, however
+/// their counts interleave (each may count the same free slots before the others' leases
+/// commit), while another project's tasks go on; every task runs once.
+pub async fn concurrent_leasers_never_pass_a_projects_running_tasks_quota(
+    store: &dyn Store,
+) -> Result<()> {
+    let acme = project(store, "acme").await?;
+    for name in ["first", "second"] {
+        store
+            .push_code(&acme.id, &image_spec(name), None, at(0))
+            .await?;
+    }
+    store
+        .set_project_quota(&acme.id, Quota::RunningTasks, Some(3), at(0))
+        .await?;
+    let other = project(store, "other").await?;
+    store
+        .push_code(&other.id, &image_spec("other"), None, at(0))
+        .await?;
+    for name in ["first", "second"] {
+        store
+            .enqueue(&acme.id, &vec![new_task(name); 12], at(1))
+            .await?;
+    }
+    store
+        .enqueue(&other.id, &vec![new_task("other"); 16], at(1))
+        .await?;
+
+    let mut seen: Vec<String> = Vec::new();
+    let mut active_acme: Vec<LeasedTask> = Vec::new();
+    for round in 0..200 {
+        let now = at(2 + round);
+        let lease =
+            |name: &'static str| async move { store.lease(&lease_request(name, 4), now).await };
+        let (a, b, c, d) = tokio::join!(lease("r1"), lease("r2"), lease("r3"), lease("r4"));
+        let leased: Vec<LeasedTask> = [a?, b?, c?, d?].concat();
+        if leased.is_empty() && active_acme.is_empty() {
+            break;
+        }
+        for task in leased {
+            assert!(
+                !seen.contains(&task.task.id),
+                "task {} was handed out twice",
+                task.task.id
+            );
+            seen.push(task.task.id.clone());
+            if task.task.project_id == acme.id {
+                active_acme.push(task);
+            } else {
+                store
+                    .complete(
+                        &task.task.id,
+                        task.lease.token,
+                        &TaskOutcome::Cancelled,
+                        &RunReport::default(),
+                        now,
+                    )
+                    .await?;
+            }
+        }
+        assert!(
+            active_acme.len() <= 3,
+            "round {round}: {} tasks of a project limited to 3 were active",
+            active_acme.len()
+        );
+        // Finish two of acme's tasks, so its slots turn over.
+        for task in active_acme.drain(..active_acme.len().min(2)) {
+            store
+                .complete(
+                    &task.task.id,
+                    task.lease.token,
+                    &TaskOutcome::Cancelled,
+                    &RunReport::default(),
+                    now,
+                )
+                .await?;
+        }
+    }
+    assert_eq!(seen.len(), 24 + 16, "every task ran once");
     Ok(())
 }
 
