@@ -2,8 +2,10 @@
 //! requeues and rescues.
 
 use chrono::Duration;
+use sqlx::Postgres;
 use sqlx::Row;
-use sqlx::postgres::PgConnection;
+use sqlx::postgres::{PgArguments, PgConnection};
+use sqlx::query::QueryAs;
 use stevedore_model::limits::MAX_PRIORITY;
 use stevedore_model::{Quota, QuotaLimits, Task, TaskOutcome, TaskStatus, Timestamp};
 
@@ -47,6 +49,31 @@ macro_rules! runnable_due_task {
              WHERE k.project_id = t.project_id AND k.name = t.cluster) ELSE t.project_id = ",
             $owner,
             " END)"
+        )
+    };
+}
+
+/// A project's `running_tasks` quota in SQL, for the project the expression `$project` names:
+/// `used`, how many of its tasks hold a slot (those preparing or running); `limit`, its own
+/// limit (NULL when it has none: then the default, `running_limit`). Both the count without
+/// the lock (`count_project_slots`) and the count again under it (`confirm_leases`) read these,
+/// with the values `bind_running_slots` binds as `$2` to `$4`. The statuses are bound, not
+/// written out, so that under the generic plans of the lease transaction (`lease_due_tasks`)
+/// the count takes `tasks_by_project_status` rather than scan every active task of every
+/// project.
+macro_rules! running_slots {
+    (used: $project:literal) => {
+        concat!(
+            "(SELECT count(*) FROM tasks AS t WHERE t.project_id = ",
+            $project,
+            " AND t.status IN ($2, $3))"
+        )
+    };
+    (limit: $project:literal) => {
+        concat!(
+            "(SELECT q.\"limit\" FROM project_quotas AS q WHERE q.project_id = ",
+            $project,
+            " AND q.quota = $4)"
         )
     };
 }
@@ -568,29 +595,26 @@ async fn confirm_leases(
     .bind(served)
     .execute(&mut *conn)
     .await?;
-    let counted: Vec<(Option<i64>, Option<i64>)> = sqlx::query_as(
+    let query = sqlx::query_as(concat!(
         "WITH turns AS (INSERT INTO project_lease_turns (project_id, turn) \
          SELECT s.project_id, m.turn + s.position \
          FROM unnest($1::text[]) WITH ORDINALITY AS s (project_id, position), \
          (SELECT COALESCE(max(turn), 0) AS turn FROM project_lease_turns) AS m \
          ON CONFLICT (project_id) DO UPDATE SET turn = excluded.turn) \
-         SELECT CASE WHEN $2 THEN (SELECT count(*) FROM tasks AS t \
-         WHERE t.project_id = s.project_id AND t.status IN ($4, $5)) END, \
-         (SELECT q.\"limit\" FROM project_quotas AS q \
-         WHERE q.project_id = s.project_id AND q.quota = $3) \
-         FROM unnest($1::text[]) AS s (project_id)",
-    )
-    .bind(served)
-    .bind(check)
-    .bind(Quota::RunningTasks.as_str())
-    .bind(TaskStatus::Preparing.as_str())
-    .bind(TaskStatus::Running.as_str())
-    .fetch_all(&mut *conn)
-    .await?;
-    let limit = |own: Option<i64>| own.unwrap_or_else(|| signed(defaults.running_tasks));
+         SELECT CASE WHEN $5 THEN ",
+        running_slots!(used: "s.project_id"),
+        " END, ",
+        running_slots!(limit: "s.project_id"),
+        " FROM unnest($1::text[]) AS s (project_id)"
+    ))
+    .bind(served);
+    let counted: Vec<(Option<i64>, Option<i64>)> = bind_running_slots(query)
+        .bind(check)
+        .fetch_all(&mut *conn)
+        .await?;
     Ok(counted
         .into_iter()
-        .all(|(active, own)| active.is_none_or(|active| active <= limit(own))))
+        .all(|(active, own)| active.is_none_or(|active| active <= running_limit(defaults, own))))
 }
 
 /// How many of a code's `limit` slots are free for this lease call.
@@ -684,16 +708,30 @@ async fn count_project_slots(
     defaults: &QuotaLimits,
     project_id: &str,
 ) -> Result<i64> {
-    let (active, own): (i64, Option<i64>) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM tasks WHERE project_id = $1 AND status IN ($2, $3)), \
-         (SELECT \"limit\" FROM project_quotas WHERE project_id = $1 AND quota = $4)",
-    )
-    .bind(project_id)
-    .bind(TaskStatus::Preparing.as_str())
-    .bind(TaskStatus::Running.as_str())
-    .bind(Quota::RunningTasks.as_str())
-    .fetch_one(&mut *conn)
-    .await?;
-    let limit = own.unwrap_or_else(|| signed(defaults.running_tasks));
-    Ok(limit - active)
+    let query = sqlx::query_as(concat!(
+        "SELECT ",
+        running_slots!(used: "$1"),
+        ", ",
+        running_slots!(limit: "$1")
+    ))
+    .bind(project_id);
+    let (active, own): (i64, Option<i64>) = bind_running_slots(query).fetch_one(&mut *conn).await?;
+    Ok(running_limit(defaults, own) - active)
+}
+
+/// Binds what `running_slots!` reads, as `$2` to `$4`: the statuses of the tasks that hold a
+/// slot, and the quota's name. The caller binds `$1` before, and anything after `$4` after.
+fn bind_running_slots<O>(
+    query: QueryAs<'_, Postgres, O, PgArguments>,
+) -> QueryAs<'_, Postgres, O, PgArguments> {
+    query
+        .bind(TaskStatus::Preparing.as_str())
+        .bind(TaskStatus::Running.as_str())
+        .bind(Quota::RunningTasks.as_str())
+}
+
+/// A project's `running_tasks` limit: its own (`own`, as `running_slots!` reads it), else
+/// `defaults`.
+fn running_limit(defaults: &QuotaLimits, own: Option<i64>) -> i64 {
+    own.unwrap_or_else(|| signed(defaults.running_tasks))
 }
