@@ -1177,6 +1177,14 @@ async fn reap(live: Arc<Live>, mut child: tokio::process::Child, started_at: Tim
     let oom_killed = account.as_ref().is_some_and(|account| {
         cgroup::oom_killed(account, live.memory_limit, exit_code, oom_event)
     });
+    if oom_event == Some(true) && !oom_killed {
+        tracing::debug!(
+            container = %live.id,
+            exit_code,
+            peak = ?account.as_ref().and_then(|account| account.usage.peak_memory_bytes),
+            "the OOM notification fired without the group reaching its limit"
+        );
+    }
     let engine_error = match status {
         // No pid: the runtime failed before the container's process existed (a command that
         // is not in the image, a bad working directory); it said why on the stderr pipe.
