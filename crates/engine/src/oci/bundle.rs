@@ -565,10 +565,7 @@ fn kernel_rechecks_traced_calls() -> bool {
 
 /// The task's seccomp filter, an allow-list in the form of Docker's default profile: every
 /// call not listed answers `EPERM`, so a kernel interface a task has no business with (and
-/// every new one a later kernel adds) stays out of its reach unless it is named here. For a
-/// call newer than any the filter names, runc answers `ENOSYS` instead, so a C library falls
-/// back as it would on an older kernel; crun (1.8) answers `EPERM`, which a library that
-/// only falls back on `ENOSYS` (glibc's `fchmodat2`) takes as a refusal.
+/// every new one a later kernel adds) stays out of its reach unless it is named here.
 ///
 /// `capabilities` are the task's own ([`capabilities`]): they open
 /// [`CAPABILITY_SYSCALLS`] as they open them in Docker.
