@@ -447,56 +447,6 @@ async fn limits_and_privileges_hold() -> TestResult {
     Ok(())
 }
 
-/// The seccomp filter is an allow-list like Docker's, and both runtimes load it as written:
-/// ordinary programs run under it (forks, pipes, files, timers, the 32-bit personality
-/// `linux32` asks for), while a call off the list answers `EPERM`. `unshare -U` needs no
-/// capability, so only the filter stands between a task and a user namespace of its own.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn calls_off_the_seccomp_allow_list_are_refused() -> TestResult {
-    for binary in BINARIES {
-        let Some(runtime) = runtime(binary).await else {
-            return Ok(());
-        };
-        let id = runtime.create(&shell("true")).await?;
-        let config: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(runtime.bundle_dir(&id).join("config.json"))?)?;
-        runtime.remove(&id).await?;
-        let filter = &config["linux"]["seccomp"];
-        assert_eq!(filter["defaultAction"], "SCMP_ACT_ERRNO", "{filter}");
-        assert_eq!(filter["defaultErrnoRet"], 1, "{filter}");
-
-        let ordinary = shell(
-            "echo ok; seq 3 | sort -r | tr '\\n' ' '; echo; sleep 0.1; \
-             date +%s >/dev/null && ls -l / >/dev/null && echo listed; \
-             (cd /tmp && echo x >f && mv f g && cat g && rm g); \
-             linux32 true && echo personality",
-        );
-        let finished = run_to_end(&runtime, &ordinary).await;
-        assert_eq!(finished.status.exit_code, 0, "{binary}: {finished:?}");
-        assert_eq!(
-            String::from_utf8_lossy(&finished.stdout),
-            "ok\n3 2 1 \nlisted\nx\npersonality\n",
-            "{binary}: {finished:?}"
-        );
-
-        let refused =
-            shell("unshare -U true || echo refused; nsenter -t 1 -m true || echo refused");
-        let finished = run_to_end(&runtime, &refused).await;
-        assert_eq!(
-            String::from_utf8_lossy(&finished.stdout),
-            "refused\nrefused\n",
-            "{binary}: {finished:?}"
-        );
-        let stderr = String::from_utf8_lossy(&finished.stderr);
-        assert_eq!(
-            stderr.matches("Operation not permitted").count(),
-            2,
-            "{binary}: {stderr}"
-        );
-    }
-    Ok(())
-}
-
 /// Networks are the pool's: the OCI engine refuses to manage one, and a task that needs one
 /// without a pool is refused before anything is made.
 #[tokio::test]
