@@ -447,6 +447,48 @@ async fn limits_and_privileges_hold() -> TestResult {
     Ok(())
 }
 
+/// Both runtimes load the seccomp filter as written: ordinary programs run under it (forks,
+/// pipes, files, timers, the 32-bit personality `linux32` asks for), while the calls into new
+/// namespaces answer `EPERM`. `unshare -U` needs no capability, so only the filter stands
+/// between a task and a user namespace of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seccomp_filter_refuses_new_namespaces_and_lets_programs_run() -> TestResult {
+    for binary in BINARIES {
+        let Some(runtime) = runtime(binary).await else {
+            return Ok(());
+        };
+        let ordinary = shell(
+            "echo ok; seq 3 | sort -r | tr '\\n' ' '; echo; sleep 0.1; \
+             date +%s >/dev/null && ls -l / >/dev/null && echo listed; \
+             (cd /tmp && echo x >f && mv f g && cat g && rm g); \
+             linux32 true && echo personality",
+        );
+        let finished = run_to_end(&runtime, &ordinary).await;
+        assert_eq!(finished.status.exit_code, 0, "{binary}: {finished:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&finished.stdout),
+            "ok\n3 2 1 \nlisted\nx\npersonality\n",
+            "{binary}: {finished:?}"
+        );
+
+        let refused =
+            shell("unshare -U true || echo refused; nsenter -t 1 -m true || echo refused");
+        let finished = run_to_end(&runtime, &refused).await;
+        assert_eq!(
+            String::from_utf8_lossy(&finished.stdout),
+            "refused\nrefused\n",
+            "{binary}: {finished:?}"
+        );
+        let stderr = String::from_utf8_lossy(&finished.stderr);
+        assert_eq!(
+            stderr.matches("Operation not permitted").count(),
+            2,
+            "{binary}: {stderr}"
+        );
+    }
+    Ok(())
+}
+
 /// Networks are the pool's: the OCI engine refuses to manage one, and a task that needs one
 /// without a pool is refused before anything is made.
 #[tokio::test]
