@@ -32,61 +32,8 @@ pub async fn concurrent_leasers_share_no_task_and_respect_max_concurrency(
         .enqueue(&acme.id, &vec![new_task("free"); free_total], at(1))
         .await?;
 
-    let mut seen: Vec<String> = Vec::new();
-    let mut active_limited: Vec<LeasedTask> = Vec::new();
-    for round in 0..200 {
-        let now = at(2 + round);
-        let lease =
-            |name: &'static str| async move { store.lease(&lease_request(name, 4), now).await };
-        let (a, b, c, d) = tokio::join!(lease("r1"), lease("r2"), lease("r3"), lease("r4"));
-        let leased: Vec<LeasedTask> = [a?, b?, c?, d?].concat();
-        if leased.is_empty() && active_limited.is_empty() {
-            break;
-        }
-        for task in leased {
-            assert!(
-                !seen.contains(&task.task.id),
-                "task {} was handed out twice",
-                task.task.id
-            );
-            seen.push(task.task.id.clone());
-            if task.task.code_name == "limited" {
-                active_limited.push(task);
-            } else {
-                store
-                    .complete(
-                        &task.task.id,
-                        task.lease.token,
-                        &TaskOutcome::Cancelled,
-                        &RunReport::default(),
-                        now,
-                    )
-                    .await?;
-            }
-        }
-        assert!(
-            active_limited.len() <= 3,
-            "round {round}: {} tasks of a code limited to 3 were active",
-            active_limited.len()
-        );
-        // Finish two of the limited code's tasks, so its slots turn over.
-        for task in active_limited.drain(..active_limited.len().min(2)) {
-            store
-                .complete(
-                    &task.task.id,
-                    task.lease.token,
-                    &TaskOutcome::Cancelled,
-                    &RunReport::default(),
-                    now,
-                )
-                .await?;
-        }
-    }
-    assert_eq!(
-        seen.len(),
-        limited_total + free_total,
-        "every task ran once"
-    );
+    let seen = lease_in_rounds(store, |task| task.task.code_name == "limited", "a code").await?;
+    assert_eq!(seen, limited_total + free_total, "every task ran once");
     Ok(())
 }
 
@@ -118,15 +65,29 @@ pub async fn concurrent_leasers_never_pass_a_projects_running_tasks_quota(
         .enqueue(&other.id, &vec![new_task("other"); 16], at(1))
         .await?;
 
+    let seen = lease_in_rounds(store, |task| task.task.project_id == acme.id, "a project").await?;
+    assert_eq!(seen, 24 + 16, "every task ran once");
+    Ok(())
+}
+
+/// Four leasers at once, round after round, until nothing is left: no task is handed out
+/// twice, and at most 3 of the tasks `limited` picks out are active at a time (the limit of
+/// `what`, a code or a project). Every other task is finished at once; two of the limited
+/// ones each round, so its slots turn over. How many tasks ran.
+async fn lease_in_rounds(
+    store: &dyn Store,
+    limited: impl Fn(&LeasedTask) -> bool,
+    what: &str,
+) -> Result<usize> {
     let mut seen: Vec<String> = Vec::new();
-    let mut active_acme: Vec<LeasedTask> = Vec::new();
+    let mut active: Vec<LeasedTask> = Vec::new();
     for round in 0..200 {
         let now = at(2 + round);
         let lease =
             |name: &'static str| async move { store.lease(&lease_request(name, 4), now).await };
         let (a, b, c, d) = tokio::join!(lease("r1"), lease("r2"), lease("r3"), lease("r4"));
         let leased: Vec<LeasedTask> = [a?, b?, c?, d?].concat();
-        if leased.is_empty() && active_acme.is_empty() {
+        if leased.is_empty() && active.is_empty() {
             break;
         }
         for task in leased {
@@ -136,39 +97,39 @@ pub async fn concurrent_leasers_never_pass_a_projects_running_tasks_quota(
                 task.task.id
             );
             seen.push(task.task.id.clone());
-            if task.task.project_id == acme.id {
-                active_acme.push(task);
+            if limited(&task) {
+                active.push(task);
             } else {
-                store
-                    .complete(
-                        &task.task.id,
-                        task.lease.token,
-                        &TaskOutcome::Cancelled,
-                        &RunReport::default(),
-                        now,
-                    )
-                    .await?;
+                cancel_leased(store, &task, now).await?;
             }
         }
         assert!(
-            active_acme.len() <= 3,
-            "round {round}: {} tasks of a project limited to 3 were active",
-            active_acme.len()
+            active.len() <= 3,
+            "round {round}: {} tasks of {what} limited to 3 were active",
+            active.len()
         );
-        // Finish two of acme's tasks, so its slots turn over.
-        for task in active_acme.drain(..active_acme.len().min(2)) {
-            store
-                .complete(
-                    &task.task.id,
-                    task.lease.token,
-                    &TaskOutcome::Cancelled,
-                    &RunReport::default(),
-                    now,
-                )
-                .await?;
+        for task in active.drain(..active.len().min(2)) {
+            cancel_leased(store, &task, now).await?;
         }
     }
-    assert_eq!(seen.len(), 24 + 16, "every task ran once");
+    Ok(seen.len())
+}
+
+/// Ends a leased task as cancelled.
+async fn cancel_leased(
+    store: &dyn Store,
+    task: &LeasedTask,
+    now: stevedore_model::Timestamp,
+) -> Result<()> {
+    store
+        .complete(
+            &task.task.id,
+            task.lease.token,
+            &TaskOutcome::Cancelled,
+            &RunReport::default(),
+            now,
+        )
+        .await?;
     Ok(())
 }
 
