@@ -563,10 +563,11 @@ impl Shared {
                     Job::Stop => break,
                 };
             }
+            // When the addresses waiting to be forgotten are due (`next_job` decides).
             let forget_at = self
                 .state()
                 .forgetting_since
-                .map(|since| since + FORGET_AFTER);
+                .map(|since| tokio::time::Instant::from_std(since + FORGET_AFTER));
             tokio::select! {
                 Some(ended) = jobs.join_next(), if !jobs.is_empty() => {
                     if let Err(error) = ended {
@@ -574,7 +575,8 @@ impl Shared {
                     }
                 }
                 () = self.wake.notified() => {}
-                () = sleep_until(forget_at) => {}
+                () = tokio::time::sleep_until(forget_at.unwrap_or_else(tokio::time::Instant::now)),
+                    if forget_at.is_some() => {}
             }
         }
     }
@@ -1075,14 +1077,6 @@ async fn forget_task_connections(conntrack: &Path, addresses: &[Ipv4Addr]) {
         if directions != (false, false) {
             forget_connections(conntrack, &address.to_string(), directions).await;
         }
-    }
-}
-
-/// Sleeps until `deadline`, or for ever without one.
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
-        None => std::future::pending().await,
     }
 }
 
