@@ -15,6 +15,11 @@
 //! `UPDATE` on a record the writer remembers from the lease (`leases::LeaseCache`). WAL
 //! checkpoints run on their own connection in the background, off the commit path.
 //!
+//! A bound `LIMIT` is written `LIMIT +?N`. Since SQLite 3.47 the planner reads the value bound
+//! to a bare `LIMIT ?N`, so rebinding it expires the statement and every run prepares it again
+//! (the lease statement's recompiling was about 4% of `serve`'s CPU); the unary plus keeps the
+//! value out of the plan and the prepared statement reusable. A test keeps bare ones out.
+//!
 //! A write in a group transaction (from the group's `BEGIN`, through a completion and its
 //! retry, to the group's `COMMIT` and the telling of its writers) runs on a task of its own that
 //! holds the writer (`detached`): a caller dropped half-way (a client that disconnects, a
@@ -726,5 +731,26 @@ impl Store for SqliteStore {
         now: Timestamp,
     ) -> Result<TaskDataPrune> {
         retention::prune_task_data(self, data, finished_before, after, max_rows, now).await
+    }
+}
+
+#[cfg(test)]
+mod sql_text_tests {
+    /// Every bound `LIMIT` in this backend keeps its value out of the plan (see the module
+    /// docs): a bare `LIMIT ?N` would make SQLite prepare its statement again at every run.
+    #[test]
+    fn no_statement_binds_a_bare_limit() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/sqlite");
+        let mut bare = Vec::new();
+        for entry in std::fs::read_dir(&dir).expect("the sqlite module's directory") {
+            let path = entry.expect("a directory entry").path();
+            let text = std::fs::read_to_string(&path).expect("a source file");
+            for (number, line) in text.lines().enumerate() {
+                if line.contains("LIMIT ?") || line.contains("LIMIT \")") {
+                    bare.push(format!("{}:{}", path.display(), number + 1));
+                }
+            }
+        }
+        assert!(bare.is_empty(), "bare bound LIMITs: {bare:?}");
     }
 }

@@ -187,7 +187,7 @@ pub(super) async fn list(
         revision_columns!(),
         " FROM codes AS c JOIN code_revisions AS r ON r.code_id = c.id AND r.rev = c.latest_rev \
          WHERE c.project_id = ?1 AND c.deleted_at IS NULL \
-         ORDER BY c.updated_at DESC, c.id DESC LIMIT ?2 OFFSET ?3"
+         ORDER BY c.updated_at DESC, c.id DESC LIMIT +?2 OFFSET ?3"
     ))
     .bind(project_id)
     .bind(limit)
@@ -211,7 +211,7 @@ pub(super) async fn list_revisions(
         revision_columns!(),
         " FROM codes AS c JOIN code_revisions AS r ON r.code_id = c.id \
          WHERE c.id = ?1 AND c.project_id = ?2 AND c.deleted_at IS NULL \
-         ORDER BY r.rev DESC LIMIT ?3 OFFSET ?4"
+         ORDER BY r.rev DESC LIMIT +?3 OFFSET ?4"
     ))
     .bind(code_id)
     .bind(project_id)

@@ -125,7 +125,7 @@ const LEASE_CANDIDATES: &str = concat!(
      WHERE t.status = 'queued' AND t.priority = ?7 AND t.project_id = w.value AND ",
     runnable_due_task!("?1", "?2", "?6"),
     " AND t.code_id NOT IN (SELECT value FROM json_each(?3)) \
-     AND t.id NOT IN (SELECT value FROM json_each(?4)) ORDER BY t.due_at, t.id LIMIT ?5) \
+     AND t.id NOT IN (SELECT value FROM json_each(?4)) ORDER BY t.due_at, t.id LIMIT +?5) \
      JOIN codes AS c ON c.id = t.code_id ORDER BY w.key, t.due_at, t.id"
 );
 

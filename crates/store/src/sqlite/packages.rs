@@ -297,7 +297,7 @@ impl PruneTables for SqliteStore {
              AND (c.deleted_at IS NOT NULL OR r.rev <= c.latest_rev - ?1) \
              AND NOT EXISTS (SELECT 1 FROM tasks AS t WHERE t.status IN ",
             unfinished!(),
-            " AND t.code_id = r.code_id AND t.code_rev = r.rev) LIMIT ?2"
+            " AND t.code_id = r.code_id AND t.code_rev = r.rev) LIMIT +?2"
         ))
         .bind(i64::from(keep))
         .bind(i64::from(limit))
@@ -350,7 +350,7 @@ impl PruneTables for SqliteStore {
     async fn unheld_packages(&self, limit: u32) -> Result<Vec<String>> {
         Ok(sqlx::query_scalar(
             "SELECT sha256 FROM packages AS p WHERE NOT EXISTS (\
-             SELECT 1 FROM code_revisions AS r WHERE r.stored_package = p.sha256) LIMIT ?1",
+             SELECT 1 FROM code_revisions AS r WHERE r.stored_package = p.sha256) LIMIT +?1",
         )
         .bind(i64::from(limit))
         .fetch_all(&self.readers)
@@ -369,7 +369,7 @@ impl PruneTables for SqliteStore {
         Ok(sqlx::query_scalar(concat!(
             "SELECT id FROM package_blobs WHERE loose_until <= ",
             db_now!(),
-            " ORDER BY loose_until LIMIT ?1"
+            " ORDER BY loose_until LIMIT +?1"
         ))
         .bind(i64::from(limit))
         .fetch_all(&self.readers)
@@ -380,7 +380,7 @@ impl PruneTables for SqliteStore {
         let mut writer = self.writer().await?;
         let deleted = sqlx::query(concat!(
             "DELETE FROM package_chunks WHERE blob = ?1 AND seq IN (\
-             SELECT seq FROM package_chunks WHERE blob = ?1 ORDER BY seq LIMIT ?2) \
+             SELECT seq FROM package_chunks WHERE blob = ?1 ORDER BY seq LIMIT +?2) \
              AND EXISTS (SELECT 1 FROM package_blobs WHERE id = ?1 AND loose_until <= ",
             db_now!(),
             ")"

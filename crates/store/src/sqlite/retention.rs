@@ -28,13 +28,13 @@ use crate::{PruneCursor, Result, TaskData, TaskDataPrune};
 const LOGS_KEPT: &str = "SELECT id, end_time, log_size AS bytes FROM tasks \
      WHERE end_time < ?1 AND log_removed_at IS NULL AND (end_time, id) > (?2, ?3) \
      AND +status IN ('complete', 'error', 'timeout', 'cancelled') \
-     ORDER BY end_time, id LIMIT ?4";
+     ORDER BY end_time, id LIMIT +?4";
 
 /// The same for payloads, with their bytes.
 const PAYLOADS_KEPT: &str = "SELECT id, end_time, octet_length(payload) AS bytes FROM tasks \
      WHERE end_time < ?1 AND payload_removed_at IS NULL AND (end_time, id) > (?2, ?3) \
      AND +status IN ('complete', 'error', 'timeout', 'cancelled') \
-     ORDER BY end_time, id LIMIT ?4";
+     ORDER BY end_time, id LIMIT +?4";
 
 pub(super) async fn prune_task_data(
     store: &SqliteStore,

@@ -82,7 +82,7 @@ pub(super) async fn list(
         "SELECT ",
         schedule_columns!(),
         " FROM schedules AS s WHERE s.project_id = ?1 \
-         ORDER BY s.created_at DESC, s.id DESC LIMIT ?2 OFFSET ?3"
+         ORDER BY s.created_at DESC, s.id DESC LIMIT +?2 OFFSET ?3"
     ))
     .bind(project_id)
     .bind(limit)
@@ -153,7 +153,7 @@ pub(super) async fn due(store: &SqliteStore, now: Timestamp, limit: u32) -> Resu
         "SELECT ",
         schedule_columns!(),
         " FROM schedules AS s WHERE s.status = 'scheduled' AND s.next_start <= ?1 \
-         ORDER BY s.next_start, s.id LIMIT ?2"
+         ORDER BY s.next_start, s.id LIMIT +?2"
     ))
     .bind(micros(now))
     .bind(i64::from(limit))

@@ -81,7 +81,7 @@ pub(super) async fn list(
             .push_bind(micros(to_time));
     }
     query
-        .push(" ORDER BY t.created_at DESC, t.id DESC LIMIT ")
+        .push(" ORDER BY t.created_at DESC, t.id DESC LIMIT +")
         .push_bind(limit)
         .push(" OFFSET ")
         .push_bind(offset);
@@ -467,7 +467,7 @@ async fn cancel_queued(
     let cancelled = transition(TaskStatus::Queued, &Event::Cancelled)?;
     let written = sqlx::query(
         "UPDATE tasks SET status = ?1, end_time = ?2, updated_at = ?2, msg = ?3, version = version + 1 \
-         WHERE id IN (SELECT id FROM tasks WHERE status = ?5 AND code_id = ?4 LIMIT ?6)",
+         WHERE id IN (SELECT id FROM tasks WHERE status = ?5 AND code_id = ?4 LIMIT +?6)",
     )
     .bind(cancelled.as_str())
     .bind(micros(now))

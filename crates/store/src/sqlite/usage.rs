@@ -52,7 +52,7 @@ pub(super) async fn queue_waits(
     let rows = sqlx::query(
         "SELECT start_time, MAX(0, start_time - due_at) AS wait_micros FROM tasks \
          WHERE project_id = ?1 AND start_time IS NOT NULL AND start_time >= ?2 AND start_time < ?3 \
-         ORDER BY start_time DESC LIMIT ?4",
+         ORDER BY start_time DESC LIMIT +?4",
     )
     .bind(project_id)
     .bind(micros(from))
