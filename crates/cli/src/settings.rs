@@ -244,6 +244,9 @@ pub struct RunnerSettings {
     pub capacity: Option<u32>,
     /// Memory the runner may hand out to containers, MiB; 90% of the engine's when absent.
     pub memory_budget_mib: Option<u64>,
+    /// Tasks leased beyond the slots while all are busy, their containers made ready to
+    /// start the moment a slot frees; only while recent tasks ran short. 0: none.
+    pub prepare_ahead: u32,
     pub lease_secs: u32,
     pub log_cap_bytes: u64,
     pub shutdown_grace_secs: u64,
@@ -492,6 +495,7 @@ impl Default for RunnerSettings {
             clusters: defaults.clusters,
             capacity: None,
             memory_budget_mib: None,
+            prepare_ahead: defaults.prepare_ahead,
             lease_secs: defaults.lease_secs,
             log_cap_bytes: defaults.log_cap_bytes,
             shutdown_grace_secs: defaults.shutdown_grace.as_secs(),
@@ -525,6 +529,7 @@ impl RunnerSettings {
             clusters: self.clusters.clone(),
             capacity: self.capacity,
             memory_budget_mib: self.memory_budget_mib,
+            prepare_ahead: self.prepare_ahead,
             lease_secs: self.lease_secs,
             log_cap_bytes: self.log_cap_bytes,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),

@@ -3,6 +3,7 @@
 //! ```text
 //! leased ─▶ memory reserved ─▶ image present ─▶ package spooled ─▶ created ─▶ output attached
 //!                                                                 └ lease confirmed meanwhile ┘
+//!        (leased ahead: memory reserved only here, once a slot is given back to the task)
 //!        ─▶ started ─▶ mark_running ─▶ supervised (exit | deadline | cancel | lease lost | shutdown)
 //!        ─▶ logs drained ─▶ result recorded (complete | requeue | abandoned) ─▶ slot freed
 //!        ─▶ container removed in the background
@@ -365,7 +366,8 @@ impl Attempt {
         // Not raced against anything: a create in flight that was dropped could leave a
         // container behind whose id we never learnt. The lease is confirmed meanwhile: the
         // source's answer and the engine's work overlap, and the start still follows the
-        // confirmation by no more than a create takes, far within the lease it confirmed.
+        // confirmation by no more than a create takes, far within the lease it confirmed (a
+        // task leased ahead then waits for a slot, its lease kept by answered heartbeats).
         let (created, confirmed) = tokio::join!(self.create_attached(&spec), self.confirm_lease());
         // The package is in the container now (or never will be): its file goes.
         self.package = None;
@@ -387,6 +389,11 @@ impl Attempt {
         if let Some(ending) = self.interrupted_before_start() {
             return ending;
         }
+        if !self.slot.is_held()
+            && let Some(ending) = self.wait_for_slot().await
+        {
+            return ending;
+        }
         if let Err(error) =
             engine_call(ContainerOperation::Start, self.context.engine.start(&id)).await
         {
@@ -394,8 +401,8 @@ impl Attempt {
         }
         self.started = true;
         // The timeout counts from here: pulling and creating were not the task's time.
-        let deadline =
-            Instant::now() + Duration::from_secs(u64::from(self.leased.task.timeout_secs));
+        let started_at = Instant::now();
+        let deadline = started_at + Duration::from_secs(u64::from(self.leased.task.timeout_secs));
         let (task_id, token) = (self.leased.task.id.clone(), self.leased.lease.token);
         let source = Arc::clone(&self.context.source);
         // Raced against the lease: the container runs while this is retried, and a source
@@ -420,7 +427,30 @@ impl Attempt {
             }
         }
         tracing::debug!("container started");
-        self.supervise(id, output, deadline).await
+        let ending = self.supervise(id, output, deadline).await;
+        self.slot.record_run(started_at.elapsed());
+        ending
+    }
+
+    /// For a task leased ahead, its container created and attached: waits for a slot given
+    /// back and then for the task's memory. The lease is kept meanwhile by the heartbeats,
+    /// which also bring a cancel or a lost lease in; either ends the wait, and so does a
+    /// shutdown, which gives the task back like any task that has not started.
+    async fn wait_for_slot(&mut self) -> Option<Ending> {
+        let signals = self.signals.clone();
+        let shutdown = self.context.shutdown.clone();
+        let memory_mib = u64::from(self.leased.code.spec.limits.memory_mib);
+        let slot = &mut self.slot;
+        tokio::select! {
+            biased;
+            () = signals.lease_lost.cancelled() => Some(lease_lost()),
+            () = signals.cancel.cancelled() => Some(cancelled(RunReport::default())),
+            () = shutdown.cancelled() => Some(shutdown_before_start()),
+            () = async {
+                slot.hold().await;
+                slot.reserve_memory(memory_mib).await;
+            } => None,
+        }
     }
 
     /// Creates the container. When the engine refuses a container on the managed task
@@ -475,7 +505,10 @@ impl Attempt {
                 delay: self.backoff(),
             });
         }
-        self.slot.reserve_memory(memory_mib).await;
+        // A task leased ahead reserves its memory with its slot, right before its start.
+        if self.slot.is_held() {
+            self.slot.reserve_memory(memory_mib).await;
+        }
 
         let context = Arc::clone(&self.context);
         let config = &context.config;

@@ -189,7 +189,11 @@ impl Runner {
             ledger,
         } = started;
         let cpu_group = limits.cpu_group.clone();
-        let admission = Admission::new(limits.capacity, limits.memory_budget_mib);
+        let admission = Admission::new(
+            limits.capacity,
+            limits.memory_budget_mib,
+            self.config.prepare_ahead,
+        );
         let context = Arc::new(TaskContext {
             config: config.clone(),
             source: Arc::clone(&self.source),
@@ -330,7 +334,11 @@ impl Runner {
             {
                 return;
             }
-            let wanted = admission.lease_size();
+            // Every slot taken: perhaps a task to prepare ahead (see `admission`).
+            let (wanted, ahead) = match admission.lease_size() {
+                0 => (admission.ahead_size(), true),
+                free => (free, false),
+            };
             if wanted == 0 {
                 // Wakes as soon as a running task gives its slot or memory back.
                 tokio::select! {
@@ -353,7 +361,7 @@ impl Runner {
                 Ok(tasks) => {
                     idle.reset();
                     for leased in tasks {
-                        self.spawn_attempt(context, admission, leased);
+                        self.spawn_attempt(context, admission, leased, ahead);
                     }
                     continue;
                 }
@@ -376,10 +384,16 @@ impl Runner {
         context: &Arc<TaskContext>,
         admission: &Arc<Admission>,
         leased: LeasedTask,
+        ahead: bool,
     ) {
-        let slot = admission.take();
+        let slot = if ahead {
+            admission.take_ahead()
+        } else {
+            admission.take()
+        };
         tracing::debug!(
             task_id = %leased.task.id,
+            ahead,
             used = admission.capacity().saturating_sub(admission.lease_size()),
             capacity = admission.capacity(),
             memory_budget_mib = admission.memory_budget_mib(),

@@ -574,13 +574,14 @@ async fn capacity_and_the_memory_budget_are_never_exceeded() {
         })
         .await;
 
-    // Capacity 2: never more than two tasks leased at once.
+    // Capacity 2 and nothing leased ahead: never more than two tasks leased at once.
     let mut small = Vec::new();
     for _ in 0..6 {
         small.push(harness.queue("small", "", 60).await.id);
     }
     let config = RunnerConfig {
         capacity: Some(2),
+        prepare_ahead: 0,
         ..test_config("r-capacity")
     };
     let (runner, source) = start(&harness, config, &engine);
@@ -614,6 +615,112 @@ async fn capacity_and_the_memory_budget_are_never_exceeded() {
     runner.stop().await.unwrap();
     assert_eq!(source.max_running(), 2);
     assert!(engine.existing().is_empty());
+}
+
+/// The label that names a container's task.
+fn task_of(spec: &ContainerSpec) -> Option<&str> {
+    spec.labels.get(LABEL_TASK).map(String::as_str)
+}
+
+#[tokio::test]
+async fn with_every_slot_busy_one_more_task_is_prepared_and_started_when_a_slot_frees() {
+    let harness = system_harness().await;
+    let engine = engine_with(
+        "test/short",
+        FakeRun::success().running_for(Duration::from_millis(150)),
+    );
+    harness
+        .push_image_code("short", "test/short", Some("work"), |_| {})
+        .await;
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        ids.push(harness.queue("short", "", 60).await.id);
+    }
+    let config = RunnerConfig {
+        capacity: Some(1),
+        ..test_config("r-ahead")
+    };
+    let (runner, source) = start(&harness, config, &engine);
+    for id in &ids {
+        assert_eq!(
+            harness.finished(id, WITHIN).await.status,
+            TaskStatus::Complete
+        );
+    }
+    runner.stop().await.unwrap();
+    // After a few short runs, a second task was leased and its container made ready while
+    // the first ran; but one slot never ran two.
+    assert_eq!(source.max_leased(), 2);
+    assert_eq!(source.max_running(), 1);
+    assert_eq!(engine.created().len(), ids.len());
+    assert!(engine.existing().is_empty());
+}
+
+#[tokio::test]
+async fn a_task_waiting_ahead_for_a_slot_is_cancelled_without_ever_starting() {
+    let harness = system_harness().await;
+    let engine = engine_with(
+        "test/short",
+        FakeRun::success().running_for(Duration::from_millis(20)),
+    );
+    engine.add_image("test/forever");
+    engine.script_image("test/forever", FakeRun::forever());
+    harness
+        .push_image_code("short", "test/short", Some("work"), |_| {})
+        .await;
+    harness
+        .push_image_code("forever", "test/forever", Some("sleep 1000"), |_| {})
+        .await;
+    let config = RunnerConfig {
+        capacity: Some(1),
+        ..test_config("r-ahead-cancel")
+    };
+    let (runner, _) = start(&harness, config, &engine);
+    // Short runs first, so that the runner leases ahead.
+    for _ in 0..4 {
+        let id = harness.queue("short", "", 60).await.id;
+        harness.finished(&id, WITHIN).await;
+    }
+    let long = harness.queue("forever", "", 3600).await;
+    harness
+        .wait_for(&long.id, WITHIN, |task| task.status == TaskStatus::Running)
+        .await;
+    let ahead = harness.queue("short", "", 60).await;
+    let waiting = async {
+        loop {
+            let created = engine.created();
+            if created
+                .iter()
+                .any(|(_, spec)| task_of(spec) == Some(&ahead.id))
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(WITHIN, waiting)
+        .await
+        .expect("the task leased ahead gets its container while the slot is busy");
+    assert_eq!(harness.task(&ahead.id).await.status, TaskStatus::Preparing);
+
+    harness
+        .store
+        .cancel_task(&harness.project_id, &ahead.id, harness.clock.now())
+        .await
+        .unwrap();
+    let done = harness.finished(&ahead.id, WITHIN).await;
+    assert_eq!(done.status, TaskStatus::Cancelled);
+    assert_eq!(done.start_time, None, "it never started");
+    assert_eq!(harness.task(&long.id).await.status, TaskStatus::Running);
+
+    harness
+        .store
+        .cancel_task(&harness.project_id, &long.id, harness.clock.now())
+        .await
+        .unwrap();
+    harness.finished(&long.id, WITHIN).await;
+    runner.stop().await.unwrap();
+    assert!(engine.existing().is_empty(), "both containers are gone");
 }
 
 #[tokio::test]
