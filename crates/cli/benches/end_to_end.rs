@@ -766,14 +766,15 @@ fn print_table(measurements: &[Measurement]) {
                 })
             };
             let verdict = |met: bool| if met { "meets" } else { "MISSES" };
+            // A batch's queue-to-start counts the wait behind the tasks queued before it; the
+            // latency target is judged one task at a time on an idle runner, below.
             println!(
                 "concurrency {concurrency}: stevedore oci {tasks_per_s:.1} tasks/s ({} the \
                  target of {OCI_TARGET_THROUGHPUT}), {} the Docker path, {} the raw loop; \
-                 queue-to-start p50 {p50:.1} ms ({} the target of {OCI_TARGET_P50_MS} ms)",
+                 queue-to-start p50 {p50:.1} ms in a batch queued at once",
                 verdict(tasks_per_s >= OCI_TARGET_THROUGHPUT),
                 times("stevedore"),
                 times("raw engine"),
-                verdict(p50 < OCI_TARGET_P50_MS),
             );
         }
     }
