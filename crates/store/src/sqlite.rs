@@ -13,7 +13,9 @@
 //! connection's worker thread: a lease batch is a handful of statements whatever its size, a
 //! queue batch is one `INSERT`, and a runner's heartbeat, start or completion is one guarded
 //! `UPDATE` on a record the writer remembers from the lease (`leases::LeaseCache`). WAL
-//! checkpoints run on their own connection in the background, off the commit path.
+//! checkpoints run on their own connection in the background, off the commit path: at the next
+//! 100 ms tick after 64 commits, else once a second while anything was committed (the writer
+//! counts its commits in a commit hook).
 //!
 //! A bound `LIMIT` is written `LIMIT +?N`. Since SQLite 3.47 the planner reads the value bound
 //! to a bare `LIMIT ?N`, so rebinding it expires the statement and every run prepares it again
@@ -53,6 +55,7 @@ mod writer;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -126,8 +129,15 @@ pub struct SqliteStore {
 const READ_CONNECTIONS: u32 = 4;
 /// How long a connection waits on a lock held by another process before it fails.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often the background checkpointer copies committed WAL pages into the database file.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the background checkpointer looks at what the writer committed.
+const CHECKPOINT_TICK: Duration = Duration::from_millis(100);
+/// Commits since the last checkpoint that make the next tick copy the WAL into the database
+/// file, so that a busy writer's WAL stays short.
+const CHECKPOINT_AFTER_COMMITS: u64 = 64;
+/// Fewer commits wait this long: a checkpoint that copies pages syncs the WAL and the
+/// database file, and the WAL's restart after it syncs its header, so a trickle of commits
+/// checkpointed every tick paid thirty fsyncs a second.
+const CHECKPOINT_AT_MOST_EVERY: Duration = Duration::from_secs(1);
 /// The WAL size, in pages, past which the writer checkpoints by itself. SQLite's default
 /// (1000) makes every few hundred commits pay for a checkpoint and its fsyncs; with the
 /// background checkpointer doing the copying, the writer's own checkpoint only has to find the
@@ -187,6 +197,12 @@ impl SqliteStore {
             .connect()
             .await?;
         MIGRATOR.run(&mut writer).await?;
+        let commits = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&commits);
+        writer.lock_handle().await?.set_commit_hook(move || {
+            counted.fetch_add(1, Ordering::Relaxed);
+            true
+        });
         let readers = SqlitePoolOptions::new()
             .max_connections(READ_CONNECTIONS)
             .test_before_acquire(false)
@@ -194,7 +210,8 @@ impl SqliteStore {
             .max_lifetime(None)
             .connect_with(connect.clone().read_only(true))
             .await?;
-        let checkpointer = tokio::spawn(checkpoint_in_background(connect.connect().await?));
+        let checkpointer =
+            tokio::spawn(checkpoint_in_background(connect.connect().await?, commits));
         Ok(SqliteStore {
             writing: Arc::new(Writing::new(writer)),
             readers,
@@ -226,21 +243,42 @@ impl Drop for SqliteStore {
     }
 }
 
-/// Runs passive checkpoints on their own connection, off the writer's path. A passive
-/// checkpoint never blocks the writer or a reader; it copies what it can and the next one
-/// continues.
-async fn checkpoint_in_background(mut conn: SqliteConnection) {
-    let mut ticks = tokio::time::interval(CHECKPOINT_INTERVAL);
+/// Runs passive checkpoints on their own connection, off the writer's path, when
+/// [`checkpoint_due`] says so from the writer's count of `commits`. A passive checkpoint never
+/// blocks the writer or a reader; it copies what it can and the next one continues.
+async fn checkpoint_in_background(mut conn: SqliteConnection, commits: Arc<AtomicU64>) {
+    let mut ticks = tokio::time::interval(CHECKPOINT_TICK);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let (mut seen, mut last) = (0, tokio::time::Instant::now());
+    // Whether the last checkpoint left pages behind (readers held them), to be tried again.
+    let mut behind = false;
     loop {
         ticks.tick().await;
-        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&mut conn)
+        let now_committed = commits.load(Ordering::Relaxed);
+        if !checkpoint_due(now_committed.wrapping_sub(seen), behind, last.elapsed()) {
+            continue;
+        }
+        (seen, last) = (now_committed, tokio::time::Instant::now());
+        // (busy, frames in the WAL, frames copied)
+        match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(&mut conn)
             .await
         {
-            tracing::warn!(%error, "background WAL checkpoint failed");
+            Ok((_, frames, copied)) => behind = copied < frames,
+            Err(error) => {
+                behind = true;
+                tracing::warn!(%error, "background WAL checkpoint failed");
+            }
         }
     }
+}
+
+/// Whether to checkpoint now, `commits` commits and `since` after the last checkpoint, which
+/// left pages behind or not: at once past [`CHECKPOINT_AFTER_COMMITS`], else once a second
+/// while there is anything to copy.
+fn checkpoint_due(commits: u64, behind: bool, since: Duration) -> bool {
+    commits >= CHECKPOINT_AFTER_COMMITS
+        || ((commits > 0 || behind) && since >= CHECKPOINT_AT_MOST_EVERY)
 }
 
 #[async_trait]
@@ -731,6 +769,24 @@ impl Store for SqliteStore {
         now: Timestamp,
     ) -> Result<TaskDataPrune> {
         retention::prune_task_data(self, data, finished_before, after, max_rows, now).await
+    }
+}
+
+#[cfg(test)]
+mod checkpoint_tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_writer_is_checkpointed_at_once_and_a_trickle_once_a_second() {
+        let (tick, second) = (CHECKPOINT_TICK, CHECKPOINT_AT_MOST_EVERY);
+        assert!(checkpoint_due(CHECKPOINT_AFTER_COMMITS, false, tick));
+        assert!(!checkpoint_due(CHECKPOINT_AFTER_COMMITS - 1, false, tick));
+        assert!(checkpoint_due(1, false, second));
+        // Nothing committed and nothing left behind: nothing to copy, however long it was.
+        assert!(!checkpoint_due(0, false, second * 10));
+        // Pages a reader held back are tried again a second later.
+        assert!(!checkpoint_due(0, true, tick));
+        assert!(checkpoint_due(0, true, second));
     }
 }
 
