@@ -263,10 +263,7 @@ pub(super) fn chaos(
 /// Kills the Docker daemon with SIGKILL and waits until it is gone: its containers keep
 /// running under their shims until a new daemon starts and, without live restore, kills them.
 fn kill_dockerd() {
-    let pid = std::fs::read_to_string("/var/run/docker.pid")
-        .expect("read /var/run/docker.pid")
-        .trim()
-        .to_owned();
+    let pid = dockerd_pid();
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
     assert_eq!(comm.trim(), "dockerd", "pid {pid} is not dockerd");
     let killed = Command::new("kill")
@@ -287,6 +284,29 @@ fn kill_dockerd() {
         assert!(Instant::now() < deadline, "dockerd {pid} does not die");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The Docker daemon's pid: from its pid file, else the one live process named `dockerd` (a
+/// pid file removed by hand while the daemon ran).
+fn dockerd_pid() -> String {
+    if let Ok(pid) = std::fs::read_to_string("/var/run/docker.pid") {
+        return pid.trim().to_owned();
+    }
+    let mut daemons: Vec<String> = std::fs::read_dir("/proc")
+        .expect("list /proc")
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|pid| {
+            // `comm` in parentheses, then the state: a killed daemon nobody reaped is a zombie.
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| stat.contains("(dockerd) ") && !stat.contains("(dockerd) Z"))
+        })
+        .collect();
+    assert_eq!(
+        daemons.len(),
+        1,
+        "no /var/run/docker.pid, and not one dockerd process: {daemons:?}"
+    );
+    daemons.remove(0)
 }
 
 /// Starts the Docker daemon with `scripts/ensure-docker.sh`, which removes the pid file a
