@@ -1443,6 +1443,30 @@ impl Drop for PrivateDockerd {
                 .args(["link", "delete", &bridge])
                 .status();
         }
+        // The host firewall's chains that isolated the task network, and the jumps to them.
+        let bridge = self.task_bridge();
+        let (input, forward) = (
+            format!("STEVEDORE-IN-{bridge}"),
+            format!("STEVEDORE-FWD-{bridge}"),
+        );
+        for tool in ["iptables", "ip6tables"] {
+            let iptables = |args: &[&str]| {
+                std::process::Command::new(tool)
+                    .args(["-w", "10"])
+                    .args(args)
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|status| status.success())
+            };
+            for from in ["INPUT", "FORWARD", "DOCKER-USER"] {
+                let to = if from == "INPUT" { &input } else { &forward };
+                while iptables(&["-D", from, "-i", &bridge, "-j", to]) {}
+            }
+            for chain in [&input, &forward] {
+                iptables(&["-F", chain]);
+                iptables(&["-X", chain]);
+            }
+        }
     }
 }
 
