@@ -32,6 +32,7 @@ use crate::archive::{stream_archive, write_task_archive};
 use crate::build::{BuildProgress, BuildRequest, BuiltImage, OutputLines};
 use crate::context::{ContextPlan, plan_context, stream_context};
 use crate::cpu_group;
+use crate::direct_files::{self, DirectFiles, NotDirect, OverlayDirs};
 use crate::engine::{
     ContainerRuntime, EngineCapabilities, ExitStatus, ImageBuilder, ImageEntry, ImagePresence,
     ImageStore, ListedContainer, LocalImage, LogChunk, LogChunkStream, OutputStream, PullProgress,
@@ -103,6 +104,9 @@ pub struct DockerEngine {
     usage_groups: Arc<tokio::sync::OnceCell<Option<UsageGroups>>>,
     /// The usage group of each container created under one, until it is removed.
     usage_paths: Arc<std::sync::Mutex<HashMap<String, String>>>,
+    /// Whether a container's files go straight into its root rather than through an archive
+    /// upload (`direct_files`).
+    direct_files: Arc<DirectFiles>,
 }
 
 /// The Engine API requests a task's container costs, one name per kind: what
@@ -251,7 +255,22 @@ impl DockerEngine {
             observer: None,
             usage_groups: Arc::default(),
             usage_paths: Arc::default(),
+            direct_files: Arc::new(DirectFiles::new()),
         })
+    }
+
+    /// Puts every container's files in through the engine's archive upload, never straight
+    /// into its root: what an engine on another machine gets anyway.
+    #[must_use]
+    pub fn upload_files_always(mut self) -> Self {
+        self.direct_files = Arc::new(DirectFiles::off());
+        self
+    }
+
+    /// Whether containers' files went straight into their roots so far (the first create
+    /// decides): `false` once they go through the archive upload.
+    pub fn puts_files_directly(&self) -> bool {
+        self.direct_files.worth_trying()
     }
 
     /// Tells `observer` how long each Engine API request of a task's container takes
@@ -276,6 +295,48 @@ impl DockerEngine {
     /// The API version in use after negotiation, e.g. `1.41`.
     pub fn api_version(&self) -> String {
         self.docker.client_version().to_string()
+    }
+
+    /// Puts the spec's directories, files and package in place: straight into the container's
+    /// root where it is on this machine (`direct_files`), through the engine otherwise.
+    async fn put_files(&self, id: &ContainerId, spec: &ContainerSpec) -> Result<(), EngineError> {
+        if self.direct_files.worth_trying() {
+            match self.put_files_directly(id, spec).await {
+                Ok(()) => {
+                    self.direct_files.worked();
+                    return Ok(());
+                }
+                Err(NotDirect::Failed(error)) => return Err(error),
+                Err(NotDirect::Unreachable(reason)) => self.direct_files.give_up(&reason),
+            }
+        }
+        self.upload_files(id, spec).await
+    }
+
+    /// The container's overlay, as the engine reports it, with the files written into it.
+    async fn put_files_directly(
+        &self,
+        id: &ContainerId,
+        spec: &ContainerSpec,
+    ) -> Result<(), NotDirect> {
+        let inspected = self
+            .inspect(id, Subject::Container(id.as_str()))
+            .await
+            .map_err(NotDirect::Failed)?;
+        let dirs = inspected
+            .graph_driver
+            .and_then(|driver| OverlayDirs::of(&driver.name, &driver.data))
+            .ok_or_else(|| {
+                NotDirect::Unreachable("the engine's storage driver is not overlay2".to_owned())
+            })?;
+        let spec = spec.clone();
+        tokio::task::spawn_blocking(move || direct_files::put_files(&dirs, &spec))
+            .await
+            .map_err(|error| {
+                NotDirect::Failed(EngineError::Failed {
+                    message: format!("putting the task's files in place stopped: {error}"),
+                })
+            })?
     }
 
     /// Puts the spec's directories, files and package in place with one archive upload,
@@ -437,7 +498,7 @@ impl ContainerRuntime for DockerEngine {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .insert(id.as_str().to_owned(), group);
         }
-        if let Err(error) = self.upload_files(&id, spec).await {
+        if let Err(error) = self.put_files(&id, spec).await {
             // A half-prepared container must not linger; the upload's error is the one to
             // report, so a failed removal is only logged (the start-up reaper gets it later).
             if let Err(remove_error) = self.remove(&id).await {

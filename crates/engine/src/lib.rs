@@ -68,6 +68,7 @@ mod build;
 pub mod conformance;
 mod context;
 mod cpu_group;
+mod direct_files;
 mod docker;
 mod engine;
 mod error;

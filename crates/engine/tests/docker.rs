@@ -1391,3 +1391,108 @@ async fn an_isolated_network_keeps_tasks_from_the_host_and_each_other() -> TestR
     std::net::TcpStream::connect((host, closed_port))?;
     Ok(())
 }
+
+/// The same suite with every container's files put in through the engine's archive upload,
+/// as on an engine on another machine (here they go straight into the container's root).
+mod uploaded {
+    use super::{Cleanup, DockerHarness, LOCAL_BUSYBOX_IMAGE, engine, local_image, task_label};
+
+    async fn upload_harness(check: &'static str) -> Option<DockerHarness> {
+        let engine = engine().await?.upload_files_always();
+        if let Err(error) = local_image(&engine).await {
+            panic!("cannot build {LOCAL_BUSYBOX_IMAGE}: {error}");
+        }
+        let task = task_label(&format!("conformance-upload-{check}"));
+        Some(DockerHarness {
+            engine,
+            _cleanup: Cleanup::new(&task),
+            task,
+        })
+    }
+
+    stevedore_engine::runtime_conformance_tests!(upload_harness);
+}
+
+/// On the engine's own machine, as root, a task's files go straight into the container's root
+/// and no archive is uploaded; they land where the upload puts them, links in the image
+/// followed inside the container's root (here `/mnt` is a link to `/srv`), and the image's
+/// own files beside them stay.
+#[tokio::test]
+async fn files_go_straight_into_the_root_where_the_upload_would_put_them() -> TestResult {
+    let Some(engine) = engine().await else {
+        return Ok(());
+    };
+    local_image(&engine).await?;
+    let tag = test_tag("linked-mnt");
+    let _images = ImageCleanup::new(&[&tag]);
+    let dir = context_with(&[(
+        "Dockerfile",
+        "FROM stevedore/busybox:local\n\
+         RUN rm -rf /mnt /srv && mkdir -p /srv/kept && echo image > /srv/kept/file \
+         && ln -s /srv /mnt\n",
+    )])?;
+    let (built, _) = build(&engine, &BuildRequest::new(dir.path()).tag(tag.as_str())).await?;
+    built?;
+
+    let uploads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = uploads.clone();
+    let direct = engine.observe_requests(std::sync::Arc::new(move |request, _| {
+        if request == stevedore_engine::EngineRequest::Upload {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }));
+    let uploaded = DockerEngine::connect().await?.upload_files_always();
+    let task = task_label("straight-into-the-root");
+    let _cleanup = Cleanup::new(&task);
+    let mut spec = shell(
+        &task,
+        "find /srv /mnt/ -mindepth 1 | sort | while read -r path; do \
+         if [ -d \"$path\" ] && [ ! -L \"$path\" ]; then stat -c '%a %U %n/' \"$path\"; \
+         else stat -c '%a %U %n' \"$path\"; fi; done; cat /mnt/.task_payload; \
+         ls -d /host-escape 2>/dev/null; true",
+    );
+    spec.image = tag.clone();
+    spec.files.push(FileToUpload {
+        path: "/mnt/.task_payload".to_owned(),
+        contents: b"{\"n\":1}".to_vec(),
+        mode: 0o644,
+    });
+    spec.files.push(FileToUpload {
+        path: "/mnt/task/nested/run.sh".to_owned(),
+        contents: b"echo hi".to_vec(),
+        mode: 0o755,
+    });
+
+    let straight = stevedore_engine::conformance::run_to_end(&direct, &spec).await;
+    assert!(direct.puts_files_directly(), "the files were uploaded");
+    assert_eq!(
+        uploads.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "an archive was uploaded"
+    );
+    let through_the_engine = stevedore_engine::conformance::run_to_end(&uploaded, &spec).await;
+    assert!(straight.status.success(), "{straight:?}");
+    let listing = String::from_utf8_lossy(&straight.stdout).into_owned();
+    assert_eq!(
+        listing,
+        String::from_utf8_lossy(&through_the_engine.stdout),
+        "the upload puts the files elsewhere"
+    );
+    for expected in [
+        "644 root /srv/.task_payload",
+        "777 root /srv/task/",
+        "755 root /srv/task/nested/",
+        "755 root /srv/task/nested/run.sh",
+        "644 root /srv/kept/file",
+        "{\"n\":1}",
+    ] {
+        assert!(
+            listing.contains(expected),
+            "{expected} is not in:\n{listing}"
+        );
+    }
+    // Nothing went to the host's own /srv or /mnt.
+    assert!(!Path::new("/srv/.task_payload").exists());
+    assert!(!Path::new("/mnt/.task_payload").exists());
+    Ok(())
+}

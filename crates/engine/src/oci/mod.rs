@@ -19,7 +19,7 @@ mod cgroup;
 mod engine;
 mod images;
 mod netns;
-mod rootfs;
+pub(crate) mod rootfs;
 mod runtime;
 
 pub use engine::{OciEngine, OciEngineSettings};

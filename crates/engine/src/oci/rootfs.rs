@@ -121,6 +121,12 @@ pub(crate) fn put_files(root: &Path, spec: &ContainerSpec) -> Result<(), EngineE
         Mode::empty(),
     )
     .map_err(|error| failed(&root.display().to_string(), error.into()))?;
+    put_files_under(root_fd, spec)
+}
+
+/// [`put_files`] into the root that `root_fd`, a directory descriptor, opens: a mount that is
+/// attached nowhere (`fsmount`) has no path.
+pub(crate) fn put_files_under(root_fd: OwnedFd, spec: &ContainerSpec) -> Result<(), EngineError> {
     let root = Root { fd: root_fd };
     for directory in spec.effective_directories() {
         root.directory(&directory.path, directory.mode)
