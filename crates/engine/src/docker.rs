@@ -111,8 +111,9 @@ pub struct DockerEngine {
 
 /// The Engine API requests a task's container costs, one name per kind: what
 /// [`DockerEngine::observe_requests`] reports. A task takes an image inspection, a create and
-/// an upload, an attach, a start, a wait and an inspection, and a remove; a kill when it is
-/// stopped; a stats stream when its usage is sampled.
+/// an upload (an inspection where its files go straight into its root), an attach, a start, a
+/// wait and an inspection, and a remove; a kill when it is stopped; a stats stream when its
+/// usage is sampled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum EngineRequest {
     /// `GET /images/{name}/json`.
@@ -127,7 +128,9 @@ pub enum EngineRequest {
     Start,
     /// `POST /containers/{id}/wait`, until the container stopped.
     Wait,
-    /// `GET /containers/{id}/json`, after the wait (and again for a late OOM mark).
+    /// `GET /containers/{id}/json`: after the create where the files go straight into the
+    /// container's root (its overlay's directories), after the wait (and again for a late OOM
+    /// mark).
     Inspect,
     /// `GET /containers/{id}/stats`, a stream, from the request to its end.
     Stats,
