@@ -102,16 +102,20 @@ struct DockerHarness {
 }
 
 async fn docker_harness(check: &'static str) -> Option<DockerHarness> {
-    let engine = engine().await?;
+    Some(harness_on(engine().await?, &format!("conformance-{check}")).await)
+}
+
+/// The harness on `engine`, its containers labelled for `label`.
+async fn harness_on(engine: DockerEngine, label: &str) -> DockerHarness {
     if let Err(error) = local_image(&engine).await {
         panic!("cannot build {LOCAL_BUSYBOX_IMAGE}: {error}");
     }
-    let task = task_label(&format!("conformance-{check}"));
-    Some(DockerHarness {
+    let task = task_label(label);
+    DockerHarness {
         engine,
         _cleanup: Cleanup::new(&task),
         task,
-    })
+    }
 }
 
 impl Harness for DockerHarness {
@@ -1395,19 +1399,11 @@ async fn an_isolated_network_keeps_tasks_from_the_host_and_each_other() -> TestR
 /// The same suite with every container's files put in through the engine's archive upload,
 /// as on an engine on another machine (here they go straight into the container's root).
 mod uploaded {
-    use super::{Cleanup, DockerHarness, LOCAL_BUSYBOX_IMAGE, engine, local_image, task_label};
+    use super::{DockerHarness, engine, harness_on};
 
     async fn upload_harness(check: &'static str) -> Option<DockerHarness> {
         let engine = engine().await?.upload_files_always();
-        if let Err(error) = local_image(&engine).await {
-            panic!("cannot build {LOCAL_BUSYBOX_IMAGE}: {error}");
-        }
-        let task = task_label(&format!("conformance-upload-{check}"));
-        Some(DockerHarness {
-            engine,
-            _cleanup: Cleanup::new(&task),
-            task,
-        })
+        Some(harness_on(engine, &format!("conformance-upload-{check}")).await)
     }
 
     stevedore_engine::runtime_conformance_tests!(upload_harness);
