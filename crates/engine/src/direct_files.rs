@@ -11,9 +11,11 @@
 //! modes, parents copied up with the image's own attributes, gone with the container.
 //!
 //! Where the upper directory is not reachable from here (another host, a runner in a container
-//! without the engine's data root, no privilege to mount, another storage driver, user
-//! namespace remapping) the mount cannot be made, and the engine goes back to the upload for
-//! good ([`DirectFiles`]).
+//! without the engine's data root, no privilege to mount, another storage driver) the first
+//! mount cannot be made, and an engine under user namespace remapping or SELinux is not asked
+//! to take files written from outside ([`engine_refuses`]): the engine goes back to the upload
+//! for good ([`DirectFiles`]). Once a mount was made, a failed one sends only its own
+//! container's files through the upload.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -75,6 +77,12 @@ impl DirectFiles {
         }
     }
 
+    /// Whether no container's files went straight in yet: the engine's own settings are
+    /// still to be checked.
+    pub(crate) fn untried(&self) -> bool {
+        self.state.load(Ordering::Relaxed) == UNTRIED
+    }
+
     /// Whether the next create should try.
     pub(crate) fn worth_trying(&self) -> bool {
         self.state.load(Ordering::Relaxed) != OFF
@@ -87,23 +95,38 @@ impl DirectFiles {
             .compare_exchange(UNTRIED, WORKS, Ordering::Relaxed, Ordering::Relaxed);
     }
 
-    /// The root was out of reach: from now on the upload, said once.
-    pub(crate) fn give_up(&self, reason: &str) {
-        let before = self.state.swap(OFF, Ordering::Relaxed);
-        match before {
-            UNTRIED => tracing::info!(
+    /// The root was out of reach, so this container's files go through the upload. Before
+    /// any container's went straight in, that is the answer from now on (said once); after,
+    /// it is this container's alone (removed while it was being prepared, say), and the next
+    /// one tries again.
+    pub(crate) fn out_of_reach(&self, reason: &str) {
+        match self
+            .state
+            .compare_exchange(UNTRIED, OFF, Ordering::Relaxed, Ordering::Relaxed)
+        {
+            Ok(_) => tracing::info!(
                 reason,
                 "task files go through the engine's archive upload: the container's root is out \
                  of this process's reach"
             ),
-            WORKS => tracing::warn!(
+            Err(WORKS) => tracing::warn!(
                 reason,
-                "task files go through the engine's archive upload from now on: the container's \
-                 root went out of reach"
+                "a task's files go through the engine's archive upload: its container's root \
+                 was out of reach"
             ),
-            _ => {}
+            Err(_) => {}
         }
     }
+}
+
+/// Why an engine with `security_options` (its `docker info` answer) keeps files written from
+/// outside from being what an upload makes: under user namespace remapping the container's
+/// root is another user than ours, and under SELinux the files need the container's label.
+pub(crate) fn engine_refuses(security_options: &[String]) -> Option<String> {
+    security_options
+        .iter()
+        .find(|option| option.contains("name=userns") || option.contains("name=selinux"))
+        .map(|option| format!("the engine runs with {option}"))
 }
 
 // === impl OverlayDirs ===
@@ -201,14 +224,30 @@ mod tests {
     }
 
     #[test]
-    fn a_decision_to_upload_stands() {
+    fn user_namespaces_and_selinux_keep_the_upload() {
+        let options = |list: &[&str]| list.iter().map(|o| (*o).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            engine_refuses(&options(&["name=seccomp,profile=default", "name=cgroupns"])),
+            None
+        );
+        assert!(
+            engine_refuses(&options(&["name=seccomp,profile=default", "name=userns"])).is_some()
+        );
+        assert!(engine_refuses(&options(&["name=selinux"])).is_some());
+    }
+
+    #[test]
+    fn out_of_reach_at_first_means_the_upload_for_good_and_later_for_one_container() {
         let direct = DirectFiles::new();
         assert!(direct.worth_trying());
-        direct.worked();
-        assert!(direct.worth_trying());
-        direct.give_up("gone");
+        direct.out_of_reach("no privilege to mount");
         direct.worked();
         assert!(!direct.worth_trying());
+
+        let direct = DirectFiles::new();
+        direct.worked();
+        direct.out_of_reach("the container was removed meanwhile");
+        assert!(direct.worth_trying());
         assert!(!DirectFiles::off().worth_trying());
     }
 }

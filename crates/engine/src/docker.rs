@@ -270,8 +270,8 @@ impl DockerEngine {
         self
     }
 
-    /// Whether containers' files went straight into their roots so far (the first create
-    /// decides): `false` once they go through the archive upload.
+    /// Whether containers' files go straight into their roots: `false` once the first create
+    /// found the root out of reach, or when [`Self::upload_files_always`] asked for the upload.
     pub fn puts_files_directly(&self) -> bool {
         self.direct_files.worth_trying()
     }
@@ -310,7 +310,7 @@ impl DockerEngine {
                     return Ok(());
                 }
                 Err(NotDirect::Failed(error)) => return Err(error),
-                Err(NotDirect::Unreachable(reason)) => self.direct_files.give_up(&reason),
+                Err(NotDirect::Unreachable(reason)) => self.direct_files.out_of_reach(&reason),
             }
         }
         self.upload_files(id, spec).await
@@ -322,6 +322,16 @@ impl DockerEngine {
         id: &ContainerId,
         spec: &ContainerSpec,
     ) -> Result<(), NotDirect> {
+        if self.direct_files.untried() {
+            let info = self.docker.info().await.map_err(|error| {
+                NotDirect::Failed(EngineError::from_bollard(error, Subject::Engine))
+            })?;
+            if let Some(reason) =
+                direct_files::engine_refuses(&info.security_options.unwrap_or_default())
+            {
+                return Err(NotDirect::Unreachable(reason));
+            }
+        }
         let inspected = self
             .inspect(id, Subject::Container(id.as_str()))
             .await
