@@ -19,7 +19,6 @@
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
-use std::path::Path;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags};
@@ -75,12 +74,6 @@ impl DirectFiles {
         DirectFiles {
             state: AtomicU8::new(OFF),
         }
-    }
-
-    /// Whether no container's files went straight in yet: the engine's own settings are
-    /// still to be checked.
-    pub(crate) fn untried(&self) -> bool {
-        self.state.load(Ordering::Relaxed) == UNTRIED
     }
 
     /// Whether the next create should try.
@@ -159,13 +152,9 @@ pub(crate) fn put_files(dirs: &OverlayDirs, spec: &ContainerSpec) -> Result<(), 
 
 /// The overlay of `dirs` as a mount attached nowhere: only the returned descriptor reaches it,
 /// and closing it (or this process ending) takes it away. Each layer is given on its own
-/// (`lowerdir+`, Linux 6.8), since one option holds at most 256 bytes.
+/// (`lowerdir+`, Linux 6.8), since one option holds at most 256 bytes; a directory that is not
+/// on this machine is refused there.
 fn mount_detached(dirs: &OverlayDirs) -> Result<OwnedFd, String> {
-    for dir in dirs.lower.iter().chain([&dirs.upper, &dirs.work]) {
-        if !Path::new(dir).is_dir() {
-            return Err(format!("{dir} is not a directory here"));
-        }
-    }
     let context = rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
         .map_err(|error| format!("cannot open an overlay file system: {error}"))?;
     let set = |key: &str, value: &str| {
@@ -177,10 +166,9 @@ fn mount_detached(dirs: &OverlayDirs) -> Result<OwnedFd, String> {
     }
     set("upperdir", &dirs.upper)?;
     set("workdir", &dirs.work)?;
-    // The engine mounts its overlays without an inode index; neither may this one start one.
-    if Path::new("/sys/module/overlay/parameters/index").exists() {
-        set("index", "off")?;
-    }
+    // The engine mounts its overlays without an inode index; neither may this one start one
+    // (every kernel with `lowerdir+` knows the option).
+    set("index", "off")?;
     rustix::mount::fsconfig_create(&context)
         .map_err(|error| format!("cannot make the container's overlay: {error}"))?;
     rustix::mount::fsmount(

@@ -170,7 +170,9 @@ impl DockerEngine {
     }
 
     /// The usage groups, once the engine said which cgroups it uses; `None` when they cannot
-    /// be read here. An engine that does not answer is asked again at the next create.
+    /// be read here. An engine that does not answer is asked again at the next create. The
+    /// same answer tells whether the engine takes files written straight into a container's
+    /// root (`direct_files::engine_refuses`).
     async fn usage_groups(&self) -> Option<&UsageGroups> {
         let decided = self
             .usage_groups
@@ -180,6 +182,10 @@ impl DockerEngine {
                     .info()
                     .await
                     .map_err(|error| EngineError::from_bollard(error, Subject::Engine))?;
+                let security_options = info.security_options.as_deref().unwrap_or_default();
+                if let Some(reason) = direct_files::engine_refuses(security_options) {
+                    self.direct_files.out_of_reach(&reason);
+                }
                 let driver = info
                     .cgroup_driver
                     .map(|driver| driver.to_string())
@@ -303,7 +309,8 @@ impl DockerEngine {
     /// Puts the spec's directories, files and package in place: straight into the container's
     /// root where it is on this machine (`direct_files`), through the engine otherwise.
     async fn put_files(&self, id: &ContainerId, spec: &ContainerSpec) -> Result<(), EngineError> {
-        if self.direct_files.worth_trying() {
+        // Only once the engine's settings were read (with the usage groups, at the create).
+        if self.direct_files.worth_trying() && self.usage_groups.initialized() {
             match self.put_files_directly(id, spec).await {
                 Ok(()) => {
                     self.direct_files.worked();
@@ -322,16 +329,6 @@ impl DockerEngine {
         id: &ContainerId,
         spec: &ContainerSpec,
     ) -> Result<(), NotDirect> {
-        if self.direct_files.untried() {
-            let info = self.docker.info().await.map_err(|error| {
-                NotDirect::Failed(EngineError::from_bollard(error, Subject::Engine))
-            })?;
-            if let Some(reason) =
-                direct_files::engine_refuses(&info.security_options.unwrap_or_default())
-            {
-                return Err(NotDirect::Unreachable(reason));
-            }
-        }
         let inspected = self
             .inspect(id, Subject::Container(id.as_str()))
             .await
