@@ -150,12 +150,16 @@ async fn main() {
     let tally: Arc<Mutex<RequestTally>> = Arc::default();
     let observed = tally.clone();
     let engine = match DockerEngine::connect().await {
-        Ok(engine) => Arc::new(engine.observe_requests(Arc::new(move |request, took| {
-            let mut tally = observed.lock().unwrap_or_else(PoisonError::into_inner);
-            let entry = tally.entry(request).or_default();
-            entry.0 += 1;
-            entry.1 += took.as_secs_f64();
-        }))),
+        // A bare Engine API loop: a network namespace of its own for every container, where
+        // `serve`'s tasks join network holders.
+        Ok(engine) => Arc::new(engine.without_network_holders().observe_requests(Arc::new(
+            move |request, took| {
+                let mut tally = observed.lock().unwrap_or_else(PoisonError::into_inner);
+                let entry = tally.entry(request).or_default();
+                entry.0 += 1;
+                entry.1 += took.as_secs_f64();
+            },
+        ))),
         Err(error) => {
             println!(
                 "end_to_end: skipped, the Docker engine is unreachable ({error}); \

@@ -479,10 +479,15 @@ async fn task_engine(
     settings: &Settings,
 ) -> anyhow::Result<(Arc<dyn ContainerEngine>, watchdog::WatchedEngine)> {
     match settings.engine {
-        settings::EngineKind::Docker => Ok((
-            Arc::new(connect_engine().await?),
-            watchdog::WatchedEngine::default(),
-        )),
+        settings::EngineKind::Docker => {
+            let engine = connect_engine().await?;
+            let engine = if settings.task_network.holders {
+                engine
+            } else {
+                engine.without_network_holders()
+            };
+            Ok((Arc::new(engine), watchdog::WatchedEngine::default()))
+        }
         settings::EngineKind::Oci => {
             let oci = settings.oci_engine_settings()?;
             let watched = watchdog::WatchedEngine {

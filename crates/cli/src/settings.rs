@@ -368,6 +368,11 @@ pub struct TaskNetworkSettings {
     /// Run tasks even when the network cannot be isolated (no root, no iptables, a remote
     /// engine): they can then reach this host, each other and private ranges.
     pub unguarded: bool,
+    /// On Docker, task containers join running network holder containers, one task per
+    /// holder at a time, rather than getting a network namespace made for each (a third of
+    /// the engine's work per task). `false` gives every task its own, and with it a writable
+    /// `/etc/hosts` (a holder's is read-only to the task).
+    pub holders: bool,
 }
 
 impl Default for TaskNetworkSettings {
@@ -385,6 +390,7 @@ impl Default for TaskNetworkSettings {
             api_url: None,
             named_networks: Vec::new(),
             unguarded: false,
+            holders: true,
         }
     }
 }

@@ -41,6 +41,7 @@ use crate::engine::{
 use crate::error::{EngineError, Subject};
 use crate::firewall;
 use crate::network::{EgressPolicy, NETWORK_LABEL, NetworkInfo, NetworkSpec};
+use crate::network_holders::{self, Holder, HolderKey, NetworkHolders, NoHolder};
 use crate::pull::{PullCoalescer, normalize_reference, pull_key};
 use crate::spec::{ContainerId, ContainerSpec};
 use crate::usage_group::UsageGroups;
@@ -107,6 +108,8 @@ pub struct DockerEngine {
     /// Whether a container's files go straight into its root rather than through an archive
     /// upload (`direct_files`).
     direct_files: Arc<DirectFiles>,
+    /// The network holders tasks on a task network join (`network_holders`).
+    holders: Arc<NetworkHolders>,
 }
 
 /// The Engine API requests a task's container costs, one name per kind: what
@@ -265,6 +268,7 @@ impl DockerEngine {
             usage_groups: Arc::default(),
             usage_paths: Arc::default(),
             direct_files: Arc::new(DirectFiles::new()),
+            holders: Arc::new(NetworkHolders::new()),
         })
     }
 
@@ -280,6 +284,30 @@ impl DockerEngine {
     /// found the root out of reach, or when [`Self::upload_files_always`] asked for the upload.
     pub fn puts_files_directly(&self) -> bool {
         self.direct_files.worth_trying()
+    }
+
+    /// Gives every task container on a task network a network namespace of its own, never
+    /// one of a network holder's (`network_holders`): what a bare Engine API loop does.
+    #[must_use]
+    pub fn without_network_holders(mut self) -> Self {
+        self.holders = Arc::new(NetworkHolders::off());
+        self
+    }
+
+    /// Whether task containers on a task network join network holders: `false` once the first
+    /// holder could not be made or watched from here, or after
+    /// [`Self::without_network_holders`].
+    pub fn joins_network_holders(&self) -> bool {
+        self.holders.worth_trying()
+    }
+
+    /// Removes the network holders no task uses now; those lent are removed when given back.
+    /// Holders carry their first task's labels but the task's own, so the runner's reaping
+    /// by its label removes them anyway: this is for an engine used without a runner.
+    pub async fn remove_idle_network_holders(&self) {
+        for holder in self.holders.drain_idle() {
+            self.remove_holder(&holder.id).await;
+        }
     }
 
     /// Tells `observer` how long each Engine API request of a task's container takes
@@ -405,6 +433,193 @@ impl DockerEngine {
             other => EngineError::from_bollard(other, Subject::ImageForCreate(image)),
         }
     }
+
+    /// A running holder of `key` for a task to join: an idle one, else a new one; `None`
+    /// when none can be had (the task gets a network namespace of its own).
+    async fn lend_holder(&self, key: &HolderKey) -> Option<Holder> {
+        let (idle, dead) = self.holders.take_idle(key);
+        for holder in dead {
+            tracing::info!(holder = %holder.id, "a network holder is gone: replacing it");
+            self.remove_holder(&holder.id).await;
+        }
+        if idle.is_some() {
+            return idle;
+        }
+        match self.start_holder(key).await {
+            Ok(holder) => {
+                self.holders.worked();
+                Some(holder)
+            }
+            Err(why) => {
+                self.holders.not_lent(why);
+                None
+            }
+        }
+    }
+
+    /// Makes, starts and inspects a holder of `key`, its image first if need be.
+    async fn start_holder(&self, key: &HolderKey) -> Result<Holder, NoHolder> {
+        self.holders.conntrack()?;
+        self.ensure_holder_image().await?;
+        let created = self
+            .docker
+            .create_container(
+                None::<bollard::query_parameters::CreateContainerOptions>,
+                network_holders::holder_body(key),
+            )
+            .await
+            .map_err(|error| match error {
+                bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                } => NoHolder::NotNow(format!("creating a network holder: {error}")),
+                error => NoHolder::Failed(format!("creating a network holder: {error}")),
+            })?;
+        let id = created.id;
+        let started = async {
+            self.docker
+                .start_container(&id, None::<StartContainerOptions>)
+                .await?;
+            self.docker
+                .inspect_container(&id, None::<InspectContainerOptions>)
+                .await
+        }
+        .await;
+        let holder = match started {
+            Ok(inspected) => holder_of(&id, key, inspected),
+            Err(error) => Err(NoHolder::Failed(format!(
+                "starting a network holder: {error}"
+            ))),
+        };
+        if holder.is_err() {
+            self.remove_holder(&id).await;
+        }
+        let holder = holder?;
+        tracing::debug!(holder = %holder.id, network = %key.network, "network holder started");
+        Ok(holder)
+    }
+
+    /// The holder image, imported unless the engine has it as this build makes it.
+    async fn ensure_holder_image(&self) -> Result<(), NoHolder> {
+        let _one_at_a_time = self.holders.image_guard.lock().await;
+        let mtime = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|since| since.as_secs())
+            .unwrap_or(0);
+        let failed = |error: EngineError| NoHolder::Failed(format!("the holder image: {error}"));
+        let rootfs = network_holders::holder_rootfs_tar(mtime)
+            .map_err(failed)?
+            .ok_or_else(|| {
+                NoHolder::Unusable(format!(
+                    "no network holder program for this machine's architecture ({})",
+                    std::env::consts::ARCH
+                ))
+            })?;
+        // The recipe is the archive made at time zero: the same for the same program.
+        let program = network_holders::holder_rootfs_tar(0)
+            .map_err(failed)?
+            .unwrap_or_default();
+        let recipe = crate::local_stacks::digest([program.as_slice()]);
+        let image = network_holders::HOLDER_IMAGE;
+        if crate::local_stacks::reused(self, image, &recipe)
+            .await
+            .map_err(failed)?
+            .is_some()
+        {
+            return Ok(());
+        }
+        let replaced = self.image_id(image).await.map_err(failed)?;
+        let changes = [format!(
+            "LABEL {}={recipe}",
+            crate::local_stacks::RECIPE_LABEL
+        )];
+        let id = self
+            .import_image(Bytes::from(rootfs), image, &changes)
+            .await
+            .map_err(failed)?;
+        tracing::info!(image, %id, "imported the network holder image");
+        crate::local_stacks::remove_replaced(self, replaced, &id).await;
+        Ok(())
+    }
+
+    /// The holder `container` joined, now that the container is gone: its connections
+    /// forgotten, then idle again (removed when enough wait already, or when it died).
+    async fn give_back_holder(&self, container: &ContainerId) {
+        let Some(holder) = self.holders.given_back(container.as_str()) else {
+            return;
+        };
+        if let Ok(conntrack) = self.holders.conntrack() {
+            network_holders::forget_connections(&conntrack, &holder).await;
+        }
+        if !holder.alive() {
+            tracing::info!(holder = %holder.id, "a network holder died: removing it");
+            self.remove_holder(&holder.id).await;
+            return;
+        }
+        if let Some(holder) = self.holders.keep_idle(holder) {
+            self.remove_holder(&holder.id).await;
+        }
+    }
+
+    /// Removes a holder container, whatever state it is in; a failure is only logged (the
+    /// runner's reaping gets it later, by its labels).
+    async fn remove_holder(&self, id: &str) {
+        let options = RemoveContainerOptionsBuilder::new().force(true).build();
+        match self.docker.remove_container(id, Some(options)).await {
+            Ok(())
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => {}
+            Err(error) => tracing::warn!(holder = %id, %error, "cannot remove a network holder"),
+        }
+    }
+}
+
+/// The holder `id` of `key` as the engine reports it once started: its process (which must
+/// be the holder program's, seen from here), its address and its shared files.
+fn holder_of(
+    id: &str,
+    key: &HolderKey,
+    inspected: bollard::models::ContainerInspectResponse,
+) -> Result<Holder, NoHolder> {
+    let pid = inspected
+        .state
+        .as_ref()
+        .and_then(|state| state.pid)
+        .and_then(|pid| u32::try_from(pid).ok())
+        .filter(|pid| *pid > 0)
+        .ok_or_else(|| NoHolder::Failed("the started network holder has no process".to_owned()))?;
+    if !network_holders::is_holder_process(pid) {
+        return Err(NoHolder::Unusable(
+            "the engine's containers' processes are not visible from here (an engine on \
+             another host, or a runner in a container of its own)"
+                .to_owned(),
+        ));
+    }
+    let address = inspected
+        .network_settings
+        .as_ref()
+        .and_then(|settings| settings.networks.as_ref())
+        .and_then(|networks| networks.get(&key.network))
+        .and_then(|network| network.ip_address.as_deref())
+        .and_then(|address| address.parse().ok());
+    let file = |path: Option<String>, name: &str| {
+        path.filter(|path| !path.is_empty()).ok_or_else(|| {
+            NoHolder::Failed(format!(
+                "the engine reports no {name} file for the network holder"
+            ))
+        })
+    };
+    Ok(Holder {
+        id: id.to_owned(),
+        key: key.clone(),
+        pid,
+        address,
+        shared_files: [
+            file(inspected.hosts_path, "hosts")?,
+            file(inspected.resolv_conf_path, "resolv.conf")?,
+            file(inspected.hostname_path, "hostname")?,
+        ],
+    })
 }
 
 // === impl EngineRequest ===
@@ -483,7 +698,21 @@ impl ContainerRuntime for DockerEngine {
             Some(groups) => groups.allocate(spec.cpu_group.as_deref()),
             None => None,
         };
-        let body = create_body(spec, usage_group.as_deref())?;
+        let holder = match self.holders.key_for(spec) {
+            Some(key) => self.lend_holder(&key).await,
+            None => None,
+        };
+        let body = match create_body(spec, usage_group.as_deref(), holder.as_ref()) {
+            Ok(body) => body,
+            Err(error) => {
+                if let Some(holder) = holder
+                    && let Some(holder) = self.holders.keep_idle(holder)
+                {
+                    self.remove_holder(&holder.id).await;
+                }
+                return Err(error);
+            }
+        };
         let options = spec
             .name
             .as_deref()
@@ -496,12 +725,23 @@ impl ContainerRuntime for DockerEngine {
             .await
         {
             Ok(created) => created,
-            Err(error) => return Err(self.classify_create_failure(error, &spec.image).await),
+            Err(error) => {
+                // Nothing ran in the holder: it is idle again as it was.
+                if let Some(holder) = holder
+                    && let Some(holder) = self.holders.keep_idle(holder)
+                {
+                    self.remove_holder(&holder.id).await;
+                }
+                return Err(self.classify_create_failure(error, &spec.image).await);
+            }
         };
         for warning in created.warnings.iter().filter(|w| !w.is_empty()) {
             tracing::warn!(container = %created.id, warning, "engine warning on create");
         }
         let id = ContainerId::new(created.id);
+        if let Some(holder) = holder {
+            self.holders.lend(id.as_str(), holder);
+        }
         if let Some(group) = usage_group {
             self.usage_paths
                 .lock()
@@ -763,6 +1003,7 @@ impl ContainerRuntime for DockerEngine {
             if let (Some(path), Some(Some(groups))) = (path, self.usage_groups.get()) {
                 groups.remove(&path).await;
             }
+            self.give_back_holder(id).await;
         }
         removed?;
         let took = started.elapsed();
@@ -1309,6 +1550,7 @@ fn credentials_of(auth: RegistryAuth) -> DockerCredentials {
 fn create_body(
     spec: &ContainerSpec,
     usage_group: Option<&str>,
+    holder: Option<&Holder>,
 ) -> Result<ContainerCreateBody, EngineError> {
     let as_engine_integer = |value: Option<u64>| -> Result<Option<i64>, EngineError> {
         value
@@ -1325,7 +1567,11 @@ fn create_body(
         cgroup_parent: usage_group
             .or(spec.cpu_group.as_deref())
             .map(|group| format!("/{group}")),
-        network_mode: spec.network_mode.clone(),
+        network_mode: match holder {
+            Some(holder) => Some(holder.network_mode()),
+            None => spec.network_mode.clone(),
+        },
+        mounts: holder.map(network_holders::shared_file_mounts),
         security_opt: Some(vec!["no-new-privileges".to_owned()]),
         cap_drop: Some(vec!["ALL".to_owned()]),
         cap_add: Some(spec.effective_capabilities()),
@@ -1545,7 +1791,7 @@ mod tests {
         spec.memory_bytes = Some(64 << 20);
         spec.pids_limit = Some(32);
         spec.labels = BTreeMap::from([("stevedore.task".to_owned(), "t1".to_owned())]);
-        let body = create_body(&spec, None)?;
+        let body = create_body(&spec, None, None)?;
         let host = body.host_config.unwrap_or_default();
         assert_eq!(host.memory, Some(64 << 20));
         assert_eq!(host.memory_swap, Some(64 << 20));

@@ -78,6 +78,7 @@ mod firewall;
 mod local_image;
 mod local_stacks;
 mod network;
+mod network_holders;
 pub mod oci;
 mod package;
 mod pull;
@@ -106,8 +107,9 @@ pub use network::{
     DEFAULT_BLOCKED_RANGES, Destination, EgressPolicy, Ipv4Net, MAX_BRIDGE_NAME_LEN, NETWORK_LABEL,
     NetworkInfo, NetworkSpec, parse_ipv4_net,
 };
+pub use network_holders::LABEL_NETWORK_HOLDER;
 pub use package::ZipPackage;
 pub use spec::{
     ContainerId, ContainerSpec, DEFAULT_CAPABILITIES, DirectoryToCreate, FileToUpload,
-    KEPT_OUTPUT_BYTES, TASK_DIR,
+    KEPT_OUTPUT_BYTES, LABEL_LEDGER, LABEL_RUNNER, LABEL_TASK, TASK_DIR,
 };

@@ -31,6 +31,15 @@ pub const DEFAULT_CAPABILITIES: &[&str] = &[
     "NET_BIND_SERVICE",
 ];
 
+/// The label that names a container's task. Everything the engine makes for a task and keeps
+/// beyond it (a network holder) carries the task's other labels, never this one.
+pub const LABEL_TASK: &str = "stevedore.task";
+/// The label that names the runner that created a container; start-up reaps by it.
+pub const LABEL_RUNNER: &str = "stevedore.runner";
+/// The label naming the lease ledger a container's lease is written in (its directory), so a
+/// watchdog touches only the containers its own ledger accounts for.
+pub const LABEL_LEDGER: &str = "stevedore.ledger";
+
 /// The id the engine gave a container.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ContainerId(String);

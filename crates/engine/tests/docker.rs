@@ -177,6 +177,10 @@ impl Harness for DockerHarness {
 
 stevedore_engine::runtime_conformance_tests!(docker_harness);
 
+/// The label of everything one test made for its tasks, network holders included (which
+/// carry a task's labels but its `stevedore.task`).
+const TEST_RUN_LABEL: &str = "stevedore.test-run";
+
 fn task_label(test: &str) -> String {
     format!("{test}-{}", std::process::id())
 }
@@ -187,6 +191,7 @@ fn shell(task: &str, script: &str) -> ContainerSpec {
     spec.cmd = Some(vec!["sh".into(), "-c".into(), script.into()]);
     spec.labels = BTreeMap::from([
         ("stevedore.task".to_owned(), task.to_owned()),
+        (TEST_RUN_LABEL.to_owned(), task.to_owned()),
         ("stevedore.test".to_owned(), "1".to_owned()),
     ]);
     spec.memory_bytes = Some(64 << 20);
@@ -252,9 +257,12 @@ impl Drop for Cleanup {
                 let Ok(engine) = DockerEngine::connect().await else {
                     return;
                 };
-                if let Ok(ids) = engine.list_labeled("stevedore.task", &task).await {
-                    for id in ids {
-                        let _ = engine.remove(&id).await;
+                // Network holders carry the run's label, not the task's.
+                for label in ["stevedore.task", TEST_RUN_LABEL] {
+                    if let Ok(ids) = engine.list_labeled(label, &task).await {
+                        for id in ids {
+                            let _ = engine.remove(&id).await;
+                        }
                     }
                 }
             });
@@ -1393,6 +1401,101 @@ async fn an_isolated_network_keeps_tasks_from_the_host_and_each_other() -> TestR
     );
     // The listener outside the network is there: the host itself reaches it.
     std::net::TcpStream::connect((host, closed_port))?;
+    Ok(())
+}
+
+const HOLDER_NETWORK: &str = "stevedore-holder-test";
+const HOLDER_BRIDGE: &str = "stvd-holdtest";
+
+/// Tasks on a task network join network holders. One after another they share one (the same
+/// address and host name); each finds the holder's hosts file read-only and naming it, and
+/// nothing the one before left (its listening port is free again). A holder killed meanwhile
+/// is replaced and removed. Holders carry the tasks' labels but the task's own, and go with
+/// `remove_idle_network_holders`; an engine without them makes none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_on_a_network_take_turns_in_network_holders() -> TestResult {
+    use stevedore_engine::{LABEL_NETWORK_HOLDER, NetworkSpec};
+    let engine = engine_or_skip!();
+    local_image(&engine).await?;
+    let task = task_label("holders");
+    let _cleanup = Cleanup::new(&task);
+    engine
+        .ensure_network(&NetworkSpec {
+            name: HOLDER_NETWORK.to_owned(),
+            bridge: HOLDER_BRIDGE.to_owned(),
+            subnet: None,
+        })
+        .await?;
+    // Its address, its host name, whether the hosts file names it, whether it can be
+    // written; then a listener on a port, alive after a moment if the port was free, and
+    // left running when the task ends.
+    let spec = {
+        let mut spec = shell(
+            &task,
+            "ip -4 -o addr show eth0 | sed 's/.*inet \\([0-9.]*\\).*/\\1/'; hostname; \
+             grep -c \"$(hostname)\" /etc/hosts; \
+             if echo 192.0.2.1 intruder >> /etc/hosts 2>/dev/null; then echo hosts=writable; \
+             else echo hosts=read-only; fi; \
+             nc -l -p 7000 >/dev/null 2>&1 & sleep 0.3; \
+             if kill -0 $! 2>/dev/null; then echo port=free; else echo port=taken; fi",
+        );
+        spec.network_mode = Some(HOLDER_NETWORK.to_owned());
+        spec
+    };
+    let holders = || async {
+        let listed = engine
+            .list_labeled_containers(TEST_RUN_LABEL, Some(&task))
+            .await?;
+        Ok::<_, EngineError>(
+            listed
+                .into_iter()
+                .filter(|c| {
+                    c.labels.get(LABEL_NETWORK_HOLDER).map(String::as_str) == Some(HOLDER_NETWORK)
+                })
+                .inspect(|c| assert!(!c.labels.contains_key("stevedore.task"), "{c:?}"))
+                .map(|c| c.id)
+                .collect::<Vec<_>>(),
+        )
+    };
+    let mut outputs = Vec::new();
+    for _ in 0..2 {
+        let (status, output) = tokio::time::timeout(SAFETY_NET, run(&engine, &spec)).await??;
+        assert_eq!(status.exit_code, 0, "{output:?}");
+        outputs.push(output.stdout);
+    }
+    let lines: Vec<Vec<&str>> = outputs.iter().map(|o| o.lines().collect()).collect();
+    assert_eq!(lines[0].len(), 5, "{outputs:?}");
+    assert_eq!(lines[0], lines[1], "two tasks in turn, one holder");
+    assert_eq!(
+        &lines[0][2..],
+        ["1", "hosts=read-only", "port=free"],
+        "{outputs:?}"
+    );
+    assert!(engine.joins_network_holders());
+    let first = holders().await?;
+    assert_eq!(first.len(), 1, "{first:?}");
+
+    // Killed, as by an engine restart without live restore: replaced, and removed.
+    engine.kill(&first[0]).await?;
+    let (status, output) = tokio::time::timeout(SAFETY_NET, run(&engine, &spec)).await??;
+    assert_eq!(status.exit_code, 0, "{output:?}");
+    assert_eq!(
+        &output.stdout.lines().collect::<Vec<_>>()[2..],
+        ["1", "hosts=read-only", "port=free"]
+    );
+    let second = holders().await?;
+    assert_eq!(second.len(), 1, "{second:?}");
+    assert_ne!(second, first);
+
+    engine.remove_idle_network_holders().await;
+    assert_eq!(holders().await?, Vec::new());
+
+    let own_namespaces = DockerEngine::connect().await?.without_network_holders();
+    assert!(!own_namespaces.joins_network_holders());
+    let (status, output) = tokio::time::timeout(SAFETY_NET, run(&own_namespaces, &spec)).await??;
+    assert_eq!(status.exit_code, 0, "{output:?}");
+    assert!(output.stdout.contains("hosts=writable"), "{output:?}");
+    assert_eq!(holders().await?, Vec::new());
     Ok(())
 }
 

@@ -21,13 +21,7 @@ use stevedore_model::{CodeKind, StackTable};
 
 use crate::config::RunnerConfig;
 
-/// The label that names a container's task.
-pub const LABEL_TASK: &str = "stevedore.task";
-/// The label that names the runner that created a container; start-up reaps by it.
-pub const LABEL_RUNNER: &str = "stevedore.runner";
-/// The label naming the lease ledger a container's lease is written in (its directory), so a
-/// watchdog touches only the containers its own ledger accounts for.
-pub const LABEL_LEDGER: &str = "stevedore.ledger";
+pub use stevedore_engine::{LABEL_LEDGER, LABEL_RUNNER, LABEL_TASK};
 /// Where the payload is, inside the container.
 pub const PAYLOAD_FILE: &str = "/mnt/.task_payload";
 /// Where the code's config is, inside the container.

@@ -11,8 +11,8 @@ use serde_json::{Value, json};
 use stevedore_store::testcluster::fresh_database;
 
 use crate::support::{
-    RunnerProcess, ServerProcess, containers_labelled, docker_available, ensure_local_image,
-    remove_containers, runner_token_with_env,
+    RunnerProcess, ServerProcess, docker_available, ensure_local_image, remove_containers,
+    runner_token_with_env, task_containers_labelled,
 };
 
 const TASKS: usize = 500;
@@ -318,14 +318,15 @@ async fn two_servers_and_three_runners_lose_no_task_when_a_runner_and_a_server_d
         }
     }
 
-    // Nothing is left behind by the runners that are still alive or came back.
+    // No task container is left behind by the runners that are still alive or came back
+    // (their network holders wait for the next tasks).
     let deadline = Instant::now() + Duration::from_secs(60);
     for id in &ids {
         let label = format!("stevedore.runner={id}");
-        while !containers_labelled(&label).is_empty() && Instant::now() < deadline {
+        while !task_containers_labelled(&label).is_empty() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        let left = containers_labelled(&label);
+        let left = task_containers_labelled(&label);
         remove_containers(&label);
         assert!(left.is_empty(), "{id} left {left:?}");
     }

@@ -288,6 +288,21 @@ pub fn containers_labelled(label: &str) -> Vec<String> {
     docker_ps(&["-a", "--filter", &format!("label={label}")])
 }
 
+/// The task containers (not a runner's network holders, which outlive tasks while their
+/// runner lives) that carry `label`, running or not.
+pub fn task_containers_labelled(label: &str) -> Vec<String> {
+    if test_engine().as_deref() == Some("oci") {
+        return oci_containers_labelled(label);
+    }
+    docker_ps(&[
+        "-a",
+        "--filter",
+        &format!("label={label}"),
+        "--filter",
+        "label=stevedore.task",
+    ])
+}
+
 /// The ids `docker ps -q` lists with `args`.
 fn docker_ps(args: &[&str]) -> Vec<String> {
     let output = Command::new("docker")

@@ -18,7 +18,7 @@ mod bundle;
 mod cgroup;
 mod engine;
 mod images;
-mod netns;
+pub(crate) mod netns;
 pub(crate) mod rootfs;
 mod runtime;
 

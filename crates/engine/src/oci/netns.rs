@@ -1066,7 +1066,7 @@ async fn disable_ipv6_inside(path: PathBuf) -> Result<(), String> {
 /// (`/proc/net/nf_conntrack`, read once for all), only the directions that have entries are
 /// deleted, which most often is none: running `conntrack` costs milliseconds of CPU, reading
 /// the table far less.
-async fn forget_task_connections(conntrack: &Path, addresses: &[Ipv4Addr]) {
+pub(crate) async fn forget_task_connections(conntrack: &Path, addresses: &[Ipv4Addr]) {
     let table = tokio::fs::read_to_string(CONNTRACK_TABLE).await.ok();
     let tracked = table.as_deref().map(TrackedAddresses::of);
     for address in addresses {
