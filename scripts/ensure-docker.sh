@@ -41,6 +41,12 @@ fi
 if ! command -v ip >/dev/null 2>&1 && [ ! -x /usr/sbin/ip ] && [ ! -x /sbin/ip ]; then
     missing_packages+=(iproute2)
 fi
+# conntrack forgets a finished task's connections: on Docker, task containers join network
+# holders only where it is installed (without it each gets a network namespace of its own,
+# which costs the engine more); the OCI runtime's task network forgets them with it too.
+if ! command -v conntrack >/dev/null 2>&1 && [ ! -x /usr/sbin/conntrack ]; then
+    missing_packages+=(conntrack)
+fi
 # The direct OCI engine runs task containers with crun (runc, which docker.io brings, is its
 # fallback); its tests run both.
 if ! command -v crun >/dev/null 2>&1 && [ ! -x /usr/bin/crun ]; then

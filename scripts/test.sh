@@ -32,12 +32,6 @@ if [ -x scripts/ensure-docker.sh ]; then
   scripts/ensure-docker.sh
 fi
 
-# conntrack, with which the OCI runtime's task network forgets a task's connections together
-# with its network namespace.
-if [ ! -x /usr/sbin/conntrack ] && ! command -v conntrack >/dev/null 2>&1; then
-  apt_install conntrack
-fi
-
 # Every stack's local image, built from Debian's archive (or reused), so that workers of every
 # language really run in the tests without any container registry. The tests run the stacks
 # on them (they set STEVEDORE_STACK_IMAGES=local for the servers they start).

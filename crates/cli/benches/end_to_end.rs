@@ -39,7 +39,11 @@
 //!   isolated network: on Docker a network of one's own costs the engine more per container
 //!   than its default bridge (Docker sets up its embedded DNS in each container of such a
 //!   network). Set `STEVEDORE_BENCH_RAW_NETWORK` to run the raw loop on another (`bridge`:
-//!   Docker's default, the yardstick of the first measurements).
+//!   Docker's default, the yardstick of the first measurements);
+//! * the raw loop's containers get a network namespace each, as a bare Engine API loop's do,
+//!   where `serve`'s tasks join network holders (containers already on the network, one task
+//!   at a time). `STEVEDORE_BENCH_RAW_HOLDERS=1` has the raw loop join holders too (through
+//!   the same engine code), to compare the rest of the path alone.
 
 // A benchmark fails loudly: every `expect` says what went wrong.
 #![allow(clippy::expect_used)]
@@ -53,7 +57,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use stevedore_engine::{
     ContainerId, ContainerRuntime, ContainerSpec, DockerEngine, EngineError, EngineRequest,
-    HOST_BUSYBOX, ImageStore, LOCAL_BUSYBOX_IMAGE,
+    HOST_BUSYBOX, ImageStore, LABEL_NETWORK_HOLDER, LOCAL_BUSYBOX_IMAGE,
 };
 
 #[path = "support/engine_cpu.rs"]
@@ -150,9 +154,7 @@ async fn main() {
     let tally: Arc<Mutex<RequestTally>> = Arc::default();
     let observed = tally.clone();
     let engine = match DockerEngine::connect().await {
-        // A bare Engine API loop: a network namespace of its own for every container, where
-        // `serve`'s tasks join network holders.
-        Ok(engine) => Arc::new(engine.without_network_holders().observe_requests(Arc::new(
+        Ok(engine) => Arc::new(raw_network_namespaces(engine).observe_requests(Arc::new(
             move |request, took| {
                 let mut tally = observed.lock().unwrap_or_else(PoisonError::into_inner);
                 let entry = tally.entry(request).or_default();
@@ -268,6 +270,7 @@ async fn main() {
             measurements.push(oci_total);
         }
     }
+    engine.remove_idle_network_holders().await;
     print_table(&measurements);
     print_idle_starts(&idle_starts);
     print_breakdown(&measurements);
@@ -353,10 +356,15 @@ async fn raw_run(
     }
     let engine_cpu = meter.read().since(&engine_before);
     let client_cpu = process_cpu(own_pid).unwrap_or(0.0) - client_before;
+    // Network holders, where the raw loop joins them, wait for its next batch.
     let leftovers = engine
-        .list_labeled("stevedore.runner", RAW_RUNNER_LABEL)
+        .list_labeled_containers("stevedore.runner", Some(RAW_RUNNER_LABEL))
         .await
-        .expect("list the raw loop's containers");
+        .expect("list the raw loop's containers")
+        .into_iter()
+        .filter(|container| !container.labels.contains_key(LABEL_NETWORK_HOLDER))
+        .map(|container| container.id)
+        .collect::<Vec<_>>();
     assert!(
         leftovers.is_empty(),
         "the raw loop left containers behind: {leftovers:?}"
@@ -412,6 +420,18 @@ async fn run_created(
     let started = t0.elapsed();
     let status = engine.wait(id).await?;
     Ok((started, t0.elapsed(), status))
+}
+
+/// The raw loop's engine: a network namespace of its own for every container, unless
+/// `STEVEDORE_BENCH_RAW_HOLDERS=1` has it join network holders as `serve`'s tasks do.
+fn raw_network_namespaces(engine: DockerEngine) -> DockerEngine {
+    let holders = std::env::var("STEVEDORE_BENCH_RAW_HOLDERS").is_ok_and(|value| value == "1");
+    if holders {
+        println!("the raw loop's containers join network holders");
+        engine
+    } else {
+        engine.without_network_holders()
+    }
 }
 
 // === stevedore end to end ===

@@ -485,7 +485,10 @@ impl DockerEngine {
         }
         .await;
         let holder = match started {
-            Ok(inspected) => holder_of(&id, key, inspected),
+            Ok(inspected) => match holder_of(&id, key, inspected) {
+                Ok(holder) => network_holders::running_its_program(holder).await,
+                Err(why) => Err(why),
+            },
             Err(error) => Err(NoHolder::Failed(format!(
                 "starting a network holder: {error}"
             ))),
@@ -588,13 +591,6 @@ fn holder_of(
         .and_then(|pid| u32::try_from(pid).ok())
         .filter(|pid| *pid > 0)
         .ok_or_else(|| NoHolder::Failed("the started network holder has no process".to_owned()))?;
-    if !network_holders::is_holder_process(pid) {
-        return Err(NoHolder::Unusable(
-            "the engine's containers' processes are not visible from here (an engine on \
-             another host, or a runner in a container of its own)"
-                .to_owned(),
-        ));
-    }
     let address = inspected
         .network_settings
         .as_ref()

@@ -218,7 +218,7 @@ impl NetworkHolders {
             }
             NoHolder::Failed(reason) if before == UNTRIED => {
                 if self.state.swap(OFF, Ordering::Relaxed) != OFF {
-                    tracing::info!(
+                    tracing::warn!(
                         %reason,
                         "the first network holder failed: task containers get a network \
                          namespace of their own each"
@@ -281,6 +281,34 @@ impl Holder {
     /// shared files, read-only.
     pub(crate) fn network_mode(&self) -> String {
         format!("container:{}", self.id)
+    }
+}
+
+/// `holder` once its process runs the holder program, seen from here. The engine's start
+/// returns as the runtime lets its init go on to the program, so for a moment the process may
+/// still be the runtime's; a process that is not there at all is another machine's (an engine
+/// on another host, a runner in a container of its own).
+pub(crate) async fn running_its_program(holder: Holder) -> Result<Holder, NoHolder> {
+    const PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+    let began = std::time::Instant::now();
+    loop {
+        if is_holder_process(holder.pid) {
+            return Ok(holder);
+        }
+        if !std::path::Path::new(&format!("/proc/{}", holder.pid)).exists() {
+            return Err(NoHolder::Unusable(
+                "the engine's containers' processes are not visible from here (an engine on \
+                 another host, or a runner in a container of its own)"
+                    .to_owned(),
+            ));
+        }
+        if began.elapsed() > PATIENCE {
+            return Err(NoHolder::Failed(format!(
+                "the network holder's process {} does not run its program",
+                holder.pid
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
 }
 

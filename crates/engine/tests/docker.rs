@@ -1457,6 +1457,24 @@ async fn tasks_on_a_network_take_turns_in_network_holders() -> TestResult {
                 .collect::<Vec<_>>(),
         )
     };
+    // The first tasks at once, each making a holder: every one joins its own.
+    let first_tasks = futures::future::join_all((0..4).map(|_| run(&engine, &spec))).await;
+    let mut addresses = Vec::new();
+    for ran in first_tasks {
+        let (status, output) = ran?;
+        assert_eq!(status.exit_code, 0, "{output:?}");
+        addresses.push(output.stdout.lines().next().unwrap_or_default().to_owned());
+    }
+    addresses.sort();
+    addresses.dedup();
+    assert_eq!(
+        addresses.len(),
+        4,
+        "four tasks at once, four holders: {addresses:?}"
+    );
+    assert!(engine.joins_network_holders());
+    engine.remove_idle_network_holders().await;
+
     let mut outputs = Vec::new();
     for _ in 0..2 {
         let (status, output) = tokio::time::timeout(SAFETY_NET, run(&engine, &spec)).await??;
