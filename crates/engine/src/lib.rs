@@ -111,5 +111,5 @@ pub use network_holders::LABEL_NETWORK_HOLDER;
 pub use package::ZipPackage;
 pub use spec::{
     ContainerId, ContainerSpec, DEFAULT_CAPABILITIES, DirectoryToCreate, FileToUpload,
-    KEPT_OUTPUT_BYTES, LABEL_LEDGER, LABEL_RUNNER, LABEL_TASK, TASK_DIR,
+    KEPT_OUTPUT_BYTES, LABEL_LEDGER, LABEL_PROJECT, LABEL_RUNNER, LABEL_TASK, TASK_DIR,
 };

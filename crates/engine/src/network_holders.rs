@@ -12,10 +12,13 @@
 //! this module: no registry, no other image), on the task's network, with every capability
 //! dropped, a read-only root, one process and a few MiB. It carries the labels of the task it
 //! was made for except the task's own ([`LABEL_TASK`]), so the runner's reapers remove it with
-//! the runner's other containers: at start-up, at shutdown, and when the runner is gone.
+//! the runner's other containers: at start-up, at shutdown, and when the runner is gone. Tasks
+//! join only holders with their labels, the project's ([`crate::LABEL_PROJECT`]) among them:
+//! a holder serves one project's tasks, never another tenant's.
 //!
-//! What a task could leave in a namespace it shares with the next one, and why none of it
-//! reaches that task:
+//! What a task could leave in a namespace it shares with the next one of its project, and why
+//! none of it reaches that task (what the kernel keeps of closed connections for a while,
+//! such as sockets in `TIME_WAIT` listed in `/proc/net/tcp`, stays within the project):
 //!
 //! - processes and sockets: the task's container is removed before its holder is lent again,
 //!   and every process of it dies with its PID namespace, its sockets with them;
@@ -55,6 +58,8 @@ pub(crate) const HOLDER_MEMORY_BYTES: i64 = 8 << 20;
 /// How many holders of one network and labels wait to be lent; more are removed when given
 /// back. A runner needs one per slot, plus the task it prepares ahead.
 const IDLE_PER_KEY: usize = 16;
+/// How many holders of an engine wait to be lent, all networks and projects together.
+const IDLE_IN_ALL: usize = 64;
 /// The files the engine shares between a joined container and its holder, mounted read-only
 /// into the task.
 pub(crate) const SHARED_FILES: [&str; 3] = ["/etc/hosts", "/etc/resolv.conf", "/etc/hostname"];
@@ -250,8 +255,9 @@ impl NetworkHolders {
     #[must_use]
     pub(crate) fn keep_idle(&self, holder: Holder) -> Option<Holder> {
         let mut lent = self.lent();
+        let in_all: usize = lent.idle.values().map(Vec::len).sum();
         let idle = lent.idle.entry(holder.key.clone()).or_default();
-        if idle.len() >= IDLE_PER_KEY {
+        if idle.len() >= IDLE_PER_KEY || in_all >= IDLE_IN_ALL {
             return Some(holder);
         }
         idle.push(holder);
@@ -539,10 +545,20 @@ mod tests {
             assert_eq!(holders.keep_idle(holder(n)), None);
         }
         assert_eq!(holders.keep_idle(holder(99)), Some(holder(99)));
+        // All keys together are bounded too.
+        for project in 0..IDLE_IN_ALL {
+            let mut other = holder(1000 + project);
+            other
+                .key
+                .labels
+                .insert("stevedore.project".to_owned(), project.to_string());
+            let refused = holders.keep_idle(other).is_some();
+            assert_eq!(refused, IDLE_PER_KEY + project >= IDLE_IN_ALL, "{project}");
+        }
         let (alive, dead) = holders.take_idle(&key);
         assert_eq!(alive, None);
         assert_eq!(dead.len(), IDLE_PER_KEY);
-        assert!(holders.drain_idle().is_empty());
+        assert_eq!(holders.drain_idle().len(), IDLE_IN_ALL - IDLE_PER_KEY);
     }
 
     #[test]

@@ -34,6 +34,9 @@ pub const DEFAULT_CAPABILITIES: &[&str] = &[
 /// The label that names a container's task. Everything the engine makes for a task and keeps
 /// beyond it (a network holder) carries the task's other labels, never this one.
 pub const LABEL_TASK: &str = "stevedore.task";
+/// The label that names the project a task container runs for: a network holder carries it
+/// too, so that a holder serves the tasks of one project only.
+pub const LABEL_PROJECT: &str = "stevedore.project";
 /// The label that names the runner that created a container; start-up reaps by it.
 pub const LABEL_RUNNER: &str = "stevedore.runner";
 /// The label naming the lease ledger a container's lease is written in (its directory), so a

@@ -1410,11 +1410,11 @@ const HOLDER_BRIDGE: &str = "stvd-holdtest";
 /// Tasks on a task network join network holders. One after another they share one (the same
 /// address and host name); each finds the holder's hosts file read-only and naming it, and
 /// nothing the one before left (its listening port is free again). A holder killed meanwhile
-/// is replaced and removed. Holders carry the tasks' labels but the task's own, and go with
+/// is replaced and removed; another project's task gets a holder of its own. Holders carry the tasks' labels but the task's own, and go with
 /// `remove_idle_network_holders`; an engine without them makes none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_on_a_network_take_turns_in_network_holders() -> TestResult {
-    use stevedore_engine::{LABEL_NETWORK_HOLDER, NetworkSpec};
+    use stevedore_engine::{LABEL_NETWORK_HOLDER, LABEL_PROJECT, NetworkSpec};
     let engine = engine_or_skip!();
     local_image(&engine).await?;
     let task = task_label("holders");
@@ -1504,6 +1504,16 @@ async fn tasks_on_a_network_take_turns_in_network_holders() -> TestResult {
     let second = holders().await?;
     assert_eq!(second.len(), 1, "{second:?}");
     assert_ne!(second, first);
+
+    // Another project's task never joins this project's holder.
+    let mut other_project = spec.clone();
+    other_project
+        .labels
+        .insert(LABEL_PROJECT.to_owned(), format!("other-{task}"));
+    let (status, other) = tokio::time::timeout(SAFETY_NET, run(&engine, &other_project)).await??;
+    assert_eq!(status.exit_code, 0, "{other:?}");
+    assert_ne!(other.stdout.lines().next(), output.stdout.lines().next());
+    assert_eq!(holders().await?.len(), 2);
 
     engine.remove_idle_network_holders().await;
     assert_eq!(holders().await?, Vec::new());

@@ -21,7 +21,7 @@ use stevedore_model::{CodeKind, StackTable};
 
 use crate::config::RunnerConfig;
 
-pub use stevedore_engine::{LABEL_LEDGER, LABEL_RUNNER, LABEL_TASK};
+pub use stevedore_engine::{LABEL_LEDGER, LABEL_PROJECT, LABEL_RUNNER, LABEL_TASK};
 /// Where the payload is, inside the container.
 pub const PAYLOAD_FILE: &str = "/mnt/.task_payload";
 /// Where the code's config is, inside the container.
@@ -170,6 +170,7 @@ impl ContainerPlan {
             labels: BTreeMap::from_iter(
                 [
                     Some((LABEL_TASK.to_owned(), task.id.clone())),
+                    Some((LABEL_PROJECT.to_owned(), task.project_id.clone())),
                     Some((LABEL_RUNNER.to_owned(), runner_id.to_owned())),
                     config
                         .lease_ledger
@@ -410,6 +411,7 @@ pub(crate) mod tests {
         assert_eq!(spec.working_dir.as_deref(), Some("/mnt/task"));
         assert_eq!(spec.labels[LABEL_TASK], "t1");
         assert_eq!(spec.labels[LABEL_RUNNER], "r1");
+        assert_eq!(spec.labels[LABEL_PROJECT], "p");
         assert_eq!(spec.memory_bytes, Some(64 << 20));
         assert_eq!(spec.nano_cpus, Some(500_000_000));
         assert_eq!(spec.pids_limit, Some(64));

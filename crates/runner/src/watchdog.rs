@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use stevedore_engine::{ContainerRuntime, EngineError};
+use stevedore_engine::{ContainerRuntime, EngineError, LABEL_NETWORK_HOLDER};
 use tokio_util::sync::CancellationToken;
 
 use crate::container::{LABEL_LEDGER, LABEL_RUNNER, LABEL_TASK};
@@ -146,10 +146,20 @@ impl Watchdog {
         }
         let deadlines = ledger::deadlines(dir).unwrap_or_default();
         let now = SystemTime::now();
-        for container in &containers {
+        // Network holders last, and only once no task container of the runner stays: a task
+        // left to run until its lease nears its end keeps its holder's network.
+        let (holders, task_containers): (Vec<_>, Vec<_>) = containers
+            .iter()
+            .partition(|container| container.labels.contains_key(LABEL_NETWORK_HOLDER));
+        let mut tasks_stay = false;
+        for container in task_containers.into_iter().chain(holders) {
             let task_id = container.labels.get(LABEL_TASK);
             let deadline = task_id.and_then(|task_id| deadlines.get(task_id));
             if deadline.is_some_and(|deadline| now + self.lead < *deadline) {
+                tasks_stay = true;
+                continue;
+            }
+            if tasks_stay && container.labels.contains_key(LABEL_NETWORK_HOLDER) {
                 continue;
             }
             if container.running {
@@ -228,6 +238,17 @@ mod tests {
         // The same runner id's container of another ledger (another life elsewhere).
         let elsewhere = tempfile::tempdir().unwrap();
         let other_life = running(&engine, "r1", "unrecorded", elsewhere.path()).await;
+        let holder = {
+            let mut spec = ContainerSpec::new("test/forever");
+            spec.labels = BTreeMap::from([
+                (LABEL_RUNNER.to_owned(), "r1".to_owned()),
+                (LABEL_LEDGER.to_owned(), dir.path().display().to_string()),
+                (LABEL_NETWORK_HOLDER.to_owned(), "tasks".to_owned()),
+            ]);
+            let id = engine.create(&spec).await.unwrap();
+            engine.start(&id).await.unwrap();
+            id.to_string()
+        };
         ledger.promise("ending", Instant::now() + Duration::from_secs(1));
         ledger.promise("holds", Instant::now() + Duration::from_secs(60));
 
@@ -235,12 +256,16 @@ mod tests {
         let round = watchdog.round(&engine).await.unwrap();
         assert!(round.runner_alive);
         assert!(round.stopped.is_empty());
-        assert_eq!(round.left, 3, "this ledger's containers");
+        assert_eq!(
+            round.left, 4,
+            "this ledger's containers, its network holder's too"
+        );
         assert!(engine.kills().is_empty());
 
         // The runner is gone: a lease ending within the lead goes now (a second before it
         // ends), so does a container the ledger does not account for; one holding a longer
-        // lease stays until then; another runner's and another ledger's are not touched.
+        // lease stays until then, and so does the network holder it may have joined; another
+        // runner's and another ledger's are not touched.
         drop(ledger);
         let round = watchdog.round(&engine).await.unwrap();
         assert!(!round.runner_alive);
@@ -249,11 +274,21 @@ mod tests {
         let mut expected = vec![ending.clone(), unrecorded.clone()];
         expected.sort();
         assert_eq!(stopped, expected);
-        assert_eq!(round.left, 1);
+        assert_eq!(round.left, 2);
         let existing: Vec<String> = engine.existing().iter().map(ToString::to_string).collect();
         assert!(existing.contains(&holds) && existing.contains(&theirs));
-        assert!(existing.contains(&other_life));
+        assert!(existing.contains(&other_life) && existing.contains(&holder));
         assert!(!existing.contains(&ending) && !existing.contains(&unrecorded));
+
+        // Once the last task container goes, the holder goes with it.
+        let later = Watchdog {
+            lead: Duration::from_secs(120),
+            ..watchdog
+        };
+        let round = later.round(&engine).await.unwrap();
+        assert_eq!(round.left, 0);
+        let existing: Vec<String> = engine.existing().iter().map(ToString::to_string).collect();
+        assert!(!existing.contains(&holds) && !existing.contains(&holder));
     }
 
     /// Found by the soak: a watchdog whose runner stopped cleanly and whose data directory
