@@ -301,9 +301,10 @@ impl DockerEngine {
         self.holders.worth_trying()
     }
 
-    /// Removes the network holders no task uses now; those lent are removed when given back.
-    /// Holders carry their first task's labels but the task's own, so the runner's reaping
-    /// by its label removes them anyway: this is for an engine used without a runner.
+    /// Removes the network holders no task uses now (a lent one stays until given back): what
+    /// a runner asks for as it stops (`ContainerRuntime::release_idle`). Holders carry their
+    /// first task's labels but the task's own, so the runner's reaping by its label would get
+    /// them too, as it gets those an earlier life left.
     pub async fn remove_idle_network_holders(&self) {
         for holder in self.holders.drain_idle() {
             self.remove_holder(&holder.id).await;
@@ -1005,6 +1006,10 @@ impl ContainerRuntime for DockerEngine {
         let took = started.elapsed();
         tracing::debug!(container = %id, took_ms = took.as_millis(), "container removed");
         Ok(took)
+    }
+
+    async fn release_idle(&self) {
+        self.remove_idle_network_holders().await;
     }
 
     async fn list_labeled(&self, key: &str, value: &str) -> Result<Vec<ContainerId>, EngineError> {

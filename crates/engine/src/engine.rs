@@ -116,6 +116,10 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// volumes. Returns how long the engine took, because slow deletes are worth watching.
     async fn remove(&self, id: &ContainerId) -> Result<Duration, EngineError>;
 
+    /// Removes what the runtime keeps ready for the next tasks and no task uses now (Docker's
+    /// idle network holders): called by a runner as it stops, before it reaps what is left.
+    async fn release_idle(&self) {}
+
     /// Every container, running or not, that carries the label `key=value`: how a runner
     /// finds the leftovers of an earlier life at start-up.
     async fn list_labeled(&self, key: &str, value: &str) -> Result<Vec<ContainerId>, EngineError>;

@@ -256,8 +256,10 @@ impl Runner {
             context.hard_stop.cancel();
             context.tracker.wait().await;
         }
-        // Every task is over: whatever still carries this runner's label is garbage that a
-        // failed removal left (the engine was down at the time).
+        // Every task is over: what the engine kept ready for the next ones goes, and whatever
+        // still carries this runner's label is garbage that a failed removal left (the engine
+        // was down at the time).
+        self.engine.release_idle().await;
         self.reap().await;
         spool.close();
         if let Some(group) = &limits.cpu_group
