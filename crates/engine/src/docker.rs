@@ -505,23 +505,13 @@ impl DockerEngine {
     /// The holder image, imported unless the engine has it as this build makes it.
     async fn ensure_holder_image(&self) -> Result<(), NoHolder> {
         let _one_at_a_time = self.holders.image_guard.lock().await;
-        let mtime = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|since| since.as_secs())
-            .unwrap_or(0);
         let failed = |error: EngineError| NoHolder::Failed(format!("the holder image: {error}"));
-        let rootfs = network_holders::holder_rootfs_tar(mtime)
-            .map_err(failed)?
-            .ok_or_else(|| {
-                NoHolder::Unusable(format!(
-                    "no network holder program for this machine's architecture ({})",
-                    std::env::consts::ARCH
-                ))
-            })?;
-        // The recipe is the archive made at time zero: the same for the same program.
-        let program = network_holders::holder_rootfs_tar(0)
-            .map_err(failed)?
-            .unwrap_or_default();
+        let program = network_holders::holder_program().ok_or_else(|| {
+            NoHolder::Unusable(format!(
+                "no network holder program for this machine's architecture ({})",
+                std::env::consts::ARCH
+            ))
+        })?;
         let recipe = crate::local_stacks::digest([program.as_slice()]);
         let image = network_holders::HOLDER_IMAGE;
         if crate::local_stacks::reused(self, image, &recipe)
@@ -531,6 +521,11 @@ impl DockerEngine {
         {
             return Ok(());
         }
+        let mtime = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|since| since.as_secs())
+            .unwrap_or(0);
+        let rootfs = network_holders::holder_rootfs_tar(&program, mtime).map_err(failed)?;
         let replaced = self.image_id(image).await.map_err(failed)?;
         let changes = [format!(
             "LABEL {}={recipe}",
@@ -559,6 +554,11 @@ impl DockerEngine {
             self.remove_holder(&holder.id).await;
             return;
         }
+        self.idle_again(holder).await;
+    }
+
+    /// `holder` among the idle ones again, or removed when enough of its kind wait already.
+    async fn idle_again(&self, holder: Holder) {
         if let Some(holder) = self.holders.keep_idle(holder) {
             self.remove_holder(&holder.id).await;
         }
@@ -695,21 +695,14 @@ impl ContainerRuntime for DockerEngine {
             Some(groups) => groups.allocate(spec.cpu_group.as_deref()),
             None => None,
         };
+        let mut body = create_body(spec, usage_group.as_deref())?;
         let holder = match self.holders.key_for(spec) {
             Some(key) => self.lend_holder(&key).await,
             None => None,
         };
-        let body = match create_body(spec, usage_group.as_deref(), holder.as_ref()) {
-            Ok(body) => body,
-            Err(error) => {
-                if let Some(holder) = holder
-                    && let Some(holder) = self.holders.keep_idle(holder)
-                {
-                    self.remove_holder(&holder.id).await;
-                }
-                return Err(error);
-            }
-        };
+        if let (Some(holder), Some(host_config)) = (&holder, body.host_config.as_mut()) {
+            network_holders::join(host_config, holder);
+        }
         let options = spec
             .name
             .as_deref()
@@ -724,10 +717,8 @@ impl ContainerRuntime for DockerEngine {
             Ok(created) => created,
             Err(error) => {
                 // Nothing ran in the holder: it is idle again as it was.
-                if let Some(holder) = holder
-                    && let Some(holder) = self.holders.keep_idle(holder)
-                {
-                    self.remove_holder(&holder.id).await;
+                if let Some(holder) = holder {
+                    self.idle_again(holder).await;
                 }
                 return Err(self.classify_create_failure(error, &spec.image).await);
             }
@@ -1551,7 +1542,6 @@ fn credentials_of(auth: RegistryAuth) -> DockerCredentials {
 fn create_body(
     spec: &ContainerSpec,
     usage_group: Option<&str>,
-    holder: Option<&Holder>,
 ) -> Result<ContainerCreateBody, EngineError> {
     let as_engine_integer = |value: Option<u64>| -> Result<Option<i64>, EngineError> {
         value
@@ -1568,11 +1558,7 @@ fn create_body(
         cgroup_parent: usage_group
             .or(spec.cpu_group.as_deref())
             .map(|group| format!("/{group}")),
-        network_mode: match holder {
-            Some(holder) => Some(holder.network_mode()),
-            None => spec.network_mode.clone(),
-        },
-        mounts: holder.map(network_holders::shared_file_mounts),
+        network_mode: spec.network_mode.clone(),
         security_opt: Some(vec!["no-new-privileges".to_owned()]),
         cap_drop: Some(vec!["ALL".to_owned()]),
         cap_add: Some(spec.effective_capabilities()),
@@ -1792,7 +1778,7 @@ mod tests {
         spec.memory_bytes = Some(64 << 20);
         spec.pids_limit = Some(32);
         spec.labels = BTreeMap::from([("stevedore.task".to_owned(), "t1".to_owned())]);
-        let body = create_body(&spec, None, None)?;
+        let body = create_body(&spec, None)?;
         let host = body.host_config.unwrap_or_default();
         assert_eq!(host.memory, Some(64 << 20));
         assert_eq!(host.memory_swap, Some(64 << 20));

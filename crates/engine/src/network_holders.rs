@@ -47,7 +47,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use crate::firewall;
 use crate::spec::{ContainerSpec, LABEL_TASK};
 
-/// The image holders run, built here ([`holder_rootfs_tar`]).
+/// The image holders run, built here ([`holder_rootfs_tar`] of [`holder_program`]).
 pub(crate) const HOLDER_IMAGE: &str = "stevedore/network-holder:1";
 /// The label every holder carries, with its network's name.
 pub const LABEL_NETWORK_HOLDER: &str = "stevedore.network-holder";
@@ -282,12 +282,6 @@ impl Holder {
     pub(crate) fn alive(&self) -> bool {
         is_holder_process(self.pid)
     }
-
-    /// What the engine's create request gets for a task joining it: the network mode and the
-    /// shared files, read-only.
-    pub(crate) fn network_mode(&self) -> String {
-        format!("container:{}", self.id)
-    }
 }
 
 /// `holder` once its process runs the holder program, seen from here. The engine's start
@@ -369,15 +363,11 @@ pub(crate) async fn forget_connections(conntrack: &std::path::Path, holder: &Hol
     }
 }
 
-/// The holder image's root: only [`HOLDER_PROGRAM`], or `None` where this module has no
-/// program for the machine's architecture.
-pub(crate) fn holder_rootfs_tar(mtime: u64) -> Result<Option<Vec<u8>>, crate::EngineError> {
-    let Some(program) = sleeper_program() else {
-        return Ok(None);
-    };
+/// The holder image's root: only `program` at [`HOLDER_PROGRAM`].
+pub(crate) fn holder_rootfs_tar(program: &[u8], mtime: u64) -> Result<Vec<u8>, crate::EngineError> {
     let mut archive = crate::archive::ArchiveBuilder::new(Vec::new(), mtime);
-    archive.file(HOLDER_PROGRAM, 0o555, &program)?;
-    archive.finish().map(Some)
+    archive.file(HOLDER_PROGRAM, 0o555, program)?;
+    archive.finish()
 }
 
 /// A static x86-64 Linux program that sleeps until it is killed: one ELF header, one
@@ -385,7 +375,7 @@ pub(crate) fn holder_rootfs_tar(mtime: u64) -> Result<Option<Vec<u8>>, crate::En
 /// `pause` for ever. As PID 1 of its container it ignores every signal but `SIGKILL`, which
 /// is what removing the container sends.
 #[cfg(target_arch = "x86_64")]
-fn sleeper_program() -> Option<Vec<u8>> {
+pub(crate) fn holder_program() -> Option<Vec<u8>> {
     const BASE: u64 = 0x40_0000;
     const HEADER: u16 = 64;
     const PROGRAM_HEADER: u16 = 56;
@@ -420,7 +410,7 @@ fn sleeper_program() -> Option<Vec<u8>> {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn sleeper_program() -> Option<Vec<u8>> {
+pub(crate) fn holder_program() -> Option<Vec<u8>> {
     None
 }
 
@@ -456,8 +446,15 @@ pub(crate) fn holder_body(key: &HolderKey) -> bollard::models::ContainerCreateBo
     }
 }
 
+/// Has a task's create request join `holder`: its network namespace, and its shared files
+/// mounted read-only.
+pub(crate) fn join(host_config: &mut bollard::models::HostConfig, holder: &Holder) {
+    host_config.network_mode = Some(format!("container:{}", holder.id));
+    host_config.mounts = Some(shared_file_mounts(holder));
+}
+
 /// The read-only bind mounts of a holder's shared files, for a task joining it.
-pub(crate) fn shared_file_mounts(holder: &Holder) -> Vec<bollard::models::Mount> {
+fn shared_file_mounts(holder: &Holder) -> Vec<bollard::models::Mount> {
     use bollard::models::{Mount, MountType};
     SHARED_FILES
         .iter()
@@ -563,7 +560,7 @@ mod tests {
 
     #[test]
     fn the_sleeper_program_runs_and_sleeps() {
-        let Some(program) = sleeper_program() else {
+        let Some(program) = holder_program() else {
             return;
         };
         let dir = tempfile::tempdir().unwrap();
